@@ -1,0 +1,97 @@
+"""`CATConfig`: the knobs of CAT Pruning, validated when made (see ../shared/design/algorithm.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from catrt.errors import ConfigError
+
+SelectionRule = Literal["cat", "random", "round_robin", "magnitude", "sequential"]
+SELECTION_RULES: tuple[str, ...] = ("cat", "random", "round_robin", "magnitude", "sequential")
+
+
+@dataclass(frozen=True)
+class CATConfig:
+    """How a generation is pruned.
+
+    Args:
+        alpha: fraction of image tokens recomputed on a pruned step, in (0, 1]; k = ceil(alpha * N).
+        t0: the last full step before pruning starts (steps are counted from 1); needs 2 <= t0 < steps.
+        n_clusters: KMeans clusters made once at step t0.
+        ewma_decay: decay `a` of the staleness average f <- a * f + 1[computed], in [0, 1).
+        magnitude_fraction: share of k picked by noise magnitude inside clusters, in [0, 1];
+            the rest are the stalest tokens.
+        refresh_every: run a full step every this many steps after t0 (0 = never).
+        seed: seed of the KMeans initialisation (and of the `random` rule).
+        trace: record the per-step schedule and indices in `last_trace`.
+        kmeans_iters: Lloyd iterations of the on-device KMeans.
+        rule: the token selection rule; "cat" is the method, the others are baselines for bench/.
+    """
+
+    alpha: float = 0.3
+    t0: int = 8
+    n_clusters: int = 20
+    ewma_decay: float = 0.5
+    magnitude_fraction: float = 0.25
+    refresh_every: int = 0
+    seed: int = 0
+    trace: bool = False
+    kmeans_iters: int = 20
+    rule: SelectionRule = "cat"
+
+    def __post_init__(self) -> None:
+        _check_number("alpha", self.alpha, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
+        _check_int("t0", self.t0, ">= 2", lambda v: v >= 2)
+        _check_int("n_clusters", self.n_clusters, ">= 1", lambda v: v >= 1)
+        _check_number("ewma_decay", self.ewma_decay, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        _check_number(
+            "magnitude_fraction", self.magnitude_fraction, "in [0, 1]", lambda v: 0.0 <= v <= 1.0
+        )
+        _check_int("refresh_every", self.refresh_every, ">= 0 (0 = off)", lambda v: v >= 0)
+        _check_int("seed", self.seed, ">= 0", lambda v: v >= 0)
+        _check_int("kmeans_iters", self.kmeans_iters, ">= 1", lambda v: v >= 1)
+        if not isinstance(self.trace, bool):
+            raise ConfigError(f"CATConfig.trace must be a bool, got {self.trace!r}", field="trace", value=self.trace)
+        if self.rule not in SELECTION_RULES:
+            raise ConfigError(
+                f"CATConfig.rule must be one of {', '.join(SELECTION_RULES)}, got {self.rule!r}",
+                field="rule",
+                value=self.rule,
+            )
+
+    def num_selected(self, num_tokens: int) -> int:
+        """k = ceil(alpha * N), the static number of tokens a pruned step computes."""
+        return min(num_tokens, max(1, math.ceil(self.alpha * num_tokens - 1e-9)))
+
+    def check_steps(self, steps: int) -> None:
+        """Checks that need the step count: pruning must start before the last step."""
+        if not self.t0 < steps:
+            raise ConfigError(
+                f"CATConfig.t0 = {self.t0} needs t0 < num_inference_steps, got {steps} steps; "
+                f"lower t0 or run more steps",
+                field="t0",
+                value=self.t0,
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CATConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"CATConfig has no field(s) {', '.join(unknown)}", field=unknown[0])
+        return cls(**data)
+
+
+def _check_number(name: str, value: Any, allowed: str, ok: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ConfigError(f"CATConfig.{name} must be {allowed}, got {value!r}", field=name, value=value)
+
+
+def _check_int(name: str, value: Any, allowed: str, ok: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+        raise ConfigError(f"CATConfig.{name} must be an integer {allowed}, got {value!r}", field=name, value=value)

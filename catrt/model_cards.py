@@ -1,0 +1,63 @@
+"""Published facts about the models catrt knows by name, kept as data.
+
+The transformer configs are copied from the public diffusers repositories so that MAC counts
+can be made on the meta device without downloading anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Family = Literal["sd3", "pixart"]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What catrt needs to know about a published model without loading it."""
+
+    name: str
+    hub_id: str
+    family: Family
+    transformer_config: dict[str, Any] = field(hash=False)
+    text_tokens: int  # encoder tokens the transformer sees per prompt (SD3: 77 CLIP + 256 T5)
+    vae_scale: int = 8  # pixels per latent cell
+    default_steps: int = 28
+    default_guidance: float = 7.0
+
+
+_SD3_MEDIUM = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "out_channels": 16,
+    "pos_embed_max_size": 192,
+}
+_SD35_MEDIUM = {
+    **_SD3_MEDIUM, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+    "dual_attention_layers": list(range(13)),
+}
+_SD35_LARGE = {
+    **_SD3_MEDIUM, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+    "qk_norm": "rms_norm",
+}
+_PIXART_SIGMA = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 4, "out_channels": 8, "num_layers": 28,
+    "attention_head_dim": 72, "num_attention_heads": 16, "cross_attention_dim": 1152,
+    "caption_channels": 4096, "activation_fn": "gelu-approximate", "attention_bias": True,
+    "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
+    "num_embeds_ada_norm": 1000, "interpolation_scale": 2, "use_additional_conditions": False,
+    "upcast_attention": False, "dropout": 0.0, "attention_type": "default",
+}
+
+MODEL_CARDS: dict[str, ModelCard] = {
+    card.name: card
+    for card in (
+        ModelCard("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", _SD3_MEDIUM, 77 + 256),
+        ModelCard("sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", _SD35_MEDIUM, 77 + 256),
+        ModelCard("sd3.5-large", "stabilityai/stable-diffusion-3.5-large", "sd3", _SD35_LARGE, 77 + 256),
+        ModelCard(
+            "pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "pixart", _PIXART_SIGMA, 300,
+            default_steps=20, default_guidance=4.5,
+        ),
+    )
+}

@@ -1,0 +1,159 @@
+"""Adapter for diffusers' `PixArtTransformer2DModel` in the PixArt-Sigma layout.
+
+Self-attention over image tokens uses the K/V cache; the cross-attention keys and values over the
+text are the same at every step, so they are computed once per generation in `prepare_context`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from diffusers import PixArtTransformer2DModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from torch import nn
+
+from catrt.errors import UnsupportedModelError
+from catrt.models.base import Adapter, Context, attention, project_qkv, write_rows
+
+logger = logging.getLogger(__name__)
+
+
+class PixArtAdapter(Adapter):
+    """BasicTransformerBlock with ada_norm_single: self-attention, cross-attention, MLP.
+
+    K/V slots per block: the self-attention's image K and V.
+    """
+
+    transformer_class = PixArtTransformer2DModel
+
+    def check_layout(self, transformer: nn.Module) -> None:
+        config = transformer.config
+        if config.caption_channels is None:
+            raise UnsupportedModelError("PixArt transformer without caption projection is not supported")
+        if transformer.pos_embed.layer_norm:
+            raise UnsupportedModelError("PixArt patch embedding with layer_norm=True is not supported")
+        for index, block in enumerate(transformer.transformer_blocks):
+            if block.only_cross_attention or block.attn2 is None or block.pos_embed is not None:
+                raise UnsupportedModelError(
+                    f"PixArt block {index}: only self-attention + cross-attention blocks are supported "
+                    f"(only_cross_attention, double_self_attention and positional blocks are not)"
+                )
+            if getattr(block, "fuser", None) is not None:
+                raise UnsupportedModelError(f"PixArt block {index}: GLIGEN attention_type is not supported")
+            for attn in (block.attn1, block.attn2):
+                if type(attn.processor) is not AttnProcessor2_0:
+                    raise UnsupportedModelError(
+                        f"PixArt block {index} uses attention processor {type(attn.processor).__name__}; "
+                        f"catrt prunes only the default AttnProcessor2_0"
+                    )
+                if attn.residual_connection or attn.rescale_output_factor != 1.0 or attn.norm_cross:
+                    raise UnsupportedModelError(f"PixArt block {index}: non-default attention options are not supported")
+                if attn is block.attn2 and (attn.norm_q is not None or attn.norm_k is not None):
+                    raise UnsupportedModelError(f"PixArt block {index}: cross-attention QK-norm is not supported")
+            if block._chunk_size is not None:
+                raise UnsupportedModelError(f"PixArt block {index} uses feed-forward chunking, which catrt does not support")
+
+    @property
+    def num_kv_slots(self) -> int:
+        return 2 * len(self.transformer.transformer_blocks)
+
+    def prepare_context(self, call_kwargs: dict[str, Any], latent_shape: torch.Size) -> Context:
+        if call_kwargs.get("attention_mask") is not None:
+            raise UnsupportedModelError("PixArt image attention_mask is not supported by catrt")
+        if call_kwargs.get("cross_attention_kwargs"):
+            raise UnsupportedModelError("PixArt cross_attention_kwargs are not supported by catrt")
+        model = self.transformer
+        text = call_kwargs["encoder_hidden_states"]
+        batch = text.shape[0]
+        text = model.caption_projection(text).view(batch, -1, self.hidden_dim)
+        cross_kv = []
+        for block in model.transformer_blocks:
+            cross_kv += [block.attn2.to_k(text), block.attn2.to_v(text)]
+        context: Context = {
+            "cross_kv": torch.stack(cross_kv),  # (2L, B, T, D)
+            "positional_table": self.positional_table(latent_shape),
+        }
+        mask = call_kwargs.get("encoder_attention_mask")
+        if mask is not None:
+            if mask.ndim == 2:  # 1 = keep, 0 = discard -> additive bias, as diffusers converts it
+                mask = (1 - mask.to(text.dtype)) * -10000.0
+                mask = mask.unsqueeze(1)
+            context["encoder_attention_bias"] = mask.unsqueeze(1)  # (B, 1, 1, T)
+        added = call_kwargs.get("added_cond_kwargs") or {}
+        for name in ("resolution", "aspect_ratio"):
+            if added.get(name) is not None:
+                context[name] = added[name]
+        return context
+
+    def full_forward(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.transformer.pos_embed(hidden_states)
+        return self._run_blocks(tokens, timestep, context, indices=None, kv_cache=None)
+
+    def pruned_forward(
+        self,
+        patches: torch.Tensor,
+        indices: torch.Tensor,
+        timestep: torch.Tensor,
+        context: Context,
+        kv_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.embed_patches(patches, indices, context)
+        return self._run_blocks(tokens, timestep, context, indices=indices, kv_cache=kv_cache)
+
+    def _run_blocks(
+        self,
+        tokens: torch.Tensor,
+        timestep: torch.Tensor,
+        context: Context,
+        indices: torch.Tensor | None,
+        kv_cache: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.transformer
+        batch = tokens.shape[0]
+        added = {name: context.get(name) for name in ("resolution", "aspect_ratio")}
+        modulation, embedded_timestep = model.adaln_single(
+            timestep, added, batch_size=batch, hidden_dtype=tokens.dtype
+        )
+        rows: list[torch.Tensor] = []
+        for index, block in enumerate(model.transformer_blocks):
+            cache = None if kv_cache is None else kv_cache[2 * index : 2 * index + 2]
+            tokens = self._block(block, index, tokens, modulation, context, indices, cache, rows)
+        shift, scale = (model.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
+        out = model.norm_out(tokens) * (1 + scale) + shift
+        return model.proj_out(out), torch.stack(rows)
+
+    def _block(
+        self,
+        block: nn.Module,
+        index: int,
+        x: torch.Tensor,
+        modulation: torch.Tensor,
+        context: Context,
+        indices: torch.Tensor | None,
+        cache: torch.Tensor | None,
+        rows: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """One BasicTransformerBlock (ada_norm_single) on the given image tokens."""
+        batch = x.shape[0]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            block.scale_shift_table[None] + modulation.reshape(batch, 6, -1)
+        ).chunk(6, dim=1)
+        nx = block.norm1(x) * (1 + scale_msa) + shift_msa
+        query, key, value = project_qkv(block.attn1, nx)
+        rows += [key, value]
+        if indices is not None and cache is not None:
+            key, value = write_rows(cache[0], indices, key), write_rows(cache[1], indices, value)
+        x = x + gate_msa * block.attn1.to_out[0](attention(query, key, value, block.attn1.heads))
+
+        cross_key = context["cross_kv"][2 * index]
+        cross_value = context["cross_kv"][2 * index + 1]
+        query = block.attn2.to_q(x)
+        cross = attention(query, cross_key, cross_value, block.attn2.heads, context.get("encoder_attention_bias"))
+        x = x + block.attn2.to_out[0](cross)
+
+        nx = block.norm2(x) * (1 + scale_mlp) + shift_mlp
+        return x + gate_mlp * block.ff(nx)

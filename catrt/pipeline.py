@@ -1,0 +1,135 @@
+"""diffusers glue: `accelerate(pipe, config)` runs a pipeline with CAT Pruning.
+
+The pipeline keeps its own argument handling, text encoders, scheduler, guidance and VAE; for the
+length of one call catrt replaces only the transformer's forward with a `CATRuntime` step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import PixArtSigmaPipeline, StableDiffusion3Pipeline
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch import nn
+
+from catrt.config import CATConfig
+from catrt.errors import ConfigError, UnsupportedModelError
+from catrt.models import make_adapter
+from catrt.runtime import CATRuntime, StepFunctions, StepRecord
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Per pipeline class: the extra call arguments catrt's own callers (CLI, server) pass."""
+
+    call_defaults: dict[str, Any]
+
+
+PIPELINES: dict[type, PipelineSpec] = {
+    StableDiffusion3Pipeline: PipelineSpec(call_defaults={}),
+    # Resolution binning would silently change the requested size; clean_caption needs extra packages.
+    PixArtSigmaPipeline: PipelineSpec(call_defaults={"use_resolution_binning": False, "clean_caption": False}),
+}
+
+
+def register_pipeline(pipeline_class: type, spec: PipelineSpec) -> None:
+    """Let another pipeline class whose transformer has an adapter be accelerated."""
+    PIPELINES[pipeline_class] = spec
+
+
+def pipeline_spec(pipe: Any) -> PipelineSpec:
+    spec = PIPELINES.get(type(pipe))
+    if spec is None:
+        supported = ", ".join(cls.__name__ for cls in PIPELINES)
+        raise UnsupportedModelError(f"catrt cannot accelerate {type(pipe).__name__}; supported pipelines: {supported}")
+    return spec
+
+
+class AcceleratedPipeline:
+    """A diffusers pipeline whose transformer calls run under CAT Pruning.
+
+    Called with the pipeline's own arguments; returns what the pipeline returns. After each call,
+    `last_trace` lists one `StepRecord` per step when `config.trace` is on.
+    """
+
+    def __init__(self, pipe: Any, config: CATConfig, functions: StepFunctions | None = None) -> None:
+        self.spec = pipeline_spec(pipe)
+        self.pipe = pipe
+        self.config = config
+        self.adapter = make_adapter(pipe.transformer)
+        self.functions = functions
+        self.last_trace: list[StepRecord] = []
+        self._signature = inspect.signature(pipe.__call__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        steps = bound.arguments.get("num_inference_steps")
+        if not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"num_inference_steps must be a positive integer, got {steps!r}", field="num_inference_steps")
+        guidance = float(bound.arguments.get("guidance_scale", 1.0)) > 1.0
+        runtime = CATRuntime(self.adapter, self.config, steps, guidance, self.functions)
+        with _transformer_replaced(self.pipe.transformer, runtime):
+            result = self.pipe(*args, **kwargs)
+        if runtime.step != steps:
+            raise ConfigError(
+                f"the pipeline ran {runtime.step} transformer calls for {steps} steps; catrt needs one call per step",
+                field="num_inference_steps",
+            )
+        self.last_trace = runtime.trace
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's.
+        return getattr(self.pipe, name)
+
+
+def accelerate(pipe: Any, config: CATConfig | None = None, functions: StepFunctions | None = None) -> AcceleratedPipeline:
+    """Wrap a diffusers pipeline so its calls run with CAT Pruning.
+
+    Args:
+        pipe: a `StableDiffusion3Pipeline` or `PixArtSigmaPipeline` (or a registered class).
+        config: the pruning settings; `CATConfig()` by default (alpha 0.3, t0 8).
+        functions: the step graphs to run (an engine); the eager adapter by default.
+
+    Example:
+        >>> pipe = catrt.load_pipeline("tiny-sd3")
+        >>> fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3))
+        >>> image = fast("a red circle", num_inference_steps=28, height=64, width=64).images[0]
+    """
+    return AcceleratedPipeline(pipe, config or CATConfig(), functions)
+
+
+@contextlib.contextmanager
+def _transformer_replaced(transformer: nn.Module, runtime: CATRuntime) -> Iterator[None]:
+    """Route `transformer(...)` to the runtime for one pipeline call; module hooks still fire."""
+    signature = inspect.signature(type(transformer).forward)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        arguments = signature.bind(transformer, *args, **kwargs).arguments
+        arguments.pop("self", None)
+        hidden_states = arguments.pop("hidden_states")
+        timestep = arguments.pop("timestep")
+        return_dict = arguments.pop("return_dict", True)
+        sample = runtime(hidden_states, _as_batch(timestep, hidden_states), arguments)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    transformer.forward = forward
+    try:
+        yield
+    finally:
+        del transformer.forward
+
+
+def _as_batch(timestep: torch.Tensor | float, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Timesteps as a (B,) tensor, as the transformers' embeddings expect."""
+    timestep = torch.as_tensor(timestep, device=hidden_states.device)
+    return timestep.expand(hidden_states.shape[0]) if timestep.ndim == 0 else timestep
