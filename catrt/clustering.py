@@ -1,6 +1,6 @@
 """On-device clustering of image tokens: positional code, KMeans, cluster adjacency, cluster scores.
 
-Everything is tensor ops with static shapes (no `.item()`, no `unique`, no boolean indexing), so it
+Everything is tensor ops with static shapes (no host scalars, no `unique`, no boolean indexing), so it
 runs inside CUDA graphs and `torch.compile(fullgraph=True)`. scikit-learn's KMeans is the reference
 the torch KMeans is tested against.
 """

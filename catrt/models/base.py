@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catrt.errors import UnsupportedModelError
+from catrt.errors import ConfigError, UnsupportedModelError
 
 Context = dict[str, torch.Tensor]
 
@@ -74,9 +74,11 @@ class Adapter(ABC):
         """The token grid of a latent size; raises when the patch size does not divide it."""
         p = self.patch_size
         if latent_height % p or latent_width % p:
-            raise UnsupportedModelError(
+            raise ConfigError(
                 f"latent size {latent_height}x{latent_width} is not divisible by the patch size {p}; "
-                f"choose an image size whose latent is a multiple of {p}"
+                f"choose an image size whose latent is a multiple of {p}",
+                field="height" if latent_height % p else "width",
+                value=(latent_height, latent_width),
             )
         return Grid(latent_height // p, latent_width // p)
 

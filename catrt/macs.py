@@ -1,0 +1,109 @@
+"""MAC counts of the transformer per step, full and pruned, on the meta device (no weights).
+
+A MAC is half a FLOP as torch's FlopCounterMode counts them (matmuls, convolutions, attention).
+The unpruned baseline is diffusers' own transformer forward; the pruned schedule pays once per
+generation for its context (for PixArt the cross-attention K/V), then t0 full steps and S - t0
+pruned steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from catrt.config import CATConfig
+from catrt.errors import ConfigError
+from catrt.model_cards import MODEL_CARDS, ModelCard
+from catrt.models import make_adapter, patchify
+from catrt.scheduler import plan
+
+_TRANSFORMERS = {"sd3": SD3Transformer2DModel, "pixart": PixArtTransformer2DModel}
+
+
+@dataclass(frozen=True)
+class MacReport:
+    """Per image MACs of one generation's transformer work."""
+
+    num_tokens: int
+    k: int
+    full_step: int  # diffusers' unpruned forward
+    pruned_step: int
+    context: int  # once per generation under catrt
+    steps: int
+    full_steps: int
+
+    @property
+    def schedule_ratio(self) -> float:
+        pruned_steps = self.steps - self.full_steps
+        ours = self.context + self.full_steps * self.full_step + pruned_steps * self.pruned_step
+        return ours / (self.steps * self.full_step)
+
+
+def count_macs(fn: Any, *args: Any) -> int:
+    """MACs of one call, counted by torch's FlopCounterMode (FLOPs / 2)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops() // 2
+
+
+def meta_inputs(card: ModelCard, latent_h: int, latent_w: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Batch-1 meta tensors shaped like one denoising step's transformer call."""
+    config = card.transformer_config
+    latents = torch.empty(1, config["in_channels"], latent_h, latent_w, device="meta")
+    timestep = torch.empty(1, device="meta")
+    if card.family == "sd3":
+        kwargs = {
+            "encoder_hidden_states": torch.empty(1, card.text_tokens, config["joint_attention_dim"], device="meta"),
+            "pooled_projections": torch.empty(1, config["pooled_projection_dim"], device="meta"),
+        }
+    else:
+        kwargs = {
+            "encoder_hidden_states": torch.empty(1, card.text_tokens, config["caption_channels"], device="meta"),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
+    return latents, timestep, kwargs
+
+
+def transformer_macs(
+    transformer: torch.nn.Module, card: ModelCard, height: int, width: int, config: CATConfig, steps: int
+) -> MacReport:
+    """Count a (meta or real) transformer's full, pruned and per-generation MACs at one resolution."""
+    config.check_steps(steps)
+    if height % card.vae_scale or width % card.vae_scale:
+        raise ConfigError(f"height and width must be multiples of {card.vae_scale}, got {height}x{width}", field="height")
+    adapter = make_adapter(transformer)
+    latents, timestep, kwargs = meta_inputs(card, height // card.vae_scale, width // card.vae_scale)
+    grid = adapter.grid(latents.shape[-2], latents.shape[-1])
+    k = config.num_selected(grid.num_tokens)
+    full = count_macs(lambda: transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs))
+    context_macs = count_macs(lambda: adapter.prepare_context(kwargs, latents.shape))
+    context = adapter.prepare_context(kwargs, latents.shape)
+    _, kv = adapter.full_forward(latents, timestep, context)
+    patches = patchify(latents, adapter.patch_size)[:, :k]
+    indices = torch.empty(1, k, dtype=torch.long, device="meta")
+    pruned = count_macs(lambda: adapter.pruned_forward(patches, indices, timestep, context, kv))
+    full_steps = plan(steps, config.t0, config.refresh_every).count("full")
+    return MacReport(grid.num_tokens, k, full, pruned, context_macs, steps, full_steps)
+
+
+def model_macs(name: str, height: int, width: int, config: CATConfig, steps: int) -> MacReport:
+    """MACs of a published model by name, built on the meta device from its kept config."""
+    card = MODEL_CARDS.get(name)
+    if card is None:
+        raise ConfigError(f"no published config for {name!r}; known: {', '.join(sorted(MODEL_CARDS))}", field="model")
+    with torch.device("meta"):
+        transformer = _TRANSFORMERS[card.family].from_config(card.transformer_config)
+    return transformer_macs(transformer.eval(), card, height, width, config, steps)
+
+
+def format_macs(value: int) -> str:
+    """1.234 TMAC style, picking the unit by size."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3f} {unit}MAC"
+    return f"{value} MAC"
+

@@ -1,0 +1,119 @@
+"""Adapters per layout (SD3, SD3.5, PixArt-Sigma): equal diffusers' forward; pruned with k = N equals full."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+
+from catrt import CATConfig, ConfigError, UnsupportedModelError
+from catrt.models import make_adapter, patchify, unpatchify
+from catrt.runtime import CATRuntime
+from tests.conftest import TINY_NAMES
+from tests.test_selection import NoHostSync
+
+
+def _inputs(transformer: Any, batch: int = 2, height: int = 8, width: int = 12) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    gen = torch.Generator().manual_seed(0)
+    config = transformer.config
+    latents = torch.randn(batch, config.in_channels, height, width, generator=gen)
+    timestep = torch.tensor([700.0, 300.0][:batch])
+    if hasattr(config, "joint_attention_dim"):
+        kwargs = {
+            "encoder_hidden_states": torch.randn(batch, 9, config.joint_attention_dim, generator=gen),
+            "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=gen),
+        }
+    else:
+        mask = torch.ones(batch, 9)
+        mask[0, 6:] = 0
+        kwargs = {
+            "encoder_hidden_states": torch.randn(batch, 9, config.caption_channels, generator=gen),
+            "encoder_attention_mask": mask,
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
+    return latents, timestep, kwargs
+
+
+@pytest.fixture(params=TINY_NAMES)
+def transformer(request: pytest.FixtureRequest, tiny_pipelines: dict[str, Any]) -> Any:
+    return tiny_pipelines[request.param].transformer
+
+
+@torch.no_grad()
+def test_full_forward_equals_diffusers(transformer: Any) -> None:
+    adapter = make_adapter(transformer)
+    latents, timestep, kwargs = _inputs(transformer)
+    expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
+    context = adapter.prepare_context(kwargs, latents.shape)
+    tokens, kv = adapter.full_forward(latents, timestep, context)
+    got = unpatchify(tokens, adapter.grid(8, 12), adapter.patch_size)
+    assert (got - expected).abs().max() < 1e-4
+    assert kv.shape == (adapter.num_kv_slots, 2, 24, adapter.hidden_dim)
+
+
+@torch.no_grad()
+def test_pruned_step_with_all_tokens_equals_full_step(transformer: Any) -> None:
+    adapter = make_adapter(transformer)
+    latents, timestep, kwargs = _inputs(transformer)
+    context = adapter.prepare_context(kwargs, latents.shape)
+    tokens, kv = adapter.full_forward(latents, timestep, context)
+    gen = torch.Generator().manual_seed(1)
+    indices = torch.stack([torch.randperm(24, generator=gen) for _ in range(2)])  # k = N, shuffled
+    patches = patchify(latents, adapter.patch_size)
+    patches = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    stale_cache = torch.randn(kv.shape, generator=gen)  # every row is overwritten when k = N
+    out, rows = adapter.pruned_forward(patches, indices, timestep, context, stale_cache)
+    expected = tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    assert (out - expected).abs().max() < 1e-4
+    expected_rows = kv.gather(2, indices.view(1, 2, 24, 1).expand(kv.shape[0], -1, -1, kv.shape[-1]))
+    assert (rows - expected_rows).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_unselected_tokens_keep_their_cached_output(transformer: Any) -> None:
+    adapter = make_adapter(transformer)
+    latents, _, kwargs = _inputs(transformer)
+    runtime = CATRuntime(adapter, CATConfig(alpha=0.3, t0=2, trace=True), steps=5, guidance=False)
+    previous = None
+    for step in range(1, 6):
+        timestep = torch.full((2,), 1000.0 - 150 * step)
+        with NoHostSync():  # the whole runtime step, selection included, stays on the device
+            out = runtime(latents + 0.1 * step, timestep, kwargs)
+        tokens = patchify_output(out, adapter.patch_size)
+        record = runtime.trace[-1]
+        if record.kind == "pruned":
+            assert record.indices.shape == (2, 8)
+            unselected = torch.ones(2, 24, dtype=torch.bool).scatter(1, record.indices, False)
+            assert torch.equal(tokens[unselected], previous[unselected])
+            assert not torch.equal(tokens[~unselected], previous[~unselected])
+        previous = tokens
+    assert [r.kind for r in runtime.trace] == ["full", "full", "pruned", "pruned", "pruned"]
+
+
+def patchify_output(sample: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C) in diffusers' output token order (inverse of unpatchify)."""
+    b, c, h, w = sample.shape
+    p = patch_size
+    return sample.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
+
+
+def test_custom_attention_processor_is_refused(tiny_pipelines: dict[str, Any]) -> None:
+    transformer = type(tiny_pipelines["tiny-pixart"].transformer).from_config(
+        tiny_pipelines["tiny-pixart"].transformer.config
+    )
+    transformer.set_attn_processor(AttnProcessor())
+    with pytest.raises(UnsupportedModelError, match="attention processor AttnProcessor"):
+        make_adapter(transformer)
+
+
+def test_unknown_transformer_class_is_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match="no catrt adapter for transformer class Linear"):
+        make_adapter(torch.nn.Linear(2, 2))
+
+
+def test_resolution_the_patch_grid_cannot_take(tiny_pipelines: dict[str, Any]) -> None:
+    adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
+    with pytest.raises(ConfigError, match=r"latent size 9x12 is not divisible by the patch size 2"):
+        adapter.grid(9, 12)

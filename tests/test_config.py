@@ -1,0 +1,52 @@
+"""CATConfig: defaults from the spec, validation naming the field and its range."""
+
+from __future__ import annotations
+
+import pytest
+
+from catrt import CATConfig, ConfigError
+
+
+def test_defaults_follow_the_spec() -> None:
+    config = CATConfig()
+    assert (config.alpha, config.t0, config.n_clusters, config.ewma_decay) == (0.3, 8, 20, 0.5)
+    assert (config.magnitude_fraction, config.refresh_every, config.trace) == (0.25, 0, False)
+    assert config.num_selected(4096) == 1229
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("alpha", 0.0, r"alpha must be in \(0, 1\], got 0.0"),
+        ("alpha", 1.5, r"alpha must be in \(0, 1\], got 1.5"),
+        ("alpha", float("nan"), r"alpha must be in \(0, 1\]"),
+        ("t0", 1, r"t0 must be an integer >= 2, got 1"),
+        ("t0", 3.0, r"t0 must be an integer >= 2, got 3.0"),
+        ("n_clusters", 0, r"n_clusters must be an integer >= 1, got 0"),
+        ("ewma_decay", 1.0, r"ewma_decay must be in \[0, 1\), got 1.0"),
+        ("ewma_decay", -0.1, r"ewma_decay must be in \[0, 1\)"),
+        ("magnitude_fraction", 1.2, r"magnitude_fraction must be in \[0, 1\], got 1.2"),
+        ("refresh_every", -1, r"refresh_every must be an integer >= 0"),
+        ("seed", -3, r"seed must be an integer >= 0"),
+        ("kmeans_iters", 0, r"kmeans_iters must be an integer >= 1"),
+        ("trace", "yes", r"trace must be a bool"),
+        ("rule", "best", r"rule must be one of cat, random"),
+    ],
+)
+def test_each_invalid_field_is_named(field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        CATConfig(**{field: value})
+    assert error.value.field == field
+
+
+def test_t0_must_be_before_the_last_step() -> None:
+    CATConfig(t0=8).check_steps(9)
+    with pytest.raises(ConfigError, match=r"t0 = 8 needs t0 < num_inference_steps, got 8 steps"):
+        CATConfig(t0=8).check_steps(8)
+
+
+def test_round_trip_through_dict() -> None:
+    config = CATConfig(alpha=0.5, t0=3, trace=True, rule="random")
+    assert CATConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="no field"):
+        CATConfig.from_dict({"alpha": 0.3, "beta": 1})

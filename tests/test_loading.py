@@ -1,0 +1,170 @@
+"""Tiny pipelines and `load_pipeline`: they build offline, deterministically, and generate."""
+
+from __future__ import annotations
+
+import os
+import re
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: nothing here may download
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, PixArtSigmaPipeline
+
+from catrt.errors import UnknownModelError
+from catrt.loading import LOADERS, load_pipeline
+from catrt.model_cards import MODEL_CARDS
+from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
+
+PROMPT = "a photo of a cat sitting on a red chair, highly detailed"
+NAMES = sorted(TINY_PIPELINES)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the hub unreachable even if another module imported huggingface_hub first."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors run fastest on one thread, and many threads stall on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def pipeline(request: pytest.FixtureRequest) -> DiffusionPipeline:
+    """Each tiny pipeline, built once for the module."""
+    built = build_tiny_pipeline(request.param)
+    built.set_progress_bar_config(disable=True)
+    return built
+
+
+def _generate(pipeline: DiffusionPipeline, prompt: str = PROMPT, **kwargs: Any) -> Any:
+    """Run a seeded 4-step generation with the kwargs the tiny pipelines need.
+
+    PixArt's resolution binning knows only its published sizes, and caption cleaning needs
+    optional packages, so both are off for it.
+    """
+    if isinstance(pipeline, PixArtSigmaPipeline):
+        kwargs = {"use_resolution_binning": False, "clean_caption": False, **kwargs}
+    kwargs = {"height": 64, "width": 64, "guidance_scale": 4.0, "output_type": "latent", **kwargs}
+    return pipeline(
+        prompt, num_inference_steps=4, max_sequence_length=16,
+        generator=torch.Generator().manual_seed(0), **kwargs,
+    ).images
+
+
+def _state(pipeline: DiffusionPipeline) -> dict[str, torch.Tensor]:
+    """Every weight of every torch component, keyed by component and parameter name."""
+    return {
+        f"{name}.{key}": value
+        for name, component in pipeline.components.items()
+        if isinstance(component, torch.nn.Module)
+        for key, value in component.state_dict().items()
+    }
+
+
+def _same_weights(a: DiffusionPipeline, b: DiffusionPipeline) -> bool:
+    """Whether two pipelines hold bit-identical weights."""
+    state_a, state_b = _state(a), _state(b)
+    same_keys = state_a.keys() == state_b.keys()
+    return same_keys and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_every_tiny_name_is_loadable() -> None:
+    assert set(TINY_PIPELINES) == {"tiny-sd3", "tiny-sd3.5", "tiny-pixart"}
+    assert set(TINY_PIPELINES) | set(MODEL_CARDS) <= set(LOADERS)
+
+
+def test_sd35_layout_features_are_present() -> None:
+    transformer = build_tiny_pipeline("tiny-sd3.5").transformer
+    assert transformer.config.qk_norm == "rms_norm"
+    assert transformer.transformer_blocks[0].use_dual_attention
+    assert transformer.transformer_blocks[-1].context_pre_only
+    plain = build_tiny_pipeline("tiny-sd3").transformer
+    assert plain.config.qk_norm is None and not plain.transformer_blocks[0].use_dual_attention
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_weights_other_seed_other_weights(name: str) -> None:
+    first = build_tiny_pipeline(name, seed=3)
+    assert _same_weights(first, build_tiny_pipeline(name, seed=3))
+    assert not _same_weights(first, build_tiny_pipeline(name, seed=4))
+
+
+def test_building_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_pipeline("tiny-pixart")
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 64), (64, 128), (128, 64)])
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_generates_latents_of_the_requested_size(
+    pipeline: DiffusionPipeline, height: int, width: int, guidance_scale: float
+) -> None:
+    latents = _generate(pipeline, height=height, width=width, guidance_scale=guidance_scale)
+    channels = pipeline.vae.config.latent_channels
+    assert latents.shape == (1, channels, height // 8, width // 8)
+    assert torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 64), (64, 128)])
+def test_generates_pil_images_of_the_requested_size(
+    pipeline: DiffusionPipeline, height: int, width: int
+) -> None:
+    (image,) = _generate(pipeline, height=height, width=width, output_type="pil")
+    assert image.size == (width, height)
+    assert np.asarray(image).std() > 0
+
+
+def test_prompt_changes_the_output(pipeline: DiffusionPipeline) -> None:
+    assert not torch.allclose(_generate(pipeline, "a dog in the snow"), _generate(pipeline))
+
+
+def test_save_then_load_generates_the_same_latents(pipeline: DiffusionPipeline, tmp_path: Path) -> None:
+    pipeline.save_pretrained(tmp_path)
+    reloaded = load_pipeline(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    assert type(reloaded) is type(pipeline)
+    torch.testing.assert_close(_generate(reloaded), _generate(pipeline), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_by_name_is_the_seed_zero_build(name: str) -> None:
+    assert _same_weights(load_pipeline(name), build_tiny_pipeline(name, seed=0))
+
+
+def test_load_casts_to_the_requested_dtype() -> None:
+    pipeline = load_pipeline("tiny-sd3", device="cpu", dtype=torch.bfloat16)
+    assert pipeline.transformer.dtype == torch.bfloat16
+    assert pipeline.text_encoder_3.dtype == torch.bfloat16
+
+
+def test_unknown_name_raises_and_lists_the_known_names() -> None:
+    with pytest.raises(UnknownModelError, match="no-such-model") as caught:
+        load_pipeline("no-such-model")
+    assert "tiny-sd3" in str(caught.value) and "sd3.5-large" in str(caught.value)
+    assert "diffusers folder" in str(caught.value)
+
+
+def test_folder_without_model_index_is_unknown(tmp_path: Path) -> None:
+    with pytest.raises(UnknownModelError, match=re.escape(str(tmp_path))):
+        load_pipeline(tmp_path)
+
+
+def test_unknown_tiny_name_raises() -> None:
+    with pytest.raises(UnknownModelError, match="tiny-flux"):
+        build_tiny_pipeline("tiny-flux")

@@ -1,0 +1,138 @@
+"""`accelerate` on real diffusers pipelines: exactness at alpha = 1, the schedule, FLOPs, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import catrt
+from catrt import CATConfig, ConfigError, UnsupportedModelError
+from catrt.models import make_adapter, patchify
+from tests.conftest import TINY_NAMES, call_kwargs
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
+def test_alpha_one_reproduces_the_plain_pipeline(name: str, guidance_scale: float, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    expected = pipe(**call_kwargs(pipe, guidance_scale=guidance_scale)).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3))
+    got = fast(**call_kwargs(pipe, guidance_scale=guidance_scale)).images
+    assert got.shape == expected.shape
+    assert _relative_error(got, expected) < 1e-4
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_trace_shows_the_schedule(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=4, trace=True))
+    result = fast(**call_kwargs(pipe, num_images_per_prompt=2)).images
+    assert result.shape[0] == 4
+    assert [r.step for r in fast.last_trace] == list(range(1, 13))
+    assert [r.kind for r in fast.last_trace] == ["full"] * 4 + ["pruned"] * 8
+    k = 8  # ceil(0.3 * 24 tokens of a 64x96 image)
+    for record in fast.last_trace:
+        if record.kind == "pruned":
+            assert record.indices.shape == (4, k) and record.indices.dtype == torch.long
+        else:
+            assert record.indices is None
+
+
+def test_refresh_steps_are_full(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(t0=4, refresh_every=3, trace=True))
+    fast(**call_kwargs(pipe))
+    kinds = "".join(r.kind[0] for r in fast.last_trace)
+    assert kinds == "ffff" + "ppf" + "ppf" + "pp"
+
+
+def test_pruning_changes_the_output_but_not_much(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    expected = pipe(**call_kwargs(pipe)).images
+    got = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=4))(**call_kwargs(pipe)).images
+    error = _relative_error(got, expected)
+    assert 0 < error < 1.0
+
+
+def test_every_token_is_recomputed_after_t0(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=8, trace=True))
+    fast(**call_kwargs(pipe, num_inference_steps=28, height=128, width=128))
+    seen = torch.zeros(2, 64, dtype=torch.bool)
+    for record in fast.last_trace:
+        if record.indices is not None:
+            seen.scatter_(1, record.indices, True)
+    assert bool(seen.all())
+
+
+def _transformer_flops(runner: Any, kwargs: dict[str, Any], transformer_class: str) -> int:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        runner(**kwargs)
+    return sum(counter.get_flop_counts()[transformer_class].values())
+
+
+def test_flops_of_the_real_call_drop_as_the_schedule_predicts(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    steps, t0 = 10, 4
+    settings = dict(num_inference_steps=steps, height=256, width=256, prompt="a cat", max_sequence_length=8)
+    plain = _transformer_flops(pipe, call_kwargs(pipe, **settings), "SD3Transformer2DModel")
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=t0))
+    pruned_run = _transformer_flops(fast, call_kwargs(pipe, **settings), "SD3Transformer2DModel")
+
+    # Predicted: t0 full steps plus (steps - t0) pruned steps, each counted alone.
+    adapter = make_adapter(pipe.transformer)
+    latents = torch.randn(2, 16, 32, 32)
+    text = {"encoder_hidden_states": torch.randn(2, 85, 48), "pooled_projections": torch.randn(2, 64)}
+    context = adapter.prepare_context(text, latents.shape)
+    _, kv = adapter.full_forward(latents, torch.ones(2), context)
+    k = CATConfig().num_selected(256)
+    indices = torch.arange(k).expand(2, k)
+    patches = patchify(latents, 2)[:, :k]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        adapter.pruned_forward(patches, indices, torch.ones(2), context, kv)
+    pruned_step = counter.get_total_flops()
+    full_step = plain / steps
+    predicted = (t0 * full_step + (steps - t0) * pruned_step) / plain
+    measured = pruned_run / plain
+    assert measured < 0.75
+    assert measured == pytest.approx(predicted, rel=0.02)
+
+
+def test_saved_pipeline_loads_by_path_and_accelerates(tmp_path: Path, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3.5"]
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = catrt.load_pipeline(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    config = CATConfig(alpha=0.3, t0=4)
+    expected = catrt.accelerate(pipe, config)(**call_kwargs(pipe)).images
+    got = catrt.accelerate(loaded, config)(**call_kwargs(loaded)).images
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_unsupported_pipeline_class_is_refused() -> None:
+    class NotAPipeline:
+        transformer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(UnsupportedModelError, match="catrt cannot accelerate NotAPipeline; supported pipelines"):
+        catrt.accelerate(NotAPipeline())
+
+
+def test_t0_not_before_the_last_step_is_refused(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    with pytest.raises(ConfigError, match=r"t0 = 8 needs t0 < num_inference_steps, got 8 steps"):
+        catrt.accelerate(pipe, CATConfig(t0=8))(**call_kwargs(pipe, num_inference_steps=8))
+
+
+def test_resolution_the_patch_grid_cannot_take_is_refused(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-pixart"]  # PixArt accepts multiples of 8: a 72-pixel side is a 9-cell latent
+    with pytest.raises(ConfigError, match="latent size 9x8 is not divisible by the patch size 2"):
+        catrt.accelerate(pipe, CATConfig(t0=4))(**call_kwargs(pipe, height=72, width=64))

@@ -1,0 +1,208 @@
+"""Selection and clustering: exact-k invariants, no host sync, KMeans against scikit-learn."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from catrt import selection
+from catrt.clustering import (
+    cluster_adjacency,
+    cluster_scores,
+    clustering_features,
+    inertia,
+    kmeans,
+    pooled_cluster_scores,
+    positional_code,
+)
+from catrt.models.base import Grid
+
+CASES = [  # (batch, grid, alpha)
+    (1, Grid(4, 4), 0.3),
+    (2, Grid(8, 12), 0.3),
+    (3, Grid(16, 16), 0.2),
+    (2, Grid(6, 10), 0.5),
+    (1, Grid(5, 7), 1.0),
+    (2, Grid(32, 24), 0.3),
+]
+
+
+def _state(batch: int, grid: Grid, channels: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    num = grid.num_tokens
+    output = torch.randn(batch, num, channels, generator=gen)
+    reference = torch.randn(batch, num, channels, generator=gen)
+    labels, _ = kmeans(clustering_features(output, grid), min(20, num), 10, gen)
+    staleness = torch.rand(batch, num, generator=gen).round(decimals=1)  # with ties
+    last = torch.randint(0, 20, (batch, num), generator=gen)
+    return {"output": output, "reference": reference, "labels": labels, "staleness": staleness, "last": last}
+
+
+def _assert_valid(indices: torch.Tensor, batch: int, num: int, k: int) -> None:
+    assert indices.shape == (batch, k) and indices.dtype == torch.long
+    assert int(indices.min()) >= 0 and int(indices.max()) < num
+    for row in indices:
+        assert len(set(row.tolist())) == k
+
+
+@pytest.mark.parametrize(("batch", "grid", "alpha"), CASES)
+def test_every_rule_returns_exactly_k_distinct_in_range(batch: int, grid: Grid, alpha: float) -> None:
+    num = grid.num_tokens
+    k = math.ceil(alpha * num)
+    state = _state(batch, grid)
+    clusters = min(20, num)
+    delta, magnitude = selection.relative_magnitude(state["output"], state["reference"])
+    adjacency = cluster_adjacency(state["labels"], grid, clusters)
+    pooled = pooled_cluster_scores(delta, state["labels"], adjacency, clusters)
+    results = [
+        selection.select_first(magnitude, state["labels"], pooled, k),
+        selection.select_cat_step(
+            state["output"], state["reference"], state["labels"], state["staleness"], state["last"],
+            k=k, n_clusters=clusters, magnitude_fraction=0.25,
+        ),
+        selection.select_next(magnitude, state["labels"], cluster_scores(delta, state["labels"], clusters),
+                              state["staleness"], state["last"], k, 1.0),
+        selection.select_random(batch, num, k, torch.Generator().manual_seed(1), torch.device("cpu")),
+        selection.select_magnitude(magnitude, k),
+        selection.select_sequential(batch, num, k, 3, torch.device("cpu")),
+    ]
+    for indices in results:
+        _assert_valid(indices, batch, num, k)
+
+
+def test_first_selection_walks_the_best_cluster_first() -> None:
+    grid = Grid(8, 8)
+    labels = (torch.arange(64) // 16).view(1, 64)  # 4 clusters of 16 tokens, in raster blocks
+    magnitude = torch.rand(1, 64, generator=torch.Generator().manual_seed(0))
+    pooled = torch.tensor([[0.1, 5.0, 0.3, 0.2]])
+    k = 20  # share per cluster = ceil(20 / 10) = 2
+    indices = selection.select_first(magnitude, labels, pooled, k)
+    best_two = magnitude[0, 16:32].topk(2).indices + 16
+    assert indices[0, :2].tolist() == best_two.tolist()
+    # then cluster 2 (score 0.3), cluster 3, cluster 0: 2 each, then the rest by magnitude
+    assert set(indices[0, 2:4].tolist()) <= set(range(32, 48))
+    assert set(indices[0, 4:6].tolist()) <= set(range(48, 64))
+    _assert_valid(indices, 1, 64, k)
+    del grid
+
+
+def test_later_selection_takes_magnitude_part_then_stalest() -> None:
+    num, k = 64, 24
+    labels = (torch.arange(num) // 16).view(1, num)
+    magnitude = torch.rand(1, num, generator=torch.Generator().manual_seed(0))
+    scores = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    staleness = torch.zeros(1, num)
+    staleness[0, :32] = 1.0  # the first two clusters were just computed
+    last = torch.zeros(1, num, dtype=torch.long)
+    indices = selection.select_next(magnitude, labels, scores, staleness, last, k, magnitude_fraction=0.25)
+    size_m = math.ceil(0.25 * k)  # 6, m = 1: 3 from cluster 0, 2 from cluster 1 (1 by magnitude), 1 from cluster 2
+    first = indices[0, :3].tolist()
+    assert first == magnitude[0, :16].topk(3).indices.tolist()
+    rest = set(indices[0, size_m:].tolist())
+    assert rest <= set(range(32, 64)), "the remaining budget must be the stalest tokens"
+
+
+def test_staleness_ewma() -> None:
+    f = torch.zeros(2, 6)
+    f = selection.update_staleness(f, torch.tensor([[0, 1], [2, 3]]), 0.5)
+    f = selection.update_staleness(f, torch.tensor([[0, 5], [2, 4]]), 0.5)
+    assert f.tolist() == [[1.5, 0.5, 0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.5, 0.5, 1.0, 0.0]]
+
+
+def test_positional_code_on_non_square_grid() -> None:
+    code = positional_code(Grid(2, 4), 6, torch.device("cpu"), torch.float32)
+    assert code.shape == (8, 6)
+    assert code[5, :3].tolist() == [0.5] * 3 and code[5, 3:].tolist() == [0.25] * 3
+
+
+def test_adjacency_marks_touching_clusters_only() -> None:
+    labels = torch.tensor([[0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 2, 2]])  # grid 3x4: rows [0011] [0011] [2222]
+    adjacency = cluster_adjacency(labels, Grid(3, 4), 4)[0]
+    assert adjacency[0, 1] and adjacency[1, 0] and adjacency[0, 2] and adjacency[1, 2]
+    assert not adjacency[0, 0] and not adjacency[3].any()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_torch_kmeans_matches_scikit_learn(seed: int) -> None:
+    grid = Grid(16, 16)
+    gen = torch.Generator().manual_seed(seed)
+    # Smooth, structured outputs like a denoiser's, plus the positional code.
+    base = torch.randn(1, 4, 4, 16, generator=gen).permute(0, 3, 1, 2)
+    smooth = torch.nn.functional.interpolate(base, size=(16, 16), mode="bilinear").permute(0, 2, 3, 1)
+    features = clustering_features(smooth.reshape(1, 256, 16) * 10, grid)
+    labels, centers = kmeans(features, 20, 30, torch.Generator().manual_seed(seed))
+    ours = float(inertia(features, labels, centers)[0])
+    reference = KMeans(n_clusters=20, n_init=1, random_state=seed).fit(features[0].numpy()).inertia_
+    assert ours <= reference * 1.05, (ours, reference)
+    assert labels.unique().numel() >= 18
+
+
+HOST_SYNC_OPS = {
+    "aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
+    "aten::unique_consecutive", "aten::masked_select", "aten::repeat_interleave",
+}
+
+
+class NoHostSync(TorchDispatchMode):
+    """Raises on every op that needs the host to see a tensor's values."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func._schema.name
+        if name in HOST_SYNC_OPS and not (name == "aten::repeat_interleave" and isinstance(args[1], int)):
+            raise AssertionError(f"host synchronisation: {func}")
+        if name == "aten::index" and any(a is not None and a.dtype == torch.bool for a in args[1]):
+            raise AssertionError(f"boolean-mask indexing: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_guard_catches_item() -> None:
+    with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
+        torch.ones(2).sum().item()
+
+
+def test_selection_and_clustering_need_no_host_sync() -> None:
+    grid = Grid(8, 12)
+    state = _state(2, grid)
+    with NoHostSync():
+        features = clustering_features(state["output"], grid)
+        labels, _ = kmeans(features, 20, 5, torch.Generator().manual_seed(0))
+        delta, magnitude = selection.relative_magnitude(state["output"], state["reference"])
+        pooled = pooled_cluster_scores(delta, labels, cluster_adjacency(labels, grid, 20), 20)
+        first = selection.select_first(magnitude, labels, pooled, 29)
+        staleness = selection.update_staleness(torch.zeros(2, 96), first, 0.5)
+        selection.select_cat_step(
+            state["output"], state["reference"], labels, staleness, state["last"],
+            k=29, n_clusters=20, magnitude_fraction=0.25,
+        )
+
+
+def test_per_step_selection_compiles_fullgraph_without_recompiles() -> None:
+    grid = Grid(8, 12)
+
+    def step(output, reference, labels, staleness, last):  # noqa: ANN001, ANN202
+        indices = selection.select_cat_step(
+            output, reference, labels, staleness, last, k=29, n_clusters=20, magnitude_fraction=0.25
+        )
+        return indices, selection.update_staleness(staleness, indices, 0.5)
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):
+            state = _state(2, grid, seed=seed)
+            args = (state["output"], state["reference"], state["labels"], state["staleness"], state["last"])
+            got, _ = compiled(*args)
+            expected, _ = step(*args)
+            assert torch.equal(got, expected)
+
+
+def test_runtime_code_has_no_host_round_trips() -> None:
+    root = Path(__file__).resolve().parents[1] / "catrt"
+    for name in ("selection.py", "clustering.py", "runtime.py"):
+        text = (root / name).read_text()
+        assert not re.search(r"\.(tolist|item|cpu|numpy)\(", text), name
