@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -143,19 +144,12 @@ class CATRuntime:
 
     def _select(self) -> torch.Tensor:
         """Indices (B, k) for the next step, from this step's output cache."""
-        rule = self.config.rule
         output = self._cond(self.output_cache)
-        num, device = self.grid.num_tokens, output.device
-        if rule == "random":
-            return selection.select_random(self.batch, num, self.k, self.generator, device)
-        if rule == "round_robin":
-            return selection.take_first(selection.staleness_ranks(self.staleness, self.last_computed), self.k)
-        if rule == "sequential":
-            return selection.select_sequential(self.batch, num, self.k, self.step - self.config.t0, device)
-        delta, magnitude = selection.relative_magnitude(output, self.reference)
-        if rule == "magnitude":
-            return selection.select_magnitude(magnitude, self.k)
+        baseline = BASELINE_RULES.get(self.config.rule)
+        if baseline is not None:
+            return baseline(self, output)
         if self.step == self.config.t0:
+            delta, magnitude = selection.relative_magnitude(output, self.reference)
             return self._select_first(output, delta, magnitude)
         return selection.select_cat_step(
             output,
@@ -175,3 +169,14 @@ class CATRuntime:
         adjacency = cluster_adjacency(self.labels, self.grid, self.n_clusters)
         pooled = pooled_cluster_scores(delta, self.labels, adjacency, self.n_clusters)
         return selection.select_first(magnitude, self.labels, pooled, self.k)
+
+
+# Baselines for bench/: the same k and schedule, another rule. Each maps (runtime, cond outputs) -> (B, k).
+BASELINE_RULES: dict[str, Callable[[CATRuntime, torch.Tensor], torch.Tensor]] = {
+    "random": lambda rt, out: selection.select_random(rt.batch, rt.grid.num_tokens, rt.k, rt.generator, out.device),
+    "round_robin": lambda rt, out: selection.take_first(selection.staleness_ranks(rt.staleness, rt.last_computed), rt.k),
+    "sequential": lambda rt, out: selection.select_sequential(
+        rt.batch, rt.grid.num_tokens, rt.k, rt.step - rt.config.t0, out.device
+    ),
+    "magnitude": lambda rt, out: selection.select_magnitude(selection.relative_magnitude(out, rt.reference)[1], rt.k),
+}

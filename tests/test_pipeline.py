@@ -136,3 +136,17 @@ def test_resolution_the_patch_grid_cannot_take_is_refused(tiny_pipelines: dict[s
     pipe = tiny_pipelines["tiny-pixart"]  # PixArt accepts multiples of 8: a 72-pixel side is a 9-cell latent
     with pytest.raises(ConfigError, match="latent size 9x8 is not divisible by the patch size 2"):
         catrt.accelerate(pipe, CATConfig(t0=4))(**call_kwargs(pipe, height=72, width=64))
+
+
+@pytest.mark.parametrize("rule", ["random", "round_robin", "magnitude", "sequential"])
+def test_baseline_rules_select_k_distinct_tokens(rule: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=4, rule=rule, trace=True))
+    fast(**call_kwargs(pipe))
+    pruned = [r.indices for r in fast.last_trace if r.kind == "pruned"]
+    assert len(pruned) == 8
+    for indices in pruned:
+        assert indices.shape == (2, 8)
+        assert all(len(set(row.tolist())) == 8 for row in indices)
+    if rule == "round_robin":  # stalest first: 8 pruned steps of 8 sweep the 24 tokens in order
+        assert pruned[0][0].tolist() == list(range(8)) and pruned[1][0].tolist() == list(range(8, 16))
