@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from catrt.errors import ConfigError
 
-SelectionRule = Literal["cat", "random", "round_robin", "magnitude", "sequential"]
-SELECTION_RULES: tuple[str, ...] = ("cat", "random", "round_robin", "magnitude", "sequential")
+SelectionRule = Literal["cat", "random", "round_robin", "magnitude", "sequential", "attention"]
+SELECTION_RULES: tuple[str, ...] = ("cat", "random", "round_robin", "magnitude", "sequential", "attention")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from catrt import selection
 from catrt.clustering import cluster_adjacency, clustering_features, kmeans, pooled_cluster_scores
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
-from catrt.models.base import Adapter, Context, Grid, patchify, unpatchify
+from catrt.models.base import Adapter, AttentionRecorder, Context, Grid, patchify, unpatchify
 from catrt.scheduler import StepKind, step_kind
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,12 @@ class CATRuntime:
         self.guidance = guidance
         self.step = 0
         self.trace: list[StepRecord] = []
+        if config.rule == "attention" and self.functions is not adapter:
+            raise ConfigError(
+                "the attention rule needs attention maps, which only the eager backend exposes",
+                field="rule",
+                value=config.rule,
+            )
 
     def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
         """One denoising step: (B, C, H, W) latents -> (B, C_out, H, W) prediction."""
@@ -84,7 +90,14 @@ class CATRuntime:
         if self.step == 1:
             self._start(hidden_states, call_kwargs)
         kind = step_kind(self.step, self.config.t0, self.config.refresh_every)
-        indices = self._run_full(hidden_states, timestep) if kind == "full" else self._run_pruned(hidden_states, timestep)
+        recorder = AttentionRecorder() if self.config.rule == "attention" else None
+        self.adapter.recorder = recorder
+        try:
+            indices = self._run_full(hidden_states, timestep) if kind == "full" else self._run_pruned(hidden_states, timestep)
+        finally:
+            self.adapter.recorder = None
+        if recorder is not None:
+            self.attention_importance = recorder.importance
         if self.config.trace:
             self.trace.append(StepRecord(self.step, kind, indices))
         if self.step == self.config.t0 - 1:
@@ -178,5 +191,6 @@ BASELINE_RULES: dict[str, Callable[[CATRuntime, torch.Tensor], torch.Tensor]] = 
     "sequential": lambda rt, out: selection.select_sequential(
         rt.batch, rt.grid.num_tokens, rt.k, rt.step - rt.config.t0, out.device
     ),
-    "magnitude": lambda rt, out: selection.select_magnitude(selection.relative_magnitude(out, rt.reference)[1], rt.k),
+    "magnitude": lambda rt, out: selection.select_top(selection.relative_magnitude(out, rt.reference)[1], rt.k),
+    "attention": lambda rt, out: selection.select_top(rt._cond(rt.attention_importance), rt.k),
 }

@@ -147,9 +147,9 @@ def select_random(batch: int, num: int, k: int, generator: torch.Generator | Non
     return torch.topk(noise, k, dim=1).indices
 
 
-def select_magnitude(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest relative noise magnitudes: no clusters, no staleness."""
-    return torch.topk(magnitude, k, dim=1).indices
+def select_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest-scoring tokens (by noise magnitude, or by attention received): no clusters, no staleness."""
+    return torch.topk(scores, k, dim=1).indices
 
 
 def select_sequential(batch: int, num: int, k: int, pruned_step: int, device: torch.device) -> torch.Tensor:

@@ -117,3 +117,34 @@ def test_resolution_the_patch_grid_cannot_take(tiny_pipelines: dict[str, Any]) -
     adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
     with pytest.raises(ConfigError, match=r"latent size 9x12 is not divisible by the patch size 2"):
         adapter.grid(9, 12)
+
+
+@torch.no_grad()
+def test_attention_recorder_sums_the_mass_image_keys_receive(tiny_pipelines: dict[str, Any]) -> None:
+    from catrt.models.base import AttentionRecorder
+
+    transformer = tiny_pipelines["tiny-pixart"].transformer
+    adapter = make_adapter(transformer)
+    latents, timestep, kwargs = _inputs(transformer)
+    context = adapter.prepare_context(kwargs, latents.shape)
+    adapter.recorder = AttentionRecorder()
+    try:
+        adapter.full_forward(latents, timestep, context)
+        importance = adapter.recorder.importance
+    finally:
+        adapter.recorder = None
+    # Self-attention only: every query row's probabilities sum to 1 over the 24 image keys.
+    blocks, num_heads = len(transformer.transformer_blocks), transformer.config.num_attention_heads
+    assert importance.shape == (2, 24)
+    assert torch.allclose(importance.sum(-1), torch.full((2,), float(blocks * num_heads * 24)), rtol=1e-5)
+
+
+def test_attention_rule_needs_the_eager_backend(tiny_pipelines: dict[str, Any]) -> None:
+    adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
+
+    class OtherBackend:
+        full_forward = adapter.full_forward
+        pruned_forward = adapter.pruned_forward
+
+    with pytest.raises(ConfigError, match="attention rule needs attention maps"):
+        CATRuntime(adapter, CATConfig(rule="attention"), steps=10, guidance=False, functions=OtherBackend())

@@ -138,9 +138,10 @@ def test_resolution_the_patch_grid_cannot_take_is_refused(tiny_pipelines: dict[s
         catrt.accelerate(pipe, CATConfig(t0=4))(**call_kwargs(pipe, height=72, width=64))
 
 
-@pytest.mark.parametrize("rule", ["random", "round_robin", "magnitude", "sequential"])
-def test_baseline_rules_select_k_distinct_tokens(rule: str, tiny_pipelines: dict[str, Any]) -> None:
-    pipe = tiny_pipelines["tiny-sd3"]
+@pytest.mark.parametrize("rule", ["random", "round_robin", "magnitude", "sequential", "attention"])
+@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-pixart"])
+def test_baseline_rules_select_k_distinct_tokens(rule: str, name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
     fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=4, rule=rule, trace=True))
     fast(**call_kwargs(pipe))
     pruned = [r.indices for r in fast.last_trace if r.kind == "pruned"]

@@ -69,7 +69,7 @@ def test_every_rule_returns_exactly_k_distinct_in_range(batch: int, grid: Grid, 
         selection.select_next(magnitude, state["labels"], cluster_scores(delta, state["labels"], clusters),
                               state["staleness"], state["last"], k, 1.0),
         selection.select_random(batch, num, k, torch.Generator().manual_seed(1), torch.device("cpu")),
-        selection.select_magnitude(magnitude, k),
+        selection.select_top(magnitude, k),
         selection.select_sequential(batch, num, k, 3, torch.device("cpu")),
     ]
     for indices in results:

@@ -56,6 +56,7 @@ class Adapter(ABC):
         self.patch_size: int = transformer.config.patch_size
         self.out_channels: int = transformer.out_channels
         self.in_channels: int = transformer.config.in_channels
+        self.recorder: AttentionRecorder | None = None  # set by the runtime for the `attention` rule
 
     @abstractmethod
     def check_layout(self, transformer: nn.Module) -> None:
@@ -179,8 +180,39 @@ def write_rows(cache: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -
     return cache.scatter(1, indices.unsqueeze(-1).expand(-1, -1, rows.shape[-1]), rows)
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Multi-head SDPA on (B, L, H*d) tensors; fused kernels allowed, nothing needs the map."""
+class AttentionRecorder:
+    """Sums the attention mass each image key receives over a step (an AT-EDM-style importance).
+
+    Only the `attention` baseline rule of bench/ uses it: it needs the attention map, which fused
+    kernels never materialise, so recording costs an extra explicit softmax per attention.
+    """
+
+    def __init__(self) -> None:
+        self.importance: torch.Tensor | None = None  # (B, N)
+
+    def record(self, query: torch.Tensor, key: torch.Tensor, num_heads: int, num_image_keys: int) -> None:
+        """Add the column sums over the first `num_image_keys` keys of softmax(Q K^T / sqrt(d))."""
+        query_heads, key_heads = heads(query, num_heads), heads(key, num_heads)
+        scores = query_heads @ key_heads.transpose(-1, -2) / query_heads.shape[-1] ** 0.5
+        received = scores.softmax(-1)[..., :num_image_keys].sum(dim=(1, 2))
+        self.importance = received if self.importance is None else self.importance + received
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    num_heads: int,
+    mask: torch.Tensor | None = None,
+    recorder: AttentionRecorder | None = None,
+    num_image_keys: int = 0,
+) -> torch.Tensor:
+    """Multi-head SDPA on (B, L, H*d) tensors; fused kernels allowed, nothing needs the map.
+
+    With a `recorder`, the attention the first `num_image_keys` keys receive is also recorded.
+    """
+    if recorder is not None and num_image_keys:
+        recorder.record(query, key, num_heads, num_image_keys)
     out = F.scaled_dot_product_attention(
         heads(query, num_heads), heads(key, num_heads), heads(value, num_heads), attn_mask=mask
     )

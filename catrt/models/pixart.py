@@ -147,7 +147,10 @@ class PixArtAdapter(Adapter):
         rows += [key, value]
         if indices is not None and cache is not None:
             key, value = write_rows(cache[0], indices, key), write_rows(cache[1], indices, value)
-        x = x + gate_msa * block.attn1.to_out[0](attention(query, key, value, block.attn1.heads))
+        self_attention = attention(
+            query, key, value, block.attn1.heads, recorder=self.recorder, num_image_keys=key.shape[1]
+        )
+        x = x + gate_msa * block.attn1.to_out[0](self_attention)
 
         cross_key = context["cross_kv"][2 * index]
         cross_value = context["cross_kv"][2 * index + 1]

@@ -127,7 +127,12 @@ class SD3Adapter(Adapter):
         rows += [key, value]
         key, value = _with_cache(key, value, indices, cache, 0)
         joint = attention(
-            torch.cat([query, t_query], 1), torch.cat([key, t_key], 1), torch.cat([value, t_value], 1), attn.heads
+            torch.cat([query, t_query], 1),
+            torch.cat([key, t_key], 1),
+            torch.cat([value, t_value], 1),
+            attn.heads,
+            recorder=self.recorder,
+            num_image_keys=key.shape[1],
         )
         x_attn, text_attn = joint[:, : query.shape[1]], joint[:, query.shape[1] :]
         x = x + gate_msa.unsqueeze(1) * attn.to_out[0](x_attn)
@@ -137,7 +142,9 @@ class SD3Adapter(Adapter):
             query2, key2, value2 = project_qkv(attn2, nx2)
             rows += [key2, value2]
             key2, value2 = _with_cache(key2, value2, indices, cache, 2)
-            x = x + gate_msa2.unsqueeze(1) * attn2.to_out[0](attention(query2, key2, value2, attn2.heads))
+            x = x + gate_msa2.unsqueeze(1) * attn2.to_out[0](
+                attention(query2, key2, value2, attn2.heads, recorder=self.recorder, num_image_keys=key2.shape[1])
+            )
 
         nx = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         x = x + gate_mlp.unsqueeze(1) * block.ff(nx)
