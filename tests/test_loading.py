@@ -7,7 +7,6 @@ import re
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: nothing here may download
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,6 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the hub unreachable even if another module imported huggingface_hub first."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one thread, and many threads stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=NAMES)

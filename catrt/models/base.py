@@ -87,13 +87,13 @@ class Adapter(ABC):
     def prepare_context(self, call_kwargs: dict[str, Any], latent_shape: torch.Size) -> Context:
         """Step-invariant tensors from the pipeline's transformer-call kwargs (once per generation)."""
 
-    @abstractmethod
     def full_forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, H, W) latents -> output tokens (B, N, p*p*C_out) and K/V (S, B, N, D)."""
+        tokens = self.transformer.pos_embed(hidden_states)
+        return self.run_blocks(tokens, timestep, context, indices=None, kv_cache=None)
 
-    @abstractmethod
     def pruned_forward(
         self,
         patches: torch.Tensor,
@@ -103,6 +103,24 @@ class Adapter(ABC):
         kv_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Selected patches (B, k, C*p*p) at `indices` (B, k) -> outputs (B, k, p*p*C_out), K/V rows (S, B, k, D)."""
+        tokens = self.embed_patches(patches, indices, context)
+        return self.run_blocks(tokens, timestep, context, indices=indices, kv_cache=kv_cache)
+
+    @abstractmethod
+    def run_blocks(
+        self,
+        tokens: torch.Tensor,
+        timestep: torch.Tensor,
+        context: Context,
+        indices: torch.Tensor | None,
+        kv_cache: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedded image tokens (B, N or k, D) through every block and the output head.
+
+        With `indices` and `kv_cache` the tokens are the selected ones and attention reads the cache
+        with their rows replaced; without, they are all N tokens. Returns the output tokens and the
+        fresh K/V rows (S, B, N or k, D).
+        """
 
     # -- shared pieces -------------------------------------------------------------------------
 

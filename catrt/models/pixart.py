@@ -87,24 +87,7 @@ class PixArtAdapter(Adapter):
                 context[name] = added[name]
         return context
 
-    def full_forward(
-        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.transformer.pos_embed(hidden_states)
-        return self._run_blocks(tokens, timestep, context, indices=None, kv_cache=None)
-
-    def pruned_forward(
-        self,
-        patches: torch.Tensor,
-        indices: torch.Tensor,
-        timestep: torch.Tensor,
-        context: Context,
-        kv_cache: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.embed_patches(patches, indices, context)
-        return self._run_blocks(tokens, timestep, context, indices=indices, kv_cache=kv_cache)
-
-    def _run_blocks(
+    def run_blocks(
         self,
         tokens: torch.Tensor,
         timestep: torch.Tensor,
