@@ -66,16 +66,17 @@ def kmeans(
         points: (B, N, C) features, one clustering per batch row.
         n_clusters: K; clamped to N.
         iterations: Lloyd iterations (fixed, so the op count is static).
-        generator: seeds the k-means++ draws.
+        generator: seeds the k-means++ draws (the same draws for every row).
 
     Returns:
         labels (B, N) int64 in [0, K) and centers (B, K, C). An empty cluster keeps its last center.
     """
     batch, num_points, channels = points.shape
     clusters = min(n_clusters, num_points)
+    # One draw shared by every row: a prompt's clusters must not depend on its place in the batch.
     uniform = torch.rand(
-        (batch, clusters, num_points), generator=generator, device=points.device, dtype=points.dtype
-    )
+        (1, clusters, num_points), generator=generator, device=points.device, dtype=points.dtype
+    ).expand(batch, -1, -1)
     centers = kmeans_plus_plus(points, clusters, uniform)
     ones = torch.ones(batch, num_points, device=points.device, dtype=points.dtype)
     for _ in range(iterations):

@@ -206,3 +206,14 @@ def test_runtime_code_has_no_host_round_trips() -> None:
     for name in ("selection.py", "clustering.py", "runtime.py"):
         text = (root / name).read_text()
         assert not re.search(r"\.(tolist|item|cpu|numpy)\(", text), name
+
+
+def test_a_prompts_clusters_do_not_depend_on_its_batch_position() -> None:
+    grid = Grid(8, 12)
+    state = _state(2, grid)
+    features = clustering_features(state["output"], grid)
+    labels, _ = kmeans(features, 20, 10, torch.Generator().manual_seed(0))
+    swapped, _ = kmeans(features.flip(0), 20, 10, torch.Generator().manual_seed(0))
+    single, _ = kmeans(features[1:], 20, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(labels, swapped.flip(0))
+    assert torch.equal(labels[1:], single)
