@@ -1,5 +1,6 @@
 """catrt: CAT Pruning (cluster-aware token pruning) for diffusion transformers."""
 
+from catrt.bundle import load
 from catrt.config import CATConfig
 from catrt.errors import CatrtError, ConfigError, UnknownModelError, UnsupportedModelError
 from catrt.loading import load_pipeline
@@ -15,5 +16,6 @@ __all__ = [
     "UnknownModelError",
     "UnsupportedModelError",
     "accelerate",
+    "load",
     "load_pipeline",
 ]

@@ -46,12 +46,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from catrt.generation import GenerationRequest, generate_image
     from catrt.loading import load_pipeline
 
+    if args.engines is not None:
+        return cmd_generate_engines(args)
     config = None if args.full else _cat_config(args, seed=args.seed)
     pipe = load_pipeline(args.model, device=args.device)
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
-        steps=args.steps,
+        steps=args.steps if args.steps is not None else 28,
         seed=args.seed,
         height=args.height,
         width=args.width,
@@ -62,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     mode = "unpruned" if config is None else f"alpha={config.alpha} t0={config.t0}"
-    print(f"wrote {out} ({image.width}x{image.height}, {args.steps} steps, {mode}) in {seconds:.2f} s")
+    print(f"wrote {out} ({image.width}x{image.height}, {request.steps} steps, {mode}) in {seconds:.2f} s")
     return 0
 
 
@@ -80,6 +82,136 @@ def cmd_macs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate_engines(args: argparse.Namespace) -> int:
+    """`generate --engines DIR`: the build fixes alpha, t0, resolution and steps; the seed is free."""
+    import time
+
+    import torch
+
+    from catrt.build_config import BuildConfig
+    from catrt.bundle import load
+    from catrt.manifest import read_manifest
+
+    build = BuildConfig.from_dict(read_manifest(Path(args.engines)).build)
+    config = build.cat_config(
+        seed=args.seed, n_clusters=args.n_clusters, ewma_decay=args.ewma_decay,
+        magnitude_fraction=args.magnitude_fraction, refresh_every=args.refresh_every, rule=args.rule,
+    )
+    fast = load(args.engines, config)
+    kwargs = {"prompt": args.prompt, "output_type": "pil"}
+    if args.steps is not None:
+        kwargs["num_inference_steps"] = args.steps
+    for name in ("negative_prompt", "height", "width", "guidance_scale"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    kwargs["generator"] = torch.Generator(device=fast.engine.device).manual_seed(args.seed)
+    started = time.perf_counter()
+    image = fast(**kwargs).images[0]
+    seconds = time.perf_counter() - started
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"wrote {out} ({image.width}x{image.height}, {build.steps} steps, {build.backend} engine {args.engines}) in {seconds:.2f} s")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from catrt.build import build_engines
+    from catrt.build_config import BuildConfig
+
+    config = BuildConfig(
+        model=args.model, height=args.height, width=args.width, batch=args.batch, steps=args.steps,
+        t0=args.t0, alpha=args.alpha, precision=args.precision, backend=args.backend,
+        max_sequence_length=args.max_sequence_length,
+    )
+    path = build_engines(config, out_dir=Path(args.out), export_dir=Path(args.export_dir))
+    print(f"built {path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print a bundle's manifest, then verify its files and that this machine can run it."""
+    from catrt.bundle import verify_bundle
+    from catrt.manifest import read_manifest
+
+    manifest = read_manifest(Path(args.engines))
+    build = manifest.build
+    print(f"engine {args.engines}")
+    print(f"  model:     {manifest.model['name']} ({manifest.model['pipeline_class']}, transformer sha256 {manifest.model['transformer_sha256'][:16]}...)")
+    print(f"  build:     {build['height']}x{build['width']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
+          f"alpha {build['alpha']} (k = {manifest.k} of N = {manifest.num_tokens}), {build['precision']}, {build['backend']}")
+    print(f"  device:    {', '.join(f'{key} {value}' for key, value in manifest.device.items())}")
+    print(f"  versions:  {', '.join(f'{name} {version}' for name, version in sorted(manifest.versions.items()))}")
+    errors = manifest.verification["max_relative_error"]
+    print(f"  verified:  worst relative error {max(errors.values()):.3g} (tolerance {manifest.verification['tolerance']:g})")
+    for graph, spec in manifest.graphs.items():
+        inputs = ", ".join(f"{i['name']}{tuple(i['shape'])}" for i in spec["inputs"])
+        print(f"  graph {graph}: {inputs} ({manifest.exporters.get(graph, 'not exported')})")
+    for name, record in manifest.files.items():
+        print(f"  file {name}: {record['size']} bytes, sha256 {record['sha256'][:16]}...")
+    print(f"  total:     {manifest.total_size} bytes")
+    verify_bundle(Path(args.engines))
+    print("files and machine: OK")
+    return 0
+
+
+def _add_build_parser(commands: argparse._SubParsersAction) -> None:
+    from catrt.build_config import BACKENDS, PRECISIONS, BuildConfig
+
+    defaults = BuildConfig(DEFAULT_MODEL)
+    build = commands.add_parser("build", help="export, compile and verify engines for one model and resolution")
+    build.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or diffusers folder (default: {DEFAULT_MODEL})")
+    build.add_argument("--alpha", type=float, default=defaults.alpha, help="fraction of tokens recomputed per pruned step (0, 1]")
+    build.add_argument("--t0", type=int, default=defaults.t0, help="last full step before pruning starts")
+    build.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps the engine serves")
+    build.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    build.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    build.add_argument("--batch", type=int, default=defaults.batch, help="prompts per call (graphs take 2x with guidance)")
+    build.add_argument("--precision", choices=tuple(PRECISIONS), default=defaults.precision)
+    build.add_argument("--backend", choices=BACKENDS, default=defaults.backend, help="auto: tensorrt or compile on a GPU, onnxruntime on a CPU")
+    build.add_argument("--max-sequence-length", type=int, default=None, help="text length the graphs take (default: the pipeline's)")
+    build.add_argument("--out", default="engines", help="parent folder of the engine bundles (default: engines)")
+    build.add_argument("--export-dir", default="export", help="parent folder of the ONNX exports (default: export)")
+    build.set_defaults(handler=cmd_build)
+
+    inspect = commands.add_parser("inspect", help="print an engine bundle's manifest and verify its files")
+    inspect.add_argument("engines", help="an engines/<build-name> folder")
+    inspect.set_defaults(handler=cmd_inspect)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from catrt.serve import ServeConfig, run_server
+
+    config = ServeConfig(
+        engines=args.engines, model=args.model, height=args.height, width=args.width, steps=args.steps,
+        batch=args.batch, cat=_cat_config(args), device=args.device, host=args.host, port=args.port,
+        max_queue=args.max_queue, timeout=args.timeout,
+    )
+    return run_server(config)
+
+
+def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    from catrt.serve import ServeConfig
+
+    defaults = ServeConfig(model=DEFAULT_MODEL, height=64, width=64)
+    serve = commands.add_parser("serve", help="serve a build over HTTP (OpenAI images API, health, metrics)")
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--engines", default=None, help="an engines/<build-name> folder made by `catrt build`")
+    source.add_argument("--model", default=None, help="instead of --engines: a model run eagerly with the CAT flags")
+    serve.add_argument("--host", default=defaults.host)
+    serve.add_argument("--port", type=int, default=defaults.port)
+    serve.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests before 429")
+    serve.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds per request, queue included, before 504")
+    eager = serve.add_argument_group("--model only (a build fixes these)")
+    eager.add_argument("--height", type=int, default=None, help="image height in pixels")
+    eager.add_argument("--width", type=int, default=None, help="image width in pixels")
+    eager.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
+    eager.add_argument("--batch", type=int, default=defaults.batch, help="images per model call")
+    eager.add_argument("--device", default=defaults.device, help="torch device, e.g. cpu or cuda")
+    _add_cat_flags(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="catrt",
@@ -92,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or diffusers folder (default: {DEFAULT_MODEL})")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--negative-prompt", default=None)
-    generate.add_argument("--steps", type=int, default=28, help="denoising steps")
+    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: 28, or the build's with --engines)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     generate.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
@@ -101,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", default="image.png", help="output PNG path")
     generate.add_argument("--full", action="store_true", help="run the unpruned model")
     _add_cat_flags(generate)
+    generate.add_argument("--engines", default=None, help="run a built engine folder (its build fixes alpha, t0, size and steps)")
     generate.set_defaults(handler=cmd_generate)
 
     macs = commands.add_parser("macs", help="count transformer MACs of a published model (no download)")
@@ -110,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     macs.add_argument("--width", type=int, default=1024)
     _add_cat_flags(macs)
     macs.set_defaults(handler=cmd_macs)
+    _add_build_parser(commands)
+    _add_serve_parser(commands)
     return parser
 
 

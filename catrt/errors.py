@@ -26,3 +26,35 @@ class UnsupportedModelError(CatrtError, TypeError):
 
 class UnknownModelError(CatrtError, ValueError):
     """A model name that is neither a known name nor an existing folder."""
+
+
+class BuildError(CatrtError):
+    """An engine build failed: an export, an engine compiler, or the built engine's accuracy check."""
+
+
+class EngineMismatchError(CatrtError):
+    """A built engine does not fit this machine or installation (catrt or backend version, device)."""
+
+
+class CorruptBundleError(CatrtError):
+    """A file of a built engine is missing or does not match the digest its manifest recorded."""
+
+
+class QueueFullError(CatrtError):
+    """The server's request queue is full; the client may retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, *, retry_after: int, field: str | None = None, value: object = None) -> None:
+        super().__init__(message, field=field, value=value)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(CatrtError):
+    """A request was not answered within the server's timeout (queue wait plus generation)."""
+
+
+class ServiceUnavailableError(CatrtError):
+    """The server cannot take the request: still loading, shutting down, or its worker has died."""
+
+
+class GenerationError(CatrtError):
+    """A generation failed inside the model; only the requests of that generation see it."""

@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline, PixArtSigmaPipeline, StableDiffusion3Pi
 
 from catrt.errors import UnknownModelError
 from catrt.model_cards import MODEL_CARDS, ModelCard
+from catrt.reference.pipeline import load_reference_pipeline
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def _load_tiny(name: str, dtype: torch.dtype) -> DiffusionPipeline:
 
 LOADERS: dict[str, Loader] = {
     **{name: partial(_load_tiny, name) for name in TINY_PIPELINES},
-    **{name: partial(_load_published, card) for name, card in MODEL_CARDS.items()},
+    **{name: partial(_load_published, card) for name, card in MODEL_CARDS.items() if card.hub_id},
+    "reference": lambda dtype: load_reference_pipeline(dtype=dtype),
 }
 
 

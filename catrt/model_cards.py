@@ -17,7 +17,7 @@ class ModelCard:
     """What catrt needs to know about a published model without loading it."""
 
     name: str
-    hub_id: str
+    hub_id: str | None  # None: shipped in this package, never downloaded
     family: Family
     transformer_config: dict[str, Any] = field(hash=False)
     text_tokens: int  # encoder tokens the transformer sees per prompt (SD3: 77 CLIP + 256 T5)
@@ -49,6 +49,12 @@ _PIXART_SIGMA = {
     "upcast_attention": False, "dropout": 0.0, "attention_type": "default",
 }
 
+_REFERENCE = {  # catrt/reference: pixel space, 32x32 images, patch 2 -> 256 image tokens
+    "sample_size": 32, "patch_size": 2, "in_channels": 3, "out_channels": 3, "num_layers": 4,
+    "attention_head_dim": 32, "num_attention_heads": 4, "joint_attention_dim": 64,
+    "caption_projection_dim": 128, "pooled_projection_dim": 64, "pos_embed_max_size": 32,
+}
+
 MODEL_CARDS: dict[str, ModelCard] = {
     card.name: card
     for card in (
@@ -59,5 +65,6 @@ MODEL_CARDS: dict[str, ModelCard] = {
             "pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "pixart", _PIXART_SIGMA, 300,
             default_steps=20, default_guidance=4.5,
         ),
+        ModelCard("reference", None, "sd3", _REFERENCE, 16, vae_scale=1, default_guidance=4.0),
     )
 }

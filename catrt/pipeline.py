@@ -21,6 +21,7 @@ from torch import nn
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models import make_adapter
+from catrt.reference.pipeline import ReferencePipeline
 from catrt.runtime import CATRuntime, StepFunctions, StepRecord
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ PIPELINES: dict[type, PipelineSpec] = {
     StableDiffusion3Pipeline: PipelineSpec(call_defaults={}),
     # Resolution binning would silently change the requested size; clean_caption needs extra packages.
     PixArtSigmaPipeline: PipelineSpec(call_defaults={"use_resolution_binning": False, "clean_caption": False}),
+    ReferencePipeline: PipelineSpec(call_defaults={}),
 }
 
 

@@ -1,0 +1,210 @@
+"""Output quality of CAT Pruning against the unpruned model and other selection rules.
+
+On the reference model trained here (`catrt/reference/`), for each alpha and rule, over a fixed list
+of prompts and seeds: PSNR and SSIM of the pruned image against the unpruned image of the same seed,
+and the probe's attribute accuracy (our stand-in for a CLIP score). Also the paper's Figure 3 on
+this model: per step, the Pearson correlation over tokens of ||n_t - n_t0|| and ||n_(t-1) - n_t0||.
+
+    python bench/quality.py                       # the full run, writes bench/results/quality.md
+    python bench/quality.py --n 4 --steps 6 --t0 2 --alphas 0.3 --out /tmp/q   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from skimage.metrics import structural_similarity  # noqa: E402
+
+import catrt  # noqa: E402
+from catrt.reference import data, probe  # noqa: E402
+from catrt.reference.pipeline import WEIGHTS_DIR, load_reference_pipeline  # noqa: E402
+
+BASELINES = ("random", "round_robin", "magnitude", "sequential", "attention")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: a selection rule at an alpha (refresh_every 0 = off)."""
+
+    rule: str
+    alpha: float
+    refresh_every: int = 0
+
+    @property
+    def label(self) -> str:
+        name = {"cat": "CAT", "round_robin": "round-robin (stalest)", "magnitude": "magnitude only",
+                "sequential": "sequential rows", "attention": "attention (AT-EDM style)"}.get(self.rule, self.rule)
+        return name + (f" + full refresh every {self.refresh_every}" if self.refresh_every else "")
+
+
+def methods(alphas: list[float]) -> list[Method]:
+    rows = [Method(rule, alpha) for alpha in alphas for rule in ("cat", *BASELINES)]
+    refresh_alpha = 0.3 if 0.3 in alphas else alphas[0]
+    return rows + [Method("cat", refresh_alpha, refresh_every=5)]
+
+
+def generate(pipe: Any, samples: list[data.Sample], seeds: list[int], args: argparse.Namespace,
+             method: Method | None) -> tuple[torch.Tensor, float]:
+    """(n, 3, 32, 32) images in [-1, 1] for every prompt, batch by batch; and the seconds it took."""
+    runner = pipe if method is None else catrt.accelerate(pipe, catrt.CATConfig(
+        alpha=method.alpha, t0=args.t0, rule=method.rule, refresh_every=method.refresh_every))
+    images, started = [], time.perf_counter()
+    for start in range(0, len(samples), args.batch):
+        chunk = range(start, min(start + args.batch, len(samples)))
+        out = runner([samples[i].caption for i in chunk], num_inference_steps=args.steps, output_type="latent",
+                     generator=[torch.Generator().manual_seed(seeds[i]) for i in chunk]).images
+        images.append(out.float().clamp(-1, 1))
+    return torch.cat(images), time.perf_counter() - started
+
+
+def psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Mean PSNR (dB) and SSIM over images in [0, 1]."""
+    a = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
+    b = ((reference + 1) / 2).permute(0, 2, 3, 1).numpy()
+    mse = ((a - b) ** 2).mean(axis=(1, 2, 3)).clip(1e-10)
+    psnr = float(np.mean(10 * np.log10(1.0 / mse)))
+    ssim = float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1.0) for x, y in zip(a, b)]))
+    return psnr, ssim
+
+
+def step_outputs(pipe: Any, samples: list[data.Sample], seeds: list[int], args: argparse.Namespace,
+                 method: Method | None) -> list[torch.Tensor]:
+    """The cond-half transformer output of every step, (n, 3, 32, 32) each, via a forward hook."""
+    outputs: list[torch.Tensor] = []
+    hook = pipe.transformer.register_forward_hook(lambda m, i, o: outputs.append(o[0].chunk(2)[1].detach().clone()))
+    try:
+        generate(pipe, samples, seeds, argparse.Namespace(**{**vars(args), "batch": len(samples)}), method)
+    finally:
+        hook.remove()
+    return outputs
+
+
+def token_norms(delta: torch.Tensor, patch: int = 2) -> torch.Tensor:
+    """(n, C, H, W) -> (n, N) L2 norm per patch token."""
+    n, c, h, w = delta.shape
+    return delta.reshape(n, c, h // patch, patch, w // patch, patch).pow(2).sum((1, 3, 5)).sqrt().reshape(n, -1)
+
+
+def correlations(outputs: list[torch.Tensor], t0: int) -> list[tuple[int, float]]:
+    """Per step t >= t0 + 2: mean over prompts of Pearson(||n_t - n_t0||, ||n_(t-1) - n_t0||)."""
+    reference = outputs[t0 - 1]
+    rows = []
+    for step in range(t0 + 2, len(outputs) + 1):
+        now, before = token_norms(outputs[step - 1] - reference), token_norms(outputs[step - 2] - reference)
+        values = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(now.numpy(), before.numpy())]
+        rows.append((step, float(np.nanmean(values))))
+    return rows
+
+
+def figure3(unpruned: list[tuple[int, float]], pruned: list[tuple[int, float]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*unpruned), marker="o", label="unpruned")
+    ax.plot(*zip(*pruned), marker="s", label="CAT, alpha 0.3")
+    ax.set_xlabel("step t")
+    ax.set_ylabel("Pearson r")
+    ax.set_title("||n_t - n_t0|| vs ||n_(t-1) - n_t0|| over tokens")
+    ax.set_ylim(min(0.0, *[r for _, r in unpruned + pruned]), 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def image_grid(columns: list[tuple[str, torch.Tensor]], rows: int, path: Path, scale: int = 4) -> None:
+    """PNG: one row per prompt, the unpruned image first, then each method."""
+    cell, label_height = 32 * scale, 28
+    grid = Image.new("RGB", (cell * len(columns), label_height + cell * rows), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, (label, images) in enumerate(columns):
+        draw.text((col * cell + 2, 2), label.replace(" (", "\n("), fill="black")
+        for row in range(rows):
+            pixels = data.to_uint8(images[row])
+            tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
+            grid.paste(tile, (col * cell, label_height + row * cell))
+    grid.save(path)
+
+
+def write_table(path: Path, args: argparse.Namespace, baseline: dict[str, float], rows: list[dict[str, Any]],
+                unpruned_corr: list[tuple[int, float]], pruned_corr: list[tuple[int, float]]) -> None:
+    lines = [
+        "# Output quality on the reference model",
+        "",
+        f"`python bench/quality.py --n {args.n} --steps {args.steps} --t0 {args.t0}` on {args.device}: "
+        f"{args.n} prompts from `catrt.reference.data.generate({args.n}, seed={args.data_seed})`, image i with seed i. "
+        "PSNR / SSIM compare each pruned image with the unpruned image of the same seed (higher is closer); "
+        "shape / colour / position are the probe's accuracy against the prompt's attributes.",
+        "",
+        f"Unpruned model: shape {baseline['shape']:.3f}, colour {baseline['colour']:.3f}, position {baseline['position']:.3f}.",
+        "",
+        "| method | alpha | PSNR (dB) | SSIM | shape | colour | position | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['alpha']} | {row['psnr']:.2f} | {row['ssim']:.4f} | {row['shape']:.3f} | "
+                     f"{row['colour']:.3f} | {row['position']:.3f} | {row['seconds']:.1f} |")
+    lines += ["", "## Figure 3 on this model", "",
+              "Pearson correlation over tokens of ||n_t - n_t0|| and ||n_(t-1) - n_t0|| (mean over prompts), "
+              "n_t the transformer output (conditional half) at step t. Plot: `figure3.png`.", "",
+              "| step | unpruned | CAT alpha 0.3 |", "|---|---|---|"]
+    for (step, a), (_, b) in zip(unpruned_corr, pruned_corr):
+        lines.append(f"| {step} | {a:.3f} | {b:.3f} |")
+    lines += ["", "Grid of samples: `quality-grid.png` (unpruned first, then each method at alpha 0.3)."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=64, help="prompts (and seeds)")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--t0", type=int, default=8)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.3, 0.5])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--data-seed", type=int, default=2024)
+    parser.add_argument("--grid-rows", type=int, default=6)
+    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    pipe = load_reference_pipeline(device=args.device, weights_dir=args.weights)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = probe.load_probe()
+    samples = data.generate(args.n, seed=args.data_seed)
+    seeds = list(range(args.n))
+    reference, _ = generate(pipe, samples, seeds, args, None)
+    baseline = probe.attribute_accuracy(reference.cpu(), samples, classifier)
+    rows, grid_columns = [], [("unpruned", reference)]
+    grid_alpha = 0.3 if 0.3 in args.alphas else args.alphas[0]
+    for method in methods(args.alphas):
+        images, seconds = generate(pipe, samples, seeds, args, method)
+        psnr, ssim = psnr_ssim(images.cpu(), reference.cpu())
+        accuracy = probe.attribute_accuracy(images.cpu(), samples, classifier)
+        rows.append({"method": method.label, "alpha": method.alpha, "psnr": psnr, "ssim": ssim,
+                     "seconds": seconds, **accuracy})
+        print(f"{method.label:45s} alpha {method.alpha}: PSNR {psnr:6.2f} SSIM {ssim:.4f} {accuracy}", flush=True)
+        if method.alpha == grid_alpha and not method.refresh_every:
+            grid_columns.append((method.label, images))
+    few = samples[: min(16, args.n)]
+    unpruned_corr = correlations(step_outputs(pipe, few, seeds, args, None), args.t0)
+    pruned_corr = correlations(step_outputs(pipe, few, seeds, args, Method("cat", grid_alpha)), args.t0)
+    figure3(unpruned_corr, pruned_corr, args.out / "figure3.png")
+    image_grid(grid_columns, min(args.grid_rows, args.n), args.out / "quality-grid.png")
+    write_table(args.out / "quality.md", args, baseline, rows, unpruned_corr, pruned_corr)
+    print(f"wrote {args.out / 'quality.md'}")
+
+
+if __name__ == "__main__":
+    main()

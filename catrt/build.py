@@ -1,0 +1,205 @@
+"""`build_engines`: export, compile and verify one build, then publish it as `engines/<build-name>/`.
+
+A build is published only whole: it is written into a temporary folder beside the final one and
+renamed into place after the built engines reproduced the eager adapter within tolerance. A failed
+or killed build leaves an earlier build of the same name untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from catrt.build_config import BuildConfig
+from catrt.engines import ENGINES, GraphSpec, resolve_backend
+from catrt.errors import BuildError, ConfigError
+from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, full_inputs, graph_spec, pruned_inputs
+from catrt.loading import load_pipeline
+from catrt.manifest import Manifest, describe_device, describe_files, package_versions, weights_digest, write_manifest
+from catrt.models import Adapter, make_adapter
+
+logger = logging.getLogger(__name__)
+
+#: Largest accepted max|engine - eager| / max|eager| per output, by precision.
+TOLERANCES: dict[str, float] = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 6e-2}
+STAGES: tuple[str, ...] = ("load model", "sample inputs", "export", "engine", "verify", "manifest")
+
+
+@dataclass
+class _Reference:
+    """Example inputs of both graphs, and the eager adapter's outputs on them."""
+
+    inputs: dict[str, dict[str, torch.Tensor]]
+    outputs: dict[str, tuple[torch.Tensor, ...]]
+    num_tokens: int
+    k: int
+
+
+def build_engines(
+    config: BuildConfig, out_dir: Path = Path("engines"), export_dir: Path = Path("export"), progress: bool = True
+) -> Path:
+    """Build, verify and publish the engines of `config`; returns `out_dir / <build-name>`.
+
+    Args:
+        config: what to build; `backend="auto"` and an unset resolution are resolved here.
+        out_dir: parent folder of the engine bundles.
+        export_dir: parent folder of the ONNX exports (kept for inspection and rebuilds).
+        progress: show tqdm bars for the stages.
+
+    Example:
+        >>> path = build_engines(BuildConfig("tiny-sd3", height=64, width=64, steps=12, t0=4))
+        >>> fast = catrt.load(path)
+    """
+    config = config.resolved(backend=resolve_backend(config.backend))
+    device = ENGINES[config.backend].default_device()
+    if device.type == "cpu" and config.precision != "fp32":
+        raise ConfigError(
+            f"precision {config.precision} needs a CUDA device; backend {config.backend} runs on the CPU here",
+            field="precision", value=config.precision,
+        )
+    bar = tqdm(total=len(STAGES), desc="catrt build", disable=not progress)
+    with bar:
+        bar.set_postfix_str(STAGES[0])
+        pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        config = _with_resolution(config, pipe)
+        adapter = make_adapter(pipe.transformer)
+        bar.update()
+        return _build(config, pipe, adapter, device, Path(out_dir), Path(export_dir), bar)
+
+
+def _build(
+    config: BuildConfig, pipe: Any, adapter: Adapter, device: torch.device, out_dir: Path, export_dir: Path, bar: tqdm
+) -> Path:
+    name = config.build_name()
+    bar.set_description(f"catrt build {name}")
+    bar.set_postfix_str(STAGES[1])
+    reference = _reference(config, pipe, adapter)
+    specs = {graph: graph_spec(graph, reference.inputs[graph], reference.outputs[graph]) for graph in reference.inputs}
+    bar.update()
+    backend = BACKEND_BUILDS[config.backend]
+    exporters: dict[str, str] = {}
+    if backend.needs_onnx:
+        bar.set_postfix_str(STAGES[2])
+        with staged_folder(export_dir / name) as onnx_staging:
+            exporters = export_graphs(adapter, reference.inputs, onnx_staging, progress=not bar.disable)
+    bar.update()
+    with staged_folder(out_dir / name) as staging:
+        bar.set_postfix_str(STAGES[3])
+        backend.write_engine(export_dir / name, staging, config)
+        bar.update()
+        bar.set_postfix_str(STAGES[4])
+        verification = _verify(config, staging, specs, adapter, device, reference)
+        bar.update()
+        bar.set_postfix_str(STAGES[5])
+        write_manifest(staging, _manifest(config, pipe, device, reference, specs, verification, exporters, staging))
+        bar.update()
+    logger.info("built %s", out_dir / name)
+    return out_dir / name
+
+
+def _with_resolution(config: BuildConfig, pipe: Any) -> BuildConfig:
+    """Fill an unset height / width with the model's default image size."""
+    default = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    return config.resolved(height=config.height or default, width=config.width or default)
+
+
+@torch.no_grad()
+def _reference(config: BuildConfig, pipe: Any, adapter: Adapter) -> _Reference:
+    sample = capture_step_sample(pipe, config)
+    full = full_inputs(sample)
+    tokens, kv = adapter.full_forward(sample.hidden_states, sample.timestep, sample.context)
+    num_tokens = tokens.shape[1]
+    k = config.num_selected(num_tokens)
+    pruned = pruned_inputs(sample, adapter, k, kv)
+    pruned_outputs = adapter.pruned_forward(
+        pruned["patches"], pruned["indices"], sample.timestep, sample.context, pruned["kv_cache"]
+    )
+    return _Reference({"full": full, "pruned": pruned}, {"full": (tokens, kv), "pruned": pruned_outputs}, num_tokens, k)
+
+
+def _verify(
+    config: BuildConfig, folder: Path, specs: dict[str, GraphSpec], adapter: Adapter, device: torch.device, reference: _Reference
+) -> dict[str, Any]:
+    """Run one full and one pruned step on the built engines; over tolerance fails the build."""
+    engine = ENGINES[config.backend](folder, specs, adapter, device)
+    engine.load()
+    tolerance = TOLERANCES[config.precision]
+    errors = {}
+    for graph, inputs in reference.inputs.items():
+        outputs = engine.run(graph, specs[graph].prepare(inputs))
+        for spec, expected in zip(specs[graph].outputs, reference.outputs[graph]):
+            got = outputs[spec.name].float()
+            scale = expected.float().abs().max().clamp_min(1e-6)
+            errors[f"{graph}.{spec.name}"] = float((got - expected.float()).abs().max() / scale)
+    worst = max(errors, key=errors.__getitem__)
+    if errors[worst] > tolerance:
+        raise BuildError(
+            f"the {config.backend} engine's {worst} differs from the eager adapter by {errors[worst]:.3g} "
+            f"(relative), over the {config.precision} tolerance {tolerance:g}; the build was not published",
+            field=worst, value=errors[worst],
+        )
+    logger.info("verified against eager: worst relative error %.3g (%s)", errors[worst], worst)
+    return {"max_relative_error": errors, "tolerance": tolerance, "passed": True}
+
+
+def _manifest(
+    config: BuildConfig,
+    pipe: Any,
+    device: torch.device,
+    reference: _Reference,
+    specs: dict[str, GraphSpec],
+    verification: dict[str, Any],
+    exporters: dict[str, str],
+    folder: Path,
+) -> Manifest:
+    files = describe_files(folder)
+    return Manifest(
+        build=config.to_dict(),
+        model={
+            "name": config.model,
+            "pipeline_class": type(pipe).__name__,
+            "transformer_sha256": weights_digest(pipe.transformer),
+        },
+        num_tokens=reference.num_tokens,
+        k=reference.k,
+        graphs={graph: spec.to_dict() for graph, spec in specs.items()},
+        versions=package_versions(),
+        device=describe_device(device),
+        files=files,
+        total_size=sum(record["size"] for record in files.values()),
+        verification=verification,
+        exporters=exporters,
+    )
+
+
+@contextlib.contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """A temporary folder beside `final`, renamed to `final` when the block completes.
+
+    On an exception the temporary folder is removed and `final` is left as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        final.rename(previous)
+    staging.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)

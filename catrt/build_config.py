@@ -1,0 +1,108 @@
+"""`BuildConfig`: what one engine build serves, validated when made and stored in its manifest.
+
+Graphs have static shapes, so a build is tied to one resolution, batch and text length; the step
+count, t0 and alpha fix k and the schedule the bundle is verified for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+import torch
+
+from catrt.config import CATConfig
+from catrt.errors import ConfigError
+
+Precision = Literal["fp32", "fp16", "bf16"]
+Backend = Literal["auto", "eager", "compile", "onnxruntime", "tensorrt"]
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BACKENDS: tuple[str, ...] = ("auto", "eager", "compile", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """One engine build.
+
+    Args:
+        model: a catrt model name or a local diffusers folder, loaded with `load_pipeline`.
+        height, width: image size in pixels; None = the model's default, fixed when the build runs.
+        batch: prompts per call; with guidance the graphs take 2 * batch rows.
+        steps, t0, alpha: the CAT schedule served (k = ceil(alpha * N) is baked into the pruned graph).
+        precision: weights and activations; fp16 / bf16 need a CUDA device.
+        backend: the engine kind; "auto" is resolved to a concrete backend before building.
+        max_sequence_length: the pipeline's text length (static in the graphs); None = its default.
+    """
+
+    model: str
+    height: int | None = None
+    width: int | None = None
+    batch: int = 1
+    steps: int = 28
+    t0: int = 8
+    alpha: float = 0.3
+    precision: Precision = "fp32"
+    backend: Backend = "auto"
+    max_sequence_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"BuildConfig.model must be a model name or folder, got {self.model!r}", field="model")
+        for name in ("height", "width", "max_sequence_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"BuildConfig.{name} must be a positive integer or None, got {value!r}", field=name)
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise ConfigError(f"BuildConfig.batch must be a positive integer, got {self.batch!r}", field="batch")
+        _check_choice("precision", self.precision, tuple(PRECISIONS))
+        _check_choice("backend", self.backend, BACKENDS)
+        self.cat_config().check_steps(self.steps)  # also validates alpha and t0, naming the field
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    def cat_config(self, **overrides: Any) -> CATConfig:
+        """The pruning settings this build serves; fields other than alpha and t0 may be overridden."""
+        return CATConfig(alpha=self.alpha, t0=self.t0, **overrides)
+
+    def num_selected(self, num_tokens: int) -> int:
+        return self.cat_config().num_selected(num_tokens)
+
+    def resolved(self, **values: Any) -> BuildConfig:
+        """A copy with values fixed at build time (the concrete backend, the default resolution)."""
+        return replace(self, **values)
+
+    def call_arguments(self) -> dict[str, Any]:
+        """Pipeline call arguments whose values the graphs' static shapes depend on."""
+        arguments: dict[str, Any] = {"height": self.height, "width": self.width, "num_inference_steps": self.steps}
+        if self.max_sequence_length is not None:
+            arguments["max_sequence_length"] = self.max_sequence_length
+        return arguments
+
+    def build_name(self) -> str:
+        """Folder name, e.g. `tiny-sd3-64x96-b1-s12-t4-a0.30-fp32-onnxruntime` (never parsed back)."""
+        model = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1]).strip("-.") or "model"
+        text = "" if self.max_sequence_length is None else f"-l{self.max_sequence_length}"
+        return (
+            f"{model}-{self.height}x{self.width}-b{self.batch}-s{self.steps}-t{self.t0}-a{self.alpha:.2f}"
+            f"{text}-{self.precision}-{self.backend}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"BuildConfig has no field(s) {', '.join(unknown)}", field=unknown[0])
+        return cls(**data)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"BuildConfig.{name} must be one of {', '.join(choices)}, got {value!r}", field=name, value=value)
+

@@ -1,0 +1,149 @@
+"""`catrt.load(engine_dir)`: a built bundle as a pipeline, after checking it fits the request and machine.
+
+Every check runs before a backend touches the files: the files' digests (CorruptBundleError), the
+catrt / backend versions and the device (EngineMismatchError), the model weights' digest, and on
+each call the resolution, batch, steps and text length the graphs were built for (ConfigError).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from catrt.build_config import BuildConfig
+from catrt.config import CATConfig
+from catrt.engines import ENGINES, Engine, GraphSpec
+from catrt.errors import ConfigError, EngineMismatchError
+from catrt.loading import load_pipeline
+from catrt.manifest import Manifest, check_environment, describe_device, read_manifest, verify_files, weights_digest
+from catrt.models import make_adapter
+from catrt.pipeline import AcceleratedPipeline, accelerate, pipeline_spec
+
+logger = logging.getLogger(__name__)
+
+
+class EnginePipeline:
+    """A diffusers pipeline whose transformer steps run on a built engine.
+
+    Called with the pipeline's own arguments, like `catrt.accelerate(...)`'s result; the build's
+    height, width, step count and text length are the defaults, and other values are refused.
+    """
+
+    def __init__(self, accelerated: AcceleratedPipeline, build: BuildConfig, manifest: Manifest, engine: Engine) -> None:
+        self.accelerated = accelerated
+        self.build = build
+        self.manifest = manifest
+        self.engine = engine
+        self._signature = inspect.signature(accelerated.pipe.__call__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        defaults = {**pipeline_spec(self.accelerated.pipe).call_defaults, **self.build.call_arguments()}
+        bound = self._signature.bind(*args, **kwargs)
+        for name, value in defaults.items():
+            bound.arguments.setdefault(name, value)
+        bound.apply_defaults()
+        check_request(bound.arguments, self.build)
+        return self.accelerated(*bound.args, **bound.kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's.
+        return getattr(self.accelerated, name)
+
+
+def check_request(arguments: dict[str, Any], build: BuildConfig) -> None:
+    """Refuse a call the build's static graphs cannot serve, naming the argument."""
+    for name, expected in build.call_arguments().items():
+        if arguments.get(name) != expected:
+            raise ConfigError(
+                f"this engine was built for {name}={expected}, the call asks for {name}={arguments.get(name)}; "
+                f"call it with {expected} or build an engine for the other value",
+                field=name, value=arguments.get(name),
+            )
+    batch = request_batch(arguments)
+    if batch != build.batch:
+        raise ConfigError(
+            f"this engine was built for batch={build.batch} images per call, the call asks for {batch} "
+            f"(prompts x num_images_per_prompt); build an engine with --batch {batch}",
+            field="batch", value=batch,
+        )
+    if float(arguments.get("guidance_scale", 1.0)) <= 1.0:
+        raise ConfigError(
+            "this engine runs classifier-free guidance (2 x batch rows); call it with guidance_scale > 1",
+            field="guidance_scale", value=arguments.get("guidance_scale"),
+        )
+
+
+def request_batch(arguments: dict[str, Any]) -> int:
+    """Images per call: prompts (or prompt embeddings) times images per prompt."""
+    prompt = arguments.get("prompt")
+    if isinstance(prompt, str):
+        prompts = 1
+    elif prompt is not None:
+        prompts = len(prompt)
+    else:
+        embeds = arguments.get("prompt_embeds")
+        prompts = 1 if embeds is None else embeds.shape[0]
+    return prompts * (arguments.get("num_images_per_prompt") or 1)
+
+
+def load(engine_dir: str | os.PathLike, config: CATConfig | None = None) -> EnginePipeline:
+    """Load a bundle written by `build_engines` as a callable pipeline.
+
+    Args:
+        engine_dir: an `engines/<build-name>/` folder.
+        config: CAT settings to run with; alpha and t0 must be the build's (the default), the other
+            fields (clusters, decay, seed...) are free.
+
+    Example:
+        >>> fast = catrt.load("engines/tiny-sd3-64x96-b1-s12-t4-a0.30-fp32-onnxruntime")
+        >>> image = fast("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
+    """
+    folder = Path(engine_dir)
+    manifest = verify_bundle(folder)
+    build = BuildConfig.from_dict(manifest.build)
+    engine_class = ENGINES[build.backend]
+    device = engine_class.default_device()
+    pipe = load_pipeline(build.model, device=device, dtype=build.dtype)
+    digest = weights_digest(pipe.transformer)
+    if digest != manifest.model["transformer_sha256"]:
+        raise EngineMismatchError(
+            f"model {build.model!r} now has other transformer weights than the engine was built from; rebuild the engine",
+            field="model.transformer_sha256",
+            value={"expected": manifest.model["transformer_sha256"], "found": digest},
+        )
+    graphs = {graph: GraphSpec.from_dict(spec) for graph, spec in manifest.graphs.items()}
+    engine = engine_class(folder, graphs, make_adapter(pipe.transformer), device)
+    engine.load()
+    logger.info("loaded %s engine from %s", build.backend, folder)
+    return EnginePipeline(accelerate(pipe, _run_config(build, config), functions=engine), build, manifest, engine)
+
+
+def verify_bundle(folder: Path) -> Manifest:
+    """The bundle's manifest, after checking its files, its backend, versions and device here."""
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    engine_class = ENGINES[BuildConfig.from_dict(manifest.build).backend]
+    reason = engine_class.unavailable_reason()
+    if reason is not None:
+        raise EngineMismatchError(
+            f"engine backend {engine_class.name} cannot run here: {reason}", field="backend", value=engine_class.name
+        )
+    device = describe_device(engine_class.default_device())
+    check_environment(manifest, engine_class.package, device, engine_class.device_fields)
+    return manifest
+
+
+def _run_config(build: BuildConfig, config: CATConfig | None) -> CATConfig:
+    if config is None:
+        return build.cat_config()
+    for name in ("alpha", "t0"):
+        if getattr(config, name) != getattr(build, name):
+            raise ConfigError(
+                f"this engine was built for {name}={getattr(build, name)}, the config asks for "
+                f"{name}={getattr(config, name)}; build an engine with that value",
+                field=name, value=getattr(config, name),
+            )
+    return config

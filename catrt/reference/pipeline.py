@@ -1,0 +1,205 @@
+"""The reference text-to-image pipeline: a small trained SD3 transformer denoising pixels directly.
+
+It is shaped like diffusers' `StableDiffusion3Pipeline` (same argument names, the same
+classifier-free-guidance batch layout [uncond, cond], exactly one transformer call per
+step, `FlowMatchEulerDiscreteScheduler`) so that anything that hooks or replaces the SD3
+transformer call can be measured on it. There is no VAE: the "latents" are the
+(B, 3, H, W) pixels in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, SD3Transformer2DModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import load_file
+from torch import nn
+
+from catrt.reference.text import ReferenceTextEncoder, WordTokenizer, caption_vocabulary
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+CONFIG_FILE = "config.json"
+TRANSFORMER_FILE = "transformer.safetensors"
+TEXT_ENCODER_FILE = "text_encoder.safetensors"
+
+TEXT_WIDTH = 64
+TRANSFORMER_CONFIG: dict[str, Any] = {
+    "sample_size": 32, "patch_size": 2, "in_channels": 3, "out_channels": 3, "num_layers": 4,
+    "attention_head_dim": 24, "num_attention_heads": 4, "joint_attention_dim": TEXT_WIDTH,
+    "caption_projection_dim": 96, "pooled_projection_dim": TEXT_WIDTH, "pos_embed_max_size": 32,
+    "dual_attention_layers": (), "qk_norm": None,
+}
+TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "max_length": 16, "width": TEXT_WIDTH, "num_layers": 2, "num_heads": 4,
+    "joint_attention_dim": TEXT_WIDTH, "pooled_projection_dim": TEXT_WIDTH,
+}
+SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0}
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def default_configs() -> dict[str, Any]:
+    """The configs `train` builds modules from and writes next to the weights."""
+    vocab = caption_vocabulary()
+    return {
+        "transformer": dict(TRANSFORMER_CONFIG),
+        "text_encoder": {**TEXT_ENCODER_CONFIG, "vocab_size": len(vocab)},
+        "scheduler": dict(SCHEDULER_CONFIG),
+        "vocab": vocab,
+    }
+
+
+def build_modules(configs: dict[str, Any]) -> dict[str, Any]:
+    """Untrained pipeline components from a configs dict (see `default_configs`)."""
+    transformer_config = {**configs["transformer"]}
+    transformer_config["dual_attention_layers"] = tuple(transformer_config["dual_attention_layers"])
+    return {
+        "transformer": SD3Transformer2DModel(**transformer_config),
+        "text_encoder": ReferenceTextEncoder(**configs["text_encoder"]),
+        "tokenizer": WordTokenizer(configs["vocab"], configs["text_encoder"]["max_length"]),
+        "scheduler": FlowMatchEulerDiscreteScheduler(**configs["scheduler"]),
+    }
+
+
+class ReferencePipeline(DiffusionPipeline):
+    """Text-to-image in pixel space with the SD3 denoising loop."""
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+
+    def __init__(
+        self,
+        transformer: SD3Transformer2DModel,
+        text_encoder: ReferenceTextEncoder,
+        tokenizer: WordTokenizer,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+        )
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+
+    def _embed(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.tokenizer(prompts).to(device)
+        return self.text_encoder(ids)
+
+    def encode_prompt(
+        self,
+        prompt: list[str],
+        negative_prompt: list[str] | None,
+        num_images_per_prompt: int,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, pooled) per image; with a negative prompt, [uncond; cond] along the batch."""
+        tokens, pooled = self._embed(prompt, device)
+        if negative_prompt is not None:
+            neg_tokens, neg_pooled = self._embed(negative_prompt, device)
+            tokens, pooled = torch.cat([neg_tokens, tokens]), torch.cat([neg_pooled, pooled])
+        tokens = tokens.repeat_interleave(num_images_per_prompt, dim=0)
+        return tokens, pooled.repeat_interleave(num_images_per_prompt, dim=0)
+
+    def check_inputs(self, height: int, width: int, output_type: str) -> None:
+        """Reject sizes the patch grid or position table cannot hold, and unknown output types."""
+        patch = self.transformer.config.patch_size
+        largest = self.transformer.config.pos_embed_max_size * patch
+        for name, value in (("height", height), ("width", width)):
+            if value % patch or not 0 < value <= largest:
+                raise ValueError(f"{name} must be a positive multiple of {patch} up to {largest}, got {value}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+    @staticmethod
+    def _prompt_lists(
+        prompt: str | list[str], negative_prompt: str | list[str] | None, guided: bool
+    ) -> tuple[list[str], list[str] | None]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not guided:
+            return prompts, None
+        negatives = negative_prompt if negative_prompt is not None else ""
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        return prompts, negatives
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int = 32,
+        width: int = 32,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple[Any]:
+        """Generate images; guidance_scale <= 1 turns classifier-free guidance off."""
+        self.check_inputs(height, width, output_type)
+        guided = guidance_scale > 1.0
+        prompts, negatives = self._prompt_lists(prompt, negative_prompt, guided)
+        device = self._execution_device
+        tokens, pooled = self.encode_prompt(prompts, negatives, num_images_per_prompt, device)
+        shape = (len(prompts) * num_images_per_prompt, self.transformer.config.in_channels, height, width)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=tokens.dtype)
+        else:
+            latents = latents.to(device=device, dtype=tokens.dtype)
+        latents = self._denoise(latents, tokens, pooled, num_inference_steps, guidance_scale if guided else None)
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.image_processor.postprocess(latents, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        tokens: torch.Tensor,
+        pooled: torch.Tensor,
+        num_inference_steps: int,
+        guidance_scale: float | None,
+    ) -> torch.Tensor:
+        """SD3's loop: one transformer call per step on [uncond; cond], then an Euler step."""
+        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for t in self.scheduler.timesteps:
+                model_input = torch.cat([latents] * 2) if guidance_scale is not None else latents
+                timestep = t.expand(model_input.shape[0])
+                velocity = self.transformer(
+                    hidden_states=model_input,
+                    encoder_hidden_states=tokens,
+                    pooled_projections=pooled,
+                    timestep=timestep,
+                    return_dict=False,
+                )[0]
+                if guidance_scale is not None:
+                    uncond, cond = velocity.chunk(2)
+                    velocity = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                progress_bar.update()
+        return latents
+
+
+def load_reference_pipeline(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, weights_dir: Path = WEIGHTS_DIR
+) -> ReferencePipeline:
+    """The shipped trained pipeline, built from `weights_dir`'s configs and safetensors; no network."""
+    configs = json.loads((weights_dir / CONFIG_FILE).read_text())
+    modules = build_modules(configs)
+    for name, file in (("transformer", TRANSFORMER_FILE), ("text_encoder", TEXT_ENCODER_FILE)):
+        modules[name].load_state_dict(load_file(weights_dir / file))
+        # nn.Module.to, not ModelMixin.to: diffusers 0.42 warns on every dtype cast even with no fp32 modules.
+        nn.Module.to(modules[name].eval(), device=device, dtype=dtype)
+    logger.info("loaded reference pipeline from %s", weights_dir)
+    return ReferencePipeline(**modules)

@@ -1,0 +1,182 @@
+"""A small CNN that reads the caption attributes back from a 32 x 32 image.
+
+It stands in for a CLIP score: the fraction of generated images whose shape, colour,
+size, position and background match their caption measures how much a pruned pipeline
+loses against the unpruned one. It is trained on augmented renders (noise, blur, colour
+jitter) so that it also reads the reference model's imperfect samples.
+
+    python -m catrt.reference.probe            # train and save weights/probe.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from catrt.reference import data
+from catrt.reference.pipeline import ReferencePipeline
+
+logger = logging.getLogger(__name__)
+
+PROBE_FILE = Path(__file__).parent / "weights" / "probe.safetensors"
+CLASSES: dict[str, tuple[str, ...]] = {
+    "shape": data.SHAPES,
+    "colour": tuple(data.COLOURS),
+    "size": tuple(data.SIZES),
+    "position": data.POSITIONS,
+    "background": tuple(data.BACKGROUNDS),
+}
+ImageBatch = np.ndarray | torch.Tensor | Sequence[Image.Image]
+
+
+class Probe(nn.Module):
+    """A stem and three stride-2 stages down to 4 x 4 (kept spatial: position matters), one head per attribute."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        channels = width
+        for out in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(channels, out, 3, padding=1, stride=2), nn.BatchNorm2d(out), nn.ReLU(),
+                       nn.Conv2d(out, out, 3, padding=1), nn.ReLU()]
+            channels = out
+        self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * 16, 256), nn.ReLU())
+        self.heads = nn.ModuleDict({name: nn.Linear(256, len(names)) for name, names in CLASSES.items()})
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, 32, 32) in [-1, 1] -> logits per attribute."""
+        features = self.features(pixels)
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+def _as_pixels(images: ImageBatch) -> torch.Tensor:
+    """uint8 (B, H, W, 3) arrays, PIL images or float (B, 3, H, W) [-1, 1] tensors -> float tensor."""
+    if isinstance(images, torch.Tensor):
+        return images.float()
+    if isinstance(images, np.ndarray):
+        return data.to_tensor(images)
+    return data.to_tensor(np.stack([np.asarray(image.convert("RGB")) for image in images]))
+
+
+def augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random blur, colour jitter and noise, the kinds of error a diffusion sample has."""
+    b = pixels.shape[0]
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(b, *shape, generator=gen)
+
+    sigma = uniform(0.3, 1.2, 1, 1)
+    taps = torch.arange(-2, 3, dtype=torch.float32)
+    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum(-1, keepdim=True))  # (B, 1, 5)
+    blurred = _separable_blur(pixels, kernel)
+    use_blur = (torch.rand(b, generator=gen) < 0.5)[:, None, None, None]
+    pixels = torch.where(use_blur, blurred, pixels)
+    pixels = pixels * uniform(0.85, 1.15, 3, 1, 1) + uniform(-0.1, 0.1, 3, 1, 1)
+    pixels = pixels + uniform(0.0, 0.15, 1, 1, 1) * torch.randn(pixels.shape, generator=gen)
+    return pixels.clamp(-1, 1)
+
+
+def _separable_blur(pixels: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Per-image Gaussian blur: kernel (B, 1, K) applied along rows then columns."""
+    b, c, h, w = pixels.shape
+    k = kernel.shape[-1]
+    flat = pixels.reshape(1, b * c, h, w)
+    weights = kernel.repeat_interleave(c, dim=0)  # (B*C, 1, K)
+    flat = F.conv2d(F.pad(flat, (k // 2, k // 2, 0, 0), mode="replicate"), weights[:, :, None, :], groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, k // 2, k // 2), mode="replicate"), weights[:, :, :, None], groups=b * c)
+    return flat.reshape(b, c, h, w)
+
+
+def _labels(samples: Sequence[data.Attributes]) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor([names.index(getattr(s, name)) for s in samples]) for name, names in CLASSES.items()}
+
+
+def train_probe(steps: int = 2500, batch_size: int = 64, seed: int = 0, out: Path | None = PROBE_FILE) -> Probe:
+    """Train on fresh augmented renders (a few minutes on one CPU thread); save if `out` is given."""
+    torch.manual_seed(seed)
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    probe = Probe()
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    start = time.perf_counter()
+    for step in range(steps):
+        samples = [data.random_sample(rng) for _ in range(batch_size)]
+        logits = probe(augment(data.to_tensor([s.image for s in samples]), gen))
+        labels = _labels(samples)
+        loss = sum(F.cross_entropy(logits[name], labels[name]) for name in CLASSES)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % 250 == 0:
+            logger.info("probe step %d loss %.4f (%.0f s)", step + 1, loss.item(), time.perf_counter() - start)
+    probe.eval()
+    if out is not None:
+        save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, out)
+    return probe
+
+
+@lru_cache(maxsize=1)
+def load_probe(path: Path = PROBE_FILE) -> Probe:
+    """The shipped probe in eval mode (cached: loading is the slow part of a quick check)."""
+    probe = Probe()
+    probe.load_state_dict(load_file(path))
+    return probe.eval()
+
+
+@torch.no_grad()
+def classify(images: ImageBatch, probe: Probe | None = None) -> dict[str, list[str]]:
+    """Predicted attribute names per image, e.g. {"shape": ["circle", ...], ...}."""
+    probe = probe or load_probe()
+    logits = probe(_as_pixels(images))
+    return {name: [CLASSES[name][i] for i in logits[name].argmax(-1).tolist()] for name in CLASSES}
+
+
+def attribute_accuracy(
+    images: ImageBatch, attrs: Sequence[data.Attributes], probe: Probe | None = None
+) -> dict[str, float]:
+    """Fraction of images whose predicted attribute equals the intended one, per attribute."""
+    predicted = classify(images, probe)
+    return {
+        name: float(np.mean([p == getattr(a, name) for p, a in zip(predicted[name], attrs)]))
+        for name in CLASSES
+    }
+
+
+def reference_accuracy(
+    pipe: ReferencePipeline, n: int = 64, seed: int = 1000, probe: Probe | None = None, **call_kwargs
+) -> dict[str, float]:
+    """Probe accuracy of `pipe`'s samples for `n` random captions (`call_kwargs` go to the pipeline)."""
+    samples = data.generate(n, seed)
+    generator = torch.Generator().manual_seed(seed)
+    pixels = pipe([s.caption for s in samples], generator=generator, output_type="latent", **call_kwargs).images
+    return attribute_accuracy(pixels.float().cpu(), samples, probe)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="train the attribute probe and report its accuracy")
+    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--out", type=Path, default=PROBE_FILE)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    probe = train_probe(steps=args.steps, out=args.out)
+    held_out = data.generate(1000, seed=987654)
+    print("held-out renders:", attribute_accuracy(np.stack([s.image for s in held_out]), held_out, probe))
+
+
+if __name__ == "__main__":
+    main()

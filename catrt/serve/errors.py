@@ -1,0 +1,79 @@
+"""Every error the server answers, mapped to an HTTP status and OpenAI's error body in one place."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from catrt.errors import (
+    CatrtError,
+    GenerationError,
+    QueueFullError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """How one exception class is answered: HTTP status and OpenAI `type`."""
+
+    status: int
+    type: str
+
+
+# Most specific first: the first class an exception is an instance of decides.
+ERROR_KINDS: dict[type[Exception], ErrorKind] = {
+    QueueFullError: ErrorKind(429, "rate_limit_error"),
+    RequestTimeoutError: ErrorKind(504, "timeout_error"),
+    ServiceUnavailableError: ErrorKind(503, "service_unavailable_error"),
+    GenerationError: ErrorKind(500, "server_error"),
+    CatrtError: ErrorKind(400, "invalid_request_error"),
+}
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    """OpenAI's `{"error": {message, type, param, code}}`; `code` is the HTTP status as text."""
+    body = {"error": {"message": message, "type": type_, "param": param, "code": str(status)}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _catrt_error(request: Request, error: CatrtError) -> JSONResponse:
+    kind = next(kind for cls, kind in ERROR_KINDS.items() if isinstance(error, cls))
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, QueueFullError) else None
+    return error_response(kind.status, str(error), kind.type, error.field, headers)
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """Pydantic's first complaint, with the body field it is about as `param`."""
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        return error_response(400, message, "invalid_request_error")
+    param = ".".join(location) or None
+    message = f"{param or 'body'}: {first.get('msg')}"
+    return error_response(400, message, "invalid_request_error", location[0] if location else None)
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    return error_response(error.status_code, str(error.detail), "invalid_request_error", headers=error.headers)
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    logger.error("unexpected error answering %s", request.url.path, exc_info=error)
+    return error_response(500, f"internal error: {type(error).__name__}", "server_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(CatrtError, _catrt_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

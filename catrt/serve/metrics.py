@@ -1,0 +1,97 @@
+"""Prometheus metrics on the server's own registry (so tests and embedders never share globals).
+
+GPU utilisation and memory come from NVML (nvidia-ml-py) and are exported only where a GPU exists;
+on a CPU machine those series are absent, which is not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    """Every series the server exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "catrt_requests", "HTTP requests by route and status code", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "catrt_request_latency_seconds", "HTTP request latency by route", ["route"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.queue = Gauge("catrt_queue_depth", "requests waiting for the worker", registry=self.registry)
+        self.images = Counter("catrt_images_generated", "images generated", registry=self.registry)
+        self.batch_rows = Histogram(
+            "catrt_batch_rows", "images per model call (before padding)", buckets=(1, 2, 4, 8, 16, 32),
+            registry=self.registry,
+        )
+        self.step_seconds = Histogram(
+            "catrt_step_seconds", "transformer call time per denoising step, by kind (full, pruned)", ["kind"],
+            buckets=STEP_BUCKETS, registry=self.registry,
+        )
+        self.cancelled = Counter(
+            "catrt_requests_cancelled", "requests dropped before answering, by reason (disconnect, timeout)",
+            ["reason"], registry=self.registry,
+        )
+        gpu = nvml_collector()
+        if gpu is not None:
+            self.registry.register(gpu)
+
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        """Read the queue depth at scrape time."""
+        self.queue.set_function(depth)
+
+    def observe_step(self, kind: str, seconds: float) -> None:
+        self.step_seconds.labels(kind=kind).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class NvmlCollector(Collector):
+    """GPU utilisation (%) and memory (bytes) per device, read from NVML at scrape time."""
+
+    def __init__(self, pynvml: object, count: int) -> None:
+        self.pynvml = pynvml
+        self.count = count
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        utilisation = GaugeMetricFamily("catrt_gpu_utilization_percent", "GPU utilisation", labels=["gpu"])
+        used = GaugeMetricFamily("catrt_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("catrt_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+        for index in range(self.count):
+            handle = self.pynvml.nvmlDeviceGetHandleByIndex(index)
+            memory = self.pynvml.nvmlDeviceGetMemoryInfo(handle)
+            utilisation.add_metric([str(index)], self.pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            used.add_metric([str(index)], memory.used)
+            total.add_metric([str(index)], memory.total)
+        yield from (utilisation, used, total)
+
+
+def nvml_collector() -> NvmlCollector | None:
+    """A collector over the machine's GPUs, or None where nvidia-ml-py, the driver or a GPU is missing."""
+    try:
+        import pynvml
+    except ImportError:
+        logger.info("no GPU metrics: nvidia-ml-py is not installed")
+        return None
+    try:
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+    except pynvml.NVMLError as error:
+        logger.info("no GPU metrics: NVML unavailable (%s)", error)
+        return None
+    return NvmlCollector(pynvml, count) if count else None

@@ -1,0 +1,214 @@
+"""One thread owns the model: a bounded FIFO of requests, batched by compatible settings.
+
+Requests are `Job`s carrying a `concurrent.futures.Future`; a job whose future is cancelled while
+it waits (client gone, timeout) is dropped before it runs. The head of the queue always runs next,
+with later jobs of the same `BatchOptions` added until the build's batch is full, so no request
+waits behind jobs that arrived after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Literal
+
+from catrt.errors import CatrtError, GenerationError, QueueFullError, ServiceUnavailableError
+from catrt.serve.metrics import ServerMetrics
+from catrt.serve.model import BatchOptions, Generation, Row, ServedModel
+
+logger = logging.getLogger(__name__)
+
+WorkerState = Literal["loading", "ready", "draining", "stopped", "dead"]
+WARMUP_PROMPT = "warm-up"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A job's images (PNG bytes), the phases of the call that made them, and its wait and batch."""
+
+    images: list[bytes]
+    phases: dict[str, float]
+    queue_wait: float
+    batch_rows: int
+
+
+@dataclass
+class Job:
+    """One request: `rows` images sharing `options`; answered through `future`."""
+
+    rows: list[Row]
+    options: BatchOptions
+    arrived: float = field(default_factory=time.perf_counter)
+    future: Future[JobResult] = field(default_factory=Future)
+
+
+class Worker:
+    """Loads the model on its own thread, warms it up, then serves the queue until drained."""
+
+    def __init__(
+        self,
+        load: Callable[[], ServedModel],
+        max_queue: int,
+        metrics: ServerMetrics,
+        on_exit: Callable[[WorkerState], None],
+    ) -> None:
+        self._load = load
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._on_exit = on_exit
+        self.state: WorkerState = "loading"
+        self.served: ServedModel | None = None
+        self.error: BaseException | None = None
+        self._queue: deque[Job] = deque()
+        self._lock = threading.Condition()
+        self._batch_seconds = 1.0
+        self._thread = threading.Thread(target=self._run, name="catrt-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (cancelled ones excluded)."""
+        with self._lock:
+            self._drop_cancelled()
+            return len(self._queue)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`, or raise: 503 while not ready, 429 when `max_queue` requests already wait."""
+        with self._lock:
+            if self.state != "ready":
+                raise ServiceUnavailableError(f"the server is {self.state}; retry later")
+            self._drop_cancelled()
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError(
+                    f"the request queue is full ({self.max_queue} waiting); retry later",
+                    retry_after=self._retry_after(),
+                )
+            self._queue.append(job)
+            self._lock.notify()
+
+    def drain(self) -> None:
+        """Stop taking requests, answer the queued ones 503; the call in flight finishes."""
+        with self._lock:
+            if self.state in ("loading", "ready"):
+                self.state = "draining"
+            self._fail_queued(ServiceUnavailableError("the server is shutting down"))
+            self._lock.notify()
+
+    def _retry_after(self) -> int:
+        served = self.served
+        batches = 1 + len(self._queue) / (served.spec.batch if served else 1)
+        return max(1, math.ceil(batches * self._batch_seconds))
+
+    def _drop_cancelled(self) -> None:
+        self._queue = deque(job for job in self._queue if not job.future.cancelled())
+
+    def _fail_queued(self, error: Exception) -> None:
+        while self._queue:
+            job = self._queue.popleft()
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
+
+    def _run(self) -> None:
+        try:
+            self._start_serving()
+            while (jobs := self._next_batch()) is not None:
+                self._run_batch(jobs)
+            self.state = "stopped"
+        except BaseException as error:  # noqa: BLE001 - a dead worker must be reported, whatever killed it
+            logger.exception("the worker died")
+            self.error = error
+            with self._lock:
+                self.state = "dead"
+                self._fail_queued(ServiceUnavailableError(f"the worker died: {error}"))
+        finally:
+            self._on_exit(self.state)
+
+    def _start_serving(self) -> None:
+        served = self._load()
+        spec = served.spec
+        served.step_observer = self.metrics.observe_step
+        options = BatchOptions(guidance_scale=served.default_guidance, negative_prompt=None)
+        started = time.perf_counter()
+        served.generate([Row(WARMUP_PROMPT, 0)] * spec.batch, options)
+        self._batch_seconds = time.perf_counter() - started
+        logger.info("warm-up took %.2f s", self._batch_seconds)
+        with self._lock:
+            self.served = served
+            if self.state == "loading":
+                self.state = "ready"
+
+    def _next_batch(self) -> list[Job] | None:
+        """The head job plus compatible followers, marked running; None once draining and empty."""
+        with self._lock:
+            while True:
+                self._drop_cancelled()
+                if self._queue:
+                    return self._take_batch()
+                if self.state != "ready":
+                    return None
+                self._lock.wait()
+
+    def _take_batch(self) -> list[Job]:
+        capacity = self.served.spec.batch
+        head = self._queue[0]
+        jobs, rows = [], 0
+        for job in list(self._queue):
+            if job.options == head.options and rows + len(job.rows) <= capacity:
+                self._queue.remove(job)
+                if job.future.set_running_or_notify_cancel():
+                    jobs.append(job)
+                    rows += len(job.rows)
+        return jobs
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        try:
+            self._serve(jobs)
+        except Exception as error:  # noqa: BLE001 - one bad call must not stop the server
+            if len(jobs) == 1:
+                logger.error("generation failed", exc_info=error)
+                jobs[0].future.set_exception(_as_generation_error(error))
+                return
+            # Rerun the batch's requests one by one, so only the one that fails sees the error.
+            logger.warning("a batch of %d requests failed (%s); rerunning them one by one", len(jobs), error)
+            for job in jobs:
+                self._run_batch([job])
+
+    def _serve(self, jobs: list[Job]) -> None:
+        started = time.perf_counter()
+        rows = [row for job in jobs for row in job.rows]
+        generation = self.served.generate(rows, jobs[0].options)
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
+        self.metrics.images.inc(len(rows))
+        self.metrics.batch_rows.observe(len(rows))
+        self._answer(jobs, generation, started)
+
+    def _answer(self, jobs: list[Job], generation: Generation, started: float) -> None:
+        offset = 0
+        batch_rows = sum(len(job.rows) for job in jobs)
+        for job in jobs:
+            images = generation.images[offset : offset + len(job.rows)]
+            offset += len(job.rows)
+            job.future.set_result(JobResult(images, generation.phases, started - job.arrived, batch_rows))
+
+
+def _as_generation_error(error: Exception) -> Exception:
+    """Errors catrt explains (a ConfigError naming a field) pass through; anything else is a 500."""
+    if isinstance(error, CatrtError):
+        return error
+    return GenerationError(f"the generation failed: {type(error).__name__}: {error}")
+

@@ -1,0 +1,319 @@
+"""Engine builds and bundles: export, backends, manifest checks, atomic publishing, CLI.
+
+Generation on a built engine must match the eager runtime for the same seed within
+GENERATION_TOLERANCE (max |engine - eager| / max |eager| over the output latents); fp32 ONNX Runtime
+and torch.compile differ from eager by float rounding only (about 1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+import torch
+
+import catrt
+from catrt import build as build_module
+from catrt.build import build_engines
+from catrt.build_config import BACKENDS, BuildConfig
+from catrt.cli import main
+from catrt.engines import ENGINES, resolve_backend
+from catrt.engines.tensorrt import TensorRTEngine
+from catrt.errors import BuildError, ConfigError, CorruptBundleError, EngineMismatchError
+from catrt.export import BACKEND_BUILDS
+from catrt.manifest import MANIFEST_FILE, file_digest, read_manifest
+from tests.conftest import TINY_NAMES, call_kwargs
+
+GENERATION_TOLERANCE = 1e-4
+SIZE = {"height": 64, "width": 96, "steps": 12, "t0": 4, "max_sequence_length": 16}  # as tests.conftest.call_kwargs
+TRT_SKIP = TensorRTEngine.unavailable_reason()
+
+
+def _config(model: str, backend: str = "onnxruntime", **overrides: Any) -> BuildConfig:
+    return BuildConfig(model, backend=backend, **{"batch": 2, "alpha": 0.3, **SIZE, **overrides})
+
+
+def _build(config: BuildConfig, root: Path) -> Path:
+    return build_engines(config, out_dir=root / "engines", export_dir=root / "export", progress=False)
+
+
+@pytest.fixture(scope="module")
+def onnx_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One ONNX Runtime build per tiny model, shared by the tests that only read them."""
+    root = tmp_path_factory.mktemp("builds")
+    return {name: _build(_config(name), root) for name in TINY_NAMES}
+
+
+@pytest.fixture()
+def bundle_copy(onnx_builds: dict[str, Path], tmp_path: Path) -> Path:
+    """A private copy of the tiny-sd3 bundle that a test may damage."""
+    return Path(shutil.copytree(onnx_builds["tiny-sd3"], tmp_path / onnx_builds["tiny-sd3"].name))
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+def _external_bytes(path: Path) -> int:
+    """Bytes of the initializers a graph keeps in external data."""
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(
+        int(entry.value) for tensor in model.graph.initializer for entry in tensor.external_data if entry.key == "length"
+    )
+
+
+def _edit_manifest(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    path = folder / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+# -- builds ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_build_writes_a_verified_bundle_with_shared_weights(name: str, onnx_builds: dict[str, Path]) -> None:
+    folder = onnx_builds[name]
+    assert folder.name == f"{name}-64x96-b2-s12-t4-a0.30-l16-fp32-onnxruntime"
+    manifest = read_manifest(folder)
+    assert BuildConfig.from_dict(manifest.build) == _config(name)  # config from the manifest, not the name
+    assert (manifest.num_tokens, manifest.k) == (24, math.ceil(0.3 * 24))
+    assert manifest.device == {"kind": "cpu"}
+    assert {"catrt", "torch", "diffusers", "onnx", "onnxruntime"} <= set(manifest.versions)
+    assert manifest.exporters == {"full": "dynamo", "pruned": "dynamo"}
+    assert sorted(manifest.files) == ["full.onnx", "pruned.onnx", "weights.bin"]
+    assert all(file_digest(folder / f) == record["sha256"] for f, record in manifest.files.items())
+    assert manifest.total_size == sum(record["size"] for record in manifest.files.values())
+    assert max(manifest.verification["max_relative_error"].values()) < manifest.verification["tolerance"] == 1e-3
+    assert [spec["name"] for spec in manifest.graphs["pruned"]["inputs"]][:4] == ["patches", "indices", "timestep", "kv_cache"]
+    assert manifest.graphs["full"]["inputs"][0] == {"name": "hidden_states", "shape": [4, 16 if "sd3" in name else 4, 8, 12], "dtype": "float32"}
+
+    export = folder.parent.parent / "export" / folder.name
+    for graph in ("full", "pruned"):
+        onnx.checker.check_model(str(export / f"{graph}.onnx"))  # path-based: the external data is checked too
+        assert (export / f"{graph}.onnx").read_bytes() == (folder / f"{graph}.onnx").read_bytes()
+    # Weights shared by the graphs are stored once: the file is about the size of the larger graph's weights.
+    per_graph = [_external_bytes(export / f"{graph}.onnx") for graph in ("full", "pruned")]
+    stored = (folder / "weights.bin").stat().st_size
+    assert stored < 1.05 * max(per_graph) and stored < 0.9 * sum(per_graph)
+    assert not list(folder.parent.glob(".*"))  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_generation_on_onnxruntime_matches_eager_runtime(name: str, onnx_builds: dict[str, Path], tiny_pipelines: dict[str, Any]) -> None:
+    fast = catrt.load(onnx_builds[name])
+    fast.set_progress_bar_config(disable=True)
+    pipe = tiny_pipelines[name]
+    expected = catrt.accelerate(pipe, _config(name).cat_config())(**call_kwargs(pipe)).images
+    got = fast(**call_kwargs(pipe)).images
+    assert _relative_error(got, expected) < GENERATION_TOLERANCE
+
+
+def test_engine_defaults_to_the_build_settings(onnx_builds: dict[str, Path]) -> None:
+    fast = catrt.load(onnx_builds["tiny-pixart"], catrt.CATConfig(alpha=0.3, t0=4, trace=True))
+    fast.set_progress_bar_config(disable=True)
+    images = fast(["a cat", "a dog"], output_type="latent").images  # size, steps, text length: the build's
+    assert images.shape == (2, 4, 8, 12)
+    assert fast.engine.describe()["backend"] == "onnxruntime"
+    assert [record.kind for record in fast.last_trace].count("pruned") == 8
+
+
+def test_alpha_one_build_matches_the_unpruned_pipeline(tmp_path: Path, tiny_pipelines: dict[str, Any]) -> None:
+    fast = catrt.load(_build(_config("tiny-sd3.5", alpha=1.0), tmp_path))
+    fast.set_progress_bar_config(disable=True)
+    pipe = tiny_pipelines["tiny-sd3.5"]
+    expected = pipe(**call_kwargs(pipe)).images
+    assert _relative_error(fast(**call_kwargs(pipe)).images, expected) < GENERATION_TOLERANCE
+
+
+def test_compile_build_matches_eager_runtime(tmp_path: Path, tiny_pipelines: dict[str, Any]) -> None:
+    folder = _build(_config("tiny-pixart", backend="compile"), tmp_path)
+    assert sorted(read_manifest(folder).files) == []  # compile runs the pipeline's own weights
+    fast = catrt.load(folder)
+    fast.set_progress_bar_config(disable=True)
+    pipe = tiny_pipelines["tiny-pixart"]
+    expected = catrt.accelerate(pipe, _config("tiny-pixart").cat_config())(**call_kwargs(pipe)).images
+    assert _relative_error(fast(**call_kwargs(pipe)).images, expected) < GENERATION_TOLERANCE
+
+
+@pytest.mark.skipif(TRT_SKIP is not None, reason=f"TensorRT test needs a GPU and tensorrt: {TRT_SKIP}")
+def test_tensorrt_build_matches_eager_runtime(tmp_path: Path) -> None:
+    folder = _build(_config("tiny-sd3", backend="tensorrt"), tmp_path)
+    assert {"full.plan", "pruned.plan"} <= set(read_manifest(folder).files)
+    fast = catrt.load(folder)
+    pipe = fast.pipe
+    expected = catrt.accelerate(pipe, _config("tiny-sd3").cat_config())(**call_kwargs(pipe)).images
+    assert _relative_error(fast(**call_kwargs(pipe)).images, expected) < 1e-2
+
+
+# -- failed builds -----------------------------------------------------------------------------
+
+
+def test_build_over_tolerance_fails_and_keeps_the_previous_build(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, tiny_pipelines: dict[str, Any]) -> None:
+    root = bundle_copy.parent
+    (root / "engines").mkdir()
+    previous = Path(shutil.move(bundle_copy, root / "engines" / bundle_copy.name))
+    before = {path.name: file_digest(path) for path in previous.iterdir()}
+    monkeypatch.setitem(build_module.TOLERANCES, "fp32", 0.0)  # every engine now "fails" its accuracy check
+
+    with pytest.raises(BuildError, match=r"differs from the eager adapter .* over the fp32 tolerance 0; the build was not published"):
+        _build(_config("tiny-sd3"), root)
+
+    assert {path.name: file_digest(path) for path in previous.iterdir()} == before
+    assert [path.name for path in (root / "engines").iterdir()] == [previous.name]  # no temporary folder left
+    fast = catrt.load(previous)
+    fast.set_progress_bar_config(disable=True)
+    assert fast(**call_kwargs(tiny_pipelines["tiny-sd3"])).images.shape == (2, 16, 8, 12)
+
+
+def test_interrupted_build_keeps_the_previous_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    previous = _build(_config("tiny-sd3", backend="eager"), tmp_path)
+    before = (previous / MANIFEST_FILE).read_text()
+
+    def killed(*args: Any) -> None:
+        raise KeyboardInterrupt  # as a SIGINT between the engine files and the manifest
+
+    monkeypatch.setattr(build_module, "write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _build(_config("tiny-sd3", backend="eager"), tmp_path)
+
+    assert (previous / MANIFEST_FILE).read_text() == before
+    assert [path.name for path in previous.parent.iterdir()] == [previous.name]
+    assert catrt.load(previous).build == _config("tiny-sd3", backend="eager")
+
+
+# -- loading checks ----------------------------------------------------------------------------
+
+
+def test_missing_file_is_named(bundle_copy: Path) -> None:
+    (bundle_copy / "pruned.onnx").unlink()
+    with pytest.raises(CorruptBundleError, match=r"engine file pruned\.onnx is missing") as caught:
+        catrt.load(bundle_copy)
+    assert caught.value.field == "pruned.onnx"
+
+
+def test_corrupt_file_is_named(bundle_copy: Path) -> None:
+    with open(bundle_copy / "weights.bin", "r+b") as stream:
+        stream.seek(100)
+        byte = stream.read(1)
+        stream.seek(100)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CorruptBundleError, match=r"engine file weights\.bin .* does not match its manifest sha256") as caught:
+        catrt.load(bundle_copy)
+    assert caught.value.field == "weights.bin"
+
+
+def test_missing_manifest_is_named(bundle_copy: Path) -> None:
+    (bundle_copy / MANIFEST_FILE).unlink()
+    with pytest.raises(CorruptBundleError, match=r"manifest\.json is missing: .* is not a catrt engine folder"):
+        catrt.load(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("field", "edit", "message"),
+    [
+        ("versions.catrt", lambda m: m["versions"].update(catrt="0.0.1"), r"built with catrt 0\.0\.1 but catrt \S+ is installed"),
+        ("versions.onnxruntime", lambda m: m["versions"].update(onnxruntime="1.0.0"), r"built with onnxruntime 1\.0\.0 but onnxruntime \S+ is installed"),
+        ("device.kind", lambda m: m.update(device={"kind": "cuda", "name": "NVIDIA H100", "compute_capability": "9.0"}), r"built for device kind 'cuda' but this machine has 'cpu'"),
+        ("model.transformer_sha256", lambda m: m["model"].update(transformer_sha256="0" * 64), r"other transformer weights than the engine was built from"),
+    ],
+)
+def test_mismatch_is_named(bundle_copy: Path, field: str, edit: Callable[[dict[str, Any]], None], message: str) -> None:
+    _edit_manifest(bundle_copy, edit)
+    with pytest.raises(EngineMismatchError, match=message) as caught:
+        catrt.load(bundle_copy)
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("field", "overrides", "message"),
+    [
+        ("height", {"height": 128}, r"built for height=64, the call asks for height=128"),
+        ("width", {"width": 64}, r"built for width=96, the call asks for width=64"),
+        ("num_inference_steps", {"num_inference_steps": 20}, r"built for num_inference_steps=12, the call asks for num_inference_steps=20"),
+        ("max_sequence_length", {"max_sequence_length": 32}, r"built for max_sequence_length=16"),
+        ("batch", {"prompt": "one prompt"}, r"built for batch=2 images per call, the call asks for 1"),
+        ("guidance_scale", {"guidance_scale": 1.0}, r"runs classifier-free guidance .* guidance_scale > 1"),
+    ],
+)
+def test_request_the_build_cannot_serve_is_named(onnx_builds: dict[str, Path], tiny_pipelines: dict[str, Any], field: str, overrides: dict[str, Any], message: str) -> None:
+    fast = catrt.load(onnx_builds["tiny-sd3"])
+    with pytest.raises(ConfigError, match=message) as caught:
+        fast(**call_kwargs(tiny_pipelines["tiny-sd3"], **overrides))
+    assert caught.value.field == field
+
+
+def test_config_with_other_alpha_is_refused(onnx_builds: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match=r"built for alpha=0\.3, the config asks for alpha=0\.5") as caught:
+        catrt.load(onnx_builds["tiny-sd3"], catrt.CATConfig(alpha=0.5, t0=4))
+    assert caught.value.field == "alpha"
+
+
+def test_engine_refuses_an_input_shape_it_was_not_built_for(onnx_builds: dict[str, Path]) -> None:
+    engine = catrt.load(onnx_builds["tiny-sd3"]).engine
+    context = {"encoder_hidden_states": torch.zeros(4, 93, 48), "pooled_projections": torch.zeros(4, 64), "positional_table": torch.zeros(1, 24, 32)}
+    with pytest.raises(ConfigError, match=r"input 'hidden_states' has shape \(4, 16, 16, 12\) but the engine was built for \(4, 16, 8, 12\)"):
+        engine.full_forward(torch.zeros(4, 16, 16, 12), torch.zeros(4), context)
+
+
+# -- configs and registries --------------------------------------------------------------------
+
+
+def test_backend_registries_agree_and_auto_picks_onnxruntime_on_a_cpu() -> None:
+    assert set(ENGINES) == set(BACKEND_BUILDS) == set(BACKENDS) - {"auto"}
+    if not torch.cuda.is_available():
+        assert resolve_backend("auto") == "onnxruntime"
+
+
+@pytest.mark.skipif(TRT_SKIP is None, reason="TensorRT is available here")
+def test_tensorrt_where_it_cannot_run_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"backend 'tensorrt' cannot run here: ") as caught:
+        build_engines(_config("tiny-sd3", backend="tensorrt"), progress=False)
+    assert caught.value.field == "backend"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"alpha": 0.0}, "alpha"), ({"t0": 12}, "t0"), ({"batch": 0}, "batch"), ({"precision": "int8"}, "precision"), ({"backend": "tvm"}, "backend")],
+)
+def test_build_config_is_validated(overrides: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _config("tiny-sd3", **overrides)
+    assert caught.value.field == field
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of half precision")
+def test_half_precision_on_a_cpu_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"precision fp16 needs a CUDA device") as caught:
+        build_engines(_config("tiny-sd3", precision="fp16"), progress=False)
+    assert caught.value.field == "precision"
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_build_inspect_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--height", "64", "--width", "64", "--steps", "6", "--t0", "3", "--max-sequence-length", "8"]
+    out, export = str(tmp_path / "engines"), str(tmp_path / "export")
+    assert main(["build", "--model", "tiny-sd3", "--backend", "onnxruntime", *flags, "--out", out, "--export-dir", export]) == 0
+    folder = tmp_path / "engines" / "tiny-sd3-64x64-b1-s6-t3-a0.30-l8-fp32-onnxruntime"
+    assert f"built {folder}" in capsys.readouterr().out
+
+    assert main(["inspect", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "k = 5 of N = 16" in printed and "files and machine: OK" in printed
+
+    image = tmp_path / "image.png"
+    assert main(["generate", "--engines", str(folder), "--prompt", "a red circle", "--seed", "1", "--out", str(image)]) == 0
+    assert "wrote" in capsys.readouterr().out and image.stat().st_size > 0
+
+    (folder / "full.onnx").write_bytes(b"not a graph")
+    assert main(["inspect", str(folder)]) == 2
+    assert "engine file full.onnx" in capsys.readouterr().err
