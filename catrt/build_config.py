@@ -7,12 +7,12 @@ count, t0 and alpha fix k and the schedule the bundle is verified for.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
 
-from catrt.config import CATConfig
+from catrt.config import CATConfig, config_from_dict
 from catrt.errors import ConfigError
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -95,11 +95,7 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"BuildConfig has no field(s) {', '.join(unknown)}", field=unknown[0])
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

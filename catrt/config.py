@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from catrt.errors import ConfigError
+
+T = TypeVar("T")
 
 SelectionRule = Literal["cat", "random", "round_robin", "magnitude", "sequential", "attention"]
 SELECTION_RULES: tuple[str, ...] = ("cat", "random", "round_robin", "magnitude", "sequential", "attention")
@@ -80,11 +82,16 @@ class CATConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CATConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"CATConfig has no field(s) {', '.join(unknown)}", field=unknown[0])
-        return cls(**data)
+        return config_from_dict(cls, data)
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config dataclass from its `to_dict()`; unknown keys are an error, not ignored."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}", field=unknown[0])
+    return cls(**data)
 
 
 def _check_number(name: str, value: Any, allowed: str, ok: Any) -> None:
