@@ -151,3 +151,18 @@ def test_baseline_rules_select_k_distinct_tokens(rule: str, name: str, tiny_pipe
         assert all(len(set(row.tolist())) == 8 for row in indices)
     if rule == "round_robin":  # stalest first: 8 pruned steps of 8 sweep the 24 tokens in order
         assert pruned[0][0].tolist() == list(range(8)) and pruned[1][0].tolist() == list(range(8, 16))
+
+
+def test_a_prompts_selection_does_not_depend_on_its_batch_row(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    runs = []
+    for order in ([0, 1], [1, 0]):
+        fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=4, n_clusters=6, trace=True))
+        kwargs = call_kwargs(pipe, prompt=[prompts[i] for i in order], height=128, width=128)
+        kwargs["generator"] = [torch.Generator().manual_seed(seeds[i]) for i in order]
+        images = fast(**kwargs).images
+        runs.append((images[order.index(0)], [r.indices[order.index(0)] for r in fast.last_trace if r.indices is not None]))
+    (first, first_indices), (second, second_indices) = runs
+    assert all(torch.equal(a, b) for a, b in zip(first_indices, second_indices))
+    assert (first - second).abs().max() < 1e-4
