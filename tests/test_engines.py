@@ -317,3 +317,22 @@ def test_cli_build_inspect_generate(tmp_path: Path, capsys: pytest.CaptureFixtur
     (folder / "full.onnx").write_bytes(b"not a graph")
     assert main(["inspect", str(folder)]) == 2
     assert "engine file full.onnx" in capsys.readouterr().err
+
+
+def test_engine_runtime_steps_need_no_host_sync(onnx_builds: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every transformer step of an engine-backed generation, selection included, stays on the device."""
+    from catrt.runtime import CATRuntime
+    from tests.test_selection import NoHostSync
+
+    step = CATRuntime.__call__
+    calls: list[int] = []
+
+    def guarded(self: CATRuntime, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(self.step)
+        with NoHostSync():
+            return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(CATRuntime, "__call__", guarded)
+    fast = catrt.load(onnx_builds["tiny-sd3"])
+    fast(["a red circle"] * fast.build.batch, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == fast.build.steps
