@@ -44,28 +44,49 @@ def _cat_config(args: argparse.Namespace, seed: int = 0):  # noqa: ANN202 - CATC
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from catrt.generation import GenerationRequest, generate_image
-    from catrt.loading import load_pipeline
 
-    if args.engines is not None:
-        return cmd_generate_engines(args)
-    config = None if args.full else _cat_config(args, seed=args.seed)
-    pipe = load_pipeline(args.model, device=args.device)
+    runner, mode = _engine_runner(args) if args.engines is not None else _model_runner(args)
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
-        steps=args.steps if args.steps is not None else 28,
+        steps=args.steps,
         seed=args.seed,
         height=args.height,
         width=args.width,
         guidance_scale=args.guidance_scale,
     )
-    image, seconds = generate_image(pipe, request, config)
+    image, seconds = generate_image(runner, request)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
-    mode = "unpruned" if config is None else f"alpha={config.alpha} t0={config.t0}"
-    print(f"wrote {out} ({image.width}x{image.height}, {request.steps} steps, {mode}) in {seconds:.2f} s")
+    print(f"wrote {out} ({image.width}x{image.height}, {mode}) in {seconds:.2f} s")
     return 0
+
+
+def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
+    """A pipeline by name, accelerated unless --full."""
+    from catrt.loading import load_pipeline
+    from catrt.pipeline import accelerate
+
+    pipe = load_pipeline(args.model, device=args.device)
+    if args.full:
+        return pipe, "unpruned"
+    config = _cat_config(args, seed=args.seed)
+    return accelerate(pipe, config), f"alpha={config.alpha} t0={config.t0}"
+
+
+def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
+    """An engine bundle: the build fixes alpha, t0, resolution and steps; the other CAT flags are free."""
+    from catrt.build_config import BuildConfig
+    from catrt.bundle import load
+    from catrt.manifest import read_manifest
+
+    build = BuildConfig.from_dict(read_manifest(Path(args.engines)).build)
+    config = build.cat_config(
+        seed=args.seed, n_clusters=args.n_clusters, ewma_decay=args.ewma_decay,
+        magnitude_fraction=args.magnitude_fraction, refresh_every=args.refresh_every, rule=args.rule,
+    )
+    return load(args.engines, config), f"alpha={build.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
 
 
 def cmd_macs(args: argparse.Namespace) -> int:
@@ -79,39 +100,6 @@ def cmd_macs(args: argparse.Namespace) -> int:
     print(f"once per generation: {format_macs(report.context)}")
     print(f"schedule: {report.full_steps} full + {pruned_steps} pruned of {report.steps} steps")
     print(f"schedule MAC ratio: {report.schedule_ratio:.3f}")
-    return 0
-
-
-def cmd_generate_engines(args: argparse.Namespace) -> int:
-    """`generate --engines DIR`: the build fixes alpha, t0, resolution and steps; the seed is free."""
-    import time
-
-    import torch
-
-    from catrt.build_config import BuildConfig
-    from catrt.bundle import load
-    from catrt.manifest import read_manifest
-
-    build = BuildConfig.from_dict(read_manifest(Path(args.engines)).build)
-    config = build.cat_config(
-        seed=args.seed, n_clusters=args.n_clusters, ewma_decay=args.ewma_decay,
-        magnitude_fraction=args.magnitude_fraction, refresh_every=args.refresh_every, rule=args.rule,
-    )
-    fast = load(args.engines, config)
-    kwargs = {"prompt": args.prompt, "output_type": "pil"}
-    if args.steps is not None:
-        kwargs["num_inference_steps"] = args.steps
-    for name in ("negative_prompt", "height", "width", "guidance_scale"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-    kwargs["generator"] = torch.Generator(device=fast.engine.device).manual_seed(args.seed)
-    started = time.perf_counter()
-    image = fast(**kwargs).images[0]
-    seconds = time.perf_counter() - started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    print(f"wrote {out} ({image.width}x{image.height}, {build.steps} steps, {build.backend} engine {args.engines}) in {seconds:.2f} s")
     return 0
 
 

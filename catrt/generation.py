@@ -1,4 +1,4 @@
-"""One image from a model name: what `catrt generate` runs, reusable from Python."""
+"""One image from a pipeline, an accelerated pipeline or an engine bundle: what `catrt generate` runs."""
 
 from __future__ import annotations
 
@@ -9,30 +9,32 @@ from typing import Any
 
 import torch
 
-from catrt.config import CATConfig
-from catrt.pipeline import accelerate, pipeline_spec
+from catrt.pipeline import pipeline_spec
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """The per-image settings of a generation; None means the pipeline's own default."""
+    """The per-image settings of a generation; None means the runner's own default
+    (the pipeline's for a pipeline, the build's for an engine bundle)."""
 
     prompt: str
     negative_prompt: str | None = None
-    steps: int = 28
+    steps: int | None = None
     seed: int = 0
     height: int | None = None
     width: int | None = None
     guidance_scale: float | None = None
 
 
-def generate_image(pipe: Any, request: GenerationRequest, config: CATConfig | None) -> tuple[Any, float]:
-    """Run `pipe` once (pruned with `config`, or unpruned when it is None); return (PIL image, seconds)."""
+def generate_image(runner: Any, request: GenerationRequest) -> tuple[Any, float]:
+    """Run a diffusers pipeline, `catrt.accelerate(...)` or `catrt.load(...)` once: (PIL image, seconds)."""
+    pipe = getattr(runner, "pipe", runner)  # the diffusers pipeline underneath
     kwargs: dict[str, Any] = dict(pipeline_spec(pipe).call_defaults)
-    kwargs.update(prompt=request.prompt, num_inference_steps=request.steps, output_type="pil")
+    kwargs.update(prompt=request.prompt, output_type="pil")
     for name, value in (
+        ("num_inference_steps", request.steps),
         ("negative_prompt", request.negative_prompt),
         ("height", request.height),
         ("width", request.width),
@@ -40,8 +42,7 @@ def generate_image(pipe: Any, request: GenerationRequest, config: CATConfig | No
     ):
         if value is not None:
             kwargs[name] = value
-    runner = pipe if config is None else accelerate(pipe, config)
-    device = getattr(pipe, "device", torch.device("cpu"))
+    device = pipe.device
     kwargs["generator"] = torch.Generator(device=device).manual_seed(request.seed)
     started = time.perf_counter()
     image = runner(**kwargs).images[0]
