@@ -31,6 +31,7 @@ from catrt.reference import data, probe  # noqa: E402
 from catrt.reference.pipeline import WEIGHTS_DIR, load_reference_pipeline  # noqa: E402
 
 BASELINES = ("random", "round_robin", "magnitude", "sequential", "attention")
+ATTRIBUTES = tuple(probe.CLASSES)  # shape, colour, size, position, background
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def image_grid(columns: list[tuple[str, torch.Tensor]], rows: int, path: Path, s
     for col, (label, images) in enumerate(columns):
         draw.text((col * cell + 2, 2), label.replace(" (", "\n("), fill="black")
         for row in range(rows):
-            pixels = data.to_uint8(images[row])
+            pixels = data.to_uint8(images[row : row + 1])[0]
             tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
             grid.paste(tile, (col * cell, label_height + row * cell))
     grid.save(path)
@@ -144,16 +145,16 @@ def write_table(path: Path, args: argparse.Namespace, baseline: dict[str, float]
         f"`python bench/quality.py --n {args.n} --steps {args.steps} --t0 {args.t0}` on {args.device}: "
         f"{args.n} prompts from `catrt.reference.data.generate({args.n}, seed={args.data_seed})`, image i with seed i. "
         "PSNR / SSIM compare each pruned image with the unpruned image of the same seed (higher is closer); "
-        "shape / colour / position are the probe's accuracy against the prompt's attributes.",
+        "the attribute columns are the probe's accuracy against the prompt's attributes.",
         "",
-        f"Unpruned model: shape {baseline['shape']:.3f}, colour {baseline['colour']:.3f}, position {baseline['position']:.3f}.",
+        "Unpruned model: " + ", ".join(f"{name} {baseline[name]:.3f}" for name in ATTRIBUTES) + ".",
         "",
-        "| method | alpha | PSNR (dB) | SSIM | shape | colour | position | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | alpha | PSNR (dB) | SSIM | " + " | ".join(ATTRIBUTES) + " | seconds |",
+        "|---|---|---|---|" + "---|" * len(ATTRIBUTES) + "---|",
     ]
     for row in rows:
-        lines.append(f"| {row['method']} | {row['alpha']} | {row['psnr']:.2f} | {row['ssim']:.4f} | {row['shape']:.3f} | "
-                     f"{row['colour']:.3f} | {row['position']:.3f} | {row['seconds']:.1f} |")
+        accuracy = " | ".join(f"{row[name]:.3f}" for name in ATTRIBUTES)
+        lines.append(f"| {row['method']} | {row['alpha']} | {row['psnr']:.2f} | {row['ssim']:.4f} | {accuracy} | {row['seconds']:.1f} |")
     lines += ["", "## Figure 3 on this model", "",
               "Pearson correlation over tokens of ||n_t - n_t0|| and ||n_(t-1) - n_t0|| (mean over prompts), "
               "n_t the transformer output (conditional half) at step t. Plot: `figure3.png`.", "",

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "tiny-sd3"
+DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisable images, no download
 
 logger = logging.getLogger("catrt.cli")
 

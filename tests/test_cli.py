@@ -26,7 +26,7 @@ def test_generate_writes_a_png(tmp_path: Path) -> None:
 
 
 def test_generate_full_and_bad_alpha(tmp_path: Path) -> None:
-    full = _catrt("generate", "--prompt", "x", "--steps", "4", "--height", "64", "--width", "64", "--full",
+    full = _catrt("generate", "--prompt", "a red circle", "--steps", "4", "--height", "32", "--width", "32", "--full",
                   "--out", str(tmp_path / "full.png"))
     assert full.returncode == 0 and "unpruned" in full.stdout
     bad = _catrt("generate", "--prompt", "x", "--alpha", "1.5", "--out", str(tmp_path / "bad.png"))

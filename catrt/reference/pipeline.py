@@ -84,7 +84,8 @@ class ReferencePipeline(DiffusionPipeline):
         self.register_modules(
             transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
         )
-        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+        self.vae_scale_factor = 1  # pixel space: one latent cell per pixel, as diffusers pipelines report it
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def _embed(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.tokenizer(prompts).to(device)

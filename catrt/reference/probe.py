@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from catrt.reference import data
-from catrt.reference.pipeline import ReferencePipeline
+from catrt.reference.pipeline import ReferencePipeline, load_reference_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     sigma = uniform(0.3, 1.2, 1, 1)
     taps = torch.arange(-2, 3, dtype=torch.float32)
     kernel = torch.exp(-(taps**2) / (2 * sigma**2))
-    kernel = (kernel / kernel.sum(-1, keepdim=True))  # (B, 1, 5)
+    kernel = kernel / kernel.sum(-1, keepdim=True)  # (B, 1, 5)
     blurred = _separable_blur(pixels, kernel)
     use_blur = (torch.rand(b, generator=gen) < 0.5)[:, None, None, None]
     pixels = torch.where(use_blur, blurred, pixels)
@@ -103,7 +103,7 @@ def _labels(samples: Sequence[data.Attributes]) -> dict[str, torch.Tensor]:
     return {name: torch.tensor([names.index(getattr(s, name)) for s in samples]) for name, names in CLASSES.items()}
 
 
-def train_probe(steps: int = 2500, batch_size: int = 64, seed: int = 0, out: Path | None = PROBE_FILE) -> Probe:
+def train_probe(steps: int = 2000, batch_size: int = 64, seed: int = 0, out: Path | None = PROBE_FILE) -> Probe:
     """Train on fresh augmented renders (a few minutes on one CPU thread); save if `out` is given."""
     torch.manual_seed(seed)
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
@@ -150,7 +150,7 @@ def attribute_accuracy(
     """Fraction of images whose predicted attribute equals the intended one, per attribute."""
     predicted = classify(images, probe)
     return {
-        name: float(np.mean([p == getattr(a, name) for p, a in zip(predicted[name], attrs)]))
+        name: float(np.mean([p == getattr(a, name) for p, a in zip(predicted[name], attrs, strict=True)]))
         for name in CLASSES
     }
 
@@ -167,15 +167,21 @@ def reference_accuracy(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="train the attribute probe and report its accuracy")
-    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=PROBE_FILE)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reference-samples", type=int, default=64, help="also score this many reference samples")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     probe = train_probe(steps=args.steps, out=args.out)
     held_out = data.generate(1000, seed=987654)
     print("held-out renders:", attribute_accuracy(np.stack([s.image for s in held_out]), held_out, probe))
+    if args.reference_samples:
+        pipe = load_reference_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        accuracy = reference_accuracy(pipe, args.reference_samples, probe=probe)
+        print("reference samples (pipeline defaults):", accuracy)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train the reference model with rectified flow, resumably and within a wall-clock budget.
 
-    python -m catrt.reference.train --out catrt/reference/weights --minutes 45
+    python -m catrt.reference.train --out catrt/reference/weights --minutes 60
 
 SD3's convention: x_s = (1 - s) x0 + s noise, the transformer sees timestep 1000 s and
 predicts the velocity noise - x0, which is what `FlowMatchEulerDiscreteScheduler` integrates.
@@ -29,7 +29,12 @@ from torch import nn
 
 from catrt.reference import data
 from catrt.reference.pipeline import (
-    CONFIG_FILE, TEXT_ENCODER_FILE, TRANSFORMER_FILE, ReferencePipeline, build_modules, default_configs,
+    CONFIG_FILE,
+    TEXT_ENCODER_FILE,
+    TRANSFORMER_FILE,
+    ReferencePipeline,
+    build_modules,
+    default_configs,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,7 +46,7 @@ DEFAULT_CHECKPOINT = Path(tempfile.gettempdir()) / "catrt_reference" / "checkpoi
 class TrainConfig:
     """Hyper-parameters; the defaults are what the shipped weights were trained with."""
 
-    minutes: float = 45.0
+    minutes: float = 60.0
     batch_size: int = 32
     lr: float = 1e-3
     min_lr_fraction: float = 0.1
@@ -120,7 +125,7 @@ class Trainer:
         """Fresh renders every step; some captions dropped to the unconditional prompt."""
         samples = [data.random_sample(self.rng) for _ in range(self.cfg.batch_size)]
         drop = self.rng.random(len(samples)) < self.cfg.caption_dropout
-        captions = ["" if dropped else s.caption for s, dropped in zip(samples, drop)]
+        captions = ["" if dropped else s.caption for s, dropped in zip(samples, drop, strict=True)]
         return data.to_tensor([s.image for s in samples]), captions
 
     def loss(self, x0: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -152,7 +157,7 @@ class Trainer:
     def update_ema(self) -> None:
         """EMA with a short warm-up so early weights are not frozen into the average."""
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        for ema, live in zip(self.ema.parameters(), self.models.parameters()):
+        for ema, live in zip(self.ema.parameters(), self.models.parameters(), strict=True):
             ema.lerp_(live, 1 - decay)
 
 
