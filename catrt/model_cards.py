@@ -51,8 +51,8 @@ _PIXART_SIGMA = {
 
 _REFERENCE = {  # catrt/reference: pixel space, 32x32 images, patch 2 -> 256 image tokens
     "sample_size": 32, "patch_size": 2, "in_channels": 3, "out_channels": 3, "num_layers": 4,
-    "attention_head_dim": 32, "num_attention_heads": 4, "joint_attention_dim": 64,
-    "caption_projection_dim": 128, "pooled_projection_dim": 64, "pos_embed_max_size": 32,
+    "attention_head_dim": 24, "num_attention_heads": 4, "joint_attention_dim": 64,
+    "caption_projection_dim": 96, "pooled_projection_dim": 64, "pos_embed_max_size": 32,
 }
 
 MODEL_CARDS: dict[str, ModelCard] = {

@@ -34,3 +34,16 @@ def test_unknown_model_and_bad_size_are_refused() -> None:
         model_macs("sdxl", 1024, 1024, CATConfig(), 28)
     with pytest.raises(ConfigError, match="multiples of 8, got 1000x1001"):
         model_macs("sd3", 1000, 1001, CATConfig(), 28)
+
+
+def test_reference_card_matches_the_shipped_weights() -> None:
+    import json
+
+    from catrt.model_cards import MODEL_CARDS
+    from catrt.reference.pipeline import CONFIG_FILE, WEIGHTS_DIR
+
+    shipped = json.loads((WEIGHTS_DIR / CONFIG_FILE).read_text())["transformer"]
+    card = MODEL_CARDS["reference"].transformer_config
+    assert {name: shipped[name] for name in card} == card
+    report = model_macs("reference", 32, 32, CATConfig(), 28)
+    assert report.num_tokens == 256 and report.k == 77
