@@ -1,4 +1,4 @@
-"""`CATConfig`: the knobs of CAT Pruning, validated when made (see ../shared/design/algorithm.md)."""
+"""`CATConfig`: the knobs of CAT Pruning, validated when made (the rules they drive: catrt/selection.py)."""
 
 from __future__ import annotations
 
