@@ -17,27 +17,25 @@ from catrt.models.base import Adapter
 logger = logging.getLogger(__name__)
 
 
-class FullStep(nn.Module):
-    """(hidden_states, timestep, *context) -> (tokens, kv)."""
+class _Step(nn.Module):
+    """Holds the adapter (and its transformer, so the exporter names the weights alike in both graphs)."""
 
     def __init__(self, adapter: Adapter, context_names: list[str]) -> None:
         super().__init__()
         self.transformer = adapter.transformer
         self.adapter = adapter
         self.context_names = context_names
+
+
+class FullStep(_Step):
+    """(hidden_states, timestep, *context) -> (tokens, kv)."""
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, *context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter.full_forward(hidden_states, timestep, dict(zip(self.context_names, context)))
 
 
-class PrunedStep(nn.Module):
+class PrunedStep(_Step):
     """(patches, indices, timestep, kv_cache, *context) -> (tokens, kv_rows)."""
-
-    def __init__(self, adapter: Adapter, context_names: list[str]) -> None:
-        super().__init__()
-        self.transformer = adapter.transformer
-        self.adapter = adapter
-        self.context_names = context_names
 
     def forward(
         self,

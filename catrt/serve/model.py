@@ -162,13 +162,10 @@ def _load_eager(config: ServeConfig) -> ServedModel:
 
 def _load_engines(config: ServeConfig) -> ServedModel:
     """A built bundle via `catrt.load`, which verifies files, versions and device; its manifest says what it serves."""
-    from catrt.build_config import BuildConfig
     from catrt.bundle import load
-    from catrt.manifest import read_manifest
 
-    folder = Path(config.engines)
-    build = BuildConfig.from_dict(read_manifest(folder).build)
-    runner = load(folder)
+    runner = load(Path(config.engines))
+    build = runner.build  # the manifest's build config, already read and verified by `load`
     spec = ServedSpec(
         model=build.model,
         backend=build.backend,
