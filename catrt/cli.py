@@ -1,25 +1,106 @@
-"""`catrt` command line: one subcommand per job, each builds a config and calls one library function."""
+"""`catrt` command line: one subcommand per job, each builds a config and calls one library function.
+
+Building the parser and `--help` import no torch or diffusers (each command imports what it runs),
+and every mistake a user can make ends in one `catrt <command>: error: ...` line and exit code 2,
+checked before any model is loaded where the facts needed are known without loading it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
+
+from catrt.config import SELECTION_RULES, CATConfig  # stdlib + catrt.errors only
+from catrt.errors import CatrtError, ConfigError
+from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, default_precision, size_limits
 
 DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisable images, no download
+
+# The choices of catrt.build_config (PRECISIONS, BACKENDS) and BuildConfig's defaults, spelled out here
+# because that module imports torch; tests/test_cli.py checks they agree.
+PRECISION_CHOICES: tuple[str, ...] = ("fp32", "fp16", "bf16")
+BACKEND_CHOICES: tuple[str, ...] = ("auto", "eager", "compile", "onnxruntime", "tensorrt")
+BUILD_DEFAULTS: dict[str, Any] = {"steps": 28, "batch": 1, "precision": "fp32", "backend": "auto"}
+
+# Image formats `--out` may name (PIL format -> the extensions the message lists).
+IMAGE_FORMATS: dict[str, str] = {"PNG": ".png", "JPEG": ".jpg, .jpeg", "WEBP": ".webp"}
+
+# Log records that say nothing actionable to a CLI user: transformers notes on import that torchvision
+# is missing and it falls back to the PIL image processors, which catrt never uses.
+QUIET_LOG_RECORDS: dict[str, str] = {"transformers.utils.import_utils": "requires torchvision (not installed)"}
+
+# diffusers' warning when a hub lookup fails before it tries the local cache: while catrt loads a published
+# model it is dropped, because a failed load ends in one line of its own that says what to do.
+HUB_NOTICE: tuple[str, str] = ("diffusers.pipelines.pipeline_utils", "Couldn't connect to the Hub")
+
+# With --engines the build fixes these; given anyway they are refused rather than ignored.
+FIXED_BY_BUILD: tuple[str, ...] = ("model", "alpha", "t0", "precision", "device", "full")
 
 logger = logging.getLogger("catrt.cli")
 
 
-def _add_cat_flags(parser: argparse.ArgumentParser) -> None:
-    """CATConfig fields as kebab-case flags (defaults from CATConfig itself)."""
-    from catrt.config import SELECTION_RULES, CATConfig
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except where there is none to show (None, a False flag) or the help says it."""
 
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Subcommand parsers inherit the class: defaults in every help, one-line usage errors."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for pixel sizes and step counts, so 0 or -1 is a usage error, not a crash later."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _version() -> str:
+    """The installed distribution's version; the package's own when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("catrt")
+    except PackageNotFoundError:
+        import catrt
+
+        return catrt.__version__
+
+
+def _add_cat_flags(parser: argparse.ArgumentParser) -> None:
+    """CATConfig fields as kebab-case flags (defaults from CATConfig itself).
+
+    alpha and t0 default to None so that giving them can be told from not giving them (a build
+    fixes both); `_cat_config` fills in CATConfig's values.
+    """
     defaults = CATConfig()
     group = parser.add_argument_group("CAT Pruning")
-    group.add_argument("--alpha", type=float, default=defaults.alpha, help="fraction of tokens recomputed per pruned step (0, 1]")
-    group.add_argument("--t0", type=int, default=defaults.t0, help="last full step before pruning starts")
+    group.add_argument("--alpha", type=float, default=None,
+                       help=f"fraction of tokens recomputed per pruned step (0, 1] (default: {defaults.alpha})")
+    group.add_argument("--t0", type=int, default=None,
+                       help=f"last full step before pruning starts (default: {defaults.t0})")
     group.add_argument("--n-clusters", type=int, default=defaults.n_clusters, help="KMeans clusters made at step t0")
     group.add_argument("--ewma-decay", type=float, default=defaults.ewma_decay, help="staleness EWMA decay [0, 1)")
     group.add_argument("--magnitude-fraction", type=float, default=defaults.magnitude_fraction, help="share of k chosen by noise magnitude")
@@ -27,12 +108,12 @@ def _add_cat_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rule", choices=SELECTION_RULES, default=defaults.rule, help="selection rule (baselines are for benchmarks)")
 
 
-def _cat_config(args: argparse.Namespace, seed: int = 0):  # noqa: ANN202 - CATConfig, imported lazily
-    from catrt.config import CATConfig
-
+def _cat_config(args: argparse.Namespace, seed: int = 0) -> CATConfig:
+    """The CATConfig the flags ask for; validated here, before any model is loaded."""
+    defaults = CATConfig()
     return CATConfig(
-        alpha=args.alpha,
-        t0=args.t0,
+        alpha=defaults.alpha if args.alpha is None else args.alpha,
+        t0=defaults.t0 if args.t0 is None else args.t0,
         n_clusters=args.n_clusters,
         ewma_decay=args.ewma_decay,
         magnitude_fraction=args.magnitude_fraction,
@@ -42,10 +123,146 @@ def _cat_config(args: argparse.Namespace, seed: int = 0):  # noqa: ANN202 - CATC
     )
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _card_size(card: ModelCard | None, height: int | None, width: int | None, model: str) -> None:
+    """Refuse a size a known model cannot take, before loading it (None = the model's default)."""
+    if card is not None:
+        multiple, largest = size_limits(card)
+        check_image_size(height or card.default_size, width or card.default_size, multiple, largest, model)
+
+
+def _output_path(value: str) -> Path:
+    """The image file `--out` names, refused before generating if PIL cannot write it as an image."""
+    from PIL import Image
+
+    Image.init()
+    writable = [ext for name, ext in IMAGE_FORMATS.items() if name in Image.SAVE]
+    out = Path(value)
+    if Image.registered_extensions().get(out.suffix.lower()) not in IMAGE_FORMATS or not writable:
+        raise ConfigError(f"--out {value!r} is not an image file name: end it in {', '.join(writable)}", field="out", value=value)
+    if out.is_dir():
+        raise ConfigError(f"--out {value!r} is a folder; give a file name such as {out / 'image.png'}", field="out", value=value)
+    return out
+
+
+def _device(name: str) -> Any:
+    """The torch device `--device` names, refused when this machine has none of that kind."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N", field="device", value=name,
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
+        raise ConfigError(
+            f"--device {name}: this machine has no usable CUDA GPU{build}; use --device cpu", field="device", value=name,
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}", field="device", value=name,
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: this machine has no usable MPS device; use --device cpu", field="device", value=name)
+    return device
+
+
+def _precision(asked: str | None, model: str, device_type: str) -> str:
+    """`--precision`, or the model's usual one on CUDA and fp32 elsewhere; fp16 is refused on the CPU."""
+    precision = asked or default_precision(model, device_type)
+    if precision == "fp16" and device_type == "cpu":
+        raise ConfigError(
+            "--precision fp16 needs a CUDA device (most fp16 matmuls do not run on the CPU); use fp32 or bf16 on the CPU",
+            field="precision", value=precision,
+        )
+    return precision
+
+
+@contextlib.contextmanager
+def _hub_errors(model: str) -> Iterator[None]:
+    """Turn a failed hub download of a published model into one line saying what to do.
+
+    diffusers and huggingface_hub raise many kinds (OSError, GatedRepoError, offline errors, HTTP
+    errors); the fix is the same for all of them: hub access with a login, or a local folder.
+    """
+    card = MODEL_CARDS.get(model)
+    notices = logging.getLogger(HUB_NOTICE[0])
+    drop = _DropMessage(HUB_NOTICE[1])
+    notices.addFilter(drop)
+    try:
+        yield
+    except CatrtError:
+        raise
+    except Exception as error:
+        if card is None or card.hub_id is None or not _is_hub_failure(error):
+            raise
+        raise _hub_error(card, error) from error
+    finally:
+        notices.removeFilter(drop)
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The error and what it was raised from or during, most recent first."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _hub_error_classes() -> tuple[type[BaseException], ...]:
+    """huggingface_hub's (and its HTTP client's) error classes, whichever of them this install has."""
+    classes: list[type[BaseException]] = [OSError]  # diffusers' EnvironmentError, ConnectionError, timeouts
+    with contextlib.suppress(ImportError):
+        from huggingface_hub import errors
+
+        classes += [getattr(errors, name) for name in (
+            "HfHubHTTPError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "RepositoryNotFoundError",
+        ) if hasattr(errors, name)]
+    with contextlib.suppress(ImportError):
+        import httpx
+
+        classes.append(httpx.HTTPError)
+    return tuple(classes)
+
+
+def _is_hub_failure(error: BaseException) -> bool:
+    classes = _hub_error_classes()
+    return any(isinstance(cause, classes) for cause in _causes(error))
+
+
+def _hub_error(card: ModelCard, error: BaseException) -> CatrtError:
+    """One line: gated (a login is needed) or unreachable (offline, not cached), and the two ways out."""
+    gated = any(type(cause).__name__ == "GatedRepoError" for cause in _causes(error))
+    local = "or pass --model a local diffusers folder saved with save_pretrained"
+    if gated:
+        return CatrtError(
+            f"model {card.name} ({card.hub_id}) is gated on the Hugging Face Hub: accept its license at "
+            f"https://huggingface.co/{card.hub_id} and run `huggingface-cli login`, {local}",
+            field="model", value=card.name,
+        )
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    offline = " (HF_HUB_OFFLINE is set)" if offline_env else ""
+    return CatrtError(
+        f"model {card.name} ({card.hub_id}) could not be loaded: it is not in the local Hugging Face cache and "
+        f"the hub could not be reached{offline}. It is gated and needs hub access: accept its license at "
+        f"https://huggingface.co/{card.hub_id}, run `huggingface-cli login` and retry online, {local}",
+        field="model", value=card.name,
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    out = _output_path(args.out)  # a bad name costs nothing: refused before any import or load
+    runner, mode = _engine_runner(args) if args.engines is not None else _model_runner(args)
     from catrt.generation import GenerationRequest, generate_image
 
-    runner, mode = _engine_runner(args) if args.engines is not None else _model_runner(args)
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -56,7 +273,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
     )
     image, seconds = generate_image(runner, request)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     print(f"wrote {out} ({image.width}x{image.height}, {mode}) in {seconds:.2f} s")
@@ -64,37 +280,94 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
-    """A pipeline by name, accelerated unless --full."""
+    """A pipeline by name, accelerated unless --full; everything checkable is checked before loading."""
+    model = args.model or DEFAULT_MODEL
+    card = MODEL_CARDS.get(model)
+    config = _cat_config(args, seed=args.seed)
+    _card_size(card, args.height, args.width, model)
+    steps = args.steps or (card.default_steps if card is not None else None)
+    if steps is not None and not args.full:
+        config.check_steps(steps)
+    device = _device(args.device or "cpu")
+    precision = _precision(args.precision, model, device.type)
+    from catrt.build_config import PRECISIONS
+    from catrt.generation import check_pipeline_size
     from catrt.loading import load_pipeline
     from catrt.pipeline import accelerate
 
-    pipe = load_pipeline(args.model, device=args.device)
+    with _hub_errors(model):
+        pipe = load_pipeline(model, device=device, dtype=PRECISIONS[precision])
+    check_pipeline_size(pipe, args.height, args.width, model)
+    _check_prompts(args, pipe, limit=None)
     if args.full:
-        return pipe, "unpruned"
-    config = _cat_config(args, seed=args.seed)
-    return accelerate(pipe, config), f"alpha={config.alpha} t0={config.t0}"
+        return pipe, f"unpruned, {precision}"
+    return accelerate(pipe, config), f"alpha={config.alpha} t0={config.t0}, {precision}"
 
 
 def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
     """An engine bundle: the build fixes alpha, t0, resolution and steps; the other CAT flags are free."""
+    _refuse_fixed_flags(args)
     from catrt.build_config import BuildConfig
     from catrt.bundle import load
     from catrt.manifest import read_manifest
 
     build = BuildConfig.from_dict(read_manifest(Path(args.engines)).build)
+    _check_against_build(args, build)
     config = build.cat_config(
         seed=args.seed, n_clusters=args.n_clusters, ewma_decay=args.ewma_decay,
         magnitude_fraction=args.magnitude_fraction, refresh_every=args.refresh_every, rule=args.rule,
     )
-    return load(args.engines, config), f"alpha={build.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
+    with _hub_errors(build.model):
+        runner = load(args.engines, config)
+    _check_prompts(args, runner, limit=build.max_sequence_length)
+    return runner, f"alpha={build.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
+
+
+def _refuse_fixed_flags(args: argparse.Namespace) -> None:
+    """A build fixes the model, alpha, t0, precision and device: refuse them rather than ignore them."""
+    for name in FIXED_BY_BUILD:
+        value = getattr(args, name)
+        if value is not None and value is not False:
+            raise ConfigError(
+                f"{_flag(name)} cannot be used with --engines: the build fixes it (see catrt inspect {args.engines}); "
+                f"drop {_flag(name)}, or build an engine with it",
+                field=name, value=value,
+            )
+
+
+def _check_against_build(args: argparse.Namespace, build: Any) -> None:
+    """Size and steps that differ from the build's are refused before the bundle is loaded."""
+    for flag, asked, built in (
+        ("--width", args.width, build.width), ("--height", args.height, build.height), ("--steps", args.steps, build.steps),
+    ):
+        if asked is not None and asked != built:
+            raise ConfigError(
+                f"{flag} {asked}: this engine was built for {flag} {built}; drop {flag} or build an engine for {asked}",
+                field=flag.lstrip("-"), value=asked,
+            )
+
+
+def _check_prompts(args: argparse.Namespace, runner: Any, limit: int | None) -> None:
+    """Prompts longer than the model reads are refused, as the server refuses them, not truncated."""
+    from catrt.generation import check_prompt_length, text_length_limit
+
+    limit = limit or text_length_limit(runner)
+    check_prompt_length(runner, args.prompt, limit)
+    if args.negative_prompt:
+        check_prompt_length(runner, args.negative_prompt, limit, field="negative_prompt")
 
 
 def cmd_macs(args: argparse.Namespace) -> int:
+    card = MODEL_CARDS[args.model]
+    height, width = args.height or card.default_size, args.width or card.default_size
+    _card_size(card, height, width, args.model)
+    config = _cat_config(args)
+    config.check_steps(args.steps)
     from catrt.macs import format_macs, model_macs
 
-    report = model_macs(args.model, args.height, args.width, _cat_config(args), args.steps)
+    report = model_macs(args.model, height, width, config, args.steps)
     pruned_steps = report.steps - report.full_steps
-    print(f"model {args.model} at {args.height}x{args.width}: N = {report.num_tokens} image tokens, k = {report.k}")
+    print(f"model {args.model} at {width}x{height}: N = {report.num_tokens} image tokens, k = {report.k}")
     print(f"full step:   {format_macs(report.full_step)} per image")
     print(f"pruned step: {format_macs(report.pruned_step)} per image ({report.pruned_step / report.full_step:.3f} of full)")
     print(f"once per generation: {format_macs(report.context)}")
@@ -104,6 +377,7 @@ def cmd_macs(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    _card_size(MODEL_CARDS.get(args.model), args.height, args.width, args.model)
     from catrt.build import build_engines
     from catrt.build_config import BuildConfig
 
@@ -112,7 +386,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         t0=args.t0, alpha=args.alpha, precision=args.precision, backend=args.backend,
         max_sequence_length=args.max_sequence_length,
     )
-    path = build_engines(config, out_dir=Path(args.out), export_dir=Path(args.export_dir))
+    with _hub_errors(args.model):
+        path = build_engines(config, out_dir=Path(args.out), export_dir=Path(args.export_dir))
     print(f"built {path}")
     return 0
 
@@ -126,7 +401,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     build = manifest.build
     print(f"engine {args.engines}")
     print(f"  model:     {manifest.model['name']} ({manifest.model['pipeline_class']}, transformer sha256 {manifest.model['transformer_sha256'][:16]}...)")
-    print(f"  build:     {build['height']}x{build['width']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
+    print(f"  build:     {build['width']}x{build['height']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
           f"alpha {build['alpha']} (k = {manifest.k} of N = {manifest.num_tokens}), {build['precision']}, {build['backend']}")
     print(f"  device:    {', '.join(f'{key} {value}' for key, value in manifest.device.items())}")
     print(f"  versions:  {', '.join(f'{name} {version}' for name, version in sorted(manifest.versions.items()))}")
@@ -144,22 +419,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_build_parser(commands: argparse._SubParsersAction) -> None:
-    from catrt.build_config import BACKENDS, PRECISIONS, BuildConfig
-
-    defaults = BuildConfig(DEFAULT_MODEL)
+    defaults = CATConfig()
     build = commands.add_parser("build", help="export, compile and verify engines for one model and resolution")
-    build.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or diffusers folder (default: {DEFAULT_MODEL})")
+    build.add_argument("--model", default=DEFAULT_MODEL, help="model name or diffusers folder")
     build.add_argument("--alpha", type=float, default=defaults.alpha, help="fraction of tokens recomputed per pruned step (0, 1]")
     build.add_argument("--t0", type=int, default=defaults.t0, help="last full step before pruning starts")
-    build.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps the engine serves")
-    build.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
-    build.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    build.add_argument("--batch", type=int, default=defaults.batch, help="prompts per call (graphs take 2x with guidance)")
-    build.add_argument("--precision", choices=tuple(PRECISIONS), default=defaults.precision)
-    build.add_argument("--backend", choices=BACKENDS, default=defaults.backend, help="auto: tensorrt or compile on a GPU, onnxruntime on a CPU")
-    build.add_argument("--max-sequence-length", type=int, default=None, help="text length the graphs take (default: the pipeline's)")
-    build.add_argument("--out", default="engines", help="parent folder of the engine bundles (default: engines)")
-    build.add_argument("--export-dir", default="export", help="parent folder of the ONNX exports (default: export)")
+    build.add_argument("--steps", type=int, default=BUILD_DEFAULTS["steps"], help="denoising steps the engine serves")
+    build.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
+    build.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
+    build.add_argument("--batch", type=int, default=BUILD_DEFAULTS["batch"],
+                       help="prompts per call (graphs take 2x with guidance)")
+    build.add_argument("--precision", choices=PRECISION_CHOICES, default=BUILD_DEFAULTS["precision"],
+                       help="weights and activations (fp16 / bf16 need a CUDA device)")
+    build.add_argument("--backend", choices=BACKEND_CHOICES, default=BUILD_DEFAULTS["backend"],
+                       help="auto: tensorrt or compile on a GPU, onnxruntime on a CPU")
+    build.add_argument("--max-sequence-length", type=int, default=None,
+                       help="text length the graphs take (default: the pipeline's)")
+    build.add_argument("--out", default="engines", help="parent folder of the engine bundles")
+    build.add_argument("--export-dir", default="export", help="parent folder of the ONNX exports")
     build.set_defaults(handler=cmd_build)
 
     inspect = commands.add_parser("inspect", help="print an engine bundle's manifest and verify its files")
@@ -200,52 +477,101 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=cmd_serve)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="catrt",
-        description="CAT Pruning for diffusion transformers: generate images, count MACs.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    generate = commands.add_parser("generate", help="generate a PNG with CAT Pruning (or --full)")
-    generate.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or diffusers folder (default: {DEFAULT_MODEL})")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--negative-prompt", default=None)
-    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: 28, or the build's with --engines)")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
-    generate.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    generate = commands.add_parser("generate", help="generate an image with CAT Pruning (or --full)")
+    generate.add_argument("--model", default=None,
+                          help=f"model name (reference, tiny-sd3, sd3, ...) or diffusers folder (default: {DEFAULT_MODEL})")
+    generate.add_argument("--prompt", required=True, help="what to draw")
+    generate.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
+    generate.add_argument("--steps", type=_positive_int, default=None,
+                          help="denoising steps (default: the pipeline's, 28 for SD3; the build's with --engines)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise (and of KMeans)")
+    generate.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
+    generate.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     generate.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the pipeline's)")
-    generate.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    generate.add_argument("--out", default="image.png", help="output PNG path")
+    generate.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)")
+    generate.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                          help="weights and activations (default: fp32 on the CPU; on CUDA the model's usual one: "
+                               "sd3 and pixart-sigma fp16, sd3.5-* bf16, others fp32); fp16 needs CUDA")
+    generate.add_argument("--out", default="image.png", help="output image: .png, .jpg, .jpeg or .webp")
     generate.add_argument("--full", action="store_true", help="run the unpruned model")
     _add_cat_flags(generate)
-    generate.add_argument("--engines", default=None, help="run a built engine folder (its build fixes alpha, t0, size and steps)")
+    generate.add_argument("--engines", default=None,
+                          help="run a built engine folder (its build fixes the model, alpha, t0, size, steps, "
+                               "precision and device)")
     generate.set_defaults(handler=cmd_generate)
 
+
+def _add_macs_parser(commands: argparse._SubParsersAction) -> None:
     macs = commands.add_parser("macs", help="count transformer MACs of a published model (no download)")
-    macs.add_argument("--model", required=True, help="sd3, sd3.5-medium, sd3.5-large or pixart-sigma")
-    macs.add_argument("--steps", type=int, default=28)
-    macs.add_argument("--height", type=int, default=1024)
-    macs.add_argument("--width", type=int, default=1024)
+    macs.add_argument("--model", required=True, choices=tuple(MODEL_CARDS), help="a model with a config in catrt/model_cards.py")
+    macs.add_argument("--steps", type=_positive_int, default=28, help="denoising steps of the schedule")
+    macs.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
+    macs.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     _add_cat_flags(macs)
     macs.set_defaults(handler=cmd_macs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="catrt",
+        description="CAT Pruning for diffusion transformers: generate images, count MACs, build and serve engines.",
+    )
+    parser.add_argument("--version", action="version", version=f"catrt {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate_parser(commands)
+    _add_macs_parser(commands)
     _add_build_parser(commands)
     _add_serve_parser(commands)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from catrt.errors import CatrtError
+def _quiet_known_notices() -> None:
+    """Drop the import-time notices listed in QUIET_LOG_RECORDS, for this process (the CLI) only.
 
+    Set before anything heavy is imported so they never print; the library itself changes no
+    global logging or warnings configuration.
+    """
+    for name, text in QUIET_LOG_RECORDS.items():
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.text == text for f in target.filters):
+            target.addFilter(_DropMessage(text))
+
+
+class _DropMessage(logging.Filter):
+    """A logging filter that drops records whose message contains `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; user mistakes print one line and return 2, Ctrl-C returns 130, both without a traceback."""
+    command = "catrt"
     try:
+        _quiet_known_notices()
+        args = build_parser().parse_args(argv)
+        command = f"catrt {args.command}"
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return args.handler(args)
     except CatrtError as error:
-        print(f"catrt {args.command}: error: {error}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `catrt inspect ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from catrt.errors import ConfigError
+
 Family = Literal["sd3", "pixart"]
+Precision = Literal["fp32", "fp16", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,12 @@ class ModelCard:
     vae_scale: int = 8  # pixels per latent cell
     default_steps: int = 28
     default_guidance: float = 7.0
+    precision: Precision = "fp32"  # the dtype the model is published and usually run in on CUDA
+
+    @property
+    def default_size(self) -> int:
+        """Height and width in pixels the model was trained at (sample_size latent cells)."""
+        return int(self.transformer_config["sample_size"]) * self.vae_scale
 
 
 _SD3_MEDIUM = {
@@ -58,13 +67,61 @@ _REFERENCE = {  # catrt/reference: pixel space, 32x32 images, patch 2 -> 256 ima
 MODEL_CARDS: dict[str, ModelCard] = {
     card.name: card
     for card in (
-        ModelCard("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", _SD3_MEDIUM, 77 + 256),
-        ModelCard("sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", _SD35_MEDIUM, 77 + 256),
-        ModelCard("sd3.5-large", "stabilityai/stable-diffusion-3.5-large", "sd3", _SD35_LARGE, 77 + 256),
+        ModelCard(
+            "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", _SD3_MEDIUM, 77 + 256, precision="fp16",
+        ),
+        ModelCard(
+            "sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", _SD35_MEDIUM, 77 + 256, precision="bf16",
+        ),
+        ModelCard(
+            "sd3.5-large", "stabilityai/stable-diffusion-3.5-large", "sd3", _SD35_LARGE, 77 + 256, precision="bf16",
+        ),
         ModelCard(
             "pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "pixart", _PIXART_SIGMA, 300,
-            default_steps=20, default_guidance=4.5,
+            default_steps=20, default_guidance=4.5, precision="fp16",
         ),
         ModelCard("reference", None, "sd3", _REFERENCE, 16, vae_scale=1, default_guidance=4.0),
     )
 }
+
+
+def default_precision(model: str, device_type: str) -> Precision:
+    """The precision to run `model` in when none is asked for.
+
+    On CUDA a published model runs in the dtype it is released and usually served in (SD3 and
+    PixArt-Sigma fp16, SD3.5 bf16); the reference and tiny models, local folders (whose dtype is
+    not known before loading) and every other device run fp32, which is exact and runs everywhere.
+    """
+    card = MODEL_CARDS.get(model)
+    if device_type != "cuda" or card is None:
+        return "fp32"
+    return card.precision
+
+
+def size_limits(card: ModelCard) -> tuple[int, int | None]:
+    """(multiple, largest) pixel size the card's transformer takes; largest is None when unbounded.
+
+    Each latent cell is `vae_scale` pixels and each token `patch_size` cells; SD3-layout models
+    crop a fixed position table of `pos_embed_max_size` tokens a side, PixArt interpolates its own.
+    """
+    config = card.transformer_config
+    multiple = card.vae_scale * int(config["patch_size"])
+    table = config.get("pos_embed_max_size") if card.family == "sd3" else None
+    return multiple, None if table is None else int(table) * multiple
+
+
+def check_image_size(height: int, width: int, multiple: int, largest: int | None, model: str) -> None:
+    """Refuse a size the model cannot take, naming the field and sizes that would work.
+
+    Checked before loading where the limits are known, so a mistake costs no model load.
+    """
+    span = f"multiples of {multiple}" + ("" if largest is None else f" up to {largest}")
+    for name, value in (("width", width), ("height", height)):
+        if value < multiple or value % multiple or (largest is not None and value > largest):
+            below = max(multiple, value // multiple * multiple)
+            suggestion = below if largest is None else min(below, largest)
+            raise ConfigError(
+                f"{name} {value} does not fit model {model}, which takes {span} pixels; "
+                f"try {name} {suggestion}",
+                field=name, value=value,
+            )

@@ -1,4 +1,5 @@
-"""The `catrt` command line, run as a real subprocess."""
+"""The `catrt` command line: real subprocesses where start-up matters (imports, notices), `main()` in-process
+for the many user mistakes, each of which must end in one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -6,8 +7,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
+import torch
 from PIL import Image
+
+import catrt
+from catrt import cli
+from catrt.cli import main
+from catrt.errors import CatrtError, ConfigError
+from catrt.generation import check_prompt_length, count_prompt_tokens, text_length_limit
+from catrt.model_cards import MODEL_CARDS, default_precision
+
+HEAVY_MODULES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "fastapi", "uvicorn")
 
 
 def _catrt(*args: str) -> subprocess.CompletedProcess[str]:
@@ -15,33 +28,268 @@ def _catrt(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "catrt.cli", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_generate_writes_a_png(tmp_path: Path) -> None:
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _fails(capfd: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run `catrt argv` in-process; it must exit 2 with exactly one stderr line and no traceback."""
+    assert main(list(argv)) == 2
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"catrt {argv[0]}: error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the command loads a model or bundle: the mistake must be caught before."""
+    import catrt.bundle
+    import catrt.loading
+
+    def forbidden(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("loaded a model before refusing the arguments")
+
+    monkeypatch.setattr(catrt.loading, "load_pipeline", forbidden)
+    monkeypatch.setattr(catrt.bundle, "load", forbidden)
+
+
+# --- end to end, as a user runs it ---------------------------------------------------------------------
+
+
+def test_generate_writes_a_png_without_notices(tmp_path: Path) -> None:
     out = tmp_path / "pruned.png"
     result = _catrt("generate", "--model", "tiny-sd3", "--prompt", "a red circle", "--steps", "12", "--t0", "4",
                     "--height", "64", "--width", "96", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "alpha=0.3 t0=4" in result.stdout
+    assert "alpha=0.3 t0=4, fp32" in result.stdout
+    assert "torchvision" not in result.stderr and "Traceback" not in result.stderr, result.stderr
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == (96, 64)
 
 
-def test_generate_full_and_bad_alpha(tmp_path: Path) -> None:
-    full = _catrt("generate", "--prompt", "a red circle", "--steps", "4", "--height", "32", "--width", "32", "--full",
-                  "--out", str(tmp_path / "full.png"))
-    assert full.returncode == 0 and "unpruned" in full.stdout
-    bad = _catrt("generate", "--prompt", "x", "--alpha", "1.5", "--out", str(tmp_path / "bad.png"))
-    assert bad.returncode == 2
-    assert "CATConfig.alpha must be in (0, 1], got 1.5" in bad.stderr
-    assert not (tmp_path / "bad.png").exists()
-
-
-def test_macs_prints_the_schedule_ratio_last() -> None:
-    result = _catrt("macs", "--model", "sd3", "--alpha", "0.3", "--steps", "28", "--t0", "8",
-                    "--height", "1024", "--width", "1024")
+def test_import_loads_no_heavy_module() -> None:
+    """`import catrt` and `import catrt.cli` are cheap: the public names are imported on first use."""
+    result = _python(f"import sys, catrt, catrt.cli; print(sorted(n for n in {HEAVY_MODULES!r} if n in sys.modules))")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "schedule MAC ratio: 0.537"
+    assert result.stdout.strip() == "[]" and "torchvision" not in result.stderr
 
 
-def test_help_lists_the_commands() -> None:
-    result = _catrt("--help")
-    assert result.returncode == 0 and "generate" in result.stdout and "macs" in result.stdout
+def test_help_and_import_load_no_heavy_module() -> None:
+    """`import catrt`, the parser and every `--help` stay free of torch and diffusers (help in well under 1 s)."""
+    code = f"""
+import sys
+import catrt, catrt.cli
+assert catrt.CATConfig().alpha == 0.3  # a lazy name that is cheap
+for command in ([], ["generate"], ["macs"], ["build"], ["inspect"], ["serve"]):
+    try:
+        catrt.cli.main([*command, "--help"])
+    except SystemExit as done:
+        assert done.code == 0, command
+print(sorted(name for name in {HEAVY_MODULES!r} if name in sys.modules))
+"""
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_version_and_defaults_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"catrt {cli._version()}"
+    for command, shown in (
+        ("generate", ("(default: 0.3)", "(default: 8)", "(default: image.png)", "(default: cpu)", "(default: reference)")),
+        ("macs", ("(default: the model's)", "(default: 28)")),
+        ("build", ("(default: fp32)", "(default: auto)", "(default: engines)")),
+    ):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for default in shown:
+            assert default in text, (command, default)
+
+
+def test_lazy_package_attributes() -> None:
+    from catrt.loading import load_pipeline
+    from catrt.pipeline import accelerate
+
+    assert catrt.load_pipeline is load_pipeline and catrt.accelerate is accelerate
+    assert issubclass(catrt.ConfigError, catrt.CatrtError)
+    with pytest.raises(AttributeError):
+        catrt.no_such_name  # noqa: B018
+
+
+# --- mistakes caught before any model loads --------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.parametrize(("argv", "message"), [
+    (("generate", "--prompt", "x", "--out", "image.txt"), "--out 'image.txt' is not an image file name: end it in .png"),
+    (("generate", "--prompt", "x", "--out", "image"), "is not an image file name"),
+    (("generate", "--model", "reference", "--prompt", "x", "--height", "128", "--width", "64"),
+     "height 128 does not fit model reference, which takes multiples of 2 up to 64 pixels; try height 64"),
+    (("generate", "--model", "sd3", "--prompt", "x", "--height", "1000"),
+     "height 1000 does not fit model sd3, which takes multiples of 16 up to 3072 pixels; try height 992"),
+    (("generate", "--prompt", "x", "--alpha", "1.5"), "CATConfig.alpha must be in (0, 1], got 1.5"),
+    (("generate", "--prompt", "x", "--steps", "4"), "CATConfig.t0 = 8 needs t0 < num_inference_steps"),
+    (("generate", "--prompt", "x", "--engines", "engines/some-build", "--alpha", "0.5"),
+     "--alpha cannot be used with --engines: the build fixes it"),
+    (("generate", "--prompt", "x", "--engines", "engines/some-build", "--t0", "4"),
+     "--t0 cannot be used with --engines: the build fixes it"),
+    (("generate", "--model", "tiny-sd3", "--prompt", "x", "--precision", "fp16"),
+     "--precision fp16 needs a CUDA device"),
+    (("generate", "--prompt", "x", "--device", "gpu"), "--device 'gpu' is not a torch device; use cpu, cuda or cuda:N"),
+    (("macs", "--model", "pixart-sigma", "--width", "1000"),
+     "width 1000 does not fit model pixart-sigma, which takes multiples of 16 pixels"),
+    (("build", "--model", "reference", "--height", "96"), "height 96 does not fit model reference"),
+], ids=["out-txt", "out-no-ext", "reference-size", "sd3-size", "alpha", "t0-steps", "engines-alpha", "engines-t0",
+        "fp16-cpu", "device-name", "macs-size", "build-size"])
+def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
+    assert message in _fails(capfd, *argv)
+
+
+@pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(capfd: pytest.CaptureFixture[str]) -> None:
+    line = _fails(capfd, "generate", "--prompt", "x", "--device", "cuda", "--out", "image.png")
+    assert "--device cuda: this machine has no usable CUDA GPU" in line and "use --device cpu" in line
+
+
+def test_usage_errors_are_one_line(capfd: pytest.CaptureFixture[str]) -> None:
+    for argv in (["generate"], ["macs", "--model", "nope"], ["generate", "--prompt", "x", "--height", "0"], []):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        err = capfd.readouterr().err
+        assert done.value.code == 2 and len(err.strip().splitlines()) == 1 and "--help" in err, err
+
+
+def test_any_catrt_error_is_one_line_and_ctrl_c_is_130(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(args: Any) -> int:
+        raise CatrtError("first line\nsecond line", field="model")
+
+    def interrupted(args: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_macs", refuse)
+    assert _fails(capfd, "macs", "--model", "sd3") == "catrt macs: error: first line second line"
+    monkeypatch.setattr(cli, "cmd_macs", interrupted)
+    assert main(["macs", "--model", "sd3"]) == 130
+    err = capfd.readouterr().err
+    assert err.strip() == "catrt macs: interrupted"
+
+
+# --- mistakes only a loaded model can tell ---------------------------------------------------------------
+
+
+def test_tiny_model_size_not_a_multiple_of_16(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    line = _fails(capfd, "generate", "--model", "tiny-sd3", "--prompt", "x", "--height", "72", "--width", "64",
+                  "--steps", "4", "--t0", "2", "--out", str(tmp_path / "a.png"))
+    assert "height 72 does not fit model tiny-sd3, which takes multiples of 16" in line and "try height 64" in line
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_published_model_offline_says_gated_or_local_folder(capfd: pytest.CaptureFixture[str]) -> None:
+    line = _fails(capfd, "generate", "--model", "sd3", "--prompt", "x", "--steps", "28")
+    assert "model sd3 (stabilityai/stable-diffusion-3-medium-diffusers)" in line
+    for hint in ("gated", "huggingface-cli login", "a local diffusers folder saved with save_pretrained"):
+        assert hint in line
+
+
+def test_long_prompt_refused_by_the_eager_model(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    prompt = " ".join(["red"] * 20)  # the reference model reads <cls> + 15 words
+    line = _fails(capfd, "generate", "--prompt", prompt, "--steps", "4", "--t0", "2", "--out", str(tmp_path / "a.png"))
+    assert "prompt is 21 tokens but this model reads at most 16 (max_sequence_length)" in line
+
+
+@pytest.fixture(scope="module")
+def eager_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny eager build (no export, fast) with an 8-token text length and a non-square size."""
+    root = tmp_path_factory.mktemp("bundle")
+    argv = ["build", "--model", "tiny-sd3", "--backend", "eager", "--steps", "4", "--t0", "2", "--height", "32",
+            "--width", "48", "--max-sequence-length", "8", "--out", str(root / "engines"), "--export-dir", str(root / "export")]
+    assert main(argv) == 0
+    (folder,) = (root / "engines").iterdir()
+    return folder
+
+
+def test_engine_refuses_long_prompts_and_other_sizes(
+    capfd: pytest.CaptureFixture[str], eager_bundle: Path, tmp_path: Path
+) -> None:
+    out = str(tmp_path / "a.png")
+    long_prompt = "a cat and a dog in the garden at night"
+    line = _fails(capfd, "generate", "--engines", str(eager_bundle), "--prompt", long_prompt, "--out", out)
+    assert "but this model reads at most 8 (max_sequence_length); shorten it" in line
+    line = _fails(capfd, "generate", "--engines", str(eager_bundle), "--prompt", "a cat", "--height", "64", "--out", out)
+    assert "--height 64: this engine was built for --height 32" in line
+    assert main(["generate", "--engines", str(eager_bundle), "--prompt", "a cat", "--out", out]) == 0
+    with Image.open(out) as image:
+        assert image.size == (48, 32)
+
+
+def test_inspect_prints_width_x_height(capfd: pytest.CaptureFixture[str], eager_bundle: Path) -> None:
+    assert main(["inspect", str(eager_bundle)]) == 0
+    assert "build:     48x32, batch 1" in capfd.readouterr().out
+
+
+# --- what works --------------------------------------------------------------------------------------------
+
+
+def test_macs_defaults_to_the_models_own_size(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["macs", "--model", "reference", "--steps", "28", "--t0", "8"]) == 0
+    out = capfd.readouterr().out.strip().splitlines()
+    assert out[0].startswith("model reference at 32x32: N = 256 image tokens")
+    assert out[-1].startswith("schedule MAC ratio: ")
+
+
+def test_macs_prints_the_schedule_ratio_last(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["macs", "--model", "sd3", "--alpha", "0.3", "--steps", "28", "--t0", "8"]) == 0
+    out = capfd.readouterr().out.strip().splitlines()
+    assert out[0].startswith("model sd3 at 1024x1024: N = 4096 image tokens")
+    assert out[-1] == "schedule MAC ratio: 0.537"
+
+
+def test_full_and_bf16_on_the_cpu(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "full.webp"
+    assert main(["generate", "--prompt", "a red circle", "--steps", "4", "--full", "--out", str(out)]) == 0
+    assert "unpruned, fp32" in capfd.readouterr().out
+    with Image.open(out) as image:
+        assert image.format == "WEBP" and image.size == (32, 32)
+    out = tmp_path / "bf16.png"
+    assert main(["generate", "--model", "tiny-sd3", "--prompt", "a red circle", "--steps", "4", "--t0", "2",
+                 "--height", "32", "--width", "32", "--precision", "bf16", "--out", str(out)]) == 0
+    assert "alpha=0.3 t0=2, bf16" in capfd.readouterr().out and out.is_file()
+
+
+# --- library helpers the CLI and the server share ----------------------------------------------------------
+
+
+def test_default_precision_per_model_and_device() -> None:
+    cuda = {name: default_precision(name, "cuda") for name in (*MODEL_CARDS, "tiny-sd3", "some/folder")}
+    assert cuda == {"sd3": "fp16", "sd3.5-medium": "bf16", "sd3.5-large": "bf16", "pixart-sigma": "fp16",
+                    "reference": "fp32", "tiny-sd3": "fp32", "some/folder": "fp32"}
+    assert {default_precision(name, "cpu") for name in MODEL_CARDS} == {"fp32"}
+
+
+def test_prompt_length_counts_the_long_text_tokenizer(tiny_pipelines: dict[str, Any]) -> None:
+    sd3, pixart = tiny_pipelines["tiny-sd3"], tiny_pipelines["tiny-pixart"]
+    assert text_length_limit(sd3) == 256 and text_length_limit(pixart) == 300
+    assert count_prompt_tokens(sd3, "a cat") == len(sd3.tokenizer_3("a cat").input_ids)
+    assert count_prompt_tokens(pixart, "a cat") == len(pixart.tokenizer("a cat").input_ids)
+    check_prompt_length(sd3, "a cat", limit=8)
+    with pytest.raises(ConfigError, match="negative_prompt is .* at most 2") as refused:
+        check_prompt_length(pixart, "a cat", limit=2, field="negative_prompt")
+    assert refused.value.field == "negative_prompt"
+
+
+def test_cli_choices_match_the_build_config() -> None:
+    """cli.py spells these out so that its parser needs no torch; they must not drift."""
+    from catrt.build_config import BACKENDS, PRECISIONS, BuildConfig
+
+    assert cli.PRECISION_CHOICES == tuple(PRECISIONS) and cli.BACKEND_CHOICES == BACKENDS
+    build = BuildConfig("x")
+    assert {name: getattr(build, name) for name in cli.BUILD_DEFAULTS} == cli.BUILD_DEFAULTS
+    assert (build.alpha, build.t0) == (catrt.CATConfig().alpha, catrt.CATConfig().t0)
