@@ -1,0 +1,829 @@
+"""Transformer speed of SD3-medium, SD3.5-large and PixArt-Sigma on a GPU: diffusers against catrt.
+
+One command for a lent GPU (diffusers carried as a wheel, see ../shared/design/gpu.md):
+
+    PYTHONUNBUFFERED=1 python3 bench/gpu.py --out $OUT/speed.md 2>&1 | tee $OUT/log
+
+Each model's transformer is built from its published config (`catrt/model_cards.py`) with random
+weights, directly on the GPU and in its usual dtype (SD3 fp16, SD3.5 bf16, PixArt fp16: made in that
+dtype, so SD3.5-large never has an fp32 copy); no text encoders, VAE or pipeline. The script drives
+the denoising loop itself: 1024x1024 (latent 128x128), one prompt with guidance (batch 2), random
+text conditioning of the real shapes, fixed linear timesteps and a guided Euler flow update of the
+latents between steps (in place, so the loop itself allocates nothing and never synchronises).
+Variants per model:
+
+- diffusers eager: the transformer module's own forward, 28 full steps.
+- diffusers compile: the same with torch.compile, regional by default (each transformer block
+  compiled, as diffusers' `compile_repeated_blocks` does: identical blocks share one graph, so it
+  compiles in seconds at about the step time of a whole-model compile). Full step only.
+- catrt eager: `CATRuntime` over the eager adapter (8 full steps, then 20 pruned steps).
+- catrt compile: `CATRuntime` over `compile_step_functions(adapter)`, steps captured as CUDA graphs.
+
+Every variant runs one untimed generation first (compile, CUDA-graph capture), then `--repeats`
+timed generations with a CUDA event between steps. A full or pruned step is the median of those
+steps over the timed generations (a catrt pruned step includes choosing the next step's tokens);
+the generation time is the median of the whole loops. catrt variants then run one more generation
+that counts device allocations over a few steady-state pruned steps and runs a few more under
+`torch.cuda.set_sync_debug_mode("error")`. The selection is also timed on its own.
+
+Time budget (8 minutes on an H100): the eager variants of every model run first (pass 1), then the
+compiled ones (pass 2, each model rebuilt with the same seed), because compiling dominates: catrt
+compiles its whole full and pruned forwards with inductor, a minute or more per model. Variants not
+started after `--budget-s` (420 s) are reported as skipped, and the report is rewritten after every
+variant, so a run cut short still leaves every finished row. To finish what was skipped, run again
+with `--models ... --variants ...` and another `--out`.
+
+`--tiny` runs the same code on the CPU with small configs derived from the same cards (2 blocks,
+width 32, 128x128 px, 12 text tokens, 10 steps, t0 4; torch.compile with dynamo's "eager" backend so
+compiling takes seconds); CUDA-only measurements (events, memory, the sync guard) read "n/a (cpu)".
+The tests run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import inspect
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .` (the GPU machine)
+    sys.path.insert(0, str(ROOT))
+
+import diffusers  # noqa: E402
+from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel  # noqa: E402
+
+from catrt.config import CATConfig  # noqa: E402
+from catrt.model_cards import MODEL_CARDS, ModelCard  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+DEFAULT_MODELS = ("sd3", "pixart-sigma", "sd3.5-large")  # the slowest to compile last: --budget-s cuts it first
+VARIANTS = ("diffusers-eager", "diffusers-compile", "catrt-eager", "catrt-compile")  # table order
+PASSES = (("diffusers-eager", "catrt-eager"), ("catrt-compile", "diffusers-compile"))  # run order
+DTYPES = {"sd3": torch.float16, "sd3.5-medium": torch.bfloat16, "sd3.5-large": torch.bfloat16, "pixart-sigma": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TRANSFORMERS = {"sd3": SD3Transformer2DModel, "pixart": PixArtTransformer2DModel}
+GUIDANCE_SCALE = 7.0
+NA_CPU = "n/a (cpu)"
+STARTED = time.monotonic()
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - STARTED:7.1f}s] {message}", flush=True)
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(n for n in MODEL_CARDS if n != "reference"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--tiny", action="store_true", help="CPU, small configs from the same cards (the tests run this)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024; --tiny 128)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 28; --tiny 10)")
+    parser.add_argument("--t0", type=int, default=None, help="last full step (default 8; --tiny 4)")
+    parser.add_argument("--alpha", type=float, default=0.3)
+    parser.add_argument("--dtype", choices=sorted(PRECISIONS), default=None,
+                        help="one dtype for every model (default: SD3 fp16, SD3.5 bf16, PixArt fp16; --tiny fp32)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed generations per variant (default 3; --tiny 2)")
+    parser.add_argument("--selection-repeats", type=int, default=20, help="standalone selection calls timed (median)")
+    parser.add_argument("--check-steps", type=int, default=4, help="steady pruned steps counted for allocations, and again under the sync guard")
+    parser.add_argument("--diffusers-compile", choices=("regional", "whole"), default="regional",
+                        help="regional: torch.compile each transformer block (fast to compile); whole: the whole module")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip variants not yet started after this many seconds (default 420 on a GPU, off with --tiny)")
+    parser.add_argument("--out", type=Path, default=None, help="report path (default bench/results/speed-<gpu>.md)")
+    args = parser.parse_args(argv)
+    tiny = args.tiny
+    args.size = args.size or (128 if tiny else 1024)
+    args.steps = args.steps or (10 if tiny else 28)
+    args.t0 = args.t0 or (4 if tiny else 8)
+    args.repeats = args.repeats or (2 if tiny else 3)
+    if args.budget_s is None:
+        args.budget_s = 0.0 if tiny else 420.0
+    if args.size % 16:
+        parser.error("--size must be a multiple of 16 (VAE factor 8, patch 2)")
+    CATConfig(alpha=args.alpha, t0=args.t0).check_steps(args.steps)
+    return args
+
+
+def pick_device(tiny: bool) -> torch.device:
+    if tiny:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py needs a CUDA device; use --tiny to run it on the CPU")
+    return torch.device("cuda")
+
+
+def tiny_config(card: ModelCard, latent: int) -> dict[str, Any]:
+    """The card's config at a toy size: 2 blocks of width 32, small text widths, its other options kept."""
+    config = dict(card.transformer_config)
+    config.update(num_layers=2, num_attention_heads=2, attention_head_dim=16, sample_size=latent)
+    if card.family == "sd3":
+        config.update(joint_attention_dim=48, caption_projection_dim=32, pooled_projection_dim=24,
+                      pos_embed_max_size=max(latent // config["patch_size"], 16))
+        if config.get("dual_attention_layers"):
+            config["dual_attention_layers"] = [0]
+    else:
+        config.update(cross_attention_dim=32, caption_channels=48)
+    return config
+
+
+@dataclass
+class ModelSetup:
+    name: str
+    family: str
+    config: dict[str, Any]
+    dtype: torch.dtype
+    text_tokens: int
+
+
+def model_setup(name: str, args: argparse.Namespace) -> ModelSetup:
+    card = MODEL_CARDS[name]
+    latent = args.size // card.vae_scale
+    if args.tiny:
+        return ModelSetup(name, card.family, tiny_config(card, latent), PRECISIONS[args.dtype or "fp32"], 12)
+    config = {**card.transformer_config, "sample_size": latent}
+    dtype = PRECISIONS[args.dtype] if args.dtype else DTYPES.get(name, torch.float16)
+    return ModelSetup(name, card.family, config, dtype, card.text_tokens)
+
+
+# -- timing, memory, sync ------------------------------------------------------------------------
+
+
+class Clock:
+    """CUDA events on a GPU (no host sync between marks), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+
+
+def allocation_count(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.memory_stats(device).get("allocation.all.allocated", 0))
+
+
+@contextlib.contextmanager
+def sync_guard(device: torch.device) -> Iterator[None]:
+    """Any host synchronisation inside raises (CUDA only); the mode is always restored."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def short_error(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return re.sub(r"\s+", " ", text)[:400]
+
+
+# -- the denoising loop --------------------------------------------------------------------------
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
+
+
+class Loop:
+    """Latents, conditioning and schedule of one generation, updated in place between steps."""
+
+    def __init__(self, setup: ModelSetup, args: argparse.Namespace, device: torch.device) -> None:
+        config = setup.config
+        latent = args.size // 8
+        self.channels = config["in_channels"]
+        self.steps = args.steps
+        dtype = setup.dtype
+        generator = torch.Generator(device="cpu").manual_seed(0)
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+        self.start = randn(1, self.channels, latent, latent).expand(2, -1, -1, -1).contiguous()
+        self.latents = torch.empty_like(self.start)  # rows 0 (uncond) and 1 (cond) stay equal
+        self.guided = torch.empty_like(self.start[:1])
+        sigmas = [1.0 - i / self.steps for i in range(self.steps + 1)]
+        self.dts = [sigmas[i + 1] - sigmas[i] for i in range(self.steps)]
+        self.timesteps = torch.tensor([[1000.0 * s] * 2 for s in sigmas[:-1]], device=device)  # (steps, 2)
+        if setup.family == "sd3":
+            self.call_kwargs: dict[str, Any] = {
+                "encoder_hidden_states": randn(2, setup.text_tokens, config["joint_attention_dim"]),
+                "pooled_projections": randn(2, config["pooled_projection_dim"]),
+            }
+        else:
+            self.call_kwargs = {
+                "encoder_hidden_states": randn(2, setup.text_tokens, config["caption_channels"]),
+                "encoder_attention_mask": torch.ones(2, setup.text_tokens, device=device, dtype=dtype),
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+            }
+
+    def update(self, prediction: torch.Tensor, index: int) -> None:
+        """x <- x + dt * (u + g * (c - u)), on the first `channels` outputs (PixArt also predicts variance)."""
+        uncond, cond = prediction[0:1, : self.channels], prediction[1:2, : self.channels]
+        torch.sub(cond, uncond, out=self.guided)
+        self.guided.mul_(GUIDANCE_SCALE).add_(uncond)
+        self.latents.add_(self.guided, alpha=self.dts[index])
+
+
+@dataclass
+class Generation:
+    step_ms: list[float]
+    total_ms: float
+    first_prediction: torch.Tensor | None = None
+    final_finite: bool | None = None
+
+
+def run_generation(
+    step: StepFn,
+    loop: Loop,
+    clock: Clock,
+    keep_first: bool = False,
+    before: Callable[[int], None] | None = None,
+    after: Callable[[int], None] | None = None,
+) -> Generation:
+    """One generation of `loop.steps` transformer calls; `before`/`after` get the 1-based step number."""
+    loop.latents.copy_(loop.start)
+    first = None
+    marks = [clock.mark()]
+    for index in range(loop.steps):
+        if before is not None:
+            before(index + 1)
+        prediction = step(loop.latents, loop.timesteps[index], loop.call_kwargs)
+        if keep_first and index == 0:
+            first = prediction.detach().clone()
+        loop.update(prediction, index)
+        marks.append(clock.mark())
+        if after is not None:
+            after(index + 1)
+    clock.sync()
+    step_ms = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
+    finite = bool(torch.isfinite(loop.latents).all()) if keep_first else None
+    return Generation(step_ms, clock.ms(marks[0], marks[-1]), first, finite)
+
+
+# -- variants ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One table row; None = not measured for this variant, str = a reason or an error."""
+
+    model: str
+    variant: str
+    full_ms: float | str | None = None
+    pruned_ms: float | str | None = None
+    selection_ms: float | str | None = None
+    generation_ms: float | str | None = None
+    speedup: float | str | None = None
+    peak_gib: float | str | None = None
+    allocs_per_step: float | str | None = None
+    host_sync: str | None = None
+    warmup_s: float | str | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Variant:
+    """What a measured variant needs: a fresh step function per generation, and whether it prunes."""
+
+    new_generation: Callable[[], StepFn]
+    prunes: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def diffusers_step(transformer: torch.nn.Module) -> StepFn:
+    def step(hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
+        return transformer(hidden_states=hidden_states, timestep=timestep, return_dict=False, **call_kwargs)[0]
+
+    return step
+
+
+@contextlib.contextmanager
+def compile_backend(tiny: bool) -> Iterator[None]:
+    """Under --tiny, torch.compile made inside uses dynamo's "eager" backend: the same tracing, no codegen.
+
+    Inductor's code generation for these graphs takes minutes on a 2-core CPU; the GPU run uses
+    whatever the compile call asks for.
+    """
+    if not tiny:
+        yield
+        return
+    original = torch.compile
+
+    def eager_compile(model: Any = None, **kwargs: Any) -> Any:
+        kwargs.pop("mode", None)
+        kwargs.pop("options", None)
+        kwargs["backend"] = "eager"
+        return original(model, **kwargs) if model is not None else original(**kwargs)
+
+    torch.compile = eager_compile
+    try:
+        yield
+    finally:
+        torch.compile = original
+
+
+def diffusers_compiled(transformer: torch.nn.Module, how: str, tiny: bool) -> Variant:
+    """torch.compile of the diffusers transformer; regional = each block compiled in place."""
+    with compile_backend(tiny):
+        if how == "regional":
+            for block in transformer.transformer_blocks:
+                block.compile(dynamic=False)
+            step = diffusers_step(transformer)
+        else:
+            step = diffusers_step(torch.compile(transformer, dynamic=False))
+    note = "torch.compile (inductor, default mode) of each transformer block" if how == "regional" else "torch.compile of the whole transformer"
+    return Variant(lambda: step, prunes=False, notes=[note + (" [--tiny: dynamo 'eager' backend]" if tiny else "")])
+
+
+def catrt_variant(adapter: Any, args: argparse.Namespace, compiled: bool, device: torch.device) -> Variant:
+    """CATRuntime over the eager adapter, or over compiled step functions with CUDA graphs (on CUDA).
+
+    The runtime's persistent buffers are shared by every generation of the variant, as a server
+    would keep them; one CATRuntime per generation.
+    """
+    from catrt.runtime import CATRuntime
+
+    config = CATConfig(alpha=args.alpha, t0=args.t0)
+    params = inspect.signature(CATRuntime).parameters
+    notes: list[str] = []
+    functions = None
+    if compiled:
+        with compile_backend(args.tiny):
+            try:
+                from catrt.engines.compile import compile_step_functions
+            except ImportError:
+                mode = "reduce-overhead" if device.type == "cuda" and "cuda_graphs" not in params else "default"
+                functions = SimpleNamespace(
+                    full_forward=torch.compile(adapter.full_forward, mode=mode, dynamic=False),
+                    pruned_forward=torch.compile(adapter.pruned_forward, mode=mode, dynamic=False),
+                )
+                notes.append(f"catrt.engines.compile.compile_step_functions missing: torch.compile mode {mode} of the adapter's functions")
+            else:
+                functions = compile_step_functions(adapter)
+        if args.tiny:
+            notes.append("[--tiny: dynamo 'eager' backend]")
+    extra: dict[str, Any] = {}
+    if "buffers" in params:
+        from catrt.runtime import RuntimeBuffers
+
+        extra["buffers"] = RuntimeBuffers()
+    else:
+        notes.append("runtime without persistent buffers (old API)")
+    if "cuda_graphs" in params:
+        extra["cuda_graphs"] = compiled and device.type == "cuda"
+    elif compiled and device.type == "cuda":
+        notes.append("runtime without cuda_graphs (old API)")
+
+    def new_generation() -> StepFn:
+        return CATRuntime(adapter, config, steps=args.steps, guidance=True, functions=functions, **extra)
+
+    return Variant(new_generation, prunes=True, notes=notes)
+
+
+def measure_variant(row: Row, variant: Variant, loop: Loop, args: argparse.Namespace, device: torch.device) -> Generation:
+    """Warm-up generation, timed generations, then (pruning variants) allocations and the sync guard."""
+    clock = Clock(device)
+    started = time.perf_counter()
+    warm = run_generation(variant.new_generation(), loop, clock, keep_first=True)
+    row.warmup_s = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = [run_generation(variant.new_generation(), loop, clock) for _ in range(args.repeats)]
+    row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else NA_CPU
+    full_steps = range(2, args.t0) if variant.prunes else range(1, args.steps + 1)
+    # catrt: step 1 allocates, step t0 clusters; pruned steps after the first (whose selection ran at t0)
+    row.full_ms = statistics.median(g.step_ms[s - 1] for g in timed for s in full_steps or [1])
+    if variant.prunes:
+        pruned_steps = range(args.t0 + 2, args.steps + 1)
+        row.pruned_ms = statistics.median(g.step_ms[s - 1] for g in timed for s in pruned_steps)
+    row.generation_ms = statistics.median(g.total_ms for g in timed)
+    if variant.prunes:
+        check_steady_state(row, variant, loop, args, device, clock)
+    return warm
+
+
+def check_steady_state(row: Row, variant: Variant, loop: Loop, args: argparse.Namespace, device: torch.device, clock: Clock) -> None:
+    """One more generation: count allocations over steady pruned steps, then run more under the sync guard."""
+    first = args.t0 + 2
+    count = max(1, min(args.check_steps, (args.steps - first + 1) // 2))
+    alloc_window = range(first, first + count)
+    sync_window = range(first + count, min(first + 2 * count, args.steps + 1))
+    counts: dict[str, int | None] = {}
+    guard = contextlib.ExitStack()
+
+    def before(step: int) -> None:
+        if step == alloc_window.start:
+            counts["start"] = allocation_count(device)
+        if step == sync_window.start:
+            guard.enter_context(sync_guard(device))
+
+    def after(step: int) -> None:
+        if step == alloc_window.stop - 1:
+            counts["end"] = allocation_count(device)
+        if step == sync_window.stop - 1:
+            guard.close()
+
+    try:
+        run_generation(variant.new_generation(), loop, clock, before=before, after=after)
+    except Exception as error:  # a sync under the guard raises here
+        guard.close()
+        log(f"{row.model} {row.variant}: steady-state check failed\n{traceback.format_exc()}")
+        row.host_sync = "FAIL" if device.type == "cuda" else "error"
+        row.notes.append(f"steady-state check (steps {sync_window.start}-{sync_window.stop - 1}): {short_error(error)}")
+    else:
+        row.host_sync = f"pass ({len(sync_window)} steps)" if device.type == "cuda" else NA_CPU
+    finally:
+        guard.close()
+    if device.type != "cuda":
+        row.allocs_per_step = NA_CPU
+    elif counts.get("start") is not None and counts.get("end") is not None:
+        row.allocs_per_step = (counts["end"] - counts["start"]) / len(alloc_window)
+
+
+def selection_ms(adapter: Any, setup: ModelSetup, args: argparse.Namespace, device: torch.device) -> float:
+    """Median time of one later CAT selection alone at the real shapes, as the runtime makes it.
+
+    The runtime scores the conditional half of its output cache in float32 (the cast is timed too)
+    against a float32 reference, with float32 staleness and int64 labels and step numbers.
+    """
+    from catrt.selection import select_cat_step
+
+    config = CATConfig(alpha=args.alpha, t0=args.t0)
+    latent = args.size // 8
+    grid = adapter.grid(latent, latent)
+    num, k = grid.num_tokens, config.num_selected(grid.num_tokens)
+    n_clusters = min(config.n_clusters, num)
+    width = adapter.patch_size**2 * adapter.out_channels
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    output_cache = torch.randn(2, num, width, generator=generator).to(device, setup.dtype)  # [uncond, cond]
+    reference = torch.randn(1, num, width, generator=generator).to(device)
+    labels = torch.randint(0, n_clusters, (1, num), generator=generator).to(device)
+    staleness = torch.rand(1, num, generator=generator).to(device)
+    last_computed = torch.randint(1, args.t0 + 1, (1, num), generator=generator).to(device)
+
+    def select() -> torch.Tensor:
+        return select_cat_step(output_cache[1:].float(), reference, labels, staleness, last_computed, k=k,
+                               n_clusters=n_clusters, magnitude_fraction=config.magnitude_fraction)
+
+    clock = Clock(device)
+    for _ in range(3):
+        select()
+    times = []
+    for _ in range(args.selection_repeats):
+        start = clock.mark()
+        select()
+        end = clock.mark()
+        clock.sync()
+        times.append(clock.ms(start, end))
+    return statistics.median(times)
+
+
+def mac_ratios(setup: ModelSetup, args: argparse.Namespace) -> str:
+    """The MAC ratios of this config (counted on the meta device): pruned / full step, and the schedule."""
+    from catrt.macs import transformer_macs
+
+    card = ModelCard(setup.name, None, setup.family, setup.config, setup.text_tokens)  # type: ignore[arg-type]
+    with torch.device("meta"):
+        meta = TRANSFORMERS[setup.family].from_config(setup.config).eval()
+    report = transformer_macs(meta, card, args.size, args.size, CATConfig(alpha=args.alpha, t0=args.t0), args.steps)
+    return (f"N {report.num_tokens}, k {report.k}; MACs pruned/full step {report.pruned_step / report.full_step:.3f}, "
+            f"{args.steps}-step schedule {report.schedule_ratio:.3f} (ideal speedup {1 / report.schedule_ratio:.2f}x)")
+
+
+def build_transformer(setup: ModelSetup, device: torch.device) -> torch.nn.Module:
+    """Random weights made on the device in the target dtype (no fp32 copy of an 8B model)."""
+    cls = TRANSFORMERS[setup.family]
+    torch.manual_seed(0)
+    try:
+        with torch.device(device), default_dtype(setup.dtype):
+            model = cls.from_config(setup.config)
+    except (TypeError, RuntimeError) as error:  # a default dtype some init cannot take: fp32, then cast
+        log(f"{setup.name}: building in {setup.dtype} failed ({short_error(error)}); building in fp32")
+        with torch.device(device):
+            model = cls.from_config(setup.config)
+    return model.to(dtype=setup.dtype).eval().requires_grad_(False)
+
+
+# -- one model -----------------------------------------------------------------------------------
+
+
+def out_of_time(args: argparse.Namespace) -> bool:
+    return bool(args.budget_s) and time.monotonic() - STARTED > args.budget_s
+
+
+def measure_model(name: str, variants: list[str], args: argparse.Namespace, device: torch.device, report: Report) -> None:
+    """Build one model and measure `variants` of it; each variant's failure becomes its row's error."""
+    setup = model_setup(name, args)
+    rows = {row.variant: row for row in report.rows if row.model == name}
+    info = report.model_notes.setdefault(name, [])
+    firsts = report.first_predictions.setdefault(name, {})
+    first_visit = not info
+    transformer = adapter = loop = None
+    try:
+        if first_visit:
+            try:
+                info.append(mac_ratios(setup, args))
+            except Exception as error:  # informative only
+                log(f"{name}: MAC count failed: {short_error(error)}")
+        log(f"{name}: building the transformer ({setup.dtype}, {setup.config['num_layers']} blocks) on {device}")
+        started = time.perf_counter()
+        with torch.no_grad():
+            transformer = build_transformer(setup, device)  # seeded: the same weights on every visit
+        built = time.perf_counter() - started
+        if first_visit:
+            params = sum(p.numel() for p in transformer.parameters())
+            weights = sum(p.numel() * p.element_size() for p in transformer.parameters()) / 2**30
+            count = f"{params / 1e9:.2f} B" if params >= 1e8 else f"{params / 1e6:.2f} M"
+            info.append(f"{count} parameters, {weights:.2f} GiB of weights in {str(setup.dtype).removeprefix('torch.')}, built in {built:.1f} s")
+            log(f"{name}: {info[-1]}")
+        loop = Loop(setup, args, device)
+        from catrt.models import make_adapter
+
+        adapter = make_adapter(transformer)
+    except Exception as error:
+        log(f"{name}: setup failed\n{traceback.format_exc()}")
+        for variant in variants:
+            rows[variant].error = f"setup: {short_error(error)}"
+        del transformer, adapter, loop
+        free_memory(device)
+        report.write()
+        return
+
+    catrt_rows = [rows[v] for v in ("catrt-eager", "catrt-compile") if v in rows]
+    if any(v.startswith("catrt") for v in variants) and all(row.selection_ms is None for row in catrt_rows):
+        try:
+            with torch.no_grad():
+                selection: float | str = selection_ms(adapter, setup, args, device)
+            log(f"{name}: selection {selection:.3f} ms")
+        except Exception as error:
+            log(f"{name}: selection timing failed\n{traceback.format_exc()}")
+            selection = f"error: {short_error(error)}"
+        for row in catrt_rows:
+            row.selection_ms = selection
+
+    for variant_name in variants:
+        row = rows[variant_name]
+        if out_of_time(args):
+            row.error = f"skipped: over the --budget-s {args.budget_s:.0f} s time budget"
+            log(f"{name} {variant_name}: {row.error}")
+            continue
+        log(f"{name} {variant_name}: warm-up generation, then {args.repeats} timed")
+        variant = None
+        try:
+            with torch.no_grad():
+                if variant_name == "diffusers-eager":
+                    variant = Variant(lambda: diffusers_step(transformer), prunes=False)
+                elif variant_name == "diffusers-compile":
+                    variant = diffusers_compiled(transformer, args.diffusers_compile, args.tiny)
+                else:
+                    variant = catrt_variant(adapter, args, variant_name == "catrt-compile", device)
+                row.notes.extend(variant.notes)
+                warm = measure_variant(row, variant, loop, args, device)
+            firsts[variant_name] = warm.first_prediction
+            if warm.final_finite is False:
+                row.notes.append("final latents of the warm-up generation are not finite (random weights)")
+            log(f"{name} {variant_name}: " + ", ".join(f"{k} {v}" for k, v in summary(row).items()))
+        except Exception as error:
+            log(f"{name} {variant_name}: failed\n{traceback.format_exc()}")
+            row.error = short_error(error)
+        finally:
+            with contextlib.suppress(Exception):
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+            del variant
+            free_memory(device)
+        report.write()
+
+    baseline = rows.get("diffusers-eager")
+    for row in rows.values():
+        if baseline and isinstance(baseline.generation_ms, float) and isinstance(row.generation_ms, float):
+            row.speedup = baseline.generation_ms / row.generation_ms
+    del transformer, adapter, loop
+    with contextlib.suppress(Exception):
+        torch.compiler.reset()  # frees compiled graphs (and any CUDA-graph pools they hold)
+    free_memory(device)
+    if device.type == "cuda":
+        log(f"{name}: freed; {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB still allocated")
+    report.write()
+
+
+def summary(row: Row) -> dict[str, str]:
+    keys = ("full_ms", "pruned_ms", "generation_ms", "peak_gib", "allocs_per_step", "host_sync", "warmup_s")
+    return {key: fmt(getattr(row, key)) for key in keys if getattr(row, key) is not None}
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def fmt(value: float | str | None, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}f}"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def default_out(device: torch.device, tiny: bool) -> Path:
+    """bench/results/speed-<gpu>.md, or a free variant of it when that file is committed already."""
+    if tiny:
+        return RESULTS / "tmp" / "gpu-tiny.md"
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    path = RESULTS / f"speed-{slug}.md"
+    if path.exists() and committed(path):
+        path = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}.md")
+    return path
+
+
+def committed(path: Path) -> bool:
+    """Whether git tracks `path`; without git (a copied tree), any existing file counts as committed."""
+    try:
+        result = subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=ROOT, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return result.returncode == 0 or b"not a git repository" in result.stderr
+
+
+def first_step_agreement(firsts: dict[str, torch.Tensor]) -> list[str]:
+    """Step 1 is a full step everywhere: each variant's first prediction against diffusers eager's."""
+    reference = firsts.get("diffusers-eager")
+    if reference is None:
+        return []
+    reference = reference.float()
+    scale = reference.abs().max().item() or 1.0
+    return [
+        f"{variant}: step-1 prediction vs diffusers eager, max |diff| / max |ref| = "
+        f"{(first.float() - reference).abs().max().item() / scale:.2e}"
+        for variant, first in firsts.items()
+        if variant != "diffusers-eager" and first is not None
+    ]
+
+
+class Report:
+    def __init__(self, args: argparse.Namespace, device: torch.device, path: Path) -> None:
+        self.args, self.device, self.path = args, device, path
+        self.rows = [Row(model, variant) for model in args.models for variant in VARIANTS if variant in args.variants]
+        self.model_notes: dict[str, list[str]] = {}
+        self.first_predictions: dict[str, dict[str, torch.Tensor]] = {}
+
+    def header(self) -> list[str]:
+        args, device = self.args, self.device
+        cuda = device.type == "cuda"
+        name = device_name(device)
+        versions = f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if cuda else "") + f", diffusers {diffusers.__version__}"
+        dtypes = ", ".join(f"{m} {str(model_setup(m, args).dtype).removeprefix('torch.')}" for m in args.models)
+        title = "tiny configs on the CPU (a smoke run of bench/gpu.py, not a benchmark)" if args.tiny else name
+        timing = "CUDA events between steps" if cuda else "perf_counter between steps"
+        return [
+            f"# Transformer speed: {title}",
+            "",
+            f"Device: {name}; {versions}; Python {sys.version.split()[0]}. Written by `python bench/gpu.py"
+            + (" --tiny" if args.tiny else "") + "`.",
+            "",
+            f"Settings: {args.size}x{args.size} px (latent {args.size // 8}x{args.size // 8}), one prompt with guidance "
+            f"(batch 2, scale {GUIDANCE_SCALE}), {args.steps} steps, t0 {args.t0}, alpha {args.alpha}; {dtypes}; random weights "
+            f"built on the device from the published configs{' (shrunk: 2 blocks, width 32, 12 text tokens)' if args.tiny else ''}, "
+            "random text conditioning of the real shapes, fixed linear timesteps, in-place guided Euler update; no text "
+            "encoders, VAE or scheduler.",
+            "",
+            f"Method: per variant one untimed warm-up generation (compile, CUDA-graph capture: the *warm-up* column), then "
+            f"{args.repeats} timed generations ({timing}; a step includes the loop's in-place latent update, a few "
+            f"microseconds). *Full* / *pruned step* = median of those steps "
+            f"(catrt full: steps 2..{args.t0 - 1}; pruned: steps {args.t0 + 2}..{args.steps}, each including the next step's "
+            f"selection); *{args.steps} steps* = median whole loop (diffusers: {args.steps} full steps; catrt: {args.t0} full "
+            f"+ {args.steps - args.t0} pruned, KMeans at t0 included); *speedup* over diffusers eager. *Selection* = "
+            f"`select_cat_step` alone at the real shapes (float32 scores, as the runtime), median of {args.selection_repeats}. *Peak* = "
+            f"`max_memory_allocated` over the timed generations (weights included). *Allocs/step* = change of "
+            f"`allocation.all.allocated` over {args.check_steps} steady pruned steps, per step. *Host sync* = "
+            f"{args.check_steps} further steady pruned steps under `torch.cuda.set_sync_debug_mode(\"error\")`. "
+            f"diffusers compile: {'each transformer block compiled (regional)' if args.diffusers_compile == 'regional' else 'whole module compiled'}"
+            f", inductor default mode; catrt compile: `compile_step_functions(adapter)` with the runtime's CUDA graphs"
+            + ("; --tiny: dynamo's 'eager' backend, no CUDA graphs." if args.tiny else "."),
+            "",
+        ]
+
+    def table(self) -> list[str]:
+        steps = self.args.steps
+        lines = [
+            f"| model | variant | full step (ms) | pruned step (ms) | selection (ms) | {steps} steps (ms) | speedup vs diffusers eager "
+            "| peak memory (GiB) | allocs / pruned step | host sync | warm-up (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in self.rows:
+            if row.error:
+                lines.append(f"| {row.model} | {row.variant} | error | | | | | | | | |")
+                continue
+            cells = [
+                fmt(row.full_ms), fmt(row.pruned_ms) if row.pruned_ms is not None else "n/a", fmt(row.selection_ms, 3),
+                fmt(row.generation_ms, 1), f"{row.speedup:.2f}x" if isinstance(row.speedup, float) else fmt(row.speedup),
+                fmt(row.peak_gib), fmt(row.allocs_per_step, 1), fmt(row.host_sync), fmt(row.warmup_s, 1),
+            ]
+            lines.append(f"| {row.model} | {row.variant} | " + " | ".join(cells) + " |")
+        return lines
+
+    def notes(self) -> list[str]:
+        lines = ["", "## Notes", ""]
+        for model, notes in self.model_notes.items():
+            for note in notes:
+                lines.append(f"- {model}: {note}")
+            lines += [f"- {model}: {line}" for line in first_step_agreement(self.first_predictions.get(model, {}))]
+        for row in self.rows:
+            if row.error:
+                lines.append(f"- {row.model} {row.variant}: **error** {row.error}")
+            for note in row.notes:
+                lines.append(f"- {row.model} {row.variant}: {note}")
+            if isinstance(row.selection_ms, float) and isinstance(row.pruned_ms, float) and row.pruned_ms > 0:
+                lines.append(f"- {row.model} {row.variant}: selection = {row.selection_ms / row.pruned_ms:.1%} of a pruned step")
+        lines.append(f"- total run time {time.monotonic() - STARTED:.0f} s")
+        return lines
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n".join(self.header() + self.table() + self.notes()) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.tiny)
+    if args.tiny:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    for name in ("recompile_limit", "cache_size_limit"):  # every model recompiles the shared adapter code
+        with contextlib.suppress(Exception):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
+    path = args.out or default_out(device, args.tiny)
+    log(f"bench/gpu.py on {device_name(device)}: torch {torch.__version__}, diffusers {diffusers.__version__}; "
+        f"models {' '.join(args.models)}; variants {' '.join(args.variants)}; report -> {path}")
+    report = Report(args, device, path)
+    report.write()
+    # Pass 1 measures the eager variants of every model, pass 2 the compiled ones (rebuilding each
+    # model with the same seed): if compiling runs past --budget-s, only compiled rows are lost.
+    for number, group in enumerate(PASSES, 1):
+        for name in args.models:
+            variants = [variant for variant in group if variant in args.variants]
+            if variants:
+                log(f"pass {number}/{len(PASSES)}: {name}: {', '.join(variants)}")
+                measure_model(name, variants, args, device, report)
+    report.write()
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""bench/gpu.py runs end to end with --tiny on the CPU and reports every model and variant.
+
+The GPU figures themselves come from a lent GPU; this only checks that the script's code paths
+(diffusers eager and compiled, catrt eager and compiled, the selection timing, the steady-state
+checks, the report) run and write sane numbers, and that one failing variant does not stop the rest.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("sd3", "sd3.5-large", "pixart-sigma")
+VARIANTS = ("diffusers-eager", "diffusers-compile", "catrt-eager", "catrt-compile")
+STEPS = 10  # the --tiny default
+
+
+def parse_table(text: str) -> tuple[list[str], dict[tuple[str, str], dict[str, str]]]:
+    """The report's table as {(model, variant): {column: cell}}."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    columns = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[(cells[0], cells[1])] = dict(zip(columns, cells))
+    return columns, rows
+
+
+def positive(cell: str) -> float:
+    value = float(cell.removesuffix("x"))
+    assert math.isfinite(value) and value > 0, cell
+    return value
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_reports_every_model_and_variant(tmp_path: Path) -> None:
+    out = tmp_path / "speed.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--repeats", "1", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "wrote" in result.stdout
+
+    text = out.read_text()
+    assert "torch " in text and "diffusers " in text and "alpha 0.3" in text
+    columns, rows = parse_table(text)
+    assert columns[:2] == ["model", "variant"]
+    for column in ("full step (ms)", "pruned step (ms)", "selection (ms)", f"{STEPS} steps (ms)", "speedup vs diffusers eager",
+                   "peak memory (GiB)", "allocs / pruned step", "host sync", "warm-up (s)"):
+        assert column in columns
+    assert set(rows) == {(model, variant) for model in MODELS for variant in VARIANTS}, sorted(rows)
+    for (model, variant), row in rows.items():
+        assert row["full step (ms)"] != "error", f"{model} {variant} failed:\n{text}"
+        positive(row["full step (ms)"])
+        positive(row[f"{STEPS} steps (ms)"])
+        positive(row["speedup vs diffusers eager"])
+        assert float(row["warm-up (s)"]) >= 0
+        assert row["peak memory (GiB)"] == "n/a (cpu)"
+        if variant.startswith("catrt"):
+            positive(row["pruned step (ms)"])
+            positive(row["selection (ms)"])
+            assert row["allocs / pruned step"] == "n/a (cpu)" and row["host sync"] == "n/a (cpu)"
+        else:
+            assert row["pruned step (ms)"] == "n/a" and row["selection (ms)"] == "-"
+        if variant == "diffusers-eager":
+            assert row["speedup vs diffusers eager"] == "1.00x"
+    for model in MODELS:  # the full step of every variant computes the same first prediction
+        assert f"- {model}: catrt-eager: step-1 prediction vs diffusers eager" in text
+
+
+def test_a_failing_variant_reports_its_error_and_the_rest_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = load_script()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpu, "catrt_variant", broken)
+    out = tmp_path / "speed.md"
+    gpu.main(["--tiny", "--models", "sd3", "--variants", "diffusers-eager", "catrt-eager",
+              "--repeats", "1", "--steps", "4", "--t0", "2", "--out", str(out)])
+    text = out.read_text()
+    _, rows = parse_table(text)
+    positive(rows[("sd3", "diffusers-eager")]["4 steps (ms)"])
+    assert rows[("sd3", "catrt-eager")]["full step (ms)"] == "error"
+    assert "- sd3 catrt-eager: **error** RuntimeError: CUDA out of memory (simulated)" in text
