@@ -24,9 +24,17 @@ from tqdm.auto import tqdm
 from catrt.build_config import BuildConfig
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
 from catrt.errors import BuildError, ConfigError
-from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, full_inputs, graph_spec, pruned_inputs
+from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
 from catrt.loading import load_pipeline
-from catrt.manifest import Manifest, describe_device, describe_files, package_versions, weights_digest, write_manifest
+from catrt.manifest import (
+    Manifest,
+    describe_device,
+    describe_files,
+    package_versions,
+    transformer_config,
+    weights_digest,
+    write_manifest,
+)
 from catrt.models import Adapter, make_adapter
 
 logger = logging.getLogger(__name__)
@@ -41,7 +49,7 @@ class _Reference:
     """Example inputs of both graphs, and the eager adapter's outputs on them."""
 
     inputs: dict[str, dict[str, torch.Tensor]]
-    outputs: dict[str, tuple[torch.Tensor, ...]]
+    outputs: dict[str, dict[str, torch.Tensor]]
     num_tokens: int
     k: int
 
@@ -62,10 +70,17 @@ def build_engines(
         >>> fast = catrt.load(path)
     """
     config = config.resolved(backend=resolve_backend(config.backend))
-    device = ENGINES[config.backend].default_device()
-    if device.type == "cpu" and config.precision != "fp32":
+    engine = ENGINES[config.backend]
+    device = engine.default_device()
+    if config.precision not in engine.precisions:
         raise ConfigError(
-            f"precision {config.precision} needs a CUDA device; backend {config.backend} runs on the CPU here",
+            f"the {config.backend} backend cannot build {config.precision}: {engine.precision_note}",
+            field="precision", value=config.precision,
+        )
+    if device.type == "cpu" and config.precision == "fp16":
+        raise ConfigError(
+            f"precision fp16 needs a CUDA device (most fp16 kernels do not run on the CPU); backend "
+            f"{config.backend} runs on the CPU here: build fp32 (or bf16 with eager / compile)",
             field="precision", value=config.precision,
         )
     bar = tqdm(total=len(STAGES), desc="catrt build", disable=not progress)
@@ -86,14 +101,14 @@ def _build(
     bar.set_description(f"catrt build {name}")
     bar.set_postfix_str(STAGES[1])
     reference = _reference(config, pipe, adapter)
-    specs = {graph: graph_spec(graph, reference.inputs[graph], reference.outputs[graph]) for graph in reference.inputs}
+    specs = {graph: graph_spec(reference.inputs[graph], reference.outputs[graph]) for graph in reference.inputs}
     bar.update()
     backend = BACKEND_BUILDS[config.backend]
     exporters: dict[str, str] = {}
     if backend.needs_onnx:
         bar.set_postfix_str(STAGES[2])
         with staged_folder(export_dir / name) as onnx_staging:
-            exporters = export_graphs(adapter, reference.inputs, onnx_staging, progress=not bar.disable)
+            exporters = export_graphs(adapter, reference.inputs, reference.outputs, onnx_staging, progress=not bar.disable)
     bar.update()
     with staged_folder(out_dir / name) as staging:
         bar.set_postfix_str(STAGES[3])
@@ -115,34 +130,28 @@ def _with_resolution(config: BuildConfig, pipe: Any) -> BuildConfig:
     return config.resolved(height=config.height or default, width=config.width or default)
 
 
-@torch.no_grad()
 def _reference(config: BuildConfig, pipe: Any, adapter: Adapter) -> _Reference:
-    sample = capture_step_sample(pipe, config)
-    full = full_inputs(sample)
-    tokens, kv = adapter.full_forward(sample.hidden_states, sample.timestep, sample.context)
-    num_tokens = tokens.shape[1]
+    sample = capture_step_sample(pipe, adapter, config)
+    num_tokens = adapter.grid(*sample.hidden_states.shape[-2:]).num_tokens
     k = config.num_selected(num_tokens)
-    pruned = pruned_inputs(sample, adapter, k, kv)
-    pruned_outputs = adapter.pruned_forward(
-        pruned["patches"], pruned["indices"], sample.timestep, sample.context, pruned["kv_cache"]
-    )
-    return _Reference({"full": full, "pruned": pruned}, {"full": (tokens, kv), "pruned": pruned_outputs}, num_tokens, k)
+    inputs, outputs = reference_io(sample, adapter, k)
+    return _Reference(inputs, outputs, num_tokens, k)
 
 
 def _verify(
     config: BuildConfig, folder: Path, specs: dict[str, GraphSpec], adapter: Adapter, device: torch.device, reference: _Reference
 ) -> dict[str, Any]:
     """Run one full and one pruned step on the built engines; over tolerance fails the build."""
-    engine = ENGINES[config.backend](folder, specs, adapter, device)
+    engine = ENGINES[config.backend](folder, specs, device, adapter)
     engine.load()
     tolerance = TOLERANCES[config.precision]
     errors = {}
     for graph, inputs in reference.inputs.items():
         outputs = engine.run(graph, specs[graph].prepare(inputs))
-        for spec, expected in zip(specs[graph].outputs, reference.outputs[graph]):
-            got = outputs[spec.name].float()
+        for name, expected in reference.outputs[graph].items():
+            got = outputs[name].float()
             scale = expected.float().abs().max().clamp_min(1e-6)
-            errors[f"{graph}.{spec.name}"] = float((got - expected.float()).abs().max() / scale)
+            errors[f"{graph}.{name}"] = float((got - expected.float()).abs().max() / scale)
     worst = max(errors, key=errors.__getitem__)
     if errors[worst] > tolerance:
         raise BuildError(
@@ -170,6 +179,8 @@ def _manifest(
         model={
             "name": config.model,
             "pipeline_class": type(pipe).__name__,
+            "transformer_class": type(pipe.transformer).__name__,
+            "transformer_config": transformer_config(pipe.transformer),
             "transformer_sha256": weights_digest(pipe.transformer),
         },
         num_tokens=reference.num_tokens,

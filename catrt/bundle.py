@@ -1,8 +1,13 @@
 """`catrt.load(engine_dir)`: a built bundle as a pipeline, after checking it fits the request and machine.
 
 Every check runs before a backend touches the files: the files' digests (CorruptBundleError), the
-catrt / backend versions and the device (EngineMismatchError), the model weights' digest, and on
+catrt / backend versions and the device (EngineMismatchError), the model's transformer config, and on
 each call the resolution, batch, steps and text length the graphs were built for (ConfigError).
+
+A bundle whose backend carries its own weights (onnxruntime, tensorrt) loads the pipeline without
+the transformer's weights: `pipe.transformer` is a weightless stand-in for its config, and the
+weights' identity is the digest the build recorded (nothing is hashed at load). eager and compile
+bundles have no weights of their own and run the model's transformer.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from catrt.config import CATConfig
 from catrt.engines import ENGINES, Engine, GraphSpec
 from catrt.errors import ConfigError, EngineMismatchError
 from catrt.loading import load_pipeline
-from catrt.manifest import Manifest, check_environment, describe_device, read_manifest, verify_files, weights_digest
+from catrt.manifest import Manifest, check_environment, describe_device, read_manifest, transformer_config, verify_files
 from catrt.models import make_adapter
 from catrt.pipeline import AcceleratedPipeline, accelerate, pipeline_spec
 
@@ -106,19 +111,30 @@ def load(engine_dir: str | os.PathLike, config: CATConfig | None = None) -> Engi
     build = BuildConfig.from_dict(manifest.build)
     engine_class = ENGINES[build.backend]
     device = engine_class.default_device()
-    pipe = load_pipeline(build.model, device=device, dtype=build.dtype)
-    digest = weights_digest(pipe.transformer)
-    if digest != manifest.model["transformer_sha256"]:
-        raise EngineMismatchError(
-            f"model {build.model!r} now has other transformer weights than the engine was built from; rebuild the engine",
-            field="model.transformer_sha256",
-            value={"expected": manifest.model["transformer_sha256"], "found": digest},
-        )
+    pipe = load_pipeline(build.model, device=device, dtype=build.dtype, transformer_weights=engine_class.needs_transformer)
+    _check_transformer(build, manifest, pipe.transformer)
+    adapter = make_adapter(pipe.transformer)
     graphs = {graph: GraphSpec.from_dict(spec) for graph, spec in manifest.graphs.items()}
-    engine = engine_class(folder, graphs, make_adapter(pipe.transformer), device)
+    engine = engine_class(folder, graphs, device, adapter if engine_class.needs_transformer else None)
     engine.load()
     logger.info("loaded %s engine from %s", build.backend, folder)
     return EnginePipeline(accelerate(pipe, _run_config(build, config), functions=engine), build, manifest, engine)
+
+
+def _check_transformer(build: BuildConfig, manifest: Manifest, transformer: Any) -> None:
+    """The model's transformer has the class and config the engine was built from."""
+    for field, found in (
+        ("transformer_class", type(transformer).__name__),
+        ("transformer_config", transformer_config(transformer)),
+    ):
+        expected = manifest.model.get(field)
+        if expected != found:
+            raise EngineMismatchError(
+                f"model {build.model!r} now has another transformer {field.removeprefix('transformer_')} than the "
+                f"engine was built from; rebuild the engine",
+                field=f"model.{field}",
+                value={"expected": expected, "found": found},
+            )
 
 
 def verify_bundle(folder: Path) -> Manifest:

@@ -2,6 +2,10 @@
 
 Names resolve through `LOADERS`, one entry per name, so a new model is one more line there.
 Anything that is not a name must be a local diffusers folder (with `model_index.json`).
+
+An engine bundle that carries its own weights asks for the pipeline without the transformer's:
+the transformer is then a weightless stand-in on the meta device (its config, classes and dtype,
+no parameter data), and a published model's transformer weights are never read.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
+from torch import nn
 
 from catrt.errors import UnknownModelError
 from catrt.model_cards import MODEL_CARDS, ModelCard
@@ -23,7 +29,7 @@ from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
 
 logger = logging.getLogger(__name__)
 
-Loader = Callable[[torch.dtype], DiffusionPipeline]
+Loader = Callable[[torch.dtype, bool], DiffusionPipeline]
 
 _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "sd3": StableDiffusion3Pipeline,
@@ -32,31 +38,65 @@ _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
 
 
 def _from_pretrained(
-    cls: type[DiffusionPipeline], source: str, dtype: torch.dtype
+    cls: type[DiffusionPipeline], source: str, dtype: torch.dtype, transformer_weights: bool = True
 ) -> DiffusionPipeline:
     """`from_pretrained` with `torch_dtype`, the spelling every supported diffusers accepts.
 
     diffusers 0.42 renamed it `dtype` and warns on the old name; older releases lack `dtype`.
+    Without transformer weights the transformer component is skipped and a stand-in is made from
+    its config.
     """
+    skip = {} if transformer_weights else {"transformer": None}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*torch_dtype.*deprecated", FutureWarning)
-        return cls.from_pretrained(source, torch_dtype=dtype)
+        pipeline = cls.from_pretrained(source, torch_dtype=dtype, **skip)
+    if not transformer_weights:
+        transformer_class = getattr(diffusers, _transformer_class_name(source))
+        config = transformer_class.load_config(source, subfolder="transformer")
+        pipeline.transformer = weightless_transformer(transformer_class, config, dtype)
+    return pipeline
 
 
-def _load_published(card: ModelCard, dtype: torch.dtype) -> DiffusionPipeline:
+def _transformer_class_name(source: str) -> str:
+    """The transformer class a pipeline folder or hub repo names in its model_index.json."""
+    config = DiffusionPipeline.load_config(source)
+    return config["transformer"][1]
+
+
+def weightless_transformer(transformer_class: type[nn.Module], config: dict, dtype: torch.dtype) -> nn.Module:
+    """A transformer with `config` on the meta device: shapes, classes and dtype, no parameter data."""
+    with torch.device("meta"):
+        module = transformer_class.from_config(config)
+    return nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
+
+
+def _without_weights(pipeline: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeline:
+    """Swap a built pipeline's transformer for its weightless stand-in."""
+    transformer = pipeline.transformer
+    pipeline.transformer = weightless_transformer(type(transformer), dict(transformer.config), dtype)
+    return pipeline
+
+
+def _load_published(card: ModelCard, dtype: torch.dtype, transformer_weights: bool) -> DiffusionPipeline:
     """Load a published model from the hub (or the local hub cache) by its card's hub id."""
-    return _from_pretrained(_PIPELINE_CLASSES[card.family], card.hub_id, dtype)
+    return _from_pretrained(_PIPELINE_CLASSES[card.family], card.hub_id, dtype, transformer_weights)
 
 
-def _load_tiny(name: str, dtype: torch.dtype) -> DiffusionPipeline:
+def _load_tiny(name: str, dtype: torch.dtype, transformer_weights: bool) -> DiffusionPipeline:
     """Build a tiny random-weight pipeline with the default seed."""
-    return build_tiny_pipeline(name, dtype=dtype)
+    pipeline = build_tiny_pipeline(name, dtype=dtype)
+    return pipeline if transformer_weights else _without_weights(pipeline, dtype)
+
+
+def _load_reference(dtype: torch.dtype, transformer_weights: bool) -> DiffusionPipeline:
+    pipeline = load_reference_pipeline(dtype=dtype)
+    return pipeline if transformer_weights else _without_weights(pipeline, dtype)
 
 
 LOADERS: dict[str, Loader] = {
     **{name: partial(_load_tiny, name) for name in TINY_PIPELINES},
     **{name: partial(_load_published, card) for name, card in MODEL_CARDS.items() if card.hub_id},
-    "reference": lambda dtype: load_reference_pipeline(dtype=dtype),
+    "reference": _load_reference,
 }
 
 
@@ -73,19 +113,26 @@ def load_pipeline(
     name_or_path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    transformer_weights: bool = True,
 ) -> DiffusionPipeline:
     """Load a pipeline by catrt name or from a local diffusers folder, then move it to `device`.
 
     Names win over folders of the same name, so `sd3` always means the published model. A folder
-    without `model_index.json` is refused here rather than by a deeper diffusers error.
+    without `model_index.json` is refused here rather than by a deeper diffusers error. With
+    `transformer_weights=False` the transformer is a weightless stand-in (for engine bundles).
     """
     key = os.fspath(name_or_path)
     if key in LOADERS:
         logger.info("loading %s as %s", key, dtype)
-        pipeline = LOADERS[key](dtype)
+        pipeline = LOADERS[key](dtype, transformer_weights)
     elif (Path(key) / "model_index.json").is_file():
         logger.info("loading diffusers folder %s as %s", key, dtype)
-        pipeline = _from_pretrained(DiffusionPipeline, key, dtype)
+        pipeline = _from_pretrained(DiffusionPipeline, key, dtype, transformer_weights)
     else:
         raise _unknown(name_or_path)
-    return pipeline.to(device)
+    if transformer_weights:
+        return pipeline.to(device)
+    stand_in, pipeline.transformer = pipeline.transformer, None  # meta tensors cannot be moved
+    pipeline.to(device)
+    pipeline.transformer = stand_in
+    return pipeline

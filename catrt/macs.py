@@ -80,9 +80,10 @@ def transformer_macs(
     grid = adapter.grid(latents.shape[-2], latents.shape[-1])
     k = config.num_selected(grid.num_tokens)
     full = count_macs(lambda: transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs))
-    context_macs = count_macs(lambda: adapter.prepare_context(kwargs, latents.shape))
-    context = adapter.prepare_context(kwargs, latents.shape)
-    _, kv = adapter.full_forward(latents, timestep, context)
+    inputs = adapter.context_inputs(kwargs)
+    context_macs = count_macs(lambda: adapter.prepare_context(inputs, tuple(latents.shape)))
+    context = adapter.prepare_context(inputs, tuple(latents.shape))
+    _, kv = adapter.export_full(latents, timestep, context)
     patches = patchify(latents, adapter.patch_size)[:, :k]
     indices = torch.empty(1, k, dtype=torch.long, device="meta")
     pruned = count_macs(lambda: adapter.pruned_forward(patches, indices, timestep, context, kv))

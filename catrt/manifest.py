@@ -32,7 +32,7 @@ class Manifest:
     """Everything `catrt.load` checks; `build` and `graphs` are the config dicts that rebuild them."""
 
     build: dict[str, Any]
-    model: dict[str, Any]  # {"name", "transformer_sha256", "pipeline_class"}
+    model: dict[str, Any]  # {"name", "pipeline_class", "transformer_class", "transformer_config", "transformer_sha256"}
     num_tokens: int
     k: int
     graphs: dict[str, Any]
@@ -163,6 +163,11 @@ def check_environment(manifest: Manifest, package: str | None, device: dict[str,
                 field=f"device.{name}",
                 value={"expected": expected, "found": found},
             )
+
+
+def transformer_config(module: nn.Module) -> dict[str, Any]:
+    """A transformer's config as JSON data (what a weightless stand-in is built from, and compared)."""
+    return json.loads(json.dumps({key: value for key, value in module.config.items() if not key.startswith("_")}, default=list))
 
 
 def weights_digest(module: nn.Module) -> str:

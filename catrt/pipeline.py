@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import PixArtSigmaPipeline, StableDiffusion3Pipeline
@@ -22,23 +22,29 @@ from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models import make_adapter
 from catrt.reference.pipeline import ReferencePipeline
-from catrt.runtime import CATRuntime, StepFunctions, StepRecord
+from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """Per pipeline class: the extra call arguments catrt's own callers (CLI, server) pass."""
+    """Per pipeline class: the extra call arguments catrt's own callers (CLI, server) pass, and
+    which tokenizer limits a prompt's length (so callers can refuse a long prompt instead of letting
+    the pipeline truncate it)."""
 
     call_defaults: dict[str, Any]
+    # The pipeline attribute holding the tokenizer whose length is the prompt's limit (SD3: T5's).
+    text_tokenizer: str = "tokenizer"
+    # The call argument that sets that length; None where the tokenizer's own max_length fixes it.
+    text_length_argument: str | None = "max_sequence_length"
 
 
 PIPELINES: dict[type, PipelineSpec] = {
-    StableDiffusion3Pipeline: PipelineSpec(call_defaults={}),
+    StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3"),
     # Resolution binning would silently change the requested size; clean_caption needs extra packages.
     PixArtSigmaPipeline: PipelineSpec(call_defaults={"use_resolution_binning": False, "clean_caption": False}),
-    ReferencePipeline: PipelineSpec(call_defaults={}),
+    ReferencePipeline: PipelineSpec(call_defaults={}, text_length_argument=None),
 }
 
 
@@ -59,15 +65,20 @@ class AcceleratedPipeline:
     """A diffusers pipeline whose transformer calls run under CAT Pruning.
 
     Called with the pipeline's own arguments; returns what the pipeline returns. After each call,
-    `last_trace` lists one `StepRecord` per step when `config.trace` is on.
+    `last_trace` lists one `StepRecord` per step when `config.trace` is on. The runtime's buffers
+    (caches, captured CUDA graphs) are kept across calls of the same shape.
     """
 
-    def __init__(self, pipe: Any, config: CATConfig, functions: StepFunctions | None = None) -> None:
+    def __init__(
+        self, pipe: Any, config: CATConfig, functions: StepFunctions | None = None, cuda_graphs: bool | None = None
+    ) -> None:
         self.spec = pipeline_spec(pipe)
         self.pipe = pipe
         self.config = config
         self.adapter = make_adapter(pipe.transformer)
         self.functions = functions
+        self.cuda_graphs = cuda_graphs
+        self.buffers = RuntimeBuffers()
         self.last_trace: list[StepRecord] = []
         self._signature = inspect.signature(pipe.__call__)
 
@@ -78,8 +89,8 @@ class AcceleratedPipeline:
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"num_inference_steps must be a positive integer, got {steps!r}", field="num_inference_steps")
         guidance = float(bound.arguments.get("guidance_scale", 1.0)) > 1.0
-        runtime = CATRuntime(self.adapter, self.config, steps, guidance, self.functions)
-        with _transformer_replaced(self.pipe.transformer, runtime):
+        runtime = CATRuntime(self.adapter, self.config, steps, guidance, self.functions, self.buffers, self.cuda_graphs)
+        with transformer_replaced(self.pipe.transformer, runtime):
             result = self.pipe(*args, **kwargs)
         if runtime.step != steps:
             raise ConfigError(
@@ -94,25 +105,43 @@ class AcceleratedPipeline:
         return getattr(self.pipe, name)
 
 
-def accelerate(pipe: Any, config: CATConfig | None = None, functions: StepFunctions | None = None) -> AcceleratedPipeline:
+def accelerate(
+    pipe: Any,
+    config: CATConfig | None = None,
+    functions: StepFunctions | None = None,
+    *,
+    backend: Literal["eager", "compile"] = "eager",
+    cuda_graphs: bool | None = None,
+) -> AcceleratedPipeline:
     """Wrap a diffusers pipeline so its calls run with CAT Pruning.
 
     Args:
         pipe: a `StableDiffusion3Pipeline` or `PixArtSigmaPipeline` (or a registered class).
         config: the pruning settings; `CATConfig()` by default (alpha 0.3, t0 8).
-        functions: the step graphs to run (an engine); the eager adapter by default.
+        functions: the step graphs to run (an engine); by default the adapter, run as `backend` says.
+        backend: "eager" runs the adapter as is; "compile" runs it through `torch.compile`.
+        cuda_graphs: capture every step as one CUDA graph; None = on for "compile" on a CUDA device.
 
     Example:
         >>> pipe = catrt.load_pipeline("tiny-sd3")
         >>> fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3))
         >>> image = fast("a red circle", num_inference_steps=28, height=64, width=64).images[0]
     """
-    return AcceleratedPipeline(pipe, config or CATConfig(), functions)
+    if functions is None and backend == "compile":
+        from catrt.engines.compile import compile_step_functions
+
+        functions = compile_step_functions(make_adapter(pipe.transformer))
+    elif backend not in ("eager", "compile"):
+        raise ConfigError(f"accelerate's backend must be eager or compile, got {backend!r}", field="backend", value=backend)
+    return AcceleratedPipeline(pipe, config or CATConfig(), functions, cuda_graphs)
 
 
 @contextlib.contextmanager
-def _transformer_replaced(transformer: nn.Module, runtime: CATRuntime) -> Iterator[None]:
-    """Route `transformer(...)` to the runtime for one pipeline call; module hooks still fire."""
+def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]) -> Iterator[None]:
+    """Route `transformer(...)` to `runtime(hidden_states, timestep, other kwargs)` for one pipeline call.
+
+    Module hooks still fire (the server times steps with them).
+    """
     signature = inspect.signature(type(transformer).forward)
 
     def forward(*args: Any, **kwargs: Any) -> Any:

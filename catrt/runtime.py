@@ -1,16 +1,24 @@
 """One generation's transformer calls under CAT Pruning: schedule, caches and selection.
 
 The runtime is called once per denoising step with the latents the pipeline would give the
-transformer. It keeps, on the latents' device and in buffers allocated at the first step:
-the K/V cache (S, B, N, D), the output cache y_prev (B, N, p*p*C), the reference y_ref, the
-clusters and the staleness statistics. Indices never leave the device.
+transformer. Everything a step reads or writes lives in a `StepState` allocated once per shape and
+kept in `RuntimeBuffers` across generations: the step's inputs (latents, timestep, context), the
+K/V cache (S, B, N, D), the output cache (B, N, p*p*C), the prediction it returns, the float32
+reference and staleness statistics, the clusters and the next step's indices. Indices never leave
+the device.
+
+Each step is a *program* over those buffers: a full step (the forward writes every K/V row) and a
+pruned step (gather the selected patches, the forward writes their K/V rows in place, scatter the
+outputs, update staleness, select the next step's tokens). With `cuda_graphs` each program runs once
+eagerly (warm-up: compilation, cuBLAS plans), is then captured as one CUDA graph and replayed for
+every later step of every generation of the same shape. KMeans at step t0 runs outside any graph.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -24,13 +32,22 @@ from catrt.scheduler import StepKind, step_kind
 
 logger = logging.getLogger(__name__)
 
+#: Rules whose selection is pure tensor maths over the state buffers, so a pruned step can be captured.
+CAPTURABLE_RULES: frozenset[str] = frozenset({"cat", "round_robin", "magnitude"})
+
 
 class StepFunctions(Protocol):
-    """The two graphs a backend runs; the eager adapter is the reference implementation."""
+    """What runs the transformer: the eager adapter is the reference; engines implement the same.
+
+    `full_forward` writes every K/V slot of `kv_cache`; `pruned_forward` writes the k selected rows
+    (both in place) and both return the output tokens.
+    """
+
+    def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context: ...
 
     def full_forward(
-        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor
+    ) -> torch.Tensor: ...
 
     def pruned_forward(
         self,
@@ -39,7 +56,7 @@ class StepFunctions(Protocol):
         timestep: torch.Tensor,
         context: Context,
         kv_cache: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -51,8 +68,87 @@ class StepRecord:
     indices: torch.Tensor | None
 
 
+@dataclass
+class StepState:
+    """Every tensor the step programs read or write; allocated once per shape, reused by every generation."""
+
+    latents: torch.Tensor  # (B, C, H, W), the step's input
+    timestep: torch.Tensor  # (B,)
+    context: Context  # the prepared context, copied in once per generation
+    kv_cache: torch.Tensor  # (S, B, N, D)
+    output_cache: torch.Tensor  # (B, N, p*p*C_out)
+    prediction: torch.Tensor  # (B, C_out, H, W), what the runtime returns
+    reference: torch.Tensor  # (B', N, p*p*C_out) float32, cond rows at step t0 - 1
+    staleness: torch.Tensor  # (B', N) float32 EWMA of selection
+    last_computed: torch.Tensor  # (B', N) int64 step each token was last computed
+    labels: torch.Tensor  # (B', N) int64 clusters made at t0
+    indices: torch.Tensor  # (B', k) int64, the next pruned step's tokens
+    step_index: torch.Tensor  # () int64, the current step, read by the programs
+    graphs: dict[Any, CapturedStep] = field(default_factory=dict)
+
+
+class RuntimeBuffers:
+    """Step states by shape, kept across generations (one per pipeline or engine).
+
+    A generation reuses the state of an earlier one with the same shapes, so steady-state steps
+    allocate nothing and captured CUDA graphs stay valid.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[tuple[Any, ...], StepState] = {}
+
+    def state(self, key: tuple[Any, ...], allocate: Callable[[], StepState]) -> StepState:
+        if key not in self._states:
+            self._states[key] = allocate()
+        return self._states[key]
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
+class CapturedStep:
+    """A step program: first call eager on a side stream (warm-up), second call captured, then replayed.
+
+    Every call does the step's work exactly once (the capture call replays right after capturing).
+    """
+
+    def __init__(self, program: Callable[[], None]) -> None:
+        self.program = program
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warmed = False
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if not self.warmed:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.program()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warmed = True
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.program()
+        self.graph = graph
+        graph.replay()
+
+
 class CATRuntime:
-    """Replaces the transformer's calls for one generation of `steps` steps."""
+    """Replaces the transformer's calls for one generation of `steps` steps.
+
+    Args:
+        adapter: the model family's adapter (shapes, context inputs; the eager step functions).
+        config: the pruning settings.
+        steps: transformer calls this generation makes.
+        guidance: whether the batch stacks [uncond, cond] rows (classifier-free guidance).
+        functions: the step functions to run (an engine); the adapter by default.
+        buffers: persistent state to reuse across generations; a private one by default.
+        cuda_graphs: capture each step program as a CUDA graph; None = what `functions` prefers
+            (its `cuda_graphs` attribute) on a CUDA device, off elsewhere.
+    """
 
     def __init__(
         self,
@@ -61,6 +157,8 @@ class CATRuntime:
         steps: int,
         guidance: bool,
         functions: StepFunctions | None = None,
+        buffers: RuntimeBuffers | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         config.check_steps(steps)
         self.adapter = adapter
@@ -68,6 +166,8 @@ class CATRuntime:
         self.config = config
         self.steps = steps
         self.guidance = guidance
+        self.buffers = buffers if buffers is not None else RuntimeBuffers()
+        self.cuda_graphs = cuda_graphs
         self.step = 0
         self.trace: list[StepRecord] = []
         if config.rule == "attention" and self.functions is not adapter:
@@ -78,7 +178,10 @@ class CATRuntime:
             )
 
     def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
-        """One denoising step: (B, C, H, W) latents -> (B, C_out, H, W) prediction."""
+        """One denoising step: (B, C, H, W) latents -> (B, C_out, H, W) prediction.
+
+        The prediction is a buffer the next step overwrites: use it before calling again.
+        """
         self.step += 1
         if self.step > self.steps:
             raise ConfigError(
@@ -88,109 +191,179 @@ class CATRuntime:
                 value=self.steps,
             )
         if self.step == 1:
-            self._start(hidden_states, call_kwargs)
+            self._start(hidden_states, timestep, call_kwargs)
+        state = self.state
+        state.latents.copy_(hidden_states)
+        state.timestep.copy_(timestep)
+        state.step_index.fill_(self.step)
         kind = step_kind(self.step, self.config.t0, self.config.refresh_every)
-        recorder = AttentionRecorder() if self.config.rule == "attention" else None
-        self.adapter.recorder = recorder
+        used = state.indices.clone() if self.config.trace and kind == "pruned" else None
+        self.adapter.recorder = AttentionRecorder() if self.config.rule == "attention" else None
         try:
-            indices = self._run_full(hidden_states, timestep) if kind == "full" else self._run_pruned(hidden_states, timestep)
+            self._run(kind)
+            if kind == "full":
+                self._after_full_step()
         finally:
             self.adapter.recorder = None
-        if recorder is not None:
-            self.attention_importance = recorder.importance
         if self.config.trace:
-            self.trace.append(StepRecord(self.step, kind, indices))
-        if self.step == self.config.t0 - 1:
-            self.reference = self._cond(self.output_cache).clone()
-        if self.config.t0 <= self.step < self.steps:
-            self.indices = self._select()
-        return unpatchify(self.output_cache, self.grid, self.adapter.patch_size)
+            self.trace.append(StepRecord(self.step, kind, used))
+        return state.prediction
 
-    # -- steps -------------------------------------------------------------------------------
+    # -- set-up ------------------------------------------------------------------------------
 
-    def _start(self, hidden_states: torch.Tensor, call_kwargs: dict[str, Any]) -> None:
-        """Allocate every per-generation buffer once, from the first step's shapes."""
+    def _start(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> None:
+        """Find (or allocate) this shape's state and copy the generation's context into it."""
         batch_total, _, height, width = hidden_states.shape
         if self.guidance and batch_total % 2:
             raise ConfigError(f"classifier-free guidance needs an even batch, got {batch_total}", field="guidance_scale")
         self.batch = batch_total // 2 if self.guidance else batch_total
         self.grid: Grid = self.adapter.grid(height, width)
-        num = self.grid.num_tokens
-        self.k = self.config.num_selected(num)
-        self.n_clusters = min(self.config.n_clusters, num)
-        self.context = self.adapter.prepare_context(call_kwargs, hidden_states.shape)
-        p = self.adapter.patch_size
-        device, dtype = hidden_states.device, hidden_states.dtype
-        self.kv_cache = torch.zeros(
-            (self.adapter.num_kv_slots, batch_total, num, self.adapter.hidden_dim), device=device, dtype=dtype
+        self.k = self.config.num_selected(self.grid.num_tokens)
+        self.n_clusters = min(self.config.n_clusters, self.grid.num_tokens)
+        self.capture = self._wants_capture(hidden_states.device)
+        inputs = self.adapter.context_inputs(call_kwargs)
+        key = (
+            tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device, tuple(timestep.shape), timestep.dtype,
+            tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items())), self.guidance, self.k,
         )
-        self.output_cache = torch.zeros((batch_total, num, p * p * self.adapter.out_channels), device=device, dtype=dtype)
-        self.staleness = torch.zeros((self.batch, num), device=device, dtype=torch.float32)
-        self.last_computed = torch.zeros((self.batch, num), device=device, dtype=torch.long)
-        self.generator = torch.Generator(device=device).manual_seed(self.config.seed)
+        context = self.functions.prepare_context(inputs, tuple(hidden_states.shape))
+        self.state = self.buffers.state(key, lambda: self._allocate(hidden_states, timestep, context))
+        for name, tensor in context.items():
+            self.state.context[name].copy_(tensor)
+        self.state.staleness.zero_()
+        self.state.last_computed.zero_()
+        self.generator = torch.Generator(device=hidden_states.device).manual_seed(self.config.seed)
 
-    def _run_full(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> None:
-        tokens, kv = self.functions.full_forward(hidden_states, timestep, self.context)
-        self.kv_cache.copy_(kv)
-        self.output_cache.copy_(tokens)
-        self.last_computed.fill_(self.step)
-        return None
+    def _wants_capture(self, device: torch.device) -> bool:
+        wanted = self.cuda_graphs if self.cuda_graphs is not None else getattr(self.functions, "cuda_graphs", False)
+        if not wanted:
+            return False
+        if self.cuda_graphs and device.type != "cuda":
+            raise ConfigError(f"cuda_graphs needs a CUDA device, the latents are on {device}", field="cuda_graphs")
+        if self.cuda_graphs and not getattr(self.functions, "capturable", True):
+            raise ConfigError(f"{type(self.functions).__name__} steps cannot be captured as CUDA graphs", field="cuda_graphs")
+        if self.cuda_graphs and self.config.rule not in CAPTURABLE_RULES:
+            raise ConfigError(
+                f"rule {self.config.rule!r} needs the host between steps; CUDA graphs take {sorted(CAPTURABLE_RULES)}",
+                field="cuda_graphs",
+            )
+        return device.type == "cuda" and self.config.rule in CAPTURABLE_RULES
 
-    def _run_pruned(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        indices = self.indices
+    def _allocate(self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context) -> StepState:
+        adapter, device, dtype = self.adapter, hidden_states.device, hidden_states.dtype
+        batch_total, num = hidden_states.shape[0], self.grid.num_tokens
+        channels = adapter.patch_size**2 * adapter.out_channels
+        height, width = hidden_states.shape[-2:]
+        logger.info("allocating step buffers for latents %s %s", tuple(hidden_states.shape), dtype)
+
+        def per_prompt(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+            return torch.zeros((self.batch, *shape), device=device, dtype=dtype)
+
+        return StepState(
+            latents=torch.empty_like(hidden_states),
+            timestep=torch.empty_like(timestep),
+            context={name: torch.empty_like(tensor) for name, tensor in context.items()},
+            kv_cache=torch.zeros((adapter.num_kv_slots, batch_total, num, adapter.hidden_dim), device=device, dtype=dtype),
+            output_cache=torch.zeros((batch_total, num, channels), device=device, dtype=dtype),
+            prediction=torch.zeros((batch_total, adapter.out_channels, height, width), device=device, dtype=dtype),
+            reference=per_prompt(torch.float32, num, channels),
+            staleness=per_prompt(torch.float32, num),
+            last_computed=per_prompt(torch.long, num),
+            labels=per_prompt(torch.long, num),
+            indices=torch.arange(self.k, device=device).expand(self.batch, -1).contiguous(),
+            step_index=torch.zeros((), device=device, dtype=torch.long),
+        )
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _run(self, kind: StepKind) -> None:
+        program = self._full_program if kind == "full" else self._pruned_program
+        if not self.capture:
+            program()
+            return
+        key = (kind, self.functions, self.config)
+        graph = self.state.graphs.get(key)
+        if graph is None:
+            graph = self.state.graphs[key] = CapturedStep(program)
+        graph()
+
+    def _full_program(self) -> None:
+        state = self.state
+        tokens = self.functions.full_forward(state.latents, state.timestep, state.context, state.kv_cache)
+        state.output_cache.copy_(tokens)
+        state.last_computed.copy_(state.step_index.expand_as(state.last_computed))
+        state.prediction.copy_(unpatchify(state.output_cache, self.grid, self.adapter.patch_size))
+
+    def _pruned_program(self) -> None:
+        """The whole pruned step, selection of the next step's tokens included (one CUDA graph)."""
+        state = self.state
+        indices = state.indices
         both = torch.cat([indices, indices]) if self.guidance else indices  # cond and uncond share
-        patches = patchify(hidden_states, self.adapter.patch_size)
+        patches = patchify(state.latents, self.adapter.patch_size)
         patches = patches.gather(1, both.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        tokens, rows = self.functions.pruned_forward(patches, both, timestep, self.context, self.kv_cache)
-        slots = self.kv_cache.shape[0]
-        self.kv_cache.scatter_(2, both.view(1, *both.shape, 1).expand(slots, -1, -1, rows.shape[-1]), rows)
-        self.output_cache.scatter_(1, both.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
-        self.staleness = selection.update_staleness(self.staleness, indices, self.config.ewma_decay)
-        self.last_computed.scatter_(1, indices, self.step)
-        return indices
+        tokens = self.functions.pruned_forward(patches, both, state.timestep, state.context, state.kv_cache)
+        state.output_cache.scatter_(1, both.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
+        state.staleness.copy_(selection.update_staleness(state.staleness, indices, self.config.ewma_decay))
+        state.last_computed.scatter_(1, indices, state.step_index.expand_as(indices))
+        state.prediction.copy_(unpatchify(state.output_cache, self.grid, self.adapter.patch_size))
+        state.indices.copy_(self._select())
+
+    def _after_full_step(self) -> None:
+        """Outside any graph: keep the reference at t0 - 1, cluster at t0, select after a refresh step."""
+        t0 = self.config.t0
+        if self.step == t0 - 1:
+            self.state.reference.copy_(self._cond(self.state.output_cache))
+        if self.step == t0:
+            self.state.indices.copy_(self._select_first())
+        elif t0 < self.step < self.steps:
+            self.state.indices.copy_(self._select())
 
     def _cond(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The conditional half under guidance (diffusers stacks [uncond, cond]); scoring uses it."""
-        return tokens[self.batch :] if self.guidance else tokens
+        """The conditional half under guidance (diffusers stacks [uncond, cond]) in float32: scoring uses it."""
+        return (tokens[self.batch :] if self.guidance else tokens).float()
 
     # -- selection ---------------------------------------------------------------------------
 
     def _select(self) -> torch.Tensor:
-        """Indices (B, k) for the next step, from this step's output cache."""
-        output = self._cond(self.output_cache)
+        """Indices (B, k) for the next step, from this step's output cache (scored in float32)."""
+        output = self._cond(self.state.output_cache)
         baseline = BASELINE_RULES.get(self.config.rule)
         if baseline is not None:
             return baseline(self, output)
-        if self.step == self.config.t0:
-            delta, magnitude = selection.relative_magnitude(output, self.reference)
-            return self._select_first(output, delta, magnitude)
+        state = self.state
         return selection.select_cat_step(
             output,
-            self.reference,
-            self.labels,
-            self.staleness,
-            self.last_computed,
+            state.reference,
+            state.labels,
+            state.staleness,
+            state.last_computed,
             k=self.k,
             n_clusters=self.n_clusters,
             magnitude_fraction=self.config.magnitude_fraction,
         )
 
-    def _select_first(self, output: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    def _select_first(self) -> torch.Tensor:
         """Step t0: cluster once (features 0.05 * y_t0 + P), then the pooled first selection."""
-        features = clustering_features(output.float(), self.grid)
-        self.labels, _ = kmeans(features, self.n_clusters, self.config.kmeans_iters, self.generator)
-        adjacency = cluster_adjacency(self.labels, self.grid, self.n_clusters)
-        pooled = pooled_cluster_scores(delta, self.labels, adjacency, self.n_clusters)
-        return selection.select_first(magnitude, self.labels, pooled, self.k)
+        if self.config.rule in BASELINE_RULES:
+            return self._select()
+        output = self._cond(self.state.output_cache)
+        delta, magnitude = selection.relative_magnitude(output, self.state.reference)
+        labels, _ = kmeans(clustering_features(output, self.grid), self.n_clusters, self.config.kmeans_iters, self.generator)
+        self.state.labels.copy_(labels)
+        adjacency = cluster_adjacency(labels, self.grid, self.n_clusters)
+        pooled = pooled_cluster_scores(delta, labels, adjacency, self.n_clusters)
+        return selection.select_first(magnitude, labels, pooled, self.k)
 
 
 # Baselines for bench/: the same k and schedule, another rule. Each maps (runtime, cond outputs) -> (B, k).
 BASELINE_RULES: dict[str, Callable[[CATRuntime, torch.Tensor], torch.Tensor]] = {
     "random": lambda rt, out: selection.select_random(rt.batch, rt.grid.num_tokens, rt.k, rt.generator, out.device),
-    "round_robin": lambda rt, out: selection.take_first(selection.staleness_ranks(rt.staleness, rt.last_computed), rt.k),
+    "round_robin": lambda rt, out: selection.take_first(
+        selection.staleness_ranks(rt.state.staleness, rt.state.last_computed), rt.k
+    ),
     "sequential": lambda rt, out: selection.select_sequential(
         rt.batch, rt.grid.num_tokens, rt.k, rt.step - rt.config.t0, out.device
     ),
-    "magnitude": lambda rt, out: selection.select_top(selection.relative_magnitude(out, rt.reference)[1], rt.k),
-    "attention": lambda rt, out: selection.select_top(rt._cond(rt.attention_importance), rt.k),
+    "magnitude": lambda rt, out: selection.select_top(selection.relative_magnitude(out, rt.state.reference)[1], rt.k),
+    "attention": lambda rt, out: selection.select_top(rt._cond(rt.adapter.recorder.importance), rt.k),
 }

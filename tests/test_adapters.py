@@ -41,34 +41,70 @@ def transformer(request: pytest.FixtureRequest, tiny_pipelines: dict[str, Any]) 
     return tiny_pipelines[request.param].transformer
 
 
+def _context(adapter: Any, kwargs: dict, latents: torch.Tensor) -> dict:
+    return adapter.prepare_context(adapter.context_inputs(kwargs), tuple(latents.shape))
+
+
+def _empty_cache(adapter: Any, batch: int = 2, num: int = 24) -> torch.Tensor:
+    return torch.full((adapter.num_kv_slots, batch, num, adapter.hidden_dim), float("nan"))
+
+
 @torch.no_grad()
 def test_full_forward_equals_diffusers(transformer: Any) -> None:
     adapter = make_adapter(transformer)
     latents, timestep, kwargs = _inputs(transformer)
     expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
-    context = adapter.prepare_context(kwargs, latents.shape)
-    tokens, kv = adapter.full_forward(latents, timestep, context)
+    context = _context(adapter, kwargs, latents)
+    cache = _empty_cache(adapter)
+    tokens = adapter.full_forward(latents, timestep, context, cache)
     got = unpatchify(tokens, adapter.grid(8, 12), adapter.patch_size)
     assert (got - expected).abs().max() < 1e-4
-    assert kv.shape == (adapter.num_kv_slots, 2, 24, adapter.hidden_dim)
+    assert not cache.isnan().any()  # every slot, every row written in place
+    exported_tokens, kv = adapter.export_full(latents, timestep, context)
+    assert torch.equal(exported_tokens, tokens)
+    assert torch.equal(kv, cache)
 
 
 @torch.no_grad()
 def test_pruned_step_with_all_tokens_equals_full_step(transformer: Any) -> None:
     adapter = make_adapter(transformer)
     latents, timestep, kwargs = _inputs(transformer)
-    context = adapter.prepare_context(kwargs, latents.shape)
-    tokens, kv = adapter.full_forward(latents, timestep, context)
+    context = _context(adapter, kwargs, latents)
+    tokens, kv = adapter.export_full(latents, timestep, context)
     gen = torch.Generator().manual_seed(1)
     indices = torch.stack([torch.randperm(24, generator=gen) for _ in range(2)])  # k = N, shuffled
     patches = patchify(latents, adapter.patch_size)
     patches = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     stale_cache = torch.randn(kv.shape, generator=gen)  # every row is overwritten when k = N
-    out, rows = adapter.pruned_forward(patches, indices, timestep, context, stale_cache)
+    out, rows = adapter.export_pruned(patches, indices, timestep, context, stale_cache.clone())
     expected = tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
     assert (out - expected).abs().max() < 1e-4
     expected_rows = kv.gather(2, indices.view(1, 2, 24, 1).expand(kv.shape[0], -1, -1, kv.shape[-1]))
     assert (rows - expected_rows).abs().max() < 1e-4
+    in_place = adapter.pruned_forward(patches, indices, timestep, context, stale_cache)
+    assert (in_place - expected).abs().max() < 1e-4
+    assert (stale_cache - kv).abs().max() < 1e-4  # the cache itself now holds the fresh rows
+
+
+@torch.no_grad()
+def test_pruned_step_writes_only_the_selected_rows_in_place(transformer: Any) -> None:
+    adapter = make_adapter(transformer)
+    latents, timestep, kwargs = _inputs(transformer)
+    context = _context(adapter, kwargs, latents)
+    _, kv = adapter.export_full(latents, timestep, context)
+    indices = torch.tensor([[3, 0, 17, 9, 22, 5, 11, 14], [1, 2, 23, 8, 7, 20, 16, 4]])
+    patches = patchify(latents + 0.5, adapter.patch_size)
+    patches = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    cache = kv.clone()
+    address = cache.data_ptr()
+    out = adapter.pruned_forward(patches, indices, timestep, context, cache)
+    expected_out, rows = adapter.export_pruned(patches, indices, timestep, context, kv)
+    assert cache.data_ptr() == address
+    assert torch.allclose(out, expected_out, atol=1e-6)
+    selected = torch.zeros(2, 24, dtype=torch.bool).scatter(1, indices, True)
+    assert torch.equal(cache[:, ~selected], kv[:, ~selected])  # untouched rows are the old cache
+    index = indices.view(1, 2, 8, 1).expand(kv.shape[0], -1, -1, kv.shape[-1])
+    assert torch.allclose(cache.gather(2, index), rows, atol=1e-6)
 
 
 @torch.no_grad()
@@ -126,10 +162,10 @@ def test_attention_recorder_sums_the_mass_image_keys_receive(tiny_pipelines: dic
     transformer = tiny_pipelines["tiny-pixart"].transformer
     adapter = make_adapter(transformer)
     latents, timestep, kwargs = _inputs(transformer)
-    context = adapter.prepare_context(kwargs, latents.shape)
+    context = _context(adapter, kwargs, latents)
     adapter.recorder = AttentionRecorder()
     try:
-        adapter.full_forward(latents, timestep, context)
+        adapter.full_forward(latents, timestep, context, _empty_cache(adapter))
         importance = adapter.recorder.importance
     finally:
         adapter.recorder = None

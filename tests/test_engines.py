@@ -87,8 +87,8 @@ def test_build_writes_a_verified_bundle_with_shared_weights(name: str, onnx_buil
     assert (manifest.num_tokens, manifest.k) == (24, math.ceil(0.3 * 24))
     assert manifest.device == {"kind": "cpu"}
     assert {"catrt", "torch", "diffusers", "onnx", "onnxruntime"} <= set(manifest.versions)
-    assert manifest.exporters == {"full": "dynamo", "pruned": "dynamo"}
-    assert sorted(manifest.files) == ["full.onnx", "pruned.onnx", "weights.bin"]
+    assert manifest.exporters == {"context": "dynamo", "full": "dynamo", "pruned": "dynamo"}
+    assert sorted(manifest.files) == ["context.onnx", "full.onnx", "initializers.json", "pruned.onnx", "weights.bin"]
     assert all(file_digest(folder / f) == record["sha256"] for f, record in manifest.files.items())
     assert manifest.total_size == sum(record["size"] for record in manifest.files.values())
     assert max(manifest.verification["max_relative_error"].values()) < manifest.verification["tolerance"] == 1e-3
@@ -96,13 +96,14 @@ def test_build_writes_a_verified_bundle_with_shared_weights(name: str, onnx_buil
     assert manifest.graphs["full"]["inputs"][0] == {"name": "hidden_states", "shape": [4, 16 if "sd3" in name else 4, 8, 12], "dtype": "float32"}
 
     export = folder.parent.parent / "export" / folder.name
-    for graph in ("full", "pruned"):
+    for graph in ("context", "full", "pruned"):
         onnx.checker.check_model(str(export / f"{graph}.onnx"))  # path-based: the external data is checked too
         assert (export / f"{graph}.onnx").read_bytes() == (folder / f"{graph}.onnx").read_bytes()
-    # Weights shared by the graphs are stored once: the file is about the size of the larger graph's weights.
-    per_graph = [_external_bytes(export / f"{graph}.onnx") for graph in ("full", "pruned")]
+    # Weights shared by the step graphs are stored once: the file is about the larger step graph's
+    # weights plus the context graph's own (PixArt's caption projection and cross-attention K/V).
+    full, pruned, context = (_external_bytes(export / f"{graph}.onnx") for graph in ("full", "pruned", "context"))
     stored = (folder / "weights.bin").stat().st_size
-    assert stored < 1.05 * max(per_graph) and stored < 0.9 * sum(per_graph)
+    assert stored < 1.05 * (max(full, pruned) + context) and stored < 0.9 * (full + pruned + context)
     assert not list(folder.parent.glob(".*"))  # no temporary folder left behind
 
 
@@ -222,7 +223,8 @@ def test_missing_manifest_is_named(bundle_copy: Path) -> None:
         ("versions.catrt", lambda m: m["versions"].update(catrt="0.0.1"), r"built with catrt 0\.0\.1 but catrt \S+ is installed"),
         ("versions.onnxruntime", lambda m: m["versions"].update(onnxruntime="1.0.0"), r"built with onnxruntime 1\.0\.0 but onnxruntime \S+ is installed"),
         ("device.kind", lambda m: m.update(device={"kind": "cuda", "name": "NVIDIA H100", "compute_capability": "9.0"}), r"built for device kind 'cuda' but this machine has 'cpu'"),
-        ("model.transformer_sha256", lambda m: m["model"].update(transformer_sha256="0" * 64), r"other transformer weights than the engine was built from"),
+        ("model.transformer_config", lambda m: m["model"]["transformer_config"].update(num_layers=7), r"another transformer config than the engine was built from"),
+        ("model.transformer_class", lambda m: m["model"].update(transformer_class="FluxTransformer2DModel"), r"another transformer class than"),
     ],
 )
 def test_mismatch_is_named(bundle_copy: Path, field: str, edit: Callable[[dict[str, Any]], None], message: str) -> None:
@@ -259,8 +261,11 @@ def test_config_with_other_alpha_is_refused(onnx_builds: dict[str, Path]) -> Non
 def test_engine_refuses_an_input_shape_it_was_not_built_for(onnx_builds: dict[str, Path]) -> None:
     engine = catrt.load(onnx_builds["tiny-sd3"]).engine
     context = {"encoder_hidden_states": torch.zeros(4, 93, 48), "pooled_projections": torch.zeros(4, 64), "positional_table": torch.zeros(1, 24, 32)}
+    cache = torch.zeros(engine.graphs["full"].output("kv").shape)
     with pytest.raises(ConfigError, match=r"input 'hidden_states' has shape \(4, 16, 16, 12\) but the engine was built for \(4, 16, 8, 12\)"):
-        engine.full_forward(torch.zeros(4, 16, 16, 12), torch.zeros(4), context)
+        engine.full_forward(torch.zeros(4, 16, 16, 12), torch.zeros(4), context, cache)
+    with pytest.raises(ConfigError, match=r"input 'encoder_hidden_states' has shape \(4, 5, 48\) but the engine was built for \(4, 93, 48\)"):
+        engine.prepare_context({"encoder_hidden_states": torch.zeros(4, 5, 48), "pooled_projections": torch.zeros(4, 64)}, (4, 16, 8, 12))
 
 
 # -- configs and registries --------------------------------------------------------------------

@@ -92,8 +92,8 @@ def test_flops_of_the_real_call_drop_as_the_schedule_predicts(tiny_pipelines: di
     adapter = make_adapter(pipe.transformer)
     latents = torch.randn(2, 16, 32, 32)
     text = {"encoder_hidden_states": torch.randn(2, 85, 48), "pooled_projections": torch.randn(2, 64)}
-    context = adapter.prepare_context(text, latents.shape)
-    _, kv = adapter.full_forward(latents, torch.ones(2), context)
+    context = adapter.prepare_context(adapter.context_inputs(text), tuple(latents.shape))
+    _, kv = adapter.export_full(latents, torch.ones(2), context)
     k = CATConfig().num_selected(256)
     indices = torch.arange(k).expand(2, k)
     patches = patchify(latents, 2)[:, :k]

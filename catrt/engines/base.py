@@ -1,8 +1,17 @@
-"""The engine contract: two static-shape graphs ("full", "pruned") run on named tensors.
+"""The engine contract: three static-shape graphs ("context", "full", "pruned") run on named tensors.
 
-Every backend implements `load`, `run` and `describe`; the shared `full_forward` / `pruned_forward`
-map the adapter's signature onto graph inputs, so any engine plugs into `CATRuntime` as `functions`.
-The graph I/O (names, shapes, dtypes) comes from the bundle's manifest, written by the builder.
+This module declares the step graphs' I/O once; the runtime, the engines, the export and MAC counting
+read it from here:
+
+- "context" (once per generation): the adapter's `context_inputs` -> the tensors its weights make of
+  them (`prepare_context`: the positional table, PixArt's cross-attention K/V);
+- "full": `FULL_INPUTS` plus the whole context -> `FULL_OUTPUTS` (tokens, every K/V row);
+- "pruned": `PRUNED_INPUTS` plus the context -> `PRUNED_OUTPUTS` (the k tokens, their K/V rows).
+
+Every backend implements `load` and `run`; the shared `prepare_context` / `full_forward` /
+`pruned_forward` give any engine the runtime's step-function interface. Backends that run exported
+graphs write outputs into buffers allocated once, on first use (the full graph's K/V straight into the
+runtime's cache) and scatter the pruned graph's K/V rows into the cache in place.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from catrt.models.base import Adapter, Context
 
 logger = logging.getLogger(__name__)
 
-GRAPHS: tuple[str, ...] = ("full", "pruned")
+GRAPHS: tuple[str, ...] = ("context", "full", "pruned")
 # Positional graph inputs, before the context tensors (named after the context's keys).
 FULL_INPUTS: tuple[str, ...] = ("hidden_states", "timestep")
 PRUNED_INPUTS: tuple[str, ...] = ("patches", "indices", "timestep", "kv_cache")
@@ -67,10 +76,8 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
-    def prepare(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Inputs in graph order, cast to the graph's dtypes and contiguous; a shape the graph was
-        not built for is a ConfigError naming the input, not an error deep in a backend."""
-        prepared = {}
+    def check(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Every input present with the shape the graph was built for; else a ConfigError naming it."""
         for spec in self.inputs:
             tensor = tensors.get(spec.name)
             if tensor is None:
@@ -82,8 +89,21 @@ class GraphSpec:
                     field=spec.name,
                     value=tuple(tensor.shape),
                 )
-            prepared[spec.name] = tensor.to(spec.torch_dtype).contiguous()
-        return prepared
+
+    def prepare(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs in graph order, checked, cast to the graph's dtypes and contiguous.
+
+        Casts and copies are new tensors: a backend that runs asynchronously keeps them alive until
+        its work is done.
+        """
+        self.check(tensors)
+        return {spec.name: tensors[spec.name].to(spec.torch_dtype).contiguous() for spec in self.inputs}
+
+    def output(self, name: str) -> TensorSpec:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
@@ -97,10 +117,12 @@ class GraphSpec:
 
 
 class Engine(ABC):
-    """A backend running a build's two graphs on `device`.
+    """A backend running a build's graphs on `device`.
 
     Subclasses say which package's version a bundle must match (`package`), which device fields
-    must match the build machine's (`device_fields`), and where they can run.
+    must match the build machine's (`device_fields`), where they can run, whether they run the
+    PyTorch transformer (`needs_transformer`: eager, compile) or carry their own weights, and
+    whether their steps may be captured in a CUDA graph.
     """
 
     name: ClassVar[str]
@@ -108,12 +130,25 @@ class Engine(ABC):
     device_fields: ClassVar[tuple[str, ...]] = ("kind",)
     #: Picked by `--backend auto` only on a GPU (on a CPU it is slower to build than it gains).
     gpu_only_in_auto: ClassVar[bool] = False
+    #: Runs the PyTorch transformer's weights (the bundle has none of its own).
+    needs_transformer: ClassVar[bool] = False
+    #: Precisions a build for this backend may use, and why others are refused.
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")
+    precision_note: ClassVar[str] = ""
+    #: Its steps can run inside a CUDA graph capture; `cuda_graphs`: the runtime captures them by default.
+    capturable: ClassVar[bool] = False
+    cuda_graphs: ClassVar[bool] = False
 
-    def __init__(self, folder: Path, graphs: dict[str, GraphSpec], adapter: Adapter, device: torch.device) -> None:
+    def __init__(
+        self, folder: Path, graphs: dict[str, GraphSpec], device: torch.device, adapter: Adapter | None = None
+    ) -> None:
+        if self.needs_transformer and adapter is None:
+            raise ConfigError(f"the {self.name} backend runs the PyTorch transformer: pass its adapter", field="backend")
         self.folder = folder
         self.graphs = graphs
-        self.adapter = adapter
         self.device = device
+        self.adapter = adapter
+        self._buffers: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -130,8 +165,14 @@ class Engine(ABC):
         """Make the graphs runnable (deserialize, compile, create sessions)."""
 
     @abstractmethod
-    def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run `graph` on prepared inputs (graph order, graph dtypes, on `device`); outputs by name."""
+    def run(
+        self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run `graph` on prepared inputs (graph order, graph dtypes, on `device`); outputs by name.
+
+        Outputs are buffers owned by the engine and overwritten by the next run of the graph, except
+        those named in `out`, which are written into the caller's tensors.
+        """
 
     def describe(self) -> dict[str, Any]:
         """What this engine was built for and runs on."""
@@ -142,12 +183,40 @@ class Engine(ABC):
             "graphs": {name: spec.to_dict() for name, spec in self.graphs.items()},
         }
 
+    def outputs_of(self, graph: str, out: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Where each output of `graph` goes: the caller's tensor in `out`, else the engine's own buffer.
+
+        The engine's buffers are allocated on first use and reused by every later run, so the
+        steady state allocates nothing (and an output always bound to the caller's tensor, such as
+        the full graph's K/V, gets no buffer at all).
+        """
+        buffers = self._buffers.setdefault(graph, {})
+        outputs = {}
+        for spec in self.graphs[graph].outputs:
+            if out is not None and spec.name in out:
+                outputs[spec.name] = out[spec.name]
+                continue
+            if spec.name not in buffers:
+                buffers[spec.name] = torch.empty(spec.shape, dtype=spec.torch_dtype, device=self.device)
+            outputs[spec.name] = buffers[spec.name]
+        return outputs
+
+    # -- the runtime's step functions -----------------------------------------------------------
+
+    def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context:
+        """The "context" graph: inputs plus what the weights make of them."""
+        return {**inputs, **self.run("context", self.graphs["context"].prepare(inputs))}
+
     def full_forward(
-        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The adapter's `full_forward`, run by this engine."""
-        outputs = self._call("full", {"hidden_states": hidden_states, "timestep": timestep, **context})
-        return outputs["tokens"], outputs["kv"]
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """The full graph; its K/V output is written straight into `kv_cache` where the layout allows."""
+        inputs = self.graphs["full"].prepare({"hidden_states": hidden_states, "timestep": timestep, **context})
+        direct = _fits(kv_cache, self.graphs["full"].output("kv"))
+        outputs = self.run("full", inputs, out={"kv": kv_cache} if direct else None)
+        if not direct:
+            kv_cache.copy_(outputs["kv"])
+        return outputs["tokens"]
 
     def pruned_forward(
         self,
@@ -156,18 +225,16 @@ class Engine(ABC):
         timestep: torch.Tensor,
         context: Context,
         kv_cache: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The adapter's `pruned_forward`, run by this engine."""
-        inputs = {"patches": patches, "indices": indices, "timestep": timestep, "kv_cache": kv_cache, **context}
-        outputs = self._call("pruned", inputs)
-        return outputs["tokens"], outputs["kv_rows"]
+    ) -> torch.Tensor:
+        """The pruned graph, then its K/V rows (S, B, k, D) scattered into `kv_cache` in place."""
+        tensors = {"patches": patches, "indices": indices, "timestep": timestep, "kv_cache": kv_cache, **context}
+        outputs = self.run("pruned", self.graphs["pruned"].prepare(tensors))
+        rows = outputs["kv_rows"]
+        index = indices.view(1, *indices.shape, 1).expand(rows.shape[0], -1, -1, rows.shape[-1])
+        kv_cache.scatter_(2, index, rows.to(kv_cache.dtype))
+        return outputs["tokens"]
 
-    def _call(self, graph: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.run(graph, self.graphs[graph].prepare(tensors))
 
-
-def split_inputs(graph: str, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], Context]:
-    """Graph inputs -> (positional adapter arguments, context) for backends that call the adapter."""
-    positional = FULL_INPUTS if graph == "full" else PRUNED_INPUTS
-    context = {name: tensor for name, tensor in inputs.items() if name not in positional}
-    return [inputs[name] for name in positional], context
+def _fits(tensor: torch.Tensor, spec: TensorSpec) -> bool:
+    """Whether a graph output can be bound to `tensor` itself."""
+    return tuple(tensor.shape) == spec.shape and tensor.dtype == spec.torch_dtype and tensor.is_contiguous()

@@ -1,33 +1,50 @@
-"""The `compile` backend: `torch.compile` (inductor) of the adapter's two functions.
+"""The `compile` backend: `torch.compile` (inductor) of the adapter's two step functions.
 
-On CUDA it uses mode "reduce-overhead" (CUDA graphs): the runtime copies every output into its own
-buffers before the next step, so replayed output memory is never read stale.
+The compiled functions write the K/V cache in place like the adapter. On CUDA the runtime captures
+each whole step (the compiled forward and the selection around it) as one CUDA graph, so inductor
+runs in its default mode rather than its own "reduce-overhead" CUDA graphs.
 """
 
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
+from typing import Any
 
 import torch
 
 from catrt.engines.eager import EagerEngine
+from catrt.models.base import Adapter, Context
 
 logger = logging.getLogger(__name__)
 
-_MODES: dict[str, str] = {"cuda": "reduce-overhead", "cpu": "default"}
+
+class CompiledSteps:
+    """An adapter's step functions through `torch.compile` (static shapes); the context stays eager."""
+
+    capturable = True
+    cuda_graphs = True  # the runtime captures compiled steps on a CUDA device by default
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+        self.full_forward = torch.compile(adapter.full_forward, dynamic=False)
+        self.pruned_forward = torch.compile(adapter.pruned_forward, dynamic=False)
+
+    def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context:
+        return self.adapter.prepare_context(inputs, latent_shape)
+
+
+def compile_step_functions(adapter: Adapter) -> CompiledSteps:
+    """The runtime's step functions for `adapter`, compiled on first use."""
+    logger.info("torch.compile of the step functions of %s", type(adapter.transformer).__name__)
+    return CompiledSteps(adapter)
 
 
 class CompileEngine(EagerEngine):
-    """The eager engine with both step functions compiled for static shapes."""
+    """The eager engine with both step functions compiled; steps captured as CUDA graphs on a GPU."""
 
     name = "compile"
     gpu_only_in_auto = True
+    cuda_graphs = True
 
     def load(self) -> None:
-        mode = _MODES.get(self.device.type, "default")
-        logger.info("torch.compile of the step functions, mode %s", mode)
-        self.functions = SimpleNamespace(
-            full_forward=torch.compile(self.adapter.full_forward, mode=mode, dynamic=False),
-            pruned_forward=torch.compile(self.adapter.pruned_forward, mode=mode, dynamic=False),
-        )
+        self.functions: Any = compile_step_functions(self.adapter)

@@ -3,35 +3,78 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from catrt.engines.base import Engine, split_inputs
+from catrt.engines.base import Engine
 from catrt.models.base import Context
 
 logger = logging.getLogger(__name__)
 
-StepCall = Callable[[object, list[torch.Tensor], Context], tuple[torch.Tensor, torch.Tensor]]
-
-# How each graph's positional inputs map onto the adapter's (or a compiled copy's) signature.
-_CALLS: dict[str, StepCall] = {
-    "full": lambda functions, args, context: functions.full_forward(*args, context),
-    "pruned": lambda functions, args, context: functions.pruned_forward(*args[:3], context, args[3]),
-}
-
 
 class EagerEngine(Engine):
-    """Runs the adapter's functions in PyTorch; bundles hold only the manifest."""
+    """Runs the adapter's in-place step functions in PyTorch; bundles hold only the manifest."""
 
     name = "eager"
     package = "torch"
+    needs_transformer = True
+    capturable = True
 
     def load(self) -> None:
-        self.functions: object = self.adapter
+        self.functions: Any = self.adapter
 
-    def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        args, context = split_inputs(graph, inputs)
+    # The runtime's step functions: the adapter's own, after checking the build's shapes.
+
+    def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context:
+        self.graphs["context"].check(inputs)
         with torch.no_grad():
-            outputs = _CALLS[graph](self.functions, args, context)
-        return dict(zip((spec.name for spec in self.graphs[graph].outputs), outputs))
+            return self.functions.prepare_context(inputs, latent_shape)
+
+    def full_forward(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        self.graphs["full"].check({"hidden_states": hidden_states, "timestep": timestep, **context})
+        with torch.no_grad():
+            return self.functions.full_forward(hidden_states, timestep, context, kv_cache)
+
+    def pruned_forward(
+        self,
+        patches: torch.Tensor,
+        indices: torch.Tensor,
+        timestep: torch.Tensor,
+        context: Context,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        tensors = {"patches": patches, "indices": indices, "timestep": timestep, "kv_cache": kv_cache, **context}
+        self.graphs["pruned"].check(tensors)
+        with torch.no_grad():
+            return self.functions.pruned_forward(patches, indices, timestep, context, kv_cache)
+
+    def run(
+        self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """A graph's outputs from the in-place step functions (what the build verifies)."""
+        with torch.no_grad():
+            if graph == "context":
+                latent_shape = self.graphs["full"].inputs[0].shape
+                context = self.functions.prepare_context(inputs, latent_shape)
+                outputs = {name: context[name] for name in (spec.name for spec in self.graphs["context"].outputs)}
+            elif graph == "full":
+                kv = torch.empty(self.graphs["full"].output("kv").shape, dtype=inputs["hidden_states"].dtype, device=self.device)
+                context = _context(inputs, ("hidden_states", "timestep"))
+                tokens = self.functions.full_forward(inputs["hidden_states"], inputs["timestep"], context, kv)
+                outputs = {"tokens": tokens, "kv": kv}
+            else:
+                cache, indices = inputs["kv_cache"].clone(), inputs["indices"]
+                context = _context(inputs, ("patches", "indices", "timestep", "kv_cache"))
+                tokens = self.functions.pruned_forward(inputs["patches"], indices, inputs["timestep"], context, cache)
+                index = indices.view(1, *indices.shape, 1).expand(cache.shape[0], -1, -1, cache.shape[-1])
+                outputs = {"tokens": tokens, "kv_rows": cache.gather(2, index)}
+        for name, tensor in (out or {}).items():
+            tensor.copy_(outputs[name])
+        return outputs
+
+
+def _context(inputs: dict[str, torch.Tensor], positional: tuple[str, ...]) -> Context:
+    return {name: tensor for name, tensor in inputs.items() if name not in positional}

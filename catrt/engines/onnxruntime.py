@@ -1,7 +1,10 @@
 """The `onnxruntime` backend: the exported ONNX graphs run by ONNX Runtime with IO binding.
 
-Inputs and outputs are torch tensors bound by address, so no step copies through numpy; outputs are
-allocated by torch on the engine's device. The CUDA execution provider is used on a GPU where it is
+Inputs and outputs are torch tensors bound by address, so no step copies through numpy. Outputs go
+into buffers allocated once, on first use (or the caller's own tensors, such as the runtime's K/V cache).
+The three sessions share one copy of the weights: `weights.bin` is memory-mapped once and each
+distinct initializer is handed to every session that uses it (`add_initializer`), so loading costs
+one copy of the weights, not one per graph. The CUDA execution provider is used on a GPU where it is
 installed, else the CPU provider.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +36,11 @@ class OnnxRuntimeEngine(Engine):
 
     name = "onnxruntime"
     package = "onnxruntime"
+    precisions = ("fp32", "fp16")
+    precision_note = (
+        "ONNX Runtime's IO binding takes numpy element types and numpy has no bfloat16 (nor does the CPU "
+        "provider have bf16 kernels); build fp16 here, or bf16 with the tensorrt or compile backend"
+    )
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -49,27 +58,35 @@ class OnnxRuntimeEngine(Engine):
     def load(self) -> None:
         import onnxruntime
 
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Follow torch's thread setting, so one process has one notion of how many cores it may use.
-        options.intra_op_num_threads = torch.get_num_threads()
+        from catrt.engines.shared_weights import SharedInitializers
+
         providers = [_PROVIDERS[self.device.type]] if self.device.type == "cuda" else []
         providers.append(_PROVIDERS["cpu"])
-        self.sessions = {
-            graph: onnxruntime.InferenceSession(str(self.folder / f"{graph}.onnx"), options, providers=providers)
-            for graph in GRAPHS
-        }
+        self.initializers = SharedInitializers(self.folder)
+        self.sessions: dict[str, Any] = {}
+        for graph in GRAPHS:
+            options = onnxruntime.SessionOptions()
+            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # Follow torch's thread setting, so one process has one notion of how many cores it may use.
+            options.intra_op_num_threads = torch.get_num_threads()
+            # Prepacking would give each session its own packed copy of every MatMul weight (measured:
+            # 3 copies of the weights instead of 1; no slower without it on the CPU).
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            path = self.folder / f"{graph}.onnx"
+            self.initializers.add_to(options, path)
+            self.sessions[graph] = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        self.input_names = {graph: {i.name for i in session.get_inputs()} for graph, session in self.sessions.items()}
         logger.info("onnxruntime sessions on %s", self.sessions["full"].get_providers())
 
-    def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(
+        self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         session = self.sessions[graph]
         binding = session.io_binding()
         for name, tensor in inputs.items():
-            self._bind(binding.bind_input, name, tensor)
-        outputs = {
-            spec.name: torch.empty(spec.shape, dtype=spec.torch_dtype, device=self.device)
-            for spec in self.graphs[graph].outputs
-        }
+            if name in self.input_names[graph]:  # exporters drop inputs a graph does not read
+                self._bind(binding.bind_input, name, tensor)
+        outputs = self.outputs_of(graph, out)
         for name, tensor in outputs.items():
             self._bind(binding.bind_output, name, tensor)
         if self.device.type == "cuda":

@@ -42,12 +42,11 @@ class TensorRTEngine(Engine):
         self.engines = {graph: runtime.deserialize_cuda_engine((self.folder / f"{graph}.plan").read_bytes()) for graph in GRAPHS}
         self.contexts = {graph: engine.create_execution_context() for graph, engine in self.engines.items()}
 
-    def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(
+        self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         context = self.contexts[graph]
-        outputs = {
-            spec.name: torch.empty(spec.shape, dtype=spec.torch_dtype, device=self.device)
-            for spec in self.graphs[graph].outputs
-        }
+        outputs = self.outputs_of(graph, out)
         for name, tensor in {**inputs, **outputs}.items():
             context.set_tensor_address(name, tensor.data_ptr())
         context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream)

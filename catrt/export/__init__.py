@@ -6,7 +6,7 @@ Nothing at runtime imports this package; the runtime reads only what it writes t
 from catrt.export.backends import BACKEND_BUILDS, BackendBuild
 from catrt.export.graphs import graph_spec, step_module
 from catrt.export.onnx_export import export_graphs
-from catrt.export.sample import StepSample, capture_step_sample, full_inputs, pruned_inputs
+from catrt.export.sample import StepSample, capture_step_sample, reference_io
 
 __all__ = [
     "BACKEND_BUILDS",
@@ -14,8 +14,7 @@ __all__ = [
     "StepSample",
     "capture_step_sample",
     "export_graphs",
-    "full_inputs",
     "graph_spec",
-    "pruned_inputs",
+    "reference_io",
     "step_module",
 ]

@@ -1,7 +1,8 @@
-"""The two exportable modules: an adapter's full and pruned forwards with flat tensor inputs.
+"""The exportable modules: an adapter's context, full and pruned functions with flat tensor inputs.
 
-Exporters need positional tensors, so the context dict becomes trailing inputs named after its keys.
-Both wrap the same transformer under the same attribute, so both graphs name each weight alike.
+Exporters need positional tensors, so dict arguments become inputs named after their keys, in the
+order of the graph's example inputs. All three wrap the same transformer under the same attribute,
+so the graphs name each weight alike.
 """
 
 from __future__ import annotations
@@ -11,27 +12,43 @@ import logging
 import torch
 from torch import nn
 
-from catrt.engines.base import FULL_OUTPUTS, PRUNED_OUTPUTS, GraphSpec, TensorSpec
+from catrt.engines.base import FULL_INPUTS, PRUNED_INPUTS, GraphSpec, TensorSpec
 from catrt.models.base import Adapter
 
 logger = logging.getLogger(__name__)
 
 
 class _Step(nn.Module):
-    """Holds the adapter (and its transformer, so the exporter names the weights alike in both graphs)."""
+    """Holds the adapter (and its transformer, so the exporter names the weights alike in every graph)."""
 
-    def __init__(self, adapter: Adapter, context_names: list[str]) -> None:
+    def __init__(self, adapter: Adapter, input_names: list[str], output_names: list[str]) -> None:
         super().__init__()
         self.transformer = adapter.transformer
         self.adapter = adapter
-        self.context_names = context_names
+        self.input_names = input_names
+        self.output_names = output_names
+
+    def named(self, tensors: tuple[torch.Tensor, ...], skip: int) -> dict[str, torch.Tensor]:
+        return dict(zip(self.input_names[skip:], tensors))
+
+
+class ContextStep(_Step):
+    """(*context inputs) -> the tensors `prepare_context` adds, at the build's latent shape."""
+
+    def __init__(self, adapter: Adapter, input_names: list[str], output_names: list[str], latent_shape: tuple[int, ...]) -> None:
+        super().__init__(adapter, input_names, output_names)
+        self.latent_shape = latent_shape
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        context = self.adapter.prepare_context(self.named(inputs, 0), self.latent_shape)
+        return tuple(context[name] for name in self.output_names)
 
 
 class FullStep(_Step):
     """(hidden_states, timestep, *context) -> (tokens, kv)."""
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, *context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.adapter.full_forward(hidden_states, timestep, dict(zip(self.context_names, context)))
+        return self.adapter.export_full(hidden_states, timestep, self.named(context, len(FULL_INPUTS)))
 
 
 class PrunedStep(_Step):
@@ -45,21 +62,23 @@ class PrunedStep(_Step):
         kv_cache: torch.Tensor,
         *context: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        context_dict = dict(zip(self.context_names, context))
-        return self.adapter.pruned_forward(patches, indices, timestep, context_dict, kv_cache)
+        return self.adapter.export_pruned(patches, indices, timestep, self.named(context, len(PRUNED_INPUTS)), kv_cache)
 
 
-GRAPH_MODULES: dict[str, type[nn.Module]] = {"full": FullStep, "pruned": PrunedStep}
-GRAPH_OUTPUTS: dict[str, tuple[str, ...]] = {"full": FULL_OUTPUTS, "pruned": PRUNED_OUTPUTS}
+def step_module(
+    graph: str, adapter: Adapter, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], latent_shape: tuple[int, ...]
+) -> nn.Module:
+    """The module whose export is `graph`, taking `inputs` in order and returning `outputs` in order."""
+    names, output_names = list(inputs), list(outputs)
+    if graph == "context":
+        return ContextStep(adapter, names, output_names, latent_shape).eval()
+    module = FullStep if graph == "full" else PrunedStep
+    return module(adapter, names, output_names).eval()
 
 
-def step_module(graph: str, adapter: Adapter, context_names: list[str]) -> nn.Module:
-    return GRAPH_MODULES[graph](adapter, context_names).eval()
-
-
-def graph_spec(graph: str, inputs: dict[str, torch.Tensor], outputs: tuple[torch.Tensor, ...]) -> GraphSpec:
+def graph_spec(inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> GraphSpec:
     """The I/O record of a graph from its example inputs and the eager outputs on them."""
     return GraphSpec(
         tuple(TensorSpec.of(name, tensor) for name, tensor in inputs.items()),
-        tuple(TensorSpec.of(name, tensor) for name, tensor in zip(GRAPH_OUTPUTS[graph], outputs)),
+        tuple(TensorSpec.of(name, tensor) for name, tensor in outputs.items()),
     )

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from catrt.engines.base import FULL_INPUTS
 from catrt.errors import BuildError
-from catrt.export.graphs import GRAPH_OUTPUTS, step_module
+from catrt.export.graphs import step_module
 from catrt.export.weights import save_with_shared_weights
 from catrt.models.base import Adapter
 
@@ -56,17 +55,21 @@ def _export_torchscript(
 
 
 def export_graphs(
-    adapter: Adapter, inputs: dict[str, dict[str, torch.Tensor]], folder: Path, progress: bool = True
+    adapter: Adapter,
+    inputs: dict[str, dict[str, torch.Tensor]],
+    outputs: dict[str, dict[str, torch.Tensor]],
+    folder: Path,
+    progress: bool = True,
 ) -> dict[str, str]:
     """Export each graph of `inputs` (graph -> example inputs) into `folder` with shared weights.
 
-    Returns the exporter used per graph.
+    `outputs` names each graph's outputs (graph -> eager outputs). Returns the exporter used per graph.
     """
-    context_names = [name for name in inputs["full"] if name not in FULL_INPUTS]
+    latent_shape = tuple(inputs["full"]["hidden_states"].shape)
     models: dict[str, onnx.ModelProto] = {}
     exporters: dict[str, str] = {}
     for graph in tqdm(inputs, desc="export onnx", disable=not progress, leave=False):
-        module = step_module(graph, adapter, context_names)
-        models[graph], exporters[graph] = export_onnx(module, inputs[graph], GRAPH_OUTPUTS[graph])
+        module = step_module(graph, adapter, inputs[graph], outputs[graph], latent_shape)
+        models[graph], exporters[graph] = export_onnx(module, inputs[graph], tuple(outputs[graph]))
     save_with_shared_weights(models, folder)
     return exporters

@@ -1,7 +1,9 @@
-"""Example inputs of a build's graphs, taken from a real pipeline call.
+"""Example inputs of a build's graphs, taken from a real pipeline call, and the eager outputs on them.
 
 The first transformer call of a generation at the build's settings gives the exact context tensors
-(their names, shapes and dtypes) the pipeline will hand the runtime, whatever the model family.
+(their names, shapes and dtypes) the pipeline will hand the runtime, whatever the model family. The
+sample generation runs the pipeline's whole loop with a recorder in the transformer's place (it
+returns zeros, so the loop is cheap) and keeps the first call's inputs.
 """
 
 from __future__ import annotations
@@ -13,71 +15,73 @@ from typing import Any
 import torch
 
 from catrt.build_config import BuildConfig
+from catrt.engines.base import FULL_OUTPUTS, PRUNED_OUTPUTS
+from catrt.errors import BuildError
 from catrt.models.base import Adapter, Context, patchify
-from catrt.pipeline import accelerate, pipeline_spec
+from catrt.pipeline import pipeline_spec, transformer_replaced
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_PROMPT = "a photo of a red circle on a blue background"
+Graphs = dict[str, dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class StepSample:
-    """One full step's inputs, and the pruned-step inputs that follow from them."""
+    """One full step's inputs: latents, timestep and the context inputs of the call."""
 
     hidden_states: torch.Tensor  # (B, C, H, W)
     timestep: torch.Tensor  # (B,)
-    context: Context
+    context_inputs: Context
 
 
-class _SampleTaken(Exception):
-    """Stops the sample generation after its first transformer call."""
+class _FirstCallRecorder:
+    """Stands in for the transformer: keeps the first call's inputs, answers zeros."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+        self.sample: StepSample | None = None
+
+    def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
+        if self.sample is None:
+            self.sample = StepSample(hidden_states.clone(), timestep.clone(), self.adapter.context_inputs(call_kwargs))
+        batch, _, height, width = hidden_states.shape
+        return hidden_states.new_zeros((batch, self.adapter.out_channels, height, width))
 
 
-class _FirstStepRecorder:
-    """Step functions that record the first full step's inputs and stop the generation."""
-
-    sample: StepSample | None = None
-
-    def full_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context) -> Any:
-        self.sample = StepSample(hidden_states, timestep, context)
-        raise _SampleTaken
-
-    def pruned_forward(self, *args: Any) -> Any:
-        raise AssertionError("a generation starts with a full step")
-
-
-def capture_step_sample(pipe: Any, build: BuildConfig) -> StepSample:
+def capture_step_sample(pipe: Any, adapter: Adapter, build: BuildConfig) -> StepSample:
     """The inputs of the first step of a `build`-shaped generation of `pipe`."""
-    recorder = _FirstStepRecorder()
+    recorder = _FirstCallRecorder(adapter)
     kwargs: dict[str, Any] = dict(pipeline_spec(pipe).call_defaults)
     kwargs.update(build.call_arguments(), prompt=[SAMPLE_PROMPT] * build.batch, output_type="latent")
     kwargs["generator"] = torch.Generator(device=pipe.device).manual_seed(0)
-    try:
-        accelerate(pipe, build.cat_config(), functions=recorder)(**kwargs)
-    except _SampleTaken:
-        pass
-    assert recorder.sample is not None, "the pipeline never called its transformer"
+    with transformer_replaced(pipe.transformer, recorder), torch.no_grad():
+        pipe(**kwargs)
+    if recorder.sample is None:
+        raise BuildError(f"the {type(pipe).__name__} never called its transformer", field="model")
     return recorder.sample
 
 
-def full_inputs(sample: StepSample) -> dict[str, torch.Tensor]:
-    """The full graph's inputs, in graph order."""
-    return {"hidden_states": sample.hidden_states, "timestep": sample.timestep, **sample.context}
-
-
-def pruned_inputs(sample: StepSample, adapter: Adapter, k: int, kv_cache: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The pruned graph's inputs: k random distinct tokens per row, and the full step's K/V cache."""
-    batch = sample.hidden_states.shape[0]
-    patches = patchify(sample.hidden_states, adapter.patch_size)
+def random_indices(batch: int, num_tokens: int, k: int, device: torch.device) -> torch.Tensor:
+    """(B, k) distinct token indices per row, seeded: a pruned step's example selection."""
     generator = torch.Generator().manual_seed(0)
-    indices = torch.stack([torch.randperm(patches.shape[1], generator=generator)[:k] for _ in range(batch)])
-    indices = indices.to(patches.device)
+    return torch.stack([torch.randperm(num_tokens, generator=generator)[:k] for _ in range(batch)]).to(device)
+
+
+@torch.no_grad()
+def reference_io(sample: StepSample, adapter: Adapter, k: int) -> tuple[Graphs, Graphs]:
+    """Every graph's example inputs and the eager adapter's outputs on them, by graph, in graph order."""
+    latent_shape = tuple(sample.hidden_states.shape)
+    context = adapter.prepare_context(sample.context_inputs, latent_shape)
+    derived = {name: tensor for name, tensor in context.items() if name not in sample.context_inputs}
+    full = {"hidden_states": sample.hidden_states, "timestep": sample.timestep, **context}
+    full_outputs = dict(zip(FULL_OUTPUTS, adapter.export_full(sample.hidden_states, sample.timestep, context)))
+    patches = patchify(sample.hidden_states, adapter.patch_size)
+    indices = random_indices(patches.shape[0], patches.shape[1], k, patches.device)
     selected = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    return {
-        "patches": selected,
-        "indices": indices,
-        "timestep": sample.timestep,
-        "kv_cache": kv_cache,
-        **sample.context,
-    }
+    pruned = {"patches": selected, "indices": indices, "timestep": sample.timestep, "kv_cache": full_outputs["kv"], **context}
+    pruned_outputs = dict(
+        zip(PRUNED_OUTPUTS, adapter.export_pruned(selected, indices, sample.timestep, context, full_outputs["kv"]))
+    )
+    inputs = {"context": dict(sample.context_inputs), "full": full, "pruned": pruned}
+    return inputs, {"context": derived, "full": full_outputs, "pruned": pruned_outputs}

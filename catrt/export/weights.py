@@ -8,6 +8,7 @@ distinct tensor is written once to `weights.bin` and every graph points at its o
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from onnx.external_data_helper import set_external_data
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.bin"
+#: Per graph, where each external initializer lies in `weights.bin` (read at load without onnx).
+INITIALIZERS_FILE = "initializers.json"
 INLINE_BYTES = 1024  # smaller tensors stay inside the graph, as onnx's own converter does
 ALIGNMENT = 64  # offsets aligned for memory-mapped loading
 
@@ -29,8 +32,9 @@ def save_with_shared_weights(models: dict[str, onnx.ModelProto], folder: Path) -
     """
     offsets: dict[bytes, tuple[int, int]] = {}
     referenced = 0
+    table: dict[str, list[dict[str, object]]] = {name: [] for name in models}
     with open(folder / WEIGHTS_FILE, "wb") as data:
-        for model in models.values():
+        for graph, model in models.items():
             for tensor in model.graph.initializer:
                 raw = _raw_bytes(tensor)
                 if len(raw) < INLINE_BYTES:
@@ -42,10 +46,15 @@ def save_with_shared_weights(models: dict[str, onnx.ModelProto], folder: Path) -
                     data.write(raw)
                 referenced += len(raw)
                 offset, length = offsets[key]
+                table[graph].append(
+                    {"name": tensor.name, "offset": offset, "length": length, "shape": list(tensor.dims),
+                     "dtype": onnx.TensorProto.DataType.Name(tensor.data_type).lower()}
+                )
                 set_external_data(tensor, location=WEIGHTS_FILE, offset=offset, length=length)
                 tensor.ClearField("raw_data")
                 tensor.data_location = onnx.TensorProto.EXTERNAL
         stored = data.tell()
+    (folder / INITIALIZERS_FILE).write_text(json.dumps(table, indent=1) + "\n")
     for name, model in models.items():
         path = folder / f"{name}.onnx"
         onnx.save_model(model, str(path))

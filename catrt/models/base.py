@@ -1,16 +1,22 @@
 """The adapter contract: what every model family gives the runtime.
 
-An adapter wraps a loaded diffusers transformer and uses its modules' weights directly (no copies).
-It offers two static-shape functions:
+An adapter wraps a diffusers transformer and uses its modules' weights directly (no copies). The
+step-invariant inputs of a generation go through two stages:
 
-- `full_forward`: all N image tokens through every block; returns the output tokens and the K/V of
-  every attention over image tokens (stacked, one slot per cached K or V).
-- `pruned_forward`: only k selected tokens through the blocks; their keys/values are written into
-  (a copy of) the K/V cache so attention still sees all N image rows; returns the k output tokens and
-  their fresh K/V rows (the runtime writes them into its persistent cache).
+- `context_inputs(call_kwargs)`: the tensors of the pipeline's transformer call that stay fixed for
+  a generation (text embeddings, masks), checked and taken by name; no weights are used, so this also
+  runs on a weightless stand-in transformer (an engine bundle's pipeline).
+- `prepare_context(inputs, latent_shape)`: what those inputs and the resolution give through the
+  transformer's weights once per generation (the positional table, PixArt's cross-attention K/V). A
+  bundle exports it as its "context" graph.
 
-Both take `context`: the tensors that stay fixed for a whole generation (text embeddings, the
-positional table of the resolution), made once by `prepare_context`.
+Then two static-shape step functions, each in two forms:
+
+- in place (`full_forward`, `pruned_forward`): the runtime's K/V cache (S, B, N, D) is written as the
+  blocks run - all rows on a full step, the k selected rows on a pruned step - and attention reads it
+  directly, so no cache is ever copied;
+- functional (`export_full`, `export_pruned`): the same maths returning the fresh K/V rows as an
+  output, for exporters (ONNX graphs cannot write their inputs).
 """
 
 from __future__ import annotations
@@ -40,8 +46,45 @@ class Grid:
         return self.height * self.width
 
 
+class KVStore:
+    """How one forward reads and writes the per-block K/V slots.
+
+    In place (`in_place=True`): a full step copies each fresh K/V into its cache slot; a pruned step
+    scatters the k fresh rows into the slot and attention reads the slot, so the cache is never copied.
+    Functional: the fresh rows are collected and returned stacked; a pruned step's attention reads an
+    out-of-place copy of the slot with the rows replaced (what an exported graph must do).
+    """
+
+    def __init__(self, kv_cache: torch.Tensor | None, indices: torch.Tensor | None, in_place: bool) -> None:
+        if in_place and kv_cache is None:
+            raise ValueError("an in-place forward needs the K/V cache")
+        self.kv_cache = kv_cache
+        self.indices = indices
+        self.in_place = in_place
+        self.rows: list[torch.Tensor] = []
+        self._index: torch.Tensor | None = None
+
+    def exchange(self, slot: int, fresh: torch.Tensor) -> torch.Tensor:
+        """Fresh (B, n, D) K or V of `slot` -> the (B, N, D) tensor attention reads."""
+        if not self.in_place:
+            self.rows.append(fresh)
+        if self.indices is None:
+            if self.in_place:
+                self.kv_cache[slot].copy_(fresh)
+            return fresh
+        if self._index is None:
+            self._index = self.indices.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])
+        if self.in_place:
+            return self.kv_cache[slot].scatter_(1, self._index, fresh)
+        return self.kv_cache[slot].scatter(1, self._index, fresh)
+
+    def stacked_rows(self) -> torch.Tensor:
+        """(S, B, n, D): the fresh rows of every slot (functional forwards only)."""
+        return torch.stack(self.rows)
+
+
 class Adapter(ABC):
-    """One model family's full and pruned forwards over a loaded diffusers transformer."""
+    """One model family's full and pruned forwards over a diffusers transformer."""
 
     #: The diffusers transformer class this adapter serves.
     transformer_class: type[nn.Module]
@@ -84,15 +127,19 @@ class Adapter(ABC):
         return Grid(latent_height // p, latent_width // p)
 
     @abstractmethod
-    def prepare_context(self, call_kwargs: dict[str, Any], latent_shape: torch.Size) -> Context:
-        """Step-invariant tensors from the pipeline's transformer-call kwargs (once per generation)."""
+    def context_inputs(self, call_kwargs: dict[str, Any]) -> Context:
+        """The step-invariant tensors of the pipeline's transformer call, by name (no weights used)."""
+
+    def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context:
+        """`inputs` plus what the weights make of them once per generation (the positional table here)."""
+        return {**inputs, "positional_table": self.positional_table(latent_shape)}
 
     def full_forward(
-        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) latents -> output tokens (B, N, p*p*C_out) and K/V (S, B, N, D)."""
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, C, H, W) latents -> output tokens (B, N, p*p*C_out); writes every K/V slot of `kv_cache`."""
         tokens = self.transformer.pos_embed(hidden_states)
-        return self.run_blocks(tokens, timestep, context, indices=None, kv_cache=None)
+        return self.run_blocks(tokens, timestep, context, KVStore(kv_cache, None, in_place=True))
 
     def pruned_forward(
         self,
@@ -101,30 +148,46 @@ class Adapter(ABC):
         timestep: torch.Tensor,
         context: Context,
         kv_cache: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Selected patches (B, k, C*p*p) at `indices` (B, k) -> outputs (B, k, p*p*C_out), K/V rows (S, B, k, D)."""
-        tokens = self.embed_patches(patches, indices, context)
-        return self.run_blocks(tokens, timestep, context, indices=indices, kv_cache=kv_cache)
+    ) -> torch.Tensor:
+        """Selected patches (B, k, C*p*p) at `indices` (B, k) -> outputs (B, k, p*p*C_out).
 
-    @abstractmethod
-    def run_blocks(
+        The k fresh K/V rows are written into `kv_cache` in place as each block runs.
+        """
+        tokens = self.embed_patches(patches, indices, context)
+        return self.run_blocks(tokens, timestep, context, KVStore(kv_cache, indices, in_place=True))
+
+    def export_full(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Functional full step: output tokens (B, N, p*p*C_out) and the K/V (S, B, N, D)."""
+        store = KVStore(None, None, in_place=False)
+        tokens = self.run_blocks(self.transformer.pos_embed(hidden_states), timestep, context, store)
+        return tokens, store.stacked_rows()
+
+    def export_pruned(
         self,
-        tokens: torch.Tensor,
+        patches: torch.Tensor,
+        indices: torch.Tensor,
         timestep: torch.Tensor,
         context: Context,
-        indices: torch.Tensor | None,
-        kv_cache: torch.Tensor | None,
+        kv_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Functional pruned step: outputs (B, k, p*p*C_out) and fresh K/V rows (S, B, k, D); `kv_cache` is read only."""
+        store = KVStore(kv_cache, indices, in_place=False)
+        tokens = self.run_blocks(self.embed_patches(patches, indices, context), timestep, context, store)
+        return tokens, store.stacked_rows()
+
+    @abstractmethod
+    def run_blocks(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context, store: KVStore) -> torch.Tensor:
         """Embedded image tokens (B, N or k, D) through every block and the output head.
 
-        With `indices` and `kv_cache` the tokens are the selected ones and attention reads the cache
-        with their rows replaced; without, they are all N tokens. Returns the output tokens and the
-        fresh K/V rows (S, B, N or k, D).
+        Each attention over image tokens hands its fresh K and V to `store.exchange(slot, ...)` and
+        attends over what it returns (all N rows either way).
         """
 
     # -- shared pieces -------------------------------------------------------------------------
 
-    def positional_table(self, latent_shape: torch.Size) -> torch.Tensor:
+    def positional_table(self, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """(1, N, D): patch-embedding bias plus positional embedding of this resolution.
 
         The patch embedding of a zero latent is exactly that, so the pruned forward can embed any
@@ -138,8 +201,8 @@ class Adapter(ABC):
         """(B, k, C*p*p) patches -> (B, k, D) tokens, the same as the conv patch embedding."""
         weight = self.transformer.pos_embed.proj.weight  # (D, C, p, p)
         tokens = patches @ weight.flatten(1).T
-        table = context["positional_table"].expand(patches.shape[0], -1, -1)
-        return tokens + table.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        table = context["positional_table"][0]  # (N, D)
+        return tokens + table[indices]
 
     @property
     def device(self) -> torch.device:
@@ -191,11 +254,6 @@ def project_qkv(
     if norm_k is not None:
         key = merge_heads(norm_k(heads(key, attn.heads)))
     return query, key, value
-
-
-def write_rows(cache: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Out-of-place: `cache` (B, N, D) with rows `indices` (B, k) replaced by `rows` (B, k, D)."""
-    return cache.scatter(1, indices.unsqueeze(-1).expand(-1, -1, rows.shape[-1]), rows)
 
 
 class AttentionRecorder:

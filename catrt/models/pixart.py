@@ -1,7 +1,8 @@
 """Adapter for diffusers' `PixArtTransformer2DModel` in the PixArt-Sigma layout.
 
 Self-attention over image tokens uses the K/V cache; the cross-attention keys and values over the
-text are the same at every step, so they are computed once per generation in `prepare_context`.
+text are the same at every step, so they are computed once per generation in `prepare_context`
+(an engine bundle's "context" graph).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from catrt.errors import UnsupportedModelError
-from catrt.models.base import Adapter, Context, attention, project_qkv, write_rows
+from catrt.models.base import Adapter, Context, KVStore, attention, project_qkv
 
 logger = logging.getLogger(__name__)
 
@@ -59,55 +60,46 @@ class PixArtAdapter(Adapter):
     def num_kv_slots(self) -> int:
         return 2 * len(self.transformer.transformer_blocks)
 
-    def prepare_context(self, call_kwargs: dict[str, Any], latent_shape: torch.Size) -> Context:
+    def context_inputs(self, call_kwargs: dict[str, Any]) -> Context:
         if call_kwargs.get("attention_mask") is not None:
             raise UnsupportedModelError("PixArt image attention_mask is not supported by catrt")
         if call_kwargs.get("cross_attention_kwargs"):
             raise UnsupportedModelError("PixArt cross_attention_kwargs are not supported by catrt")
-        model = self.transformer
         text = call_kwargs["encoder_hidden_states"]
-        batch = text.shape[0]
-        text = model.caption_projection(text).view(batch, -1, self.hidden_dim)
-        cross_kv = []
-        for block in model.transformer_blocks:
-            cross_kv += [block.attn2.to_k(text), block.attn2.to_v(text)]
-        context: Context = {
-            "cross_kv": torch.stack(cross_kv),  # (2L, B, T, D)
-            "positional_table": self.positional_table(latent_shape),
-        }
+        inputs: Context = {"encoder_hidden_states": text}
         mask = call_kwargs.get("encoder_attention_mask")
         if mask is not None:
             if mask.ndim == 2:  # 1 = keep, 0 = discard -> additive bias, as diffusers converts it
-                mask = (1 - mask.to(text.dtype)) * -10000.0
-                mask = mask.unsqueeze(1)
-            context["encoder_attention_bias"] = mask.unsqueeze(1)  # (B, 1, 1, T)
+                mask = ((1 - mask.to(text.dtype)) * -10000.0).unsqueeze(1)
+            inputs["encoder_attention_bias"] = mask.unsqueeze(1)  # (B, 1, 1, T)
         added = call_kwargs.get("added_cond_kwargs") or {}
         for name in ("resolution", "aspect_ratio"):
             if added.get(name) is not None:
-                context[name] = added[name]
-        return context
+                inputs[name] = added[name]
+        return inputs
 
-    def run_blocks(
-        self,
-        tokens: torch.Tensor,
-        timestep: torch.Tensor,
-        context: Context,
-        indices: torch.Tensor | None,
-        kv_cache: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context:
+        """Adds the caption projection's cross-attention K/V of every block (2L, B, T, D)."""
+        model = self.transformer
+        text = inputs["encoder_hidden_states"]
+        text = model.caption_projection(text).view(text.shape[0], -1, self.hidden_dim)
+        cross_kv = []
+        for block in model.transformer_blocks:
+            cross_kv += [block.attn2.to_k(text), block.attn2.to_v(text)]
+        return {**super().prepare_context(inputs, latent_shape), "cross_kv": torch.stack(cross_kv)}
+
+    def run_blocks(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context, store: KVStore) -> torch.Tensor:
         model = self.transformer
         batch = tokens.shape[0]
         added = {name: context.get(name) for name in ("resolution", "aspect_ratio")}
         modulation, embedded_timestep = model.adaln_single(
             timestep, added, batch_size=batch, hidden_dtype=tokens.dtype
         )
-        rows: list[torch.Tensor] = []
         for index, block in enumerate(model.transformer_blocks):
-            cache = None if kv_cache is None else kv_cache[2 * index : 2 * index + 2]
-            tokens = self._block(block, index, tokens, modulation, context, indices, cache, rows)
+            tokens = self._block(block, index, tokens, modulation, context, store)
         shift, scale = (model.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
         out = model.norm_out(tokens) * (1 + scale) + shift
-        return model.proj_out(out), torch.stack(rows)
+        return model.proj_out(out)
 
     def _block(
         self,
@@ -116,9 +108,7 @@ class PixArtAdapter(Adapter):
         x: torch.Tensor,
         modulation: torch.Tensor,
         context: Context,
-        indices: torch.Tensor | None,
-        cache: torch.Tensor | None,
-        rows: list[torch.Tensor],
+        store: KVStore,
     ) -> torch.Tensor:
         """One BasicTransformerBlock (ada_norm_single) on the given image tokens."""
         batch = x.shape[0]
@@ -127,9 +117,7 @@ class PixArtAdapter(Adapter):
         ).chunk(6, dim=1)
         nx = block.norm1(x) * (1 + scale_msa) + shift_msa
         query, key, value = project_qkv(block.attn1, nx)
-        rows += [key, value]
-        if indices is not None and cache is not None:
-            key, value = write_rows(cache[0], indices, key), write_rows(cache[1], indices, value)
+        key, value = store.exchange(2 * index, key), store.exchange(2 * index + 1, value)
         self_attention = attention(
             query, key, value, block.attn1.heads, recorder=self.recorder, num_image_keys=key.shape[1]
         )

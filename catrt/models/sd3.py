@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch import nn
 
 from catrt.errors import UnsupportedModelError
-from catrt.models.base import Adapter, Context, attention, project_qkv, write_rows
+from catrt.models.base import Adapter, Context, KVStore, attention, project_qkv
 
 logger = logging.getLogger(__name__)
 
@@ -54,44 +54,25 @@ class SD3Adapter(Adapter):
     def num_kv_slots(self) -> int:
         return self._num_slots
 
-    def prepare_context(self, call_kwargs: dict[str, Any], latent_shape: torch.Size) -> Context:
+    def context_inputs(self, call_kwargs: dict[str, Any]) -> Context:
         for name in _UNSUPPORTED_CALL_ARGS:
             if call_kwargs.get(name) is not None:
                 raise UnsupportedModelError(f"SD3 transformer argument {name!r} is not supported by catrt")
         return {
             "encoder_hidden_states": call_kwargs["encoder_hidden_states"],
             "pooled_projections": call_kwargs["pooled_projections"],
-            "positional_table": self.positional_table(latent_shape),
         }
 
-    def run_blocks(
-        self,
-        tokens: torch.Tensor,
-        timestep: torch.Tensor,
-        context: Context,
-        indices: torch.Tensor | None,
-        kv_cache: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_blocks(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context, store: KVStore) -> torch.Tensor:
         model = self.transformer
         temb = model.time_text_embed(timestep, context["pooled_projections"])
         text = model.context_embedder(context["encoder_hidden_states"])
-        rows: list[torch.Tensor] = []
         for index, block in enumerate(model.transformer_blocks):
-            slot = self._slot_of_block[index]
-            cache = None if kv_cache is None else kv_cache[slot : slot + (4 if block.use_dual_attention else 2)]
-            text, tokens = self._block(block, tokens, text, temb, indices, cache, rows)
-        out = model.proj_out(model.norm_out(tokens, temb))
-        return out, torch.stack(rows)
+            text, tokens = self._block(block, self._slot_of_block[index], tokens, text, temb, store)
+        return model.proj_out(model.norm_out(tokens, temb))
 
     def _block(
-        self,
-        block: nn.Module,
-        x: torch.Tensor,
-        text: torch.Tensor,
-        temb: torch.Tensor,
-        indices: torch.Tensor | None,
-        cache: torch.Tensor | None,
-        rows: list[torch.Tensor],
+        self, block: nn.Module, slot: int, x: torch.Tensor, text: torch.Tensor, temb: torch.Tensor, store: KVStore
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One JointTransformerBlock on the given image tokens (all N, or the k selected)."""
         if block.use_dual_attention:
@@ -106,8 +87,7 @@ class SD3Adapter(Adapter):
         attn = block.attn
         query, key, value = project_qkv(attn, nx)
         t_query, t_key, t_value = project_qkv(attn, ntext, added=True)
-        rows += [key, value]
-        key, value = _with_cache(key, value, indices, cache, 0)
+        key, value = store.exchange(slot, key), store.exchange(slot + 1, value)
         joint = attention(
             torch.cat([query, t_query], 1),
             torch.cat([key, t_key], 1),
@@ -122,8 +102,7 @@ class SD3Adapter(Adapter):
         if block.use_dual_attention:
             attn2 = block.attn2
             query2, key2, value2 = project_qkv(attn2, nx2)
-            rows += [key2, value2]
-            key2, value2 = _with_cache(key2, value2, indices, cache, 2)
+            key2, value2 = store.exchange(slot + 2, key2), store.exchange(slot + 3, value2)
             x = x + gate_msa2.unsqueeze(1) * attn2.to_out[0](
                 attention(query2, key2, value2, attn2.heads, recorder=self.recorder, num_image_keys=key2.shape[1])
             )
@@ -137,12 +116,3 @@ class SD3Adapter(Adapter):
         ntext = block.norm2_context(text) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
         text = text + c_gate_mlp.unsqueeze(1) * block.ff_context(ntext)
         return text, x
-
-
-def _with_cache(
-    key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor | None, cache: torch.Tensor | None, first: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full step: the fresh K/V. Pruned step: the cache with the selected rows replaced."""
-    if indices is None or cache is None:
-        return key, value
-    return write_rows(cache[first], indices, key), write_rows(cache[first + 1], indices, value)
