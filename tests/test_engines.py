@@ -305,10 +305,10 @@ def test_half_precision_on_a_cpu_is_refused() -> None:
 
 
 def test_cli_build_inspect_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    flags = ["--height", "64", "--width", "64", "--steps", "6", "--t0", "3", "--max-sequence-length", "8"]
+    flags = ["--height", "64", "--width", "64", "--steps", "6", "--t0", "3", "--max-sequence-length", "16"]
     out, export = str(tmp_path / "engines"), str(tmp_path / "export")
     assert main(["build", "--model", "tiny-sd3", "--backend", "onnxruntime", *flags, "--out", out, "--export-dir", export]) == 0
-    folder = tmp_path / "engines" / "tiny-sd3-64x64-b1-s6-t3-a0.30-l8-fp32-onnxruntime"
+    folder = tmp_path / "engines" / "tiny-sd3-64x64-b1-s6-t3-a0.30-l16-fp32-onnxruntime"
     assert f"built {folder}" in capsys.readouterr().out
 
     assert main(["inspect", str(folder)]) == 0
