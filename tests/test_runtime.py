@@ -1,0 +1,194 @@
+"""The runtime's buffers and step programs: kept across generations, written in place, bf16-safe scoring,
+standalone engine bundles, and (on a CUDA machine) captured steps equal to uncaptured ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import catrt
+from catrt.build import build_engines
+from catrt.build_config import BuildConfig
+from catrt.errors import ConfigError
+from catrt.models import make_adapter
+from catrt.models.base import Adapter, Context
+from catrt.runtime import CATRuntime, RuntimeBuffers
+from catrt.tiny import build_tiny_pipeline
+from tests.conftest import call_kwargs
+
+SIZE = {"height": 64, "width": 96, "steps": 12, "t0": 4, "max_sequence_length": 16}  # as call_kwargs
+BF16_TOLERANCE = 2e-2  # relative, over the output latents: bf16 keeps ~3 significant digits
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
+
+
+def _only_state(buffers: RuntimeBuffers) -> Any:
+    assert len(buffers) == 1
+    return next(iter(buffers._states.values()))
+
+
+class FunctionalSteps:
+    """The step functions as an exported graph computes them: fresh K/V rows returned, then written
+    by the caller (what the ONNX Runtime and TensorRT engines do), instead of written in place."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+
+    def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context:
+        return self.adapter.prepare_context(inputs, latent_shape)
+
+    def full_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor) -> torch.Tensor:
+        tokens, kv = self.adapter.export_full(hidden_states, timestep, context)
+        kv_cache.copy_(kv)
+        return tokens
+
+    def pruned_forward(
+        self, patches: torch.Tensor, indices: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        tokens, rows = self.adapter.export_pruned(patches, indices, timestep, context, kv_cache)
+        index = indices.view(1, *indices.shape, 1).expand(rows.shape[0], -1, -1, rows.shape[-1])
+        kv_cache.scatter_(2, index, rows)
+        return tokens
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-pixart"])
+def test_in_place_steps_equal_the_functional_steps(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    config = catrt.CATConfig(alpha=0.3, t0=4)
+    in_place = catrt.accelerate(pipe, config)(**call_kwargs(pipe)).images
+    functional = catrt.accelerate(pipe, config, functions=FunctionalSteps(make_adapter(pipe.transformer)))
+    assert _relative_error(functional(**call_kwargs(pipe)).images, in_place) < 1e-5
+
+
+def test_buffers_are_allocated_once_per_shape_and_reused(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4))
+    first = fast(**call_kwargs(pipe)).images
+    state = _only_state(fast.buffers)
+    addresses = {name: getattr(state, name).data_ptr() for name in ("kv_cache", "output_cache", "reference", "staleness", "indices")}
+
+    second = fast(**call_kwargs(pipe)).images
+    assert _only_state(fast.buffers) is state
+    assert {name: getattr(state, name).data_ptr() for name in addresses} == addresses
+    assert torch.equal(first, second)  # state left over from the first generation does not leak into the next
+
+    fast(**call_kwargs(pipe, height=32, width=32))  # another shape: its own state
+    assert len(fast.buffers) == 2
+
+
+def test_scoring_state_is_float32_and_bf16_alpha_one_matches_the_plain_pipeline() -> None:
+    pipe = build_tiny_pipeline("tiny-sd3", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(**call_kwargs(pipe)).images
+    exact = catrt.accelerate(pipe, catrt.CATConfig(alpha=1.0, t0=4))(**call_kwargs(pipe)).images
+    assert exact.dtype == torch.bfloat16
+    assert _relative_error(exact, plain) < BF16_TOLERANCE
+
+    fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4, trace=True))
+    pruned = fast(**call_kwargs(pipe)).images
+    assert torch.isfinite(pruned.float()).all()
+    state = _only_state(fast.buffers)
+    assert state.kv_cache.dtype == state.output_cache.dtype == torch.bfloat16
+    assert state.reference.dtype == state.staleness.dtype == torch.float32
+    for record in fast.last_trace:
+        if record.kind == "pruned":
+            assert record.indices.sort(dim=1).values.diff(dim=1).gt(0).all()  # k distinct indices per row
+
+
+def test_cuda_graphs_need_a_cuda_device(tiny_pipelines: dict[str, Any]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4), cuda_graphs=True)
+    with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device, the latents are on cpu") as caught:
+        fast(**call_kwargs(pipe))
+    assert caught.value.field == "cuda_graphs"
+
+
+def test_cuda_graphs_refuse_a_rule_that_needs_the_host(tiny_pipelines: dict[str, Any]) -> None:
+    adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
+    runtime = CATRuntime(adapter, catrt.CATConfig(rule="random", t0=2), steps=4, guidance=False, cuda_graphs=True)
+    with pytest.raises(ConfigError, match="rule 'random' needs the host between steps"):
+        runtime._wants_capture(torch.device("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart"])
+def test_captured_steps_equal_uncaptured_steps_on_cuda(name: str) -> None:
+    pipe = build_tiny_pipeline(name).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    config = catrt.CATConfig(alpha=0.3, t0=4)
+    plain = catrt.accelerate(pipe, config, cuda_graphs=False)
+    captured = catrt.accelerate(pipe, config, cuda_graphs=True)
+    kwargs = lambda: {**call_kwargs(pipe), "generator": torch.Generator("cuda").manual_seed(0)}  # noqa: E731
+    expected = plain(**kwargs()).images
+    for _ in range(3):  # warm-up, capture, replay
+        got = captured(**kwargs()).images
+        assert _relative_error(got, expected) < 1e-5
+    assert all(graph.graph is not None for graph in _only_state(captured.buffers).graphs.values())
+
+
+# -- engine bundles ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runtime-builds")
+    return {
+        backend: build_engines(
+            BuildConfig("tiny-sd3", backend=backend, batch=2, alpha=0.3, **SIZE),
+            out_dir=root / "engines", export_dir=root / "export", progress=False,
+        )
+        for backend in ("onnxruntime", "eager")
+    }
+
+
+def test_weight_carrying_bundle_loads_no_transformer_weights(builds: dict[str, Path], tiny_pipelines: dict[str, Any]) -> None:
+    fast = catrt.load(builds["onnxruntime"])
+    parameters = list(fast.pipe.transformer.parameters())
+    assert parameters and all(parameter.is_meta for parameter in parameters)  # a stand-in for the config only
+    assert fast.pipe.device == torch.device("cpu")  # the pipeline still runs where its encoders are
+    eager = catrt.load(builds["eager"])  # no weights of its own: runs the model's transformer
+    assert not any(parameter.is_meta for parameter in eager.pipe.transformer.parameters())
+
+    pipe = tiny_pipelines["tiny-sd3"]
+    expected = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4))(**call_kwargs(pipe)).images
+    assert _relative_error(fast(**call_kwargs(pipe)).images, expected) < 1e-4
+
+
+def test_onnxruntime_outputs_are_allocated_once_and_kv_goes_straight_into_the_cache(builds: dict[str, Path]) -> None:
+    fast = catrt.load(builds["onnxruntime"])
+    fast.set_progress_bar_config(disable=True)
+    run = lambda: fast(["a red circle", "a green square"], generator=torch.Generator().manual_seed(0), output_type="latent").images  # noqa: E731
+    first = run()
+    engine = fast.engine
+    addresses = {graph: {name: t.data_ptr() for name, t in outputs.items()} for graph, outputs in engine._buffers.items()}
+    assert "kv" not in addresses["full"]  # bound to the runtime's K/V cache, never a buffer of its own
+    assert set(addresses["pruned"]) == {"tokens", "kv_rows"}
+    cache = _only_state(fast.accelerated.buffers).kv_cache.data_ptr()
+
+    assert torch.equal(run(), first)
+    assert {graph: {name: t.data_ptr() for name, t in outputs.items()} for graph, outputs in engine._buffers.items()} == addresses
+    assert _only_state(fast.accelerated.buffers).kv_cache.data_ptr() == cache
+
+
+def test_onnxruntime_sessions_share_one_copy_of_each_weight(builds: dict[str, Path]) -> None:
+    engine = catrt.load(builds["onnxruntime"]).engine
+    table = json.loads((builds["onnxruntime"] / "initializers.json").read_text())
+    offsets = {record["offset"] for records in table.values() for record in records}
+    assert set(engine.initializers.values) == offsets  # one OrtValue per stored tensor, handed to every session
+    shared = {record["offset"] for record in table["full"]} & {record["offset"] for record in table["pruned"]}
+    assert shared  # the step graphs use the same weights
+
+
+def test_bf16_onnxruntime_build_is_refused_with_the_reason(tmp_path: Path) -> None:
+    config = BuildConfig("tiny-sd3", backend="onnxruntime", precision="bf16", **SIZE)
+    with pytest.raises(ConfigError, match="the onnxruntime backend cannot build bf16: .*numpy has no bfloat16") as caught:
+        build_engines(config, out_dir=tmp_path, export_dir=tmp_path, progress=False)
+    assert caught.value.field == "precision"
