@@ -58,3 +58,7 @@ class ServiceUnavailableError(CatrtError):
 
 class GenerationError(CatrtError):
     """A generation failed inside the model; only the requests of that generation see it."""
+
+
+class EngineRuntimeError(CatrtError):
+    """A loaded engine refused a call: a context it could not create, a tensor it could not bind, a failed enqueue."""

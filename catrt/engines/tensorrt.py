@@ -2,26 +2,79 @@
 
 Tensors are bound by address (`set_tensor_address`) and the engine is enqueued on torch's current
 stream, so no copy and no host sync happens inside a step. `tensorrt` is imported only on load.
+
+Every TensorRT call's result is checked: a plan that does not deserialize, a context that cannot be
+created, an I/O tensor whose name, shape or dtype differs from the build's `GraphSpec`, an address
+that is not accepted or an enqueue that fails raises a catrt error naming the graph and the tensor,
+instead of leaving uninitialised buffers as the step's output.
+
+Only the tensors the engine declares as I/O are bound (exporters drop graph inputs a graph does not
+read); a declared input the call lacks is an error naming it.
+
+Not capturable: running these steps inside a CUDA graph capture has not been verified here (and the
+keep-alive bookkeeping of `run` queries CUDA events, which a capture does not allow).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from catrt.engines.base import GRAPHS, Engine
+from catrt.engines.base import DTYPES, GRAPHS, Engine, GraphSpec
+from catrt.errors import CorruptBundleError, EngineMismatchError, EngineRuntimeError
 
 logger = logging.getLogger(__name__)
 
+# TensorRT's `DataType` member names for the dtypes a graph may use (looked up on the imported module).
+_TRT_DTYPES: dict[str, torch.dtype] = {
+    "FLOAT": torch.float32,
+    "HALF": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT64": torch.int64,
+    "INT32": torch.int32,
+}
+
+
+@dataclass(frozen=True)
+class _IOTensor:
+    """One I/O tensor a TensorRT engine declares, as checked against the graph's spec on load."""
+
+    name: str
+    is_input: bool
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class _InFlight:
+    """The tensors one enqueued run reads or writes, held until `event` (recorded after it) completes."""
+
+    event: Any
+    tensors: tuple[torch.Tensor, ...]
+
 
 class TensorRTEngine(Engine):
-    """One execution context per graph; plans are tied to the GPU's compute capability."""
+    """One execution context per graph; plans are tied to the GPU's compute capability.
+
+    Keeping inputs alive: `GraphSpec.prepare` may hand `run` fresh tensors (a cast, a contiguous
+    copy) that nothing else references, while the enqueued engine reads them later on the stream.
+    Each run therefore keeps every tensor it bound, together with a CUDA event recorded on the
+    stream right after the enqueue, and drops them only once a later `run` finds that event complete
+    (`event.query()`, which does not block the host). Releasing "when the next run of the graph is
+    enqueued on the same stream" would not be enough: torch's caching allocator may hand a freed
+    block to new work on the stream that *allocated* it, which need not be the stream the engine ran
+    on, so only the event proves the engine is done with the memory. Held sets are bounded by how far
+    the host runs ahead of the GPU; `synchronize()` waits for and drops all of them.
+    """
 
     name = "tensorrt"
     package = "tensorrt"
     device_fields = ("kind", "compute_capability")
+    capturable = False  # not verified under CUDA-graph capture (see the module docstring)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -35,19 +88,174 @@ class TensorRTEngine(Engine):
     def default_device(cls) -> torch.device:
         return torch.device("cuda")
 
+    # -- loading --------------------------------------------------------------------------------
+
     def load(self) -> None:
         import tensorrt
 
-        runtime = tensorrt.Runtime(tensorrt.Logger(tensorrt.Logger.WARNING))
-        self.engines = {graph: runtime.deserialize_cuda_engine((self.folder / f"{graph}.plan").read_bytes()) for graph in GRAPHS}
-        self.contexts = {graph: engine.create_execution_context() for graph, engine in self.engines.items()}
+        self._trt_logger = tensorrt.Logger(tensorrt.Logger.WARNING)
+        # Kept for the engines' lifetime: engines must not outlive the runtime that deserialized them.
+        self.runtime = tensorrt.Runtime(self._trt_logger)
+        if self.runtime is None:
+            raise EngineRuntimeError("TensorRT could not create a runtime (see the TensorRT log above)", field="tensorrt")
+        self.engines: dict[str, Any] = {}
+        self.contexts: dict[str, Any] = {}
+        self.io: dict[str, tuple[_IOTensor, ...]] = {}
+        self._in_flight: list[_InFlight] = []
+        self._spare_events: list[Any] = []
+        trt_dtypes = {
+            getattr(tensorrt.DataType, key): dtype for key, dtype in _TRT_DTYPES.items() if hasattr(tensorrt.DataType, key)
+        }
+        for graph in GRAPHS:
+            plan = self.folder / f"{graph}.plan"
+            if not plan.is_file():
+                raise CorruptBundleError(
+                    f"the {graph!r} graph's engine file {plan.name} is missing from {self.folder}", field=plan.name
+                )
+            engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+            if engine is None:
+                raise EngineMismatchError(
+                    f"TensorRT could not deserialize the {graph!r} graph's {plan.name} (built by another TensorRT "
+                    f"version or for another GPU, or damaged; see the TensorRT log above); rebuild the engine",
+                    field=plan.name,
+                )
+            self.engines[graph] = engine
+            self.io[graph] = _declared_io(graph, engine, self.graphs[graph], tensorrt.TensorIOMode.INPUT, trt_dtypes)
+            context = engine.create_execution_context()
+            if context is None:
+                raise EngineRuntimeError(
+                    f"TensorRT could not create an execution context for the {graph!r} graph "
+                    f"(often out of GPU memory; see the TensorRT log above)",
+                    field=graph,
+                )
+            self.contexts[graph] = context
+
+    # -- running --------------------------------------------------------------------------------
 
     def run(
         self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
+        self._release_finished()
         context = self.contexts[graph]
         outputs = self.outputs_of(graph, out)
-        for name, tensor in {**inputs, **outputs}.items():
-            context.set_tensor_address(name, tensor.data_ptr())
-        context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream)
+        bound = []
+        for io in self.io[graph]:
+            tensor = (inputs if io.is_input else outputs).get(io.name)
+            if tensor is None:
+                kind = "input" if io.is_input else "output"
+                raise EngineRuntimeError(
+                    f"the {graph!r} engine declares {kind} {io.name!r}, which this call did not provide",
+                    field=f"{graph}.{io.name}",
+                )
+            self._check_bound(graph, io, tensor)
+            if not context.set_tensor_address(io.name, tensor.data_ptr()):
+                raise EngineRuntimeError(
+                    f"TensorRT refused the address of the {graph!r} graph's tensor {io.name!r} "
+                    f"(see the TensorRT log above)",
+                    field=f"{graph}.{io.name}",
+                )
+            bound.append(tensor)
+        stream = self._stream()
+        enqueued = context.execute_async_v3(stream.cuda_stream)
+        # Held even when the enqueue failed: part of the engine's work may already be on the stream.
+        event = self._spare_events.pop() if self._spare_events else self._event()
+        event.record(stream)
+        self._in_flight.append(_InFlight(event, tuple(bound)))
+        if not enqueued:
+            raise EngineRuntimeError(
+                f"TensorRT failed to enqueue the {graph!r} graph (see the TensorRT log above); its outputs "
+                f"{[io.name for io in self.io[graph] if not io.is_input]} were not written",
+                field=graph,
+            )
         return outputs
+
+    def synchronize(self) -> None:
+        """Wait for every enqueued run (a host sync; not used by `run`) and drop the tensors held for them."""
+        for entry in self._in_flight:
+            entry.event.synchronize()
+        self._release_finished()
+
+    def _release_finished(self) -> None:
+        """Drop the tensors of runs whose event has completed; their events are reused."""
+        if not self._in_flight:
+            return
+        pending = []
+        for entry in self._in_flight:
+            if entry.event.query():
+                self._spare_events.append(entry.event)
+            else:
+                pending.append(entry)
+        self._in_flight = pending
+
+    def _check_bound(self, graph: str, io: _IOTensor, tensor: torch.Tensor) -> None:
+        """A tensor about to be bound has the engine's shape and dtype, is contiguous and on the device."""
+        problem = None
+        if tuple(tensor.shape) != io.shape:
+            problem = f"has shape {tuple(tensor.shape)} but the engine's is {io.shape}"
+        elif tensor.dtype != io.dtype:
+            problem = f"has dtype {tensor.dtype} but the engine's is {io.dtype}"
+        elif not tensor.is_contiguous():
+            problem = "is not contiguous (TensorRT reads and writes dense row-major memory)"
+        elif tensor.device.type != self.device.type or (
+            self.device.index is not None and tensor.device.index not in (None, self.device.index)
+        ):
+            problem = f"is on {tensor.device} but the engine runs on {self.device}"
+        if problem is not None:
+            kind = "input" if io.is_input else "output"
+            raise EngineRuntimeError(
+                f"the {graph!r} graph's {kind} {io.name!r} {problem}", field=f"{graph}.{io.name}", value=tuple(tensor.shape)
+            )
+
+    # Small injectable pieces: the only CUDA calls of `run` (tests replace them with CPU stand-ins).
+
+    def _stream(self) -> Any:
+        """The stream to enqueue on: torch's current stream on the engine's device (`.cuda_stream` is its handle)."""
+        return torch.cuda.current_stream(self.device)
+
+    def _event(self) -> Any:
+        """A new event, recorded on the stream after each enqueue."""
+        return torch.cuda.Event()
+
+
+def _declared_io(
+    graph: str, engine: Any, spec: GraphSpec, input_mode: Any, trt_dtypes: dict[Any, torch.dtype]
+) -> tuple[_IOTensor, ...]:
+    """The engine's I/O tensors, each checked against the graph's spec (name, direction, shape, dtype)."""
+    spec_inputs = {s.name: s for s in spec.inputs}
+    spec_outputs = {s.name: s for s in spec.outputs}
+    declared = []
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        is_input = engine.get_tensor_mode(name) == input_mode
+        expected = (spec_inputs if is_input else spec_outputs).get(name)
+        kind = "input" if is_input else "output"
+        if expected is None:
+            raise EngineMismatchError(
+                f"the {graph!r} engine declares an {kind} {name!r} that the build's graph does not have; rebuild the engine",
+                field=f"{graph}.{name}",
+            )
+        shape = tuple(int(d) for d in engine.get_tensor_shape(name))
+        trt_dtype = engine.get_tensor_dtype(name)
+        dtype = trt_dtypes.get(trt_dtype)
+        if shape != expected.shape:
+            raise EngineMismatchError(
+                f"the {graph!r} engine's {kind} {name!r} has shape {shape} but the build's graph has {expected.shape}; "
+                f"rebuild the engine",
+                field=f"{graph}.{name}",
+                value=shape,
+            )
+        if dtype != DTYPES[expected.dtype]:
+            raise EngineMismatchError(
+                f"the {graph!r} engine's {kind} {name!r} has TensorRT dtype {trt_dtype} but the build's graph has "
+                f"{expected.dtype}; rebuild the engine",
+                field=f"{graph}.{name}",
+                value=str(trt_dtype),
+            )
+        declared.append(_IOTensor(name, is_input, shape, dtype))
+    missing = [name for name in spec_outputs if name not in {io.name for io in declared if not io.is_input}]
+    if missing:
+        raise EngineMismatchError(
+            f"the {graph!r} engine does not write the graph's output {missing[0]!r}; rebuild the engine",
+            field=f"{graph}.{missing[0]}",
+        )
+    return tuple(declared)

@@ -1,13 +1,21 @@
 """Build TensorRT plans from the exported ONNX graphs (`tensorrt` is imported only when building).
 
 Shapes are static, so one optimization profile-free engine per graph; fp16 / bf16 are builder flags
-over the same ONNX. The timing cache lives beside the engine folders and is reused by later builds.
+over the same ONNX. The timing cache lives beside the engine folders and is reused by later builds
+(a cache this TensorRT or GPU cannot use is set aside with a warning: it only speeds builds up).
+
+Every builder call's result is checked and each failure raises a `BuildError` naming the graph.
+Plans (and the shared timing cache) are written to a temporary file and renamed into place, so a
+failed or interrupted build never leaves a truncated `<graph>.plan` in the staging folder.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from catrt.build_config import BuildConfig
 from catrt.engines.base import GRAPHS
@@ -20,26 +28,82 @@ _FLAGS: dict[str, tuple[str, ...]] = {"fp32": (), "fp16": ("FP16",), "bf16": ("B
 
 
 def build_plans(onnx_dir: Path, engine_dir: Path, build: BuildConfig) -> None:
-    """`<graph>.plan` for every graph of `onnx_dir`, written into `engine_dir`."""
+    """`<graph>.plan` for every graph of `onnx_dir`, written into `engine_dir` (the build's staging folder)."""
     import tensorrt
 
-    logger_ = tensorrt.Logger(tensorrt.Logger.WARNING)
+    trt_logger = tensorrt.Logger(tensorrt.Logger.WARNING)
     cache_path = engine_dir.parent / TIMING_CACHE  # beside the engine folders, shared by later builds
     for graph in GRAPHS:
-        builder = tensorrt.Builder(logger_)
-        network = builder.create_network(0)
-        parser = tensorrt.OnnxParser(network, logger_)
-        if not parser.parse_from_file(str(onnx_dir / f"{graph}.onnx")):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BuildError(f"TensorRT could not parse {graph}.onnx: {errors}", field=f"{graph}.onnx")
-        config = builder.create_builder_config()
-        for flag in _FLAGS[build.precision]:
-            config.set_flag(getattr(tensorrt.BuilderFlag, flag))
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise BuildError(f"TensorRT failed to build {graph}.plan (see the TensorRT log above)", field=f"{graph}.plan")
-        (engine_dir / f"{graph}.plan").write_bytes(bytes(plan))
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        plan = _build_plan(tensorrt, trt_logger, graph, onnx_dir / f"{graph}.onnx", build, cache_path)
+        _write_atomically(engine_dir / f"{graph}.plan", plan)
+        logger.info("built %s.plan (%d bytes)", graph, (engine_dir / f"{graph}.plan").stat().st_size)
 
+
+def _build_plan(tensorrt: Any, trt_logger: Any, graph: str, onnx_path: Path, build: BuildConfig, cache_path: Path) -> Any:
+    """One graph's serialized engine; the timing cache is updated on disk after the build."""
+    if not onnx_path.is_file():
+        raise BuildError(f"the {graph!r} graph's ONNX file {onnx_path} is missing; export it first", field=f"{graph}.onnx")
+    builder = _checked(tensorrt.Builder(trt_logger), graph, "create a builder")
+    network = _checked(builder.create_network(0), graph, "create a network")
+    parser = _checked(tensorrt.OnnxParser(network, trt_logger), graph, "create an ONNX parser")
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no parser error recorded"
+        raise BuildError(f"TensorRT could not parse the {graph!r} graph's {onnx_path.name}: {errors}", field=f"{graph}.onnx")
+    config = _checked(builder.create_builder_config(), graph, "create a builder config")
+    for flag in _FLAGS[build.precision]:
+        if not hasattr(tensorrt.BuilderFlag, flag):
+            raise BuildError(
+                f"this TensorRT has no {flag} builder flag, needed for a {build.precision} build of the {graph!r} graph",
+                field="precision",
+                value=build.precision,
+            )
+        config.set_flag(getattr(tensorrt.BuilderFlag, flag))
+    _use_timing_cache(config, graph, cache_path)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildError(
+            f"TensorRT failed to build the {graph!r} graph's {graph}.plan (see the TensorRT log above)", field=f"{graph}.plan"
+        )
+    cache = config.get_timing_cache()
+    if cache is not None:
+        _write_atomically(cache_path, cache.serialize())
+    return plan
+
+
+def _use_timing_cache(config: Any, graph: str, cache_path: Path) -> None:
+    """Start the build from the shared timing cache, or from an empty one if that cache does not fit."""
+    saved = cache_path.read_bytes() if cache_path.is_file() else b""
+    if saved:
+        try:
+            cache = config.create_timing_cache(saved)
+        except Exception:  # a damaged blob may raise instead of returning None
+            cache = None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return
+        logger.warning(
+            "the TensorRT timing cache %s does not fit this TensorRT or GPU; building %r without it", cache_path, graph
+        )
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise BuildError(f"TensorRT could not create a timing cache for the {graph!r} graph", field=f"{graph}.plan")
+
+
+def _checked(result: Any, graph: str, what: str) -> Any:
+    if result is None:
+        raise BuildError(f"TensorRT could not {what} for the {graph!r} graph (see the TensorRT log above)", field=f"{graph}.plan")
+    return result
+
+
+def _write_atomically(path: Path, data: Any) -> None:
+    """`data` (bytes or a buffer such as TensorRT's IHostMemory) at `path`, via a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(memoryview(data))
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would carry over
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,495 @@
+"""catrt's TensorRT glue (catrt/engines/tensorrt.py, catrt/export/tensorrt.py), driven on the CPU.
+
+These tests exercise OUR code, not TensorRT: a small stand-in `tensorrt` module, injected into
+`sys.modules`, deserializes "plans" that are JSON lists of declared I/O tensors, records every
+address bound and every stream enqueued on, and can be told to fail (a plan that does not
+deserialize, a context that is not created, an address or an enqueue that is refused, a parse or a
+build that fails). The CUDA stream and events are replaced by CPU stand-ins through the engine's
+`_stream` / `_event` hooks. Whether real TensorRT engines compute the right numbers is checked by
+tests/test_engines.py on a GPU with tensorrt installed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from catrt.build_config import BuildConfig
+from catrt.engines.base import GRAPHS, GraphSpec, TensorSpec
+from catrt.engines.tensorrt import TensorRTEngine
+from catrt.errors import BuildError, CorruptBundleError, EngineMismatchError, EngineRuntimeError
+from catrt.export import tensorrt as trt_export
+
+_TRT_DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32"}
+STREAM_HANDLE = 0x5EED
+
+
+def _specs() -> dict[str, GraphSpec]:
+    """Small hand-made graphs with the runtime's I/O names (batch 2, 16 tokens, k 4, width 8)."""
+    f32, i64 = "float32", "int64"
+    context = GraphSpec(
+        inputs=(TensorSpec("encoder_hidden_states", (2, 3, 8), f32), TensorSpec("pooled_projections", (2, 8), f32)),
+        outputs=(TensorSpec("pos_embed", (16, 8), f32),),
+    )
+    full = GraphSpec(
+        inputs=(
+            TensorSpec("hidden_states", (2, 16, 8), f32),
+            TensorSpec("timestep", (2,), f32),
+            TensorSpec("pos_embed", (16, 8), f32),
+        ),
+        outputs=(TensorSpec("tokens", (2, 16, 8), f32), TensorSpec("kv", (2, 2, 16, 8), f32)),
+    )
+    pruned = GraphSpec(
+        inputs=(
+            TensorSpec("patches", (2, 4, 8), f32),
+            TensorSpec("indices", (2, 4), i64),
+            TensorSpec("timestep", (2,), f32),
+            TensorSpec("kv_cache", (2, 2, 16, 8), f32),
+            TensorSpec("pos_embed", (16, 8), f32),
+        ),
+        outputs=(TensorSpec("tokens", (2, 4, 8), f32), TensorSpec("kv_rows", (2, 2, 4, 8), f32)),
+    )
+    return {"context": context, "full": full, "pruned": pruned}
+
+
+# -- the stand-in tensorrt module ------------------------------------------------------------------
+
+
+class FakeTensorRT(types.ModuleType):
+    """Just enough of TensorRT 10's Python API for the glue, with switches that make calls fail."""
+
+    def __init__(self) -> None:
+        super().__init__("tensorrt")
+        self.fail: dict[str, set[str]] = {
+            "deserialize": set(), "context": set(), "address": set(), "execute": set(), "parse": set(), "build": set()
+        }  # call -> graph names (or "graph.tensor" for "address") on which it fails
+        self.enqueued: list[dict[str, Any]] = []  # one record per execute_async_v3
+        self.reject_timing_cache = False
+        fake = self
+
+        class Logger:
+            WARNING = "warning"
+
+            def __init__(self, severity: str) -> None:
+                self.severity = severity
+
+        class DataType:
+            FLOAT, HALF, BF16, INT64, INT32 = "FLOAT", "HALF", "BF16", "INT64", "INT32"
+
+        class TensorIOMode:
+            INPUT, OUTPUT = "INPUT", "OUTPUT"
+
+        class Context:
+            def __init__(self, graph: str) -> None:
+                self.graph = graph
+                self.addresses: dict[str, int] = {}
+
+            def set_tensor_address(self, name: str, address: int) -> bool:
+                if f"{self.graph}.{name}" in fake.fail["address"]:
+                    return False
+                self.addresses[name] = address
+                return True
+
+            def execute_async_v3(self, stream: int) -> bool:
+                fake.enqueued.append({"graph": self.graph, "stream": stream, "addresses": dict(self.addresses)})
+                return self.graph not in fake.fail["execute"]
+
+        class Engine:
+            def __init__(self, graph: str, io: list[list[Any]]) -> None:
+                self.graph = graph
+                self.io = {name: (mode, shape, dtype) for name, mode, shape, dtype in io}
+                self.names = [name for name, *_ in io]
+
+            @property
+            def num_io_tensors(self) -> int:
+                return len(self.names)
+
+            def get_tensor_name(self, index: int) -> str:
+                return self.names[index]
+
+            def get_tensor_mode(self, name: str) -> str:
+                return self.io[name][0]
+
+            def get_tensor_shape(self, name: str) -> list[int]:
+                return list(self.io[name][1])
+
+            def get_tensor_dtype(self, name: str) -> str:
+                return self.io[name][2]
+
+            def create_execution_context(self) -> Context | None:
+                return None if self.graph in fake.fail["context"] else Context(self.graph)
+
+        class Runtime:
+            def __init__(self, logger: Logger) -> None:
+                self.logger = logger
+
+            def deserialize_cuda_engine(self, plan: bytes) -> Engine | None:
+                data = json.loads(plan)
+                return None if data["graph"] in fake.fail["deserialize"] else Engine(data["graph"], data["io"])
+
+        # builder side
+        class BuilderFlag:
+            FP16, BF16 = "FP16", "BF16"
+
+        class TimingCache:
+            def __init__(self, blob: bytes) -> None:
+                self.blob = blob
+
+            def serialize(self) -> bytes:
+                return self.blob + b"+"
+
+        class BuilderConfig:
+            def __init__(self) -> None:
+                self.flags: list[str] = []
+                self.cache: TimingCache | None = None
+
+            def set_flag(self, flag: str) -> None:
+                self.flags.append(flag)
+
+            def create_timing_cache(self, blob: bytes) -> TimingCache:
+                return TimingCache(bytes(blob))
+
+            def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
+                if fake.reject_timing_cache and cache.blob:
+                    return False
+                self.cache = cache
+                return True
+
+            def get_timing_cache(self) -> TimingCache | None:
+                return self.cache
+
+        class Network:
+            graph = ""
+
+        class OnnxParser:
+            def __init__(self, network: Network, logger: Logger) -> None:
+                self.network = network
+                self.num_errors = 0
+
+            def parse_from_file(self, path: str) -> bool:
+                self.network.graph = Path(path).stem
+                if self.network.graph in fake.fail["parse"]:
+                    self.num_errors = 1
+                    return False
+                return True
+
+            def get_error(self, index: int) -> str:
+                return "unsupported operator Foo"
+
+        class Builder:
+            def __init__(self, logger: Logger) -> None:
+                self.logger = logger
+
+            def create_network(self, flags: int) -> Network:
+                return Network()
+
+            def create_builder_config(self) -> BuilderConfig:
+                return BuilderConfig()
+
+            def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes | None:
+                if network.graph in fake.fail["build"]:
+                    return None
+                return f"plan:{network.graph}:{','.join(config.flags)}".encode()
+
+        for cls in (Logger, DataType, TensorIOMode, Runtime, BuilderFlag, OnnxParser, Builder):
+            setattr(self, cls.__name__, cls)
+
+
+class FakeStream:
+    cuda_stream = STREAM_HANDLE
+
+
+class FakeEvent:
+    """A CUDA event stand-in: `done` says whether the work before its record has finished."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.stream: Any = None
+
+    def record(self, stream: Any) -> None:
+        self.stream = stream
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+def _plan(graph: str, spec: GraphSpec, drop: tuple[str, ...] = (), change: dict[str, dict[str, Any]] | None = None) -> bytes:
+    """A stand-in plan declaring `spec`'s tensors, less `drop`, with fields of some tensors changed."""
+    io = []
+    for mode, specs in (("INPUT", spec.inputs), ("OUTPUT", spec.outputs)):
+        for s in specs:
+            if s.name in drop:
+                continue
+            entry = {"name": s.name, "mode": mode, "shape": list(s.shape), "dtype": _TRT_DTYPE_NAMES[s.dtype]}
+            entry.update((change or {}).get(s.name, {}))
+            io.append([entry["name"], entry["mode"], entry["shape"], entry["dtype"]])
+    return json.dumps({"graph": graph, "io": io}).encode()
+
+
+@pytest.fixture
+def trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    return fake
+
+
+@pytest.fixture
+def events() -> list[FakeEvent]:
+    return []
+
+
+def _engine(
+    folder: Path, events: list[FakeEvent], plans: dict[str, bytes] | None = None, load: bool = True
+) -> TensorRTEngine:
+    """A TensorRT engine over stand-in plans (the context graph does not read `pooled_projections`)."""
+    specs = _specs()
+    plans = plans or {}
+    folder.mkdir(exist_ok=True)
+    for graph in GRAPHS:
+        default = _plan(graph, specs[graph], drop=("pooled_projections",) if graph == "context" else ())
+        (folder / f"{graph}.plan").write_bytes(plans.get(graph, default))
+    engine = TensorRTEngine(folder, specs, torch.device("cpu"))
+
+    def new_event() -> FakeEvent:
+        events.append(FakeEvent())
+        return events[-1]
+
+    engine._stream = FakeStream  # type: ignore[method-assign]
+    engine._event = new_event  # type: ignore[method-assign]
+    if load:
+        engine.load()
+    return engine
+
+
+def _inputs(graph: str) -> dict[str, torch.Tensor]:
+    """Prepared inputs for `graph` (through GraphSpec.prepare, as the engine's step functions do)."""
+    spec = _specs()[graph]
+    raw = {s.name: torch.zeros(s.shape, dtype=torch.float64 if s.dtype == "float32" else s.torch_dtype) for s in spec.inputs}
+    return spec.prepare(raw)
+
+
+# -- binding ---------------------------------------------------------------------------------------
+
+
+def test_outputs_are_bound_to_the_same_preallocated_buffers_across_runs(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    engine = _engine(tmp_path, events)
+    first_inputs = _inputs("full")
+    first = engine.run("full", first_inputs)
+    second = engine.run("full", _inputs("full"))
+    assert [r["stream"] for r in trt.enqueued] == [STREAM_HANDLE, STREAM_HANDLE]
+    for name in ("tokens", "kv"):
+        assert first[name] is second[name]
+        assert first[name].data_ptr() == second[name].data_ptr()
+        assert trt.enqueued[0]["addresses"][name] == trt.enqueued[1]["addresses"][name] == first[name].data_ptr()
+    for name, tensor in first_inputs.items():
+        assert trt.enqueued[0]["addresses"][name] == tensor.data_ptr()
+
+
+def test_a_caller_out_tensor_is_bound_by_address(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    engine = _engine(tmp_path, events)
+    cache = torch.zeros(2, 2, 16, 8)
+    outputs = engine.run("full", _inputs("full"), out={"kv": cache})
+    assert outputs["kv"] is cache
+    assert trt.enqueued[-1]["addresses"]["kv"] == cache.data_ptr()
+    assert "kv" not in engine._buffers["full"]  # no engine buffer for an output the caller provides
+    assert trt.enqueued[-1]["addresses"]["tokens"] == engine._buffers["full"]["tokens"].data_ptr()
+
+
+def test_only_the_tensors_the_engine_declares_are_bound(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    engine = _engine(tmp_path, events)
+    engine.run("context", _inputs("context"))  # pooled_projections given, not declared by the context plan
+    assert set(trt.enqueued[-1]["addresses"]) == {"encoder_hidden_states", "pos_embed"}
+
+
+def test_a_declared_input_the_call_lacks_is_refused_by_name(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    engine = _engine(tmp_path, events)
+    inputs = _inputs("pruned")
+    del inputs["indices"]
+    with pytest.raises(EngineRuntimeError, match=r"'pruned'.*'indices'") as caught:
+        engine.run("pruned", inputs)
+    assert caught.value.field == "pruned.indices"
+    assert trt.enqueued == []
+
+
+@pytest.mark.parametrize(
+    ("name", "tensor", "problem"),
+    [
+        ("kv", torch.zeros(2, 2, 16, 8, dtype=torch.float16), "dtype"),
+        ("kv", torch.zeros(2, 2, 8, 16).transpose(2, 3), "contiguous"),
+        ("tokens", torch.zeros(2, 15, 8), "shape"),
+    ],
+)
+def test_a_bound_tensor_unlike_the_engines_declaration_is_refused(
+    tmp_path: Path, trt: FakeTensorRT, events: list, name: str, tensor: torch.Tensor, problem: str
+) -> None:
+    engine = _engine(tmp_path, events)
+    with pytest.raises(EngineRuntimeError, match=rf"'full'.*'{name}'.*{problem}") as caught:
+        engine.run("full", _inputs("full"), out={name: tensor})
+    assert caught.value.field == f"full.{name}"
+    assert trt.enqueued == []
+
+
+# -- every TensorRT call checked -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_a_plan_that_does_not_deserialize_names_its_graph(tmp_path: Path, trt: FakeTensorRT, events: list, graph: str) -> None:
+    trt.fail["deserialize"].add(graph)
+    with pytest.raises(EngineMismatchError, match=rf"'{graph}'.*{graph}\.plan") as caught:
+        _engine(tmp_path, events)
+    assert caught.value.field == f"{graph}.plan"
+
+
+def test_a_missing_plan_file_names_it(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    engine = _engine(tmp_path, events, load=False)
+    (tmp_path / "pruned.plan").unlink()
+    with pytest.raises(CorruptBundleError, match=r"'pruned'.*pruned\.plan"):
+        engine.load()
+
+
+def test_a_context_that_cannot_be_created_names_its_graph(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    trt.fail["context"].add("full")
+    with pytest.raises(EngineRuntimeError, match=r"execution context for the 'full' graph") as caught:
+        _engine(tmp_path, events)
+    assert caught.value.field == "full"
+
+
+def test_a_refused_tensor_address_names_graph_and_tensor(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    engine = _engine(tmp_path, events)
+    trt.fail["address"].add("pruned.kv_rows")
+    with pytest.raises(EngineRuntimeError, match=r"'pruned'.*'kv_rows'") as caught:
+        engine.run("pruned", _inputs("pruned"))
+    assert caught.value.field == "pruned.kv_rows"
+    assert trt.enqueued == []
+
+
+def test_a_failed_enqueue_names_its_graph_and_still_holds_the_inputs(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    engine = _engine(tmp_path, events)
+    trt.fail["execute"].add("pruned")
+    inputs = _inputs("pruned")
+    held = weakref.ref(inputs["patches"])
+    with pytest.raises(EngineRuntimeError, match=r"failed to enqueue the 'pruned' graph.*tokens.*kv_rows") as caught:
+        engine.run("pruned", inputs)
+    assert caught.value.field == "pruned"
+    del inputs, caught
+    assert held() is not None  # part of the work may be on the stream: held until its event completes
+
+
+@pytest.mark.parametrize(
+    ("graph", "plan_change", "tensor"),
+    [
+        ("full", {"change": {"hidden_states": {"shape": [2, 32, 8]}}}, "hidden_states"),
+        ("pruned", {"change": {"indices": {"dtype": "INT32"}}}, "indices"),
+        ("full", {"change": {"kv": {"dtype": "HALF"}}}, "kv"),
+        ("full", {"drop": ("kv",)}, "kv"),  # an output the runtime reads would never be written
+        ("context", {"change": {"encoder_hidden_states": {"name": "text"}}}, "text"),  # not in the graph
+    ],
+)
+def test_engine_io_unlike_the_graph_spec_is_refused_on_load(
+    tmp_path: Path, trt: FakeTensorRT, events: list, graph: str, plan_change: dict[str, Any], tensor: str
+) -> None:
+    plan = _plan(graph, _specs()[graph], **plan_change)
+    with pytest.raises(EngineMismatchError, match=rf"'{graph}'.*'{tensor}'") as caught:
+        _engine(tmp_path, events, plans={graph: plan})
+    assert caught.value.field == f"{graph}.{tensor}"
+
+
+# -- keeping inputs alive --------------------------------------------------------------------------
+
+
+def test_inputs_stay_referenced_until_their_event_completes(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    engine = _engine(tmp_path, events)
+    inputs = _inputs("full")  # float64 -> float32 casts: nothing but the engine keeps these
+    held = {name: weakref.ref(tensor) for name, tensor in inputs.items()}
+    engine.run("full", inputs)
+    del inputs
+    assert all(ref() is not None for ref in held.values()), "released while the stream may still read them"
+    assert isinstance(events[0].stream, FakeStream)  # recorded on the stream the run was enqueued on
+
+    engine.run("full", _inputs("full"))  # the first run's event has not completed yet
+    assert all(ref() is not None for ref in held.values())
+
+    events[0].done = True
+    engine.run("full", _inputs("full"))  # a later run finds it complete and lets them go
+    assert all(ref() is None for ref in held.values())
+    assert len(events) == 2  # the completed event was reused for the third run
+
+
+def test_synchronize_waits_for_and_releases_every_run(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    engine = _engine(tmp_path, events)
+    inputs = _inputs("pruned")
+    held = weakref.ref(inputs["patches"])
+    engine.run("pruned", inputs)
+    del inputs
+    engine.synchronize()
+    assert held() is None
+
+
+def test_not_capturable() -> None:
+    assert TensorRTEngine.capturable is False and TensorRTEngine.cuda_graphs is False
+
+
+# -- the builder -----------------------------------------------------------------------------------
+
+
+def _onnx_dir(tmp_path: Path) -> Path:
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    for graph in GRAPHS:
+        (onnx_dir / f"{graph}.onnx").write_bytes(b"onnx")
+    return onnx_dir
+
+
+def _staging(tmp_path: Path) -> Path:
+    staging = tmp_path / "engines" / ".build.tmp-x"
+    staging.mkdir(parents=True)
+    return staging
+
+
+def test_build_plans_writes_one_plan_per_graph_atomically(tmp_path: Path, trt: FakeTensorRT) -> None:
+    staging = _staging(tmp_path)
+    trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt", precision="fp16"))
+    assert sorted(p.name for p in staging.iterdir()) == sorted(f"{g}.plan" for g in GRAPHS)  # no temporaries left
+    for graph in GRAPHS:
+        assert (staging / f"{graph}.plan").read_bytes() == f"plan:{graph}:FP16".encode()
+    cache = staging.parent / trt_export.TIMING_CACHE
+    assert cache.read_bytes() == b"+++"  # shared by the three graphs, one build after another
+    assert [p.name for p in staging.parent.iterdir() if p.name.startswith(".tensorrt")] == []
+
+
+def test_a_timing_cache_tensorrt_rejects_is_set_aside(tmp_path: Path, trt: FakeTensorRT) -> None:
+    staging = _staging(tmp_path)
+    (staging.parent / trt_export.TIMING_CACHE).write_bytes(b"from another TensorRT")
+    trt.reject_timing_cache = True
+    trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt"))
+    assert (staging / "pruned.plan").is_file()
+
+
+@pytest.mark.parametrize(("call", "graph", "field"), [("parse", "full", "full.onnx"), ("build", "pruned", "pruned.plan")])
+def test_builder_failures_name_the_graph(tmp_path: Path, trt: FakeTensorRT, call: str, graph: str, field: str) -> None:
+    staging = _staging(tmp_path)
+    trt.fail[call].add(graph)
+    with pytest.raises(BuildError, match=rf"'{graph}'") as caught:
+        trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt"))
+    assert caught.value.field == field
+    assert not (staging / f"{graph}.plan").exists()
+    assert all(not p.name.startswith(".") for p in staging.iterdir())
+
+
+def test_a_missing_onnx_graph_names_it(tmp_path: Path, trt: FakeTensorRT) -> None:
+    onnx_dir = _onnx_dir(tmp_path)
+    (onnx_dir / "context.onnx").unlink()
+    with pytest.raises(BuildError, match=r"'context'") as caught:
+        trt_export.build_plans(onnx_dir, _staging(tmp_path), BuildConfig("tiny-sd3", backend="tensorrt"))
+    assert caught.value.field == "context.onnx"
