@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import inspect
 import os
 import re
 import statistics
@@ -55,7 +54,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -351,40 +349,23 @@ def diffusers_step(transformer: torch.nn.Module) -> StepFn:
     return step
 
 
-@contextlib.contextmanager
-def compile_backend(tiny: bool) -> Iterator[None]:
-    """Under --tiny, torch.compile made inside uses dynamo's "eager" backend: the same tracing, no codegen.
+def compile_backend_name(tiny: bool) -> str:
+    """Under --tiny, torch.compile uses dynamo's "eager" backend: the same tracing, no codegen.
 
-    Inductor's code generation for these graphs takes minutes on a 2-core CPU; the GPU run uses
-    whatever the compile call asks for.
+    Inductor's code generation for these graphs takes minutes on a 2-core CPU; the GPU run uses inductor.
     """
-    if not tiny:
-        yield
-        return
-    original = torch.compile
-
-    def eager_compile(model: Any = None, **kwargs: Any) -> Any:
-        kwargs.pop("mode", None)
-        kwargs.pop("options", None)
-        kwargs["backend"] = "eager"
-        return original(model, **kwargs) if model is not None else original(**kwargs)
-
-    torch.compile = eager_compile
-    try:
-        yield
-    finally:
-        torch.compile = original
+    return "eager" if tiny else "inductor"
 
 
 def diffusers_compiled(transformer: torch.nn.Module, how: str, tiny: bool) -> Variant:
     """torch.compile of the diffusers transformer; regional = each block compiled in place."""
-    with compile_backend(tiny):
-        if how == "regional":
-            for block in transformer.transformer_blocks:
-                block.compile(dynamic=False)
-            step = diffusers_step(transformer)
-        else:
-            step = diffusers_step(torch.compile(transformer, dynamic=False))
+    backend = compile_backend_name(tiny)
+    if how == "regional":
+        for block in transformer.transformer_blocks:
+            block.compile(dynamic=False, backend=backend)
+        step = diffusers_step(transformer)
+    else:
+        step = diffusers_step(torch.compile(transformer, dynamic=False, backend=backend))
     note = "torch.compile (inductor, default mode) of each transformer block" if how == "regional" else "torch.compile of the whole transformer"
     return Variant(lambda: step, prunes=False, notes=[note + (" [--tiny: dynamo 'eager' backend]" if tiny else "")])
 
@@ -397,36 +378,15 @@ def catrt_variant(adapter: Any, args: argparse.Namespace, compiled: bool, device
     """
     from catrt.runtime import CATRuntime
 
-    config = CATConfig(alpha=args.alpha, t0=args.t0)
-    params = inspect.signature(CATRuntime).parameters
-    notes: list[str] = []
-    functions = None
-    if compiled:
-        with compile_backend(args.tiny):
-            try:
-                from catrt.engines.compile import compile_step_functions
-            except ImportError:
-                mode = "reduce-overhead" if device.type == "cuda" and "cuda_graphs" not in params else "default"
-                functions = SimpleNamespace(
-                    full_forward=torch.compile(adapter.full_forward, mode=mode, dynamic=False),
-                    pruned_forward=torch.compile(adapter.pruned_forward, mode=mode, dynamic=False),
-                )
-                notes.append(f"catrt.engines.compile.compile_step_functions missing: torch.compile mode {mode} of the adapter's functions")
-            else:
-                functions = compile_step_functions(adapter)
-        if args.tiny:
-            notes.append("[--tiny: dynamo 'eager' backend]")
-    extra: dict[str, Any] = {}
-    if "buffers" in params:
-        from catrt.runtime import RuntimeBuffers
+    from catrt.engines.compile import compile_step_functions
+    from catrt.runtime import RuntimeBuffers
 
-        extra["buffers"] = RuntimeBuffers()
-    else:
-        notes.append("runtime without persistent buffers (old API)")
-    if "cuda_graphs" in params:
-        extra["cuda_graphs"] = compiled and device.type == "cuda"
-    elif compiled and device.type == "cuda":
-        notes.append("runtime without cuda_graphs (old API)")
+    config = CATConfig(alpha=args.alpha, t0=args.t0)
+    notes: list[str] = []
+    functions = compile_step_functions(adapter, compile_backend_name(args.tiny)) if compiled else None
+    if compiled and args.tiny:
+        notes.append("[--tiny: dynamo 'eager' backend]")
+    extra: dict[str, Any] = {"buffers": RuntimeBuffers(), "cuda_graphs": compiled and device.type == "cuda"}
 
     def new_generation() -> StepFn:
         return CATRuntime(adapter, config, steps=args.steps, guidance=True, functions=functions, **extra)

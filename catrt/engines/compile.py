@@ -24,19 +24,22 @@ class CompiledSteps:
     capturable = True
     cuda_graphs = True  # the runtime captures compiled steps on a CUDA device by default
 
-    def __init__(self, adapter: Adapter) -> None:
+    def __init__(self, adapter: Adapter, backend: str = "inductor") -> None:
         self.adapter = adapter
-        self.full_forward = torch.compile(adapter.full_forward, dynamic=False)
-        self.pruned_forward = torch.compile(adapter.pruned_forward, dynamic=False)
+        self.full_forward = torch.compile(adapter.full_forward, dynamic=False, backend=backend)
+        self.pruned_forward = torch.compile(adapter.pruned_forward, dynamic=False, backend=backend)
 
     def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context:
         return self.adapter.prepare_context(inputs, latent_shape)
 
 
-def compile_step_functions(adapter: Adapter) -> CompiledSteps:
-    """The runtime's step functions for `adapter`, compiled on first use."""
-    logger.info("torch.compile of the step functions of %s", type(adapter.transformer).__name__)
-    return CompiledSteps(adapter)
+def compile_step_functions(adapter: Adapter, backend: str = "inductor") -> CompiledSteps:
+    """The runtime's step functions for `adapter`, compiled on first use by torch.compile's `backend`.
+
+    ("eager" traces with dynamo but generates no code: benchmarks use it for quick CPU smoke runs.)
+    """
+    logger.info("torch.compile (%s) of the step functions of %s", backend, type(adapter.transformer).__name__)
+    return CompiledSteps(adapter, backend)
 
 
 class CompileEngine(EagerEngine):
