@@ -8,13 +8,14 @@ or killed build leaves an earlier build of the same name untouched.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from catrt.build_config import BuildConfig
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
 from catrt.errors import BuildError, ConfigError
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
+from catrt.integrity import resolve_key, sign_manifest
 from catrt.loading import load_pipeline
 from catrt.manifest import (
     Manifest,
@@ -55,7 +57,11 @@ class _Reference:
 
 
 def build_engines(
-    config: BuildConfig, out_dir: Path = Path("engines"), export_dir: Path = Path("export"), progress: bool = True
+    config: BuildConfig,
+    out_dir: Path = Path("engines"),
+    export_dir: Path = Path("export"),
+    progress: bool = True,
+    sign_key: bytes | None = None,
 ) -> Path:
     """Build, verify and publish the engines of `config`; returns `out_dir / <build-name>`.
 
@@ -64,11 +70,15 @@ def build_engines(
         out_dir: parent folder of the engine bundles.
         export_dir: parent folder of the ONNX exports (kept for inspection and rebuilds).
         progress: show tqdm bars for the stages.
+        sign_key: sign the manifest with this key (HMAC-SHA256, `catrt.integrity.sign_manifest`), so
+            `catrt.load(..., key=sign_key)` can tell it from an edited or foreign bundle.
 
     Example:
         >>> path = build_engines(BuildConfig("tiny-sd3", height=64, width=64, steps=12, t0=4))
         >>> fast = catrt.load(path)
     """
+    if sign_key is not None:
+        sign_key = resolve_key(sign_key)  # an empty or non-bytes key is refused before any work
     config = config.resolved(backend=resolve_backend(config.backend))
     engine = ENGINES[config.backend]
     device = engine.default_device()
@@ -91,11 +101,18 @@ def build_engines(
         config = _with_resolution(config, pipe)
         adapter = make_adapter(pipe.transformer)
         bar.update()
-        return _build(config, pipe, adapter, device, Path(out_dir), Path(export_dir), bar)
+        return _build(config, pipe, adapter, device, Path(out_dir), Path(export_dir), bar, sign_key)
 
 
 def _build(
-    config: BuildConfig, pipe: Any, adapter: Adapter, device: torch.device, out_dir: Path, export_dir: Path, bar: tqdm
+    config: BuildConfig,
+    pipe: Any,
+    adapter: Adapter,
+    device: torch.device,
+    out_dir: Path,
+    export_dir: Path,
+    bar: tqdm,
+    sign_key: bytes | None = None,
 ) -> Path:
     name = config.build_name()
     bar.set_description(f"catrt build {name}")
@@ -118,7 +135,11 @@ def _build(
         verification = _verify(config, staging, specs, adapter, device, reference)
         bar.update()
         bar.set_postfix_str(STAGES[5])
-        write_manifest(staging, _manifest(config, pipe, device, reference, specs, verification, exporters, staging))
+        manifest = _manifest(config, pipe, device, reference, specs, verification, exporters, staging)
+        if sign_key is not None:
+            # Signed as it will be read back: the JSON round trip turns tuples into lists.
+            manifest = replace(manifest, signature=sign_manifest(json.loads(json.dumps(manifest.to_dict())), sign_key))
+        write_manifest(staging, manifest)
         bar.update()
     logger.info("built %s", out_dir / name)
     return out_dir / name

@@ -82,11 +82,14 @@ class BuildConfig:
         return arguments
 
     def build_name(self) -> str:
-        """Folder name, e.g. `tiny-sd3-64x96-b1-s12-t4-a0.30-fp32-onnxruntime` (never parsed back)."""
+        """Folder name, e.g. `tiny-sd3-96x64-b1-s12-t4-a0.30-fp32-onnxruntime` (never parsed back).
+
+        The size is WxH, width first, as OpenAI's `size` and everywhere else in catrt.
+        """
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1]).strip("-.") or "model"
         text = "" if self.max_sequence_length is None else f"-l{self.max_sequence_length}"
         return (
-            f"{model}-{self.height}x{self.width}-b{self.batch}-s{self.steps}-t{self.t0}-a{self.alpha:.2f}"
+            f"{model}-{self.width}x{self.height}-b{self.batch}-s{self.steps}-t{self.t0}-a{self.alpha:.2f}"
             f"{text}-{self.precision}-{self.backend}"
         )
 

@@ -1,8 +1,10 @@
 """`catrt.load(engine_dir)`: a built bundle as a pipeline, after checking it fits the request and machine.
 
-Every check runs before a backend touches the files: the files' digests (CorruptBundleError), the
-catrt / backend versions and the device (EngineMismatchError), the model's transformer config, and on
-each call the resolution, batch, steps and text length the graphs were built for (ConfigError).
+Every check runs before a backend touches the files: the bundle's integrity (`catrt.integrity`: the
+manifest's shape and format, its signature when a key is given, the files the backend needs with
+their digests, the build fields against the graphs; CorruptBundleError), the catrt / backend versions
+and the device (EngineMismatchError), the model's transformer config, and on each call the
+resolution, batch, steps and text length the graphs were built for (ConfigError).
 
 A bundle whose backend carries its own weights (onnxruntime, tensorrt) loads the pipeline without
 the transformer's weights: `pipe.transformer` is a weightless stand-in for its config, and the
@@ -21,9 +23,10 @@ from typing import Any
 from catrt.build_config import BuildConfig
 from catrt.config import CATConfig
 from catrt.engines import ENGINES, Engine, GraphSpec
-from catrt.errors import ConfigError, EngineMismatchError
+from catrt.errors import CatrtError, ConfigError, EngineMismatchError
+from catrt.integrity import check_integrity, resolve_key
 from catrt.loading import load_pipeline
-from catrt.manifest import Manifest, check_environment, describe_device, read_manifest, transformer_config, verify_files
+from catrt.manifest import Manifest, describe_device, environment_problems, transformer_config
 from catrt.models import make_adapter
 from catrt.pipeline import AcceleratedPipeline, accelerate, pipeline_spec
 
@@ -94,20 +97,23 @@ def request_batch(arguments: dict[str, Any]) -> int:
     return prompts * (arguments.get("num_images_per_prompt") or 1)
 
 
-def load(engine_dir: str | os.PathLike, config: CATConfig | None = None) -> EnginePipeline:
+def load(engine_dir: str | os.PathLike, config: CATConfig | None = None, key: bytes | None = None) -> EnginePipeline:
     """Load a bundle written by `build_engines` as a callable pipeline.
 
     Args:
         engine_dir: an `engines/<build-name>/` folder.
         config: CAT settings to run with; alpha and t0 must be the build's (the default), the other
             fields (clusters, decay, seed...) are free.
+        key: the bundle key its build was signed with (`catrt build --sign-key-file`); None = the
+            `CATRT_BUNDLE_KEY` environment variable if set. With a key an unsigned or otherwise
+            signed bundle is refused; without one a signed bundle loads as any other.
 
     Example:
-        >>> fast = catrt.load("engines/tiny-sd3-64x96-b1-s12-t4-a0.30-fp32-onnxruntime")
+        >>> fast = catrt.load("engines/tiny-sd3-96x64-b1-s12-t4-a0.30-fp32-onnxruntime")
         >>> image = fast("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
     """
     folder = Path(engine_dir)
-    manifest = verify_bundle(folder)
+    manifest = verify_bundle(folder, key)
     build = BuildConfig.from_dict(manifest.build)
     engine_class = ENGINES[build.backend]
     device = engine_class.default_device()
@@ -137,19 +143,38 @@ def _check_transformer(build: BuildConfig, manifest: Manifest, transformer: Any)
             )
 
 
-def verify_bundle(folder: Path) -> Manifest:
-    """The bundle's manifest, after checking its files, its backend, versions and device here."""
-    manifest = read_manifest(folder)
-    verify_files(folder, manifest)
-    engine_class = ENGINES[BuildConfig.from_dict(manifest.build).backend]
+def verify_bundle(folder: Path, key: bytes | None = None) -> Manifest:
+    """The bundle's manifest, after checking its integrity, its backend, versions and device here.
+
+    Raises the first problem `bundle_problems` finds; `key` as for `load`.
+    """
+    manifest, problems = bundle_problems(folder, key)
+    if problems:
+        raise problems[0]
+    assert manifest is not None
+    return manifest
+
+
+def bundle_problems(folder: Path, key: bytes | None = None) -> tuple[Manifest | None, list[CatrtError]]:
+    """Every problem of a bundle, integrity first, then whether this machine can run it (nothing raised).
+
+    Returns the manifest where its shape is readable (else None) and the problems, each a catrt error
+    naming its file or field. `key`: as for `load` (None = `$CATRT_BUNDLE_KEY`, if set).
+    """
+    report = check_integrity(Path(folder), resolve_key(key))
+    problems = list(report.problems)
+    if report.manifest is None or report.build is None:
+        return report.manifest, problems
+    engine_class = ENGINES[report.build.backend]
     reason = engine_class.unavailable_reason()
     if reason is not None:
-        raise EngineMismatchError(
+        problems.append(EngineMismatchError(
             f"engine backend {engine_class.name} cannot run here: {reason}", field="backend", value=engine_class.name
-        )
+        ))
+        return report.manifest, problems
     device = describe_device(engine_class.default_device())
-    check_environment(manifest, engine_class.package, device, engine_class.device_fields)
-    return manifest
+    problems += environment_problems(report.manifest, engine_class.package, device, engine_class.device_fields)
+    return report.manifest, problems
 
 
 def _run_config(build: BuildConfig, config: CATConfig | None) -> CATConfig:

@@ -260,6 +260,10 @@ def _hub_error(card: ModelCard, error: BaseException) -> CatrtError:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     out = _output_path(args.out)  # a bad name costs nothing: refused before any import or load
+    if args.bundle_key_file is not None and args.engines is None:
+        raise ConfigError(
+            "--bundle-key-file checks an engine bundle's signature: use it with --engines", field="bundle_key_file",
+        )
     runner, mode = _engine_runner(args) if args.engines is not None else _model_runner(args)
     from catrt.generation import GenerationRequest, generate_image
 
@@ -307,18 +311,19 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
 def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
     """An engine bundle: the build fixes alpha, t0, resolution and steps; the other CAT flags are free."""
     _refuse_fixed_flags(args)
-    from catrt.build_config import BuildConfig
     from catrt.bundle import load
+    from catrt.integrity import read_build_config, read_key_file
     from catrt.manifest import read_manifest
 
-    build = BuildConfig.from_dict(read_manifest(Path(args.engines)).build)
+    key = None if args.bundle_key_file is None else read_key_file(args.bundle_key_file)
+    build = read_build_config(read_manifest(Path(args.engines)))  # for the flag checks; `load` verifies it all
     _check_against_build(args, build)
     config = build.cat_config(
         seed=args.seed, n_clusters=args.n_clusters, ewma_decay=args.ewma_decay,
         magnitude_fraction=args.magnitude_fraction, refresh_every=args.refresh_every, rule=args.rule,
     )
     with _hub_errors(build.model):
-        runner = load(args.engines, config)
+        runner = load(args.engines, config, key=key)
     _check_prompts(args, runner, limit=build.max_sequence_length)
     return runner, f"alpha={build.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
 
@@ -380,6 +385,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     _card_size(MODEL_CARDS.get(args.model), args.height, args.width, args.model)
     from catrt.build import build_engines
     from catrt.build_config import BuildConfig
+    from catrt.integrity import read_key_file
+
+    sign_key = None if args.sign_key_file is None else read_key_file(args.sign_key_file, "sign_key_file")
 
     config = BuildConfig(
         model=args.model, height=args.height, width=args.width, batch=args.batch, steps=args.steps,
@@ -387,19 +395,40 @@ def cmd_build(args: argparse.Namespace) -> int:
         max_sequence_length=args.max_sequence_length,
     )
     with _hub_errors(args.model):
-        path = build_engines(config, out_dir=Path(args.out), export_dir=Path(args.export_dir))
-    print(f"built {path}")
+        path = build_engines(config, out_dir=Path(args.out), export_dir=Path(args.export_dir), sign_key=sign_key)
+    print(f"built {path}" + (" (signed)" if sign_key is not None else ""))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print a bundle's manifest, then verify its files and that this machine can run it."""
-    from catrt.bundle import verify_bundle
-    from catrt.manifest import read_manifest
+    """Print a bundle's manifest, then every problem of its files and fields and of this machine (exit 2), or OK."""
+    from catrt.bundle import bundle_problems
+    from catrt.integrity import BUNDLE_KEY_ENV, read_key_file, resolve_key
 
-    manifest = read_manifest(Path(args.engines))
-    build = manifest.build
+    key = resolve_key(None if args.bundle_key_file is None else read_key_file(args.bundle_key_file))
+    manifest, problems = bundle_problems(Path(args.engines), key)
     print(f"engine {args.engines}")
+    if manifest is not None:
+        _print_manifest(manifest)
+        if manifest.signature is None:
+            print(f"  signature: none{' (refused: a bundle key is given)' if key is not None else ''}")
+        elif key is None:
+            print(f"  signature: present, not checked (no --bundle-key-file or ${BUNDLE_KEY_ENV})")
+        else:
+            matches = not any(problem.field == "signature" for problem in problems)
+            print(f"  signature: {'matches' if matches else 'does not match'} the bundle key")
+    if problems:
+        for problem in problems:
+            print(f"catrt inspect: error: {_one_line(problem)}", file=sys.stderr)
+        print(f"catrt inspect: {len(problems)} problem(s) found in {args.engines}", file=sys.stderr)
+        return 2
+    print("files and machine: OK")
+    return 0
+
+
+def _print_manifest(manifest: Any) -> None:
+    """The manifest's facts, one line each (its shape is checked: every field is there)."""
+    build = manifest.build
     print(f"  model:     {manifest.model['name']} ({manifest.model['pipeline_class']}, transformer sha256 {manifest.model['transformer_sha256'][:16]}...)")
     print(f"  build:     {build['width']}x{build['height']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
           f"alpha {build['alpha']} (k = {manifest.k} of N = {manifest.num_tokens}), {build['precision']}, {build['backend']}")
@@ -413,9 +442,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name, record in manifest.files.items():
         print(f"  file {name}: {record['size']} bytes, sha256 {record['sha256'][:16]}...")
     print(f"  total:     {manifest.total_size} bytes")
-    verify_bundle(Path(args.engines))
-    print("files and machine: OK")
-    return 0
 
 
 def _add_build_parser(commands: argparse._SubParsersAction) -> None:
@@ -437,10 +463,16 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
                        help="text length the graphs take (default: the pipeline's)")
     build.add_argument("--out", default="engines", help="parent folder of the engine bundles")
     build.add_argument("--export-dir", default="export", help="parent folder of the ONNX exports")
+    build.add_argument("--sign-key-file", default=None,
+                       help="sign the manifest (HMAC-SHA256) with the key in this file; load it with "
+                            "--bundle-key-file or $CATRT_BUNDLE_KEY set to that key (default: unsigned)")
     build.set_defaults(handler=cmd_build)
 
-    inspect = commands.add_parser("inspect", help="print an engine bundle's manifest and verify its files")
+    inspect = commands.add_parser("inspect", help="print an engine bundle's manifest and list every problem it has")
     inspect.add_argument("engines", help="an engines/<build-name> folder")
+    inspect.add_argument("--bundle-key-file", default=None,
+                         help="check the bundle's signature against the key in this file "
+                              "(default: $CATRT_BUNDLE_KEY if set, else not checked)")
     inspect.set_defaults(handler=cmd_inspect)
 
 
@@ -499,6 +531,9 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--engines", default=None,
                           help="run a built engine folder (its build fixes the model, alpha, t0, size, steps, "
                                "precision and device)")
+    generate.add_argument("--bundle-key-file", default=None,
+                          help="with --engines: refuse the bundle unless signed with the key in this file "
+                               "(default: $CATRT_BUNDLE_KEY if set, else not checked)")
     generate.set_defaults(handler=cmd_generate)
 
 

@@ -2,6 +2,10 @@
 
 The builder writes it last; loading reads it first and checks the files and the machine against it
 before any backend sees a byte, so a bad bundle is a named error instead of a backend crash.
+
+This module checks the manifest's own shape (`manifest_problems`: every field present with its type,
+the format this catrt reads) and the machine (`environment_problems`); `catrt.integrity` checks the
+files and that the fields agree with each other and with the graphs.
 """
 
 from __future__ import annotations
@@ -10,19 +14,24 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from catrt.errors import CorruptBundleError, EngineMismatchError
+from catrt.errors import CatrtError, CorruptBundleError, EngineMismatchError
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+#: The bundle layout this catrt reads. 2: three graphs (context / full / pruned), `initializers.json`
+#: beside `weights.bin`, the transformer config in `model`, an optional HMAC `signature`.
+FORMAT_VERSION = 2
+SIGNATURE_FIELD = "signature"
 VERSIONED_PACKAGES: tuple[str, ...] = ("catrt", "torch", "diffusers", "onnx", "onnxruntime", "tensorrt")
 _CHUNK = 1 << 20
 
@@ -43,12 +52,18 @@ class Manifest:
     verification: dict[str, Any]
     exporters: dict[str, str] = field(default_factory=dict)
     format: int = FORMAT_VERSION
+    #: HMAC-SHA256 (hex) of the rest of the manifest, when the build was signed (`catrt.integrity`).
+    signature: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data[SIGNATURE_FIELD] is None:
+            del data[SIGNATURE_FIELD]  # an unsigned manifest has no signature field at all
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """A manifest from checked data (`manifest_problems(data) == []`); `read_manifest` checks first."""
         return cls(**data)
 
 
@@ -56,8 +71,8 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def read_manifest(folder: Path) -> Manifest:
-    """The manifest of a bundle folder; a missing or unreadable one is a CorruptBundleError."""
+def read_manifest_data(folder: Path) -> dict[str, Any]:
+    """The manifest's JSON object, unchecked; a missing, unreadable or non-object one is a CorruptBundleError."""
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise CorruptBundleError(
@@ -65,9 +80,215 @@ def read_manifest(folder: Path) -> Manifest:
             field=MANIFEST_FILE,
         )
     try:
-        return Manifest.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         raise CorruptBundleError(f"{path} is not a valid catrt manifest: {error}", field=MANIFEST_FILE) from error
+    if not isinstance(data, dict):
+        raise CorruptBundleError(
+            f"{path} is not a valid catrt manifest: it holds a JSON {type(data).__name__}, not an object",
+            field=MANIFEST_FILE,
+        )
+    return data
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """The manifest of a bundle folder, its shape checked; the first problem is raised as a CorruptBundleError.
+
+    Only the manifest itself is checked here; `catrt.integrity.check_integrity` also checks the
+    files and the fields against each other and the graphs.
+    """
+    data = read_manifest_data(folder)
+    problems = manifest_problems(data)
+    if problems:
+        raise problems[0]
+    return Manifest.from_dict(data)
+
+
+# -- the manifest's shape ----------------------------------------------------------------------
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# Top-level fields: the type each must have (`signature` is the only optional one).
+_TOP_LEVEL: dict[str, type] = {
+    "format": int, "build": dict, "model": dict, "num_tokens": int, "k": int, "graphs": dict, "versions": dict,
+    "device": dict, "files": dict, "total_size": int, "verification": dict, "exporters": dict,
+}
+_MODEL_FIELDS: dict[str, type] = {
+    "name": str, "pipeline_class": str, "transformer_class": str, "transformer_config": dict, "transformer_sha256": str,
+}
+_TYPE_NAMES: dict[type, str] = {int: "an integer", dict: "an object", str: "a string", list: "a list", float: "a number"}
+
+
+def manifest_problems(data: dict[str, Any]) -> list[CorruptBundleError]:
+    """Every problem with the manifest's shape, each naming its field; [] when `Manifest.from_dict` may read it.
+
+    A manifest of another `format` is reported alone: its fields are another layout's.
+    """
+    problems: list[CorruptBundleError] = []
+    found = data.get("format")
+    if "format" not in data:
+        return [_shape("format", f"has no 'format' field (this catrt reads bundle format {FORMAT_VERSION})", rebuild=" with this catrt")]
+    if not _is_int(found) or found != FORMAT_VERSION:
+        return [
+            _shape(
+                "format",
+                f"field 'format' is {found!r}, but this catrt reads bundle format {FORMAT_VERSION} only",
+                value=found, rebuild=" with this catrt",
+            )
+        ]
+    unknown = sorted(set(data) - set(_TOP_LEVEL) - {SIGNATURE_FIELD})
+    for name in unknown:
+        problems.append(_shape(str(name), f"has an unknown field {name!r}"))
+    for name, kind in _TOP_LEVEL.items():
+        problem = _typed(data, name, kind, name)
+        if problem is not None:
+            problems.append(problem)
+    if SIGNATURE_FIELD in data and not (isinstance(data[SIGNATURE_FIELD], str) and _HEX64.fullmatch(data[SIGNATURE_FIELD])):
+        problems.append(_shape(SIGNATURE_FIELD, "field 'signature' must be 64 lowercase hex characters (an HMAC-SHA256)"))
+    for name in ("num_tokens", "k"):
+        if _is_int(data.get(name)) and data[name] < 1:
+            problems.append(_shape(name, f"field {name!r} must be at least 1, got {data[name]}", value=data[name]))
+    if _is_int(data.get("total_size")) and data["total_size"] < 0:
+        problems.append(_shape("total_size", f"field 'total_size' must be >= 0, got {data['total_size']}"))
+    if isinstance(data.get("build"), dict):
+        problems += _build_shape(data["build"])
+    if isinstance(data.get("model"), dict):
+        problems += _model_shape(data["model"])
+    if isinstance(data.get("graphs"), dict):
+        problems += _graphs_shape(data["graphs"])
+    if isinstance(data.get("files"), dict):
+        problems += _files_shape(data["files"])
+    if isinstance(data.get("verification"), dict):
+        problems += _verification_shape(data["verification"])
+    for name in ("versions", "exporters", "device"):
+        if isinstance(data.get(name), dict):
+            problems += _strings_shape(data[name], name)
+    if isinstance(data.get("device"), dict) and "kind" not in data["device"]:
+        problems.append(_shape("device.kind", "field 'device.kind' is missing"))
+    return problems
+
+
+def _build_shape(build: dict[str, Any]) -> list[CorruptBundleError]:
+    """Every BuildConfig field is present (a missing one would silently take its default)."""
+    from catrt.build_config import BuildConfig
+
+    names = [f.name for f in fields(BuildConfig)]
+    problems = [_shape(f"build.{name}", f"field 'build.{name}' is missing") for name in names if name not in build]
+    problems += [_shape(f"build.{name}", f"has an unknown field 'build.{name}'") for name in sorted(set(build) - set(names), key=str)]
+    return problems
+
+
+def _model_shape(model: dict[str, Any]) -> list[CorruptBundleError]:
+    problems = [p for name, kind in _MODEL_FIELDS.items() if (p := _typed(model, name, kind, f"model.{name}")) is not None]
+    digest = model.get("transformer_sha256")
+    if isinstance(digest, str) and not _HEX64.fullmatch(digest):
+        problems.append(_shape("model.transformer_sha256", "field 'model.transformer_sha256' must be 64 lowercase hex characters"))
+    return problems
+
+
+def _graphs_shape(graphs: dict[str, Any]) -> list[CorruptBundleError]:
+    from catrt.engines.base import DTYPES, GRAPHS
+
+    problems = [_shape(f"graphs.{name}", f"field 'graphs.{name}' is missing") for name in GRAPHS if name not in graphs]
+    problems += [_shape(f"graphs.{name}", f"has an unknown graph 'graphs.{name}'") for name in graphs if name not in GRAPHS]
+    for graph in GRAPHS:
+        spec = graphs.get(graph)
+        if graph not in graphs:
+            continue
+        if not isinstance(spec, dict):
+            problems.append(_shape(f"graphs.{graph}", f"field 'graphs.{graph}' must be an object, got {_kind(spec)}"))
+            continue
+        for side in ("inputs", "outputs"):
+            where = f"graphs.{graph}.{side}"
+            tensors = spec.get(side)
+            if not isinstance(tensors, list) or not tensors:
+                problems.append(_shape(where, f"field {where!r} must be a non-empty list of tensors, got {_kind(tensors)}"))
+                continue
+            names: set[str] = set()
+            for index, tensor in enumerate(tensors):
+                at = f"{where}[{index}]"
+                if not isinstance(tensor, dict) or set(tensor) != {"name", "shape", "dtype"}:
+                    problems.append(_shape(at, f"field {at!r} must be an object with name, shape and dtype"))
+                    continue
+                if not isinstance(tensor["name"], str) or not tensor["name"] or tensor["name"] in names:
+                    problems.append(_shape(at, f"field '{at}.name' must be a tensor name used once, got {tensor['name']!r}"))
+                    continue
+                names.add(tensor["name"])
+                shape = tensor["shape"]
+                if not isinstance(shape, list) or not all(_is_int(size) and size >= 1 for size in shape):
+                    problems.append(_shape(f"{where}.{tensor['name']}", f"field '{where}.{tensor['name']}.shape' must be a list of positive integers, got {shape!r}"))
+                if tensor["dtype"] not in DTYPES:
+                    problems.append(_shape(f"{where}.{tensor['name']}", f"field '{where}.{tensor['name']}.dtype' must be one of {', '.join(DTYPES)}, got {tensor['dtype']!r}"))
+    return problems
+
+
+def _files_shape(files: dict[str, Any]) -> list[CorruptBundleError]:
+    """Each record is {"sha256": 64 hex characters, "size": an integer >= 0} (names: `catrt.integrity`)."""
+    problems = []
+    for name, record in files.items():
+        where = f"files[{name!r}]"
+        if not isinstance(record, dict):
+            problems.append(_shape(name, f"record {where} must be an object with sha256 and size, got {_kind(record)}"))
+            continue
+        for key in sorted(set(record) - {"sha256", "size"}, key=str):
+            problems.append(_shape(name, f"record {where} has an unknown field {key!r}"))
+        if "sha256" not in record:
+            problems.append(_shape(name, f"record {where} has no sha256"))
+        elif not isinstance(record["sha256"], str) or not _HEX64.fullmatch(record["sha256"]):
+            problems.append(_shape(name, f"record {where} sha256 must be 64 lowercase hex characters, got {record['sha256']!r}"))
+        if "size" not in record:
+            problems.append(_shape(name, f"record {where} has no size"))
+        elif not _is_int(record["size"]) or record["size"] < 0:
+            problems.append(_shape(name, f"record {where} size must be an integer >= 0, got {record['size']!r}"))
+    return problems
+
+
+def _verification_shape(verification: dict[str, Any]) -> list[CorruptBundleError]:
+    problems = []
+    errors = verification.get("max_relative_error")
+    if not isinstance(errors, dict) or not errors or not all(_is_number(value) for value in errors.values()):
+        problems.append(_shape("verification.max_relative_error", "field 'verification.max_relative_error' must be a non-empty object of numbers"))
+    if not _is_number(verification.get("tolerance")):
+        problems.append(_shape("verification.tolerance", "field 'verification.tolerance' must be a number"))
+    if not isinstance(verification.get("passed"), bool):
+        problems.append(_shape("verification.passed", "field 'verification.passed' must be true or false"))
+    return problems
+
+
+def _strings_shape(values: dict[str, Any], where: str) -> list[CorruptBundleError]:
+    return [
+        _shape(f"{where}.{key}", f"field '{where}.{key}' must be a string, got {_kind(value)}")
+        for key, value in values.items()
+        if not isinstance(value, str)
+    ]
+
+
+def _typed(data: dict[str, Any], name: str, kind: type, where: str) -> CorruptBundleError | None:
+    if name not in data:
+        return _shape(where, f"field {where!r} is missing")
+    value = data[name]
+    if (kind is int and not _is_int(value)) or (kind is not int and not isinstance(value, kind)):
+        return _shape(where, f"field {where!r} must be {_TYPE_NAMES[kind]}, got {_kind(value)}", value=value)
+    return None
+
+
+def _shape(field_name: str, message: str, value: object = None, rebuild: str = "") -> CorruptBundleError:
+    return CorruptBundleError(f"{MANIFEST_FILE} {message}; rebuild the engine{rebuild}", field=field_name, value=value)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def file_digest(path: Path) -> str:
@@ -85,20 +306,6 @@ def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != MANIFEST_FILE
     }
-
-
-def verify_files(folder: Path, manifest: Manifest) -> None:
-    """Every recorded file exists with its recorded size and sha256; raises naming the first bad one."""
-    for name, record in manifest.files.items():
-        path = folder / name
-        if not path.is_file():
-            raise CorruptBundleError(f"engine file {name} is missing from {folder}; rebuild the engine", field=name)
-        if path.stat().st_size != record["size"] or file_digest(path) != record["sha256"]:
-            raise CorruptBundleError(
-                f"engine file {name} in {folder} does not match its manifest sha256 (corrupt or modified); "
-                f"rebuild the engine",
-                field=name,
-            )
 
 
 def package_versions() -> dict[str, str]:
@@ -141,28 +348,39 @@ def _nvml_device(index: int) -> tuple[str, str] | None:
     return (name if isinstance(name, str) else name.decode()), f"{major}.{minor}"
 
 
-def check_environment(manifest: Manifest, package: str | None, device: dict[str, Any], device_fields: tuple[str, ...]) -> None:
-    """The catrt and backend versions and the device match the build's; raises naming the field."""
+def environment_problems(
+    manifest: Manifest, package: str | None, device: dict[str, Any], device_fields: tuple[str, ...]
+) -> list[CatrtError]:
+    """Each way the catrt and backend versions and the device differ from the build's, naming the field."""
+    problems: list[CatrtError] = []
     installed = package_versions()
     for name in ("catrt", package):
         if name is None:
             continue
         expected, found = manifest.versions.get(name), installed.get(name)
         if expected != found:
-            raise EngineMismatchError(
+            problems.append(EngineMismatchError(
                 f"engine built with {name} {expected} but {name} {found} is installed; rebuild the engine "
                 f"or install {name}=={expected}",
                 field=f"versions.{name}",
                 value={"expected": expected, "found": found},
-            )
+            ))
     for name in device_fields:
         expected, found = manifest.device.get(name), device.get(name)
         if expected != found:
-            raise EngineMismatchError(
+            problems.append(EngineMismatchError(
                 f"engine built for device {name} {expected!r} but this machine has {found!r}; rebuild it here",
                 field=f"device.{name}",
                 value={"expected": expected, "found": found},
-            )
+            ))
+    return problems
+
+
+def check_environment(manifest: Manifest, package: str | None, device: dict[str, Any], device_fields: tuple[str, ...]) -> None:
+    """The catrt and backend versions and the device match the build's; raises the first difference."""
+    problems = environment_problems(manifest, package, device, device_fields)
+    if problems:
+        raise problems[0]
 
 
 def transformer_config(module: nn.Module) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def _edit_manifest(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None
 @pytest.mark.parametrize("name", TINY_NAMES)
 def test_build_writes_a_verified_bundle_with_shared_weights(name: str, onnx_builds: dict[str, Path]) -> None:
     folder = onnx_builds[name]
-    assert folder.name == f"{name}-64x96-b2-s12-t4-a0.30-l16-fp32-onnxruntime"
+    assert folder.name == f"{name}-96x64-b2-s12-t4-a0.30-l16-fp32-onnxruntime"  # WxH
     manifest = read_manifest(folder)
     assert BuildConfig.from_dict(manifest.build) == _config(name)  # config from the manifest, not the name
     assert (manifest.num_tokens, manifest.k) == (24, math.ceil(0.3 * 24))

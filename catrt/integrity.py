@@ -1,0 +1,491 @@
+"""Bundle integrity: everything about a bundle folder that is checked before any backend reads it.
+
+`check_integrity(folder, key)` collects every problem, each a catrt error naming the file or field:
+
+- the manifest's shape and format (`catrt.manifest.manifest_problems`);
+- with a key, its signature: an HMAC-SHA256 over the canonical manifest (`canonical_manifest`);
+- the files: exactly the files the backend needs (`BUNDLE_FILES`) are listed, each a plain name
+  inside the folder, a regular file (not a link) with its recorded size and sha256, and the folder
+  holds nothing else;
+- the fields against each other and the graphs: the build config is valid, k = ceil(alpha * N),
+  N and the patch size fit the full graph's latent, height / width / batch / text length fit its
+  inputs, and the pruned graph's shapes are the full graph's with k rows.
+
+A signed bundle is checked against its signature only when a key is given (`key=`, or the
+`CATRT_BUNDLE_KEY` environment variable read by `resolve_key`); then an unsigned or wrongly signed
+bundle is refused. The checks are of the files as they are now: a key is what makes a manifest
+edited together with its files detectable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from catrt.build_config import BuildConfig
+from catrt.engines.base import FULL_INPUTS, GRAPHS, PRUNED_INPUTS
+from catrt.errors import CatrtError, ConfigError, CorruptBundleError
+from catrt.manifest import (
+    MANIFEST_FILE,
+    SIGNATURE_FIELD,
+    Manifest,
+    manifest_problems,
+    read_manifest_data,
+)
+
+#: The files a bundle of each backend holds besides the manifest: each must be listed in `files`.
+BUNDLE_FILES: dict[str, tuple[str, ...]] = {
+    "eager": (),
+    "compile": (),
+    "onnxruntime": tuple(f"{graph}.onnx" for graph in GRAPHS) + ("weights.bin", "initializers.json"),
+    "tensorrt": tuple(f"{graph}.plan" for graph in GRAPHS),
+}
+#: The bundle key (the key itself, not a file) used when none is passed.
+BUNDLE_KEY_ENV = "CATRT_BUNDLE_KEY"
+#: Text tokens a pipeline puts before the `max_sequence_length` ones (SD3: CLIP's 77, then T5's).
+#: Pipelines not listed here need only at least `max_sequence_length` text tokens.
+TEXT_TOKENS_BEFORE: dict[str, int] = {"StableDiffusion3Pipeline": 77, "PixArtSigmaPipeline": 0}
+_CHUNK = 1 << 20
+
+
+@dataclass
+class IntegrityReport:
+    """What `check_integrity` found: the manifest and build config where readable, and every problem."""
+
+    manifest: Manifest | None = None
+    build: BuildConfig | None = None
+    problems: list[CatrtError] = field(default_factory=list)
+    signed: bool = False
+
+
+def check_integrity(folder: str | os.PathLike[str], key: bytes | None = None) -> IntegrityReport:
+    """Every integrity problem of the bundle in `folder` (nothing is raised); `key`: check the signature."""
+    folder = Path(folder)
+    report = IntegrityReport()
+    try:
+        data = read_manifest_data(folder)
+    except CorruptBundleError as error:
+        report.problems.append(error)
+        return report
+    report.signed = SIGNATURE_FIELD in data
+    shape = manifest_problems(data)
+    if shape and shape[0].field == "format":
+        report.problems += shape  # another layout: nothing else can be read
+        return report
+    if key is not None:
+        report.problems += signature_problems(data, key)
+    report.problems += shape
+    if (folder / MANIFEST_FILE).is_symlink():
+        report.problems.append(CorruptBundleError(
+            f"{MANIFEST_FILE} in {folder} is a symbolic link; a bundle holds its own files: rebuild the engine",
+            field=MANIFEST_FILE,
+        ))
+    if shape:
+        report.problems += _files_if_readable(folder, data)
+        return report
+    report.manifest = Manifest.from_dict(data)
+    try:
+        report.build = read_build_config(report.manifest)
+    except CorruptBundleError as error:
+        report.problems.append(error)
+    report.problems += file_problems(folder, report.manifest.files, report.build.backend if report.build else None)
+    if report.build is not None:
+        report.problems += consistency_problems(report.manifest, report.build)
+    return report
+
+
+def verify_integrity(folder: str | os.PathLike[str], key: bytes | None = None) -> tuple[Manifest, BuildConfig]:
+    """The bundle's manifest and build config; raises its first integrity problem."""
+    report = check_integrity(folder, key)
+    if report.problems:
+        raise report.problems[0]
+    assert report.manifest is not None and report.build is not None
+    return report.manifest, report.build
+
+
+def read_build_config(manifest: Manifest) -> BuildConfig:
+    """The manifest's build config; invalid values (2 <= t0 < steps, alpha in (0, 1], ...) are a CorruptBundleError."""
+    steps = manifest.build.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:  # the one field BuildConfig does not type-check
+        raise CorruptBundleError(
+            f"{MANIFEST_FILE} build.steps must be a positive integer, got {steps!r}; the bundle was edited or is "
+            f"damaged, rebuild the engine",
+            field="build.steps", value=steps,
+        )
+    try:
+        build = BuildConfig.from_dict(manifest.build)
+    except (ConfigError, TypeError) as error:
+        name = getattr(error, "field", None)
+        where = f"build.{name}" if name else "build"
+        raise CorruptBundleError(
+            f"{MANIFEST_FILE} {where}: {error}; the bundle was edited or is damaged, rebuild the engine",
+            field=where, value=getattr(error, "value", None),
+        ) from None
+    if build.backend == "auto" or build.height is None or build.width is None:
+        unresolved = "backend" if build.backend == "auto" else "height" if build.height is None else "width"
+        raise CorruptBundleError(
+            f"{MANIFEST_FILE} build.{unresolved} is unresolved ({getattr(build, unresolved)!r}); a build records the "
+            f"concrete value: rebuild the engine",
+            field=f"build.{unresolved}",
+        )
+    return build
+
+
+# -- signing -----------------------------------------------------------------------------------
+
+
+def canonical_manifest(data: Mapping[str, Any]) -> bytes:
+    """The bytes a signature covers: the manifest without its signature, as sorted-keys compact JSON."""
+    payload = {name: value for name, value in data.items() if name != SIGNATURE_FIELD}
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def sign_manifest(data: Mapping[str, Any], key: bytes) -> str:
+    """HMAC-SHA256 (hex) of the canonical manifest under `key`."""
+    return hmac.new(_checked_key(key), canonical_manifest(data), hashlib.sha256).hexdigest()
+
+
+def signature_problems(data: Mapping[str, Any], key: bytes) -> list[CatrtError]:
+    """[] when the manifest carries the signature `key` makes of it; else why not, naming `signature`."""
+    found = data.get(SIGNATURE_FIELD)
+    if found is None:
+        return [CorruptBundleError(
+            f"{MANIFEST_FILE} is not signed, but a bundle key was given (--bundle-key-file, {BUNDLE_KEY_ENV} or "
+            f"load(key=...)): refusing an unsigned bundle; build it with --sign-key-file",
+            field=SIGNATURE_FIELD,
+        )]
+    expected = sign_manifest(data, key).encode("ascii")
+    if not hmac.compare_digest(expected, str(found).encode("utf-8", "replace")):
+        return [CorruptBundleError(
+            f"{MANIFEST_FILE} signature does not match the bundle key: the manifest was changed after signing, or "
+            f"signed with another key; refusing the bundle",
+            field=SIGNATURE_FIELD,
+        )]
+    return []
+
+
+def resolve_key(key: bytes | str | None, environ: Mapping[str, str] = os.environ) -> bytes | None:
+    """`key` as bytes, else `$CATRT_BUNDLE_KEY` (surrounding whitespace dropped), else None (no check)."""
+    if key is None:
+        text = environ.get(BUNDLE_KEY_ENV, "").strip()
+        return text.encode("utf-8") if text else None
+    return _checked_key(key)
+
+
+def read_key_file(path: str | os.PathLike[str], field_name: str = "bundle_key_file") -> bytes:
+    """The key in a file, surrounding whitespace dropped; an unreadable or empty file is a ConfigError."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read the key file {path}: {error.strerror or type(error).__name__}", field=field_name, value=str(path)
+        ) from None
+    if not key:
+        raise ConfigError(f"the key file {path} is empty", field=field_name, value=str(path))
+    return key
+
+
+def _checked_key(key: bytes | str) -> bytes:
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if not isinstance(key, (bytes, bytearray)):
+        raise ConfigError(f"a bundle key must be bytes, got {type(key).__name__}", field="key")
+    if not key:
+        raise ConfigError("a bundle key must not be empty", field="key")
+    return bytes(key)
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def name_problem(name: object) -> CorruptBundleError | None:
+    """A `files` name must be a plain file name inside the bundle: no separators, `..`, absolute paths."""
+    plain = (
+        isinstance(name, str) and name not in ("", ".", "..", MANIFEST_FILE)
+        and not any(char in name for char in "/\\:\0") and not name.startswith("~") and name.isprintable()
+    )
+    if plain:
+        return None
+    return CorruptBundleError(
+        f"{MANIFEST_FILE} lists the file {name!r}, which is not a plain file name inside the bundle (no path "
+        f"separators, '..', absolute paths or the manifest itself): refusing to read it",
+        field=str(name), value=name,
+    )
+
+
+def file_problems(folder: Path, files: Mapping[str, Any], backend: str | None) -> list[CatrtError]:
+    """Each file problem: unsafe names, files the backend needs but unlisted, listed but absent, links,
+    wrong size or sha256, and entries of the folder the manifest does not list."""
+    problems: list[CatrtError] = []
+    safe = {}
+    for name, record in files.items():
+        problem = name_problem(name)
+        if problem is not None:
+            problems.append(problem)
+        else:
+            safe[name] = record
+    required = BUNDLE_FILES.get(backend) if backend is not None else None
+    if required is not None:
+        for name in required:
+            if name not in files:
+                problems.append(CorruptBundleError(
+                    f"engine file {name} is not listed in {MANIFEST_FILE} (every {backend} bundle lists it with its "
+                    f"sha256 and size); the manifest was edited or is damaged: rebuild the engine",
+                    field=name,
+                ))
+        for name in safe:
+            if name not in required:
+                problems.append(CorruptBundleError(
+                    f"{MANIFEST_FILE} lists {name}, which is not one of the {backend} backend's files "
+                    f"({', '.join(required) or 'none but the manifest'}); rebuild the engine",
+                    field=name,
+                ))
+    for name, record in safe.items():
+        if isinstance(record, Mapping) and {"sha256", "size"} <= set(record):
+            problem = _file_problem(folder, name, record)
+            if problem is not None:
+                problems.append(problem)
+    problems += _unlisted_entries(folder, {*files, *(required or ())})  # a required one is named above
+    return problems
+
+
+def _files_if_readable(folder: Path, data: Mapping[str, Any]) -> list[CatrtError]:
+    """File checks of a manifest with shape problems: what its `files` allows (no backend list)."""
+    files = data.get("files")
+    if not isinstance(files, dict):
+        return []
+    build = data.get("build")
+    backend = build.get("backend") if isinstance(build, dict) else None
+    return file_problems(folder, files, backend if isinstance(backend, str) else None)
+
+
+def _file_problem(folder: Path, name: str, record: Mapping[str, Any]) -> CorruptBundleError | None:
+    path = folder / name
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return CorruptBundleError(f"engine file {name} is missing from {folder}; rebuild the engine", field=name)
+    except OSError as error:
+        return CorruptBundleError(f"engine file {name} in {folder} cannot be read: {error.strerror}", field=name)
+    if stat.S_ISLNK(info.st_mode):
+        return CorruptBundleError(
+            f"engine file {name} in {folder} is a symbolic link; a bundle holds its own files, links are refused "
+            f"(even to a matching file): rebuild the engine or copy the file in",
+            field=name,
+        )
+    if not stat.S_ISREG(info.st_mode):
+        return CorruptBundleError(f"engine file {name} in {folder} is not a regular file; rebuild the engine", field=name)
+    try:
+        size, digest = _digest_regular_file(path)
+    except OSError as error:
+        return CorruptBundleError(f"engine file {name} in {folder} cannot be read: {error.strerror}", field=name)
+    if size != record["size"]:
+        return CorruptBundleError(
+            f"engine file {name} in {folder} has {size} bytes, not the {record['size']} its manifest records "
+            f"(corrupt or modified); rebuild the engine",
+            field=name, value={"expected": record["size"], "found": size},
+        )
+    if not hmac.compare_digest(digest, str(record["sha256"])):
+        return CorruptBundleError(
+            f"engine file {name} in {folder} does not match its manifest sha256 (corrupt or modified); rebuild the engine",
+            field=name,
+        )
+    return None
+
+
+def _digest_regular_file(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a regular file, opened without following a link (a swap after lstat fails)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    descriptor = os.open(path, flags)
+    with os.fdopen(descriptor, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            raise OSError(0, "not a regular file")
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _unlisted_entries(folder: Path, known: set[str]) -> list[CatrtError]:
+    """Entries of the folder other than the manifest and the `known` names (links and folders included)."""
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError as error:
+        return [CorruptBundleError(f"cannot list the bundle folder {folder}: {error.strerror}", field=MANIFEST_FILE)]
+    return [
+        CorruptBundleError(
+            f"{folder} holds {name}, which {MANIFEST_FILE} does not list; a bundle holds only its listed files: "
+            f"remove it or rebuild the engine",
+            field=name,
+        )
+        for name in entries
+        if name != MANIFEST_FILE and name not in known
+    ]
+
+
+# -- the fields against each other and the graphs ----------------------------------------------
+
+
+class _Problems:
+    """Collects consistency problems; `expect` records one when its condition is false."""
+
+    def __init__(self) -> None:
+        self.items: list[CatrtError] = []
+
+    def expect(self, condition: bool, field_name: str, message: str, value: object = None) -> bool:
+        if not condition:
+            self.items.append(CorruptBundleError(
+                f"{MANIFEST_FILE} {message}; the manifest was edited or is damaged: rebuild the engine",
+                field=field_name, value=value,
+            ))
+        return condition
+
+
+def consistency_problems(manifest: Manifest, build: BuildConfig) -> list[CatrtError]:
+    """Each way the build fields, k, N, the transformer config and the graphs' shapes disagree."""
+    from catrt.engines import ENGINES
+
+    check = _Problems()
+    total = sum(record["size"] for record in manifest.files.values())
+    check.expect(manifest.total_size == total, "total_size",
+                 f"total_size is {manifest.total_size} but its files add up to {total} bytes", manifest.total_size)
+    verification = manifest.verification
+    worst = max(verification["max_relative_error"].values())
+    check.expect(verification["passed"] is True and worst <= verification["tolerance"], "verification",
+                 f"verification did not pass (worst relative error {worst:.3g}, tolerance {verification['tolerance']:g}); "
+                 f"only verified builds are published")
+    engine = ENGINES.get(build.backend)
+    if engine is not None:
+        check.expect(build.precision in engine.precisions, "build.precision",
+                     f"build.precision {build.precision} is not one the {build.backend} backend builds", build.precision)
+    _graph_problems(manifest, build, check)
+    return check.items
+
+
+def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) -> None:
+    graphs = manifest.graphs
+    shapes = {
+        (graph, side): {tensor["name"]: list(tensor["shape"]) for tensor in graphs[graph][side]}
+        for graph in GRAPHS for side in ("inputs", "outputs")
+    }
+    for graph, names in (("full", FULL_INPUTS), ("pruned", PRUNED_INPUTS)):
+        order = [tensor["name"] for tensor in graphs[graph]["inputs"]]
+        if not check.expect(order[: len(names)] == list(names), f"graphs.{graph}.inputs",
+                            f"graphs.{graph} inputs start {order[: len(names)]}, not {list(names)}"):
+            return
+    for graph, names in (("full", ("tokens", "kv")), ("pruned", ("tokens", "kv_rows"))):
+        if not check.expect(set(names) <= set(shapes[graph, "outputs"]), f"graphs.{graph}.outputs",
+                            f"graphs.{graph} outputs {sorted(shapes[graph, 'outputs'])} lack one of {list(names)}"):
+            return
+
+    config = manifest.model["transformer_config"]
+    patch = config.get("patch_size")
+    if not check.expect(isinstance(patch, int) and not isinstance(patch, bool) and patch >= 1,
+                        "model.transformer_config.patch_size",
+                        f"model.transformer_config.patch_size must be a positive integer, got {patch!r}"):
+        return
+    latent = shapes["full", "inputs"]["hidden_states"]
+    where = "graphs.full.inputs.hidden_states"
+    if not check.expect(len(latent) == 4, where, f"graphs.full hidden_states has shape {latent}, not (rows, channels, height, width)"):
+        return
+    rows, channels, height, width = latent
+    in_channels = config.get("in_channels", channels)
+    check.expect(channels == in_channels, where,
+                 f"graphs.full hidden_states has {channels} channels, model.transformer_config.in_channels is {in_channels}")
+    if not check.expect(height % patch == 0 and width % patch == 0, where,
+                        f"graphs.full hidden_states latent {width}x{height} is not divisible by the patch size {patch}"):
+        return
+    tokens = (height // patch) * (width // patch)
+    check.expect(manifest.num_tokens == tokens, "num_tokens",
+                 f"num_tokens is {manifest.num_tokens} but the full graph's {width}x{height} latent in {patch}x{patch} "
+                 f"patches has {tokens}", manifest.num_tokens)
+    check.expect(rows in (build.batch, 2 * build.batch), "build.batch",
+                 f"build.batch is {build.batch} but the graphs take {rows} rows (batch, or 2 x batch with guidance)",
+                 build.batch)
+    _size_problems(build, height, width, check)
+
+    # Every graph sees the same rows, N and k; the pruned graph is the full graph with k rows.
+    patches = shapes["pruned", "inputs"]["patches"]
+    if not check.expect(len(patches) == 3 and patches[0] == rows, "graphs.pruned.inputs.patches",
+                        f"graphs.pruned patches has shape {patches}, not ({rows}, k, channels x patch area)"):
+        return
+    selected = patches[1]
+    check.expect(patches[2] == channels * patch * patch, "graphs.pruned.inputs.patches",
+                 f"graphs.pruned patches hold {patches[2]} values per token, not {channels} channels x {patch}x{patch}")
+    check.expect(manifest.k == selected, "k",
+                 f"k is {manifest.k} but the pruned graph computes {selected} tokens", manifest.k)
+    expected_k = build.num_selected(tokens)
+    check.expect(expected_k == selected, "build.alpha",
+                 f"build.alpha is {build.alpha}, which selects ceil(alpha x {tokens}) = {expected_k} tokens, but the "
+                 f"pruned graph computes {selected}", build.alpha)
+    full_tokens = shapes["full", "outputs"]["tokens"]
+    kv = shapes["full", "outputs"]["kv"]
+    # (K/V slots, rows, N, width) for the full graph's cache; the pruned graph reads it whole and writes k rows.
+    slots, width_kv = (kv[0], kv[3]) if len(kv) == 4 else ("slots", "width")
+    token_width = full_tokens[2] if len(full_tokens) == 3 else "width"
+    expectations = [
+        ("graphs.full.inputs.timestep", shapes["full", "inputs"]["timestep"], [rows]),
+        ("graphs.pruned.inputs.timestep", shapes["pruned", "inputs"]["timestep"], [rows]),
+        ("graphs.full.outputs.tokens", full_tokens, [rows, tokens, token_width]),
+        ("graphs.full.outputs.kv", kv, [slots, rows, tokens, width_kv]),
+        ("graphs.pruned.inputs.indices", shapes["pruned", "inputs"]["indices"], [rows, selected]),
+        ("graphs.pruned.inputs.kv_cache", shapes["pruned", "inputs"]["kv_cache"], kv),
+        ("graphs.pruned.outputs.tokens", shapes["pruned", "outputs"]["tokens"], [rows, selected, token_width]),
+        ("graphs.pruned.outputs.kv_rows", shapes["pruned", "outputs"]["kv_rows"], [slots, rows, selected, width_kv]),
+    ]
+    for where, found, expected in expectations:
+        check.expect(found == expected, where, f"{where} has shape {found}, where the build's graphs give {expected}")
+    _context_problems(manifest, build, shapes, rows, check)
+
+
+def _size_problems(build: BuildConfig, height: int, width: int, check: _Problems) -> None:
+    """height and width are the latent's times one scale (the VAE's; 1 for a pixel-space model)."""
+    height_fits = check.expect(build.height % height == 0, "build.height",
+                               f"build.height {build.height} is not a multiple of the full graph's latent height {height}",
+                               build.height)
+    width_fits = check.expect(build.width % width == 0, "build.width",
+                              f"build.width {build.width} is not a multiple of the full graph's latent width {width}",
+                              build.width)
+    if height_fits and width_fits:
+        check.expect(build.height // height == build.width // width, "build.height",
+                     f"build size {build.width}x{build.height} (WxH) is not the full graph's {width}x{height} latent "
+                     f"at one scale ({build.width // width} across, {build.height // height} down)",
+                     {"width": build.width, "height": build.height})
+
+
+def _context_problems(
+    manifest: Manifest, build: BuildConfig, shapes: dict[tuple[str, str], dict[str, list[int]]], rows: int, check: _Problems
+) -> None:
+    """The context tensors are the same in every graph, made by (or fed to) the context graph; text length fits."""
+    context = {**shapes["context", "inputs"], **shapes["context", "outputs"]}
+    full_context = {name: shape for name, shape in shapes["full", "inputs"].items() if name not in FULL_INPUTS}
+    pruned_context = {name: shape for name, shape in shapes["pruned", "inputs"].items() if name not in PRUNED_INPUTS}
+    check.expect(pruned_context == full_context, "graphs.pruned.inputs",
+                 f"graphs.pruned context inputs {pruned_context} are not the full graph's {full_context}")
+    for name, shape in full_context.items():
+        check.expect(context.get(name) == shape, f"graphs.context.{name}",
+                     f"graphs.full input {name} {shape} is not the context graph's ({context.get(name)})")
+    text = shapes["context", "inputs"].get("encoder_hidden_states")
+    if text is None or not check.expect(len(text) == 3 and text[0] == rows, "graphs.context.inputs.encoder_hidden_states",
+                                        f"graphs.context encoder_hidden_states has shape {text}, not ({rows}, text length, width)"):
+        return
+    length = build.max_sequence_length
+    if length is None:
+        return
+    before = TEXT_TOKENS_BEFORE.get(manifest.model["pipeline_class"])
+    if before is None:
+        check.expect(text[1] >= length, "build.max_sequence_length",
+                     f"build.max_sequence_length is {length} but the graphs take {text[1]} text tokens", length)
+    else:
+        check.expect(text[1] == before + length, "build.max_sequence_length",
+                     f"build.max_sequence_length is {length} but the graphs take {text[1]} text tokens "
+                     f"({manifest.model['pipeline_class']}: {before} + max_sequence_length)", length)

@@ -1,0 +1,309 @@
+"""Bundle integrity: every edited, damaged or foreign bundle is refused at load, before any backend runs.
+
+One signed tiny ONNX Runtime build is shared by the module; each test damages its own copy. Without
+a key the signature is not checked, so the edits below are caught by the integrity checks alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import catrt
+from catrt import integrity
+from catrt.build import build_engines
+from catrt.build_config import BuildConfig
+from catrt.bundle import bundle_problems, verify_bundle
+from catrt.cli import main
+from catrt.engines import ENGINES
+from catrt.errors import ConfigError, CorruptBundleError
+from catrt.integrity import BUNDLE_FILES, BUNDLE_KEY_ENV, check_integrity, sign_manifest
+from catrt.manifest import FORMAT_VERSION, MANIFEST_FILE, file_digest
+
+KEY = b"integrity-test-key"
+# As small as a tiny-sd3 build gets: a 48x32 (WxH) image is a 6x4 latent, N = 6 tokens, k = ceil(0.3 * 6) = 2.
+CONFIG = BuildConfig("tiny-sd3", height=32, width=48, batch=1, steps=6, t0=3, alpha=0.3, max_sequence_length=8, backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def signed_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("integrity")
+    return build_engines(CONFIG, out_dir=root / "engines", export_dir=root / "export", progress=False, sign_key=KEY)
+
+
+@pytest.fixture()
+def bundle(signed_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the signed build that a test may damage; no bundle key in the environment."""
+    monkeypatch.delenv(BUNDLE_KEY_ENV, raising=False)
+    return Path(shutil.copytree(signed_build, tmp_path / signed_build.name))
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MANIFEST_FILE).read_text())
+
+
+def _edit(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    data = _manifest(folder)
+    edit(data)
+    (folder / MANIFEST_FILE).write_text(json.dumps(data))
+
+
+def _flip_byte(path: Path, offset: int = 100) -> None:
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        byte = stream.read(1)
+        stream.seek(offset)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _refused(folder: Path, match: str, field: str, key: bytes | None = None) -> CorruptBundleError:
+    """verify_bundle (what catrt.load runs first) refuses the bundle with this message and field."""
+    with pytest.raises(CorruptBundleError, match=match) as caught:
+        verify_bundle(folder, key)
+    assert caught.value.field == field
+    return caught.value
+
+
+# -- an intact bundle --------------------------------------------------------------------------
+
+
+def test_intact_signed_bundle_loads_with_its_key_and_without_one(bundle: Path) -> None:
+    data = _manifest(bundle)
+    assert data["format"] == FORMAT_VERSION == 2
+    assert data["signature"] == sign_manifest(data, KEY)
+    assert sorted(data["files"]) == sorted(BUNDLE_FILES["onnxruntime"])
+    assert bundle.name == "tiny-sd3-48x32-b1-s6-t3-a0.30-l8-fp32-onnxruntime"  # WxH
+    assert check_integrity(bundle).problems == [] and check_integrity(bundle, KEY).problems == []
+    assert verify_bundle(bundle).k == 2  # no key: the signature is not checked
+    fast = catrt.load(bundle, key=KEY)
+    assert fast.manifest.signature == data["signature"]
+    assert fast(["a red circle"], output_type="latent").images.shape == (1, 16, 4, 6)
+
+
+def test_every_backend_declares_its_bundle_files() -> None:
+    assert set(BUNDLE_FILES) == set(ENGINES)
+    assert BUNDLE_FILES["tensorrt"] == ("context.plan", "full.plan", "pruned.plan")
+
+
+def test_build_names_put_the_width_first() -> None:
+    assert BuildConfig("tiny-sd3", height=64, width=96, steps=12, t0=4).build_name().startswith("tiny-sd3-96x64-b1-s12-t4-")
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def test_empty_files_with_a_modified_weight_file_is_refused(bundle: Path) -> None:
+    _edit(bundle, lambda m: m.update(files={}, total_size=0))
+    _flip_byte(bundle / "weights.bin")
+    _refused(bundle, r"engine file context\.onnx is not listed in manifest\.json", "context.onnx")
+    messages = [str(problem) for problem in check_integrity(bundle).problems]
+    assert any("engine file weights.bin is not listed" in m for m in messages)
+    assert not any("holds weights.bin" in m for m in messages)  # named once
+
+
+def test_a_deleted_graph_with_its_entry_is_refused(bundle: Path) -> None:
+    (bundle / "pruned.onnx").unlink()
+    _edit(bundle, lambda m: m["files"].pop("pruned.onnx"))
+    _refused(bundle, r"engine file pruned\.onnx is not listed in manifest\.json \(every onnxruntime bundle lists it", "pruned.onnx")
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute", "nested"])
+def test_a_name_outside_the_bundle_is_refused_before_it_is_read(bundle: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    outside = bundle.parent / "outside.bin"
+    outside.write_bytes(b"secret")
+    name = {"parent": "../outside.bin", "absolute": str(outside), "nested": "sub/weights.bin"}[kind]
+    record = {"sha256": file_digest(outside), "size": outside.stat().st_size}  # a matching digest changes nothing
+    _edit(bundle, lambda m: m["files"].update({name: record}))
+    read: list[Path] = []
+    monkeypatch.setattr(integrity, "_digest_regular_file", lambda path: read.append(path) or (0, ""))
+    _refused(bundle, r"lists the file .* which is not a plain file name inside the bundle", name)
+    assert all(path.parent == bundle and path.name in BUNDLE_FILES["onnxruntime"] for path in read)
+
+
+def test_a_symlink_is_refused_even_to_a_matching_file(bundle: Path) -> None:
+    target = bundle.parent / "weights-elsewhere.bin"
+    shutil.move(bundle / "weights.bin", target)
+    (bundle / "weights.bin").symlink_to(target)
+    _refused(bundle, r"engine file weights\.bin in .* is a symbolic link", "weights.bin")
+
+
+def test_an_unlisted_file_in_the_bundle_is_refused(bundle: Path) -> None:
+    (bundle / "extra.onnx").write_bytes(b"x")
+    _refused(bundle, r"holds extra\.onnx, which manifest\.json does not list", "extra.onnx")
+
+
+def test_a_listed_file_the_backend_does_not_use_is_refused(bundle: Path) -> None:
+    (bundle / "notes.txt").write_bytes(b"x")
+    record = {"sha256": file_digest(bundle / "notes.txt"), "size": 1}
+    _edit(bundle, lambda m: (m["files"].update({"notes.txt": record}), m.update(total_size=m["total_size"] + 1)))
+    _refused(bundle, r"lists notes\.txt, which is not one of the onnxruntime backend's files", "notes.txt")
+
+
+# -- the manifest's shape ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "message"),
+    [
+        (lambda m: m.update(files=["weights.bin"]), "files", r"field 'files' must be an object, got a list"),
+        (lambda m: m["files"]["weights.bin"].pop("size"), "weights.bin", r"record files\['weights\.bin'\] has no size"),
+        (lambda m: m["files"]["full.onnx"].update(sha256="abc"), "full.onnx", r"sha256 must be 64 lowercase hex characters"),
+        (lambda m: m["files"].update({"weights.bin": None}), "weights.bin", r"must be an object with sha256 and size, got null"),
+        (lambda m: m.pop("build"), "build", r"field 'build' is missing"),
+        (lambda m: m["build"].pop("alpha"), "build.alpha", r"field 'build\.alpha' is missing"),
+        (lambda m: m.update(k="2"), "k", r"field 'k' must be an integer, got a string"),
+        (lambda m: m["graphs"].pop("pruned"), "graphs.pruned", r"field 'graphs\.pruned' is missing"),
+        (lambda m: m["graphs"]["full"]["inputs"][0].update(shape=None), "graphs.full.inputs.hidden_states", r"shape' must be a list of positive integers"),
+        (lambda m: m["model"].pop("transformer_config"), "model.transformer_config", r"field 'model\.transformer_config' is missing"),
+        (lambda m: m.update(signature=7), "signature", r"field 'signature' must be 64 lowercase hex"),
+        (lambda m: m.update(extra=1), "extra", r"has an unknown field 'extra'"),
+    ],
+    ids=["files-not-dict", "record-without-size", "bad-sha256", "null-record", "no-build", "no-alpha", "k-string",
+         "no-pruned-graph", "shape-null", "no-transformer-config", "signature-not-hex", "unknown-field"],
+)
+def test_a_malformed_manifest_is_a_named_corrupt_bundle_error(bundle: Path, edit: Callable[[dict[str, Any]], None], field: str, message: str) -> None:
+    _edit(bundle, edit)
+    _refused(bundle, message, field)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json", "null"])
+def test_a_manifest_that_is_not_an_object_is_refused(bundle: Path, content: str) -> None:
+    (bundle / MANIFEST_FILE).write_text(content)
+    _refused(bundle, r"manifest\.json is not a valid catrt manifest", MANIFEST_FILE)
+
+
+# -- the fields against the graphs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "message"),
+    [
+        (lambda m: m.update(format=1), "format", r"field 'format' is 1, but this catrt reads bundle format 2 only"),
+        (lambda m: m.pop("format"), "format", r"has no 'format' field"),
+        (lambda m: m["build"].update(alpha=0.5), "build.alpha", r"build\.alpha is 0\.5, which selects ceil\(alpha x 6\) = 3 tokens, but the pruned graph computes 2"),
+        (lambda m: m["build"].update(alpha=1.5), "build.alpha", r"build\.alpha: CATConfig\.alpha must be in \(0, 1\]"),
+        (lambda m: m["build"].update(t0=6), "build.t0", r"build\.t0: CATConfig\.t0 = 6 needs t0 < num_inference_steps"),
+        (lambda m: m["build"].update(t0=1), "build.t0", r"build\.t0: CATConfig\.t0 must be an integer >= 2"),
+        (lambda m: m["build"].update(steps="6"), "build.steps", r"build\.steps must be a positive integer, got '6'"),
+        (lambda m: m.update(k=3), "k", r"k is 3 but the pruned graph computes 2 tokens"),
+        (lambda m: m.update(num_tokens=8), "num_tokens", r"num_tokens is 8 but the full graph's 6x4 latent in 2x2 patches has 6"),
+        (lambda m: m["build"].update(height=64), "build.height", r"build size 48x64 \(WxH\) is not the full graph's 6x4 latent at one scale"),
+        (lambda m: m["build"].update(width=50), "build.width", r"build\.width 50 is not a multiple of the full graph's latent width 6"),
+        (lambda m: m["build"].update(batch=4), "build.batch", r"build\.batch is 4 but the graphs take 2 rows"),
+        (lambda m: m["build"].update(max_sequence_length=16), "build.max_sequence_length", r"max_sequence_length is 16 but the graphs take 85 text tokens"),
+        (lambda m: m["build"].update(backend="auto"), "build.backend", r"build\.backend is unresolved"),
+        (lambda m: m["model"]["transformer_config"].update(patch_size=4), "graphs.full.inputs.hidden_states", r"latent 6x4 is not divisible by the patch size 4"),
+        (lambda m: m["graphs"]["pruned"]["inputs"][0].update(shape=[2, 3, 64]), "k", r"k is 2 but the pruned graph computes 3"),
+        (lambda m: m.update(total_size=1), "total_size", r"total_size is 1 but its files add up to"),
+        (lambda m: m["verification"].update(passed=False), "verification", r"verification did not pass"),
+    ],
+    ids=["format-1", "no-format", "alpha", "alpha-out-of-range", "t0-at-steps", "t0-below-2", "steps-string", "k", "num-tokens", "height",
+         "width", "batch", "text-length", "backend-auto", "patch-size", "pruned-shape", "total-size", "verification"],
+)
+def test_an_edited_field_is_refused_naming_it(bundle: Path, edit: Callable[[dict[str, Any]], None], field: str, message: str) -> None:
+    _edit(bundle, edit)
+    _refused(bundle, message, field)
+
+
+# -- signing -----------------------------------------------------------------------------------
+
+
+def test_a_signed_bundle_is_refused_with_the_wrong_key(bundle: Path) -> None:
+    _refused(bundle, r"signature does not match the bundle key", "signature", key=b"another key")
+    with pytest.raises(CorruptBundleError, match=r"signature does not match the bundle key"):
+        catrt.load(bundle, key=b"another key")
+
+
+def test_an_unsigned_bundle_is_refused_with_a_key(bundle: Path) -> None:
+    _edit(bundle, lambda m: m.pop("signature"))
+    assert check_integrity(bundle).problems == []  # without a key it is a valid bundle
+    _refused(bundle, r"manifest\.json is not signed, but a bundle key was given", "signature", key=KEY)
+
+
+def test_a_change_no_other_check_sees_is_refused_with_the_key(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _edit(bundle, lambda m: m["build"].update(t0=4))  # still 2 <= t0 < steps: only the signature tells
+    assert check_integrity(bundle).problems == []
+    monkeypatch.setenv(BUNDLE_KEY_ENV, KEY.decode())  # catrt.load's key when none is passed
+    with pytest.raises(CorruptBundleError, match=r"signature does not match the bundle key") as caught:
+        catrt.load(bundle)
+    assert caught.value.field == "signature"
+
+
+def test_an_empty_key_is_refused_before_building(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"a bundle key must not be empty"):
+        build_engines(CONFIG, out_dir=tmp_path, export_dir=tmp_path, progress=False, sign_key=b"")
+    (tmp_path / "key").write_text("\n")
+    with pytest.raises(ConfigError, match=r"the key file .* is empty"):
+        integrity.read_key_file(tmp_path / "key")
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def test_inspect_lists_every_problem(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _flip_byte(bundle / "weights.bin")
+    (bundle / "extra.bin").write_bytes(b"x")
+    _edit(bundle, lambda m: m["build"].update(alpha=0.5))
+    assert main(["inspect", str(bundle)]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("catrt inspect: error: ")]
+    assert len(errors) == 3, captured.err
+    assert "engine file weights.bin" in errors[0] and "does not match its manifest sha256" in errors[0]
+    assert "holds extra.bin" in errors[1] and "build.alpha is 0.5" in errors[2]
+    assert "3 problem(s) found" in captured.err and "Traceback" not in captured.err + captured.out
+    assert "k = 2 of N = 6" in captured.out and "OK" not in captured.out
+
+
+def test_inspect_checks_the_signature_with_a_key_file(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key_file = tmp_path / "bundle.key"
+    key_file.write_bytes(KEY + b"\n")
+    assert main(["inspect", str(bundle), "--bundle-key-file", str(key_file)]) == 0
+    assert "signature: matches the bundle key" in capsys.readouterr().out
+    key_file.write_bytes(b"another key")
+    assert main(["inspect", str(bundle), "--bundle-key-file", str(key_file)]) == 2
+    captured = capsys.readouterr()
+    assert "signature: does not match the bundle key" in captured.out
+    assert "manifest.json signature does not match the bundle key" in captured.err and "Traceback" not in captured.err
+
+
+def test_generate_refuses_a_bundle_signed_with_another_key(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key_file = tmp_path / "bundle.key"
+    key_file.write_bytes(b"another key")
+    image = tmp_path / "image.png"
+    args = ["generate", "--engines", str(bundle), "--prompt", "a red circle", "--out", str(image), "--bundle-key-file", str(key_file)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "catrt generate: error: manifest.json signature does not match" in err
+    assert not image.exists()
+    assert main(["generate", "--prompt", "x", "--bundle-key-file", str(key_file)]) == 2
+    assert "use it with --engines" in capsys.readouterr().err
+
+
+def test_build_signs_with_the_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import catrt.build
+
+    seen: dict[str, Any] = {}
+
+    def fake_build(config: BuildConfig, **kwargs: Any) -> Path:
+        seen.update(kwargs, config=config)
+        return tmp_path / config.build_name()
+
+    monkeypatch.setattr(catrt.build, "build_engines", fake_build)
+    key_file = tmp_path / "sign.key"
+    key_file.write_text("s3cret\n")
+    flags = ["--model", "tiny-sd3", "--height", "32", "--width", "48", "--steps", "6", "--t0", "3", "--backend", "onnxruntime"]
+    assert main(["build", *flags, "--sign-key-file", str(key_file)]) == 0
+    assert seen["sign_key"] == b"s3cret"
+    assert "tiny-sd3-48x32-" in capsys.readouterr().out
+    assert main(["build", *flags, "--sign-key-file", str(tmp_path / "missing.key")]) == 2
+    assert "cannot read the key file" in capsys.readouterr().err
+
+
+def test_bundle_problems_reports_a_missing_manifest(tmp_path: Path) -> None:
+    manifest, problems = bundle_problems(tmp_path)
+    assert manifest is None and [p.field for p in problems] == [MANIFEST_FILE]
