@@ -477,34 +477,82 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve one build (or an eager model); every refusal before the model loads is one line."""
     from catrt.serve import ServeConfig, run_server
+    from catrt.serve.auth import load_api_key
 
+    if args.engines is not None:
+        _refuse_serve_flags_fixed_by_build(args)
+    defaults = ServeConfig(model=DEFAULT_MODEL)
     config = ServeConfig(
-        engines=args.engines, model=args.model, height=args.height, width=args.width, steps=args.steps,
-        batch=args.batch, cat=_cat_config(args), device=args.device, host=args.host, port=args.port,
-        max_queue=args.max_queue, timeout=args.timeout,
+        engines=args.engines, model=args.model, height=args.height, width=args.width,
+        steps=defaults.steps if args.steps is None else args.steps,
+        batch=defaults.batch if args.batch is None else args.batch,
+        cat=_cat_config(args), device=args.device or defaults.device, precision=args.precision,
+        host=args.host, port=args.port, max_queue=args.max_queue, timeout=args.timeout,
+        max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+        read_timeout=args.read_timeout, keep_alive=args.keep_alive,
+        api_key=load_api_key(args.api_key_file), metrics_auth=args.metrics_auth,
     )
     return run_server(config)
 
 
+def _refuse_serve_flags_fixed_by_build(args: argparse.Namespace) -> None:
+    """With --engines the build fixes size, steps, batch, precision, device, alpha and t0: refuse, never ignore."""
+    from catrt.config import CATConfig
+    from catrt.errors import ConfigError
+
+    defaults = CATConfig()
+    for name in ("height", "width", "steps", "batch", "precision", "device", "alpha", "t0"):
+        value = getattr(args, name)
+        if value is not None and value != getattr(defaults, name, None):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} cannot be used with --engines: the build fixes it; drop {flag} or build an engine with it",
+                field=name, value=value,
+            )
+
+
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     from catrt.serve import ServeConfig
+    from catrt.serve.auth import API_KEY_ENV
+    from catrt.serve.config import PRECISION_CHOICES as SERVE_PRECISIONS
 
-    defaults = ServeConfig(model=DEFAULT_MODEL, height=64, width=64)
+    defaults = ServeConfig(model=DEFAULT_MODEL)
     serve = commands.add_parser("serve", help="serve a build over HTTP (OpenAI images API, health, metrics)")
     source = serve.add_mutually_exclusive_group(required=True)
     source.add_argument("--engines", default=None, help="an engines/<build-name> folder made by `catrt build`")
     source.add_argument("--model", default=None, help="instead of --engines: a model run eagerly with the CAT flags")
-    serve.add_argument("--host", default=defaults.host)
-    serve.add_argument("--port", type=int, default=defaults.port)
-    serve.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests before 429")
-    serve.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds per request, queue included, before 504")
+    serve.add_argument("--host", default=defaults.host, help=f"address to listen on (default: {defaults.host})")
+    serve.add_argument("--port", type=int, default=defaults.port,
+                       help=f"port to listen on, bound before the model loads; 0 = any free one (default: {defaults.port})")
+    serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                       help=f"waiting requests before 429 (default: {defaults.max_queue})")
+    serve.add_argument("--timeout", type=float, default=defaults.timeout,
+                       help=f"seconds per request, queue included, before 504 (default: {defaults.timeout:g})")
+    limits = serve.add_argument_group("input limits and access")
+    limits.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                        help=f"larger request bodies answer 413 unread (default: {defaults.max_body_bytes})")
+    limits.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars,
+                        help=f"longer prompts answer 400 before tokenizing (default: {defaults.max_prompt_chars})")
+    limits.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
+                        help=f"seconds a request may take to arrive whole; then the connection is closed "
+                             f"(default: {defaults.read_timeout:g})")
+    limits.add_argument("--keep-alive", type=float, default=defaults.keep_alive,
+                        help=f"seconds an idle connection stays open (default: {defaults.keep_alive:g})")
+    limits.add_argument("--api-key-file", default=None,
+                        help=f"a file holding the API key /v1/* then needs as 'Authorization: Bearer <key>' "
+                             f"(default: ${API_KEY_ENV} if set, else no key)")
+    limits.add_argument("--metrics-auth", action="store_true", help="/metrics needs the API key too")
     eager = serve.add_argument_group("--model only (a build fixes these)")
-    eager.add_argument("--height", type=int, default=None, help="image height in pixels")
-    eager.add_argument("--width", type=int, default=None, help="image width in pixels")
-    eager.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
-    eager.add_argument("--batch", type=int, default=defaults.batch, help="images per model call")
-    eager.add_argument("--device", default=defaults.device, help="torch device, e.g. cpu or cuda")
+    eager.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    eager.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    eager.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: {defaults.steps})")
+    eager.add_argument("--batch", type=int, default=None, help=f"images per model call (default: {defaults.batch})")
+    eager.add_argument("--device", default=None, help=f"torch device, e.g. cpu or cuda (default: {defaults.device})")
+    eager.add_argument("--precision", choices=SERVE_PRECISIONS, default=None,
+                       help="weights and activations (default: fp32 on the CPU; on CUDA the model's usual one); "
+                            "fp16 needs CUDA")
     _add_cat_flags(serve)
     serve.set_defaults(handler=cmd_serve)
 

@@ -1,19 +1,18 @@
-"""`catrt serve` as a real subprocess on a free loopback port, spoken to over HTTP.
+"""`catrt serve` as a real subprocess on a loopback port, spoken to over HTTP.
 
 Two servers run for the module: one over an ONNX Runtime engine built here (`--engines`), and one
 over the eager tiny model (`--model`) whose generation is patched in its own process to fail or
-stall on marked prompts, to test 500 isolation, timeouts, disconnects and SIGTERM.
+stall on marked prompts, to test 500 isolation, timeouts, disconnects, read timeouts and SIGTERM.
+Other models, the API key and start-up refusals are in test_serve_models.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
-import os
+import math
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,70 +24,43 @@ import openai
 import pytest
 import torch
 from PIL import Image
+from test_serve_support import (
+    CLI,
+    LiveProbe,
+    RemoteServer,
+    assert_error,
+    assert_one_line_refusal,
+    generate,
+    generate_all,
+    metric,
+    openapi_request_schema,
+    png,
+    run_cli,
+    start_all,
+    stop_all,
+)
 
 from catrt.build import build_engines
 from catrt.build_config import BuildConfig
 
-PROMPT = "a red sun in a blue sky"
 TEXT_LENGTH = 16
+READ_TIMEOUT = 1.0
 # The fault server: generation raises on the prompt "boom" and sleeps N seconds on "sleep N".
 FAULTY_LAUNCHER = """
 import sys, time
 from catrt.serve.model import ServedModel
 generate = ServedModel.generate
-def faulty(self, rows, options):
+def faulty(self, rows, options, *rest):
     for row in rows:
         if row.prompt == "boom":
             raise RuntimeError("injected failure")
         if row.prompt.startswith("sleep "):
             time.sleep(float(row.prompt.split()[1]))
-    return generate(self, rows, options)
+    return generate(self, rows, options, *rest)
 ServedModel.generate = faulty
 from catrt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RemoteServer:
-    """A `catrt serve` subprocess; records /health/ready answers until ready (vllm's RemoteOpenAIServer)."""
-
-    def __init__(self, command: list[str], serve_args: list[str]) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        args = [*command, "serve", *serve_args, "--port", str(self.port)]
-        self.process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.ready_statuses: list[int] = []
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.stdout.read()
-            try:
-                status = httpx.get(f"{self.url}/health/ready", timeout=1.0).status_code
-            except httpx.TransportError:
-                time.sleep(0.02)
-                continue
-            self.ready_statuses.append(status)
-            if status == 200:
-                return
-            time.sleep(0.02)
-        raise TimeoutError(f"{self.url} not ready in {timeout} s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -97,22 +69,21 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Remo
     faulty = RemoteServer(
         [sys.executable, "-c", FAULTY_LAUNCHER],
         ["--model", "tiny-sd3", "--height", "64", "--width", "64", "--steps", "8", "--t0", "4", "--batch", "2",
-         "--max-queue", "4", "--timeout", "2"],
+         "--max-queue", "4", "--timeout", "2", "--read-timeout", str(READ_TIMEOUT)],
     )
-    folder = tmp_path_factory.mktemp("serve")
-    build = BuildConfig("tiny-sd3", height=64, width=64, batch=2, steps=8, t0=4, alpha=0.3, backend="onnxruntime",
-                        max_sequence_length=TEXT_LENGTH)
-    engine_dir = build_engines(build, out_dir=folder / "engines", export_dir=folder / "export", progress=False)
-    engine = RemoteServer([sys.executable, "-m", "catrt.cli"],
-                          ["--engines", str(engine_dir), "--max-queue", "2", "--timeout", "30"])
-    started = {"engine": engine, "faulty": faulty}
+    started = {"faulty": faulty}
     try:
-        for server in started.values():
-            server.wait_ready()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+        folder = tmp_path_factory.mktemp("serve")
+        build = BuildConfig("tiny-sd3", height=64, width=64, batch=2, steps=8, t0=4, alpha=0.3, backend="onnxruntime",
+                            max_sequence_length=TEXT_LENGTH)
+        engine_dir = build_engines(build, out_dir=folder / "engines", export_dir=folder / "export", progress=False)
+        started["engine"] = RemoteServer(CLI, ["--engines", str(engine_dir), "--max-queue", "2", "--timeout", "30"])
+    except BaseException:
+        stop_all(started)
+        raise
+    start_all(started)
+    yield started
+    stop_all(started)
 
 
 @pytest.fixture(scope="module")
@@ -125,33 +96,6 @@ def faulty(servers: dict[str, RemoteServer]) -> RemoteServer:
     return servers["faulty"]
 
 
-def _generate(url: str, **body: Any) -> httpx.Response:
-    return httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPT, **body}, timeout=60)
-
-
-async def _generate_all(url: str, bodies: list[dict[str, Any]], stagger: float = 0.0) -> list[httpx.Response]:
-    """POST every body concurrently (the i-th after i * stagger seconds)."""
-    async with httpx.AsyncClient(timeout=60) as client:
-
-        async def post(index: int, body: dict[str, Any]) -> httpx.Response:
-            await asyncio.sleep(index * stagger)
-            return await client.post(f"{url}/v1/images/generations", json={"prompt": PROMPT, **body})
-
-        return await asyncio.gather(*(post(index, body) for index, body in enumerate(bodies)))
-
-
-def _png(b64: str) -> bytes:
-    return base64.b64decode(b64)
-
-
-def _assert_error(response: httpx.Response, status: int, param: str | None) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == param, error
-    return error
-
-
 # -- readiness, success, determinism ------------------------------------------------------------
 
 
@@ -159,13 +103,14 @@ def test_ready_is_503_until_warmed_up_then_200(server: RemoteServer) -> None:
     assert 503 in server.ready_statuses, server.ready_statuses  # precondition: seen while loading
     assert server.ready_statuses[-1] == 200
     assert httpx.get(f"{server.url}/health/live").status_code == 200
+    assert f"catrt serve: listening on {server.url}" in server.lines
 
 
 def test_openai_client_gets_a_png_of_the_requested_size(server: RemoteServer) -> None:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    result = client.images.generate(model="tiny-sd3", prompt=PROMPT, size="64x64", response_format="b64_json",
+    result = client.images.generate(model="tiny-sd3", prompt="a red sun", size="64x64", response_format="b64_json",
                                     extra_body={"seed": 1})
-    with Image.open(io.BytesIO(_png(result.data[0].b64_json))) as image:
+    with Image.open(io.BytesIO(png(result.data[0].b64_json))) as image:
         assert image.format == "PNG" and image.size == (64, 64)
     catrt = result.model_extra["catrt"]
     assert set(catrt["timings"]) == {"queue_wait", "encode", "full_steps", "pruned_steps", "decode", "total"}
@@ -173,13 +118,27 @@ def test_openai_client_gets_a_png_of_the_requested_size(server: RemoteServer) ->
     assert catrt["alpha"] == 0.3 and catrt["seeds"] == [1]
 
 
+def test_a_stock_openai_sdk_call_is_served(server: RemoteServer) -> None:
+    """The SDK's optional fields are accepted: used (size, output_format, background) or ignored."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    stock = client.images.generate(model="dall-e-3", prompt="a red sun", size="64x64", quality="standard", style="vivid")
+    auto = client.images.generate(
+        model="gpt-image-1", prompt="a red sun", size="auto", quality="high", user="someone", moderation="low",
+        background="opaque", output_format="png", output_compression=80, n=2,
+    )
+    for result, count in ((stock, 1), (auto, 2)):
+        assert len(result.data) == count and result.output_format == "png"
+        with Image.open(io.BytesIO(png(result.data[0].b64_json))) as image:
+            assert image.format == "PNG" and image.size == (64, 64)
+
+
 def test_same_seed_gives_the_same_bytes_alone_batched_and_as_n(server: RemoteServer) -> None:
-    alone = _png(_generate(server.url, seed=7).json()["data"][0]["b64_json"])
-    second = _png(_generate(server.url, seed=8).json()["data"][0]["b64_json"])
-    pair = _generate(server.url, seed=7, n=2).json()
-    assert [_png(item["b64_json"]) for item in pair["data"]] == [alone, second]
+    alone = png(generate(server.url, seed=7).json()["data"][0]["b64_json"])
+    second = png(generate(server.url, seed=8).json()["data"][0]["b64_json"])
+    pair = generate(server.url, seed=7, n=2).json()
+    assert [png(item["b64_json"]) for item in pair["data"]] == [alone, second]
     for _ in range(3):  # a busy worker makes the two later requests wait together
-        blocker, other, mine = asyncio.run(_generate_all(
+        blocker, other, mine = asyncio.run(generate_all(
             server.url, [{"seed": 1, "guidance_scale": 3.0}, {"prompt": "a green tree", "seed": 2}, {"seed": 7}],
             stagger=0.02,
         ))
@@ -187,16 +146,18 @@ def test_same_seed_gives_the_same_bytes_alone_batched_and_as_n(server: RemoteSer
             break
     assert blocker.status_code == other.status_code == 200
     assert mine.json()["catrt"]["batch_rows"] == 2, "the requests were never batched"
-    assert _png(mine.json()["data"][0]["b64_json"]) == alone
+    assert png(mine.json()["data"][0]["b64_json"]) == alone
 
 
 # -- bad input ----------------------------------------------------------------------------------
 
 BAD_BODIES = [
     pytest.param({"prompt": None}, "prompt", id="prompt-null"),
-    pytest.param({"prompt": "   "}, "prompt", id="prompt-empty"),
+    pytest.param({"prompt": "   "}, "prompt", id="prompt-blank"),
+    pytest.param({"prompt": ""}, "prompt", id="prompt-empty"),
     pytest.param({"prompt": 5}, "prompt", id="prompt-not-string"),
-    pytest.param({"prompt": "red " * 40}, "prompt", id="prompt-too-long"),
+    pytest.param({"prompt": "red " * 40}, "prompt", id="prompt-too-many-tokens"),
+    pytest.param({"prompt": "x" * 4001}, "prompt", id="prompt-too-many-chars"),
     pytest.param({"negative_prompt": "blue " * 40}, "negative_prompt", id="negative-too-long"),
     pytest.param({"size": "128x128"}, "size", id="size-not-built"),
     pytest.param({"size": "large"}, "size", id="size-malformed"),
@@ -205,29 +166,78 @@ BAD_BODIES = [
     pytest.param({"n": 0}, "n", id="n-zero"),
     pytest.param({"n": "2"}, "n", id="n-string"),
     pytest.param({"seed": -1}, "seed", id="seed-negative"),
+    pytest.param({"seed": 2**63 - 1}, "seed", id="seed-past-the-last-image"),
     pytest.param({"seed": 1.5}, "seed", id="seed-float"),
     pytest.param({"guidance_scale": "high"}, "guidance_scale", id="guidance-string"),
+    pytest.param({"guidance_scale": -2.0}, "guidance_scale", id="guidance-negative"),
     pytest.param({"guidance_scale": 1.0}, "guidance_scale", id="guidance-without-cfg"),
     pytest.param({"response_format": "url"}, "response_format", id="url-format"),
-    pytest.param({"quality": "hd"}, "quality", id="unknown-field"),
+    pytest.param({"output_format": "jpeg"}, "output_format", id="jpeg"),
+    pytest.param({"background": "transparent"}, "background", id="transparent"),
+    pytest.param({"stream": True}, "stream", id="stream"),
+    pytest.param({"colour": "red"}, "colour", id="unknown-field"),
 ]
 
 
 @pytest.mark.parametrize(("body", "param"), BAD_BODIES)
 def test_bad_input_is_a_400_naming_the_param(server: RemoteServer, body: dict[str, Any], param: str) -> None:
-    error = _assert_error(_generate(server.url, **body), 400, param)
+    error = assert_error(generate(server.url, **body), 400, param)
     assert error["type"] == "invalid_request_error"
 
 
 def test_missing_prompt_malformed_json_and_unknown_route(server: RemoteServer) -> None:
     missing = httpx.post(f"{server.url}/v1/images/generations", json={"n": 1})
-    _assert_error(missing, 400, "prompt")
+    assert_error(missing, 400, "prompt")
     malformed = httpx.post(f"{server.url}/v1/images/generations", content=b'{"prompt": "a',
                            headers={"content-type": "application/json"})
-    assert "not valid JSON" in _assert_error(malformed, 400, None)["message"]
-    too_long = _generate(server.url, prompt="red " * 40)
+    assert "not valid JSON" in assert_error(malformed, 400, None)["message"]
+    too_long = generate(server.url, prompt="red " * 40)
     assert f"at most {TEXT_LENGTH}" in too_long.json()["error"]["message"]
-    _assert_error(httpx.get(f"{server.url}/v1/nothing"), 404, None)
+    assert_error(httpx.get(f"{server.url}/v1/nothing"), 404, None)
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field(server: RemoteServer) -> None:
+    for field in ("prompt", "negative_prompt"):
+        body = {"prompt": "a red sun", field: "a\\ud800b"}
+        raw = ("{" + ", ".join(f'"{key}": "{value}"' for key, value in body.items()) + "}").encode()
+        response = httpx.post(f"{server.url}/v1/images/generations", content=raw,
+                              headers={"content-type": "application/json"})
+        assert "surrogate" in assert_error(response, 400, field)["message"]
+    assert generate(server.url).status_code == 200
+
+
+def test_oversized_input_is_refused_quickly_while_live_keeps_answering(server: RemoteServer) -> None:
+    """413 from Content-Length or from the bytes of a chunked body, 400 over the character limit; none
+    is parsed or tokenized on the event loop, and /health/live keeps answering within 100 ms while
+    they and generations are processed."""
+    url = f"{server.url}/v1/images/generations"
+    huge = b'{"prompt": "' + b"x" * 5_000_000 + b'"}'
+    headers = {"content-type": "application/json"}
+
+    def chunked() -> Iterator[bytes]:
+        for start in range(0, len(huge), 100_000):
+            yield huge[start : start + 100_000]
+
+    async def busy() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            generations = [client.post(url, json={"prompt": "a red sun", "seed": seed}) for seed in range(2)]
+            long_prompts = [client.post(url, json={"prompt": "red blue " * 444}) for _ in range(4)]
+            return await asyncio.gather(*generations, *long_prompts)
+
+    with LiveProbe(server.url) as probe:
+        started = time.perf_counter()
+        declared = httpx.post(url, content=huge, headers=headers, timeout=30)
+        declared_seconds = time.perf_counter() - started
+        streamed = httpx.post(url, content=chunked(), headers=headers, timeout=30)
+        parsed = httpx.post(url, content=b'{"prompt": "' + b"x" * 900_000 + b'"}', headers=headers, timeout=30)
+        answers = asyncio.run(busy())
+    assert f"{len(huge)} bytes" in assert_error(declared, 413, None)["message"]
+    assert declared_seconds < 5, declared_seconds
+    assert "at most 1048576 bytes" in assert_error(streamed, 413, None)["message"]
+    assert "900000 characters" in assert_error(parsed, 400, "prompt")["message"]
+    assert [answer.status_code for answer in answers] == [200, 200, 400, 400, 400, 400]
+    assert not probe.failures, probe.failures
+    assert len(probe.latencies) > 20 and max(probe.latencies) < 0.1, sorted(probe.latencies)[-5:]
 
 
 # -- load, metrics, docs ------------------------------------------------------------------------
@@ -235,20 +245,21 @@ def test_missing_prompt_malformed_json_and_unknown_route(server: RemoteServer) -
 
 def test_a_full_queue_answers_429_with_retry_after(server: RemoteServer) -> None:
     # Distinct guidance scales: nothing batches, so 12 requests overflow a queue of 2.
-    responses = asyncio.run(_generate_all(server.url, [{"guidance_scale": 2.0 + i / 10} for i in range(12)]))
+    responses = asyncio.run(generate_all(server.url, [{"guidance_scale": 2.0 + i / 10} for i in range(12)]))
     statuses = sorted(response.status_code for response in responses)
     assert set(statuses) == {200, 429}, statuses
     rejected = next(response for response in responses if response.status_code == 429)
-    _assert_error(rejected, 429, None)
+    assert_error(rejected, 429, None)
     assert int(rejected.headers["retry-after"]) >= 1
-    assert _generate(server.url).status_code == 200  # postcondition: still serving
+    assert generate(server.url).status_code == 200  # postcondition: still serving
 
 
 def test_metrics_expose_the_documented_series(server: RemoteServer) -> None:
-    _generate(server.url)
+    generate(server.url)
     text = httpx.get(f"{server.url}/metrics").text
     for name in (
         'catrt_requests_total{route="/v1/images/generations",status="200"}',
+        'catrt_requests_total{route="/v1/images/generations",status="413"}',
         'catrt_request_latency_seconds_bucket{le="0.01",route="/v1/images/generations"}',
         "catrt_queue_depth 0.0",
         "catrt_images_generated_total",
@@ -260,50 +271,111 @@ def test_metrics_expose_the_documented_series(server: RemoteServer) -> None:
     assert ("catrt_gpu_memory_used_bytes" in text) == torch.cuda.is_available()
 
 
-def test_openapi_docs_are_served(server: RemoteServer) -> None:
-    schema = httpx.get(f"{server.url}/openapi.json").json()
-    assert "/v1/images/generations" in schema["paths"]
+def test_openapi_states_what_the_build_serves(server: RemoteServer) -> None:
+    """The document's limits are the server's: values it states as valid are served, others refused."""
+    document = httpx.get(f"{server.url}/openapi.json").json()
+    metrics = document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
+    properties = openapi_request_schema(server.url)["properties"]
+    first = {name: schema.get("anyOf", [schema])[0] for name, schema in properties.items()}
+    assert first["size"]["enum"] == ["64x64", "auto"]
+    assert (first["n"]["minimum"], first["n"]["maximum"]) == (1, 2)
+    assert first["guidance_scale"]["exclusiveMinimum"] == 1.0
+    assert first["steps"]["enum"] == [8]
+    assert (first["prompt"]["minLength"], first["prompt"]["maxLength"]) == (1, 4000)
+    assert str(TEXT_LENGTH) in first["prompt"]["description"]
+    assert first["response_format"]["enum"] == ["b64_json"] and first["output_format"]["enum"] == ["png"]
     assert httpx.get(f"{server.url}/docs").status_code == 200
+    # Boundary values of the document are served ...
+    largest_seed = first["seed"]["maximum"]
+    edges = [
+        {"n": first["n"]["maximum"], "seed": largest_seed, "size": first["size"]["enum"][0],
+         "steps": first["steps"]["enum"][0], "guidance_scale": math.nextafter(1.0, 2.0), "stream": False,
+         "response_format": "b64_json", "output_format": "png", "background": "opaque"},
+        {"n": first["n"]["minimum"], "seed": first["seed"]["minimum"], "size": "auto", "negative_prompt": ""},
+    ]
+    for body in edges:
+        response = generate(server.url, **body)
+        assert response.status_code == 200, (body, response.text)
+    assert response.json()["catrt"]["seeds"] == [0]
+    # ... and the values just past them are not.
+    for body, param in (({"n": 3}, "n"), ({"seed": largest_seed + 1}, "seed"), ({"guidance_scale": 1.0}, "guidance_scale")):
+        assert_error(generate(server.url, **body), 400, param)
 
 
-# -- failures, timeouts, disconnects, SIGTERM (the fault server) --------------------------------
+# -- failures, timeouts, disconnects, read timeouts, SIGTERM (the fault server) ------------------
 
 
 def test_a_failing_generation_answers_500_to_that_request_alone(faulty: RemoteServer) -> None:
-    responses = asyncio.run(_generate_all(faulty.url, [{"prompt": "sleep 0.3"}, {"prompt": "boom"}, {}], 0.05))
+    responses = asyncio.run(generate_all(faulty.url, [{"prompt": "sleep 0.3"}, {"prompt": "boom"}, {}], 0.05))
     assert [response.status_code for response in responses] == [200, 500, 200]
-    assert _assert_error(responses[1], 500, None)["type"] == "server_error"
+    error = assert_error(responses[1], 500, None)
+    assert error["type"] == "server_error"
+    request_id = responses[1].headers["x-request-id"]
+    assert error["message"].startswith(f"internal error (request id {request_id}")
+    assert "injected" not in responses[1].text and "RuntimeError" not in responses[1].text
+    assert any(request_id in line and "generation failed" in line for line in faulty.lines), faulty.output
     assert httpx.get(f"{faulty.url}/health/ready").status_code == 200
 
 
-def test_a_request_past_the_timeout_answers_504(faulty: RemoteServer) -> None:
-    slow, queued = asyncio.run(_generate_all(faulty.url, [{"prompt": "sleep 2.5"}, {"guidance_scale": 2.0}], 0.1))
-    assert _assert_error(slow, 504, None)["type"] == "timeout_error"
-    _assert_error(queued, 504, None)
-    assert _generate(faulty.url).status_code == 200
-
-
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
+def test_a_request_past_the_timeout_answers_504_and_its_work_is_dropped(faulty: RemoteServer) -> None:
+    """The queued request is dropped before its batch, the running one before its next step: no images."""
+    images = metric(faulty.url, "catrt_images_generated_total")
+    slow, queued = asyncio.run(generate_all(faulty.url, [{"prompt": "sleep 2.5"}, {"guidance_scale": 2.0}], 0.1))
+    assert assert_error(slow, 504, None)["type"] == "timeout_error"
+    assert_error(queued, 504, None)
+    assert generate(faulty.url).status_code == 200  # runs after the slow call was abandoned
+    assert metric(faulty.url, "catrt_images_generated_total") == images + 1
 
 
 def test_a_client_that_leaves_does_not_leave_its_work_queued(faulty: RemoteServer) -> None:
-    images = _metric(faulty.url, "catrt_images_generated_total")
+    images = metric(faulty.url, "catrt_images_generated_total")
 
     async def leave_early() -> httpx.Response:
         async with httpx.AsyncClient(timeout=60) as client:
             slow = asyncio.create_task(client.post(f"{faulty.url}/v1/images/generations", json={"prompt": "sleep 1"}))
             await asyncio.sleep(0.2)
             with pytest.raises(httpx.ReadTimeout):
-                await client.post(f"{faulty.url}/v1/images/generations", json={"prompt": PROMPT}, timeout=0.3)
+                await client.post(f"{faulty.url}/v1/images/generations", json={"prompt": "a red sun"}, timeout=0.3)
             return await slow
 
     assert asyncio.run(leave_early()).status_code == 200
-    assert _metric(faulty.url, 'catrt_requests_cancelled_total{reason="disconnect"}') == 1
-    assert _metric(faulty.url, "catrt_images_generated_total") == images + 1
+    assert metric(faulty.url, 'catrt_requests_cancelled_total{reason="disconnect"}') == 1
+    assert metric(faulty.url, "catrt_images_generated_total") == images + 1
+
+
+HALF_REQUESTS = [
+    pytest.param(b"", id="idle-connection"),
+    pytest.param(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Ty", id="half-headers"),
+    pytest.param(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"prompt\": \"a", id="half-body"),
+]
+
+
+@pytest.mark.parametrize("sent", HALF_REQUESTS)
+def test_a_connection_short_of_a_whole_request_is_closed_after_the_read_timeout(faulty: RemoteServer, sent: bytes) -> None:
+    host, port = faulty.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        started = time.perf_counter()
+        sock.sendall(sent)
+        assert sock.recv(1024) == b""  # the server closed it, answering nothing
+        waited = time.perf_counter() - started
+    assert READ_TIMEOUT * 0.9 <= waited < READ_TIMEOUT + 2, waited
+    assert generate(faulty.url).status_code == 200
+
+
+def test_a_trickled_request_is_closed_at_the_read_timeout(faulty: RemoteServer) -> None:
+    """Bytes that keep coming do not move the deadline (one byte every 0.2 s)."""
+    host, port = faulty.url.removeprefix("http://").split(":")
+    request = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"p" * 40 + b"\r\n\r\n"
+    started = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=10) as sock, pytest.raises(OSError):
+        for byte in request:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.2)
+            if time.perf_counter() - started > READ_TIMEOUT + 3:
+                break
+    assert time.perf_counter() - started < READ_TIMEOUT + 3
 
 
 def test_sigterm_finishes_the_request_in_flight_refuses_the_rest_and_exits_0(faulty: RemoteServer) -> None:
@@ -312,25 +384,21 @@ def test_sigterm_finishes_the_request_in_flight_refuses_the_rest_and_exits_0(fau
             post = lambda body: client.post(f"{faulty.url}/v1/images/generations", json=body)  # noqa: E731
             in_flight = asyncio.create_task(post({"prompt": "sleep 1.5"}))
             await asyncio.sleep(0.2)
-            queued = asyncio.create_task(post({"prompt": PROMPT, "guidance_scale": 2.0}))
+            queued = asyncio.create_task(post({"prompt": "a red sun", "guidance_scale": 2.0}))
             await asyncio.sleep(0.2)
             faulty.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.2)
-            late = await post({"prompt": PROMPT})
+            late = await post({"prompt": "a red sun"})
             return await in_flight, await queued, late
 
     in_flight, queued, late = asyncio.run(scenario())
     assert in_flight.status_code == 200 and len(in_flight.json()["data"]) == 1
-    _assert_error(queued, 503, None)
-    _assert_error(late, 503, None)
+    assert_error(queued, 503, None)
+    assert_error(late, 503, None)
     assert faulty.process.wait(timeout=20) == 0
 
 
 def test_a_folder_that_is_not_a_build_fails_to_start(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "catrt.cli", "serve", "--engines", str(tmp_path), "--port", str(_free_port())],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    assert result.returncode == 2
-    assert "manifest.json is missing" in result.stderr
+    result = run_cli(["serve", "--engines", str(tmp_path), "--port", "0"])
+    assert_one_line_refusal(result, "manifest.json is missing")
+    assert "listening" not in result.stderr

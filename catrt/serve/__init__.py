@@ -1,6 +1,24 @@
-"""`catrt serve`: an OpenAI-compatible images server over one build, with one worker thread owning the model."""
+"""`catrt serve`: an OpenAI-compatible images server over one build, with one worker thread owning the model.
+
+`run_server` is imported on first use, so building the CLI's parser (which needs `ServeConfig`'s
+defaults) does not import uvicorn, FastAPI or torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from catrt.serve.config import ServeConfig
-from catrt.serve.server import run_server
 
 __all__ = ["ServeConfig", "run_server"]
+
+if TYPE_CHECKING:
+    from catrt.serve.server import run_server
+
+
+def __getattr__(name: str) -> Any:
+    if name == "run_server":
+        from catrt.serve.server import run_server
+
+        return run_server
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

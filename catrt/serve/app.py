@@ -1,21 +1,32 @@
-"""The HTTP routes: images (OpenAI schema), health, metrics; FastAPI serves /docs and /openapi.json."""
+"""The HTTP routes: images (OpenAI schema), health, metrics; FastAPI serves /docs and /openapi.json.
+
+The event loop only moves bytes: request checks that touch the model's tokenizers run on one
+admission thread, generation and PNG encoding on the worker thread, so `/health/live` answers while
+any request is being checked or generated.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from catrt.errors import RequestTimeoutError, ServiceUnavailableError
-from catrt.serve.errors import install_error_handlers
+from catrt.serve.auth import BearerCheck
+from catrt.serve.config import ServeConfig
+from catrt.serve.errors import REQUEST_ID_KEY, install_error_handlers
+from catrt.serve.gate import RequestGate
 from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
+from catrt.serve.openapi import describe_served
 from catrt.serve.schemas import CatrtInfo, ErrorResponse, ImageData, ImageGenerationRequest, ImageGenerationResponse, Timings
-from catrt.serve.validation import admit
+from catrt.serve.validation import RequestRules
 from catrt.serve.worker import Job, JobResult, Worker
 
 logger = logging.getLogger(__name__)
@@ -23,28 +34,49 @@ logger = logging.getLogger(__name__)
 DISCONNECT_POLL_SECONDS = 0.1
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 429, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 500, 503, 504)
+}
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format 0.0.4"},
 }
 
 
-def build_app(worker: Worker, metrics: ServerMetrics, timeout: float) -> FastAPI:
+def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
     """Routes over `worker`; every request is counted and timed into `metrics` by route and status."""
     app = FastAPI(title="catrt", summary="CAT Pruning text-to-image server (OpenAI images API)")
     install_error_handlers(app)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(
+        RequestGate,
+        max_body_bytes=config.max_body_bytes,
+        authorized=BearerCheck(config.api_key) if config.api_key is not None else None,
+        protect_metrics=config.metrics_auth,
+    )
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, router=app.router)
+    admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catrt-admit")
+    current: dict[str, RequestRules] = {}
+
+    def rules() -> RequestRules | None:
+        """The loaded model's rules, made once it is loaded."""
+        served = worker.served
+        if served is None:
+            return None
+        if "rules" not in current:
+            current["rules"] = RequestRules(served, config.max_prompt_chars)
+        return current["rules"]
 
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
     async def generate_images(body: ImageGenerationRequest, request: Request) -> Any:
         """Images for one prompt, batched with compatible queued requests."""
-        if worker.served is None or worker.state != "ready":
+        checks = rules()
+        if checks is None or worker.state != "ready":
             raise ServiceUnavailableError(f"the server is {worker.state}; retry later")
-        rows, options = admit(body, worker.served)
-        job = Job(rows, options)
+        rows, options = await asyncio.get_running_loop().run_in_executor(admission, checks.admit, body)
+        job = Job(rows, options, deadline=time.perf_counter() + config.timeout, request_id=request.scope[REQUEST_ID_KEY])
         worker.submit(job)
-        result = await _wait_for(job, request, timeout, metrics)
+        result = await _wait_for(job, request, config.timeout, metrics)
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return _response(result, worker, [row.seed for row in rows], job.arrived)
+        return _response(result, checks, [row.seed for row in rows], job.arrived)
 
     @app.get("/health/live")
     async def live() -> dict[str, str]:
@@ -58,50 +90,60 @@ def build_app(worker: Worker, metrics: ServerMetrics, timeout: float) -> FastAPI
             response.status_code = 503
         return {"status": worker.state}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics_text() -> Response:
         """Prometheus text format."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    describe_served(app, rules, api_key=config.api_key is not None, metrics_auth=config.metrics_auth)
     return app
 
 
 async def _wait_for(job: Job, request: Request, timeout: float, metrics: ServerMetrics) -> JobResult | None:
-    """The job's result; cancels it (dropping it from the queue) on timeout or when the client leaves."""
+    """The job's result; gives the job up (dropped if queued, its call stopped) on timeout or when the client leaves."""
     future = asyncio.wrap_future(job.future)
-    deadline = job.arrived + timeout
     while True:
-        remaining = deadline - time.perf_counter()
+        remaining = job.deadline - time.perf_counter()
         if remaining <= 0:
-            job.future.cancel()
+            job.abandon()
             metrics.cancelled.labels(reason="timeout").inc()
             raise RequestTimeoutError(f"no answer within the server's timeout of {timeout:g} s")
         done, _ = await asyncio.wait({future}, timeout=min(DISCONNECT_POLL_SECONDS, remaining))
         if done:
-            return future.result()
+            try:
+                return future.result()
+            except RequestTimeoutError:  # the worker found it past its deadline, or stopped its call
+                job.abandon()
+                metrics.cancelled.labels(reason="timeout").inc()
+                raise RequestTimeoutError(f"no answer within the server's timeout of {timeout:g} s") from None
         if await request.is_disconnected():
-            job.future.cancel()
+            job.abandon()
             metrics.cancelled.labels(reason="disconnect").inc()
-            logger.info("client left; request dropped")
+            logger.info("request %s: client left; request dropped", job.request_id)
             return None
 
 
-def _response(result: JobResult, worker: Worker, seeds: list[int], arrived: float) -> ImageGenerationResponse:
-    spec = worker.served.spec
+def _response(result: JobResult, rules: RequestRules, seeds: list[int], arrived: float) -> ImageGenerationResponse:
+    spec = rules.spec
     timings = Timings(queue_wait=result.queue_wait, total=time.perf_counter() - arrived, **result.phases)
     return ImageGenerationResponse(
         created=int(time.time()),
-        data=[ImageData(b64_json=base64.b64encode(image).decode("ascii")) for image in result.images],
+        data=[ImageData(b64_json=image) for image in result.images],
+        size=spec.size,
         catrt=CatrtInfo(timings=timings, alpha=spec.alpha, steps=spec.steps, seeds=seeds, batch_rows=result.batch_rows),
     )
 
 
 class RequestMetricsMiddleware:
-    """Counts and times every HTTP request by route template and status (pure ASGI: disconnects still reach routes)."""
+    """Counts and times every HTTP request by route template and status (pure ASGI: disconnects still reach routes).
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+    Outermost, so answers the gate gives before routing (401, 413) are counted under their route too.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, router: Any) -> None:
         self.app = app
         self.metrics = metrics
+        self.router = router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,7 +161,12 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = scope.get("route")
-            name = route.path if route is not None else "unmatched"
+            name = self._route(scope)
             self.metrics.requests.labels(route=name, status=str(status)).inc()
             self.metrics.latency.labels(route=name).observe(time.perf_counter() - started)
+
+    def _route(self, scope: Scope) -> str:
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.router.routes if r.matches(scope)[0] != Match.NONE), None)
+        return route.path if route is not None else "unmatched"

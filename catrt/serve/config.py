@@ -1,4 +1,7 @@
-"""`ServeConfig`: what `catrt serve` serves and how it queues, validated when made."""
+"""`ServeConfig`: what `catrt serve` serves, how it queues and what it lets in, validated when made.
+
+Imports nothing heavy: the CLI builds its parser from these defaults without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,9 @@ from typing import Any
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
 
+PRECISION_CHOICES: tuple[str, ...] = ("fp32", "fp16", "bf16")
+MIB = 1 << 20
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -17,12 +23,22 @@ class ServeConfig:
     Args:
         engines: a built engine folder (`catrt build`); what it serves comes from its manifest.
         model: instead of `engines`, a model name or diffusers folder run eagerly with `cat`.
-        height, width, steps, batch: what the eager model serves (ignored with `engines`).
-        cat: the pruning settings of the eager model (ignored with `engines`).
+        height, width: the size the eager model serves; None = the model's default size.
+        steps, batch: the step count and images per call of the eager model (a build fixes its own).
+        cat: the pruning settings of the eager model (a build fixes alpha and t0).
         device: torch device of the eager model.
-        host, port: where to listen.
+        precision: fp32, fp16 or bf16 for the eager model; None = fp32 on the CPU, the model's
+            usual dtype on CUDA. A build fixes its own.
+        host, port: where to listen; the port is bound before the model loads (0 = any free port).
         max_queue: requests that may wait for the worker; one more answers 429.
         timeout: seconds a request may take from arrival to answer (queue wait included); then 504.
+        max_body_bytes: a larger request body answers 413 before it is read or parsed.
+        max_prompt_chars: a longer prompt (or negative prompt) answers 400 before it is tokenized.
+        read_timeout: seconds a request may take to arrive whole, from its first byte (or from the
+            connection opening); a connection still sending after that is closed.
+        keep_alive: seconds an idle connection stays open between requests.
+        api_key: if set, `/v1/*` needs `Authorization: Bearer <api_key>`; never written out.
+        metrics_auth: `/metrics` needs the key too (otherwise it stays open, like `/health/*`).
     """
 
     engines: str | None = None
@@ -33,31 +49,62 @@ class ServeConfig:
     batch: int = 1
     cat: CATConfig = field(default_factory=CATConfig)
     device: str = "cpu"
+    precision: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     max_queue: int = 16
     timeout: float = 60.0
+    max_body_bytes: int = MIB
+    max_prompt_chars: int = 4000
+    read_timeout: float = 10.0
+    keep_alive: float = 5.0
+    api_key: str | None = field(default=None, repr=False)
+    metrics_auth: bool = False
 
     def __post_init__(self) -> None:
         if (self.engines is None) == (self.model is None):
             raise ConfigError("give exactly one of --engines DIR or --model NAME", field="engines", value=self.engines)
         if self.model is not None:
             for name in ("height", "width"):
-                _check_positive(name, getattr(self, name), "--model needs an explicit image size")
-            _check_positive("steps", self.steps, "")
-            _check_positive("batch", self.batch, "")
+                if getattr(self, name) is not None:
+                    _check_positive(name, getattr(self, name))
+            _check_positive("steps", self.steps)
+            _check_positive("batch", self.batch)
             self.cat.check_steps(self.steps)
+        if self.precision is not None and self.precision not in PRECISION_CHOICES:
+            raise ConfigError(
+                f"ServeConfig.precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}",
+                field="precision", value=self.precision,
+            )
+        if self.precision == "fp16" and self.device.split(":")[0] == "cpu":
+            raise ConfigError(
+                "--precision fp16 needs a CUDA device (most fp16 matmuls do not run on the CPU); use fp32 or bf16 "
+                "on the CPU",
+                field="precision", value=self.precision,
+            )
+        if self.engines is not None and self.precision is not None:
+            raise ConfigError(
+                "--precision is fixed by the build with --engines; drop it or build an engine with that precision",
+                field="precision", value=self.precision,
+            )
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"ServeConfig.port must be in [0, 65535], got {self.port!r}", field="port", value=self.port)
-        _check_positive("max_queue", self.max_queue, "")
-        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not (
-            math.isfinite(self.timeout) and self.timeout > 0
-        ):
-            raise ConfigError(f"ServeConfig.timeout must be > 0 seconds, got {self.timeout!r}", field="timeout")
+        for name in ("max_queue", "max_body_bytes", "max_prompt_chars"):
+            _check_positive(name, getattr(self, name))
+        for name in ("timeout", "read_timeout", "keep_alive"):
+            _check_seconds(name, getattr(self, name))
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ConfigError("the API key must be a non-empty string", field="api_key")
+        if self.metrics_auth and self.api_key is None:
+            raise ConfigError(
+                "--metrics-auth needs an API key (--api-key-file or CATRT_API_KEY)", field="metrics_auth"
+            )
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field but the API key, which is a secret and is never written out."""
         data = asdict(self)
         data["cat"] = self.cat.to_dict()
+        data.pop("api_key")
         return data
 
     @classmethod
@@ -67,7 +114,11 @@ class ServeConfig:
         return cls(**values)
 
 
-def _check_positive(name: str, value: Any, reason: str) -> None:
+def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        hint = f" ({reason})" if reason else ""
-        raise ConfigError(f"ServeConfig.{name} must be a positive integer{hint}, got {value!r}", field=name, value=value)
+        raise ConfigError(f"ServeConfig.{name} must be a positive integer, got {value!r}", field=name, value=value)
+
+
+def _check_seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"ServeConfig.{name} must be > 0 seconds, got {value!r}", field=name, value=value)

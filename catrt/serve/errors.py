@@ -20,6 +20,8 @@ from catrt.errors import (
 
 logger = logging.getLogger(__name__)
 
+REQUEST_ID_KEY = "catrt.request_id"  # set on the ASGI scope by `catrt.serve.gate.RequestGate`
+
 
 @dataclass(frozen=True)
 class ErrorKind:
@@ -68,8 +70,15 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    logger.error("unexpected error answering %s", request.url.path, exc_info=error)
-    return error_response(500, f"internal error: {type(error).__name__}", "server_error")
+    """A bug: the log gets the traceback under the request id, the client only the id."""
+    request_id = request.scope.get(REQUEST_ID_KEY, "unknown")
+    logger.error("request %s: unexpected error answering %s", request_id, request.url.path, exc_info=error)
+    return error_response(500, internal_error_message(request_id), "server_error")
+
+
+def internal_error_message(request_id: str) -> str:
+    """What a client is told about a failure inside the server: never the exception's own text."""
+    return f"internal error (request id {request_id}; the server log has the details)"
 
 
 def install_error_handlers(app: FastAPI) -> None:

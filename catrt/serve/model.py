@@ -1,12 +1,14 @@
 """What the worker runs: a generator object (accelerated pipeline or loaded engine) plus what it serves.
 
 The worker and the routes see only `ServedModel`; whether it came from an engine folder or an eager
-model is decided here, once, at load time.
+model is decided here, once, at load time. Model facts (which tokenizer limits a prompt, the text
+length, the default guidance and size) come from the pipeline's `PipelineSpec`, its call signature,
+the model card and the bundle's build config, never from a model family's attribute names.
 """
 
 from __future__ import annotations
 
-import copy
+import base64
 import inspect
 import io
 import logging
@@ -18,8 +20,12 @@ from typing import Any
 
 import torch
 
+from catrt.build_config import PRECISIONS, BuildConfig
+from catrt.model_cards import MODEL_CARDS, default_precision
+from catrt.pipeline import pipeline_spec
 from catrt.scheduler import plan
 from catrt.serve.config import ServeConfig
+from catrt.serve.text import PromptReader, TextLimit, text_limit
 from catrt.serve.timing import StepTimer
 
 logger = logging.getLogger(__name__)
@@ -33,6 +39,7 @@ class ServedSpec:
 
     model: str
     backend: str
+    precision: str
     height: int
     width: int
     steps: int
@@ -40,8 +47,8 @@ class ServedSpec:
     alpha: float
     t0: int
     refresh_every: int
-    max_sequence_length: int
-    requires_guidance: bool
+    text_tokens: int  # a prompt may have at most this many tokens of the limiting tokenizer
+    default_guidance: float
 
     @property
     def size(self) -> str:
@@ -66,51 +73,66 @@ class BatchOptions:
 
 @dataclass(frozen=True)
 class Generation:
-    """PNG bytes per row and the call's phase timings in seconds (encode, full_steps, pruned_steps, decode)."""
+    """Base64 PNG per row and the call's phase timings in seconds (encode, full_steps, pruned_steps, decode)."""
 
-    images: list[bytes]
+    images: list[str]
     phases: dict[str, float]
 
 
 class ServedModel:
-    """Runs padded batches on the generator object; only the worker thread calls `generate`."""
+    """Runs padded batches on the generator object; only the worker thread calls `generate`.
 
-    def __init__(self, runner: Any, spec: ServedSpec, call_defaults: dict[str, Any], device: torch.device) -> None:
+    Args:
+        runner: `catrt.accelerate(...)`'s or `catrt.load(...)`'s result.
+        spec: what it serves.
+        call_arguments: the pipeline arguments every call passes (size, steps, text length, the
+            pipeline's call defaults); a request's checks compare against these.
+        device: where generators are made.
+        build: the bundle's build config (its `check_request` rules apply), None for an eager model.
+        reader: the prompt checks (tokenizers, text limit), used off the worker thread.
+    """
+
+    def __init__(
+        self,
+        runner: Any,
+        spec: ServedSpec,
+        call_arguments: dict[str, Any],
+        device: torch.device,
+        build: BuildConfig | None,
+        reader: PromptReader,
+    ) -> None:
         self.runner = runner
         self.spec = spec
-        self.call_defaults = call_defaults
+        self.call_arguments = call_arguments
         self.device = device
-        self.default_guidance = float(inspect.signature(runner.pipe.__call__).parameters["guidance_scale"].default)
-        # A private copy: tokenizers are not safe to share with the worker thread that encodes prompts.
-        self._tokenizer = copy.deepcopy(getattr(runner, "tokenizer_3", None) or runner.tokenizer)
+        self.build = build
+        self.reader = reader
         self.timer = StepTimer(runner.transformer, device)
         self.step_observer: StepObserver | None = None
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens the long-text encoder (T5) reads for `text`, end-of-sequence token included."""
-        return len(self._tokenizer(text).input_ids)
+    def generate(
+        self, rows: Sequence[Row], options: BatchOptions, should_stop: Callable[[], bool] | None = None
+    ) -> Generation:
+        """Images for `rows`; the call is padded to the build's batch so every call has the same shapes.
 
-    def generate(self, rows: Sequence[Row], options: BatchOptions) -> Generation:
-        """Images for `rows`; the call is padded to the build's batch so every call has the same shapes."""
+        `should_stop` is asked before each denoising step; once it says yes the call is abandoned
+        (raises `Abandoned`), so requests already answered (timed out, client gone) cost no more steps.
+        """
         padded = list(rows) + [rows[0]] * (self.spec.batch - len(rows))
-        kwargs = dict(self.call_defaults)
+        kwargs = dict(self.call_arguments)
         kwargs.update(
             prompt=[row.prompt for row in padded],
             generator=[torch.Generator(device=self.device).manual_seed(row.seed) for row in padded],
-            num_inference_steps=self.spec.steps,
-            height=self.spec.height,
-            width=self.spec.width,
             guidance_scale=options.guidance_scale,
-            max_sequence_length=self.spec.max_sequence_length,
             output_type="pil",
         )
         if options.negative_prompt is not None:
             kwargs["negative_prompt"] = [options.negative_prompt] * len(padded)
-        self.timer.reset()
+        self.timer.reset(should_stop)
         started = time.perf_counter()
         images = self.runner(**kwargs).images[: len(rows)]
-        pngs = [_png_bytes(image) for image in images]
-        return Generation(pngs, self._phases(started, time.perf_counter()))
+        encoded = [_png_base64(image) for image in images]
+        return Generation(encoded, self._phases(started, time.perf_counter()))
 
     def _phases(self, started: float, finished: float) -> dict[str, float]:
         kinds = plan(self.spec.steps, self.spec.t0, self.spec.refresh_every)
@@ -123,10 +145,11 @@ class ServedModel:
         return phases
 
 
-def _png_bytes(image: Any) -> bytes:
+def _png_base64(image: Any) -> str:
+    """PNG-encoded and base64'd here, on the worker thread: both take time the event loop must not spend."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def load_served_model(config: ServeConfig) -> ServedModel:
@@ -141,47 +164,57 @@ def load_served_model(config: ServeConfig) -> ServedModel:
 def _load_eager(config: ServeConfig) -> ServedModel:
     """An eager pipeline accelerated with `config.cat` (no build needed; for development and tests)."""
     from catrt.loading import load_pipeline
-    from catrt.pipeline import accelerate, pipeline_spec
+    from catrt.pipeline import accelerate
 
-    pipe = load_pipeline(config.model, device=config.device)
+    device = torch.device(config.device)
+    precision = config.precision or default_precision(config.model, device.type)
+    pipe = load_pipeline(config.model, device=device, dtype=PRECISIONS[precision])
+    default_size = _default_size(pipe)
+    height, width = config.height or default_size, config.width or default_size
+    limit = text_limit(pipe, pipeline_spec(pipe))
     spec = ServedSpec(
-        model=config.model,
-        backend="eager",
-        height=config.height,
-        width=config.width,
-        steps=config.steps,
-        batch=config.batch,
-        alpha=config.cat.alpha,
-        t0=config.cat.t0,
-        refresh_every=config.cat.refresh_every,
-        max_sequence_length=_default_text_length(pipe),
-        requires_guidance=False,
+        model=config.model, backend="eager", precision=precision, height=height, width=width, steps=config.steps,
+        batch=config.batch, alpha=config.cat.alpha, t0=config.cat.t0, refresh_every=config.cat.refresh_every,
+        text_tokens=limit.tokens, default_guidance=_default_guidance(config.model, pipe),
     )
-    return ServedModel(accelerate(pipe, config.cat), spec, dict(pipeline_spec(pipe).call_defaults), pipe.device)
+    arguments = _call_arguments(pipe, spec, limit)
+    return ServedModel(accelerate(pipe, config.cat), spec, arguments, device, None, PromptReader(pipe, limit))
 
 
 def _load_engines(config: ServeConfig) -> ServedModel:
-    """A built bundle via `catrt.load`, which verifies files, versions and device; its manifest says what it serves."""
+    """A built bundle via `catrt.load`, which verifies it; its build config says what it serves."""
     from catrt.bundle import load
 
     runner = load(Path(config.engines))
-    build = runner.build  # the manifest's build config, already read and verified by `load`
+    build = runner.build
+    pipe = runner.pipe
+    limit = text_limit(pipe, pipeline_spec(pipe), build.max_sequence_length)
     spec = ServedSpec(
-        model=build.model,
-        backend=build.backend,
-        height=build.height,
-        width=build.width,
-        steps=build.steps,
-        batch=build.batch,
-        alpha=build.alpha,
-        t0=build.t0,
-        refresh_every=build.cat_config().refresh_every,
-        max_sequence_length=build.max_sequence_length or _default_text_length(runner.pipe),
-        requires_guidance=True,  # the graphs take 2 x batch rows: conditional and unconditional
+        model=build.model, backend=build.backend, precision=build.precision, height=build.height, width=build.width,
+        steps=build.steps, batch=build.batch, alpha=build.alpha, t0=build.t0,
+        refresh_every=build.cat_config().refresh_every, text_tokens=limit.tokens,
+        default_guidance=_default_guidance(build.model, pipe),
     )
-    # EnginePipeline fills the pipeline's call defaults and the build's arguments itself.
-    return ServedModel(runner, spec, {}, runner.engine.device)
+    arguments = _call_arguments(pipe, spec, limit)
+    return ServedModel(runner, spec, arguments, runner.engine.device, build, PromptReader(pipe, limit))
 
 
-def _default_text_length(pipe: Any) -> int:
-    return int(inspect.signature(pipe.__call__).parameters["max_sequence_length"].default)
+def _call_arguments(pipe: Any, spec: ServedSpec, limit: TextLimit) -> dict[str, Any]:
+    arguments: dict[str, Any] = dict(pipeline_spec(pipe).call_defaults)
+    arguments.update(height=spec.height, width=spec.width, num_inference_steps=spec.steps)
+    if limit.argument is not None:
+        arguments[limit.argument] = limit.tokens
+    return arguments
+
+
+def _default_size(pipe: Any) -> int:
+    """The model's own image size in pixels, as `catrt build` takes it when none is given."""
+    return int(pipe.transformer.config.sample_size * pipe.vae_scale_factor)
+
+
+def _default_guidance(model: str, pipe: Any) -> float:
+    """The model card's guidance for a published or shipped model, else the pipeline's own default."""
+    card = MODEL_CARDS.get(model)
+    if card is not None:
+        return float(card.default_guidance)
+    return float(inspect.signature(pipe.__call__).parameters["guidance_scale"].default)

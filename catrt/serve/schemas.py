@@ -1,18 +1,20 @@
 """Request and response bodies of the images endpoint: OpenAI's schema plus catrt's own fields.
 
-Types are strict (a string "2" is not an `n`), and unknown fields are refused, so a typo is a 400
-naming the field rather than a silently ignored setting.
+The request model checks types only: strict (a string "2" is not an `n`), unknown fields refused,
+so a typo is a 400 naming the field rather than a silently ignored setting. What values a server
+takes (its size, `n` range, guidance, prompt length) depends on the build, so those rules live in
+`catrt.serve.validation.RequestRules`, which also writes them into the OpenAPI document.
+
+OpenAI SDK fields that do not apply here are accepted and ignored (`model`, `quality`, `style`,
+`user`, `safety_identifier`, `moderation`, `output_compression`), or accepted for the values this
+server honours (`output_format` png, `background` auto / opaque, `stream` false, `size` "auto").
 """
 
 from __future__ import annotations
 
-import math
-from typing import Literal
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
-
-SIZE_PATTERN = r"^[1-9][0-9]*x[1-9][0-9]*$"
-MAX_SEED = 2**63 - 1
+IGNORED = "accepted for OpenAI clients and ignored"
 
 
 class ImageGenerationRequest(BaseModel):
@@ -20,30 +22,24 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: StrictStr = Field(description="text to draw; at most the model's text length in tokens")
-    n: StrictInt = Field(1, ge=1, description="images; at most the build's batch")
-    size: StrictStr | None = Field(None, pattern=SIZE_PATTERN, description='"WxH"; the build serves one size')
-    response_format: Literal["b64_json"] = Field("b64_json", description="only base64 PNG is served")
-    model: StrictStr | None = Field(None, description="accepted for OpenAI clients; the server serves one model")
-    user: StrictStr | None = Field(None, description="accepted for OpenAI clients; unused")
-    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; random if absent")
-    negative_prompt: StrictStr | None = None
-    guidance_scale: float | None = Field(None, ge=0.0, strict=True, description="the pipeline's default if absent")
-    steps: StrictInt | None = Field(None, ge=1, description="must be the build's step count")
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must not be empty")
-        return prompt
-
-    @field_validator("guidance_scale")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("guidance_scale must be a finite number")
-        return value
+    prompt: StrictStr = Field(description="text to draw; not blank, at most the model's text length in tokens")
+    n: StrictInt | None = Field(None, description="images (default 1); at most the build's batch")
+    size: StrictStr | None = Field(None, description='"WxH" as the build serves, or "auto" (the served size; default)')
+    response_format: StrictStr | None = Field(None, description="b64_json (default); url is not served")
+    output_format: StrictStr | None = Field(None, description="png (default); no other format is served")
+    background: StrictStr | None = Field(None, description="auto or opaque (images are opaque); transparent is not served")
+    stream: StrictBool | None = Field(None, description="false; streaming is not served")
+    model: StrictStr | None = Field(None, description=f"{IGNORED}: the server serves one model")
+    quality: StrictStr | None = Field(None, description=f"{IGNORED}: the build fixes steps and size")
+    style: StrictStr | None = Field(None, description=IGNORED)
+    user: StrictStr | None = Field(None, description=IGNORED)
+    safety_identifier: StrictStr | None = Field(None, description=IGNORED)
+    moderation: StrictStr | None = Field(None, description=f"{IGNORED}: this server runs no moderation")
+    output_compression: StrictInt | None = Field(None, description=f"{IGNORED}: PNG is lossless")
+    seed: StrictInt | None = Field(None, description="image i uses seed + i; random if absent")
+    negative_prompt: StrictStr | None = Field(None, description="what to steer away from; same limits as prompt")
+    guidance_scale: float | None = Field(None, strict=True, description="classifier-free guidance; the model's default if absent")
+    steps: StrictInt | None = Field(None, description="must be the build's step count")
 
 
 class ImageData(BaseModel):
@@ -72,6 +68,8 @@ class CatrtInfo(BaseModel):
 class ImageGenerationResponse(BaseModel):
     created: int
     data: list[ImageData]
+    output_format: str = "png"
+    size: str = Field(description='"WxH" of the images')
     catrt: CatrtInfo
 
 

@@ -1,33 +1,44 @@
-"""`run_server`: uvicorn over the app, with vllm-style SIGTERM handling.
+"""`run_server`: bind, start uvicorn, load the model on the worker thread, serve until signalled.
 
-On SIGTERM (or Ctrl-C) the server stops taking requests (503), answers the queued ones 503, lets
-the model call in flight finish and its answers go out, then exits 0. A second signal exits at once.
+The listening socket is bound first, before anything is loaded, so a port in use is a one-line
+refusal in a second instead of a failure after minutes of loading. On SIGTERM (or Ctrl-C) the
+server stops taking requests (503), answers the queued ones 503, lets the model call in flight
+finish and its answers go out, then exits 0. A second signal exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
 import logging
 import socket
+import sys
+from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
-from catrt.serve.app import build_app
+from catrt.errors import CatrtError, ConfigError, CorruptBundleError, ServiceUnavailableError
 from catrt.serve.config import ServeConfig
-from catrt.serve.metrics import ServerMetrics
-from catrt.serve.model import load_served_model
-from catrt.serve.worker import Worker, WorkerState
+from catrt.serve.protocol import read_deadline_protocol
+
+if TYPE_CHECKING:
+    from catrt.serve.worker import Worker, WorkerState
 
 logger = logging.getLogger(__name__)
+
+BACKLOG = 2048  # uvicorn's default
 
 
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first signal drains the worker before uvicorn's own graceful exit."""
 
-    def __init__(self, config: uvicorn.Config, worker: Worker) -> None:
+    def __init__(self, config: uvicorn.Config, worker: Worker, address: str) -> None:
         super().__init__(config)
         self.worker = worker
+        self.address = address
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
 
@@ -35,6 +46,11 @@ class DrainingServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         self.worker.start()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(f"catrt serve: listening on {self.address}", file=sys.stderr, flush=True)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None:
@@ -59,21 +75,108 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(config: ServeConfig) -> int:
-    """Load the model on the worker thread while uvicorn starts, then serve until signalled.
+    """Serve `config` until signalled; returns 0 after a drain.
 
-    Returns 0 after a drain; raises the load error if the model could not be loaded.
+    Raises a CatrtError, before anything is loaded, for a port in use, a device this machine lacks
+    or a folder that is not a bundle; and one naming the cause if the model cannot be loaded.
     """
+    if config.engines is not None:
+        _check_bundle_folder(Path(config.engines))
+    sock = listening_socket(config.host, config.port)
+    try:
+        _check_device(config)
+        # Imported after the cheap refusals: FastAPI, torch and diffusers take seconds to import.
+        from catrt.serve.app import build_app
+        from catrt.serve.metrics import ServerMetrics
+        from catrt.serve.model import load_served_model
+        from catrt.serve.worker import Worker
+    except BaseException:
+        sock.close()
+        raise
     metrics = ServerMetrics()
     # The worker reports its exit to the server made below; it only can once the server runs.
     worker = Worker(
         lambda: load_served_model(config), config.max_queue, metrics, on_exit=lambda state: server.worker_exited(state)
     )
     metrics.watch_queue(lambda: worker.depth)
-    app = build_app(worker, metrics, config.timeout)
-    uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False)
-    server = DrainingServer(uvicorn_config, worker)
-    logger.info("catrt serve on http://%s:%d", config.host, config.port)
-    asyncio.run(server.serve())
+    app = build_app(worker, metrics, config)
+    uvicorn_config = uvicorn.Config(
+        app, http=read_deadline_protocol(config.read_timeout), timeout_keep_alive=config.keep_alive,
+        log_config=None, access_log=False, backlog=BACKLOG,
+    )
+    server = DrainingServer(uvicorn_config, worker, _address(sock))
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        sock.close()
     if worker.served is None and worker.error is not None:
-        raise worker.error
+        raise _load_failure(worker.error)
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening socket; the port's owner is refused here, before any model is loaded."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"cannot listen on host {host!r}: {error.strerror}", field="host", value=host) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: no wait after a restart
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError as error:
+        sock.close()
+        reason = "is already in use" if error.errno == errno.EADDRINUSE else f"cannot be bound ({error.strerror})"
+        raise ConfigError(f"port {port} on {host} {reason}; pick another with --port", field="port", value=port) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def _check_device(config: ServeConfig) -> None:
+    """A CUDA device asked for on a machine without one is refused before binding or loading."""
+    if config.model is None or not config.device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {config.device}: this machine has no CUDA device torch can use; serve with --device cpu",
+            field="device", value=config.device,
+        )
+
+
+def _check_bundle_folder(folder: Path) -> None:
+    """Is it a bundle at all: refused before the port is bound, the heavy imports and the "listening" line.
+
+    Only the manifest's presence and JSON syntax, with the words `catrt.manifest.read_manifest` uses;
+    `catrt.load` on the worker thread verifies everything else (files, digests, versions, device).
+    """
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise CorruptBundleError(
+            f"{path} is missing: {folder} is not a catrt engine folder (build one with `catrt build`)",
+            field="manifest.json",
+        )
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptBundleError(f"{path} is not a valid catrt manifest: {error}", field="manifest.json") from None
+
+
+def _load_failure(error: BaseException) -> CatrtError:
+    """A load error as one line: catrt's own errors as they are, anything else named with its type."""
+    if isinstance(error, CatrtError):
+        return error
+    first_line = next(iter(str(error).splitlines()), "")
+    return ServiceUnavailableError(
+        f"could not load the model: {type(error).__name__}: {first_line} (run with -v for the traceback)"
+    )

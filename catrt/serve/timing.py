@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,8 +18,16 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+class Abandoned(Exception):
+    """Raised before a denoising step when nobody waits for the call's images any more."""
+
+
 class StepTimer:
-    """Wall time of each transformer call; on CUDA the device is synchronised before each reading."""
+    """Wall time of each transformer call; on CUDA the device is synchronised before each reading.
+
+    Its pre-call hook also asks `should_stop` (set per call by `reset`) before every step, which is
+    how a call whose requests were all answered already (timed out, client gone) is abandoned.
+    """
 
     def __init__(self, transformer: nn.Module, device: torch.device) -> None:
         self.device = device
@@ -26,12 +35,14 @@ class StepTimer:
         self.first_start: float | None = None
         self.last_end: float | None = None
         self._started = 0.0
+        self._should_stop: Callable[[], bool] | None = None
         transformer.register_forward_pre_hook(self._before)
         transformer.register_forward_hook(self._after)
 
-    def reset(self) -> None:
+    def reset(self, should_stop: Callable[[], bool] | None = None) -> None:
         self.durations = []
         self.first_start = self.last_end = None
+        self._should_stop = should_stop
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -39,6 +50,8 @@ class StepTimer:
         return time.perf_counter()
 
     def _before(self, module: nn.Module, args: Any) -> None:
+        if self._should_stop is not None and self._should_stop():
+            raise Abandoned(f"abandoned before step {len(self.durations) + 1}")
         self._started = self._now()
         if self.first_start is None:
             self.first_start = self._started

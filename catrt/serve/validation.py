@@ -1,57 +1,196 @@
-"""Check a request body against what the loaded build serves, before it takes a queue slot.
+"""Every value check of an images request, in one place, and the OpenAPI description of the same rules.
 
-Prompts longer than the text encoder's length are refused (400 naming the limit) rather than
-truncated: a silently shortened prompt gives an image of another text.
+A request passes, in order: the server's own limits (prompt characters, `n` up to the batch, the
+formats it returns, seeds), the model call's rules (for an engine bundle, `catrt.bundle.check_request`
+itself on the exact arguments the call will get; for an eager model, the one size and step count
+the server was started with), then the prompt's tokens, the only costly check, last. `RequestRules`
+runs on the server's admission thread, never on the event loop.
+
+The OpenAPI document is written from the same object, so what it states (sizes, `n` range, guidance
+range, prompt length) is what `admit` takes.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import secrets
+from typing import Any
 
+from catrt.bundle import check_request
 from catrt.errors import ConfigError
 from catrt.serve.model import BatchOptions, Row, ServedModel
-from catrt.serve.schemas import MAX_SEED, ImageGenerationRequest
+from catrt.serve.schemas import ImageGenerationRequest
+
+MAX_SEED = 2**63 - 1
+SIZE_PATTERN = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
+# Characters Python's str.strip() removes, spelled for JSON Schema: a prompt must have one other.
+NOT_BLANK = "[^\\t\\n\\v\\f\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+# check_request's argument names -> the request field a client sets them with.
+CALL_PARAMS = {"height": "size", "width": "size", "num_inference_steps": "steps", "batch": "n"}
+SERVED_CALL_ARGUMENTS = ("height", "width", "num_inference_steps")
 
 
-def admit(body: ImageGenerationRequest, served: ServedModel) -> tuple[list[Row], BatchOptions]:
-    """The request's rows (prompt, seed per image) and batch options; raises ConfigError naming the param."""
-    spec = served.spec
-    if body.size is not None and body.size != spec.size:
-        raise ConfigError(
-            f"size {body.size} is not served: this build serves {spec.size} only; ask for that size or build "
-            f"an engine for {body.size}",
-            field="size", value=body.size,
+class RequestRules:
+    """What one loaded model takes: `admit` checks a request, `properties` describes it for OpenAPI."""
+
+    def __init__(self, served: ServedModel, max_prompt_chars: int) -> None:
+        self.served = served
+        self.spec = served.spec
+        self.max_prompt_chars = max_prompt_chars
+        self.max_seed = MAX_SEED - (self.spec.batch - 1)  # image i uses seed + i
+        self.guidance_floor = self._guidance_floor()
+
+    def admit(self, body: ImageGenerationRequest) -> tuple[list[Row], BatchOptions]:
+        """The request's rows (prompt, seed per image) and batch options; raises ConfigError naming the param."""
+        self._check_text_length("prompt", body.prompt)
+        if not body.prompt.strip():
+            raise ConfigError("prompt must not be empty", field="prompt")
+        if body.negative_prompt is not None:
+            self._check_text_length("negative_prompt", body.negative_prompt)
+        self._check_formats(body)
+        n = 1 if body.n is None else body.n
+        if not 1 <= n <= self.spec.batch:
+            raise ConfigError(
+                f"n={n} is not served: this server makes at most {self.spec.batch} images per request (its batch)",
+                field="n", value=n,
+            )
+        guidance = self._guidance(body.guidance_scale)
+        seed = secrets.randbelow(2**31) if body.seed is None else body.seed
+        if not 0 <= seed <= self.max_seed:
+            raise ConfigError(f"seed must be in [0, {self.max_seed}], got {seed}", field="seed", value=seed)
+        self._check_call(body, guidance)
+        self.served.reader.check("prompt", body.prompt)
+        if body.negative_prompt is not None:
+            self.served.reader.check("negative_prompt", body.negative_prompt)
+        rows = [Row(body.prompt, seed + index) for index in range(n)]
+        return rows, BatchOptions(guidance_scale=guidance, negative_prompt=body.negative_prompt)
+
+    def _check_text_length(self, name: str, text: str) -> None:
+        """Characters first: a huge prompt is refused without being tokenized."""
+        if len(text) > self.max_prompt_chars:
+            raise ConfigError(
+                f"{name} is {len(text)} characters; this server takes at most {self.max_prompt_chars}",
+                field=name, value=len(text),
+            )
+
+    @staticmethod
+    def _check_formats(body: ImageGenerationRequest) -> None:
+        if body.response_format not in (None, "b64_json"):
+            hint = " (the server hosts no images; images come inline)" if body.response_format == "url" else ""
+            raise ConfigError(
+                f"response_format {body.response_format!r} is not served{hint}; ask for b64_json, the default",
+                field="response_format", value=body.response_format,
+            )
+        if body.output_format not in (None, "png"):
+            raise ConfigError(
+                f"output_format {body.output_format!r} is not served; this server returns png only",
+                field="output_format", value=body.output_format,
+            )
+        if body.background not in (None, "auto", "opaque"):
+            raise ConfigError(
+                f"background {body.background!r} is not served; images are opaque (ask for auto or opaque)",
+                field="background", value=body.background,
+            )
+        if body.stream:
+            raise ConfigError("stream=true is not served; images come in one answer", field="stream", value=True)
+
+    def _guidance(self, value: float | None) -> float:
+        if value is None:
+            return self.spec.default_guidance
+        guidance = float(value)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ConfigError(f"guidance_scale must be a finite number >= 0, got {value}", field="guidance_scale")
+        return guidance
+
+    def _size(self, size: str | None) -> tuple[int, int]:
+        """(width, height) asked for; "auto" and absent are the served size."""
+        if size is None or size == "auto":
+            return self.spec.width, self.spec.height
+        match = SIZE_PATTERN.match(size)
+        if match is None:
+            raise ConfigError(f'size must be "WxH" (e.g. "{self.spec.size}") or "auto", got {size!r}', field="size")
+        return int(match.group(1)), int(match.group(2))
+
+    def call_arguments(self, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
+        """The arguments the model call would get, padded to the batch as the worker pads it."""
+        arguments = dict(self.served.call_arguments)
+        arguments.update(
+            height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+            prompt=[""] * self.spec.batch,
         )
-    if body.steps is not None and body.steps != spec.steps:
-        raise ConfigError(
-            f"steps={body.steps} is not served: this build runs {spec.steps} steps", field="steps", value=body.steps
-        )
-    if body.n > spec.batch:
-        raise ConfigError(
-            f"n={body.n} is more than this build's batch of {spec.batch} images per request", field="n", value=body.n
-        )
-    _check_length("prompt", body.prompt, served)
-    if body.negative_prompt is not None:
-        _check_length("negative_prompt", body.negative_prompt, served)
-    guidance = served.default_guidance if body.guidance_scale is None else float(body.guidance_scale)
-    if spec.requires_guidance and guidance <= 1.0:
-        raise ConfigError(
-            f"guidance_scale={guidance} is not served: this engine runs classifier-free guidance, which needs "
-            f"guidance_scale > 1",
-            field="guidance_scale", value=guidance,
-        )
-    seed = secrets.randbelow(2**31) if body.seed is None else body.seed
-    if seed + body.n - 1 > MAX_SEED:
-        raise ConfigError(f"seed + n - 1 must be at most {MAX_SEED}", field="seed", value=seed)
-    rows = [Row(body.prompt, seed + index) for index in range(body.n)]
-    return rows, BatchOptions(guidance_scale=guidance, negative_prompt=body.negative_prompt)
+        return arguments
+
+    def _check_call(self, body: ImageGenerationRequest, guidance: float) -> None:
+        width, height = self._size(body.size)
+        steps = self.spec.steps if body.steps is None else body.steps
+        arguments = self.call_arguments(width, height, steps, guidance)
+        asked = {"size": body.size or "auto", "steps": steps, "n": body.n, "guidance_scale": guidance}
+        try:
+            if self.served.build is not None:
+                check_request(arguments, self.served.build)
+            else:
+                self._check_served_call(arguments)
+        except ConfigError as error:
+            param = CALL_PARAMS.get(error.field or "", error.field)
+            shown = f"{width}x{height}" if param == "size" else asked.get(param)
+            raise ConfigError(f"{param}={shown} is not served: {error}", field=param, value=shown) from None
+
+    def _check_served_call(self, arguments: dict[str, Any]) -> None:
+        """An eager server runs the one size and step count it was started with (its warm-up and batches)."""
+        for name in SERVED_CALL_ARGUMENTS:
+            if arguments[name] != self.served.call_arguments[name]:
+                raise ConfigError(
+                    f"this server serves {self.spec.size} images in {self.spec.steps} steps only; ask for those "
+                    f"(size \"auto\") or start another server for other values",
+                    field=name, value=arguments[name],
+                )
+
+    def _guidance_floor(self) -> float | None:
+        """1.0 where the bundle's `check_request` refuses guidance_scale 1 (classifier-free guidance only).
+
+        Asked of `check_request` itself, so the document states its rule without a second copy of it.
+        """
+        if self.served.build is None:
+            return None
+        arguments = self.call_arguments(self.spec.width, self.spec.height, self.spec.steps, 1.0)
+        try:
+            check_request(arguments, self.served.build)
+        except ConfigError as error:
+            if error.field == "guidance_scale":
+                return 1.0
+        return None
+
+    def properties(self) -> dict[str, dict[str, Any]]:
+        """JSON Schema of the request fields whose served values this model fixes."""
+        spec = self.spec
+        chars = self.max_prompt_chars
+        guidance: dict[str, Any] = {"type": "number", "minimum": 0}
+        if self.guidance_floor is not None:
+            guidance = {"type": "number", "exclusiveMinimum": self.guidance_floor}
+        return {
+            "prompt": {
+                "type": "string", "minLength": 1, "maxLength": chars, "pattern": NOT_BLANK,
+                "description": f"text to draw: not blank, at most {chars} characters and at most {spec.text_tokens} "
+                "tokens as the model's tokenizer counts them; longer prompts are refused (400), never truncated",
+            },
+            "negative_prompt": _nullable(
+                {"type": "string", "maxLength": chars}, f"same limits as prompt ({spec.text_tokens} tokens)"
+            ),
+            "n": _nullable({"type": "integer", "minimum": 1, "maximum": spec.batch, "default": 1}, "images"),
+            "size": _nullable(
+                {"type": "string", "enum": [spec.size, "auto"], "default": "auto"}, f'"auto" is {spec.size}'
+            ),
+            "steps": _nullable({"type": "integer", "enum": [spec.steps]}, "the served step count"),
+            "guidance_scale": _nullable(guidance, f"default {spec.default_guidance:g}"),
+            "seed": _nullable({"type": "integer", "minimum": 0, "maximum": self.max_seed}, "image i uses seed + i"),
+            "response_format": _nullable({"type": "string", "enum": ["b64_json"], "default": "b64_json"}, "url is not served"),
+            "output_format": _nullable({"type": "string", "enum": ["png"], "default": "png"}, "png only"),
+            "background": _nullable({"type": "string", "enum": ["auto", "opaque"]}, "images are opaque"),
+            "stream": _nullable({"type": "boolean", "enum": [False]}, "streaming is not served"),
+        }
 
 
-def _check_length(name: str, text: str, served: ServedModel) -> None:
-    limit = served.spec.max_sequence_length
-    tokens = served.count_tokens(text)
-    if tokens > limit:
-        raise ConfigError(
-            f"{name} is {tokens} tokens but this model reads at most {limit} (max_sequence_length); shorten it",
-            field=name, value=tokens,
-        )
+def _nullable(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """`schema` or null (null = the default), as pydantic writes optional fields."""
+    return {"anyOf": [schema, {"type": "null"}], "description": description}

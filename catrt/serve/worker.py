@@ -1,9 +1,11 @@
 """One thread owns the model: a bounded FIFO of requests, batched by compatible settings.
 
-Requests are `Job`s carrying a `concurrent.futures.Future`; a job whose future is cancelled while
-it waits (client gone, timeout) is dropped before it runs. The head of the queue always runs next,
-with later jobs of the same `BatchOptions` added until the build's batch is full, so no request
-waits behind jobs that arrived after it.
+Requests are `Job`s carrying a `concurrent.futures.Future` and a deadline; a job whose future is
+cancelled while it waits (client gone, timeout), or whose deadline has passed when its batch is
+made, is dropped before it runs. A call in flight whose jobs have all been given up (answered 504,
+client gone) is abandoned before its next step. The head of the queue always runs next, with later
+jobs of the same `BatchOptions` added until the build's batch is full, so no request waits behind
+jobs that arrived after it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
-from catrt.errors import CatrtError, GenerationError, QueueFullError, ServiceUnavailableError
+from catrt.errors import (
+    CatrtError,
+    GenerationError,
+    QueueFullError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+)
+from catrt.serve.errors import internal_error_message
 from catrt.serve.metrics import ServerMetrics
 from catrt.serve.model import BatchOptions, Generation, Row, ServedModel
+from catrt.serve.timing import Abandoned
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +40,9 @@ WARMUP_PROMPT = "warm-up"
 
 @dataclass(frozen=True)
 class JobResult:
-    """A job's images (PNG bytes), the phases of the call that made them, and its wait and batch."""
+    """A job's images (base64 PNG), the phases of the call that made them, and its wait and batch."""
 
-    images: list[bytes]
+    images: list[str]
     phases: dict[str, float]
     queue_wait: float
     batch_rows: int
@@ -40,12 +50,26 @@ class JobResult:
 
 @dataclass
 class Job:
-    """One request: `rows` images sharing `options`; answered through `future`."""
+    """One request: `rows` images sharing `options`, wanted by `deadline` (perf_counter seconds).
+
+    Answered through `future`. `abandon` marks it given up by the route (timed out, client gone):
+    it is dropped if still queued, and its call is stopped if no other job waits for it.
+    """
 
     rows: list[Row]
     options: BatchOptions
+    deadline: float = math.inf
+    request_id: str = "-"
     arrived: float = field(default_factory=time.perf_counter)
     future: Future[JobResult] = field(default_factory=Future)
+    abandoned: bool = False
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self.future.cancel()  # succeeds only while queued
+
+    def given_up(self, now: float) -> bool:
+        return self.abandoned or now >= self.deadline
 
 
 class Worker:
@@ -130,11 +154,16 @@ class Worker:
                 self._run_batch(jobs)
             self.state = "stopped"
         except BaseException as error:  # noqa: BLE001 - a dead worker must be reported, whatever killed it
-            logger.exception("the worker died")
+            if self.served is None:
+                # A failed load is reported once, as one line, by `run_server`'s caller; the traceback
+                # is for -v.
+                logger.debug("loading the model failed", exc_info=error)
+            else:
+                logger.exception("the worker died")
             self.error = error
             with self._lock:
                 self.state = "dead"
-                self._fail_queued(ServiceUnavailableError(f"the worker died: {error}"))
+                self._fail_queued(ServiceUnavailableError("the server's worker has stopped; see the server log"))
         finally:
             self._on_exit(self.state)
 
@@ -142,7 +171,7 @@ class Worker:
         served = self._load()
         spec = served.spec
         served.step_observer = self.metrics.observe_step
-        options = BatchOptions(guidance_scale=served.default_guidance, negative_prompt=None)
+        options = BatchOptions(guidance_scale=spec.default_guidance, negative_prompt=None)
         started = time.perf_counter()
         served.generate([Row(WARMUP_PROMPT, 0)] * spec.batch, options)
         self._batch_seconds = time.perf_counter() - started
@@ -164,6 +193,15 @@ class Worker:
                 self._lock.wait()
 
     def _take_batch(self) -> list[Job]:
+        """Expired jobs are answered 504 and skipped here, so no step runs for a request past its deadline."""
+        now = time.perf_counter()
+        for job in [job for job in self._queue if job.given_up(now)]:
+            self._queue.remove(job)
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(RequestTimeoutError("no answer within the server's timeout"))
+            logger.info("request %s dropped before its batch: past its deadline", job.request_id)
+        if not self._queue:
+            return []
         capacity = self.served.spec.batch
         head = self._queue[0]
         jobs, rows = [], 0
@@ -176,12 +214,18 @@ class Worker:
         return jobs
 
     def _run_batch(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
         try:
             self._serve(jobs)
+        except Abandoned as stop:
+            logger.info("requests %s given up; call stopped (%s)", ",".join(job.request_id for job in jobs), stop)
+            for job in jobs:
+                job.future.set_exception(RequestTimeoutError("the request was given up"))
         except Exception as error:  # noqa: BLE001 - one bad call must not stop the server
             if len(jobs) == 1:
-                logger.error("generation failed", exc_info=error)
-                jobs[0].future.set_exception(_as_generation_error(error))
+                logger.error("request %s: generation failed", jobs[0].request_id, exc_info=error)
+                jobs[0].future.set_exception(_as_generation_error(error, jobs[0].request_id))
                 return
             # Rerun the batch's requests one by one, so only the one that fails sees the error.
             logger.warning("a batch of %d requests failed (%s); rerunning them one by one", len(jobs), error)
@@ -191,7 +235,9 @@ class Worker:
     def _serve(self, jobs: list[Job]) -> None:
         started = time.perf_counter()
         rows = [row for job in jobs for row in job.rows]
-        generation = self.served.generate(rows, jobs[0].options)
+        generation = self.served.generate(
+            rows, jobs[0].options, lambda: all(job.given_up(time.perf_counter()) for job in jobs)
+        )
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
         self.metrics.images.inc(len(rows))
         self.metrics.batch_rows.observe(len(rows))
@@ -206,9 +252,10 @@ class Worker:
             job.future.set_result(JobResult(images, generation.phases, started - job.arrived, batch_rows))
 
 
-def _as_generation_error(error: Exception) -> Exception:
-    """Errors catrt explains (a ConfigError naming a field) pass through; anything else is a 500."""
+def _as_generation_error(error: Exception, request_id: str) -> Exception:
+    """Errors catrt explains (a ConfigError naming a field) pass through; anything else is a 500 that
+    names the request id the log has, never the exception's text."""
     if isinstance(error, CatrtError):
         return error
-    return GenerationError(f"the generation failed: {type(error).__name__}: {error}")
+    return GenerationError(internal_error_message(request_id))
 

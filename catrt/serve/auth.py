@@ -1,0 +1,49 @@
+"""The optional API key: where it comes from and how a request's `Authorization` header is checked.
+
+The key is read from a file (so it never shows in `ps` or shell history) or from the environment,
+and compared in constant time, so the time a wrong key takes to refuse says nothing about the key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from catrt.errors import ConfigError
+
+API_KEY_ENV = "CATRT_API_KEY"
+
+
+def load_api_key(path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The key in `path` (surrounding whitespace dropped), else `$CATRT_API_KEY`, else None (no auth).
+
+    An explicit file wins over the environment; an unreadable or empty file is refused, never
+    taken to mean "no key".
+    """
+    if path is not None:
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read the API key file {path}: {error.__class__.__name__}", field="api_key_file") from error
+        if not key:
+            raise ConfigError(f"the API key file {path} is empty", field="api_key_file")
+        return key
+    key = environ.get(API_KEY_ENV, "").strip()
+    return key or None
+
+
+class BearerCheck:
+    """Whether an `Authorization` header value carries the key (`Bearer <key>`, scheme case-insensitive)."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key.encode("utf-8")
+
+    def __call__(self, header: bytes | None) -> bool:
+        if header is None:
+            return False
+        scheme, _, token = header.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(token.strip(), self._key)

@@ -1,0 +1,217 @@
+"""`catrt serve` over each supported model, with the API key, and its start-up refusals.
+
+Four servers run for the module, started together: the reference model (the CLI's default) eagerly
+with a key file and `--metrics-auth`, tiny PixArt-Sigma with the key from `CATRT_API_KEY`, tiny
+SD3.5 in bf16 with no key, and an engine bundle of the reference model. Each serves the stock
+OpenAI SDK call at its own size.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from PIL import Image
+from test_serve_support import (
+    CLI,
+    RemoteServer,
+    assert_error,
+    assert_one_line_refusal,
+    generate,
+    openapi_request_schema,
+    png,
+    run_cli,
+    server_env,
+    start_all,
+    stop_all,
+)
+
+from catrt.build import build_engines
+from catrt.build_config import BuildConfig
+
+FILE_KEY = "file-key-0123456789"
+ENV_KEY = "env-key-9876543210"
+FAST = ["--steps", "3", "--t0", "2"]
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a test server should answer with."""
+
+    args: list[str]
+    size: str
+    text_tokens: int
+    key: str | None = None
+    env: dict[str, str] | None = None
+
+
+SERVED = {
+    "reference": Served(["--model", "reference", *FAST, "--metrics-auth"], "32x32", 16, FILE_KEY),
+    "tiny-pixart": Served(["--model", "tiny-pixart", "--height", "64", "--width", "64", *FAST], "64x64", 300, ENV_KEY,
+                          {"CATRT_API_KEY": ENV_KEY}),
+    "tiny-sd3.5": Served(["--model", "tiny-sd3.5", "--height", "32", "--width", "64", *FAST, "--batch", "2",
+                          "--precision", "bf16"], "64x32", 256),
+    "reference-bundle": Served([], "32x32", 16),
+}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An engine bundle of the reference model (the eager backend: no export, built in seconds)."""
+    folder = tmp_path_factory.mktemp("serve-models")
+    build = BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager")
+    return build_engines(build, out_dir=folder / "engines", export_dir=folder / "export", progress=False)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory, bundle: Path) -> Iterator[dict[str, RemoteServer]]:
+    key_file = tmp_path_factory.mktemp("key") / "api-key"
+    key_file.write_text(FILE_KEY + "\n")
+    arguments = {
+        "reference": [*SERVED["reference"].args, "--api-key-file", str(key_file)],
+        "tiny-pixart": SERVED["tiny-pixart"].args,
+        "tiny-sd3.5": SERVED["tiny-sd3.5"].args,
+        "reference-bundle": ["--engines", str(bundle)],
+    }
+    started = {name: RemoteServer(CLI, args, SERVED[name].env) for name, args in arguments.items()}
+    start_all(started)
+    yield started
+    stop_all(started)
+
+
+def _headers(name: str) -> dict[str, str]:
+    key = SERVED[name].key
+    return {} if key is None else {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize("name", list(SERVED))
+def test_each_supported_model_serves_the_stock_sdk_call(servers: dict[str, RemoteServer], name: str) -> None:
+    served = SERVED[name]
+    client = openai.OpenAI(base_url=f"{servers[name].url}/v1", api_key=served.key or "unused")
+    result = client.images.generate(model="dall-e-3", prompt="a red circle", size=served.size, quality="standard",
+                                    style="vivid")
+    width, height = map(int, served.size.split("x"))
+    with Image.open(io.BytesIO(png(result.data[0].b64_json))) as image:
+        assert image.format == "PNG" and image.size == (width, height)
+    assert result.model_extra["catrt"]["steps"] == 3
+
+
+@pytest.mark.parametrize("name", list(SERVED))
+def test_each_model_states_and_applies_its_own_text_limit(servers: dict[str, RemoteServer], name: str) -> None:
+    served = SERVED[name]
+    schema = openapi_request_schema(servers[name].url)["properties"]
+    assert schema["size"]["anyOf"][0]["enum"] == [served.size, "auto"]
+    assert f"{served.text_tokens} tokens" in schema["prompt"]["description"]
+    words = "red " * (served.text_tokens + 1)  # one token per word at least, plus a start or end token
+    error = assert_error(generate(servers[name].url, headers=_headers(name), prompt=words), 400, "prompt")
+    assert f"at most {served.text_tokens}" in error["message"]
+    assert generate(servers[name].url, headers=_headers(name), size="auto").status_code == 200
+
+
+def test_the_api_key_guards_v1_and_optionally_metrics(servers: dict[str, RemoteServer]) -> None:
+    url = servers["reference"].url
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {FILE_KEY}"},
+                    {"Authorization": FILE_KEY}, {"Authorization": f"Bearer {FILE_KEY}x"}):
+        response = generate(url, headers=headers)
+        assert "API key" in assert_error(response, 401, None)["message"]
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert generate(url, headers={"Authorization": f"bearer {FILE_KEY}"}).status_code == 200
+    assert httpx.get(f"{url}/health/live").status_code == 200
+    assert httpx.get(f"{url}/health/ready").status_code == 200
+    assert_error(httpx.get(f"{url}/metrics"), 401, None)
+    metrics = httpx.get(f"{url}/metrics", headers=_headers("reference")).text
+    assert 'catrt_requests_total{route="/v1/images/generations",status="401"} 5.0' in metrics
+    document = httpx.get(f"{url}/openapi.json").json()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert document["paths"]["/v1/images/generations"]["post"]["security"] == [{"bearer": []}]
+    assert document["paths"]["/metrics"]["get"]["security"] == [{"bearer": []}]
+
+
+def test_the_key_from_the_environment_leaves_metrics_open(servers: dict[str, RemoteServer]) -> None:
+    url = servers["tiny-pixart"].url
+    assert_error(generate(url), 401, None)
+    assert generate(url, headers=_headers("tiny-pixart")).status_code == 200
+    assert httpx.get(f"{url}/metrics").status_code == 200
+    assert generate(servers["tiny-sd3.5"].url).status_code == 200  # no key: open
+
+
+# -- start-up refusals: one line on stderr, exit 2, no traceback -------------------------------
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.perf_counter()
+        result = run_cli(["serve", "--model", "reference", "--port", str(port)])
+        seconds = time.perf_counter() - started
+    assert_one_line_refusal(result, f"port {port}", "already in use")
+    assert "listening" not in result.stderr
+    assert seconds < 10, seconds  # no model load (torch and diffusers are not even imported)
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    pytest.param(["--model", "reference", "--precision", "fp16"], ["fp16 needs a CUDA device"], id="fp16-on-cpu"),
+    pytest.param(["--engines", "{bundle}", "--height", "64"], ["--height cannot be used with --engines"], id="engines-height"),
+    pytest.param(["--engines", "{bundle}", "--precision", "bf16"], ["--precision cannot be used with --engines"],
+                 id="engines-precision"),
+    pytest.param(["--model", "reference", "--metrics-auth"], ["--metrics-auth needs an API key"], id="metrics-auth-no-key"),
+    pytest.param(["--model", "reference", "--api-key-file", "{bundle}/no-such-file"], ["cannot read the API key file"],
+                 id="key-file-missing"),
+    pytest.param(["--engines", "{broken}"], ["not a valid catrt manifest"], id="manifest-not-json"),
+    pytest.param(["--model", "reference", "--device", "cuda"], ["no CUDA device"], id="no-cuda",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_a_mistake_is_refused_in_one_line_before_anything_loads(
+    bundle: Path, tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    filled = [arg.format(bundle=bundle, broken=broken) for arg in args]
+    result = run_cli(["serve", *filled, "--port", "0"], timeout=30)
+    assert_one_line_refusal(result, *needles)
+
+
+def test_failures_while_loading_are_one_line_and_exit_2(bundle: Path, tmp_path: Path) -> None:
+    """Refusals the worker meets while loading (after "listening"): catrt's own, and any other error."""
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(bundle, mismatched)
+    manifest = json.loads((mismatched / "manifest.json").read_text())
+    manifest["versions"]["catrt"] = "0.0.0-other"
+    (mismatched / "manifest.json").write_text(json.dumps(manifest))
+    cases = {
+        "a catrt error (another catrt version)": (["--engines", str(mismatched)], ["built with catrt 0.0.0-other"]),
+        "any other error (a size the model cannot take)": (["--model", "reference", "--height", "33", *FAST],
+                                                           ["could not load the model", "ValueError"]),
+    }
+    processes = {
+        name: subprocess.Popen([*CLI, "serve", *args, "--port", "0"], env=server_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for name, (args, _) in cases.items()
+    }
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=180)
+        result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        assert_one_line_refusal(result, *cases[name][1])
+
+
+def test_the_cli_help_of_serve_is_quick() -> None:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "catrt.cli", "serve", "--help"], capture_output=True, text=True,
+                            env=server_env(), timeout=60)
+    assert result.returncode == 0 and "--api-key-file" in result.stdout and "--max-body-bytes" in result.stdout
+    assert time.perf_counter() - started < 5

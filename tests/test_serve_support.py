@@ -1,0 +1,207 @@
+"""Helpers shared by the `catrt serve` test modules (no tests here): a real server subprocess and its clients.
+
+Servers listen on `--port 0` and the test reads the port from the start-up line, so no free-port
+guess can race with another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+
+PROMPT = "a red sun in a blue sky"
+LISTENING = re.compile(r"^catrt serve: listening on (http://\S+)$")
+CLI = [sys.executable, "-m", "catrt.cli"]
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Offline, one thread, and no API key unless the test gives one."""
+    env = {key: value for key, value in os.environ.items() if key != "CATRT_API_KEY"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.update(extra or {})
+    return env
+
+
+class RemoteServer:
+    """`catrt serve ... --port 0` in a subprocess; its output is collected line by line."""
+
+    def __init__(self, command: list[str], serve_args: list[str], env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [*command, "serve", *serve_args, "--port", "0"], env=server_env(env),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self.url = ""
+        self.ready_statuses: list[int] = []
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            match = LISTENING.match(line.strip())
+            if match and not self.url:
+                self.url = match.group(1)
+                self._listening.set()
+        self._listening.set()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_ready(self, timeout: float = 150.0) -> None:
+        deadline = time.monotonic() + timeout
+        assert self._listening.wait(timeout) and self.url, f"no start-up line:\n{self.output}"
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.output
+            try:
+                status = httpx.get(f"{self.url}/health/ready", timeout=2.0).status_code
+            except httpx.TransportError:
+                time.sleep(0.05)
+                continue
+            self.ready_statuses.append(status)
+            if status == 200:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.url} not ready in {timeout} s:\n{self.output}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self.wait_stopped()
+
+    def wait_stopped(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(timeout=5)
+
+
+def start_all(servers: dict[str, RemoteServer]) -> None:
+    """Wait for every server; on failure stop them all so no process outlives the fixture."""
+    try:
+        for server in servers.values():
+            server.wait_ready()
+    except BaseException:
+        stop_all(servers)
+        raise
+
+
+def stop_all(servers: dict[str, RemoteServer]) -> None:
+    """Kill the fixtures' servers: a clean exit (tested on its own, with SIGTERM) costs seconds of torch
+    teardown per process, and they hold nothing that needs one."""
+    for server in servers.values():
+        if server.process.poll() is None:
+            server.process.kill()
+    for server in servers.values():
+        server.wait_stopped()
+
+
+def generate(url: str, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPT, **body}, headers=headers, timeout=60)
+
+
+async def generate_all(url: str, bodies: list[dict[str, Any]], stagger: float = 0.0) -> list[httpx.Response]:
+    """POST every body concurrently (the i-th after i * stagger seconds)."""
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def post(index: int, body: dict[str, Any]) -> httpx.Response:
+            await asyncio.sleep(index * stagger)
+            return await client.post(f"{url}/v1/images/generations", json={"prompt": PROMPT, **body})
+
+        return await asyncio.gather(*(post(index, body) for index, body in enumerate(bodies)))
+
+
+def png(b64: str) -> bytes:
+    return base64.b64decode(b64)
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None) -> dict[str, Any]:
+    """OpenAI's error body with `status` and `param`; returns the error object."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param, error
+    assert error["code"] == str(status)
+    return error
+
+
+def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
+    for line in httpx.get(f"{url}/metrics", headers=headers).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+class LiveProbe:
+    """GETs /health/live every 10 ms on its own thread and client; `latencies` are the answer times."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LiveProbe:
+        self._thread.start()
+        time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                try:
+                    status = client.get(f"{self.url}/health/live").status_code
+                except httpx.HTTPError as error:
+                    self.failures.append(repr(error))
+                else:
+                    if status != 200:
+                        self.failures.append(str(status))
+                self.latencies.append(time.perf_counter() - started)
+                time.sleep(0.01)
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`catrt <args>` to completion; stdout and stderr captured."""
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=server_env(env), timeout=timeout)
+
+
+def assert_one_line_refusal(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, no traceback, and one `catrt serve: error:` line on stderr containing every needle."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("catrt serve: error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def openapi_request_schema(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/openapi.json").json()["components"]["schemas"]["ImageGenerationRequest"]
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)

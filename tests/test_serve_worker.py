@@ -1,0 +1,130 @@
+"""The serve worker's deadlines, in-process with a stand-in model (no torch work, no HTTP).
+
+Deterministic versions of what the server tests can only provoke by timing: a request that is past
+its deadline when its batch is made never reaches the model, and a call whose every request has
+been given up stops before its next step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import pytest
+
+from catrt.errors import RequestTimeoutError
+from catrt.serve.metrics import ServerMetrics
+from catrt.serve.model import BatchOptions, Generation, Row
+from catrt.serve.timing import Abandoned
+from catrt.serve.worker import Job, Worker
+
+STEPS = 20
+
+
+@dataclass
+class _Spec:
+    batch: int = 2
+    default_guidance: float = 4.0
+
+
+@dataclass
+class StandIn:
+    """Records the prompts of every call; a prompt "hold" waits for `release`; every call has STEPS steps."""
+
+    spec: _Spec = field(default_factory=_Spec)
+    calls: list[list[str]] = field(default_factory=list)
+    steps_run: list[int] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    holding: threading.Event = field(default_factory=threading.Event)
+    step_observer: object = None
+
+    def generate(self, rows: Sequence[Row], options: BatchOptions,
+                 should_stop: Callable[[], bool] | None = None) -> Generation:
+        prompts = [row.prompt for row in rows]
+        self.calls.append(prompts)
+        if "hold" in prompts:
+            self.holding.set()
+            self.release.wait(10)
+        for step in range(STEPS):
+            if should_stop is not None and should_stop():
+                self.steps_run.append(step)
+                raise Abandoned(f"before step {step + 1}")
+            time.sleep(0.005)
+        self.steps_run.append(STEPS)
+        return Generation([prompt for prompt in prompts], {"encode": 0.0, "full_steps": 0.0, "pruned_steps": 0.0,
+                                                             "decode": 0.0})
+
+
+@pytest.fixture()
+def model() -> Iterator[StandIn]:
+    yield StandIn()
+
+
+@pytest.fixture()
+def worker(model: StandIn) -> Iterator[Worker]:
+    exited = threading.Event()
+    worker = Worker(lambda: model, max_queue=8, metrics=ServerMetrics(), on_exit=lambda state: exited.set())
+    worker.start()
+    deadline = time.monotonic() + 10
+    while worker.state != "ready":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    model.calls.clear()
+    model.steps_run.clear()
+    yield worker
+    model.release.set()
+    worker.drain()
+    assert exited.wait(10)
+
+
+def _job(prompt: str, deadline: float = float("inf"), guidance: float = 4.0) -> Job:
+    return Job([Row(prompt, 0)], BatchOptions(guidance, None), deadline=deadline, request_id=prompt)
+
+
+def _result(future: Future) -> object:
+    return future.result(timeout=10)
+
+
+def test_a_job_past_its_deadline_when_its_batch_is_made_never_reaches_the_model(worker: Worker, model: StandIn) -> None:
+    holder = _job("hold")
+    worker.submit(holder)
+    assert model.holding.wait(10)
+    late = _job("late", deadline=time.perf_counter() + 0.05, guidance=2.0)
+    worker.submit(late)
+    time.sleep(0.1)  # its deadline passes while it waits; nobody cancelled it
+    model.release.set()
+    _result(holder.future)
+    with pytest.raises(RequestTimeoutError):
+        _result(late.future)
+    assert all("late" not in prompts for prompts in model.calls), model.calls
+
+
+def test_a_call_whose_jobs_are_all_given_up_stops_before_its_next_step(worker: Worker, model: StandIn) -> None:
+    expiring = _job("expiring", deadline=time.perf_counter() + 0.03)
+    worker.submit(expiring)
+    with pytest.raises(RequestTimeoutError):
+        _result(expiring.future)
+    assert model.steps_run and model.steps_run[-1] < STEPS
+    after = _job("after")
+    worker.submit(after)
+    assert _result(after.future).images == ["after"]  # the worker goes on serving
+
+
+def test_a_call_runs_on_while_one_of_its_jobs_is_still_wanted(worker: Worker, model: StandIn) -> None:
+    holder = _job("hold")
+    worker.submit(holder)
+    assert model.holding.wait(10)
+    given_up, wanted = _job("given-up"), _job("wanted")
+    worker.submit(given_up)
+    worker.submit(wanted)  # same options: one call for both
+    time.sleep(0.05)
+    model.release.set()
+    _result(holder.future)
+    while not given_up.future.running() and not given_up.future.done():
+        time.sleep(0.001)
+    given_up.abandon()  # the route gives it up while its call runs
+    assert _result(wanted.future).images == ["wanted"]
+    assert model.calls[-1] == ["given-up", "wanted"] and model.steps_run[-1] == STEPS
