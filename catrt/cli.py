@@ -493,6 +493,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
         read_timeout=args.read_timeout, keep_alive=args.keep_alive,
         api_key=load_api_key(args.api_key_file), metrics_auth=args.metrics_auth,
+        bundle_key_file=args.bundle_key_file,
     )
     return run_server(config)
 
@@ -544,6 +545,9 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
                         help=f"a file holding the API key /v1/* then needs as 'Authorization: Bearer <key>' "
                              f"(default: ${API_KEY_ENV} if set, else no key)")
     limits.add_argument("--metrics-auth", action="store_true", help="/metrics needs the API key too")
+    serve.add_argument("--bundle-key-file", default=None,
+                       help="with --engines: refuse a bundle not signed with the key in this file (catrt build "
+                            "--sign-key-file) (default: $CATRT_BUNDLE_KEY if set, else no signature check)")
     eager = serve.add_argument_group("--model only (a build fixes these)")
     eager.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     eager.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")

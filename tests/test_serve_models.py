@@ -2,15 +2,13 @@
 
 Four servers run for the module, started together: the reference model (the CLI's default) eagerly
 with a key file and `--metrics-auth`, tiny PixArt-Sigma with the key from `CATRT_API_KEY`, tiny
-SD3.5 in bf16 with no key, and an engine bundle of the reference model. Each serves the stock
-OpenAI SDK call at its own size.
+SD3.5 in bf16 with no key, and a signed engine bundle of the reference model served with its
+bundle key. Each serves the stock OpenAI SDK call at its own size.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -43,6 +41,7 @@ from catrt.build_config import BuildConfig
 
 FILE_KEY = "file-key-0123456789"
 ENV_KEY = "env-key-9876543210"
+BUNDLE_KEY = b"bundle-signing-key"
 FAST = ["--steps", "3", "--t0", "2"]
 
 
@@ -69,21 +68,30 @@ SERVED = {
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An engine bundle of the reference model (the eager backend: no export, built in seconds)."""
+    """A signed engine bundle of the reference model (the eager backend: no export, built in seconds)."""
     folder = tmp_path_factory.mktemp("serve-models")
     build = BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager")
-    return build_engines(build, out_dir=folder / "engines", export_dir=folder / "export", progress=False)
+    return build_engines(build, out_dir=folder / "engines", export_dir=folder / "export", progress=False,
+                         sign_key=BUNDLE_KEY)
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory, bundle: Path) -> Iterator[dict[str, RemoteServer]]:
-    key_file = tmp_path_factory.mktemp("key") / "api-key"
-    key_file.write_text(FILE_KEY + "\n")
+def key_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("keys")
+    files = {"api": folder / "api-key", "bundle": folder / "bundle-key", "wrong": folder / "wrong-key"}
+    files["api"].write_text(FILE_KEY + "\n")
+    files["bundle"].write_bytes(BUNDLE_KEY)
+    files["wrong"].write_bytes(b"another-key")
+    return files
+
+
+@pytest.fixture(scope="module")
+def servers(bundle: Path, key_files: dict[str, Path]) -> Iterator[dict[str, RemoteServer]]:
     arguments = {
-        "reference": [*SERVED["reference"].args, "--api-key-file", str(key_file)],
+        "reference": [*SERVED["reference"].args, "--api-key-file", str(key_files["api"])],
         "tiny-pixart": SERVED["tiny-pixart"].args,
         "tiny-sd3.5": SERVED["tiny-sd3.5"].args,
-        "reference-bundle": ["--engines", str(bundle)],
+        "reference-bundle": ["--engines", str(bundle), "--bundle-key-file", str(key_files["bundle"])],
     }
     started = {name: RemoteServer(CLI, args, SERVED[name].env) for name, args in arguments.items()}
     start_all(started)
@@ -171,6 +179,8 @@ def test_a_port_in_use_is_refused_before_the_model_loads() -> None:
     pytest.param(["--model", "reference", "--metrics-auth"], ["--metrics-auth needs an API key"], id="metrics-auth-no-key"),
     pytest.param(["--model", "reference", "--api-key-file", "{bundle}/no-such-file"], ["cannot read the API key file"],
                  id="key-file-missing"),
+    pytest.param(["--model", "reference", "--bundle-key-file", "{bundle}/manifest.json"], ["use it with --engines"],
+                 id="bundle-key-without-engines"),
     pytest.param(["--engines", "{broken}"], ["not a valid catrt manifest"], id="manifest-not-json"),
     pytest.param(["--model", "reference", "--device", "cuda"], ["no CUDA device"], id="no-cuda",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
@@ -186,15 +196,11 @@ def test_a_mistake_is_refused_in_one_line_before_anything_loads(
     assert_one_line_refusal(result, *needles)
 
 
-def test_failures_while_loading_are_one_line_and_exit_2(bundle: Path, tmp_path: Path) -> None:
+def test_failures_while_loading_are_one_line_and_exit_2(bundle: Path, key_files: dict[str, Path]) -> None:
     """Refusals the worker meets while loading (after "listening"): catrt's own, and any other error."""
-    mismatched = tmp_path / "mismatched"
-    shutil.copytree(bundle, mismatched)
-    manifest = json.loads((mismatched / "manifest.json").read_text())
-    manifest["versions"]["catrt"] = "0.0.0-other"
-    (mismatched / "manifest.json").write_text(json.dumps(manifest))
     cases = {
-        "a catrt error (another catrt version)": (["--engines", str(mismatched)], ["built with catrt 0.0.0-other"]),
+        "a catrt error (a wrong bundle key)": (["--engines", str(bundle), "--bundle-key-file", str(key_files["wrong"])],
+                                               ["signature does not match the bundle key"]),
         "any other error (a size the model cannot take)": (["--model", "reference", "--height", "33", *FAST],
                                                            ["could not load the model", "ValueError"]),
     }

@@ -38,6 +38,9 @@ class ServeConfig:
             connection opening); a connection still sending after that is closed.
         keep_alive: seconds an idle connection stays open between requests.
         api_key: if set, `/v1/*` needs `Authorization: Bearer <api_key>`; never written out.
+        bundle_key_file: a file holding the key an engine bundle was signed with (`catrt build
+            --sign-key-file`): an unsigned or otherwise signed bundle is refused. None =
+            `$CATRT_BUNDLE_KEY` if set (as `catrt.load` reads it). Read when the server starts.
         metrics_auth: `/metrics` needs the key too (otherwise it stays open, like `/health/*`).
     """
 
@@ -60,6 +63,7 @@ class ServeConfig:
     keep_alive: float = 5.0
     api_key: str | None = field(default=None, repr=False)
     metrics_auth: bool = False
+    bundle_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if (self.engines is None) == (self.model is None):
@@ -95,6 +99,10 @@ class ServeConfig:
             _check_seconds(name, getattr(self, name))
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ConfigError("the API key must be a non-empty string", field="api_key")
+        if self.bundle_key_file is not None and self.engines is None:
+            raise ConfigError(
+                "--bundle-key-file checks an engine bundle's signature: use it with --engines", field="bundle_key_file"
+            )
         if self.metrics_auth and self.api_key is None:
             raise ConfigError(
                 "--metrics-auth needs an API key (--api-key-file or CATRT_API_KEY)", field="metrics_auth"

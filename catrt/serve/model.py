@@ -152,10 +152,9 @@ def _png_base64(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def load_served_model(config: ServeConfig) -> ServedModel:
-    """The model `config` names, loaded on this thread (which then owns it)."""
-    loader = _load_engines if config.engines is not None else _load_eager
-    served = loader(config)
+def load_served_model(config: ServeConfig, bundle_key: bytes | None = None) -> ServedModel:
+    """The model `config` names, loaded on this thread (which then owns it); `bundle_key` as for `catrt.load`."""
+    served = _load_engines(config, bundle_key) if config.engines is not None else _load_eager(config)
     served.runner.set_progress_bar_config(disable=True)
     logger.info("serving %s", served.spec)
     return served
@@ -181,11 +180,11 @@ def _load_eager(config: ServeConfig) -> ServedModel:
     return ServedModel(accelerate(pipe, config.cat), spec, arguments, device, None, PromptReader(pipe, limit))
 
 
-def _load_engines(config: ServeConfig) -> ServedModel:
+def _load_engines(config: ServeConfig, bundle_key: bytes | None) -> ServedModel:
     """A built bundle via `catrt.load`, which verifies it; its build config says what it serves."""
     from catrt.bundle import load
 
-    runner = load(Path(config.engines))
+    runner = load(Path(config.engines), key=bundle_key)
     build = runner.build
     pipe = runner.pipe
     limit = text_limit(pipe, pipeline_spec(pipe), build.max_sequence_length)

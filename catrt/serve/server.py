@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import socket
 import sys
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from catrt.errors import CatrtError, ConfigError, CorruptBundleError, ServiceUnavailableError
+from catrt.errors import CatrtError, ConfigError, ServiceUnavailableError
 from catrt.serve.config import ServeConfig
 from catrt.serve.protocol import read_deadline_protocol
 
@@ -80,8 +79,10 @@ def run_server(config: ServeConfig) -> int:
     Raises a CatrtError, before anything is loaded, for a port in use, a device this machine lacks
     or a folder that is not a bundle; and one naming the cause if the model cannot be loaded.
     """
+    bundle_key = None
     if config.engines is not None:
         _check_bundle_folder(Path(config.engines))
+        bundle_key = _bundle_key(config.bundle_key_file)
     sock = listening_socket(config.host, config.port)
     try:
         _check_device(config)
@@ -96,7 +97,7 @@ def run_server(config: ServeConfig) -> int:
     metrics = ServerMetrics()
     # The worker reports its exit to the server made below; it only can once the server runs.
     worker = Worker(
-        lambda: load_served_model(config), config.max_queue, metrics, on_exit=lambda state: server.worker_exited(state)
+        lambda: load_served_model(config, bundle_key), config.max_queue, metrics, on_exit=lambda state: server.worker_exited(state)
     )
     metrics.watch_queue(lambda: worker.depth)
     app = build_app(worker, metrics, config)
@@ -155,21 +156,22 @@ def _check_device(config: ServeConfig) -> None:
 
 
 def _check_bundle_folder(folder: Path) -> None:
-    """Is it a bundle at all: refused before the port is bound, the heavy imports and the "listening" line.
+    """Is it a bundle at all (its manifest's shape): refused before the port is bound and "listening" is printed.
 
-    Only the manifest's presence and JSON syntax, with the words `catrt.manifest.read_manifest` uses;
-    `catrt.load` on the worker thread verifies everything else (files, digests, versions, device).
+    `catrt.load` on the worker thread checks the rest (signature, files, digests, versions, device).
     """
-    path = folder / "manifest.json"
-    if not path.is_file():
-        raise CorruptBundleError(
-            f"{path} is missing: {folder} is not a catrt engine folder (build one with `catrt build`)",
-            field="manifest.json",
-        )
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorruptBundleError(f"{path} is not a valid catrt manifest: {error}", field="manifest.json") from None
+    from catrt.manifest import read_manifest
+
+    read_manifest(folder)
+
+
+def _bundle_key(path: str | None) -> bytes | None:
+    """The signing key in `--bundle-key-file`; None leaves `catrt.load` to read $CATRT_BUNDLE_KEY."""
+    if path is None:
+        return None
+    from catrt.integrity import read_key_file
+
+    return read_key_file(path)
 
 
 def _load_failure(error: BaseException) -> CatrtError:
