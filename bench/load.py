@@ -1,8 +1,12 @@
 """Closed-loop load against a running `catrt serve`: N clients, each sending its next request as soon
 as the last one is answered, for S seconds. Reports throughput, latency percentiles of successful
-requests, and the answers by status; writes `bench/results/load-<device>.md`.
+requests, and the answers by status; writes the report to `--out` (default: a new file
+bench/results/tmp/load-<device>-<time>.md; `--out bench/results/load-cpu.md` regenerates the committed one).
 
     python bench/load.py http://127.0.0.1:8000 --clients 4 --seconds 20 --device cpu
+    python bench/load.py http://127.0.0.1:8000 --clients 4 --seconds 20 --device cpu --out bench/results/load-cpu.md
+
+Needs the bench extra (httpx): pip install -e ".[bench]".
 """
 
 from __future__ import annotations
@@ -14,9 +18,17 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+import re
 from pathlib import Path
 
-import httpx
+try:  # the bench extra; main() names it in one line instead of a traceback
+    import httpx
+except ImportError as error:
+    MISSING: str | None = (error.name or "").split(".")[0] or str(error)
+else:
+    MISSING = None
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 PROMPTS = ("a red sun in a blue sky", "a green tree", "a cat on a chair", "a small boat on the sea")
 
@@ -110,19 +122,43 @@ def report(args: argparse.Namespace, result: LoadResult, averages: dict[str, flo
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def default_out(device: str) -> Path:
+    """A file that does not exist yet, under bench/results/tmp/ (git ignores it): never a committed result."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "device"
+    stem = f"load-{slug}-" + time.strftime("%Y%m%d-%H%M%S")
+    path, number = RESULTS / "tmp" / f"{stem}.md", 2
+    while path.exists():
+        path, number = RESULTS / "tmp" / f"{stem}-{number}.md", number + 1
+    return path
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (whose meaning the help text says)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench/load.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("url", help="server root, e.g. http://127.0.0.1:8000")
     parser.add_argument("--clients", type=int, default=4, help="concurrent closed-loop clients")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to send requests")
     parser.add_argument("--n", type=int, default=1, help="images per request")
-    parser.add_argument("--device", default="cpu", help="names the results file: bench/results/load-<device>.md")
+    parser.add_argument("--device", default="cpu", help="what the server runs on: the report's title and default name")
     parser.add_argument("--server", default="", help="how the server was started, copied into the report")
-    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
-    result = asyncio.run(run_load(args.url.rstrip("/"), args.clients, args.seconds, {"n": args.n}))
-    text = report(args, result, server_averages(args.url.rstrip("/")))
-    out = Path(args.out_dir) / f"load-{args.device}.md"
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report path (default: a new file bench/results/tmp/load-<device>-<time>.md; "
+                             "--out bench/results/load-cpu.md regenerates the committed one)")
+    args = parser.parse_args(argv)
+    if MISSING:
+        parser.exit(2, f"{parser.prog}: error: missing optional dependency {MISSING!r}; "
+                       'install the bench extra: pip install -e ".[bench]"\n')
+    url = args.url.rstrip("/")
+    result = asyncio.run(run_load(url, args.clients, args.seconds, {"n": args.n}))
+    text = report(args, result, server_averages(url))
+    out = args.out or default_out(args.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

@@ -5,8 +5,12 @@ of prompts and seeds: PSNR and SSIM of the pruned image against the unpruned ima
 and the probe's attribute accuracy (our stand-in for a CLIP score). Also the paper's Figure 3 on
 this model: per step, the Pearson correlation over tokens of ||n_t - n_t0|| and ||n_(t-1) - n_t0||.
 
-    python bench/quality.py                       # the full run, writes bench/results/quality.md
+    python bench/quality.py --out bench/results   # the full run; regenerates the committed results
+    python bench/quality.py                       # the full run into a new folder under bench/results/tmp/
     python bench/quality.py --n 4 --steps 6 --t0 2 --alphas 0.3 --out /tmp/q   # a smoke run
+
+Writes quality.md, quality-grid.png and figure3.png into `--out`. Needs the bench extra
+(matplotlib, scikit-image): pip install -e ".[bench]".
 """
 
 from __future__ import annotations
@@ -17,14 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+try:  # the bench extra; main() names what is missing in one line instead of a traceback
+    import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.metrics import structural_similarity
+except ImportError as error:
+    _module = (error.name or "").split(".")[0]
+    MISSING: str | None = {"skimage": "scikit-image"}.get(_module, _module) or str(error)
+else:
+    MISSING = None
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-from skimage.metrics import structural_similarity  # noqa: E402
 
 import catrt  # noqa: E402
 from catrt.reference import data, probe  # noqa: E402
@@ -165,19 +176,46 @@ def write_table(path: Path, args: argparse.Namespace, baseline: dict[str, float]
     path.write_text("\n".join(lines) + "\n")
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def default_out() -> Path:
+    """A folder that does not exist yet, under bench/results/tmp/ (git ignores it): never the committed results."""
+    stem = RESULTS / "tmp" / time.strftime("quality-%Y%m%d-%H%M%S")
+    path, number = stem, 2
+    while path.exists():
+        path, number = stem.with_name(f"{stem.name}-{number}"), number + 1
+    return path
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (whose meaning the help text says)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="prompts (and seeds)")
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--t0", type=int, default=8)
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.3, 0.5])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--data-seed", type=int, default=2024)
-    parser.add_argument("--grid-rows", type=int, default=6)
-    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--steps", type=int, default=28, help="denoising steps")
+    parser.add_argument("--t0", type=int, default=8, help="full steps before pruning starts")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.3, 0.5],
+                        help="fractions of tokens recomputed")
+    parser.add_argument("--batch", type=int, default=32, help="prompts per pipeline call")
+    parser.add_argument("--data-seed", type=int, default=2024, help="seed of the prompt list")
+    parser.add_argument("--grid-rows", type=int, default=6, help="prompts shown in quality-grid.png")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="reference weights folder")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for quality.md, quality-grid.png, figure3.png (default: a new folder "
+                             "bench/results/tmp/quality-<time>; --out bench/results regenerates the committed results)")
     args = parser.parse_args(argv)
+    if MISSING:
+        parser.exit(2, f"{parser.prog}: error: missing optional dependency {MISSING!r}; "
+                       'install the bench extra: pip install -e ".[bench]"\n')
+    args.out = args.out or default_out()
     args.out.mkdir(parents=True, exist_ok=True)
 
     pipe = load_reference_pipeline(device=args.device, weights_dir=args.weights)

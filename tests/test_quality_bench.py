@@ -1,22 +1,46 @@
-"""bench/quality.py runs end to end on a tiny setting and writes its table and plots."""
+"""bench/quality.py and bench/load.py: end to end on tiny settings, their --out defaults (never the
+committed results), and a one-line refusal when the bench extra is missing."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def committed_results() -> dict[str, str]:
+    """sha256 of every file directly in bench/results/ (the committed results; tmp/ is git-ignored)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(RESULTS.iterdir()) if p.is_file()}
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_quality_script_runs_end_to_end(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    before = committed_results()
     command = [sys.executable, str(ROOT / "bench" / "quality.py"), "--n", "4", "--steps", "8", "--t0", "2",
                "--alphas", "0.3", "--grid-rows", "2", "--out", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "quality.md").read_text()
     for label in ("CAT", "random", "round-robin", "magnitude only", "sequential rows", "attention", "CAT + full refresh every 5"):
@@ -25,3 +49,87 @@ def test_quality_script_runs_end_to_end(tmp_path: Path) -> None:
     for name in ("figure3.png", "quality-grid.png"):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG"
+    assert committed_results() == before  # nothing in bench/results/ written, added or removed
+
+
+def test_quality_default_out_is_a_new_folder_outside_the_committed_results() -> None:
+    quality = load_script("quality")
+    out = quality.default_out()
+    assert not out.exists()
+    assert out.parent == RESULTS / "tmp"
+    assert out.name.startswith("quality-")
+
+
+def test_load_default_out_is_a_new_file_outside_the_committed_results() -> None:
+    load = load_script("load")
+    out = load.default_out("NVIDIA H100 80GB")
+    assert not out.exists() and out.suffix == ".md"
+    assert out.parent == RESULTS / "tmp"
+    assert out.name.startswith("load-nvidia-h100-80gb-")
+
+
+class _FakeServer(BaseHTTPRequestHandler):
+    """Just enough of `catrt serve` for bench/load.py: the images route and /metrics."""
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["content-length"]))
+        self._answer(200, "application/json",
+                     json.dumps({"data": [{"b64_json": ""}], "catrt": {"timings": {"queue_wait": 0.001}}}))
+
+    def do_GET(self) -> None:  # noqa: N802
+        metrics = ("catrt_batch_rows_sum 6\ncatrt_batch_rows_count 3\n"
+                   'catrt_step_seconds_sum{kind="full"} 0.5\ncatrt_step_seconds_count{kind="full"} 5\n')
+        self._answer(200, "text/plain", metrics)
+
+    def _answer(self, status: int, kind: str, body: str) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_load_script_writes_its_report_to_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    before = committed_results()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        out = tmp_path / "nested" / "load.md"
+        load_script("load").main([f"http://127.0.0.1:{server.server_port}/", "--clients", "2", "--seconds", "0.3",
+                                  "--device", "test", "--out", str(out)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    text = out.read_text()
+    assert text.startswith("# Load test: test") and "Answers by status: 200:" in text
+    assert "images per model call 2.00" in text
+    assert committed_results() == before
+
+
+@pytest.mark.parametrize(("script", "blocked", "package"), [
+    ("quality", "matplotlib", "matplotlib"),
+    ("quality", "skimage", "scikit-image"),
+    ("load", "httpx", "httpx"),
+])
+def test_missing_bench_extra_is_one_line_and_exit_2(tmp_path: Path, script: str, blocked: str, package: str) -> None:
+    # sys.modules[name] = None makes `import name` fail as if the package were not installed.
+    runner = (f"import sys, runpy; sys.modules[{blocked!r}] = None; "
+              f"sys.argv = ['bench/{script}.py', 'http://127.0.0.1:9', '--out', {str(tmp_path / 'out')!r}]"
+              if script == "load" else
+              f"import sys, runpy; sys.modules[{blocked!r}] = None; "
+              f"sys.argv = ['bench/{script}.py', '--out', {str(tmp_path / 'out')!r}]")
+    runner += f"; runpy.run_path({str(ROOT / 'bench' / f'{script}.py')!r}, run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", runner], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"missing optional dependency '{package}'" in lines[0]
+    assert 'pip install -e ".[bench]"' in lines[0]
+    assert not (tmp_path / "out").exists()

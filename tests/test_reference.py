@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from catrt.reference import data
-from catrt.reference.pipeline import ReferencePipeline, load_reference_pipeline
+from catrt.reference import data, train
+from catrt.reference.pipeline import WEIGHTS_DIR, ReferencePipeline, load_reference_pipeline
 from catrt.reference.probe import attribute_accuracy, classify, load_probe, reference_accuracy
 from catrt.reference.text import SPECIAL_TOKENS, WordTokenizer, caption_vocabulary
 
@@ -122,3 +128,61 @@ def test_reference_samples_match_their_captions(pipe: ReferencePipeline) -> None
     # (about 0.7 over 64 samples), still far above the 0.2 of chance.
     assert min(accuracy[name] for name in ("colour", "position", "background")) >= 0.9, accuracy
     assert accuracy["size"] >= 0.8 and accuracy["shape"] >= 0.4, accuracy
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def isolated_training() -> Iterator[None]:
+    """train.main sets torch's thread count and seeds torch's RNG: give both back to the other tests."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    torch.set_num_threads(threads)
+
+
+TINY = ["--batch-size", "2", "--samples", "0", "--threads", str(torch.get_num_threads())]
+
+
+def test_train_resumes_from_its_out_folder_and_leaves_shipped_weights_alone(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    shipped = _digests(WEIGHTS_DIR)
+    out = tmp_path / "run"
+    first = train.main(["--out", str(out), "--max-steps", "1", *TINY])
+    assert first.step == 1
+    assert torch.load(out / train.CHECKPOINT_FILE, weights_only=False)["step"] == 1
+    assert sorted(p.name for p in (out / "weights").iterdir()) == sorted(train.WEIGHT_FILES)
+
+    steps_run = []
+    original = train.Trainer.train_step
+    monkeypatch.setattr(train.Trainer, "train_step", lambda self: steps_run.append(self.step) or original(self))
+    with caplog.at_level(logging.INFO, logger=train.logger.name):
+        second = train.main(["--out", str(out), "--max-steps", "2", *TINY])
+    assert steps_run == [1]  # one more step, continuing from the checkpoint's step 1
+    assert second.step == 2 and second.elapsed > first.elapsed
+    assert torch.load(out / train.CHECKPOINT_FILE, weights_only=False)["step"] == 2
+    assert f"resumed from {out / train.CHECKPOINT_FILE} at step 1" in caplog.text
+    assert _digests(WEIGHTS_DIR) == shipped
+
+
+def test_train_writes_package_weights_only_with_publish(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = _digests(WEIGHTS_DIR)
+    package = tmp_path / "package-weights"  # a stand-in for catrt/reference/weights
+    shutil.copytree(WEIGHTS_DIR, package)
+    monkeypatch.setattr(train, "WEIGHTS_DIR", package)
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", str(package / "run"), *TINY])
+    assert refused.value.code == 2 and not (package / "run").exists()
+    train.main(["--out", str(tmp_path / "run"), "--max-steps", "1", *TINY])
+    assert _digests(package) == shipped
+    train.main(["--out", str(tmp_path / "run"), "--max-steps", "1", "--publish", *TINY])
+    published = _digests(package)
+    assert published == {**shipped, **_digests(tmp_path / "run" / "weights")}
+    assert published["probe.safetensors"] == shipped["probe.safetensors"]
+    assert published[train.TRANSFORMER_FILE] != shipped[train.TRANSFORMER_FILE]
+    assert _digests(WEIGHTS_DIR) == shipped

@@ -1,6 +1,13 @@
 """Train the reference model with rectified flow, resumably and within a wall-clock budget.
 
-    python -m catrt.reference.train --out catrt/reference/weights --minutes 60
+    python -m catrt.reference.train --minutes 60                      # into reference-training/
+    python -m catrt.reference.train --minutes 60 --publish            # and then ship the weights
+
+Everything goes into the output folder (`--out`, default `reference-training/`): `checkpoint.pt`
+(written every few minutes and at the end; a later run with the same `--out` resumes from it),
+`weights/` (the EMA weights in the package's format: `load_reference_pipeline(weights_dir=...)`,
+`bench/quality.py --weights ...`) and `samples.png`. The shipped weights in `catrt/reference/weights/`
+are written only with `--publish`, which copies the final `weights/` files there.
 
 SD3's convention: x_s = (1 - s) x0 + s noise, the transformer sees timestep 1000 s and
 predicts the velocity noise - x0, which is what `FlowMatchEulerDiscreteScheduler` integrates.
@@ -11,11 +18,11 @@ classifier-free guidance works. The budget counts training time across resumed r
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +33,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from catrt.reference import data
 from catrt.reference.pipeline import (
     CONFIG_FILE,
     TEXT_ENCODER_FILE,
     TRANSFORMER_FILE,
+    WEIGHTS_DIR,
     ReferencePipeline,
     build_modules,
     default_configs,
@@ -39,7 +48,9 @@ from catrt.reference.pipeline import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT = Path(tempfile.gettempdir()) / "catrt_reference" / "checkpoint.pt"
+DEFAULT_OUT = Path("reference-training")
+CHECKPOINT_FILE = "checkpoint.pt"
+WEIGHT_FILES = (TRANSFORMER_FILE, TEXT_ENCODER_FILE, CONFIG_FILE)  # what save_weights writes and --publish copies
 
 
 @dataclass
@@ -56,6 +67,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     seed: int = 0
     checkpoint_minutes: float = 4.0
+    max_steps: int = 0  # stop at this many steps (counted across resumed runs) even within the budget; 0 = no limit
     bf16: bool = True  # autocast matmuls to bfloat16: ~25% faster per step on a 1-thread CPU
 
 
@@ -194,49 +206,110 @@ def sample_grid(trainer: Trainer, path: Path, n: int = 64, steps: int = 28) -> N
     path.with_suffix(".txt").write_text("\n".join(captions) + "\n")
 
 
-def train(cfg: TrainConfig, out: Path, checkpoint: Path, resume: bool = True) -> Trainer:
-    """Train until `cfg.minutes` of training time are spent; checkpoint every few minutes."""
+def publish(weights: Path, target: Path | None = None) -> None:
+    """Copy the trained weight files into the package folder (default `WEIGHTS_DIR`; each file replaced
+    atomically); the probe and any other file there are left alone."""
+    target = WEIGHTS_DIR if target is None else target
+    for name in WEIGHT_FILES:
+        tmp = target / f".{name}.tmp"
+        tmp.write_bytes((weights / name).read_bytes())
+        tmp.replace(target / name)
+
+
+def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | None = None) -> Trainer:
+    """Train until `cfg.minutes` of training time are spent (or `cfg.max_steps` steps), resuming from
+    `out/checkpoint.pt` if it is there; checkpoint every few minutes and at the end, then write the EMA
+    weights to `out/weights/`. `progress`: tqdm's `disable` rule inverted (None = only on a terminal)."""
+    checkpoint = out / CHECKPOINT_FILE
     trainer = Trainer(cfg)
     if resume and checkpoint.exists():
         trainer.load_state_dict(torch.load(checkpoint, weights_only=False))
         logger.info("resumed from %s at step %d (%.1f min)", checkpoint, trainer.step, trainer.elapsed / 60)
-    last_save, losses = trainer.elapsed, []
-    while trainer.elapsed < 60.0 * cfg.minutes:
-        start = time.perf_counter()
-        losses.append(trainer.train_step())
-        trainer.elapsed += time.perf_counter() - start
-        if trainer.step % 100 == 0:
-            logger.info("step %d  loss %.4f  lr %.2e  %.1f min", trainer.step, np.mean(losses),
-                        trainer.learning_rate(), trainer.elapsed / 60)
-            losses = []
-        if trainer.elapsed - last_save > 60.0 * cfg.checkpoint_minutes:
-            save_checkpoint(trainer, checkpoint)
-            last_save = trainer.elapsed
+    budget = 60.0 * cfg.minutes
+    last_save, losses = trainer.elapsed, collections.deque(maxlen=100)
+
+    def running() -> bool:
+        return trainer.elapsed < budget and not (cfg.max_steps and trainer.step >= cfg.max_steps)
+
+    bar = tqdm(total=budget, initial=min(trainer.elapsed, budget), unit="s", desc="training",
+               disable=None if progress is None else not progress, dynamic_ncols=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of training{postfix}")
+    bar.set_postfix_str(f"step {trainer.step}", refresh=False)
+    with bar:
+        while running():
+            start = time.perf_counter()
+            losses.append(trainer.train_step())
+            seconds = time.perf_counter() - start
+            trainer.elapsed += seconds
+            bar.set_postfix_str(f"step {trainer.step}, loss {np.mean(losses):.4f} (last {len(losses)}), "
+                                f"lr {trainer.learning_rate():.2e}", refresh=False)
+            bar.update(min(seconds, max(0.0, bar.total - bar.n)))
+            if bar.disable and trainer.step % 100 == 0:  # no bar (not a terminal, e.g. a log file): a line instead
+                logger.info("step %d  loss %.4f  lr %.2e  %.1f min", trainer.step, np.mean(losses),
+                            trainer.learning_rate(), trainer.elapsed / 60)
+            if trainer.elapsed - last_save > 60.0 * cfg.checkpoint_minutes:
+                save_checkpoint(trainer, checkpoint)
+                last_save = trainer.elapsed
+        bar.refresh()
     save_checkpoint(trainer, checkpoint)
-    save_weights(trainer, out)
+    save_weights(trainer, out / "weights")
     return trainer
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights")
-    parser.add_argument("--minutes", type=float, default=TrainConfig.minutes)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    parser = argparse.ArgumentParser(
+        prog="python -m catrt.reference.train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"The shipped weights ({WEIGHTS_DIR}) are only written with --publish.",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="output folder: checkpoint.pt (resumed from), weights/, samples.png")
+    parser.add_argument("--minutes", type=float, default=TrainConfig.minutes,
+                        help="training-time budget, counted across resumed runs")
+    parser.add_argument("--max-steps", type=int, default=TrainConfig.max_steps,
+                        help="also stop at this many steps, counted across resumed runs (0 = budget only)")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="images per step")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed,
+                        help="seed of a fresh run (a resumed run restores its RNG)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=TrainConfig.checkpoint_minutes,
+                        help="training minutes between checkpoints")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (leave a core free)")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false")
-    parser.add_argument("--grid", type=Path, default=Path(tempfile.gettempdir()) / "catrt_reference_samples.png")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="resume from OUT/checkpoint.pt if it exists (--no-resume starts over and overwrites it)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=TrainConfig.bf16,
+                        help="autocast matmuls to bfloat16 (--no-bf16: float32)")
+    parser.add_argument("--samples", type=int, default=64,
+                        help="EMA samples drawn into OUT/samples.png at the end (a multiple of 8; 0 = none)")
+    parser.add_argument("--publish", action="store_true",
+                        help=f"copy the final weights into the package folder ({WEIGHTS_DIR}), "
+                             "replacing the shipped ones")
     args = parser.parse_args(argv)
+    if _inside(args.out, WEIGHTS_DIR):
+        parser.error(f"--out {args.out} is inside the shipped weights folder {WEIGHTS_DIR}; "
+                     "train into another folder and use --publish to copy the weights there")
+    if args.samples % 8:
+        parser.error(f"--samples must be a multiple of 8 (rows of 8), not {args.samples}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=args.bf16)
-    trainer = train(cfg, args.out, args.checkpoint, resume=args.resume)
-    sample_grid(trainer, args.grid)
-    print(f"trained {trainer.step} steps in {trainer.elapsed / 60:.1f} min; weights in {args.out}; "
-          f"samples in {args.grid}")
+    cfg = TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=args.bf16,
+                      checkpoint_minutes=args.checkpoint_minutes, max_steps=args.max_steps)
+    trainer = train(cfg, args.out, resume=args.resume)
+    message = (f"trained {trainer.step} steps in {trainer.elapsed / 60:.1f} min; "
+               f"checkpoint {args.out / CHECKPOINT_FILE}; weights in {args.out / 'weights'}")
+    if args.samples:
+        sample_grid(trainer, args.out / "samples.png", n=args.samples)
+        message += f"; samples in {args.out / 'samples.png'}"
+    if args.publish:
+        publish(args.out / "weights")
+        message += f"; published to {WEIGHTS_DIR}"
+    print(message, flush=True)
+    return trainer
 
 
 if __name__ == "__main__":
