@@ -354,9 +354,8 @@ def _check_against_build(args: argparse.Namespace, build: Any) -> None:
 
 def _check_prompts(args: argparse.Namespace, runner: Any, limit: int | None) -> None:
     """Prompts longer than the model reads are refused, as the server refuses them, not truncated."""
-    from catrt.generation import check_prompt_length, text_length_limit
+    from catrt.generation import check_prompt_length
 
-    limit = limit or text_length_limit(runner)
     check_prompt_length(runner, args.prompt, limit)
     if args.negative_prompt:
         check_prompt_length(runner, args.negative_prompt, limit, field="negative_prompt")

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from catrt.errors import ConfigError
 from catrt.model_cards import check_image_size
 from catrt.pipeline import pipeline_spec
-from catrt.reference.text import WordTokenizer
+from catrt.prompts import PromptReader, text_limit
 
 logger = logging.getLogger(__name__)
 
@@ -75,36 +72,8 @@ def check_pipeline_size(pipe: Any, height: int | None, width: int | None, model:
     check_image_size(height or multiple, width or multiple, multiple, largest, model)
 
 
-def text_length_limit(pipe: Any) -> int:
-    """Tokens the pipeline's long-text encoder reads by default (`max_sequence_length`, else the tokenizer's)."""
-    pipe = getattr(pipe, "pipe", pipe)
-    parameter = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
-    if parameter is not None and isinstance(parameter.default, int):
-        return parameter.default
-    return int(pipe.tokenizer.max_length)  # the reference pipeline's word tokenizer
-
-
-def count_prompt_tokens(pipe: Any, text: str) -> int:
-    """Tokens the long-text encoder reads for `text`, special tokens included.
-
-    SD3 truncates T5 (`tokenizer_3`) at `max_sequence_length`, PixArt its only (T5) tokenizer; the
-    reference tokenizer is one <cls> plus one id per lower-case word, as `WordTokenizer.encode`.
-    """
-    pipe = getattr(pipe, "pipe", pipe)
-    tokenizer = getattr(pipe, "tokenizer_3", None) or pipe.tokenizer
-    if isinstance(tokenizer, WordTokenizer):
-        return 1 + len(re.findall(r"[a-z]+", text.lower()))
-    return len(tokenizer(text).input_ids)
-
-
-def check_prompt_length(pipe: Any, prompt: str, limit: int, field: str = "prompt") -> None:
-    """Refuse a prompt longer than the `limit` tokens the model reads, instead of truncating it silently.
-
-    The server refuses the same prompts, so the CLI and the server answer alike.
-    """
-    tokens = count_prompt_tokens(pipe, prompt)
-    if tokens > limit:
-        raise ConfigError(
-            f"{field} is {tokens} tokens but this model reads at most {limit} (max_sequence_length); shorten it",
-            field=field, value=tokens,
-        )
+def check_prompt_length(runner: Any, prompt: str, length: int | None = None, field: str = "prompt") -> None:
+    """Refuse a prompt the model cannot read whole (`length`: a build's text length; None = the
+    pipeline's default), instead of truncating it silently: the server's rule (`catrt.prompts`)."""
+    pipe = getattr(runner, "pipe", runner)
+    PromptReader(pipe, text_limit(pipe, pipeline_spec(pipe), length)).check(field, prompt)

@@ -17,7 +17,9 @@ import catrt
 from catrt import cli
 from catrt.cli import main
 from catrt.errors import CatrtError, ConfigError
-from catrt.generation import check_prompt_length, count_prompt_tokens, text_length_limit
+from catrt.generation import check_prompt_length
+from catrt.pipeline import pipeline_spec
+from catrt.prompts import text_limit
 from catrt.model_cards import MODEL_CARDS, default_precision
 
 HEAVY_MODULES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "fastapi", "uvicorn")
@@ -202,7 +204,7 @@ def test_published_model_offline_says_gated_or_local_folder(capfd: pytest.Captur
 def test_long_prompt_refused_by_the_eager_model(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     prompt = " ".join(["red"] * 20)  # the reference model reads <cls> + 15 words
     line = _fails(capfd, "generate", "--prompt", prompt, "--steps", "4", "--t0", "2", "--out", str(tmp_path / "a.png"))
-    assert "prompt is 21 tokens but this model reads at most 16 (max_sequence_length)" in line
+    assert "prompt is 21 tokens but this model reads at most 16; shorten it" in line
 
 
 @pytest.fixture(scope="module")
@@ -276,12 +278,13 @@ def test_default_precision_per_model_and_device() -> None:
 
 def test_prompt_length_counts_the_long_text_tokenizer(tiny_pipelines: dict[str, Any]) -> None:
     sd3, pixart = tiny_pipelines["tiny-sd3"], tiny_pipelines["tiny-pixart"]
-    assert text_length_limit(sd3) == 256 and text_length_limit(pixart) == 300
-    assert count_prompt_tokens(sd3, "a cat") == len(sd3.tokenizer_3("a cat").input_ids)
-    assert count_prompt_tokens(pixart, "a cat") == len(pixart.tokenizer("a cat").input_ids)
-    check_prompt_length(sd3, "a cat", limit=8)
-    with pytest.raises(ConfigError, match="negative_prompt is .* at most 2") as refused:
-        check_prompt_length(pixart, "a cat", limit=2, field="negative_prompt")
+    assert text_limit(sd3, pipeline_spec(sd3)).tokens == 256 and text_limit(pixart, pipeline_spec(pixart)).tokens == 300
+    assert text_limit(sd3, pipeline_spec(sd3)).tokenizer == "tokenizer_3"  # T5 limits SD3's prompt, not CLIP
+    tokens = len(pixart.tokenizer("a cat").input_ids)
+    check_prompt_length(sd3, "a cat", 8)
+    check_prompt_length(pixart, "a cat", tokens)
+    with pytest.raises(ConfigError, match=f"negative_prompt is {tokens} tokens but this model reads at most {tokens - 1}") as refused:
+        check_prompt_length(pixart, "a cat", tokens - 1, field="negative_prompt")
     assert refused.value.field == "negative_prompt"
 
 

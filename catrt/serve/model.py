@@ -25,7 +25,7 @@ from catrt.model_cards import MODEL_CARDS, default_precision
 from catrt.pipeline import pipeline_spec
 from catrt.scheduler import plan
 from catrt.serve.config import ServeConfig
-from catrt.serve.text import PromptReader, TextLimit, text_limit
+from catrt.prompts import PromptReader, TextLimit, text_limit
 from catrt.serve.timing import StepTimer
 
 logger = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 
 Which tokenizer limits the prompt and which call argument sets its length are the pipeline's facts
 (`PipelineSpec.text_tokenizer`, `.text_length_argument`); nothing here knows a model family. The
-server refuses a prompt over the limit rather than letting the pipeline truncate it: a silently
-shortened prompt gives an image of another text.
+server and the CLI both refuse a prompt over the limit rather than letting the pipeline truncate it:
+a silently shortened prompt gives an image of another text.
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ class PromptReader:
         }
         self._counter = self._tokenizers.get(limit.tokenizer) or copy.deepcopy(getattr(pipe, limit.tokenizer))
 
+    @property
+    def _argument(self) -> str:
+        return f" ({self.limit.argument})" if self.limit.argument else ""
+
     def check(self, name: str, text: str) -> None:
         """Raise ConfigError naming `name` if `text` is not readable text or is over the token limit."""
         _check_unicode(name, text)
@@ -73,8 +77,8 @@ class PromptReader:
         tokens = _token_count(self._counter, text)
         if tokens > self.limit.tokens:
             raise ConfigError(
-                f"{name} is {tokens} tokens but this model reads at most {self.limit.tokens}; shorten it "
-                "(it is refused, not truncated)",
+                f"{name} is {tokens} tokens but this model reads at most {self.limit.tokens}{self._argument}; "
+                "shorten it (it is refused, not truncated)",
                 field=name, value=tokens,
             )
 
