@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
+import re
 import sys
+import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
-from catrt.config import SELECTION_RULES, CATConfig  # stdlib + catrt.errors only
+from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.errors import CatrtError, ConfigError
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, default_precision, size_limits
 
@@ -39,8 +42,12 @@ QUIET_LOG_RECORDS: dict[str, str] = {"transformers.utils.import_utils": "require
 # model it is dropped, because a failed load ends in one line of its own that says what to do.
 HUB_NOTICE: tuple[str, str] = ("diffusers.pipelines.pipeline_utils", "Couldn't connect to the Hub")
 
-# With --engines the build fixes these; given anyway they are refused rather than ignored.
+# With --engines the build fixes these (and every CAT field BuildConfig has); given anyway they are
+# refused rather than ignored.
 FIXED_BY_BUILD: tuple[str, ...] = ("model", "alpha", "t0", "precision", "device", "full")
+
+# CATConfig fields that are not flags: the seed is per image (--seed), the trace is for Python callers.
+NOT_CAT_FLAGS: tuple[str, ...] = ("seed", "trace")
 
 logger = logging.getLogger("catrt.cli")
 
@@ -90,37 +97,56 @@ def _version() -> str:
 
 
 def _add_cat_flags(parser: argparse.ArgumentParser) -> None:
-    """CATConfig fields as kebab-case flags (defaults from CATConfig itself).
+    """Every CATConfig field a user sets per run, as a kebab-case flag, generated from the dataclass.
 
-    alpha and t0 default to None so that giving them can be told from not giving them (a build
-    fixes both); `_cat_config` fills in CATConfig's values.
+    Types, choices and defaults come from the field, the help from CATConfig's docstring, so a new
+    field is a new flag with no change here. Flags default to None so that giving one can be told
+    from not giving it (a build fixes some); `_cat_config` fills in CATConfig's own defaults.
     """
-    defaults = CATConfig()
+    defaults, hints, helps = CATConfig(), typing.get_type_hints(CATConfig), _field_help(CATConfig)
     group = parser.add_argument_group("CAT Pruning")
-    group.add_argument("--alpha", type=float, default=None,
-                       help=f"fraction of tokens recomputed per pruned step (0, 1] (default: {defaults.alpha})")
-    group.add_argument("--t0", type=int, default=None,
-                       help=f"last full step before pruning starts (default: {defaults.t0})")
-    group.add_argument("--n-clusters", type=int, default=defaults.n_clusters, help="KMeans clusters made at step t0")
-    group.add_argument("--ewma-decay", type=float, default=defaults.ewma_decay, help="staleness EWMA decay [0, 1)")
-    group.add_argument("--magnitude-fraction", type=float, default=defaults.magnitude_fraction, help="share of k chosen by noise magnitude")
-    group.add_argument("--refresh-every", type=int, default=defaults.refresh_every, help="full refresh step every N steps after t0 (0 = off)")
-    group.add_argument("--rule", choices=SELECTION_RULES, default=defaults.rule, help="selection rule (baselines are for benchmarks)")
+    for field in _cat_fields():
+        default = getattr(defaults, field.name)
+        text = helps.get(field.name, field.name.replace("_", " ")).rstrip(".")
+        kwargs: dict[str, Any] = {"default": None, "help": f"{text} (default: {default})"}
+        if typing.get_origin(hints[field.name]) is Literal:
+            kwargs["choices"] = typing.get_args(hints[field.name])
+        else:
+            kwargs["type"] = type(default)
+        group.add_argument(_flag(field.name), **kwargs)
+
+
+def _cat_fields() -> list[dataclasses.Field]:
+    return [field for field in dataclasses.fields(CATConfig) if field.name not in NOT_CAT_FLAGS]
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """`name: text` entries of a class docstring's Args section (continuation lines joined)."""
+    helps: dict[str, str] = {}
+    section = (cls.__doc__ or "").partition("Args:")[2]
+    name = None
+    for line in section.splitlines():
+        match = re.match(r"^\s{8}(\w+(?:, \w+)*): (.*)$", line)
+        if match:
+            name = match.group(1)
+            for each in name.split(", "):
+                helps[each] = match.group(2).strip()
+        elif name and line.strip():
+            for each in name.split(", "):
+                helps[each] += " " + line.strip()
+        elif not line.strip() and helps:
+            name = None
+    return helps
+
+
+def _cat_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The CAT flags the user gave."""
+    return {field.name: getattr(args, field.name) for field in _cat_fields() if getattr(args, field.name) is not None}
 
 
 def _cat_config(args: argparse.Namespace, seed: int = 0) -> CATConfig:
     """The CATConfig the flags ask for; validated here, before any model is loaded."""
-    defaults = CATConfig()
-    return CATConfig(
-        alpha=defaults.alpha if args.alpha is None else args.alpha,
-        t0=defaults.t0 if args.t0 is None else args.t0,
-        n_clusters=args.n_clusters,
-        ewma_decay=args.ewma_decay,
-        magnitude_fraction=args.magnitude_fraction,
-        refresh_every=args.refresh_every,
-        rule=args.rule,
-        seed=seed,
-    )
+    return CATConfig(**_cat_values(args), seed=seed)
 
 
 def _flag(name: str) -> str:
@@ -310,27 +336,26 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
 
 def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
     """An engine bundle: the build fixes alpha, t0, resolution and steps; the other CAT flags are free."""
-    _refuse_fixed_flags(args)
+    _refuse_fixed_flags(args, FIXED_BY_BUILD)
     from catrt.bundle import load
     from catrt.integrity import read_build_config, read_key_file
     from catrt.manifest import read_manifest
 
     key = None if args.bundle_key_file is None else read_key_file(args.bundle_key_file)
     build = read_build_config(read_manifest(Path(args.engines)))  # for the flag checks; `load` verifies it all
+    _refuse_fixed_flags(args, [name for name in _cat_values(args) if hasattr(build, name)])
     _check_against_build(args, build)
-    config = build.cat_config(
-        seed=args.seed, n_clusters=args.n_clusters, ewma_decay=args.ewma_decay,
-        magnitude_fraction=args.magnitude_fraction, refresh_every=args.refresh_every, rule=args.rule,
-    )
+    config = build.cat_config(seed=args.seed, **_cat_values(args))
     with _hub_errors(build.model):
         runner = load(args.engines, config, key=key)
     _check_prompts(args, runner, limit=build.max_sequence_length)
     return runner, f"alpha={build.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
 
 
-def _refuse_fixed_flags(args: argparse.Namespace) -> None:
-    """A build fixes the model, alpha, t0, precision and device: refuse them rather than ignore them."""
-    for name in FIXED_BY_BUILD:
+def _refuse_fixed_flags(args: argparse.Namespace, fixed: typing.Iterable[str]) -> None:
+    """A build fixes the model, precision, device and its CAT schedule (alpha, t0, ...): refuse them
+    rather than ignore them."""
+    for name in fixed:
         value = getattr(args, name)
         if value is not None and value is not False:
             raise ConfigError(
@@ -499,13 +524,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _refuse_serve_flags_fixed_by_build(args: argparse.Namespace) -> None:
     """With --engines the build fixes size, steps, batch, precision, device, alpha and t0: refuse, never ignore."""
-    from catrt.config import CATConfig
-    from catrt.errors import ConfigError
-
-    defaults = CATConfig()
     for name in ("height", "width", "steps", "batch", "precision", "device", "alpha", "t0"):
         value = getattr(args, name)
-        if value is not None and value != getattr(defaults, name, None):
+        if value is not None:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(
                 f"{flag} cannot be used with --engines: the build fixes it; drop {flag} or build an engine with it",

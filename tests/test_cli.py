@@ -3,6 +3,8 @@ for the many user mistakes, each of which must end in one line on stderr and exi
 
 from __future__ import annotations
 
+import argparse
+
 import os
 import subprocess
 import sys
@@ -296,3 +298,19 @@ def test_cli_choices_match_the_build_config() -> None:
     build = BuildConfig("x")
     assert {name: getattr(build, name) for name in cli.BUILD_DEFAULTS} == cli.BUILD_DEFAULTS
     assert (build.alpha, build.t0) == (catrt.CATConfig().alpha, catrt.CATConfig().t0)
+
+
+def test_cat_flags_are_every_config_field_a_user_sets() -> None:
+    """The CAT flags are generated from CATConfig's fields: adding a field adds the flag everywhere."""
+    import dataclasses
+
+    from catrt.cli import NOT_CAT_FLAGS, build_parser
+    from catrt.config import CATConfig
+
+    expected = {field.name for field in dataclasses.fields(CATConfig)} - set(NOT_CAT_FLAGS)
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("generate", "serve", "macs"):
+        group = next(g for g in commands[name]._action_groups if g.title == "CAT Pruning")
+        assert {action.dest for action in group._group_actions} == expected, name
+        help_text = commands[name].format_help()
+        assert "(default: 0.3)" in help_text and "{cat,random,round_robin" in help_text
