@@ -49,8 +49,6 @@ FIXED_BY_BUILD: tuple[str, ...] = ("model", "alpha", "t0", "precision", "device"
 # CATConfig fields that are not flags: the seed is per image (--seed), the trace is for Python callers.
 NOT_CAT_FLAGS: tuple[str, ...] = ("seed", "trace")
 
-logger = logging.getLogger("catrt.cli")
-
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every default, except where there is none to show (None, a False flag) or the help says it."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from catrt.models.base import Grid
+from catrt.tokens import Grid
 
 
 def positional_code(grid: Grid, channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

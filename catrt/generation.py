@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,8 +11,6 @@ import torch
 from catrt.model_cards import check_image_size
 from catrt.pipeline import pipeline_spec
 from catrt.prompts import PromptReader, text_limit
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,10 +20,7 @@ from torch import nn
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models import make_adapter
-from catrt.reference.pipeline import ReferencePipeline
 from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +40,6 @@ PIPELINES: dict[type, PipelineSpec] = {
     StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3"),
     # Resolution binning would silently change the requested size; clean_caption needs extra packages.
     PixArtSigmaPipeline: PipelineSpec(call_defaults={"use_resolution_binning": False, "clean_caption": False}),
-    ReferencePipeline: PipelineSpec(call_defaults={}, text_length_argument=None),
 }
 
 

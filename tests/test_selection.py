@@ -21,7 +21,7 @@ from catrt.clustering import (
     pooled_cluster_scores,
     positional_code,
 )
-from catrt.models.base import Grid
+from catrt.tokens import Grid
 
 CASES = [  # (batch, grid, alpha)
     (1, Grid(4, 4), 0.3),

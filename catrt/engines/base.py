@@ -16,7 +16,6 @@ runtime's cache) and scatter the pruned graph's K/V rows into the cache in place
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ import torch
 from catrt.errors import ConfigError
 from catrt.models.base import Adapter, Context
 
-logger = logging.getLogger(__name__)
 
 GRAPHS: tuple[str, ...] = ("context", "full", "pruned")
 # Positional graph inputs, before the context tensors (named after the context's keys).

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
 from catrt.engines.base import Engine
 from catrt.models.base import Context
-
-logger = logging.getLogger(__name__)
 
 
 class EagerEngine(Engine):

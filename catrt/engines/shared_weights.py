@@ -10,13 +10,11 @@ onnx import is needed at run time.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.bin"
 INITIALIZERS_FILE = "initializers.json"

@@ -18,7 +18,6 @@ keep-alive bookkeeping of `run` queries CUDA events, which a capture does not al
 from __future__ import annotations
 
 import importlib.util
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,6 @@ import torch
 from catrt.engines.base import DTYPES, GRAPHS, Engine, GraphSpec
 from catrt.errors import CorruptBundleError, EngineMismatchError, EngineRuntimeError
 
-logger = logging.getLogger(__name__)
 
 # TensorRT's `DataType` member names for the dtypes a graph may use (looked up on the imported module).
 _TRT_DTYPES: dict[str, torch.dtype] = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +10,6 @@ from pathlib import Path
 from catrt.build_config import BuildConfig
 from catrt.export.tensorrt import build_plans
 
-logger = logging.getLogger(__name__)
 
 WriteEngine = Callable[[Path, Path, BuildConfig], None]
 

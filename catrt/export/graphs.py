@@ -7,15 +7,12 @@ so the graphs name each weight alike.
 
 from __future__ import annotations
 
-import logging
 
 import torch
 from torch import nn
 
 from catrt.engines.base import FULL_INPUTS, PRUNED_INPUTS, GraphSpec, TensorSpec
 from catrt.models.base import Adapter
-
-logger = logging.getLogger(__name__)
 
 
 class _Step(nn.Module):

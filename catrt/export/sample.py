@@ -8,7 +8,6 @@ returns zeros, so the loop is cheap) and keeps the first call's inputs.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +16,10 @@ import torch
 from catrt.build_config import BuildConfig
 from catrt.engines.base import FULL_OUTPUTS, PRUNED_OUTPUTS
 from catrt.errors import BuildError
-from catrt.models.base import Adapter, Context, patchify
+from catrt.models.base import Adapter, Context
+from catrt.tokens import patchify
 from catrt.pipeline import pipeline_spec, transformer_replaced
 
-logger = logging.getLogger(__name__)
 
 SAMPLE_PROMPT = "a photo of a red circle on a blue background"
 Graphs = dict[str, dict[str, torch.Tensor]]

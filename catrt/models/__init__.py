@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from catrt.errors import UnsupportedModelError
-from catrt.models.base import Adapter, Context, Grid, patchify, unpatchify
+from catrt.models.base import Adapter, Context
+from catrt.tokens import Grid, patchify, unpatchify
 from catrt.models.pixart import PixArtAdapter
 from catrt.models.sd3 import SD3Adapter
 

@@ -7,7 +7,6 @@ text are the same at every step, so they are computed once per generation in `pr
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -17,8 +16,6 @@ from torch import nn
 
 from catrt.errors import UnsupportedModelError
 from catrt.models.base import Adapter, Context, KVStore, attention, project_qkv
-
-logger = logging.getLogger(__name__)
 
 
 class PixArtAdapter(Adapter):

@@ -7,13 +7,11 @@ plain background, so a generated image can be checked against its caption exactl
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4  # sub-pixels per pixel side: cheap anti-aliasing

@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
 from torch import nn
 
+from catrt.pipeline import PipelineSpec, register_pipeline
 from catrt.reference.text import ReferenceTextEncoder, WordTokenizer, caption_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,10 @@ class ReferencePipeline(DiffusionPipeline):
                 progress_bar.update()
         return latents
 
+
+
+# The reference pipeline brings its own spec: its word tokenizer has a fixed length, no call argument.
+register_pipeline(ReferencePipeline, PipelineSpec(call_defaults={}, text_length_argument=None))
 
 def load_reference_pipeline(
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, weights_dir: Path = WEIGHTS_DIR

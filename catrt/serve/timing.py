@@ -7,15 +7,12 @@ encoding and latent set-up, what runs after the last is VAE decoding and PNG enc
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 
 class Abandoned(Exception):
