@@ -1,7 +1,8 @@
 """`BuildConfig`: what one engine build serves, validated when made and stored in its manifest.
 
 Graphs have static shapes, so a build is tied to one resolution, batch and text length; the step
-count, t0 and alpha fix k and the schedule the bundle is verified for.
+count, t0 and alpha fix k and the schedule the bundle is verified for, and `reuse_every` (a schedule,
+static like t0) which steps it skips.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ Precision = Literal["fp32", "fp16", "bf16"]
 Backend = Literal["auto", "eager", "compile", "onnxruntime", "tensorrt"]
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BACKENDS: tuple[str, ...] = ("auto", "eager", "compile", "onnxruntime", "tensorrt")
+#: The CATConfig fields a build fixes: a run of the bundle must use the build's values.
+FIXED_CAT_FIELDS: tuple[str, ...] = ("alpha", "t0", "reuse_every")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class BuildConfig:
         height, width: image size in pixels; None = the model's default, fixed when the build runs.
         batch: prompts per call; with guidance the graphs take 2 * batch rows.
         steps, t0, alpha: the CAT schedule served (k = ceil(alpha * N) is baked into the pruned graph).
+        reuse_every: CATConfig.reuse_every of the schedule served (0 = no reused steps).
         precision: weights and activations; fp16 / bf16 need a CUDA device.
         backend: the engine kind; "auto" is resolved to a concrete backend before building.
         max_sequence_length: the pipeline's text length (static in the graphs); None = its default.
@@ -42,6 +46,7 @@ class BuildConfig:
     steps: int = 28
     t0: int = 8
     alpha: float = 0.3
+    reuse_every: int = 0
     precision: Precision = "fp32"
     backend: Backend = "auto"
     max_sequence_length: int | None = None
@@ -57,15 +62,27 @@ class BuildConfig:
             raise ConfigError(f"BuildConfig.batch must be a positive integer, got {self.batch!r}", field="batch")
         _check_choice("precision", self.precision, tuple(PRECISIONS))
         _check_choice("backend", self.backend, BACKENDS)
-        self.cat_config().check_steps(self.steps)  # also validates alpha and t0, naming the field
+        self.cat_config().check_steps(self.steps)  # also validates alpha, t0 and reuse_every, naming the field
 
     @property
     def dtype(self) -> torch.dtype:
         return PRECISIONS[self.precision]
 
     def cat_config(self, **overrides: Any) -> CATConfig:
-        """The pruning settings this build serves; fields other than alpha and t0 may be overridden."""
-        return CATConfig(alpha=self.alpha, t0=self.t0, **overrides)
+        """The pruning settings this build serves.
+
+        Fields other than `FIXED_CAT_FIELDS` (alpha, t0, reuse_every) may be overridden; a fixed field
+        may be passed only with the build's own value, else it is a ConfigError naming the field.
+        """
+        fixed = {name: getattr(self, name) for name in FIXED_CAT_FIELDS}
+        for name, value in overrides.items():
+            if name in fixed and value != fixed[name]:
+                raise ConfigError(
+                    f"this engine was built for {name}={fixed[name]}, the config asks for {name}={value}; "
+                    f"build an engine with that value",
+                    field=name, value=value,
+                )
+        return CATConfig(**{**overrides, **fixed})
 
     def num_selected(self, num_tokens: int) -> int:
         return self.cat_config().num_selected(num_tokens)
@@ -84,13 +101,15 @@ class BuildConfig:
     def build_name(self) -> str:
         """Folder name, e.g. `tiny-sd3-96x64-b1-s12-t4-a0.30-fp32-onnxruntime` (never parsed back).
 
-        The size is WxH, width first, as OpenAI's `size` and everywhere else in catrt.
+        The size is WxH, width first, as OpenAI's `size` and everywhere else in catrt. A non-zero
+        `reuse_every` adds `-r{N}` after the alpha (`...-a0.30-r2-...`).
         """
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1]).strip("-.") or "model"
+        reuse = f"-r{self.reuse_every}" if self.reuse_every else ""
         text = "" if self.max_sequence_length is None else f"-l{self.max_sequence_length}"
         return (
             f"{model}-{self.width}x{self.height}-b{self.batch}-s{self.steps}-t{self.t0}-a{self.alpha:.2f}"
-            f"{text}-{self.precision}-{self.backend}"
+            f"{reuse}{text}-{self.precision}-{self.backend}"
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,10 @@ class CATConfig:
         magnitude_fraction: share of k picked by noise magnitude inside clusters, in [0, 1];
             the rest are the stalest tokens.
         refresh_every: run a full step every this many steps after t0 (0 = never).
+        reuse_every: after t0, every this many steps reuse the previous step's prediction for all tokens
+            without running the transformer (0 = never): the paper's DeepCache-style 1:N combination.
+            It combines with any `rule`. A step that is both a refresh step and a reuse step runs full
+            (a refresh is never skipped). See catrt/scheduler.py for the plan.
         seed: seed of the KMeans initialisation (and of the `random` rule).
         trace: record the per-step schedule and indices in `last_trace`.
         kmeans_iters: Lloyd iterations of the on-device KMeans.
@@ -38,6 +42,7 @@ class CATConfig:
     ewma_decay: float = 0.5
     magnitude_fraction: float = 0.25
     refresh_every: int = 0
+    reuse_every: int = 0
     seed: int = 0
     trace: bool = False
     kmeans_iters: int = 20
@@ -52,6 +57,7 @@ class CATConfig:
             "magnitude_fraction", self.magnitude_fraction, "in [0, 1]", lambda v: 0.0 <= v <= 1.0
         )
         _check_int("refresh_every", self.refresh_every, ">= 0 (0 = off)", lambda v: v >= 0)
+        _check_int("reuse_every", self.reuse_every, ">= 0 (0 = off)", lambda v: v >= 0)
         _check_int("seed", self.seed, ">= 0", lambda v: v >= 0)
         _check_int("kmeans_iters", self.kmeans_iters, ">= 1", lambda v: v >= 1)
         if not isinstance(self.trace, bool):

@@ -2,8 +2,8 @@
 
 A MAC is half a FLOP as torch's FlopCounterMode counts them (matmuls, convolutions, attention).
 The unpruned baseline is diffusers' own transformer forward; the pruned schedule pays once per
-generation for its context (for PixArt the cross-attention K/V), then t0 full steps and S - t0
-pruned steps.
+generation for its context (for PixArt the cross-attention K/V), then its full steps (t0 plus any
+refresh steps) and its pruned steps; reused steps (`reuse_every`) run no transformer and cost nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ _TRANSFORMERS = {"sd3": SD3Transformer2DModel, "pixart": PixArtTransformer2DMode
 
 @dataclass(frozen=True)
 class MacReport:
-    """Per image MACs of one generation's transformer work."""
+    """Per image MACs of one generation's transformer work.
+
+    The step counts follow the plan (catrt/scheduler.py): `full_steps` + `pruned_steps` +
+    `reused_steps` == `steps`; a reused step costs 0 transformer MACs.
+    """
 
     num_tokens: int
     k: int
@@ -35,12 +39,21 @@ class MacReport:
     context: int  # once per generation under catrt
     steps: int
     full_steps: int
+    reused_steps: int = 0
+
+    @property
+    def pruned_steps(self) -> int:
+        return self.steps - self.full_steps - self.reused_steps
+
+    @property
+    def schedule_macs(self) -> int:
+        """catrt's MACs for the whole generation: context once, then the full and pruned steps."""
+        return self.context + self.full_steps * self.full_step + self.pruned_steps * self.pruned_step
 
     @property
     def schedule_ratio(self) -> float:
-        pruned_steps = self.steps - self.full_steps
-        ours = self.context + self.full_steps * self.full_step + pruned_steps * self.pruned_step
-        return ours / (self.steps * self.full_step)
+        """`schedule_macs` over the unpruned pipeline's `steps` full forwards."""
+        return self.schedule_macs / (self.steps * self.full_step)
 
 
 def count_macs(fn: Any, *args: Any) -> int:
@@ -87,8 +100,8 @@ def transformer_macs(
     patches = patchify(latents, adapter.patch_size)[:, :k]
     indices = torch.empty(1, k, dtype=torch.long, device="meta")
     pruned = count_macs(lambda: adapter.pruned_forward(patches, indices, timestep, context, kv))
-    full_steps = plan(steps, config.t0, config.refresh_every).count("full")
-    return MacReport(grid.num_tokens, k, full, pruned, context_macs, steps, full_steps)
+    kinds = plan(steps, config.t0, config.refresh_every, config.reuse_every)
+    return MacReport(grid.num_tokens, k, full, pruned, context_macs, steps, kinds.count("full"), kinds.count("reused"))
 
 
 def model_macs(name: str, height: int, width: int, config: CATConfig, steps: int) -> MacReport:

@@ -12,6 +12,12 @@ pruned step (gather the selected patches, the forward writes their K/V rows in p
 outputs, update staleness, select the next step's tokens). With `cuda_graphs` each program runs once
 eagerly (warm-up: compilation, cuBLAS plans), is then captured as one CUDA graph and replayed for
 every later step of every generation of the same shape. KMeans at step t0 runs outside any graph.
+
+A reused step (`CATConfig.reuse_every`, see catrt/scheduler.py) copies its inputs into the state like
+any step but runs no program: no forward, no selection, no cache write. It returns the prediction
+buffer as the last computed step left it. Staleness and `last_computed` count computed steps only,
+so a reused step changes neither, and the next pruned step computes the indices selected after the
+last computed step.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from catrt import selection
 from catrt.clustering import cluster_adjacency, clustering_features, kmeans, pooled_cluster_scores
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
-from catrt.models.base import Adapter, AttentionRecorder, Context, Grid, patchify, unpatchify
+from catrt.models.base import Adapter, AttentionRecorder, Context
+from catrt.tokens import Grid, patchify, unpatchify
 from catrt.scheduler import StepKind, step_kind
 
 logger = logging.getLogger(__name__)
@@ -61,7 +68,7 @@ class StepFunctions(Protocol):
 
 @dataclass
 class StepRecord:
-    """What one step did: `indices` (B, k) on pruned steps, else None."""
+    """What one step did: `kind` full, pruned or reused; `indices` (B, k) on pruned steps, else None."""
 
     step: int
     kind: StepKind
@@ -196,15 +203,16 @@ class CATRuntime:
         state.latents.copy_(hidden_states)
         state.timestep.copy_(timestep)
         state.step_index.fill_(self.step)
-        kind = step_kind(self.step, self.config.t0, self.config.refresh_every)
+        kind = step_kind(self.step, self.config.t0, self.config.refresh_every, self.config.reuse_every)
         used = state.indices.clone() if self.config.trace and kind == "pruned" else None
-        self.adapter.recorder = AttentionRecorder() if self.config.rule == "attention" else None
-        try:
-            self._run(kind)
-            if kind == "full":
-                self._after_full_step()
-        finally:
-            self.adapter.recorder = None
+        if kind != "reused":  # a reused step returns the last prediction as it is
+            self.adapter.recorder = AttentionRecorder() if self.config.rule == "attention" else None
+            try:
+                self._run(kind)
+                if kind == "full":
+                    self._after_full_step()
+            finally:
+                self.adapter.recorder = None
         if self.config.trace:
             self.trace.append(StepRecord(self.step, kind, used))
         return state.prediction
@@ -277,6 +285,7 @@ class CATRuntime:
     # -- steps -------------------------------------------------------------------------------
 
     def _run(self, kind: StepKind) -> None:
+        """Run (or replay) the full or pruned step program; reused steps never get here."""
         program = self._full_program if kind == "full" else self._pruned_program
         if not self.capture:
             program()
