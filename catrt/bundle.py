@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from catrt.build_config import BuildConfig
+from catrt.build_config import FIXED_CAT_FIELDS, BuildConfig
 from catrt.config import CATConfig
 from catrt.engines import ENGINES, Engine, GraphSpec
 from catrt.errors import CatrtError, ConfigError, EngineMismatchError
@@ -102,7 +102,7 @@ def load(engine_dir: str | os.PathLike, config: CATConfig | None = None, key: by
 
     Args:
         engine_dir: an `engines/<build-name>/` folder.
-        config: CAT settings to run with; alpha and t0 must be the build's (the default), the other
+        config: CAT settings to run with; alpha, t0 and reuse_every must be the build's (the default), the other
             fields (clusters, decay, seed...) are free.
         key: the bundle key its build was signed with (`catrt build --sign-key-file`); None = the
             `CATRT_BUNDLE_KEY` environment variable if set. With a key an unsigned or otherwise
@@ -180,7 +180,7 @@ def bundle_problems(folder: Path, key: bytes | None = None) -> tuple[Manifest | 
 def _run_config(build: BuildConfig, config: CATConfig | None) -> CATConfig:
     if config is None:
         return build.cat_config()
-    for name in ("alpha", "t0"):
+    for name in FIXED_CAT_FIELDS:
         if getattr(config, name) != getattr(build, name):
             raise ConfigError(
                 f"this engine was built for {name}={getattr(build, name)}, the config asks for "

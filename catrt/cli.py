@@ -393,12 +393,12 @@ def cmd_macs(args: argparse.Namespace) -> int:
     from catrt.macs import format_macs, model_macs
 
     report = model_macs(args.model, height, width, config, args.steps)
-    pruned_steps = report.steps - report.full_steps
     print(f"model {args.model} at {width}x{height}: N = {report.num_tokens} image tokens, k = {report.k}")
     print(f"full step:   {format_macs(report.full_step)} per image")
     print(f"pruned step: {format_macs(report.pruned_step)} per image ({report.pruned_step / report.full_step:.3f} of full)")
     print(f"once per generation: {format_macs(report.context)}")
-    print(f"schedule: {report.full_steps} full + {pruned_steps} pruned of {report.steps} steps")
+    reused = f" + {report.reused_steps} reused" if report.reused_steps else ""
+    print(f"schedule: {report.full_steps} full + {report.pruned_steps} pruned{reused} of {report.steps} steps")
     print(f"schedule MAC ratio: {report.schedule_ratio:.3f}")
     return 0
 
@@ -413,7 +413,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     config = BuildConfig(
         model=args.model, height=args.height, width=args.width, batch=args.batch, steps=args.steps,
-        t0=args.t0, alpha=args.alpha, precision=args.precision, backend=args.backend,
+        t0=args.t0, alpha=args.alpha, reuse_every=args.reuse_every, precision=args.precision, backend=args.backend,
         max_sequence_length=args.max_sequence_length,
     )
     with _hub_errors(args.model):
@@ -472,6 +472,8 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--model", default=DEFAULT_MODEL, help="model name or diffusers folder")
     build.add_argument("--alpha", type=float, default=defaults.alpha, help="fraction of tokens recomputed per pruned step (0, 1]")
     build.add_argument("--t0", type=int, default=defaults.t0, help="last full step before pruning starts")
+    build.add_argument("--reuse-every", type=int, default=defaults.reuse_every,
+                       help="after t0, every N-th step reuses the previous prediction (0 = off)")
     build.add_argument("--steps", type=int, default=BUILD_DEFAULTS["steps"], help="denoising steps the engine serves")
     build.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     build.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")

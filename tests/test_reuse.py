@@ -282,7 +282,6 @@ def test_a_bundle_runs_its_builds_reuse_schedule(reusing_bundle: Path) -> None:
     assert _letters([r.kind for r in traced.last_trace]) == "ff" + "prpr"
 
 
-@pytest.mark.xfail(strict=True, reason="catrt/bundle.py _run_config compares only alpha and t0 with the build")
 def test_a_bundle_refuses_another_reuse_every(reusing_bundle: Path) -> None:
     with pytest.raises(ConfigError, match="reuse_every") as caught:
         catrt.load(reusing_bundle, config=CATConfig(alpha=0.3, t0=2, reuse_every=0))

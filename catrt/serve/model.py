@@ -49,6 +49,7 @@ class ServedSpec:
     refresh_every: int
     text_tokens: int  # a prompt may have at most this many tokens of the limiting tokenizer
     default_guidance: float
+    reuse_every: int = 0
 
     @property
     def size(self) -> str:
@@ -135,8 +136,10 @@ class ServedModel:
         return Generation(encoded, self._phases(started, time.perf_counter()))
 
     def _phases(self, started: float, finished: float) -> dict[str, float]:
-        kinds = plan(self.spec.steps, self.spec.t0, self.spec.refresh_every)
+        kinds = plan(self.spec.steps, self.spec.t0, self.spec.refresh_every, self.spec.reuse_every)
         phases = {"encode": self.timer.first_start - started, "full_steps": 0.0, "pruned_steps": 0.0}
+        if "reused" in kinds:  # only schedules with step reuse have reused steps to time
+            phases["reused_steps"] = 0.0
         for kind, seconds in zip(kinds, self.timer.durations, strict=True):  # one transformer call per step
             phases[f"{kind}_steps"] += seconds
             if self.step_observer is not None:
@@ -175,6 +178,7 @@ def _load_eager(config: ServeConfig) -> ServedModel:
         model=config.model, backend="eager", precision=precision, height=height, width=width, steps=config.steps,
         batch=config.batch, alpha=config.cat.alpha, t0=config.cat.t0, refresh_every=config.cat.refresh_every,
         text_tokens=limit.tokens, default_guidance=_default_guidance(config.model, pipe),
+        reuse_every=config.cat.reuse_every,
     )
     arguments = _call_arguments(pipe, spec, limit)
     return ServedModel(accelerate(pipe, config.cat), spec, arguments, device, None, PromptReader(pipe, limit))
@@ -191,8 +195,8 @@ def _load_engines(config: ServeConfig, bundle_key: bytes | None) -> ServedModel:
     spec = ServedSpec(
         model=build.model, backend=build.backend, precision=build.precision, height=build.height, width=build.width,
         steps=build.steps, batch=build.batch, alpha=build.alpha, t0=build.t0,
-        refresh_every=build.cat_config().refresh_every, text_tokens=limit.tokens,
-        default_guidance=_default_guidance(build.model, pipe),
+        refresh_every=runner.accelerated.config.refresh_every, text_tokens=limit.tokens,
+        default_guidance=_default_guidance(build.model, pipe), reuse_every=build.reuse_every,
     )
     arguments = _call_arguments(pipe, spec, limit)
     return ServedModel(runner, spec, arguments, runner.engine.device, build, PromptReader(pipe, limit))
