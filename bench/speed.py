@@ -1,13 +1,31 @@
 """Step and generation speed per backend, on the machine at hand, against unmodified diffusers.
 
-Builds an SD3-layout pipeline big enough that a full step is measurable (default: 4 joint blocks,
-D = 384, 512x512 -> 1024 image tokens, one prompt with guidance -> batch 2), saves it under
-bench/results/tmp/, builds an engine per backend with `build_engines`, then times one full step,
-one pruned step and the selection of a pruned step, and whole generations (best of --repeats). Writes
-bench/results/speed-<device>.md.
+Two modes.
+
+Engines (the default): builds an SD3-layout pipeline big enough that a full step is measurable
+(default: 4 joint blocks, D = 384, 512x512 -> 1024 image tokens, one prompt with guidance -> batch 2),
+saves it under bench/results/tmp/, builds an engine per backend with `build_engines`, then times one
+full step, one pruned step and the selection of a pruned step, and whole generations (best of
+--repeats).
 
     python bench/speed.py                                   # eager, compile, onnxruntime (+ tensorrt on a GPU)
     python bench/speed.py --backends eager onnxruntime --layers 2 --repeats 2   # quicker
+
+Published block size (`--dims sd3-medium`): the transformer has SD3-medium's real block size (24
+heads x 64 = 1536 wide, text width 4096, pooled 2048) with random weights and `--layers` of its 24
+joint blocks; inputs are one prompt with guidance (batch 2) at 1024x1024 (4096 image tokens) with
+77 CLIP + 256 T5 = 333 text tokens, as the real model sees. No pipeline and no engine builds (an ONNX
+bundle of this size takes long to export here): on the same inputs, interleaved round by round, it
+times diffusers' own transformer forward, catrt's full step and catrt's pruned step as the runtime
+runs them (`CATRuntime`'s step programs over its persistent buffers: the adapter writing the K/V
+cache in place, the output cache and prediction copies; the pruned step also gathers the selected
+patches and selects the next step's tokens), and reports the times, their ratios to diffusers and
+the MAC ratio of a pruned step.
+
+    python bench/speed.py --dims sd3-medium --layers 2 --threads 2 --repeats 3
+
+Results go to `--out`, by default a new file bench/results/speed-<device>[-<dims>-L<layers>].md
+(a numbered name if that exists: a committed results file is only overwritten when --out names it).
 """
 
 from __future__ import annotations
@@ -16,6 +34,7 @@ import argparse
 import os
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,24 +44,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from diffusers import SD3Transformer2DModel  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
 
 import catrt  # noqa: E402
 from catrt.build import build_engines  # noqa: E402
 from catrt.build_config import BuildConfig  # noqa: E402
+from catrt.config import CATConfig  # noqa: E402
 from catrt.engines import ENGINES, resolve_backend  # noqa: E402
-from catrt.export import capture_step_sample, full_inputs, pruned_inputs  # noqa: E402
+from catrt.export import capture_step_sample  # noqa: E402
 from catrt.macs import transformer_macs  # noqa: E402
 from catrt.manifest import describe_device  # noqa: E402
-from catrt.model_cards import ModelCard  # noqa: E402
-from catrt.runtime import CATRuntime  # noqa: E402
+from catrt.model_cards import MODEL_CARDS, ModelCard  # noqa: E402
+from catrt.models import make_adapter  # noqa: E402
+from catrt.runtime import CATRuntime, StepFunctions  # noqa: E402
 from catrt.tiny import build_tiny_pipeline  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = ROOT / "bench" / "results"
 PROMPT = "a photo of a red fox standing in a snowy forest at sunset, highly detailed"
+CLIP_TOKENS = 77
+DIMS = {  # published block sizes: the card's transformer config, its resolution and text length
+    "sd3-medium": {"card": "sd3", "size": 1024, "text_length": 256},
+}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dims", choices=sorted(DIMS), default=None,
+                        help="a published model's block size, resolution and text length, eager steps only "
+                        "(sets --heads, --size, --text-length; --backends defaults to none)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=6, help="attention heads of 64 channels (D = 64 x heads)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (tokens = (size / 16)^2)")
@@ -52,29 +85,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the fastest counts)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--backends", nargs="+", default=None, help="default: every backend that runs here")
-    return parser.parse_args()
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="default: every backend that runs here ('none' with --dims: eager steps only)")
+    parser.add_argument("--out", type=Path, default=None, help="report path (default: a new file under bench/results/)")
+    args = parser.parse_args(argv)
+    if args.dims is not None:
+        dims = DIMS[args.dims]
+        config = MODEL_CARDS[dims["card"]].transformer_config
+        args.heads = config["num_attention_heads"]
+        args.size, args.text_length = dims["size"], dims["text_length"]
+    if args.backends is not None and [name.lower() for name in args.backends] == ["none"]:
+        args.backends = []
+    return args
 
 
-def transformer_config(args: argparse.Namespace) -> dict[str, Any]:
-    """SD3-medium's layout at a benchmark size; text widths stay those of the tiny encoders."""
-    tiny = build_tiny_pipeline("tiny-sd3").transformer.config
-    return {
-        "sample_size": args.size // 8, "patch_size": 2, "in_channels": 16, "out_channels": 16,
-        "num_layers": args.layers, "attention_head_dim": 64, "num_attention_heads": args.heads,
-        "joint_attention_dim": tiny.joint_attention_dim, "caption_projection_dim": 64 * args.heads,
-        "pooled_projection_dim": tiny.pooled_projection_dim, "pos_embed_max_size": args.size // 16,
-    }
-
-
-def save_bench_model(config: dict[str, Any], folder: Path) -> Path:
-    """The tiny SD3 pipeline with the benchmark transformer, saved so builds can load it by path."""
-    if not (folder / "model_index.json").is_file():
-        pipe = build_tiny_pipeline("tiny-sd3")
-        torch.manual_seed(0)
-        pipe.register_modules(transformer=SD3Transformer2DModel(**config).eval())
-        pipe.save_pretrained(folder)
-    return folder
+def default_out(device: str, args: argparse.Namespace) -> Path:
+    """A results path that does not exist yet (never a committed file)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    stem = f"speed-{slug}" + (f"-{args.dims}-L{args.layers}" if args.dims else "")
+    path, number = RESULTS / f"{stem}.md", 2
+    while path.exists():
+        path, number = RESULTS / f"{stem}-{number}.md", number + 1
+    return path
 
 
 def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -90,20 +122,52 @@ def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def step_times(fast: Any, build: BuildConfig, repeats: int) -> dict[str, float]:
-    """Seconds of one full step, one pruned step and one pruned step's selection."""
-    engine = fast.engine
+def interleaved_seconds(functions: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Wall and process CPU seconds of each function per round; every round runs each once, in a rotated order.
+
+    A shared machine's load changes by the minute: measuring the functions round by round puts them
+    under the same load, so per-round ratios compare like with like. CPU time (all threads of this
+    process) is what the work itself took, less sensitive than wall time to other jobs taking the cores.
+    """
+    names = list(functions)
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            functions[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
+    return times
+
+
+# -- runtime steps (both modes) ------------------------------------------------------------------
+
+
+def step_runtime(adapter: Any, functions: StepFunctions | None, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                 call_kwargs: dict[str, Any], alpha: float) -> CATRuntime:
+    """A `CATRuntime` (guidance, t0 = 2) after its two full steps: its step programs are ready to time.
+
+    Step 2 (t0) clusters and selects the first pruned step's tokens, as in a generation; after it,
+    `_full_program` and `_pruned_program` are the steps the runtime runs (the pruned one ends by
+    selecting the next step's tokens), over the same persistent buffers.
+    """
+    runtime = CATRuntime(adapter, CATConfig(alpha=alpha, t0=2), steps=3, guidance=True, functions=functions)
+    for _ in range(2):
+        runtime(hidden_states, timestep, call_kwargs)
+    return runtime
+
+
+def engine_step_times(fast: Any, build: BuildConfig, repeats: int) -> dict[str, float]:
+    """Seconds of one full step, one pruned step and one pruned step's selection, through the engine."""
     with torch.no_grad():
-        sample = capture_step_sample(fast.pipe, build)
-        full = full_inputs(sample)
-        _, kv = fast.adapter.full_forward(sample.hidden_states, sample.timestep, sample.context)
-        pruned = pruned_inputs(sample, fast.adapter, fast.manifest.k, kv)
+        sample = capture_step_sample(fast.pipe, fast.adapter, build)
+        runtime = step_runtime(fast.adapter, fast.engine, sample.hidden_states, sample.timestep, sample.context_inputs, build.alpha)
         return {
-            "full": best_seconds(lambda: engine.full_forward(full["hidden_states"], full["timestep"], sample.context), repeats),
-            "pruned": best_seconds(
-                lambda: engine.pruned_forward(pruned["patches"], pruned["indices"], pruned["timestep"], sample.context, kv),
-                repeats,
-            ),
+            "full": best_seconds(runtime._full_program, repeats),
+            "pruned": best_seconds(runtime._pruned_program, repeats),
             "selection": selection_seconds(fast, build),
         }
 
@@ -131,12 +195,45 @@ def generate(runner: Any, output_type: str = "pil", **kwargs: Any) -> Any:
     return runner(PROMPT, generator=torch.Generator().manual_seed(0), output_type=output_type, **kwargs)
 
 
-def mac_ratio(config: dict[str, Any], build: BuildConfig, text_length: int) -> float:
-    card = ModelCard("bench", None, "sd3", config, 77 + text_length)
+def mac_ratio(config: dict[str, Any], height: int, width: int, alpha: float, t0: int, steps: int, text_tokens: int) -> float:
+    """MACs of one pruned step / one full step (diffusers' forward), counted on the meta device."""
+    card = ModelCard("bench", None, "sd3", config, text_tokens)
     with torch.device("meta"):
         transformer = SD3Transformer2DModel(**config).eval()
-    report = transformer_macs(transformer, card, build.height, build.width, build.cat_config(), build.steps)
+    report = transformer_macs(transformer, card, height, width, CATConfig(alpha=alpha, t0=t0), steps)
     return report.pruned_step / report.full_step
+
+
+def sdpa_kernels(fn: Callable[[], Any]) -> str:
+    """The attention kernels one call of `fn` runs (the aten ops under scaled_dot_product_attention)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = sorted({event.key for event in prof.key_averages() if "attention" in event.key and event.key != "aten::scaled_dot_product_attention"})
+    return ", ".join(names) or "none"
+
+
+# -- engines mode --------------------------------------------------------------------------------
+
+
+def transformer_config(args: argparse.Namespace) -> dict[str, Any]:
+    """SD3-medium's layout at a benchmark size; text widths stay those of the tiny encoders."""
+    tiny = build_tiny_pipeline("tiny-sd3").transformer.config
+    return {
+        "sample_size": args.size // 8, "patch_size": 2, "in_channels": 16, "out_channels": 16,
+        "num_layers": args.layers, "attention_head_dim": 64, "num_attention_heads": args.heads,
+        "joint_attention_dim": tiny.joint_attention_dim, "caption_projection_dim": 64 * args.heads,
+        "pooled_projection_dim": tiny.pooled_projection_dim, "pos_embed_max_size": args.size // 16,
+    }
+
+
+def save_bench_model(config: dict[str, Any], folder: Path) -> Path:
+    """The tiny SD3 pipeline with the benchmark transformer, saved so builds can load it by path."""
+    if not (folder / "model_index.json").is_file():
+        pipe = build_tiny_pipeline("tiny-sd3")
+        torch.manual_seed(0)
+        pipe.register_modules(transformer=SD3Transformer2DModel(**config).eval())
+        pipe.save_pretrained(folder)
+    return folder
 
 
 def baseline(model: Path, build: BuildConfig, repeats: int) -> dict[str, float]:
@@ -145,9 +242,10 @@ def baseline(model: Path, build: BuildConfig, repeats: int) -> dict[str, float]:
     pipe.set_progress_bar_config(disable=True)
     kwargs = build.call_arguments()
     with torch.no_grad():
-        sample = capture_step_sample(pipe, build)
-        context = {"encoder_hidden_states": sample.context["encoder_hidden_states"], "pooled_projections": sample.context["pooled_projections"]}
-        step = best_seconds(lambda: pipe.transformer(hidden_states=sample.hidden_states, timestep=sample.timestep, **context), repeats)
+        sample = capture_step_sample(pipe, make_adapter(pipe.transformer), build)
+        step = best_seconds(
+            lambda: pipe.transformer(hidden_states=sample.hidden_states, timestep=sample.timestep, **sample.context_inputs), repeats
+        )
     return {"full": step, "generation": best_seconds(lambda: generate(pipe, **kwargs), max(1, repeats - 1))}
 
 
@@ -161,20 +259,21 @@ def measure_backend(backend: str, model: Path, args: argparse.Namespace) -> dict
     build_seconds = time.perf_counter() - started
     fast = catrt.load(folder)
     fast.set_progress_bar_config(disable=True)
-    times = step_times(fast, fast.build, args.repeats)
+    times = engine_step_times(fast, fast.build, args.repeats)
     times["generation"] = best_seconds(lambda: generate(fast), max(1, args.repeats - 1))
     times["build"] = build_seconds
     return times
 
 
-def write_report(rows: dict[str, dict[str, float]], base: dict[str, float], macs: float, args: argparse.Namespace, device: str) -> Path:
+def engines_report(rows: dict[str, dict[str, float]], base: dict[str, float], macs: float, args: argparse.Namespace, device: str) -> str:
     tokens = (args.size // 16) ** 2
     lines = [
         f"# Speed on {device}",
         "",
         f"SD3-layout transformer: {args.layers} joint blocks, D = {64 * args.heads}, {args.size}x{args.size} "
-        f"({tokens} image tokens, {77 + args.text_length} text tokens), one prompt with guidance (batch 2), "
+        f"({tokens} image tokens, {CLIP_TOKENS + args.text_length} text tokens), one prompt with guidance (batch 2), "
         f"{args.steps} steps, t0 = {args.t0}, alpha = {args.alpha}; torch threads {args.threads}; best of {args.repeats} runs after a warm-up (the machine is shared).",
+        "Full and pruned steps are the runtime's step programs over the engine (a pruned step includes selecting the next step's tokens).",
         "Generation = the whole pipeline call (text encoders, transformer steps, VAE decode, PIL). Build = export,"
         " engine and verification; torch.compile's time depends on inductor's on-disk cache (a cold compile here: about 1 min).",
         "",
@@ -183,35 +282,143 @@ def write_report(rows: dict[str, dict[str, float]], base: dict[str, float], macs
         f"| diffusers (unmodified) | {base['full']:.3f} | - | - | - | - | - | {base['generation']:.2f} | 1.00x | - |",
     ]
     for backend, t in rows.items():
-        share = t["selection"] / (t["pruned"] + t["selection"])
+        share = t["selection"] / t["pruned"]
         lines.append(
             f"| {backend} | {t['full']:.3f} | {t['pruned']:.3f} | {t['pruned'] / t['full']:.2f} | {macs:.2f} | "
             f"{t['selection']:.4f} | {share:.1%} | {t['generation']:.2f} | {base['generation'] / t['generation']:.2f}x | {t['build']:.0f} |"
         )
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    path = RESULTS / f"speed-{slug}.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
+def run_engines(args: argparse.Namespace) -> tuple[str, str]:
     config = transformer_config(args)
     model = save_bench_model(config, RESULTS / "tmp" / f"sd3-L{args.layers}-D{64 * args.heads}-{args.size}")
-    backends = args.backends or [name for name in ENGINES if name == "eager" or ENGINES[name].unavailable_reason() is None]
+    backends = args.backends if args.backends is not None else [
+        name for name in ENGINES if name == "eager" or ENGINES[name].unavailable_reason() is None
+    ]
     backends = [resolve_backend(name) for name in backends]
     probe = BuildConfig(str(model), height=args.size, width=args.size, steps=args.steps, t0=args.t0, alpha=args.alpha, max_sequence_length=args.text_length)
     base = baseline(model, probe, args.repeats)
-    print(f"diffusers: full step {base['full']:.3f} s, generation {base['generation']:.2f} s")
+    print(f"diffusers: full step {base['full']:.3f} s, generation {base['generation']:.2f} s", flush=True)
     rows = {}
     for backend in backends:
         rows[backend] = measure_backend(backend, model, args)
-        print(f"{backend}: " + ", ".join(f"{key} {value:.3f} s" for key, value in rows[backend].items()))
+        print(f"{backend}: " + ", ".join(f"{key} {value:.3f} s" for key, value in rows[backend].items()), flush=True)
     again = baseline(model, probe, args.repeats)  # measured twice, around the backends: load varies
     base = {key: min(base[key], again[key]) for key in base}
-    device = describe_device(ENGINES[backends[0]].default_device())
-    path = write_report(rows, base, mac_ratio(config, probe, args.text_length), args, device.get("name", "cpu"))
+    device = describe_device(ENGINES[backends[0] if backends else "eager"].default_device()).get("name", "cpu")
+    macs = mac_ratio(config, args.size, args.size, args.alpha, args.t0, args.steps, CLIP_TOKENS + args.text_length)
+    return engines_report(rows, base, macs, args, device), device
+
+
+# -- published block size mode --------------------------------------------------------------------
+
+
+def dims_inputs(config: dict[str, Any], args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One prompt with guidance (batch 2): latents, timesteps and random text conditioning of the real shapes."""
+    generator = torch.Generator().manual_seed(0)
+    batch, latent = 2, args.size // 8
+    latents = torch.randn(batch, config["in_channels"], latent, latent, generator=generator)
+    timestep = torch.full((batch,), 700.0)
+    kwargs = {
+        "encoder_hidden_states": torch.randn(batch, CLIP_TOKENS + args.text_length, config["joint_attention_dim"], generator=generator),
+        "pooled_projections": torch.randn(batch, config["pooled_projection_dim"], generator=generator),
+    }
+    return latents, timestep, kwargs
+
+
+def run_dims(args: argparse.Namespace) -> tuple[str, str]:
+    card = MODEL_CARDS[DIMS[args.dims]["card"]]
+    config = {**card.transformer_config, "num_layers": args.layers}
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(**config).eval()
+    latents, timestep, kwargs = dims_inputs(config, args)
+    adapter = make_adapter(transformer)
+    with torch.no_grad():
+        runtime = step_runtime(adapter, None, latents, timestep, kwargs, args.alpha)
+        functions = {
+            "diffusers": lambda: transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs),
+            "catrt full": runtime._full_program,
+            "catrt pruned": runtime._pruned_program,
+        }
+        kernels = {name: sdpa_kernels(fn) for name, fn in functions.items()}  # doubles as the warm-up
+        times = interleaved_seconds(functions, args.repeats)
+    text_tokens = CLIP_TOKENS + args.text_length
+    macs = mac_ratio(config, args.size, args.size, args.alpha, args.t0, args.steps, text_tokens)
+    for name, clocks in times.items():
+        print(f"{name}: wall " + " ".join(f"{value:.3f}" for value in clocks["wall"])
+              + " s, CPU " + " ".join(f"{value:.3f}" for value in clocks["cpu"]) + " s", flush=True)
+    device = describe_device(torch.device("cpu")).get("name", "cpu")
+    return dims_report(times, kernels, macs, runtime.k, args, config, device), device
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), for the report."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def dims_report(times: dict[str, dict[str, list[float]]], kernels: dict[str, str], macs: float, k: int,
+                args: argparse.Namespace, config: dict[str, Any], device: str) -> str:
+    tokens = (args.size // 16) ** 2
+    base = times["diffusers"]
+
+    def ratios(name: str, clock: str) -> tuple[float, float]:
+        """(best / diffusers' best, median over rounds of time / diffusers' time in the same round)."""
+        values, reference = times[name][clock], base[clock]
+        return min(values) / min(reference), statistics.median(v / r for v, r in zip(values, reference))
+
+    lines = [
+        f"# Speed on {device}: {args.dims} block size",
+        "",
+        f"`python bench/speed.py --dims {args.dims} --layers {args.layers} --threads {args.threads} --repeats {args.repeats}`",
+        "",
+        f"{args.layers} of {args.dims}'s joint blocks at its real size ({config['num_attention_heads']} heads x "
+        f"{config['attention_head_dim']} = {config['num_attention_heads'] * config['attention_head_dim']} wide, text width "
+        f"{config['joint_attention_dim']}), random weights, fp32; {args.size}x{args.size} ({tokens} image tokens), "
+        f"{CLIP_TOKENS + args.text_length} text tokens ({CLIP_TOKENS} CLIP + {args.text_length} T5), one prompt with guidance (batch 2); "
+        f"alpha = {args.alpha} (k = {k}); torch threads {args.threads} on {os.cpu_count()} cores ({cpu_name()}), torch {torch.__version__}.",
+        "",
+        "diffusers = the transformer module's own forward. catrt full / pruned = `CATRuntime`'s step programs "
+        "(the adapter writes the K/V cache in place; output cache and prediction copies; the pruned step also "
+        "gathers its patches and selects the next step's tokens). "
+        f"Each of {args.repeats} rounds runs the three once, in a rotated order, after a warm-up. "
+        "Best = the fastest round; round ratio = the median over rounds of the time / diffusers' time in the same round. "
+        "Wall = elapsed seconds; CPU = this process's CPU seconds (all threads), which other jobs on this shared "
+        "machine disturb less.",
+        "",
+        "| step | wall best (s) | / diffusers | wall round ratio | CPU best (s) | / diffusers | CPU round ratio | target | attention kernel |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    targets = {"diffusers": "-", "catrt full": "<= 1.00", "catrt pruned": f"<= {macs:.3f} (MAC ratio)"}
+    for name, clocks in times.items():
+        wall_best, wall_round = ratios(name, "wall")
+        cpu_best, cpu_round = ratios(name, "cpu")
+        lines.append(
+            f"| {name} | {min(clocks['wall']):.3f} | {wall_best:.3f} | {wall_round:.3f} | {min(clocks['cpu']):.3f} | "
+            f"{cpu_best:.3f} | {cpu_round:.3f} | {targets[name]} | {kernels[name]} |"
+        )
+    lines += ["", f"MAC ratio of a pruned step (catrt.macs.transformer_macs): {macs:.3f}.", "", "Rounds (wall s / CPU s):", ""]
+    for name, clocks in times.items():
+        lines.append(f"- {name}: " + ", ".join(f"{w:.2f} / {c:.2f}" for w, c in zip(clocks["wall"], clocks["cpu"])))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.dims is not None and args.backends:
+        raise SystemExit("--dims times eager steps only; leave out --backends (or pass --backends none)")
+    report, device = run_dims(args) if args.dims is not None else run_engines(args)
+    path = args.out or default_out(device, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report)
+    print(report)
     print(f"wrote {path}")
 
 

@@ -22,7 +22,6 @@ Then two static-shape step functions, each in two forms:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,20 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from catrt.errors import ConfigError, UnsupportedModelError
+from catrt.tokens import Grid
 
 Context = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The image-token grid of a resolution: N = height * width tokens in raster order."""
-
-    height: int
-    width: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.height * self.width
 
 
 class KVStore:
@@ -63,6 +51,20 @@ class KVStore:
         self.in_place = in_place
         self.rows: list[torch.Tensor] = []
         self._index: torch.Tensor | None = None
+
+    def linear(self, slot: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`exchange(slot, layer(x))`, with the projection of a full in-place step made in its cache slot.
+
+        For a plain `nn.Linear` on a contiguous input, an eager full step writes the matmul straight
+        into `kv_cache[slot]` (the same addmm `F.linear` runs, so the same values) instead of making
+        the fresh K or V and copying it there. Compiled, exported and pruned forwards go through
+        `exchange` (inductor plans its own buffers; a pruned step scatters its k rows).
+        """
+        if self.in_place and self.indices is None and _writes_into(layer, x, self.kv_cache[slot]):
+            out = self.kv_cache[slot]
+            torch.addmm(layer.bias, x.view(-1, x.shape[-1]), layer.weight.t(), out=out.view(-1, out.shape[-1]))
+            return out
+        return self.exchange(slot, layer(x))
 
     def exchange(self, slot: int, fresh: torch.Tensor) -> torch.Tensor:
         """Fresh (B, n, D) K or V of `slot` -> the (B, N, D) tensor attention reads."""
@@ -213,23 +215,6 @@ class Adapter(ABC):
         return self.transformer.pos_embed.proj.weight.dtype
 
 
-def patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, C*p*p) in the (c, p, q) order of a conv patch embedding's weight."""
-    b, c, h, w = latents.shape
-    p = patch_size
-    x = latents.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def unpatchify(tokens: torch.Tensor, grid: Grid, patch_size: int) -> torch.Tensor:
-    """(B, N, p*p*C) in diffusers' (p, q, c) output order -> (B, C, H, W)."""
-    b, _, d = tokens.shape
-    p = patch_size
-    c = d // (p * p)
-    x = tokens.reshape(b, grid.height, grid.width, p, p, c).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, c, grid.height * p, grid.width * p)
-
-
 def heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, L, H*d) -> (B, H, L, d)."""
     b, length, _ = x.shape
@@ -243,17 +228,87 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def project_qkv(
-    attn: nn.Module, x: torch.Tensor, added: bool = False
+    attn: nn.Module,
+    x: torch.Tensor,
+    added: bool = False,
+    store: KVStore | None = None,
+    slot: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K, V (B, L, H*d) of a diffusers Attention, QK-norm applied per head as diffusers does."""
+    """Q, K, V (B, L, H*d) of a diffusers Attention, QK-norm applied per head as diffusers does.
+
+    With a `store`, K and V go through it as slots `slot` and `slot + 1` (`KVStore.linear`, or
+    `exchange` after a QK-norm) and what it returns comes back.
+    """
     to_q, to_k, to_v = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if added else (attn.to_q, attn.to_k, attn.to_v)
     norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if added else (attn.norm_q, attn.norm_k)
-    query, key, value = to_q(x), to_k(x), to_v(x)
+    query = to_q(x)
     if norm_q is not None:
         query = merge_heads(norm_q(heads(query, attn.heads)))
-    if norm_k is not None:
-        key = merge_heads(norm_k(heads(key, attn.heads)))
+    if store is not None and norm_k is None:
+        key = store.linear(slot, to_k, x)
+    else:
+        key = to_k(x)
+        if norm_k is not None:
+            key = merge_heads(norm_k(heads(key, attn.heads)))
+        if store is not None:
+            key = store.exchange(slot, key)
+    value = to_v(x) if store is None else store.linear(slot + 1, to_v, x)
     return query, key, value
+
+
+def modulate_(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """`normed * (1 + scale[:, None]) + shift[:, None]` (diffusers' adaLN), in place on `normed` when the dtypes allow.
+
+    The same two rounded operations in the same order as diffusers, so the same values; in place it
+    allocates nothing (a step's fresh (B, N, D) tensors are what costs time on a CPU).
+    """
+    scale, shift = 1 + scale[:, None], shift[:, None]
+    if torch.result_type(normed, scale) != normed.dtype or torch.result_type(normed, shift) != normed.dtype:
+        return normed * scale + shift
+    return normed.mul_(scale).add_(shift)
+
+
+def gated_add_(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """`x + gate[:, None] * update`, in place on `x` and `update` (both fresh tensors of the caller) when the dtypes allow."""
+    gate = gate.unsqueeze(1)
+    if torch.result_type(update, gate) != update.dtype or torch.result_type(x, update) != x.dtype:
+        return x + gate * update
+    return x.add_(update.mul_(gate))
+
+
+def _writes_into(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `layer(x)` can be computed straight into `out` by one addmm (eager only)."""
+    return (
+        type(layer) is nn.Linear
+        and layer.bias is not None
+        and not torch.compiler.is_compiling()
+        and not torch.is_grad_enabled()  # out= has no autograd
+        and x.is_contiguous()
+        and out.is_contiguous()
+        and x.dtype == out.dtype == layer.weight.dtype == layer.bias.dtype
+        and x.device == out.device
+        and out.shape == (*x.shape[:-1], layer.out_features)
+    )
+
+
+def joint_attention(
+    queries: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    num_heads: int,
+    recorder: AttentionRecorder | None = None,
+    num_image_keys: int = 0,
+) -> torch.Tensor:
+    """`attention` over the concatenations of (B, L_i, H*d) parts, concatenated per head as diffusers does.
+
+    Concatenating in the head layout gives SDPA contiguous (B, H, L, d) inputs (each head's keys in
+    one block, faster for the CPU kernel than (B, L, H, d)-strided ones) for the same copy; the
+    values are the same. With a `recorder`, the parts are concatenated as (B, L, H*d) for it.
+    """
+    if recorder is not None and num_image_keys:
+        return attention(torch.cat(queries, 1), torch.cat(keys, 1), torch.cat(values, 1), num_heads, None, recorder, num_image_keys)
+    query, key, value = (torch.cat([heads(part, num_heads) for part in parts], 2) for parts in (queries, keys, values))
+    return merge_heads(F.scaled_dot_product_attention(query, key, value))
 
 
 class AttentionRecorder:
