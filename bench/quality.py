@@ -33,6 +33,10 @@ except ImportError as error:
 else:
     MISSING = None
 
+from catrt.cli import quiet_known_notices  # noqa: E402 - light: no torch
+
+quiet_known_notices()  # a command-line program: transformers' torchvision notices say nothing useful here
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402

@@ -634,8 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_known_notices() -> None:
-    """Drop the import-time notices listed in QUIET_LOG_RECORDS, for this process (the CLI) only.
+def quiet_known_notices() -> None:
+    """Drop the import-time notices listed in QUIET_LOG_RECORDS, for this process (a command-line program) only.
 
     Set before anything heavy is imported so they never print; the library itself changes no
     global logging or warnings configuration.
@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; user mistakes print one line and return 2, Ctrl-C returns 130, both without a traceback."""
     command = "catrt"
     try:
-        _quiet_known_notices()
+        quiet_known_notices()
         args = build_parser().parse_args(argv)
         command = f"catrt {args.command}"
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
