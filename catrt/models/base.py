@@ -74,6 +74,10 @@ class KVStore:
             if self.in_place:
                 self.kv_cache[slot].copy_(fresh)
             return fresh
+        if self.in_place and fresh.device.type == "cpu" and not torch.compiler.is_compiling():
+            # The same rows written as whole-row copies: several times faster than scatter_ on a CPU.
+            rows = torch.arange(fresh.shape[0], device=fresh.device).unsqueeze(1)
+            return self.kv_cache[slot].index_put_((rows, self.indices), fresh)
         if self._index is None:
             self._index = self.indices.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])
         if self.in_place:
@@ -298,17 +302,22 @@ def joint_attention(
     num_heads: int,
     recorder: AttentionRecorder | None = None,
     num_image_keys: int = 0,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`attention` over the concatenations of (B, L_i, H*d) parts, concatenated per head as diffusers does.
 
     Concatenating in the head layout gives SDPA contiguous (B, H, L, d) inputs (each head's keys in
     one block, faster for the CPU kernel than (B, L, H, d)-strided ones) for the same copy; the
-    values are the same. With a `recorder`, the parts are concatenated as (B, L, H*d) for it.
+    values are the same. `out`: (B, H, L, d) buffers to concatenate Q, K and V into instead of new
+    tensors. With a `recorder`, the parts are concatenated as (B, L, H*d) for it.
     """
     if recorder is not None and num_image_keys:
         return attention(torch.cat(queries, 1), torch.cat(keys, 1), torch.cat(values, 1), num_heads, None, recorder, num_image_keys)
-    query, key, value = (torch.cat([heads(part, num_heads) for part in parts], 2) for parts in (queries, keys, values))
-    return merge_heads(F.scaled_dot_product_attention(query, key, value))
+    joined = []
+    for index, parts in enumerate((queries, keys, values)):
+        parts = [heads(part, num_heads) for part in parts]
+        joined.append(torch.cat(parts, 2) if out is None else torch.cat(parts, 2, out=out[index]))
+    return merge_heads(F.scaled_dot_product_attention(*joined))
 
 
 class AttentionRecorder:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import threading
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ class SD3Adapter(Adapter):
             self._slot_of_block.append(slot)
             slot += 4 if block.use_dual_attention else 2
         self._num_slots = slot
+        self._scratch = Scratch()
 
     def check_layout(self, transformer: nn.Module) -> None:
         if transformer.pos_embed.layer_norm:
@@ -69,24 +72,38 @@ class SD3Adapter(Adapter):
         """Diffusers' SD3 forward, op for op, with fewer fresh tensors.
 
         On a CPU a step's time beyond its matmuls and attention is mostly fresh (B, N, D) tensors
-        (each new allocation is paged in on first touch), so where diffusers makes a new tensor for
-        an elementwise result that only feeds the next op, this updates the tensor in place (the same
-        rounded operations in the same order): the adaLN modulations, the gated residual adds, the
-        GELU. The output projections read their rows of the joint attention output where they lie
-        (`_linear`: no copy of the split halves). A full eager step computes the image K and V
-        straight into the cache (`KVStore.linear`). `tokens` (fresh from the base class) is updated
-        in place.
+        (each new allocation of this size is mapped from the OS and paged in on first touch), so:
+        where diffusers makes a new tensor for an elementwise result that only feeds the next op,
+        this updates the tensor in place (the same rounded operations in the same order: the adaLN
+        modulations, the gated residual adds, the GELU); the output projections read their rows of
+        the joint attention output where they lie (`_linear`, no copy of the split halves); a full
+        eager step computes the image K and V straight into the cache (`KVStore.linear`); and an eager
+        CPU step (in place, no autograd, not compiled) puts its largest temporaries - the
+        concatenated Q/K/V, the feed-forward hidden layer, the linear outputs - in buffers kept
+        across blocks and steps (`Scratch`). Same kernels either way, so the same values as the
+        functional (export) forward. `tokens` (fresh from the base class) is updated in place.
         """
         model = self.transformer
+        eager_cpu = (
+            store.in_place and tokens.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        )
+        scratch = self._scratch if eager_cpu else None
         tokens = tokens.contiguous()  # the patch embedding is (B, D, N)-strided, as in diffusers
         temb = model.time_text_embed(timestep, context["pooled_projections"])
         text = model.context_embedder(context["encoder_hidden_states"])
         for index, block in enumerate(model.transformer_blocks):
-            text, tokens = self._block(block, self._slot_of_block[index], tokens, text, temb, store)
+            text, tokens = self._block(block, self._slot_of_block[index], tokens, text, temb, store, scratch)
         return model.proj_out(_ada_norm_continuous(model.norm_out, tokens, temb))
 
     def _block(
-        self, block: nn.Module, slot: int, x: torch.Tensor, text: torch.Tensor, temb: torch.Tensor, store: KVStore
+        self,
+        block: nn.Module,
+        slot: int,
+        x: torch.Tensor,
+        text: torch.Tensor,
+        temb: torch.Tensor,
+        store: KVStore,
+        scratch: Scratch | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One JointTransformerBlock on the given image tokens (all N, or the k selected)."""
         if block.use_dual_attention:
@@ -103,11 +120,17 @@ class SD3Adapter(Adapter):
         del nx
         t_query, t_key, t_value = project_qkv(attn, ntext, added=True)
         num_image = query.shape[1]
+        joined = None
+        if scratch is not None:
+            joined = tuple(
+                scratch.take(name, (image.shape[0], attn.heads, image.shape[1] + text_part.shape[1], image.shape[2] // attn.heads), image)
+                for name, image, text_part in (("query", query, t_query), ("key", key, t_key), ("value", value, t_value))
+            )
         joint = joint_attention(
-            [query, t_query], [key, t_key], [value, t_value], attn.heads, self.recorder, num_image_keys=key.shape[1]
+            [query, t_query], [key, t_key], [value, t_value], attn.heads, self.recorder, num_image_keys=key.shape[1], out=joined
         )
-        del query, key, value, t_query, t_key, t_value
-        x = gated_add_(x, gate_msa, attn.to_out[1](_linear(attn.to_out[0], joint[:, :num_image])))
+        del query, key, value, t_query, t_key, t_value, joined
+        x = gated_add_(x, gate_msa, attn.to_out[1](_linear(attn.to_out[0], joint[:, :num_image], scratch)))
 
         if block.use_dual_attention:
             attn2 = block.attn2
@@ -115,17 +138,40 @@ class SD3Adapter(Adapter):
             del nx2
             out2 = attention(query2, key2, value2, attn2.heads, recorder=self.recorder, num_image_keys=key2.shape[1])
             del query2, key2, value2
-            x = gated_add_(x, gate_msa2, attn2.to_out[1](attn2.to_out[0](out2)))
+            x = gated_add_(x, gate_msa2, attn2.to_out[1](_linear(attn2.to_out[0], out2, scratch)))
             del out2
 
-        x = gated_add_(x, gate_mlp, _feed_forward(block.ff, modulate_(block.norm2(x), scale_mlp, shift_mlp)))
+        x = gated_add_(x, gate_mlp, _feed_forward(block.ff, modulate_(block.norm2(x), scale_mlp, shift_mlp), scratch))
 
         if block.context_pre_only:
             return None, x
-        text = gated_add_(text, c_gate_msa, _linear(attn.to_add_out, joint[:, num_image:]))
+        text = gated_add_(text, c_gate_msa, _linear(attn.to_add_out, joint[:, num_image:], scratch))
         ntext = modulate_(block.norm2_context(text), c_scale_mlp, c_shift_mlp)
-        text = gated_add_(text, c_gate_mlp, _feed_forward(block.ff_context, ntext))
+        text = gated_add_(text, c_gate_mlp, _feed_forward(block.ff_context, ntext, scratch))
         return text, x
+
+
+class Scratch:
+    """Buffers for the largest temporaries of eager CPU steps, kept across blocks and steps (one set per thread).
+
+    A fresh CPU tensor of a step's size (tens to hundreds of MB) is mapped from the OS on allocation
+    and paged in on first touch, which costs about as much as the elementwise work on it; the
+    buffers here are paged in once. Each name holds one flat buffer grown to the largest size asked
+    (full and pruned steps, the image and the text stream share it): a use of a name must end before
+    the next use of that name begins, and no buffer is returned to the caller of a forward.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A (contiguous) tensor of `shape` with `like`'s dtype and device; its contents are garbage."""
+        buffers: dict[str, torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
+        numel = math.prod(shape)
+        buffer = buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(shape)
 
 
 def _ada_norm_zero(norm: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -150,24 +196,31 @@ def _ada_norm_continuous(norm: nn.Module, x: torch.Tensor, temb: torch.Tensor) -
     return modulate_(norm.norm(x), scale, shift)
 
 
-def _feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _feed_forward(ff: nn.Module, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
     """A diffusers FeedForward on `x`; with a GELU first layer the activation runs in place on its projection."""
     first, *rest = ff.net
     if type(first) is not GELU:
         return ff(x)
-    hidden = torch.ops.aten.gelu_(first.proj(x), approximate=first.approximate)
+    hidden = torch.ops.aten.gelu_(_linear(first.proj, x, scratch, "hidden"), approximate=first.approximate)
     for module in rest:
-        hidden = module(hidden)
+        hidden = _linear(module, hidden, scratch) if type(module) is nn.Linear else module(hidden)
     return hidden
 
 
-def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` for a (B, L, D) row slice of a larger tensor, read in place.
+def _linear(layer: nn.Module, x: torch.Tensor, scratch: Scratch | None = None, name: str = "linear") -> torch.Tensor:
+    """`layer(x)` for an `nn.Linear`, into the scratch buffer `name` when there is one.
 
-    `F.linear` first copies a 3-D input whose batches are not adjacent in memory (the image or text
-    rows of the joint attention output); a batched matmul with the weight broadcast over the batch
-    reads the slice through its strides instead.
+    A 3-D `x` whose batches are not adjacent in memory (the image or text rows of the joint
+    attention output) is read in place by a batched matmul with the weight broadcast over the batch,
+    where `F.linear` would first copy it. A contiguous `x` goes through the same addmm as `F.linear`.
     """
-    if type(layer) is not nn.Linear or layer.bias is None or x.dim() != 3 or x.is_contiguous() or x.stride(-1) != 1:
+    if type(layer) is not nn.Linear or layer.bias is None or x.dim() != 3 or x.stride(-1) != 1:
         return layer(x)
-    return torch.baddbmm(layer.bias, x, layer.weight.t().expand(x.shape[0], -1, -1))
+    shape = (*x.shape[:-1], layer.out_features)
+    out = scratch.take(name, shape, x) if scratch is not None else None
+    if not x.is_contiguous():
+        return torch.baddbmm(layer.bias, x, layer.weight.t().expand(x.shape[0], -1, -1), out=out)
+    if out is None:
+        return layer(x)
+    torch.addmm(layer.bias, x.view(-1, x.shape[-1]), layer.weight.t(), out=out.view(-1, shape[-1]))
+    return out
