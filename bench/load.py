@@ -1,9 +1,12 @@
 """Closed-loop load against a running `catrt serve`: N clients, each sending its next request as soon
 as the last one is answered, for S seconds. Reports throughput, latency percentiles of successful
-requests, and the answers by status; writes the report to `--out` (default: a new file
-bench/results/tmp/load-<device>-<time>.md; `--out bench/results/load-cpu.md` regenerates the committed one).
+requests, the alpha the server chose and the replicas that answered (when it says), and the answers by
+status; writes the report to `--out` (default: a new file bench/results/tmp/load-<device>-<time>.md;
+`--out bench/results/load-cpu.md` regenerates the committed one). `--ramp 1 2 4 8` raises the number of
+clients level by level, S seconds each, one row per level.
 
     python bench/load.py http://127.0.0.1:8000 --clients 4 --seconds 20 --device cpu
+    python bench/load.py http://127.0.0.1:8000 --ramp 1 2 4 8 --seconds 20 --device cpu
     python bench/load.py http://127.0.0.1:8000 --clients 4 --seconds 20 --device cpu --out bench/results/load-cpu.md
 
 Needs the bench extra (httpx): pip install -e ".[bench]".
@@ -18,8 +21,11 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/benchkit.py, also when loaded by path
+import benchkit  # noqa: E402
 
 try:  # the bench extra; main() names it in one line instead of a traceback
     import httpx
@@ -27,8 +33,6 @@ except ImportError as error:
     MISSING: str | None = (error.name or "").split(".")[0] or str(error)
 else:
     MISSING = None
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 PROMPTS = ("a red sun in a blue sky", "a green tree", "a cat on a chair", "a small boat on the sea")
 
@@ -42,6 +46,21 @@ class LoadResult:
     statuses: Counter[str] = field(default_factory=Counter)
     images: int = 0
     queue_waits: list[float] = field(default_factory=list)
+    alphas: list[float] = field(default_factory=list)
+    replicas: Counter[str] = field(default_factory=Counter)
+
+    def row(self, clients: int) -> dict[str, float]:
+        """One load level as numbers: what `report` tabulates and `bench/adaptive.py` plots."""
+        ok = self.statuses.get("200", 0)
+        return {
+            "clients": clients, "seconds": self.seconds, "ok": ok, "images": self.images,
+            "throughput": ok / self.seconds, "images_per_s": self.images / self.seconds,
+            "p50": percentile(self.latencies, 0.5), "p95": percentile(self.latencies, 0.95),
+            "p99": percentile(self.latencies, 0.99),
+            "queue_wait": statistics.fmean(self.queue_waits) if self.queue_waits else float("nan"),
+            "alpha": statistics.fmean(self.alphas) if self.alphas else float("nan"),
+            "replicas": len(self.replicas),
+        }
 
 
 async def _client(url: str, index: int, stop_at: float, body: dict, result: LoadResult) -> None:
@@ -62,7 +81,12 @@ async def _client(url: str, index: int, stop_at: float, body: dict, result: Load
                 result.latencies.append(time.perf_counter() - started)
                 answer = response.json()
                 result.images += len(answer["data"])
-                result.queue_waits.append(answer["catrt"]["timings"]["queue_wait"])
+                served = answer["catrt"]
+                result.queue_waits.append(served["timings"]["queue_wait"])
+                if "alpha" in served:
+                    result.alphas.append(float(served["alpha"]))
+                if "replica" in served:
+                    result.replicas[str(served["replica"])] += 1
             elif response.status_code == 429:
                 await asyncio.sleep(float(response.headers.get("retry-after", "1")))
 
@@ -73,6 +97,11 @@ async def run_load(url: str, clients: int, seconds: float, body: dict) -> LoadRe
     await asyncio.gather(*(_client(url, index, started + seconds, body, result) for index in range(clients)))
     result.seconds = time.perf_counter() - started
     return result
+
+
+async def run_ramp(url: str, levels: list[int], seconds: float, body: dict) -> list[tuple[int, LoadResult]]:
+    """`run_load` at each number of clients in turn (the server stays up: later levels see it warm)."""
+    return [(clients, await run_load(url, clients, seconds, body)) for clients in levels]
 
 
 def server_averages(url: str) -> dict[str, float]:
@@ -94,24 +123,39 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def report(args: argparse.Namespace, result: LoadResult, averages: dict[str, float]) -> str:
-    ok = result.statuses.get("200", 0)
+def table(levels: list[tuple[int, LoadResult]]) -> list[str]:
+    """The markdown table of load levels; alpha and replica columns only when the server reported them."""
+    rows = [result.row(clients) for clients, result in levels]
+    alpha = any(result.alphas for _, result in levels)
+    replicas = any(result.replicas for _, result in levels)
+    head = ("| clients | seconds | requests OK | images | throughput (req/s) | images/s | p50 (s) | p95 (s) | p99 (s) "
+            "| mean queue wait (s) |" + (" mean alpha |" if alpha else "") + (" replicas answering |" if replicas else ""))
+    lines = [head, "|---" * head.count(" |") + "|"]
+    for row in rows:
+        lines.append(
+            f"| {row['clients']} | {row['seconds']:.1f} | {row['ok']} | {row['images']} | {row['throughput']:.2f} | "
+            f"{row['images_per_s']:.2f} | {row['p50']:.3f} | {row['p95']:.3f} | {row['p99']:.3f} | {row['queue_wait']:.3f} |"
+            + (f" {row['alpha']:.3f} |" if alpha else "") + (f" {row['replicas']} |" if replicas else "")
+        )
+    return lines
+
+
+def report(args: argparse.Namespace, levels: list[tuple[int, LoadResult]], averages: dict[str, float]) -> str:
+    statuses: Counter[str] = Counter()
+    for _, result in levels:
+        statuses.update(result.statuses)
+    load = f"--ramp {' '.join(map(str, args.ramp))}" if args.ramp else f"--clients {args.clients}"
     lines = [
         f"# Load test: {args.device}",
         "",
-        f"`python bench/load.py {args.url} --clients {args.clients} --seconds {args.seconds:g} --device {args.device}`"
+        f"`python bench/load.py {args.url} {load} --seconds {args.seconds:g} --device {args.device}`"
         f" on {platform.machine()} / Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}.",
         "",
         f"Server: {args.server or 'not described'}",
         "",
-        "| clients | seconds | requests OK | images | throughput (req/s) | images/s | p50 (s) | p95 (s) | p99 (s) | mean queue wait (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {args.clients} | {result.seconds:.1f} | {ok} | {result.images} | {ok / result.seconds:.2f} | "
-        f"{result.images / result.seconds:.2f} | {percentile(result.latencies, 0.5):.3f} | "
-        f"{percentile(result.latencies, 0.95):.3f} | {percentile(result.latencies, 0.99):.3f} | "
-        f"{statistics.fmean(result.queue_waits) if result.queue_waits else float('nan'):.3f} |",
+        *table(levels),
         "",
-        "Answers by status: " + ", ".join(f"{status}: {count}" for status, count in sorted(result.statuses.items())),
+        "Answers by status: " + ", ".join(f"{status}: {count}" for status, count in sorted(statuses.items())),
         "",
         "Server side (/metrics, warm-up included): "
         + ", ".join(f"{name} {value:.2f}" for name, value in averages.items()),
@@ -123,28 +167,18 @@ def report(args: argparse.Namespace, result: LoadResult, averages: dict[str, flo
 
 
 def default_out(device: str) -> Path:
-    """A file that does not exist yet, under bench/results/tmp/ (git ignores it): never a committed result."""
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "device"
-    stem = f"load-{slug}-" + time.strftime("%Y%m%d-%H%M%S")
-    path, number = RESULTS / "tmp" / f"{stem}.md", 2
-    while path.exists():
-        path, number = RESULTS / "tmp" / f"{stem}-{number}.md", number + 1
-    return path
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (whose meaning the help text says)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
+    """A new file bench/results/tmp/load-<device>-<time>.md: never a committed result."""
+    return benchkit.default_out("load", device)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench/load.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=benchkit.HelpFormatter)
     parser.add_argument("url", help="server root, e.g. http://127.0.0.1:8000")
     parser.add_argument("--clients", type=int, default=4, help="concurrent closed-loop clients")
-    parser.add_argument("--seconds", type=float, default=20.0, help="how long to send requests")
+    parser.add_argument("--ramp", type=int, nargs="+", default=None, metavar="CLIENTS",
+                        help="instead of --clients: these numbers of clients in turn, --seconds each")
+    parser.add_argument("--seconds", type=float, default=20.0, help="how long to send requests (per level with --ramp)")
     parser.add_argument("--n", type=int, default=1, help="images per request")
     parser.add_argument("--device", default="cpu", help="what the server runs on: the report's title and default name")
     parser.add_argument("--server", default="", help="how the server was started, copied into the report")
@@ -156,8 +190,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: missing optional dependency {MISSING!r}; "
                        'install the bench extra: pip install -e ".[bench]"\n')
     url = args.url.rstrip("/")
-    result = asyncio.run(run_load(url, args.clients, args.seconds, {"n": args.n}))
-    text = report(args, result, server_averages(url))
+    if any(clients < 1 for clients in args.ramp or [args.clients]):
+        parser.error("--clients and --ramp take numbers of clients >= 1")
+    levels = asyncio.run(run_ramp(url, args.ramp or [args.clients], args.seconds, {"n": args.n}))
+    text = report(args, levels, server_averages(url))
     out = args.out or default_out(args.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -74,7 +74,8 @@ class _FakeServer(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers["content-length"]))
         self._answer(200, "application/json",
-                     json.dumps({"data": [{"b64_json": ""}], "catrt": {"timings": {"queue_wait": 0.001}}}))
+                     json.dumps({"data": [{"b64_json": ""}], "catrt": {"timings": {"queue_wait": 0.001},
+                                                                        **self.server.extra}}))
 
     def do_GET(self) -> None:  # noqa: N802
         metrics = ("catrt_batch_rows_sum 6\ncatrt_batch_rows_count 3\n"
@@ -93,24 +94,52 @@ class _FakeServer(BaseHTTPRequestHandler):
         pass
 
 
-def test_load_script_writes_its_report_to_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _run_load_script(arguments: list[str], extra: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/load.py's main() against a `_FakeServer` whose answers' catrt object also carries `extra`."""
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    before = committed_results()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeServer)
+    server.extra = extra  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        out = tmp_path / "nested" / "load.md"
-        load_script("load").main([f"http://127.0.0.1:{server.server_port}/", "--clients", "2", "--seconds", "0.3",
-                                  "--device", "test", "--out", str(out)])
+        load_script("load").main([f"http://127.0.0.1:{server.server_port}/", *arguments])
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_load_script_writes_its_report_to_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = committed_results()
+    out = tmp_path / "nested" / "load.md"
+    _run_load_script(["--clients", "2", "--seconds", "0.3", "--device", "test", "--out", str(out)], {}, monkeypatch)
     text = out.read_text()
     assert text.startswith("# Load test: test") and "Answers by status: 200:" in text
     assert "images per model call 2.00" in text
+    assert "mean alpha" not in text and "replicas answering" not in text  # the server did not report them
     assert committed_results() == before
+
+
+def test_load_ramp_has_a_row_per_level_with_the_reported_alpha_and_replicas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "ramp.md"
+    _run_load_script(["--ramp", "1", "3", "--seconds", "0.3", "--device", "test", "--out", str(out)],
+                     {"alpha": 0.2, "replica": "r7"}, monkeypatch)
+    text = out.read_text()
+    assert "--ramp 1 3" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
+    assert [row[0] for row in rows] == ["| 1", "| 3"]
+    for row in rows:
+        assert int(row[2]) > 0  # requests answered at this level
+        assert row[-2] == "0.200" and row[-1] == "1 |"  # mean alpha, one replica answering
+
+
+def test_load_refuses_zero_clients_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("load").main(["http://127.0.0.1:9", "--ramp", "2", "0"])
+    assert exit_info.value.code == 2
+    assert "--clients and --ramp take numbers of clients >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("script", "blocked", "package"), [
