@@ -97,7 +97,9 @@ def request_batch(arguments: dict[str, Any]) -> int:
     return prompts * (arguments.get("num_images_per_prompt") or 1)
 
 
-def load(engine_dir: str | os.PathLike, config: CATConfig | None = None, key: bytes | None = None) -> EnginePipeline:
+def load(
+    engine_dir: str | os.PathLike, config: CATConfig | None = None, key: bytes | None = None, pipe: Any = None
+) -> EnginePipeline:
     """Load a bundle written by `build_engines` as a callable pipeline.
 
     Args:
@@ -107,6 +109,9 @@ def load(engine_dir: str | os.PathLike, config: CATConfig | None = None, key: by
         key: the bundle key its build was signed with (`catrt build --sign-key-file`); None = the
             `CATRT_BUNDLE_KEY` environment variable if set. With a key an unsigned or otherwise
             signed bundle is refused; without one a signed bundle loads as any other.
+        pipe: a pipeline of the build's model already loaded (on the backend's device, in the build's
+            dtype, with transformer weights where the backend runs them), to run on instead of loading
+            another: builds of one model served together share its text encoders, VAE and transformer.
 
     Example:
         >>> fast = catrt.load("engines/tiny-sd3-96x64-b1-s12-t4-a0.30-fp32-onnxruntime")
@@ -117,7 +122,10 @@ def load(engine_dir: str | os.PathLike, config: CATConfig | None = None, key: by
     build = BuildConfig.from_dict(manifest.build)
     engine_class = ENGINES[build.backend]
     device = engine_class.default_device()
-    pipe = load_pipeline(build.model, device=device, dtype=build.dtype, transformer_weights=engine_class.needs_transformer)
+    if pipe is None:
+        pipe = load_pipeline(build.model, device=device, dtype=build.dtype, transformer_weights=engine_class.needs_transformer)
+    else:
+        _check_shared_pipeline(build, pipe, device, engine_class.needs_transformer)
     _check_transformer(build, manifest, pipe.transformer)
     adapter = make_adapter(pipe.transformer)
     graphs = {graph: GraphSpec.from_dict(spec) for graph, spec in manifest.graphs.items()}
@@ -125,6 +133,22 @@ def load(engine_dir: str | os.PathLike, config: CATConfig | None = None, key: by
     engine.load()
     logger.info("loaded %s engine from %s", build.backend, folder)
     return EnginePipeline(accelerate(pipe, _run_config(build, config), functions=engine), build, manifest, engine)
+
+
+def _check_shared_pipeline(build: BuildConfig, pipe: Any, device: Any, needs_transformer: bool) -> None:
+    """A pipeline given to `load` runs this build only if its dtype, device and transformer weights fit."""
+    transformer = pipe.transformer
+    found = {"dtype": transformer.dtype, "device": pipe.text_encoder.device.type}
+    expected = {"dtype": build.dtype, "device": device.type}
+    if needs_transformer and transformer.device.type == "meta":
+        found["transformer weights"], expected["transformer weights"] = "none", "loaded"
+    for name, value in expected.items():
+        if found[name] != value:
+            raise ConfigError(
+                f"the pipeline given to load has {name} {found[name]}, the {build.backend} build needs {value}; "
+                "load one that fits or let catrt.load load its own",
+                field="pipe", value=str(found[name]),
+            )
 
 
 def _check_transformer(build: BuildConfig, manifest: Manifest, transformer: Any) -> None:

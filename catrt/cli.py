@@ -501,12 +501,13 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve one build (or an eager model); every refusal before the model loads is one line."""
+    """Serve builds (or an eager model); every refusal before the model loads is one line."""
     from catrt.serve import ServeConfig, run_server
     from catrt.serve.auth import load_api_key
 
     if args.engines is not None:
         _refuse_serve_flags_fixed_by_build(args)
+    fleet = _fleet_config(args)
     defaults = ServeConfig(model=DEFAULT_MODEL)
     config = ServeConfig(
         engines=args.engines, model=args.model, height=args.height, width=args.width,
@@ -519,7 +520,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=load_api_key(args.api_key_file), metrics_auth=args.metrics_auth,
         bundle_key_file=args.bundle_key_file,
     )
-    return run_server(config)
+    if fleet is None:
+        return run_server(config)
+    return _run_fleet(config, fleet)
+
+
+def _fleet_config(args: argparse.Namespace) -> Any:
+    """`--ray`'s FleetConfig (None without --ray); the fleet flags without --ray are refused."""
+    from catrt.serve.config import FleetConfig
+
+    given = [name for name in ("replicas", "min_replicas", "max_replicas", "ray_address") if getattr(args, name) is not None]
+    if not args.ray:
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ConfigError(f"{flag} is a Ray Serve setting: add --ray, or drop {flag}", field=given[0])
+        return None
+    replicas = args.replicas if args.replicas is not None or args.min_replicas is not None else 1
+    return FleetConfig(replicas=replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                       address=args.ray_address)
+
+
+def _run_fleet(config: Any, fleet: Any) -> int:
+    """`catrt serve --ray`; Ray is imported here only, and its absence is a one-line refusal."""
+    import importlib.util
+
+    from catrt.serve.server import bundle_key, check_builds_of
+
+    missing = 'Ray Serve is not installed: pip install "catrt[ray]" (or serve on one device without --ray)'
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(f"--ray needs {missing}", field="ray")
+    if config.port == 0:
+        raise ConfigError("--port 0 is not served with --ray: Ray Serve's HTTP proxy needs a fixed port", field="port")
+    check_builds_of(config)
+    key = bundle_key(config.bundle_key_file) if config.engines is not None else None
+    try:
+        from catrt.serve.ray_app import run_fleet
+    except ImportError as error:
+        raise ConfigError(f"--ray needs {missing} (importing it failed: {error})", field="ray") from None
+    return run_fleet(config, fleet, key)
 
 
 def _refuse_serve_flags_fixed_by_build(args: argparse.Namespace) -> None:
@@ -542,7 +580,9 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     defaults = ServeConfig(model=DEFAULT_MODEL)
     serve = commands.add_parser("serve", help="serve a build over HTTP (OpenAI images API, health, metrics)")
     source = serve.add_mutually_exclusive_group(required=True)
-    source.add_argument("--engines", default=None, help="an engines/<build-name> folder made by `catrt build`")
+    source.add_argument("--engines", nargs="+", default=None, metavar="DIR",
+                        help="engines/<build-name> folders made by `catrt build`: one model, one build per size; "
+                             "a request's size picks its build, the first serves size \"auto\"")
     source.add_argument("--model", default=None, help="instead of --engines: a model run eagerly with the CAT flags")
     serve.add_argument("--host", default=defaults.host, help=f"address to listen on (default: {defaults.host})")
     serve.add_argument("--port", type=int, default=defaults.port,
@@ -577,6 +617,15 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     eager.add_argument("--precision", choices=SERVE_PRECISIONS, default=None,
                        help="weights and activations (default: fp32 on the CPU; on CUDA the model's usual one); "
                             "fp16 needs CUDA")
+    fleet = serve.add_argument_group("fleet (Ray Serve; needs the ray extra: pip install \"catrt[ray]\")")
+    fleet.add_argument("--ray", action="store_true",
+                       help="serve as a Ray Serve application: an HTTP ingress and model replicas, one device each")
+    fleet.add_argument("--replicas", type=_positive_int, default=None, help="model replicas (default: 1)")
+    fleet.add_argument("--min-replicas", type=_positive_int, default=None,
+                       help="autoscale on ongoing requests from this many replicas (with --max-replicas)")
+    fleet.add_argument("--max-replicas", type=_positive_int, default=None, help="... up to this many")
+    fleet.add_argument("--ray-address", default=None,
+                       help="join this Ray cluster (e.g. auto, ray://head:10001) (default: start a local one)")
     _add_cat_flags(serve)
     serve.set_defaults(handler=cmd_serve)
 

@@ -44,6 +44,7 @@ from catrt.build import build_engines
 from catrt.build_config import BuildConfig
 
 TEXT_LENGTH = 16
+IMAGES_64 = 'catrt_images_generated_total{size="64x64"}'
 READ_TIMEOUT = 1.0
 # The fault server: generation raises on the prompt "boom" and sleeps N seconds on "sleep N".
 FAULTY_LAUNCHER = """
@@ -262,10 +263,10 @@ def test_metrics_expose_the_documented_series(server: RemoteServer) -> None:
         'catrt_requests_total{route="/v1/images/generations",status="413"}',
         'catrt_request_latency_seconds_bucket{le="0.01",route="/v1/images/generations"}',
         "catrt_queue_depth 0.0",
-        "catrt_images_generated_total",
-        'catrt_step_seconds_count{kind="full"}',
-        'catrt_step_seconds_count{kind="pruned"}',
-        "catrt_batch_rows_bucket",
+        IMAGES_64,
+        'catrt_step_seconds_count{kind="full",size="64x64"}',
+        'catrt_step_seconds_count{kind="pruned",size="64x64"}',
+        'catrt_batch_rows_bucket{le="1.0",size="64x64"}',
     ):
         assert name in text, name
     assert ("catrt_gpu_memory_used_bytes" in text) == torch.cuda.is_available()
@@ -320,16 +321,16 @@ def test_a_failing_generation_answers_500_to_that_request_alone(faulty: RemoteSe
 
 def test_a_request_past_the_timeout_answers_504_and_its_work_is_dropped(faulty: RemoteServer) -> None:
     """The queued request is dropped before its batch, the running one before its next step: no images."""
-    images = metric(faulty.url, "catrt_images_generated_total")
+    images = metric(faulty.url, IMAGES_64)
     slow, queued = asyncio.run(generate_all(faulty.url, [{"prompt": "sleep 2.5"}, {"guidance_scale": 2.0}], 0.1))
     assert assert_error(slow, 504, None)["type"] == "timeout_error"
     assert_error(queued, 504, None)
     assert generate(faulty.url).status_code == 200  # runs after the slow call was abandoned
-    assert metric(faulty.url, "catrt_images_generated_total") == images + 1
+    assert metric(faulty.url, IMAGES_64) == images + 1
 
 
 def test_a_client_that_leaves_does_not_leave_its_work_queued(faulty: RemoteServer) -> None:
-    images = metric(faulty.url, "catrt_images_generated_total")
+    images = metric(faulty.url, IMAGES_64)
 
     async def leave_early() -> httpx.Response:
         async with httpx.AsyncClient(timeout=60) as client:
@@ -341,7 +342,7 @@ def test_a_client_that_leaves_does_not_leave_its_work_queued(faulty: RemoteServe
 
     assert asyncio.run(leave_early()).status_code == 200
     assert metric(faulty.url, 'catrt_requests_cancelled_total{reason="disconnect"}') == 1
-    assert metric(faulty.url, "catrt_images_generated_total") == images + 1
+    assert metric(faulty.url, IMAGES_64) == images + 1
 
 
 HALF_REQUESTS = [

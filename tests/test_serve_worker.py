@@ -18,6 +18,7 @@ import pytest
 from catrt.errors import RequestTimeoutError
 from catrt.serve.metrics import ServerMetrics
 from catrt.serve.model import BatchOptions, Generation, Row
+from catrt.serve.routing import Router
 from catrt.serve.timing import Abandoned
 from catrt.serve.worker import Job, Worker
 
@@ -28,6 +29,7 @@ STEPS = 20
 class _Spec:
     batch: int = 2
     default_guidance: float = 4.0
+    size: str = "8x8"
 
 
 @dataclass
@@ -66,7 +68,7 @@ def model() -> Iterator[StandIn]:
 @pytest.fixture()
 def worker(model: StandIn) -> Iterator[Worker]:
     exited = threading.Event()
-    worker = Worker(lambda: model, max_queue=8, metrics=ServerMetrics(), on_exit=lambda state: exited.set())
+    worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(), on_exit=lambda state: exited.set())
     worker.start()
     deadline = time.monotonic() + 10
     while worker.state != "ready":

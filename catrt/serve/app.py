@@ -24,9 +24,10 @@ from catrt.serve.config import ServeConfig
 from catrt.serve.errors import REQUEST_ID_KEY, install_error_handlers
 from catrt.serve.gate import RequestGate
 from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
+from catrt.serve.model import ServedSpec
 from catrt.serve.openapi import describe_served
+from catrt.serve.routing import RoutedRules
 from catrt.serve.schemas import CatrtInfo, ErrorResponse, ImageData, ImageGenerationRequest, ImageGenerationResponse, Timings
-from catrt.serve.validation import RequestRules
 from catrt.serve.worker import Job, JobResult, Worker
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
-    """Routes over `worker`; every request is counted and timed into `metrics` by route and status."""
+def base_app(metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
+    """The app every serving mode starts from: error bodies, the request gate (id, key, body limit),
+    request metrics and `/health/live`."""
     app = FastAPI(title="catrt", summary="CAT Pruning text-to-image server (OpenAI images API)")
     install_error_handlers(app)
     app.add_middleware(
@@ -52,50 +54,77 @@ def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> Fa
         protect_metrics=config.metrics_auth,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, router=app.router)
-    admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catrt-admit")
-    current: dict[str, RequestRules] = {}
-
-    def rules() -> RequestRules | None:
-        """The loaded model's rules, made once it is loaded."""
-        served = worker.served
-        if served is None:
-            return None
-        if "rules" not in current:
-            current["rules"] = RequestRules(served, config.max_prompt_chars)
-        return current["rules"]
-
-    @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
-    async def generate_images(body: ImageGenerationRequest, request: Request) -> Any:
-        """Images for one prompt, batched with compatible queued requests."""
-        checks = rules()
-        if checks is None or worker.state != "ready":
-            raise ServiceUnavailableError(f"the server is {worker.state}; retry later")
-        rows, options = await asyncio.get_running_loop().run_in_executor(admission, checks.admit, body)
-        job = Job(rows, options, deadline=time.perf_counter() + config.timeout, request_id=request.scope[REQUEST_ID_KEY])
-        worker.submit(job)
-        result = await _wait_for(job, request, config.timeout, metrics)
-        if result is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return _response(result, checks, [row.seed for row in rows], job.arrived)
 
     @app.get("/health/live")
     async def live() -> dict[str, str]:
         """200 whenever the process answers."""
         return {"status": "live"}
 
+    return app
+
+
+class ImageService:
+    """An images request from checked body to response, over one worker: the single-process server's
+    route and each Ray Serve model replica run this same code."""
+
+    def __init__(self, worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> None:
+        self.worker = worker
+        self.metrics = metrics
+        self.config = config
+        self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catrt-admit")
+        self._rules: RoutedRules | None = None
+
+    def rules(self) -> RoutedRules | None:
+        """The loaded builds' rules, made once they are loaded."""
+        served = self.worker.served
+        if served is not None and self._rules is None:
+            self._rules = RoutedRules(served, self.config.max_prompt_chars)
+        return self._rules
+
+    async def generate(self, body: ImageGenerationRequest, request: Request) -> ImageGenerationResponse | None:
+        """The response, or None if the client left; raises a CatrtError (400, 429, 503, 504...) otherwise."""
+        worker, config = self.worker, self.config
+        checks = self.rules()
+        if checks is None or worker.state != "ready":
+            raise ServiceUnavailableError(f"the server is {worker.state}; retry later")
+        rows, options = await asyncio.get_running_loop().run_in_executor(self._admission, checks.admit, body)
+        job = Job(rows, options, deadline=time.perf_counter() + config.timeout, request_id=request.scope[REQUEST_ID_KEY])
+        worker.submit(job)
+        try:
+            result = await _wait_for(job, request, config.timeout, self.metrics)
+        except asyncio.CancelledError:  # the caller was cancelled (a Ray Serve request whose client left)
+            job.abandon()
+            raise
+        if result is None:
+            return None
+        return _response(result, checks.spec_for(options), [row.seed for row in rows], job.arrived)
+
+
+def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
+    """Routes over `worker`; every request is counted and timed into `metrics` by route and status."""
+    app = base_app(metrics, config)
+    service = ImageService(worker, metrics, config)
+
+    @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
+    async def generate_images(body: ImageGenerationRequest, request: Request) -> Any:
+        """Images for one prompt, batched with compatible queued requests."""
+        response = await service.generate(body, request)
+        return Response(status_code=CLIENT_CLOSED_REQUEST) if response is None else response
+
     @app.get("/health/ready", responses={503: {"description": "loading, draining or dead"}})
-    async def ready(response: Response) -> dict[str, str]:
-        """200 once the model is loaded and warmed up; 503 before, while shutting down, or if the worker died."""
+    async def ready(response: Response) -> dict[str, Any]:
+        """200 once every build is loaded and warmed up; 503 before, while shutting down, or if the worker died."""
         if worker.state != "ready":
             response.status_code = 503
-        return {"status": worker.state}
+        served = worker.served
+        return {"status": worker.state, "sizes": served.sizes if served is not None else []}
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics_text() -> Response:
         """Prometheus text format."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    describe_served(app, rules, api_key=config.api_key is not None, metrics_auth=config.metrics_auth)
+    describe_served(app, service.rules, api_key=config.api_key is not None, metrics_auth=config.metrics_auth)
     return app
 
 
@@ -123,8 +152,7 @@ async def _wait_for(job: Job, request: Request, timeout: float, metrics: ServerM
             return None
 
 
-def _response(result: JobResult, rules: RequestRules, seeds: list[int], arrived: float) -> ImageGenerationResponse:
-    spec = rules.spec
+def _response(result: JobResult, spec: ServedSpec, seeds: list[int], arrived: float) -> ImageGenerationResponse:
     timings = Timings(queue_wait=result.queue_wait, total=time.perf_counter() - arrived, **result.phases)
     return ImageGenerationResponse(
         created=int(time.time()),

@@ -21,7 +21,8 @@ class ServeConfig:
     """One server.
 
     Args:
-        engines: a built engine folder (`catrt build`); what it serves comes from its manifest.
+        engines: built engine folders (`catrt build`) of one model, one per served size (a single
+            folder may be given as a string); what each serves comes from its manifest.
         model: instead of `engines`, a model name or diffusers folder run eagerly with `cat`.
         height, width: the size the eager model serves; None = the model's default size.
         steps, batch: the step count and images per call of the eager model (a build fixes its own).
@@ -44,7 +45,7 @@ class ServeConfig:
         metrics_auth: `/metrics` needs the key too (otherwise it stays open, like `/health/*`).
     """
 
-    engines: str | None = None
+    engines: tuple[str, ...] | None = None
     model: str | None = None
     height: int | None = None
     width: int | None = None
@@ -66,6 +67,13 @@ class ServeConfig:
     bundle_key_file: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.engines, (str, list)):
+            object.__setattr__(self, "engines", (self.engines,) if isinstance(self.engines, str) else tuple(self.engines))
+        if self.engines is not None and not self.engines:
+            raise ConfigError("--engines needs at least one engine folder", field="engines", value=self.engines)
+        if self.engines is not None and len(set(self.engines)) != len(self.engines):
+            repeated = sorted({folder for folder in self.engines if self.engines.count(folder) > 1})
+            raise ConfigError(f"--engines names {', '.join(repeated)} more than once", field="engines", value=repeated)
         if (self.engines is None) == (self.model is None):
             raise ConfigError("give exactly one of --engines DIR or --model NAME", field="engines", value=self.engines)
         if self.model is not None:
@@ -130,3 +138,40 @@ def _check_positive(name: str, value: Any) -> None:
 def _check_seconds(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ConfigError(f"ServeConfig.{name} must be > 0 seconds, got {value!r}", field=name, value=value)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """`catrt serve --ray`: how many model replicas Ray Serve runs, and on which cluster.
+
+    Args:
+        replicas: a fixed number of model replicas; None when autoscaling.
+        min_replicas, max_replicas: Ray Serve autoscales between these on ongoing requests
+            (both or neither; not with `replicas`), at Ray Serve's default target of ongoing
+            requests per replica.
+        address: a Ray cluster to join ("auto", "ray://host:10001", ...); None starts a local one.
+    """
+
+    replicas: int | None = 1
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        autoscaled = (self.min_replicas, self.max_replicas)
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ConfigError("give both --min-replicas and --max-replicas to autoscale, or neither",
+                              field="min_replicas" if self.min_replicas is None else "max_replicas")
+        if self.min_replicas is not None and self.replicas is not None:
+            raise ConfigError("--replicas fixes the replica count; drop it to autoscale with --min-replicas/--max-replicas",
+                              field="replicas", value=self.replicas)
+        if self.min_replicas is None and self.replicas is None:
+            raise ConfigError("give --replicas N or --min-replicas/--max-replicas", field="replicas")
+        if self.replicas is not None:
+            _check_positive("replicas", self.replicas)
+        else:
+            _check_positive("min_replicas", self.min_replicas)
+            _check_positive("max_replicas", self.max_replicas)
+            if self.min_replicas > self.max_replicas:
+                raise ConfigError(f"--min-replicas {self.min_replicas} is over --max-replicas {self.max_replicas}",
+                                  field="min_replicas", value=autoscaled)

@@ -47,10 +47,15 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _catrt_error(request: Request, error: CatrtError) -> JSONResponse:
+def catrt_error_response(error: CatrtError) -> JSONResponse:
+    """The answer to a catrt error: its status, OpenAI's body naming its field, Retry-After on a 429."""
     kind = next(kind for cls, kind in ERROR_KINDS.items() if isinstance(error, cls))
     headers = {"Retry-After": str(error.retry_after)} if isinstance(error, QueueFullError) else None
     return error_response(kind.status, str(error), kind.type, error.field, headers)
+
+
+async def _catrt_error(request: Request, error: CatrtError) -> JSONResponse:
+    return catrt_error_response(error)
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

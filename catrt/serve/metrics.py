@@ -33,14 +33,14 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.queue = Gauge("catrt_queue_depth", "requests waiting for the worker", registry=self.registry)
-        self.images = Counter("catrt_images_generated", "images generated", registry=self.registry)
+        self.images = Counter("catrt_images_generated", "images generated, by size", ["size"], registry=self.registry)
         self.batch_rows = Histogram(
-            "catrt_batch_rows", "images per model call (before padding)", buckets=(1, 2, 4, 8, 16, 32),
-            registry=self.registry,
+            "catrt_batch_rows", "images per model call (before padding), by size", ["size"],
+            buckets=(1, 2, 4, 8, 16, 32), registry=self.registry,
         )
         self.step_seconds = Histogram(
-            "catrt_step_seconds", "transformer call time per denoising step, by kind (full, pruned)", ["kind"],
-            buckets=STEP_BUCKETS, registry=self.registry,
+            "catrt_step_seconds", "transformer call time per denoising step, by kind (full, pruned) and size",
+            ["kind", "size"], buckets=STEP_BUCKETS, registry=self.registry,
         )
         self.cancelled = Counter(
             "catrt_requests_cancelled", "requests dropped before answering, by reason (disconnect, timeout)",
@@ -54,8 +54,8 @@ class ServerMetrics:
         """Read the queue depth at scrape time."""
         self.queue.set_function(depth)
 
-    def observe_step(self, kind: str, seconds: float) -> None:
-        self.step_seconds.labels(kind=kind).observe(seconds)
+    def observe_step(self, kind: str, seconds: float, size: str) -> None:
+        self.step_seconds.labels(kind=kind, size=size).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

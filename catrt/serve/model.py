@@ -66,10 +66,11 @@ class Row:
 
 @dataclass(frozen=True)
 class BatchOptions:
-    """Settings shared by every row of a call. Size and steps are not here: a server serves one of each."""
+    """Settings shared by every row of a call; `size` picks the build ("WxH"; None = the server's first)."""
 
     guidance_scale: float
     negative_prompt: str | None
+    size: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,10 @@ class ServedModel:
             kwargs["negative_prompt"] = [options.negative_prompt] * len(padded)
         self.timer.reset(should_stop)
         started = time.perf_counter()
-        images = self.runner(**kwargs).images[: len(rows)]
+        try:
+            images = self.runner(**kwargs).images[: len(rows)]
+        finally:
+            self.timer.finish()
         encoded = [_png_base64(image) for image in images]
         return Generation(encoded, self._phases(started, time.perf_counter()))
 
@@ -156,8 +160,15 @@ def _png_base64(image: Any) -> str:
 
 
 def load_served_model(config: ServeConfig, bundle_key: bytes | None = None) -> ServedModel:
-    """The model `config` names, loaded on this thread (which then owns it); `bundle_key` as for `catrt.load`."""
-    served = _load_engines(config, bundle_key) if config.engines is not None else _load_eager(config)
+    """The eager model `config` names, loaded on this thread (which then owns it).
+
+    Builds (`config.engines`) are loaded by `catrt.serve.routing.load_builds`, which shares one
+    pipeline across builds of a model.
+    """
+    return _ready(_load_eager(config))
+
+
+def _ready(served: ServedModel) -> ServedModel:
     served.runner.set_progress_bar_config(disable=True)
     logger.info("serving %s", served.spec)
     return served
@@ -184,11 +195,14 @@ def _load_eager(config: ServeConfig) -> ServedModel:
     return ServedModel(accelerate(pipe, config.cat), spec, arguments, device, None, PromptReader(pipe, limit))
 
 
-def _load_engines(config: ServeConfig, bundle_key: bytes | None) -> ServedModel:
-    """A built bundle via `catrt.load`, which verifies it; its build config says what it serves."""
+def load_engines(folder: Path, bundle_key: bytes | None, pipe: Any = None) -> ServedModel:
+    """A built bundle via `catrt.load`, which verifies it; its build config says what it serves.
+
+    `pipe`: as for `catrt.load`, a loaded pipeline of the build's model to share.
+    """
     from catrt.bundle import load
 
-    runner = load(Path(config.engines), key=bundle_key)
+    runner = load(folder, key=bundle_key, pipe=pipe)
     build = runner.build
     pipe = runner.pipe
     limit = text_limit(pipe, pipeline_spec(pipe), build.max_sequence_length)
@@ -199,7 +213,7 @@ def _load_engines(config: ServeConfig, bundle_key: bytes | None) -> ServedModel:
         default_guidance=_default_guidance(build.model, pipe), reuse_every=build.reuse_every,
     )
     arguments = _call_arguments(pipe, spec, limit)
-    return ServedModel(runner, spec, arguments, runner.engine.device, build, PromptReader(pipe, limit))
+    return _ready(ServedModel(runner, spec, arguments, runner.engine.device, build, PromptReader(pipe, limit)))
 
 
 def _call_arguments(pipe: Any, spec: ServedSpec, limit: TextLimit) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The OpenAPI document states what this server serves, not just the request's types.
 
 FastAPI writes the types from the pydantic models; once the model is loaded, the served values (the
-one size as an enum, `n` up to the batch, the guidance range, prompt length, the formats) are
-written over them from the same `RequestRules` that check requests, so a schema-driven client's
+served sizes as an enum, `n` up to the batch, the guidance range, prompt length, the formats) are
+written over them from the same `RoutedRules` that check requests, so a schema-driven client's
 valid requests are served. Before the model is loaded the document has the types only and is not
 cached. With an API key, the protected paths carry an HTTP bearer security requirement.
 """
@@ -15,14 +15,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from catrt.serve.validation import RequestRules
+from catrt.serve.routing import RoutedRules
 
 REQUEST_SCHEMA = "ImageGenerationRequest"
 SECURITY_SCHEME = "bearer"
 
 
 def describe_served(
-    app: FastAPI, rules: Callable[[], RequestRules | None], *, api_key: bool, metrics_auth: bool
+    app: FastAPI, rules: Callable[[], RoutedRules | None], *, api_key: bool, metrics_auth: bool
 ) -> None:
     """Replace `app.openapi` with one that adds the served values and the key requirement."""
 

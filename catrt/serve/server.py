@@ -79,17 +79,15 @@ def run_server(config: ServeConfig) -> int:
     Raises a CatrtError, before anything is loaded, for a port in use, a device this machine lacks
     or a folder that is not a bundle; and one naming the cause if the model cannot be loaded.
     """
-    bundle_key = None
-    if config.engines is not None:
-        _check_bundle_folder(Path(config.engines))
-        bundle_key = _bundle_key(config.bundle_key_file)
+    check_builds_of(config)
+    key = bundle_key(config.bundle_key_file) if config.engines is not None else None
     sock = listening_socket(config.host, config.port)
     try:
         _check_device(config)
         # Imported after the cheap refusals: FastAPI, torch and diffusers take seconds to import.
         from catrt.serve.app import build_app
         from catrt.serve.metrics import ServerMetrics
-        from catrt.serve.model import load_served_model
+        from catrt.serve.routing import load_router
         from catrt.serve.worker import Worker
     except BaseException:
         sock.close()
@@ -97,7 +95,7 @@ def run_server(config: ServeConfig) -> int:
     metrics = ServerMetrics()
     # The worker reports its exit to the server made below; it only can once the server runs.
     worker = Worker(
-        lambda: load_served_model(config, bundle_key), config.max_queue, metrics, on_exit=lambda state: server.worker_exited(state)
+        lambda: load_router(config, key), config.max_queue, metrics, on_exit=lambda state: server.worker_exited(state)
     )
     metrics.watch_queue(lambda: worker.depth)
     app = build_app(worker, metrics, config)
@@ -155,17 +153,20 @@ def _check_device(config: ServeConfig) -> None:
         )
 
 
-def _check_bundle_folder(folder: Path) -> None:
-    """Is it a bundle at all (its manifest's shape): refused before the port is bound and "listening" is printed.
+def check_builds_of(config: ServeConfig) -> None:
+    """Is each build a bundle at all (its manifest's shape), all of one model, one per size: refused before
+    the port is bound and "listening" is printed.
 
-    `catrt.load` on the worker thread checks the rest (signature, files, digests, versions, device).
+    `catrt.load` where the model loads checks the rest (signature, files, digests, versions, device).
     """
-    from catrt.manifest import read_manifest
+    if config.engines is None:
+        return
+    from catrt.serve.builds import check_builds
 
-    read_manifest(folder)
+    check_builds(config.engines)
 
 
-def _bundle_key(path: str | None) -> bytes | None:
+def bundle_key(path: str | None) -> bytes | None:
     """The signing key in `--bundle-key-file`; None leaves `catrt.load` to read $CATRT_BUNDLE_KEY."""
     if path is None:
         return None

@@ -23,7 +23,9 @@ class StepTimer:
     """Wall time of each transformer call; on CUDA the device is synchronised before each reading.
 
     Its pre-call hook also asks `should_stop` (set per call by `reset`) before every step, which is
-    how a call whose requests were all answered already (timed out, client gone) is abandoned.
+    how a call whose requests were all answered already (timed out, client gone) is abandoned. It
+    records only between `reset` and `finish`: builds served together share one transformer, and
+    each build's timer must see its own calls only.
     """
 
     def __init__(self, transformer: nn.Module, device: torch.device) -> None:
@@ -33,6 +35,7 @@ class StepTimer:
         self.last_end: float | None = None
         self._started = 0.0
         self._should_stop: Callable[[], bool] | None = None
+        self._active = False
         transformer.register_forward_pre_hook(self._before)
         transformer.register_forward_hook(self._after)
 
@@ -40,6 +43,12 @@ class StepTimer:
         self.durations = []
         self.first_start = self.last_end = None
         self._should_stop = should_stop
+        self._active = True
+
+    def finish(self) -> None:
+        """Stop recording until the next `reset`."""
+        self._active = False
+        self._should_stop = None
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -47,6 +56,8 @@ class StepTimer:
         return time.perf_counter()
 
     def _before(self, module: nn.Module, args: Any) -> None:
+        if not self._active:
+            return
         if self._should_stop is not None and self._should_stop():
             raise Abandoned(f"abandoned before step {len(self.durations) + 1}")
         self._started = self._now()
@@ -54,5 +65,7 @@ class StepTimer:
             self.first_start = self._started
 
     def _after(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._active:
+            return
         self.last_end = self._now()
         self.durations.append(self.last_end - self._started)

@@ -64,7 +64,7 @@ class RequestRules:
         if body.negative_prompt is not None:
             self.served.reader.check("negative_prompt", body.negative_prompt)
         rows = [Row(body.prompt, seed + index) for index in range(n)]
-        return rows, BatchOptions(guidance_scale=guidance, negative_prompt=body.negative_prompt)
+        return rows, BatchOptions(guidance_scale=guidance, negative_prompt=body.negative_prompt, size=self.spec.size)
 
     def _check_text_length(self, name: str, text: str) -> None:
         """Characters first: a huge prompt is refused without being tokenized."""

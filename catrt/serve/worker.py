@@ -1,11 +1,11 @@
-"""One thread owns the model: a bounded FIFO of requests, batched by compatible settings.
+"""One thread owns the device: a bounded FIFO of requests, batched by compatible settings.
 
 Requests are `Job`s carrying a `concurrent.futures.Future` and a deadline; a job whose future is
 cancelled while it waits (client gone, timeout), or whose deadline has passed when its batch is
 made, is dropped before it runs. A call in flight whose jobs have all been given up (answered 504,
 client gone) is abandoned before its next step. The head of the queue always runs next, with later
-jobs of the same `BatchOptions` added until the build's batch is full, so no request waits behind
-jobs that arrived after it.
+jobs of the same `BatchOptions` (size included: each size is its own build) added until that
+build's batch is full, so no request waits behind jobs that arrived after it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Literal
+from functools import partial
+from typing import TYPE_CHECKING, Literal
 
 from catrt.errors import (
     CatrtError,
@@ -31,6 +32,9 @@ from catrt.serve.errors import internal_error_message
 from catrt.serve.metrics import ServerMetrics
 from catrt.serve.model import BatchOptions, Generation, Row, ServedModel
 from catrt.serve.timing import Abandoned
+
+if TYPE_CHECKING:
+    from catrt.serve.routing import Router
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +77,11 @@ class Job:
 
 
 class Worker:
-    """Loads the model on its own thread, warms it up, then serves the queue until drained."""
+    """Loads the served builds on its own thread, warms each up, then serves the queue until drained."""
 
     def __init__(
         self,
-        load: Callable[[], ServedModel],
+        load: Callable[[], Router],
         max_queue: int,
         metrics: ServerMetrics,
         on_exit: Callable[[WorkerState], None],
@@ -87,7 +91,7 @@ class Worker:
         self.metrics = metrics
         self._on_exit = on_exit
         self.state: WorkerState = "loading"
-        self.served: ServedModel | None = None
+        self.served: Router | None = None
         self.error: BaseException | None = None
         self._queue: deque[Job] = deque()
         self._lock = threading.Condition()
@@ -135,7 +139,7 @@ class Worker:
 
     def _retry_after(self) -> int:
         served = self.served
-        batches = 1 + len(self._queue) / (served.spec.batch if served else 1)
+        batches = 1 + len(self._queue) / (served.max_batch if served else 1)
         return max(1, math.ceil(batches * self._batch_seconds))
 
     def _drop_cancelled(self) -> None:
@@ -168,16 +172,19 @@ class Worker:
             self._on_exit(self.state)
 
     def _start_serving(self) -> None:
-        served = self._load()
-        spec = served.spec
-        served.step_observer = self.metrics.observe_step
-        options = BatchOptions(guidance_scale=spec.default_guidance, negative_prompt=None)
-        started = time.perf_counter()
-        served.generate([Row(WARMUP_PROMPT, 0)] * spec.batch, options)
-        self._batch_seconds = time.perf_counter() - started
-        logger.info("warm-up took %.2f s", self._batch_seconds)
+        router = self._load()
+        seconds = []
+        for model in router.models.values():
+            spec = model.spec
+            model.step_observer = partial(self.metrics.observe_step, size=spec.size)
+            options = BatchOptions(guidance_scale=spec.default_guidance, negative_prompt=None, size=spec.size)
+            started = time.perf_counter()
+            model.generate([Row(WARMUP_PROMPT, 0)] * spec.batch, options)
+            seconds.append(time.perf_counter() - started)
+            logger.info("warm-up of %s took %.2f s", spec.size, seconds[-1])
+        self._batch_seconds = max(seconds)
         with self._lock:
-            self.served = served
+            self.served = router
             if self.state == "loading":
                 self.state = "ready"
 
@@ -202,7 +209,7 @@ class Worker:
             logger.info("request %s dropped before its batch: past its deadline", job.request_id)
         if not self._queue:
             return []
-        capacity = self.served.spec.batch
+        capacity = self.served.for_options(self._queue[0].options).spec.batch
         head = self._queue[0]
         jobs, rows = [], 0
         for job in list(self._queue):
@@ -235,12 +242,13 @@ class Worker:
     def _serve(self, jobs: list[Job]) -> None:
         started = time.perf_counter()
         rows = [row for job in jobs for row in job.rows]
-        generation = self.served.generate(
+        model = self.served.for_options(jobs[0].options)
+        generation = model.generate(
             rows, jobs[0].options, lambda: all(job.given_up(time.perf_counter()) for job in jobs)
         )
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
-        self.metrics.images.inc(len(rows))
-        self.metrics.batch_rows.observe(len(rows))
+        self.metrics.images.labels(size=model.spec.size).inc(len(rows))
+        self.metrics.batch_rows.labels(size=model.spec.size).observe(len(rows))
         self._answer(jobs, generation, started)
 
     def _answer(self, jobs: list[Job], generation: Generation, started: float) -> None:

@@ -1,0 +1,271 @@
+"""`catrt serve --ray`: the OpenAI images routes as a Ray Serve application, for a fleet of devices.
+
+Two deployments. `Ingress` (one replica, no device) answers HTTP with the single-process server's
+own app pieces (`base_app`: OpenAI error bodies, the request gate with API key and body limit,
+request metrics, `/health/live`; the strict request schema) and hands each parsed body to a
+`ModelReplica`. Each model replica owns one device (`num_gpus=1` where the cluster has GPUs) and
+runs the single-process server's `Worker` and `ImageService`: the same admission checks (they need
+the model's tokenizers, so they run where the model is), queue, batching, deadlines and response.
+The worker batches rather than `@serve.batch` because it groups only requests of one size,
+guidance and negative prompt, drops requests past their deadline before they run and stops a call
+nobody waits for; a time-window batcher does none of that.
+
+Imported only by `catrt serve --ray` (and Ray itself): importing catrt never imports Ray.
+For KubeRay, a RayService's `serveConfigV2` can name the builder `catrt.serve.ray_app:build` with
+`args` as `build` takes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import Counter, Gauge
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from catrt.errors import CatrtError, GenerationError, RequestTimeoutError, ServiceUnavailableError
+from catrt.serve.app import ERROR_RESPONSES, METRICS_RESPONSES, ImageService, base_app
+from catrt.serve.config import FleetConfig, ServeConfig
+from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
+from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
+from catrt.serve.openapi import describe_served
+from catrt.serve.schemas import ImageGenerationRequest, ImageGenerationResponse
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "catrt"
+MODEL_DEPLOYMENT = "catrt-model"
+INGRESS_DEPLOYMENT = "catrt-ingress"
+DESCRIBE_TIMEOUT = 5.0  # seconds the ingress waits for a replica to say how it is
+
+
+class _Detached:
+    """What `ImageService` reads of a request inside a replica: its id. A client that leaves cancels the
+    Ray call instead (the service then gives the job up)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.scope = {REQUEST_ID_KEY: request_id}
+
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+class ModelReplica:
+    """One device: loads every build of `config`, warms each up, then answers checked bodies.
+
+    The constructor returns once the model is warm, so Ray Serve routes nothing to a replica that is
+    still loading; `check_health` fails once its worker has died, and Ray Serve replaces it.
+    """
+
+    def __init__(self, config: dict[str, Any], bundle_key: bytes | None = None) -> None:
+        from catrt.serve.routing import load_router
+        from catrt.serve.worker import Worker
+
+        serve_config = ServeConfig.from_dict(config)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        metrics = ServerMetrics()
+        self.worker = Worker(lambda: load_router(serve_config, bundle_key), serve_config.max_queue, metrics,
+                             on_exit=lambda state: None)
+        metrics.watch_queue(lambda: self.worker.depth)
+        self.worker.start()
+        while self.worker.state == "loading":
+            time.sleep(0.05)
+        if self.worker.served is None:
+            raise ServiceUnavailableError(f"replica {self.replica} could not load the model: {self.worker.error!r}")
+        self.service = ImageService(self.worker, metrics, serve_config)
+        logger.info("replica %s serves %s", self.replica, self.worker.served.sizes)
+
+    async def generate(self, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """`{"status", "body", "headers", "replica", "depth"}`: the answer the ingress sends, as the single server would."""
+        try:
+            response = await self.service.generate(ImageGenerationRequest.model_validate(body), _Detached(request_id))
+        except CatrtError as error:
+            return self._reply(catrt_error_response(error))
+        except Exception:  # noqa: BLE001 - a bug answers 500 with the request id; the replica log has it
+            logger.exception("request %s: unexpected error in replica %s", request_id, self.replica)
+            return self._reply(catrt_error_response(GenerationError(internal_error_message(request_id))))
+        payload = response.model_dump(mode="json")
+        payload["catrt"]["replica"] = self.replica
+        return {"status": 200, "body": payload, "headers": {}, "replica": self.replica, "depth": self.worker.depth}
+
+    def _reply(self, answer: JSONResponse) -> dict[str, Any]:
+        import json
+
+        headers = {key: value for key, value in answer.headers.items() if key.lower() == "retry-after"}
+        return {"status": answer.status_code, "body": json.loads(answer.body), "headers": headers,
+                "replica": self.replica, "depth": self.worker.depth}
+
+    def describe(self) -> dict[str, Any]:
+        """The replica's state, sizes and the request fields' OpenAPI description."""
+        rules = self.service.rules()
+        return {"status": self.worker.state, "sizes": self.worker.served.sizes, "replica": self.replica,
+                "properties": rules.properties() if rules is not None else None}
+
+    def check_health(self) -> None:
+        if self.worker.state != "ready":
+            raise ServiceUnavailableError(f"replica {self.replica} is {self.worker.state}")
+
+
+class _Described:
+    """The request fields' description a replica gave, for `describe_served`."""
+
+    def __init__(self, properties: dict[str, dict[str, Any]]) -> None:
+        self._properties = properties
+
+    def properties(self) -> dict[str, dict[str, Any]]:
+        return self._properties
+
+
+class FleetMetrics:
+    """Per-replica series the ingress records from each replica's answers (its own registry: `metrics`)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.answers = Counter("catrt_replica_answers", "answers by model replica and status",
+                               ["replica", "status"], registry=metrics.registry)
+        self.images = Counter("catrt_replica_images_generated", "images generated by model replica and size",
+                              ["replica", "size"], registry=metrics.registry)
+        self.depth = Gauge("catrt_replica_queue_depth", "requests waiting at a model replica when it last answered",
+                           ["replica"], registry=metrics.registry)
+
+    def observe(self, reply: dict[str, Any]) -> None:
+        replica = reply["replica"]
+        self.answers.labels(replica=replica, status=str(reply["status"])).inc()
+        self.depth.labels(replica=replica).set(reply["depth"])
+        if reply["status"] == 200:
+            self.images.labels(replica=replica, size=reply["body"]["size"]).inc(len(reply["body"]["data"]))
+
+
+class Ingress:
+    """HTTP in front of the model replicas; see the module docstring."""
+
+    def __init__(self, config: dict[str, Any], models: DeploymentHandle, api_key: str | None = None) -> None:
+        self.config = ServeConfig.from_dict({**config, "api_key": api_key})
+        self.models = models
+        self.metrics = ServerMetrics()
+        self.fleet = FleetMetrics(self.metrics)
+        self.described: dict[str, _Described] = {}
+
+    async def describe(self) -> dict[str, Any] | None:
+        """A replica's description (cached for the OpenAPI document), or None if none answers in time."""
+        try:
+            state = await asyncio.wait_for(self.models.describe.remote(), DESCRIBE_TIMEOUT)
+        except Exception as error:  # noqa: BLE001 - no replica, a dying one, a timeout: all "not ready"
+            logger.info("no model replica answered: %r", error)
+            return None
+        if state["properties"] is not None:
+            self.described.setdefault("rules", _Described(state["properties"]))
+        return state
+
+    async def forward(self, body: ImageGenerationRequest, request_id: str) -> dict[str, Any]:
+        """The replica's reply; a replica that dies mid-request is a 503, none in time a 504."""
+        call = self.models.generate.remote(body.model_dump(exclude_unset=True), request_id)
+        try:
+            return await asyncio.wait_for(call, self.config.timeout)
+        except asyncio.TimeoutError:
+            call.cancel()
+            raise RequestTimeoutError(f"no answer within the server's timeout of {self.config.timeout:g} s") from None
+        except ray.exceptions.RayError as error:
+            logger.warning("request %s: the model replica failed: %r", request_id, error)
+            raise ServiceUnavailableError("the model replica serving this request stopped; retry") from None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return ingress_app(self)
+
+
+def ingress_app(ingress: Ingress) -> FastAPI:
+    """The single server's app (`base_app`) with routes that forward to the model replicas."""
+    config, metrics = ingress.config, ingress.metrics
+    app = base_app(metrics, config)
+
+    @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
+    async def generate_images(body: ImageGenerationRequest, request: Request) -> Any:
+        """Images for one prompt, made by one model replica (its id in `catrt.replica`)."""
+        reply = await ingress.forward(body, request.scope[REQUEST_ID_KEY])
+        ingress.fleet.observe(reply)
+        return JSONResponse(reply["body"], status_code=reply["status"], headers=reply["headers"])
+
+    @app.get("/health/ready", responses={503: {"description": "no model replica is ready"}})
+    async def ready(response: Response) -> dict[str, Any]:
+        """200 while a model replica answers ready (Ray Serve routes only to replicas that finished loading)."""
+        state = await ingress.describe()
+        if state is None or state["status"] != "ready":
+            response.status_code = 503
+            return {"status": "unavailable" if state is None else state["status"], "sizes": []}
+        return {"status": state["status"], "sizes": state["sizes"]}
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
+    async def metrics_text() -> Response:
+        """Prometheus text format: the ingress's requests and the per-replica series."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.middleware("http")
+    async def described_first(request: Request, call_next: Any) -> Any:
+        """The OpenAPI document states the served values once a replica has described them."""
+        if request.url.path == app.openapi_url and "rules" not in ingress.described:
+            await ingress.describe()
+        return await call_next(request)
+
+    describe_served(app, lambda: ingress.described.get("rules"), api_key=config.api_key is not None,
+                    metrics_auth=config.metrics_auth)
+    return app
+
+
+def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key: bytes | None = None) -> Any:
+    """The Ray Serve application: the ingress bound to `fleet`'s model replicas, one device each."""
+    device = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    scaling: dict[str, Any] = (
+        {"num_replicas": fleet.replicas} if fleet.replicas is not None
+        else {"autoscaling_config": {"min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas}}
+    )
+    model = serve.deployment(ModelReplica, name=MODEL_DEPLOYMENT).options(
+        ray_actor_options=device, max_ongoing_requests=config.max_queue, health_check_period_s=2.0, **scaling,
+    )
+    ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS_DEPLOYMENT).options(
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000,
+    )
+    settings = config.to_dict()  # without the API key, which only the ingress gets
+    return ingress.bind(settings, model.bind(settings, bundle_key), config.api_key)
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Application builder for `serve run` / KubeRay: `args` = `{"serve": ServeConfig fields, "fleet": FleetConfig
+    fields}`; the API key comes from $CATRT_API_KEY, the bundle key from $CATRT_BUNDLE_KEY (as `catrt.load` reads)."""
+    from catrt.serve.auth import load_api_key
+
+    config = ServeConfig.from_dict({**args.get("serve", {}), "api_key": load_api_key(None)})
+    fleet = FleetConfig(**args.get("fleet", {}))
+    return application(config, fleet, gpus=ray.cluster_resources().get("GPU", 0) > 0)
+
+
+def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None = None) -> int:
+    """Start (or join) a Ray cluster, run the application on `config.host:config.port` until signalled, shut down."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    ray.init(address=fleet.address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        try:
+            serve.run(application(config, fleet, gpus, bundle_key), name=APP_NAME, route_prefix="/")
+        except RuntimeError as error:
+            raise ServiceUnavailableError(f"the Ray Serve application did not start: {error}") from None
+        replicas = fleet.replicas if fleet.replicas is not None else f"{fleet.min_replicas}-{fleet.max_replicas}"
+        print(f"catrt serve: Ray Serve application {APP_NAME!r}: {replicas} model replicas, "
+              f"{'one GPU' if gpus else 'CPU'} each", file=sys.stderr, flush=True)
+        print(f"catrt serve: listening on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
+        while not stop.wait(1.0):
+            pass
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()

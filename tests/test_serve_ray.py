@@ -1,0 +1,191 @@
+"""`catrt serve --ray`: the images API as a Ray Serve application on a local Ray cluster (CPU).
+
+Ray starts once for the module (2 CPUs, a small object store) with 2 model replicas of the eager
+tiny-sd3 at 64x64, 8 steps; the last test shuts it down and checks no process is left. The CLI's
+refusals around `--ray` run without starting Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+from ray.serve._private.common import DeploymentID, ReplicaID
+from test_serve_support import assert_error, assert_one_line_refusal, generate, openapi_request_schema, run_cli
+
+from catrt.config import CATConfig
+from catrt.serve.config import FleetConfig, ServeConfig
+from catrt.serve.ray_app import APP_NAME, MODEL_DEPLOYMENT, application
+
+pytestmark = pytest.mark.timeout(240)
+
+MIB = 1 << 20
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below `root`, from /proc (zombies excluded)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[str]:
+    """The application's URL; Ray and Serve stop at the end (or in `test_shutdown_is_clean`)."""
+    ray.init(num_cpus=2, object_store_memory=100 * MIB, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = ServeConfig(model="tiny-sd3", height=64, width=64, steps=8, cat=CATConfig(t0=4), port=port,
+                             timeout=60, max_body_bytes=8192)
+        serve.run(application(config, FleetConfig(replicas=2), gpus=False), name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _replicas_of(url: str, count: int) -> list[str]:
+    """`count` concurrent requests with the OpenAI client; the replica id of each."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+
+    def one(seed: int) -> str:
+        result = client.images.generate(prompt="a red sun", size="64x64", extra_body={"seed": seed})
+        assert len(result.data) == 1 and result.size == "64x64"
+        return result.model_extra["catrt"]["replica"]
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_requests_succeed_on_both_replicas(fleet: str) -> None:
+    seen: set[str] = set()
+    for _ in range(4):
+        seen |= set(_replicas_of(fleet, 6))
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2, seen
+    ready = httpx.get(f"{fleet}/health/ready")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "sizes": ["64x64"]}
+    text = httpx.get(f"{fleet}/metrics").text
+    for replica in seen:
+        assert f'catrt_replica_answers_total{{replica="{replica}",status="200"}}' in text
+        assert f'catrt_replica_images_generated_total{{replica="{replica}",size="64x64"}}' in text
+    assert 'catrt_requests_total{route="/v1/images/generations",status="200"}' in text
+
+
+def test_the_ingress_checks_requests_as_the_single_server_does(fleet: str) -> None:
+    unserved = assert_error(generate(fleet, size="128x128"), 400, "size")  # checked by a replica's rules
+    assert "this server serves 64x64" in unserved["message"]
+    assert_error(generate(fleet, colour="red"), 400, "colour")  # the ingress's schema
+    assert_error(generate(fleet, n=2), 400, "n")
+    too_big = httpx.post(f"{fleet}/v1/images/generations", content=b"x" * 9000,
+                         headers={"content-type": "application/json"})
+    assert_error(too_big, 413, None)
+    assert too_big.headers["x-request-id"]
+    first = {name: schema.get("anyOf", [schema])[0] for name, schema in openapi_request_schema(fleet)["properties"].items()}
+    assert first["size"]["enum"] == ["64x64", "auto"] and first["steps"]["enum"] == [8]
+    assert httpx.get(f"{fleet}/health/live").json() == {"status": "live"}
+
+
+def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> None:
+    before = set(_replicas_of(fleet, 4))
+    victim = sorted(before)[0]
+    name = ReplicaID(victim, DeploymentID(name=MODEL_DEPLOYMENT, app_name=APP_NAME)).to_full_id_str()
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    replaced, statuses = False, []
+    deadline = time.monotonic() + 150
+    while not replaced and time.monotonic() < deadline:
+        for response in [generate(fleet, seed=seed) for seed in range(3)]:
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                replaced |= response.json()["catrt"]["replica"] not in before
+            else:  # while Ray notices the kill: an OpenAI error body, never a hang or a crash
+                assert_error(response, response.status_code, None)
+                assert response.status_code in (503, 504), response.text
+        time.sleep(0.5)
+    assert replaced, statuses
+    assert all(replica != victim for replica in _replicas_of(fleet, 4))
+
+
+def test_shutdown_is_clean(fleet: str) -> None:
+    spawned = _descendants(os.getpid())
+    assert spawned, "Ray started no processes below this one"
+    serve.shutdown()
+    ray.shutdown()
+    deadline = time.monotonic() + 30
+    while (left := spawned & _descendants(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{fleet}/health/live", timeout=2)
+
+
+# -- the CLI around --ray (no Ray started) -------------------------------------------------------
+
+NO_RAY = """
+import sys
+sys.modules["ray"] = None  # as if the ray extra were not installed
+from catrt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ray_flags_are_refused_in_one_line(tmp_path: object) -> None:
+    missing = _run_launcher(NO_RAY, ["serve", "--model", "tiny-sd3", "--ray", "--port", "8123"])
+    assert_one_line_refusal(missing, 'pip install "catrt[ray]"')
+    for args, needle in (
+        (["--replicas", "2"], "--replicas is a Ray Serve setting: add --ray"),
+        (["--ray", "--replicas", "2", "--min-replicas", "1", "--max-replicas", "2"], "drop it to autoscale"),
+        (["--ray", "--min-replicas", "1"], "give both --min-replicas and --max-replicas"),
+        (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas 3 is over --max-replicas 2"),
+        (["--ray", "--port", "0"], "--port 0 is not served with --ray"),
+    ):
+        assert_one_line_refusal(run_cli(["serve", "--model", "tiny-sd3", *args], timeout=60), needle)
+
+
+def test_catrt_and_a_plain_serve_never_import_ray() -> None:
+    code = ("import sys; import catrt, catrt.cli, catrt.serve.app, catrt.serve.server, catrt.serve.routing; "
+            "catrt.cli.build_parser(); print('ray' in sys.modules)")
+    result = _run_launcher(code, [])
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+
+
+def _run_launcher(code: str, args: list[str]) -> object:
+    import subprocess
+
+    from test_serve_support import server_env
+
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=server_env(),
+                          timeout=60)

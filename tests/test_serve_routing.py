@@ -1,0 +1,156 @@
+"""Several builds behind one server (`catrt serve --engines A B`): routing by size, shared components.
+
+Two eager builds of tiny-sd3 (64x64 batch 2, 96x64 batch 1; eager builds are quick: no export) are
+made once for the module; one real server serves both on a loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+from test_serve_support import (
+    CLI,
+    RemoteServer,
+    assert_error,
+    assert_one_line_refusal,
+    generate,
+    generate_all,
+    metric,
+    openapi_request_schema,
+    png,
+    run_cli,
+    start_all,
+    stop_all,
+)
+
+from catrt.build import build_engines
+from catrt.build_config import BuildConfig
+from catrt.errors import ConfigError
+from catrt.serve.model import BatchOptions, Row
+from catrt.serve.builds import check_builds
+from catrt.serve.routing import Router, load_builds
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _build(root: Path, **fields: object) -> Path:
+    values = dict(model="tiny-sd3", height=64, width=64, batch=1, steps=8, t0=4, alpha=0.3, backend="eager",
+                  max_sequence_length=16)
+    values.update(fields)
+    return build_engines(BuildConfig(**values), out_dir=root / "engines", export_dir=root / "export", progress=False)
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("routing")
+    return {
+        "64x64": _build(root, batch=2),
+        "96x64": _build(root, width=96),
+        "64x64-other-steps": _build(root, steps=6),
+        "pixart": _build(root, model="tiny-pixart"),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(builds: dict[str, Path]) -> Iterator[RemoteServer]:
+    started = {"two": RemoteServer(CLI, ["--engines", str(builds["64x64"]), str(builds["96x64"]), "--timeout", "60"])}
+    start_all(started)
+    yield started["two"]
+    stop_all(started)
+
+
+def test_builds_of_one_model_share_one_pipeline_and_time_their_own_steps(builds: dict[str, Path]) -> None:
+    square, wide = load_builds([str(builds["64x64"]), str(builds["96x64"])])
+    assert (square.spec.size, wide.spec.size) == ("64x64", "96x64")
+    for name in ("text_encoder", "text_encoder_3", "tokenizer_3", "vae", "transformer"):
+        assert getattr(square.runner.pipe, name) is getattr(wide.runner.pipe, name), name
+    # Both timers hook the one transformer; each records its own build's calls only.
+    square.generate([Row("a red sun", 0)], BatchOptions(4.0, None, "64x64"))
+    wide.generate([Row("a red sun", 0)], BatchOptions(4.0, None, "96x64"))
+    assert len(square.timer.durations) == len(wide.timer.durations) == 8
+    assert square.timer.last_end < wide.timer.first_start
+
+
+def test_the_router_names_the_served_sizes(builds: dict[str, Path]) -> None:
+    class Model:
+        def __init__(self, size: str) -> None:
+            self.spec = type("Spec", (), {"size": size, "batch": 1})()
+
+    router = Router([Model("64x64"), Model("96x64")])
+    assert router.route(None) is router.route("auto") is router.route("64x64") is router.default
+    assert router.route("96x64").spec.size == "96x64"
+    with pytest.raises(ConfigError, match=r'size=128x128 is not served: this server serves 64x64, 96x64 \("auto" = 64x64\)') as error:
+        router.route("128x128")
+    assert error.value.field == "size"
+    with pytest.raises(ConfigError, match="size must be \"WxH\"") as malformed:
+        router.route("wide")
+    assert malformed.value.field == "size"
+    with pytest.raises(ConfigError, match="two builds serve size 64x64"):
+        Router([Model("64x64"), Model("64x64")])
+
+
+def test_builds_of_other_models_or_one_size_twice_are_refused(builds: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="must all be builds of one model") as models:
+        check_builds([str(builds["64x64"]), str(builds["pixart"])])
+    assert str(builds["pixart"]) in str(models.value) and "tiny-pixart" in str(models.value)
+    with pytest.raises(ConfigError, match="both serve size 64x64") as sizes:
+        check_builds([str(builds["64x64"]), str(builds["64x64-other-steps"])])
+    assert str(builds["64x64-other-steps"]) in str(sizes.value)
+
+
+def test_the_cli_refuses_one_folder_twice_in_one_line(builds: dict[str, Path]) -> None:
+    """(Builds of two models or one size twice are refused by `check_builds`, above, which `catrt serve` runs
+    before binding its port; those CLI runs cost a torch import each.)"""
+    result = run_cli(["serve", "--engines", str(builds["64x64"]), str(builds["64x64"]), "--port", "0"], timeout=60)
+    assert_one_line_refusal(result, "more than once", str(builds["64x64"]))
+    assert "listening" not in result.stderr
+
+
+def test_each_size_is_served_by_its_build(server: RemoteServer) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    for size, expected in (("64x64", (64, 64)), ("96x64", (96, 64)), ("auto", (64, 64))):
+        result = client.images.generate(prompt="a red sun", size=size, extra_body={"seed": 3})
+        with Image.open(io.BytesIO(png(result.data[0].b64_json))) as image:
+            assert image.size == expected, size
+        assert result.size == f"{expected[0]}x{expected[1]}"
+    assert httpx.get(f"{server.url}/health/ready").json() == {"status": "ready", "sizes": ["64x64", "96x64"]}
+
+
+def test_an_unserved_size_lists_the_served_ones(server: RemoteServer) -> None:
+    error = assert_error(generate(server.url, size="128x128"), 400, "size")
+    assert "this server serves 64x64, 96x64" in error["message"]
+    assert_error(generate(server.url, size="96x64", n=2), 400, "n")  # the 96x64 build's batch is 1
+    assert generate(server.url, size="64x64", n=2).status_code == 200
+
+
+def test_sizes_are_never_batched_together(server: RemoteServer) -> None:
+    """While the worker is busy, two 64x64 requests wait together and one 96x64 request waits apart."""
+    for _ in range(3):
+        blocker, square, wide, square2 = asyncio.run(generate_all(server.url, [
+            {"size": "96x64", "seed": 1}, {"size": "64x64", "seed": 2}, {"size": "96x64", "seed": 3},
+            {"size": "64x64", "seed": 4},
+        ], stagger=0.02))
+        if square.json()["catrt"]["batch_rows"] == 2:
+            break
+    for response in (blocker, square, wide, square2):
+        assert response.status_code == 200, response.text
+    assert square.json()["catrt"]["batch_rows"] == square2.json()["catrt"]["batch_rows"] == 2
+    assert wide.json()["catrt"]["batch_rows"] == 1 and wide.json()["size"] == "96x64"
+
+
+def test_openapi_and_metrics_cover_every_build(server: RemoteServer) -> None:
+    first = {name: schema.get("anyOf", [schema])[0] for name, schema in openapi_request_schema(server.url)["properties"].items()}
+    assert first["size"]["enum"] == ["64x64", "96x64", "auto"]
+    assert first["n"]["maximum"] == 2 and first["steps"]["enum"] == [8]
+    for size in ("64x64", "96x64"):
+        before = metric(server.url, f'catrt_images_generated_total{{size="{size}"}}')
+        assert generate(server.url, size=size).status_code == 200
+        assert metric(server.url, f'catrt_images_generated_total{{size="{size}"}}') == before + 1
+        assert metric(server.url, f'catrt_step_seconds_count{{kind="pruned",size="{size}"}}') > 0
