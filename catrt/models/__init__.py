@@ -6,14 +6,15 @@ from torch import nn
 
 from catrt.errors import UnsupportedModelError
 from catrt.models.base import Adapter, Context
+from catrt.models import flux, pixart, sd3
+from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid, patchify, unpatchify
-from catrt.models.pixart import PixArtAdapter
-from catrt.models.sd3 import SD3Adapter
 
 ADAPTERS: dict[type[nn.Module], type[Adapter]] = {
-    SD3Adapter.transformer_class: SD3Adapter,
-    PixArtAdapter.transformer_class: PixArtAdapter,
+    module.ADAPTER.transformer_class: module.ADAPTER for module in (sd3, pixart, flux)
 }
+#: Each family's pipeline classes and their specs, declared in its adapter module.
+FAMILY_PIPELINES: dict[type, PipelineSpec] = {**sd3.PIPELINES, **pixart.PIPELINES, **flux.PIPELINES}
 
 
 def make_adapter(transformer: nn.Module) -> Adapter:
@@ -27,4 +28,4 @@ def make_adapter(transformer: nn.Module) -> Adapter:
     return adapter_class(transformer)
 
 
-__all__ = ["ADAPTERS", "Adapter", "Context", "Grid", "make_adapter", "patchify", "unpatchify"]
+__all__ = ["ADAPTERS", "FAMILY_PIPELINES", "Adapter", "Context", "Grid", "make_adapter", "patchify", "unpatchify"]

@@ -10,12 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import PixArtTransformer2DModel
+from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from catrt.errors import UnsupportedModelError
 from catrt.models.base import Adapter, Context, KVStore, attention, project_qkv
+from catrt.pipeline_spec import PipelineSpec
+
+#: Resolution binning would silently change the requested size; clean_caption needs extra packages.
+PIPELINES = {PixArtSigmaPipeline: PipelineSpec(call_defaults={"use_resolution_binning": False, "clean_caption": False})}
 
 
 class PixArtAdapter(Adapter):
@@ -128,3 +132,6 @@ class PixArtAdapter(Adapter):
 
         nx = block.norm2(x) * (1 + scale_mlp) + shift_mlp
         return x + gate_mlp * block.ff(nx)
+
+
+ADAPTER = PixArtAdapter

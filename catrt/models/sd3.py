@@ -8,18 +8,22 @@ import threading
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.activations import GELU
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
 from torch import nn
 
 from catrt.errors import UnsupportedModelError
+from catrt.pipeline_spec import PipelineSpec
 from catrt.models.base import Adapter, Context, KVStore, attention, gated_add_, joint_attention, modulate_, project_qkv
 
 logger = logging.getLogger(__name__)
 
 _UNSUPPORTED_CALL_ARGS = ("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers")
+
+#: The pipelines this family runs: the prompt's limit is T5's (tokenizer_3); classifier-free guidance.
+PIPELINES = {StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3")}
 
 
 class SD3Adapter(Adapter):
@@ -224,3 +228,6 @@ def _linear(layer: nn.Module, x: torch.Tensor, scratch: Scratch | None = None, n
         return layer(x)
     torch.addmm(layer.bias, x.view(-1, x.shape[-1]), layer.weight.t(), out=out.view(-1, shape[-1]))
     return out
+
+
+ADAPTER = SD3Adapter
