@@ -38,6 +38,12 @@ def pipeline_spec(pipe: Any) -> PipelineSpec:
     return spec
 
 
+def default_image_size(pipe: Any) -> int:
+    """The pipeline's own image side in pixels when a call gives none (its default sample size in latent cells)."""
+    cells = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+    return int(cells * pipe.vae_scale_factor)
+
+
 class AcceleratedPipeline:
     """A diffusers pipeline whose transformer calls run under CAT Pruning.
 
