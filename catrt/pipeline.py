@@ -17,12 +17,9 @@ from torch import nn
 
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError
-from catrt.models import FAMILY_PIPELINES, make_adapter
+from catrt.models import PIPELINES, make_adapter
 from catrt.pipeline_spec import PipelineSpec
 from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
-
-#: Pipeline classes catrt accelerates: each family's, as its adapter module declares them, plus registered ones.
-PIPELINES: dict[type, PipelineSpec] = dict(FAMILY_PIPELINES)
 
 
 def register_pipeline(pipeline_class: type, spec: PipelineSpec) -> None:

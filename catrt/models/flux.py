@@ -27,6 +27,7 @@ from torch import nn
 
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models.base import Adapter, Context, KVStore, attention, joint_attention
+from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
 
@@ -278,10 +279,29 @@ def _check_call(arguments: dict[str, Any]) -> None:
             raise UnsupportedModelError(f"FluxPipeline argument {name!r} (IP-adapter) is not supported by catrt")
 
 
-ADAPTER = FluxAdapter
+def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:
+    """Batch-1 meta tensors shaped like one FluxPipeline step's transformer call (packed latents, position ids)."""
+    kwargs = {
+        "hidden_states": torch.empty(1, grid.num_tokens, config["in_channels"], device="meta"),
+        "timestep": torch.empty(1, device="meta"),
+        "encoder_hidden_states": torch.empty(1, text_tokens, config["joint_attention_dim"], device="meta"),
+        "pooled_projections": torch.empty(1, config["pooled_projection_dim"], device="meta"),
+        "txt_ids": torch.empty(text_tokens, 3, device="meta"),
+        "img_ids": torch.empty(grid.num_tokens, 3, device="meta"),
+    }
+    if config.get("guidance_embeds"):
+        kwargs["guidance"] = torch.empty(1, device="meta")
+    return kwargs
+
+
 #: FLUX's prompt limit is T5's (tokenizer_2, max_sequence_length); guidance is FLUX-dev's distilled embedding.
-PIPELINES = {
-    FluxPipeline: PipelineSpec(
-        call_defaults={}, text_tokenizer="tokenizer_2", guidance="distilled", token_grid=_token_grid, check_call=_check_call
-    )
-}
+FAMILY = register_family(Family(
+    "flux", FluxAdapter,
+    {
+        FluxPipeline: PipelineSpec(
+            call_defaults={}, text_tokenizer="tokenizer_2", guidance="distilled", token_grid=_token_grid,
+            check_call=_check_call,
+        )
+    },
+    _meta_call,
+))

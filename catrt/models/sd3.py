@@ -15,15 +15,14 @@ from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZ
 from torch import nn
 
 from catrt.errors import UnsupportedModelError
+from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
+from catrt.tokens import Grid
 from catrt.models.base import Adapter, Context, KVStore, attention, gated_add_, joint_attention, modulate_, project_qkv
 
 logger = logging.getLogger(__name__)
 
 _UNSUPPORTED_CALL_ARGS = ("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers")
-
-#: The pipelines this family runs: the prompt's limit is T5's (tokenizer_3); classifier-free guidance.
-PIPELINES = {StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3")}
 
 
 class SD3Adapter(Adapter):
@@ -230,4 +229,18 @@ def _linear(layer: nn.Module, x: torch.Tensor, scratch: Scratch | None = None, n
     return out
 
 
-ADAPTER = SD3Adapter
+def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:
+    """Batch-1 meta tensors shaped like one SD3 denoising step's transformer call."""
+    patch = config["patch_size"]
+    return {
+        "hidden_states": torch.empty(1, config["in_channels"], grid.height * patch, grid.width * patch, device="meta"),
+        "timestep": torch.empty(1, device="meta"),
+        "encoder_hidden_states": torch.empty(1, text_tokens, config["joint_attention_dim"], device="meta"),
+        "pooled_projections": torch.empty(1, config["pooled_projection_dim"], device="meta"),
+    }
+
+
+#: The prompt's limit is T5's (tokenizer_3); classifier-free guidance doubles the batch.
+FAMILY = register_family(Family(
+    "sd3", SD3Adapter, {StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3")}, _meta_call
+))
