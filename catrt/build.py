@@ -38,6 +38,7 @@ from catrt.manifest import (
     write_manifest,
 )
 from catrt.models import Adapter, make_adapter
+from catrt.pipeline import default_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +148,13 @@ def _build(
 
 def _with_resolution(config: BuildConfig, pipe: Any) -> BuildConfig:
     """Fill an unset height / width with the model's default image size."""
-    default = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    default = default_image_size(pipe)
     return config.resolved(height=config.height or default, width=config.width or default)
 
 
 def _reference(config: BuildConfig, pipe: Any, adapter: Adapter) -> _Reference:
     sample = capture_step_sample(pipe, adapter, config)
-    num_tokens = adapter.grid(*sample.hidden_states.shape[-2:]).num_tokens
+    num_tokens = adapter.tokens_of(sample.hidden_states).shape[1]
     k = config.num_selected(num_tokens)
     inputs, outputs = reference_io(sample, adapter, k)
     return _Reference(inputs, outputs, num_tokens, k)

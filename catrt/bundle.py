@@ -29,6 +29,7 @@ from catrt.loading import load_pipeline
 from catrt.manifest import Manifest, describe_device, environment_problems, transformer_config
 from catrt.models import make_adapter
 from catrt.pipeline import AcceleratedPipeline, accelerate, pipeline_spec
+from catrt.pipeline_spec import PipelineSpec
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class EnginePipeline:
         for name, value in defaults.items():
             bound.arguments.setdefault(name, value)
         bound.apply_defaults()
-        check_request(bound.arguments, self.build)
+        check_request(bound.arguments, self.build, self.accelerated.spec)
         return self.accelerated(*bound.args, **bound.kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -61,8 +62,13 @@ class EnginePipeline:
         return getattr(self.accelerated, name)
 
 
-def check_request(arguments: dict[str, Any], build: BuildConfig) -> None:
-    """Refuse a call the build's static graphs cannot serve, naming the argument."""
+def check_request(arguments: dict[str, Any], build: BuildConfig, spec: PipelineSpec) -> None:
+    """Refuse a call the build's static graphs cannot serve, naming the argument.
+
+    A classifier-free-guidance pipeline's graphs take [uncond, cond] rows (the build samples the
+    pipeline's default guidance), so such a call must double its batch (`spec.doubles_batch`); a
+    distilled guidance embedding is an input of any value.
+    """
     for name, expected in build.call_arguments().items():
         if arguments.get(name) != expected:
             raise ConfigError(
@@ -77,7 +83,7 @@ def check_request(arguments: dict[str, Any], build: BuildConfig) -> None:
             f"(prompts x num_images_per_prompt); build an engine with --batch {batch}",
             field="batch", value=batch,
         )
-    if float(arguments.get("guidance_scale", 1.0)) <= 1.0:
+    if spec.guidance == "cfg" and not spec.doubles_batch(arguments):
         raise ConfigError(
             "this engine runs classifier-free guidance (2 x batch rows); call it with guidance_scale > 1",
             field="guidance_scale", value=arguments.get("guidance_scale"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import stat
 from collections.abc import Mapping
@@ -395,23 +396,37 @@ def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) ->
         return
     latent = shapes["full", "inputs"]["hidden_states"]
     where = "graphs.full.inputs.hidden_states"
-    if not check.expect(len(latent) == 4, where, f"graphs.full hidden_states has shape {latent}, not (rows, channels, height, width)"):
+    if not check.expect(len(latent) in (3, 4), where,
+                        f"graphs.full hidden_states has shape {latent}, not (rows, channels, height, width) or packed (rows, tokens, channels)"):
         return
-    rows, channels, height, width = latent
+    if len(latent) == 3:  # packed tokens (FLUX): each row of the latents is one token
+        rows, tokens, channels = latent
+        patch = 1
+    else:
+        rows, channels, height, width = latent
     in_channels = config.get("in_channels", channels)
     check.expect(channels == in_channels, where,
                  f"graphs.full hidden_states has {channels} channels, model.transformer_config.in_channels is {in_channels}")
-    if not check.expect(height % patch == 0 and width % patch == 0, where,
-                        f"graphs.full hidden_states latent {width}x{height} is not divisible by the patch size {patch}"):
-        return
-    tokens = (height // patch) * (width // patch)
-    check.expect(manifest.num_tokens == tokens, "num_tokens",
-                 f"num_tokens is {manifest.num_tokens} but the full graph's {width}x{height} latent in {patch}x{patch} "
-                 f"patches has {tokens}", manifest.num_tokens)
+    if len(latent) == 4:
+        if not check.expect(height % patch == 0 and width % patch == 0, where,
+                            f"graphs.full hidden_states latent {width}x{height} is not divisible by the patch size {patch}"):
+            return
+        tokens = (height // patch) * (width // patch)
+        check.expect(manifest.num_tokens == tokens, "num_tokens",
+                     f"num_tokens is {manifest.num_tokens} but the full graph's {width}x{height} latent in {patch}x{patch} "
+                     f"patches has {tokens}", manifest.num_tokens)
+        _size_problems(build, height, width, check)
+    else:
+        check.expect(manifest.num_tokens == tokens, "num_tokens",
+                     f"num_tokens is {manifest.num_tokens} but the full graph takes {tokens} packed tokens", manifest.num_tokens)
+        scale = math.isqrt(build.height * build.width // max(tokens, 1))
+        check.expect(scale > 0 and build.height % scale == 0 and build.width % scale == 0
+                     and (build.height // scale) * (build.width // scale) == tokens, "build.height",
+                     f"build size {build.width}x{build.height} (WxH) is not a grid of the full graph's {tokens} packed tokens",
+                     {"width": build.width, "height": build.height})
     check.expect(rows in (build.batch, 2 * build.batch), "build.batch",
                  f"build.batch is {build.batch} but the graphs take {rows} rows (batch, or 2 x batch with guidance)",
                  build.batch)
-    _size_problems(build, height, width, check)
 
     # Every graph sees the same rows, N and k; the pruned graph is the full graph with k rows.
     patches = shapes["pruned", "inputs"]["patches"]

@@ -19,23 +19,18 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline
 from torch import nn
 
 from catrt.errors import UnknownModelError
 from catrt.model_cards import MODEL_CARDS, ModelCard
+from catrt.models import family_of
 from catrt.reference.pipeline import load_reference_pipeline
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
 
 logger = logging.getLogger(__name__)
 
 Loader = Callable[[torch.dtype, bool], DiffusionPipeline]
-
-_PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
-    "sd3": StableDiffusion3Pipeline,
-    "pixart": PixArtSigmaPipeline,
-}
-
 
 def _from_pretrained(
     cls: type[DiffusionPipeline], source: str, dtype: torch.dtype, transformer_weights: bool = True
@@ -79,7 +74,7 @@ def _without_weights(pipeline: DiffusionPipeline, dtype: torch.dtype) -> Diffusi
 
 def _load_published(card: ModelCard, dtype: torch.dtype, transformer_weights: bool) -> DiffusionPipeline:
     """Load a published model from the hub (or the local hub cache) by its card's hub id."""
-    return _from_pretrained(_PIPELINE_CLASSES[card.family], card.hub_id, dtype, transformer_weights)
+    return _from_pretrained(family_of(card.family).pipeline_class, card.hub_id, dtype, transformer_weights)
 
 
 def _load_tiny(name: str, dtype: torch.dtype, transformer_weights: bool) -> DiffusionPipeline:

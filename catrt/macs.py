@@ -12,16 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.model_cards import MODEL_CARDS, ModelCard
-from catrt.models import make_adapter, patchify
+from catrt.models import family_of, make_adapter
 from catrt.scheduler import plan
-
-_TRANSFORMERS = {"sd3": SD3Transformer2DModel, "pixart": PixArtTransformer2DModel}
+from catrt.tokens import Grid
 
 
 @dataclass(frozen=True)
@@ -63,22 +61,10 @@ def count_macs(fn: Any, *args: Any) -> int:
     return counter.get_total_flops() // 2
 
 
-def meta_inputs(card: ModelCard, latent_h: int, latent_w: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Batch-1 meta tensors shaped like one denoising step's transformer call."""
-    config = card.transformer_config
-    latents = torch.empty(1, config["in_channels"], latent_h, latent_w, device="meta")
-    timestep = torch.empty(1, device="meta")
-    if card.family == "sd3":
-        kwargs = {
-            "encoder_hidden_states": torch.empty(1, card.text_tokens, config["joint_attention_dim"], device="meta"),
-            "pooled_projections": torch.empty(1, config["pooled_projection_dim"], device="meta"),
-        }
-    else:
-        kwargs = {
-            "encoder_hidden_states": torch.empty(1, card.text_tokens, config["caption_channels"], device="meta"),
-            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
-        }
-    return latents, timestep, kwargs
+def meta_inputs(card: ModelCard, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Batch-1 meta tensors shaped like one denoising step's transformer call (the family's `meta_call`)."""
+    kwargs = dict(family_of(card.family).meta_call(card.transformer_config, card.text_tokens, grid))
+    return kwargs.pop("hidden_states"), kwargs.pop("timestep"), kwargs
 
 
 def transformer_macs(
@@ -86,18 +72,19 @@ def transformer_macs(
 ) -> MacReport:
     """Count a (meta or real) transformer's full, pruned and per-generation MACs at one resolution."""
     config.check_steps(steps)
-    if height % card.vae_scale or width % card.vae_scale:
-        raise ConfigError(f"height and width must be multiples of {card.vae_scale}, got {height}x{width}", field="height")
+    multiple = card.vae_scale * card.token_cells
+    if height % multiple or width % multiple:
+        raise ConfigError(f"height and width must be multiples of {multiple}, got {height}x{width}", field="height")
     adapter = make_adapter(transformer)
-    latents, timestep, kwargs = meta_inputs(card, height // card.vae_scale, width // card.vae_scale)
-    grid = adapter.grid(latents.shape[-2], latents.shape[-1])
+    grid = Grid(height // multiple, width // multiple)
+    latents, timestep, kwargs = meta_inputs(card, grid)
     k = config.num_selected(grid.num_tokens)
     full = count_macs(lambda: transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs))
     inputs = adapter.context_inputs(kwargs)
     context_macs = count_macs(lambda: adapter.prepare_context(inputs, tuple(latents.shape)))
     context = adapter.prepare_context(inputs, tuple(latents.shape))
     _, kv = adapter.export_full(latents, timestep, context)
-    patches = patchify(latents, adapter.patch_size)[:, :k]
+    patches = adapter.tokens_of(latents)[:, :k]
     indices = torch.empty(1, k, dtype=torch.long, device="meta")
     pruned = count_macs(lambda: adapter.pruned_forward(patches, indices, timestep, context, kv))
     kinds = plan(steps, config.t0, config.refresh_every, config.reuse_every)
@@ -110,7 +97,7 @@ def model_macs(name: str, height: int, width: int, config: CATConfig, steps: int
     if card is None:
         raise ConfigError(f"no published config for {name!r}; known: {', '.join(sorted(MODEL_CARDS))}", field="model")
     with torch.device("meta"):
-        transformer = _TRANSFORMERS[card.family].from_config(card.transformer_config)
+        transformer = family_of(card.family).adapter.transformer_class.from_config(card.transformer_config)
     return transformer_macs(transformer.eval(), card, height, width, config, steps)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from catrt.errors import ConfigError
 
-Family = Literal["sd3", "pixart"]
+Family = str  # a registered family's name (catrt.models.FAMILIES): "sd3", "pixart", "flux"
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
@@ -28,11 +28,20 @@ class ModelCard:
     default_steps: int = 28
     default_guidance: float = 7.0
     precision: Precision = "fp32"  # the dtype the model is published and usually run in on CUDA
+    # Latent cells a side per image token: the transformer's patch size, or the pipeline's packing (FLUX: 2).
+    cells_per_token: int | None = None
+    # Latent cells a side of the default image where the transformer config has no sample_size (FLUX's pipeline: 128).
+    sample_size: int | None = None
 
     @property
     def default_size(self) -> int:
         """Height and width in pixels the model was trained at (sample_size latent cells)."""
-        return int(self.transformer_config["sample_size"]) * self.vae_scale
+        return int(self.sample_size or self.transformer_config["sample_size"]) * self.vae_scale
+
+    @property
+    def token_cells(self) -> int:
+        """Latent cells a side per image token."""
+        return int(self.cells_per_token or self.transformer_config["patch_size"])
 
 
 _SD3_MEDIUM = {
@@ -58,6 +67,13 @@ _PIXART_SIGMA = {
     "upcast_attention": False, "dropout": 0.0, "attention_type": "default",
 }
 
+_FLUX_DEV = {  # black-forest-labs/FLUX.1-dev transformer/config.json
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+_FLUX_SCHNELL = {**_FLUX_DEV, "guidance_embeds": False}
+
 _REFERENCE = {  # catrt/reference: pixel space, 32x32 images, patch 2 -> 256 image tokens
     "sample_size": 32, "patch_size": 2, "in_channels": 3, "out_channels": 3, "num_layers": 4,
     "attention_head_dim": 24, "num_attention_heads": 4, "joint_attention_dim": 64,
@@ -79,6 +95,14 @@ MODEL_CARDS: dict[str, ModelCard] = {
         ModelCard(
             "pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "pixart", _PIXART_SIGMA, 300,
             default_steps=20, default_guidance=4.5, precision="fp16",
+        ),
+        ModelCard(
+            "flux-dev", "black-forest-labs/FLUX.1-dev", "flux", _FLUX_DEV, 512, default_guidance=3.5, precision="bf16",
+            cells_per_token=2, sample_size=128,
+        ),
+        ModelCard(
+            "flux-schnell", "black-forest-labs/FLUX.1-schnell", "flux", _FLUX_SCHNELL, 256, default_steps=4,
+            default_guidance=0.0, precision="bf16", cells_per_token=2, sample_size=128,
         ),
         ModelCard("reference", None, "sd3", _REFERENCE, 16, vae_scale=1, default_guidance=4.0),
     )
@@ -105,7 +129,7 @@ def size_limits(card: ModelCard) -> tuple[int, int | None]:
     crop a fixed position table of `pos_embed_max_size` tokens a side, PixArt interpolates its own.
     """
     config = card.transformer_config
-    multiple = card.vae_scale * int(config["patch_size"])
+    multiple = card.vae_scale * card.token_cells
     table = config.get("pos_embed_max_size") if card.family == "sd3" else None
     return multiple, None if table is None else int(table) * multiple
 

@@ -9,38 +9,17 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from diffusers import PixArtSigmaPipeline, StableDiffusion3Pipeline
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError
-from catrt.models import make_adapter
+from catrt.models import PIPELINES, make_adapter
+from catrt.pipeline_spec import PipelineSpec
 from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
-
-
-@dataclass(frozen=True)
-class PipelineSpec:
-    """Per pipeline class: the extra call arguments catrt's own callers (CLI, server) pass, and
-    which tokenizer limits a prompt's length (so callers can refuse a long prompt instead of letting
-    the pipeline truncate it)."""
-
-    call_defaults: dict[str, Any]
-    # The pipeline attribute holding the tokenizer whose length is the prompt's limit (SD3: T5's).
-    text_tokenizer: str = "tokenizer"
-    # The call argument that sets that length; None where the tokenizer's own max_length fixes it.
-    text_length_argument: str | None = "max_sequence_length"
-
-
-PIPELINES: dict[type, PipelineSpec] = {
-    StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3"),
-    # Resolution binning would silently change the requested size; clean_caption needs extra packages.
-    PixArtSigmaPipeline: PipelineSpec(call_defaults={"use_resolution_binning": False, "clean_caption": False}),
-}
 
 
 def register_pipeline(pipeline_class: type, spec: PipelineSpec) -> None:
@@ -54,6 +33,12 @@ def pipeline_spec(pipe: Any) -> PipelineSpec:
         supported = ", ".join(cls.__name__ for cls in PIPELINES)
         raise UnsupportedModelError(f"catrt cannot accelerate {type(pipe).__name__}; supported pipelines: {supported}")
     return spec
+
+
+def default_image_size(pipe: Any) -> int:
+    """The pipeline's own image side in pixels when a call gives none (its default sample size in latent cells)."""
+    cells = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+    return int(cells * pipe.vae_scale_factor)
 
 
 class AcceleratedPipeline:
@@ -83,8 +68,13 @@ class AcceleratedPipeline:
         steps = bound.arguments.get("num_inference_steps")
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"num_inference_steps must be a positive integer, got {steps!r}", field="num_inference_steps")
-        guidance = float(bound.arguments.get("guidance_scale", 1.0)) > 1.0
-        runtime = CATRuntime(self.adapter, self.config, steps, guidance, self.functions, self.buffers, self.cuda_graphs)
+        if self.spec.check_call is not None:
+            self.spec.check_call(bound.arguments)
+        guidance = self.spec.doubles_batch(bound.arguments)
+        grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
+        runtime = CATRuntime(
+            self.adapter, self.config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
+        )
         with transformer_replaced(self.pipe.transformer, runtime):
             result = self.pipe(*args, **kwargs)
         if runtime.step != steps:
@@ -111,7 +101,7 @@ def accelerate(
     """Wrap a diffusers pipeline so its calls run with CAT Pruning.
 
     Args:
-        pipe: a `StableDiffusion3Pipeline` or `PixArtSigmaPipeline` (or a registered class).
+        pipe: a `StableDiffusion3Pipeline`, `PixArtSigmaPipeline` or `FluxPipeline` (or a registered class).
         config: the pruning settings; `CATConfig()` by default (alpha 0.3, t0 8).
         functions: the step graphs to run (an engine); by default the adapter, run as `backend` says.
         backend: "eager" runs the adapter as is; "compile" runs it through `torch.compile`.

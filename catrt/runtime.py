@@ -34,7 +34,7 @@ from catrt.clustering import cluster_adjacency, clustering_features, kmeans, poo
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.models.base import Adapter, AttentionRecorder, Context
-from catrt.tokens import Grid, patchify, unpatchify
+from catrt.tokens import Grid
 from catrt.scheduler import StepKind, step_kind
 
 logger = logging.getLogger(__name__)
@@ -79,13 +79,13 @@ class StepRecord:
 class StepState:
     """Every tensor the step programs read or write; allocated once per shape, reused by every generation."""
 
-    latents: torch.Tensor  # (B, C, H, W), the step's input
+    latents: torch.Tensor  # the step's input: (B, C, H, W), or (B, N, C) packed
     timestep: torch.Tensor  # (B,)
     context: Context  # the prepared context, copied in once per generation
     kv_cache: torch.Tensor  # (S, B, N, D)
-    output_cache: torch.Tensor  # (B, N, p*p*C_out)
-    prediction: torch.Tensor  # (B, C_out, H, W), what the runtime returns
-    reference: torch.Tensor  # (B', N, p*p*C_out) float32, cond rows at step t0 - 1
+    output_cache: torch.Tensor  # (B, N, C_token_out)
+    prediction: torch.Tensor  # the adapter's prediction_of(output_cache), what the runtime returns
+    reference: torch.Tensor  # (B', N, C_token_out) float32, cond rows at step t0 - 1
     staleness: torch.Tensor  # (B', N) float32 EWMA of selection
     last_computed: torch.Tensor  # (B', N) int64 step each token was last computed
     labels: torch.Tensor  # (B', N) int64 clusters made at t0
@@ -150,11 +150,14 @@ class CATRuntime:
         adapter: the model family's adapter (shapes, context inputs; the eager step functions).
         config: the pruning settings.
         steps: transformer calls this generation makes.
-        guidance: whether the batch stacks [uncond, cond] rows (classifier-free guidance).
+        guidance: whether the batch stacks [uncond, cond] rows: the pipeline spec's `doubles_batch`
+            (classifier-free guidance; never for a distilled guidance embedding such as FLUX-dev's).
         functions: the step functions to run (an engine); the adapter by default.
         buffers: persistent state to reuse across generations; a private one by default.
         cuda_graphs: capture each step program as a CUDA graph; None = what `functions` prefers
             (its `cuda_graphs` attribute) on a CUDA device, off elsewhere.
+        grid: the token grid, for adapters whose latents do not carry it (packed latents: the
+            pipeline spec's `token_grid` of the call); ignored where the latents' shape gives it.
     """
 
     def __init__(
@@ -166,8 +169,10 @@ class CATRuntime:
         functions: StepFunctions | None = None,
         buffers: RuntimeBuffers | None = None,
         cuda_graphs: bool | None = None,
+        grid: Grid | None = None,
     ) -> None:
         config.check_steps(steps)
+        self.given_grid = grid
         self.adapter = adapter
         self.functions: StepFunctions = functions if functions is not None else adapter
         self.config = config
@@ -185,7 +190,7 @@ class CATRuntime:
             )
 
     def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
-        """One denoising step: (B, C, H, W) latents -> (B, C_out, H, W) prediction.
+        """One denoising step: latents -> the prediction of the same layout (`Adapter.prediction_of`).
 
         The prediction is a buffer the next step overwrites: use it before calling again.
         """
@@ -221,11 +226,11 @@ class CATRuntime:
 
     def _start(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> None:
         """Find (or allocate) this shape's state and copy the generation's context into it."""
-        batch_total, _, height, width = hidden_states.shape
+        batch_total = hidden_states.shape[0]
         if self.guidance and batch_total % 2:
             raise ConfigError(f"classifier-free guidance needs an even batch, got {batch_total}", field="guidance_scale")
         self.batch = batch_total // 2 if self.guidance else batch_total
-        self.grid: Grid = self.adapter.grid(height, width)
+        self.grid: Grid = self._grid(hidden_states)
         self.k = self.config.num_selected(self.grid.num_tokens)
         self.n_clusters = min(self.config.n_clusters, self.grid.num_tokens)
         self.capture = self._wants_capture(hidden_states.device)
@@ -241,6 +246,24 @@ class CATRuntime:
         self.state.staleness.zero_()
         self.state.last_computed.zero_()
         self.generator = torch.Generator(device=hidden_states.device).manual_seed(self.config.seed)
+
+    def _grid(self, hidden_states: torch.Tensor) -> Grid:
+        """The latents' own grid, else the one given (packed latents), checked against the token count."""
+        grid = self.adapter.latent_grid(hidden_states)
+        if grid is not None:
+            return grid
+        if self.given_grid is None:
+            raise ConfigError(
+                f"{type(self.adapter).__name__} latents do not carry their token grid: pass CATRuntime(grid=...)", field="grid"
+            )
+        num_tokens = self.adapter.tokens_of(hidden_states).shape[1]
+        if self.given_grid.num_tokens != num_tokens:
+            raise ConfigError(
+                f"the latents have {num_tokens} tokens, the grid {self.given_grid.height}x{self.given_grid.width} has "
+                f"{self.given_grid.num_tokens}; pass the call's height and width",
+                field="height", value=(self.given_grid.height, self.given_grid.width),
+            )
+        return self.given_grid
 
     def _wants_capture(self, device: torch.device) -> bool:
         wanted = self.cuda_graphs if self.cuda_graphs is not None else getattr(self.functions, "cuda_graphs", False)
@@ -260,8 +283,7 @@ class CATRuntime:
     def _allocate(self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context) -> StepState:
         adapter, device, dtype = self.adapter, hidden_states.device, hidden_states.dtype
         batch_total, num = hidden_states.shape[0], self.grid.num_tokens
-        channels = adapter.patch_size**2 * adapter.out_channels
-        height, width = hidden_states.shape[-2:]
+        channels = adapter.token_out_channels
         logger.info("allocating step buffers for latents %s %s", tuple(hidden_states.shape), dtype)
 
         def per_prompt(dtype: torch.dtype, *shape: int) -> torch.Tensor:
@@ -273,7 +295,7 @@ class CATRuntime:
             context={name: torch.empty_like(tensor) for name, tensor in context.items()},
             kv_cache=torch.zeros((adapter.num_kv_slots, batch_total, num, adapter.hidden_dim), device=device, dtype=dtype),
             output_cache=torch.zeros((batch_total, num, channels), device=device, dtype=dtype),
-            prediction=torch.zeros((batch_total, adapter.out_channels, height, width), device=device, dtype=dtype),
+            prediction=torch.zeros(adapter.prediction_shape(tuple(hidden_states.shape)), device=device, dtype=dtype),
             reference=per_prompt(torch.float32, num, channels),
             staleness=per_prompt(torch.float32, num),
             last_computed=per_prompt(torch.long, num),
@@ -301,20 +323,20 @@ class CATRuntime:
         tokens = self.functions.full_forward(state.latents, state.timestep, state.context, state.kv_cache)
         state.output_cache.copy_(tokens)
         state.last_computed.copy_(state.step_index.expand_as(state.last_computed))
-        state.prediction.copy_(unpatchify(state.output_cache, self.grid, self.adapter.patch_size))
+        state.prediction.copy_(self.adapter.prediction_of(state.output_cache, self.grid))
 
     def _pruned_program(self) -> None:
         """The whole pruned step, selection of the next step's tokens included (one CUDA graph)."""
         state = self.state
         indices = state.indices
         both = torch.cat([indices, indices]) if self.guidance else indices  # cond and uncond share
-        patches = patchify(state.latents, self.adapter.patch_size)
+        patches = self.adapter.tokens_of(state.latents)
         patches = patches.gather(1, both.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
         tokens = self.functions.pruned_forward(patches, both, state.timestep, state.context, state.kv_cache)
         state.output_cache.scatter_(1, both.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
         state.staleness.copy_(selection.update_staleness(state.staleness, indices, self.config.ewma_decay))
         state.last_computed.scatter_(1, indices, state.step_index.expand_as(indices))
-        state.prediction.copy_(unpatchify(state.output_cache, self.grid, self.adapter.patch_size))
+        state.prediction.copy_(self.adapter.prediction_of(state.output_cache, self.grid))
         state.indices.copy_(self._select())
 
     def _after_full_step(self) -> None:

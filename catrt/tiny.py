@@ -1,6 +1,6 @@
 """Small random-weight diffusers pipelines, built from configs in code.
 
-They keep the layouts of the published models (SD3 medium, SD3.5, PixArt-Sigma) at toy sizes, so
+They keep the layouts of the published models (SD3 medium, SD3.5, PixArt-Sigma, FLUX.1) at toy sizes, so
 tests and benchmarks exercise the real diffusers code paths with no download and in milliseconds.
 Every dimension that is distinct in the published models is distinct here too (T5 width, CLIP
 widths, transformer width), so code that confuses them fails on the tiny models as well.
@@ -19,6 +19,8 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
@@ -27,6 +29,7 @@ from diffusers import (
 from tokenizers import pre_tokenizers
 from transformers import (
     CLIPTextConfig,
+    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     T5Config,
@@ -45,6 +48,8 @@ HEADS, HEAD_DIM = 4, 8  # transformer width 32, distinct from T5_WIDTH
 CLIP_PROJECTION = 32  # each CLIP's pooled width; SD3's pooled_projection_dim is twice this
 SD3_VAE_SHIFT, SD3_VAE_SCALE = 0.0609, 1.5305  # the published SD3 VAE's latent normalisation
 SDXL_VAE_SCALE = 0.13025  # PixArt-Sigma uses the SDXL VAE
+FLUX_VAE_SHIFT, FLUX_VAE_SCALE = 0.1159, 0.3611  # the published FLUX.1 VAE's latent normalisation
+FLUX_CLIP_WIDTH = 24  # FLUX pools CLIP-L's hidden state (no projection): pooled_projection_dim
 
 # Whole-word tokens so ordinary prompts stay short; any other word falls back to characters.
 _WORDS = """
@@ -98,20 +103,24 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def _clip_encoder(
-    tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int
-) -> CLIPTextModelWithProjection:
-    """A two-layer CLIP text encoder whose special-token ids match `tokenizer`'s.
+def _clip_config(tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int) -> CLIPTextConfig:
+    """A two-layer CLIP text config whose special-token ids match `tokenizer`'s.
 
     The pooled vector is read at the eos position, so a mismatched eos id would pool garbage.
     """
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH,
         projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModelWithProjection(config).eval()
+
+
+def _clip_encoder(
+    tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int
+) -> CLIPTextModelWithProjection:
+    """A two-layer CLIP text encoder with a projection (SD3's pooled inputs)."""
+    return CLIPTextModelWithProjection(_clip_config(tokenizer, hidden_size, projection_dim)).eval()
 
 
 def _t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
@@ -197,10 +206,46 @@ def _tiny_pixart(seed: int) -> PixArtSigmaPipeline:
     )
 
 
+def _flux_pipeline(seed: int, guidance_embeds: bool) -> FluxPipeline:
+    """A FLUX.1 pipeline: double and single stream blocks, packed 2x2 latents (16 channels -> 64), rotary axes.
+
+    CLIP-L's pooled hidden state (width 24) and T5 (width 48) are distinct, as 768 and 4096 are.
+    """
+    clip, t5 = _clip_tokenizer(), _t5_tokenizer()
+    return FluxPipeline(
+        transformer=_seeded(seed, 0, lambda: FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS, joint_attention_dim=T5_WIDTH, pooled_projection_dim=FLUX_CLIP_WIDTH,
+            guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+        ).eval()),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_seeded(seed, 1, lambda: _vae(16, FLUX_VAE_SHIFT, FLUX_VAE_SCALE)),
+        text_encoder=_seeded(seed, 2, lambda: CLIPTextModel(_clip_config(clip, FLUX_CLIP_WIDTH, CLIP_PROJECTION)).eval()),
+        tokenizer=clip,
+        text_encoder_2=_seeded(seed, 4, lambda: _t5_encoder(t5)),
+        tokenizer_2=t5,
+    )
+
+
+def _tiny_flux(seed: int) -> FluxPipeline:
+    """FLUX.1-dev layout: the guidance scale enters as a distilled embedding."""
+    return _flux_pipeline(seed, guidance_embeds=True)
+
+
+def _tiny_flux_schnell(seed: int) -> FluxPipeline:
+    """FLUX.1-schnell layout: no guidance embedding."""
+    return _flux_pipeline(seed, guidance_embeds=False)
+
+
 TINY_PIPELINES: dict[str, Callable[[int], DiffusionPipeline]] = {
     "tiny-sd3": _tiny_sd3,
     "tiny-sd3.5": _tiny_sd35,
     "tiny-pixart": _tiny_pixart,
+    "tiny-flux": _tiny_flux,
+    "tiny-flux-schnell": _tiny_flux_schnell,
 }
 
 

@@ -1,4 +1,4 @@
-"""Adapters per layout (SD3, SD3.5, PixArt-Sigma): equal diffusers' forward; pruned with k = N equals full."""
+"""Adapters per layout (SD3, SD3.5, PixArt-Sigma, FLUX dev / schnell): equal diffusers' forward; pruned with k = N equals full."""
 
 from __future__ import annotations
 
@@ -9,17 +9,35 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 from catrt import CATConfig, ConfigError, UnsupportedModelError
-from catrt.models import make_adapter, patchify, unpatchify
+from catrt.models import make_adapter
 from catrt.runtime import CATRuntime
+from catrt.tokens import Grid
 from tests.conftest import TINY_NAMES
 from tests.test_selection import NoHostSync
+
+
+GRID = Grid(4, 6)  # 24 image tokens: an 8x12 latent in 2x2 patches, or 24 packed FLUX tokens
 
 
 def _inputs(transformer: Any, batch: int = 2, height: int = 8, width: int = 12) -> tuple[torch.Tensor, torch.Tensor, dict]:
     gen = torch.Generator().manual_seed(0)
     config = transformer.config
-    latents = torch.randn(batch, config.in_channels, height, width, generator=gen)
     timestep = torch.tensor([700.0, 300.0][:batch])
+    if hasattr(config, "axes_dims_rope"):  # FLUX: packed latents, position ids, timestep in [0, 1]
+        rows, cols = height // 2, width // 2
+        ids = torch.zeros(rows, cols, 3)
+        ids[..., 1] += torch.arange(rows)[:, None]
+        ids[..., 2] += torch.arange(cols)[None, :]
+        kwargs = {
+            "encoder_hidden_states": torch.randn(batch, 9, config.joint_attention_dim, generator=gen),
+            "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=gen),
+            "txt_ids": torch.zeros(9, 3),
+            "img_ids": ids.reshape(-1, 3),
+            "guidance": torch.full((batch,), 3.5) if config.guidance_embeds else None,
+            "joint_attention_kwargs": {},
+        }
+        return torch.randn(batch, rows * cols, config.in_channels, generator=gen), timestep / 1000, kwargs
+    latents = torch.randn(batch, config.in_channels, height, width, generator=gen)
     if hasattr(config, "joint_attention_dim"):
         kwargs = {
             "encoder_hidden_states": torch.randn(batch, 9, config.joint_attention_dim, generator=gen),
@@ -57,7 +75,7 @@ def test_full_forward_equals_diffusers(transformer: Any) -> None:
     context = _context(adapter, kwargs, latents)
     cache = _empty_cache(adapter)
     tokens = adapter.full_forward(latents, timestep, context, cache)
-    got = unpatchify(tokens, adapter.grid(8, 12), adapter.patch_size)
+    got = adapter.prediction_of(tokens, GRID)
     assert (got - expected).abs().max() < 1e-4
     assert not cache.isnan().any()  # every slot, every row written in place
     exported_tokens, kv = adapter.export_full(latents, timestep, context)
@@ -73,7 +91,7 @@ def test_pruned_step_with_all_tokens_equals_full_step(transformer: Any) -> None:
     tokens, kv = adapter.export_full(latents, timestep, context)
     gen = torch.Generator().manual_seed(1)
     indices = torch.stack([torch.randperm(24, generator=gen) for _ in range(2)])  # k = N, shuffled
-    patches = patchify(latents, adapter.patch_size)
+    patches = adapter.tokens_of(latents)
     patches = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     stale_cache = torch.randn(kv.shape, generator=gen)  # every row is overwritten when k = N
     out, rows = adapter.export_pruned(patches, indices, timestep, context, stale_cache.clone())
@@ -93,7 +111,7 @@ def test_pruned_step_writes_only_the_selected_rows_in_place(transformer: Any) ->
     context = _context(adapter, kwargs, latents)
     _, kv = adapter.export_full(latents, timestep, context)
     indices = torch.tensor([[3, 0, 17, 9, 22, 5, 11, 14], [1, 2, 23, 8, 7, 20, 16, 4]])
-    patches = patchify(latents + 0.5, adapter.patch_size)
+    patches = adapter.tokens_of(latents + 0.5)
     patches = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     cache = kv.clone()
     address = cache.data_ptr()
@@ -111,13 +129,13 @@ def test_pruned_step_writes_only_the_selected_rows_in_place(transformer: Any) ->
 def test_unselected_tokens_keep_their_cached_output(transformer: Any) -> None:
     adapter = make_adapter(transformer)
     latents, _, kwargs = _inputs(transformer)
-    runtime = CATRuntime(adapter, CATConfig(alpha=0.3, t0=2, trace=True), steps=5, guidance=False)
+    runtime = CATRuntime(adapter, CATConfig(alpha=0.3, t0=2, trace=True), steps=5, guidance=False, grid=GRID)
     previous = None
     for step in range(1, 6):
         timestep = torch.full((2,), 1000.0 - 150 * step)
         with NoHostSync():  # the whole runtime step, selection included, stays on the device
             out = runtime(latents + 0.1 * step, timestep, kwargs)
-        tokens = patchify_output(out, adapter.patch_size)
+        tokens = patchify_output(out, adapter.patch_size) if out.ndim == 4 else out.clone()  # the buffer is reused
         record = runtime.trace[-1]
         if record.kind == "pruned":
             assert record.indices.shape == (2, 8)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, PixArtSigmaPipeline
+from diffusers import DiffusionPipeline, FluxPipeline, PixArtSigmaPipeline
 
 from catrt.errors import UnknownModelError
 from catrt.loading import LOADERS, load_pipeline
@@ -72,7 +72,7 @@ def _same_weights(a: DiffusionPipeline, b: DiffusionPipeline) -> bool:
 
 
 def test_every_tiny_name_is_loadable() -> None:
-    assert set(TINY_PIPELINES) == {"tiny-sd3", "tiny-sd3.5", "tiny-pixart"}
+    assert set(TINY_PIPELINES) == {"tiny-sd3", "tiny-sd3.5", "tiny-pixart", "tiny-flux", "tiny-flux-schnell"}
     assert set(TINY_PIPELINES) | set(MODEL_CARDS) <= set(LOADERS)
 
 
@@ -107,7 +107,10 @@ def test_generates_latents_of_the_requested_size(
 ) -> None:
     latents = _generate(pipeline, height=height, width=width, guidance_scale=guidance_scale)
     channels = pipeline.vae.config.latent_channels
-    assert latents.shape == (1, channels, height // 8, width // 8)
+    if isinstance(pipeline, FluxPipeline):  # packed: one row of 2x2 latent cells per token
+        assert latents.shape == (1, (height // 16) * (width // 16), 4 * channels)
+    else:
+        assert latents.shape == (1, channels, height // 8, width // 8)
     assert torch.isfinite(latents).all()
 
 
@@ -156,5 +159,5 @@ def test_folder_without_model_index_is_unknown(tmp_path: Path) -> None:
 
 
 def test_unknown_tiny_name_raises() -> None:
-    with pytest.raises(UnknownModelError, match="tiny-flux"):
-        build_tiny_pipeline("tiny-flux")
+    with pytest.raises(UnknownModelError, match="tiny-sdxl"):
+        build_tiny_pipeline("tiny-sdxl")

@@ -57,7 +57,7 @@ class FunctionalSteps:
         return tokens
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-pixart"])
+@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-pixart", "tiny-flux"])
 def test_in_place_steps_equal_the_functional_steps(name: str, tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines[name]
     config = catrt.CATConfig(alpha=0.3, t0=4)

@@ -17,7 +17,6 @@ from catrt.build_config import BuildConfig
 from catrt.engines.base import FULL_OUTPUTS, PRUNED_OUTPUTS
 from catrt.errors import BuildError
 from catrt.models.base import Adapter, Context
-from catrt.tokens import patchify
 from catrt.pipeline import pipeline_spec, transformer_replaced
 
 
@@ -29,7 +28,7 @@ Graphs = dict[str, dict[str, torch.Tensor]]
 class StepSample:
     """One full step's inputs: latents, timestep and the context inputs of the call."""
 
-    hidden_states: torch.Tensor  # (B, C, H, W)
+    hidden_states: torch.Tensor  # (B, C, H, W), or (B, N, C) packed
     timestep: torch.Tensor  # (B,)
     context_inputs: Context
 
@@ -44,8 +43,7 @@ class _FirstCallRecorder:
     def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
         if self.sample is None:
             self.sample = StepSample(hidden_states.clone(), timestep.clone(), self.adapter.context_inputs(call_kwargs))
-        batch, _, height, width = hidden_states.shape
-        return hidden_states.new_zeros((batch, self.adapter.out_channels, height, width))
+        return hidden_states.new_zeros(self.adapter.prediction_shape(tuple(hidden_states.shape)))
 
 
 def capture_step_sample(pipe: Any, adapter: Adapter, build: BuildConfig) -> StepSample:
@@ -75,7 +73,7 @@ def reference_io(sample: StepSample, adapter: Adapter, k: int) -> tuple[Graphs, 
     derived = {name: tensor for name, tensor in context.items() if name not in sample.context_inputs}
     full = {"hidden_states": sample.hidden_states, "timestep": sample.timestep, **context}
     full_outputs = dict(zip(FULL_OUTPUTS, adapter.export_full(sample.hidden_states, sample.timestep, context)))
-    patches = patchify(sample.hidden_states, adapter.patch_size)
+    patches = adapter.tokens_of(sample.hidden_states)
     indices = random_indices(patches.shape[0], patches.shape[1], k, patches.device)
     selected = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     pruned = {"patches": selected, "indices": indices, "timestep": sample.timestep, "kv_cache": full_outputs["kv"], **context}

@@ -1,30 +1,26 @@
-"""Per-family adapters, chosen by the class of the loaded diffusers transformer."""
+"""Per-family adapters, chosen by the class of the loaded diffusers transformer.
+
+Each family module (sd3, pixart, flux) registers its `Family` when imported; see `registry`.
+"""
 
 from __future__ import annotations
 
-from torch import nn
-
-from catrt.errors import UnsupportedModelError
+from catrt.models import flux, pixart, sd3  # noqa: F401  (each registers its family)
 from catrt.models.base import Adapter, Context
+from catrt.models.registry import ADAPTERS, FAMILIES, PIPELINES, Family, family_of, make_adapter, register_family
 from catrt.tokens import Grid, patchify, unpatchify
-from catrt.models.pixart import PixArtAdapter
-from catrt.models.sd3 import SD3Adapter
 
-ADAPTERS: dict[type[nn.Module], type[Adapter]] = {
-    SD3Adapter.transformer_class: SD3Adapter,
-    PixArtAdapter.transformer_class: PixArtAdapter,
-}
-
-
-def make_adapter(transformer: nn.Module) -> Adapter:
-    """The adapter for a loaded transformer; refuses classes catrt cannot prune."""
-    adapter_class = ADAPTERS.get(type(transformer))
-    if adapter_class is None:
-        supported = ", ".join(cls.__name__ for cls in ADAPTERS)
-        raise UnsupportedModelError(
-            f"no catrt adapter for transformer class {type(transformer).__name__}; supported: {supported}"
-        )
-    return adapter_class(transformer)
-
-
-__all__ = ["ADAPTERS", "Adapter", "Context", "Grid", "make_adapter", "patchify", "unpatchify"]
+__all__ = [
+    "ADAPTERS",
+    "FAMILIES",
+    "PIPELINES",
+    "Adapter",
+    "Context",
+    "Family",
+    "Grid",
+    "family_of",
+    "make_adapter",
+    "patchify",
+    "register_family",
+    "unpatchify",
+]

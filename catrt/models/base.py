@@ -10,6 +10,13 @@ step-invariant inputs of a generation go through two stages:
   transformer's weights once per generation (the positional table, PixArt's cross-attention K/V). A
   bundle exports it as its "context" graph.
 
+How latents become tokens is the adapter's to declare (the runtime, the export and MAC counting ask it):
+`tokens_of` / `prediction_of` / `prediction_shape` map the pipeline's latents to (B, N, C) token rows
+and the output tokens back, `latent_grid` gives the token grid where the latents carry it, `embed`
+and `embed_patches` embed all or the selected tokens. The defaults here are the conv-patch layout
+(SD3, PixArt: 4-D latents, a conv patch embedding and a learned positional table in the context);
+FLUX overrides them for packed (B, N, 64) latents, a linear embedding and rotary positions.
+
 Then two static-shape step functions, each in two forms:
 
 - in place (`full_forward`, `pruned_forward`): the runtime's K/V cache (S, B, N, D) is written as the
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from catrt.errors import ConfigError, UnsupportedModelError
-from catrt.tokens import Grid
+from catrt.tokens import Grid, patchify, unpatchify
 
 Context = dict[str, torch.Tensor]
 
@@ -120,6 +127,37 @@ class Adapter(ABC):
     def hidden_dim(self) -> int:
         return self.transformer.inner_dim
 
+    # -- the token layout (conv patches of 4-D latents by default) -------------------------------
+
+    @property
+    def token_channels(self) -> int:
+        """Channels of one input token: a flattened C x p x p latent patch."""
+        return self.in_channels * self.patch_size**2
+
+    @property
+    def token_out_channels(self) -> int:
+        """Channels of one output token: p x p x C_out."""
+        return self.patch_size**2 * self.out_channels
+
+    def latent_grid(self, latents: torch.Tensor) -> Grid | None:
+        """The token grid the latents' shape gives, or None where it does not (packed latents)."""
+        return self.grid(latents.shape[-2], latents.shape[-1])
+
+    def tokens_of(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) latents -> (B, N, C*p*p) token rows (what the pruned step gathers)."""
+        return patchify(latents, self.patch_size)
+
+    def prediction_of(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """(B, N, p*p*C_out) output tokens -> the prediction the pipeline expects, (B, C_out, H, W)."""
+        return unpatchify(tokens, grid, self.patch_size)
+
+    def prediction_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (latent_shape[0], self.out_channels, *latent_shape[2:])
+
+    def embed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """All latents -> (B, N, D) tokens, as the transformer's own embedding."""
+        return self.transformer.pos_embed(hidden_states)
+
     def grid(self, latent_height: int, latent_width: int) -> Grid:
         """The token grid of a latent size; raises when the patch size does not divide it."""
         p = self.patch_size
@@ -143,8 +181,8 @@ class Adapter(ABC):
     def full_forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor
     ) -> torch.Tensor:
-        """(B, C, H, W) latents -> output tokens (B, N, p*p*C_out); writes every K/V slot of `kv_cache`."""
-        tokens = self.transformer.pos_embed(hidden_states)
+        """Latents -> output tokens (B, N, C_token_out); writes every K/V slot of `kv_cache`."""
+        tokens = self.embed(hidden_states)
         return self.run_blocks(tokens, timestep, context, KVStore(kv_cache, None, in_place=True))
 
     def pruned_forward(
@@ -167,7 +205,7 @@ class Adapter(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Functional full step: output tokens (B, N, p*p*C_out) and the K/V (S, B, N, D)."""
         store = KVStore(None, None, in_place=False)
-        tokens = self.run_blocks(self.transformer.pos_embed(hidden_states), timestep, context, store)
+        tokens = self.run_blocks(self.embed(hidden_states), timestep, context, store)
         return tokens, store.stacked_rows()
 
     def export_pruned(
@@ -212,11 +250,11 @@ class Adapter(ABC):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.pos_embed.proj.weight.device
+        return self.transformer.proj_out.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.pos_embed.proj.weight.dtype
+        return self.transformer.proj_out.weight.dtype
 
 
 def heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -10,12 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import PixArtTransformer2DModel
+from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from catrt.errors import UnsupportedModelError
 from catrt.models.base import Adapter, Context, KVStore, attention, project_qkv
+from catrt.models.registry import Family, register_family
+from catrt.pipeline_spec import PipelineSpec
+from catrt.tokens import Grid
 
 
 class PixArtAdapter(Adapter):
@@ -128,3 +131,22 @@ class PixArtAdapter(Adapter):
 
         nx = block.norm2(x) * (1 + scale_mlp) + shift_mlp
         return x + gate_mlp * block.ff(nx)
+
+
+def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:
+    """Batch-1 meta tensors shaped like one PixArt denoising step's transformer call."""
+    patch = config["patch_size"]
+    return {
+        "hidden_states": torch.empty(1, config["in_channels"], grid.height * patch, grid.width * patch, device="meta"),
+        "timestep": torch.empty(1, device="meta"),
+        "encoder_hidden_states": torch.empty(1, text_tokens, config["caption_channels"], device="meta"),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+
+
+#: Resolution binning would silently change the requested size; clean_caption needs extra packages.
+FAMILY = register_family(Family(
+    "pixart", PixArtAdapter,
+    {PixArtSigmaPipeline: PipelineSpec(call_defaults={"use_resolution_binning": False, "clean_caption": False})},
+    _meta_call,
+))

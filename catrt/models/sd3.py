@@ -8,13 +8,16 @@ import threading
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.activations import GELU
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
 from torch import nn
 
 from catrt.errors import UnsupportedModelError
+from catrt.models.registry import Family, register_family
+from catrt.pipeline_spec import PipelineSpec
+from catrt.tokens import Grid
 from catrt.models.base import Adapter, Context, KVStore, attention, gated_add_, joint_attention, modulate_, project_qkv
 
 logger = logging.getLogger(__name__)
@@ -224,3 +227,20 @@ def _linear(layer: nn.Module, x: torch.Tensor, scratch: Scratch | None = None, n
         return layer(x)
     torch.addmm(layer.bias, x.view(-1, x.shape[-1]), layer.weight.t(), out=out.view(-1, shape[-1]))
     return out
+
+
+def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:
+    """Batch-1 meta tensors shaped like one SD3 denoising step's transformer call."""
+    patch = config["patch_size"]
+    return {
+        "hidden_states": torch.empty(1, config["in_channels"], grid.height * patch, grid.width * patch, device="meta"),
+        "timestep": torch.empty(1, device="meta"),
+        "encoder_hidden_states": torch.empty(1, text_tokens, config["joint_attention_dim"], device="meta"),
+        "pooled_projections": torch.empty(1, config["pooled_projection_dim"], device="meta"),
+    }
+
+
+#: The prompt's limit is T5's (tokenizer_3); classifier-free guidance doubles the batch.
+FAMILY = register_family(Family(
+    "sd3", SD3Adapter, {StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3")}, _meta_call
+))

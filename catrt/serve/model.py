@@ -22,7 +22,7 @@ import torch
 
 from catrt.build_config import PRECISIONS, BuildConfig
 from catrt.model_cards import MODEL_CARDS, default_precision
-from catrt.pipeline import pipeline_spec
+from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.scheduler import plan
 from catrt.serve.config import ServeConfig
 from catrt.prompts import PromptReader, TextLimit, text_limit
@@ -226,7 +226,7 @@ def _call_arguments(pipe: Any, spec: ServedSpec, limit: TextLimit) -> dict[str, 
 
 def _default_size(pipe: Any) -> int:
     """The model's own image size in pixels, as `catrt build` takes it when none is given."""
-    return int(pipe.transformer.config.sample_size * pipe.vae_scale_factor)
+    return default_image_size(pipe)
 
 
 def _default_guidance(model: str, pipe: Any) -> float:

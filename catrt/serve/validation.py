@@ -128,7 +128,7 @@ class RequestRules:
         asked = {"size": body.size or "auto", "steps": steps, "n": body.n, "guidance_scale": guidance}
         try:
             if self.served.build is not None:
-                check_request(arguments, self.served.build)
+                check_request(arguments, self.served.build, self.served.runner.spec)
             else:
                 self._check_served_call(arguments)
         except ConfigError as error:
@@ -155,7 +155,7 @@ class RequestRules:
             return None
         arguments = self.call_arguments(self.spec.width, self.spec.height, self.spec.steps, 1.0)
         try:
-            check_request(arguments, self.served.build)
+            check_request(arguments, self.served.build, self.served.runner.spec)
         except ConfigError as error:
             if error.field == "guidance_scale":
                 return 1.0

@@ -1,0 +1,307 @@
+"""Adapter for diffusers' `FluxTransformer2DModel`: FLUX.1 dev (distilled guidance embedding) and schnell.
+
+FLUX differs from the SD3 layout in three ways the adapter contract declares:
+
+- packed latents: the pipeline hands the transformer (B, N, 64) tokens (2x2 latent patches packed by
+  the pipeline) and a linear `x_embedder` embeds them, so a token is a row of the latents and the
+  prediction is (B, N, 64) too;
+- rotary positions instead of a learned table: `prepare_context` turns the pipeline's `txt_ids` and
+  `img_ids` into one cos / sin table (T + N, head_dim), and a pruned step gathers the rows of its
+  selected tokens (the text rows always);
+- guidance is an input, not a batch doubling: FLUX-dev embeds the guidance scale (one value per
+  row, `guidance_embeds=True`), schnell has none; the batch is never [uncond, cond].
+
+Blocks: the double-stream blocks are SD3's joint blocks (image K/V cached, the text stream in full);
+the single-stream blocks run text and image tokens through one attention and MLP, and cache the
+image rows of their K and V (one slot pair each) while the text rows are recomputed every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from torch import nn
+
+from catrt.errors import ConfigError, UnsupportedModelError
+from catrt.models.base import Adapter, Context, KVStore, attention, joint_attention
+from catrt.models.registry import Family, register_family
+from catrt.pipeline_spec import PipelineSpec
+from catrt.tokens import Grid
+
+# Transformer call arguments the adapter does not prune through; each is refused by name when given.
+_UNSUPPORTED_CALL_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
+
+
+class FluxAdapter(Adapter):
+    """Double-stream (joint) blocks then single-stream blocks over packed latent tokens with rotary positions.
+
+    K/V slots: image K and V of each double block's joint attention, then image K and V of each
+    single block's attention.
+    """
+
+    transformer_class = FluxTransformer2DModel
+
+    def check_layout(self, transformer: nn.Module) -> None:
+        if transformer.config.patch_size != 1:
+            raise UnsupportedModelError(
+                f"FLUX transformer with patch_size {transformer.config.patch_size} is not supported (the pipeline packs 2x2 patches; catrt takes patch_size 1)"
+            )
+        if getattr(transformer, "encoder_hid_proj", None) is not None:
+            raise UnsupportedModelError("FLUX transformer with an IP-adapter (encoder_hid_proj) is not supported by catrt")
+        blocks = [("double", transformer.transformer_blocks), ("single", transformer.single_transformer_blocks)]
+        for kind, modules in blocks:
+            for index, block in enumerate(modules):
+                attn = block.attn
+                if type(attn.processor) is not FluxAttnProcessor:
+                    raise UnsupportedModelError(
+                        f"FLUX {kind} block {index} uses attention processor {type(attn.processor).__name__}; catrt "
+                        f"prunes only the default FluxAttnProcessor (no IP-adapter or custom processors)"
+                    )
+                if getattr(attn, "fused_projections", False):
+                    raise UnsupportedModelError(
+                        f"FLUX {kind} block {index} has fused QKV projections; unfuse them (unfuse_qkv_projections) for catrt"
+                    )
+
+    # -- the token layout: packed latents, linear embedding, rotary positions ---------------------
+
+    @property
+    def num_kv_slots(self) -> int:
+        return 2 * (len(self.transformer.transformer_blocks) + len(self.transformer.single_transformer_blocks))
+
+    @property
+    def token_channels(self) -> int:
+        return self.in_channels
+
+    @property
+    def token_out_channels(self) -> int:
+        return self.out_channels
+
+    def latent_grid(self, latents: torch.Tensor) -> Grid | None:
+        """None: packed latents do not carry their grid (the pipeline's image size does)."""
+        return None
+
+    def tokens_of(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def prediction_of(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
+        return tokens
+
+    def prediction_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (*latent_shape[:-1], self.out_channels)
+
+    def embed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.transformer.x_embedder(hidden_states)
+
+    def embed_patches(self, patches: torch.Tensor, indices: torch.Tensor, context: Context) -> torch.Tensor:
+        """The linear embedding of the selected tokens; their positions enter as rotary rows in `run_blocks`."""
+        return self.transformer.x_embedder(patches)
+
+    def context_inputs(self, call_kwargs: dict[str, Any]) -> Context:
+        for name in _UNSUPPORTED_CALL_ARGS:
+            if call_kwargs.get(name) is not None:
+                raise UnsupportedModelError(f"FLUX transformer argument {name!r} is not supported by catrt (no ControlNet)")
+        attention_kwargs = call_kwargs.get("joint_attention_kwargs") or {}
+        if attention_kwargs:
+            raise UnsupportedModelError(
+                f"FLUX joint_attention_kwargs {sorted(attention_kwargs)} are not supported by catrt (no IP-adapter or LoRA scale)"
+            )
+        inputs: Context = {
+            "encoder_hidden_states": call_kwargs["encoder_hidden_states"],
+            "pooled_projections": call_kwargs["pooled_projections"],
+            "txt_ids": _ids(call_kwargs["txt_ids"]),
+            "img_ids": _ids(call_kwargs["img_ids"]),
+        }
+        guidance = call_kwargs.get("guidance")
+        if self.transformer.config.guidance_embeds:
+            if guidance is None:
+                raise ConfigError("this FLUX transformer embeds guidance (FLUX-dev): the call needs guidance", field="guidance")
+            inputs["guidance"] = guidance
+        elif guidance is not None:
+            raise ConfigError("this FLUX transformer has no guidance embedding (FLUX-schnell): pass guidance=None", field="guidance")
+        return inputs
+
+    def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context:
+        """Adds the rotary table (T + N, head_dim) of the text and image positions, as cos and sin."""
+        cos, sin = self.transformer.pos_embed(torch.cat((inputs["txt_ids"], inputs["img_ids"]), dim=0))
+        return {**inputs, "rotary_cos": cos, "rotary_sin": sin}
+
+    # -- the blocks ------------------------------------------------------------------------------
+
+    def run_blocks(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context, store: KVStore) -> torch.Tensor:
+        """Diffusers' FLUX forward on the given image tokens (all N, or the k of `store.indices`)."""
+        model = self.transformer
+        dtype = tokens.dtype
+        timestep = timestep.to(dtype) * 1000
+        if "guidance" in context:
+            temb = model.time_text_embed(timestep, context["guidance"].to(dtype) * 1000, context["pooled_projections"])
+        else:
+            temb = model.time_text_embed(timestep, context["pooled_projections"])
+        text = model.context_embedder(context["encoder_hidden_states"])
+        text_rope, image_rope = _rotary_rows(context, text.shape[1], store.indices)
+        slot = 0
+        for block in model.transformer_blocks:
+            text, tokens = self._double_block(block, slot, tokens, text, temb, text_rope, image_rope, store)
+            slot += 2
+        for block in model.single_transformer_blocks:
+            text, tokens = self._single_block(block, slot, tokens, text, temb, text_rope, image_rope, store)
+            slot += 2
+        return model.proj_out(model.norm_out(tokens, temb))
+
+    def _double_block(
+        self,
+        block: nn.Module,
+        slot: int,
+        x: torch.Tensor,
+        text: torch.Tensor,
+        temb: torch.Tensor,
+        text_rope: tuple[torch.Tensor, torch.Tensor],
+        image_rope: tuple[torch.Tensor, torch.Tensor],
+        store: KVStore,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One FluxTransformerBlock: joint attention of the text and the given image tokens, then both MLPs."""
+        nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(x, emb=temb)
+        ntext, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(text, emb=temb)
+        attn = block.attn
+        query, key, value = _qkv(attn, nx, image_rope)
+        key, value = store.exchange(slot, key), store.exchange(slot + 1, value)
+        t_query, t_key, t_value = _qkv(attn, ntext, text_rope, added=True)
+        num_image = query.shape[1]
+        joint = joint_attention(
+            [query, t_query], [key, t_key], [value, t_value], attn.heads, self.recorder, num_image_keys=key.shape[1]
+        ).to(query.dtype)
+        image_out = attn.to_out[1](attn.to_out[0](joint[:, :num_image]))
+        text_out = attn.to_add_out(joint[:, num_image:])
+
+        x = x + gate_msa.unsqueeze(1) * image_out
+        nx = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        x = x + gate_mlp.unsqueeze(1) * block.ff(nx)
+
+        text = text + c_gate_msa.unsqueeze(1) * text_out
+        ntext = block.norm2_context(text) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        text = text + c_gate_mlp.unsqueeze(1) * block.ff_context(ntext)
+        if text.dtype == torch.float16:
+            text = text.clip(-65504, 65504)
+        return text, x
+
+    def _single_block(
+        self,
+        block: nn.Module,
+        slot: int,
+        x: torch.Tensor,
+        text: torch.Tensor,
+        temb: torch.Tensor,
+        text_rope: tuple[torch.Tensor, torch.Tensor],
+        image_rope: tuple[torch.Tensor, torch.Tensor],
+        store: KVStore,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One FluxSingleTransformerBlock on [text, image tokens]; the image rows of K and V go through the store."""
+        num_text = text.shape[1]
+        joined = torch.cat([text, x], dim=1)
+        normed, gate = block.norm(joined, emb=temb)
+        mlp = block.act_mlp(block.proj_mlp(normed))
+        attn = block.attn
+        rope = tuple(torch.cat([t, i], dim=-2) for t, i in zip(_broadcast(text_rope, image_rope), image_rope))
+        query, key, value = _qkv(attn, normed, rope)
+        image_key = store.exchange(slot, key[:, num_text:])
+        image_value = store.exchange(slot + 1, value[:, num_text:])
+        keys = torch.cat([image_key, key[:, :num_text]], dim=1)  # image keys first, for the attention recorder
+        values = torch.cat([image_value, value[:, :num_text]], dim=1)
+        out = attention(query, keys, values, attn.heads, recorder=self.recorder, num_image_keys=image_key.shape[1])
+        joined = joined + gate.unsqueeze(1) * block.proj_out(torch.cat([out.to(query.dtype), mlp], dim=2))
+        if joined.dtype == torch.float16:
+            joined = joined.clip(-65504, 65504)
+        return joined[:, :num_text], joined[:, num_text:]
+
+
+def _ids(ids: torch.Tensor) -> torch.Tensor:
+    """(L, 3) position ids; the deprecated batched (B, L, 3) form is read as diffusers reads it (row 0)."""
+    return ids[0] if ids.ndim == 3 else ids
+
+
+def _rotary_rows(
+    context: Context, num_text: int, indices: torch.Tensor | None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The text rows (T, d) and the image rows of the tokens run: all (N, d), or the selected (B, k, d)."""
+    cos, sin = context["rotary_cos"], context["rotary_sin"]
+    text = (cos[:num_text], sin[:num_text])
+    image = (cos[num_text:], sin[num_text:])
+    if indices is not None:
+        image = (image[0][indices], image[1][indices])
+    return text, image
+
+
+def _broadcast(
+    text_rope: tuple[torch.Tensor, torch.Tensor], image_rope: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text rows expanded to the image rows' batch shape, so both concatenate along the sequence."""
+    return tuple(t.expand(*i.shape[:-2], *t.shape) for t, i in zip(text_rope, image_rope))
+
+
+def _qkv(
+    attn: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], added: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K, V (B, L, H*d) of a FluxAttention: per-head RMS norm of Q and K, then the rotary rows."""
+    to_q, to_k, to_v = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if added else (attn.to_q, attn.to_k, attn.to_v)
+    norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if added else (attn.norm_q, attn.norm_k)
+    query = apply_rotary(norm_q(to_q(x).unflatten(-1, (-1, attn.head_dim))), rope)
+    key = apply_rotary(norm_k(to_k(x).unflatten(-1, (-1, attn.head_dim))), rope)
+    return query.flatten(2), key.flatten(2), to_v(x)
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate (B, L, H, d) pairs by (L, d) or (B, L, d) cos / sin rows, in float32 as diffusers does."""
+    cos, sin = (t.unsqueeze(-2) for t in rope)
+    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def _token_grid(pipe: Any, arguments: dict[str, Any]) -> Grid:
+    """The packed-token grid of a FluxPipeline call: one token per 2x2 latent cells, as the pipeline packs them."""
+    default = pipe.default_sample_size * pipe.vae_scale_factor
+    per_token = pipe.vae_scale_factor * 2
+    return Grid((arguments.get("height") or default) // per_token, (arguments.get("width") or default) // per_token)
+
+
+def _check_call(arguments: dict[str, Any]) -> None:
+    """Refuse the FluxPipeline options catrt cannot run, by name."""
+    has_negative = arguments.get("negative_prompt") is not None or arguments.get("negative_prompt_embeds") is not None
+    if float(arguments.get("true_cfg_scale") or 1.0) > 1.0 and has_negative:
+        raise UnsupportedModelError(
+            "FLUX true_cfg_scale > 1 with a negative prompt calls the transformer twice per step, which catrt does not "
+            "support; use the distilled guidance (guidance_scale) instead"
+        )
+    for name in ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds"):
+        if arguments.get(name) is not None:
+            raise UnsupportedModelError(f"FluxPipeline argument {name!r} (IP-adapter) is not supported by catrt")
+
+
+def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:
+    """Batch-1 meta tensors shaped like one FluxPipeline step's transformer call (packed latents, position ids)."""
+    kwargs = {
+        "hidden_states": torch.empty(1, grid.num_tokens, config["in_channels"], device="meta"),
+        "timestep": torch.empty(1, device="meta"),
+        "encoder_hidden_states": torch.empty(1, text_tokens, config["joint_attention_dim"], device="meta"),
+        "pooled_projections": torch.empty(1, config["pooled_projection_dim"], device="meta"),
+        "txt_ids": torch.empty(text_tokens, 3, device="meta"),
+        "img_ids": torch.empty(grid.num_tokens, 3, device="meta"),
+    }
+    if config.get("guidance_embeds"):
+        kwargs["guidance"] = torch.empty(1, device="meta")
+    return kwargs
+
+
+#: FLUX's prompt limit is T5's (tokenizer_2, max_sequence_length); guidance is FLUX-dev's distilled embedding.
+FAMILY = register_family(Family(
+    "flux", FluxAdapter,
+    {
+        FluxPipeline: PipelineSpec(
+            call_defaults={}, text_tokenizer="tokenizer_2", guidance="distilled", token_grid=_token_grid,
+            check_call=_check_call,
+        )
+    },
+    _meta_call,
+))

@@ -1,0 +1,45 @@
+"""`PipelineSpec`: what catrt must know about a diffusers pipeline class, declared as data once.
+
+Each adapter module registers the spec of the pipeline classes its family runs (`PIPELINES` there),
+so a new family's pipeline facts live next to its adapter. Whether a call doubles the batch for
+guidance is one of these facts: nothing else in catrt reads `guidance_scale` to decide it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from catrt.tokens import Grid
+
+#: "cfg": classifier-free guidance stacks [uncond, cond] rows when guidance_scale > 1 (SD3, PixArt);
+#: "distilled": guidance is an input of the transformer (FLUX-dev's embedding; none on schnell), one row per image.
+Guidance = Literal["cfg", "distilled"]
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Per pipeline class: the extra call arguments catrt's own callers (CLI, server) pass, which
+    tokenizer limits a prompt's length (so callers can refuse a long prompt instead of letting the
+    pipeline truncate it), how guidance reaches the transformer, and for packed latents the token grid
+    of a call."""
+
+    call_defaults: dict[str, Any]
+    # The pipeline attribute holding the tokenizer whose length is the prompt's limit (SD3: T5's).
+    text_tokenizer: str = "tokenizer"
+    # The call argument that sets that length; None where the tokenizer's own max_length fixes it.
+    text_length_argument: str | None = "max_sequence_length"
+    guidance: Guidance = "cfg"
+    # (pipe, call arguments) -> the token grid, where the transformer's latents do not carry it (packed).
+    token_grid: Callable[[Any, dict[str, Any]], Grid] | None = field(default=None, compare=False)
+    # (call arguments) -> raises a catrt error naming an argument catrt cannot run (e.g. two calls per step).
+    check_call: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
+
+    def doubles_batch(self, arguments: dict[str, Any]) -> bool:
+        """Whether the transformer sees [uncond, cond] rows for this call.
+
+        Classifier-free guidance pipelines double the batch exactly when guidance_scale > 1
+        (diffusers' `do_classifier_free_guidance`); a distilled guidance embedding never does.
+        """
+        return self.guidance == "cfg" and float(arguments.get("guidance_scale", 1.0)) > 1.0
