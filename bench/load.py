@@ -105,16 +105,22 @@ async def run_ramp(url: str, levels: list[int], seconds: float, body: dict) -> l
 
 
 def server_averages(url: str) -> dict[str, float]:
-    """Mean images per model call and mean step time by kind, from the server's /metrics (since it started)."""
-    values = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(("catrt_batch_rows_", "catrt_step_seconds_")) and ("_sum" in line or "_count" in line):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    averages = {"images per model call": values["catrt_batch_rows_sum"] / max(1.0, values["catrt_batch_rows_count"])}
+    """Mean images per model call and mean step time by kind, from the server's /metrics (since it started),
+    summed over its sizes; what the server does not export (a Ray Serve ingress has no step times) is left out."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: Counter[str] = Counter()
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name.endswith(("_sum", "_count")):
+                kind = sample.labels.get("kind")
+                sums[sample.name if kind is None else f"{sample.name}:{kind}"] += sample.value
+    averages = {}
+    if sums["catrt_batch_rows_count"]:
+        averages["images per model call"] = sums["catrt_batch_rows_sum"] / sums["catrt_batch_rows_count"]
     for kind in ("full", "pruned"):
-        count = values.get(f'catrt_step_seconds_count{{kind="{kind}"}}', 0.0)
-        averages[f"{kind} step (ms)"] = 1000 * values.get(f'catrt_step_seconds_sum{{kind="{kind}"}}', 0.0) / max(1.0, count)
+        if sums[f"catrt_step_seconds_count:{kind}"]:
+            averages[f"{kind} step (ms)"] = 1000 * sums[f"catrt_step_seconds_sum:{kind}"] / sums[f"catrt_step_seconds_count:{kind}"]
     return averages
 
 
@@ -158,7 +164,7 @@ def report(args: argparse.Namespace, levels: list[tuple[int, LoadResult]], avera
         "Answers by status: " + ", ".join(f"{status}: {count}" for status, count in sorted(statuses.items())),
         "",
         "Server side (/metrics, warm-up included): "
-        + ", ".join(f"{name} {value:.2f}" for name, value in averages.items()),
+        + (", ".join(f"{name} {value:.2f}" for name, value in averages.items()) or "not exported"),
         "",
         "Latency is the client's, request sent to answer read, over 200 answers only; a client that gets 429 waits "
         "Retry-After before its next request.",

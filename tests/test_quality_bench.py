@@ -78,8 +78,10 @@ class _FakeServer(BaseHTTPRequestHandler):
                                                                         **self.server.extra}}))
 
     def do_GET(self) -> None:  # noqa: N802
-        metrics = ("catrt_batch_rows_sum 6\ncatrt_batch_rows_count 3\n"
-                   'catrt_step_seconds_sum{kind="full"} 0.5\ncatrt_step_seconds_count{kind="full"} 5\n')
+        metrics = ('catrt_batch_rows_sum{size="64x64"} 4\ncatrt_batch_rows_count{size="64x64"} 2\n'
+                   'catrt_batch_rows_sum{size="96x64"} 2\ncatrt_batch_rows_count{size="96x64"} 1\n'
+                   'catrt_step_seconds_sum{kind="full",size="64x64"} 0.5\ncatrt_step_seconds_count{kind="full",size="64x64"} 5\n'
+                   'catrt_step_seconds_sum{kind="full",size="96x64"} 0.5\ncatrt_step_seconds_count{kind="full",size="96x64"} 5\n')
         self._answer(200, "text/plain", metrics)
 
     def _answer(self, status: int, kind: str, body: str) -> None:
@@ -115,7 +117,7 @@ def test_load_script_writes_its_report_to_out(tmp_path: Path, monkeypatch: pytes
     _run_load_script(["--clients", "2", "--seconds", "0.3", "--device", "test", "--out", str(out)], {}, monkeypatch)
     text = out.read_text()
     assert text.startswith("# Load test: test") and "Answers by status: 200:" in text
-    assert "images per model call 2.00" in text
+    assert "images per model call 2.00, full step (ms) 100.00" in text  # summed over the sizes
     assert "mean alpha" not in text and "replicas answering" not in text  # the server did not report them
     assert committed_results() == before
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -21,11 +22,19 @@ import pytest
 import ray
 from ray import serve
 from ray.serve._private.common import DeploymentID, ReplicaID
-from test_serve_support import assert_error, assert_one_line_refusal, generate, openapi_request_schema, run_cli
+from test_serve_support import (
+    assert_error,
+    assert_one_line_refusal,
+    generate,
+    openapi_request_schema,
+    run_cli,
+    server_env,
+)
 
 from catrt.config import CATConfig
+from catrt.errors import ConfigError
 from catrt.serve.config import FleetConfig, ServeConfig
-from catrt.serve.ray_app import APP_NAME, MODEL_DEPLOYMENT, application
+from catrt.serve.ray_app import APP_NAME, MODEL_DEPLOYMENT, application, build
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -119,6 +128,14 @@ def test_the_ingress_checks_requests_as_the_single_server_does(fleet: str) -> No
     assert httpx.get(f"{fleet}/health/live").json() == {"status": "live"}
 
 
+def test_the_kuberay_builder_takes_serve_and_fleet_args(fleet: str) -> None:
+    """`catrt.serve.ray_app:build`, as a RayService's import_path names it: bad args are catrt's one-line errors."""
+    assert isinstance(build({"serve": {"engines": ["/models/a"], "max_queue": 4}, "fleet": {"replicas": 3}}),
+                      serve.Application)
+    with pytest.raises(ConfigError, match="give both --min-replicas and --max-replicas"):
+        build({"serve": {"model": "tiny-sd3"}, "fleet": {"replicas": None, "min_replicas": 2}})
+
+
 def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> None:
     before = set(_replicas_of(fleet, 4))
     victim = sorted(before)[0]
@@ -162,7 +179,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ray_flags_are_refused_in_one_line(tmp_path: object) -> None:
+def test_ray_flags_are_refused_in_one_line() -> None:
     missing = _run_launcher(NO_RAY, ["serve", "--model", "tiny-sd3", "--ray", "--port", "8123"])
     assert_one_line_refusal(missing, 'pip install "catrt[ray]"')
     for args, needle in (
@@ -182,10 +199,6 @@ def test_catrt_and_a_plain_serve_never_import_ray() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
 
 
-def _run_launcher(code: str, args: list[str]) -> object:
-    import subprocess
-
-    from test_serve_support import server_env
-
+def _run_launcher(code: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=server_env(),
                           timeout=60)

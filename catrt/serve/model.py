@@ -159,7 +159,7 @@ def _png_base64(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def load_served_model(config: ServeConfig, bundle_key: bytes | None = None) -> ServedModel:
+def load_served_model(config: ServeConfig) -> ServedModel:
     """The eager model `config` names, loaded on this thread (which then owns it).
 
     Builds (`config.engines`) are loaded by `catrt.serve.routing.load_builds`, which shares one

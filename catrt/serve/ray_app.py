@@ -248,10 +248,10 @@ def build(args: dict[str, Any]) -> Any:
 
 def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None = None) -> int:
     """Start (or join) a Ray cluster, run the application on `config.host:config.port` until signalled, shut down."""
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     ray.init(address=fleet.address, include_dashboard=False, logging_level=logging.WARNING)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
+        signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         gpus = ray.cluster_resources().get("GPU", 0) > 0

@@ -13,7 +13,6 @@ import errno
 import logging
 import socket
 import sys
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 

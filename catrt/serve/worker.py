@@ -30,7 +30,7 @@ from catrt.errors import (
 )
 from catrt.serve.errors import internal_error_message
 from catrt.serve.metrics import ServerMetrics
-from catrt.serve.model import BatchOptions, Generation, Row, ServedModel
+from catrt.serve.model import BatchOptions, Generation, Row
 from catrt.serve.timing import Abandoned
 
 if TYPE_CHECKING:
