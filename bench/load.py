@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import platform
 import statistics
 import time
@@ -63,39 +64,44 @@ class LoadResult:
         }
 
 
-async def _client(url: str, index: int, stop_at: float, body: dict, result: LoadResult) -> None:
-    async with httpx.AsyncClient(timeout=120) as client:
-        sent = 0
-        while time.perf_counter() < stop_at:
-            request = {**body, "prompt": PROMPTS[(index + sent) % len(PROMPTS)], "seed": index * 100_000 + sent}
-            started = time.perf_counter()
-            try:
-                response = await client.post(f"{url}/v1/images/generations", json=request)
-            except httpx.TransportError as error:
-                result.statuses[type(error).__name__] += 1
-                await asyncio.sleep(0.1)
-                continue
-            sent += 1
-            result.statuses[str(response.status_code)] += 1
-            if response.status_code == 200:
-                result.latencies.append(time.perf_counter() - started)
-                answer = response.json()
-                result.images += len(answer["data"])
-                served = answer["catrt"]
-                result.queue_waits.append(served["timings"]["queue_wait"])
-                if "alpha" in served:
-                    result.alphas.append(float(served["alpha"]))
-                if "replica" in served:
-                    result.replicas[str(served["replica"])] += 1
-            elif response.status_code == 429:
-                await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+async def _client(
+    client: httpx.AsyncClient, url: str, index: int, stop_at: float, body: dict, result: LoadResult
+) -> None:
+    sent = 0
+    while time.perf_counter() < stop_at:
+        request = {**body, "prompt": PROMPTS[(index + sent) % len(PROMPTS)], "seed": index * 100_000 + sent}
+        started = time.perf_counter()
+        try:
+            response = await client.post(f"{url}/v1/images/generations", json=request)
+        except httpx.TransportError as error:
+            result.statuses[type(error).__name__] += 1
+            await asyncio.sleep(0.1)
+            continue
+        sent += 1
+        result.statuses[str(response.status_code)] += 1
+        if response.status_code == 200:
+            result.latencies.append(time.perf_counter() - started)
+            answer = response.json()
+            result.images += len(answer["data"])
+            served = answer["catrt"]
+            result.queue_waits.append(served["timings"]["queue_wait"])
+            if "alpha" in served:
+                result.alphas.append(float(served["alpha"]))
+            if "replica" in served:
+                result.replicas[str(served["replica"])] += 1
+        elif response.status_code == 429:
+            await asyncio.sleep(float(response.headers.get("retry-after", "1")))
 
 
 async def run_load(url: str, clients: int, seconds: float, body: dict) -> LoadResult:
+    """`clients` closed-loop clients for `seconds`, timed from when every client is made (making one is slow)."""
     result = LoadResult()
-    started = time.perf_counter()
-    await asyncio.gather(*(_client(url, index, started + seconds, body, result) for index in range(clients)))
-    result.seconds = time.perf_counter() - started
+    async with contextlib.AsyncExitStack() as stack:
+        made = [await stack.enter_async_context(httpx.AsyncClient(timeout=120)) for _ in range(clients)]
+        started = time.perf_counter()
+        await asyncio.gather(*(_client(client, url, index, started + seconds, body, result)
+                               for index, client in enumerate(made)))
+        result.seconds = time.perf_counter() - started
     return result
 
 
