@@ -72,6 +72,11 @@ class FluxAdapter(Adapter):
         return 2 * (len(self.transformer.transformer_blocks) + len(self.transformer.single_transformer_blocks))
 
     @property
+    def cells_per_token(self) -> int:
+        """The pipeline packs 2x2 latent cells into one token."""
+        return 2
+
+    @property
     def token_channels(self) -> int:
         return self.in_channels
 
