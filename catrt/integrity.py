@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from catrt.build_config import BuildConfig
-from catrt.engines.base import FULL_INPUTS, GRAPHS, PRUNED_INPUTS
+from catrt.contract import FULL, GRAPHS, PRUNED
 from catrt.errors import CatrtError, ConfigError, CorruptBundleError
 from catrt.manifest import (
     MANIFEST_FILE,
@@ -378,12 +378,12 @@ def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) ->
         (graph, side): {tensor["name"]: list(tensor["shape"]) for tensor in graphs[graph][side]}
         for graph in GRAPHS for side in ("inputs", "outputs")
     }
-    for graph, names in (("full", FULL_INPUTS), ("pruned", PRUNED_INPUTS)):
+    for graph, names in (("full", FULL.inputs), ("pruned", PRUNED.inputs)):
         order = [tensor["name"] for tensor in graphs[graph]["inputs"]]
         if not check.expect(order[: len(names)] == list(names), f"graphs.{graph}.inputs",
                             f"graphs.{graph} inputs start {order[: len(names)]}, not {list(names)}"):
             return
-    for graph, names in (("full", ("tokens", "kv")), ("pruned", ("tokens", "kv_rows"))):
+    for graph, names in (("full", FULL.outputs), ("pruned", PRUNED.outputs)):
         if not check.expect(set(names) <= set(shapes[graph, "outputs"]), f"graphs.{graph}.outputs",
                             f"graphs.{graph} outputs {sorted(shapes[graph, 'outputs'])} lack one of {list(names)}"):
             return
@@ -482,8 +482,8 @@ def _context_problems(
 ) -> None:
     """The context tensors are the same in every graph, made by (or fed to) the context graph; text length fits."""
     context = {**shapes["context", "inputs"], **shapes["context", "outputs"]}
-    full_context = {name: shape for name, shape in shapes["full", "inputs"].items() if name not in FULL_INPUTS}
-    pruned_context = {name: shape for name, shape in shapes["pruned", "inputs"].items() if name not in PRUNED_INPUTS}
+    full_context = {name: shape for name, shape in shapes["full", "inputs"].items() if name not in FULL.inputs}
+    pruned_context = {name: shape for name, shape in shapes["pruned", "inputs"].items() if name not in PRUNED.inputs}
     check.expect(pruned_context == full_context, "graphs.pruned.inputs",
                  f"graphs.pruned context inputs {pruned_context} are not the full graph's {full_context}")
     for name, shape in full_context.items():
