@@ -415,18 +415,16 @@ def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) ->
         check.expect(manifest.num_tokens == tokens, "num_tokens",
                      f"num_tokens is {manifest.num_tokens} but the full graph's {width}x{height} latent in {patch}x{patch} "
                      f"patches has {tokens}", manifest.num_tokens)
-        _size_problems(build, height, width, check)
     else:
         check.expect(manifest.num_tokens == tokens, "num_tokens",
                      f"num_tokens is {manifest.num_tokens} but the full graph takes {tokens} packed tokens", manifest.num_tokens)
-        scale = math.isqrt(build.height * build.width // max(tokens, 1))
-        check.expect(scale > 0 and build.height % scale == 0 and build.width % scale == 0
-                     and (build.height // scale) * (build.width // scale) == tokens, "build.height",
-                     f"build size {build.width}x{build.height} (WxH) is not a grid of the full graph's {tokens} packed tokens",
-                     {"width": build.width, "height": build.height})
     check.expect(rows in (build.batch, 2 * build.batch), "build.batch",
                  f"build.batch is {build.batch} but the graphs take {rows} rows (batch, or 2 x batch with guidance)",
                  build.batch)
+    if len(latent) == 4:
+        _size_problems(build, height, width, check)
+    else:
+        _packed_size_problems(build, tokens, check)
 
     # Every graph sees the same rows, N and k; the pruned graph is the full graph with k rows.
     patches = shapes["pruned", "inputs"]["patches"]
@@ -475,6 +473,15 @@ def _size_problems(build: BuildConfig, height: int, width: int, check: _Problems
                      f"build size {build.width}x{build.height} (WxH) is not the full graph's {width}x{height} latent "
                      f"at one scale ({build.width // width} across, {build.height // height} down)",
                      {"width": build.width, "height": build.height})
+
+
+def _packed_size_problems(build: BuildConfig, tokens: int, check: _Problems) -> None:
+    """The build's size is a grid of the packed tokens at one scale (pixels per token a side)."""
+    scale = math.isqrt(build.height * build.width // max(tokens, 1))
+    check.expect(scale > 0 and build.height % scale == 0 and build.width % scale == 0
+                 and (build.height // scale) * (build.width // scale) == tokens, "build.height",
+                 f"build size {build.width}x{build.height} (WxH) is not a grid of the full graph's {tokens} packed tokens",
+                 {"width": build.width, "height": build.height})
 
 
 def _context_problems(
