@@ -16,6 +16,8 @@ from catrt.models import ADAPTERS, FAMILIES, PIPELINES, Family, make_adapter, re
 from catrt.models.sd3 import SD3Adapter
 from catrt.pipeline import pipeline_spec
 from catrt.pipeline_spec import PipelineSpec
+from catrt.runtime import CATRuntime
+from catrt.tokens import Grid
 from tests.conftest import call_kwargs
 from tests.test_adapters import _context, _inputs
 
@@ -42,6 +44,17 @@ def test_flux_guidance_embedding_is_an_input_of_one_row_per_image(tiny_pipelines
         dev.context_inputs({**kwargs, "guidance": None})
     with pytest.raises(ConfigError, match="no guidance embedding .*pass guidance=None"):
         schnell.context_inputs(kwargs)
+
+
+def test_packed_latents_take_their_token_grid_from_the_call(tiny_pipelines: dict[str, Any]) -> None:
+    adapter = make_adapter(tiny_pipelines["tiny-flux"].transformer)
+    latents, timestep, kwargs = _inputs(adapter.transformer)  # 24 packed tokens
+    with pytest.raises(ConfigError, match="FluxAdapter latents do not carry their token grid"):
+        CATRuntime(adapter, CATConfig(t0=2), steps=4, guidance=False)(latents, timestep, kwargs)
+    with pytest.raises(ConfigError, match="the latents have 24 tokens, the grid 4x5 has 20"):
+        CATRuntime(adapter, CATConfig(t0=2), steps=4, guidance=False, grid=Grid(4, 5))(latents, timestep, kwargs)
+    spec = pipeline_spec(tiny_pipelines["tiny-flux"])
+    assert spec.token_grid(tiny_pipelines["tiny-flux"], {"height": 64, "width": 96}) == Grid(4, 6)  # 16 pixels a token
 
 
 def test_flux_layouts_catrt_cannot_prune_are_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
