@@ -54,11 +54,13 @@ def pipeline_size_limits(pipe: Any) -> tuple[int, int | None]:
     """(multiple, largest) pixel size a loaded pipeline takes; largest is None when unbounded.
 
     For models without a card (tiny ones, local folders) the limits are only known once loaded:
-    pixels per latent cell times cells per token, and for SD3 the fixed position table's side.
+    pixels per latent cell times latent cells per token (the adapter's), and for SD3 the fixed position table's side.
     """
+    from catrt.models import make_adapter
+
     pipe = getattr(pipe, "pipe", pipe)
     config = pipe.transformer.config
-    multiple = int(pipe.vae_scale_factor) * int(config.patch_size)
+    multiple = int(pipe.vae_scale_factor) * make_adapter(pipe.transformer).cells_per_token
     table = config.get("pos_embed_max_size")
     return multiple, None if table is None else int(table) * multiple
 

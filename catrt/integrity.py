@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from catrt.build_config import BuildConfig
-from catrt.engines.base import FULL_INPUTS, GRAPHS, PRUNED_INPUTS
+from catrt.contract import FULL, GRAPHS, PRUNED
 from catrt.errors import CatrtError, ConfigError, CorruptBundleError
 from catrt.manifest import (
     MANIFEST_FILE,
@@ -378,12 +378,12 @@ def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) ->
         (graph, side): {tensor["name"]: list(tensor["shape"]) for tensor in graphs[graph][side]}
         for graph in GRAPHS for side in ("inputs", "outputs")
     }
-    for graph, names in (("full", FULL_INPUTS), ("pruned", PRUNED_INPUTS)):
+    for graph, names in (("full", FULL.inputs), ("pruned", PRUNED.inputs)):
         order = [tensor["name"] for tensor in graphs[graph]["inputs"]]
         if not check.expect(order[: len(names)] == list(names), f"graphs.{graph}.inputs",
                             f"graphs.{graph} inputs start {order[: len(names)]}, not {list(names)}"):
             return
-    for graph, names in (("full", ("tokens", "kv")), ("pruned", ("tokens", "kv_rows"))):
+    for graph, names in (("full", FULL.outputs), ("pruned", PRUNED.outputs)):
         if not check.expect(set(names) <= set(shapes[graph, "outputs"]), f"graphs.{graph}.outputs",
                             f"graphs.{graph} outputs {sorted(shapes[graph, 'outputs'])} lack one of {list(names)}"):
             return
@@ -415,18 +415,16 @@ def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) ->
         check.expect(manifest.num_tokens == tokens, "num_tokens",
                      f"num_tokens is {manifest.num_tokens} but the full graph's {width}x{height} latent in {patch}x{patch} "
                      f"patches has {tokens}", manifest.num_tokens)
-        _size_problems(build, height, width, check)
     else:
         check.expect(manifest.num_tokens == tokens, "num_tokens",
                      f"num_tokens is {manifest.num_tokens} but the full graph takes {tokens} packed tokens", manifest.num_tokens)
-        scale = math.isqrt(build.height * build.width // max(tokens, 1))
-        check.expect(scale > 0 and build.height % scale == 0 and build.width % scale == 0
-                     and (build.height // scale) * (build.width // scale) == tokens, "build.height",
-                     f"build size {build.width}x{build.height} (WxH) is not a grid of the full graph's {tokens} packed tokens",
-                     {"width": build.width, "height": build.height})
     check.expect(rows in (build.batch, 2 * build.batch), "build.batch",
                  f"build.batch is {build.batch} but the graphs take {rows} rows (batch, or 2 x batch with guidance)",
                  build.batch)
+    if len(latent) == 4:
+        _size_problems(build, height, width, check)
+    else:
+        _packed_size_problems(build, tokens, check)
 
     # Every graph sees the same rows, N and k; the pruned graph is the full graph with k rows.
     patches = shapes["pruned", "inputs"]["patches"]
@@ -477,13 +475,22 @@ def _size_problems(build: BuildConfig, height: int, width: int, check: _Problems
                      {"width": build.width, "height": build.height})
 
 
+def _packed_size_problems(build: BuildConfig, tokens: int, check: _Problems) -> None:
+    """The build's size is a grid of the packed tokens at one scale (pixels per token a side)."""
+    scale = math.isqrt(build.height * build.width // max(tokens, 1))
+    check.expect(scale > 0 and build.height % scale == 0 and build.width % scale == 0
+                 and (build.height // scale) * (build.width // scale) == tokens, "build.height",
+                 f"build size {build.width}x{build.height} (WxH) is not a grid of the full graph's {tokens} packed tokens",
+                 {"width": build.width, "height": build.height})
+
+
 def _context_problems(
     manifest: Manifest, build: BuildConfig, shapes: dict[tuple[str, str], dict[str, list[int]]], rows: int, check: _Problems
 ) -> None:
     """The context tensors are the same in every graph, made by (or fed to) the context graph; text length fits."""
     context = {**shapes["context", "inputs"], **shapes["context", "outputs"]}
-    full_context = {name: shape for name, shape in shapes["full", "inputs"].items() if name not in FULL_INPUTS}
-    pruned_context = {name: shape for name, shape in shapes["pruned", "inputs"].items() if name not in PRUNED_INPUTS}
+    full_context = {name: shape for name, shape in shapes["full", "inputs"].items() if name not in FULL.inputs}
+    pruned_context = {name: shape for name, shape in shapes["pruned", "inputs"].items() if name not in PRUNED.inputs}
     check.expect(pruned_context == full_context, "graphs.pruned.inputs",
                  f"graphs.pruned context inputs {pruned_context} are not the full graph's {full_context}")
     for name, shape in full_context.items():

@@ -113,7 +113,7 @@ def default_precision(model: str, device_type: str) -> Precision:
     """The precision to run `model` in when none is asked for.
 
     On CUDA a published model runs in the dtype it is released and usually served in (SD3 and
-    PixArt-Sigma fp16, SD3.5 bf16); the reference and tiny models, local folders (whose dtype is
+    PixArt-Sigma fp16, SD3.5 and FLUX.1 bf16); the reference and tiny models, local folders (whose dtype is
     not known before loading) and every other device run fp32, which is exact and runs everywhere.
     """
     card = MODEL_CARDS.get(model)

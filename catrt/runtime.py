@@ -47,7 +47,8 @@ class StepFunctions(Protocol):
     """What runs the transformer: the eager adapter is the reference; engines implement the same.
 
     `full_forward` writes every K/V slot of `kv_cache`; `pruned_forward` writes the k selected rows
-    (both in place) and both return the output tokens.
+    (both in place) and both return the output tokens. Their arguments are the positional inputs of
+    the full and pruned graphs in `catrt/contract.py` (then the context), with the shapes it declares.
     """
 
     def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context: ...

@@ -274,7 +274,8 @@ def test_full_and_bf16_on_the_cpu(capfd: pytest.CaptureFixture[str], tmp_path: P
 def test_default_precision_per_model_and_device() -> None:
     cuda = {name: default_precision(name, "cuda") for name in (*MODEL_CARDS, "tiny-sd3", "some/folder")}
     assert cuda == {"sd3": "fp16", "sd3.5-medium": "bf16", "sd3.5-large": "bf16", "pixart-sigma": "fp16",
-                    "reference": "fp32", "tiny-sd3": "fp32", "some/folder": "fp32"}
+                    "flux-dev": "bf16", "flux-schnell": "bf16", "reference": "fp32", "tiny-sd3": "fp32",
+                    "some/folder": "fp32"}
     assert {default_precision(name, "cpu") for name in MODEL_CARDS} == {"fp32"}
 
 

@@ -23,16 +23,22 @@ from catrt import build as build_module
 from catrt.build import build_engines
 from catrt.build_config import BACKENDS, BuildConfig
 from catrt.cli import main
-from catrt.engines import ENGINES, resolve_backend
+from catrt.contract import FULL, PRUNED, step_shapes
+from catrt.engines import ENGINES, GraphSpec, resolve_backend
 from catrt.engines.tensorrt import TensorRTEngine
 from catrt.errors import BuildError, ConfigError, CorruptBundleError, EngineMismatchError
 from catrt.export import BACKEND_BUILDS
 from catrt.manifest import MANIFEST_FILE, file_digest, read_manifest
+from catrt.models import make_adapter
 from tests.conftest import TINY_NAMES, call_kwargs
 
 GENERATION_TOLERANCE = 1e-4
 SIZE = {"height": 64, "width": 96, "steps": 12, "t0": 4, "max_sequence_length": 16}  # as tests.conftest.call_kwargs
 TRT_SKIP = TensorRTEngine.unavailable_reason()
+# One build per layout: tiny-flux-schnell's graphs are tiny-flux's without the guidance input.
+BUILT_NAMES = [name for name in TINY_NAMES if name != "tiny-flux-schnell"]
+# Rows of the graphs' latents at batch 2: classifier-free guidance doubles them; FLUX's distilled guidance does not.
+LATENTS = {"tiny-sd3": [4, 16, 8, 12], "tiny-sd3.5": [4, 16, 8, 12], "tiny-pixart": [4, 4, 8, 12], "tiny-flux": [2, 24, 64]}
 
 
 def _config(model: str, backend: str = "onnxruntime", **overrides: Any) -> BuildConfig:
@@ -47,7 +53,7 @@ def _build(config: BuildConfig, root: Path) -> Path:
 def onnx_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One ONNX Runtime build per tiny model, shared by the tests that only read them."""
     root = tmp_path_factory.mktemp("builds")
-    return {name: _build(_config(name), root) for name in TINY_NAMES}
+    return {name: _build(_config(name), root) for name in BUILT_NAMES}
 
 
 @pytest.fixture()
@@ -78,7 +84,7 @@ def _edit_manifest(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None
 # -- builds ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", TINY_NAMES)
+@pytest.mark.parametrize("name", BUILT_NAMES)
 def test_build_writes_a_verified_bundle_with_shared_weights(name: str, onnx_builds: dict[str, Path]) -> None:
     folder = onnx_builds[name]
     assert folder.name == f"{name}-96x64-b2-s12-t4-a0.30-l16-fp32-onnxruntime"  # WxH
@@ -93,7 +99,7 @@ def test_build_writes_a_verified_bundle_with_shared_weights(name: str, onnx_buil
     assert manifest.total_size == sum(record["size"] for record in manifest.files.values())
     assert max(manifest.verification["max_relative_error"].values()) < manifest.verification["tolerance"] == 1e-3
     assert [spec["name"] for spec in manifest.graphs["pruned"]["inputs"]][:4] == ["patches", "indices", "timestep", "kv_cache"]
-    assert manifest.graphs["full"]["inputs"][0] == {"name": "hidden_states", "shape": [4, 16 if "sd3" in name else 4, 8, 12], "dtype": "float32"}
+    assert manifest.graphs["full"]["inputs"][0] == {"name": "hidden_states", "shape": LATENTS[name], "dtype": "float32"}
 
     export = folder.parent.parent / "export" / folder.name
     for graph in ("context", "full", "pruned"):
@@ -107,7 +113,27 @@ def test_build_writes_a_verified_bundle_with_shared_weights(name: str, onnx_buil
     assert not list(folder.parent.glob(".*"))  # no temporary folder left behind
 
 
-@pytest.mark.parametrize("name", TINY_NAMES)
+@pytest.mark.parametrize("name", BUILT_NAMES)
+def test_built_graphs_have_the_declared_io(name: str, onnx_builds: dict[str, Path], tiny_pipelines: dict[str, Any]) -> None:
+    manifest = read_manifest(onnx_builds[name])
+    adapter = make_adapter(tiny_pipelines[name].transformer)
+    graphs = {graph: GraphSpec.from_dict(spec) for graph, spec in manifest.graphs.items()}
+    latents = graphs["full"].inputs[0]
+    timestep = graphs["full"].inputs[1].torch_dtype
+    declared = step_shapes(adapter, latents.shape, manifest.k, latents.torch_dtype, timestep)
+    for step in (FULL, PRUNED):
+        spec = graphs[step.graph]
+        assert tuple(s.name for s in spec.inputs[: len(step.inputs)]) == step.inputs
+        assert tuple(s.name for s in spec.outputs) == step.outputs
+        got = {s.name: (s.shape, s.torch_dtype) for s in (*spec.inputs[: len(step.inputs)], *spec.outputs)}
+        assert got == declared[step.graph]
+    session_inputs = {path.stem: [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+                      for path in onnx_builds[name].glob("*.onnx")}
+    for graph, spec in graphs.items():
+        assert session_inputs[graph] == [s.name for s in spec.inputs]  # the ONNX graph takes what the manifest says
+
+
+@pytest.mark.parametrize("name", BUILT_NAMES)
 def test_generation_on_onnxruntime_matches_eager_runtime(name: str, onnx_builds: dict[str, Path], tiny_pipelines: dict[str, Any]) -> None:
     fast = catrt.load(onnx_builds[name])
     fast.set_progress_bar_config(disable=True)

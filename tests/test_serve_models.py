@@ -1,8 +1,8 @@
 """`catrt serve` over each supported model, with the API key, and its start-up refusals.
 
-Four servers run for the module, started together: the reference model (the CLI's default) eagerly
+Five servers run for the module, started together: the reference model (the CLI's default) eagerly
 with a key file and `--metrics-auth`, tiny PixArt-Sigma with the key from `CATRT_API_KEY`, tiny
-SD3.5 in bf16 with no key, and a signed engine bundle of the reference model served with its
+SD3.5 in bf16 with no key, tiny FLUX.1-dev (distilled guidance, packed latents), and a signed engine bundle of the reference model served with its
 bundle key. Each serves the stock OpenAI SDK call at its own size.
 """
 
@@ -62,6 +62,7 @@ SERVED = {
                           {"CATRT_API_KEY": ENV_KEY}),
     "tiny-sd3.5": Served(["--model", "tiny-sd3.5", "--height", "32", "--width", "64", *FAST, "--batch", "2",
                           "--precision", "bf16"], "64x32", 256),
+    "tiny-flux": Served(["--model", "tiny-flux", "--height", "32", "--width", "64", *FAST], "64x32", 512),
     "reference-bundle": Served([], "32x32", 16),
 }
 
@@ -91,6 +92,7 @@ def servers(bundle: Path, key_files: dict[str, Path]) -> Iterator[dict[str, Remo
         "reference": [*SERVED["reference"].args, "--api-key-file", str(key_files["api"])],
         "tiny-pixart": SERVED["tiny-pixart"].args,
         "tiny-sd3.5": SERVED["tiny-sd3.5"].args,
+        "tiny-flux": SERVED["tiny-flux"].args,
         "reference-bundle": ["--engines", str(bundle), "--bundle-key-file", str(key_files["bundle"])],
     }
     started = {name: RemoteServer(CLI, args, SERVED[name].env) for name, args in arguments.items()}

@@ -1,12 +1,12 @@
 """The engine contract: three static-shape graphs ("context", "full", "pruned") run on named tensors.
 
-This module declares the step graphs' I/O once; the runtime, the engines, the export and MAC counting
-read it from here:
+The step graphs' I/O is declared once, in `catrt/contract.py` (re-exported here); the runtime, the
+engines, the export and the build read it from there:
 
 - "context" (once per generation): the adapter's `context_inputs` -> the tensors its weights make of
   them (`prepare_context`: the positional table, PixArt's cross-attention K/V);
-- "full": `FULL_INPUTS` plus the whole context -> `FULL_OUTPUTS` (tokens, every K/V row);
-- "pruned": `PRUNED_INPUTS` plus the context -> `PRUNED_OUTPUTS` (the k tokens, their K/V rows).
+- "full": `FULL.inputs` plus the whole context -> `FULL.outputs` (tokens, every K/V row);
+- "pruned": `PRUNED.inputs` plus the context -> `PRUNED.outputs` (the k tokens, their K/V rows).
 
 Every backend implements `load` and `run`; the shared `prepare_context` / `full_forward` /
 `pruned_forward` give any engine the runtime's step-function interface. Backends that run exported
@@ -23,16 +23,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from catrt.contract import FULL, GRAPHS, PRUNED
 from catrt.errors import ConfigError
 from catrt.models.base import Adapter, Context
-
-
-GRAPHS: tuple[str, ...] = ("context", "full", "pruned")
-# Positional graph inputs, before the context tensors (named after the context's keys).
-FULL_INPUTS: tuple[str, ...] = ("hidden_states", "timestep")
-PRUNED_INPUTS: tuple[str, ...] = ("patches", "indices", "timestep", "kv_cache")
-FULL_OUTPUTS: tuple[str, ...] = ("tokens", "kv")
-PRUNED_OUTPUTS: tuple[str, ...] = ("tokens", "kv_rows")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -209,7 +202,7 @@ class Engine(ABC):
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor
     ) -> torch.Tensor:
         """The full graph; its K/V output is written straight into `kv_cache` where the layout allows."""
-        inputs = self.graphs["full"].prepare({"hidden_states": hidden_states, "timestep": timestep, **context})
+        inputs = self.graphs["full"].prepare(FULL.bind((hidden_states, timestep), context))
         direct = _fits(kv_cache, self.graphs["full"].output("kv"))
         outputs = self.run("full", inputs, out={"kv": kv_cache} if direct else None)
         if not direct:
@@ -225,8 +218,7 @@ class Engine(ABC):
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
         """The pruned graph, then its K/V rows (S, B, k, D) scattered into `kv_cache` in place."""
-        tensors = {"patches": patches, "indices": indices, "timestep": timestep, "kv_cache": kv_cache, **context}
-        outputs = self.run("pruned", self.graphs["pruned"].prepare(tensors))
+        outputs = self.run("pruned", self.graphs["pruned"].prepare(PRUNED.bind((patches, indices, timestep, kv_cache), context)))
         rows = outputs["kv_rows"]
         index = indices.view(1, *indices.shape, 1).expand(rows.shape[0], -1, -1, rows.shape[-1])
         kv_cache.scatter_(2, index, rows.to(kv_cache.dtype))

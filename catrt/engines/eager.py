@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from catrt.contract import FULL, PRUNED
 from catrt.engines.base import Engine
 from catrt.models.base import Context
 
@@ -31,7 +32,7 @@ class EagerEngine(Engine):
     def full_forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor
     ) -> torch.Tensor:
-        self.graphs["full"].check({"hidden_states": hidden_states, "timestep": timestep, **context})
+        self.graphs["full"].check(FULL.bind((hidden_states, timestep), context))
         with torch.no_grad():
             return self.functions.full_forward(hidden_states, timestep, context, kv_cache)
 
@@ -43,8 +44,7 @@ class EagerEngine(Engine):
         context: Context,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        tensors = {"patches": patches, "indices": indices, "timestep": timestep, "kv_cache": kv_cache, **context}
-        self.graphs["pruned"].check(tensors)
+        self.graphs["pruned"].check(PRUNED.bind((patches, indices, timestep, kv_cache), context))
         with torch.no_grad():
             return self.functions.pruned_forward(patches, indices, timestep, context, kv_cache)
 
@@ -58,20 +58,16 @@ class EagerEngine(Engine):
                 context = self.functions.prepare_context(inputs, latent_shape)
                 outputs = {name: context[name] for name in (spec.name for spec in self.graphs["context"].outputs)}
             elif graph == "full":
-                kv = torch.empty(self.graphs["full"].output("kv").shape, dtype=inputs["hidden_states"].dtype, device=self.device)
-                context = _context(inputs, ("hidden_states", "timestep"))
-                tokens = self.functions.full_forward(inputs["hidden_states"], inputs["timestep"], context, kv)
-                outputs = {"tokens": tokens, "kv": kv}
+                (hidden_states, timestep), context = FULL.split(inputs)
+                kv = torch.empty(self.graphs["full"].output("kv").shape, dtype=hidden_states.dtype, device=self.device)
+                tokens = self.functions.full_forward(hidden_states, timestep, context, kv)
+                outputs = FULL.named_outputs((tokens, kv))
             else:
-                cache, indices = inputs["kv_cache"].clone(), inputs["indices"]
-                context = _context(inputs, ("patches", "indices", "timestep", "kv_cache"))
-                tokens = self.functions.pruned_forward(inputs["patches"], indices, inputs["timestep"], context, cache)
+                (patches, indices, timestep, cache), context = PRUNED.split(inputs)
+                cache = cache.clone()
+                tokens = self.functions.pruned_forward(patches, indices, timestep, context, cache)
                 index = indices.view(1, *indices.shape, 1).expand(cache.shape[0], -1, -1, cache.shape[-1])
-                outputs = {"tokens": tokens, "kv_rows": cache.gather(2, index)}
+                outputs = PRUNED.named_outputs((tokens, cache.gather(2, index)))
         for name, tensor in (out or {}).items():
             tensor.copy_(outputs[name])
         return outputs
-
-
-def _context(inputs: dict[str, torch.Tensor], positional: tuple[str, ...]) -> Context:
-    return {name: tensor for name, tensor in inputs.items() if name not in positional}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from catrt.engines.base import FULL_INPUTS, PRUNED_INPUTS, GraphSpec, TensorSpec
+from catrt.contract import FULL, PRUNED
+from catrt.engines.base import GraphSpec, TensorSpec
 from catrt.models.base import Adapter
 
 
@@ -45,7 +46,7 @@ class FullStep(_Step):
     """(hidden_states, timestep, *context) -> (tokens, kv)."""
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, *context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.adapter.export_full(hidden_states, timestep, self.named(context, len(FULL_INPUTS)))
+        return self.adapter.export_full(hidden_states, timestep, self.named(context, len(FULL.inputs)))
 
 
 class PrunedStep(_Step):
@@ -59,7 +60,7 @@ class PrunedStep(_Step):
         kv_cache: torch.Tensor,
         *context: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.adapter.export_pruned(patches, indices, timestep, self.named(context, len(PRUNED_INPUTS)), kv_cache)
+        return self.adapter.export_pruned(patches, indices, timestep, self.named(context, len(PRUNED.inputs)), kv_cache)
 
 
 def step_module(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from catrt.build_config import BuildConfig
-from catrt.engines.base import FULL_OUTPUTS, PRUNED_OUTPUTS
+from catrt.contract import FULL, PRUNED
 from catrt.errors import BuildError
 from catrt.models.base import Adapter, Context
 from catrt.pipeline import pipeline_spec, transformer_replaced
@@ -71,14 +71,12 @@ def reference_io(sample: StepSample, adapter: Adapter, k: int) -> tuple[Graphs, 
     latent_shape = tuple(sample.hidden_states.shape)
     context = adapter.prepare_context(sample.context_inputs, latent_shape)
     derived = {name: tensor for name, tensor in context.items() if name not in sample.context_inputs}
-    full = {"hidden_states": sample.hidden_states, "timestep": sample.timestep, **context}
-    full_outputs = dict(zip(FULL_OUTPUTS, adapter.export_full(sample.hidden_states, sample.timestep, context)))
+    full = FULL.bind((sample.hidden_states, sample.timestep), context)
+    full_outputs = FULL.named_outputs(adapter.export_full(sample.hidden_states, sample.timestep, context))
     patches = adapter.tokens_of(sample.hidden_states)
     indices = random_indices(patches.shape[0], patches.shape[1], k, patches.device)
     selected = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    pruned = {"patches": selected, "indices": indices, "timestep": sample.timestep, "kv_cache": full_outputs["kv"], **context}
-    pruned_outputs = dict(
-        zip(PRUNED_OUTPUTS, adapter.export_pruned(selected, indices, sample.timestep, context, full_outputs["kv"]))
-    )
+    pruned = PRUNED.bind((selected, indices, sample.timestep, full_outputs["kv"]), context)
+    pruned_outputs = PRUNED.named_outputs(adapter.export_pruned(selected, indices, sample.timestep, context, full_outputs["kv"]))
     inputs = {"context": dict(sample.context_inputs), "full": full, "pruned": pruned}
     return inputs, {"context": derived, "full": full_outputs, "pruned": pruned_outputs}

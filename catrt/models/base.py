@@ -130,6 +130,11 @@ class Adapter(ABC):
     # -- the token layout (conv patches of 4-D latents by default) -------------------------------
 
     @property
+    def cells_per_token(self) -> int:
+        """Latent cells a side per image token: the patch size here."""
+        return self.patch_size
+
+    @property
     def token_channels(self) -> int:
         """Channels of one input token: a flattened C x p x p latent patch."""
         return self.in_channels * self.patch_size**2

@@ -72,6 +72,11 @@ class FluxAdapter(Adapter):
         return 2 * (len(self.transformer.transformer_blocks) + len(self.transformer.single_transformer_blocks))
 
     @property
+    def cells_per_token(self) -> int:
+        """The pipeline packs 2x2 latent cells into one token."""
+        return 2
+
+    @property
     def token_channels(self) -> int:
         return self.in_channels
 
@@ -268,7 +273,9 @@ def _token_grid(pipe: Any, arguments: dict[str, Any]) -> Grid:
 
 def _check_call(arguments: dict[str, Any]) -> None:
     """Refuse the FluxPipeline options catrt cannot run, by name."""
-    has_negative = arguments.get("negative_prompt") is not None or arguments.get("negative_prompt_embeds") is not None
+    has_negative = arguments.get("negative_prompt") is not None or (  # diffusers' rule for true CFG
+        arguments.get("negative_prompt_embeds") is not None and arguments.get("negative_pooled_prompt_embeds") is not None
+    )
     if float(arguments.get("true_cfg_scale") or 1.0) > 1.0 and has_negative:
         raise UnsupportedModelError(
             "FLUX true_cfg_scale > 1 with a negative prompt calls the transformer twice per step, which catrt does not "

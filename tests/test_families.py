@@ -1,0 +1,122 @@
+"""Model families as registered data: FLUX's declared guidance and refusals, and a new family in one registration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.models.attention_processor import AttnProcessor
+
+import catrt
+from catrt import CATConfig, ConfigError, UnsupportedModelError
+from catrt.models import ADAPTERS, FAMILIES, PIPELINES, Family, make_adapter, register_family
+from catrt.models.sd3 import SD3Adapter
+from catrt.pipeline import pipeline_spec
+from catrt.pipeline_spec import PipelineSpec
+from catrt.runtime import CATRuntime
+from catrt.tokens import Grid
+from tests.conftest import call_kwargs
+from tests.test_adapters import _context, _inputs
+
+
+def test_guidance_is_declared_per_pipeline(tiny_pipelines: dict[str, Any]) -> None:
+    sd3, flux = pipeline_spec(tiny_pipelines["tiny-sd3"]), pipeline_spec(tiny_pipelines["tiny-flux"])
+    assert sd3.guidance == "cfg" and sd3.doubles_batch({"guidance_scale": 7.0})
+    assert not sd3.doubles_batch({"guidance_scale": 1.0})
+    assert flux.guidance == "distilled" and not flux.doubles_batch({"guidance_scale": 7.0})
+
+
+@torch.no_grad()
+def test_flux_guidance_embedding_is_an_input_of_one_row_per_image(tiny_pipelines: dict[str, Any]) -> None:
+    dev, schnell = (make_adapter(tiny_pipelines[name].transformer) for name in ("tiny-flux", "tiny-flux-schnell"))
+    latents, timestep, kwargs = _inputs(dev.transformer)
+    context = _context(dev, kwargs, latents)
+    assert context["guidance"].shape == (2,)
+    assert context["rotary_cos"].shape == (9 + 24, dev.transformer.config.attention_head_dim)
+    other = {**kwargs, "guidance": torch.full((2,), 7.0)}
+    cache = torch.empty(dev.num_kv_slots, 2, 24, dev.hidden_dim)
+    assert not torch.equal(dev.full_forward(latents, timestep, context, cache),
+                           dev.full_forward(latents, timestep, _context(dev, other, latents), cache))
+    with pytest.raises(ConfigError, match="embeds guidance .*needs guidance"):
+        dev.context_inputs({**kwargs, "guidance": None})
+    with pytest.raises(ConfigError, match="no guidance embedding .*pass guidance=None"):
+        schnell.context_inputs(kwargs)
+
+
+def test_packed_latents_take_their_token_grid_from_the_call(tiny_pipelines: dict[str, Any]) -> None:
+    adapter = make_adapter(tiny_pipelines["tiny-flux"].transformer)
+    latents, timestep, kwargs = _inputs(adapter.transformer)  # 24 packed tokens
+    with pytest.raises(ConfigError, match="FluxAdapter latents do not carry their token grid"):
+        CATRuntime(adapter, CATConfig(t0=2), steps=4, guidance=False)(latents, timestep, kwargs)
+    with pytest.raises(ConfigError, match="the latents have 24 tokens, the grid 4x5 has 20"):
+        CATRuntime(adapter, CATConfig(t0=2), steps=4, guidance=False, grid=Grid(4, 5))(latents, timestep, kwargs)
+    spec = pipeline_spec(tiny_pipelines["tiny-flux"])
+    assert spec.token_grid(tiny_pipelines["tiny-flux"], {"height": 64, "width": 96}) == Grid(4, 6)  # 16 pixels a token
+
+
+def test_flux_layouts_catrt_cannot_prune_are_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
+    transformer = tiny_pipelines["tiny-flux"].transformer
+    adapter = make_adapter(transformer)
+    _, _, kwargs = _inputs(transformer)
+    for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
+        with pytest.raises(UnsupportedModelError, match=f"argument '{name}' is not supported"):
+            adapter.context_inputs({**kwargs, name: [torch.zeros(1)]})
+    with pytest.raises(UnsupportedModelError, match=r"joint_attention_kwargs \['ip_adapter_image_embeds'\]"):
+        adapter.context_inputs({**kwargs, "joint_attention_kwargs": {"ip_adapter_image_embeds": [torch.zeros(1)]}})
+    custom = type(transformer).from_config(transformer.config)
+    custom.single_transformer_blocks[1].attn.set_processor(AttnProcessor())
+    with pytest.raises(UnsupportedModelError, match="FLUX single block 1 uses attention processor AttnProcessor"):
+        make_adapter(custom)
+
+
+def test_flux_pipeline_options_catrt_cannot_run_are_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-flux"]
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    with pytest.raises(UnsupportedModelError, match="true_cfg_scale > 1 with a negative prompt"):
+        fast(**call_kwargs(pipe, true_cfg_scale=4.0, negative_prompt="blurry"))
+    with pytest.raises(UnsupportedModelError, match="argument 'ip_adapter_image_embeds' \\(IP-adapter\\)"):
+        fast(**call_kwargs(pipe, ip_adapter_image_embeds=[torch.zeros(1)]))
+
+
+# -- a new family: one adapter class and one registration --------------------------------------
+
+
+class FakeTransformer(SD3Transformer2DModel):
+    """A transformer class no built-in family serves."""
+
+
+class FakePipeline(StableDiffusion3Pipeline):
+    """Its pipeline class."""
+
+
+class FakeAdapter(SD3Adapter):
+    transformer_class = FakeTransformer
+
+
+@pytest.fixture()
+def fake_family() -> Iterator[Family]:
+    family = register_family(Family("fake", FakeAdapter, {FakePipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3")}))
+    yield family
+    del FAMILIES["fake"], ADAPTERS[FakeTransformer], PIPELINES[FakePipeline]
+
+
+def test_a_new_family_is_one_adapter_class_and_one_registration(fake_family: Family, tiny_pipelines: dict[str, Any]) -> None:
+    tiny = tiny_pipelines["tiny-sd3"]
+    transformer = FakeTransformer.from_config(tiny.transformer.config)
+    transformer.load_state_dict(tiny.transformer.state_dict())
+    pipe = FakePipeline(**{**tiny.components, "transformer": transformer.eval()})
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(**call_kwargs(pipe)).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3, trace=True))
+    got = fast(**call_kwargs(pipe)).images
+    assert isinstance(fast.adapter, FakeAdapter) and fast.last_trace[-1].kind == "pruned"
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
+
+
+def test_an_unregistered_pipeline_is_refused(tiny_pipelines: dict[str, Any]) -> None:
+    tiny = tiny_pipelines["tiny-sd3"]
+    with pytest.raises(UnsupportedModelError, match="catrt cannot accelerate FakePipeline"):
+        catrt.accelerate(FakePipeline(**tiny.components))
