@@ -46,8 +46,9 @@ HUB_NOTICE: tuple[str, str] = ("diffusers.pipelines.pipeline_utils", "Couldn't c
 # refused rather than ignored.
 FIXED_BY_BUILD: tuple[str, ...] = ("model", "alpha", "t0", "precision", "device", "full")
 
-# CATConfig fields that are not flags: the seed is per image (--seed), the trace is for Python callers.
-NOT_CAT_FLAGS: tuple[str, ...] = ("seed", "trace")
+# CATConfig fields that are not flags: the seed is per image (--seed), the trace is for Python callers, and
+# reuse_threshold is a bench baseline no engine or server schedule runs (`catrt compare --reuse-threshold`).
+NOT_CAT_FLAGS: tuple[str, ...] = ("seed", "trace", "reuse_threshold")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
