@@ -64,6 +64,9 @@ class AcceleratedPipeline:
     (caches, captured CUDA graphs) are kept across calls of the same shape.
     """
 
+    #: What each call runs the steps with; bench/ substitutes a subclass (an oracle baseline).
+    runtime_class: type[CATRuntime] = CATRuntime
+
     def __init__(
         self, pipe: Any, config: CATConfig, functions: StepFunctions | None = None, cuda_graphs: bool | None = None
     ) -> None:
@@ -84,7 +87,7 @@ class AcceleratedPipeline:
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"num_inference_steps must be a positive integer, got {steps!r}", field="num_inference_steps")
         guidance = float(bound.arguments.get("guidance_scale", 1.0)) > 1.0
-        runtime = CATRuntime(self.adapter, self.config, steps, guidance, self.functions, self.buffers, self.cuda_graphs)
+        runtime = self.runtime_class(self.adapter, self.config, steps, guidance, self.functions, self.buffers, self.cuda_graphs)
         with transformer_replaced(self.pipe.transformer, runtime):
             result = self.pipe(*args, **kwargs)
         if runtime.step != steps:
