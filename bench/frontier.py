@@ -73,12 +73,17 @@ class OracleRuntime(CATRuntime):
             with torch.no_grad():
                 truth, _ = self.adapter.export_full(hidden_states, timestep, state.context)
             error = (self._cond(truth) - self._cond(state.output_cache)).norm(dim=-1)  # (B, N)
-            picked = selection.select_top(error, round(config.magnitude_fraction * self.k))
-            order = selection.staleness_ranks(state.staleness, state.last_computed)
-            order = order.scatter(1, picked, order.gather(1, picked) + order.shape[1])  # the picked ones go last
-            rest = selection.take_first(order, self.k - picked.shape[1])
-            state.indices.copy_(torch.cat([picked, rest], 1))
+            m = round(config.magnitude_fraction * self.k)
+            state.indices.copy_(oracle_indices(error, state.staleness, state.last_computed, m, self.k))
         return super().__call__(hidden_states, timestep, call_kwargs)
+
+
+def oracle_indices(error: torch.Tensor, staleness: torch.Tensor, last_computed: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    """(B, k): the m tokens of largest true error, then the k - m stalest of the others (CAT's order)."""
+    picked = selection.select_top(error, m)
+    order = selection.staleness_ranks(staleness, last_computed)
+    order = order.scatter(1, picked, order.gather(1, picked) + order.shape[1])  # the picked ones go last
+    return torch.cat([picked, selection.take_first(order, k - m)], 1)
 
 
 @dataclass(frozen=True)

@@ -264,15 +264,15 @@ class CATRuntime:
         wanted = self.cuda_graphs if self.cuda_graphs is not None else getattr(self.functions, "cuda_graphs", False)
         if not wanted:
             return False
-        if self.cuda_graphs and device.type != "cuda":
-            raise ConfigError(f"cuda_graphs needs a CUDA device, the latents are on {device}", field="cuda_graphs")
-        if self.cuda_graphs and not getattr(self.functions, "capturable", True):
-            raise ConfigError(f"{type(self.functions).__name__} steps cannot be captured as CUDA graphs", field="cuda_graphs")
         if self.cuda_graphs and self.config.reuse_threshold:
             raise ConfigError(
                 "reuse_threshold decides each step on the host; CUDA graphs take static schedules only (use reuse_every)",
                 field="cuda_graphs",
             )
+        if self.cuda_graphs and device.type != "cuda":
+            raise ConfigError(f"cuda_graphs needs a CUDA device, the latents are on {device}", field="cuda_graphs")
+        if self.cuda_graphs and not getattr(self.functions, "capturable", True):
+            raise ConfigError(f"{type(self.functions).__name__} steps cannot be captured as CUDA graphs", field="cuda_graphs")
         if self.cuda_graphs and self.config.rule not in CAPTURABLE_RULES:
             raise ConfigError(
                 f"rule {self.config.rule!r} needs the host between steps; CUDA graphs take {sorted(CAPTURABLE_RULES)}",
