@@ -16,6 +16,7 @@ from PIL import Image
 import catrt
 from catrt import CATConfig, ConfigError
 from catrt.build_config import BuildConfig
+from catrt.bundle import _run_config
 from catrt.cli import main
 from catrt.macs import StepMacs
 from catrt.metrics import mean_interval, paired_difference, psnr, ssim
@@ -145,6 +146,8 @@ def test_reuse_threshold_is_validated_and_refused_by_engines_and_graphs(tiny_pip
     with pytest.raises(ConfigError, match="engines run a static schedule: build one with --reuse-every") as caught:
         build.cat_config(reuse_threshold=0.1)
     assert caught.value.field == "reuse_threshold"
+    with pytest.raises(ConfigError, match="engines run a static schedule"):  # catrt.load's check, before any backend
+        _run_config(build, CATConfig(t0=2, reuse_threshold=0.1))
     adapter = catrt.accelerate(tiny_pipelines["tiny-sd3"]).adapter
 
     class OtherBackend:  # any step functions but the adapter's own: an engine
