@@ -60,11 +60,12 @@ def _compare(tmp_path: Path, *extra: str, prompts: str = "a red circle\na green 
 
 
 def test_compare_end_to_end_with_clip(tmp_path: Path, clip_folder: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    code, out = _compare(tmp_path, "--seeds", "0", "1", "--rules", "full", "cat", "round_robin", "--clip", str(clip_folder))
+    code, out = _compare(tmp_path, "--seeds", "0", "1", "--rules", "full", "cat", "round_robin", "--clip", str(clip_folder),
+                         prompts="a red circle\n\n")
     assert code == 0, capfd.readouterr().err
     assert "compare" in capfd.readouterr().err  # the progress bar
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert len(rows) == 2 * 2 * 4  # prompts x seeds x (unpruned + 3 rules)
+    assert len(rows) == 1 * 2 * 4  # prompts x seeds x (unpruned + 3 rules); the blank line is skipped
     by = {(r["prompt_index"], r["seed"], r["variant"]): r for r in rows}
     for row in rows:
         assert 0 <= float(row["clip"]) <= 100 and float(row["seconds"]) > 0
@@ -76,8 +77,8 @@ def test_compare_end_to_end_with_clip(tmp_path: Path, clip_folder: Path, capfd: 
             assert 0 < float(row["mac_ratio"]) < 1 and row["reused_steps"] == "0"
     cat = {r["mac_ratio"] for r in rows if r["variant"] == "cat"}
     assert cat == {r["mac_ratio"] for r in rows if r["variant"] == "round_robin"} and len(cat) == 1  # same k and schedule
-    assert len(list((out / "images").glob("*.png"))) == 16
-    assert Image.open(out / "grid.png").size == (4 * 128, 30 + 4 * 128)
+    assert len(list((out / "images").glob("*.png"))) == 8
+    assert Image.open(out / "grid.png").size == (4 * 128, 30 + 2 * 128)
     report = (out / "report.md").read_text()
     assert "| cat |" in report and "| round_robin |" in report and "| cat - round_robin |" in report
     assert "CLIP score" in report and "| full | inf | 1.0000" in report
