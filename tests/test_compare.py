@@ -21,6 +21,7 @@ from catrt.cli import main
 from catrt.macs import StepMacs
 from catrt.metrics import mean_interval, paired_difference, psnr, ssim
 from catrt.runtime import CATRuntime, StepRecord
+from catrt.serve import ServeConfig
 from tests.conftest import call_kwargs
 
 # -- catrt compare ------------------------------------------------------------------------------
@@ -149,6 +150,8 @@ def test_reuse_threshold_is_validated_and_refused_by_engines_and_graphs(tiny_pip
     assert caught.value.field == "reuse_threshold"
     with pytest.raises(ConfigError, match="engines run a static schedule"):  # catrt.load's check, before any backend
         _run_config(build, CATConfig(t0=2, reuse_threshold=0.1))
+    with pytest.raises(ConfigError, match="the server runs static schedules"):
+        ServeConfig(model="reference", steps=6, cat=CATConfig(t0=2, reuse_threshold=0.1))
     adapter = catrt.accelerate(tiny_pipelines["tiny-sd3"]).adapter
 
     class OtherBackend:  # any step functions but the adapter's own: an engine
