@@ -24,6 +24,17 @@ BACKENDS: tuple[str, ...] = ("auto", "eager", "compile", "onnxruntime", "tensorr
 FIXED_CAT_FIELDS: tuple[str, ...] = ("alpha", "t0", "reuse_every")
 
 
+def check_static_schedule(config: CATConfig) -> CATConfig:
+    """Refuse what an engine cannot run: `reuse_threshold` decides each step on the host (a bench baseline)."""
+    if config.reuse_threshold:
+        raise ConfigError(
+            f"reuse_threshold={config.reuse_threshold} decides each step on the host from the first block's output, "
+            "which engines do not compute; engines run a static schedule: build one with --reuse-every instead",
+            field="reuse_threshold", value=config.reuse_threshold,
+        )
+    return config
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """One engine build.
@@ -82,7 +93,7 @@ class BuildConfig:
                     f"build an engine with that value",
                     field=name, value=value,
                 )
-        return CATConfig(**{**overrides, **fixed})
+        return check_static_schedule(CATConfig(**{**overrides, **fixed}))
 
     def num_selected(self, num_tokens: int) -> int:
         return self.cat_config().num_selected(num_tokens)

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from catrt.build_config import FIXED_CAT_FIELDS, BuildConfig
+from catrt.build_config import FIXED_CAT_FIELDS, BuildConfig, check_static_schedule
 from catrt.config import CATConfig
 from catrt.engines import ENGINES, Engine, GraphSpec
 from catrt.errors import CatrtError, ConfigError, EngineMismatchError
@@ -126,6 +126,7 @@ def load(
     folder = Path(engine_dir)
     manifest = verify_bundle(folder, key)
     build = BuildConfig.from_dict(manifest.build)
+    run_config = _run_config(build, config)  # refused before any backend runs
     engine_class = ENGINES[build.backend]
     device = engine_class.default_device()
     if pipe is None:
@@ -138,7 +139,7 @@ def load(
     engine = engine_class(folder, graphs, device, adapter if engine_class.needs_transformer else None)
     engine.load()
     logger.info("loaded %s engine from %s", build.backend, folder)
-    return EnginePipeline(accelerate(pipe, _run_config(build, config), functions=engine), build, manifest, engine)
+    return EnginePipeline(accelerate(pipe, run_config, functions=engine), build, manifest, engine)
 
 
 def _check_shared_pipeline(build: BuildConfig, pipe: Any, device: Any, needs_transformer: bool) -> None:
@@ -217,4 +218,4 @@ def _run_config(build: BuildConfig, config: CATConfig | None) -> CATConfig:
                 f"{name}={getattr(config, name)}; build an engine with that value",
                 field=name, value=getattr(config, name),
             )
-    return config
+    return check_static_schedule(config)

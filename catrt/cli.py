@@ -46,8 +46,9 @@ HUB_NOTICE: tuple[str, str] = ("diffusers.pipelines.pipeline_utils", "Couldn't c
 # refused rather than ignored.
 FIXED_BY_BUILD: tuple[str, ...] = ("model", "alpha", "t0", "precision", "device", "full")
 
-# CATConfig fields that are not flags: the seed is per image (--seed), the trace is for Python callers.
-NOT_CAT_FLAGS: tuple[str, ...] = ("seed", "trace")
+# CATConfig fields that are not flags: the seed is per image (--seed), the trace is for Python callers, and
+# reuse_threshold is a bench baseline no engine or server schedule runs (`catrt compare --reuse-threshold`).
+NOT_CAT_FLAGS: tuple[str, ...] = ("seed", "trace", "reuse_threshold")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -94,7 +95,7 @@ def _version() -> str:
         return catrt.__version__
 
 
-def _add_cat_flags(parser: argparse.ArgumentParser) -> None:
+def _add_cat_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """Every CATConfig field a user sets per run, as a kebab-case flag, generated from the dataclass.
 
     Types, choices and defaults come from the field, the help from CATConfig's docstring, so a new
@@ -104,6 +105,8 @@ def _add_cat_flags(parser: argparse.ArgumentParser) -> None:
     defaults, hints, helps = CATConfig(), typing.get_type_hints(CATConfig), _field_help(CATConfig)
     group = parser.add_argument_group("CAT Pruning")
     for field in _cat_fields():
+        if field.name in skip:
+            continue
         default = getattr(defaults, field.name)
         text = helps.get(field.name, field.name.replace("_", " ")).rstrip(".")
         kwargs: dict[str, Any] = {"default": None, "help": f"{text} (default: {default})"}
@@ -139,7 +142,7 @@ def _field_help(cls: type) -> dict[str, str]:
 
 def _cat_values(args: argparse.Namespace) -> dict[str, Any]:
     """The CAT flags the user gave."""
-    return {field.name: getattr(args, field.name) for field in _cat_fields() if getattr(args, field.name) is not None}
+    return {field.name: getattr(args, field.name) for field in _cat_fields() if getattr(args, field.name, None) is not None}
 
 
 def _cat_config(args: argparse.Namespace, seed: int = 0) -> CATConfig:
@@ -668,6 +671,78 @@ def _add_macs_parser(commands: argparse._SubParsersAction) -> None:
     macs.set_defaults(handler=cmd_macs)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Unpruned vs each rule on every prompt and seed: report.md, metrics.csv, grid.png in --out."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out!r} is a file; give a folder for report.md, metrics.csv and grid.png",
+                          field="out", value=args.out)
+    from catrt.compare import Variant, read_prompts
+
+    prompts = read_prompts(Path(args.prompts))
+    configs = [Variant(rule, None if rule == "full" else CATConfig(
+        **_cat_values(args), rule=rule, reuse_threshold=args.reuse_threshold)) for rule in args.rules]
+    model, card = args.model, MODEL_CARDS.get(args.model)
+    _card_size(card, args.height, args.width, model)
+    for variant in configs:
+        if variant.config is not None:
+            variant.config.check_steps(args.steps)
+    device = _device(args.device or "cpu")
+    precision = _precision(args.precision, model, device.type)
+    from catrt.build_config import PRECISIONS
+    from catrt.compare import run_comparison, write_outputs
+    from catrt.generation import check_pipeline_size, check_prompt_length
+    from catrt.loading import load_pipeline
+    from catrt.metrics import ClipScorer, require_skimage
+
+    require_skimage()
+    clip = None if args.clip is None else ClipScorer(args.clip, device)
+    with _hub_errors(model):
+        pipe = load_pipeline(model, device=device, dtype=PRECISIONS[precision])
+    check_pipeline_size(pipe, args.height, args.width, model)
+    for line, prompt in enumerate(prompts, 1):
+        check_prompt_length(pipe, prompt, field=f"prompt on line {line} of {args.prompts}")
+    comparison = run_comparison(pipe, prompts, args.seeds, configs, args.steps, height=args.height, width=args.width,
+                                guidance_scale=args.guidance_scale, clip=clip)
+    first = next((v.config for v in configs if v.config is not None), None)
+    schedule = "" if first is None else (
+        f", alpha {first.alpha}, t0 {first.t0}, refresh_every {first.refresh_every}, reuse_every {first.reuse_every}, "
+        f"reuse_threshold {first.reuse_threshold}")
+    header = [f"# catrt compare: {model}", "",
+              f"{len(prompts)} prompts from `{args.prompts}` x seeds {' '.join(map(str, args.seeds))}, {args.steps} steps"
+              f"{schedule}; {device.type}, {precision}; CLIP: {args.clip or 'none'}."]
+    write_outputs(comparison, out, header)
+    print(f"wrote {out / 'report.md'}, {out / 'metrics.csv'} and {out / 'grid.png'}")
+    return 0
+
+
+def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
+    from catrt.config import SELECTION_RULES
+
+    compare = commands.add_parser(
+        "compare", help="image quality (PSNR, SSIM, CLIP score), MACs and time of rules against the unpruned model")
+    compare.add_argument("--model", default=DEFAULT_MODEL, help="model name (reference, tiny-sd3, sd3, ...) or diffusers folder")
+    compare.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    compare.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every prompt runs with each")
+    compare.add_argument("--steps", type=_positive_int, default=28, help="denoising steps")
+    compare.add_argument("--rules", nargs="+", choices=("full", *SELECTION_RULES), default=["cat", "round_robin", "random"],
+                         help="token rules to compare (full: the unpruned pipeline again, a determinism check)")
+    compare.add_argument("--reuse-threshold", type=float, default=0.0,
+                         help="First-Block-Cache-style reuse for every rule: reuse a step when the first block's "
+                              "residual moved less than this since the last computed step (0 = off; eager only)")
+    compare.add_argument("--clip", default=None,
+                         help="CLIP model folder (or hub name) for the CLIP score (default: no CLIP score)")
+    compare.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
+    compare.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
+    compare.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the pipeline's)")
+    compare.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    compare.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                         help="weights and activations (default: fp32 on the CPU; on CUDA the model's usual one)")
+    compare.add_argument("--out", required=True, help="folder for report.md, metrics.csv, grid.png and images/")
+    _add_cat_flags(compare, skip=("rule",))
+    compare.set_defaults(handler=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="catrt",
@@ -680,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_macs_parser(commands)
     _add_build_parser(commands)
     _add_serve_parser(commands)
+    _add_compare_parser(commands)
     return parser
 
 

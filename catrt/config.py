@@ -30,6 +30,11 @@ class CATConfig:
             without running the transformer (0 = never): the paper's DeepCache-style 1:N combination.
             It combines with any `rule`. A step that is both a refresh step and a reuse step runs full
             (a refresh is never skipped). See catrt/scheduler.py for the plan.
+        reuse_threshold: First-Block-Cache-style adaptive reuse, a baseline for bench/ (0 = off): after t0,
+            a step that would be pruned first runs the first block on all tokens and reuses the previous
+            prediction (no further transformer work) when that block's residual moved less than this, as
+            mean |r - r_last| / mean |r_last| against the last computed step. A host decision every step,
+            so eager only: engines and CUDA graphs refuse it (use reuse_every there).
         seed: seed of the KMeans initialisation (and of the `random` rule).
         trace: record the per-step schedule and indices in `last_trace`.
         kmeans_iters: Lloyd iterations of the on-device KMeans.
@@ -43,6 +48,7 @@ class CATConfig:
     magnitude_fraction: float = 0.25
     refresh_every: int = 0
     reuse_every: int = 0
+    reuse_threshold: float = 0.0
     seed: int = 0
     trace: bool = False
     kmeans_iters: int = 20
@@ -58,6 +64,7 @@ class CATConfig:
         )
         _check_int("refresh_every", self.refresh_every, ">= 0 (0 = off)", lambda v: v >= 0)
         _check_int("reuse_every", self.reuse_every, ">= 0 (0 = off)", lambda v: v >= 0)
+        _check_number("reuse_threshold", self.reuse_threshold, ">= 0 (0 = off)", lambda v: v >= 0.0)
         _check_int("seed", self.seed, ">= 0", lambda v: v >= 0)
         _check_int("kmeans_iters", self.kmeans_iters, ">= 1", lambda v: v >= 1)
         if not isinstance(self.trace, bool):

@@ -4,6 +4,7 @@ A MAC is half a FLOP as torch's FlopCounterMode counts them (matmuls, convolutio
 The unpruned baseline is diffusers' own transformer forward; the pruned schedule pays once per
 generation for its context (for PixArt the cross-attention K/V), then its full steps (t0 plus any
 refresh steps) and its pruned steps; reused steps (`reuse_every`) run no transformer and cost nothing.
+`StepMacs.traced` counts a generation from its trace, for schedules only a run knows (`reuse_threshold`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.model_cards import MODEL_CARDS, ModelCard
 from catrt.models import family_of, make_adapter
+from catrt.runtime import StepRecord
 from catrt.scheduler import plan
 from catrt.tokens import Grid
 
@@ -75,20 +77,59 @@ def transformer_macs(
     multiple = card.vae_scale * card.token_cells
     if height % multiple or width % multiple:
         raise ConfigError(f"height and width must be multiples of {multiple}, got {height}x{width}", field="height")
-    adapter = make_adapter(transformer)
-    grid = Grid(height // multiple, width // multiple)
-    latents, timestep, kwargs = meta_inputs(card, grid)
-    k = config.num_selected(grid.num_tokens)
-    full = count_macs(lambda: transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs))
-    inputs = adapter.context_inputs(kwargs)
-    context_macs = count_macs(lambda: adapter.prepare_context(inputs, tuple(latents.shape)))
-    context = adapter.prepare_context(inputs, tuple(latents.shape))
-    _, kv = adapter.export_full(latents, timestep, context)
-    patches = adapter.tokens_of(latents)[:, :k]
-    indices = torch.empty(1, k, dtype=torch.long, device="meta")
-    pruned = count_macs(lambda: adapter.pruned_forward(patches, indices, timestep, context, kv))
+    latents, timestep, kwargs = meta_inputs(card, Grid(height // multiple, width // multiple))
+    counts = step_macs(transformer, latents, timestep, kwargs, config)
     kinds = plan(steps, config.t0, config.refresh_every, config.reuse_every)
-    return MacReport(grid.num_tokens, k, full, pruned, context_macs, steps, kinds.count("full"), kinds.count("reused"))
+    return MacReport(counts.num_tokens, counts.k, counts.full, counts.pruned, counts.context, steps,
+                     kinds.count("full"), kinds.count("reused"))
+
+
+@dataclass(frozen=True)
+class StepMacs:
+    """MACs of each kind of transformer work at one shape (the batch of the inputs counted)."""
+
+    num_tokens: int
+    k: int
+    full: int  # diffusers' unpruned forward
+    pruned: int
+    context: int  # once per generation under catrt
+    probe: int  # the first block on all tokens (`reuse_threshold`'s decision)
+
+    def traced(self, trace: list[StepRecord]) -> int:
+        """The MACs of one traced generation: its context, full and pruned steps and decision probes.
+
+        A probe is counted where it decided a step (`change` set), except on a computed step whose forward
+        runs every token (k = N), which yields the first block's output itself (as in First-Block-Cache);
+        at full steps likewise. Reused steps cost nothing else.
+        """
+        kinds = [record.kind for record in trace]
+        probes = sum(r.change is not None and (r.kind == "reused" or self.k < self.num_tokens) for r in trace)
+        return self.context + kinds.count("full") * self.full + kinds.count("pruned") * self.pruned + probes * self.probe
+
+    def traced_ratio(self, trace: list[StepRecord]) -> float:
+        """`traced` over the unpruned pipeline's forwards for the same number of steps."""
+        return self.traced(trace) / (len(trace) * self.full)
+
+
+def step_macs(
+    transformer: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any], config: CATConfig
+) -> StepMacs:
+    """Count each kind of step on one transformer call's inputs (meta tensors or real ones)."""
+    adapter = make_adapter(transformer)
+    tokens = adapter.tokens_of(latents)  # (B, N, channels): the rows a pruned step gathers, any latent layout
+    num_tokens = tokens.shape[1]
+    k = config.num_selected(num_tokens)
+    with torch.no_grad():
+        full = count_macs(lambda: transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs))
+        inputs = adapter.context_inputs(kwargs)
+        context_macs = count_macs(lambda: adapter.prepare_context(inputs, tuple(latents.shape)))
+        context = adapter.prepare_context(inputs, tuple(latents.shape))
+        _, kv = adapter.export_full(latents, timestep, context)
+        patches = tokens[:, :k]
+        indices = torch.arange(k, device=latents.device).expand(latents.shape[0], -1)
+        pruned = count_macs(lambda: adapter.pruned_forward(patches, indices, timestep, context, kv))
+        probe = count_macs(lambda: adapter.first_block_residual(latents, timestep, context))
+    return StepMacs(num_tokens, k, full, pruned, context_macs, probe)
 
 
 def model_macs(name: str, height: int, width: int, config: CATConfig, steps: int) -> MacReport:

@@ -49,6 +49,9 @@ class AcceleratedPipeline:
     (caches, captured CUDA graphs) are kept across calls of the same shape.
     """
 
+    #: What each call runs the steps with; bench/ substitutes a subclass (an oracle baseline).
+    runtime_class: type[CATRuntime] = CATRuntime
+
     def __init__(
         self, pipe: Any, config: CATConfig, functions: StepFunctions | None = None, cuda_graphs: bool | None = None
     ) -> None:
@@ -72,7 +75,7 @@ class AcceleratedPipeline:
             self.spec.check_call(bound.arguments)
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
-        runtime = CATRuntime(
+        runtime = self.runtime_class(
             self.adapter, self.config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
         )
         with transformer_replaced(self.pipe.transformer, runtime):

@@ -18,6 +18,11 @@ any step but runs no program: no forward, no selection, no cache write. It retur
 buffer as the last computed step left it. Staleness and `last_computed` count computed steps only,
 so a reused step changes neither, and the next pruned step computes the indices selected after the
 last computed step.
+
+`CATConfig.reuse_threshold` (a First-Block-Cache-style baseline for bench/) turns a would-be pruned
+step into a reused one when the first block's residual on all tokens moved less than the threshold
+since the last computed step. The decision reads a number on the host every step, so it runs with
+the eager adapter only, never in an engine or a captured graph.
 """
 
 from __future__ import annotations
@@ -69,11 +74,13 @@ class StepFunctions(Protocol):
 
 @dataclass
 class StepRecord:
-    """What one step did: `kind` full, pruned or reused; `indices` (B, k) on pruned steps, else None."""
+    """What one step did: `kind` full, pruned or reused; `indices` (B, k) on pruned steps, else None;
+    `change` the first block's relative change where `reuse_threshold` decided the step, else None."""
 
     step: int
     kind: StepKind
     indices: torch.Tensor | None
+    change: float | None = None
 
 
 @dataclass
@@ -189,6 +196,14 @@ class CATRuntime:
                 field="rule",
                 value=config.rule,
             )
+        if config.reuse_threshold and self.functions is not adapter:
+            raise ConfigError(
+                "reuse_threshold decides each step on the host from the first block's output, which only the eager "
+                "backend computes; engines run a static schedule: use reuse_every",
+                field="reuse_threshold",
+                value=config.reuse_threshold,
+            )
+        self._first_block: torch.Tensor | None = None  # the residual at the last computed step (reuse_threshold)
 
     def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
         """One denoising step: latents -> the prediction of the same layout (`Adapter.prediction_of`).
@@ -210,6 +225,9 @@ class CATRuntime:
         state.timestep.copy_(timestep)
         state.step_index.fill_(self.step)
         kind = step_kind(self.step, self.config.t0, self.config.refresh_every, self.config.reuse_every)
+        change = None
+        if self.config.reuse_threshold and kind != "reused" and self.step >= self.config.t0:
+            kind, change = self._first_block_decision(kind)
         used = state.indices.clone() if self.config.trace and kind == "pruned" else None
         if kind != "reused":  # a reused step returns the last prediction as it is
             self.adapter.recorder = AttentionRecorder() if self.config.rule == "attention" else None
@@ -220,7 +238,7 @@ class CATRuntime:
             finally:
                 self.adapter.recorder = None
         if self.config.trace:
-            self.trace.append(StepRecord(self.step, kind, used))
+            self.trace.append(StepRecord(self.step, kind, used, change))
         return state.prediction
 
     # -- set-up ------------------------------------------------------------------------------
@@ -270,6 +288,11 @@ class CATRuntime:
         wanted = self.cuda_graphs if self.cuda_graphs is not None else getattr(self.functions, "cuda_graphs", False)
         if not wanted:
             return False
+        if self.cuda_graphs and self.config.reuse_threshold:
+            raise ConfigError(
+                "reuse_threshold decides each step on the host; CUDA graphs take static schedules only (use reuse_every)",
+                field="cuda_graphs",
+            )
         if self.cuda_graphs and device.type != "cuda":
             raise ConfigError(f"cuda_graphs needs a CUDA device, the latents are on {device}", field="cuda_graphs")
         if self.cuda_graphs and not getattr(self.functions, "capturable", True):
@@ -279,7 +302,7 @@ class CATRuntime:
                 f"rule {self.config.rule!r} needs the host between steps; CUDA graphs take {sorted(CAPTURABLE_RULES)}",
                 field="cuda_graphs",
             )
-        return device.type == "cuda" and self.config.rule in CAPTURABLE_RULES
+        return device.type == "cuda" and self.config.rule in CAPTURABLE_RULES and not self.config.reuse_threshold
 
     def _allocate(self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context) -> StepState:
         adapter, device, dtype = self.adapter, hidden_states.device, hidden_states.dtype
@@ -306,6 +329,25 @@ class CATRuntime:
         )
 
     # -- steps -------------------------------------------------------------------------------
+
+    def _first_block_decision(self, kind: StepKind) -> tuple[StepKind, float | None]:
+        """First-Block-Cache style: a would-be pruned step is reused when the first block's residual (all
+        tokens, all rows) moved less than the threshold since the last computed step.
+
+        A full step (t0, refreshes) only records its residual as the new reference; an implementation
+        would take it from the full forward. Returns the step's kind and, where it decided, the change.
+        """
+        state = self.state
+        residual = self.adapter.first_block_residual(state.latents, state.timestep, state.context).float()
+        last = self._first_block
+        if kind == "full" or last is None:
+            self._first_block = residual
+            return kind, None
+        change = float((residual - last).abs().mean() / last.abs().mean().clamp_min(1e-12))
+        if change < self.config.reuse_threshold:
+            return "reused", change
+        self._first_block = residual
+        return kind, change
 
     def _run(self, kind: StepKind) -> None:
         """Run (or replay) the full or pruned step program; reused steps never get here."""

@@ -87,7 +87,7 @@ def test_help_and_import_load_no_heavy_module() -> None:
 import sys
 import catrt, catrt.cli
 assert catrt.CATConfig().alpha == 0.3  # a lazy name that is cheap
-for command in ([], ["generate"], ["macs"], ["build"], ["inspect"], ["serve"]):
+for command in ([], ["generate"], ["macs"], ["build"], ["inspect"], ["serve"], ["compare"]):
     try:
         catrt.cli.main([*command, "--help"])
     except SystemExit as done:

@@ -234,6 +234,16 @@ class Adapter(ABC):
         attends over what it returns (all N rows either way).
         """
 
+    @abstractmethod
+    def first_block(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context) -> torch.Tensor:
+        """Embedded image tokens (B, N, D) through the first block only; no K/V cache is read or written."""
+
+    def first_block_residual(self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context) -> torch.Tensor:
+        """(B, N, D): what the first block adds to the embedded latents; the signal of the
+        First-Block-Cache-style `reuse_threshold` baseline (catrt/runtime.py)."""
+        tokens = self.embed(hidden_states).contiguous()
+        return self.first_block(tokens.clone(), timestep, context) - tokens
+
     # -- shared pieces -------------------------------------------------------------------------
 
     def positional_table(self, latent_shape: tuple[int, ...]) -> torch.Tensor:

@@ -138,13 +138,7 @@ class FluxAdapter(Adapter):
     def run_blocks(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context, store: KVStore) -> torch.Tensor:
         """Diffusers' FLUX forward on the given image tokens (all N, or the k of `store.indices`)."""
         model = self.transformer
-        dtype = tokens.dtype
-        timestep = timestep.to(dtype) * 1000
-        if "guidance" in context:
-            temb = model.time_text_embed(timestep, context["guidance"].to(dtype) * 1000, context["pooled_projections"])
-        else:
-            temb = model.time_text_embed(timestep, context["pooled_projections"])
-        text = model.context_embedder(context["encoder_hidden_states"])
+        temb, text = self._conditioning(tokens.dtype, timestep, context)
         text_rope, image_rope = _rotary_rows(context, text.shape[1], store.indices)
         slot = 0
         for block in model.transformer_blocks:
@@ -154,6 +148,26 @@ class FluxAdapter(Adapter):
             text, tokens = self._single_block(block, slot, tokens, text, temb, text_rope, image_rope, store)
             slot += 2
         return model.proj_out(model.norm_out(tokens, temb))
+
+    def first_block(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context) -> torch.Tensor:
+        """The first double-stream block (the first single-stream one where there is none) on all image tokens."""
+        temb, text = self._conditioning(tokens.dtype, timestep, context)
+        text_rope, image_rope = _rotary_rows(context, text.shape[1], None)
+        store = KVStore(None, None, in_place=False)  # fresh K/V kept aside, the cache untouched
+        blocks = self.transformer.transformer_blocks
+        run = self._double_block if len(blocks) else self._single_block
+        first = blocks[0] if len(blocks) else self.transformer.single_transformer_blocks[0]
+        return run(first, 0, tokens, text, temb, text_rope, image_rope, store)[1]
+
+    def _conditioning(self, dtype: torch.dtype, timestep: torch.Tensor, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+        """The time (and distilled guidance) embedding and the embedded text, as diffusers' forward makes them."""
+        model = self.transformer
+        timestep = timestep.to(dtype) * 1000
+        if "guidance" in context:
+            temb = model.time_text_embed(timestep, context["guidance"].to(dtype) * 1000, context["pooled_projections"])
+        else:
+            temb = model.time_text_embed(timestep, context["pooled_projections"])
+        return temb, model.context_embedder(context["encoder_hidden_states"])
 
     def _double_block(
         self,

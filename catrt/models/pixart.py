@@ -101,6 +101,13 @@ class PixArtAdapter(Adapter):
         out = model.norm_out(tokens) * (1 + scale) + shift
         return model.proj_out(out)
 
+    def first_block(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context) -> torch.Tensor:
+        model = self.transformer
+        added = {name: context.get(name) for name in ("resolution", "aspect_ratio")}
+        modulation, _ = model.adaln_single(timestep, added, batch_size=tokens.shape[0], hidden_dtype=tokens.dtype)
+        store = KVStore(None, None, in_place=False)  # fresh K/V kept aside, the cache untouched
+        return self._block(model.transformer_blocks[0], 0, tokens, modulation, context, store)
+
     def _block(
         self,
         block: nn.Module,

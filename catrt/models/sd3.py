@@ -98,6 +98,13 @@ class SD3Adapter(Adapter):
             text, tokens = self._block(block, self._slot_of_block[index], tokens, text, temb, store, scratch)
         return model.proj_out(_ada_norm_continuous(model.norm_out, tokens, temb))
 
+    def first_block(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context) -> torch.Tensor:
+        model = self.transformer
+        temb = model.time_text_embed(timestep, context["pooled_projections"])
+        text = model.context_embedder(context["encoder_hidden_states"])
+        store = KVStore(None, None, in_place=False)  # fresh K/V kept aside, the cache untouched
+        return self._block(model.transformer_blocks[0], self._slot_of_block[0], tokens, text, temb, store, None)[1]
+
     def _block(
         self,
         block: nn.Module,

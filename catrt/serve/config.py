@@ -83,6 +83,12 @@ class ServeConfig:
             _check_positive("steps", self.steps)
             _check_positive("batch", self.batch)
             self.cat.check_steps(self.steps)
+        if self.cat.reuse_threshold:
+            raise ConfigError(
+                "reuse_threshold is a benchmark baseline that decides each step on the host; the server runs static "
+                "schedules (its step timings follow the plan): use reuse_every",
+                field="reuse_threshold", value=self.cat.reuse_threshold,
+            )
         if self.precision is not None and self.precision not in PRECISION_CHOICES:
             raise ConfigError(
                 f"ServeConfig.precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}",

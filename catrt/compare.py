@@ -1,0 +1,280 @@
+"""`catrt compare`: every variant's image against the unpruned image of the same prompt and seed.
+
+For each prompt and seed the unpruned pipeline makes the reference image; each variant (a token rule
+with its schedule, as a `CATConfig`) makes its own with the same seed. Per image: PSNR and SSIM
+against the reference, CLIP score against the prompt (with a CLIP model), the MAC ratio of the
+schedule the run took (from its trace, so adaptive reuse is counted as it ran) and the wall time.
+`run_comparison` is the measuring loop (bench/frontier.py uses it too); `write_outputs` writes
+report.md, metrics.csv, grid.png and the images.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from catrt import metrics
+from catrt.config import CATConfig
+from catrt.errors import ConfigError
+from catrt.generation import GenerationRequest, generate_image
+from catrt.macs import StepMacs, step_macs
+from catrt.pipeline import accelerate
+from catrt.runtime import CATRuntime
+
+UNPRUNED = "unpruned"
+CSV_FIELDS = ("prompt_index", "prompt", "seed", "variant", "psnr", "ssim", "clip", "mac_ratio", "seconds", "reused_steps")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column of the comparison: a label and its settings; `config` None runs the unpruned pipeline.
+    `runtime` replaces the runtime class (bench/ baselines that are no rule of catrt's, such as an oracle)."""
+
+    label: str
+    config: CATConfig | None
+    runtime: type[CATRuntime] | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt and seed under one variant."""
+
+    prompt_index: int
+    prompt: str
+    seed: int
+    variant: str
+    psnr: float
+    ssim: float
+    clip: float | None
+    mac_ratio: float
+    seconds: float
+    reused_steps: int
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What a run measured: the samples, and the images by (prompt index, seed, variant)."""
+
+    variants: list[Variant]
+    samples: list[Sample]
+    images: dict[tuple[int, int, str], Image.Image]
+
+    def values(self, variant: str, name: str) -> list[float]:
+        """One metric of one variant, in (prompt, seed) order: paired across variants."""
+        return [getattr(s, name) for s in self.samples if s.variant == variant]
+
+
+def run_comparison(
+    pipe: Any,
+    prompts: list[str],
+    seeds: list[int],
+    variants: list[Variant],
+    steps: int,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float | None = None,
+    clip: metrics.ClipScorer | None = None,
+    progress: bool = True,
+    paired: bool = False,
+    warmup: bool = True,
+) -> Comparison:
+    """Generate and score every (prompt, seed) under the unpruned pipeline and each variant (with
+    `paired`, prompt i with seed i only).
+
+    With `warmup` each variant first runs one untimed generation (buffers, first-call costs), so every
+    timed generation is a warm one.
+    """
+    metrics.require_skimage()
+    pipe.set_progress_bar_config(disable=True)
+    columns = [Variant(UNPRUNED, None), *variants]
+    runners = {v.label: _runner(pipe, v) for v in columns}
+    inputs = _first_call_inputs(pipe, prompts[0], seeds[0], steps, height, width, guidance_scale)
+    counts: dict[float, StepMacs] = {}
+    samples: list[Sample] = []
+    images: dict[tuple[int, int, str], Image.Image] = {}
+    pairs = list(zip(enumerate(prompts), seeds, strict=True)) if paired else list(itertools.product(enumerate(prompts), seeds))
+    bar = tqdm(total=len(pairs) * len(columns), desc="compare", unit="image", disable=not progress)
+    for variant in columns if warmup else []:
+        generate_image(runners[variant.label], _request(prompts[0], seeds[0], steps, height, width, guidance_scale))
+    for (index, prompt), seed in pairs:
+        reference = None
+        for variant in columns:
+            runner = runners[variant.label]
+            image, seconds = generate_image(runner, _request(prompt, seed, steps, height, width, guidance_scale))
+            pixels = np.asarray(image.convert("RGB"))
+            reference = pixels if reference is None else reference
+            if variant.config is None:
+                ratio, reused = 1.0, 0
+            else:
+                alpha = variant.config.alpha
+                if alpha not in counts:
+                    counts[alpha] = step_macs(pipe.transformer, *inputs, variant.config)
+                ratio = counts[alpha].traced_ratio(runner.last_trace)
+                reused = sum(record.kind == "reused" for record in runner.last_trace)
+            samples.append(Sample(
+                index, prompt, seed, variant.label, metrics.psnr(pixels, reference), metrics.ssim(pixels, reference),
+                None if clip is None else clip.score(image, prompt), ratio, seconds, reused,
+            ))
+            images[(index, seed, variant.label)] = image
+            bar.update()
+    bar.close()
+    return Comparison(columns, samples, images)
+
+
+def _runner(pipe: Any, variant: Variant) -> Any:
+    """The pipeline itself for the unpruned column, else an accelerated pipeline that keeps its trace."""
+    if variant.config is None:
+        return pipe
+    runner = accelerate(pipe, dataclasses.replace(variant.config, trace=True))
+    if variant.runtime is not None:
+        runner.runtime_class = variant.runtime
+    return runner
+
+
+def _request(prompt: str, seed: int, steps: int, height: int | None, width: int | None, guidance: float | None) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, steps=steps, seed=seed, height=height, width=width, guidance_scale=guidance)
+
+
+def _first_call_inputs(
+    pipe: Any, prompt: str, seed: int, steps: int, height: int | None, width: int | None, guidance: float | None
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The transformer's inputs at the first step of one unpruned generation, to count MACs at that shape."""
+    captured: dict[str, Any] = {}
+
+    def keep(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not captured:
+            captured.update(kwargs)
+            if args:
+                captured.setdefault("hidden_states", args[0])
+
+    hook = pipe.transformer.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        generate_image(pipe, _request(prompt, seed, 2, height, width, guidance))
+    finally:
+        hook.remove()
+    latents, timestep = captured.pop("hidden_states"), captured.pop("timestep")
+    captured.pop("return_dict", None)
+    timestep = torch.as_tensor(timestep, device=latents.device)
+    return latents, timestep.expand(latents.shape[0]) if timestep.ndim == 0 else timestep, captured
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+
+def write_outputs(comparison: Comparison, out: Path, header: list[str], grid_rows: int = 8) -> None:
+    """report.md, metrics.csv, grid.png and every image as images/<prompt>-s<seed>-<variant>.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    for (index, seed, label), image in comparison.images.items():
+        image.save(out / "images" / f"{index:03d}-s{seed}-{_file_label(label)}.png")
+    write_csv(comparison, out / "metrics.csv")
+    (out / "report.md").write_text("\n".join([*header, "", *report_lines(comparison)]) + "\n")
+    image_grid(comparison, out / "grid.png", grid_rows)
+
+
+def _file_label(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in label)
+
+
+def write_csv(comparison: Comparison, path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for sample in comparison.samples:
+            row = dataclasses.asdict(sample)
+            row["clip"] = "" if sample.clip is None else f"{sample.clip:.4f}"
+            writer.writerow(row)
+
+
+def report_lines(comparison: Comparison) -> list[str]:
+    """The means table and the paired differences, as markdown."""
+    has_clip = any(s.clip is not None for s in comparison.samples)
+    labels = [v.label for v in comparison.variants]
+    unpruned_seconds = metrics.mean_interval(comparison.values(UNPRUNED, "seconds")).mean
+    lines = [
+        "Means over prompts x seeds with 95% intervals (Student t). PSNR and SSIM compare each image with the "
+        "unpruned image of the same prompt and seed (8-bit pixels; inf / 1 = identical). The MAC ratio is the "
+        "transformer's MACs over the unpruned pipeline's, from each run's trace; seconds are wall time per image "
+        "(the whole pipeline call).",
+        "",
+        "| variant | PSNR (dB) | SSIM | " + ("CLIP score | " if has_clip else "") + "MAC ratio | seconds | speed-up |",
+        "|---|---|---|" + ("---|" if has_clip else "") + "---|---|---|",
+    ]
+    for label in labels:
+        cell = {name: metrics.mean_interval(comparison.values(label, name)) for name in ("psnr", "ssim", "mac_ratio", "seconds")}
+        clip = f"{metrics.mean_interval(comparison.values(label, 'clip')).format(2)} | " if has_clip else ""
+        speedup = unpruned_seconds / cell["seconds"].mean if cell["seconds"].mean > 0 else math.nan
+        lines.append(
+            f"| {label} | {cell['psnr'].format(2)} | {cell['ssim'].format(4)} | {clip}{cell['mac_ratio'].format(3)} | "
+            f"{cell['seconds'].format(3)} | {speedup:.2f}x |"
+        )
+    pruned = labels[1:]
+    if len(pruned) >= 2:
+        lines += ["", "Paired differences (row minus column variant, same prompt and seed; 95% intervals; "
+                  "an interval that excludes 0 is a difference these samples show):", "",
+                  "| A - B | PSNR (dB) | SSIM |" + (" CLIP score |" if has_clip else ""),
+                  "|---|---|---|" + ("---|" if has_clip else "")]
+        for a, b in itertools.combinations(pruned, 2):
+            cells = [_difference(comparison, a, b, name, digits) for name, digits in (("psnr", 2), ("ssim", 4))]
+            if has_clip:
+                cells.append(_difference(comparison, a, b, "clip", 2))
+            lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    if has_clip:
+        lines += ["", "CLIP score against the unpruned image's score, paired:", "", "| variant | CLIP difference |", "|---|---|"]
+        lines += [f"| {label} | {_difference(comparison, label, UNPRUNED, 'clip', 2)} |" for label in pruned]
+    return lines
+
+
+def _difference(comparison: Comparison, a: str, b: str, name: str, digits: int) -> str:
+    difference = metrics.paired_difference(comparison.values(a, name), comparison.values(b, name))
+    return "n/a (inf)" if difference is None else difference.format(digits)
+
+
+def image_grid(comparison: Comparison, path: Path, rows: int, cell: int = 128) -> None:
+    """PNG: one row per (prompt, seed), at most `rows`; the unpruned image first, then each variant."""
+    keys = list(dict.fromkeys((s.prompt_index, s.seed) for s in comparison.samples))[:rows]
+    labels = [v.label for v in comparison.variants]
+    label_height = 30
+    grid = Image.new("RGB", (cell * len(labels), label_height + cell * len(keys)), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, label in enumerate(labels):
+        draw.text((col * cell + 2, 2), _wrap(label, cell // 6), fill="black")
+        for row, (index, seed) in enumerate(keys):
+            image = comparison.images[(index, seed, label)].convert("RGB")
+            grid.paste(image.resize((cell, cell), Image.NEAREST), (col * cell, label_height + row * cell))
+    grid.save(path)
+
+
+def _wrap(text: str, width: int) -> str:
+    """Break a label into two lines at a space near `width` characters."""
+    if len(text) <= width or " " not in text:
+        return text
+    cut = text.rfind(" ", 0, width + 1)
+    cut = cut if cut > 0 else text.find(" ")
+    return text[:cut] + "\n" + text[cut + 1 :]
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    if not path.is_file():
+        raise ConfigError(f"--prompts {str(path)!r} is not a file; give a text file with one prompt per line",
+                          field="prompts", value=str(path))
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ConfigError(f"--prompts {str(path)!r} is not UTF-8 text", field="prompts", value=str(path)) from None
+    if not prompts:
+        raise ConfigError(f"--prompts {str(path)!r} has no prompts; write one per line", field="prompts", value=str(path))
+    return prompts
+

@@ -1,0 +1,214 @@
+"""`catrt compare` end to end on a tiny model (files, metrics, CLIP score from a local folder, every
+mistake one line), the metric helpers, and the First-Block-Cache-style `reuse_threshold` baseline."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import catrt
+from catrt import CATConfig, ConfigError
+from catrt.build_config import BuildConfig
+from catrt.bundle import _run_config
+from catrt.cli import main
+from catrt.macs import StepMacs
+from catrt.metrics import mean_interval, paired_difference, psnr, ssim
+from catrt.runtime import CATRuntime, StepRecord
+from catrt.serve import ServeConfig
+from tests.conftest import call_kwargs
+
+# -- catrt compare ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIP model and its processor saved with save_pretrained, as a user's local folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from catrt.tiny import _clip_tokenizer
+
+    tokenizer = _clip_tokenizer()
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip")
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32), tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _compare(tmp_path: Path, *extra: str, prompts: str = "a red circle\na green square\n") -> tuple[int, Path]:
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text(prompts)
+    out = tmp_path / "out"
+    code = main(["compare", "--model", "tiny-pixart", "--prompts", str(prompts_file), "--height", "64", "--width", "64",
+                 "--steps", "6", "--t0", "2", "--out", str(out), *extra])
+    return code, out
+
+
+def test_compare_end_to_end_with_clip(tmp_path: Path, clip_folder: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    code, out = _compare(tmp_path, "--seeds", "0", "1", "--rules", "full", "cat", "round_robin", "--clip", str(clip_folder),
+                         prompts="a red circle\n\n")
+    assert code == 0, capfd.readouterr().err
+    assert "compare" in capfd.readouterr().err  # the progress bar
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 1 * 2 * 4  # prompts x seeds x (unpruned + 3 rules); the blank line is skipped
+    by = {(r["prompt_index"], r["seed"], r["variant"]): r for r in rows}
+    for row in rows:
+        assert 0 <= float(row["clip"]) <= 100 and float(row["seconds"]) > 0
+        if row["variant"] in ("unpruned", "full"):  # identical images: infinite PSNR, SSIM 1, the same CLIP score
+            assert row["psnr"] == "inf" and float(row["ssim"]) == 1.0 and float(row["mac_ratio"]) == 1.0
+            assert row["clip"] == by[(row["prompt_index"], row["seed"], "unpruned")]["clip"]
+        else:
+            assert math.isfinite(float(row["psnr"])) and -1 <= float(row["ssim"]) < 1
+            assert 0 < float(row["mac_ratio"]) < 1 and row["reused_steps"] == "0"
+    cat = {r["mac_ratio"] for r in rows if r["variant"] == "cat"}
+    assert cat == {r["mac_ratio"] for r in rows if r["variant"] == "round_robin"} and len(cat) == 1  # same k and schedule
+    assert len(list((out / "images").glob("*.png"))) == 8
+    assert Image.open(out / "grid.png").size == (4 * 128, 30 + 2 * 128)
+    report = (out / "report.md").read_text()
+    assert "| cat |" in report and "| round_robin |" in report and "| cat - round_robin |" in report
+    assert "CLIP score" in report and "| full | inf | 1.0000" in report
+
+
+def test_compare_counts_adaptive_reuse_from_the_trace(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    code, out = _compare(tmp_path, "--rules", "cat", "--reuse-threshold", "1000", prompts="a red circle\n")
+    assert code == 0, capfd.readouterr().err
+    row = next(r for r in csv.DictReader((out / "metrics.csv").open()) if r["variant"] == "cat")
+    assert row["reused_steps"] == "4"  # every step after t0: the first block never moves by 1000x
+    assert "reuse_threshold 1000.0" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("setup", "argv", "message"),
+    [
+        (None, ["--prompts", "missing.txt"], "--prompts 'missing.txt' is not a file; give a text file with one prompt per line"),
+        ("empty", [], "has no prompts; write one per line"),
+        ("out-file", [], "is a file; give a folder for report.md"),
+        (None, ["--clip", "no-such-clip-folder"], "--clip 'no-such-clip-folder' could not be loaded as a CLIP model"),
+        (None, ["--t0", "9"], "CATConfig.t0 = 9 needs t0 < num_inference_steps, got 6 steps"),
+        (None, ["--reuse-threshold", "-1"], "CATConfig.reuse_threshold must be >= 0 (0 = off), got -1.0"),
+        (None, ["--rules", "best"], "argument --rules: invalid choice: 'best'"),
+    ],
+)
+def test_compare_mistakes_are_one_line(
+    setup: str | None, argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n \n" if setup == "empty" else "a red circle\n")
+    out = tmp_path / "out"
+    if setup == "out-file":
+        out.write_text("")
+    args = ["compare", "--model", "tiny-pixart", "--prompts", str(prompts), "--steps", "6", "--t0", "2", "--out", str(out)]
+    try:
+        code = main([*args, *argv])
+    except SystemExit as done:  # argparse's usage errors
+        code = done.code
+    err = capfd.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_metrics_exact_values() -> None:
+    a = np.zeros((8, 8, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 255  # mse = 255^2 / 192
+    assert psnr(a, a) == math.inf and ssim(a + 7, a + 7) == 1.0
+    assert psnr(b, a) == pytest.approx(10 * math.log10(192))
+    interval = mean_interval([1.0, 2.0, 3.0])
+    assert interval.mean == 2.0 and interval.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert math.isnan(mean_interval([5.0]).half_width) and mean_interval([1.0, math.inf]).mean == math.inf
+    assert paired_difference([3.0, 5.0], [1.0, 2.0]).mean == 2.5 and paired_difference([math.inf], [1.0]) is None
+
+
+# -- reuse_threshold: the First-Block-Cache-style baseline ----------------------------------------
+
+
+def test_reuse_threshold_is_validated_and_refused_by_engines_and_graphs(tiny_pipelines: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=r"reuse_threshold must be >= 0 \(0 = off\), got -0.5") as caught:
+        CATConfig(reuse_threshold=-0.5)
+    assert caught.value.field == "reuse_threshold"
+    build = BuildConfig(model="tiny-sd3", height=64, width=64, steps=6, t0=2)
+    with pytest.raises(ConfigError, match="engines run a static schedule: build one with --reuse-every") as caught:
+        build.cat_config(reuse_threshold=0.1)
+    assert caught.value.field == "reuse_threshold"
+    with pytest.raises(ConfigError, match="engines run a static schedule"):  # catrt.load's check, before any backend
+        _run_config(build, CATConfig(t0=2, reuse_threshold=0.1))
+    with pytest.raises(ConfigError, match="the server runs static schedules"):
+        ServeConfig(model="reference", steps=6, cat=CATConfig(t0=2, reuse_threshold=0.1))
+    adapter = catrt.accelerate(tiny_pipelines["tiny-sd3"]).adapter
+
+    class OtherBackend:  # any step functions but the adapter's own: an engine
+        pass
+
+    config = CATConfig(t0=2, reuse_threshold=0.1)
+    with pytest.raises(ConfigError, match="only the eager backend computes; engines run a static schedule: use reuse_every"):
+        CATRuntime(adapter, config, steps=6, guidance=False, functions=OtherBackend())
+    runtime = CATRuntime(adapter, config, steps=6, guidance=False, cuda_graphs=True)
+    with pytest.raises(ConfigError, match="CUDA graphs take static schedules only"):
+        runtime._wants_capture(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart", "tiny-flux"])
+def test_reuse_threshold_decides_from_the_first_block(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+
+    def run(**fields: Any) -> tuple[torch.Tensor, list[StepRecord]]:
+        fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=4, trace=True, **fields))
+        return fast(**call_kwargs(pipe)).images, fast.last_trace
+
+    plain, _ = run()
+    never, trace = run(reuse_threshold=1e-12)  # every step computed: the probe leaves the caches untouched
+    assert torch.equal(never, plain)
+    assert "".join(r.kind[0] for r in trace) == "ffff" + "p" * 8
+    assert [r.change is not None for r in trace] == [False] * 4 + [True] * 8 and all(r.change > 0 for r in trace[4:])
+    always, trace = run(reuse_threshold=1e6)  # every step after t0 reuses step t0's prediction
+    assert "".join(r.kind[0] for r in trace) == "ffff" + "r" * 8
+    assert torch.equal(always, run(reuse_every=1)[0])
+
+
+def test_first_block_residual_matches_diffusers(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe)
+    transformer, adapter = pipe.transformer, fast.adapter
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, transformer.config.in_channels, 8, 12, generator=gen)
+    timestep = torch.tensor([500.0, 500.0])
+    text = torch.randn(2, 9, transformer.config.joint_attention_dim, generator=gen)
+    pooled = torch.randn(2, transformer.config.pooled_projection_dim, generator=gen)
+    context = adapter.prepare_context({"encoder_hidden_states": text, "pooled_projections": pooled}, tuple(latents.shape))
+    with torch.no_grad():
+        got = adapter.first_block_residual(latents, timestep, context)
+        tokens = transformer.pos_embed(latents)
+        temb = transformer.time_text_embed(timestep, pooled)
+        _, out = transformer.transformer_blocks[0](tokens, transformer.context_embedder(text), temb)
+    torch.testing.assert_close(got, out - tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_traced_macs_count_probes_where_they_cost() -> None:
+    def trace(kinds: str, decided: str) -> list[StepRecord]:
+        return [StepRecord(i, {"f": "full", "p": "pruned", "r": "reused"}[k], None, 0.1 if d == "1" else None)
+                for i, (k, d) in enumerate(zip(kinds, decided), 1)]
+
+    steps = StepMacs(num_tokens=100, k=30, full=1000, pruned=300, context=5, probe=70)
+    records = trace("ffprpr", "001111")
+    assert steps.traced(records) == 5 + 2 * 1000 + 2 * 300 + 4 * 70
+    assert steps.traced_ratio(records) == pytest.approx((5 + 2000 + 600 + 280) / 6000)
+    every_token = StepMacs(num_tokens=100, k=100, full=1000, pruned=1010, context=5, probe=70)
+    assert every_token.traced(records) == 5 + 2 * 1000 + 2 * 1010 + 2 * 70  # computed steps make the probe themselves
