@@ -7,6 +7,7 @@ refusals around `--ray` run without starting Ray.
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -31,6 +33,7 @@ from test_serve_support import (
     server_env,
 )
 
+import catrt
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.serve.config import FleetConfig, ServeConfig
@@ -193,10 +196,24 @@ def test_ray_flags_are_refused_in_one_line() -> None:
 
 
 def test_catrt_and_a_plain_serve_never_import_ray() -> None:
-    code = ("import sys; import catrt, catrt.cli, catrt.serve.app, catrt.serve.server, catrt.serve.routing; "
+    """At run time for the light modules (no torch import in this test); by the source for the rest: only
+    ray_app imports Ray, and only inside `catrt serve --ray`'s handler is ray_app imported."""
+    code = ("import sys; import catrt, catrt.cli, catrt.serve, catrt.serve.server, catrt.serve.app, catrt.serve.config; "
             "catrt.cli.build_parser(); print('ray' in sys.modules)")
     result = _run_launcher(code, [])
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+    package = Path(catrt.__file__).parent
+    importers, top_level = set(), set()
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name == "ray" or name.startswith("ray.") for name in names):
+                importers.add(path.relative_to(package).as_posix())
+            if "catrt.serve.ray_app" in names and node in tree.body:
+                top_level.add(path.relative_to(package).as_posix())
+    assert importers == {"serve/ray_app.py"} and not top_level, (importers, top_level)
 
 
 def _run_launcher(code: str, args: list[str]) -> subprocess.CompletedProcess:
