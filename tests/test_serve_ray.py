@@ -79,7 +79,7 @@ def fleet() -> Iterator[str]:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(model="tiny-sd3", height=64, width=64, steps=8, cat=CATConfig(t0=4), port=port,
-                             timeout=60, max_body_bytes=8192)
+                             timeout=60, max_body_bytes=8192, max_queue=2)
         serve.run(application(config, FleetConfig(replicas=2), gpus=False), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -103,8 +103,8 @@ def _replicas_of(url: str, count: int) -> list[str]:
 
 def test_requests_succeed_on_both_replicas(fleet: str) -> None:
     seen: set[str] = set()
-    for _ in range(4):
-        seen |= set(_replicas_of(fleet, 6))
+    for _ in range(6):
+        seen |= set(_replicas_of(fleet, 2))  # within --max-queue 2: Ray counts requests being routed as queued
         if len(seen) == 2:
             break
     assert len(seen) == 2, seen
@@ -131,6 +131,17 @@ def test_the_ingress_checks_requests_as_the_single_server_does(fleet: str) -> No
     assert httpx.get(f"{fleet}/health/live").json() == {"status": "live"}
 
 
+def test_more_requests_than_replicas_and_queue_take_answer_429(fleet: str) -> None:
+    """--max-queue 2: past 2 requests waiting for a free replica, the rest are 429 with Retry-After."""
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(lambda seed: generate(fleet, seed=seed), range(10)))
+    statuses = sorted(response.status_code for response in responses)
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
+    refused = next(response for response in responses if response.status_code == 429)
+    assert_error(refused, 429, None)
+    assert refused.headers["retry-after"] == "1"
+
+
 def test_the_kuberay_builder_takes_serve_and_fleet_args(fleet: str) -> None:
     """`catrt.serve.ray_app:build`, as a RayService's import_path names it: bad args are catrt's one-line errors."""
     assert isinstance(build({"serve": {"engines": ["/models/a"], "max_queue": 4}, "fleet": {"replicas": 3}}),
@@ -140,7 +151,7 @@ def test_the_kuberay_builder_takes_serve_and_fleet_args(fleet: str) -> None:
 
 
 def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> None:
-    before = set(_replicas_of(fleet, 4))
+    before = set(_replicas_of(fleet, 2))
     victim = sorted(before)[0]
     name = ReplicaID(victim, DeploymentID(name=MODEL_DEPLOYMENT, app_name=APP_NAME)).to_full_id_str()
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
@@ -156,7 +167,7 @@ def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> 
                 assert response.status_code in (503, 504), response.text
         time.sleep(0.5)
     assert replaced, statuses
-    assert all(replica != victim for replica in _replicas_of(fleet, 4))
+    assert all(replica != victim for replica in _replicas_of(fleet, 2))
 
 
 def test_shutdown_is_clean(fleet: str) -> None:
