@@ -42,6 +42,8 @@ from catrt.serve.ray_app import APP_NAME, MODEL_DEPLOYMENT, application, build
 pytestmark = pytest.mark.timeout(240)
 
 MIB = 1 << 20
+KEY = "fleet-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def _free_port() -> int:
@@ -79,7 +81,7 @@ def fleet() -> Iterator[str]:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(model="tiny-sd3", height=64, width=64, steps=8, cat=CATConfig(t0=4), port=port,
-                             timeout=60, max_body_bytes=8192, max_queue=2)
+                             timeout=60, max_body_bytes=8192, max_queue=2, api_key=KEY)
         serve.run(application(config, FleetConfig(replicas=2), gpus=False), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -90,7 +92,7 @@ def fleet() -> Iterator[str]:
 
 def _replicas_of(url: str, count: int) -> list[str]:
     """`count` concurrent requests with the OpenAI client; the replica id of each."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, timeout=60, max_retries=0)
 
     def one(seed: int) -> str:
         result = client.images.generate(prompt="a red sun", size="64x64", extra_body={"seed": seed})
@@ -118,12 +120,15 @@ def test_requests_succeed_on_both_replicas(fleet: str) -> None:
 
 
 def test_the_ingress_checks_requests_as_the_single_server_does(fleet: str) -> None:
-    unserved = assert_error(generate(fleet, size="128x128"), 400, "size")  # checked by a replica's rules
+    for headers in (None, {"Authorization": "Bearer wrong"}):  # the ingress checks the key
+        refused = assert_error(generate(fleet, headers=headers), 401, None)
+        assert "key" in refused["message"]
+    unserved = assert_error(generate(fleet, headers=AUTH, size="128x128"), 400, "size")  # checked by a replica's rules
     assert "this server serves 64x64" in unserved["message"]
-    assert_error(generate(fleet, colour="red"), 400, "colour")  # the ingress's schema
-    assert_error(generate(fleet, n=2), 400, "n")
+    assert_error(generate(fleet, headers=AUTH, colour="red"), 400, "colour")  # the ingress's schema
+    assert_error(generate(fleet, headers=AUTH, n=2), 400, "n")
     too_big = httpx.post(f"{fleet}/v1/images/generations", content=b"x" * 9000,
-                         headers={"content-type": "application/json"})
+                         headers={"content-type": "application/json", **AUTH})
     assert_error(too_big, 413, None)
     assert too_big.headers["x-request-id"]
     first = {name: schema.get("anyOf", [schema])[0] for name, schema in openapi_request_schema(fleet)["properties"].items()}
@@ -134,7 +139,7 @@ def test_the_ingress_checks_requests_as_the_single_server_does(fleet: str) -> No
 def test_more_requests_than_replicas_and_queue_take_answer_429(fleet: str) -> None:
     """--max-queue 2: past 2 requests waiting for a free replica, the rest are 429 with Retry-After."""
     with ThreadPoolExecutor(10) as pool:
-        responses = list(pool.map(lambda seed: generate(fleet, seed=seed), range(10)))
+        responses = list(pool.map(lambda seed: generate(fleet, headers=AUTH, seed=seed), range(10)))
     statuses = sorted(response.status_code for response in responses)
     assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
     refused = next(response for response in responses if response.status_code == 429)
@@ -158,7 +163,7 @@ def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> 
     replaced, statuses = False, []
     deadline = time.monotonic() + 150
     while not replaced and time.monotonic() < deadline:
-        for response in [generate(fleet, seed=seed) for seed in range(3)]:
+        for response in [generate(fleet, headers=AUTH, seed=seed) for seed in range(3)]:
             statuses.append(response.status_code)
             if response.status_code == 200:
                 replaced |= response.json()["catrt"]["replica"] not in before

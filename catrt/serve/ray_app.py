@@ -241,7 +241,9 @@ def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key:
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000,
     )
     settings = config.to_dict()  # without the API key, which only the ingress gets
-    return ingress.bind(settings, model.bind(settings, bundle_key), config.api_key)
+    # Replicas answer no HTTP: the key and whether /metrics needs it are the ingress's alone.
+    replica_settings = {**settings, "metrics_auth": False}
+    return ingress.bind(settings, model.bind(replica_settings, bundle_key), config.api_key)
 
 
 def build(args: dict[str, Any]) -> Any:
