@@ -18,6 +18,7 @@ For KubeRay, a RayService's `serveConfigV2` can name the builder `catrt.serve.ra
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -99,8 +100,6 @@ class ModelReplica:
         return {"status": 200, "body": payload, "headers": {}, "replica": self.replica, "depth": self.worker.depth}
 
     def _reply(self, answer: JSONResponse) -> dict[str, Any]:
-        import json
-
         headers = {key: value for key, value in answer.headers.items() if key.lower() == "retry-after"}
         return {"status": answer.status_code, "body": json.loads(answer.body), "headers": headers,
                 "replica": self.replica, "depth": self.worker.depth}
