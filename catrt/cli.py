@@ -626,7 +626,8 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     fleet.add_argument("--replicas", type=_positive_int, default=None, help="model replicas (default: 1)")
     fleet.add_argument("--min-replicas", type=_positive_int, default=None,
                        help="autoscale on ongoing requests from this many replicas (with --max-replicas)")
-    fleet.add_argument("--max-replicas", type=_positive_int, default=None, help="... up to this many")
+    fleet.add_argument("--max-replicas", type=_positive_int, default=None,
+                       help="autoscale up to this many replicas (with --min-replicas)")
     fleet.add_argument("--ray-address", default=None,
                        help="join this Ray cluster (e.g. auto, ray://head:10001) (default: start a local one)")
     _add_cat_flags(serve)

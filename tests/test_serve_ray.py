@@ -7,6 +7,7 @@ refusals around `--ray` run without starting Ray.
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -31,6 +33,7 @@ from test_serve_support import (
     server_env,
 )
 
+import catrt
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.serve.config import FleetConfig, ServeConfig
@@ -39,6 +42,8 @@ from catrt.serve.ray_app import APP_NAME, MODEL_DEPLOYMENT, application, build
 pytestmark = pytest.mark.timeout(240)
 
 MIB = 1 << 20
+KEY = "fleet-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def _free_port() -> int:
@@ -76,7 +81,7 @@ def fleet() -> Iterator[str]:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(model="tiny-sd3", height=64, width=64, steps=8, cat=CATConfig(t0=4), port=port,
-                             timeout=60, max_body_bytes=8192)
+                             timeout=60, max_body_bytes=8192, max_queue=2, api_key=KEY)
         serve.run(application(config, FleetConfig(replicas=2), gpus=False), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -87,7 +92,7 @@ def fleet() -> Iterator[str]:
 
 def _replicas_of(url: str, count: int) -> list[str]:
     """`count` concurrent requests with the OpenAI client; the replica id of each."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, timeout=60, max_retries=0)
 
     def one(seed: int) -> str:
         result = client.images.generate(prompt="a red sun", size="64x64", extra_body={"seed": seed})
@@ -100,8 +105,8 @@ def _replicas_of(url: str, count: int) -> list[str]:
 
 def test_requests_succeed_on_both_replicas(fleet: str) -> None:
     seen: set[str] = set()
-    for _ in range(4):
-        seen |= set(_replicas_of(fleet, 6))
+    for _ in range(6):
+        seen |= set(_replicas_of(fleet, 2))  # within --max-queue 2: Ray counts requests being routed as queued
         if len(seen) == 2:
             break
     assert len(seen) == 2, seen
@@ -115,17 +120,31 @@ def test_requests_succeed_on_both_replicas(fleet: str) -> None:
 
 
 def test_the_ingress_checks_requests_as_the_single_server_does(fleet: str) -> None:
-    unserved = assert_error(generate(fleet, size="128x128"), 400, "size")  # checked by a replica's rules
+    for headers in (None, {"Authorization": "Bearer wrong"}):  # the ingress checks the key
+        refused = assert_error(generate(fleet, headers=headers), 401, None)
+        assert "key" in refused["message"]
+    unserved = assert_error(generate(fleet, headers=AUTH, size="128x128"), 400, "size")  # checked by a replica's rules
     assert "this server serves 64x64" in unserved["message"]
-    assert_error(generate(fleet, colour="red"), 400, "colour")  # the ingress's schema
-    assert_error(generate(fleet, n=2), 400, "n")
+    assert_error(generate(fleet, headers=AUTH, colour="red"), 400, "colour")  # the ingress's schema
+    assert_error(generate(fleet, headers=AUTH, n=2), 400, "n")
     too_big = httpx.post(f"{fleet}/v1/images/generations", content=b"x" * 9000,
-                         headers={"content-type": "application/json"})
+                         headers={"content-type": "application/json", **AUTH})
     assert_error(too_big, 413, None)
     assert too_big.headers["x-request-id"]
     first = {name: schema.get("anyOf", [schema])[0] for name, schema in openapi_request_schema(fleet)["properties"].items()}
     assert first["size"]["enum"] == ["64x64", "auto"] and first["steps"]["enum"] == [8]
     assert httpx.get(f"{fleet}/health/live").json() == {"status": "live"}
+
+
+def test_more_requests_than_replicas_and_queue_take_answer_429(fleet: str) -> None:
+    """--max-queue 2: past 2 requests waiting for a free replica, the rest are 429 with Retry-After."""
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(lambda seed: generate(fleet, headers=AUTH, seed=seed), range(10)))
+    statuses = sorted(response.status_code for response in responses)
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
+    refused = next(response for response in responses if response.status_code == 429)
+    assert_error(refused, 429, None)
+    assert refused.headers["retry-after"] == "1"
 
 
 def test_the_kuberay_builder_takes_serve_and_fleet_args(fleet: str) -> None:
@@ -137,14 +156,14 @@ def test_the_kuberay_builder_takes_serve_and_fleet_args(fleet: str) -> None:
 
 
 def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> None:
-    before = set(_replicas_of(fleet, 4))
+    before = set(_replicas_of(fleet, 2))
     victim = sorted(before)[0]
     name = ReplicaID(victim, DeploymentID(name=MODEL_DEPLOYMENT, app_name=APP_NAME)).to_full_id_str()
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     replaced, statuses = False, []
     deadline = time.monotonic() + 150
     while not replaced and time.monotonic() < deadline:
-        for response in [generate(fleet, seed=seed) for seed in range(3)]:
+        for response in [generate(fleet, headers=AUTH, seed=seed) for seed in range(3)]:
             statuses.append(response.status_code)
             if response.status_code == 200:
                 replaced |= response.json()["catrt"]["replica"] not in before
@@ -153,7 +172,7 @@ def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> 
                 assert response.status_code in (503, 504), response.text
         time.sleep(0.5)
     assert replaced, statuses
-    assert all(replica != victim for replica in _replicas_of(fleet, 4))
+    assert all(replica != victim for replica in _replicas_of(fleet, 2))
 
 
 def test_shutdown_is_clean(fleet: str) -> None:
@@ -193,10 +212,24 @@ def test_ray_flags_are_refused_in_one_line() -> None:
 
 
 def test_catrt_and_a_plain_serve_never_import_ray() -> None:
-    code = ("import sys; import catrt, catrt.cli, catrt.serve.app, catrt.serve.server, catrt.serve.routing; "
+    """At run time for the light modules (no torch import in this test); by the source for the rest: only
+    ray_app imports Ray, and only inside `catrt serve --ray`'s handler is ray_app imported."""
+    code = ("import sys; import catrt, catrt.cli, catrt.serve, catrt.serve.server, catrt.serve.app, catrt.serve.config; "
             "catrt.cli.build_parser(); print('ray' in sys.modules)")
     result = _run_launcher(code, [])
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+    package = Path(catrt.__file__).parent
+    importers, top_level = set(), set()
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name == "ray" or name.startswith("ray.") for name in names):
+                importers.add(path.relative_to(package).as_posix())
+            if "catrt.serve.ray_app" in names and node in tree.body:
+                top_level.add(path.relative_to(package).as_posix())
+    assert importers == {"serve/ray_app.py"} and not top_level, (importers, top_level)
 
 
 def _run_launcher(code: str, args: list[str]) -> subprocess.CompletedProcess:

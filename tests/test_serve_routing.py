@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from PIL import Image
 from test_serve_support import (
     CLI,
@@ -76,6 +77,19 @@ def test_builds_of_one_model_share_one_pipeline_and_time_their_own_steps(builds:
     wide.generate([Row("a red sun", 0)], BatchOptions(4.0, None, "96x64"))
     assert len(square.timer.durations) == len(wide.timer.durations) == 8
     assert square.timer.last_end < wide.timer.first_start
+
+
+def test_load_refuses_a_shared_pipeline_that_does_not_fit_the_build(builds: dict[str, Path]) -> None:
+    from catrt.bundle import load
+    from catrt.loading import load_pipeline
+
+    weightless = load_pipeline("tiny-sd3", transformer_weights=False)
+    with pytest.raises(ConfigError, match="has transformer weights none, the eager build needs loaded") as error:
+        load(builds["64x64"], pipe=weightless)
+    assert error.value.field == "pipe"
+    half = load_pipeline("tiny-sd3", dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="has dtype torch.bfloat16, the eager build needs torch.float32"):
+        load(builds["64x64"], pipe=half)
 
 
 def test_the_router_names_the_served_sizes(builds: dict[str, Path]) -> None:

@@ -1,4 +1,5 @@
-"""`catrt serve`: an OpenAI-compatible images server over one build, with one worker thread owning the model.
+"""`catrt serve`: an OpenAI-compatible images server over builds of one model (one per size), with one worker
+thread owning the device; `--ray` runs the same routes as a Ray Serve application (`catrt.serve.ray_app`).
 
 `run_server` is imported on first use, so building the CLI's parser (which needs `ServeConfig`'s
 defaults) does not import uvicorn, FastAPI or torch.

@@ -3,6 +3,9 @@
 The event loop only moves bytes: request checks that touch the model's tokenizers run on one
 admission thread, generation and PNG encoding on the worker thread, so `/health/live` answers while
 any request is being checked or generated.
+
+The model side (routing, worker, torch) is imported where it is first used, so a Ray Serve ingress
+built on `base_app` imports no torch.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
@@ -24,11 +27,13 @@ from catrt.serve.config import ServeConfig
 from catrt.serve.errors import REQUEST_ID_KEY, install_error_handlers
 from catrt.serve.gate import RequestGate
 from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
-from catrt.serve.model import ServedSpec
 from catrt.serve.openapi import describe_served
-from catrt.serve.routing import RoutedRules
 from catrt.serve.schemas import CatrtInfo, ErrorResponse, ImageData, ImageGenerationRequest, ImageGenerationResponse, Timings
-from catrt.serve.worker import Job, JobResult, Worker
+
+if TYPE_CHECKING:
+    from catrt.serve.model import ServedSpec
+    from catrt.serve.routing import RoutedRules
+    from catrt.serve.worker import Job, JobResult, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,8 @@ class ImageService:
 
     def rules(self) -> RoutedRules | None:
         """The loaded builds' rules, made once they are loaded."""
+        from catrt.serve.routing import RoutedRules
+
         served = self.worker.served
         if served is not None and self._rules is None:
             self._rules = RoutedRules(served, self.config.max_prompt_chars)
@@ -83,6 +90,8 @@ class ImageService:
 
     async def generate(self, body: ImageGenerationRequest, request: Request) -> ImageGenerationResponse | None:
         """The response, or None if the client left; raises a CatrtError (400, 429, 503, 504...) otherwise."""
+        from catrt.serve.worker import Job
+
         worker, config = self.worker, self.config
         checks = self.rules()
         if checks is None or worker.state != "ready":

@@ -10,12 +10,13 @@ cached. With an API key, the protected paths carry an HTTP bearer security requi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from catrt.serve.routing import RoutedRules
+if TYPE_CHECKING:
+    from catrt.serve.routing import RoutedRules
 
 REQUEST_SCHEMA = "ImageGenerationRequest"
 SECURITY_SCHEME = "bearer"

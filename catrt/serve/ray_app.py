@@ -18,6 +18,7 @@ For KubeRay, a RayService's `serveConfigV2` can name the builder `catrt.serve.ra
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -30,9 +31,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import Counter, Gauge
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from catrt.errors import CatrtError, GenerationError, RequestTimeoutError, ServiceUnavailableError
+from catrt.errors import CatrtError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
 from catrt.serve.app import ERROR_RESPONSES, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
@@ -98,8 +100,6 @@ class ModelReplica:
         return {"status": 200, "body": payload, "headers": {}, "replica": self.replica, "depth": self.worker.depth}
 
     def _reply(self, answer: JSONResponse) -> dict[str, Any]:
-        import json
-
         headers = {key: value for key, value in answer.headers.items() if key.lower() == "retry-after"}
         return {"status": answer.status_code, "body": json.loads(answer.body), "headers": headers,
                 "replica": self.replica, "depth": self.worker.depth}
@@ -166,13 +166,17 @@ class Ingress:
         return state
 
     async def forward(self, body: ImageGenerationRequest, request_id: str) -> dict[str, Any]:
-        """The replica's reply; a replica that dies mid-request is a 503, none in time a 504."""
+        """The replica's reply; a full queue is a 429, a replica that dies mid-request a 503, none in time a 504."""
         call = self.models.generate.remote(body.model_dump(exclude_unset=True), request_id)
         try:
             return await asyncio.wait_for(call, self.config.timeout)
         except asyncio.TimeoutError:
             call.cancel()
             raise RequestTimeoutError(f"no answer within the server's timeout of {self.config.timeout:g} s") from None
+        except BackPressureError:
+            raise QueueFullError(
+                f"every model replica is busy and {self.config.max_queue} requests wait; retry later", retry_after=1
+            ) from None
         except ray.exceptions.RayError as error:
             logger.warning("request %s: the model replica failed: %r", request_id, error)
             raise ServiceUnavailableError("the model replica serving this request stopped; retry") from None
@@ -227,13 +231,18 @@ def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key:
         else {"autoscaling_config": {"min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas}}
     )
     model = serve.deployment(ModelReplica, name=MODEL_DEPLOYMENT).options(
-        ray_actor_options=device, max_ongoing_requests=config.max_queue, health_check_period_s=2.0, **scaling,
+        # A replica takes up to --max-queue requests (its worker's queue); up to --max-queue more wait in the
+        # ingress's handle for a free replica (Ray counts requests being routed among them), and one more is a 429.
+        ray_actor_options=device, max_ongoing_requests=config.max_queue, max_queued_requests=config.max_queue,
+        health_check_period_s=2.0, **scaling,
     )
     ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS_DEPLOYMENT).options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000,
     )
     settings = config.to_dict()  # without the API key, which only the ingress gets
-    return ingress.bind(settings, model.bind(settings, bundle_key), config.api_key)
+    # Replicas answer no HTTP: the key and whether /metrics needs it are the ingress's alone.
+    replica_settings = {**settings, "metrics_auth": False}
+    return ingress.bind(settings, model.bind(replica_settings, bundle_key), config.api_key)
 
 
 def build(args: dict[str, Any]) -> Any:
