@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TypeVar
 
+from catrt.checks import integer, number, require
 from catrt.errors import ConfigError
 
 T = TypeVar("T")
@@ -67,14 +68,8 @@ class CATConfig:
         _check_number("reuse_threshold", self.reuse_threshold, ">= 0 (0 = off)", lambda v: v >= 0.0)
         _check_int("seed", self.seed, ">= 0", lambda v: v >= 0)
         _check_int("kmeans_iters", self.kmeans_iters, ">= 1", lambda v: v >= 1)
-        if not isinstance(self.trace, bool):
-            raise ConfigError(f"CATConfig.trace must be a bool, got {self.trace!r}", field="trace", value=self.trace)
-        if self.rule not in SELECTION_RULES:
-            raise ConfigError(
-                f"CATConfig.rule must be one of {', '.join(SELECTION_RULES)}, got {self.rule!r}",
-                field="rule",
-                value=self.rule,
-            )
+        require("CATConfig", "trace", self.trace, isinstance(self.trace, bool), "a bool")
+        require("CATConfig", "rule", self.rule, self.rule in SELECTION_RULES, f"one of {', '.join(SELECTION_RULES)}")
 
     def num_selected(self, num_tokens: int) -> int:
         """k = ceil(alpha * N), the static number of tokens a pruned step computes."""
@@ -108,10 +103,8 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def _check_number(name: str, value: Any, allowed: str, ok: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise ConfigError(f"CATConfig.{name} must be {allowed}, got {value!r}", field=name, value=value)
+    require("CATConfig", name, value, number(value) and ok(value), allowed)
 
 
 def _check_int(name: str, value: Any, allowed: str, ok: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-        raise ConfigError(f"CATConfig.{name} must be an integer {allowed}, got {value!r}", field=name, value=value)
+    require("CATConfig", name, value, integer(value) and ok(value), f"an integer {allowed}")

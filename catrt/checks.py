@@ -1,0 +1,26 @@
+"""The one rule of catrt's hand-written config validators (CATConfig, BuildConfig, ServeConfig): a field
+that breaks its rule is a ConfigError naming `Owner.field`, what it must be and the value given, so the
+CLI, the server's 4xx bodies and bundle checks all say the same thing for the same mistake."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from catrt.errors import ConfigError
+
+
+def integer(value: Any) -> bool:
+    """An int that is not a bool (True is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require(owner: str, name: str, value: Any, valid: bool, must_be: str) -> None:
+    """Raise `Owner.name must be <must_be>, got <value>` unless `valid`."""
+    if not valid:
+        raise ConfigError(f"{owner}.{name} must be {must_be}, got {value!r}", field=name, value=value)
