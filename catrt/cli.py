@@ -42,9 +42,9 @@ QUIET_LOG_RECORDS: dict[str, str] = {"transformers.utils.import_utils": "require
 # model it is dropped, because a failed load ends in one line of its own that says what to do.
 HUB_NOTICE: tuple[str, str] = ("diffusers.pipelines.pipeline_utils", "Couldn't connect to the Hub")
 
-# With --engines the build fixes these (and every CAT field BuildConfig has); given anyway they are
-# refused rather than ignored.
-FIXED_BY_BUILD: tuple[str, ...] = ("model", "alpha", "t0", "precision", "device", "full")
+# With --engines the build fixes these (and every CAT field BuildConfig has but alpha, which may be any
+# built one); given anyway they are refused rather than ignored.
+FIXED_BY_BUILD: tuple[str, ...] = ("model", "t0", "precision", "device", "full")
 
 # CATConfig fields that are not flags: the seed is per image (--seed), the trace is for Python callers.
 NOT_CAT_FLAGS: tuple[str, ...] = ("seed", "trace")
@@ -341,13 +341,13 @@ def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
 
     key = None if args.bundle_key_file is None else read_key_file(args.bundle_key_file)
     build = read_build_config(read_manifest(Path(args.engines)))  # for the flag checks; `load` verifies it all
-    _refuse_fixed_flags(args, [name for name in _cat_values(args) if hasattr(build, name)])
+    _refuse_fixed_flags(args, [name for name in _cat_values(args) if hasattr(build, name) and name != "alpha"])
     _check_against_build(args, build)
-    config = build.cat_config(seed=args.seed, **_cat_values(args))
+    config = build.cat_config(seed=args.seed, **_cat_values(args))  # --alpha: one of the built alphas
     with _hub_errors(build.model):
         runner = load(args.engines, config, key=key)
     _check_prompts(args, runner, limit=build.max_sequence_length)
-    return runner, f"alpha={build.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
+    return runner, f"alpha={config.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
 
 
 def _refuse_fixed_flags(args: argparse.Namespace, fixed: typing.Iterable[str]) -> None:
@@ -413,7 +413,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     config = BuildConfig(
         model=args.model, height=args.height, width=args.width, batch=args.batch, steps=args.steps,
-        t0=args.t0, alpha=args.alpha, reuse_every=args.reuse_every, precision=args.precision, backend=args.backend,
+        t0=args.t0, alphas=tuple(args.alpha), reuse_every=args.reuse_every, precision=args.precision, backend=args.backend,
         max_sequence_length=args.max_sequence_length,
     )
     with _hub_errors(args.model):
@@ -453,7 +453,11 @@ def _print_manifest(manifest: Any) -> None:
     build = manifest.build
     print(f"  model:     {manifest.model['name']} ({manifest.model['pipeline_class']}, transformer sha256 {manifest.model['transformer_sha256'][:16]}...)")
     print(f"  build:     {build['width']}x{build['height']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
-          f"alpha {build['alpha']} (k = {manifest.k} of N = {manifest.num_tokens}), {build['precision']}, {build['backend']}")
+          f"N = {manifest.num_tokens} image tokens, {build['precision']}, {build['backend']}")
+    for index, entry in enumerate(manifest.alphas):
+        default = " (default)" if index == 0 else ""
+        print(f"  alpha {entry['alpha']:g}: k = {entry['k']}, graph {entry['graph']}, verified to relative error "
+              f"{entry['max_relative_error']:.3g}{default}")
     print(f"  device:    {', '.join(f'{key} {value}' for key, value in manifest.device.items())}")
     print(f"  versions:  {', '.join(f'{name} {version}' for name, version in sorted(manifest.versions.items()))}")
     errors = manifest.verification["max_relative_error"]
@@ -470,7 +474,9 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     defaults = CATConfig()
     build = commands.add_parser("build", help="export, compile and verify engines for one model and resolution")
     build.add_argument("--model", default=DEFAULT_MODEL, help="model name or diffusers folder")
-    build.add_argument("--alpha", type=float, default=defaults.alpha, help="fraction of tokens recomputed per pruned step (0, 1]")
+    build.add_argument("--alpha", type=float, nargs="+", default=[defaults.alpha], metavar="ALPHA",
+                       help="fraction of tokens recomputed per pruned step (0, 1]; several values build one pruned "
+                            "graph each into one bundle (weights stored once), the first is the default of a call")
     build.add_argument("--t0", type=int, default=defaults.t0, help="last full step before pruning starts")
     build.add_argument("--reuse-every", type=int, default=defaults.reuse_every,
                        help="after t0, every N-th step reuses the previous prediction (0 = off)")

@@ -74,7 +74,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Remo
     started = {"faulty": faulty}
     try:
         folder = tmp_path_factory.mktemp("serve")
-        build = BuildConfig("tiny-sd3", height=64, width=64, batch=2, steps=8, t0=4, alpha=0.3, backend="onnxruntime",
+        build = BuildConfig("tiny-sd3", height=64, width=64, batch=2, steps=8, t0=4, alphas=(0.3,), backend="onnxruntime",
                             max_sequence_length=TEXT_LENGTH)
         engine_dir = build_engines(build, out_dir=folder / "engines", export_dir=folder / "export", progress=False)
         started["engine"] = RemoteServer(CLI, ["--engines", str(engine_dir), "--max-queue", "2", "--timeout", "30"])

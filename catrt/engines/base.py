@@ -1,4 +1,4 @@
-"""The engine contract: three static-shape graphs ("context", "full", "pruned") run on named tensors.
+"""The engine contract: static-shape graphs of three kinds ("context", "full", "pruned") run on named tensors.
 
 This module declares the step graphs' I/O once; the runtime, the engines, the export and MAC counting
 read it from here:
@@ -6,7 +6,9 @@ read it from here:
 - "context" (once per generation): the adapter's `context_inputs` -> the tensors its weights make of
   them (`prepare_context`: the positional table, PixArt's cross-attention K/V);
 - "full": `FULL_INPUTS` plus the whole context -> `FULL_OUTPUTS` (tokens, every K/V row);
-- "pruned": `PRUNED_INPUTS` plus the context -> `PRUNED_OUTPUTS` (the k tokens, their K/V rows).
+- "pruned-k<k>", one per built alpha: `PRUNED_INPUTS` plus the context -> `PRUNED_OUTPUTS` (the k
+  tokens, their K/V rows). k is static in each, so a bundle built for several alphas holds one pruned
+  graph per k (`pruned_graph`), and a step runs the one its indices' k names.
 
 Every backend implements `load` and `run`; the shared `prepare_context` / `full_forward` /
 `pruned_forward` give any engine the runtime's step-function interface. Backends that run exported
@@ -16,6 +18,7 @@ runtime's cache) and scatter the pruned graph's K/V rows into the cache in place
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,9 @@ from catrt.errors import ConfigError
 from catrt.models.base import Adapter, Context
 
 
+#: The kinds of graph; a bundle has one "context", one "full" and one pruned graph per k (`pruned_graph`).
 GRAPHS: tuple[str, ...] = ("context", "full", "pruned")
+_PRUNED_NAME = re.compile(r"pruned-k([1-9][0-9]*)")
 # Positional graph inputs, before the context tensors (named after the context's keys).
 FULL_INPUTS: tuple[str, ...] = ("hidden_states", "timestep")
 PRUNED_INPUTS: tuple[str, ...] = ("patches", "indices", "timestep", "kv_cache")
@@ -41,6 +46,24 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
     "int32": torch.int32,
 }
+
+
+def pruned_graph(k: int) -> str:
+    """The name of the pruned graph that computes k tokens per step (its files: `<name>.onnx`, `<name>.plan`)."""
+    return f"pruned-k{k}"
+
+
+def pruned_k(name: str) -> int | None:
+    """k of a pruned graph's name, or None when `name` is not one."""
+    match = _PRUNED_NAME.fullmatch(name) if isinstance(name, str) else None
+    return int(match.group(1)) if match else None
+
+
+def graph_kind(name: str) -> str | None:
+    """"context", "full" or "pruned" for a graph name a bundle may hold; None for any other name."""
+    if name in ("context", "full"):
+        return name
+    return "pruned" if pruned_k(name) is not None else None
 
 
 @dataclass(frozen=True)
@@ -172,6 +195,19 @@ class Engine(ABC):
         those named in `out`, which are written into the caller's tensors.
         """
 
+    def pruned_graph_for(self, indices: torch.Tensor) -> str:
+        """The pruned graph computing `indices.shape[-1]` tokens; a k the bundle was not built for is a ConfigError."""
+        k = int(indices.shape[-1])
+        graph = pruned_graph(k)
+        if graph not in self.graphs:
+            built = sorted(found for found in map(pruned_k, self.graphs) if found is not None)
+            raise ConfigError(
+                f"this engine has no pruned graph for k={k} tokens; it was built for k in {built}: call it with one "
+                f"of the built alphas or build one for this alpha",
+                field="alpha", value=k,
+            )
+        return graph
+
     def describe(self) -> dict[str, Any]:
         """What this engine was built for and runs on."""
         return {
@@ -224,9 +260,10 @@ class Engine(ABC):
         context: Context,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        """The pruned graph, then its K/V rows (S, B, k, D) scattered into `kv_cache` in place."""
+        """The pruned graph of this k, then its K/V rows (S, B, k, D) scattered into `kv_cache` in place."""
+        graph = self.pruned_graph_for(indices)
         tensors = {"patches": patches, "indices": indices, "timestep": timestep, "kv_cache": kv_cache, **context}
-        outputs = self.run("pruned", self.graphs["pruned"].prepare(tensors))
+        outputs = self.run(graph, self.graphs[graph].prepare(tensors))
         rows = outputs["kv_rows"]
         index = indices.view(1, *indices.shape, 1).expand(rows.shape[0], -1, -1, rows.shape[-1])
         kv_cache.scatter_(2, index, rows.to(kv_cache.dtype))

@@ -44,7 +44,7 @@ class EagerEngine(Engine):
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
         tensors = {"patches": patches, "indices": indices, "timestep": timestep, "kv_cache": kv_cache, **context}
-        self.graphs["pruned"].check(tensors)
+        self.graphs[self.pruned_graph_for(indices)].check(tensors)
         with torch.no_grad():
             return self.functions.pruned_forward(patches, indices, timestep, context, kv_cache)
 
@@ -62,7 +62,7 @@ class EagerEngine(Engine):
                 context = _context(inputs, ("hidden_states", "timestep"))
                 tokens = self.functions.full_forward(inputs["hidden_states"], inputs["timestep"], context, kv)
                 outputs = {"tokens": tokens, "kv": kv}
-            else:
+            else:  # a pruned graph, whatever its k
                 cache, indices = inputs["kv_cache"].clone(), inputs["indices"]
                 context = _context(inputs, ("patches", "indices", "timestep", "kv_cache"))
                 tokens = self.functions.pruned_forward(inputs["patches"], indices, inputs["timestep"], context, cache)
