@@ -94,12 +94,13 @@ def _version() -> str:
         return catrt.__version__
 
 
-def _add_cat_flags(parser: argparse.ArgumentParser) -> None:
+def _add_cat_flags(parser: argparse.ArgumentParser, several: tuple[str, ...] = ()) -> None:
     """Every CATConfig field a user sets per run, as a kebab-case flag, generated from the dataclass.
 
     Types, choices and defaults come from the field, the help from CATConfig's docstring, so a new
     field is a new flag with no change here. Flags default to None so that giving one can be told
-    from not giving it (a build fixes some); `_cat_config` fills in CATConfig's own defaults.
+    from not giving it (a build fixes some); `_cat_config` fills in CATConfig's own defaults. Fields
+    in `several` take one or more values (serve's --alpha); the config gets the first.
     """
     defaults, hints, helps = CATConfig(), typing.get_type_hints(CATConfig), _field_help(CATConfig)
     group = parser.add_argument_group("CAT Pruning")
@@ -111,6 +112,9 @@ def _add_cat_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = typing.get_args(hints[field.name])
         else:
             kwargs["type"] = type(default)
+        if field.name in several:
+            kwargs.update(nargs="+", metavar=field.name.upper())
+            kwargs["help"] = f"{text}; several values serve each of them, the first is the default (default: {default})"
         group.add_argument(_flag(field.name), **kwargs)
 
 
@@ -138,8 +142,9 @@ def _field_help(cls: type) -> dict[str, str]:
 
 
 def _cat_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The CAT flags the user gave."""
-    return {field.name: getattr(args, field.name) for field in _cat_fields() if getattr(args, field.name) is not None}
+    """The CAT flags the user gave (of a flag taking several values, the first)."""
+    values = {field.name: getattr(args, field.name) for field in _cat_fields() if getattr(args, field.name) is not None}
+    return {name: value[0] if isinstance(value, list) else value for name, value in values.items()}
 
 
 def _cat_config(args: argparse.Namespace, seed: int = 0) -> CATConfig:
@@ -518,7 +523,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engines=args.engines, model=args.model, height=args.height, width=args.width,
         steps=defaults.steps if args.steps is None else args.steps,
         batch=defaults.batch if args.batch is None else args.batch,
-        cat=_cat_config(args), device=args.device or defaults.device, precision=args.precision,
+        cat=_cat_config(args), alphas=tuple(args.alpha or ()), alpha_policy=args.alpha_policy,
+        latency_target=args.latency_target, device=args.device or defaults.device, precision=args.precision,
         host=args.host, port=args.port, max_queue=args.max_queue, timeout=args.timeout,
         max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
         read_timeout=args.read_timeout, keep_alive=args.keep_alive,
@@ -542,6 +548,7 @@ def _refuse_serve_flags_fixed_by_build(args: argparse.Namespace) -> None:
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     from catrt.serve import ServeConfig
+    from catrt.serve.alpha_policy import ALPHA_POLICIES
     from catrt.serve.auth import API_KEY_ENV
     from catrt.serve.config import PRECISION_CHOICES as SERVE_PRECISIONS
 
@@ -574,6 +581,13 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--bundle-key-file", default=None,
                        help="with --engines: refuse a bundle not signed with the key in this file (catrt build "
                             "--sign-key-file) (default: $CATRT_BUNDLE_KEY if set, else no signature check)")
+    policy = serve.add_argument_group("alpha per call (a request may pin a served one: extra_body={'alpha': 0.3})")
+    policy.add_argument("--alpha-policy", choices=ALPHA_POLICIES, default=defaults.alpha_policy,
+                        help="fixed: every call at the first alpha; adaptive: before each call, the largest served "
+                             "alpha whose predicted finish keeps every queued request within --latency-target, "
+                             "else the smallest (needs several alphas: a multi-alpha build, or --alpha A B ...)")
+    policy.add_argument("--latency-target", type=float, default=None, metavar="SECONDS",
+                        help="seconds from arrival to answer that --alpha-policy adaptive aims for")
     eager = serve.add_argument_group("--model only (a build fixes these)")
     eager.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     eager.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
@@ -583,7 +597,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     eager.add_argument("--precision", choices=SERVE_PRECISIONS, default=None,
                        help="weights and activations (default: fp32 on the CPU; on CUDA the model's usual one); "
                             "fp16 needs CUDA")
-    _add_cat_flags(serve)
+    _add_cat_flags(serve, several=("alpha",))
     serve.set_defaults(handler=cmd_serve)
 
 

@@ -50,13 +50,13 @@ FAULTY_LAUNCHER = """
 import sys, time
 from catrt.serve.model import ServedModel
 generate = ServedModel.generate
-def faulty(self, rows, options, *rest):
+def faulty(self, rows, options, *rest, **named):
     for row in rows:
         if row.prompt == "boom":
             raise RuntimeError("injected failure")
         if row.prompt.startswith("sleep "):
             time.sleep(float(row.prompt.split()[1]))
-    return generate(self, rows, options, *rest)
+    return generate(self, rows, options, *rest, **named)
 ServedModel.generate = faulty
 from catrt.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,9 @@ cancelled while it waits (client gone, timeout), or whose deadline has passed wh
 made, is dropped before it runs. A call in flight whose jobs have all been given up (answered 504,
 client gone) is abandoned before its next step. The head of the queue always runs next, with later
 jobs of the same `BatchOptions` added until the build's batch is full, so no request waits behind
-jobs that arrived after it.
+jobs that arrived after it. A request that pins an alpha has it in its options, so it batches only
+with requests pinning the same alpha; the alpha of any other call is the policy's
+(`catrt.serve.alpha_policy.AlphaChooser`), asked with the whole queue before the call is taken.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from typing import Literal
 
 from catrt.errors import (
     CatrtError,
+    ConfigError,
     GenerationError,
     QueueFullError,
     RequestTimeoutError,
     ServiceUnavailableError,
 )
+from catrt.scheduler import plan
+from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker
 from catrt.serve.errors import internal_error_message
 from catrt.serve.metrics import ServerMetrics
 from catrt.serve.model import BatchOptions, Generation, Row, ServedModel
@@ -40,12 +45,14 @@ WARMUP_PROMPT = "warm-up"
 
 @dataclass(frozen=True)
 class JobResult:
-    """A job's images (base64 PNG), the phases of the call that made them, and its wait and batch."""
+    """A job's images (base64 PNG), the phases of the call that made them, its wait and batch, and the
+    alpha the call ran at."""
 
     images: list[str]
     phases: dict[str, float]
     queue_wait: float
     batch_rows: int
+    alpha: float
 
 
 @dataclass
@@ -73,7 +80,10 @@ class Job:
 
 
 class Worker:
-    """Loads the model on its own thread, warms it up, then serves the queue until drained."""
+    """Loads the model on its own thread, warms it up at each served alpha, then serves the queue until drained.
+
+    `alpha_policy` and `latency_target`: how each call's alpha is chosen (see `AlphaChooser`).
+    """
 
     def __init__(
         self,
@@ -81,8 +91,13 @@ class Worker:
         max_queue: int,
         metrics: ServerMetrics,
         on_exit: Callable[[WorkerState], None],
+        alpha_policy: AlphaPolicy = "fixed",
+        latency_target: float | None = None,
     ) -> None:
         self._load = load
+        self.alpha_policy = alpha_policy
+        self.latency_target = latency_target
+        self.chooser: AlphaChooser | None = None
         self.max_queue = max_queue
         self.metrics = metrics
         self._on_exit = on_exit
@@ -150,8 +165,8 @@ class Worker:
     def _run(self) -> None:
         try:
             self._start_serving()
-            while (jobs := self._next_batch()) is not None:
-                self._run_batch(jobs)
+            while (batch := self._next_batch()) is not None:
+                self._run_batch(*batch)
             self.state = "stopped"
         except BaseException as error:  # noqa: BLE001 - a dead worker must be reported, whatever killed it
             if self.served is None:
@@ -170,19 +185,30 @@ class Worker:
     def _start_serving(self) -> None:
         served = self._load()
         spec = served.spec
+        if self.alpha_policy == "adaptive" and len(spec.alphas) < 2:
+            raise ConfigError(
+                f"--alpha-policy adaptive needs at least two alphas to choose from, but {spec.model} is served at "
+                f"alpha {spec.alpha} only: build it with several (catrt build --alpha 0.5 0.3 0.2)",
+                field="alpha", value=list(spec.alphas),
+            )
         served.step_observer = self.metrics.observe_step
+        kinds = plan(spec.steps, spec.t0, spec.refresh_every, spec.reuse_every)
+        tracker = StepTimeTracker(kinds.count("full"), kinds.count("pruned"))
+        self.chooser = AlphaChooser(self.alpha_policy, self.latency_target, spec.alphas, spec.batch, tracker)
         options = BatchOptions(guidance_scale=spec.default_guidance, negative_prompt=None)
-        started = time.perf_counter()
-        served.generate([Row(WARMUP_PROMPT, 0)] * spec.batch, options)
-        self._batch_seconds = time.perf_counter() - started
-        logger.info("warm-up took %.2f s", self._batch_seconds)
+        for alpha in spec.alphas:  # every alpha's buffers made and its step times measured before serving
+            started = time.perf_counter()
+            generation = served.generate([Row(WARMUP_PROMPT, 0)] * spec.batch, options, alpha=alpha)
+            self._batch_seconds = time.perf_counter() - started
+            tracker.observe(alpha, generation.phases)
+            logger.info("warm-up at alpha %g took %.2f s", alpha, self._batch_seconds)
         with self._lock:
             self.served = served
             if self.state == "loading":
                 self.state = "ready"
 
-    def _next_batch(self) -> list[Job] | None:
-        """The head job plus compatible followers, marked running; None once draining and empty."""
+    def _next_batch(self) -> tuple[list[Job], float] | None:
+        """The head job plus compatible followers, marked running, and their alpha; None once draining and empty."""
         with self._lock:
             while True:
                 self._drop_cancelled()
@@ -192,8 +218,10 @@ class Worker:
                     return None
                 self._lock.wait()
 
-    def _take_batch(self) -> list[Job]:
-        """Expired jobs are answered 504 and skipped here, so no step runs for a request past its deadline."""
+    def _take_batch(self) -> tuple[list[Job], float]:
+        """Expired jobs are answered 504 and skipped here, so no step runs for a request past its deadline.
+
+        The alpha is chosen from the queue as it stands, this call's jobs included."""
         now = time.perf_counter()
         for job in [job for job in self._queue if job.given_up(now)]:
             self._queue.remove(job)
@@ -201,7 +229,10 @@ class Worker:
                 job.future.set_exception(RequestTimeoutError("no answer within the server's timeout"))
             logger.info("request %s dropped before its batch: past its deadline", job.request_id)
         if not self._queue:
-            return []
+            return [], self.served.spec.alpha
+        alpha = self.chooser.choose([
+            Queued(now - job.arrived, len(job.rows), job.options, job.options.alpha) for job in self._queue
+        ])
         capacity = self.served.spec.batch
         head = self._queue[0]
         jobs, rows = [], 0
@@ -211,13 +242,13 @@ class Worker:
                 if job.future.set_running_or_notify_cancel():
                     jobs.append(job)
                     rows += len(job.rows)
-        return jobs
+        return jobs, alpha
 
-    def _run_batch(self, jobs: list[Job]) -> None:
+    def _run_batch(self, jobs: list[Job], alpha: float) -> None:
         if not jobs:
             return
         try:
-            self._serve(jobs)
+            self._serve(jobs, alpha)
         except Abandoned as stop:
             logger.info("requests %s given up; call stopped (%s)", ",".join(job.request_id for job in jobs), stop)
             for job in jobs:
@@ -230,26 +261,28 @@ class Worker:
             # Rerun the batch's requests one by one, so only the one that fails sees the error.
             logger.warning("a batch of %d requests failed (%s); rerunning them one by one", len(jobs), error)
             for job in jobs:
-                self._run_batch([job])
+                self._run_batch([job], alpha)
 
-    def _serve(self, jobs: list[Job]) -> None:
+    def _serve(self, jobs: list[Job], alpha: float) -> None:
         started = time.perf_counter()
         rows = [row for job in jobs for row in job.rows]
         generation = self.served.generate(
-            rows, jobs[0].options, lambda: all(job.given_up(time.perf_counter()) for job in jobs)
+            rows, jobs[0].options, lambda: all(job.given_up(time.perf_counter()) for job in jobs), alpha=alpha
         )
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
+        self.chooser.tracker.observe(alpha, generation.phases)
         self.metrics.images.inc(len(rows))
         self.metrics.batch_rows.observe(len(rows))
-        self._answer(jobs, generation, started)
+        self.metrics.alpha_chosen.labels(alpha=f"{alpha:g}").inc()
+        self._answer(jobs, generation, started, alpha)
 
-    def _answer(self, jobs: list[Job], generation: Generation, started: float) -> None:
+    def _answer(self, jobs: list[Job], generation: Generation, started: float, alpha: float) -> None:
         offset = 0
         batch_rows = sum(len(job.rows) for job in jobs)
         for job in jobs:
             images = generation.images[offset : offset + len(job.rows)]
             offset += len(job.rows)
-            job.future.set_result(JobResult(images, generation.phases, started - job.arrived, batch_rows))
+            job.future.set_result(JobResult(images, generation.phases, started - job.arrived, batch_rows, alpha))
 
 
 def _as_generation_error(error: Exception, request_id: str) -> Exception:
