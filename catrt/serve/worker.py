@@ -196,12 +196,15 @@ class Worker:
         tracker = StepTimeTracker(kinds.count("full"), kinds.count("pruned"))
         self.chooser = AlphaChooser(self.alpha_policy, self.latency_target, spec.alphas, spec.batch, tracker)
         options = BatchOptions(guidance_scale=spec.default_guidance, negative_prompt=None)
-        for alpha in spec.alphas:  # every alpha's buffers made and its step times measured before serving
+        rows = [Row(WARMUP_PROMPT, 0)] * spec.batch
+        for alpha in spec.alphas:  # every alpha's buffers (compiled graphs, caches) made before serving
             started = time.perf_counter()
-            generation = served.generate([Row(WARMUP_PROMPT, 0)] * spec.batch, options, alpha=alpha)
+            served.generate(rows, options, alpha=alpha)
             self._batch_seconds = time.perf_counter() - started
-            tracker.observe(alpha, generation.phases)
             logger.info("warm-up at alpha %g took %.2f s", alpha, self._batch_seconds)
+        if self.alpha_policy == "adaptive":  # then the step times, measured warm (a first call pays one-off costs)
+            for alpha in spec.alphas:
+                tracker.observe(alpha, served.generate(rows, options, alpha=alpha).phases)
         with self._lock:
             self.served = served
             if self.state == "loading":
