@@ -42,6 +42,7 @@ class LoadResult:
     statuses: Counter[str] = field(default_factory=Counter)
     images: int = 0
     queue_waits: list[float] = field(default_factory=list)
+    alphas: list[float] = field(default_factory=list)  # the alpha each 200 answer's model call ran at
 
 
 async def _client(url: str, index: int, stop_at: float, body: dict, result: LoadResult) -> None:
@@ -63,6 +64,7 @@ async def _client(url: str, index: int, stop_at: float, body: dict, result: Load
                 answer = response.json()
                 result.images += len(answer["data"])
                 result.queue_waits.append(answer["catrt"]["timings"]["queue_wait"])
+                result.alphas.append(answer["catrt"]["alpha"])
             elif response.status_code == 429:
                 await asyncio.sleep(float(response.headers.get("retry-after", "1")))
 
@@ -104,14 +106,18 @@ def report(args: argparse.Namespace, result: LoadResult, averages: dict[str, flo
         "",
         f"Server: {args.server or 'not described'}",
         "",
-        "| clients | seconds | requests OK | images | throughput (req/s) | images/s | p50 (s) | p95 (s) | p99 (s) | mean queue wait (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| clients | seconds | requests OK | images | throughput (req/s) | images/s | p50 (s) | p95 (s) | p99 (s) | mean queue wait (s) | mean alpha |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {args.clients} | {result.seconds:.1f} | {ok} | {result.images} | {ok / result.seconds:.2f} | "
         f"{result.images / result.seconds:.2f} | {percentile(result.latencies, 0.5):.3f} | "
         f"{percentile(result.latencies, 0.95):.3f} | {percentile(result.latencies, 0.99):.3f} | "
-        f"{statistics.fmean(result.queue_waits) if result.queue_waits else float('nan'):.3f} |",
+        f"{statistics.fmean(result.queue_waits) if result.queue_waits else float('nan'):.3f} | "
+        f"{statistics.fmean(result.alphas) if result.alphas else float('nan'):.3f} |",
         "",
         "Answers by status: " + ", ".join(f"{status}: {count}" for status, count in sorted(result.statuses.items())),
+        "",
+        "Answers by alpha (`catrt.alpha`): "
+        + ", ".join(f"{alpha:g}: {count}" for alpha, count in sorted(Counter(result.alphas).items())),
         "",
         "Server side (/metrics, warm-up included): "
         + ", ".join(f"{name} {value:.2f}" for name, value in averages.items()),

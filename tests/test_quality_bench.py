@@ -74,7 +74,7 @@ class _FakeServer(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers["content-length"]))
         self._answer(200, "application/json",
-                     json.dumps({"data": [{"b64_json": ""}], "catrt": {"timings": {"queue_wait": 0.001}}}))
+                     json.dumps({"data": [{"b64_json": ""}], "catrt": {"timings": {"queue_wait": 0.001}, "alpha": 0.3}}))
 
     def do_GET(self) -> None:  # noqa: N802
         metrics = ("catrt_batch_rows_sum 6\ncatrt_batch_rows_count 3\n"
@@ -110,6 +110,7 @@ def test_load_script_writes_its_report_to_out(tmp_path: Path, monkeypatch: pytes
     text = out.read_text()
     assert text.startswith("# Load test: test") and "Answers by status: 200:" in text
     assert "images per model call 2.00" in text
+    assert "Answers by alpha (`catrt.alpha`): 0.3: " in text and "| 0.300 |" in text
     assert committed_results() == before
 
 
