@@ -18,6 +18,10 @@ from catrt.cli import main
 from catrt.errors import ConfigError, CorruptBundleError
 from catrt.integrity import bundle_files
 from catrt.manifest import MANIFEST_FILE, read_manifest
+from catrt.serve.config import ServeConfig
+from catrt.serve.model import load_served_model
+from catrt.serve.schemas import ImageGenerationRequest
+from catrt.serve.validation import RequestRules
 from tests.conftest import call_kwargs
 
 
@@ -192,3 +196,17 @@ def test_cli_builds_inspects_and_generates_at_a_built_alpha(tmp_path: Path, capf
     assert main([*generate, "--alpha", "0.3"]) == 2
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and "built for alpha in 0.5, 0.2, not alpha=0.3" in err and "Traceback" not in err
+
+
+def test_a_served_bundle_serves_and_checks_each_built_alpha(multi: dict[str, Path]) -> None:
+    served = load_served_model(ServeConfig(engines=str(multi["eager"])))
+    assert served.spec.alphas == ALPHAS and served.spec.alpha == 0.3
+    rules = RequestRules(served, max_prompt_chars=100)
+    rows, options = rules.admit(ImageGenerationRequest(prompt="a red circle", alpha=0.5, seed=3))
+    assert options.alpha == 0.5 and rules.admit(ImageGenerationRequest(prompt="a red circle"))[1].alpha is None
+    with pytest.raises(ConfigError, match=r"alpha=0\.4 is not served: this server serves alpha 0\.3, 0\.5, 0\.2") as caught:
+        rules.admit(ImageGenerationRequest(prompt="a red circle", alpha=0.4))
+    assert caught.value.field == "alpha"
+    assert rules.properties()["alpha"]["anyOf"][0] == {"type": "number", "enum": [0.3, 0.5, 0.2]}
+    assert len(served.generate(rows, options, alpha=0.5).images) == 1
+    assert len(served.runner.accelerated.buffers) == 1  # ran at k = 12 only
