@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from catrt.cli import main
+
 from catrt.serve.alpha_policy import (
     AlphaChooser,
     Queued,
@@ -93,3 +95,17 @@ def test_the_fixed_policy_runs_the_first_alpha_unless_pinned() -> None:
     adaptive = AlphaChooser("adaptive", 2.0, ALPHAS, 1, tracker)
     tracker.full, tracker.other, tracker.pruned = TIMES.full, TIMES.other, dict(TIMES.pruned)
     assert adaptive.choose([Queued(0.0, 1)]) == 0.5 and adaptive.choose([Queued(0.0, 1)] * 10) == 0.2
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--alpha-policy", "adaptive"], "--alpha-policy adaptive needs --latency-target SECONDS"),
+    (["--alpha-policy", "adaptive", "--latency-target", "2"], "--alpha-policy adaptive needs at least two alphas"),
+    (["--latency-target", "2"], "--latency-target is what --alpha-policy adaptive aims for"),
+    (["--alpha", "0.3", "0.3"], "--alpha lists an alpha twice: [0.3, 0.3]"),
+    (["--alpha", "0.3", "1.5"], "CATConfig.alpha must be in (0, 1], got 1.5"),
+    (["--alpha", "0.5", "0.2", "--alpha-policy", "adaptive", "--latency-target", "0"], "latency_target must be > 0 seconds"),
+], ids=["no-target", "one-alpha", "target-without-adaptive", "alpha-twice", "alpha-range", "target-zero"])
+def test_serve_refuses_a_policy_it_cannot_run_in_one_line(capfd: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    assert main(["serve", "--model", "reference", "--port", "0", *argv]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("catrt serve: error: ") and message in err and err.count("\n") == 1
