@@ -251,7 +251,7 @@ def baseline(model: Path, build: BuildConfig, repeats: int) -> dict[str, float]:
 
 def measure_backend(backend: str, model: Path, args: argparse.Namespace) -> dict[str, float]:
     config = BuildConfig(
-        str(model), height=args.size, width=args.size, steps=args.steps, t0=args.t0, alpha=args.alpha,
+        str(model), height=args.size, width=args.size, steps=args.steps, t0=args.t0, alphas=(args.alpha,),
         backend=backend, max_sequence_length=args.text_length,
     )
     started = time.perf_counter()
