@@ -169,6 +169,11 @@ def report(args: argparse.Namespace, levels: list[tuple[int, LoadResult]], avera
         "",
         "Answers by status: " + ", ".join(f"{status}: {count}" for status, count in sorted(statuses.items())),
         "",
+        *([] if not any(result.alphas for _, result in levels) else [
+            "Answers by alpha (`catrt.alpha`): " + ", ".join(
+                f"{alpha:g}: {count}" for alpha, count in sorted(Counter(a for _, r in levels for a in r.alphas).items())),
+            "",
+        ]),
         "Server side (/metrics, warm-up included): "
         + (", ".join(f"{name} {value:.2f}" for name, value in averages.items()) or "not exported"),
         "",

@@ -251,7 +251,7 @@ def baseline(model: Path, build: BuildConfig, repeats: int) -> dict[str, float]:
 
 def measure_backend(backend: str, model: Path, args: argparse.Namespace) -> dict[str, float]:
     config = BuildConfig(
-        str(model), height=args.size, width=args.size, steps=args.steps, t0=args.t0, alpha=args.alpha,
+        str(model), height=args.size, width=args.size, steps=args.steps, t0=args.t0, alphas=(args.alpha,),
         backend=backend, max_sequence_length=args.text_length,
     )
     started = time.perf_counter()
@@ -297,7 +297,7 @@ def run_engines(args: argparse.Namespace) -> tuple[str, str]:
         name for name in ENGINES if name == "eager" or ENGINES[name].unavailable_reason() is None
     ]
     backends = [resolve_backend(name) for name in backends]
-    probe = BuildConfig(str(model), height=args.size, width=args.size, steps=args.steps, t0=args.t0, alpha=args.alpha, max_sequence_length=args.text_length)
+    probe = BuildConfig(str(model), height=args.size, width=args.size, steps=args.steps, t0=args.t0, alphas=(args.alpha,), max_sequence_length=args.text_length)
     base = baseline(model, probe, args.repeats)
     print(f"diffusers: full step {base['full']:.3f} s, generation {base['generation']:.2f} s", flush=True)
     rows = {}

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from catrt.build_config import BuildConfig
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
+from catrt.engines.base import pruned_graph
 from catrt.errors import BuildError, ConfigError
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
 from catrt.integrity import resolve_key, sign_manifest
@@ -54,7 +55,7 @@ class _Reference:
     inputs: dict[str, dict[str, torch.Tensor]]
     outputs: dict[str, dict[str, torch.Tensor]]
     num_tokens: int
-    k: int
+    ks: tuple[int, ...]  # per built alpha, in order
 
 
 def build_engines(
@@ -130,7 +131,7 @@ def _build(
     bar.update()
     with staged_folder(out_dir / name) as staging:
         bar.set_postfix_str(STAGES[3])
-        backend.write_engine(export_dir / name, staging, config)
+        backend.write_engine(export_dir / name, staging, config, tuple(specs))
         bar.update()
         bar.set_postfix_str(STAGES[4])
         verification = _verify(config, staging, specs, adapter, device, reference)
@@ -155,15 +156,23 @@ def _with_resolution(config: BuildConfig, pipe: Any) -> BuildConfig:
 def _reference(config: BuildConfig, pipe: Any, adapter: Adapter) -> _Reference:
     sample = capture_step_sample(pipe, adapter, config)
     num_tokens = adapter.tokens_of(sample.hidden_states).shape[1]
-    k = config.num_selected(num_tokens)
-    inputs, outputs = reference_io(sample, adapter, k)
-    return _Reference(inputs, outputs, num_tokens, k)
+    ks = tuple(config.num_selected(num_tokens, alpha) for alpha in config.alphas)
+    for index, k in enumerate(ks):
+        if k in ks[:index]:
+            other = config.alphas[ks.index(k)]
+            raise ConfigError(
+                f"alphas {other:g} and {config.alphas[index]:g} both select k = {k} of the {num_tokens} image tokens "
+                f"at {config.width}x{config.height}, so they would run the same pruned graph: drop one",
+                field="alphas", value=list(config.alphas),
+            )
+    inputs, outputs = reference_io(sample, adapter, ks)
+    return _Reference(inputs, outputs, num_tokens, ks)
 
 
 def _verify(
     config: BuildConfig, folder: Path, specs: dict[str, GraphSpec], adapter: Adapter, device: torch.device, reference: _Reference
 ) -> dict[str, Any]:
-    """Run one full and one pruned step on the built engines; over tolerance fails the build."""
+    """Run every graph (context, full, each pruned graph) on the built engines; over tolerance fails the build."""
     engine = ENGINES[config.backend](folder, specs, device, adapter)
     engine.load()
     tolerance = TOLERANCES[config.precision]
@@ -183,6 +192,17 @@ def _verify(
         )
     logger.info("verified against eager: worst relative error %.3g (%s)", errors[worst], worst)
     return {"max_relative_error": errors, "tolerance": tolerance, "passed": True}
+
+
+def alpha_table(config: BuildConfig, reference: _Reference, verification: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per built alpha, in order: its k, its pruned graph and that graph's worst verification error."""
+    errors = verification["max_relative_error"]
+    table = []
+    for alpha, k in zip(config.alphas, reference.ks, strict=True):
+        graph = pruned_graph(k)
+        worst = max(error for name, error in errors.items() if name.split(".")[0] == graph)
+        table.append({"alpha": alpha, "k": k, "graph": graph, "max_relative_error": worst})
+    return table
 
 
 def _manifest(
@@ -206,7 +226,7 @@ def _manifest(
             "transformer_sha256": weights_digest(pipe.transformer),
         },
         num_tokens=reference.num_tokens,
-        k=reference.k,
+        alphas=alpha_table(config, reference, verification),
         graphs={graph: spec.to_dict() for graph, spec in specs.items()},
         versions=package_versions(),
         device=describe_device(device),

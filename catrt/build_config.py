@@ -1,14 +1,14 @@
 """`BuildConfig`: what one engine build serves, validated when made and stored in its manifest.
 
 Graphs have static shapes, so a build is tied to one resolution, batch and text length; the step
-count, t0 and alpha fix k and the schedule the bundle is verified for, and `reuse_every` (a schedule,
-static like t0) which steps it skips.
+count and t0 fix the schedule the bundle is verified for, `reuse_every` (a schedule, static like t0)
+which steps it skips, and each of its alphas one pruned graph with k = ceil(alpha * N) baked in.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -20,8 +20,9 @@ Precision = Literal["fp32", "fp16", "bf16"]
 Backend = Literal["auto", "eager", "compile", "onnxruntime", "tensorrt"]
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BACKENDS: tuple[str, ...] = ("auto", "eager", "compile", "onnxruntime", "tensorrt")
-#: The CATConfig fields a build fixes: a run of the bundle must use the build's values.
+#: The CATConfig fields a build fixes: a run of the bundle must use the build's values (alpha: one of its alphas).
 FIXED_CAT_FIELDS: tuple[str, ...] = ("alpha", "t0", "reuse_every")
+DEFAULT_ALPHAS: tuple[float, ...] = (0.3,)
 
 
 def check_static_schedule(config: CATConfig) -> CATConfig:
@@ -43,7 +44,9 @@ class BuildConfig:
         model: a catrt model name or a local diffusers folder, loaded with `load_pipeline`.
         height, width: image size in pixels; None = the model's default, fixed when the build runs.
         batch: prompts per call; with guidance the graphs take 2 * batch rows.
-        steps, t0, alpha: the CAT schedule served (k = ceil(alpha * N) is baked into the pruned graph).
+        steps, t0: the CAT schedule served.
+        alphas: the alphas served, in order; the first is the default of a call. Each has its own
+            pruned graph (k = ceil(alpha * N) baked in), so no two may select the same k.
         reuse_every: CATConfig.reuse_every of the schedule served (0 = no reused steps).
         precision: weights and activations; fp16 / bf16 need a CUDA device.
         backend: the engine kind; "auto" is resolved to a concrete backend before building.
@@ -56,13 +59,15 @@ class BuildConfig:
     batch: int = 1
     steps: int = 28
     t0: int = 8
-    alpha: float = 0.3
+    alphas: tuple[float, ...] = field(default=DEFAULT_ALPHAS)
     reuse_every: int = 0
     precision: Precision = "fp32"
     backend: Backend = "auto"
     max_sequence_length: int | None = None
 
     def __post_init__(self) -> None:
+        _check_alphas(self.alphas)
+        object.__setattr__(self, "alphas", tuple(self.alphas))  # a list read back from JSON
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError(f"BuildConfig.model must be a model name or folder, got {self.model!r}", field="model")
         for name in ("height", "width", "max_sequence_length"):
@@ -73,19 +78,27 @@ class BuildConfig:
             raise ConfigError(f"BuildConfig.batch must be a positive integer, got {self.batch!r}", field="batch")
         _check_choice("precision", self.precision, tuple(PRECISIONS))
         _check_choice("backend", self.backend, BACKENDS)
-        self.cat_config().check_steps(self.steps)  # also validates alpha, t0 and reuse_every, naming the field
+        for each in self.alphas:
+            self.cat_config(alpha=each).check_steps(self.steps)  # also validates alpha, t0 and reuse_every
+
+    @property
+    def alpha(self) -> float:
+        """The default alpha of a call: the first built one."""
+        return self.alphas[0]
 
     @property
     def dtype(self) -> torch.dtype:
         return PRECISIONS[self.precision]
 
     def cat_config(self, **overrides: Any) -> CATConfig:
-        """The pruning settings this build serves.
+        """The pruning settings this build serves (alpha: the first built one unless overridden).
 
-        Fields other than `FIXED_CAT_FIELDS` (alpha, t0, reuse_every) may be overridden; a fixed field
-        may be passed only with the build's own value, else it is a ConfigError naming the field.
+        Fields other than `FIXED_CAT_FIELDS` (alpha, t0, reuse_every) may be overridden; alpha may be any
+        built one, the other fixed fields only the build's own value, else it is a ConfigError naming the field.
         """
-        fixed = {name: getattr(self, name) for name in FIXED_CAT_FIELDS}
+        alpha = overrides.pop("alpha", self.alphas[0])
+        self.check_alpha(alpha)
+        fixed = {name: getattr(self, name) for name in FIXED_CAT_FIELDS if name != "alpha"}
         for name, value in overrides.items():
             if name in fixed and value != fixed[name]:
                 raise ConfigError(
@@ -93,10 +106,20 @@ class BuildConfig:
                     f"build an engine with that value",
                     field=name, value=value,
                 )
-        return check_static_schedule(CATConfig(**{**overrides, **fixed}))
+        return check_static_schedule(CATConfig(**{**overrides, **fixed, "alpha": alpha}))
 
-    def num_selected(self, num_tokens: int) -> int:
-        return self.cat_config().num_selected(num_tokens)
+    def check_alpha(self, alpha: Any) -> None:
+        """A ConfigError naming the built alphas unless `alpha` is one of them."""
+        if alpha not in self.alphas:
+            raise ConfigError(
+                f"this engine was built for alpha in {format_alphas(self.alphas)}, not alpha={alpha}; use one of "
+                f"those or build an engine with that alpha (catrt build --alpha ...)",
+                field="alpha", value=alpha,
+            )
+
+    def num_selected(self, num_tokens: int, alpha: float | None = None) -> int:
+        """k of `alpha` (default: the first built alpha)."""
+        return self.cat_config(alpha=self.alphas[0] if alpha is None else alpha).num_selected(num_tokens)
 
     def resolved(self, **values: Any) -> BuildConfig:
         """A copy with values fixed at build time (the concrete backend, the default resolution)."""
@@ -112,14 +135,15 @@ class BuildConfig:
     def build_name(self) -> str:
         """Folder name, e.g. `tiny-sd3-96x64-b1-s12-t4-a0.30-fp32-onnxruntime` (never parsed back).
 
-        The size is WxH, width first, as OpenAI's `size` and everywhere else in catrt. A non-zero
-        `reuse_every` adds `-r{N}` after the alpha (`...-a0.30-r2-...`).
+        The size is WxH, width first, as OpenAI's `size` and everywhere else in catrt. Several alphas
+        are joined by `_` in built order (`-a0.20_0.30_0.50`). A non-zero `reuse_every` adds `-r{N}`
+        after the alphas (`...-a0.30-r2-...`).
         """
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1]).strip("-.") or "model"
         reuse = f"-r{self.reuse_every}" if self.reuse_every else ""
         text = "" if self.max_sequence_length is None else f"-l{self.max_sequence_length}"
         return (
-            f"{model}-{self.width}x{self.height}-b{self.batch}-s{self.steps}-t{self.t0}-a{self.alpha:.2f}"
+            f"{model}-{self.width}x{self.height}-b{self.batch}-s{self.steps}-t{self.t0}-a{'_'.join(f'{a:.2f}' for a in self.alphas)}"
             f"{reuse}{text}-{self.precision}-{self.backend}"
         )
 
@@ -129,6 +153,24 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
         return config_from_dict(cls, data)
+
+
+def format_alphas(alphas: tuple[float, ...]) -> str:
+    """"0.2, 0.3, 0.5": alphas as messages and `catrt inspect` show them."""
+    return ", ".join(f"{alpha:g}" for alpha in alphas)
+
+
+def _check_alphas(alphas: Any) -> None:
+    """A non-empty sequence of distinct alphas (each value is checked by CATConfig)."""
+    if isinstance(alphas, (str, bytes)) or not isinstance(alphas, (tuple, list)) or not alphas:
+        raise ConfigError(f"BuildConfig.alphas must be a non-empty list of alphas, got {alphas!r}", field="alphas", value=alphas)
+    for alpha in alphas:
+        try:
+            CATConfig(alpha=alpha)  # in (0, 1]
+        except ConfigError as error:
+            raise ConfigError(f"BuildConfig.alphas: {error}", field="alphas", value=alpha) from None
+    if len(set(alphas)) != len(alphas):
+        raise ConfigError(f"BuildConfig.alphas lists an alpha twice: {list(alphas)}", field="alphas", value=list(alphas))
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -39,6 +39,8 @@ class EnginePipeline:
 
     Called with the pipeline's own arguments, like `catrt.accelerate(...)`'s result; the build's
     height, width, step count and text length are the defaults, and other values are refused.
+    `alpha=` picks one of the built `alphas` per call (default: the loaded config's, which is the
+    first built one unless `load` was given another).
     """
 
     def __init__(self, accelerated: AcceleratedPipeline, build: BuildConfig, manifest: Manifest, engine: Engine) -> None:
@@ -48,14 +50,21 @@ class EnginePipeline:
         self.engine = engine
         self._signature = inspect.signature(accelerated.pipe.__call__)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        """The built alphas, in build order."""
+        return self.build.alphas
+
+    def __call__(self, *args: Any, alpha: float | None = None, **kwargs: Any) -> Any:
+        if alpha is not None:
+            self.build.check_alpha(alpha)  # an unbuilt alpha: a ConfigError naming the built ones
         defaults = {**pipeline_spec(self.accelerated.pipe).call_defaults, **self.build.call_arguments()}
         bound = self._signature.bind(*args, **kwargs)
         for name, value in defaults.items():
             bound.arguments.setdefault(name, value)
         bound.apply_defaults()
         check_request(bound.arguments, self.build, self.accelerated.spec)
-        return self.accelerated(*bound.args, **bound.kwargs)
+        return self.accelerated(*bound.args, alpha=alpha, **bound.kwargs)
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's.
@@ -110,7 +119,8 @@ def load(
 
     Args:
         engine_dir: an `engines/<build-name>/` folder.
-        config: CAT settings to run with; alpha, t0 and reuse_every must be the build's (the default), the other
+        config: CAT settings to run with; alpha must be one of the built alphas (the default alpha of a
+            call; the first built one if no config is given), t0 and reuse_every the build's, the other
             fields (clusters, decay, seed...) are free.
         key: the bundle key its build was signed with (`catrt build --sign-key-file`); None = the
             `CATRT_BUNDLE_KEY` environment variable if set. With a key an unsigned or otherwise
@@ -211,8 +221,9 @@ def bundle_problems(folder: Path, key: bytes | None = None) -> tuple[Manifest | 
 def _run_config(build: BuildConfig, config: CATConfig | None) -> CATConfig:
     if config is None:
         return build.cat_config()
+    build.check_alpha(config.alpha)
     for name in FIXED_CAT_FIELDS:
-        if getattr(config, name) != getattr(build, name):
+        if name != "alpha" and getattr(config, name) != getattr(build, name):
             raise ConfigError(
                 f"this engine was built for {name}={getattr(build, name)}, the config asks for "
                 f"{name}={getattr(config, name)}; build an engine with that value",

@@ -42,9 +42,9 @@ QUIET_LOG_RECORDS: dict[str, str] = {"transformers.utils.import_utils": "require
 # model it is dropped, because a failed load ends in one line of its own that says what to do.
 HUB_NOTICE: tuple[str, str] = ("diffusers.pipelines.pipeline_utils", "Couldn't connect to the Hub")
 
-# With --engines the build fixes these (and every CAT field BuildConfig has); given anyway they are
-# refused rather than ignored.
-FIXED_BY_BUILD: tuple[str, ...] = ("model", "alpha", "t0", "precision", "device", "full")
+# With --engines the build fixes these (and every CAT field BuildConfig has but alpha, which may be any
+# built one); given anyway they are refused rather than ignored.
+FIXED_BY_BUILD: tuple[str, ...] = ("model", "t0", "precision", "device", "full")
 
 # CATConfig fields that are not flags: the seed is per image (--seed), the trace is for Python callers, and
 # reuse_threshold is a bench baseline no engine or server schedule runs (`catrt compare --reuse-threshold`).
@@ -95,12 +95,13 @@ def _version() -> str:
         return catrt.__version__
 
 
-def _add_cat_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def _add_cat_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), several: tuple[str, ...] = ()) -> None:
     """Every CATConfig field a user sets per run, as a kebab-case flag, generated from the dataclass.
 
     Types, choices and defaults come from the field, the help from CATConfig's docstring, so a new
     field is a new flag with no change here. Flags default to None so that giving one can be told
-    from not giving it (a build fixes some); `_cat_config` fills in CATConfig's own defaults.
+    from not giving it (a build fixes some); `_cat_config` fills in CATConfig's own defaults. Fields
+    in `several` take one or more values (serve's --alpha); the config gets the first.
     """
     defaults, hints, helps = CATConfig(), typing.get_type_hints(CATConfig), _field_help(CATConfig)
     group = parser.add_argument_group("CAT Pruning")
@@ -114,6 +115,9 @@ def _add_cat_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) 
             kwargs["choices"] = typing.get_args(hints[field.name])
         else:
             kwargs["type"] = type(default)
+        if field.name in several:
+            kwargs.update(nargs="+", metavar=field.name.upper())
+            kwargs["help"] = f"{text}; several values serve each of them, the first is the default (default: {default})"
         group.add_argument(_flag(field.name), **kwargs)
 
 
@@ -141,8 +145,9 @@ def _field_help(cls: type) -> dict[str, str]:
 
 
 def _cat_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The CAT flags the user gave."""
-    return {field.name: getattr(args, field.name) for field in _cat_fields() if getattr(args, field.name, None) is not None}
+    """The CAT flags the user gave (of a flag taking several values, the first)."""
+    values = {field.name: getattr(args, field.name) for field in _cat_fields() if getattr(args, field.name, None) is not None}
+    return {name: value[0] if isinstance(value, list) else value for name, value in values.items()}
 
 
 def _cat_config(args: argparse.Namespace, seed: int = 0) -> CATConfig:
@@ -344,13 +349,13 @@ def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
 
     key = None if args.bundle_key_file is None else read_key_file(args.bundle_key_file)
     build = read_build_config(read_manifest(Path(args.engines)))  # for the flag checks; `load` verifies it all
-    _refuse_fixed_flags(args, [name for name in _cat_values(args) if hasattr(build, name)])
+    _refuse_fixed_flags(args, [name for name in _cat_values(args) if hasattr(build, name) and name != "alpha"])
     _check_against_build(args, build)
-    config = build.cat_config(seed=args.seed, **_cat_values(args))
+    config = build.cat_config(seed=args.seed, **_cat_values(args))  # --alpha: one of the built alphas
     with _hub_errors(build.model):
         runner = load(args.engines, config, key=key)
     _check_prompts(args, runner, limit=build.max_sequence_length)
-    return runner, f"alpha={build.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
+    return runner, f"alpha={config.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
 
 
 def _refuse_fixed_flags(args: argparse.Namespace, fixed: typing.Iterable[str]) -> None:
@@ -416,7 +421,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     config = BuildConfig(
         model=args.model, height=args.height, width=args.width, batch=args.batch, steps=args.steps,
-        t0=args.t0, alpha=args.alpha, reuse_every=args.reuse_every, precision=args.precision, backend=args.backend,
+        t0=args.t0, alphas=tuple(args.alpha), reuse_every=args.reuse_every, precision=args.precision, backend=args.backend,
         max_sequence_length=args.max_sequence_length,
     )
     with _hub_errors(args.model):
@@ -456,7 +461,11 @@ def _print_manifest(manifest: Any) -> None:
     build = manifest.build
     print(f"  model:     {manifest.model['name']} ({manifest.model['pipeline_class']}, transformer sha256 {manifest.model['transformer_sha256'][:16]}...)")
     print(f"  build:     {build['width']}x{build['height']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
-          f"alpha {build['alpha']} (k = {manifest.k} of N = {manifest.num_tokens}), {build['precision']}, {build['backend']}")
+          f"N = {manifest.num_tokens} image tokens, {build['precision']}, {build['backend']}")
+    for index, entry in enumerate(manifest.alphas):
+        default = " (default)" if index == 0 else ""
+        print(f"  alpha {entry['alpha']:g}: k = {entry['k']}, graph {entry['graph']}, verified to relative error "
+              f"{entry['max_relative_error']:.3g}{default}")
     print(f"  device:    {', '.join(f'{key} {value}' for key, value in manifest.device.items())}")
     print(f"  versions:  {', '.join(f'{name} {version}' for name, version in sorted(manifest.versions.items()))}")
     errors = manifest.verification["max_relative_error"]
@@ -473,7 +482,9 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     defaults = CATConfig()
     build = commands.add_parser("build", help="export, compile and verify engines for one model and resolution")
     build.add_argument("--model", default=DEFAULT_MODEL, help="model name or diffusers folder")
-    build.add_argument("--alpha", type=float, default=defaults.alpha, help="fraction of tokens recomputed per pruned step (0, 1]")
+    build.add_argument("--alpha", type=float, nargs="+", default=[defaults.alpha], metavar="ALPHA",
+                       help="fraction of tokens recomputed per pruned step (0, 1]; several values build one pruned "
+                            "graph each into one bundle (weights stored once), the first is the default of a call")
     build.add_argument("--t0", type=int, default=defaults.t0, help="last full step before pruning starts")
     build.add_argument("--reuse-every", type=int, default=defaults.reuse_every,
                        help="after t0, every N-th step reuses the previous prediction (0 = off)")
@@ -516,7 +527,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engines=args.engines, model=args.model, height=args.height, width=args.width,
         steps=defaults.steps if args.steps is None else args.steps,
         batch=defaults.batch if args.batch is None else args.batch,
-        cat=_cat_config(args), device=args.device or defaults.device, precision=args.precision,
+        cat=_cat_config(args), alphas=tuple(args.alpha or ()), alpha_policy=args.alpha_policy,
+        latency_target=args.latency_target, device=args.device or defaults.device, precision=args.precision,
         host=args.host, port=args.port, max_queue=args.max_queue, timeout=args.timeout,
         max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
         read_timeout=args.read_timeout, keep_alive=args.keep_alive,
@@ -577,6 +589,7 @@ def _refuse_serve_flags_fixed_by_build(args: argparse.Namespace) -> None:
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     from catrt.serve import ServeConfig
+    from catrt.serve.alpha_policy import ALPHA_POLICIES
     from catrt.serve.auth import API_KEY_ENV
     from catrt.serve.config import PRECISION_CHOICES as SERVE_PRECISIONS
 
@@ -611,6 +624,13 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--bundle-key-file", default=None,
                        help="with --engines: refuse a bundle not signed with the key in this file (catrt build "
                             "--sign-key-file) (default: $CATRT_BUNDLE_KEY if set, else no signature check)")
+    policy = serve.add_argument_group("alpha per call (a request may pin a served one: extra_body={'alpha': 0.3})")
+    policy.add_argument("--alpha-policy", choices=ALPHA_POLICIES, default=defaults.alpha_policy,
+                        help="fixed: every call at the first alpha; adaptive: before each call, the largest served "
+                             "alpha whose predicted finish keeps every queued request within --latency-target, "
+                             "else the smallest (needs several alphas: a multi-alpha build, or --alpha A B ...)")
+    policy.add_argument("--latency-target", type=float, default=None, metavar="SECONDS",
+                        help="seconds from arrival to answer that --alpha-policy adaptive aims for")
     eager = serve.add_argument_group("--model only (a build fixes these)")
     eager.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     eager.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
@@ -630,7 +650,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
                        help="autoscale up to this many replicas (with --min-replicas)")
     fleet.add_argument("--ray-address", default=None,
                        help="join this Ray cluster (e.g. auto, ray://head:10001) (default: start a local one)")
-    _add_cat_flags(serve)
+    _add_cat_flags(serve, several=("alpha",))
     serve.set_defaults(handler=cmd_serve)
 
 

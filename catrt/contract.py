@@ -1,7 +1,8 @@
 """The step graphs' inputs and outputs (names, shapes, dtypes), declared once.
 
-A generation runs three static-shape graphs: "context" (once: the adapter's `context_inputs` ->
-what `prepare_context` adds), "full" and "pruned" (every step). The full and pruned graphs take
+A generation runs three kinds of static-shape graph: "context" (once: the adapter's `context_inputs` ->
+what `prepare_context` adds), "full" and "pruned" (every step; a bundle holds one pruned graph per
+built alpha, named by its k: `pruned_graph(k)`). The full and pruned graphs take
 their positional inputs below, then every context tensor by name, and return their outputs below.
 The runtime's step functions, every engine backend, the export and the build's reference I/O all
 read these declarations; `step_shapes` gives the shapes and dtypes an adapter's graphs have for one
@@ -10,6 +11,7 @@ latent shape and k, which `tests/test_contract.py` holds every backend and the r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +22,27 @@ if TYPE_CHECKING:
 
 Context = dict[str, torch.Tensor]
 
+#: The kinds of graph; a bundle has one "context", one "full" and one pruned graph per k (`pruned_graph`).
 GRAPHS: tuple[str, ...] = ("context", "full", "pruned")
+_PRUNED_NAME = re.compile(r"pruned-k([1-9][0-9]*)")
+
+
+def pruned_graph(k: int) -> str:
+    """The name of the pruned graph that computes k tokens per step (its files: `<name>.onnx`, `<name>.plan`)."""
+    return f"pruned-k{k}"
+
+
+def pruned_k(name: str) -> int | None:
+    """k of a pruned graph's name, or None when `name` is not one."""
+    match = _PRUNED_NAME.fullmatch(name) if isinstance(name, str) else None
+    return int(match.group(1)) if match else None
+
+
+def graph_kind(name: str) -> str | None:
+    """"context", "full" or "pruned" for a graph name a bundle may hold; None for any other name."""
+    if name in ("context", "full"):
+        return name
+    return "pruned" if pruned_k(name) is not None else None
 
 
 @dataclass(frozen=True)

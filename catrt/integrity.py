@@ -4,12 +4,14 @@
 
 - the manifest's shape and format (`catrt.manifest.manifest_problems`);
 - with a key, its signature: an HMAC-SHA256 over the canonical manifest (`canonical_manifest`);
-- the files: exactly the files the backend needs (`BUNDLE_FILES`) are listed, each a plain name
+- the files: exactly the files the backend needs for the bundle's graphs (`bundle_files`) are listed, each a plain name
   inside the folder, a regular file (not a link) with its recorded size and sha256, and the folder
   holds nothing else;
 - the fields against each other and the graphs: the build config is valid, k = ceil(alpha * N),
   N and the patch size fit the full graph's latent, height / width / batch / text length fit its
-  inputs, and the pruned graph's shapes are the full graph's with k rows.
+  inputs, the `alphas` table lists the build's alphas in order, each with k = ceil(alpha * N), its own
+  pruned graph (whose shapes are the full graph's with k rows) and that graph's verification error,
+  and there is no pruned graph the table does not list.
 
 A signed bundle is checked against its signature only when a key is given (`key=`, or the
 `CATRT_BUNDLE_KEY` environment variable read by `resolve_key`); then an unsigned or wrongly signed
@@ -25,13 +27,14 @@ import json
 import math
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from catrt.build_config import BuildConfig
-from catrt.contract import FULL, GRAPHS, PRUNED
+from catrt.build_config import format_alphas
+from catrt.contract import FULL, GRAPHS, PRUNED, graph_kind, pruned_k
 from catrt.errors import CatrtError, ConfigError, CorruptBundleError
 from catrt.manifest import (
     MANIFEST_FILE,
@@ -41,12 +44,13 @@ from catrt.manifest import (
     read_manifest_data,
 )
 
-#: The files a bundle of each backend holds besides the manifest: each must be listed in `files`.
-BUNDLE_FILES: dict[str, tuple[str, ...]] = {
-    "eager": (),
-    "compile": (),
-    "onnxruntime": tuple(f"{graph}.onnx" for graph in GRAPHS) + ("weights.bin", "initializers.json"),
-    "tensorrt": tuple(f"{graph}.plan" for graph in GRAPHS),
+#: Per backend, the files a bundle holds besides the manifest: the suffix of each graph's own file
+#: (None: no file per graph) and the files all graphs share. `bundle_files` lists them for a bundle.
+BUNDLE_FILES: dict[str, tuple[str | None, tuple[str, ...]]] = {
+    "eager": (None, ()),
+    "compile": (None, ()),
+    "onnxruntime": (".onnx", ("weights.bin", "initializers.json")),
+    "tensorrt": (".plan", ()),
 }
 #: The bundle key (the key itself, not a file) used when none is passed.
 BUNDLE_KEY_ENV = "CATRT_BUNDLE_KEY"
@@ -96,7 +100,9 @@ def check_integrity(folder: str | os.PathLike[str], key: bytes | None = None) ->
         report.build = read_build_config(report.manifest)
     except CorruptBundleError as error:
         report.problems.append(error)
-    report.problems += file_problems(folder, report.manifest.files, report.build.backend if report.build else None)
+    report.problems += file_problems(
+        folder, report.manifest.files, report.build.backend if report.build else None, report.manifest.graphs
+    )
     if report.build is not None:
         report.problems += consistency_problems(report.manifest, report.build)
     return report
@@ -206,6 +212,12 @@ def _checked_key(key: bytes | str) -> bytes:
 # -- files -------------------------------------------------------------------------------------
 
 
+def bundle_files(backend: str, graphs: Iterable[str]) -> tuple[str, ...]:
+    """The files a `backend` bundle of these graphs holds besides the manifest; each must be listed in `files`."""
+    suffix, shared = BUNDLE_FILES[backend]
+    return (*(f"{graph}{suffix}" for graph in graphs if suffix is not None), *shared)
+
+
 def name_problem(name: object) -> CorruptBundleError | None:
     """A `files` name must be a plain file name inside the bundle: no separators, `..`, absolute paths."""
     plain = (
@@ -221,9 +233,13 @@ def name_problem(name: object) -> CorruptBundleError | None:
     )
 
 
-def file_problems(folder: Path, files: Mapping[str, Any], backend: str | None) -> list[CatrtError]:
-    """Each file problem: unsafe names, files the backend needs but unlisted, listed but absent, links,
-    wrong size or sha256, and entries of the folder the manifest does not list."""
+def file_problems(
+    folder: Path, files: Mapping[str, Any], backend: str | None, graphs: Iterable[str] | None = None
+) -> list[CatrtError]:
+    """Each file problem: unsafe names, files the backend needs for `graphs` but unlisted, listed but
+    absent, links, wrong size or sha256, and entries of the folder the manifest does not list.
+
+    Without a backend or the graphs' names, which files are needed is unknown and not checked."""
     problems: list[CatrtError] = []
     safe = {}
     for name, record in files.items():
@@ -232,7 +248,8 @@ def file_problems(folder: Path, files: Mapping[str, Any], backend: str | None) -
             problems.append(problem)
         else:
             safe[name] = record
-    required = BUNDLE_FILES.get(backend) if backend is not None else None
+    known = backend in BUNDLE_FILES and graphs is not None
+    required = bundle_files(backend, [g for g in graphs if graph_kind(g) is not None]) if known else None
     if required is not None:
         for name in required:
             if name not in files:
@@ -264,7 +281,8 @@ def _files_if_readable(folder: Path, data: Mapping[str, Any]) -> list[CatrtError
         return []
     build = data.get("build")
     backend = build.get("backend") if isinstance(build, dict) else None
-    return file_problems(folder, files, backend if isinstance(backend, str) else None)
+    graphs = data.get("graphs")
+    return file_problems(folder, files, backend if isinstance(backend, str) else None, graphs if isinstance(graphs, dict) else None)
 
 
 def _file_problem(folder: Path, name: str, record: Mapping[str, Any]) -> CorruptBundleError | None:
@@ -374,16 +392,17 @@ def consistency_problems(manifest: Manifest, build: BuildConfig) -> list[CatrtEr
 
 def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) -> None:
     graphs = manifest.graphs
+    pruned = [graph for graph in graphs if graph_kind(graph) == "pruned"]
     shapes = {
         (graph, side): {tensor["name"]: list(tensor["shape"]) for tensor in graphs[graph][side]}
-        for graph in GRAPHS for side in ("inputs", "outputs")
+        for graph in graphs for side in ("inputs", "outputs")
     }
-    for graph, names in (("full", FULL.inputs), ("pruned", PRUNED.inputs)):
+    for graph, names in (("full", FULL.inputs), *((graph, PRUNED.inputs) for graph in pruned)):
         order = [tensor["name"] for tensor in graphs[graph]["inputs"]]
         if not check.expect(order[: len(names)] == list(names), f"graphs.{graph}.inputs",
                             f"graphs.{graph} inputs start {order[: len(names)]}, not {list(names)}"):
             return
-    for graph, names in (("full", FULL.outputs), ("pruned", PRUNED.outputs)):
+    for graph, names in (("full", FULL.outputs), *((graph, PRUNED.outputs) for graph in pruned)):
         if not check.expect(set(names) <= set(shapes[graph, "outputs"]), f"graphs.{graph}.outputs",
                             f"graphs.{graph} outputs {sorted(shapes[graph, 'outputs'])} lack one of {list(names)}"):
             return
@@ -425,39 +444,69 @@ def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) ->
         _size_problems(build, height, width, check)
     else:
         _packed_size_problems(build, tokens, check)
-
-    # Every graph sees the same rows, N and k; the pruned graph is the full graph with k rows.
-    patches = shapes["pruned", "inputs"]["patches"]
-    if not check.expect(len(patches) == 3 and patches[0] == rows, "graphs.pruned.inputs.patches",
-                        f"graphs.pruned patches has shape {patches}, not ({rows}, k, channels x patch area)"):
+    if not _alpha_table_problems(manifest, build, tokens, pruned, check):
         return
-    selected = patches[1]
-    check.expect(patches[2] == channels * patch * patch, "graphs.pruned.inputs.patches",
-                 f"graphs.pruned patches hold {patches[2]} values per token, not {channels} channels x {patch}x{patch}")
-    check.expect(manifest.k == selected, "k",
-                 f"k is {manifest.k} but the pruned graph computes {selected} tokens", manifest.k)
-    expected_k = build.num_selected(tokens)
-    check.expect(expected_k == selected, "build.alpha",
-                 f"build.alpha is {build.alpha}, which selects ceil(alpha x {tokens}) = {expected_k} tokens, but the "
-                 f"pruned graph computes {selected}", build.alpha)
+
     full_tokens = shapes["full", "outputs"]["tokens"]
     kv = shapes["full", "outputs"]["kv"]
-    # (K/V slots, rows, N, width) for the full graph's cache; the pruned graph reads it whole and writes k rows.
+    # (K/V slots, rows, N, width) for the full graph's cache; a pruned graph reads it whole and writes k rows.
     slots, width_kv = (kv[0], kv[3]) if len(kv) == 4 else ("slots", "width")
     token_width = full_tokens[2] if len(full_tokens) == 3 else "width"
-    expectations = [
-        ("graphs.full.inputs.timestep", shapes["full", "inputs"]["timestep"], [rows]),
-        ("graphs.pruned.inputs.timestep", shapes["pruned", "inputs"]["timestep"], [rows]),
-        ("graphs.full.outputs.tokens", full_tokens, [rows, tokens, token_width]),
-        ("graphs.full.outputs.kv", kv, [slots, rows, tokens, width_kv]),
-        ("graphs.pruned.inputs.indices", shapes["pruned", "inputs"]["indices"], [rows, selected]),
-        ("graphs.pruned.inputs.kv_cache", shapes["pruned", "inputs"]["kv_cache"], kv),
-        ("graphs.pruned.outputs.tokens", shapes["pruned", "outputs"]["tokens"], [rows, selected, token_width]),
-        ("graphs.pruned.outputs.kv_rows", shapes["pruned", "outputs"]["kv_rows"], [slots, rows, selected, width_kv]),
-    ]
-    for where, found, expected in expectations:
-        check.expect(found == expected, where, f"{where} has shape {found}, where the build's graphs give {expected}")
-    _context_problems(manifest, build, shapes, rows, check)
+    check.expect(shapes["full", "inputs"]["timestep"] == [rows], "graphs.full.inputs.timestep",
+                 f"graphs.full.inputs.timestep has shape {shapes['full', 'inputs']['timestep']}, where the build's graphs give {[rows]}")
+    check.expect(full_tokens == [rows, tokens, token_width], "graphs.full.outputs.tokens",
+                 f"graphs.full.outputs.tokens has shape {full_tokens}, where the build's graphs give {[rows, tokens, token_width]}")
+    check.expect(kv == [slots, rows, tokens, width_kv], "graphs.full.outputs.kv",
+                 f"graphs.full.outputs.kv has shape {kv}, where the build's graphs give {[slots, rows, tokens, width_kv]}")
+    for graph in pruned:
+        # Every graph sees the same rows, N and context; a pruned graph is the full graph with its k rows.
+        patches = shapes[graph, "inputs"]["patches"]
+        if not check.expect(len(patches) == 3 and patches[0] == rows, f"graphs.{graph}.inputs.patches",
+                            f"graphs.{graph} patches has shape {patches}, not ({rows}, k, channels x patch area)"):
+            continue
+        selected = patches[1]
+        check.expect(patches[2] == channels * patch * patch, f"graphs.{graph}.inputs.patches",
+                     f"graphs.{graph} patches hold {patches[2]} values per token, not {channels} channels x {patch}x{patch}")
+        check.expect(selected == pruned_k(graph), f"graphs.{graph}",
+                     f"graphs.{graph} computes {selected} tokens, not the k = {pruned_k(graph)} its name says", selected)
+        expectations = [
+            (f"graphs.{graph}.inputs.timestep", shapes[graph, "inputs"]["timestep"], [rows]),
+            (f"graphs.{graph}.inputs.indices", shapes[graph, "inputs"]["indices"], [rows, selected]),
+            (f"graphs.{graph}.inputs.kv_cache", shapes[graph, "inputs"]["kv_cache"], kv),
+            (f"graphs.{graph}.outputs.tokens", shapes[graph, "outputs"]["tokens"], [rows, selected, token_width]),
+            (f"graphs.{graph}.outputs.kv_rows", shapes[graph, "outputs"]["kv_rows"], [slots, rows, selected, width_kv]),
+        ]
+        for where, found, expected in expectations:
+            check.expect(found == expected, where, f"{where} has shape {found}, where the build's graphs give {expected}")
+    _context_problems(manifest, build, shapes, rows, pruned, check)
+
+
+def _alpha_table_problems(manifest: Manifest, build: BuildConfig, tokens: int, pruned: list[str], check: _Problems) -> bool:
+    """The `alphas` table lists the build's alphas in order, each with its k, its own pruned graph and that
+    graph's verification error, and every pruned graph is one of them; False when the graphs cannot be trusted."""
+    listed = [entry["alpha"] for entry in manifest.alphas]
+    ok = check.expect(listed == list(build.alphas), "alphas",
+                      f"alphas lists {format_alphas(tuple(listed))} but build.alphas is {format_alphas(build.alphas)}", listed)
+    errors = manifest.verification["max_relative_error"]
+    for index, entry in enumerate(manifest.alphas):
+        where = f"alphas[{index}]"
+        alpha, k, graph = entry["alpha"], entry["k"], entry["graph"]
+        try:
+            expected_k = build.num_selected(tokens, alpha)
+        except ConfigError:
+            expected_k = None  # an alpha the build does not list: reported above
+        ok &= check.expect(k == expected_k or expected_k is None, f"{where}.k",
+                           f"{where}.k is {k} but alpha {alpha:g} selects ceil(alpha x {tokens}) = {expected_k} tokens", k)
+        ok &= check.expect(graph in pruned and pruned_k(graph) == k, f"{where}.graph",
+                           f"{where}.graph is {graph!r}, not the bundle's pruned graph of k = {k} (pruned-k{k})", graph)
+        graph_errors = [error for name, error in errors.items() if name.split(".")[0] == graph]
+        check.expect(bool(graph_errors) and entry["max_relative_error"] == max(graph_errors), f"{where}.max_relative_error",
+                     f"{where}.max_relative_error is {entry['max_relative_error']!r}, not its graph's verification error "
+                     f"({max(graph_errors) if graph_errors else 'none recorded'})", entry["max_relative_error"])
+    unlisted = sorted(set(pruned) - {entry["graph"] for entry in manifest.alphas})
+    ok &= check.expect(not unlisted, "alphas",
+                       f"graphs {unlisted} are pruned graphs of no alpha in the alphas table", unlisted)
+    return ok
 
 
 def _size_problems(build: BuildConfig, height: int, width: int, check: _Problems) -> None:
@@ -485,14 +534,16 @@ def _packed_size_problems(build: BuildConfig, tokens: int, check: _Problems) -> 
 
 
 def _context_problems(
-    manifest: Manifest, build: BuildConfig, shapes: dict[tuple[str, str], dict[str, list[int]]], rows: int, check: _Problems
+    manifest: Manifest, build: BuildConfig, shapes: dict[tuple[str, str], dict[str, list[int]]], rows: int,
+    pruned: list[str], check: _Problems,
 ) -> None:
     """The context tensors are the same in every graph, made by (or fed to) the context graph; text length fits."""
     context = {**shapes["context", "inputs"], **shapes["context", "outputs"]}
     full_context = {name: shape for name, shape in shapes["full", "inputs"].items() if name not in FULL.inputs}
-    pruned_context = {name: shape for name, shape in shapes["pruned", "inputs"].items() if name not in PRUNED.inputs}
-    check.expect(pruned_context == full_context, "graphs.pruned.inputs",
-                 f"graphs.pruned context inputs {pruned_context} are not the full graph's {full_context}")
+    for graph in pruned:
+        pruned_context = {name: shape for name, shape in shapes[graph, "inputs"].items() if name not in PRUNED.inputs}
+        check.expect(pruned_context == full_context, f"graphs.{graph}.inputs",
+                     f"graphs.{graph} context inputs {pruned_context} are not the full graph's {full_context}")
     for name, shape in full_context.items():
         check.expect(context.get(name) == shape, f"graphs.context.{name}",
                      f"graphs.full input {name} {shape} is not the context graph's ({context.get(name)})")

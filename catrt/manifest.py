@@ -28,9 +28,12 @@ from catrt.errors import CatrtError, CorruptBundleError, EngineMismatchError
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-#: The bundle layout this catrt reads. 2: three graphs (context / full / pruned), `initializers.json`
-#: beside `weights.bin`, the transformer config in `model`, an optional HMAC `signature`.
-FORMAT_VERSION = 2
+#: The bundle layout this catrt reads. 3: graphs context, full and one `pruned-k<k>` per built alpha,
+#: `build.alphas` and the `alphas` table (alpha, k, graph, verification error) in place of format 2's
+#: single `build.alpha` / `k`; `initializers.json` beside `weights.bin`, the transformer config in
+#: `model`, an optional HMAC `signature`. Older formats are refused (rebuild them).
+FORMAT_VERSION = 3
+ALPHA_FIELDS: tuple[str, ...] = ("alpha", "k", "graph", "max_relative_error")
 SIGNATURE_FIELD = "signature"
 VERSIONED_PACKAGES: tuple[str, ...] = ("catrt", "torch", "diffusers", "onnx", "onnxruntime", "tensorrt")
 _CHUNK = 1 << 20
@@ -43,7 +46,7 @@ class Manifest:
     build: dict[str, Any]
     model: dict[str, Any]  # {"name", "pipeline_class", "transformer_class", "transformer_config", "transformer_sha256"}
     num_tokens: int
-    k: int
+    alphas: list[dict[str, Any]]  # per built alpha, in build order: {"alpha", "k", "graph", "max_relative_error"}
     graphs: dict[str, Any]
     versions: dict[str, str]
     device: dict[str, Any]  # {"kind": "cpu"} or {"kind": "cuda", "name", "compute_capability"}
@@ -54,6 +57,11 @@ class Manifest:
     format: int = FORMAT_VERSION
     #: HMAC-SHA256 (hex) of the rest of the manifest, when the build was signed (`catrt.integrity`).
     signature: str | None = None
+
+    @property
+    def pruned_graphs(self) -> dict[float, str]:
+        """alpha -> the name of its pruned graph."""
+        return {entry["alpha"]: entry["graph"] for entry in self.alphas}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -109,7 +117,7 @@ def read_manifest(folder: Path) -> Manifest:
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Top-level fields: the type each must have (`signature` is the only optional one).
 _TOP_LEVEL: dict[str, type] = {
-    "format": int, "build": dict, "model": dict, "num_tokens": int, "k": int, "graphs": dict, "versions": dict,
+    "format": int, "build": dict, "model": dict, "num_tokens": int, "alphas": list, "graphs": dict, "versions": dict,
     "device": dict, "files": dict, "total_size": int, "verification": dict, "exporters": dict,
 }
 _MODEL_FIELDS: dict[str, type] = {
@@ -144,9 +152,10 @@ def manifest_problems(data: dict[str, Any]) -> list[CorruptBundleError]:
             problems.append(problem)
     if SIGNATURE_FIELD in data and not (isinstance(data[SIGNATURE_FIELD], str) and _HEX64.fullmatch(data[SIGNATURE_FIELD])):
         problems.append(_shape(SIGNATURE_FIELD, "field 'signature' must be 64 lowercase hex characters (an HMAC-SHA256)"))
-    for name in ("num_tokens", "k"):
-        if _is_int(data.get(name)) and data[name] < 1:
-            problems.append(_shape(name, f"field {name!r} must be at least 1, got {data[name]}", value=data[name]))
+    if _is_int(data.get("num_tokens")) and data["num_tokens"] < 1:
+        problems.append(_shape("num_tokens", f"field 'num_tokens' must be at least 1, got {data['num_tokens']}", value=data["num_tokens"]))
+    if isinstance(data.get("alphas"), list):
+        problems += _alphas_shape(data["alphas"])
     if _is_int(data.get("total_size")) and data["total_size"] < 0:
         problems.append(_shape("total_size", f"field 'total_size' must be >= 0, got {data['total_size']}"))
     if isinstance(data.get("build"), dict):
@@ -185,14 +194,39 @@ def _model_shape(model: dict[str, Any]) -> list[CorruptBundleError]:
     return problems
 
 
-def _graphs_shape(graphs: dict[str, Any]) -> list[CorruptBundleError]:
-    from catrt.engines.base import DTYPES, GRAPHS
+def _alphas_shape(alphas: list[Any]) -> list[CorruptBundleError]:
+    """A non-empty list of {"alpha": number, "k": integer >= 1, "graph": string, "max_relative_error": number}."""
+    if not alphas:
+        return [_shape("alphas", "field 'alphas' must list at least one built alpha")]
+    problems = []
+    for index, entry in enumerate(alphas):
+        where = f"alphas[{index}]"
+        if not isinstance(entry, dict) or set(entry) != set(ALPHA_FIELDS):
+            problems.append(_shape(where, f"field {where!r} must be an object with {', '.join(ALPHA_FIELDS)}"))
+            continue
+        for name, ok in (
+            ("alpha", _is_number(entry["alpha"])), ("k", _is_int(entry["k"]) and entry["k"] >= 1),
+            ("graph", isinstance(entry["graph"], str)), ("max_relative_error", _is_number(entry["max_relative_error"])),
+        ):
+            if not ok:
+                kind = {"alpha": "a number", "k": "an integer >= 1", "graph": "a string", "max_relative_error": "a number"}[name]
+                problems.append(_shape(f"{where}.{name}", f"field '{where}.{name}' must be {kind}, got {entry[name]!r}"))
+    return problems
 
-    problems = [_shape(f"graphs.{name}", f"field 'graphs.{name}' is missing") for name in GRAPHS if name not in graphs]
-    problems += [_shape(f"graphs.{name}", f"has an unknown graph 'graphs.{name}'") for name in graphs if name not in GRAPHS]
-    for graph in GRAPHS:
+
+def _graphs_shape(graphs: dict[str, Any]) -> list[CorruptBundleError]:
+    from catrt.engines.base import DTYPES, graph_kind
+
+    problems = [_shape(f"graphs.{name}", f"field 'graphs.{name}' is missing") for name in ("context", "full") if name not in graphs]
+    problems += [
+        _shape(f"graphs.{name}", f"has an unknown graph 'graphs.{name}' (graphs are context, full and pruned-k<k>)")
+        for name in graphs if graph_kind(name) is None
+    ]
+    if not any(graph_kind(name) == "pruned" for name in graphs):
+        problems.append(_shape("graphs.pruned", "field 'graphs' has no pruned graph (pruned-k<k>)"))
+    for graph in graphs:
         spec = graphs.get(graph)
-        if graph not in graphs:
+        if graph_kind(graph) is None:
             continue
         if not isinstance(spec, dict):
             problems.append(_shape(f"graphs.{graph}", f"field 'graphs.{graph}' must be an object, got {_kind(spec)}"))

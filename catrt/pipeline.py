@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -44,9 +45,11 @@ def default_image_size(pipe: Any) -> int:
 class AcceleratedPipeline:
     """A diffusers pipeline whose transformer calls run under CAT Pruning.
 
-    Called with the pipeline's own arguments; returns what the pipeline returns. After each call,
-    `last_trace` lists one `StepRecord` per step when `config.trace` is on. The runtime's buffers
-    (caches, captured CUDA graphs) are kept across calls of the same shape.
+    Called with the pipeline's own arguments, plus catrt's `alpha` (this call's fraction of tokens
+    recomputed per pruned step; `config.alpha` if absent); returns what the pipeline returns. After
+    each call, `last_trace` lists one `StepRecord` per step when `config.trace` is on. The runtime's
+    buffers (caches, captured CUDA graphs) are kept across calls per shape and k, so switching alpha
+    back and forth allocates nothing after each alpha's first call.
     """
 
     #: What each call runs the steps with; bench/ substitutes a subclass (an oracle baseline).
@@ -64,8 +67,18 @@ class AcceleratedPipeline:
         self.buffers = RuntimeBuffers()
         self.last_trace: list[StepRecord] = []
         self._signature = inspect.signature(pipe.__call__)
+        self._configs: dict[float, CATConfig] = {config.alpha: config}
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def config_for(self, alpha: float | None) -> CATConfig:
+        """The config of a call at `alpha` (None = `config.alpha`): `config` with that alpha, validated once."""
+        if alpha is None:
+            return self.config
+        if alpha not in self._configs:
+            self._configs[alpha] = replace(self.config, alpha=alpha)  # CATConfig checks the value, naming alpha
+        return self._configs[alpha]
+
+    def __call__(self, *args: Any, alpha: float | None = None, **kwargs: Any) -> Any:
+        config = self.config_for(alpha)
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
         steps = bound.arguments.get("num_inference_steps")
@@ -76,7 +89,7 @@ class AcceleratedPipeline:
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
         runtime = self.runtime_class(
-            self.adapter, self.config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
+            self.adapter, config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
         )
         with transformer_replaced(self.pipe.transformer, runtime):
             result = self.pipe(*args, **kwargs)
@@ -114,6 +127,7 @@ def accelerate(
         >>> pipe = catrt.load_pipeline("tiny-sd3")
         >>> fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3))
         >>> image = fast("a red circle", num_inference_steps=28, height=64, width=64).images[0]
+        >>> faster = fast("a red circle", num_inference_steps=28, height=64, width=64, alpha=0.2).images[0]
     """
     if functions is None and backend == "compile":
         from catrt.engines.compile import compile_step_functions

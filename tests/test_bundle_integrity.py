@@ -22,12 +22,12 @@ from catrt.bundle import bundle_problems, verify_bundle
 from catrt.cli import main
 from catrt.engines import ENGINES
 from catrt.errors import ConfigError, CorruptBundleError
-from catrt.integrity import BUNDLE_FILES, BUNDLE_KEY_ENV, check_integrity, sign_manifest
+from catrt.integrity import BUNDLE_FILES, BUNDLE_KEY_ENV, bundle_files, check_integrity, sign_manifest
 from catrt.manifest import FORMAT_VERSION, MANIFEST_FILE, file_digest
 
 KEY = b"integrity-test-key"
 # As small as a tiny-sd3 build gets: a 48x32 (WxH) image is a 6x4 latent, N = 6 tokens, k = ceil(0.3 * 6) = 2.
-CONFIG = BuildConfig("tiny-sd3", height=32, width=48, batch=1, steps=6, t0=3, alpha=0.3, max_sequence_length=8, backend="onnxruntime")
+CONFIG = BuildConfig("tiny-sd3", height=32, width=48, batch=1, steps=6, t0=3, alphas=(0.3,), max_sequence_length=8, backend="onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +74,14 @@ def _refused(folder: Path, match: str, field: str, key: bytes | None = None) -> 
 
 def test_intact_signed_bundle_loads_with_its_key_and_without_one(bundle: Path) -> None:
     data = _manifest(bundle)
-    assert data["format"] == FORMAT_VERSION == 2
+    assert data["format"] == FORMAT_VERSION == 3
     assert data["signature"] == sign_manifest(data, KEY)
-    assert sorted(data["files"]) == sorted(BUNDLE_FILES["onnxruntime"])
+    assert sorted(data["files"]) == sorted(bundle_files("onnxruntime", ["context", "full", "pruned-k2"]))
     assert bundle.name == "tiny-sd3-48x32-b1-s6-t3-a0.30-l8-fp32-onnxruntime"  # WxH
     assert check_integrity(bundle).problems == [] and check_integrity(bundle, KEY).problems == []
-    assert verify_bundle(bundle).k == 2  # no key: the signature is not checked
+    assert verify_bundle(bundle).alphas == [  # no key: the signature is not checked
+        {"alpha": 0.3, "k": 2, "graph": "pruned-k2", "max_relative_error": data["alphas"][0]["max_relative_error"]}
+    ]
     fast = catrt.load(bundle, key=KEY)
     assert fast.manifest.signature == data["signature"]
     assert fast(["a red circle"], output_type="latent").images.shape == (1, 16, 4, 6)
@@ -87,7 +89,10 @@ def test_intact_signed_bundle_loads_with_its_key_and_without_one(bundle: Path) -
 
 def test_every_backend_declares_its_bundle_files() -> None:
     assert set(BUNDLE_FILES) == set(ENGINES)
-    assert BUNDLE_FILES["tensorrt"] == ("context.plan", "full.plan", "pruned.plan")
+    assert bundle_files("tensorrt", ["context", "full", "pruned-k2", "pruned-k5"]) == (
+        "context.plan", "full.plan", "pruned-k2.plan", "pruned-k5.plan"
+    )
+    assert bundle_files("eager", ["context", "full", "pruned-k2"]) == ()
 
 
 def test_build_names_put_the_width_first() -> None:
@@ -107,9 +112,9 @@ def test_empty_files_with_a_modified_weight_file_is_refused(bundle: Path) -> Non
 
 
 def test_a_deleted_graph_with_its_entry_is_refused(bundle: Path) -> None:
-    (bundle / "pruned.onnx").unlink()
-    _edit(bundle, lambda m: m["files"].pop("pruned.onnx"))
-    _refused(bundle, r"engine file pruned\.onnx is not listed in manifest\.json \(every onnxruntime bundle lists it", "pruned.onnx")
+    (bundle / "pruned-k2.onnx").unlink()
+    _edit(bundle, lambda m: m["files"].pop("pruned-k2.onnx"))
+    _refused(bundle, r"engine file pruned-k2\.onnx is not listed in manifest\.json \(every onnxruntime bundle lists it", "pruned-k2.onnx")
 
 
 @pytest.mark.parametrize("kind", ["parent", "absolute", "nested"])
@@ -122,7 +127,7 @@ def test_a_name_outside_the_bundle_is_refused_before_it_is_read(bundle: Path, ki
     read: list[Path] = []
     monkeypatch.setattr(integrity, "_digest_regular_file", lambda path: read.append(path) or (0, ""))
     _refused(bundle, r"lists the file .* which is not a plain file name inside the bundle", name)
-    assert all(path.parent == bundle and path.name in BUNDLE_FILES["onnxruntime"] for path in read)
+    assert all(path.parent == bundle and path.name in bundle_files("onnxruntime", ["context", "full", "pruned-k2"]) for path in read)
 
 
 def test_a_symlink_is_refused_even_to_a_matching_file(bundle: Path) -> None:
@@ -155,15 +160,15 @@ def test_a_listed_file_the_backend_does_not_use_is_refused(bundle: Path) -> None
         (lambda m: m["files"]["full.onnx"].update(sha256="abc"), "full.onnx", r"sha256 must be 64 lowercase hex characters"),
         (lambda m: m["files"].update({"weights.bin": None}), "weights.bin", r"must be an object with sha256 and size, got null"),
         (lambda m: m.pop("build"), "build", r"field 'build' is missing"),
-        (lambda m: m["build"].pop("alpha"), "build.alpha", r"field 'build\.alpha' is missing"),
-        (lambda m: m.update(k="2"), "k", r"field 'k' must be an integer, got a string"),
-        (lambda m: m["graphs"].pop("pruned"), "graphs.pruned", r"field 'graphs\.pruned' is missing"),
+        (lambda m: m["build"].pop("alphas"), "build.alphas", r"field 'build\.alphas' is missing"),
+        (lambda m: m["alphas"][0].update(k="2"), "alphas[0].k", r"field 'alphas\[0\]\.k' must be an integer >= 1, got '2'"),
+        (lambda m: m["graphs"].pop("pruned-k2"), "graphs.pruned", r"field 'graphs' has no pruned graph"),
         (lambda m: m["graphs"]["full"]["inputs"][0].update(shape=None), "graphs.full.inputs.hidden_states", r"shape' must be a list of positive integers"),
         (lambda m: m["model"].pop("transformer_config"), "model.transformer_config", r"field 'model\.transformer_config' is missing"),
         (lambda m: m.update(signature=7), "signature", r"field 'signature' must be 64 lowercase hex"),
         (lambda m: m.update(extra=1), "extra", r"has an unknown field 'extra'"),
     ],
-    ids=["files-not-dict", "record-without-size", "bad-sha256", "null-record", "no-build", "no-alpha", "k-string",
+    ids=["files-not-dict", "record-without-size", "bad-sha256", "null-record", "no-build", "no-alphas", "k-string",
          "no-pruned-graph", "shape-null", "no-transformer-config", "signature-not-hex", "unknown-field"],
 )
 def test_a_malformed_manifest_is_a_named_corrupt_bundle_error(bundle: Path, edit: Callable[[dict[str, Any]], None], field: str, message: str) -> None:
@@ -183,14 +188,14 @@ def test_a_manifest_that_is_not_an_object_is_refused(bundle: Path, content: str)
 @pytest.mark.parametrize(
     ("edit", "field", "message"),
     [
-        (lambda m: m.update(format=1), "format", r"field 'format' is 1, but this catrt reads bundle format 2 only"),
+        (lambda m: m.update(format=2), "format", r"field 'format' is 2, but this catrt reads bundle format 3 only; rebuild the engine with this catrt"),
         (lambda m: m.pop("format"), "format", r"has no 'format' field"),
-        (lambda m: m["build"].update(alpha=0.5), "build.alpha", r"build\.alpha is 0\.5, which selects ceil\(alpha x 6\) = 3 tokens, but the pruned graph computes 2"),
-        (lambda m: m["build"].update(alpha=1.5), "build.alpha", r"build\.alpha: CATConfig\.alpha must be in \(0, 1\]"),
+        (lambda m: m["build"].update(alphas=[0.5]), "alphas", r"alphas lists 0\.3 but build\.alphas is 0\.5"),
+        (lambda m: m["build"].update(alphas=[1.5]), "build.alphas", r"build\.alphas: BuildConfig\.alphas: CATConfig\.alpha must be in \(0, 1\]"),
         (lambda m: m["build"].update(t0=6), "build.t0", r"build\.t0: CATConfig\.t0 = 6 needs t0 < num_inference_steps"),
         (lambda m: m["build"].update(t0=1), "build.t0", r"build\.t0: CATConfig\.t0 must be an integer >= 2"),
         (lambda m: m["build"].update(steps="6"), "build.steps", r"build\.steps must be a positive integer, got '6'"),
-        (lambda m: m.update(k=3), "k", r"k is 3 but the pruned graph computes 2 tokens"),
+        (lambda m: m["alphas"][0].update(k=3), "alphas[0].k", r"alphas\[0\]\.k is 3 but alpha 0\.3 selects ceil\(alpha x 6\) = 2 tokens"),
         (lambda m: m.update(num_tokens=8), "num_tokens", r"num_tokens is 8 but the full graph's 6x4 latent in 2x2 patches has 6"),
         (lambda m: m["build"].update(height=64), "build.height", r"build size 48x64 \(WxH\) is not the full graph's 6x4 latent at one scale"),
         (lambda m: m["build"].update(width=50), "build.width", r"build\.width 50 is not a multiple of the full graph's latent width 6"),
@@ -198,11 +203,11 @@ def test_a_manifest_that_is_not_an_object_is_refused(bundle: Path, content: str)
         (lambda m: m["build"].update(max_sequence_length=16), "build.max_sequence_length", r"max_sequence_length is 16 but the graphs take 85 text tokens"),
         (lambda m: m["build"].update(backend="auto"), "build.backend", r"build\.backend is unresolved"),
         (lambda m: m["model"]["transformer_config"].update(patch_size=4), "graphs.full.inputs.hidden_states", r"latent 6x4 is not divisible by the patch size 4"),
-        (lambda m: m["graphs"]["pruned"]["inputs"][0].update(shape=[2, 3, 64]), "k", r"k is 2 but the pruned graph computes 3"),
+        (lambda m: m["graphs"]["pruned-k2"]["inputs"][0].update(shape=[2, 3, 64]), "graphs.pruned-k2", r"graphs\.pruned-k2 computes 3 tokens, not the k = 2 its name says"),
         (lambda m: m.update(total_size=1), "total_size", r"total_size is 1 but its files add up to"),
         (lambda m: m["verification"].update(passed=False), "verification", r"verification did not pass"),
     ],
-    ids=["format-1", "no-format", "alpha", "alpha-out-of-range", "t0-at-steps", "t0-below-2", "steps-string", "k", "num-tokens", "height",
+    ids=["format-2", "no-format", "alpha", "alpha-out-of-range", "t0-at-steps", "t0-below-2", "steps-string", "k", "num-tokens", "height",
          "width", "batch", "text-length", "backend-auto", "patch-size", "pruned-shape", "total-size", "verification"],
 )
 def test_an_edited_field_is_refused_naming_it(bundle: Path, edit: Callable[[dict[str, Any]], None], field: str, message: str) -> None:
@@ -248,15 +253,16 @@ def test_an_empty_key_is_refused_before_building(tmp_path: Path) -> None:
 def test_inspect_lists_every_problem(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _flip_byte(bundle / "weights.bin")
     (bundle / "extra.bin").write_bytes(b"x")
-    _edit(bundle, lambda m: m["build"].update(alpha=0.5))
+    _edit(bundle, lambda m: m["build"].update(alphas=[0.5]))
     assert main(["inspect", str(bundle)]) == 2
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("catrt inspect: error: ")]
     assert len(errors) == 3, captured.err
     assert "engine file weights.bin" in errors[0] and "does not match its manifest sha256" in errors[0]
-    assert "holds extra.bin" in errors[1] and "build.alpha is 0.5" in errors[2]
+    assert "holds extra.bin" in errors[1] and "alphas lists 0.3 but build.alphas is 0.5" in errors[2]
     assert "3 problem(s) found" in captured.err and "Traceback" not in captured.err + captured.out
-    assert "k = 2 of N = 6" in captured.out and "OK" not in captured.out
+    assert "N = 6 image tokens" in captured.out and "alpha 0.3: k = 2, graph pruned-k2" in captured.out
+    assert "OK" not in captured.out
 
 
 def test_inspect_checks_the_signature_with_a_key_file(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -139,7 +139,7 @@ def test_lazy_package_attributes() -> None:
     (("generate", "--prompt", "x", "--alpha", "1.5"), "CATConfig.alpha must be in (0, 1], got 1.5"),
     (("generate", "--prompt", "x", "--steps", "4"), "CATConfig.t0 = 8 needs t0 < num_inference_steps"),
     (("generate", "--prompt", "x", "--engines", "engines/some-build", "--alpha", "0.5"),
-     "--alpha cannot be used with --engines: the build fixes it"),
+     "manifest.json is missing: engines/some-build is not a catrt engine folder"),
     (("generate", "--prompt", "x", "--engines", "engines/some-build", "--t0", "4"),
      "--t0 cannot be used with --engines: the build fixes it"),
     (("generate", "--model", "tiny-sd3", "--prompt", "x", "--precision", "fp16"),

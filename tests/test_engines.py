@@ -42,7 +42,7 @@ LATENTS = {"tiny-sd3": [4, 16, 8, 12], "tiny-sd3.5": [4, 16, 8, 12], "tiny-pixar
 
 
 def _config(model: str, backend: str = "onnxruntime", **overrides: Any) -> BuildConfig:
-    return BuildConfig(model, backend=backend, **{"batch": 2, "alpha": 0.3, **SIZE, **overrides})
+    return BuildConfig(model, backend=backend, **{"batch": 2, "alphas": (0.3,), **SIZE, **overrides})
 
 
 def _build(config: BuildConfig, root: Path) -> Path:
@@ -90,24 +90,26 @@ def test_build_writes_a_verified_bundle_with_shared_weights(name: str, onnx_buil
     assert folder.name == f"{name}-96x64-b2-s12-t4-a0.30-l16-fp32-onnxruntime"  # WxH
     manifest = read_manifest(folder)
     assert BuildConfig.from_dict(manifest.build) == _config(name)  # config from the manifest, not the name
-    assert (manifest.num_tokens, manifest.k) == (24, math.ceil(0.3 * 24))
+    k = math.ceil(0.3 * 24)
+    assert manifest.num_tokens == 24
+    assert manifest.alphas == [{"alpha": 0.3, "k": k, "graph": f"pruned-k{k}", "max_relative_error": manifest.alphas[0]["max_relative_error"]}]
     assert manifest.device == {"kind": "cpu"}
     assert {"catrt", "torch", "diffusers", "onnx", "onnxruntime"} <= set(manifest.versions)
-    assert manifest.exporters == {"context": "dynamo", "full": "dynamo", "pruned": "dynamo"}
-    assert sorted(manifest.files) == ["context.onnx", "full.onnx", "initializers.json", "pruned.onnx", "weights.bin"]
+    assert manifest.exporters == {"context": "dynamo", "full": "dynamo", f"pruned-k{k}": "dynamo"}
+    assert sorted(manifest.files) == ["context.onnx", "full.onnx", "initializers.json", f"pruned-k{k}.onnx", "weights.bin"]
     assert all(file_digest(folder / f) == record["sha256"] for f, record in manifest.files.items())
     assert manifest.total_size == sum(record["size"] for record in manifest.files.values())
     assert max(manifest.verification["max_relative_error"].values()) < manifest.verification["tolerance"] == 1e-3
-    assert [spec["name"] for spec in manifest.graphs["pruned"]["inputs"]][:4] == ["patches", "indices", "timestep", "kv_cache"]
+    assert [spec["name"] for spec in manifest.graphs[f"pruned-k{k}"]["inputs"]][:4] == ["patches", "indices", "timestep", "kv_cache"]
     assert manifest.graphs["full"]["inputs"][0] == {"name": "hidden_states", "shape": LATENTS[name], "dtype": "float32"}
 
     export = folder.parent.parent / "export" / folder.name
-    for graph in ("context", "full", "pruned"):
+    for graph in ("context", "full", f"pruned-k{k}"):
         onnx.checker.check_model(str(export / f"{graph}.onnx"))  # path-based: the external data is checked too
         assert (export / f"{graph}.onnx").read_bytes() == (folder / f"{graph}.onnx").read_bytes()
     # Weights shared by the step graphs are stored once: the file is about the larger step graph's
     # weights plus the context graph's own (PixArt's caption projection and cross-attention K/V).
-    full, pruned, context = (_external_bytes(export / f"{graph}.onnx") for graph in ("full", "pruned", "context"))
+    full, pruned, context = (_external_bytes(export / f"{graph}.onnx") for graph in ("full", f"pruned-k{k}", "context"))
     stored = (folder / "weights.bin").stat().st_size
     assert stored < 1.05 * (max(full, pruned) + context) and stored < 0.9 * (full + pruned + context)
     assert not list(folder.parent.glob(".*"))  # no temporary folder left behind
@@ -153,7 +155,7 @@ def test_engine_defaults_to_the_build_settings(onnx_builds: dict[str, Path]) -> 
 
 
 def test_alpha_one_build_matches_the_unpruned_pipeline(tmp_path: Path, tiny_pipelines: dict[str, Any]) -> None:
-    fast = catrt.load(_build(_config("tiny-sd3.5", alpha=1.0), tmp_path))
+    fast = catrt.load(_build(_config("tiny-sd3.5", alphas=(1.0,)), tmp_path))
     fast.set_progress_bar_config(disable=True)
     pipe = tiny_pipelines["tiny-sd3.5"]
     expected = pipe(**call_kwargs(pipe)).images
@@ -220,10 +222,10 @@ def test_interrupted_build_keeps_the_previous_build(tmp_path: Path, monkeypatch:
 
 
 def test_missing_file_is_named(bundle_copy: Path) -> None:
-    (bundle_copy / "pruned.onnx").unlink()
-    with pytest.raises(CorruptBundleError, match=r"engine file pruned\.onnx is missing") as caught:
+    (bundle_copy / "pruned-k8.onnx").unlink()
+    with pytest.raises(CorruptBundleError, match=r"engine file pruned-k8\.onnx is missing") as caught:
         catrt.load(bundle_copy)
-    assert caught.value.field == "pruned.onnx"
+    assert caught.value.field == "pruned-k8.onnx"
 
 
 def test_corrupt_file_is_named(bundle_copy: Path) -> None:
@@ -279,7 +281,7 @@ def test_request_the_build_cannot_serve_is_named(onnx_builds: dict[str, Path], t
 
 
 def test_config_with_other_alpha_is_refused(onnx_builds: dict[str, Path]) -> None:
-    with pytest.raises(ConfigError, match=r"built for alpha=0\.3, the config asks for alpha=0\.5") as caught:
+    with pytest.raises(ConfigError, match=r"built for alpha in 0\.3, not alpha=0\.5; use one of those") as caught:
         catrt.load(onnx_builds["tiny-sd3"], catrt.CATConfig(alpha=0.5, t0=4))
     assert caught.value.field == "alpha"
 
@@ -312,7 +314,7 @@ def test_tensorrt_where_it_cannot_run_is_a_config_error() -> None:
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
-    [({"alpha": 0.0}, "alpha"), ({"t0": 12}, "t0"), ({"batch": 0}, "batch"), ({"precision": "int8"}, "precision"), ({"backend": "tvm"}, "backend")],
+    [({"alphas": (0.0,)}, "alphas"), ({"alphas": ()}, "alphas"), ({"alphas": (0.3, 0.3)}, "alphas"), ({"t0": 12}, "t0"), ({"batch": 0}, "batch"), ({"precision": "int8"}, "precision"), ({"backend": "tvm"}, "backend")],
 )
 def test_build_config_is_validated(overrides: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -339,7 +341,8 @@ def test_cli_build_inspect_generate(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     assert main(["inspect", str(folder)]) == 0
     printed = capsys.readouterr().out
-    assert "k = 5 of N = 16" in printed and "files and machine: OK" in printed
+    assert "N = 16 image tokens" in printed and "alpha 0.3: k = 5, graph pruned-k5" in printed
+    assert "files and machine: OK" in printed
 
     image = tmp_path / "image.png"
     assert main(["generate", "--engines", str(folder), "--prompt", "a red circle", "--seed", "1", "--out", str(image)]) == 0

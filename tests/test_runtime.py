@@ -142,7 +142,7 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runtime-builds")
     return {
         backend: build_engines(
-            BuildConfig("tiny-sd3", backend=backend, batch=2, alpha=0.3, **SIZE),
+            BuildConfig("tiny-sd3", backend=backend, batch=2, alphas=(0.3,), **SIZE),
             out_dir=root / "engines", export_dir=root / "export", progress=False,
         )
         for backend in ("onnxruntime", "eager")
@@ -170,7 +170,7 @@ def test_onnxruntime_outputs_are_allocated_once_and_kv_goes_straight_into_the_ca
     engine = fast.engine
     addresses = {graph: {name: t.data_ptr() for name, t in outputs.items()} for graph, outputs in engine._buffers.items()}
     assert "kv" not in addresses["full"]  # bound to the runtime's K/V cache, never a buffer of its own
-    assert set(addresses["pruned"]) == {"tokens", "kv_rows"}
+    assert set(addresses["pruned-k8"]) == {"tokens", "kv_rows"}
     cache = _only_state(fast.accelerated.buffers).kv_cache.data_ptr()
 
     assert torch.equal(run(), first)
@@ -183,7 +183,7 @@ def test_onnxruntime_sessions_share_one_copy_of_each_weight(builds: dict[str, Pa
     table = json.loads((builds["onnxruntime"] / "initializers.json").read_text())
     offsets = {record["offset"] for records in table.values() for record in records}
     assert set(engine.initializers.values) == offsets  # one OrtValue per stored tensor, handed to every session
-    shared = {record["offset"] for record in table["full"]} & {record["offset"] for record in table["pruned"]}
+    shared = {record["offset"] for record in table["full"]} & {record["offset"] for record in table["pruned-k8"]}
     assert shared  # the step graphs use the same weights
 
 

@@ -51,13 +51,13 @@ FAULTY_LAUNCHER = """
 import sys, time
 from catrt.serve.model import ServedModel
 generate = ServedModel.generate
-def faulty(self, rows, options, *rest):
+def faulty(self, rows, options, *rest, **named):
     for row in rows:
         if row.prompt == "boom":
             raise RuntimeError("injected failure")
         if row.prompt.startswith("sleep "):
             time.sleep(float(row.prompt.split()[1]))
-    return generate(self, rows, options, *rest)
+    return generate(self, rows, options, *rest, **named)
 ServedModel.generate = faulty
 from catrt.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -75,7 +75,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Remo
     started = {"faulty": faulty}
     try:
         folder = tmp_path_factory.mktemp("serve")
-        build = BuildConfig("tiny-sd3", height=64, width=64, batch=2, steps=8, t0=4, alpha=0.3, backend="onnxruntime",
+        build = BuildConfig("tiny-sd3", height=64, width=64, batch=2, steps=8, t0=4, alphas=(0.3,), backend="onnxruntime",
                             max_sequence_length=TEXT_LENGTH)
         engine_dir = build_engines(build, out_dir=folder / "engines", export_dir=folder / "export", progress=False)
         started["engine"] = RemoteServer(CLI, ["--engines", str(engine_dir), "--max-queue", "2", "--timeout", "30"])

@@ -30,6 +30,13 @@ class _Spec:
     batch: int = 2
     default_guidance: float = 4.0
     size: str = "8x8"
+    model: str = "stand-in"
+    alpha: float = 0.3
+    alphas: tuple[float, ...] = (0.3,)
+    steps: int = STEPS
+    t0: int = 4
+    refresh_every: int = 0
+    reuse_every: int = 0
 
 
 @dataclass
@@ -44,7 +51,7 @@ class StandIn:
     step_observer: object = None
 
     def generate(self, rows: Sequence[Row], options: BatchOptions,
-                 should_stop: Callable[[], bool] | None = None) -> Generation:
+                 should_stop: Callable[[], bool] | None = None, alpha: float | None = None) -> Generation:
         prompts = [row.prompt for row in rows]
         self.calls.append(prompts)
         if "hold" in prompts:

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from catrt.build_config import BuildConfig
-from catrt.engines.base import GRAPHS, GraphSpec, TensorSpec
+from catrt.engines.base import GraphSpec, TensorSpec
 from catrt.engines.tensorrt import TensorRTEngine
-from catrt.errors import BuildError, CorruptBundleError, EngineMismatchError, EngineRuntimeError
+from catrt.errors import BuildError, ConfigError, CorruptBundleError, EngineMismatchError, EngineRuntimeError
 from catrt.export import tensorrt as trt_export
 
 _TRT_DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32"}
@@ -46,17 +46,22 @@ def _specs() -> dict[str, GraphSpec]:
         ),
         outputs=(TensorSpec("tokens", (2, 16, 8), f32), TensorSpec("kv", (2, 2, 16, 8), f32)),
     )
-    pruned = GraphSpec(
-        inputs=(
-            TensorSpec("patches", (2, 4, 8), f32),
-            TensorSpec("indices", (2, 4), i64),
-            TensorSpec("timestep", (2,), f32),
-            TensorSpec("kv_cache", (2, 2, 16, 8), f32),
-            TensorSpec("pos_embed", (16, 8), f32),
-        ),
-        outputs=(TensorSpec("tokens", (2, 4, 8), f32), TensorSpec("kv_rows", (2, 2, 4, 8), f32)),
-    )
-    return {"context": context, "full": full, "pruned": pruned}
+    def pruned(k: int) -> GraphSpec:
+        return GraphSpec(
+            inputs=(
+                TensorSpec("patches", (2, k, 8), f32),
+                TensorSpec("indices", (2, k), i64),
+                TensorSpec("timestep", (2,), f32),
+                TensorSpec("kv_cache", (2, 2, 16, 8), f32),
+                TensorSpec("pos_embed", (16, 8), f32),
+            ),
+            outputs=(TensorSpec("tokens", (2, k, 8), f32), TensorSpec("kv_rows", (2, 2, k, 8), f32)),
+        )
+
+    return {"context": context, "full": full, "pruned-k4": pruned(4), "pruned-k2": pruned(2)}  # a build of two alphas
+
+
+GRAPH_NAMES = tuple(_specs())
 
 
 # -- the stand-in tensorrt module ------------------------------------------------------------------
@@ -256,7 +261,7 @@ def _engine(
     specs = _specs()
     plans = plans or {}
     folder.mkdir(exist_ok=True)
-    for graph in GRAPHS:
+    for graph in GRAPH_NAMES:
         default = _plan(graph, specs[graph], drop=("pooled_projections",) if graph == "context" else ())
         (folder / f"{graph}.plan").write_bytes(plans.get(graph, default))
     engine = TensorRTEngine(folder, specs, torch.device("cpu"))
@@ -314,11 +319,11 @@ def test_only_the_tensors_the_engine_declares_are_bound(tmp_path: Path, trt: Fak
 
 def test_a_declared_input_the_call_lacks_is_refused_by_name(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
     engine = _engine(tmp_path, events)
-    inputs = _inputs("pruned")
+    inputs = _inputs("pruned-k4")
     del inputs["indices"]
-    with pytest.raises(EngineRuntimeError, match=r"'pruned'.*'indices'") as caught:
-        engine.run("pruned", inputs)
-    assert caught.value.field == "pruned.indices"
+    with pytest.raises(EngineRuntimeError, match=r"'pruned-k4'.*'indices'") as caught:
+        engine.run("pruned-k4", inputs)
+    assert caught.value.field == "pruned-k4.indices"
     assert trt.enqueued == []
 
 
@@ -343,7 +348,7 @@ def test_a_bound_tensor_unlike_the_engines_declaration_is_refused(
 # -- every TensorRT call checked -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", GRAPH_NAMES)
 def test_a_plan_that_does_not_deserialize_names_its_graph(tmp_path: Path, trt: FakeTensorRT, events: list, graph: str) -> None:
     trt.fail["deserialize"].add(graph)
     with pytest.raises(EngineMismatchError, match=rf"'{graph}'.*{graph}\.plan") as caught:
@@ -353,8 +358,8 @@ def test_a_plan_that_does_not_deserialize_names_its_graph(tmp_path: Path, trt: F
 
 def test_a_missing_plan_file_names_it(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
     engine = _engine(tmp_path, events, load=False)
-    (tmp_path / "pruned.plan").unlink()
-    with pytest.raises(CorruptBundleError, match=r"'pruned'.*pruned\.plan"):
+    (tmp_path / "pruned-k4.plan").unlink()
+    with pytest.raises(CorruptBundleError, match=r"'pruned-k4'.*pruned-k4\.plan"):
         engine.load()
 
 
@@ -367,21 +372,21 @@ def test_a_context_that_cannot_be_created_names_its_graph(tmp_path: Path, trt: F
 
 def test_a_refused_tensor_address_names_graph_and_tensor(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
     engine = _engine(tmp_path, events)
-    trt.fail["address"].add("pruned.kv_rows")
-    with pytest.raises(EngineRuntimeError, match=r"'pruned'.*'kv_rows'") as caught:
-        engine.run("pruned", _inputs("pruned"))
-    assert caught.value.field == "pruned.kv_rows"
+    trt.fail["address"].add("pruned-k4.kv_rows")
+    with pytest.raises(EngineRuntimeError, match=r"'pruned-k4'.*'kv_rows'") as caught:
+        engine.run("pruned-k4", _inputs("pruned-k4"))
+    assert caught.value.field == "pruned-k4.kv_rows"
     assert trt.enqueued == []
 
 
 def test_a_failed_enqueue_names_its_graph_and_still_holds_the_inputs(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
     engine = _engine(tmp_path, events)
-    trt.fail["execute"].add("pruned")
-    inputs = _inputs("pruned")
+    trt.fail["execute"].add("pruned-k4")
+    inputs = _inputs("pruned-k4")
     held = weakref.ref(inputs["patches"])
-    with pytest.raises(EngineRuntimeError, match=r"failed to enqueue the 'pruned' graph.*tokens.*kv_rows") as caught:
-        engine.run("pruned", inputs)
-    assert caught.value.field == "pruned"
+    with pytest.raises(EngineRuntimeError, match=r"failed to enqueue the 'pruned-k4' graph.*tokens.*kv_rows") as caught:
+        engine.run("pruned-k4", inputs)
+    assert caught.value.field == "pruned-k4"
     del inputs, caught
     assert held() is not None  # part of the work may be on the stream: held until its event completes
 
@@ -390,7 +395,7 @@ def test_a_failed_enqueue_names_its_graph_and_still_holds_the_inputs(tmp_path: P
     ("graph", "plan_change", "tensor"),
     [
         ("full", {"change": {"hidden_states": {"shape": [2, 32, 8]}}}, "hidden_states"),
-        ("pruned", {"change": {"indices": {"dtype": "INT32"}}}, "indices"),
+        ("pruned-k4", {"change": {"indices": {"dtype": "INT32"}}}, "indices"),
         ("full", {"change": {"kv": {"dtype": "HALF"}}}, "kv"),
         ("full", {"drop": ("kv",)}, "kv"),  # an output the runtime reads would never be written
         ("context", {"change": {"encoder_hidden_states": {"name": "text"}}}, "text"),  # not in the graph
@@ -428,12 +433,27 @@ def test_inputs_stay_referenced_until_their_event_completes(tmp_path: Path, trt:
 
 def test_synchronize_waits_for_and_releases_every_run(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
     engine = _engine(tmp_path, events)
-    inputs = _inputs("pruned")
+    inputs = _inputs("pruned-k4")
     held = weakref.ref(inputs["patches"])
-    engine.run("pruned", inputs)
+    engine.run("pruned-k4", inputs)
     del inputs
     engine.synchronize()
     assert held() is None
+
+
+def test_a_pruned_step_runs_the_graph_of_its_k_and_an_unbuilt_k_is_refused(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    engine = _engine(tmp_path, events)
+    assert set(engine.contexts) == set(GRAPH_NAMES)  # every pruned graph of the bundle is loaded
+    cache = torch.zeros((2, 2, 16, 8))
+    context = {"pos_embed": torch.zeros((16, 8))}
+    for k in (2, 4, 2):
+        indices = torch.arange(k).expand(2, -1).contiguous()
+        tokens = engine.pruned_forward(torch.zeros((2, k, 8)), indices, torch.zeros(2), context, cache)
+        assert tokens.shape == (2, k, 8)
+    assert [record["graph"] for record in trt.enqueued] == ["pruned-k2", "pruned-k4", "pruned-k2"]
+    with pytest.raises(ConfigError, match=r"no pruned graph for k=3 tokens; it was built for k in \[2, 4\]") as caught:
+        engine.pruned_forward(torch.zeros((2, 3, 8)), torch.arange(3).expand(2, -1), torch.zeros(2), context, cache)
+    assert caught.value.field == "alpha"
 
 
 def test_not_capturable() -> None:
@@ -446,7 +466,7 @@ def test_not_capturable() -> None:
 def _onnx_dir(tmp_path: Path) -> Path:
     onnx_dir = tmp_path / "onnx"
     onnx_dir.mkdir()
-    for graph in GRAPHS:
+    for graph in GRAPH_NAMES:
         (onnx_dir / f"{graph}.onnx").write_bytes(b"onnx")
     return onnx_dir
 
@@ -459,12 +479,12 @@ def _staging(tmp_path: Path) -> Path:
 
 def test_build_plans_writes_one_plan_per_graph_atomically(tmp_path: Path, trt: FakeTensorRT) -> None:
     staging = _staging(tmp_path)
-    trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt", precision="fp16"))
-    assert sorted(p.name for p in staging.iterdir()) == sorted(f"{g}.plan" for g in GRAPHS)  # no temporaries left
-    for graph in GRAPHS:
+    trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt", precision="fp16"), GRAPH_NAMES)
+    assert sorted(p.name for p in staging.iterdir()) == sorted(f"{g}.plan" for g in GRAPH_NAMES)  # no temporaries left
+    for graph in GRAPH_NAMES:
         assert (staging / f"{graph}.plan").read_bytes() == f"plan:{graph}:FP16".encode()
     cache = staging.parent / trt_export.TIMING_CACHE
-    assert cache.read_bytes() == b"+++"  # shared by the three graphs, one build after another
+    assert cache.read_bytes() == b"++++"  # shared by the four graphs, one build after another
     assert [p.name for p in staging.parent.iterdir() if p.name.startswith(".tensorrt")] == []
 
 
@@ -472,16 +492,16 @@ def test_a_timing_cache_tensorrt_rejects_is_set_aside(tmp_path: Path, trt: FakeT
     staging = _staging(tmp_path)
     (staging.parent / trt_export.TIMING_CACHE).write_bytes(b"from another TensorRT")
     trt.reject_timing_cache = True
-    trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt"))
-    assert (staging / "pruned.plan").is_file()
+    trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt"), GRAPH_NAMES)
+    assert (staging / "pruned-k4.plan").is_file()
 
 
-@pytest.mark.parametrize(("call", "graph", "field"), [("parse", "full", "full.onnx"), ("build", "pruned", "pruned.plan")])
+@pytest.mark.parametrize(("call", "graph", "field"), [("parse", "full", "full.onnx"), ("build", "pruned-k4", "pruned-k4.plan")])
 def test_builder_failures_name_the_graph(tmp_path: Path, trt: FakeTensorRT, call: str, graph: str, field: str) -> None:
     staging = _staging(tmp_path)
     trt.fail[call].add(graph)
     with pytest.raises(BuildError, match=rf"'{graph}'") as caught:
-        trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt"))
+        trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt"), GRAPH_NAMES)
     assert caught.value.field == field
     assert not (staging / f"{graph}.plan").exists()
     assert all(not p.name.startswith(".") for p in staging.iterdir())
@@ -491,5 +511,5 @@ def test_a_missing_onnx_graph_names_it(tmp_path: Path, trt: FakeTensorRT) -> Non
     onnx_dir = _onnx_dir(tmp_path)
     (onnx_dir / "context.onnx").unlink()
     with pytest.raises(BuildError, match=r"'context'") as caught:
-        trt_export.build_plans(onnx_dir, _staging(tmp_path), BuildConfig("tiny-sd3", backend="tensorrt"))
+        trt_export.build_plans(onnx_dir, _staging(tmp_path), BuildConfig("tiny-sd3", backend="tensorrt"), GRAPH_NAMES)
     assert caught.value.field == "context.onnx"

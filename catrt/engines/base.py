@@ -1,4 +1,4 @@
-"""The engine contract: three static-shape graphs ("context", "full", "pruned") run on named tensors.
+"""The engine contract: static-shape graphs of three kinds ("context", "full", "pruned") run on named tensors.
 
 The step graphs' I/O is declared once, in `catrt/contract.py` (re-exported here); the runtime, the
 engines, the export and the build read it from there:
@@ -6,7 +6,9 @@ engines, the export and the build read it from there:
 - "context" (once per generation): the adapter's `context_inputs` -> the tensors its weights make of
   them (`prepare_context`: the positional table, PixArt's cross-attention K/V);
 - "full": `FULL.inputs` plus the whole context -> `FULL.outputs` (tokens, every K/V row);
-- "pruned": `PRUNED.inputs` plus the context -> `PRUNED.outputs` (the k tokens, their K/V rows).
+- "pruned-k<k>", one per built alpha: `PRUNED.inputs` plus the context -> `PRUNED.outputs` (the k
+  tokens, their K/V rows). k is static in each, so a bundle built for several alphas holds one pruned
+  graph per k (`pruned_graph`), and a step runs the one its indices' k names.
 
 Every backend implements `load` and `run`; the shared `prepare_context` / `full_forward` /
 `pruned_forward` give any engine the runtime's step-function interface. Backends that run exported
@@ -23,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from catrt.contract import FULL, GRAPHS, PRUNED
+from catrt.contract import FULL, GRAPHS, PRUNED, pruned_graph, pruned_k
 from catrt.errors import ConfigError
 from catrt.models.base import Adapter, Context
 
@@ -165,6 +167,19 @@ class Engine(ABC):
         those named in `out`, which are written into the caller's tensors.
         """
 
+    def pruned_graph_for(self, indices: torch.Tensor) -> str:
+        """The pruned graph computing `indices.shape[-1]` tokens; a k the bundle was not built for is a ConfigError."""
+        k = int(indices.shape[-1])
+        graph = pruned_graph(k)
+        if graph not in self.graphs:
+            built = sorted(found for found in map(pruned_k, self.graphs) if found is not None)
+            raise ConfigError(
+                f"this engine has no pruned graph for k={k} tokens; it was built for k in {built}: call it with one "
+                f"of the built alphas or build one for this alpha",
+                field="alpha", value=k,
+            )
+        return graph
+
     def describe(self) -> dict[str, Any]:
         """What this engine was built for and runs on."""
         return {
@@ -217,8 +232,9 @@ class Engine(ABC):
         context: Context,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        """The pruned graph, then its K/V rows (S, B, k, D) scattered into `kv_cache` in place."""
-        outputs = self.run("pruned", self.graphs["pruned"].prepare(PRUNED.bind((patches, indices, timestep, kv_cache), context)))
+        """The pruned graph of this k, then its K/V rows (S, B, k, D) scattered into `kv_cache` in place."""
+        graph = self.pruned_graph_for(indices)
+        outputs = self.run(graph, self.graphs[graph].prepare(PRUNED.bind((patches, indices, timestep, kv_cache), context)))
         rows = outputs["kv_rows"]
         index = indices.view(1, *indices.shape, 1).expand(rows.shape[0], -1, -1, rows.shape[-1])
         kv_cache.scatter_(2, index, rows.to(kv_cache.dtype))

@@ -44,7 +44,7 @@ class EagerEngine(Engine):
         context: Context,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        self.graphs["pruned"].check(PRUNED.bind((patches, indices, timestep, kv_cache), context))
+        self.graphs[self.pruned_graph_for(indices)].check(PRUNED.bind((patches, indices, timestep, kv_cache), context))
         with torch.no_grad():
             return self.functions.pruned_forward(patches, indices, timestep, context, kv_cache)
 

@@ -2,7 +2,7 @@
 
 Inputs and outputs are torch tensors bound by address, so no step copies through numpy. Outputs go
 into buffers allocated once, on first use (or the caller's own tensors, such as the runtime's K/V cache).
-The three sessions share one copy of the weights: `weights.bin` is memory-mapped once and each
+The sessions (context, full, one pruned graph per built alpha) share one copy of the weights: `weights.bin` is memory-mapped once and each
 distinct initializer is handed to every session that uses it (`add_initializer`), so loading costs
 one copy of the weights, not one per graph. The CUDA execution provider is used on a GPU where it is
 installed, else the CPU provider.
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from catrt.engines.base import GRAPHS, Engine
+from catrt.engines.base import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class OnnxRuntimeEngine(Engine):
         providers.append(_PROVIDERS["cpu"])
         self.initializers = SharedInitializers(self.folder)
         self.sessions: dict[str, Any] = {}
-        for graph in GRAPHS:
+        for graph in self.graphs:
             options = onnxruntime.SessionOptions()
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
             # Follow torch's thread setting, so one process has one notion of how many cores it may use.

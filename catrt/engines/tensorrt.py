@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from catrt.engines.base import DTYPES, GRAPHS, Engine, GraphSpec
+from catrt.engines.base import DTYPES, Engine, GraphSpec
 from catrt.errors import CorruptBundleError, EngineMismatchError, EngineRuntimeError
 
 
@@ -104,7 +104,7 @@ class TensorRTEngine(Engine):
         trt_dtypes = {
             getattr(tensorrt.DataType, key): dtype for key, dtype in _TRT_DTYPES.items() if hasattr(tensorrt.DataType, key)
         }
-        for graph in GRAPHS:
+        for graph in self.graphs:  # context, full and every pruned graph of the bundle
             plan = self.folder / f"{graph}.plan"
             if not plan.is_file():
                 raise CorruptBundleError(

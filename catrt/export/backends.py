@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,14 +11,15 @@ from catrt.build_config import BuildConfig
 from catrt.export.tensorrt import build_plans
 
 
-WriteEngine = Callable[[Path, Path, BuildConfig], None]
+#: (ONNX export folder, engine staging folder, build, the graph names) -> engine files in the staging folder.
+WriteEngine = Callable[[Path, Path, BuildConfig, Iterable[str]], None]
 
 
-def _nothing(onnx_dir: Path, engine_dir: Path, build: BuildConfig) -> None:
+def _nothing(onnx_dir: Path, engine_dir: Path, build: BuildConfig, graphs: Iterable[str]) -> None:
     """PyTorch backends run the pipeline's own weights; their bundle is the manifest alone."""
 
 
-def _copy_onnx(onnx_dir: Path, engine_dir: Path, build: BuildConfig) -> None:
+def _copy_onnx(onnx_dir: Path, engine_dir: Path, build: BuildConfig, graphs: Iterable[str]) -> None:
     """ONNX Runtime's engine files are the exported graphs and their shared weights."""
     for path in sorted(onnx_dir.iterdir()):
         shutil.copy2(path, engine_dir / path.name)

@@ -1,8 +1,8 @@
 """The exportable modules: an adapter's context, full and pruned functions with flat tensor inputs.
 
 Exporters need positional tensors, so dict arguments become inputs named after their keys, in the
-order of the graph's example inputs. All three wrap the same transformer under the same attribute,
-so the graphs name each weight alike.
+order of the graph's example inputs. All of them (context, full, each alpha's pruned graph) wrap the
+same transformer under the same attribute, so the graphs name each weight alike.
 """
 
 from __future__ import annotations

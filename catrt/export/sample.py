@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from catrt.build_config import BuildConfig
-from catrt.contract import FULL, PRUNED
+from catrt.contract import FULL, PRUNED, pruned_graph
 from catrt.errors import BuildError
 from catrt.models.base import Adapter, Context
 from catrt.pipeline import pipeline_spec, transformer_replaced
@@ -66,17 +66,23 @@ def random_indices(batch: int, num_tokens: int, k: int, device: torch.device) ->
 
 
 @torch.no_grad()
-def reference_io(sample: StepSample, adapter: Adapter, k: int) -> tuple[Graphs, Graphs]:
-    """Every graph's example inputs and the eager adapter's outputs on them, by graph, in graph order."""
+def reference_io(sample: StepSample, adapter: Adapter, ks: tuple[int, ...]) -> tuple[Graphs, Graphs]:
+    """Every graph's example inputs and the eager adapter's outputs on them, by graph, in graph order:
+    context, full, then one pruned graph per k of `ks` (`pruned_graph(k)`)."""
     latent_shape = tuple(sample.hidden_states.shape)
     context = adapter.prepare_context(sample.context_inputs, latent_shape)
     derived = {name: tensor for name, tensor in context.items() if name not in sample.context_inputs}
     full = FULL.bind((sample.hidden_states, sample.timestep), context)
     full_outputs = FULL.named_outputs(adapter.export_full(sample.hidden_states, sample.timestep, context))
+    inputs: Graphs = {"context": dict(sample.context_inputs), "full": full}
+    outputs: Graphs = {"context": derived, "full": full_outputs}
     patches = adapter.tokens_of(sample.hidden_states)
-    indices = random_indices(patches.shape[0], patches.shape[1], k, patches.device)
-    selected = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    pruned = PRUNED.bind((selected, indices, sample.timestep, full_outputs["kv"]), context)
-    pruned_outputs = PRUNED.named_outputs(adapter.export_pruned(selected, indices, sample.timestep, context, full_outputs["kv"]))
-    inputs = {"context": dict(sample.context_inputs), "full": full, "pruned": pruned}
-    return inputs, {"context": derived, "full": full_outputs, "pruned": pruned_outputs}
+    for k in ks:
+        indices = random_indices(patches.shape[0], patches.shape[1], k, patches.device)
+        selected = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        graph = pruned_graph(k)
+        inputs[graph] = PRUNED.bind((selected, indices, sample.timestep, full_outputs["kv"]), context)
+        outputs[graph] = PRUNED.named_outputs(
+            adapter.export_pruned(selected, indices, sample.timestep, context, full_outputs["kv"])
+        )
+    return inputs, outputs

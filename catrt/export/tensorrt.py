@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from catrt.build_config import BuildConfig
-from catrt.engines.base import GRAPHS
 from catrt.errors import BuildError
 
 logger = logging.getLogger(__name__)
@@ -27,13 +27,14 @@ TIMING_CACHE = "tensorrt-timing.cache"
 _FLAGS: dict[str, tuple[str, ...]] = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}
 
 
-def build_plans(onnx_dir: Path, engine_dir: Path, build: BuildConfig) -> None:
-    """`<graph>.plan` for every graph of `onnx_dir`, written into `engine_dir` (the build's staging folder)."""
+def build_plans(onnx_dir: Path, engine_dir: Path, build: BuildConfig, graphs: Iterable[str]) -> None:
+    """`<graph>.plan` for each of `graphs` (context, full, one pruned graph per k) from `onnx_dir`, written
+    into `engine_dir` (the build's staging folder)."""
     import tensorrt
 
     trt_logger = tensorrt.Logger(tensorrt.Logger.WARNING)
     cache_path = engine_dir.parent / TIMING_CACHE  # beside the engine folders, shared by later builds
-    for graph in GRAPHS:
+    for graph in graphs:
         plan = _build_plan(tensorrt, trt_logger, graph, onnx_dir / f"{graph}.onnx", build, cache_path)
         _write_atomically(engine_dir / f"{graph}.plan", plan)
         logger.info("built %s.plan (%d bytes)", graph, (engine_dir / f"{graph}.plan").stat().st_size)

@@ -167,7 +167,7 @@ def _response(result: JobResult, spec: ServedSpec, seeds: list[int], arrived: fl
         created=int(time.time()),
         data=[ImageData(b64_json=image) for image in result.images],
         size=spec.size,
-        catrt=CatrtInfo(timings=timings, alpha=spec.alpha, steps=spec.steps, seeds=seeds, batch_rows=result.batch_rows),
+        catrt=CatrtInfo(timings=timings, alpha=result.alpha, steps=spec.steps, seeds=seeds, batch_rows=result.batch_rows),
     )
 
 

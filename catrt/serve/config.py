@@ -9,8 +9,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dataclasses import replace
+
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
+from catrt.serve.alpha_policy import ALPHA_POLICIES
 
 PRECISION_CHOICES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 MIB = 1 << 20
@@ -27,6 +30,12 @@ class ServeConfig:
         height, width: the size the eager model serves; None = the model's default size.
         steps, batch: the step count and images per call of the eager model (a build fixes its own).
         cat: the pruning settings of the eager model (a build fixes alpha and t0).
+        alphas: the eager model's alphas, in order (cat.alpha must be the first); () = cat.alpha alone.
+            A build serves its own alphas.
+        alpha_policy: "fixed" runs every call at the first alpha (unless a request pins another);
+            "adaptive" picks, before each call, the largest alpha that keeps the queued requests
+            within `latency_target` (catrt/serve/alpha_policy.py).
+        latency_target: seconds from arrival to answer the adaptive policy aims for.
         device: torch device of the eager model.
         precision: fp32, fp16 or bf16 for the eager model; None = fp32 on the CPU, the model's
             usual dtype on CUDA. A build fixes its own.
@@ -52,6 +61,9 @@ class ServeConfig:
     steps: int = 28
     batch: int = 1
     cat: CATConfig = field(default_factory=CATConfig)
+    alphas: tuple[float, ...] = ()
+    alpha_policy: str = "fixed"
+    latency_target: float | None = None
     device: str = "cpu"
     precision: str | None = None
     host: str = "127.0.0.1"
@@ -89,6 +101,7 @@ class ServeConfig:
                 "schedules (its step timings follow the plan): use reuse_every",
                 field="reuse_threshold", value=self.cat.reuse_threshold,
             )
+        self._check_alphas()
         if self.precision is not None and self.precision not in PRECISION_CHOICES:
             raise ConfigError(
                 f"ServeConfig.precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}",
@@ -121,6 +134,37 @@ class ServeConfig:
             raise ConfigError(
                 "--metrics-auth needs an API key (--api-key-file or CATRT_API_KEY)", field="metrics_auth"
             )
+
+    @property
+    def served_alphas(self) -> tuple[float, ...]:
+        """The eager model's alphas: `alphas`, or `cat.alpha` alone."""
+        return self.alphas or (self.cat.alpha,)
+
+    def _check_alphas(self) -> None:
+        object.__setattr__(self, "alphas", tuple(self.alphas))  # a list read back from JSON
+        if self.alphas:
+            if self.engines is not None:
+                raise ConfigError("--alpha cannot be used with --engines: a build serves its own alphas", field="alpha")
+            for alpha in self.alphas:
+                replace(self.cat, alpha=alpha)  # each in (0, 1], naming alpha
+            if self.alphas[0] != self.cat.alpha:
+                raise ConfigError(f"ServeConfig.cat.alpha {self.cat.alpha} must be the first of alphas {list(self.alphas)}",
+                                  field="alpha", value=self.cat.alpha)
+            if len(set(self.alphas)) != len(self.alphas):
+                raise ConfigError(f"--alpha lists an alpha twice: {list(self.alphas)}", field="alpha", value=list(self.alphas))
+        if self.alpha_policy not in ALPHA_POLICIES:
+            raise ConfigError(f"--alpha-policy must be one of {', '.join(ALPHA_POLICIES)}, got {self.alpha_policy!r}",
+                              field="alpha_policy", value=self.alpha_policy)
+        if self.latency_target is not None:
+            _check_seconds("latency_target", self.latency_target)
+        if self.alpha_policy == "adaptive" and self.latency_target is None:
+            raise ConfigError("--alpha-policy adaptive needs --latency-target SECONDS", field="latency_target")
+        if self.alpha_policy == "fixed" and self.latency_target is not None:
+            raise ConfigError("--latency-target is what --alpha-policy adaptive aims for; add --alpha-policy adaptive or "
+                              "drop --latency-target", field="latency_target", value=self.latency_target)
+        if self.alpha_policy == "adaptive" and self.model is not None and len(self.served_alphas) < 2:
+            raise ConfigError("--alpha-policy adaptive needs at least two alphas to choose from: pass several, e.g. "
+                              "--alpha 0.5 0.3 0.2", field="alpha", value=list(self.served_alphas))
 
     def to_dict(self) -> dict[str, Any]:
         """Every field but the API key, which is a secret and is never written out."""

@@ -42,6 +42,10 @@ class ServerMetrics:
             "catrt_step_seconds", "transformer call time per denoising step, by kind (full, pruned) and size",
             ["kind", "size"], buckets=STEP_BUCKETS, registry=self.registry,
         )
+        self.alpha_chosen = Counter(
+            "catrt_alpha_chosen", "model calls by the alpha they ran at (pinned by a request or chosen by the policy)",
+            ["alpha"], registry=self.registry,
+        )
         self.cancelled = Counter(
             "catrt_requests_cancelled", "requests dropped before answering, by reason (disconnect, timeout)",
             ["reason"], registry=self.registry,

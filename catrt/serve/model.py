@@ -35,7 +35,8 @@ StepObserver = Callable[[str, float], None]
 
 @dataclass(frozen=True)
 class ServedSpec:
-    """What one server answers: a single size and step count, up to `batch` images per call."""
+    """What one server answers: a single size and step count, up to `batch` images per call, at any of
+    `alphas` (`alpha`, the first, is the default)."""
 
     model: str
     backend: str
@@ -50,6 +51,11 @@ class ServedSpec:
     text_tokens: int  # a prompt may have at most this many tokens of the limiting tokenizer
     default_guidance: float
     reuse_every: int = 0
+    alphas: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.alphas:
+            object.__setattr__(self, "alphas", (self.alpha,))
 
     @property
     def size(self) -> str:
@@ -66,11 +72,15 @@ class Row:
 
 @dataclass(frozen=True)
 class BatchOptions:
-    """Settings shared by every row of a call; `size` picks the build ("WxH"; None = the server's first)."""
+    """Settings shared by every row of a call: `size` picks the build ("WxH"; None = the server's first);
+    `alpha` is the alpha a request pinned (None: the server's policy picks), so pinned requests batch
+    only with requests that pinned the same alpha.
+    """
 
     guidance_scale: float
     negative_prompt: str | None
     size: str | None = None
+    alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,9 +123,14 @@ class ServedModel:
         self.step_observer: StepObserver | None = None
 
     def generate(
-        self, rows: Sequence[Row], options: BatchOptions, should_stop: Callable[[], bool] | None = None
+        self,
+        rows: Sequence[Row],
+        options: BatchOptions,
+        should_stop: Callable[[], bool] | None = None,
+        alpha: float | None = None,
     ) -> Generation:
-        """Images for `rows`; the call is padded to the build's batch so every call has the same shapes.
+        """Images for `rows` at `alpha` (None: the default); the call is padded to the build's batch so
+        every call has the same shapes.
 
         `should_stop` is asked before each denoising step; once it says yes the call is abandoned
         (raises `Abandoned`), so requests already answered (timed out, client gone) cost no more steps.
@@ -133,7 +148,7 @@ class ServedModel:
         self.timer.reset(should_stop)
         started = time.perf_counter()
         try:
-            images = self.runner(**kwargs).images[: len(rows)]
+            images = self.runner(**kwargs, alpha=alpha).images[: len(rows)]
         finally:
             self.timer.finish()
         encoded = [_png_base64(image) for image in images]
@@ -189,7 +204,7 @@ def _load_eager(config: ServeConfig) -> ServedModel:
         model=config.model, backend="eager", precision=precision, height=height, width=width, steps=config.steps,
         batch=config.batch, alpha=config.cat.alpha, t0=config.cat.t0, refresh_every=config.cat.refresh_every,
         text_tokens=limit.tokens, default_guidance=_default_guidance(config.model, pipe),
-        reuse_every=config.cat.reuse_every,
+        reuse_every=config.cat.reuse_every, alphas=config.served_alphas,
     )
     arguments = _call_arguments(pipe, spec, limit)
     return ServedModel(accelerate(pipe, config.cat), spec, arguments, device, None, PromptReader(pipe, limit))
@@ -210,7 +225,7 @@ def load_engines(folder: Path, bundle_key: bytes | None, pipe: Any = None) -> Se
         model=build.model, backend=build.backend, precision=build.precision, height=build.height, width=build.width,
         steps=build.steps, batch=build.batch, alpha=build.alpha, t0=build.t0,
         refresh_every=runner.accelerated.config.refresh_every, text_tokens=limit.tokens,
-        default_guidance=_default_guidance(build.model, pipe), reuse_every=build.reuse_every,
+        default_guidance=_default_guidance(build.model, pipe), reuse_every=build.reuse_every, alphas=build.alphas,
     )
     arguments = _call_arguments(pipe, spec, limit)
     return _ready(ServedModel(runner, spec, arguments, runner.engine.device, build, PromptReader(pipe, limit)))

@@ -18,7 +18,7 @@ IGNORED = "accepted for OpenAI clients and ignored"
 
 
 class ImageGenerationRequest(BaseModel):
-    """`POST /v1/images/generations`; `seed`, `negative_prompt`, `guidance_scale` and `steps` are catrt's."""
+    """`POST /v1/images/generations`; `seed`, `negative_prompt`, `guidance_scale`, `steps` and `alpha` are catrt's."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +40,9 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: StrictStr | None = Field(None, description="what to steer away from; same limits as prompt")
     guidance_scale: float | None = Field(None, strict=True, description="classifier-free guidance; the model's default if absent")
     steps: StrictInt | None = Field(None, description="must be the build's step count")
+    alpha: float | None = Field(
+        None, strict=True, description="run at this served alpha (pinned); absent: the server's alpha policy picks"
+    )
 
 
 class ImageData(BaseModel):
@@ -59,7 +62,7 @@ class Timings(BaseModel):
 
 class CatrtInfo(BaseModel):
     timings: Timings
-    alpha: float
+    alpha: float = Field(description="the alpha the model call ran at (pinned, or the server's policy's choice)")
     steps: int
     seeds: list[int]
     batch_rows: int = Field(description="images in the model call that made these (before padding)")

@@ -94,7 +94,8 @@ def run_server(config: ServeConfig) -> int:
     metrics = ServerMetrics()
     # The worker reports its exit to the server made below; it only can once the server runs.
     worker = Worker(
-        lambda: load_router(config, key), config.max_queue, metrics, on_exit=lambda state: server.worker_exited(state)
+        lambda: load_router(config, key), config.max_queue, metrics, on_exit=lambda state: server.worker_exited(state),
+        alpha_policy=config.alpha_policy, latency_target=config.latency_target,
     )
     metrics.watch_queue(lambda: worker.depth)
     app = build_app(worker, metrics, config)

@@ -64,7 +64,9 @@ class RequestRules:
         if body.negative_prompt is not None:
             self.served.reader.check("negative_prompt", body.negative_prompt)
         rows = [Row(body.prompt, seed + index) for index in range(n)]
-        return rows, BatchOptions(guidance_scale=guidance, negative_prompt=body.negative_prompt, size=self.spec.size)
+        options = BatchOptions(guidance_scale=guidance, negative_prompt=body.negative_prompt, size=self.spec.size,
+                               alpha=self._alpha(body.alpha))
+        return rows, options
 
     def _check_text_length(self, name: str, text: str) -> None:
         """Characters first: a huge prompt is refused without being tokenized."""
@@ -102,6 +104,17 @@ class RequestRules:
         if not math.isfinite(guidance) or guidance < 0:
             raise ConfigError(f"guidance_scale must be a finite number >= 0, got {value}", field="guidance_scale")
         return guidance
+
+    def _alpha(self, alpha: float | None) -> float | None:
+        """A pinned alpha must be one the server serves (a build's alphas, or the eager model's --alpha values)."""
+        if alpha is not None and alpha not in self.spec.alphas:
+            served = ", ".join(f"{each:g}" for each in self.spec.alphas)
+            raise ConfigError(
+                f"alpha={alpha:g} is not served: this server serves alpha {served}; ask for one of those or leave "
+                f"alpha out (the server's policy picks)",
+                field="alpha", value=alpha,
+            )
+        return None if alpha is None else float(alpha)
 
     def _size(self, size: str | None) -> tuple[int, int]:
         """(width, height) asked for; "auto" and absent are the served size."""
@@ -182,6 +195,7 @@ class RequestRules:
                 {"type": "string", "enum": [spec.size, "auto"], "default": "auto"}, f'"auto" is {spec.size}'
             ),
             "steps": _nullable({"type": "integer", "enum": [spec.steps]}, "the served step count"),
+            "alpha": _nullable({"type": "number", "enum": list(spec.alphas)}, "a served alpha (pinned); absent: the server's policy picks"),
             "guidance_scale": _nullable(guidance, f"default {spec.default_guidance:g}"),
             "seed": _nullable({"type": "integer", "minimum": 0, "maximum": self.max_seed}, "image i uses seed + i"),
             "response_format": _nullable({"type": "string", "enum": ["b64_json"], "default": "b64_json"}, "url is not served"),

@@ -5,7 +5,10 @@ cancelled while it waits (client gone, timeout), or whose deadline has passed wh
 made, is dropped before it runs. A call in flight whose jobs have all been given up (answered 504,
 client gone) is abandoned before its next step. The head of the queue always runs next, with later
 jobs of the same `BatchOptions` (size included: each size is its own build) added until that
-build's batch is full, so no request waits behind jobs that arrived after it.
+build's batch is full, so no request waits behind jobs that arrived after it. A request that pins an
+alpha has it in its options, so it batches only with requests pinning the same alpha; the alpha of
+any other call is the policy's (`catrt.serve.alpha_policy.AlphaChooser`, one per build), asked with the
+whole queue before the call is taken.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from typing import TYPE_CHECKING, Literal
 
 from catrt.errors import (
     CatrtError,
+    ConfigError,
     GenerationError,
     QueueFullError,
     RequestTimeoutError,
     ServiceUnavailableError,
 )
+from catrt.scheduler import plan
+from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker
 from catrt.serve.errors import internal_error_message
 from catrt.serve.metrics import ServerMetrics
 from catrt.serve.model import BatchOptions, Generation, Row
@@ -44,12 +50,14 @@ WARMUP_PROMPT = "warm-up"
 
 @dataclass(frozen=True)
 class JobResult:
-    """A job's images (base64 PNG), the phases of the call that made them, and its wait and batch."""
+    """A job's images (base64 PNG), the phases of the call that made them, its wait and batch, and the
+    alpha the call ran at."""
 
     images: list[str]
     phases: dict[str, float]
     queue_wait: float
     batch_rows: int
+    alpha: float
 
 
 @dataclass
@@ -77,7 +85,11 @@ class Job:
 
 
 class Worker:
-    """Loads the served builds on its own thread, warms each up, then serves the queue until drained."""
+    """Loads the served builds on its own thread, warms each up at each served alpha, then serves the
+    queue until drained.
+
+    `alpha_policy` and `latency_target`: how each call's alpha is chosen (see `AlphaChooser`).
+    """
 
     def __init__(
         self,
@@ -85,8 +97,13 @@ class Worker:
         max_queue: int,
         metrics: ServerMetrics,
         on_exit: Callable[[WorkerState], None],
+        alpha_policy: AlphaPolicy = "fixed",
+        latency_target: float | None = None,
     ) -> None:
         self._load = load
+        self.alpha_policy = alpha_policy
+        self.latency_target = latency_target
+        self.choosers: dict[str, AlphaChooser] = {}  # per served size
         self.max_queue = max_queue
         self.metrics = metrics
         self._on_exit = on_exit
@@ -154,8 +171,8 @@ class Worker:
     def _run(self) -> None:
         try:
             self._start_serving()
-            while (jobs := self._next_batch()) is not None:
-                self._run_batch(jobs)
+            while (batch := self._next_batch()) is not None:
+                self._run_batch(*batch)
             self.state = "stopped"
         except BaseException as error:  # noqa: BLE001 - a dead worker must be reported, whatever killed it
             if self.served is None:
@@ -174,22 +191,38 @@ class Worker:
     def _start_serving(self) -> None:
         router = self._load()
         seconds = []
+        choosers = {}
         for model in router.models.values():
             spec = model.spec
+            if self.alpha_policy == "adaptive" and len(spec.alphas) < 2:
+                raise ConfigError(
+                    f"--alpha-policy adaptive needs at least two alphas to choose from, but {spec.model} at {spec.size} "
+                    f"is served at alpha {spec.alpha} only: build it with several (catrt build --alpha 0.5 0.3 0.2)",
+                    field="alpha", value=list(spec.alphas),
+                )
             model.step_observer = partial(self.metrics.observe_step, size=spec.size)
+            kinds = plan(spec.steps, spec.t0, spec.refresh_every, spec.reuse_every)
+            tracker = StepTimeTracker(kinds.count("full"), kinds.count("pruned"))
+            choosers[spec.size] = AlphaChooser(self.alpha_policy, self.latency_target, spec.alphas, spec.batch, tracker)
             options = BatchOptions(guidance_scale=spec.default_guidance, negative_prompt=None, size=spec.size)
-            started = time.perf_counter()
-            model.generate([Row(WARMUP_PROMPT, 0)] * spec.batch, options)
-            seconds.append(time.perf_counter() - started)
-            logger.info("warm-up of %s took %.2f s", spec.size, seconds[-1])
+            rows = [Row(WARMUP_PROMPT, 0)] * spec.batch
+            for alpha in spec.alphas:  # every alpha's buffers (compiled graphs, caches) made before serving
+                started = time.perf_counter()
+                model.generate(rows, options, alpha=alpha)
+                seconds.append(time.perf_counter() - started)
+                logger.info("warm-up of %s at alpha %g took %.2f s", spec.size, alpha, seconds[-1])
+            if self.alpha_policy == "adaptive":  # then the step times, measured warm (a first call pays one-off costs)
+                for alpha in spec.alphas:
+                    tracker.observe(alpha, model.generate(rows, options, alpha=alpha).phases)
         self._batch_seconds = max(seconds)
+        self.choosers = choosers
         with self._lock:
             self.served = router
             if self.state == "loading":
                 self.state = "ready"
 
-    def _next_batch(self) -> list[Job] | None:
-        """The head job plus compatible followers, marked running; None once draining and empty."""
+    def _next_batch(self) -> tuple[list[Job], float] | None:
+        """The head job plus compatible followers, marked running, and their alpha; None once draining and empty."""
         with self._lock:
             while True:
                 self._drop_cancelled()
@@ -199,8 +232,10 @@ class Worker:
                     return None
                 self._lock.wait()
 
-    def _take_batch(self) -> list[Job]:
-        """Expired jobs are answered 504 and skipped here, so no step runs for a request past its deadline."""
+    def _take_batch(self) -> tuple[list[Job], float]:
+        """Expired jobs are answered 504 and skipped here, so no step runs for a request past its deadline.
+
+        The alpha is chosen from the queue as it stands, this call's jobs included."""
         now = time.perf_counter()
         for job in [job for job in self._queue if job.given_up(now)]:
             self._queue.remove(job)
@@ -208,8 +243,13 @@ class Worker:
                 job.future.set_exception(RequestTimeoutError("no answer within the server's timeout"))
             logger.info("request %s dropped before its batch: past its deadline", job.request_id)
         if not self._queue:
-            return []
-        capacity = self.served.for_options(self._queue[0].options).spec.batch
+            return [], self.served.default.spec.alpha
+        model = self.served.for_options(self._queue[0].options)
+        # The head's build decides; jobs queued for other sizes count as if they ran at its step times.
+        alpha = self.choosers[model.spec.size].choose([
+            Queued(now - job.arrived, len(job.rows), job.options, job.options.alpha) for job in self._queue
+        ])
+        capacity = model.spec.batch
         head = self._queue[0]
         jobs, rows = [], 0
         for job in list(self._queue):
@@ -218,13 +258,13 @@ class Worker:
                 if job.future.set_running_or_notify_cancel():
                     jobs.append(job)
                     rows += len(job.rows)
-        return jobs
+        return jobs, alpha
 
-    def _run_batch(self, jobs: list[Job]) -> None:
+    def _run_batch(self, jobs: list[Job], alpha: float) -> None:
         if not jobs:
             return
         try:
-            self._serve(jobs)
+            self._serve(jobs, alpha)
         except Abandoned as stop:
             logger.info("requests %s given up; call stopped (%s)", ",".join(job.request_id for job in jobs), stop)
             for job in jobs:
@@ -237,27 +277,29 @@ class Worker:
             # Rerun the batch's requests one by one, so only the one that fails sees the error.
             logger.warning("a batch of %d requests failed (%s); rerunning them one by one", len(jobs), error)
             for job in jobs:
-                self._run_batch([job])
+                self._run_batch([job], alpha)
 
-    def _serve(self, jobs: list[Job]) -> None:
+    def _serve(self, jobs: list[Job], alpha: float) -> None:
         started = time.perf_counter()
         rows = [row for job in jobs for row in job.rows]
         model = self.served.for_options(jobs[0].options)
         generation = model.generate(
-            rows, jobs[0].options, lambda: all(job.given_up(time.perf_counter()) for job in jobs)
+            rows, jobs[0].options, lambda: all(job.given_up(time.perf_counter()) for job in jobs), alpha=alpha
         )
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
+        self.choosers[model.spec.size].tracker.observe(alpha, generation.phases)
         self.metrics.images.labels(size=model.spec.size).inc(len(rows))
         self.metrics.batch_rows.labels(size=model.spec.size).observe(len(rows))
-        self._answer(jobs, generation, started)
+        self.metrics.alpha_chosen.labels(alpha=f"{alpha:g}").inc()
+        self._answer(jobs, generation, started, alpha)
 
-    def _answer(self, jobs: list[Job], generation: Generation, started: float) -> None:
+    def _answer(self, jobs: list[Job], generation: Generation, started: float, alpha: float) -> None:
         offset = 0
         batch_rows = sum(len(job.rows) for job in jobs)
         for job in jobs:
             images = generation.images[offset : offset + len(job.rows)]
             offset += len(job.rows)
-            job.future.set_result(JobResult(images, generation.phases, started - job.arrived, batch_rows))
+            job.future.set_result(JobResult(images, generation.phases, started - job.arrived, batch_rows, alpha))
 
 
 def _as_generation_error(error: Exception, request_id: str) -> Exception:

@@ -1,0 +1,203 @@
+"""Fixed vs load-adaptive alpha (and 1 vs 2 Ray Serve replicas) under a rising load, in one run.
+
+Starts `catrt serve` once per configuration on a free loopback port, runs bench/load.py's ramp against
+it (the same clients and prompts for every configuration), stops it, and writes a report with one table
+per configuration and a PNG plot of p50 / p95 latency, throughput and mean chosen alpha per load level.
+
+    python bench/adaptive.py --model reference --levels 1 2 4 8 --seconds 20 --latency-target 1.5 --ray \\
+        --out bench/results/adaptive-cpu.md
+
+Configurations: `fixed` (alpha --fixed-alpha), `adaptive` (--alphas with --latency-target), and with
+--ray the fixed configuration on Ray Serve with 1 and with 2 replicas. Needs the bench extra
+(httpx, matplotlib); --ray needs `pip install -e ".[ray]"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/benchkit.py and load.py, also when loaded by path
+import benchkit  # noqa: E402
+import load  # noqa: E402
+
+try:  # the bench extra; main() names it in one line instead of a traceback
+    import httpx
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError as error:
+    MISSING: str | None = (error.name or "").split(".")[0] or str(error)
+else:
+    MISSING = None
+
+READY_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One server to measure: its label in the report and the `catrt serve` flags that make it."""
+
+    label: str
+    flags: tuple[str, ...]
+
+
+def configurations(args: argparse.Namespace) -> list[Configuration]:
+    """What the run compares, from the command line (the model source flags are added by `serve_command`)."""
+    fixed = ("--alpha", f"{args.fixed_alpha:g}", "--alpha-policy", "fixed")
+    chosen = [
+        Configuration(f"fixed alpha {args.fixed_alpha:g}", fixed),
+        Configuration(
+            f"adaptive {'/'.join(f'{a:g}' for a in args.alphas)}, target {args.latency_target:g} s",
+            ("--alpha", *(f"{a:g}" for a in args.alphas), "--alpha-policy", "adaptive",
+             "--latency-target", f"{args.latency_target:g}"),
+        ),
+    ]
+    if args.ray:
+        chosen += [Configuration(f"Ray Serve, {n} replica{'s' * (n > 1)}, fixed alpha {args.fixed_alpha:g}",
+                                 (*fixed, "--ray", "--replicas", str(n))) for n in (1, 2)]
+    return chosen
+
+
+def serve_command(args: argparse.Namespace, configuration: Configuration, port: int) -> list[str]:
+    source = ("--engines", *args.engines) if args.engines else ("--model", args.model)
+    return [sys.executable, "-m", "catrt.cli", "serve", *source, *configuration.flags, *args.serve_flags,
+            "--host", "127.0.0.1", "--port", str(port)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
+    """Until /health/ready answers 200; a server that exits first is an error with its last output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGINT first (the server drains and shuts Ray down), then kill if it does not exit."""
+    if server.poll() is None:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def measure(args: argparse.Namespace, configuration: Configuration, log: Path) -> list[tuple[int, load.LoadResult]]:
+    """One configuration: start its server, ramp the load, stop it (output kept in `log`)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = serve_command(args, configuration, port)
+    print(f"[{configuration.label}] {' '.join(command[2:])}", flush=True)
+    with log.open("w") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=os.environ.copy())
+        try:
+            wait_ready(url, server, READY_TIMEOUT_S)
+            return asyncio.run(load.run_ramp(url, args.levels, args.seconds, {"n": 1}))
+        except RuntimeError as error:
+            raise SystemExit(f"bench/adaptive.py: [{configuration.label}] {error}; see {log}") from None
+        finally:
+            stop(server)
+
+
+def plot(results: dict[str, list[tuple[int, load.LoadResult]]], path: Path) -> None:
+    panels = (("p50", "p50 latency (s)"), ("p95", "p95 latency (s)"), ("throughput", "throughput (req/s)"),
+              ("alpha", "mean chosen alpha"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for label, levels in results.items():
+        rows = [result.row(clients) for clients, result in levels]
+        for axis, (key, title) in zip(axes, panels):
+            axis.plot([row["clients"] for row in rows], [row[key] for row in rows], marker="o", label=label)
+            axis.set_title(title)
+            axis.set_xlabel("concurrent clients")
+            axis.set_xscale("log", base=2)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def report(args: argparse.Namespace, results: dict[str, list[tuple[int, load.LoadResult]]], plot_name: str) -> str:
+    source = f"--engines {' '.join(args.engines)}" if args.engines else f"--model {args.model}"
+    lines = [
+        f"# Fixed vs adaptive alpha under load: {args.device}",
+        "",
+        f"`python bench/adaptive.py {source} --levels {' '.join(map(str, args.levels))} --seconds {args.seconds:g} "
+        f"--latency-target {args.latency_target:g}{' --ray' if args.ray else ''}"
+        f"{' --serve-flags ' + ' '.join(args.serve_flags) if args.serve_flags else ''}` "
+        f"on {platform.machine()} / Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}.",
+        "",
+        f"![p50 / p95 latency, throughput and chosen alpha per load level]({plot_name})",
+        "",
+    ]
+    for label, levels in results.items():
+        lines += [f"## {label}", "", *load.table(levels), ""]
+    lines.append("Each level runs closed-loop clients for the same number of seconds against a server started for "
+                 "that configuration (warm-up excluded: the server is measured once ready).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench/adaptive.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=benchkit.HelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default="reference", help="model served eagerly (when no --engines)")
+    source.add_argument("--engines", nargs="+", default=None, help="built bundles to serve instead of --model")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of clients, in turn")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds per load level")
+    parser.add_argument("--fixed-alpha", type=float, default=0.3, help="alpha of the fixed configuration")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.3, 0.5], help="alphas the adaptive policy picks from")
+    parser.add_argument("--latency-target", type=float, default=2.0, help="the adaptive policy's latency target (s)")
+    parser.add_argument("--ray", action="store_true", help="also measure Ray Serve with 1 and with 2 replicas")
+    parser.add_argument("--serve-flags", nargs=argparse.REMAINDER, default=[],
+                        help="more `catrt serve` flags for every configuration (last on the line)")
+    parser.add_argument("--device", default="cpu", help="what the servers run on: the report's title and default name")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report path; the plot goes beside it (default: a new file "
+                             "bench/results/tmp/adaptive-<device>-<time>.md)")
+    args = parser.parse_args(argv)
+    if MISSING:
+        parser.exit(2, f"{parser.prog}: error: missing optional dependency {MISSING!r}; "
+                       'install the bench extra: pip install -e ".[bench]"\n')
+    if any(clients < 1 for clients in args.levels):
+        parser.error("--levels take numbers of clients >= 1")
+    out = args.out or benchkit.default_out("adaptive", args.device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for number, configuration in enumerate(configurations(args)):
+        log = benchkit.RESULTS / "tmp" / f"{out.stem}-server{number}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        results[configuration.label] = measure(args, configuration, log)
+    plot_path = out.with_suffix(".png")
+    plot(results, plot_path)
+    out.write_text(report(args, results, plot_path.name))
+    print(out.read_text())
+    print(f"wrote {out} and {plot_path}")
+
+
+if __name__ == "__main__":
+    main()

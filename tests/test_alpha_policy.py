@@ -1,0 +1,111 @@
+"""The load-adaptive alpha policy on synthetic queues, its EWMA step times, and a worker that uses it."""
+
+from __future__ import annotations
+
+import pytest
+
+from catrt.cli import main
+
+from catrt.serve.alpha_policy import (
+    AlphaChooser,
+    Queued,
+    StepTimes,
+    StepTimeTracker,
+    batches,
+    choose_alpha,
+    ewma,
+    predicted_latencies,
+)
+
+ALPHAS = (0.2, 0.3, 0.5)
+# 4 full steps of 0.1 s, 8 pruned steps of alpha x 0.2 s, 0.1 s around them: a call takes
+# 0.82 s at alpha 0.2, 0.98 s at 0.3 and 1.3 s at 0.5.
+TIMES = StepTimes(full=0.1, pruned={alpha: 0.2 * alpha for alpha in ALPHAS}, other=0.1, full_steps=4, pruned_steps=8)
+CALL = {alpha: TIMES.call_seconds(alpha) for alpha in ALPHAS}
+
+
+def test_a_calls_time_is_its_steps_at_their_measured_times() -> None:
+    assert CALL == pytest.approx({0.2: 0.82, 0.3: 0.98, 0.5: 1.3})
+
+
+def test_light_load_runs_the_largest_alpha() -> None:
+    assert choose_alpha([Queued(age=0.0, rows=1)], TIMES, target=2.0, alphas=ALPHAS, capacity=1) == 0.5
+    assert choose_alpha([], TIMES, target=2.0, alphas=ALPHAS, capacity=1) == 0.5  # nothing waits: best quality
+
+
+def test_the_largest_alpha_that_keeps_every_queued_request_within_the_target_is_chosen() -> None:
+    queue = [Queued(age=0.5, rows=1), Queued(age=0.0, rows=1)]  # two calls; the second ends last
+    # the last ends after 2 calls: 2.6 s at 0.5, 1.96 s at 0.3, 1.64 s at 0.2
+    assert predicted_latencies(queue, TIMES, 1, 0.5) == pytest.approx([0.5 + 1.3, 2.6])
+    assert choose_alpha(queue, TIMES, target=2.0, alphas=ALPHAS, capacity=1) == 0.3
+    assert choose_alpha(queue, TIMES, target=1.9, alphas=ALPHAS, capacity=1) == 0.2
+    assert choose_alpha(queue, TIMES, target=2.7, alphas=ALPHAS, capacity=1) == 0.5
+
+
+def test_the_oldest_request_alone_can_force_a_smaller_alpha() -> None:
+    old = [Queued(age=1.0, rows=1)]  # 1.0 + 1.3 > 2.0 but 1.0 + 0.98 fits
+    assert choose_alpha(old, TIMES, target=2.0, alphas=ALPHAS, capacity=1) == 0.3
+
+
+def test_overload_runs_the_smallest_alpha() -> None:
+    queue = [Queued(age=0.0, rows=1)] * 10  # ten calls: even at 0.2 the last ends after 8.2 s
+    assert choose_alpha(queue, TIMES, target=2.0, alphas=ALPHAS, capacity=1) == 0.2
+    assert choose_alpha([Queued(age=5.0, rows=1)], TIMES, target=2.0, alphas=ALPHAS, capacity=1) == 0.2  # already late
+
+
+def test_batching_is_simulated_as_the_worker_batches() -> None:
+    queue = [Queued(0.0, 1, key="a"), Queued(0.0, 1, key="b"), Queued(0.0, 1, key="a"), Queued(0.0, 2, key="a")]
+    assert batches(queue, capacity=2) == [[0, 2], [1], [3]]
+    # four requests of one key in calls of four rows are one call: within 2 s at alpha 0.5
+    assert choose_alpha([Queued(0.0, 1)] * 4, TIMES, target=2.0, alphas=ALPHAS, capacity=4) == 0.5
+    assert choose_alpha([Queued(0.0, 1)] * 4, TIMES, target=2.0, alphas=ALPHAS, capacity=1) == 0.2
+
+
+def test_a_pinned_head_runs_its_alpha_and_pinned_calls_count_at_their_alpha() -> None:
+    overloaded = [Queued(0.0, 1, key=("pin", 0.5), alpha=0.5)] + [Queued(0.0, 1)] * 10
+    assert choose_alpha(overloaded, TIMES, target=2.0, alphas=ALPHAS, capacity=1) == 0.5  # honoured under overload
+    light = [Queued(0.0, 1, key=("pin", 0.2), alpha=0.2)]
+    assert choose_alpha(light, TIMES, target=60.0, alphas=ALPHAS, capacity=1) == 0.2  # and under light load
+    # An unpinned head followed by a pinned 0.5 call: that call costs 1.3 s whatever the head's alpha.
+    queue = [Queued(0.0, 1), Queued(0.0, 1, key="pinned", alpha=0.5)]
+    assert predicted_latencies(queue, TIMES, 1, 0.2) == pytest.approx([0.82, 0.82 + 1.3])
+    assert choose_alpha(queue, TIMES, target=2.3, alphas=ALPHAS, capacity=1) == 0.3  # 0.98 + 1.3 fits, 1.3 + 1.3 not
+    assert choose_alpha(queue, TIMES, target=2.2, alphas=ALPHAS, capacity=1) == 0.2
+
+
+def test_ewma_starts_at_the_first_sample_and_moves_by_its_weight() -> None:
+    assert ewma(None, 2.0) == 2.0
+    assert ewma(2.0, 1.0, weight=0.25) == pytest.approx(1.75)
+    tracker = StepTimeTracker(full_steps=4, pruned_steps=8, weight=0.5)
+    tracker.observe(0.5, {"encode": 0.05, "full_steps": 0.4, "pruned_steps": 0.8, "decode": 0.05})
+    tracker.observe(0.5, {"encode": 0.1, "full_steps": 0.8, "pruned_steps": 1.6, "decode": 0.1})
+    tracker.observe(0.2, {"encode": 0.05, "full_steps": 0.4, "pruned_steps": 0.32, "decode": 0.05})
+    times = tracker.times(ALPHAS)
+    assert times.full == pytest.approx(0.5 * (0.5 * (0.1 + 0.2)) + 0.5 * 0.1)  # full steps: every alpha's calls
+    assert times.pruned[0.5] == pytest.approx(0.15) and times.pruned[0.2] == pytest.approx(0.04)
+    assert times.pruned[0.3] == pytest.approx(0.15)  # not measured yet: the slowest measured, never optimistic
+    assert times.other == pytest.approx(0.5 * (0.5 * (0.1 + 0.2)) + 0.5 * 0.1)
+
+
+def test_the_fixed_policy_runs_the_first_alpha_unless_pinned() -> None:
+    tracker = StepTimeTracker(4, 8)
+    fixed = AlphaChooser("fixed", None, (0.3, 0.5, 0.2), 1, tracker)
+    assert fixed.choose([Queued(0.0, 1)] * 20) == 0.3 and fixed.choose([]) == 0.3
+    assert fixed.choose([Queued(0.0, 1, key="p", alpha=0.5)]) == 0.5
+    adaptive = AlphaChooser("adaptive", 2.0, ALPHAS, 1, tracker)
+    tracker.full, tracker.other, tracker.pruned = TIMES.full, TIMES.other, dict(TIMES.pruned)
+    assert adaptive.choose([Queued(0.0, 1)]) == 0.5 and adaptive.choose([Queued(0.0, 1)] * 10) == 0.2
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--alpha-policy", "adaptive"], "--alpha-policy adaptive needs --latency-target SECONDS"),
+    (["--alpha-policy", "adaptive", "--latency-target", "2"], "--alpha-policy adaptive needs at least two alphas"),
+    (["--latency-target", "2"], "--latency-target is what --alpha-policy adaptive aims for"),
+    (["--alpha", "0.3", "0.3"], "--alpha lists an alpha twice: [0.3, 0.3]"),
+    (["--alpha", "0.3", "1.5"], "CATConfig.alpha must be in (0, 1], got 1.5"),
+    (["--alpha", "0.5", "0.2", "--alpha-policy", "adaptive", "--latency-target", "0"], "latency_target must be > 0 seconds"),
+], ids=["no-target", "one-alpha", "target-without-adaptive", "alpha-twice", "alpha-range", "target-zero"])
+def test_serve_refuses_a_policy_it_cannot_run_in_one_line(capfd: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    assert main(["serve", "--model", "reference", "--port", "0", *argv]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("catrt serve: error: ") and message in err and err.count("\n") == 1
