@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from catrt.build_config import BuildConfig
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
-from catrt.engines.base import pruned_graph
+from catrt.contract import pruned_graph
 from catrt.errors import BuildError, ConfigError
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
 from catrt.integrity import resolve_key, sign_manifest

@@ -215,7 +215,8 @@ def _alphas_shape(alphas: list[Any]) -> list[CorruptBundleError]:
 
 
 def _graphs_shape(graphs: dict[str, Any]) -> list[CorruptBundleError]:
-    from catrt.engines.base import DTYPES, graph_kind
+    from catrt.contract import graph_kind
+    from catrt.engines.base import DTYPES
 
     problems = [_shape(f"graphs.{name}", f"field 'graphs.{name}' is missing") for name in ("context", "full") if name not in graphs]
     problems += [

@@ -317,10 +317,10 @@ def test_bundle_problems_reports_a_missing_manifest(tmp_path: Path) -> None:
 
 def test_a_packed_latent_bundle_is_checked_against_its_token_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(BUNDLE_KEY_ENV, raising=False)
-    config = BuildConfig("tiny-flux", height=32, width=48, batch=1, steps=6, t0=3, alpha=0.3, max_sequence_length=8, backend="eager")
+    config = BuildConfig("tiny-flux", height=32, width=48, batch=1, steps=6, t0=3, alphas=(0.3,), max_sequence_length=8, backend="eager")
     folder = build_engines(config, out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False)
     manifest = verify_bundle(folder)  # packed (rows, tokens, channels) latents: a 3x2 grid of 16-pixel tokens
-    assert manifest.graphs["full"]["inputs"][0]["shape"] == [1, 6, 64] and manifest.k == 2
+    assert manifest.graphs["full"]["inputs"][0]["shape"] == [1, 6, 64] and [entry["k"] for entry in manifest.alphas] == [2]
     _edit(folder, lambda data: data["build"].update(height=64))
     with pytest.raises(CorruptBundleError, match="48x64 .* is not a grid of the full graph's 6 packed tokens") as error:
         verify_bundle(folder)

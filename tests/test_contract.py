@@ -13,7 +13,7 @@ import torch
 
 import catrt
 from catrt.build_config import BuildConfig
-from catrt.contract import FULL, PRUNED, StepIO, step_shapes
+from catrt.contract import FULL, PRUNED, StepIO, pruned_graph, step_shapes
 from catrt.engines.eager import EagerEngine
 from catrt.export import capture_step_sample, graph_spec, reference_io, step_module
 from catrt.models import make_adapter
@@ -37,19 +37,19 @@ def reference(request: pytest.FixtureRequest, tiny_pipelines: dict[str, Any]) ->
     build = BuildConfig(request.param, height=64, width=96, batch=2, steps=12, t0=4, max_sequence_length=16, backend="eager")
     sample = capture_step_sample(pipe, adapter, build)
     k = build.num_selected(adapter.tokens_of(sample.hidden_states).shape[1])
-    inputs, outputs = reference_io(sample, adapter, k)
+    inputs, outputs = reference_io(sample, adapter, (k,))
     return adapter, sample, inputs, outputs, k
 
 
 def test_the_export_reference_has_the_declared_io(reference: tuple) -> None:
     adapter, sample, inputs, outputs, k = reference
     declared = _declared(adapter, sample.hidden_states, k, sample.timestep)
-    for step in (FULL, PRUNED):
-        assert tuple(inputs[step.graph])[: len(step.inputs)] == step.inputs  # positional inputs first, in order
-        assert tuple(outputs[step.graph]) == step.outputs
-        got = {**_io(step, inputs[step.graph], step.inputs), **_io(step, outputs[step.graph], step.outputs)}
+    for step, graph in ((FULL, "full"), (PRUNED, pruned_graph(k))):
+        assert tuple(inputs[graph])[: len(step.inputs)] == step.inputs  # positional inputs first, in order
+        assert tuple(outputs[graph]) == step.outputs
+        got = {**_io(step, inputs[graph], step.inputs), **_io(step, outputs[graph], step.outputs)}
         assert got == declared[step.graph]
-        context = {name for name in inputs[step.graph] if name not in step.inputs}
+        context = {name for name in inputs[graph] if name not in step.inputs}
         assert context == set(inputs["context"]) | set(outputs["context"])  # the whole context, after them
 
 
@@ -61,13 +61,13 @@ def test_the_exported_modules_and_the_eager_backend_return_the_declared_io(refer
     engine = EagerEngine(tmp_path, specs, torch.device("cpu"), adapter)
     engine.load()
     latent_shape = tuple(sample.hidden_states.shape)
-    for step in (FULL, PRUNED):
-        module = step_module(step.graph, adapter, inputs[step.graph], outputs[step.graph], latent_shape)
-        exported = step.named_outputs(module(*inputs[step.graph].values()))
-        ran = engine.run(step.graph, specs[step.graph].prepare(inputs[step.graph]))
+    for step, graph in ((FULL, "full"), (PRUNED, pruned_graph(k))):
+        module = step_module(graph, adapter, inputs[graph], outputs[graph], latent_shape)
+        exported = step.named_outputs(module(*inputs[graph].values()))
+        ran = engine.run(graph, specs[graph].prepare(inputs[graph]))
         for got in (exported, ran):
             assert _io(step, got, step.outputs) == {name: declared[step.graph][name] for name in step.outputs}
-            assert all(torch.allclose(got[name], outputs[step.graph][name], atol=1e-5) for name in step.outputs)
+            assert all(torch.allclose(got[name], outputs[graph][name], atol=1e-5) for name in step.outputs)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

@@ -23,7 +23,7 @@ from catrt import build as build_module
 from catrt.build import build_engines
 from catrt.build_config import BACKENDS, BuildConfig
 from catrt.cli import main
-from catrt.contract import FULL, PRUNED, step_shapes
+from catrt.contract import FULL, PRUNED, pruned_graph, step_shapes
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
 from catrt.engines.tensorrt import TensorRTEngine
 from catrt.errors import BuildError, ConfigError, CorruptBundleError, EngineMismatchError
@@ -122,9 +122,10 @@ def test_built_graphs_have_the_declared_io(name: str, onnx_builds: dict[str, Pat
     graphs = {graph: GraphSpec.from_dict(spec) for graph, spec in manifest.graphs.items()}
     latents = graphs["full"].inputs[0]
     timestep = graphs["full"].inputs[1].torch_dtype
-    declared = step_shapes(adapter, latents.shape, manifest.k, latents.torch_dtype, timestep)
-    for step in (FULL, PRUNED):
-        spec = graphs[step.graph]
+    (k,) = (entry["k"] for entry in manifest.alphas)
+    declared = step_shapes(adapter, latents.shape, k, latents.torch_dtype, timestep)
+    for step, graph in ((FULL, "full"), (PRUNED, pruned_graph(k))):
+        spec = graphs[graph]
         assert tuple(s.name for s in spec.inputs[: len(step.inputs)]) == step.inputs
         assert tuple(s.name for s in spec.outputs) == step.outputs
         got = {s.name: (s.shape, s.torch_dtype) for s in (*spec.inputs[: len(step.inputs)], *spec.outputs)}
