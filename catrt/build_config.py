@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from catrt.checks import integer, require
 from catrt.config import CATConfig, config_from_dict
 from catrt.errors import ConfigError
 
@@ -68,14 +69,11 @@ class BuildConfig:
     def __post_init__(self) -> None:
         _check_alphas(self.alphas)
         object.__setattr__(self, "alphas", tuple(self.alphas))  # a list read back from JSON
-        if not isinstance(self.model, str) or not self.model:
-            raise ConfigError(f"BuildConfig.model must be a model name or folder, got {self.model!r}", field="model")
+        require("BuildConfig", "model", self.model, isinstance(self.model, str) and bool(self.model), "a model name or folder")
         for name in ("height", "width", "max_sequence_length"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"BuildConfig.{name} must be a positive integer or None, got {value!r}", field=name)
-        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
-            raise ConfigError(f"BuildConfig.batch must be a positive integer, got {self.batch!r}", field="batch")
+            require("BuildConfig", name, value, value is None or (integer(value) and value >= 1), "a positive integer or None")
+        require("BuildConfig", "batch", self.batch, integer(self.batch) and self.batch >= 1, "a positive integer")
         _check_choice("precision", self.precision, tuple(PRECISIONS))
         _check_choice("backend", self.backend, BACKENDS)
         for each in self.alphas:
@@ -174,6 +172,5 @@ def _check_alphas(alphas: Any) -> None:
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"BuildConfig.{name} must be one of {', '.join(choices)}, got {value!r}", field=name, value=value)
+    require("BuildConfig", name, value, value in choices, f"one of {', '.join(choices)}")
 

@@ -18,8 +18,7 @@ from catrt.cli import main
 from catrt.errors import ConfigError, CorruptBundleError
 from catrt.integrity import bundle_files
 from catrt.manifest import MANIFEST_FILE, read_manifest
-from catrt.serve.config import ServeConfig
-from catrt.serve.model import load_served_model
+from catrt.serve.routing import load_builds
 from catrt.serve.schemas import ImageGenerationRequest
 from catrt.serve.validation import RequestRules
 from tests.conftest import call_kwargs
@@ -199,7 +198,7 @@ def test_cli_builds_inspects_and_generates_at_a_built_alpha(tmp_path: Path, capf
 
 
 def test_a_served_bundle_serves_and_checks_each_built_alpha(multi: dict[str, Path]) -> None:
-    served = load_served_model(ServeConfig(engines=str(multi["eager"])))
+    (served,) = load_builds([str(multi["eager"])])
     assert served.spec.alphas == ALPHAS and served.spec.alpha == 0.3
     rules = RequestRules(served, max_prompt_chars=100)
     rows, options = rules.admit(ImageGenerationRequest(prompt="a red circle", alpha=0.5, seed=3))

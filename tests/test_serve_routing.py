@@ -42,7 +42,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _build(root: Path, **fields: object) -> Path:
-    values = dict(model="tiny-sd3", height=64, width=64, batch=1, steps=8, t0=4, alpha=0.3, backend="eager",
+    values = dict(model="tiny-sd3", height=64, width=64, batch=1, steps=8, t0=4, alphas=(0.3,), backend="eager",
                   max_sequence_length=16)
     values.update(fields)
     return build_engines(BuildConfig(**values), out_dir=root / "engines", export_dir=root / "export", progress=False)

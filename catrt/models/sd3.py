@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 from typing import Any
@@ -19,8 +18,6 @@ from catrt.models.base import Adapter, Context, KVStore, attention, gated_add_, 
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
-
-logger = logging.getLogger(__name__)
 
 _UNSUPPORTED_CALL_ARGS = ("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers")
 

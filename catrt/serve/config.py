@@ -5,12 +5,12 @@ Imports nothing heavy: the CLI builds its parser from these defaults without loa
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dataclasses import replace
 
+from catrt.checks import integer, number, require
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.serve.alpha_policy import ALPHA_POLICIES
@@ -118,8 +118,7 @@ class ServeConfig:
                 "--precision is fixed by the build with --engines; drop it or build an engine with that precision",
                 field="precision", value=self.precision,
             )
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ConfigError(f"ServeConfig.port must be in [0, 65535], got {self.port!r}", field="port", value=self.port)
+        require("ServeConfig", "port", self.port, integer(self.port) and 0 <= self.port <= 65535, "in [0, 65535]")
         for name in ("max_queue", "max_body_bytes", "max_prompt_chars"):
             _check_positive(name, getattr(self, name))
         for name in ("timeout", "read_timeout", "keep_alive"):
@@ -181,13 +180,11 @@ class ServeConfig:
 
 
 def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"ServeConfig.{name} must be a positive integer, got {value!r}", field=name, value=value)
+    require("ServeConfig", name, value, integer(value) and value >= 1, "a positive integer")
 
 
 def _check_seconds(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"ServeConfig.{name} must be > 0 seconds, got {value!r}", field=name, value=value)
+    require("ServeConfig", name, value, number(value) and value > 0, "> 0 seconds")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ served size for the OpenAPI document.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ from catrt.serve.config import ServeConfig
 from catrt.serve.model import BatchOptions, Row, ServedModel, ServedSpec, load_engines, load_served_model
 from catrt.serve.schemas import ImageGenerationRequest
 from catrt.serve.validation import SIZE_PATTERN, RequestRules
-
-logger = logging.getLogger(__name__)
 
 
 class Router:
