@@ -37,7 +37,7 @@ try:  # the bench extra; main() names it in one line instead of a traceback
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 except ImportError as error:
-    MISSING: str | None = (error.name or "").split(".")[0] or str(error)
+    MISSING: str | None = benchkit.missing_package(error)
 else:
     MISSING = None
 
@@ -180,9 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="report path; the plot goes beside it (default: a new file "
                              "bench/results/tmp/adaptive-<device>-<time>.md)")
     args = parser.parse_args(argv)
-    if MISSING:
-        parser.exit(2, f"{parser.prog}: error: missing optional dependency {MISSING!r}; "
-                       'install the bench extra: pip install -e ".[bench]"\n')
+    benchkit.exit_if_missing(parser, MISSING)
     if any(clients < 1 for clients in args.levels):
         parser.error("--levels take numbers of clients >= 1")
     out = args.out or benchkit.default_out("adaptive", args.device)

@@ -1,5 +1,5 @@
-"""What every bench script shares: --help that shows defaults, and report paths that never overwrite a
-committed result unless asked (`--out bench/results/<name>`)."""
+"""What every bench script shares: --help that shows defaults, one line naming a missing bench extra, and
+report paths that never overwrite a committed result unless asked (`--out bench/results/<name>`)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,31 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def default_out(stem: str, device: str, suffix: str = ".md") -> Path:
-    """A file that does not exist yet, bench/results/tmp/<stem>-<device>-<time><suffix> (git ignores tmp/)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "device"
-    base = f"{stem}-{slug}-" + time.strftime("%Y%m%d-%H%M%S")
+BENCH_EXTRA = 'install the bench extra: pip install -e ".[bench]"'
+
+
+def missing_package(error: ImportError) -> str:
+    """The pip name of the package an import of the bench extra failed on."""
+    module = (error.name or "").split(".")[0]
+    return {"skimage": "scikit-image"}.get(module, module) or str(error)
+
+
+def exit_if_missing(parser: argparse.ArgumentParser, missing: str | None) -> None:
+    """One line and exit code 2 when the bench extra is not installed, instead of a traceback."""
+    if missing:
+        parser.exit(2, f"{parser.prog}: error: missing optional dependency {missing!r}; {BENCH_EXTRA}\n")
+
+
+def new_path(stem: str, suffix: str = "") -> Path:
+    """bench/results/tmp/<stem>-<time><suffix>, numbered until no such file or folder exists (git ignores tmp/)."""
+    base = f"{stem}-" + time.strftime("%Y%m%d-%H%M%S")
     path, number = RESULTS / "tmp" / f"{base}{suffix}", 2
     while path.exists():
         path, number = RESULTS / "tmp" / f"{base}-{number}{suffix}", number + 1
     return path
+
+
+def default_out(stem: str, device: str, suffix: str = ".md") -> Path:
+    """A report file that does not exist yet, bench/results/tmp/<stem>-<device>-<time><suffix>."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "device"
+    return new_path(f"{stem}-{slug}", suffix)

@@ -21,10 +21,14 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/benchkit.py, also when loaded by path
+import benchkit  # noqa: E402
 
 try:  # the bench extra; main() names what is missing in one line instead of a traceback
     import matplotlib
@@ -33,8 +37,7 @@ try:  # the bench extra; main() names what is missing in one line instead of a t
     import matplotlib.pyplot as plt
     import skimage  # noqa: F401
 except ImportError as error:
-    _module = (error.name or "").split(".")[0]
-    MISSING: str | None = {"skimage": "scikit-image"}.get(_module, _module) or str(error)
+    MISSING: str | None = benchkit.missing_package(error)
 else:
     MISSING = None
 
@@ -52,7 +55,6 @@ from catrt.reference.pipeline import load_reference_pipeline  # noqa: E402
 from catrt.runtime import CATRuntime  # noqa: E402
 from catrt.scheduler import step_kind  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ALPHAS = (0.2, 0.3, 0.5)
 THRESHOLDS = (0.05, 0.09, 0.13, 0.2)
 HEADROOM_ALPHA = 0.3
@@ -265,17 +267,13 @@ def headroom_lines(headroom: Comparison, labels: list[str]) -> list[str]:
 
 
 def default_out() -> Path:
-    """A folder that does not exist yet, under bench/results/tmp/ (git ignores it)."""
-    stem = RESULTS / "tmp" / time.strftime("frontier-%Y%m%d-%H%M%S")
-    path, number = stem, 2
-    while path.exists():
-        path, number = stem.with_name(f"{stem.name}-{number}"), number + 1
-    return path
+    """A folder that does not exist yet, bench/results/tmp/frontier-<time> (git ignores it)."""
+    return benchkit.new_path("frontier")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench/frontier.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=benchkit.HelpFormatter)
     parser.add_argument("--n", type=int, default=12, help="prompts (prompt i runs with seed i)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps")
     parser.add_argument("--t0", type=int, default=8, help="full steps before pruning or reuse starts")
@@ -288,8 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder for frontier.md, frontier.png, frontier.csv (default: a new folder under "
                              "bench/results/tmp/; --out bench/results regenerates the committed results)")
     args = parser.parse_args(argv)
-    if MISSING:
-        parser.exit(2, f"{parser.prog}: error: missing optional dependency {MISSING!r}; {metrics.BENCH_EXTRA}\n")
+    benchkit.exit_if_missing(parser, MISSING)
     if args.tiny:
         args.n, args.steps, args.t0 = 1, 5, 2
     torch.set_num_threads(args.threads)

@@ -31,7 +31,7 @@ import benchkit  # noqa: E402
 try:  # the bench extra; main() names it in one line instead of a traceback
     import httpx
 except ImportError as error:
-    MISSING: str | None = (error.name or "").split(".")[0] or str(error)
+    MISSING: str | None = benchkit.missing_package(error)
 else:
     MISSING = None
 
@@ -203,9 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="report path (default: a new file bench/results/tmp/load-<device>-<time>.md; "
                              "--out bench/results/load-cpu.md regenerates the committed one)")
     args = parser.parse_args(argv)
-    if MISSING:
-        parser.exit(2, f"{parser.prog}: error: missing optional dependency {MISSING!r}; "
-                       'install the bench extra: pip install -e ".[bench]"\n')
+    benchkit.exit_if_missing(parser, MISSING)
     url = args.url.rstrip("/")
     if any(clients < 1 for clients in args.ramp or [args.clients]):
         parser.error("--clients and --ramp take numbers of clients >= 1")

@@ -16,10 +16,14 @@ Writes quality.md, quality-grid.png and figure3.png into `--out`. Needs the benc
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/benchkit.py, also when loaded by path
+import benchkit  # noqa: E402
 
 try:  # the bench extra; main() names what is missing in one line instead of a traceback
     import matplotlib
@@ -28,8 +32,7 @@ try:  # the bench extra; main() names what is missing in one line instead of a t
     import matplotlib.pyplot as plt
     from skimage.metrics import structural_similarity
 except ImportError as error:
-    _module = (error.name or "").split(".")[0]
-    MISSING: str | None = {"skimage": "scikit-image"}.get(_module, _module) or str(error)
+    MISSING: str | None = benchkit.missing_package(error)
 else:
     MISSING = None
 
@@ -180,28 +183,14 @@ def write_table(path: Path, args: argparse.Namespace, baseline: dict[str, float]
     path.write_text("\n".join(lines) + "\n")
 
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
 def default_out() -> Path:
-    """A folder that does not exist yet, under bench/results/tmp/ (git ignores it): never the committed results."""
-    stem = RESULTS / "tmp" / time.strftime("quality-%Y%m%d-%H%M%S")
-    path, number = stem, 2
-    while path.exists():
-        path, number = stem.with_name(f"{stem.name}-{number}"), number + 1
-    return path
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (whose meaning the help text says)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
+    """A folder that does not exist yet, bench/results/tmp/quality-<time>: never the committed results."""
+    return benchkit.new_path("quality")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=benchkit.HelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="prompts (and seeds)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps")
     parser.add_argument("--t0", type=int, default=8, help="full steps before pruning starts")
@@ -216,9 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder for quality.md, quality-grid.png, figure3.png (default: a new folder "
                              "bench/results/tmp/quality-<time>; --out bench/results regenerates the committed results)")
     args = parser.parse_args(argv)
-    if MISSING:
-        parser.exit(2, f"{parser.prog}: error: missing optional dependency {MISSING!r}; "
-                       'install the bench extra: pip install -e ".[bench]"\n')
+    benchkit.exit_if_missing(parser, MISSING)
     args.out = args.out or default_out()
     args.out.mkdir(parents=True, exist_ok=True)
 
