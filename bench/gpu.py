@@ -17,6 +17,8 @@ Variants per model:
   compiled, as diffusers' `compile_repeated_blocks` does: identical blocks share one graph, so it
   compiles in seconds at about the step time of a whole-model compile). Full step only.
 - catrt eager: `CATRuntime` over the eager adapter (8 full steps, then 20 pruned steps).
+- catrt graphs: the same eager adapter with each step captured as one CUDA graph (what capture gains
+  without inductor).
 - catrt compile: `CATRuntime` over `compile_step_functions(adapter)`, steps captured as CUDA graphs.
 
 Every variant runs one untimed generation first (compile, CUDA-graph capture), then `--repeats`
@@ -24,7 +26,9 @@ timed generations with a CUDA event between steps. A full or pruned step is the 
 steps over the timed generations (a catrt pruned step includes choosing the next step's tokens);
 the generation time is the median of the whole loops. catrt variants then run one more generation
 that counts device allocations over a few steady-state pruned steps and runs a few more under
-`torch.cuda.set_sync_debug_mode("error")`. The selection is also timed on its own.
+`torch.cuda.set_sync_debug_mode("error")`. The selection is also timed on its own, eagerly and (for
+the captured variants) replayed as a CUDA graph. `--profile` adds torch.profiler's top kernels of the
+steady full and pruned steps per variant (`<out stem>-profile.md`): what the next change should target.
 
 Time budget (8 minutes on an H100): the eager variants of every model run first (pass 1), then the
 compiled ones (pass 2, each model rebuilt with the same seed), because compiling dominates: catrt
@@ -73,8 +77,9 @@ from catrt.model_cards import MODEL_CARDS, ModelCard  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODELS = ("sd3", "pixart-sigma", "sd3.5-large")  # the slowest to compile last: --budget-s cuts it first
-VARIANTS = ("diffusers-eager", "diffusers-compile", "catrt-eager", "catrt-compile")  # table order
-PASSES = (("diffusers-eager", "catrt-eager"), ("catrt-compile", "diffusers-compile"))  # run order
+VARIANTS = ("diffusers-eager", "diffusers-compile", "catrt-eager", "catrt-graphs", "catrt-compile")  # table order
+PASSES = (("diffusers-eager", "catrt-eager", "catrt-graphs"), ("catrt-compile", "diffusers-compile"))  # run order
+CAPTURED = ("catrt-graphs", "catrt-compile")  # steps replayed as CUDA graphs on a GPU
 DTYPES = {"sd3": torch.float16, "sd3.5-medium": torch.bfloat16, "sd3.5-large": torch.bfloat16, "pixart-sigma": torch.float16}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TRANSFORMERS = {"sd3": SD3Transformer2DModel, "pixart": PixArtTransformer2DModel}
@@ -108,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="regional: torch.compile each transformer block (fast to compile); whole: the whole module")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip variants not yet started after this many seconds (default 420 on a GPU, off with --tiny)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the steady full and pruned steps of each variant (torch.profiler) and write "
+                             "the top kernels to <out stem>-profile.md")
+    parser.add_argument("--profile-rows", type=int, default=25, help="kernels listed per profile")
     parser.add_argument("--out", type=Path, default=None, help="report path (default bench/results/speed-<gpu>.md)")
     args = parser.parse_args(argv)
     tiny = args.tiny
@@ -331,6 +340,7 @@ class Row:
     warmup_s: float | str | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    profiles: dict[str, str] = field(default_factory=dict)  # --profile: step kind -> kernel table
 
 
 @dataclass
@@ -370,8 +380,9 @@ def diffusers_compiled(transformer: torch.nn.Module, how: str, tiny: bool) -> Va
     return Variant(lambda: step, prunes=False, notes=[note + (" [--tiny: dynamo 'eager' backend]" if tiny else "")])
 
 
-def catrt_variant(adapter: Any, args: argparse.Namespace, compiled: bool, device: torch.device) -> Variant:
-    """CATRuntime over the eager adapter, or over compiled step functions with CUDA graphs (on CUDA).
+def catrt_variant(adapter: Any, args: argparse.Namespace, compiled: bool, graphs: bool, device: torch.device) -> Variant:
+    """CATRuntime over the eager adapter or compiled step functions, each step replayed as one CUDA graph
+    when `graphs` (on CUDA; the eager adapter then shows what capture alone gains, without inductor).
 
     The runtime's persistent buffers are shared by every generation of the variant, as a server
     would keep them; one CATRuntime per generation.
@@ -386,7 +397,9 @@ def catrt_variant(adapter: Any, args: argparse.Namespace, compiled: bool, device
     functions = compile_step_functions(adapter, compile_backend_name(args.tiny)) if compiled else None
     if compiled and args.tiny:
         notes.append("[--tiny: dynamo 'eager' backend]")
-    extra: dict[str, Any] = {"buffers": RuntimeBuffers(), "cuda_graphs": compiled and device.type == "cuda"}
+    if graphs and device.type != "cuda":
+        notes.append("[cpu: no CUDA graphs]")
+    extra: dict[str, Any] = {"buffers": RuntimeBuffers(), "cuda_graphs": graphs and device.type == "cuda"}
 
     def new_generation() -> StepFn:
         return CATRuntime(adapter, config, steps=args.steps, guidance=True, functions=functions, **extra)
@@ -413,7 +426,42 @@ def measure_variant(row: Row, variant: Variant, loop: Loop, args: argparse.Names
     row.generation_ms = statistics.median(g.total_ms for g in timed)
     if variant.prunes:
         check_steady_state(row, variant, loop, args, device, clock)
+    if args.profile:
+        row.profiles = profile_steps(variant, loop, args, device, clock)
     return warm
+
+
+def profile_steps(variant: Variant, loop: Loop, args: argparse.Namespace, device: torch.device, clock: Clock) -> dict[str, str]:
+    """torch.profiler's top kernels over the steady full steps, and (pruning variants) the steady pruned
+    steps, one more generation each: where a variant's step time goes, for the next change."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    windows = {"full": (2, args.t0 - 1)}
+    if variant.prunes:
+        windows["pruned"] = (args.t0 + 2, args.steps)
+    tables = {}
+    for kind, (first, last) in windows.items():
+        if first > last:
+            continue
+        profiler = profile(activities=activities)
+
+        def before(step: int) -> None:
+            if step == first:
+                clock.sync()
+                profiler.start()
+
+        def after(step: int) -> None:
+            if step == last:
+                clock.sync()
+                profiler.stop()
+
+        run_generation(variant.new_generation(), loop, clock, before=before, after=after)
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
+        tables[f"{kind} steps {first}-{last}"] = table
+    return tables
 
 
 def check_steady_state(row: Row, variant: Variant, loop: Loop, args: argparse.Namespace, device: torch.device, clock: Clock) -> None:
@@ -454,8 +502,9 @@ def check_steady_state(row: Row, variant: Variant, loop: Loop, args: argparse.Na
         row.allocs_per_step = (counts["end"] - counts["start"]) / len(alloc_window)
 
 
-def selection_ms(adapter: Any, setup: ModelSetup, args: argparse.Namespace, device: torch.device) -> float:
-    """Median time of one later CAT selection alone at the real shapes, as the runtime makes it.
+def selection_ms(adapter: Any, setup: ModelSetup, args: argparse.Namespace, device: torch.device) -> tuple[float, float | None]:
+    """Median time of one later CAT selection alone at the real shapes, as the runtime makes it: run
+    eagerly, and (on CUDA) replayed as a CUDA graph, as it runs inside a captured pruned step.
 
     The runtime scores the conditional half of its output cache in float32 (the cast is timed too)
     against a float32 reference, with float32 staleness and int64 labels and step numbers.
@@ -480,16 +529,31 @@ def selection_ms(adapter: Any, setup: ModelSetup, args: argparse.Namespace, devi
                                n_clusters=n_clusters, magnitude_fraction=config.magnitude_fraction)
 
     clock = Clock(device)
-    for _ in range(3):
+
+    def median_ms(run: Callable[[], Any]) -> float:
+        for _ in range(3):
+            run()
+        times = []
+        for _ in range(args.selection_repeats):
+            start = clock.mark()
+            run()
+            end = clock.mark()
+            clock.sync()
+            times.append(clock.ms(start, end))
+        return statistics.median(times)
+
+    eager = median_ms(select)
+    if device.type != "cuda":
+        return eager, None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as capture requires
         select()
-    times = []
-    for _ in range(args.selection_repeats):
-        start = clock.mark()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         select()
-        end = clock.mark()
-        clock.sync()
-        times.append(clock.ms(start, end))
-    return statistics.median(times)
+    return eager, median_ms(graph.replay)
 
 
 def mac_ratios(setup: ModelSetup, args: argparse.Namespace) -> str:
@@ -563,17 +627,18 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
         report.write()
         return
 
-    catrt_rows = [rows[v] for v in ("catrt-eager", "catrt-compile") if v in rows]
+    catrt_rows = [rows[v] for v in VARIANTS if v.startswith("catrt") and v in rows]
     if any(v.startswith("catrt") for v in variants) and all(row.selection_ms is None for row in catrt_rows):
         try:
             with torch.no_grad():
-                selection: float | str = selection_ms(adapter, setup, args, device)
-            log(f"{name}: selection {selection:.3f} ms")
+                eager_ms, captured_ms = selection_ms(adapter, setup, args, device)
+            log(f"{name}: selection {eager_ms:.3f} ms eager" + (f", {captured_ms:.3f} ms as a CUDA graph" if captured_ms else ""))
+            for row in catrt_rows:
+                row.selection_ms = captured_ms if captured_ms is not None and row.variant in CAPTURED else eager_ms
         except Exception as error:
             log(f"{name}: selection timing failed\n{traceback.format_exc()}")
-            selection = f"error: {short_error(error)}"
-        for row in catrt_rows:
-            row.selection_ms = selection
+            for row in catrt_rows:
+                row.selection_ms = f"error: {short_error(error)}"
 
     for variant_name in variants:
         row = rows[variant_name]
@@ -590,7 +655,7 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
                 elif variant_name == "diffusers-compile":
                     variant = diffusers_compiled(transformer, args.diffusers_compile, args.tiny)
                 else:
-                    variant = catrt_variant(adapter, args, variant_name == "catrt-compile", device)
+                    variant = catrt_variant(adapter, args, variant_name == "catrt-compile", variant_name in CAPTURED, device)
                 row.notes.extend(variant.notes)
                 warm = measure_variant(row, variant, loop, args, device)
             firsts[variant_name] = warm.first_prediction
@@ -709,12 +774,14 @@ class Report:
             f"(catrt full: steps 2..{args.t0 - 1}; pruned: steps {args.t0 + 2}..{args.steps}, each including the next step's "
             f"selection); *{args.steps} steps* = median whole loop (diffusers: {args.steps} full steps; catrt: {args.t0} full "
             f"+ {args.steps - args.t0} pruned, KMeans at t0 included); *speedup* over diffusers eager. *Selection* = "
-            f"`select_cat_step` alone at the real shapes (float32 scores, as the runtime), median of {args.selection_repeats}. *Peak* = "
+            f"`select_cat_step` alone at the real shapes (float32 scores, as the runtime), median of {args.selection_repeats}, "
+            f"run eagerly (catrt eager) or replayed as a CUDA graph (catrt graphs, catrt compile; eager on the CPU). *Peak* = "
             f"`max_memory_allocated` over the timed generations (weights included). *Allocs/step* = change of "
             f"`allocation.all.allocated` over {args.check_steps} steady pruned steps, per step. *Host sync* = "
             f"{args.check_steps} further steady pruned steps under `torch.cuda.set_sync_debug_mode(\"error\")`. "
             f"diffusers compile: {'each transformer block compiled (regional)' if args.diffusers_compile == 'regional' else 'whole module compiled'}"
-            f", inductor default mode; catrt compile: `compile_step_functions(adapter)` with the runtime's CUDA graphs"
+            f", inductor default mode; catrt graphs: the eager adapter, each step one CUDA graph; catrt compile: "
+            f"`compile_step_functions(adapter)` with the runtime's CUDA graphs"
             + ("; --tiny: dynamo's 'eager' backend, no CUDA graphs." if args.tiny else "."),
             "",
         ]
@@ -757,6 +824,18 @@ class Report:
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(self.header() + self.table() + self.notes()) + "\n")
+        profiled = [row for row in self.rows if row.profiles]
+        if profiled:
+            lines = [f"# Profiles: {self.path.name}", "", "torch.profiler over steady steps of one more generation per variant "
+                     "(`bench/gpu.py --profile`); sorted by self device time (CPU time on the CPU).", ""]
+            for row in profiled:
+                for window, table in row.profiles.items():
+                    lines += [f"## {row.model} {row.variant}: {window}", "", "```", table.rstrip(), "```", ""]
+            self.profile_path.write_text("\n".join(lines))
+
+    @property
+    def profile_path(self) -> Path:
+        return self.path.with_name(f"{self.path.stem}-profile.md")
 
 
 def main(argv: list[str] | None = None) -> None:

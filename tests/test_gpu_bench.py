@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("sd3", "sd3.5-large", "pixart-sigma")
-VARIANTS = ("diffusers-eager", "diffusers-compile", "catrt-eager", "catrt-compile")
+VARIANTS = ("diffusers-eager", "diffusers-compile", "catrt-eager", "catrt-graphs", "catrt-compile")
 STEPS = 10  # the --tiny default
 
 
@@ -99,3 +99,18 @@ def test_a_failing_variant_reports_its_error_and_the_rest_runs(tmp_path: Path, m
     positive(rows[("sd3", "diffusers-eager")]["4 steps (ms)"])
     assert rows[("sd3", "catrt-eager")]["full step (ms)"] == "error"
     assert "- sd3 catrt-eager: **error** RuntimeError: CUDA out of memory (simulated)" in text
+
+
+def test_profile_writes_the_top_kernels_of_full_and_pruned_steps(tmp_path: Path) -> None:
+    gpu = load_script()
+    out = tmp_path / "speed.md"
+    gpu.main(["--tiny", "--models", "pixart-sigma", "--variants", "diffusers-eager", "catrt-graphs", "--repeats", "1",
+              "--steps", "8", "--t0", "4", "--profile", "--profile-rows", "5", "--out", str(out)])
+    profile = (tmp_path / "speed-profile.md").read_text()
+    sections = [line for line in profile.splitlines() if line.startswith("## ")]
+    assert sections == [
+        "## pixart-sigma diffusers-eager: full steps 2-3",
+        "## pixart-sigma catrt-graphs: full steps 2-3",
+        "## pixart-sigma catrt-graphs: pruned steps 6-8",
+    ]
+    assert profile.count("Self CPU") >= 3 and "aten::" in profile  # a profiler table per section

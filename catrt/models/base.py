@@ -85,6 +85,13 @@ class KVStore:
             # The same rows written as whole-row copies: several times faster than scatter_ on a CPU.
             rows = torch.arange(fresh.shape[0], device=fresh.device).unsqueeze(1)
             return self.kv_cache[slot].index_put_((rows, self.indices), fresh)
+        if self.in_place and torch.compiler.is_compiling():
+            # Indexing the cache itself, not a slot view of it: inductor then writes the k rows in place,
+            # where a scatter_ into `kv_cache[slot]` makes it copy the whole slot out and back.
+            rows = torch.arange(fresh.shape[0], device=fresh.device).unsqueeze(1)
+            at_slot = torch.full((1, 1), slot, dtype=torch.long, device=fresh.device)
+            self.kv_cache.index_put_((at_slot, rows, self.indices), fresh)
+            return self.kv_cache[slot]
         if self._index is None:
             self._index = self.indices.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])
         if self.in_place:
@@ -320,7 +327,7 @@ def modulate_(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     allocates nothing (a step's fresh (B, N, D) tensors are what costs time on a CPU).
     """
     scale, shift = 1 + scale[:, None], shift[:, None]
-    if torch.result_type(normed, scale) != normed.dtype or torch.result_type(normed, shift) != normed.dtype:
+    if not _one_dtype(normed, scale, shift):
         return normed * scale + shift
     return normed.mul_(scale).add_(shift)
 
@@ -328,9 +335,18 @@ def modulate_(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
 def gated_add_(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """`x + gate[:, None] * update`, in place on `x` and `update` (both fresh tensors of the caller) when the dtypes allow."""
     gate = gate.unsqueeze(1)
-    if torch.result_type(update, gate) != update.dtype or torch.result_type(x, update) != x.dtype:
+    if not _one_dtype(x, gate, update):
         return x + gate * update
     return x.add_(update.mul_(gate))
+
+
+def _one_dtype(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors share one dtype, so an in-place op keeps the functional result's dtype.
+
+    Compared by attribute, not `torch.result_type`: dynamo cannot trace an op that returns a dtype, and
+    each such call split a compiled SD3 forward into a graph per block.
+    """
+    return all(tensor.dtype == tensors[0].dtype for tensor in tensors[1:])
 
 
 def _writes_into(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
