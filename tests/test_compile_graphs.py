@@ -1,10 +1,13 @@
-"""What torch.compile makes of the step functions: one graph per forward, the K/V rows written in place.
+"""What the first GPU run found, held on the CPU: one graph per compiled forward, K/V rows written in
+place, a contiguous residual stream.
 
-The first GPU run (bench/results/speed-nvidia-h200.md) found the compiled SD3 forwards split into a
-graph per block (a dtype check dynamo cannot trace) and inductor copying each whole K/V slot out
-and back around a pruned step's row writes. These hold every family to one graph per forward, the
-compiled forward to the eager one (outputs and cache), and the compiled row write to touching only
-the k rows (inductor's generated code allocates no slot-sized buffer).
+The run (bench/results/speed-nvidia-h200.md) found the compiled SD3 forwards split into a graph per
+block (a dtype check dynamo cannot trace), inductor copying each whole K/V slot out and back around a
+pruned step's row writes, and PixArt's full step slower than diffusers'. These hold every family to
+one graph per forward equal to the eager one (outputs and cache), the compiled row write to touching
+only the k rows (inductor's generated code allocates no slot-sized buffer), and every norm and linear
+of a full step to reading tokens with adjacent channels (the patch embedding's (B, D, N) layout once
+kept the whole PixArt residual stream channel-major).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
+from torch.overrides import TorchFunctionMode
 
 import catrt
 from catrt.models import make_adapter
@@ -84,3 +88,27 @@ def test_compiled_row_writes_touch_only_the_selected_rows() -> None:
     program = program[program.index("def call("):]
     buffers = re.findall(r"empty_strided_\w+\(\(([^)]*)\)", program)
     assert f"{batch}, {tokens}, {width}" not in buffers, buffers  # no copy of slot 1 out and back
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_full_step_reads_contiguous_tokens(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    adapter = make_adapter(pipe.transformer)
+    args = _step_inputs(pipe)["full"]
+    tokens = adapter.tokens_of(args[0]).shape[1]
+    strided: list[str] = []
+
+    class Layouts(TorchFunctionMode):
+        """Records norms and linears handed (B, N, D) tokens whose channels are not adjacent (channel-major)."""
+
+        def __torch_function__(self, func: Any, types: Any, call: tuple = (), kwargs: dict | None = None) -> Any:
+            name = getattr(func, "__name__", "")
+            if name in ("layer_norm", "linear", "group_norm", "rms_norm") and call:
+                x = call[0]
+                if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] == tokens and x.stride(-1) != 1:
+                    strided.append(f"{name}{tuple(x.shape)} strides {x.stride()}")
+            return func(*call, **(kwargs or {}))
+
+    with torch.no_grad(), Layouts():
+        adapter.full_forward(*args[:-1], args[-1].clone())
+    assert strided == []

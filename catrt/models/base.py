@@ -167,8 +167,14 @@ class Adapter(ABC):
         return (latent_shape[0], self.out_channels, *latent_shape[2:])
 
     def embed(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """All latents -> (B, N, D) tokens, as the transformer's own embedding."""
-        return self.transformer.pos_embed(hidden_states)
+        """All latents -> (B, N, D) tokens, as the transformer's own embedding, made contiguous.
+
+        The conv patch embedding returns (B, D, N)-strided tokens. Blocks that add their residual
+        as `x + update` keep the first operand's layout, so without this copy the whole residual
+        stream of a full step stays channel-major and every norm and linear reading it copies it
+        again (diffusers' blocks add `update + x` and go contiguous after the first block).
+        """
+        return self.transformer.pos_embed(hidden_states).contiguous()
 
     def grid(self, latent_height: int, latent_width: int) -> Grid:
         """The token grid of a latent size; raises when the patch size does not divide it."""
@@ -248,7 +254,7 @@ class Adapter(ABC):
     def first_block_residual(self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context) -> torch.Tensor:
         """(B, N, D): what the first block adds to the embedded latents; the signal of the
         First-Block-Cache-style `reuse_threshold` baseline (catrt/runtime.py)."""
-        tokens = self.embed(hidden_states).contiguous()
+        tokens = self.embed(hidden_states)
         return self.first_block(tokens.clone(), timestep, context) - tokens
 
     # -- shared pieces -------------------------------------------------------------------------

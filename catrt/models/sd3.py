@@ -88,7 +88,6 @@ class SD3Adapter(Adapter):
             store.in_place and tokens.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         )
         scratch = self._scratch if eager_cpu else None
-        tokens = tokens.contiguous()  # the patch embedding is (B, D, N)-strided, as in diffusers
         temb = model.time_text_embed(timestep, context["pooled_projections"])
         text = model.context_embedder(context["encoder_hidden_states"])
         for index, block in enumerate(model.transformer_blocks):
