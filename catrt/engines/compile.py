@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +26,9 @@ from catrt.engines.eager import EagerEngine
 from catrt.models.base import Adapter, BlockFunction, Context, KVStore
 
 logger = logging.getLogger(__name__)
+
+#: A torch.compile backend: its name, or a callable (graph, example inputs) -> callable.
+Backend = str | Callable[..., Any]
 
 #: Cache entries a block function may hold. A block function's entries are its kinds (SD3.5-medium's
 #: joint function: dual-attention, plain and last blocks) x {full, pruned} x each step shape (batch,
@@ -37,7 +41,7 @@ BLOCK_RECOMPILE_LIMIT = 64
 class CompiledBlocks:
     """A forward's `block_call` that runs each block function through its own `torch.compile` (static shapes, no breaks)."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self._compiled: dict[BlockFunction, BlockFunction] = {}
 
@@ -46,8 +50,13 @@ class CompiledBlocks:
         if compiled is None:
             compiled = torch.compile(function, dynamic=False, fullgraph=True, backend=self.backend)
             self._compiled[function] = compiled
-        with torch._dynamo.config.patch(recompile_limit=BLOCK_RECOMPILE_LIMIT):
-            return compiled(block, store.window(first_slot, num_slots, sliced=True), *inputs)
+        window = store.window(first_slot, num_slots, sliced=True)
+        config = torch._dynamo.config  # set and restored by hand: `config.patch` costs ~40x more per block call
+        limit, config.recompile_limit = config.recompile_limit, max(config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
+        try:
+            return compiled(block, window, *inputs)
+        finally:
+            config.recompile_limit = limit
 
 
 class CompiledSteps:
@@ -56,7 +65,7 @@ class CompiledSteps:
     capturable = True
     cuda_graphs = True  # the runtime captures compiled steps on a CUDA device by default
 
-    def __init__(self, adapter: Adapter, backend: str = "inductor", regional: bool = True) -> None:
+    def __init__(self, adapter: Adapter, backend: Backend = "inductor", regional: bool = True) -> None:
         self.adapter = adapter
         if regional:
             blocks = CompiledBlocks(backend)
@@ -70,7 +79,7 @@ class CompiledSteps:
         return self.adapter.prepare_context(inputs, latent_shape)
 
 
-def compile_step_functions(adapter: Adapter, backend: str = "inductor", regional: bool = True) -> CompiledSteps:
+def compile_step_functions(adapter: Adapter, backend: Backend = "inductor", regional: bool = True) -> CompiledSteps:
     """The runtime's step functions for `adapter`, compiled on first use by torch.compile's `backend`.
 
     `regional`: compile block by block (blocks of one kind share their graphs) rather than each
@@ -79,7 +88,9 @@ def compile_step_functions(adapter: Adapter, backend: str = "inductor", regional
     """
     logger.info(
         "torch.compile (%s, %s) of the step functions of %s",
-        backend, "per block" if regional else "whole forwards", type(adapter.transformer).__name__,
+        backend if isinstance(backend, str) else type(backend).__name__,
+        "per block" if regional else "whole forwards",
+        type(adapter.transformer).__name__,
     )
     return CompiledSteps(adapter, backend, regional)
 
