@@ -1,13 +1,13 @@
 """The compile backend's compile time and warm step time: whole-forward vs regional (block by block).
 
-    python bench/compile_time.py --models tiny-sd3 sd3-4blocks
+    python bench/compile_time.py --models tiny-sd3 sd3-small
 
 For each model and mode, a fresh process (no dynamo or inductor state, inductor's on-disk caches off)
 times the first full and the first pruned step of `compile_step_functions(adapter, regional=...)`
 (compile included), counts the graphs the backend compiled, then times warm full and pruned steps of
 the compiled functions and of the eager adapter. Random weights and inputs, batch 2, alpha 0.3;
 prints a markdown table. Models: `tiny-sd3` (the package's tiny pipeline transformer) and
-`sd3-4blocks` (SD3-medium's config with 4 blocks of width 128 and a 32x32 latent).
+`sd3-small` (SD3-medium's config with --blocks blocks of width 128 and a 32x32 latent).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchkit  # noqa: E402
 
-MODELS = ("tiny-sd3", "sd3-4blocks")
+MODELS = ("tiny-sd3", "sd3-small")
 MODES = ("whole", "regional")
 
 
-def build(model: str) -> tuple[Any, tuple[int, int], int]:
+def build(model: str, blocks: int) -> tuple[Any, tuple[int, int], int]:
     """The transformer (seeded random weights), its latent size and text length."""
     import torch
     from diffusers import SD3Transformer2DModel
@@ -41,12 +41,12 @@ def build(model: str) -> tuple[Any, tuple[int, int], int]:
     if model == "tiny-sd3":
         return build_tiny_pipeline("tiny-sd3").transformer, (8, 12), 16
     config = dict(MODEL_CARDS["sd3"].transformer_config)
-    config.update(num_layers=4, attention_head_dim=32, num_attention_heads=4, sample_size=32, joint_attention_dim=64,
+    config.update(num_layers=blocks, attention_head_dim=32, num_attention_heads=4, sample_size=32, joint_attention_dim=64,
                   caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=32)
     return SD3Transformer2DModel.from_config(config), (32, 32), 32
 
 
-def measure(model: str, mode: str, backend_name: str, repeats: int) -> dict[str, Any]:
+def measure(model: str, mode: str, backend_name: str, repeats: int, blocks: int) -> dict[str, Any]:
     """One model in one mode, in this process (which must not have compiled anything yet)."""
     import torch
     from torch._inductor.compile_fx import compile_fx
@@ -54,7 +54,7 @@ def measure(model: str, mode: str, backend_name: str, repeats: int) -> dict[str,
     from catrt.engines.compile import compile_step_functions
     from catrt.models import make_adapter
 
-    transformer, latent, text_tokens = build(model)
+    transformer, latent, text_tokens = build(model, blocks)
     config, batch = transformer.eval().config, 2
     adapter = make_adapter(transformer)
     latents = torch.randn(batch, config.in_channels, *latent)
@@ -122,17 +122,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="whole: one graph per step function; regional: block by block")
     parser.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
                         help="torch.compile backend (eager: dynamo tracing only, a quick smoke run)")
+    parser.add_argument("--blocks", type=int, default=4, help="blocks of sd3-small (its last is SD3's context_pre_only one)")
     parser.add_argument("--repeats", type=int, default=20, help="timed warm steps per function")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be at least 1")
+    if args.repeats < 1 or args.threads < 1 or args.blocks < 1:
+        parser.error("--repeats, --threads and --blocks must be at least 1")
     if args.one:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure(*args.one, args.backend, args.repeats)))
+        print(json.dumps(measure(*args.one, args.backend, args.repeats, args.blocks)))
         return
     env = {**os.environ, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
     rows = []
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in args.modes:
             print(f"{model} {mode} ...", file=sys.stderr, flush=True)
             command = [sys.executable, __file__, "--one", model, mode, "--backend", args.backend,
-                       "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                       "--repeats", str(args.repeats), "--threads", str(args.threads), "--blocks", str(args.blocks)]
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
             if done.returncode:
                 sys.exit(f"{model} {mode} failed:\n{done.stderr[-2000:]}")
