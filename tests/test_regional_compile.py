@@ -128,8 +128,7 @@ def test_a_further_step_shape_stays_compiled_past_dynamos_default_limit(tiny_pip
     torch._dynamo.reset()
     compiled = compile_step_functions(adapter, backend=backend)
     patches, indices, *rest = calls["pruned"][0]
-    assert torch._dynamo.config.recompile_limit < 3 * kinds  # what this test runs past
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default (bench/gpu.py raises it)
         _check_step(adapter, compiled, "full", calls["full"][0])
         for k in (indices.shape[1], indices.shape[1] - 1):
             _check_step(adapter, compiled, "pruned", (patches[:, :k], indices[:, :k], *rest))

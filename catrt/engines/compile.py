@@ -4,8 +4,8 @@ Regional (the default): each block kind's function is compiled once and every bl
 runs through the same graphs - the block's weights are graph inputs (dynamo inlines nn.Modules), its
 K/V slots are one sliced cache input numbered from 0 (`KVStore.window`), and nothing else differs
 between blocks of a kind. Compile time is then that of one block per kind and step shape rather than
-of the whole transformer; the embeddings and the output head between them stay eager. Whole (
-`regional=False`): each step function is one graph, as the bundle exporters see it.
+of the whole transformer; the embeddings and the output head between them stay eager. Whole
+(`regional=False`): each step function is one graph.
 
 The compiled functions write the K/V cache in place like the adapter. On CUDA the runtime captures
 each whole step (the compiled blocks and the selection around them) as one CUDA graph, so inductor
