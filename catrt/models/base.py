@@ -29,6 +29,7 @@ Then two static-shape step functions, each in two forms:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,6 +41,16 @@ from catrt.tokens import Grid, patchify, unpatchify
 
 Context = dict[str, torch.Tensor]
 
+#: One block of a family: `function(block, store, *inputs)`, the store numbering the block's K/V slots from 0.
+BlockFunction = Callable[..., Any]
+#: How a forward runs its blocks: `block_call(function, block, store, first_slot, num_slots, *inputs)`.
+BlockCall = Callable[..., Any]
+
+
+def call_block(function: BlockFunction, block: nn.Module, store: KVStore, first_slot: int, num_slots: int, *inputs: Any) -> Any:
+    """Run one block as it is (eager and exported forwards)."""
+    return function(block, store.window(first_slot, num_slots), *inputs)
+
 
 class KVStore:
     """How one forward reads and writes the per-block K/V slots.
@@ -50,14 +61,46 @@ class KVStore:
     out-of-place copy of the slot with the rows replaced (what an exported graph must do).
     """
 
-    def __init__(self, kv_cache: torch.Tensor | None, indices: torch.Tensor | None, in_place: bool) -> None:
+    def __init__(
+        self,
+        kv_cache: torch.Tensor | None,
+        indices: torch.Tensor | None,
+        in_place: bool,
+        block_call: BlockCall | None = None,
+    ) -> None:
         if in_place and kv_cache is None:
             raise ValueError("an in-place forward needs the K/V cache")
         self.kv_cache = kv_cache
         self.indices = indices
         self.in_place = in_place
+        self.block_call = block_call or call_block
+        self.first_slot = 0  # slot `s` of this store is slot `first_slot + s` of `kv_cache`
         self.rows: list[torch.Tensor] = []
         self._index: torch.Tensor | None = None
+
+    def run_block(self, function: BlockFunction, block: nn.Module, first_slot: int, num_slots: int, *inputs: Any) -> Any:
+        """`function(block, store, *inputs)` for one block whose K/V are slots `first_slot` .. `first_slot + num_slots - 1`.
+
+        The block sees them as its slots 0 .. num_slots - 1, so blocks of one kind run the same code
+        with the same constants: the compile backend compiles `function` once per block kind and
+        runs every such block through that graph (see `KVStore.window`, `catrt.engines.compile`).
+        """
+        return self.block_call(function, block, self, first_slot, num_slots, *inputs)
+
+    def window(self, first_slot: int, num_slots: int, sliced: bool = False) -> KVStore:
+        """This store over `num_slots` slots from `first_slot`, numbered from 0 (fresh rows still collected here).
+
+        Unsliced, it indexes the same cache at an offset (eager and exported forwards: the same
+        indexing ops as without windows). Sliced, its cache is the view of just those slots: the
+        one cache input of a compiled block, which writes its rows in place into that input.
+        """
+        cache = self.kv_cache
+        if sliced and cache is not None:
+            cache = cache[first_slot : first_slot + num_slots]
+        window = KVStore(cache, self.indices, self.in_place)
+        window.first_slot = 0 if sliced else self.first_slot + first_slot
+        window.rows = self.rows
+        return window
 
     def linear(self, slot: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`exchange(slot, layer(x))`, with the projection of a full in-place step made in its cache slot.
@@ -67,14 +110,15 @@ class KVStore:
         the fresh K or V and copying it there. Compiled, exported and pruned forwards go through
         `exchange` (inductor plans its own buffers; a pruned step scatters its k rows).
         """
-        if self.in_place and self.indices is None and _writes_into(layer, x, self.kv_cache[slot]):
-            out = self.kv_cache[slot]
+        if self.in_place and self.indices is None and _writes_into(layer, x, self.kv_cache[self.first_slot + slot]):
+            out = self.kv_cache[self.first_slot + slot]
             torch.addmm(layer.bias, x.view(-1, x.shape[-1]), layer.weight.t(), out=out.view(-1, out.shape[-1]))
             return out
         return self.exchange(slot, layer(x))
 
     def exchange(self, slot: int, fresh: torch.Tensor) -> torch.Tensor:
         """Fresh (B, n, D) K or V of `slot` -> the (B, N, D) tensor attention reads."""
+        slot += self.first_slot
         if not self.in_place:
             self.rows.append(fresh)
         if self.indices is None:
@@ -197,11 +241,19 @@ class Adapter(ABC):
         return {**inputs, "positional_table": self.positional_table(latent_shape)}
 
     def full_forward(
-        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        context: Context,
+        kv_cache: torch.Tensor,
+        block_call: BlockCall = call_block,
     ) -> torch.Tensor:
-        """Latents -> output tokens (B, N, C_token_out); writes every K/V slot of `kv_cache`."""
+        """Latents -> output tokens (B, N, C_token_out); writes every K/V slot of `kv_cache`.
+
+        `block_call` runs each block (the compile backend's runs compiled blocks).
+        """
         tokens = self.embed(hidden_states)
-        return self.run_blocks(tokens, timestep, context, KVStore(kv_cache, None, in_place=True))
+        return self.run_blocks(tokens, timestep, context, KVStore(kv_cache, None, in_place=True, block_call=block_call))
 
     def pruned_forward(
         self,
@@ -210,13 +262,14 @@ class Adapter(ABC):
         timestep: torch.Tensor,
         context: Context,
         kv_cache: torch.Tensor,
+        block_call: BlockCall = call_block,
     ) -> torch.Tensor:
         """Selected patches (B, k, C*p*p) at `indices` (B, k) -> outputs (B, k, p*p*C_out).
 
         The k fresh K/V rows are written into `kv_cache` in place as each block runs.
         """
         tokens = self.embed_patches(patches, indices, context)
-        return self.run_blocks(tokens, timestep, context, KVStore(kv_cache, indices, in_place=True))
+        return self.run_blocks(tokens, timestep, context, KVStore(kv_cache, indices, in_place=True, block_call=block_call))
 
     def export_full(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context
@@ -243,8 +296,10 @@ class Adapter(ABC):
     def run_blocks(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context, store: KVStore) -> torch.Tensor:
         """Embedded image tokens (B, N or k, D) through every block and the output head.
 
-        Each attention over image tokens hands its fresh K and V to `store.exchange(slot, ...)` and
-        attends over what it returns (all N rows either way).
+        Each block runs through `store.run_block` (one function per block kind, slots numbered
+        from 0 per block, no Python value that differs between blocks of a kind); each attention
+        over image tokens hands its fresh K and V to `store.exchange(slot, ...)` and attends over
+        what it returns (all N rows either way).
         """
 
     @abstractmethod

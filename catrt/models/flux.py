@@ -142,12 +142,14 @@ class FluxAdapter(Adapter):
         text_rope, image_rope = _rotary_rows(context, text.shape[1], store.indices)
         slot = 0
         for block in model.transformer_blocks:
-            text, tokens = self._double_block(block, slot, tokens, text, temb, text_rope, image_rope, store)
+            text, tokens = store.run_block(self._double_block, block, slot, 2, tokens, text, temb, text_rope, image_rope)
             slot += 2
+        num_text = text.shape[1]
+        joined, rope = torch.cat([text, tokens], dim=1), _joined_rotary(text_rope, image_rope)
         for block in model.single_transformer_blocks:
-            text, tokens = self._single_block(block, slot, tokens, text, temb, text_rope, image_rope, store)
+            joined = store.run_block(self._single_block, block, slot, 2, joined, temb, rope, num_text)
             slot += 2
-        return model.proj_out(model.norm_out(tokens, temb))
+        return model.proj_out(model.norm_out(joined[:, num_text:], temb))
 
     def first_block(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context) -> torch.Tensor:
         """The first double-stream block (the first single-stream one where there is none) on all image tokens."""
@@ -155,9 +157,11 @@ class FluxAdapter(Adapter):
         text_rope, image_rope = _rotary_rows(context, text.shape[1], None)
         store = KVStore(None, None, in_place=False)  # fresh K/V kept aside, the cache untouched
         blocks = self.transformer.transformer_blocks
-        run = self._double_block if len(blocks) else self._single_block
-        first = blocks[0] if len(blocks) else self.transformer.single_transformer_blocks[0]
-        return run(first, 0, tokens, text, temb, text_rope, image_rope, store)[1]
+        if len(blocks):
+            return self._double_block(blocks[0], store, tokens, text, temb, text_rope, image_rope)[1]
+        joined, rope = torch.cat([text, tokens], dim=1), _joined_rotary(text_rope, image_rope)
+        first = self.transformer.single_transformer_blocks[0]
+        return self._single_block(first, store, joined, temb, rope, text.shape[1])[:, text.shape[1] :]
 
     def _conditioning(self, dtype: torch.dtype, timestep: torch.Tensor, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
         """The time (and distilled guidance) embedding and the embedded text, as diffusers' forward makes them."""
@@ -172,20 +176,19 @@ class FluxAdapter(Adapter):
     def _double_block(
         self,
         block: nn.Module,
-        slot: int,
+        store: KVStore,
         x: torch.Tensor,
         text: torch.Tensor,
         temb: torch.Tensor,
         text_rope: tuple[torch.Tensor, torch.Tensor],
         image_rope: tuple[torch.Tensor, torch.Tensor],
-        store: KVStore,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One FluxTransformerBlock: joint attention of the text and the given image tokens, then both MLPs."""
+        """One FluxTransformerBlock: joint attention of the text and the given image tokens, then both MLPs; image K/V in slots 0-1."""
         nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(x, emb=temb)
         ntext, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(text, emb=temb)
         attn = block.attn
         query, key, value = _qkv(attn, nx, image_rope)
-        key, value = store.exchange(slot, key), store.exchange(slot + 1, value)
+        key, value = store.exchange(0, key), store.exchange(1, value)
         t_query, t_key, t_value = _qkv(attn, ntext, text_rope, added=True)
         num_image = query.shape[1]
         joint = joint_attention(
@@ -208,31 +211,32 @@ class FluxAdapter(Adapter):
     def _single_block(
         self,
         block: nn.Module,
-        slot: int,
-        x: torch.Tensor,
-        text: torch.Tensor,
-        temb: torch.Tensor,
-        text_rope: tuple[torch.Tensor, torch.Tensor],
-        image_rope: tuple[torch.Tensor, torch.Tensor],
         store: KVStore,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One FluxSingleTransformerBlock on [text, image tokens]; the image rows of K and V go through the store."""
-        num_text = text.shape[1]
-        joined = torch.cat([text, x], dim=1)
+        joined: torch.Tensor,
+        temb: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        num_text: int,
+    ) -> torch.Tensor:
+        """One FluxSingleTransformerBlock on [text, image tokens] (`rope`: their rotary rows); the image rows of K and V
+        go through the store as slots 0-1.
+
+        The two streams stay one tensor from block to block (diffusers concatenates and splits them in
+        every block; the values are the same), so every single block but the first is handed what its
+        predecessor returned and the text and image inputs never alias one another.
+        """
         normed, gate = block.norm(joined, emb=temb)
         mlp = block.act_mlp(block.proj_mlp(normed))
         attn = block.attn
-        rope = tuple(torch.cat([t, i], dim=-2) for t, i in zip(_broadcast(text_rope, image_rope), image_rope))
         query, key, value = _qkv(attn, normed, rope)
-        image_key = store.exchange(slot, key[:, num_text:])
-        image_value = store.exchange(slot + 1, value[:, num_text:])
+        image_key = store.exchange(0, key[:, num_text:])
+        image_value = store.exchange(1, value[:, num_text:])
         keys = torch.cat([image_key, key[:, :num_text]], dim=1)  # image keys first, for the attention recorder
         values = torch.cat([image_value, value[:, :num_text]], dim=1)
         out = attention(query, keys, values, attn.heads, recorder=self.recorder, num_image_keys=image_key.shape[1])
         joined = joined + gate.unsqueeze(1) * block.proj_out(torch.cat([out.to(query.dtype), mlp], dim=2))
         if joined.dtype == torch.float16:
             joined = joined.clip(-65504, 65504)
-        return joined[:, :num_text], joined[:, num_text:]
+        return joined
 
 
 def _ids(ids: torch.Tensor) -> torch.Tensor:
@@ -250,6 +254,13 @@ def _rotary_rows(
     if indices is not None:
         image = (image[0][indices], image[1][indices])
     return text, image
+
+
+def _joined_rotary(
+    text_rope: tuple[torch.Tensor, torch.Tensor], image_rope: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary rows of [text, image tokens], as the single-stream blocks read them."""
+    return tuple(torch.cat([t, i], dim=-2) for t, i in zip(_broadcast(text_rope, image_rope), image_rope))
 
 
 def _broadcast(

@@ -95,8 +95,10 @@ class PixArtAdapter(Adapter):
         modulation, embedded_timestep = model.adaln_single(
             timestep, added, batch_size=batch, hidden_dtype=tokens.dtype
         )
+        bias = context.get("encoder_attention_bias")
         for index, block in enumerate(model.transformer_blocks):
-            tokens = self._block(block, index, tokens, modulation, context, store)
+            cross_kv = context["cross_kv"][2 * index], context["cross_kv"][2 * index + 1]
+            tokens = store.run_block(self._block, block, 2 * index, 2, tokens, modulation, cross_kv, bias)
         shift, scale = (model.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
         out = model.norm_out(tokens) * (1 + scale) + shift
         return model.proj_out(out)
@@ -106,34 +108,36 @@ class PixArtAdapter(Adapter):
         added = {name: context.get(name) for name in ("resolution", "aspect_ratio")}
         modulation, _ = model.adaln_single(timestep, added, batch_size=tokens.shape[0], hidden_dtype=tokens.dtype)
         store = KVStore(None, None, in_place=False)  # fresh K/V kept aside, the cache untouched
-        return self._block(model.transformer_blocks[0], 0, tokens, modulation, context, store)
+        cross_kv = context["cross_kv"][0], context["cross_kv"][1]
+        return self._block(model.transformer_blocks[0], store, tokens, modulation, cross_kv, context.get("encoder_attention_bias"))
 
     def _block(
         self,
         block: nn.Module,
-        index: int,
+        store: KVStore,
         x: torch.Tensor,
         modulation: torch.Tensor,
-        context: Context,
-        store: KVStore,
+        cross_kv: tuple[torch.Tensor, torch.Tensor],
+        cross_bias: torch.Tensor | None,
     ) -> torch.Tensor:
-        """One BasicTransformerBlock (ada_norm_single) on the given image tokens."""
+        """One BasicTransformerBlock (ada_norm_single) on the given image tokens; self-attention K/V in slots 0-1.
+
+        `cross_kv`: this block's cross-attention K and V of the text; `cross_bias`: the text mask's additive bias.
+        """
         batch = x.shape[0]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             block.scale_shift_table[None] + modulation.reshape(batch, 6, -1)
         ).chunk(6, dim=1)
         nx = block.norm1(x) * (1 + scale_msa) + shift_msa
         query, key, value = project_qkv(block.attn1, nx)
-        key, value = store.exchange(2 * index, key), store.exchange(2 * index + 1, value)
+        key, value = store.exchange(0, key), store.exchange(1, value)
         self_attention = attention(
             query, key, value, block.attn1.heads, recorder=self.recorder, num_image_keys=key.shape[1]
         )
         x = x + gate_msa * block.attn1.to_out[0](self_attention)
 
-        cross_key = context["cross_kv"][2 * index]
-        cross_value = context["cross_kv"][2 * index + 1]
         query = block.attn2.to_q(x)
-        cross = attention(query, cross_key, cross_value, block.attn2.heads, context.get("encoder_attention_bias"))
+        cross = attention(query, *cross_kv, block.attn2.heads, cross_bias)
         x = x + block.attn2.to_out[0](cross)
 
         nx = block.norm2(x) * (1 + scale_mlp) + shift_mlp

@@ -84,14 +84,11 @@ class SD3Adapter(Adapter):
         functional (export) forward. `tokens` (fresh from the base class) is updated in place.
         """
         model = self.transformer
-        eager_cpu = (
-            store.in_place and tokens.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        )
-        scratch = self._scratch if eager_cpu else None
         temb = model.time_text_embed(timestep, context["pooled_projections"])
         text = model.context_embedder(context["encoder_hidden_states"])
         for index, block in enumerate(model.transformer_blocks):
-            text, tokens = self._block(block, self._slot_of_block[index], tokens, text, temb, store, scratch)
+            slots = 4 if block.use_dual_attention else 2
+            text, tokens = store.run_block(self._block, block, self._slot_of_block[index], slots, tokens, text, temb)
         return model.proj_out(_ada_norm_continuous(model.norm_out, tokens, temb))
 
     def first_block(self, tokens: torch.Tensor, timestep: torch.Tensor, context: Context) -> torch.Tensor:
@@ -99,19 +96,14 @@ class SD3Adapter(Adapter):
         temb = model.time_text_embed(timestep, context["pooled_projections"])
         text = model.context_embedder(context["encoder_hidden_states"])
         store = KVStore(None, None, in_place=False)  # fresh K/V kept aside, the cache untouched
-        return self._block(model.transformer_blocks[0], self._slot_of_block[0], tokens, text, temb, store, None)[1]
+        return self._block(model.transformer_blocks[0], store, tokens, text, temb)[1]
 
     def _block(
-        self,
-        block: nn.Module,
-        slot: int,
-        x: torch.Tensor,
-        text: torch.Tensor,
-        temb: torch.Tensor,
-        store: KVStore,
-        scratch: Scratch | None,
+        self, block: nn.Module, store: KVStore, x: torch.Tensor, text: torch.Tensor, temb: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """One JointTransformerBlock on the given image tokens (all N, or the k selected)."""
+        """One JointTransformerBlock on the given image tokens (all N, or the k selected); K/V in slots 0-1 (2-3)."""
+        eager_cpu = store.in_place and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        scratch = self._scratch if eager_cpu else None
         if block.use_dual_attention:
             nx, gate_msa, shift_mlp, scale_mlp, gate_mlp, nx2, gate_msa2 = _ada_norm_zero(block.norm1, x, temb)
         else:
@@ -122,7 +114,7 @@ class SD3Adapter(Adapter):
             ntext, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _ada_norm_zero(block.norm1_context, text, temb)
 
         attn = block.attn
-        query, key, value = project_qkv(attn, nx, store=store, slot=slot)
+        query, key, value = project_qkv(attn, nx, store=store, slot=0)
         del nx
         t_query, t_key, t_value = project_qkv(attn, ntext, added=True)
         num_image = query.shape[1]
@@ -140,7 +132,7 @@ class SD3Adapter(Adapter):
 
         if block.use_dual_attention:
             attn2 = block.attn2
-            query2, key2, value2 = project_qkv(attn2, nx2, store=store, slot=slot + 2)
+            query2, key2, value2 = project_qkv(attn2, nx2, store=store, slot=2)
             del nx2
             out2 = attention(query2, key2, value2, attn2.heads, recorder=self.recorder, num_image_keys=key2.shape[1])
             del query2, key2, value2
