@@ -31,8 +31,9 @@ the captured variants) replayed as a CUDA graph. `--profile` adds torch.profiler
 steady full and pruned steps per variant (`<out stem>-profile.md`): what the next change should target.
 
 Time budget (8 minutes on an H100): the eager variants of every model run first (pass 1), then the
-compiled ones (pass 2, each model rebuilt with the same seed), because compiling dominates: catrt
-compiles its whole full and pruned forwards with inductor, a minute or more per model. Variants not
+compiled ones (pass 2, each model rebuilt with the same seed), because compiling dominates (catrt
+compiles block by block, one graph per block kind and step kind; whole forwards took 90-100 s per
+model on an H200). Variants not
 started after `--budget-s` (420 s) are reported as skipped, and the report is rewritten after every
 variant, so a run cut short still leaves every finished row. To finish what was skipped, run again
 with `--models ... --variants ...` and another `--out`.

@@ -34,7 +34,7 @@ from typing import Any
 
 from catrt.build_config import BuildConfig
 from catrt.build_config import format_alphas
-from catrt.contract import FULL, GRAPHS, PRUNED, graph_kind, pruned_k
+from catrt.contract import FULL, PRUNED, graph_kind, pruned_k
 from catrt.errors import CatrtError, ConfigError, CorruptBundleError
 from catrt.manifest import (
     MANIFEST_FILE,

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from catrt.contract import FULL, GRAPHS, PRUNED, pruned_graph, pruned_k
+from catrt.contract import FULL, PRUNED, pruned_graph, pruned_k
 from catrt.errors import ConfigError
 from catrt.models.base import Adapter, Context
 

@@ -51,12 +51,13 @@ class CompiledBlocks:
             compiled = torch.compile(function, dynamic=False, fullgraph=True, backend=self.backend)
             self._compiled[function] = compiled
         window = store.window(first_slot, num_slots, sliced=True)
-        config = torch._dynamo.config  # set and restored by hand: `config.patch` costs ~40x more per block call
-        limit, config.recompile_limit = config.recompile_limit, max(config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
-        try:
-            return compiled(block, window, *inputs)
-        finally:
-            config.recompile_limit = limit
+        config = torch._dynamo.config
+        if config.recompile_limit < BLOCK_RECOMPILE_LIMIT:
+            # Raised for the process and never lowered: a save-and-restore around each call would race
+            # between server threads (one thread's restore under another's call), and `config.patch`
+            # costs ~40x more per block call.
+            config.recompile_limit = BLOCK_RECOMPILE_LIMIT
+        return compiled(block, window, *inputs)
 
 
 class CompiledSteps:
