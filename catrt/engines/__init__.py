@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from catrt.engines.base import GRAPHS, Engine, GraphSpec, TensorSpec
+from catrt.engines.base import Engine, GraphSpec, TensorSpec
 from catrt.engines.compile import CompileEngine
 from catrt.engines.eager import EagerEngine
 from catrt.engines.onnxruntime import OnnxRuntimeEngine
