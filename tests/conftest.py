@@ -1,8 +1,10 @@
-"""Shared test setup: offline, one thread, and the tiny pipelines built once per session."""
+"""Shared test setup: offline, one thread, the tiny pipelines built once per session, and helpers for the
+compiled-step tests (the step functions' recorded inputs, eager parity, inductor's buffers)."""
 
 from __future__ import annotations
 
 import os
+import re
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: no test may touch the hub
 
@@ -12,6 +14,8 @@ from typing import Any
 import pytest
 import torch
 
+import catrt
+from catrt.models import make_adapter
 from catrt.pipeline import pipeline_spec
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
 
@@ -50,3 +54,42 @@ def call_kwargs(pipe: Any, **overrides: Any) -> dict[str, Any]:
     kwargs.update(overrides)
     kwargs["generator"] = torch.Generator().manual_seed(kwargs.pop("seed", 0))
     return kwargs
+
+
+def record_step_inputs(pipe: Any, t0: int, steps: int = 6) -> dict[str, list[tuple[Any, ...]]]:
+    """The arguments the runtime hands the full and pruned step functions, per call, in a short generation (cloned)."""
+    adapter = make_adapter(pipe.transformer)
+    calls: dict[str, list[tuple[Any, ...]]] = {"full": [], "pruned": []}
+
+    def keep(kind: str, args: tuple[Any, ...]) -> None:
+        calls[kind].append(tuple(arg.clone() if isinstance(arg, torch.Tensor) else dict(arg) for arg in args))
+
+    class Recording:
+        prepare_context = adapter.prepare_context
+
+        def full_forward(self, *args: Any) -> torch.Tensor:
+            keep("full", args)
+            return adapter.full_forward(*args)
+
+        def pruned_forward(self, *args: Any) -> torch.Tensor:
+            keep("pruned", args)
+            return adapter.pruned_forward(*args)
+
+    catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=t0), functions=Recording())(**call_kwargs(pipe, num_inference_steps=steps))
+    return calls
+
+
+def check_step_matches_eager(forward: Any, step: Any, args: tuple[Any, ...], label: str) -> None:
+    """`step` and the eager `forward` from the same cache: the same output and cache, and the cache written."""
+    eager_cache, step_cache = args[-1].clone(), args[-1].clone()
+    expected = forward(*args[:-1], eager_cache)
+    got = step(*args[:-1], step_cache)
+    assert torch.allclose(got, expected, atol=1e-6), label
+    assert torch.allclose(step_cache, eager_cache, atol=1e-6), label
+    assert not torch.equal(step_cache, args[-1]), label  # the step did write the cache
+
+
+def inductor_buffers(code: list[str]) -> list[str]:
+    """The shapes of the buffers inductor's generated program allocates (its `call`), as written there."""
+    program = "\n".join(code)
+    return re.findall(r"empty_strided_\w+\(\(([^)]*)\)", program[program.index("def call("):])

@@ -12,7 +12,6 @@ kept the whole PixArt residual stream channel-major).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
@@ -20,53 +19,26 @@ import torch
 from torch._inductor.utils import run_and_get_code
 from torch.overrides import TorchFunctionMode
 
-import catrt
 from catrt.models import make_adapter
 from catrt.models.base import KVStore
-from conftest import call_kwargs
+from conftest import check_step_matches_eager, inductor_buffers, record_step_inputs
 
 FAMILIES = ["tiny-sd3", "tiny-sd3.5", "tiny-pixart", "tiny-flux"]
-
-
-def _step_inputs(pipe: Any) -> dict[str, tuple[Any, ...]]:
-    """The arguments the runtime hands the full and pruned step functions in a short generation (cloned)."""
-    adapter = make_adapter(pipe.transformer)
-    calls: dict[str, tuple[Any, ...]] = {}
-
-    def keep(args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(arg.clone() if isinstance(arg, torch.Tensor) else dict(arg) for arg in args)
-
-    class Recording:
-        prepare_context = adapter.prepare_context
-
-        def full_forward(self, *args: Any) -> torch.Tensor:
-            calls.setdefault("full", keep(args))
-            return adapter.full_forward(*args)
-
-        def pruned_forward(self, *args: Any) -> torch.Tensor:
-            calls.setdefault("pruned", keep(args))
-            return adapter.pruned_forward(*args)
-
-    catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4), functions=Recording())(**call_kwargs(pipe, num_inference_steps=6))
-    return calls
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_each_forward_compiles_to_one_graph_equal_to_eager(name: str, tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines[name]
     adapter = make_adapter(pipe.transformer)
-    for kind, args in _step_inputs(pipe).items():
+    for kind, calls in record_step_inputs(pipe, t0=4).items():
+        args = calls[0]
         forward = adapter.full_forward if kind == "full" else adapter.pruned_forward
         torch._dynamo.reset()
         with torch.no_grad():
             explained = torch._dynamo.explain(forward)(*args[:-1], args[-1].clone())
             assert (explained.graph_count, explained.graph_break_count) == (1, 0), (kind, explained.break_reasons)
-            eager_cache, compiled_cache = args[-1].clone(), args[-1].clone()
-            expected = forward(*args[:-1], eager_cache)
-            got = torch.compile(forward, fullgraph=True, backend="eager")(*args[:-1], compiled_cache)  # a break raises
-        assert torch.allclose(got, expected, atol=1e-6), kind
-        assert torch.allclose(compiled_cache, eager_cache, atol=1e-6), kind
-        assert not torch.equal(compiled_cache, args[-1]), kind  # the forward did write the cache
+            compiled = torch.compile(forward, fullgraph=True, backend="eager")  # a break raises
+            check_step_matches_eager(forward, compiled, args, kind)
 
 
 def test_compiled_row_writes_touch_only_the_selected_rows() -> None:
@@ -84,9 +56,7 @@ def test_compiled_row_writes_touch_only_the_selected_rows() -> None:
     with torch.no_grad():
         got, code = run_and_get_code(torch.compile(write, fullgraph=True, dynamic=False), cache, indices, fresh)
     assert torch.allclose(got, expected, atol=1e-5) and torch.equal(cache, expected_cache)
-    program = "\n".join(code)
-    program = program[program.index("def call("):]
-    buffers = re.findall(r"empty_strided_\w+\(\(([^)]*)\)", program)
+    buffers = inductor_buffers(code)
     assert f"{batch}, {tokens}, {width}" not in buffers, buffers  # no copy of slot 1 out and back
 
 
@@ -94,7 +64,7 @@ def test_compiled_row_writes_touch_only_the_selected_rows() -> None:
 def test_a_full_step_reads_contiguous_tokens(name: str, tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines[name]
     adapter = make_adapter(pipe.transformer)
-    args = _step_inputs(pipe)["full"]
+    args = record_step_inputs(pipe, t0=4)["full"][0]
     tokens = adapter.tokens_of(args[0]).shape[1]
     strided: list[str] = []
 

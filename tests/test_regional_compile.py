@@ -9,18 +9,16 @@ cache input touch only the k rows.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-import catrt
 from catrt.engines.compile import CompiledBlocks, compile_step_functions
 from catrt.models import make_adapter
 from catrt.models.base import KVStore
-from conftest import call_kwargs
+from conftest import check_step_matches_eager, inductor_buffers, record_step_inputs
 
 #: Tiny layouts with repeated blocks, and their block kinds: SD3's plain joint blocks and its last
 #: (context_pre_only) block; SD3.5 adds dual-attention blocks; FLUX has double- and single-stream ones.
@@ -39,29 +37,6 @@ def _deeper(pipe: Any, layout: dict[str, Any]) -> Any:
     return type(pipe)(**{**pipe.components, "transformer": transformer})
 
 
-def _step_inputs(pipe: Any) -> dict[str, list[tuple[Any, ...]]]:
-    """The arguments of the first three full and pruned steps of a short generation (cloned)."""
-    adapter = make_adapter(pipe.transformer)
-    calls: dict[str, list[tuple[Any, ...]]] = {"full": [], "pruned": []}
-
-    def keep(kind: str, args: tuple[Any, ...]) -> None:
-        calls[kind].append(tuple(arg.clone() if isinstance(arg, torch.Tensor) else dict(arg) for arg in args))
-
-    class Recording:
-        prepare_context = adapter.prepare_context
-
-        def full_forward(self, *args: Any) -> torch.Tensor:
-            keep("full", args)
-            return adapter.full_forward(*args)
-
-        def pruned_forward(self, *args: Any) -> torch.Tensor:
-            keep("pruned", args)
-            return adapter.pruned_forward(*args)
-
-    catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=3), functions=Recording())(**call_kwargs(pipe, num_inference_steps=6))
-    return calls
-
-
 class Counting:
     """A dynamo backend that runs each graph as traced (no code generation) and counts the graphs made."""
 
@@ -75,21 +50,17 @@ class Counting:
 
 def _check_step(adapter: Any, compiled: Any, kind: str, args: tuple[Any, ...]) -> None:
     """One step compiled and eager from the same cache: the same output and the same cache, and the cache written."""
-    forward = adapter.full_forward if kind == "full" else adapter.pruned_forward
-    step = compiled.full_forward if kind == "full" else compiled.pruned_forward
-    eager_cache, compiled_cache = args[-1].clone(), args[-1].clone()
-    expected = forward(*args[:-1], eager_cache)
-    got = step(*args[:-1], compiled_cache)
-    assert torch.allclose(got, expected, atol=1e-6), kind
-    assert torch.allclose(compiled_cache, eager_cache, atol=1e-6), kind
-    assert not torch.equal(compiled_cache, args[-1]), kind
+    if kind == "full":
+        check_step_matches_eager(adapter.full_forward, compiled.full_forward, args, kind)
+    else:
+        check_step_matches_eager(adapter.pruned_forward, compiled.pruned_forward, args, kind)
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_each_block_kind_compiles_once_and_later_steps_recompile_nothing(name: str, tiny_pipelines: dict[str, Any]) -> None:
     layout, kinds = LAYOUTS[name]
     pipe = _deeper(tiny_pipelines[name], layout)
-    calls = _step_inputs(pipe)
+    calls = record_step_inputs(pipe, t0=3)
     adapter = make_adapter(pipe.transformer)
     backend = Counting()
     torch._dynamo.reset()
@@ -107,7 +78,7 @@ def test_each_block_kind_compiles_once_and_later_steps_recompile_nothing(name: s
 
 def test_whole_forwards_stay_one_graph_each(tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines["tiny-sd3"]
-    calls = _step_inputs(pipe)
+    calls = record_step_inputs(pipe, t0=3)
     adapter = make_adapter(pipe.transformer)
     backend = Counting()
     torch._dynamo.reset()
@@ -122,7 +93,7 @@ def test_a_further_step_shape_stays_compiled_past_dynamos_default_limit(tiny_pip
     """SD3.5's joint block function holds 3 kinds x {full, pruned} entries; a second k takes it to 9, past dynamo's 8."""
     layout, kinds = LAYOUTS["tiny-sd3.5"]
     pipe = _deeper(tiny_pipelines["tiny-sd3.5"], layout)
-    calls = _step_inputs(pipe)
+    calls = record_step_inputs(pipe, t0=3)
     adapter = make_adapter(pipe.transformer)
     backend = Counting()
     torch._dynamo.reset()
@@ -154,7 +125,5 @@ def test_a_compiled_block_writes_only_the_selected_rows_of_its_slots() -> None:
     assert torch.allclose(got, expected, atol=1e-5) and torch.allclose(cache, expected_cache, atol=1e-6)
     others = [0, 1, 2, 4, 5]  # the block's slot 1 is the cache's slot 3
     assert not torch.equal(cache[3], original[3]) and torch.equal(cache[others], original[others])
-    program = "\n".join(code)
-    program = program[program.index("def call("):]
-    buffers = re.findall(r"empty_strided_\w+\(\(([^)]*)\)", program)
+    buffers = inductor_buffers(code)
     assert f"{batch}, {tokens}, {width}" not in buffers, buffers  # slot 3 is not copied out and back
