@@ -70,7 +70,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Remo
     faulty = RemoteServer(
         [sys.executable, "-c", FAULTY_LAUNCHER],
         ["--model", "tiny-sd3", "--height", "64", "--width", "64", "--steps", "8", "--t0", "4", "--batch", "2",
-         "--max-queue", "4", "--timeout", "2", "--read-timeout", str(READ_TIMEOUT)],
+         "--max-queue", "4", "--timeout", "4", "--read-timeout", str(READ_TIMEOUT)],
     )
     started = {"faulty": faulty}
     try:
@@ -322,7 +322,7 @@ def test_a_failing_generation_answers_500_to_that_request_alone(faulty: RemoteSe
 def test_a_request_past_the_timeout_answers_504_and_its_work_is_dropped(faulty: RemoteServer) -> None:
     """The queued request is dropped before its batch, the running one before its next step: no images."""
     images = metric(faulty.url, IMAGES_64)
-    slow, queued = asyncio.run(generate_all(faulty.url, [{"prompt": "sleep 2.5"}, {"guidance_scale": 2.0}], 0.1))
+    slow, queued = asyncio.run(generate_all(faulty.url, [{"prompt": "sleep 4.5"}, {"guidance_scale": 2.0}], 0.1))
     assert assert_error(slow, 504, None)["type"] == "timeout_error"
     assert_error(queued, 504, None)
     assert generate(faulty.url).status_code == 200  # runs after the slow call was abandoned
