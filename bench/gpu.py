@@ -29,6 +29,9 @@ that counts device allocations over a few steady-state pruned steps and runs a f
 `torch.cuda.set_sync_debug_mode("error")`. The selection is also timed on its own, eagerly and (for
 the captured variants) replayed as a CUDA graph. `--profile` adds torch.profiler's top kernels of the
 steady full and pruned steps per variant (`<out stem>-profile.md`): what the next change should target.
+The notes give each catrt variant's schedule bound: its own full step for t0 steps and the MAC share
+of it for the rest, the fastest any pruned step could make the generation (so which speedup targets
+the schedule can reach at all).
 
 Time budget (8 minutes on an H100): the eager variants of every model run first (pass 1), then the
 compiled ones (pass 2, each model rebuilt with the same seed), because compiling dominates (catrt
@@ -557,16 +560,19 @@ def selection_ms(adapter: Any, setup: ModelSetup, args: argparse.Namespace, devi
     return eager, median_ms(graph.replay)
 
 
-def mac_ratios(setup: ModelSetup, args: argparse.Namespace) -> str:
-    """The MAC ratios of this config (counted on the meta device): pruned / full step, and the schedule."""
+def mac_ratios(setup: ModelSetup, args: argparse.Namespace) -> tuple[str, float]:
+    """The MAC ratios of this config (counted on the meta device): a line for the report, and the pruned
+    step's MACs over the full step's (what `schedule_bound` scales a measured full step by)."""
     from catrt.macs import transformer_macs
 
     card = ModelCard(setup.name, None, setup.family, setup.config, setup.text_tokens)  # type: ignore[arg-type]
     with torch.device("meta"):
         meta = TRANSFORMERS[setup.family].from_config(setup.config).eval()
     report = transformer_macs(meta, card, args.size, args.size, CATConfig(alpha=args.alpha, t0=args.t0), args.steps)
-    return (f"N {report.num_tokens}, k {report.k}; MACs pruned/full step {report.pruned_step / report.full_step:.3f}, "
+    share = report.pruned_step / report.full_step
+    line = (f"N {report.num_tokens}, k {report.k}; MACs pruned/full step {share:.3f}, "
             f"{args.steps}-step schedule {report.schedule_ratio:.3f} (ideal speedup {1 / report.schedule_ratio:.2f}x)")
+    return line, share
 
 
 def build_transformer(setup: ModelSetup, device: torch.device) -> torch.nn.Module:
@@ -601,7 +607,8 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
     try:
         if first_visit:
             try:
-                info.append(mac_ratios(setup, args))
+                line, report.mac_shares[name] = mac_ratios(setup, args)
+                info.append(line)
             except Exception as error:  # informative only
                 log(f"{name}: MAC count failed: {short_error(error)}")
         log(f"{name}: building the transformer ({setup.dtype}, {setup.config['num_layers']} blocks) on {device}")
@@ -748,6 +755,7 @@ class Report:
         self.rows = [Row(model, variant) for model in args.models for variant in VARIANTS if variant in args.variants]
         self.model_notes: dict[str, list[str]] = {}
         self.first_predictions: dict[str, dict[str, torch.Tensor]] = {}
+        self.mac_shares: dict[str, float] = {}  # model -> pruned step's MACs / full step's
 
     def header(self) -> list[str]:
         args, device = self.args, self.device
@@ -819,8 +827,31 @@ class Report:
                 lines.append(f"- {row.model} {row.variant}: {note}")
             if isinstance(row.selection_ms, float) and isinstance(row.pruned_ms, float) and row.pruned_ms > 0:
                 lines.append(f"- {row.model} {row.variant}: selection = {row.selection_ms / row.pruned_ms:.1%} of a pruned step")
+            bound = self.schedule_bound(row)
+            if bound:
+                lines.append(f"- {row.model} {row.variant}: {bound}")
         lines.append(f"- total run time {time.monotonic() - STARTED:.0f} s")
         return lines
+
+    def schedule_bound(self, row: Row) -> str | None:
+        """How far a catrt variant is from what its own full step allows: a pruned step at the MAC share of
+        the full step, t0 full steps, and the 28-step speedup over diffusers eager that would give.
+
+        No rewrite of the pruned step beats this bound (the full steps and the MAC share are fixed by
+        t0 and alpha), so it says which speedup targets the schedule can reach at all.
+        """
+        share = self.mac_shares.get(row.model)
+        baseline = next((r for r in self.rows if r.model == row.model and r.variant == "diffusers-eager"), None)
+        if share is None or not isinstance(row.full_ms, float) or not isinstance(row.pruned_ms, float) or row.pruned_ms <= 0:
+            return None
+        t0, steps = self.args.t0, self.args.steps
+        ideal_pruned = share * row.full_ms
+        text = (f"pruned step = {row.pruned_ms / row.full_ms:.3f} of its full step (MACs {share:.3f}: "
+                f"{ideal_pruned / row.pruned_ms:.0%} of the MAC-proportional time); bound at this full step: {t0} x "
+                f"{row.full_ms:.2f} + {steps - t0} x {ideal_pruned:.2f} = {t0 * row.full_ms + (steps - t0) * ideal_pruned:.1f} ms")
+        if baseline is not None and isinstance(baseline.generation_ms, float):
+            text += f", {baseline.generation_ms / (t0 * row.full_ms + (steps - t0) * ideal_pruned):.2f}x over diffusers eager"
+        return text
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("sd3", "sd3.5-large", "pixart-sigma")
 VARIANTS = ("diffusers-eager", "diffusers-compile", "catrt-eager", "catrt-graphs", "catrt-compile")
-STEPS = 10  # the --tiny default
+STEPS, T0 = 6, 3  # short of the --tiny default (10, 4): the script is the same at any length
 
 
 def parse_table(text: str) -> tuple[list[str], dict[tuple[str, str], dict[str, str]]]:
@@ -52,7 +52,8 @@ def load_script() -> ModuleType:
 def test_tiny_run_reports_every_model_and_variant(tmp_path: Path) -> None:
     out = tmp_path / "speed.md"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--repeats", "1", "--out", str(out)]
+    command = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--repeats", "1", "--steps", str(STEPS), "--t0", str(T0),
+               "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "wrote" in result.stdout
@@ -82,6 +83,11 @@ def test_tiny_run_reports_every_model_and_variant(tmp_path: Path) -> None:
             assert row["speedup vs diffusers eager"] == "1.00x"
     for model in MODELS:  # the full step of every variant computes the same first prediction
         assert f"- {model}: catrt-eager: step-1 prediction vs diffusers eager" in text
+        bound = next(line for line in text.splitlines() if line.startswith(f"- {model} catrt-eager: pruned step = "))
+        row = rows[(model, "catrt-eager")]
+        full = float(row["full step (ms)"])
+        assert f"bound at this full step: {T0} x {full:.2f} + {STEPS - T0} x " in bound, bound
+        assert bound.endswith("x over diffusers eager"), bound
 
 
 def test_a_failing_variant_reports_its_error_and_the_rest_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
