@@ -1,15 +1,18 @@
-"""Transformer speed of SD3-medium, SD3.5-large and PixArt-Sigma on a GPU: diffusers against catrt.
+"""Transformer speed of SD3-medium, SD3.5-large and PixArt-Sigma (and FLUX.1) on a GPU: diffusers against catrt.
 
 One command for a lent GPU (diffusers carried as a wheel, see ../shared/design/gpu.md):
 
     PYTHONUNBUFFERED=1 python3 bench/gpu.py --out $OUT/speed.md 2>&1 | tee $OUT/log
 
 Each model's transformer is built from its published config (`catrt/model_cards.py`) with random
-weights, directly on the GPU and in its usual dtype (SD3 fp16, SD3.5 bf16, PixArt fp16: made in that
-dtype, so SD3.5-large never has an fp32 copy); no text encoders, VAE or pipeline. The script drives
-the denoising loop itself: 1024x1024 (latent 128x128), one prompt with guidance (batch 2), random
-text conditioning of the real shapes, fixed linear timesteps and a guided Euler flow update of the
-latents between steps (in place, so the loop itself allocates nothing and never synchronises).
+weights, directly on the GPU and in its published dtype (SD3 fp16, SD3.5 bf16, PixArt fp16, FLUX
+bf16: made in that dtype, so SD3.5-large never has an fp32 copy); no text encoders, VAE or pipeline.
+The script drives the denoising loop itself: 1024x1024 (latent 128x128), one prompt with guidance
+(batch 2 [uncond, cond]; FLUX-dev's distilled guidance is an input instead, batch 1), random
+conditioning of the shapes the family's registered meta call declares, fixed linear timesteps and a
+(guided) Euler flow update of the latents between steps (in place, so the loop itself allocates
+nothing and never synchronises). FLUX.1 runs with `--models flux-dev` (not a default: its 12 B
+parameters would take most of the time budget).
 Variants per model:
 
 - diffusers eager: the transformer module's own forward, 28 full steps.
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import os
 import re
@@ -74,19 +78,19 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .` 
     sys.path.insert(0, str(ROOT))
 
 import diffusers  # noqa: E402
-from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel  # noqa: E402
 
 from catrt.config import CATConfig  # noqa: E402
 from catrt.model_cards import MODEL_CARDS, ModelCard  # noqa: E402
+from catrt.models import family_of  # noqa: E402
+from catrt.tokens import Grid  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODELS = ("sd3", "pixart-sigma", "sd3.5-large")  # the slowest to compile last: --budget-s cuts it first
 VARIANTS = ("diffusers-eager", "diffusers-compile", "catrt-eager", "catrt-graphs", "catrt-compile")  # table order
 PASSES = (("diffusers-eager", "catrt-eager", "catrt-graphs"), ("catrt-compile", "diffusers-compile"))  # run order
 CAPTURED = ("catrt-graphs", "catrt-compile")  # steps replayed as CUDA graphs on a GPU
-DTYPES = {"sd3": torch.float16, "sd3.5-medium": torch.bfloat16, "sd3.5-large": torch.bfloat16, "pixart-sigma": torch.float16}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TRANSFORMERS = {"sd3": SD3Transformer2DModel, "pixart": PixArtTransformer2DModel}
+TIMESTEP_SCALE = {"flux": 1.0}  # FluxPipeline passes sigma (the transformer scales it by 1000); others 1000 * sigma
 GUIDANCE_SCALE = 7.0
 NA_CPU = "n/a (cpu)"
 STARTED = time.monotonic()
@@ -109,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--t0", type=int, default=None, help="last full step (default 8; --tiny 4)")
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--dtype", choices=sorted(PRECISIONS), default=None,
-                        help="one dtype for every model (default: SD3 fp16, SD3.5 bf16, PixArt fp16; --tiny fp32)")
+                        help="one dtype for every model (default: each model's published precision - SD3 and PixArt "
+                             "fp16, SD3.5 and FLUX bf16; --tiny fp32)")
     parser.add_argument("--repeats", type=int, default=None, help="timed generations per variant (default 3; --tiny 2)")
     parser.add_argument("--selection-repeats", type=int, default=20, help="standalone selection calls timed (median)")
     parser.add_argument("--check-steps", type=int, default=4, help="steady pruned steps counted for allocations, and again under the sync guard")
@@ -147,12 +152,16 @@ def pick_device(tiny: bool) -> torch.device:
 def tiny_config(card: ModelCard, latent: int) -> dict[str, Any]:
     """The card's config at a toy size: 2 blocks of width 32, small text widths, its other options kept."""
     config = dict(card.transformer_config)
-    config.update(num_layers=2, num_attention_heads=2, attention_head_dim=16, sample_size=latent)
+    config.update(num_layers=2, num_attention_heads=2, attention_head_dim=16)
+    if "sample_size" in config:
+        config["sample_size"] = latent
     if card.family == "sd3":
         config.update(joint_attention_dim=48, caption_projection_dim=32, pooled_projection_dim=24,
                       pos_embed_max_size=max(latent // config["patch_size"], 16))
         if config.get("dual_attention_layers"):
             config["dual_attention_layers"] = [0]
+    elif card.family == "flux":  # 2 double + 2 single blocks; the rotary axes split the 16-wide heads
+        config.update(num_single_layers=2, joint_attention_dim=48, pooled_projection_dim=24, axes_dims_rope=[4, 6, 6])
     else:
         config.update(cross_attention_dim=32, caption_channels=48)
     return config
@@ -160,21 +169,52 @@ def tiny_config(card: ModelCard, latent: int) -> dict[str, Any]:
 
 @dataclass
 class ModelSetup:
-    name: str
-    family: str
-    config: dict[str, Any]
+    """One model as measured: its card with the config it is built from (shrunk under --tiny), and its dtype."""
+
+    card: ModelCard
     dtype: torch.dtype
-    text_tokens: int
+    latent: int  # latent cells a side
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def family(self) -> str:
+        return self.card.family
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.card.transformer_config
+
+    @property
+    def text_tokens(self) -> int:
+        return self.card.text_tokens
+
+    @property
+    def doubles_batch(self) -> bool:
+        """Whether guidance stacks [uncond, cond] rows (the family's pipeline spec: SD3, PixArt; not FLUX)."""
+        family = family_of(self.family)
+        return family.pipelines[family.pipeline_class].doubles_batch({"guidance_scale": GUIDANCE_SCALE})
+
+    @property
+    def grid(self) -> Grid:
+        """The image token grid: the latent over the card's cells per token (patch size, or FLUX's packing)."""
+        side = self.latent // self.card.token_cells
+        return Grid(side, side)
 
 
 def model_setup(name: str, args: argparse.Namespace) -> ModelSetup:
     card = MODEL_CARDS[name]
     latent = args.size // card.vae_scale
     if args.tiny:
-        return ModelSetup(name, card.family, tiny_config(card, latent), PRECISIONS[args.dtype or "fp32"], 12)
-    config = {**card.transformer_config, "sample_size": latent}
-    dtype = PRECISIONS[args.dtype] if args.dtype else DTYPES.get(name, torch.float16)
-    return ModelSetup(name, card.family, config, dtype, card.text_tokens)
+        card = dataclasses.replace(card, transformer_config=tiny_config(card, latent), text_tokens=12)
+        return ModelSetup(card, PRECISIONS[args.dtype or "fp32"], latent)
+    config = dict(card.transformer_config)
+    if "sample_size" in config:
+        config["sample_size"] = latent
+    card = dataclasses.replace(card, transformer_config=config)
+    return ModelSetup(card, PRECISIONS[args.dtype or card.precision], latent)
 
 
 # -- timing, memory, sync ------------------------------------------------------------------------
@@ -249,43 +289,55 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
 
 
 class Loop:
-    """Latents, conditioning and schedule of one generation, updated in place between steps."""
+    """Latents, conditioning and schedule of one generation, updated in place between steps.
+
+    The call's tensors take the shapes of the family's registered meta call (catrt.models.registry),
+    filled with random values: [uncond, cond] rows where the family's guidance doubles the batch
+    (SD3, PixArt), one row with the guidance embedding's input where it does not (FLUX-dev).
+    """
 
     def __init__(self, setup: ModelSetup, args: argparse.Namespace, device: torch.device) -> None:
-        config = setup.config
-        latent = args.size // 8
-        self.channels = config["in_channels"]
+        self.doubled = setup.doubles_batch
+        rows = 2 if self.doubled else 1
         self.steps = args.steps
         dtype = setup.dtype
         generator = torch.Generator(device="cpu").manual_seed(0)
 
-        def randn(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+        def random_like(meta: torch.Tensor) -> torch.Tensor:
+            """Random values of a meta tensor's shape; a batch-1 tensor's row repeated for [uncond, cond]
+            (position ids, (T or N, 3), have no batch dimension)."""
+            value = torch.randn(*meta.shape, generator=generator).to(device=device, dtype=dtype)
+            return value.expand(rows, *meta.shape[1:]).contiguous() if meta.dim() > 1 and meta.shape[0] == 1 else value
 
-        self.start = randn(1, self.channels, latent, latent).expand(2, -1, -1, -1).contiguous()
-        self.latents = torch.empty_like(self.start)  # rows 0 (uncond) and 1 (cond) stay equal
+        meta_call = family_of(setup.family).meta_call(setup.config, setup.text_tokens, setup.grid)
+        self.start = random_like(meta_call.pop("hidden_states"))
+        self.latents = torch.empty_like(self.start)  # under guidance rows 0 (uncond) and 1 (cond) stay equal
         self.guided = torch.empty_like(self.start[:1])
+        meta_call.pop("timestep")
+        self.call_kwargs: dict[str, Any] = {}
+        for name, value in meta_call.items():
+            if name == "guidance":  # FLUX-dev's distilled guidance: the scale itself, one per row
+                self.call_kwargs[name] = torch.full((rows,), GUIDANCE_SCALE, device=device, dtype=torch.float32)
+            elif isinstance(value, torch.Tensor):
+                self.call_kwargs[name] = random_like(value)
+            else:
+                self.call_kwargs[name] = value
         sigmas = [1.0 - i / self.steps for i in range(self.steps + 1)]
         self.dts = [sigmas[i + 1] - sigmas[i] for i in range(self.steps)]
-        self.timesteps = torch.tensor([[1000.0 * s] * 2 for s in sigmas[:-1]], device=device)  # (steps, 2)
-        if setup.family == "sd3":
-            self.call_kwargs: dict[str, Any] = {
-                "encoder_hidden_states": randn(2, setup.text_tokens, config["joint_attention_dim"]),
-                "pooled_projections": randn(2, config["pooled_projection_dim"]),
-            }
-        else:
-            self.call_kwargs = {
-                "encoder_hidden_states": randn(2, setup.text_tokens, config["caption_channels"]),
-                "encoder_attention_mask": torch.ones(2, setup.text_tokens, device=device, dtype=dtype),
-                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
-            }
+        scale = TIMESTEP_SCALE.get(setup.family, 1000.0)
+        self.timesteps = torch.tensor([[scale * s] * rows for s in sigmas[:-1]], device=device)  # (steps, rows)
 
     def update(self, prediction: torch.Tensor, index: int) -> None:
-        """x <- x + dt * (u + g * (c - u)), on the first `channels` outputs (PixArt also predicts variance)."""
-        uncond, cond = prediction[0:1, : self.channels], prediction[1:2, : self.channels]
-        torch.sub(cond, uncond, out=self.guided)
-        self.guided.mul_(GUIDANCE_SCALE).add_(uncond)
-        self.latents.add_(self.guided, alpha=self.dts[index])
+        """x <- x + dt * (u + g * (c - u)) under guidance, else x + dt * v; on the latents' channels
+        (PixArt's prediction also carries its variance channels)."""
+        channels = self.latents.shape[1] if self.latents.dim() == 4 else self.latents.shape[-1]
+        velocity = prediction[:, :channels] if prediction.dim() == 4 else prediction[..., :channels]
+        if self.doubled:
+            uncond, cond = velocity[0:1], velocity[1:2]
+            torch.sub(cond, uncond, out=self.guided)
+            self.guided.mul_(GUIDANCE_SCALE).add_(uncond)
+            velocity = self.guided
+        self.latents.add_(velocity, alpha=self.dts[index])
 
 
 @dataclass
@@ -372,11 +424,13 @@ def compile_backend_name(tiny: bool) -> str:
 
 
 def diffusers_compiled(transformer: torch.nn.Module, how: str, tiny: bool) -> Variant:
-    """torch.compile of the diffusers transformer; regional = each block compiled in place."""
+    """torch.compile of the diffusers transformer; regional = each block compiled in place (FLUX: its
+    double- and single-stream blocks, the modules diffusers' `compile_repeated_blocks` names)."""
     backend = compile_backend_name(tiny)
     if how == "regional":
-        for block in transformer.transformer_blocks:
-            block.compile(dynamic=False, backend=backend)
+        for blocks in ("transformer_blocks", "single_transformer_blocks"):
+            for block in getattr(transformer, blocks, ()):
+                block.compile(dynamic=False, backend=backend)
         step = diffusers_step(transformer)
     else:
         step = diffusers_step(torch.compile(transformer, dynamic=False, backend=backend))
@@ -384,7 +438,8 @@ def diffusers_compiled(transformer: torch.nn.Module, how: str, tiny: bool) -> Va
     return Variant(lambda: step, prunes=False, notes=[note + (" [--tiny: dynamo 'eager' backend]" if tiny else "")])
 
 
-def catrt_variant(adapter: Any, args: argparse.Namespace, compiled: bool, graphs: bool, device: torch.device) -> Variant:
+def catrt_variant(adapter: Any, loop: Loop, setup: ModelSetup, args: argparse.Namespace, compiled: bool, graphs: bool,
+                  device: torch.device) -> Variant:
     """CATRuntime over the eager adapter or compiled step functions, each step replayed as one CUDA graph
     when `graphs` (on CUDA; the eager adapter then shows what capture alone gains, without inductor).
 
@@ -406,7 +461,7 @@ def catrt_variant(adapter: Any, args: argparse.Namespace, compiled: bool, graphs
     extra: dict[str, Any] = {"buffers": RuntimeBuffers(), "cuda_graphs": graphs and device.type == "cuda"}
 
     def new_generation() -> StepFn:
-        return CATRuntime(adapter, config, steps=args.steps, guidance=True, functions=functions, **extra)
+        return CATRuntime(adapter, config, steps=args.steps, guidance=loop.doubled, functions=functions, grid=setup.grid, **extra)
 
     return Variant(new_generation, prunes=True, notes=notes)
 
@@ -516,20 +571,20 @@ def selection_ms(adapter: Any, setup: ModelSetup, args: argparse.Namespace, devi
     from catrt.selection import select_cat_step
 
     config = CATConfig(alpha=args.alpha, t0=args.t0)
-    latent = args.size // 8
-    grid = adapter.grid(latent, latent)
-    num, k = grid.num_tokens, config.num_selected(grid.num_tokens)
+    num = setup.grid.num_tokens
+    k = config.num_selected(num)
     n_clusters = min(config.n_clusters, num)
-    width = adapter.patch_size**2 * adapter.out_channels
+    width = adapter.token_out_channels
     generator = torch.Generator(device="cpu").manual_seed(1)
-    output_cache = torch.randn(2, num, width, generator=generator).to(device, setup.dtype)  # [uncond, cond]
+    rows = 2 if setup.doubles_batch else 1
+    output_cache = torch.randn(rows, num, width, generator=generator).to(device, setup.dtype)  # [uncond, cond] or one row
     reference = torch.randn(1, num, width, generator=generator).to(device)
     labels = torch.randint(0, n_clusters, (1, num), generator=generator).to(device)
     staleness = torch.rand(1, num, generator=generator).to(device)
     last_computed = torch.randint(1, args.t0 + 1, (1, num), generator=generator).to(device)
 
     def select() -> torch.Tensor:
-        return select_cat_step(output_cache[1:].float(), reference, labels, staleness, last_computed, k=k,
+        return select_cat_step(output_cache[-1:].float(), reference, labels, staleness, last_computed, k=k,
                                n_clusters=n_clusters, magnitude_fraction=config.magnitude_fraction)
 
     clock = Clock(device)
@@ -565,10 +620,9 @@ def mac_ratios(setup: ModelSetup, args: argparse.Namespace) -> tuple[str, float]
     step's MACs over the full step's (what `schedule_bound` scales a measured full step by)."""
     from catrt.macs import transformer_macs
 
-    card = ModelCard(setup.name, None, setup.family, setup.config, setup.text_tokens)  # type: ignore[arg-type]
     with torch.device("meta"):
-        meta = TRANSFORMERS[setup.family].from_config(setup.config).eval()
-    report = transformer_macs(meta, card, args.size, args.size, CATConfig(alpha=args.alpha, t0=args.t0), args.steps)
+        meta = family_of(setup.family).adapter.transformer_class.from_config(setup.config).eval()
+    report = transformer_macs(meta, setup.card, args.size, args.size, CATConfig(alpha=args.alpha, t0=args.t0), args.steps)
     share = report.pruned_step / report.full_step
     line = (f"N {report.num_tokens}, k {report.k}; MACs pruned/full step {share:.3f}, "
             f"{args.steps}-step schedule {report.schedule_ratio:.3f} (ideal speedup {1 / report.schedule_ratio:.2f}x)")
@@ -577,7 +631,7 @@ def mac_ratios(setup: ModelSetup, args: argparse.Namespace) -> tuple[str, float]
 
 def build_transformer(setup: ModelSetup, device: torch.device) -> torch.nn.Module:
     """Random weights made on the device in the target dtype (no fp32 copy of an 8B model)."""
-    cls = TRANSFORMERS[setup.family]
+    cls = family_of(setup.family).adapter.transformer_class
     torch.manual_seed(0)
     try:
         with torch.device(device), default_dtype(setup.dtype):
@@ -663,7 +717,8 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
                 elif variant_name == "diffusers-compile":
                     variant = diffusers_compiled(transformer, args.diffusers_compile, args.tiny)
                 else:
-                    variant = catrt_variant(adapter, args, variant_name == "catrt-compile", variant_name in CAPTURED, device)
+                    variant = catrt_variant(adapter, loop, setup, args, variant_name == "catrt-compile", variant_name in CAPTURED,
+                                            device)
                 row.notes.extend(variant.notes)
                 warm = measure_variant(row, variant, loop, args, device)
             firsts[variant_name] = warm.first_prediction
@@ -772,7 +827,7 @@ class Report:
             + (" --tiny" if args.tiny else "") + "`.",
             "",
             f"Settings: {args.size}x{args.size} px (latent {args.size // 8}x{args.size // 8}), one prompt with guidance "
-            f"(batch 2, scale {GUIDANCE_SCALE}), {args.steps} steps, t0 {args.t0}, alpha {args.alpha}; {dtypes}; random weights "
+            f"(scale {GUIDANCE_SCALE}: batch 2 [uncond, cond]; FLUX batch 1, the scale an input), {args.steps} steps, t0 {args.t0}, alpha {args.alpha}; {dtypes}; random weights "
             f"built on the device from the published configs{' (shrunk: 2 blocks, width 32, 12 text tokens)' if args.tiny else ''}, "
             "random text conditioning of the real shapes, fixed linear timesteps, in-place guided Euler update; no text "
             "encoders, VAE or scheduler.",

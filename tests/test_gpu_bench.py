@@ -120,3 +120,22 @@ def test_profile_writes_the_top_kernels_of_full_and_pruned_steps(tmp_path: Path)
         "## pixart-sigma catrt-graphs: pruned steps 6-8",
     ]
     assert profile.count("Self CPU") >= 3 and "aten::" in profile  # a profiler table per section
+
+
+def test_flux_runs_from_its_registered_meta_call_without_doubling_the_batch(tmp_path: Path) -> None:
+    """FLUX (packed tokens, distilled guidance: one row per image) takes the same code as SD3 and PixArt."""
+    gpu = load_script()
+    out = tmp_path / "speed.md"
+    gpu.main(["--tiny", "--models", "flux-dev", "--variants", "diffusers-eager", "catrt-eager", "--repeats", "1",
+              "--steps", "4", "--t0", "2", "--out", str(out)])
+    text = out.read_text()
+    _, rows = parse_table(text)
+    for variant in ("diffusers-eager", "catrt-eager"):
+        positive(rows[("flux-dev", variant)]["4 steps (ms)"])
+    positive(rows[("flux-dev", "catrt-eager")]["pruned step (ms)"])
+    agreement = next(line for line in text.splitlines() if line.startswith("- flux-dev: catrt-eager: step-1 prediction"))
+    assert float(agreement.rsplit("= ", 1)[1]) < 1e-5, agreement  # catrt's full step is diffusers' forward
+    setup = gpu.model_setup("flux-dev", gpu.parse_args(["--tiny"]))
+    loop = gpu.Loop(setup, gpu.parse_args(["--tiny"]), gpu.torch.device("cpu"))
+    assert not loop.doubled and loop.latents.shape == (1, setup.grid.num_tokens, 64)
+    assert loop.call_kwargs["guidance"].tolist() == [gpu.GUIDANCE_SCALE]
