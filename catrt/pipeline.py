@@ -19,7 +19,7 @@ from torch import nn
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models import PIPELINES, make_adapter
-from catrt.pipeline_spec import PipelineSpec
+from catrt.pipeline_spec import PipelineSpec, denoising_steps
 from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
 
 
@@ -81,7 +81,7 @@ class AcceleratedPipeline:
         config = self.config_for(alpha)
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        steps = bound.arguments.get("num_inference_steps")
+        steps = denoising_steps(bound.arguments)
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"num_inference_steps must be a positive integer, got {steps!r}", field="num_inference_steps")
         if self.spec.check_call is not None:

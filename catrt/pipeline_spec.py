@@ -43,3 +43,14 @@ class PipelineSpec:
         (diffusers' `do_classifier_free_guidance`); a distilled guidance embedding never does.
         """
         return self.guidance == "cfg" and float(arguments.get("guidance_scale", 1.0)) > 1.0
+
+
+def denoising_steps(arguments: dict[str, Any]) -> Any:
+    """How many steps (transformer calls) a diffusers call runs: the length of its custom `sigmas` or
+    `timesteps` where given (diffusers' `retrieve_timesteps` then ignores `num_inference_steps`),
+    else `num_inference_steps`."""
+    for name in ("sigmas", "timesteps"):
+        schedule = arguments.get(name)
+        if schedule is not None:
+            return len(schedule)
+    return arguments.get("num_inference_steps")

@@ -224,6 +224,15 @@ def _linear(layer: nn.Module, x: torch.Tensor, scratch: Scratch | None = None, n
     return out
 
 
+def _check_call(arguments: dict[str, Any]) -> None:
+    """Refuse the StableDiffusion3Pipeline options catrt cannot run, by name."""
+    if arguments.get("skip_guidance_layers") is not None:
+        raise UnsupportedModelError(
+            "StableDiffusion3Pipeline argument 'skip_guidance_layers' (skip-layer guidance) calls the transformer a "
+            "second time per step with layers skipped, which catrt does not support; leave it None"
+        )
+
+
 def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:
     """Batch-1 meta tensors shaped like one SD3 denoising step's transformer call."""
     patch = config["patch_size"]
@@ -237,5 +246,7 @@ def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str
 
 #: The prompt's limit is T5's (tokenizer_3); classifier-free guidance doubles the batch.
 FAMILY = register_family(Family(
-    "sd3", SD3Adapter, {StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3")}, _meta_call
+    "sd3", SD3Adapter,
+    {StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3", check_call=_check_call)},
+    _meta_call,
 ))
