@@ -1,0 +1,103 @@
+"""`accelerate` called the way diffusers users call their pipelines: custom schedules, callbacks that edit
+the step inputs, and options catrt cannot run (refused by name, never a wrong image or a deep shape error)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import catrt
+from catrt import CATConfig, ConfigError, UnsupportedModelError
+from tests.conftest import call_kwargs
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
+
+
+def _count_context_preparations(fast: catrt.AcceleratedPipeline) -> list[int]:
+    """Count the runtime's `prepare_context` calls (the eager adapter's), one entry per call."""
+    calls: list[int] = []
+    prepare = fast.adapter.prepare_context
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return prepare(*args)
+
+    fast.adapter.prepare_context = counted
+    return calls
+
+
+@pytest.mark.parametrize(("name", "argument"), [("tiny-sd3", "sigmas"), ("tiny-flux", "sigmas"), ("tiny-pixart", "timesteps")])
+def test_a_custom_schedule_sets_the_step_count(name: str, argument: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    schedule = list(np.linspace(1.0, 0.2, 6)) if argument == "sigmas" else [999, 800, 600, 400, 200, 100]
+    # diffusers runs len(schedule) steps and ignores num_inference_steps (12 here)
+    expected = pipe(**call_kwargs(pipe, **{argument: schedule})).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3, trace=True))
+    got = fast(**call_kwargs(pipe, **{argument: schedule})).images
+    assert _relative_error(got, expected) < 1e-4
+    assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"] * 3
+
+
+def test_a_custom_schedule_too_short_for_t0_is_refused_before_running(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    with pytest.raises(ConfigError, match=r"t0 = 3 needs t0 < num_inference_steps, got 3 steps"):
+        fast(**call_kwargs(pipe, sigmas=[1.0, 0.6, 0.3]))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5"])
+def test_skip_layer_guidance_is_refused_by_name_before_any_step(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    steps: list[int] = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *_: steps.append(1))
+    try:
+        with pytest.raises(UnsupportedModelError, match="argument 'skip_guidance_layers' .* catrt does not support"):
+            catrt.accelerate(pipe)(**call_kwargs(pipe, skip_guidance_layers=[0]))
+    finally:
+        hook.remove()
+    assert steps == []
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_a_callback_that_swaps_the_prompt_embeddings_is_followed(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+
+    def halve_the_prompt(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"prompt_embeds": tensors["prompt_embeds"] * 0.5} if step == 5 else {}
+
+    def run(runner: Any) -> torch.Tensor:
+        return runner(**call_kwargs(
+            pipe, callback_on_step_end=halve_the_prompt, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]
+        )).images
+
+    expected = run(pipe)
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3))
+    preparations = _count_context_preparations(fast)
+    assert _relative_error(run(fast), expected) < 1e-4
+    assert len(preparations) == 2  # step 1, and the step after the swap: not every step
+
+
+def test_a_callback_that_drops_the_guidance_rows_is_refused_and_the_next_call_is_clean(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+
+    def guidance_off(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if step != 5:
+            return {}
+        pipeline._guidance_scale = 0.0  # diffusers' dynamic-guidance callback: keep the conditional rows only
+        return {name: tensors[name].chunk(2)[-1] for name in ("prompt_embeds", "pooled_prompt_embeds")}
+
+    config = CATConfig(alpha=0.3, t0=3)
+    expected = catrt.accelerate(pipe, config)(**call_kwargs(pipe)).images
+    fast = catrt.accelerate(pipe, config)
+    with pytest.raises(ConfigError, match=r"input changed shape at step 7, from \(4, 16, 8, 12\) to \(2, 16, 8, 12\)") as error:
+        fast(**call_kwargs(
+            pipe, callback_on_step_end=guidance_off,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "pooled_prompt_embeds"],
+        ))
+    assert error.value.field == "callback_on_step_end"
+    assert torch.equal(fast(**call_kwargs(pipe)).images, expected)
