@@ -142,7 +142,8 @@ def accelerate(
 def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]) -> Iterator[None]:
     """Route `transformer(...)` to `runtime(hidden_states, timestep, other kwargs)` for one pipeline call.
 
-    Module hooks still fire (the server times steps with them).
+    Module hooks still fire (the server times steps with them). A `forward` set on the instance before
+    (accelerate's offload hook, a user's wrapper) is put back afterwards, not deleted.
     """
     signature = inspect.signature(type(transformer).forward)
 
@@ -155,11 +156,15 @@ def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor
         sample = runtime(hidden_states, _as_batch(timestep, hidden_states), arguments)
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
+    previous = transformer.__dict__.get("forward")
     transformer.forward = forward
     try:
         yield
     finally:
-        del transformer.forward
+        if previous is None:
+            del transformer.forward
+        else:
+            transformer.forward = previous
 
 
 def _as_batch(timestep: torch.Tensor | float, hidden_states: torch.Tensor) -> torch.Tensor:

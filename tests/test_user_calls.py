@@ -101,3 +101,23 @@ def test_a_callback_that_drops_the_guidance_rows_is_refused_and_the_next_call_is
         ))
     assert error.value.field == "callback_on_step_end"
     assert torch.equal(fast(**call_kwargs(pipe)).images, expected)
+
+
+def test_a_forward_set_on_the_transformer_before_is_put_back(tiny_pipelines: dict[str, Any]) -> None:
+    # accelerate's enable_model_cpu_offload wraps transformer.forward on the instance the same way
+    pipe = tiny_pipelines["tiny-sd3"]
+    calls: list[int] = []
+    original = pipe.transformer.forward
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    pipe.transformer.forward = wrapped
+    try:
+        catrt.accelerate(pipe, CATConfig(t0=3))(**call_kwargs(pipe, num_inference_steps=4))
+        assert pipe.transformer.forward is wrapped and calls == []
+        pipe(**call_kwargs(pipe, num_inference_steps=4))
+        assert len(calls) == 4
+    finally:
+        del pipe.transformer.forward
