@@ -93,7 +93,8 @@ class AcceleratedPipeline:
         )
         with transformer_replaced(self.pipe.transformer, runtime):
             result = self.pipe(*args, **kwargs)
-        if runtime.step != steps:
+        # A pipeline interrupted by its callback (diffusers' `pipe._interrupt = True`) skips the remaining steps.
+        if runtime.step != steps and not getattr(self.pipe, "interrupt", False):
             raise ConfigError(
                 f"the pipeline ran {runtime.step} transformer calls for {steps} steps; catrt needs one call per step",
                 field="num_inference_steps",

@@ -121,3 +121,18 @@ def test_a_forward_set_on_the_transformer_before_is_put_back(tiny_pipelines: dic
         assert len(calls) == 4
     finally:
         del pipe.transformer.forward
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_a_generation_interrupted_by_its_callback_returns_as_diffusers_does(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+
+    def stop_after_step_7(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        pipeline._interrupt = step == 6  # diffusers' documented way to stop a generation early
+        return {}
+
+    expected = pipe(**call_kwargs(pipe, callback_on_step_end=stop_after_step_7)).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3, trace=True))
+    got = fast(**call_kwargs(pipe, callback_on_step_end=stop_after_step_7)).images
+    assert _relative_error(got, expected) < 1e-4
+    assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"] * 4
