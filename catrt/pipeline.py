@@ -86,6 +86,14 @@ class AcceleratedPipeline:
             raise ConfigError(f"num_inference_steps must be a positive integer, got {steps!r}", field="num_inference_steps")
         if self.spec.check_call is not None:
             self.spec.check_call(bound.arguments)
+        scheduler = getattr(self.pipe, "scheduler", None)
+        order = getattr(scheduler, "order", 1)  # diffusers: transformer calls per step (Heun, KDPM2: 2)
+        if order != 1:
+            raise ConfigError(
+                f"{type(scheduler).__name__} calls the transformer {order} times per step; catrt needs exactly one "
+                f"transformer call per step (single-evaluation schedulers such as Euler or DPM-Solver)",
+                field="scheduler", value=type(scheduler).__name__,
+            )
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
         runtime = self.runtime_class(

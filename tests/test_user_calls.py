@@ -136,3 +136,22 @@ def test_a_generation_interrupted_by_its_callback_returns_as_diffusers_does(name
     got = fast(**call_kwargs(pipe, callback_on_step_end=stop_after_step_7)).images
     assert _relative_error(got, expected) < 1e-4
     assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"] * 4
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 on diffusers' schedule maths, thousands of times
+@pytest.mark.parametrize(("name", "scheduler"), [("tiny-sd3", "FlowMatchHeunDiscreteScheduler"), ("tiny-pixart", "KDPM2DiscreteScheduler")])
+def test_a_scheduler_of_two_calls_per_step_is_refused_before_any_step(name: str, scheduler: str, tiny_pipelines: dict[str, Any]) -> None:
+    import diffusers
+
+    pipe = tiny_pipelines[name]
+    own = pipe.scheduler
+    steps: list[int] = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *_: steps.append(1))
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(own.config)
+    try:
+        with pytest.raises(ConfigError, match=f"{scheduler} calls the transformer 2 times per step; catrt needs exactly one"):
+            catrt.accelerate(pipe)(**call_kwargs(pipe))
+    finally:
+        pipe.scheduler = own
+        hook.remove()
+    assert steps == []
