@@ -94,6 +94,7 @@ class AcceleratedPipeline:
                 f"transformer call per step (single-evaluation schedulers such as Euler or DPM-Solver)",
                 field="scheduler", value=type(scheduler).__name__,
             )
+        self._follow_transformer()
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
         runtime = self.runtime_class(
@@ -109,6 +110,20 @@ class AcceleratedPipeline:
             )
         self.last_trace = runtime.trace
         return result
+
+    def _follow_transformer(self) -> None:
+        """Run the pipeline's transformer as it is now: a user may assign another `pipe.transformer` or set
+        attention processors after `accelerate`, which the adapter must see (or refuse), not run the old weights."""
+        transformer = self.pipe.transformer
+        if transformer is self.adapter.transformer:
+            self.adapter.check_layout(transformer)
+            return
+        if self.functions is not None:
+            raise UnsupportedModelError(
+                "pipe.transformer was replaced after catrt.accelerate, and these step functions run the one it had "
+                "then: accelerate (or load) the pipeline again"
+            )
+        self.adapter = make_adapter(transformer)
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's.

@@ -3,14 +3,18 @@ the step inputs, and options catrt cannot run (refused by name, never a wrong im
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import diffusers
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor
 
 import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
+from catrt.models import make_adapter
 from tests.conftest import call_kwargs
 
 
@@ -141,8 +145,6 @@ def test_a_generation_interrupted_by_its_callback_returns_as_diffusers_does(name
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 on diffusers' schedule maths, thousands of times
 @pytest.mark.parametrize(("name", "scheduler"), [("tiny-sd3", "FlowMatchHeunDiscreteScheduler"), ("tiny-pixart", "KDPM2DiscreteScheduler")])
 def test_a_scheduler_of_two_calls_per_step_is_refused_before_any_step(name: str, scheduler: str, tiny_pipelines: dict[str, Any]) -> None:
-    import diffusers
-
     pipe = tiny_pipelines[name]
     own = pipe.scheduler
     steps: list[int] = []
@@ -155,3 +157,25 @@ def test_a_scheduler_of_two_calls_per_step_is_refused_before_any_step(name: str,
         pipe.scheduler = own
         hook.remove()
     assert steps == []
+
+
+def test_the_transformer_and_processors_the_pipeline_has_at_the_call_are_run(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    own = pipe.transformer
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3))
+    with_functions = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3), functions=make_adapter(own))
+    other = copy.deepcopy(own)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(1.1)
+    pipe.transformer = other  # a fine-tune swapped in after accelerate
+    try:
+        expected = pipe(**call_kwargs(pipe)).images
+        assert _relative_error(fast(**call_kwargs(pipe)).images, expected) < 1e-4
+        with pytest.raises(UnsupportedModelError, match="pipe.transformer was replaced after catrt.accelerate, and these step"):
+            with_functions(**call_kwargs(pipe))
+        other.transformer_blocks[0].attn.set_processor(AttnProcessor())
+        with pytest.raises(UnsupportedModelError, match="block 0 uses attention processor AttnProcessor; catrt prunes only"):
+            fast(**call_kwargs(pipe))
+    finally:
+        pipe.transformer = own
