@@ -114,7 +114,10 @@ class RuntimeBuffers:
 
     def state(self, key: tuple[Any, ...], allocate: Callable[[], StepState]) -> StepState:
         if key not in self._states:
-            self._states[key] = allocate()
+            # Normal tensors even when this call runs under torch.inference_mode: a later call outside it
+            # could not update inference tensors in place.
+            with torch.inference_mode(False):
+                self._states[key] = allocate()
         return self._states[key]
 
     def __len__(self) -> int:

@@ -179,3 +179,13 @@ def test_the_transformer_and_processors_the_pipeline_has_at_the_call_are_run(tin
             fast(**call_kwargs(pipe))
     finally:
         pipe.transformer = own
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart"])
+def test_a_first_call_under_inference_mode_leaves_buffers_later_calls_can_write(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    expected = catrt.accelerate(pipe, CATConfig(t0=3))(**call_kwargs(pipe)).images
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    with torch.inference_mode():
+        assert torch.equal(fast(**call_kwargs(pipe)).images, expected)
+    assert torch.equal(fast(**call_kwargs(pipe)).images, expected)  # same buffers, outside inference mode

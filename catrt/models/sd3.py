@@ -168,7 +168,8 @@ class Scratch:
         numel = math.prod(shape)
         buffer = buffers.get(name)
         if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
-            buffer = buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+            with torch.inference_mode(False):  # written in place by later steps, under inference_mode or not
+                buffer = buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buffer[:numel].view(shape)
 
 
