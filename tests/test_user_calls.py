@@ -86,6 +86,19 @@ def test_a_callback_that_swaps_the_prompt_embeddings_is_followed(name: str, tiny
     assert len(preparations) == 2  # step 1, and the step after the swap: not every step
 
 
+def test_a_callback_that_changes_the_text_length_is_refused_by_the_input_name(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+
+    def shorter_prompt(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"prompt_embeds": tensors["prompt_embeds"][:, :-1]} if step == 5 else {}
+
+    with pytest.raises(ConfigError, match="context input 'encoder_hidden_states' is missing or has another shape") as error:
+        catrt.accelerate(pipe, CATConfig(t0=3))(**call_kwargs(
+            pipe, callback_on_step_end=shorter_prompt, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]
+        ))
+    assert error.value.field == "encoder_hidden_states"
+
+
 def test_a_callback_that_drops_the_guidance_rows_is_refused_and_the_next_call_is_clean(tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines["tiny-sd3"]
 
