@@ -155,8 +155,7 @@ def test_a_generation_interrupted_by_its_callback_returns_as_diffusers_does(name
     assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"] * 4
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 on diffusers' schedule maths, thousands of times
-@pytest.mark.parametrize(("name", "scheduler"), [("tiny-sd3", "FlowMatchHeunDiscreteScheduler"), ("tiny-pixart", "KDPM2DiscreteScheduler")])
+@pytest.mark.parametrize(("name", "scheduler"), [("tiny-sd3", "FlowMatchHeunDiscreteScheduler"), ("tiny-pixart", "HeunDiscreteScheduler")])
 def test_a_scheduler_of_two_calls_per_step_is_refused_before_any_step(name: str, scheduler: str, tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines[name]
     own = pipe.scheduler
