@@ -82,7 +82,7 @@ class AcceleratedPipeline:
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
         steps = denoising_steps(bound.arguments)
-        if not isinstance(steps, int) or steps < 1:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"num_inference_steps must be a positive integer, got {steps!r}", field="num_inference_steps")
         if self.spec.check_call is not None:
             self.spec.check_call(bound.arguments)

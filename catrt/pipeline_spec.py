@@ -7,6 +7,7 @@ guidance is one of these facts: nothing else in catrt reads `guidance_scale` to 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,9 +49,10 @@ class PipelineSpec:
 def denoising_steps(arguments: dict[str, Any]) -> Any:
     """How many steps (transformer calls) a diffusers call runs: the length of its custom `sigmas` or
     `timesteps` where given (diffusers' `retrieve_timesteps` then ignores `num_inference_steps`),
-    else `num_inference_steps`."""
+    else `num_inference_steps` (a Python int for any integer type diffusers takes, such as numpy's)."""
     for name in ("sigmas", "timesteps"):
         schedule = arguments.get(name)
         if schedule is not None:
             return len(schedule)
-    return arguments.get("num_inference_steps")
+    steps = arguments.get("num_inference_steps")
+    return int(steps) if isinstance(steps, numbers.Integral) and not isinstance(steps, bool) else steps

@@ -47,6 +47,15 @@ def test_a_custom_schedule_sets_the_step_count(name: str, argument: str, tiny_pi
     assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"] * 3
 
 
+def test_a_numpy_step_count_runs_as_diffusers_runs_it(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-pixart"]
+    fast = catrt.accelerate(pipe, CATConfig(t0=3, trace=True))
+    fast(**call_kwargs(pipe, num_inference_steps=np.int64(5)))
+    assert len(fast.last_trace) == 5
+    with pytest.raises(ConfigError, match="num_inference_steps must be a positive integer, got True"):
+        fast(**call_kwargs(pipe, num_inference_steps=True))
+
+
 def test_a_custom_schedule_too_short_for_t0_is_refused_before_running(tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines["tiny-sd3"]
     fast = catrt.accelerate(pipe, CATConfig(t0=3))
