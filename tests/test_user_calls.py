@@ -77,6 +77,16 @@ def test_skip_layer_guidance_is_refused_by_name_before_any_step(name: str, tiny_
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_empty_attention_kwargs_run_and_a_lora_scale_is_refused_by_name(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    expected = pipe(**call_kwargs(pipe, joint_attention_kwargs={})).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3))
+    assert _relative_error(fast(**call_kwargs(pipe, joint_attention_kwargs={})).images, expected) < 1e-4
+    with pytest.raises(UnsupportedModelError, match="joint_attention_kwargs.* not supported by catrt"):
+        fast(**call_kwargs(pipe, joint_attention_kwargs={"scale": 0.5}))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
 def test_a_callback_that_swaps_the_prompt_embeddings_is_followed(name: str, tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines[name]
 

@@ -61,7 +61,8 @@ class SD3Adapter(Adapter):
 
     def context_inputs(self, call_kwargs: dict[str, Any]) -> Context:
         for name in _UNSUPPORTED_CALL_ARGS:
-            if call_kwargs.get(name) is not None:
+            value = call_kwargs.get(name)
+            if value is not None and not (isinstance(value, dict) and not value):  # {} changes nothing (as for FLUX)
                 raise UnsupportedModelError(f"SD3 transformer argument {name!r} is not supported by catrt")
         return {
             "encoder_hidden_states": call_kwargs["encoder_hidden_states"],
