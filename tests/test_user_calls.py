@@ -47,6 +47,21 @@ def test_a_custom_schedule_sets_the_step_count(name: str, argument: str, tiny_pi
     assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"] * 3
 
 
+def test_custom_sigmas_that_end_with_the_final_one_run_one_step_fewer(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-pixart"]
+    own = pipe.scheduler
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(own.config)  # takes sigmas[-1] as the final sigma
+    try:
+        sigmas = [14.0, 8.0, 4.0, 2.0, 1.0, 0.5]
+        expected = pipe(**call_kwargs(pipe, sigmas=sigmas)).images
+        fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3, trace=True))
+        got = fast(**call_kwargs(pipe, sigmas=sigmas)).images
+    finally:
+        pipe.scheduler = own
+    assert _relative_error(got, expected) < 1e-4
+    assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"] * 2
+
+
 def test_a_numpy_step_count_runs_as_diffusers_runs_it(tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines["tiny-pixart"]
     fast = catrt.accelerate(pipe, CATConfig(t0=3, trace=True))
