@@ -218,6 +218,10 @@ def test_the_transformer_and_processors_the_pipeline_has_at_the_call_are_run(tin
     try:
         expected = pipe(**call_kwargs(pipe)).images
         assert _relative_error(fast(**call_kwargs(pipe)).images, expected) < 1e-4
+        pipe.transformer = type(own).from_config({**own.config, "num_layers": own.config.num_layers + 1})  # more K/V slots
+        deeper = pipe(**call_kwargs(pipe)).images
+        assert _relative_error(fast(**call_kwargs(pipe)).images, deeper) < 1e-4
+        pipe.transformer = other
         with pytest.raises(UnsupportedModelError, match="pipe.transformer was replaced after catrt.accelerate, and these step"):
             with_functions(**call_kwargs(pipe))
         other.transformer_blocks[0].attn.set_processor(AttnProcessor())
