@@ -22,7 +22,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from catrt.errors import UnknownModelError
+from catrt.errors import ConfigError, UnknownModelError
 from catrt.model_cards import MODEL_CARDS, ModelCard
 from catrt.models import family_of
 from catrt.reference.pipeline import load_reference_pipeline
@@ -104,6 +104,18 @@ def _unknown(value: str | os.PathLike) -> UnknownModelError:
     )
 
 
+def usable_device(device: str | torch.device) -> torch.device:
+    """The torch device `device` names, refused before any loading when it is no device or this machine has none."""
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N", field="device", value=device) from None
+    if found.type == "cuda" and not torch.cuda.is_available():
+        build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
+        raise ConfigError(f"device {device!r}: this machine has no usable CUDA GPU{build}; use cpu", field="device", value=device)
+    return found
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -116,6 +128,12 @@ def load_pipeline(
     without `model_index.json` is refused here rather than by a deeper diffusers error. With
     `transformer_weights=False` the transformer is a weightless stand-in (for engine bundles).
     """
+    device = usable_device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(
+            f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {dtype!r}",
+            field="dtype", value=dtype,
+        )
     key = os.fspath(name_or_path)
     if key in LOADERS:
         logger.info("loading %s as %s", key, dtype)

@@ -19,7 +19,7 @@ from torch import nn
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models import PIPELINES, make_adapter
-from catrt.pipeline_spec import PipelineSpec
+from catrt.pipeline_spec import PipelineSpec, denoising_steps
 from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
 
 
@@ -81,25 +81,46 @@ class AcceleratedPipeline:
         config = self.config_for(alpha)
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        steps = bound.arguments.get("num_inference_steps")
-        if not isinstance(steps, int) or steps < 1:
+        steps = denoising_steps(bound.arguments)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"num_inference_steps must be a positive integer, got {steps!r}", field="num_inference_steps")
         if self.spec.check_call is not None:
             self.spec.check_call(bound.arguments)
+        scheduler = getattr(self.pipe, "scheduler", None)
+        order = getattr(scheduler, "order", 1)  # diffusers: transformer calls per step (Heun, KDPM2: 2)
+        if order != 1:
+            raise ConfigError(
+                f"{type(scheduler).__name__} calls the transformer {order} times per step; catrt needs exactly one "
+                f"transformer call per step (single-evaluation schedulers such as Euler or DPM-Solver)",
+                field="scheduler", value=type(scheduler).__name__,
+            )
+        self._follow_transformer()
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
         runtime = self.runtime_class(
             self.adapter, config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
         )
+        # Fewer calls than `steps` are fine: each ran as its step of the plan (a callback's `pipe._interrupt`, or a
+        # scheduler whose custom sigmas end with the final one, such as Euler's); more are refused by the runtime.
         with transformer_replaced(self.pipe.transformer, runtime):
             result = self.pipe(*args, **kwargs)
-        if runtime.step != steps:
-            raise ConfigError(
-                f"the pipeline ran {runtime.step} transformer calls for {steps} steps; catrt needs one call per step",
-                field="num_inference_steps",
-            )
         self.last_trace = runtime.trace
         return result
+
+    def _follow_transformer(self) -> None:
+        """Run the pipeline's transformer as it is now: a user may assign another `pipe.transformer` or set
+        attention processors after `accelerate`, which the adapter must see (or refuse), not run the old weights."""
+        transformer = self.pipe.transformer
+        if transformer is self.adapter.transformer:
+            self.adapter.check_layout(transformer)
+            return
+        if self.functions is not None:
+            raise UnsupportedModelError(
+                "pipe.transformer was replaced after catrt.accelerate, and these step functions run the one it had "
+                "then: accelerate (or load) the pipeline again"
+            )
+        self.adapter = make_adapter(transformer)
+        self.buffers = RuntimeBuffers()  # its K/V slots and width may differ from the old one's
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's.
@@ -142,7 +163,8 @@ def accelerate(
 def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]) -> Iterator[None]:
     """Route `transformer(...)` to `runtime(hidden_states, timestep, other kwargs)` for one pipeline call.
 
-    Module hooks still fire (the server times steps with them).
+    Module hooks still fire (the server times steps with them). A `forward` set on the instance before
+    (accelerate's offload hook, a user's wrapper) is put back afterwards, not deleted.
     """
     signature = inspect.signature(type(transformer).forward)
 
@@ -155,11 +177,15 @@ def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor
         sample = runtime(hidden_states, _as_batch(timestep, hidden_states), arguments)
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
+    previous = transformer.__dict__.get("forward")
     transformer.forward = forward
     try:
         yield
     finally:
-        del transformer.forward
+        if previous is None:
+            del transformer.forward
+        else:
+            transformer.forward = previous
 
 
 def _as_batch(timestep: torch.Tensor | float, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ guidance is one of these facts: nothing else in catrt reads `guidance_scale` to 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,3 +44,15 @@ class PipelineSpec:
         (diffusers' `do_classifier_free_guidance`); a distilled guidance embedding never does.
         """
         return self.guidance == "cfg" and float(arguments.get("guidance_scale", 1.0)) > 1.0
+
+
+def denoising_steps(arguments: dict[str, Any]) -> Any:
+    """How many steps (transformer calls) a diffusers call runs: the length of its custom `sigmas` or
+    `timesteps` where given (diffusers' `retrieve_timesteps` then ignores `num_inference_steps`),
+    else `num_inference_steps` (a Python int for any integer type diffusers takes, such as numpy's)."""
+    for name in ("sigmas", "timesteps"):
+        schedule = arguments.get(name)
+        if schedule is not None:
+            return len(schedule)
+    steps = arguments.get("num_inference_steps")
+    return int(steps) if isinstance(steps, numbers.Integral) and not isinstance(steps, bool) else steps

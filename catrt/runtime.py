@@ -114,7 +114,10 @@ class RuntimeBuffers:
 
     def state(self, key: tuple[Any, ...], allocate: Callable[[], StepState]) -> StepState:
         if key not in self._states:
-            self._states[key] = allocate()
+            # Normal tensors even when this call runs under torch.inference_mode: a later call outside it
+            # could not update inference tensors in place.
+            with torch.inference_mode(False):
+                self._states[key] = allocate()
         return self._states[key]
 
     def __len__(self) -> int:
@@ -220,6 +223,8 @@ class CATRuntime:
             )
         if self.step == 1:
             self._start(hidden_states, timestep, call_kwargs)
+        else:
+            self._follow(hidden_states, timestep, call_kwargs)
         state = self.state
         state.latents.copy_(hidden_states)
         state.timestep.copy_(timestep)
@@ -260,11 +265,45 @@ class CATRuntime:
         )
         context = self.functions.prepare_context(inputs, tuple(hidden_states.shape))
         self.state = self.buffers.state(key, lambda: self._allocate(hidden_states, timestep, context))
-        for name, tensor in context.items():
-            self.state.context[name].copy_(tensor)
+        self._set_context(context)
+        self._call_kwargs = dict(call_kwargs)
         self.state.staleness.zero_()
         self.state.last_computed.zero_()
         self.generator = torch.Generator(device=hidden_states.device).manual_seed(self.config.seed)
+
+    def _follow(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> None:
+        """A later step: the shapes of step 1, and the context re-made where the pipeline passes other objects.
+
+        A `callback_on_step_end` may swap the prompt embeddings mid-generation (the transformer then reads
+        the new ones) or drop the unconditional rows (a dynamic-guidance callback): the first is taken up,
+        the second cannot run on this generation's caches and is refused, where a copy would broadcast.
+        """
+        state = self.state
+        if hidden_states.shape != state.latents.shape or timestep.shape != state.timestep.shape:
+            raise ConfigError(
+                f"the transformer's input changed shape at step {self.step}, from {tuple(state.latents.shape)} to "
+                f"{tuple(hidden_states.shape)} (a callback_on_step_end that turns guidance off or changes the batch?); "
+                f"catrt's caches are made for one batch and size per generation: keep them for every step",
+                field="callback_on_step_end", value=tuple(hidden_states.shape),
+            )
+        if call_kwargs.keys() == self._call_kwargs.keys() and all(call_kwargs[n] is self._call_kwargs[n] for n in call_kwargs):
+            return
+        self._call_kwargs = dict(call_kwargs)
+        inputs = self.adapter.context_inputs(call_kwargs)
+        self._set_context(self.functions.prepare_context(inputs, tuple(hidden_states.shape)))
+
+    def _set_context(self, context: Context) -> None:
+        """Copy a prepared context into the state, whose tensors were made for the generation's first one."""
+        state = self.state
+        for name in sorted(set(context) | set(state.context)):
+            if name not in context or name not in state.context or context[name].shape != state.context[name].shape:
+                raise ConfigError(
+                    f"the transformer's context input {name!r} is missing or has another shape than at step 1 (a "
+                    f"callback_on_step_end that changes the prompt embeddings' shapes?); catrt's caches are made for "
+                    f"one context shape per generation: keep those shapes for every step",
+                    field=name,
+                )
+            state.context[name].copy_(context[name])
 
     def _grid(self, hidden_states: torch.Tensor) -> Grid:
         """The latents' own grid, else the one given (packed latents), checked against the token count."""

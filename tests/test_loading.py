@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, PixArtSigmaPipeline
 
-from catrt.errors import UnknownModelError
+from catrt.errors import ConfigError, UnknownModelError
 from catrt.loading import LOADERS, load_pipeline
 from catrt.model_cards import MODEL_CARDS
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
@@ -161,3 +161,19 @@ def test_folder_without_model_index_is_unknown(tmp_path: Path) -> None:
 def test_unknown_tiny_name_raises() -> None:
     with pytest.raises(UnknownModelError, match="tiny-sdxl"):
         build_tiny_pipeline("tiny-sdxl")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "field", "message"),
+    [
+        ({"device": "nonsense"}, "device", "device 'nonsense' is not a torch device; use cpu, cuda or cuda:N"),
+        ({"dtype": "float16"}, "dtype", "dtype must be a floating-point torch.dtype .* got 'float16'"),
+        ({"dtype": torch.int64}, "dtype", "dtype must be a floating-point torch.dtype .* got torch.int64"),
+        pytest.param({"device": "cuda"}, "device", "device 'cuda': this machine has no usable CUDA GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    ],
+)
+def test_a_device_or_dtype_that_cannot_load_is_refused_by_name(arguments: dict, field: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_pipeline("tiny-sd3", **arguments)
+    assert caught.value.field == field

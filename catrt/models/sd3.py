@@ -61,7 +61,8 @@ class SD3Adapter(Adapter):
 
     def context_inputs(self, call_kwargs: dict[str, Any]) -> Context:
         for name in _UNSUPPORTED_CALL_ARGS:
-            if call_kwargs.get(name) is not None:
+            value = call_kwargs.get(name)
+            if value is not None and not (isinstance(value, dict) and not value):  # {} changes nothing (as for FLUX)
                 raise UnsupportedModelError(f"SD3 transformer argument {name!r} is not supported by catrt")
         return {
             "encoder_hidden_states": call_kwargs["encoder_hidden_states"],
@@ -168,7 +169,8 @@ class Scratch:
         numel = math.prod(shape)
         buffer = buffers.get(name)
         if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
-            buffer = buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+            with torch.inference_mode(False):  # written in place by later steps, under inference_mode or not
+                buffer = buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buffer[:numel].view(shape)
 
 
@@ -224,6 +226,15 @@ def _linear(layer: nn.Module, x: torch.Tensor, scratch: Scratch | None = None, n
     return out
 
 
+def _check_call(arguments: dict[str, Any]) -> None:
+    """Refuse the StableDiffusion3Pipeline options catrt cannot run, by name."""
+    if arguments.get("skip_guidance_layers") is not None:
+        raise UnsupportedModelError(
+            "StableDiffusion3Pipeline argument 'skip_guidance_layers' (skip-layer guidance) calls the transformer a "
+            "second time per step with layers skipped, which catrt does not support; leave it None"
+        )
+
+
 def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:
     """Batch-1 meta tensors shaped like one SD3 denoising step's transformer call."""
     patch = config["patch_size"]
@@ -237,5 +248,7 @@ def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str
 
 #: The prompt's limit is T5's (tokenizer_3); classifier-free guidance doubles the batch.
 FAMILY = register_family(Family(
-    "sd3", SD3Adapter, {StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3")}, _meta_call
+    "sd3", SD3Adapter,
+    {StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3", check_call=_check_call)},
+    _meta_call,
 ))

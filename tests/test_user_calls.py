@@ -1,0 +1,241 @@
+"""`accelerate` called the way diffusers users call their pipelines: custom schedules, callbacks that edit
+the step inputs, and options catrt cannot run (refused by name, never a wrong image or a deep shape error)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+
+import catrt
+from catrt import CATConfig, ConfigError, UnsupportedModelError
+from catrt.models import make_adapter
+from tests.conftest import call_kwargs
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
+
+
+def _count_context_preparations(fast: catrt.AcceleratedPipeline) -> list[int]:
+    """Count the runtime's `prepare_context` calls (the eager adapter's), one entry per call."""
+    calls: list[int] = []
+    prepare = fast.adapter.prepare_context
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return prepare(*args)
+
+    fast.adapter.prepare_context = counted
+    return calls
+
+
+@pytest.mark.parametrize(("name", "argument"), [("tiny-sd3", "sigmas"), ("tiny-flux", "sigmas"), ("tiny-pixart", "timesteps")])
+def test_a_custom_schedule_sets_the_step_count(name: str, argument: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    schedule = list(np.linspace(1.0, 0.2, 6)) if argument == "sigmas" else [999, 800, 600, 400, 200, 100]
+    # diffusers runs len(schedule) steps and ignores num_inference_steps (12 here)
+    expected = pipe(**call_kwargs(pipe, **{argument: schedule})).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3, trace=True))
+    got = fast(**call_kwargs(pipe, **{argument: schedule})).images
+    assert _relative_error(got, expected) < 1e-4
+    assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"] * 3
+
+
+def test_custom_sigmas_that_end_with_the_final_one_run_one_step_fewer(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-pixart"]
+    own = pipe.scheduler
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(own.config)  # takes sigmas[-1] as the final sigma
+    try:
+        sigmas = [14.0, 8.0, 4.0, 2.0, 1.0, 0.5]
+        expected = pipe(**call_kwargs(pipe, sigmas=sigmas)).images
+        fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3, trace=True))
+        got = fast(**call_kwargs(pipe, sigmas=sigmas)).images
+    finally:
+        pipe.scheduler = own
+    assert _relative_error(got, expected) < 1e-4
+    assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"] * 2
+
+
+def test_a_numpy_step_count_runs_as_diffusers_runs_it(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-pixart"]
+    fast = catrt.accelerate(pipe, CATConfig(t0=3, trace=True))
+    fast(**call_kwargs(pipe, num_inference_steps=np.int64(5)))
+    assert len(fast.last_trace) == 5
+    with pytest.raises(ConfigError, match="num_inference_steps must be a positive integer, got True"):
+        fast(**call_kwargs(pipe, num_inference_steps=True))
+
+
+def test_a_custom_schedule_too_short_for_t0_is_refused_before_running(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    with pytest.raises(ConfigError, match=r"t0 = 3 needs t0 < num_inference_steps, got 3 steps"):
+        fast(**call_kwargs(pipe, sigmas=[1.0, 0.6, 0.3]))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5"])
+def test_skip_layer_guidance_is_refused_by_name_before_any_step(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    steps: list[int] = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *_: steps.append(1))
+    try:
+        with pytest.raises(UnsupportedModelError, match="argument 'skip_guidance_layers' .* catrt does not support"):
+            catrt.accelerate(pipe)(**call_kwargs(pipe, skip_guidance_layers=[0]))
+    finally:
+        hook.remove()
+    assert steps == []
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_empty_attention_kwargs_run_and_a_lora_scale_is_refused_by_name(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    expected = pipe(**call_kwargs(pipe, joint_attention_kwargs={})).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3))
+    assert _relative_error(fast(**call_kwargs(pipe, joint_attention_kwargs={})).images, expected) < 1e-4
+    with pytest.raises(UnsupportedModelError, match="joint_attention_kwargs.* not supported by catrt"):
+        fast(**call_kwargs(pipe, joint_attention_kwargs={"scale": 0.5}))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_a_callback_that_swaps_the_prompt_embeddings_is_followed(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+
+    def halve_the_prompt(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"prompt_embeds": tensors["prompt_embeds"] * 0.5} if step == 5 else {}
+
+    def run(runner: Any) -> torch.Tensor:
+        return runner(**call_kwargs(
+            pipe, callback_on_step_end=halve_the_prompt, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]
+        )).images
+
+    expected = run(pipe)
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3))
+    preparations = _count_context_preparations(fast)
+    assert _relative_error(run(fast), expected) < 1e-4
+    assert len(preparations) == 2  # step 1, and the step after the swap: not every step
+
+
+def test_a_callback_that_changes_the_text_length_is_refused_by_the_input_name(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+
+    def shorter_prompt(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"prompt_embeds": tensors["prompt_embeds"][:, :-1]} if step == 5 else {}
+
+    with pytest.raises(ConfigError, match="context input 'encoder_hidden_states' is missing or has another shape") as error:
+        catrt.accelerate(pipe, CATConfig(t0=3))(**call_kwargs(
+            pipe, callback_on_step_end=shorter_prompt, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]
+        ))
+    assert error.value.field == "encoder_hidden_states"
+
+
+def test_a_callback_that_drops_the_guidance_rows_is_refused_and_the_next_call_is_clean(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+
+    def guidance_off(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if step != 5:
+            return {}
+        pipeline._guidance_scale = 0.0  # diffusers' dynamic-guidance callback: keep the conditional rows only
+        return {name: tensors[name].chunk(2)[-1] for name in ("prompt_embeds", "pooled_prompt_embeds")}
+
+    config = CATConfig(alpha=0.3, t0=3)
+    expected = catrt.accelerate(pipe, config)(**call_kwargs(pipe)).images
+    fast = catrt.accelerate(pipe, config)
+    with pytest.raises(ConfigError, match=r"input changed shape at step 7, from \(4, 16, 8, 12\) to \(2, 16, 8, 12\)") as error:
+        fast(**call_kwargs(
+            pipe, callback_on_step_end=guidance_off,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "pooled_prompt_embeds"],
+        ))
+    assert error.value.field == "callback_on_step_end"
+    assert torch.equal(fast(**call_kwargs(pipe)).images, expected)
+
+
+def test_a_forward_set_on_the_transformer_before_is_put_back(tiny_pipelines: dict[str, Any]) -> None:
+    # accelerate's enable_model_cpu_offload wraps transformer.forward on the instance the same way
+    pipe = tiny_pipelines["tiny-sd3"]
+    calls: list[int] = []
+    original = pipe.transformer.forward
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    pipe.transformer.forward = wrapped
+    try:
+        catrt.accelerate(pipe, CATConfig(t0=3))(**call_kwargs(pipe, num_inference_steps=4))
+        assert pipe.transformer.forward is wrapped and calls == []
+        pipe(**call_kwargs(pipe, num_inference_steps=4))
+        assert len(calls) == 4
+    finally:
+        del pipe.transformer.forward
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_a_generation_interrupted_by_its_callback_returns_as_diffusers_does(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+
+    def stop_after_step_7(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        pipeline._interrupt = step == 6  # diffusers' documented way to stop a generation early
+        return {}
+
+    expected = pipe(**call_kwargs(pipe, callback_on_step_end=stop_after_step_7)).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3, trace=True))
+    got = fast(**call_kwargs(pipe, callback_on_step_end=stop_after_step_7)).images
+    assert _relative_error(got, expected) < 1e-4
+    assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"] * 4
+
+
+@pytest.mark.parametrize(("name", "scheduler"), [("tiny-sd3", "FlowMatchHeunDiscreteScheduler"), ("tiny-pixart", "HeunDiscreteScheduler")])
+def test_a_scheduler_of_two_calls_per_step_is_refused_before_any_step(name: str, scheduler: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    own = pipe.scheduler
+    steps: list[int] = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *_: steps.append(1))
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(own.config)
+    try:
+        with pytest.raises(ConfigError, match=f"{scheduler} calls the transformer 2 times per step; catrt needs exactly one"):
+            catrt.accelerate(pipe)(**call_kwargs(pipe))
+    finally:
+        pipe.scheduler = own
+        hook.remove()
+    assert steps == []
+
+
+def test_the_transformer_and_processors_the_pipeline_has_at_the_call_are_run(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    own = pipe.transformer
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3))
+    with_functions = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3), functions=make_adapter(own))
+    other = copy.deepcopy(own)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(1.1)
+    pipe.transformer = other  # a fine-tune swapped in after accelerate
+    try:
+        expected = pipe(**call_kwargs(pipe)).images
+        assert _relative_error(fast(**call_kwargs(pipe)).images, expected) < 1e-4
+        pipe.transformer = type(own).from_config({**own.config, "num_layers": own.config.num_layers + 1})  # more K/V slots
+        deeper = pipe(**call_kwargs(pipe)).images
+        assert _relative_error(fast(**call_kwargs(pipe)).images, deeper) < 1e-4
+        pipe.transformer = other
+        with pytest.raises(UnsupportedModelError, match="pipe.transformer was replaced after catrt.accelerate, and these step"):
+            with_functions(**call_kwargs(pipe))
+        other.transformer_blocks[0].attn.set_processor(AttnProcessor())
+        with pytest.raises(UnsupportedModelError, match="block 0 uses attention processor AttnProcessor; catrt prunes only"):
+            fast(**call_kwargs(pipe))
+    finally:
+        pipe.transformer = own
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart"])
+def test_a_first_call_under_inference_mode_leaves_buffers_later_calls_can_write(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines[name]
+    expected = catrt.accelerate(pipe, CATConfig(t0=3))(**call_kwargs(pipe)).images
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    with torch.inference_mode():
+        assert torch.equal(fast(**call_kwargs(pipe)).images, expected)
+    assert torch.equal(fast(**call_kwargs(pipe)).images, expected)  # same buffers, outside inference mode
