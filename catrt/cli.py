@@ -30,9 +30,8 @@ DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisabl
 PRECISION_CHOICES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 BACKEND_CHOICES: tuple[str, ...] = ("auto", "eager", "compile", "onnxruntime", "tensorrt")
 BUILD_DEFAULTS: dict[str, Any] = {"steps": 28, "batch": 1, "precision": "fp32", "backend": "auto"}
-
-# Image formats `--out` may name (PIL format -> the extensions the message lists).
-IMAGE_FORMATS: dict[str, str] = {"PNG": ".png", "JPEG": ".jpg, .jpeg", "WEBP": ".webp"}
+# The torch device types `--device` may name.
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps")
 
 # Log records that say nothing actionable to a CLI user: transformers notes on import that torchvision
 # is missing and it falls back to the PIL image processors, which catrt never uses.
@@ -166,20 +165,6 @@ def _card_size(card: ModelCard | None, height: int | None, width: int | None, mo
         check_image_size(height or card.default_size, width or card.default_size, multiple, largest, model)
 
 
-def _output_path(value: str) -> Path:
-    """The image file `--out` names, refused before generating if PIL cannot write it as an image."""
-    from PIL import Image
-
-    Image.init()
-    writable = [ext for name, ext in IMAGE_FORMATS.items() if name in Image.SAVE]
-    out = Path(value)
-    if Image.registered_extensions().get(out.suffix.lower()) not in IMAGE_FORMATS or not writable:
-        raise ConfigError(f"--out {value!r} is not an image file name: end it in {', '.join(writable)}", field="out", value=value)
-    if out.is_dir():
-        raise ConfigError(f"--out {value!r} is a folder; give a file name such as {out / 'image.png'}", field="out", value=value)
-    return out
-
-
 def _device(name: str) -> Any:
     """The torch device `--device` names, refused when this machine has none of that kind."""
     import torch
@@ -187,9 +172,11 @@ def _device(name: str) -> Any:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
         raise ConfigError(
-            f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N", field="device", value=name,
-        ) from None
+            f"--device {name!r} is not a device catrt runs on; use cpu, cuda, cuda:N or mps", field="device", value=name,
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
         raise ConfigError(
@@ -291,28 +278,43 @@ def _hub_error(card: ModelCard, error: BaseException) -> CatrtError:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    out = _output_path(args.out)  # a bad name costs nothing: refused before any import or load
+    from catrt.image_output import image_format, staged_image
+
+    out, format_ = image_format(args.out)  # a bad name costs nothing: refused before any import or load
     if args.bundle_key_file is not None and args.engines is None:
         raise ConfigError(
             "--bundle-key-file checks an engine bundle's signature: use it with --engines", field="bundle_key_file",
         )
-    runner, mode = _engine_runner(args) if args.engines is not None else _model_runner(args)
-    from catrt.generation import GenerationRequest, generate_image
+    _check_request_values(args)
+    with staged_image(out) as staged:  # an unwritable --out is refused before loading
+        runner, mode = _engine_runner(args) if args.engines is not None else _model_runner(args)
+        from catrt.generation import GenerationRequest, generate_image
 
-    request = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        guidance_scale=args.guidance_scale,
-    )
-    image, seconds = generate_image(runner, request)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+        request = GenerationRequest(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            guidance_scale=args.guidance_scale,
+        )
+        image, seconds = generate_image(runner, request)
+        image.save(staged, format=format_)
     print(f"wrote {out} ({image.width}x{image.height}, {mode}) in {seconds:.2f} s")
     return 0
+
+
+def _check_request_values(args: argparse.Namespace) -> None:
+    """The prompt, seed and guidance rules the server applies too (`catrt.request_values`), before loading."""
+    from catrt.request_values import check_guidance, check_prompt_text, check_seed
+
+    check_prompt_text("--prompt", args.prompt)
+    if args.negative_prompt is not None:
+        check_prompt_text("--negative-prompt", args.negative_prompt, blank_ok=True)
+    check_seed(args.seed, name="--seed")
+    if args.guidance_scale is not None:
+        check_guidance(args.guidance_scale, name="--guidance-scale")
 
 
 def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
@@ -324,7 +326,7 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     steps = args.steps or (card.default_steps if card is not None else None)
     if steps is not None and not args.full:
         config.check_steps(steps)
-    device = _device(args.device or "cpu")
+    device = _device("cpu" if args.device is None else args.device)
     precision = _precision(args.precision, model, device.type)
     from catrt.build_config import PRECISIONS
     from catrt.generation import check_pipeline_size
@@ -699,7 +701,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out!r} is a file; give a folder for report.md, metrics.csv and grid.png",
                           field="out", value=args.out)
     from catrt.compare import Variant, read_prompts
+    from catrt.request_values import check_guidance, check_seed
 
+    for seed in args.seeds:
+        check_seed(seed, name="--seeds")
+    if args.guidance_scale is not None:
+        check_guidance(args.guidance_scale, name="--guidance-scale")
     prompts = read_prompts(Path(args.prompts))
     configs = [Variant(rule, None if rule == "full" else CATConfig(
         **_cat_values(args), rule=rule, reuse_threshold=args.reuse_threshold)) for rule in args.rules]
@@ -708,7 +715,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for variant in configs:
         if variant.config is not None:
             variant.config.check_steps(args.steps)
-    device = _device(args.device or "cpu")
+    device = _device("cpu" if args.device is None else args.device)
     precision = _precision(args.precision, model, device.type)
     from catrt.build_config import PRECISIONS
     from catrt.compare import run_comparison, write_outputs

@@ -144,14 +144,51 @@ def test_lazy_package_attributes() -> None:
      "--t0 cannot be used with --engines: the build fixes it"),
     (("generate", "--model", "tiny-sd3", "--prompt", "x", "--precision", "fp16"),
      "--precision fp16 needs a CUDA device"),
-    (("generate", "--prompt", "x", "--device", "gpu"), "--device 'gpu' is not a torch device; use cpu, cuda or cuda:N"),
+    (("generate", "--prompt", "x", "--device", "gpu"), "--device 'gpu' is not a device catrt runs on; use cpu, cuda, cuda:N or mps"),
+    (("generate", "--prompt", "x", "--device", "meta"), "--device 'meta' is not a device catrt runs on"),
+    (("generate", "--prompt", "x", "--device", ""), "--device '' is not a device catrt runs on"),
+    (("generate", "--prompt", " \t\u200b"), "--prompt must not be empty or blank"),
+    (("generate", "--prompt", "a\x00b"), "--prompt has the control character U+0000 at character 1"),
+    (("generate", "--prompt", "x", "--negative-prompt", "\x1b[31m"), "--negative-prompt has the control character U+001B"),
+    (("generate", "--prompt", "x", "--seed", str(2**64)), f"--seed must be an integer in [0, {2**63 - 1}], got {2**64}"),
+    (("generate", "--prompt", "x", "--guidance-scale", "nan"), "--guidance-scale must be a finite number >= 0, got nan"),
+    (("generate", "--prompt", "x", "--guidance-scale", "-1"), "--guidance-scale must be a finite number >= 0, got -1.0"),
     (("macs", "--model", "pixart-sigma", "--width", "1000"),
      "width 1000 does not fit model pixart-sigma, which takes multiples of 16 pixels"),
     (("build", "--model", "reference", "--height", "96"), "height 96 does not fit model reference"),
 ], ids=["out-txt", "out-no-ext", "reference-size", "sd3-size", "alpha", "t0-steps", "engines-alpha", "engines-t0",
-        "fp16-cpu", "device-name", "macs-size", "build-size"])
+        "fp16-cpu", "device-name", "device-meta", "device-empty", "prompt-blank", "prompt-nul", "negative-escape",
+        "seed-huge", "guidance-nan", "guidance-negative", "macs-size", "build-size"])
 def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
     assert message in _fails(capfd, *argv)
+
+
+@pytest.mark.usefixtures("no_model_loads")
+def test_an_out_that_cannot_be_written_is_refused_before_loading(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    line = _fails(capfd, "generate", "--prompt", "x", "--out", str(tmp_path / "file" / "sub" / "a.png"))
+    assert f"{tmp_path / 'file'} is a file, not a folder" in line
+    line = _fails(capfd, "generate", "--prompt", "x", "--out", "/proc/catrt-image.png")  # unwritable even as root
+    assert "--out '/proc/catrt-image.png' cannot be written" in line and "pick a writable folder" in line
+
+
+def test_ctrl_c_while_the_image_is_written_keeps_the_old_image_and_leaves_no_file(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import catrt.generation
+
+    class HalfWritten:
+        def save(self, path: Path, **named: Any) -> None:
+            Path(path).write_bytes(b"half an image")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_model_runner", lambda args: (object(), "stub"))
+    monkeypatch.setattr(catrt.generation, "generate_image", lambda runner, request: (HalfWritten(), 1.0))
+    out = tmp_path / "image.png"
+    out.write_bytes(b"the earlier image")
+    assert main(["generate", "--prompt", "x", "--out", str(out)]) == 130
+    assert capfd.readouterr().err.strip() == "catrt generate: interrupted"
+    assert out.read_bytes() == b"the earlier image" and sorted(tmp_path.iterdir()) == [out]
 
 
 @pytest.mark.usefixtures("no_model_loads")
