@@ -30,6 +30,7 @@ from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, gra
 from catrt.integrity import resolve_key, sign_manifest
 from catrt.loading import load_pipeline
 from catrt.manifest import (
+    MANIFEST_FILE,
     Manifest,
     describe_device,
     describe_files,
@@ -95,6 +96,9 @@ def build_engines(
             f"{config.backend} runs on the CPU here: build fp32 (or bf16 with eager / compile)",
             field="precision", value=config.precision,
         )
+    _check_folder(Path(out_dir), "out_dir")
+    if BACKEND_BUILDS[config.backend].needs_onnx:
+        _check_folder(Path(export_dir), "export_dir")
     bar = tqdm(total=len(STAGES), desc="catrt build", disable=not progress)
     with bar:
         bar.set_postfix_str(STAGES[0])
@@ -145,6 +149,24 @@ def _build(
         bar.update()
     logger.info("built %s", out_dir / name)
     return out_dir / name
+
+
+def _check_folder(folder: Path, name: str) -> None:
+    """Make `folder` now, before minutes of work, or refuse it; a bundle folder is never a parent of bundles
+    (one inside it would make it unloadable: it holds only its listed files)."""
+    if (folder / MANIFEST_FILE).exists():
+        raise ConfigError(
+            f"{name} {folder} is an engine bundle; builds go beside it: give its parent folder (--out / --export-dir)",
+            field=name, value=str(folder),
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = "it is a file" if folder.is_file() else error.strerror or type(error).__name__
+        raise ConfigError(f"{name} {folder} cannot be a folder ({reason}); pick another (--out / --export-dir)",
+                          field=name, value=str(folder)) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} {folder} is not writable; pick another (--out / --export-dir)", field=name, value=str(folder))
 
 
 def _with_resolution(config: BuildConfig, pipe: Any) -> BuildConfig:

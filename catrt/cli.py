@@ -165,18 +165,21 @@ def _card_size(card: ModelCard | None, height: int | None, width: int | None, mo
         check_image_size(height or card.default_size, width or card.default_size, multiple, largest, model)
 
 
-def _device(name: str) -> Any:
-    """The torch device `--device` names, refused when this machine has none of that kind."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in DEVICE_TYPES:
+def _check_device_name(name: str) -> None:
+    """`--device` must name a device type catrt runs on (cpu, cuda, cuda:N, mps); checked without torch."""
+    kind, separator, index = name.partition(":")
+    if kind not in DEVICE_TYPES or (separator and not (index.isascii() and index.isdigit())):
         raise ConfigError(
             f"--device {name!r} is not a device catrt runs on; use cpu, cuda, cuda:N or mps", field="device", value=name,
         )
+
+
+def _device(name: str) -> Any:
+    """The torch device `--device` names, refused when this machine has none of that kind."""
+    _check_device_name(name)
+    import torch
+
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
         raise ConfigError(
@@ -523,6 +526,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.engines is not None:
         _refuse_serve_flags_fixed_by_build(args)
+    else:
+        _card_size(MODEL_CARDS.get(args.model), args.height, args.width, args.model)
+        if args.device is not None:
+            _check_device_name(args.device)
     fleet = _fleet_config(args)
     defaults = ServeConfig(model=DEFAULT_MODEL)
     config = ServeConfig(
@@ -530,7 +537,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         steps=defaults.steps if args.steps is None else args.steps,
         batch=defaults.batch if args.batch is None else args.batch,
         cat=_cat_config(args), alphas=tuple(args.alpha or ()), alpha_policy=args.alpha_policy,
-        latency_target=args.latency_target, device=args.device or defaults.device, precision=args.precision,
+        latency_target=args.latency_target, device=defaults.device if args.device is None else args.device, precision=args.precision,
         host=args.host, port=args.port, max_queue=args.max_queue, timeout=args.timeout,
         max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
         read_timeout=args.read_timeout, keep_alive=args.keep_alive,

@@ -156,9 +156,13 @@ def test_lazy_package_attributes() -> None:
     (("macs", "--model", "pixart-sigma", "--width", "1000"),
      "width 1000 does not fit model pixart-sigma, which takes multiples of 16 pixels"),
     (("build", "--model", "reference", "--height", "96"), "height 96 does not fit model reference"),
+    (("serve", "--model", "reference", "--height", "7"), "height 7 does not fit model reference, which takes multiples of 2"),
+    (("serve", "--model", "reference", "--device", "meta"), "--device 'meta' is not a device catrt runs on"),
+    (("serve", "--model", "reference", "--device", "cuda:x"), "--device 'cuda:x' is not a device catrt runs on"),
 ], ids=["out-txt", "out-no-ext", "reference-size", "sd3-size", "alpha", "t0-steps", "engines-alpha", "engines-t0",
         "fp16-cpu", "device-name", "device-meta", "device-empty", "prompt-blank", "prompt-nul", "negative-escape",
-        "seed-huge", "guidance-nan", "guidance-negative", "macs-size", "build-size"])
+        "seed-huge", "guidance-nan", "guidance-negative", "macs-size", "build-size", "serve-size", "serve-device",
+        "serve-device-index"])
 def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
     assert message in _fails(capfd, *argv)
 
@@ -269,6 +273,25 @@ def test_engine_refuses_long_prompts_and_other_sizes(
     assert main(["generate", "--engines", str(eager_bundle), "--prompt", "a cat", "--out", out]) == 0
     with Image.open(out) as image:
         assert image.size == (48, 32)
+
+
+def test_build_refuses_an_out_that_is_a_file_or_a_bundle_before_loading(
+    capfd: pytest.CaptureFixture[str], eager_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import catrt.build
+
+    monkeypatch.setattr(catrt.build, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded a model"))
+    (tmp_path / "file").write_text("x")
+    build = ("build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--steps", "4", "--t0", "2")
+    line = _fails(capfd, *build, "--out", str(tmp_path / "file"))
+    assert f"out_dir {tmp_path / 'file'} cannot be a folder (it is a file)" in line
+    line = _fails(capfd, *build, "--export-dir", str(tmp_path / "file" / "sub"), "--out", str(tmp_path / "engines"))
+    assert f"export_dir {tmp_path / 'file' / 'sub'} cannot be a folder (Not a directory)" in line
+    before = sorted(path.name for path in eager_bundle.iterdir())
+    line = _fails(capfd, *build, "--out", str(eager_bundle))
+    assert f"out_dir {eager_bundle} is an engine bundle; builds go beside it" in line
+    assert sorted(path.name for path in eager_bundle.iterdir()) == before
+    assert main(["inspect", str(eager_bundle)]) == 0
 
 
 def test_inspect_prints_width_x_height(capfd: pytest.CaptureFixture[str], eager_bundle: Path) -> None:
