@@ -13,7 +13,9 @@ import dataclasses
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -821,21 +823,46 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that its cleanup runs as for Ctrl-C (staged builds and images are removed)."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds(command: str) -> Iterator[None]:
+    """While a command other than `serve` (which drains on SIGTERM itself) runs, SIGTERM raises `Terminated`."""
+    if command == "serve" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; user mistakes print one line and return 2, Ctrl-C returns 130, both without a traceback."""
+    """Run one command; user mistakes print one line and return 2, Ctrl-C returns 130, SIGTERM 143, none with a traceback."""
     command = "catrt"
     try:
         quiet_known_notices()
         args = build_parser().parse_args(argv)
         command = f"catrt {args.command}"
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return args.handler(args)
+        with _sigterm_unwinds(args.command):
+            return args.handler(args)
     except CatrtError as error:
         print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # `catrt inspect ... | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,25 @@ def test_ctrl_c_while_the_image_is_written_keeps_the_old_image_and_leaves_no_fil
     assert main(["generate", "--prompt", "x", "--out", str(out)]) == 130
     assert capfd.readouterr().err.strip() == "catrt generate: interrupted"
     assert out.read_bytes() == b"the earlier image" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_sigterm_while_the_image_is_written_cleans_up_and_exits_143(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import catrt.generation
+
+    class Terminated:
+        def save(self, path: Path, **named: Any) -> None:
+            Path(path).write_bytes(b"half an image")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_model_runner", lambda args: (object(), "stub"))
+    monkeypatch.setattr(catrt.generation, "generate_image", lambda runner, request: (Terminated(), 1.0))
+    out = tmp_path / "image.png"
+    assert main(["generate", "--prompt", "x", "--out", str(out)]) == 143
+    assert capfd.readouterr().err.strip() == "catrt generate: terminated"
+    assert sorted(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is handler
 
 
 @pytest.mark.usefixtures("no_model_loads")

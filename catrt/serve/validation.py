@@ -100,7 +100,7 @@ class RequestRules:
         if alpha is not None and alpha not in self.spec.alphas:
             served = ", ".join(f"{each:g}" for each in self.spec.alphas)
             raise ConfigError(
-                f"alpha={alpha:g} is not served: this server serves alpha {served}; ask for one of those or leave "
+                f"alpha={alpha!r} is not served: this server serves alpha {served}; ask for one of those or leave "
                 f"alpha out (the server's policy picks)",
                 field="alpha", value=alpha,
             )
