@@ -1,20 +1,15 @@
 """`build_engines`: export, compile and verify one build, then publish it as `engines/<build-name>/`.
 
 A build is published only whole: it is written into a temporary folder beside the final one and
-renamed into place after the built engines reproduced the eager adapter within tolerance. A failed
-or killed build leaves an earlier build of the same name untouched.
+swapped into place (`catrt.publish`) after the built engines reproduced the eager adapter within
+tolerance. A failed or killed build leaves an earlier build of the same name untouched.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +36,7 @@ from catrt.manifest import (
 )
 from catrt.models import Adapter, make_adapter
 from catrt.pipeline import default_image_size
+from catrt.publish import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -257,24 +253,3 @@ def _manifest(
         verification=verification,
         exporters=exporters,
     )
-
-
-@contextlib.contextmanager
-def staged_folder(final: Path) -> Iterator[Path]:
-    """A temporary folder beside `final`, renamed to `final` when the block completes.
-
-    On an exception the temporary folder is removed and `final` is left as it was.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    previous = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    if final.exists():
-        final.rename(previous)
-    staging.rename(final)
-    shutil.rmtree(previous, ignore_errors=True)

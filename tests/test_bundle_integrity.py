@@ -6,6 +6,7 @@ a key the signature is not checked, so the edits below are caught by the integri
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from catrt.cli import main
 from catrt.engines import ENGINES
 from catrt.errors import ConfigError, CorruptBundleError
 from catrt.integrity import BUNDLE_FILES, BUNDLE_KEY_ENV, bundle_files, check_integrity, sign_manifest
+from catrt.publish import staged_folder
 from catrt.manifest import FORMAT_VERSION, MANIFEST_FILE, file_digest
 
 KEY = b"integrity-test-key"
@@ -345,3 +347,41 @@ def test_a_packed_latent_bundle_is_checked_against_its_token_grid(tmp_path: Path
     with pytest.raises(CorruptBundleError, match="48x64 .* is not a grid of the full graph's 6 packed tokens") as error:
         verify_bundle(folder)
     assert error.value.field == "build.height"
+
+
+# -- publishing ----------------------------------------------------------------------------------
+
+
+def test_a_build_is_swapped_into_place_in_one_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No instant without the folder: a kill between two renames would leave none, so no rename runs."""
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "file").write_text("old")
+
+    def killed(self: Path, target: Any) -> None:
+        raise OSError("the process died here")
+
+    with staged_folder(final) as staging:
+        (staging / "file").write_text("new")
+        monkeypatch.setattr(Path, "rename", killed)
+    assert (final / "file").read_text() == "new" and sorted(tmp_path.iterdir()) == [final]
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError), staged_folder(final) as staging:
+        (staging / "file").write_text("half")
+        raise RuntimeError
+    assert (final / "file").read_text() == "new" and sorted(tmp_path.iterdir()) == [final]
+
+
+def test_the_folder_of_a_killed_build_is_removed_and_a_live_builds_kept(tmp_path: Path) -> None:
+    final = tmp_path / "bundle"
+    dead, live = tmp_path / ".bundle.tmp-dead", tmp_path / ".bundle.tmp-live"
+    dead.mkdir()
+    live.mkdir()
+    holder = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with staged_folder(final) as staging:
+            (staging / "file").write_text("new")
+        assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-live", "bundle"]
+    finally:
+        os.close(holder)
