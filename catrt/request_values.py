@@ -43,9 +43,14 @@ def check_prompt_text(name: str, text: str, *, blank_ok: bool = False) -> None:
         raise ConfigError(f"{name} must not be empty or blank: give the text to draw", field=name)
 
 
+def largest_seed(images: int) -> int:
+    """The largest first seed of `images` images: image i uses seed + i, and each must fit torch's generator."""
+    return MAX_SEED - (images - 1)
+
+
 def check_seed(seed: int, images: int = 1, name: str = "seed") -> int:
     """`seed` if it and the seeds of the later images (seed + i) fit torch's generator; else a ConfigError."""
-    largest = MAX_SEED - (images - 1)
+    largest = largest_seed(images)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= largest:
         raise ConfigError(f"{name} must be an integer in [0, {largest}], got {seed}", field=name, value=seed)
     return seed

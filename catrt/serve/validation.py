@@ -18,7 +18,7 @@ from typing import Any
 
 from catrt.bundle import check_request
 from catrt.errors import ConfigError
-from catrt.request_values import MAX_SEED, check_guidance, check_prompt_text, check_seed, prompt_pattern
+from catrt.request_values import check_guidance, check_prompt_text, check_seed, largest_seed, prompt_pattern
 from catrt.serve.model import BatchOptions, Row, ServedModel
 from catrt.serve.schemas import ImageGenerationRequest
 
@@ -35,7 +35,6 @@ class RequestRules:
         self.served = served
         self.spec = served.spec
         self.max_prompt_chars = max_prompt_chars
-        self.max_seed = MAX_SEED - (self.spec.batch - 1)  # image i uses seed + i (check_seed)
         self.guidance_floor = self._guidance_floor()
 
     def admit(self, body: ImageGenerationRequest) -> tuple[list[Row], BatchOptions]:
@@ -187,7 +186,7 @@ class RequestRules:
             "steps": _nullable({"type": "integer", "enum": [spec.steps]}, "the served step count"),
             "alpha": _nullable({"type": "number", "enum": list(spec.alphas)}, "a served alpha (pinned); absent: the server's policy picks"),
             "guidance_scale": _nullable(guidance, f"default {spec.default_guidance:g}"),
-            "seed": _nullable({"type": "integer", "minimum": 0, "maximum": self.max_seed}, "image i uses seed + i"),
+            "seed": _nullable({"type": "integer", "minimum": 0, "maximum": largest_seed(spec.batch)}, "image i uses seed + i"),
             "response_format": _nullable({"type": "string", "enum": ["b64_json"], "default": "b64_json"}, "url is not served"),
             "output_format": _nullable({"type": "string", "enum": ["png"], "default": "png"}, "png only"),
             "background": _nullable({"type": "string", "enum": ["auto", "opaque"]}, "images are opaque"),
