@@ -93,11 +93,12 @@ class ImageService:
         from catrt.serve.worker import Job
 
         worker, config = self.worker, self.config
+        arrived = time.perf_counter()  # the timeout and queue_wait count the checks below too
         checks = self.rules()
         if checks is None or worker.state != "ready":
             raise ServiceUnavailableError(f"the server is {worker.state}; retry later")
         rows, options = await asyncio.get_running_loop().run_in_executor(self._admission, checks.admit, body)
-        job = Job(rows, options, deadline=time.perf_counter() + config.timeout, request_id=request.scope[REQUEST_ID_KEY])
+        job = Job(rows, options, deadline=arrived + config.timeout, request_id=request.scope[REQUEST_ID_KEY], arrived=arrived)
         worker.submit(job)
         try:
             result = await _wait_for(job, request, config.timeout, self.metrics)
