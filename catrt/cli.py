@@ -464,25 +464,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _print_manifest(manifest: Any) -> None:
-    """The manifest's facts, one line each (its shape is checked: every field is there)."""
+    """The manifest's facts, one line each (its shape is checked: every field is there).
+
+    Its text is the bundle's, not catrt's: control characters (a terminal escape sequence in a model
+    name, say) are printed escaped.
+    """
     build = manifest.build
-    print(f"  model:     {manifest.model['name']} ({manifest.model['pipeline_class']}, transformer sha256 {manifest.model['transformer_sha256'][:16]}...)")
-    print(f"  build:     {build['width']}x{build['height']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
+    _print_escaped(f"  model:     {manifest.model['name']} ({manifest.model['pipeline_class']}, transformer sha256 {manifest.model['transformer_sha256'][:16]}...)")
+    _print_escaped(f"  build:     {build['width']}x{build['height']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
           f"N = {manifest.num_tokens} image tokens, {build['precision']}, {build['backend']}")
     for index, entry in enumerate(manifest.alphas):
         default = " (default)" if index == 0 else ""
-        print(f"  alpha {entry['alpha']:g}: k = {entry['k']}, graph {entry['graph']}, verified to relative error "
+        _print_escaped(f"  alpha {entry['alpha']:g}: k = {entry['k']}, graph {entry['graph']}, verified to relative error "
               f"{entry['max_relative_error']:.3g}{default}")
-    print(f"  device:    {', '.join(f'{key} {value}' for key, value in manifest.device.items())}")
-    print(f"  versions:  {', '.join(f'{name} {version}' for name, version in sorted(manifest.versions.items()))}")
+    _print_escaped(f"  device:    {', '.join(f'{key} {value}' for key, value in manifest.device.items())}")
+    _print_escaped(f"  versions:  {', '.join(f'{name} {version}' for name, version in sorted(manifest.versions.items()))}")
     errors = manifest.verification["max_relative_error"]
-    print(f"  verified:  worst relative error {max(errors.values()):.3g} (tolerance {manifest.verification['tolerance']:g})")
+    _print_escaped(f"  verified:  worst relative error {max(errors.values()):.3g} (tolerance {manifest.verification['tolerance']:g})")
     for graph, spec in manifest.graphs.items():
         inputs = ", ".join(f"{i['name']}{tuple(i['shape'])}" for i in spec["inputs"])
-        print(f"  graph {graph}: {inputs} ({manifest.exporters.get(graph, 'not exported')})")
+        _print_escaped(f"  graph {graph}: {inputs} ({manifest.exporters.get(graph, 'not exported')})")
     for name, record in manifest.files.items():
-        print(f"  file {name}: {record['size']} bytes, sha256 {record['sha256'][:16]}...")
-    print(f"  total:     {manifest.total_size} bytes")
+        _print_escaped(f"  file {name}: {record['size']} bytes, sha256 {record['sha256'][:16]}...")
+    _print_escaped(f"  total:     {manifest.total_size} bytes")
+
+
+def _print_escaped(line: str) -> None:
+    print(_escaped(line))
+
+
+def _escaped(text: str) -> str:
+    """`text` with its non-printable characters escaped (`\\x1b`): a manifest or file name is untrusted text,
+    and a terminal escape sequence in it must not drive the user's terminal."""
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
 
 
 def _add_build_parser(commands: argparse._SubParsersAction) -> None:
@@ -820,7 +834,7 @@ class _DropMessage(logging.Filter):
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+    return _escaped(" ".join(str(error).split()))
 
 
 class Terminated(BaseException):

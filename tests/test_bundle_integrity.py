@@ -287,6 +287,17 @@ def test_inspect_lists_every_problem(bundle: Path, capsys: pytest.CaptureFixture
     assert "OK" not in captured.out
 
 
+def test_inspect_escapes_the_control_characters_of_a_bundle(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A manifest's text and the bundle's file names are untrusted: no terminal escape sequence is printed raw."""
+    _edit(bundle, lambda m: m["exporters"].update(full="\x1b]0;owned\x07"))
+    assert main(["inspect", str(bundle)]) == 0
+    assert "(\\x1b]0;owned\\x07)" in capsys.readouterr().out
+    (bundle / "\x1b[2J").write_text("x")
+    assert main(["inspect", str(bundle)]) == 2
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "holds \\x1b[2J, which manifest.json does not list" in err
+
+
 def test_inspect_checks_the_signature_with_a_key_file(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     key_file = tmp_path / "bundle.key"
     key_file.write_bytes(KEY + b"\n")
