@@ -200,6 +200,7 @@ def test_missing_prompt_malformed_json_and_unknown_route(server: RemoteServer) -
     for body in (b'{"prompt": "a \xff sun"}', b'{"prompt": "a", "n": ' + b"9" * 5000 + b"}", b"[" * 100_000):
         answer = httpx.post(f"{server.url}/v1/images/generations", content=body, headers={"content-type": "application/json"})
         assert "not valid JSON: send one JSON object encoded as UTF-8" in assert_error(answer, 400, None)["message"]
+    assert "n=0 is not served: this server makes 1 to 2 images" in assert_error(generate(server.url, n=0), 400, "n")["message"]
     trailing = generate(server.url, size="64x64\n")
     assert 'size must be "WxH"' in assert_error(trailing, 400, "size")["message"]
     too_long = generate(server.url, prompt="red " * 40)
