@@ -216,6 +216,17 @@ def test_sigterm_while_the_image_is_written_cleans_up_and_exits_143(
 
 
 @pytest.mark.usefixtures("no_model_loads")
+def test_an_api_key_no_client_can_send_is_refused_at_start(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "key").write_text("first-half\nsecond-half\n")
+    line = _fails(capfd, "serve", "--model", "reference", "--api-key-file", str(tmp_path / "key"))
+    assert f"the API key file {tmp_path / 'key'} holds '\\n' at character 10 of the key" in line
+    monkeypatch.setenv("CATRT_API_KEY", "clé")
+    assert "$CATRT_API_KEY holds '\\xe9' at character 2" in _fails(capfd, "serve", "--model", "reference")
+
+
+@pytest.mark.usefixtures("no_model_loads")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda(capfd: pytest.CaptureFixture[str]) -> None:
     line = _fails(capfd, "generate", "--prompt", "x", "--device", "cuda", "--out", "image.png")
