@@ -141,6 +141,9 @@ def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> Fa
 async def _wait_for(job: Job, request: Request, timeout: float, metrics: ServerMetrics) -> JobResult | None:
     """The job's result; gives the job up (dropped if queued, its call stopped) on timeout or when the client leaves."""
     future = asyncio.wrap_future(job.future)
+    # An abandoned job's outcome arrives after this returns; taking it keeps asyncio from logging
+    # "Future exception was never retrieved" at ERROR for every timeout and disconnect.
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
     while True:
         remaining = job.deadline - time.perf_counter()
         if remaining <= 0:
