@@ -724,13 +724,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out!r} is a file; give a folder for report.md, metrics.csv and grid.png",
                           field="out", value=args.out)
     from catrt.compare import Variant, read_prompts
-    from catrt.request_values import check_guidance, check_seed
+    from catrt.request_values import check_guidance, check_prompt_text, check_seed
 
     for seed in args.seeds:
         check_seed(seed, name="--seeds")
     if args.guidance_scale is not None:
         check_guidance(args.guidance_scale, name="--guidance-scale")
     prompts = read_prompts(Path(args.prompts))
+    for line, prompt in enumerate(prompts, 1):
+        check_prompt_text(f"the prompt on line {line} of {args.prompts}", prompt)
     configs = [Variant(rule, None if rule == "full" else CATConfig(
         **_cat_values(args), rule=rule, reuse_threshold=args.reuse_threshold)) for rule in args.rules]
     model, card = args.model, MODEL_CARDS.get(args.model)

@@ -216,6 +216,16 @@ def test_sigterm_while_the_image_is_written_cleans_up_and_exits_143(
 
 
 @pytest.mark.usefixtures("no_model_loads")
+def test_compare_refuses_bad_seeds_guidance_and_prompt_text_before_loading(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue\x00square\n")
+    compare = ("compare", "--prompts", str(prompts), "--out", str(tmp_path / "out"))
+    assert f"the prompt on line 2 of {prompts} has the control character U+0000" in _fails(capfd, *compare)
+    assert "--seeds must be an integer in [0, " in _fails(capfd, *compare, "--seeds", "0", str(2**64))
+    assert "--guidance-scale must be a finite number >= 0, got inf" in _fails(capfd, *compare, "--guidance-scale", "inf")
+
+
+@pytest.mark.usefixtures("no_model_loads")
 def test_an_api_key_no_client_can_send_is_refused_at_start(
     capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
