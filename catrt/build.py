@@ -1,20 +1,15 @@
 """`build_engines`: export, compile and verify one build, then publish it as `engines/<build-name>/`.
 
 A build is published only whole: it is written into a temporary folder beside the final one and
-renamed into place after the built engines reproduced the eager adapter within tolerance. A failed
-or killed build leaves an earlier build of the same name untouched.
+swapped into place (`catrt.publish`) after the built engines reproduced the eager adapter within
+tolerance. A failed or killed build leaves an earlier build of the same name untouched.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +25,7 @@ from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, gra
 from catrt.integrity import resolve_key, sign_manifest
 from catrt.loading import load_pipeline
 from catrt.manifest import (
+    MANIFEST_FILE,
     Manifest,
     describe_device,
     describe_files,
@@ -40,6 +36,7 @@ from catrt.manifest import (
 )
 from catrt.models import Adapter, make_adapter
 from catrt.pipeline import default_image_size
+from catrt.publish import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +92,9 @@ def build_engines(
             f"{config.backend} runs on the CPU here: build fp32 (or bf16 with eager / compile)",
             field="precision", value=config.precision,
         )
+    _check_folder(Path(out_dir), "out_dir")
+    if BACKEND_BUILDS[config.backend].needs_onnx:
+        _check_folder(Path(export_dir), "export_dir")
     bar = tqdm(total=len(STAGES), desc="catrt build", disable=not progress)
     with bar:
         bar.set_postfix_str(STAGES[0])
@@ -145,6 +145,24 @@ def _build(
         bar.update()
     logger.info("built %s", out_dir / name)
     return out_dir / name
+
+
+def _check_folder(folder: Path, name: str) -> None:
+    """Make `folder` now, before minutes of work, or refuse it; a bundle folder is never a parent of bundles
+    (one inside it would make it unloadable: it holds only its listed files)."""
+    if (folder / MANIFEST_FILE).exists():
+        raise ConfigError(
+            f"{name} {folder} is an engine bundle; builds go beside it: give its parent folder (--out / --export-dir)",
+            field=name, value=str(folder),
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = "it is a file" if folder.is_file() else error.strerror or type(error).__name__
+        raise ConfigError(f"{name} {folder} cannot be a folder ({reason}); pick another (--out / --export-dir)",
+                          field=name, value=str(folder)) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} {folder} is not writable; pick another (--out / --export-dir)", field=name, value=str(folder))
 
 
 def _with_resolution(config: BuildConfig, pipe: Any) -> BuildConfig:
@@ -235,24 +253,3 @@ def _manifest(
         verification=verification,
         exporters=exporters,
     )
-
-
-@contextlib.contextmanager
-def staged_folder(final: Path) -> Iterator[Path]:
-    """A temporary folder beside `final`, renamed to `final` when the block completes.
-
-    On an exception the temporary folder is removed and `final` is left as it was.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    previous = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    if final.exists():
-        final.rename(previous)
-    staging.rename(final)
-    shutil.rmtree(previous, ignore_errors=True)

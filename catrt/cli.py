@@ -13,7 +13,9 @@ import dataclasses
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +32,8 @@ DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisabl
 PRECISION_CHOICES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 BACKEND_CHOICES: tuple[str, ...] = ("auto", "eager", "compile", "onnxruntime", "tensorrt")
 BUILD_DEFAULTS: dict[str, Any] = {"steps": 28, "batch": 1, "precision": "fp32", "backend": "auto"}
-
-# Image formats `--out` may name (PIL format -> the extensions the message lists).
-IMAGE_FORMATS: dict[str, str] = {"PNG": ".png", "JPEG": ".jpg, .jpeg", "WEBP": ".webp"}
+# The torch device types `--device` may name.
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps")
 
 # Log records that say nothing actionable to a CLI user: transformers notes on import that torchvision
 # is missing and it falls back to the PIL image processors, which catrt never uses.
@@ -166,30 +167,21 @@ def _card_size(card: ModelCard | None, height: int | None, width: int | None, mo
         check_image_size(height or card.default_size, width or card.default_size, multiple, largest, model)
 
 
-def _output_path(value: str) -> Path:
-    """The image file `--out` names, refused before generating if PIL cannot write it as an image."""
-    from PIL import Image
-
-    Image.init()
-    writable = [ext for name, ext in IMAGE_FORMATS.items() if name in Image.SAVE]
-    out = Path(value)
-    if Image.registered_extensions().get(out.suffix.lower()) not in IMAGE_FORMATS or not writable:
-        raise ConfigError(f"--out {value!r} is not an image file name: end it in {', '.join(writable)}", field="out", value=value)
-    if out.is_dir():
-        raise ConfigError(f"--out {value!r} is a folder; give a file name such as {out / 'image.png'}", field="out", value=value)
-    return out
+def _check_device_name(name: str) -> None:
+    """`--device` must name a device type catrt runs on (cpu, cuda, cuda:N, mps); checked without torch."""
+    kind, separator, index = name.partition(":")
+    if kind not in DEVICE_TYPES or (separator and not (index.isascii() and index.isdigit())):
+        raise ConfigError(
+            f"--device {name!r} is not a device catrt runs on; use cpu, cuda, cuda:N or mps", field="device", value=name,
+        )
 
 
 def _device(name: str) -> Any:
     """The torch device `--device` names, refused when this machine has none of that kind."""
+    _check_device_name(name)
     import torch
 
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(
-            f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N", field="device", value=name,
-        ) from None
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
         raise ConfigError(
@@ -291,28 +283,43 @@ def _hub_error(card: ModelCard, error: BaseException) -> CatrtError:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    out = _output_path(args.out)  # a bad name costs nothing: refused before any import or load
+    from catrt.image_output import image_format, staged_image
+
+    out, format_ = image_format(args.out)  # a bad name costs nothing: refused before any import or load
     if args.bundle_key_file is not None and args.engines is None:
         raise ConfigError(
             "--bundle-key-file checks an engine bundle's signature: use it with --engines", field="bundle_key_file",
         )
-    runner, mode = _engine_runner(args) if args.engines is not None else _model_runner(args)
-    from catrt.generation import GenerationRequest, generate_image
+    _check_request_values(args)
+    with staged_image(out) as staged:  # an unwritable --out is refused before loading
+        runner, mode = _engine_runner(args) if args.engines is not None else _model_runner(args)
+        from catrt.generation import GenerationRequest, generate_image
 
-    request = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        guidance_scale=args.guidance_scale,
-    )
-    image, seconds = generate_image(runner, request)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+        request = GenerationRequest(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            guidance_scale=args.guidance_scale,
+        )
+        image, seconds = generate_image(runner, request)
+        image.save(staged, format=format_)
     print(f"wrote {out} ({image.width}x{image.height}, {mode}) in {seconds:.2f} s")
     return 0
+
+
+def _check_request_values(args: argparse.Namespace) -> None:
+    """The prompt, seed and guidance rules the server applies too (`catrt.request_values`), before loading."""
+    from catrt.request_values import check_guidance, check_prompt_text, check_seed
+
+    check_prompt_text("--prompt", args.prompt)
+    if args.negative_prompt is not None:
+        check_prompt_text("--negative-prompt", args.negative_prompt, blank_ok=True)
+    check_seed(args.seed, name="--seed")
+    if args.guidance_scale is not None:
+        check_guidance(args.guidance_scale, name="--guidance-scale")
 
 
 def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
@@ -324,7 +331,7 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     steps = args.steps or (card.default_steps if card is not None else None)
     if steps is not None and not args.full:
         config.check_steps(steps)
-    device = _device(args.device or "cpu")
+    device = _device("cpu" if args.device is None else args.device)
     precision = _precision(args.precision, model, device.type)
     from catrt.build_config import PRECISIONS
     from catrt.generation import check_pipeline_size
@@ -457,25 +464,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _print_manifest(manifest: Any) -> None:
-    """The manifest's facts, one line each (its shape is checked: every field is there)."""
+    """The manifest's facts, one line each (its shape is checked: every field is there).
+
+    Its text is the bundle's, not catrt's: control characters (a terminal escape sequence in a model
+    name, say) are printed escaped.
+    """
     build = manifest.build
-    print(f"  model:     {manifest.model['name']} ({manifest.model['pipeline_class']}, transformer sha256 {manifest.model['transformer_sha256'][:16]}...)")
-    print(f"  build:     {build['width']}x{build['height']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
+    _print_escaped(f"  model:     {manifest.model['name']} ({manifest.model['pipeline_class']}, transformer sha256 {manifest.model['transformer_sha256'][:16]}...)")
+    _print_escaped(f"  build:     {build['width']}x{build['height']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
           f"N = {manifest.num_tokens} image tokens, {build['precision']}, {build['backend']}")
     for index, entry in enumerate(manifest.alphas):
         default = " (default)" if index == 0 else ""
-        print(f"  alpha {entry['alpha']:g}: k = {entry['k']}, graph {entry['graph']}, verified to relative error "
+        _print_escaped(f"  alpha {entry['alpha']:g}: k = {entry['k']}, graph {entry['graph']}, verified to relative error "
               f"{entry['max_relative_error']:.3g}{default}")
-    print(f"  device:    {', '.join(f'{key} {value}' for key, value in manifest.device.items())}")
-    print(f"  versions:  {', '.join(f'{name} {version}' for name, version in sorted(manifest.versions.items()))}")
+    _print_escaped(f"  device:    {', '.join(f'{key} {value}' for key, value in manifest.device.items())}")
+    _print_escaped(f"  versions:  {', '.join(f'{name} {version}' for name, version in sorted(manifest.versions.items()))}")
     errors = manifest.verification["max_relative_error"]
-    print(f"  verified:  worst relative error {max(errors.values()):.3g} (tolerance {manifest.verification['tolerance']:g})")
+    _print_escaped(f"  verified:  worst relative error {max(errors.values()):.3g} (tolerance {manifest.verification['tolerance']:g})")
     for graph, spec in manifest.graphs.items():
         inputs = ", ".join(f"{i['name']}{tuple(i['shape'])}" for i in spec["inputs"])
-        print(f"  graph {graph}: {inputs} ({manifest.exporters.get(graph, 'not exported')})")
+        _print_escaped(f"  graph {graph}: {inputs} ({manifest.exporters.get(graph, 'not exported')})")
     for name, record in manifest.files.items():
-        print(f"  file {name}: {record['size']} bytes, sha256 {record['sha256'][:16]}...")
-    print(f"  total:     {manifest.total_size} bytes")
+        _print_escaped(f"  file {name}: {record['size']} bytes, sha256 {record['sha256'][:16]}...")
+    _print_escaped(f"  total:     {manifest.total_size} bytes")
+
+
+def _print_escaped(line: str) -> None:
+    print(_escaped(line))
+
+
+def _escaped(text: str) -> str:
+    """`text` with its non-printable characters escaped (`\\x1b`): a manifest or file name is untrusted text,
+    and a terminal escape sequence in it must not drive the user's terminal."""
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
 
 
 def _add_build_parser(commands: argparse._SubParsersAction) -> None:
@@ -521,6 +542,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.engines is not None:
         _refuse_serve_flags_fixed_by_build(args)
+    else:
+        _card_size(MODEL_CARDS.get(args.model), args.height, args.width, args.model)
+        if args.device is not None:
+            _check_device_name(args.device)
     fleet = _fleet_config(args)
     defaults = ServeConfig(model=DEFAULT_MODEL)
     config = ServeConfig(
@@ -528,7 +553,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         steps=defaults.steps if args.steps is None else args.steps,
         batch=defaults.batch if args.batch is None else args.batch,
         cat=_cat_config(args), alphas=tuple(args.alpha or ()), alpha_policy=args.alpha_policy,
-        latency_target=args.latency_target, device=args.device or defaults.device, precision=args.precision,
+        latency_target=args.latency_target, device=defaults.device if args.device is None else args.device, precision=args.precision,
         host=args.host, port=args.port, max_queue=args.max_queue, timeout=args.timeout,
         max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
         read_timeout=args.read_timeout, keep_alive=args.keep_alive,
@@ -699,8 +724,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out!r} is a file; give a folder for report.md, metrics.csv and grid.png",
                           field="out", value=args.out)
     from catrt.compare import Variant, read_prompts
+    from catrt.request_values import check_guidance, check_prompt_text, check_seed
 
+    for seed in args.seeds:
+        check_seed(seed, name="--seeds")
+    if args.guidance_scale is not None:
+        check_guidance(args.guidance_scale, name="--guidance-scale")
     prompts = read_prompts(Path(args.prompts))
+    for line, prompt in enumerate(prompts, 1):
+        check_prompt_text(f"the prompt on line {line} of {args.prompts}", prompt)
     configs = [Variant(rule, None if rule == "full" else CATConfig(
         **_cat_values(args), rule=rule, reuse_threshold=args.reuse_threshold)) for rule in args.rules]
     model, card = args.model, MODEL_CARDS.get(args.model)
@@ -708,7 +740,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for variant in configs:
         if variant.config is not None:
             variant.config.check_steps(args.steps)
-    device = _device(args.device or "cpu")
+    device = _device("cpu" if args.device is None else args.device)
     precision = _precision(args.precision, model, device.type)
     from catrt.build_config import PRECISIONS
     from catrt.compare import run_comparison, write_outputs
@@ -804,24 +836,49 @@ class _DropMessage(logging.Filter):
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+    return _escaped(" ".join(str(error).split()))
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that its cleanup runs as for Ctrl-C (staged builds and images are removed)."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds(command: str) -> Iterator[None]:
+    """While a command other than `serve` (which drains on SIGTERM itself) runs, SIGTERM raises `Terminated`."""
+    if command == "serve" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; user mistakes print one line and return 2, Ctrl-C returns 130, both without a traceback."""
+    """Run one command; user mistakes print one line and return 2, Ctrl-C returns 130, SIGTERM 143, none with a traceback."""
     command = "catrt"
     try:
         quiet_known_notices()
         args = build_parser().parse_args(argv)
         command = f"catrt {args.command}"
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return args.handler(args)
+        with _sigterm_unwinds(args.command):
+            return args.handler(args)
     except CatrtError as error:
         print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # `catrt inspect ... | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

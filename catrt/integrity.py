@@ -87,11 +87,6 @@ def check_integrity(folder: str | os.PathLike[str], key: bytes | None = None) ->
     if key is not None:
         report.problems += signature_problems(data, key)
     report.problems += shape
-    if (folder / MANIFEST_FILE).is_symlink():
-        report.problems.append(CorruptBundleError(
-            f"{MANIFEST_FILE} in {folder} is a symbolic link; a bundle holds its own files: rebuild the engine",
-            field=MANIFEST_FILE,
-        ))
     if shape:
         report.problems += _files_if_readable(folder, data)
         return report
@@ -374,6 +369,8 @@ def consistency_problems(manifest: Manifest, build: BuildConfig) -> list[CatrtEr
     from catrt.engines import ENGINES
 
     check = _Problems()
+    check.expect(manifest.model["name"] == build.model, "model.name",
+                 f"model.name is {manifest.model['name']!r} but build.model is {build.model!r}", manifest.model["name"])
     total = sum(record["size"] for record in manifest.files.values())
     check.expect(manifest.total_size == total, "total_size",
                  f"total_size is {manifest.total_size} but its files add up to {total} bytes", manifest.total_size)

@@ -15,7 +15,9 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ ALPHA_FIELDS: tuple[str, ...] = ("alpha", "k", "graph", "max_relative_error")
 SIGNATURE_FIELD = "signature"
 VERSIONED_PACKAGES: tuple[str, ...] = ("catrt", "torch", "diffusers", "onnx", "onnxruntime", "tensorrt")
 _CHUNK = 1 << 20
+#: Largest manifest read (a manifest is kilobytes; a bigger file is not one, and is not read into memory).
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -80,23 +84,44 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 
 
 def read_manifest_data(folder: Path) -> dict[str, Any]:
-    """The manifest's JSON object, unchecked; a missing, unreadable or non-object one is a CorruptBundleError."""
+    """The manifest's JSON object, unchecked; a missing, linked, oversized, unreadable or non-object one is a
+    CorruptBundleError. Only a regular file of at most MAX_MANIFEST_BYTES is read (never a link's target)."""
     path = Path(folder) / MANIFEST_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CorruptBundleError(
             f"{path} is missing: {folder} is not a catrt engine folder (build one with `catrt build`)",
             field=MANIFEST_FILE,
         )
+    if path.is_symlink():
+        raise CorruptBundleError(
+            f"{MANIFEST_FILE} in {folder} is a symbolic link; a bundle holds its own files: rebuild the engine",
+            field=MANIFEST_FILE,
+        )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = _read_regular_file(path, MAX_MANIFEST_BYTES).decode("utf-8")
+        data = json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise CorruptBundleError(f"{path} is not a valid catrt manifest: {error}", field=MANIFEST_FILE) from error
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise CorruptBundleError(f"{path} is not a valid catrt manifest: {reason}", field=MANIFEST_FILE) from error
     if not isinstance(data, dict):
         raise CorruptBundleError(
             f"{path} is not a valid catrt manifest: it holds a JSON {type(data).__name__}, not an object",
             field=MANIFEST_FILE,
         )
     return data
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, opened without following a link or blocking on a pipe."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    with os.fdopen(os.open(path, flags), "rb") as stream:
+        info = os.fstat(stream.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(0, "it is not a regular file")
+        content = stream.read(limit + 1)
+    if len(content) > limit:
+        raise OSError(0, f"it is over {limit} bytes, far more than any manifest")
+    return content
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -251,7 +276,7 @@ def _graphs_shape(graphs: dict[str, Any]) -> list[CorruptBundleError]:
                 shape = tensor["shape"]
                 if not isinstance(shape, list) or not all(_is_int(size) and size >= 1 for size in shape):
                     problems.append(_shape(f"{where}.{tensor['name']}", f"field '{where}.{tensor['name']}.shape' must be a list of positive integers, got {shape!r}"))
-                if tensor["dtype"] not in DTYPES:
+                if not isinstance(tensor["dtype"], str) or tensor["dtype"] not in DTYPES:
                     problems.append(_shape(f"{where}.{tensor['name']}", f"field '{where}.{tensor['name']}.dtype' must be one of {', '.join(DTYPES)}, got {tensor['dtype']!r}"))
     return problems
 

@@ -6,7 +6,9 @@ a key the signature is not checked, so the edits below are caught by the integri
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 
 import catrt
+import catrt.manifest
 from catrt import integrity
 from catrt.build import build_engines
 from catrt.build_config import BuildConfig
@@ -23,6 +26,7 @@ from catrt.cli import main
 from catrt.engines import ENGINES
 from catrt.errors import ConfigError, CorruptBundleError
 from catrt.integrity import BUNDLE_FILES, BUNDLE_KEY_ENV, bundle_files, check_integrity, sign_manifest
+from catrt.publish import staged_folder
 from catrt.manifest import FORMAT_VERSION, MANIFEST_FILE, file_digest
 
 KEY = b"integrity-test-key"
@@ -164,12 +168,13 @@ def test_a_listed_file_the_backend_does_not_use_is_refused(bundle: Path) -> None
         (lambda m: m["alphas"][0].update(k="2"), "alphas[0].k", r"field 'alphas\[0\]\.k' must be an integer >= 1, got '2'"),
         (lambda m: m["graphs"].pop("pruned-k2"), "graphs.pruned", r"field 'graphs' has no pruned graph"),
         (lambda m: m["graphs"]["full"]["inputs"][0].update(shape=None), "graphs.full.inputs.hidden_states", r"shape' must be a list of positive integers"),
+        (lambda m: m["graphs"]["full"]["inputs"][0].update(dtype=[]), "graphs.full.inputs.hidden_states", r"dtype' must be one of .*, got \[\]"),
         (lambda m: m["model"].pop("transformer_config"), "model.transformer_config", r"field 'model\.transformer_config' is missing"),
         (lambda m: m.update(signature=7), "signature", r"field 'signature' must be 64 lowercase hex"),
         (lambda m: m.update(extra=1), "extra", r"has an unknown field 'extra'"),
     ],
     ids=["files-not-dict", "record-without-size", "bad-sha256", "null-record", "no-build", "no-alphas", "k-string",
-         "no-pruned-graph", "shape-null", "no-transformer-config", "signature-not-hex", "unknown-field"],
+         "no-pruned-graph", "shape-null", "dtype-list", "no-transformer-config", "signature-not-hex", "unknown-field"],
 )
 def test_a_malformed_manifest_is_a_named_corrupt_bundle_error(bundle: Path, edit: Callable[[dict[str, Any]], None], field: str, message: str) -> None:
     _edit(bundle, edit)
@@ -180,6 +185,22 @@ def test_a_malformed_manifest_is_a_named_corrupt_bundle_error(bundle: Path, edit
 def test_a_manifest_that_is_not_an_object_is_refused(bundle: Path, content: str) -> None:
     (bundle / MANIFEST_FILE).write_text(content)
     _refused(bundle, r"manifest\.json is not a valid catrt manifest", MANIFEST_FILE)
+
+
+def test_a_manifest_that_is_a_link_a_pipe_or_oversized_is_refused_unread(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = bundle / MANIFEST_FILE
+    size = manifest.stat().st_size
+    monkeypatch.setattr(catrt.manifest, "MAX_MANIFEST_BYTES", size - 1)
+    _refused(bundle, rf"manifest\.json is not a valid catrt manifest: it is over {size - 1} bytes", MANIFEST_FILE)
+    monkeypatch.undo()
+    os.replace(manifest, tmp_path / MANIFEST_FILE)
+    os.mkfifo(manifest)  # reading it would block forever
+    _refused(bundle, r"manifest\.json is not a valid catrt manifest: it is not a regular file", MANIFEST_FILE)
+    manifest.unlink()
+    manifest.symlink_to(tmp_path / MANIFEST_FILE)
+    _refused(bundle, r"manifest\.json in .* is a symbolic link", MANIFEST_FILE)
 
 
 # -- the fields against the graphs -------------------------------------------------------------
@@ -204,11 +225,12 @@ def test_a_manifest_that_is_not_an_object_is_refused(bundle: Path, content: str)
         (lambda m: m["build"].update(backend="auto"), "build.backend", r"build\.backend is unresolved"),
         (lambda m: m["model"]["transformer_config"].update(patch_size=4), "graphs.full.inputs.hidden_states", r"latent 6x4 is not divisible by the patch size 4"),
         (lambda m: m["graphs"]["pruned-k2"]["inputs"][0].update(shape=[2, 3, 64]), "graphs.pruned-k2", r"graphs\.pruned-k2 computes 3 tokens, not the k = 2 its name says"),
+        (lambda m: m["model"].update(name="sd3"), "model.name", r"model\.name is 'sd3' but build\.model is 'tiny-sd3'"),
         (lambda m: m.update(total_size=1), "total_size", r"total_size is 1 but its files add up to"),
         (lambda m: m["verification"].update(passed=False), "verification", r"verification did not pass"),
     ],
     ids=["format-2", "no-format", "alpha", "alpha-out-of-range", "t0-at-steps", "t0-below-2", "steps-string", "k", "num-tokens", "height",
-         "width", "batch", "text-length", "backend-auto", "patch-size", "pruned-shape", "total-size", "verification"],
+         "width", "batch", "text-length", "backend-auto", "patch-size", "pruned-shape", "model-name", "total-size", "verification"],
 )
 def test_an_edited_field_is_refused_naming_it(bundle: Path, edit: Callable[[dict[str, Any]], None], field: str, message: str) -> None:
     _edit(bundle, edit)
@@ -263,6 +285,17 @@ def test_inspect_lists_every_problem(bundle: Path, capsys: pytest.CaptureFixture
     assert "3 problem(s) found" in captured.err and "Traceback" not in captured.err + captured.out
     assert "N = 6 image tokens" in captured.out and "alpha 0.3: k = 2, graph pruned-k2" in captured.out
     assert "OK" not in captured.out
+
+
+def test_inspect_escapes_the_control_characters_of_a_bundle(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A manifest's text and the bundle's file names are untrusted: no terminal escape sequence is printed raw."""
+    _edit(bundle, lambda m: m["exporters"].update(full="\x1b]0;owned\x07"))
+    assert main(["inspect", str(bundle)]) == 0
+    assert "(\\x1b]0;owned\\x07)" in capsys.readouterr().out
+    (bundle / "\x1b[2J").write_text("x")
+    assert main(["inspect", str(bundle)]) == 2
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "holds \\x1b[2J, which manifest.json does not list" in err
 
 
 def test_inspect_checks_the_signature_with_a_key_file(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -325,3 +358,41 @@ def test_a_packed_latent_bundle_is_checked_against_its_token_grid(tmp_path: Path
     with pytest.raises(CorruptBundleError, match="48x64 .* is not a grid of the full graph's 6 packed tokens") as error:
         verify_bundle(folder)
     assert error.value.field == "build.height"
+
+
+# -- publishing ----------------------------------------------------------------------------------
+
+
+def test_a_build_is_swapped_into_place_in_one_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No instant without the folder: a kill between two renames would leave none, so no rename runs."""
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "file").write_text("old")
+
+    def killed(self: Path, target: Any) -> None:
+        raise OSError("the process died here")
+
+    with staged_folder(final) as staging:
+        (staging / "file").write_text("new")
+        monkeypatch.setattr(Path, "rename", killed)
+    assert (final / "file").read_text() == "new" and sorted(tmp_path.iterdir()) == [final]
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError), staged_folder(final) as staging:
+        (staging / "file").write_text("half")
+        raise RuntimeError
+    assert (final / "file").read_text() == "new" and sorted(tmp_path.iterdir()) == [final]
+
+
+def test_the_folder_of_a_killed_build_is_removed_and_a_live_builds_kept(tmp_path: Path) -> None:
+    final = tmp_path / "bundle"
+    dead, live = tmp_path / ".bundle.tmp-dead", tmp_path / ".bundle.tmp-live"
+    dead.mkdir()
+    live.mkdir()
+    holder = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with staged_folder(final) as staging:
+            (staging / "file").write_text("new")
+        assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-live", "bundle"]
+    finally:
+        os.close(holder)

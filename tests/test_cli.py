@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -144,14 +145,95 @@ def test_lazy_package_attributes() -> None:
      "--t0 cannot be used with --engines: the build fixes it"),
     (("generate", "--model", "tiny-sd3", "--prompt", "x", "--precision", "fp16"),
      "--precision fp16 needs a CUDA device"),
-    (("generate", "--prompt", "x", "--device", "gpu"), "--device 'gpu' is not a torch device; use cpu, cuda or cuda:N"),
+    (("generate", "--prompt", "x", "--device", "gpu"), "--device 'gpu' is not a device catrt runs on; use cpu, cuda, cuda:N or mps"),
+    (("generate", "--prompt", "x", "--device", "meta"), "--device 'meta' is not a device catrt runs on"),
+    (("generate", "--prompt", "x", "--device", ""), "--device '' is not a device catrt runs on"),
+    (("generate", "--prompt", " \t\u200b"), "--prompt must not be empty or blank"),
+    (("generate", "--prompt", "a\x00b"), "--prompt has the control character U+0000 at character 1"),
+    (("generate", "--prompt", "x", "--negative-prompt", "\x1b[31m"), "--negative-prompt has the control character U+001B"),
+    (("generate", "--prompt", "x", "--seed", str(2**64)), f"--seed must be an integer in [0, {2**63 - 1}], got {2**64}"),
+    (("generate", "--prompt", "x", "--guidance-scale", "nan"), "--guidance-scale must be a finite number >= 0, got nan"),
+    (("generate", "--prompt", "x", "--guidance-scale", "-1"), "--guidance-scale must be a finite number >= 0, got -1.0"),
     (("macs", "--model", "pixart-sigma", "--width", "1000"),
      "width 1000 does not fit model pixart-sigma, which takes multiples of 16 pixels"),
     (("build", "--model", "reference", "--height", "96"), "height 96 does not fit model reference"),
+    (("serve", "--model", "reference", "--height", "7"), "height 7 does not fit model reference, which takes multiples of 2"),
+    (("serve", "--model", "reference", "--device", "meta"), "--device 'meta' is not a device catrt runs on"),
+    (("serve", "--model", "reference", "--device", "cuda:x"), "--device 'cuda:x' is not a device catrt runs on"),
 ], ids=["out-txt", "out-no-ext", "reference-size", "sd3-size", "alpha", "t0-steps", "engines-alpha", "engines-t0",
-        "fp16-cpu", "device-name", "macs-size", "build-size"])
+        "fp16-cpu", "device-name", "device-meta", "device-empty", "prompt-blank", "prompt-nul", "negative-escape",
+        "seed-huge", "guidance-nan", "guidance-negative", "macs-size", "build-size", "serve-size", "serve-device",
+        "serve-device-index"])
 def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
     assert message in _fails(capfd, *argv)
+
+
+@pytest.mark.usefixtures("no_model_loads")
+def test_an_out_that_cannot_be_written_is_refused_before_loading(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    line = _fails(capfd, "generate", "--prompt", "x", "--out", str(tmp_path / "file" / "sub" / "a.png"))
+    assert f"{tmp_path / 'file'} is a file, not a folder" in line
+    line = _fails(capfd, "generate", "--prompt", "x", "--out", "/proc/catrt-image.png")  # unwritable even as root
+    assert "--out '/proc/catrt-image.png' cannot be written" in line and "pick a writable folder" in line
+
+
+def test_ctrl_c_while_the_image_is_written_keeps_the_old_image_and_leaves_no_file(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import catrt.generation
+
+    class HalfWritten:
+        def save(self, path: Path, **named: Any) -> None:
+            Path(path).write_bytes(b"half an image")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_model_runner", lambda args: (object(), "stub"))
+    monkeypatch.setattr(catrt.generation, "generate_image", lambda runner, request: (HalfWritten(), 1.0))
+    out = tmp_path / "image.png"
+    out.write_bytes(b"the earlier image")
+    assert main(["generate", "--prompt", "x", "--out", str(out)]) == 130
+    assert capfd.readouterr().err.strip() == "catrt generate: interrupted"
+    assert out.read_bytes() == b"the earlier image" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_sigterm_while_the_image_is_written_cleans_up_and_exits_143(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import catrt.generation
+
+    class Terminated:
+        def save(self, path: Path, **named: Any) -> None:
+            Path(path).write_bytes(b"half an image")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_model_runner", lambda args: (object(), "stub"))
+    monkeypatch.setattr(catrt.generation, "generate_image", lambda runner, request: (Terminated(), 1.0))
+    out = tmp_path / "image.png"
+    assert main(["generate", "--prompt", "x", "--out", str(out)]) == 143
+    assert capfd.readouterr().err.strip() == "catrt generate: terminated"
+    assert sorted(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is handler
+
+
+@pytest.mark.usefixtures("no_model_loads")
+def test_compare_refuses_bad_seeds_guidance_and_prompt_text_before_loading(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue\x00square\n")
+    compare = ("compare", "--prompts", str(prompts), "--out", str(tmp_path / "out"))
+    assert f"the prompt on line 2 of {prompts} has the control character U+0000" in _fails(capfd, *compare)
+    assert "--seeds must be an integer in [0, " in _fails(capfd, *compare, "--seeds", "0", str(2**64))
+    assert "--guidance-scale must be a finite number >= 0, got inf" in _fails(capfd, *compare, "--guidance-scale", "inf")
+
+
+@pytest.mark.usefixtures("no_model_loads")
+def test_an_api_key_no_client_can_send_is_refused_at_start(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "key").write_text("first-half\nsecond-half\n")
+    line = _fails(capfd, "serve", "--model", "reference", "--api-key-file", str(tmp_path / "key"))
+    assert f"the API key file {tmp_path / 'key'} holds '\\n' at character 10 of the key" in line
+    monkeypatch.setenv("CATRT_API_KEY", "clé")
+    assert "$CATRT_API_KEY holds '\\xe9' at character 2" in _fails(capfd, "serve", "--model", "reference")
 
 
 @pytest.mark.usefixtures("no_model_loads")
@@ -232,6 +314,25 @@ def test_engine_refuses_long_prompts_and_other_sizes(
     assert main(["generate", "--engines", str(eager_bundle), "--prompt", "a cat", "--out", out]) == 0
     with Image.open(out) as image:
         assert image.size == (48, 32)
+
+
+def test_build_refuses_an_out_that_is_a_file_or_a_bundle_before_loading(
+    capfd: pytest.CaptureFixture[str], eager_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import catrt.build
+
+    monkeypatch.setattr(catrt.build, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded a model"))
+    (tmp_path / "file").write_text("x")
+    build = ("build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--steps", "4", "--t0", "2")
+    line = _fails(capfd, *build, "--out", str(tmp_path / "file"))
+    assert f"out_dir {tmp_path / 'file'} cannot be a folder (it is a file)" in line
+    line = _fails(capfd, *build, "--export-dir", str(tmp_path / "file" / "sub"), "--out", str(tmp_path / "engines"))
+    assert f"export_dir {tmp_path / 'file' / 'sub'} cannot be a folder (Not a directory)" in line
+    before = sorted(path.name for path in eager_bundle.iterdir())
+    line = _fails(capfd, *build, "--out", str(eager_bundle))
+    assert f"out_dir {eager_bundle} is an engine bundle; builds go beside it" in line
+    assert sorted(path.name for path in eager_bundle.iterdir()) == before
+    assert main(["inspect", str(eager_bundle)]) == 0
 
 
 def test_inspect_prints_width_x_height(capfd: pytest.CaptureFixture[str], eager_bundle: Path) -> None:

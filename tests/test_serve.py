@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import re
 import signal
 import socket
 import sys
@@ -156,6 +157,10 @@ BAD_BODIES = [
     pytest.param({"prompt": None}, "prompt", id="prompt-null"),
     pytest.param({"prompt": "   "}, "prompt", id="prompt-blank"),
     pytest.param({"prompt": ""}, "prompt", id="prompt-empty"),
+    pytest.param({"prompt": "\u200b\ufeff "}, "prompt", id="prompt-invisible"),
+    pytest.param({"prompt": "\u0001\u0002"}, "prompt", id="prompt-control"),
+    pytest.param({"prompt": "a red\u0000sun"}, "prompt", id="prompt-nul"),
+    pytest.param({"negative_prompt": "\u001b[1mblue"}, "negative_prompt", id="negative-control"),
     pytest.param({"prompt": 5}, "prompt", id="prompt-not-string"),
     pytest.param({"prompt": "red " * 40}, "prompt", id="prompt-too-many-tokens"),
     pytest.param({"prompt": "x" * 4001}, "prompt", id="prompt-too-many-chars"),
@@ -192,6 +197,12 @@ def test_missing_prompt_malformed_json_and_unknown_route(server: RemoteServer) -
     malformed = httpx.post(f"{server.url}/v1/images/generations", content=b'{"prompt": "a',
                            headers={"content-type": "application/json"})
     assert "not valid JSON" in assert_error(malformed, 400, None)["message"]
+    for body in (b'{"prompt": "a \xff sun"}', b'{"prompt": "a", "n": ' + b"9" * 5000 + b"}", b"[" * 100_000):
+        answer = httpx.post(f"{server.url}/v1/images/generations", content=body, headers={"content-type": "application/json"})
+        assert "not valid JSON: send one JSON object encoded as UTF-8" in assert_error(answer, 400, None)["message"]
+    assert "n=0 is not served: this server makes 1 to 2 images" in assert_error(generate(server.url, n=0), 400, "n")["message"]
+    trailing = generate(server.url, size="64x64\n")
+    assert 'size must be "WxH"' in assert_error(trailing, 400, "size")["message"]
     too_long = generate(server.url, prompt="red " * 40)
     assert f"at most {TEXT_LENGTH}" in too_long.json()["error"]["message"]
     assert_error(httpx.get(f"{server.url}/v1/nothing"), 404, None)
@@ -285,6 +296,9 @@ def test_openapi_states_what_the_build_serves(server: RemoteServer) -> None:
     assert first["steps"]["enum"] == [8]
     assert (first["prompt"]["minLength"], first["prompt"]["maxLength"]) == (1, 4000)
     assert str(TEXT_LENGTH) in first["prompt"]["description"]
+    pattern = re.compile(first["prompt"]["pattern"])
+    assert [bool(pattern.search(text)) for text in ("a red sun", "\ta\n", " \u200b ", "a\u0000", "\u0085")] == [
+        True, True, False, False, False]
     assert first["response_format"]["enum"] == ["b64_json"] and first["output_format"]["enum"] == ["png"]
     assert httpx.get(f"{server.url}/docs").status_code == 200
     # Boundary values of the document are served ...
@@ -327,6 +341,7 @@ def test_a_request_past_the_timeout_answers_504_and_its_work_is_dropped(faulty: 
     assert_error(queued, 504, None)
     assert generate(faulty.url).status_code == 200  # runs after the slow call was abandoned
     assert metric(faulty.url, IMAGES_64) == images + 1
+    assert "never retrieved" not in faulty.output  # the abandoned call's outcome logs no asyncio error
 
 
 def test_a_client_that_leaves_does_not_leave_its_work_queued(faulty: RemoteServer) -> None:

@@ -73,6 +73,8 @@ def test_light_load_gets_the_largest_alpha_and_a_burst_the_smallest(server: Remo
 def test_an_alpha_the_server_does_not_serve_is_a_400_listing_the_served_ones(server: RemoteServer) -> None:
     error = assert_error(generate(server.url, prompt="a red circle", alpha=0.5), 400, "alpha")
     assert "alpha=0.5 is not served: this server serves alpha 0.8, 0.2" in error["message"]
+    error = assert_error(generate(server.url, prompt="a red circle", alpha=0.2 + 1e-12), 400, "alpha")
+    assert f"alpha={0.2 + 1e-12!r} is not served" in error["message"]  # never shown as a served 0.2
     assert_error(generate(server.url, prompt="a red circle", alpha="0.8"), 400, "alpha")  # a string is no alpha
     schema = openapi_request_schema(server.url)["properties"]["alpha"]
     assert schema["anyOf"][0] == {"type": "number", "enum": [0.8, 0.2]}

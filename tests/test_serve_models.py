@@ -9,6 +9,7 @@ bundle key. Each serves the stock OpenAI SDK call at its own size.
 from __future__ import annotations
 
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -175,6 +176,7 @@ def test_a_port_in_use_is_refused_before_the_model_loads() -> None:
 
 @pytest.mark.parametrize(("args", "needles"), [
     pytest.param(["--model", "reference", "--precision", "fp16"], ["fp16 needs a CUDA device"], id="fp16-on-cpu"),
+    pytest.param(["--model", "reference", "--height", "33"], ["height 33 does not fit model reference"], id="size"),
     pytest.param(["--engines", "{bundle}", "--height", "64"], ["--height cannot be used with --engines"], id="engines-height"),
     pytest.param(["--engines", "{bundle}", "--precision", "bf16"], ["--precision cannot be used with --engines"],
                  id="engines-precision"),
@@ -198,13 +200,15 @@ def test_a_mistake_is_refused_in_one_line_before_anything_loads(
     assert_one_line_refusal(result, *needles)
 
 
-def test_failures_while_loading_are_one_line_and_exit_2(bundle: Path, key_files: dict[str, Path]) -> None:
+def test_failures_while_loading_are_one_line_and_exit_2(bundle: Path, key_files: dict[str, Path], tmp_path: Path) -> None:
     """Refusals the worker meets while loading (after "listening"): catrt's own, and any other error."""
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}))
     cases = {
         "a catrt error (a wrong bundle key)": (["--engines", str(bundle), "--bundle-key-file", str(key_files["wrong"])],
                                                ["signature does not match the bundle key"]),
-        "any other error (a size the model cannot take)": (["--model", "reference", "--height", "33", *FAST],
-                                                           ["could not load the model", "ValueError"]),
+        "any other error (a model folder without its files)": (["--model", str(tmp_path), *FAST],
+                                                               ["could not load the model", "OSError"]),
     }
     processes = {
         name: subprocess.Popen([*CLI, "serve", *args, "--port", "0"], env=server_env(), text=True,

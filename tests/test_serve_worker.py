@@ -7,6 +7,7 @@ been given up stops before its next step.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,9 +17,13 @@ from dataclasses import dataclass, field
 import pytest
 
 from catrt.errors import RequestTimeoutError
+from catrt.serve.app import ImageService
+from catrt.serve.config import ServeConfig
+from catrt.serve.errors import REQUEST_ID_KEY
 from catrt.serve.metrics import ServerMetrics
 from catrt.serve.model import BatchOptions, Generation, Row
 from catrt.serve.routing import Router
+from catrt.serve.schemas import ImageGenerationRequest
 from catrt.serve.timing import Abandoned
 from catrt.serve.worker import Job, Worker
 
@@ -137,3 +142,39 @@ def test_a_call_runs_on_while_one_of_its_jobs_is_still_wanted(worker: Worker, mo
     given_up.abandon()  # the route gives it up while its call runs
     assert _result(wanted.future).images == ["wanted"]
     assert model.calls[-1] == ["given-up", "wanted"] and model.steps_run[-1] == STEPS
+
+
+class _SlowChecks:
+    """The request checks of one stand-in size: each takes `seconds`, as tokenizing a long prompt can."""
+
+    def __init__(self, spec: _Spec, seconds: float) -> None:
+        self.spec, self.seconds, self.admitted = spec, seconds, 0
+
+    def admit(self, body: ImageGenerationRequest) -> tuple[list[Row], BatchOptions]:
+        self.admitted += 1
+        time.sleep(self.seconds)
+        return [Row(body.prompt, 0)], BatchOptions(4.0, None)
+
+    def spec_for(self, options: BatchOptions) -> _Spec:
+        return self.spec
+
+
+class _Request:
+    scope = {REQUEST_ID_KEY: "request"}
+
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+def test_the_timeout_and_queue_wait_count_the_request_checks(worker: Worker, model: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's deadline runs from its arrival, not from the end of its checks (which wait on one thread)."""
+    service = ImageService(worker, ServerMetrics(), ServeConfig(model="reference", timeout=5))
+    service._rules = checks = _SlowChecks(model.spec, seconds=0.3)
+    submitted: list[Job] = []
+    submit = worker.submit
+    monkeypatch.setattr(worker, "submit", lambda job: submitted.append(job) or submit(job))
+    started = time.perf_counter()
+    response = asyncio.run(service.generate(ImageGenerationRequest(prompt="a red sun"), _Request()))
+    assert checks.admitted == 1 and submitted[0].arrived - started < 0.1
+    assert submitted[0].deadline == submitted[0].arrived + 5
+    assert response is not None and response.catrt.timings.queue_wait >= 0.3

@@ -93,11 +93,12 @@ class ImageService:
         from catrt.serve.worker import Job
 
         worker, config = self.worker, self.config
+        arrived = time.perf_counter()  # the timeout and queue_wait count the checks below too
         checks = self.rules()
         if checks is None or worker.state != "ready":
             raise ServiceUnavailableError(f"the server is {worker.state}; retry later")
         rows, options = await asyncio.get_running_loop().run_in_executor(self._admission, checks.admit, body)
-        job = Job(rows, options, deadline=time.perf_counter() + config.timeout, request_id=request.scope[REQUEST_ID_KEY])
+        job = Job(rows, options, deadline=arrived + config.timeout, request_id=request.scope[REQUEST_ID_KEY], arrived=arrived)
         worker.submit(job)
         try:
             result = await _wait_for(job, request, config.timeout, self.metrics)
@@ -140,6 +141,9 @@ def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> Fa
 async def _wait_for(job: Job, request: Request, timeout: float, metrics: ServerMetrics) -> JobResult | None:
     """The job's result; gives the job up (dropped if queued, its call stopped) on timeout or when the client leaves."""
     future = asyncio.wrap_future(job.future)
+    # An abandoned job's outcome arrives after this returns; taking it keeps asyncio from logging
+    # "Future exception was never retrieved" at ERROR for every timeout and disconnect.
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
     while True:
         remaining = job.deadline - time.perf_counter()
         if remaining <= 0:

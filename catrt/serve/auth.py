@@ -29,9 +29,21 @@ def load_api_key(path: str | None, environ: Mapping[str, str] = os.environ) -> s
             raise ConfigError(f"cannot read the API key file {path}: {error.__class__.__name__}", field="api_key_file") from error
         if not key:
             raise ConfigError(f"the API key file {path} is empty", field="api_key_file")
-        return key
+        return _sendable(key, f"the API key file {path}", "api_key_file")
     key = environ.get(API_KEY_ENV, "").strip()
-    return key or None
+    return _sendable(key, f"${API_KEY_ENV}", "api_key") if key else None
+
+
+def _sendable(key: str, source: str, field: str) -> str:
+    """A key a client can send: printable ASCII, as HTTP clients write headers (a line break inside never arrives)."""
+    for index, char in enumerate(key):
+        if not (char.isascii() and char.isprintable()):
+            raise ConfigError(
+                f"{source} holds {ascii(char)} at character {index} of the key; an Authorization header carries "
+                "printable ASCII only: write the key on one line, in ASCII",
+                field=field,
+            )
+    return key
 
 
 class BearerCheck:

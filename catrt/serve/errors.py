@@ -21,6 +21,12 @@ from catrt.errors import (
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "catrt.request_id"  # set on the ASGI scope by `catrt.serve.gate.RequestGate`
+# FastAPI's whole message for a body its JSON decoder raised on with anything but a JSONDecodeError (bytes
+# that are not UTF-8, a number past Python's 4300-digit limit, nesting past the recursion limit) ...
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
+# ... and what a client is told instead.
+BODY_NOT_JSON = ("the body is not valid JSON: send one JSON object encoded as UTF-8, with numbers of at most 4300 "
+                 "digits and shallow nesting")
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,10 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
-    return error_response(error.status_code, str(error.detail), "invalid_request_error", headers=error.headers)
+    message = str(error.detail)
+    if error.status_code == 400 and message == FASTAPI_BODY_ERROR:
+        message = BODY_NOT_JSON
+    return error_response(error.status_code, message, "invalid_request_error", headers=error.headers)
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:

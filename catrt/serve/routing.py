@@ -49,7 +49,7 @@ class Router:
         """The model serving `size` ("WxH", "auto" or None = the first); else a ConfigError naming `size`."""
         if size is None or size == "auto":
             return self.default
-        if SIZE_PATTERN.match(size) is None:
+        if SIZE_PATTERN.fullmatch(size) is None:
             raise ConfigError(f'size must be "WxH" (e.g. "{self.default.spec.size}") or "auto", got {size!r}',
                               field="size", value=size)
         if size not in self.models:

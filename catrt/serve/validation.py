@@ -12,20 +12,17 @@ range, prompt length) is what `admit` takes.
 
 from __future__ import annotations
 
-import math
 import re
 import secrets
 from typing import Any
 
 from catrt.bundle import check_request
 from catrt.errors import ConfigError
+from catrt.request_values import check_guidance, check_prompt_text, check_seed, largest_seed, prompt_pattern
 from catrt.serve.model import BatchOptions, Row, ServedModel
 from catrt.serve.schemas import ImageGenerationRequest
 
-MAX_SEED = 2**63 - 1
-SIZE_PATTERN = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
-# Characters Python's str.strip() removes, spelled for JSON Schema: a prompt must have one other.
-NOT_BLANK = "[^\\t\\n\\v\\f\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+SIZE_PATTERN = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")  # whole strings only: fullmatch
 # check_request's argument names -> the request field a client sets them with.
 CALL_PARAMS = {"height": "size", "width": "size", "num_inference_steps": "steps", "batch": "n"}
 SERVED_CALL_ARGUMENTS = ("height", "width", "num_inference_steps")
@@ -38,27 +35,24 @@ class RequestRules:
         self.served = served
         self.spec = served.spec
         self.max_prompt_chars = max_prompt_chars
-        self.max_seed = MAX_SEED - (self.spec.batch - 1)  # image i uses seed + i
         self.guidance_floor = self._guidance_floor()
 
     def admit(self, body: ImageGenerationRequest) -> tuple[list[Row], BatchOptions]:
         """The request's rows (prompt, seed per image) and batch options; raises ConfigError naming the param."""
         self._check_text_length("prompt", body.prompt)
-        if not body.prompt.strip():
-            raise ConfigError("prompt must not be empty", field="prompt")
+        check_prompt_text("prompt", body.prompt)
         if body.negative_prompt is not None:
             self._check_text_length("negative_prompt", body.negative_prompt)
+            check_prompt_text("negative_prompt", body.negative_prompt, blank_ok=True)
         self._check_formats(body)
         n = 1 if body.n is None else body.n
         if not 1 <= n <= self.spec.batch:
             raise ConfigError(
-                f"n={n} is not served: this server makes at most {self.spec.batch} images per request (its batch)",
+                f"n={n} is not served: this server makes 1 to {self.spec.batch} images per request (its batch)",
                 field="n", value=n,
             )
         guidance = self._guidance(body.guidance_scale)
-        seed = secrets.randbelow(2**31) if body.seed is None else body.seed
-        if not 0 <= seed <= self.max_seed:
-            raise ConfigError(f"seed must be in [0, {self.max_seed}], got {seed}", field="seed", value=seed)
+        seed = secrets.randbelow(2**31) if body.seed is None else check_seed(body.seed, self.spec.batch)
         self._check_call(body, guidance)
         self.served.reader.check("prompt", body.prompt)
         if body.negative_prompt is not None:
@@ -98,19 +92,14 @@ class RequestRules:
             raise ConfigError("stream=true is not served; images come in one answer", field="stream", value=True)
 
     def _guidance(self, value: float | None) -> float:
-        if value is None:
-            return self.spec.default_guidance
-        guidance = float(value)
-        if not math.isfinite(guidance) or guidance < 0:
-            raise ConfigError(f"guidance_scale must be a finite number >= 0, got {value}", field="guidance_scale")
-        return guidance
+        return self.spec.default_guidance if value is None else check_guidance(value)
 
     def _alpha(self, alpha: float | None) -> float | None:
         """A pinned alpha must be one the server serves (a build's alphas, or the eager model's --alpha values)."""
         if alpha is not None and alpha not in self.spec.alphas:
             served = ", ".join(f"{each:g}" for each in self.spec.alphas)
             raise ConfigError(
-                f"alpha={alpha:g} is not served: this server serves alpha {served}; ask for one of those or leave "
+                f"alpha={alpha!r} is not served: this server serves alpha {served}; ask for one of those or leave "
                 f"alpha out (the server's policy picks)",
                 field="alpha", value=alpha,
             )
@@ -120,7 +109,7 @@ class RequestRules:
         """(width, height) asked for; "auto" and absent are the served size."""
         if size is None or size == "auto":
             return self.spec.width, self.spec.height
-        match = SIZE_PATTERN.match(size)
+        match = SIZE_PATTERN.fullmatch(size)
         if match is None:
             raise ConfigError(f'size must be "WxH" (e.g. "{self.spec.size}") or "auto", got {size!r}', field="size")
         return int(match.group(1)), int(match.group(2))
@@ -183,8 +172,8 @@ class RequestRules:
             guidance = {"type": "number", "exclusiveMinimum": self.guidance_floor}
         return {
             "prompt": {
-                "type": "string", "minLength": 1, "maxLength": chars, "pattern": NOT_BLANK,
-                "description": f"text to draw: not blank, at most {chars} characters and at most {spec.text_tokens} "
+                "type": "string", "minLength": 1, "maxLength": chars, "pattern": prompt_pattern(),
+                "description": f"text to draw: not blank, no control characters but tabs and line breaks, at most {chars} characters and at most {spec.text_tokens} "
                 "tokens as the model's tokenizer counts them; longer prompts are refused (400), never truncated",
             },
             "negative_prompt": _nullable(
@@ -197,7 +186,7 @@ class RequestRules:
             "steps": _nullable({"type": "integer", "enum": [spec.steps]}, "the served step count"),
             "alpha": _nullable({"type": "number", "enum": list(spec.alphas)}, "a served alpha (pinned); absent: the server's policy picks"),
             "guidance_scale": _nullable(guidance, f"default {spec.default_guidance:g}"),
-            "seed": _nullable({"type": "integer", "minimum": 0, "maximum": self.max_seed}, "image i uses seed + i"),
+            "seed": _nullable({"type": "integer", "minimum": 0, "maximum": largest_seed(spec.batch)}, "image i uses seed + i"),
             "response_format": _nullable({"type": "string", "enum": ["b64_json"], "default": "b64_json"}, "url is not served"),
             "output_format": _nullable({"type": "string", "enum": ["png"], "default": "png"}, "png only"),
             "background": _nullable({"type": "string", "enum": ["auto", "opaque"]}, "images are opaque"),

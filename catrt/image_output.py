@@ -1,0 +1,75 @@
+"""The image file `catrt generate --out` writes: checked and reserved before any model loads, written whole.
+
+A name PIL cannot write, a folder, a path under a file or an unwritable folder is refused before the
+generation (which can take minutes) rather than after it. The image goes to a temporary file beside
+the target and is renamed onto it, so Ctrl-C or a failed write never leaves a half image and never
+destroys an image already there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from catrt.errors import ConfigError
+
+# Image formats `--out` may name (PIL format -> the extensions the message lists).
+IMAGE_FORMATS: dict[str, str] = {"PNG": ".png", "JPEG": ".jpg, .jpeg", "WEBP": ".webp"}
+
+
+def image_format(value: str) -> tuple[Path, str]:
+    """The path `--out` names and the PIL format its extension picks; refused unless an image PIL writes."""
+    from PIL import Image
+
+    Image.init()
+    writable = [ext for name, ext in IMAGE_FORMATS.items() if name in Image.SAVE]
+    out = Path(value)
+    format_ = Image.registered_extensions().get(out.suffix.lower())
+    if format_ not in IMAGE_FORMATS or format_ not in Image.SAVE:
+        raise ConfigError(f"--out {value!r} is not an image file name: end it in {', '.join(writable)}", field="out", value=value)
+    if out.is_dir():
+        raise ConfigError(f"--out {value!r} is a folder; give a file name such as {out / 'image.png'}", field="out", value=value)
+    return out, format_
+
+
+@contextlib.contextmanager
+def staged_image(out: Path) -> Iterator[Path]:
+    """A new empty file beside `out` (its folders made), renamed onto `out` when the block completes.
+
+    Made on entry, so an unwritable place is a ConfigError before the block's work; removed if the
+    block fails or is interrupted, leaving `out` as it was.
+    """
+    _check_folders(out)
+    staged = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as error:
+        raise _unwritable(out, error) from None
+    try:
+        yield staged
+        os.replace(staged, out)
+    except OSError as error:
+        staged.unlink(missing_ok=True)
+        raise _unwritable(out, error) from None
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+
+
+def _check_folders(out: Path) -> None:
+    """The nearest existing folder above `out` must be a folder, not a file."""
+    folder = out.parent.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--out {str(out)!r}: {folder} is a file, not a folder; pick another path",
+                          field="out", value=str(out))
+
+
+def _unwritable(out: Path, error: OSError) -> ConfigError:
+    reason = error.strerror or type(error).__name__
+    return ConfigError(f"--out {str(out)!r} cannot be written ({reason}); pick a writable folder", field="out", value=str(out))
