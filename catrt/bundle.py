@@ -85,6 +85,14 @@ def check_request(arguments: dict[str, Any], build: BuildConfig, spec: PipelineS
                 f"call it with {expected} or build an engine for the other value",
                 field=name, value=arguments.get(name),
             )
+    for name in ("sigmas", "timesteps"):  # a custom schedule's length is the step count (diffusers ignores the other)
+        schedule = arguments.get(name)
+        if schedule is not None and len(schedule) != build.steps:
+            raise ConfigError(
+                f"this engine was built for {build.steps} steps, the call's {name} give {len(schedule)}; pass "
+                f"{build.steps} {name} or build an engine with --steps {len(schedule)}",
+                field=name, value=len(schedule),
+            )
     batch = request_batch(arguments)
     if batch != build.batch:
         raise ConfigError(

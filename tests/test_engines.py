@@ -269,6 +269,7 @@ def test_mismatch_is_named(bundle_copy: Path, field: str, edit: Callable[[dict[s
         ("height", {"height": 128}, r"built for height=64, the call asks for height=128"),
         ("width", {"width": 64}, r"built for width=96, the call asks for width=64"),
         ("num_inference_steps", {"num_inference_steps": 20}, r"built for num_inference_steps=12, the call asks for num_inference_steps=20"),
+        ("sigmas", {"sigmas": [1.0 - i / 10 for i in range(10)]}, r"built for 12 steps, the call's sigmas give 10; pass 12 sigmas"),
         ("max_sequence_length", {"max_sequence_length": 32}, r"built for max_sequence_length=16"),
         ("batch", {"prompt": "one prompt"}, r"built for batch=2 images per call, the call asks for 1"),
         ("guidance_scale", {"guidance_scale": 1.0}, r"runs classifier-free guidance .* guidance_scale > 1"),
