@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -26,7 +28,7 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_names
     """(model with weights inline, exporter used). Falls back to TorchScript only if dynamo fails."""
     args = tuple(inputs.values())
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _registry_quiet():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, args, dynamo=True, input_names=list(inputs), output_names=list(output_names),
@@ -36,6 +38,19 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_names
     except Exception as error:  # noqa: BLE001 - any exporter failure means: try the other exporter
         logger.warning("dynamo ONNX export failed (%s: %s); falling back to the TorchScript exporter", type(error).__name__, error)
     return _export_torchscript(module, args, list(inputs), output_names), "torchscript"
+
+
+@contextlib.contextmanager
+def _registry_quiet() -> Iterator[None]:
+    """The dynamo exporter logs a warning for each torchvision op it cannot register when torchvision is
+    absent (4 lines per graph); catrt's graphs use none of them."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        registry.setLevel(level)
 
 
 def _export_torchscript(
