@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,42 +178,36 @@ def test_an_out_that_cannot_be_written_is_refused_before_loading(capfd: pytest.C
     assert "--out '/proc/catrt-image.png' cannot be written" in line and "pick a writable folder" in line
 
 
-def test_ctrl_c_while_the_image_is_written_keeps_the_old_image_and_leaves_no_file(
-    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("stop", "code", "said"),
+    [(_interrupt, 130, "interrupted"), (lambda: os.kill(os.getpid(), signal.SIGTERM), 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_stop_while_the_image_is_written_keeps_the_old_image_and_leaves_no_file(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stop: Callable[[], None],
+    code: int, said: str,
 ) -> None:
+    """Ctrl-C exits 130, SIGTERM 143 (its handler restored after): one line, the earlier image intact, no partial file."""
     import catrt.generation
 
     class HalfWritten:
         def save(self, path: Path, **named: Any) -> None:
             Path(path).write_bytes(b"half an image")
-            raise KeyboardInterrupt
+            stop()
 
+    handler = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(cli, "_model_runner", lambda args: (object(), "stub"))
     monkeypatch.setattr(catrt.generation, "generate_image", lambda runner, request: (HalfWritten(), 1.0))
     out = tmp_path / "image.png"
     out.write_bytes(b"the earlier image")
-    assert main(["generate", "--prompt", "x", "--out", str(out)]) == 130
-    assert capfd.readouterr().err.strip() == "catrt generate: interrupted"
+    assert main(["generate", "--prompt", "x", "--out", str(out)]) == code
+    assert capfd.readouterr().err.strip() == f"catrt generate: {said}"
     assert out.read_bytes() == b"the earlier image" and sorted(tmp_path.iterdir()) == [out]
-
-
-def test_sigterm_while_the_image_is_written_cleans_up_and_exits_143(
-    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    import catrt.generation
-
-    class Terminated:
-        def save(self, path: Path, **named: Any) -> None:
-            Path(path).write_bytes(b"half an image")
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    handler = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(cli, "_model_runner", lambda args: (object(), "stub"))
-    monkeypatch.setattr(catrt.generation, "generate_image", lambda runner, request: (Terminated(), 1.0))
-    out = tmp_path / "image.png"
-    assert main(["generate", "--prompt", "x", "--out", str(out)]) == 143
-    assert capfd.readouterr().err.strip() == "catrt generate: terminated"
-    assert sorted(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is handler
+    assert signal.getsignal(signal.SIGTERM) is handler
 
 
 @pytest.mark.usefixtures("no_model_loads")
