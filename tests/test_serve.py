@@ -249,7 +249,10 @@ def test_oversized_input_is_refused_quickly_while_live_keeps_answering(server: R
     assert "900000 characters" in assert_error(parsed, 400, "prompt")["message"]
     assert [answer.status_code for answer in answers] == [200, 200, 400, 400, 400, 400]
     assert not probe.failures, probe.failures
-    assert len(probe.latencies) > 20 and max(probe.latencies) < 0.1, sorted(probe.latencies)[-5:]
+    # Parsing or tokenizing these on the event loop blocks it for seconds; one probe past 100 ms (a GC pause
+    # or the scheduler of a loaded 2-core machine, seen once at 0.38 s) is not that.
+    slow = [latency for latency in probe.latencies if latency >= 0.1]
+    assert len(probe.latencies) > 20 and len(slow) <= 1 and max(probe.latencies) < 1.0, sorted(probe.latencies)[-5:]
 
 
 # -- load, metrics, docs ------------------------------------------------------------------------
