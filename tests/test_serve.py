@@ -220,7 +220,8 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(server: RemoteServer) -> Non
 
 def test_oversized_input_is_refused_quickly_while_live_keeps_answering(server: RemoteServer) -> None:
     """413 from Content-Length or from the bytes of a chunked body, 400 over the character limit; none
-    is parsed or tokenized on the event loop, and /health/live keeps answering within 100 ms while
+    is parsed or tokenized on the event loop, and /health/live keeps answering within 100 ms (one probe
+    up to 1 s) while
     they and generations are processed."""
     url = f"{server.url}/v1/images/generations"
     huge = b'{"prompt": "' + b"x" * 5_000_000 + b'"}'
