@@ -29,7 +29,7 @@ from catrt.loading import load_pipeline
 from catrt.manifest import Manifest, describe_device, environment_problems, transformer_config
 from catrt.models import make_adapter
 from catrt.pipeline import AcceleratedPipeline, accelerate, pipeline_spec
-from catrt.pipeline_spec import PipelineSpec
+from catrt.pipeline_spec import PipelineSpec, custom_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +85,14 @@ def check_request(arguments: dict[str, Any], build: BuildConfig, spec: PipelineS
                 f"call it with {expected} or build an engine for the other value",
                 field=name, value=arguments.get(name),
             )
-    for name in ("sigmas", "timesteps"):  # a custom schedule's length is the step count (diffusers ignores the other)
-        schedule = arguments.get(name)
-        if schedule is not None and len(schedule) != build.steps:
-            raise ConfigError(
-                f"this engine was built for {build.steps} steps, the call's {name} give {len(schedule)}; pass "
-                f"{build.steps} {name} or build an engine with --steps {len(schedule)}",
-                field=name, value=len(schedule),
-            )
+    schedule = custom_schedule(arguments)
+    if schedule is not None and schedule[1] != build.steps:
+        name, length = schedule
+        raise ConfigError(
+            f"this engine was built for {build.steps} steps, the call's {name} give {length}; pass "
+            f"{build.steps} {name} or build an engine with --steps {length}",
+            field=name, value=length,
+        )
     batch = request_batch(arguments)
     if batch != build.batch:
         raise ConfigError(

@@ -46,13 +46,21 @@ class PipelineSpec:
         return self.guidance == "cfg" and float(arguments.get("guidance_scale", 1.0)) > 1.0
 
 
-def denoising_steps(arguments: dict[str, Any]) -> Any:
-    """How many steps (transformer calls) a diffusers call runs: the length of its custom `sigmas` or
-    `timesteps` where given (diffusers' `retrieve_timesteps` then ignores `num_inference_steps`),
-    else `num_inference_steps` (a Python int for any integer type diffusers takes, such as numpy's)."""
+def custom_schedule(arguments: dict[str, Any]) -> tuple[str, int] | None:
+    """The name and length of a call's custom `sigmas` or `timesteps`, None without one (diffusers'
+    `retrieve_timesteps` then runs that many steps and ignores `num_inference_steps`)."""
     for name in ("sigmas", "timesteps"):
         schedule = arguments.get(name)
         if schedule is not None:
-            return len(schedule)
+            return name, len(schedule)
+    return None
+
+
+def denoising_steps(arguments: dict[str, Any]) -> Any:
+    """How many steps (transformer calls) a diffusers call runs: the length of its custom schedule where
+    given, else `num_inference_steps` (a Python int for any integer type diffusers takes, such as numpy's)."""
+    schedule = custom_schedule(arguments)
+    if schedule is not None:
+        return schedule[1]
     steps = arguments.get("num_inference_steps")
     return int(steps) if isinstance(steps, numbers.Integral) and not isinstance(steps, bool) else steps
