@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -16,6 +14,7 @@ from tqdm.auto import tqdm
 
 from catrt.errors import BuildError
 from catrt.export.graphs import step_module
+from catrt.export.quiet import errors_only
 from catrt.export.weights import save_with_shared_weights
 from catrt.models.base import Adapter
 
@@ -28,7 +27,9 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_names
     """(model with weights inline, exporter used). Falls back to TorchScript only if dynamo fails."""
     args = tuple(inputs.values())
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _registry_quiet():
+        # torch.onnx warns of each torchvision op it cannot register when torchvision is absent (4 lines per
+        # graph); catrt's graphs use none of them.
+        with warnings.catch_warnings(), torch.no_grad(), errors_only("torch.onnx._internal.exporter._registration"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, args, dynamo=True, input_names=list(inputs), output_names=list(output_names),
@@ -38,19 +39,6 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_names
     except Exception as error:  # noqa: BLE001 - any exporter failure means: try the other exporter
         logger.warning("dynamo ONNX export failed (%s: %s); falling back to the TorchScript exporter", type(error).__name__, error)
     return _export_torchscript(module, args, list(inputs), output_names), "torchscript"
-
-
-@contextlib.contextmanager
-def _registry_quiet() -> Iterator[None]:
-    """The dynamo exporter logs a warning for each torchvision op it cannot register when torchvision is
-    absent (4 lines per graph); catrt's graphs use none of them."""
-    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registry.level
-    registry.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        registry.setLevel(level)
 
 
 def _export_torchscript(

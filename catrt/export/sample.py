@@ -8,17 +8,15 @@ returns zeros, so the loop is cheap) and keeps the first call's inputs.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.utils import logging as diffusers_logging
 
 from catrt.build_config import BuildConfig
 from catrt.contract import FULL, PRUNED, pruned_graph
 from catrt.errors import BuildError
+from catrt.export.quiet import errors_only
 from catrt.models.base import Adapter, Context
 from catrt.pipeline import pipeline_spec, transformer_replaced
 
@@ -55,23 +53,13 @@ def capture_step_sample(pipe: Any, adapter: Adapter, build: BuildConfig) -> Step
     kwargs: dict[str, Any] = dict(pipeline_spec(pipe).call_defaults)
     kwargs.update(build.call_arguments(), prompt=[SAMPLE_PROMPT] * build.batch, output_type="latent")
     kwargs["generator"] = torch.Generator(device=pipe.device).manual_seed(0)
-    with transformer_replaced(pipe.transformer, recorder), torch.no_grad(), _diffusers_errors_only():
+    # The prompt is ours, not the user's: diffusers' notice that a short --max-sequence-length truncates it
+    # (every tiny-model build) is noise in a build's output.
+    with transformer_replaced(pipe.transformer, recorder), torch.no_grad(), errors_only("diffusers"):
         pipe(**kwargs)
     if recorder.sample is None:
         raise BuildError(f"the {type(pipe).__name__} never called its transformer", field="model")
     return recorder.sample
-
-
-@contextlib.contextmanager
-def _diffusers_errors_only() -> Iterator[None]:
-    """The sample call's prompt is ours, not the user's: diffusers' notice that a short --max-sequence-length
-    truncates it (every tiny-model build) is noise in a build's output."""
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
 
 
 def random_indices(batch: int, num_tokens: int, k: int, device: torch.device) -> torch.Tensor:
