@@ -438,7 +438,7 @@ def diffusers_compiled(transformer: torch.nn.Module, how: str, tiny: bool) -> Va
     return Variant(lambda: step, prunes=False, notes=[note + (" [--tiny: dynamo 'eager' backend]" if tiny else "")])
 
 
-def catrt_variant(adapter: Any, loop: Loop, setup: ModelSetup, args: argparse.Namespace, compiled: bool, graphs: bool,
+def catrt_variant(adapter: Any, setup: ModelSetup, args: argparse.Namespace, compiled: bool, graphs: bool,
                   device: torch.device) -> Variant:
     """CATRuntime over the eager adapter or compiled step functions, each step replayed as one CUDA graph
     when `graphs` (on CUDA; the eager adapter then shows what capture alone gains, without inductor).
@@ -461,7 +461,7 @@ def catrt_variant(adapter: Any, loop: Loop, setup: ModelSetup, args: argparse.Na
     extra: dict[str, Any] = {"buffers": RuntimeBuffers(), "cuda_graphs": graphs and device.type == "cuda"}
 
     def new_generation() -> StepFn:
-        return CATRuntime(adapter, config, steps=args.steps, guidance=loop.doubled, functions=functions, grid=setup.grid, **extra)
+        return CATRuntime(adapter, config, steps=args.steps, guidance=setup.doubles_batch, functions=functions, grid=setup.grid, **extra)
 
     return Variant(new_generation, prunes=True, notes=notes)
 
@@ -717,7 +717,7 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
                 elif variant_name == "diffusers-compile":
                     variant = diffusers_compiled(transformer, args.diffusers_compile, args.tiny)
                 else:
-                    variant = catrt_variant(adapter, loop, setup, args, variant_name == "catrt-compile", variant_name in CAPTURED,
+                    variant = catrt_variant(adapter, setup, args, variant_name == "catrt-compile", variant_name in CAPTURED,
                                             device)
                 row.notes.extend(variant.notes)
                 warm = measure_variant(row, variant, loop, args, device)
