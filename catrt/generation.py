@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 
+from catrt.errors import ConfigError, GenerationError
 from catrt.model_cards import check_image_size
 from catrt.pipeline import pipeline_spec
 from catrt.prompts import PromptReader, text_limit
@@ -31,7 +35,7 @@ def generate_image(runner: Any, request: GenerationRequest) -> tuple[Any, float]
     """Run a diffusers pipeline, `catrt.accelerate(...)` or `catrt.load(...)` once: (PIL image, seconds)."""
     pipe = getattr(runner, "pipe", runner)  # the diffusers pipeline underneath
     kwargs: dict[str, Any] = dict(pipeline_spec(pipe).call_defaults)
-    kwargs.update(prompt=request.prompt, output_type="pil")
+    kwargs.update(prompt=request.prompt, output_type="np")
     for name, value in (
         ("num_inference_steps", request.steps),
         ("negative_prompt", request.negative_prompt),
@@ -44,10 +48,38 @@ def generate_image(runner: Any, request: GenerationRequest) -> tuple[Any, float]
     device = pipe.device
     kwargs["generator"] = torch.Generator(device=device).manual_seed(request.seed)
     started = time.perf_counter()
-    image = runner(**kwargs).images[0]
+    pixels = runner(**kwargs).images
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return image, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    guidance = kwargs.get("guidance_scale", call_default(pipe, "guidance_scale"))
+    (image,) = finite_images(pixels, guidance, call_default(pipe, "guidance_scale"), "--guidance-scale")
+    return image, seconds
+
+
+def call_default(pipe: Any, name: str) -> Any:
+    """The default of argument `name` in the pipeline's own `__call__`."""
+    return inspect.signature(pipe.__call__).parameters[name].default
+
+
+def finite_images(pixels: np.ndarray, guidance: float, default_guidance: float, name: str = "guidance_scale") -> list[Any]:
+    """PIL images of a pipeline's `output_type="np"` output, refused when a value is NaN or inf.
+
+    diffusers turns NaN into black pixels, so an overflowed generation (a huge guidance scale; fp16 past its
+    range) would otherwise be written or answered as a flat black image that looks like a result. A guidance
+    above the model's default is named as the cause (`name`, a ConfigError); otherwise it is a GenerationError.
+    """
+    if np.isfinite(pixels).all():
+        return VaeImageProcessor.numpy_to_pil(pixels)
+    if guidance > default_guidance:
+        raise ConfigError(
+            f"{name} {guidance:g} made the generation overflow (the image came out NaN or inf): use a smaller "
+            f"{name}; this model's default is {default_guidance:g}",
+            field=name, value=guidance,
+        )
+    raise GenerationError(
+        "the generation overflowed (the image came out NaN or inf): run at fp32 or bf16 precision, or try another seed"
+    )
 
 
 def pipeline_size_limits(pipe: Any) -> tuple[int, int | None]:

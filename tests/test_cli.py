@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,8 +21,8 @@ from PIL import Image
 import catrt
 from catrt import cli
 from catrt.cli import main
-from catrt.errors import CatrtError, ConfigError
-from catrt.generation import check_prompt_length
+from catrt.errors import CatrtError, ConfigError, GenerationError
+from catrt.generation import check_prompt_length, finite_images
 from catrt.pipeline import pipeline_spec
 from catrt.prompts import text_limit
 from catrt.model_cards import MODEL_CARDS, default_precision
@@ -271,6 +272,30 @@ def test_tiny_model_size_not_a_multiple_of_16(capfd: pytest.CaptureFixture[str],
                   "--steps", "4", "--t0", "2", "--out", str(tmp_path / "a.png"))
     assert "height 72 does not fit model tiny-sd3, which takes multiples of 16" in line and "try height 64" in line
     assert not (tmp_path / "a.png").exists()
+
+
+def test_a_guidance_that_overflows_the_image_is_refused_and_writes_nothing(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """diffusers saves a NaN image as flat black; catrt refuses it, naming the guidance as the cause."""
+    out = tmp_path / "a.png"
+    assert main(["generate", "--model", "tiny-sd3", "--prompt", "x", "--height", "32", "--width", "32",
+                 "--steps", "4", "--t0", "2", "--guidance-scale", "1e308", "--out", str(out)]) == 2
+    err = capfd.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the generation's progress bar
+    assert "Traceback" not in err and line.startswith("catrt generate: error: ")
+    assert "--guidance-scale 1e+308 made the generation overflow (the image came out NaN or inf)" in line
+    assert "use a smaller --guidance-scale; this model's default is 7" in line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_overflow_at_or_below_the_default_guidance_is_a_generation_error() -> None:
+    nan = np.zeros((2, 4, 6, 3), dtype=np.float32)
+    nan[1, 0, 0, 0] = np.nan
+    with pytest.raises(GenerationError, match=r"overflowed \(the image came out NaN or inf\): run at fp32 or bf16"):
+        finite_images(nan, 7.0, 7.0)
+    with pytest.raises(ConfigError, match="guidance_scale 9 made the generation overflow") as refused:
+        finite_images(np.where(np.isnan(nan), np.inf, nan), 9.0, 7.0)
+    assert refused.value.field == "guidance_scale"
+    assert [image.size for image in finite_images(np.zeros_like(nan), 1e308, 7.0)] == [(6, 4), (6, 4)]
 
 
 def test_published_model_offline_says_gated_or_local_folder(capfd: pytest.CaptureFixture[str]) -> None:

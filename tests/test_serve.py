@@ -337,6 +337,16 @@ def test_a_failing_generation_answers_500_to_that_request_alone(faulty: RemoteSe
     assert httpx.get(f"{faulty.url}/health/ready").status_code == 200
 
 
+def test_a_guidance_that_overflows_the_image_is_a_400_to_that_request_alone(faulty: RemoteServer) -> None:
+    """A NaN image is not answered as a black PNG: the request that asked for it gets a 400 naming its guidance."""
+    responses = asyncio.run(generate_all(faulty.url, [{"guidance_scale": 1e308}, {}], 0.05))
+    assert [response.status_code for response in responses] == [400, 200]
+    error = assert_error(responses[0], 400, "guidance_scale")
+    assert "guidance_scale 1e+308 made the generation overflow" in error["message"]
+    with Image.open(io.BytesIO(png(responses[1].json()["data"][0]["b64_json"]))) as image:
+        assert image.size == (64, 64)
+
+
 def test_a_request_past_the_timeout_answers_504_and_its_work_is_dropped(faulty: RemoteServer) -> None:
     """The queued request is dropped before its batch, the running one before its next step: no images."""
     images = metric(faulty.url, IMAGES_64)

@@ -9,7 +9,6 @@ the model card and the bundle's build config, never from a model family's attrib
 from __future__ import annotations
 
 import base64
-import inspect
 import io
 import logging
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from catrt.build_config import PRECISIONS, BuildConfig
+from catrt.generation import call_default, finite_images
 from catrt.model_cards import MODEL_CARDS, default_precision
 from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.scheduler import plan
@@ -141,16 +141,17 @@ class ServedModel:
             prompt=[row.prompt for row in padded],
             generator=[torch.Generator(device=self.device).manual_seed(row.seed) for row in padded],
             guidance_scale=options.guidance_scale,
-            output_type="pil",
+            output_type="np",
         )
         if options.negative_prompt is not None:
             kwargs["negative_prompt"] = [options.negative_prompt] * len(padded)
         self.timer.reset(should_stop)
         started = time.perf_counter()
         try:
-            images = self.runner(**kwargs, alpha=alpha).images[: len(rows)]
+            pixels = self.runner(**kwargs, alpha=alpha).images[: len(rows)]
         finally:
             self.timer.finish()
+        images = finite_images(pixels, options.guidance_scale, self.spec.default_guidance)
         encoded = [_png_base64(image) for image in images]
         return Generation(encoded, self._phases(started, time.perf_counter()))
 
@@ -249,4 +250,4 @@ def _default_guidance(model: str, pipe: Any) -> float:
     card = MODEL_CARDS.get(model)
     if card is not None:
         return float(card.default_guidance)
-    return float(inspect.signature(pipe.__call__).parameters["guidance_scale"].default)
+    return float(call_default(pipe, "guidance_scale"))
