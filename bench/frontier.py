@@ -76,7 +76,7 @@ class OracleRuntime(CATRuntime):
                 truth, _ = self.adapter.export_full(hidden_states, timestep, state.context)
             error = (self._cond(truth) - self._cond(state.output_cache)).norm(dim=-1)  # (B, N)
             m = round(config.magnitude_fraction * self.k)
-            state.indices.copy_(oracle_indices(error, state.staleness, state.last_computed, m, self.k))
+            self.indices.copy_(oracle_indices(error, state.staleness, state.last_computed, m, self.k))
         return super().__call__(hidden_states, timestep, call_kwargs)
 
 

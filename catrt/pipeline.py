@@ -120,7 +120,7 @@ class AcceleratedPipeline:
                 "then: accelerate (or load) the pipeline again"
             )
         self.adapter = make_adapter(transformer)
-        self.buffers = RuntimeBuffers()  # its K/V slots and width may differ from the old one's
+        self.buffers = RuntimeBuffers(self.buffers.max_shapes)  # its K/V slots and width may differ from the old one's
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's.

@@ -5,7 +5,10 @@ transformer. Everything a step reads or writes lives in a `StepState` allocated 
 kept in `RuntimeBuffers` across generations: the step's inputs (latents, timestep, context), the
 K/V cache (S, B, N, D), the output cache (B, N, p*p*C), the prediction it returns, the float32
 reference and staleness statistics, the clusters and the next step's indices. Indices never leave
-the device.
+the device. The state does not depend on alpha: only the indices (one buffer per k) and the captured
+graphs differ between alphas, so serving several alphas costs one K/V cache, not one per alpha.
+`RuntimeBuffers` keeps the states of the few shapes used last (a library user who tries many sizes or
+batch sizes does not accumulate a K/V cache per shape).
 
 Each step is a *program* over those buffers: a full step (the forward writes every K/V row) and a
 pruned step (gather the selected patches, the forward writes their K/V rows in place, scatter the
@@ -28,6 +31,7 @@ the eager adapter only, never in an engine or a captured graph.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -97,27 +101,46 @@ class StepState:
     staleness: torch.Tensor  # (B', N) float32 EWMA of selection
     last_computed: torch.Tensor  # (B', N) int64 step each token was last computed
     labels: torch.Tensor  # (B', N) int64 clusters made at t0
-    indices: torch.Tensor  # (B', k) int64, the next pruned step's tokens
     step_index: torch.Tensor  # () int64, the current step, read by the programs
+    selected: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> (B', k) int64, the next pruned step's tokens
     graphs: dict[Any, CapturedStep] = field(default_factory=dict)
+
+    def indices_for(self, k: int) -> torch.Tensor:
+        """The buffer of the next pruned step's k tokens per prompt, made at the first generation with this k."""
+        if k not in self.selected:
+            with torch.inference_mode(False):  # as the state's own tensors (see RuntimeBuffers.state)
+                rows, device = self.staleness.shape[0], self.staleness.device
+                self.selected[k] = torch.arange(k, device=device).expand(rows, -1).contiguous()
+        return self.selected[k]
 
 
 class RuntimeBuffers:
     """Step states by shape, kept across generations (one per pipeline or engine).
 
     A generation reuses the state of an earlier one with the same shapes, so steady-state steps
-    allocate nothing and captured CUDA graphs stay valid.
+    allocate nothing and captured CUDA graphs stay valid. At most `max_shapes` states are kept: the one
+    used longest ago is dropped (with its captured graphs) when another shape comes, so a process that
+    runs many sizes or batch sizes holds the caches of the last few only (SD3.5-large's K/V cache at
+    1024x1024 with guidance is about 3 GiB in bf16).
     """
 
-    def __init__(self) -> None:
-        self._states: dict[tuple[Any, ...], StepState] = {}
+    def __init__(self, max_shapes: int = 4) -> None:
+        if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
+            raise ConfigError(f"max_shapes must be an integer >= 1, got {max_shapes!r}", field="max_shapes", value=max_shapes)
+        self.max_shapes = max_shapes
+        self._states: OrderedDict[tuple[Any, ...], StepState] = OrderedDict()
 
     def state(self, key: tuple[Any, ...], allocate: Callable[[], StepState]) -> StepState:
-        if key not in self._states:
-            # Normal tensors even when this call runs under torch.inference_mode: a later call outside it
-            # could not update inference tensors in place.
-            with torch.inference_mode(False):
-                self._states[key] = allocate()
+        if key in self._states:
+            self._states.move_to_end(key)
+            return self._states[key]
+        while len(self._states) >= self.max_shapes:
+            dropped, _ = self._states.popitem(last=False)
+            logger.info("dropping the step buffers of latents %s (the least recently used of %d shapes)", dropped[0], self.max_shapes)
+        # Normal tensors even when this call runs under torch.inference_mode: a later call outside it
+        # could not update inference tensors in place.
+        with torch.inference_mode(False):
+            self._states[key] = allocate()
         return self._states[key]
 
     def __len__(self) -> int:
@@ -233,7 +256,7 @@ class CATRuntime:
         change = None
         if self.config.reuse_threshold and kind != "reused" and self.step >= self.config.t0:
             kind, change = self._first_block_decision(kind)
-        used = state.indices.clone() if self.config.trace and kind == "pruned" else None
+        used = self.indices.clone() if self.config.trace and kind == "pruned" else None
         if kind != "reused":  # a reused step returns the last prediction as it is
             self.adapter.recorder = AttentionRecorder() if self.config.rule == "attention" else None
             try:
@@ -261,10 +284,11 @@ class CATRuntime:
         inputs = self.adapter.context_inputs(call_kwargs)
         key = (
             tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device, tuple(timestep.shape), timestep.dtype,
-            tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items())), self.guidance, self.k,
+            tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items())), self.guidance,
         )
         context = self.functions.prepare_context(inputs, tuple(hidden_states.shape))
         self.state = self.buffers.state(key, lambda: self._allocate(hidden_states, timestep, context))
+        self.indices = self.state.indices_for(self.k)
         self._set_context(context)
         self._call_kwargs = dict(call_kwargs)
         self.state.staleness.zero_()
@@ -363,7 +387,6 @@ class CATRuntime:
             staleness=per_prompt(torch.float32, num),
             last_computed=per_prompt(torch.long, num),
             labels=per_prompt(torch.long, num),
-            indices=torch.arange(self.k, device=device).expand(self.batch, -1).contiguous(),
             step_index=torch.zeros((), device=device, dtype=torch.long),
         )
 
@@ -410,7 +433,7 @@ class CATRuntime:
     def _pruned_program(self) -> None:
         """The whole pruned step, selection of the next step's tokens included (one CUDA graph)."""
         state = self.state
-        indices = state.indices
+        indices = self.indices
         both = torch.cat([indices, indices]) if self.guidance else indices  # cond and uncond share
         patches = self.adapter.tokens_of(state.latents)
         patches = patches.gather(1, both.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
@@ -419,7 +442,7 @@ class CATRuntime:
         state.staleness.copy_(selection.update_staleness(state.staleness, indices, self.config.ewma_decay))
         state.last_computed.scatter_(1, indices, state.step_index.expand_as(indices))
         state.prediction.copy_(self.adapter.prediction_of(state.output_cache, self.grid))
-        state.indices.copy_(self._select())
+        indices.copy_(self._select())
 
     def _after_full_step(self) -> None:
         """Outside any graph: keep the reference at t0 - 1, cluster at t0, select after a refresh step."""
@@ -427,9 +450,9 @@ class CATRuntime:
         if self.step == t0 - 1:
             self.state.reference.copy_(self._cond(self.state.output_cache))
         if self.step == t0:
-            self.state.indices.copy_(self._select_first())
+            self.indices.copy_(self._select_first())
         elif t0 < self.step < self.steps:
-            self.state.indices.copy_(self._select())
+            self.indices.copy_(self._select())
 
     def _cond(self, tokens: torch.Tensor) -> torch.Tensor:
         """The conditional half under guidance (diffusers stacks [uncond, cond]) in float32: scoring uses it."""

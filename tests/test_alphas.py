@@ -26,12 +26,15 @@ from tests.conftest import call_kwargs
 
 def _state_addresses(buffers: Any) -> dict[Any, tuple[int, ...]]:
     return {
-        key: tuple(getattr(state, name).data_ptr() for name in ("kv_cache", "output_cache", "indices", "staleness"))
+        key: (
+            *(getattr(state, name).data_ptr() for name in ("kv_cache", "output_cache", "staleness")),
+            *((k, indices.data_ptr()) for k, indices in sorted(state.selected.items())),
+        )
         for key, state in buffers._states.items()
     }
 
 
-def test_per_call_alpha_runs_that_k_and_keeps_one_state_per_k(tiny_pipelines: dict[str, Any]) -> None:
+def test_per_call_alpha_runs_that_k_over_one_state_with_indices_per_k(tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines["tiny-sd3"]
     fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4, trace=True))
     alone = {alpha: catrt.accelerate(pipe, catrt.CATConfig(alpha=alpha, t0=4))(**call_kwargs(pipe)).images for alpha in (0.2, 0.5)}
@@ -44,7 +47,8 @@ def test_per_call_alpha_runs_that_k_and_keeps_one_state_per_k(tiny_pipelines: di
     assert k_small == {math.ceil(0.2 * num_tokens)} and k_large == {math.ceil(0.5 * num_tokens)}
     assert torch.equal(first, alone[0.2]) and torch.equal(second, alone[0.5])  # the same as a pipeline built for it
     addresses = _state_addresses(fast.buffers)
-    assert len(addresses) == 2  # one state per (shape, k)
+    (state,) = fast.buffers._states.values()  # one K/V cache for every alpha: only the indices are per k
+    assert sorted(state.selected) == sorted(math.ceil(alpha * num_tokens) for alpha in (0.2, 0.5))
 
     for alpha in (0.2, 0.5, 0.2):  # back and forth: nothing new allocated, results unchanged
         again = fast(**call_kwargs(pipe), alpha=alpha).images
@@ -52,7 +56,7 @@ def test_per_call_alpha_runs_that_k_and_keeps_one_state_per_k(tiny_pipelines: di
     assert _state_addresses(fast.buffers) == addresses
     default = fast(**call_kwargs(pipe)).images  # no alpha: the config's
     assert {record.indices.shape[1] for record in fast.last_trace if record.kind == "pruned"} == {math.ceil(0.3 * num_tokens)}
-    assert len(fast.buffers) == 3 and torch.isfinite(default).all()
+    assert len(fast.buffers) == 1 and len(state.selected) == 3 and torch.isfinite(default).all()
 
 
 def test_a_per_call_alpha_out_of_range_is_a_config_error(tiny_pipelines: dict[str, Any]) -> None:
@@ -122,7 +126,8 @@ def test_load_runs_each_built_alpha_per_call_as_a_pipeline_for_it(backend: str, 
         assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
         k = math.ceil((alpha or ALPHAS[0]) * 24)
         assert {record.indices.shape[1] for record in fast.last_trace if record.kind == "pruned"} == {k}
-    assert len(fast.accelerated.buffers) == 3  # one state per k, reused when an alpha comes back
+    (state,) = fast.accelerated.buffers._states.values()  # one state; indices per k, reused when an alpha comes back
+    assert sorted(state.selected) == [5, 8, 12]
     with pytest.raises(ConfigError, match=r"built for alpha in 0\.3, 0\.5, 0\.2, not alpha=0\.4; use one of those") as caught:
         fast(**_kwargs(pipe), alpha=0.4)
     assert caught.value.field == "alpha"
@@ -208,4 +213,5 @@ def test_a_served_bundle_serves_and_checks_each_built_alpha(multi: dict[str, Pat
     assert caught.value.field == "alpha"
     assert rules.properties()["alpha"]["anyOf"][0] == {"type": "number", "enum": [0.3, 0.5, 0.2]}
     assert len(served.generate(rows, options, alpha=0.5).images) == 1
-    assert len(served.runner.accelerated.buffers) == 1  # ran at k = 12 only
+    (state,) = served.runner.accelerated.buffers._states.values()
+    assert list(state.selected) == [12]  # ran at k = 12 only

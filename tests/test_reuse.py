@@ -101,8 +101,8 @@ def _snapshots(fast: Any, steps: CountingSteps) -> tuple[list[dict[str, Any]], A
         seen.append({
             "prediction": output[0].clone(),
             "calls": dict(steps.calls),
-            **{name: getattr(state, name).clone() for name in
-               ("staleness", "last_computed", "kv_cache", "output_cache", "indices")},
+            **{name: getattr(state, name).clone() for name in ("staleness", "last_computed", "kv_cache", "output_cache")},
+            "indices": next(iter(state.selected.values())).clone(),  # one alpha: one k
         })
 
     return seen, fast.pipe.transformer.register_forward_hook(hook, with_kwargs=True)

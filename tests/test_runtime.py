@@ -71,15 +71,39 @@ def test_buffers_are_allocated_once_per_shape_and_reused(tiny_pipelines: dict[st
     fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4))
     first = fast(**call_kwargs(pipe)).images
     state = _only_state(fast.buffers)
-    addresses = {name: getattr(state, name).data_ptr() for name in ("kv_cache", "output_cache", "reference", "staleness", "indices")}
 
+    def addresses() -> dict[str, int]:
+        names = ("kv_cache", "output_cache", "reference", "staleness")
+        return {**{name: getattr(state, name).data_ptr() for name in names}, **{f"k{k}": t.data_ptr() for k, t in state.selected.items()}}
+
+    before = addresses()
     second = fast(**call_kwargs(pipe)).images
     assert _only_state(fast.buffers) is state
-    assert {name: getattr(state, name).data_ptr() for name in addresses} == addresses
+    assert addresses() == before
     assert torch.equal(first, second)  # state left over from the first generation does not leak into the next
 
     fast(**call_kwargs(pipe, height=32, width=32))  # another shape: its own state
     assert len(fast.buffers) == 2
+
+
+def test_only_the_last_used_shapes_keep_their_buffers(tiny_pipelines: dict[str, Any]) -> None:
+    """A process that tries many sizes holds the caches of the last `max_shapes` only; a kept one is reused."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4))
+    fast.buffers = RuntimeBuffers(max_shapes=2)
+    sizes = {"a": {"height": 64, "width": 96}, "b": {"height": 32, "width": 32}, "c": {"height": 32, "width": 64}}
+    images, states = {}, {}
+    for name in ("a", "b", "a", "c"):  # a is used again after b, so b is the one dropped for c
+        images.setdefault(name, []).append(fast(**call_kwargs(pipe, **sizes[name])).images)
+        states.setdefault(name, []).append(next(reversed(fast.buffers._states.values())))
+    assert len(fast.buffers) == 2 and states["a"][0] is states["a"][1]
+    assert set(map(id, fast.buffers._states.values())) == {id(states["a"][0]), id(states["c"][0])}
+    assert torch.equal(images["a"][0], images["a"][1])
+    again = fast(**call_kwargs(pipe, **sizes["b"])).images  # b comes back: new buffers, the same image
+    assert torch.equal(again, images["b"][0]) and next(reversed(fast.buffers._states.values())) is not states["b"][0]
+    for wrong in (0, 1.5, True):
+        with pytest.raises(ConfigError, match=f"max_shapes must be an integer >= 1, got {wrong!r}"):
+            RuntimeBuffers(max_shapes=wrong)
 
 
 def test_scoring_state_is_float32_and_bf16_alpha_one_matches_the_plain_pipeline() -> None:
