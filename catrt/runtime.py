@@ -135,7 +135,11 @@ class RuntimeBuffers:
             self._states.move_to_end(key)
             return self._states[key]
         while len(self._states) >= self.max_shapes:
-            dropped, _ = self._states.popitem(last=False)
+            dropped, old = self._states.popitem(last=False)
+            # Each captured program is a bound method of a runtime that holds this state: a reference cycle
+            # that would keep the caches (GiBs on a GPU) and the graphs' memory pools alive until Python's
+            # cyclic collector happens to run. Dropping the graphs breaks it, so they are freed now.
+            old.graphs.clear()
             logger.info("dropping the step buffers of latents %s (the least recently used of %d shapes)", dropped[0], self.max_shapes)
         # Normal tensors even when this call runs under torch.inference_mode: a later call outside it
         # could not update inference tensors in place.
@@ -151,10 +155,12 @@ class CapturedStep:
     """A step program: first call eager on a side stream (warm-up), second call captured, then replayed.
 
     Every call does the step's work exactly once (the capture call replays right after capturing).
+    Once captured, the program (a bound method of the runtime that made it, which holds the state) is
+    let go: the graph alone replays the step, and no reference cycle keeps the state's caches alive.
     """
 
     def __init__(self, program: Callable[[], None]) -> None:
-        self.program = program
+        self.program: Callable[[], None] | None = program
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed = False
 
@@ -162,18 +168,20 @@ class CapturedStep:
         if self.graph is not None:
             self.graph.replay()
             return
+        program = self.program
+        assert program is not None  # let go only once the graph exists
         if not self.warmed:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.program()
+                program()
             torch.cuda.current_stream().wait_stream(side)
             self.warmed = True
             return
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.program()
-        self.graph = graph
+            program()
+        self.graph, self.program = graph, None
         graph.replay()
 
 

@@ -3,7 +3,9 @@ standalone engine bundles, and (on a CUDA machine) captured steps equal to uncap
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from catrt.build_config import BuildConfig
 from catrt.errors import ConfigError
 from catrt.models import make_adapter
 from catrt.models.base import Adapter, Context
-from catrt.runtime import CATRuntime, RuntimeBuffers
+from catrt.runtime import CapturedStep, CATRuntime, RuntimeBuffers
 from catrt.tiny import build_tiny_pipeline
 from tests.conftest import call_kwargs
 
@@ -104,6 +106,37 @@ def test_only_the_last_used_shapes_keep_their_buffers(tiny_pipelines: dict[str, 
     for wrong in (0, 1.5, True):
         with pytest.raises(ConfigError, match=f"max_shapes must be an integer >= 1, got {wrong!r}"):
             RuntimeBuffers(max_shapes=wrong)
+
+
+class ProgramKeeping(CATRuntime):
+    """Keeps each step program in its state as `_run` does under cuda_graphs (a CPU captures nothing):
+    `CapturedStep(self._pruned_program)`, a bound method of the runtime that holds the state."""
+
+    def _run(self, kind: Any) -> None:
+        super()._run(kind)
+        program = self._full_program if kind == "full" else self._pruned_program
+        self.state.graphs.setdefault((kind, self.functions, self.config), CapturedStep(program))
+
+
+def test_a_dropped_shape_frees_its_buffers_at_once_even_with_step_programs_kept(tiny_pipelines: dict[str, Any]) -> None:
+    """state -> graphs -> program -> runtime -> state is a reference cycle: unless the drop breaks it, the
+    dropped K/V cache (GiBs on a GPU) stays allocated until Python's cyclic collector happens to run."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4))
+    fast.runtime_class = ProgramKeeping
+    fast.buffers = RuntimeBuffers(max_shapes=1)
+    fast(**call_kwargs(pipe, num_inference_steps=6))
+    state = _only_state(fast.buffers)
+    assert {key[0] for key in state.graphs} == {"full", "pruned"}
+    cache = weakref.ref(state.kv_cache)
+    del state
+    gc.collect()
+    gc.disable()  # only reference counting from here: what a long-running server mostly gets between collections
+    try:
+        fast(**call_kwargs(pipe, num_inference_steps=6, height=32, width=32))
+        assert cache() is None
+    finally:
+        gc.enable()
 
 
 def test_scoring_state_is_float32_and_bf16_alpha_one_matches_the_plain_pipeline() -> None:
