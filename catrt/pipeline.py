@@ -111,6 +111,7 @@ class AcceleratedPipeline:
         """Run the pipeline's transformer as it is now: a user may assign another `pipe.transformer` or set
         attention processors after `accelerate`, which the adapter must see (or refuse), not run the old weights."""
         transformer = self.pipe.transformer
+        _refuse_device_hooks(transformer)
         if transformer is self.adapter.transformer:
             self.adapter.check_layout(transformer)
             return
@@ -125,6 +126,25 @@ class AcceleratedPipeline:
     def __getattr__(self, name: str) -> Any:
         # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's.
         return getattr(self.pipe, name)
+
+
+def _refuse_device_hooks(transformer: nn.Module) -> None:
+    """Refuse a transformer whose weights accelerate's hooks move around each forward, naming the cause.
+
+    `enable_model_cpu_offload` moves the transformer to the GPU in a hook of its forward, which catrt's
+    steps replace: its weights would stay on the CPU under CUDA latents. Sequential offload and device
+    maps load each submodule's weights in hooks, while the adapters read weights directly. And a captured
+    CUDA graph would replay weights an offload has moved away.
+    """
+    for name, module in transformer.named_modules():
+        if getattr(module, "_hf_hook", None) is not None:
+            where = f"module {name!r} of the transformer" if name else "the transformer"
+            raise UnsupportedModelError(
+                f"{where} has an accelerate hook ({type(module._hf_hook).__name__}: enable_model_cpu_offload, "
+                f"enable_sequential_cpu_offload or a device_map), which moves its weights around each forward; catrt "
+                f"reads the transformer's weights directly and keeps its steps' buffers on one device: move the "
+                f"pipeline there with pipe.to(device) instead of CPU offload"
+            )
 
 
 def accelerate(
@@ -164,7 +184,7 @@ def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor
     """Route `transformer(...)` to `runtime(hidden_states, timestep, other kwargs)` for one pipeline call.
 
     Module hooks still fire (the server times steps with them). A `forward` set on the instance before
-    (accelerate's offload hook, a user's wrapper) is put back afterwards, not deleted.
+    (a user's wrapper) is put back afterwards, not deleted.
     """
     signature = inspect.signature(type(transformer).forward)
 

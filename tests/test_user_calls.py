@@ -155,7 +155,6 @@ def test_a_callback_that_drops_the_guidance_rows_is_refused_and_the_next_call_is
 
 
 def test_a_forward_set_on_the_transformer_before_is_put_back(tiny_pipelines: dict[str, Any]) -> None:
-    # accelerate's enable_model_cpu_offload wraps transformer.forward on the instance the same way
     pipe = tiny_pipelines["tiny-sd3"]
     calls: list[int] = []
     original = pipe.transformer.forward
@@ -172,6 +171,30 @@ def test_a_forward_set_on_the_transformer_before_is_put_back(tiny_pipelines: dic
         assert len(calls) == 4
     finally:
         del pipe.transformer.forward
+
+
+def test_a_transformer_with_accelerate_offload_hooks_is_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
+    """enable_model_cpu_offload moves the transformer to the GPU in a hook of the forward catrt replaces (on a GPU
+    the steps then ran CPU weights on CUDA latents); sequential offload hooks every submodule. Attached here as
+    diffusers attaches them, on the CPU: what is checked is the refusal, not the crash it prevents."""
+    accelerate = pytest.importorskip("accelerate")
+    hooks = pytest.importorskip("accelerate.hooks")
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    cases = [
+        (pipe.transformer, lambda: accelerate.cpu_offload_with_hook(pipe.transformer, execution_device="cpu"),
+         r"the transformer has an accelerate hook \(CpuOffload: enable_model_cpu_offload"),
+        (pipe.transformer.proj_out, lambda: hooks.add_hook_to_module(pipe.transformer.proj_out, hooks.AlignDevicesHook("cpu")),
+         r"module 'proj_out' of the transformer has an accelerate hook \(AlignDevicesHook"),
+    ]
+    for module, attach, message in cases:
+        attach()
+        try:
+            with pytest.raises(UnsupportedModelError, match=message + r".*pipe.to\(device\) instead of CPU offload"):
+                fast(**call_kwargs(pipe, num_inference_steps=4))
+        finally:
+            hooks.remove_hook_from_module(module)
+    assert fast(**call_kwargs(pipe, num_inference_steps=4)).images.isfinite().all()  # no hook left: runs again
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
