@@ -485,8 +485,12 @@ def measure_variant(row: Row, variant: Variant, loop: Loop, args: argparse.Names
     row.generation_ms = statistics.median(g.total_ms for g in timed)
     if variant.prunes:
         check_steady_state(row, variant, loop, args, device, clock)
-    if args.profile:
-        row.profiles = profile_steps(variant, loop, args, device, clock)
+    if args.profile:  # an extra: its failure (a profiler that cannot trace graph replays) is a note, not the row's error
+        try:
+            row.profiles = profile_steps(variant, loop, args, device, clock)
+        except Exception as error:
+            log(f"{row.model} {row.variant}: profiling failed\n{traceback.format_exc()}")
+            row.notes.append(f"--profile failed: {short_error(error)}")
     return warm
 
 
@@ -505,18 +509,24 @@ def profile_steps(variant: Variant, loop: Loop, args: argparse.Namespace, device
         if first > last:
             continue
         profiler = profile(activities=activities)
+        running = []  # the profiler while it runs: a generation that fails inside the window must not leave it on
 
         def before(step: int) -> None:
             if step == first:
                 clock.sync()
                 profiler.start()
+                running.append(profiler)
 
         def after(step: int) -> None:
             if step == last:
                 clock.sync()
-                profiler.stop()
+                running.pop().stop()
 
-        run_generation(variant.new_generation(), loop, clock, before=before, after=after)
+        try:
+            run_generation(variant.new_generation(), loop, clock, before=before, after=after)
+        finally:
+            for started in running:
+                started.stop()
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         table = profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
         tables[f"{kind} steps {first}-{last}"] = table

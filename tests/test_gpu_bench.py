@@ -7,6 +7,7 @@ checks, the report) run and write sane numbers, and that one failing variant doe
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -120,6 +122,45 @@ def test_profile_writes_the_top_kernels_of_full_and_pruned_steps(tmp_path: Path)
         "## pixart-sigma catrt-graphs: pruned steps 6-8",
     ]
     assert profile.count("Self CPU") >= 3 and "aten::" in profile  # a profiler table per section
+
+
+def test_a_failing_profile_leaves_the_variants_figures_and_stops_the_profiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--profile is an extra: a generation that fails inside a profiled window (as a profiler that cannot trace
+    CUDA-graph replays might) becomes a note; the measured row stays, and the next variant profiles normally."""
+    gpu = load_script()
+    real = gpu.profile_steps
+
+    def failing_for_catrt(variant: Any, *args: Any) -> dict[str, str]:
+        if not variant.prunes:
+            return real(variant, *args)
+
+        generations = []
+
+        def new_generation() -> Any:
+            step, calls = variant.new_generation(), []
+            generations.append(1)
+
+            def broken(*inputs: Any) -> Any:
+                calls.append(1)
+                if len(generations) == 2 and len(calls) == 5:  # the pruned window (steps 5-6), the profiler running
+                    raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED (simulated)")
+                return step(*inputs)
+
+            return broken
+
+        return real(dataclasses.replace(variant, new_generation=new_generation), *args)
+
+    monkeypatch.setattr(gpu, "profile_steps", failing_for_catrt)
+    out = tmp_path / "speed.md"
+    gpu.main(["--tiny", "--models", "sd3", "--variants", "catrt-eager", "diffusers-eager", "--repeats", "1",
+              "--steps", "6", "--t0", "3", "--profile", "--profile-rows", "5", "--out", str(out)])
+    text = out.read_text()
+    _, rows = parse_table(text)
+    positive(rows[("sd3", "catrt-eager")]["pruned step (ms)"])
+    assert "- sd3 catrt-eager: --profile failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED (simulated)" in text
+    assert not gpu.torch.autograd.profiler._is_profiler_enabled
+    sections = [line for line in (tmp_path / "speed-profile.md").read_text().splitlines() if line.startswith("## ")]
+    assert sections == ["## sd3 diffusers-eager: full steps 2-2"]
 
 
 def test_flux_runs_from_its_registered_meta_call_without_doubling_the_batch(tmp_path: Path) -> None:
