@@ -155,12 +155,15 @@ class CapturedStep:
     """A step program: first call eager on a side stream (warm-up), second call captured, then replayed.
 
     Every call does the step's work exactly once (the capture call replays right after capturing).
+    Warm-up and capture run with the state's device current: streams and captures are per device, so
+    from another current device (latents on cuda:1) the kernels would go to a stream nothing captures.
     Once captured, the program (a bound method of the runtime that made it, which holds the state) is
     let go: the graph alone replays the step, and no reference cycle keeps the state's caches alive.
     """
 
-    def __init__(self, program: Callable[[], None]) -> None:
+    def __init__(self, program: Callable[[], None], device: torch.device) -> None:
         self.program: Callable[[], None] | None = program
+        self.device = device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed = False
 
@@ -170,19 +173,20 @@ class CapturedStep:
             return
         program = self.program
         assert program is not None  # let go only once the graph exists
-        if not self.warmed:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+        with torch.cuda.device(self.device):
+            if not self.warmed:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    program()
+                torch.cuda.current_stream().wait_stream(side)
+                self.warmed = True
+                return
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 program()
-            torch.cuda.current_stream().wait_stream(side)
-            self.warmed = True
-            return
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            program()
-        self.graph, self.program = graph, None
-        graph.replay()
+            self.graph, self.program = graph, None
+            graph.replay()
 
 
 class CATRuntime:
@@ -428,7 +432,7 @@ class CATRuntime:
         key = (kind, self.functions, self.config)
         graph = self.state.graphs.get(key)
         if graph is None:
-            graph = self.state.graphs[key] = CapturedStep(program)
+            graph = self.state.graphs[key] = CapturedStep(program, self.state.latents.device)
         graph()
 
     def _full_program(self) -> None:

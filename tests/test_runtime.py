@@ -110,12 +110,12 @@ def test_only_the_last_used_shapes_keep_their_buffers(tiny_pipelines: dict[str, 
 
 class ProgramKeeping(CATRuntime):
     """Keeps each step program in its state as `_run` does under cuda_graphs (a CPU captures nothing):
-    `CapturedStep(self._pruned_program)`, a bound method of the runtime that holds the state."""
+    `CapturedStep(self._pruned_program, device)`, a bound method of the runtime that holds the state."""
 
     def _run(self, kind: Any) -> None:
         super()._run(kind)
         program = self._full_program if kind == "full" else self._pruned_program
-        self.state.graphs.setdefault((kind, self.functions, self.config), CapturedStep(program))
+        self.state.graphs.setdefault((kind, self.functions, self.config), CapturedStep(program, self.state.latents.device))
 
 
 def test_a_dropped_shape_frees_its_buffers_at_once_even_with_step_programs_kept(tiny_pipelines: dict[str, Any]) -> None:
