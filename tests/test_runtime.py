@@ -21,6 +21,7 @@ from catrt.models.base import Adapter, Context
 from catrt.runtime import CapturedStep, CATRuntime, RuntimeBuffers
 from catrt.tiny import build_tiny_pipeline
 from tests.conftest import call_kwargs
+from tests.test_selection import NoHostSync
 
 SIZE = {"height": 64, "width": 96, "steps": 12, "t0": 4, "max_sequence_length": 16}  # as call_kwargs
 BF16_TOLERANCE = 2e-2  # relative, over the output latents: bf16 keeps ~3 significant digits
@@ -137,6 +138,31 @@ def test_a_dropped_shape_frees_its_buffers_at_once_even_with_step_programs_kept(
         assert cache() is None
     finally:
         gc.enable()
+
+
+class GuardedPrunedSteps(CATRuntime):
+    """Runs each pruned step program (forward, in-place K/V rows, output scatter, next selection) under NoHostSync."""
+
+    guarded: list[int] = []
+
+    def _run(self, kind: Any) -> None:
+        if kind != "pruned":
+            return super()._run(kind)
+        with NoHostSync():
+            super()._run(kind)
+        self.guarded.append(self.step)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-pixart", "tiny-flux"])
+def test_pruned_steps_need_no_host_sync(name: str, tiny_pipelines: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a CUDA graph captures and `set_sync_debug_mode("error")` checks on a GPU, checked op by op here: no
+    pruned step reads a tensor's value on the host or makes a data-dependent shape, in any family's forward."""
+    pipe = tiny_pipelines[name]
+    monkeypatch.setattr(GuardedPrunedSteps, "guarded", [])
+    fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4))
+    fast.runtime_class = GuardedPrunedSteps
+    fast(**call_kwargs(pipe, num_inference_steps=7))
+    assert GuardedPrunedSteps.guarded == [5, 6, 7]
 
 
 def test_scoring_state_is_float32_and_bf16_alpha_one_matches_the_plain_pipeline() -> None:
