@@ -140,29 +140,28 @@ def test_a_dropped_shape_frees_its_buffers_at_once_even_with_step_programs_kept(
         gc.enable()
 
 
-class GuardedPrunedSteps(CATRuntime):
-    """Runs each pruned step program (forward, in-place K/V rows, output scatter, next selection) under NoHostSync."""
+class GuardedSteps(CATRuntime):
+    """Runs each step program (full: forward and caches; pruned: forward, in-place K/V rows, output scatter,
+    next selection) under NoHostSync, and records which steps it guarded."""
 
-    guarded: list[int] = []
+    guarded: list[tuple[int, str]] = []
 
     def _run(self, kind: Any) -> None:
-        if kind != "pruned":
-            return super()._run(kind)
         with NoHostSync():
             super()._run(kind)
-        self.guarded.append(self.step)
+        self.guarded.append((self.step, kind))
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-pixart", "tiny-flux"])
-def test_pruned_steps_need_no_host_sync(name: str, tiny_pipelines: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_step_programs_need_no_host_sync(name: str, tiny_pipelines: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """What a CUDA graph captures and `set_sync_debug_mode("error")` checks on a GPU, checked op by op here: no
-    pruned step reads a tensor's value on the host or makes a data-dependent shape, in any family's forward."""
+    step program reads a tensor's value on the host or makes a data-dependent shape, in any family's forward."""
     pipe = tiny_pipelines[name]
-    monkeypatch.setattr(GuardedPrunedSteps, "guarded", [])
+    monkeypatch.setattr(GuardedSteps, "guarded", [])
     fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4))
-    fast.runtime_class = GuardedPrunedSteps
+    fast.runtime_class = GuardedSteps
     fast(**call_kwargs(pipe, num_inference_steps=7))
-    assert GuardedPrunedSteps.guarded == [5, 6, 7]
+    assert GuardedSteps.guarded == [(1, "full"), (2, "full"), (3, "full"), (4, "full"), (5, "pruned"), (6, "pruned"), (7, "pruned")]
 
 
 def test_scoring_state_is_float32_and_bf16_alpha_one_matches_the_plain_pipeline() -> None:
