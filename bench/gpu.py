@@ -126,7 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also profile the steady full and pruned steps of each variant (torch.profiler) and write "
                              "the top kernels to <out stem>-profile.md")
     parser.add_argument("--profile-rows", type=int, default=25, help="kernels listed per profile")
-    parser.add_argument("--out", type=Path, default=None, help="report path (default bench/results/speed-<gpu>.md)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report path (default $OUT/speed-<gpu>.md where $OUT is a folder, else bench/results/speed-<gpu>.md)")
     args = parser.parse_args(argv)
     tiny = args.tiny
     args.size = args.size or (128 if tiny else 1024)
@@ -780,10 +781,14 @@ def device_name(device: torch.device) -> str:
 
 
 def default_out(device: torch.device, tiny: bool) -> Path:
-    """bench/results/speed-<gpu>.md, or a free variant of it when that file is committed already."""
+    """$OUT/speed-<gpu>.md where $OUT is a folder (the lent GPU machine returns only what is written there),
+    else bench/results/speed-<gpu>.md, or a free variant of it when that file is committed already."""
     if tiny:
         return RESULTS / "tmp" / "gpu-tiny.md"
     slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    lent = os.environ.get("OUT")
+    if lent and Path(lent).is_dir():
+        return Path(lent) / f"speed-{slug}.md"
     path = RESULTS / f"speed-{slug}.md"
     if path.exists() and committed(path):
         path = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}.md")

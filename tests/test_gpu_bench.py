@@ -163,6 +163,19 @@ def test_a_failing_profile_leaves_the_variants_figures_and_stops_the_profiler(tm
     assert sections == ["## sd3 diffusers-eager: full steps 2-2"]
 
 
+def test_the_report_goes_to_the_lent_machines_out_folder_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the lent GPU machine only what is written under $OUT comes back: a run without --out writes its report
+    (and the profile beside it) there, not into the machine's copy of bench/results."""
+    gpu = load_script()
+    cpu = gpu.torch.device("cpu")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu.default_out(cpu, tiny=False) == tmp_path / "speed-cpu.md"
+    monkeypatch.setenv("OUT", str(tmp_path / "missing"))
+    assert gpu.default_out(cpu, tiny=False).parent == gpu.RESULTS
+    monkeypatch.delenv("OUT")
+    assert gpu.default_out(cpu, tiny=False).parent == gpu.RESULTS
+
+
 def test_flux_runs_from_its_registered_meta_call_without_doubling_the_batch(tmp_path: Path) -> None:
     """FLUX (packed tokens, distilled guidance: one row per image) takes the same code as SD3 and PixArt."""
     gpu = load_script()
