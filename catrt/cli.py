@@ -197,6 +197,15 @@ def _device(name: str) -> Any:
     return device
 
 
+def _usual_precisions() -> str:
+    """The published models' CUDA default dtypes, read from the model cards so the help cannot drift from them."""
+    groups: dict[str, list[str]] = {}
+    for name, card in MODEL_CARDS.items():
+        if card.precision != "fp32":
+            groups.setdefault(card.precision, []).append(name)
+    return "; ".join(f"{', '.join(names)} {precision}" for precision, names in groups.items())
+
+
 def _precision(asked: str | None, model: str, device_type: str) -> str:
     """`--precision`, or the model's usual one on CUDA and fp32 elsewhere; fp16 is refused on the CPU."""
     precision = asked or default_precision(model, device_type)
@@ -515,7 +524,8 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--batch", type=int, default=BUILD_DEFAULTS["batch"],
                        help="prompts per call (graphs take 2x with guidance)")
     build.add_argument("--precision", choices=PRECISION_CHOICES, default=BUILD_DEFAULTS["precision"],
-                       help="weights and activations (fp16 / bf16 need a CUDA device)")
+                       help="weights and activations, on a GPU as well (fp16 needs a CUDA device; "
+                            "onnxruntime cannot build bf16)")
     build.add_argument("--backend", choices=BACKEND_CHOICES, default=BUILD_DEFAULTS["backend"],
                        help="auto: tensorrt or compile on a GPU, onnxruntime on a CPU")
     build.add_argument("--max-sequence-length", type=int, default=None,
@@ -694,7 +704,7 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)")
     generate.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                           help="weights and activations (default: fp32 on the CPU; on CUDA the model's usual one: "
-                               "sd3 and pixart-sigma fp16, sd3.5-* bf16, others fp32); fp16 needs CUDA")
+                               f"{_usual_precisions()}; others fp32); fp16 needs CUDA")
     generate.add_argument("--out", default="image.png", help="output image: .png, .jpg, .jpeg or .webp")
     generate.add_argument("--full", action="store_true", help="run the unpruned model")
     _add_cat_flags(generate)

@@ -118,6 +118,26 @@ def test_version_and_defaults_in_help(capsys: pytest.CaptureFixture[str]) -> Non
             assert default in text, (command, default)
 
 
+def test_precision_help_states_each_published_models_cuda_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """`generate --help` names the CUDA dtype `default_precision` picks for every published model (FLUX bf16)."""
+    from catrt.model_cards import MODEL_CARDS, default_precision
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    stated = text.split("on CUDA the model's usual one: ")[1].split("; others fp32")[0]
+    named = {}
+    for group in stated.split("; "):
+        *names, precision = group.replace(",", "").split()
+        named.update(dict.fromkeys(names, precision))
+    assert named == {name: default_precision(name, "cuda") for name, card in MODEL_CARDS.items() if card.precision != "fp32"}
+    assert named["flux-dev"] == "bf16" and default_precision("reference", "cuda") == "fp32"
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    build_help = " ".join(capsys.readouterr().out.split())
+    assert "(default: fp32)" in build_help and "fp16 / bf16 need a CUDA device" not in build_help
+
+
 def test_lazy_package_attributes() -> None:
     from catrt.loading import load_pipeline
     from catrt.pipeline import accelerate
