@@ -31,7 +31,7 @@ DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisabl
 # because that module imports torch; tests/test_cli.py checks they agree.
 PRECISION_CHOICES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 BACKEND_CHOICES: tuple[str, ...] = ("auto", "eager", "compile", "onnxruntime", "tensorrt")
-BUILD_DEFAULTS: dict[str, Any] = {"steps": 28, "batch": 1, "precision": "fp32", "backend": "auto"}
+BUILD_DEFAULTS: dict[str, Any] = {"steps": 28, "batch": 1, "backend": "auto"}
 # The torch device types `--device` may name.
 DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps")
 
@@ -427,6 +427,16 @@ def cmd_macs(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_precision(model: str, backend: str) -> str:
+    """A build's precision when none is asked for: the model's usual dtype where the backend builds for CUDA
+    and can build that dtype (an SD3 engine on a GPU is fp16, as `generate` there), else fp32."""
+    from catrt.engines import ENGINES, resolve_backend
+
+    engine = ENGINES[resolve_backend(backend)]
+    usual = default_precision(model, engine.default_device().type)
+    return usual if usual in engine.precisions else "fp32"
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     _card_size(MODEL_CARDS.get(args.model), args.height, args.width, args.model)
     from catrt.build import build_engines
@@ -435,9 +445,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     sign_key = None if args.sign_key_file is None else read_key_file(args.sign_key_file, "sign_key_file")
 
+    precision = args.precision or build_precision(args.model, args.backend)
     config = BuildConfig(
         model=args.model, height=args.height, width=args.width, batch=args.batch, steps=args.steps,
-        t0=args.t0, alphas=tuple(args.alpha), reuse_every=args.reuse_every, precision=args.precision, backend=args.backend,
+        t0=args.t0, alphas=tuple(args.alpha), reuse_every=args.reuse_every, precision=precision, backend=args.backend,
         max_sequence_length=args.max_sequence_length,
     )
     with _hub_errors(args.model):
@@ -523,9 +534,10 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     build.add_argument("--batch", type=int, default=BUILD_DEFAULTS["batch"],
                        help="prompts per call (graphs take 2x with guidance)")
-    build.add_argument("--precision", choices=PRECISION_CHOICES, default=BUILD_DEFAULTS["precision"],
-                       help="weights and activations, on a GPU as well (fp16 needs a CUDA device; "
-                            "onnxruntime cannot build bf16)")
+    build.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                       help="weights and activations (default: where the build runs on CUDA, the model's usual one: "
+                            f"{_usual_precisions()}; others, and a dtype the backend cannot build, fp32); fp16 needs "
+                            "a CUDA device; onnxruntime cannot build bf16")
     build.add_argument("--backend", choices=BACKEND_CHOICES, default=BUILD_DEFAULTS["backend"],
                        help="auto: tensorrt or compile on a GPU, onnxruntime on a CPU")
     build.add_argument("--max-sequence-length", type=int, default=None,

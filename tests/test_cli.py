@@ -109,7 +109,7 @@ def test_version_and_defaults_in_help(capsys: pytest.CaptureFixture[str]) -> Non
     for command, shown in (
         ("generate", ("(default: 0.3)", "(default: 8)", "(default: image.png)", "(default: cpu)", "(default: reference)")),
         ("macs", ("(default: the model's)", "(default: 28)")),
-        ("build", ("(default: fp32)", "(default: auto)", "(default: engines)")),
+        ("build", ("(default: auto)", "(default: engines)")),
     ):
         with pytest.raises(SystemExit):
             main([command, "--help"])
@@ -118,24 +118,22 @@ def test_version_and_defaults_in_help(capsys: pytest.CaptureFixture[str]) -> Non
             assert default in text, (command, default)
 
 
-def test_precision_help_states_each_published_models_cuda_default(capsys: pytest.CaptureFixture[str]) -> None:
-    """`generate --help` names the CUDA dtype `default_precision` picks for every published model (FLUX bf16)."""
-    from catrt.model_cards import MODEL_CARDS, default_precision
-
-    with pytest.raises(SystemExit):
-        main(["generate", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    stated = text.split("on CUDA the model's usual one: ")[1].split("; others fp32")[0]
-    named = {}
-    for group in stated.split("; "):
-        *names, precision = group.replace(",", "").split()
-        named.update(dict.fromkeys(names, precision))
-    assert named == {name: default_precision(name, "cuda") for name, card in MODEL_CARDS.items() if card.precision != "fp32"}
-    assert named["flux-dev"] == "bf16" and default_precision("reference", "cuda") == "fp32"
-    with pytest.raises(SystemExit):
-        main(["build", "--help"])
-    build_help = " ".join(capsys.readouterr().out.split())
-    assert "(default: fp32)" in build_help and "fp16 / bf16 need a CUDA device" not in build_help
+def test_precision_help_states_each_published_models_cuda_default(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`generate` and `build --help` name the CUDA dtype `default_precision` picks for every published model (FLUX bf16)."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: argparse would wrap flux-schnell at its hyphen
+    expected = {name: default_precision(name, "cuda") for name, card in MODEL_CARDS.items() if card.precision != "fp32"}
+    assert expected["flux-dev"] == "bf16" and default_precision("reference", "cuda") == "fp32"
+    for command in ("generate", "build"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        stated = text.split("the model's usual one: ")[1].split("; others")[0]
+        named = {}
+        for group in stated.split("; "):
+            *names, precision = group.replace(",", "").split()
+            named.update(dict.fromkeys(names, precision))
+        assert named == expected, command
+        assert "fp16 / bf16 need a CUDA device" not in text
 
 
 def test_lazy_package_attributes() -> None:
@@ -430,6 +428,21 @@ def test_prompt_length_counts_the_long_text_tokenizer(tiny_pipelines: dict[str, 
     with pytest.raises(ConfigError, match=f"negative_prompt is {tokens} tokens but this model reads at most {tokens - 1}") as refused:
         check_prompt_length(pixart, "a cat", tokens - 1, field="negative_prompt")
     assert refused.value.field == "negative_prompt"
+
+
+def test_a_build_defaults_to_the_models_usual_dtype_where_it_runs_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    assert cli.build_precision("sd3", "auto") == cli.build_precision("sd3", "compile") == "fp32"  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.build_precision("sd3", "compile") == cli.build_precision("pixart-sigma", "eager") == "fp16"
+    assert cli.build_precision("sd3.5-large", "compile") == "bf16"
+    assert cli.build_precision("tiny-sd3", "compile") == cli.build_precision("reference", "compile") == "fp32"
+    providers = onnxruntime.get_available_providers()
+    assert cli.build_precision("sd3", "onnxruntime") == "fp32"  # no CUDA provider: its build runs on the CPU
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *providers])
+    assert cli.build_precision("sd3", "onnxruntime") == "fp16"
+    assert cli.build_precision("sd3.5-large", "onnxruntime") == "fp32"  # onnxruntime cannot build bf16
 
 
 def test_cli_choices_match_the_build_config() -> None:
