@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from diffusers.image_processor import VaeImageProcessor
 from catrt.errors import ConfigError, GenerationError
 from catrt.model_cards import check_image_size
 from catrt.pipeline import pipeline_spec
+from catrt.pipeline_spec import call_default
 from catrt.prompts import PromptReader, text_limit
 
 
@@ -52,14 +52,10 @@ def generate_image(runner: Any, request: GenerationRequest) -> tuple[Any, float]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    guidance = kwargs.get("guidance_scale", call_default(pipe, "guidance_scale"))
-    (image,) = finite_images(pixels, guidance, call_default(pipe, "guidance_scale"), "--guidance-scale")
+    default_guidance = call_default(pipe, "guidance_scale")
+    guidance = kwargs.get("guidance_scale", default_guidance)
+    (image,) = finite_images(pixels, guidance, default_guidance, "--guidance-scale")
     return image, seconds
-
-
-def call_default(pipe: Any, name: str) -> Any:
-    """The default of argument `name` in the pipeline's own `__call__`."""
-    return inspect.signature(pipe.__call__).parameters[name].default
 
 
 def finite_images(pixels: np.ndarray, guidance: float, default_guidance: float, name: str = "guidance_scale") -> list[Any]:

@@ -7,6 +7,7 @@ guidance is one of these facts: nothing else in catrt reads `guidance_scale` to 
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,11 @@ class PipelineSpec:
         (diffusers' `do_classifier_free_guidance`); a distilled guidance embedding never does.
         """
         return self.guidance == "cfg" and float(arguments.get("guidance_scale", 1.0)) > 1.0
+
+
+def call_default(pipe: Any, name: str) -> Any:
+    """The default of argument `name` in the pipeline's own `__call__` (what a call that omits it gets)."""
+    return inspect.signature(pipe.__call__).parameters[name].default
 
 
 def custom_schedule(arguments: dict[str, Any]) -> tuple[str, int] | None:

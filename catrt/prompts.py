@@ -9,12 +9,12 @@ a silently shortened prompt gives an image of another text.
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 from catrt.errors import ConfigError
 from catrt.pipeline import PipelineSpec
+from catrt.pipeline_spec import call_default
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def text_limit(pipe: Any, spec: PipelineSpec, length: int | None = None) -> Text
     name = spec.text_tokenizer if getattr(pipe, spec.text_tokenizer, None) is not None else "tokenizer"
     argument = spec.text_length_argument if name == spec.text_tokenizer else None
     if argument is not None:
-        tokens = length or inspect.signature(pipe.__call__).parameters[argument].default
+        tokens = length or call_default(pipe, argument)
     else:
         tokenizer = getattr(pipe, name)
         tokens = getattr(tokenizer, "max_length", None) or tokenizer.model_max_length

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from catrt.build_config import PRECISIONS, BuildConfig
-from catrt.generation import call_default, finite_images
+from catrt.generation import finite_images
 from catrt.model_cards import MODEL_CARDS, default_precision
 from catrt.pipeline import default_image_size, pipeline_spec
+from catrt.pipeline_spec import call_default
 from catrt.scheduler import plan
 from catrt.serve.config import ServeConfig
 from catrt.prompts import PromptReader, TextLimit, text_limit
