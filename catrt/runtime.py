@@ -15,6 +15,10 @@ pruned step (gather the selected patches, the forward writes their K/V rows in p
 outputs, update staleness, select the next step's tokens). With `cuda_graphs` each program runs once
 eagerly (warm-up: compilation, cuBLAS plans), is then captured as one CUDA graph and replayed for
 every later step of every generation of the same shape. KMeans at step t0 runs outside any graph.
+The full step reads no pruning setting, so one full graph serves every alpha; a pruned graph is
+per k (and config). All graphs of a state share one memory pool: each program writes its results into
+the state's buffers, made outside any capture, so a graph leaves nothing behind in the pool that
+another could overwrite, and one stream never replays two at once.
 
 A reused step (`CATConfig.reuse_every`, see catrt/scheduler.py) copies its inputs into the state like
 any step but runs no program: no forward, no selection, no cache write. It returns the prediction
@@ -50,6 +54,10 @@ logger = logging.getLogger(__name__)
 
 #: Rules whose selection is pure tensor maths over the state buffers, so a pruned step can be captured.
 CAPTURABLE_RULES: frozenset[str] = frozenset({"cat", "round_robin", "magnitude"})
+
+#: Index buffers (one per k) and captured pruned graphs kept per shape: a server's alphas fit many
+#: times over, while a library user who calls with ever new alphas does not pile them up.
+MAX_KEPT_ALPHAS = 8
 
 
 class StepFunctions(Protocol):
@@ -102,16 +110,46 @@ class StepState:
     last_computed: torch.Tensor  # (B', N) int64 step each token was last computed
     labels: torch.Tensor  # (B', N) int64 clusters made at t0
     step_index: torch.Tensor  # () int64, the current step, read by the programs
-    selected: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> (B', k) int64, the next pruned step's tokens
-    graphs: dict[Any, CapturedStep] = field(default_factory=dict)
+    selected: OrderedDict[int, torch.Tensor] = field(default_factory=OrderedDict)  # k -> (B', k) int64, the next pruned step's tokens
+    graphs: OrderedDict[tuple[Any, ...], CapturedStep] = field(default_factory=OrderedDict)
+    pool: Any = None  # the CUDA graph memory pool every capture of this state shares (made at the first)
 
     def indices_for(self, k: int) -> torch.Tensor:
-        """The buffer of the next pruned step's k tokens per prompt, made at the first generation with this k."""
-        if k not in self.selected:
-            with torch.inference_mode(False):  # as the state's own tensors (see RuntimeBuffers.state)
-                rows, device = self.staleness.shape[0], self.staleness.device
-                self.selected[k] = torch.arange(k, device=device).expand(rows, -1).contiguous()
+        """The buffer of the next pruned step's k tokens per prompt, made at the first generation with this k.
+
+        At most `MAX_KEPT_ALPHAS` buffers are kept: a process that calls with ever new alphas drops the
+        k used longest ago, with the captured graphs that read its buffer's address.
+        """
+        if k in self.selected:
+            self.selected.move_to_end(k)
+            return self.selected[k]
+        while len(self.selected) >= MAX_KEPT_ALPHAS:
+            dropped, _ = self.selected.popitem(last=False)
+            for key in [key for key in self.graphs if key[:2] == ("pruned", dropped)]:
+                del self.graphs[key]
+            logger.info("dropping the indices and graphs of k = %d (the least recently used of %d)", dropped, MAX_KEPT_ALPHAS)
+        with torch.inference_mode(False):  # as the state's own tensors (see RuntimeBuffers.state)
+            rows, device = self.staleness.shape[0], self.staleness.device
+            self.selected[k] = torch.arange(k, device=device).expand(rows, -1).contiguous()
         return self.selected[k]
+
+    def graph(self, key: tuple[Any, ...], program: Callable[[], None]) -> CapturedStep:
+        """The captured step of `key`, made (to be warmed up and captured) at its first use.
+
+        Keys are ("full", functions) - the full step reads no pruning setting, so every alpha replays
+        one graph - and ("pruned", k, functions, config). At most `MAX_KEPT_ALPHAS` pruned graphs are
+        kept; the one replayed longest ago is dropped.
+        """
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+            return self.graphs[key]
+        pruned = [name for name in self.graphs if name[0] == "pruned"]
+        if key[0] == "pruned" and len(pruned) >= MAX_KEPT_ALPHAS:
+            del self.graphs[pruned[0]]
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        self.graphs[key] = CapturedStep(program, self.latents.device, self.pool)
+        return self.graphs[key]
 
 
 class RuntimeBuffers:
@@ -161,9 +199,10 @@ class CapturedStep:
     let go: the graph alone replays the step, and no reference cycle keeps the state's caches alive.
     """
 
-    def __init__(self, program: Callable[[], None], device: torch.device) -> None:
+    def __init__(self, program: Callable[[], None], device: torch.device, pool: Any) -> None:
         self.program: Callable[[], None] | None = program
         self.device = device
+        self.pool = pool
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed = False
 
@@ -183,7 +222,7 @@ class CapturedStep:
                 self.warmed = True
                 return
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self.pool):
                 program()
             self.graph, self.program = graph, None
             graph.replay()
@@ -429,11 +468,8 @@ class CATRuntime:
         if not self.capture:
             program()
             return
-        key = (kind, self.functions, self.config)
-        graph = self.state.graphs.get(key)
-        if graph is None:
-            graph = self.state.graphs[key] = CapturedStep(program, self.state.latents.device)
-        graph()
+        key = ("full", self.functions) if kind == "full" else ("pruned", self.k, self.functions, self.config)
+        self.state.graph(key, program)()
 
     def _full_program(self) -> None:
         state = self.state

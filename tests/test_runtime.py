@@ -4,6 +4,7 @@ standalone engine bundles, and (on a CUDA machine) captured steps equal to uncap
 from __future__ import annotations
 
 import gc
+import math
 import json
 import weakref
 from pathlib import Path
@@ -18,7 +19,8 @@ from catrt.build_config import BuildConfig
 from catrt.errors import ConfigError
 from catrt.models import make_adapter
 from catrt.models.base import Adapter, Context
-from catrt.runtime import CapturedStep, CATRuntime, RuntimeBuffers
+import catrt.runtime as runtime_module
+from catrt.runtime import CATRuntime, RuntimeBuffers
 from catrt.tiny import build_tiny_pipeline
 from tests.conftest import call_kwargs
 from tests.test_selection import NoHostSync
@@ -109,22 +111,40 @@ def test_only_the_last_used_shapes_keep_their_buffers(tiny_pipelines: dict[str, 
             RuntimeBuffers(max_shapes=wrong)
 
 
-class ProgramKeeping(CATRuntime):
-    """Keeps each step program in its state as `_run` does under cuda_graphs (a CPU captures nothing):
-    `CapturedStep(self._pruned_program, device)`, a bound method of the runtime that holds the state."""
+class ReplayingStep:
+    """A CPU stand-in for `CapturedStep` (it tests our keying, bounds and pool sharing, not CUDA graphs): it
+    keeps the program it was made with - a bound method of the runtime that captured it - and reruns that
+    one at every call, as a graph replays its kernels whichever runtime calls it later."""
 
-    def _run(self, kind: Any) -> None:
-        super()._run(kind)
-        program = self._full_program if kind == "full" else self._pruned_program
-        self.state.graphs.setdefault((kind, self.functions, self.config), CapturedStep(program, self.state.latents.device))
+    def __init__(self, program: Any, device: torch.device, pool: Any) -> None:
+        self.program, self.device, self.pool = program, device, pool
+
+    def __call__(self) -> None:
+        self.program()
 
 
-def test_a_dropped_shape_frees_its_buffers_at_once_even_with_step_programs_kept(tiny_pipelines: dict[str, Any]) -> None:
+class CapturingRuntime(CATRuntime):
+    """Takes the `cuda_graphs` path on the CPU: every step program goes through `StepState.graph`."""
+
+    def _wants_capture(self, device: torch.device) -> bool:
+        return True
+
+
+@pytest.fixture
+def replaying(monkeypatch: pytest.MonkeyPatch) -> object:
+    """Captures become `ReplayingStep`s sharing the returned stand-in for a CUDA graph memory pool."""
+    pool = object()
+    monkeypatch.setattr(runtime_module, "CapturedStep", ReplayingStep)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: pool)
+    return pool
+
+
+def test_a_dropped_shape_frees_its_buffers_at_once_even_with_step_programs_kept(tiny_pipelines: dict[str, Any], replaying: object) -> None:
     """state -> graphs -> program -> runtime -> state is a reference cycle: unless the drop breaks it, the
     dropped K/V cache (GiBs on a GPU) stays allocated until Python's cyclic collector happens to run."""
     pipe = tiny_pipelines["tiny-sd3"]
     fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=4))
-    fast.runtime_class = ProgramKeeping
+    fast.runtime_class = CapturingRuntime
     fast.buffers = RuntimeBuffers(max_shapes=1)
     fast(**call_kwargs(pipe, num_inference_steps=6))
     state = _only_state(fast.buffers)
@@ -138,6 +158,30 @@ def test_a_dropped_shape_frees_its_buffers_at_once_even_with_step_programs_kept(
         assert cache() is None
     finally:
         gc.enable()
+
+
+def test_one_full_graph_serves_every_alpha_and_pruned_graphs_are_kept_per_k_within_a_bound(
+    tiny_pipelines: dict[str, Any], replaying: object, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A graph replays what it captured, whichever runtime calls it: the full step's graph, captured at one alpha,
+    must give every alpha's images, and a pruned graph the images of its own k. Index buffers and pruned graphs
+    are dropped together past the bound (a graph reads its buffer by address), least recently used first."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    monkeypatch.setattr(runtime_module, "MAX_KEPT_ALPHAS", 2)
+    def kwargs() -> dict[str, Any]:  # a fresh generator per call
+        return call_kwargs(pipe, num_inference_steps=6)
+
+    alone = {alpha: catrt.accelerate(pipe, catrt.CATConfig(alpha=alpha, t0=3))(**kwargs()).images for alpha in (0.2, 0.5, 0.3)}
+    fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=3))
+    fast.runtime_class = CapturingRuntime
+    for alpha in (0.2, 0.5, 0.2, 0.3, 0.2):
+        assert torch.equal(fast(**kwargs(), alpha=alpha).images, alone[alpha]), alpha
+    state = _only_state(fast.buffers)
+    k = {alpha: math.ceil(alpha * state.kv_cache.shape[2]) for alpha in (0.2, 0.5, 0.3)}
+    assert list(state.selected) == [k[0.3], k[0.2]]  # k of 0.5, used longest ago, dropped
+    assert [key[:2] for key in state.graphs if key[0] == "pruned"] == [("pruned", k[0.3]), ("pruned", k[0.2])]
+    assert [key[0] for key in state.graphs].count("full") == 1
+    assert {id(graph.pool) for graph in state.graphs.values()} == {id(replaying)}
 
 
 class GuardedSteps(CATRuntime):
