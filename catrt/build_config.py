@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from catrt.checks import integer, require
+from catrt.checks import MAX_BATCH, integer, require
 from catrt.config import CATConfig, config_from_dict
 from catrt.errors import ConfigError
 
@@ -73,7 +73,8 @@ class BuildConfig:
         for name in ("height", "width", "max_sequence_length"):
             value = getattr(self, name)
             require("BuildConfig", name, value, value is None or (integer(value) and value >= 1), "a positive integer or None")
-        require("BuildConfig", "batch", self.batch, integer(self.batch) and self.batch >= 1, "a positive integer")
+        require("BuildConfig", "batch", self.batch, integer(self.batch) and 1 <= self.batch <= MAX_BATCH,
+                f"an integer from 1 to {MAX_BATCH}")
         _check_choice("precision", self.precision, tuple(PRECISIONS))
         _check_choice("backend", self.backend, BACKENDS)
         for each in self.alphas:

@@ -9,6 +9,10 @@ from typing import Any
 
 from catrt.errors import ConfigError
 
+#: Images one model call may take (`catrt build --batch`, `catrt serve --batch`): a server warms up at its
+#: full batch before it answers, and OpenAI's images API asks for at most 10 images per request.
+MAX_BATCH = 64
+
 
 def integer(value: Any) -> bool:
     """An int that is not a bool (True is an int to Python, never a count to a user)."""

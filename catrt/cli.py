@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+from catrt.checks import MAX_BATCH  # stdlib + catrt.errors only
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.errors import CatrtError, ConfigError
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, default_precision, size_limits
@@ -533,7 +534,7 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     build.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     build.add_argument("--batch", type=int, default=BUILD_DEFAULTS["batch"],
-                       help="prompts per call (graphs take 2x with guidance)")
+                       help=f"prompts per call, 1 to {MAX_BATCH} (graphs take 2x with guidance)")
     build.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                        help="weights and activations (default: where the build runs on CUDA, the model's usual one: "
                             f"{_usual_precisions()}; others, and a dtype the backend cannot build, fp32); fp16 needs "
@@ -606,14 +607,14 @@ def _run_fleet(config: Any, fleet: Any) -> int:
     """`catrt serve --ray`; Ray is imported here only, and its absence is a one-line refusal."""
     import importlib.util
 
-    from catrt.serve.server import bundle_key, check_builds_of
+    from catrt.serve.server import bundle_key, check_source_of
 
     missing = 'Ray Serve is not installed: pip install "catrt[ray]" (or serve on one device without --ray)'
     if importlib.util.find_spec("ray") is None:
         raise ConfigError(f"--ray needs {missing}", field="ray")
     if config.port == 0:
         raise ConfigError("--port 0 is not served with --ray: Ray Serve's HTTP proxy needs a fixed port", field="port")
-    check_builds_of(config)
+    check_source_of(config)
     key = bundle_key(config.bundle_key_file) if config.engines is not None else None
     try:
         from catrt.serve.ray_app import run_fleet
@@ -682,7 +683,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     eager.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     eager.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     eager.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: {defaults.steps})")
-    eager.add_argument("--batch", type=int, default=None, help=f"images per model call (default: {defaults.batch})")
+    eager.add_argument("--batch", type=int, default=None, help=f"images per model call, 1 to {MAX_BATCH} (default: {defaults.batch})")
     eager.add_argument("--device", default=None, help=f"torch device, e.g. cpu or cuda (default: {defaults.device})")
     eager.add_argument("--precision", choices=SERVE_PRECISIONS, default=None,
                        help="weights and activations (default: fp32 on the CPU; on CUDA the model's usual one); "

@@ -104,6 +104,18 @@ def _unknown(value: str | os.PathLike) -> UnknownModelError:
     )
 
 
+def check_model_source(name_or_path: str | os.PathLike) -> str:
+    """`name_or_path` as a string when it is a catrt name or a diffusers folder; refused otherwise.
+
+    The server asks before it binds its port, so a mistyped name is one line, not a listening server
+    that then fails to load.
+    """
+    key = os.fspath(name_or_path)
+    if key not in LOADERS and not (Path(key) / "model_index.json").is_file():
+        raise _unknown(name_or_path)
+    return key
+
+
 def usable_device(device: str | torch.device) -> torch.device:
     """The torch device `device` names, refused before any loading when it is no device or this machine has none."""
     try:
@@ -134,15 +146,13 @@ def load_pipeline(
             f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {dtype!r}",
             field="dtype", value=dtype,
         )
-    key = os.fspath(name_or_path)
+    key = check_model_source(name_or_path)
     if key in LOADERS:
         logger.info("loading %s as %s", key, dtype)
         pipeline = LOADERS[key](dtype, transformer_weights)
-    elif (Path(key) / "model_index.json").is_file():
+    else:
         logger.info("loading diffusers folder %s as %s", key, dtype)
         pipeline = _from_pretrained(DiffusionPipeline, key, dtype, transformer_weights)
-    else:
-        raise _unknown(name_or_path)
     if transformer_weights:
         return pipeline.to(device)
     stand_in, pipeline.transformer = pipeline.transformer, None  # meta tensors cannot be moved

@@ -53,6 +53,7 @@ def _fails(capfd: pytest.CaptureFixture[str], *argv: str) -> str:
 @pytest.fixture
 def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if the command loads a model or bundle: the mistake must be caught before."""
+    import catrt.build
     import catrt.bundle
     import catrt.loading
 
@@ -60,6 +61,7 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("loaded a model before refusing the arguments")
 
     monkeypatch.setattr(catrt.loading, "load_pipeline", forbidden)
+    monkeypatch.setattr(catrt.build, "load_pipeline", forbidden)  # bound at its import, so patched there too
     monkeypatch.setattr(catrt.bundle, "load", forbidden)
 
 
@@ -180,12 +182,31 @@ def test_lazy_package_attributes() -> None:
     (("serve", "--model", "reference", "--height", "7"), "height 7 does not fit model reference, which takes multiples of 2"),
     (("serve", "--model", "reference", "--device", "meta"), "--device 'meta' is not a device catrt runs on"),
     (("serve", "--model", "reference", "--device", "cuda:x"), "--device 'cuda:x' is not a device catrt runs on"),
+    (("serve", "--model", "reference", "--batch", "65"), "ServeConfig.batch must be an integer from 1 to 64, got 65"),
+    (("build", "--model", "reference", "--batch", "100000"), "BuildConfig.batch must be an integer from 1 to 64, got 100000"),
 ], ids=["out-txt", "out-no-ext", "reference-size", "sd3-size", "alpha", "t0-steps", "engines-alpha", "engines-t0",
         "fp16-cpu", "device-name", "device-meta", "device-empty", "prompt-blank", "prompt-nul", "negative-escape",
         "seed-huge", "guidance-nan", "guidance-negative", "macs-size", "build-size", "serve-size", "serve-device",
-        "serve-device-index"])
+        "serve-device-index", "serve-batch", "build-batch"])
 def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
     assert message in _fails(capfd, *argv)
+
+
+@pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.parametrize("ray", [False, True], ids=["one-device", "ray"])
+def test_serve_refuses_an_unknown_model_before_binding(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path, ray: bool) -> None:
+    import catrt.serve.server
+
+    def bind(*args: Any) -> None:
+        raise AssertionError("bound the port before refusing the model")
+
+    monkeypatch.setattr(catrt.serve.server, "listening_socket", bind)
+    folder = tmp_path / "not-a-pipeline"
+    folder.mkdir()
+    for model in ("sd-3", str(folder)):
+        line = _fails(capfd, "serve", "--model", model, "--port", "8123", *(["--ray"] if ray else []))
+        assert f"unknown model {model!r}: known names are " in line and "an existing diffusers folder" in line
 
 
 @pytest.mark.usefixtures("no_model_loads")

@@ -10,7 +10,7 @@ from typing import Any
 
 from dataclasses import replace
 
-from catrt.checks import integer, number, require
+from catrt.checks import MAX_BATCH, integer, number, require
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.serve.alpha_policy import ALPHA_POLICIES
@@ -93,7 +93,8 @@ class ServeConfig:
                 if getattr(self, name) is not None:
                     _check_positive(name, getattr(self, name))
             _check_positive("steps", self.steps)
-            _check_positive("batch", self.batch)
+            require("ServeConfig", "batch", self.batch, integer(self.batch) and 1 <= self.batch <= MAX_BATCH,
+                    f"an integer from 1 to {MAX_BATCH}")
             self.cat.check_steps(self.steps)
         if self.cat.reuse_threshold:
             raise ConfigError(

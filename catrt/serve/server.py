@@ -75,10 +75,10 @@ class DrainingServer(uvicorn.Server):
 def run_server(config: ServeConfig) -> int:
     """Serve `config` until signalled; returns 0 after a drain.
 
-    Raises a CatrtError, before anything is loaded, for a port in use, a device this machine lacks
-    or a folder that is not a bundle; and one naming the cause if the model cannot be loaded.
+    Raises a CatrtError, before anything is loaded, for a port in use, a device this machine lacks,
+    a folder that is not a bundle or an unknown model; and one naming the cause if the model cannot be loaded.
     """
-    check_builds_of(config)
+    check_source_of(config)
     key = bundle_key(config.bundle_key_file) if config.engines is not None else None
     sock = listening_socket(config.host, config.port)
     try:
@@ -153,13 +153,16 @@ def _check_device(config: ServeConfig) -> None:
         )
 
 
-def check_builds_of(config: ServeConfig) -> None:
-    """Is each build a bundle at all (its manifest's shape), all of one model, one per size: refused before
-    the port is bound and "listening" is printed.
+def check_source_of(config: ServeConfig) -> None:
+    """Is each build a bundle at all (its manifest's shape), all of one model, one per size; or is the eager
+    model a catrt name or a diffusers folder: refused before the port is bound and "listening" is printed.
 
     `catrt.load` where the model loads checks the rest (signature, files, digests, versions, device).
     """
     if config.engines is None:
+        from catrt.loading import check_model_source  # torch and diffusers: the eager model needs them anyway
+
+        check_model_source(config.model)
         return
     from catrt.serve.builds import check_builds
 
