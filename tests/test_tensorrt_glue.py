@@ -28,7 +28,8 @@ from catrt.errors import BuildError, ConfigError, CorruptBundleError, EngineMism
 from catrt.export import tensorrt as trt_export
 
 _TRT_DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32"}
-STREAM_HANDLE = 0x5EED
+STREAM_HANDLE = 0x5EED  # the engine's own stream
+CURRENT_HANDLE = 0  # torch's current stream: the legacy default stream, as in most programs
 
 
 def _specs() -> dict[str, GraphSpec]:
@@ -208,7 +209,13 @@ class FakeTensorRT(types.ModuleType):
 
 
 class FakeStream:
-    cuda_stream = STREAM_HANDLE
+    """A CUDA stream stand-in that logs, in one list shared by all, which stream waited for which."""
+
+    def __init__(self, handle: int, log: list[tuple[int, int]]) -> None:
+        self.cuda_stream, self.log = handle, log
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.log.append((self.cuda_stream, other.cuda_stream))
 
 
 class FakeEvent:
@@ -270,7 +277,10 @@ def _engine(
         events.append(FakeEvent())
         return events[-1]
 
-    engine._stream = FakeStream  # type: ignore[method-assign]
+    waits: list[tuple[int, int]] = []
+    current, own = FakeStream(CURRENT_HANDLE, waits), FakeStream(STREAM_HANDLE, waits)
+    engine._stream = lambda: current  # type: ignore[method-assign]
+    engine._new_stream = lambda: own  # type: ignore[method-assign]
     engine._event = new_event  # type: ignore[method-assign]
     if load:
         engine.load()
@@ -299,6 +309,17 @@ def test_outputs_are_bound_to_the_same_preallocated_buffers_across_runs(tmp_path
         assert trt.enqueued[0]["addresses"][name] == trt.enqueued[1]["addresses"][name] == first[name].data_ptr()
     for name, tensor in first_inputs.items():
         assert trt.enqueued[0]["addresses"][name] == tensor.data_ptr()
+
+
+def test_runs_go_on_the_engines_own_stream_ordered_with_torchs_current_one(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    """Never on the legacy default stream (TensorRT syncs the host after each enqueue there): on the engine's own,
+    which waits for torch's current stream before the run, and which torch's stream waits for after it."""
+    engine = _engine(tmp_path, events)
+    engine.run("full", _inputs("full"))
+    engine.run("pruned-k4", _inputs("pruned-k4"))
+    assert [record["stream"] for record in trt.enqueued] == [STREAM_HANDLE, STREAM_HANDLE]
+    assert engine._own.log == [(STREAM_HANDLE, CURRENT_HANDLE), (CURRENT_HANDLE, STREAM_HANDLE)] * 2
+    assert [event.stream for event in events] == [engine._own, engine._own]
 
 
 def test_a_caller_out_tensor_is_bound_by_address(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
@@ -420,7 +441,7 @@ def test_inputs_stay_referenced_until_their_event_completes(tmp_path: Path, trt:
     engine.run("full", inputs)
     del inputs
     assert all(ref() is not None for ref in held.values()), "released while the stream may still read them"
-    assert isinstance(events[0].stream, FakeStream)  # recorded on the stream the run was enqueued on
+    assert events[0].stream is engine._own  # recorded on the stream the run was enqueued on
 
     engine.run("full", _inputs("full"))  # the first run's event has not completed yet
     assert all(ref() is not None for ref in held.values())

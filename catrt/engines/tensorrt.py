@@ -1,7 +1,9 @@
 """The `tensorrt` backend: serialized TensorRT engines (`<graph>.plan`) run on torch CUDA tensors.
 
-Tensors are bound by address (`set_tensor_address`) and the engine is enqueued on torch's current
-stream, so no copy and no host sync happens inside a step. `tensorrt` is imported only on load.
+Tensors are bound by address (`set_tensor_address`), so no copy happens inside a step. The engine is
+enqueued on a stream of its own, ordered after torch's current stream and before its next work by
+stream waits: torch's current stream is usually the legacy default stream, on which TensorRT
+synchronizes the host after every enqueue. `tensorrt` is imported only on load.
 
 Every TensorRT call's result is checked: a plan that does not deserialize, a context that cannot be
 created, an I/O tensor whose name, shape or dtype differs from the build's `GraphSpec`, an address
@@ -59,7 +61,7 @@ class TensorRTEngine(Engine):
     """One execution context per graph; plans are tied to the GPU's compute capability.
 
     Keeping inputs alive: `GraphSpec.prepare` may hand `run` fresh tensors (a cast, a contiguous
-    copy) that nothing else references, while the enqueued engine reads them later on the stream.
+    copy) that nothing else references, while the enqueued engine reads them later on its stream.
     Each run therefore keeps every tensor it bound, together with a CUDA event recorded on the
     stream right after the enqueue, and drops them only once a later `run` finds that event complete
     (`event.query()`, which does not block the host). Releasing "when the next run of the graph is
@@ -101,6 +103,7 @@ class TensorRTEngine(Engine):
         self.io: dict[str, tuple[_IOTensor, ...]] = {}
         self._in_flight: list[_InFlight] = []
         self._spare_events: list[Any] = []
+        self._own: Any = None  # the stream runs are enqueued on, made at the first run
         trt_dtypes = {
             getattr(tensorrt.DataType, key): dtype for key, dtype in _TRT_DTYPES.items() if hasattr(tensorrt.DataType, key)
         }
@@ -153,11 +156,15 @@ class TensorRTEngine(Engine):
                     field=f"{graph}.{io.name}",
                 )
             bound.append(tensor)
-        stream = self._stream()
-        enqueued = context.execute_async_v3(stream.cuda_stream)
+        current = self._stream()
+        if self._own is None:
+            self._own = self._new_stream()
+        self._own.wait_stream(current)  # the inputs torch wrote before this call
+        enqueued = context.execute_async_v3(self._own.cuda_stream)
         # Held even when the enqueue failed: part of the engine's work may already be on the stream.
         event = self._spare_events.pop() if self._spare_events else self._event()
-        event.record(stream)
+        event.record(self._own)
+        current.wait_stream(self._own)  # torch's next work reads the outputs
         self._in_flight.append(_InFlight(event, tuple(bound)))
         if not enqueued:
             raise EngineRuntimeError(
@@ -207,8 +214,12 @@ class TensorRTEngine(Engine):
     # Small injectable pieces: the only CUDA calls of `run` (tests replace them with CPU stand-ins).
 
     def _stream(self) -> Any:
-        """The stream to enqueue on: torch's current stream on the engine's device (`.cuda_stream` is its handle)."""
+        """Torch's current stream on the engine's device, which runs the step's other work."""
         return torch.cuda.current_stream(self.device)
+
+    def _new_stream(self) -> Any:
+        """The engine's own (non-default) stream to enqueue on; `.cuda_stream` is its handle."""
+        return torch.cuda.Stream(self.device)
 
     def _event(self) -> Any:
         """A new event, recorded on the stream after each enqueue."""
