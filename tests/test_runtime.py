@@ -253,11 +253,13 @@ def test_captured_steps_equal_uncaptured_steps_on_cuda(name: str) -> None:
     plain = catrt.accelerate(pipe, config, cuda_graphs=False)
     captured = catrt.accelerate(pipe, config, cuda_graphs=True)
     kwargs = lambda: {**call_kwargs(pipe), "generator": torch.Generator("cuda").manual_seed(0)}  # noqa: E731
-    expected = plain(**kwargs()).images
-    for _ in range(3):  # warm-up, capture, replay
-        got = captured(**kwargs()).images
-        assert _relative_error(got, expected) < 1e-5
-    assert all(graph.graph is not None for graph in _only_state(captured.buffers).graphs.values())
+    expected = {alpha: plain(**kwargs(), alpha=alpha).images for alpha in (0.3, 0.5)}
+    for alpha in (0.3, 0.3, 0.5, 0.3, 0.5):  # one full graph for both alphas, a pruned graph each, one memory pool
+        got = captured(**kwargs(), alpha=alpha).images
+        assert _relative_error(got, expected[alpha]) < 1e-5, alpha
+    state = _only_state(captured.buffers)
+    assert sorted(key[0] for key in state.graphs) == ["full", "pruned", "pruned"]
+    assert all(graph.graph is not None and graph.pool is state.pool for graph in state.graphs.values())
 
 
 # -- engine bundles ----------------------------------------------------------------------------
