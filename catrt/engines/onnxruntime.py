@@ -5,7 +5,11 @@ into buffers allocated once, on first use (or the caller's own tensors, such as 
 The sessions (context, full, one pruned graph per built alpha) share one copy of the weights: `weights.bin` is memory-mapped once and each
 distinct initializer is handed to every session that uses it (`add_initializer`), so loading costs
 one copy of the weights, not one per graph. The CUDA execution provider is used on a GPU where it is
-installed, else the CPU provider.
+installed, else the CPU provider. With the CUDA provider that sharing holds in host memory only: ONNX
+Runtime uses a shared initializer as it is only when it already lies on the device its kernel runs on,
+and gives each session its own device copy otherwise (its session-state code says so), so each
+session holds the weights on the GPU once. Not run here (the lent GPU machine has ONNX Runtime's CPU
+build); on GPUs the tensorrt and compile backends keep one copy.
 """
 
 from __future__ import annotations
@@ -77,6 +81,11 @@ class OnnxRuntimeEngine(Engine):
             self.sessions[graph] = onnxruntime.InferenceSession(str(path), options, providers=providers)
         self.input_names = {graph: {i.name for i in session.get_inputs()} for graph, session in self.sessions.items()}
         logger.info("onnxruntime sessions on %s", self.sessions["full"].get_providers())
+        if self.device.type == "cuda":
+            logger.warning(
+                "ONNX Runtime's CUDA provider copies the shared weights into each of the %d sessions on the GPU; "
+                "the tensorrt and compile backends keep one copy", len(self.sessions),
+            )
 
     def run(
         self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
