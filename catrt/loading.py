@@ -15,15 +15,14 @@ import os
 import warnings
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import diffusers
 import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from catrt.errors import ConfigError, UnknownModelError
-from catrt.model_cards import MODEL_CARDS, ModelCard
+from catrt.errors import ConfigError
+from catrt.model_cards import MODEL_CARDS, ModelCard, check_model_source
 from catrt.models import family_of
 from catrt.reference.pipeline import load_reference_pipeline
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
@@ -93,27 +92,6 @@ LOADERS: dict[str, Loader] = {
     **{name: partial(_load_published, card) for name, card in MODEL_CARDS.items() if card.hub_id},
     "reference": _load_reference,
 }
-
-
-def _unknown(value: str | os.PathLike) -> UnknownModelError:
-    """The error for a value that is neither a known name nor a folder, listing what would work."""
-    return UnknownModelError(
-        f"unknown model {str(value)!r}: known names are {', '.join(sorted(LOADERS))}; "
-        "a path must be an existing diffusers folder (one with model_index.json)",
-        field="model", value=value,
-    )
-
-
-def check_model_source(name_or_path: str | os.PathLike) -> str:
-    """`name_or_path` as a string when it is a catrt name or a diffusers folder; refused otherwise.
-
-    The server asks before it binds its port, so a mistyped name is one line, not a listening server
-    that then fails to load.
-    """
-    key = os.fspath(name_or_path)
-    if key not in LOADERS and not (Path(key) / "model_index.json").is_file():
-        raise _unknown(name_or_path)
-    return key
 
 
 def usable_device(device: str | torch.device) -> torch.device:

@@ -6,10 +6,12 @@ can be made on the meta device without downloading anything.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, UnknownModelError
 
 Family = str  # a registered family's name (catrt.models.FAMILIES): "sd3", "pixart", "flux"
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -149,3 +151,25 @@ def check_image_size(height: int, width: int, multiple: int, largest: int | None
                 f"try {name} {suggestion}",
                 field=name, value=value,
             )
+
+
+#: The tiny random-weight pipelines catrt builds from configs, by name (catrt/tiny.py makes them; this light list
+#: lets the CLI and the server check a name without importing torch, and a test keeps the two equal).
+TINY_MODELS: tuple[str, ...] = ("tiny-sd3", "tiny-sd3.5", "tiny-pixart", "tiny-flux", "tiny-flux-schnell")
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> str:
+    """`name_or_path` as a string when it is a catrt model name or a diffusers folder; refused otherwise.
+
+    Names win over folders of the same name. Light (no torch): the server asks before it binds its port,
+    so a mistyped name is one line, not a listening server that then fails to load.
+    """
+    key = os.fspath(name_or_path)
+    if key not in MODEL_CARDS and key not in TINY_MODELS and not (Path(key) / "model_index.json").is_file():
+        names = sorted({*MODEL_CARDS, *TINY_MODELS})
+        raise UnknownModelError(
+            f"unknown model {key!r}: known names are {', '.join(names)}; "
+            "a path must be an existing diffusers folder (one with model_index.json)",
+            field="model", value=key,
+        )
+    return key

@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline, FluxPipeline, PixArtSigmaPipeline
 
 from catrt.errors import ConfigError, UnknownModelError
 from catrt.loading import LOADERS, load_pipeline
-from catrt.model_cards import MODEL_CARDS
+from catrt.model_cards import MODEL_CARDS, TINY_MODELS
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
 
 PROMPT = "a photo of a cat sitting on a red chair, highly detailed"
@@ -151,6 +151,12 @@ def test_unknown_name_raises_and_lists_the_known_names() -> None:
         load_pipeline("no-such-model")
     assert "tiny-sd3" in str(caught.value) and "sd3.5-large" in str(caught.value)
     assert "diffusers folder" in str(caught.value)
+
+
+def test_the_light_name_list_is_what_loads() -> None:
+    """The CLI and the server check names against model_cards (no torch): exactly the names load_pipeline loads."""
+    assert set(TINY_MODELS) == set(TINY_PIPELINES)
+    assert set(LOADERS) == set(MODEL_CARDS) | set(TINY_MODELS)
 
 
 def test_folder_without_model_index_is_unknown(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from catrt.errors import CatrtError, ConfigError, ServiceUnavailableError
+from catrt.model_cards import check_model_source
 from catrt.serve.config import ServeConfig
 from catrt.serve.protocol import read_deadline_protocol
 
@@ -160,8 +161,6 @@ def check_source_of(config: ServeConfig) -> None:
     `catrt.load` where the model loads checks the rest (signature, files, digests, versions, device).
     """
     if config.engines is None:
-        from catrt.loading import check_model_source  # torch and diffusers: the eager model needs them anyway
-
         check_model_source(config.model)
         return
     from catrt.serve.builds import check_builds
