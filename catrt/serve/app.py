@@ -21,14 +21,23 @@ from fastapi.responses import PlainTextResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from catrt.errors import RequestTimeoutError, ServiceUnavailableError
+from catrt.errors import CatrtError, RequestTimeoutError, ServiceUnavailableError
 from catrt.serve.auth import BearerCheck
 from catrt.serve.config import ServeConfig
-from catrt.serve.errors import REQUEST_ID_KEY, install_error_handlers
+from catrt.serve.errors import REQUEST_ID_KEY, error_response, install_error_handlers
 from catrt.serve.gate import RequestGate
 from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
 from catrt.serve.openapi import describe_served
-from catrt.serve.schemas import CatrtInfo, ErrorResponse, ImageData, ImageGenerationRequest, ImageGenerationResponse, Timings
+from catrt.serve.schemas import (
+    CatrtInfo,
+    ErrorResponse,
+    ImageData,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    ModelCard,
+    ModelListResponse,
+    Timings,
+)
 
 if TYPE_CHECKING:
     from catrt.serve.model import ServedSpec
@@ -37,6 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+GENERATIONS_PATH = "/v1/images/generations"
 DISCONNECT_POLL_SECONDS = 0.1
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -48,8 +58,8 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def base_app(metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
-    """The app every serving mode starts from: error bodies, the request gate (id, key, body limit),
-    request metrics and `/health/live`."""
+    """The app every serving mode starts from: error bodies, the request gate (id, key, body limit,
+    encoding), request metrics, `/health/live` and the model list (`/v1/models`)."""
     app = FastAPI(title="catrt", summary="CAT Pruning text-to-image server (OpenAI images API)")
     install_error_handlers(app)
     app.add_middleware(
@@ -57,15 +67,50 @@ def base_app(metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
         max_body_bytes=config.max_body_bytes,
         authorized=BearerCheck(config.api_key) if config.api_key is not None else None,
         protect_metrics=config.metrics_auth,
+        json_paths=(GENERATIONS_PATH,),
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, router=app.router)
+    listed = ModelList(config)
 
     @app.get("/health/live")
     async def live() -> dict[str, str]:
         """200 whenever the process answers."""
         return {"status": "live"}
 
+    @app.get("/v1/models", response_model=ModelListResponse, responses=ERROR_RESPONSES)
+    async def list_models() -> ModelListResponse:
+        """The served model (OpenAI's `models.list`); a request's `model` field is ignored whatever it names."""
+        return ModelListResponse(data=[listed.card()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={**ERROR_RESPONSES, 404: {"model": ErrorResponse}})
+    async def retrieve_model(model_id: str) -> Any:
+        """The served model by its id (OpenAI's `models.retrieve`); another id is a 404 naming `model`."""
+        card = listed.card()
+        if model_id != card.id:
+            return error_response(404, f"the model {model_id!r} is not served here: this server serves {card.id!r}",
+                                  "invalid_request_error", "model")
+        return card
+
     return app
+
+
+class ModelList:
+    """The served model's OpenAI model card; its name is read once (from the build's manifest for engines)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.created = int(time.time())
+        self._name: str | None = config.model
+
+    def card(self) -> ModelCard:
+        if self._name is None:
+            from catrt.serve.builds import check_builds
+
+            try:
+                self._name = check_builds(self.config.engines or ())[0].model
+            except (CatrtError, IndexError) as error:
+                raise ServiceUnavailableError("the served model's name cannot be read from its build; retry later") from error
+        return ModelCard(id=self._name, created=self.created)
 
 
 class ImageService:
@@ -115,7 +160,7 @@ def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> Fa
     app = base_app(metrics, config)
     service = ImageService(worker, metrics, config)
 
-    @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
+    @app.post(GENERATIONS_PATH, response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
     async def generate_images(body: ImageGenerationRequest, request: Request) -> Any:
         """Images for one prompt, batched with compatible queued requests."""
         response = await service.generate(body, request)

@@ -12,6 +12,8 @@ server honours (`output_format` png, `background` auto / opaque, `stream` false,
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 IGNORED = "accepted for OpenAI clients and ignored"
@@ -87,3 +89,17 @@ class ErrorResponse(BaseModel):
     """OpenAI's error body."""
 
     error: ErrorBody
+
+
+class ModelCard(BaseModel):
+    """OpenAI's model object, for `GET /v1/models` and `GET /v1/models/{id}`."""
+
+    id: str = Field(description="the served model: a catrt model name, a diffusers folder or a build's model")
+    object: Literal["model"] = "model"
+    created: int = Field(description="when this server started (Unix seconds)")
+    owned_by: str = "catrt"
+
+
+class ModelListResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
