@@ -1,0 +1,226 @@
+"""`catrt serve` against what clients send besides a clean JSON request: encodings, media types,
+odd paths and methods, the model list, header tricks, wrong-typed fields.
+
+One server runs for the module: the reference model (fast), with an API key and a small
+`--max-body-bytes`, so the body limit's edges and the key's header forms are cheap to reach.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from test_serve_support import CLI, PROMPT, RemoteServer, assert_error, png, start_all, stop_all
+
+KEY = "attack-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_BODY = 3000
+BODY = {"prompt": PROMPT, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
+    key_file = tmp_path_factory.mktemp("attack") / "key"
+    key_file.write_text(KEY)
+    started = {"reference": RemoteServer(CLI, ["--model", "reference", "--steps", "3", "--t0", "2", "--batch", "1",
+                                              "--api-key-file", str(key_file), "--max-body-bytes", str(MAX_BODY)])}
+    start_all(started)
+    yield started["reference"]
+    stop_all(started)
+
+
+@pytest.fixture(scope="module")
+def plain_png(server: RemoteServer) -> bytes:
+    """The image of `BODY` sent as plain JSON: every decoded form of it must give these bytes."""
+    return _image(_post(server, json.dumps(BODY).encode()))
+
+
+def _post(server: RemoteServer, content: Any, headers: dict[str, str] | None = None,
+          path: str = "/v1/images/generations") -> httpx.Response:
+    sent = {"content-type": "application/json", **AUTH, **(headers or {})}
+    return httpx.post(f"{server.url}{path}", content=content, headers={k: v for k, v in sent.items() if v is not None},
+                      timeout=60)
+
+
+def _image(response: httpx.Response) -> bytes:
+    assert response.status_code == 200, response.text
+    return png(response.json()["data"][0]["b64_json"])
+
+
+def _raw(server: RemoteServer, request: bytes) -> bytes:
+    """`request` as sent bytes (for headers httpx will not write twice), the whole answer back."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+# -- Content-Encoding ----------------------------------------------------------------------------
+
+
+def test_gzip_and_deflate_bodies_are_decoded_to_the_same_image(server: RemoteServer, plain_png: bytes) -> None:
+    raw = json.dumps(BODY).encode()
+    assert _image(_post(server, gzip.compress(raw), {"content-encoding": "gzip"})) == plain_png
+    assert _image(_post(server, zlib.compress(raw), {"content-encoding": "deflate"})) == plain_png
+    assert _image(_post(server, raw, {"content-encoding": "identity"})) == plain_png
+
+
+def test_a_body_that_inflates_past_the_limit_is_a_413(server: RemoteServer) -> None:
+    bomb = gzip.compress(b'{"prompt": "' + b"x" * 2_000_000 + b'"}')
+    assert len(bomb) < MAX_BODY  # small on the wire, 2 MB inflated
+    error = assert_error(_post(server, bomb, {"content-encoding": "gzip"}), 413, None)
+    assert f"decodes past {MAX_BODY} bytes" in error["message"]
+
+
+@pytest.mark.parametrize(("encoding", "content", "status", "needle"), [
+    pytest.param("br", b'{"prompt": "a"}', 415, "Content-Encoding 'br' is not served", id="brotli"),
+    pytest.param("gzip", b'{"prompt": "a"}', 400, "not valid gzip data", id="not-gzip"),
+    pytest.param("gzip", gzip.compress(b'{"prompt": "a red sun"}')[:-6], 400, "not one whole gzip stream", id="cut-short"),
+    pytest.param("deflate", gzip.compress(b'{"prompt": "a"}'), 400, "not valid deflate data", id="gzip-as-deflate"),
+])
+def test_an_encoding_the_server_cannot_undo_is_refused_naming_the_header(
+    server: RemoteServer, encoding: str, content: bytes, status: int, needle: str,
+) -> None:
+    error = assert_error(_post(server, content, {"content-encoding": encoding}), status, "Content-Encoding")
+    assert needle in error["message"]
+
+
+# -- Content-Type and the body's shape -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("media", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+def test_a_body_that_is_not_json_by_its_content_type_is_a_415(server: RemoteServer, media: str) -> None:
+    error = assert_error(_post(server, json.dumps(BODY).encode(), {"content-type": media}), 415, "Content-Type")
+    assert f"Content-Type {media!r} is not served" in error["message"]
+    assert "application/json" in error["message"]
+
+
+@pytest.mark.parametrize("media", [None, "application/json; charset=utf-8", "Application/JSON", "application/vnd.catrt+json"])
+def test_json_by_any_of_its_names_or_without_a_content_type_is_served(
+    server: RemoteServer, plain_png: bytes, media: str | None,
+) -> None:
+    assert _image(_post(server, json.dumps(BODY).encode(), {"content-type": media})) == plain_png
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    pytest.param(b"", "the request body is empty", id="empty"),
+    pytest.param(b"  \n", "the request body is empty", id="whitespace"),
+    pytest.param(b"[1, 2]", "must be one JSON object, not an array", id="array"),
+    pytest.param(b'"a red sun"', "must be one JSON object, not a string", id="string"),
+    pytest.param(b"5", "must be one JSON object, not a number", id="number"),
+    pytest.param(b"null", "must be one JSON object, not null", id="null"),
+    pytest.param(b"true", "must be one JSON object, not a boolean", id="boolean"),
+])
+def test_a_body_that_is_not_one_object_says_what_it_is(server: RemoteServer, content: bytes, needle: str) -> None:
+    assert needle in assert_error(_post(server, content), 400, None)["message"]
+
+
+@pytest.mark.parametrize(("body", "param", "needle"), [
+    pytest.param({"n": 1}, "prompt", "prompt is required", id="missing"),
+    pytest.param({"prompt": "a", "n": 1.0}, "n", "n: Input should be a valid integer, got 1.0", id="n-float"),
+    pytest.param({"prompt": "a", "n": True}, "n", "got true", id="n-bool"),
+    pytest.param({"prompt": "a", "alpha": "0.3"}, "alpha", 'got "0.3"', id="alpha-string"),
+    pytest.param({"prompt": ["a", "b"]}, "prompt", 'got ["a", "b"]', id="prompt-list"),
+    pytest.param({"prompt": "a", "partial_images": 2}, "partial_images",
+                 "unknown field 'partial_images': this endpoint takes prompt, n, size", id="unknown-field"),
+])
+def test_a_wrong_field_is_named_with_what_was_sent(server: RemoteServer, body: dict[str, Any], param: str, needle: str) -> None:
+    assert needle in assert_error(_post(server, json.dumps(body).encode()), 400, param)["message"]
+
+
+def test_a_body_exactly_at_the_limit_is_served_one_byte_over_is_a_413(server: RemoteServer, plain_png: bytes) -> None:
+    base = json.dumps({**BODY, "user": ""}).encode()
+    at_limit = json.dumps({**BODY, "user": "u" * (MAX_BODY - len(base))}).encode()
+    assert len(at_limit) == MAX_BODY
+    assert _image(_post(server, at_limit)) == plain_png
+    assert _image(_post(server, iter([at_limit[:1000], at_limit[1000:]]))) == plain_png  # chunked
+    over = json.dumps({**BODY, "user": "u" * (MAX_BODY - len(base) + 1)}).encode()
+    assert f"is {MAX_BODY + 1} bytes" in assert_error(_post(server, over), 413, None)["message"]
+
+
+# -- paths and methods --------------------------------------------------------------------------
+
+
+def test_a_trailing_slash_is_served_not_redirected(server: RemoteServer, plain_png: bytes) -> None:
+    assert _image(_post(server, json.dumps(BODY).encode(), path="/v1/images/generations/")) == plain_png
+    assert httpx.get(f"{server.url}/health/live/").status_code == 200
+
+
+def test_head_answers_as_get_without_a_body(server: RemoteServer) -> None:
+    live = httpx.head(f"{server.url}/health/live")
+    assert live.status_code == 200 and live.content == b""
+    assert int(live.headers["content-length"]) == len(httpx.get(f"{server.url}/health/live").content)
+    assert httpx.head(f"{server.url}/v1/models", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "HEAD"])
+def test_another_method_on_the_images_route_is_a_405_naming_post(server: RemoteServer, method: str) -> None:
+    response = httpx.request(method, f"{server.url}/v1/images/generations", headers=AUTH)
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    if method != "HEAD":
+        assert "use POST" in assert_error(response, 405, None)["message"]
+
+
+def test_an_unknown_path_is_a_404_listing_the_routes(server: RemoteServer) -> None:
+    error = assert_error(httpx.post(f"{server.url}/v1/images/edits", headers=AUTH), 404, None)
+    assert "Invalid URL (POST /v1/images/edits)" in error["message"]
+    assert "POST /v1/images/generations" in error["message"] and "GET /v1/models" in error["message"]
+
+
+# -- the model list, through the OpenAI SDK ------------------------------------------------------
+
+
+def test_the_sdk_lists_and_retrieves_the_served_model(server: RemoteServer) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    models = client.models.list()
+    assert [model.id for model in models.data] == ["reference"]
+    assert models.data[0].owned_by == "catrt"
+    assert client.models.retrieve("reference").id == "reference"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("dall-e-3")
+    assert missing.value.body["param"] == "model"
+    assert "'dall-e-3' is not served here" in missing.value.body["message"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+# -- the API key's header ------------------------------------------------------------------------
+
+
+def test_the_key_after_a_tab_or_extra_spaces_is_taken(server: RemoteServer) -> None:
+    for header in (f"Bearer\t{KEY}", f"BEARER   {KEY}"):
+        assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": header}).status_code == 200
+
+
+@pytest.mark.parametrize("order", [("wrong", KEY), (KEY, "wrong"), (KEY, KEY)])
+def test_two_authorization_headers_are_a_401_whichever_comes_last(server: RemoteServer, order: tuple[str, str]) -> None:
+    host = server.url.removeprefix("http://")
+    request = (f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {order[0]}\r\n"
+               f"Authorization: Bearer {order[1]}\r\nConnection: close\r\n\r\n").encode()
+    head, _, body = _raw(server, request).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert "several Authorization headers" in json.loads(body)["error"]["message"]
+
+
+def test_metrics_count_the_refusals_under_their_route(server: RemoteServer) -> None:
+    _post(server, b"x", {"content-type": "text/plain"})
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'catrt_requests_total{route="/v1/images/generations",status="415"}' in metrics
+
+
+def test_the_openapi_document_describes_the_model_list(server: RemoteServer) -> None:
+    document = httpx.get(f"{server.url}/openapi.json").json()
+    assert document["paths"]["/v1/models"]["get"]["security"] == [{"bearer": []}]
+    assert "/v1/models/{model_id}" in document["paths"]
+    assert set(document["components"]["schemas"]["ModelCard"]["properties"]) == {"id", "object", "created", "owned_by"}
+
