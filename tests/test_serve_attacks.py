@@ -1,15 +1,21 @@
 """`catrt serve` against what clients send besides a clean JSON request: encodings, media types,
 odd paths and methods, the model list, header tricks, wrong-typed fields.
 
-One server runs for the module: the reference model (fast), with an API key and a small
-`--max-body-bytes`, so the body limit's edges and the key's header forms are cheap to reach.
+Two servers run for the module, both of the reference model (fast): one with an API key and a small
+`--max-body-bytes`, so the body limit's edges and the key's header forms are cheap to reach; one
+whose request checks are patched in its own process to take a while on marked prompts, to fill the
+line of requests waiting for their checks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import signal
 import socket
+import sys
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -17,23 +23,47 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from test_serve_support import CLI, PROMPT, RemoteServer, assert_error, png, start_all, stop_all
+from test_serve_support import CLI, PROMPT, LiveProbe, RemoteServer, assert_error, png, start_all, stop_all
 
 KEY = "attack-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 3000
 BODY = {"prompt": PROMPT, "seed": 3}
+HELD = 70  # requests whose checks are held; the server lets 64 wait for their checks
+# The held-check server: checking a prompt that starts with "hold" waits for SIGUSR1 (at most 30 s).
+HOLD_LAUNCHER = """
+import signal, sys, threading
+from catrt.serve.routing import RoutedRules
+released = threading.Event()
+signal.signal(signal.SIGUSR1, lambda *_: released.set())
+admit = RoutedRules.admit
+def held(self, body):
+    if body.prompt.startswith("hold"):
+        released.wait(30)
+    return admit(self, body)
+RoutedRules.admit = held
+from catrt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RemoteServer]]:
     key_file = tmp_path_factory.mktemp("attack") / "key"
     key_file.write_text(KEY)
-    started = {"reference": RemoteServer(CLI, ["--model", "reference", "--steps", "3", "--t0", "2", "--batch", "1",
-                                              "--api-key-file", str(key_file), "--max-body-bytes", str(MAX_BODY)])}
+    fast = ["--model", "reference", "--steps", "3", "--t0", "2", "--batch", "1"]
+    started = {
+        "keyed": RemoteServer(CLI, [*fast, "--api-key-file", str(key_file), "--max-body-bytes", str(MAX_BODY)]),
+        "held-check": RemoteServer([sys.executable, "-c", HOLD_LAUNCHER], [*fast, "--max-queue", "2"]),
+    }
     start_all(started)
-    yield started["reference"]
+    yield started
     stop_all(started)
+
+
+@pytest.fixture(scope="module")
+def server(servers: dict[str, RemoteServer]) -> RemoteServer:
+    return servers["keyed"]
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +254,41 @@ def test_the_openapi_document_describes_the_model_list(server: RemoteServer) -> 
     assert "/v1/models/{model_id}" in document["paths"]
     assert set(document["components"]["schemas"]["ModelCard"]["properties"]) == {"id", "object", "created", "owned_by"}
 
+
+
+# -- a flood of costly checks ------------------------------------------------------------------------
+
+
+def test_a_flood_waiting_for_its_checks_is_refused_at_once_past_64(servers: dict[str, RemoteServer]) -> None:
+    """Prompts are checked (tokenized) one at a time; past max(64, 2 x --max-queue) requests waiting for
+    that, more are a 429 with Retry-After at once instead of waiting behind the flood, and the server
+    keeps serving."""
+    server = servers["held-check"]
+    url = server.url
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=HELD + 10)) as client:
+            posts = [asyncio.ensure_future(client.post(f"{url}/v1/images/generations",
+                                                       json={"prompt": f"hold {index}", "size": "1x1"}))
+                     for index in range(HELD)]
+            deadline = time.monotonic() + 10
+            while sum(post.done() for post in posts) < HELD - 64 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            early = [post.result().status_code for post in posts if post.done()]
+            server.process.send_signal(signal.SIGUSR1)
+            answers = await asyncio.gather(*posts)
+            assert early == [429] * (HELD - 64), early  # answered while the checks were held
+            return answers
+
+    with LiveProbe(url) as probe:
+        answers = asyncio.run(flood())
+    statuses = sorted(response.status_code for response in answers)
+    assert statuses == [400] * 64 + [429] * (HELD - 64), statuses
+    for response in answers:
+        if response.status_code == 429:
+            assert "at most 64 wait for their checks" in assert_error(response, 429, None)["message"]
+            assert response.headers["retry-after"] == "1"
+        else:  # each held request was checked in the end: the size it asked for is not served
+            assert_error(response, 400, "size")
+    assert not probe.failures, probe.failures
+    assert httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPT}, timeout=60).status_code == 200

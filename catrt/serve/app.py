@@ -21,7 +21,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from catrt.errors import CatrtError, RequestTimeoutError, ServiceUnavailableError
+from catrt.errors import CatrtError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
 from catrt.serve.auth import BearerCheck
 from catrt.serve.config import ServeConfig
 from catrt.serve.errors import REQUEST_ID_KEY, error_response, install_error_handlers
@@ -40,7 +40,7 @@ from catrt.serve.schemas import (
 )
 
 if TYPE_CHECKING:
-    from catrt.serve.model import ServedSpec
+    from catrt.serve.model import BatchOptions, Row, ServedSpec
     from catrt.serve.routing import RoutedRules
     from catrt.serve.worker import Job, JobResult, Worker
 
@@ -48,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 GENERATIONS_PATH = "/v1/images/generations"
 DISCONNECT_POLL_SECONDS = 0.1
+# Requests that may wait for the admission thread: twice what the worker's queue may hold, and at least
+# MIN_CHECKING, so a burst is checked while earlier requests are and a flood is refused before tokenizing.
+CHECKING_PER_QUEUED = 2
+MIN_CHECKING = 64
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 500, 503, 504)
@@ -122,6 +126,7 @@ class ImageService:
         self.metrics = metrics
         self.config = config
         self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catrt-admit")
+        self._checking = 0  # requests in or waiting for the admission thread (read and written on the event loop)
         self._rules: RoutedRules | None = None
 
     def rules(self) -> RoutedRules | None:
@@ -142,7 +147,7 @@ class ImageService:
         checks = self.rules()
         if checks is None or worker.state != "ready":
             raise ServiceUnavailableError(f"the server is {worker.state}; retry later")
-        rows, options = await asyncio.get_running_loop().run_in_executor(self._admission, checks.admit, body)
+        rows, options = await self._admit(checks, body)
         job = Job(rows, options, deadline=arrived + config.timeout, request_id=request.scope[REQUEST_ID_KEY], arrived=arrived)
         worker.submit(job)
         try:
@@ -153,6 +158,24 @@ class ImageService:
         if result is None:
             return None
         return _response(result, checks.spec_for(options), [row.seed for row in rows], job.arrived)
+
+
+    async def _admit(self, checks: RoutedRules, body: ImageGenerationRequest) -> tuple[list[Row], BatchOptions]:
+        """`checks.admit(body)` on the admission thread, if the queue has room and fewer than
+        max(64, 2 x `max_queue`) requests wait to be checked: else a 429 at once, so a flood of costly
+        prompts (tokenized one at a time) makes no request wait behind it past its deadline."""
+        self.worker.check_room()
+        limit = max(MIN_CHECKING, CHECKING_PER_QUEUED * self.config.max_queue)
+        if self._checking >= limit:
+            raise QueueFullError(
+                f"the server is busy checking {self._checking} requests (at most {limit} wait for their checks); "
+                "retry later", retry_after=1,
+            )
+        self._checking += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._admission, checks.admit, body)
+        finally:
+            self._checking -= 1
 
 
 def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
