@@ -292,3 +292,18 @@ def test_a_flood_waiting_for_its_checks_is_refused_at_once_past_64(servers: dict
             assert_error(response, 400, "size")
     assert not probe.failures, probe.failures
     assert httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPT}, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(b"GARBAGE\r\n\r\n", id="no-request-line"),
+    pytest.param(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", id="length-not-a-number"),
+    pytest.param(b"GET /health/live HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", id="header-without-colon"),
+])
+def test_a_request_http_cannot_parse_is_a_400_in_the_error_body(server: RemoteServer, request_bytes: bytes) -> None:
+    head, _, body = _raw(server, request_bytes).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "400" and error["type"] == "invalid_request_error" and error["param"] is None
+    assert "invalid HTTP request" in error["message"]
+    assert httpx.get(f"{server.url}/health/live").status_code == 200
