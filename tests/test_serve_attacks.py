@@ -307,3 +307,14 @@ def test_a_request_http_cannot_parse_is_a_400_in_the_error_body(server: RemoteSe
     assert error["code"] == "400" and error["type"] == "invalid_request_error" and error["param"] is None
     assert "invalid HTTP request" in error["message"]
     assert httpx.get(f"{server.url}/health/live").status_code == 200
+
+
+@pytest.mark.parametrize(("content", "key"), [
+    pytest.param(b'{"prompt": "a red sun", "prompt": "   "}', "prompt", id="prompt"),
+    pytest.param(b'{"prompt": "a red sun", "seed": 1, "n": 1, "seed": 2}', "seed", id="seed"),
+    pytest.param(b'{"prompt": "a red sun", "user": "u", "User": "v", "user": "w"}', "user", id="case-differs-then-repeats"),
+])
+def test_a_key_given_twice_is_a_400_naming_it(server: RemoteServer, content: bytes, key: str) -> None:
+    """Parsers disagree on which of two equal keys wins (Python's keeps the last), so neither is taken."""
+    error = assert_error(_post(server, content), 400, None)
+    assert f"the key {key!r} appears twice in one object" in error["message"]

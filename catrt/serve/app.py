@@ -26,6 +26,7 @@ from catrt.serve.auth import BearerCheck
 from catrt.serve.config import ServeConfig
 from catrt.serve.errors import REQUEST_ID_KEY, error_response, install_error_handlers
 from catrt.serve.gate import RequestGate
+from catrt.serve.json_body import UniqueKeysRoute
 from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
 from catrt.serve.openapi import describe_served
 from catrt.serve.schemas import (
@@ -65,6 +66,7 @@ def base_app(metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
     """The app every serving mode starts from: error bodies, the request gate (id, key, body limit,
     encoding), request metrics, `/health/live` and the model list (`/v1/models`)."""
     app = FastAPI(title="catrt", summary="CAT Pruning text-to-image server (OpenAI images API)")
+    app.router.route_class = UniqueKeysRoute  # every route added below and by the serving modes
     install_error_handlers(app)
     app.add_middleware(
         RequestGate,
