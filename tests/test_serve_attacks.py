@@ -318,3 +318,26 @@ def test_a_key_given_twice_is_a_400_naming_it(server: RemoteServer, content: byt
     """Parsers disagree on which of two equal keys wins (Python's keeps the last), so neither is taken."""
     error = assert_error(_post(server, content), 400, None)
     assert f"the key {key!r} appears twice in one object" in error["message"]
+
+
+def _count(url: str, series: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_that_leaves_mid_body_is_counted_499_not_500(server: RemoteServer) -> None:
+    route = 'catrt_requests_total{route="/v1/images/generations",status="%s"}'
+    before = {status: _count(server.url, route % status) for status in ("499", "500")}
+    host, port = server.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                               + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prom")
+            time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while _count(server.url, route % "499") < before["499"] + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _count(server.url, route % "499") == before["499"] + 3
+    assert _count(server.url, route % "500") == before["500"]

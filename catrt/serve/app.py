@@ -260,7 +260,7 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        status: int | None = None
         started = time.perf_counter()
 
         async def send_and_record(message: Message) -> None:
@@ -269,9 +269,15 @@ class RequestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        failed = True
         try:
             await self.app(scope, receive, send_and_record)
+            failed = False
         finally:
+            if status is None:
+                # An exception escaped unanswered: Starlette's outermost handler answers 500. Returned
+                # unanswered: the client left mid-request (the gate answers nobody who is gone).
+                status = 500 if failed else CLIENT_CLOSED_REQUEST
             name = self._route(scope)
             self.metrics.requests.labels(route=name, status=str(status)).inc()
             self.metrics.latency.labels(route=name).observe(time.perf_counter() - started)
