@@ -341,3 +341,8 @@ def test_a_client_that_leaves_mid_body_is_counted_499_not_500(server: RemoteServ
         time.sleep(0.05)
     assert _count(server.url, route % "499") == before["499"] + 3
     assert _count(server.url, route % "500") == before["500"]
+
+
+def test_a_field_name_that_is_not_unicode_text_is_named_as_such(server: RemoteServer) -> None:
+    error = assert_error(_post(server, b'{"prompt": "a red sun", "\\ud800": 1}'), 400, None)
+    assert 'the field name "\\ud800" is not valid Unicode text' in error["message"]

@@ -74,6 +74,10 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     if first.get("type") == "json_invalid":
         message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
         return error_response(400, message, "invalid_request_error")
+    if not location and first.get("type") == "string_unicode":  # a key pydantic cannot read as text
+        message = (f"the field name {_shown(first.get('input'))} is not valid Unicode text (a lone surrogate); "
+                   "send field names as plain text")
+        return error_response(400, message, "invalid_request_error")
     if not location:  # the body as a whole: JSON, but not an object
         message = f"the body must be one JSON object, not {_json_kind(first.get('input'))}"
         return error_response(400, message, "invalid_request_error")
