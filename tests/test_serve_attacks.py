@@ -161,8 +161,10 @@ def test_a_body_that_is_not_one_object_says_what_it_is(server: RemoteServer, con
     pytest.param({"prompt": "a", "n": True}, "n", "got true", id="n-bool"),
     pytest.param({"prompt": "a", "alpha": "0.3"}, "alpha", 'got "0.3"', id="alpha-string"),
     pytest.param({"prompt": ["a", "b"]}, "prompt", 'got ["a", "b"]', id="prompt-list"),
+    pytest.param({"prompt": "a", "input_fidelity": "high"}, "input_fidelity",
+                 "unknown field 'input_fidelity': this endpoint takes prompt, n, size", id="unknown-field"),
     pytest.param({"prompt": "a", "partial_images": 2}, "partial_images",
-                 "unknown field 'partial_images': this endpoint takes prompt, n, size", id="unknown-field"),
+                 "partial_images=2 is not served: partial images come only with streaming", id="partial-images"),
 ])
 def test_a_wrong_field_is_named_with_what_was_sent(server: RemoteServer, body: dict[str, Any], param: str, needle: str) -> None:
     assert needle in assert_error(_post(server, json.dumps(body).encode()), 400, param)["message"]
@@ -346,3 +348,7 @@ def test_a_client_that_leaves_mid_body_is_counted_499_not_500(server: RemoteServ
 def test_a_field_name_that_is_not_unicode_text_is_named_as_such(server: RemoteServer) -> None:
     error = assert_error(_post(server, b'{"prompt": "a red sun", "\\ud800": 1}'), 400, None)
     assert 'the field name "\\ud800" is not valid Unicode text' in error["message"]
+
+
+def test_partial_images_zero_is_taken_as_openai_clients_send_it(server: RemoteServer, plain_png: bytes) -> None:
+    assert _image(_post(server, json.dumps({**BODY, "partial_images": 0, "stream": False}).encode())) == plain_png
