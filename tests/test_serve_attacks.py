@@ -352,3 +352,10 @@ def test_a_field_name_that_is_not_unicode_text_is_named_as_such(server: RemoteSe
 
 def test_partial_images_zero_is_taken_as_openai_clients_send_it(server: RemoteServer, plain_png: bytes) -> None:
     assert _image(_post(server, json.dumps({**BODY, "partial_images": 0, "stream": False}).encode())) == plain_png
+
+
+@pytest.mark.parametrize(("path", "allowed"), [("/v1/images/generations", "POST, OPTIONS"), ("/health/live", "GET, OPTIONS")])
+def test_options_answers_204_with_the_allowed_methods(server: RemoteServer, path: str, allowed: str) -> None:
+    response = httpx.options(f"{server.url}{path}", headers=AUTH)
+    assert response.status_code == 204 and response.content == b""
+    assert response.headers["allow"] == allowed

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
@@ -109,7 +109,7 @@ def _shown(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+async def _http_error(request: Request, error: HTTPException) -> Response:
     message = str(error.detail)
     if error.status_code == 400 and message == FASTAPI_BODY_ERROR:
         message = BODY_NOT_JSON
@@ -117,6 +117,8 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
         message = f"Invalid URL ({request.method} {request.url.path}): this server serves {_served_routes(request)}"
     elif error.status_code == 405:
         allowed = (error.headers or {}).get("Allow", "")
+        if request.method == "OPTIONS":  # what the route allows, as RFC 9110 has OPTIONS answer
+            return Response(status_code=204, headers={"Allow": f"{allowed}, OPTIONS"})
         message = f"{request.method} is not allowed on {request.url.path}: use {allowed.replace(', ', ' or ')}"
     return error_response(error.status_code, message, "invalid_request_error", headers=error.headers)
 
