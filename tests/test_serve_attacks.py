@@ -359,3 +359,14 @@ def test_options_answers_204_with_the_allowed_methods(server: RemoteServer, path
     response = httpx.options(f"{server.url}{path}", headers=AUTH)
     assert response.status_code == 204 and response.content == b""
     assert response.headers["allow"] == allowed
+
+
+def test_a_503_and_a_429_tell_the_client_when_to_retry() -> None:
+    from catrt.errors import QueueFullError, ServiceUnavailableError
+    from catrt.serve.errors import UNAVAILABLE_RETRY_AFTER, catrt_error_response
+
+    unavailable = catrt_error_response(ServiceUnavailableError("the server is loading; retry later"))
+    assert unavailable.status_code == 503 and unavailable.headers["retry-after"] == str(UNAVAILABLE_RETRY_AFTER)
+    assert json.loads(unavailable.body)["error"]["type"] == "service_unavailable_error"
+    full = catrt_error_response(QueueFullError("the request queue is full", retry_after=7))
+    assert full.status_code == 429 and full.headers["retry-after"] == "7"

@@ -32,6 +32,9 @@ BODY_NOT_JSON = ("the body is not valid JSON: send one JSON object encoded as UT
                  "digits and shallow nesting")
 
 
+UNAVAILABLE_RETRY_AFTER = 5  # seconds a client is told to wait after a 503
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     """How one exception class is answered: HTTP status and OpenAI `type`."""
@@ -57,9 +60,14 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 
 
 def catrt_error_response(error: CatrtError) -> JSONResponse:
-    """The answer to a catrt error: its status, OpenAI's body naming its field, Retry-After on a 429."""
+    """The answer to a catrt error: its status, OpenAI's body naming its field, Retry-After on a 429 (the
+    queue's estimate) and a 503 (loading, draining: `UNAVAILABLE_RETRY_AFTER`; the SDK waits that long)."""
     kind = next(kind for cls, kind in ERROR_KINDS.items() if isinstance(error, cls))
-    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, QueueFullError) else None
+    headers = None
+    if isinstance(error, QueueFullError):
+        headers = {"Retry-After": str(error.retry_after)}
+    elif isinstance(error, ServiceUnavailableError):
+        headers = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)}
     return error_response(kind.status, str(error), kind.type, error.field, headers)
 
 
