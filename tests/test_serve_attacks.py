@@ -370,3 +370,9 @@ def test_a_503_and_a_429_tell_the_client_when_to_retry() -> None:
     assert json.loads(unavailable.body)["error"]["type"] == "service_unavailable_error"
     full = catrt_error_response(QueueFullError("the request queue is full", retry_after=7))
     assert full.status_code == 429 and full.headers["retry-after"] == "7"
+
+
+def test_an_encoding_header_on_a_request_without_a_body_is_ignored(server: RemoteServer) -> None:
+    for encoding in ("gzip", "deflate"):
+        assert httpx.get(f"{server.url}/health/live", headers={"content-encoding": encoding}).status_code == 200
+    assert "the request body is empty" in assert_error(_post(server, b"", {"content-encoding": "gzip"}), 400, None)["message"]

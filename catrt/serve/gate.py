@@ -107,7 +107,8 @@ class RequestGate:
         scope's headers then describe the decoded body. Raises `_Refused` or `_BodyTooLarge`."""
         encodings = _header_text(headers.get(b"content-encoding", b""), "Content-Encoding")
         for encoding in reversed([part.strip().lower() for part in encodings.split(",") if part.strip()]):
-            body = _decode(body, encoding, self.max_body_bytes)
+            if body:  # no body, nothing encoded (a GET whose client sets the header on every request)
+                body = _decode(body, encoding, self.max_body_bytes)
         replaced = {b"content-encoding", b"content-length"}
         extra = [(b"content-length", str(len(body)).encode())]
         if scope["method"] == "POST" and scope["path"] in self.json_paths:
