@@ -21,23 +21,38 @@ from fastapi.responses import PlainTextResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from catrt.errors import RequestTimeoutError, ServiceUnavailableError
+from catrt.errors import CatrtError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
 from catrt.serve.auth import BearerCheck
 from catrt.serve.config import ServeConfig
-from catrt.serve.errors import REQUEST_ID_KEY, install_error_handlers
+from catrt.serve.errors import REQUEST_ID_KEY, error_response, install_error_handlers
 from catrt.serve.gate import RequestGate
+from catrt.serve.json_body import UniqueKeysRoute
 from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
 from catrt.serve.openapi import describe_served
-from catrt.serve.schemas import CatrtInfo, ErrorResponse, ImageData, ImageGenerationRequest, ImageGenerationResponse, Timings
+from catrt.serve.schemas import (
+    CatrtInfo,
+    ErrorResponse,
+    ImageData,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    ModelCard,
+    ModelListResponse,
+    Timings,
+)
 
 if TYPE_CHECKING:
-    from catrt.serve.model import ServedSpec
+    from catrt.serve.model import BatchOptions, Row, ServedSpec
     from catrt.serve.routing import RoutedRules
     from catrt.serve.worker import Job, JobResult, Worker
 
 logger = logging.getLogger(__name__)
 
+GENERATIONS_PATH = "/v1/images/generations"
 DISCONNECT_POLL_SECONDS = 0.1
+# Requests that may wait for the admission thread: twice what the worker's queue may hold, and at least
+# MIN_CHECKING, so a burst is checked while earlier requests are and a flood is refused before tokenizing.
+CHECKING_PER_QUEUED = 2
+MIN_CHECKING = 64
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 500, 503, 504)
@@ -48,24 +63,60 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def base_app(metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
-    """The app every serving mode starts from: error bodies, the request gate (id, key, body limit),
-    request metrics and `/health/live`."""
+    """The app every serving mode starts from: error bodies, the request gate (id, key, body limit,
+    encoding), request metrics, `/health/live` and the model list (`/v1/models`)."""
     app = FastAPI(title="catrt", summary="CAT Pruning text-to-image server (OpenAI images API)")
+    app.router.route_class = UniqueKeysRoute  # every route added below and by the serving modes
     install_error_handlers(app)
     app.add_middleware(
         RequestGate,
         max_body_bytes=config.max_body_bytes,
         authorized=BearerCheck(config.api_key) if config.api_key is not None else None,
         protect_metrics=config.metrics_auth,
+        json_paths=(GENERATIONS_PATH,),
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, router=app.router)
+    listed = ModelList(config)
 
     @app.get("/health/live")
     async def live() -> dict[str, str]:
         """200 whenever the process answers."""
         return {"status": "live"}
 
+    @app.get("/v1/models", response_model=ModelListResponse, responses=ERROR_RESPONSES)
+    async def list_models() -> ModelListResponse:
+        """The served model (OpenAI's `models.list`); a request's `model` field is ignored whatever it names."""
+        return ModelListResponse(data=[listed.card()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={**ERROR_RESPONSES, 404: {"model": ErrorResponse}})
+    async def retrieve_model(model_id: str) -> Any:
+        """The served model by its id (OpenAI's `models.retrieve`); another id is a 404 naming `model`."""
+        card = listed.card()
+        if model_id != card.id:
+            return error_response(404, f"the model {model_id!r} is not served here: this server serves {card.id!r}",
+                                  "invalid_request_error", "model")
+        return card
+
     return app
+
+
+class ModelList:
+    """The served model's OpenAI model card; its name is read once (from the build's manifest for engines)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.created = int(time.time())
+        self._name: str | None = config.model
+
+    def card(self) -> ModelCard:
+        if self._name is None:
+            from catrt.serve.builds import check_builds
+
+            try:
+                self._name = check_builds(self.config.engines or ())[0].model
+            except (CatrtError, IndexError) as error:
+                raise ServiceUnavailableError("the served model's name cannot be read from its build; retry later") from error
+        return ModelCard(id=self._name, created=self.created)
 
 
 class ImageService:
@@ -77,6 +128,7 @@ class ImageService:
         self.metrics = metrics
         self.config = config
         self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catrt-admit")
+        self._checking = 0  # requests in or waiting for the admission thread (read and written on the event loop)
         self._rules: RoutedRules | None = None
 
     def rules(self) -> RoutedRules | None:
@@ -97,7 +149,7 @@ class ImageService:
         checks = self.rules()
         if checks is None or worker.state != "ready":
             raise ServiceUnavailableError(f"the server is {worker.state}; retry later")
-        rows, options = await asyncio.get_running_loop().run_in_executor(self._admission, checks.admit, body)
+        rows, options = await self._admit(checks, body)
         job = Job(rows, options, deadline=arrived + config.timeout, request_id=request.scope[REQUEST_ID_KEY], arrived=arrived)
         worker.submit(job)
         try:
@@ -110,12 +162,30 @@ class ImageService:
         return _response(result, checks.spec_for(options), [row.seed for row in rows], job.arrived)
 
 
+    async def _admit(self, checks: RoutedRules, body: ImageGenerationRequest) -> tuple[list[Row], BatchOptions]:
+        """`checks.admit(body)` on the admission thread, if the queue has room and fewer than
+        max(64, 2 x `max_queue`) requests wait to be checked: else a 429 at once, so a flood of costly
+        prompts (tokenized one at a time) makes no request wait behind it past its deadline."""
+        self.worker.check_room()
+        limit = max(MIN_CHECKING, CHECKING_PER_QUEUED * self.config.max_queue)
+        if self._checking >= limit:
+            raise QueueFullError(
+                f"the server is busy checking {self._checking} requests (at most {limit} wait for their checks); "
+                "retry later", retry_after=1,
+            )
+        self._checking += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._admission, checks.admit, body)
+        finally:
+            self._checking -= 1
+
+
 def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
     """Routes over `worker`; every request is counted and timed into `metrics` by route and status."""
     app = base_app(metrics, config)
     service = ImageService(worker, metrics, config)
 
-    @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
+    @app.post(GENERATIONS_PATH, response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
     async def generate_images(body: ImageGenerationRequest, request: Request) -> Any:
         """Images for one prompt, batched with compatible queued requests."""
         response = await service.generate(body, request)
@@ -190,7 +260,7 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        status: int | None = None
         started = time.perf_counter()
 
         async def send_and_record(message: Message) -> None:
@@ -199,9 +269,15 @@ class RequestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        failed = True
         try:
             await self.app(scope, receive, send_and_record)
+            failed = False
         finally:
+            if status is None:
+                # An exception escaped unanswered: Starlette's outermost handler answers 500. Returned
+                # unanswered: the client left mid-request (the gate answers nobody who is gone).
+                status = 500 if failed else CLIENT_CLOSED_REQUEST
             name = self._route(scope)
             self.metrics.requests.labels(route=name, status=str(status)).inc()
             self.metrics.latency.labels(route=name).observe(time.perf_counter() - started)

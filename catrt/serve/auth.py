@@ -47,7 +47,8 @@ def _sendable(key: str, source: str, field: str) -> str:
 
 
 class BearerCheck:
-    """Whether an `Authorization` header value carries the key (`Bearer <key>`, scheme case-insensitive)."""
+    """Whether an `Authorization` header value carries the key (`Bearer <key>`, scheme case-insensitive,
+    spaces or tabs around and between them)."""
 
     def __init__(self, key: str) -> None:
         self._key = key.encode("utf-8")
@@ -55,7 +56,7 @@ class BearerCheck:
     def __call__(self, header: bytes | None) -> bool:
         if header is None:
             return False
-        scheme, _, token = header.strip().partition(b" ")
-        if scheme.lower() != b"bearer":
+        parts = header.split(None, 1)
+        if len(parts) != 2 or parts[0].lower() != b"bearer":
             return False
-        return hmac.compare_digest(token.strip(), self._key)
+        return hmac.compare_digest(parts[1].strip(), self._key)

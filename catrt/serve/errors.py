@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from catrt.errors import (
@@ -17,6 +19,7 @@ from catrt.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
 )
+from catrt.serve.schemas import ImageGenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,9 @@ FASTAPI_BODY_ERROR = "There was an error parsing the body"
 # ... and what a client is told instead.
 BODY_NOT_JSON = ("the body is not valid JSON: send one JSON object encoded as UTF-8, with numbers of at most 4300 "
                  "digits and shallow nesting")
+
+
+UNAVAILABLE_RETRY_AFTER = 5  # seconds a client is told to wait after a 503
 
 
 @dataclass(frozen=True)
@@ -54,9 +60,14 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 
 
 def catrt_error_response(error: CatrtError) -> JSONResponse:
-    """The answer to a catrt error: its status, OpenAI's body naming its field, Retry-After on a 429."""
+    """The answer to a catrt error: its status, OpenAI's body naming its field, Retry-After on a 429 (the
+    queue's estimate) and a 503 (loading, draining: `UNAVAILABLE_RETRY_AFTER`; the SDK waits that long)."""
     kind = next(kind for cls, kind in ERROR_KINDS.items() if isinstance(error, cls))
-    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, QueueFullError) else None
+    headers = None
+    if isinstance(error, QueueFullError):
+        headers = {"Retry-After": str(error.retry_after)}
+    elif isinstance(error, ServiceUnavailableError):
+        headers = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)}
     return error_response(kind.status, str(error), kind.type, error.field, headers)
 
 
@@ -65,22 +76,68 @@ async def _catrt_error(request: Request, error: CatrtError) -> JSONResponse:
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    """Pydantic's first complaint, with the body field it is about as `param`."""
+    """Pydantic's first complaint, with the body field it is about as `param` and the value it got."""
     first = error.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
         return error_response(400, message, "invalid_request_error")
-    param = ".".join(location) or None
-    message = f"{param or 'body'}: {first.get('msg')}"
-    return error_response(400, message, "invalid_request_error", location[0] if location else None)
+    if not location and first.get("type") == "string_unicode":  # a key pydantic cannot read as text
+        message = (f"the field name {_shown(first.get('input'))} is not valid Unicode text (a lone surrogate); "
+                   "send field names as plain text")
+        return error_response(400, message, "invalid_request_error")
+    if not location:  # the body as a whole: JSON, but not an object
+        message = f"the body must be one JSON object, not {_json_kind(first.get('input'))}"
+        return error_response(400, message, "invalid_request_error")
+    param = ".".join(location)
+    if first.get("type") == "missing":
+        message = f"{param} is required"
+    elif first.get("type") == "extra_forbidden":
+        known = ", ".join(ImageGenerationRequest.model_fields)
+        message = f"unknown field {param!r}: this endpoint takes {known}"
+    else:
+        message = f"{param}: {first.get('msg')}, got {_shown(first.get('input'))}"
+    return error_response(400, message, "invalid_request_error", location[0])
 
 
-async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+def _json_kind(value: object) -> str:
+    """How JSON calls the kind of `value`, for a body that is not an object."""
+    kinds = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (str, "a string"), (list, "an array"))
+    if value is None:
+        return "null"
+    return next((name for kind, name in kinds if isinstance(value, kind)), "that")
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """`value` as the client wrote it in JSON, cut short."""
+    try:
+        text = json.dumps(value, ensure_ascii=True, allow_nan=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+async def _http_error(request: Request, error: HTTPException) -> Response:
     message = str(error.detail)
     if error.status_code == 400 and message == FASTAPI_BODY_ERROR:
         message = BODY_NOT_JSON
+    elif error.status_code == 404 and message == "Not Found":
+        message = f"Invalid URL ({request.method} {request.url.path}): this server serves {_served_routes(request)}"
+    elif error.status_code == 405:
+        allowed = (error.headers or {}).get("Allow", "")
+        if request.method == "OPTIONS":  # what the route allows, as RFC 9110 has OPTIONS answer
+            return Response(status_code=204, headers={"Allow": f"{allowed}, OPTIONS"})
+        message = f"{request.method} is not allowed on {request.url.path}: use {allowed.replace(', ', ' or ')}"
     return error_response(error.status_code, message, "invalid_request_error", headers=error.headers)
+
+
+def _served_routes(request: Request) -> str:
+    """The documented routes, as `METHOD /path`, for a client that asked for another."""
+    routes = []
+    for route in request.app.routes:
+        if isinstance(route, APIRoute) and route.include_in_schema:
+            routes.extend(f"{method} {route.path_format}" for method in sorted(route.methods))
+    return ", ".join(routes) + " (the API's description: GET /openapi.json, /docs)"
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:

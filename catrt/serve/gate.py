@@ -1,17 +1,27 @@
-"""What every HTTP request passes before any route sees it: a request id, the API key, the body limit.
+"""What every HTTP request passes before any route sees it: a request id, the API key, the body limit,
+the body's encoding and media type, and the path's spelling.
 
 Pure ASGI, so it runs before FastAPI reads or parses a byte of the body: an oversized body is
 refused from its `Content-Length` alone, and a chunked one as soon as the bytes received pass the
 limit; nothing over the limit is ever held in memory or handed to the JSON parser. Bytes a client
 keeps sending after the refusal are discarded by the HTTP protocol layer until the connection's
 read timeout, so the client still reads the 413 instead of a reset connection.
+
+A gzip or deflate body (`Content-Encoding`) is decoded here, its decoded bytes held to the same
+limit (a small body that inflates past it is a 413, and inflating stops there); another encoding is
+a 415. A JSON route's body must be JSON (`application/json` or `application/*+json`; no
+`Content-Type` at all is read as JSON) and not empty. A trailing slash is dropped from the path
+(`/v1/images/generations/` is served, never redirected), and `HEAD` is answered as `GET` without
+the body.
 """
 
 from __future__ import annotations
 
+import email.message
 import logging
 import uuid
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +30,9 @@ from catrt.serve.errors import REQUEST_ID_KEY, error_response
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = b"x-request-id"
+# Content-Encoding -> zlib's wbits for it: gzip, and deflate as HTTP means it (zlib-wrapped).
+DECODABLE = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+UNSUPPORTED_MEDIA_TYPE = 415
 
 
 class RequestGate:
@@ -32,11 +45,13 @@ class RequestGate:
         max_body_bytes: int,
         authorized: Callable[[bytes | None], bool] | None = None,
         protect_metrics: bool = False,
+        json_paths: Collection[str] = (),
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.authorized = authorized
         self.protect_metrics = protect_metrics
+        self.json_paths = frozenset(json_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,14 +65,20 @@ class RequestGate:
                 message = {**message, "headers": [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())]}
             await send(message)
 
-        headers = dict(scope.get("headers", []))
-        if self._needs_key(scope["path"]) and not self.authorized(headers.get(b"authorization")):
+        scope["path"] = _without_trailing_slash(scope["path"])
+        if scope["method"] == "HEAD":  # as GET, headers only
+            scope["method"] = "GET"
+            send_with_id = _headers_only(send_with_id)
+        authorization = [value for name, value in scope.get("headers", []) if name == b"authorization"]
+        if self._needs_key(scope["path"]) and (len(authorization) != 1 or not self.authorized(authorization[0])):
+            several = " (once: this request has several Authorization headers)" if len(authorization) > 1 else ""
             response = error_response(
-                401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                401, f"missing or wrong API key: send the header 'Authorization: Bearer <key>'{several}",
                 "invalid_request_error", headers={"WWW-Authenticate": "Bearer"},
             )
             await response(scope, receive, send_with_id)
             return
+        headers = dict(scope.get("headers", []))
         declared = _content_length(headers.get(b"content-length"))
         if declared is not None and declared > self.max_body_bytes:
             await self._too_large(scope, receive, send_with_id, f"is {declared} bytes")
@@ -69,7 +90,42 @@ class RequestGate:
             return
         if body is None:  # the client left (or the read timeout closed the connection) mid-body
             return
+        try:
+            body = self._decoded(scope, headers, body)
+        except _BodyTooLarge:
+            await self._too_large(scope, receive, send_with_id, f"decodes past {self.max_body_bytes} bytes")
+            return
+        except _Refused as refusal:
+            logger.info("request %s refused: %s", scope[REQUEST_ID_KEY], refusal.message)
+            response = error_response(refusal.status, refusal.message, "invalid_request_error", refusal.param)
+            await response(scope, receive, send_with_id)
+            return
         await self.app(scope, _replay(body, receive), send_with_id)
+
+    def _decoded(self, scope: Scope, headers: dict[bytes, bytes], body: bytes) -> bytes:
+        """The body with its Content-Encoding undone, checked as JSON's where the route reads JSON; the
+        scope's headers then describe the decoded body. Raises `_Refused` or `_BodyTooLarge`."""
+        encodings = _header_text(headers.get(b"content-encoding", b""), "Content-Encoding")
+        for encoding in reversed([part.strip().lower() for part in encodings.split(",") if part.strip()]):
+            if body:  # no body, nothing encoded (a GET whose client sets the header on every request)
+                body = _decode(body, encoding, self.max_body_bytes)
+        replaced = {b"content-encoding", b"content-length"}
+        extra = [(b"content-length", str(len(body)).encode())]
+        if scope["method"] == "POST" and scope["path"] in self.json_paths:
+            media = _header_text(headers.get(b"content-type", b""), "Content-Type")
+            if not media.strip():
+                replaced.add(b"content-type")
+                extra.append((b"content-type", b"application/json"))
+            elif not _is_json(media):
+                raise _Refused(
+                    UNSUPPORTED_MEDIA_TYPE,
+                    f"Content-Type {media.strip()!r} is not served: send the body as JSON, with "
+                    "'Content-Type: application/json'", "Content-Type",
+                )
+            if not body.strip():
+                raise _Refused(400, 'the request body is empty: send a JSON object, e.g. {"prompt": "a red circle"}', None)
+        scope["headers"] = [(name, value) for name, value in scope.get("headers", []) if name not in replaced] + extra
+        return body
 
     def _needs_key(self, path: str) -> bool:
         if self.authorized is None:
@@ -86,7 +142,69 @@ class RequestGate:
 
 
 class _BodyTooLarge(Exception):
-    """The body passed the limit while it was being received."""
+    """The body passed the limit while it was being received or decoded."""
+
+
+class _Refused(Exception):
+    """A body the gate answers itself: `status`, the message, the header or field it is about."""
+
+    def __init__(self, status: int, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def _without_trailing_slash(path: str) -> str:
+    """`/v1/models/` -> `/v1/models`: a client's trailing slash reaches the same route, never a redirect."""
+    stripped = path.rstrip("/")
+    return stripped or "/"
+
+
+def _headers_only(send: Send) -> Send:
+    """A `send` that drops the response body (a HEAD answer); the headers, Content-Length included, go out."""
+
+    async def send_headers(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_headers
+
+
+def _header_text(value: bytes, name: str) -> str:
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        raise _Refused(400, f"the {name} header is not ASCII", name) from None
+
+
+def _is_json(media: str) -> bool:
+    """`application/json` or `application/<anything>+json`, any parameters (charset...)."""
+    message = email.message.Message()
+    message["content-type"] = media
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _decode(body: bytes, encoding: str, limit: int) -> bytes:
+    """`body` with one Content-Encoding undone; inflating stops at `limit` bytes (`_BodyTooLarge` past it)."""
+    if encoding == "identity":
+        return body
+    if encoding not in DECODABLE:
+        raise _Refused(
+            UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Encoding {encoding!r} is not served: send the body as is, or with gzip or deflate",
+            "Content-Encoding",
+        )
+    inflater = zlib.decompressobj(wbits=DECODABLE[encoding])
+    try:
+        decoded = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise _Refused(400, f"the body is not valid {encoding} data, as its Content-Encoding says", "Content-Encoding") from None
+    if len(decoded) > limit:
+        raise _BodyTooLarge
+    if not inflater.eof or inflater.unused_data:
+        raise _Refused(400, f"the body is not one whole {encoding} stream, as its Content-Encoding says", "Content-Encoding")
+    return decoded
 
 
 def _content_length(value: bytes | None) -> int | None:

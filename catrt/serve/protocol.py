@@ -7,11 +7,15 @@ a connection and its task forever. Here a deadline starts when a connection open
 byte of a request arrives, is not moved by later bytes, and ends when h11 has the whole request
 (headers and body). A connection still short of a whole request at the deadline is closed. While
 the app works on a complete request there is no deadline: `--timeout` bounds that.
+
+A request h11 cannot parse (a malformed request line, a `Content-Length` that is not a number) is
+answered 400 in OpenAI's error body, as every other refusal, instead of uvicorn's plain-text line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, ClassVar
 
@@ -44,6 +48,23 @@ class ReadDeadlineH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes h11 cannot parse, in OpenAI's error body; the connection is closed."""
+        body = json.dumps({"error": {
+            "message": "invalid HTTP request: the request line or headers cannot be parsed (a Content-Length "
+                       "that is not a number, a header without a colon...); send a well-formed HTTP/1.1 request",
+            "type": "invalid_request_error", "param": None, "code": "400",
+        }}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        try:
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:  # an answer was already under way on this connection: just close it
+            pass
+        self.transport.close()
 
     def _arm(self) -> None:
         """Start the deadline unless one is running: later bytes of the same request do not extend it."""

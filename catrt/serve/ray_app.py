@@ -35,7 +35,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from catrt.errors import CatrtError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
-from catrt.serve.app import ERROR_RESPONSES, METRICS_RESPONSES, ImageService, base_app
+from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
 from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -190,7 +190,7 @@ def ingress_app(ingress: Ingress) -> FastAPI:
     config, metrics = ingress.config, ingress.metrics
     app = base_app(metrics, config)
 
-    @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
+    @app.post(GENERATIONS_PATH, response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
     async def generate_images(body: ImageGenerationRequest, request: Request) -> Any:
         """Images for one prompt, made by one model replica (its id in `catrt.replica`)."""
         reply = await ingress.forward(body, request.scope[REQUEST_ID_KEY])

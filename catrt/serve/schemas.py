@@ -7,10 +7,13 @@ takes (its size, `n` range, guidance, prompt length) depends on the build, so th
 
 OpenAI SDK fields that do not apply here are accepted and ignored (`model`, `quality`, `style`,
 `user`, `safety_identifier`, `moderation`, `output_compression`), or accepted for the values this
-server honours (`output_format` png, `background` auto / opaque, `stream` false, `size` "auto").
+server honours (`output_format` png, `background` auto / opaque, `stream` false, `partial_images` 0,
+`size` "auto").
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -29,6 +32,7 @@ class ImageGenerationRequest(BaseModel):
     output_format: StrictStr | None = Field(None, description="png (default); no other format is served")
     background: StrictStr | None = Field(None, description="auto or opaque (images are opaque); transparent is not served")
     stream: StrictBool | None = Field(None, description="false; streaming is not served")
+    partial_images: StrictInt | None = Field(None, description="0; partial images come only with streaming, which is not served")
     model: StrictStr | None = Field(None, description=f"{IGNORED}: the server serves one model")
     quality: StrictStr | None = Field(None, description=f"{IGNORED}: the build fixes steps and size")
     style: StrictStr | None = Field(None, description=IGNORED)
@@ -87,3 +91,17 @@ class ErrorResponse(BaseModel):
     """OpenAI's error body."""
 
     error: ErrorBody
+
+
+class ModelCard(BaseModel):
+    """OpenAI's model object, for `GET /v1/models` and `GET /v1/models/{id}`."""
+
+    id: str = Field(description="the served model: a catrt model name, a diffusers folder or a build's model")
+    object: Literal["model"] = "model"
+    created: int = Field(description="when this server started (Unix seconds)")
+    owned_by: str = "catrt"
+
+
+class ModelListResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

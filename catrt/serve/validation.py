@@ -90,6 +90,12 @@ class RequestRules:
             )
         if body.stream:
             raise ConfigError("stream=true is not served; images come in one answer", field="stream", value=True)
+        if body.partial_images:
+            raise ConfigError(
+                f"partial_images={body.partial_images} is not served: partial images come only with streaming, "
+                "which this server does not do; leave it out or send 0",
+                field="partial_images", value=body.partial_images,
+            )
 
     def _guidance(self, value: float | None) -> float:
         return self.spec.default_guidance if value is None else check_guidance(value)
@@ -191,6 +197,7 @@ class RequestRules:
             "output_format": _nullable({"type": "string", "enum": ["png"], "default": "png"}, "png only"),
             "background": _nullable({"type": "string", "enum": ["auto", "opaque"]}, "images are opaque"),
             "stream": _nullable({"type": "boolean", "enum": [False]}, "streaming is not served"),
+            "partial_images": _nullable({"type": "integer", "enum": [0]}, "partial images need streaming, which is not served"),
         }
 
 

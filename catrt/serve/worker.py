@@ -135,16 +135,25 @@ class Worker:
     def submit(self, job: Job) -> None:
         """Queue `job`, or raise: 503 while not ready, 429 when `max_queue` requests already wait."""
         with self._lock:
-            if self.state != "ready":
-                raise ServiceUnavailableError(f"the server is {self.state}; retry later")
-            self._drop_cancelled()
-            if len(self._queue) >= self.max_queue:
-                raise QueueFullError(
-                    f"the request queue is full ({self.max_queue} waiting); retry later",
-                    retry_after=self._retry_after(),
-                )
+            self._check_room()
             self._queue.append(job)
             self._lock.notify()
+
+    def check_room(self) -> None:
+        """Raise as `submit` would for a job submitted now: a request the queue cannot take is refused
+        before its (costly) checks."""
+        with self._lock:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self.state != "ready":
+            raise ServiceUnavailableError(f"the server is {self.state}; retry later")
+        self._drop_cancelled()
+        if len(self._queue) >= self.max_queue:
+            raise QueueFullError(
+                f"the request queue is full ({self.max_queue} waiting); retry later",
+                retry_after=self._retry_after(),
+            )
 
     def drain(self) -> None:
         """Stop taking requests, answer the queued ones 503; the call in flight finishes."""

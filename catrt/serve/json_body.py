@@ -1,0 +1,62 @@
+"""JSON request bodies parsed once, refusing an object that names a key twice.
+
+Python's parser keeps the last of two equal keys, other parsers the first, so a body with
+`"prompt"` twice can mean one thing to a proxy or a log and another to this server. Here it is a
+400 naming the key. FastAPI parses a route's body through `Request.json`; `UniqueKeysRoute` hands
+its routes a request whose `json` makes that check while parsing, so the body is still parsed once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """One JSON object as a dict; raises `_RepeatedKey` for a key it names twice."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _RepeatedKey(key)
+        result[key] = value
+    return result
+
+
+def loads_unique(body: bytes) -> Any:
+    """`json.loads(body)`, but a repeated key in any object is a `json.JSONDecodeError` naming it."""
+    try:
+        return json.loads(body, object_pairs_hook=_unique_object)
+    except _RepeatedKey as repeated:
+        text = body.decode("utf-8", errors="replace")
+        raise json.JSONDecodeError(
+            f"the key {repeated.key!r} appears twice in one object; send each field once", text, 0,
+        ) from None
+
+
+class UniqueKeysRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = loads_unique(await self.body())
+        return self._json
+
+
+class UniqueKeysRoute(APIRoute):
+    """An `APIRoute` whose body is parsed by `loads_unique`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handle_unique(request: Request) -> Response:
+            return await handle(UniqueKeysRequest(request.scope, request.receive))
+
+        return handle_unique

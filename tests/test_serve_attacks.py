@@ -1,0 +1,378 @@
+"""`catrt serve` against what clients send besides a clean JSON request: encodings, media types,
+odd paths and methods, the model list, header tricks, wrong-typed fields.
+
+Two servers run for the module, both of the reference model (fast): one with an API key and a small
+`--max-body-bytes`, so the body limit's edges and the key's header forms are cheap to reach; one
+whose request checks are patched in its own process to take a while on marked prompts, to fill the
+line of requests waiting for their checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import signal
+import socket
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from test_serve_support import CLI, PROMPT, LiveProbe, RemoteServer, assert_error, png, start_all, stop_all
+
+KEY = "attack-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_BODY = 3000
+BODY = {"prompt": PROMPT, "seed": 3}
+HELD = 70  # requests whose checks are held; the server lets 64 wait for their checks
+# The held-check server: checking a prompt that starts with "hold" waits for SIGUSR1 (at most 30 s).
+HOLD_LAUNCHER = """
+import signal, sys, threading
+from catrt.serve.routing import RoutedRules
+released = threading.Event()
+signal.signal(signal.SIGUSR1, lambda *_: released.set())
+admit = RoutedRules.admit
+def held(self, body):
+    if body.prompt.startswith("hold"):
+        released.wait(30)
+    return admit(self, body)
+RoutedRules.admit = held
+from catrt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RemoteServer]]:
+    key_file = tmp_path_factory.mktemp("attack") / "key"
+    key_file.write_text(KEY)
+    fast = ["--model", "reference", "--steps", "3", "--t0", "2", "--batch", "1"]
+    started = {
+        "keyed": RemoteServer(CLI, [*fast, "--api-key-file", str(key_file), "--max-body-bytes", str(MAX_BODY)]),
+        "held-check": RemoteServer([sys.executable, "-c", HOLD_LAUNCHER], [*fast, "--max-queue", "2"]),
+    }
+    start_all(started)
+    yield started
+    stop_all(started)
+
+
+@pytest.fixture(scope="module")
+def server(servers: dict[str, RemoteServer]) -> RemoteServer:
+    return servers["keyed"]
+
+
+@pytest.fixture(scope="module")
+def plain_png(server: RemoteServer) -> bytes:
+    """The image of `BODY` sent as plain JSON: every decoded form of it must give these bytes."""
+    return _image(_post(server, json.dumps(BODY).encode()))
+
+
+def _post(server: RemoteServer, content: Any, headers: dict[str, str] | None = None,
+          path: str = "/v1/images/generations") -> httpx.Response:
+    sent = {"content-type": "application/json", **AUTH, **(headers or {})}
+    return httpx.post(f"{server.url}{path}", content=content, headers={k: v for k, v in sent.items() if v is not None},
+                      timeout=60)
+
+
+def _image(response: httpx.Response) -> bytes:
+    assert response.status_code == 200, response.text
+    return png(response.json()["data"][0]["b64_json"])
+
+
+def _raw(server: RemoteServer, request: bytes) -> bytes:
+    """`request` as sent bytes (for headers httpx will not write twice), the whole answer back."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+# -- Content-Encoding ----------------------------------------------------------------------------
+
+
+def test_gzip_and_deflate_bodies_are_decoded_to_the_same_image(server: RemoteServer, plain_png: bytes) -> None:
+    raw = json.dumps(BODY).encode()
+    assert _image(_post(server, gzip.compress(raw), {"content-encoding": "gzip"})) == plain_png
+    assert _image(_post(server, zlib.compress(raw), {"content-encoding": "deflate"})) == plain_png
+    assert _image(_post(server, raw, {"content-encoding": "identity"})) == plain_png
+
+
+def test_a_body_that_inflates_past_the_limit_is_a_413(server: RemoteServer) -> None:
+    bomb = gzip.compress(b'{"prompt": "' + b"x" * 2_000_000 + b'"}')
+    assert len(bomb) < MAX_BODY  # small on the wire, 2 MB inflated
+    error = assert_error(_post(server, bomb, {"content-encoding": "gzip"}), 413, None)
+    assert f"decodes past {MAX_BODY} bytes" in error["message"]
+
+
+@pytest.mark.parametrize(("encoding", "content", "status", "needle"), [
+    pytest.param("br", b'{"prompt": "a"}', 415, "Content-Encoding 'br' is not served", id="brotli"),
+    pytest.param("gzip", b'{"prompt": "a"}', 400, "not valid gzip data", id="not-gzip"),
+    pytest.param("gzip", gzip.compress(b'{"prompt": "a red sun"}')[:-6], 400, "not one whole gzip stream", id="cut-short"),
+    pytest.param("deflate", gzip.compress(b'{"prompt": "a"}'), 400, "not valid deflate data", id="gzip-as-deflate"),
+])
+def test_an_encoding_the_server_cannot_undo_is_refused_naming_the_header(
+    server: RemoteServer, encoding: str, content: bytes, status: int, needle: str,
+) -> None:
+    error = assert_error(_post(server, content, {"content-encoding": encoding}), status, "Content-Encoding")
+    assert needle in error["message"]
+
+
+# -- Content-Type and the body's shape -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("media", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+def test_a_body_that_is_not_json_by_its_content_type_is_a_415(server: RemoteServer, media: str) -> None:
+    error = assert_error(_post(server, json.dumps(BODY).encode(), {"content-type": media}), 415, "Content-Type")
+    assert f"Content-Type {media!r} is not served" in error["message"]
+    assert "application/json" in error["message"]
+
+
+@pytest.mark.parametrize("media", [None, "application/json; charset=utf-8", "Application/JSON", "application/vnd.catrt+json"])
+def test_json_by_any_of_its_names_or_without_a_content_type_is_served(
+    server: RemoteServer, plain_png: bytes, media: str | None,
+) -> None:
+    assert _image(_post(server, json.dumps(BODY).encode(), {"content-type": media})) == plain_png
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    pytest.param(b"", "the request body is empty", id="empty"),
+    pytest.param(b"  \n", "the request body is empty", id="whitespace"),
+    pytest.param(b"[1, 2]", "must be one JSON object, not an array", id="array"),
+    pytest.param(b'"a red sun"', "must be one JSON object, not a string", id="string"),
+    pytest.param(b"5", "must be one JSON object, not a number", id="number"),
+    pytest.param(b"null", "must be one JSON object, not null", id="null"),
+    pytest.param(b"true", "must be one JSON object, not a boolean", id="boolean"),
+])
+def test_a_body_that_is_not_one_object_says_what_it_is(server: RemoteServer, content: bytes, needle: str) -> None:
+    assert needle in assert_error(_post(server, content), 400, None)["message"]
+
+
+@pytest.mark.parametrize(("body", "param", "needle"), [
+    pytest.param({"n": 1}, "prompt", "prompt is required", id="missing"),
+    pytest.param({"prompt": "a", "n": 1.0}, "n", "n: Input should be a valid integer, got 1.0", id="n-float"),
+    pytest.param({"prompt": "a", "n": True}, "n", "got true", id="n-bool"),
+    pytest.param({"prompt": "a", "alpha": "0.3"}, "alpha", 'got "0.3"', id="alpha-string"),
+    pytest.param({"prompt": ["a", "b"]}, "prompt", 'got ["a", "b"]', id="prompt-list"),
+    pytest.param({"prompt": "a", "input_fidelity": "high"}, "input_fidelity",
+                 "unknown field 'input_fidelity': this endpoint takes prompt, n, size", id="unknown-field"),
+    pytest.param({"prompt": "a", "partial_images": 2}, "partial_images",
+                 "partial_images=2 is not served: partial images come only with streaming", id="partial-images"),
+])
+def test_a_wrong_field_is_named_with_what_was_sent(server: RemoteServer, body: dict[str, Any], param: str, needle: str) -> None:
+    assert needle in assert_error(_post(server, json.dumps(body).encode()), 400, param)["message"]
+
+
+def test_a_body_exactly_at_the_limit_is_served_one_byte_over_is_a_413(server: RemoteServer, plain_png: bytes) -> None:
+    base = json.dumps({**BODY, "user": ""}).encode()
+    at_limit = json.dumps({**BODY, "user": "u" * (MAX_BODY - len(base))}).encode()
+    assert len(at_limit) == MAX_BODY
+    assert _image(_post(server, at_limit)) == plain_png
+    assert _image(_post(server, iter([at_limit[:1000], at_limit[1000:]]))) == plain_png  # chunked
+    over = json.dumps({**BODY, "user": "u" * (MAX_BODY - len(base) + 1)}).encode()
+    assert f"is {MAX_BODY + 1} bytes" in assert_error(_post(server, over), 413, None)["message"]
+
+
+# -- paths and methods --------------------------------------------------------------------------
+
+
+def test_a_trailing_slash_is_served_not_redirected(server: RemoteServer, plain_png: bytes) -> None:
+    assert _image(_post(server, json.dumps(BODY).encode(), path="/v1/images/generations/")) == plain_png
+    assert httpx.get(f"{server.url}/health/live/").status_code == 200
+
+
+def test_head_answers_as_get_without_a_body(server: RemoteServer) -> None:
+    live = httpx.head(f"{server.url}/health/live")
+    assert live.status_code == 200 and live.content == b""
+    assert int(live.headers["content-length"]) == len(httpx.get(f"{server.url}/health/live").content)
+    assert httpx.head(f"{server.url}/v1/models", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "HEAD"])
+def test_another_method_on_the_images_route_is_a_405_naming_post(server: RemoteServer, method: str) -> None:
+    response = httpx.request(method, f"{server.url}/v1/images/generations", headers=AUTH)
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    if method != "HEAD":
+        assert "use POST" in assert_error(response, 405, None)["message"]
+
+
+def test_an_unknown_path_is_a_404_listing_the_routes(server: RemoteServer) -> None:
+    error = assert_error(httpx.post(f"{server.url}/v1/images/edits", headers=AUTH), 404, None)
+    assert "Invalid URL (POST /v1/images/edits)" in error["message"]
+    assert "POST /v1/images/generations" in error["message"] and "GET /v1/models" in error["message"]
+
+
+# -- the model list, through the OpenAI SDK ------------------------------------------------------
+
+
+def test_the_sdk_lists_and_retrieves_the_served_model(server: RemoteServer) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    models = client.models.list()
+    assert [model.id for model in models.data] == ["reference"]
+    assert models.data[0].owned_by == "catrt"
+    assert client.models.retrieve("reference").id == "reference"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("dall-e-3")
+    assert missing.value.body["param"] == "model"
+    assert "'dall-e-3' is not served here" in missing.value.body["message"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+# -- the API key's header ------------------------------------------------------------------------
+
+
+def test_the_key_after_a_tab_or_extra_spaces_is_taken(server: RemoteServer) -> None:
+    for header in (f"Bearer\t{KEY}", f"BEARER   {KEY}"):
+        assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": header}).status_code == 200
+
+
+@pytest.mark.parametrize("order", [("wrong", KEY), (KEY, "wrong"), (KEY, KEY)])
+def test_two_authorization_headers_are_a_401_whichever_comes_last(server: RemoteServer, order: tuple[str, str]) -> None:
+    host = server.url.removeprefix("http://")
+    request = (f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {order[0]}\r\n"
+               f"Authorization: Bearer {order[1]}\r\nConnection: close\r\n\r\n").encode()
+    head, _, body = _raw(server, request).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert "several Authorization headers" in json.loads(body)["error"]["message"]
+
+
+def test_metrics_count_the_refusals_under_their_route(server: RemoteServer) -> None:
+    _post(server, b"x", {"content-type": "text/plain"})
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'catrt_requests_total{route="/v1/images/generations",status="415"}' in metrics
+
+
+def test_the_openapi_document_describes_the_model_list(server: RemoteServer) -> None:
+    document = httpx.get(f"{server.url}/openapi.json").json()
+    assert document["paths"]["/v1/models"]["get"]["security"] == [{"bearer": []}]
+    assert "/v1/models/{model_id}" in document["paths"]
+    assert set(document["components"]["schemas"]["ModelCard"]["properties"]) == {"id", "object", "created", "owned_by"}
+
+
+
+# -- a flood of costly checks ------------------------------------------------------------------------
+
+
+def test_a_flood_waiting_for_its_checks_is_refused_at_once_past_64(servers: dict[str, RemoteServer]) -> None:
+    """Prompts are checked (tokenized) one at a time; past max(64, 2 x --max-queue) requests waiting for
+    that, more are a 429 with Retry-After at once instead of waiting behind the flood, and the server
+    keeps serving."""
+    server = servers["held-check"]
+    url = server.url
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=HELD + 10)) as client:
+            posts = [asyncio.ensure_future(client.post(f"{url}/v1/images/generations",
+                                                       json={"prompt": f"hold {index}", "size": "1x1"}))
+                     for index in range(HELD)]
+            deadline = time.monotonic() + 10
+            while sum(post.done() for post in posts) < HELD - 64 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            early = [post.result().status_code for post in posts if post.done()]
+            server.process.send_signal(signal.SIGUSR1)
+            answers = await asyncio.gather(*posts)
+            assert early == [429] * (HELD - 64), early  # answered while the checks were held
+            return answers
+
+    with LiveProbe(url) as probe:
+        answers = asyncio.run(flood())
+    statuses = sorted(response.status_code for response in answers)
+    assert statuses == [400] * 64 + [429] * (HELD - 64), statuses
+    for response in answers:
+        if response.status_code == 429:
+            assert "at most 64 wait for their checks" in assert_error(response, 429, None)["message"]
+            assert response.headers["retry-after"] == "1"
+        else:  # each held request was checked in the end: the size it asked for is not served
+            assert_error(response, 400, "size")
+    assert not probe.failures, probe.failures
+    assert httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPT}, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(b"GARBAGE\r\n\r\n", id="no-request-line"),
+    pytest.param(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", id="length-not-a-number"),
+    pytest.param(b"GET /health/live HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", id="header-without-colon"),
+])
+def test_a_request_http_cannot_parse_is_a_400_in_the_error_body(server: RemoteServer, request_bytes: bytes) -> None:
+    head, _, body = _raw(server, request_bytes).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "400" and error["type"] == "invalid_request_error" and error["param"] is None
+    assert "invalid HTTP request" in error["message"]
+    assert httpx.get(f"{server.url}/health/live").status_code == 200
+
+
+@pytest.mark.parametrize(("content", "key"), [
+    pytest.param(b'{"prompt": "a red sun", "prompt": "   "}', "prompt", id="prompt"),
+    pytest.param(b'{"prompt": "a red sun", "seed": 1, "n": 1, "seed": 2}', "seed", id="seed"),
+    pytest.param(b'{"prompt": "a red sun", "user": "u", "User": "v", "user": "w"}', "user", id="case-differs-then-repeats"),
+])
+def test_a_key_given_twice_is_a_400_naming_it(server: RemoteServer, content: bytes, key: str) -> None:
+    """Parsers disagree on which of two equal keys wins (Python's keeps the last), so neither is taken."""
+    error = assert_error(_post(server, content), 400, None)
+    assert f"the key {key!r} appears twice in one object" in error["message"]
+
+
+def _count(url: str, series: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_that_leaves_mid_body_is_counted_499_not_500(server: RemoteServer) -> None:
+    route = 'catrt_requests_total{route="/v1/images/generations",status="%s"}'
+    before = {status: _count(server.url, route % status) for status in ("499", "500")}
+    host, port = server.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                               + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prom")
+            time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while _count(server.url, route % "499") < before["499"] + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _count(server.url, route % "499") == before["499"] + 3
+    assert _count(server.url, route % "500") == before["500"]
+
+
+def test_a_field_name_that_is_not_unicode_text_is_named_as_such(server: RemoteServer) -> None:
+    error = assert_error(_post(server, b'{"prompt": "a red sun", "\\ud800": 1}'), 400, None)
+    assert 'the field name "\\ud800" is not valid Unicode text' in error["message"]
+
+
+def test_partial_images_zero_is_taken_as_openai_clients_send_it(server: RemoteServer, plain_png: bytes) -> None:
+    assert _image(_post(server, json.dumps({**BODY, "partial_images": 0, "stream": False}).encode())) == plain_png
+
+
+@pytest.mark.parametrize(("path", "allowed"), [("/v1/images/generations", "POST, OPTIONS"), ("/health/live", "GET, OPTIONS")])
+def test_options_answers_204_with_the_allowed_methods(server: RemoteServer, path: str, allowed: str) -> None:
+    response = httpx.options(f"{server.url}{path}", headers=AUTH)
+    assert response.status_code == 204 and response.content == b""
+    assert response.headers["allow"] == allowed
+
+
+def test_a_503_and_a_429_tell_the_client_when_to_retry() -> None:
+    from catrt.errors import QueueFullError, ServiceUnavailableError
+    from catrt.serve.errors import UNAVAILABLE_RETRY_AFTER, catrt_error_response
+
+    unavailable = catrt_error_response(ServiceUnavailableError("the server is loading; retry later"))
+    assert unavailable.status_code == 503 and unavailable.headers["retry-after"] == str(UNAVAILABLE_RETRY_AFTER)
+    assert json.loads(unavailable.body)["error"]["type"] == "service_unavailable_error"
+    full = catrt_error_response(QueueFullError("the request queue is full", retry_after=7))
+    assert full.status_code == 429 and full.headers["retry-after"] == "7"
+
+
+def test_an_encoding_header_on_a_request_without_a_body_is_ignored(server: RemoteServer) -> None:
+    for encoding in ("gzip", "deflate"):
+        assert httpx.get(f"{server.url}/health/live", headers={"content-encoding": encoding}).status_code == 200
+    assert "the request body is empty" in assert_error(_post(server, b"", {"content-encoding": "gzip"}), 400, None)["message"]
