@@ -227,3 +227,34 @@ def test_the_cli_help_of_serve_is_quick() -> None:
                             env=server_env(), timeout=60)
     assert result.returncode == 0 and "--api-key-file" in result.stdout and "--max-body-bytes" in result.stdout
     assert time.perf_counter() - started < 5
+
+
+def test_a_served_model_keeps_prompts_out_of_the_log() -> None:
+    """diffusers logs the part of a prompt past CLIP's 77 tokens on every call; a server must not write its users'
+    prompts into its log. The same call on the plain pipeline does log it (the check can fail)."""
+    import logging
+
+    from catrt.config import CATConfig
+    from catrt.serve.config import ServeConfig
+    from catrt.serve.model import BatchOptions, Row, load_served_model
+    from catrt.tiny import build_tiny_pipeline
+
+    prompt = " ".join(f"secret{index}" for index in range(30))  # over 77 CLIP tokens, within the T5 limit
+    plain = build_tiny_pipeline("tiny-sd3")
+    plain.set_progress_bar_config(disable=True)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    pipeline_logger = logging.getLogger(type(plain).__module__)  # where diffusers logs it
+    pipeline_logger.addHandler(handler)
+    try:
+        plain(prompt, num_inference_steps=1, height=32, width=32, output_type="latent")
+        assert any("secret" in message for message in records)
+        records.clear()
+        served = load_served_model(ServeConfig(model="tiny-sd3", height=32, width=32, steps=4, cat=CATConfig(t0=2)))
+        served.reader.check("prompt", prompt)
+        generation = served.generate([Row(prompt, 0)], BatchOptions(guidance_scale=5.0, negative_prompt=None))
+    finally:
+        pipeline_logger.removeHandler(handler)
+    assert len(generation.images) == 1
+    assert not any("secret" in message for message in records), records

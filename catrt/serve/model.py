@@ -33,6 +33,24 @@ logger = logging.getLogger(__name__)
 
 StepObserver = Callable[[str, float], None]
 
+#: diffusers' pipelines log, at WARNING on every call, the part of a prompt cut off at CLIP's 77 tokens:
+#: a server would write its users' prompts into its log, one record per request.
+PROMPT_ECHO = "The following part of your input was truncated"
+
+
+class _NoPromptEcho(logging.Filter):
+    """Drops the pipeline's records that quote a prompt (PROMPT_ECHO)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return PROMPT_ECHO not in record.getMessage()
+
+
+def keep_prompts_out_of_logs(pipe: Any) -> None:
+    """Filter the pipeline module's logger (diffusers logs with the module's name) in this serving process."""
+    pipeline_logger = logging.getLogger(type(pipe).__module__)
+    if not any(isinstance(existing, _NoPromptEcho) for existing in pipeline_logger.filters):
+        pipeline_logger.addFilter(_NoPromptEcho())
+
 
 @dataclass(frozen=True)
 class ServedSpec:
@@ -122,6 +140,7 @@ class ServedModel:
         self.reader = reader
         self.timer = StepTimer(runner.transformer, device)
         self.step_observer: StepObserver | None = None
+        keep_prompts_out_of_logs(runner.pipe)
 
     def generate(
         self,
