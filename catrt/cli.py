@@ -358,9 +358,10 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     precision = _precision(args.precision, model, device.type)
     from catrt.build_config import PRECISIONS
     from catrt.generation import check_pipeline_size
-    from catrt.loading import load_pipeline
+    from catrt.loading import check_model_source, load_pipeline
     from catrt.pipeline import accelerate
 
+    check_model_source(model)  # a mistyped name (or '') is refused before anything loads
     with _hub_errors(model):
         pipe = load_pipeline(model, device=device, dtype=PRECISIONS[precision])
     check_pipeline_size(pipe, args.height, args.width, model)
