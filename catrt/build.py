@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from catrt.build_config import BuildConfig
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
 from catrt.contract import pruned_graph
-from catrt.errors import BuildError, ConfigError
+from catrt.errors import BuildError, CatrtError, ConfigError
+from catrt.generation import check_pipeline_size
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
 from catrt.integrity import resolve_key, sign_manifest
 from catrt.loading import load_pipeline
@@ -100,6 +101,7 @@ def build_engines(
         bar.set_postfix_str(STAGES[0])
         pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
         pipe.set_progress_bar_config(disable=True)
+        check_pipeline_size(pipe, config.height, config.width, config.model)  # a model without a card: known once loaded
         config = _with_resolution(config, pipe)
         adapter = make_adapter(pipe.transformer)
         bar.update()
@@ -172,7 +174,14 @@ def _with_resolution(config: BuildConfig, pipe: Any) -> BuildConfig:
 
 
 def _reference(config: BuildConfig, pipe: Any, adapter: Adapter) -> _Reference:
-    sample = capture_step_sample(pipe, adapter, config)
+    try:
+        sample = capture_step_sample(pipe, adapter, config)
+    except CatrtError:
+        raise
+    except ValueError as error:  # the pipeline's own argument checks (a text length over its limit, say)
+        raise ConfigError(
+            f"{type(pipe).__name__} refused this build's settings: {error}; change the build flags", field="build",
+        ) from error
     num_tokens = adapter.tokens_of(sample.hidden_states).shape[1]
     ks = tuple(config.num_selected(num_tokens, alpha) for alpha in config.alphas)
     for index, k in enumerate(ks):

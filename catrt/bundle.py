@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ class EnginePipeline:
     def __call__(self, *args: Any, alpha: float | None = None, **kwargs: Any) -> Any:
         if alpha is not None:
             self.build.check_alpha(alpha)  # an unbuilt alpha: a ConfigError naming the built ones
+        # The pipeline may have been moved since load (`fast.to(...)`, `fast.pipe.to(...)`): the graphs take the build's.
+        check_pipeline_fits(self.build, self.accelerated.pipe, self.engine.device, type(self.engine).needs_transformer, "now")
         defaults = {**pipeline_spec(self.accelerated.pipe).call_defaults, **self.build.call_arguments()}
         bound = self._signature.bind(*args, **kwargs)
         for name, value in defaults.items():
@@ -66,8 +69,17 @@ class EnginePipeline:
         check_request(bound.arguments, self.build, self.accelerated.spec)
         return self.accelerated(*bound.args, alpha=alpha, **bound.kwargs)
 
+    def to(self, *args: Any, **kwargs: Any) -> EnginePipeline:
+        """The pipeline's `to`, returning this engine pipeline (as diffusers' `pipe = pipe.to(...)` idiom expects);
+        a call after a move to another device or dtype than the build's is refused, naming it."""
+        self.accelerated.to(*args, **kwargs)
+        return self
+
     def __getattr__(self, name: str) -> Any:
-        # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's.
+        # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's. Before `accelerated`
+        # is set (copy and pickle make the object without __init__) there is nothing to forward to.
+        if name.startswith("__") or "accelerated" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self.accelerated, name)
 
 
@@ -108,16 +120,30 @@ def check_request(arguments: dict[str, Any], build: BuildConfig, spec: PipelineS
 
 
 def request_batch(arguments: dict[str, Any]) -> int:
-    """Images per call: prompts (or prompt embeddings) times images per prompt."""
+    """Images per call: prompts (or prompt embeddings) times images per prompt; a prompt that is no text or list
+    of texts, an empty list or a count of images that is no positive integer is refused, naming it."""
     prompt = arguments.get("prompt")
     if isinstance(prompt, str):
         prompts = 1
     elif prompt is not None:
+        if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
+            raise ConfigError(
+                f"prompt must be a text or a non-empty list of texts, got {_describe(prompt)}", field="prompt", value=_describe(prompt)
+            )
         prompts = len(prompt)
     else:
         embeds = arguments.get("prompt_embeds")
         prompts = 1 if embeds is None else embeds.shape[0]
-    return prompts * (arguments.get("num_images_per_prompt") or 1)
+    per_prompt = arguments.get("num_images_per_prompt", 1)
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, numbers.Integral) or per_prompt < 1:
+        raise ConfigError(
+            f"num_images_per_prompt must be a positive integer, got {per_prompt!r}", field="num_images_per_prompt", value=per_prompt
+        )
+    return prompts * int(per_prompt)
+
+
+def _describe(value: Any) -> str:
+    return f"an empty {type(value).__name__}" if isinstance(value, (list, tuple)) and not value else f"{type(value).__name__} {value!r}"[:80]
 
 
 def load(
@@ -141,6 +167,18 @@ def load(
         >>> fast = catrt.load("engines/tiny-sd3-96x64-b1-s12-t4-a0.30-fp32-onnxruntime")
         >>> image = fast("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
     """
+    if not isinstance(engine_dir, (str, os.PathLike)):
+        raise ConfigError(
+            f"engine_dir must be a folder path (str or os.PathLike), got {type(engine_dir).__name__}", field="engine_dir",
+            value=type(engine_dir).__name__,
+        )
+    if config is not None and not isinstance(config, CATConfig):
+        raise ConfigError(
+            f"config must be a catrt.CATConfig or None, got {type(config).__name__}; make one with catrt.CATConfig(...)",
+            field="config", value=type(config).__name__,
+        )
+    if pipe is not None:
+        pipeline_spec(pipe)  # not a pipeline catrt runs: refused by name
     folder = Path(engine_dir)
     manifest = verify_bundle(folder, key)
     build = BuildConfig.from_dict(manifest.build)
@@ -150,7 +188,7 @@ def load(
     if pipe is None:
         pipe = load_pipeline(build.model, device=device, dtype=build.dtype, transformer_weights=engine_class.needs_transformer)
     else:
-        _check_shared_pipeline(build, pipe, device, engine_class.needs_transformer)
+        check_pipeline_fits(build, pipe, device, engine_class.needs_transformer, "given to load")
     _check_transformer(build, manifest, pipe.transformer)
     adapter = make_adapter(pipe.transformer)
     graphs = {graph: GraphSpec.from_dict(spec) for graph, spec in manifest.graphs.items()}
@@ -160,8 +198,9 @@ def load(
     return EnginePipeline(accelerate(pipe, run_config, functions=engine), build, manifest, engine)
 
 
-def _check_shared_pipeline(build: BuildConfig, pipe: Any, device: Any, needs_transformer: bool) -> None:
-    """A pipeline given to `load` runs this build only if its dtype, device and transformer weights fit."""
+def check_pipeline_fits(build: BuildConfig, pipe: Any, device: Any, needs_transformer: bool, which: str) -> None:
+    """The pipeline runs this build only if its dtype, device and transformer weights fit (`which`: "given to
+    load", or "now" for one moved since); else a ConfigError naming the mismatch."""
     transformer = pipe.transformer
     found = {"dtype": transformer.dtype, "device": pipe.text_encoder.device.type}
     expected = {"dtype": build.dtype, "device": device.type}
@@ -169,9 +208,9 @@ def _check_shared_pipeline(build: BuildConfig, pipe: Any, device: Any, needs_tra
         found["transformer weights"], expected["transformer weights"] = "none", "loaded"
     for name, value in expected.items():
         if found[name] != value:
+            fix = ("move it back (pipe.to)" if which == "now" else "load one that fits") + " or let catrt.load load its own"
             raise ConfigError(
-                f"the pipeline given to load has {name} {found[name]}, the {build.backend} build needs {value}; "
-                "load one that fits or let catrt.load load its own",
+                f"the pipeline {which} has {name} {found[name]}, the {build.backend} build needs {value}; {fix}",
                 field="pipe", value=str(found[name]),
             )
 

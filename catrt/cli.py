@@ -85,6 +85,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: Most denoising steps a run may ask for: diffusers' schedulers train on 1000 timesteps, and a mistyped huge
+#: count would allocate its schedule and run for days before anything is written.
+MAX_STEPS = 1000
+
+
+def _step_count(text: str) -> int:
+    """argparse type for the denoising steps of a run: a positive integer up to MAX_STEPS."""
+    value = _positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_STEPS} steps, got {value}")
+    return value
+
+
 def _version() -> str:
     """The installed distribution's version; the package's own when run from a source tree."""
     from importlib.metadata import PackageNotFoundError, version
@@ -334,7 +347,7 @@ def _check_request_values(args: argparse.Namespace) -> None:
 
 def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     """A pipeline by name, accelerated unless --full; everything checkable is checked before loading."""
-    model = args.model or DEFAULT_MODEL
+    model = DEFAULT_MODEL if args.model is None else args.model  # --model '' is refused by name, not replaced
     card = MODEL_CARDS.get(model)
     config = _cat_config(args, seed=args.seed)
     _card_size(card, args.height, args.width, model)
@@ -345,9 +358,10 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     precision = _precision(args.precision, model, device.type)
     from catrt.build_config import PRECISIONS
     from catrt.generation import check_pipeline_size
-    from catrt.loading import load_pipeline
+    from catrt.loading import check_model_source, load_pipeline
     from catrt.pipeline import accelerate
 
+    check_model_source(model)  # a mistyped name (or '') is refused before anything loads
     with _hub_errors(model):
         pipe = load_pipeline(model, device=device, dtype=PRECISIONS[precision])
     check_pipeline_size(pipe, args.height, args.width, model)
@@ -443,6 +457,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     from catrt.build import build_engines
     from catrt.build_config import BuildConfig
     from catrt.integrity import read_key_file
+    from catrt.loading import check_model_source
+
+    check_model_source(args.model)  # a mistyped name is one line, before the progress bar starts
 
     sign_key = None if args.sign_key_file is None else read_key_file(args.sign_key_file, "sign_key_file")
 
@@ -530,7 +547,8 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--t0", type=int, default=defaults.t0, help="last full step before pruning starts")
     build.add_argument("--reuse-every", type=int, default=defaults.reuse_every,
                        help="after t0, every N-th step reuses the previous prediction (0 = off)")
-    build.add_argument("--steps", type=int, default=BUILD_DEFAULTS["steps"], help="denoising steps the engine serves")
+    build.add_argument("--steps", type=_step_count, default=BUILD_DEFAULTS["steps"],
+                       help=f"denoising steps the engine serves, 1 to {MAX_STEPS}")
     build.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     build.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     build.add_argument("--batch", type=int, default=BUILD_DEFAULTS["batch"],
@@ -682,7 +700,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     eager = serve.add_argument_group("--model only (a build fixes these)")
     eager.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     eager.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    eager.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: {defaults.steps})")
+    eager.add_argument("--steps", type=_step_count, default=None, help=f"denoising steps, 1 to {MAX_STEPS} (default: {defaults.steps})")
     eager.add_argument("--batch", type=int, default=None, help=f"images per model call, 1 to {MAX_BATCH} (default: {defaults.batch})")
     eager.add_argument("--device", default=None, help=f"torch device, e.g. cpu or cuda (default: {defaults.device})")
     eager.add_argument("--precision", choices=SERVE_PRECISIONS, default=None,
@@ -708,8 +726,8 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
                           help=f"model name (reference, tiny-sd3, sd3, ...) or diffusers folder (default: {DEFAULT_MODEL})")
     generate.add_argument("--prompt", required=True, help="what to draw")
     generate.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
-    generate.add_argument("--steps", type=_positive_int, default=None,
-                          help="denoising steps (default: the pipeline's, 28 for SD3; the build's with --engines)")
+    generate.add_argument("--steps", type=_step_count, default=None,
+                          help=f"denoising steps, 1 to {MAX_STEPS} (default: the pipeline's, 28 for SD3; the build's with --engines)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise (and of KMeans)")
     generate.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     generate.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
@@ -800,7 +818,7 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--model", default=DEFAULT_MODEL, help="model name (reference, tiny-sd3, sd3, ...) or diffusers folder")
     compare.add_argument("--prompts", required=True, help="text file, one prompt per line")
     compare.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every prompt runs with each")
-    compare.add_argument("--steps", type=_positive_int, default=28, help="denoising steps")
+    compare.add_argument("--steps", type=_step_count, default=28, help=f"denoising steps, 1 to {MAX_STEPS}")
     compare.add_argument("--rules", nargs="+", choices=("full", *SELECTION_RULES), default=["cat", "round_robin", "random"],
                          help="token rules to compare (full: the unpruned pipeline again, a determinism check)")
     compare.add_argument("--reuse-threshold", type=float, default=0.0,

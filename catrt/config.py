@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TypeVar
 
 from catrt.checks import integer, number, require
 from catrt.errors import ConfigError
+from catrt.request_values import MAX_SEED
 
 T = TypeVar("T")
 
 SelectionRule = Literal["cat", "random", "round_robin", "magnitude", "sequential", "attention"]
 SELECTION_RULES: tuple[str, ...] = ("cat", "random", "round_robin", "magnitude", "sequential", "attention")
+#: Lloyd iterations a KMeans may run (a fixed count, no early stop): 20 clusters converge in tens, and a
+#: mistyped huge count would hang the generation at step t0.
+MAX_KMEANS_ITERS = 1000
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,9 @@ class CATConfig:
             prediction (no further transformer work) when that block's residual moved less than this, as
             mean |r - r_last| / mean |r_last| against the last computed step. A host decision every step,
             so eager only: engines and CUDA graphs refuse it (use reuse_every there).
-        seed: seed of the KMeans initialisation (and of the `random` rule).
+        seed: seed of the KMeans initialisation (and of the `random` rule), in [0, 2^63 - 1].
         trace: record the per-step schedule and indices in `last_trace`.
-        kmeans_iters: Lloyd iterations of the on-device KMeans.
+        kmeans_iters: Lloyd iterations of the on-device KMeans, 1 to 1000.
         rule: the token selection rule; "cat" is the method, the others are baselines for bench/.
     """
 
@@ -56,6 +62,7 @@ class CATConfig:
     rule: SelectionRule = "cat"
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         _check_number("alpha", self.alpha, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
         _check_int("t0", self.t0, ">= 2", lambda v: v >= 2)
         _check_int("n_clusters", self.n_clusters, ">= 1", lambda v: v >= 1)
@@ -66,8 +73,8 @@ class CATConfig:
         _check_int("refresh_every", self.refresh_every, ">= 0 (0 = off)", lambda v: v >= 0)
         _check_int("reuse_every", self.reuse_every, ">= 0 (0 = off)", lambda v: v >= 0)
         _check_number("reuse_threshold", self.reuse_threshold, ">= 0 (0 = off)", lambda v: v >= 0.0)
-        _check_int("seed", self.seed, ">= 0", lambda v: v >= 0)
-        _check_int("kmeans_iters", self.kmeans_iters, ">= 1", lambda v: v >= 1)
+        _check_int("seed", self.seed, f"in [0, {MAX_SEED}]", lambda v: 0 <= v <= MAX_SEED)
+        _check_int("kmeans_iters", self.kmeans_iters, f"from 1 to {MAX_KMEANS_ITERS}", lambda v: 1 <= v <= MAX_KMEANS_ITERS)
         require("CATConfig", "trace", self.trace, isinstance(self.trace, bool), "a bool")
         require("CATConfig", "rule", self.rule, self.rule in SELECTION_RULES, f"one of {', '.join(SELECTION_RULES)}")
 
@@ -95,11 +102,27 @@ class CATConfig:
 
 def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Rebuild a config dataclass from its `to_dict()`; unknown keys are an error, not ignored."""
+    if not isinstance(data, Mapping) or not all(isinstance(key, str) for key in data):
+        raise ConfigError(
+            f"{cls.__name__}.from_dict takes a dict of field names to values, got {type(data).__name__}",
+            field="data", value=type(data).__name__,
+        )
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}", field=unknown[0])
     return cls(**data)
+
+
+def _plain_numbers(config: CATConfig) -> None:
+    """numpy's (and other) integers and reals as Python's int and float: `np.int64(3)` is a count, and the
+    config's dict, hash and JSON stay plain. Built-in values, bools and non-numbers are left for the checks."""
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if type(value) in (int, float, bool) or not isinstance(value, numbers.Real):
+            continue
+        plain = int(value) if isinstance(value, numbers.Integral) else float(value)
+        object.__setattr__(config, field.name, plain)
 
 
 def _check_number(name: str, value: Any, allowed: str, ok: Any) -> None:

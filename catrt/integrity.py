@@ -100,7 +100,109 @@ def check_integrity(folder: str | os.PathLike[str], key: bytes | None = None) ->
     )
     if report.build is not None:
         report.problems += consistency_problems(report.manifest, report.build)
+    if not report.problems and report.build is not None and report.build.backend == "onnxruntime":
+        report.problems += onnx_graph_problems(folder, report.manifest.graphs)
     return report
+
+
+def onnx_graph_problems(folder: Path, graphs: Mapping[str, Any]) -> list[CatrtError]:
+    """Each `<graph>.onnx` declares what the manifest says that graph takes and gives, and reads its weights
+    from the bundle's `weights.bin` only.
+
+    The digests tie the files to the manifest, not the manifest to the files: an unsigned bundle whose graph
+    files were swapped (or replaced) and whose digests were rewritten passes every other check, and would fail
+    inside ONNX Runtime at the first step. Read without the weights (the graph structure only).
+    """
+    import onnx
+    from onnx import helper
+
+    problems: list[CatrtError] = []
+    table = _initializer_table(folder, graphs, problems)
+    for graph, spec in graphs.items():
+        name = f"{graph}.onnx"
+        try:
+            model = onnx.load(str(folder / name), load_external_data=False)
+        except Exception as error:  # noqa: BLE001 - whatever the parser raises, the file is not a graph
+            problems.append(CorruptBundleError(f"{name} cannot be read as an ONNX graph ({type(error).__name__}): rebuild the engine", field=name))
+            continue
+
+        def declared(values: Iterable[Any]) -> dict[str, tuple[list[Any], str]]:
+            found = {}
+            for value in values:
+                tensor = value.type.tensor_type
+                dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
+                found[value.name] = (dims, helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "?")
+            return found
+
+        expected = {kind: {t["name"]: (list(t["shape"]), t["dtype"]) for t in spec[kind]} for kind in ("inputs", "outputs")}
+        inputs, outputs = declared(model.graph.input), declared(model.graph.output)
+        # An exporter drops inputs a graph does not read, so the file's inputs are a subset; its outputs are all of them.
+        wrong = [n for n, io in inputs.items() if expected["inputs"].get(n) != io]
+        wrong += [n for n, io in expected["outputs"].items() if outputs.get(n) != io]
+        if wrong:
+            problems.append(CorruptBundleError(
+                f"{name} does not compute the {graph} graph the manifest lists: its {wrong[0]!r} is "
+                f"{inputs.get(wrong[0]) or outputs.get(wrong[0]) or 'missing'}, the manifest says "
+                f"{expected['inputs'].get(wrong[0]) or expected['outputs'].get(wrong[0]) or 'no such tensor'}; "
+                f"the file was swapped or replaced: rebuild the engine",
+                field=name, value=wrong[0],
+            ))
+            continue
+        elsewhere = sorted({
+            entry.value for initializer in model.graph.initializer for entry in initializer.external_data
+            if entry.key == "location" and entry.value != "weights.bin"
+        })
+        if elsewhere:
+            problems.append(CorruptBundleError(
+                f"{name} reads weights from {elsewhere[0]!r}, not the bundle's weights.bin: rebuild the engine",
+                field=name, value=elsewhere[0],
+            ))
+        own = {initializer.name for initializer in model.graph.initializer}
+        foreign = [record["name"] for record in table.get(graph, []) if record["name"] not in own]
+        if foreign:
+            problems.append(CorruptBundleError(
+                f"initializers.json gives the {graph} graph an initializer {foreign[0]!r} that {name} does not have: "
+                f"rebuild the engine", field="initializers.json", value=foreign[0],
+            ))
+    return problems
+
+
+def _initializer_table(folder: Path, graphs: Mapping[str, Any], problems: list[CatrtError]) -> dict[str, list[dict[str, Any]]]:
+    """`initializers.json`, checked as the index into `weights.bin` it must be (per graph: name, dtype, shape,
+    offset and a length that is the shape's bytes, inside the file); a problem is appended and {} returned."""
+    from catrt.engines.shared_weights import INITIALIZERS_FILE, NUMPY_DTYPES, WEIGHTS_FILE
+
+    import numpy as np
+
+    def refuse(message: str) -> dict[str, list[dict[str, Any]]]:
+        problems.append(CorruptBundleError(f"{INITIALIZERS_FILE} {message}: rebuild the engine", field=INITIALIZERS_FILE))
+        return {}
+
+    try:
+        table = json.loads((folder / INITIALIZERS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return refuse(f"cannot be read as JSON ({type(error).__name__})")
+    if not isinstance(table, dict) or not all(graph in graphs and isinstance(records, list) for graph, records in table.items()):
+        return refuse("must map graph names of the manifest to lists of initializers")
+    size = (folder / WEIGHTS_FILE).stat().st_size
+    for graph, records in table.items():
+        for index, record in enumerate(records):
+            where = f"entry {index} of graph {graph!r}"
+            keys = ("name", "offset", "length", "shape", "dtype")
+            if not isinstance(record, dict) or not all(key in record for key in keys):
+                return refuse(f"{where} needs {', '.join(keys)}")
+            offset, length, shape = record["offset"], record["length"], record["shape"]
+            if not (isinstance(record["name"], str) and record["dtype"] in NUMPY_DTYPES and _is_count(offset)
+                    and _is_count(length) and isinstance(shape, list) and all(_is_count(d) for d in shape)):
+                return refuse(f"{where} has a field of the wrong kind")
+            if length != math.prod(shape) * np.dtype(NUMPY_DTYPES[record["dtype"]]).itemsize or offset + length > size:
+                return refuse(f"{where} ({record['name']!r}) does not fit {WEIGHTS_FILE}: {length} bytes at offset {offset} "
+                              f"for shape {shape}, in a file of {size} bytes")
+    return table
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def verify_integrity(folder: str | os.PathLike[str], key: bytes | None = None) -> tuple[Manifest, BuildConfig]:
@@ -181,17 +283,38 @@ def resolve_key(key: bytes | str | None, environ: Mapping[str, str] = os.environ
     return _checked_key(key)
 
 
+#: Largest key file read: a key is a few dozen bytes, and /dev/zero or a huge file must not be read whole.
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
 def read_key_file(path: str | os.PathLike[str], field_name: str = "bundle_key_file") -> bytes:
-    """The key in a file, surrounding whitespace dropped; an unreadable or empty file is a ConfigError."""
+    """The key in a file, surrounding whitespace dropped; an unreadable, empty, oversized or non-regular file
+    (a folder, a pipe that would block, a device such as /dev/zero) is a ConfigError naming it."""
     try:
-        key = Path(path).read_bytes().strip()
+        with open(path, "rb", opener=_nonblocking) as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise ConfigError(
+                    f"the key file {path} is not a regular file; give a file holding the key", field=field_name, value=str(path)
+                )
+            key = stream.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as error:
         raise ConfigError(
             f"cannot read the key file {path}: {error.strerror or type(error).__name__}", field=field_name, value=str(path)
         ) from None
+    if len(key) > MAX_KEY_FILE_BYTES:
+        raise ConfigError(
+            f"the key file {path} is over {MAX_KEY_FILE_BYTES} bytes; a key is a short secret: give a file holding only it",
+            field=field_name, value=str(path),
+        )
+    key = key.strip()
     if not key:
         raise ConfigError(f"the key file {path} is empty", field=field_name, value=str(path))
     return key
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    """Open without blocking: a FIFO with no writer would otherwise hang `open` (it is refused as non-regular)."""
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def _checked_key(key: bytes | str) -> bytes:

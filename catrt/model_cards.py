@@ -164,8 +164,15 @@ def check_model_source(name_or_path: str | os.PathLike) -> str:
     Names win over folders of the same name. Light (no torch): the server asks before it binds its port,
     so a mistyped name is one line, not a listening server that then fails to load.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise UnknownModelError(
+            f"a model is a catrt name or a diffusers folder path (str or os.PathLike), got {type(name_or_path).__name__}",
+            field="model", value=type(name_or_path).__name__,
+        )
     key = os.fspath(name_or_path)
-    if key not in MODEL_CARDS and key not in TINY_MODELS and not (Path(key) / "model_index.json").is_file():
+    if not isinstance(key, str) or not key or (
+        key not in MODEL_CARDS and key not in TINY_MODELS and not (Path(key) / "model_index.json").is_file()
+    ):
         names = sorted({*MODEL_CARDS, *TINY_MODELS})
         raise UnknownModelError(
             f"unknown model {key!r}: known names are {', '.join(names)}; "

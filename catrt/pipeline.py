@@ -2,12 +2,20 @@
 
 The pipeline keeps its own argument handling, text encoders, scheduler, guidance and VAE; for the
 length of one call catrt replaces only the transformer's forward with a `CATRuntime` step.
+
+Calls that share a transformer run one at a time: a diffusers pipeline keeps per-call state (its
+scheduler, `_guidance_scale`), and catrt's step buffers and the replaced forward are per transformer.
+A second thread waits for the first; the replaced forward runs catrt's step only for the thread that
+installed it, so a plain `pipe(...)` from another thread meanwhile still runs the transformer as is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, Literal
@@ -19,6 +27,7 @@ from torch import nn
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models import PIPELINES, make_adapter
+from catrt.models.inputs import check_transformer_inputs
 from catrt.pipeline_spec import PipelineSpec, denoising_steps
 from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
 
@@ -32,7 +41,10 @@ def pipeline_spec(pipe: Any) -> PipelineSpec:
     spec = PIPELINES.get(type(pipe))
     if spec is None:
         supported = ", ".join(cls.__name__ for cls in PIPELINES)
-        raise UnsupportedModelError(f"catrt cannot accelerate {type(pipe).__name__}; supported pipelines: {supported}")
+        raise UnsupportedModelError(
+            f"catrt cannot accelerate {type(pipe).__name__}; supported pipelines: {supported}", field="pipe",
+            value=type(pipe).__name__,
+        )
     return spec
 
 
@@ -59,6 +71,7 @@ class AcceleratedPipeline:
         self, pipe: Any, config: CATConfig, functions: StepFunctions | None = None, cuda_graphs: bool | None = None
     ) -> None:
         self.spec = pipeline_spec(pipe)
+        check_accelerate_arguments(config, functions, cuda_graphs)
         self.pipe = pipe
         self.config = config
         self.adapter = make_adapter(pipe.transformer)
@@ -73,11 +86,24 @@ class AcceleratedPipeline:
         """The config of a call at `alpha` (None = `config.alpha`): `config` with that alpha, validated once."""
         if alpha is None:
             return self.config
+        if not isinstance(alpha, numbers.Real):  # a list or a tensor: not hashable, or not one value
+            replace(self.config, alpha=alpha)  # CATConfig refuses it, naming alpha
         if alpha not in self._configs:
             self._configs[alpha] = replace(self.config, alpha=alpha)  # CATConfig checks the value, naming alpha
         return self._configs[alpha]
 
     def __call__(self, *args: Any, alpha: float | None = None, **kwargs: Any) -> Any:
+        with exclusive_use(self.pipe.transformer):
+            return self._call(args, alpha, kwargs)
+
+    def to(self, *args: Any, **kwargs: Any) -> AcceleratedPipeline:
+        """The pipeline's `to` (device, dtype), returning this accelerated pipeline: `fast = fast.to("cuda")`
+        keeps CAT Pruning, where the diffusers pipeline `to` returns would run unpruned."""
+        with exclusive_use(self.pipe.transformer):
+            self.pipe.to(*args, **kwargs)
+        return self
+
+    def _call(self, args: tuple[Any, ...], alpha: float | None, kwargs: dict[str, Any]) -> Any:
         config = self.config_for(alpha)
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
@@ -100,9 +126,15 @@ class AcceleratedPipeline:
         runtime = self.runtime_class(
             self.adapter, config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
         )
+        adapter = self.adapter
+
+        def step(hidden_states: torch.Tensor, timestep: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
+            check_transformer_inputs(adapter, {"hidden_states": hidden_states, **arguments}, grid, shapes=runtime.step == 0)
+            return runtime(hidden_states, timestep, arguments)
+
         # Fewer calls than `steps` are fine: each ran as its step of the plan (a callback's `pipe._interrupt`, or a
         # scheduler whose custom sigmas end with the final one, such as Euler's); more are refused by the runtime.
-        with transformer_replaced(self.pipe.transformer, runtime):
+        with transformer_replaced(self.pipe.transformer, step):
             result = self.pipe(*args, **kwargs)
         self.last_trace = runtime.trace
         return result
@@ -124,8 +156,66 @@ class AcceleratedPipeline:
         self.buffers = RuntimeBuffers(self.buffers.max_shapes)  # its K/V slots and width may differ from the old one's
 
     def __getattr__(self, name: str) -> Any:
-        # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's.
+        # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's. Before `pipe` is
+        # set (copy and pickle make the object without __init__) there is nothing to forward to.
+        if name.startswith("__") or "pipe" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self.pipe, name)
+
+
+class _CallLock:
+    """One transformer's lock, and the thread holding it (a call from inside its own generation is refused)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+
+
+_CALL_LOCKS: weakref.WeakKeyDictionary[nn.Module, _CallLock] = weakref.WeakKeyDictionary()
+_CALL_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive_use(transformer: nn.Module) -> Iterator[None]:
+    """Hold `transformer` for one accelerated call: another thread's call waits until this one is done.
+
+    A call from inside a generation on the same transformer (a callback that calls the accelerated
+    pipeline again) would wait for itself; it is refused instead.
+    """
+    with _CALL_LOCKS_GUARD:
+        entry = _CALL_LOCKS.setdefault(transformer, _CallLock())
+    me = threading.get_ident()
+    if entry.owner == me:
+        raise ConfigError(
+            "the accelerated pipeline was called from inside one of its own generations (a callback_on_step_end?); "
+            "catrt's step buffers belong to the running one: call it again after it returns",
+            field="callback_on_step_end",
+        )
+    with entry.lock:
+        entry.owner = me
+        try:
+            yield
+        finally:
+            entry.owner = None
+
+
+def check_accelerate_arguments(config: Any, functions: Any, cuda_graphs: Any) -> None:
+    """Refuse a config, step functions or cuda_graphs of the wrong kind by name, before any call uses them."""
+    if not isinstance(config, CATConfig):
+        raise ConfigError(
+            f"config must be a catrt.CATConfig, got {type(config).__name__} {config!r}; make one with "
+            f"catrt.CATConfig(alpha=..., t0=...) (or CATConfig.from_dict for a dict)",
+            field="config", value=type(config).__name__,
+        )
+    missing = [name for name in ("prepare_context", "full_forward", "pruned_forward") if not callable(getattr(functions, name, None))]
+    if functions is not None and missing:
+        raise ConfigError(
+            f"functions must be step functions (an engine, or an object with prepare_context, full_forward and "
+            f"pruned_forward); {type(functions).__name__} has no {', '.join(missing)}",
+            field="functions", value=type(functions).__name__,
+        )
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise ConfigError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}", field="cuda_graphs", value=cuda_graphs)
 
 
 def _refuse_device_hooks(transformer: nn.Module) -> None:
@@ -170,13 +260,16 @@ def accelerate(
         >>> image = fast("a red circle", num_inference_steps=28, height=64, width=64).images[0]
         >>> faster = fast("a red circle", num_inference_steps=28, height=64, width=64, alpha=0.2).images[0]
     """
+    pipeline_spec(pipe)  # an unsupported pipeline is refused before anything is compiled
+    config = CATConfig() if config is None else config
+    check_accelerate_arguments(config, functions, cuda_graphs)
+    if backend not in ("eager", "compile"):
+        raise ConfigError(f"accelerate's backend must be eager or compile, got {backend!r}", field="backend", value=backend)
     if functions is None and backend == "compile":
         from catrt.engines.compile import compile_step_functions
 
         functions = compile_step_functions(make_adapter(pipe.transformer))
-    elif backend not in ("eager", "compile"):
-        raise ConfigError(f"accelerate's backend must be eager or compile, got {backend!r}", field="backend", value=backend)
-    return AcceleratedPipeline(pipe, config or CATConfig(), functions, cuda_graphs)
+    return AcceleratedPipeline(pipe, config, functions, cuda_graphs)
 
 
 @contextlib.contextmanager
@@ -184,11 +277,17 @@ def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor
     """Route `transformer(...)` to `runtime(hidden_states, timestep, other kwargs)` for one pipeline call.
 
     Module hooks still fire (the server times steps with them). A `forward` set on the instance before
-    (a user's wrapper) is put back afterwards, not deleted.
+    (a user's wrapper) is put back afterwards, not deleted. Only calls from the thread that entered are
+    routed: another thread's call (a plain `pipe(...)` meanwhile) runs the forward the transformer had.
     """
     signature = inspect.signature(type(transformer).forward)
+    previous = transformer.__dict__.get("forward")
+    own = previous if previous is not None else type(transformer).forward.__get__(transformer)
+    owner = threading.get_ident()
 
     def forward(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() != owner:
+            return own(*args, **kwargs)
         arguments = signature.bind(transformer, *args, **kwargs).arguments
         arguments.pop("self", None)
         hidden_states = arguments.pop("hidden_states")
@@ -197,7 +296,6 @@ def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor
         sample = runtime(hidden_states, _as_batch(timestep, hidden_states), arguments)
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
-    previous = transformer.__dict__.get("forward")
     transformer.forward = forward
     try:
         yield

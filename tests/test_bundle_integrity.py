@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import catrt
 import catrt.manifest
@@ -267,6 +268,110 @@ def test_an_empty_key_is_refused_before_building(tmp_path: Path) -> None:
     (tmp_path / "key").write_text("\n")
     with pytest.raises(ConfigError, match=r"the key file .* is empty"):
         integrity.read_key_file(tmp_path / "key")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "oversized"])
+def test_a_key_file_that_is_no_short_regular_file_is_refused_unread(tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A FIFO with no writer would block the read forever and /dev/zero never ends: both are refused at once."""
+    if kind == "fifo":
+        path, message = tmp_path / "key", "is not a regular file"
+        os.mkfifo(path)
+    elif kind == "device":
+        path, message = Path("/dev/zero"), "is not a regular file"
+    else:
+        path, message = tmp_path / "key", f"is over {integrity.MAX_KEY_FILE_BYTES} bytes"
+        path.write_bytes(b"k" * (integrity.MAX_KEY_FILE_BYTES + 1))
+    with pytest.raises(ConfigError, match=f"the key file {path} {message}") as caught:
+        integrity.read_key_file(path)
+    assert caught.value.field == "bundle_key_file"
+    assert main(["inspect", str(tmp_path), "--bundle-key-file", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"catrt inspect: error: the key file {path} {message}" + (
+        "; give a file holding the key" if kind != "oversized" else "; a key is a short secret: give a file holding only it")]
+
+
+def _rewrite_digests(folder: Path) -> None:
+    """What an editor who knows the format does to an unsigned bundle: every size, digest and the total made true."""
+    def edit(data: dict[str, Any]) -> None:
+        for name, record in data["files"].items():
+            record.update(sha256=file_digest(folder / name), size=(folder / name).stat().st_size)
+        data["total_size"] = sum(record["size"] for record in data["files"].values())
+
+    _edit(folder, edit)
+
+
+@pytest.mark.parametrize(("first", "second", "field", "message"), [
+    ("full.onnx", "pruned-k2.onnx", "full.onnx", r"full.onnx does not compute the full graph the manifest lists: its 'patches'"),
+    ("context.onnx", "full.onnx", "context.onnx", r"context.onnx does not compute the context graph .*its 'hidden_states'"),
+])
+def test_graph_files_swapped_with_their_digests_rewritten_are_refused_before_any_session(
+    bundle: Path, first: str, second: str, field: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every digest matches: only the graphs' declared inputs tell (ONNX Runtime failed at the first step)."""
+    (bundle / first).rename(bundle / "swap")
+    (bundle / second).rename(bundle / first)
+    (bundle / "swap").rename(bundle / second)
+    _rewrite_digests(bundle)
+    monkeypatch.setattr(ENGINES["onnxruntime"], "load", lambda self: pytest.fail("a session was made"))
+    with pytest.raises(CorruptBundleError, match=message) as caught:
+        catrt.load(bundle)
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda table, size: table["full"][0].update(offset=size), r"entry 0 of graph 'full' .* does not fit weights.bin"),
+    (lambda table, size: table["full"][0].update(shape=[1]), r"entry 0 of graph 'full' .* for shape \[1\]"),
+    (lambda table, size: table["full"][0].update(dtype="bogus"), r"entry 0 of graph 'full' has a field of the wrong kind"),
+    (lambda table, size: table.update(other=[]), r"must map graph names of the manifest to lists of initializers"),
+    (lambda table, size: table["full"][0].update(name="not.in.the.graph"), r"initializer 'not.in.the.graph' that full.onnx does not have"),
+])
+def test_a_weights_index_that_does_not_fit_its_graphs_is_refused_naming_it(
+    bundle: Path, damage: Callable[[dict[str, Any], int], None], message: str
+) -> None:
+    table = json.loads((bundle / "initializers.json").read_text())
+    damage(table, (bundle / "weights.bin").stat().st_size)
+    (bundle / "initializers.json").write_text(json.dumps(table))
+    _rewrite_digests(bundle)
+    _refused(bundle, message, "initializers.json")
+
+
+def test_a_graph_reading_weights_from_outside_the_bundle_is_refused(bundle: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(bundle / "full.onnx"), load_external_data=False)
+    external = next(i for i in model.graph.initializer if i.external_data)
+    next(entry for entry in external.external_data if entry.key == "location").value = "../../secret.bin"
+    onnx.save(model, str(bundle / "full.onnx"))
+    _rewrite_digests(bundle)
+    _refused(bundle, r"full.onnx reads weights from '../../secret.bin', not the bundle's weights.bin", "full.onnx")
+
+
+# -- calls of a loaded bundle --------------------------------------------------------------------
+
+
+def test_a_loaded_bundle_moved_off_its_builds_dtype_is_refused_per_call_and_runs_once_moved_back(bundle: Path) -> None:
+    fast = catrt.load(bundle)
+    seeded = {"output_type": "latent", "generator": torch.Generator().manual_seed(0)}
+    expected = fast("a red circle", **seeded).images
+    assert fast.to(torch.float64) is fast  # diffusers' `pipe = pipe.to(...)` idiom keeps the engine pipeline
+    with pytest.raises(ConfigError, match=r"the pipeline now has dtype torch.float64, the onnxruntime build needs torch.float32; move it back") as caught:
+        fast("a red circle", output_type="latent")
+    assert caught.value.field == "pipe"
+    seeded["generator"] = torch.Generator().manual_seed(0)
+    assert torch.equal(fast.to(torch.float32)("a red circle", **seeded).images, expected)
+
+
+def test_a_loaded_bundle_refuses_prompts_and_image_counts_of_the_wrong_kind_by_name(bundle: Path) -> None:
+    fast = catrt.load(bundle)
+    for kwargs, field, message in [
+        ({"prompt": 5}, "prompt", "prompt must be a text or a non-empty list of texts, got int 5"),
+        ({"prompt": []}, "prompt", "prompt must be a text or a non-empty list of texts, got an empty list"),
+        ({"prompt": ["a", None]}, "prompt", "prompt must be a text or a non-empty list of texts"),
+        ({"prompt": "a", "num_images_per_prompt": 0}, "num_images_per_prompt", "must be a positive integer, got 0"),
+        ({"prompt": "a", "num_images_per_prompt": None}, "num_images_per_prompt", "must be a positive integer, got None"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as caught:
+            fast(**kwargs, output_type="latent")
+        assert caught.value.field == field
 
 
 # -- CLI ---------------------------------------------------------------------------------------

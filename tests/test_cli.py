@@ -184,10 +184,13 @@ def test_lazy_package_attributes() -> None:
     (("serve", "--model", "reference", "--device", "cuda:x"), "--device 'cuda:x' is not a device catrt runs on"),
     (("serve", "--model", "reference", "--batch", "65"), "ServeConfig.batch must be an integer from 1 to 64, got 65"),
     (("build", "--model", "reference", "--batch", "100000"), "BuildConfig.batch must be an integer from 1 to 64, got 100000"),
+    (("generate", "--model", "", "--prompt", "x"), "unknown model '': known names are"),
+    (("build", "--model", "nope"), "unknown model 'nope': known names are"),
+    (("generate", "--prompt", "x", "--kmeans-iters", "1000000000000"), "CATConfig.kmeans_iters must be an integer from 1 to 1000"),
 ], ids=["out-txt", "out-no-ext", "reference-size", "sd3-size", "alpha", "t0-steps", "engines-alpha", "engines-t0",
         "fp16-cpu", "device-name", "device-meta", "device-empty", "prompt-blank", "prompt-nul", "negative-escape",
         "seed-huge", "guidance-nan", "guidance-negative", "macs-size", "build-size", "serve-size", "serve-device",
-        "serve-device-index", "serve-batch", "build-batch"])
+        "serve-device-index", "serve-batch", "build-batch", "model-empty", "build-model-unknown", "kmeans-iters-huge"])
 def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
     assert message in _fails(capfd, *argv)
 
@@ -284,6 +287,17 @@ def test_usage_errors_are_one_line(capfd: pytest.CaptureFixture[str]) -> None:
             main(argv)
         err = capfd.readouterr().err
         assert done.value.code == 2 and len(err.strip().splitlines()) == 1 and "--help" in err, err
+
+
+@pytest.mark.parametrize("command", [("generate", "--prompt", "x"), ("build",), ("serve", "--model", "reference"),
+                                     ("compare", "--prompts", "p.txt", "--out", "o")])
+def test_a_step_count_that_would_run_for_days_is_a_usage_error(capfd: pytest.CaptureFixture[str], command: tuple[str, ...]) -> None:
+    """Every command that runs steps takes 1 to 1000 (a mistyped 1000000000 allocated its schedule, then ran on)."""
+    for steps, message in (("1000000000", "expected at most 1000 steps, got 1000000000"), ("0", "expected a positive integer, got 0")):
+        with pytest.raises(SystemExit) as done:
+            main([*command, "--steps", steps])
+        lines = capfd.readouterr().err.strip().splitlines()
+        assert done.value.code == 2 and len(lines) == 1 and f"argument --steps: {message}" in lines[0], lines
 
 
 def test_any_catrt_error_is_one_line_and_ctrl_c_is_130(
@@ -392,6 +406,24 @@ def test_build_refuses_an_out_that_is_a_file_or_a_bundle_before_loading(
     assert f"out_dir {eager_bundle} is an engine bundle; builds go beside it" in line
     assert sorted(path.name for path in eager_bundle.iterdir()) == before
     assert main(["inspect", str(eager_bundle)]) == 0
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--height", "33"), "height 33 does not fit model tiny-sd3, which takes multiples of 16 up to 1536 pixels; try height 32"),
+    (("--max-sequence-length", "100000"),
+     "StableDiffusion3Pipeline refused this build's settings: `max_sequence_length` cannot be greater than 512 but is 100000"),
+], ids=["size", "text-length"])
+def test_build_settings_the_loaded_model_refuses_are_one_line(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, flags: tuple[str, ...], message: str
+) -> None:
+    """tiny models have no card, so these are known once loaded: still one line and exit 2, no traceback, no bundle."""
+    argv = ["build", "--model", "tiny-sd3", "--backend", "eager", "--steps", "4", "--t0", "2", "--height", "32", "--width", "32",
+            *flags, "--out", str(tmp_path / "engines")]
+    assert main(argv) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"catrt build: error: {message}" + (
+        "; change the build flags" if "refused" in message else "")
+    assert list((tmp_path / "engines").iterdir()) == []
 
 
 def test_inspect_prints_width_x_height(capfd: pytest.CaptureFixture[str], eager_bundle: Path) -> None:

@@ -18,7 +18,8 @@ import numpy as np
 
 WEIGHTS_FILE = "weights.bin"
 INITIALIZERS_FILE = "initializers.json"
-_NUMPY: dict[str, str] = {"float": "float32", "float16": "float16", "double": "float64", "int64": "int64", "int32": "int32"}
+#: initializers.json element type -> numpy dtype name (ONNX's names for them).
+NUMPY_DTYPES: dict[str, str] = {"float": "float32", "float16": "float16", "double": "float64", "int64": "int64", "int32": "int32"}
 
 
 class SharedInitializers:
@@ -36,7 +37,7 @@ class SharedInitializers:
         for record in self.table.get(graph_path.stem, []):
             offset = record["offset"]
             if offset not in self.values:
-                dtype = np.dtype(_NUMPY[record["dtype"]])
+                dtype = np.dtype(NUMPY_DTYPES[record["dtype"]])
                 array = self.data[offset : offset + record["length"]].view(dtype).reshape(record["shape"])
                 self.values[offset] = onnxruntime.OrtValue.ortvalue_from_numpy(array)
             options.add_initializer(record["name"], self.values[offset])

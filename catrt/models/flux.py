@@ -293,7 +293,14 @@ def _token_grid(pipe: Any, arguments: dict[str, Any]) -> Grid:
     """The packed-token grid of a FluxPipeline call: one token per 2x2 latent cells, as the pipeline packs them."""
     default = pipe.default_sample_size * pipe.vae_scale_factor
     per_token = pipe.vae_scale_factor * 2
-    return Grid((arguments.get("height") or default) // per_token, (arguments.get("width") or default) // per_token)
+    height, width = arguments.get("height") or default, arguments.get("width") or default
+    for name, pixels in (("height", height), ("width", width)):
+        if pixels // per_token < 1:  # diffusers would run it on an image of no tokens
+            raise ConfigError(
+                f"{name}={pixels} is less than one FLUX token ({per_token} pixels): use {per_token} or more, a multiple of {per_token}",
+                field=name, value=pixels,
+            )
+    return Grid(height // per_token, width // per_token)
 
 
 def _check_call(arguments: dict[str, Any]) -> None:

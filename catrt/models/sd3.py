@@ -163,6 +163,13 @@ class Scratch:
     def __init__(self) -> None:
         self._local = threading.local()
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Scratch:
+        """A copy starts with no buffers (they are scratch, and a thread-local holds them)."""
+        return Scratch()
+
+    def __reduce__(self) -> tuple[type[Scratch], tuple[()]]:
+        return Scratch, ()
+
     def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A (contiguous) tensor of `shape` with `like`'s dtype and device; its contents are garbage."""
         buffers: dict[str, torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
