@@ -375,7 +375,8 @@ def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
     """An engine bundle: the build fixes alpha, t0, resolution and steps; the other CAT flags are free."""
     _refuse_fixed_flags(args, FIXED_BY_BUILD)
     from catrt.bundle import load
-    from catrt.integrity import read_build_config, read_key_file
+    from catrt.integrity import read_build_config
+    from catrt.key_files import read_key_file
     from catrt.manifest import read_manifest
 
     key = None if args.bundle_key_file is None else read_key_file(args.bundle_key_file)
@@ -456,7 +457,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     _card_size(MODEL_CARDS.get(args.model), args.height, args.width, args.model)
     from catrt.build import build_engines
     from catrt.build_config import BuildConfig
-    from catrt.integrity import read_key_file
+    from catrt.key_files import read_key_file
     from catrt.loading import check_model_source
 
     check_model_source(args.model)  # a mistyped name is one line, before the progress bar starts
@@ -478,7 +479,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print a bundle's manifest, then every problem of its files and fields and of this machine (exit 2), or OK."""
     from catrt.bundle import bundle_problems
-    from catrt.integrity import BUNDLE_KEY_ENV, read_key_file, resolve_key
+    from catrt.integrity import BUNDLE_KEY_ENV, resolve_key
+    from catrt.key_files import read_key_file
 
     key = resolve_key(None if args.bundle_key_file is None else read_key_file(args.bundle_key_file))
     manifest, problems = bundle_problems(Path(args.engines), key)

@@ -284,39 +284,6 @@ def resolve_key(key: bytes | str | None, environ: Mapping[str, str] = os.environ
 
 
 #: Largest key file read: a key is a few dozen bytes, and /dev/zero or a huge file must not be read whole.
-MAX_KEY_FILE_BYTES = 64 * 1024
-
-
-def read_key_file(path: str | os.PathLike[str], field_name: str = "bundle_key_file") -> bytes:
-    """The key in a file, surrounding whitespace dropped; an unreadable, empty, oversized or non-regular file
-    (a folder, a pipe that would block, a device such as /dev/zero) is a ConfigError naming it."""
-    try:
-        with open(path, "rb", opener=_nonblocking) as stream:
-            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                raise ConfigError(
-                    f"the key file {path} is not a regular file; give a file holding the key", field=field_name, value=str(path)
-                )
-            key = stream.read(MAX_KEY_FILE_BYTES + 1)
-    except OSError as error:
-        raise ConfigError(
-            f"cannot read the key file {path}: {error.strerror or type(error).__name__}", field=field_name, value=str(path)
-        ) from None
-    if len(key) > MAX_KEY_FILE_BYTES:
-        raise ConfigError(
-            f"the key file {path} is over {MAX_KEY_FILE_BYTES} bytes; a key is a short secret: give a file holding only it",
-            field=field_name, value=str(path),
-        )
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"the key file {path} is empty", field=field_name, value=str(path))
-    return key
-
-
-def _nonblocking(path: str, flags: int) -> int:
-    """Open without blocking: a FIFO with no writer would otherwise hang `open` (it is refused as non-regular)."""
-    return os.open(path, flags | os.O_NONBLOCK)
-
-
 def _checked_key(key: bytes | str) -> bytes:
     if isinstance(key, str):
         key = key.encode("utf-8")

@@ -19,7 +19,7 @@ import torch
 
 import catrt
 import catrt.manifest
-from catrt import integrity
+from catrt import integrity, key_files
 from catrt.build import build_engines
 from catrt.build_config import BuildConfig
 from catrt.bundle import bundle_problems, verify_bundle
@@ -267,7 +267,7 @@ def test_an_empty_key_is_refused_before_building(tmp_path: Path) -> None:
         build_engines(CONFIG, out_dir=tmp_path, export_dir=tmp_path, progress=False, sign_key=b"")
     (tmp_path / "key").write_text("\n")
     with pytest.raises(ConfigError, match=r"the key file .* is empty"):
-        integrity.read_key_file(tmp_path / "key")
+        key_files.read_key_file(tmp_path / "key")
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "oversized"])
@@ -279,10 +279,10 @@ def test_a_key_file_that_is_no_short_regular_file_is_refused_unread(tmp_path: Pa
     elif kind == "device":
         path, message = Path("/dev/zero"), "is not a regular file"
     else:
-        path, message = tmp_path / "key", f"is over {integrity.MAX_KEY_FILE_BYTES} bytes"
-        path.write_bytes(b"k" * (integrity.MAX_KEY_FILE_BYTES + 1))
+        path, message = tmp_path / "key", f"is over {key_files.MAX_KEY_FILE_BYTES} bytes"
+        path.write_bytes(b"k" * (key_files.MAX_KEY_FILE_BYTES + 1))
     with pytest.raises(ConfigError, match=f"the key file {path} {message}") as caught:
-        integrity.read_key_file(path)
+        key_files.read_key_file(path)
     assert caught.value.field == "bundle_key_file"
     assert main(["inspect", str(tmp_path), "--bundle-key-file", str(path)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"catrt inspect: error: the key file {path} {message}" + (

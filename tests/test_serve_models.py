@@ -183,6 +183,8 @@ def test_a_port_in_use_is_refused_before_the_model_loads() -> None:
     pytest.param(["--model", "reference", "--metrics-auth"], ["--metrics-auth needs an API key"], id="metrics-auth-no-key"),
     pytest.param(["--model", "reference", "--api-key-file", "{bundle}/no-such-file"], ["cannot read the API key file"],
                  id="key-file-missing"),
+    pytest.param(["--model", "reference", "--api-key-file", "/dev/zero"],
+                 ["the API key file /dev/zero is not a regular file"], id="key-file-endless"),
     pytest.param(["--model", "reference", "--bundle-key-file", "{bundle}/manifest.json"], ["use it with --engines"],
                  id="bundle-key-without-engines"),
     pytest.param(["--engines", "{broken}"], ["not a valid catrt manifest"], id="manifest-not-json"),

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 from catrt.errors import ConfigError
+from catrt.key_files import read_key_file
 
 API_KEY_ENV = "CATRT_API_KEY"
 
@@ -23,12 +23,11 @@ def load_api_key(path: str | None, environ: Mapping[str, str] = os.environ) -> s
     taken to mean "no key".
     """
     if path is not None:
+        data = read_key_file(path, "api_key_file", "API key file")  # bounded: no hang on a FIFO or /dev/zero
         try:
-            key = Path(path).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"cannot read the API key file {path}: {error.__class__.__name__}", field="api_key_file") from error
-        if not key:
-            raise ConfigError(f"the API key file {path} is empty", field="api_key_file")
+            key = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"the API key file {path} is not UTF-8 text; write the key in ASCII", field="api_key_file") from None
         return _sendable(key, f"the API key file {path}", "api_key_file")
     key = environ.get(API_KEY_ENV, "").strip()
     return _sendable(key, f"${API_KEY_ENV}", "api_key") if key else None

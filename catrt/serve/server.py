@@ -172,7 +172,7 @@ def bundle_key(path: str | None) -> bytes | None:
     """The signing key in `--bundle-key-file`; None leaves `catrt.load` to read $CATRT_BUNDLE_KEY."""
     if path is None:
         return None
-    from catrt.integrity import read_key_file
+    from catrt.key_files import read_key_file
 
     return read_key_file(path)
 

@@ -1,0 +1,44 @@
+"""Reading a secret key from a file, bounded: the bundle signing key and the server's API key.
+
+Standard library only, so the CLI and the server read and check keys before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from catrt.errors import ConfigError
+
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def read_key_file(path: str | os.PathLike[str], field_name: str = "bundle_key_file", what: str = "key file") -> bytes:
+    """The key in a file, surrounding whitespace dropped; an unreadable, empty, oversized or non-regular file
+    (a folder, a pipe that would block, a device such as /dev/zero) is a ConfigError naming it (`what` says
+    which key: the bundle's, the server's API key)."""
+    try:
+        with open(path, "rb", opener=_nonblocking) as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise ConfigError(
+                    f"the {what} {path} is not a regular file; give a file holding the key", field=field_name, value=str(path)
+                )
+            key = stream.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read the {what} {path}: {error.strerror or type(error).__name__}", field=field_name, value=str(path)
+        ) from None
+    if len(key) > MAX_KEY_FILE_BYTES:
+        raise ConfigError(
+            f"the {what} {path} is over {MAX_KEY_FILE_BYTES} bytes; a key is a short secret: give a file holding only it",
+            field=field_name, value=str(path),
+        )
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"the {what} {path} is empty", field=field_name, value=str(path))
+    return key
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    """Open without blocking: a FIFO with no writer would otherwise hang `open` (it is refused as non-regular)."""
+    return os.open(path, flags | os.O_NONBLOCK)
