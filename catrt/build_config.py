@@ -7,6 +7,8 @@ which steps it skips, and each of its alphas one pruned graph with k = ceil(alph
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -95,8 +97,7 @@ class BuildConfig:
         Fields other than `FIXED_CAT_FIELDS` (alpha, t0, reuse_every) may be overridden; alpha may be any
         built one, the other fixed fields only the build's own value, else it is a ConfigError naming the field.
         """
-        alpha = overrides.pop("alpha", self.alphas[0])
-        self.check_alpha(alpha)
+        alpha = self.built_alpha(overrides.pop("alpha", self.alphas[0]))
         fixed = {name: getattr(self, name) for name in FIXED_CAT_FIELDS if name != "alpha"}
         for name, value in overrides.items():
             if name in fixed and value != fixed[name]:
@@ -107,14 +108,18 @@ class BuildConfig:
                 )
         return check_static_schedule(CATConfig(**{**overrides, **fixed, "alpha": alpha}))
 
-    def check_alpha(self, alpha: Any) -> None:
-        """A ConfigError naming the built alphas unless `alpha` is one of them."""
-        if alpha not in self.alphas:
-            raise ConfigError(
-                f"this engine was built for alpha in {format_alphas(self.alphas)}, not alpha={alpha}; use one of "
-                f"those or build an engine with that alpha (catrt build --alpha ...)",
-                field="alpha", value=alpha,
-            )
+    def built_alpha(self, alpha: Any) -> float:
+        """The built alpha `alpha` names, equal to float32 precision (numpy's float32 0.3 is the built 0.3);
+        a ConfigError naming the built ones unless it is one of them."""
+        if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+            for built in self.alphas:
+                if math.isclose(float(alpha), built, rel_tol=1e-6):
+                    return built
+        raise ConfigError(
+            f"this engine was built for alpha in {format_alphas(self.alphas)}, not alpha={alpha}; use one of "
+            f"those or build an engine with that alpha (catrt build --alpha ...)",
+            field="alpha", value=alpha,
+        )
 
     def num_selected(self, num_tokens: int, alpha: float | None = None) -> int:
         """k of `alpha` (default: the first built alpha)."""

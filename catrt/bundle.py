@@ -18,6 +18,7 @@ import inspect
 import logging
 import numbers
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ class EnginePipeline:
 
     def __call__(self, *args: Any, alpha: float | None = None, **kwargs: Any) -> Any:
         if alpha is not None:
-            self.build.check_alpha(alpha)  # an unbuilt alpha: a ConfigError naming the built ones
+            alpha = self.build.built_alpha(alpha)  # an unbuilt alpha: a ConfigError naming the built ones
         # The pipeline may have been moved since load (`fast.to(...)`, `fast.pipe.to(...)`): the graphs take the build's.
         check_pipeline_fits(self.build, self.accelerated.pipe, self.engine.device, type(self.engine).needs_transformer, "now")
         defaults = {**pipeline_spec(self.accelerated.pipe).call_defaults, **self.build.call_arguments()}
@@ -268,7 +269,7 @@ def bundle_problems(folder: Path, key: bytes | None = None) -> tuple[Manifest | 
 def _run_config(build: BuildConfig, config: CATConfig | None) -> CATConfig:
     if config is None:
         return build.cat_config()
-    build.check_alpha(config.alpha)
+    config = replace(config, alpha=build.built_alpha(config.alpha))
     for name in FIXED_CAT_FIELDS:
         if name != "alpha" and getattr(config, name) != getattr(build, name):
             raise ConfigError(

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,6 +132,11 @@ def test_load_runs_each_built_alpha_per_call_as_a_pipeline_for_it(backend: str, 
     with pytest.raises(ConfigError, match=r"built for alpha in 0\.3, 0\.5, 0\.2, not alpha=0\.4; use one of those") as caught:
         fast(**_kwargs(pipe), alpha=0.4)
     assert caught.value.field == "alpha"
+    # numpy's float32 0.2 (0.2000000029...) names the built 0.2: the same images, the same k
+    assert torch.equal(fast(**_kwargs(pipe), alpha=np.float32(0.2)).images, fast(**_kwargs(pipe), alpha=0.2).images)
+    for wrong in (True, "0.2", float("nan")):
+        with pytest.raises(ConfigError, match=r"built for alpha in 0\.3, 0\.5, 0\.2, not alpha="):
+            fast(**_kwargs(pipe), alpha=wrong)
 
 
 def test_load_takes_a_config_of_any_built_alpha_as_the_default(multi: dict[str, Path], tiny_pipelines: dict[str, Any]) -> None:
