@@ -24,7 +24,7 @@ from typing import Any, Literal, NoReturn
 from catrt.checks import MAX_BATCH  # stdlib + catrt.errors only
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.errors import CatrtError, ConfigError
-from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, default_precision, size_limits
+from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
 
 DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisable images, no download
 
@@ -358,7 +358,7 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     precision = _precision(args.precision, model, device.type)
     from catrt.build_config import PRECISIONS
     from catrt.generation import check_pipeline_size
-    from catrt.loading import check_model_source, load_pipeline
+    from catrt.loading import load_pipeline
     from catrt.pipeline import accelerate
 
     check_model_source(model)  # a mistyped name (or '') is refused before anything loads
@@ -458,7 +458,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     from catrt.build import build_engines
     from catrt.build_config import BuildConfig
     from catrt.key_files import read_key_file
-    from catrt.loading import check_model_source
 
     check_model_source(args.model)  # a mistyped name is one line, before the progress bar starts
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from catrt.build_config import BuildConfig
 from catrt.build_config import format_alphas
+from catrt.checks import integer
 from catrt.contract import FULL, PRUNED, graph_kind, pruned_k
 from catrt.errors import CatrtError, ConfigError, CorruptBundleError
 from catrt.manifest import (
@@ -202,7 +203,7 @@ def _initializer_table(folder: Path, graphs: Mapping[str, Any], problems: list[C
 
 
 def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return integer(value) and value >= 0
 
 
 def verify_integrity(folder: str | os.PathLike[str], key: bytes | None = None) -> tuple[Manifest, BuildConfig]:
@@ -283,7 +284,6 @@ def resolve_key(key: bytes | str | None, environ: Mapping[str, str] = os.environ
     return _checked_key(key)
 
 
-#: Largest key file read: a key is a few dozen bytes, and /dev/zero or a huge file must not be read whole.
 def _checked_key(key: bytes | str) -> bytes:
     if isinstance(key, str):
         key = key.encode("utf-8")

@@ -10,6 +10,7 @@ import stat
 
 from catrt.errors import ConfigError
 
+#: Largest key file read: a key is a few dozen bytes, and /dev/zero or a huge file must not be read whole.
 MAX_KEY_FILE_BYTES = 64 * 1024
 
 

@@ -45,9 +45,11 @@ def check_transformer_inputs(
                 f"pass latents and prompt embeddings of the pipeline's dtype (or move the pipeline with pipe.to)",
                 field=name, value=_dtype(tensor.dtype),
             )
+    if not shapes:
+        return
     family = next((f for f in FAMILIES.values() if f.adapter is type(adapter)), None)
     text = arguments.get("encoder_hidden_states")
-    if not shapes or family is None or family.meta_call is None or not isinstance(text, torch.Tensor) or text.ndim < 2:
+    if family is None or family.meta_call is None or not isinstance(text, torch.Tensor) or text.ndim < 2:
         return
     config = dict(adapter.transformer.config)
     ranks = family.meta_call(config, 1, Grid(1, 1))  # ranks do not depend on the sizes
