@@ -183,6 +183,47 @@ def test_tensorrt_build_matches_eager_runtime(tmp_path: Path) -> None:
     assert _relative_error(fast(**call_kwargs(pipe)).images, expected) < 1e-2
 
 
+def test_cuda_provider_gets_each_floating_point_weight_on_the_gpu_once_and_integers_on_the_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Our glue only, not ONNX Runtime: its CPU build cannot make CUDA OrtValues, so a stand-in for
+    # OrtValue.ortvalue_from_numpy records where each shared value is asked for.
+    import numpy as np
+    import onnxruntime
+
+    from catrt.engines.shared_weights import SharedInitializers
+
+    weight, shape = np.arange(6, dtype=np.float16).reshape(2, 3), np.array([3, 2], dtype=np.int64)
+    (tmp_path / "weights.bin").write_bytes(weight.tobytes() + shape.tobytes())
+    records = {"w": {"offset": 0, "length": 12, "dtype": "float16", "shape": [2, 3]},
+               "s": {"offset": 12, "length": 16, "dtype": "int64", "shape": [2]}}
+    table = {"full": [{"name": "w", **records["w"]}, {"name": "s", **records["s"]}],
+             "pruned-k8": [{"name": "w_in_pruned", **records["w"]}]}
+    (tmp_path / "initializers.json").write_text(json.dumps(table))
+    made: list[tuple[Any, ...]] = []
+
+    def ortvalue_from_numpy(array: Any, device_type: str = "cpu", device_id: int = 0) -> tuple[str, int]:
+        made.append((array.dtype.name, array.tolist(), device_type, device_id))
+        return ("ortvalue", len(made))
+
+    monkeypatch.setattr(onnxruntime.OrtValue, "ortvalue_from_numpy", staticmethod(ortvalue_from_numpy))
+
+    class Options:
+        def __init__(self) -> None:
+            self.added: dict[str, Any] = {}
+
+        def add_initializer(self, name: str, value: Any) -> None:
+            self.added[name] = value
+
+    for device, weight_place in ((torch.device("cuda", 1), ("cuda", 1)), (torch.device("cpu"), ("cpu", 0))):
+        made.clear()
+        shared, full, pruned = SharedInitializers(tmp_path, device), Options(), Options()
+        shared.add_to(full, tmp_path / "full.onnx")
+        shared.add_to(pruned, tmp_path / "pruned-k8.onnx")
+        assert made == [("float16", weight.tolist(), *weight_place), ("int64", [3, 2], "cpu", 0)]
+        assert pruned.added["w_in_pruned"] is full.added["w"]  # one value, handed to both sessions
+        assert set(full.added) == {"w", "s"}
+
+
 # -- failed builds -----------------------------------------------------------------------------
 
 

@@ -5,11 +5,11 @@ into buffers allocated once, on first use (or the caller's own tensors, such as 
 The sessions (context, full, one pruned graph per built alpha) share one copy of the weights: `weights.bin` is memory-mapped once and each
 distinct initializer is handed to every session that uses it (`add_initializer`), so loading costs
 one copy of the weights, not one per graph. The CUDA execution provider is used on a GPU where it is
-installed, else the CPU provider. With the CUDA provider that sharing holds in host memory only: ONNX
-Runtime uses a shared initializer as it is only when it already lies on the device its kernel runs on,
-and gives each session its own device copy otherwise (its session-state code says so), so each
-session holds the weights on the GPU once. Not run here (the lent GPU machine has ONNX Runtime's CPU
-build); on GPUs the tensorrt and compile backends keep one copy.
+installed, else the CPU provider. ONNX Runtime uses a shared initializer as it is only where it
+already lies on the device its session planned for it (its session-state code says so), so on CUDA
+the floating-point weights are copied to the GPU once at load and shared from there
+(`SharedInitializers`); one ONNX Runtime plans elsewhere gets a session copy of its own, and ONNX
+Runtime logs a warning naming it. Not run here (the lent GPU machine has ONNX Runtime's CPU build).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class OnnxRuntimeEngine(Engine):
 
         providers = [_PROVIDERS[self.device.type]] if self.device.type == "cuda" else []
         providers.append(_PROVIDERS["cpu"])
-        self.initializers = SharedInitializers(self.folder)
+        self.initializers = SharedInitializers(self.folder, self.device)
         self.sessions: dict[str, Any] = {}
         for graph in self.graphs:
             options = onnxruntime.SessionOptions()
@@ -81,11 +81,6 @@ class OnnxRuntimeEngine(Engine):
             self.sessions[graph] = onnxruntime.InferenceSession(str(path), options, providers=providers)
         self.input_names = {graph: {i.name for i in session.get_inputs()} for graph, session in self.sessions.items()}
         logger.info("onnxruntime sessions on %s", self.sessions["full"].get_providers())
-        if self.device.type == "cuda":
-            logger.warning(
-                "ONNX Runtime's CUDA provider copies the shared weights into each of the %d sessions on the GPU; "
-                "the tensorrt and compile backends keep one copy", len(self.sessions),
-            )
 
     def run(
         self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None

@@ -5,6 +5,11 @@ once, read only, and every distinct tensor in it becomes one OrtValue that each 
 receives through `SessionOptions.add_initializer` (ONNX Runtime then uses that memory as is). Where
 each graph's initializers lie is in the bundle's `initializers.json`, written by the export, so no
 onnx import is needed at run time.
+
+ONNX Runtime uses a shared initializer as it is only where it already lies on the device its session
+planned for it, and otherwise loads a copy of its own per session (logging a warning). So for the CUDA
+provider the floating-point weights are copied to the GPU once, here, and shared from there; integer
+initializers (shape and index constants, which CUDA kernels read on the host) stay in host memory.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 
 WEIGHTS_FILE = "weights.bin"
@@ -25,9 +31,10 @@ NUMPY_DTYPES: dict[str, str] = {"float": "float32", "float16": "float16", "doubl
 class SharedInitializers:
     """The OrtValues of a bundle's shared weights, made once and kept alive as long as the sessions."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, device: torch.device | None = None) -> None:
         self.table: dict[str, list[dict[str, Any]]] = json.loads((folder / INITIALIZERS_FILE).read_text())
         self.data = np.memmap(folder / WEIGHTS_FILE, dtype=np.uint8, mode="r")
+        self.device = device if device is not None else torch.device("cpu")
         self.values: dict[int, Any] = {}  # offset -> OrtValue
 
     def add_to(self, options: Any, graph_path: Path) -> None:
@@ -39,5 +46,11 @@ class SharedInitializers:
             if offset not in self.values:
                 dtype = np.dtype(NUMPY_DTYPES[record["dtype"]])
                 array = self.data[offset : offset + record["length"]].view(dtype).reshape(record["shape"])
-                self.values[offset] = onnxruntime.OrtValue.ortvalue_from_numpy(array)
+                self.values[offset] = self._ort_value(onnxruntime, array)
             options.add_initializer(record["name"], self.values[offset])
+
+    def _ort_value(self, onnxruntime: Any, array: np.ndarray) -> Any:
+        """`array` as an OrtValue where the sessions will read it: weights on the GPU for the CUDA provider."""
+        if self.device.type == "cuda" and np.issubdtype(array.dtype, np.floating):
+            return onnxruntime.OrtValue.ortvalue_from_numpy(array, "cuda", self.device.index or 0)
+        return onnxruntime.OrtValue.ortvalue_from_numpy(array)
