@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -27,10 +28,24 @@ def missing_package(error: ImportError) -> str:
     return {"skimage": "scikit-image"}.get(module, module) or str(error)
 
 
+def missing_message(prog: str, missing: str) -> str:
+    return f"{prog}: error: missing optional dependency {missing!r}; {BENCH_EXTRA}\n"
+
+
 def exit_if_missing(parser: argparse.ArgumentParser, missing: str | None) -> None:
     """One line and exit code 2 when the bench extra is not installed, instead of a traceback."""
     if missing:
-        parser.exit(2, f"{parser.prog}: error: missing optional dependency {missing!r}; {BENCH_EXTRA}\n")
+        parser.exit(2, missing_message(parser.prog, missing))
+
+
+def exit_early_if_missing(missing: str | None) -> None:
+    """`exit_if_missing` from a script's top, before its heavy imports (torch, diffusers: seconds).
+
+    `--help` still shows the options; argparse names the program after the script, as here.
+    """
+    if missing and not {"-h", "--help"} & set(sys.argv[1:]):
+        sys.stderr.write(missing_message(Path(sys.argv[0]).name, missing))
+        raise SystemExit(2)
 
 
 def new_path(stem: str, suffix: str = "") -> Path:

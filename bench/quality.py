@@ -35,6 +35,8 @@ except ImportError as error:
     MISSING: str | None = benchkit.missing_package(error)
 else:
     MISSING = None
+if __name__ == "__main__":
+    benchkit.exit_early_if_missing(MISSING)
 
 from catrt.cli import quiet_known_notices  # noqa: E402 - light: no torch
 
