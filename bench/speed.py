@@ -24,6 +24,14 @@ the MAC ratio of a pruned step.
 
     python bench/speed.py --dims sd3-medium --layers 2 --threads 2 --repeats 3
 
+`--compile` adds the compiled counterparts, timed in the same rounds: diffusers' transformer with each
+block through torch.compile (inductor, static shapes; what diffusers' `compile_repeated_blocks` does
+for models that list their blocks), and catrt's full and pruned steps over
+`compile_step_functions(adapter)` (inductor, block by block), each on its own copy of the weights.
+Compiled rows are compared with diffusers compile.
+
+    python bench/speed.py --dims sd3-medium --layers 2 --threads 2 --repeats 5 --compile
+
 Results go to `--out`, by default a new file bench/results/speed-<device>[-<dims>-L<layers>].md
 (a numbered name if that exists: a committed results file is only overwritten when --out names it).
 """
@@ -31,6 +39,7 @@ Results go to `--out`, by default a new file bench/results/speed-<device>[-<dims
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 import statistics
@@ -74,7 +83,7 @@ DIMS = {  # published block sizes: the card's transformer config, its resolution
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dims", choices=sorted(DIMS), default=None,
-                        help="a published model's block size, resolution and text length, eager steps only "
+                        help="a published model's block size, resolution and text length, steps only, no engines "
                         "(sets --heads, --size, --text-length; --backends defaults to none)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=6, help="attention heads of 64 channels (D = 64 x heads)")
@@ -86,7 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the fastest counts)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--backends", nargs="+", default=None,
-                        help="default: every backend that runs here ('none' with --dims: eager steps only)")
+                        help="default: every backend that runs here ('none' with --dims: steps only)")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --dims: also time diffusers and catrt compiled by torch.compile (inductor)")
     parser.add_argument("--out", type=Path, default=None, help="report path (default: a new file under bench/results/)")
     args = parser.parse_args(argv)
     if args.dims is not None:
@@ -102,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_out(device: str, args: argparse.Namespace) -> Path:
     """A results path that does not exist yet (never a committed file)."""
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    stem = f"speed-{slug}" + (f"-{args.dims}-L{args.layers}" if args.dims else "")
+    stem = f"speed-{slug}" + (f"-{args.dims}-L{args.layers}" if args.dims else "") + ("-compile" if args.compile else "")
     path, number = RESULTS / f"{stem}.md", 2
     while path.exists():
         path, number = RESULTS / f"{stem}-{number}.md", number + 1
@@ -333,15 +344,16 @@ def run_dims(args: argparse.Namespace) -> tuple[str, str]:
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(**config).eval()
     latents, timestep, kwargs = dims_inputs(config, args)
-    adapter = make_adapter(transformer)
     with torch.no_grad():
-        runtime = step_runtime(adapter, None, latents, timestep, kwargs, args.alpha)
+        runtime = step_runtime(make_adapter(transformer), None, latents, timestep, kwargs, args.alpha)
         functions = {
-            "diffusers": lambda: transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs),
+            "diffusers": diffusers_forward(transformer, latents, timestep, kwargs),
             "catrt full": runtime._full_program,
             "catrt pruned": runtime._pruned_program,
         }
-        kernels = {name: sdpa_kernels(fn) for name, fn in functions.items()}  # doubles as the warm-up
+        if args.compile:
+            functions.update(compiled_dims_functions(transformer, latents, timestep, kwargs, args.alpha))
+        kernels = {name: sdpa_kernels(fn) for name, fn in functions.items()}  # doubles as the warm-up (and compile)
         times = interleaved_seconds(functions, args.repeats)
     text_tokens = CLIP_TOKENS + args.text_length
     macs = mac_ratio(config, args.size, args.size, args.alpha, args.t0, args.steps, text_tokens)
@@ -350,6 +362,31 @@ def run_dims(args: argparse.Namespace) -> tuple[str, str]:
               + " s, CPU " + " ".join(f"{value:.3f}" for value in clocks["cpu"]) + " s", flush=True)
     device = describe_device(torch.device("cpu")).get("name", "cpu")
     return dims_report(times, kernels, macs, runtime.k, args, config, device), device
+
+
+def diffusers_forward(transformer: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
+                      kwargs: dict[str, torch.Tensor]) -> Callable[[], Any]:
+    return lambda: transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)
+
+
+def compiled_dims_functions(transformer: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
+                            kwargs: dict[str, torch.Tensor], alpha: float) -> dict[str, Callable[[], Any]]:
+    """diffusers compile, catrt compile full and pruned, each on its own copy of `transformer`'s weights.
+
+    Copies, because compiling a block in place would change what the eager rows time.
+    """
+    from catrt.engines.compile import compile_step_functions
+
+    reference = copy.deepcopy(transformer)
+    for block in reference.transformer_blocks:
+        block.compile(dynamic=False, fullgraph=True)
+    adapter = make_adapter(copy.deepcopy(transformer))
+    runtime = step_runtime(adapter, compile_step_functions(adapter), latents, timestep, kwargs, alpha)
+    return {
+        "diffusers compile": diffusers_forward(reference, latents, timestep, kwargs),
+        "catrt compile full": runtime._full_program,
+        "catrt compile pruned": runtime._pruned_program,
+    }
 
 
 def cpu_name() -> str:
@@ -366,17 +403,21 @@ def cpu_name() -> str:
 def dims_report(times: dict[str, dict[str, list[float]]], kernels: dict[str, str], macs: float, k: int,
                 args: argparse.Namespace, config: dict[str, Any], device: str) -> str:
     tokens = (args.size // 16) ** 2
-    base = times["diffusers"]
+
+    def reference_of(name: str) -> str:
+        """Compiled rows are compared with diffusers compiled, eager ones with diffusers' eager forward."""
+        return "diffusers compile" if "compile" in name else "diffusers"
 
     def ratios(name: str, clock: str) -> tuple[float, float]:
-        """(best / diffusers' best, median over rounds of time / diffusers' time in the same round)."""
-        values, reference = times[name][clock], base[clock]
+        """(best / its reference's best, median over rounds of time / the reference's time in the same round)."""
+        values, reference = times[name][clock], times[reference_of(name)][clock]
         return min(values) / min(reference), statistics.median(v / r for v, r in zip(values, reference))
 
     lines = [
         f"# Speed on {device}: {args.dims} block size",
         "",
-        f"`python bench/speed.py --dims {args.dims} --layers {args.layers} --threads {args.threads} --repeats {args.repeats}`",
+        f"`python bench/speed.py --dims {args.dims} --layers {args.layers} --threads {args.threads} --repeats {args.repeats}"
+        + (" --compile`" if args.compile else "`"),
         "",
         f"{args.layers} of {args.dims}'s joint blocks at its real size ({config['num_attention_heads']} heads x "
         f"{config['attention_head_dim']} = {config['num_attention_heads'] * config['attention_head_dim']} wide, text width "
@@ -387,15 +428,20 @@ def dims_report(times: dict[str, dict[str, list[float]]], kernels: dict[str, str
         "diffusers = the transformer module's own forward. catrt full / pruned = `CATRuntime`'s step programs "
         "(the adapter writes the K/V cache in place; output cache and prediction copies; the pruned step also "
         "gathers its patches and selects the next step's tokens). "
-        f"Each of {args.repeats} rounds runs the three once, in a rotated order, after a warm-up. "
-        "Best = the fastest round; round ratio = the median over rounds of the time / diffusers' time in the same round. "
+        + ("diffusers compile = the same forward with each block through torch.compile (inductor, static shapes, "
+           "fullgraph); catrt compile = the step programs over `compile_step_functions(adapter)` (inductor, block by "
+           "block); each on its own copy of the weights; compiled rows are compared with diffusers compile. "
+           if "diffusers compile" in times else "")
+        + f"Each of {args.repeats} rounds runs each step once, in a rotated order, after a warm-up (and compile). "
+        "Best = the fastest round; round ratio = the median over rounds of the time / its reference's time in the same round. "
         "Wall = elapsed seconds; CPU = this process's CPU seconds (all threads), which other jobs on this shared "
         "machine disturb less.",
         "",
-        "| step | wall best (s) | / diffusers | wall round ratio | CPU best (s) | / diffusers | CPU round ratio | target | attention kernel |",
+        "| step | wall best (s) | / reference | wall round ratio | CPU best (s) | / reference | CPU round ratio | target | attention kernel |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    targets = {"diffusers": "-", "catrt full": "<= 1.00", "catrt pruned": f"<= {macs:.3f} (MAC ratio)"}
+    targets = {"diffusers": "-", "catrt full": "<= 1.00", "catrt pruned": f"<= {macs:.3f} (MAC ratio)",
+               "diffusers compile": "-", "catrt compile full": "<= 1.00", "catrt compile pruned": f"<= {macs:.3f} (MAC ratio)"}
     for name, clocks in times.items():
         wall_best, wall_round = ratios(name, "wall")
         cpu_best, cpu_round = ratios(name, "cpu")
@@ -413,7 +459,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.dims is not None and args.backends:
-        raise SystemExit("--dims times eager steps only; leave out --backends (or pass --backends none)")
+        raise SystemExit("--dims times steps, not engines; leave out --backends (or pass --backends none)")
+    if args.compile and args.dims is None:
+        raise SystemExit("--compile times compiled steps at a published block size; pass --dims too")
     report, device = run_dims(args) if args.dims is not None else run_engines(args)
     path = args.out or default_out(device, args)
     path.parent.mkdir(parents=True, exist_ok=True)
