@@ -48,6 +48,11 @@ with `--models ... --variants ...` and another `--out`.
 width 32, 128x128 px, 12 text tokens, 10 steps, t0 4; torch.compile with dynamo's "eager" backend so
 compiling takes seconds); CUDA-only measurements (events, memory, the sync guard) read "n/a (cpu)".
 The tests run it.
+
+`--reuse-every N` runs the catrt variants with step-level reuse on top (`CATConfig.reuse_every`: after
+t0, every N-th step returns the previous prediction and runs no transformer); the pruned-step and
+steady-state figures then come from the pruned steps only, and the schedule bound counts the steps
+that run.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ import diffusers  # noqa: E402
 
 from catrt.config import CATConfig  # noqa: E402
 from catrt.model_cards import MODEL_CARDS, ModelCard  # noqa: E402
+from catrt.scheduler import plan  # noqa: E402
 from catrt.models import family_of  # noqa: E402
 from catrt.tokens import Grid  # noqa: E402
 
@@ -112,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 28; --tiny 10)")
     parser.add_argument("--t0", type=int, default=None, help="last full step (default 8; --tiny 4)")
     parser.add_argument("--alpha", type=float, default=0.3)
+    parser.add_argument("--reuse-every", type=int, default=0,
+                        help="catrt variants: after t0, every N-th step reuses the previous prediction (0 = off)")
     parser.add_argument("--dtype", choices=sorted(PRECISIONS), default=None,
                         help="one dtype for every model (default: each model's published precision - SD3 and PixArt "
                              "fp16, SD3.5 and FLUX bf16; --tiny fp32)")
@@ -138,8 +146,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.budget_s = 0.0 if tiny else 420.0
     if args.size % 16:
         parser.error("--size must be a multiple of 16 (VAE factor 8, patch 2)")
-    CATConfig(alpha=args.alpha, t0=args.t0).check_steps(args.steps)
+    cat_config(args).check_steps(args.steps)
+    if not pruned_steps(args):
+        parser.error(f"no steady pruned step to time: steps {args.t0 + 2}..{args.steps} are all reused; "
+                     "raise --steps or --reuse-every, or lower --t0")
     return args
+
+
+def cat_config(args: argparse.Namespace) -> CATConfig:
+    """The pruning settings of every catrt variant (and of the selection and MAC figures)."""
+    return CATConfig(alpha=args.alpha, t0=args.t0, reuse_every=args.reuse_every)
+
+
+def pruned_steps(args: argparse.Namespace) -> list[int]:
+    """The steady pruned steps (1-based): after the first pruned step (whose selection ran at t0), not reused."""
+    kinds = plan(args.steps, args.t0, reuse_every=args.reuse_every)
+    return [step for step in range(args.t0 + 2, args.steps + 1) if kinds[step - 1] == "pruned"]
 
 
 def pick_device(tiny: bool) -> torch.device:
@@ -452,7 +474,7 @@ def catrt_variant(adapter: Any, setup: ModelSetup, args: argparse.Namespace, com
     from catrt.engines.compile import compile_step_functions
     from catrt.runtime import RuntimeBuffers
 
-    config = CATConfig(alpha=args.alpha, t0=args.t0)
+    config = cat_config(args)
     notes: list[str] = []
     functions = compile_step_functions(adapter, compile_backend_name(args.tiny)) if compiled else None
     if compiled and args.tiny:
@@ -481,8 +503,7 @@ def measure_variant(row: Row, variant: Variant, loop: Loop, args: argparse.Names
     # catrt: step 1 allocates, step t0 clusters; pruned steps after the first (whose selection ran at t0)
     row.full_ms = statistics.median(g.step_ms[s - 1] for g in timed for s in full_steps or [1])
     if variant.prunes:
-        pruned_steps = range(args.t0 + 2, args.steps + 1)
-        row.pruned_ms = statistics.median(g.step_ms[s - 1] for g in timed for s in pruned_steps)
+        row.pruned_ms = statistics.median(g.step_ms[s - 1] for g in timed for s in pruned_steps(args))
     row.generation_ms = statistics.median(g.total_ms for g in timed)
     if variant.prunes:
         check_steady_state(row, variant, loop, args, device, clock)
@@ -535,11 +556,16 @@ def profile_steps(variant: Variant, loop: Loop, args: argparse.Namespace, device
 
 
 def check_steady_state(row: Row, variant: Variant, loop: Loop, args: argparse.Namespace, device: torch.device, clock: Clock) -> None:
-    """One more generation: count allocations over steady pruned steps, then run more under the sync guard."""
-    first = args.t0 + 2
-    count = max(1, min(args.check_steps, (args.steps - first + 1) // 2))
-    alloc_window = range(first, first + count)
-    sync_window = range(first + count, min(first + 2 * count, args.steps + 1))
+    """One more generation: count allocations over steady pruned steps, then run more under the sync guard.
+
+    Each window runs from its first to its last pruned step (reused steps between them run too) and
+    counts its pruned steps.
+    """
+    steady = pruned_steps(args)
+    count = max(1, min(args.check_steps, len(steady) // 2))
+    alloc_steps, sync_steps = steady[:count], steady[count : 2 * count] or steady[-1:]
+    alloc_window = range(alloc_steps[0], alloc_steps[-1] + 1)
+    sync_window = range(sync_steps[0], sync_steps[-1] + 1)
     counts: dict[str, int | None] = {}
     guard = contextlib.ExitStack()
 
@@ -563,13 +589,13 @@ def check_steady_state(row: Row, variant: Variant, loop: Loop, args: argparse.Na
         row.host_sync = "FAIL" if device.type == "cuda" else "error"
         row.notes.append(f"steady-state check (steps {sync_window.start}-{sync_window.stop - 1}): {short_error(error)}")
     else:
-        row.host_sync = f"pass ({len(sync_window)} steps)" if device.type == "cuda" else NA_CPU
+        row.host_sync = f"pass ({len(sync_steps)} steps)" if device.type == "cuda" else NA_CPU
     finally:
         guard.close()
     if device.type != "cuda":
         row.allocs_per_step = NA_CPU
     elif counts.get("start") is not None and counts.get("end") is not None:
-        row.allocs_per_step = (counts["end"] - counts["start"]) / len(alloc_window)
+        row.allocs_per_step = (counts["end"] - counts["start"]) / len(alloc_steps)
 
 
 def selection_ms(adapter: Any, setup: ModelSetup, args: argparse.Namespace, device: torch.device) -> tuple[float, float | None]:
@@ -581,7 +607,7 @@ def selection_ms(adapter: Any, setup: ModelSetup, args: argparse.Namespace, devi
     """
     from catrt.selection import select_cat_step
 
-    config = CATConfig(alpha=args.alpha, t0=args.t0)
+    config = cat_config(args)
     num = setup.grid.num_tokens
     k = config.num_selected(num)
     n_clusters = min(config.n_clusters, num)
@@ -633,7 +659,7 @@ def mac_ratios(setup: ModelSetup, args: argparse.Namespace) -> tuple[str, float]
 
     with torch.device("meta"):
         meta = family_of(setup.family).adapter.transformer_class.from_config(setup.config).eval()
-    report = transformer_macs(meta, setup.card, args.size, args.size, CATConfig(alpha=args.alpha, t0=args.t0), args.steps)
+    report = transformer_macs(meta, setup.card, args.size, args.size, cat_config(args), args.steps)
     share = report.pruned_step / report.full_step
     line = (f"N {report.num_tokens}, k {report.k}; MACs pruned/full step {share:.3f}, "
             f"{args.steps}-step schedule {report.schedule_ratio:.3f} (ideal speedup {1 / report.schedule_ratio:.2f}x)")
@@ -850,9 +876,9 @@ class Report:
             f"Method: per variant one untimed warm-up generation (compile, CUDA-graph capture: the *warm-up* column), then "
             f"{args.repeats} timed generations ({timing}; a step includes the loop's in-place latent update, a few "
             f"microseconds). *Full* / *pruned step* = median of those steps "
-            f"(catrt full: steps 2..{args.t0 - 1}; pruned: steps {args.t0 + 2}..{args.steps}, each including the next step's "
-            f"selection); *{args.steps} steps* = median whole loop (diffusers: {args.steps} full steps; catrt: {args.t0} full "
-            f"+ {args.steps - args.t0} pruned, KMeans at t0 included); *speedup* over diffusers eager. *Selection* = "
+            f"(catrt full: steps 2..{args.t0 - 1}; pruned: {self.pruned_span()}, each including the next step's "
+            f"selection); *{args.steps} steps* = median whole loop (diffusers: {args.steps} full steps; catrt: "
+            f"{self.catrt_schedule()}, KMeans at t0 included); *speedup* over diffusers eager. *Selection* = "
             f"`select_cat_step` alone at the real shapes (float32 scores, as the runtime), median of {args.selection_repeats}, "
             f"run eagerly (catrt eager) or replayed as a CUDA graph (catrt graphs, catrt compile; eager on the CPU). *Peak* = "
             f"`max_memory_allocated` over the timed generations (weights included). *Allocs/step* = change of "
@@ -903,6 +929,17 @@ class Report:
         lines.append(f"- total run time {time.monotonic() - STARTED:.0f} s")
         return lines
 
+    def catrt_schedule(self) -> str:
+        """The catrt variants' steps by kind, e.g. "8 full + 20 pruned" or "8 full + 14 pruned + 6 reused"."""
+        kinds = plan(self.args.steps, self.args.t0, reuse_every=self.args.reuse_every)
+        text = f"{kinds.count('full')} full + {kinds.count('pruned')} pruned"
+        return text + (f" + {kinds.count('reused')} reused (--reuse-every {self.args.reuse_every})" if kinds.count("reused") else "")
+
+    def pruned_span(self) -> str:
+        if not self.args.reuse_every:
+            return f"steps {self.args.t0 + 2}..{self.args.steps}"
+        return f"the {len(pruned_steps(self.args))} pruned steps among {self.args.t0 + 2}..{self.args.steps}"
+
     def schedule_bound(self, row: Row) -> str | None:
         """How far a catrt variant is from what its own full step allows: a pruned step at the MAC share of
         the full step, t0 full steps, and the 28-step speedup over diffusers eager that would give.
@@ -914,13 +951,15 @@ class Report:
         baseline = next((r for r in self.rows if r.model == row.model and r.variant == "diffusers-eager"), None)
         if share is None or not isinstance(row.full_ms, float) or not isinstance(row.pruned_ms, float) or row.pruned_ms <= 0:
             return None
-        t0, steps = self.args.t0, self.args.steps
+        kinds = plan(self.args.steps, self.args.t0, reuse_every=self.args.reuse_every)
+        full, pruned = kinds.count("full"), kinds.count("pruned")
         ideal_pruned = share * row.full_ms
+        bound = full * row.full_ms + pruned * ideal_pruned  # reused steps run no transformer
         text = (f"pruned step = {row.pruned_ms / row.full_ms:.3f} of its full step (MACs {share:.3f}: "
-                f"{ideal_pruned / row.pruned_ms:.0%} of the MAC-proportional time); bound at this full step: {t0} x "
-                f"{row.full_ms:.2f} + {steps - t0} x {ideal_pruned:.2f} = {t0 * row.full_ms + (steps - t0) * ideal_pruned:.1f} ms")
+                f"{ideal_pruned / row.pruned_ms:.0%} of the MAC-proportional time); bound at this full step: {full} x "
+                f"{row.full_ms:.2f} + {pruned} x {ideal_pruned:.2f} = {bound:.1f} ms")
         if baseline is not None and isinstance(baseline.generation_ms, float):
-            text += f", {baseline.generation_ms / (t0 * row.full_ms + (steps - t0) * ideal_pruned):.2f}x over diffusers eager"
+            text += f", {baseline.generation_ms / bound:.2f}x over diffusers eager"
         return text
 
     def write(self) -> None:

@@ -109,6 +109,39 @@ def test_a_failing_variant_reports_its_error_and_the_rest_runs(tmp_path: Path, m
     assert "- sd3 catrt-eager: **error** RuntimeError: CUDA out of memory (simulated)" in text
 
 
+def test_reuse_every_times_the_pruned_steps_only_and_bounds_the_steps_that_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = load_script()
+    from catrt.runtime import CATRuntime
+
+    args = gpu.parse_args(["--tiny", "--steps", "10", "--t0", "3", "--reuse-every", "3"])
+    assert gpu.pruned_steps(args) == [5, 7, 8, 10]  # 4 selects at t0; 6 and 9 reuse the previous prediction
+    assert gpu.pruned_steps(gpu.parse_args(["--tiny", "--steps", "10", "--t0", "3"])) == list(range(5, 11))
+    with pytest.raises(SystemExit) as refused:
+        gpu.parse_args(["--tiny", "--steps", "10", "--t0", "3", "--reuse-every", "1"])
+    assert refused.value.code == 2
+
+    reuse_settings = []
+    original_init = CATRuntime.__init__
+
+    def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        reuse_settings.append(self.config.reuse_every)
+
+    monkeypatch.setattr(CATRuntime, "__init__", recording_init)
+    out = tmp_path / "speed.md"
+    gpu.main(["--tiny", "--models", "sd3", "--variants", "diffusers-eager", "catrt-eager", "--repeats", "1",
+              "--steps", "10", "--t0", "3", "--reuse-every", "3", "--out", str(out)])
+    text = out.read_text()
+    assert reuse_settings and set(reuse_settings) == {3}
+    assert "catrt: 3 full + 5 pruned + 2 reused (--reuse-every 3)" in text
+    assert "pruned: the 4 pruned steps among 5..10" in text
+    _, rows = parse_table(text)
+    full = positive(rows[("sd3", "catrt-eager")]["full step (ms)"])
+    positive(rows[("sd3", "catrt-eager")]["pruned step (ms)"])
+    bound = next(line for line in text.splitlines() if line.startswith("- sd3 catrt-eager: pruned step = "))
+    assert f"bound at this full step: 3 x {full:.2f} + 5 x " in bound, bound
+
+
 def test_profile_writes_the_top_kernels_of_full_and_pruned_steps(tmp_path: Path) -> None:
     gpu = load_script()
     out = tmp_path / "speed.md"
