@@ -770,6 +770,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     for seed in args.seeds:
         check_seed(seed, name="--seeds")
+    for flag, values in (("--rules", args.rules), ("--seeds", args.seeds)):
+        repeated = sorted({str(value) for value in values if values.count(value) > 1})
+        if repeated:  # a repeat would overwrite its images and count its metrics twice
+            raise ConfigError(f"{flag} repeats {', '.join(repeated)}; list each once", field=flag, value=repeated)
     if args.guidance_scale is not None:
         check_guidance(args.guidance_scale, name="--guidance-scale")
     prompts = read_prompts(Path(args.prompts))

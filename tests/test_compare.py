@@ -103,6 +103,8 @@ def test_compare_counts_adaptive_reuse_from_the_trace(tmp_path: Path, capfd: pyt
         (None, ["--t0", "9"], "CATConfig.t0 = 9 needs t0 < num_inference_steps, got 6 steps"),
         (None, ["--reuse-threshold", "-1"], "CATConfig.reuse_threshold must be >= 0 (0 = off), got -1.0"),
         (None, ["--rules", "best"], "argument --rules: invalid choice: 'best'"),
+        (None, ["--rules", "cat", "random", "cat"], "--rules repeats cat; list each once"),
+        (None, ["--seeds", "3", "1", "3"], "--seeds repeats 3; list each once"),
     ],
 )
 def test_compare_mistakes_are_one_line(
