@@ -277,10 +277,22 @@ def signature_problems(data: Mapping[str, Any], key: bytes) -> list[CatrtError]:
 
 
 def resolve_key(key: bytes | str | None, environ: Mapping[str, str] = os.environ) -> bytes | None:
-    """`key` as bytes, else `$CATRT_BUNDLE_KEY` (surrounding whitespace dropped), else None (no check)."""
+    """`key` as bytes, else `$CATRT_BUNDLE_KEY` (surrounding whitespace dropped), else None (no check).
+
+    A variable set but blank (an unfilled deployment secret) is refused: taking it as "no key" would
+    load unsigned and edited bundles where the operator meant to check them.
+    """
     if key is None:
-        text = environ.get(BUNDLE_KEY_ENV, "").strip()
-        return text.encode("utf-8") if text else None
+        if BUNDLE_KEY_ENV not in environ:
+            return None
+        text = environ[BUNDLE_KEY_ENV].strip()
+        if not text:
+            raise ConfigError(
+                f"${BUNDLE_KEY_ENV} is set but empty; set it to the key the bundle was signed with, or unset it to "
+                "load without a signature check",
+                field="key",
+            )
+        return text.encode("utf-8")
     return _checked_key(key)
 
 

@@ -270,6 +270,16 @@ def test_an_empty_key_is_refused_before_building(tmp_path: Path) -> None:
         key_files.read_key_file(tmp_path / "key")
 
 
+def test_a_blank_bundle_key_variable_is_refused_not_taken_as_no_key(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _edit(bundle, lambda m: m["build"].update(t0=4))  # an edit only the signature tells
+    monkeypatch.setenv(BUNDLE_KEY_ENV, " \n")  # an unfilled deployment secret
+    with pytest.raises(ConfigError, match=r"\$CATRT_BUNDLE_KEY is set but empty; set it to the key") as caught:
+        catrt.load(bundle)
+    assert caught.value.field == "key"
+    monkeypatch.delenv(BUNDLE_KEY_ENV)
+    assert check_integrity(bundle).problems == []  # unset: no signature check, as documented
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device", "oversized"])
 def test_a_key_file_that_is_no_short_regular_file_is_refused_unread(tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
     """A FIFO with no writer would block the read forever and /dev/zero never ends: both are refused at once."""

@@ -272,6 +272,8 @@ def test_an_api_key_no_client_can_send_is_refused_at_start(
     assert f"the API key file {tmp_path / 'key'} holds '\\n' at character 10 of the key" in line
     monkeypatch.setenv("CATRT_API_KEY", "clé")
     assert "$CATRT_API_KEY holds '\\xe9' at character 2" in _fails(capfd, "serve", "--model", "reference")
+    monkeypatch.setenv("CATRT_API_KEY", " ")  # an unfilled deployment secret must not open the server
+    assert "$CATRT_API_KEY is set but empty; set it to the key clients send" in _fails(capfd, "serve", "--model", "reference")
 
 
 @pytest.mark.usefixtures("no_model_loads")

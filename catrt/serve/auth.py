@@ -19,8 +19,8 @@ API_KEY_ENV = "CATRT_API_KEY"
 def load_api_key(path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
     """The key in `path` (surrounding whitespace dropped), else `$CATRT_API_KEY`, else None (no auth).
 
-    An explicit file wins over the environment; an unreadable or empty file is refused, never
-    taken to mean "no key".
+    An explicit file wins over the environment; an unreadable or empty file, or the variable set but
+    blank, is refused, never taken to mean "no key".
     """
     if path is not None:
         data = read_key_file(path, "api_key_file", "API key file")  # bounded: no hang on a FIFO or /dev/zero
@@ -29,8 +29,15 @@ def load_api_key(path: str | None, environ: Mapping[str, str] = os.environ) -> s
         except UnicodeDecodeError:
             raise ConfigError(f"the API key file {path} is not UTF-8 text; write the key in ASCII", field="api_key_file") from None
         return _sendable(key, f"the API key file {path}", "api_key_file")
-    key = environ.get(API_KEY_ENV, "").strip()
-    return _sendable(key, f"${API_KEY_ENV}", "api_key") if key else None
+    if API_KEY_ENV not in environ:
+        return None
+    key = environ[API_KEY_ENV].strip()
+    if not key:  # an unfilled deployment secret must not open the server
+        raise ConfigError(
+            f"${API_KEY_ENV} is set but empty; set it to the key clients send, or unset it to serve without a key",
+            field="api_key",
+        )
+    return _sendable(key, f"${API_KEY_ENV}", "api_key")
 
 
 def _sendable(key: str, source: str, field: str) -> str:
