@@ -5,6 +5,7 @@ CLI, the server's 4xx bodies and bundle checks all say the same thing for the sa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from catrt.errors import ConfigError
@@ -22,6 +23,11 @@ def integer(value: Any) -> bool:
 def number(value: Any) -> bool:
     """A finite int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def repeated(values: Sequence[Any]) -> list[Any]:
+    """The values listed more than once, each once, sorted: what a "listed twice" refusal names."""
+    return sorted({value for value in values if values.count(value) > 1})
 
 
 def require(owner: str, name: str, value: Any, valid: bool, must_be: str) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from catrt.checks import MAX_BATCH  # stdlib + catrt.errors only
+from catrt.checks import MAX_BATCH, repeated  # stdlib + catrt.errors only
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.errors import CatrtError, ConfigError
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
@@ -771,9 +771,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for seed in args.seeds:
         check_seed(seed, name="--seeds")
     for flag, values in (("--rules", args.rules), ("--seeds", args.seeds)):
-        repeated = sorted({str(value) for value in values if values.count(value) > 1})
-        if repeated:  # a repeat would overwrite its images and count its metrics twice
-            raise ConfigError(f"{flag} repeats {', '.join(repeated)}; list each once", field=flag, value=repeated)
+        twice = repeated(values)
+        if twice:  # a repeat would overwrite its images and count its metrics twice
+            raise ConfigError(f"{flag} repeats {', '.join(map(str, twice))}; list each once", field=flag, value=twice)
     if args.guidance_scale is not None:
         check_guidance(args.guidance_scale, name="--guidance-scale")
     prompts = read_prompts(Path(args.prompts))

@@ -37,6 +37,7 @@ from catrt.build_config import format_alphas
 from catrt.checks import integer
 from catrt.contract import FULL, PRUNED, graph_kind, pruned_k
 from catrt.errors import CatrtError, ConfigError, CorruptBundleError
+from catrt.key_files import read_key_variable
 from catrt.manifest import (
     MANIFEST_FILE,
     SIGNATURE_FIELD,
@@ -277,22 +278,11 @@ def signature_problems(data: Mapping[str, Any], key: bytes) -> list[CatrtError]:
 
 
 def resolve_key(key: bytes | str | None, environ: Mapping[str, str] = os.environ) -> bytes | None:
-    """`key` as bytes, else `$CATRT_BUNDLE_KEY` (surrounding whitespace dropped), else None (no check).
-
-    A variable set but blank (an unfilled deployment secret) is refused: taking it as "no key" would
-    load unsigned and edited bundles where the operator meant to check them.
-    """
+    """`key` as bytes, else `$CATRT_BUNDLE_KEY` (surrounding whitespace dropped; set but blank is refused),
+    else None (no check)."""
     if key is None:
-        if BUNDLE_KEY_ENV not in environ:
-            return None
-        text = environ[BUNDLE_KEY_ENV].strip()
-        if not text:
-            raise ConfigError(
-                f"${BUNDLE_KEY_ENV} is set but empty; set it to the key the bundle was signed with, or unset it to "
-                "load without a signature check",
-                field="key",
-            )
-        return text.encode("utf-8")
+        text = read_key_variable(environ, BUNDLE_KEY_ENV, "key", "the key the bundle was signed with", "load without a signature check")
+        return None if text is None else text.encode("utf-8")
     return _checked_key(key)
 
 

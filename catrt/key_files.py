@@ -1,4 +1,4 @@
-"""Reading a secret key from a file, bounded: the bundle signing key and the server's API key.
+"""Reading a secret key from a file, bounded, or from the environment: the bundle key and the server's API key.
 
 Standard library only, so the CLI and the server read and check keys before anything heavy is imported.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 
 from catrt.errors import ConfigError
 
@@ -37,6 +38,18 @@ def read_key_file(path: str | os.PathLike[str], field_name: str = "bundle_key_fi
     key = key.strip()
     if not key:
         raise ConfigError(f"the {what} {path} is empty", field=field_name, value=str(path))
+    return key
+
+
+def read_key_variable(environ: Mapping[str, str], name: str, field_name: str, use: str, without: str) -> str | None:
+    """`$name`, surrounding whitespace dropped; None when unset. Set but blank (an unfilled deployment
+    secret) is a ConfigError, never taken as "no key": that would drop the check the operator meant to have.
+    `use` says what the key is for, `without` what unsetting it does."""
+    if name not in environ:
+        return None
+    key = environ[name].strip()
+    if not key:
+        raise ConfigError(f"${name} is set but empty; set it to {use}, or unset it to {without}", field=field_name)
     return key
 
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 
 from catrt.errors import ConfigError
-from catrt.key_files import read_key_file
+from catrt.key_files import read_key_file, read_key_variable
 
 API_KEY_ENV = "CATRT_API_KEY"
 
@@ -29,15 +29,8 @@ def load_api_key(path: str | None, environ: Mapping[str, str] = os.environ) -> s
         except UnicodeDecodeError:
             raise ConfigError(f"the API key file {path} is not UTF-8 text; write the key in ASCII", field="api_key_file") from None
         return _sendable(key, f"the API key file {path}", "api_key_file")
-    if API_KEY_ENV not in environ:
-        return None
-    key = environ[API_KEY_ENV].strip()
-    if not key:  # an unfilled deployment secret must not open the server
-        raise ConfigError(
-            f"${API_KEY_ENV} is set but empty; set it to the key clients send, or unset it to serve without a key",
-            field="api_key",
-        )
-    return _sendable(key, f"${API_KEY_ENV}", "api_key")
+    key = read_key_variable(environ, API_KEY_ENV, "api_key", "the key clients send", "serve without a key")
+    return None if key is None else _sendable(key, f"${API_KEY_ENV}", "api_key")
 
 
 def _sendable(key: str, source: str, field: str) -> str:

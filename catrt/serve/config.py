@@ -10,7 +10,7 @@ from typing import Any
 
 from dataclasses import replace
 
-from catrt.checks import MAX_BATCH, integer, number, require
+from catrt.checks import MAX_BATCH, integer, number, repeated, require
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.serve.alpha_policy import ALPHA_POLICIES
@@ -84,8 +84,8 @@ class ServeConfig:
         if self.engines is not None and not self.engines:
             raise ConfigError("--engines needs at least one engine folder", field="engines", value=self.engines)
         if self.engines is not None and len(set(self.engines)) != len(self.engines):
-            repeated = sorted({folder for folder in self.engines if self.engines.count(folder) > 1})
-            raise ConfigError(f"--engines names {', '.join(repeated)} more than once", field="engines", value=repeated)
+            twice = repeated(self.engines)
+            raise ConfigError(f"--engines names {', '.join(twice)} more than once", field="engines", value=twice)
         if (self.engines is None) == (self.model is None):
             raise ConfigError("give exactly one of --engines DIR or --model NAME", field="engines", value=self.engines)
         if self.model is not None:
