@@ -86,7 +86,7 @@ import diffusers  # noqa: E402
 
 from catrt.config import CATConfig  # noqa: E402
 from catrt.model_cards import MODEL_CARDS, ModelCard  # noqa: E402
-from catrt.scheduler import plan  # noqa: E402
+from catrt.scheduler import StepKind, plan  # noqa: E402
 from catrt.models import family_of  # noqa: E402
 from catrt.tokens import Grid  # noqa: E402
 
@@ -158,9 +158,14 @@ def cat_config(args: argparse.Namespace) -> CATConfig:
     return CATConfig(alpha=args.alpha, t0=args.t0, reuse_every=args.reuse_every)
 
 
+def schedule(args: argparse.Namespace) -> list[StepKind]:
+    """The catrt variants' step kinds, steps 1..steps in order."""
+    return plan(args.steps, args.t0, reuse_every=args.reuse_every)
+
+
 def pruned_steps(args: argparse.Namespace) -> list[int]:
     """The steady pruned steps (1-based): after the first pruned step (whose selection ran at t0), not reused."""
-    kinds = plan(args.steps, args.t0, reuse_every=args.reuse_every)
+    kinds = schedule(args)
     return [step for step in range(args.t0 + 2, args.steps + 1) if kinds[step - 1] == "pruned"]
 
 
@@ -931,7 +936,7 @@ class Report:
 
     def catrt_schedule(self) -> str:
         """The catrt variants' steps by kind, e.g. "8 full + 20 pruned" or "8 full + 14 pruned + 6 reused"."""
-        kinds = plan(self.args.steps, self.args.t0, reuse_every=self.args.reuse_every)
+        kinds = schedule(self.args)
         text = f"{kinds.count('full')} full + {kinds.count('pruned')} pruned"
         return text + (f" + {kinds.count('reused')} reused (--reuse-every {self.args.reuse_every})" if kinds.count("reused") else "")
 
@@ -951,7 +956,7 @@ class Report:
         baseline = next((r for r in self.rows if r.model == row.model and r.variant == "diffusers-eager"), None)
         if share is None or not isinstance(row.full_ms, float) or not isinstance(row.pruned_ms, float) or row.pruned_ms <= 0:
             return None
-        kinds = plan(self.args.steps, self.args.t0, reuse_every=self.args.reuse_every)
+        kinds = schedule(self.args)
         full, pruned = kinds.count("full"), kinds.count("pruned")
         ideal_pruned = share * row.full_ms
         bound = full * row.full_ms + pruned * ideal_pruned  # reused steps run no transformer
