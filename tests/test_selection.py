@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from sklearn.cluster import KMeans
@@ -106,6 +107,32 @@ def test_later_selection_takes_magnitude_part_then_stalest() -> None:
     assert first == magnitude[0, :16].topk(3).indices.tolist()
     rest = set(indices[0, size_m:].tolist())
     assert rest <= set(range(32, 64)), "the remaining budget must be the stalest tokens"
+
+
+@pytest.mark.parametrize("n_keys", [1, 2, 3])
+def test_lexsort_and_ranks_match_numpy_lexsort_with_ties(n_keys: int) -> None:
+    gen = torch.Generator().manual_seed(n_keys)
+    keys = [torch.randint(0, 4, (3, 50), generator=gen) for _ in range(n_keys - 1)]
+    keys.append(torch.rand(3, 50, generator=gen).round(decimals=1))  # float ties too
+    perm = selection.lexsort(keys)
+    ranks = selection.ranks(keys)
+    for row in range(3):
+        # numpy sorts by its last key first; a trailing index key makes every tie explicit.
+        expected = np.lexsort([np.arange(50), *[key[row].numpy() for key in reversed(keys)]])
+        assert perm[row].tolist() == expected.tolist()
+        assert ranks[row, perm[row]].tolist() == list(range(50))
+
+
+def test_ranks_within_groups_count_from_zero_in_each_group() -> None:
+    gen = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 5, (2, 40), generator=gen)
+    values = torch.rand(2, 40, generator=gen).round(decimals=1)
+    within = selection.ranks_within_groups(groups, [values], 5)
+    for row in range(2):
+        for group in range(5):
+            members = [i for i in range(40) if int(groups[row, i]) == group]
+            expected = sorted(members, key=lambda i: (float(values[row, i]), i))
+            assert [int(within[row, i]) for i in expected] == list(range(len(members)))
 
 
 def test_staleness_ewma() -> None:
