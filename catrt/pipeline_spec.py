@@ -13,11 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from catrt.checks import require
 from catrt.tokens import Grid
 
 #: "cfg": classifier-free guidance stacks [uncond, cond] rows when guidance_scale > 1 (SD3, PixArt);
 #: "distilled": guidance is an input of the transformer (FLUX-dev's embedding; none on schnell), one row per image.
 Guidance = Literal["cfg", "distilled"]
+GUIDANCE_KINDS: tuple[str, ...] = ("cfg", "distilled")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,13 @@ class PipelineSpec:
     token_grid: Callable[[Any, dict[str, Any]], Grid] | None = field(default=None, compare=False)
     # (call arguments) -> raises a catrt error naming an argument catrt cannot run (e.g. two calls per step).
     check_call: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        # A misspelt guidance kind would silently score a CFG pipeline's uncond rows as prompts of their own.
+        require("PipelineSpec", "guidance", self.guidance, self.guidance in GUIDANCE_KINDS, f"one of {', '.join(GUIDANCE_KINDS)}")
+        for name in ("token_grid", "check_call"):
+            value = getattr(self, name)
+            require("PipelineSpec", name, value, value is None or callable(value), "None or a function")
 
     def doubles_batch(self, arguments: dict[str, Any]) -> bool:
         """Whether the transformer sees [uncond, cond] rows for this call.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,9 +13,9 @@ from diffusers.models.attention_processor import AttnProcessor
 
 import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
-from catrt.models import ADAPTERS, FAMILIES, PIPELINES, Family, make_adapter, register_family
+from catrt.models import ADAPTERS, FAMILIES, PIPELINES, Adapter, Family, make_adapter, register_family
 from catrt.models.sd3 import SD3Adapter
-from catrt.pipeline import pipeline_spec
+from catrt.pipeline import pipeline_spec, register_pipeline
 from catrt.pipeline_spec import PipelineSpec
 from catrt.runtime import CATRuntime
 from catrt.tokens import Grid
@@ -120,3 +121,55 @@ def test_an_unregistered_pipeline_is_refused(tiny_pipelines: dict[str, Any]) -> 
     tiny = tiny_pipelines["tiny-sd3"]
     with pytest.raises(UnsupportedModelError, match="catrt cannot accelerate FakePipeline"):
         catrt.accelerate(FakePipeline(**tiny.components))
+
+
+class HalfAdapter(Adapter):
+    """An adapter that names its transformer class and implements nothing else."""
+
+    transformer_class = FakeTransformer
+
+
+class NoClassAdapter(SD3Adapter):
+    transformer_class = None  # type: ignore[assignment]
+
+
+def _spec() -> PipelineSpec:
+    return PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3")
+
+
+@pytest.mark.parametrize(
+    ("family", "message"),
+    [
+        (lambda: Family("fake", HalfAdapter, {FakePipeline: _spec()}),
+         "family 'fake': HalfAdapter does not implement check_layout, context_inputs, first_block, num_kv_slots, run_blocks"),
+        (lambda: Family("fake", NoClassAdapter, {FakePipeline: _spec()}),
+         "NoClassAdapter.transformer_class must be the diffusers transformer class it serves"),
+        (lambda: Family("fake", object, {FakePipeline: _spec()}), "Family.adapter must be a subclass of catrt's Adapter"),
+        (lambda: Family("fake", FakeAdapter, [FakePipeline]), "Family.pipelines must be a non-empty dict"),
+        (lambda: Family("fake", FakeAdapter, {FakePipeline: {"guidance": "cfg"}}), "maps pipeline classes to PipelineSpec"),
+        (lambda: Family("", FakeAdapter, {FakePipeline: _spec()}), "Family.name must be a non-empty string"),
+        (lambda: Family("sd3", FakeAdapter, {FakePipeline: _spec()}), "family named 'sd3' is already registered"),
+        (lambda: Family("fake", SD3Adapter, {FakePipeline: _spec()}), "SD3Transformer2DModel is already served by family 'sd3'"),
+        (lambda: Family("fake", FakeAdapter, {StableDiffusion3Pipeline: _spec()}),
+         "pipeline class StableDiffusion3Pipeline is already registered by family 'sd3'"),
+    ],
+)
+def test_a_half_filled_or_clashing_family_is_refused_by_name_and_registers_nothing(family: Any, message: str) -> None:
+    before = (dict(FAMILIES), dict(ADAPTERS), dict(PIPELINES))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        register_family(family())
+    assert (FAMILIES, ADAPTERS, PIPELINES) == before  # the built-in families are untouched
+    assert FAMILIES["sd3"].adapter is SD3Adapter
+
+
+def test_registering_the_same_family_twice_changes_nothing(fake_family: Family) -> None:
+    assert register_family(fake_family) is fake_family and FAMILIES["fake"] is fake_family
+
+
+def test_a_pipeline_spec_with_an_unknown_guidance_kind_is_refused() -> None:
+    with pytest.raises(ConfigError, match="PipelineSpec.guidance must be one of cfg, distilled, got 'CFG'"):
+        PipelineSpec(call_defaults={}, guidance="CFG")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="PipelineSpec.token_grid must be None or a function"):
+        PipelineSpec(call_defaults={}, token_grid=Grid(4, 6))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="register_pipeline takes a pipeline class and a catrt PipelineSpec"):
+        register_pipeline(FakePipeline, {"guidance": "cfg"})  # type: ignore[arg-type]
