@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from catrt.checks import require
+from catrt.errors import ConfigError
 from catrt.tokens import Grid
 
 #: "cfg": classifier-free guidance stacks [uncond, cond] rows when guidance_scale > 1 (SD3, PixArt);
@@ -53,7 +54,17 @@ class PipelineSpec:
         Classifier-free guidance pipelines double the batch exactly when guidance_scale > 1
         (diffusers' `do_classifier_free_guidance`); a distilled guidance embedding never does.
         """
-        return self.guidance == "cfg" and float(arguments.get("guidance_scale", 1.0)) > 1.0
+        return self.guidance == "cfg" and guidance_value(arguments.get("guidance_scale", 1.0)) > 1.0
+
+
+def guidance_value(scale: Any) -> float:
+    """A call's guidance_scale as a float; anything but a real number (None, a string) is refused by name."""
+    try:
+        if isinstance(scale, (str, bytes)):
+            raise TypeError
+        return float(scale)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        raise ConfigError(f"guidance_scale must be a number, got {scale!r}", field="guidance_scale", value=repr(scale)) from None
 
 
 def call_default(pipe: Any, name: str) -> Any:

@@ -30,6 +30,15 @@ def test_guidance_is_declared_per_pipeline(tiny_pipelines: dict[str, Any]) -> No
     assert flux.guidance == "distilled" and not flux.doubles_batch({"guidance_scale": 7.0})
 
 
+@pytest.mark.parametrize("scale", [None, "7", [7.0, 7.0]])
+def test_a_guidance_scale_that_is_not_a_number_is_refused_by_name(scale: Any, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    with pytest.raises(ConfigError, match=re.escape(f"guidance_scale must be a number, got {scale!r}")) as caught:
+        fast(**call_kwargs(pipe, guidance_scale=scale))
+    assert caught.value.field == "guidance_scale"
+
+
 @torch.no_grad()
 def test_flux_guidance_embedding_is_an_input_of_one_row_per_image(tiny_pipelines: dict[str, Any]) -> None:
     dev, schnell = (make_adapter(tiny_pipelines[name].transformer) for name in ("tiny-flux", "tiny-flux-schnell"))
