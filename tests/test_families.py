@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor
 import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
 from catrt.models import ADAPTERS, FAMILIES, PIPELINES, Adapter, Family, make_adapter, register_family
+from catrt.models.base import attention
 from catrt.models.sd3 import SD3Adapter
 from catrt.pipeline import pipeline_spec, register_pipeline
 from catrt.pipeline_spec import PipelineSpec
@@ -182,3 +184,126 @@ def test_a_pipeline_spec_with_an_unknown_guidance_kind_is_refused() -> None:
         PipelineSpec(call_defaults={}, token_grid=Grid(4, 6))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="register_pipeline takes a pipeline class and a catrt PipelineSpec"):
         register_pipeline(FakePipeline, {"guidance": "cfg"})  # type: ignore[arg-type]
+
+
+# -- a family from scratch: not a diffusers transformer, packed tokens, a learned position table ------------
+
+
+class ToyTransformer(torch.nn.Module):
+    """Two attention blocks over packed (B, N, 4) tokens and the text, with a learned position table."""
+
+    def __init__(self, channels: int = 4, width: int = 16, heads: int = 2, max_tokens: int = 64) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(patch_size=1, in_channels=channels)  # what the Adapter base reads
+        self.out_channels, self.inner_dim, self.heads = channels, width, heads
+        self.embed, self.time, self.text = torch.nn.Linear(channels, width), torch.nn.Linear(1, width), torch.nn.Linear(8, width)
+        self.positions = torch.nn.Parameter(torch.randn(max_tokens, width) * 0.1)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, 3 * width) for _ in range(2))
+        self.proj_out = torch.nn.Linear(width, channels)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, return_dict: bool = True) -> Any:
+        tokens = self.embed(hidden_states) + self.positions[: hidden_states.shape[1]]
+        for block in self.blocks:
+            tokens = _toy_block(self, block, tokens, timestep, encoder_hidden_states, None)
+        return (self.proj_out(tokens),)
+
+
+def _toy_block(model: ToyTransformer, block: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, store: Any) -> torch.Tensor:
+    x = x + model.time(timestep.float()[:, None])[:, None]
+    query, key, value = block(x).chunk(3, -1)
+    if store is not None:  # the image K/V through the cache
+        key, value = store.exchange(0, key), store.exchange(1, value)
+    _, text_key, text_value = block(model.text(text)).chunk(3, -1)
+    return x + attention(query, torch.cat([key, text_key], 1), torch.cat([value, text_value], 1), model.heads)
+
+
+class ToyPipeline:
+    """A pipeline of its own (no diffusers): a few Euler-like steps over packed latents."""
+
+    def __init__(self, transformer: ToyTransformer) -> None:
+        self.transformer = transformer
+
+    def __call__(self, prompt_embeds: torch.Tensor, height: int = 4, width: int = 6, num_inference_steps: int = 6, seed: int = 0) -> Any:
+        latents = torch.randn(prompt_embeds.shape[0], height * width, 4, generator=torch.Generator().manual_seed(seed))
+        for step in range(num_inference_steps):
+            timestep = torch.full((latents.shape[0],), 1.0 - step / num_inference_steps)
+            latents = latents - 0.1 * self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        return SimpleNamespace(images=latents)
+
+
+class ToyAdapter(Adapter):
+    """The whole adapter of the toy family: packed tokens (as FLUX), K/V slots, the blocks."""
+
+    transformer_class = ToyTransformer
+
+    def check_layout(self, transformer: torch.nn.Module) -> None:
+        pass
+
+    @property
+    def num_kv_slots(self) -> int:
+        return 2 * len(self.transformer.blocks)
+
+    token_channels = token_out_channels = property(lambda self: self.in_channels)
+
+    def latent_grid(self, latents: torch.Tensor) -> Grid | None:
+        return None
+
+    def tokens_of(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def prediction_of(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
+        return tokens
+
+    def prediction_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return latent_shape
+
+    def embed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.transformer.embed(hidden_states) + self.transformer.positions[: hidden_states.shape[1]]
+
+    def embed_patches(self, patches: torch.Tensor, indices: torch.Tensor, context: dict) -> torch.Tensor:
+        return self.transformer.embed(patches) + self.transformer.positions[indices]
+
+    def context_inputs(self, call_kwargs: dict[str, Any]) -> dict:
+        return {"encoder_hidden_states": call_kwargs["encoder_hidden_states"]}
+
+    def prepare_context(self, inputs: dict, latent_shape: tuple[int, ...]) -> dict:
+        return dict(inputs)
+
+    def run_blocks(self, tokens: torch.Tensor, timestep: torch.Tensor, context: dict, store: Any) -> torch.Tensor:
+        model, text = self.transformer, context["encoder_hidden_states"]
+        for index, block in enumerate(model.blocks):
+            tokens = store.run_block(lambda b, s, x: _toy_block(model, b, x, timestep, text, s), block, 2 * index, 2, tokens)
+        return model.proj_out(tokens)
+
+    def first_block(self, tokens: torch.Tensor, timestep: torch.Tensor, context: dict) -> torch.Tensor:
+        return _toy_block(self.transformer, self.transformer.blocks[0], tokens, timestep, context["encoder_hidden_states"], None)
+
+
+@pytest.fixture()
+def toy_family() -> Iterator[Family]:
+    grid = lambda pipe, arguments: Grid(arguments["height"], arguments["width"])  # noqa: E731
+    family = register_family(Family("toy", ToyAdapter, {ToyPipeline: PipelineSpec(call_defaults={}, token_grid=grid)}))
+    yield family
+    del FAMILIES["toy"], ADAPTERS[ToyTransformer], PIPELINES[ToyPipeline]
+
+
+@torch.no_grad()
+def test_a_family_from_scratch_is_one_adapter_class_and_one_registration(toy_family: Family) -> None:
+    torch.manual_seed(0)
+    pipe, prompts = ToyPipeline(ToyTransformer().eval()), torch.randn(2, 5, 8)
+    expected = pipe(prompts).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2, trace=True))
+    assert float((fast(prompts).images - expected).abs().max()) < 1e-5  # alpha = 1 is the plain pipeline
+    assert [record.kind for record in fast.last_trace] == ["full"] * 2 + ["pruned"] * 4
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.5, t0=2, n_clusters=4, trace=True))
+    pruned = fast(prompts, height=3, width=8).images
+    assert pruned.shape == (2, 24, 4) and torch.isfinite(pruned).all()
+    for record in fast.last_trace[2:]:
+        assert record.indices.shape == (2, 12) and all(len(set(row.tolist())) == 12 for row in record.indices)
+
+
+def test_a_transformer_without_what_the_adapter_base_reads_is_refused_by_name(toy_family: Family) -> None:
+    transformer = ToyTransformer()
+    del transformer.config.patch_size
+    with pytest.raises(UnsupportedModelError, match=r"ToyAdapter: the Adapter base reads transformer.config.patch_size, which ToyTransformer does not have"):
+        catrt.accelerate(ToyPipeline(transformer))
