@@ -45,6 +45,12 @@ def register_pipeline(pipeline_class: type, spec: PipelineSpec) -> None:
 
 def pipeline_spec(pipe: Any) -> PipelineSpec:
     spec = PIPELINES.get(type(pipe))
+    if isinstance(pipe, AcceleratedPipeline):
+        raise UnsupportedModelError(
+            "this pipeline is already accelerated (an AcceleratedPipeline); accelerate its diffusers pipeline, "
+            "catrt.accelerate(fast.pipe, config), or call it with alpha= for another alpha",
+            field="pipe", value=type(pipe).__name__,
+        )
     if spec is None:
         supported = ", ".join(cls.__name__ for cls in PIPELINES)
         raise UnsupportedModelError(
