@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,6 +15,8 @@ from diffusers.models.attention_processor import AttnProcessor
 
 import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
+from catrt.macs import meta_inputs
+from catrt.model_cards import MODEL_CARDS
 from catrt.models import ADAPTERS, FAMILIES, PIPELINES, Adapter, Family, make_adapter, register_family
 from catrt.models.base import attention
 from catrt.models.sd3 import SD3Adapter
@@ -307,3 +310,9 @@ def test_a_transformer_without_what_the_adapter_base_reads_is_refused_by_name(to
     del transformer.config.patch_size
     with pytest.raises(UnsupportedModelError, match=r"ToyAdapter: the Adapter base reads transformer.config.patch_size, which ToyTransformer does not have"):
         catrt.accelerate(ToyPipeline(transformer))
+
+
+def test_mac_counting_of_a_family_without_a_meta_call_is_refused_by_name(fake_family: Family) -> None:
+    card = replace(MODEL_CARDS["sd3"], name="fake-medium", hub_id=None, family="fake")
+    with pytest.raises(UnsupportedModelError, match="model fake-medium: family 'fake' registers no meta_call, which MAC counting needs"):
+        meta_inputs(card, Grid(4, 4))
