@@ -306,7 +306,7 @@ def _hub_error(card: ModelCard, error: BaseException) -> CatrtError:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from catrt.image_output import image_format, staged_image
+    from catrt.image_output import image_format, save_image, staged_image
 
     out, format_ = image_format(args.out)  # a bad name costs nothing: refused before any import or load
     if args.bundle_key_file is not None and args.engines is None:
@@ -328,7 +328,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance_scale,
         )
         image, seconds = generate_image(runner, request)
-        image.save(staged, format=format_)
+        save_image(image, staged, format_, out)
     print(f"wrote {out} ({image.width}x{image.height}, {mode}) in {seconds:.2f} s")
     return 0
 

@@ -121,8 +121,20 @@ def _plain_numbers(config: CATConfig) -> None:
         value = getattr(config, field.name)
         if type(value) in (int, float, bool) or not isinstance(value, numbers.Real):
             continue
-        plain = int(value) if isinstance(value, numbers.Integral) else float(value)
+        plain = int(value) if isinstance(value, numbers.Integral) else _plain_float(value)
         object.__setattr__(config, field.name, plain)
+
+
+def _plain_float(value: numbers.Real) -> float:
+    """A real as the Python float it was written as: a numpy float16 / float32 by its shortest decimal
+    (`np.float32(0.3)` is 0.3, not 0.30000001192092896, which would select ceil(0.30000001 * 1000) = 301
+    tokens of 1000 where 0.3 selects 300). numpy prints each float type's shortest round-trip decimal."""
+    if getattr(getattr(value, "dtype", None), "kind", None) == "f":
+        try:
+            return float(str(value))
+        except ValueError:  # a type whose str is not a decimal: its value as it is
+            pass
+    return float(value)
 
 
 def _check_number(name: str, value: Any, allowed: str, ok: Any) -> None:

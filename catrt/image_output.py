@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from catrt.errors import ConfigError
 
@@ -51,13 +52,22 @@ def staged_image(out: Path) -> Iterator[Path]:
         raise _unwritable(out, error) from None
     try:
         yield staged
+    except BaseException:  # the block's own error as it is: an OSError while loading a model is no --out problem
+        staged.unlink(missing_ok=True)
+        raise
+    try:
         os.replace(staged, out)
     except OSError as error:
         staged.unlink(missing_ok=True)
         raise _unwritable(out, error) from None
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
+
+
+def save_image(image: Any, staged: Path, format_: str, out: Path) -> None:
+    """Write `image` into the staged file of `out`; a failed write (a full disk) names --out."""
+    try:
+        image.save(staged, format=format_)
+    except OSError as error:
+        raise _unwritable(out, error) from None
 
 
 def _check_folders(out: Path) -> None:

@@ -94,6 +94,20 @@ LOADERS: dict[str, Loader] = {
 }
 
 
+def _load_folder(folder: str, dtype: torch.dtype, transformer_weights: bool) -> DiffusionPipeline:
+    """A local diffusers folder; one that diffusers cannot load (a component missing or corrupt, a pipeline class
+    diffusers does not know) is a ConfigError naming the folder and diffusers' reason, not its traceback."""
+    try:
+        return _from_pretrained(DiffusionPipeline, folder, dtype, transformer_weights)
+    except Exception as error:  # diffusers raises OSError, ValueError, AttributeError, KeyError... for a bad folder
+        reason = next(iter(str(error).splitlines()), "")
+        raise ConfigError(
+            f"could not load the model folder {folder!r} as a diffusers pipeline ({type(error).__name__}: {reason}); "
+            f"pass a folder written by a diffusers pipeline's save_pretrained, or a catrt model name",
+            field="model", value=folder,
+        ) from error
+
+
 def usable_device(device: str | torch.device) -> torch.device:
     """The torch device `device` names, refused before any loading when it is no device or this machine has none."""
     try:
@@ -130,7 +144,7 @@ def load_pipeline(
         pipeline = LOADERS[key](dtype, transformer_weights)
     else:
         logger.info("loading diffusers folder %s as %s", key, dtype)
-        pipeline = _from_pretrained(DiffusionPipeline, key, dtype, transformer_weights)
+        pipeline = _load_folder(key, dtype, transformer_weights)
     if transformer_weights:
         return pipeline.to(device)
     stand_in, pipeline.transformer = pipeline.transformer, None  # meta tensors cannot be moved

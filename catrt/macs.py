@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from catrt.config import CATConfig
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.model_cards import MODEL_CARDS, ModelCard
 from catrt.models import family_of, make_adapter
 from catrt.runtime import StepRecord
@@ -65,7 +65,14 @@ def count_macs(fn: Any, *args: Any) -> int:
 
 def meta_inputs(card: ModelCard, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Batch-1 meta tensors shaped like one denoising step's transformer call (the family's `meta_call`)."""
-    kwargs = dict(family_of(card.family).meta_call(card.transformer_config, card.text_tokens, grid))
+    family = family_of(card.family)
+    if family.meta_call is None:
+        raise UnsupportedModelError(
+            f"model {card.name}: family {family.name!r} registers no meta_call, which MAC counting needs (a function of the "
+            f"transformer config, text tokens and token grid returning one step's meta-device call arguments)",
+            field="model", value=card.name,
+        )
+    kwargs = dict(family.meta_call(card.transformer_config, card.text_tokens, grid))
     return kwargs.pop("hidden_states"), kwargs.pop("timestep"), kwargs
 
 

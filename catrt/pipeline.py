@@ -34,11 +34,23 @@ from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
 
 def register_pipeline(pipeline_class: type, spec: PipelineSpec) -> None:
     """Let another pipeline class whose transformer has an adapter be accelerated."""
+    if not isinstance(pipeline_class, type) or not isinstance(spec, PipelineSpec):
+        raise ConfigError(
+            f"register_pipeline takes a pipeline class and a catrt PipelineSpec, got {pipeline_class!r} and "
+            f"{type(spec).__name__}",
+            field="spec" if isinstance(pipeline_class, type) else "pipeline_class",
+        )
     PIPELINES[pipeline_class] = spec
 
 
 def pipeline_spec(pipe: Any) -> PipelineSpec:
     spec = PIPELINES.get(type(pipe))
+    if isinstance(pipe, AcceleratedPipeline):
+        raise UnsupportedModelError(
+            "this pipeline is already accelerated (an AcceleratedPipeline); accelerate its diffusers pipeline, "
+            "catrt.accelerate(fast.pipe, config), or call it with alpha= for another alpha",
+            field="pipe", value=type(pipe).__name__,
+        )
     if spec is None:
         supported = ", ".join(cls.__name__ for cls in PIPELINES)
         raise UnsupportedModelError(

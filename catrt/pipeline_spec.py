@@ -13,11 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from catrt.checks import require
+from catrt.errors import ConfigError
 from catrt.tokens import Grid
 
 #: "cfg": classifier-free guidance stacks [uncond, cond] rows when guidance_scale > 1 (SD3, PixArt);
 #: "distilled": guidance is an input of the transformer (FLUX-dev's embedding; none on schnell), one row per image.
 Guidance = Literal["cfg", "distilled"]
+GUIDANCE_KINDS: tuple[str, ...] = ("cfg", "distilled")
 
 
 @dataclass(frozen=True)
@@ -38,13 +41,30 @@ class PipelineSpec:
     # (call arguments) -> raises a catrt error naming an argument catrt cannot run (e.g. two calls per step).
     check_call: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        # A misspelt guidance kind would silently score a CFG pipeline's uncond rows as prompts of their own.
+        require("PipelineSpec", "guidance", self.guidance, self.guidance in GUIDANCE_KINDS, f"one of {', '.join(GUIDANCE_KINDS)}")
+        for name in ("token_grid", "check_call"):
+            value = getattr(self, name)
+            require("PipelineSpec", name, value, value is None or callable(value), "None or a function")
+
     def doubles_batch(self, arguments: dict[str, Any]) -> bool:
         """Whether the transformer sees [uncond, cond] rows for this call.
 
         Classifier-free guidance pipelines double the batch exactly when guidance_scale > 1
         (diffusers' `do_classifier_free_guidance`); a distilled guidance embedding never does.
         """
-        return self.guidance == "cfg" and float(arguments.get("guidance_scale", 1.0)) > 1.0
+        return self.guidance == "cfg" and guidance_value(arguments.get("guidance_scale", 1.0)) > 1.0
+
+
+def guidance_value(scale: Any) -> float:
+    """A call's guidance_scale as a float; anything but a real number (None, a string) is refused by name."""
+    try:
+        if isinstance(scale, (str, bytes)):
+            raise TypeError
+        return float(scale)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        raise ConfigError(f"guidance_scale must be a number, got {scale!r}", field="guidance_scale", value=repr(scale)) from None
 
 
 def call_default(pipe: Any, name: str) -> Any:

@@ -387,7 +387,8 @@ class CATRuntime:
             return grid
         if self.given_grid is None:
             raise ConfigError(
-                f"{type(self.adapter).__name__} latents do not carry their token grid: pass CATRuntime(grid=...)", field="grid"
+                f"{type(self.adapter).__name__} latents do not carry their token grid: pass CATRuntime(grid=...) (a pipeline's "
+                f"PipelineSpec.token_grid gives it to accelerate)", field="grid"
             )
         num_tokens = self.adapter.tokens_of(hidden_states).shape[1]
         if self.given_grid.num_tokens != num_tokens:

@@ -524,3 +524,18 @@ def test_cat_flags_are_every_config_field_a_user_sets() -> None:
         assert {action.dest for action in group._group_actions} == expected, name
         help_text = commands[name].format_help()
         assert "(default: 0.3)" in help_text and "{cat,random,round_robin" in help_text
+
+
+def test_a_model_folder_diffusers_cannot_load_is_one_line_naming_the_folder_not_out(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline", "vae": ["diffusers", "AutoencoderKL"]}')
+    out = tmp_path / "image.png"
+    assert main(["generate", "--model", str(folder), "--prompt", "x", "--out", str(out)]) == 2
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # diffusers' loading bar may come before
+    assert "Traceback" not in err and len(errors) == 1 and errors[0].startswith("catrt generate: error: "), err
+    line = errors[0]
+    assert f"could not load the model folder {str(folder)!r} as a diffusers pipeline (OSError: " in line  # was: --out cannot be written
+    assert "--out" not in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["saved"]  # no image, no staged file left

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from catrt import CATConfig, ConfigError
@@ -52,3 +53,13 @@ def test_round_trip_through_dict() -> None:
     assert CATConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="no field"):
         CATConfig.from_dict({"alpha": 0.3, "beta": 1})
+
+
+@pytest.mark.parametrize("kind", ["float16", "float32", "float64", "longdouble"])
+def test_a_numpy_alpha_is_the_decimal_it_was_written_as_and_selects_the_same_k(kind: str) -> None:
+    # float32(0.3) is 0.30000001192...: taken as is, ceil(alpha * N) would select one token more wherever 0.3 * N is whole
+    for alpha in (0.3, 0.7, 0.1, 0.25):
+        config = CATConfig(alpha=getattr(np, kind)(alpha))
+        assert config == CATConfig(alpha=alpha) and type(config.alpha) is float
+        assert [config.num_selected(n) for n in (10, 20, 1000)] == [CATConfig(alpha=alpha).num_selected(n) for n in (10, 20, 1000)]
+    assert CATConfig(alpha=np.float32(0.3)).num_selected(1000) == 300

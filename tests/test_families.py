@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,9 +15,12 @@ from diffusers.models.attention_processor import AttnProcessor
 
 import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
-from catrt.models import ADAPTERS, FAMILIES, PIPELINES, Family, make_adapter, register_family
+from catrt.macs import meta_inputs
+from catrt.model_cards import MODEL_CARDS
+from catrt.models import ADAPTERS, FAMILIES, PIPELINES, Adapter, Family, make_adapter, register_family
+from catrt.models.base import attention
 from catrt.models.sd3 import SD3Adapter
-from catrt.pipeline import pipeline_spec
+from catrt.pipeline import pipeline_spec, register_pipeline
 from catrt.pipeline_spec import PipelineSpec
 from catrt.runtime import CATRuntime
 from catrt.tokens import Grid
@@ -27,6 +33,15 @@ def test_guidance_is_declared_per_pipeline(tiny_pipelines: dict[str, Any]) -> No
     assert sd3.guidance == "cfg" and sd3.doubles_batch({"guidance_scale": 7.0})
     assert not sd3.doubles_batch({"guidance_scale": 1.0})
     assert flux.guidance == "distilled" and not flux.doubles_batch({"guidance_scale": 7.0})
+
+
+@pytest.mark.parametrize("scale", [None, "7", [7.0, 7.0]])
+def test_a_guidance_scale_that_is_not_a_number_is_refused_by_name(scale: Any, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    with pytest.raises(ConfigError, match=re.escape(f"guidance_scale must be a number, got {scale!r}")) as caught:
+        fast(**call_kwargs(pipe, guidance_scale=scale))
+    assert caught.value.field == "guidance_scale"
 
 
 @torch.no_grad()
@@ -120,3 +135,184 @@ def test_an_unregistered_pipeline_is_refused(tiny_pipelines: dict[str, Any]) -> 
     tiny = tiny_pipelines["tiny-sd3"]
     with pytest.raises(UnsupportedModelError, match="catrt cannot accelerate FakePipeline"):
         catrt.accelerate(FakePipeline(**tiny.components))
+
+
+class HalfAdapter(Adapter):
+    """An adapter that names its transformer class and implements nothing else."""
+
+    transformer_class = FakeTransformer
+
+
+class NoClassAdapter(SD3Adapter):
+    transformer_class = None  # type: ignore[assignment]
+
+
+def _spec() -> PipelineSpec:
+    return PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3")
+
+
+@pytest.mark.parametrize(
+    ("family", "message"),
+    [
+        (lambda: Family("fake", HalfAdapter, {FakePipeline: _spec()}),
+         "family 'fake': HalfAdapter does not implement check_layout, context_inputs, first_block, num_kv_slots, run_blocks"),
+        (lambda: Family("fake", NoClassAdapter, {FakePipeline: _spec()}),
+         "NoClassAdapter.transformer_class must be the diffusers transformer class it serves"),
+        (lambda: Family("fake", object, {FakePipeline: _spec()}), "Family.adapter must be a subclass of catrt's Adapter"),
+        (lambda: Family("fake", FakeAdapter, [FakePipeline]), "Family.pipelines must be a non-empty dict"),
+        (lambda: Family("fake", FakeAdapter, {FakePipeline: {"guidance": "cfg"}}), "maps pipeline classes to PipelineSpec"),
+        (lambda: Family("", FakeAdapter, {FakePipeline: _spec()}), "Family.name must be a non-empty string"),
+        (lambda: Family("sd3", FakeAdapter, {FakePipeline: _spec()}), "family named 'sd3' is already registered"),
+        (lambda: Family("fake", SD3Adapter, {FakePipeline: _spec()}), "SD3Transformer2DModel is already served by family 'sd3'"),
+        (lambda: Family("fake", FakeAdapter, {StableDiffusion3Pipeline: _spec()}),
+         "pipeline class StableDiffusion3Pipeline is already registered by family 'sd3'"),
+    ],
+)
+def test_a_half_filled_or_clashing_family_is_refused_by_name_and_registers_nothing(family: Any, message: str) -> None:
+    before = (dict(FAMILIES), dict(ADAPTERS), dict(PIPELINES))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        register_family(family())
+    assert (FAMILIES, ADAPTERS, PIPELINES) == before  # the built-in families are untouched
+    assert FAMILIES["sd3"].adapter is SD3Adapter
+
+
+def test_registering_the_same_family_twice_changes_nothing(fake_family: Family) -> None:
+    assert register_family(fake_family) is fake_family and FAMILIES["fake"] is fake_family
+
+
+def test_a_pipeline_spec_with_an_unknown_guidance_kind_is_refused() -> None:
+    with pytest.raises(ConfigError, match="PipelineSpec.guidance must be one of cfg, distilled, got 'CFG'"):
+        PipelineSpec(call_defaults={}, guidance="CFG")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="PipelineSpec.token_grid must be None or a function"):
+        PipelineSpec(call_defaults={}, token_grid=Grid(4, 6))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="register_pipeline takes a pipeline class and a catrt PipelineSpec"):
+        register_pipeline(FakePipeline, {"guidance": "cfg"})  # type: ignore[arg-type]
+
+
+# -- a family from scratch: not a diffusers transformer, packed tokens, a learned position table ------------
+
+
+class ToyTransformer(torch.nn.Module):
+    """Two attention blocks over packed (B, N, 4) tokens and the text, with a learned position table."""
+
+    def __init__(self, channels: int = 4, width: int = 16, heads: int = 2, max_tokens: int = 64) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(patch_size=1, in_channels=channels)  # what the Adapter base reads
+        self.out_channels, self.inner_dim, self.heads = channels, width, heads
+        self.embed, self.time, self.text = torch.nn.Linear(channels, width), torch.nn.Linear(1, width), torch.nn.Linear(8, width)
+        self.positions = torch.nn.Parameter(torch.randn(max_tokens, width) * 0.1)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, 3 * width) for _ in range(2))
+        self.proj_out = torch.nn.Linear(width, channels)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, return_dict: bool = True) -> Any:
+        tokens = self.embed(hidden_states) + self.positions[: hidden_states.shape[1]]
+        for block in self.blocks:
+            tokens = _toy_block(self, block, tokens, timestep, encoder_hidden_states, None)
+        return (self.proj_out(tokens),)
+
+
+def _toy_block(model: ToyTransformer, block: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, store: Any) -> torch.Tensor:
+    x = x + model.time(timestep.float()[:, None])[:, None]
+    query, key, value = block(x).chunk(3, -1)
+    if store is not None:  # the image K/V through the cache
+        key, value = store.exchange(0, key), store.exchange(1, value)
+    _, text_key, text_value = block(model.text(text)).chunk(3, -1)
+    return x + attention(query, torch.cat([key, text_key], 1), torch.cat([value, text_value], 1), model.heads)
+
+
+class ToyPipeline:
+    """A pipeline of its own (no diffusers): a few Euler-like steps over packed latents."""
+
+    def __init__(self, transformer: ToyTransformer) -> None:
+        self.transformer = transformer
+
+    def __call__(self, prompt_embeds: torch.Tensor, height: int = 4, width: int = 6, num_inference_steps: int = 6, seed: int = 0) -> Any:
+        latents = torch.randn(prompt_embeds.shape[0], height * width, 4, generator=torch.Generator().manual_seed(seed))
+        for step in range(num_inference_steps):
+            timestep = torch.full((latents.shape[0],), 1.0 - step / num_inference_steps)
+            latents = latents - 0.1 * self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        return SimpleNamespace(images=latents)
+
+
+class ToyAdapter(Adapter):
+    """The whole adapter of the toy family: packed tokens (as FLUX), K/V slots, the blocks."""
+
+    transformer_class = ToyTransformer
+
+    def check_layout(self, transformer: torch.nn.Module) -> None:
+        pass
+
+    @property
+    def num_kv_slots(self) -> int:
+        return 2 * len(self.transformer.blocks)
+
+    token_channels = token_out_channels = property(lambda self: self.in_channels)
+
+    def latent_grid(self, latents: torch.Tensor) -> Grid | None:
+        return None
+
+    def tokens_of(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def prediction_of(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
+        return tokens
+
+    def prediction_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return latent_shape
+
+    def embed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.transformer.embed(hidden_states) + self.transformer.positions[: hidden_states.shape[1]]
+
+    def embed_patches(self, patches: torch.Tensor, indices: torch.Tensor, context: dict) -> torch.Tensor:
+        return self.transformer.embed(patches) + self.transformer.positions[indices]
+
+    def context_inputs(self, call_kwargs: dict[str, Any]) -> dict:
+        return {"encoder_hidden_states": call_kwargs["encoder_hidden_states"]}
+
+    def prepare_context(self, inputs: dict, latent_shape: tuple[int, ...]) -> dict:
+        return dict(inputs)
+
+    def run_blocks(self, tokens: torch.Tensor, timestep: torch.Tensor, context: dict, store: Any) -> torch.Tensor:
+        model, text = self.transformer, context["encoder_hidden_states"]
+        for index, block in enumerate(model.blocks):
+            tokens = store.run_block(lambda b, s, x: _toy_block(model, b, x, timestep, text, s), block, 2 * index, 2, tokens)
+        return model.proj_out(tokens)
+
+    def first_block(self, tokens: torch.Tensor, timestep: torch.Tensor, context: dict) -> torch.Tensor:
+        return _toy_block(self.transformer, self.transformer.blocks[0], tokens, timestep, context["encoder_hidden_states"], None)
+
+
+@pytest.fixture()
+def toy_family() -> Iterator[Family]:
+    grid = lambda pipe, arguments: Grid(arguments["height"], arguments["width"])  # noqa: E731
+    family = register_family(Family("toy", ToyAdapter, {ToyPipeline: PipelineSpec(call_defaults={}, token_grid=grid)}))
+    yield family
+    del FAMILIES["toy"], ADAPTERS[ToyTransformer], PIPELINES[ToyPipeline]
+
+
+@torch.no_grad()
+def test_a_family_from_scratch_is_one_adapter_class_and_one_registration(toy_family: Family) -> None:
+    torch.manual_seed(0)
+    pipe, prompts = ToyPipeline(ToyTransformer().eval()), torch.randn(2, 5, 8)
+    expected = pipe(prompts).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2, trace=True))
+    assert float((fast(prompts).images - expected).abs().max()) < 1e-5  # alpha = 1 is the plain pipeline
+    assert [record.kind for record in fast.last_trace] == ["full"] * 2 + ["pruned"] * 4
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.5, t0=2, n_clusters=4, trace=True))
+    pruned = fast(prompts, height=3, width=8).images
+    assert pruned.shape == (2, 24, 4) and torch.isfinite(pruned).all()
+    for record in fast.last_trace[2:]:
+        assert record.indices.shape == (2, 12) and all(len(set(row.tolist())) == 12 for row in record.indices)
+
+
+def test_a_transformer_without_what_the_adapter_base_reads_is_refused_by_name(toy_family: Family) -> None:
+    transformer = ToyTransformer()
+    del transformer.config.patch_size
+    with pytest.raises(UnsupportedModelError, match=r"ToyAdapter: the Adapter base reads transformer.config.patch_size, which ToyTransformer does not have"):
+        catrt.accelerate(ToyPipeline(transformer))
+
+
+def test_mac_counting_of_a_family_without_a_meta_call_is_refused_by_name(fake_family: Family) -> None:
+    card = replace(MODEL_CARDS["sd3"], name="fake-medium", hub_id=None, family="fake")
+    with pytest.raises(UnsupportedModelError, match="model fake-medium: family 'fake' registers no meta_call, which MAC counting needs"):
+        meta_inputs(card, Grid(4, 4))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -183,3 +184,18 @@ def test_a_device_or_dtype_that_cannot_load_is_refused_by_name(arguments: dict, 
     with pytest.raises(ConfigError, match=message) as caught:
         load_pipeline("tiny-sd3", **arguments)
     assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("index", "reason"),
+    [
+        ({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}, "OSError: "),
+        ({"_class_name": "NoSuchPipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}, "NoSuchPipeline"),
+    ],
+)
+def test_a_folder_diffusers_cannot_load_is_refused_naming_the_folder(tmp_path: Path, index: dict, reason: str) -> None:
+    (tmp_path / "model_index.json").write_text(json.dumps(index))  # a component's files missing, or an unknown class
+    with pytest.raises(ConfigError, match=f"could not load the model folder {re.escape(repr(str(tmp_path)))} as a diffusers pipeline") as caught:
+        load_pipeline(tmp_path)
+    assert reason in str(caught.value) and "save_pretrained" in str(caught.value)
+    assert caught.value.field == "model"

@@ -126,6 +126,13 @@ def test_unsupported_pipeline_class_is_refused() -> None:
         catrt.accelerate(NotAPipeline())
 
 
+def test_an_accelerated_pipeline_is_not_accelerated_again(tiny_pipelines: dict[str, Any]) -> None:
+    fast = catrt.accelerate(tiny_pipelines["tiny-sd3"], CATConfig(t0=4))
+    with pytest.raises(UnsupportedModelError, match=r"already accelerated \(an AcceleratedPipeline\); accelerate its diffusers pipeline, catrt.accelerate\(fast.pipe, config\)") as caught:
+        catrt.accelerate(fast, CATConfig(alpha=0.5, t0=4))
+    assert caught.value.field == "pipe"
+
+
 def test_t0_not_before_the_last_step_is_refused(tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines["tiny-sd3"]
     with pytest.raises(ConfigError, match=r"t0 = 8 needs t0 < num_inference_steps, got 8 steps"):

@@ -160,10 +160,25 @@ class Adapter(ABC):
             )
         self.check_layout(transformer)
         self.transformer = transformer
-        self.patch_size: int = transformer.config.patch_size
-        self.out_channels: int = transformer.out_channels
-        self.in_channels: int = transformer.config.in_channels
+        self.patch_size: int = self._transformer_fact("config.patch_size")
+        self.out_channels: int = self._transformer_fact("out_channels")
+        self.in_channels: int = self._transformer_fact("config.in_channels")
         self.recorder: AttentionRecorder | None = None  # set by the runtime for the `attention` rule
+
+    def _transformer_fact(self, path: str) -> Any:
+        """`transformer.<path>`, which the base's token layout reads (diffusers transformers have it); a transformer
+        of a new family without it is refused naming the attribute, where it was an AttributeError."""
+        value: Any = self.transformer
+        for part in path.split("."):
+            if not hasattr(value, part):
+                raise UnsupportedModelError(
+                    f"{type(self).__name__}: the Adapter base reads transformer.{path}, which "
+                    f"{type(self.transformer).__name__} does not have; give the transformer that attribute (a diffusers "
+                    f"ModelMixin's config has it)",
+                    field=path,
+                )
+            value = getattr(value, part)
+        return value
 
     @abstractmethod
     def check_layout(self, transformer: nn.Module) -> None:

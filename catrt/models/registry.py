@@ -8,13 +8,14 @@ adapter module that declares one `Family` and one `register_family` call; nothin
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from catrt.errors import UnsupportedModelError
+from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models.base import Adapter
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
@@ -45,11 +46,78 @@ PIPELINES: dict[type, PipelineSpec] = {}
 
 
 def register_family(family: Family) -> Family:
-    """Make a family's adapter, pipelines and meta call known to every part of catrt."""
+    """Make a family's adapter, pipelines and meta call known to every part of catrt.
+
+    All or nothing: a half-filled family (an adapter that leaves abstract methods, no transformer class,
+    pipelines that are not classes with a `PipelineSpec`) or one that would take over another family's
+    name, transformer class or pipeline class is refused, naming what to fix, before anything is
+    registered, where it would otherwise fail at its first call or silently replace a built-in family.
+    Registering the same family again changes nothing.
+    """
+    check_family(family)
     FAMILIES[family.name] = family
     ADAPTERS[family.adapter.transformer_class] = family.adapter
     PIPELINES.update(family.pipelines)
     return family
+
+
+def check_family(family: Family) -> None:
+    """Raise a ConfigError naming the first part of `family` that cannot be registered."""
+    if not isinstance(family, Family):
+        raise ConfigError(f"register_family takes a catrt Family, got {type(family).__name__}", field="family")
+    name, adapter = family.name, family.adapter
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"Family.name must be a non-empty string, got {name!r}", field="name", value=name)
+    if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
+        raise ConfigError(f"family {name!r}: Family.adapter must be a subclass of catrt's Adapter, got {adapter!r}", field="adapter")
+    transformer_class = getattr(adapter, "transformer_class", None)
+    if not (isinstance(transformer_class, type) and issubclass(transformer_class, nn.Module)):
+        raise ConfigError(
+            f"family {name!r}: {adapter.__name__}.transformer_class must be the diffusers transformer class it serves "
+            f"(an nn.Module subclass), got {transformer_class!r}",
+            field="transformer_class",
+        )
+    if inspect.isabstract(adapter):
+        missing = ", ".join(sorted(adapter.__abstractmethods__))
+        raise ConfigError(f"family {name!r}: {adapter.__name__} does not implement {missing}", field="adapter", value=missing)
+    if not isinstance(family.pipelines, dict) or not family.pipelines:
+        raise ConfigError(
+            f"family {name!r}: Family.pipelines must be a non-empty dict of pipeline classes to PipelineSpec, got "
+            f"{family.pipelines!r}",
+            field="pipelines",
+        )
+    for pipeline_class, spec in family.pipelines.items():
+        if not isinstance(pipeline_class, type) or not isinstance(spec, PipelineSpec):
+            raise ConfigError(
+                f"family {name!r}: Family.pipelines maps pipeline classes to PipelineSpec, got {pipeline_class!r}: "
+                f"{type(spec).__name__}",
+                field="pipelines",
+            )
+    if family.meta_call is not None and not callable(family.meta_call):
+        raise ConfigError(f"family {name!r}: Family.meta_call must be callable or None", field="meta_call")
+    _check_no_takeover(family)
+
+
+def _check_no_takeover(family: Family) -> None:
+    """Refuse a family whose name, transformer class or pipeline class another registered family has."""
+    if family.name in FAMILIES and FAMILIES[family.name] != family:
+        raise ConfigError(f"a catrt model family named {family.name!r} is already registered; choose another name", field="name")
+    transformer_class = family.adapter.transformer_class
+    for other in FAMILIES.values():
+        if other.name == family.name:
+            continue
+        if other.adapter.transformer_class is transformer_class:
+            raise ConfigError(
+                f"family {family.name!r}: {transformer_class.__name__} is already served by family {other.name!r}; "
+                f"a transformer class has one adapter (subclass it for another layout)",
+                field="adapter",
+            )
+        shared = [cls.__name__ for cls in family.pipelines if cls in other.pipelines]
+        if shared:
+            raise ConfigError(
+                f"family {family.name!r}: pipeline class {shared[0]} is already registered by family {other.name!r}",
+                field="pipelines",
+            )
 
 
 def family_of(name: str) -> Family:
