@@ -162,7 +162,7 @@ def _spec() -> PipelineSpec:
         (lambda: Family("fake", FakeAdapter, [FakePipeline]), "Family.pipelines must be a non-empty dict"),
         (lambda: Family("fake", FakeAdapter, {FakePipeline: {"guidance": "cfg"}}), "maps pipeline classes to PipelineSpec"),
         (lambda: Family("", FakeAdapter, {FakePipeline: _spec()}), "Family.name must be a non-empty string"),
-        (lambda: Family("sd3", FakeAdapter, {FakePipeline: _spec()}), "family named 'sd3' is already registered"),
+        (lambda: Family("sd3", FakeAdapter, {FakePipeline: _spec()}), "family named 'sd3' is built in and already registered"),
         (lambda: Family("fake", SD3Adapter, {FakePipeline: _spec()}), "SD3Transformer2DModel is already served by family 'sd3'"),
         (lambda: Family("fake", FakeAdapter, {StableDiffusion3Pipeline: _spec()}),
          "pipeline class StableDiffusion3Pipeline is already registered by family 'sd3'"),
@@ -178,6 +178,25 @@ def test_a_half_filled_or_clashing_family_is_refused_by_name_and_registers_nothi
 
 def test_registering_the_same_family_twice_changes_nothing(fake_family: Family) -> None:
     assert register_family(fake_family) is fake_family and FAMILIES["fake"] is fake_family
+
+
+def test_a_user_family_registered_again_under_its_name_replaces_the_earlier_one(fake_family: Family) -> None:
+    class OtherTransformer(SD3Transformer2DModel):
+        pass
+
+    class OtherPipeline(StableDiffusion3Pipeline):
+        pass
+
+    class OtherAdapter(SD3Adapter):
+        transformer_class = OtherTransformer
+
+    again = register_family(Family("fake", OtherAdapter, {OtherPipeline: _spec()}))
+    try:
+        assert FAMILIES["fake"] is again and ADAPTERS[OtherTransformer] is OtherAdapter and OtherPipeline in PIPELINES
+        assert FakeTransformer not in ADAPTERS and FakePipeline not in PIPELINES  # the earlier one is gone, not half left
+    finally:
+        register_family(fake_family)  # the fixture's teardown removes its own entries
+        assert OtherTransformer not in ADAPTERS and OtherPipeline not in PIPELINES
 
 
 def test_a_pipeline_spec_with_an_unknown_guidance_kind_is_refused() -> None:

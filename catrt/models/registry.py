@@ -52,9 +52,15 @@ def register_family(family: Family) -> Family:
     pipelines that are not classes with a `PipelineSpec`) or one that would take over another family's
     name, transformer class or pipeline class is refused, naming what to fix, before anything is
     registered, where it would otherwise fail at its first call or silently replace a built-in family.
-    Registering the same family again changes nothing.
+    Registering the same family again changes nothing; registering a family of one's own under its name
+    again replaces it (its earlier adapter and pipelines are dropped), as re-running a notebook cell does.
     """
     check_family(family)
+    earlier = FAMILIES.get(family.name)
+    if earlier is not None and earlier != family:
+        ADAPTERS.pop(earlier.adapter.transformer_class, None)
+        for pipeline_class in earlier.pipelines:
+            PIPELINES.pop(pipeline_class, None)
     FAMILIES[family.name] = family
     ADAPTERS[family.adapter.transformer_class] = family.adapter
     PIPELINES.update(family.pipelines)
@@ -98,10 +104,19 @@ def check_family(family: Family) -> None:
     _check_no_takeover(family)
 
 
+def is_built_in(family: Family) -> bool:
+    """A family catrt ships (its adapter lives in catrt.models): never replaced by a registration."""
+    return family.adapter.__module__.startswith("catrt.models.")
+
+
 def _check_no_takeover(family: Family) -> None:
-    """Refuse a family whose name, transformer class or pipeline class another registered family has."""
-    if family.name in FAMILIES and FAMILIES[family.name] != family:
-        raise ConfigError(f"a catrt model family named {family.name!r} is already registered; choose another name", field="name")
+    """Refuse a family taking a built-in family's name, or another family's transformer or pipeline class."""
+    earlier = FAMILIES.get(family.name)
+    if earlier is not None and earlier != family and is_built_in(earlier):
+        raise ConfigError(
+            f"a catrt model family named {family.name!r} is built in and already registered; choose another name",
+            field="name",
+        )
     transformer_class = family.adapter.transformer_class
     for other in FAMILIES.values():
         if other.name == family.name:
