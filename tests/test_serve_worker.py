@@ -178,3 +178,32 @@ def test_the_timeout_and_queue_wait_count_the_request_checks(worker: Worker, mod
     assert checks.admitted == 1 and submitted[0].arrived - started < 0.1
     assert submitted[0].deadline == submitted[0].arrived + 5
     assert response is not None and response.catrt.timings.queue_wait >= 0.3
+
+
+def _answer_json(phases: dict[str, float]) -> dict:
+    """The images answer for a call with `phases`, as the route serializes it (FastAPI, its response model)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from catrt.serve.app import _response
+    from catrt.serve.schemas import ImageGenerationResponse
+    from catrt.serve.worker import JobResult
+
+    app = FastAPI()
+
+    @app.get("/answer", response_model=ImageGenerationResponse)
+    def answer() -> ImageGenerationResponse:
+        return _response(JobResult(["png"], phases, 0.01, 1, 0.3), _Spec(), [7], time.perf_counter())
+
+    with TestClient(app) as client:
+        return client.get("/answer").json()
+
+
+def test_answers_time_reused_steps_only_for_a_schedule_that_reuses() -> None:
+    """README: the timings are `queue_wait`, `encode`, `full_steps`, `pruned_steps`, `decode`, `total`, plus
+    `reused_steps` when the schedule has `reuse_every` (the model's phases then have it)."""
+    phases = {"encode": 0.1, "full_steps": 0.2, "pruned_steps": 0.3, "decode": 0.05}
+    plain = _answer_json(phases)["catrt"]["timings"]
+    assert set(plain) == {"queue_wait", "encode", "full_steps", "pruned_steps", "decode", "total"}
+    reusing = _answer_json({**phases, "reused_steps": 0.04})["catrt"]["timings"]
+    assert reusing["reused_steps"] == 0.04 and set(reusing) == set(plain) | {"reused_steps"}
