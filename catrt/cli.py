@@ -626,6 +626,7 @@ def _run_fleet(config: Any, fleet: Any) -> int:
     """`catrt serve --ray`; Ray is imported here only, and its absence is a one-line refusal."""
     import importlib.util
 
+    from catrt.serve.fleet_start import check_fleet_start
     from catrt.serve.server import bundle_key, check_source_of
 
     missing = 'Ray Serve is not installed: pip install "catrt[ray]" (or serve on one device without --ray)'
@@ -635,6 +636,7 @@ def _run_fleet(config: Any, fleet: Any) -> int:
         raise ConfigError("--port 0 is not served with --ray: Ray Serve's HTTP proxy needs a fixed port", field="port")
     check_source_of(config)
     key = bundle_key(config.bundle_key_file) if config.engines is not None else None
+    check_fleet_start(config.host, config.port, fleet.address)
     try:
         from catrt.serve.ray_app import run_fleet
     except ImportError as error:
