@@ -207,3 +207,53 @@ def test_answers_time_reused_steps_only_for_a_schedule_that_reuses() -> None:
     assert set(plain) == {"queue_wait", "encode", "full_steps", "pruned_steps", "decode", "total"}
     reusing = _answer_json({**phases, "reused_steps": 0.04})["catrt"]["timings"]
     assert reusing["reused_steps"] == 0.04 and set(reusing) == set(plain) | {"reused_steps"}
+
+
+def test_an_adaptive_worker_serves_a_pin_that_only_a_later_queued_size_serves() -> None:
+    """Two builds with other alphas (64x64: 0.3, 0.5; 96x64: 0.5, 0.2) and the adaptive policy: a 96x64
+    request pinning 0.2 queued behind a 64x64 one killed the worker (KeyError in the policy); every later
+    request was a 503."""
+    square = StandIn(_Spec(size="64x64", alpha=0.3, alphas=(0.3, 0.5)))
+    wide = StandIn(_Spec(size="96x64", alpha=0.5, alphas=(0.5, 0.2)))
+    exited = threading.Event()
+    worker = Worker(lambda: Router([square, wide]), max_queue=8, metrics=ServerMetrics(),
+                    on_exit=lambda state: exited.set(), alpha_policy="adaptive", latency_target=60.0)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while worker.state != "ready":
+            assert time.monotonic() < deadline and worker.state == "loading", worker.state
+            time.sleep(0.01)
+        holder = Job([Row("hold", 0)], BatchOptions(4.0, None, "64x64"), request_id="hold")
+        worker.submit(holder)
+        assert square.holding.wait(10)
+        queued = Job([Row("square", 0)], BatchOptions(4.0, None, "64x64"), request_id="square")
+        pinned = Job([Row("wide", 0)], BatchOptions(4.0, None, "96x64", alpha=0.2), request_id="wide")
+        worker.submit(queued)
+        worker.submit(pinned)
+        square.release.set()
+        assert _result(queued.future).alpha == 0.5  # light load: the 64x64 build's best alpha
+        assert _result(pinned.future).alpha == 0.2 and wide.calls[-1] == ["wide"]
+        assert worker.state == "ready"
+    finally:
+        square.release.set()
+        worker.drain()
+        assert exited.wait(10)
+
+
+def test_a_failing_alpha_policy_runs_the_call_at_its_pin_or_the_default_and_the_worker_goes_on(
+    worker: Worker, model: StandIn, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(queue: object) -> float:
+        raise RuntimeError("policy bug")
+
+    monkeypatch.setattr(worker.choosers["8x8"], "choose", broken)
+    with caplog.at_level("ERROR", logger="catrt.serve.worker"):
+        plain = _job("plain")
+        worker.submit(plain)
+        assert _result(plain.future).alpha == 0.3
+        pinned = Job([Row("pinned", 0)], BatchOptions(4.0, None, alpha=0.5), request_id="pinned")
+        worker.submit(pinned)
+        assert _result(pinned.future).alpha == 0.5
+    assert worker.state == "ready"
+    assert "the alpha policy failed" in caplog.text and "policy bug" in caplog.text

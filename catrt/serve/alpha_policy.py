@@ -151,9 +151,16 @@ class AlphaChooser:
         self.tracker = tracker
 
     def choose(self, queue: Sequence[Queued]) -> float:
-        """A pinned head's alpha; else `fixed`: the default (first) alpha, `adaptive`: `choose_alpha`'s."""
+        """A pinned head's alpha; else `fixed`: the default (first) alpha, `adaptive`: `choose_alpha`'s.
+
+        The queue may hold requests for other builds (other sizes) pinning alphas this build does not
+        serve; their calls count at this build's slowest measured pruned step, never optimistically.
+        """
         if queue and queue[0].alpha is not None:
             return queue[0].alpha
         if self.policy == "fixed" or self.target is None:
             return self.alphas[0]
-        return choose_alpha(queue, self.tracker.times(self.alphas), self.target, self.alphas, self.capacity)
+        foreign = dict.fromkeys(request.alpha for request in queue
+                                if request.alpha is not None and request.alpha not in self.alphas)
+        times = self.tracker.times((*self.alphas, *foreign))
+        return choose_alpha(queue, times, self.target, self.alphas, self.capacity)

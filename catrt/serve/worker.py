@@ -254,12 +254,16 @@ class Worker:
         if not self._queue:
             return [], self.served.default.spec.alpha
         model = self.served.for_options(self._queue[0].options)
-        # The head's build decides; jobs queued for other sizes count as if they ran at its step times.
-        alpha = self.choosers[model.spec.size].choose([
-            Queued(now - job.arrived, len(job.rows), job.options, job.options.alpha) for job in self._queue
-        ])
-        capacity = model.spec.batch
         head = self._queue[0]
+        # The head's build decides; jobs queued for other sizes count as if they ran at its step times.
+        try:
+            alpha = self.choosers[model.spec.size].choose([
+                Queued(now - job.arrived, len(job.rows), job.options, job.options.alpha) for job in self._queue
+            ])
+        except Exception:  # noqa: BLE001 - a policy fault must not stop the one worker: run at the pin or the default
+            logger.exception("the alpha policy failed; this call runs at the pinned or default alpha")
+            alpha = model.spec.alpha if head.options.alpha is None else head.options.alpha
+        capacity = model.spec.batch
         jobs, rows = [], 0
         for job in list(self._queue):
             if job.options == head.options and rows + len(job.rows) <= capacity:
