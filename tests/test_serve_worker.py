@@ -257,3 +257,36 @@ def test_a_failing_alpha_policy_runs_the_call_at_its_pin_or_the_default_and_the_
         assert _result(pinned.future).alpha == 0.5
     assert worker.state == "ready"
     assert "the alpha policy failed" in caplog.text and "policy bug" in caplog.text
+
+
+@dataclass
+class _SlowWarmUp(StandIn):
+    """A warm-up call of up to 1000 steps of 10 ms (a big model's), asking `should_stop` before each."""
+
+    warming: threading.Event = field(default_factory=threading.Event)
+
+    def generate(self, rows: Sequence[Row], options: BatchOptions,
+                 should_stop: Callable[[], bool] | None = None, alpha: float | None = None) -> Generation:
+        self.warming.set()
+        for step in range(1000):
+            if should_stop is not None and should_stop():
+                self.steps_run.append(step)
+                raise Abandoned(f"before step {step + 1}")
+            time.sleep(0.01)
+        self.steps_run.append(1000)
+        return Generation(["warm"] * len(rows), {"encode": 0.0, "full_steps": 0.0, "pruned_steps": 0.0, "decode": 0.0})
+
+
+def test_a_shutdown_during_warm_up_stops_it_before_its_next_step() -> None:
+    """SIGTERM while loading waited for the whole warm-up (every alpha of every build) before exiting 0."""
+    model = _SlowWarmUp(_Spec(alphas=(0.3, 0.5)))
+    exits: list[str] = []
+    exited = threading.Event()
+    worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(),
+                    on_exit=lambda state: exits.append(state) or exited.set())
+    worker.start()
+    assert model.warming.wait(10)
+    worker.drain()
+    assert exited.wait(10) and exits == ["stopped"]
+    assert len(model.steps_run) == 1 and model.steps_run[0] < 1000  # the first alpha's warm-up stopped, no second
+    assert worker.served is None and worker.error is None

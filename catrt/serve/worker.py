@@ -179,9 +179,9 @@ class Worker:
 
     def _run(self) -> None:
         try:
-            self._start_serving()
-            while (batch := self._next_batch()) is not None:
-                self._run_batch(*batch)
+            if self._start_serving():
+                while (batch := self._next_batch()) is not None:
+                    self._run_batch(*batch)
             self.state = "stopped"
         except BaseException as error:  # noqa: BLE001 - a dead worker must be reported, whatever killed it
             if self.served is None:
@@ -197,8 +197,24 @@ class Worker:
         finally:
             self._on_exit(self.state)
 
-    def _start_serving(self) -> None:
+    def _start_serving(self) -> bool:
+        """Load and warm up every build; False if a shutdown came first: the warm-up stops before its next
+        step (no request waits for it, and a warm-up of many steps, alphas or builds must not hold a SIGTERM
+        for minutes)."""
         router = self._load()
+        try:
+            self._warm_up(router)
+        except Abandoned:
+            if not self._shutting_down():
+                raise
+            logger.info("shutting down before the warm-up finished")
+            return False
+        return True
+
+    def _shutting_down(self) -> bool:
+        return self.state == "draining"
+
+    def _warm_up(self, router: Router) -> None:
         seconds = []
         choosers = {}
         for model in router.models.values():
@@ -217,12 +233,12 @@ class Worker:
             rows = [Row(WARMUP_PROMPT, 0)] * spec.batch
             for alpha in spec.alphas:  # every alpha's buffers (compiled graphs, caches) made before serving
                 started = time.perf_counter()
-                model.generate(rows, options, alpha=alpha)
+                model.generate(rows, options, self._shutting_down, alpha=alpha)
                 seconds.append(time.perf_counter() - started)
                 logger.info("warm-up of %s at alpha %g took %.2f s", spec.size, alpha, seconds[-1])
             if self.alpha_policy == "adaptive":  # then the step times, measured warm (a first call pays one-off costs)
                 for alpha in spec.alphas:
-                    tracker.observe(alpha, model.generate(rows, options, alpha=alpha).phases)
+                    tracker.observe(alpha, model.generate(rows, options, self._shutting_down, alpha=alpha).phases)
         self._batch_seconds = max(seconds)
         self.choosers = choosers
         with self._lock:
