@@ -244,6 +244,30 @@ def test_ray_start_errors_read_as_the_exception_inside_the_task() -> None:
     assert str(refused) == "cannot start or join --ray-address auto: ConnectionError: Could not find any running Ray instance."
 
 
+def test_the_bundle_key_from_the_environment_is_handed_to_every_replica(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`catrt serve --ray --engines B` with $CATRT_BUNDLE_KEY: replicas on other nodes of a joined cluster lack
+    this process's environment, so the key is read here and passed on (replicas loaded unchecked before)."""
+    import catrt.serve.ray_app as ray_app
+    from catrt.build import build_engines
+    from catrt.build_config import BuildConfig
+    from catrt.cli import main
+
+    bundle = build_engines(BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager"),
+                           out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False,
+                           sign_key=b"fleet-bundle-key")
+    handed: list[bytes | None] = []
+    monkeypatch.setattr(ray_app, "run_fleet", lambda config, fleet, key=None: handed.append(key) or 0)
+    monkeypatch.setenv("CATRT_BUNDLE_KEY", "fleet-bundle-key")
+    args = ["serve", "--engines", str(bundle), "--ray", "--port", str(_free_port())]
+    assert main(args) == 0
+    key_file = tmp_path / "key"
+    key_file.write_text("from-the-file\n")
+    assert main([*args, "--bundle-key-file", str(key_file)]) == 0
+    assert handed == [b"fleet-bundle-key", b"from-the-file"]
+
+
 def test_catrt_and_a_plain_serve_never_import_ray() -> None:
     """At run time for the light modules (no torch import in this test); by the source for the rest: only
     ray_app imports Ray, and only inside `catrt serve --ray`'s handler is ray_app imported."""
