@@ -290,3 +290,28 @@ def test_a_shutdown_during_warm_up_stops_it_before_its_next_step() -> None:
     assert exited.wait(10) and exits == ["stopped"]
     assert len(model.steps_run) == 1 and model.steps_run[0] < 1000  # the first alpha's warm-up stopped, no second
     assert worker.served is None and worker.error is None
+
+
+def test_a_second_signal_exits_at_once_sigterm_as_well_as_ctrl_c() -> None:
+    """The first SIGTERM drains; a second one forced nothing (uvicorn forces only on a second SIGINT), so the
+    server still waited for the call in flight."""
+    import signal
+
+    import uvicorn
+
+    from catrt.serve.server import DrainingServer
+
+    drained: list[str] = []
+
+    class _Loop:
+        def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+            drained.append("drain")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        server = DrainingServer(uvicorn.Config(app=None), worker=None, address="http://127.0.0.1:0")
+        server._loop = _Loop()
+        server.handle_exit(sig, None)
+        assert drained and not server.force_exit and not server.should_exit  # the first: drain, keep serving
+        server.handle_exit(sig, None)
+        assert server.force_exit and server.should_exit
+        drained.clear()

@@ -53,6 +53,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None:
+            # A second signal (SIGTERM as well as Ctrl-C): stop now, without waiting for the call in flight.
+            self.force_exit = True
             super().handle_exit(sig, frame)
             return
         # Runs as a signal handler: hand over to the event loop, take no locks here.
