@@ -147,6 +147,15 @@ def test_the_cli_refuses_one_folder_twice_in_one_line(builds: dict[str, Path]) -
     assert "listening" not in result.stderr
 
 
+def test_adaptive_alpha_over_a_single_alpha_build_is_refused_before_binding(builds: dict[str, Path]) -> None:
+    """It was refused only after every build had loaded and warmed up."""
+    result = run_cli(["serve", "--engines", str(builds["96x64-alphas"]), str(builds["64x64"]), "--alpha-policy", "adaptive",
+                      "--latency-target", "2", "--port", "0"], timeout=60)
+    assert_one_line_refusal(result, "--alpha-policy adaptive needs at least two alphas to choose from, but "
+                            f"{builds['64x64']} (tiny-sd3 at 64x64) is served at alpha 0.3 only")
+    assert "listening" not in result.stderr
+
+
 def test_each_size_is_served_by_its_build(server: RemoteServer) -> None:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     for size, expected in (("64x64", (64, 64)), ("96x64", (96, 64)), ("auto", (64, 64))):

@@ -20,6 +20,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from catrt.errors import ConfigError
+
 AlphaPolicy = Literal["fixed", "adaptive"]
 ALPHA_POLICIES: tuple[str, ...] = ("fixed", "adaptive")
 #: Weight of a new measurement in the step-time averages (the rest is the running value).
@@ -53,6 +55,16 @@ class StepTimes:
     def call_seconds(self, alpha: float) -> float:
         """Predicted time of one model call at `alpha`."""
         return self.full_steps * self.full + self.pruned_steps * self.pruned[alpha] + self.other
+
+
+def check_choice(policy: str, alphas: Sequence[float], served: str) -> None:
+    """The adaptive policy needs two alphas or more to choose from; `served` names what serves `alphas`."""
+    if policy == "adaptive" and len(alphas) < 2:
+        raise ConfigError(
+            f"--alpha-policy adaptive needs at least two alphas to choose from, but {served} is served at alpha "
+            f"{', '.join(f'{alpha:g}' for alpha in alphas)} only: build it with several (catrt build --alpha 0.5 0.3 0.2)",
+            field="alpha", value=list(alphas),
+        )
 
 
 def ewma(previous: float | None, sample: float, weight: float = EWMA_WEIGHT) -> float:

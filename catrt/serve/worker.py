@@ -26,14 +26,13 @@ from typing import TYPE_CHECKING, Literal
 
 from catrt.errors import (
     CatrtError,
-    ConfigError,
     GenerationError,
     QueueFullError,
     RequestTimeoutError,
     ServiceUnavailableError,
 )
 from catrt.scheduler import plan
-from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker
+from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker, check_choice
 from catrt.serve.errors import internal_error_message
 from catrt.serve.metrics import ServerMetrics
 from catrt.serve.model import BatchOptions, Generation, Row
@@ -219,12 +218,7 @@ class Worker:
         choosers = {}
         for model in router.models.values():
             spec = model.spec
-            if self.alpha_policy == "adaptive" and len(spec.alphas) < 2:
-                raise ConfigError(
-                    f"--alpha-policy adaptive needs at least two alphas to choose from, but {spec.model} at {spec.size} "
-                    f"is served at alpha {spec.alpha} only: build it with several (catrt build --alpha 0.5 0.3 0.2)",
-                    field="alpha", value=list(spec.alphas),
-                )
+            check_choice(self.alpha_policy, spec.alphas, f"{spec.model} at {spec.size}")
             model.step_observer = partial(self.metrics.observe_step, size=spec.size)
             kinds = plan(spec.steps, spec.t0, spec.refresh_every, spec.reuse_every)
             tracker = StepTimeTracker(kinds.count("full"), kinds.count("pruned"))
