@@ -9,6 +9,8 @@ clients level by level, S seconds each, one row per level.
     python bench/load.py http://127.0.0.1:8000 --ramp 1 2 4 8 --seconds 20 --device cpu
     python bench/load.py http://127.0.0.1:8000 --clients 4 --seconds 20 --device cpu --out bench/results/load-cpu.md
 
+A server started with an API key takes it from `--api-key-file` (or $CATRT_API_KEY), as `catrt serve` reads it.
+
 Needs the bench extra (httpx): pip install -e ".[bench]".
 """
 
@@ -93,11 +95,11 @@ async def _client(
             await asyncio.sleep(float(response.headers.get("retry-after", "1")))
 
 
-async def run_load(url: str, clients: int, seconds: float, body: dict) -> LoadResult:
+async def run_load(url: str, clients: int, seconds: float, body: dict, headers: dict[str, str] | None = None) -> LoadResult:
     """`clients` closed-loop clients for `seconds`, timed from when every client is made (making one is slow)."""
     result = LoadResult()
     async with contextlib.AsyncExitStack() as stack:
-        made = [await stack.enter_async_context(httpx.AsyncClient(timeout=120)) for _ in range(clients)]
+        made = [await stack.enter_async_context(httpx.AsyncClient(timeout=120, headers=headers)) for _ in range(clients)]
         started = time.perf_counter()
         await asyncio.gather(*(_client(client, url, index, started + seconds, body, result)
                                for index, client in enumerate(made)))
@@ -105,18 +107,19 @@ async def run_load(url: str, clients: int, seconds: float, body: dict) -> LoadRe
     return result
 
 
-async def run_ramp(url: str, levels: list[int], seconds: float, body: dict) -> list[tuple[int, LoadResult]]:
+async def run_ramp(url: str, levels: list[int], seconds: float, body: dict,
+                   headers: dict[str, str] | None = None) -> list[tuple[int, LoadResult]]:
     """`run_load` at each number of clients in turn (the server stays up: later levels see it warm)."""
-    return [(clients, await run_load(url, clients, seconds, body)) for clients in levels]
+    return [(clients, await run_load(url, clients, seconds, body, headers)) for clients in levels]
 
 
-def server_averages(url: str) -> dict[str, float]:
+def server_averages(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
     """Mean images per model call and mean step time by kind, from the server's /metrics (since it started),
     summed over its sizes; what the server does not export (a Ray Serve ingress has no step times) is left out."""
     from prometheus_client.parser import text_string_to_metric_families
 
     sums: Counter[str] = Counter()
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", headers=headers).text):
         for sample in family.samples:
             if sample.name.endswith(("_sum", "_count")):
                 kind = sample.labels.get("kind")
@@ -188,6 +191,18 @@ def default_out(device: str) -> Path:
     return benchkit.default_out("load", device)
 
 
+def _auth_headers(parser: argparse.ArgumentParser, key_file: str | None) -> dict[str, str]:
+    """The Authorization header of the server's key, read as `catrt serve` reads it; a bad key file is one line."""
+    from catrt.errors import ConfigError
+    from catrt.serve.auth import load_api_key
+
+    try:
+        key = load_api_key(key_file)
+    except ConfigError as error:
+        parser.error(str(error))
+    return {} if key is None else {"Authorization": f"Bearer {key}"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench/load.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=benchkit.HelpFormatter)
@@ -199,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=1, help="images per request")
     parser.add_argument("--device", default="cpu", help="what the server runs on: the report's title and default name")
     parser.add_argument("--server", default="", help="how the server was started, copied into the report")
+    parser.add_argument("--api-key-file", default=None,
+                        help="a file holding the server's API key, sent as 'Authorization: Bearer <key>' "
+                             "(default: $CATRT_API_KEY if set, else no key)")
     parser.add_argument("--out", type=Path, default=None,
                         help="report path (default: a new file bench/results/tmp/load-<device>-<time>.md; "
                              "--out bench/results/load-cpu.md regenerates the committed one)")
@@ -207,8 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     url = args.url.rstrip("/")
     if any(clients < 1 for clients in args.ramp or [args.clients]):
         parser.error("--clients and --ramp take numbers of clients >= 1")
-    levels = asyncio.run(run_ramp(url, args.ramp or [args.clients], args.seconds, {"n": args.n}))
-    text = report(args, levels, server_averages(url))
+    headers = _auth_headers(parser, args.api_key_file)
+    levels = asyncio.run(run_ramp(url, args.ramp or [args.clients], args.seconds, {"n": args.n}, headers))
+    text = report(args, levels, server_averages(url, headers))
     out = args.out or default_out(args.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -626,6 +626,8 @@ def _run_fleet(config: Any, fleet: Any) -> int:
     """`catrt serve --ray`; Ray is imported here only, and its absence is a one-line refusal."""
     import importlib.util
 
+    from catrt.integrity import resolve_key
+    from catrt.serve.fleet_start import check_fleet_start
     from catrt.serve.server import bundle_key, check_source_of
 
     missing = 'Ray Serve is not installed: pip install "catrt[ray]" (or serve on one device without --ray)'
@@ -634,7 +636,12 @@ def _run_fleet(config: Any, fleet: Any) -> int:
     if config.port == 0:
         raise ConfigError("--port 0 is not served with --ray: Ray Serve's HTTP proxy needs a fixed port", field="port")
     check_source_of(config)
-    key = bundle_key(config.bundle_key_file) if config.engines is not None else None
+    key = None
+    if config.engines is not None:
+        # Read here, from --bundle-key-file or this process's $CATRT_BUNDLE_KEY, and handed to every replica:
+        # a replica on another node of a joined cluster does not have this environment.
+        key = bundle_key(config.bundle_key_file) if config.bundle_key_file is not None else resolve_key(None)
+    check_fleet_start(config.host, config.port, fleet.address)
     try:
         from catrt.serve.ray_app import run_fleet
     except ImportError as error:
@@ -680,8 +687,8 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars,
                         help=f"longer prompts answer 400 before tokenizing (default: {defaults.max_prompt_chars})")
     limits.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
-                        help=f"seconds a request may take to arrive whole; then the connection is closed "
-                             f"(default: {defaults.read_timeout:g})")
+                        help=f"seconds a request may take to arrive whole, and a client may leave its answer "
+                             f"unread; then the connection is closed (default: {defaults.read_timeout:g})")
     limits.add_argument("--keep-alive", type=float, default=defaults.keep_alive,
                         help=f"seconds an idle connection stays open (default: {defaults.keep_alive:g})")
     limits.add_argument("--api-key-file", default=None,

@@ -109,3 +109,15 @@ def test_serve_refuses_a_policy_it_cannot_run_in_one_line(capfd: pytest.CaptureF
     assert main(["serve", "--model", "reference", "--port", "0", *argv]) == 2
     err = capfd.readouterr().err
     assert err.startswith("catrt serve: error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_queued_pin_of_an_alpha_only_another_size_serves_counts_at_the_slowest_pruned_step() -> None:
+    """Several builds queue together; a 96x64 request pinning 0.2 may wait behind a 64x64 head whose build
+    serves 0.3 and 0.5 only. Predicting its call looked 0.2 up in the head build's step times: a KeyError
+    that killed the server's worker (every later request 503)."""
+    tracker = StepTimeTracker(4, 8)
+    tracker.full, tracker.other, tracker.pruned = TIMES.full, TIMES.other, {0.3: TIMES.pruned[0.3], 0.5: TIMES.pruned[0.5]}
+    chooser = AlphaChooser("adaptive", 2.4, (0.3, 0.5), 1, tracker)
+    queue = [Queued(0.0, 1, key="64x64"), Queued(0.0, 1, key=("96x64", 0.2), alpha=0.2)]
+    # the pinned call counts at the slowest measured pruned step (0.5's: 1.3 s): 0.98 + 1.3 fits 2.4, 1.3 + 1.3 not
+    assert chooser.choose(queue) == 0.3

@@ -72,12 +72,14 @@ class _FakeServer(BaseHTTPRequestHandler):
     """Just enough of `catrt serve` for bench/load.py: the images route and /metrics."""
 
     def do_POST(self) -> None:  # noqa: N802
+        self.server.keys.add(self.headers.get("authorization"))  # type: ignore[attr-defined]
         self.rfile.read(int(self.headers["content-length"]))
         self._answer(200, "application/json",
                      json.dumps({"data": [{"b64_json": ""}], "catrt": {"timings": {"queue_wait": 0.001},
                                                                         **self.server.extra}}))
 
     def do_GET(self) -> None:  # noqa: N802
+        self.server.keys.add(self.headers.get("authorization"))  # type: ignore[attr-defined]
         metrics = ('catrt_batch_rows_sum{size="64x64"} 4\ncatrt_batch_rows_count{size="64x64"} 2\n'
                    'catrt_batch_rows_sum{size="96x64"} 2\ncatrt_batch_rows_count{size="96x64"} 1\n'
                    'catrt_step_seconds_sum{kind="full",size="64x64"} 0.5\ncatrt_step_seconds_count{kind="full",size="64x64"} 5\n'
@@ -96,12 +98,14 @@ class _FakeServer(BaseHTTPRequestHandler):
         pass
 
 
-def _run_load_script(arguments: list[str], extra: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bench/load.py's main() against a `_FakeServer` whose answers' catrt object also carries `extra`."""
+def _run_load_script(arguments: list[str], extra: dict, monkeypatch: pytest.MonkeyPatch) -> set[str | None]:
+    """bench/load.py's main() against a `_FakeServer` whose answers' catrt object also carries `extra`; the
+    Authorization headers it was sent."""
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeServer)
     server.extra = extra  # type: ignore[attr-defined]
+    server.keys = set()  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -109,6 +113,7 @@ def _run_load_script(arguments: list[str], extra: dict, monkeypatch: pytest.Monk
     finally:
         server.shutdown()
         server.server_close()
+    return server.keys  # type: ignore[attr-defined]
 
 
 def test_load_script_writes_its_report_to_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,6 +140,25 @@ def test_load_ramp_has_a_row_per_level_with_the_reported_alpha_and_replicas(
     for row in rows:
         assert int(row[2]) > 0  # requests answered at this level
         assert row[-2] == "0.200" and row[-1] == "1 |"  # mean alpha, one replica answering
+
+
+def test_load_sends_the_servers_api_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a server with --api-key-file every request was a 401 (and /metrics one with --metrics-auth)."""
+    monkeypatch.delenv("CATRT_API_KEY", raising=False)
+    args = ["--clients", "1", "--seconds", "0.2", "--device", "test", "--out", str(tmp_path / "a.md")]
+    assert _run_load_script(args, {}, monkeypatch) == {None}
+    monkeypatch.setenv("CATRT_API_KEY", "from-env")
+    assert _run_load_script(args, {}, monkeypatch) == {"Bearer from-env"}
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert _run_load_script([*args, "--api-key-file", str(key_file)], {}, monkeypatch) == {"Bearer from-file"}
+
+
+def test_load_refuses_an_unreadable_key_file_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("load").main(["http://127.0.0.1:9", "--api-key-file", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert f"cannot read the API key file {tmp_path / 'missing'}" in capsys.readouterr().err
 
 
 def test_load_refuses_zero_clients_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:

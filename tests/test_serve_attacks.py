@@ -209,6 +209,17 @@ def test_an_unknown_path_is_a_404_listing_the_routes(server: RemoteServer) -> No
     assert "POST /v1/images/generations" in error["message"] and "GET /v1/models" in error["message"]
 
 
+def test_an_upload_to_a_route_the_server_lacks_is_a_404_or_405_not_a_413(server: RemoteServer) -> None:
+    """The SDK's images.edit with an image over --max-body-bytes was told its body is too large."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as edit:
+        client.images.edit(image=("a.png", b"\x89PNG" + bytes(4 * MAX_BODY), "image/png"), prompt="a red sun")
+    assert "Invalid URL (POST /v1/images/edits)" in edit.value.body["message"]
+    wrong_method = httpx.put(f"{server.url}/v1/images/generations", content=bytes(4 * MAX_BODY), headers=AUTH)
+    assert "use POST" in assert_error(wrong_method, 405, None)["message"]
+    assert_error(httpx.request("GET", f"{server.url}/health/live", content=bytes(4 * MAX_BODY)), 413, None)  # a route
+
+
 # -- the model list, through the OpenAI SDK ------------------------------------------------------
 
 

@@ -211,6 +211,63 @@ def test_ray_flags_are_refused_in_one_line() -> None:
         assert_one_line_refusal(run_cli(["serve", "--model", "tiny-sd3", *args], timeout=60), needle)
 
 
+def test_a_busy_port_or_a_cluster_nobody_runs_is_refused_in_one_line_before_ray_starts() -> None:
+    """Ray's own errors here were tracebacks with exit 1 (a busy port from inside Serve's proxy actor, after
+    Ray had started; a malformed address; no cluster for auto) or minutes of retries (an address nobody
+    answers at)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = run_cli(["serve", "--model", "reference", "--ray", "--port", str(port)], timeout=60)
+        assert_one_line_refusal(taken, f"port {port} on 127.0.0.1 is already in use")
+    free = str(_free_port())
+    for address, needle in (
+        ("bogus", "--ray-address 'bogus' is not a Ray cluster address: give auto, HOST:PORT"),
+        ("127.0.0.1:99999", "is not a Ray cluster address"),
+        (f"127.0.0.1:{free}", f"--ray-address 127.0.0.1:{free}: no Ray cluster answers at 127.0.0.1:{free}"),
+        (f"ray://127.0.0.1:{free}", f"no Ray cluster answers at 127.0.0.1:{free}"),
+    ):
+        result = run_cli(["serve", "--model", "reference", "--ray", "--ray-address", address, "--port", free],
+                         timeout=60)
+        assert_one_line_refusal(result, needle)
+
+
+def test_ray_start_errors_read_as_the_exception_inside_the_task() -> None:
+    from catrt.serve.fleet_start import first_line, ray_start_error
+
+    inner = RuntimeError("Failed to bind to address '127.0.0.1:8000'.\n  more detail")
+    task_error = ray.exceptions.RayTaskError("ProxyActor.ready", "Traceback (most recent call last):\n ...", inner)
+    assert first_line(task_error) == "RuntimeError: Failed to bind to address '127.0.0.1:8000'."
+    refused = ray_start_error(ConnectionError("Could not find any running Ray instance.\nPlease ..."), "auto")
+    assert isinstance(refused, ConfigError) and refused.field == "ray_address"
+    assert str(refused) == "cannot start or join --ray-address auto: ConnectionError: Could not find any running Ray instance."
+
+
+def test_the_bundle_key_from_the_environment_is_handed_to_every_replica(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`catrt serve --ray --engines B` with $CATRT_BUNDLE_KEY: replicas on other nodes of a joined cluster lack
+    this process's environment, so the key is read here and passed on (replicas loaded unchecked before)."""
+    import catrt.serve.ray_app as ray_app
+    from catrt.build import build_engines
+    from catrt.build_config import BuildConfig
+    from catrt.cli import main
+
+    bundle = build_engines(BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager"),
+                           out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False,
+                           sign_key=b"fleet-bundle-key")
+    handed: list[bytes | None] = []
+    monkeypatch.setattr(ray_app, "run_fleet", lambda config, fleet, key=None: handed.append(key) or 0)
+    monkeypatch.setenv("CATRT_BUNDLE_KEY", "fleet-bundle-key")
+    args = ["serve", "--engines", str(bundle), "--ray", "--port", str(_free_port())]
+    assert main(args) == 0
+    key_file = tmp_path / "key"
+    key_file.write_text("from-the-file\n")
+    assert main([*args, "--bundle-key-file", str(key_file)]) == 0
+    assert handed == [b"fleet-bundle-key", b"from-the-file"]
+
+
 def test_catrt_and_a_plain_serve_never_import_ray() -> None:
     """At run time for the light modules (no torch import in this test); by the source for the rest: only
     ray_app imports Ray, and only inside `catrt serve --ray`'s handler is ray_app imported."""

@@ -56,6 +56,7 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "96x64": _build(root, width=96),
         "64x64-other-steps": _build(root, steps=6),
         "pixart": _build(root, model="tiny-pixart"),
+        "96x64-alphas": _build(root, width=96, alphas=(0.5, 0.2)),
     }
 
 
@@ -92,6 +93,25 @@ def test_load_refuses_a_shared_pipeline_that_does_not_fit_the_build(builds: dict
         load(builds["64x64"], pipe=half)
 
 
+def test_each_size_takes_and_documents_its_own_alphas_and_batch(builds: dict[str, Path]) -> None:
+    """Builds of one model may serve other alphas per size: a pin is checked against its size's build, and the
+    OpenAPI document lists every served alpha and which size serves it (it listed the first build's only)."""
+    from catrt.serve.routing import RoutedRules
+    from catrt.serve.schemas import ImageGenerationRequest
+
+    rules = RoutedRules(Router(load_builds([str(builds["64x64"]), str(builds["96x64-alphas"])])), 4000)
+    alpha = rules.properties()["alpha"]
+    assert alpha["anyOf"][0]["enum"] == [0.3, 0.5, 0.2]
+    assert "64x64: 0.3; 96x64: 0.5, 0.2" in alpha["description"]
+    assert rules.admit(ImageGenerationRequest(prompt="a red sun", size="96x64", alpha=0.2))[1].alpha == 0.2
+    with pytest.raises(ConfigError, match="alpha=0.3 is not served: this server serves alpha 0.5, 0.2") as pinned:
+        rules.admit(ImageGenerationRequest(prompt="a red sun", size="96x64", alpha=0.3))
+    assert pinned.value.field == "alpha"
+    with pytest.raises(ConfigError, match=r"1 to 1 images per request \(its batch\) at size 96x64") as n:
+        rules.admit(ImageGenerationRequest(prompt="a red sun", size="96x64", n=2))
+    assert n.value.field == "n"
+
+
 def test_the_router_names_the_served_sizes(builds: dict[str, Path]) -> None:
     class Model:
         def __init__(self, size: str) -> None:
@@ -124,6 +144,15 @@ def test_the_cli_refuses_one_folder_twice_in_one_line(builds: dict[str, Path]) -
     before binding its port; those CLI runs cost a torch import each.)"""
     result = run_cli(["serve", "--engines", str(builds["64x64"]), str(builds["64x64"]), "--port", "0"], timeout=60)
     assert_one_line_refusal(result, "more than once", str(builds["64x64"]))
+    assert "listening" not in result.stderr
+
+
+def test_adaptive_alpha_over_a_single_alpha_build_is_refused_before_binding(builds: dict[str, Path]) -> None:
+    """It was refused only after every build had loaded and warmed up."""
+    result = run_cli(["serve", "--engines", str(builds["96x64-alphas"]), str(builds["64x64"]), "--alpha-policy", "adaptive",
+                      "--latency-target", "2", "--port", "0"], timeout=60)
+    assert_one_line_refusal(result, "--alpha-policy adaptive needs at least two alphas to choose from, but "
+                            f"{builds['64x64']} (tiny-sd3 at 64x64) is served at alpha 0.3 only")
     assert "listening" not in result.stderr
 
 

@@ -178,3 +178,140 @@ def test_the_timeout_and_queue_wait_count_the_request_checks(worker: Worker, mod
     assert checks.admitted == 1 and submitted[0].arrived - started < 0.1
     assert submitted[0].deadline == submitted[0].arrived + 5
     assert response is not None and response.catrt.timings.queue_wait >= 0.3
+
+
+def _answer_json(phases: dict[str, float]) -> dict:
+    """The images answer for a call with `phases`, as the route serializes it (FastAPI, its response model)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from catrt.serve.app import _response
+    from catrt.serve.schemas import ImageGenerationResponse
+    from catrt.serve.worker import JobResult
+
+    app = FastAPI()
+
+    @app.get("/answer", response_model=ImageGenerationResponse)
+    def answer() -> ImageGenerationResponse:
+        return _response(JobResult(["png"], phases, 0.01, 1, 0.3), _Spec(), [7], time.perf_counter())
+
+    with TestClient(app) as client:
+        return client.get("/answer").json()
+
+
+def test_answers_time_reused_steps_only_for_a_schedule_that_reuses() -> None:
+    """README: the timings are `queue_wait`, `encode`, `full_steps`, `pruned_steps`, `decode`, `total`, plus
+    `reused_steps` when the schedule has `reuse_every` (the model's phases then have it)."""
+    phases = {"encode": 0.1, "full_steps": 0.2, "pruned_steps": 0.3, "decode": 0.05}
+    plain = _answer_json(phases)["catrt"]["timings"]
+    assert set(plain) == {"queue_wait", "encode", "full_steps", "pruned_steps", "decode", "total"}
+    reusing = _answer_json({**phases, "reused_steps": 0.04})["catrt"]["timings"]
+    assert reusing["reused_steps"] == 0.04 and set(reusing) == set(plain) | {"reused_steps"}
+
+
+def test_an_adaptive_worker_serves_a_pin_that_only_a_later_queued_size_serves() -> None:
+    """Two builds with other alphas (64x64: 0.3, 0.5; 96x64: 0.5, 0.2) and the adaptive policy: a 96x64
+    request pinning 0.2 queued behind a 64x64 one killed the worker (KeyError in the policy); every later
+    request was a 503."""
+    square = StandIn(_Spec(size="64x64", alpha=0.3, alphas=(0.3, 0.5)))
+    wide = StandIn(_Spec(size="96x64", alpha=0.5, alphas=(0.5, 0.2)))
+    exited = threading.Event()
+    worker = Worker(lambda: Router([square, wide]), max_queue=8, metrics=ServerMetrics(),
+                    on_exit=lambda state: exited.set(), alpha_policy="adaptive", latency_target=60.0)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while worker.state != "ready":
+            assert time.monotonic() < deadline and worker.state == "loading", worker.state
+            time.sleep(0.01)
+        holder = Job([Row("hold", 0)], BatchOptions(4.0, None, "64x64"), request_id="hold")
+        worker.submit(holder)
+        assert square.holding.wait(10)
+        queued = Job([Row("square", 0)], BatchOptions(4.0, None, "64x64"), request_id="square")
+        pinned = Job([Row("wide", 0)], BatchOptions(4.0, None, "96x64", alpha=0.2), request_id="wide")
+        worker.submit(queued)
+        worker.submit(pinned)
+        square.release.set()
+        assert _result(queued.future).alpha == 0.5  # light load: the 64x64 build's best alpha
+        assert _result(pinned.future).alpha == 0.2 and wide.calls[-1] == ["wide"]
+        assert worker.state == "ready"
+    finally:
+        square.release.set()
+        worker.drain()
+        assert exited.wait(10)
+
+
+def test_a_failing_alpha_policy_runs_the_call_at_its_pin_or_the_default_and_the_worker_goes_on(
+    worker: Worker, model: StandIn, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(queue: object) -> float:
+        raise RuntimeError("policy bug")
+
+    monkeypatch.setattr(worker.choosers["8x8"], "choose", broken)
+    with caplog.at_level("ERROR", logger="catrt.serve.worker"):
+        plain = _job("plain")
+        worker.submit(plain)
+        assert _result(plain.future).alpha == 0.3
+        pinned = Job([Row("pinned", 0)], BatchOptions(4.0, None, alpha=0.5), request_id="pinned")
+        worker.submit(pinned)
+        assert _result(pinned.future).alpha == 0.5
+    assert worker.state == "ready"
+    assert "the alpha policy failed" in caplog.text and "policy bug" in caplog.text
+
+
+@dataclass
+class _SlowWarmUp(StandIn):
+    """A warm-up call of up to 1000 steps of 10 ms (a big model's), asking `should_stop` before each."""
+
+    warming: threading.Event = field(default_factory=threading.Event)
+
+    def generate(self, rows: Sequence[Row], options: BatchOptions,
+                 should_stop: Callable[[], bool] | None = None, alpha: float | None = None) -> Generation:
+        self.warming.set()
+        for step in range(1000):
+            if should_stop is not None and should_stop():
+                self.steps_run.append(step)
+                raise Abandoned(f"before step {step + 1}")
+            time.sleep(0.01)
+        self.steps_run.append(1000)
+        return Generation(["warm"] * len(rows), {"encode": 0.0, "full_steps": 0.0, "pruned_steps": 0.0, "decode": 0.0})
+
+
+def test_a_shutdown_during_warm_up_stops_it_before_its_next_step() -> None:
+    """SIGTERM while loading waited for the whole warm-up (every alpha of every build) before exiting 0."""
+    model = _SlowWarmUp(_Spec(alphas=(0.3, 0.5)))
+    exits: list[str] = []
+    exited = threading.Event()
+    worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(),
+                    on_exit=lambda state: exits.append(state) or exited.set())
+    worker.start()
+    assert model.warming.wait(10)
+    worker.drain()
+    assert exited.wait(10) and exits == ["stopped"]
+    assert len(model.steps_run) == 1 and model.steps_run[0] < 1000  # the first alpha's warm-up stopped, no second
+    assert worker.served is None and worker.error is None
+
+
+def test_a_second_signal_exits_at_once_sigterm_as_well_as_ctrl_c() -> None:
+    """The first SIGTERM drains; a second one forced nothing (uvicorn forces only on a second SIGINT), so the
+    server still waited for the call in flight."""
+    import signal
+
+    import uvicorn
+
+    from catrt.serve.server import DrainingServer
+
+    drained: list[str] = []
+
+    class _Loop:
+        def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+            drained.append("drain")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        server = DrainingServer(uvicorn.Config(app=None), worker=None, address="http://127.0.0.1:0")
+        server._loop = _Loop()
+        server.handle_exit(sig, None)
+        assert drained and not server.force_exit and not server.should_exit  # the first: drain, keep serving
+        server.handle_exit(sig, None)
+        assert server.force_exit and server.should_exit
+        drained.clear()

@@ -20,6 +20,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from catrt.errors import ConfigError
+
 AlphaPolicy = Literal["fixed", "adaptive"]
 ALPHA_POLICIES: tuple[str, ...] = ("fixed", "adaptive")
 #: Weight of a new measurement in the step-time averages (the rest is the running value).
@@ -53,6 +55,16 @@ class StepTimes:
     def call_seconds(self, alpha: float) -> float:
         """Predicted time of one model call at `alpha`."""
         return self.full_steps * self.full + self.pruned_steps * self.pruned[alpha] + self.other
+
+
+def check_choice(policy: str, alphas: Sequence[float], served: str) -> None:
+    """The adaptive policy needs two alphas or more to choose from; `served` names what serves `alphas`."""
+    if policy == "adaptive" and len(alphas) < 2:
+        raise ConfigError(
+            f"--alpha-policy adaptive needs at least two alphas to choose from, but {served} is served at alpha "
+            f"{', '.join(f'{alpha:g}' for alpha in alphas)} only: build it with several (catrt build --alpha 0.5 0.3 0.2)",
+            field="alpha", value=list(alphas),
+        )
 
 
 def ewma(previous: float | None, sample: float, weight: float = EWMA_WEIGHT) -> float:
@@ -151,9 +163,16 @@ class AlphaChooser:
         self.tracker = tracker
 
     def choose(self, queue: Sequence[Queued]) -> float:
-        """A pinned head's alpha; else `fixed`: the default (first) alpha, `adaptive`: `choose_alpha`'s."""
+        """A pinned head's alpha; else `fixed`: the default (first) alpha, `adaptive`: `choose_alpha`'s.
+
+        The queue may hold requests for other builds (other sizes) pinning alphas this build does not
+        serve; their calls count at this build's slowest measured pruned step, never optimistically.
+        """
         if queue and queue[0].alpha is not None:
             return queue[0].alpha
         if self.policy == "fixed" or self.target is None:
             return self.alphas[0]
-        return choose_alpha(queue, self.tracker.times(self.alphas), self.target, self.alphas, self.capacity)
+        foreign = dict.fromkeys(request.alpha for request in queue
+                                if request.alpha is not None and request.alpha not in self.alphas)
+        times = self.tracker.times((*self.alphas, *foreign))
+        return choose_alpha(queue, times, self.target, self.alphas, self.capacity)

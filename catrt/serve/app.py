@@ -74,6 +74,7 @@ def base_app(metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
         authorized=BearerCheck(config.api_key) if config.api_key is not None else None,
         protect_metrics=config.metrics_auth,
         json_paths=(GENERATIONS_PATH,),
+        router=app.router,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, router=app.router)
     listed = ModelList(config)

@@ -12,7 +12,8 @@ limit (a small body that inflates past it is a 413, and inflating stops there); 
 a 415. A JSON route's body must be JSON (`application/json` or `application/*+json`; no
 `Content-Type` at all is read as JSON) and not empty. A trailing slash is dropped from the path
 (`/v1/images/generations/` is served, never redirected), and `HEAD` is answered as `GET` without
-the body.
+the body. A request no route takes (method and path) goes to the app unread, for its 404 or 405: an
+upload to a route this server lacks is told that, not that its body is too large.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import logging
 import uuid
 import zlib
 from collections.abc import Callable, Collection
+from typing import Any
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from catrt.serve.errors import REQUEST_ID_KEY, error_response
@@ -46,8 +49,10 @@ class RequestGate:
         authorized: Callable[[bytes | None], bool] | None = None,
         protect_metrics: bool = False,
         json_paths: Collection[str] = (),
+        router: Any = None,
     ) -> None:
         self.app = app
+        self.router = router
         self.max_body_bytes = max_body_bytes
         self.authorized = authorized
         self.protect_metrics = protect_metrics
@@ -77,6 +82,11 @@ class RequestGate:
                 "invalid_request_error", headers={"WWW-Authenticate": "Bearer"},
             )
             await response(scope, receive, send_with_id)
+            return
+        if self.router is not None and not _routed(self.router, scope):
+            # No route takes this method and path: the app answers 404 or 405 without reading the body, so
+            # an upload to a route this server lacks (the SDK's images.edit) is told so, not 413.
+            await self.app(scope, receive, send_with_id)
             return
         headers = dict(scope.get("headers", []))
         declared = _content_length(headers.get(b"content-length"))
@@ -151,6 +161,11 @@ class _Refused(Exception):
     def __init__(self, status: int, message: str, param: str | None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+
+
+def _routed(router: Any, scope: Scope) -> bool:
+    """Whether a route of `router` takes this request's method and path."""
+    return any(route.matches(scope)[0] == Match.FULL for route in router.routes)
 
 
 def _without_trailing_slash(path: str) -> str:

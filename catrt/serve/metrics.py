@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -66,23 +67,45 @@ class ServerMetrics:
 
 
 class NvmlCollector(Collector):
-    """GPU utilisation (%) and memory (bytes) per device, read from NVML at scrape time."""
+    """GPU utilisation (%) and memory (bytes) per device, read from NVML at scrape time.
 
-    def __init__(self, pynvml: object, count: int) -> None:
+    A reading NVML refuses (utilisation is "Not Supported" on a MIG instance; a GPU that fell off the
+    bus is "GPU is lost") leaves that series out for that device: a scrape never fails on it, so
+    the other series (requests, latency, queue) stay readable.
+    """
+
+    def __init__(self, pynvml: Any, count: int) -> None:
         self.pynvml = pynvml
         self.count = count
+        self._refused: set[tuple[str, int]] = set()  # (reading, device) already logged
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         utilisation = GaugeMetricFamily("catrt_gpu_utilization_percent", "GPU utilisation", labels=["gpu"])
         used = GaugeMetricFamily("catrt_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
         total = GaugeMetricFamily("catrt_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+        nvml = self.pynvml
         for index in range(self.count):
-            handle = self.pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = self.pynvml.nvmlDeviceGetMemoryInfo(handle)
-            utilisation.add_metric([str(index)], self.pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-            used.add_metric([str(index)], memory.used)
-            total.add_metric([str(index)], memory.total)
-        yield from (utilisation, used, total)
+            handle = self._read("handle", index, nvml.nvmlDeviceGetHandleByIndex, index)
+            if handle is None:
+                continue
+            rates = self._read("utilization", index, nvml.nvmlDeviceGetUtilizationRates, handle)
+            if rates is not None:
+                utilisation.add_metric([str(index)], rates.gpu)
+            memory = self._read("memory", index, nvml.nvmlDeviceGetMemoryInfo, handle)
+            if memory is not None:
+                used.add_metric([str(index)], memory.used)
+                total.add_metric([str(index)], memory.total)
+        yield from (family for family in (utilisation, used, total) if family.samples)
+
+    def _read(self, reading: str, index: int, call: Callable[[Any], Any], argument: Any) -> Any:
+        """`call(argument)`, or None (logged once per reading and device) where NVML refuses it."""
+        try:
+            return call(argument)
+        except self.pynvml.NVMLError as error:
+            if (reading, index) not in self._refused:
+                self._refused.add((reading, index))
+                logger.info("no GPU %s metric for GPU %d: NVML says %s", reading, index, error)
+            return None
 
 
 def nvml_collector() -> NvmlCollector | None:

@@ -8,6 +8,11 @@ byte of a request arrives, is not moved by later bytes, and ends when h11 has th
 (headers and body). A connection still short of a whole request at the deadline is closed. While
 the app works on a complete request there is no deadline: `--timeout` bounds that.
 
+The same bound holds the other way: a client that takes none of its answer for `read_timeout`
+seconds while the answer waits in the send buffer (writing paused) is dropped, its unsent bytes
+discarded, so an answer nobody takes (big PNGs) does not hold its memory and connection forever. A slow
+client that keeps reading is not: each `read_timeout` it must only have taken some bytes.
+
 A request h11 cannot parse (a malformed request line, a `Content-Length` that is not a number) is
 answered 400 in OpenAI's error body, as every other refusal, instead of uvicorn's plain-text line.
 """
@@ -17,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import struct
 from typing import Any, ClassVar
 
 import h11
@@ -35,6 +42,7 @@ class ReadDeadlineH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         self._arm()
 
@@ -47,7 +55,51 @@ class ReadDeadlineH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._end_stall()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client is not taking the answer as fast as it is written: watch that it takes some of it."""
+        super().pause_writing()
+        if self._stall is None and not self.transport.is_closing():
+            self._watch(self.transport.get_write_buffer_size())
+
+    def resume_writing(self) -> None:
+        self._end_stall()
+        super().resume_writing()
+
+    def _watch(self, pending: int) -> None:
+        self._stall = self.loop.call_later(self.read_timeout, self._check_progress, pending)
+
+    def _check_progress(self, before: int) -> None:
+        """Still paused `read_timeout` seconds on: watch on if the client took some bytes since, else drop it.
+
+        (An answer is written in one piece, so a slow client that keeps reading a big one can stay paused
+        for long: progress, not the pause, is what counts.)"""
+        self._stall = None
+        if self.transport.is_closing():
+            return
+        pending = self.transport.get_write_buffer_size()
+        if pending < before:
+            self._watch(pending)
+        else:
+            self._stalled()
+
+    def _end_stall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        """Reset the connection: abort, as a close would wait to flush bytes the client is not reading, with
+        no linger, so the kernel drops its send buffer too instead of trickling it out."""
+        self._stall = None
+        client = "%s:%d" % self.client if self.client else "a client"
+        logger.info("dropping the connection of %s: it read nothing of its answer for %g s", client, self.read_timeout)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes h11 cannot parse, in OpenAI's error body; the connection is closed."""

@@ -38,6 +38,7 @@ from catrt.errors import CatrtError, GenerationError, QueueFullError, RequestTim
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
+from catrt.serve.fleet_start import first_line, ray_start_error
 from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
 from catrt.serve.openapi import describe_served
 from catrt.serve.schemas import ImageGenerationRequest, ImageGenerationResponse
@@ -257,12 +258,21 @@ def build(args: dict[str, Any]) -> Any:
 
 def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None = None) -> int:
     """Start (or join) a Ray cluster, run the application on `config.host:config.port` until signalled, shut down."""
-    ray.init(address=fleet.address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        ray.init(address=fleet.address, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, ValueError, TimeoutError, RuntimeError) as error:
+        raise ray_start_error(error, fleet.address) from None
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(signum, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        try:
+            serve.start(http_options={"host": config.host, "port": config.port})
+        except (RuntimeError, ray.exceptions.RayError) as error:
+            raise ServiceUnavailableError(
+                f"Ray Serve's HTTP proxy did not start on {config.host}:{config.port}: {first_line(error)}; "
+                "pick another --port or --host"
+            ) from None
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         try:
             serve.run(application(config, fleet, gpus, bundle_key), name=APP_NAME, route_prefix="/")

@@ -87,6 +87,14 @@ class RoutedRules:
             f"{spec.size}: {spec.batch}" for spec in specs
         )
         properties["steps"]["anyOf"][0]["enum"] = sorted({spec.steps for spec in specs})
+        # A pinned alpha must be one of its size's build: the enum lists every served one, the description which where.
+        properties["alpha"]["anyOf"][0]["enum"] = list(dict.fromkeys(alpha for spec in specs for alpha in spec.alphas))
+        if len({spec.alphas for spec in specs}) > 1:
+            properties["alpha"]["description"] = (
+                "a served alpha of the size's build (pinned): " + "; ".join(
+                    f"{spec.size}: {', '.join(f'{alpha:g}' for alpha in spec.alphas)}" for spec in specs
+                ) + "; absent: the server's policy picks"
+            )
         return properties
 
 

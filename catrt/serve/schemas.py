@@ -60,6 +60,10 @@ class Timings(BaseModel):
     encode: float = Field(description="text encoding and latent set-up, before the first transformer call")
     full_steps: float = Field(description="transformer calls of the full steps (selection included)")
     pruned_steps: float = Field(description="transformer calls of the pruned steps (selection included)")
+    reused_steps: float | None = Field(
+        None, exclude_if=lambda value: value is None,
+        description="steps that reuse the previous prediction (only in answers of a schedule with reuse_every)",
+    )
     decode: float = Field(description="after the last transformer call: VAE decode and PNG encoding")
     total: float = Field(description="arrival until the answer was ready")
 

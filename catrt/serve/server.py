@@ -53,6 +53,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None:
+            # A second signal (SIGTERM as well as Ctrl-C): stop now, without waiting for the call in flight.
+            self.force_exit = True
             super().handle_exit(sig, frame)
             return
         # Runs as a signal handler: hand over to the event loop, take no locks here.
@@ -155,17 +157,20 @@ def _check_device(config: ServeConfig) -> None:
 
 
 def check_source_of(config: ServeConfig) -> None:
-    """Is each build a bundle at all (its manifest's shape), all of one model, one per size; or is the eager
-    model a catrt name or a diffusers folder: refused before the port is bound and "listening" is printed.
+    """Is each build a bundle at all (its manifest's shape), all of one model, one per size, with alphas for the
+    policy to choose from; or is the eager model a catrt name or a diffusers folder: refused before the port is
+    bound and "listening" is printed.
 
     `catrt.load` where the model loads checks the rest (signature, files, digests, versions, device).
     """
     if config.engines is None:
         check_model_source(config.model)
         return
+    from catrt.serve.alpha_policy import check_choice
     from catrt.serve.builds import check_builds
 
-    check_builds(config.engines)
+    for folder, build in zip(config.engines, check_builds(config.engines), strict=True):
+        check_choice(config.alpha_policy, build.alphas, f"{folder} ({build.model} at {build.width}x{build.height})")
 
 
 def bundle_key(path: str | None) -> bytes | None:

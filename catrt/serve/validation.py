@@ -48,7 +48,8 @@ class RequestRules:
         n = 1 if body.n is None else body.n
         if not 1 <= n <= self.spec.batch:
             raise ConfigError(
-                f"n={n} is not served: this server makes 1 to {self.spec.batch} images per request (its batch)",
+                f"n={n} is not served: this server makes 1 to {self.spec.batch} images per request (its batch) at size "
+                f"{self.spec.size}",
                 field="n", value=n,
             )
         guidance = self._guidance(body.guidance_scale)

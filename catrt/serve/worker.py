@@ -26,14 +26,13 @@ from typing import TYPE_CHECKING, Literal
 
 from catrt.errors import (
     CatrtError,
-    ConfigError,
     GenerationError,
     QueueFullError,
     RequestTimeoutError,
     ServiceUnavailableError,
 )
 from catrt.scheduler import plan
-from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker
+from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker, check_choice
 from catrt.serve.errors import internal_error_message
 from catrt.serve.metrics import ServerMetrics
 from catrt.serve.model import BatchOptions, Generation, Row
@@ -179,9 +178,9 @@ class Worker:
 
     def _run(self) -> None:
         try:
-            self._start_serving()
-            while (batch := self._next_batch()) is not None:
-                self._run_batch(*batch)
+            if self._start_serving():
+                while (batch := self._next_batch()) is not None:
+                    self._run_batch(*batch)
             self.state = "stopped"
         except BaseException as error:  # noqa: BLE001 - a dead worker must be reported, whatever killed it
             if self.served is None:
@@ -197,18 +196,29 @@ class Worker:
         finally:
             self._on_exit(self.state)
 
-    def _start_serving(self) -> None:
+    def _start_serving(self) -> bool:
+        """Load and warm up every build; False if a shutdown came first: the warm-up stops before its next
+        step (no request waits for it, and a warm-up of many steps, alphas or builds must not hold a SIGTERM
+        for minutes)."""
         router = self._load()
+        try:
+            self._warm_up(router)
+        except Abandoned:
+            if not self._shutting_down():
+                raise
+            logger.info("shutting down before the warm-up finished")
+            return False
+        return True
+
+    def _shutting_down(self) -> bool:
+        return self.state == "draining"
+
+    def _warm_up(self, router: Router) -> None:
         seconds = []
         choosers = {}
         for model in router.models.values():
             spec = model.spec
-            if self.alpha_policy == "adaptive" and len(spec.alphas) < 2:
-                raise ConfigError(
-                    f"--alpha-policy adaptive needs at least two alphas to choose from, but {spec.model} at {spec.size} "
-                    f"is served at alpha {spec.alpha} only: build it with several (catrt build --alpha 0.5 0.3 0.2)",
-                    field="alpha", value=list(spec.alphas),
-                )
+            check_choice(self.alpha_policy, spec.alphas, f"{spec.model} at {spec.size}")
             model.step_observer = partial(self.metrics.observe_step, size=spec.size)
             kinds = plan(spec.steps, spec.t0, spec.refresh_every, spec.reuse_every)
             tracker = StepTimeTracker(kinds.count("full"), kinds.count("pruned"))
@@ -217,12 +227,12 @@ class Worker:
             rows = [Row(WARMUP_PROMPT, 0)] * spec.batch
             for alpha in spec.alphas:  # every alpha's buffers (compiled graphs, caches) made before serving
                 started = time.perf_counter()
-                model.generate(rows, options, alpha=alpha)
+                model.generate(rows, options, self._shutting_down, alpha=alpha)
                 seconds.append(time.perf_counter() - started)
                 logger.info("warm-up of %s at alpha %g took %.2f s", spec.size, alpha, seconds[-1])
             if self.alpha_policy == "adaptive":  # then the step times, measured warm (a first call pays one-off costs)
                 for alpha in spec.alphas:
-                    tracker.observe(alpha, model.generate(rows, options, alpha=alpha).phases)
+                    tracker.observe(alpha, model.generate(rows, options, self._shutting_down, alpha=alpha).phases)
         self._batch_seconds = max(seconds)
         self.choosers = choosers
         with self._lock:
@@ -254,12 +264,16 @@ class Worker:
         if not self._queue:
             return [], self.served.default.spec.alpha
         model = self.served.for_options(self._queue[0].options)
-        # The head's build decides; jobs queued for other sizes count as if they ran at its step times.
-        alpha = self.choosers[model.spec.size].choose([
-            Queued(now - job.arrived, len(job.rows), job.options, job.options.alpha) for job in self._queue
-        ])
-        capacity = model.spec.batch
         head = self._queue[0]
+        # The head's build decides; jobs queued for other sizes count as if they ran at its step times.
+        try:
+            alpha = self.choosers[model.spec.size].choose([
+                Queued(now - job.arrived, len(job.rows), job.options, job.options.alpha) for job in self._queue
+            ])
+        except Exception:  # noqa: BLE001 - a policy fault must not stop the one worker: run at the pin or the default
+            logger.exception("the alpha policy failed; this call runs at the pinned or default alpha")
+            alpha = model.spec.alpha if head.options.alpha is None else head.options.alpha
+        capacity = model.spec.batch
         jobs, rows = [], 0
         for job in list(self._queue):
             if job.options == head.options and rows + len(job.rows) <= capacity:

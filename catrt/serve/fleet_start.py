@@ -1,0 +1,72 @@
+"""What `catrt serve --ray` checks before it starts or joins a Ray cluster, and how Ray's start-up
+errors read.
+
+Starting Ray takes seconds and its errors are tracebacks (a port in use surfaces from inside Ray
+Serve's proxy actor; an unreachable `--ray-address` makes Ray retry for minutes), so the user
+mistakes are refused here first, in one line each: a local cluster's HTTP port must be free on
+this machine (its proxy binds it here), and a cluster to join must answer at its address.
+Imports no Ray.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from catrt.errors import ConfigError
+from catrt.serve.server import listening_socket
+
+CLIENT_PREFIX = "ray://"
+LOCAL = "local"  # ray.init's name for "start a new local cluster", as no address does
+# Addresses ray.init resolves itself: "auto" (a cluster started on this machine, or $RAY_ADDRESS).
+RESOLVED_BY_RAY = ("auto",)
+CONNECT_SECONDS = 5.0
+
+
+def check_fleet_start(host: str, port: int, address: str | None) -> None:
+    """Refuse, before Ray starts, a busy `--port` for a local cluster or a `--ray-address` nobody answers at."""
+    if address is None or address == LOCAL:
+        listening_socket(host, port).close()  # a port in use, or a host this machine cannot listen on
+    elif address not in RESOLVED_BY_RAY:
+        _check_answers(address)
+
+
+def _check_answers(address: str) -> None:
+    host, port = _host_port(address)
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_SECONDS):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(
+            f"--ray-address {address}: no Ray cluster answers at {host}:{port} ({reason}); start one there "
+            "(ray start --head) or fix the address",
+            field="ray_address", value=address,
+        ) from None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """(host, port) of `HOST:PORT` (a head node's GCS) or `ray://HOST:PORT` (Ray Client)."""
+    bare = address[len(CLIENT_PREFIX):] if address.startswith(CLIENT_PREFIX) else address
+    host, _, port = bare.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:6379
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"--ray-address {address!r} is not a Ray cluster address: give auto, HOST:PORT (the head node, e.g. "
+            "10.0.0.5:6379) or ray://HOST:PORT (Ray Client, e.g. ray://head:10001)",
+            field="ray_address", value=address,
+        )
+    return host, int(port)
+
+
+def ray_start_error(error: BaseException, address: str | None) -> ConfigError:
+    """`ray.init`'s refusal (no cluster found, an address it cannot read or reach) as one line naming the address."""
+    where = "a local Ray cluster" if address is None else f"--ray-address {address}"
+    return ConfigError(f"cannot start or join {where}: {first_line(error)}", field="ray_address", value=address)
+
+
+def first_line(error: BaseException) -> str:
+    """The error's own first line; for Ray's task errors, that of the exception inside the task."""
+    cause = getattr(error, "cause", None)
+    shown = cause if isinstance(cause, BaseException) else error
+    text = next((line.strip() for line in str(shown).splitlines() if line.strip()), "")
+    return f"{type(shown).__name__}: {text}" if text else type(shown).__name__

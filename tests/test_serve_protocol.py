@@ -1,0 +1,95 @@
+"""The server's HTTP protocol (catrt/serve/protocol.py) in-process, over a real socket: a client that stops
+reading its answer is dropped after the read timeout, not held (with its unsent bytes) forever."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+from catrt.serve.protocol import read_deadline_protocol
+
+TIMEOUT = 0.5
+CHUNK = 1 << 20
+CHUNKS = 16  # 16 MiB: far more than the socket buffers hold
+BODY = CHUNK * CHUNKS
+
+
+class _BigAnswer:
+    """An ASGI app answering every request with BODY bytes: in CHUNKS sends (each waits while the client does
+    not read: uvicorn's flow control) for a path of /chunks, else in one, as the server's answers go;
+    `sent` is set once the last send returns."""
+
+    def __init__(self) -> None:
+        self.sent = threading.Event()
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(BODY).encode())]})
+        chunks = CHUNKS if scope["path"] == "/chunks" else 1
+        for index in range(chunks):
+            await send({"type": "http.response.body", "body": bytes(BODY // chunks), "more_body": index < chunks - 1})
+        self.sent.set()
+
+
+@pytest.fixture()
+def served() -> Iterator[tuple[_BigAnswer, int]]:
+    app = _BigAnswer()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = uvicorn.Server(uvicorn.Config(app, http=read_deadline_protocol(TIMEOUT), log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    yield app, sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def test_a_client_that_stops_reading_its_answer_is_dropped(served: tuple[_BigAnswer, int]) -> None:
+    app, port = served
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(b"GET /chunks HTTP/1.1\r\nHost: test\r\n\r\n")
+        # Never reading, the answer stalls; the server drops the connection, which frees the app's sends
+        # (they waited for the client for ever).
+        assert app.sent.wait(10 * TIMEOUT + 5)
+        received = 0
+        client.settimeout(10)
+        try:
+            while chunk := client.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert received < BODY  # the rest was discarded, not delivered
+
+
+def test_a_slow_client_that_keeps_reading_gets_the_whole_answer(served: tuple[_BigAnswer, int]) -> None:
+    """An answer written in one piece stays paused until nearly all of it is read: reading 1 MiB per 0.2 s
+    takes several read timeouts, and each of them sees progress."""
+    app, port = served
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += client.recv(65536)
+        body = len(received.split(b"\r\n\r\n", 1)[1])
+        started = time.monotonic()
+        while body < BODY:
+            taken = 0
+            while taken < CHUNK and body + taken < BODY:
+                taken += len(client.recv(CHUNK - taken))
+            body += taken
+            time.sleep(0.2)
+        assert body == BODY and app.sent.wait(5)
+        assert time.monotonic() - started > 4 * TIMEOUT  # precondition: slower than the timeout
