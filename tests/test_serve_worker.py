@@ -315,3 +315,29 @@ def test_a_second_signal_exits_at_once_sigterm_as_well_as_ctrl_c() -> None:
         server.handle_exit(sig, None)
         assert server.force_exit and server.should_exit
         drained.clear()
+
+
+def test_liveness_and_readiness_turn_503_once_the_worker_died(worker: Worker, model: StandIn,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead worker answers every request 503; a liveness probe that stayed 200 would never restart it."""
+    from fastapi.testclient import TestClient
+
+    from catrt.serve.app import build_app
+
+    client = TestClient(build_app(worker, ServerMetrics(), ServeConfig(model="reference")))
+    assert client.get("/health/live").json() == {"status": "live"}
+    assert client.get("/health/ready").status_code == 200
+
+    def fault(*args: object) -> None:
+        raise MemoryError("a fault outside any one call")
+
+    monkeypatch.setattr(worker, "_run_batch", fault)
+    job = _job("a")
+    worker.submit(job)
+    deadline = time.monotonic() + 10
+    while worker.state != "dead":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    live, ready = client.get("/health/live"), client.get("/health/ready")
+    assert (live.status_code, live.json()) == (503, {"status": "dead"})
+    assert (ready.status_code, ready.json()["status"]) == (503, "dead")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -62,9 +63,12 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def base_app(metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
+def base_app(metrics: ServerMetrics, config: ServeConfig, alive: Callable[[], bool] = lambda: True) -> FastAPI:
     """The app every serving mode starts from: error bodies, the request gate (id, key, body limit,
-    encoding), request metrics, `/health/live` and the model list (`/v1/models`)."""
+    encoding), request metrics, `/health/live` and the model list (`/v1/models`).
+
+    `alive`: False once this process can no longer serve (its worker died), so a liveness probe
+    restarts it instead of leaving a process that answers 503 forever."""
     app = FastAPI(title="catrt", summary="CAT Pruning text-to-image server (OpenAI images API)")
     app.router.route_class = UniqueKeysRoute  # every route added below and by the serving modes
     install_error_handlers(app)
@@ -79,9 +83,12 @@ def base_app(metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, router=app.router)
     listed = ModelList(config)
 
-    @app.get("/health/live")
-    async def live() -> dict[str, str]:
-        """200 whenever the process answers."""
+    @app.get("/health/live", responses={503: {"description": "the worker died: restart the process"}})
+    async def live(response: Response) -> dict[str, str]:
+        """200 while the process answers and can serve; 503 once its worker died."""
+        if not alive():
+            response.status_code = 503
+            return {"status": "dead"}
         return {"status": "live"}
 
     @app.get("/v1/models", response_model=ModelListResponse, responses=ERROR_RESPONSES)
@@ -183,7 +190,7 @@ class ImageService:
 
 def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
     """Routes over `worker`; every request is counted and timed into `metrics` by route and status."""
-    app = base_app(metrics, config)
+    app = base_app(metrics, config, alive=lambda: worker.state != "dead")
     service = ImageService(worker, metrics, config)
 
     @app.post(GENERATIONS_PATH, response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)

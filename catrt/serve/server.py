@@ -68,7 +68,8 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
     def worker_exited(self, state: WorkerState) -> None:
-        """Called on the worker thread: exit after a drain or a failed load; a crash keeps answering 503."""
+        """Called on the worker thread: exit after a drain or a failed load; after a crash the process keeps
+        answering (503, /health/live included) for its supervisor to restart it."""
         if state == "dead" and self.worker.served is not None and not self._draining:
             return
         if self._loop is not None:
