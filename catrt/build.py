@@ -24,7 +24,7 @@ from catrt.errors import BuildError, CatrtError, ConfigError
 from catrt.generation import check_pipeline_size
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
 from catrt.integrity import resolve_key, sign_manifest
-from catrt.loading import load_pipeline
+from catrt.loading import LOADERS, load_pipeline
 from catrt.manifest import (
     MANIFEST_FILE,
     Manifest,
@@ -36,7 +36,8 @@ from catrt.manifest import (
     write_manifest,
 )
 from catrt.models import Adapter, make_adapter
-from catrt.pipeline import default_image_size
+from catrt.pipeline import default_image_size, pipeline_spec
+from catrt.prompts import check_text_length
 from catrt.publish import staged_folder
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def build_engines(
     """
     if sign_key is not None:
         sign_key = resolve_key(sign_key)  # an empty or non-bytes key is refused before any work
-    config = config.resolved(backend=resolve_backend(config.backend))
+    config = config.resolved(backend=resolve_backend(config.backend), model=model_reference(config.model))
     engine = ENGINES[config.backend]
     device = engine.default_device()
     if config.precision not in engine.precisions:
@@ -96,12 +97,21 @@ def build_engines(
     _check_folder(Path(out_dir), "out_dir")
     if BACKEND_BUILDS[config.backend].needs_onnx:
         _check_folder(Path(export_dir), "export_dir")
+        if Path(export_dir).resolve() == Path(out_dir).resolve():
+            # The export of a build is published under the bundle's own name: it would replace an earlier bundle
+            # before this one is verified, so a failed or interrupted build would leave no bundle there.
+            raise ConfigError(
+                f"export_dir and out_dir are both {out_dir}: the ONNX export would take the bundle's place while "
+                f"it builds; give them different folders (--out / --export-dir)",
+                field="export_dir", value=str(export_dir),
+            )
     bar = tqdm(total=len(STAGES), desc="catrt build", disable=not progress)
     with bar:
         bar.set_postfix_str(STAGES[0])
         pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
         pipe.set_progress_bar_config(disable=True)
         check_pipeline_size(pipe, config.height, config.width, config.model)  # a model without a card: known once loaded
+        check_text_length(pipe, pipeline_spec(pipe), config.max_sequence_length)
         config = _with_resolution(config, pipe)
         adapter = make_adapter(pipe.transformer)
         bar.update()
@@ -147,6 +157,14 @@ def _build(
         bar.update()
     logger.info("built %s", out_dir / name)
     return out_dir / name
+
+
+def model_reference(model: str) -> str:
+    """How a bundle names its model: a catrt name as it is, a diffusers folder as an absolute path, so the
+    bundle loads from any working directory (a relative one would name another folder, or none, elsewhere)."""
+    if model in LOADERS or not (Path(model) / "model_index.json").is_file():
+        return model  # a name wins over a folder of the same name; anything else is refused when loading
+    return os.path.abspath(model)
 
 
 def _check_folder(folder: Path, name: str) -> None:

@@ -9,9 +9,10 @@
   holds nothing else;
 - the fields against each other and the graphs: the build config is valid, k = ceil(alpha * N),
   N and the patch size fit the full graph's latent, height / width / batch / text length fit its
-  inputs, the `alphas` table lists the build's alphas in order, each with k = ceil(alpha * N), its own
-  pruned graph (whose shapes are the full graph's with k rows) and that graph's verification error,
-  and there is no pruned graph the table does not list.
+  inputs, the step graphs' activations have the build's precision, the `alphas` table lists the
+  build's alphas in order, each with k = ceil(alpha * N), its own pruned graph (whose shapes are the
+  full graph's with k rows) and that graph's verification error, and there is no pruned graph the
+  table does not list.
 
 A signed bundle is checked against its signature only when a key is given (`key=`, or the
 `CATRT_BUNDLE_KEY` environment variable read by `resolve_key`); then an unsigned or wrongly signed
@@ -476,7 +477,29 @@ def consistency_problems(manifest: Manifest, build: BuildConfig) -> list[CatrtEr
         check.expect(build.precision in engine.precisions, "build.precision",
                      f"build.precision {build.precision} is not one the {build.backend} backend builds", build.precision)
     _graph_problems(manifest, build, check)
+    _precision_problems(manifest, build, check)
     return check.items
+
+
+#: The step graphs' tensors that hold model activations, so have the build's precision (indices and the
+#: timestep are integers or the scheduler's; context tensors are the pipeline's and may differ).
+_MODEL_DTYPE_TENSORS: frozenset[str] = frozenset({"hidden_states", "patches", "kv_cache", "tokens", "kv", "kv_rows"})
+
+
+def _precision_problems(manifest: Manifest, build: BuildConfig, check: _Problems) -> None:
+    """The step graphs' activations have the dtype of `build.precision`: a precision edited to another valid
+    value would load the pipeline in a dtype the graphs were not built (or verified) for."""
+    expected = str(build.dtype).removeprefix("torch.")
+    for graph, spec in manifest.graphs.items():
+        if graph_kind(graph) not in ("full", "pruned"):
+            continue
+        for side in ("inputs", "outputs"):
+            for tensor in spec[side]:
+                if tensor["name"] in _MODEL_DTYPE_TENSORS and tensor["dtype"] != expected:
+                    check.expect(False, "build.precision",
+                                 f"build.precision is {build.precision} ({expected}) but graphs.{graph}.{side}.{tensor['name']} "
+                                 f"is {tensor['dtype']}", build.precision)
+                    return
 
 
 def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) -> None:

@@ -25,7 +25,7 @@ from catrt.build_config import BuildConfig
 from catrt.bundle import bundle_problems, verify_bundle
 from catrt.cli import main
 from catrt.engines import ENGINES
-from catrt.errors import ConfigError, CorruptBundleError
+from catrt.errors import ConfigError, CorruptBundleError, EngineMismatchError, UnknownModelError
 from catrt.integrity import BUNDLE_FILES, BUNDLE_KEY_ENV, bundle_files, check_integrity, sign_manifest
 from catrt.publish import staged_folder
 from catrt.manifest import FORMAT_VERSION, MANIFEST_FILE, file_digest
@@ -229,9 +229,13 @@ def test_a_manifest_that_is_a_link_a_pipe_or_oversized_is_refused_unread(
         (lambda m: m["model"].update(name="sd3"), "model.name", r"model\.name is 'sd3' but build\.model is 'tiny-sd3'"),
         (lambda m: m.update(total_size=1), "total_size", r"total_size is 1 but its files add up to"),
         (lambda m: m["verification"].update(passed=False), "verification", r"verification did not pass"),
+        # Another precision the backend builds: the pipeline would load in a dtype the graphs do not take.
+        (lambda m: m["build"].update(precision="fp16"), "build.precision",
+         r"build\.precision is fp16 \(float16\) but graphs\.full\.inputs\.hidden_states is float32"),
     ],
     ids=["format-2", "no-format", "alpha", "alpha-out-of-range", "t0-at-steps", "t0-below-2", "steps-string", "k", "num-tokens", "height",
-         "width", "batch", "text-length", "backend-auto", "patch-size", "pruned-shape", "model-name", "total-size", "verification"],
+         "width", "batch", "text-length", "backend-auto", "patch-size", "pruned-shape", "model-name", "total-size", "verification",
+         "precision"],
 )
 def test_an_edited_field_is_refused_naming_it(bundle: Path, edit: Callable[[dict[str, Any]], None], field: str, message: str) -> None:
     _edit(bundle, edit)
@@ -368,6 +372,34 @@ def test_a_loaded_bundle_moved_off_its_builds_dtype_is_refused_per_call_and_runs
     assert caught.value.field == "pipe"
     seeded["generator"] = torch.Generator().manual_seed(0)
     assert torch.equal(fast.to(torch.float32)("a red circle", **seeded).images, expected)
+
+
+def test_a_pipeline_of_another_model_given_to_load_is_refused_naming_pipe(bundle: Path, tiny_pipelines: dict[str, Any]) -> None:
+    for name, what in (("tiny-pixart", r"class than the build's model 'tiny-sd3' \(PixArtTransformer2DModel, the build's "
+                                        r"SD3Transformer2DModel\)"), ("tiny-sd3.5", "config than the build's model 'tiny-sd3'")):
+        with pytest.raises(EngineMismatchError, match=rf"the pipeline given to load has another transformer {what}; pass a "
+                                                      r"pipeline of that model or let catrt\.load load its own") as caught:
+            catrt.load(bundle, pipe=tiny_pipelines[name])
+        assert caught.value.field == "pipe"
+
+
+def test_a_bundle_of_a_model_folder_loads_from_any_directory_and_names_a_folder_gone(
+    tiny_pipelines: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny_pipelines["tiny-sd3"].save_pretrained(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    config = BuildConfig("model", height=32, width=48, steps=6, t0=3, max_sequence_length=8, backend="eager")
+    folder = build_engines(config, out_dir=tmp_path / "engines", progress=False)  # the model named relative to here
+    assert json.loads((folder / MANIFEST_FILE).read_text())["build"]["model"] == str(tmp_path / "model")
+    monkeypatch.chdir(tmp_path / "engines")  # where "model" names no folder
+    fast = catrt.load(folder)
+    fast.set_progress_bar_config(disable=True)
+    assert fast("red", output_type="latent").images.shape == (1, 16, 4, 6)
+    (tmp_path / "model").rename(tmp_path / "moved")
+    with pytest.raises(UnknownModelError, match=rf"was built from model '{tmp_path / 'model'}' \(build\.model in its manifest\), "
+                                                r"which is neither a catrt model name nor a diffusers folder here") as caught:
+        catrt.load(folder)
+    assert caught.value.field == "build.model"
 
 
 def test_a_loaded_bundle_refuses_prompts_and_image_counts_of_the_wrong_kind_by_name(bundle: Path) -> None:

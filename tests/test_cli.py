@@ -410,11 +410,26 @@ def test_build_refuses_an_out_that_is_a_file_or_a_bundle_before_loading(
     assert main(["inspect", str(eager_bundle)]) == 0
 
 
+@pytest.mark.usefixtures("no_model_loads")
+def test_build_refuses_one_folder_for_the_export_and_the_bundles(capfd: pytest.CaptureFixture[str], eager_bundle: Path) -> None:
+    """The export is published under the bundle's name: in the same folder it would replace an earlier bundle before
+    the new one is verified (a failed build would leave none)."""
+    line = _fails(capfd, "build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--steps", "4", "--t0", "2",
+                  "--out", str(eager_bundle.parent), "--export-dir", f"{eager_bundle.parent}/")
+    assert line.endswith(f"export_dir and out_dir are both {eager_bundle.parent}: the ONNX export would take the bundle's "
+                         "place while it builds; give them different folders (--out / --export-dir)")
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (("--height", "33"), "height 33 does not fit model tiny-sd3, which takes multiples of 16 up to 1536 pixels; try height 32"),
     (("--max-sequence-length", "100000"),
      "StableDiffusion3Pipeline refused this build's settings: `max_sequence_length` cannot be greater than 512 but is 100000"),
-], ids=["size", "text-length"])
+    # PixArt does not check the length itself: its T5 encoder would be run on 100000 padded tokens (80 GB).
+    (("--model", "tiny-pixart", "--max-sequence-length", "100000"),
+     "PixArtSigmaPipeline refused this build's settings: `max_sequence_length` cannot be greater than 512 but is 100000"),
+    (("--model", "reference", "--max-sequence-length", "16"),
+     "ReferencePipeline takes no text length: its tokenizer reads 16 tokens; drop max_sequence_length (--max-sequence-length)"),
+], ids=["size", "text-length", "text-length-pixart", "text-length-no-argument"])
 def test_build_settings_the_loaded_model_refuses_are_one_line(
     capfd: pytest.CaptureFixture[str], tmp_path: Path, flags: tuple[str, ...], message: str
 ) -> None:
