@@ -121,6 +121,7 @@ def onnx_graph_problems(folder: Path, graphs: Mapping[str, Any]) -> list[CatrtEr
 
     problems: list[CatrtError] = []
     table = _initializer_table(folder, graphs, problems)
+    table_read = not problems
     for graph, spec in graphs.items():
         name = f"{graph}.onnx"
         try:
@@ -167,7 +168,39 @@ def onnx_graph_problems(folder: Path, graphs: Mapping[str, Any]) -> list[CatrtEr
                 f"initializers.json gives the {graph} graph an initializer {foreign[0]!r} that {name} does not have: "
                 f"rebuild the engine", field="initializers.json", value=foreign[0],
             ))
+        elif table_read:
+            problems += _table_against_graph(graph, name, model, table.get(graph, []))
     return problems
+
+
+def _table_against_graph(graph: str, name: str, model: Any, records: list[dict[str, Any]]) -> list[CatrtError]:
+    """The `initializers.json` records of a graph are its external initializers, each where (offset, length), as what
+    (shape, element type) the graph itself says: the sessions take the weights from the table, so a table edited to
+    another shape or another tensor's offset would run wrong weights, or fail inside ONNX Runtime."""
+    import onnx
+
+    graph_side = {
+        initializer.name: (list(initializer.dims), onnx.TensorProto.DataType.Name(initializer.data_type).lower(),
+                           {entry.key: entry.value for entry in initializer.external_data})
+        for initializer in model.graph.initializer if initializer.data_location == onnx.TensorProto.EXTERNAL
+    }
+    for record in records:
+        dims, dtype, where = graph_side.get(record["name"], (None, None, {}))
+        table_side = (record["shape"], record["dtype"], str(record["offset"]), str(record["length"]))
+        if (dims, dtype, where.get("offset", "0"), where.get("length")) != table_side:
+            return [CorruptBundleError(
+                f"initializers.json places the {graph} graph's {record['name']!r} as {record['shape']} {record['dtype']} "
+                f"at offset {record['offset']} of weights.bin, but {name} has it as {dims} {dtype} at offset "
+                f"{where.get('offset', '0') if dims is not None else 'none (not external)'}: rebuild the engine",
+                field="initializers.json", value=record["name"],
+            )]
+    unlisted = sorted(set(graph_side) - {record["name"] for record in records})
+    if unlisted:
+        return [CorruptBundleError(
+            f"initializers.json does not list the {graph} graph's weight {unlisted[0]!r} ({name} reads it from "
+            f"weights.bin): rebuild the engine", field="initializers.json", value=unlisted[0],
+        )]
+    return []
 
 
 def _initializer_table(folder: Path, graphs: Mapping[str, Any], problems: list[CatrtError]) -> dict[str, list[dict[str, Any]]]:

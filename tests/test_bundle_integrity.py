@@ -331,8 +331,27 @@ def test_graph_files_swapped_with_their_digests_rewritten_are_refused_before_any
     assert caught.value.field == field
 
 
+def _transpose_a_weight(table: dict[str, Any], size: int) -> None:
+    """The same bytes read as the transposed matrix (ONNX Runtime failed at the first step)."""
+    record = next(r for r in table["full"] if len(r["shape"]) == 2 and r["shape"][0] != r["shape"][1])
+    record["shape"] = record["shape"][::-1]
+
+
+def _swap_two_weights(table: dict[str, Any], size: int) -> None:
+    """Two weights of one shape trade places in weights.bin (it ran, with the wrong weights)."""
+    first, second = next(
+        (a, b) for a in table["full"] for b in table["full"] if a["shape"] == b["shape"] and a["offset"] < b["offset"]
+    )
+    first["offset"], second["offset"] = second["offset"], first["offset"]
+
+
 @pytest.mark.parametrize(("damage", "message"), [
     (lambda table, size: table["full"][0].update(offset=size), r"entry 0 of graph 'full' .* does not fit weights.bin"),
+    (_transpose_a_weight, r"initializers.json places the full graph's '.*' as \[(\d+), (\d+)\] float at offset (\d+) of "
+                          r"weights.bin, but full.onnx has it as \[\2, \1\] float at offset \3"),
+    (_swap_two_weights, r"initializers.json places the full graph's '.*' as \[.*\] float at offset (\d+) of weights.bin, but "
+                        r"full.onnx has it as \[.*\] float at offset (?!\1)\d+"),
+    (lambda table, size: table["full"].pop(), r"initializers.json does not list the full graph's weight '.*' \(full.onnx reads it"),
     (lambda table, size: table["full"][0].update(shape=[1]), r"entry 0 of graph 'full' .* for shape \[1\]"),
     (lambda table, size: table["full"][0].update(dtype="bogus"), r"entry 0 of graph 'full' has a field of the wrong kind"),
     (lambda table, size: table.update(other=[]), r"must map graph names of the manifest to lists of initializers"),
