@@ -348,6 +348,15 @@ def test_backend_registries_agree_and_auto_picks_onnxruntime_on_a_cpu() -> None:
         assert resolve_backend("auto") == "onnxruntime"
 
 
+def test_star_imports_of_the_engine_and_export_packages_work() -> None:
+    import catrt.engines
+    import catrt.export
+
+    for package in (catrt.engines, catrt.export):
+        missing = [name for name in package.__all__ if not hasattr(package, name)]
+        assert missing == [], f"{package.__name__}.__all__ names {missing}, which it does not define"
+
+
 @pytest.mark.skipif(TRT_SKIP is None, reason="TensorRT is available here")
 def test_tensorrt_where_it_cannot_run_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"backend 'tensorrt' cannot run here: ") as caught:
