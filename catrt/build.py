@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -228,8 +229,9 @@ def _verify(
             got = outputs[name].float()
             scale = expected.float().abs().max().clamp_min(1e-6)
             errors[f"{graph}.{name}"] = float((got - expected.float()).abs().max() / scale)
-    worst = max(errors, key=errors.__getitem__)
-    if errors[worst] > tolerance:
+    # A NaN error compares false with any tolerance: a non-finite output (fp16 overflow, say) fails the build too.
+    worst = next((name for name, error in errors.items() if not math.isfinite(error)), None) or max(errors, key=errors.__getitem__)
+    if not errors[worst] <= tolerance:
         raise BuildError(
             f"the {config.backend} engine's {worst} differs from the eager adapter by {errors[worst]:.3g} "
             f"(relative), over the {config.precision} tolerance {tolerance:g}; the build was not published",

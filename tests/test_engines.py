@@ -244,6 +244,24 @@ def test_build_over_tolerance_fails_and_keeps_the_previous_build(bundle_copy: Pa
     assert fast(**call_kwargs(tiny_pipelines["tiny-sd3"])).images.shape == (2, 16, 8, 12)
 
 
+def test_an_engine_giving_nan_fails_its_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN compares false with any tolerance: the build used to publish a bundle whose manifest could not load."""
+    eager_run = ENGINES["eager"].run
+
+    def overflowing(self: Any, graph: str, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        outputs = eager_run(self, graph, *args, **kwargs)
+        if graph == "full":
+            outputs["tokens"][0, 0, 0] = float("nan")
+        return outputs
+
+    monkeypatch.setattr(ENGINES["eager"], "run", overflowing)
+    with pytest.raises(BuildError, match=r"the eager engine's full\.tokens differs from the eager adapter by nan \(relative\), over "
+                                         r"the fp32 tolerance 0\.001; the build was not published") as caught:
+        _build(_config("tiny-sd3", backend="eager"), tmp_path)
+    assert caught.value.field == "full.tokens"
+    assert list((tmp_path / "engines").iterdir()) == []
+
+
 def test_interrupted_build_keeps_the_previous_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     previous = _build(_config("tiny-sd3", backend="eager"), tmp_path)
     before = (previous / MANIFEST_FILE).read_text()
