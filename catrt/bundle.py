@@ -193,7 +193,7 @@ def load(
     else:
         _check_model_source(folder, build.model)
         pipe = load_pipeline(build.model, device=device, dtype=build.dtype, transformer_weights=engine_class.needs_transformer)
-    _check_transformer(build, manifest, pipe.transformer, given)
+    _check_model(build, manifest, pipe, given)
     adapter = make_adapter(pipe.transformer)
     graphs = {graph: GraphSpec.from_dict(spec) for graph, spec in manifest.graphs.items()}
     engine = engine_class(folder, graphs, device, adapter if engine_class.needs_transformer else None)
@@ -219,26 +219,28 @@ def check_pipeline_fits(build: BuildConfig, pipe: Any, device: Any, needs_transf
             )
 
 
-def _check_transformer(build: BuildConfig, manifest: Manifest, transformer: Any, given: bool) -> None:
-    """The model's transformer (`given`: that of the pipeline passed to `load`) has the class and config the
-    engine was built from."""
+def _check_model(build: BuildConfig, manifest: Manifest, pipe: Any, given: bool) -> None:
+    """The model's pipeline (`given`: the one passed to `load`) has the pipeline class, transformer class and
+    transformer config the engine was built from."""
     for field, found in (
-        ("transformer_class", type(transformer).__name__),
-        ("transformer_config", transformer_config(transformer)),
+        ("transformer_class", type(pipe.transformer).__name__),
+        ("transformer_config", transformer_config(pipe.transformer)),
+        ("pipeline_class", type(pipe).__name__),
     ):
         expected = manifest.model.get(field)
         if expected == found:
             continue
-        what = field.removeprefix("transformer_")
+        what = field.replace("_", " ")
         if given:
-            shown = f" ({found}, the build's {expected})" if what == "class" else ""
+            shown = f" ({found}, the build's {expected})" if field.endswith("class") else ""
             raise EngineMismatchError(
-                f"the pipeline given to load has another transformer {what} than the build's model {build.model!r}"
+                f"the pipeline given to load has another {what} than the build's model {build.model!r}"
                 f"{shown}; pass a pipeline of that model or let catrt.load load its own",
                 field="pipe", value={"expected": expected, "found": found},
             )
         raise EngineMismatchError(
-            f"model {build.model!r} now has another transformer {what} than the engine was built from; rebuild the engine",
+            f"model {build.model!r} now has another {what} than the engine was built from ({field} in its manifest); "
+            f"rebuild the engine",
             field=f"model.{field}",
             value={"expected": expected, "found": found},
         )

@@ -313,6 +313,9 @@ def test_missing_manifest_is_named(bundle_copy: Path) -> None:
         ("device.kind", lambda m: m.update(device={"kind": "cuda", "name": "NVIDIA H100", "compute_capability": "9.0"}), r"built for device kind 'cuda' but this machine has 'cpu'"),
         ("model.transformer_config", lambda m: m["model"]["transformer_config"].update(num_layers=7), r"another transformer config than the engine was built from"),
         ("model.transformer_class", lambda m: m["model"].update(transformer_class="FluxTransformer2DModel"), r"another transformer class than"),
+        # A class no text-length rule knows: only the loaded pipeline tells.
+        ("model.pipeline_class", lambda m: m["model"].update(pipeline_class="OtherPipeline"),
+         r"model 'tiny-sd3' now has another pipeline class than the engine was built from \(pipeline_class in its manifest\)"),
     ],
 )
 def test_mismatch_is_named(bundle_copy: Path, field: str, edit: Callable[[dict[str, Any]], None], message: str) -> None:
