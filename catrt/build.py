@@ -137,6 +137,12 @@ def _build(
     bar.update()
     backend = BACKEND_BUILDS[config.backend]
     exporters: dict[str, str] = {}
+    if backend.needs_onnx and (export_dir / name / MANIFEST_FILE).exists():
+        raise ConfigError(
+            f"export_dir {export_dir} holds the engine bundle {name}: the ONNX export would take its place; give "
+            f"another --export-dir (the default is export)",
+            field="export_dir", value=str(export_dir),
+        )
     if backend.needs_onnx:
         bar.set_postfix_str(STAGES[2])
         with staged_folder(export_dir / name) as onnx_staging:

@@ -104,6 +104,15 @@ def test_build_names_put_the_width_first() -> None:
     assert BuildConfig("tiny-sd3", height=64, width=96, steps=12, t0=4).build_name().startswith("tiny-sd3-96x64-b1-s12-t4-")
 
 
+def test_builds_of_other_alphas_never_share_a_name() -> None:
+    """Two decimals where they are exact; more where the alpha has them (a build of 0.304 replaced one of 0.301)."""
+    def name(*alphas: float) -> str:
+        return BuildConfig("tiny-sd3", height=64, width=96, steps=12, t0=4, alphas=alphas).build_name()
+
+    assert "-a0.30_0.50_1.00-" in name(0.3, 0.5, 1.0)
+    assert "-a0.301-" in name(0.301) and "-a0.304-" in name(0.304) and "-a1e-09-" in name(1e-9)
+
+
 # -- files -------------------------------------------------------------------------------------
 
 

@@ -187,10 +187,13 @@ def test_lazy_package_attributes() -> None:
     (("generate", "--model", "", "--prompt", "x"), "unknown model '': known names are"),
     (("build", "--model", "nope"), "unknown model 'nope': known names are"),
     (("generate", "--prompt", "x", "--kmeans-iters", "1000000000000"), "CATConfig.kmeans_iters must be an integer from 1 to 1000"),
+    (("build", "--out", ""), "--out is empty; give a folder (default: engines)"),
+    (("build", "--export-dir", " "), "--export-dir is empty; give a folder (default: export)"),
 ], ids=["out-txt", "out-no-ext", "reference-size", "sd3-size", "alpha", "t0-steps", "engines-alpha", "engines-t0",
         "fp16-cpu", "device-name", "device-meta", "device-empty", "prompt-blank", "prompt-nul", "negative-escape",
         "seed-huge", "guidance-nan", "guidance-negative", "macs-size", "build-size", "serve-size", "serve-device",
-        "serve-device-index", "serve-batch", "build-batch", "model-empty", "build-model-unknown", "kmeans-iters-huge"])
+        "serve-device-index", "serve-batch", "build-batch", "model-empty", "build-model-unknown", "kmeans-iters-huge",
+        "build-out-empty", "build-export-dir-blank"])
 def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
     assert message in _fails(capfd, *argv)
 
@@ -418,6 +421,32 @@ def test_build_refuses_one_folder_for_the_export_and_the_bundles(capfd: pytest.C
                   "--out", str(eager_bundle.parent), "--export-dir", f"{eager_bundle.parent}/")
     assert line.endswith(f"export_dir and out_dir are both {eager_bundle.parent}: the ONNX export would take the bundle's "
                          "place while it builds; give them different folders (--out / --export-dir)")
+
+
+def test_build_refuses_an_export_dir_holding_a_bundle_of_that_name(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The export is published under the build's name: a bundle there (an earlier --out) would be replaced by it."""
+    from catrt.build_config import BuildConfig
+
+    name = BuildConfig("tiny-sd3", height=32, width=48, steps=4, t0=2, backend="onnxruntime").build_name()
+    bundle = tmp_path / "earlier" / name
+    bundle.mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    assert main(["build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--steps", "4", "--t0", "2", "--height", "32",
+                 "--width", "48", "--out", str(tmp_path / "engines"), "--export-dir", str(tmp_path / "earlier")]) == 2
+    err = capfd.readouterr().err  # after the progress bar's first stages (the name needs the loaded model's defaults)
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.endswith(f"export_dir {tmp_path / 'earlier'} holds the engine bundle {name}: the ONNX export would take its place; "
+                         "give another --export-dir (the default is export)")
+    assert [path.name for path in bundle.iterdir()] == ["manifest.json"] and list((tmp_path / "engines").iterdir()) == []
+
+
+def test_build_alphas_given_by_a_repeated_flag_are_all_built(tmp_path: Path) -> None:
+    argv = ["build", "--model", "tiny-sd3", "--backend", "eager", "--steps", "4", "--t0", "2", "--height", "32", "--width", "48",
+            "--max-sequence-length", "8", "--alpha", "0.3", "--alpha", "0.5", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (folder,) = tmp_path.iterdir()
+    assert folder.name == "tiny-sd3-48x32-b1-s4-t2-a0.30_0.50_1.00-l8-fp32-eager"
+    assert catrt.load(folder).alphas == (0.3, 0.5, 1.0)
 
 
 @pytest.mark.parametrize(("flags", "message"), [
