@@ -406,7 +406,14 @@ def _refuse_fixed_flags(args: argparse.Namespace, fixed: typing.Iterable[str]) -
 
 
 def _check_against_build(args: argparse.Namespace, build: Any) -> None:
-    """Size and steps that differ from the build's are refused before the bundle is loaded."""
+    """Size and steps that differ from the build's, and a build of several images per call (generate makes one),
+    are refused before the bundle is loaded."""
+    if build.batch != 1:
+        raise ConfigError(
+            f"{args.engines} was built for batch {build.batch} (images per call) and catrt generate makes one image: "
+            f"build an engine with --batch 1, or serve this one (catrt serve --engines fills its batches)",
+            field="batch", value=build.batch,
+        )
     for flag, asked, built in (
         ("--width", args.width, build.width), ("--height", args.height, build.height), ("--steps", args.steps, build.steps),
     ):

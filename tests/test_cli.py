@@ -440,6 +440,21 @@ def test_build_refuses_an_export_dir_holding_a_bundle_of_that_name(capfd: pytest
     assert [path.name for path in bundle.iterdir()] == ["manifest.json"] and list((tmp_path / "engines").iterdir()) == []
 
 
+def test_generate_refuses_a_bundle_of_several_images_per_call_before_loading(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import catrt.bundle
+
+    assert main(["build", "--model", "tiny-sd3", "--backend", "eager", "--steps", "4", "--t0", "2", "--height", "32", "--width",
+                 "48", "--batch", "2", "--out", str(tmp_path)]) == 0
+    (folder,) = tmp_path.iterdir()
+    capfd.readouterr()
+    monkeypatch.setattr(catrt.bundle, "load", lambda *args, **kwargs: pytest.fail("loaded the bundle"))
+    line = _fails(capfd, "generate", "--engines", str(folder), "--prompt", "x", "--out", str(tmp_path / "image.png"))
+    assert line.endswith(f"{folder} was built for batch 2 (images per call) and catrt generate makes one image: build an "
+                         "engine with --batch 1, or serve this one (catrt serve --engines fills its batches)")
+
+
 def test_build_alphas_given_by_a_repeated_flag_are_all_built(tmp_path: Path) -> None:
     argv = ["build", "--model", "tiny-sd3", "--backend", "eager", "--steps", "4", "--t0", "2", "--height", "32", "--width", "48",
             "--max-sequence-length", "8", "--alpha", "0.3", "--alpha", "0.5", "1", "--out", str(tmp_path)]
