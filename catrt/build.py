@@ -32,6 +32,7 @@ from catrt.manifest import (
     describe_device,
     describe_files,
     package_versions,
+    read_manifest_data,
     transformer_config,
     weights_digest,
     write_manifest,
@@ -137,6 +138,7 @@ def _build(
     bar.update()
     backend = BACKEND_BUILDS[config.backend]
     exporters: dict[str, str] = {}
+    _check_same_model(out_dir / name, config.model)
     if backend.needs_onnx and (export_dir / name / MANIFEST_FILE).exists():
         raise ConfigError(
             f"export_dir {export_dir} holds the engine bundle {name}: the ONNX export would take its place; give "
@@ -172,6 +174,21 @@ def model_reference(model: str) -> str:
     if model in LOADERS or not (Path(model) / "model_index.json").is_file():
         return model  # a name wins over a folder of the same name; anything else is refused when loading
     return os.path.abspath(model)
+
+
+def _check_same_model(folder: Path, model: str) -> None:
+    """A build replaces an earlier bundle of its name only if that is a build of the same model: a name holds a
+    model folder's last component only, so two folders of one name (/a/sd3-ft, /b/sd3-ft) would replace each other."""
+    try:
+        earlier = read_manifest_data(folder).get("build", {}).get("model")
+    except (CatrtError, AttributeError):
+        return  # no bundle there, or not one this catrt reads: nothing of the user's is lost
+    if isinstance(earlier, str) and earlier != model:
+        raise ConfigError(
+            f"{folder} holds a build of model {earlier!r}, this one is of {model!r}: it would replace it; build into "
+            f"another --out, or remove {folder} first",
+            field="out_dir", value=str(folder),
+        )
 
 
 def _check_folder(folder: Path, name: str) -> None:

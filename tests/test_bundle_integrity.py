@@ -443,6 +443,22 @@ def test_a_bundle_of_a_model_folder_loads_from_any_directory_and_names_a_folder_
     assert caught.value.field == "build.model"
 
 
+def test_a_build_of_another_model_folder_of_the_same_name_does_not_replace_a_bundle(
+    tiny_pipelines: dict[str, Any], tmp_path: Path
+) -> None:
+    """Build names hold a folder's last component only: /a/model and /b/model name the same bundle."""
+    for parent in ("a", "b"):
+        tiny_pipelines["tiny-sd3"].save_pretrained(tmp_path / parent / "model")
+    settings = {"height": 32, "width": 48, "steps": 6, "t0": 3, "max_sequence_length": 8, "backend": "eager"}
+    first = build_engines(BuildConfig(str(tmp_path / "a" / "model"), **settings), out_dir=tmp_path / "engines", progress=False)
+    before = (first / MANIFEST_FILE).read_text()
+    with pytest.raises(ConfigError, match=rf"{first} holds a build of model '{tmp_path / 'a' / 'model'}', this one is of "
+                                          rf"'{tmp_path / 'b' / 'model'}': it would replace it; build into another --out") as caught:
+        build_engines(BuildConfig(str(tmp_path / "b" / "model"), **settings), out_dir=tmp_path / "engines", progress=False)
+    assert caught.value.field == "out_dir" and (first / MANIFEST_FILE).read_text() == before
+    assert build_engines(BuildConfig(str(tmp_path / "a" / "model"), **settings), out_dir=tmp_path / "engines", progress=False) == first
+
+
 def test_a_loaded_bundle_refuses_prompts_and_image_counts_of_the_wrong_kind_by_name(bundle: Path) -> None:
     fast = catrt.load(bundle)
     for kwargs, field, message in [
