@@ -199,6 +199,13 @@ def _check_folder(folder: Path, name: str) -> None:
             f"{name} {folder} is an engine bundle; builds go beside it: give its parent folder (--out / --export-dir)",
             field=name, value=str(folder),
         )
+    bundle = next((parent for parent in folder.resolve().parents if _is_bundle(parent)), None)
+    if bundle is not None:
+        raise ConfigError(
+            f"{name} {folder} is inside the engine bundle {bundle}; a folder made there would make that bundle "
+            f"unloadable: give a folder outside it (--out / --export-dir)",
+            field=name, value=str(folder),
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -207,6 +214,15 @@ def _check_folder(folder: Path, name: str) -> None:
                           field=name, value=str(folder)) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{name} {folder} is not writable; pick another (--out / --export-dir)", field=name, value=str(folder))
+
+
+def _is_bundle(folder: Path) -> bool:
+    """Whether `folder` holds a catrt manifest (another program's manifest.json is no bundle)."""
+    try:
+        data = read_manifest_data(folder)
+    except CatrtError:
+        return False
+    return {"format", "build", "files"} <= set(data)
 
 
 def _with_resolution(config: BuildConfig, pipe: Any) -> BuildConfig:

@@ -409,6 +409,9 @@ def test_build_refuses_an_out_that_is_a_file_or_a_bundle_before_loading(
     before = sorted(path.name for path in eager_bundle.iterdir())
     line = _fails(capfd, *build, "--out", str(eager_bundle))
     assert f"out_dir {eager_bundle} is an engine bundle; builds go beside it" in line
+    line = _fails(capfd, *build, "--out", str(tmp_path / "engines"), "--export-dir", str(eager_bundle / "sub" / "export"))
+    assert line.endswith(f"export_dir {eager_bundle / 'sub' / 'export'} is inside the engine bundle {eager_bundle}; a folder made "
+                         "there would make that bundle unloadable: give a folder outside it (--out / --export-dir)")
     assert sorted(path.name for path in eager_bundle.iterdir()) == before
     assert main(["inspect", str(eager_bundle)]) == 0
 
