@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,19 +25,21 @@ from catrt.errors import BuildError, CatrtError, ConfigError
 from catrt.generation import check_pipeline_size
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
 from catrt.integrity import resolve_key, sign_manifest
-from catrt.loading import load_pipeline
+from catrt.loading import LOADERS, load_pipeline
 from catrt.manifest import (
     MANIFEST_FILE,
     Manifest,
     describe_device,
     describe_files,
     package_versions,
+    read_manifest_data,
     transformer_config,
     weights_digest,
     write_manifest,
 )
 from catrt.models import Adapter, make_adapter
-from catrt.pipeline import default_image_size
+from catrt.pipeline import default_image_size, pipeline_spec
+from catrt.prompts import check_text_length
 from catrt.publish import staged_folder
 
 logger = logging.getLogger(__name__)
@@ -79,7 +82,7 @@ def build_engines(
     """
     if sign_key is not None:
         sign_key = resolve_key(sign_key)  # an empty or non-bytes key is refused before any work
-    config = config.resolved(backend=resolve_backend(config.backend))
+    config = config.resolved(backend=resolve_backend(config.backend), model=model_reference(config.model))
     engine = ENGINES[config.backend]
     device = engine.default_device()
     if config.precision not in engine.precisions:
@@ -96,12 +99,21 @@ def build_engines(
     _check_folder(Path(out_dir), "out_dir")
     if BACKEND_BUILDS[config.backend].needs_onnx:
         _check_folder(Path(export_dir), "export_dir")
+        if Path(export_dir).resolve() == Path(out_dir).resolve():
+            # The export of a build is published under the bundle's own name: it would replace an earlier bundle
+            # before this one is verified, so a failed or interrupted build would leave no bundle there.
+            raise ConfigError(
+                f"export_dir and out_dir are both {out_dir}: the ONNX export would take the bundle's place while "
+                f"it builds; give them different folders (--out / --export-dir)",
+                field="export_dir", value=str(export_dir),
+            )
     bar = tqdm(total=len(STAGES), desc="catrt build", disable=not progress)
     with bar:
         bar.set_postfix_str(STAGES[0])
         pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
         pipe.set_progress_bar_config(disable=True)
         check_pipeline_size(pipe, config.height, config.width, config.model)  # a model without a card: known once loaded
+        check_text_length(pipe, pipeline_spec(pipe), config.max_sequence_length)
         config = _with_resolution(config, pipe)
         adapter = make_adapter(pipe.transformer)
         bar.update()
@@ -126,6 +138,13 @@ def _build(
     bar.update()
     backend = BACKEND_BUILDS[config.backend]
     exporters: dict[str, str] = {}
+    _check_same_model(out_dir / name, config.model)
+    if backend.needs_onnx and (export_dir / name / MANIFEST_FILE).exists():
+        raise ConfigError(
+            f"export_dir {export_dir} holds the engine bundle {name}: the ONNX export would take its place; give "
+            f"another --export-dir (the default is export)",
+            field="export_dir", value=str(export_dir),
+        )
     if backend.needs_onnx:
         bar.set_postfix_str(STAGES[2])
         with staged_folder(export_dir / name) as onnx_staging:
@@ -149,12 +168,42 @@ def _build(
     return out_dir / name
 
 
+def model_reference(model: str) -> str:
+    """How a bundle names its model: a catrt name as it is, a diffusers folder as an absolute path, so the
+    bundle loads from any working directory (a relative one would name another folder, or none, elsewhere)."""
+    if model in LOADERS or not (Path(model) / "model_index.json").is_file():
+        return model  # a name wins over a folder of the same name; anything else is refused when loading
+    return os.path.abspath(model)
+
+
+def _check_same_model(folder: Path, model: str) -> None:
+    """A build replaces an earlier bundle of its name only if that is a build of the same model: a name holds a
+    model folder's last component only, so two folders of one name (/a/sd3-ft, /b/sd3-ft) would replace each other."""
+    try:
+        earlier = read_manifest_data(folder).get("build", {}).get("model")
+    except (CatrtError, AttributeError):
+        return  # no bundle there, or not one this catrt reads: nothing of the user's is lost
+    if isinstance(earlier, str) and earlier != model:
+        raise ConfigError(
+            f"{folder} holds a build of model {earlier!r}, this one is of {model!r}: it would replace it; build into "
+            f"another --out, or remove {folder} first",
+            field="out_dir", value=str(folder),
+        )
+
+
 def _check_folder(folder: Path, name: str) -> None:
     """Make `folder` now, before minutes of work, or refuse it; a bundle folder is never a parent of bundles
     (one inside it would make it unloadable: it holds only its listed files)."""
     if (folder / MANIFEST_FILE).exists():
         raise ConfigError(
             f"{name} {folder} is an engine bundle; builds go beside it: give its parent folder (--out / --export-dir)",
+            field=name, value=str(folder),
+        )
+    bundle = next((parent for parent in folder.resolve().parents if _is_bundle(parent)), None)
+    if bundle is not None:
+        raise ConfigError(
+            f"{name} {folder} is inside the engine bundle {bundle}; a folder made there would make that bundle "
+            f"unloadable: give a folder outside it (--out / --export-dir)",
             field=name, value=str(folder),
         )
     try:
@@ -165,6 +214,15 @@ def _check_folder(folder: Path, name: str) -> None:
                           field=name, value=str(folder)) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{name} {folder} is not writable; pick another (--out / --export-dir)", field=name, value=str(folder))
+
+
+def _is_bundle(folder: Path) -> bool:
+    """Whether `folder` holds a catrt manifest (another program's manifest.json is no bundle)."""
+    try:
+        data = read_manifest_data(folder)
+    except CatrtError:
+        return False
+    return {"format", "build", "files"} <= set(data)
 
 
 def _with_resolution(config: BuildConfig, pipe: Any) -> BuildConfig:
@@ -210,8 +268,9 @@ def _verify(
             got = outputs[name].float()
             scale = expected.float().abs().max().clamp_min(1e-6)
             errors[f"{graph}.{name}"] = float((got - expected.float()).abs().max() / scale)
-    worst = max(errors, key=errors.__getitem__)
-    if errors[worst] > tolerance:
+    # A NaN error compares false with any tolerance: a non-finite output (fp16 overflow, say) fails the build too.
+    worst = next((name for name, error in errors.items() if not math.isfinite(error)), None) or max(errors, key=errors.__getitem__)
+    if not errors[worst] <= tolerance:
         raise BuildError(
             f"the {config.backend} engine's {worst} differs from the eager adapter by {errors[worst]:.3g} "
             f"(relative), over the {config.precision} tolerance {tolerance:g}; the build was not published",

@@ -140,14 +140,14 @@ class BuildConfig:
         """Folder name, e.g. `tiny-sd3-96x64-b1-s12-t4-a0.30-fp32-onnxruntime` (never parsed back).
 
         The size is WxH, width first, as OpenAI's `size` and everywhere else in catrt. Several alphas
-        are joined by `_` in built order (`-a0.20_0.30_0.50`). A non-zero `reuse_every` adds `-r{N}`
-        after the alphas (`...-a0.30-r2-...`).
+        are joined by `_` in built order (`-a0.20_0.30_0.50`); an alpha with more than two decimals shows them
+        all (`-a0.301`). A non-zero `reuse_every` adds `-r{N}` after the alphas (`...-a0.30-r2-...`).
         """
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1]).strip("-.") or "model"
         reuse = f"-r{self.reuse_every}" if self.reuse_every else ""
         text = "" if self.max_sequence_length is None else f"-l{self.max_sequence_length}"
         return (
-            f"{model}-{self.width}x{self.height}-b{self.batch}-s{self.steps}-t{self.t0}-a{'_'.join(f'{a:.2f}' for a in self.alphas)}"
+            f"{model}-{self.width}x{self.height}-b{self.batch}-s{self.steps}-t{self.t0}-a{'_'.join(map(_alpha_label, self.alphas))}"
             f"{reuse}{text}-{self.precision}-{self.backend}"
         )
 
@@ -157,6 +157,13 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
         return config_from_dict(cls, data)
+
+
+def _alpha_label(alpha: float) -> str:
+    """An alpha in a build name: two decimals (0.30) where they are exact, else every digit it has (0.301), so two
+    builds of other alphas never share a name (the second would replace the first)."""
+    short = f"{alpha:.2f}"
+    return short if float(short) == alpha else repr(float(alpha))
 
 
 def format_alphas(alphas: tuple[float, ...]) -> str:

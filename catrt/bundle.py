@@ -25,10 +25,11 @@ from typing import Any
 from catrt.build_config import FIXED_CAT_FIELDS, BuildConfig, check_static_schedule
 from catrt.config import CATConfig
 from catrt.engines import ENGINES, Engine, GraphSpec
-from catrt.errors import CatrtError, ConfigError, EngineMismatchError
+from catrt.errors import CatrtError, ConfigError, EngineMismatchError, UnknownModelError
 from catrt.integrity import check_integrity, resolve_key
 from catrt.loading import load_pipeline
 from catrt.manifest import Manifest, describe_device, environment_problems, transformer_config
+from catrt.model_cards import check_model_source
 from catrt.models import make_adapter
 from catrt.pipeline import AcceleratedPipeline, accelerate, pipeline_spec
 from catrt.pipeline_spec import PipelineSpec, custom_schedule
@@ -186,11 +187,13 @@ def load(
     run_config = _run_config(build, config)  # refused before any backend runs
     engine_class = ENGINES[build.backend]
     device = engine_class.default_device()
-    if pipe is None:
-        pipe = load_pipeline(build.model, device=device, dtype=build.dtype, transformer_weights=engine_class.needs_transformer)
-    else:
+    given = pipe is not None
+    if given:
         check_pipeline_fits(build, pipe, device, engine_class.needs_transformer, "given to load")
-    _check_transformer(build, manifest, pipe.transformer)
+    else:
+        _check_model_source(folder, build.model)
+        pipe = load_pipeline(build.model, device=device, dtype=build.dtype, transformer_weights=engine_class.needs_transformer)
+    _check_model(build, manifest, pipe, given)
     adapter = make_adapter(pipe.transformer)
     graphs = {graph: GraphSpec.from_dict(spec) for graph, spec in manifest.graphs.items()}
     engine = engine_class(folder, graphs, device, adapter if engine_class.needs_transformer else None)
@@ -216,20 +219,43 @@ def check_pipeline_fits(build: BuildConfig, pipe: Any, device: Any, needs_transf
             )
 
 
-def _check_transformer(build: BuildConfig, manifest: Manifest, transformer: Any) -> None:
-    """The model's transformer has the class and config the engine was built from."""
+def _check_model(build: BuildConfig, manifest: Manifest, pipe: Any, given: bool) -> None:
+    """The model's pipeline (`given`: the one passed to `load`) has the pipeline class, transformer class and
+    transformer config the engine was built from."""
     for field, found in (
-        ("transformer_class", type(transformer).__name__),
-        ("transformer_config", transformer_config(transformer)),
+        ("transformer_class", type(pipe.transformer).__name__),
+        ("transformer_config", transformer_config(pipe.transformer)),
+        ("pipeline_class", type(pipe).__name__),
     ):
         expected = manifest.model.get(field)
-        if expected != found:
+        if expected == found:
+            continue
+        what = field.replace("_", " ")
+        if given:
+            shown = f" ({found}, the build's {expected})" if field.endswith("class") else ""
             raise EngineMismatchError(
-                f"model {build.model!r} now has another transformer {field.removeprefix('transformer_')} than the "
-                f"engine was built from; rebuild the engine",
-                field=f"model.{field}",
-                value={"expected": expected, "found": found},
+                f"the pipeline given to load has another {what} than the build's model {build.model!r}"
+                f"{shown}; pass a pipeline of that model or let catrt.load load its own",
+                field="pipe", value={"expected": expected, "found": found},
             )
+        raise EngineMismatchError(
+            f"model {build.model!r} now has another {what} than the engine was built from ({field} in its manifest); "
+            f"rebuild the engine",
+            field=f"model.{field}",
+            value={"expected": expected, "found": found},
+        )
+
+
+def _check_model_source(folder: Path, model: str) -> None:
+    """The build's model is still a catrt name or a diffusers folder here; else an error naming `build.model`."""
+    try:
+        check_model_source(model)
+    except UnknownModelError:
+        raise UnknownModelError(
+            f"{folder} was built from model {model!r} (build.model in its manifest), which is neither a catrt model "
+            f"name nor a diffusers folder here: put the model folder back at that path or rebuild the engine",
+            field="build.model", value=model,
+        ) from None
 
 
 def verify_bundle(folder: Path, key: bytes | None = None) -> Manifest:

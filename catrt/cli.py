@@ -33,6 +33,8 @@ DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisabl
 PRECISION_CHOICES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 BACKEND_CHOICES: tuple[str, ...] = ("auto", "eager", "compile", "onnxruntime", "tensorrt")
 BUILD_DEFAULTS: dict[str, Any] = {"steps": 28, "batch": 1, "backend": "auto"}
+# Where `catrt build` writes, by flag (not BuildConfig fields).
+BUILD_FOLDERS: dict[str, str] = {"out": "engines", "export_dir": "export"}
 # The torch device types `--device` may name.
 DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps")
 
@@ -404,7 +406,14 @@ def _refuse_fixed_flags(args: argparse.Namespace, fixed: typing.Iterable[str]) -
 
 
 def _check_against_build(args: argparse.Namespace, build: Any) -> None:
-    """Size and steps that differ from the build's are refused before the bundle is loaded."""
+    """Size and steps that differ from the build's, and a build of several images per call (generate makes one),
+    are refused before the bundle is loaded."""
+    if build.batch != 1:
+        raise ConfigError(
+            f"{args.engines} was built for batch {build.batch} (images per call) and catrt generate makes one image: "
+            f"build an engine with --batch 1, or serve this one (catrt serve --engines fills its batches)",
+            field="batch", value=build.batch,
+        )
     for flag, asked, built in (
         ("--width", args.width, build.width), ("--height", args.height, build.height), ("--steps", args.steps, build.steps),
     ):
@@ -455,6 +464,9 @@ def build_precision(model: str, backend: str) -> str:
 
 def cmd_build(args: argparse.Namespace) -> int:
     _card_size(MODEL_CARDS.get(args.model), args.height, args.width, args.model)
+    for name in ("out", "export_dir"):
+        if not getattr(args, name).strip():  # an unset shell variable: it would build into the working directory
+            raise ConfigError(f"{_flag(name)} is empty; give a folder (default: {BUILD_FOLDERS[name]})", field=name, value="")
     from catrt.build import build_engines
     from catrt.build_config import BuildConfig
     from catrt.key_files import read_key_file
@@ -466,7 +478,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     precision = args.precision or build_precision(args.model, args.backend)
     config = BuildConfig(
         model=args.model, height=args.height, width=args.width, batch=args.batch, steps=args.steps,
-        t0=args.t0, alphas=tuple(args.alpha), reuse_every=args.reuse_every, precision=precision, backend=args.backend,
+        t0=args.t0, alphas=tuple(args.alpha or (CATConfig().alpha,)), reuse_every=args.reuse_every, precision=precision, backend=args.backend,
         max_sequence_length=args.max_sequence_length,
     )
     with _hub_errors(args.model):
@@ -542,9 +554,10 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     defaults = CATConfig()
     build = commands.add_parser("build", help="export, compile and verify engines for one model and resolution")
     build.add_argument("--model", default=DEFAULT_MODEL, help="model name or diffusers folder")
-    build.add_argument("--alpha", type=float, nargs="+", default=[defaults.alpha], metavar="ALPHA",
-                       help="fraction of tokens recomputed per pruned step (0, 1]; several values build one pruned "
-                            "graph each into one bundle (weights stored once), the first is the default of a call")
+    build.add_argument("--alpha", type=float, nargs="+", action="extend", default=None, metavar="ALPHA",
+                       help=f"fraction of tokens recomputed per pruned step (0, 1] (default: {defaults.alpha}); several "
+                            "values (--alpha A B, or --alpha repeated) build one pruned graph each into one bundle "
+                            "(weights stored once), the first is the default of a call")
     build.add_argument("--t0", type=int, default=defaults.t0, help="last full step before pruning starts")
     build.add_argument("--reuse-every", type=int, default=defaults.reuse_every,
                        help="after t0, every N-th step reuses the previous prediction (0 = off)")
@@ -562,8 +575,8 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
                        help="auto: tensorrt or compile on a GPU, onnxruntime on a CPU")
     build.add_argument("--max-sequence-length", type=int, default=None,
                        help="text length the graphs take (default: the pipeline's)")
-    build.add_argument("--out", default="engines", help="parent folder of the engine bundles")
-    build.add_argument("--export-dir", default="export", help="parent folder of the ONNX exports")
+    build.add_argument("--out", default=BUILD_FOLDERS["out"], help="parent folder of the engine bundles")
+    build.add_argument("--export-dir", default=BUILD_FOLDERS["export_dir"], help="parent folder of the ONNX exports")
     build.add_argument("--sign-key-file", default=None,
                        help="sign the manifest (HMAC-SHA256) with the key in this file; load it with "
                             "--bundle-key-file or $CATRT_BUNDLE_KEY set to that key (default: unsigned)")

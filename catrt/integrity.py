@@ -9,9 +9,10 @@
   holds nothing else;
 - the fields against each other and the graphs: the build config is valid, k = ceil(alpha * N),
   N and the patch size fit the full graph's latent, height / width / batch / text length fit its
-  inputs, the `alphas` table lists the build's alphas in order, each with k = ceil(alpha * N), its own
-  pruned graph (whose shapes are the full graph's with k rows) and that graph's verification error,
-  and there is no pruned graph the table does not list.
+  inputs, the step graphs' activations have the build's precision, the `alphas` table lists the
+  build's alphas in order, each with k = ceil(alpha * N), its own pruned graph (whose shapes are the
+  full graph's with k rows) and that graph's verification error, and there is no pruned graph the
+  table does not list.
 
 A signed bundle is checked against its signature only when a key is given (`key=`, or the
 `CATRT_BUNDLE_KEY` environment variable read by `resolve_key`); then an unsigned or wrongly signed
@@ -120,6 +121,7 @@ def onnx_graph_problems(folder: Path, graphs: Mapping[str, Any]) -> list[CatrtEr
 
     problems: list[CatrtError] = []
     table = _initializer_table(folder, graphs, problems)
+    table_read = not problems
     for graph, spec in graphs.items():
         name = f"{graph}.onnx"
         try:
@@ -166,7 +168,39 @@ def onnx_graph_problems(folder: Path, graphs: Mapping[str, Any]) -> list[CatrtEr
                 f"initializers.json gives the {graph} graph an initializer {foreign[0]!r} that {name} does not have: "
                 f"rebuild the engine", field="initializers.json", value=foreign[0],
             ))
+        elif table_read:
+            problems += _table_against_graph(graph, name, model, table.get(graph, []))
     return problems
+
+
+def _table_against_graph(graph: str, name: str, model: Any, records: list[dict[str, Any]]) -> list[CatrtError]:
+    """The `initializers.json` records of a graph are its external initializers, each where (offset, length), as what
+    (shape, element type) the graph itself says: the sessions take the weights from the table, so a table edited to
+    another shape or another tensor's offset would run wrong weights, or fail inside ONNX Runtime."""
+    import onnx
+
+    graph_side = {
+        initializer.name: (list(initializer.dims), onnx.TensorProto.DataType.Name(initializer.data_type).lower(),
+                           {entry.key: entry.value for entry in initializer.external_data})
+        for initializer in model.graph.initializer if initializer.data_location == onnx.TensorProto.EXTERNAL
+    }
+    for record in records:
+        dims, dtype, where = graph_side.get(record["name"], (None, None, {}))
+        table_side = (record["shape"], record["dtype"], str(record["offset"]), str(record["length"]))
+        if (dims, dtype, where.get("offset", "0"), where.get("length")) != table_side:
+            return [CorruptBundleError(
+                f"initializers.json places the {graph} graph's {record['name']!r} as {record['shape']} {record['dtype']} "
+                f"at offset {record['offset']} of weights.bin, but {name} has it as {dims} {dtype} at offset "
+                f"{where.get('offset', '0') if dims is not None else 'none (not external)'}: rebuild the engine",
+                field="initializers.json", value=record["name"],
+            )]
+    unlisted = sorted(set(graph_side) - {record["name"] for record in records})
+    if unlisted:
+        return [CorruptBundleError(
+            f"initializers.json does not list the {graph} graph's weight {unlisted[0]!r} ({name} reads it from "
+            f"weights.bin): rebuild the engine", field="initializers.json", value=unlisted[0],
+        )]
+    return []
 
 
 def _initializer_table(folder: Path, graphs: Mapping[str, Any], problems: list[CatrtError]) -> dict[str, list[dict[str, Any]]]:
@@ -476,7 +510,29 @@ def consistency_problems(manifest: Manifest, build: BuildConfig) -> list[CatrtEr
         check.expect(build.precision in engine.precisions, "build.precision",
                      f"build.precision {build.precision} is not one the {build.backend} backend builds", build.precision)
     _graph_problems(manifest, build, check)
+    _precision_problems(manifest, build, check)
     return check.items
+
+
+#: The step graphs' tensors that hold model activations, so have the build's precision (indices and the
+#: timestep are integers or the scheduler's; context tensors are the pipeline's and may differ).
+_MODEL_DTYPE_TENSORS: frozenset[str] = frozenset({"hidden_states", "patches", "kv_cache", "tokens", "kv", "kv_rows"})
+
+
+def _precision_problems(manifest: Manifest, build: BuildConfig, check: _Problems) -> None:
+    """The step graphs' activations have the dtype of `build.precision`: a precision edited to another valid
+    value would load the pipeline in a dtype the graphs were not built (or verified) for."""
+    expected = str(build.dtype).removeprefix("torch.")
+    for graph, spec in manifest.graphs.items():
+        if graph_kind(graph) not in ("full", "pruned"):
+            continue
+        for side in ("inputs", "outputs"):
+            for tensor in spec[side]:
+                if tensor["name"] in _MODEL_DTYPE_TENSORS and tensor["dtype"] != expected:
+                    check.expect(False, "build.precision",
+                                 f"build.precision is {build.precision} ({expected}) but graphs.{graph}.{side}.{tensor['name']} "
+                                 f"is {tensor['dtype']}", build.precision)
+                    return
 
 
 def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) -> None:

@@ -9,6 +9,7 @@ a silently shortened prompt gives an image of another text.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,29 @@ def text_limit(pipe: Any, spec: PipelineSpec, length: int | None = None) -> Text
         tokenizer = getattr(pipe, name)
         tokens = getattr(tokenizer, "max_length", None) or tokenizer.model_max_length
     return TextLimit(int(tokens), name, argument)
+
+
+def check_text_length(pipe: Any, spec: PipelineSpec, length: int | None) -> None:
+    """Refuse a build's text length (`max_sequence_length`) the pipeline cannot take: one without a length
+    argument (its tokenizer fixes the length), or a length over what that tokenizer reads (T5: 512), which
+    the pipeline would otherwise pad to and run the text encoder on. None (the pipeline's default) is fine."""
+    if length is None:
+        return
+    argument = spec.text_length_argument
+    if argument is None or argument not in inspect.signature(pipe.__call__).parameters:
+        raise ConfigError(
+            f"{type(pipe).__name__} takes no text length: its tokenizer reads {text_limit(pipe, spec).tokens} tokens; "
+            f"drop max_sequence_length (--max-sequence-length)",
+            field="max_sequence_length", value=length,
+        )
+    longest = getattr(getattr(pipe, spec.text_tokenizer, None), "model_max_length", None)
+    if isinstance(longest, int) and length > longest:
+        # Worded as SD3 and FLUX refuse it themselves, for the pipelines (PixArt) that do not.
+        raise ConfigError(
+            f"{type(pipe).__name__} refused this build's settings: `{argument}` cannot be greater than {longest} "
+            f"but is {length}; change the build flags",
+            field="max_sequence_length", value=length,
+        )
 
 
 class PromptReader:

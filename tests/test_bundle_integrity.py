@@ -25,10 +25,11 @@ from catrt.build_config import BuildConfig
 from catrt.bundle import bundle_problems, verify_bundle
 from catrt.cli import main
 from catrt.engines import ENGINES
-from catrt.errors import ConfigError, CorruptBundleError
+from catrt.errors import ConfigError, CorruptBundleError, EngineMismatchError, UnknownModelError
 from catrt.integrity import BUNDLE_FILES, BUNDLE_KEY_ENV, bundle_files, check_integrity, sign_manifest
 from catrt.publish import staged_folder
 from catrt.manifest import FORMAT_VERSION, MANIFEST_FILE, file_digest
+from tests.conftest import call_kwargs
 
 KEY = b"integrity-test-key"
 # As small as a tiny-sd3 build gets: a 48x32 (WxH) image is a 6x4 latent, N = 6 tokens, k = ceil(0.3 * 6) = 2.
@@ -92,6 +93,18 @@ def test_intact_signed_bundle_loads_with_its_key_and_without_one(bundle: Path) -
     assert fast(["a red circle"], output_type="latent").images.shape == (1, 16, 4, 6)
 
 
+def test_a_one_image_non_square_bundle_matches_the_eager_runtime(signed_build: Path, tiny_pipelines: dict[str, Any]) -> None:
+    """Batch 1 at 48x32 (WxH), where the engine tests build batch 2 at 96x64: ONNX Runtime equals eager to float rounding."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    settings = {"prompt": "a red circle", "height": 32, "width": 48, "num_inference_steps": 6, "max_sequence_length": 8}
+    expected = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=3))(**call_kwargs(pipe, **settings)).images
+    fast = catrt.load(signed_build)
+    fast.set_progress_bar_config(disable=True)
+    got = fast(**call_kwargs(pipe, **settings)).images
+    assert got.shape == expected.shape == (1, 16, 4, 6)
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
+
+
 def test_every_backend_declares_its_bundle_files() -> None:
     assert set(BUNDLE_FILES) == set(ENGINES)
     assert bundle_files("tensorrt", ["context", "full", "pruned-k2", "pruned-k5"]) == (
@@ -102,6 +115,15 @@ def test_every_backend_declares_its_bundle_files() -> None:
 
 def test_build_names_put_the_width_first() -> None:
     assert BuildConfig("tiny-sd3", height=64, width=96, steps=12, t0=4).build_name().startswith("tiny-sd3-96x64-b1-s12-t4-")
+
+
+def test_builds_of_other_alphas_never_share_a_name() -> None:
+    """Two decimals where they are exact; more where the alpha has them (a build of 0.304 replaced one of 0.301)."""
+    def name(*alphas: float) -> str:
+        return BuildConfig("tiny-sd3", height=64, width=96, steps=12, t0=4, alphas=alphas).build_name()
+
+    assert "-a0.30_0.50_1.00-" in name(0.3, 0.5, 1.0)
+    assert "-a0.301-" in name(0.301) and "-a0.304-" in name(0.304) and "-a1e-09-" in name(1e-9)
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -229,9 +251,13 @@ def test_a_manifest_that_is_a_link_a_pipe_or_oversized_is_refused_unread(
         (lambda m: m["model"].update(name="sd3"), "model.name", r"model\.name is 'sd3' but build\.model is 'tiny-sd3'"),
         (lambda m: m.update(total_size=1), "total_size", r"total_size is 1 but its files add up to"),
         (lambda m: m["verification"].update(passed=False), "verification", r"verification did not pass"),
+        # Another precision the backend builds: the pipeline would load in a dtype the graphs do not take.
+        (lambda m: m["build"].update(precision="fp16"), "build.precision",
+         r"build\.precision is fp16 \(float16\) but graphs\.full\.inputs\.hidden_states is float32"),
     ],
     ids=["format-2", "no-format", "alpha", "alpha-out-of-range", "t0-at-steps", "t0-below-2", "steps-string", "k", "num-tokens", "height",
-         "width", "batch", "text-length", "backend-auto", "patch-size", "pruned-shape", "model-name", "total-size", "verification"],
+         "width", "batch", "text-length", "backend-auto", "patch-size", "pruned-shape", "model-name", "total-size", "verification",
+         "precision"],
 )
 def test_an_edited_field_is_refused_naming_it(bundle: Path, edit: Callable[[dict[str, Any]], None], field: str, message: str) -> None:
     _edit(bundle, edit)
@@ -327,8 +353,27 @@ def test_graph_files_swapped_with_their_digests_rewritten_are_refused_before_any
     assert caught.value.field == field
 
 
+def _transpose_a_weight(table: dict[str, Any], size: int) -> None:
+    """The same bytes read as the transposed matrix (ONNX Runtime failed at the first step)."""
+    record = next(r for r in table["full"] if len(r["shape"]) == 2 and r["shape"][0] != r["shape"][1])
+    record["shape"] = record["shape"][::-1]
+
+
+def _swap_two_weights(table: dict[str, Any], size: int) -> None:
+    """Two weights of one shape trade places in weights.bin (it ran, with the wrong weights)."""
+    first, second = next(
+        (a, b) for a in table["full"] for b in table["full"] if a["shape"] == b["shape"] and a["offset"] < b["offset"]
+    )
+    first["offset"], second["offset"] = second["offset"], first["offset"]
+
+
 @pytest.mark.parametrize(("damage", "message"), [
     (lambda table, size: table["full"][0].update(offset=size), r"entry 0 of graph 'full' .* does not fit weights.bin"),
+    (_transpose_a_weight, r"initializers.json places the full graph's '.*' as \[(\d+), (\d+)\] float at offset (\d+) of "
+                          r"weights.bin, but full.onnx has it as \[\2, \1\] float at offset \3"),
+    (_swap_two_weights, r"initializers.json places the full graph's '.*' as \[.*\] float at offset (\d+) of weights.bin, but "
+                        r"full.onnx has it as \[.*\] float at offset (?!\1)\d+"),
+    (lambda table, size: table["full"].pop(), r"initializers.json does not list the full graph's weight '.*' \(full.onnx reads it"),
     (lambda table, size: table["full"][0].update(shape=[1]), r"entry 0 of graph 'full' .* for shape \[1\]"),
     (lambda table, size: table["full"][0].update(dtype="bogus"), r"entry 0 of graph 'full' has a field of the wrong kind"),
     (lambda table, size: table.update(other=[]), r"must map graph names of the manifest to lists of initializers"),
@@ -368,6 +413,50 @@ def test_a_loaded_bundle_moved_off_its_builds_dtype_is_refused_per_call_and_runs
     assert caught.value.field == "pipe"
     seeded["generator"] = torch.Generator().manual_seed(0)
     assert torch.equal(fast.to(torch.float32)("a red circle", **seeded).images, expected)
+
+
+def test_a_pipeline_of_another_model_given_to_load_is_refused_naming_pipe(bundle: Path, tiny_pipelines: dict[str, Any]) -> None:
+    for name, what in (("tiny-pixart", r"class than the build's model 'tiny-sd3' \(PixArtTransformer2DModel, the build's "
+                                        r"SD3Transformer2DModel\)"), ("tiny-sd3.5", "config than the build's model 'tiny-sd3'")):
+        with pytest.raises(EngineMismatchError, match=rf"the pipeline given to load has another transformer {what}; pass a "
+                                                      r"pipeline of that model or let catrt\.load load its own") as caught:
+            catrt.load(bundle, pipe=tiny_pipelines[name])
+        assert caught.value.field == "pipe"
+
+
+def test_a_bundle_of_a_model_folder_loads_from_any_directory_and_names_a_folder_gone(
+    tiny_pipelines: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny_pipelines["tiny-sd3"].save_pretrained(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    config = BuildConfig("model", height=32, width=48, steps=6, t0=3, max_sequence_length=8, backend="eager")
+    folder = build_engines(config, out_dir=tmp_path / "engines", progress=False)  # the model named relative to here
+    assert json.loads((folder / MANIFEST_FILE).read_text())["build"]["model"] == str(tmp_path / "model")
+    monkeypatch.chdir(tmp_path / "engines")  # where "model" names no folder
+    fast = catrt.load(folder)
+    fast.set_progress_bar_config(disable=True)
+    assert fast("red", output_type="latent").images.shape == (1, 16, 4, 6)
+    (tmp_path / "model").rename(tmp_path / "moved")
+    with pytest.raises(UnknownModelError, match=rf"was built from model '{tmp_path / 'model'}' \(build\.model in its manifest\), "
+                                                r"which is neither a catrt model name nor a diffusers folder here") as caught:
+        catrt.load(folder)
+    assert caught.value.field == "build.model"
+
+
+def test_a_build_of_another_model_folder_of_the_same_name_does_not_replace_a_bundle(
+    tiny_pipelines: dict[str, Any], tmp_path: Path
+) -> None:
+    """Build names hold a folder's last component only: /a/model and /b/model name the same bundle."""
+    for parent in ("a", "b"):
+        tiny_pipelines["tiny-sd3"].save_pretrained(tmp_path / parent / "model")
+    settings = {"height": 32, "width": 48, "steps": 6, "t0": 3, "max_sequence_length": 8, "backend": "eager"}
+    first = build_engines(BuildConfig(str(tmp_path / "a" / "model"), **settings), out_dir=tmp_path / "engines", progress=False)
+    before = (first / MANIFEST_FILE).read_text()
+    with pytest.raises(ConfigError, match=rf"{first} holds a build of model '{tmp_path / 'a' / 'model'}', this one is of "
+                                          rf"'{tmp_path / 'b' / 'model'}': it would replace it; build into another --out") as caught:
+        build_engines(BuildConfig(str(tmp_path / "b" / "model"), **settings), out_dir=tmp_path / "engines", progress=False)
+    assert caught.value.field == "out_dir" and (first / MANIFEST_FILE).read_text() == before
+    assert build_engines(BuildConfig(str(tmp_path / "a" / "model"), **settings), out_dir=tmp_path / "engines", progress=False) == first
 
 
 def test_a_loaded_bundle_refuses_prompts_and_image_counts_of_the_wrong_kind_by_name(bundle: Path) -> None:

@@ -187,10 +187,13 @@ def test_lazy_package_attributes() -> None:
     (("generate", "--model", "", "--prompt", "x"), "unknown model '': known names are"),
     (("build", "--model", "nope"), "unknown model 'nope': known names are"),
     (("generate", "--prompt", "x", "--kmeans-iters", "1000000000000"), "CATConfig.kmeans_iters must be an integer from 1 to 1000"),
+    (("build", "--out", ""), "--out is empty; give a folder (default: engines)"),
+    (("build", "--export-dir", " "), "--export-dir is empty; give a folder (default: export)"),
 ], ids=["out-txt", "out-no-ext", "reference-size", "sd3-size", "alpha", "t0-steps", "engines-alpha", "engines-t0",
         "fp16-cpu", "device-name", "device-meta", "device-empty", "prompt-blank", "prompt-nul", "negative-escape",
         "seed-huge", "guidance-nan", "guidance-negative", "macs-size", "build-size", "serve-size", "serve-device",
-        "serve-device-index", "serve-batch", "build-batch", "model-empty", "build-model-unknown", "kmeans-iters-huge"])
+        "serve-device-index", "serve-batch", "build-batch", "model-empty", "build-model-unknown", "kmeans-iters-huge",
+        "build-out-empty", "build-export-dir-blank"])
 def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
     assert message in _fails(capfd, *argv)
 
@@ -406,15 +409,74 @@ def test_build_refuses_an_out_that_is_a_file_or_a_bundle_before_loading(
     before = sorted(path.name for path in eager_bundle.iterdir())
     line = _fails(capfd, *build, "--out", str(eager_bundle))
     assert f"out_dir {eager_bundle} is an engine bundle; builds go beside it" in line
+    line = _fails(capfd, *build, "--out", str(tmp_path / "engines"), "--export-dir", str(eager_bundle / "sub" / "export"))
+    assert line.endswith(f"export_dir {eager_bundle / 'sub' / 'export'} is inside the engine bundle {eager_bundle}; a folder made "
+                         "there would make that bundle unloadable: give a folder outside it (--out / --export-dir)")
     assert sorted(path.name for path in eager_bundle.iterdir()) == before
     assert main(["inspect", str(eager_bundle)]) == 0
+
+
+@pytest.mark.usefixtures("no_model_loads")
+def test_build_refuses_one_folder_for_the_export_and_the_bundles(capfd: pytest.CaptureFixture[str], eager_bundle: Path) -> None:
+    """The export is published under the bundle's name: in the same folder it would replace an earlier bundle before
+    the new one is verified (a failed build would leave none)."""
+    line = _fails(capfd, "build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--steps", "4", "--t0", "2",
+                  "--out", str(eager_bundle.parent), "--export-dir", f"{eager_bundle.parent}/")
+    assert line.endswith(f"export_dir and out_dir are both {eager_bundle.parent}: the ONNX export would take the bundle's "
+                         "place while it builds; give them different folders (--out / --export-dir)")
+
+
+def test_build_refuses_an_export_dir_holding_a_bundle_of_that_name(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The export is published under the build's name: a bundle there (an earlier --out) would be replaced by it."""
+    from catrt.build_config import BuildConfig
+
+    name = BuildConfig("tiny-sd3", height=32, width=48, steps=4, t0=2, backend="onnxruntime").build_name()
+    bundle = tmp_path / "earlier" / name
+    bundle.mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    assert main(["build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--steps", "4", "--t0", "2", "--height", "32",
+                 "--width", "48", "--out", str(tmp_path / "engines"), "--export-dir", str(tmp_path / "earlier")]) == 2
+    err = capfd.readouterr().err  # after the progress bar's first stages (the name needs the loaded model's defaults)
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.endswith(f"export_dir {tmp_path / 'earlier'} holds the engine bundle {name}: the ONNX export would take its place; "
+                         "give another --export-dir (the default is export)")
+    assert [path.name for path in bundle.iterdir()] == ["manifest.json"] and list((tmp_path / "engines").iterdir()) == []
+
+
+def test_generate_refuses_a_bundle_of_several_images_per_call_before_loading(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import catrt.bundle
+
+    assert main(["build", "--model", "tiny-sd3", "--backend", "eager", "--steps", "4", "--t0", "2", "--height", "32", "--width",
+                 "48", "--batch", "2", "--out", str(tmp_path)]) == 0
+    (folder,) = tmp_path.iterdir()
+    capfd.readouterr()
+    monkeypatch.setattr(catrt.bundle, "load", lambda *args, **kwargs: pytest.fail("loaded the bundle"))
+    line = _fails(capfd, "generate", "--engines", str(folder), "--prompt", "x", "--out", str(tmp_path / "image.png"))
+    assert line.endswith(f"{folder} was built for batch 2 (images per call) and catrt generate makes one image: build an "
+                         "engine with --batch 1, or serve this one (catrt serve --engines fills its batches)")
+
+
+def test_build_alphas_given_by_a_repeated_flag_are_all_built(tmp_path: Path) -> None:
+    argv = ["build", "--model", "tiny-sd3", "--backend", "eager", "--steps", "4", "--t0", "2", "--height", "32", "--width", "48",
+            "--max-sequence-length", "8", "--alpha", "0.3", "--alpha", "0.5", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (folder,) = tmp_path.iterdir()
+    assert folder.name == "tiny-sd3-48x32-b1-s4-t2-a0.30_0.50_1.00-l8-fp32-eager"
+    assert catrt.load(folder).alphas == (0.3, 0.5, 1.0)
 
 
 @pytest.mark.parametrize(("flags", "message"), [
     (("--height", "33"), "height 33 does not fit model tiny-sd3, which takes multiples of 16 up to 1536 pixels; try height 32"),
     (("--max-sequence-length", "100000"),
      "StableDiffusion3Pipeline refused this build's settings: `max_sequence_length` cannot be greater than 512 but is 100000"),
-], ids=["size", "text-length"])
+    # PixArt does not check the length itself: its T5 encoder would be run on 100000 padded tokens (80 GB).
+    (("--model", "tiny-pixart", "--max-sequence-length", "100000"),
+     "PixArtSigmaPipeline refused this build's settings: `max_sequence_length` cannot be greater than 512 but is 100000"),
+    (("--model", "reference", "--max-sequence-length", "16"),
+     "ReferencePipeline takes no text length: its tokenizer reads 16 tokens; drop max_sequence_length (--max-sequence-length)"),
+], ids=["size", "text-length", "text-length-pixart", "text-length-no-argument"])
 def test_build_settings_the_loaded_model_refuses_are_one_line(
     capfd: pytest.CaptureFixture[str], tmp_path: Path, flags: tuple[str, ...], message: str
 ) -> None:

@@ -244,6 +244,24 @@ def test_build_over_tolerance_fails_and_keeps_the_previous_build(bundle_copy: Pa
     assert fast(**call_kwargs(tiny_pipelines["tiny-sd3"])).images.shape == (2, 16, 8, 12)
 
 
+def test_an_engine_giving_nan_fails_its_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN compares false with any tolerance: the build used to publish a bundle whose manifest could not load."""
+    eager_run = ENGINES["eager"].run
+
+    def overflowing(self: Any, graph: str, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        outputs = eager_run(self, graph, *args, **kwargs)
+        if graph == "full":
+            outputs["tokens"][0, 0, 0] = float("nan")
+        return outputs
+
+    monkeypatch.setattr(ENGINES["eager"], "run", overflowing)
+    with pytest.raises(BuildError, match=r"the eager engine's full\.tokens differs from the eager adapter by nan \(relative\), over "
+                                         r"the fp32 tolerance 0\.001; the build was not published") as caught:
+        _build(_config("tiny-sd3", backend="eager"), tmp_path)
+    assert caught.value.field == "full.tokens"
+    assert list((tmp_path / "engines").iterdir()) == []
+
+
 def test_interrupted_build_keeps_the_previous_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     previous = _build(_config("tiny-sd3", backend="eager"), tmp_path)
     before = (previous / MANIFEST_FILE).read_text()
@@ -295,6 +313,9 @@ def test_missing_manifest_is_named(bundle_copy: Path) -> None:
         ("device.kind", lambda m: m.update(device={"kind": "cuda", "name": "NVIDIA H100", "compute_capability": "9.0"}), r"built for device kind 'cuda' but this machine has 'cpu'"),
         ("model.transformer_config", lambda m: m["model"]["transformer_config"].update(num_layers=7), r"another transformer config than the engine was built from"),
         ("model.transformer_class", lambda m: m["model"].update(transformer_class="FluxTransformer2DModel"), r"another transformer class than"),
+        # A class no text-length rule knows: only the loaded pipeline tells.
+        ("model.pipeline_class", lambda m: m["model"].update(pipeline_class="OtherPipeline"),
+         r"model 'tiny-sd3' now has another pipeline class than the engine was built from \(pipeline_class in its manifest\)"),
     ],
 )
 def test_mismatch_is_named(bundle_copy: Path, field: str, edit: Callable[[dict[str, Any]], None], message: str) -> None:
@@ -346,6 +367,15 @@ def test_backend_registries_agree_and_auto_picks_onnxruntime_on_a_cpu() -> None:
     assert set(ENGINES) == set(BACKEND_BUILDS) == set(BACKENDS) - {"auto"}
     if not torch.cuda.is_available():
         assert resolve_backend("auto") == "onnxruntime"
+
+
+def test_star_imports_of_the_engine_and_export_packages_work() -> None:
+    import catrt.engines
+    import catrt.export
+
+    for package in (catrt.engines, catrt.export):
+        missing = [name for name in package.__all__ if not hasattr(package, name)]
+        assert missing == [], f"{package.__name__}.__all__ names {missing}, which it does not define"
 
 
 @pytest.mark.skipif(TRT_SKIP is None, reason="TensorRT is available here")

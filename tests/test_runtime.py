@@ -317,6 +317,7 @@ def test_onnxruntime_sessions_share_one_copy_of_each_weight(builds: dict[str, Pa
 
 def test_bf16_onnxruntime_build_is_refused_with_the_reason(tmp_path: Path) -> None:
     config = BuildConfig("tiny-sd3", backend="onnxruntime", precision="bf16", **SIZE)
-    with pytest.raises(ConfigError, match="the onnxruntime backend cannot build bf16: .*numpy has no bfloat16") as caught:
+    with pytest.raises(ConfigError, match=r"the onnxruntime backend cannot build bf16: .*numpy has no bfloat16.*; build fp32 \(or "
+                                          r"fp16 on a CUDA device\) with onnxruntime, or bf16 with the eager or compile backend") as caught:
         build_engines(config, out_dir=tmp_path, export_dir=tmp_path, progress=False)
     assert caught.value.field == "precision"

@@ -36,4 +36,4 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-__all__ = ["ENGINES", "GRAPHS", "Engine", "GraphSpec", "TensorSpec", "resolve_backend"]
+__all__ = ["AUTO_PREFERENCE", "ENGINES", "Engine", "GraphSpec", "TensorSpec", "resolve_backend"]

@@ -43,7 +43,8 @@ class OnnxRuntimeEngine(Engine):
     precisions = ("fp32", "fp16")
     precision_note = (
         "ONNX Runtime's IO binding takes numpy element types and numpy has no bfloat16 (nor does the CPU "
-        "provider have bf16 kernels); build fp16 here, or bf16 with the tensorrt or compile backend"
+        "provider have bf16 kernels); build fp32 (or fp16 on a CUDA device) with onnxruntime, or bf16 with the eager "
+        "or compile backend (tensorrt on a GPU)"
     )
 
     @classmethod
