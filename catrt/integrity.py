@@ -57,9 +57,9 @@ BUNDLE_FILES: dict[str, tuple[str | None, tuple[str, ...]]] = {
 }
 #: The bundle key (the key itself, not a file) used when none is passed.
 BUNDLE_KEY_ENV = "CATRT_BUNDLE_KEY"
-#: Text tokens a pipeline puts before the `max_sequence_length` ones (SD3: CLIP's 77, then T5's).
+#: Text tokens a pipeline puts before the `max_sequence_length` ones (SD3: CLIP's 77, then T5's; PixArt, FLUX: T5 alone).
 #: Pipelines not listed here need only at least `max_sequence_length` text tokens.
-TEXT_TOKENS_BEFORE: dict[str, int] = {"StableDiffusion3Pipeline": 77, "PixArtSigmaPipeline": 0}
+TEXT_TOKENS_BEFORE: dict[str, int] = {"StableDiffusion3Pipeline": 77, "PixArtSigmaPipeline": 0, "FluxPipeline": 0}
 _CHUNK = 1 << 20
 
 

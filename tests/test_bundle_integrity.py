@@ -600,3 +600,13 @@ def test_the_folder_of_a_killed_build_is_removed_and_a_live_builds_kept(tmp_path
         assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-live", "bundle"]
     finally:
         os.close(holder)
+
+
+def test_every_family_pipeline_that_takes_a_text_length_has_its_text_layout_checked() -> None:
+    """Without its entry a bundle's edited max_sequence_length is only checked as 'at most the graphs' text'."""
+    from catrt.models import FAMILIES
+
+    for family in FAMILIES.values():
+        for pipeline_class, spec in family.pipelines.items():
+            if spec.text_length_argument == "max_sequence_length":
+                assert pipeline_class.__name__ in integrity.TEXT_TOKENS_BEFORE, (family.name, pipeline_class.__name__)
