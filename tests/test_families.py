@@ -18,7 +18,7 @@ from catrt import CATConfig, ConfigError, UnsupportedModelError
 from catrt.macs import meta_inputs
 from catrt.model_cards import MODEL_CARDS
 from catrt.models import ADAPTERS, FAMILIES, PIPELINES, Adapter, Family, make_adapter, register_family
-from catrt.models.base import attention
+from catrt.models.base import PackedTokensAdapter, attention
 from catrt.models.sd3 import SD3Adapter
 from catrt.pipeline import pipeline_spec, register_pipeline
 from catrt.pipeline_spec import PipelineSpec
@@ -253,8 +253,8 @@ class ToyPipeline:
         return SimpleNamespace(images=latents)
 
 
-class ToyAdapter(Adapter):
-    """The whole adapter of the toy family: packed tokens (as FLUX), K/V slots, the blocks."""
+class ToyAdapter(PackedTokensAdapter):
+    """The whole adapter of the toy family: packed tokens (the layout FLUX uses too), K/V slots, the blocks."""
 
     transformer_class = ToyTransformer
 
@@ -264,20 +264,6 @@ class ToyAdapter(Adapter):
     @property
     def num_kv_slots(self) -> int:
         return 2 * len(self.transformer.blocks)
-
-    token_channels = token_out_channels = property(lambda self: self.in_channels)
-
-    def latent_grid(self, latents: torch.Tensor) -> Grid | None:
-        return None
-
-    def tokens_of(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
-
-    def prediction_of(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
-        return tokens
-
-    def prediction_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return latent_shape
 
     def embed(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.transformer.embed(hidden_states) + self.transformer.positions[: hidden_states.shape[1]]

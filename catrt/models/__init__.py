@@ -6,7 +6,7 @@ Each family module (sd3, pixart, flux) registers its `Family` when imported; see
 from __future__ import annotations
 
 from catrt.models import flux, pixart, sd3  # noqa: F401  (each registers its family)
-from catrt.models.base import Adapter, Context
+from catrt.models.base import Adapter, Context, PackedTokensAdapter
 from catrt.models.registry import ADAPTERS, FAMILIES, PIPELINES, Family, family_of, make_adapter, register_family
 from catrt.tokens import Grid, patchify, unpatchify
 
@@ -18,6 +18,7 @@ __all__ = [
     "Context",
     "Family",
     "Grid",
+    "PackedTokensAdapter",
     "family_of",
     "make_adapter",
     "patchify",

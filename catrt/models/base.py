@@ -355,6 +355,35 @@ class Adapter(ABC):
         return self.transformer.proj_out.weight.dtype
 
 
+class PackedTokensAdapter(Adapter):
+    """The token layout of packed latents (B, N, C): the latents are the token rows (FLUX's layout).
+
+    A family whose pipeline packs its latents subclasses this instead of `Adapter`; its pipeline's
+    `PipelineSpec.token_grid` gives the grid, which the latents' shape does not carry.
+    """
+
+    @property
+    def token_channels(self) -> int:
+        return self.in_channels
+
+    @property
+    def token_out_channels(self) -> int:
+        return self.out_channels
+
+    def latent_grid(self, latents: torch.Tensor) -> Grid | None:
+        """None: packed latents do not carry their grid (the pipeline's image size does)."""
+        return None
+
+    def tokens_of(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def prediction_of(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
+        return tokens
+
+    def prediction_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (*latent_shape[:-1], self.out_channels)
+
+
 def heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, L, H*d) -> (B, H, L, d)."""
     b, length, _ = x.shape

@@ -26,7 +26,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
 from catrt.errors import ConfigError, UnsupportedModelError
-from catrt.models.base import Adapter, Context, KVStore, attention, joint_attention
+from catrt.models.base import Context, KVStore, PackedTokensAdapter, attention, joint_attention
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
@@ -35,7 +35,7 @@ from catrt.tokens import Grid
 _UNSUPPORTED_CALL_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
 
-class FluxAdapter(Adapter):
+class FluxAdapter(PackedTokensAdapter):
     """Double-stream (joint) blocks then single-stream blocks over packed latent tokens with rotary positions.
 
     K/V slots: image K and V of each double block's joint attention, then image K and V of each
@@ -75,27 +75,6 @@ class FluxAdapter(Adapter):
     def cells_per_token(self) -> int:
         """The pipeline packs 2x2 latent cells into one token."""
         return 2
-
-    @property
-    def token_channels(self) -> int:
-        return self.in_channels
-
-    @property
-    def token_out_channels(self) -> int:
-        return self.out_channels
-
-    def latent_grid(self, latents: torch.Tensor) -> Grid | None:
-        """None: packed latents do not carry their grid (the pipeline's image size does)."""
-        return None
-
-    def tokens_of(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
-
-    def prediction_of(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
-        return tokens
-
-    def prediction_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (*latent_shape[:-1], self.out_channels)
 
     def embed(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.transformer.x_embedder(hidden_states)
