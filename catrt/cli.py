@@ -639,7 +639,6 @@ def _run_fleet(config: Any, fleet: Any) -> int:
     """`catrt serve --ray`; Ray is imported here only, and its absence is a one-line refusal."""
     import importlib.util
 
-    from catrt.integrity import resolve_key
     from catrt.serve.fleet_start import check_fleet_start
     from catrt.serve.server import bundle_key, check_source_of
 
@@ -649,11 +648,7 @@ def _run_fleet(config: Any, fleet: Any) -> int:
     if config.port == 0:
         raise ConfigError("--port 0 is not served with --ray: Ray Serve's HTTP proxy needs a fixed port", field="port")
     check_source_of(config)
-    key = None
-    if config.engines is not None:
-        # Read here, from --bundle-key-file or this process's $CATRT_BUNDLE_KEY, and handed to every replica:
-        # a replica on another node of a joined cluster does not have this environment.
-        key = bundle_key(config.bundle_key_file) if config.bundle_key_file is not None else resolve_key(None)
+    key = bundle_key(config.bundle_key_file) if config.engines is not None else None
     check_fleet_start(config.host, config.port, fleet.address)
     try:
         from catrt.serve.ray_app import run_fleet

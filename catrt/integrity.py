@@ -528,10 +528,11 @@ def _precision_problems(manifest: Manifest, build: BuildConfig, check: _Problems
             continue
         for side in ("inputs", "outputs"):
             for tensor in spec[side]:
-                if tensor["name"] in _MODEL_DTYPE_TENSORS and tensor["dtype"] != expected:
-                    check.expect(False, "build.precision",
-                                 f"build.precision is {build.precision} ({expected}) but graphs.{graph}.{side}.{tensor['name']} "
-                                 f"is {tensor['dtype']}", build.precision)
+                if tensor["name"] in _MODEL_DTYPE_TENSORS and not check.expect(
+                    tensor["dtype"] == expected, "build.precision",
+                    f"build.precision is {build.precision} ({expected}) but graphs.{graph}.{side}.{tensor['name']} "
+                    f"is {tensor['dtype']}", build.precision,
+                ):
                     return
 
 

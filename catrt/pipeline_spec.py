@@ -11,7 +11,7 @@ import inspect
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from catrt.checks import require
 from catrt.errors import ConfigError
@@ -20,7 +20,7 @@ from catrt.tokens import Grid
 #: "cfg": classifier-free guidance stacks [uncond, cond] rows when guidance_scale > 1 (SD3, PixArt);
 #: "distilled": guidance is an input of the transformer (FLUX-dev's embedding; none on schnell), one row per image.
 Guidance = Literal["cfg", "distilled"]
-GUIDANCE_KINDS: tuple[str, ...] = ("cfg", "distilled")
+GUIDANCE_KINDS: tuple[str, ...] = get_args(Guidance)
 
 
 @dataclass(frozen=True)
