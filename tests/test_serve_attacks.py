@@ -25,6 +25,8 @@ import openai
 import pytest
 from test_serve_support import CLI, PROMPT, LiveProbe, RemoteServer, assert_error, png, start_all, stop_all
 
+from catrt.serve.schemas import ImageGenerationRequest
+
 KEY = "attack-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 3000
@@ -76,7 +78,7 @@ def _post(server: RemoteServer, content: Any, headers: dict[str, str] | None = N
           path: str = "/v1/images/generations") -> httpx.Response:
     sent = {"content-type": "application/json", **AUTH, **(headers or {})}
     return httpx.post(f"{server.url}{path}", content=content, headers={k: v for k, v in sent.items() if v is not None},
-                      timeout=60)
+                      timeout=60, verify=False)  # plain HTTP: no TLS context to build (0.14 s each here)
 
 
 def _image(response: httpx.Response) -> bytes:
@@ -113,7 +115,7 @@ def test_a_body_that_inflates_past_the_limit_is_a_413(server: RemoteServer) -> N
 
 
 @pytest.mark.parametrize(("encoding", "content", "status", "needle"), [
-    pytest.param("br", b'{"prompt": "a"}', 415, "Content-Encoding 'br' is not served", id="brotli"),
+    pytest.param("br", b'{"prompt": "a"}', 415, 'Content-Encoding "br" is not served', id="brotli"),
     pytest.param("gzip", b'{"prompt": "a"}', 400, "not valid gzip data", id="not-gzip"),
     pytest.param("gzip", gzip.compress(b'{"prompt": "a red sun"}')[:-6], 400, "not one whole gzip stream", id="cut-short"),
     pytest.param("deflate", gzip.compress(b'{"prompt": "a"}'), 400, "not valid deflate data", id="gzip-as-deflate"),
@@ -131,7 +133,7 @@ def test_an_encoding_the_server_cannot_undo_is_refused_naming_the_header(
 @pytest.mark.parametrize("media", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
 def test_a_body_that_is_not_json_by_its_content_type_is_a_415(server: RemoteServer, media: str) -> None:
     error = assert_error(_post(server, json.dumps(BODY).encode(), {"content-type": media}), 415, "Content-Type")
-    assert f"Content-Type {media!r} is not served" in error["message"]
+    assert f"Content-Type {json.dumps(media)} is not served" in error["message"]
     assert "application/json" in error["message"]
 
 
@@ -162,7 +164,7 @@ def test_a_body_that_is_not_one_object_says_what_it_is(server: RemoteServer, con
     pytest.param({"prompt": "a", "alpha": "0.3"}, "alpha", 'got "0.3"', id="alpha-string"),
     pytest.param({"prompt": ["a", "b"]}, "prompt", 'got ["a", "b"]', id="prompt-list"),
     pytest.param({"prompt": "a", "input_fidelity": "high"}, "input_fidelity",
-                 "unknown field 'input_fidelity': this endpoint takes prompt, n, size", id="unknown-field"),
+                 'unknown field "input_fidelity": this endpoint takes prompt, n, size', id="unknown-field"),
     pytest.param({"prompt": "a", "partial_images": 2}, "partial_images",
                  "partial_images=2 is not served: partial images come only with streaming", id="partial-images"),
 ])
@@ -232,7 +234,7 @@ def test_the_sdk_lists_and_retrieves_the_served_model(server: RemoteServer) -> N
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("dall-e-3")
     assert missing.value.body["param"] == "model"
-    assert "'dall-e-3' is not served here" in missing.value.body["message"]
+    assert '"dall-e-3" is not served here' in missing.value.body["message"]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
 
@@ -330,7 +332,7 @@ def test_a_request_http_cannot_parse_is_a_400_in_the_error_body(server: RemoteSe
 def test_a_key_given_twice_is_a_400_naming_it(server: RemoteServer, content: bytes, key: str) -> None:
     """Parsers disagree on which of two equal keys wins (Python's keeps the last), so neither is taken."""
     error = assert_error(_post(server, content), 400, None)
-    assert f"the key {key!r} appears twice in one object" in error["message"]
+    assert f"the key {json.dumps(key)} appears twice in one object" in error["message"]
 
 
 def _count(url: str, series: str) -> float:
@@ -387,3 +389,138 @@ def test_an_encoding_header_on_a_request_without_a_body_is_ignored(server: Remot
     for encoding in ("gzip", "deflate"):
         assert httpx.get(f"{server.url}/health/live", headers={"content-encoding": encoding}).status_code == 200
     assert "the request body is empty" in assert_error(_post(server, b"", {"content-encoding": "gzip"}), 400, None)["message"]
+
+
+# -- long values are echoed short ---------------------------------------------------------------
+
+LONG = MAX_BODY - 200  # characters: a value as long as the body limit allows, far past the echo limit
+
+
+def _assert_short_echo(response: httpx.Response, status: int, param: str | None, sent: str) -> None:
+    """OpenAI's body naming `param`, whose message shows at most the start of `sent`, cut with an ellipsis."""
+    from catrt.serve.echo import ECHO_CHARS
+
+    error = assert_error(response, status, param)
+    assert sent[:ECHO_CHARS] not in error["message"] and "..." in error["message"], error["message"][:300]
+    assert len(response.content) < 1000, len(response.content)
+
+
+@pytest.mark.parametrize("field", ["size", "response_format", "output_format", "background", "quality", "style",
+                                   "moderation", "complexity", "n", "seed", "steps", "alpha", "guidance_scale",
+                                   "partial_images", "output_compression", "frame_count", "prompt"])
+def test_a_huge_bad_value_is_named_by_its_field_and_echoed_short(server: RemoteServer, field: str) -> None:
+    """A string where a number goes, or a string no rule takes, of thousands of characters: the 400 names
+    the field and shows the value's first characters only (every message echoing a value cuts it)."""
+    value: Any = "9" * LONG
+    if field in ("n", "seed", "steps", "partial_images", "output_compression", "frame_count"):
+        value = int("9" * LONG)  # a JSON number, not a string
+    elif field == "prompt":
+        value = ["9" * LONG]
+    _assert_short_echo(_post(server, json.dumps({**BODY, field: value}).encode()), 400, field, "9" * LONG)
+
+
+def test_huge_names_headers_and_paths_are_echoed_short(server: RemoteServer) -> None:
+    key = "k" * LONG
+    _assert_short_echo(_post(server, json.dumps({**BODY, key: 1}).encode()), 400, key[:77] + "...", key)
+    half = key[: LONG // 2]
+    twice = b'{"prompt": "a", "%s": 1, "%s": 2}' % (half.encode(), half.encode())
+    _assert_short_echo(_post(server, twice), 400, None, half)
+    media = "application/" + "x" * LONG
+    _assert_short_echo(_post(server, json.dumps(BODY).encode(), {"content-type": media}), 415, "Content-Type", media)
+    encoding = "z" * LONG
+    _assert_short_echo(_post(server, json.dumps(BODY).encode(), {"content-encoding": encoding}), 415,
+                       "Content-Encoding", encoding)
+    path = "/v1/" + "p" * LONG
+    _assert_short_echo(httpx.get(f"{server.url}{path}", headers=AUTH, verify=False), 404, None, path)
+    model = "m" * LONG
+    _assert_short_echo(httpx.get(f"{server.url}/v1/models/{model}", headers=AUTH, verify=False), 404, "model", model)
+
+
+# -- fuzzed fields: each a 4xx naming the field, or a documented success ---------------------------
+
+FIELDS = list(ImageGenerationRequest.model_fields)
+# Raw JSON no field takes: an array, an object, a boolean, non-finite and out-of-range numbers.
+WRONG_FOR_EVERY_FIELD = ["[1]", '{"a": 1}', "true", "NaN", "-Infinity", "1e999", str(-(2**64))]
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_no_field_takes_a_value_of_a_kind_it_does_not_serve(server: RemoteServer, field: str) -> None:
+    """Every request field (read from the schema, so a new field is fuzzed too) refuses each raw JSON
+    value above with a 400 naming it, in OpenAI's body; the server answers the next request."""
+    for raw in WRONG_FOR_EVERY_FIELD:
+        body = json.dumps({**BODY, field: None}).replace(f'"{field}": null', f'"{field}": {raw}').encode()
+        assert_error(_post(server, body), 400, field)
+    assert httpx.get(f"{server.url}/health/live", verify=False).status_code == 200
+
+
+@pytest.mark.parametrize(("fields", "param", "needle"), [
+    # OpenAI's own value sets for the fields it defines: another value is a 400, as OpenAI's API answers it.
+    pytest.param({"quality": "ultra"}, "quality", "Input should be 'low', 'medium'", id="quality"),
+    pytest.param({"style": "anime"}, "style", "Input should be 'vivid' or 'natural'", id="style"),
+    pytest.param({"moderation": "off"}, "moderation", "Input should be 'low' or 'auto'", id="moderation"),
+    pytest.param({"complexity": "max"}, "complexity", "Input should be 'low', 'medium' or 'high'", id="complexity"),
+    pytest.param({"background": "blue"}, "background", "Input should be 'transparent', 'opaque' or 'auto'", id="background"),
+    pytest.param({"response_format": "png"}, "response_format", "Input should be 'url' or 'b64_json'", id="response-format"),
+    pytest.param({"output_compression": -1}, "output_compression", "greater than or equal to 0", id="compression-negative"),
+    pytest.param({"output_compression": 101}, "output_compression", "less than or equal to 100", id="compression-over"),
+    pytest.param({"partial_images": -1}, "partial_images", "greater than or equal to 0", id="partial-negative"),
+    pytest.param({"partial_images": 4}, "partial_images", "less than or equal to 3", id="partial-over"),
+    # ... and values OpenAI takes that this server does not make.
+    pytest.param({"output_format": "gif"}, "output_format", 'output_format "gif" is not served', id="gif"),
+    pytest.param({"output_format": "svg"}, "output_format", 'output_format "svg" is not served', id="svg-format"),
+    pytest.param({"frame_count": 4}, "frame_count", "frames of GIF output, which this server does not make", id="frames"),
+    pytest.param({"frame_duration_ms": 100}, "frame_duration_ms", "frame delay of GIF output", id="frame-duration"),
+    pytest.param({"svg": {"model": "x"}}, "svg", "how SVG output is written, which this server does not make", id="svg"),
+    # Integers are 64-bit: a seed, count or step past that is refused by its type, its message short.
+    pytest.param({"seed": 2**63}, "seed", "less than or equal to 9223372036854775807", id="seed-past-int64"),
+    pytest.param({"n": -(2**63) - 1}, "n", "greater than or equal to -9223372036854775808", id="n-past-int64"),
+    pytest.param({"n": -1}, "n", "n=-1 is not served", id="n-negative"),
+    pytest.param({"n": 2}, "n", "n=2 is not served: this server makes 1 to 1 images", id="n-over-batch"),
+    pytest.param({"steps": 1.0}, "steps", "Input should be a valid integer, got 1.0", id="steps-float"),
+    pytest.param({"seed": "7"}, "seed", 'Input should be a valid integer, got "7"', id="seed-string"),
+    pytest.param({"guidance_scale": True}, "guidance_scale", "Input should be a valid number, got true", id="guidance-bool"),
+    pytest.param({"prompt": "a\u0000b"}, "prompt", "control character U+0000", id="prompt-nul"),
+    pytest.param({"negative_prompt": "\u202e\u0007"}, "negative_prompt", "control character U+0007", id="negative-bell"),
+    pytest.param({"prompt": "\u2060\u200b"}, "prompt", "must not be empty or blank", id="prompt-invisible"),
+    pytest.param({"size": "1024x"}, "size", 'got "1024x"', id="size-no-height"),
+    pytest.param({"size": "0x0"}, "size", 'got "0x0"', id="size-zero"),
+    pytest.param({"size": "-1x-1"}, "size", 'got "-1x-1"', id="size-negative"),
+    pytest.param({"size": "1e3x1e3"}, "size", 'got "1e3x1e3"', id="size-exponent"),
+    pytest.param({"size": " 512x512"}, "size", 'got " 512x512"', id="size-leading-space"),
+    pytest.param({"size": "32X32"}, "size", 'got "32X32"', id="size-capital-x"),
+    pytest.param({"size": "AUTO"}, "size", 'got "AUTO"', id="size-auto-capitals"),
+    pytest.param({"size": "\uff13\uff12x32"}, "size", 'got "\\uff13\\uff12x32"', id="size-fullwidth-digits"),
+    pytest.param({"size": "512x512"}, "size", "size=512x512 is not served", id="size-not-served"),
+])
+def test_a_value_outside_what_is_served_is_a_400_naming_its_field(
+    server: RemoteServer, fields: dict[str, Any], param: str, needle: str,
+) -> None:
+    error = assert_error(_post(server, json.dumps({**BODY, **fields}).encode()), 400, param)
+    assert needle in error["message"], error["message"]
+
+
+def test_openai_fields_with_openai_values_are_served_or_ignored(server: RemoteServer, plain_png: bytes) -> None:
+    """Every value OpenAI defines for the fields this server ignores is taken (the image is the same), and
+    a body with every optional field null is the plain request."""
+    ignored = {"quality": "xhigh", "style": "natural", "complexity": "high", "moderation": "low",
+               "output_compression": 0, "model": "gpt-image-2\u0000", "user": "\ud800", "safety_identifier": ""}
+    assert _image(_post(server, json.dumps({**BODY, **ignored}).encode())) == plain_png  # escaped: NUL, a lone surrogate
+    nulls = {field: None for field in FIELDS if field not in BODY}
+    assert _image(_post(server, json.dumps({**BODY, **nulls}).encode())) == plain_png
+
+
+@pytest.mark.parametrize(("content", "status", "needle"), [
+    pytest.param(json.dumps(BODY).encode("utf-16"), 400, "encoded as UTF-8", id="utf-16"),
+    pytest.param(json.dumps(BODY).encode("utf-32"), 400, "encoded as UTF-8", id="utf-32"),
+    pytest.param(json.dumps(BODY, ensure_ascii=False).replace("sun", "s\u00fcn").encode("latin-1"), 400,
+                 "encoded as UTF-8", id="latin-1"),
+    pytest.param(b"\xef\xbb\xbf" + json.dumps(BODY).encode(), 200, None, id="utf-8-with-bom"),
+])
+def test_a_body_is_read_as_utf8_only(server: RemoteServer, plain_png: bytes, content: bytes, status: int,
+                                     needle: str | None) -> None:
+    """JSON travels as UTF-8 (RFC 8259; a leading byte order mark is skipped): Python's parser would guess UTF-16."""
+    response = _post(server, content)
+    if status == 200:
+        assert _image(response) == plain_png
+    else:
+        assert needle in assert_error(response, status, None)["message"]
