@@ -524,3 +524,56 @@ def test_a_body_is_read_as_utf8_only(server: RemoteServer, plain_png: bytes, con
         assert _image(response) == plain_png
     else:
         assert needle in assert_error(response, status, None)["message"]
+
+
+# -- the body deadline of the Ray Serve ingress (in-process: the gate alone) ------------------------
+
+
+def _through_gate(body_timeout: float | None, chunks: list[bytes], then_wait: bool) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The messages a `RequestGate` sends for a POST whose body comes as `chunks` (then, if `then_wait`, no
+    more: the client stalls); and the bodies the app behind it was handed."""
+    from catrt.serve.gate import RequestGate
+
+    handed: list[bytes] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        handed.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def run() -> list[dict[str, Any]]:
+        pending = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
+        if not then_wait:
+            pending.append({"type": "http.request", "body": b"", "more_body": False})
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if pending:
+                return pending.pop(0)
+            await asyncio.sleep(3600)  # a client that sends nothing more
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/images/generations",
+                 "headers": [(b"content-type", b"application/json")]}
+        gate = RequestGate(app, max_body_bytes=MAX_BODY, json_paths=("/v1/images/generations",), body_timeout=body_timeout)
+        await asyncio.wait_for(gate(scope, receive, send), 10)
+        return sent
+
+    return asyncio.run(run()), handed
+
+
+def test_a_body_that_stalls_past_the_body_deadline_is_a_408_that_closes_the_connection() -> None:
+    """Ray Serve's proxy has no read deadline: its ingress's gate answers 408 with `Connection: close` (which
+    uvicorn honours by closing the connection) to a body not whole within --read-timeout of its headers."""
+    sent, handed = _through_gate(0.2, [b'{"prompt": '], then_wait=True)
+    start, body = sent
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    error = json.loads(body["body"])["error"]
+    assert error["type"] == "timeout_error" and error["code"] == "408"
+    assert "did not arrive whole within 0.2 s" in error["message"]
+    assert handed == []  # the app never saw the request
+    sent, handed = _through_gate(0.2, [b'{"prompt": ', b'"a"}'], then_wait=False)  # whole in time: served
+    assert sent[0]["status"] == 200 and handed == [b'{"prompt": "a"}']
