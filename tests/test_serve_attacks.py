@@ -217,6 +217,9 @@ def test_an_upload_to_a_route_the_server_lacks_is_a_404_or_405_not_a_413(server:
     with pytest.raises(openai.NotFoundError) as edit:
         client.images.edit(image=("a.png", b"\x89PNG" + bytes(4 * MAX_BODY), "image/png"), prompt="a red sun")
     assert "Invalid URL (POST /v1/images/edits)" in edit.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as variation:
+        client.images.create_variation(image=("a.png", b"\x89PNG" + bytes(64), "image/png"))
+    assert "Invalid URL (POST /v1/images/variations)" in variation.value.body["message"]
     wrong_method = httpx.put(f"{server.url}/v1/images/generations", content=bytes(4 * MAX_BODY), headers=AUTH)
     assert "use POST" in assert_error(wrong_method, 405, None)["message"]
     assert_error(httpx.request("GET", f"{server.url}/health/live", content=bytes(4 * MAX_BODY)), 413, None)  # a route

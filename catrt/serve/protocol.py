@@ -105,7 +105,8 @@ class ReadDeadlineH11Protocol(H11Protocol):
         """uvicorn's answer to bytes h11 cannot parse, in OpenAI's error body; the connection is closed."""
         body = json.dumps({"error": {
             "message": "invalid HTTP request: the request line or headers cannot be parsed (a Content-Length "
-                       "that is not a number, a header without a colon...); send a well-formed HTTP/1.1 request",
+                       "that is not a number, a header without a colon, headers longer than 16 KiB...); send a "
+                       "well-formed HTTP/1.1 request",
             "type": "invalid_request_error", "param": None, "code": "400",
         }}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
