@@ -106,8 +106,10 @@ def base_app(metrics: ServerMetrics, config: ServeConfig, alive: Callable[[], bo
         """The served model by its id (OpenAI's `models.retrieve`); another id is a 404 naming `model`."""
         card = listed.card()
         if model_id != card.id:
-            return error_response(404, f"the model {echo(model_id)} is not served here: this server serves {echo(card.id)}",
-                                  "invalid_request_error", "model")
+            return error_response(
+                404, f"the model {echo(model_id)} is not served here: this server serves {echo(card.id)}",
+                "invalid_request_error", "model",
+            )
         return card
 
     return app

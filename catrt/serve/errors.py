@@ -113,12 +113,14 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
     if error.status_code == 400 and message == FASTAPI_BODY_ERROR:
         message = BODY_NOT_JSON
     elif error.status_code == 404 and message == "Not Found":
-        message = f"Invalid URL ({shortened(f'{request.method} {request.url.path}')}): this server serves {_served_routes(request)}"
+        asked = shortened(f"{request.method} {request.url.path}")
+        message = f"Invalid URL ({asked}): this server serves {_served_routes(request)}"
     elif error.status_code == 405:
         allowed = (error.headers or {}).get("Allow", "")
         if request.method == "OPTIONS":  # what the route allows, as RFC 9110 has OPTIONS answer
             return Response(status_code=204, headers={"Allow": f"{allowed}, OPTIONS"})
-        message = f"{shortened(request.method)} is not allowed on {shortened(request.url.path)}: use {allowed.replace(', ', ' or ')}"
+        message = (f"{shortened(request.method)} is not allowed on {shortened(request.url.path)}: use "
+                   f"{allowed.replace(', ', ' or ')}")
     return error_response(error.status_code, message, "invalid_request_error", headers=error.headers)
 
 

@@ -165,7 +165,6 @@ class RequestGate:
         )
         await response(scope, receive, send)
 
-
     async def _too_slow(self, scope: Scope, receive: Receive, send: Send) -> None:
         logger.info("request %s refused: its body did not arrive within %g s", scope[REQUEST_ID_KEY], self.body_timeout)
         response = error_response(

@@ -150,7 +150,8 @@ class RequestRules:
         except ConfigError as error:
             param = CALL_PARAMS.get(error.field or "", error.field)
             shown = f"{width}x{height}" if param == "size" else asked.get(param)
-            raise ConfigError(f"{param}={shortened(str(shown))} is not served: {error}", field=param, value=shown) from None
+            raise ConfigError(f"{param}={shortened(str(shown))} is not served: {error}", field=param,
+                              value=shown) from None
 
     def _check_served_call(self, arguments: dict[str, Any]) -> None:
         """An eager server runs the one size and step count it was started with (its warm-up and batches)."""
