@@ -580,3 +580,17 @@ def test_a_body_that_stalls_past_the_body_deadline_is_a_408_that_closes_the_conn
     assert handed == []  # the app never saw the request
     sent, handed = _through_gate(0.2, [b'{"prompt": ', b'"a"}'], then_wait=False)  # whole in time: served
     assert sent[0]["status"] == 200 and handed == [b'{"prompt": "a"}']
+
+
+@pytest.mark.parametrize(("upgrade", "path", "status"), [
+    pytest.param(b"Upgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\n", "/v1/images/generations", 405, id="websocket"),
+    pytest.param(b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings, close\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+                 "/v1/nothing", 404, id="h2c"),
+])
+def test_an_upgrade_request_is_answered_as_plain_http(server: RemoteServer, upgrade: bytes, path: str, status: int) -> None:
+    """No route speaks WebSocket: the handshake is the GET it also is, answered in OpenAI's error body."""
+    request = (f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n").encode() + upgrade + b"\r\n"
+    head, _, body = _raw(server, request).partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+    assert json.loads(body)["error"]["code"] == str(status)

@@ -15,6 +15,9 @@ client that keeps reading is not: each `read_timeout` it must only have taken so
 
 A request h11 cannot parse (a malformed request line, a `Content-Length` that is not a number) is
 answered 400 in OpenAI's error body, as every other refusal, instead of uvicorn's plain-text line.
+The server runs without WebSocket support, so a request asking to upgrade (WebSocket, h2c) is
+answered as the plain HTTP request it also is (a 405 on the images route, in OpenAI's error body,
+instead of a bare 403 from a WebSocket handshake nobody serves).
 """
 
 from __future__ import annotations
@@ -118,6 +121,11 @@ class ReadDeadlineH11Protocol(H11Protocol):
         except h11.LocalProtocolError:  # an answer was already under way on this connection: just close it
             pass
         self.transport.close()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn warns of each upgrade request and suggests installing a WebSocket library; here it is one
+        info line, as the request is served as plain HTTP on purpose."""
+        logger.info("serving a request that asks to upgrade its connection as plain HTTP/1.1")
 
     def _arm(self) -> None:
         """Start the deadline unless one is running: later bytes of the same request do not extend it."""
