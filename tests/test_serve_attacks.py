@@ -594,3 +594,14 @@ def test_an_upgrade_request_is_answered_as_plain_http(server: RemoteServer, upgr
     head, _, body = _raw(server, request).partition(b"\r\n\r\n")
     assert head.startswith(f"HTTP/1.1 {status}".encode()), head
     assert json.loads(body)["error"]["code"] == str(status)
+
+
+def test_echo_shows_a_value_as_json_and_cuts_it_at_80_characters() -> None:
+    from catrt.serve.echo import ECHO_CHARS, echo, shortened
+
+    assert echo("url") == '"url"' and echo(1.5) == "1.5" and echo(float("nan")) == "NaN" and echo([1]) == "[1]"
+    assert echo("a\ud800\u00e9") == '"a\\ud800\\u00e9"'  # escaped: safe in a UTF-8 answer
+    long = echo("x" * 10_000)
+    assert len(long) == ECHO_CHARS and long == '"' + "x" * (ECHO_CHARS - 4) + "..."
+    assert shortened("y" * ECHO_CHARS) == "y" * ECHO_CHARS and shortened("y" * (ECHO_CHARS + 1)).endswith("...")
+    assert echo(10**5000) == "<int>"  # past Python's digit limit for printing an int (JSON never parses one)
