@@ -453,6 +453,8 @@ def test_no_field_takes_a_value_of_a_kind_it_does_not_serve(server: RemoteServer
     for raw in WRONG_FOR_EVERY_FIELD:
         body = json.dumps({**BODY, field: None}).replace(f'"{field}": null', f'"{field}": {raw}').encode()
         assert_error(_post(server, body), 400, field)
+    huge = ["9" * LONG]  # and a value of thousands of characters is echoed short, whichever field it is in
+    _assert_short_echo(_post(server, json.dumps({**BODY, field: huge}).encode()), 400, field, json.dumps(huge))
     assert httpx.get(f"{server.url}/health/live", verify=False).status_code == 200
 
 
