@@ -115,7 +115,7 @@ def test_a_body_that_inflates_past_the_limit_is_a_413(server: RemoteServer) -> N
 
 
 @pytest.mark.parametrize(("encoding", "content", "status", "needle"), [
-    pytest.param("br", b'{"prompt": "a"}', 415, 'Content-Encoding "br" is not served', id="brotli"),
+    pytest.param("br", b'{"prompt": "a"}', 415, "Content-Encoding 'br' is not served", id="brotli"),
     pytest.param("gzip", b'{"prompt": "a"}', 400, "not valid gzip data", id="not-gzip"),
     pytest.param("gzip", gzip.compress(b'{"prompt": "a red sun"}')[:-6], 400, "not one whole gzip stream", id="cut-short"),
     pytest.param("deflate", gzip.compress(b'{"prompt": "a"}'), 400, "not valid deflate data", id="gzip-as-deflate"),
@@ -133,7 +133,7 @@ def test_an_encoding_the_server_cannot_undo_is_refused_naming_the_header(
 @pytest.mark.parametrize("media", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
 def test_a_body_that_is_not_json_by_its_content_type_is_a_415(server: RemoteServer, media: str) -> None:
     error = assert_error(_post(server, json.dumps(BODY).encode(), {"content-type": media}), 415, "Content-Type")
-    assert f"Content-Type {json.dumps(media)} is not served" in error["message"]
+    assert f"Content-Type {media!r} is not served" in error["message"]
     assert "application/json" in error["message"]
 
 
@@ -164,7 +164,7 @@ def test_a_body_that_is_not_one_object_says_what_it_is(server: RemoteServer, con
     pytest.param({"prompt": "a", "alpha": "0.3"}, "alpha", 'got "0.3"', id="alpha-string"),
     pytest.param({"prompt": ["a", "b"]}, "prompt", 'got ["a", "b"]', id="prompt-list"),
     pytest.param({"prompt": "a", "input_fidelity": "high"}, "input_fidelity",
-                 'unknown field "input_fidelity": this endpoint takes prompt, n, size', id="unknown-field"),
+                 "unknown field 'input_fidelity': this endpoint takes prompt, n, size", id="unknown-field"),
     pytest.param({"prompt": "a", "partial_images": 2}, "partial_images",
                  "partial_images=2 is not served: partial images come only with streaming", id="partial-images"),
 ])
@@ -237,7 +237,7 @@ def test_the_sdk_lists_and_retrieves_the_served_model(server: RemoteServer) -> N
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("dall-e-3")
     assert missing.value.body["param"] == "model"
-    assert '"dall-e-3" is not served here' in missing.value.body["message"]
+    assert "'dall-e-3' is not served here" in missing.value.body["message"]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
 
@@ -335,7 +335,7 @@ def test_a_request_http_cannot_parse_is_a_400_in_the_error_body(server: RemoteSe
 def test_a_key_given_twice_is_a_400_naming_it(server: RemoteServer, content: bytes, key: str) -> None:
     """Parsers disagree on which of two equal keys wins (Python's keeps the last), so neither is taken."""
     error = assert_error(_post(server, content), 400, None)
-    assert f"the key {json.dumps(key)} appears twice in one object" in error["message"]
+    assert f"the key {key!r} appears twice in one object" in error["message"]
 
 
 def _count(url: str, series: str) -> float:
@@ -471,8 +471,8 @@ def test_no_field_takes_a_value_of_a_kind_it_does_not_serve(server: RemoteServer
     pytest.param({"partial_images": -1}, "partial_images", "greater than or equal to 0", id="partial-negative"),
     pytest.param({"partial_images": 4}, "partial_images", "less than or equal to 3", id="partial-over"),
     # ... and values OpenAI takes that this server does not make.
-    pytest.param({"output_format": "gif"}, "output_format", 'output_format "gif" is not served', id="gif"),
-    pytest.param({"output_format": "svg"}, "output_format", 'output_format "svg" is not served', id="svg-format"),
+    pytest.param({"output_format": "gif"}, "output_format", "output_format 'gif' is not served", id="gif"),
+    pytest.param({"output_format": "svg"}, "output_format", "output_format 'svg' is not served", id="svg-format"),
     pytest.param({"frame_count": 4}, "frame_count", "frames of GIF output, which this server does not make", id="frames"),
     pytest.param({"frame_duration_ms": 100}, "frame_duration_ms", "frame delay of GIF output", id="frame-duration"),
     pytest.param({"svg": {"model": "x"}}, "svg", "how SVG output is written, which this server does not make", id="svg"),
@@ -487,14 +487,14 @@ def test_no_field_takes_a_value_of_a_kind_it_does_not_serve(server: RemoteServer
     pytest.param({"prompt": "a\u0000b"}, "prompt", "control character U+0000", id="prompt-nul"),
     pytest.param({"negative_prompt": "\u202e\u0007"}, "negative_prompt", "control character U+0007", id="negative-bell"),
     pytest.param({"prompt": "\u2060\u200b"}, "prompt", "must not be empty or blank", id="prompt-invisible"),
-    pytest.param({"size": "1024x"}, "size", 'got "1024x"', id="size-no-height"),
-    pytest.param({"size": "0x0"}, "size", 'got "0x0"', id="size-zero"),
-    pytest.param({"size": "-1x-1"}, "size", 'got "-1x-1"', id="size-negative"),
-    pytest.param({"size": "1e3x1e3"}, "size", 'got "1e3x1e3"', id="size-exponent"),
-    pytest.param({"size": " 512x512"}, "size", 'got " 512x512"', id="size-leading-space"),
-    pytest.param({"size": "32X32"}, "size", 'got "32X32"', id="size-capital-x"),
-    pytest.param({"size": "AUTO"}, "size", 'got "AUTO"', id="size-auto-capitals"),
-    pytest.param({"size": "\uff13\uff12x32"}, "size", 'got "\\uff13\\uff12x32"', id="size-fullwidth-digits"),
+    pytest.param({"size": "1024x"}, "size", "got '1024x'", id="size-no-height"),
+    pytest.param({"size": "0x0"}, "size", "got '0x0'", id="size-zero"),
+    pytest.param({"size": "-1x-1"}, "size", "got '-1x-1'", id="size-negative"),
+    pytest.param({"size": "1e3x1e3"}, "size", "got '1e3x1e3'", id="size-exponent"),
+    pytest.param({"size": " 512x512"}, "size", "got ' 512x512'", id="size-leading-space"),
+    pytest.param({"size": "32X32"}, "size", "got '32X32'", id="size-capital-x"),
+    pytest.param({"size": "AUTO"}, "size", "got 'AUTO'", id="size-auto-capitals"),
+    pytest.param({"size": "\uff13\uff12x32"}, "size", "got '\uff13\uff12x32'", id="size-fullwidth-digits"),
     pytest.param({"size": "512x512"}, "size", "size=512x512 is not served", id="size-not-served"),
 ])
 def test_a_value_outside_what_is_served_is_a_400_naming_its_field(
@@ -598,12 +598,15 @@ def test_an_upgrade_request_is_answered_as_plain_http(server: RemoteServer, upgr
     assert json.loads(body)["error"]["code"] == str(status)
 
 
-def test_echo_shows_a_value_as_json_and_cuts_it_at_80_characters() -> None:
-    from catrt.serve.echo import ECHO_CHARS, echo, shortened
+def test_echo_escapes_a_value_and_cuts_it_at_80_characters() -> None:
+    from catrt.serve.echo import ECHO_CHARS, echo, echo_json, shortened
 
-    assert echo("url") == '"url"' and echo(1.5) == "1.5" and echo(float("nan")) == "NaN" and echo([1]) == "[1]"
-    assert echo("a\ud800\u00e9") == '"a\\ud800\\u00e9"'  # escaped: safe in a UTF-8 answer
+    assert echo("url") == "'url'" and echo(1.5) == "1.5" and echo([1]) == "[1]"
+    assert echo("a\ud800\x00") == "'a\\ud800\\x00'"  # escaped: safe in a UTF-8 answer and a log line
+    assert echo_json(None) == "null" and echo_json(True) == "true" and echo_json(float("nan")) == "NaN"
+    assert echo_json("a\ud800\u00e9") == '"a\\ud800\\u00e9"'
     long = echo("x" * 10_000)
-    assert len(long) == ECHO_CHARS and long == '"' + "x" * (ECHO_CHARS - 4) + "..."
+    assert len(long) == ECHO_CHARS and long == "'" + "x" * (ECHO_CHARS - 4) + "..."
+    assert len(echo_json("x" * 10_000)) == ECHO_CHARS
     assert shortened("y" * ECHO_CHARS) == "y" * ECHO_CHARS and shortened("y" * (ECHO_CHARS + 1)).endswith("...")
-    assert echo(10**5000) == "<int>"  # past Python's digit limit for printing an int (JSON never parses one)
+    assert echo(10**5000) == "<int>" and echo_json(10**5000) == "<int>"  # past Python's digit limit for printing an int

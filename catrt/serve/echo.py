@@ -1,4 +1,4 @@
-"""How an error message shows a value the client sent: as written, cut short.
+"""How an error message shows a value the client sent: escaped, cut short.
 
 Every message that repeats a request value (a field, a field's name, a header, a path) goes
 through here, so a 50 kB `size` or field name costs the client a 50 kB answer nowhere: what is
@@ -19,11 +19,20 @@ def shortened(text: str, limit: int = ECHO_CHARS) -> str:
 
 
 def echo(value: object, limit: int = ECHO_CHARS) -> str:
-    """`value` as JSON writes it (strings quoted, non-ASCII and lone surrogates escaped), shortened.
+    """`value` as Python writes it (strings quoted, control characters and lone surrogates escaped), shortened.
 
     Escaped, so that any text a client sent is safe in a UTF-8 answer and a log line."""
     try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit for printing
+        text = f"<{type(value).__name__}>"
+    return shortened(text, limit)
+
+
+def echo_json(value: object, limit: int = ECHO_CHARS) -> str:
+    """`value` as the client wrote it in JSON (for a value of any JSON type: `null`, `true`, arrays), shortened."""
+    try:
         text = json.dumps(value, ensure_ascii=True, allow_nan=True)
     except (TypeError, ValueError):  # not JSON data (an int past Python's 4300-digit limit is not parsed)
-        text = f"<{type(value).__name__}>"
+        return echo(value, limit)
     return shortened(text, limit)

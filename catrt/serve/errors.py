@@ -18,7 +18,7 @@ from catrt.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
 )
-from catrt.serve.echo import echo, shortened
+from catrt.serve.echo import echo, echo_json, shortened
 from catrt.serve.schemas import ImageGenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
         message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
         return error_response(400, message, "invalid_request_error")
     if not location and first.get("type") == "string_unicode":  # a key pydantic cannot read as text
-        message = (f"the field name {echo(first.get('input'))} is not valid Unicode text (a lone surrogate); "
+        message = (f"the field name {echo_json(first.get('input'))} is not valid Unicode text (a lone surrogate); "
                    "send field names as plain text")
         return error_response(400, message, "invalid_request_error")
     if not location:  # the body as a whole: JSON, but not an object
@@ -96,7 +96,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
         known = ", ".join(ImageGenerationRequest.model_fields)
         message = f"unknown field {echo(location[0])}: this endpoint takes {known}"
     else:
-        message = f"{param}: {first.get('msg')}, got {echo(first.get('input'))}"
+        message = f"{param}: {first.get('msg')}, got {echo_json(first.get('input'))}"
     return error_response(400, message, "invalid_request_error", shortened(location[0]))
 
 
