@@ -25,6 +25,8 @@ import openai
 import pytest
 from test_serve_support import CLI, PROMPT, LiveProbe, RemoteServer, assert_error, png, start_all, stop_all
 
+from catrt.serve.schemas import ImageGenerationRequest
+
 KEY = "attack-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 3000
@@ -76,7 +78,7 @@ def _post(server: RemoteServer, content: Any, headers: dict[str, str] | None = N
           path: str = "/v1/images/generations") -> httpx.Response:
     sent = {"content-type": "application/json", **AUTH, **(headers or {})}
     return httpx.post(f"{server.url}{path}", content=content, headers={k: v for k, v in sent.items() if v is not None},
-                      timeout=60)
+                      timeout=60, verify=False)  # plain HTTP: no TLS context to build (0.14 s each here)
 
 
 def _image(response: httpx.Response) -> bytes:
@@ -215,6 +217,9 @@ def test_an_upload_to_a_route_the_server_lacks_is_a_404_or_405_not_a_413(server:
     with pytest.raises(openai.NotFoundError) as edit:
         client.images.edit(image=("a.png", b"\x89PNG" + bytes(4 * MAX_BODY), "image/png"), prompt="a red sun")
     assert "Invalid URL (POST /v1/images/edits)" in edit.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as variation:
+        client.images.create_variation(image=("a.png", b"\x89PNG" + bytes(64), "image/png"))
+    assert "Invalid URL (POST /v1/images/variations)" in variation.value.body["message"]
     wrong_method = httpx.put(f"{server.url}/v1/images/generations", content=bytes(4 * MAX_BODY), headers=AUTH)
     assert "use POST" in assert_error(wrong_method, 405, None)["message"]
     assert_error(httpx.request("GET", f"{server.url}/health/live", content=bytes(4 * MAX_BODY)), 413, None)  # a route
@@ -387,3 +392,221 @@ def test_an_encoding_header_on_a_request_without_a_body_is_ignored(server: Remot
     for encoding in ("gzip", "deflate"):
         assert httpx.get(f"{server.url}/health/live", headers={"content-encoding": encoding}).status_code == 200
     assert "the request body is empty" in assert_error(_post(server, b"", {"content-encoding": "gzip"}), 400, None)["message"]
+
+
+# -- long values are echoed short ---------------------------------------------------------------
+
+LONG = MAX_BODY - 200  # characters: a value as long as the body limit allows, far past the echo limit
+
+
+def _assert_short_echo(response: httpx.Response, status: int, param: str | None, sent: str) -> None:
+    """OpenAI's body naming `param`, whose message shows at most the start of `sent`, cut with an ellipsis."""
+    from catrt.serve.echo import ECHO_CHARS
+
+    error = assert_error(response, status, param)
+    assert sent[:ECHO_CHARS] not in error["message"] and "..." in error["message"], error["message"][:300]
+    assert len(response.content) < 1000, len(response.content)
+
+
+@pytest.mark.parametrize("field", ["size", "response_format", "output_format", "background", "quality", "style",
+                                   "moderation", "complexity", "n", "seed", "steps", "alpha", "guidance_scale",
+                                   "partial_images", "output_compression", "frame_count", "prompt"])
+def test_a_huge_bad_value_is_named_by_its_field_and_echoed_short(server: RemoteServer, field: str) -> None:
+    """A string where a number goes, or a string no rule takes, of thousands of characters: the 400 names
+    the field and shows the value's first characters only (every message echoing a value cuts it)."""
+    value: Any = "9" * LONG
+    if field in ("n", "seed", "steps", "partial_images", "output_compression", "frame_count"):
+        value = int("9" * LONG)  # a JSON number, not a string
+    elif field == "prompt":
+        value = ["9" * LONG]
+    _assert_short_echo(_post(server, json.dumps({**BODY, field: value}).encode()), 400, field, "9" * LONG)
+
+
+def test_huge_names_headers_and_paths_are_echoed_short(server: RemoteServer) -> None:
+    key = "k" * LONG
+    _assert_short_echo(_post(server, json.dumps({**BODY, key: 1}).encode()), 400, key[:77] + "...", key)
+    half = key[: LONG // 2]
+    twice = b'{"prompt": "a", "%s": 1, "%s": 2}' % (half.encode(), half.encode())
+    _assert_short_echo(_post(server, twice), 400, None, half)
+    media = "application/" + "x" * LONG
+    _assert_short_echo(_post(server, json.dumps(BODY).encode(), {"content-type": media}), 415, "Content-Type", media)
+    encoding = "z" * LONG
+    _assert_short_echo(_post(server, json.dumps(BODY).encode(), {"content-encoding": encoding}), 415,
+                       "Content-Encoding", encoding)
+    path = "/v1/" + "p" * LONG
+    _assert_short_echo(httpx.get(f"{server.url}{path}", headers=AUTH, verify=False), 404, None, path)
+    model = "m" * LONG
+    _assert_short_echo(httpx.get(f"{server.url}/v1/models/{model}", headers=AUTH, verify=False), 404, "model", model)
+
+
+# -- fuzzed fields: each a 4xx naming the field, or a documented success ---------------------------
+
+FIELDS = list(ImageGenerationRequest.model_fields)
+# Raw JSON no field takes: an array, an object, a boolean, non-finite and out-of-range numbers.
+WRONG_FOR_EVERY_FIELD = ["[1]", '{"a": 1}', "true", "NaN", "-Infinity", "1e999", str(-(2**64))]
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_no_field_takes_a_value_of_a_kind_it_does_not_serve(server: RemoteServer, field: str) -> None:
+    """Every request field (read from the schema, so a new field is fuzzed too) refuses each raw JSON
+    value above with a 400 naming it, in OpenAI's body; the server answers the next request."""
+    for raw in WRONG_FOR_EVERY_FIELD:
+        body = json.dumps({**BODY, field: None}).replace(f'"{field}": null', f'"{field}": {raw}').encode()
+        assert_error(_post(server, body), 400, field)
+    huge = ["9" * LONG]  # and a value of thousands of characters is echoed short, whichever field it is in
+    _assert_short_echo(_post(server, json.dumps({**BODY, field: huge}).encode()), 400, field, json.dumps(huge))
+    assert httpx.get(f"{server.url}/health/live", verify=False).status_code == 200
+
+
+@pytest.mark.parametrize(("fields", "param", "needle"), [
+    # OpenAI's own value sets for the fields it defines: another value is a 400, as OpenAI's API answers it.
+    pytest.param({"quality": "ultra"}, "quality", "Input should be 'low', 'medium'", id="quality"),
+    pytest.param({"style": "anime"}, "style", "Input should be 'vivid' or 'natural'", id="style"),
+    pytest.param({"moderation": "off"}, "moderation", "Input should be 'low' or 'auto'", id="moderation"),
+    pytest.param({"complexity": "max"}, "complexity", "Input should be 'low', 'medium' or 'high'", id="complexity"),
+    pytest.param({"background": "blue"}, "background", "Input should be 'transparent', 'opaque' or 'auto'", id="background"),
+    pytest.param({"response_format": "png"}, "response_format", "Input should be 'url' or 'b64_json'", id="response-format"),
+    pytest.param({"output_compression": -1}, "output_compression", "greater than or equal to 0", id="compression-negative"),
+    pytest.param({"output_compression": 101}, "output_compression", "less than or equal to 100", id="compression-over"),
+    pytest.param({"partial_images": -1}, "partial_images", "greater than or equal to 0", id="partial-negative"),
+    pytest.param({"partial_images": 4}, "partial_images", "less than or equal to 3", id="partial-over"),
+    # ... and values OpenAI takes that this server does not make.
+    pytest.param({"output_format": "gif"}, "output_format", "output_format 'gif' is not served", id="gif"),
+    pytest.param({"output_format": "svg"}, "output_format", "output_format 'svg' is not served", id="svg-format"),
+    pytest.param({"frame_count": 4}, "frame_count", "frames of GIF output, which this server does not make", id="frames"),
+    pytest.param({"frame_duration_ms": 100}, "frame_duration_ms", "frame delay of GIF output", id="frame-duration"),
+    pytest.param({"svg": {"model": "x"}}, "svg", "how SVG output is written, which this server does not make", id="svg"),
+    # Integers are 64-bit: a seed, count or step past that is refused by its type, its message short.
+    pytest.param({"seed": 2**63}, "seed", "less than or equal to 9223372036854775807", id="seed-past-int64"),
+    pytest.param({"n": -(2**63) - 1}, "n", "greater than or equal to -9223372036854775808", id="n-past-int64"),
+    pytest.param({"n": -1}, "n", "n=-1 is not served", id="n-negative"),
+    pytest.param({"n": 2}, "n", "n=2 is not served: this server makes 1 to 1 images", id="n-over-batch"),
+    pytest.param({"steps": 1.0}, "steps", "Input should be a valid integer, got 1.0", id="steps-float"),
+    pytest.param({"seed": "7"}, "seed", 'Input should be a valid integer, got "7"', id="seed-string"),
+    pytest.param({"guidance_scale": True}, "guidance_scale", "Input should be a valid number, got true", id="guidance-bool"),
+    pytest.param({"prompt": "a\u0000b"}, "prompt", "control character U+0000", id="prompt-nul"),
+    pytest.param({"negative_prompt": "\u202e\u0007"}, "negative_prompt", "control character U+0007", id="negative-bell"),
+    pytest.param({"prompt": "\u2060\u200b"}, "prompt", "must not be empty or blank", id="prompt-invisible"),
+    pytest.param({"size": "1024x"}, "size", "got '1024x'", id="size-no-height"),
+    pytest.param({"size": "0x0"}, "size", "got '0x0'", id="size-zero"),
+    pytest.param({"size": "-1x-1"}, "size", "got '-1x-1'", id="size-negative"),
+    pytest.param({"size": "1e3x1e3"}, "size", "got '1e3x1e3'", id="size-exponent"),
+    pytest.param({"size": " 512x512"}, "size", "got ' 512x512'", id="size-leading-space"),
+    pytest.param({"size": "32X32"}, "size", "got '32X32'", id="size-capital-x"),
+    pytest.param({"size": "AUTO"}, "size", "got 'AUTO'", id="size-auto-capitals"),
+    pytest.param({"size": "\uff13\uff12x32"}, "size", "got '\uff13\uff12x32'", id="size-fullwidth-digits"),
+    pytest.param({"size": "512x512"}, "size", "size=512x512 is not served", id="size-not-served"),
+])
+def test_a_value_outside_what_is_served_is_a_400_naming_its_field(
+    server: RemoteServer, fields: dict[str, Any], param: str, needle: str,
+) -> None:
+    error = assert_error(_post(server, json.dumps({**BODY, **fields}).encode()), 400, param)
+    assert needle in error["message"], error["message"]
+
+
+def test_openai_fields_with_openai_values_are_served_or_ignored(server: RemoteServer, plain_png: bytes) -> None:
+    """Every value OpenAI defines for the fields this server ignores is taken (the image is the same), and
+    a body with every optional field null is the plain request."""
+    ignored = {"quality": "xhigh", "style": "natural", "complexity": "high", "moderation": "low",
+               "output_compression": 0, "model": "gpt-image-2\u0000", "user": "\ud800", "safety_identifier": ""}
+    assert _image(_post(server, json.dumps({**BODY, **ignored}).encode())) == plain_png  # escaped: NUL, a lone surrogate
+    nulls = {field: None for field in FIELDS if field not in BODY}
+    assert _image(_post(server, json.dumps({**BODY, **nulls}).encode())) == plain_png
+
+
+@pytest.mark.parametrize(("content", "status", "needle"), [
+    pytest.param(json.dumps(BODY).encode("utf-16"), 400, "encoded as UTF-8", id="utf-16"),
+    pytest.param(json.dumps(BODY).encode("utf-32"), 400, "encoded as UTF-8", id="utf-32"),
+    pytest.param(json.dumps(BODY, ensure_ascii=False).replace("sun", "s\u00fcn").encode("latin-1"), 400,
+                 "encoded as UTF-8", id="latin-1"),
+    pytest.param(b"\xef\xbb\xbf" + json.dumps(BODY).encode(), 200, None, id="utf-8-with-bom"),
+])
+def test_a_body_is_read_as_utf8_only(server: RemoteServer, plain_png: bytes, content: bytes, status: int,
+                                     needle: str | None) -> None:
+    """JSON travels as UTF-8 (RFC 8259; a leading byte order mark is skipped): Python's parser would guess UTF-16."""
+    response = _post(server, content)
+    if status == 200:
+        assert _image(response) == plain_png
+    else:
+        assert needle in assert_error(response, status, None)["message"]
+
+
+# -- the body deadline of the Ray Serve ingress (in-process: the gate alone) ------------------------
+
+
+def _through_gate(body_timeout: float | None, chunks: list[bytes], then_wait: bool) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The messages a `RequestGate` sends for a POST whose body comes as `chunks` (then, if `then_wait`, no
+    more: the client stalls); and the bodies the app behind it was handed."""
+    from catrt.serve.gate import RequestGate
+
+    handed: list[bytes] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        handed.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def run() -> list[dict[str, Any]]:
+        pending = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
+        if not then_wait:
+            pending.append({"type": "http.request", "body": b"", "more_body": False})
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if pending:
+                return pending.pop(0)
+            await asyncio.sleep(3600)  # a client that sends nothing more
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/images/generations",
+                 "headers": [(b"content-type", b"application/json")]}
+        gate = RequestGate(app, max_body_bytes=MAX_BODY, json_paths=("/v1/images/generations",), body_timeout=body_timeout)
+        await asyncio.wait_for(gate(scope, receive, send), 10)
+        return sent
+
+    return asyncio.run(run()), handed
+
+
+def test_a_body_that_stalls_past_the_body_deadline_is_a_408_that_closes_the_connection() -> None:
+    """Ray Serve's proxy has no read deadline: its ingress's gate answers 408 with `Connection: close` (which
+    uvicorn honours by closing the connection) to a body not whole within --read-timeout of its headers."""
+    sent, handed = _through_gate(0.2, [b'{"prompt": '], then_wait=True)
+    start, body = sent
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    error = json.loads(body["body"])["error"]
+    assert error["type"] == "timeout_error" and error["code"] == "408"
+    assert "did not arrive whole within 0.2 s" in error["message"]
+    assert handed == []  # the app never saw the request
+    sent, handed = _through_gate(0.2, [b'{"prompt": ', b'"a"}'], then_wait=False)  # whole in time: served
+    assert sent[0]["status"] == 200 and handed == [b'{"prompt": "a"}']
+
+
+@pytest.mark.parametrize(("upgrade", "path", "status"), [
+    pytest.param(b"Upgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\n", "/v1/images/generations", 405, id="websocket"),
+    pytest.param(b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings, close\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+                 "/v1/nothing", 404, id="h2c"),
+])
+def test_an_upgrade_request_is_answered_as_plain_http(server: RemoteServer, upgrade: bytes, path: str, status: int) -> None:
+    """No route speaks WebSocket: the handshake is the GET it also is, answered in OpenAI's error body."""
+    request = (f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n").encode() + upgrade + b"\r\n"
+    head, _, body = _raw(server, request).partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+    assert json.loads(body)["error"]["code"] == str(status)
+
+
+def test_echo_escapes_a_value_and_cuts_it_at_80_characters() -> None:
+    from catrt.serve.echo import ECHO_CHARS, echo, echo_json, shortened
+
+    assert echo("url") == "'url'" and echo(1.5) == "1.5" and echo([1]) == "[1]"
+    assert echo("a\ud800\x00") == "'a\\ud800\\x00'"  # escaped: safe in a UTF-8 answer and a log line
+    assert echo_json(None) == "null" and echo_json(True) == "true" and echo_json(float("nan")) == "NaN"
+    assert echo_json("a\ud800\u00e9") == '"a\\ud800\\u00e9"'
+    long = echo("x" * 10_000)
+    assert len(long) == ECHO_CHARS and long == "'" + "x" * (ECHO_CHARS - 4) + "..."
+    assert len(echo_json("x" * 10_000)) == ECHO_CHARS
+    assert shortened("y" * ECHO_CHARS) == "y" * ECHO_CHARS and shortened("y" * (ECHO_CHARS + 1)).endswith("...")
+    assert echo(10**5000) == "<int>" and echo_json(10**5000) == "<int>"  # past Python's digit limit for printing an int

@@ -8,6 +8,7 @@ refusals around `--ray` run without starting Ray.
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import os
 import socket
@@ -37,13 +38,14 @@ import catrt
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.serve.config import FleetConfig, ServeConfig
-from catrt.serve.ray_app import APP_NAME, MODEL_DEPLOYMENT, application, build
+from catrt.serve.ray_app import APP_NAME, MODEL_DEPLOYMENT, PROXY_GRACE_SECONDS, application, build, http_options
 
 pytestmark = pytest.mark.timeout(240)
 
 MIB = 1 << 20
 KEY = "fleet-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+READ_TIMEOUT = 2.0  # seconds; the requests of these tests arrive whole at once
 
 
 def _free_port() -> int:
@@ -79,9 +81,9 @@ def fleet() -> Iterator[str]:
              log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     try:
         port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(model="tiny-sd3", height=64, width=64, steps=8, cat=CATConfig(t0=4), port=port,
-                             timeout=60, max_body_bytes=8192, max_queue=2, api_key=KEY)
+                             timeout=60, max_body_bytes=8192, max_queue=2, api_key=KEY, read_timeout=READ_TIMEOUT)
+        serve.start(http_options=http_options(config))  # as `catrt serve --ray` starts it
         serve.run(application(config, FleetConfig(replicas=2), gpus=False), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -134,6 +136,33 @@ def test_the_ingress_checks_requests_as_the_single_server_does(fleet: str) -> No
     first = {name: schema.get("anyOf", [schema])[0] for name, schema in openapi_request_schema(fleet)["properties"].items()}
     assert first["size"]["enum"] == ["64x64", "auto"] and first["steps"]["enum"] == [8]
     assert httpx.get(f"{fleet}/health/live").json() == {"status": "live"}
+
+
+def test_a_body_that_stalls_is_a_408_and_its_connection_closed(fleet: str) -> None:
+    """Ray Serve's proxy has no read deadline: the ingress answers a body not whole within --read-timeout
+    408 in OpenAI's body, with `Connection: close`, and the proxy closes the connection (a slow-loris
+    client holds it for --read-timeout, not forever). A client's `x-request-timeout-seconds: 0`, which
+    lifts the proxy's own limit, does not lift the ingress's."""
+    host, port = fleet.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                           + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+                           + b"x-request-timeout-seconds: 0\r\n\r\n{\"prom")
+        answer = b""
+        while chunk := connection.recv(65536):  # until the proxy closes the connection
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), head
+    error = json.loads(body)["error"]
+    assert error["code"] == "408" and f"within {READ_TIMEOUT:g} s" in error["message"]
+    assert httpx.get(f"{fleet}/health/live").status_code == 200
+
+
+def test_the_proxy_gets_the_servers_time_limits() -> None:
+    options = http_options(ServeConfig(model="reference", host="0.0.0.0", port=8123, read_timeout=3, timeout=30,
+                                       keep_alive=2.5))
+    assert options == {"host": "0.0.0.0", "port": 8123, "request_timeout_s": 33 + PROXY_GRACE_SECONDS,
+                       "keep_alive_timeout_s": 3}
 
 
 def test_more_requests_than_replicas_and_queue_take_answer_429(fleet: str) -> None:

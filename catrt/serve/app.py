@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from catrt.errors import CatrtError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
 from catrt.serve.auth import BearerCheck
 from catrt.serve.config import ServeConfig
+from catrt.serve.echo import echo
 from catrt.serve.errors import REQUEST_ID_KEY, error_response, install_error_handlers
 from catrt.serve.gate import RequestGate
 from catrt.serve.json_body import UniqueKeysRoute
@@ -56,19 +57,22 @@ CHECKING_PER_QUEUED = 2
 MIN_CHECKING = 64
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 429, 500, 503, 504)
 }
 METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format 0.0.4"},
 }
 
 
-def base_app(metrics: ServerMetrics, config: ServeConfig, alive: Callable[[], bool] = lambda: True) -> FastAPI:
+def base_app(metrics: ServerMetrics, config: ServeConfig, alive: Callable[[], bool] = lambda: True,
+             body_deadline: bool = False) -> FastAPI:
     """The app every serving mode starts from: error bodies, the request gate (id, key, body limit,
     encoding), request metrics, `/health/live` and the model list (`/v1/models`).
 
     `alive`: False once this process can no longer serve (its worker died), so a liveness probe
-    restarts it instead of leaving a process that answers 503 forever."""
+    restarts it instead of leaving a process that answers 503 forever. `body_deadline`: the gate
+    answers 408 to a body not whole within `config.read_timeout` (for an HTTP server without a read
+    deadline of its own: Ray Serve's proxy)."""
     app = FastAPI(title="catrt", summary="CAT Pruning text-to-image server (OpenAI images API)")
     app.router.route_class = UniqueKeysRoute  # every route added below and by the serving modes
     install_error_handlers(app)
@@ -79,6 +83,7 @@ def base_app(metrics: ServerMetrics, config: ServeConfig, alive: Callable[[], bo
         protect_metrics=config.metrics_auth,
         json_paths=(GENERATIONS_PATH,),
         router=app.router,
+        body_timeout=config.read_timeout if body_deadline else None,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, router=app.router)
     listed = ModelList(config)
@@ -101,8 +106,10 @@ def base_app(metrics: ServerMetrics, config: ServeConfig, alive: Callable[[], bo
         """The served model by its id (OpenAI's `models.retrieve`); another id is a 404 naming `model`."""
         card = listed.card()
         if model_id != card.id:
-            return error_response(404, f"the model {model_id!r} is not served here: this server serves {card.id!r}",
-                                  "invalid_request_error", "model")
+            return error_response(
+                404, f"the model {echo(model_id)} is not served here: this server serves {echo(card.id)}",
+                "invalid_request_error", "model",
+            )
         return card
 
     return app

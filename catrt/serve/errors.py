@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from catrt.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
 )
+from catrt.serve.echo import echo, echo_json, shortened
 from catrt.serve.schemas import ImageGenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -83,21 +83,21 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
         message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
         return error_response(400, message, "invalid_request_error")
     if not location and first.get("type") == "string_unicode":  # a key pydantic cannot read as text
-        message = (f"the field name {_shown(first.get('input'))} is not valid Unicode text (a lone surrogate); "
+        message = (f"the field name {echo_json(first.get('input'))} is not valid Unicode text (a lone surrogate); "
                    "send field names as plain text")
         return error_response(400, message, "invalid_request_error")
     if not location:  # the body as a whole: JSON, but not an object
         message = f"the body must be one JSON object, not {_json_kind(first.get('input'))}"
         return error_response(400, message, "invalid_request_error")
-    param = ".".join(location)
+    param = shortened(".".join(location))  # a field name the client made up may be of any length
     if first.get("type") == "missing":
         message = f"{param} is required"
     elif first.get("type") == "extra_forbidden":
         known = ", ".join(ImageGenerationRequest.model_fields)
-        message = f"unknown field {param!r}: this endpoint takes {known}"
+        message = f"unknown field {echo(location[0])}: this endpoint takes {known}"
     else:
-        message = f"{param}: {first.get('msg')}, got {_shown(first.get('input'))}"
-    return error_response(400, message, "invalid_request_error", location[0])
+        message = f"{param}: {first.get('msg')}, got {echo_json(first.get('input'))}"
+    return error_response(400, message, "invalid_request_error", shortened(location[0]))
 
 
 def _json_kind(value: object) -> str:
@@ -108,26 +108,19 @@ def _json_kind(value: object) -> str:
     return next((name for kind, name in kinds if isinstance(value, kind)), "that")
 
 
-def _shown(value: object, limit: int = 60) -> str:
-    """`value` as the client wrote it in JSON, cut short."""
-    try:
-        text = json.dumps(value, ensure_ascii=True, allow_nan=True)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 async def _http_error(request: Request, error: HTTPException) -> Response:
     message = str(error.detail)
     if error.status_code == 400 and message == FASTAPI_BODY_ERROR:
         message = BODY_NOT_JSON
     elif error.status_code == 404 and message == "Not Found":
-        message = f"Invalid URL ({request.method} {request.url.path}): this server serves {_served_routes(request)}"
+        asked = shortened(f"{request.method} {request.url.path}")
+        message = f"Invalid URL ({asked}): this server serves {_served_routes(request)}"
     elif error.status_code == 405:
         allowed = (error.headers or {}).get("Allow", "")
         if request.method == "OPTIONS":  # what the route allows, as RFC 9110 has OPTIONS answer
             return Response(status_code=204, headers={"Allow": f"{allowed}, OPTIONS"})
-        message = f"{request.method} is not allowed on {request.url.path}: use {allowed.replace(', ', ' or ')}"
+        message = (f"{shortened(request.method)} is not allowed on {shortened(request.url.path)}: use "
+                   f"{allowed.replace(', ', ' or ')}")
     return error_response(error.status_code, message, "invalid_request_error", headers=error.headers)
 
 

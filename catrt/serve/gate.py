@@ -1,11 +1,17 @@
 """What every HTTP request passes before any route sees it: a request id, the API key, the body limit,
-the body's encoding and media type, and the path's spelling.
+the body's encoding and media type, the body's deadline, and the path's spelling.
 
 Pure ASGI, so it runs before FastAPI reads or parses a byte of the body: an oversized body is
 refused from its `Content-Length` alone, and a chunked one as soon as the bytes received pass the
 limit; nothing over the limit is ever held in memory or handed to the JSON parser. Bytes a client
 keeps sending after the refusal are discarded by the HTTP protocol layer until the connection's
 read timeout, so the client still reads the 413 instead of a reset connection.
+
+With `body_timeout` (Ray Serve's ingress, whose HTTP proxy has no read deadline of its own), a body
+must arrive whole within that many seconds of the request reaching the app: a slower one (a client
+that sends its headers, then trickles or withholds the body) is a 408 with `Connection: close`, so
+the proxy closes the connection. The single server needs none: its protocol's read deadline
+(`catrt.serve.protocol`) closes such a connection before the request reaches the app.
 
 A gzip or deflate body (`Content-Encoding`) is decoded here, its decoded bytes held to the same
 limit (a small body that inflates past it is a 413, and inflating stops there); another encoding is
@@ -18,6 +24,7 @@ upload to a route this server lacks is told that, not that its body is too large
 
 from __future__ import annotations
 
+import asyncio
 import email.message
 import logging
 import uuid
@@ -28,6 +35,7 @@ from typing import Any
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from catrt.serve.echo import echo
 from catrt.serve.errors import REQUEST_ID_KEY, error_response
 
 logger = logging.getLogger(__name__)
@@ -36,6 +44,7 @@ REQUEST_ID_HEADER = b"x-request-id"
 # Content-Encoding -> zlib's wbits for it: gzip, and deflate as HTTP means it (zlib-wrapped).
 DECODABLE = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 UNSUPPORTED_MEDIA_TYPE = 415
+REQUEST_TIMEOUT = 408
 
 
 class RequestGate:
@@ -50,8 +59,10 @@ class RequestGate:
         protect_metrics: bool = False,
         json_paths: Collection[str] = (),
         router: Any = None,
+        body_timeout: float | None = None,
     ) -> None:
         self.app = app
+        self.body_timeout = body_timeout
         self.router = router
         self.max_body_bytes = max_body_bytes
         self.authorized = authorized
@@ -94,9 +105,13 @@ class RequestGate:
             await self._too_large(scope, receive, send_with_id, f"is {declared} bytes")
             return
         try:
-            body = await _read_body(receive, self.max_body_bytes)
+            async with asyncio.timeout(self.body_timeout):
+                body = await _read_body(receive, self.max_body_bytes)
         except _BodyTooLarge:
             await self._too_large(scope, receive, send_with_id, f"passed {self.max_body_bytes} bytes")
+            return
+        except TimeoutError:
+            await self._too_slow(scope, receive, send_with_id)
             return
         if body is None:  # the client left (or the read timeout closed the connection) mid-body
             return
@@ -129,7 +144,7 @@ class RequestGate:
             elif not _is_json(media):
                 raise _Refused(
                     UNSUPPORTED_MEDIA_TYPE,
-                    f"Content-Type {media.strip()!r} is not served: send the body as JSON, with "
+                    f"Content-Type {echo(media.strip())} is not served: send the body as JSON, with "
                     "'Content-Type: application/json'", "Content-Type",
                 )
             if not body.strip():
@@ -147,6 +162,14 @@ class RequestGate:
         response = error_response(
             413, f"the request body {size}; this server takes at most {self.max_body_bytes} bytes",
             "invalid_request_error",
+        )
+        await response(scope, receive, send)
+
+    async def _too_slow(self, scope: Scope, receive: Receive, send: Send) -> None:
+        logger.info("request %s refused: its body did not arrive within %g s", scope[REQUEST_ID_KEY], self.body_timeout)
+        response = error_response(
+            REQUEST_TIMEOUT, f"the request body did not arrive whole within {self.body_timeout:g} s of its headers; "
+            "send the body at once", "timeout_error", headers={"Connection": "close"},
         )
         await response(scope, receive, send)
 
@@ -207,7 +230,7 @@ def _decode(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding not in DECODABLE:
         raise _Refused(
             UNSUPPORTED_MEDIA_TYPE,
-            f"Content-Encoding {encoding!r} is not served: send the body as is, or with gzip or deflate",
+            f"Content-Encoding {echo(encoding)} is not served: send the body as is, or with gzip or deflate",
             "Content-Encoding",
         )
     inflater = zlib.decompressobj(wbits=DECODABLE[encoding])

@@ -1,4 +1,4 @@
-"""JSON request bodies parsed once, refusing an object that names a key twice.
+"""JSON request bodies parsed once, as UTF-8 only, refusing an object that names a key twice.
 
 Python's parser keeps the last of two equal keys, other parsers the first, so a body with
 `"prompt"` twice can mean one thing to a proxy or a log and another to this server. Here it is a
@@ -14,6 +14,8 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+
+from catrt.serve.echo import echo
 
 
 class _RepeatedKey(ValueError):
@@ -33,13 +35,16 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads_unique(body: bytes) -> Any:
-    """`json.loads(body)`, but a repeated key in any object is a `json.JSONDecodeError` naming it."""
+    """`json.loads(body)`, but a repeated key in any object is a `json.JSONDecodeError` naming it.
+
+    The body must be UTF-8 (RFC 8259; a leading byte order mark is skipped): `json.loads` would also
+    guess UTF-16 and UTF-32 from the bytes. Other bytes raise `UnicodeDecodeError`."""
+    text = body.decode("utf-8-sig")
     try:
-        return json.loads(body, object_pairs_hook=_unique_object)
+        return json.loads(text, object_pairs_hook=_unique_object)
     except _RepeatedKey as repeated:
-        text = body.decode("utf-8", errors="replace")
         raise json.JSONDecodeError(
-            f"the key {repeated.key!r} appears twice in one object; send each field once", text, 0,
+            f"the key {echo(repeated.key)} appears twice in one object; send each field once", text, 0,
         ) from None
 
 

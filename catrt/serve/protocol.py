@@ -15,6 +15,9 @@ client that keeps reading is not: each `read_timeout` it must only have taken so
 
 A request h11 cannot parse (a malformed request line, a `Content-Length` that is not a number) is
 answered 400 in OpenAI's error body, as every other refusal, instead of uvicorn's plain-text line.
+The server runs without WebSocket support, so a request asking to upgrade (WebSocket, h2c) is
+answered as the plain HTTP request it also is (a 405 on the images route, in OpenAI's error body,
+instead of a bare 403 from a WebSocket handshake nobody serves).
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ class ReadDeadlineH11Protocol(H11Protocol):
         """uvicorn's answer to bytes h11 cannot parse, in OpenAI's error body; the connection is closed."""
         body = json.dumps({"error": {
             "message": "invalid HTTP request: the request line or headers cannot be parsed (a Content-Length "
-                       "that is not a number, a header without a colon...); send a well-formed HTTP/1.1 request",
+                       "that is not a number, a header without a colon, headers longer than 16 KiB...); send a "
+                       "well-formed HTTP/1.1 request",
             "type": "invalid_request_error", "param": None, "code": "400",
         }}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -117,6 +121,11 @@ class ReadDeadlineH11Protocol(H11Protocol):
         except h11.LocalProtocolError:  # an answer was already under way on this connection: just close it
             pass
         self.transport.close()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn warns of each upgrade request and suggests installing a WebSocket library; here it is one
+        info line, as the request is served as plain HTTP on purpose."""
+        logger.info("serving a request that asks to upgrade its connection as plain HTTP/1.1")
 
     def _arm(self) -> None:
         """Start the deadline unless one is running: later bytes of the same request do not extend it."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -41,7 +42,7 @@ from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_er
 from catrt.serve.fleet_start import first_line, ray_start_error
 from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
 from catrt.serve.openapi import describe_served
-from catrt.serve.schemas import ImageGenerationRequest, ImageGenerationResponse
+from catrt.serve.schemas import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ APP_NAME = "catrt"
 MODEL_DEPLOYMENT = "catrt-model"
 INGRESS_DEPLOYMENT = "catrt-ingress"
 DESCRIBE_TIMEOUT = 5.0  # seconds the ingress waits for a replica to say how it is
+# Seconds Ray's proxy waits past the ingress's own deadlines (body, then answer) before its own 408: the
+# ingress answers first, in OpenAI's error body; the proxy's timeout is the backstop for a stuck ingress.
+PROXY_GRACE_SECONDS = 5.0
 
 
 class _Detached:
@@ -189,9 +193,10 @@ class Ingress:
 def ingress_app(ingress: Ingress) -> FastAPI:
     """The single server's app (`base_app`) with routes that forward to the model replicas."""
     config, metrics = ingress.config, ingress.metrics
-    app = base_app(metrics, config)
+    app = base_app(metrics, config, body_deadline=True)  # Ray's proxy has no read deadline of its own
 
-    @app.post(GENERATIONS_PATH, response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
+    @app.post(GENERATIONS_PATH, response_model=ImageGenerationResponse,
+              responses={**ERROR_RESPONSES, 408: {"model": ErrorResponse}})
     async def generate_images(body: ImageGenerationRequest, request: Request) -> Any:
         """Images for one prompt, made by one model replica (its id in `catrt.replica`)."""
         reply = await ingress.forward(body, request.scope[REQUEST_ID_KEY])
@@ -246,6 +251,21 @@ def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key:
     return ingress.bind(settings, model.bind(replica_settings, bundle_key), config.api_key)
 
 
+def http_options(config: ServeConfig) -> dict[str, Any]:
+    """Ray Serve's `HTTPOptions` for `config`: where to listen, and the time limits its proxy can apply.
+
+    The proxy (plain uvicorn) has no read deadline; what Ray offers is an end-to-end limit per request
+    (`request_timeout_s`, a 408 once it passes; a client may lower or lift it with the
+    `x-request-timeout-seconds` header) and the idle keep-alive time (`keep_alive_timeout_s`, whole
+    seconds). The body deadline and the answer's deadline are the ingress's own (`base_app`'s
+    `body_deadline`, `Ingress.forward`), which no header changes; the proxy's limit is set past both."""
+    return {
+        "host": config.host, "port": config.port,
+        "request_timeout_s": config.read_timeout + config.timeout + PROXY_GRACE_SECONDS,
+        "keep_alive_timeout_s": max(1, math.ceil(config.keep_alive)),
+    }
+
+
 def build(args: dict[str, Any]) -> Any:
     """Application builder for `serve run` / KubeRay: `args` = `{"serve": ServeConfig fields, "fleet": FleetConfig
     fields}`; the API key comes from $CATRT_API_KEY, the bundle key from $CATRT_BUNDLE_KEY (as `catrt.load` reads)."""
@@ -267,7 +287,7 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
         signal.signal(signum, lambda *_: stop.set())
     try:
         try:
-            serve.start(http_options={"host": config.host, "port": config.port})
+            serve.start(http_options=http_options(config))
         except (RuntimeError, ray.exceptions.RayError) as error:
             raise ServiceUnavailableError(
                 f"Ray Serve's HTTP proxy did not start on {config.host}:{config.port}: {first_line(error)}; "

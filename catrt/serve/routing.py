@@ -16,6 +16,7 @@ from typing import Any
 from catrt.errors import ConfigError
 from catrt.serve.builds import check_builds
 from catrt.serve.config import ServeConfig
+from catrt.serve.echo import echo, shortened
 from catrt.serve.model import BatchOptions, Row, ServedModel, ServedSpec, load_engines, load_served_model
 from catrt.serve.schemas import ImageGenerationRequest
 from catrt.serve.validation import SIZE_PATTERN, RequestRules
@@ -50,11 +51,11 @@ class Router:
         if size is None or size == "auto":
             return self.default
         if SIZE_PATTERN.fullmatch(size) is None:
-            raise ConfigError(f'size must be "WxH" (e.g. "{self.default.spec.size}") or "auto", got {size!r}',
+            raise ConfigError(f'size must be "WxH" (e.g. "{self.default.spec.size}") or "auto", got {echo(size)}',
                               field="size", value=size)
         if size not in self.models:
             raise ConfigError(
-                f"size={size} is not served: this server serves {', '.join(self.sizes)} "
+                f"size={shortened(size)} is not served: this server serves {', '.join(self.sizes)} "
                 f'("auto" = {self.default.spec.size}); ask for one of those or serve a build of that size',
                 field="size", value=size,
             )

@@ -1,23 +1,37 @@
 """Request and response bodies of the images endpoint: OpenAI's schema plus catrt's own fields.
 
-The request model checks types only: strict (a string "2" is not an `n`), unknown fields refused,
-so a typo is a 400 naming the field rather than a silently ignored setting. What values a server
-takes (its size, `n` range, guidance, prompt length) depends on the build, so those rules live in
+The request model checks types only: strict (a string "2" is not an `n`), unknown fields refused
+(a 400 naming the field, as OpenAI's API answers "Unknown parameter"), so a typo is never a silently
+ignored setting. The fields OpenAI's `images.generate` defines take the values OpenAI's API takes (its
+enums, `output_compression` 0-100, `partial_images` 0-3); another value is a 400 naming the field, as
+OpenAI answers it. Every integer is a 64-bit one: a longer number is no count, seed or step any
+model runs. What values a server takes within those (its size, `n` range, guidance, prompt length,
+the formats it returns) depends on the build, so those rules live in
 `catrt.serve.validation.RequestRules`, which also writes them into the OpenAPI document.
 
-OpenAI SDK fields that do not apply here are accepted and ignored (`model`, `quality`, `style`,
-`user`, `safety_identifier`, `moderation`, `output_compression`), or accepted for the values this
-server honours (`output_format` png, `background` auto / opaque, `stream` false, `partial_images` 0,
-`size` "auto").
+OpenAI fields that do not apply here are accepted and ignored (`model`, `quality`, `style`,
+`complexity`, `user`, `safety_identifier`, `moderation`, `output_compression`), accepted for the
+values this server honours (`output_format` png, `background` auto / opaque, `stream` false,
+`partial_images` 0, `size` "auto", `response_format` b64_json), or refused naming the field when
+sent at all: `frame_count`, `frame_duration_ms` (GIF output) and `svg` (SVG output) ask for output
+this server does not make, and OpenAI takes them only with those output formats.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 IGNORED = "accepted for OpenAI clients and ignored"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+#: The request fields for output this server does not make: sent with any value but null, a 400 naming them.
+UNSERVED_OUTPUT = {
+    "frame_count": "frame_count sets the frames of GIF output",
+    "frame_duration_ms": "frame_duration_ms sets the frame delay of GIF output",
+    "svg": "svg sets how SVG output is written",
+}
 
 
 class ImageGenerationRequest(BaseModel):
@@ -26,24 +40,33 @@ class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: StrictStr = Field(description="text to draw; not blank, at most the model's text length in tokens")
-    n: StrictInt | None = Field(None, description="images (default 1); at most the build's batch")
+    n: Int64 | None = Field(None, description="images (default 1); at most the build's batch")
     size: StrictStr | None = Field(None, description='"WxH" as the build serves, or "auto" (the served size; default)')
-    response_format: StrictStr | None = Field(None, description="b64_json (default); url is not served")
-    output_format: StrictStr | None = Field(None, description="png (default); no other format is served")
-    background: StrictStr | None = Field(None, description="auto or opaque (images are opaque); transparent is not served")
+    response_format: Literal["url", "b64_json"] | None = Field(None, description="b64_json (default); url is not served")
+    output_format: Literal["png", "webp", "jpeg", "gif", "svg"] | None = Field(
+        None, description="png (default); no other format is served")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description="auto or opaque (images are opaque); transparent is not served")
     stream: StrictBool | None = Field(None, description="false; streaming is not served")
-    partial_images: StrictInt | None = Field(None, description="0; partial images come only with streaming, which is not served")
+    partial_images: Annotated[StrictInt, Field(ge=0, le=3)] | None = Field(
+        None, description="0; partial images come only with streaming, which is not served")
     model: StrictStr | None = Field(None, description=f"{IGNORED}: the server serves one model")
-    quality: StrictStr | None = Field(None, description=f"{IGNORED}: the build fixes steps and size")
-    style: StrictStr | None = Field(None, description=IGNORED)
+    quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] | None = Field(
+        None, description=f"{IGNORED}: the build fixes steps and size")
+    style: Literal["vivid", "natural"] | None = Field(None, description=IGNORED)
+    complexity: Literal["low", "medium", "high"] | None = Field(None, description=IGNORED)
     user: StrictStr | None = Field(None, description=IGNORED)
     safety_identifier: StrictStr | None = Field(None, description=IGNORED)
-    moderation: StrictStr | None = Field(None, description=f"{IGNORED}: this server runs no moderation")
-    output_compression: StrictInt | None = Field(None, description=f"{IGNORED}: PNG is lossless")
-    seed: StrictInt | None = Field(None, description="image i uses seed + i; random if absent")
+    moderation: Literal["low", "auto"] | None = Field(None, description=f"{IGNORED}: this server runs no moderation")
+    output_compression: Annotated[StrictInt, Field(ge=0, le=100)] | None = Field(
+        None, description=f"{IGNORED}: PNG is lossless")
+    frame_count: Int64 | None = Field(None, description="GIF output is not served: leave it out")
+    frame_duration_ms: Int64 | None = Field(None, description="GIF output is not served: leave it out")
+    svg: dict[str, Any] | None = Field(None, description="SVG output is not served: leave it out")
+    seed: Int64 | None = Field(None, description="image i uses seed + i; random if absent")
     negative_prompt: StrictStr | None = Field(None, description="what to steer away from; same limits as prompt")
     guidance_scale: float | None = Field(None, strict=True, description="classifier-free guidance; the model's default if absent")
-    steps: StrictInt | None = Field(None, description="must be the build's step count")
+    steps: Int64 | None = Field(None, description="must be the build's step count")
     alpha: float | None = Field(
         None, strict=True, description="run at this served alpha (pinned); absent: the server's alpha policy picks"
     )

@@ -105,6 +105,7 @@ def run_server(config: ServeConfig) -> int:
     app = build_app(worker, metrics, config)
     uvicorn_config = uvicorn.Config(
         app, http=read_deadline_protocol(config.read_timeout), timeout_keep_alive=config.keep_alive,
+        ws="none",  # no WebSocket routes: an Upgrade request is answered as the HTTP request it also is
         log_config=None, access_log=False, backlog=BACKLOG,
     )
     server = DrainingServer(uvicorn_config, worker, _address(sock))

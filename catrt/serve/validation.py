@@ -20,7 +20,8 @@ from catrt.bundle import check_request
 from catrt.errors import ConfigError
 from catrt.request_values import check_guidance, check_prompt_text, check_seed, largest_seed, prompt_pattern
 from catrt.serve.model import BatchOptions, Row, ServedModel
-from catrt.serve.schemas import ImageGenerationRequest
+from catrt.serve.echo import echo, shortened
+from catrt.serve.schemas import UNSERVED_OUTPUT, ImageGenerationRequest
 
 SIZE_PATTERN = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")  # whole strings only: fullmatch
 # check_request's argument names -> the request field a client sets them with.
@@ -48,7 +49,7 @@ class RequestRules:
         n = 1 if body.n is None else body.n
         if not 1 <= n <= self.spec.batch:
             raise ConfigError(
-                f"n={n} is not served: this server makes 1 to {self.spec.batch} images per request (its batch) at size "
+                f"n={echo(n)} is not served: this server makes 1 to {self.spec.batch} images per request (its batch) at size "
                 f"{self.spec.size}",
                 field="n", value=n,
             )
@@ -76,27 +77,33 @@ class RequestRules:
         if body.response_format not in (None, "b64_json"):
             hint = " (the server hosts no images; images come inline)" if body.response_format == "url" else ""
             raise ConfigError(
-                f"response_format {body.response_format!r} is not served{hint}; ask for b64_json, the default",
+                f"response_format {echo(body.response_format)} is not served{hint}; ask for b64_json, the default",
                 field="response_format", value=body.response_format,
             )
         if body.output_format not in (None, "png"):
             raise ConfigError(
-                f"output_format {body.output_format!r} is not served; this server returns png only",
+                f"output_format {echo(body.output_format)} is not served; this server returns png only",
                 field="output_format", value=body.output_format,
             )
         if body.background not in (None, "auto", "opaque"):
             raise ConfigError(
-                f"background {body.background!r} is not served; images are opaque (ask for auto or opaque)",
+                f"background {echo(body.background)} is not served; images are opaque (ask for auto or opaque)",
                 field="background", value=body.background,
             )
         if body.stream:
             raise ConfigError("stream=true is not served; images come in one answer", field="stream", value=True)
         if body.partial_images:
             raise ConfigError(
-                f"partial_images={body.partial_images} is not served: partial images come only with streaming, "
+                f"partial_images={echo(body.partial_images)} is not served: partial images come only with streaming, "
                 "which this server does not do; leave it out or send 0",
                 field="partial_images", value=body.partial_images,
             )
+        for name, purpose in UNSERVED_OUTPUT.items():
+            if getattr(body, name) is not None:
+                raise ConfigError(
+                    f"{purpose}, which this server does not make (it returns png only); leave {name} out",
+                    field=name,
+                )
 
     def _guidance(self, value: float | None) -> float:
         return self.spec.default_guidance if value is None else check_guidance(value)
@@ -106,7 +113,7 @@ class RequestRules:
         if alpha is not None and alpha not in self.spec.alphas:
             served = ", ".join(f"{each:g}" for each in self.spec.alphas)
             raise ConfigError(
-                f"alpha={alpha!r} is not served: this server serves alpha {served}; ask for one of those or leave "
+                f"alpha={echo(alpha)} is not served: this server serves alpha {served}; ask for one of those or leave "
                 f"alpha out (the server's policy picks)",
                 field="alpha", value=alpha,
             )
@@ -118,7 +125,7 @@ class RequestRules:
             return self.spec.width, self.spec.height
         match = SIZE_PATTERN.fullmatch(size)
         if match is None:
-            raise ConfigError(f'size must be "WxH" (e.g. "{self.spec.size}") or "auto", got {size!r}', field="size")
+            raise ConfigError(f'size must be "WxH" (e.g. "{self.spec.size}") or "auto", got {echo(size)}', field="size")
         return int(match.group(1)), int(match.group(2))
 
     def call_arguments(self, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
@@ -143,7 +150,8 @@ class RequestRules:
         except ConfigError as error:
             param = CALL_PARAMS.get(error.field or "", error.field)
             shown = f"{width}x{height}" if param == "size" else asked.get(param)
-            raise ConfigError(f"{param}={shown} is not served: {error}", field=param, value=shown) from None
+            raise ConfigError(f"{param}={shortened(str(shown))} is not served: {error}", field=param,
+                              value=shown) from None
 
     def _check_served_call(self, arguments: dict[str, Any]) -> None:
         """An eager server runs the one size and step count it was started with (its warm-up and batches)."""
@@ -199,6 +207,8 @@ class RequestRules:
             "background": _nullable({"type": "string", "enum": ["auto", "opaque"]}, "images are opaque"),
             "stream": _nullable({"type": "boolean", "enum": [False]}, "streaming is not served"),
             "partial_images": _nullable({"type": "integer", "enum": [0]}, "partial images need streaming, which is not served"),
+            **{name: {"type": "null", "description": f"{purpose}, which is not served: leave it out"}
+               for name, purpose in UNSERVED_OUTPUT.items()},
         }
 
 
