@@ -105,12 +105,11 @@ class RequestGate:
             await self._too_large(scope, receive, send_with_id, f"is {declared} bytes")
             return
         try:
-            async with asyncio.timeout(self.body_timeout):
-                body = await _read_body(receive, self.max_body_bytes)
+            body = await asyncio.wait_for(_read_body(receive, self.max_body_bytes), self.body_timeout)
         except _BodyTooLarge:
             await self._too_large(scope, receive, send_with_id, f"passed {self.max_body_bytes} bytes")
             return
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             await self._too_slow(scope, receive, send_with_id)
             return
         if body is None:  # the client left (or the read timeout closed the connection) mid-body
