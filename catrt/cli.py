@@ -23,7 +23,7 @@ from typing import Any, Literal, NoReturn
 
 from catrt.checks import MAX_BATCH, repeated  # stdlib + catrt.errors only
 from catrt.config import CATConfig  # stdlib + catrt.errors only
-from catrt.errors import CatrtError, ConfigError
+from catrt.errors import CatrtError, ConfigError, echo, shorten
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
 
 DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisable images, no download
@@ -75,13 +75,43 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args: typing.Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> argparse.Namespace:  # type: ignore[override]
+        """argparse leaves words no parser took to the top one, whose error would point to `catrt --help`;
+        they are reported by the subcommand that was parsing, whose help lists what it takes."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._command_parser(parsed).error(f"unrecognized arguments: {shorten(' '.join(extras))}")
+        return parsed
+
+    # argparse quotes a value it cannot convert or that is not a choice whole; these two hooks are where it does.
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as error:
+            raise argparse.ArgumentError(action, error.message.replace(repr(arg_string), echo(arg_string))) from None
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as error:
+            raise argparse.ArgumentError(action, error.message.replace(repr(value), echo(value))) from None
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The (sub)parser of the innermost subcommand `parsed` names; this parser without one."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(parsed, action.dest, None))
+                if chosen is not None:
+                    return chosen._command_parser(parsed) if isinstance(chosen, _Parser) else chosen
+        return self
+
 
 def _positive_int(text: str) -> int:
     """argparse type for pixel sizes and step counts, so 0 or -1 is a usage error, not a crash later."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {echo(text)}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value

@@ -601,3 +601,63 @@ def test_a_model_folder_diffusers_cannot_load_is_one_line_naming_the_folder_not_
     assert f"could not load the model folder {str(folder)!r} as a diffusers pipeline (OSError: " in line  # was: --out cannot be written
     assert "--out" not in line
     assert sorted(path.name for path in tmp_path.iterdir()) == ["saved"]  # no image, no staged file left
+
+
+# Per subcommand: arguments that parse, one required argument left out (None: the command has none), a bad choice.
+USAGE_CASES = {
+    "generate": (("--prompt", "x"), ("--out", "x.png"), ("--precision", "fp8")),
+    "build": (("--steps", "4"), None, ("--backend", "fast")),
+    "inspect": (("engines/x",), ("--bundle-key-file", "k"), None),
+    "macs": (("--model", "sd3"), ("--steps", "4"), ("--model", "sd9")),
+    "serve": (("--model", "reference"), ("--port", "8000"), ("--precision", "fp8")),
+    "compare": (("--prompts", "p.txt", "--out", "o"), ("--prompts", "p.txt"), ("--rules", "best")),
+}
+
+
+def _usage_error(capfd: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """`catrt argv` must stop in argparse: exit 2, one stderr line, no traceback."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert done.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", sorted(USAGE_CASES))
+def test_a_usage_error_points_to_its_subcommands_help(capfd: pytest.CaptureFixture[str], command: str) -> None:
+    """An unknown flag or word was reported by the top parser (`see catrt --help`, which does not list the
+    subcommand's flags); a missing required argument and a bad choice are the subcommand's too."""
+    valid, missing, choice = USAGE_CASES[command]
+    for extra, what in ((["--bogus"], "unrecognized arguments: --bogus"), (["--bogus", "stray"], "unrecognized arguments: --bogus stray")):
+        line = _usage_error(capfd, [command, *valid, *extra])
+        assert line == f"catrt {command}: error: {what} (see catrt {command} --help)"
+    if missing is not None:
+        line = _usage_error(capfd, [command, *missing])
+        assert line.startswith(f"catrt {command}: error: the following arguments are required: ") or \
+            line.startswith(f"catrt {command}: error: one of the arguments ")
+        assert line.endswith(f"(see catrt {command} --help)")
+    if choice is not None:
+        line = _usage_error(capfd, [command, *valid, *choice])
+        assert line.startswith(f"catrt {command}: error: argument {choice[0]}: invalid choice: {choice[1]!r}")
+        assert line.endswith(f"(see catrt {command} --help)")
+
+
+def test_a_top_level_usage_error_points_to_catrt_help(capfd: pytest.CaptureFixture[str]) -> None:
+    assert _usage_error(capfd, ["bogus"]).startswith("catrt: error: argument COMMAND: invalid choice: 'bogus'")
+    assert _usage_error(capfd, []).endswith("(see catrt --help)")
+
+
+def test_usage_errors_shorten_a_huge_value(capfd: pytest.CaptureFixture[str]) -> None:
+    """argparse quoted a bad value whole: a 10,000-character one filled the terminal."""
+    huge = "y" * 10_000
+    shown = f"'{'y' * 39}…{'y' * 19}' (10000 characters)"
+    for argv, message in (
+        (["generate", "--prompt", "x", "--precision", huge], f"argument --precision: invalid choice: {shown} (choose from"),
+        (["generate", "--prompt", "x", "--seed", huge], f"argument --seed: invalid int value: {shown}"),
+        (["generate", "--prompt", "x", "--height", huge], f"argument --height: expected a positive integer, got {shown}"),
+        ([huge], f"argument COMMAND: invalid choice: {shown}"),
+        (["generate", "--prompt", "x", huge], f"unrecognized arguments: {'y' * 40}…{'y' * 20} (10000 characters)"),
+    ):
+        line = _usage_error(capfd, argv)
+        assert message in line and len(line) < 300, line
