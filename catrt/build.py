@@ -40,7 +40,7 @@ from catrt.manifest import (
 from catrt.models import Adapter, make_adapter
 from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.prompts import check_text_length
-from catrt.publish import staged_folder
+from catrt.publish import refuse_non_folder, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +132,17 @@ def _build(
 ) -> Path:
     name = config.build_name()
     bar.set_description(f"catrt build {name}")
+    backend = BACKEND_BUILDS[config.backend]
+    # Where the build will be published, checked before minutes of work: a user's file there is refused, not moved.
+    refuse_non_folder(out_dir / name, "move it away, or build into another --out", field="out_dir")
+    if backend.needs_onnx:
+        refuse_non_folder(export_dir / name, "move it away, or export into another --export-dir", field="export_dir")
+    _check_same_model(out_dir / name, config.model)
     bar.set_postfix_str(STAGES[1])
     reference = _reference(config, pipe, adapter)
     specs = {graph: graph_spec(reference.inputs[graph], reference.outputs[graph]) for graph in reference.inputs}
     bar.update()
-    backend = BACKEND_BUILDS[config.backend]
     exporters: dict[str, str] = {}
-    _check_same_model(out_dir / name, config.model)
     if backend.needs_onnx and (export_dir / name / MANIFEST_FILE).exists():
         raise ConfigError(
             f"export_dir {export_dir} holds the engine bundle {name}: the ONNX export would take its place; give "

@@ -661,3 +661,30 @@ def test_usage_errors_shorten_a_huge_value(capfd: pytest.CaptureFixture[str]) ->
     ):
         line = _usage_error(capfd, argv)
         assert message in line and len(line) < 300, line
+
+
+@pytest.mark.parametrize("taken", ["out", "export"])
+def test_build_refuses_a_file_where_its_folder_would_go_before_any_work(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken: str
+) -> None:
+    """A plain file at engines/<build-name> (or export/<build-name>) was swapped aside as if an earlier build."""
+    import catrt.build
+    from catrt.build_config import BuildConfig
+
+    monkeypatch.setattr(catrt.build, "capture_step_sample", lambda *args, **kwargs: pytest.fail("started the build"))
+    name = BuildConfig(model="tiny-sd3", height=32, width=32, steps=4, t0=2, precision="fp32", backend="onnxruntime").build_name()
+    folders = {"out": tmp_path / "engines", "export": tmp_path / "export"}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders[taken] / name).write_text("the user's")
+    assert main(["build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--height", "32", "--width", "32", "--steps", "4",
+                 "--t0", "2", "--out", str(folders["out"]), "--export-dir", str(folders["export"])]) == 2
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # the progress bar's model loading comes before
+    assert "Traceback" not in err and len(errors) == 1, err
+    line = errors[0]
+    flag = "--out" if taken == "out" else "--export-dir"
+    assert line.endswith(f"{folders[taken] / name} is a file, so nothing is published there (it is left as it is); "
+                         f"move it away, or {'build' if taken == 'out' else 'export'} into another {flag}"), line
+    assert sorted(path.name for path in tmp_path.rglob("*")) == sorted(["engines", "export", name])
+    assert (folders[taken] / name).read_text() == "the user's"
