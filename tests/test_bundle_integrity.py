@@ -657,3 +657,27 @@ def test_a_file_where_the_folder_would_go_is_refused_and_kept(tmp_path: Path) ->
             (staging / "file").write_text("new")
             final.write_text("the user's")  # made while the build ran
     assert final.read_text() == "the user's" and sorted(tmp_path.iterdir()) == [final]
+
+
+def test_a_staging_folder_is_locked_before_another_build_may_look_for_abandoned_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between mkdtemp and its lock a concurrent build's cleanup took the fresh folder for a killed build's and
+    removed it: the folder's parent is held from the cleanup to the lock, so that cleanup waits."""
+    import tempfile
+
+    final = tmp_path / "bundle"
+    made = tempfile.mkdtemp
+
+    def made_while_another_build_starts(*args: Any, **kwargs: Any) -> str:
+        folder = made(*args, **kwargs)
+        other = os.open(tmp_path, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # the other build's staged_folder would wait here
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+        return folder
+
+    monkeypatch.setattr(tempfile, "mkdtemp", made_while_another_build_starts)
+    with staged_folder(final) as staging:
+        (staging / "file").write_text("new")
+    assert (final / "file").read_text() == "new"
