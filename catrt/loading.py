@@ -24,6 +24,7 @@ from torch import nn
 from catrt.errors import ConfigError
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_model_source
 from catrt.models import family_of
+from catrt.models import PIPELINES
 from catrt.reference.pipeline import load_reference_pipeline
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
 
@@ -98,7 +99,7 @@ def _load_folder(folder: str, dtype: torch.dtype, transformer_weights: bool) -> 
     """A local diffusers folder; one that diffusers cannot load (a component missing or corrupt, a pipeline class
     diffusers does not know) is a ConfigError naming the folder and diffusers' reason, not its traceback."""
     try:
-        return _from_pretrained(DiffusionPipeline, folder, dtype, transformer_weights)
+        return _from_pretrained(_pipeline_class(folder), folder, dtype, transformer_weights)
     except Exception as error:  # diffusers raises OSError, ValueError, AttributeError, KeyError... for a bad folder
         reason = next(iter(str(error).splitlines()), "")
         raise ConfigError(
@@ -106,6 +107,19 @@ def _load_folder(folder: str, dtype: torch.dtype, transformer_weights: bool) -> 
             f"pass a folder written by a diffusers pipeline's save_pretrained, or a catrt model name",
             field="model", value=folder,
         ) from error
+
+
+def _pipeline_class(folder: str) -> type[DiffusionPipeline]:
+    """The class that loads `folder`: DiffusionPipeline finds a pipeline class by its saved name in diffusers
+    only, so a pipeline class registered with catrt and not in diffusers (the reference model's) loads itself."""
+    try:
+        name = DiffusionPipeline.load_config(folder).get("_class_name")
+    except (OSError, ValueError):
+        return DiffusionPipeline  # its load says what is wrong with the folder
+    if not isinstance(name, str) or hasattr(diffusers, name):
+        return DiffusionPipeline
+    own = (cls for cls in PIPELINES if cls.__name__ == name and issubclass(cls, DiffusionPipeline))
+    return next(own, DiffusionPipeline)
 
 
 def usable_device(device: str | torch.device) -> torch.device:
