@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from catrt.checks import MAX_BATCH, repeated  # stdlib + catrt.errors only
+from catrt.checks import MAX_BATCH, path_is, repeated  # stdlib + catrt.errors only
 from catrt.config import CATConfig  # stdlib + catrt.errors only
-from catrt.errors import CatrtError, ConfigError, echo, shorten
+from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo, echo_path, shorten
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
 
 DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisable images, no download
@@ -218,7 +218,7 @@ def _check_device_name(name: str) -> None:
     kind, separator, index = name.partition(":")
     if kind not in DEVICE_TYPES or (separator and not (index.isascii() and index.isdigit())):
         raise ConfigError(
-            f"--device {name!r} is not a device catrt runs on; use cpu, cuda, cuda:N or mps", field="device", value=name,
+            f"--device {echo(name)} is not a device catrt runs on; use cpu, cuda, cuda:N or mps", field="device", value=name,
         )
 
 
@@ -429,7 +429,7 @@ def _refuse_fixed_flags(args: argparse.Namespace, fixed: typing.Iterable[str]) -
         value = getattr(args, name)
         if value is not None and value is not False:
             raise ConfigError(
-                f"{_flag(name)} cannot be used with --engines: the build fixes it (see catrt inspect {args.engines}); "
+                f"{_flag(name)} cannot be used with --engines: the build fixes it (see catrt inspect {echo_path(args.engines)}); "
                 f"drop {_flag(name)}, or build an engine with it",
                 field=name, value=value,
             )
@@ -440,7 +440,7 @@ def _check_against_build(args: argparse.Namespace, build: Any) -> None:
     are refused before the bundle is loaded."""
     if build.batch != 1:
         raise ConfigError(
-            f"{args.engines} was built for batch {build.batch} (images per call) and catrt generate makes one image: "
+            f"{echo_path(args.engines)} was built for batch {build.batch} (images per call) and catrt generate makes one image: "
             f"build an engine with --batch 1, or serve this one (catrt serve --engines fills its batches)",
             field="batch", value=build.batch,
         )
@@ -525,7 +525,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     key = resolve_key(None if args.bundle_key_file is None else read_key_file(args.bundle_key_file))
     manifest, problems = bundle_problems(Path(args.engines), key)
-    print(f"engine {args.engines}")
+    print(f"engine {echo_path(args.engines)}")
     if manifest is not None:
         _print_manifest(manifest)
         if manifest.signature is None:
@@ -538,7 +538,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if problems:
         for problem in problems:
             print(f"catrt inspect: error: {_one_line(problem)}", file=sys.stderr)
-        print(f"catrt inspect: {len(problems)} problem(s) found in {args.engines}", file=sys.stderr)
+        print(f"catrt inspect: {len(problems)} problem(s) found in {echo_path(args.engines)}", file=sys.stderr)
         return 2
     print("files and machine: OK")
     return 0
@@ -807,8 +807,8 @@ def _add_macs_parser(commands: argparse._SubParsersAction) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Unpruned vs each rule on every prompt and seed: report.md, metrics.csv, grid.png in --out."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {args.out!r} is a file; give a folder for report.md, metrics.csv and grid.png",
+    if path_is(out) and not path_is(out, "folder"):
+        raise ConfigError(f"--out {echo(args.out, PATH_ECHO_LIMIT)} is a file; give a folder for report.md, metrics.csv and grid.png",
                           field="out", value=args.out)
     from catrt.compare import Variant, read_prompts
     from catrt.request_values import check_guidance, check_prompt_text, check_seed
@@ -818,7 +818,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for flag, values in (("--rules", args.rules), ("--seeds", args.seeds)):
         twice = repeated(values)
         if twice:  # a repeat would overwrite its images and count its metrics twice
-            raise ConfigError(f"{flag} repeats {', '.join(map(str, twice))}; list each once", field=flag, value=twice)
+            raise ConfigError(f"{flag} repeats {shorten(', '.join(map(str, twice)))}; list each once", field=flag, value=twice)
     if args.guidance_scale is not None:
         check_guidance(args.guidance_scale, name="--guidance-scale")
     prompts = read_prompts(Path(args.prompts))

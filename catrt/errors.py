@@ -9,6 +9,9 @@ from __future__ import annotations
 #: Longest user value an error message echoes whole. A longer one (a 10,000-character prompt pasted as a
 #: flag, a huge list) would bury the message; it is echoed as its start and end around an ellipsis.
 ECHO_LIMIT = 80
+#: The same for a path (or a model that may be a folder): the user must find that file, so the paths people
+#: use are echoed whole, and only a runaway one (a pasted text, a 10,000-character mistake) is shortened.
+PATH_ECHO_LIMIT = 240
 
 
 def shorten(text: str, limit: int = ECHO_LIMIT, length: int | None = None) -> str:
@@ -25,7 +28,16 @@ def shorten(text: str, limit: int = ECHO_LIMIT, length: int | None = None) -> st
 def echo(value: object, limit: int = ECHO_LIMIT) -> str:
     """A user's value as an error message quotes it: its repr, shortened by `shorten` (a string's length is its own,
     without the quotes)."""
-    return shorten(repr(value), limit, len(value) if isinstance(value, str) else None)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit printing limit
+        return f"<{type(value).__name__} too large to print>"
+    return shorten(text, limit, len(value) if isinstance(value, str) else None)
+
+
+def echo_path(path: object) -> str:
+    """A path as an error message prints it (unquoted), shortened by `shorten` past PATH_ECHO_LIMIT."""
+    return shorten(str(path), PATH_ECHO_LIMIT)
 
 
 class CatrtError(Exception):

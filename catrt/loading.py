@@ -21,7 +21,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from catrt.errors import ConfigError
+from catrt.errors import PATH_ECHO_LIMIT, ConfigError, echo
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_model_source
 from catrt.models import family_of
 from catrt.models import PIPELINES
@@ -103,7 +103,7 @@ def _load_folder(folder: str, dtype: torch.dtype, transformer_weights: bool) -> 
     except Exception as error:  # diffusers raises OSError, ValueError, AttributeError, KeyError... for a bad folder
         reason = next(iter(str(error).splitlines()), "")
         raise ConfigError(
-            f"could not load the model folder {folder!r} as a diffusers pipeline ({type(error).__name__}: {reason}); "
+            f"could not load the model folder {echo(folder, PATH_ECHO_LIMIT)} as a diffusers pipeline ({type(error).__name__}: {reason}); "
             f"pass a folder written by a diffusers pipeline's save_pretrained, or a catrt model name",
             field="model", value=folder,
         ) from error
@@ -127,10 +127,10 @@ def usable_device(device: str | torch.device) -> torch.device:
     try:
         found = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N", field="device", value=device) from None
+        raise ConfigError(f"device {echo(device)} is not a torch device; use cpu, cuda or cuda:N", field="device", value=device) from None
     if found.type == "cuda" and not torch.cuda.is_available():
         build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
-        raise ConfigError(f"device {device!r}: this machine has no usable CUDA GPU{build}; use cpu", field="device", value=device)
+        raise ConfigError(f"device {echo(device)}: this machine has no usable CUDA GPU{build}; use cpu", field="device", value=device)
     return found
 
 
@@ -149,7 +149,7 @@ def load_pipeline(
     device = usable_device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(
-            f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {dtype!r}",
+            f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {echo(dtype)}",
             field="dtype", value=dtype,
         )
     key = check_model_source(name_or_path)

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from catrt.errors import BuildError, ConfigError
+from catrt.errors import BuildError, ConfigError, echo_path
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -62,7 +62,7 @@ def refuse_non_folder(final: Path, fix: str, field: str = "path") -> None:
     """Refuse a `final` that exists but is not a folder: publishing would swap a user's file away."""
     if os.path.lexists(final) and not final.is_dir():
         kind = "a file" if final.is_file() else "not a folder"
-        raise ConfigError(f"{final} is {kind}, so nothing is published there (it is left as it is); {fix}",
+        raise ConfigError(f"{echo_path(final)} is {kind}, so nothing is published there (it is left as it is); {fix}",
                           field=field, value=str(final))
 
 
@@ -121,9 +121,9 @@ def _put_in_place(staging: Path, final: Path) -> None:
                 return
         except OSError as error:
             if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                raise BuildError(f"could not put the new folder in place at {final} ({error.strerror}); nothing "
+                raise BuildError(f"could not put the new folder in place at {echo_path(final)} ({error.strerror}); nothing "
                                  "was published there", field="path", value=str(final)) from None
-    raise BuildError(f"{final} kept changing while this one was put in place (other builds of the same name at "
+    raise BuildError(f"{echo_path(final)} kept changing while this one was put in place (other builds of the same name at "
                      "once?); nothing was published there: run it again", field="path", value=str(final))
 
 

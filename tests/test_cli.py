@@ -688,3 +688,26 @@ def test_build_refuses_a_file_where_its_folder_would_go_before_any_work(
                          f"move it away, or {'build' if taken == 'out' else 'export'} into another {flag}"), line
     assert sorted(path.name for path in tmp_path.rglob("*")) == sorted(["engines", "export", name])
     assert (folders[taken] / name).read_text() == "the user's"
+
+
+@pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.parametrize("argv", [
+    ("generate", "--prompt", "x", "--model", "{huge}"),
+    ("generate", "--prompt", "x", "--device", "{huge}"),
+    ("generate", "--prompt", "x", "--out", "{huge}"),
+    ("generate", "--prompt", "x", "--out", "{huge}.png"),
+    ("generate", "--prompt", "x", "--engines", "{huge}"),
+    ("generate", "--prompt", "x", "--engines", "{tmp}", "--bundle-key-file", "{huge}"),
+    ("build", "--model", "{huge}"),
+    ("build", "--model", "tiny-sd3", "--out", "{huge}"),
+    ("build", "--model", "tiny-sd3", "--sign-key-file", "{huge}"),
+    ("compare", "--prompts", "{huge}", "--out", "{tmp}/out"),
+    ("compare", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/out", "--seeds", *[str(seed) for seed in range(2000)] * 2),
+    ("serve", "--model", "{huge}"),
+])
+def test_a_huge_value_is_echoed_shortened_in_one_line(capfd: pytest.CaptureFixture[str], tmp_path: Path, argv: tuple[str, ...]) -> None:
+    """A 10,000-character value was quoted whole, and a path that long crashed pathlib's checks (OSError: File name
+    too long) before its own refusal."""
+    (tmp_path / "p.txt").write_text("a cat\n")
+    line = _fails(capfd, *(value.format(huge="y" * 10_000, tmp=tmp_path) for value in argv))
+    assert "…" in line and len(line) < 600, line

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
+from catrt.errors import echo
 from catrt.pipeline import PipelineSpec, register_pipeline
 from catrt.reference.text import ReferenceTextEncoder, caption_vocabulary, token_ids, word_tokenizer
 
@@ -116,7 +117,7 @@ class ReferencePipeline(DiffusionPipeline):
             if value % patch or not 0 < value <= largest:
                 raise ValueError(f"{name} must be a positive multiple of {patch} up to {largest}, got {value}")
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {echo(output_type)}")
 
     @staticmethod
     def _prompt_lists(
