@@ -75,7 +75,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    def parse_args(self, args: typing.Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> argparse.Namespace:  # type: ignore[override]
+    def parse_args(  # type: ignore[override]
+        self, args: typing.Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
         """argparse leaves words no parser took to the top one, whose error would point to `catrt --help`;
         they are reported by the subcommand that was parsing, whose help lists what it takes."""
         parsed, extras = self.parse_known_args(args, namespace)

@@ -40,7 +40,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError(f"{final.parent} cannot be a folder ({error.strerror}); pick another place",
+        raise ConfigError(f"{echo_path(final.parent)} cannot be a folder ({error.strerror}); pick another place",
                           field="path", value=str(final.parent)) from None
     with _held(final.parent):  # another publish's remove_abandoned cannot take the folder before it is locked
         remove_abandoned(final)
@@ -89,12 +89,19 @@ def _staging_prefix(final: Path) -> str:
 
 @contextlib.contextmanager
 def _held(folder: Path) -> Iterator[None]:
-    """`folder` locked for the block (a flock on its descriptor, released on exit or when the process dies)."""
-    descriptor = _lock(folder)
+    """`folder` locked for the block (a flock on its descriptor, released on exit or when the process dies).
+
+    A folder this user may write in but not read cannot be opened to lock: no publish can hold it then.
+    """
+    try:
+        descriptor = _lock(folder)
+    except PermissionError:
+        descriptor = None
     try:
         yield
     finally:
-        os.close(descriptor)
+        if descriptor is not None:
+            os.close(descriptor)
 
 
 def _lock(folder: Path) -> int:
