@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from catrt.build_config import BuildConfig
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
+from catrt.checks import path_is
 from catrt.contract import pruned_graph
-from catrt.errors import BuildError, CatrtError, ConfigError
+from catrt.errors import PATH_ECHO_LIMIT, BuildError, CatrtError, ConfigError, echo, echo_path
 from catrt.generation import check_pipeline_size
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
 from catrt.integrity import resolve_key, sign_manifest
@@ -40,7 +41,7 @@ from catrt.manifest import (
 from catrt.models import Adapter, make_adapter
 from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.prompts import check_text_length
-from catrt.publish import staged_folder
+from catrt.publish import refuse_non_folder, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def build_engines(
             # The export of a build is published under the bundle's own name: it would replace an earlier bundle
             # before this one is verified, so a failed or interrupted build would leave no bundle there.
             raise ConfigError(
-                f"export_dir and out_dir are both {out_dir}: the ONNX export would take the bundle's place while "
+                f"export_dir and out_dir are both {echo_path(out_dir)}: the ONNX export would take the bundle's place while "
                 f"it builds; give them different folders (--out / --export-dir)",
                 field="export_dir", value=str(export_dir),
             )
@@ -132,16 +133,20 @@ def _build(
 ) -> Path:
     name = config.build_name()
     bar.set_description(f"catrt build {name}")
+    backend = BACKEND_BUILDS[config.backend]
+    # Where the build will be published, checked before minutes of work: a user's file there is refused, not moved.
+    refuse_non_folder(out_dir / name, "move it away, or build into another --out", field="out_dir")
+    if backend.needs_onnx:
+        refuse_non_folder(export_dir / name, "move it away, or export into another --export-dir", field="export_dir")
+    _check_same_model(out_dir / name, config.model)
     bar.set_postfix_str(STAGES[1])
     reference = _reference(config, pipe, adapter)
     specs = {graph: graph_spec(reference.inputs[graph], reference.outputs[graph]) for graph in reference.inputs}
     bar.update()
-    backend = BACKEND_BUILDS[config.backend]
     exporters: dict[str, str] = {}
-    _check_same_model(out_dir / name, config.model)
     if backend.needs_onnx and (export_dir / name / MANIFEST_FILE).exists():
         raise ConfigError(
-            f"export_dir {export_dir} holds the engine bundle {name}: the ONNX export would take its place; give "
+            f"export_dir {echo_path(export_dir)} holds the engine bundle {name}: the ONNX export would take its place; give "
             f"another --export-dir (the default is export)",
             field="export_dir", value=str(export_dir),
         )
@@ -171,7 +176,7 @@ def _build(
 def model_reference(model: str) -> str:
     """How a bundle names its model: a catrt name as it is, a diffusers folder as an absolute path, so the
     bundle loads from any working directory (a relative one would name another folder, or none, elsewhere)."""
-    if model in LOADERS or not (Path(model) / "model_index.json").is_file():
+    if model in LOADERS or not path_is(Path(model) / "model_index.json", "file"):
         return model  # a name wins over a folder of the same name; anything else is refused when loading
     return os.path.abspath(model)
 
@@ -185,8 +190,8 @@ def _check_same_model(folder: Path, model: str) -> None:
         return  # no bundle there, or not one this catrt reads: nothing of the user's is lost
     if isinstance(earlier, str) and earlier != model:
         raise ConfigError(
-            f"{folder} holds a build of model {earlier!r}, this one is of {model!r}: it would replace it; build into "
-            f"another --out, or remove {folder} first",
+            f"{echo_path(folder)} holds a build of model {echo(earlier, PATH_ECHO_LIMIT)}, this one is of {echo(model, PATH_ECHO_LIMIT)}: it would replace it; build into "
+            f"another --out, or remove {echo_path(folder)} first",
             field="out_dir", value=str(folder),
         )
 
@@ -194,26 +199,26 @@ def _check_same_model(folder: Path, model: str) -> None:
 def _check_folder(folder: Path, name: str) -> None:
     """Make `folder` now, before minutes of work, or refuse it; a bundle folder is never a parent of bundles
     (one inside it would make it unloadable: it holds only its listed files)."""
-    if (folder / MANIFEST_FILE).exists():
+    if path_is(folder / MANIFEST_FILE):
         raise ConfigError(
-            f"{name} {folder} is an engine bundle; builds go beside it: give its parent folder (--out / --export-dir)",
+            f"{name} {echo_path(folder)} is an engine bundle; builds go beside it: give its parent folder (--out / --export-dir)",
             field=name, value=str(folder),
         )
     bundle = next((parent for parent in folder.resolve().parents if _is_bundle(parent)), None)
     if bundle is not None:
         raise ConfigError(
-            f"{name} {folder} is inside the engine bundle {bundle}; a folder made there would make that bundle "
+            f"{name} {echo_path(folder)} is inside the engine bundle {echo_path(bundle)}; a folder made there would make that bundle "
             f"unloadable: give a folder outside it (--out / --export-dir)",
             field=name, value=str(folder),
         )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        reason = "it is a file" if folder.is_file() else error.strerror or type(error).__name__
-        raise ConfigError(f"{name} {folder} cannot be a folder ({reason}); pick another (--out / --export-dir)",
+        reason = "it is a file" if path_is(folder, "file") else error.strerror or type(error).__name__
+        raise ConfigError(f"{name} {echo_path(folder)} cannot be a folder ({reason}); pick another (--out / --export-dir)",
                           field=name, value=str(folder)) from None
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"{name} {folder} is not writable; pick another (--out / --export-dir)", field=name, value=str(folder))
+        raise ConfigError(f"{name} {echo_path(folder)} is not writable; pick another (--out / --export-dir)", field=name, value=str(folder))
 
 
 def _is_bundle(folder: Path) -> bool:

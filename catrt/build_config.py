@@ -17,7 +17,7 @@ import torch
 
 from catrt.checks import MAX_BATCH, integer, require
 from catrt.config import CATConfig, config_from_dict
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, echo
 
 Precision = Literal["fp32", "fp16", "bf16"]
 Backend = Literal["auto", "eager", "compile", "onnxruntime", "tensorrt"]
@@ -174,7 +174,7 @@ def format_alphas(alphas: tuple[float, ...]) -> str:
 def _check_alphas(alphas: Any) -> None:
     """A non-empty sequence of distinct alphas (each value is checked by CATConfig)."""
     if isinstance(alphas, (str, bytes)) or not isinstance(alphas, (tuple, list)) or not alphas:
-        raise ConfigError(f"BuildConfig.alphas must be a non-empty list of alphas, got {alphas!r}", field="alphas", value=alphas)
+        raise ConfigError(f"BuildConfig.alphas must be a non-empty list of alphas, got {echo(alphas)}", field="alphas", value=alphas)
     for alpha in alphas:
         try:
             CATConfig(alpha=alpha)  # in (0, 1]

@@ -25,7 +25,7 @@ from typing import Any
 from catrt.build_config import FIXED_CAT_FIELDS, BuildConfig, check_static_schedule
 from catrt.config import CATConfig
 from catrt.engines import ENGINES, Engine, GraphSpec
-from catrt.errors import CatrtError, ConfigError, EngineMismatchError, UnknownModelError
+from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, EngineMismatchError, UnknownModelError, echo
 from catrt.integrity import check_integrity, resolve_key
 from catrt.loading import load_pipeline
 from catrt.manifest import Manifest, describe_device, environment_problems, transformer_config
@@ -139,13 +139,13 @@ def request_batch(arguments: dict[str, Any]) -> int:
     per_prompt = arguments.get("num_images_per_prompt", 1)
     if isinstance(per_prompt, bool) or not isinstance(per_prompt, numbers.Integral) or per_prompt < 1:
         raise ConfigError(
-            f"num_images_per_prompt must be a positive integer, got {per_prompt!r}", field="num_images_per_prompt", value=per_prompt
+            f"num_images_per_prompt must be a positive integer, got {echo(per_prompt)}", field="num_images_per_prompt", value=per_prompt
         )
     return prompts * int(per_prompt)
 
 
 def _describe(value: Any) -> str:
-    return f"an empty {type(value).__name__}" if isinstance(value, (list, tuple)) and not value else f"{type(value).__name__} {value!r}"[:80]
+    return f"an empty {type(value).__name__}" if isinstance(value, (list, tuple)) and not value else f"{type(value).__name__} {echo(value)}"
 
 
 def load(
@@ -234,12 +234,12 @@ def _check_model(build: BuildConfig, manifest: Manifest, pipe: Any, given: bool)
         if given:
             shown = f" ({found}, the build's {expected})" if field.endswith("class") else ""
             raise EngineMismatchError(
-                f"the pipeline given to load has another {what} than the build's model {build.model!r}"
+                f"the pipeline given to load has another {what} than the build's model {echo(build.model, PATH_ECHO_LIMIT)}"
                 f"{shown}; pass a pipeline of that model or let catrt.load load its own",
                 field="pipe", value={"expected": expected, "found": found},
             )
         raise EngineMismatchError(
-            f"model {build.model!r} now has another {what} than the engine was built from ({field} in its manifest); "
+            f"model {echo(build.model, PATH_ECHO_LIMIT)} now has another {what} than the engine was built from ({field} in its manifest); "
             f"rebuild the engine",
             field=f"model.{field}",
             value={"expected": expected, "found": found},
@@ -252,7 +252,7 @@ def _check_model_source(folder: Path, model: str) -> None:
         check_model_source(model)
     except UnknownModelError:
         raise UnknownModelError(
-            f"{folder} was built from model {model!r} (build.model in its manifest), which is neither a catrt model "
+            f"{folder} was built from model {echo(model, PATH_ECHO_LIMIT)} (build.model in its manifest), which is neither a catrt model "
             f"name nor a diffusers folder here: put the model folder back at that path or rebuild the engine",
             field="build.model", value=model,
         ) from None

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, echo
 
 #: Images one model call may take (`catrt build --batch`, `catrt serve --batch`): a server warms up at its
 #: full batch before it answers, and OpenAI's images API asks for at most 10 images per request.
@@ -30,7 +31,16 @@ def repeated(values: Sequence[Any]) -> list[Any]:
     return sorted({value for value in values if values.count(value) > 1})
 
 
+def path_is(path: Path, kind: Literal["file", "folder", "any"] = "any") -> bool:
+    """Whether `path` exists (as a file, a folder). One the OS cannot look up (a name over 255 bytes, say) does
+    not: pathlib raises for it, and a user's mistyped path gets its own one-line refusal, not a traceback."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir() if kind == "folder" else path.exists()
+    except OSError:
+        return False
+
+
 def require(owner: str, name: str, value: Any, valid: bool, must_be: str) -> None:
     """Raise `Owner.name must be <must_be>, got <value>` unless `valid`."""
     if not valid:
-        raise ConfigError(f"{owner}.{name} must be {must_be}, got {value!r}", field=name, value=value)
+        raise ConfigError(f"{owner}.{name} must be {must_be}, got {echo(value)}", field=name, value=value)

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from catrt.checks import MAX_BATCH, repeated  # stdlib + catrt.errors only
+from catrt.checks import MAX_BATCH, path_is, repeated  # stdlib + catrt.errors only
 from catrt.config import CATConfig  # stdlib + catrt.errors only
-from catrt.errors import CatrtError, ConfigError
+from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo, echo_path, shorten
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
 
 DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisable images, no download
@@ -75,13 +75,45 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(  # type: ignore[override]
+        self, args: typing.Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """argparse leaves words no parser took to the top one, whose error would point to `catrt --help`;
+        they are reported by the subcommand that was parsing, whose help lists what it takes."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._command_parser(parsed).error(f"unrecognized arguments: {shorten(' '.join(extras))}")
+        return parsed
+
+    # argparse quotes a value it cannot convert or that is not a choice whole; these two hooks are where it does.
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as error:
+            raise argparse.ArgumentError(action, error.message.replace(repr(arg_string), echo(arg_string))) from None
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as error:
+            raise argparse.ArgumentError(action, error.message.replace(repr(value), echo(value))) from None
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The (sub)parser of the innermost subcommand `parsed` names; this parser without one."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(parsed, action.dest, None))
+                if chosen is not None:
+                    return chosen._command_parser(parsed) if isinstance(chosen, _Parser) else chosen
+        return self
+
 
 def _positive_int(text: str) -> int:
     """argparse type for pixel sizes and step counts, so 0 or -1 is a usage error, not a crash later."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {echo(text)}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
@@ -188,7 +220,7 @@ def _check_device_name(name: str) -> None:
     kind, separator, index = name.partition(":")
     if kind not in DEVICE_TYPES or (separator and not (index.isascii() and index.isdigit())):
         raise ConfigError(
-            f"--device {name!r} is not a device catrt runs on; use cpu, cuda, cuda:N or mps", field="device", value=name,
+            f"--device {echo(name)} is not a device catrt runs on; use cpu, cuda, cuda:N or mps", field="device", value=name,
         )
 
 
@@ -399,7 +431,7 @@ def _refuse_fixed_flags(args: argparse.Namespace, fixed: typing.Iterable[str]) -
         value = getattr(args, name)
         if value is not None and value is not False:
             raise ConfigError(
-                f"{_flag(name)} cannot be used with --engines: the build fixes it (see catrt inspect {args.engines}); "
+                f"{_flag(name)} cannot be used with --engines: the build fixes it (see catrt inspect {echo_path(args.engines)}); "
                 f"drop {_flag(name)}, or build an engine with it",
                 field=name, value=value,
             )
@@ -410,7 +442,7 @@ def _check_against_build(args: argparse.Namespace, build: Any) -> None:
     are refused before the bundle is loaded."""
     if build.batch != 1:
         raise ConfigError(
-            f"{args.engines} was built for batch {build.batch} (images per call) and catrt generate makes one image: "
+            f"{echo_path(args.engines)} was built for batch {build.batch} (images per call) and catrt generate makes one image: "
             f"build an engine with --batch 1, or serve this one (catrt serve --engines fills its batches)",
             field="batch", value=build.batch,
         )
@@ -495,7 +527,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     key = resolve_key(None if args.bundle_key_file is None else read_key_file(args.bundle_key_file))
     manifest, problems = bundle_problems(Path(args.engines), key)
-    print(f"engine {args.engines}")
+    print(f"engine {echo_path(args.engines)}")
     if manifest is not None:
         _print_manifest(manifest)
         if manifest.signature is None:
@@ -508,7 +540,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if problems:
         for problem in problems:
             print(f"catrt inspect: error: {_one_line(problem)}", file=sys.stderr)
-        print(f"catrt inspect: {len(problems)} problem(s) found in {args.engines}", file=sys.stderr)
+        print(f"catrt inspect: {len(problems)} problem(s) found in {echo_path(args.engines)}", file=sys.stderr)
         return 2
     print("files and machine: OK")
     return 0
@@ -777,8 +809,8 @@ def _add_macs_parser(commands: argparse._SubParsersAction) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Unpruned vs each rule on every prompt and seed: report.md, metrics.csv, grid.png in --out."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {args.out!r} is a file; give a folder for report.md, metrics.csv and grid.png",
+    if path_is(out) and not path_is(out, "folder"):
+        raise ConfigError(f"--out {echo(args.out, PATH_ECHO_LIMIT)} is a file; give a folder for report.md, metrics.csv and grid.png",
                           field="out", value=args.out)
     from catrt.compare import Variant, read_prompts
     from catrt.request_values import check_guidance, check_prompt_text, check_seed
@@ -788,7 +820,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for flag, values in (("--rules", args.rules), ("--seeds", args.seeds)):
         twice = repeated(values)
         if twice:  # a repeat would overwrite its images and count its metrics twice
-            raise ConfigError(f"{flag} repeats {', '.join(map(str, twice))}; list each once", field=flag, value=twice)
+            raise ConfigError(f"{flag} repeats {shorten(', '.join(map(str, twice)))}; list each once", field=flag, value=twice)
     if args.guidance_scale is not None:
         check_guidance(args.guidance_scale, name="--guidance-scale")
     prompts = read_prompts(Path(args.prompts))

@@ -24,8 +24,9 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from catrt import metrics
+from catrt.checks import path_is
 from catrt.config import CATConfig
-from catrt.errors import ConfigError
+from catrt.errors import PATH_ECHO_LIMIT, ConfigError, echo
 from catrt.generation import GenerationRequest, generate_image
 from catrt.macs import StepMacs, step_macs
 from catrt.pipeline import accelerate
@@ -267,14 +268,14 @@ def _wrap(text: str, width: int) -> str:
 
 def read_prompts(path: Path) -> list[str]:
     """One prompt per line; blank lines are skipped."""
-    if not path.is_file():
-        raise ConfigError(f"--prompts {str(path)!r} is not a file; give a text file with one prompt per line",
+    if not path_is(path, "file"):
+        raise ConfigError(f"--prompts {echo(str(path), PATH_ECHO_LIMIT)} is not a file; give a text file with one prompt per line",
                           field="prompts", value=str(path))
     try:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
-        raise ConfigError(f"--prompts {str(path)!r} is not UTF-8 text", field="prompts", value=str(path)) from None
+        raise ConfigError(f"--prompts {echo(str(path), PATH_ECHO_LIMIT)} is not UTF-8 text", field="prompts", value=str(path)) from None
     if not prompts:
-        raise ConfigError(f"--prompts {str(path)!r} has no prompts; write one per line", field="prompts", value=str(path))
+        raise ConfigError(f"--prompts {echo(str(path), PATH_ECHO_LIMIT)} has no prompts; write one per line", field="prompts", value=str(path))
     return prompts
 

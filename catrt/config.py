@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TypeVar
 
 from catrt.checks import integer, number, require
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, shorten
 from catrt.request_values import MAX_SEED
 
 T = TypeVar("T")
@@ -110,7 +110,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}", field=unknown[0])
+        raise ConfigError(f"{cls.__name__} has no field(s) {shorten(', '.join(unknown))}", field=unknown[0])
     return cls(**data)
 
 

@@ -6,6 +6,39 @@ without parsing messages.
 
 from __future__ import annotations
 
+#: Longest user value an error message echoes whole. A longer one (a 10,000-character prompt pasted as a
+#: flag, a huge list) would bury the message; it is echoed as its start and end around an ellipsis.
+ECHO_LIMIT = 80
+#: The same for a path (or a model that may be a folder): the user must find that file, so the paths people
+#: use are echoed whole, and only a runaway one (a pasted text, a 10,000-character mistake) is shortened.
+PATH_ECHO_LIMIT = 240
+
+
+def shorten(text: str, limit: int = ECHO_LIMIT, length: int | None = None) -> str:
+    """`text` whole if at most `limit` characters, else its start and end around "…" and its `length` (default:
+    its own), in `limit` characters: the one rule for every user value a catrt error message echoes."""
+    if len(text) <= limit:
+        return text
+    note = f" ({len(text) if length is None else length} characters)"
+    kept = max(limit - len(note) - 1, 2)
+    head = kept - kept // 3  # the start says most about a mistake; the end keeps a path's file name or a closing quote
+    return f"{text[:head]}…{text[len(text) - (kept - head):]}{note}"
+
+
+def echo(value: object, limit: int = ECHO_LIMIT) -> str:
+    """A user's value as an error message quotes it: its repr, shortened by `shorten` (a string's length is its own,
+    without the quotes)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit printing limit
+        return f"<{type(value).__name__} too large to print>"
+    return shorten(text, limit, len(value) if isinstance(value, str) else None)
+
+
+def echo_path(path: object) -> str:
+    """A path as an error message prints it (unquoted), shortened by `shorten` past PATH_ECHO_LIMIT."""
+    return shorten(str(path), PATH_ECHO_LIMIT)
+
 
 class CatrtError(Exception):
     """Base class: a problem catrt detected and can explain."""

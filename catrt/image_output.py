@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from catrt.errors import ConfigError
+from catrt.checks import path_is
+from catrt.errors import PATH_ECHO_LIMIT, ConfigError, echo
 
 # Image formats `--out` may name (PIL format -> the extensions the message lists).
 IMAGE_FORMATS: dict[str, str] = {"PNG": ".png", "JPEG": ".jpg, .jpeg", "WEBP": ".webp"}
@@ -30,9 +31,9 @@ def image_format(value: str) -> tuple[Path, str]:
     out = Path(value)
     format_ = Image.registered_extensions().get(out.suffix.lower())
     if format_ not in IMAGE_FORMATS or format_ not in Image.SAVE:
-        raise ConfigError(f"--out {value!r} is not an image file name: end it in {', '.join(writable)}", field="out", value=value)
-    if out.is_dir():
-        raise ConfigError(f"--out {value!r} is a folder; give a file name such as {out / 'image.png'}", field="out", value=value)
+        raise ConfigError(f"--out {echo(value, PATH_ECHO_LIMIT)} is not an image file name: end it in {', '.join(writable)}", field="out", value=value)
+    if path_is(out, "folder"):
+        raise ConfigError(f"--out {echo(value, PATH_ECHO_LIMIT)} is a folder; give a file name such as {out / 'image.png'}", field="out", value=value)
     return out, format_
 
 
@@ -73,13 +74,13 @@ def save_image(image: Any, staged: Path, format_: str, out: Path) -> None:
 def _check_folders(out: Path) -> None:
     """The nearest existing folder above `out` must be a folder, not a file."""
     folder = out.parent.absolute()
-    while not folder.exists():
+    while not path_is(folder):
         folder = folder.parent
-    if not folder.is_dir():
-        raise ConfigError(f"--out {str(out)!r}: {folder} is a file, not a folder; pick another path",
+    if not path_is(folder, "folder"):
+        raise ConfigError(f"--out {echo(str(out), PATH_ECHO_LIMIT)}: {folder} is a file, not a folder; pick another path",
                           field="out", value=str(out))
 
 
 def _unwritable(out: Path, error: OSError) -> ConfigError:
     reason = error.strerror or type(error).__name__
-    return ConfigError(f"--out {str(out)!r} cannot be written ({reason}); pick a writable folder", field="out", value=str(out))
+    return ConfigError(f"--out {echo(str(out), PATH_ECHO_LIMIT)} cannot be written ({reason}); pick a writable folder", field="out", value=str(out))

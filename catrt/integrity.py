@@ -37,7 +37,7 @@ from catrt.build_config import BuildConfig
 from catrt.build_config import format_alphas
 from catrt.checks import integer
 from catrt.contract import FULL, PRUNED, graph_kind, pruned_k
-from catrt.errors import CatrtError, ConfigError, CorruptBundleError
+from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, CorruptBundleError, echo
 from catrt.key_files import read_key_variable
 from catrt.manifest import (
     MANIFEST_FILE,
@@ -145,7 +145,7 @@ def onnx_graph_problems(folder: Path, graphs: Mapping[str, Any]) -> list[CatrtEr
         wrong += [n for n, io in expected["outputs"].items() if outputs.get(n) != io]
         if wrong:
             problems.append(CorruptBundleError(
-                f"{name} does not compute the {graph} graph the manifest lists: its {wrong[0]!r} is "
+                f"{name} does not compute the {graph} graph the manifest lists: its {echo(wrong[0])} is "
                 f"{inputs.get(wrong[0]) or outputs.get(wrong[0]) or 'missing'}, the manifest says "
                 f"{expected['inputs'].get(wrong[0]) or expected['outputs'].get(wrong[0]) or 'no such tensor'}; "
                 f"the file was swapped or replaced: rebuild the engine",
@@ -158,14 +158,14 @@ def onnx_graph_problems(folder: Path, graphs: Mapping[str, Any]) -> list[CatrtEr
         })
         if elsewhere:
             problems.append(CorruptBundleError(
-                f"{name} reads weights from {elsewhere[0]!r}, not the bundle's weights.bin: rebuild the engine",
+                f"{name} reads weights from {echo(elsewhere[0])}, not the bundle's weights.bin: rebuild the engine",
                 field=name, value=elsewhere[0],
             ))
         own = {initializer.name for initializer in model.graph.initializer}
         foreign = [record["name"] for record in table.get(graph, []) if record["name"] not in own]
         if foreign:
             problems.append(CorruptBundleError(
-                f"initializers.json gives the {graph} graph an initializer {foreign[0]!r} that {name} does not have: "
+                f"initializers.json gives the {graph} graph an initializer {echo(foreign[0])} that {name} does not have: "
                 f"rebuild the engine", field="initializers.json", value=foreign[0],
             ))
         elif table_read:
@@ -189,7 +189,7 @@ def _table_against_graph(graph: str, name: str, model: Any, records: list[dict[s
         table_side = (record["shape"], record["dtype"], str(record["offset"]), str(record["length"]))
         if (dims, dtype, where.get("offset", "0"), where.get("length")) != table_side:
             return [CorruptBundleError(
-                f"initializers.json places the {graph} graph's {record['name']!r} as {record['shape']} {record['dtype']} "
+                f"initializers.json places the {graph} graph's {echo(record['name'])} as {record['shape']} {record['dtype']} "
                 f"at offset {record['offset']} of weights.bin, but {name} has it as {dims} {dtype} at offset "
                 f"{where.get('offset', '0') if dims is not None else 'none (not external)'}: rebuild the engine",
                 field="initializers.json", value=record["name"],
@@ -197,7 +197,7 @@ def _table_against_graph(graph: str, name: str, model: Any, records: list[dict[s
     unlisted = sorted(set(graph_side) - {record["name"] for record in records})
     if unlisted:
         return [CorruptBundleError(
-            f"initializers.json does not list the {graph} graph's weight {unlisted[0]!r} ({name} reads it from "
+            f"initializers.json does not list the {graph} graph's weight {echo(unlisted[0])} ({name} reads it from "
             f"weights.bin): rebuild the engine", field="initializers.json", value=unlisted[0],
         )]
     return []
@@ -223,7 +223,7 @@ def _initializer_table(folder: Path, graphs: Mapping[str, Any], problems: list[C
     size = (folder / WEIGHTS_FILE).stat().st_size
     for graph, records in table.items():
         for index, record in enumerate(records):
-            where = f"entry {index} of graph {graph!r}"
+            where = f"entry {index} of graph {echo(graph)}"
             keys = ("name", "offset", "length", "shape", "dtype")
             if not isinstance(record, dict) or not all(key in record for key in keys):
                 return refuse(f"{where} needs {', '.join(keys)}")
@@ -232,7 +232,7 @@ def _initializer_table(folder: Path, graphs: Mapping[str, Any], problems: list[C
                     and _is_count(length) and isinstance(shape, list) and all(_is_count(d) for d in shape)):
                 return refuse(f"{where} has a field of the wrong kind")
             if length != math.prod(shape) * np.dtype(NUMPY_DTYPES[record["dtype"]]).itemsize or offset + length > size:
-                return refuse(f"{where} ({record['name']!r}) does not fit {WEIGHTS_FILE}: {length} bytes at offset {offset} "
+                return refuse(f"{where} ({echo(record['name'])}) does not fit {WEIGHTS_FILE}: {length} bytes at offset {offset} "
                               f"for shape {shape}, in a file of {size} bytes")
     return table
 
@@ -255,7 +255,7 @@ def read_build_config(manifest: Manifest) -> BuildConfig:
     steps = manifest.build.get("steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:  # the one field BuildConfig does not type-check
         raise CorruptBundleError(
-            f"{MANIFEST_FILE} build.steps must be a positive integer, got {steps!r}; the bundle was edited or is "
+            f"{MANIFEST_FILE} build.steps must be a positive integer, got {echo(steps)}; the bundle was edited or is "
             f"damaged, rebuild the engine",
             field="build.steps", value=steps,
         )
@@ -271,7 +271,7 @@ def read_build_config(manifest: Manifest) -> BuildConfig:
     if build.backend == "auto" or build.height is None or build.width is None:
         unresolved = "backend" if build.backend == "auto" else "height" if build.height is None else "width"
         raise CorruptBundleError(
-            f"{MANIFEST_FILE} build.{unresolved} is unresolved ({getattr(build, unresolved)!r}); a build records the "
+            f"{MANIFEST_FILE} build.{unresolved} is unresolved ({echo(getattr(build, unresolved))}); a build records the "
             f"concrete value: rebuild the engine",
             field=f"build.{unresolved}",
         )
@@ -348,7 +348,7 @@ def name_problem(name: object) -> CorruptBundleError | None:
     if plain:
         return None
     return CorruptBundleError(
-        f"{MANIFEST_FILE} lists the file {name!r}, which is not a plain file name inside the bundle (no path "
+        f"{MANIFEST_FILE} lists the file {echo(name)}, which is not a plain file name inside the bundle (no path "
         f"separators, '..', absolute paths or the manifest itself): refusing to read it",
         field=str(name), value=name,
     )
@@ -496,7 +496,7 @@ def consistency_problems(manifest: Manifest, build: BuildConfig) -> list[CatrtEr
 
     check = _Problems()
     check.expect(manifest.model["name"] == build.model, "model.name",
-                 f"model.name is {manifest.model['name']!r} but build.model is {build.model!r}", manifest.model["name"])
+                 f"model.name is {echo(manifest.model['name'], PATH_ECHO_LIMIT)} but build.model is {echo(build.model, PATH_ECHO_LIMIT)}", manifest.model["name"])
     total = sum(record["size"] for record in manifest.files.values())
     check.expect(manifest.total_size == total, "total_size",
                  f"total_size is {manifest.total_size} but its files add up to {total} bytes", manifest.total_size)
@@ -557,7 +557,7 @@ def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) ->
     patch = config.get("patch_size")
     if not check.expect(isinstance(patch, int) and not isinstance(patch, bool) and patch >= 1,
                         "model.transformer_config.patch_size",
-                        f"model.transformer_config.patch_size must be a positive integer, got {patch!r}"):
+                        f"model.transformer_config.patch_size must be a positive integer, got {echo(patch)}"):
         return
     latent = shapes["full", "inputs"]["hidden_states"]
     where = "graphs.full.inputs.hidden_states"
@@ -644,10 +644,10 @@ def _alpha_table_problems(manifest: Manifest, build: BuildConfig, tokens: int, p
         ok &= check.expect(k == expected_k or expected_k is None, f"{where}.k",
                            f"{where}.k is {k} but alpha {alpha:g} selects ceil(alpha x {tokens}) = {expected_k} tokens", k)
         ok &= check.expect(graph in pruned and pruned_k(graph) == k, f"{where}.graph",
-                           f"{where}.graph is {graph!r}, not the bundle's pruned graph of k = {k} (pruned-k{k})", graph)
+                           f"{where}.graph is {echo(graph)}, not the bundle's pruned graph of k = {k} (pruned-k{k})", graph)
         graph_errors = [error for name, error in errors.items() if name.split(".")[0] == graph]
         check.expect(bool(graph_errors) and entry["max_relative_error"] == max(graph_errors), f"{where}.max_relative_error",
-                     f"{where}.max_relative_error is {entry['max_relative_error']!r}, not its graph's verification error "
+                     f"{where}.max_relative_error is {echo(entry['max_relative_error'])}, not its graph's verification error "
                      f"({max(graph_errors) if graph_errors else 'none recorded'})", entry["max_relative_error"])
     unlisted = sorted(set(pruned) - {entry["graph"] for entry in manifest.alphas})
     ok &= check.expect(not unlisted, "alphas",

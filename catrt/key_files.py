@@ -9,7 +9,7 @@ import os
 import stat
 from collections.abc import Mapping
 
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, echo_path
 
 #: Largest key file read: a key is a few dozen bytes, and /dev/zero or a huge file must not be read whole.
 MAX_KEY_FILE_BYTES = 64 * 1024
@@ -23,21 +23,21 @@ def read_key_file(path: str | os.PathLike[str], field_name: str = "bundle_key_fi
         with open(path, "rb", opener=_nonblocking) as stream:
             if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
                 raise ConfigError(
-                    f"the {what} {path} is not a regular file; give a file holding the key", field=field_name, value=str(path)
+                    f"the {what} {echo_path(path)} is not a regular file; give a file holding the key", field=field_name, value=str(path)
                 )
             key = stream.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as error:
         raise ConfigError(
-            f"cannot read the {what} {path}: {error.strerror or type(error).__name__}", field=field_name, value=str(path)
+            f"cannot read the {what} {echo_path(path)}: {error.strerror or type(error).__name__}", field=field_name, value=str(path)
         ) from None
     if len(key) > MAX_KEY_FILE_BYTES:
         raise ConfigError(
-            f"the {what} {path} is over {MAX_KEY_FILE_BYTES} bytes; a key is a short secret: give a file holding only it",
+            f"the {what} {echo_path(path)} is over {MAX_KEY_FILE_BYTES} bytes; a key is a short secret: give a file holding only it",
             field=field_name, value=str(path),
         )
     key = key.strip()
     if not key:
-        raise ConfigError(f"the {what} {path} is empty", field=field_name, value=str(path))
+        raise ConfigError(f"the {what} {echo_path(path)} is empty", field=field_name, value=str(path))
     return key
 
 

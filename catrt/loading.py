@@ -21,9 +21,10 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from catrt.errors import ConfigError
+from catrt.errors import PATH_ECHO_LIMIT, ConfigError, echo
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_model_source
 from catrt.models import family_of
+from catrt.models import PIPELINES
 from catrt.reference.pipeline import load_reference_pipeline
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
 
@@ -98,14 +99,27 @@ def _load_folder(folder: str, dtype: torch.dtype, transformer_weights: bool) -> 
     """A local diffusers folder; one that diffusers cannot load (a component missing or corrupt, a pipeline class
     diffusers does not know) is a ConfigError naming the folder and diffusers' reason, not its traceback."""
     try:
-        return _from_pretrained(DiffusionPipeline, folder, dtype, transformer_weights)
+        return _from_pretrained(_pipeline_class(folder), folder, dtype, transformer_weights)
     except Exception as error:  # diffusers raises OSError, ValueError, AttributeError, KeyError... for a bad folder
         reason = next(iter(str(error).splitlines()), "")
         raise ConfigError(
-            f"could not load the model folder {folder!r} as a diffusers pipeline ({type(error).__name__}: {reason}); "
+            f"could not load the model folder {echo(folder, PATH_ECHO_LIMIT)} as a diffusers pipeline ({type(error).__name__}: {reason}); "
             f"pass a folder written by a diffusers pipeline's save_pretrained, or a catrt model name",
             field="model", value=folder,
         ) from error
+
+
+def _pipeline_class(folder: str) -> type[DiffusionPipeline]:
+    """The class that loads `folder`: DiffusionPipeline finds a pipeline class by its saved name in diffusers
+    only, so a pipeline class registered with catrt and not in diffusers (the reference model's) loads itself."""
+    try:
+        name = DiffusionPipeline.load_config(folder).get("_class_name")
+    except (OSError, ValueError):
+        return DiffusionPipeline  # its load says what is wrong with the folder
+    if not isinstance(name, str) or hasattr(diffusers, name):
+        return DiffusionPipeline
+    own = (cls for cls in PIPELINES if cls.__name__ == name and issubclass(cls, DiffusionPipeline))
+    return next(own, DiffusionPipeline)
 
 
 def usable_device(device: str | torch.device) -> torch.device:
@@ -113,10 +127,10 @@ def usable_device(device: str | torch.device) -> torch.device:
     try:
         found = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N", field="device", value=device) from None
+        raise ConfigError(f"device {echo(device)} is not a torch device; use cpu, cuda or cuda:N", field="device", value=device) from None
     if found.type == "cuda" and not torch.cuda.is_available():
         build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
-        raise ConfigError(f"device {device!r}: this machine has no usable CUDA GPU{build}; use cpu", field="device", value=device)
+        raise ConfigError(f"device {echo(device)}: this machine has no usable CUDA GPU{build}; use cpu", field="device", value=device)
     return found
 
 
@@ -135,7 +149,7 @@ def load_pipeline(
     device = usable_device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(
-            f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {dtype!r}",
+            f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {echo(dtype)}",
             field="dtype", value=dtype,
         )
     key = check_model_source(name_or_path)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from catrt.config import CATConfig
-from catrt.errors import ConfigError, UnsupportedModelError
+from catrt.errors import ConfigError, UnsupportedModelError, echo
 from catrt.model_cards import MODEL_CARDS, ModelCard
 from catrt.models import family_of, make_adapter
 from catrt.runtime import StepRecord
@@ -143,7 +143,7 @@ def model_macs(name: str, height: int, width: int, config: CATConfig, steps: int
     """MACs of a published model by name, built on the meta device from its kept config."""
     card = MODEL_CARDS.get(name)
     if card is None:
-        raise ConfigError(f"no published config for {name!r}; known: {', '.join(sorted(MODEL_CARDS))}", field="model")
+        raise ConfigError(f"no published config for {echo(name)}; known: {', '.join(sorted(MODEL_CARDS))}", field="model")
     with torch.device("meta"):
         transformer = family_of(card.family).adapter.transformer_class.from_config(card.transformer_config)
     return transformer_macs(transformer.eval(), card, height, width, config, steps)

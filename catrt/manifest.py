@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from catrt.errors import CatrtError, CorruptBundleError, EngineMismatchError
+from catrt.errors import CatrtError, CorruptBundleError, EngineMismatchError, echo, echo_path
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,12 @@ def read_manifest_data(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST_FILE
     if not os.path.lexists(path):
         raise CorruptBundleError(
-            f"{path} is missing: {folder} is not a catrt engine folder (build one with `catrt build`)",
+            f"{echo_path(path)} is missing: {echo_path(folder)} is not a catrt engine folder (build one with `catrt build`)",
             field=MANIFEST_FILE,
         )
     if path.is_symlink():
         raise CorruptBundleError(
-            f"{MANIFEST_FILE} in {folder} is a symbolic link; a bundle holds its own files: rebuild the engine",
+            f"{MANIFEST_FILE} in {echo_path(folder)} is a symbolic link; a bundle holds its own files: rebuild the engine",
             field=MANIFEST_FILE,
         )
     try:
@@ -102,10 +102,10 @@ def read_manifest_data(folder: Path) -> dict[str, Any]:
         data = json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        raise CorruptBundleError(f"{path} is not a valid catrt manifest: {reason}", field=MANIFEST_FILE) from error
+        raise CorruptBundleError(f"{echo_path(path)} is not a valid catrt manifest: {reason}", field=MANIFEST_FILE) from error
     if not isinstance(data, dict):
         raise CorruptBundleError(
-            f"{path} is not a valid catrt manifest: it holds a JSON {type(data).__name__}, not an object",
+            f"{echo_path(path)} is not a valid catrt manifest: it holds a JSON {type(data).__name__}, not an object",
             field=MANIFEST_FILE,
         )
     return data
@@ -164,13 +164,13 @@ def manifest_problems(data: dict[str, Any]) -> list[CorruptBundleError]:
         return [
             _shape(
                 "format",
-                f"field 'format' is {found!r}, but this catrt reads bundle format {FORMAT_VERSION} only",
+                f"field 'format' is {echo(found)}, but this catrt reads bundle format {FORMAT_VERSION} only",
                 value=found, rebuild=" with this catrt",
             )
         ]
     unknown = sorted(set(data) - set(_TOP_LEVEL) - {SIGNATURE_FIELD})
     for name in unknown:
-        problems.append(_shape(str(name), f"has an unknown field {name!r}"))
+        problems.append(_shape(str(name), f"has an unknown field {echo(name)}"))
     for name, kind in _TOP_LEVEL.items():
         problem = _typed(data, name, kind, name)
         if problem is not None:
@@ -227,7 +227,7 @@ def _alphas_shape(alphas: list[Any]) -> list[CorruptBundleError]:
     for index, entry in enumerate(alphas):
         where = f"alphas[{index}]"
         if not isinstance(entry, dict) or set(entry) != set(ALPHA_FIELDS):
-            problems.append(_shape(where, f"field {where!r} must be an object with {', '.join(ALPHA_FIELDS)}"))
+            problems.append(_shape(where, f"field {echo(where)} must be an object with {', '.join(ALPHA_FIELDS)}"))
             continue
         for name, ok in (
             ("alpha", _is_number(entry["alpha"])), ("k", _is_int(entry["k"]) and entry["k"] >= 1),
@@ -235,7 +235,7 @@ def _alphas_shape(alphas: list[Any]) -> list[CorruptBundleError]:
         ):
             if not ok:
                 kind = {"alpha": "a number", "k": "an integer >= 1", "graph": "a string", "max_relative_error": "a number"}[name]
-                problems.append(_shape(f"{where}.{name}", f"field '{where}.{name}' must be {kind}, got {entry[name]!r}"))
+                problems.append(_shape(f"{where}.{name}", f"field '{where}.{name}' must be {kind}, got {echo(entry[name])}"))
     return problems
 
 
@@ -261,23 +261,23 @@ def _graphs_shape(graphs: dict[str, Any]) -> list[CorruptBundleError]:
             where = f"graphs.{graph}.{side}"
             tensors = spec.get(side)
             if not isinstance(tensors, list) or not tensors:
-                problems.append(_shape(where, f"field {where!r} must be a non-empty list of tensors, got {_kind(tensors)}"))
+                problems.append(_shape(where, f"field {echo(where)} must be a non-empty list of tensors, got {_kind(tensors)}"))
                 continue
             names: set[str] = set()
             for index, tensor in enumerate(tensors):
                 at = f"{where}[{index}]"
                 if not isinstance(tensor, dict) or set(tensor) != {"name", "shape", "dtype"}:
-                    problems.append(_shape(at, f"field {at!r} must be an object with name, shape and dtype"))
+                    problems.append(_shape(at, f"field {echo(at)} must be an object with name, shape and dtype"))
                     continue
                 if not isinstance(tensor["name"], str) or not tensor["name"] or tensor["name"] in names:
-                    problems.append(_shape(at, f"field '{at}.name' must be a tensor name used once, got {tensor['name']!r}"))
+                    problems.append(_shape(at, f"field '{at}.name' must be a tensor name used once, got {echo(tensor['name'])}"))
                     continue
                 names.add(tensor["name"])
                 shape = tensor["shape"]
                 if not isinstance(shape, list) or not all(_is_int(size) and size >= 1 for size in shape):
-                    problems.append(_shape(f"{where}.{tensor['name']}", f"field '{where}.{tensor['name']}.shape' must be a list of positive integers, got {shape!r}"))
+                    problems.append(_shape(f"{where}.{tensor['name']}", f"field '{where}.{tensor['name']}.shape' must be a list of positive integers, got {echo(shape)}"))
                 if not isinstance(tensor["dtype"], str) or tensor["dtype"] not in DTYPES:
-                    problems.append(_shape(f"{where}.{tensor['name']}", f"field '{where}.{tensor['name']}.dtype' must be one of {', '.join(DTYPES)}, got {tensor['dtype']!r}"))
+                    problems.append(_shape(f"{where}.{tensor['name']}", f"field '{where}.{tensor['name']}.dtype' must be one of {', '.join(DTYPES)}, got {echo(tensor['dtype'])}"))
     return problems
 
 
@@ -285,20 +285,20 @@ def _files_shape(files: dict[str, Any]) -> list[CorruptBundleError]:
     """Each record is {"sha256": 64 hex characters, "size": an integer >= 0} (names: `catrt.integrity`)."""
     problems = []
     for name, record in files.items():
-        where = f"files[{name!r}]"
+        where = f"files[{echo(name)}]"
         if not isinstance(record, dict):
             problems.append(_shape(name, f"record {where} must be an object with sha256 and size, got {_kind(record)}"))
             continue
         for key in sorted(set(record) - {"sha256", "size"}, key=str):
-            problems.append(_shape(name, f"record {where} has an unknown field {key!r}"))
+            problems.append(_shape(name, f"record {where} has an unknown field {echo(key)}"))
         if "sha256" not in record:
             problems.append(_shape(name, f"record {where} has no sha256"))
         elif not isinstance(record["sha256"], str) or not _HEX64.fullmatch(record["sha256"]):
-            problems.append(_shape(name, f"record {where} sha256 must be 64 lowercase hex characters, got {record['sha256']!r}"))
+            problems.append(_shape(name, f"record {where} sha256 must be 64 lowercase hex characters, got {echo(record['sha256'])}"))
         if "size" not in record:
             problems.append(_shape(name, f"record {where} has no size"))
         elif not _is_int(record["size"]) or record["size"] < 0:
-            problems.append(_shape(name, f"record {where} size must be an integer >= 0, got {record['size']!r}"))
+            problems.append(_shape(name, f"record {where} size must be an integer >= 0, got {echo(record['size'])}"))
     return problems
 
 
@@ -324,10 +324,10 @@ def _strings_shape(values: dict[str, Any], where: str) -> list[CorruptBundleErro
 
 def _typed(data: dict[str, Any], name: str, kind: type, where: str) -> CorruptBundleError | None:
     if name not in data:
-        return _shape(where, f"field {where!r} is missing")
+        return _shape(where, f"field {echo(where)} is missing")
     value = data[name]
     if (kind is int and not _is_int(value)) or (kind is not int and not isinstance(value, kind)):
-        return _shape(where, f"field {where!r} must be {_TYPE_NAMES[kind]}, got {_kind(value)}", value=value)
+        return _shape(where, f"field {echo(where)} must be {_TYPE_NAMES[kind]}, got {_kind(value)}", value=value)
     return None
 
 
@@ -429,7 +429,7 @@ def environment_problems(
         expected, found = manifest.device.get(name), device.get(name)
         if expected != found:
             problems.append(EngineMismatchError(
-                f"engine built for device {name} {expected!r} but this machine has {found!r}; rebuild it here",
+                f"engine built for device {name} {echo(expected)} but this machine has {echo(found)}; rebuild it here",
                 field=f"device.{name}",
                 value={"expected": expected, "found": found},
             ))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from catrt.errors import CatrtError, ConfigError
+from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo
 
 BENCH_EXTRA = 'install the bench extra: pip install -e ".[bench]"'
 
@@ -99,7 +99,7 @@ class ClipScorer:
             self.processor = CLIPProcessor.from_pretrained(name_or_path)
         except (OSError, ValueError) as error:
             raise ConfigError(
-                f"--clip {os.fspath(name_or_path)!r} could not be loaded as a CLIP model and processor "
+                f"--clip {echo(os.fspath(name_or_path), PATH_ECHO_LIMIT)} could not be loaded as a CLIP model and processor "
                 f"({' '.join(str(error).split())[:200]}); give a folder saved with CLIPModel/CLIPProcessor.save_pretrained "
                 "or, with hub access, a hub name such as openai/clip-vit-base-patch32",
                 field="clip", value=os.fspath(name_or_path),

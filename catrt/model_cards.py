@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from catrt.errors import ConfigError, UnknownModelError
+from catrt.checks import path_is
+from catrt.errors import PATH_ECHO_LIMIT, ConfigError, UnknownModelError, echo
 
 Family = str  # a registered family's name (catrt.models.FAMILIES): "sd3", "pixart", "flux"
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -171,11 +172,11 @@ def check_model_source(name_or_path: str | os.PathLike) -> str:
         )
     key = os.fspath(name_or_path)
     if not isinstance(key, str) or not key or (
-        key not in MODEL_CARDS and key not in TINY_MODELS and not (Path(key) / "model_index.json").is_file()
+        key not in MODEL_CARDS and key not in TINY_MODELS and not path_is(Path(key) / "model_index.json", "file")
     ):
         names = sorted({*MODEL_CARDS, *TINY_MODELS})
         raise UnknownModelError(
-            f"unknown model {key!r}: known names are {', '.join(names)}; "
+            f"unknown model {echo(key, PATH_ECHO_LIMIT)}: known names are {', '.join(names)}; "
             "a path must be an existing diffusers folder (one with model_index.json)",
             field="model", value=key,
         )

@@ -25,7 +25,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from catrt.config import CATConfig
-from catrt.errors import ConfigError, UnsupportedModelError
+from catrt.errors import ConfigError, UnsupportedModelError, echo
 from catrt.models import PIPELINES, make_adapter
 from catrt.models.inputs import check_transformer_inputs
 from catrt.pipeline_spec import PipelineSpec, denoising_steps
@@ -36,7 +36,7 @@ def register_pipeline(pipeline_class: type, spec: PipelineSpec) -> None:
     """Let another pipeline class whose transformer has an adapter be accelerated."""
     if not isinstance(pipeline_class, type) or not isinstance(spec, PipelineSpec):
         raise ConfigError(
-            f"register_pipeline takes a pipeline class and a catrt PipelineSpec, got {pipeline_class!r} and "
+            f"register_pipeline takes a pipeline class and a catrt PipelineSpec, got {echo(pipeline_class)} and "
             f"{type(spec).__name__}",
             field="spec" if isinstance(pipeline_class, type) else "pipeline_class",
         )
@@ -121,7 +121,7 @@ class AcceleratedPipeline:
         bound.apply_defaults()
         steps = denoising_steps(bound.arguments)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ConfigError(f"num_inference_steps must be a positive integer, got {steps!r}", field="num_inference_steps")
+            raise ConfigError(f"num_inference_steps must be a positive integer, got {echo(steps)}", field="num_inference_steps")
         if self.spec.check_call is not None:
             self.spec.check_call(bound.arguments)
         scheduler = getattr(self.pipe, "scheduler", None)
@@ -215,7 +215,7 @@ def check_accelerate_arguments(config: Any, functions: Any, cuda_graphs: Any) ->
     """Refuse a config, step functions or cuda_graphs of the wrong kind by name, before any call uses them."""
     if not isinstance(config, CATConfig):
         raise ConfigError(
-            f"config must be a catrt.CATConfig, got {type(config).__name__} {config!r}; make one with "
+            f"config must be a catrt.CATConfig, got {type(config).__name__} {echo(config)}; make one with "
             f"catrt.CATConfig(alpha=..., t0=...) (or CATConfig.from_dict for a dict)",
             field="config", value=type(config).__name__,
         )
@@ -227,7 +227,7 @@ def check_accelerate_arguments(config: Any, functions: Any, cuda_graphs: Any) ->
             field="functions", value=type(functions).__name__,
         )
     if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
-        raise ConfigError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}", field="cuda_graphs", value=cuda_graphs)
+        raise ConfigError(f"cuda_graphs must be True, False or None, got {echo(cuda_graphs)}", field="cuda_graphs", value=cuda_graphs)
 
 
 def _refuse_device_hooks(transformer: nn.Module) -> None:
@@ -276,7 +276,7 @@ def accelerate(
     config = CATConfig() if config is None else config
     check_accelerate_arguments(config, functions, cuda_graphs)
     if backend not in ("eager", "compile"):
-        raise ConfigError(f"accelerate's backend must be eager or compile, got {backend!r}", field="backend", value=backend)
+        raise ConfigError(f"accelerate's backend must be eager or compile, got {echo(backend)}", field="backend", value=backend)
     if functions is None and backend == "compile":
         from catrt.engines.compile import compile_step_functions
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from catrt.checks import require
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, echo
 from catrt.tokens import Grid
 
 #: "cfg": classifier-free guidance stacks [uncond, cond] rows when guidance_scale > 1 (SD3, PixArt);
@@ -64,7 +64,7 @@ def guidance_value(scale: Any) -> float:
             raise TypeError
         return float(scale)
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
-        raise ConfigError(f"guidance_scale must be a number, got {scale!r}", field="guidance_scale", value=repr(scale)) from None
+        raise ConfigError(f"guidance_scale must be a number, got {echo(scale)}", field="guidance_scale", value=repr(scale)) from None
 
 
 def call_default(pipe: Any, name: str) -> Any:

@@ -30,8 +30,7 @@ class TextLimit:
 def text_limit(pipe: Any, spec: PipelineSpec, length: int | None = None) -> TextLimit:
     """The limit a call of `pipe` applies: `length` (a build's), else the pipeline's default length.
 
-    Where the pipeline has no length argument, the tokenizer's own `max_length` (or HF's
-    `model_max_length`) is the limit.
+    Where the pipeline has no length argument, the tokenizer's own `model_max_length` is the limit.
     """
     name = spec.text_tokenizer if getattr(pipe, spec.text_tokenizer, None) is not None else "tokenizer"
     argument = spec.text_length_argument if name == spec.text_tokenizer else None
@@ -39,7 +38,7 @@ def text_limit(pipe: Any, spec: PipelineSpec, length: int | None = None) -> Text
         tokens = length or call_default(pipe, argument)
     else:
         tokenizer = getattr(pipe, name)
-        tokens = getattr(tokenizer, "max_length", None) or tokenizer.model_max_length
+        tokens = tokenizer.model_max_length
     return TextLimit(int(tokens), name, argument)
 
 
@@ -120,17 +119,7 @@ def _check_unicode(name: str, text: str) -> None:
 
 
 def _token_count(tokenizer: Any, text: str) -> int:
-    """Tokens `tokenizer` makes of `text`, special tokens included, without truncating.
-
-    HF tokenizers are asked directly. A tokenizer that pads and truncates to its `max_length` (the
-    reference model's word tokenizer) is run on a copy whose length fits any count of `text`, and
-    its non-padding ids are counted.
-    """
+    """Tokens `tokenizer` makes of `text`, special tokens included, without truncating."""
     if hasattr(tokenizer, "count_tokens"):
         return int(tokenizer.count_tokens(text))
-    if hasattr(tokenizer, "model_max_length"):
-        return len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
-    widened = copy.copy(tokenizer)
-    widened.max_length = len(text) + 2
-    pad = widened.encode("")[-1]
-    return sum(1 for token in widened.encode(text) if token != pad)
+    return len(tokenizer(text, truncation=False, verbose=False)["input_ids"])

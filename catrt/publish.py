@@ -5,13 +5,15 @@ are exchanged atomically (Linux `renameat2(RENAME_EXCHANGE)`; two renames where 
 platform lacks it), so at every instant `final` is either the earlier folder or the new one, even if
 the process is killed. A block that fails removes its folder. A folder left by a killed build (SIGKILL)
 holds no lock any more and is removed by the next build of the same name; one a live build holds is
-left alone.
+left alone. Two builds of one name finishing together both publish, the later replacing the earlier in one
+step as any rebuild does. Something at `final` that is not a folder (a user's file) is refused, never moved.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import shutil
@@ -20,8 +22,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from catrt.errors import BuildError, ConfigError, echo_path
+
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+#: How often a publish retries when another publish of the same name changes `final` under it.
+_ATTEMPTS = 5
 
 
 @contextlib.contextmanager
@@ -30,20 +36,34 @@ def staged_folder(final: Path) -> Iterator[Path]:
 
     On an exception the temporary folder is removed and `final` is left as it was.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(final)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final), dir=final.parent))
-    os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
-    lock = _lock(staging)
+    refuse_non_folder(final, "move it away or publish under another name")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{echo_path(final.parent)} cannot be a folder ({error.strerror}); pick another place",
+                          field="path", value=str(final.parent)) from None
+    with _held(final.parent):  # another publish's remove_abandoned cannot take the folder before it is locked
+        remove_abandoned(final)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final), dir=final.parent))
+        os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
+        lock = _lock(staging)
     try:
         try:
             yield staging
+            _put_in_place(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _put_in_place(staging, final)
     finally:
         os.close(lock)
+
+
+def refuse_non_folder(final: Path, fix: str, field: str = "path") -> None:
+    """Refuse a `final` that exists but is not a folder: publishing would swap a user's file away."""
+    if os.path.lexists(final) and not final.is_dir():
+        kind = "a file" if final.is_file() else "not a folder"
+        raise ConfigError(f"{echo_path(final)} is {kind}, so nothing is published there (it is left as it is); {fix}",
+                          field=field, value=str(final))
 
 
 def remove_abandoned(final: Path) -> None:
@@ -67,6 +87,23 @@ def _staging_prefix(final: Path) -> str:
     return f".{final.name}.tmp-"
 
 
+@contextlib.contextmanager
+def _held(folder: Path) -> Iterator[None]:
+    """`folder` locked for the block (a flock on its descriptor, released on exit or when the process dies).
+
+    A folder this user may write in but not read cannot be opened to lock: no publish can hold it then.
+    """
+    try:
+        descriptor = _lock(folder)
+    except PermissionError:
+        descriptor = None
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
 def _lock(folder: Path) -> int:
     """An exclusive lock on `folder`, held while the descriptor is open (the kernel drops it when the process dies)."""
     descriptor = os.open(folder, os.O_RDONLY)
@@ -75,22 +112,51 @@ def _lock(folder: Path) -> int:
 
 
 def _put_in_place(staging: Path, final: Path) -> None:
-    """`staging` becomes `final`; an earlier `final` is swapped out to `staging` in the same step, then removed."""
-    if not final.exists():
-        staging.rename(final)
-        return
-    if not _exchange(staging, final):
+    """`staging` becomes `final`; an earlier `final` is swapped out to `staging` in the same step, then removed.
+
+    Between looking at `final` and renaming, another publish of the name may put its folder there (the rename
+    then fails) or swap it (the exchange then finds none): look again, and replace whatever is there now.
+    """
+    for _ in range(_ATTEMPTS):
+        refuse_non_folder(final, "move it away and build again")
+        try:
+            if final.exists():
+                if _swap(staging, final):
+                    return
+            else:
+                os.rename(staging, final)
+                return
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                raise BuildError(f"could not put the new folder in place at {echo_path(final)} ({error.strerror}); nothing "
+                                 "was published there", field="path", value=str(final)) from None
+    raise BuildError(f"{echo_path(final)} kept changing while this one was put in place (other builds of the same name at "
+                     "once?); nothing was published there: run it again", field="path", value=str(final))
+
+
+def _swap(staging: Path, final: Path) -> bool:
+    """Exchange `staging` and the existing folder `final`, then remove the earlier one; False if `final` went away."""
+    swapped = _exchange(staging, final)
+    if swapped is None:  # no renameat2 here: two renames, with an instant without `final`
         previous = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")  # never removed unattended
-        final.rename(previous)
-        staging.rename(final)
-        staging = previous
-    shutil.rmtree(staging, ignore_errors=True)
+        os.rename(final, previous)
+        os.rename(staging, final)
+        swapped, staging = True, previous
+    if swapped:
+        shutil.rmtree(staging, ignore_errors=True)
+    return swapped
 
 
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two paths atomically with Linux renameat2; False where it is not available."""
+def _exchange(first: Path, second: Path) -> bool | None:
+    """Swap two paths atomically with Linux renameat2: True, False if one is missing, None where it is not available."""
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
+        return None
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code == errno.ENOENT:
         return False
-    done = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
-    return done == 0
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # a kernel or filesystem without the exchange
+        return None
+    raise OSError(code, os.strerror(code), str(second))

@@ -13,7 +13,7 @@ import math
 import unicodedata
 from collections.abc import Callable
 
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, echo
 
 #: Largest seed torch's generators take (a signed 64-bit integer); image i of a request uses seed + i.
 MAX_SEED = 2**63 - 1
@@ -52,7 +52,7 @@ def check_seed(seed: int, images: int = 1, name: str = "seed") -> int:
     """`seed` if it and the seeds of the later images (seed + i) fit torch's generator; else a ConfigError."""
     largest = largest_seed(images)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= largest:
-        raise ConfigError(f"{name} must be an integer in [0, {largest}], got {seed}", field=name, value=seed)
+        raise ConfigError(f"{name} must be an integer in [0, {largest}], got {echo(seed)}", field=name, value=seed)
     return seed
 
 
@@ -60,7 +60,7 @@ def check_guidance(value: float, name: str = "guidance_scale") -> float:
     """`value` as a float if it is a finite number >= 0; else a ConfigError naming `name`."""
     guidance = float(value)
     if not math.isfinite(guidance) or guidance < 0:
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value}", field=name, value=value)
+        raise ConfigError(f"{name} must be a finite number >= 0, got {echo(value)}", field=name, value=value)
     return guidance
 
 

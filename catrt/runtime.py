@@ -45,7 +45,7 @@ import torch
 from catrt import selection
 from catrt.clustering import cluster_adjacency, clustering_features, kmeans, pooled_cluster_scores
 from catrt.config import CATConfig
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, echo
 from catrt.models.base import Adapter, AttentionRecorder, Context
 from catrt.tokens import Grid
 from catrt.scheduler import StepKind, step_kind
@@ -164,7 +164,7 @@ class RuntimeBuffers:
 
     def __init__(self, max_shapes: int = 4) -> None:
         if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
-            raise ConfigError(f"max_shapes must be an integer >= 1, got {max_shapes!r}", field="max_shapes", value=max_shapes)
+            raise ConfigError(f"max_shapes must be an integer >= 1, got {echo(max_shapes)}", field="max_shapes", value=max_shapes)
         self.max_shapes = max_shapes
         self._states: OrderedDict[tuple[Any, ...], StepState] = OrderedDict()
 

@@ -37,7 +37,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from catrt.errors import UnknownModelError
+from catrt.errors import UnknownModelError, echo
 
 logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=torch.nn.Module)
@@ -259,7 +259,7 @@ def build_tiny_pipeline(
     """
     if name not in TINY_PIPELINES:
         raise UnknownModelError(
-            f"unknown tiny pipeline {name!r}; known: {', '.join(sorted(TINY_PIPELINES))}",
+            f"unknown tiny pipeline {echo(name)}; known: {', '.join(sorted(TINY_PIPELINES))}",
             field="name", value=name,
         )
     with torch.random.fork_rng(devices=[]):

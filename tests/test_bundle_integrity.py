@@ -25,7 +25,7 @@ from catrt.build_config import BuildConfig
 from catrt.bundle import bundle_problems, verify_bundle
 from catrt.cli import main
 from catrt.engines import ENGINES
-from catrt.errors import ConfigError, CorruptBundleError, EngineMismatchError, UnknownModelError
+from catrt.errors import BuildError, ConfigError, CorruptBundleError, EngineMismatchError, UnknownModelError
 from catrt.integrity import BUNDLE_FILES, BUNDLE_KEY_ENV, bundle_files, check_integrity, sign_manifest
 from catrt.publish import staged_folder
 from catrt.manifest import FORMAT_VERSION, MANIFEST_FILE, file_digest
@@ -610,3 +610,74 @@ def test_every_family_pipeline_that_takes_a_text_length_has_its_text_layout_chec
         for pipeline_class, spec in family.pipelines.items():
             if spec.text_length_argument == "max_sequence_length":
                 assert pipeline_class.__name__ in integrity.TEXT_TOKENS_BEFORE, (family.name, pipeline_class.__name__)
+
+
+def test_a_publish_that_finds_the_name_taken_after_its_check_replaces_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two first builds of one name: the other publishes between this one's look at `final` and its rename.
+    The rename then met a non-empty folder and raised a raw OSError; now the later build replaces the earlier."""
+    final = tmp_path / "engines" / "bundle"
+    rename = os.rename
+
+    def the_other_build_wins_first(source: Any, target: Any) -> None:
+        monkeypatch.setattr(os, "rename", rename)
+        with staged_folder(final) as other:
+            (other / "file").write_text("first")
+        rename(source, target)
+
+    with staged_folder(final) as staging:
+        (staging / "file").write_text("second")
+        monkeypatch.setattr(os, "rename", the_other_build_wins_first)
+    assert os.rename is rename  # the race ran
+    assert (final / "file").read_text() == "second" and sorted(final.parent.iterdir()) == [final]
+
+
+def test_a_publish_that_cannot_take_its_place_is_a_catrt_error_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    final = tmp_path / "bundle"
+
+    def refused(source: Any, target: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.raises(BuildError, match=f"could not put the new folder in place at {final} \\(Permission denied\\)"):
+        with staged_folder(final) as staging:
+            (staging / "file").write_text("new")
+            monkeypatch.setattr(os, "rename", refused)
+    assert list(tmp_path.iterdir()) == []  # the staged folder is removed
+
+
+def test_a_file_where_the_folder_would_go_is_refused_and_kept(tmp_path: Path) -> None:
+    """It was swapped aside like an earlier build (and left as a hidden .tmp file)."""
+    final = tmp_path / "bundle"
+    final.write_text("the user's")
+    with pytest.raises(ConfigError, match=f"{final} is a file, so nothing is published there \\(it is left as it is\\)"):
+        with staged_folder(final):
+            pytest.fail("the block ran")
+    final.unlink()
+    with pytest.raises(ConfigError, match=f"{final} is a file, so nothing is published there"):
+        with staged_folder(final) as staging:
+            (staging / "file").write_text("new")
+            final.write_text("the user's")  # made while the build ran
+    assert final.read_text() == "the user's" and sorted(tmp_path.iterdir()) == [final]
+
+
+def test_a_staging_folder_is_locked_before_another_build_may_look_for_abandoned_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between mkdtemp and its lock a concurrent build's cleanup took the fresh folder for a killed build's and
+    removed it: the folder's parent is held from the cleanup to the lock, so that cleanup waits."""
+    import tempfile
+
+    final = tmp_path / "bundle"
+    made = tempfile.mkdtemp
+
+    def made_while_another_build_starts(*args: Any, **kwargs: Any) -> str:
+        folder = made(*args, **kwargs)
+        other = os.open(tmp_path, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # the other build's staged_folder would wait here
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+        return folder
+
+    monkeypatch.setattr(tempfile, "mkdtemp", made_while_another_build_starts)
+    with staged_folder(final) as staging:
+        (staging / "file").write_text("new")
+    assert (final / "file").read_text() == "new"

@@ -601,3 +601,113 @@ def test_a_model_folder_diffusers_cannot_load_is_one_line_naming_the_folder_not_
     assert f"could not load the model folder {str(folder)!r} as a diffusers pipeline (OSError: " in line  # was: --out cannot be written
     assert "--out" not in line
     assert sorted(path.name for path in tmp_path.iterdir()) == ["saved"]  # no image, no staged file left
+
+
+# Per subcommand: arguments that parse, one required argument left out (None: the command has none), a bad choice.
+USAGE_CASES = {
+    "generate": (("--prompt", "x"), ("--out", "x.png"), ("--precision", "fp8")),
+    "build": (("--steps", "4"), None, ("--backend", "fast")),
+    "inspect": (("engines/x",), ("--bundle-key-file", "k"), None),
+    "macs": (("--model", "sd3"), ("--steps", "4"), ("--model", "sd9")),
+    "serve": (("--model", "reference"), ("--port", "8000"), ("--precision", "fp8")),
+    "compare": (("--prompts", "p.txt", "--out", "o"), ("--prompts", "p.txt"), ("--rules", "best")),
+}
+
+
+def _usage_error(capfd: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """`catrt argv` must stop in argparse: exit 2, one stderr line, no traceback."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert done.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", sorted(USAGE_CASES))
+def test_a_usage_error_points_to_its_subcommands_help(capfd: pytest.CaptureFixture[str], command: str) -> None:
+    """An unknown flag or word was reported by the top parser (`see catrt --help`, which does not list the
+    subcommand's flags); a missing required argument and a bad choice are the subcommand's too."""
+    valid, missing, choice = USAGE_CASES[command]
+    for extra, what in ((["--bogus"], "unrecognized arguments: --bogus"), (["--bogus", "stray"], "unrecognized arguments: --bogus stray")):
+        line = _usage_error(capfd, [command, *valid, *extra])
+        assert line == f"catrt {command}: error: {what} (see catrt {command} --help)"
+    if missing is not None:
+        line = _usage_error(capfd, [command, *missing])
+        assert line.startswith(f"catrt {command}: error: the following arguments are required: ") or \
+            line.startswith(f"catrt {command}: error: one of the arguments ")
+        assert line.endswith(f"(see catrt {command} --help)")
+    if choice is not None:
+        line = _usage_error(capfd, [command, *valid, *choice])
+        assert line.startswith(f"catrt {command}: error: argument {choice[0]}: invalid choice: {choice[1]!r}")
+        assert line.endswith(f"(see catrt {command} --help)")
+
+
+def test_a_top_level_usage_error_points_to_catrt_help(capfd: pytest.CaptureFixture[str]) -> None:
+    assert _usage_error(capfd, ["bogus"]).startswith("catrt: error: argument COMMAND: invalid choice: 'bogus'")
+    assert _usage_error(capfd, []).endswith("(see catrt --help)")
+
+
+def test_usage_errors_shorten_a_huge_value(capfd: pytest.CaptureFixture[str]) -> None:
+    """argparse quoted a bad value whole: a 10,000-character one filled the terminal."""
+    huge = "y" * 10_000
+    shown = f"'{'y' * 39}…{'y' * 19}' (10000 characters)"
+    for argv, message in (
+        (["generate", "--prompt", "x", "--precision", huge], f"argument --precision: invalid choice: {shown} (choose from"),
+        (["generate", "--prompt", "x", "--seed", huge], f"argument --seed: invalid int value: {shown}"),
+        (["generate", "--prompt", "x", "--height", huge], f"argument --height: expected a positive integer, got {shown}"),
+        ([huge], f"argument COMMAND: invalid choice: {shown}"),
+        (["generate", "--prompt", "x", huge], f"unrecognized arguments: {'y' * 40}…{'y' * 20} (10000 characters)"),
+    ):
+        line = _usage_error(capfd, argv)
+        assert message in line and len(line) < 300, line
+
+
+@pytest.mark.parametrize("taken", ["out", "export"])
+def test_build_refuses_a_file_where_its_folder_would_go_before_any_work(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken: str
+) -> None:
+    """A plain file at engines/<build-name> (or export/<build-name>) was swapped aside as if an earlier build."""
+    import catrt.build
+    from catrt.build_config import BuildConfig
+
+    monkeypatch.setattr(catrt.build, "capture_step_sample", lambda *args, **kwargs: pytest.fail("started the build"))
+    name = BuildConfig(model="tiny-sd3", height=32, width=32, steps=4, t0=2, precision="fp32", backend="onnxruntime").build_name()
+    folders = {"out": tmp_path / "engines", "export": tmp_path / "export"}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders[taken] / name).write_text("the user's")
+    assert main(["build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--height", "32", "--width", "32", "--steps", "4",
+                 "--t0", "2", "--out", str(folders["out"]), "--export-dir", str(folders["export"])]) == 2
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # the progress bar's model loading comes before
+    assert "Traceback" not in err and len(errors) == 1, err
+    line = errors[0]
+    flag = "--out" if taken == "out" else "--export-dir"
+    assert line.endswith(f"{folders[taken] / name} is a file, so nothing is published there (it is left as it is); "
+                         f"move it away, or {'build' if taken == 'out' else 'export'} into another {flag}"), line
+    assert sorted(path.name for path in tmp_path.rglob("*")) == sorted(["engines", "export", name])
+    assert (folders[taken] / name).read_text() == "the user's"
+
+
+@pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.parametrize("argv", [
+    ("generate", "--prompt", "x", "--model", "{huge}"),
+    ("generate", "--prompt", "x", "--device", "{huge}"),
+    ("generate", "--prompt", "x", "--out", "{huge}"),
+    ("generate", "--prompt", "x", "--out", "{huge}.png"),
+    ("generate", "--prompt", "x", "--engines", "{huge}"),
+    ("generate", "--prompt", "x", "--engines", "{tmp}", "--bundle-key-file", "{huge}"),
+    ("build", "--model", "{huge}"),
+    ("build", "--model", "tiny-sd3", "--out", "{huge}"),
+    ("build", "--model", "tiny-sd3", "--sign-key-file", "{huge}"),
+    ("compare", "--prompts", "{huge}", "--out", "{tmp}/out"),
+    ("compare", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/out", "--seeds", *[str(seed) for seed in range(2000)] * 2),
+    ("serve", "--model", "{huge}"),
+])
+def test_a_huge_value_is_echoed_shortened_in_one_line(capfd: pytest.CaptureFixture[str], tmp_path: Path, argv: tuple[str, ...]) -> None:
+    """A 10,000-character value was quoted whole, and a path that long crashed pathlib's checks (OSError: File name
+    too long) before its own refusal."""
+    (tmp_path / "p.txt").write_text("a cat\n")
+    line = _fails(capfd, *(value.format(huge="y" * 10_000, tmp=tmp_path) for value in argv))
+    assert "…" in line and len(line) < 600, line

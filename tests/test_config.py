@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
 from catrt import CATConfig, ConfigError
+from catrt.engines import resolve_backend
+from catrt.errors import CatrtError
+from catrt.loading import usable_device
+from catrt.model_cards import check_model_source
+from catrt.request_values import check_seed
 
 
 def test_defaults_follow_the_spec() -> None:
@@ -63,3 +70,37 @@ def test_a_numpy_alpha_is_the_decimal_it_was_written_as_and_selects_the_same_k(k
         assert config == CATConfig(alpha=alpha) and type(config.alpha) is float
         assert [config.num_selected(n) for n in (10, 20, 1000)] == [CATConfig(alpha=alpha).num_selected(n) for n in (10, 20, 1000)]
     assert CATConfig(alpha=np.float32(0.3)).num_selected(1000) == 300
+
+
+# -- echoed values --------------------------------------------------------------------------------
+
+HUGE = "y" * 10_000
+
+
+def test_echo_keeps_short_values_and_shortens_long_ones_to_the_limit() -> None:
+    from catrt.errors import ECHO_LIMIT, PATH_ECHO_LIMIT, echo, echo_path, shorten
+
+    assert echo("cat") == "'cat'" and echo(3) == "3" and shorten("x" * ECHO_LIMIT) == "x" * ECHO_LIMIT
+    shown = echo(HUGE)
+    assert shown == f"'{'y' * 39}…{'y' * 19}' (10000 characters)" and len(shown) == ECHO_LIMIT
+    path = "/data/" + "d" * 300 + "/image.png"
+    assert echo_path(path).startswith("/data/ddd") and echo_path(path).endswith("d/image.png (316 characters)")
+    assert len(echo_path(path)) == PATH_ECHO_LIMIT and echo_path("/a/b.png") == "/a/b.png"
+    assert echo(10**5000) == "<int too large to print>"  # repr raises past Python's digit limit
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CATConfig(rule=HUGE),
+    lambda: CATConfig(alpha=HUGE),
+    lambda: CATConfig.from_dict({HUGE: 1}),
+    lambda: check_seed(10**5000),
+    lambda: check_model_source(HUGE),
+    lambda: usable_device(HUGE),
+    lambda: resolve_backend(HUGE),
+], ids=["require", "alpha", "from_dict", "seed", "model", "device", "backend"])
+def test_python_api_errors_shorten_a_huge_value(make: Callable[[], object]) -> None:
+    """Every refusal that quoted the value quoted all 10,000 characters of it (and a 5,000-digit seed crashed it)."""
+    with pytest.raises(CatrtError) as caught:
+        make()
+    message = str(caught.value)
+    assert len(message) < 600 and ("…" in message or "too large to print" in message), message

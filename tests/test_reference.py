@@ -16,7 +16,7 @@ from PIL import Image
 from catrt.reference import data, train
 from catrt.reference.pipeline import WEIGHTS_DIR, ReferencePipeline, load_reference_pipeline
 from catrt.reference.probe import attribute_accuracy, classify, load_probe, reference_accuracy
-from catrt.reference.text import SPECIAL_TOKENS, WordTokenizer, caption_vocabulary
+from catrt.reference.text import SPECIAL_TOKENS, caption_vocabulary, token_ids, word_tokenizer
 
 
 def test_generate_is_deterministic_per_seed() -> None:
@@ -48,13 +48,20 @@ def test_large_shapes_cover_more_than_small() -> None:
     assert large > 1.5 * small
 
 
-def test_tokenizer_pads_and_handles_empty_and_unknown_words() -> None:
-    tokenizer = WordTokenizer(caption_vocabulary(), max_length=16)
+def test_tokenizer_pads_and_handles_empty_and_unknown_words(caplog: pytest.LogCaptureFixture) -> None:
+    tokenizer = word_tokenizer(caption_vocabulary(), max_length=16)
     pad, unk, cls = (SPECIAL_TOKENS.index(token) for token in SPECIAL_TOKENS)
-    ids = tokenizer(["", "a red zebra"])
-    assert ids.shape == (2, 16)
+    ids = token_ids(tokenizer, ["", "a red zebra"])
+    assert ids.shape == (2, 16) and ids.dtype == torch.long
     assert ids[0, 0] == ids[1, 0] == cls and (ids[0, 1:] == pad).all()
     assert ids[1, 3] == unk
+    vocab = caption_vocabulary()
+    # Words are runs of a-z after lower-casing, as the model was trained: digits and punctuation only separate them.
+    words = token_ids(tokenizer, "A RED,circle!! 42 on-blue")[0, :6].tolist()
+    assert words == [cls, *(vocab.index(word) for word in ("a", "red", "circle", "on", "blue"))]
+    with caplog.at_level(logging.WARNING, logger="catrt.reference.text"):
+        long = token_ids(tokenizer, "red " * 20)
+    assert long[0].tolist() == [cls] + [vocab.index("red")] * 15 and "prompt truncated to 16 tokens" in caplog.text
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +97,7 @@ def test_pipeline_calls_transformer_once_per_step(pipe: ReferencePipeline, guida
 
 
 def test_text_encoder_embeds_the_empty_prompt(pipe: ReferencePipeline) -> None:
-    tokens, pooled = pipe.text_encoder(pipe.tokenizer(["", "a small red circle in the top left on a blue background"]))
+    tokens, pooled = pipe.text_encoder(token_ids(pipe.tokenizer, ["", "a small red circle in the top left on a blue background"]))
     assert tokens.shape == (2, 16, pipe.transformer.config.joint_attention_dim)
     assert pooled.shape == (2, pipe.transformer.config.pooled_projection_dim)
     assert torch.isfinite(tokens).all() and torch.isfinite(pooled).all()
@@ -186,3 +193,29 @@ def test_train_writes_package_weights_only_with_publish(
     assert published["probe.safetensors"] == shipped["probe.safetensors"]
     assert published[train.TRANSFORMER_FILE] != shipped[train.TRANSFORMER_FILE]
     assert _digests(WEIGHTS_DIR) == shipped
+
+
+def test_a_saved_reference_pipeline_loads_back_by_folder_and_draws_the_same_image(
+    pipe: ReferencePipeline, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Its word tokenizer was not saved (diffusers saves only library tokenizers) and diffusers looks up the saved
+    class name in diffusers alone, so the folder could not be loaded back."""
+    from catrt.cli import main
+    from catrt.loading import load_pipeline
+
+    folder = tmp_path / "saved"
+    pipe.save_pretrained(folder)
+    loaded = load_pipeline(str(folder))
+    assert type(loaded) is ReferencePipeline
+    prompts = ["", "a small red circle in the top left on a blue background", "Zebra 42!"]
+    assert torch.equal(token_ids(loaded.tokenizer, prompts), token_ids(pipe.tokenizer, prompts))
+    loaded.set_progress_bar_config(disable=True)
+    call = {"prompt": prompts[1], "num_inference_steps": 4, "output_type": "pt"}
+    by_folder = loaded(**call, generator=torch.Generator().manual_seed(0)).images
+    by_name = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    # diffusers keeps the loaded weights in the safetensors mapping, at addresses BLAS may round differently from
+    torch.testing.assert_close(by_folder, by_name, rtol=0, atol=1e-5)
+    for model, out in (("reference", tmp_path / "name.png"), (str(folder), tmp_path / "folder.png")):
+        assert main(["generate", "--model", model, "--prompt", prompts[1], "--steps", "8", "--t0", "2", "--out", str(out)]) == 0
+    assert "error" not in capfd.readouterr().err
+    assert (tmp_path / "name.png").read_bytes() == (tmp_path / "folder.png").read_bytes()

@@ -9,7 +9,7 @@ from catrt.engines.compile import CompileEngine
 from catrt.engines.eager import EagerEngine
 from catrt.engines.onnxruntime import OnnxRuntimeEngine
 from catrt.engines.tensorrt import TensorRTEngine
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, echo
 
 ENGINES: dict[str, type[Engine]] = {
     engine.name: engine for engine in (EagerEngine, CompileEngine, OnnxRuntimeEngine, TensorRTEngine)
@@ -29,10 +29,10 @@ def resolve_backend(name: str) -> str:
         raise ConfigError("no backend can run on this machine (install onnxruntime)", field="backend", value=name)
     engine = ENGINES.get(name)
     if engine is None:
-        raise ConfigError(f"unknown backend {name!r}; known: auto, {', '.join(ENGINES)}", field="backend", value=name)
+        raise ConfigError(f"unknown backend {echo(name)}; known: auto, {', '.join(ENGINES)}", field="backend", value=name)
     reason = engine.unavailable_reason()
     if reason is not None:
-        raise ConfigError(f"backend {name!r} cannot run here: {reason}", field="backend", value=name)
+        raise ConfigError(f"backend {echo(name)} cannot run here: {reason}", field="backend", value=name)
     return name
 
 

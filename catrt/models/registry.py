@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from catrt.errors import ConfigError, UnsupportedModelError
+from catrt.errors import ConfigError, UnsupportedModelError, echo
 from catrt.models.base import Adapter
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
@@ -73,34 +73,34 @@ def check_family(family: Family) -> None:
         raise ConfigError(f"register_family takes a catrt Family, got {type(family).__name__}", field="family")
     name, adapter = family.name, family.adapter
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"Family.name must be a non-empty string, got {name!r}", field="name", value=name)
+        raise ConfigError(f"Family.name must be a non-empty string, got {echo(name)}", field="name", value=name)
     if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
-        raise ConfigError(f"family {name!r}: Family.adapter must be a subclass of catrt's Adapter, got {adapter!r}", field="adapter")
+        raise ConfigError(f"family {echo(name)}: Family.adapter must be a subclass of catrt's Adapter, got {echo(adapter)}", field="adapter")
     transformer_class = getattr(adapter, "transformer_class", None)
     if not (isinstance(transformer_class, type) and issubclass(transformer_class, nn.Module)):
         raise ConfigError(
-            f"family {name!r}: {adapter.__name__}.transformer_class must be the diffusers transformer class it serves "
-            f"(an nn.Module subclass), got {transformer_class!r}",
+            f"family {echo(name)}: {adapter.__name__}.transformer_class must be the diffusers transformer class it serves "
+            f"(an nn.Module subclass), got {echo(transformer_class)}",
             field="transformer_class",
         )
     if inspect.isabstract(adapter):
         missing = ", ".join(sorted(adapter.__abstractmethods__))
-        raise ConfigError(f"family {name!r}: {adapter.__name__} does not implement {missing}", field="adapter", value=missing)
+        raise ConfigError(f"family {echo(name)}: {adapter.__name__} does not implement {missing}", field="adapter", value=missing)
     if not isinstance(family.pipelines, dict) or not family.pipelines:
         raise ConfigError(
-            f"family {name!r}: Family.pipelines must be a non-empty dict of pipeline classes to PipelineSpec, got "
-            f"{family.pipelines!r}",
+            f"family {echo(name)}: Family.pipelines must be a non-empty dict of pipeline classes to PipelineSpec, got "
+            f"{echo(family.pipelines)}",
             field="pipelines",
         )
     for pipeline_class, spec in family.pipelines.items():
         if not isinstance(pipeline_class, type) or not isinstance(spec, PipelineSpec):
             raise ConfigError(
-                f"family {name!r}: Family.pipelines maps pipeline classes to PipelineSpec, got {pipeline_class!r}: "
+                f"family {echo(name)}: Family.pipelines maps pipeline classes to PipelineSpec, got {echo(pipeline_class)}: "
                 f"{type(spec).__name__}",
                 field="pipelines",
             )
     if family.meta_call is not None and not callable(family.meta_call):
-        raise ConfigError(f"family {name!r}: Family.meta_call must be callable or None", field="meta_call")
+        raise ConfigError(f"family {echo(name)}: Family.meta_call must be callable or None", field="meta_call")
     _check_no_takeover(family)
 
 
@@ -114,7 +114,7 @@ def _check_no_takeover(family: Family) -> None:
     earlier = FAMILIES.get(family.name)
     if earlier is not None and earlier != family and is_built_in(earlier):
         raise ConfigError(
-            f"a catrt model family named {family.name!r} is built in and already registered; choose another name",
+            f"a catrt model family named {echo(family.name)} is built in and already registered; choose another name",
             field="name",
         )
     transformer_class = family.adapter.transformer_class
@@ -123,14 +123,14 @@ def _check_no_takeover(family: Family) -> None:
             continue
         if other.adapter.transformer_class is transformer_class:
             raise ConfigError(
-                f"family {family.name!r}: {transformer_class.__name__} is already served by family {other.name!r}; "
+                f"family {echo(family.name)}: {transformer_class.__name__} is already served by family {echo(other.name)}; "
                 f"a transformer class has one adapter (subclass it for another layout)",
                 field="adapter",
             )
         shared = [cls.__name__ for cls in family.pipelines if cls in other.pipelines]
         if shared:
             raise ConfigError(
-                f"family {family.name!r}: pipeline class {shared[0]} is already registered by family {other.name!r}",
+                f"family {echo(family.name)}: pipeline class {shared[0]} is already registered by family {echo(other.name)}",
                 field="pipelines",
             )
 
@@ -138,7 +138,7 @@ def _check_no_takeover(family: Family) -> None:
 def family_of(name: str) -> Family:
     family = FAMILIES.get(name)
     if family is None:
-        raise UnsupportedModelError(f"no catrt model family {name!r}; registered: {', '.join(sorted(FAMILIES))}")
+        raise UnsupportedModelError(f"no catrt model family {echo(name)}; registered: {', '.join(sorted(FAMILIES))}")
     return family
 
 

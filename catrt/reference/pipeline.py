@@ -20,9 +20,11 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
+from catrt.errors import echo
 from catrt.pipeline import PipelineSpec, register_pipeline
-from catrt.reference.text import ReferenceTextEncoder, WordTokenizer, caption_vocabulary
+from catrt.reference.text import ReferenceTextEncoder, caption_vocabulary, token_ids, word_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def build_modules(configs: dict[str, Any]) -> dict[str, Any]:
     return {
         "transformer": SD3Transformer2DModel(**transformer_config),
         "text_encoder": ReferenceTextEncoder(**configs["text_encoder"]),
-        "tokenizer": WordTokenizer(configs["vocab"], configs["text_encoder"]["max_length"]),
+        "tokenizer": word_tokenizer(configs["vocab"], configs["text_encoder"]["max_length"]),
         "scheduler": FlowMatchEulerDiscreteScheduler(**configs["scheduler"]),
     }
 
@@ -78,7 +80,7 @@ class ReferencePipeline(DiffusionPipeline):
         self,
         transformer: SD3Transformer2DModel,
         text_encoder: ReferenceTextEncoder,
-        tokenizer: WordTokenizer,
+        tokenizer: PreTrainedTokenizerFast,
         scheduler: FlowMatchEulerDiscreteScheduler,
     ) -> None:
         super().__init__()
@@ -89,7 +91,7 @@ class ReferencePipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def _embed(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.tokenizer(prompts).to(device)
+        ids = token_ids(self.tokenizer, prompts).to(device)
         return self.text_encoder(ids)
 
     def encode_prompt(
@@ -115,7 +117,7 @@ class ReferencePipeline(DiffusionPipeline):
             if value % patch or not 0 < value <= largest:
                 raise ValueError(f"{name} must be a positive multiple of {patch} up to {largest}, got {value}")
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {echo(output_type)}")
 
     @staticmethod
     def _prompt_lists(

@@ -8,13 +8,15 @@ SD3's encoders return: per-token embeddings and one pooled vector per prompt.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
 from torch import nn
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from catrt.reference import data
 
@@ -32,33 +34,33 @@ def caption_vocabulary() -> list[str]:
     return [*SPECIAL_TOKENS, *sorted(words)]
 
 
-class WordTokenizer:
-    """Lower-cased whitespace words -> ids, with a leading <cls>, padded to `max_length`.
+def word_tokenizer(vocab: Sequence[str], max_length: int = 16) -> PreTrainedTokenizerFast:
+    """Lower-cased words (runs of a-z; anything else separates them) -> ids, with a leading <cls>.
 
-    The <cls> token means even the empty (unconditional) prompt has one real token to
-    attend to and to pool from.
+    Built from the `tokenizers` library's word-level model, so the pipeline's `save_pretrained` writes it
+    and diffusers' `from_pretrained` reads it back like any tokenizer. The <cls> token means even the empty
+    (unconditional) prompt has one real token to attend to and to pool from.
     """
+    if tuple(vocab[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+        raise ValueError(f"vocab must start with {SPECIAL_TOKENS}, got {list(vocab[:3])}")
+    model = Tokenizer(WordLevel({word: index for index, word in enumerate(vocab)}, unk_token=UNK))
+    model.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex("[^a-z]+"), " ")])
+    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model.post_processor = processors.TemplateProcessing(single=f"{CLS} $A", special_tokens=[(CLS, vocab.index(CLS))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model, model_max_length=max_length, pad_token=PAD, unk_token=UNK, cls_token=CLS,
+    )
 
-    def __init__(self, vocab: Sequence[str], max_length: int = 16) -> None:
-        if tuple(vocab[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-            raise ValueError(f"vocab must start with {SPECIAL_TOKENS}, got {list(vocab[:3])}")
-        self.vocab = list(vocab)
-        self.max_length = max_length
-        self._ids = {word: i for i, word in enumerate(self.vocab)}
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of one prompt, truncated (after <cls>) and padded to `max_length`."""
-        words = re.findall(r"[a-z]+", text.lower())
-        ids = [self._ids[CLS]] + [self._ids.get(word, self._ids[UNK]) for word in words]
-        ids = ids[: self.max_length]
-        if len(words) + 1 > self.max_length:
-            logger.warning("prompt truncated to %d tokens: %r", self.max_length, text)
-        return ids + [self._ids[PAD]] * (self.max_length - len(ids))
-
-    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
-        """(B, max_length) int64 ids."""
-        batch = [texts] if isinstance(texts, str) else list(texts)
-        return torch.tensor([self.encode(text) for text in batch], dtype=torch.long)
+def token_ids(tokenizer: PreTrainedTokenizerBase, texts: str | Sequence[str]) -> torch.Tensor:
+    """(B, model_max_length) int64 ids of the prompts, truncated (after <cls>) and padded, as the encoder reads them."""
+    batch = [texts] if isinstance(texts, str) else list(texts)
+    length = tokenizer.model_max_length
+    for text, ids in zip(batch, tokenizer(batch, verbose=False).input_ids, strict=True):
+        if len(ids) > length:
+            logger.warning("prompt truncated to %d tokens: %r", length, text)
+    encoded = tokenizer(batch, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    return encoded.input_ids
 
 
 class ReferenceTextEncoder(ModelMixin, ConfigMixin):

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from catrt.reference import data
+from catrt.reference.text import token_ids
 from catrt.reference.pipeline import (
     CONFIG_FILE,
     TEXT_ENCODER_FILE,
@@ -146,7 +147,7 @@ class Trainer:
         noise = torch.randn_like(x0)
         noisy = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            tokens, pooled = self.models["text_encoder"](self.tokenizer(captions))
+            tokens, pooled = self.models["text_encoder"](token_ids(self.tokenizer, captions))
             velocity = self.models["transformer"](
                 hidden_states=noisy, encoder_hidden_states=tokens, pooled_projections=pooled,
                 timestep=sigma * 1000, return_dict=False,
