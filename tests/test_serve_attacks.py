@@ -25,6 +25,7 @@ import openai
 import pytest
 from test_serve_support import CLI, PROMPT, LiveProbe, RemoteServer, assert_error, png, start_all, stop_all
 
+from catrt.errors import shorten
 from catrt.serve.schemas import ImageGenerationRequest
 
 KEY = "attack-key-0123456789"
@@ -400,11 +401,11 @@ LONG = MAX_BODY - 200  # characters: a value as long as the body limit allows, f
 
 
 def _assert_short_echo(response: httpx.Response, status: int, param: str | None, sent: str) -> None:
-    """OpenAI's body naming `param`, whose message shows at most the start of `sent`, cut with an ellipsis."""
-    from catrt.serve.echo import ECHO_CHARS
+    """OpenAI's body naming `param`, whose message shows only the start and end of `sent`, cut with an ellipsis."""
+    from catrt.errors import ECHO_LIMIT
 
     error = assert_error(response, status, param)
-    assert sent[:ECHO_CHARS] not in error["message"] and "..." in error["message"], error["message"][:300]
+    assert sent[:ECHO_LIMIT] not in error["message"] and "…" in error["message"], error["message"][:300]
     assert len(response.content) < 1000, len(response.content)
 
 
@@ -424,7 +425,7 @@ def test_a_huge_bad_value_is_named_by_its_field_and_echoed_short(server: RemoteS
 
 def test_huge_names_headers_and_paths_are_echoed_short(server: RemoteServer) -> None:
     key = "k" * LONG
-    _assert_short_echo(_post(server, json.dumps({**BODY, key: 1}).encode()), 400, key[:77] + "...", key)
+    _assert_short_echo(_post(server, json.dumps({**BODY, key: 1}).encode()), 400, shorten(key), key)
     half = key[: LONG // 2]
     twice = b'{"prompt": "a", "%s": 1, "%s": 2}' % (half.encode(), half.encode())
     _assert_short_echo(_post(server, twice), 400, None, half)
@@ -598,15 +599,13 @@ def test_an_upgrade_request_is_answered_as_plain_http(server: RemoteServer, upgr
     assert json.loads(body)["error"]["code"] == str(status)
 
 
-def test_echo_escapes_a_value_and_cuts_it_at_80_characters() -> None:
-    from catrt.serve.echo import ECHO_CHARS, echo, echo_json, shortened
+def test_echo_json_escapes_a_value_and_cuts_it_as_catrt_errors_do() -> None:
+    from catrt.errors import ECHO_LIMIT, echo
+    from catrt.serve.echo import echo_json
 
-    assert echo("url") == "'url'" and echo(1.5) == "1.5" and echo([1]) == "[1]"
-    assert echo("a\ud800\x00") == "'a\\ud800\\x00'"  # escaped: safe in a UTF-8 answer and a log line
     assert echo_json(None) == "null" and echo_json(True) == "true" and echo_json(float("nan")) == "NaN"
-    assert echo_json("a\ud800\u00e9") == '"a\\ud800\\u00e9"'
-    long = echo("x" * 10_000)
-    assert len(long) == ECHO_CHARS and long == "'" + "x" * (ECHO_CHARS - 4) + "..."
-    assert len(echo_json("x" * 10_000)) == ECHO_CHARS
-    assert shortened("y" * ECHO_CHARS) == "y" * ECHO_CHARS and shortened("y" * (ECHO_CHARS + 1)).endswith("...")
-    assert echo(10**5000) == "<int>" and echo_json(10**5000) == "<int>"  # past Python's digit limit for printing an int
+    assert echo_json("a\ud800\u00e9") == '"a\\ud800\\u00e9"'  # escaped: safe in a UTF-8 answer and a log line
+    assert echo("a\ud800\x00") == "'a\\ud800\\x00'"
+    long = echo_json("x" * 10_000)
+    assert len(long) == ECHO_LIMIT and long.startswith('"xx') and "…" in long and long.endswith("(10002 characters)")
+    assert echo_json(10**5000) == echo(10**5000)  # past Python's digit limit for printing an int: named, not shown

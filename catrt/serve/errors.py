@@ -18,7 +18,7 @@ from catrt.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
 )
-from catrt.serve.echo import echo, echo_json, shortened
+from catrt.serve.echo import echo, echo_json, shorten
 from catrt.serve.schemas import ImageGenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     if not location:  # the body as a whole: JSON, but not an object
         message = f"the body must be one JSON object, not {_json_kind(first.get('input'))}"
         return error_response(400, message, "invalid_request_error")
-    param = shortened(".".join(location))  # a field name the client made up may be of any length
+    param = shorten(".".join(location))  # a field name the client made up may be of any length
     if first.get("type") == "missing":
         message = f"{param} is required"
     elif first.get("type") == "extra_forbidden":
@@ -97,7 +97,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
         message = f"unknown field {echo(location[0])}: this endpoint takes {known}"
     else:
         message = f"{param}: {first.get('msg')}, got {echo_json(first.get('input'))}"
-    return error_response(400, message, "invalid_request_error", shortened(location[0]))
+    return error_response(400, message, "invalid_request_error", shorten(location[0]))
 
 
 def _json_kind(value: object) -> str:
@@ -113,13 +113,13 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
     if error.status_code == 400 and message == FASTAPI_BODY_ERROR:
         message = BODY_NOT_JSON
     elif error.status_code == 404 and message == "Not Found":
-        asked = shortened(f"{request.method} {request.url.path}")
+        asked = shorten(f"{request.method} {request.url.path}")
         message = f"Invalid URL ({asked}): this server serves {_served_routes(request)}"
     elif error.status_code == 405:
         allowed = (error.headers or {}).get("Allow", "")
         if request.method == "OPTIONS":  # what the route allows, as RFC 9110 has OPTIONS answer
             return Response(status_code=204, headers={"Allow": f"{allowed}, OPTIONS"})
-        message = (f"{shortened(request.method)} is not allowed on {shortened(request.url.path)}: use "
+        message = (f"{shorten(request.method)} is not allowed on {shorten(request.url.path)}: use "
                    f"{allowed.replace(', ', ' or ')}")
     return error_response(error.status_code, message, "invalid_request_error", headers=error.headers)
 

@@ -16,7 +16,7 @@ from typing import Any
 from catrt.errors import ConfigError
 from catrt.serve.builds import check_builds
 from catrt.serve.config import ServeConfig
-from catrt.serve.echo import echo, shortened
+from catrt.serve.echo import echo, shorten
 from catrt.serve.model import BatchOptions, Row, ServedModel, ServedSpec, load_engines, load_served_model
 from catrt.serve.schemas import ImageGenerationRequest
 from catrt.serve.validation import SIZE_PATTERN, RequestRules
@@ -55,7 +55,7 @@ class Router:
                               field="size", value=size)
         if size not in self.models:
             raise ConfigError(
-                f"size={shortened(size)} is not served: this server serves {', '.join(self.sizes)} "
+                f"size={shorten(size)} is not served: this server serves {', '.join(self.sizes)} "
                 f'("auto" = {self.default.spec.size}); ask for one of those or serve a build of that size',
                 field="size", value=size,
             )

@@ -20,7 +20,7 @@ from catrt.bundle import check_request
 from catrt.errors import ConfigError
 from catrt.request_values import check_guidance, check_prompt_text, check_seed, largest_seed, prompt_pattern
 from catrt.serve.model import BatchOptions, Row, ServedModel
-from catrt.serve.echo import echo, shortened
+from catrt.serve.echo import echo, shorten
 from catrt.serve.schemas import UNSERVED_OUTPUT, ImageGenerationRequest
 
 SIZE_PATTERN = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")  # whole strings only: fullmatch
@@ -150,7 +150,7 @@ class RequestRules:
         except ConfigError as error:
             param = CALL_PARAMS.get(error.field or "", error.field)
             shown = f"{width}x{height}" if param == "size" else asked.get(param)
-            raise ConfigError(f"{param}={shortened(str(shown))} is not served: {error}", field=param,
+            raise ConfigError(f"{param}={shorten(str(shown))} is not served: {error}", field=param,
                               value=shown) from None
 
     def _check_served_call(self, arguments: dict[str, Any]) -> None:
