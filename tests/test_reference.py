@@ -211,3 +211,25 @@ def test_train_writes_package_weights_only_with_publish(
     assert published["probe.safetensors"] == shipped["probe.safetensors"]
     assert published[train.TRANSFORMER_FILE] != shipped[train.TRANSFORMER_FILE]
     assert _digests(WEIGHTS_DIR) == shipped
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--minutes", "0"], "--minutes must be a finite number > 0, got 0.0"),
+    (["--minutes", "nan"], "--minutes must be a finite number > 0, got nan"),
+    (["--lr", "-0.1"], "--lr must be a finite number > 0, got -0.1"),
+    (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+    (["--samples", "-8"], "--samples must be a multiple of 8 (rows of 8) >= 0, not -8"),
+    (["--out", "FILE"], "is a file; give a folder for checkpoint.pt"),
+])
+def test_train_mistakes_are_one_line_before_training(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
