@@ -61,3 +61,22 @@ def default_out(stem: str, device: str, suffix: str = ".md") -> Path:
     """A report file that does not exist yet, bench/results/tmp/<stem>-<device>-<time><suffix>."""
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "device"
     return new_path(f"{stem}-{slug}", suffix)
+
+
+def check_at_least_one(parser: argparse.ArgumentParser, **counts: int) -> None:
+    """One line and exit code 2 for a count below 1 (an empty prompt list or batch fails deep inside torch)."""
+    for name, value in counts.items():
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def check_schedule(parser: argparse.ArgumentParser, steps: int, t0: int, alphas: list[float] = ()) -> None:
+    """CATConfig's own checks of t0 (and each alpha) against the step count, as one line and exit code 2."""
+    from catrt.config import CATConfig
+    from catrt.errors import ConfigError
+
+    try:
+        for alpha in alphas or [CATConfig().alpha]:
+            CATConfig(alpha=alpha, t0=t0).check_steps(steps)
+    except ConfigError as error:
+        parser.error(str(error))

@@ -11,7 +11,7 @@ round-robin at the same k.
 
     python bench/frontier.py --out bench/results   # regenerates frontier.md, frontier.png, frontier.csv
     python bench/frontier.py                       # the same into a new folder under bench/results/tmp/
-    python bench/frontier.py --tiny --out /tmp/f   # a smoke run (2 prompts, 6 steps)
+    python bench/frontier.py --tiny --out /tmp/f   # a smoke run (1 prompt, 5 steps, t0 2)
 
 Needs the bench extra (matplotlib, scikit-image): pip install -e ".[bench]".
 """
@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     benchkit.exit_if_missing(parser, MISSING)
     if args.tiny:
         args.n, args.steps, args.t0 = 1, 5, 2
+    benchkit.check_at_least_one(parser, n=args.n, steps=args.steps, threads=args.threads)
+    benchkit.check_schedule(parser, args.steps, args.t0, list(ALPHAS))
     torch.set_num_threads(args.threads)
     args.out_label = args.out or "bench/results/tmp/frontier-<time>"
     args.out = args.out or default_out()

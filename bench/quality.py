@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
                              "bench/results/tmp/quality-<time>; --out bench/results regenerates the committed results)")
     args = parser.parse_args(argv)
     benchkit.exit_if_missing(parser, MISSING)
+    benchkit.check_at_least_one(parser, n=args.n, steps=args.steps, batch=args.batch, grid_rows=args.grid_rows)
+    benchkit.check_schedule(parser, args.steps, args.t0, args.alphas)
+    if args.steps < args.t0 + 2:  # Figure 3 correlates two pruned steps' changes since t0
+        parser.error(f"Figure 3 needs two pruned steps: --steps must be at least --t0 + 2 = {args.t0 + 2}, got {args.steps}")
     args.out = args.out or default_out()
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -267,12 +267,12 @@ def _wrap(text: str, width: int) -> str:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per line; blank lines are skipped."""
+    """One prompt per line; blank lines are skipped (a UTF-8 byte order mark, as Windows editors write, is no text)."""
     if not path_is(path, "file"):
         raise ConfigError(f"--prompts {echo(str(path), PATH_ECHO_LIMIT)} is not a file; give a text file with one prompt per line",
                           field="prompts", value=str(path))
     try:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise ConfigError(f"--prompts {echo(str(path), PATH_ECHO_LIMIT)} is not UTF-8 text", field="prompts", value=str(path)) from None
     if not prompts:

@@ -92,9 +92,12 @@ class ClipScorer:
 
     def __init__(self, name_or_path: str | os.PathLike, device: Any = "cpu") -> None:
         import torch
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import AutoConfig, CLIPModel, CLIPProcessor
 
         try:
+            kind = AutoConfig.from_pretrained(name_or_path).model_type
+            if kind != "clip":  # refused here: transformers would warn, then load a mismatched model or fail obscurely
+                raise ValueError(f"its config is a {kind!r} model, not 'clip'")
             self.model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(name_or_path)
         except (OSError, ValueError) as error:

@@ -100,6 +100,8 @@ def test_compare_counts_adaptive_reuse_from_the_trace(tmp_path: Path, capfd: pyt
         ("empty", [], "has no prompts; write one per line"),
         ("out-file", [], "is a file; give a folder for report.md"),
         (None, ["--clip", "no-such-clip-folder"], "--clip 'no-such-clip-folder' could not be loaded as a CLIP model"),
+        ("not-clip", ["--clip", "bert"], "--clip 'bert' could not be loaded as a CLIP model and processor (its config is a "
+                                         "'bert' model, not 'clip')"),
         (None, ["--t0", "9"], "CATConfig.t0 = 9 needs t0 < num_inference_steps, got 6 steps"),
         (None, ["--reuse-threshold", "-1"], "CATConfig.reuse_threshold must be >= 0 (0 = off), got -1.0"),
         (None, ["--rules", "best"], "argument --rules: invalid choice: 'best'"),
@@ -117,6 +119,9 @@ def test_compare_mistakes_are_one_line(
     out = tmp_path / "out"
     if setup == "out-file":
         out.write_text("")
+    if setup == "not-clip":  # another model's folder: refused before transformers warns about the type
+        (tmp_path / "bert").mkdir()
+        (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     args = ["compare", "--model", "tiny-pixart", "--prompts", str(prompts), "--steps", "6", "--t0", "2", "--out", str(out)]
     try:
         code = main([*args, *argv])
@@ -125,6 +130,14 @@ def test_compare_mistakes_are_one_line(
     err = capfd.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_prompts_file_drops_a_byte_order_mark_and_carriage_returns(tmp_path: Path) -> None:
+    from catrt.compare import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffa red circle\r\n\r\na blue square\r\n".encode())  # as Windows Notepad saves it
+    assert read_prompts(path) == ["a red circle", "a blue square"]
 
 
 def test_metrics_exact_values() -> None:

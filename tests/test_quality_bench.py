@@ -188,3 +188,23 @@ def test_missing_bench_extra_is_one_line_and_exit_2(tmp_path: Path, script: str,
     assert f"missing optional dependency '{package}'" in lines[0]
     assert 'pip install -e ".[bench]"' in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("quality", ["--n", "0"], "--n must be at least 1, got 0"),
+    ("quality", ["--batch", "0"], "--batch must be at least 1, got 0"),
+    ("quality", ["--steps", "4", "--t0", "4"], "CATConfig.t0 = 4 needs t0 < num_inference_steps, got 4 steps"),
+    ("quality", ["--alphas", "0.3", "1.5"], "CATConfig.alpha must be in (0, 1], got 1.5"),
+    ("quality", ["--steps", "3", "--t0", "2"], "Figure 3 needs two pruned steps: --steps must be at least --t0 + 2 = 4, got 3"),
+    ("frontier", ["--n", "0"], "--n must be at least 1, got 0"),
+    ("frontier", ["--threads", "0"], "--threads must be at least 1, got 0"),
+    ("frontier", ["--steps", "8", "--t0", "8"], "CATConfig.t0 = 8 needs t0 < num_inference_steps, got 8 steps"),
+])
+def test_bench_mistakes_are_one_line_before_any_model_loads(
+    script: str, argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err.splitlines()[-1]
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

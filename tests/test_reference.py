@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import logging
 import shutil
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from catrt.errors import ConfigError
 from catrt.reference import data, train
 from catrt.reference.pipeline import WEIGHTS_DIR, ReferencePipeline, load_reference_pipeline
 from catrt.reference.probe import attribute_accuracy, classify, load_probe, reference_accuracy
@@ -129,6 +131,29 @@ def test_probe_reads_fresh_renders() -> None:
     assert predicted["shape"] == [s.shape for s in samples[:4]]
 
 
+def test_probe_reads_every_image_form_alike_and_refuses_what_it_cannot_read() -> None:
+    samples = data.generate(4, seed=77)
+    arrays = [s.image for s in samples]
+    expected = classify(np.stack(arrays))
+    assert expected["shape"] == [s.shape for s in samples]
+    floats = np.stack(arrays).astype(np.float32) / 255  # diffusers' output_type="np"
+    for images in (arrays, [Image.fromarray(a) for a in arrays], floats, data.to_tensor(arrays)):
+        assert classify(images) == expected
+    single = classify(arrays[0])  # one render, no batch axis
+    assert single == {name: values[:1] for name, values in expected.items()}
+    assert classify(Image.fromarray(arrays[1]))["position"] == [samples[1].position]
+    for images, message in [
+        (np.zeros((1, 64, 64, 3), np.uint8), "the probe reads 32x32 images, got 64x64"),
+        ([Image.new("RGB", (48, 32))], "the probe reads 32x32 images, got 48x32"),
+        (np.zeros((1, 32, 32, 3), np.int32), "the probe takes uint8 images or floats in [0, 1], got int32"),
+        (np.zeros((1, 32, 32), np.uint8), "the probe takes (H, W, 3) RGB images"),
+        (torch.zeros(1, 32, 32, 3), "the probe takes float (B, 3, H, W) tensors in [-1, 1]"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+            classify(images)
+        assert caught.value.field == "images"
+
+
 def test_reference_samples_match_their_captions(pipe: ReferencePipeline) -> None:
     accuracy = reference_accuracy(pipe, n=16, seed=5)
     # Colour, position, background and size come out right; shape is the model's weak attribute
@@ -219,3 +244,25 @@ def test_a_saved_reference_pipeline_loads_back_by_folder_and_draws_the_same_imag
         assert main(["generate", "--model", model, "--prompt", prompts[1], "--steps", "8", "--t0", "2", "--out", str(out)]) == 0
     assert "error" not in capfd.readouterr().err
     assert (tmp_path / "name.png").read_bytes() == (tmp_path / "folder.png").read_bytes()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--minutes", "0"], "--minutes must be a finite number > 0, got 0.0"),
+    (["--minutes", "nan"], "--minutes must be a finite number > 0, got nan"),
+    (["--lr", "-0.1"], "--lr must be a finite number > 0, got -0.1"),
+    (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+    (["--samples", "-8"], "--samples must be a multiple of 8 (rows of 8) >= 0, not -8"),
+    (["--out", "FILE"], "is a file; give a folder for checkpoint.pt"),
+])
+def test_train_mistakes_are_one_line_before_training(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

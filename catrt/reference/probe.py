@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from catrt.errors import ConfigError
 from catrt.reference import data
 from catrt.reference.pipeline import ReferencePipeline, load_reference_pipeline
 
@@ -37,7 +38,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "position": data.POSITIONS,
     "background": tuple(data.BACKGROUNDS),
 }
-ImageBatch = np.ndarray | torch.Tensor | Sequence[Image.Image]
+ImageBatch = np.ndarray | torch.Tensor | Image.Image | Sequence[Image.Image | np.ndarray]
 
 
 class Probe(nn.Module):
@@ -61,12 +62,36 @@ class Probe(nn.Module):
 
 
 def _as_pixels(images: ImageBatch) -> torch.Tensor:
-    """uint8 (B, H, W, 3) arrays, PIL images or float (B, 3, H, W) [-1, 1] tensors -> float tensor."""
+    """Any batch of 32 x 32 RGB images -> float (B, 3, 32, 32) in [-1, 1].
+
+    Takes PIL images, uint8 (H, W, 3) arrays (the renders) and float ones in [0, 1] (diffusers' "np" output),
+    singly, stacked (B, H, W, 3) or listed, and float (B, 3, H, W) tensors in [-1, 1] (the pipeline's "latent"
+    output). Anything else is refused by name: the probe's 4 x 4 head would fail obscurely, or misread it.
+    """
     if isinstance(images, torch.Tensor):
-        return images.float()
-    if isinstance(images, np.ndarray):
-        return data.to_tensor(images)
-    return data.to_tensor(np.stack([np.asarray(image.convert("RGB")) for image in images]))
+        if images.ndim == 3:
+            images = images[None]
+        if not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
+            raise ConfigError(f"the probe takes float (B, 3, H, W) tensors in [-1, 1], got {images.dtype} of shape "
+                              f"{tuple(images.shape)}", field="images")
+        pixels = images.float()
+    else:
+        arrays = [images] if isinstance(images, (np.ndarray, Image.Image)) else list(images)
+        arrays = [np.asarray(a.convert("RGB")) if isinstance(a, Image.Image) else np.asarray(a) for a in arrays]
+        batch = np.concatenate([a[None] if a.ndim == 3 else a for a in arrays]) if arrays else np.zeros((0, 32, 32, 3))
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ConfigError(f"the probe takes (H, W, 3) RGB images, got an array of shape {batch.shape}", field="images")
+        if batch.dtype == np.uint8:
+            pixels = data.to_tensor(batch)
+        elif np.issubdtype(batch.dtype, np.floating):
+            pixels = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1
+        else:
+            raise ConfigError(f"the probe takes uint8 images or floats in [0, 1], got {batch.dtype}", field="images")
+    if tuple(pixels.shape[-2:]) != (data.IMAGE_SIZE, data.IMAGE_SIZE):
+        raise ConfigError(f"the probe reads {data.IMAGE_SIZE}x{data.IMAGE_SIZE} images, got {pixels.shape[-1]}x"
+                          f"{pixels.shape[-2]} (width x height); generate or resize to {data.IMAGE_SIZE}x{data.IMAGE_SIZE}",
+                          field="images")
+    return pixels
 
 
 def augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -294,8 +294,17 @@ def main(argv: list[str] | None = None) -> Trainer:
     if _inside(args.out, WEIGHTS_DIR):
         parser.error(f"--out {args.out} is inside the shipped weights folder {WEIGHTS_DIR}; "
                      "train into another folder and use --publish to copy the weights there")
-    if args.samples % 8:
-        parser.error(f"--samples must be a multiple of 8 (rows of 8), not {args.samples}")
+    if args.samples % 8 or args.samples < 0:
+        parser.error(f"--samples must be a multiple of 8 (rows of 8) >= 0, not {args.samples}")
+    for flag, value in (("--minutes", args.minutes), ("--lr", args.lr), ("--checkpoint-minutes", args.checkpoint_minutes)):
+        if not (math.isfinite(value) and value > 0):  # a budget of 0 trains nothing (and --publish would ship it)
+            parser.error(f"{flag} must be a finite number > 0, got {value}")
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1),
+                               ("--max-steps", args.max_steps, 0), ("--seed", args.seed, 0)):
+        if value < least:
+            parser.error(f"{flag} must be an integer >= {least}, got {value}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder for checkpoint.pt, weights/ and samples.png")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=args.bf16,
