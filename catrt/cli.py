@@ -808,10 +808,37 @@ def _add_macs_parser(commands: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Unpruned vs each rule on every prompt and seed: report.md, metrics.csv, grid.png in --out."""
-    out = Path(args.out)
+    with _output_folder(args.out, "--out", "report.md, metrics.csv and grid.png") as out:
+        return _compare(args, out)
+
+
+@contextlib.contextmanager
+def _output_folder(value: str, flag: str, holds: str) -> Iterator[Path]:
+    """The folder `value`, made now and checked writable, so a bad place is refused before minutes of work (not
+    when the results are written); removed again if this made it and the block fails before writing into it."""
+    out = Path(value)
     if path_is(out) and not path_is(out, "folder"):
-        raise ConfigError(f"--out {echo(args.out, PATH_ECHO_LIMIT)} is a file; give a folder for report.md, metrics.csv and grid.png",
-                          field="out", value=args.out)
+        raise ConfigError(f"{flag} {echo(value, PATH_ECHO_LIMIT)} is a file; give a folder for {holds}", field=flag.lstrip("-"), value=value)
+    made = not path_is(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        writable = os.access(out, os.W_OK | os.X_OK)
+    except OSError as error:
+        raise ConfigError(f"{flag} {echo(value, PATH_ECHO_LIMIT)} cannot be made ({error.strerror}); give a folder you can "
+                          f"write for {holds}", field=flag.lstrip("-"), value=value) from None
+    if not writable:
+        raise ConfigError(f"{flag} {echo(value, PATH_ECHO_LIMIT)} is not writable; give a folder you can write for {holds}",
+                          field=flag.lstrip("-"), value=value)
+    try:
+        yield out
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if still empty: never a file the block wrote
+        raise
+
+
+def _compare(args: argparse.Namespace, out: Path) -> int:
     from catrt.compare import Variant, read_prompts
     from catrt.request_values import check_guidance, check_prompt_text, check_seed
 

@@ -702,6 +702,7 @@ def test_build_refuses_a_file_where_its_folder_would_go_before_any_work(
     ("build", "--model", "tiny-sd3", "--out", "{huge}"),
     ("build", "--model", "tiny-sd3", "--sign-key-file", "{huge}"),
     ("compare", "--prompts", "{huge}", "--out", "{tmp}/out"),
+    ("compare", "--prompts", "{tmp}/p.txt", "--out", "{huge}"),
     ("compare", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/out", "--seeds", *[str(seed) for seed in range(2000)] * 2),
     ("serve", "--model", "{huge}"),
 ])
