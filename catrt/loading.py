@@ -23,8 +23,7 @@ from torch import nn
 
 from catrt.errors import PATH_ECHO_LIMIT, ConfigError, echo
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_model_source
-from catrt.models import family_of
-from catrt.models import PIPELINES
+from catrt.models import PIPELINES, family_of
 from catrt.reference.pipeline import load_reference_pipeline
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
 
