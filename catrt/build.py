@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from catrt.build_config import BuildConfig
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
-from catrt.checks import path_is
+from catrt.checks import path_is, writable_folder
 from catrt.contract import pruned_graph
 from catrt.errors import PATH_ECHO_LIMIT, BuildError, CatrtError, ConfigError, echo, echo_path
 from catrt.generation import check_pipeline_size
@@ -211,14 +211,7 @@ def _check_folder(folder: Path, name: str) -> None:
             f"unloadable: give a folder outside it (--out / --export-dir)",
             field=name, value=str(folder),
         )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        reason = "it is a file" if path_is(folder, "file") else error.strerror or type(error).__name__
-        raise ConfigError(f"{name} {echo_path(folder)} cannot be a folder ({reason}); pick another (--out / --export-dir)",
-                          field=name, value=str(folder)) from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"{name} {echo_path(folder)} is not writable; pick another (--out / --export-dir)", field=name, value=str(folder))
+    writable_folder(folder, f"{name} {echo_path(folder)}", "pick another (--out / --export-dir)", field=name)
 
 
 def _is_bundle(folder: Path) -> bool:

@@ -5,6 +5,7 @@ CLI, the server's 4xx bodies and bundle checks all say the same thing for the sa
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +39,18 @@ def path_is(path: Path, kind: Literal["file", "folder", "any"] = "any") -> bool:
         return path.is_file() if kind == "file" else path.is_dir() if kind == "folder" else path.exists()
     except OSError:
         return False
+
+
+def writable_folder(folder: Path, named: str, fix: str, field: str) -> None:
+    """Make `folder` now, before minutes of work, or refuse it: "<named> cannot be a folder (why); <fix>" when
+    it cannot be made, "<named> is not writable; <fix>" when this user cannot write in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = "it is a file" if path_is(folder, "file") else error.strerror or type(error).__name__
+        raise ConfigError(f"{named} cannot be a folder ({reason}); {fix}", field=field, value=str(folder)) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{named} is not writable; {fix}", field=field, value=str(folder))
 
 
 def require(owner: str, name: str, value: Any, valid: bool, must_be: str) -> None:

@@ -99,8 +99,8 @@ def test_compare_counts_adaptive_reuse_from_the_trace(tmp_path: Path, capfd: pyt
         (None, ["--prompts", "missing.txt"], "--prompts 'missing.txt' is not a file; give a text file with one prompt per line"),
         ("empty", [], "has no prompts; write one per line"),
         ("out-file", [], "is a file; give a folder for report.md"),
-        ("out-under-file", [], "cannot be made (Not a directory); give a folder you can write for report.md"),
-        ("out-too-long", [], "cannot be made (File name too long); give a folder you can write for report.md"),
+        ("out-under-file", [], "cannot be a folder (Not a directory); give a folder you can write for report.md"),
+        ("out-too-long", [], "cannot be a folder (File name too long); give a folder you can write for report.md"),
         (None, ["--clip", "no-such-clip-folder"], "--clip 'no-such-clip-folder' could not be loaded as a CLIP model"),
         ("not-clip", ["--clip", "bert"], "--clip 'bert' could not be loaded as a CLIP model and processor (its config is a "
                                          "'bert' model, not 'clip')"),
