@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from catrt.checks import writable_folder
 from catrt.errors import BuildError, ConfigError, echo_path
 
 _AT_FDCWD = -100
@@ -37,11 +38,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
     On an exception the temporary folder is removed and `final` is left as it was.
     """
     refuse_non_folder(final, "move it away or publish under another name")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"{echo_path(final.parent)} cannot be a folder ({error.strerror}); pick another place",
-                          field="path", value=str(final.parent)) from None
+    writable_folder(final.parent, echo_path(final.parent), "pick another place", field="path")
     with _held(final.parent):  # another publish's remove_abandoned cannot take the folder before it is locked
         remove_abandoned(final)
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final), dir=final.parent))

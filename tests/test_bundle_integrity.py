@@ -587,6 +587,15 @@ def test_a_build_is_swapped_into_place_in_one_step(tmp_path: Path, monkeypatch: 
     assert (final / "file").read_text() == "new" and sorted(tmp_path.iterdir()) == [final]
 
 
+def test_a_publish_under_a_file_is_refused_before_any_staging(tmp_path: Path) -> None:
+    """The parent is made (and checked writable) by the one rule builds and compare use, before mkdtemp runs."""
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ConfigError, match=r"file cannot be a folder \(it is a file\); pick another place"):
+        with staged_folder(tmp_path / "file" / "bundle"):
+            pytest.fail("the block ran")
+    assert (tmp_path / "file").read_text() == "mine" and sorted(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
 def test_the_folder_of_a_killed_build_is_removed_and_a_live_builds_kept(tmp_path: Path) -> None:
     final = tmp_path / "bundle"
     dead, live = tmp_path / ".bundle.tmp-dead", tmp_path / ".bundle.tmp-live"

@@ -255,12 +255,14 @@ def test_a_saved_reference_pipeline_loads_back_by_folder_and_draws_the_same_imag
     (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
     (["--samples", "-8"], "--samples must be a multiple of 8 (rows of 8) >= 0, not -8"),
     (["--out", "FILE"], "is a file; give a folder for checkpoint.pt"),
+    (["--out", "FILE/run"], "cannot be a folder (Not a directory); give a folder you can write for checkpoint.pt"),
+    (["--out", "LONG"], "cannot be a folder (File name too long); give a folder you can write for checkpoint.pt"),
 ])
 def test_train_mistakes_are_one_line_before_training(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "FILE").write_text("")
-    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    argv = [str(tmp_path / a.replace("LONG", "x" * 300)) if a.startswith(("FILE", "LONG")) else a for a in argv]
     with pytest.raises(SystemExit) as refused:
         train.main(["--out", str(tmp_path / "run"), *argv])
     err = capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Several builds behind one server (`catrt serve --engines A B`): routing by size, shared components.
 
 Two eager builds of tiny-sd3 (64x64 batch 2, 96x64 batch 1; eager builds are quick: no export) are
-made once for the module; one real server serves both on a loopback port.
+made once for the module; one real server (`FAULT_CLI`: it sleeps on the prompt "sleep N") serves both on a
+loopback port.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from test_serve_support import (
-    CLI,
+    FAULT_CLI,
     RemoteServer,
     assert_error,
     assert_one_line_refusal,
@@ -62,7 +63,7 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(builds: dict[str, Path]) -> Iterator[RemoteServer]:
-    started = {"two": RemoteServer(CLI, ["--engines", str(builds["64x64"]), str(builds["96x64"]), "--timeout", "60"])}
+    started = {"two": RemoteServer(FAULT_CLI, ["--engines", str(builds["64x64"]), str(builds["96x64"]), "--timeout", "60"])}
     start_all(started)
     yield started["two"]
     stop_all(started)
@@ -175,13 +176,10 @@ def test_an_unserved_size_lists_the_served_ones(server: RemoteServer) -> None:
 
 def test_sizes_are_never_batched_together(server: RemoteServer) -> None:
     """While the worker is busy, two 64x64 requests wait together and one 96x64 request waits apart."""
-    for _ in range(3):
-        blocker, square, wide, square2 = asyncio.run(generate_all(server.url, [
-            {"size": "96x64", "seed": 1}, {"size": "64x64", "seed": 2}, {"size": "96x64", "seed": 3},
-            {"size": "64x64", "seed": 4},
-        ], stagger=0.02))
-        if square.json()["catrt"]["batch_rows"] == 2:
-            break
+    blocker, square, wide, square2 = asyncio.run(generate_all(server.url, [  # the worker sleeps 0.5 s on the first
+        {"size": "96x64", "seed": 1, "prompt": "sleep 0.5"}, {"size": "64x64", "seed": 2}, {"size": "96x64", "seed": 3},
+        {"size": "64x64", "seed": 4},
+    ], stagger=0.05))
     for response in (blocker, square, wide, square2):
         assert response.status_code == 200, response.text
     assert square.json()["catrt"]["batch_rows"] == square2.json()["catrt"]["batch_rows"] == 2

@@ -23,6 +23,23 @@ import httpx
 PROMPT = "a red sun in a blue sky"
 LISTENING = re.compile(r"^catrt serve: listening on (http://\S+)$")
 CLI = [sys.executable, "-m", "catrt.cli"]
+# `catrt serve` whose generation (in the server's own process) raises on the prompt "boom" and sleeps N seconds
+# on "sleep N": a failure or a busy worker on cue, so tests need not guess how fast this machine generates.
+FAULT_CLI = [sys.executable, "-c", """
+import sys, time
+from catrt.serve.model import ServedModel
+generate = ServedModel.generate
+def faulty(self, rows, options, *rest, **named):
+    for row in rows:
+        if row.prompt == "boom":
+            raise RuntimeError("injected failure")
+        if row.prompt.startswith("sleep "):
+            time.sleep(float(row.prompt.split()[1]))
+    return generate(self, rows, options, *rest, **named)
+ServedModel.generate = faulty
+from catrt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""]
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -149,10 +166,14 @@ def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
 
 
 class LiveProbe:
-    """GETs /health/live every 10 ms on its own thread and client; `latencies` are the answer times."""
+    """GETs /health/live every 10 ms on its own thread and client; `latencies` are the answer times.
 
-    def __init__(self, url: str) -> None:
+    It stops no sooner than `least` answers (10 s at most), so a machine that does the watched work fast still
+    gets that many probes; the work was running during the first of them."""
+
+    def __init__(self, url: str, least: int = 20) -> None:
         self.url = url
+        self.least = least
         self.latencies: list[float] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -164,6 +185,9 @@ class LiveProbe:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        deadline = time.monotonic() + 10
+        while len(self.latencies) < self.least and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
         self._stop.set()
         self._thread.join()
 

@@ -35,6 +35,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from catrt.checks import path_is, writable_folder
+from catrt.errors import ConfigError, echo_path
 from catrt.reference import data
 from catrt.reference.text import token_ids
 from catrt.reference.pipeline import (
@@ -303,8 +305,13 @@ def main(argv: list[str] | None = None) -> Trainer:
                                ("--max-steps", args.max_steps, 0), ("--seed", args.seed, 0)):
         if value < least:
             parser.error(f"{flag} must be an integer >= {least}, got {value}")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file; give a folder for checkpoint.pt, weights/ and samples.png")
+    holds = "checkpoint.pt, weights/ and samples.png"
+    if path_is(args.out, "file"):
+        parser.error(f"--out {echo_path(args.out)} is a file; give a folder for {holds}")
+    try:  # made now: a path the OS refuses (under a file, a name too long) is one line, not a traceback later
+        writable_folder(args.out, f"--out {echo_path(args.out)}", f"give a folder you can write for {holds}", "out")
+    except ConfigError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=args.bf16,

@@ -16,10 +16,10 @@ from typing import Any
 from catrt.errors import ConfigError
 from catrt.serve.builds import check_builds
 from catrt.serve.config import ServeConfig
-from catrt.serve.echo import echo, shorten
+from catrt.serve.echo import shorten
 from catrt.serve.model import BatchOptions, Row, ServedModel, ServedSpec, load_engines, load_served_model
 from catrt.serve.schemas import ImageGenerationRequest
-from catrt.serve.validation import SIZE_PATTERN, RequestRules
+from catrt.serve.validation import RequestRules, parse_size
 
 
 class Router:
@@ -50,9 +50,7 @@ class Router:
         """The model serving `size` ("WxH", "auto" or None = the first); else a ConfigError naming `size`."""
         if size is None or size == "auto":
             return self.default
-        if SIZE_PATTERN.fullmatch(size) is None:
-            raise ConfigError(f'size must be "WxH" (e.g. "{self.default.spec.size}") or "auto", got {echo(size)}',
-                              field="size", value=size)
+        parse_size(size, self.default.spec.size)
         if size not in self.models:
             raise ConfigError(
                 f"size={shorten(size)} is not served: this server serves {', '.join(self.sizes)} "

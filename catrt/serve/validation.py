@@ -24,6 +24,15 @@ from catrt.serve.echo import echo, shorten
 from catrt.serve.schemas import UNSERVED_OUTPUT, ImageGenerationRequest
 
 SIZE_PATTERN = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")  # whole strings only: fullmatch
+
+
+def parse_size(size: str, example: str) -> tuple[int, int]:
+    """(width, height) of a "WxH" size; else the refusal naming `size`, with a served size as `example`."""
+    match = SIZE_PATTERN.fullmatch(size)
+    if match is None:
+        raise ConfigError(f'size must be "WxH" (e.g. "{example}") or "auto", got {echo(size)}', field="size",
+                          value=size)
+    return int(match.group(1)), int(match.group(2))
 # check_request's argument names -> the request field a client sets them with.
 CALL_PARAMS = {"height": "size", "width": "size", "num_inference_steps": "steps", "batch": "n"}
 SERVED_CALL_ARGUMENTS = ("height", "width", "num_inference_steps")
@@ -123,10 +132,7 @@ class RequestRules:
         """(width, height) asked for; "auto" and absent are the served size."""
         if size is None or size == "auto":
             return self.spec.width, self.spec.height
-        match = SIZE_PATTERN.fullmatch(size)
-        if match is None:
-            raise ConfigError(f'size must be "WxH" (e.g. "{self.spec.size}") or "auto", got {echo(size)}', field="size")
-        return int(match.group(1)), int(match.group(2))
+        return parse_size(size, self.spec.size)
 
     def call_arguments(self, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
         """The arguments the model call would get, padded to the batch as the worker pads it."""
