@@ -22,8 +22,7 @@ if TYPE_CHECKING:
 
 Context = dict[str, torch.Tensor]
 
-#: The kinds of graph; a bundle has one "context", one "full" and one pruned graph per k (`pruned_graph`).
-GRAPHS: tuple[str, ...] = ("context", "full", "pruned")
+#: A bundle has one "context", one "full" and one pruned graph per k, named by `pruned_graph`.
 _PRUNED_NAME = re.compile(r"pruned-k([1-9][0-9]*)")
 
 

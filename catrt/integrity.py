@@ -241,15 +241,6 @@ def _is_count(value: object) -> bool:
     return integer(value) and value >= 0
 
 
-def verify_integrity(folder: str | os.PathLike[str], key: bytes | None = None) -> tuple[Manifest, BuildConfig]:
-    """The bundle's manifest and build config; raises its first integrity problem."""
-    report = check_integrity(folder, key)
-    if report.problems:
-        raise report.problems[0]
-    assert report.manifest is not None and report.build is not None
-    return report.manifest, report.build
-
-
 def read_build_config(manifest: Manifest) -> BuildConfig:
     """The manifest's build config; invalid values (2 <= t0 < steps, alpha in (0, 1], ...) are a CorruptBundleError."""
     steps = manifest.build.get("steps")

@@ -62,11 +62,6 @@ class Manifest:
     #: HMAC-SHA256 (hex) of the rest of the manifest, when the build was signed (`catrt.integrity`).
     signature: str | None = None
 
-    @property
-    def pruned_graphs(self) -> dict[float, str]:
-        """alpha -> the name of its pruned graph."""
-        return {entry["alpha"]: entry["graph"] for entry in self.alphas}
-
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if data[SIGNATURE_FIELD] is None:
@@ -434,13 +429,6 @@ def environment_problems(
                 value={"expected": expected, "found": found},
             ))
     return problems
-
-
-def check_environment(manifest: Manifest, package: str | None, device: dict[str, Any], device_fields: tuple[str, ...]) -> None:
-    """The catrt and backend versions and the device match the build's; raises the first difference."""
-    problems = environment_problems(manifest, package, device, device_fields)
-    if problems:
-        raise problems[0]
 
 
 def transformer_config(module: nn.Module) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Literal
 
 StepKind = Literal["full", "pruned", "reused"]
-STEP_KINDS: tuple[str, ...] = ("full", "pruned", "reused")
 
 
 def step_kind(step: int, t0: int, refresh_every: int = 0, reuse_every: int = 0) -> StepKind:
