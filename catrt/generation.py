@@ -12,7 +12,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from catrt.errors import ConfigError, GenerationError
 from catrt.model_cards import check_image_size
-from catrt.pipeline import pipeline_spec
+from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.pipeline_spec import call_default
 from catrt.prompts import PromptReader, text_limit
 
@@ -82,21 +82,22 @@ def pipeline_size_limits(pipe: Any) -> tuple[int, int | None]:
     """(multiple, largest) pixel size a loaded pipeline takes; largest is None when unbounded.
 
     For models without a card (tiny ones, local folders) the limits are only known once loaded:
-    pixels per latent cell times latent cells per token (the adapter's), and for SD3 the fixed position table's side.
+    pixels per latent cell times latent cells per token, and the side of the grid its positions cover (both the adapter's).
     """
     from catrt.models import make_adapter
 
     pipe = getattr(pipe, "pipe", pipe)
-    config = pipe.transformer.config
-    multiple = int(pipe.vae_scale_factor) * make_adapter(pipe.transformer).cells_per_token
-    table = config.get("pos_embed_max_size")
-    return multiple, None if table is None else int(table) * multiple
+    adapter = make_adapter(pipe.transformer)
+    multiple = int(pipe.vae_scale_factor) * adapter.cells_per_token
+    side = adapter.max_grid_side
+    return multiple, None if side is None else side * multiple
 
 
 def check_pipeline_size(pipe: Any, height: int | None, width: int | None, model: str) -> None:
-    """Refuse a requested size the loaded pipeline cannot take (None = the pipeline's default)."""
+    """Refuse a requested size the loaded pipeline cannot take (None = the pipeline's default, which a call then runs)."""
     multiple, largest = pipeline_size_limits(pipe)
-    check_image_size(height or multiple, width or multiple, multiple, largest, model)
+    default = default_image_size(getattr(pipe, "pipe", pipe))
+    check_image_size(height or default, width or default, multiple, largest, model)
 
 
 def check_prompt_length(runner: Any, prompt: str, length: int | None = None, field: str = "prompt") -> None:

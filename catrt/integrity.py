@@ -57,9 +57,6 @@ BUNDLE_FILES: dict[str, tuple[str | None, tuple[str, ...]]] = {
 }
 #: The bundle key (the key itself, not a file) used when none is passed.
 BUNDLE_KEY_ENV = "CATRT_BUNDLE_KEY"
-#: Text tokens a pipeline puts before the `max_sequence_length` ones (SD3: CLIP's 77, then T5's; PixArt, FLUX: T5 alone).
-#: Pipelines not listed here need only at least `max_sequence_length` text tokens.
-TEXT_TOKENS_BEFORE: dict[str, int] = {"StableDiffusion3Pipeline": 77, "PixArtSigmaPipeline": 0, "FluxPipeline": 0}
 _CHUNK = 1 << 20
 
 
@@ -691,7 +688,7 @@ def _context_problems(
     length = build.max_sequence_length
     if length is None:
         return
-    before = TEXT_TOKENS_BEFORE.get(manifest.model["pipeline_class"])
+    before = text_tokens_before(manifest.model["pipeline_class"])
     if before is None:
         check.expect(text[1] >= length, "build.max_sequence_length",
                      f"build.max_sequence_length is {length} but the graphs take {text[1]} text tokens", length)
@@ -699,3 +696,11 @@ def _context_problems(
         check.expect(text[1] == before + length, "build.max_sequence_length",
                      f"build.max_sequence_length is {length} but the graphs take {text[1]} text tokens "
                      f"({manifest.model['pipeline_class']}: {before} + max_sequence_length)", length)
+
+
+def text_tokens_before(pipeline_class: str) -> int | None:
+    """The text tokens a registered pipeline class (by name) puts before its `max_sequence_length` ones, as its
+    `PipelineSpec.text_tokens_before` declares; None for a class not registered or that does not declare it."""
+    from catrt.models import PIPELINES  # the families' declarations; imported here, where a bundle's graphs are read
+
+    return next((spec.text_tokens_before for cls, spec in PIPELINES.items() if cls.__name__ == pipeline_class), None)

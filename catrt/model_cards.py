@@ -35,6 +35,9 @@ class ModelCard:
     cells_per_token: int | None = None
     # Latent cells a side of the default image where the transformer config has no sample_size (FLUX's pipeline: 128).
     sample_size: int | None = None
+    # Tokens a side of the largest grid where the config's `pos_embed_max_size` is not that side (the adapter's
+    # `max_grid_side`: AuraFlow's table holds pos_embed_max_size positions in all); None: read that key as the side.
+    max_grid_side: int | None = None
 
     @property
     def default_size(self) -> int:
@@ -128,13 +131,13 @@ def default_precision(model: str, device_type: str) -> Precision:
 def size_limits(card: ModelCard) -> tuple[int, int | None]:
     """(multiple, largest) pixel size the card's transformer takes; largest is None when unbounded.
 
-    Each latent cell is `vae_scale` pixels and each token `patch_size` cells; SD3-layout models
-    crop a fixed position table of `pos_embed_max_size` tokens a side, PixArt interpolates its own.
+    Each latent cell is `vae_scale` pixels and each token `token_cells` cells; SD3-layout models
+    crop a fixed position table of `pos_embed_max_size` tokens a side, PixArt interpolates its own and
+    FLUX rotates; `max_grid_side` states the side where the config does not (as the family's adapter does).
     """
-    config = card.transformer_config
     multiple = card.vae_scale * card.token_cells
-    table = config.get("pos_embed_max_size") if card.family == "sd3" else None
-    return multiple, None if table is None else int(table) * multiple
+    side = card.max_grid_side if card.max_grid_side is not None else card.transformer_config.get("pos_embed_max_size")
+    return multiple, None if side is None else int(side) * multiple
 
 
 def check_image_size(height: int, width: int, multiple: int, largest: int | None, model: str) -> None:

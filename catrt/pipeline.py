@@ -28,7 +28,7 @@ from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError, echo
 from catrt.models import PIPELINES, make_adapter
 from catrt.models.inputs import check_transformer_inputs
-from catrt.pipeline_spec import PipelineSpec, denoising_steps
+from catrt.pipeline_spec import PipelineSpec, call_default, denoising_steps
 from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
 
 
@@ -61,7 +61,11 @@ def pipeline_spec(pipe: Any) -> PipelineSpec:
 
 
 def default_image_size(pipe: Any) -> int:
-    """The pipeline's own image side in pixels when a call gives none (its default sample size in latent cells)."""
+    """The pipeline's own image side in pixels when a call gives none: its `__call__`'s default height where that is
+    a number (AuraFlow's 1024), else its default sample size in latent cells (SD3, PixArt, FLUX default to None)."""
+    height = call_default(pipe, "height") if "height" in inspect.signature(pipe.__call__).parameters else None
+    if isinstance(height, int) and not isinstance(height, bool):
+        return height
     cells = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
     return int(cells * pipe.vae_scale_factor)
 

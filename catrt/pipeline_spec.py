@@ -35,6 +35,9 @@ class PipelineSpec:
     text_tokenizer: str = "tokenizer"
     # The call argument that sets that length; None where the tokenizer's own max_length fixes it.
     text_length_argument: str | None = "max_sequence_length"
+    # Text tokens the transformer sees before the `text_length_argument` ones (SD3: CLIP's 77; PixArt, FLUX: 0, T5
+    # alone). A bundle's text length is checked against its graphs with it; None (not declared): only as at most theirs.
+    text_tokens_before: int | None = None
     guidance: Guidance = "cfg"
     # (pipe, call arguments) -> the token grid, where the transformer's latents do not carry it (packed).
     token_grid: Callable[[Any, dict[str, Any]], Grid] | None = field(default=None, compare=False)
@@ -44,6 +47,10 @@ class PipelineSpec:
     def __post_init__(self) -> None:
         # A misspelt guidance kind would silently score a CFG pipeline's uncond rows as prompts of their own.
         require("PipelineSpec", "guidance", self.guidance, self.guidance in GUIDANCE_KINDS, f"one of {', '.join(GUIDANCE_KINDS)}")
+        before = self.text_tokens_before
+        require("PipelineSpec", "text_tokens_before", before,
+                before is None or (isinstance(before, int) and not isinstance(before, bool) and before >= 0),
+                "None or a whole number >= 0")
         for name in ("token_grid", "check_call"):
             value = getattr(self, name)
             require("PipelineSpec", name, value, value is None or callable(value), "None or a function")

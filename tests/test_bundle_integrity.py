@@ -611,14 +611,54 @@ def test_the_folder_of_a_killed_build_is_removed_and_a_live_builds_kept(tmp_path
         os.close(holder)
 
 
+def test_a_new_familys_declared_text_layout_checks_its_bundles_text_length(bundle: Path) -> None:
+    """`PipelineSpec.text_tokens_before`, declared next to a family's adapter, is what integrity checks an edited
+    max_sequence_length with (integrity kept its own table of the built-in pipeline classes, so a new family's
+    bundle was only checked as 'at most the graphs' 85 text tokens' and an edit down to 4 passed)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from catrt.models import ADAPTERS, FAMILIES, PIPELINES, Family, register_family
+    from catrt.models.sd3 import SD3Adapter
+    from catrt.pipeline_spec import PipelineSpec
+
+    class LayoutTransformer(SD3Transformer2DModel):
+        pass
+
+    class LayoutPipeline(StableDiffusion3Pipeline):
+        pass
+
+    class LayoutAdapter(SD3Adapter):
+        transformer_class = LayoutTransformer
+
+    spec = PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3", text_tokens_before=77)
+    register_family(Family("text-layout", LayoutAdapter, {LayoutPipeline: spec}))
+    try:
+        _edit(bundle, lambda m: (m["model"].update(pipeline_class="LayoutPipeline"), m["build"].update(max_sequence_length=4)))
+        _refused(bundle, r"max_sequence_length is 4 but the graphs take 85 text tokens \(LayoutPipeline: 77 \+ max_sequence_length\)",
+                 "build.max_sequence_length")
+    finally:
+        del FAMILIES["text-layout"], ADAPTERS[LayoutTransformer], PIPELINES[LayoutPipeline]
+
+
+def test_a_pipeline_spec_with_a_bad_text_layout_is_refused_by_name() -> None:
+    from catrt.pipeline_spec import PipelineSpec
+
+    for value in (-1, 1.5, True, "77"):
+        with pytest.raises(ConfigError, match="PipelineSpec.text_tokens_before must be None or a whole number >= 0"):
+            PipelineSpec(call_defaults={}, text_tokens_before=value)  # type: ignore[arg-type]
+
+
 def test_every_family_pipeline_that_takes_a_text_length_has_its_text_layout_checked() -> None:
-    """Without its entry a bundle's edited max_sequence_length is only checked as 'at most the graphs' text'."""
+    """Without its declaration a bundle's edited max_sequence_length is only checked as 'at most the graphs' text'."""
     from catrt.models import FAMILIES
 
     for family in FAMILIES.values():
         for pipeline_class, spec in family.pipelines.items():
             if spec.text_length_argument == "max_sequence_length":
-                assert pipeline_class.__name__ in integrity.TEXT_TOKENS_BEFORE, (family.name, pipeline_class.__name__)
+                assert spec.text_tokens_before is not None, (family.name, pipeline_class.__name__)
+                assert integrity.text_tokens_before(pipeline_class.__name__) == spec.text_tokens_before
+    assert integrity.text_tokens_before("StableDiffusion3Pipeline") == 77 and integrity.text_tokens_before("FluxPipeline") == 0
+    assert integrity.text_tokens_before("NoSuchPipeline") is None
 
 
 def test_a_publish_that_finds_the_name_taken_after_its_check_replaces_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -321,3 +321,77 @@ def test_mac_counting_of_a_family_without_a_meta_call_is_refused_by_name(fake_fa
     card = replace(MODEL_CARDS["sd3"], name="fake-medium", hub_id=None, family="fake")
     with pytest.raises(UnsupportedModelError, match="model fake-medium: family 'fake' registers no meta_call, which MAC counting needs"):
         meta_inputs(card, Grid(4, 4))
+
+
+# -- what a family declares about image sizes ------------------------------------------------------
+
+
+class SmallTableTransformer(SD3Transformer2DModel):
+    """A transformer whose positions cover fewer tokens a side than its config's pos_embed_max_size says."""
+
+
+class SmallTablePipeline(StableDiffusion3Pipeline):
+    pass
+
+
+class SmallTableAdapter(SD3Adapter):
+    transformer_class = SmallTableTransformer
+
+    @property
+    def max_grid_side(self) -> int:
+        return 4
+
+
+@pytest.fixture()
+def small_table_family() -> Iterator[Family]:
+    family = register_family(Family("small-table", SmallTableAdapter, {SmallTablePipeline: _spec()}))
+    yield family
+    del FAMILIES["small-table"], ADAPTERS[SmallTableTransformer], PIPELINES[SmallTablePipeline]
+
+
+def test_a_familys_own_grid_limit_bounds_the_sizes_catrt_accepts(small_table_family: Family, tiny_pipelines: dict[str, Any]) -> None:
+    """The size check asks the adapter (`max_grid_side`); it read `pos_embed_max_size` as SD3's table side for every
+    family, so a family whose table is laid out otherwise (AuraFlow's) was let through to an IndexError in diffusers."""
+    from catrt.generation import check_pipeline_size, pipeline_size_limits
+
+    tiny = tiny_pipelines["tiny-sd3"]
+    pipe = SmallTablePipeline(**{**tiny.components, "transformer": SmallTableTransformer.from_config(tiny.transformer.config)})
+    assert pipeline_size_limits(pipe) == (16, 64) and pipeline_size_limits(tiny) == (16, 96 * 16)
+    check_pipeline_size(pipe, 64, 48, "small")
+    with pytest.raises(ConfigError, match="width 80 does not fit model small, which takes multiples of 16 up to 64 pixels; try width 64"):
+        check_pipeline_size(pipe, 64, 80, "small")
+
+
+class LargeDefaultPipeline(StableDiffusion3Pipeline):
+    """A pipeline whose own call defaults to a fixed size (as AuraFlow's 1024), not to its sample size."""
+
+    def __call__(self, *args: Any, height: int = 2048, width: int = 2048, **kwargs: Any) -> Any:
+        return super().__call__(*args, height=height, width=width, **kwargs)
+
+
+def test_a_call_without_a_size_is_checked_at_the_size_the_pipeline_then_runs(tiny_pipelines: dict[str, Any]) -> None:
+    """`catrt generate` without --height runs the pipeline's own default: that size is checked (it was not checked at all,
+    and build and serve took the sample size where the pipeline itself would run another)."""
+    from catrt.generation import check_pipeline_size
+    from catrt.pipeline import default_image_size
+
+    tiny = tiny_pipelines["tiny-sd3"]
+    pipe = LargeDefaultPipeline(**tiny.components)
+    assert default_image_size(pipe) == 2048 and default_image_size(tiny) == 256
+    with pytest.raises(ConfigError, match="width 2048 does not fit model large, which takes multiples of 16 up to 1536 pixels"):
+        check_pipeline_size(pipe, None, None, "large")
+    check_pipeline_size(tiny, None, None, "tiny-sd3")
+
+
+def test_every_model_cards_size_limit_is_its_adapters() -> None:
+    """The CLI checks a published model's size from its card before loading; the loaded pipeline's check asks the adapter."""
+    from catrt.model_cards import size_limits
+
+    for card in MODEL_CARDS.values():
+        with torch.device("meta"):
+            transformer = FAMILIES[card.family].adapter.transformer_class.from_config(card.transformer_config)
+        side = make_adapter(transformer).max_grid_side
+        multiple, largest = size_limits(card)
+        assert largest == (None if side is None else side * multiple), card.name
+    sd3 = replace(MODEL_CARDS["sd3"], max_grid_side=64)
+    assert size_limits(sd3) == (16, 1024) and size_limits(MODEL_CARDS["sd3"]) == (16, 192 * 16)

@@ -201,6 +201,18 @@ class Adapter(ABC):
         return self.patch_size
 
     @property
+    def max_grid_side(self) -> int | None:
+        """The most tokens a side the transformer's positional code covers; None where any size runs.
+
+        The default reads `config.pos_embed_max_size` as diffusers' `PatchEmbed` does (SD3: the side of the
+        table it crops); a family whose table is laid out otherwise (AuraFlow's holds that many positions in
+        all) or that interpolates or rotates its positions (PixArt, FLUX: no such key) says so here. Sizes
+        are refused against it before a call, where the transformer would fail indexing its table.
+        """
+        side = getattr(self.transformer.config, "pos_embed_max_size", None)
+        return None if side is None else int(side)
+
+    @property
     def token_channels(self) -> int:
         """Channels of one input token: a flattened C x p x p latent patch."""
         return self.in_channels * self.patch_size**2

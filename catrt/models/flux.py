@@ -317,7 +317,7 @@ FAMILY = register_family(Family(
     "flux", FluxAdapter,
     {
         FluxPipeline: PipelineSpec(
-            call_defaults={}, text_tokenizer="tokenizer_2", guidance="distilled", token_grid=_token_grid,
+            call_defaults={}, text_tokenizer="tokenizer_2", text_tokens_before=0, guidance="distilled", token_grid=_token_grid,
             check_call=_check_call,
         )
     },

@@ -158,6 +158,6 @@ def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str
 #: Resolution binning would silently change the requested size; clean_caption needs extra packages.
 FAMILY = register_family(Family(
     "pixart", PixArtAdapter,
-    {PixArtSigmaPipeline: PipelineSpec(call_defaults={"use_resolution_binning": False, "clean_caption": False})},
+    {PixArtSigmaPipeline: PipelineSpec(call_defaults={"use_resolution_binning": False, "clean_caption": False}, text_tokens_before=0)},
     _meta_call,
 ))

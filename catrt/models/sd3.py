@@ -256,6 +256,8 @@ def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str
 #: The prompt's limit is T5's (tokenizer_3); classifier-free guidance doubles the batch.
 FAMILY = register_family(Family(
     "sd3", SD3Adapter,
-    {StableDiffusion3Pipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3", check_call=_check_call)},
+    {StableDiffusion3Pipeline: PipelineSpec(
+        call_defaults={}, text_tokenizer="tokenizer_3", text_tokens_before=77, check_call=_check_call,
+    )},
     _meta_call,
 ))
