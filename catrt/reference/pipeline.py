@@ -90,6 +90,17 @@ class ReferencePipeline(DiffusionPipeline):
         self.vae_scale_factor = 1  # pixel space: one latent cell per pixel, as diffusers pipelines report it
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> ReferencePipeline:
+        """Load a saved folder, then copy its weights (a few MB) out of the safetensors mapping diffusers leaves
+        them in: at those addresses BLAS rounds differently, and the folder would not draw the name's image."""
+        pipeline = super().from_pretrained(*args, **kwargs)
+        for module in (pipeline.transformer, pipeline.text_encoder):
+            for tensor in (*module.parameters(), *module.buffers()) if module is not None else ():
+                if not tensor.is_meta:
+                    tensor.data = tensor.data.clone()
+        return pipeline
+
     def _embed(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         ids = token_ids(self.tokenizer, prompts).to(device)
         return self.text_encoder(ids)
