@@ -82,9 +82,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .` (the GPU machine)
     sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/benchkit.py, also when loaded by path
+import benchkit  # noqa: E402
 import diffusers  # noqa: E402
 
 from catrt.config import CATConfig  # noqa: E402
+from catrt.errors import ConfigError  # noqa: E402
 from catrt.model_cards import MODEL_CARDS, ModelCard  # noqa: E402
 from catrt.scheduler import StepKind, plan  # noqa: E402
 from catrt.models import family_of  # noqa: E402
@@ -138,15 +141,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="report path (default $OUT/speed-<gpu>.md where $OUT is a folder, else bench/results/speed-<gpu>.md)")
     args = parser.parse_args(argv)
     tiny = args.tiny
-    args.size = args.size or (128 if tiny else 1024)
-    args.steps = args.steps or (10 if tiny else 28)
-    args.t0 = args.t0 or (4 if tiny else 8)
-    args.repeats = args.repeats or (2 if tiny else 3)
-    if args.budget_s is None:
-        args.budget_s = 0.0 if tiny else 420.0
+    defaults = {"size": (128, 1024), "steps": (10, 28), "t0": (4, 8), "repeats": (2, 3), "budget_s": (0.0, 420.0)}
+    for name, (small, full) in defaults.items():  # `is None`: an asked-for 0 is refused below, never replaced
+        if getattr(args, name) is None:
+            setattr(args, name, small if tiny else full)
+    benchkit.check_at_least_one(parser, size=args.size, steps=args.steps, repeats=args.repeats,
+                                selection_repeats=args.selection_repeats, check_steps=args.check_steps,
+                                profile_rows=args.profile_rows)
     if args.size % 16:
         parser.error("--size must be a multiple of 16 (VAE factor 8, patch 2)")
-    cat_config(args).check_steps(args.steps)
+    if not args.budget_s >= 0:
+        parser.error(f"--budget-s must be a number of seconds >= 0 (0 = no budget), got {args.budget_s}")
+    try:
+        cat_config(args).check_steps(args.steps)
+    except ConfigError as error:
+        parser.error(str(error))
     if not pruned_steps(args):
         parser.error(f"no steady pruned step to time: steps {args.t0 + 2}..{args.steps} are all reused; "
                      "raise --steps or --reuse-every, or lower --t0")

@@ -59,6 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/benchkit.py, also when loaded by path
+import benchkit  # noqa: E402
 import catrt  # noqa: E402
 from catrt.build import build_engines  # noqa: E402
 from catrt.build_config import BuildConfig  # noqa: E402
@@ -78,17 +80,18 @@ CLIP_TOKENS = 77
 DIMS = {  # published block sizes: the card's transformer config, its resolution and text length
     "sd3-medium": {"card": "sd3", "size": 1024, "text_length": 256},
 }
+DIMS_SETS = {"heads": 6, "size": 512, "text_length": 64}  # what --dims sets; the defaults without it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="bench/speed.py", description=__doc__.split("\n\n")[0], formatter_class=benchkit.HelpFormatter)
     parser.add_argument("--dims", choices=sorted(DIMS), default=None,
                         help="a published model's block size, resolution and text length, steps only, no engines "
                         "(sets --heads, --size, --text-length; --backends defaults to none)")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=6, help="attention heads of 64 channels (D = 64 x heads)")
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels (tokens = (size / 16)^2)")
-    parser.add_argument("--text-length", type=int, default=64, help="T5 tokens (the transformer sees 77 + this)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads of 64 channels (D = 64 x heads; default 6)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels, a multiple of 16 (tokens = (size / 16)^2; default 512)")
+    parser.add_argument("--text-length", type=int, default=None, help="T5 tokens (the transformer sees 77 + this; default 64)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--t0", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=0.3)
@@ -100,14 +103,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --dims: also time diffusers and catrt compiled by torch.compile (inductor)")
     parser.add_argument("--out", type=Path, default=None, help="report path (default: a new file under bench/results/)")
     args = parser.parse_args(argv)
-    if args.dims is not None:
-        dims = DIMS[args.dims]
-        config = MODEL_CARDS[dims["card"]].transformer_config
-        args.heads = config["num_attention_heads"]
-        args.size, args.text_length = dims["size"], dims["text_length"]
+    set_dims(parser, args)
     if args.backends is not None and [name.lower() for name in args.backends] == ["none"]:
         args.backends = []
+    check_args(parser, args)
     return args
+
+
+def set_dims(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--heads, --size and --text-length from --dims (refused beside it: silently timing another size than
+    asked for would mislabel the report), else from the options or their defaults."""
+    given = [f"--{name.replace('_', '-')}" for name in DIMS_SETS if getattr(args, name) is not None]
+    if args.dims is None:
+        for name, default in DIMS_SETS.items():
+            setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+        return
+    if given:
+        parser.error(f"--dims {args.dims} sets --heads, --size and --text-length to the published model's; "
+                     f"leave out {' and '.join(given)} (or leave out --dims)")
+    dims = DIMS[args.dims]
+    args.heads = MODEL_CARDS[dims["card"]].transformer_config["num_attention_heads"]
+    args.size, args.text_length = dims["size"], dims["text_length"]
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One line and exit code 2 for settings that would fail deep inside torch or after minutes of building."""
+    benchkit.check_at_least_one(parser, layers=args.layers, heads=args.heads, size=args.size, text_length=args.text_length,
+                                steps=args.steps, repeats=args.repeats, threads=args.threads)
+    if args.size % 16:
+        parser.error(f"--size must be a multiple of 16 (one token per 16x16 pixels), got {args.size}")
+    benchkit.check_schedule(parser, args.steps, args.t0, [args.alpha])
+    if args.dims is not None and args.backends:
+        parser.error("--dims times steps, not engines; leave out --backends (or pass --backends none)")
+    if args.compile and args.dims is None:
+        parser.error("--compile times compiled steps at a published block size; pass --dims too")
 
 
 def default_out(device: str, args: argparse.Namespace) -> Path:
@@ -458,10 +487,6 @@ def dims_report(times: dict[str, dict[str, list[float]]], kernels: dict[str, str
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.dims is not None and args.backends:
-        raise SystemExit("--dims times steps, not engines; leave out --backends (or pass --backends none)")
-    if args.compile and args.dims is None:
-        raise SystemExit("--compile times compiled steps at a published block size; pass --dims too")
     report, device = run_dims(args) if args.dims is not None else run_engines(args)
     path = args.out or default_out(device, args)
     path.parent.mkdir(parents=True, exist_ok=True)

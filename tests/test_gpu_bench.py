@@ -226,3 +226,33 @@ def test_flux_runs_from_its_registered_meta_call_without_doubling_the_batch(tmp_
     loop = gpu.Loop(setup, gpu.parse_args(["--tiny"]), gpu.torch.device("cpu"))
     assert not loop.doubled and loop.latents.shape == (1, setup.grid.num_tokens, 64)
     assert loop.call_kwargs["guidance"].tolist() == [gpu.GUIDANCE_SCALE]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--steps", "0"], "--steps must be at least 1, got 0"),  # 0 was taken as "unset": the default ran instead
+    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--size", "0"], "--size must be at least 1, got 0"),
+    (["--check-steps", "0"], "--check-steps must be at least 1, got 0"),
+    (["--selection-repeats", "0"], "--selection-repeats must be at least 1, got 0"),
+    (["--profile-rows", "0"], "--profile-rows must be at least 1, got 0"),
+    (["--budget-s", "-1"], "--budget-s must be a number of seconds >= 0 (0 = no budget), got -1.0"),
+    (["--budget-s", "nan"], "--budget-s must be a number of seconds >= 0 (0 = no budget), got nan"),
+    (["--t0", "0"], "CATConfig.t0 must be an integer >= 2, got 0"),
+    (["--t0", "20"], "CATConfig.t0 = 20 needs t0 < num_inference_steps, got 10 steps"),  # was a ConfigError traceback
+    (["--alpha", "2"], "CATConfig.alpha must be in (0, 1], got 2.0"),
+    (["--reuse-every", "-1"], "CATConfig.reuse_every must be an integer >= 0 (0 = off), got -1"),
+])
+def test_a_bad_setting_is_one_line_and_exit_code_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    gpu = load_script()
+    with pytest.raises(SystemExit) as refused:
+        gpu.parse_args(["--tiny", *argv])
+    assert refused.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("error: ") == 1 and message in error and "Traceback" not in error
+
+
+def test_unset_settings_take_the_tiny_or_gpu_defaults() -> None:
+    gpu = load_script()
+    tiny, full = gpu.parse_args(["--tiny"]), gpu.parse_args([])
+    assert (tiny.size, tiny.steps, tiny.t0, tiny.repeats, tiny.budget_s) == (128, 10, 4, 2, 0.0)
+    assert (full.size, full.steps, full.t0, full.repeats, full.budget_s) == (1024, 28, 8, 3, 420.0)

@@ -315,6 +315,33 @@ def test_onnxruntime_sessions_share_one_copy_of_each_weight(builds: dict[str, Pa
     assert shared  # the step graphs use the same weights
 
 
+def test_no_graph_broadcasts_a_weight_over_the_batch(builds: dict[str, Path], tiny_pipelines: dict[str, Any]) -> None:
+    """A weight expanded over the batch inside a graph is a constant expression: the exporter folds a small one
+    into a batch-sized copy stored in the bundle, and ONNX Runtime folds a large one into such a copy in every
+    session (a full and each pruned graph: 2x the weights each at batch 2), where the bundle promises one copy
+    of the weights. So no stored tensor is a weight repeated over the batch, and no Expand or Tile has only
+    constant inputs."""
+    import onnx
+
+    weights = {tuple(p.shape) for p in tiny_pipelines["tiny-sd3"].transformer.parameters() if p.dim() == 2}
+    weights |= {shape[::-1] for shape in weights}
+    table = json.loads((builds["onnxruntime"] / "initializers.json").read_text())
+    repeated = [(graph, record["name"], record["shape"]) for graph, records in table.items() for record in records
+                if len(record["shape"]) == 3 and record["shape"][0] > 1 and tuple(record["shape"][1:]) in weights]
+    assert not repeated
+    for path in sorted(builds["onnxruntime"].glob("*.onnx")):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        constant = {tensor.name for tensor in graph.initializer}
+        folded = []
+        for node in graph.node:  # topological order: a node of constant inputs has a constant output
+            inputs = [name for name in node.input if name]
+            if node.op_type == "Constant" or (inputs and all(name in constant for name in inputs)):
+                constant.update(node.output)
+                if node.op_type in ("Expand", "Tile"):
+                    folded.append(node.name)
+        assert not folded, f"{path.name}: {folded}"
+
+
 def test_bf16_onnxruntime_build_is_refused_with_the_reason(tmp_path: Path) -> None:
     config = BuildConfig("tiny-sd3", backend="onnxruntime", precision="bf16", **SIZE)
     with pytest.raises(ConfigError, match=r"the onnxruntime backend cannot build bf16: .*numpy has no bfloat16.*; build fp32 \(or "

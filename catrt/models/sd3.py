@@ -220,8 +220,11 @@ def _linear(layer: nn.Module, x: torch.Tensor, scratch: Scratch | None = None, n
     A 3-D `x` whose batches are not adjacent in memory (the image or text rows of the joint
     attention output) is read in place by a batched matmul with the weight broadcast over the batch,
     where `F.linear` would first copy it. A contiguous `x` goes through the same addmm as `F.linear`.
+    Not in an exported graph: there the broadcast weight is a constant expand, which ONNX Runtime
+    folds into a batch-sized copy of the weight in every session (a 2x weight per graph at batch 2).
     """
-    if type(layer) is not nn.Linear or layer.bias is None or x.dim() != 3 or x.stride(-1) != 1:
+    exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
+    if type(layer) is not nn.Linear or layer.bias is None or x.dim() != 3 or x.stride(-1) != 1 or exporting:
         return layer(x)
     shape = (*x.shape[:-1], layer.out_features)
     out = scratch.take(name, shape, x) if scratch is not None else None
