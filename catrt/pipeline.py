@@ -122,6 +122,10 @@ class AcceleratedPipeline:
     def _call(self, args: tuple[Any, ...], alpha: float | None, kwargs: dict[str, Any]) -> Any:
         config = self.config_for(alpha)
         bound = self._signature.bind(*args, **kwargs)
+        if self.spec.default_fixes is not None:
+            fixes = {name: value for name, value in self.spec.default_fixes(self.pipe).items() if name not in bound.arguments}
+            kwargs = {**kwargs, **fixes}
+            bound.arguments.update(fixes)
         bound.apply_defaults()
         steps = denoising_steps(bound.arguments)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:

@@ -43,6 +43,9 @@ class PipelineSpec:
     token_grid: Callable[[Any, dict[str, Any]], Grid] | None = field(default=None, compare=False)
     # (call arguments) -> raises a catrt error naming an argument catrt cannot run (e.g. two calls per step).
     check_call: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
+    # (pipe) -> values for arguments whose own default this pipeline cannot run with (PixArt's resolution binning on
+    # a transformer without a bin table, such as tiny-pixart's); `accelerate` uses them only where a call omits them.
+    default_fixes: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # A misspelt guidance kind would silently score a CFG pipeline's uncond rows as prompts of their own.
@@ -51,7 +54,7 @@ class PipelineSpec:
         require("PipelineSpec", "text_tokens_before", before,
                 before is None or (isinstance(before, int) and not isinstance(before, bool) and before >= 0),
                 "None or a whole number >= 0")
-        for name in ("token_grid", "check_call"):
+        for name in ("token_grid", "check_call", "default_fixes"):
             value = getattr(self, name)
             require("PipelineSpec", name, value, value is None or callable(value), "None or a function")
 

@@ -173,3 +173,25 @@ def test_a_prompts_selection_does_not_depend_on_its_batch_row(tiny_pipelines: di
     (first, first_indices), (second, second_indices) = runs
     assert all(torch.equal(a, b) for a, b in zip(first_indices, second_indices))
     assert (first - second).abs().max() < 1e-4
+
+
+def test_tiny_pixart_runs_with_the_pipelines_own_defaults(tiny_pipelines: dict[str, Any]) -> None:
+    """diffusers' PixArt bins resolutions only for 256-2048 pixel transformers; tiny-pixart has no bin table, so a
+    call that leaves `use_resolution_binning` at its default runs unbinned at the size asked for."""
+    pipe = tiny_pipelines["tiny-pixart"]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2, trace=True))
+    images = fast("a red circle", num_inference_steps=3, height=48, width=80, output_type="pt").images
+    assert images.shape == (1, 3, 48, 80)
+    assert [r.kind for r in fast.last_trace] == ["full", "full", "pruned"]
+    with pytest.raises(ValueError, match="Invalid sample size"):  # an explicit value is the caller's, as diffusers has it
+        fast("a red circle", num_inference_steps=3, use_resolution_binning=True)
+
+
+def test_pixart_keeps_resolution_binning_where_diffusers_has_a_table() -> None:
+    from types import SimpleNamespace
+
+    from catrt.models.pixart import _default_fixes
+
+    for sample_size, fixes in [(128, {}), (32, {}), (16, {"use_resolution_binning": False})]:
+        pipe = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(sample_size=sample_size)))
+        assert _default_fixes(pipe) == fixes

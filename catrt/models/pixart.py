@@ -155,9 +155,24 @@ def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str
     }
 
 
+#: diffusers' PixArt-Sigma resolution bins: transformer sample size -> table (256 to 2048 pixels).
+BINNED_SAMPLE_SIZES = (32, 64, 128, 256)
+
+
+def _default_fixes(pipe: Any) -> dict[str, Any]:
+    """PixArt's `use_resolution_binning=True` default raises "Invalid sample size" for a transformer without a bin
+    table (tiny-pixart's 128-pixel one): such a pipeline runs at the size asked for, the only size it can run."""
+    if pipe.transformer.config.sample_size in BINNED_SAMPLE_SIZES:
+        return {}
+    return {"use_resolution_binning": False}
+
+
 #: Resolution binning would silently change the requested size; clean_caption needs extra packages.
 FAMILY = register_family(Family(
     "pixart", PixArtAdapter,
-    {PixArtSigmaPipeline: PipelineSpec(call_defaults={"use_resolution_binning": False, "clean_caption": False}, text_tokens_before=0)},
+    {PixArtSigmaPipeline: PipelineSpec(
+        call_defaults={"use_resolution_binning": False, "clean_caption": False}, text_tokens_before=0,
+        default_fixes=_default_fixes,
+    )},
     _meta_call,
 ))
