@@ -195,3 +195,16 @@ def test_pixart_keeps_resolution_binning_where_diffusers_has_a_table() -> None:
     for sample_size, fixes in [(128, {}), (32, {}), (16, {"use_resolution_binning": False})]:
         pipe = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(sample_size=sample_size)))
         assert _default_fixes(pipe) == fixes
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_lora_scale_one_runs_as_no_attention_kwargs(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    """`joint_attention_kwargs={"scale": 1.0}` is diffusers' own default LoRA scale: it changes nothing, so it runs;
+    any other scale or key would change the attention catrt replaces, so it is still refused by name."""
+    pipe = tiny_pipelines[name]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))
+    expected = fast(**call_kwargs(pipe, num_inference_steps=4)).images
+    got = fast(**call_kwargs(pipe, num_inference_steps=4), joint_attention_kwargs={"scale": 1.0}).images
+    assert torch.equal(got, expected)
+    with pytest.raises(UnsupportedModelError, match="joint_attention_kwargs"):
+        fast(**call_kwargs(pipe, num_inference_steps=4), joint_attention_kwargs={"scale": 0.5})

@@ -396,6 +396,14 @@ class PackedTokensAdapter(Adapter):
         return (*latent_shape[:-1], self.out_channels)
 
 
+def attention_kwargs_change_nothing(value: Any) -> bool:
+    """Whether a transformer call's `joint_attention_kwargs` leave its output as without them: None, {} or only
+    diffusers' LoRA `scale` at 1.0 (its own default; LoRA layers, being the modules' own, run as loaded)."""
+    if value is None:
+        return True
+    return isinstance(value, dict) and set(value) <= {"scale"} and value.get("scale", 1.0) == 1.0
+
+
 def heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, L, H*d) -> (B, H, L, d)."""
     b, length, _ = x.shape

@@ -26,7 +26,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
 from catrt.errors import ConfigError, UnsupportedModelError
-from catrt.models.base import Context, KVStore, PackedTokensAdapter, attention, joint_attention
+from catrt.models.base import Context, KVStore, PackedTokensAdapter, attention, attention_kwargs_change_nothing, joint_attention
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
@@ -88,7 +88,7 @@ class FluxAdapter(PackedTokensAdapter):
             if call_kwargs.get(name) is not None:
                 raise UnsupportedModelError(f"FLUX transformer argument {name!r} is not supported by catrt (no ControlNet)")
         attention_kwargs = call_kwargs.get("joint_attention_kwargs") or {}
-        if attention_kwargs:
+        if not attention_kwargs_change_nothing(attention_kwargs):
             raise UnsupportedModelError(
                 f"FLUX joint_attention_kwargs {sorted(attention_kwargs)} are not supported by catrt (no IP-adapter or LoRA scale)"
             )

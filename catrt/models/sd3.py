@@ -14,7 +14,17 @@ from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZ
 from torch import nn
 
 from catrt.errors import UnsupportedModelError
-from catrt.models.base import Adapter, Context, KVStore, attention, gated_add_, joint_attention, modulate_, project_qkv
+from catrt.models.base import (
+    Adapter,
+    Context,
+    KVStore,
+    attention,
+    attention_kwargs_change_nothing,
+    gated_add_,
+    joint_attention,
+    modulate_,
+    project_qkv,
+)
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
@@ -62,7 +72,7 @@ class SD3Adapter(Adapter):
     def context_inputs(self, call_kwargs: dict[str, Any]) -> Context:
         for name in _UNSUPPORTED_CALL_ARGS:
             value = call_kwargs.get(name)
-            if value is not None and not (isinstance(value, dict) and not value):  # {} changes nothing (as for FLUX)
+            if not attention_kwargs_change_nothing(value):  # None, {} or {"scale": 1.0} change nothing (as for FLUX)
                 raise UnsupportedModelError(f"SD3 transformer argument {name!r} is not supported by catrt")
         return {
             "encoder_hidden_states": call_kwargs["encoder_hidden_states"],
