@@ -14,13 +14,17 @@ bundles have no weights of their own and run the model's transformer.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import numbers
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from catrt.build_config import FIXED_CAT_FIELDS, BuildConfig, check_static_schedule
 from catrt.config import CATConfig
@@ -31,7 +35,7 @@ from catrt.loading import load_pipeline
 from catrt.manifest import Manifest, describe_device, environment_problems, transformer_config
 from catrt.model_cards import check_model_source
 from catrt.models import make_adapter
-from catrt.pipeline import AcceleratedPipeline, accelerate, pipeline_spec
+from catrt.pipeline import AcceleratedPipeline, accelerate, exclusive_use, pipeline_spec
 from catrt.pipeline_spec import PipelineSpec, custom_schedule
 
 logger = logging.getLogger(__name__)
@@ -73,8 +77,22 @@ class EnginePipeline:
 
     def to(self, *args: Any, **kwargs: Any) -> EnginePipeline:
         """The pipeline's `to`, returning this engine pipeline (as diffusers' `pipe = pipe.to(...)` idiom expects);
-        a call after a move to another device or dtype than the build's is refused, naming it."""
-        self.accelerated.to(*args, **kwargs)
+        a call after a move to another device or dtype than the build's is refused, naming it.
+
+        A bundle that stands alone holds a weightless stand-in transformer on the meta device, which torch cannot
+        move off it: the pipeline's other modules move, the stand-in takes only the dtype (so a call still sees the
+        pipeline's dtype and refuses it where the build's differs).
+        """
+        if type(self.engine).needs_transformer:
+            self.accelerated.to(*args, **kwargs)
+            return self
+        pipe = self.accelerated.pipe
+        dtype = kwargs.get("dtype", next((arg for arg in args if isinstance(arg, torch.dtype)), None))
+        with exclusive_use(pipe.transformer):
+            with _transformer_hidden(pipe):
+                pipe.to(*args, **kwargs)
+            if dtype is not None:
+                pipe.transformer.to(dtype)  # meta to meta: only the dtype changes
         return self
 
     def __getattr__(self, name: str) -> Any:
@@ -83,6 +101,17 @@ class EnginePipeline:
         if name.startswith("__") or "accelerated" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self.accelerated, name)
+
+
+@contextlib.contextmanager
+def _transformer_hidden(pipe: Any) -> Iterator[None]:
+    """Hide `pipe.transformer` from diffusers' module walk (`to`) for a moment; its config entry is left as it is."""
+    transformer = pipe.__dict__["transformer"]
+    pipe.__dict__["transformer"] = None
+    try:
+        yield
+    finally:
+        pipe.__dict__["transformer"] = transformer
 
 
 def check_request(arguments: dict[str, Any], build: BuildConfig, spec: PipelineSpec) -> None:

@@ -415,6 +415,17 @@ def test_a_loaded_bundle_moved_off_its_builds_dtype_is_refused_per_call_and_runs
     assert torch.equal(fast.to(torch.float32)("a red circle", **seeded).images, expected)
 
 
+def test_a_standalone_bundle_moves_to_a_device_keeping_its_weightless_transformer(bundle: Path) -> None:
+    """An onnxruntime bundle's transformer is a stand-in on the meta device, which torch cannot copy to a device:
+    `fast.to("cpu")` moves the rest of the pipeline (as diffusers' idiom expects) and the bundle still runs."""
+    fast = catrt.load(bundle)
+    expected = fast("a red circle", output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert fast.to("cpu") is fast and fast.to(device="cpu", dtype=torch.float32) is fast
+    assert fast.pipe.transformer.device.type == "meta" and fast.pipe.vae.device.type == "cpu"
+    got = fast("a red circle", output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(got, expected)
+
+
 def test_a_pipeline_of_another_model_given_to_load_is_refused_naming_pipe(bundle: Path, tiny_pipelines: dict[str, Any]) -> None:
     for name, what in (("tiny-pixart", r"class than the build's model 'tiny-sd3' \(PixArtTransformer2DModel, the build's "
                                         r"SD3Transformer2DModel\)"), ("tiny-sd3.5", "config than the build's model 'tiny-sd3'")):
