@@ -111,12 +111,15 @@ class BuildConfig:
     def built_alpha(self, alpha: Any) -> float:
         """The built alpha `alpha` names, equal to float32 precision (numpy's float32 0.3 is the built 0.3);
         a ConfigError naming the built ones unless it is one of them."""
-        if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+        real = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
+        if real:
             for built in self.alphas:
                 if math.isclose(float(alpha), built, rel_tol=1e-6):
                     return built
+        # A number as written; anything else quoted and shortened, so the string "0.3" never reads as the built 0.3.
+        shown = alpha if real else echo(alpha)
         raise ConfigError(
-            f"this engine was built for alpha in {format_alphas(self.alphas)}, not alpha={alpha}; use one of "
+            f"this engine was built for alpha in {format_alphas(self.alphas)}, not alpha={shown}; use one of "
             f"those or build an engine with that alpha (catrt build --alpha ...)",
             field="alpha", value=alpha,
         )
