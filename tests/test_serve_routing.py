@@ -195,3 +195,21 @@ def test_openapi_and_metrics_cover_every_build(server: RemoteServer) -> None:
         assert generate(server.url, size=size).status_code == 200
         assert metric(server.url, f'catrt_images_generated_total{{size="{size}"}}') == before + 1
         assert metric(server.url, f'catrt_step_seconds_count{{kind="pruned",size="{size}"}}') > 0
+
+
+@pytest.mark.parametrize("name", ["/models/reference-saved/", "org/model", "tiny-sd3"])
+def test_the_sdk_retrieves_the_model_id_it_lists(name: str) -> None:
+    """A folder given as `DIR/` was listed with its slash, which the gate drops from the path: retrieve was a 404."""
+    from fastapi.testclient import TestClient
+
+    from catrt.serve.app import base_app
+    from catrt.serve.config import ServeConfig
+    from catrt.serve.metrics import ServerMetrics
+
+    with TestClient(base_app(ServerMetrics(), ServeConfig(model=name))) as http:
+        client = openai.OpenAI(base_url=f"{http.base_url}/v1", api_key="unused", http_client=http)
+        (listed,) = client.models.list().data
+        assert listed.id == name.rstrip("/")
+        assert client.models.retrieve(listed.id).id == listed.id
+        with pytest.raises(openai.NotFoundError, match="is not served here"):
+            client.models.retrieve("another-model")
