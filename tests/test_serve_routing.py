@@ -213,3 +213,17 @@ def test_the_sdk_retrieves_the_model_id_it_lists(name: str) -> None:
         assert client.models.retrieve(listed.id).id == listed.id
         with pytest.raises(openai.NotFoundError, match="is not served here"):
             client.models.retrieve("another-model")
+
+
+def test_one_folder_spelled_twice_is_named_as_one_folder(tmp_path: Path) -> None:
+    """`DIR` and `DIR/` (or a link to DIR) were refused as two builds serving one size."""
+    from catrt.serve.config import ServeConfig
+
+    folder = tmp_path / "build"
+    folder.mkdir()
+    (tmp_path / "link").symlink_to(folder)
+    for twice in ((str(folder), f"{folder}/"), (str(folder), str(tmp_path / "link")), ("b", "./b")):
+        with pytest.raises(ConfigError, match=r"--engines names one folder twice, as .* give it once") as caught:
+            ServeConfig(engines=twice)
+        assert caught.value.field == "engines"
+    ServeConfig(engines=(str(folder), str(tmp_path / "other")))

@@ -5,6 +5,7 @@ Imports nothing heavy: the CLI builds its parser from these defaults without loa
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -87,6 +88,8 @@ class ServeConfig:
         if self.engines is not None and len(set(self.engines)) != len(self.engines):
             twice = repeated(self.engines)
             raise ConfigError(f"--engines names {', '.join(twice)} more than once", field="engines", value=twice)
+        if self.engines is not None:
+            _check_distinct_folders(self.engines)
         if (self.engines is None) == (self.model is None):
             raise ConfigError("give exactly one of --engines DIR or --model NAME", field="engines", value=self.engines)
         if self.model is not None:
@@ -179,6 +182,18 @@ class ServeConfig:
         values = dict(data)
         values["cat"] = CATConfig.from_dict(values.get("cat", {}))
         return cls(**values)
+
+
+def _check_distinct_folders(folders: tuple[str, ...]) -> None:
+    """Two spellings of one folder (`DIR` and `DIR/`, `./DIR`, a link to it) are one build named twice, not two
+    builds of one size."""
+    seen: dict[str, str] = {}
+    for folder in folders:
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise ConfigError(f"--engines names one folder twice, as {seen[real]} and {folder}; give it once",
+                              field="engines", value=[seen[real], folder])
+        seen[real] = folder
 
 
 def _check_positive(name: str, value: Any) -> None:
