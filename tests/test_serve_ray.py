@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 import ray
+import torch
 from ray import serve
 from ray.serve._private.common import DeploymentID, ReplicaID
 from test_serve_support import (
@@ -260,6 +261,25 @@ def test_a_busy_port_or_a_cluster_nobody_runs_is_refused_in_one_line_before_ray_
         result = run_cli(["serve", "--model", "reference", "--ray", "--ray-address", address, "--port", free],
                          timeout=60)
         assert_one_line_refusal(result, needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_local_cluster_without_cuda_is_refused_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The replicas of a local cluster run here: `--device cuda` failed after Ray had started (~30 s) as
+    "Failed to update the deployments ['catrt-model']", naming neither the device nor the fix."""
+    import catrt.serve.ray_app
+    from catrt.cli import main
+
+    def started(*args: object) -> int:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(catrt.serve.ray_app, "run_fleet", started)
+    assert main(["serve", "--model", "reference", "--device", "cuda", "--ray", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: this machine has no CUDA device torch can use; serve with --device cpu" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_ray_start_errors_read_as_the_exception_inside_the_task() -> None:

@@ -86,7 +86,7 @@ def run_server(config: ServeConfig) -> int:
     key = bundle_key(config.bundle_key_file) if config.engines is not None else None
     sock = listening_socket(config.host, config.port)
     try:
-        _check_device(config)
+        check_device(config)
         # Imported after the cheap refusals: FastAPI, torch and diffusers take seconds to import.
         from catrt.serve.app import build_app
         from catrt.serve.metrics import ServerMetrics
@@ -145,8 +145,9 @@ def _address(sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-def _check_device(config: ServeConfig) -> None:
-    """A CUDA device asked for on a machine without one is refused before binding or loading."""
+def check_device(config: ServeConfig) -> None:
+    """A CUDA device asked for on a machine without one is refused before binding or loading (or, with --ray,
+    before a local cluster starts: its replicas run here)."""
     if config.model is None or not config.device.startswith("cuda"):
         return
     import torch
