@@ -218,6 +218,28 @@ def test_shutdown_is_clean(fleet: str) -> None:
         httpx.get(f"{fleet}/health/live", timeout=2)
 
 
+def test_a_replica_runs_the_servers_alpha_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas made their worker without the policy: `--ray --alpha-policy adaptive` ran every call at the first
+    alpha. Here one replica is made in this process (Ray Serve's replica context faked), as a replica makes itself."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import catrt.serve.ray_app as ray_app
+
+    context = SimpleNamespace(replica_id=SimpleNamespace(unique_id="replica-in-test"))
+    monkeypatch.setattr(ray_app.serve, "get_replica_context", lambda: context)
+    config = ServeConfig(model="reference", steps=6, cat=CATConfig(alpha=0.2, t0=2), alphas=(0.2, 0.9),
+                         alpha_policy="adaptive", latency_target=1000.0)
+    replica = ray_app.ModelReplica(config.to_dict())
+    try:
+        assert (replica.worker.alpha_policy, replica.worker.latency_target) == ("adaptive", 1000.0)
+        reply = asyncio.run(replica.generate({"prompt": "a red sun", "seed": 1}, "request-1"))
+        assert reply["status"] == 200, reply
+        assert reply["body"]["catrt"]["alpha"] == 0.9  # a light load within the target: the largest alpha, not the first
+    finally:
+        replica.worker.drain()
+
+
 # -- the CLI around --ray (no Ray started) -------------------------------------------------------
 
 NO_RAY = """

@@ -81,7 +81,8 @@ class ModelReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         metrics = ServerMetrics()
         self.worker = Worker(lambda: load_router(serve_config, bundle_key), serve_config.max_queue, metrics,
-                             on_exit=lambda state: None)
+                             on_exit=lambda state: None, alpha_policy=serve_config.alpha_policy,
+                             latency_target=serve_config.latency_target)
         metrics.watch_queue(lambda: self.worker.depth)
         self.worker.start()
         while self.worker.state == "loading":
