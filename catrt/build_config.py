@@ -185,6 +185,14 @@ def _check_alphas(alphas: Any) -> None:
             raise ConfigError(f"BuildConfig.alphas: {error}", field="alphas", value=alpha) from None
     if len(set(alphas)) != len(alphas):
         raise ConfigError(f"BuildConfig.alphas lists an alpha twice: {list(alphas)}", field="alphas", value=list(alphas))
+    # `built_alpha` names a built alpha to float32 precision: two that close would be one alpha to every caller.
+    for index, alpha in enumerate(alphas):
+        for other in alphas[:index]:
+            if math.isclose(alpha, other, rel_tol=1e-6):
+                raise ConfigError(
+                    f"BuildConfig.alphas lists {other!r} and {alpha!r}, one alpha at float32 precision (a call's alpha "
+                    f"names either): drop one", field="alphas", value=list(alphas),
+                )
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

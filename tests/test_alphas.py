@@ -234,3 +234,12 @@ def test_an_alpha_that_is_not_a_number_is_quoted_never_shown_as_a_built_one() ->
     assert len(str(long_value.value)) < 400
     with pytest.raises(ConfigError, match=r"not alpha=0\.25; use one of those"):
         build.built_alpha(0.25)
+
+
+def test_alphas_equal_at_float32_precision_are_refused_before_building() -> None:
+    """0.3 and 0.30000000000000004 were both built (and then refused late as "0.3 and 0.3 both select k"), though
+    a call's alpha names the first of them only."""
+    with pytest.raises(ConfigError, match=r"lists 0\.3 and 0\.30000000000000004, one alpha at float32 precision") as caught:
+        BuildConfig(model="tiny-sd3", alphas=(0.5, 0.3, 0.30000000000000004))
+    assert caught.value.field == "alphas"
+    BuildConfig(model="tiny-sd3", alphas=(0.3, 0.301))
