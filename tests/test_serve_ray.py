@@ -185,6 +185,19 @@ def test_the_kuberay_builder_takes_serve_and_fleet_args(fleet: str) -> None:
         build({"serve": {"model": "tiny-sd3"}, "fleet": {"replicas": None, "min_replicas": 2}})
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    ({"serve": {"model": "tiny-sd3", "replicas": 2}}, "serve has no setting replicas; the settings are engines, model"),
+    ({"serve": {"model": "tiny-sd3"}, "fleet": {"replica": 2}}, "fleet has no setting replica; the settings are replicas"),
+    ({"serve": {"model": "tiny-sd3"}, "flet": {"replicas": 2}}, "the builder's args are"),
+    ({"serve": ["tiny-sd3"]}, "serve must be a mapping of settings, got list"),
+])
+def test_the_kuberay_builder_names_a_misspelt_setting(args: dict, needle: str) -> None:
+    """A misspelt setting was a TypeError (unexpected keyword argument), or, at the top level, silently ignored."""
+    with pytest.raises(ConfigError) as caught:
+        build(args)
+    assert needle in str(caught.value)
+
+
 def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> None:
     before = set(_replicas_of(fleet, 2))
     victim = sorted(before)[0]

@@ -6,7 +6,7 @@ Imports nothing heavy: the CLI builds its parser from these defaults without loa
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dataclasses import replace
@@ -179,9 +179,23 @@ class ServeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
+        check_known_fields(cls, data, "serve")
         values = dict(data)
         values["cat"] = CATConfig.from_dict(values.get("cat", {}))
         return cls(**values)
+
+
+def check_known_fields(cls: type, data: Any, where: str) -> None:
+    """`data` (a KubeRay builder's args, a replica's settings) must be a mapping of `cls`'s fields: a misspelt
+    one is refused by name, never a TypeError or silently left at its default."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of settings, got {type(data).__name__}", field=where)
+    unknown = sorted(str(name) for name in set(data) - {item.name for item in fields(cls)})
+    if unknown:
+        raise ConfigError(
+            f"{where} has no setting {', '.join(unknown)}; the settings are {', '.join(item.name for item in fields(cls))}",
+            field=f"{where}.{unknown[0]}", value=unknown,
+        )
 
 
 def _check_distinct_folders(folders: tuple[str, ...]) -> None:
