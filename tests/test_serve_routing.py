@@ -197,6 +197,29 @@ def test_openapi_and_metrics_cover_every_build(server: RemoteServer) -> None:
         assert metric(server.url, f'catrt_step_seconds_count{{kind="pruned",size="{size}"}}') > 0
 
 
+def test_metrics_count_the_queue_per_size(server: RemoteServer) -> None:
+    """The queue is shared by the builds; /metrics had its total only, not what waits for each size."""
+    def depths() -> dict[str, float]:
+        return {size: metric(server.url, f'catrt_queue_depth_by_size{{size="{size}"}}') for size in ("64x64", "96x64")}
+
+    assert 'catrt_queue_depth_by_size{size="96x64"} 0.0' in httpx.get(f"{server.url}/metrics").text
+
+    async def scenario() -> tuple[list[httpx.Response], dict[str, float]]:
+        bodies = [{"size": "96x64", "seed": 1, "prompt": "sleep 1.5"}, {"size": "64x64", "seed": 2},
+                  {"size": "64x64", "seed": 3, "guidance_scale": 5.0}, {"size": "96x64", "seed": 4}]
+        sent = asyncio.ensure_future(generate_all(server.url, bodies, stagger=0.1))
+        waiting = await asyncio.to_thread(depths)
+        while sum(waiting.values()) < 3 and not sent.done():  # the first request sleeps in the worker, three wait
+            await asyncio.sleep(0.05)
+            waiting = await asyncio.to_thread(depths)
+        return await sent, waiting
+
+    responses, waiting = asyncio.run(scenario())
+    assert all(response.status_code == 200 for response in responses), [response.text for response in responses]
+    assert waiting == {"64x64": 2, "96x64": 1}
+    assert depths() == {"64x64": 0, "96x64": 0}
+
+
 @pytest.mark.parametrize("name", ["/models/reference-saved/", "org/model", "tiny-sd3"])
 def test_the_sdk_retrieves_the_model_id_it_lists(name: str) -> None:
     """A folder given as `DIR/` was listed with its slash, which the gate drops from the path: retrieve was a 404."""

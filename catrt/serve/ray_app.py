@@ -83,7 +83,7 @@ class ModelReplica:
         self.worker = Worker(lambda: load_router(serve_config, bundle_key), serve_config.max_queue, metrics,
                              on_exit=lambda state: None, alpha_policy=serve_config.alpha_policy,
                              latency_target=serve_config.latency_target)
-        metrics.watch_queue(lambda: self.worker.depth)
+        metrics.watch_queue(lambda: self.worker.depth, self.worker.depth_by_size)
         self.worker.start()
         while self.worker.state == "loading":
             time.sleep(0.05)

@@ -101,7 +101,7 @@ def run_server(config: ServeConfig) -> int:
         lambda: load_router(config, key), config.max_queue, metrics, on_exit=lambda state: server.worker_exited(state),
         alpha_policy=config.alpha_policy, latency_target=config.latency_target,
     )
-    metrics.watch_queue(lambda: worker.depth)
+    metrics.watch_queue(lambda: worker.depth, worker.depth_by_size)
     app = build_app(worker, metrics, config)
     uvicorn_config = uvicorn.Config(
         app, http=read_deadline_protocol(config.read_timeout), timeout_keep_alive=config.keep_alive,
