@@ -113,6 +113,25 @@ def test_each_size_takes_and_documents_its_own_alphas_and_batch(builds: dict[str
     assert n.value.field == "n"
 
 
+def test_each_size_states_and_applies_its_own_text_length(builds: dict[str, Path], tmp_path: Path) -> None:
+    """Builds may take other text lengths (--max-sequence-length): the OpenAPI document stated the first build's
+    token limit for every size."""
+    from catrt.serve.routing import RoutedRules
+    from catrt.serve.schemas import ImageGenerationRequest
+
+    longer = _build(tmp_path, width=128, max_sequence_length=77)
+    rules = RoutedRules(Router(load_builds([str(builds["64x64"]), str(longer)])), 4000)
+    properties = rules.properties()
+    assert "at most the size's build's tokens (64x64: 16, 128x64: 77)" in properties["prompt"]["description"]
+    assert "16 tokens" not in properties["prompt"]["description"]
+    assert properties["negative_prompt"]["description"] == "same limits as prompt (tokens by size: 64x64: 16, 128x64: 77)"
+    prompt = " ".join(["red"] * 30)
+    assert rules.admit(ImageGenerationRequest(prompt=prompt, size="128x64"))[0][0].prompt == prompt
+    with pytest.raises(ConfigError) as caught:
+        rules.admit(ImageGenerationRequest(prompt=prompt, size="64x64"))
+    assert caught.value.field == "prompt"
+
+
 def test_the_router_names_the_served_sizes(builds: dict[str, Path]) -> None:
     class Model:
         def __init__(self, size: str) -> None:
