@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from catrt.checks import MAX_BATCH, integer, require
+from catrt.checks import ALPHA_REL_TOL, MAX_BATCH, alike_alphas, integer, require
 from catrt.config import CATConfig, config_from_dict
 from catrt.errors import ConfigError, echo
 
@@ -114,7 +114,7 @@ class BuildConfig:
         real = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
         if real:
             for built in self.alphas:
-                if math.isclose(float(alpha), built, rel_tol=1e-6):
+                if math.isclose(float(alpha), built, rel_tol=ALPHA_REL_TOL):
                     return built
         # A number as written; anything else quoted and shortened, so the string "0.3" never reads as the built 0.3.
         shown = alpha if real else echo(alpha)
@@ -185,14 +185,11 @@ def _check_alphas(alphas: Any) -> None:
             raise ConfigError(f"BuildConfig.alphas: {error}", field="alphas", value=alpha) from None
     if len(set(alphas)) != len(alphas):
         raise ConfigError(f"BuildConfig.alphas lists an alpha twice: {list(alphas)}", field="alphas", value=list(alphas))
-    # `built_alpha` names a built alpha to float32 precision: two that close would be one alpha to every caller.
-    for index, alpha in enumerate(alphas):
-        for other in alphas[:index]:
-            if math.isclose(alpha, other, rel_tol=1e-6):
-                raise ConfigError(
-                    f"BuildConfig.alphas lists {other!r} and {alpha!r}, one alpha at float32 precision (a call's alpha "
-                    f"names either): drop one", field="alphas", value=list(alphas),
-                )
+    if (alike := alike_alphas(alphas)) is not None:  # `built_alpha` would name both as the first
+        raise ConfigError(
+            f"BuildConfig.alphas lists {alike[0]!r} and {alike[1]!r}, one alpha at float32 precision (a call's alpha "
+            f"names either): drop one", field="alphas", value=list(alphas),
+        )
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -243,3 +243,13 @@ def test_alphas_equal_at_float32_precision_are_refused_before_building() -> None
         BuildConfig(model="tiny-sd3", alphas=(0.5, 0.3, 0.30000000000000004))
     assert caught.value.field == "alphas"
     BuildConfig(model="tiny-sd3", alphas=(0.3, 0.301))
+
+
+def test_a_server_refuses_eager_alphas_equal_at_float32_precision() -> None:
+    """`catrt serve --model M --alpha 0.3 0.30000000000000004` served two "alphas" of one k and one image."""
+    from catrt.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=r"--alpha lists 0\.3 and 0\.30000000000000004, one alpha at float32") as caught:
+        ServeConfig(model="reference", cat=catrt.CATConfig(alpha=0.5), alphas=(0.5, 0.3, 0.30000000000000004))
+    assert caught.value.field == "alpha"
+    assert ServeConfig(model="reference", cat=catrt.CATConfig(alpha=0.3), alphas=(0.3, 0.301)).served_alphas == (0.3, 0.301)

@@ -11,7 +11,7 @@ from typing import Any
 
 from dataclasses import replace
 
-from catrt.checks import MAX_BATCH, integer, number, repeated, require
+from catrt.checks import MAX_BATCH, alike_alphas, integer, number, repeated, require
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.serve.alpha_policy import ALPHA_POLICIES
@@ -156,6 +156,9 @@ class ServeConfig:
                                   field="alpha", value=self.cat.alpha)
             if len(set(self.alphas)) != len(self.alphas):
                 raise ConfigError(f"--alpha lists an alpha twice: {list(self.alphas)}", field="alpha", value=list(self.alphas))
+            if (alike := alike_alphas(self.alphas)) is not None:
+                raise ConfigError(f"--alpha lists {alike[0]!r} and {alike[1]!r}, one alpha at float32 precision: drop one",
+                                  field="alpha", value=list(self.alphas))
         if self.alpha_policy not in ALPHA_POLICIES:
             raise ConfigError(f"--alpha-policy must be one of {', '.join(ALPHA_POLICIES)}, got {self.alpha_policy!r}",
                               field="alpha_policy", value=self.alpha_policy)
