@@ -317,6 +317,32 @@ def test_cuda_on_a_local_cluster_without_cuda_is_refused_before_ray_starts(
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_an_edited_bundle_is_refused_before_a_local_cluster_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bundle `catrt.load` refuses (files, digests, an edited manifest, versions) made the replicas of a local
+    cluster fail after Ray had started (~30 s), as "Failed to update the deployments ['catrt-model']"."""
+    import catrt.serve.ray_app as ray_app
+    from catrt.build import build_engines
+    from catrt.build_config import BuildConfig
+    from catrt.cli import main
+
+    bundle = build_engines(BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager"),
+                           out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["alphas"][0]["k"] = 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+    def started(*args: object) -> int:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_app, "run_fleet", started)
+    assert main(["serve", "--engines", str(bundle), "--ray", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json alphas[0].k is 1" in err and "rebuild the engine" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_ray_start_errors_read_as_the_exception_inside_the_task() -> None:
     from catrt.serve.fleet_start import first_line, ray_start_error
 

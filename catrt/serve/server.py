@@ -13,6 +13,7 @@ import errno
 import logging
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -174,6 +175,17 @@ def check_source_of(config: ServeConfig) -> None:
 
     for folder, build in zip(config.engines, check_builds(config.engines), strict=True):
         check_choice(config.alpha_policy, build.alphas, f"{folder} ({build.model} at {build.width}x{build.height})")
+
+
+def verify_bundles_here(config: ServeConfig) -> None:
+    """Each build's check on this machine (files and digests, versions, device), as `catrt.load` runs it first:
+    for `--ray` on a local cluster, whose replicas load these folders here, so a corrupt or mismatched bundle is
+    one line before Ray starts rather than a deployment that fails half a minute later without saying why.
+    The signature is left to the replicas, which are handed the key."""
+    from catrt.bundle import verify_bundle
+
+    for folder in config.engines or ():
+        verify_bundle(Path(folder), signature=False)
 
 
 def bundle_key(path: str | None) -> bytes | None:
