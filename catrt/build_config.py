@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from catrt.checks import MAX_BATCH, integer, require
+from catrt.checks import ALPHA_REL_TOL, MAX_BATCH, alike_alphas, integer, require
 from catrt.config import CATConfig, config_from_dict
 from catrt.errors import ConfigError, echo
 
@@ -111,12 +111,15 @@ class BuildConfig:
     def built_alpha(self, alpha: Any) -> float:
         """The built alpha `alpha` names, equal to float32 precision (numpy's float32 0.3 is the built 0.3);
         a ConfigError naming the built ones unless it is one of them."""
-        if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+        real = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
+        if real:
             for built in self.alphas:
-                if math.isclose(float(alpha), built, rel_tol=1e-6):
+                if math.isclose(float(alpha), built, rel_tol=ALPHA_REL_TOL):
                     return built
+        # A number as written; anything else quoted and shortened, so the string "0.3" never reads as the built 0.3.
+        shown = alpha if real else echo(alpha)
         raise ConfigError(
-            f"this engine was built for alpha in {format_alphas(self.alphas)}, not alpha={alpha}; use one of "
+            f"this engine was built for alpha in {format_alphas(self.alphas)}, not alpha={shown}; use one of "
             f"those or build an engine with that alpha (catrt build --alpha ...)",
             field="alpha", value=alpha,
         )
@@ -182,6 +185,11 @@ def _check_alphas(alphas: Any) -> None:
             raise ConfigError(f"BuildConfig.alphas: {error}", field="alphas", value=alpha) from None
     if len(set(alphas)) != len(alphas):
         raise ConfigError(f"BuildConfig.alphas lists an alpha twice: {list(alphas)}", field="alphas", value=list(alphas))
+    if (alike := alike_alphas(alphas)) is not None:  # `built_alpha` would name both as the first
+        raise ConfigError(
+            f"BuildConfig.alphas lists {alike[0]!r} and {alike[1]!r}, one alpha at float32 precision (a call's alpha "
+            f"names either): drop one", field="alphas", value=list(alphas),
+        )
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -287,25 +287,29 @@ def _check_model_source(folder: Path, model: str) -> None:
         ) from None
 
 
-def verify_bundle(folder: Path, key: bytes | None = None) -> Manifest:
+def verify_bundle(folder: Path, key: bytes | None = None, signature: bool = True) -> Manifest:
     """The bundle's manifest, after checking its integrity, its backend, versions and device here.
 
-    Raises the first problem `bundle_problems` finds; `key` as for `load`.
+    Raises the first problem `bundle_problems` finds; `key` as for `load`; `signature=False` leaves the
+    signature to whoever loads the bundle with its key.
     """
-    manifest, problems = bundle_problems(folder, key)
+    manifest, problems = bundle_problems(folder, key, signature)
     if problems:
         raise problems[0]
     assert manifest is not None
     return manifest
 
 
-def bundle_problems(folder: Path, key: bytes | None = None) -> tuple[Manifest | None, list[CatrtError]]:
+def bundle_problems(
+    folder: Path, key: bytes | None = None, signature: bool = True
+) -> tuple[Manifest | None, list[CatrtError]]:
     """Every problem of a bundle, integrity first, then whether this machine can run it (nothing raised).
 
     Returns the manifest where its shape is readable (else None) and the problems, each a catrt error
-    naming its file or field. `key`: as for `load` (None = `$CATRT_BUNDLE_KEY`, if set).
+    naming its file or field. `key`: as for `load` (None = `$CATRT_BUNDLE_KEY`, if set); `signature=False`:
+    no signature check.
     """
-    report = check_integrity(Path(folder), resolve_key(key))
+    report = check_integrity(Path(folder), resolve_key(key) if signature else None)
     problems = list(report.problems)
     if report.manifest is None or report.build is None:
         return report.manifest, problems

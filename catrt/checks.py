@@ -32,6 +32,19 @@ def repeated(values: Sequence[Any]) -> list[Any]:
     return sorted({value for value in values if values.count(value) > 1})
 
 
+#: How close two alphas may be and still be two: a call's alpha names a built one to float32 precision.
+ALPHA_REL_TOL = 1e-6
+
+
+def alike_alphas(alphas: Sequence[float]) -> tuple[float, float] | None:
+    """The first pair of distinct `alphas` equal to float32 precision (one alpha to whoever names it), else None."""
+    for index, alpha in enumerate(alphas):
+        for other in alphas[:index]:
+            if math.isclose(alpha, other, rel_tol=ALPHA_REL_TOL):
+                return other, alpha
+    return None
+
+
 def path_is(path: Path, kind: Literal["file", "folder", "any"] = "any") -> bool:
     """Whether `path` exists (as a file, a folder). One the OS cannot look up (a name over 255 bytes, say) does
     not: pathlib raises for it, and a user's mistyped path gets its own one-line refusal, not a traceback."""

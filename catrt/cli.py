@@ -671,8 +671,8 @@ def _run_fleet(config: Any, fleet: Any) -> int:
     """`catrt serve --ray`; Ray is imported here only, and its absence is a one-line refusal."""
     import importlib.util
 
-    from catrt.serve.fleet_start import check_fleet_start
-    from catrt.serve.server import bundle_key, check_source_of
+    from catrt.serve.fleet_start import LOCAL, check_fleet_start
+    from catrt.serve.server import bundle_key, check_device, check_source_of, verify_bundles_here
 
     missing = 'Ray Serve is not installed: pip install "catrt[ray]" (or serve on one device without --ray)'
     if importlib.util.find_spec("ray") is None:
@@ -681,6 +681,9 @@ def _run_fleet(config: Any, fleet: Any) -> int:
         raise ConfigError("--port 0 is not served with --ray: Ray Serve's HTTP proxy needs a fixed port", field="port")
     check_source_of(config)
     key = bundle_key(config.bundle_key_file) if config.engines is not None else None
+    if fleet.address in (None, LOCAL):  # the replicas run on this machine: its device and these bundles must do
+        check_device(config)
+        verify_bundles_here(config)
     check_fleet_start(config.host, config.port, fleet.address)
     try:
         from catrt.serve.ray_app import run_fleet

@@ -221,3 +221,35 @@ def test_a_served_bundle_serves_and_checks_each_built_alpha(multi: dict[str, Pat
     assert len(served.generate(rows, options, alpha=0.5).images) == 1
     (state,) = served.runner.accelerated.buffers._states.values()
     assert list(state.selected) == [12]  # ran at k = 12 only
+
+
+def test_an_alpha_that_is_not_a_number_is_quoted_never_shown_as_a_built_one() -> None:
+    """The string "0.3" was refused as `not alpha=0.3`, which reads as the built 0.3; a long value was echoed whole."""
+    build = BuildConfig(model="tiny-sd3", height=64, width=64, alphas=(0.3, 0.2))
+    with pytest.raises(ConfigError, match=r"not alpha='0\.3'; use one of those") as caught:
+        build.built_alpha("0.3")
+    assert caught.value.field == "alpha"
+    with pytest.raises(ConfigError) as long_value:
+        build.built_alpha("9" * 10_000)
+    assert len(str(long_value.value)) < 400
+    with pytest.raises(ConfigError, match=r"not alpha=0\.25; use one of those"):
+        build.built_alpha(0.25)
+
+
+def test_alphas_equal_at_float32_precision_are_refused_before_building() -> None:
+    """0.3 and 0.30000000000000004 were both built (and then refused late as "0.3 and 0.3 both select k"), though
+    a call's alpha names the first of them only."""
+    with pytest.raises(ConfigError, match=r"lists 0\.3 and 0\.30000000000000004, one alpha at float32 precision") as caught:
+        BuildConfig(model="tiny-sd3", alphas=(0.5, 0.3, 0.30000000000000004))
+    assert caught.value.field == "alphas"
+    BuildConfig(model="tiny-sd3", alphas=(0.3, 0.301))
+
+
+def test_a_server_refuses_eager_alphas_equal_at_float32_precision() -> None:
+    """`catrt serve --model M --alpha 0.3 0.30000000000000004` served two "alphas" of one k and one image."""
+    from catrt.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=r"--alpha lists 0\.3 and 0\.30000000000000004, one alpha at float32") as caught:
+        ServeConfig(model="reference", cat=catrt.CATConfig(alpha=0.5), alphas=(0.5, 0.3, 0.30000000000000004))
+    assert caught.value.field == "alpha"
+    assert ServeConfig(model="reference", cat=catrt.CATConfig(alpha=0.3), alphas=(0.3, 0.301)).served_alphas == (0.3, 0.301)

@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 import ray
+import torch
 from ray import serve
 from ray.serve._private.common import DeploymentID, ReplicaID
 from test_serve_support import (
@@ -184,6 +185,19 @@ def test_the_kuberay_builder_takes_serve_and_fleet_args(fleet: str) -> None:
         build({"serve": {"model": "tiny-sd3"}, "fleet": {"replicas": None, "min_replicas": 2}})
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    ({"serve": {"model": "tiny-sd3", "replicas": 2}}, "serve has no setting replicas; the settings are engines, model"),
+    ({"serve": {"model": "tiny-sd3"}, "fleet": {"replica": 2}}, "fleet has no setting replica; the settings are replicas"),
+    ({"serve": {"model": "tiny-sd3"}, "flet": {"replicas": 2}}, "the builder's args are"),
+    ({"serve": ["tiny-sd3"]}, "serve must be a mapping of settings, got list"),
+])
+def test_the_kuberay_builder_names_a_misspelt_setting(args: dict, needle: str) -> None:
+    """A misspelt setting was a TypeError (unexpected keyword argument), or, at the top level, silently ignored."""
+    with pytest.raises(ConfigError) as caught:
+        build(args)
+    assert needle in str(caught.value)
+
+
 def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> None:
     before = set(_replicas_of(fleet, 2))
     victim = sorted(before)[0]
@@ -215,6 +229,28 @@ def test_shutdown_is_clean(fleet: str) -> None:
     assert not left, left
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{fleet}/health/live", timeout=2)
+
+
+def test_a_replica_runs_the_servers_alpha_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas made their worker without the policy: `--ray --alpha-policy adaptive` ran every call at the first
+    alpha. Here one replica is made in this process (Ray Serve's replica context faked), as a replica makes itself."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import catrt.serve.ray_app as ray_app
+
+    context = SimpleNamespace(replica_id=SimpleNamespace(unique_id="replica-in-test"))
+    monkeypatch.setattr(ray_app.serve, "get_replica_context", lambda: context)
+    config = ServeConfig(model="reference", steps=6, cat=CATConfig(alpha=0.2, t0=2), alphas=(0.2, 0.9),
+                         alpha_policy="adaptive", latency_target=1000.0)
+    replica = ray_app.ModelReplica(config.to_dict())
+    try:
+        assert (replica.worker.alpha_policy, replica.worker.latency_target) == ("adaptive", 1000.0)
+        reply = asyncio.run(replica.generate({"prompt": "a red sun", "seed": 1}, "request-1"))
+        assert reply["status"] == 200, reply
+        assert reply["body"]["catrt"]["alpha"] == 0.9  # a light load within the target: the largest alpha, not the first
+    finally:
+        replica.worker.drain()
 
 
 # -- the CLI around --ray (no Ray started) -------------------------------------------------------
@@ -260,6 +296,51 @@ def test_a_busy_port_or_a_cluster_nobody_runs_is_refused_in_one_line_before_ray_
         result = run_cli(["serve", "--model", "reference", "--ray", "--ray-address", address, "--port", free],
                          timeout=60)
         assert_one_line_refusal(result, needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_local_cluster_without_cuda_is_refused_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The replicas of a local cluster run here: `--device cuda` failed after Ray had started (~30 s) as
+    "Failed to update the deployments ['catrt-model']", naming neither the device nor the fix."""
+    import catrt.serve.ray_app
+    from catrt.cli import main
+
+    def started(*args: object) -> int:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(catrt.serve.ray_app, "run_fleet", started)
+    assert main(["serve", "--model", "reference", "--device", "cuda", "--ray", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: this machine has no CUDA device torch can use; serve with --device cpu" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_an_edited_bundle_is_refused_before_a_local_cluster_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bundle `catrt.load` refuses (files, digests, an edited manifest, versions) made the replicas of a local
+    cluster fail after Ray had started (~30 s), as "Failed to update the deployments ['catrt-model']"."""
+    import catrt.serve.ray_app as ray_app
+    from catrt.build import build_engines
+    from catrt.build_config import BuildConfig
+    from catrt.cli import main
+
+    bundle = build_engines(BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager"),
+                           out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["alphas"][0]["k"] = 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+    def started(*args: object) -> int:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_app, "run_fleet", started)
+    assert main(["serve", "--engines", str(bundle), "--ray", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json alphas[0].k is 1" in err and "rebuild the engine" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_ray_start_errors_read_as_the_exception_inside_the_task() -> None:

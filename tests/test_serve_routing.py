@@ -113,6 +113,25 @@ def test_each_size_takes_and_documents_its_own_alphas_and_batch(builds: dict[str
     assert n.value.field == "n"
 
 
+def test_each_size_states_and_applies_its_own_text_length(builds: dict[str, Path], tmp_path: Path) -> None:
+    """Builds may take other text lengths (--max-sequence-length): the OpenAPI document stated the first build's
+    token limit for every size."""
+    from catrt.serve.routing import RoutedRules
+    from catrt.serve.schemas import ImageGenerationRequest
+
+    longer = _build(tmp_path, width=128, max_sequence_length=77)
+    rules = RoutedRules(Router(load_builds([str(builds["64x64"]), str(longer)])), 4000)
+    properties = rules.properties()
+    assert "at most the size's build's tokens (64x64: 16, 128x64: 77)" in properties["prompt"]["description"]
+    assert "16 tokens" not in properties["prompt"]["description"]
+    assert properties["negative_prompt"]["description"] == "same limits as prompt (tokens by size: 64x64: 16, 128x64: 77)"
+    prompt = " ".join(["red"] * 30)
+    assert rules.admit(ImageGenerationRequest(prompt=prompt, size="128x64"))[0][0].prompt == prompt
+    with pytest.raises(ConfigError) as caught:
+        rules.admit(ImageGenerationRequest(prompt=prompt, size="64x64"))
+    assert caught.value.field == "prompt"
+
+
 def test_the_router_names_the_served_sizes(builds: dict[str, Path]) -> None:
     class Model:
         def __init__(self, size: str) -> None:
@@ -195,3 +214,58 @@ def test_openapi_and_metrics_cover_every_build(server: RemoteServer) -> None:
         assert generate(server.url, size=size).status_code == 200
         assert metric(server.url, f'catrt_images_generated_total{{size="{size}"}}') == before + 1
         assert metric(server.url, f'catrt_step_seconds_count{{kind="pruned",size="{size}"}}') > 0
+
+
+def test_metrics_count_the_queue_per_size(server: RemoteServer) -> None:
+    """The queue is shared by the builds; /metrics had its total only, not what waits for each size."""
+    def depths() -> dict[str, float]:
+        return {size: metric(server.url, f'catrt_queue_depth_by_size{{size="{size}"}}') for size in ("64x64", "96x64")}
+
+    assert 'catrt_queue_depth_by_size{size="96x64"} 0.0' in httpx.get(f"{server.url}/metrics").text
+
+    async def scenario() -> tuple[list[httpx.Response], dict[str, float]]:
+        bodies = [{"size": "96x64", "seed": 1, "prompt": "sleep 1.5"}, {"size": "64x64", "seed": 2},
+                  {"size": "64x64", "seed": 3, "guidance_scale": 5.0}, {"size": "96x64", "seed": 4}]
+        sent = asyncio.ensure_future(generate_all(server.url, bodies, stagger=0.1))
+        waiting = await asyncio.to_thread(depths)
+        while sum(waiting.values()) < 3 and not sent.done():  # the first request sleeps in the worker, three wait
+            await asyncio.sleep(0.05)
+            waiting = await asyncio.to_thread(depths)
+        return await sent, waiting
+
+    responses, waiting = asyncio.run(scenario())
+    assert all(response.status_code == 200 for response in responses), [response.text for response in responses]
+    assert waiting == {"64x64": 2, "96x64": 1}
+    assert depths() == {"64x64": 0, "96x64": 0}
+
+
+@pytest.mark.parametrize("name", ["/models/reference-saved/", "org/model", "tiny-sd3"])
+def test_the_sdk_retrieves_the_model_id_it_lists(name: str) -> None:
+    """A folder given as `DIR/` was listed with its slash, which the gate drops from the path: retrieve was a 404."""
+    from fastapi.testclient import TestClient
+
+    from catrt.serve.app import base_app
+    from catrt.serve.config import ServeConfig
+    from catrt.serve.metrics import ServerMetrics
+
+    with TestClient(base_app(ServerMetrics(), ServeConfig(model=name))) as http:
+        client = openai.OpenAI(base_url=f"{http.base_url}/v1", api_key="unused", http_client=http)
+        (listed,) = client.models.list().data
+        assert listed.id == name.rstrip("/")
+        assert client.models.retrieve(listed.id).id == listed.id
+        with pytest.raises(openai.NotFoundError, match="is not served here"):
+            client.models.retrieve("another-model")
+
+
+def test_one_folder_spelled_twice_is_named_as_one_folder(tmp_path: Path) -> None:
+    """`DIR` and `DIR/` (or a link to DIR) were refused as two builds serving one size."""
+    from catrt.serve.config import ServeConfig
+
+    folder = tmp_path / "build"
+    folder.mkdir()
+    (tmp_path / "link").symlink_to(folder)
+    for twice in ((str(folder), f"{folder}/"), (str(folder), str(tmp_path / "link")), ("b", "./b")):
+        with pytest.raises(ConfigError, match=r"--engines names one folder twice, as .* give it once") as caught:
+            ServeConfig(engines=twice)
+        assert caught.value.field == "engines"
+    ServeConfig(engines=(str(folder), str(tmp_path / "other")))

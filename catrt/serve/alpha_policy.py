@@ -74,21 +74,36 @@ def ewma(previous: float | None, sample: float, weight: float = EWMA_WEIGHT) -> 
 
 def batches(queue: Sequence[Queued], capacity: int) -> list[list[int]]:
     """The queue's indices grouped into calls as the worker takes them: the oldest waiting request,
-    then later ones with its key while they fit in `capacity` rows."""
-    waiting = list(range(len(queue)))
-    groups = []
-    while waiting:
-        head = queue[waiting[0]]
-        group, rows = [], 0
-        for index in waiting:
-            request = queue[index]
-            if request.key == head.key and rows + request.rows <= capacity:
-                group.append(index)
-                rows += request.rows
+    then later ones with its key while they fit in `capacity` rows.
+
+    Linear in the queue for batches of equal-sized requests (the policy runs it per alpha before every
+    call, over queues of --max-queue requests): each key's requests are scanned from its first waiting
+    one, and a scan stops once the call is full (every request has at least one row)."""
+    by_key: dict[Hashable, list[int]] = {}
+    for index, request in enumerate(queue):
+        by_key.setdefault(request.key, []).append(index)
+    start = dict.fromkeys(by_key, 0)  # each key's first index in by_key[key] that may still wait
+    taken = [False] * len(queue)
+    groups, head = [], 0
+    while head < len(queue):
+        key = queue[head].key
+        same, group, rows = by_key[key], [], 0
+        for index in same[start[key]:]:
+            if taken[index] or rows + queue[index].rows > capacity:
+                continue
+            group.append(index)
+            rows += queue[index].rows
+            if rows >= capacity:
+                break
         if not group:  # a head larger than the batch still runs alone (the worker refuses such requests earlier)
-            group = [waiting[0]]
+            group = [head]
+        for index in group:
+            taken[index] = True
+        while start[key] < len(same) and taken[same[start[key]]]:
+            start[key] += 1
         groups.append(group)
-        waiting = [index for index in waiting if index not in group]
+        while head < len(queue) and taken[head]:
+            head += 1
     return groups
 
 

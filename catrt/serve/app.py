@@ -131,7 +131,13 @@ class ModelList:
                 self._name = check_builds(self.config.engines or ())[0].model
             except (CatrtError, IndexError) as error:
                 raise ServiceUnavailableError("the served model's name cannot be read from its build; retry later") from error
-        return ModelCard(id=self._name, created=self.created)
+        return ModelCard(id=model_id(self._name), created=self.created)
+
+
+def model_id(name: str) -> str:
+    """The served model's id: its name without a trailing slash (a folder given as `DIR/`), since the request
+    gate drops a path's trailing slash and `models.retrieve` of the listed id would otherwise never match."""
+    return name.rstrip("/") or name
 
 
 class ImageService:

@@ -5,12 +5,13 @@ Imports nothing heavy: the CLI builds its parser from these defaults without loa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dataclasses import replace
 
-from catrt.checks import MAX_BATCH, integer, number, repeated, require
+from catrt.checks import MAX_BATCH, alike_alphas, integer, number, repeated, require
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.serve.alpha_policy import ALPHA_POLICIES
@@ -87,6 +88,8 @@ class ServeConfig:
         if self.engines is not None and len(set(self.engines)) != len(self.engines):
             twice = repeated(self.engines)
             raise ConfigError(f"--engines names {', '.join(twice)} more than once", field="engines", value=twice)
+        if self.engines is not None:
+            _check_distinct_folders(self.engines)
         if (self.engines is None) == (self.model is None):
             raise ConfigError("give exactly one of --engines DIR or --model NAME", field="engines", value=self.engines)
         if self.model is not None:
@@ -153,6 +156,9 @@ class ServeConfig:
                                   field="alpha", value=self.cat.alpha)
             if len(set(self.alphas)) != len(self.alphas):
                 raise ConfigError(f"--alpha lists an alpha twice: {list(self.alphas)}", field="alpha", value=list(self.alphas))
+            if (alike := alike_alphas(self.alphas)) is not None:
+                raise ConfigError(f"--alpha lists {alike[0]!r} and {alike[1]!r}, one alpha at float32 precision: drop one",
+                                  field="alpha", value=list(self.alphas))
         if self.alpha_policy not in ALPHA_POLICIES:
             raise ConfigError(f"--alpha-policy must be one of {', '.join(ALPHA_POLICIES)}, got {self.alpha_policy!r}",
                               field="alpha_policy", value=self.alpha_policy)
@@ -176,9 +182,35 @@ class ServeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
+        check_known_fields(cls, data, "serve")
         values = dict(data)
         values["cat"] = CATConfig.from_dict(values.get("cat", {}))
         return cls(**values)
+
+
+def check_known_fields(cls: type, data: Any, where: str) -> None:
+    """`data` (a KubeRay builder's args, a replica's settings) must be a mapping of `cls`'s fields: a misspelt
+    one is refused by name, never a TypeError or silently left at its default."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of settings, got {type(data).__name__}", field=where)
+    unknown = sorted(str(name) for name in set(data) - {item.name for item in fields(cls)})
+    if unknown:
+        raise ConfigError(
+            f"{where} has no setting {', '.join(unknown)}; the settings are {', '.join(item.name for item in fields(cls))}",
+            field=f"{where}.{unknown[0]}", value=unknown,
+        )
+
+
+def _check_distinct_folders(folders: tuple[str, ...]) -> None:
+    """Two spellings of one folder (`DIR` and `DIR/`, `./DIR`, a link to it) are one build named twice, not two
+    builds of one size."""
+    seen: dict[str, str] = {}
+    for folder in folders:
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise ConfigError(f"--engines names one folder twice, as {seen[real]} and {folder}; give it once",
+                              field="engines", value=[seen[real], folder])
+        seen[real] = folder
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -55,15 +55,31 @@ class ServerMetrics:
         if gpu is not None:
             self.registry.register(gpu)
 
-    def watch_queue(self, depth: Callable[[], int]) -> None:
-        """Read the queue depth at scrape time."""
+    def watch_queue(self, depth: Callable[[], int], by_size: Callable[[], dict[str, int]] | None = None) -> None:
+        """Read the queue depth, and per served size if `by_size` is given, at scrape time."""
         self.queue.set_function(depth)
+        if by_size is not None:
+            self.registry.register(QueueBySize(by_size))
 
     def observe_step(self, kind: str, seconds: float, size: str) -> None:
         self.step_seconds.labels(kind=kind, size=size).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class QueueBySize(Collector):
+    """`catrt_queue_depth_by_size{size}`: requests waiting for each served size's build (several builds share one
+    queue; `catrt_queue_depth` is its total)."""
+
+    def __init__(self, by_size: Callable[[], dict[str, int]]) -> None:
+        self.by_size = by_size
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("catrt_queue_depth_by_size", "requests waiting for the worker, by size", labels=["size"])
+        for size, depth in self.by_size().items():
+            family.add_metric([size], depth)
+        yield family
 
 
 class NvmlCollector(Collector):

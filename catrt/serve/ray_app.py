@@ -35,9 +35,9 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from catrt.errors import CatrtError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
+from catrt.errors import CatrtError, ConfigError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
-from catrt.serve.config import FleetConfig, ServeConfig
+from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
 from catrt.serve.fleet_start import first_line, ray_start_error
 from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -81,8 +81,9 @@ class ModelReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         metrics = ServerMetrics()
         self.worker = Worker(lambda: load_router(serve_config, bundle_key), serve_config.max_queue, metrics,
-                             on_exit=lambda state: None)
-        metrics.watch_queue(lambda: self.worker.depth)
+                             on_exit=lambda state: None, alpha_policy=serve_config.alpha_policy,
+                             latency_target=serve_config.latency_target)
+        metrics.watch_queue(lambda: self.worker.depth, self.worker.depth_by_size)
         self.worker.start()
         while self.worker.state == "loading":
             time.sleep(0.05)
@@ -271,7 +272,12 @@ def build(args: dict[str, Any]) -> Any:
     fields}`; the API key comes from $CATRT_API_KEY, the bundle key from $CATRT_BUNDLE_KEY (as `catrt.load` reads)."""
     from catrt.serve.auth import load_api_key
 
+    if not isinstance(args, dict) or set(args) - {"serve", "fleet"}:
+        shown = sorted(map(str, args)) if isinstance(args, dict) else type(args).__name__
+        raise ConfigError(f'the builder\'s args are {{"serve": {{...}}, "fleet": {{...}}}}, got {shown}', field="args")
+    check_known_fields(ServeConfig, args.get("serve", {}), "serve")
     config = ServeConfig.from_dict({**args.get("serve", {}), "api_key": load_api_key(None)})
+    check_known_fields(FleetConfig, args.get("fleet", {}), "fleet")
     fleet = FleetConfig(**args.get("fleet", {}))
     return application(config, fleet, gpus=ray.cluster_resources().get("GPU", 0) > 0)
 

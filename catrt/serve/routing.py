@@ -86,6 +86,13 @@ class RoutedRules:
             f"{spec.size}: {spec.batch}" for spec in specs
         )
         properties["steps"]["anyOf"][0]["enum"] = sorted({spec.steps for spec in specs})
+        tokens = {spec.size: spec.text_tokens for spec in specs}
+        if len(set(tokens.values())) > 1:  # builds may take other text lengths: state each size's
+            first = f"at most {tokens[sizes[0]]} tokens"
+            each = ", ".join(f"{size}: {count}" for size, count in tokens.items())
+            prompt = properties["prompt"]
+            prompt["description"] = prompt["description"].replace(first, f"at most the size's build's tokens ({each})")
+            properties["negative_prompt"]["description"] = f"same limits as prompt (tokens by size: {each})"
         # A pinned alpha must be one of its size's build: the enum lists every served one, the description which where.
         properties["alpha"]["anyOf"][0]["enum"] = list(dict.fromkeys(alpha for spec in specs for alpha in spec.alphas))
         if len({spec.alphas for spec in specs}) > 1:

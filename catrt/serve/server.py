@@ -13,6 +13,7 @@ import errno
 import logging
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -86,7 +87,7 @@ def run_server(config: ServeConfig) -> int:
     key = bundle_key(config.bundle_key_file) if config.engines is not None else None
     sock = listening_socket(config.host, config.port)
     try:
-        _check_device(config)
+        check_device(config)
         # Imported after the cheap refusals: FastAPI, torch and diffusers take seconds to import.
         from catrt.serve.app import build_app
         from catrt.serve.metrics import ServerMetrics
@@ -101,7 +102,7 @@ def run_server(config: ServeConfig) -> int:
         lambda: load_router(config, key), config.max_queue, metrics, on_exit=lambda state: server.worker_exited(state),
         alpha_policy=config.alpha_policy, latency_target=config.latency_target,
     )
-    metrics.watch_queue(lambda: worker.depth)
+    metrics.watch_queue(lambda: worker.depth, worker.depth_by_size)
     app = build_app(worker, metrics, config)
     uvicorn_config = uvicorn.Config(
         app, http=read_deadline_protocol(config.read_timeout), timeout_keep_alive=config.keep_alive,
@@ -145,8 +146,9 @@ def _address(sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-def _check_device(config: ServeConfig) -> None:
-    """A CUDA device asked for on a machine without one is refused before binding or loading."""
+def check_device(config: ServeConfig) -> None:
+    """A CUDA device asked for on a machine without one is refused before binding or loading (or, with --ray,
+    before a local cluster starts: its replicas run here)."""
     if config.model is None or not config.device.startswith("cuda"):
         return
     import torch
@@ -173,6 +175,17 @@ def check_source_of(config: ServeConfig) -> None:
 
     for folder, build in zip(config.engines, check_builds(config.engines), strict=True):
         check_choice(config.alpha_policy, build.alphas, f"{folder} ({build.model} at {build.width}x{build.height})")
+
+
+def verify_bundles_here(config: ServeConfig) -> None:
+    """Each build's check on this machine (files and digests, versions, device), as `catrt.load` runs it first:
+    for `--ray` on a local cluster, whose replicas load these folders here, so a corrupt or mismatched bundle is
+    one line before Ray starts rather than a deployment that fails half a minute later without saying why.
+    The signature is left to the replicas, which are handed the key."""
+    from catrt.bundle import verify_bundle
+
+    for folder in config.engines or ():
+        verify_bundle(Path(folder), signature=False)
 
 
 def bundle_key(path: str | None) -> bytes | None:

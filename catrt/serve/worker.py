@@ -131,6 +131,18 @@ class Worker:
             self._drop_cancelled()
             return len(self._queue)
 
+    def depth_by_size(self) -> dict[str, int]:
+        """Requests waiting per served size ("WxH"; every size, 0 included), once the builds are loaded."""
+        with self._lock:
+            served = self.served
+            if served is None:
+                return {}
+            self._drop_cancelled()
+            depths = dict.fromkeys(served.sizes, 0)
+            for job in self._queue:
+                depths[served.for_options(job.options).spec.size] += 1
+            return depths
+
     def submit(self, job: Job) -> None:
         """Queue `job`, or raise: 503 while not ready, 429 when `max_queue` requests already wait."""
         with self._lock:
