@@ -66,6 +66,14 @@ def writable_folder(folder: Path, named: str, fix: str, field: str) -> None:
         raise ConfigError(f"{named} is not writable; {fix}", field=field, value=str(folder))
 
 
+def output_folder(folder: Path, named: str, holds: str, field: str) -> None:
+    """A folder for `holds`, made now: "<named> is a file; give a folder for <holds>" where a file is, else
+    `writable_folder`'s refusals with the fix "give a folder you can write for <holds>"."""
+    if path_is(folder) and not path_is(folder, "folder"):
+        raise ConfigError(f"{named} is a file; give a folder for {holds}", field=field, value=str(folder))
+    writable_folder(folder, named, f"give a folder you can write for {holds}", field=field)
+
+
 def require(owner: str, name: str, value: Any, valid: bool, must_be: str) -> None:
     """Raise `Owner.name must be <must_be>, got <value>` unless `valid`."""
     if not valid:

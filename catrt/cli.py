@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from catrt.checks import MAX_BATCH, path_is, repeated, writable_folder  # stdlib + catrt.errors only
+from catrt.checks import MAX_BATCH, output_folder, path_is, repeated  # stdlib + catrt.errors only
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo, echo_path, shorten
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
@@ -819,11 +819,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _output_folder(value: str, flag: str, holds: str) -> Iterator[Path]:
     """The folder `value`, made now and checked writable, so a bad place is refused before minutes of work (not
     when the results are written); removed again if this made it and the block fails before writing into it."""
-    out, field, named = Path(value), flag.lstrip("-"), f"{flag} {echo(value, PATH_ECHO_LIMIT)}"
-    if path_is(out) and not path_is(out, "folder"):
-        raise ConfigError(f"{named} is a file; give a folder for {holds}", field=field, value=value)
+    out = Path(value)
     made = not path_is(out)
-    writable_folder(out, named, f"give a folder you can write for {holds}", field=field)
+    output_folder(out, f"{flag} {echo(value, PATH_ECHO_LIMIT)}", holds, field=flag.lstrip("-"))
     try:
         yield out
     except BaseException:

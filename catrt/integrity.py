@@ -701,6 +701,7 @@ def _context_problems(
 def text_tokens_before(pipeline_class: str) -> int | None:
     """The text tokens a registered pipeline class (by name) puts before its `max_sequence_length` ones, as its
     `PipelineSpec.text_tokens_before` declares; None for a class not registered or that does not declare it."""
-    from catrt.models import PIPELINES  # the families' declarations; imported here, where a bundle's graphs are read
+    from catrt.models import PIPELINES, pipeline_named  # the families' declarations; imported where graphs are read
 
-    return next((spec.text_tokens_before for cls, spec in PIPELINES.items() if cls.__name__ == pipeline_class), None)
+    cls = pipeline_named(pipeline_class)
+    return None if cls is None else PIPELINES[cls].text_tokens_before

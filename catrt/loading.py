@@ -23,7 +23,7 @@ from torch import nn
 
 from catrt.errors import PATH_ECHO_LIMIT, ConfigError, echo
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_model_source
-from catrt.models import PIPELINES, family_of
+from catrt.models import family_of, pipeline_named
 from catrt.reference.pipeline import load_reference_pipeline
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
 
@@ -117,8 +117,8 @@ def _pipeline_class(folder: str) -> type[DiffusionPipeline]:
         return DiffusionPipeline  # its load says what is wrong with the folder
     if not isinstance(name, str) or hasattr(diffusers, name):
         return DiffusionPipeline
-    own = (cls for cls in PIPELINES if cls.__name__ == name and issubclass(cls, DiffusionPipeline))
-    return next(own, DiffusionPipeline)
+    own = pipeline_named(name)
+    return own if own is not None and issubclass(own, DiffusionPipeline) else DiffusionPipeline
 
 
 def usable_device(device: str | torch.device) -> torch.device:

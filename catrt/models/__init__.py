@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from catrt.models import flux, pixart, sd3  # noqa: F401  (each registers its family)
 from catrt.models.base import Adapter, Context, PackedTokensAdapter
-from catrt.models.registry import ADAPTERS, FAMILIES, PIPELINES, Family, family_of, make_adapter, register_family
+from catrt.models.registry import (
+    ADAPTERS,
+    FAMILIES,
+    PIPELINES,
+    Family,
+    family_of,
+    make_adapter,
+    pipeline_named,
+    register_family,
+)
 from catrt.tokens import Grid, patchify, unpatchify
 
 __all__ = [
@@ -22,6 +31,7 @@ __all__ = [
     "family_of",
     "make_adapter",
     "patchify",
+    "pipeline_named",
     "register_family",
     "unpatchify",
 ]

@@ -135,6 +135,11 @@ def _check_no_takeover(family: Family) -> None:
             )
 
 
+def pipeline_named(name: str) -> type | None:
+    """The registered pipeline class called `name` (as a saved folder or a bundle's manifest names it), else None."""
+    return next((cls for cls in PIPELINES if cls.__name__ == name), None)
+
+
 def family_of(name: str) -> Family:
     family = FAMILIES.get(name)
     if family is None:

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from catrt.checks import path_is, writable_folder
+from catrt.checks import output_folder
 from catrt.errors import ConfigError, echo_path
 from catrt.reference import data
 from catrt.reference.text import token_ids
@@ -305,11 +305,8 @@ def main(argv: list[str] | None = None) -> Trainer:
                                ("--max-steps", args.max_steps, 0), ("--seed", args.seed, 0)):
         if value < least:
             parser.error(f"{flag} must be an integer >= {least}, got {value}")
-    holds = "checkpoint.pt, weights/ and samples.png"
-    if path_is(args.out, "file"):
-        parser.error(f"--out {echo_path(args.out)} is a file; give a folder for {holds}")
     try:  # made now: a path the OS refuses (under a file, a name too long) is one line, not a traceback later
-        writable_folder(args.out, f"--out {echo_path(args.out)}", f"give a folder you can write for {holds}", "out")
+        output_folder(args.out, f"--out {echo_path(args.out)}", "checkpoint.pt, weights/ and samples.png", "out")
     except ConfigError as error:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -33,6 +33,8 @@ def parse_size(size: str, example: str) -> tuple[int, int]:
         raise ConfigError(f'size must be "WxH" (e.g. "{example}") or "auto", got {echo(size)}', field="size",
                           value=size)
     return int(match.group(1)), int(match.group(2))
+
+
 # check_request's argument names -> the request field a client sets them with.
 CALL_PARAMS = {"height": "size", "width": "size", "num_inference_steps": "steps", "batch": "n"}
 SERVED_CALL_ARGUMENTS = ("height", "width", "num_inference_steps")
