@@ -26,7 +26,7 @@ from catrt.errors import PATH_ECHO_LIMIT, BuildError, CatrtError, ConfigError, e
 from catrt.generation import check_pipeline_size
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
 from catrt.integrity import resolve_key, sign_manifest
-from catrt.loading import LOADERS, load_pipeline
+from catrt.loading import load_pipeline, loader_for
 from catrt.manifest import (
     MANIFEST_FILE,
     Manifest,
@@ -176,7 +176,7 @@ def _build(
 def model_reference(model: str) -> str:
     """How a bundle names its model: a catrt name as it is, a diffusers folder as an absolute path, so the
     bundle loads from any working directory (a relative one would name another folder, or none, elsewhere)."""
-    if model in LOADERS or not path_is(Path(model) / "model_index.json", "file"):
+    if loader_for(model) is not None or not path_is(Path(model) / "model_index.json", "file"):
         return model  # a name wins over a folder of the same name; anything else is refused when loading
     return os.path.abspath(model)
 

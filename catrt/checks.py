@@ -75,6 +75,8 @@ def output_folder(folder: Path, named: str, holds: str, field: str) -> None:
 
 
 def require(owner: str, name: str, value: Any, valid: bool, must_be: str) -> None:
-    """Raise `Owner.name must be <must_be>, got <value>` unless `valid`."""
+    """Raise `Owner.name must be <must_be>, got <value>` unless `valid`; a value of another type than Python's
+    own scalars is named by its type too, as `tensor(0.3000)` reads like a valid 0.3."""
     if not valid:
-        raise ConfigError(f"{owner}.{name} must be {must_be}, got {echo(value)}", field=name, value=value)
+        kind = "" if isinstance(value, (int, float, str, type(None))) else f" (a {type(value).__name__})"
+        raise ConfigError(f"{owner}.{name} must be {must_be}, got {echo(value)}{kind}", field=name, value=value)

@@ -1,6 +1,7 @@
 """Turn a model name or a folder into a diffusers pipeline.
 
-Names resolve through `LOADERS`, one entry per name, so a new model is one more line there.
+Names resolve through `loader_for`: the built-in `LOADERS`, one entry per name, then a published model's
+`ModelCard` a script added to `MODEL_CARDS`.
 Anything that is not a name must be a local diffusers folder (with `model_index.json`).
 
 An engine bundle that carries its own weights asks for the pipeline without the transformer's:
@@ -94,6 +95,15 @@ LOADERS: dict[str, Loader] = {
 }
 
 
+def loader_for(name: str) -> Loader | None:
+    """How `name` loads: a built-in name, or a published model's card added to `MODEL_CARDS` at run time (by the
+    script that registers its family), which `check_model_source` already accepts; None for a folder path."""
+    if name in LOADERS:
+        return LOADERS[name]
+    card = MODEL_CARDS.get(name)
+    return partial(_load_published, card) if card is not None and card.hub_id else None
+
+
 def _load_folder(folder: str, dtype: torch.dtype, transformer_weights: bool) -> DiffusionPipeline:
     """A local diffusers folder; one that diffusers cannot load (a component missing or corrupt, a pipeline class
     diffusers does not know) is a ConfigError naming the folder and diffusers' reason, not its traceback."""
@@ -152,9 +162,10 @@ def load_pipeline(
             field="dtype", value=dtype,
         )
     key = check_model_source(name_or_path)
-    if key in LOADERS:
+    loader = loader_for(key)
+    if loader is not None:
         logger.info("loading %s as %s", key, dtype)
-        pipeline = LOADERS[key](dtype, transformer_weights)
+        pipeline = loader(dtype, transformer_weights)
     else:
         logger.info("loading diffusers folder %s as %s", key, dtype)
         pipeline = _load_folder(key, dtype, transformer_weights)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 import pytest
 
 from catrt import CATConfig, ConfigError
@@ -104,3 +105,10 @@ def test_python_api_errors_shorten_a_huge_value(make: Callable[[], object]) -> N
         make()
     message = str(caught.value)
     assert len(message) < 600 and ("…" in message or "too large to print" in message), message
+
+
+@pytest.mark.parametrize("value, kind", [(torch.tensor(0.3), "Tensor"), (np.array([0.3]), "ndarray"), ([0.3], "list")])
+def test_a_value_that_reads_like_a_valid_number_is_named_by_its_type(value: object, kind: str) -> None:
+    """`got tensor(0.3000)` alone reads as if 0.3 were out of range: the refusal names the type it got."""
+    with pytest.raises(ConfigError, match=rf"^CATConfig\.alpha must be in \(0, 1\], got .* \(a {kind}\)$"):
+        CATConfig(alpha=value)

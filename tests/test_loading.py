@@ -199,3 +199,19 @@ def test_a_folder_diffusers_cannot_load_is_refused_naming_the_folder(tmp_path: P
         load_pipeline(tmp_path)
     assert reason in str(caught.value) and "save_pretrained" in str(caught.value)
     assert caught.value.field == "model"
+
+
+def test_a_model_card_a_script_adds_loads_by_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A published model a script adds to MODEL_CARDS (beside registering its family) loads by name, from its hub
+    id (here a local folder, which from_pretrained takes as a hub id), with or without the transformer's weights."""
+    from catrt.build import model_reference
+    from catrt.model_cards import ModelCard
+
+    built = build_tiny_pipeline("tiny-sd3")
+    built.save_pretrained(tmp_path)
+    card = ModelCard(name="my-sd3", hub_id=str(tmp_path), family="sd3",
+                     transformer_config=dict(built.transformer.config), text_tokens=93)
+    monkeypatch.setitem(MODEL_CARDS, "my-sd3", card)
+    assert _same_weights(load_pipeline("my-sd3"), built)
+    assert load_pipeline("my-sd3", transformer_weights=False).transformer.pos_embed.proj.weight.is_meta
+    assert model_reference("my-sd3") == "my-sd3"  # a bundle names it as a name, not as a folder
