@@ -683,7 +683,7 @@ def _run_fleet(config: Any, fleet: Any) -> int:
     key = bundle_key(config.bundle_key_file) if config.engines is not None else None
     if fleet.address in (None, LOCAL):  # the replicas run on this machine: its device and these bundles must do
         check_device(config)
-        verify_bundles_here(config)
+        verify_bundles_here(config, key)
     check_fleet_start(config.host, config.port, fleet.address)
     try:
         from catrt.serve.ray_app import run_fleet

@@ -373,9 +373,31 @@ def test_the_bundle_key_from_the_environment_is_handed_to_every_replica(
     args = ["serve", "--engines", str(bundle), "--ray", "--port", str(_free_port())]
     assert main(args) == 0
     key_file = tmp_path / "key"
-    key_file.write_text("from-the-file\n")
-    assert main([*args, "--bundle-key-file", str(key_file)]) == 0
-    assert handed == [b"fleet-bundle-key", b"from-the-file"]
+    key_file.write_text("fleet-bundle-key\n")
+    monkeypatch.setenv("CATRT_BUNDLE_KEY", "another-key")
+    assert main([*args, "--bundle-key-file", str(key_file)]) == 0  # the file wins over the environment
+    assert handed == [b"fleet-bundle-key", b"fleet-bundle-key"]
+
+
+def test_a_wrong_bundle_key_on_a_local_cluster_is_one_line_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The replicas of a local cluster check the signature with the key they are handed; a wrong key was a
+    deployment failing about 30 s later, now it is the signature refusal before Ray starts."""
+    import catrt.serve.ray_app as ray_app
+    from catrt.build import build_engines
+    from catrt.build_config import BuildConfig
+    from catrt.cli import main
+
+    bundle = build_engines(BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager"),
+                           out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False,
+                           sign_key=b"fleet-bundle-key")
+    started: list[bytes | None] = []
+    monkeypatch.setattr(ray_app, "run_fleet", lambda config, fleet, key=None: started.append(key) or 0)
+    monkeypatch.setenv("CATRT_BUNDLE_KEY", "not-the-key")
+    assert main(["serve", "--engines", str(bundle), "--ray", "--port", str(_free_port())]) == 2
+    error = capsys.readouterr().err
+    assert not started and len(error.strip().splitlines()) == 1 and "signature" in error
 
 
 def test_catrt_and_a_plain_serve_never_import_ray() -> None:

@@ -177,15 +177,15 @@ def check_source_of(config: ServeConfig) -> None:
         check_choice(config.alpha_policy, build.alphas, f"{folder} ({build.model} at {build.width}x{build.height})")
 
 
-def verify_bundles_here(config: ServeConfig) -> None:
-    """Each build's check on this machine (files and digests, versions, device), as `catrt.load` runs it first:
-    for `--ray` on a local cluster, whose replicas load these folders here, so a corrupt or mismatched bundle is
-    one line before Ray starts rather than a deployment that fails half a minute later without saying why.
-    The signature is left to the replicas, which are handed the key."""
+def verify_bundles_here(config: ServeConfig, key: bytes | None) -> None:
+    """Each build's check on this machine (files and digests, signature with the `key` the replicas are handed,
+    versions, device), as `catrt.load` runs it first: for `--ray` on a local cluster, whose replicas load these
+    folders here, so a corrupt, mismatched or wrongly keyed bundle is one line before Ray starts rather than a
+    deployment that fails half a minute later without saying why."""
     from catrt.bundle import verify_bundle
 
     for folder in config.engines or ():
-        verify_bundle(Path(folder), signature=False)
+        verify_bundle(Path(folder), key=key)
 
 
 def bundle_key(path: str | None) -> bytes | None:
