@@ -167,6 +167,17 @@ def test_unknown_transformer_class_is_refused() -> None:
         make_adapter(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_a_torch_compiled_transformer_is_refused_with_the_fix(tiny_pipelines: dict[str, Any], name: str) -> None:
+    """`pipe.transformer = torch.compile(pipe.transformer)` is how many users speed up diffusers; catrt never
+    calls that wrapper, so the refusal says how to unwrap it and which backend compiles catrt's steps."""
+    compiled = torch.compile(tiny_pipelines[name].transformer)
+    with pytest.raises(UnsupportedModelError, match=r"torch\.compile wrapper of .*_orig_mod.*backend=\"compile\""):
+        make_adapter(compiled)
+    with pytest.raises(UnsupportedModelError, match="no catrt adapter for transformer class OptimizedModule"):
+        make_adapter(torch.compile(torch.nn.Linear(2, 2)))
+
+
 def test_resolution_the_patch_grid_cannot_take(tiny_pipelines: dict[str, Any]) -> None:
     adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
     with pytest.raises(ConfigError, match=r"latent size 9x12 is not divisible by the patch size 2"):

@@ -150,6 +150,14 @@ def family_of(name: str) -> Family:
 def make_adapter(transformer: nn.Module) -> Adapter:
     """The adapter for a loaded transformer; refuses classes catrt cannot prune."""
     adapter_class = ADAPTERS.get(type(transformer))
+    compiled = getattr(transformer, "_orig_mod", None)
+    if adapter_class is None and isinstance(compiled, nn.Module) and type(compiled) in ADAPTERS:
+        raise UnsupportedModelError(
+            f"the transformer is a torch.compile wrapper of {type(compiled).__name__}: catrt runs its own step "
+            "functions, so accelerate the uncompiled transformer (pipe.transformer = pipe.transformer._orig_mod) "
+            "and pass backend=\"compile\" to compile those",
+            field="transformer",
+        )
     if adapter_class is None:
         supported = ", ".join(cls.__name__ for cls in ADAPTERS)
         raise UnsupportedModelError(
