@@ -23,9 +23,11 @@ from catrt.errors import ConfigError
 from catrt.models import make_adapter, sd3 as sd3_module
 from catrt.models import base as base_module
 from catrt.models.base import Adapter, Context
+from catrt.models.registry import family_of
 import catrt.runtime as runtime_module
 from catrt.runtime import CATRuntime, RuntimeBuffers
 from catrt.tiny import build_tiny_pipeline
+from catrt.tokens import Grid
 from tests.conftest import call_kwargs
 from tests.test_selection import NoHostSync
 
@@ -113,6 +115,29 @@ def test_only_the_last_used_shapes_keep_their_buffers(tiny_pipelines: dict[str, 
     for wrong in (0, 1.5, True):
         with pytest.raises(ConfigError, match=f"max_shapes must be an integer >= 1, got {wrong!r}"):
             RuntimeBuffers(max_shapes=wrong)
+
+
+def test_a_call_with_context_on_another_device_leaves_the_shapes_buffers_usable(tiny_pipelines: dict[str, Any]) -> None:
+    """Step buffers are kept per context device too: a call whose prompt embedding lies on another device (a CPU one
+    for a CUDA transformer; meta against the CPU here), driven through CATRuntime itself as bench/ does, past the
+    pipeline's input check, fails - and the next call of the same shapes runs on buffers of its own, where it reused
+    those made from that embedding and failed the same way, every call of the shape after it."""
+    adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
+    call = family_of("sd3").meta_call(dict(adapter.transformer.config), 6, Grid(4, 4))
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(value.shape, generator=generator) for name, value in call.items()}
+    hidden_states, timestep = tensors.pop("hidden_states"), tensors.pop("timestep").abs() * 500
+
+    def generation(buffers: RuntimeBuffers, context: dict[str, torch.Tensor]) -> torch.Tensor:
+        runtime = CATRuntime(adapter, catrt.CATConfig(alpha=0.5, t0=2), steps=3, guidance=False, buffers=buffers)
+        with torch.no_grad():
+            return torch.stack([runtime(hidden_states, timestep, context).clone() for _ in range(3)])
+
+    buffers = RuntimeBuffers()
+    elsewhere = {**tensors, "encoder_hidden_states": tensors["encoder_hidden_states"].to("meta")}
+    with pytest.raises(RuntimeError):
+        generation(buffers, elsewhere)
+    assert torch.equal(generation(buffers, tensors), generation(RuntimeBuffers(), tensors))
 
 
 class ReplayingStep:
