@@ -27,7 +27,7 @@ WEIGHT_DTYPE_INPUTS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states"
 def check_transformer_inputs(
     adapter: Adapter, arguments: dict[str, Any], grid: Grid | None = None, shapes: bool = True
 ) -> None:
-    """Raise a ConfigError naming the first transformer input whose dtype, rank, width or batch cannot run.
+    """Raise a ConfigError naming the first transformer input whose dtype, device, rank, width or batch cannot run.
 
     `arguments`: the transformer call's arguments by name (hidden_states included); `grid`: the token grid
     where the latents do not carry it (packed latents); `shapes`: check shapes too (a generation's first
