@@ -335,7 +335,7 @@ class CATRuntime:
         inputs = self.adapter.context_inputs(call_kwargs)
         key = (
             tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device, tuple(timestep.shape), timestep.dtype,
-            tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items())), self.guidance,
+            tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in sorted(inputs.items())), self.guidance,
         )
         context = self.functions.prepare_context(inputs, tuple(hidden_states.shape))
         self.state = self.buffers.state(key, lambda: self._allocate(hidden_states, timestep, context))

@@ -4,6 +4,7 @@ standalone engine bundles, and (on a CUDA machine) captured steps equal to uncap
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import json
 import weakref
@@ -12,16 +13,21 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import catrt
 from catrt.build import build_engines
 from catrt.build_config import BuildConfig
 from catrt.errors import ConfigError
-from catrt.models import make_adapter
+from catrt.models import make_adapter, sd3 as sd3_module
+from catrt.models import base as base_module
 from catrt.models.base import Adapter, Context
+from catrt.models.registry import family_of
 import catrt.runtime as runtime_module
 from catrt.runtime import CATRuntime, RuntimeBuffers
 from catrt.tiny import build_tiny_pipeline
+from catrt.tokens import Grid
 from tests.conftest import call_kwargs
 from tests.test_selection import NoHostSync
 
@@ -109,6 +115,29 @@ def test_only_the_last_used_shapes_keep_their_buffers(tiny_pipelines: dict[str, 
     for wrong in (0, 1.5, True):
         with pytest.raises(ConfigError, match=f"max_shapes must be an integer >= 1, got {wrong!r}"):
             RuntimeBuffers(max_shapes=wrong)
+
+
+def test_a_call_with_context_on_another_device_leaves_the_shapes_buffers_usable(tiny_pipelines: dict[str, Any]) -> None:
+    """Step buffers are kept per context device too: a call whose prompt embedding lies on another device (a CPU one
+    for a CUDA transformer; meta against the CPU here), driven through CATRuntime itself as bench/ does, past the
+    pipeline's input check, fails - and the next call of the same shapes runs on buffers of its own, where it reused
+    those made from that embedding and failed the same way, every call of the shape after it."""
+    adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
+    call = family_of("sd3").meta_call(dict(adapter.transformer.config), 6, Grid(4, 4))
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(value.shape, generator=generator) for name, value in call.items()}
+    hidden_states, timestep = tensors.pop("hidden_states"), tensors.pop("timestep").abs() * 500
+
+    def generation(buffers: RuntimeBuffers, context: dict[str, torch.Tensor]) -> torch.Tensor:
+        runtime = CATRuntime(adapter, catrt.CATConfig(alpha=0.5, t0=2), steps=3, guidance=False, buffers=buffers)
+        with torch.no_grad():
+            return torch.stack([runtime(hidden_states, timestep, context).clone() for _ in range(3)])
+
+    buffers = RuntimeBuffers()
+    elsewhere = {**tensors, "encoder_hidden_states": tensors["encoder_hidden_states"].to("meta")}
+    with pytest.raises(RuntimeError):
+        generation(buffers, elsewhere)
+    assert torch.equal(generation(buffers, tensors), generation(RuntimeBuffers(), tensors))
 
 
 class ReplayingStep:
@@ -208,6 +237,115 @@ def test_step_programs_need_no_host_sync(name: str, tiny_pipelines: dict[str, An
     assert GuardedSteps.guarded == [(1, "full"), (2, "full"), (3, "full"), (4, "full"), (5, "pruned"), (6, "pruned"), (7, "pruned")]
 
 
+@pytest.fixture
+def gpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager forwards take the code they take on CUDA (K/V rows scattered, no CPU scratch buffers), on the CPU."""
+    for module in (base_module, sd3_module):
+        monkeypatch.setattr(module, "eager_cpu", lambda tensor: False)
+
+
+def _swap_the_prompt(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A callback that hands the transformer new prompt embeddings (same shapes) from step 5 on."""
+    return {"prompt_embeds": tensors["prompt_embeds"] * 0.5} if step == 4 else {}
+
+
+#: Settings each step program must serve: the defaults, step-level reuse with refreshes, the capturable baselines.
+PROGRAM_CONFIGS = {
+    "cat": catrt.CATConfig(alpha=0.3, t0=3),
+    "reuse+refresh": catrt.CATConfig(alpha=0.3, t0=3, reuse_every=2, refresh_every=3),
+    "round_robin": catrt.CATConfig(alpha=0.3, t0=3, rule="round_robin"),
+    "magnitude": catrt.CATConfig(alpha=0.3, t0=3, rule="magnitude"),
+}
+
+
+def _program_calls(pipe: Any) -> list[dict[str, Any]]:
+    """Calls in a row on one accelerated pipeline: two alphas back and forth, a new seed, and a callback swapping the
+    prompt where the pipeline takes one (PixArt-Sigma's has no `callback_on_step_end`: another seed there)."""
+    swap = {"callback_on_step_end": _swap_the_prompt, "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"]}
+    takes_callbacks = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+    return [{}, {"alpha": 0.5}, {"seed": 3}, {"alpha": 0.5, **(swap if takes_callbacks else {"seed": 4})}]
+
+
+@pytest.mark.parametrize("setting", sorted(PROGRAM_CONFIGS))
+@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-pixart", "tiny-flux"])
+def test_step_programs_on_the_gpu_paths_need_no_host_sync(
+    name: str, setting: str, tiny_pipelines: dict[str, Any], gpu_paths: None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The code a GPU runs (scattered K/V rows), under every capturable setting, alpha switch and a callback's prompt
+    swap: no step program reads a tensor on the host, which on a GPU would fail the capture or the sync guard."""
+    pipe = tiny_pipelines[name]
+    monkeypatch.setattr(GuardedSteps, "guarded", [])
+    fast = catrt.accelerate(pipe, PROGRAM_CONFIGS[setting])
+    fast.runtime_class = GuardedSteps
+    for call in _program_calls(pipe):
+        fast(**call_kwargs(pipe, num_inference_steps=7, **call))
+    assert {kind for _, kind in GuardedSteps.guarded} == {"full", "pruned"}
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every aten op run under it with the tensors it read and returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Any, tuple[Any, ...], dict[str, Any], Any]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, args, kwargs or {}, out))
+        return out
+
+
+class RecordedGraph:
+    """A CPU stand-in for `CapturedStep` (it tests our step programs, not CUDA graphs): warm-up runs the program,
+    capture records the aten ops it runs on which tensors, and every later call replays those ops on those very
+    tensors, each result written where the recorded one lay. Python runs at capture only, as with a CUDA graph: a
+    value a program took from the host (a step number, a buffer rebound since) replays as it was then."""
+
+    def __init__(self, program: Any, device: torch.device, pool: Any) -> None:
+        self.program, self.pool, self.warmed = program, pool, False
+        self.ops: list[tuple[Any, tuple[Any, ...], dict[str, Any], Any]] | None = None
+
+    def __call__(self) -> None:
+        if self.ops is None:
+            if not self.warmed:
+                self.program()
+                self.warmed = True
+                return
+            with _RecordOps() as recording:
+                self.program()
+            self.ops, self.program = recording.ops, None
+            return
+        for func, args, kwargs, recorded in self.ops:
+            for got, was in zip(tree_flatten(func(*args, **kwargs))[0], tree_flatten(recorded)[0]):
+                if isinstance(got, torch.Tensor) and got.untyped_storage().data_ptr() != was.untyped_storage().data_ptr():
+                    was.copy_(got)  # a fresh result: into the recorded tensor, which later ops read
+
+
+@pytest.mark.parametrize("setting", sorted(PROGRAM_CONFIGS))
+@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-pixart", "tiny-flux"])
+def test_step_programs_replayed_op_by_op_equal_eager_steps(
+    name: str, setting: str, tiny_pipelines: dict[str, Any], gpu_paths: None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What `cuda_graphs` replays is what was captured: the step programs on the GPU paths, replayed op for op as
+    recorded at capture, give the eager images and leave every state buffer as eager steps do, over alpha switches,
+    a new seed and a callback's prompt swap."""
+    pipe = tiny_pipelines[name]
+    monkeypatch.setattr(runtime_module, "CapturedStep", RecordedGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    eager = catrt.accelerate(pipe, PROGRAM_CONFIGS[setting])
+    captured = catrt.accelerate(pipe, PROGRAM_CONFIGS[setting])
+    captured.runtime_class = CapturingRuntime
+    for call in _program_calls(pipe):
+        expected, got = (fast(**call_kwargs(pipe, num_inference_steps=7, **call)).images for fast in (eager, captured))
+        assert torch.equal(got, expected), call
+        want, have = _only_state(eager.buffers), _only_state(captured.buffers)
+        for buffer in ("kv_cache", "output_cache", "prediction", "reference", "staleness", "last_computed", "labels"):
+            assert torch.equal(getattr(have, buffer), getattr(want, buffer)), (call, buffer)
+        assert want.selected.keys() == have.selected.keys()
+        assert all(torch.equal(have.selected[k], want.selected[k]) for k in want.selected), call
+    assert all(graph.ops for graph in _only_state(captured.buffers).graphs.values())  # every program replayed
+
+
 def test_scoring_state_is_float32_and_bf16_alpha_one_matches_the_plain_pipeline() -> None:
     pipe = build_tiny_pipeline("tiny-sd3", dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
@@ -269,7 +407,7 @@ def test_cuda_graphs_refuse_a_rule_that_needs_the_host(tiny_pipelines: dict[str,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart", "tiny-flux"])  # FLUX: rotary rows gathered by index
 def test_captured_steps_equal_uncaptured_steps_on_cuda(name: str) -> None:
     pipe = build_tiny_pipeline(name).to("cuda")
     pipe.set_progress_bar_config(disable=True)

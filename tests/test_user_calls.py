@@ -154,6 +154,31 @@ def test_a_callback_that_drops_the_guidance_rows_is_refused_and_the_next_call_is
     assert torch.equal(fast(**call_kwargs(pipe)).images, expected)
 
 
+@pytest.mark.parametrize(("name", "moved"), [("tiny-sd3", "encoder_hidden_states"), ("tiny-flux", "txt_ids")])
+def test_an_input_on_another_device_is_refused_by_name_and_the_next_call_is_clean(
+    name: str, moved: str, tiny_pipelines: dict[str, Any]
+) -> None:
+    """A CPU prompt embedding handed to a CUDA pipeline, played here by the meta device against a CPU one: refused
+    naming the input before the runtime runs, where it failed deep in a matmul after making this shape's step
+    buffers from it - buffers every later call of the shape then reused, failing the same way."""
+    pipe = tiny_pipelines[name]
+    config = CATConfig(alpha=0.3, t0=3)
+    expected = catrt.accelerate(pipe, config)(**call_kwargs(pipe)).images
+    fast = catrt.accelerate(pipe, config)
+
+    def elsewhere(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return args, {**kwargs, moved: kwargs[moved].to("meta")}  # the transformer gets `moved` on another device
+
+    hook = pipe.transformer.register_forward_pre_hook(elsewhere, with_kwargs=True)
+    try:
+        with pytest.raises(ConfigError, match=rf"the transformer's input '{moved}' is on meta but the transformer runs on cpu") as error:
+            fast(**call_kwargs(pipe))
+    finally:
+        hook.remove()
+    assert error.value.field == moved
+    assert torch.equal(fast(**call_kwargs(pipe)).images, expected)
+
+
 def test_a_forward_set_on_the_transformer_before_is_put_back(tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines["tiny-sd3"]
     calls: list[int] = []

@@ -47,6 +47,15 @@ BlockFunction = Callable[..., Any]
 BlockCall = Callable[..., Any]
 
 
+def eager_cpu(tensor: torch.Tensor) -> bool:
+    """Whether an eager forward on `tensor` takes the CPU-only fast paths (whole-row K/V writes, SD3's `Scratch`).
+
+    On CUDA (and compiled) the same steps scatter their K/V rows and allocate their temporaries; the
+    tests patch this one predicate to run those GPU paths, captured or not, on the CPU.
+    """
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def call_block(function: BlockFunction, block: nn.Module, store: KVStore, first_slot: int, num_slots: int, *inputs: Any) -> Any:
     """Run one block as it is (eager and exported forwards)."""
     return function(block, store.window(first_slot, num_slots), *inputs)
@@ -125,7 +134,7 @@ class KVStore:
             if self.in_place:
                 self.kv_cache[slot].copy_(fresh)
             return fresh
-        if self.in_place and fresh.device.type == "cpu" and not torch.compiler.is_compiling():
+        if self.in_place and eager_cpu(fresh):
             # The same rows written as whole-row copies: several times faster than scatter_ on a CPU.
             rows = torch.arange(fresh.shape[0], device=fresh.device).unsqueeze(1)
             return self.kv_cache[slot].index_put_((rows, self.indices), fresh)

@@ -27,7 +27,7 @@ WEIGHT_DTYPE_INPUTS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states"
 def check_transformer_inputs(
     adapter: Adapter, arguments: dict[str, Any], grid: Grid | None = None, shapes: bool = True
 ) -> None:
-    """Raise a ConfigError naming the first transformer input whose dtype, rank, width or batch cannot run.
+    """Raise a ConfigError naming the first transformer input whose dtype, device, rank, width or batch cannot run.
 
     `arguments`: the transformer call's arguments by name (hidden_states included); `grid`: the token grid
     where the latents do not carry it (packed latents); `shapes`: check shapes too (a generation's first
@@ -45,6 +45,7 @@ def check_transformer_inputs(
                 f"pass latents and prompt embeddings of the pipeline's dtype (or move the pipeline with pipe.to)",
                 field=name, value=_dtype(tensor.dtype),
             )
+    _check_device(adapter, arguments)
     if not shapes:
         return
     family = next((f for f in FAMILIES.values() if f.adapter is type(adapter)), None)
@@ -58,6 +59,24 @@ def check_transformer_inputs(
     if grid is None or (hidden_states.ndim == 3 and hidden_states.shape[1] != grid.num_tokens):
         return  # packed latents of another token count: the runtime names the grid they miss
     _check(adapter, arguments, family.meta_call(config, int(text.shape[1]), grid), hidden_states.shape[0])
+
+
+def _check_device(adapter: Adapter, arguments: dict[str, Any]) -> None:
+    """Every tensor argument on the transformer's device (a weightless stand-in's meta device checks nothing).
+
+    A CPU prompt embedding or position id handed to a CUDA transformer would fail deep in a matmul, after
+    the runtime made its step buffers for this shape from it.
+    """
+    device = adapter.device
+    if device.type == "meta":
+        return
+    for name, tensor in arguments.items():
+        if isinstance(tensor, torch.Tensor) and tensor.device != device:
+            raise ConfigError(
+                f"the transformer's input {name!r} is on {tensor.device} but the transformer runs on {device}; pass "
+                f"latents, prompt embeddings and other tensors on the pipeline's device (or move the pipeline with pipe.to)",
+                field=name, value=str(tensor.device),
+            )
 
 
 def _check(adapter: Adapter, arguments: dict[str, Any], expected: dict[str, Any], batch: int, rank_only: bool = False) -> None:

@@ -20,6 +20,7 @@ from catrt.models.base import (
     KVStore,
     attention,
     attention_kwargs_change_nothing,
+    eager_cpu,
     gated_add_,
     joint_attention,
     modulate_,
@@ -113,8 +114,7 @@ class SD3Adapter(Adapter):
         self, block: nn.Module, store: KVStore, x: torch.Tensor, text: torch.Tensor, temb: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One JointTransformerBlock on the given image tokens (all N, or the k selected); K/V in slots 0-1 (2-3)."""
-        eager_cpu = store.in_place and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        scratch = self._scratch if eager_cpu else None
+        scratch = self._scratch if store.in_place and eager_cpu(x) and not torch.is_grad_enabled() else None
         if block.use_dual_attention:
             nx, gate_msa, shift_mlp, scale_mlp, gate_mlp, nx2, gate_msa2 = _ada_norm_zero(block.norm1, x, temb)
         else:
