@@ -23,7 +23,7 @@ from catrt.engines import ENGINES, GraphSpec, resolve_backend
 from catrt.checks import path_is, writable_folder
 from catrt.contract import pruned_graph
 from catrt.errors import PATH_ECHO_LIMIT, BuildError, CatrtError, ConfigError, echo, echo_path
-from catrt.generation import check_pipeline_size
+from catrt.generation import check_pipeline_size, check_text_to_image
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
 from catrt.integrity import resolve_key, sign_manifest
 from catrt.loading import load_pipeline, loader_for
@@ -113,6 +113,7 @@ def build_engines(
         bar.set_postfix_str(STAGES[0])
         pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
         pipe.set_progress_bar_config(disable=True)
+        check_text_to_image(pipe, config.model)
         check_pipeline_size(pipe, config.height, config.width, config.model)  # a model without a card: known once loaded
         check_text_length(pipe, pipeline_spec(pipe), config.max_sequence_length)
         config = _with_resolution(config, pipe)

@@ -391,13 +391,14 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     device = _device("cpu" if args.device is None else args.device)
     precision = _precision(args.precision, model, device.type)
     from catrt.build_config import PRECISIONS
-    from catrt.generation import check_pipeline_size
+    from catrt.generation import check_pipeline_size, check_text_to_image
     from catrt.loading import load_pipeline
     from catrt.pipeline import accelerate
 
     check_model_source(model)  # a mistyped name (or '') is refused before anything loads
     with _hub_errors(model):
         pipe = load_pipeline(model, device=device, dtype=PRECISIONS[precision])
+    check_text_to_image(pipe, model)
     check_pipeline_size(pipe, args.height, args.width, model)
     _check_prompts(args, pipe, limit=None)
     if args.full:
@@ -857,7 +858,7 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
     precision = _precision(args.precision, model, device.type)
     from catrt.build_config import PRECISIONS
     from catrt.compare import run_comparison, write_outputs
-    from catrt.generation import check_pipeline_size, check_prompt_length
+    from catrt.generation import check_pipeline_size, check_prompt_length, check_text_to_image
     from catrt.loading import load_pipeline
     from catrt.metrics import ClipScorer, require_skimage
 
@@ -865,6 +866,7 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
     clip = None if args.clip is None else ClipScorer(args.clip, device)
     with _hub_errors(model):
         pipe = load_pipeline(model, device=device, dtype=PRECISIONS[precision])
+    check_text_to_image(pipe, model)
     check_pipeline_size(pipe, args.height, args.width, model)
     for line, prompt in enumerate(prompts, 1):
         check_prompt_length(pipe, prompt, field=f"prompt on line {line} of {args.prompts}")

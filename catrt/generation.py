@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from catrt.errors import ConfigError, GenerationError
+from catrt.errors import ConfigError, GenerationError, UnsupportedModelError
 from catrt.model_cards import check_image_size
 from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.pipeline_spec import call_default
@@ -91,6 +91,19 @@ def pipeline_size_limits(pipe: Any) -> tuple[int, int | None]:
     multiple = int(pipe.vae_scale_factor) * adapter.cells_per_token
     side = adapter.max_grid_side
     return multiple, None if side is None else side * multiple
+
+
+def check_text_to_image(pipe: Any, model: str) -> None:
+    """Refuse, by name, a loaded pipeline that generates from an image (a saved img2img or inpainting folder): the CLI,
+    server and build call it with a prompt only, which diffusers would fail on deep in its image preprocessing."""
+    spec = pipeline_spec(pipe)
+    if spec.takes_image:
+        raise UnsupportedModelError(
+            f"{model}: {type(pipe).__name__} generates from an image (its {spec.strength_argument!r} argument), and "
+            f"catrt's CLI, server and build run text-to-image pipelines only; accelerate it from Python with "
+            f"catrt.accelerate(pipe), or give a text-to-image model",
+            field="model", value=model,
+        )
 
 
 def check_pipeline_size(pipe: Any, height: int | None, width: int | None, model: str) -> None:

@@ -28,7 +28,7 @@ from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError, echo
 from catrt.models import PIPELINES, make_adapter
 from catrt.models.inputs import check_transformer_inputs
-from catrt.pipeline_spec import PipelineSpec, call_default, denoising_steps
+from catrt.pipeline_spec import PipelineSpec, call_default, denoising_steps, strength_steps
 from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
 
 
@@ -132,6 +132,7 @@ class AcceleratedPipeline:
             raise ConfigError(f"num_inference_steps must be a positive integer, got {echo(steps)}", field="num_inference_steps")
         if self.spec.check_call is not None:
             self.spec.check_call(bound.arguments)
+        steps = self._steps_run(config, bound.arguments, steps)
         scheduler = getattr(self.pipe, "scheduler", None)
         order = getattr(scheduler, "order", 1)  # diffusers: transformer calls per step (Heun, KDPM2: 2)
         if order != 1:
@@ -158,6 +159,21 @@ class AcceleratedPipeline:
             result = self.pipe(*args, **kwargs)
         self.last_trace = runtime.trace
         return result
+
+    def _steps_run(self, config: CATConfig, arguments: dict[str, Any], steps: int) -> int:
+        """The transformer calls this call makes: img2img's `strength` runs only the last of `steps`, and t0 counts
+        those (the runtime's schedule is over the steps run); a strength leaving t0 or fewer is refused here, naming it."""
+        name = self.spec.strength_argument
+        if name is None:
+            return steps
+        run = strength_steps(arguments, steps, name)
+        if not config.t0 < run:
+            raise ConfigError(
+                f"{name}={arguments[name]!r} runs {run} of the {steps} steps, and CATConfig.t0 = {config.t0} needs t0 < "
+                f"the steps run; raise {name} or num_inference_steps, or lower t0",
+                field=name, value=arguments[name],
+            )
+        return run
 
     def _follow_transformer(self) -> None:
         """Run the pipeline's transformer as it is now: a user may assign another `pipe.transformer` or set
@@ -268,7 +284,8 @@ def accelerate(
     """Wrap a diffusers pipeline so its calls run with CAT Pruning.
 
     Args:
-        pipe: a `StableDiffusion3Pipeline`, `PixArtSigmaPipeline` or `FluxPipeline` (or a registered class).
+        pipe: a `StableDiffusion3Pipeline`, `PixArtSigmaPipeline` or `FluxPipeline`, their img2img / inpainting
+            variants, `PixArtAlphaPipeline` (or a registered class).
         config: the pruning settings; `CATConfig()` by default (alpha 0.3, t0 8).
         functions: the step graphs to run (an engine); by default the adapter, run as `backend` says.
         backend: "eager" runs the adapter as is; "compile" runs it through `torch.compile`.

@@ -46,6 +46,9 @@ class PipelineSpec:
     # (pipe) -> values for arguments whose own default this pipeline cannot run with (PixArt's resolution binning on
     # a transformer without a bin table, such as tiny-pixart's); `accelerate` uses them only where a call omits them.
     default_fixes: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
+    # The call argument with which the pipeline runs only the last steps of its schedule (img2img and inpainting's
+    # `strength`, see `strength_steps`); None where every call runs all of them. catrt's t0 counts the steps run.
+    strength_argument: str | None = None
 
     def __post_init__(self) -> None:
         # A misspelt guidance kind would silently score a CFG pipeline's uncond rows as prompts of their own.
@@ -54,9 +57,18 @@ class PipelineSpec:
         require("PipelineSpec", "text_tokens_before", before,
                 before is None or (isinstance(before, int) and not isinstance(before, bool) and before >= 0),
                 "None or a whole number >= 0")
+        strength = self.strength_argument
+        require("PipelineSpec", "strength_argument", strength, strength is None or (isinstance(strength, str) and strength != ""),
+                "None or an argument name")
         for name in ("token_grid", "check_call", "default_fixes"):
             value = getattr(self, name)
             require("PipelineSpec", name, value, value is None or callable(value), "None or a function")
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether a call needs an input image (img2img, inpainting: the pipelines with a `strength`), which catrt's
+        text-only callers (CLI, server, build) cannot give; the Python API runs them."""
+        return self.strength_argument is not None
 
     def doubles_batch(self, arguments: dict[str, Any]) -> bool:
         """Whether the transformer sees [uncond, cond] rows for this call.
@@ -100,3 +112,15 @@ def denoising_steps(arguments: dict[str, Any]) -> Any:
         return schedule[1]
     steps = arguments.get("num_inference_steps")
     return int(steps) if isinstance(steps, numbers.Integral) and not isinstance(steps, bool) else steps
+
+
+
+def strength_steps(arguments: dict[str, Any], steps: int, name: str = "strength") -> int:
+    """How many of a `steps`-step schedule an img2img call runs (transformer calls): diffusers' `get_timesteps`,
+    float arithmetic included (10 steps at strength 0.3 run 4, not 3); a strength that is not a number from 0 to 1
+    is refused by name, as diffusers' `check_inputs` does later, where it would fail in catrt's count first."""
+    strength = arguments.get(name)
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
+        raise ConfigError(f"{name} must be a number from 0 to 1, got {echo(strength)}", field=name, value=repr(strength))
+    start = int(max(steps - min(steps * strength, steps), 0))
+    return steps - start

@@ -18,10 +18,11 @@ image rows of their K and V (one slot pair each) while the text rows are recompu
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
@@ -312,14 +313,21 @@ def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str
     return kwargs
 
 
+_TEXT_TO_IMAGE = PipelineSpec(
+    call_defaults={}, text_tokenizer="tokenizer_2", text_tokens_before=0, guidance="distilled", token_grid=_token_grid,
+    check_call=_check_call,
+)
+#: img2img and inpainting run the size asked for (or the default, never the image's: diffusers resizes the image to
+#: it), one transformer call per step on the last steps `strength` leaves; inpainting blends its mask outside.
+_FROM_IMAGE = replace(_TEXT_TO_IMAGE, strength_argument="strength")
+
 #: FLUX's prompt limit is T5's (tokenizer_2, max_sequence_length); guidance is FLUX-dev's distilled embedding.
 FAMILY = register_family(Family(
     "flux", FluxAdapter,
     {
-        FluxPipeline: PipelineSpec(
-            call_defaults={}, text_tokenizer="tokenizer_2", text_tokens_before=0, guidance="distilled", token_grid=_token_grid,
-            check_call=_check_call,
-        )
+        FluxPipeline: _TEXT_TO_IMAGE,
+        FluxImg2ImgPipeline: _FROM_IMAGE,
+        FluxInpaintPipeline: _FROM_IMAGE,
     },
     _meta_call,
 ))

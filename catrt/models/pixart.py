@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
@@ -157,22 +157,28 @@ def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str
 
 #: diffusers' PixArt-Sigma resolution bins: transformer sample size -> table (256 to 2048 pixels).
 BINNED_SAMPLE_SIZES = (32, 64, 128, 256)
+#: PixArtAlphaPipeline's: 256 to 1024 pixels (no 2048 table; a 256-cell transformer raises "Invalid sample size").
+ALPHA_BINNED_SAMPLE_SIZES = (32, 64, 128)
 
 
 def _default_fixes(pipe: Any) -> dict[str, Any]:
     """PixArt's `use_resolution_binning=True` default raises "Invalid sample size" for a transformer without a bin
     table (tiny-pixart's 128-pixel one): such a pipeline runs at the size asked for, the only size it can run."""
-    if pipe.transformer.config.sample_size in BINNED_SAMPLE_SIZES:
+    binned = ALPHA_BINNED_SAMPLE_SIZES if isinstance(pipe, PixArtAlphaPipeline) else BINNED_SAMPLE_SIZES
+    if pipe.transformer.config.sample_size in binned:
         return {}
     return {"use_resolution_binning": False}
 
 
-#: Resolution binning would silently change the requested size; clean_caption needs extra packages.
+_SIGMA = PipelineSpec(
+    call_defaults={"use_resolution_binning": False, "clean_caption": False}, text_tokens_before=0,
+    default_fixes=_default_fixes,
+)
+
+#: Resolution binning would silently change the requested size; clean_caption needs extra packages. PixArt-Alpha
+#: runs the same transformer class with the same call (T5 text, 120 tokens by its own max_sequence_length default).
 FAMILY = register_family(Family(
     "pixart", PixArtAdapter,
-    {PixArtSigmaPipeline: PipelineSpec(
-        call_defaults={"use_resolution_binning": False, "clean_caption": False}, text_tokens_before=0,
-        default_fixes=_default_fixes,
-    )},
+    {PixArtSigmaPipeline: _SIGMA, PixArtAlphaPipeline: _SIGMA},
     _meta_call,
 ))

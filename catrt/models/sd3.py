@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import replace
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    SD3Transformer2DModel,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
+)
 from diffusers.models.activations import GELU
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
@@ -266,11 +272,19 @@ def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str
     }
 
 
+_TEXT_TO_IMAGE = PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3", text_tokens_before=77, check_call=_check_call)
+#: img2img and inpainting call the transformer once per step as text-to-image does, on the last steps `strength`
+#: leaves; inpainting blends its mask into the latents outside the transformer (16-channel transformers; a 33-channel
+#: inpainting transformer's mask channels are just wider input patches).
+_FROM_IMAGE = replace(_TEXT_TO_IMAGE, strength_argument="strength")
+
 #: The prompt's limit is T5's (tokenizer_3); classifier-free guidance doubles the batch.
 FAMILY = register_family(Family(
     "sd3", SD3Adapter,
-    {StableDiffusion3Pipeline: PipelineSpec(
-        call_defaults={}, text_tokenizer="tokenizer_3", text_tokens_before=77, check_call=_check_call,
-    )},
+    {
+        StableDiffusion3Pipeline: _TEXT_TO_IMAGE,
+        StableDiffusion3Img2ImgPipeline: _FROM_IMAGE,
+        StableDiffusion3InpaintPipeline: _FROM_IMAGE,
+    },
     _meta_call,
 ))
