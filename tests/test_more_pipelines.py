@@ -246,3 +246,23 @@ def test_a_build_refuses_an_image_pipeline_folder_by_name(img2img_folder: str, t
     with pytest.raises(UnsupportedModelError, match=IMAGE_PIPELINE_REFUSED):
         build_engines(config, out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False)
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
+
+
+def test_an_sd3_inpainting_transformer_of_33_input_channels_at_alpha_one_is_the_plain_pipeline(
+    tiny_pipelines: dict[str, Any]
+) -> None:
+    """A dedicated inpainting transformer reads the mask and masked image as 17 more input channels (16 out):
+    one call per step all the same, with wider input patches."""
+    components = tiny_pipelines["tiny-sd3"].components
+    torch.manual_seed(0)
+    config = {**components["transformer"].config, "in_channels": 33, "out_channels": 16}
+    transformer = type(components["transformer"]).from_config(config).eval()
+    pipe = StableDiffusion3InpaintPipeline(**{**components, "transformer": transformer})
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(**_kwargs("sd3-inpaint", pipe)).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3, trace=True))
+    got = fast(**_kwargs("sd3-inpaint", pipe)).images
+    assert _relative_error(got, expected) < 1e-4
+    assert "".join(r.kind[0] for r in fast.last_trace) == "fff" + "p" * 6
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=3))
+    assert torch.isfinite(fast(**_kwargs("sd3-inpaint", pipe)).images).all()
