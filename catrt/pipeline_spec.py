@@ -114,10 +114,9 @@ def denoising_steps(arguments: dict[str, Any]) -> Any:
     return int(steps) if isinstance(steps, numbers.Integral) and not isinstance(steps, bool) else steps
 
 
-
 def strength_steps(arguments: dict[str, Any], steps: int, name: str = "strength") -> int:
-    """How many of a `steps`-step schedule an img2img call runs (transformer calls): diffusers' `get_timesteps`,
-    float arithmetic included (10 steps at strength 0.3 run 4, not 3); a strength that is not a number from 0 to 1
+    """How many of a `steps`-step schedule an img2img call runs (transformer calls): diffusers' `get_timesteps`, which
+    skips int(steps - steps * strength) steps (12 steps at strength 0.3 run 12 - int(8.4) = 4, not int(3.6) = 3); a strength that is not a number from 0 to 1
     is refused by name, as diffusers' `check_inputs` does later, where it would fail in catrt's count first."""
     strength = arguments.get(name)
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
