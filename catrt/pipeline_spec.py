@@ -116,8 +116,9 @@ def denoising_steps(arguments: dict[str, Any]) -> Any:
 
 def strength_steps(arguments: dict[str, Any], steps: int, name: str = "strength") -> int:
     """How many of a `steps`-step schedule an img2img call runs (transformer calls): diffusers' `get_timesteps`, which
-    skips int(steps - steps * strength) steps (12 steps at strength 0.3 run 12 - int(8.4) = 4, not int(3.6) = 3); a strength that is not a number from 0 to 1
-    is refused by name, as diffusers' `check_inputs` does later, where it would fail in catrt's count first."""
+    skips int(steps - steps * strength) steps (12 steps at strength 0.3 run 12 - int(8.4) = 4, not int(3.6) = 3).
+    A strength that is not a number from 0 to 1 is refused by name, as diffusers' `check_inputs` does later, where
+    it would fail in catrt's count first."""
     strength = arguments.get(name)
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
         raise ConfigError(f"{name} must be a number from 0 to 1, got {echo(strength)}", field=name, value=repr(strength))
