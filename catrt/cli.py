@@ -382,6 +382,8 @@ def _check_request_values(args: argparse.Namespace) -> None:
 def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     """A pipeline by name, accelerated unless --full; everything checkable is checked before loading."""
     model = DEFAULT_MODEL if args.model is None else args.model  # --model '' is refused by name, not replaced
+    if args.full:
+        _refuse_cat_flags_with_full(args)
     card = MODEL_CARDS.get(model)
     config = _cat_config(args, seed=args.seed)
     _card_size(card, args.height, args.width, model)
@@ -403,6 +405,18 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     if args.full:
         return pipe, f"unpruned, {precision}"
     return accelerate(pipe, config), f"alpha={config.alpha} t0={config.t0}, {precision}"
+
+
+def _refuse_cat_flags_with_full(args: argparse.Namespace) -> None:
+    """--full runs the unpruned model, which no CAT flag changes: refuse one rather than ignore it."""
+    given = _cat_values(args)
+    if given:
+        name, value = next(iter(given.items()))
+        raise ConfigError(
+            f"{_flag(name)} cannot be used with --full: the unpruned model prunes nothing; drop {_flag(name)}, "
+            f"or drop --full to prune with it",
+            field=name, value=value,
+        )
 
 
 def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
@@ -802,7 +816,7 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
 def _add_macs_parser(commands: argparse._SubParsersAction) -> None:
     macs = commands.add_parser("macs", help="count transformer MACs of a published model (no download)")
     macs.add_argument("--model", required=True, choices=tuple(MODEL_CARDS), help="a model with a config in catrt/model_cards.py")
-    macs.add_argument("--steps", type=_positive_int, default=28, help="denoising steps of the schedule")
+    macs.add_argument("--steps", type=_step_count, default=28, help=f"denoising steps of the schedule, 1 to {MAX_STEPS}")
     macs.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     macs.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     _add_cat_flags(macs)
