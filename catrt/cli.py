@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from catrt.checks import MAX_BATCH, output_folder, path_is, repeated  # stdlib + catrt.errors only
+from catrt.checks import MAX_BATCH, MAX_STEPS, output_folder, path_is, repeated  # stdlib + catrt.errors only
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo, echo_path, shorten
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
@@ -117,11 +117,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
-
-
-#: Most denoising steps a run may ask for: diffusers' schedulers train on 1000 timesteps, and a mistyped huge
-#: count would allocate its schedule and run for days before anything is written.
-MAX_STEPS = 1000
 
 
 def _step_count(text: str) -> int:
