@@ -95,7 +95,7 @@ def read_manifest_data(folder: Path) -> dict[str, Any]:
         )
     try:
         text = _read_regular_file(path, MAX_MANIFEST_BYTES).decode("utf-8")
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise CorruptBundleError(f"{echo_path(path)} is not a valid catrt manifest: {reason}", field=MANIFEST_FILE) from error
@@ -104,6 +104,16 @@ def read_manifest_data(folder: Path) -> dict[str, Any]:
             f"{echo_path(path)} is not a valid catrt manifest: it holds a JSON {type(data).__name__}, not an object",
             field=MANIFEST_FILE,
         )
+    return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: json keeps the last of a repeated key silently, so an edit could
+    hide behind a first, matching one (and a reader keeping the first would see another manifest)."""
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        repeated = next(key for index, (key, _) in enumerate(pairs) if any(key == other for other, _ in pairs[:index]))
+        raise ValueError(f"the key {echo(repeated)} appears twice in one object")
     return data
 
 

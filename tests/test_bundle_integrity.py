@@ -220,6 +220,14 @@ def test_a_manifest_that_is_not_an_object_is_refused(bundle: Path, content: str)
     _refused(bundle, r"manifest\.json is not a valid catrt manifest", MANIFEST_FILE)
 
 
+def test_a_manifest_with_a_key_given_twice_is_refused_naming_it(bundle: Path) -> None:
+    """json keeps the last of a repeated key: `"t0": 3, "t0": 4` loaded as t0 = 4 behind the built value."""
+    text = (bundle / MANIFEST_FILE).read_text()
+    assert text.count('"t0": ') == 1
+    (bundle / MANIFEST_FILE).write_text(text.replace('"t0": ', '"t0": 5, "t0": ', 1))
+    _refused(bundle, r"manifest\.json is not a valid catrt manifest: the key 't0' appears twice in one object", MANIFEST_FILE)
+
+
 def test_a_manifest_that_is_a_link_a_pipe_or_oversized_is_refused_unread(
     bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
