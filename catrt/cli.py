@@ -828,6 +828,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _output_folder(value: str, flag: str, holds: str) -> Iterator[Path]:
     """The folder `value`, made now and checked writable, so a bad place is refused before minutes of work (not
     when the results are written); removed again if this made it and the block fails before writing into it."""
+    if not value.strip():  # an unset shell variable: Path('') is the working directory, which would fill up with results
+        raise ConfigError(f"{flag} is empty; give a folder for {holds}", field=flag.lstrip("-"), value=value)
     out = Path(value)
     made = not path_is(out)
     output_folder(out, f"{flag} {echo(value, PATH_ECHO_LIMIT)}", holds, field=flag.lstrip("-"))
