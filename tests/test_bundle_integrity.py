@@ -345,6 +345,16 @@ def test_a_key_file_that_is_no_short_regular_file_is_refused_unread(tmp_path: Pa
         "; give a file holding the key" if kind != "oversized" else "; a key is a short secret: give a file holding only it")]
 
 
+@pytest.mark.parametrize("command", [["inspect", "."], ["serve", "--model", "reference", "--api-key-file"]])
+def test_an_empty_key_file_path_is_refused_naming_the_mistake(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """--bundle-key-file "$KEY_FILE" with the variable unset read as "cannot read the key file : No such file"."""
+    argv = [*command, ""] if command[0] == "serve" else [*command, "--bundle-key-file", " "]
+    assert main(argv) == 2
+    what = "API key file" if command[0] == "serve" else "key file"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"catrt {command[0]}: error: the {what} path is empty; give the file holding the key"]
+
+
 def _rewrite_digests(folder: Path) -> None:
     """What an editor who knows the format does to an unsigned bundle: every size, digest and the total made true."""
     def edit(data: dict[str, Any]) -> None:
