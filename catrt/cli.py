@@ -423,7 +423,7 @@ def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
     from catrt.manifest import read_manifest
 
     key = None if args.bundle_key_file is None else read_key_file(args.bundle_key_file)
-    build = read_build_config(read_manifest(Path(args.engines)))  # for the flag checks; `load` verifies it all
+    build = read_build_config(read_manifest(_engine_folder(args.engines, "--engines")))  # for the flag checks; `load` verifies it all
     _refuse_fixed_flags(args, [name for name in _cat_values(args) if hasattr(build, name) and name != "alpha"])
     _check_against_build(args, build)
     config = build.cat_config(seed=args.seed, **_cat_values(args))  # --alpha: one of the built alphas
@@ -431,6 +431,14 @@ def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
         runner = load(args.engines, config, key=key)
     _check_prompts(args, runner, limit=build.max_sequence_length)
     return runner, f"alpha={config.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
+
+
+def _engine_folder(value: str, named: str) -> Path:
+    """A bundle folder given on the command line; an empty one (an unset shell variable) is refused as such, not
+    read as the working directory ("manifest.json is missing: . is not a catrt engine folder")."""
+    if not value.strip():
+        raise ConfigError(f"{named} is empty; give an engines/<build-name> folder (catrt build)", field="engines", value=value)
+    return Path(value)
 
 
 def _refuse_fixed_flags(args: argparse.Namespace, fixed: typing.Iterable[str]) -> None:
@@ -534,6 +542,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from catrt.integrity import BUNDLE_KEY_ENV, resolve_key
     from catrt.key_files import read_key_file
 
+    _engine_folder(args.engines, "the engine folder path")
     key = resolve_key(None if args.bundle_key_file is None else read_key_file(args.bundle_key_file))
     manifest, problems = bundle_problems(Path(args.engines), key)
     print(f"engine {echo_path(args.engines)}")
