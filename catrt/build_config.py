@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from catrt.checks import ALPHA_REL_TOL, MAX_BATCH, alike_alphas, integer, require
+from catrt.checks import ALPHA_REL_TOL, MAX_BATCH, MAX_STEPS, alike_alphas, integer, require
 from catrt.config import CATConfig, config_from_dict
 from catrt.errors import ConfigError, echo
 
@@ -79,6 +79,8 @@ class BuildConfig:
                 f"an integer from 1 to {MAX_BATCH}")
         _check_choice("precision", self.precision, tuple(PRECISIONS))
         _check_choice("backend", self.backend, BACKENDS)
+        require("BuildConfig", "steps", self.steps, integer(self.steps) and 1 <= self.steps <= MAX_STEPS,
+                f"an integer from 1 to {MAX_STEPS}")
         for each in self.alphas:
             self.cat_config(alpha=each).check_steps(self.steps)  # also validates alpha, t0 and reuse_every
 

@@ -16,6 +16,10 @@ from catrt.errors import ConfigError, echo
 #: full batch before it answers, and OpenAI's images API asks for at most 10 images per request.
 MAX_BATCH = 64
 
+#: Most denoising steps a run or a build may ask for: diffusers' schedulers train on 1000 timesteps, and a mistyped
+#: huge count (or a bundle's edited build.steps) would allocate its schedule and run for days before anything is written.
+MAX_STEPS = 1000
+
 
 def integer(value: Any) -> bool:
     """An int that is not a bool (True is an int to Python, never a count to a user)."""

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from catrt.checks import MAX_BATCH, output_folder, path_is, repeated  # stdlib + catrt.errors only
+from catrt.checks import MAX_BATCH, MAX_STEPS, output_folder, path_is, repeated  # stdlib + catrt.errors only
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo, echo_path, shorten
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
@@ -117,11 +117,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
-
-
-#: Most denoising steps a run may ask for: diffusers' schedulers train on 1000 timesteps, and a mistyped huge
-#: count would allocate its schedule and run for days before anything is written.
-MAX_STEPS = 1000
 
 
 def _step_count(text: str) -> int:
@@ -382,6 +377,8 @@ def _check_request_values(args: argparse.Namespace) -> None:
 def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     """A pipeline by name, accelerated unless --full; everything checkable is checked before loading."""
     model = DEFAULT_MODEL if args.model is None else args.model  # --model '' is refused by name, not replaced
+    if args.full:
+        _refuse_cat_flags_with_full(args)
     card = MODEL_CARDS.get(model)
     config = _cat_config(args, seed=args.seed)
     _card_size(card, args.height, args.width, model)
@@ -406,6 +403,18 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     return accelerate(pipe, config), f"alpha={config.alpha} t0={config.t0}, {precision}"
 
 
+def _refuse_cat_flags_with_full(args: argparse.Namespace) -> None:
+    """--full runs the unpruned model, which no CAT flag changes: refuse one rather than ignore it."""
+    given = _cat_values(args)
+    if given:
+        name, value = next(iter(given.items()))
+        raise ConfigError(
+            f"{_flag(name)} cannot be used with --full: the unpruned model prunes nothing; drop {_flag(name)}, "
+            f"or drop --full to prune with it",
+            field=name, value=value,
+        )
+
+
 def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
     """An engine bundle: the build fixes alpha, t0, resolution and steps; the other CAT flags are free."""
     _refuse_fixed_flags(args, FIXED_BY_BUILD)
@@ -415,7 +424,7 @@ def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
     from catrt.manifest import read_manifest
 
     key = None if args.bundle_key_file is None else read_key_file(args.bundle_key_file)
-    build = read_build_config(read_manifest(Path(args.engines)))  # for the flag checks; `load` verifies it all
+    build = read_build_config(read_manifest(_engine_folder(args.engines, "--engines")))  # for the flag checks; `load` verifies it all
     _refuse_fixed_flags(args, [name for name in _cat_values(args) if hasattr(build, name) and name != "alpha"])
     _check_against_build(args, build)
     config = build.cat_config(seed=args.seed, **_cat_values(args))  # --alpha: one of the built alphas
@@ -423,6 +432,14 @@ def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
         runner = load(args.engines, config, key=key)
     _check_prompts(args, runner, limit=build.max_sequence_length)
     return runner, f"alpha={config.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
+
+
+def _engine_folder(value: str, named: str) -> Path:
+    """A bundle folder given on the command line; an empty one (an unset shell variable) is refused as such, not
+    read as the working directory ("manifest.json is missing: . is not a catrt engine folder")."""
+    if not value.strip():
+        raise ConfigError(f"{named} is empty; give an engines/<build-name> folder (catrt build)", field="engines", value=value)
+    return Path(value)
 
 
 def _refuse_fixed_flags(args: argparse.Namespace, fixed: typing.Iterable[str]) -> None:
@@ -526,6 +543,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from catrt.integrity import BUNDLE_KEY_ENV, resolve_key
     from catrt.key_files import read_key_file
 
+    _engine_folder(args.engines, "the engine folder path")
     key = resolve_key(None if args.bundle_key_file is None else read_key_file(args.bundle_key_file))
     manifest, problems = bundle_problems(Path(args.engines), key)
     print(f"engine {echo_path(args.engines)}")
@@ -803,7 +821,7 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
 def _add_macs_parser(commands: argparse._SubParsersAction) -> None:
     macs = commands.add_parser("macs", help="count transformer MACs of a published model (no download)")
     macs.add_argument("--model", required=True, choices=tuple(MODEL_CARDS), help="a model with a config in catrt/model_cards.py")
-    macs.add_argument("--steps", type=_positive_int, default=28, help="denoising steps of the schedule")
+    macs.add_argument("--steps", type=_step_count, default=28, help=f"denoising steps of the schedule, 1 to {MAX_STEPS}")
     macs.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     macs.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     _add_cat_flags(macs)
@@ -820,6 +838,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _output_folder(value: str, flag: str, holds: str) -> Iterator[Path]:
     """The folder `value`, made now and checked writable, so a bad place is refused before minutes of work (not
     when the results are written); removed again if this made it and the block fails before writing into it."""
+    if not value.strip():  # an unset shell variable: Path('') is the working directory, which would fill up with results
+        raise ConfigError(f"{flag} is empty; give a folder for {holds}", field=flag.lstrip("-"), value=value)
     out = Path(value)
     made = not path_is(out)
     output_folder(out, f"{flag} {echo(value, PATH_ECHO_LIMIT)}", holds, field=flag.lstrip("-"))

@@ -19,6 +19,8 @@ def read_key_file(path: str | os.PathLike[str], field_name: str = "bundle_key_fi
     """The key in a file, surrounding whitespace dropped; an unreadable, empty, oversized or non-regular file
     (a folder, a pipe that would block, a device such as /dev/zero) is a ConfigError naming it (`what` says
     which key: the bundle's, the server's API key)."""
+    if not os.fspath(path).strip():  # an unset shell variable: "cannot read the key file : No such file" named nothing
+        raise ConfigError(f"the {what} path is empty; give the file holding the key", field=field_name, value=str(path))
     try:
         with open(path, "rb", opener=_nonblocking) as stream:
             if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def read_manifest_data(folder: Path) -> dict[str, Any]:
         )
     try:
         text = _read_regular_file(path, MAX_MANIFEST_BYTES).decode("utf-8")
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise CorruptBundleError(f"{echo_path(path)} is not a valid catrt manifest: {reason}", field=MANIFEST_FILE) from error
@@ -103,6 +104,16 @@ def read_manifest_data(folder: Path) -> dict[str, Any]:
             f"{echo_path(path)} is not a valid catrt manifest: it holds a JSON {type(data).__name__}, not an object",
             field=MANIFEST_FILE,
         )
+    return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: json keeps the last of a repeated key silently, so an edit could
+    hide behind a first, matching one (and a reader keeping the first would see another manifest)."""
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        repeated = next(key for index, (key, _) in enumerate(pairs) if any(key == other for other, _ in pairs[:index]))
+        raise ValueError(f"the key {echo(repeated)} appears twice in one object")
     return data
 
 
@@ -208,6 +219,7 @@ def _build_shape(build: dict[str, Any]) -> list[CorruptBundleError]:
 
 def _model_shape(model: dict[str, Any]) -> list[CorruptBundleError]:
     problems = [p for name, kind in _MODEL_FIELDS.items() if (p := _typed(model, name, kind, f"model.{name}")) is not None]
+    problems += _unknown_fields(model, _MODEL_FIELDS, "model")
     digest = model.get("transformer_sha256")
     if isinstance(digest, str) and not _HEX64.fullmatch(digest):
         problems.append(_shape("model.transformer_sha256", "field 'model.transformer_sha256' must be 64 lowercase hex characters"))
@@ -226,10 +238,10 @@ def _alphas_shape(alphas: list[Any]) -> list[CorruptBundleError]:
             continue
         for name, ok in (
             ("alpha", _is_number(entry["alpha"])), ("k", _is_int(entry["k"]) and entry["k"] >= 1),
-            ("graph", isinstance(entry["graph"], str)), ("max_relative_error", _is_number(entry["max_relative_error"])),
+            ("graph", isinstance(entry["graph"], str)), ("max_relative_error", _is_number(entry["max_relative_error"]) and entry["max_relative_error"] >= 0),
         ):
             if not ok:
-                kind = {"alpha": "a number", "k": "an integer >= 1", "graph": "a string", "max_relative_error": "a number"}[name]
+                kind = {"alpha": "a number", "k": "an integer >= 1", "graph": "a string", "max_relative_error": "a number >= 0"}[name]
                 problems.append(_shape(f"{where}.{name}", f"field '{where}.{name}' must be {kind}, got {echo(entry[name])}"))
     return problems
 
@@ -252,6 +264,7 @@ def _graphs_shape(graphs: dict[str, Any]) -> list[CorruptBundleError]:
         if not isinstance(spec, dict):
             problems.append(_shape(f"graphs.{graph}", f"field 'graphs.{graph}' must be an object, got {_kind(spec)}"))
             continue
+        problems += _unknown_fields(spec, ("inputs", "outputs"), f"graphs.{graph}")
         for side in ("inputs", "outputs"):
             where = f"graphs.{graph}.{side}"
             tensors = spec.get(side)
@@ -298,15 +311,24 @@ def _files_shape(files: dict[str, Any]) -> list[CorruptBundleError]:
 
 
 def _verification_shape(verification: dict[str, Any]) -> list[CorruptBundleError]:
-    problems = []
+    problems = _unknown_fields(verification, ("max_relative_error", "tolerance", "passed"), "verification")
     errors = verification.get("max_relative_error")
     if not isinstance(errors, dict) or not errors or not all(_is_number(value) for value in errors.values()):
         problems.append(_shape("verification.max_relative_error", "field 'verification.max_relative_error' must be a non-empty object of numbers"))
+    elif any(value < 0 for value in errors.values()):  # a relative error is a magnitude: a negative one was written by hand
+        problems.append(_shape("verification.max_relative_error", "field 'verification.max_relative_error' must hold numbers >= 0"))
     if not _is_number(verification.get("tolerance")):
         problems.append(_shape("verification.tolerance", "field 'verification.tolerance' must be a number"))
+    elif verification["tolerance"] < 0:
+        problems.append(_shape("verification.tolerance", "field 'verification.tolerance' must be >= 0", value=verification["tolerance"]))
     if not isinstance(verification.get("passed"), bool):
         problems.append(_shape("verification.passed", "field 'verification.passed' must be true or false"))
     return problems
+
+
+def _unknown_fields(values: dict[str, Any], known: Iterable[str], where: str) -> list[CorruptBundleError]:
+    """A field no catrt writes is an edit (as at the top level and in `build`), refused rather than ignored."""
+    return [_shape(f"{where}.{name}", f"has an unknown field '{where}.{name}'") for name in sorted(set(values) - set(known), key=str)]
 
 
 def _strings_shape(values: dict[str, Any], where: str) -> list[CorruptBundleError]:

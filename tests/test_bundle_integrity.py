@@ -195,9 +195,19 @@ def test_a_listed_file_the_backend_does_not_use_is_refused(bundle: Path) -> None
         (lambda m: m["model"].pop("transformer_config"), "model.transformer_config", r"field 'model\.transformer_config' is missing"),
         (lambda m: m.update(signature=7), "signature", r"field 'signature' must be 64 lowercase hex"),
         (lambda m: m.update(extra=1), "extra", r"has an unknown field 'extra'"),
+        (lambda m: m["model"].update(extra=1), "model.extra", r"has an unknown field 'model\.extra'"),
+        (lambda m: m["graphs"]["full"].update(extra=1), "graphs.full.extra", r"has an unknown field 'graphs\.full\.extra'"),
+        (lambda m: m["verification"].update(extra=1), "verification.extra", r"has an unknown field 'verification\.extra'"),
+        (lambda m: m["verification"]["max_relative_error"].update({"full.tokens": -1}), "verification.max_relative_error",
+         r"field 'verification\.max_relative_error' must hold numbers >= 0"),
+        (lambda m: m["verification"].update(tolerance=-1), "verification.tolerance", r"field 'verification\.tolerance' must be >= 0"),
+        (lambda m: m["alphas"][0].update(max_relative_error=-0.5), "alphas[0].max_relative_error",
+         r"field 'alphas\[0\]\.max_relative_error' must be a number >= 0, got -0\.5"),
     ],
     ids=["files-not-dict", "record-without-size", "bad-sha256", "null-record", "no-build", "no-alphas", "k-string",
-         "no-pruned-graph", "shape-null", "dtype-list", "no-transformer-config", "signature-not-hex", "unknown-field"],
+         "no-pruned-graph", "shape-null", "dtype-list", "no-transformer-config", "signature-not-hex", "unknown-field",
+         "unknown-model-field", "unknown-graph-field", "unknown-verification-field", "negative-verified-error",
+         "negative-tolerance", "negative-alpha-error"],
 )
 def test_a_malformed_manifest_is_a_named_corrupt_bundle_error(bundle: Path, edit: Callable[[dict[str, Any]], None], field: str, message: str) -> None:
     _edit(bundle, edit)
@@ -208,6 +218,14 @@ def test_a_malformed_manifest_is_a_named_corrupt_bundle_error(bundle: Path, edit
 def test_a_manifest_that_is_not_an_object_is_refused(bundle: Path, content: str) -> None:
     (bundle / MANIFEST_FILE).write_text(content)
     _refused(bundle, r"manifest\.json is not a valid catrt manifest", MANIFEST_FILE)
+
+
+def test_a_manifest_with_a_key_given_twice_is_refused_naming_it(bundle: Path) -> None:
+    """json keeps the last of a repeated key: `"t0": 3, "t0": 4` loaded as t0 = 4 behind the built value."""
+    text = (bundle / MANIFEST_FILE).read_text()
+    assert text.count('"t0": ') == 1
+    (bundle / MANIFEST_FILE).write_text(text.replace('"t0": ', '"t0": 5, "t0": ', 1))
+    _refused(bundle, r"manifest\.json is not a valid catrt manifest: the key 't0' appears twice in one object", MANIFEST_FILE)
 
 
 def test_a_manifest_that_is_a_link_a_pipe_or_oversized_is_refused_unread(
@@ -239,6 +257,8 @@ def test_a_manifest_that_is_a_link_a_pipe_or_oversized_is_refused_unread(
         (lambda m: m["build"].update(t0=6), "build.t0", r"build\.t0: CATConfig\.t0 = 6 needs t0 < num_inference_steps"),
         (lambda m: m["build"].update(t0=1), "build.t0", r"build\.t0: CATConfig\.t0 must be an integer >= 2"),
         (lambda m: m["build"].update(steps="6"), "build.steps", r"build\.steps must be a positive integer, got '6'"),
+        # A call would plan 10^30 steps (hours of scheduler allocation) before anything ran.
+        (lambda m: m["build"].update(steps=10**30), "build.steps", r"build\.steps: BuildConfig\.steps must be an integer from 1 to 1000"),
         (lambda m: m["alphas"][0].update(k=3), "alphas[0].k", r"alphas\[0\]\.k is 3 but alpha 0\.3 selects ceil\(alpha x 6\) = 2 tokens"),
         (lambda m: m.update(num_tokens=8), "num_tokens", r"num_tokens is 8 but the full graph's 6x4 latent in 2x2 patches has 6"),
         (lambda m: m["build"].update(height=64), "build.height", r"build size 48x64 \(WxH\) is not the full graph's 6x4 latent at one scale"),
@@ -255,7 +275,7 @@ def test_a_manifest_that_is_a_link_a_pipe_or_oversized_is_refused_unread(
         (lambda m: m["build"].update(precision="fp16"), "build.precision",
          r"build\.precision is fp16 \(float16\) but graphs\.full\.inputs\.hidden_states is float32"),
     ],
-    ids=["format-2", "no-format", "alpha", "alpha-out-of-range", "t0-at-steps", "t0-below-2", "steps-string", "k", "num-tokens", "height",
+    ids=["format-2", "no-format", "alpha", "alpha-out-of-range", "t0-at-steps", "t0-below-2", "steps-string", "steps-huge", "k", "num-tokens", "height",
          "width", "batch", "text-length", "backend-auto", "patch-size", "pruned-shape", "model-name", "total-size", "verification",
          "precision"],
 )
@@ -323,6 +343,16 @@ def test_a_key_file_that_is_no_short_regular_file_is_refused_unread(tmp_path: Pa
     assert main(["inspect", str(tmp_path), "--bundle-key-file", str(path)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"catrt inspect: error: the key file {path} {message}" + (
         "; give a file holding the key" if kind != "oversized" else "; a key is a short secret: give a file holding only it")]
+
+
+@pytest.mark.parametrize("command", [["inspect", "."], ["serve", "--model", "reference", "--api-key-file"]])
+def test_an_empty_key_file_path_is_refused_naming_the_mistake(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """--bundle-key-file "$KEY_FILE" with the variable unset read as "cannot read the key file : No such file"."""
+    argv = [*command, ""] if command[0] == "serve" else [*command, "--bundle-key-file", " "]
+    assert main(argv) == 2
+    what = "API key file" if command[0] == "serve" else "key file"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"catrt {command[0]}: error: the {what} path is empty; give the file holding the key"]
 
 
 def _rewrite_digests(folder: Path) -> None:

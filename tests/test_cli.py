@@ -189,11 +189,16 @@ def test_lazy_package_attributes() -> None:
     (("generate", "--prompt", "x", "--kmeans-iters", "1000000000000"), "CATConfig.kmeans_iters must be an integer from 1 to 1000"),
     (("build", "--out", ""), "--out is empty; give a folder (default: engines)"),
     (("build", "--export-dir", " "), "--export-dir is empty; give a folder (default: export)"),
+    (("generate", "--prompt", "x", "--engines", ""), "--engines is empty; give an engines/<build-name> folder (catrt build)"),
+    (("inspect", " "), "the engine folder path is empty; give an engines/<build-name> folder"),
+    (("serve", "--engines", "engines/a", ""), "--engines names an empty folder path; give engines/<build-name> folders"),
+    (("generate", "--prompt", "x", "--full", "--alpha", "0.3"), "--alpha cannot be used with --full: the unpruned model"),
+    (("generate", "--prompt", "x", "--full", "--t0", "3"), "--t0 cannot be used with --full"),
 ], ids=["out-txt", "out-no-ext", "reference-size", "sd3-size", "alpha", "t0-steps", "engines-alpha", "engines-t0",
         "fp16-cpu", "device-name", "device-meta", "device-empty", "prompt-blank", "prompt-nul", "negative-escape",
         "seed-huge", "guidance-nan", "guidance-negative", "macs-size", "build-size", "serve-size", "serve-device",
         "serve-device-index", "serve-batch", "build-batch", "model-empty", "build-model-unknown", "kmeans-iters-huge",
-        "build-out-empty", "build-export-dir-blank"])
+        "build-out-empty", "build-export-dir-blank", "engines-empty", "inspect-empty", "serve-engines-empty", "full-alpha", "full-t0"])
 def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
     assert message in _fails(capfd, *argv)
 
@@ -295,7 +300,7 @@ def test_usage_errors_are_one_line(capfd: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize("command", [("generate", "--prompt", "x"), ("build",), ("serve", "--model", "reference"),
-                                     ("compare", "--prompts", "p.txt", "--out", "o")])
+                                     ("compare", "--prompts", "p.txt", "--out", "o"), ("macs", "--model", "sd3")])
 def test_a_step_count_that_would_run_for_days_is_a_usage_error(capfd: pytest.CaptureFixture[str], command: tuple[str, ...]) -> None:
     """Every command that runs steps takes 1 to 1000 (a mistyped 1000000000 allocated its schedule, then ran on)."""
     for steps, message in (("1000000000", "expected at most 1000 steps, got 1000000000"), ("0", "expected a positive integer, got 0")):

@@ -101,6 +101,7 @@ def test_compare_counts_adaptive_reuse_from_the_trace(tmp_path: Path, capfd: pyt
         ("out-file", [], "is a file; give a folder for report.md"),
         ("out-under-file", [], "cannot be a folder (Not a directory); give a folder you can write for report.md"),
         ("out-too-long", [], "cannot be a folder (File name too long); give a folder you can write for report.md"),
+        ("out-empty", [], "--out is empty; give a folder for report.md"),
         (None, ["--clip", "no-such-clip-folder"], "--clip 'no-such-clip-folder' could not be loaded as a CLIP model"),
         ("not-clip", ["--clip", "bert"], "--clip 'bert' could not be loaded as a CLIP model and processor (its config is a "
                                          "'bert' model, not 'clip')"),
@@ -126,6 +127,8 @@ def test_compare_mistakes_are_one_line(
         out = tmp_path / "file" / "out"
     if setup == "out-too-long":
         out = tmp_path / ("o" * 300)
+    if setup == "out-empty":  # an unset shell variable: the results went into the working directory
+        out = ""  # type: ignore[assignment]
     if setup == "not-clip":  # another model's folder: refused before transformers warns about the type
         (tmp_path / "bert").mkdir()
         (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
@@ -138,6 +141,7 @@ def test_compare_mistakes_are_one_line(
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert (tmp_path / "out").is_file() if setup == "out-file" else not (tmp_path / "out").exists()  # made, then removed
+    assert not (tmp_path / "report.md").exists() and not (tmp_path / "images").exists()
 
 
 def test_prompts_file_drops_a_byte_order_mark_and_carriage_returns(tmp_path: Path) -> None:

@@ -261,3 +261,15 @@ def test_a_served_model_keeps_prompts_out_of_the_log(monkeypatch: pytest.MonkeyP
         pipeline_logger.removeHandler(handler)
     assert len(generation.images) == 1
     assert not any("secret" in message for message in records), records
+
+
+def test_an_eager_model_without_a_card_refuses_a_size_it_cannot_take_by_name() -> None:
+    """A tiny model's limits are known once loaded: the server names the flag and a size that works, not diffusers'
+    ValueError ("You can use height 0") behind "could not load the model"."""
+    from catrt.config import CATConfig
+    from catrt.errors import ConfigError
+    from catrt.serve.config import ServeConfig
+    from catrt.serve.model import load_served_model
+
+    with pytest.raises(ConfigError, match="width 17 does not fit model tiny-sd3, which takes multiples of 16 .*try width 16"):
+        load_served_model(ServeConfig(model="tiny-sd3", height=32, width=17, steps=4, cat=CATConfig(t0=2)))

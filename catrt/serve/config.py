@@ -85,6 +85,9 @@ class ServeConfig:
             object.__setattr__(self, "engines", (self.engines,) if isinstance(self.engines, str) else tuple(self.engines))
         if self.engines is not None and not self.engines:
             raise ConfigError("--engines needs at least one engine folder", field="engines", value=self.engines)
+        if self.engines is not None and any(not str(folder).strip() for folder in self.engines):  # an unset variable: '.'
+            raise ConfigError("--engines names an empty folder path; give engines/<build-name> folders (catrt build)",
+                              field="engines", value=self.engines)
         if self.engines is not None and len(set(self.engines)) != len(self.engines):
             twice = repeated(self.engines)
             raise ConfigError(f"--engines names {', '.join(twice)} more than once", field="engines", value=twice)

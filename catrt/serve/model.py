@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from catrt.build_config import PRECISIONS, BuildConfig
-from catrt.generation import check_text_to_image, finite_images
+from catrt.generation import check_pipeline_size, check_text_to_image, finite_images
 from catrt.model_cards import MODEL_CARDS, default_precision
 from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.pipeline_spec import call_default
@@ -219,6 +219,7 @@ def _load_eager(config: ServeConfig) -> ServedModel:
     precision = config.precision or default_precision(config.model, device.type)
     pipe = load_pipeline(config.model, device=device, dtype=PRECISIONS[precision])
     check_text_to_image(pipe, config.model)
+    check_pipeline_size(pipe, config.height, config.width, config.model)  # a model without a card: known once loaded
     default_size = _default_size(pipe)
     height, width = config.height or default_size, config.width or default_size
     limit = text_limit(pipe, pipeline_spec(pipe))
