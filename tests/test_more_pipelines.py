@@ -220,8 +220,8 @@ def test_the_cli_refuses_an_image_pipeline_folder_by_name(
 ) -> None:
     """A saved img2img folder is accepted by `accelerate` now; the CLI, which has no image to give, refuses it by name
     where diffusers failed on the missing image with a traceback."""
-    argv = ["generate", "--model", img2img_folder, "--prompt", "a cat", "--steps", "6", "--t0", "2", "--height", "32",
-            "--width", "32", "--out", str(tmp_path / "out.png")] + (["--full"] if full else [])
+    argv = ["generate", "--model", img2img_folder, "--prompt", "a cat", "--steps", "6", "--height", "32",
+            "--width", "32", "--out", str(tmp_path / "out.png")] + (["--full"] if full else ["--t0", "2"])
     assert main(argv) == 2
     err = capfd.readouterr().err
     lines = err.strip().splitlines()  # above it: diffusers' loading bars for a folder
