@@ -24,6 +24,7 @@ from typing import Any, Literal, NoReturn
 from catrt.checks import MAX_BATCH, MAX_STEPS, output_folder, path_is, repeated  # stdlib + catrt.errors only
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo, echo_path, shorten
+from catrt.hub_errors import hub_error, is_hub_failure  # stdlib + catrt.errors only
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
 
 DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisable images, no download
@@ -276,62 +277,11 @@ def _hub_errors(model: str) -> Iterator[None]:
     except CatrtError:
         raise
     except Exception as error:
-        if card is None or card.hub_id is None or not _is_hub_failure(error):
+        if card is None or card.hub_id is None or not is_hub_failure(error):
             raise
-        raise _hub_error(card, error) from error
+        raise hub_error(card, error) from error
     finally:
         notices.removeFilter(drop)
-
-
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    """The error and what it was raised from or during, most recent first."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def _hub_error_classes() -> tuple[type[BaseException], ...]:
-    """huggingface_hub's (and its HTTP client's) error classes, whichever of them this install has."""
-    classes: list[type[BaseException]] = [OSError]  # diffusers' EnvironmentError, ConnectionError, timeouts
-    with contextlib.suppress(ImportError):
-        from huggingface_hub import errors
-
-        classes += [getattr(errors, name) for name in (
-            "HfHubHTTPError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "RepositoryNotFoundError",
-        ) if hasattr(errors, name)]
-    with contextlib.suppress(ImportError):
-        import httpx
-
-        classes.append(httpx.HTTPError)
-    return tuple(classes)
-
-
-def _is_hub_failure(error: BaseException) -> bool:
-    classes = _hub_error_classes()
-    return any(isinstance(cause, classes) for cause in _causes(error))
-
-
-def _hub_error(card: ModelCard, error: BaseException) -> CatrtError:
-    """One line: gated (a login is needed) or unreachable (offline, not cached), and the two ways out."""
-    gated = any(type(cause).__name__ == "GatedRepoError" for cause in _causes(error))
-    local = "or pass --model a local diffusers folder saved with save_pretrained"
-    if gated:
-        return CatrtError(
-            f"model {card.name} ({card.hub_id}) is gated on the Hugging Face Hub: accept its license at "
-            f"https://huggingface.co/{card.hub_id} and run `huggingface-cli login`, {local}",
-            field="model", value=card.name,
-        )
-    offline_env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    offline = " (HF_HUB_OFFLINE is set)" if offline_env else ""
-    return CatrtError(
-        f"model {card.name} ({card.hub_id}) could not be loaded: it is not in the local Hugging Face cache and "
-        f"the hub could not be reached{offline}. It is gated and needs hub access: accept its license at "
-        f"https://huggingface.co/{card.hub_id}, run `huggingface-cli login` and retry online, {local}",
-        field="model", value=card.name,
-    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -22,7 +22,8 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from catrt.errors import PATH_ECHO_LIMIT, ConfigError, echo
+from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo
+from catrt.hub_errors import hub_error, is_hub_failure
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_model_source
 from catrt.models import family_of, pipeline_named
 from catrt.reference.pipeline import load_reference_pipeline
@@ -73,8 +74,16 @@ def _without_weights(pipeline: DiffusionPipeline, dtype: torch.dtype) -> Diffusi
 
 
 def _load_published(card: ModelCard, dtype: torch.dtype, transformer_weights: bool) -> DiffusionPipeline:
-    """Load a published model from the hub (or the local hub cache) by its card's hub id."""
-    return _from_pretrained(family_of(card.family).pipeline_class, card.hub_id, dtype, transformer_weights)
+    """Load a published model from the hub (or the local hub cache) by its card's hub id; a failed download (gated,
+    offline, not cached) is one catrt error saying what to do, from Python as from the CLI and the server."""
+    try:
+        return _from_pretrained(family_of(card.family).pipeline_class, card.hub_id, dtype, transformer_weights)
+    except CatrtError:
+        raise
+    except Exception as error:
+        if not is_hub_failure(error):
+            raise
+        raise hub_error(card, error) from error
 
 
 def _load_tiny(name: str, dtype: torch.dtype, transformer_weights: bool) -> DiffusionPipeline:

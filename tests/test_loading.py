@@ -215,3 +215,15 @@ def test_a_model_card_a_script_adds_loads_by_its_name(tmp_path: Path, monkeypatc
     assert _same_weights(load_pipeline("my-sd3"), built)
     assert load_pipeline("my-sd3", transformer_weights=False).transformer.pos_embed.proj.weight.is_meta
     assert model_reference("my-sd3") == "my-sd3"  # a bundle names it as a name, not as a folder
+
+
+@pytest.mark.parametrize("weights", [True, False])
+def test_a_published_model_without_hub_access_is_one_catrt_error_from_python(weights: bool) -> None:
+    """`load_pipeline("sd3")` (and `catrt.load` of a bundle naming it) offline raised diffusers' OSError; it says
+    what to do, as the CLI does."""
+    from catrt.errors import CatrtError
+
+    with pytest.raises(CatrtError, match=r"model sd3 \(stabilityai/stable-diffusion-3-medium-diffusers\) could not be "
+                                         r"loaded: .*huggingface-cli login.*save_pretrained") as refused:
+        load_pipeline("sd3", transformer_weights=weights)
+    assert refused.value.field == "model" and isinstance(refused.value.__cause__, OSError)
