@@ -354,19 +354,24 @@ def test_ray_start_errors_read_as_the_exception_inside_the_task() -> None:
     assert str(refused) == "cannot start or join --ray-address auto: ConnectionError: Could not find any running Ray instance."
 
 
+def _signed_bundle(tmp_path: Path, key: bytes) -> Path:
+    """A small eager bundle signed with `key`, for the --ray start-up checks (Ray itself is not started)."""
+    from catrt.build import build_engines
+    from catrt.build_config import BuildConfig
+
+    return build_engines(BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager"),
+                         out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False, sign_key=key)
+
+
 def test_the_bundle_key_from_the_environment_is_handed_to_every_replica(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`catrt serve --ray --engines B` with $CATRT_BUNDLE_KEY: replicas on other nodes of a joined cluster lack
     this process's environment, so the key is read here and passed on (replicas loaded unchecked before)."""
     import catrt.serve.ray_app as ray_app
-    from catrt.build import build_engines
-    from catrt.build_config import BuildConfig
     from catrt.cli import main
 
-    bundle = build_engines(BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager"),
-                           out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False,
-                           sign_key=b"fleet-bundle-key")
+    bundle = _signed_bundle(tmp_path, b"fleet-bundle-key")
     handed: list[bytes | None] = []
     monkeypatch.setattr(ray_app, "run_fleet", lambda config, fleet, key=None: handed.append(key) or 0)
     monkeypatch.setenv("CATRT_BUNDLE_KEY", "fleet-bundle-key")
@@ -385,13 +390,9 @@ def test_a_wrong_bundle_key_on_a_local_cluster_is_one_line_before_ray_starts(
     """The replicas of a local cluster check the signature with the key they are handed; a wrong key was a
     deployment failing about 30 s later, now it is the signature refusal before Ray starts."""
     import catrt.serve.ray_app as ray_app
-    from catrt.build import build_engines
-    from catrt.build_config import BuildConfig
     from catrt.cli import main
 
-    bundle = build_engines(BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager"),
-                           out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False,
-                           sign_key=b"fleet-bundle-key")
+    bundle = _signed_bundle(tmp_path, b"fleet-bundle-key")
     started: list[bytes | None] = []
     monkeypatch.setattr(ray_app, "run_fleet", lambda config, fleet, key=None: started.append(key) or 0)
     monkeypatch.setenv("CATRT_BUNDLE_KEY", "not-the-key")
