@@ -213,3 +213,22 @@ def test_attention_rule_needs_the_eager_backend(tiny_pipelines: dict[str, Any]) 
 
     with pytest.raises(ConfigError, match="attention rule needs attention maps"):
         CATRuntime(adapter, CATConfig(rule="attention"), steps=10, guidance=False, functions=OtherBackend())
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5", "tiny-pixart"])
+def test_fused_qkv_projections_are_refused_with_the_way_to_unfuse(name: str) -> None:
+    """`transformer.fuse_qkv_projections()` swaps in diffusers' fused processors; the refusal says how to undo it, and
+    once unfused the transformer is accepted again."""
+    from catrt.loading import load_pipeline
+
+    transformer = load_pipeline(name).transformer
+    transformer.fuse_qkv_projections()
+    with pytest.raises(UnsupportedModelError, match=r"uses attention processor Fused.*; unfuse it with "
+                                                    r"pipe\.transformer\.unfuse_qkv_projections\(\)$"):
+        make_adapter(transformer)
+    transformer.unfuse_qkv_projections()
+    make_adapter(transformer)
+    transformer.set_attn_processor(AttnProcessor())
+    with pytest.raises(UnsupportedModelError, match="attention processor AttnProcessor") as refused:
+        make_adapter(transformer)
+    assert "unfuse" not in str(refused.value)

@@ -56,6 +56,13 @@ def eager_cpu(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def unfuse_hint(attn: nn.Module) -> str:
+    """The fix to add to a refused attention processor when it is one of diffusers' fused-QKV ones, which
+    `fuse_qkv_projections` sets (its `unfuse_qkv_projections` restores the processors, not the `fused_projections` flag)."""
+    fused = type(getattr(attn, "processor", None)).__name__.startswith("Fused")
+    return "; unfuse it with pipe.transformer.unfuse_qkv_projections()" if fused else ""
+
+
 def call_block(function: BlockFunction, block: nn.Module, store: KVStore, first_slot: int, num_slots: int, *inputs: Any) -> Any:
     """Run one block as it is (eager and exported forwards)."""
     return function(block, store.window(first_slot, num_slots), *inputs)

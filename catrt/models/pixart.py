@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from catrt.errors import UnsupportedModelError
-from catrt.models.base import Adapter, Context, KVStore, attention, project_qkv
+from catrt.models.base import Adapter, Context, KVStore, attention, project_qkv, unfuse_hint
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
@@ -47,7 +47,7 @@ class PixArtAdapter(Adapter):
                 if type(attn.processor) is not AttnProcessor2_0:
                     raise UnsupportedModelError(
                         f"PixArt block {index} uses attention processor {type(attn.processor).__name__}; "
-                        f"catrt prunes only the default AttnProcessor2_0"
+                        f"catrt prunes only the default AttnProcessor2_0{unfuse_hint(attn)}"
                     )
                 if attn.residual_connection or attn.rescale_output_factor != 1.0 or attn.norm_cross:
                     raise UnsupportedModelError(f"PixArt block {index}: non-default attention options are not supported")

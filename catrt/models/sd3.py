@@ -31,6 +31,7 @@ from catrt.models.base import (
     joint_attention,
     modulate_,
     project_qkv,
+    unfuse_hint,
 )
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
@@ -67,7 +68,7 @@ class SD3Adapter(Adapter):
                 if type(attn.processor) is not JointAttnProcessor2_0:
                     raise UnsupportedModelError(
                         f"block {index} uses attention processor {type(attn.processor).__name__}; catrt prunes "
-                        f"only the default JointAttnProcessor2_0 (no IP-adapter, fused or custom processors)"
+                        f"only the default JointAttnProcessor2_0 (no IP-adapter, fused or custom processors){unfuse_hint(attn)}"
                     )
             if block._chunk_size is not None:
                 raise UnsupportedModelError(f"block {index} uses feed-forward chunking, which catrt does not support")
