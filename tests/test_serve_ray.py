@@ -11,6 +11,7 @@ import ast
 import json
 import logging
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -50,9 +51,17 @@ READ_TIMEOUT = 2.0  # seconds; the requests of these tests arrive whole at once
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768-60999) and above Ray's worker ports (10002-19999): Ray's
+    processes, started between this choice and the proxy's bind, take ports from both, and one took the port the
+    kernel handed out here (the proxy then failed with "Failed to bind to address")."""
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31999")
 
 
 def _descendants(root: int) -> set[int]:
