@@ -24,7 +24,6 @@ from typing import Any, Literal, NoReturn
 from catrt.checks import MAX_BATCH, MAX_STEPS, output_folder, path_is, repeated  # stdlib + catrt.errors only
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo, echo_path, shorten
-from catrt.hub_errors import hub_error, is_hub_failure  # stdlib + catrt.errors only
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
 
 DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisable images, no download
@@ -262,24 +261,14 @@ def _precision(asked: str | None, model: str, device_type: str) -> str:
 
 
 @contextlib.contextmanager
-def _hub_errors(model: str) -> Iterator[None]:
-    """Turn a failed hub download of a published model into one line saying what to do.
-
-    diffusers and huggingface_hub raise many kinds (OSError, GatedRepoError, offline errors, HTTP
-    errors); the fix is the same for all of them: hub access with a login, or a local folder.
-    """
-    card = MODEL_CARDS.get(model)
+def _hub_notices_dropped() -> Iterator[None]:
+    """Load without diffusers' "Couldn't connect to the Hub" notice: a failed download of a published model is
+    already one catrt error saying what to do (`load_pipeline`, through `catrt.hub_errors`)."""
     notices = logging.getLogger(HUB_NOTICE[0])
     drop = _DropMessage(HUB_NOTICE[1])
     notices.addFilter(drop)
     try:
         yield
-    except CatrtError:
-        raise
-    except Exception as error:
-        if card is None or card.hub_id is None or not is_hub_failure(error):
-            raise
-        raise hub_error(card, error) from error
     finally:
         notices.removeFilter(drop)
 
@@ -343,7 +332,7 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     from catrt.pipeline import accelerate
 
     check_model_source(model)  # a mistyped name (or '') is refused before anything loads
-    with _hub_errors(model):
+    with _hub_notices_dropped():
         pipe = load_pipeline(model, device=device, dtype=PRECISIONS[precision])
     check_text_to_image(pipe, model)
     check_pipeline_size(pipe, args.height, args.width, model)
@@ -378,7 +367,7 @@ def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
     _refuse_fixed_flags(args, [name for name in _cat_values(args) if hasattr(build, name) and name != "alpha"])
     _check_against_build(args, build)
     config = build.cat_config(seed=args.seed, **_cat_values(args))  # --alpha: one of the built alphas
-    with _hub_errors(build.model):
+    with _hub_notices_dropped():
         runner = load(args.engines, config, key=key)
     _check_prompts(args, runner, limit=build.max_sequence_length)
     return runner, f"alpha={config.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
@@ -387,9 +376,15 @@ def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
 def _engine_folder(value: str, named: str) -> Path:
     """A bundle folder given on the command line; an empty one (an unset shell variable) is refused as such, not
     read as the working directory ("manifest.json is missing: . is not a catrt engine folder")."""
-    if not value.strip():
-        raise ConfigError(f"{named} is empty; give an engines/<build-name> folder (catrt build)", field="engines", value=value)
+    _refuse_empty(value, named, "give an engines/<build-name> folder (catrt build)", "engines")
     return Path(value)
+
+
+def _refuse_empty(value: str, named: str, fix: str, field: str) -> None:
+    """A blank path (an unset shell variable) is refused as such: Path('') is the working directory, which a build or
+    report would fill and a bundle check would name as '.'."""
+    if not value.strip():
+        raise ConfigError(f"{named} is empty; {fix}", field=field, value=value)
 
 
 def _refuse_fixed_flags(args: argparse.Namespace, fixed: typing.Iterable[str]) -> None:
@@ -465,8 +460,7 @@ def build_precision(model: str, backend: str) -> str:
 def cmd_build(args: argparse.Namespace) -> int:
     _card_size(MODEL_CARDS.get(args.model), args.height, args.width, args.model)
     for name in ("out", "export_dir"):
-        if not getattr(args, name).strip():  # an unset shell variable: it would build into the working directory
-            raise ConfigError(f"{_flag(name)} is empty; give a folder (default: {BUILD_FOLDERS[name]})", field=name, value="")
+        _refuse_empty(getattr(args, name), _flag(name), f"give a folder (default: {BUILD_FOLDERS[name]})", name)
     from catrt.build import build_engines
     from catrt.build_config import BuildConfig
     from catrt.key_files import read_key_file
@@ -481,7 +475,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         t0=args.t0, alphas=tuple(args.alpha or (CATConfig().alpha,)), reuse_every=args.reuse_every, precision=precision, backend=args.backend,
         max_sequence_length=args.max_sequence_length,
     )
-    with _hub_errors(args.model):
+    with _hub_notices_dropped():
         path = build_engines(config, out_dir=Path(args.out), export_dir=Path(args.export_dir), sign_key=sign_key)
     print(f"built {path}" + (" (signed)" if sign_key is not None else ""))
     return 0
@@ -788,8 +782,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _output_folder(value: str, flag: str, holds: str) -> Iterator[Path]:
     """The folder `value`, made now and checked writable, so a bad place is refused before minutes of work (not
     when the results are written); removed again if this made it and the block fails before writing into it."""
-    if not value.strip():  # an unset shell variable: Path('') is the working directory, which would fill up with results
-        raise ConfigError(f"{flag} is empty; give a folder for {holds}", field=flag.lstrip("-"), value=value)
+    _refuse_empty(value, flag, f"give a folder for {holds}", flag.lstrip("-"))
     out = Path(value)
     made = not path_is(out)
     output_folder(out, f"{flag} {echo(value, PATH_ECHO_LIMIT)}", holds, field=flag.lstrip("-"))
@@ -834,7 +827,7 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
 
     require_skimage()
     clip = None if args.clip is None else ClipScorer(args.clip, device)
-    with _hub_errors(model):
+    with _hub_notices_dropped():
         pipe = load_pipeline(model, device=device, dtype=PRECISIONS[precision])
     check_text_to_image(pipe, model)
     check_pipeline_size(pipe, args.height, args.width, model)

@@ -1,8 +1,8 @@
 """A failed hub download of a published model as one line saying what to do.
 
 diffusers and huggingface_hub raise many kinds (OSError, GatedRepoError, offline errors, HTTP errors); the fix
-is the same for all of them: hub access with a login, or a local folder. Light (stdlib and catrt.errors), so
-the CLI imports it before torch.
+is the same for all of them: hub access with a login, or a local folder. `loading` raises it for every caller
+(Python, the CLI, the server, builds).
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def _build_shape(build: dict[str, Any]) -> list[CorruptBundleError]:
 
     names = [f.name for f in fields(BuildConfig)]
     problems = [_shape(f"build.{name}", f"field 'build.{name}' is missing") for name in names if name not in build]
-    problems += [_shape(f"build.{name}", f"has an unknown field 'build.{name}'") for name in sorted(set(build) - set(names), key=str)]
+    problems += _unknown_fields(build, names, "build")
     return problems
 
 
