@@ -27,9 +27,12 @@ def positional_code(grid: Grid, channels: int, device: torch.device, dtype: torc
 
 
 def clustering_features(output_tokens: torch.Tensor, grid: Grid, weight: float = 0.05) -> torch.Tensor:
-    """(B, N, C) features `weight * y + P` that KMeans groups: close in value and in space."""
-    code = positional_code(grid, output_tokens.shape[-1], output_tokens.device, output_tokens.dtype)
-    return weight * output_tokens + code
+    """(B, N, C) float32 features `weight * y + P` that KMeans groups: close in value and in space.
+
+    Float32 whatever the outputs' dtype: in bf16 the code's rows/H steps and the 0.05 * y term round away.
+    """
+    code = positional_code(grid, output_tokens.shape[-1], output_tokens.device, torch.float32)
+    return weight * output_tokens.float() + code
 
 
 def _squared_distances(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -69,8 +72,9 @@ def kmeans(
         generator: seeds the k-means++ draws (the same draws for every row).
 
     Returns:
-        labels (B, N) int64 in [0, K) and centers (B, K, C). An empty cluster keeps its last center.
+        labels (B, N) int64 in [0, K) and float32 centers (B, K, C). An empty cluster keeps its last center.
     """
+    points = points.float()  # fp16/bf16 distances overflow or tie; the clustering is float32 like the scoring
     batch, num_points, channels = points.shape
     clusters = min(n_clusters, num_points)
     # One draw shared by every row: a prompt's clusters must not depend on its place in the batch.

@@ -21,6 +21,12 @@ SELECTION_RULES: tuple[str, ...] = ("cat", "random", "round_robin", "magnitude",
 MAX_KMEANS_ITERS = 1000
 
 
+def ceil_of_fraction(fraction: float, count: int) -> int:
+    """ceil(fraction * count) where the product is an integer up to float error (0.55 * 100 is
+    55.00000000000001): the spec's counts (k, the magnitude part) must not gain a token from rounding."""
+    return math.ceil(fraction * count - 1e-9)
+
+
 @dataclass(frozen=True)
 class CATConfig:
     """How a generation is pruned.
@@ -80,7 +86,7 @@ class CATConfig:
 
     def num_selected(self, num_tokens: int) -> int:
         """k = ceil(alpha * N), the static number of tokens a pruned step computes."""
-        return min(num_tokens, max(1, math.ceil(self.alpha * num_tokens - 1e-9)))
+        return min(num_tokens, max(1, ceil_of_fraction(self.alpha, num_tokens)))
 
     def check_steps(self, steps: int) -> None:
         """Checks that need the step count: pruning must start before the last step."""

@@ -12,11 +12,13 @@ import math
 import torch
 
 from catrt.clustering import cluster_scores
+from catrt.config import ceil_of_fraction
 
 
 def relative_magnitude(output_tokens: torch.Tensor, reference_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """delta = y_prev - y_ref (B, N, C) and its per-token L2 norm r (B, N)."""
-    delta = output_tokens - reference_tokens
+    """delta = y_prev - y_ref (B, N, C) and its per-token L2 norm r (B, N), in float32 whatever the
+    inputs' dtype: fp16/bf16 rounding would turn close scores into ties and change the ranking."""
+    delta = output_tokens.float() - reference_tokens.float()
     return delta, delta.norm(dim=-1)
 
 
@@ -95,7 +97,7 @@ def select_next(
     """
     num = magnitude.shape[1]
     n_clusters = scores.shape[1]
-    magnitude_size = math.ceil(magnitude_fraction * k)
+    magnitude_size = ceil_of_fraction(magnitude_fraction, k)
     m = max(1, math.ceil(magnitude_size / 6))
     cluster_position = ranks([-scores])  # (B, K)
     quota_by_position = torch.clamp(3 - torch.arange(n_clusters, device=scores.device), min=1) * m

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from catrt.clustering import (
     pooled_cluster_scores,
     positional_code,
 )
+from catrt.config import CATConfig
 from catrt.tokens import Grid
 
 CASES = [  # (batch, grid, alpha)
@@ -244,3 +246,150 @@ def test_a_prompts_clusters_do_not_depend_on_its_batch_position() -> None:
     single, _ = kmeans(features[1:], 20, 10, torch.Generator().manual_seed(0))
     assert torch.equal(labels, swapped.flip(0))
     assert torch.equal(labels[1:], single)
+
+
+# -- property sweeps: the spec's selection, written out plainly, against the tensor code ---------------
+
+
+def _spec_first(r: list[float], labels: list[int], pooled: list[float], k: int) -> list[int]:
+    """algorithm.md "First selection", one prompt: clusters by pooled score, top ceil(k/10) by r from each."""
+    share = -(-k // 10)
+    picked: list[int] = []
+    for cluster in sorted(range(len(pooled)), key=lambda c: (-pooled[c], c)):
+        members = sorted((j for j in range(len(r)) if labels[j] == cluster), key=lambda j: (-r[j], j))
+        picked += members[:share]
+    rest = sorted((j for j in range(len(r)) if j not in set(picked)), key=lambda j: (-r[j], j))
+    return (picked + rest)[:k]
+
+
+def _spec_next(r: list[float], labels: list[int], scores: list[float], f: list[float], last: list[int],
+               k: int, fraction: Fraction) -> list[int]:
+    """algorithm.md "Later selections", one prompt, with |M| = ceil(fraction * k) in exact arithmetic."""
+    size_m = math.ceil(fraction * k)
+    m = max(1, -(-size_m // 6))
+    stalest = lambda j: (f[j], last[j], j)  # noqa: E731
+    part: list[int] = []
+    for q, cluster in enumerate(sorted(range(len(scores)), key=lambda c: (-scores[c], c))):
+        quota = (3 - q) * m if q < 3 else m
+        stale = quota // 2 if q > 0 else 0
+        members = [j for j in range(len(r)) if labels[j] == cluster]
+        by_r = sorted(members, key=lambda j: (-r[j], j))[: quota - stale]
+        part += by_r + sorted((j for j in members if j not in by_r), key=stalest)[:stale]
+    part = part[:size_m]
+    rest = sorted((j for j in range(len(r)) if j not in set(part)), key=stalest)
+    return (part + rest)[:k]
+
+
+SWEEP = [  # (batch, grid, alpha, n_clusters, magnitude_fraction): N = 1, 2, prime, non-square, > and = N clusters
+    (1, Grid(1, 1), 0.3, 20, 0.25),
+    (2, Grid(1, 2), 1e-6, 1, 0.25),
+    (3, Grid(1, 7), 0.5, 7, 0.25),
+    (1, Grid(13, 1), 1.0, 20, 0.25),
+    (2, Grid(2, 5), 0.3, 3, 0.3),  # alpha * N = 3 up to float error
+    (3, Grid(5, 3), 0.6, 1, 1.0),
+    (2, Grid(10, 20), 0.5, 20, 0.55),  # k = 100, 0.55 * 100 = 55.00000000000001
+    (1, Grid(9, 11), 0.3, 99, 0.0),
+    (2, Grid(17, 23), 0.2, 20, 0.25),
+]
+
+
+@pytest.mark.parametrize(("batch", "grid", "alpha", "clusters", "fraction"), SWEEP)
+def test_selection_matches_the_spec_written_out(batch: int, grid: Grid, alpha: float, clusters: int, fraction: float) -> None:
+    num = grid.num_tokens
+    k = CATConfig(alpha=alpha).num_selected(num)
+    assert k == max(1, math.ceil(Fraction(repr(alpha)) * num))
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        output = torch.randn(batch, num, 5, generator=gen)
+        reference = torch.randn(batch, num, 5, generator=gen)
+        labels = torch.randint(0, clusters, (batch, num), generator=gen)  # empty clusters included
+        staleness = torch.randint(0, 3, (batch, num), generator=gen) / 2.0  # many ties
+        last = torch.randint(0, 2, (batch, num), generator=gen)
+        delta, magnitude = selection.relative_magnitude(output, reference)
+        pooled = pooled_cluster_scores(delta, labels, cluster_adjacency(labels, grid, clusters), clusters)
+        scores = cluster_scores(delta, labels, clusters)
+        first = selection.select_first(magnitude, labels, pooled, k)
+        later = selection.select_cat_step(output, reference, labels, staleness, last,
+                                          k=k, n_clusters=clusters, magnitude_fraction=fraction)
+        for indices in (first, later):
+            _assert_valid(indices, batch, num, k)
+        assert torch.equal(first, selection.select_first(magnitude, labels, pooled, k))
+        for row in range(batch):
+            r, lab = magnitude[row].tolist(), labels[row].tolist()
+            assert first[row].tolist() == _spec_first(r, lab, pooled[row].tolist(), k)
+            expected = _spec_next(r, lab, scores[row].tolist(), staleness[row].tolist(), last[row].tolist(),
+                                  k, Fraction(repr(fraction)))
+            assert later[row].tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_outputs_are_scored_and_clustered_in_float32(dtype: torch.dtype) -> None:
+    grid = Grid(8, 12)
+    state = _state(2, grid)
+    output, reference = state["output"].to(dtype), state["reference"].to(dtype)
+    delta, magnitude = selection.relative_magnitude(output, reference)
+    assert delta.dtype == magnitude.dtype == torch.float32
+    assert torch.equal(magnitude, selection.relative_magnitude(output.float(), reference.float())[1])
+    features = clustering_features(output, grid)
+    assert features.dtype == torch.float32
+    assert torch.equal(features, clustering_features(output.float(), grid))
+    labels, centers = kmeans(features.to(dtype), 20, 5, torch.Generator().manual_seed(0))
+    expected, _ = kmeans(features.to(dtype).float(), 20, 5, torch.Generator().manual_seed(0))
+    assert centers.dtype == torch.float32 and torch.equal(labels, expected)
+
+
+def test_non_finite_outputs_still_select_exactly_k_distinct() -> None:
+    """A NaN or inf in a step's output (an fp16 overflow upstream) must not break the static-shape contract."""
+    grid = Grid(6, 7)
+    state = _state(2, grid)
+    output = state["output"].clone()
+    output[0, :5] = float("nan")
+    output[1, 3:9] = float("inf")
+    output[1, 20, 0] = float("-inf")
+    labels, _ = kmeans(clustering_features(output, grid), 20, 5, torch.Generator().manual_seed(0))
+    assert labels.min() >= 0 and labels.max() < 20
+    delta, magnitude = selection.relative_magnitude(output, state["reference"])
+    pooled = pooled_cluster_scores(delta, labels, cluster_adjacency(labels, grid, 20), 20)
+    _assert_valid(selection.select_first(magnitude, labels, pooled, 13), 2, 42, 13)
+    later = selection.select_cat_step(output, state["reference"], labels, state["staleness"], state["last"],
+                                      k=13, n_clusters=20, magnitude_fraction=0.25)
+    _assert_valid(later, 2, 42, 13)
+
+
+@pytest.mark.parametrize(("num", "k", "fraction"), [(10, 3, 0.25), (97, 1, 0.25), (64, 20, 0.0), (30, 30, 0.25), (50, 7, 0.5)])
+def test_staleness_stays_bounded_and_every_token_comes_round(num: int, k: int, fraction: float) -> None:
+    """f <- 0.5 f + 1[computed] stays in [0, 1 / (1 - 0.5)]; the stalest part brings every token back within the steps
+    a pure round robin of its size needs (plus one), whatever the magnitude part keeps choosing."""
+    gen = torch.Generator().manual_seed(num)
+    labels = torch.randint(0, 4, (1, num), generator=gen)
+    magnitude = torch.rand(1, num, generator=gen)  # fixed: the magnitude part asks for the same tokens every step
+    staleness = torch.zeros(1, num)
+    last = torch.zeros(1, num, dtype=torch.long)
+    stale_budget = k - math.ceil(Fraction(repr(fraction)) * k)
+    period = math.ceil(num / max(stale_budget, 1)) + 1
+    scores = cluster_scores(magnitude.unsqueeze(-1), labels, 4)
+    for step in range(1, 4 * period + 1):
+        indices = selection.select_next(magnitude, labels, scores, staleness, last, k, fraction)
+        _assert_valid(indices, 1, num, k)
+        before = staleness.clone()
+        staleness = selection.update_staleness(staleness, indices, 0.5)
+        computed = torch.zeros(1, num, dtype=torch.bool).scatter(1, indices, True)
+        assert torch.equal(staleness, 0.5 * before + computed.float())
+        assert staleness.min() >= 0 and staleness.max() <= 2  # < 2 exactly; float32 rounds 1.99999999 up
+        last = torch.where(computed, torch.full_like(last, step), last)
+        if stale_budget and step >= period:
+            assert (step - last).max() < period, f"a token waited {(step - last).max()} steps"
+
+
+def test_round_robin_rule_covers_every_token_in_ceil_n_over_k_steps() -> None:
+    num, k = 23, 5
+    staleness = torch.zeros(2, num)
+    last = torch.zeros(2, num, dtype=torch.long)
+    seen = torch.zeros(2, num, dtype=torch.bool)
+    for step in range(1, math.ceil(num / k) + 1):
+        indices = selection.take_first(selection.staleness_ranks(staleness, last), k)
+        _assert_valid(indices, 2, num, k)
+        seen.scatter_(1, indices, True)
+        staleness = selection.update_staleness(staleness, indices, 0.5)
+        last.scatter_(1, indices, step)
+    assert seen.all()
