@@ -510,3 +510,47 @@ def test_bf16_onnxruntime_build_is_refused_with_the_reason(tmp_path: Path) -> No
                                           r"fp16 on a CUDA device\) with onnxruntime, or bf16 with the eager or compile backend") as caught:
         build_engines(config, out_dir=tmp_path, export_dir=tmp_path, progress=False)
     assert caught.value.field == "precision"
+
+
+@pytest.mark.parametrize(("t0", "steps", "refresh_every"), [(2, 3, 0), (3, 9, 2)])
+def test_clusters_are_made_once_at_t0_and_staleness_counts_pruned_steps_only(
+    t0: int, steps: int, refresh_every: int, tiny_pipelines: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """algorithm.md's schedule on an odd, non-square grid and a batch of two prompts: y_ref is step t0 - 1's output,
+    KMeans runs once (at t0) and its labels serve every later selection, refresh steps included; f follows
+    f <- 0.5 f + 1[computed] over the pruned steps only, and `last_computed` is each token's last computed step."""
+    adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
+    call = family_of("sd3").meta_call(dict(adapter.transformer.config), 6, Grid(3, 5))
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn((2, *value.shape[1:]), generator=generator) for name, value in call.items()}
+    hidden_states, timestep = tensors.pop("hidden_states"), tensors.pop("timestep").abs() * 500
+    config = catrt.CATConfig(alpha=0.3, t0=t0, refresh_every=refresh_every, trace=True)
+    runtime = CATRuntime(adapter, config, steps=steps, guidance=False)
+    made: list[tuple[int, torch.Tensor]] = []
+    real_kmeans = runtime_module.kmeans
+
+    def counting_kmeans(*args: Any) -> Any:
+        labels, centers = real_kmeans(*args)
+        made.append((runtime.step, labels.clone()))
+        return labels, centers
+
+    monkeypatch.setattr(runtime_module, "kmeans", counting_kmeans)
+    outputs = {}
+    with torch.no_grad():
+        for step in range(1, steps + 1):
+            runtime(hidden_states + 0.1 * step, timestep * (1 - step / (steps + 1)), tensors)
+            outputs[step] = runtime.state.output_cache.float().clone()
+    state = runtime.state
+    assert [step for step, _ in made] == [t0] and torch.equal(state.labels, made[0][1])
+    assert torch.equal(state.reference, outputs[t0 - 1])
+    staleness = torch.zeros(2, 15)
+    last = torch.zeros(2, 15, dtype=torch.long)
+    for record in runtime.trace:
+        if record.kind == "full":
+            last.fill_(record.step)
+        else:
+            assert record.kind == "pruned" and record.indices.shape == (2, runtime.k)
+            assert all(len(set(row.tolist())) == runtime.k for row in record.indices)
+            staleness = 0.5 * staleness + torch.zeros(2, 15).scatter(1, record.indices, 1.0)
+            last.scatter_(1, record.indices, record.step)
+    assert runtime.k == 5 and torch.equal(state.staleness, staleness) and torch.equal(state.last_computed, last)
