@@ -393,3 +393,61 @@ def test_round_robin_rule_covers_every_token_in_ceil_n_over_k_steps() -> None:
         staleness = selection.update_staleness(staleness, indices, 0.5)
         last.scatter_(1, indices, step)
     assert seen.all()
+
+
+@pytest.mark.parametrize(("grid", "clusters", "channels"), [
+    (Grid(1, 1), 20, 1), (Grid(1, 2), 1, 3), (Grid(1, 7), 7, 4), (Grid(5, 3), 30, 5), (Grid(6, 9), 20, 16),
+])
+def test_cluster_scores_adjacency_and_code_match_the_spec_written_out(grid: Grid, clusters: int, channels: int) -> None:
+    """||max_c delta||, the adjacency of 4-neighbour cells, the pooled 2 * mean + max and the positional code, by loops."""
+    gen = torch.Generator().manual_seed(grid.num_tokens)
+    num = grid.num_tokens
+    delta = torch.randn(2, num, channels, generator=gen)
+    labels = torch.randint(0, clusters, (2, num), generator=gen)
+    adjacency = cluster_adjacency(labels, grid, clusters)
+    scores = cluster_scores(delta, labels, clusters)
+    pooled = pooled_cluster_scores(delta, labels, adjacency, clusters)
+    for row in range(2):
+        lab = labels[row].tolist()
+        touching = set()
+        for i in range(grid.height):
+            for j in range(grid.width):
+                for ni, nj in ((i + 1, j), (i, j + 1)):
+                    if ni < grid.height and nj < grid.width:
+                        a, b = lab[i * grid.width + j], lab[ni * grid.width + nj]
+                        touching |= {(a, b), (b, a)} if a != b else set()
+        assert {(a, b) for a in range(clusters) for b in range(clusters) if adjacency[row, a, b]} == touching
+        maxima = {c: delta[row][labels[row] == c].amax(0) for c in set(lab)}
+        for c in range(clusters):
+            if c not in maxima:
+                assert scores[row, c] == pooled[row, c] == float("-inf")
+                continue
+            assert torch.allclose(scores[row, c], maxima[c].norm())
+            around = torch.stack([maxima[c]] + [maxima[d] for d in maxima if (c, d) in touching])
+            assert torch.allclose(pooled[row, c], (2 * around.mean(0) + around.amax(0)).norm(), atol=1e-6)
+    code = positional_code(grid, channels, torch.device("cpu"), torch.float32)
+    for token in range(num):
+        row, col = divmod(token, grid.width)
+        half = channels // 2
+        expected = torch.tensor([row / grid.height] * half + [col / grid.width] * (channels - half))
+        assert torch.allclose(code[token], expected, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(("grid", "clusters", "dtype"), [
+    (Grid(1, 1), 20, torch.float32), (Grid(1, 7), 7, torch.bfloat16), (Grid(5, 3), 30, torch.float16),
+])
+def test_edge_shapes_need_no_host_sync(grid: Grid, clusters: int, dtype: torch.dtype) -> None:
+    num = grid.num_tokens
+    state = _state(3, grid)
+    output, reference = state["output"].to(dtype), state["reference"].to(dtype)
+    k = CATConfig(alpha=0.3).num_selected(num)
+    with NoHostSync():
+        labels, _ = kmeans(clustering_features(output, grid), clusters, 3, torch.Generator().manual_seed(0))
+        delta, magnitude = selection.relative_magnitude(output, reference)
+        pooled = pooled_cluster_scores(delta, labels, cluster_adjacency(labels, grid, clusters), clusters)
+        first = selection.select_first(magnitude, labels, pooled, k)
+        staleness = selection.update_staleness(torch.zeros(3, num), first, 0.5)
+        later = selection.select_cat_step(output, reference, labels, staleness, state["last"],
+                                          k=k, n_clusters=clusters, magnitude_fraction=0.25)
+    _assert_valid(first, 3, num, k)
+    _assert_valid(later, 3, num, k)
