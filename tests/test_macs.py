@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
+from fractions import Fraction
 
 import pytest
+import torch
 
 from catrt import CATConfig, ConfigError
-from catrt.macs import model_macs
+from diffusers import SD3Transformer2DModel
+
+from catrt.macs import MacReport, model_macs, step_macs
+from catrt.models import family_of
+from catrt.scheduler import plan
+from catrt.tokens import Grid
+
+TINY_SD3_CONFIG = {  # tiny-sd3's transformer (catrt/tiny.py)
+    "sample_size": 32, "patch_size": 2, "in_channels": 16, "num_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 4, "joint_attention_dim": 48, "caption_projection_dim": 32, "pooled_projection_dim": 64,
+    "out_channels": 16, "pos_embed_max_size": 96,
+}
 
 
 @pytest.mark.parametrize(("steps", "ratio"), [(28, 0.537), (50, 0.456)])
@@ -59,3 +73,46 @@ def test_reference_card_matches_the_shipped_weights() -> None:
     assert {name: shipped[name] for name in card} == card
     report = model_macs("reference", 32, 32, CATConfig(), 28)
     assert report.num_tokens == 256 and report.k == 77
+
+
+def _sd3_hand_count(config: dict, text: int, num: int, rows: int) -> int:
+    """An SD3 transformer's matmul MACs, written out for one image: embeddings, joint blocks (the last one
+    context_pre_only), the output layer. `rows` image rows and queries run (N on a full step, k on a pruned one);
+    keys/values are always T + N."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    patch_in = config["in_channels"] * config["patch_size"] ** 2
+    macs = (256 * d + d * d) + (config["pooled_projection_dim"] * d + d * d)  # timestep and pooled-text embeddings
+    macs += text * config["joint_attention_dim"] * d + rows * patch_in * d  # context embedder, patch embedding
+    for block in range(config["num_layers"]):
+        last = block == config["num_layers"] - 1
+        macs += 6 * d * d + (2 if last else 6) * d * d  # adaLN modulation of both streams
+        macs += 12 * rows * d * d  # image QKV, output projection, MLP 4x
+        macs += (3 if last else 12) * text * d * d  # text stream: QKV only in the last block
+        macs += 2 * (text + rows) * (text + num) * d  # QK^T and AV
+    return macs + 2 * d * d + rows * d * patch_in  # final adaLN and projection
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_on_meta() -> torch.nn.Module:
+    with torch.device("meta"):
+        return SD3Transformer2DModel.from_config(TINY_SD3_CONFIG).eval()
+
+
+@pytest.mark.parametrize("grid", [Grid(3, 5), Grid(5, 3), Grid(1, 7), Grid(1, 1)])
+def test_odd_sizes_count_what_a_hand_count_gives(grid: Grid, tiny_sd3_on_meta: torch.nn.Module) -> None:
+    """N = 15 (non-square both ways), 7 (prime, one row), 1: full and pruned steps against the written-out count,
+    and the schedule of 9 steps with t0 = 2 and a refresh every 3 (full 1, 2, 5, 8; pruned 3, 4, 6, 7, 9)."""
+    text, config = 11, CATConfig(alpha=0.3, t0=2, refresh_every=3)
+    call = dict(family_of("sd3").meta_call(TINY_SD3_CONFIG, text, grid))
+    counts = step_macs(tiny_sd3_on_meta, call.pop("hidden_states"), call.pop("timestep"), call, config)
+    num = grid.num_tokens
+    k = max(1, math.ceil(Fraction(3, 10) * num))
+    assert (counts.num_tokens, counts.k) == (num, k)
+    assert counts.full == _sd3_hand_count(TINY_SD3_CONFIG, text, num, num)
+    assert counts.pruned == _sd3_hand_count(TINY_SD3_CONFIG, text, num, k)
+    patch_in = TINY_SD3_CONFIG["in_channels"] * TINY_SD3_CONFIG["patch_size"] ** 2
+    d = TINY_SD3_CONFIG["num_attention_heads"] * TINY_SD3_CONFIG["attention_head_dim"]
+    assert counts.context == num * patch_in * d  # the positional table: the patch embedding of a zero latent
+    report = MacReport(num, k, counts.full, counts.pruned, counts.context, 9, plan(9, 2, 3).count("full"))
+    assert (report.full_steps, report.pruned_steps) == (4, 5)
+    assert report.schedule_macs == counts.context + 4 * counts.full + 5 * counts.pruned
