@@ -258,7 +258,8 @@ def _spec_first(r: list[float], labels: list[int], pooled: list[float], k: int) 
     for cluster in sorted(range(len(pooled)), key=lambda c: (-pooled[c], c)):
         members = sorted((j for j in range(len(r)) if labels[j] == cluster), key=lambda j: (-r[j], j))
         picked += members[:share]
-    rest = sorted((j for j in range(len(r)) if j not in set(picked)), key=lambda j: (-r[j], j))
+    taken = set(picked)
+    rest = sorted((j for j in range(len(r)) if j not in taken), key=lambda j: (-r[j], j))
     return (picked + rest)[:k]
 
 
@@ -276,7 +277,8 @@ def _spec_next(r: list[float], labels: list[int], scores: list[float], f: list[f
         by_r = sorted(members, key=lambda j: (-r[j], j))[: quota - stale]
         part += by_r + sorted((j for j in members if j not in by_r), key=stalest)[:stale]
     part = part[:size_m]
-    rest = sorted((j for j in range(len(r)) if j not in set(part)), key=stalest)
+    taken = set(part)
+    rest = sorted((j for j in range(len(r)) if j not in taken), key=stalest)
     return (part + rest)[:k]
 
 
@@ -290,6 +292,7 @@ SWEEP = [  # (batch, grid, alpha, n_clusters, magnitude_fraction): N = 1, 2, pri
     (2, Grid(10, 20), 0.5, 20, 0.55),  # k = 100, 0.55 * 100 = 55.00000000000001
     (1, Grid(9, 11), 0.3, 99, 0.0),
     (2, Grid(17, 23), 0.2, 20, 0.25),
+    (1, Grid(64, 64), 0.3, 20, 0.25),  # SD3 at 1024x1024: k = 1229
 ]
 
 
@@ -451,3 +454,28 @@ def test_edge_shapes_need_no_host_sync(grid: Grid, clusters: int, dtype: torch.d
                                           k=k, n_clusters=clusters, magnitude_fraction=0.25)
     _assert_valid(first, 3, num, k)
     _assert_valid(later, 3, num, k)
+
+
+def test_baselines_are_deterministic_and_sequential_covers_every_token() -> None:
+    num, k = 29, 4
+    draws = [selection.select_random(3, num, k, torch.Generator().manual_seed(7), torch.device("cpu")) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    _assert_valid(draws[0], 3, num, k)
+    seen = torch.zeros(2, num, dtype=torch.bool)
+    for step in range(math.ceil(num / k)):
+        indices = selection.select_sequential(2, num, k, step, torch.device("cpu"))
+        _assert_valid(indices, 2, num, k)
+        seen.scatter_(1, indices, True)
+    assert seen.all()
+
+
+def test_kmeans_is_deterministic_for_a_seed_at_edge_shapes() -> None:
+    for grid, clusters in ((Grid(1, 1), 20), (Grid(1, 2), 2), (Grid(3, 5), 15), (Grid(7, 3), 40)):
+        features = clustering_features(_state(2, grid)["output"], grid)
+        runs = [kmeans(features, clusters, 4, torch.Generator().manual_seed(3)) for _ in range(2)]
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+        labels, centers = runs[0]
+        assert centers.shape == (2, min(clusters, grid.num_tokens), features.shape[-1])
+        assert labels.min() >= 0 and labels.max() < min(clusters, grid.num_tokens)
+        if clusters >= grid.num_tokens:  # as many clusters as tokens: each token its own
+            assert all(len(set(row.tolist())) == grid.num_tokens for row in labels)
