@@ -479,3 +479,21 @@ def test_kmeans_is_deterministic_for_a_seed_at_edge_shapes() -> None:
         assert labels.min() >= 0 and labels.max() < min(clusters, grid.num_tokens)
         if clusters >= grid.num_tokens:  # as many clusters as tokens: each token its own
             assert all(len(set(row.tolist())) == grid.num_tokens for row in labels)
+
+
+def test_all_equal_scores_fall_back_to_index_order_as_the_spec_does() -> None:
+    """y_prev == y_ref (nothing moved) and equal staleness: every tie is broken by index, cluster and token alike."""
+    grid, clusters, k = Grid(5, 7), 6, 11
+    output = torch.ones(2, 35, 4)
+    labels = torch.arange(35).remainder(clusters).expand(2, -1)
+    delta, magnitude = selection.relative_magnitude(output, output.clone())
+    pooled = pooled_cluster_scores(delta, labels, cluster_adjacency(labels, grid, clusters), clusters)
+    staleness, last = torch.full((2, 35), 0.5), torch.zeros(2, 35, dtype=torch.long)
+    first = selection.select_first(magnitude, labels, pooled, k)
+    later = selection.select_cat_step(output, output.clone(), labels, staleness, last,
+                                      k=k, n_clusters=clusters, magnitude_fraction=0.25)
+    for row in range(2):
+        r, lab = magnitude[row].tolist(), labels[row].tolist()
+        assert first[row].tolist() == _spec_first(r, lab, pooled[row].tolist(), k) == [0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5]
+        scores = cluster_scores(delta, labels, clusters)[row].tolist()
+        assert later[row].tolist() == _spec_next(r, lab, scores, staleness[row].tolist(), last[row].tolist(), k, Fraction(1, 4))
