@@ -24,11 +24,12 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
+from catrt.call_arguments import check_call_arguments, check_latents
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError, echo
 from catrt.models import PIPELINES, make_adapter
 from catrt.models.inputs import check_transformer_inputs
-from catrt.pipeline_spec import PipelineSpec, call_default, denoising_steps, strength_steps
+from catrt.pipeline_spec import PipelineSpec, call_default, custom_schedule, denoising_steps, strength_steps
 from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
 
 
@@ -128,6 +129,9 @@ class AcceleratedPipeline:
             bound.arguments.update(fixes)
         bound.apply_defaults()
         steps = denoising_steps(bound.arguments)
+        schedule = custom_schedule(bound.arguments)
+        if schedule is not None and schedule[1] == 0:  # diffusers would run no step and decode pure noise
+            raise ConfigError(f"{schedule[0]} is empty: give at least t0 + 1 values, or leave it None", field=schedule[0])
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"num_inference_steps must be a positive integer, got {echo(steps)}", field="num_inference_steps")
         if self.spec.check_call is not None:
@@ -144,6 +148,9 @@ class AcceleratedPipeline:
         self._follow_transformer()
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
+        check_call_arguments(self._signature, bound.arguments, guidance)
+        if not self.spec.takes_image:  # img2img sizes its latents from the image
+            check_latents(self.pipe, bound.arguments, default_image_size(self.pipe))
         runtime = self.runtime_class(
             self.adapter, config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
         )

@@ -274,6 +274,7 @@ def _token_grid(pipe: Any, arguments: dict[str, Any]) -> Grid:
     default = pipe.default_sample_size * pipe.vae_scale_factor
     per_token = pipe.vae_scale_factor * 2
     height, width = arguments.get("height") or default, arguments.get("width") or default
+    height, width = int(height), int(width)  # as diffusers reads a float size (64.0)
     for name, pixels in (("height", height), ("width", width)):
         if pixels // per_token < 1:  # diffusers would run it on an image of no tokens
             raise ConfigError(

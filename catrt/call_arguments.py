@@ -1,0 +1,100 @@
+"""The diffusers call arguments every accelerated pipeline checks before its first step, naming the argument.
+
+diffusers takes these without checking them, then fails deep in a tokenizer, a reshape or a `torch.cat`
+(an empty prompt list, `num_images_per_prompt=0`, a negative height, `max_sequence_length=0`, PixArt's
+negative prompts of another count) or runs a silently wrong generation (a NaN distilled guidance, a
+keyword PixArt's `**kwargs` swallows unread, such as `attention_kwargs`). Each is one `ConfigError` here,
+checked only where the pipeline's `__call__` takes the argument.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from typing import Any
+
+from catrt.errors import ConfigError, echo
+from catrt.pipeline_spec import guidance_value
+
+
+def check_call_arguments(signature: inspect.Signature, arguments: dict[str, Any], doubles_batch: bool) -> None:
+    """Raise a ConfigError naming the first argument of a bound pipeline call that diffusers cannot run as meant.
+
+    `arguments`: the call's bound arguments (defaults applied); `doubles_batch`: whether the call runs
+    classifier-free guidance, so its negative prompts are read.
+    """
+    _refuse_swallowed_keywords(signature, arguments)
+    prompts = _prompt_count(arguments)
+    _check_count(arguments, "num_images_per_prompt", 1)
+    _check_count(arguments, "max_sequence_length", 1)
+    for name in ("height", "width"):
+        size = arguments.get(name)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Real) or not size >= 0):
+            raise ConfigError(
+                f"{name} must be a positive number of pixels (or None for the pipeline's default), got {echo(size)}",
+                field=name, value=repr(size),
+            )
+    if "guidance_scale" in arguments and not math.isfinite(guidance_value(arguments["guidance_scale"])):
+        raise ConfigError(
+            f"guidance_scale must be a finite number, got {echo(arguments['guidance_scale'])}: it would make every image "
+            f"NaN (or drop guidance silently)", field="guidance_scale", value=repr(arguments["guidance_scale"]),
+        )
+    negative = arguments.get("negative_prompt")
+    if doubles_batch and prompts is not None and isinstance(negative, (list, tuple)) and len(negative) != prompts:
+        raise ConfigError(
+            f"negative_prompt has {len(negative)} prompts but prompt has {prompts}: give one negative prompt per prompt, "
+            f"or one string for all", field="negative_prompt", value=len(negative),
+        )
+
+
+def _refuse_swallowed_keywords(signature: inspect.Signature, arguments: dict[str, Any]) -> None:
+    """A keyword the pipeline's `**kwargs` takes but never reads (PixArt's) would be dropped silently."""
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD and arguments.get(name):
+            unknown = ", ".join(sorted(arguments[name]))
+            raise ConfigError(
+                f"this pipeline's __call__ has no argument(s) {echo(unknown)} (it would ignore them silently); "
+                f"check the spelling against its signature", field=sorted(arguments[name])[0],
+            )
+
+
+def _prompt_count(arguments: dict[str, Any]) -> int | None:
+    """How many prompts a call gives (None where prompt_embeds or something diffusers rejects itself stands instead)."""
+    prompt = arguments.get("prompt")
+    if isinstance(prompt, str):
+        return 1
+    if not isinstance(prompt, (list, tuple)):
+        return None
+    if not prompt and arguments.get("prompt_embeds") is None:
+        raise ConfigError(
+            "prompt is an empty list: give at least one prompt (a string or a list of strings)", field="prompt", value="[]"
+        )
+    return len(prompt)
+
+
+def _check_count(arguments: dict[str, Any], name: str, least: int) -> None:
+    """An integer argument (numpy's too) of at least `least`, where the call has it; None is left to diffusers."""
+    value = arguments.get(name)
+    if value is None or name not in arguments:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ConfigError(f"{name} must be an integer >= {least}, got {echo(value)}", field=name, value=repr(value))
+
+
+def check_latents(pipe: Any, arguments: dict[str, Any], default_size: int) -> None:
+    """A call's 4-D `latents=` must be the latent grid of its height and width: diffusers takes any shape unchecked
+    and runs (and decodes) that shape instead, a silently other image size. `default_size`: pixels where a side is
+    None. Packed (3-D) latents and resolution-binned calls (which resize height and width) are left to the runtime."""
+    latents = arguments.get("latents")
+    if not hasattr(latents, "ndim") or latents.ndim != 4 or arguments.get("use_resolution_binning"):
+        return
+    scale = int(pipe.vae_scale_factor)
+    cells = tuple(int(arguments.get(name) or default_size) // scale for name in ("height", "width"))
+    if tuple(latents.shape[2:]) != cells:
+        raise ConfigError(
+            f"latents have the latent grid {tuple(latents.shape[2:])}, but height x width "
+            f"{cells[0] * scale} x {cells[1] * scale} makes {cells} (pixels / {scale}): pass latents of shape "
+            f"(batch, channels, {cells[0]}, {cells[1]}), or the height and width they were made for",
+            field="latents", value=tuple(latents.shape),
+        )
