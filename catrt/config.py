@@ -115,10 +115,13 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def _plain_numbers(config: CATConfig) -> None:
-    """numpy's (and other) integers and reals as Python's int and float: `np.int64(3)` is a count, and the
+    """numpy's (and other) integers, reals and bools as Python's int, float and bool: `np.int64(3)` is a count, and the
     config's dict, hash and JSON stay plain. Built-in values, bools and non-numbers are left for the checks."""
     for field in fields(config):
         value = getattr(config, field.name)
+        if getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "ndim", None) == 0:
+            object.__setattr__(config, field.name, bool(value))  # numpy's bool (np.True_, a mask's item) is a bool
+            continue
         if type(value) in (int, float, bool) or not isinstance(value, numbers.Real):
             continue
         plain = int(value) if isinstance(value, numbers.Integral) else _plain_float(value)
