@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 from catrt.errors import ConfigError, echo
@@ -29,12 +30,7 @@ def check_call_arguments(signature: inspect.Signature, arguments: dict[str, Any]
     _check_count(arguments, "num_images_per_prompt", 1)
     _check_count(arguments, "max_sequence_length", 1)
     for name in ("height", "width"):
-        size = arguments.get(name)
-        if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Real) or not size >= 0):
-            raise ConfigError(
-                f"{name} must be a positive number of pixels (or None for the pipeline's default), got {echo(size)}",
-                field=name, value=repr(size),
-            )
+        check_image_side(name, arguments.get(name), least=0)
     if "guidance_scale" in arguments and not math.isfinite(guidance_value(arguments["guidance_scale"])):
         raise ConfigError(
             f"guidance_scale must be a finite number, got {echo(arguments['guidance_scale'])}: it would make every image "
@@ -45,6 +41,16 @@ def check_call_arguments(signature: inspect.Signature, arguments: dict[str, Any]
         raise ConfigError(
             f"negative_prompt has {len(negative)} prompts but prompt has {prompts}: give one negative prompt per prompt, "
             f"or one string for all", field="negative_prompt", value=len(negative),
+        )
+
+
+def check_image_side(name: str, size: Any, least: float = -math.inf) -> None:
+    """A call's height or width: None (the pipeline's default) or a finite number of pixels of at least `least`
+    (0, which diffusers reads as its default; a family checks its own smallest size, as FLUX does one token)."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Real) or not least <= size < math.inf):
+        raise ConfigError(
+            f"{name} must be a positive number of pixels (or None for the pipeline's default), got {echo(size)}",
+            field=name, value=repr(size),
         )
 
 
@@ -82,15 +88,18 @@ def _check_count(arguments: dict[str, Any], name: str, least: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {least}, got {echo(value)}", field=name, value=repr(value))
 
 
-def check_latents(pipe: Any, arguments: dict[str, Any], default_size: int) -> None:
+def check_latents(pipe: Any, arguments: dict[str, Any], default_size: Callable[[], int]) -> None:
     """A call's 4-D `latents=` must be the latent grid of its height and width: diffusers takes any shape unchecked
-    and runs (and decodes) that shape instead, a silently other image size. `default_size`: pixels where a side is
-    None. Packed (3-D) latents and resolution-binned calls (which resize height and width) are left to the runtime."""
+    and runs (and decodes) that shape instead, a silently other image size (a batch of another size is named by the
+    transformer input check). `default_size`: pixels where a side is None (asked only then). Packed (3-D) latents and
+    resolution-binned calls (which resize height and width) are left to the runtime."""
     latents = arguments.get("latents")
-    if not hasattr(latents, "ndim") or latents.ndim != 4 or arguments.get("use_resolution_binning"):
+    if not hasattr(latents, "ndim") or latents.ndim != 4:
         return
-    scale = int(pipe.vae_scale_factor)
-    cells = tuple(int(arguments.get(name) or default_size) // scale for name in ("height", "width"))
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if arguments.get("use_resolution_binning") or not isinstance(scale, int):
+        return
+    cells = tuple(int(arguments.get(name) or default_size()) // scale for name in ("height", "width"))
     if tuple(latents.shape[2:]) != cells:
         raise ConfigError(
             f"latents have the latent grid {tuple(latents.shape[2:])}, but height x width "

@@ -150,7 +150,7 @@ class AcceleratedPipeline:
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
         check_call_arguments(self._signature, bound.arguments, guidance)
         if not self.spec.takes_image:  # img2img sizes its latents from the image
-            check_latents(self.pipe, bound.arguments, default_image_size(self.pipe))
+            check_latents(self.pipe, bound.arguments, lambda: default_image_size(self.pipe))
         runtime = self.runtime_class(
             self.adapter, config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
         )

@@ -26,6 +26,7 @@ from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, Fl
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
+from catrt.call_arguments import check_image_side
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models.base import Context, KVStore, PackedTokensAdapter, attention, attention_kwargs_change_nothing, joint_attention
 from catrt.models.registry import Family, register_family
@@ -273,6 +274,8 @@ def _token_grid(pipe: Any, arguments: dict[str, Any]) -> Grid:
     """The packed-token grid of a FluxPipeline call: one token per 2x2 latent cells, as the pipeline packs them."""
     default = pipe.default_sample_size * pipe.vae_scale_factor
     per_token = pipe.vae_scale_factor * 2
+    for name in ("height", "width"):
+        check_image_side(name, arguments.get(name))  # a number: a string or NaN would fail in the arithmetic below
     height, width = arguments.get("height") or default, arguments.get("width") or default
     height, width = int(height), int(width)  # as diffusers reads a float size (64.0)
     for name, pixels in (("height", height), ("width", width)):
