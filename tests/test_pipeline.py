@@ -208,3 +208,36 @@ def test_lora_scale_one_runs_as_no_attention_kwargs(name: str, tiny_pipelines: d
     assert torch.equal(got, expected)
     with pytest.raises(UnsupportedModelError, match="joint_attention_kwargs"):
         fast(**call_kwargs(pipe, num_inference_steps=4), joint_attention_kwargs={"scale": 0.5})
+
+
+@pytest.mark.parametrize(("overrides", "field", "message"), [
+    ({"prompt_2": "x"}, "prompt_2", r"prompt_2 has 1 prompt\(s\) but prompt has 2: .*reuse prompt\)"),
+    ({"prompt_3": ["x", "y", "z"]}, "prompt_3", r"prompt_3 has 3 prompt\(s\) but prompt has 2"),
+    ({"negative_prompt_2": ["x"]}, "negative_prompt_2", r"negative_prompt_2 has 1 .*reuse negative_prompt\)"),
+])
+def test_sd3_second_and_third_prompts_of_another_count_are_refused_before_any_step(
+    overrides: dict[str, Any], field: str, message: str, tiny_pipelines: dict[str, Any]
+) -> None:
+    """SD3 concatenates its three encoders' outputs per prompt: diffusers fails on another count in a torch.cat."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    steps: list[int] = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *_: steps.append(1))
+    try:
+        with pytest.raises(ConfigError, match=message) as error:
+            catrt.accelerate(pipe, CATConfig(t0=2))(**call_kwargs(pipe, num_inference_steps=4, **overrides))
+    finally:
+        hook.remove()
+    assert error.value.field == field and steps == []
+
+
+def test_sd3_second_and_third_prompts_diffusers_accepts_run_as_diffusers_runs_them(tiny_pipelines: dict[str, Any]) -> None:
+    """What diffusers runs still runs: an empty prompt_2 (it reuses prompt), a list of the prompts' count, one negative
+    string for every prompt, and a negative list of any count without guidance (diffusers does not encode it)."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))
+    for overrides in (
+        {"prompt_2": [], "prompt_3": ["x", "y"], "negative_prompt_2": "z"},
+        {"negative_prompt_3": ["x"], "guidance_scale": 1.0},
+    ):
+        expected = pipe(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images
+        assert _relative_error(fast(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images, expected) < 1e-4
