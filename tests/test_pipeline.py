@@ -241,3 +241,23 @@ def test_sd3_second_and_third_prompts_diffusers_accepts_run_as_diffusers_runs_th
     ):
         expected = pipe(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images
         assert _relative_error(fast(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images, expected) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("attention_kwargs", [{"scale": 0.5}, {"ip_adapter_image_embeds": [torch.zeros(1)]}, "scale"])
+def test_attention_kwargs_that_change_attention_are_refused_before_text_encoding(
+    name: str, attention_kwargs: Any, tiny_pipelines: dict[str, Any]
+) -> None:
+    """A LoRA scale other than 1.0 (or an IP-adapter's inputs) is refused at the call, naming the fix, before the text
+    encoders or any step run: refused only at the first transformer call, the call had already encoded its prompts."""
+    pipe = tiny_pipelines[name]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))
+    calls: list[str] = []
+    hooks = [getattr(pipe, part).register_forward_pre_hook(lambda *_, part=part: calls.append(part)) for part in ("text_encoder", "transformer")]
+    try:
+        with pytest.raises(UnsupportedModelError, match=r"argument 'joint_attention_kwargs' .*not supported by catrt.*pipe\.fuse_lora"):
+            fast(**call_kwargs(pipe, num_inference_steps=4), joint_attention_kwargs=attention_kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == []

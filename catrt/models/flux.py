@@ -28,7 +28,15 @@ from torch import nn
 
 from catrt.call_arguments import check_image_side
 from catrt.errors import ConfigError, UnsupportedModelError
-from catrt.models.base import Context, KVStore, PackedTokensAdapter, attention, attention_kwargs_change_nothing, joint_attention
+from catrt.models.base import (
+    Context,
+    KVStore,
+    PackedTokensAdapter,
+    attention,
+    attention_kwargs_change_nothing,
+    joint_attention,
+    refuse_call_attention_kwargs,
+)
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
@@ -300,6 +308,7 @@ def _check_call(arguments: dict[str, Any]) -> None:
     for name in ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds"):
         if arguments.get(name) is not None:
             raise UnsupportedModelError(f"FluxPipeline argument {name!r} (IP-adapter) is not supported by catrt")
+    refuse_call_attention_kwargs("FluxPipeline", arguments)
 
 
 def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from catrt.models.base import (
     joint_attention,
     modulate_,
     project_qkv,
+    refuse_call_attention_kwargs,
     unfuse_hint,
 )
 from catrt.models.registry import Family, register_family
@@ -260,6 +261,7 @@ def _check_call(arguments: dict[str, Any]) -> None:
             "StableDiffusion3Pipeline argument 'skip_guidance_layers' (skip-layer guidance) calls the transformer a "
             "second time per step with layers skipped, which catrt does not support; leave it None"
         )
+    refuse_call_attention_kwargs("StableDiffusion3Pipeline", arguments)
     _check_prompt_counts(arguments)
 
 
