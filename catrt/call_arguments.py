@@ -26,8 +26,7 @@ def check_call_arguments(signature: inspect.Signature, arguments: dict[str, Any]
     classifier-free guidance, so its negative prompts are read.
     """
     _refuse_swallowed_keywords(signature, arguments)
-    prompts = _prompt_count(arguments)
-    _check_count(arguments, "num_images_per_prompt", 1)
+    request_batch(arguments)  # a prompt list that is empty or not texts, num_images_per_prompt < 1: refused by name
     _check_count(arguments, "max_sequence_length", 1)
     for name in ("height", "width"):
         check_image_side(name, arguments.get(name), least=0)
@@ -36,7 +35,8 @@ def check_call_arguments(signature: inspect.Signature, arguments: dict[str, Any]
             f"guidance_scale must be a finite number, got {echo(arguments['guidance_scale'])}: it would make every image "
             f"NaN (or drop guidance silently)", field="guidance_scale", value=repr(arguments["guidance_scale"]),
         )
-    negative = arguments.get("negative_prompt")
+    negative, prompt = arguments.get("negative_prompt"), arguments.get("prompt")
+    prompts = 1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, (list, tuple)) else None
     if doubles_batch and prompts is not None and isinstance(negative, (list, tuple)) and len(negative) != prompts:
         raise ConfigError(
             f"negative_prompt has {len(negative)} prompts but prompt has {prompts}: give one negative prompt per prompt, "
@@ -65,18 +65,32 @@ def _refuse_swallowed_keywords(signature: inspect.Signature, arguments: dict[str
             )
 
 
-def _prompt_count(arguments: dict[str, Any]) -> int | None:
-    """How many prompts a call gives (None where prompt_embeds or something diffusers rejects itself stands instead)."""
+def request_batch(arguments: dict[str, Any]) -> int:
+    """Images per call: prompts (or prompt embeddings) times images per prompt; a prompt that is no text or list
+    of texts, an empty list or a count of images that is no positive integer is refused, naming it. The one rule of
+    accelerated calls and engine bundles (whose static graphs take exactly the built batch)."""
     prompt = arguments.get("prompt")
     if isinstance(prompt, str):
-        return 1
-    if not isinstance(prompt, (list, tuple)):
-        return None
-    if not prompt and arguments.get("prompt_embeds") is None:
+        prompts = 1
+    elif prompt is not None:
+        if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
+            raise ConfigError(
+                f"prompt must be a text or a non-empty list of texts, got {_describe(prompt)}", field="prompt", value=_describe(prompt)
+            )
+        prompts = len(prompt)
+    else:
+        embeds = arguments.get("prompt_embeds")
+        prompts = embeds.shape[0] if getattr(embeds, "ndim", 0) >= 1 else 1  # not a tensor: diffusers names it
+    per_prompt = arguments.get("num_images_per_prompt", 1)
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, numbers.Integral) or per_prompt < 1:
         raise ConfigError(
-            "prompt is an empty list: give at least one prompt (a string or a list of strings)", field="prompt", value="[]"
+            f"num_images_per_prompt must be a positive integer, got {echo(per_prompt)}", field="num_images_per_prompt", value=per_prompt
         )
-    return len(prompt)
+    return prompts * int(per_prompt)
+
+
+def _describe(value: Any) -> str:
+    return f"an empty {type(value).__name__}" if isinstance(value, (list, tuple)) and not value else f"{type(value).__name__} {echo(value)}"
 
 
 def _check_count(arguments: dict[str, Any], name: str, least: int) -> None:

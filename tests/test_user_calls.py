@@ -298,10 +298,12 @@ def _wrong_latents(pipe: Any) -> torch.Tensor:
 #: (model, call arguments, field named, message): each one diffusers would fail on deep in a tokenizer, a reshape or a
 #: torch.cat, or would run silently wrong (a swallowed keyword, a NaN guidance, latents of another size).
 _CALL_MISTAKES = [
-    ("tiny-sd3", {"prompt": []}, "prompt", "prompt is an empty list"),
-    ("tiny-pixart", {"prompt": []}, "prompt", "prompt is an empty list"),
-    ("tiny-flux", {"num_images_per_prompt": 0}, "num_images_per_prompt", r"num_images_per_prompt must be an integer >= 1, got 0"),
-    ("tiny-sd3", {"num_images_per_prompt": -1}, "num_images_per_prompt", r"must be an integer >= 1, got -1"),
+    ("tiny-sd3", {"prompt": []}, "prompt", "prompt must be a text or a non-empty list of texts, got an empty list"),
+    ("tiny-pixart", {"prompt": []}, "prompt", "prompt must be a text or a non-empty list of texts, got an empty list"),
+    ("tiny-flux", {"prompt": ["a", 3]}, "prompt", "prompt must be a text or a non-empty list of texts, got list"),
+    ("tiny-flux", {"num_images_per_prompt": 0}, "num_images_per_prompt", "num_images_per_prompt must be a positive integer, got 0"),
+    ("tiny-sd3", {"num_images_per_prompt": -1}, "num_images_per_prompt", "num_images_per_prompt must be a positive integer, got -1"),
+    ("tiny-pixart", {"num_images_per_prompt": 2.0}, "num_images_per_prompt", "must be a positive integer, got 2.0"),
     ("tiny-pixart", {"height": -16}, "height", r"height must be a positive number of pixels .*got -16"),
     ("tiny-sd3", {"width": float("nan")}, "width", "width must be a positive number of pixels"),
     ("tiny-flux", {"height": float("nan")}, "height", "height must be a positive number of pixels .*got nan"),
