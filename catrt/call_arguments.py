@@ -15,6 +15,8 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from catrt.errors import ConfigError, echo
 from catrt.pipeline_spec import guidance_value
 
@@ -26,6 +28,7 @@ def check_call_arguments(signature: inspect.Signature, arguments: dict[str, Any]
     classifier-free guidance, so its negative prompts are read.
     """
     _refuse_swallowed_keywords(signature, arguments)
+    _check_kinds(arguments)
     request_batch(arguments)  # a prompt list that is empty or not texts, num_images_per_prompt < 1: refused by name
     _check_count(arguments, "max_sequence_length", 1)
     for name in ("height", "width"):
@@ -51,6 +54,38 @@ def check_image_side(name: str, size: Any, least: float = -math.inf) -> None:
         raise ConfigError(
             f"{name} must be a positive number of pixels (or None for the pipeline's default), got {echo(size)}",
             field=name, value=repr(size),
+        )
+
+
+#: Call arguments diffusers reads as tensors (`.shape`, `.to`): a numpy array or list there fails deep in it.
+TENSOR_ARGUMENTS: tuple[str, ...] = (
+    "latents", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+    "prompt_attention_mask", "negative_prompt_attention_mask",
+)
+
+
+def _check_kinds(arguments: dict[str, Any]) -> None:
+    """Tensors, generators and callbacks of the kind diffusers uses them as, which it fails on deep (or after the
+    first step, for a callback) when they are not."""
+    for name in TENSOR_ARGUMENTS:
+        value = arguments.get(name)
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise ConfigError(
+                f"{name} must be a torch.Tensor, got {type(value).__name__}: convert it with torch.as_tensor on the "
+                f"pipeline's device and dtype", field=name, value=type(value).__name__,
+            )
+    generator = arguments.get("generator")
+    generators = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(one, torch.Generator) for one in generators):
+        raise ConfigError(
+            f"generator must be a torch.Generator or a list of them, got {echo(generator)}: seed one with "
+            f"torch.Generator(device).manual_seed(seed)", field="generator", value=type(generator).__name__,
+        )
+    callback = arguments.get("callback_on_step_end")
+    if callback is not None and not callable(callback):
+        raise ConfigError(
+            f"callback_on_step_end must be a function (pipe, step, timestep, tensors) -> dict, got {echo(callback)}",
+            field="callback_on_step_end", value=type(callback).__name__,
         )
 
 

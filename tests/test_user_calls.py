@@ -317,6 +317,9 @@ _CALL_MISTAKES = [
     ("tiny-pixart", {"attention_kwargs": {"scale": 0.5}}, "attention_kwargs", r"no argument\(s\) 'attention_kwargs'"),
     ("tiny-pixart", {"callback_on_step_end": lambda *_: {}}, "callback_on_step_end", "would ignore them silently"),
     ("tiny-sd3", {"sigmas": []}, "sigmas", "sigmas is empty"),
+    ("tiny-sd3", {"generator": 0}, "generator", r"generator must be a torch.Generator or a list of them, got 0"),
+    ("tiny-flux", {"callback_on_step_end": "halve"}, "callback_on_step_end", "callback_on_step_end must be a function"),
+    ("tiny-pixart", {"latents": np.zeros((2, 4, 8, 12), np.float32)}, "latents", "latents must be a torch.Tensor, got ndarray"),
     ("tiny-sd3", {"latents": "wrong"}, "latents", r"latents have the latent grid \(8, 8\), but height x width 64 x 96 makes \(8, 12\)"),
     ("tiny-pixart", {"latents": "wrong"}, "latents", r"latents have the latent grid \(8, 8\)"),
 ]
@@ -327,13 +330,14 @@ def test_call_arguments_diffusers_fails_on_deep_are_refused_by_name_before_any_s
     name: str, overrides: dict[str, Any], field: str, message: str, tiny_pipelines: dict[str, Any]
 ) -> None:
     pipe = tiny_pipelines[name]
-    if overrides.get("latents") == "wrong":
+    if isinstance(overrides.get("latents"), str):  # "wrong": made for this pipeline
         overrides = {"latents": _wrong_latents(pipe)}
     steps: list[int] = []
     hook = pipe.transformer.register_forward_pre_hook(lambda *_: steps.append(1))
     try:
         with pytest.raises(ConfigError, match=message) as error:
-            catrt.accelerate(pipe, CATConfig(t0=2))(**call_kwargs(pipe, num_inference_steps=4, **overrides))
+            kwargs = call_kwargs(pipe, num_inference_steps=4, **overrides)
+            catrt.accelerate(pipe, CATConfig(t0=2))(**{**kwargs, **overrides})  # call_kwargs seeds its own generator
     finally:
         hook.remove()
     assert error.value.field == field and steps == []
