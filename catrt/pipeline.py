@@ -24,7 +24,7 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from catrt.call_arguments import check_call_arguments, check_latents
+from catrt.call_arguments import check_call_arguments, check_latents, request_batch
 from catrt.callbacks import check_cfg_cutoff
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError, echo
@@ -104,8 +104,8 @@ class AcceleratedPipeline:
         """The config of a call at `alpha` (None = `config.alpha`): `config` with that alpha, validated once."""
         if alpha is None:
             return self.config
-        if not isinstance(alpha, numbers.Real):  # a list or a tensor: not hashable, or not one value
-            replace(self.config, alpha=alpha)  # CATConfig refuses it, naming alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):  # a list or a tensor: not hashable, or not
+            replace(self.config, alpha=alpha)  # one value; True would find alpha 1's config (True == 1): CATConfig refuses it
         if alpha not in self._configs:
             self._configs[alpha] = replace(self.config, alpha=alpha)  # CATConfig checks the value, naming alpha
         return self._configs[alpha]
@@ -150,7 +150,7 @@ class AcceleratedPipeline:
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
         check_call_arguments(self._signature, bound.arguments, guidance)
-        check_cfg_cutoff(bound.arguments.get("callback_on_step_end"), guidance, steps)
+        check_cfg_cutoff(bound.arguments.get("callback_on_step_end"), request_batch(bound.arguments) * (1 + guidance), steps)
         if not self.spec.takes_image:  # img2img sizes its latents from the image
             check_latents(self.pipe, bound.arguments, lambda: default_image_size(self.pipe))
         runtime = self.runtime_class(

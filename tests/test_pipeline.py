@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, SD3CFGCutoffCallback
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -264,24 +265,25 @@ def test_attention_kwargs_that_change_attention_are_refused_before_text_encoding
 
 
 def test_a_cfg_cutoff_callback_is_refused_before_any_step_where_it_would_halve_the_batch(tiny_pipelines: dict[str, Any]) -> None:
-    """diffusers' SD3CFGCutoffCallback drops the unconditional half of the batch after its cutoff step: refused at the
+    """diffusers' SD3CFGCutoffCallback turns guidance off after its cutoff step and keeps one prompt embedding: refused at the
     call, naming callback_on_step_end (the runtime refused it only at the step after the cutoff). A cutoff at the last
-    step, or a generation without guidance, changes no batch a step sees, and runs as diffusers runs it."""
-    from diffusers.callbacks import MultiPipelineCallbacks, SD3CFGCutoffCallback
-
+    step, or a generation of one image without guidance, changes no batch a step sees, and runs as diffusers runs it."""
     pipe = tiny_pipelines["tiny-sd3"]
     fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))
     steps: list[int] = []
     hook = pipe.transformer.register_forward_pre_hook(lambda *_: steps.append(1))
     try:
-        for callback in (SD3CFGCutoffCallback(cutoff_step_ratio=0.5), MultiPipelineCallbacks([SD3CFGCutoffCallback(cutoff_step_index=2)])):
-            with pytest.raises(ConfigError, match=r"callback_on_step_end SD3CFGCutoffCallback turns guidance off after step 3 of 6") as error:
+        for callback in (SD3CFGCutoffCallback(cutoff_step_ratio=0.5), MultiPipelineCallbacks([SD3CFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=3)])):
+            with pytest.raises(ConfigError, match=r"callback_on_step_end SD3CFGCutoffCallback turns guidance off after step 4 of 6") as error:
                 fast(**call_kwargs(pipe, num_inference_steps=6), callback_on_step_end=callback)
             assert error.value.field == "callback_on_step_end"
     finally:
         hook.remove()
     assert steps == []
-    for callback, guidance in ((SD3CFGCutoffCallback(cutoff_step_index=5), 4.0), (SD3CFGCutoffCallback(cutoff_step_ratio=0.5), 1.0)):
-        kwargs = dict(num_inference_steps=6, guidance_scale=guidance)
+    for callback, kwargs in (
+        (SD3CFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=5), {}),
+        (SD3CFGCutoffCallback(cutoff_step_ratio=0.5), {"prompt": "a green square", "guidance_scale": 1.0}),
+    ):
+        kwargs = dict(num_inference_steps=6, **kwargs)
         expected = pipe(**call_kwargs(pipe, **kwargs), callback_on_step_end=callback).images
         assert _relative_error(fast(**call_kwargs(pipe, **kwargs), callback_on_step_end=callback).images, expected) < 1e-4
