@@ -156,3 +156,20 @@ def check_latents(pipe: Any, arguments: dict[str, Any], default_size: Callable[[
             f"(batch, channels, {cells[0]}, {cells[1]}), or the height and width they were made for",
             field="latents", value=tuple(latents.shape),
         )
+
+
+def check_clip_skip(pipe: Any, arguments: dict[str, Any]) -> None:
+    """SD3's `clip_skip` reads CLIP's hidden state -(clip_skip + 2): an integer from 0 to the layers of its shallowest
+    CLIP text encoder minus 1 (diffusers fails on more with an IndexError while encoding the prompt)."""
+    clip_skip = arguments.get("clip_skip")
+    if clip_skip is None or "prompt_embeds" in arguments and arguments["prompt_embeds"] is not None:
+        return
+    encoders = (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
+    layers = [getattr(getattr(encoder, "config", None), "num_hidden_layers", None) for encoder in encoders]
+    most = min(count for count in layers if isinstance(count, int)) - 1 if any(isinstance(c, int) for c in layers) else None
+    whole = isinstance(clip_skip, numbers.Integral) and not isinstance(clip_skip, bool)
+    if not whole or clip_skip < 0 or (most is not None and clip_skip > most):
+        allowed = f"from 0 to {most}, the CLIP text encoders' layers - 1" if most is not None else ">= 0"
+        raise ConfigError(
+            f"clip_skip must be an integer {allowed}, got {echo(clip_skip)}", field="clip_skip", value=repr(clip_skip)
+        )

@@ -317,6 +317,8 @@ _CALL_MISTAKES = [
     ("tiny-pixart", {"attention_kwargs": {"scale": 0.5}}, "attention_kwargs", r"no argument\(s\) 'attention_kwargs'"),
     ("tiny-pixart", {"callback_on_step_end": lambda *_: {}}, "callback_on_step_end", "would ignore them silently"),
     ("tiny-sd3", {"sigmas": []}, "sigmas", "sigmas is empty"),
+    ("tiny-sd3", {"clip_skip": 100}, "clip_skip", r"clip_skip must be an integer from 0 to \d+, the CLIP text encoders' layers - 1, got 100"),
+    ("tiny-sd3", {"clip_skip": -1}, "clip_skip", "clip_skip must be an integer from 0 to"),
     ("tiny-sd3", {"generator": 0}, "generator", r"generator must be a torch.Generator or a list of them, got 0"),
     ("tiny-flux", {"callback_on_step_end": "halve"}, "callback_on_step_end", "callback_on_step_end must be a function"),
     ("tiny-pixart", {"latents": np.zeros((2, 4, 8, 12), np.float32)}, "latents", "latents must be a torch.Tensor, got ndarray"),
@@ -353,6 +355,7 @@ def test_call_values_diffusers_runs_still_run_as_diffusers_runs_them(name: str, 
         {"height": 64.0, "width": 96.0},
         {"guidance_scale": 1.0, "num_images_per_prompt": np.int64(2), "max_sequence_length": np.int64(16)},
         {"prompt": ["", ""], "negative_prompt": ["x", "y"]},
+        {"clip_skip": 1} if name == "tiny-sd3" else {},
     ):
         expected = pipe(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images
         got = fast(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images
