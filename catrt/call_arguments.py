@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from catrt.config import CATConfig
 from catrt.errors import ConfigError, echo
 from catrt.pipeline_spec import guidance_value
 
@@ -172,4 +173,15 @@ def check_clip_skip(pipe: Any, arguments: dict[str, Any]) -> None:
         allowed = f"from 0 to {most}, the CLIP text encoders' layers - 1" if most is not None else ">= 0"
         raise ConfigError(
             f"clip_skip must be an integer {allowed}, got {echo(clip_skip)}", field="clip_skip", value=repr(clip_skip)
+        )
+
+
+def refuse_config_keywords(signature: inspect.Signature, kwargs: dict[str, Any]) -> None:
+    """A CATConfig field given to a call (`t0=3`) that the pipeline does not take: only `alpha` is per call, and
+    Python's "unexpected keyword argument" would not say where the others go."""
+    fields = [name for name in kwargs if name in CATConfig.__dataclass_fields__ and name not in signature.parameters]
+    if fields:
+        raise ConfigError(
+            f"{fields[0]} is a CATConfig setting, fixed when the pipeline is accelerated (only alpha= changes per call): "
+            f"accelerate it with catrt.CATConfig({fields[0]}=...)", field=fields[0],
         )

@@ -24,7 +24,7 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from catrt.call_arguments import check_call_arguments, check_clip_skip, check_latents, request_batch
+from catrt.call_arguments import check_call_arguments, check_clip_skip, check_latents, refuse_config_keywords, request_batch
 from catrt.callbacks import check_cfg_cutoff
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError, echo
@@ -123,6 +123,7 @@ class AcceleratedPipeline:
 
     def _call(self, args: tuple[Any, ...], alpha: float | None, kwargs: dict[str, Any]) -> Any:
         config = self.config_for(alpha)
+        refuse_config_keywords(self._signature, kwargs)
         bound = self._signature.bind(*args, **kwargs)
         if self.spec.default_fixes is not None:
             fixes = {name: value for name, value in self.spec.default_fixes(self.pipe).items() if name not in bound.arguments}

@@ -360,3 +360,13 @@ def test_call_values_diffusers_runs_still_run_as_diffusers_runs_them(name: str, 
         expected = pipe(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images
         got = fast(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images
         assert got.shape == expected.shape and _relative_error(got, expected) < 1e-4
+
+
+@pytest.mark.parametrize(("name", "setting"), [("tiny-sd3", "t0"), ("tiny-pixart", "n_clusters"), ("tiny-flux", "trace")])
+def test_a_catconfig_setting_given_to_a_call_names_where_it_goes(name: str, setting: str, tiny_pipelines: dict[str, Any]) -> None:
+    """Only alpha= is per call; another CATConfig field was Python's bare "unexpected keyword" (PixArt's **kwargs
+    swallowed it)."""
+    pipe = tiny_pipelines[name]
+    with pytest.raises(ConfigError, match=rf"{setting} is a CATConfig setting, .*catrt.CATConfig\({setting}=...\)") as error:
+        catrt.accelerate(pipe, CATConfig(t0=2))(**call_kwargs(pipe, num_inference_steps=4), **{setting: 3})
+    assert error.value.field == setting
