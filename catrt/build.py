@@ -81,6 +81,12 @@ def build_engines(
         >>> path = build_engines(BuildConfig("tiny-sd3", height=64, width=64, steps=12, t0=4))
         >>> fast = catrt.load(path)
     """
+    if not isinstance(config, BuildConfig):  # a dict would fail deep in the build: make the config first
+        raise ConfigError(
+            f"build_engines takes a catrt BuildConfig, got {type(config).__name__} {echo(config)}; make one with "
+            f"BuildConfig(model, height=..., steps=...) (or BuildConfig.from_dict for a dict)",
+            field="config", value=type(config).__name__,
+        )
     if sign_key is not None:
         sign_key = resolve_key(sign_key)  # an empty or non-bytes key is refused before any work
     config = config.resolved(backend=resolve_backend(config.backend), model=model_reference(config.model))

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from catrt.checks import ALPHA_REL_TOL, MAX_BATCH, MAX_STEPS, alike_alphas, integer, require
-from catrt.config import CATConfig, config_from_dict
+from catrt.config import CATConfig, config_from_dict, plain_numbers
 from catrt.errors import ConfigError, echo
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -69,8 +69,10 @@ class BuildConfig:
     max_sequence_length: int | None = None
 
     def __post_init__(self) -> None:
+        plain_numbers(self)  # numpy counts (np.int64(6) steps) as Python's, as CATConfig takes them
         _check_alphas(self.alphas)
-        object.__setattr__(self, "alphas", tuple(self.alphas))  # a list read back from JSON
+        # a list read back from JSON; numpy alphas as the decimals they print, as CATConfig reads them
+        object.__setattr__(self, "alphas", tuple(CATConfig(alpha=alpha).alpha for alpha in self.alphas))
         require("BuildConfig", "model", self.model, isinstance(self.model, str) and bool(self.model), "a model name or folder")
         for name in ("height", "width", "max_sequence_length"):
             value = getattr(self, name)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import numbers
 import os
 from collections.abc import Iterator
 from dataclasses import replace
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from catrt.build_config import FIXED_CAT_FIELDS, BuildConfig, check_static_schedule
+from catrt.call_arguments import request_batch
 from catrt.config import CATConfig
 from catrt.engines import ENGINES, Engine, GraphSpec
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, EngineMismatchError, UnknownModelError, echo
@@ -148,33 +148,6 @@ def check_request(arguments: dict[str, Any], build: BuildConfig, spec: PipelineS
             "this engine runs classifier-free guidance (2 x batch rows); call it with guidance_scale > 1",
             field="guidance_scale", value=arguments.get("guidance_scale"),
         )
-
-
-def request_batch(arguments: dict[str, Any]) -> int:
-    """Images per call: prompts (or prompt embeddings) times images per prompt; a prompt that is no text or list
-    of texts, an empty list or a count of images that is no positive integer is refused, naming it."""
-    prompt = arguments.get("prompt")
-    if isinstance(prompt, str):
-        prompts = 1
-    elif prompt is not None:
-        if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
-            raise ConfigError(
-                f"prompt must be a text or a non-empty list of texts, got {_describe(prompt)}", field="prompt", value=_describe(prompt)
-            )
-        prompts = len(prompt)
-    else:
-        embeds = arguments.get("prompt_embeds")
-        prompts = 1 if embeds is None else embeds.shape[0]
-    per_prompt = arguments.get("num_images_per_prompt", 1)
-    if isinstance(per_prompt, bool) or not isinstance(per_prompt, numbers.Integral) or per_prompt < 1:
-        raise ConfigError(
-            f"num_images_per_prompt must be a positive integer, got {echo(per_prompt)}", field="num_images_per_prompt", value=per_prompt
-        )
-    return prompts * int(per_prompt)
-
-
-def _describe(value: Any) -> str:
-    return f"an empty {type(value).__name__}" if isinstance(value, (list, tuple)) and not value else f"{type(value).__name__} {echo(value)}"
 
 
 def load(

@@ -68,7 +68,7 @@ class CATConfig:
     rule: SelectionRule = "cat"
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        plain_numbers(self)
         _check_number("alpha", self.alpha, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
         _check_int("t0", self.t0, ">= 2", lambda v: v >= 2)
         _check_int("n_clusters", self.n_clusters, ">= 1", lambda v: v >= 1)
@@ -120,11 +120,15 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**data)
 
 
-def _plain_numbers(config: CATConfig) -> None:
-    """numpy's (and other) integers and reals as Python's int and float: `np.int64(3)` is a count, and the
-    config's dict, hash and JSON stay plain. Built-in values, bools and non-numbers are left for the checks."""
+def plain_numbers(config: Any) -> None:
+    """numpy's (and other) integers, reals and bools as Python's int, float and bool: `np.int64(3)` is a count, and the
+    config's dict, hash and JSON stay plain. Built-in values, bools and non-numbers are left for the checks. Any frozen
+    config dataclass (CATConfig, BuildConfig)."""
     for field in fields(config):
         value = getattr(config, field.name)
+        if getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "ndim", None) == 0:
+            object.__setattr__(config, field.name, bool(value))  # numpy's bool (np.True_, a mask's item) is a bool
+            continue
         if type(value) in (int, float, bool) or not isinstance(value, numbers.Real):
             continue
         plain = int(value) if isinstance(value, numbers.Integral) else _plain_float(value)

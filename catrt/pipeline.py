@@ -24,11 +24,13 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
+from catrt.call_arguments import check_call_arguments, check_clip_skip, check_latents, refuse_config_keywords, request_batch
+from catrt.callbacks import check_cfg_cutoff
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError, echo
 from catrt.models import PIPELINES, make_adapter
 from catrt.models.inputs import check_transformer_inputs
-from catrt.pipeline_spec import PipelineSpec, call_default, denoising_steps, strength_steps
+from catrt.pipeline_spec import PipelineSpec, call_default, custom_schedule, denoising_steps, strength_steps
 from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
 
 
@@ -102,8 +104,8 @@ class AcceleratedPipeline:
         """The config of a call at `alpha` (None = `config.alpha`): `config` with that alpha, validated once."""
         if alpha is None:
             return self.config
-        if not isinstance(alpha, numbers.Real):  # a list or a tensor: not hashable, or not one value
-            replace(self.config, alpha=alpha)  # CATConfig refuses it, naming alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):  # a list or a tensor: not hashable, or not
+            replace(self.config, alpha=alpha)  # one value; True would find alpha 1's config (True == 1): CATConfig refuses it
         if alpha not in self._configs:
             self._configs[alpha] = replace(self.config, alpha=alpha)  # CATConfig checks the value, naming alpha
         return self._configs[alpha]
@@ -121,6 +123,7 @@ class AcceleratedPipeline:
 
     def _call(self, args: tuple[Any, ...], alpha: float | None, kwargs: dict[str, Any]) -> Any:
         config = self.config_for(alpha)
+        refuse_config_keywords(self._signature, kwargs)
         bound = self._signature.bind(*args, **kwargs)
         if self.spec.default_fixes is not None:
             fixes = {name: value for name, value in self.spec.default_fixes(self.pipe).items() if name not in bound.arguments}
@@ -128,6 +131,9 @@ class AcceleratedPipeline:
             bound.arguments.update(fixes)
         bound.apply_defaults()
         steps = denoising_steps(bound.arguments)
+        schedule = custom_schedule(bound.arguments)
+        if schedule is not None and schedule[1] == 0:  # diffusers would run no step and decode pure noise
+            raise ConfigError(f"{schedule[0]} is empty: give at least t0 + 1 values, or leave it None", field=schedule[0])
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"num_inference_steps must be a positive integer, got {echo(steps)}", field="num_inference_steps")
         if self.spec.check_call is not None:
@@ -144,6 +150,11 @@ class AcceleratedPipeline:
         self._follow_transformer()
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
+        check_call_arguments(self._signature, bound.arguments, guidance)
+        check_clip_skip(self.pipe, bound.arguments)
+        check_cfg_cutoff(bound.arguments.get("callback_on_step_end"), request_batch(bound.arguments) * (1 + guidance), steps)
+        if not self.spec.takes_image:  # img2img sizes its latents from the image
+            check_latents(self.pipe, bound.arguments, lambda: default_image_size(self.pipe))
         runtime = self.runtime_class(
             self.adapter, config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
         )

@@ -67,6 +67,16 @@ def test_a_per_call_alpha_out_of_range_is_a_config_error(tiny_pipelines: dict[st
     assert caught.value.field == "alpha"
 
 
+def test_a_per_call_alpha_of_true_is_refused_even_after_an_alpha_of_one(tiny_pipelines: dict[str, Any]) -> None:
+    # True == 1 and hashes alike: the per-alpha config cache must not hand alpha=True the alpha 1 config
+    pipe = tiny_pipelines["tiny-pixart"]
+    fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.3, t0=2))
+    fast(**call_kwargs(pipe, num_inference_steps=3), alpha=1)
+    with pytest.raises(ConfigError, match=r"CATConfig.alpha must be in \(0, 1\], got True") as caught:
+        fast(**call_kwargs(pipe, num_inference_steps=3), alpha=True)
+    assert caught.value.field == "alpha"
+
+
 # -- multi-alpha bundles -----------------------------------------------------------------------
 
 ALPHAS = (0.3, 0.5, 0.2)  # N = 24 tokens at 96x64: k = 8, 12, 5

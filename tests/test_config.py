@@ -73,6 +73,16 @@ def test_a_numpy_alpha_is_the_decimal_it_was_written_as_and_selects_the_same_k(k
     assert CATConfig(alpha=np.float32(0.3)).num_selected(1000) == 300
 
 
+def test_a_numpy_bool_is_a_bool_for_trace_and_never_a_number() -> None:
+    # a flag read from a numpy array or mask (np.True_) is a bool; as a count or fraction it is refused as True is
+    config = CATConfig(trace=np.bool_(True))
+    assert config.trace is True and config == CATConfig(trace=True)
+    for name in ("alpha", "t0"):
+        with pytest.raises(ConfigError, match=f"CATConfig.{name} must be .*got True") as error:
+            CATConfig(**{name: np.bool_(True)})
+        assert error.value.field == name
+
+
 # -- echoed values --------------------------------------------------------------------------------
 
 HUGE = "y" * 10_000

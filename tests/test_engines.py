@@ -395,6 +395,23 @@ def test_build_config_is_validated(overrides: dict[str, Any], field: str) -> Non
     assert caught.value.field == field
 
 
+def test_build_config_takes_numpy_numbers_as_catconfig_does() -> None:
+    import numpy as np
+
+    config = BuildConfig("tiny-sd3", height=np.int64(64), width=np.int32(96), steps=np.int64(6), t0=np.int64(3),
+                         alphas=(np.float32(0.3), 0.5), max_sequence_length=np.int64(16))
+    assert config == BuildConfig("tiny-sd3", height=64, width=96, steps=6, t0=3, alphas=(0.3, 0.5), max_sequence_length=16)
+    assert type(config.steps) is int and type(config.alphas[0]) is float and config.alphas[0] == 0.3
+    with pytest.raises(ConfigError, match="BuildConfig.steps must be an integer from 1 to 1000, got True"):
+        BuildConfig("tiny-sd3", steps=np.bool_(True))
+
+
+def test_build_engines_refuses_a_config_that_is_no_build_config_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"build_engines takes a catrt BuildConfig, got dict .*BuildConfig.from_dict") as caught:
+        build_engines({"model": "tiny-sd3"}, out_dir=tmp_path / "out", export_dir=tmp_path / "export", progress=False)
+    assert caught.value.field == "config" and not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of half precision")
 def test_half_precision_on_a_cpu_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"precision fp16 needs a CUDA device") as caught:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, SD3CFGCutoffCallback
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -208,3 +209,81 @@ def test_lora_scale_one_runs_as_no_attention_kwargs(name: str, tiny_pipelines: d
     assert torch.equal(got, expected)
     with pytest.raises(UnsupportedModelError, match="joint_attention_kwargs"):
         fast(**call_kwargs(pipe, num_inference_steps=4), joint_attention_kwargs={"scale": 0.5})
+
+
+@pytest.mark.parametrize(("overrides", "field", "message"), [
+    ({"prompt_2": "x"}, "prompt_2", r"prompt_2 has 1 prompt\(s\) but prompt has 2: .*reuse prompt\)"),
+    ({"prompt_3": ["x", "y", "z"]}, "prompt_3", r"prompt_3 has 3 prompt\(s\) but prompt has 2"),
+    ({"negative_prompt_2": ["x"]}, "negative_prompt_2", r"negative_prompt_2 has 1 .*reuse negative_prompt\)"),
+])
+def test_sd3_second_and_third_prompts_of_another_count_are_refused_before_any_step(
+    overrides: dict[str, Any], field: str, message: str, tiny_pipelines: dict[str, Any]
+) -> None:
+    """SD3 concatenates its three encoders' outputs per prompt: diffusers fails on another count in a torch.cat."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    steps: list[int] = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *_: steps.append(1))
+    try:
+        with pytest.raises(ConfigError, match=message) as error:
+            catrt.accelerate(pipe, CATConfig(t0=2))(**call_kwargs(pipe, num_inference_steps=4, **overrides))
+    finally:
+        hook.remove()
+    assert error.value.field == field and steps == []
+
+
+def test_sd3_second_and_third_prompts_diffusers_accepts_run_as_diffusers_runs_them(tiny_pipelines: dict[str, Any]) -> None:
+    """What diffusers runs still runs: an empty prompt_2 (it reuses prompt), a list of the prompts' count, one negative
+    string for every prompt, and a negative list of any count without guidance (diffusers does not encode it)."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))
+    for overrides in (
+        {"prompt_2": [], "prompt_3": ["x", "y"], "negative_prompt_2": "z"},
+        {"negative_prompt_3": ["x"], "guidance_scale": 1.0},
+    ):
+        expected = pipe(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images
+        assert _relative_error(fast(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images, expected) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("attention_kwargs", [{"scale": 0.5}, {"ip_adapter_image_embeds": [torch.zeros(1)]}, "scale"])
+def test_attention_kwargs_that_change_attention_are_refused_before_text_encoding(
+    name: str, attention_kwargs: Any, tiny_pipelines: dict[str, Any]
+) -> None:
+    """A LoRA scale other than 1.0 (or an IP-adapter's inputs) is refused at the call, naming the fix, before the text
+    encoders or any step run: refused only at the first transformer call, the call had already encoded its prompts."""
+    pipe = tiny_pipelines[name]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))
+    calls: list[str] = []
+    hooks = [getattr(pipe, part).register_forward_pre_hook(lambda *_, part=part: calls.append(part)) for part in ("text_encoder", "transformer")]
+    try:
+        with pytest.raises(UnsupportedModelError, match=r"argument 'joint_attention_kwargs' .*not supported by catrt.*pipe\.fuse_lora"):
+            fast(**call_kwargs(pipe, num_inference_steps=4), joint_attention_kwargs=attention_kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == []
+
+
+def test_a_cfg_cutoff_callback_is_refused_before_any_step_where_it_would_halve_the_batch(tiny_pipelines: dict[str, Any]) -> None:
+    """diffusers' SD3CFGCutoffCallback turns guidance off after its cutoff step and keeps one prompt embedding: refused at the
+    call, naming callback_on_step_end (the runtime refused it only at the step after the cutoff). A cutoff at the last
+    step, or a generation of one image without guidance, changes no batch a step sees, and runs as diffusers runs it."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))
+    steps: list[int] = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *_: steps.append(1))
+    try:
+        for callback in (SD3CFGCutoffCallback(cutoff_step_ratio=0.5), MultiPipelineCallbacks([SD3CFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=3)])):
+            with pytest.raises(ConfigError, match=r"callback_on_step_end SD3CFGCutoffCallback turns guidance off after step 4 of 6") as error:
+                fast(**call_kwargs(pipe, num_inference_steps=6), callback_on_step_end=callback)
+            assert error.value.field == "callback_on_step_end"
+    finally:
+        hook.remove()
+    assert steps == []
+    for callback, kwargs in (
+        (SD3CFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=5), {}),
+        (SD3CFGCutoffCallback(cutoff_step_ratio=0.5), {"prompt": "a green square", "guidance_scale": 1.0}),
+    ):
+        kwargs = dict(num_inference_steps=6, **kwargs)
+        expected = pipe(**call_kwargs(pipe, **kwargs), callback_on_step_end=callback).images
+        assert _relative_error(fast(**call_kwargs(pipe, **kwargs), callback_on_step_end=callback).images, expected) < 1e-4

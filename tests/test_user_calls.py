@@ -288,3 +288,85 @@ def test_a_first_call_under_inference_mode_leaves_buffers_later_calls_can_write(
     with torch.inference_mode():
         assert torch.equal(fast(**call_kwargs(pipe)).images, expected)
     assert torch.equal(fast(**call_kwargs(pipe)).images, expected)  # same buffers, outside inference mode
+
+
+def _wrong_latents(pipe: Any) -> torch.Tensor:
+    """Latents of a square 8x8 grid where `call_kwargs`' 64x96 image needs 8x12."""
+    return torch.randn(2, pipe.transformer.config.in_channels, 8, 8)
+
+
+#: (model, call arguments, field named, message): each one diffusers would fail on deep in a tokenizer, a reshape or a
+#: torch.cat, or would run silently wrong (a swallowed keyword, a NaN guidance, latents of another size).
+_CALL_MISTAKES = [
+    ("tiny-sd3", {"prompt": []}, "prompt", "prompt must be a text or a non-empty list of texts, got an empty list"),
+    ("tiny-pixart", {"prompt": []}, "prompt", "prompt must be a text or a non-empty list of texts, got an empty list"),
+    ("tiny-flux", {"prompt": ["a", 3]}, "prompt", "prompt must be a text or a non-empty list of texts, got list"),
+    ("tiny-flux", {"num_images_per_prompt": 0}, "num_images_per_prompt", "num_images_per_prompt must be a positive integer, got 0"),
+    ("tiny-sd3", {"num_images_per_prompt": -1}, "num_images_per_prompt", "num_images_per_prompt must be a positive integer, got -1"),
+    ("tiny-pixart", {"num_images_per_prompt": 2.0}, "num_images_per_prompt", "must be a positive integer, got 2.0"),
+    ("tiny-pixart", {"height": -16}, "height", r"height must be a positive number of pixels .*got -16"),
+    ("tiny-sd3", {"width": float("nan")}, "width", "width must be a positive number of pixels"),
+    ("tiny-flux", {"height": float("nan")}, "height", "height must be a positive number of pixels .*got nan"),
+    ("tiny-flux", {"width": "96"}, "width", "width must be a positive number of pixels .*got '96'"),
+    ("tiny-sd3", {"height": float("inf")}, "height", "height must be a positive number of pixels .*got inf"),
+    ("tiny-sd3", {"max_sequence_length": 0}, "max_sequence_length", r"max_sequence_length must be an integer >= 1, got 0"),
+    ("tiny-flux", {"guidance_scale": float("nan")}, "guidance_scale", "guidance_scale must be a finite number, got nan"),
+    ("tiny-sd3", {"guidance_scale": float("inf")}, "guidance_scale", "guidance_scale must be a finite number, got inf"),
+    ("tiny-flux", {"guidance_scale": "5"}, "guidance_scale", "guidance_scale must be a number, got '5'"),
+    ("tiny-pixart", {"negative_prompt": ["x", "y", "z"]}, "negative_prompt", "negative_prompt has 3 prompts but prompt has 2"),
+    ("tiny-pixart", {"attention_kwargs": {"scale": 0.5}}, "attention_kwargs", r"no argument\(s\) 'attention_kwargs'"),
+    ("tiny-pixart", {"callback_on_step_end": lambda *_: {}}, "callback_on_step_end", "would ignore them silently"),
+    ("tiny-sd3", {"sigmas": []}, "sigmas", "sigmas is empty"),
+    ("tiny-sd3", {"clip_skip": 100}, "clip_skip", r"clip_skip must be an integer from 0 to \d+, the CLIP text encoders' layers - 1, got 100"),
+    ("tiny-sd3", {"clip_skip": -1}, "clip_skip", "clip_skip must be an integer from 0 to"),
+    ("tiny-sd3", {"generator": 0}, "generator", r"generator must be a torch.Generator or a list of them, got 0"),
+    ("tiny-flux", {"callback_on_step_end": "halve"}, "callback_on_step_end", "callback_on_step_end must be a function"),
+    ("tiny-pixart", {"latents": np.zeros((2, 4, 8, 12), np.float32)}, "latents", "latents must be a torch.Tensor, got ndarray"),
+    ("tiny-sd3", {"latents": "wrong"}, "latents", r"latents have the latent grid \(8, 8\), but height x width 64 x 96 makes \(8, 12\)"),
+    ("tiny-pixart", {"latents": "wrong"}, "latents", r"latents have the latent grid \(8, 8\)"),
+]
+
+
+@pytest.mark.parametrize(("name", "overrides", "field", "message"), _CALL_MISTAKES)
+def test_call_arguments_diffusers_fails_on_deep_are_refused_by_name_before_any_step(
+    name: str, overrides: dict[str, Any], field: str, message: str, tiny_pipelines: dict[str, Any]
+) -> None:
+    pipe = tiny_pipelines[name]
+    if isinstance(overrides.get("latents"), str):  # "wrong": made for this pipeline
+        overrides = {"latents": _wrong_latents(pipe)}
+    steps: list[int] = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *_: steps.append(1))
+    try:
+        with pytest.raises(ConfigError, match=message) as error:
+            kwargs = call_kwargs(pipe, num_inference_steps=4, **overrides)
+            catrt.accelerate(pipe, CATConfig(t0=2))(**{**kwargs, **overrides})  # call_kwargs seeds its own generator
+    finally:
+        hook.remove()
+    assert error.value.field == field and steps == []
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart", "tiny-flux"])
+def test_call_values_diffusers_runs_still_run_as_diffusers_runs_them(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    """The refusals above leave what diffusers accepts alone: a float size (FLUX's token grid read it as a float),
+    a NaN-free guidance of 1, numpy counts, a height of 0 (diffusers' default), a list of empty prompts."""
+    pipe = tiny_pipelines[name]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))
+    for overrides in (
+        {"height": 64.0, "width": 96.0},
+        {"guidance_scale": 1.0, "num_images_per_prompt": np.int64(2), "max_sequence_length": np.int64(16)},
+        {"prompt": ["", ""], "negative_prompt": ["x", "y"]},
+        {"clip_skip": 1} if name == "tiny-sd3" else {},
+    ):
+        expected = pipe(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images
+        got = fast(**call_kwargs(pipe, num_inference_steps=4, **overrides)).images
+        assert got.shape == expected.shape and _relative_error(got, expected) < 1e-4
+
+
+@pytest.mark.parametrize(("name", "setting"), [("tiny-sd3", "t0"), ("tiny-pixart", "n_clusters"), ("tiny-flux", "trace")])
+def test_a_catconfig_setting_given_to_a_call_names_where_it_goes(name: str, setting: str, tiny_pipelines: dict[str, Any]) -> None:
+    """Only alpha= is per call; another CATConfig field was Python's bare "unexpected keyword" (PixArt's **kwargs
+    swallowed it)."""
+    pipe = tiny_pipelines[name]
+    with pytest.raises(ConfigError, match=rf"{setting} is a CATConfig setting, .*catrt.CATConfig\({setting}=...\)") as error:
+        catrt.accelerate(pipe, CATConfig(t0=2))(**call_kwargs(pipe, num_inference_steps=4), **{setting: 3})
+    assert error.value.field == setting

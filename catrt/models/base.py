@@ -420,6 +420,20 @@ def attention_kwargs_change_nothing(value: Any) -> bool:
     return isinstance(value, dict) and set(value) <= {"scale"} and value.get("scale", 1.0) == 1.0
 
 
+def refuse_call_attention_kwargs(pipeline: str, arguments: dict[str, Any]) -> None:
+    """A pipeline call's `joint_attention_kwargs` that would change the attention (a LoRA scale other than 1.0, an
+    IP-adapter's inputs) is refused before the text encoders or any step run; the adapter refuses the same at its
+    first transformer call, which is too late for a call to fail cleanly."""
+    value = arguments.get("joint_attention_kwargs")
+    if not attention_kwargs_change_nothing(value):
+        keys = sorted(value) if isinstance(value, dict) else value
+        raise UnsupportedModelError(
+            f"{pipeline} argument 'joint_attention_kwargs' {keys!r} is not supported by catrt (no IP-adapter or LoRA "
+            f"scale): fuse a LoRA at its scale before catrt.accelerate (pipe.fuse_lora(lora_scale=...)) and call "
+            f"without joint_attention_kwargs (or with scale 1.0)"
+        )
+
+
 def heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, L, H*d) -> (B, H, L, d)."""
     b, length, _ = x.shape

@@ -26,8 +26,17 @@ from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, Fl
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
+from catrt.call_arguments import check_image_side
 from catrt.errors import ConfigError, UnsupportedModelError
-from catrt.models.base import Context, KVStore, PackedTokensAdapter, attention, attention_kwargs_change_nothing, joint_attention
+from catrt.models.base import (
+    Context,
+    KVStore,
+    PackedTokensAdapter,
+    attention,
+    attention_kwargs_change_nothing,
+    joint_attention,
+    refuse_call_attention_kwargs,
+)
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
@@ -273,7 +282,10 @@ def _token_grid(pipe: Any, arguments: dict[str, Any]) -> Grid:
     """The packed-token grid of a FluxPipeline call: one token per 2x2 latent cells, as the pipeline packs them."""
     default = pipe.default_sample_size * pipe.vae_scale_factor
     per_token = pipe.vae_scale_factor * 2
+    for name in ("height", "width"):
+        check_image_side(name, arguments.get(name))  # a number: a string or NaN would fail in the arithmetic below
     height, width = arguments.get("height") or default, arguments.get("width") or default
+    height, width = int(height), int(width)  # as diffusers reads a float size (64.0)
     for name, pixels in (("height", height), ("width", width)):
         if pixels // per_token < 1:  # diffusers would run it on an image of no tokens
             raise ConfigError(
@@ -296,6 +308,7 @@ def _check_call(arguments: dict[str, Any]) -> None:
     for name in ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds"):
         if arguments.get(name) is not None:
             raise UnsupportedModelError(f"FluxPipeline argument {name!r} (IP-adapter) is not supported by catrt")
+    refuse_call_attention_kwargs("FluxPipeline", arguments)
 
 
 def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:

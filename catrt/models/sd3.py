@@ -19,7 +19,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
 from torch import nn
 
-from catrt.errors import UnsupportedModelError
+from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models.base import (
     Adapter,
     Context,
@@ -31,10 +31,11 @@ from catrt.models.base import (
     joint_attention,
     modulate_,
     project_qkv,
+    refuse_call_attention_kwargs,
     unfuse_hint,
 )
 from catrt.models.registry import Family, register_family
-from catrt.pipeline_spec import PipelineSpec
+from catrt.pipeline_spec import PipelineSpec, guidance_value
 from catrt.tokens import Grid
 
 _UNSUPPORTED_CALL_ARGS = ("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers")
@@ -260,6 +261,31 @@ def _check_call(arguments: dict[str, Any]) -> None:
             "StableDiffusion3Pipeline argument 'skip_guidance_layers' (skip-layer guidance) calls the transformer a "
             "second time per step with layers skipped, which catrt does not support; leave it None"
         )
+    refuse_call_attention_kwargs("StableDiffusion3Pipeline", arguments)
+    _check_prompt_counts(arguments)
+
+
+def _check_prompt_counts(arguments: dict[str, Any]) -> None:
+    """SD3 encodes prompt_2 and prompt_3 (and, under guidance, negative_prompt_2/_3) per prompt and concatenates the
+    encoders' outputs; a list of another count (or one string prompt_2/_3 for several prompts) fails deep in a
+    torch.cat. Empty values fall back to the prompt, a negative string serves every prompt, as in diffusers."""
+    prompt = arguments.get("prompt")
+    if arguments.get("prompt_embeds") is not None or not isinstance(prompt, (str, list)):
+        return
+    count = 1 if isinstance(prompt, str) else len(prompt)
+    names = ["prompt_2", "prompt_3"]
+    if guidance_value(arguments.get("guidance_scale")) > 1 and arguments.get("negative_prompt_embeds") is None:
+        names += ["negative_prompt_2", "negative_prompt_3"]
+    for name in names:
+        value = arguments.get(name)
+        if not value or (isinstance(value, str) and name.startswith("negative")):
+            continue
+        given = 1 if isinstance(value, str) else len(value) if isinstance(value, list) else None
+        if given is not None and given != count:
+            raise ConfigError(
+                f"{name} has {given} prompt(s) but prompt has {count}: give {name} one entry per prompt "
+                f"(or leave it None to reuse {name.rsplit('_', 1)[0]})", field=name, value=given,
+            )
 
 
 def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:
