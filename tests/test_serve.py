@@ -416,3 +416,18 @@ def test_a_folder_that_is_not_a_build_fails_to_start(tmp_path: Path) -> None:
     result = run_cli(["serve", "--engines", str(tmp_path), "--port", "0"])
     assert_one_line_refusal(result, "manifest.json is missing")
     assert "listening" not in result.stderr
+
+
+def test_a_corrupt_bundle_is_refused_before_the_server_says_it_listens(tmp_path: Path) -> None:
+    """The worker loads after the server starts: a bundle `catrt.load` refuses (here an edited manifest) printed
+    "listening on ..." before its refusal, so for a moment it looked served."""
+    import json
+
+    bundle = build_engines(BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager"),
+                           out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["alphas"][0]["k"] = 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(["serve", "--engines", str(bundle), "--port", "0"])
+    assert_one_line_refusal(result, "manifest.json alphas[0].k is 1")
+    assert "listening" not in result.stderr and "rebuild the engine" in result.stderr

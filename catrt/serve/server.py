@@ -81,13 +81,17 @@ def run_server(config: ServeConfig) -> int:
     """Serve `config` until signalled; returns 0 after a drain.
 
     Raises a CatrtError, before anything is loaded, for a port in use, a device this machine lacks,
-    a folder that is not a bundle or an unknown model; and one naming the cause if the model cannot be loaded.
+    a folder that is not a bundle, a bundle `catrt.load` would refuse (files, digests, an edited manifest) or an
+    unknown model; and one naming the cause if the model cannot be loaded.
     """
     check_source_of(config)
     key = bundle_key(config.bundle_key_file) if config.engines is not None else None
     sock = listening_socket(config.host, config.port)
     try:
         check_device(config)
+        # Files, digests and manifest checked as `catrt.load` will: a bundle refused there is one line here, never
+        # after "listening" (the worker loads after the server started). The port is bound first: it is quick.
+        verify_bundles_here(config, key)
         # Imported after the cheap refusals: FastAPI, torch and diffusers take seconds to import.
         from catrt.serve.app import build_app
         from catrt.serve.metrics import ServerMetrics
