@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from catrt.build_config import BuildConfig
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
 from catrt.checks import path_is, writable_folder
+from catrt.config import shared_k
 from catrt.contract import pruned_graph
 from catrt.errors import PATH_ECHO_LIMIT, BuildError, CatrtError, ConfigError, echo, echo_path
 from catrt.generation import check_pipeline_size, check_text_to_image
@@ -264,15 +265,14 @@ def _reference(config: BuildConfig, pipe: Any, adapter: Adapter) -> _Reference:
             f"{type(pipe).__name__} refused this build's settings: {error}; change the build flags", field="build",
         ) from error
     num_tokens = adapter.tokens_of(sample.hidden_states).shape[1]
+    if (shared := shared_k(config.alphas, num_tokens)) is not None:
+        other, alpha, k = shared
+        raise ConfigError(
+            f"alphas {other:g} and {alpha:g} both select k = {k} of the {num_tokens} image tokens "
+            f"at {config.width}x{config.height}, so they would run the same pruned graph: drop one",
+            field="alphas", value=list(config.alphas),
+        )
     ks = tuple(config.num_selected(num_tokens, alpha) for alpha in config.alphas)
-    for index, k in enumerate(ks):
-        if k in ks[:index]:
-            other = config.alphas[ks.index(k)]
-            raise ConfigError(
-                f"alphas {other:g} and {config.alphas[index]:g} both select k = {k} of the {num_tokens} image tokens "
-                f"at {config.width}x{config.height}, so they would run the same pruned graph: drop one",
-                field="alphas", value=list(config.alphas),
-            )
     inputs, outputs = reference_io(sample, adapter, ks)
     return _Reference(inputs, outputs, num_tokens, ks)
 

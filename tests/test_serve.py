@@ -431,3 +431,24 @@ def test_a_corrupt_bundle_is_refused_before_the_server_says_it_listens(tmp_path:
     result = run_cli(["serve", "--engines", str(bundle), "--port", "0"])
     assert_one_line_refusal(result, "manifest.json alphas[0].k is 1")
     assert "listening" not in result.stderr and "rebuild the engine" in result.stderr
+
+
+def test_eager_alphas_selecting_the_same_k_are_refused_before_listening() -> None:
+    """0.3 and 0.2999 both select 77 of the reference model's 256 tokens: the same pruned steps under two alphas
+    (two metric labels, an adaptive policy choosing between equal costs). The model's card gives N before binding."""
+    result = run_cli(["serve", "--model", "reference", "--alpha", "0.3", "0.2999", "--steps", "3", "--t0", "2", "--port", "0"])
+    assert_one_line_refusal(result, "--alpha 0.3 and 0.2999 both select k = 77 of the 256 image tokens at 32x32, "
+                                    "so they would run the same pruned steps: drop one")
+    assert "listening" not in result.stderr
+
+
+def test_eager_alphas_selecting_the_same_k_are_refused_once_a_model_without_a_card_loads() -> None:
+    from catrt.config import CATConfig
+    from catrt.errors import ConfigError
+    from catrt.serve.config import ServeConfig
+    from catrt.serve.model import load_served_model
+
+    config = ServeConfig(model="tiny-sd3", height=64, width=64, steps=3, cat=CATConfig(alpha=0.5, t0=2), alphas=(0.5, 0.3, 0.26))
+    with pytest.raises(ConfigError, match=r"^--alpha 0\.3 and 0\.26 both select k = 5 of the 16 image tokens at 64x64") as caught:
+        load_served_model(config)
+    assert caught.value.field == "alpha"
