@@ -7,10 +7,12 @@ tolerance. A failed or killed build leaves an earlier build of the same name unt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 from catrt.build_config import BuildConfig
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
 from catrt.checks import path_is, writable_folder
+from catrt.config import shared_k
 from catrt.contract import pruned_graph
 from catrt.errors import PATH_ECHO_LIMIT, BuildError, CatrtError, ConfigError, echo, echo_path
 from catrt.generation import check_pipeline_size, check_text_to_image
@@ -103,6 +106,28 @@ def build_engines(
             f"{config.backend} runs on the CPU here: build fp32 (or bf16 with eager / compile)",
             field="precision", value=config.precision,
         )
+    with _new_folders_removed_on_failure(Path(out_dir), Path(export_dir)):
+        return _check_and_build(config, device, Path(out_dir), Path(export_dir), progress, sign_key)
+
+
+@contextlib.contextmanager
+def _new_folders_removed_on_failure(*folders: Path) -> Iterator[None]:
+    """A build that fails removes the folders it made (`folders` and their missing parents) where they are still
+    empty, so a refused build leaves nothing behind; a folder that existed before, a user's, is never touched."""
+    made = {path for folder in folders for path in (folder.absolute(), *folder.absolute().parents) if not os.path.lexists(path)}
+    try:
+        yield
+    except BaseException:
+        for path in sorted(made, key=lambda path: len(path.parts), reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):  # not made after all, or not empty: left as it is
+                os.rmdir(path)
+        raise
+
+
+def _check_and_build(
+    config: BuildConfig, device: torch.device, out_dir: Path, export_dir: Path, progress: bool, sign_key: bytes | None,
+) -> Path:
+    """`build_engines` from its folders on: made (or refused) before the model loads, then the build itself."""
     _check_folder(Path(out_dir), "out_dir")
     if BACKEND_BUILDS[config.backend].needs_onnx:
         _check_folder(Path(export_dir), "export_dir")
@@ -246,15 +271,14 @@ def _reference(config: BuildConfig, pipe: Any, adapter: Adapter) -> _Reference:
             f"{type(pipe).__name__} refused this build's settings: {error}; change the build flags", field="build",
         ) from error
     num_tokens = adapter.tokens_of(sample.hidden_states).shape[1]
+    if (shared := shared_k(config.alphas, num_tokens)) is not None:
+        other, alpha, k = shared
+        raise ConfigError(
+            f"alphas {other:g} and {alpha:g} both select k = {k} of the {num_tokens} image tokens "
+            f"at {config.width}x{config.height}, so they would run the same pruned graph: drop one",
+            field="alphas", value=list(config.alphas),
+        )
     ks = tuple(config.num_selected(num_tokens, alpha) for alpha in config.alphas)
-    for index, k in enumerate(ks):
-        if k in ks[:index]:
-            other = config.alphas[ks.index(k)]
-            raise ConfigError(
-                f"alphas {other:g} and {config.alphas[index]:g} both select k = {k} of the {num_tokens} image tokens "
-                f"at {config.width}x{config.height}, so they would run the same pruned graph: drop one",
-                field="alphas", value=list(config.alphas),
-            )
     inputs, outputs = reference_io(sample, adapter, ks)
     return _Reference(inputs, outputs, num_tokens, ks)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TypeVar
 
@@ -153,3 +153,16 @@ def _check_number(name: str, value: Any, allowed: str, ok: Any) -> None:
 
 def _check_int(name: str, value: Any, allowed: str, ok: Any) -> None:
     require("CATConfig", name, value, integer(value) and ok(value), f"an integer {allowed}")
+
+
+def shared_k(alphas: Sequence[float], num_tokens: int) -> tuple[float, float, int] | None:
+    """The first two of `alphas` that select the same k of `num_tokens` tokens, and that k; None when every k
+    differs. Two such alphas run the same pruned steps (same graph, same images), so a build or server refuses them
+    rather than serve one computation under two names."""
+    seen: dict[int, float] = {}
+    for alpha in alphas:
+        k = CATConfig(alpha=alpha).num_selected(num_tokens)
+        if k in seen:
+            return seen[k], alpha, k
+        seen[k] = alpha
+    return None

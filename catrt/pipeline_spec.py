@@ -114,13 +114,32 @@ def denoising_steps(arguments: dict[str, Any]) -> Any:
     return int(steps) if isinstance(steps, numbers.Integral) and not isinstance(steps, bool) else steps
 
 
+def real_scalar(value: Any) -> float | None:
+    """`value` as a float where diffusers computes with it as one real number: a Python or numpy real, or a 0-d real
+    tensor or array; None for anything else (a bool, a string, several values, a complex number)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        try:
+            item = value.item()
+        except (RuntimeError, ValueError, NotImplementedError):  # a meta tensor has no value to read
+            return None
+        if isinstance(item, numbers.Real) and not isinstance(item, bool):
+            return float(item)
+    return None
+
+
 def strength_steps(arguments: dict[str, Any], steps: int, name: str = "strength") -> int:
     """How many of a `steps`-step schedule an img2img call runs (transformer calls): diffusers' `get_timesteps`, which
     skips int(steps - steps * strength) steps (12 steps at strength 0.3 run 12 - int(8.4) = 4, not int(3.6) = 3).
     A strength that is not a number from 0 to 1 is refused by name, as diffusers' `check_inputs` does later, where
-    it would fail in catrt's count first."""
+    it would fail in catrt's count first; a 0-d tensor or numpy scalar is a number, as it is to diffusers (the count
+    computes with the value as given, so it rounds as diffusers' does)."""
     strength = arguments.get(name)
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
+    value = real_scalar(strength)
+    if value is None or not 0 <= value <= 1:
         raise ConfigError(f"{name} must be a number from 0 to 1, got {echo(strength)}", field=name, value=repr(strength))
     start = int(max(steps - min(steps * strength, steps), 0))
     return steps - start

@@ -7,6 +7,10 @@ the process is killed. A block that fails removes its folder. A folder left by a
 holds no lock any more and is removed by the next build of the same name; one a live build holds is
 left alone. Two builds of one name finishing together both publish, the later replacing the earlier in one
 step as any rebuild does. Something at `final` that is not a folder (a user's file) is refused, never moved.
+
+On Windows (no `fcntl`, no `renameat2`) a publish is two renames (the earlier folder moved aside to
+`.<name>.old-*`, the new one put in place, then the earlier removed), so for an instant `final` is missing, and a killed build's
+temporary folder is never removed unattended: without a lock no build can tell it from a live one's.
 """
 
 from __future__ import annotations
@@ -14,13 +18,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: publishing works without the locks (see above)
+    fcntl = None
 
 from catrt.checks import writable_folder
 from catrt.errors import BuildError, ConfigError, echo_path
@@ -52,7 +61,8 @@ def staged_folder(final: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
 
 
 def refuse_non_folder(final: Path, fix: str, field: str = "path") -> None:
@@ -64,7 +74,9 @@ def refuse_non_folder(final: Path, fix: str, field: str = "path") -> None:
 
 
 def remove_abandoned(final: Path) -> None:
-    """Remove the temporary folders of earlier builds of `final` that no live process holds."""
+    """Remove the temporary folders of earlier builds of `final` that no live process holds (none without locks)."""
+    if fcntl is None:
+        return
     for path in final.parent.glob(f"{_staging_prefix(final)}*"):
         try:
             descriptor = os.open(path, os.O_RDONLY)
@@ -101,8 +113,11 @@ def _held(folder: Path) -> Iterator[None]:
             os.close(descriptor)
 
 
-def _lock(folder: Path) -> int:
-    """An exclusive lock on `folder`, held while the descriptor is open (the kernel drops it when the process dies)."""
+def _lock(folder: Path) -> int | None:
+    """An exclusive lock on `folder`, held while the descriptor is open (the kernel drops it when the process dies);
+    None without `fcntl` (Windows, where a folder cannot be opened, and an open one could not be renamed)."""
+    if fcntl is None:
+        return None
     descriptor = os.open(folder, os.O_RDONLY)
     fcntl.flock(descriptor, fcntl.LOCK_EX)
     return descriptor
@@ -146,6 +161,8 @@ def _swap(staging: Path, final: Path) -> bool:
 
 def _exchange(first: Path, second: Path) -> bool | None:
     """Swap two paths atomically with Linux renameat2: True, False if one is missing, None where it is not available."""
+    if not sys.platform.startswith("linux"):  # ctypes.CDLL(None) is not even loadable on Windows
+        return None
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
         return None

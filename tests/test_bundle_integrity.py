@@ -652,6 +652,24 @@ def test_the_folder_of_a_killed_build_is_removed_and_a_live_builds_kept(tmp_path
         os.close(holder)
 
 
+def test_publishing_without_fcntl_or_renameat2_works_as_on_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows has neither: publish.py imported fcntl unconditionally and called ctypes.CDLL(None), so `catrt build`
+    failed there with a traceback. Without them a publish is two renames and no temporary folder is taken as dead."""
+    import catrt.publish as publish
+
+    monkeypatch.setattr(publish, "fcntl", None)
+    monkeypatch.setattr(publish.sys, "platform", "win32")
+    monkeypatch.setattr(publish.ctypes, "CDLL", lambda *args, **kwargs: pytest.fail("loaded a C library"))
+    final = tmp_path / "bundle"
+    other = tmp_path / ".bundle.tmp-other"  # a live or a killed build's: without locks, it cannot be told
+    other.mkdir()
+    for text in ("first", "second"):
+        with staged_folder(final) as staging:
+            (staging / "file").write_text(text)
+    assert (final / "file").read_text() == "second"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-other", "bundle"]
+
+
 def test_a_new_familys_declared_text_layout_checks_its_bundles_text_length(bundle: Path) -> None:
     """`PipelineSpec.text_tokens_before`, declared next to a family's adapter, is what integrity checks an edited
     max_sequence_length with (integrity kept its own table of the built-in pipeline classes, so a new family's

@@ -445,7 +445,7 @@ def test_build_refuses_an_export_dir_holding_a_bundle_of_that_name(capfd: pytest
     line = err.strip().splitlines()[-1]
     assert "Traceback" not in err and line.endswith(f"export_dir {tmp_path / 'earlier'} holds the engine bundle {name}: the ONNX export would take its place; "
                          "give another --export-dir (the default is export)")
-    assert [path.name for path in bundle.iterdir()] == ["manifest.json"] and list((tmp_path / "engines").iterdir()) == []
+    assert [path.name for path in bundle.iterdir()] == ["manifest.json"] and not (tmp_path / "engines").exists()  # made, then removed
 
 
 def test_generate_refuses_a_bundle_of_several_images_per_call_before_loading(
@@ -492,7 +492,23 @@ def test_build_settings_the_loaded_model_refuses_are_one_line(
     err = capfd.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == f"catrt build: error: {message}" + (
         "; change the build flags" if "refused" in message else "")
-    assert list((tmp_path / "engines").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no bundle, and not the empty --out folder the build made
+
+
+def test_a_refused_build_removes_only_the_folders_it_made(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--out and --export-dir (and their missing parents) are made before the model loads; a build refused after
+    that removes them again, while a folder the user had, empty or not, stays as it was."""
+    mine = tmp_path / "mine"
+    (mine / "empty").mkdir(parents=True)
+    (mine / "notes.txt").write_text("the user's")
+    argv = ["build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--steps", "4", "--t0", "2", "--height", "32",
+            "--width", "32", "--max-sequence-length", "100000"]
+    assert main([*argv, "--out", str(tmp_path / "new" / "deeper" / "engines"), "--export-dir", str(mine / "export")]) == 2
+    assert main([*argv, "--out", str(mine / "empty"), "--export-dir", str(mine)]) == 2
+    assert "StableDiffusion3Pipeline refused this build's settings" in capfd.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mine"]
+    assert sorted(path.name for path in mine.iterdir()) == ["empty", "notes.txt"] and list((mine / "empty").iterdir()) == []
+    assert (mine / "notes.txt").read_text() == "the user's"
 
 
 def test_inspect_prints_width_x_height(capfd: pytest.CaptureFixture[str], eager_bundle: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.attention_processor import AttnProcessor
 
 import catrt
@@ -93,6 +93,14 @@ def test_flux_pipeline_options_catrt_cannot_run_are_refused_by_name(tiny_pipelin
     with pytest.raises(UnsupportedModelError, match="true_cfg_scale > 1 with a negative prompt"):
         fast(**call_kwargs(pipe, true_cfg_scale=4.0, negative_prompt="blurry"))
     with pytest.raises(UnsupportedModelError, match="argument 'ip_adapter_image_embeds' \\(IP-adapter\\)"):
+        fast(**call_kwargs(pipe, ip_adapter_image_embeds=[torch.zeros(1)]))
+
+
+@pytest.mark.parametrize("pipeline_class", [FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline])
+def test_a_flux_refusal_names_the_pipeline_class_called(pipeline_class: type, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = pipeline_class(**tiny_pipelines["tiny-flux"].components)
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    with pytest.raises(UnsupportedModelError, match=f"^{pipeline_class.__name__} argument 'ip_adapter_image_embeds'"):
         fast(**call_kwargs(pipe, ip_adapter_image_embeds=[torch.zeros(1)]))
 
 

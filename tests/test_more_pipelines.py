@@ -9,6 +9,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+import numpy
 import PIL.Image
 import pytest
 import torch
@@ -131,6 +132,28 @@ def test_a_strength_leaving_t0_steps_or_fewer_is_refused_before_any_step(key: st
     finally:
         hook.remove()
     assert caught.value.field == "strength" and calls == []
+
+
+@pytest.mark.parametrize("strength", [torch.tensor(0.3), numpy.float32(0.3), numpy.array(0.3)], ids=["tensor", "np-float32", "np-0d"])
+def test_a_0d_tensor_or_numpy_strength_is_a_number_as_diffusers_takes_it(strength: Any, pipes: Callable[[str], Any]) -> None:
+    """diffusers computes with a 0-d tensor or numpy strength as with a float; catrt counts the same steps run."""
+    pipe = pipes("flux-img2img")
+    calls, hook = _count_calls(pipe.transformer)
+    try:
+        fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=3, trace=True))
+        fast(**_kwargs("flux-img2img", pipe, strength=strength))
+    finally:
+        hook.remove()
+    assert len(calls) == 4 == strength_steps({"strength": strength}, 12)
+    assert "".join(r.kind[0] for r in fast.last_trace) == "fffp"
+
+
+@pytest.mark.parametrize("strength", [torch.tensor([0.5, 0.5]), numpy.array([0.5]), torch.tensor(True), torch.tensor(1.5), numpy.bool_(True)],
+                         ids=["tensor-2", "np-1d", "tensor-bool", "tensor-1.5", "np-bool"])
+def test_a_strength_tensor_that_is_not_one_real_from_0_to_1_is_refused_by_name(strength: Any) -> None:
+    with pytest.raises(ConfigError, match=r"^strength must be a number from 0 to 1, got ") as caught:
+        strength_steps({"strength": strength}, 12)
+    assert caught.value.field == "strength"
 
 
 @pytest.mark.parametrize("strength", [1.5, -0.1, "0.5", None, True])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import math
 import re
 import signal
@@ -43,6 +44,10 @@ from test_serve_support import (
 
 from catrt.build import build_engines
 from catrt.build_config import BuildConfig
+from catrt.config import CATConfig
+from catrt.errors import ConfigError
+from catrt.serve.config import ServeConfig
+from catrt.serve.model import load_served_model
 
 TEXT_LENGTH = 16
 IMAGES_64 = 'catrt_images_generated_total{size="64x64"}'
@@ -416,3 +421,32 @@ def test_a_folder_that_is_not_a_build_fails_to_start(tmp_path: Path) -> None:
     result = run_cli(["serve", "--engines", str(tmp_path), "--port", "0"])
     assert_one_line_refusal(result, "manifest.json is missing")
     assert "listening" not in result.stderr
+
+
+def test_a_corrupt_bundle_is_refused_before_the_server_says_it_listens(tmp_path: Path) -> None:
+    """The worker loads after the server starts: a bundle `catrt.load` refuses (here an edited manifest) printed
+    "listening on ..." before its refusal, so for a moment it looked served."""
+    bundle = build_engines(BuildConfig("reference", height=32, width=32, batch=1, steps=3, t0=2, backend="eager"),
+                           out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["alphas"][0]["k"] = 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(["serve", "--engines", str(bundle), "--port", "0"])
+    assert_one_line_refusal(result, "manifest.json alphas[0].k is 1")
+    assert "listening" not in result.stderr and "rebuild the engine" in result.stderr
+
+
+def test_eager_alphas_selecting_the_same_k_are_refused_before_listening() -> None:
+    """0.3 and 0.2999 both select 77 of the reference model's 256 tokens: the same pruned steps under two alphas
+    (two metric labels, an adaptive policy choosing between equal costs). The model's card gives N before binding."""
+    result = run_cli(["serve", "--model", "reference", "--alpha", "0.3", "0.2999", "--steps", "3", "--t0", "2", "--port", "0"])
+    assert_one_line_refusal(result, "--alpha 0.3 and 0.2999 both select k = 77 of the 256 image tokens at 32x32, "
+                                    "so they would run the same pruned steps: drop one")
+    assert "listening" not in result.stderr
+
+
+def test_eager_alphas_selecting_the_same_k_are_refused_once_a_model_without_a_card_loads() -> None:
+    config = ServeConfig(model="tiny-sd3", height=64, width=64, steps=3, cat=CATConfig(alpha=0.5, t0=2), alphas=(0.5, 0.3, 0.26))
+    with pytest.raises(ConfigError, match=r"^--alpha 0\.3 and 0\.26 both select k = 5 of the 16 image tokens at 64x64") as caught:
+        load_served_model(config)
+    assert caught.value.field == "alpha"

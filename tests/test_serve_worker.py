@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,6 +36,8 @@ class _Spec:
     batch: int = 2
     default_guidance: float = 4.0
     size: str = "8x8"
+    width: int = 8
+    height: int = 8
     model: str = "stand-in"
     alpha: float = 0.3
     alphas: tuple[float, ...] = (0.3,)
@@ -341,3 +344,47 @@ def test_liveness_and_readiness_turn_503_once_the_worker_died(worker: Worker, mo
     live, ready = client.get("/health/live"), client.get("/health/ready")
     assert (live.status_code, live.json()) == (503, {"status": "dead"})
     assert (ready.status_code, ready.json()["status"]) == (503, "dead")
+
+
+def test_alpha_chosen_labels_are_the_alphas_as_the_api_writes_them() -> None:
+    """`:g` labelled both 0.3 and 0.3000004 (two served alphas, distinct at float32) "0.3": one series for two."""
+    import json
+
+    from prometheus_client import generate_latest
+
+    alphas = (0.3, 0.3000004, 1.0)
+    model = StandIn(_Spec(alpha=0.3, alphas=alphas))
+    metrics = ServerMetrics()
+    exited = threading.Event()
+    worker = Worker(lambda: Router([model]), max_queue=8, metrics=metrics, on_exit=lambda state: exited.set())
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while worker.state != "ready":
+            assert time.monotonic() < deadline and worker.state == "loading", worker.state
+            time.sleep(0.01)
+        for alpha in alphas:
+            job = Job([Row(f"at {alpha}", 0)], BatchOptions(4.0, None, alpha=alpha), request_id=str(alpha))
+            worker.submit(job)
+            assert _result(job.future).alpha == alpha
+    finally:
+        worker.drain()
+        assert exited.wait(10)
+    text = generate_latest(metrics.registry).decode()
+    for alpha in alphas:
+        assert f'catrt_alpha_chosen_total{{alpha="{json.dumps(alpha)}"}} 1.0' in text, text
+
+
+def test_a_refused_pin_names_the_served_alphas_as_the_api_writes_them() -> None:
+    """`:g` named 0.3 and 0.3000004 (two served alphas) "0.3, 0.3", so a client could not tell which to pin."""
+    from catrt.errors import ConfigError
+    from catrt.serve.routing import RoutedRules
+
+    model = StandIn(_Spec(alpha=0.3, alphas=(0.3, 0.3000004, 1.0)))
+    model.build = None  # an eager model as RequestRules reads it, with the call it was started for
+    model.call_arguments = {"height": 8, "width": 8, "num_inference_steps": STEPS}
+    model.reader = SimpleNamespace(check=lambda name, text: None)  # any prompt fits
+    rules = RoutedRules(Router([model]), 100)
+    with pytest.raises(ConfigError, match=r"this server serves alpha 0\.3, 0\.3000004, 1\.0; ") as caught:
+        rules.admit(ImageGenerationRequest(prompt="a red circle", alpha=0.5))
+    assert caught.value.field == "alpha"

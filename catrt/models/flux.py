@@ -19,6 +19,7 @@ image rows of their K and V (one slot pair each) while the text rows are recompu
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -295,8 +296,8 @@ def _token_grid(pipe: Any, arguments: dict[str, Any]) -> Grid:
     return Grid(height // per_token, width // per_token)
 
 
-def _check_call(arguments: dict[str, Any]) -> None:
-    """Refuse the FluxPipeline options catrt cannot run, by name."""
+def _check_call(arguments: dict[str, Any], pipeline: str = "FluxPipeline") -> None:
+    """Refuse the options of FLUX's `pipeline` class that catrt cannot run, by name (the class the user called)."""
     has_negative = arguments.get("negative_prompt") is not None or (  # diffusers' rule for true CFG
         arguments.get("negative_prompt_embeds") is not None and arguments.get("negative_pooled_prompt_embeds") is not None
     )
@@ -307,8 +308,8 @@ def _check_call(arguments: dict[str, Any]) -> None:
         )
     for name in ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds"):
         if arguments.get(name) is not None:
-            raise UnsupportedModelError(f"FluxPipeline argument {name!r} (IP-adapter) is not supported by catrt")
-    refuse_call_attention_kwargs("FluxPipeline", arguments)
+            raise UnsupportedModelError(f"{pipeline} argument {name!r} (IP-adapter) is not supported by catrt")
+    refuse_call_attention_kwargs(pipeline, arguments)
 
 
 def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:
@@ -339,8 +340,8 @@ FAMILY = register_family(Family(
     "flux", FluxAdapter,
     {
         FluxPipeline: _TEXT_TO_IMAGE,
-        FluxImg2ImgPipeline: _FROM_IMAGE,
-        FluxInpaintPipeline: _FROM_IMAGE,
+        FluxImg2ImgPipeline: replace(_FROM_IMAGE, check_call=partial(_check_call, pipeline="FluxImg2ImgPipeline")),
+        FluxInpaintPipeline: replace(_FROM_IMAGE, check_call=partial(_check_call, pipeline="FluxInpaintPipeline")),
     },
     _meta_call,
 ))

@@ -12,7 +12,7 @@ from typing import Any
 from dataclasses import replace
 
 from catrt.checks import MAX_BATCH, alike_alphas, integer, number, repeated, require
-from catrt.config import CATConfig
+from catrt.config import CATConfig, shared_k
 from catrt.errors import ConfigError
 from catrt.serve.alpha_policy import ALPHA_POLICIES
 
@@ -259,3 +259,15 @@ class FleetConfig:
             if self.min_replicas > self.max_replicas:
                 raise ConfigError(f"--min-replicas {self.min_replicas} is over --max-replicas {self.max_replicas}",
                                   field="min_replicas", value=autoscaled)
+
+
+def check_distinct_ks(alphas: tuple[float, ...], num_tokens: int, width: int, height: int) -> None:
+    """Refuse eager alphas that select the same k at the served size: they would run the same pruned steps under two
+    names (one image, two alpha labels in the metrics, and an adaptive policy choosing between equal costs)."""
+    if (shared := shared_k(alphas, num_tokens)) is not None:
+        other, alpha, k = shared
+        raise ConfigError(
+            f"--alpha {other!r} and {alpha!r} both select k = {k} of the {num_tokens} image tokens at {width}x{height}, "
+            f"so they would run the same pruned steps: drop one",
+            field="alpha", value=list(alphas),
+        )

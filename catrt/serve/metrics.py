@@ -21,6 +21,14 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+def alpha_label(alpha: float) -> str:
+    """An alpha as its `catrt_alpha_chosen_total` label: the shortest text that reads back as that float, as the
+    API's JSON writes it (`catrt.alpha`, the schema's alpha enum), and as a refused pin and the OpenAPI description
+    name the served alphas. `:g` kept 6 digits, so two served alphas such as
+    0.3 and 0.3000004 (distinct at float32) shared one series."""
+    return repr(float(alpha))
+
+
 class ServerMetrics:
     """Every series the server exports."""
 

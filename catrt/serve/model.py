@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from catrt.build_config import PRECISIONS, BuildConfig
-from catrt.generation import check_pipeline_size, check_text_to_image, finite_images
+from catrt.generation import check_pipeline_size, check_text_to_image, finite_images, pipeline_size_limits
 from catrt.model_cards import MODEL_CARDS, default_precision
 from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.pipeline_spec import call_default
 from catrt.scheduler import plan
-from catrt.serve.config import ServeConfig
+from catrt.serve.config import ServeConfig, check_distinct_ks
 from catrt.prompts import PromptReader, TextLimit, text_limit
 from catrt.serve.timing import StepTimer
 
@@ -222,6 +222,8 @@ def _load_eager(config: ServeConfig) -> ServedModel:
     check_pipeline_size(pipe, config.height, config.width, config.model)  # a model without a card: known once loaded
     default_size = _default_size(pipe)
     height, width = config.height or default_size, config.width or default_size
+    multiple = pipeline_size_limits(pipe)[0]
+    check_distinct_ks(config.served_alphas, (height // multiple) * (width // multiple), width, height)
     limit = text_limit(pipe, pipeline_spec(pipe))
     spec = ServedSpec(
         model=config.model, backend="eager", precision=precision, height=height, width=width, steps=config.steps,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from catrt.errors import ConfigError
+from catrt.serve.metrics import alpha_label
 from catrt.serve.builds import check_builds
 from catrt.serve.config import ServeConfig
 from catrt.serve.echo import shorten
@@ -98,7 +99,7 @@ class RoutedRules:
         if len({spec.alphas for spec in specs}) > 1:
             properties["alpha"]["description"] = (
                 "a served alpha of the size's build (pinned): " + "; ".join(
-                    f"{spec.size}: {', '.join(f'{alpha:g}' for alpha in spec.alphas)}" for spec in specs
+                    f"{spec.size}: {', '.join(map(alpha_label, spec.alphas))}" for spec in specs
                 ) + "; absent: the server's policy picks"
             )
         return properties

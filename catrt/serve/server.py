@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from catrt.errors import CatrtError, ConfigError, ServiceUnavailableError
-from catrt.model_cards import check_model_source
-from catrt.serve.config import ServeConfig
+from catrt.model_cards import MODEL_CARDS, check_model_source, size_limits
+from catrt.serve.config import ServeConfig, check_distinct_ks
 from catrt.serve.protocol import read_deadline_protocol
 
 if TYPE_CHECKING:
@@ -81,13 +81,17 @@ def run_server(config: ServeConfig) -> int:
     """Serve `config` until signalled; returns 0 after a drain.
 
     Raises a CatrtError, before anything is loaded, for a port in use, a device this machine lacks,
-    a folder that is not a bundle or an unknown model; and one naming the cause if the model cannot be loaded.
+    a folder that is not a bundle, a bundle `catrt.load` would refuse (files, digests, an edited manifest) or an
+    unknown model; and one naming the cause if the model cannot be loaded.
     """
     check_source_of(config)
     key = bundle_key(config.bundle_key_file) if config.engines is not None else None
     sock = listening_socket(config.host, config.port)
     try:
         check_device(config)
+        # Files, digests and manifest checked as `catrt.load` will: a bundle refused there is one line here, never
+        # after "listening" (the worker loads after the server started). The port is bound first: it is quick.
+        verify_bundles_here(config, key)
         # Imported after the cheap refusals: FastAPI, torch and diffusers take seconds to import.
         from catrt.serve.app import build_app
         from catrt.serve.metrics import ServerMetrics
@@ -162,13 +166,18 @@ def check_device(config: ServeConfig) -> None:
 
 def check_source_of(config: ServeConfig) -> None:
     """Is each build a bundle at all (its manifest's shape), all of one model, one per size, with alphas for the
-    policy to choose from; or is the eager model a catrt name or a diffusers folder: refused before the port is
-    bound and "listening" is printed.
+    policy to choose from; or is the eager model a catrt name or a diffusers folder, and do its alphas select
+    distinct k's at its size (a model with a card): refused before the port is bound and "listening" is printed.
 
     `catrt.load` where the model loads checks the rest (signature, files, digests, versions, device).
     """
     if config.engines is None:
         check_model_source(config.model)
+        card = MODEL_CARDS.get(config.model)
+        if card is not None:  # else the size's tokens are known once the model loads (`catrt.serve.model`)
+            multiple = size_limits(card)[0]
+            height, width = config.height or card.default_size, config.width or card.default_size
+            check_distinct_ks(config.served_alphas, (height // multiple) * (width // multiple), width, height)
         return
     from catrt.serve.alpha_policy import check_choice
     from catrt.serve.builds import check_builds

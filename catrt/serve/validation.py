@@ -20,6 +20,7 @@ from catrt.bundle import check_request
 from catrt.errors import ConfigError
 from catrt.request_values import check_guidance, check_prompt_text, check_seed, largest_seed, prompt_pattern
 from catrt.serve.model import BatchOptions, Row, ServedModel
+from catrt.serve.metrics import alpha_label
 from catrt.serve.echo import echo, shorten
 from catrt.serve.schemas import UNSERVED_OUTPUT, ImageGenerationRequest
 
@@ -122,7 +123,7 @@ class RequestRules:
     def _alpha(self, alpha: float | None) -> float | None:
         """A pinned alpha must be one the server serves (a build's alphas, or the eager model's --alpha values)."""
         if alpha is not None and alpha not in self.spec.alphas:
-            served = ", ".join(f"{each:g}" for each in self.spec.alphas)
+            served = ", ".join(map(alpha_label, self.spec.alphas))
             raise ConfigError(
                 f"alpha={echo(alpha)} is not served: this server serves alpha {served}; ask for one of those or leave "
                 f"alpha out (the server's policy picks)",

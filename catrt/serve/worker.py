@@ -34,7 +34,7 @@ from catrt.errors import (
 from catrt.scheduler import plan
 from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker, check_choice
 from catrt.serve.errors import internal_error_message
-from catrt.serve.metrics import ServerMetrics
+from catrt.serve.metrics import ServerMetrics, alpha_label
 from catrt.serve.model import BatchOptions, Generation, Row
 from catrt.serve.timing import Abandoned
 
@@ -325,7 +325,7 @@ class Worker:
         self.choosers[model.spec.size].tracker.observe(alpha, generation.phases)
         self.metrics.images.labels(size=model.spec.size).inc(len(rows))
         self.metrics.batch_rows.labels(size=model.spec.size).observe(len(rows))
-        self.metrics.alpha_chosen.labels(alpha=f"{alpha:g}").inc()
+        self.metrics.alpha_chosen.labels(alpha=alpha_label(alpha)).inc()
         self._answer(jobs, generation, started, alpha)
 
     def _answer(self, jobs: list[Job], generation: Generation, started: float, alpha: float) -> None:
