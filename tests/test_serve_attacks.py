@@ -128,7 +128,44 @@ def test_an_encoding_the_server_cannot_undo_is_refused_naming_the_header(
     assert needle in error["message"]
 
 
+def _with_headers(lines: list[str], content: bytes) -> bytes:
+    """A POST to the images route with header `lines` as written (httpx joins repeated ones), closed after."""
+    head = ["POST /v1/images/generations HTTP/1.1", "Host: x", f"Authorization: Bearer {KEY}", "Connection: close",
+            f"Content-Length: {len(content)}", *lines]
+    return "\r\n".join(head).encode() + b"\r\n\r\n" + content
+
+
+def _answer(answer: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_repeated_content_encoding_lines_are_one_list(server: RemoteServer, plain_png: bytes) -> None:
+    """RFC 9110 5.3: two `Content-Encoding: gzip` lines mean `gzip, gzip`, not the last line alone."""
+    twice = gzip.compress(gzip.compress(json.dumps(BODY).encode()))
+    lines = ["Content-Type: application/json", "Content-Encoding: gzip", "Content-Encoding: gzip"]
+    status, answer = _answer(_raw(server, _with_headers(lines, twice)))
+    assert status == 200, answer
+    assert png(answer["data"][0]["b64_json"]) == plain_png
+    status, answer = _answer(_raw(server, _with_headers(lines, gzip.compress(json.dumps(BODY).encode()))))
+    assert (status, answer["error"]["param"]) == (400, "Content-Encoding")  # gzip once, where the lines say twice
+    assert "not valid gzip data" in answer["error"]["message"]
+
+
 # -- Content-Type and the body's shape -------------------------------------------------------------
+
+
+def test_content_type_lines_that_disagree_are_a_400_naming_it(server: RemoteServer, plain_png: bytes) -> None:
+    content = json.dumps(BODY).encode()
+    for lines in (["Content-Type: application/json", "Content-Type: text/plain"],
+                  ["Content-Type: text/plain", "Content-Type: application/json"]):
+        status, answer = _answer(_raw(server, _with_headers(lines, content)))
+        assert (status, answer["error"]["param"], answer["error"]["code"]) == (400, "Content-Type", "400")
+        assert "Content-Type header is sent 2 times with different values" in answer["error"]["message"]
+        assert "'text/plain'" in answer["error"]["message"] and "send it once" in answer["error"]["message"]
+    status, answer = _answer(_raw(server, _with_headers(["Content-Type: application/json"] * 2, content)))
+    assert status == 200 and png(answer["data"][0]["b64_json"]) == plain_png  # the same line twice is one type
+
 
 
 @pytest.mark.parametrize("media", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])

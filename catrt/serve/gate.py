@@ -15,8 +15,9 @@ the proxy closes the connection. The single server needs none: its protocol's re
 
 A gzip or deflate body (`Content-Encoding`) is decoded here, its decoded bytes held to the same
 limit (a small body that inflates past it is a 413, and inflating stops there); another encoding is
-a 415. A JSON route's body must be JSON (`application/json` or `application/*+json`; no
-`Content-Type` at all is read as JSON) and not empty. A trailing slash is dropped from the path
+a 415. Repeated `Content-Encoding` lines are one list, as HTTP defines them. A JSON route's body must
+be JSON (`application/json` or `application/*+json`; no `Content-Type` at all is read as JSON; lines
+that disagree are a 400) and not empty. A trailing slash is dropped from the path
 (`/v1/images/generations/` is served, never redirected), and `HEAD` is answered as `GET` without
 the body. A request no route takes (method and path) goes to the app unread, for its 404 or 405: an
 upload to a route this server lacks is told that, not that its body is too large.
@@ -99,8 +100,7 @@ class RequestGate:
             # an upload to a route this server lacks (the SDK's images.edit) is told so, not 413.
             await self.app(scope, receive, send_with_id)
             return
-        headers = dict(scope.get("headers", []))
-        declared = _content_length(headers.get(b"content-length"))
+        declared = _content_length(dict(scope.get("headers", [])).get(b"content-length"))
         if declared is not None and declared > self.max_body_bytes:
             await self._too_large(scope, receive, send_with_id, f"is {declared} bytes")
             return
@@ -115,7 +115,7 @@ class RequestGate:
         if body is None:  # the client left (or the read timeout closed the connection) mid-body
             return
         try:
-            body = self._decoded(scope, headers, body)
+            body = self._decoded(scope, body)
         except _BodyTooLarge:
             await self._too_large(scope, receive, send_with_id, f"decodes past {self.max_body_bytes} bytes")
             return
@@ -126,17 +126,18 @@ class RequestGate:
             return
         await self.app(scope, _replay(body, receive), send_with_id)
 
-    def _decoded(self, scope: Scope, headers: dict[bytes, bytes], body: bytes) -> bytes:
+    def _decoded(self, scope: Scope, body: bytes) -> bytes:
         """The body with its Content-Encoding undone, checked as JSON's where the route reads JSON; the
         scope's headers then describe the decoded body. Raises `_Refused` or `_BodyTooLarge`."""
-        encodings = _header_text(headers.get(b"content-encoding", b""), "Content-Encoding")
+        # Repeated lines of a list header are one list (RFC 9110 5.3): two `Content-Encoding: gzip` lines are gzip twice.
+        encodings = ", ".join(_header_text(value, "Content-Encoding") for value in _values(scope, b"content-encoding"))
         for encoding in reversed([part.strip().lower() for part in encodings.split(",") if part.strip()]):
             if body:  # no body, nothing encoded (a GET whose client sets the header on every request)
                 body = _decode(body, encoding, self.max_body_bytes)
         replaced = {b"content-encoding", b"content-length"}
         extra = [(b"content-length", str(len(body)).encode())]
         if scope["method"] == "POST" and scope["path"] in self.json_paths:
-            media = _header_text(headers.get(b"content-type", b""), "Content-Type")
+            media = _one_media_type(_values(scope, b"content-type"))
             if not media.strip():
                 replaced.add(b"content-type")
                 extra.append((b"content-type", b"application/json"))
@@ -212,6 +213,20 @@ def _header_text(value: bytes, name: str) -> str:
         return value.decode("ascii")
     except UnicodeDecodeError:
         raise _Refused(400, f"the {name} header is not ASCII", name) from None
+
+
+def _values(scope: Scope, name: bytes) -> list[bytes]:
+    """Every value of header `name`, in the order sent (a dict of the headers keeps only the last)."""
+    return [value for key, value in scope.get("headers", []) if key == name]
+
+
+def _one_media_type(values: list[bytes]) -> str:
+    """The body's Content-Type ("" if none); lines that disagree are refused, as the body cannot be two types."""
+    media = [_header_text(value, "Content-Type") for value in values]
+    if len({value.strip().lower() for value in media}) > 1:
+        raise _Refused(400, f"the Content-Type header is sent {len(media)} times with different values "
+                       f"({', '.join(echo(value.strip()) for value in media)}): send it once", "Content-Type")
+    return media[0] if media else ""
 
 
 def _is_json(media: str) -> bool:
