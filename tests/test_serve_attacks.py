@@ -374,6 +374,21 @@ def test_a_key_given_twice_is_a_400_naming_it(server: RemoteServer, content: byt
     """Parsers disagree on which of two equal keys wins (Python's keeps the last), so neither is taken."""
     error = assert_error(_post(server, content), 400, None)
     assert f"the key {key!r} appears twice in one object" in error["message"]
+    assert error["message"].endswith("send each field once")  # no parser position: the object parsed whole
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    pytest.param(b'{"prompt": "a red sun', "Unterminated string starting at character 11 of the body", id="cut-string"),
+    pytest.param(b'{"prompt": }', "Expecting value at character 11 of the body", id="no-value"),
+    pytest.param(b'{"prompt": "a"} {', "Extra data at character 16 of the body", id="extra-data"),
+    pytest.param(b'{"prompt": "a\x01"}', "Invalid control character at character 13 of the body", id="control-char"),
+    pytest.param(b'\xef\xbb\xbf{"prompt" "a"}', "Expecting ':' delimiter at character 10 of the body", id="after-a-bom"),
+])
+def test_json_that_does_not_parse_is_named_with_where_the_parser_stopped(
+    server: RemoteServer, content: bytes, reason: str,
+) -> None:
+    """The parser's reasons that end "at" read cut short without the position it stopped at."""
+    assert assert_error(_post(server, content), 400, None)["message"] == f"the body is not valid JSON: {reason}"
 
 
 def _count(url: str, series: str) -> float:
