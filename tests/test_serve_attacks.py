@@ -228,6 +228,20 @@ def test_a_trailing_slash_is_served_not_redirected(server: RemoteServer, plain_p
     assert httpx.get(f"{server.url}/health/live/").status_code == 200
 
 
+def test_a_request_line_naming_the_whole_url_is_served_as_its_path(server: RemoteServer, plain_png: bytes) -> None:
+    """RFC 9112 3.2.2: a server takes the absolute form (`POST http://host/path`), as clients write it to a proxy."""
+    content = json.dumps(BODY).encode()
+    request = (f"POST {server.url}/v1/images/generations?x=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+               f"Connection: close\r\nContent-Type: application/json\r\nContent-Length: {len(content)}\r\n\r\n").encode()
+    status, answer = _answer(_raw(server, request + content))
+    assert status == 200 and png(answer["data"][0]["b64_json"]) == plain_png
+    for target, status in ((f"HTTPS://{KEY}@example.com:1/v1/models/", 200), ("http://example.com", 404)):
+        request = f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n\r\n"
+        got, answer = _answer(_raw(server, request.encode()))
+        assert got == status, answer
+    assert answer["error"]["message"].startswith("Invalid URL (GET /): ")
+
+
 def test_head_answers_as_get_without_a_body(server: RemoteServer) -> None:
     live = httpx.head(f"{server.url}/health/live")
     assert live.status_code == 200 and live.content == b""

@@ -18,7 +18,8 @@ limit (a small body that inflates past it is a 413, and inflating stops there); 
 a 415. Repeated `Content-Encoding` lines are one list, as HTTP defines them. A JSON route's body must
 be JSON (`application/json` or `application/*+json`; no `Content-Type` at all is read as JSON; lines
 that disagree are a 400) and not empty. A trailing slash is dropped from the path
-(`/v1/images/generations/` is served, never redirected), and `HEAD` is answered as `GET` without
+(`/v1/images/generations/` is served, never redirected), as is the scheme and host of a request line
+that names the whole URL, and `HEAD` is answered as `GET` without
 the body. A request no route takes (method and path) goes to the app unread, for its 404 or 405: an
 upload to a route this server lacks is told that, not that its body is too large.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import email.message
 import logging
+import re
 import uuid
 import zlib
 from collections.abc import Callable, Collection
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 # Content-Encoding -> zlib's wbits for it: gzip, and deflate as HTTP means it (zlib-wrapped).
 DECODABLE = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+ABSOLUTE_FORM = re.compile(r"https?://[^/?#]*(/.*)?", re.IGNORECASE | re.DOTALL)  # a request target naming the URL
 UNSUPPORTED_MEDIA_TYPE = 415
 REQUEST_TIMEOUT = 408
 
@@ -82,7 +85,7 @@ class RequestGate:
                 message = {**message, "headers": [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())]}
             await send(message)
 
-        scope["path"] = _without_trailing_slash(scope["path"])
+        scope["path"] = _without_trailing_slash(_origin_form(scope["path"]))
         if scope["method"] == "HEAD":  # as GET, headers only
             scope["method"] = "GET"
             send_with_id = _headers_only(send_with_id)
@@ -189,6 +192,15 @@ class _Refused(Exception):
 def _routed(router: Any, scope: Scope) -> bool:
     """Whether a route of `router` takes this request's method and path."""
     return any(route.matches(scope)[0] == Match.FULL for route in router.routes)
+
+
+def _origin_form(path: str) -> str:
+    """`http://host:port/v1/models` -> `/v1/models`: a request line may name the whole URL (absolute form, as
+    clients write it to a proxy), which a server must take (RFC 9112 3.2.2); uvicorn hands it on as the path."""
+    match = ABSOLUTE_FORM.fullmatch(path)
+    if match is None:
+        return path
+    return match.group(1) or "/"
 
 
 def _without_trailing_slash(path: str) -> str:
