@@ -108,6 +108,16 @@ def test_gzip_and_deflate_bodies_are_decoded_to_the_same_image(server: RemoteSer
     assert _image(_post(server, raw, {"content-encoding": "identity"})) == plain_png
 
 
+def test_a_gzip_body_of_several_members_is_decoded_as_one(server: RemoteServer, plain_png: bytes) -> None:
+    """RFC 1952: a gzip file is members one after another (`gzip -c a b`, pigz); the body is their concatenation."""
+    raw = json.dumps(BODY).encode()
+    members = gzip.compress(raw[:10]) + gzip.compress(raw[10:])
+    assert _image(_post(server, members, {"content-encoding": "gzip"})) == plain_png
+    bomb = gzip.compress(b'{"prompt": "') + gzip.compress(b"x" * (MAX_BODY - 12)) + gzip.compress(b'"}')
+    error = assert_error(_post(server, bomb, {"content-encoding": "gzip"}), 413, None)  # the limit holds over all members
+    assert f"decodes past {MAX_BODY} bytes" in error["message"]
+
+
 def test_a_body_that_inflates_past_the_limit_is_a_413(server: RemoteServer) -> None:
     bomb = gzip.compress(b'{"prompt": "' + b"x" * 2_000_000 + b'"}')
     assert len(bomb) < MAX_BODY  # small on the wire, 2 MB inflated
@@ -120,6 +130,9 @@ def test_a_body_that_inflates_past_the_limit_is_a_413(server: RemoteServer) -> N
     pytest.param("gzip", b'{"prompt": "a"}', 400, "not valid gzip data", id="not-gzip"),
     pytest.param("gzip", gzip.compress(b'{"prompt": "a red sun"}')[:-6], 400, "not one whole gzip stream", id="cut-short"),
     pytest.param("deflate", gzip.compress(b'{"prompt": "a"}'), 400, "not valid deflate data", id="gzip-as-deflate"),
+    pytest.param("gzip", gzip.compress(b'{"prompt": "a"}') + b"garbage", 400, "not one whole gzip stream", id="member-then-garbage"),
+    pytest.param("deflate", zlib.compress(b'{"prompt": ') + zlib.compress(b'"a"}'), 400, "not one whole deflate stream",
+                 id="two-deflate-streams"),
 ])
 def test_an_encoding_the_server_cannot_undo_is_refused_naming_the_header(
     server: RemoteServer, encoding: str, content: bytes, status: int, needle: str,
@@ -240,6 +253,15 @@ def test_a_request_line_naming_the_whole_url_is_served_as_its_path(server: Remot
         got, answer = _answer(_raw(server, request.encode()))
         assert got == status, answer
     assert answer["error"]["message"].startswith("Invalid URL (GET /): ")
+
+
+def test_a_request_line_naming_the_whole_url_still_needs_the_key(server: RemoteServer) -> None:
+    """The key is asked for on the path the URL names, as on the path alone."""
+    content = json.dumps(BODY).encode()
+    request = (b"POST http://catrt.example:8000/v1/images/generations/ HTTP/1.1\r\nHost: catrt.example:8000\r\n"
+               b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(content))
+    status, answer = _answer(_raw(server, request + content))
+    assert (status, answer["error"]["code"]) == (401, "401"), answer
 
 
 def test_head_answers_as_get_without_a_body(server: RemoteServer) -> None:

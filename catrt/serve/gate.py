@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = b"x-request-id"
 # Content-Encoding -> zlib's wbits for it: gzip, and deflate as HTTP means it (zlib-wrapped).
-DECODABLE = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+GZIP_WBITS = 31
+DECODABLE = {"gzip": GZIP_WBITS, "x-gzip": GZIP_WBITS, "deflate": 15}
 ABSOLUTE_FORM = re.compile(r"https?://[^/?#]*(/.*)?", re.IGNORECASE | re.DOTALL)  # a request target naming the URL
 UNSUPPORTED_MEDIA_TYPE = 415
 REQUEST_TIMEOUT = 408
@@ -259,15 +260,20 @@ def _decode(body: bytes, encoding: str, limit: int) -> bytes:
             f"Content-Encoding {echo(encoding)} is not served: send the body as is, or with gzip or deflate",
             "Content-Encoding",
         )
-    inflater = zlib.decompressobj(wbits=DECODABLE[encoding])
-    try:
-        decoded = inflater.decompress(body, limit + 1)
-    except zlib.error:
-        raise _Refused(400, f"the body is not valid {encoding} data, as its Content-Encoding says", "Content-Encoding") from None
-    if len(decoded) > limit:
-        raise _BodyTooLarge
-    if not inflater.eof or inflater.unused_data:
-        raise _Refused(400, f"the body is not one whole {encoding} stream, as its Content-Encoding says", "Content-Encoding")
+    decoded, rest = b"", body
+    while rest:  # gzip: members one after another (RFC 1952 2.2), as `gzip -c a b` writes; deflate: one stream
+        inflater = zlib.decompressobj(wbits=DECODABLE[encoding])
+        try:
+            decoded += inflater.decompress(rest, limit + 1 - len(decoded))
+        except zlib.error:
+            # Bytes after a whole member that start no other one are junk after the stream, not bad data.
+            problem = f"not valid {encoding} data" if rest is body else f"not one whole {encoding} stream"
+            raise _Refused(400, f"the body is {problem}, as its Content-Encoding says", "Content-Encoding") from None
+        if len(decoded) > limit:
+            raise _BodyTooLarge
+        if not inflater.eof or (inflater.unused_data and DECODABLE[encoding] != GZIP_WBITS):
+            raise _Refused(400, f"the body is not one whole {encoding} stream, as its Content-Encoding says", "Content-Encoding")
+        rest = inflater.unused_data
     return decoded
 
 
