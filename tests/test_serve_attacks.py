@@ -264,6 +264,15 @@ def test_a_request_line_naming_the_whole_url_still_needs_the_key(server: RemoteS
     assert (status, answer["error"]["code"]) == (401, "401"), answer
 
 
+@pytest.mark.parametrize("target", [b"health/live", b"v1/images/generations"])
+def test_a_target_that_is_not_a_path_is_a_400_saying_so(server: RemoteServer, target: bytes) -> None:
+    """Not a 404 naming `/health/live` among the routes it says exist, as a path without its '/' was told."""
+    answer = _raw(server, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, body = answer.split(b" ", 2)[1], json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert (status, body["error"]["param"], body["error"]["code"]) == (b"400", None, "400"), answer
+    assert f"the request target '{target.decode()}' is not a path" in body["error"]["message"]
+
+
 def test_head_answers_as_get_without_a_body(server: RemoteServer) -> None:
     live = httpx.head(f"{server.url}/health/live")
     assert live.status_code == 200 and live.content == b""

@@ -87,6 +87,13 @@ class RequestGate:
             await send(message)
 
         scope["path"] = _without_trailing_slash(_origin_form(scope["path"]))
+        if not scope["path"].startswith("/") and scope["path"] != "*":  # "*": OPTIONS about the whole server
+            response = error_response(
+                400, f"the request target {echo(scope['path'])} is not a path: write it from the root, as in "
+                "'POST /v1/images/generations'", "invalid_request_error",
+            )
+            await response(scope, receive, send_with_id)
+            return
         if scope["method"] == "HEAD":  # as GET, headers only
             scope["method"] = "GET"
             send_with_id = _headers_only(send_with_id)
