@@ -475,6 +475,15 @@ def test_options_answers_204_with_the_allowed_methods(server: RemoteServer, path
     assert response.headers["allow"] == allowed
 
 
+def test_options_star_answers_204_with_every_method_served(server: RemoteServer) -> None:
+    """`OPTIONS *` asks about the server as a whole (RFC 9110 9.3.7); `*` for another method is no path."""
+    answer = _raw(server, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 204 ") and b"\r\nallow: get, head, post, options" in head, answer
+    answer = _raw(server, b"GET * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"the request target '*' is not a path" in answer, answer
+
+
 def test_a_503_and_a_429_tell_the_client_when_to_retry() -> None:
     from catrt.errors import QueueFullError, ServiceUnavailableError
     from catrt.serve.errors import UNAVAILABLE_RETRY_AFTER, catrt_error_response

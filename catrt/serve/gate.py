@@ -35,6 +35,7 @@ import zlib
 from collections.abc import Callable, Collection
 from typing import Any
 
+from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -87,7 +88,10 @@ class RequestGate:
             await send(message)
 
         scope["path"] = _without_trailing_slash(_origin_form(scope["path"]))
-        if not scope["path"].startswith("/") and scope["path"] != "*":  # "*": OPTIONS about the whole server
+        if scope["path"] == "*" and scope["method"] == "OPTIONS":  # RFC 9110 9.3.7: about the server as a whole
+            await Response(status_code=204, headers={"Allow": self._server_methods()})(scope, receive, send_with_id)
+            return
+        if not scope["path"].startswith("/"):
             response = error_response(
                 400, f"the request target {echo(scope['path'])} is not a path: write it from the root, as in "
                 "'POST /v1/images/generations'", "invalid_request_error",
@@ -162,6 +166,14 @@ class RequestGate:
                 raise _Refused(400, 'the request body is empty: send a JSON object, e.g. {"prompt": "a red circle"}', None)
         scope["headers"] = [(name, value) for name, value in scope.get("headers", []) if name not in replaced] + extra
         return body
+
+    def _server_methods(self) -> str:
+        """Every method some route serves (HEAD wherever GET is), then OPTIONS: an `OPTIONS *` answer's Allow."""
+        methods = {method for route in getattr(self.router, "routes", ()) for method in getattr(route, "methods", None) or ()}
+        if "GET" in methods:
+            methods.add("HEAD")
+        methods.discard("OPTIONS")
+        return ", ".join([*sorted(methods), "OPTIONS"])
 
     def _needs_key(self, path: str) -> bool:
         if self.authorized is None:
