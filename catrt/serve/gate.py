@@ -15,11 +15,12 @@ the proxy closes the connection. The single server needs none: its protocol's re
 
 A gzip or deflate body (`Content-Encoding`) is decoded here, its decoded bytes held to the same
 limit (a small body that inflates past it is a 413, and inflating stops there); another encoding is
-a 415. Repeated `Content-Encoding` lines are one list, as HTTP defines them. A JSON route's body must
-be JSON (`application/json` or `application/*+json`; no `Content-Type` at all is read as JSON; lines
-that disagree are a 400) and not empty. A trailing slash is dropped from the path
-(`/v1/images/generations/` is served, never redirected), as is the scheme and host of a request line
-that names the whole URL, and `HEAD` is answered as `GET` without
+a 415; a gzip body may be several members (RFC 1952). Repeated `Content-Encoding` lines are one list, as
+HTTP defines them. A JSON route's body must be JSON (`application/json` or `application/*+json`; no
+`Content-Type` at all is read as JSON; lines that disagree are a 400) and not empty. A trailing slash
+is dropped from the path (`/v1/images/generations/` is served, never redirected), as is the scheme
+and host of a request line that names the whole URL; another target that is not a path is a 400
+(`OPTIONS *` is answered with every method served), and `HEAD` is answered as `GET` without
 the body. A request no route takes (method and path) goes to the app unread, for its 404 or 405: an
 upload to a route this server lacks is told that, not that its body is too large.
 """
