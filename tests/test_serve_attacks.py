@@ -108,6 +108,16 @@ def test_gzip_and_deflate_bodies_are_decoded_to_the_same_image(server: RemoteSer
     assert _image(_post(server, raw, {"content-encoding": "identity"})) == plain_png
 
 
+def test_a_gzip_body_of_several_members_is_decoded_as_one(server: RemoteServer, plain_png: bytes) -> None:
+    """RFC 1952: a gzip file is members one after another (`gzip -c a b`, pigz); the body is their concatenation."""
+    raw = json.dumps(BODY).encode()
+    members = gzip.compress(raw[:10]) + gzip.compress(raw[10:])
+    assert _image(_post(server, members, {"content-encoding": "gzip"})) == plain_png
+    bomb = gzip.compress(b'{"prompt": "') + gzip.compress(b"x" * (MAX_BODY - 12)) + gzip.compress(b'"}')
+    error = assert_error(_post(server, bomb, {"content-encoding": "gzip"}), 413, None)  # the limit holds over all members
+    assert f"decodes past {MAX_BODY} bytes" in error["message"]
+
+
 def test_a_body_that_inflates_past_the_limit_is_a_413(server: RemoteServer) -> None:
     bomb = gzip.compress(b'{"prompt": "' + b"x" * 2_000_000 + b'"}')
     assert len(bomb) < MAX_BODY  # small on the wire, 2 MB inflated
@@ -120,6 +130,9 @@ def test_a_body_that_inflates_past_the_limit_is_a_413(server: RemoteServer) -> N
     pytest.param("gzip", b'{"prompt": "a"}', 400, "not valid gzip data", id="not-gzip"),
     pytest.param("gzip", gzip.compress(b'{"prompt": "a red sun"}')[:-6], 400, "not one whole gzip stream", id="cut-short"),
     pytest.param("deflate", gzip.compress(b'{"prompt": "a"}'), 400, "not valid deflate data", id="gzip-as-deflate"),
+    pytest.param("gzip", gzip.compress(b'{"prompt": "a"}') + b"garbage", 400, "not one whole gzip stream", id="member-then-garbage"),
+    pytest.param("deflate", zlib.compress(b'{"prompt": ') + zlib.compress(b'"a"}'), 400, "not one whole deflate stream",
+                 id="two-deflate-streams"),
 ])
 def test_an_encoding_the_server_cannot_undo_is_refused_naming_the_header(
     server: RemoteServer, encoding: str, content: bytes, status: int, needle: str,
@@ -128,7 +141,44 @@ def test_an_encoding_the_server_cannot_undo_is_refused_naming_the_header(
     assert needle in error["message"]
 
 
+def _with_headers(lines: list[str], content: bytes) -> bytes:
+    """A POST to the images route with header `lines` as written (httpx joins repeated ones), closed after."""
+    head = ["POST /v1/images/generations HTTP/1.1", "Host: x", f"Authorization: Bearer {KEY}", "Connection: close",
+            f"Content-Length: {len(content)}", *lines]
+    return "\r\n".join(head).encode() + b"\r\n\r\n" + content
+
+
+def _answer(answer: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_repeated_content_encoding_lines_are_one_list(server: RemoteServer, plain_png: bytes) -> None:
+    """RFC 9110 5.3: two `Content-Encoding: gzip` lines mean `gzip, gzip`, not the last line alone."""
+    twice = gzip.compress(gzip.compress(json.dumps(BODY).encode()))
+    lines = ["Content-Type: application/json", "Content-Encoding: gzip", "Content-Encoding: gzip"]
+    status, answer = _answer(_raw(server, _with_headers(lines, twice)))
+    assert status == 200, answer
+    assert png(answer["data"][0]["b64_json"]) == plain_png
+    status, answer = _answer(_raw(server, _with_headers(lines, gzip.compress(json.dumps(BODY).encode()))))
+    assert (status, answer["error"]["param"]) == (400, "Content-Encoding")  # gzip once, where the lines say twice
+    assert "not valid gzip data" in answer["error"]["message"]
+
+
 # -- Content-Type and the body's shape -------------------------------------------------------------
+
+
+def test_content_type_lines_that_disagree_are_a_400_naming_it(server: RemoteServer, plain_png: bytes) -> None:
+    content = json.dumps(BODY).encode()
+    for lines in (["Content-Type: application/json", "Content-Type: text/plain"],
+                  ["Content-Type: text/plain", "Content-Type: application/json"]):
+        status, answer = _answer(_raw(server, _with_headers(lines, content)))
+        assert (status, answer["error"]["param"], answer["error"]["code"]) == (400, "Content-Type", "400")
+        assert "Content-Type header is sent 2 times with different values" in answer["error"]["message"]
+        assert "'text/plain'" in answer["error"]["message"] and "send it once" in answer["error"]["message"]
+    status, answer = _answer(_raw(server, _with_headers(["Content-Type: application/json"] * 2, content)))
+    assert status == 200 and png(answer["data"][0]["b64_json"]) == plain_png  # the same line twice is one type
+
 
 
 @pytest.mark.parametrize("media", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
@@ -189,6 +239,38 @@ def test_a_body_exactly_at_the_limit_is_served_one_byte_over_is_a_413(server: Re
 def test_a_trailing_slash_is_served_not_redirected(server: RemoteServer, plain_png: bytes) -> None:
     assert _image(_post(server, json.dumps(BODY).encode(), path="/v1/images/generations/")) == plain_png
     assert httpx.get(f"{server.url}/health/live/").status_code == 200
+
+
+def test_a_request_line_naming_the_whole_url_is_served_as_its_path(server: RemoteServer, plain_png: bytes) -> None:
+    """RFC 9112 3.2.2: a server takes the absolute form (`POST http://host/path`), as clients write it to a proxy."""
+    content = json.dumps(BODY).encode()
+    request = (f"POST {server.url}/v1/images/generations?x=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+               f"Connection: close\r\nContent-Type: application/json\r\nContent-Length: {len(content)}\r\n\r\n").encode()
+    status, answer = _answer(_raw(server, request + content))
+    assert status == 200 and png(answer["data"][0]["b64_json"]) == plain_png
+    for target, status in ((f"HTTPS://{KEY}@example.com:1/v1/models/", 200), ("http://example.com", 404)):
+        request = f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n\r\n"
+        got, answer = _answer(_raw(server, request.encode()))
+        assert got == status, answer
+    assert answer["error"]["message"].startswith("Invalid URL (GET /): ")
+
+
+def test_a_request_line_naming_the_whole_url_still_needs_the_key(server: RemoteServer) -> None:
+    """The key is asked for on the path the URL names, as on the path alone."""
+    content = json.dumps(BODY).encode()
+    request = (b"POST http://catrt.example:8000/v1/images/generations/ HTTP/1.1\r\nHost: catrt.example:8000\r\n"
+               b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(content))
+    status, answer = _answer(_raw(server, request + content))
+    assert (status, answer["error"]["code"]) == (401, "401"), answer
+
+
+@pytest.mark.parametrize("target", [b"health/live", b"v1/images/generations"])
+def test_a_target_that_is_not_a_path_is_a_400_saying_so(server: RemoteServer, target: bytes) -> None:
+    """Not a 404 naming `/health/live` among the routes it says exist, as a path without its '/' was told."""
+    answer = _raw(server, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, body = answer.split(b" ", 2)[1], json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert (status, body["error"]["param"], body["error"]["code"]) == (b"400", None, "400"), answer
+    assert f"the request target '{target.decode()}' is not a path" in body["error"]["message"]
 
 
 def test_head_answers_as_get_without_a_body(server: RemoteServer) -> None:
@@ -337,6 +419,21 @@ def test_a_key_given_twice_is_a_400_naming_it(server: RemoteServer, content: byt
     """Parsers disagree on which of two equal keys wins (Python's keeps the last), so neither is taken."""
     error = assert_error(_post(server, content), 400, None)
     assert f"the key {key!r} appears twice in one object" in error["message"]
+    assert error["message"].endswith("send each field once")  # no parser position: the object parsed whole
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    pytest.param(b'{"prompt": "a red sun', "Unterminated string starting at character 11 of the body", id="cut-string"),
+    pytest.param(b'{"prompt": }', "Expecting value at character 11 of the body", id="no-value"),
+    pytest.param(b'{"prompt": "a"} {', "Extra data at character 16 of the body", id="extra-data"),
+    pytest.param(b'{"prompt": "a\x01"}', "Invalid control character at character 13 of the body", id="control-char"),
+    pytest.param(b'\xef\xbb\xbf{"prompt" "a"}', "Expecting ':' delimiter at character 10 of the body", id="after-a-bom"),
+])
+def test_json_that_does_not_parse_is_named_with_where_the_parser_stopped(
+    server: RemoteServer, content: bytes, reason: str,
+) -> None:
+    """The parser's reasons that end "at" read cut short without the position it stopped at."""
+    assert assert_error(_post(server, content), 400, None)["message"] == f"the body is not valid JSON: {reason}"
 
 
 def _count(url: str, series: str) -> float:
@@ -376,6 +473,15 @@ def test_options_answers_204_with_the_allowed_methods(server: RemoteServer, path
     response = httpx.options(f"{server.url}{path}", headers=AUTH)
     assert response.status_code == 204 and response.content == b""
     assert response.headers["allow"] == allowed
+
+
+def test_options_star_answers_204_with_every_method_served(server: RemoteServer) -> None:
+    """`OPTIONS *` asks about the server as a whole (RFC 9110 9.3.7); `*` for another method is no path."""
+    answer = _raw(server, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 204 ") and b"\r\nallow: get, head, post, options" in head, answer
+    answer = _raw(server, b"GET * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"the request target '*' is not a path" in answer, answer
 
 
 def test_a_503_and_a_429_tell_the_client_when_to_retry() -> None:

@@ -80,7 +80,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     first = error.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
-        message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        message = f"the body is not valid JSON: {_with_position(first.get('ctx', {}).get('error', first.get('msg')), location)}"
         return error_response(400, message, "invalid_request_error")
     if not location and first.get("type") == "string_unicode":  # a key pydantic cannot read as text
         message = (f"the field name {echo_json(first.get('input'))} is not valid Unicode text (a lone surrogate); "
@@ -98,6 +98,13 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     else:
         message = f"{param}: {first.get('msg')}, got {echo_json(first.get('input'))}"
     return error_response(400, message, "invalid_request_error", shorten(location[0]))
+
+
+def _with_position(reason: str, location: list[str]) -> str:
+    """The JSON parser's reason with where it stopped ("Unterminated string starting at" says where only with it)."""
+    if not location or not location[0].isdigit():  # NO_POSITION (a repeated key), or none given
+        return reason
+    return f"{reason}{'' if reason.endswith(' at') else ' at'} character {location[0]} of the body"
 
 
 def _json_kind(value: object) -> str:

@@ -15,9 +15,12 @@ the proxy closes the connection. The single server needs none: its protocol's re
 
 A gzip or deflate body (`Content-Encoding`) is decoded here, its decoded bytes held to the same
 limit (a small body that inflates past it is a 413, and inflating stops there); another encoding is
-a 415. A JSON route's body must be JSON (`application/json` or `application/*+json`; no
-`Content-Type` at all is read as JSON) and not empty. A trailing slash is dropped from the path
-(`/v1/images/generations/` is served, never redirected), and `HEAD` is answered as `GET` without
+a 415; a gzip body may be several members (RFC 1952). Repeated `Content-Encoding` lines are one list, as
+HTTP defines them. A JSON route's body must be JSON (`application/json` or `application/*+json`; no
+`Content-Type` at all is read as JSON; lines that disagree are a 400) and not empty. A trailing slash
+is dropped from the path (`/v1/images/generations/` is served, never redirected), as is the scheme
+and host of a request line that names the whole URL; another target that is not a path is a 400
+(`OPTIONS *` is answered with every method served), and `HEAD` is answered as `GET` without
 the body. A request no route takes (method and path) goes to the app unread, for its 404 or 405: an
 upload to a route this server lacks is told that, not that its body is too large.
 """
@@ -27,11 +30,13 @@ from __future__ import annotations
 import asyncio
 import email.message
 import logging
+import re
 import uuid
 import zlib
 from collections.abc import Callable, Collection
 from typing import Any
 
+from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,7 +47,9 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = b"x-request-id"
 # Content-Encoding -> zlib's wbits for it: gzip, and deflate as HTTP means it (zlib-wrapped).
-DECODABLE = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+GZIP_WBITS = 31
+DECODABLE = {"gzip": GZIP_WBITS, "x-gzip": GZIP_WBITS, "deflate": 15}
+ABSOLUTE_FORM = re.compile(r"https?://[^/?#]*(/.*)?", re.IGNORECASE | re.DOTALL)  # a request target naming the URL
 UNSUPPORTED_MEDIA_TYPE = 415
 REQUEST_TIMEOUT = 408
 
@@ -81,7 +88,17 @@ class RequestGate:
                 message = {**message, "headers": [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())]}
             await send(message)
 
-        scope["path"] = _without_trailing_slash(scope["path"])
+        scope["path"] = _without_trailing_slash(_origin_form(scope["path"]))
+        if scope["path"] == "*" and scope["method"] == "OPTIONS":  # RFC 9110 9.3.7: about the server as a whole
+            await Response(status_code=204, headers={"Allow": self._server_methods()})(scope, receive, send_with_id)
+            return
+        if not scope["path"].startswith("/"):
+            response = error_response(
+                400, f"the request target {echo(scope['path'])} is not a path: write it from the root, as in "
+                "'POST /v1/images/generations'", "invalid_request_error",
+            )
+            await response(scope, receive, send_with_id)
+            return
         if scope["method"] == "HEAD":  # as GET, headers only
             scope["method"] = "GET"
             send_with_id = _headers_only(send_with_id)
@@ -99,8 +116,7 @@ class RequestGate:
             # an upload to a route this server lacks (the SDK's images.edit) is told so, not 413.
             await self.app(scope, receive, send_with_id)
             return
-        headers = dict(scope.get("headers", []))
-        declared = _content_length(headers.get(b"content-length"))
+        declared = _content_length(dict(scope.get("headers", [])).get(b"content-length"))
         if declared is not None and declared > self.max_body_bytes:
             await self._too_large(scope, receive, send_with_id, f"is {declared} bytes")
             return
@@ -115,7 +131,7 @@ class RequestGate:
         if body is None:  # the client left (or the read timeout closed the connection) mid-body
             return
         try:
-            body = self._decoded(scope, headers, body)
+            body = self._decoded(scope, body)
         except _BodyTooLarge:
             await self._too_large(scope, receive, send_with_id, f"decodes past {self.max_body_bytes} bytes")
             return
@@ -126,17 +142,18 @@ class RequestGate:
             return
         await self.app(scope, _replay(body, receive), send_with_id)
 
-    def _decoded(self, scope: Scope, headers: dict[bytes, bytes], body: bytes) -> bytes:
+    def _decoded(self, scope: Scope, body: bytes) -> bytes:
         """The body with its Content-Encoding undone, checked as JSON's where the route reads JSON; the
         scope's headers then describe the decoded body. Raises `_Refused` or `_BodyTooLarge`."""
-        encodings = _header_text(headers.get(b"content-encoding", b""), "Content-Encoding")
+        # Repeated lines of a list header are one list (RFC 9110 5.3): two `Content-Encoding: gzip` lines are gzip twice.
+        encodings = ", ".join(_header_text(value, "Content-Encoding") for value in _values(scope, b"content-encoding"))
         for encoding in reversed([part.strip().lower() for part in encodings.split(",") if part.strip()]):
             if body:  # no body, nothing encoded (a GET whose client sets the header on every request)
                 body = _decode(body, encoding, self.max_body_bytes)
         replaced = {b"content-encoding", b"content-length"}
         extra = [(b"content-length", str(len(body)).encode())]
         if scope["method"] == "POST" and scope["path"] in self.json_paths:
-            media = _header_text(headers.get(b"content-type", b""), "Content-Type")
+            media = _one_media_type(_values(scope, b"content-type"))
             if not media.strip():
                 replaced.add(b"content-type")
                 extra.append((b"content-type", b"application/json"))
@@ -150,6 +167,14 @@ class RequestGate:
                 raise _Refused(400, 'the request body is empty: send a JSON object, e.g. {"prompt": "a red circle"}', None)
         scope["headers"] = [(name, value) for name, value in scope.get("headers", []) if name not in replaced] + extra
         return body
+
+    def _server_methods(self) -> str:
+        """Every method some route serves (HEAD wherever GET is), then OPTIONS: an `OPTIONS *` answer's Allow."""
+        methods = {method for route in getattr(self.router, "routes", ()) for method in getattr(route, "methods", None) or ()}
+        if "GET" in methods:
+            methods.add("HEAD")
+        methods.discard("OPTIONS")
+        return ", ".join([*sorted(methods), "OPTIONS"])
 
     def _needs_key(self, path: str) -> bool:
         if self.authorized is None:
@@ -190,6 +215,15 @@ def _routed(router: Any, scope: Scope) -> bool:
     return any(route.matches(scope)[0] == Match.FULL for route in router.routes)
 
 
+def _origin_form(path: str) -> str:
+    """`http://host:port/v1/models` -> `/v1/models`: a request line may name the whole URL (absolute form, as
+    clients write it to a proxy), which a server must take (RFC 9112 3.2.2); uvicorn hands it on as the path."""
+    match = ABSOLUTE_FORM.fullmatch(path)
+    if match is None:
+        return path
+    return match.group(1) or "/"
+
+
 def _without_trailing_slash(path: str) -> str:
     """`/v1/models/` -> `/v1/models`: a client's trailing slash reaches the same route, never a redirect."""
     stripped = path.rstrip("/")
@@ -214,6 +248,20 @@ def _header_text(value: bytes, name: str) -> str:
         raise _Refused(400, f"the {name} header is not ASCII", name) from None
 
 
+def _values(scope: Scope, name: bytes) -> list[bytes]:
+    """Every value of header `name`, in the order sent (a dict of the headers keeps only the last)."""
+    return [value for key, value in scope.get("headers", []) if key == name]
+
+
+def _one_media_type(values: list[bytes]) -> str:
+    """The body's Content-Type ("" if none); lines that disagree are refused, as the body cannot be two types."""
+    media = [_header_text(value, "Content-Type") for value in values]
+    if len({value.strip().lower() for value in media}) > 1:
+        raise _Refused(400, f"the Content-Type header is sent {len(media)} times with different values "
+                       f"({', '.join(echo(value.strip()) for value in media)}): send it once", "Content-Type")
+    return media[0] if media else ""
+
+
 def _is_json(media: str) -> bool:
     """`application/json` or `application/<anything>+json`, any parameters (charset...)."""
     message = email.message.Message()
@@ -232,15 +280,20 @@ def _decode(body: bytes, encoding: str, limit: int) -> bytes:
             f"Content-Encoding {echo(encoding)} is not served: send the body as is, or with gzip or deflate",
             "Content-Encoding",
         )
-    inflater = zlib.decompressobj(wbits=DECODABLE[encoding])
-    try:
-        decoded = inflater.decompress(body, limit + 1)
-    except zlib.error:
-        raise _Refused(400, f"the body is not valid {encoding} data, as its Content-Encoding says", "Content-Encoding") from None
-    if len(decoded) > limit:
-        raise _BodyTooLarge
-    if not inflater.eof or inflater.unused_data:
-        raise _Refused(400, f"the body is not one whole {encoding} stream, as its Content-Encoding says", "Content-Encoding")
+    decoded, rest = b"", body
+    while rest:  # gzip: members one after another (RFC 1952 2.2), as `gzip -c a b` writes; deflate: one stream
+        inflater = zlib.decompressobj(wbits=DECODABLE[encoding])
+        try:
+            decoded += inflater.decompress(rest, limit + 1 - len(decoded))
+        except zlib.error:
+            # Bytes after a whole member that start no other one are junk after the stream, not bad data.
+            problem = f"not valid {encoding} data" if rest is body else f"not one whole {encoding} stream"
+            raise _Refused(400, f"the body is {problem}, as its Content-Encoding says", "Content-Encoding") from None
+        if len(decoded) > limit:
+            raise _BodyTooLarge
+        if not inflater.eof or (inflater.unused_data and DECODABLE[encoding] != GZIP_WBITS):
+            raise _Refused(400, f"the body is not one whole {encoding} stream, as its Content-Encoding says", "Content-Encoding")
+        rest = inflater.unused_data
     return decoded
 
 

@@ -18,6 +18,9 @@ from fastapi.routing import APIRoute
 from catrt.serve.echo import echo
 
 
+NO_POSITION = -1  # a `JSONDecodeError.pos` that points at nothing: a repeated key is found once its object is parsed
+
+
 class _RepeatedKey(ValueError):
     def __init__(self, key: str) -> None:
         super().__init__(key)
@@ -44,7 +47,7 @@ def loads_unique(body: bytes) -> Any:
         return json.loads(text, object_pairs_hook=_unique_object)
     except _RepeatedKey as repeated:
         raise json.JSONDecodeError(
-            f"the key {echo(repeated.key)} appears twice in one object; send each field once", text, 0,
+            f"the key {echo(repeated.key)} appears twice in one object; send each field once", text, NO_POSITION,
         ) from None
 
 
