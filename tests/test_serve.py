@@ -450,3 +450,12 @@ def test_eager_alphas_selecting_the_same_k_are_refused_once_a_model_without_a_ca
     with pytest.raises(ConfigError, match=r"^--alpha 0\.3 and 0\.26 both select k = 5 of the 16 image tokens at 64x64") as caught:
         load_served_model(config)
     assert caught.value.field == "alpha"
+
+
+def test_a_size_the_model_cannot_take_is_refused_as_such_before_its_alphas_are_counted() -> None:
+    """From Python (no CLI size check first), 1 pixel high is 0 tokens: refused as a size, not as two alphas of k = 0."""
+    from catrt.serve.server import check_source_of
+
+    config = ServeConfig(model="reference", height=1, width=32, steps=3, cat=CATConfig(alpha=0.3, t0=2), alphas=(0.3, 0.2))
+    with pytest.raises(ConfigError, match=r"^height 1 does not fit model reference, which takes multiples of 2"):
+        check_source_of(config)

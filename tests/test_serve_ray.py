@@ -434,3 +434,21 @@ def test_catrt_and_a_plain_serve_never_import_ray() -> None:
 def _run_launcher(code: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=server_env(),
                           timeout=60)
+
+
+def test_eager_alphas_of_one_k_are_refused_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The replicas would refuse them only once each loaded the model, long after the fleet said it listens."""
+    import catrt.serve.ray_app
+    from catrt.cli import main
+
+    def started(*args: object) -> int:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(catrt.serve.ray_app, "run_fleet", started)
+    argv = ["serve", "--model", "reference", "--alpha", "0.3", "0.2999", "--ray", "--port", str(_free_port())]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--alpha 0.3 and 0.2999 both select k = 77 of the 256 image tokens at 32x32" in err
+    assert err.count("\n") == 1 and "Traceback" not in err

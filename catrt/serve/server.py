@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from catrt.errors import CatrtError, ConfigError, ServiceUnavailableError
-from catrt.model_cards import MODEL_CARDS, check_model_source, size_limits
+from catrt.model_cards import MODEL_CARDS, check_image_size, check_model_source, size_limits
 from catrt.serve.config import ServeConfig, check_distinct_ks
 from catrt.serve.protocol import read_deadline_protocol
 
@@ -175,8 +175,9 @@ def check_source_of(config: ServeConfig) -> None:
         check_model_source(config.model)
         card = MODEL_CARDS.get(config.model)
         if card is not None:  # else the size's tokens are known once the model loads (`catrt.serve.model`)
-            multiple = size_limits(card)[0]
+            multiple, largest = size_limits(card)
             height, width = config.height or card.default_size, config.width or card.default_size
+            check_image_size(height, width, multiple, largest, config.model)  # as the CLI does: tokens of a real size
             check_distinct_ks(config.served_alphas, (height // multiple) * (width // multiple), width, height)
         return
     from catrt.serve.alpha_policy import check_choice
