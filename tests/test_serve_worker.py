@@ -8,6 +8,7 @@ been given up stops before its next step.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -80,15 +81,20 @@ def model() -> Iterator[StandIn]:
     yield StandIn()
 
 
+def _started(worker: Worker) -> None:
+    """Start `worker` and wait until its model is loaded; a state other than loading on the way fails."""
+    worker.start()
+    deadline = time.monotonic() + 10
+    while worker.state != "ready":
+        assert time.monotonic() < deadline and worker.state == "loading", worker.state
+        time.sleep(0.01)
+
+
 @pytest.fixture()
 def worker(model: StandIn) -> Iterator[Worker]:
     exited = threading.Event()
     worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(), on_exit=lambda state: exited.set())
-    worker.start()
-    deadline = time.monotonic() + 10
-    while worker.state != "ready":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _started(worker)
     model.calls.clear()
     model.steps_run.clear()
     yield worker
@@ -221,12 +227,8 @@ def test_an_adaptive_worker_serves_a_pin_that_only_a_later_queued_size_serves() 
     exited = threading.Event()
     worker = Worker(lambda: Router([square, wide]), max_queue=8, metrics=ServerMetrics(),
                     on_exit=lambda state: exited.set(), alpha_policy="adaptive", latency_target=60.0)
-    worker.start()
     try:
-        deadline = time.monotonic() + 10
-        while worker.state != "ready":
-            assert time.monotonic() < deadline and worker.state == "loading", worker.state
-            time.sleep(0.01)
+        _started(worker)
         holder = Job([Row("hold", 0)], BatchOptions(4.0, None, "64x64"), request_id="hold")
         worker.submit(holder)
         assert square.holding.wait(10)
@@ -348,8 +350,6 @@ def test_liveness_and_readiness_turn_503_once_the_worker_died(worker: Worker, mo
 
 def test_alpha_chosen_labels_are_the_alphas_as_the_api_writes_them() -> None:
     """`:g` labelled both 0.3 and 0.3000004 (two served alphas, distinct at float32) "0.3": one series for two."""
-    import json
-
     from prometheus_client import generate_latest
 
     alphas = (0.3, 0.3000004, 1.0)
@@ -357,12 +357,8 @@ def test_alpha_chosen_labels_are_the_alphas_as_the_api_writes_them() -> None:
     metrics = ServerMetrics()
     exited = threading.Event()
     worker = Worker(lambda: Router([model]), max_queue=8, metrics=metrics, on_exit=lambda state: exited.set())
-    worker.start()
     try:
-        deadline = time.monotonic() + 10
-        while worker.state != "ready":
-            assert time.monotonic() < deadline and worker.state == "loading", worker.state
-            time.sleep(0.01)
+        _started(worker)
         for alpha in alphas:
             job = Job([Row(f"at {alpha}", 0)], BatchOptions(4.0, None, alpha=alpha), request_id=str(alpha))
             worker.submit(job)
