@@ -28,6 +28,7 @@ import json
 import math
 import os
 import stat
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,18 +430,46 @@ def _file_problem(folder: Path, name: str, record: Mapping[str, Any]) -> Corrupt
 
 
 def _digest_regular_file(path: Path) -> tuple[int, str]:
-    """(size, sha256) of a regular file, opened without following a link (a swap after lstat fails)."""
+    """(size, sha256) of a regular file, opened without following a link (a swap after lstat fails).
+
+    A file this process hashed before and whose identity is unchanged is not read again (`serve --engines` checks
+    each bundle before it listens, then `catrt.load` checks it again: a 16 GB weight file read once, not twice)."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     descriptor = os.open(path, flags)
     with os.fdopen(descriptor, "rb") as stream:
-        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+        before = os.fstat(stream.fileno())
+        if not stat.S_ISREG(before.st_mode):
             raise OSError(0, "not a regular file")
+        identity = _identity(before)
+        if identity is not None and identity in _DIGESTS:
+            return before.st_size, _DIGESTS[identity]
         digest = hashlib.sha256()
         size = 0
         while chunk := stream.read(_CHUNK):
             digest.update(chunk)
             size += len(chunk)
+        if identity is not None and identity == _identity(os.fstat(stream.fileno())) and size == before.st_size:
+            if len(_DIGESTS) >= _DIGESTS_KEPT:
+                _DIGESTS.pop(next(iter(_DIGESTS)))
+            _DIGESTS[identity] = digest.hexdigest()
     return size, digest.hexdigest()
+
+
+#: sha256 by file identity (`_identity`), for the files this process hashed; the oldest entry goes first.
+_DIGESTS: dict[tuple[int, ...], str] = {}
+_DIGESTS_KEPT = 1024
+#: A file changed this recently is hashed every time: a change within one tick of the kernel's coarse clock could
+#: leave its change time as it was (git's "racy" entries), so only files settled for longer are remembered.
+SETTLED_NS = 2_000_000_000
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...] | None:
+    """Device, inode, size, mtime and ctime of a settled file: any write, rename onto it, chmod or utime moves its
+    ctime, which no user can set back. None (hash every time) off POSIX, where ctime is the creation time, and for
+    a file changed within `SETTLED_NS`."""
+    if os.name != "posix" or time.time_ns() - info.st_ctime_ns < SETTLED_NS:
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _unlisted_entries(folder: Path, known: set[str]) -> list[CatrtError]:

@@ -176,6 +176,48 @@ def test_a_listed_file_the_backend_does_not_use_is_refused(bundle: Path) -> None
     _refused(bundle, r"lists notes\.txt, which is not one of the onnxruntime backend's files", "notes.txt")
 
 
+def _counting_sha256(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the sha256 hashers integrity makes (one per file it reads whole); the memo starts empty."""
+    import hashlib
+    from types import SimpleNamespace
+
+    made: list[int] = []
+    monkeypatch.setattr(integrity, "hashlib", SimpleNamespace(sha256=lambda *a: made.append(1) or hashlib.sha256(*a)))
+    monkeypatch.setattr(integrity, "_DIGESTS", {})
+    return made
+
+
+def test_a_settled_file_is_read_once_per_process_and_any_change_is_read_again(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve --engines checks a bundle before it listens and catrt.load checks it again: the weights are read
+    once. An in-place edit that keeps the size and puts the mtime back still moves the file's ctime: refused."""
+    monkeypatch.setattr(integrity, "SETTLED_NS", 0)  # the copy is fresh; "settled" here means any age
+    made = _counting_sha256(monkeypatch)
+    files = len(_manifest(bundle)["files"])
+    verify_bundle(bundle)
+    assert len(made) == files
+    verify_bundle(bundle)
+    assert len(made) == files  # nothing read again
+    weights = bundle / "weights.bin"
+    before = weights.stat()
+    with open(weights, "r+b") as stream:
+        first = stream.read(1)
+        stream.seek(0)
+        stream.write(bytes([first[0] ^ 0xFF]))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
+    _refused(bundle, r"engine file weights\.bin in .* does not match its manifest sha256", "weights.bin")
+    assert len(made) == files + 1  # only the changed file read again
+
+
+def test_a_file_changed_within_the_settling_time_is_read_every_time(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change within one tick of the kernel's coarse clock may leave ctime as it was: such files are not kept."""
+    monkeypatch.setattr(integrity, "SETTLED_NS", 3600 * 10**9)
+    made = _counting_sha256(monkeypatch)
+    verify_bundle(bundle)
+    verify_bundle(bundle)
+    assert len(made) == 2 * len(_manifest(bundle)["files"])
+
+
 # -- the manifest's shape ----------------------------------------------------------------------
 
 
