@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from catrt.build_config import FIXED_CAT_FIELDS, BuildConfig, check_static_schedule
-from catrt.call_arguments import request_batch
+from catrt.call_arguments import refuse_config_keywords, request_batch
 from catrt.config import CATConfig
 from catrt.engines import ENGINES, Engine, GraphSpec
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, EngineMismatchError, UnknownModelError, echo
@@ -68,6 +68,7 @@ class EnginePipeline:
         # The pipeline may have been moved since load (`fast.to(...)`, `fast.pipe.to(...)`): the graphs take the build's.
         check_pipeline_fits(self.build, self.accelerated.pipe, self.engine.device, type(self.engine).needs_transformer, "now")
         defaults = {**pipeline_spec(self.accelerated.pipe).call_defaults, **self.build.call_arguments()}
+        refuse_config_keywords(self._signature, kwargs, bundle=True)
         bound = self._signature.bind(*args, **kwargs)
         for name, value in defaults.items():
             bound.arguments.setdefault(name, value)

@@ -176,10 +176,15 @@ def check_clip_skip(pipe: Any, arguments: dict[str, Any]) -> None:
         )
 
 
-def refuse_config_keywords(signature: inspect.Signature, kwargs: dict[str, Any]) -> None:
+def refuse_config_keywords(signature: inspect.Signature, kwargs: dict[str, Any], bundle: bool = False) -> None:
     """A CATConfig field given to a call (`t0=3`) that the pipeline does not take: only `alpha` is per call, and
-    Python's "unexpected keyword argument" would not say where the others go."""
+    Python's "unexpected keyword argument" would not say where the others go (for an engine `bundle`, its build)."""
     fields = [name for name in kwargs if name in CATConfig.__dataclass_fields__ and name not in signature.parameters]
+    if fields and bundle:
+        raise ConfigError(
+            f"{fields[0]} is a CATConfig setting, fixed when the bundle was built (only alpha= changes per call, "
+            f"among the built alphas): build a bundle with the {fields[0]} you want (catrt build)", field=fields[0],
+        )
     if fields:
         raise ConfigError(
             f"{fields[0]} is a CATConfig setting, fixed when the pipeline is accelerated (only alpha= changes per call): "

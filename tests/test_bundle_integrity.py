@@ -487,6 +487,15 @@ def test_a_loaded_bundle_moved_off_its_builds_dtype_is_refused_per_call_and_runs
     assert torch.equal(fast.to(torch.float32)("a red circle", **seeded).images, expected)
 
 
+@pytest.mark.parametrize("setting", ["t0", "n_clusters"])
+def test_a_catconfig_setting_given_to_a_bundles_call_names_the_build_as_where_it_goes(bundle: Path, setting: str) -> None:
+    """Only alpha= is per call; another CATConfig field was Python's bare "unexpected keyword argument"."""
+    fast = catrt.load(bundle)
+    with pytest.raises(ConfigError, match=rf"{setting} is a CATConfig setting, fixed when the bundle was built .*\(catrt build\)") as caught:
+        fast("a red circle", output_type="latent", **{setting: 3})
+    assert caught.value.field == setting
+
+
 def test_a_standalone_bundle_moves_to_a_device_keeping_its_weightless_transformer(bundle: Path) -> None:
     """An onnxruntime bundle's transformer is a stand-in on the meta device, which torch cannot copy to a device:
     `fast.to("cpu")` moves the rest of the pipeline (as diffusers' idiom expects) and the bundle still runs."""
