@@ -261,9 +261,11 @@ class FleetConfig:
                                   field="min_replicas", value=autoscaled)
 
 
-def check_distinct_ks(alphas: tuple[float, ...], num_tokens: int, width: int, height: int) -> None:
-    """Refuse eager alphas that select the same k at the served size: they would run the same pruned steps under two
-    names (one image, two alpha labels in the metrics, and an adaptive policy choosing between equal costs)."""
+def check_distinct_ks(alphas: tuple[float, ...], height: int, width: int, multiple: int) -> None:
+    """Refuse eager alphas that select the same k at the served size (`multiple`: pixels per token side): they would
+    run the same pruned steps under two names (one image, two alpha labels in the metrics, and an adaptive policy
+    choosing between equal costs)."""
+    num_tokens = (height // multiple) * (width // multiple)  # catrt.tokens.Grid's count, without importing torch
     if (shared := shared_k(alphas, num_tokens)) is not None:
         other, alpha, k = shared
         raise ConfigError(

@@ -223,7 +223,7 @@ def _load_eager(config: ServeConfig) -> ServedModel:
     default_size = _default_size(pipe)
     height, width = config.height or default_size, config.width or default_size
     multiple = pipeline_size_limits(pipe)[0]
-    check_distinct_ks(config.served_alphas, (height // multiple) * (width // multiple), width, height)
+    check_distinct_ks(config.served_alphas, height, width, multiple)
     limit = text_limit(pipe, pipeline_spec(pipe))
     spec = ServedSpec(
         model=config.model, backend="eager", precision=precision, height=height, width=width, steps=config.steps,

@@ -178,7 +178,7 @@ def check_source_of(config: ServeConfig) -> None:
             multiple, largest = size_limits(card)
             height, width = config.height or card.default_size, config.width or card.default_size
             check_image_size(height, width, multiple, largest, config.model)  # as the CLI does: tokens of a real size
-            check_distinct_ks(config.served_alphas, (height // multiple) * (width // multiple), width, height)
+            check_distinct_ks(config.served_alphas, height, width, multiple)
         return
     from catrt.serve.alpha_policy import check_choice
     from catrt.serve.builds import check_builds
