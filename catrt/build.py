@@ -128,10 +128,10 @@ def _check_and_build(
     config: BuildConfig, device: torch.device, out_dir: Path, export_dir: Path, progress: bool, sign_key: bytes | None,
 ) -> Path:
     """`build_engines` from its folders on: made (or refused) before the model loads, then the build itself."""
-    _check_folder(Path(out_dir), "out_dir")
+    _check_folder(out_dir, "out_dir")
     if BACKEND_BUILDS[config.backend].needs_onnx:
-        _check_folder(Path(export_dir), "export_dir")
-        if Path(export_dir).resolve() == Path(out_dir).resolve():
+        _check_folder(export_dir, "export_dir")
+        if export_dir.resolve() == out_dir.resolve():
             # The export of a build is published under the bundle's own name: it would replace an earlier bundle
             # before this one is verified, so a failed or interrupted build would leave no bundle there.
             raise ConfigError(
@@ -150,7 +150,7 @@ def _check_and_build(
         config = _with_resolution(config, pipe)
         adapter = make_adapter(pipe.transformer)
         bar.update()
-        return _build(config, pipe, adapter, device, Path(out_dir), Path(export_dir), bar, sign_key)
+        return _build(config, pipe, adapter, device, out_dir, export_dir, bar, sign_key)
 
 
 def _build(

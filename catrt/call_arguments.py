@@ -22,15 +22,16 @@ from catrt.errors import ConfigError, echo
 from catrt.pipeline_spec import guidance_value
 
 
-def check_call_arguments(signature: inspect.Signature, arguments: dict[str, Any], doubles_batch: bool) -> None:
-    """Raise a ConfigError naming the first argument of a bound pipeline call that diffusers cannot run as meant.
+def check_call_arguments(signature: inspect.Signature, arguments: dict[str, Any], doubles_batch: bool) -> int:
+    """The images of a bound pipeline call (`request_batch`); raise a ConfigError naming the first argument that
+    diffusers cannot run as meant.
 
     `arguments`: the call's bound arguments (defaults applied); `doubles_batch`: whether the call runs
     classifier-free guidance, so its negative prompts are read.
     """
     _refuse_swallowed_keywords(signature, arguments)
     _check_kinds(arguments)
-    request_batch(arguments)  # a prompt list that is empty or not texts, num_images_per_prompt < 1: refused by name
+    batch = request_batch(arguments)  # a prompt list that is empty or not texts, num_images_per_prompt < 1: refused
     _check_count(arguments, "max_sequence_length", 1)
     for name in ("height", "width"):
         check_image_side(name, arguments.get(name), least=0)
@@ -46,6 +47,7 @@ def check_call_arguments(signature: inspect.Signature, arguments: dict[str, Any]
             f"negative_prompt has {len(negative)} prompts but prompt has {prompts}: give one negative prompt per prompt, "
             f"or one string for all", field="negative_prompt", value=len(negative),
         )
+    return batch
 
 
 def check_image_side(name: str, size: Any, least: float = -math.inf) -> None:
@@ -132,7 +134,7 @@ def _describe(value: Any) -> str:
 def _check_count(arguments: dict[str, Any], name: str, least: int) -> None:
     """An integer argument (numpy's too) of at least `least`, where the call has it; None is left to diffusers."""
     value = arguments.get(name)
-    if value is None or name not in arguments:
+    if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise ConfigError(f"{name} must be an integer >= {least}, got {echo(value)}", field=name, value=repr(value))
@@ -163,7 +165,7 @@ def check_clip_skip(pipe: Any, arguments: dict[str, Any]) -> None:
     """SD3's `clip_skip` reads CLIP's hidden state -(clip_skip + 2): an integer from 0 to the layers of its shallowest
     CLIP text encoder minus 1 (diffusers fails on more with an IndexError while encoding the prompt)."""
     clip_skip = arguments.get("clip_skip")
-    if clip_skip is None or "prompt_embeds" in arguments and arguments["prompt_embeds"] is not None:
+    if clip_skip is None or arguments.get("prompt_embeds") is not None:
         return
     encoders = (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
     layers = [getattr(getattr(encoder, "config", None), "num_hidden_layers", None) for encoder in encoders]

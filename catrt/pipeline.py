@@ -24,7 +24,7 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from catrt.call_arguments import check_call_arguments, check_clip_skip, check_latents, refuse_config_keywords, request_batch
+from catrt.call_arguments import check_call_arguments, check_clip_skip, check_latents, refuse_config_keywords
 from catrt.callbacks import check_cfg_cutoff
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError, echo
@@ -150,9 +150,9 @@ class AcceleratedPipeline:
         self._follow_transformer()
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
-        check_call_arguments(self._signature, bound.arguments, guidance)
+        images = check_call_arguments(self._signature, bound.arguments, guidance)
         check_clip_skip(self.pipe, bound.arguments)
-        check_cfg_cutoff(bound.arguments.get("callback_on_step_end"), request_batch(bound.arguments) * (1 + guidance), steps)
+        check_cfg_cutoff(bound.arguments.get("callback_on_step_end"), images * (1 + guidance), steps)
         if not self.spec.takes_image:  # img2img sizes its latents from the image
             check_latents(self.pipe, bound.arguments, lambda: default_image_size(self.pipe))
         runtime = self.runtime_class(
