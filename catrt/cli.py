@@ -159,8 +159,8 @@ def _add_cat_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), 
             kwargs["choices"] = typing.get_args(hints[field.name])
         else:
             kwargs["type"] = type(default)
-        if field.name in several:
-            kwargs.update(nargs="+", metavar=field.name.upper())
+        if field.name in several:  # --alpha A B or --alpha A --alpha B, as build's: a repeated flag adds, never replaces
+            kwargs.update(nargs="+", action="extend", metavar=field.name.upper())
             kwargs["help"] = f"{text}; several values serve each of them, the first is the default (default: {default})"
         group.add_argument(_flag(field.name), **kwargs)
 

@@ -472,6 +472,17 @@ def test_build_alphas_given_by_a_repeated_flag_are_all_built(tmp_path: Path) -> 
     assert catrt.load(folder).alphas == (0.3, 0.5, 1.0)
 
 
+def test_serve_alphas_given_by_a_repeated_flag_are_all_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --alpha 0.3 --alpha 1` serves both, as build's repeated flag builds both (the last one alone was kept)."""
+    import catrt.serve
+
+    served: list[Any] = []
+    monkeypatch.setattr(catrt.serve, "run_server", lambda config: served.append(config) or 0)
+    assert main(["serve", "--model", "tiny-sd3", "--height", "32", "--width", "64", "--alpha", "0.3", "--alpha", "0.5", "1"]) == 0
+    (config,) = served
+    assert config.alphas == (0.3, 0.5, 1.0) and config.cat.alpha == 0.3  # the first is the default
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (("--height", "33"), "height 33 does not fit model tiny-sd3, which takes multiples of 16 up to 1536 pixels; try height 32"),
     (("--max-sequence-length", "100000"),
