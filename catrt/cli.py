@@ -676,7 +676,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     defaults = ServeConfig(model=DEFAULT_MODEL)
     serve = commands.add_parser("serve", help="serve a build over HTTP (OpenAI images API, health, metrics)")
     source = serve.add_mutually_exclusive_group(required=True)
-    source.add_argument("--engines", nargs="+", default=None, metavar="DIR",
+    source.add_argument("--engines", nargs="+", action="extend", default=None, metavar="DIR",
                         help="engines/<build-name> folders made by `catrt build`: one model, one build per size; "
                              "a request's size picks its build, the first serves size \"auto\"")
     source.add_argument("--model", default=None, help="instead of --engines: a model run eagerly with the CAT flags")
@@ -772,6 +772,11 @@ def _add_macs_parser(commands: argparse._SubParsersAction) -> None:
     macs.set_defaults(handler=cmd_macs)
 
 
+#: compare's --seeds and --rules when not given (the flags add to an empty list: a repeated flag adds, never replaces)
+COMPARE_SEEDS: tuple[int, ...] = (0,)
+COMPARE_RULES: tuple[str, ...] = ("cat", "round_robin", "random")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Unpruned vs each rule on every prompt and seed: report.md, metrics.csv, grid.png in --out."""
     with _output_folder(args.out, "--out", "report.md, metrics.csv and grid.png") as out:
@@ -799,9 +804,10 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
     from catrt.compare import Variant, read_prompts
     from catrt.request_values import check_guidance, check_prompt_text, check_seed
 
-    for seed in args.seeds:
+    seeds, rules = args.seeds or list(COMPARE_SEEDS), args.rules or list(COMPARE_RULES)
+    for seed in seeds:
         check_seed(seed, name="--seeds")
-    for flag, values in (("--rules", args.rules), ("--seeds", args.seeds)):
+    for flag, values in (("--rules", rules), ("--seeds", seeds)):
         twice = repeated(values)
         if twice:  # a repeat would overwrite its images and count its metrics twice
             raise ConfigError(f"{flag} repeats {shorten(', '.join(map(str, twice)))}; list each once", field=flag, value=twice)
@@ -811,7 +817,7 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
     for line, prompt in enumerate(prompts, 1):
         check_prompt_text(f"the prompt on line {line} of {args.prompts}", prompt)
     configs = [Variant(rule, None if rule == "full" else CATConfig(
-        **_cat_values(args), rule=rule, reuse_threshold=args.reuse_threshold)) for rule in args.rules]
+        **_cat_values(args), rule=rule, reuse_threshold=args.reuse_threshold)) for rule in rules]
     model, card = args.model, MODEL_CARDS.get(args.model)
     _card_size(card, args.height, args.width, model)
     for variant in configs:
@@ -833,14 +839,14 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
     check_pipeline_size(pipe, args.height, args.width, model)
     for line, prompt in enumerate(prompts, 1):
         check_prompt_length(pipe, prompt, field=f"prompt on line {line} of {args.prompts}")
-    comparison = run_comparison(pipe, prompts, args.seeds, configs, args.steps, height=args.height, width=args.width,
+    comparison = run_comparison(pipe, prompts, seeds, configs, args.steps, height=args.height, width=args.width,
                                 guidance_scale=args.guidance_scale, clip=clip)
     first = next((v.config for v in configs if v.config is not None), None)
     schedule = "" if first is None else (
         f", alpha {first.alpha}, t0 {first.t0}, refresh_every {first.refresh_every}, reuse_every {first.reuse_every}, "
         f"reuse_threshold {first.reuse_threshold}")
     header = [f"# catrt compare: {model}", "",
-              f"{len(prompts)} prompts from `{args.prompts}` x seeds {' '.join(map(str, args.seeds))}, {args.steps} steps"
+              f"{len(prompts)} prompts from `{args.prompts}` x seeds {' '.join(map(str, seeds))}, {args.steps} steps"
               f"{schedule}; {device.type}, {precision}; CLIP: {args.clip or 'none'}."]
     write_outputs(comparison, out, header)
     print(f"wrote {out / 'report.md'}, {out / 'metrics.csv'} and {out / 'grid.png'}")
@@ -854,10 +860,12 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
         "compare", help="image quality (PSNR, SSIM, CLIP score), MACs and time of rules against the unpruned model")
     compare.add_argument("--model", default=DEFAULT_MODEL, help="model name (reference, tiny-sd3, sd3, ...) or diffusers folder")
     compare.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    compare.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every prompt runs with each")
+    compare.add_argument("--seeds", type=int, nargs="+", action="extend", default=None,
+                         help=f"seeds; every prompt runs with each (default: {' '.join(map(str, COMPARE_SEEDS))})")
     compare.add_argument("--steps", type=_step_count, default=28, help=f"denoising steps, 1 to {MAX_STEPS}")
-    compare.add_argument("--rules", nargs="+", choices=("full", *SELECTION_RULES), default=["cat", "round_robin", "random"],
-                         help="token rules to compare (full: the unpruned pipeline again, a determinism check)")
+    compare.add_argument("--rules", nargs="+", action="extend", choices=("full", *SELECTION_RULES), default=None,
+                         help="token rules to compare (full: the unpruned pipeline again, a determinism check; "
+                              f"default: {' '.join(COMPARE_RULES)})")
     compare.add_argument("--reuse-threshold", type=float, default=0.0,
                          help="First-Block-Cache-style reuse for every rule: reuse a step when the first block's "
                               "residual moved less than this since the last computed step (0 = off; eager only)")

@@ -472,6 +472,12 @@ def test_build_alphas_given_by_a_repeated_flag_are_all_built(tmp_path: Path) -> 
     assert catrt.load(folder).alphas == (0.3, 0.5, 1.0)
 
 
+def test_serve_engines_given_by_a_repeated_flag_are_all_served() -> None:
+    """`serve --engines A --engines B` serves both builds, as `--engines A B` does (B alone was kept)."""
+    parse = cli.build_parser().parse_args
+    assert parse(["serve", "--engines", "a", "--engines", "b", "c"]).engines == parse(["serve", "--engines", "a", "b", "c"]).engines == ["a", "b", "c"]
+
+
 def test_serve_alphas_given_by_a_repeated_flag_are_all_served(monkeypatch: pytest.MonkeyPatch) -> None:
     """`serve --alpha 0.3 --alpha 1` serves both, as build's repeated flag builds both (the last one alone was kept)."""
     import catrt.serve

@@ -110,6 +110,8 @@ def test_compare_counts_adaptive_reuse_from_the_trace(tmp_path: Path, capfd: pyt
         (None, ["--rules", "best"], "argument --rules: invalid choice: 'best'"),
         (None, ["--rules", "cat", "random", "cat"], "--rules repeats cat; list each once"),
         (None, ["--seeds", "3", "1", "3"], "--seeds repeats 3; list each once"),
+        (None, ["--rules", "cat", "--rules", "random", "cat"], "--rules repeats cat; list each once"),  # a repeated flag adds
+        (None, ["--seeds", "3", "--seeds", "3"], "--seeds repeats 3; list each once"),
     ],
 )
 def test_compare_mistakes_are_one_line(
