@@ -3,7 +3,9 @@
 A MAC is half a FLOP as torch's FlopCounterMode counts them (matmuls, convolutions, attention).
 The unpruned baseline is diffusers' own transformer forward; the pruned schedule pays once per
 generation for its context (for PixArt the cross-attention K/V), then its full steps (t0 plus any
-refresh steps) and its pruned steps; reused steps (`reuse_every`) run no transformer and cost nothing.
+refresh steps, counted as catrt runs them on that context, not diffusers' forward, which would count the
+context again: an all-full schedule came out above 1) and its pruned steps; reused steps (`reuse_every`) run
+no transformer and cost nothing.
 `StepMacs.traced` counts a generation from its trace, for schedules only a run knows (`reuse_threshold`).
 """
 
@@ -40,6 +42,8 @@ class MacReport:
     steps: int
     full_steps: int
     reused_steps: int = 0
+    # catrt's full step, its context given (PixArt's cross-attention K/V are not made again); None = `full_step`
+    context_full_step: int | None = None
 
     @property
     def pruned_steps(self) -> int:
@@ -48,7 +52,8 @@ class MacReport:
     @property
     def schedule_macs(self) -> int:
         """catrt's MACs for the whole generation: context once, then the full and pruned steps."""
-        return self.context + self.full_steps * self.full_step + self.pruned_steps * self.pruned_step
+        full_step = self.full_step if self.context_full_step is None else self.context_full_step
+        return self.context + self.full_steps * full_step + self.pruned_steps * self.pruned_step
 
     @property
     def schedule_ratio(self) -> float:
@@ -88,7 +93,7 @@ def transformer_macs(
     counts = step_macs(transformer, latents, timestep, kwargs, config)
     kinds = plan(steps, config.t0, config.refresh_every, config.reuse_every)
     return MacReport(counts.num_tokens, counts.k, counts.full, counts.pruned, counts.context, steps,
-                     kinds.count("full"), kinds.count("reused"))
+                     kinds.count("full"), kinds.count("reused"), counts.context_full)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class StepMacs:
     pruned: int
     context: int  # once per generation under catrt
     probe: int  # the first block on all tokens (`reuse_threshold`'s decision)
+    context_full: int | None = None  # catrt's full step, its context given; None = `full`
 
     def traced(self, trace: list[StepRecord]) -> int:
         """The MACs of one traced generation: its context, full and pruned steps and decision probes.
@@ -111,7 +117,8 @@ class StepMacs:
         """
         kinds = [record.kind for record in trace]
         probes = sum(r.change is not None and (r.kind == "reused" or self.k < self.num_tokens) for r in trace)
-        return self.context + kinds.count("full") * self.full + kinds.count("pruned") * self.pruned + probes * self.probe
+        full = self.full if self.context_full is None else self.context_full
+        return self.context + kinds.count("full") * full + kinds.count("pruned") * self.pruned + probes * self.probe
 
     def traced_ratio(self, trace: list[StepRecord]) -> float:
         """`traced` over the unpruned pipeline's forwards for the same number of steps."""
@@ -132,11 +139,12 @@ def step_macs(
         context_macs = count_macs(lambda: adapter.prepare_context(inputs, tuple(latents.shape)))
         context = adapter.prepare_context(inputs, tuple(latents.shape))
         _, kv = adapter.export_full(latents, timestep, context)
+        context_full = count_macs(lambda: adapter.full_forward(latents, timestep, context, kv))
         patches = tokens[:, :k]
         indices = torch.arange(k, device=latents.device).expand(latents.shape[0], -1)
         pruned = count_macs(lambda: adapter.pruned_forward(patches, indices, timestep, context, kv))
         probe = count_macs(lambda: adapter.first_block_residual(latents, timestep, context))
-    return StepMacs(num_tokens, k, full, pruned, context_macs, probe)
+    return StepMacs(num_tokens, k, full, pruned, context_macs, probe, context_full)
 
 
 def model_macs(name: str, height: int, width: int, config: CATConfig, steps: int) -> MacReport:

@@ -40,6 +40,19 @@ def test_other_published_models_prune_at_least_as_well(name: str) -> None:
     assert 0.45 < report.schedule_ratio < 0.56
 
 
+def test_full_steps_are_counted_as_catrt_runs_them_on_the_context_made_once() -> None:
+    """PixArt's cross-attention K/V are the context, made once: catrt's full steps do not make them again, so a
+    schedule of full steps only (refresh_every=1) costs less than the unpruned pipeline (it came out at 1.028 when
+    the full steps were counted as diffusers' forward, the context counted on top)."""
+    config = CATConfig(t0=8, refresh_every=1)
+    pixart = model_macs("pixart-sigma", 256, 128, config, 9)
+    assert pixart.full_steps == 9 and pixart.context_full_step < pixart.full_step
+    assert pixart.schedule_macs == pixart.context + 9 * pixart.context_full_step
+    assert pixart.schedule_ratio < 1
+    sd3 = model_macs("sd3", 256, 128, config, 9)  # SD3's full forward makes no part of its context once
+    assert sd3.context_full_step == sd3.full_step
+
+
 def test_flux_dev_ratios_from_its_published_config() -> None:
     # The text stream (512 T5 tokens) runs in full on pruned steps, so FLUX prunes less than SD3.
     report = model_macs("flux-dev", 1024, 1024, CATConfig(alpha=0.3, t0=8), 28)
