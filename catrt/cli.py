@@ -887,6 +887,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_parser(commands)
     _add_serve_parser(commands)
     _add_compare_parser(commands)
+    for command in commands.choices.values():  # `catrt serve ... -v`, as the error lines' "run with -v" reads
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log progress details (as catrt -v)")
     return parser
 
 

@@ -733,3 +733,18 @@ def test_a_huge_value_is_echoed_shortened_in_one_line(capfd: pytest.CaptureFixtu
     (tmp_path / "p.txt").write_text("a cat\n")
     line = _fails(capfd, *(value.format(huge="y" * 10_000, tmp=tmp_path) for value in argv))
     assert "…" in line and len(line) < 600, line
+
+
+def test_verbose_is_taken_after_the_command_too() -> None:
+    """`catrt serve` says "run with -v for the traceback"; `catrt serve ... -v` was refused as an unrecognized
+    argument, and only `catrt -v serve ...` worked."""
+    required = {"generate": ["--prompt", "x"], "macs": ["--model", "sd3"], "build": [], "inspect": ["folder"], "serve": ["--model", "reference"],
+                "compare": ["--prompts", "p.txt", "--out", "out"]}
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(required)
+    for command, args in required.items():
+        assert parser.parse_args([command, *args]).verbose is False
+        assert parser.parse_args(["-v", command, *args]).verbose is True
+        assert parser.parse_args([command, *args, "-v"]).verbose is True
+        assert parser.parse_args([command, "--verbose", *args]).verbose is True
