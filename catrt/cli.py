@@ -160,8 +160,9 @@ def _add_cat_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), 
         else:
             kwargs["type"] = type(default)
         if field.name in several:
-            kwargs.update(nargs="+", metavar=field.name.upper())
-            kwargs["help"] = f"{text}; several values serve each of them, the first is the default (default: {default})"
+            kwargs.update(nargs="+", action="extend", metavar=field.name.upper())  # repeated, as build's --alpha
+            kwargs["help"] = (f"{text}; several values (--{field.name} A B, or repeated) serve each of them, the first is "
+                              f"the default (default: {default})")
         group.add_argument(_flag(field.name), **kwargs)
 
 

@@ -748,3 +748,13 @@ def test_verbose_is_taken_after_the_command_too() -> None:
         assert parser.parse_args(["-v", command, *args]).verbose is True
         assert parser.parse_args([command, *args, "-v"]).verbose is True
         assert parser.parse_args([command, "--verbose", *args]).verbose is True
+
+
+def test_serve_takes_alpha_repeated_as_build_does() -> None:
+    """`catrt serve --alpha 0.3 --alpha 0.5` kept only 0.5 (argparse's last value wins), silently serving one alpha,
+    where `catrt build --alpha 0.3 --alpha 0.5` builds both."""
+    parser = cli.build_parser()
+    for command in (["build", "--model", "tiny-sd3"], ["serve", "--model", "reference"]):
+        assert parser.parse_args([*command, "--alpha", "0.3", "--alpha", "0.5", "0.2"]).alpha == [0.3, 0.5, 0.2]
+        assert parser.parse_args([*command, "--alpha", "0.3", "0.5"]).alpha == [0.3, 0.5]
+        assert parser.parse_args(command).alpha is None
