@@ -677,7 +677,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     defaults = ServeConfig(model=DEFAULT_MODEL)
     serve = commands.add_parser("serve", help="serve a build over HTTP (OpenAI images API, health, metrics)")
     source = serve.add_mutually_exclusive_group(required=True)
-    source.add_argument("--engines", nargs="+", default=None, metavar="DIR",
+    source.add_argument("--engines", nargs="+", action="extend", default=None, metavar="DIR",  # repeated adds builds
                         help="engines/<build-name> folders made by `catrt build`: one model, one build per size; "
                              "a request's size picks its build, the first serves size \"auto\"")
     source.add_argument("--model", default=None, help="instead of --engines: a model run eagerly with the CAT flags")

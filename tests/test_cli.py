@@ -750,7 +750,7 @@ def test_verbose_is_taken_after_the_command_too() -> None:
         assert parser.parse_args([command, "--verbose", *args]).verbose is True
 
 
-def test_serve_takes_alpha_repeated_as_build_does() -> None:
+def test_serve_takes_alpha_and_engines_repeated_as_build_takes_alpha() -> None:
     """`catrt serve --alpha 0.3 --alpha 0.5` kept only 0.5 (argparse's last value wins), silently serving one alpha,
     where `catrt build --alpha 0.3 --alpha 0.5` builds both."""
     parser = cli.build_parser()
@@ -758,3 +758,5 @@ def test_serve_takes_alpha_repeated_as_build_does() -> None:
         assert parser.parse_args([*command, "--alpha", "0.3", "--alpha", "0.5", "0.2"]).alpha == [0.3, 0.5, 0.2]
         assert parser.parse_args([*command, "--alpha", "0.3", "0.5"]).alpha == [0.3, 0.5]
         assert parser.parse_args(command).alpha is None
+    # one build per size: `--engines A --engines B` served B only
+    assert parser.parse_args(["serve", "--engines", "a", "--engines", "b", "c"]).engines == ["a", "b", "c"]
