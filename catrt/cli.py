@@ -65,8 +65,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class _Parser(argparse.ArgumentParser):
-    """Subcommand parsers inherit the class: defaults in every help, one-line usage errors."""
+class OneLineParser(argparse.ArgumentParser):
+    """Subcommand parsers inherit the class: defaults in every help, one-line usage errors (also used by
+    `python -m catrt.reference.train`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
@@ -104,7 +105,7 @@ class _Parser(argparse.ArgumentParser):
             if isinstance(action, argparse._SubParsersAction):
                 chosen = action.choices.get(getattr(parsed, action.dest, None))
                 if chosen is not None:
-                    return chosen._command_parser(parsed) if isinstance(chosen, _Parser) else chosen
+                    return chosen._command_parser(parsed) if isinstance(chosen, OneLineParser) else chosen
         return self
 
 
@@ -876,7 +877,7 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="catrt",
         description="CAT Pruning for diffusion transformers: generate images, count MACs, build and serve engines.",
     )

@@ -270,5 +270,7 @@ def test_train_mistakes_are_one_line_before_training(
     with pytest.raises(SystemExit) as refused:
         train.main(["--out", str(tmp_path / "run"), *argv])
     err = capsys.readouterr().err
-    assert refused.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err
+    assert refused.value.code == 2 and "Traceback" not in err
+    # one line, not argparse's usage block above it
+    assert len(err.splitlines()) == 1 and err.startswith("python -m catrt.reference.train: error: ") and message in err, err
     assert not (tmp_path / "run").exists()
