@@ -109,6 +109,17 @@ class OneLineParser(argparse.ArgumentParser):
         return self
 
 
+class _Several(argparse.Action):
+    """nargs="+" that a repeated flag extends (--seeds 0 1 --seeds 2), its first use replacing the default list:
+    argparse's "extend" would add to the default, and "store" keeps only the last use."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        kept = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, kept + list(values))
+
+
 def _positive_int(text: str) -> int:
     """argparse type for pixel sizes and step counts, so 0 or -1 is a usage error, not a crash later."""
     try:
@@ -856,9 +867,10 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
         "compare", help="image quality (PSNR, SSIM, CLIP score), MACs and time of rules against the unpruned model")
     compare.add_argument("--model", default=DEFAULT_MODEL, help="model name (reference, tiny-sd3, sd3, ...) or diffusers folder")
     compare.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    compare.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every prompt runs with each")
+    compare.add_argument("--seeds", type=int, nargs="+", action=_Several, default=[0], help="seeds; every prompt runs with each")
     compare.add_argument("--steps", type=_step_count, default=28, help=f"denoising steps, 1 to {MAX_STEPS}")
-    compare.add_argument("--rules", nargs="+", choices=("full", *SELECTION_RULES), default=["cat", "round_robin", "random"],
+    compare.add_argument("--rules", nargs="+", action=_Several, choices=("full", *SELECTION_RULES),
+                         default=["cat", "round_robin", "random"],
                          help="token rules to compare (full: the unpruned pipeline again, a determinism check)")
     compare.add_argument("--reuse-threshold", type=float, default=0.0,
                          help="First-Block-Cache-style reuse for every rule: reuse a step when the first block's "

@@ -750,9 +750,9 @@ def test_verbose_is_taken_after_the_command_too() -> None:
         assert parser.parse_args([command, "--verbose", *args]).verbose is True
 
 
-def test_serve_takes_alpha_and_engines_repeated_as_build_takes_alpha() -> None:
+def test_list_flags_taken_repeated_add_up() -> None:
     """`catrt serve --alpha 0.3 --alpha 0.5` kept only 0.5 (argparse's last value wins), silently serving one alpha,
-    where `catrt build --alpha 0.3 --alpha 0.5` builds both."""
+    where `catrt build --alpha 0.3 --alpha 0.5` builds both; so did serve's --engines and compare's lists."""
     parser = cli.build_parser()
     for command in (["build", "--model", "tiny-sd3"], ["serve", "--model", "reference"]):
         assert parser.parse_args([*command, "--alpha", "0.3", "--alpha", "0.5", "0.2"]).alpha == [0.3, 0.5, 0.2]
@@ -760,3 +760,9 @@ def test_serve_takes_alpha_and_engines_repeated_as_build_takes_alpha() -> None:
         assert parser.parse_args(command).alpha is None
     # one build per size: `--engines A --engines B` served B only
     assert parser.parse_args(["serve", "--engines", "a", "--engines", "b", "c"]).engines == ["a", "b", "c"]
+    # compare's lists: repeated they add up (the last use alone was kept), and a first use replaces the default
+    compare = ["compare", "--prompts", "p.txt", "--out", "out"]
+    assert parser.parse_args([*compare, "--seeds", "1", "--seeds", "2", "3"]).seeds == [1, 2, 3]
+    assert parser.parse_args([*compare, "--rules", "cat", "--rules", "random"]).rules == ["cat", "random"]
+    assert (parser.parse_args(compare).seeds, parser.parse_args(compare).rules) == ([0], ["cat", "round_robin", "random"])
+    assert parser.parse_args(compare).seeds == [0]  # the default list is never extended in place
