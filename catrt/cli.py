@@ -172,7 +172,7 @@ def _add_cat_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), 
         else:
             kwargs["type"] = type(default)
         if field.name in several:
-            kwargs.update(nargs="+", action="extend", metavar=field.name.upper())  # repeated, as build's --alpha
+            kwargs.update(nargs="+", action=_Several, metavar=field.name.upper())  # repeated, as build's --alpha
             kwargs["help"] = (f"{text}; several values (--{field.name} A B, or repeated) serve each of them, the first is "
                               f"the default (default: {default})")
         group.add_argument(_flag(field.name), **kwargs)
@@ -562,7 +562,7 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     defaults = CATConfig()
     build = commands.add_parser("build", help="export, compile and verify engines for one model and resolution")
     build.add_argument("--model", default=DEFAULT_MODEL, help="model name or diffusers folder")
-    build.add_argument("--alpha", type=float, nargs="+", action="extend", default=None, metavar="ALPHA",
+    build.add_argument("--alpha", type=float, nargs="+", action=_Several, default=None, metavar="ALPHA",
                        help=f"fraction of tokens recomputed per pruned step (0, 1] (default: {defaults.alpha}); several "
                             "values (--alpha A B, or --alpha repeated) build one pruned graph each into one bundle "
                             "(weights stored once), the first is the default of a call")
@@ -689,7 +689,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     defaults = ServeConfig(model=DEFAULT_MODEL)
     serve = commands.add_parser("serve", help="serve a build over HTTP (OpenAI images API, health, metrics)")
     source = serve.add_mutually_exclusive_group(required=True)
-    source.add_argument("--engines", nargs="+", action="extend", default=None, metavar="DIR",  # repeated adds builds
+    source.add_argument("--engines", nargs="+", action=_Several, default=None, metavar="DIR",  # repeated adds builds
                         help="engines/<build-name> folders made by `catrt build`: one model, one build per size; "
                              "a request's size picks its build, the first serves size \"auto\"")
     source.add_argument("--model", default=None, help="instead of --engines: a model run eagerly with the CAT flags")
