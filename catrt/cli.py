@@ -65,8 +65,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class _Parser(argparse.ArgumentParser):
-    """Subcommand parsers inherit the class: defaults in every help, one-line usage errors."""
+class OneLineParser(argparse.ArgumentParser):
+    """Subcommand parsers inherit the class: defaults in every help, one-line usage errors (also used by
+    `python -m catrt.reference.train`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
@@ -104,8 +105,19 @@ class _Parser(argparse.ArgumentParser):
             if isinstance(action, argparse._SubParsersAction):
                 chosen = action.choices.get(getattr(parsed, action.dest, None))
                 if chosen is not None:
-                    return chosen._command_parser(parsed) if isinstance(chosen, _Parser) else chosen
+                    return chosen._command_parser(parsed) if isinstance(chosen, OneLineParser) else chosen
         return self
+
+
+class _Several(argparse.Action):
+    """nargs="+" that a repeated flag extends (--seeds 0 1 --seeds 2), its first use replacing the default list:
+    argparse's "extend" would add to the default, and "store" keeps only the last use."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        kept = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, kept + list(values))
 
 
 def _positive_int(text: str) -> int:
@@ -159,9 +171,10 @@ def _add_cat_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), 
             kwargs["choices"] = typing.get_args(hints[field.name])
         else:
             kwargs["type"] = type(default)
-        if field.name in several:  # --alpha A B or --alpha A --alpha B, as build's: a repeated flag adds, never replaces
-            kwargs.update(nargs="+", action="extend", metavar=field.name.upper())
-            kwargs["help"] = f"{text}; several values serve each of them, the first is the default (default: {default})"
+        if field.name in several:
+            kwargs.update(nargs="+", action=_Several, metavar=field.name.upper())  # repeated, as build's --alpha
+            kwargs["help"] = (f"{text}; several values (--{field.name} A B, or repeated) serve each of them, the first is "
+                              f"the default (default: {default})")
         group.add_argument(_flag(field.name), **kwargs)
 
 
@@ -549,7 +562,7 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     defaults = CATConfig()
     build = commands.add_parser("build", help="export, compile and verify engines for one model and resolution")
     build.add_argument("--model", default=DEFAULT_MODEL, help="model name or diffusers folder")
-    build.add_argument("--alpha", type=float, nargs="+", action="extend", default=None, metavar="ALPHA",
+    build.add_argument("--alpha", type=float, nargs="+", action=_Several, default=None, metavar="ALPHA",
                        help=f"fraction of tokens recomputed per pruned step (0, 1] (default: {defaults.alpha}); several "
                             "values (--alpha A B, or --alpha repeated) build one pruned graph each into one bundle "
                             "(weights stored once), the first is the default of a call")
@@ -676,7 +689,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     defaults = ServeConfig(model=DEFAULT_MODEL)
     serve = commands.add_parser("serve", help="serve a build over HTTP (OpenAI images API, health, metrics)")
     source = serve.add_mutually_exclusive_group(required=True)
-    source.add_argument("--engines", nargs="+", action="extend", default=None, metavar="DIR",
+    source.add_argument("--engines", nargs="+", action=_Several, default=None, metavar="DIR",  # repeated adds builds
                         help="engines/<build-name> folders made by `catrt build`: one model, one build per size; "
                              "a request's size picks its build, the first serves size \"auto\"")
     source.add_argument("--model", default=None, help="instead of --engines: a model run eagerly with the CAT flags")
@@ -772,11 +785,6 @@ def _add_macs_parser(commands: argparse._SubParsersAction) -> None:
     macs.set_defaults(handler=cmd_macs)
 
 
-#: compare's --seeds and --rules when not given (the flags add to an empty list: a repeated flag adds, never replaces)
-COMPARE_SEEDS: tuple[int, ...] = (0,)
-COMPARE_RULES: tuple[str, ...] = ("cat", "round_robin", "random")
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     """Unpruned vs each rule on every prompt and seed: report.md, metrics.csv, grid.png in --out."""
     with _output_folder(args.out, "--out", "report.md, metrics.csv and grid.png") as out:
@@ -804,10 +812,9 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
     from catrt.compare import Variant, read_prompts
     from catrt.request_values import check_guidance, check_prompt_text, check_seed
 
-    seeds, rules = args.seeds or list(COMPARE_SEEDS), args.rules or list(COMPARE_RULES)
-    for seed in seeds:
+    for seed in args.seeds:
         check_seed(seed, name="--seeds")
-    for flag, values in (("--rules", rules), ("--seeds", seeds)):
+    for flag, values in (("--rules", args.rules), ("--seeds", args.seeds)):
         twice = repeated(values)
         if twice:  # a repeat would overwrite its images and count its metrics twice
             raise ConfigError(f"{flag} repeats {shorten(', '.join(map(str, twice)))}; list each once", field=flag, value=twice)
@@ -817,7 +824,7 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
     for line, prompt in enumerate(prompts, 1):
         check_prompt_text(f"the prompt on line {line} of {args.prompts}", prompt)
     configs = [Variant(rule, None if rule == "full" else CATConfig(
-        **_cat_values(args), rule=rule, reuse_threshold=args.reuse_threshold)) for rule in rules]
+        **_cat_values(args), rule=rule, reuse_threshold=args.reuse_threshold)) for rule in args.rules]
     model, card = args.model, MODEL_CARDS.get(args.model)
     _card_size(card, args.height, args.width, model)
     for variant in configs:
@@ -839,14 +846,14 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
     check_pipeline_size(pipe, args.height, args.width, model)
     for line, prompt in enumerate(prompts, 1):
         check_prompt_length(pipe, prompt, field=f"prompt on line {line} of {args.prompts}")
-    comparison = run_comparison(pipe, prompts, seeds, configs, args.steps, height=args.height, width=args.width,
+    comparison = run_comparison(pipe, prompts, args.seeds, configs, args.steps, height=args.height, width=args.width,
                                 guidance_scale=args.guidance_scale, clip=clip)
     first = next((v.config for v in configs if v.config is not None), None)
     schedule = "" if first is None else (
         f", alpha {first.alpha}, t0 {first.t0}, refresh_every {first.refresh_every}, reuse_every {first.reuse_every}, "
         f"reuse_threshold {first.reuse_threshold}")
     header = [f"# catrt compare: {model}", "",
-              f"{len(prompts)} prompts from `{args.prompts}` x seeds {' '.join(map(str, seeds))}, {args.steps} steps"
+              f"{len(prompts)} prompts from `{args.prompts}` x seeds {' '.join(map(str, args.seeds))}, {args.steps} steps"
               f"{schedule}; {device.type}, {precision}; CLIP: {args.clip or 'none'}."]
     write_outputs(comparison, out, header)
     print(f"wrote {out / 'report.md'}, {out / 'metrics.csv'} and {out / 'grid.png'}")
@@ -860,12 +867,11 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
         "compare", help="image quality (PSNR, SSIM, CLIP score), MACs and time of rules against the unpruned model")
     compare.add_argument("--model", default=DEFAULT_MODEL, help="model name (reference, tiny-sd3, sd3, ...) or diffusers folder")
     compare.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    compare.add_argument("--seeds", type=int, nargs="+", action="extend", default=None,
-                         help=f"seeds; every prompt runs with each (default: {' '.join(map(str, COMPARE_SEEDS))})")
+    compare.add_argument("--seeds", type=int, nargs="+", action=_Several, default=[0], help="seeds; every prompt runs with each")
     compare.add_argument("--steps", type=_step_count, default=28, help=f"denoising steps, 1 to {MAX_STEPS}")
-    compare.add_argument("--rules", nargs="+", action="extend", choices=("full", *SELECTION_RULES), default=None,
-                         help="token rules to compare (full: the unpruned pipeline again, a determinism check; "
-                              f"default: {' '.join(COMPARE_RULES)})")
+    compare.add_argument("--rules", nargs="+", action=_Several, choices=("full", *SELECTION_RULES),
+                         default=["cat", "round_robin", "random"],
+                         help="token rules to compare (full: the unpruned pipeline again, a determinism check)")
     compare.add_argument("--reuse-threshold", type=float, default=0.0,
                          help="First-Block-Cache-style reuse for every rule: reuse a step when the first block's "
                               "residual moved less than this since the last computed step (0 = off; eager only)")
@@ -883,7 +889,7 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="catrt",
         description="CAT Pruning for diffusion transformers: generate images, count MACs, build and serve engines.",
     )
@@ -895,6 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_parser(commands)
     _add_serve_parser(commands)
     _add_compare_parser(commands)
+    for command in commands.choices.values():  # `catrt serve ... -v`, as the error lines' "run with -v" reads
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log progress details (as catrt -v)")
     return parser
 
 

@@ -472,12 +472,6 @@ def test_build_alphas_given_by_a_repeated_flag_are_all_built(tmp_path: Path) -> 
     assert catrt.load(folder).alphas == (0.3, 0.5, 1.0)
 
 
-def test_serve_engines_given_by_a_repeated_flag_are_all_served() -> None:
-    """`serve --engines A --engines B` serves both builds, as `--engines A B` does (B alone was kept)."""
-    parse = cli.build_parser().parse_args
-    assert parse(["serve", "--engines", "a", "--engines", "b", "c"]).engines == parse(["serve", "--engines", "a", "b", "c"]).engines == ["a", "b", "c"]
-
-
 def test_serve_alphas_given_by_a_repeated_flag_are_all_served(monkeypatch: pytest.MonkeyPatch) -> None:
     """`serve --alpha 0.3 --alpha 1` serves both, as build's repeated flag builds both (the last one alone was kept)."""
     import catrt.serve
@@ -750,3 +744,36 @@ def test_a_huge_value_is_echoed_shortened_in_one_line(capfd: pytest.CaptureFixtu
     (tmp_path / "p.txt").write_text("a cat\n")
     line = _fails(capfd, *(value.format(huge="y" * 10_000, tmp=tmp_path) for value in argv))
     assert "…" in line and len(line) < 600, line
+
+
+def test_verbose_is_taken_after_the_command_too() -> None:
+    """`catrt serve` says "run with -v for the traceback"; `catrt serve ... -v` was refused as an unrecognized
+    argument, and only `catrt -v serve ...` worked."""
+    required = {"generate": ["--prompt", "x"], "macs": ["--model", "sd3"], "build": [], "inspect": ["folder"], "serve": ["--model", "reference"],
+                "compare": ["--prompts", "p.txt", "--out", "out"]}
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(required)
+    for command, args in required.items():
+        assert parser.parse_args([command, *args]).verbose is False
+        assert parser.parse_args(["-v", command, *args]).verbose is True
+        assert parser.parse_args([command, *args, "-v"]).verbose is True
+        assert parser.parse_args([command, "--verbose", *args]).verbose is True
+
+
+def test_list_flags_taken_repeated_add_up() -> None:
+    """`catrt serve --alpha 0.3 --alpha 0.5` kept only 0.5 (argparse's last value wins), silently serving one alpha,
+    where `catrt build --alpha 0.3 --alpha 0.5` builds both; so did serve's --engines and compare's lists."""
+    parser = cli.build_parser()
+    for command in (["build", "--model", "tiny-sd3"], ["serve", "--model", "reference"]):
+        assert parser.parse_args([*command, "--alpha", "0.3", "--alpha", "0.5", "0.2"]).alpha == [0.3, 0.5, 0.2]
+        assert parser.parse_args([*command, "--alpha", "0.3", "0.5"]).alpha == [0.3, 0.5]
+        assert parser.parse_args(command).alpha is None
+    # one build per size: `--engines A --engines B` served B only
+    assert parser.parse_args(["serve", "--engines", "a", "--engines", "b", "c"]).engines == ["a", "b", "c"]
+    # compare's lists: repeated they add up (the last use alone was kept), and a first use replaces the default
+    compare = ["compare", "--prompts", "p.txt", "--out", "out"]
+    assert parser.parse_args([*compare, "--seeds", "1", "--seeds", "2", "3"]).seeds == [1, 2, 3]
+    assert parser.parse_args([*compare, "--rules", "cat", "--rules", "random"]).rules == ["cat", "random"]
+    assert (parser.parse_args(compare).seeds, parser.parse_args(compare).rules) == ([0], ["cat", "round_robin", "random"])
+    assert parser.parse_args(compare).seeds == [0]  # the default list is never extended in place

@@ -148,6 +148,9 @@ def test_probe_reads_every_image_form_alike_and_refuses_what_it_cannot_read() ->
         (np.zeros((1, 32, 32, 3), np.int32), "the probe takes uint8 images or floats in [0, 1], got int32"),
         (np.zeros((1, 32, 32), np.uint8), "the probe takes (H, W, 3) RGB images"),
         (torch.zeros(1, 32, 32, 3), "the probe takes float (B, 3, H, W) tensors in [-1, 1]"),
+        # one image is named by the shape it was passed with, not the batch of one it becomes
+        (np.zeros((3, 32, 32), np.uint8), "the probe takes (H, W, 3) RGB images, got an array of shape (3, 32, 32)"),
+        (torch.zeros(32, 32, 3), "the probe takes float (B, 3, H, W) tensors in [-1, 1], got torch.float32 of shape (32, 32, 3)"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)) as caught:
             classify(images)
@@ -267,5 +270,7 @@ def test_train_mistakes_are_one_line_before_training(
     with pytest.raises(SystemExit) as refused:
         train.main(["--out", str(tmp_path / "run"), *argv])
     err = capsys.readouterr().err
-    assert refused.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err
+    assert refused.value.code == 2 and "Traceback" not in err
+    # one line, not argparse's usage block above it
+    assert len(err.splitlines()) == 1 and err.startswith("python -m catrt.reference.train: error: ") and message in err, err
     assert not (tmp_path / "run").exists()

@@ -384,3 +384,20 @@ def test_a_refused_pin_names_the_served_alphas_as_the_api_writes_them() -> None:
     with pytest.raises(ConfigError, match=r"this server serves alpha 0\.3, 0\.3000004, 1\.0; ") as caught:
         rules.admit(ImageGenerationRequest(prompt="a red circle", alpha=0.5))
     assert caught.value.field == "alpha"
+
+
+def test_a_failed_load_logs_its_traceback_at_the_level_catrt_v_shows(caplog: pytest.LogCaptureFixture) -> None:
+    """`could not load the model: ... (run with -v for the traceback)`: -v logs INFO, and the traceback was a DEBUG
+    record, so -v never showed it."""
+    def load() -> Router:
+        raise RuntimeError("boom while loading")
+
+    exited = threading.Event()
+    worker = Worker(load, max_queue=8, metrics=ServerMetrics(), on_exit=lambda state: exited.set())
+    with caplog.at_level("INFO", logger="catrt.serve.worker"):
+        worker.start()
+        assert exited.wait(10)
+    assert worker.state == "dead" and isinstance(worker.error, RuntimeError)
+    records = [record for record in caplog.records if record.exc_info is not None]
+    assert [record.getMessage() for record in records] == ["loading the model failed"]
+    assert "boom while loading" in caplog.text and "Traceback" in caplog.text

@@ -69,18 +69,20 @@ def _as_pixels(images: ImageBatch) -> torch.Tensor:
     output). Anything else is refused by name: the probe's 4 x 4 head would fail obscurely, or misread it.
     """
     if isinstance(images, torch.Tensor):
+        given = tuple(images.shape)  # named as passed, before a single image gets its batch axis
         if images.ndim == 3:
             images = images[None]
         if not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
             raise ConfigError(f"the probe takes float (B, 3, H, W) tensors in [-1, 1], got {images.dtype} of shape "
-                              f"{tuple(images.shape)}", field="images")
+                              f"{given}", field="images")
         pixels = images.float()
     else:
         arrays = [images] if isinstance(images, (np.ndarray, Image.Image)) else list(images)
         arrays = [np.asarray(a.convert("RGB")) if isinstance(a, Image.Image) else np.asarray(a) for a in arrays]
         batch = np.concatenate([a[None] if a.ndim == 3 else a for a in arrays]) if arrays else np.zeros((0, 32, 32, 3))
         if batch.ndim != 4 or batch.shape[-1] != 3:
-            raise ConfigError(f"the probe takes (H, W, 3) RGB images, got an array of shape {batch.shape}", field="images")
+            given = arrays[0].shape if len(arrays) == 1 else batch.shape  # one image is named as passed
+            raise ConfigError(f"the probe takes (H, W, 3) RGB images, got an array of shape {given}", field="images")
         if batch.dtype == np.uint8:
             pixels = data.to_tensor(batch)
         elif np.issubdtype(batch.dtype, np.floating):

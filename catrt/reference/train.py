@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from catrt.checks import output_folder
+from catrt.cli import OneLineParser
 from catrt.errors import ConfigError, echo_path
 from catrt.reference import data
 from catrt.reference.text import token_ids
@@ -265,7 +266,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(  # a mistake is one line naming it, not argparse's usage block
         prog="python -m catrt.reference.train", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog=f"The shipped weights ({WEIGHTS_DIR}) are only written with --publish.",

@@ -197,8 +197,8 @@ class Worker:
         except BaseException as error:  # noqa: BLE001 - a dead worker must be reported, whatever killed it
             if self.served is None:
                 # A failed load is reported once, as one line, by `run_server`'s caller; the traceback
-                # is for -v.
-                logger.debug("loading the model failed", exc_info=error)
+                # is for -v, which logs INFO (a DEBUG record never showed).
+                logger.info("loading the model failed", exc_info=error)
             else:
                 logger.exception("the worker died")
             self.error = error
