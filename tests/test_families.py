@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    SD3Transformer2DModel,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
+)
 from diffusers.models.attention_processor import AttnProcessor
 
 import catrt
@@ -102,6 +110,14 @@ def test_a_flux_refusal_names_the_pipeline_class_called(pipeline_class: type, ti
     fast = catrt.accelerate(pipe, CATConfig(t0=3))
     with pytest.raises(UnsupportedModelError, match=f"^{pipeline_class.__name__} argument 'ip_adapter_image_embeds'"):
         fast(**call_kwargs(pipe, ip_adapter_image_embeds=[torch.zeros(1)]))
+
+
+@pytest.mark.parametrize("pipeline_class", [StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline])
+def test_an_sd3_refusal_names_the_pipeline_class_called(pipeline_class: type, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = pipeline_class(**tiny_pipelines["tiny-sd3"].components)
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    with pytest.raises(UnsupportedModelError, match=f"^{pipeline_class.__name__} argument 'joint_attention_kwargs'"):
+        fast(**call_kwargs(pipe, joint_attention_kwargs={"ip_adapter_masks": torch.zeros(1)}))
 
 
 # -- a new family: one adapter class and one registration --------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -254,14 +255,14 @@ def _linear(layer: nn.Module, x: torch.Tensor, scratch: Scratch | None = None, n
     return out
 
 
-def _check_call(arguments: dict[str, Any]) -> None:
-    """Refuse the StableDiffusion3Pipeline options catrt cannot run, by name."""
+def _check_call(arguments: dict[str, Any], pipeline: str = "StableDiffusion3Pipeline") -> None:
+    """Refuse the options of SD3's `pipeline` class that catrt cannot run, by name (the class the user called)."""
     if arguments.get("skip_guidance_layers") is not None:
         raise UnsupportedModelError(
-            "StableDiffusion3Pipeline argument 'skip_guidance_layers' (skip-layer guidance) calls the transformer a "
+            f"{pipeline} argument 'skip_guidance_layers' (skip-layer guidance) calls the transformer a "
             "second time per step with layers skipped, which catrt does not support; leave it None"
         )
-    refuse_call_attention_kwargs("StableDiffusion3Pipeline", arguments)
+    refuse_call_attention_kwargs(pipeline, arguments)
     _check_prompt_counts(arguments)
 
 
@@ -310,8 +311,8 @@ FAMILY = register_family(Family(
     "sd3", SD3Adapter,
     {
         StableDiffusion3Pipeline: _TEXT_TO_IMAGE,
-        StableDiffusion3Img2ImgPipeline: _FROM_IMAGE,
-        StableDiffusion3InpaintPipeline: _FROM_IMAGE,
+        StableDiffusion3Img2ImgPipeline: replace(_FROM_IMAGE, check_call=partial(_check_call, pipeline="StableDiffusion3Img2ImgPipeline")),
+        StableDiffusion3InpaintPipeline: replace(_FROM_IMAGE, check_call=partial(_check_call, pipeline="StableDiffusion3InpaintPipeline")),
     },
     _meta_call,
 ))
