@@ -14,6 +14,9 @@ import csv
 import dataclasses
 import itertools
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,14 +177,27 @@ def _first_call_inputs(
 
 
 def write_outputs(comparison: Comparison, out: Path, header: list[str], grid_rows: int = 8) -> None:
-    """report.md, metrics.csv, grid.png and every image as images/<prompt>-s<seed>-<variant>.png."""
+    """report.md, metrics.csv, grid.png and every image as images/<prompt>-s<seed>-<variant>.png.
+
+    All are written into a hidden folder inside `out` first and moved into place once every one is written
+    (report.md last), so a failed write (a full disk) or Ctrl-C leaves no half set among an earlier run's files.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    (out / "images").mkdir(exist_ok=True)
-    for (index, seed, label), image in comparison.images.items():
-        image.save(out / "images" / f"{index:03d}-s{seed}-{_file_label(label)}.png")
-    write_csv(comparison, out / "metrics.csv")
-    (out / "report.md").write_text("\n".join([*header, "", *report_lines(comparison)]) + "\n")
-    image_grid(comparison, out / "grid.png", grid_rows)
+    staging = Path(tempfile.mkdtemp(prefix=".catrt-compare-", dir=out))
+    try:
+        (staging / "images").mkdir()
+        for (index, seed, label), image in comparison.images.items():
+            image.save(staging / "images" / f"{index:03d}-s{seed}-{_file_label(label)}.png")
+        write_csv(comparison, staging / "metrics.csv")
+        (staging / "report.md").write_text("\n".join([*header, "", *report_lines(comparison)]) + "\n")
+        image_grid(comparison, staging / "grid.png", grid_rows)
+        (out / "images").mkdir(exist_ok=True)
+        for image in (staging / "images").iterdir():
+            os.replace(image, out / "images" / image.name)
+        for name in ("metrics.csv", "grid.png", "report.md"):
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _file_label(label: str) -> str:

@@ -4,7 +4,9 @@ mistake one line), the metric helpers, and the First-Block-Cache-style `reuse_th
 from __future__ import annotations
 
 import csv
+import errno
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import torch
 from PIL import Image
 
 import catrt
+import catrt.compare
 from catrt import CATConfig, ConfigError
 from catrt.build_config import BuildConfig
 from catrt.bundle import _run_config
@@ -91,6 +94,34 @@ def test_compare_counts_adaptive_reuse_from_the_trace(tmp_path: Path, capfd: pyt
     row = next(r for r in csv.DictReader((out / "metrics.csv").open()) if r["variant"] == "cat")
     assert row["reused_steps"] == "4"  # every step after t0: the first block never moves by 1000x
     assert "reuse_threshold 1000.0" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("failure", "code", "line"),
+    [(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2, "cannot be written (No space left on device); pick a writable folder"),
+     (KeyboardInterrupt(), 130, "catrt compare: interrupted")],
+    ids=["disk-full", "ctrl-c"],
+)
+def test_a_failed_or_interrupted_write_leaves_the_earlier_results_whole(
+    failure: BaseException, code: int, line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The write fails at the last file (the grid): one line, no traceback, and none of the new files among the old."""
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "report.md").write_text("earlier run\n")
+    (out / "images" / "000-s0-cat.png").write_bytes(b"earlier image")
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise failure
+
+    monkeypatch.setattr(catrt.compare, "image_grid", fail)
+    assert _compare(tmp_path, "--rules", "cat", prompts="a red circle\n")[0] == code
+    err = capfd.readouterr().err
+    assert line in err and "Traceback" not in err
+    assert sorted(p.name for p in out.rglob("*")) == ["000-s0-cat.png", "images", "report.md"]  # no staging folder either
+    assert (out / "report.md").read_text() == "earlier run\n"
+    assert (out / "images" / "000-s0-cat.png").read_bytes() == b"earlier image"
 
 
 @pytest.mark.parametrize(
