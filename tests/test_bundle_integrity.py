@@ -6,6 +6,7 @@ a key the signature is not checked, so the edits below are caught by the integri
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -677,6 +678,23 @@ def test_a_build_is_swapped_into_place_in_one_step(tmp_path: Path, monkeypatch: 
         (staging / "file").write_text("half")
         raise RuntimeError
     assert (final / "file").read_text() == "new" and sorted(tmp_path.iterdir()) == [final]
+
+
+def test_a_write_the_disk_refuses_is_one_line_naming_the_folder_and_the_earlier_one_stays(tmp_path: Path) -> None:
+    """A full disk while a build writes its files was a traceback (OSError from the export's weights); other
+    OSErrors are not the disk's to explain and pass through as they are."""
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "file").write_text("old")
+    with pytest.raises(BuildError) as refused, staged_folder(final) as staging:
+        (staging / "file").write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(staging / "weights.bin"))
+    assert str(refused.value) == (f"could not write the files of {final} (No space left on device); nothing was published "
+                                  "there (an earlier folder is left as it was): free some space or pick another place")
+    assert refused.value.field == "path" and refused.value.__cause__ is None
+    with pytest.raises(FileNotFoundError), staged_folder(final):
+        raise FileNotFoundError(errno.ENOENT, "not the disk's")
+    assert (final / "file").read_text() == "old" and sorted(tmp_path.iterdir()) == [final]
 
 
 def test_a_publish_under_a_file_is_refused_before_any_staging(tmp_path: Path) -> None:
