@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import catrt
+import catrt.bundle
 import catrt.manifest
 from catrt import integrity, key_files
 from catrt.build import build_engines
@@ -91,6 +92,38 @@ def test_intact_signed_bundle_loads_with_its_key_and_without_one(bundle: Path) -
     ]
     fast = catrt.load(bundle, key=KEY)
     assert fast.manifest.signature == data["signature"]
+    assert fast(["a red circle"], output_type="latent").images.shape == (1, 16, 4, 6)
+
+
+def test_a_build_published_while_a_bundle_loads_is_loaded_whole_never_mixed(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rebuild of the same name swapped in (publish.py) after load's checks, while the model loads: the engine read
+    the new build's files under the earlier build's manifest. Now the folder in place is checked and loaded whole."""
+    rebuilt = Path(shutil.copytree(bundle, tmp_path / "rebuilt"))
+
+    def remeasured(data: dict[str, Any]) -> None:  # the same graphs, verified to other errors
+        errors = data["verification"]["max_relative_error"]
+        errors.update({graph: error / 2 for graph, error in errors.items()})
+        data["alphas"][0]["max_relative_error"] /= 2
+        data["signature"] = sign_manifest(data, KEY)
+
+    _edit(rebuilt, remeasured)
+    assert check_integrity(rebuilt, KEY).problems == []
+    real = catrt.bundle.load_pipeline
+    published = []
+
+    def load_while_rebuilt(*args: Any, **kwargs: Any) -> Any:
+        if not published:
+            with staged_folder(bundle) as staging:
+                shutil.copytree(rebuilt, staging, dirs_exist_ok=True)
+            published.append(bundle)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(catrt.bundle, "load_pipeline", load_while_rebuilt)
+    fast = catrt.load(bundle, key=KEY)
+    assert published and fast.manifest.alphas == _manifest(bundle)["alphas"] == _manifest(rebuilt)["alphas"]
+    assert fast.manifest.signature == _manifest(rebuilt)["signature"]
     assert fast(["a red circle"], output_type="latent").images.shape == (1, 16, 4, 6)
 
 
