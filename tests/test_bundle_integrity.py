@@ -127,6 +127,31 @@ def test_a_build_published_while_a_bundle_loads_is_loaded_whole_never_mixed(
     assert fast(["a red circle"], output_type="latent").images.shape == (1, 16, 4, 6)
 
 
+def test_a_bundle_replaced_while_its_files_are_checked_is_checked_again_not_refused(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The digests read half from each build are refused as corrupt; the folder swapped meanwhile is read again. A
+    folder that did not change keeps its refusal."""
+    rebuilt = Path(shutil.copytree(bundle, tmp_path / "rebuilt"))
+    real = catrt.bundle.verify_bundle
+    calls = []
+
+    def checked_while_rebuilt(folder: Path, key: bytes | None = None) -> Any:
+        calls.append(folder)
+        if len(calls) == 1:
+            with staged_folder(bundle) as staging:
+                shutil.copytree(rebuilt, staging, dirs_exist_ok=True)
+            raise CorruptBundleError("weights.bin has another sha256 than its manifest records", field="weights.bin")
+        return real(folder, key)
+
+    monkeypatch.setattr(catrt.bundle, "verify_bundle", checked_while_rebuilt)
+    assert catrt.load(bundle).manifest.alphas == _manifest(rebuilt)["alphas"] and len(calls) == 2
+    _flip_byte(bundle / "weights.bin")
+    with pytest.raises(CorruptBundleError, match="weights.bin"):
+        catrt.load(bundle)
+    assert len(calls) == 3
+
+
 def test_a_one_image_non_square_bundle_matches_the_eager_runtime(signed_build: Path, tiny_pipelines: dict[str, Any]) -> None:
     """Batch 1 at 48x32 (WxH), where the engine tests build batch 2 at 96x64: ONNX Runtime equals eager to float rounding."""
     pipe = tiny_pipelines["tiny-sd3"]
