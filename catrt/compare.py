@@ -10,13 +10,17 @@ report.md, metrics.csv, grid.png and the images.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import itertools
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,12 +196,28 @@ def write_outputs(comparison: Comparison, out: Path, header: list[str], grid_row
         (staging / "report.md").write_text("\n".join([*header, "", *report_lines(comparison)]) + "\n")
         image_grid(comparison, staging / "grid.png", grid_rows)
         (out / "images").mkdir(exist_ok=True)
-        for image in (staging / "images").iterdir():
-            os.replace(image, out / "images" / image.name)
-        for name in ("metrics.csv", "grid.png", "report.md"):
-            os.replace(staging / name, out / name)
+        with _signals_deferred():
+            for image in (staging / "images").iterdir():
+                os.replace(image, out / "images" / image.name)
+            for name in ("metrics.csv", "grid.png", "report.md"):
+                os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back (POSIX, main thread) until the block is done, so moving the results into place
+    is never stopped halfway; a signal that came meanwhile is acted on right after."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _file_label(label: str) -> str:

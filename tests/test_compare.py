@@ -7,6 +7,7 @@ import csv
 import errno
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,28 @@ def test_a_failed_or_interrupted_write_leaves_the_earlier_results_whole(
     assert sorted(p.name for p in out.rglob("*")) == ["000-s0-cat.png", "images", "report.md"]  # no staging folder either
     assert (out / "report.md").read_text() == "earlier run\n"
     assert (out / "images" / "000-s0-cat.png").read_bytes() == b"earlier image"
+
+
+def test_ctrl_c_while_the_results_are_moved_into_place_waits_until_all_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A Ctrl-C between two of the moves stopped them halfway: the new images beside the earlier report."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("earlier run\n")
+    replace = os.replace
+
+    def interrupted_replace(source: Any, target: Any) -> None:
+        if Path(target).parent == out / "images":  # after the first image
+            os.kill(os.getpid(), signal.SIGINT)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    assert _compare(tmp_path, "--rules", "cat", prompts="a red circle\n")[0] == 130
+    monkeypatch.undo()
+    assert "catrt compare: interrupted" in capfd.readouterr().err
+    assert "# catrt compare: tiny-pixart" in (out / "report.md").read_text() and (out / "grid.png").is_file()
+    assert len(list((out / "images").glob("*.png"))) == 2 and [p.name for p in out.glob(".*")] == []
 
 
 @pytest.mark.parametrize(
