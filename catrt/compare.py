@@ -37,6 +37,7 @@ from catrt.errors import PATH_ECHO_LIMIT, ConfigError, echo
 from catrt.generation import GenerationRequest, generate_image
 from catrt.macs import StepMacs, step_macs
 from catrt.pipeline import accelerate
+from catrt.publish import held
 from catrt.runtime import CATRuntime
 
 UNPRUNED = "unpruned"
@@ -196,7 +197,7 @@ def write_outputs(comparison: Comparison, out: Path, header: list[str], grid_row
         (staging / "report.md").write_text("\n".join([*header, "", *report_lines(comparison)]) + "\n")
         image_grid(comparison, staging / "grid.png", grid_rows)
         (out / "images").mkdir(exist_ok=True)
-        with _signals_deferred():
+        with held(out), _signals_deferred():  # another compare into `out` moves its set before or after this one
             for image in (staging / "images").iterdir():
                 os.replace(image, out / "images" / image.name)
             for name in ("metrics.csv", "grid.png", "report.md"):

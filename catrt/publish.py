@@ -51,7 +51,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
     """
     refuse_non_folder(final, "move it away or publish under another name")
     writable_folder(final.parent, echo_path(final.parent), "pick another place", field="path")
-    with _held(final.parent):  # another publish's remove_abandoned cannot take the folder before it is locked
+    with held(final.parent):  # another publish's remove_abandoned cannot take the folder before it is locked
         remove_abandoned(final)
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final), dir=final.parent))
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
@@ -107,8 +107,9 @@ def _staging_prefix(final: Path) -> str:
 
 
 @contextlib.contextmanager
-def _held(folder: Path) -> Iterator[None]:
-    """`folder` locked for the block (a flock on its descriptor, released on exit or when the process dies).
+def held(folder: Path) -> Iterator[None]:
+    """`folder` locked for the block (a flock on its descriptor, released on exit or when the process dies): publishes
+    beside it, and `catrt compare` runs moving their results into it, take turns.
 
     A folder this user may write in but not read cannot be opened to lock: no publish can hold it then.
     """

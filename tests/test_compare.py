@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import math
 import os
 import signal
@@ -145,6 +146,28 @@ def test_ctrl_c_while_the_results_are_moved_into_place_waits_until_all_are(
     assert "catrt compare: interrupted" in capfd.readouterr().err
     assert "# catrt compare: tiny-pixart" in (out / "report.md").read_text() and (out / "grid.png").is_file()
     assert len(list((out / "images").glob("*.png"))) == 2 and [p.name for p in out.glob(".*")] == []
+
+
+def test_two_compares_into_one_folder_move_their_results_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run moves its files with `--out` locked (publish.py's lock), so two runs into one folder at once leave one
+    run's whole set, not the report of one beside the grid of the other."""
+    out = tmp_path / "out"
+    replace, moves = os.replace, []
+
+    def checked_replace(source: Any, target: Any) -> None:
+        if Path(target).parent in (out, out / "images"):
+            other = os.open(out, os.O_RDONLY)  # another process's lock: its own open file description
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(other)
+            moves.append(Path(target).name)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", checked_replace)
+    assert _compare(tmp_path, "--rules", "cat", prompts="a red circle\n")[0] == 0
+    assert sorted(moves) == sorted(["000-s0-unpruned.png", "000-s0-cat.png", "metrics.csv", "grid.png", "report.md"])
 
 
 @pytest.mark.parametrize(
