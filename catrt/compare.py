@@ -208,17 +208,25 @@ def write_outputs(comparison: Comparison, out: Path, header: list[str], grid_row
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back (POSIX, main thread) until the block is done, so moving the results into place
-    is never stopped halfway; a signal that came meanwhile is acted on right after."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Ctrl-C and SIGTERM held back (in the main thread) until the block is done, so moving the results into place
+    is never stopped halfway; a signal that came meanwhile is raised again right after, to its own handler.
+
+    Python runs signal handlers in the main thread whichever thread the OS hands the signal to, so the handlers are
+    swapped for ones that only note it (a thread signal mask would miss signals given to torch's threads).
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    came: list[int] = []
+    previous = {signum: signal.signal(signum, lambda number, frame: came.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if came:
+            signal.raise_signal(came[0])
 
 
 def _file_label(label: str) -> str:

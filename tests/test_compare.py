@@ -126,10 +126,13 @@ def test_a_failed_or_interrupted_write_leaves_the_earlier_results_whole(
     assert (out / "images" / "000-s0-cat.png").read_bytes() == b"earlier image"
 
 
-def test_ctrl_c_while_the_results_are_moved_into_place_waits_until_all_are(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+@pytest.mark.parametrize(("signum", "code", "line"), [(signal.SIGINT, 130, "catrt compare: interrupted"),
+                                                     (signal.SIGTERM, 143, "catrt compare: terminated")], ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_the_results_are_moved_into_place_waits_until_all_are(
+    signum: int, code: int, line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """A Ctrl-C between two of the moves stopped them halfway: the new images beside the earlier report."""
+    """A Ctrl-C between two of the moves stopped them halfway: the new images beside the earlier report. Now it
+    takes effect once all are in place, through the command's own handler (its exit code and line)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.md").write_text("earlier run\n")
@@ -137,13 +140,13 @@ def test_ctrl_c_while_the_results_are_moved_into_place_waits_until_all_are(
 
     def interrupted_replace(source: Any, target: Any) -> None:
         if Path(target).parent == out / "images":  # after the first image
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         replace(source, target)
 
     monkeypatch.setattr(os, "replace", interrupted_replace)
-    assert _compare(tmp_path, "--rules", "cat", prompts="a red circle\n")[0] == 130
+    assert _compare(tmp_path, "--rules", "cat", prompts="a red circle\n")[0] == code
     monkeypatch.undo()
-    assert "catrt compare: interrupted" in capfd.readouterr().err
+    assert line in capfd.readouterr().err
     assert "# catrt compare: tiny-pixart" in (out / "report.md").read_text() and (out / "grid.png").is_file()
     assert len(list((out / "images").glob("*.png"))) == 2 and [p.name for p in out.glob(".*")] == []
 
