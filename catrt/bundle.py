@@ -29,7 +29,7 @@ from catrt.build_config import FIXED_CAT_FIELDS, BuildConfig, check_static_sched
 from catrt.call_arguments import refuse_config_keywords, request_batch
 from catrt.config import CATConfig
 from catrt.engines import ENGINES, Engine, GraphSpec
-from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, EngineMismatchError, UnknownModelError, echo
+from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, CorruptBundleError, EngineMismatchError, UnknownModelError, echo
 from catrt.integrity import check_integrity, resolve_key
 from catrt.loading import load_pipeline
 from catrt.manifest import Manifest, describe_device, environment_problems, transformer_config
@@ -39,6 +39,8 @@ from catrt.pipeline import AcceleratedPipeline, accelerate, exclusive_use, pipel
 from catrt.pipeline_spec import PipelineSpec, custom_schedule
 
 logger = logging.getLogger(__name__)
+#: How often `load` reads a folder that other builds of its name keep replacing before it gives up.
+_LOAD_ATTEMPTS = 3
 
 
 class EnginePipeline:
@@ -185,6 +187,37 @@ def load(
     if pipe is not None:
         pipeline_spec(pipe)  # not a pipeline catrt runs: refused by name
     folder = Path(engine_dir)
+    for _ in range(_LOAD_ATTEMPTS):
+        identity = _folder_identity(folder)
+        try:
+            loaded = _load(folder, config, key, pipe)
+        except CatrtError:
+            if _folder_identity(folder) == identity:
+                raise
+        else:
+            if _folder_identity(folder) == identity:
+                return loaded
+            pipe = loaded.accelerated.pipe  # the model is loaded already: the folder's new files are what is read again
+        # A build of the same name was published (swapped in whole, catrt/publish.py) while this one was read: its
+        # checks or the engine may have seen files of both, so the folder now in place is checked and loaded whole.
+        logger.info("%s was replaced while it loaded; loading it again", folder)
+    raise CorruptBundleError(
+        f"{echo(str(folder), PATH_ECHO_LIMIT)} was replaced by another build each time it was loaded ({_LOAD_ATTEMPTS} "
+        f"times); load it again once the builds of that name are done", field="engine_dir", value=str(folder),
+    )
+
+
+def _folder_identity(folder: Path) -> tuple[int, int] | None:
+    """The folder's (device, inode): a publish puts a new folder in place, so a changed identity means a new build."""
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _load(folder: Path, config: CATConfig | None, key: bytes | None, pipe: Any) -> EnginePipeline:
+    """`load` of the folder as it is now."""
     manifest = verify_bundle(folder, key)
     build = BuildConfig.from_dict(manifest.build)
     run_config = _run_config(build, config)  # refused before any backend runs

@@ -835,6 +835,7 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
     from catrt.build_config import PRECISIONS
     from catrt.compare import run_comparison, write_outputs
     from catrt.generation import check_pipeline_size, check_prompt_length, check_text_to_image
+    from catrt.image_output import unwritable_out
     from catrt.loading import load_pipeline
     from catrt.metrics import ClipScorer, require_skimage
 
@@ -855,7 +856,10 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
     header = [f"# catrt compare: {model}", "",
               f"{len(prompts)} prompts from `{args.prompts}` x seeds {' '.join(map(str, args.seeds))}, {args.steps} steps"
               f"{schedule}; {device.type}, {precision}; CLIP: {args.clip or 'none'}."]
-    write_outputs(comparison, out, header)
+    try:
+        write_outputs(comparison, out, header)
+    except OSError as error:  # a full disk or a folder made read-only meanwhile: one line, the earlier files intact
+        raise unwritable_out(out, error) from None
     print(f"wrote {out / 'report.md'}, {out / 'metrics.csv'} and {out / 'grid.png'}")
     return 0
 

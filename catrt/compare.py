@@ -10,10 +10,17 @@ report.md, metrics.csv, grid.png and the images.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import itertools
 import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ from catrt.errors import PATH_ECHO_LIMIT, ConfigError, echo
 from catrt.generation import GenerationRequest, generate_image
 from catrt.macs import StepMacs, step_macs
 from catrt.pipeline import accelerate
+from catrt.publish import held
 from catrt.runtime import CATRuntime
 
 UNPRUNED = "unpruned"
@@ -174,14 +182,51 @@ def _first_call_inputs(
 
 
 def write_outputs(comparison: Comparison, out: Path, header: list[str], grid_rows: int = 8) -> None:
-    """report.md, metrics.csv, grid.png and every image as images/<prompt>-s<seed>-<variant>.png."""
+    """report.md, metrics.csv, grid.png and every image as images/<prompt>-s<seed>-<variant>.png.
+
+    All are written into a hidden folder inside `out` first and moved into place once every one is written
+    (report.md last), so a failed write (a full disk) or Ctrl-C leaves no half set among an earlier run's files.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    (out / "images").mkdir(exist_ok=True)
-    for (index, seed, label), image in comparison.images.items():
-        image.save(out / "images" / f"{index:03d}-s{seed}-{_file_label(label)}.png")
-    write_csv(comparison, out / "metrics.csv")
-    (out / "report.md").write_text("\n".join([*header, "", *report_lines(comparison)]) + "\n")
-    image_grid(comparison, out / "grid.png", grid_rows)
+    staging = Path(tempfile.mkdtemp(prefix=".catrt-compare-", dir=out))
+    try:
+        (staging / "images").mkdir()
+        for (index, seed, label), image in comparison.images.items():
+            image.save(staging / "images" / f"{index:03d}-s{seed}-{_file_label(label)}.png")
+        write_csv(comparison, staging / "metrics.csv")
+        (staging / "report.md").write_text("\n".join([*header, "", *report_lines(comparison)]) + "\n")
+        image_grid(comparison, staging / "grid.png", grid_rows)
+        (out / "images").mkdir(exist_ok=True)
+        with held(out), _signals_deferred():  # another compare into `out` moves its set before or after this one
+            for image in (staging / "images").iterdir():
+                os.replace(image, out / "images" / image.name)
+            for name in ("metrics.csv", "grid.png", "report.md"):
+                os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back (in the main thread) until the block is done, so moving the results into place
+    is never stopped halfway; a signal that came meanwhile is raised again right after, to its own handler.
+
+    Python runs signal handlers in the main thread whichever thread the OS hands the signal to, so the handlers are
+    swapped for ones that only note it (a thread signal mask would miss signals given to torch's threads).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {signum: signal.signal(signum, lambda number, frame: came.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if came:
+            signal.raise_signal(came[0])
 
 
 def _file_label(label: str) -> str:

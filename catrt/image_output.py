@@ -50,7 +50,7 @@ def staged_image(out: Path) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as error:
-        raise _unwritable(out, error) from None
+        raise unwritable_out(out, error) from None
     try:
         yield staged
     except BaseException:  # the block's own error as it is: an OSError while loading a model is no --out problem
@@ -60,7 +60,7 @@ def staged_image(out: Path) -> Iterator[Path]:
         os.replace(staged, out)
     except OSError as error:
         staged.unlink(missing_ok=True)
-        raise _unwritable(out, error) from None
+        raise unwritable_out(out, error) from None
 
 
 def save_image(image: Any, staged: Path, format_: str, out: Path) -> None:
@@ -68,7 +68,7 @@ def save_image(image: Any, staged: Path, format_: str, out: Path) -> None:
     try:
         image.save(staged, format=format_)
     except OSError as error:
-        raise _unwritable(out, error) from None
+        raise unwritable_out(out, error) from None
 
 
 def _check_folders(out: Path) -> None:
@@ -81,6 +81,7 @@ def _check_folders(out: Path) -> None:
                           field="out", value=str(out))
 
 
-def _unwritable(out: Path, error: OSError) -> ConfigError:
+def unwritable_out(out: Path, error: OSError) -> ConfigError:
+    """The one-line refusal of an `--out` (an image, or `catrt compare`'s folder) a write failed in, with the OS's reason."""
     reason = error.strerror or type(error).__name__
     return ConfigError(f"--out {echo(str(out), PATH_ECHO_LIMIT)} cannot be written ({reason}); pick a writable folder", field="out", value=str(out))

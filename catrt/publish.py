@@ -36,6 +36,8 @@ from catrt.errors import BuildError, ConfigError, echo_path
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+#: Errors of a write into the staged folder that only the disk explains (full, over quota, read-only, failing): one line, not a traceback.
+_WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 #: How often a publish retries when another publish of the same name changes `final` under it.
 _ATTEMPTS = 5
 
@@ -44,18 +46,26 @@ _ATTEMPTS = 5
 def staged_folder(final: Path) -> Iterator[Path]:
     """A temporary folder beside `final`, put in its place when the block completes.
 
-    On an exception the temporary folder is removed and `final` is left as it was.
+    On an exception the temporary folder is removed and `final` is left as it was; a write the disk refused
+    (full, read-only) is a BuildError naming `final` and the OS's reason.
     """
     refuse_non_folder(final, "move it away or publish under another name")
     writable_folder(final.parent, echo_path(final.parent), "pick another place", field="path")
-    with _held(final.parent):  # another publish's remove_abandoned cannot take the folder before it is locked
+    with held(final.parent):  # another publish's remove_abandoned cannot take the folder before it is locked
         remove_abandoned(final)
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final), dir=final.parent))
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
         lock = _lock(staging)
     try:
         try:
-            yield staging
+            try:
+                yield staging
+            except OSError as error:
+                if error.errno not in _WRITE_FAILURES:
+                    raise
+                raise BuildError(f"could not write the files of {echo_path(final)} ({error.strerror}); nothing was published "
+                                 "there (an earlier folder is left as it was): free some space or pick another place",
+                                 field="path", value=str(final)) from None
             _put_in_place(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -97,8 +107,9 @@ def _staging_prefix(final: Path) -> str:
 
 
 @contextlib.contextmanager
-def _held(folder: Path) -> Iterator[None]:
-    """`folder` locked for the block (a flock on its descriptor, released on exit or when the process dies).
+def held(folder: Path) -> Iterator[None]:
+    """`folder` locked for the block (a flock on its descriptor, released on exit or when the process dies): publishes
+    beside it, and `catrt compare` runs moving their results into it, take turns.
 
     A folder this user may write in but not read cannot be opened to lock: no publish can hold it then.
     """

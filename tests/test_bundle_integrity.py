@@ -6,6 +6,7 @@ a key the signature is not checked, so the edits below are caught by the integri
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 import catrt
+import catrt.bundle
 import catrt.manifest
 from catrt import integrity, key_files
 from catrt.build import build_engines
@@ -91,6 +93,63 @@ def test_intact_signed_bundle_loads_with_its_key_and_without_one(bundle: Path) -
     fast = catrt.load(bundle, key=KEY)
     assert fast.manifest.signature == data["signature"]
     assert fast(["a red circle"], output_type="latent").images.shape == (1, 16, 4, 6)
+
+
+def test_a_build_published_while_a_bundle_loads_is_loaded_whole_never_mixed(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rebuild of the same name swapped in (publish.py) after load's checks, while the model loads: the engine read
+    the new build's files under the earlier build's manifest. Now the folder in place is checked and loaded whole."""
+    rebuilt = Path(shutil.copytree(bundle, tmp_path / "rebuilt"))
+
+    def remeasured(data: dict[str, Any]) -> None:  # the same graphs, verified to other errors
+        errors = data["verification"]["max_relative_error"]
+        errors.update({graph: error / 2 for graph, error in errors.items()})
+        data["alphas"][0]["max_relative_error"] /= 2
+        data["signature"] = sign_manifest(data, KEY)
+
+    _edit(rebuilt, remeasured)
+    assert check_integrity(rebuilt, KEY).problems == []
+    real = catrt.bundle.load_pipeline
+    published = []
+
+    def load_while_rebuilt(*args: Any, **kwargs: Any) -> Any:
+        if not published:
+            with staged_folder(bundle) as staging:
+                shutil.copytree(rebuilt, staging, dirs_exist_ok=True)
+            published.append(bundle)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(catrt.bundle, "load_pipeline", load_while_rebuilt)
+    fast = catrt.load(bundle, key=KEY)
+    assert published and fast.manifest.alphas == _manifest(bundle)["alphas"] == _manifest(rebuilt)["alphas"]
+    assert fast.manifest.signature == _manifest(rebuilt)["signature"]
+    assert fast(["a red circle"], output_type="latent").images.shape == (1, 16, 4, 6)
+
+
+def test_a_bundle_replaced_while_its_files_are_checked_is_checked_again_not_refused(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The digests read half from each build are refused as corrupt; the folder swapped meanwhile is read again. A
+    folder that did not change keeps its refusal."""
+    rebuilt = Path(shutil.copytree(bundle, tmp_path / "rebuilt"))
+    real = catrt.bundle.verify_bundle
+    calls = []
+
+    def checked_while_rebuilt(folder: Path, key: bytes | None = None) -> Any:
+        calls.append(folder)
+        if len(calls) == 1:
+            with staged_folder(bundle) as staging:
+                shutil.copytree(rebuilt, staging, dirs_exist_ok=True)
+            raise CorruptBundleError("weights.bin has another sha256 than its manifest records", field="weights.bin")
+        return real(folder, key)
+
+    monkeypatch.setattr(catrt.bundle, "verify_bundle", checked_while_rebuilt)
+    assert catrt.load(bundle).manifest.alphas == _manifest(rebuilt)["alphas"] and len(calls) == 2
+    _flip_byte(bundle / "weights.bin")
+    with pytest.raises(CorruptBundleError, match="weights.bin"):
+        catrt.load(bundle)
+    assert len(calls) == 3
 
 
 def test_a_one_image_non_square_bundle_matches_the_eager_runtime(signed_build: Path, tiny_pipelines: dict[str, Any]) -> None:
@@ -677,6 +736,23 @@ def test_a_build_is_swapped_into_place_in_one_step(tmp_path: Path, monkeypatch: 
         (staging / "file").write_text("half")
         raise RuntimeError
     assert (final / "file").read_text() == "new" and sorted(tmp_path.iterdir()) == [final]
+
+
+def test_a_write_the_disk_refuses_is_one_line_naming_the_folder_and_the_earlier_one_stays(tmp_path: Path) -> None:
+    """A full disk while a build writes its files was a traceback (OSError from the export's weights); other
+    OSErrors are not the disk's to explain and pass through as they are."""
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "file").write_text("old")
+    with pytest.raises(BuildError) as refused, staged_folder(final) as staging:
+        (staging / "file").write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(staging / "weights.bin"))
+    assert str(refused.value) == (f"could not write the files of {final} (No space left on device); nothing was published "
+                                  "there (an earlier folder is left as it was): free some space or pick another place")
+    assert refused.value.field == "path" and refused.value.__cause__ is None
+    with pytest.raises(FileNotFoundError), staged_folder(final):
+        raise FileNotFoundError(errno.ENOENT, "not the disk's")
+    assert (final / "file").read_text() == "old" and sorted(tmp_path.iterdir()) == [final]
 
 
 def test_a_publish_under_a_file_is_refused_before_any_staging(tmp_path: Path) -> None:

@@ -4,7 +4,11 @@ mistake one line), the metric helpers, and the First-Block-Cache-style `reuse_th
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,7 @@ import torch
 from PIL import Image
 
 import catrt
+import catrt.compare
 from catrt import CATConfig, ConfigError
 from catrt.build_config import BuildConfig
 from catrt.bundle import _run_config
@@ -91,6 +96,81 @@ def test_compare_counts_adaptive_reuse_from_the_trace(tmp_path: Path, capfd: pyt
     row = next(r for r in csv.DictReader((out / "metrics.csv").open()) if r["variant"] == "cat")
     assert row["reused_steps"] == "4"  # every step after t0: the first block never moves by 1000x
     assert "reuse_threshold 1000.0" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("failure", "code", "line"),
+    [(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2, "cannot be written (No space left on device); pick a writable folder"),
+     (KeyboardInterrupt(), 130, "catrt compare: interrupted")],
+    ids=["disk-full", "ctrl-c"],
+)
+def test_a_failed_or_interrupted_write_leaves_the_earlier_results_whole(
+    failure: BaseException, code: int, line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The write fails at the last file (the grid): one line, no traceback, and none of the new files among the old."""
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "report.md").write_text("earlier run\n")
+    (out / "images" / "000-s0-cat.png").write_bytes(b"earlier image")
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise failure
+
+    monkeypatch.setattr(catrt.compare, "image_grid", fail)
+    assert _compare(tmp_path, "--rules", "cat", prompts="a red circle\n")[0] == code
+    err = capfd.readouterr().err
+    assert line in err and "Traceback" not in err
+    assert sorted(p.name for p in out.rglob("*")) == ["000-s0-cat.png", "images", "report.md"]  # no staging folder either
+    assert (out / "report.md").read_text() == "earlier run\n"
+    assert (out / "images" / "000-s0-cat.png").read_bytes() == b"earlier image"
+
+
+@pytest.mark.parametrize(("signum", "code", "line"), [(signal.SIGINT, 130, "catrt compare: interrupted"),
+                                                     (signal.SIGTERM, 143, "catrt compare: terminated")], ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_the_results_are_moved_into_place_waits_until_all_are(
+    signum: int, code: int, line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A Ctrl-C between two of the moves stopped them halfway: the new images beside the earlier report. Now it
+    takes effect once all are in place, through the command's own handler (its exit code and line)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("earlier run\n")
+    replace = os.replace
+
+    def interrupted_replace(source: Any, target: Any) -> None:
+        if Path(target).parent == out / "images":  # after the first image
+            os.kill(os.getpid(), signum)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    assert _compare(tmp_path, "--rules", "cat", prompts="a red circle\n")[0] == code
+    monkeypatch.undo()
+    assert line in capfd.readouterr().err
+    assert "# catrt compare: tiny-pixart" in (out / "report.md").read_text() and (out / "grid.png").is_file()
+    assert len(list((out / "images").glob("*.png"))) == 2 and [p.name for p in out.glob(".*")] == []
+
+
+def test_two_compares_into_one_folder_move_their_results_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run moves its files with `--out` locked (publish.py's lock), so two runs into one folder at once leave one
+    run's whole set, not the report of one beside the grid of the other."""
+    out = tmp_path / "out"
+    replace, moves = os.replace, []
+
+    def checked_replace(source: Any, target: Any) -> None:
+        if Path(target).parent in (out, out / "images"):
+            other = os.open(out, os.O_RDONLY)  # another process's lock: its own open file description
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(other)
+            moves.append(Path(target).name)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", checked_replace)
+    assert _compare(tmp_path, "--rules", "cat", prompts="a red circle\n")[0] == 0
+    assert sorted(moves) == sorted(["000-s0-unpruned.png", "000-s0-cat.png", "metrics.csv", "grid.png", "report.md"])
 
 
 @pytest.mark.parametrize(

@@ -18,10 +18,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from catrt.errors import RequestTimeoutError
+from catrt.errors import GenerationError, RequestTimeoutError, ServiceUnavailableError
 from catrt.serve.app import ImageService
 from catrt.serve.config import ServeConfig
-from catrt.serve.errors import REQUEST_ID_KEY
+from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response
 from catrt.serve.metrics import ServerMetrics
 from catrt.serve.model import BatchOptions, Generation, Row
 from catrt.serve.routing import Router
@@ -66,6 +66,10 @@ class StandIn:
         if "hold" in prompts:
             self.holding.set()
             self.release.wait(10)
+        if "oom" in prompts:  # as torch.cuda.OutOfMemoryError words it
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if "fault" in prompts:
+            raise RuntimeError("a bug's secret text")
         for step in range(STEPS):
             if should_stop is not None and should_stop():
                 self.steps_run.append(step)
@@ -134,6 +138,23 @@ def test_a_call_whose_jobs_are_all_given_up_stops_before_its_next_step(worker: W
     after = _job("after")
     worker.submit(after)
     assert _result(after.future).images == ["after"]  # the worker goes on serving
+
+
+def test_out_of_memory_answers_503_naming_it_other_faults_500_and_the_worker_serves_on(worker: Worker, model: StandIn) -> None:
+    """Out of memory is the load, not the request: a 503 (with Retry-After, as every 503) saying so, where it was the
+    500 of any fault; a batch it fails is rerun request by request, so the request batched with it is answered."""
+    oom, fault, after = _job("oom"), _job("fault", guidance=2.0), _job("after")
+    for job in (oom, fault, after):
+        worker.submit(job)
+    with pytest.raises(ServiceUnavailableError, match=r"^the server ran out of memory for this request \(request id oom\); "
+                                                      r"try again shortly, or with fewer images \(n\)$"):
+        _result(oom.future)
+    with pytest.raises(GenerationError) as failed:
+        _result(fault.future)
+    assert "secret" not in str(failed.value) and "request id fault" in str(failed.value)
+    assert _result(after.future).images == ["after"]
+    assert catrt_error_response(ServiceUnavailableError("x")).headers["retry-after"] == "5"
+    assert worker.state == "ready"
 
 
 def test_a_call_runs_on_while_one_of_its_jobs_is_still_wanted(worker: Worker, model: StandIn) -> None:

@@ -342,5 +342,24 @@ def _as_generation_error(error: Exception, request_id: str) -> Exception:
     names the request id the log has, never the exception's text."""
     if isinstance(error, CatrtError):
         return error
+    if _out_of_memory(error):
+        _release_cached_memory()
+        return ServiceUnavailableError(
+            f"the server ran out of memory for this request (request id {request_id}); try again shortly, or with fewer "
+            f"images (n)"
+        )
     return GenerationError(internal_error_message(request_id))
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """A device or host out of memory (torch's OutOfMemoryError is a RuntimeError saying so): the load, not the request."""
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def _release_cached_memory() -> None:
+    """Give back the blocks PyTorch's CUDA allocator keeps, so the next call has what this one freed."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
