@@ -569,6 +569,22 @@ def profile_steps(variant: Variant, loop: Loop, args: argparse.Namespace, device
     return tables
 
 
+def prepare_profiling(args: argparse.Namespace, device: torch.device) -> None:
+    """With --profile on CUDA, before any step is captured: torch's own workaround for CUPTI first initialised after a
+    CUDA graph was captured (pytorch#75504; needed on CUDA < 12 by torch's note, harmless after), since every profiled
+    catrt-graphs / catrt-compile window replays graphs its warm-up captured before the profiler ever ran, and a crash
+    there is no Python error that --profile's note could catch. A torch without the helper, or a helper that fails,
+    profiles as before (logged): an extra never stops the measurements."""
+    if not (args.profile and device.type == "cuda"):
+        return
+    try:
+        from torch.profiler._utils import _init_for_cuda_graphs
+
+        _init_for_cuda_graphs()
+    except Exception as error:
+        log(f"--profile: torch's CUPTI set-up for CUDA graphs did not run ({short_error(error)}); profiling without it")
+
+
 def check_steady_state(row: Row, variant: Variant, loop: Loop, args: argparse.Namespace, device: torch.device, clock: Clock) -> None:
     """One more generation: count allocations over steady pruned steps, then run more under the sync guard.
 
@@ -1007,6 +1023,7 @@ def main(argv: list[str] | None = None) -> None:
         f"models {' '.join(args.models)}; variants {' '.join(args.variants)}; report -> {path}")
     report = Report(args, device, path)
     report.write()
+    prepare_profiling(args, device)
     # Pass 1 measures the eager variants of every model, pass 2 the compiled ones (rebuilding each
     # model with the same seed): if compiling runs past --budget-s, only compiled rows are lost.
     for number, group in enumerate(PASSES, 1):

@@ -256,3 +256,34 @@ def test_unset_settings_take_the_tiny_or_gpu_defaults() -> None:
     tiny, full = gpu.parse_args(["--tiny"]), gpu.parse_args([])
     assert (tiny.size, tiny.steps, tiny.t0, tiny.repeats, tiny.budget_s) == (128, 10, 4, 2, 0.0)
     assert (full.size, full.steps, full.t0, full.repeats, full.budget_s) == (1024, 28, 8, 3, 420.0)
+
+
+def test_profile_on_cuda_sets_up_the_profiler_for_graphs_before_any_model_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tests our glue, not CUDA: with --profile on a (stand-in) CUDA device, torch's CUPTI workaround for CUDA graphs
+    runs once, before the first model (whose warm-up captures the graphs the profiled windows replay); not without
+    --profile; and a helper that fails is logged, the run goes on."""
+    import torch.profiler._utils as profiler_utils
+
+    gpu = load_script()
+    order: list[str] = []
+    monkeypatch.setattr(gpu, "pick_device", lambda tiny: gpu.torch.device("cuda"))
+    monkeypatch.setattr(gpu, "device_name", lambda device: "stand-in GPU")
+    monkeypatch.setattr(gpu, "measure_model", lambda name, *args: order.append(f"measure {name}"))
+    monkeypatch.setattr(profiler_utils, "_init_for_cuda_graphs", lambda: order.append("init"))
+    argv = ["--models", "sd3", "pixart-sigma", "--out", str(tmp_path / "speed.md")]
+    gpu.main(argv + ["--profile"])
+    assert order == ["init"] + ["measure sd3", "measure pixart-sigma"] * 2
+    order.clear()
+    gpu.main(argv)
+    assert order == ["measure sd3", "measure pixart-sigma"] * 2
+
+    def failing() -> None:
+        raise RuntimeError("CUPTI unavailable (simulated)")
+
+    monkeypatch.setattr(profiler_utils, "_init_for_cuda_graphs", failing)
+    order.clear()
+    gpu.main(argv + ["--profile"])
+    assert order == ["measure sd3", "measure pixart-sigma"] * 2
+    assert "--profile: torch's CUPTI set-up for CUDA graphs did not run (RuntimeError: CUPTI unavailable (simulated))" in capsys.readouterr().out
