@@ -284,11 +284,23 @@ def test_step_programs_on_the_gpu_paths_need_no_host_sync(
     assert {kind for _, kind in GuardedSteps.guarded} == {"full", "pruned"}
 
 
+class OneDevice(TorchDispatchMode):
+    """Raises on an op that reads a tensor made on the default device (meta, under `torch.device("meta")`) together with
+    the state's CPU tensors: some ops (gather with a meta index) would not refuse the mix themselves."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        devices = {t.device.type for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        if {"meta", "cpu"} <= devices:
+            raise AssertionError(f"a tensor made without device= meets the state's tensors in {func}")
+        return func(*args, **(kwargs or {}))
+
+
 class SteadyStepsOnTheDevice(CATRuntime):
     """Runs every whole step (set-up, input copies, program, selection, trace) with torch's default device set to
-    meta, so a tensor made without `device=` (or from host data) there is a meta tensor the CPU state refuses, as a
-    CUDA state would refuse a CPU one; and every step after t0 (pruned or reused: what bench/gpu.py brackets with
-    `set_sync_debug_mode("error")`) under NoHostSync, the runtime's own code around the step program included."""
+    meta, so a tensor made without `device=` (or from host data) there is a meta tensor that OneDevice refuses beside
+    the CPU state, as a CUDA state would refuse a CPU one; and every step after t0 (pruned or reused: what
+    bench/gpu.py brackets with `set_sync_debug_mode("error")`) under NoHostSync, the runtime's own code around the
+    step program included."""
 
     steady: list[tuple[int, str]] = []
 
@@ -296,7 +308,7 @@ class SteadyStepsOnTheDevice(CATRuntime):
         step = self.step + 1
         kind = step_kind(step, self.config.t0, self.config.refresh_every, self.config.reuse_every)
         steady = step > self.config.t0
-        with torch.device("meta"), NoHostSync() if steady else contextlib.nullcontext():
+        with torch.device("meta"), OneDevice(), NoHostSync() if steady else contextlib.nullcontext():
             prediction = super().__call__(hidden_states, timestep, call_kwargs)
         if steady:
             self.steady.append((step, kind))
@@ -305,8 +317,8 @@ class SteadyStepsOnTheDevice(CATRuntime):
 
 def test_the_device_guard_catches_a_tensor_made_without_a_device() -> None:
     state = torch.ones(3)
-    with pytest.raises(RuntimeError, match="meta"), torch.device("meta"):
-        state + torch.arange(3)  # torch.arange(3, device=state.device) is what the runtime writes
+    with pytest.raises(AssertionError, match="made without device="), torch.device("meta"), OneDevice():
+        state.gather(0, torch.arange(3))  # torch.arange(3, device=state.device) is what the runtime writes
 
 
 @pytest.mark.parametrize("setting", sorted(PROGRAM_CONFIGS))
