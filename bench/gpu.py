@@ -31,7 +31,8 @@ the generation time is the median of the whole loops. catrt variants then run on
 that counts device allocations over a few steady-state pruned steps and runs a few more under
 `torch.cuda.set_sync_debug_mode("error")`. The selection is also timed on its own, eagerly and (for
 the captured variants) replayed as a CUDA graph. `--profile` adds torch.profiler's top kernels of the
-steady full and pruned steps per variant (`<out stem>-profile.md`): what the next change should target.
+first `--profile-steps` (4) steady full and pruned steps per variant (`<out stem>-profile.md`): what the next
+change should target.
 The notes give each catrt variant's schedule bound: its own full step for t0 steps and the MAC share
 of it for the rest, the fastest any pruned step could make the generation (so which speedup targets
 the schedule can reach at all).
@@ -137,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also profile the steady full and pruned steps of each variant (torch.profiler) and write "
                              "the top kernels to <out stem>-profile.md")
     parser.add_argument("--profile-rows", type=int, default=25, help="kernels listed per profile")
+    parser.add_argument("--profile-steps", type=int, default=4,
+                        help="steady steps of each kind profiled (recording and summing every op of 19 pruned steps of "
+                             "SD3.5-large per variant would spend the GPU's time budget on the profiler)")
     parser.add_argument("--out", type=Path, default=None,
                         help="report path (default $OUT/speed-<gpu>.md where $OUT is a folder, else bench/results/speed-<gpu>.md)")
     args = parser.parse_args(argv)
@@ -147,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, small if tiny else full)
     benchkit.check_at_least_one(parser, size=args.size, steps=args.steps, repeats=args.repeats,
                                 selection_repeats=args.selection_repeats, check_steps=args.check_steps,
-                                profile_rows=args.profile_rows)
+                                profile_rows=args.profile_rows, profile_steps=args.profile_steps)
     if args.size % 16:
         parser.error("--size must be a multiple of 16 (VAE factor 8, patch 2)")
     if not args.budget_s >= 0:
@@ -531,15 +535,16 @@ def measure_variant(row: Row, variant: Variant, loop: Loop, args: argparse.Names
 
 
 def profile_steps(variant: Variant, loop: Loop, args: argparse.Namespace, device: torch.device, clock: Clock) -> dict[str, str]:
-    """torch.profiler's top kernels over the steady full steps, and (pruning variants) the steady pruned
-    steps, one more generation each: where a variant's step time goes, for the next change."""
+    """torch.profiler's top kernels over the first `--profile-steps` steady full steps, and (pruning variants) as many
+    steady pruned steps, one more generation each: where a variant's step time goes, for the next change. Steady
+    steps repeat one another, so a few give the same shares as all of them at a fraction of the profiler's cost."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    windows = {"full": (2, args.t0 - 1)}
+    windows = {"full": (2, min(args.t0 - 1, 1 + args.profile_steps))}
     if variant.prunes:
-        windows["pruned"] = (args.t0 + 2, args.steps)
+        windows["pruned"] = (args.t0 + 2, min(args.steps, args.t0 + 1 + args.profile_steps))
     tables = {}
     for kind, (first, last) in windows.items():
         if first > last:
@@ -567,6 +572,22 @@ def profile_steps(variant: Variant, loop: Loop, args: argparse.Namespace, device
         table = profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
         tables[f"{kind} steps {first}-{last}"] = table
     return tables
+
+
+def prepare_profiling(args: argparse.Namespace, device: torch.device) -> None:
+    """With --profile on CUDA, before any step is captured: torch's own workaround for CUPTI first initialised after a
+    CUDA graph was captured (pytorch#75504; needed on CUDA < 12 by torch's note, harmless after), since every profiled
+    catrt-graphs / catrt-compile window replays graphs its warm-up captured before the profiler ever ran, and a crash
+    there is no Python error that --profile's note could catch. A torch without the helper, or a helper that fails,
+    profiles as before (logged): an extra never stops the measurements."""
+    if not (args.profile and device.type == "cuda"):
+        return
+    try:
+        from torch.profiler._utils import _init_for_cuda_graphs
+
+        _init_for_cuda_graphs()
+    except Exception as error:
+        log(f"--profile: torch's CUPTI set-up for CUDA graphs did not run ({short_error(error)}); profiling without it")
 
 
 def check_steady_state(row: Row, variant: Variant, loop: Loop, args: argparse.Namespace, device: torch.device, clock: Clock) -> None:
@@ -1007,6 +1028,7 @@ def main(argv: list[str] | None = None) -> None:
         f"models {' '.join(args.models)}; variants {' '.join(args.variants)}; report -> {path}")
     report = Report(args, device, path)
     report.write()
+    prepare_profiling(args, device)
     # Pass 1 measures the eager variants of every model, pass 2 the compiled ones (rebuilding each
     # model with the same seed): if compiling runs past --budget-s, only compiled rows are lost.
     for number, group in enumerate(PASSES, 1):

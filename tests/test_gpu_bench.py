@@ -157,6 +157,17 @@ def test_profile_writes_the_top_kernels_of_full_and_pruned_steps(tmp_path: Path)
     assert profile.count("Self CPU") >= 3 and "aten::" in profile  # a profiler table per section
 
 
+def test_profile_records_the_first_profile_steps_of_each_kind(tmp_path: Path) -> None:
+    """The profiler records and sums every op of its window: 19 pruned steps of SD3.5-large per variant would spend the
+    GPU's time budget on it, so the windows are the first --profile-steps steady steps of each kind."""
+    gpu = load_script()
+    out = tmp_path / "speed.md"
+    gpu.main(["--tiny", "--models", "pixart-sigma", "--variants", "catrt-eager", "--repeats", "1", "--steps", "8",
+              "--t0", "4", "--profile", "--profile-steps", "1", "--profile-rows", "3", "--check-steps", "1", "--selection-repeats", "1", "--out", str(out)])
+    sections = [line for line in (tmp_path / "speed-profile.md").read_text().splitlines() if line.startswith("## ")]
+    assert sections == ["## pixart-sigma catrt-eager: full steps 2-2", "## pixart-sigma catrt-eager: pruned steps 6-6"]
+
+
 def test_a_failing_profile_leaves_the_variants_figures_and_stops_the_profiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--profile is an extra: a generation that fails inside a profiled window (as a profiler that cannot trace
     CUDA-graph replays might) becomes a note; the measured row stays, and the next variant profiles normally."""
@@ -235,6 +246,7 @@ def test_flux_runs_from_its_registered_meta_call_without_doubling_the_batch(tmp_
     (["--check-steps", "0"], "--check-steps must be at least 1, got 0"),
     (["--selection-repeats", "0"], "--selection-repeats must be at least 1, got 0"),
     (["--profile-rows", "0"], "--profile-rows must be at least 1, got 0"),
+    (["--profile-steps", "0"], "--profile-steps must be at least 1, got 0"),
     (["--budget-s", "-1"], "--budget-s must be a number of seconds >= 0 (0 = no budget), got -1.0"),
     (["--budget-s", "nan"], "--budget-s must be a number of seconds >= 0 (0 = no budget), got nan"),
     (["--t0", "0"], "CATConfig.t0 must be an integer >= 2, got 0"),
@@ -256,3 +268,34 @@ def test_unset_settings_take_the_tiny_or_gpu_defaults() -> None:
     tiny, full = gpu.parse_args(["--tiny"]), gpu.parse_args([])
     assert (tiny.size, tiny.steps, tiny.t0, tiny.repeats, tiny.budget_s) == (128, 10, 4, 2, 0.0)
     assert (full.size, full.steps, full.t0, full.repeats, full.budget_s) == (1024, 28, 8, 3, 420.0)
+
+
+def test_profile_on_cuda_sets_up_the_profiler_for_graphs_before_any_model_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tests our glue, not CUDA: with --profile on a (stand-in) CUDA device, torch's CUPTI workaround for CUDA graphs
+    runs once, before the first model (whose warm-up captures the graphs the profiled windows replay); not without
+    --profile; and a helper that fails is logged, the run goes on."""
+    import torch.profiler._utils as profiler_utils
+
+    gpu = load_script()
+    order: list[str] = []
+    monkeypatch.setattr(gpu, "pick_device", lambda tiny: gpu.torch.device("cuda"))
+    monkeypatch.setattr(gpu, "device_name", lambda device: "stand-in GPU")
+    monkeypatch.setattr(gpu, "measure_model", lambda name, *args: order.append(f"measure {name}"))
+    monkeypatch.setattr(profiler_utils, "_init_for_cuda_graphs", lambda: order.append("init"))
+    argv = ["--models", "sd3", "pixart-sigma", "--out", str(tmp_path / "speed.md")]
+    gpu.main(argv + ["--profile"])
+    assert order == ["init"] + ["measure sd3", "measure pixart-sigma"] * 2
+    order.clear()
+    gpu.main(argv)
+    assert order == ["measure sd3", "measure pixart-sigma"] * 2
+
+    def failing() -> None:
+        raise RuntimeError("CUPTI unavailable (simulated)")
+
+    monkeypatch.setattr(profiler_utils, "_init_for_cuda_graphs", failing)
+    order.clear()
+    gpu.main(argv + ["--profile"])
+    assert order == ["measure sd3", "measure pixart-sigma"] * 2
+    assert "--profile: torch's CUPTI set-up for CUDA graphs did not run (RuntimeError: CUPTI unavailable (simulated))" in capsys.readouterr().out

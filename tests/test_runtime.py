@@ -3,6 +3,7 @@ standalone engine bundles, and (on a CUDA machine) captured steps equal to uncap
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import math
@@ -26,6 +27,7 @@ from catrt.models.base import Adapter, Context
 from catrt.models.registry import family_of
 import catrt.runtime as runtime_module
 from catrt.runtime import CATRuntime, RuntimeBuffers
+from catrt.scheduler import step_kind
 from catrt.tiny import build_tiny_pipeline
 from catrt.tokens import Grid
 from tests.conftest import call_kwargs
@@ -280,6 +282,63 @@ def test_step_programs_on_the_gpu_paths_need_no_host_sync(
     for call in _program_calls(pipe):
         fast(**call_kwargs(pipe, num_inference_steps=7, **call))
     assert {kind for _, kind in GuardedSteps.guarded} == {"full", "pruned"}
+
+
+class OneDevice(TorchDispatchMode):
+    """Raises on an op that reads a tensor made on the default device (meta, under `torch.device("meta")`) together with
+    the state's CPU tensors: some ops (gather with a meta index) would not refuse the mix themselves."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        devices = {t.device.type for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        if {"meta", "cpu"} <= devices:
+            raise AssertionError(f"a tensor made without device= meets the state's tensors in {func}")
+        return func(*args, **(kwargs or {}))
+
+
+class SteadyStepsOnTheDevice(CATRuntime):
+    """Runs every whole step (set-up, input copies, program, selection, trace) with torch's default device set to
+    meta, so a tensor made without `device=` (or from host data) there is a meta tensor that OneDevice refuses beside
+    the CPU state, as a CUDA state would refuse a CPU one; and every step after t0 (pruned or reused: what
+    bench/gpu.py brackets with `set_sync_debug_mode("error")`) under NoHostSync, the runtime's own code around the
+    step program included."""
+
+    steady: list[tuple[int, str]] = []
+
+    def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
+        step = self.step + 1
+        kind = step_kind(step, self.config.t0, self.config.refresh_every, self.config.reuse_every)
+        steady = step > self.config.t0
+        with torch.device("meta"), OneDevice(), NoHostSync() if steady else contextlib.nullcontext():
+            prediction = super().__call__(hidden_states, timestep, call_kwargs)
+        if steady:
+            self.steady.append((step, kind))
+        return prediction
+
+
+def test_the_device_guard_catches_a_tensor_made_without_a_device() -> None:
+    state = torch.ones(3)
+    with pytest.raises(AssertionError, match="made without device="), torch.device("meta"), OneDevice():
+        state.gather(0, torch.arange(3))  # torch.arange(3, device=state.device) is what the runtime writes
+
+
+@pytest.mark.parametrize("setting", sorted(PROGRAM_CONFIGS))
+@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-pixart", "tiny-flux"])
+def test_whole_steps_make_tensors_on_the_state_device_and_steady_ones_need_no_host_sync(
+    name: str, setting: str, tiny_pipelines: dict[str, Any], gpu_paths: None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a GPU a CPU-made tensor in a step is a host-to-device copy (a sync the guard fails, a host read inside a
+    capture) or a device mismatch, and a reused step runs no step program, so the program-only guard never saw it:
+    every whole step here, over an alpha switch and a callback's prompt swap, on the GPU paths."""
+    pipe = tiny_pipelines[name]
+    monkeypatch.setattr(SteadyStepsOnTheDevice, "steady", [])
+    fast = catrt.accelerate(pipe, PROGRAM_CONFIGS[setting])
+    fast.runtime_class = SteadyStepsOnTheDevice
+    calls = _program_calls(pipe)
+    for call in (calls[0], calls[-1]):  # the last: another alpha and (where the pipeline takes one) the prompt swap
+        fast(**call_kwargs(pipe, num_inference_steps=7, **call))
+    config = PROGRAM_CONFIGS[setting]
+    after_t0 = [(step, step_kind(step, config.t0, config.refresh_every, config.reuse_every)) for step in range(config.t0 + 1, 8)]
+    assert SteadyStepsOnTheDevice.steady == after_t0 * 2  # refresh steps: full ones after t0
 
 
 class _RecordOps(TorchDispatchMode):
