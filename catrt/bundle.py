@@ -39,7 +39,8 @@ from catrt.pipeline import AcceleratedPipeline, accelerate, exclusive_use, pipel
 from catrt.pipeline_spec import PipelineSpec, custom_schedule
 
 logger = logging.getLogger(__name__)
-#: How often `load` reads a folder that other builds of its name keep replacing before it gives up.
+#: How often `load` (and `bundle_problems`, `catrt inspect`) reads a folder that other builds of its name keep
+#: replacing before it gives up.
 _LOAD_ATTEMPTS = 3
 
 
@@ -314,9 +315,21 @@ def bundle_problems(
 
     Returns the manifest where its shape is readable (else None) and the problems, each a catrt error
     naming its file or field. `key`: as for `load` (None = `$CATRT_BUNDLE_KEY`, if set); `signature=False`:
-    no signature check.
+    no signature check. A folder a build of its name replaced (published whole) while it was read is read again, as
+    `load` does, so files of two builds are never reported as a corrupt one.
     """
-    report = check_integrity(Path(folder), resolve_key(key) if signature else None)
+    folder = Path(folder)
+    for _ in range(_LOAD_ATTEMPTS):
+        identity = _folder_identity(folder)
+        manifest, problems = _problems_now(folder, key, signature)
+        if not problems or _folder_identity(folder) == identity:
+            break
+    return manifest, problems
+
+
+def _problems_now(folder: Path, key: bytes | None, signature: bool) -> tuple[Manifest | None, list[CatrtError]]:
+    """`bundle_problems` of the folder as it is now."""
+    report = check_integrity(folder, resolve_key(key) if signature else None)
     problems = list(report.problems)
     if report.manifest is None or report.build is None:
         return report.manifest, problems

@@ -152,6 +152,32 @@ def test_a_bundle_replaced_while_its_files_are_checked_is_checked_again_not_refu
     assert len(calls) == 3
 
 
+def test_inspect_of_a_bundle_replaced_while_it_is_checked_reports_the_new_one_not_a_mix(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`catrt inspect` read half of each build's files as a corrupt bundle when one was published meanwhile; the
+    folder swapped meanwhile is checked again. A folder that did not change keeps its problems, read once."""
+    rebuilt = Path(shutil.copytree(bundle, tmp_path / "rebuilt"))
+    real = catrt.bundle.check_integrity
+    calls = []
+
+    def checked_while_rebuilt(folder: Path, key: bytes | None = None) -> Any:
+        calls.append(folder)
+        report = real(folder, key)
+        if len(calls) == 1:
+            with staged_folder(bundle) as staging:
+                shutil.copytree(rebuilt, staging, dirs_exist_ok=True)
+            report.problems.append(CorruptBundleError("weights.bin has another sha256 than its manifest records", field="weights.bin"))
+        return report
+
+    monkeypatch.setattr(catrt.bundle, "check_integrity", checked_while_rebuilt)
+    assert main(["inspect", str(bundle)]) == 0 and len(calls) == 2
+    assert "files and machine: OK" in capsys.readouterr().out
+    _flip_byte(bundle / "weights.bin")
+    manifest, problems = bundle_problems(bundle)
+    assert manifest is not None and [problem.field for problem in problems] == ["weights.bin"] and len(calls) == 3
+
+
 def test_a_one_image_non_square_bundle_matches_the_eager_runtime(signed_build: Path, tiny_pipelines: dict[str, Any]) -> None:
     """Batch 1 at 48x32 (WxH), where the engine tests build batch 2 at 96x64: ONNX Runtime equals eager to float rounding."""
     pipe = tiny_pipelines["tiny-sd3"]
