@@ -162,8 +162,7 @@ def report(args: argparse.Namespace, results: dict[str, list[tuple[int, load.Loa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench/adaptive.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=benchkit.HelpFormatter)
+    parser = benchkit.new_parser("bench/adaptive.py", __doc__)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", default="reference", help="model served eagerly (when no --engines)")
     source.add_argument("--engines", nargs="+", default=None, help="built bundles to serve instead of --model")

@@ -19,6 +19,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A bench script's parser: its docstring's first paragraph, defaults in --help, and a usage mistake as one line
+    naming it, exit code 2 (catrt's own parser), where argparse prints its usage block first."""
+    from catrt.cli import OneLineParser  # light: no torch
+
+    return OneLineParser(prog=prog, description=(doc or "").split("\n\n")[0], formatter_class=HelpFormatter)
+
+
 BENCH_EXTRA = 'install the bench extra: pip install -e ".[bench]"'
 
 

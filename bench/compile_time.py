@@ -115,8 +115,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench/compile_time.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=benchkit.HelpFormatter)
+    parser = benchkit.new_parser("bench/compile_time.py", __doc__)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="transformers to time")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="whole: one graph per step function; regional: block by block")

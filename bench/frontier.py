@@ -272,8 +272,7 @@ def default_out() -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench/frontier.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=benchkit.HelpFormatter)
+    parser = benchkit.new_parser("bench/frontier.py", __doc__)
     parser.add_argument("--n", type=int, default=12, help="prompts (prompt i runs with seed i)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps")
     parser.add_argument("--t0", type=int, default=8, help="full steps before pruning or reuse starts")

@@ -85,6 +85,10 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .` 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/benchkit.py, also when loaded by path
 import benchkit  # noqa: E402
+from catrt.cli import quiet_known_notices  # noqa: E402 - light: no torch
+
+quiet_known_notices()  # a command-line program: transformers' torchvision notices say nothing useful here
+
 import diffusers  # noqa: E402
 
 from catrt.config import CATConfig  # noqa: E402
@@ -114,7 +118,7 @@ def log(message: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchkit.new_parser("bench/gpu.py", __doc__)
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(n for n in MODEL_CARDS if n != "reference"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--tiny", action="store_true", help="CPU, small configs from the same cards (the tests run this)")

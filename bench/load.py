@@ -204,8 +204,7 @@ def _auth_headers(parser: argparse.ArgumentParser, key_file: str | None) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench/load.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=benchkit.HelpFormatter)
+    parser = benchkit.new_parser("bench/load.py", __doc__)
     parser.add_argument("url", help="server root, e.g. http://127.0.0.1:8000")
     parser.add_argument("--clients", type=int, default=4, help="concurrent closed-loop clients")
     parser.add_argument("--ramp", type=int, nargs="+", default=None, metavar="CLIENTS",

@@ -191,8 +191,7 @@ def default_out() -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=benchkit.HelpFormatter)
+    parser = benchkit.new_parser("bench/quality.py", __doc__)
     parser.add_argument("--n", type=int, default=64, help="prompts (and seeds)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps")
     parser.add_argument("--t0", type=int, default=8, help="full steps before pruning starts")

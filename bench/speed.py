@@ -52,7 +52,6 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from diffusers import SD3Transformer2DModel  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +60,12 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/benchkit.py, also when loaded by path
 import benchkit  # noqa: E402
+from catrt.cli import quiet_known_notices  # noqa: E402 - light: no torch
+
+quiet_known_notices()  # a command-line program: transformers' torchvision notices say nothing useful here
+
+from diffusers import SD3Transformer2DModel  # noqa: E402
+
 import catrt  # noqa: E402
 from catrt.build import build_engines  # noqa: E402
 from catrt.build_config import BuildConfig  # noqa: E402
@@ -84,7 +89,7 @@ DIMS_SETS = {"heads": 6, "size": 512, "text_length": 64}  # what --dims sets; th
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/speed.py", description=__doc__.split("\n\n")[0], formatter_class=benchkit.HelpFormatter)
+    parser = benchkit.new_parser("bench/speed.py", __doc__)
     parser.add_argument("--dims", choices=sorted(DIMS), default=None,
                         help="a published model's block size, resolution and text length, steps only, no engines "
                         "(sets --heads, --size, --text-length; --backends defaults to none)")

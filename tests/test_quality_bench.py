@@ -208,3 +208,14 @@ def test_bench_mistakes_are_one_line_before_any_model_loads(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err.splitlines()[-1]
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["adaptive", "compile_time", "frontier", "gpu", "load", "quality", "speed"])
+def test_a_bench_usage_mistake_is_one_line_and_exit_2(script: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every bench script's parser is catrt's: an unknown flag is one line naming it and the --help to read, where
+    argparse printed its usage block first (gpu.py's stretched over a dozen lines)."""
+    with pytest.raises(SystemExit) as exited:
+        load_script(script).main(["http://127.0.0.1:9", "--bogus"] if script == "load" else ["--bogus"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"bench/{script}.py: error: unrecognized arguments: --bogus (see bench/{script}.py --help)"]
