@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, UnsupportedModelError, echo
@@ -61,9 +61,21 @@ class MacReport:
         return self.schedule_macs / (self.steps * self.full_step)
 
 
+def _cpu_sdpa_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: Any,
+                    out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of the CPU flash-attention kernel, which FlopCounterMode has no formula for (it counted 0)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# Real CPU tensors run attention through this op, meta ones through bmm: without it `catrt compare`'s
+# trace-based MAC ratio on the CPU left attention out, and disagreed with `catrt macs`.
+_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CUSTOM_FLOPS = {_CPU_ATTENTION: _cpu_sdpa_flops} if _CPU_ATTENTION is not None else {}
+
+
 def count_macs(fn: Any, *args: Any) -> int:
     """MACs of one call, counted by torch's FlopCounterMode (FLOPs / 2)."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
         fn(*args)
     return counter.get_total_flops() // 2
 

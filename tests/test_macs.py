@@ -129,3 +129,20 @@ def test_odd_sizes_count_what_a_hand_count_gives(grid: Grid, tiny_sd3_on_meta: t
     report = MacReport(num, k, counts.full, counts.pruned, counts.context, 9, plan(9, 2, 3).count("full"))
     assert (report.full_steps, report.pruned_steps) == (4, 5)
     assert report.schedule_macs == counts.context + 4 * counts.full + 5 * counts.pruned
+
+
+def test_real_cpu_tensors_count_attention_as_the_meta_device_does() -> None:
+    """`catrt compare` counts a run's MACs on the real (CPU) transformer, whose attention goes through
+    the CPU flash kernel, not bmm: it counts the same as the written-out count (and `catrt macs`)."""
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel.from_config(TINY_SD3_CONFIG).eval()
+    grid, text, config = Grid(3, 5), 11, CATConfig(alpha=0.3, t0=2)
+    with torch.device("meta"):
+        shapes = dict(family_of("sd3").meta_call(TINY_SD3_CONFIG, text, grid))
+    call = {name: torch.randn(value.shape) if isinstance(value, torch.Tensor) else value for name, value in shapes.items()}
+    if isinstance(shapes["timestep"], torch.Tensor):
+        call["timestep"] = torch.full(shapes["timestep"].shape, 500.0)
+    counts = step_macs(transformer, call.pop("hidden_states"), call.pop("timestep"), call, config)
+    num, k = grid.num_tokens, math.ceil(0.3 * grid.num_tokens)
+    assert counts.full == _sd3_hand_count(TINY_SD3_CONFIG, text, num, num)
+    assert counts.pruned == _sd3_hand_count(TINY_SD3_CONFIG, text, num, k)

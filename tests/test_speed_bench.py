@@ -27,6 +27,8 @@ def speed():  # noqa: ANN201 - the bench module
     (["--dims", "sd3-medium", "--heads", "4", "--text-length", "8"], "leave out --heads and --text-length"),
     (["--dims", "sd3-medium", "--backends", "eager"], "--dims times steps, not engines; leave out --backends (or pass --backends none)"),
     (["--compile"], "--compile times compiled steps at a published block size; pass --dims too"),
+    (["--steps", "3", "--t0", "2"], "--steps must be at least --t0 + 2 when timing backends (the selection is timed on "
+                                    "the pruned steps after the first), got --steps 3 --t0 2"),
 ])
 def test_a_bad_setting_is_one_line_and_exit_code_2(speed, argv: list[str], message: str,  # noqa: ANN001
                                                     capsys: pytest.CaptureFixture[str]) -> None:
