@@ -6,7 +6,7 @@ For each model and mode, a fresh process (no dynamo or inductor state, inductor'
 times the first full and the first pruned step of `compile_step_functions(adapter, regional=...)`
 (compile included), counts the graphs the backend compiled, then times warm full and pruned steps of
 the compiled functions and of the eager adapter. Random weights and inputs, batch 2, alpha 0.3;
-prints a markdown table. Models: `tiny-sd3` (the package's tiny pipeline transformer) and
+prints a markdown table (and writes it with the command and machine to --out). Models: `tiny-sd3` (the package's tiny pipeline transformer) and
 `sd3-small` (SD3-medium's config with --blocks blocks of width 128 and a 32x32 latent).
 """
 
@@ -16,9 +16,11 @@ import argparse
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, default=4, help="blocks of sd3-small (its last is SD3's context_pre_only one)")
     parser.add_argument("--repeats", type=int, default=20, help="timed warm steps per function")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the table, with the command and the machine, to this markdown file")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.threads < 1 or args.blocks < 1:
@@ -146,6 +150,14 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(f"{model} {mode} failed:\n{done.stderr[-2000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(table(rows))
+    if args.out is not None:
+        command = " ".join(["python bench/compile_time.py", *(sys.argv[1:] if argv is None else argv)])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            f"# Compile time: whole-forward vs regional\n\n`{command}`: torch {metadata.version('torch')}, "
+            f"{args.threads} thread(s), {platform.machine()} ({os.cpu_count()} cores), backend {args.backend}, "
+            f"inductor's on-disk caches off, {args.repeats} warm steps.\n\n{table(rows)}\n"
+        )
 
 
 if __name__ == "__main__":

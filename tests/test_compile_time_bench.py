@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,12 +16,19 @@ def rows_of(table: str) -> dict[str, list[str]]:
     return {cells[1]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
 
 
-def test_regional_compiles_one_graph_per_block_kind_in_a_fresh_process(capsys: pytest.CaptureFixture[str]) -> None:
-    """main() measures each mode in its own process and prints one table row per mode."""
+def test_regional_compiles_one_graph_per_block_kind_in_a_fresh_process(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    """main() measures each mode in its own process and prints one table row per mode (and writes it to --out)."""
     before = committed_results()
-    load_script("compile_time").main(["--models", "tiny-sd3", "--modes", "regional", "--backend", "eager", "--repeats", "1"])
-    assert committed_results() == before  # it prints; it writes nothing
-    rows = rows_of(capsys.readouterr().out)
+    flags = ["--models", "tiny-sd3", "--modes", "regional", "--backend", "eager", "--repeats", "1"]
+    load_script("compile_time").main([*flags, "--out", str(tmp_path / "compile.md")])
+    assert committed_results() == before  # it writes --out only
+    printed = capsys.readouterr().out
+    written = (tmp_path / "compile.md").read_text()
+    assert f"`python bench/compile_time.py {' '.join(flags)} --out {tmp_path / 'compile.md'}`" in written
+    assert written.endswith(printed)  # the printed table, after the command and machine
+    rows = rows_of(printed)
     assert list(rows) == ["regional"]
     model, mode, blocks, n_k, graphs, compile_s, full_ms, pruned_ms, recompiled = rows["regional"]
     # tiny-sd3: 2 blocks of 2 kinds (a joint block, the context_pre_only last one) x {full, pruned}; N = 24, k = 8
