@@ -37,13 +37,12 @@ class MacReport:
     num_tokens: int
     k: int
     full_step: int  # diffusers' unpruned forward
+    context_full_step: int  # catrt's full step on the context made once (PixArt does not make its K/V again)
     pruned_step: int
     context: int  # once per generation under catrt
     steps: int
     full_steps: int
     reused_steps: int = 0
-    # catrt's full step, its context given (PixArt's cross-attention K/V are not made again); None = `full_step`
-    context_full_step: int | None = None
 
     @property
     def pruned_steps(self) -> int:
@@ -52,8 +51,7 @@ class MacReport:
     @property
     def schedule_macs(self) -> int:
         """catrt's MACs for the whole generation: context once, then the full and pruned steps."""
-        full_step = self.full_step if self.context_full_step is None else self.context_full_step
-        return self.context + self.full_steps * full_step + self.pruned_steps * self.pruned_step
+        return self.context + self.full_steps * self.context_full_step + self.pruned_steps * self.pruned_step
 
     @property
     def schedule_ratio(self) -> float:
@@ -104,8 +102,8 @@ def transformer_macs(
     latents, timestep, kwargs = meta_inputs(card, Grid(height // multiple, width // multiple))
     counts = step_macs(transformer, latents, timestep, kwargs, config)
     kinds = plan(steps, config.t0, config.refresh_every, config.reuse_every)
-    return MacReport(counts.num_tokens, counts.k, counts.full, counts.pruned, counts.context, steps,
-                     kinds.count("full"), kinds.count("reused"), counts.context_full)
+    return MacReport(counts.num_tokens, counts.k, counts.full, counts.context_full, counts.pruned, counts.context, steps,
+                     kinds.count("full"), kinds.count("reused"))
 
 
 @dataclass(frozen=True)
@@ -115,10 +113,10 @@ class StepMacs:
     num_tokens: int
     k: int
     full: int  # diffusers' unpruned forward
+    context_full: int  # catrt's full step on the context made once
     pruned: int
     context: int  # once per generation under catrt
     probe: int  # the first block on all tokens (`reuse_threshold`'s decision)
-    context_full: int | None = None  # catrt's full step, its context given; None = `full`
 
     def traced(self, trace: list[StepRecord]) -> int:
         """The MACs of one traced generation: its context, full and pruned steps and decision probes.
@@ -129,8 +127,7 @@ class StepMacs:
         """
         kinds = [record.kind for record in trace]
         probes = sum(r.change is not None and (r.kind == "reused" or self.k < self.num_tokens) for r in trace)
-        full = self.full if self.context_full is None else self.context_full
-        return self.context + kinds.count("full") * full + kinds.count("pruned") * self.pruned + probes * self.probe
+        return self.context + kinds.count("full") * self.context_full + kinds.count("pruned") * self.pruned + probes * self.probe
 
     def traced_ratio(self, trace: list[StepRecord]) -> float:
         """`traced` over the unpruned pipeline's forwards for the same number of steps."""
@@ -156,7 +153,7 @@ def step_macs(
         indices = torch.arange(k, device=latents.device).expand(latents.shape[0], -1)
         pruned = count_macs(lambda: adapter.pruned_forward(patches, indices, timestep, context, kv))
         probe = count_macs(lambda: adapter.first_block_residual(latents, timestep, context))
-    return StepMacs(num_tokens, k, full, pruned, context_macs, probe, context_full)
+    return StepMacs(num_tokens, k, full, context_full, pruned, context_macs, probe)
 
 
 def model_macs(name: str, height: int, width: int, config: CATConfig, steps: int) -> MacReport:

@@ -315,9 +315,9 @@ def test_traced_macs_count_probes_where_they_cost() -> None:
         return [StepRecord(i, {"f": "full", "p": "pruned", "r": "reused"}[k], None, 0.1 if d == "1" else None)
                 for i, (k, d) in enumerate(zip(kinds, decided), 1)]
 
-    steps = StepMacs(num_tokens=100, k=30, full=1000, pruned=300, context=5, probe=70)
+    steps = StepMacs(num_tokens=100, k=30, full=1000, context_full=1000, pruned=300, context=5, probe=70)
     records = trace("ffprpr", "001111")
     assert steps.traced(records) == 5 + 2 * 1000 + 2 * 300 + 4 * 70
     assert steps.traced_ratio(records) == pytest.approx((5 + 2000 + 600 + 280) / 6000)
-    every_token = StepMacs(num_tokens=100, k=100, full=1000, pruned=1010, context=5, probe=70)
+    every_token = StepMacs(num_tokens=100, k=100, full=1000, context_full=1000, pruned=1010, context=5, probe=70)
     assert every_token.traced(records) == 5 + 2 * 1000 + 2 * 1010 + 2 * 70  # computed steps make the probe themselves

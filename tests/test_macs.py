@@ -126,7 +126,7 @@ def test_odd_sizes_count_what_a_hand_count_gives(grid: Grid, tiny_sd3_on_meta: t
     patch_in = TINY_SD3_CONFIG["in_channels"] * TINY_SD3_CONFIG["patch_size"] ** 2
     d = TINY_SD3_CONFIG["num_attention_heads"] * TINY_SD3_CONFIG["attention_head_dim"]
     assert counts.context == num * patch_in * d  # the positional table: the patch embedding of a zero latent
-    report = MacReport(num, k, counts.full, counts.pruned, counts.context, 9, plan(9, 2, 3).count("full"))
+    report = MacReport(num, k, counts.full, counts.context_full, counts.pruned, counts.context, 9, plan(9, 2, 3).count("full"))
     assert (report.full_steps, report.pruned_steps) == (4, 5)
     assert report.schedule_macs == counts.context + 4 * counts.full + 5 * counts.pruned
 
