@@ -104,20 +104,22 @@ def test_flux_pipeline_options_catrt_cannot_run_are_refused_by_name(tiny_pipelin
         fast(**call_kwargs(pipe, ip_adapter_image_embeds=[torch.zeros(1)]))
 
 
-@pytest.mark.parametrize("pipeline_class", [FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline])
-def test_a_flux_refusal_names_the_pipeline_class_called(pipeline_class: type, tiny_pipelines: dict[str, Any]) -> None:
-    pipe = pipeline_class(**tiny_pipelines["tiny-flux"].components)
-    fast = catrt.accelerate(pipe, CATConfig(t0=3))
-    with pytest.raises(UnsupportedModelError, match=f"^{pipeline_class.__name__} argument 'ip_adapter_image_embeds'"):
-        fast(**call_kwargs(pipe, ip_adapter_image_embeds=[torch.zeros(1)]))
+_REFUSED_CALLS = {  # a family's model, then an argument its pipelines take that catrt refuses, by name
+    "tiny-flux": ("ip_adapter_image_embeds", [torch.zeros(1)]),
+    "tiny-sd3": ("joint_attention_kwargs", {"ip_adapter_masks": torch.zeros(1)}),
+}
 
 
-@pytest.mark.parametrize("pipeline_class", [StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline])
-def test_an_sd3_refusal_names_the_pipeline_class_called(pipeline_class: type, tiny_pipelines: dict[str, Any]) -> None:
-    pipe = pipeline_class(**tiny_pipelines["tiny-sd3"].components)
+@pytest.mark.parametrize(("model", "pipeline_class"), [
+    *(("tiny-flux", c) for c in (FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline)),
+    *(("tiny-sd3", c) for c in (StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline)),
+])
+def test_a_refusal_names_the_pipeline_class_called(model: str, pipeline_class: type, tiny_pipelines: dict[str, Any]) -> None:
+    pipe = pipeline_class(**tiny_pipelines[model].components)
     fast = catrt.accelerate(pipe, CATConfig(t0=3))
-    with pytest.raises(UnsupportedModelError, match=f"^{pipeline_class.__name__} argument 'joint_attention_kwargs'"):
-        fast(**call_kwargs(pipe, joint_attention_kwargs={"ip_adapter_masks": torch.zeros(1)}))
+    argument, value = _REFUSED_CALLS[model]
+    with pytest.raises(UnsupportedModelError, match=f"^{pipeline_class.__name__} argument '{argument}'"):
+        fast(**call_kwargs(pipe, **{argument: value}))
 
 
 # -- a new family: one adapter class and one registration --------------------------------------
