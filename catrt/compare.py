@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from catrt.errors import PATH_ECHO_LIMIT, ConfigError, echo
 from catrt.generation import GenerationRequest, generate_image
 from catrt.macs import StepMacs, step_macs
 from catrt.pipeline import accelerate
-from catrt.publish import held
+from catrt.publish import held, scratch_folder
 from catrt.runtime import CATRuntime
 
 UNPRUNED = "unpruned"
@@ -188,7 +187,7 @@ def write_outputs(comparison: Comparison, out: Path, header: list[str], grid_row
     (report.md last), so a failed write (a full disk) or Ctrl-C leaves no half set among an earlier run's files.
     """
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".catrt-compare-", dir=out))
+    staging, lock = scratch_folder(out, ".catrt-compare-")  # a killed run's folder is removed by the next run
     try:
         (staging / "images").mkdir()
         for (index, seed, label), image in comparison.images.items():
@@ -204,6 +203,8 @@ def write_outputs(comparison: Comparison, out: Path, header: list[str], grid_row
                 os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
 
 
 @contextlib.contextmanager

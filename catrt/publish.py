@@ -51,11 +51,8 @@ def staged_folder(final: Path) -> Iterator[Path]:
     """
     refuse_non_folder(final, "move it away or publish under another name")
     writable_folder(final.parent, echo_path(final.parent), "pick another place", field="path")
-    with held(final.parent):  # another publish's remove_abandoned cannot take the folder before it is locked
-        remove_abandoned(final)
-        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final), dir=final.parent))
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
-        lock = _lock(staging)
+    staging, lock = scratch_folder(final.parent, _staging_prefix(final))
+    os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
     try:
         try:
             try:
@@ -83,11 +80,23 @@ def refuse_non_folder(final: Path, fix: str, field: str = "path") -> None:
                           field=field, value=str(final))
 
 
-def remove_abandoned(final: Path) -> None:
-    """Remove the temporary folders of earlier builds of `final` that no live process holds (none without locks)."""
+def scratch_folder(parent: Path, prefix: str) -> tuple[Path, int | None]:
+    """A new temporary folder `parent/<prefix>*`, locked by this process, and the lock's descriptor to close when done.
+
+    Folders of the same prefix that an earlier, killed process left (no live lock) are removed first, so a SIGKILL
+    never leaves them to pile up.
+    """
+    with held(parent):  # another process's remove_abandoned cannot take the new folder before it is locked
+        remove_abandoned(parent, prefix)
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        return folder, _lock(folder)
+
+
+def remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove the folders `parent/<prefix>*` that no live process holds (none without locks: see above)."""
     if fcntl is None:
         return
-    for path in final.parent.glob(f"{_staging_prefix(final)}*"):
+    for path in parent.glob(f"{prefix}*"):
         try:
             descriptor = os.open(path, os.O_RDONLY)
         except OSError:

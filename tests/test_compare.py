@@ -173,6 +173,23 @@ def test_two_compares_into_one_folder_move_their_results_in_turn(tmp_path: Path,
     assert sorted(moves) == sorted(["000-s0-unpruned.png", "000-s0-cat.png", "metrics.csv", "grid.png", "report.md"])
 
 
+def test_a_killed_runs_hidden_folder_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    """A SIGKILLed run cannot remove its hidden staging folder in --out: the next run removes each one no live run holds
+    (its lock died with it), and leaves a live run's, as builds do with theirs (publish.py)."""
+    out = tmp_path / "out"
+    (out / ".catrt-compare-killed" / "images").mkdir(parents=True)
+    (out / ".catrt-compare-killed" / "images" / "000-s0-cat.png").write_bytes(b"half")
+    (out / ".catrt-compare-live").mkdir()
+    live = os.open(out / ".catrt-compare-live", os.O_RDONLY)  # a running compare's lock (its own open file description)
+    try:
+        fcntl.flock(live, fcntl.LOCK_EX)
+        assert _compare(tmp_path, "--rules", "cat", prompts="a red circle\n")[0] == 0
+    finally:
+        os.close(live)
+    assert sorted(p.name for p in out.glob(".*")) == [".catrt-compare-live"]
+    assert (out / "report.md").is_file()
+
+
 @pytest.mark.parametrize(
     ("setup", "argv", "message"),
     [
