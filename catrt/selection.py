@@ -100,8 +100,9 @@ def select_next(
     magnitude_size = ceil_of_fraction(magnitude_fraction, k)
     m = max(1, math.ceil(magnitude_size / 6))
     cluster_position = ranks([-scores])  # (B, K)
-    quota_by_position = torch.clamp(3 - torch.arange(n_clusters, device=scores.device), min=1) * m
-    quota = quota_by_position.gather(0, cluster_position.flatten()).view_as(cluster_position)
+    # (3 - q) * m for the q-th cluster, m past the third: arithmetic on the rank, not a table lookup by it
+    # (inductor, torch 2.13 on the CPU, fails to compile a gather indexed by a gathered index).
+    quota = torch.clamp(3 - cluster_position, min=1) * m
     stale_quota = torch.where(cluster_position > 0, quota // 2, torch.zeros_like(quota))
     token_quota, token_stale_quota = quota.gather(1, labels), stale_quota.gather(1, labels)
 
