@@ -44,7 +44,7 @@ class PipelineSpec:
     # (call arguments) -> raises a catrt error naming an argument catrt cannot run (e.g. two calls per step).
     check_call: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
     # (pipe) -> values for arguments whose own default this pipeline cannot run with (PixArt's resolution binning on
-    # a transformer without a bin table, such as tiny-pixart's); `accelerate` uses them only where a call omits them.
+    # a transformer without a bin table, such as a 128-pixel one); `accelerate` uses them only where a call omits them.
     default_fixes: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
     # The call argument with which the pipeline runs only the last steps of its schedule (img2img and inpainting's
     # `strength`, see `strength_steps`); None where every call runs all of them. catrt's t0 counts the steps run.

@@ -185,11 +185,15 @@ def _tiny_sd35(seed: int) -> StableDiffusion3Pipeline:
 
 
 def _tiny_pixart(seed: int) -> PixArtSigmaPipeline:
-    """PixArt-Sigma layout: adaLN-single blocks with cross-attention to T5, learned sigma."""
+    """PixArt-Sigma layout: adaLN-single blocks with cross-attention to T5, learned sigma.
+
+    Sample size 32 (256 x 256 pixels, 16 x 16 tokens) is the smallest diffusers has a resolution-bin table for, so the
+    pipeline's own default call (`use_resolution_binning=True`) runs, as PixArt-Sigma's does.
+    """
     t5 = _t5_tokenizer()
     return PixArtSigmaPipeline(
         transformer=_seeded(seed, 0, lambda: PixArtTransformer2DModel(
-            sample_size=16, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
+            sample_size=32, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
             attention_head_dim=HEAD_DIM, num_attention_heads=HEADS,
             cross_attention_dim=HEADS * HEAD_DIM, caption_channels=T5_WIDTH,
             activation_fn="gelu-approximate", attention_bias=True, norm_type="ada_norm_single",

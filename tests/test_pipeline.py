@@ -176,10 +176,25 @@ def test_a_prompts_selection_does_not_depend_on_its_batch_row(tiny_pipelines: di
     assert (first - second).abs().max() < 1e-4
 
 
-def test_tiny_pixart_runs_with_the_pipelines_own_defaults(tiny_pipelines: dict[str, Any]) -> None:
-    """diffusers' PixArt bins resolutions only for 256-2048 pixel transformers; tiny-pixart has no bin table, so a
-    call that leaves `use_resolution_binning` at its default runs unbinned at the size asked for."""
+def test_tiny_pixart_plain_default_call_runs_and_alpha_one_reproduces_it(tiny_pipelines: dict[str, Any]) -> None:
+    """tiny-pixart's transformer has a size diffusers has a resolution-bin table for (256 pixels), so the plain
+    pipeline's own default call (binning on) runs, as PixArt-Sigma's does, and the accelerated one matches it."""
     pipe = tiny_pipelines["tiny-pixart"]
+    for size in ({}, {"height": 64, "width": 96}):
+        arguments = dict(prompt=["a red circle", "a cat"], num_inference_steps=5, output_type="latent", **size)
+        expected = pipe(**arguments, generator=torch.Generator().manual_seed(0)).images
+        got = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))(**arguments, generator=torch.Generator().manual_seed(0)).images
+        assert got.shape == expected.shape
+        assert _relative_error(got, expected) < 1e-4
+    assert expected.shape[-2:] == (26, 38)  # 64x96 binned to 208x304 as diffusers' 256-pixel table has it
+
+
+def test_pixart_without_a_bin_table_runs_with_the_pipelines_own_defaults() -> None:
+    """diffusers' PixArt bins resolutions only for 256-2048 pixel transformers; for one without a bin table a call
+    that leaves `use_resolution_binning` at its default runs unbinned at the size asked for."""
+    pipe = catrt.load_pipeline("tiny-pixart")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.register_to_config(sample_size=16)  # 128 pixels: no table
     fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2, trace=True))
     images = fast("a red circle", num_inference_steps=3, height=48, width=80, output_type="pt").images
     assert images.shape == (1, 3, 48, 80)

@@ -163,7 +163,7 @@ ALPHA_BINNED_SAMPLE_SIZES = (32, 64, 128)
 
 def _default_fixes(pipe: Any) -> dict[str, Any]:
     """PixArt's `use_resolution_binning=True` default raises "Invalid sample size" for a transformer without a bin
-    table (tiny-pixart's 128-pixel one): such a pipeline runs at the size asked for, the only size it can run."""
+    table (a 128-pixel one): such a pipeline runs at the size asked for, the only size it can run."""
     binned = ALPHA_BINNED_SAMPLE_SIZES if isinstance(pipe, PixArtAlphaPipeline) else BINNED_SAMPLE_SIZES
     if pipe.transformer.config.sample_size in binned:
         return {}
