@@ -177,8 +177,9 @@ def write_table(path: Path, args: argparse.Namespace, baseline: dict[str, float]
         lines.append(f"| {row['method']} | {row['alpha']} | {row['psnr']:.2f} | {row['ssim']:.4f} | {accuracy} | {row['seconds']:.1f} |")
     lines += ["", "## Figure 3 on this model", "",
               "Pearson correlation over tokens of ||n_t - n_t0|| and ||n_(t-1) - n_t0|| (mean over prompts), "
-              "n_t the transformer output (conditional half) at step t. Plot: `figure3.png`.", "",
-              "| step | unpruned | CAT alpha 0.3 |", "|---|---|---|"]
+              "n_t the transformer output (conditional half) at step t. Plot: `figure3.png`. At the first pruned step, "
+              f"{args.t0 + 1}, n_(t-1) is n_t0 itself: ||n_(t-1) - n_t0|| is 0 for every token and r is undefined (–).",
+              "", "| step | unpruned | CAT alpha 0.3 |", "|---|---|---|", f"| {args.t0 + 1} | – | – |"]
     for (step, a), (_, b) in zip(unpruned_corr, pruned_corr):
         lines.append(f"| {step} | {a:.3f} | {b:.3f} |")
     lines += ["", "Grid of samples: `quality-grid.png` (unpruned first, then each method at alpha 0.3)."]

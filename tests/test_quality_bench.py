@@ -46,6 +46,7 @@ def test_quality_script_runs_end_to_end(tmp_path: Path) -> None:
     for label in ("CAT", "random", "round-robin", "magnitude only", "sequential rows", "attention", "CAT + full refresh every 5"):
         assert f"| {label}" in table
     assert "## Figure 3 on this model" in table and "| 4 |" in table
+    assert "| 3 | – | – |" in table  # every pruned step has a row; the first's r is undefined (n_(t-1) = n_t0)
     for name in ("figure3.png", "quality-grid.png"):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG"
