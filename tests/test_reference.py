@@ -21,6 +21,23 @@ from catrt.reference.probe import attribute_accuracy, classify, load_probe, refe
 from catrt.reference.text import SPECIAL_TOKENS, caption_vocabulary, token_ids, word_tokenizer
 
 
+@pytest.mark.parametrize(("n", "seed", "message"), [
+    (-1, 0, "generate.n must be an integer >= 0, got -1"),
+    (2.5, 0, "generate.n must be an integer >= 0, got 2.5"),
+    (True, 0, "generate.n must be an integer >= 0, got True"),
+    (3, -1, "generate.seed must be an integer >= 0, got -1"),
+    (3, "a", "generate.seed must be an integer >= 0, got 'a'"),
+])
+def test_generate_refuses_a_count_or_seed_that_is_no_whole_number(n: object, seed: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        data.generate(n, seed)  # type: ignore[arg-type]
+
+
+def test_generate_takes_numpy_integers_and_zero() -> None:
+    assert data.generate(0, 1) == []
+    assert [s.caption for s in data.generate(np.int64(3), np.int64(5))] == [s.caption for s in data.generate(3, 5)]
+
+
 def test_generate_is_deterministic_per_seed() -> None:
     first, again, other = data.generate(16, seed=3), data.generate(16, seed=3), data.generate(16, seed=4)
     assert [s.caption for s in first] == [s.caption for s in again]

@@ -7,10 +7,13 @@ plain background, so a generated image can be checked against its caption exactl
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from catrt.checks import require
 
 
 IMAGE_SIZE = 32
@@ -129,7 +132,11 @@ def random_sample(rng: np.random.Generator) -> Sample:
 
 
 def generate(n: int, seed: int) -> list[Sample]:
-    """`n` samples, identical for identical seeds."""
+    """`n` samples, identical for identical seeds. A count or seed that is no whole number >= 0 is a ConfigError
+    naming it (numpy would return no samples for n = -1, or fail on a float deep in its seeding)."""
+    for name, value in (("n", n), ("seed", seed)):
+        require("generate", name, value, isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+                and value >= 0, "an integer >= 0")
     rng = np.random.default_rng(seed)
     return [random_sample(rng) for _ in range(n)]
 
