@@ -189,8 +189,9 @@ def pruned_steps(args: argparse.Namespace) -> list[int]:
 def pick_device(tiny: bool) -> torch.device:
     if tiny:
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/gpu.py needs a CUDA device; use --tiny to run it on the CPU")
+    if not torch.cuda.is_available():  # a usage mistake, as `catrt generate --device cuda` without CUDA: exit code 2
+        print("bench/gpu.py needs a CUDA device; use --tiny to run it on the CPU", file=sys.stderr)
+        raise SystemExit(2)
     return torch.device("cuda")
 
 

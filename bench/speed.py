@@ -70,6 +70,7 @@ import catrt  # noqa: E402
 from catrt.build import build_engines  # noqa: E402
 from catrt.build_config import BuildConfig  # noqa: E402
 from catrt.config import CATConfig  # noqa: E402
+from catrt.errors import CatrtError  # noqa: E402
 from catrt.engines import ENGINES, resolve_backend  # noqa: E402
 from catrt.export import capture_step_sample  # noqa: E402
 from catrt.macs import transformer_macs  # noqa: E402
@@ -145,6 +146,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                      f"steps after the first), got --steps {args.steps} --t0 {args.t0}")
     if args.compile and args.dims is None:
         parser.error("--compile times compiled steps at a published block size; pass --dims too")
+    try:  # an unknown backend, or one that cannot run here, before the baseline is timed and the model saved
+        args.backends = None if args.backends is None else [resolve_backend(name) for name in args.backends]
+    except CatrtError as error:
+        parser.error(f"--backends: {error}")
 
 
 def default_out(device: str, args: argparse.Namespace) -> Path:
@@ -344,7 +349,6 @@ def run_engines(args: argparse.Namespace) -> tuple[str, str]:
     backends = args.backends if args.backends is not None else [
         name for name in ENGINES if name == "eager" or ENGINES[name].unavailable_reason() is None
     ]
-    backends = [resolve_backend(name) for name in backends]
     probe = BuildConfig(str(model), height=args.size, width=args.size, steps=args.steps, t0=args.t0, alphas=(args.alpha,), max_sequence_length=args.text_length)
     base = baseline(model, probe, args.repeats)
     print(f"diffusers: full step {base['full']:.3f} s, generation {base['generation']:.2f} s", flush=True)

@@ -295,6 +295,19 @@ def _check_model_source(folder: Path, model: str) -> None:
         ) from None
 
 
+def model_source_problems(folder: Path, manifest: Manifest) -> list[CatrtError]:
+    """Whether the build's model loads here (a catrt name, or the diffusers folder it was built from): `catrt.load`
+    without a pipeline needs it, so `catrt inspect` reports a folder gone with the bundle's own problems."""
+    model = manifest.build.get("model")
+    if not isinstance(model, str):
+        return []  # a manifest problem, reported as such
+    try:
+        _check_model_source(folder, model)
+    except UnknownModelError as error:
+        return [error]
+    return []
+
+
 def verify_bundle(folder: Path, key: bytes | None = None, signature: bool = True) -> Manifest:
     """The bundle's manifest, after checking its integrity, its backend, versions and device here.
 

@@ -496,13 +496,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print a bundle's manifest, then every problem of its files and fields and of this machine (exit 2), or OK."""
-    from catrt.bundle import bundle_problems
+    from catrt.bundle import bundle_problems, model_source_problems
     from catrt.integrity import BUNDLE_KEY_ENV, resolve_key
     from catrt.key_files import read_key_file
 
     _engine_folder(args.engines, "the engine folder path")
     key = resolve_key(None if args.bundle_key_file is None else read_key_file(args.bundle_key_file))
     manifest, problems = bundle_problems(Path(args.engines), key)
+    if manifest is not None:  # and whether its model loads here, as catrt.load needs
+        problems += model_source_problems(Path(args.engines), manifest)
     print(f"engine {echo_path(args.engines)}")
     if manifest is not None:
         _print_manifest(manifest)

@@ -269,5 +269,9 @@ def build_tiny_pipeline(
     with torch.random.fork_rng(devices=[]):
         pipeline = TINY_PIPELINES[name](seed)
     logger.debug("built %s (seed %d, %s)", name, seed, dtype)
-    # Components are built in float32; casting only when asked avoids diffusers' cast warning.
-    return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
+    if dtype != torch.float32:  # components are built in float32
+        # nn.Module.to, not ModelMixin.to: diffusers 0.42 warns on every dtype cast even with no fp32 modules.
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                torch.nn.Module.to(component, dtype=dtype)
+    return pipeline

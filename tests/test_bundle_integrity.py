@@ -602,7 +602,7 @@ def test_a_pipeline_of_another_model_given_to_load_is_refused_naming_pipe(bundle
 
 
 def test_a_bundle_of_a_model_folder_loads_from_any_directory_and_names_a_folder_gone(
-    tiny_pipelines: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_pipelines: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tiny_pipelines["tiny-sd3"].save_pretrained(tmp_path / "model")
     monkeypatch.chdir(tmp_path)
@@ -618,6 +618,13 @@ def test_a_bundle_of_a_model_folder_loads_from_any_directory_and_names_a_folder_
                                                 r"which is neither a catrt model name nor a diffusers folder here") as caught:
         catrt.load(folder)
     assert caught.value.field == "build.model"
+    capsys.readouterr()
+    assert main(["inspect", str(folder)]) == 2  # inspect reports what load would refuse, not "OK"
+    printed = capsys.readouterr()
+    assert "files and machine: OK" not in printed.out
+    assert printed.err.splitlines() == [
+        f"catrt inspect: error: {caught.value}", f"catrt inspect: 1 problem(s) found in {folder}",
+    ]
 
 
 def test_a_build_of_another_model_folder_of_the_same_name_does_not_replace_a_bundle(

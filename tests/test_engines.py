@@ -163,13 +163,15 @@ def test_alpha_one_build_matches_the_unpruned_pipeline(tmp_path: Path, tiny_pipe
     assert _relative_error(fast(**call_kwargs(pipe)).images, expected) < GENERATION_TOLERANCE
 
 
-def test_compile_build_matches_eager_runtime(tmp_path: Path, tiny_pipelines: dict[str, Any]) -> None:
-    folder = _build(_config("tiny-pixart", backend="compile"), tmp_path)
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5", "tiny-pixart"])  # the three: joint, dual-attention, PixArt blocks
+def test_compile_build_matches_eager_runtime(name: str, tmp_path: Path, tiny_pipelines: dict[str, Any]) -> None:
+    folder = _build(_config(name, backend="compile"), tmp_path)
     assert sorted(read_manifest(folder).files) == []  # compile runs the pipeline's own weights
     fast = catrt.load(folder)
     fast.set_progress_bar_config(disable=True)
-    pipe = tiny_pipelines["tiny-pixart"]
-    expected = catrt.accelerate(pipe, _config("tiny-pixart").cat_config())(**call_kwargs(pipe)).images
+    assert fast.engine.describe()["backend"] == "compile"
+    pipe = tiny_pipelines[name]
+    expected = catrt.accelerate(pipe, _config(name).cat_config())(**call_kwargs(pipe)).images
     assert _relative_error(fast(**call_kwargs(pipe)).images, expected) < GENERATION_TOLERANCE
 
 

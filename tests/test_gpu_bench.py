@@ -263,6 +263,15 @@ def test_a_bad_setting_is_one_line_and_exit_code_2(argv: list[str], message: str
     assert error.count("error: ") == 1 and message in error and "Traceback" not in error
 
 
+def test_a_gpu_run_without_cuda_is_one_line_and_exit_code_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    gpu = load_script()
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as refused:
+        gpu.main(["--models", "sd3"])
+    assert refused.value.code == 2  # was 1: SystemExit with the message
+    assert capsys.readouterr().err == "bench/gpu.py needs a CUDA device; use --tiny to run it on the CPU\n"
+
+
 def test_unset_settings_take_the_tiny_or_gpu_defaults() -> None:
     gpu = load_script()
     tiny, full = gpu.parse_args(["--tiny"]), gpu.parse_args([])

@@ -46,6 +46,7 @@ from catrt.build import build_engines
 from catrt.build_config import BuildConfig
 from catrt.config import CATConfig
 from catrt.errors import ConfigError
+from catrt.loading import load_pipeline
 from catrt.serve.config import ServeConfig
 from catrt.serve.model import load_served_model
 
@@ -434,6 +435,18 @@ def test_a_corrupt_bundle_is_refused_before_the_server_says_it_listens(tmp_path:
     result = run_cli(["serve", "--engines", str(bundle), "--port", "0"])
     assert_one_line_refusal(result, "manifest.json alphas[0].k is 1")
     assert "listening" not in result.stderr and "rebuild the engine" in result.stderr
+
+
+def test_a_bundle_whose_model_folder_is_gone_is_refused_before_the_server_says_it_listens(tmp_path: Path) -> None:
+    """It was refused by the worker after "listening on ...", as an unknown model the command never named."""
+    load_pipeline("reference").save_pretrained(tmp_path / "model")
+    bundle = build_engines(BuildConfig(str(tmp_path / "model"), height=32, width=32, batch=1, steps=3, t0=2, backend="eager"),
+                           out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False)
+    (tmp_path / "model").rename(tmp_path / "moved")
+    result = run_cli(["serve", "--engines", str(bundle), "--port", "0"])
+    assert_one_line_refusal(result, f"was built from model '{tmp_path / 'model'}' (build.model in its manifest), which is "
+                                    "neither a catrt model name nor a diffusers folder here")
+    assert "listening" not in result.stderr
 
 
 def test_eager_alphas_selecting_the_same_k_are_refused_before_listening() -> None:

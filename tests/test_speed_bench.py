@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from catrt.engines.tensorrt import TensorRTEngine
 from tests.test_quality_bench import load_script
 
 
@@ -29,6 +30,9 @@ def speed():  # noqa: ANN201 - the bench module
     (["--compile"], "--compile times compiled steps at a published block size; pass --dims too"),
     (["--steps", "3", "--t0", "2"], "--steps must be at least --t0 + 2 when timing backends (the selection is timed on "
                                     "the pruned steps after the first), got --steps 3 --t0 2"),
+    (["--backends", "eager", "tvm"], "--backends: unknown backend 'tvm'; known: auto, eager, compile, onnxruntime, tensorrt"),
+    pytest.param(["--backends", "tensorrt"], "--backends: backend 'tensorrt' cannot run here: ",
+                 marks=pytest.mark.skipif(TensorRTEngine.unavailable_reason() is None, reason="TensorRT runs here")),
 ])
 def test_a_bad_setting_is_one_line_and_exit_code_2(speed, argv: list[str], message: str,  # noqa: ANN001
                                                     capsys: pytest.CaptureFixture[str]) -> None:

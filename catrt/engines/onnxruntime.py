@@ -10,6 +10,8 @@ already lies on the device its session planned for it (its session-state code sa
 the floating-point weights are copied to the GPU once at load and shared from there
 (`SharedInitializers`); one ONNX Runtime plans elsewhere gets a session copy of its own, and ONNX
 Runtime logs a warning naming it. Not run here (the lent GPU machine has ONNX Runtime's CPU build).
+ONNX Runtime's TensorRT execution provider is left out even where installed: it builds a TensorRT engine per
+session, each with its own copy of the weights, where these sessions share one (TensorRT is the `tensorrt` backend).
 """
 
 from __future__ import annotations

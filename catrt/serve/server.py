@@ -189,13 +189,15 @@ def check_source_of(config: ServeConfig) -> None:
 
 def verify_bundles_here(config: ServeConfig, key: bytes | None) -> None:
     """Each build's check on this machine (files and digests, signature with the `key` the replicas are handed,
-    versions, device), as `catrt.load` runs it first: for `--ray` on a local cluster, whose replicas load these
+    versions, device, and that its model still loads here), as `catrt.load` runs it first: for `--ray` on a local cluster, whose replicas load these
     folders here, so a corrupt, mismatched or wrongly keyed bundle is one line before Ray starts rather than a
     deployment that fails half a minute later without saying why."""
-    from catrt.bundle import verify_bundle
+    from catrt.bundle import model_source_problems, verify_bundle
 
     for folder in config.engines or ():
-        verify_bundle(Path(folder), key=key)
+        manifest = verify_bundle(Path(folder), key=key)
+        for problem in model_source_problems(Path(folder), manifest):  # a model folder gone since the build
+            raise problem
 
 
 def bundle_key(path: str | None) -> bytes | None:
