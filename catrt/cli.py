@@ -678,6 +678,20 @@ def _refuse_serve_flags_fixed_by_build(args: argparse.Namespace) -> None:
                 f"{flag} cannot be used with --engines: the build fixes it; drop {flag} or build an engine with it",
                 field=name, value=value,
             )
+    _refuse_serve_cat_flags(args)
+
+
+def _refuse_serve_cat_flags(args: argparse.Namespace) -> None:
+    """A served build runs its own schedule (t0, reuse_every) and catrt's default selection settings: any other CAT
+    flag would go unread, so it is refused, as the schedule's are."""
+    given = next(iter(_cat_values(args).items()), None)
+    if given is None:
+        return
+    name, value = given
+    flag = _flag(name)
+    fix = (f"the build fixes it; drop {flag} or build an engine with it" if name == "reuse_every" else
+           f"a served build runs with catrt's default {flag}; drop {flag}, or serve the model with --model to set it")
+    raise ConfigError(f"{flag} cannot be used with --engines: {fix}", field=name, value=value)
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:

@@ -204,6 +204,22 @@ def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[st
 
 
 @pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--reuse-every", "3", "--reuse-every cannot be used with --engines: the build fixes it; drop --reuse-every"),
+    ("--refresh-every", "5", "--refresh-every cannot be used with --engines: a served build runs with catrt's default "
+                             "--refresh-every; drop --refresh-every, or serve the model with --model to set it"),
+    ("--rule", "random", "--rule cannot be used with --engines: a served build runs with catrt's default --rule"),
+    ("--n-clusters", "4", "--n-clusters cannot be used with --engines"),
+    ("--magnitude-fraction", "0.5", "--magnitude-fraction cannot be used with --engines"),
+])
+def test_serve_refuses_cat_flags_a_served_build_would_not_read(
+    capfd: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
+    """A served build runs its own schedule and the default selection: a CAT flag given with --engines was ignored."""
+    assert message in _fails(capfd, "serve", "--engines", "engines/some-build", flag, value, "--port", "0")
+
+
+@pytest.mark.usefixtures("no_model_loads")
 @pytest.mark.parametrize("ray", [False, True], ids=["one-device", "ray"])
 def test_serve_refuses_an_unknown_model_before_binding(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path, ray: bool) -> None:
