@@ -841,6 +841,10 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
         **_cat_values(args), rule=rule, reuse_threshold=args.reuse_threshold)) for rule in args.rules]
     model, card = args.model, MODEL_CARDS.get(args.model)
     _card_size(card, args.height, args.width, model)
+    from catrt.metrics import check_ssim_side
+
+    for flag, pixels in (("--height", args.height), ("--width", args.width)):
+        check_ssim_side(flag, pixels)
     for variant in configs:
         if variant.config is not None:
             variant.config.check_steps(args.steps)

@@ -290,6 +290,26 @@ def test_an_error_mid_run_clears_the_progress_bar_before_its_line(
     assert not out.exists()
 
 
+def test_a_size_ssim_cannot_score_is_refused_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The reference model takes 2x2 images, which SSIM cannot score: that was found after the first images were made."""
+    import catrt.loading
+
+    def no_load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("loaded the model before refusing the size")
+
+    monkeypatch.setattr(catrt.loading, "load_pipeline", no_load)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    code = main(["compare", "--model", "reference", "--prompts", str(prompts), "--height", "32", "--width", "2",
+                 "--steps", "4", "--t0", "2", "--out", str(tmp_path / "out")])
+    err = capfd.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
+        "catrt compare: error: --width 2: SSIM needs images of at least 3x3 pixels; give --width 3 or more"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompts_file_drops_a_byte_order_mark_and_carriage_returns(tmp_path: Path) -> None:
     from catrt.compare import read_prompts
 
