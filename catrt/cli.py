@@ -529,9 +529,10 @@ def _print_manifest(manifest: Any) -> None:
     name, say) are printed escaped.
     """
     build = manifest.build
+    reuse = f"reuse_every {build['reuse_every']}, " if build.get("reuse_every") else ""  # the schedule's reused steps
     _print_escaped(f"  model:     {manifest.model['name']} ({manifest.model['pipeline_class']}, transformer sha256 {manifest.model['transformer_sha256'][:16]}...)")
     _print_escaped(f"  build:     {build['width']}x{build['height']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
-          f"N = {manifest.num_tokens} image tokens, {build['precision']}, {build['backend']}")
+          f"{reuse}N = {manifest.num_tokens} image tokens, {build['precision']}, {build['backend']}")
     for index, entry in enumerate(manifest.alphas):
         default = " (default)" if index == 0 else ""
         _print_escaped(f"  alpha {entry['alpha']:g}: k = {entry['k']}, graph {entry['graph']}, verified to relative error "
