@@ -333,6 +333,8 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
         _refuse_cat_flags_with_full(args)
     card = MODEL_CARDS.get(model)
     config = _cat_config(args, seed=args.seed)
+    if args.t0 is None and card is not None and card.default_t0 is not None:
+        config = dataclasses.replace(config, t0=card.default_t0)
     _card_size(card, args.height, args.width, model)
     steps = args.steps or (card.default_steps if card is not None else None)
     if steps is not None and not args.full:

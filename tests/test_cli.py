@@ -384,6 +384,29 @@ def test_published_model_offline_says_gated_or_local_folder(capfd: pytest.Captur
         assert hint in line
 
 
+def test_flux_schnell_by_name_runs_its_four_steps_with_the_cards_t0(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`catrt generate --model flux-schnell` ran its card's 4 steps with CATConfig's t0 = 8: refused, flags or not."""
+    import catrt.loading
+    from catrt.tiny import build_tiny_pipeline
+
+    loaded = []
+
+    def tiny_schnell(name: str, **kwargs: Any) -> Any:  # the published layout, offline
+        loaded.append(name)
+        return build_tiny_pipeline("tiny-flux-schnell")
+
+    monkeypatch.setattr(catrt.loading, "load_pipeline", tiny_schnell)
+    out = tmp_path / "schnell.png"
+    assert main(["generate", "--model", "flux-schnell", "--prompt", "x", "--height", "32", "--width", "32",
+                 "--out", str(out)]) == 0, capfd.readouterr().err
+    assert loaded == ["flux-schnell"] and out.is_file()
+    assert "alpha=0.3 t0=2, fp32" in capfd.readouterr().out
+    assert "CATConfig.t0 = 4 needs t0 < num_inference_steps, got 4 steps" in _fails(
+        capfd, "generate", "--model", "flux-schnell", "--prompt", "x", "--t0", "4")  # a given t0 is the user's
+
+
 def test_long_prompt_refused_by_the_eager_model(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     prompt = " ".join(["red"] * 20)  # the reference model reads <cls> + 15 words
     line = _fails(capfd, "generate", "--prompt", prompt, "--steps", "4", "--t0", "2", "--out", str(tmp_path / "a.png"))
