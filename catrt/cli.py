@@ -437,10 +437,12 @@ def _check_against_build(args: argparse.Namespace, build: Any) -> None:
 def _check_prompts(args: argparse.Namespace, runner: Any, limit: int | None) -> None:
     """Prompts longer than the model reads are refused, as the server refuses them, not truncated."""
     from catrt.generation import check_prompt_length
+    from catrt.pipeline import pipeline_spec
 
     check_prompt_length(runner, args.prompt, limit)
     if args.negative_prompt:
         check_prompt_length(runner, args.negative_prompt, limit, field="negative_prompt")
+        pipeline_spec(getattr(runner, "pipe", runner)).refuse_unread_negative_prompt(args.negative_prompt, "--negative-prompt")
 
 
 def cmd_macs(args: argparse.Namespace) -> int:
