@@ -333,6 +333,8 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
         _refuse_cat_flags_with_full(args)
     card = MODEL_CARDS.get(model)
     config = _cat_config(args, seed=args.seed)
+    if args.t0 is None and card is not None and card.default_t0 is not None:
+        config = dataclasses.replace(config, t0=card.default_t0)
     _card_size(card, args.height, args.width, model)
     steps = args.steps or (card.default_steps if card is not None else None)
     if steps is not None and not args.full:
@@ -435,10 +437,12 @@ def _check_against_build(args: argparse.Namespace, build: Any) -> None:
 def _check_prompts(args: argparse.Namespace, runner: Any, limit: int | None) -> None:
     """Prompts longer than the model reads are refused, as the server refuses them, not truncated."""
     from catrt.generation import check_prompt_length
+    from catrt.pipeline import pipeline_spec
 
     check_prompt_length(runner, args.prompt, limit)
     if args.negative_prompt:
         check_prompt_length(runner, args.negative_prompt, limit, field="negative_prompt")
+        pipeline_spec(getattr(runner, "pipe", runner)).refuse_unread_negative_prompt(args.negative_prompt, "--negative-prompt")
 
 
 def cmd_macs(args: argparse.Namespace) -> int:
@@ -531,9 +535,10 @@ def _print_manifest(manifest: Any) -> None:
     name, say) are printed escaped.
     """
     build = manifest.build
+    reuse = f"reuse_every {build['reuse_every']}, " if build.get("reuse_every") else ""  # the schedule's reused steps
     _print_escaped(f"  model:     {manifest.model['name']} ({manifest.model['pipeline_class']}, transformer sha256 {manifest.model['transformer_sha256'][:16]}...)")
     _print_escaped(f"  build:     {build['width']}x{build['height']}, batch {build['batch']}, {build['steps']} steps, t0 {build['t0']}, "
-          f"N = {manifest.num_tokens} image tokens, {build['precision']}, {build['backend']}")
+          f"{reuse}N = {manifest.num_tokens} image tokens, {build['precision']}, {build['backend']}")
     for index, entry in enumerate(manifest.alphas):
         default = " (default)" if index == 0 else ""
         _print_escaped(f"  alpha {entry['alpha']:g}: k = {entry['k']}, graph {entry['graph']}, verified to relative error "
@@ -680,6 +685,20 @@ def _refuse_serve_flags_fixed_by_build(args: argparse.Namespace) -> None:
                 f"{flag} cannot be used with --engines: the build fixes it; drop {flag} or build an engine with it",
                 field=name, value=value,
             )
+    _refuse_serve_cat_flags(args)
+
+
+def _refuse_serve_cat_flags(args: argparse.Namespace) -> None:
+    """A served build runs its own schedule (t0, reuse_every) and catrt's default selection settings: any other CAT
+    flag would go unread, so it is refused, as the schedule's are."""
+    given = next(iter(_cat_values(args).items()), None)
+    if given is None:
+        return
+    name, value = given
+    flag = _flag(name)
+    fix = (f"the build fixes it; drop {flag} or build an engine with it" if name == "reuse_every" else
+           f"a served build runs with catrt's default {flag}; drop {flag}, or serve the model with --model to set it")
+    raise ConfigError(f"{flag} cannot be used with --engines: {fix}", field=name, value=value)
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -829,6 +848,10 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
         **_cat_values(args), rule=rule, reuse_threshold=args.reuse_threshold)) for rule in args.rules]
     model, card = args.model, MODEL_CARDS.get(args.model)
     _card_size(card, args.height, args.width, model)
+    from catrt.metrics import check_ssim_side
+
+    for flag, pixels in (("--height", args.height), ("--width", args.width)):
+        check_ssim_side(flag, pixels)
     for variant in configs:
         if variant.config is not None:
             variant.config.check_steps(args.steps)

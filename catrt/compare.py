@@ -112,31 +112,36 @@ def run_comparison(
     samples: list[Sample] = []
     images: dict[tuple[int, int, str], Image.Image] = {}
     pairs = list(zip(enumerate(prompts), seeds, strict=True)) if paired else list(itertools.product(enumerate(prompts), seeds))
-    bar = tqdm(total=len(pairs) * len(columns), desc="compare", unit="image", disable=not progress)
-    for variant in columns if warmup else []:
+    for variant in columns if warmup else []:  # before the bar: a variant refused at its call fails on a clean line
         generate_image(runners[variant.label], _request(prompts[0], seeds[0], steps, height, width, guidance_scale))
-    for (index, prompt), seed in pairs:
-        reference = None
-        for variant in columns:
-            runner = runners[variant.label]
-            image, seconds = generate_image(runner, _request(prompt, seed, steps, height, width, guidance_scale))
-            pixels = np.asarray(image.convert("RGB"))
-            reference = pixels if reference is None else reference
-            if variant.config is None:
-                ratio, reused = 1.0, 0
-            else:
-                alpha = variant.config.alpha
-                if alpha not in counts:
-                    counts[alpha] = step_macs(pipe.transformer, *inputs, variant.config)
-                ratio = counts[alpha].traced_ratio(runner.last_trace)
-                reused = sum(record.kind == "reused" for record in runner.last_trace)
-            samples.append(Sample(
-                index, prompt, seed, variant.label, metrics.psnr(pixels, reference), metrics.ssim(pixels, reference),
-                None if clip is None else clip.score(image, prompt), ratio, seconds, reused,
-            ))
-            images[(index, seed, variant.label)] = image
-            bar.update()
-    bar.close()
+    bar = tqdm(total=len(pairs) * len(columns), desc="compare", unit="image", disable=not progress)
+    try:
+        for (index, prompt), seed in pairs:
+            reference = None
+            for variant in columns:
+                runner = runners[variant.label]
+                image, seconds = generate_image(runner, _request(prompt, seed, steps, height, width, guidance_scale))
+                pixels = np.asarray(image.convert("RGB"))
+                reference = pixels if reference is None else reference
+                if variant.config is None:
+                    ratio, reused = 1.0, 0
+                else:
+                    alpha = variant.config.alpha
+                    if alpha not in counts:
+                        counts[alpha] = step_macs(pipe.transformer, *inputs, variant.config)
+                    ratio = counts[alpha].traced_ratio(runner.last_trace)
+                    reused = sum(record.kind == "reused" for record in runner.last_trace)
+                samples.append(Sample(
+                    index, prompt, seed, variant.label, metrics.psnr(pixels, reference), metrics.ssim(pixels, reference),
+                    None if clip is None else clip.score(image, prompt), ratio, seconds, reused,
+                ))
+                images[(index, seed, variant.label)] = image
+                bar.update()
+    except BaseException:
+        bar.leave = False  # an error (or Ctrl-C) mid-run prints its line where the bar was
+        raise
+    finally:
+        bar.close()
     return Comparison(columns, samples, images)
 
 

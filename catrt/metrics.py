@@ -17,6 +17,8 @@ import numpy as np
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo
 
 BENCH_EXTRA = 'install the bench extra: pip install -e ".[bench]"'
+#: The smallest image side SSIM scores (its window is odd and at least 3 pixels).
+SSIM_MIN_SIDE = 3
 
 
 def psnr(image: np.ndarray, reference: np.ndarray) -> float:
@@ -33,9 +35,16 @@ def ssim(image: np.ndarray, reference: np.ndarray) -> float:
 
     side = min(image.shape[:2])
     window = min(7, side if side % 2 else side - 1)
-    if window < 3:
+    if window < SSIM_MIN_SIDE:
         raise ConfigError(f"SSIM needs images of at least 3x3 pixels, got {image.shape[1]}x{image.shape[0]}", field="size")
     return float(structural_similarity(reference, image, channel_axis=-1, data_range=255, win_size=window))
+
+
+def check_ssim_side(flag: str, pixels: int | None) -> None:
+    """Refuse an image side SSIM cannot score before any image is made (None: the model's default size)."""
+    if pixels is not None and pixels < SSIM_MIN_SIDE:
+        raise ConfigError(f"{flag} {pixels}: SSIM needs images of at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} pixels; give "
+                          f"{flag} {SSIM_MIN_SIDE} or more", field=flag.lstrip("-"), value=pixels)
 
 
 def require_skimage() -> None:

@@ -38,6 +38,9 @@ class ModelCard:
     # Tokens a side of the largest grid where the config's `pos_embed_max_size` is not that side (the adapter's
     # `max_grid_side`: AuraFlow's table holds pos_embed_max_size positions in all); None: read that key as the side.
     max_grid_side: int | None = None
+    # The t0 `catrt generate` runs when --t0 is not given; None: CATConfig's (8), which a few-step model's
+    # default_steps would not exceed (FLUX-schnell: 2 of its 4 steps).
+    default_t0: int | None = None
 
     @property
     def default_size(self) -> int:
@@ -108,7 +111,7 @@ MODEL_CARDS: dict[str, ModelCard] = {
         ),
         ModelCard(
             "flux-schnell", "black-forest-labs/FLUX.1-schnell", "flux", _FLUX_SCHNELL, 256, default_steps=4,
-            default_guidance=0.0, precision="bf16", cells_per_token=2, sample_size=128,
+            default_guidance=0.0, precision="bf16", cells_per_token=2, sample_size=128, default_t0=2,
         ),
         ModelCard("reference", None, "sd3", _REFERENCE, 16, vae_scale=1, default_guidance=4.0),
     )

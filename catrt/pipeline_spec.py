@@ -50,6 +50,17 @@ class PipelineSpec:
     # `strength`, see `strength_steps`); None where every call runs all of them. catrt's t0 counts the steps run.
     strength_argument: str | None = None
 
+    def refuse_unread_negative_prompt(self, negative: str | None, name: str) -> None:
+        """catrt's CLI and server refuse a non-blank negative prompt a distilled-guidance pipeline would not read: it
+        runs no unconditional pass (FLUX reads one only for true CFG, which catrt refuses), so diffusers ignores it
+        silently. The Python API takes what diffusers takes."""
+        if self.guidance == "distilled" and negative is not None and negative.strip():
+            raise ConfigError(
+                f"{name} is unused by this model: its guidance is distilled (an input of the transformer, with no pass "
+                f"over a negative prompt), so it would change nothing; drop {name}",
+                field="negative_prompt",
+            )
+
     def __post_init__(self) -> None:
         # A misspelt guidance kind would silently score a CFG pipeline's uncond rows as prompts of their own.
         require("PipelineSpec", "guidance", self.guidance, self.guidance in GUIDANCE_KINDS, f"one of {', '.join(GUIDANCE_KINDS)}")

@@ -204,6 +204,22 @@ def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[st
 
 
 @pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--reuse-every", "3", "--reuse-every cannot be used with --engines: the build fixes it; drop --reuse-every"),
+    ("--refresh-every", "5", "--refresh-every cannot be used with --engines: a served build runs with catrt's default "
+                             "--refresh-every; drop --refresh-every, or serve the model with --model to set it"),
+    ("--rule", "random", "--rule cannot be used with --engines: a served build runs with catrt's default --rule"),
+    ("--n-clusters", "4", "--n-clusters cannot be used with --engines"),
+    ("--magnitude-fraction", "0.5", "--magnitude-fraction cannot be used with --engines"),
+])
+def test_serve_refuses_cat_flags_a_served_build_would_not_read(
+    capfd: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
+    """A served build runs its own schedule and the default selection: a CAT flag given with --engines was ignored."""
+    assert message in _fails(capfd, "serve", "--engines", "engines/some-build", flag, value, "--port", "0")
+
+
+@pytest.mark.usefixtures("no_model_loads")
 @pytest.mark.parametrize("ray", [False, True], ids=["one-device", "ray"])
 def test_serve_refuses_an_unknown_model_before_binding(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path, ray: bool) -> None:
@@ -366,6 +382,29 @@ def test_published_model_offline_says_gated_or_local_folder(capfd: pytest.Captur
     assert "model sd3 (stabilityai/stable-diffusion-3-medium-diffusers)" in line
     for hint in ("gated", "huggingface-cli login", "a local diffusers folder saved with save_pretrained"):
         assert hint in line
+
+
+def test_flux_schnell_by_name_runs_its_four_steps_with_the_cards_t0(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`catrt generate --model flux-schnell` ran its card's 4 steps with CATConfig's t0 = 8: refused, flags or not."""
+    import catrt.loading
+    from catrt.tiny import build_tiny_pipeline
+
+    loaded = []
+
+    def tiny_schnell(name: str, **kwargs: Any) -> Any:  # the published layout, offline
+        loaded.append(name)
+        return build_tiny_pipeline("tiny-flux-schnell")
+
+    monkeypatch.setattr(catrt.loading, "load_pipeline", tiny_schnell)
+    out = tmp_path / "schnell.png"
+    assert main(["generate", "--model", "flux-schnell", "--prompt", "x", "--height", "32", "--width", "32",
+                 "--out", str(out)]) == 0, capfd.readouterr().err
+    assert loaded == ["flux-schnell"] and out.is_file()
+    assert "alpha=0.3 t0=2, fp32" in capfd.readouterr().out
+    assert "CATConfig.t0 = 4 needs t0 < num_inference_steps, got 4 steps" in _fails(
+        capfd, "generate", "--model", "flux-schnell", "--prompt", "x", "--t0", "4")  # a given t0 is the user's
 
 
 def test_long_prompt_refused_by_the_eager_model(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -243,6 +243,73 @@ def test_compare_mistakes_are_one_line(
     assert not (tmp_path / "report.md").exists() and not (tmp_path / "images").exists()
 
 
+def test_a_pipeline_refused_at_its_first_call_is_one_line_before_the_progress_bar(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A diffusers folder catrt loads but cannot run (a two-call scheduler) was refused once the bar showed: its line
+    came after the bar's on the same terminal line."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    pipe = catrt.load_pipeline("tiny-sd3")
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "heun")
+    capfd.readouterr()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    code = main(["compare", "--model", str(tmp_path / "heun"), "--prompts", str(prompts), "--height", "64", "--width", "64",
+                 "--steps", "6", "--t0", "2", "--out", str(tmp_path / "out")])
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (  # on a line of its own (diffusers' folder-loading bars come before)
+        "catrt compare: error: FlowMatchHeunDiscreteScheduler calls the transformer 2 times per step; catrt needs exactly "
+        "one transformer call per step (single-evaluation schedulers such as Euler or DPM-Solver)")
+    assert "compare:" not in err.replace("catrt compare:", "")  # the bar never showed
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_error_mid_run_clears_the_progress_bar_before_its_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An image refused after the bar showed (a NaN at a later seed) was printed on the bar's line, after its text."""
+    generate = catrt.compare.generate_image
+    calls = []
+
+    def failing(runner: Any, request: Any) -> Any:
+        calls.append(request)
+        if len(calls) == 6:  # the 2 warm-ups, then 3 timed images
+            raise ConfigError("--guidance-scale 9 made the generation overflow", field="guidance_scale")
+        return generate(runner, request)
+
+    monkeypatch.setattr(catrt.compare, "generate_image", failing)
+    code, out = _compare(tmp_path, "--rules", "cat", "--seeds", "0", "1")
+    err = capfd.readouterr().err
+    assert code == 2 and "compare:" in err.replace("catrt compare:", "")  # the bar showed
+    cleared, line = err.rsplit("\r", 1)
+    assert line == "catrt compare: error: --guidance-scale 9 made the generation overflow\n"
+    assert not cleared.rsplit("\r", 1)[-1].strip()  # the bar's line was blanked first
+    assert not out.exists()
+
+
+def test_a_size_ssim_cannot_score_is_refused_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The reference model takes 2x2 images, which SSIM cannot score: that was found after the first images were made."""
+    import catrt.loading
+
+    def no_load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("loaded the model before refusing the size")
+
+    monkeypatch.setattr(catrt.loading, "load_pipeline", no_load)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    code = main(["compare", "--model", "reference", "--prompts", str(prompts), "--height", "32", "--width", "2",
+                 "--steps", "4", "--t0", "2", "--out", str(tmp_path / "out")])
+    err = capfd.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
+        "catrt compare: error: --width 2: SSIM needs images of at least 3x3 pixels; give --width 3 or more"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompts_file_drops_a_byte_order_mark_and_carriage_returns(tmp_path: Path) -> None:
     from catrt.compare import read_prompts
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -102,6 +103,29 @@ def test_flux_pipeline_options_catrt_cannot_run_are_refused_by_name(tiny_pipelin
         fast(**call_kwargs(pipe, true_cfg_scale=4.0, negative_prompt="blurry"))
     with pytest.raises(UnsupportedModelError, match="argument 'ip_adapter_image_embeds' \\(IP-adapter\\)"):
         fast(**call_kwargs(pipe, ip_adapter_image_embeds=[torch.zeros(1)]))
+
+
+def test_the_cli_refuses_a_negative_prompt_a_distilled_guidance_model_would_not_read(
+    tiny_pipelines: dict[str, Any], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """FLUX reads a negative prompt only for true CFG (refused): `catrt generate --negative-prompt` was ignored silently.
+    The Python API still takes what diffusers takes."""
+    from catrt.cli import main
+
+    flux, sd3 = pipeline_spec(tiny_pipelines["tiny-flux"]), pipeline_spec(tiny_pipelines["tiny-sd3"])
+    with pytest.raises(ConfigError, match=r"^negative_prompt is unused by this model: its guidance is distilled") as caught:
+        flux.refuse_unread_negative_prompt("blurry", "negative_prompt")
+    assert caught.value.field == "negative_prompt"
+    for negative in (None, "", " \t"):  # what clients send unset
+        flux.refuse_unread_negative_prompt(negative, "negative_prompt")
+    sd3.refuse_unread_negative_prompt("blurry", "negative_prompt")  # classifier-free guidance reads it
+    code = main(["generate", "--model", "tiny-flux", "--prompt", "red", "--negative-prompt", "blurry", "--steps", "4",
+                 "--t0", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "a.png")])
+    err = capfd.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "catrt generate: error: --negative-prompt is unused by this model: its guidance is distilled (an input of the "
+        "transformer, with no pass over a negative prompt), so it would change nothing; drop --negative-prompt")
+    assert not (tmp_path / "a.png").exists()
 
 
 _REFUSED_CALLS = {  # a family's model, then an argument its pipelines take that catrt refuses, by name

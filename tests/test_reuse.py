@@ -282,6 +282,14 @@ def test_a_bundle_runs_its_builds_reuse_schedule(reusing_bundle: Path) -> None:
     assert _letters([r.kind for r in traced.last_trace]) == "ff" + "prpr"
 
 
+def test_inspect_shows_a_bundles_reuse_schedule(reusing_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """catrt inspect printed t0 but not reuse_every, the other half of the schedule a bundle runs."""
+    from catrt.cli import main
+
+    assert main(["inspect", str(reusing_bundle)]) == 0
+    assert "  build:     32x32, batch 1, 6 steps, t0 2, reuse_every 2, N = 256 image tokens, fp32, eager" in capsys.readouterr().out
+
+
 def test_a_bundle_refuses_another_reuse_every(reusing_bundle: Path) -> None:
     with pytest.raises(ConfigError, match="reuse_every") as caught:
         catrt.load(reusing_bundle, config=CATConfig(alpha=0.3, t0=2, reuse_every=0))

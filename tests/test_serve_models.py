@@ -273,3 +273,21 @@ def test_an_eager_model_without_a_card_refuses_a_size_it_cannot_take_by_name() -
 
     with pytest.raises(ConfigError, match="width 17 does not fit model tiny-sd3, which takes multiples of 16 .*try width 16"):
         load_served_model(ServeConfig(model="tiny-sd3", height=32, width=17, steps=4, cat=CATConfig(t0=2)))
+
+
+def test_a_flux_server_refuses_a_negative_prompt_it_would_ignore_before_queueing_it() -> None:
+    """FLUX reads no negative prompt without true CFG: the request was queued, then failed with a logged traceback."""
+    from catrt.config import CATConfig
+    from catrt.errors import ConfigError
+    from catrt.serve.config import ServeConfig
+    from catrt.serve.model import load_served_model
+    from catrt.serve.schemas import ImageGenerationRequest
+    from catrt.serve.validation import RequestRules
+
+    flux = RequestRules(load_served_model(ServeConfig(model="tiny-flux", height=32, width=32, steps=4, cat=CATConfig(t0=2))), 100)
+    with pytest.raises(ConfigError, match="negative_prompt is unused by this model: its guidance is distilled") as caught:
+        flux.admit(ImageGenerationRequest(prompt="a red circle", negative_prompt="blurry"))
+    assert caught.value.field == "negative_prompt"
+    assert flux.admit(ImageGenerationRequest(prompt="a red circle", negative_prompt=""))[1].negative_prompt == ""
+    sd3 = RequestRules(load_served_model(ServeConfig(model="tiny-sd3", height=32, width=32, steps=4, cat=CATConfig(t0=2))), 100)
+    assert sd3.admit(ImageGenerationRequest(prompt="a red circle", negative_prompt="blurry"))[1].negative_prompt == "blurry"

@@ -34,6 +34,7 @@ from test_serve_support import (
 
 from catrt.build import build_engines
 from catrt.build_config import BuildConfig
+from catrt.config import CATConfig
 from catrt.errors import ConfigError
 from catrt.serve.model import BatchOptions, Row
 from catrt.serve.builds import check_builds
@@ -269,3 +270,16 @@ def test_one_folder_spelled_twice_is_named_as_one_folder(tmp_path: Path) -> None
             ServeConfig(engines=twice)
         assert caught.value.field == "engines"
     ServeConfig(engines=(str(folder), str(tmp_path / "other")))
+
+
+def test_pruning_settings_for_served_builds_are_refused_not_ignored() -> None:
+    """ServeConfig.cat is the eager model's: builds serve their own schedule, so a cat given with engines went unread."""
+    from catrt.serve.config import ServeConfig
+
+    assert ServeConfig(engines="build", cat=CATConfig()).cat == CATConfig()
+    for cat in (CATConfig(reuse_every=3), CATConfig(rule="random"), CATConfig(t0=4)):
+        with pytest.raises(ConfigError, match=r"ServeConfig.cat sets the pruning of an eager model") as caught:
+            ServeConfig(engines="build", cat=cat)
+        assert caught.value.field == "cat"
+    with pytest.raises(ConfigError, match="the server runs static schedules"):  # the baseline is named first
+        ServeConfig(engines="build", cat=CATConfig(reuse_threshold=0.1))

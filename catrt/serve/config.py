@@ -30,7 +30,8 @@ class ServeConfig:
         model: instead of `engines`, a model name or diffusers folder run eagerly with `cat`.
         height, width: the size the eager model serves; None = the model's default size.
         steps, batch: the step count and images per call of the eager model (a build fixes its own).
-        cat: the pruning settings of the eager model (a build fixes alpha and t0).
+        cat: the pruning settings of the eager model; with `engines` left at `CATConfig()` (a build fixes its
+            schedule and runs catrt's default selection settings, so another value is refused, not ignored).
         alphas: the eager model's alphas, in order (cat.alpha must be the first); () = cat.alpha alone.
             A build serves its own alphas.
         alpha_policy: "fixed" runs every call at the first alpha (unless a request pins another);
@@ -108,6 +109,12 @@ class ServeConfig:
                 "reuse_threshold is a benchmark baseline that decides each step on the host; the server runs static "
                 "schedules (its step timings follow the plan): use reuse_every",
                 field="reuse_threshold", value=self.cat.reuse_threshold,
+            )
+        if self.engines is not None and self.cat != CATConfig():
+            raise ConfigError(
+                "ServeConfig.cat sets the pruning of an eager model (model=...); engines serve their builds' schedules "
+                "with catrt's default selection settings: leave cat at CATConfig() or serve the model eagerly",
+                field="cat",
             )
         self._check_alphas()
         if self.precision is not None and self.precision not in PRECISION_CHOICES:

@@ -71,6 +71,7 @@ class RequestRules:
         self.served.reader.check("prompt", body.prompt)
         if body.negative_prompt is not None:
             self.served.reader.check("negative_prompt", body.negative_prompt)
+            self.served.runner.spec.refuse_unread_negative_prompt(body.negative_prompt, "negative_prompt")
         rows = [Row(body.prompt, seed + index) for index in range(n)]
         options = BatchOptions(guidance_scale=guidance, negative_prompt=body.negative_prompt, size=self.spec.size,
                                alpha=self._alpha(body.alpha))
