@@ -53,19 +53,26 @@ class Configuration:
 
 
 def configurations(args: argparse.Namespace) -> list[Configuration]:
-    """What the run compares, from the command line (the model source flags are added by `serve_command`)."""
-    fixed = ("--alpha", f"{args.fixed_alpha:g}", "--alpha-policy", "fixed")
+    """What the run compares, from the command line (the model source flags are added by `serve_command`).
+
+    Served builds fix their alphas (`catrt serve --engines` refuses --alpha): the fixed configuration runs a build's
+    first alpha and the adaptive one picks among its built alphas.
+    """
+    if args.engines:
+        fixed_name, fixed, adaptive_name, adaptive = "fixed, the build's first alpha", (), "adaptive over the build's alphas", ()
+    else:
+        fixed_name, fixed = f"fixed alpha {args.fixed_alpha:g}", ("--alpha", f"{args.fixed_alpha:g}")
+        adaptive_name = f"adaptive {'/'.join(f'{a:g}' for a in args.alphas)}"
+        adaptive = ("--alpha", *(f"{a:g}" for a in args.alphas))
+    fixed = (*fixed, "--alpha-policy", "fixed")
     chosen = [
-        Configuration(f"fixed alpha {args.fixed_alpha:g}", fixed),
-        Configuration(
-            f"adaptive {'/'.join(f'{a:g}' for a in args.alphas)}, target {args.latency_target:g} s",
-            ("--alpha", *(f"{a:g}" for a in args.alphas), "--alpha-policy", "adaptive",
-             "--latency-target", f"{args.latency_target:g}"),
-        ),
+        Configuration(fixed_name, fixed),
+        Configuration(f"{adaptive_name}, target {args.latency_target:g} s",
+                      (*adaptive, "--alpha-policy", "adaptive", "--latency-target", f"{args.latency_target:g}")),
     ]
     if args.ray:
-        chosen += [Configuration(f"Ray Serve, {n} replica{'s' * (n > 1)}, fixed alpha {args.fixed_alpha:g}",
-                                 (*fixed, "--ray", "--replicas", str(n))) for n in (1, 2)]
+        chosen += [Configuration(f"Ray Serve, {n} replica{'s' * (n > 1)}, {fixed_name}", (*fixed, "--ray", "--replicas", str(n)))
+                   for n in (1, 2)]
     return chosen
 
 
@@ -168,8 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--engines", nargs="+", default=None, help="built bundles to serve instead of --model")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of clients, in turn")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per load level")
-    parser.add_argument("--fixed-alpha", type=float, default=0.3, help="alpha of the fixed configuration")
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.3, 0.5], help="alphas the adaptive policy picks from")
+    parser.add_argument("--fixed-alpha", type=float, default=None,
+                        help="alpha of the fixed configuration (default 0.3; with --engines the build's first)")
+    parser.add_argument("--alphas", type=float, nargs="+", default=None,
+                        help="alphas the adaptive policy picks from (default 0.2 0.3 0.5; with --engines the build's)")
     parser.add_argument("--latency-target", type=float, default=2.0, help="the adaptive policy's latency target (s)")
     parser.add_argument("--ray", action="store_true", help="also measure Ray Serve with 1 and with 2 replicas")
     parser.add_argument("--serve-flags", nargs=argparse.REMAINDER, default=[],
@@ -182,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     benchkit.exit_if_missing(parser, MISSING)
     if any(clients < 1 for clients in args.levels):
         parser.error("--levels take numbers of clients >= 1")
+    if args.engines and (args.fixed_alpha is not None or args.alphas is not None):
+        parser.error("--fixed-alpha and --alphas cannot be used with --engines: a served build fixes its alphas "
+                     "(the fixed configuration runs its first, the adaptive one picks among them); drop them")
+    if not args.engines:
+        args.fixed_alpha = 0.3 if args.fixed_alpha is None else args.fixed_alpha
+        args.alphas = [0.2, 0.3, 0.5] if args.alphas is None else args.alphas
     out = args.out or benchkit.default_out("adaptive", args.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {}

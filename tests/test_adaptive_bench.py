@@ -1,0 +1,50 @@
+"""bench/adaptive.py's server commands: every one is a `catrt serve` line the CLI takes, with a model and with
+served builds (which fix their alphas, so no --alpha may reach them)."""
+
+from __future__ import annotations
+
+import pytest
+
+from catrt import cli
+from tests.test_quality_bench import load_script
+
+
+@pytest.fixture(scope="module")
+def adaptive():  # noqa: ANN201 - the bench module
+    return load_script("adaptive")
+
+
+def _serve_lines(adaptive, argv: list[str]) -> list[list[str]]:  # noqa: ANN001
+    """The `catrt serve` arguments of each configuration a run would start (no server starts: nothing is measured)."""
+    commands = []
+
+    def measure(args, configuration, log):  # noqa: ANN001, ANN202
+        commands.append(adaptive.serve_command(args, configuration, 1))
+        return []
+
+    original, adaptive.measure = adaptive.measure, measure
+    try:
+        adaptive.main(argv)
+    finally:
+        adaptive.measure = original
+    return [command[3:] for command in commands]  # after `python -m catrt.cli`
+
+
+@pytest.mark.parametrize("source", [["--model", "reference"], ["--engines", "engines/a", "engines/b"]])
+def test_every_server_command_is_one_catrt_serve_takes(adaptive, source: list[str], tmp_path) -> None:  # noqa: ANN001
+    lines = _serve_lines(adaptive, [*source, "--ray", "--out", str(tmp_path / "report.md")])
+    assert len(lines) == 4
+    for line in lines:
+        args = cli.build_parser().parse_args(line)
+        if source[0] == "--engines":
+            assert args.engines == ["engines/a", "engines/b"] and "--alpha" not in line
+            cli._refuse_serve_flags_fixed_by_build(args)  # what `catrt serve --engines` refuses: nothing here
+        else:
+            assert args.alpha in ([0.3], [0.2, 0.3, 0.5])
+
+
+def test_alphas_with_served_builds_are_one_line(adaptive, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    with pytest.raises(SystemExit) as stopped:
+        adaptive.main(["--engines", "engines/a", "--fixed-alpha", "0.5"])
+    assert stopped.value.code == 2
+    assert "--fixed-alpha and --alphas cannot be used with --engines: a served build fixes its alphas" in capsys.readouterr().err
