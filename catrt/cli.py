@@ -624,7 +624,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bundle_key_file=args.bundle_key_file,
     )
     if fleet is None:
-        return run_server(config)
+        with _hub_notices_dropped():  # the model loads on the server's worker thread; the filter is process-wide
+            return run_server(config)
     return _run_fleet(config, fleet)
 
 
