@@ -1,8 +1,8 @@
 """Request and response bodies of the images endpoint: OpenAI's schema plus catrt's own fields.
 
-The request model checks types only: strict (a string "2" is not an `n`; 2.0 is, as JSON Schema's integer), unknown fields refused
-(a 400 naming the field, as OpenAI's API answers "Unknown parameter"), so a typo is never a silently
-ignored setting. The fields OpenAI's `images.generate` defines take the values OpenAI's API takes (its
+The request model checks types only: strict (a string "2" is not an `n`; 2.0 is, as JSON Schema's
+integer), unknown fields refused (a 400 naming the field, as OpenAI's API answers "Unknown parameter"),
+so a typo is never a silently ignored setting. The fields OpenAI's `images.generate` defines take the values OpenAI's API takes (its
 enums, `output_compression` 0-100, `partial_images` 0-3); another value is a 400 naming the field, as
 OpenAI answers it. Every integer is a 64-bit one: a longer number is no count, seed or step any
 model runs. What values a server takes within those (its size, `n` range, guidance, prompt length,
