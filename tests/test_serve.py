@@ -292,6 +292,10 @@ def test_openapi_states_what_the_build_serves(server: RemoteServer) -> None:
     pattern = re.compile(first["prompt"]["pattern"])
     assert [bool(pattern.search(text)) for text in ("a red sun", "\ta\n", " \u200b ", "a\u0000", "\u0085")] == [
         True, True, False, False, False]
+    # A negative prompt may be blank, never hold a control character (the server refuses U+0089 by name).
+    negative = re.compile(first["negative_prompt"]["pattern"])
+    assert [bool(negative.search(text)) for text in ("", " ", "blurry\n", "a\u0089b", "\u0000")] == [
+        True, True, True, False, False]
     assert first["response_format"]["enum"] == ["b64_json"] and first["output_format"]["enum"] == ["png"]
     assert httpx.get(f"{server.url}/docs").status_code == 200
     # Boundary values of the document are served ...

@@ -18,7 +18,14 @@ from typing import Any
 
 from catrt.bundle import check_request
 from catrt.errors import ConfigError
-from catrt.request_values import check_guidance, check_prompt_text, check_seed, largest_seed, prompt_pattern
+from catrt.request_values import (
+    check_guidance,
+    check_prompt_text,
+    check_seed,
+    largest_seed,
+    plain_text_pattern,
+    prompt_pattern,
+)
 from catrt.serve.model import BatchOptions, Row, ServedModel
 from catrt.serve.metrics import alpha_label
 from catrt.serve.echo import echo, shorten
@@ -214,7 +221,8 @@ class RequestRules:
                 "tokens as the model's tokenizer counts them; longer prompts are refused (400), never truncated",
             },
             "negative_prompt": _nullable(
-                {"type": "string", "maxLength": chars}, f"same limits as prompt ({spec.text_tokens} tokens)"
+                {"type": "string", "maxLength": chars, "pattern": plain_text_pattern()},
+                f"same limits as prompt ({spec.text_tokens} tokens)",
             ),
             "n": _nullable({"type": "integer", "minimum": 1, "maximum": spec.batch, "default": 1}, "images"),
             "size": _nullable(
