@@ -116,7 +116,8 @@ class ModelReplica:
         """The replica's state, sizes and the request fields' OpenAPI description."""
         rules = self.service.rules()
         return {"status": self.worker.state, "sizes": self.worker.served.sizes, "replica": self.replica,
-                "properties": rules.properties() if rules is not None else None}
+                "properties": rules.properties() if rules is not None else None,
+                "size_rules": rules.size_rules() if rules is not None else None}
 
     def check_health(self) -> None:
         if self.worker.state != "ready":
@@ -124,13 +125,17 @@ class ModelReplica:
 
 
 class _Described:
-    """The request fields' description a replica gave, for `describe_served`."""
+    """The request fields' description (and per-size alternatives) a replica gave, for `describe_served`."""
 
-    def __init__(self, properties: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, properties: dict[str, dict[str, Any]], size_rules: list[dict[str, Any]] | None) -> None:
         self._properties = properties
+        self._size_rules = size_rules
 
     def properties(self) -> dict[str, dict[str, Any]]:
         return self._properties
+
+    def size_rules(self) -> list[dict[str, Any]] | None:
+        return self._size_rules
 
 
 class FleetMetrics:
@@ -174,7 +179,7 @@ class Ingress:
             logger.info("no model replica answered: %r", error)
             return None
         if state["properties"] is not None:
-            self.described.setdefault("rules", _Described(state["properties"]))
+            self.described.setdefault("rules", _Described(state["properties"], state["size_rules"]))
         return state
 
     async def forward(self, body: ImageGenerationRequest, request_id: str) -> dict[str, Any]:
