@@ -300,6 +300,26 @@ def test_the_ingress_exports_each_replicas_model_series_under_the_single_servers
     assert samples[("catrt_replica_answers_total", (mine, ("status", "200")))] == 1  # the ingress's own series stay
 
 
+# A model replica made in a fresh process, as Ray starts one (its replica context faked).
+REPLICA_PROCESS = """
+from types import SimpleNamespace
+import catrt.serve.ray_app as ray_app
+ray_app.serve.get_replica_context = lambda: SimpleNamespace(replica_id=SimpleNamespace(unique_id="r"))
+from catrt.config import CATConfig
+from catrt.serve.config import ServeConfig
+ray_app.ModelReplica(ServeConfig(model="reference", steps=3, cat=CATConfig(t0=2)).to_dict()).worker.drain()
+"""
+
+
+def test_a_replica_prints_none_of_the_notices_the_cli_drops() -> None:
+    """transformers' two "requires torchvision (not installed)" notices printed once per replica into
+    `catrt serve --ray`'s output, which the CLI keeps free of them."""
+    result = subprocess.run([sys.executable, "-c", REPLICA_PROCESS], capture_output=True, text=True, env=server_env(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "torchvision" not in result.stderr + result.stdout
+
+
 # -- the CLI around --ray (no Ray started) -------------------------------------------------------
 
 NO_RAY = """

@@ -36,6 +36,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from catrt.errors import CatrtError, ConfigError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
+from catrt.notices import quiet_known_notices
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
@@ -74,6 +75,7 @@ class ModelReplica:
     """
 
     def __init__(self, config: dict[str, Any], bundle_key: bytes | None = None) -> None:
+        quiet_known_notices()  # this replica is a process of `catrt serve --ray`: its output is the CLI's
         from catrt.serve.routing import load_router
         from catrt.serve.worker import Worker
 
