@@ -41,7 +41,7 @@ except ImportError as error:
 else:
     MISSING = None
 
-from catrt.cli import quiet_known_notices  # noqa: E402 - light: no torch
+from catrt.notices import quiet_known_notices  # noqa: E402 - light: no torch
 
 quiet_known_notices()
 

@@ -38,7 +38,7 @@ else:
 if __name__ == "__main__":
     benchkit.exit_early_if_missing(MISSING)
 
-from catrt.cli import quiet_known_notices  # noqa: E402 - light: no torch
+from catrt.notices import quiet_known_notices  # noqa: E402 - light: no torch
 
 quiet_known_notices()  # a command-line program: transformers' torchvision notices say nothing useful here
 

@@ -60,7 +60,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/benchkit.py, also when loaded by path
 import benchkit  # noqa: E402
-from catrt.cli import quiet_known_notices  # noqa: E402 - light: no torch
+from catrt.notices import quiet_known_notices  # noqa: E402 - light: no torch
 
 quiet_known_notices()  # a command-line program: transformers' torchvision notices say nothing useful here
 

@@ -25,6 +25,7 @@ from catrt.checks import MAX_BATCH, MAX_STEPS, output_folder, path_is, repeated 
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo, echo_path, shorten
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
+from catrt.notices import DropMessage, quiet_known_notices  # stdlib only
 
 DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisable images, no download
 
@@ -37,10 +38,6 @@ BUILD_DEFAULTS: dict[str, Any] = {"steps": 28, "batch": 1, "backend": "auto"}
 BUILD_FOLDERS: dict[str, str] = {"out": "engines", "export_dir": "export"}
 # The torch device types `--device` may name.
 DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps")
-
-# Log records that say nothing actionable to a CLI user: transformers notes on import that torchvision
-# is missing and it falls back to the PIL image processors, which catrt never uses.
-QUIET_LOG_RECORDS: dict[str, str] = {"transformers.utils.import_utils": "requires torchvision (not installed)"}
 
 # diffusers' warning when a hub lookup fails before it tries the local cache: while catrt loads a published
 # model it is dropped, because a failed load ends in one line of its own that says what to do.
@@ -278,7 +275,7 @@ def _hub_notices_dropped() -> Iterator[None]:
     """Load without diffusers' "Couldn't connect to the Hub" notice: a failed download of a published model is
     already one catrt error saying what to do (`load_pipeline`, through `catrt.hub_errors`)."""
     notices = logging.getLogger(HUB_NOTICE[0])
-    drop = _DropMessage(HUB_NOTICE[1])
+    drop = DropMessage(HUB_NOTICE[1])
     notices.addFilter(drop)
     try:
         yield
@@ -631,7 +628,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bundle_key_file=args.bundle_key_file,
     )
     if fleet is None:
-        return run_server(config)
+        with _hub_notices_dropped():  # the model loads on the server's worker thread; the filter is process-wide
+            return run_server(config)
     return _run_fleet(config, fleet)
 
 
@@ -934,29 +932,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log progress details (as catrt -v)")
     return parser
-
-
-def quiet_known_notices() -> None:
-    """Drop the import-time notices listed in QUIET_LOG_RECORDS, for this process (a command-line program) only.
-
-    Set before anything heavy is imported so they never print; the library itself changes no
-    global logging or warnings configuration.
-    """
-    for name, text in QUIET_LOG_RECORDS.items():
-        target = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessage) and f.text == text for f in target.filters):
-            target.addFilter(_DropMessage(text))
-
-
-class _DropMessage(logging.Filter):
-    """A logging filter that drops records whose message contains `text`."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
 
 
 def _one_line(error: BaseException) -> str:

@@ -47,6 +47,7 @@ from catrt.manifest import (
     manifest_problems,
     read_manifest_data,
 )
+from catrt.pipeline_spec import PipelineSpec
 
 #: Per backend, the files a bundle holds besides the manifest: the suffix of each graph's own file
 #: (None: no file per graph) and the files all graphs share. `bundle_files` lists them for a bundle.
@@ -600,9 +601,16 @@ def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) ->
     else:
         check.expect(manifest.num_tokens == tokens, "num_tokens",
                      f"num_tokens is {manifest.num_tokens} but the full graph takes {tokens} packed tokens", manifest.num_tokens)
-    check.expect(rows in (build.batch, 2 * build.batch), "build.batch",
-                 f"build.batch is {build.batch} but the graphs take {rows} rows (batch, or 2 x batch with guidance)",
-                 build.batch)
+    per_image = rows_per_image(manifest.model["pipeline_class"])
+    if per_image is None:
+        check.expect(rows in (build.batch, 2 * build.batch), "build.batch",
+                     f"build.batch is {build.batch} but the graphs take {rows} rows (batch, or 2 x batch with guidance)",
+                     build.batch)
+    else:  # the pipeline's guidance fixes the rows: a batch edited to half or twice the built one is no other batch
+        check.expect(rows == per_image * build.batch, "build.batch",
+                     f"build.batch is {build.batch} but the graphs take {rows} rows ({manifest.model['pipeline_class']} "
+                     f"runs {per_image} row(s) per image: {'classifier-free guidance' if per_image == 2 else 'distilled guidance'})",
+                     build.batch)
     if len(latent) == 4:
         _size_problems(build, height, width, check)
     else:
@@ -730,7 +738,25 @@ def _context_problems(
 def text_tokens_before(pipeline_class: str) -> int | None:
     """The text tokens a registered pipeline class (by name) puts before its `max_sequence_length` ones, as its
     `PipelineSpec.text_tokens_before` declares; None for a class not registered or that does not declare it."""
-    from catrt.models import PIPELINES, pipeline_named  # the families' declarations; imported where graphs are read
+    spec = _registered_spec(pipeline_class)
+    return None if spec is None else spec.text_tokens_before
+
+
+def rows_per_image(pipeline_class: str) -> int | None:
+    """The graph rows per image of a build of a registered pipeline class (by name): 2 under classifier-free
+    guidance ([uncond, cond]; engines always run it), 1 under distilled guidance; None for a class not registered."""
+    spec = _registered_spec(pipeline_class)
+    if spec is None:
+        return None
+    return 2 if spec.guidance == "cfg" else 1
+
+
+def _registered_spec(pipeline_class: str) -> PipelineSpec | None:
+    """The PipelineSpec registered for a pipeline class by name, whichever module registered it: the families'
+    modules and `catrt.loading`'s models (the reference pipeline), imported here, where graphs are read, so a
+    bundle is judged the same whether or not its pipeline was imported before."""
+    import catrt.loading  # noqa: F401  (registers the reference pipeline's spec)
+    from catrt.models import PIPELINES, pipeline_named
 
     cls = pipeline_named(pipeline_class)
-    return None if cls is None else PIPELINES[cls].text_tokens_before
+    return None if cls is None else PIPELINES[cls]

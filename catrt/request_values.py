@@ -76,6 +76,13 @@ def prompt_pattern() -> str:
     return f"^[^{controls}]*[^{refused}][^{controls}]*$"
 
 
+@functools.cache
+def plain_text_pattern() -> str:
+    """A JSON Schema `pattern` for the texts `check_prompt_text(..., blank_ok=True)` takes (a negative prompt):
+    no control characters but tabs and line breaks."""
+    return f"^[^{_char_class(_control)}]*$"
+
+
 def _char_class(member: Callable[[str], bool]) -> str:
     """The BMP code points (surrogates aside) for which `member` is true, as `\\uXXXX` class ranges."""
     ranges: list[tuple[int, int]] = []

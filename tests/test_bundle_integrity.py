@@ -391,6 +391,9 @@ def test_a_manifest_that_is_a_link_a_pipe_or_oversized_is_refused_unread(
         (lambda m: m["build"].update(height=64), "build.height", r"build size 48x64 \(WxH\) is not the full graph's 6x4 latent at one scale"),
         (lambda m: m["build"].update(width=50), "build.width", r"build\.width 50 is not a multiple of the full graph's latent width 6"),
         (lambda m: m["build"].update(batch=4), "build.batch", r"build\.batch is 4 but the graphs take 2 rows"),
+        # Batch 2 of one image each would also be 2 rows, but this pipeline's engines always run [uncond, cond].
+        (lambda m: m["build"].update(batch=2), "build.batch",
+         r"build\.batch is 2 but the graphs take 2 rows \(StableDiffusion3Pipeline runs 2 row\(s\) per image: classifier-free guidance\)"),
         (lambda m: m["build"].update(max_sequence_length=16), "build.max_sequence_length", r"max_sequence_length is 16 but the graphs take 85 text tokens"),
         (lambda m: m["build"].update(backend="auto"), "build.backend", r"build\.backend is unresolved"),
         (lambda m: m["model"]["transformer_config"].update(patch_size=4), "graphs.full.inputs.hidden_states", r"latent 6x4 is not divisible by the patch size 4"),
@@ -403,7 +406,7 @@ def test_a_manifest_that_is_a_link_a_pipe_or_oversized_is_refused_unread(
          r"build\.precision is fp16 \(float16\) but graphs\.full\.inputs\.hidden_states is float32"),
     ],
     ids=["format-2", "no-format", "alpha", "alpha-out-of-range", "t0-at-steps", "t0-below-2", "steps-string", "steps-huge", "k", "num-tokens", "height",
-         "width", "batch", "text-length", "backend-auto", "patch-size", "pruned-shape", "model-name", "total-size", "verification",
+         "width", "batch", "batch-doubled", "text-length", "backend-auto", "patch-size", "pruned-shape", "model-name", "total-size", "verification",
          "precision"],
 )
 def test_an_edited_field_is_refused_naming_it(bundle: Path, edit: Callable[[dict[str, Any]], None], field: str, message: str) -> None:

@@ -286,13 +286,17 @@ def test_openapi_states_what_the_build_serves(server: RemoteServer) -> None:
     first = {name: schema.get("anyOf", [schema])[0] for name, schema in properties.items()}
     assert first["size"]["enum"] == ["64x64", "auto"]
     assert (first["n"]["minimum"], first["n"]["maximum"]) == (1, 2)
-    assert first["guidance_scale"]["exclusiveMinimum"] == 1.0
+    assert (first["guidance_scale"]["exclusiveMinimum"], first["guidance_scale"]["maximum"]) == (1.0, 100.0)
     assert first["steps"]["enum"] == [8]
     assert (first["prompt"]["minLength"], first["prompt"]["maxLength"]) == (1, 4000)
     assert str(TEXT_LENGTH) in first["prompt"]["description"]
     pattern = re.compile(first["prompt"]["pattern"])
     assert [bool(pattern.search(text)) for text in ("a red sun", "\ta\n", " \u200b ", "a\u0000", "\u0085")] == [
         True, True, False, False, False]
+    # A negative prompt may be blank, never hold a control character (the server refuses U+0089 by name).
+    negative = re.compile(first["negative_prompt"]["pattern"])
+    assert [bool(negative.search(text)) for text in ("", " ", "blurry\n", "a\u0089b", "\u0000")] == [
+        True, True, True, False, False]
     assert first["response_format"]["enum"] == ["b64_json"] and first["output_format"]["enum"] == ["png"]
     assert httpx.get(f"{server.url}/docs").status_code == 200
     # Boundary values of the document are served ...
@@ -301,14 +305,16 @@ def test_openapi_states_what_the_build_serves(server: RemoteServer) -> None:
         {"n": first["n"]["maximum"], "seed": largest_seed, "size": first["size"]["enum"][0],
          "steps": first["steps"]["enum"][0], "guidance_scale": math.nextafter(1.0, 2.0), "stream": False,
          "response_format": "b64_json", "output_format": "png", "background": "opaque"},
-        {"n": first["n"]["minimum"], "seed": first["seed"]["minimum"], "size": "auto", "negative_prompt": ""},
+        {"n": first["n"]["minimum"], "seed": first["seed"]["minimum"], "size": "auto", "negative_prompt": "",
+         "guidance_scale": first["guidance_scale"]["maximum"]},
     ]
     for body in edges:
         response = generate(server.url, **body)
         assert response.status_code == 200, (body, response.text)
     assert response.json()["catrt"]["seeds"] == [0]
     # ... and the values just past them are not.
-    for body, param in (({"n": 3}, "n"), ({"seed": largest_seed + 1}, "seed"), ({"guidance_scale": 1.0}, "guidance_scale")):
+    for body, param in (({"n": 3}, "n"), ({"seed": largest_seed + 1}, "seed"), ({"guidance_scale": 1.0}, "guidance_scale"),
+                        ({"guidance_scale": math.nextafter(100.0, 101.0)}, "guidance_scale")):
         assert_error(generate(server.url, **body), 400, param)
 
 
@@ -328,13 +334,22 @@ def test_a_failing_generation_answers_500_to_that_request_alone(faulty: RemoteSe
 
 
 def test_a_guidance_that_overflows_the_image_is_a_400_to_that_request_alone(faulty: RemoteServer) -> None:
-    """A NaN image is not answered as a black PNG: the request that asked for it gets a 400 naming its guidance."""
-    responses = asyncio.run(generate_all(faulty.url, [{"guidance_scale": 1e308}, {}], 0.05))
+    """A NaN image is not answered as a black PNG: the request that asked for it gets a 400 naming its guidance.
+    ("nan" makes the fault server's images NaN: no guidance up to the served maximum overflows a tiny fp32 model.)"""
+    responses = asyncio.run(generate_all(faulty.url, [{"prompt": "nan", "guidance_scale": 100.0}, {}], 0.05))
     assert [response.status_code for response in responses] == [400, 200]
     error = assert_error(responses[0], 400, "guidance_scale")
-    assert "guidance_scale 1e+308 made the generation overflow" in error["message"]
+    assert "guidance_scale 100 made the generation overflow" in error["message"]
     with Image.open(io.BytesIO(png(responses[1].json()["data"][0]["b64_json"]))) as image:
         assert image.size == (64, 64)
+
+
+def test_a_guidance_past_the_served_maximum_is_refused_before_it_runs(faulty: RemoteServer) -> None:
+    """1e308 is a number >= 0 the document once called valid; it overflowed the image. The document now states
+    the maximum, and past it the request is refused at admission, naming the limit."""
+    error = assert_error(generate(faulty.url, guidance_scale=1e308), 400, "guidance_scale")
+    assert error["message"] == (
+        "guidance_scale=1e+308 is not served: this server takes at most 100 (this model's default is 7); ask for a smaller one")
 
 
 def test_a_request_past_the_timeout_answers_504_and_its_work_is_dropped(faulty: RemoteServer) -> None:

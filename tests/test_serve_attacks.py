@@ -210,7 +210,7 @@ def test_a_body_that_is_not_one_object_says_what_it_is(server: RemoteServer, con
 
 @pytest.mark.parametrize(("body", "param", "needle"), [
     pytest.param({"n": 1}, "prompt", "prompt is required", id="missing"),
-    pytest.param({"prompt": "a", "n": 1.0}, "n", "n: Input should be a valid integer, got 1.0", id="n-float"),
+    pytest.param({"prompt": "a", "n": 1.5}, "n", "n: Input should be a valid integer, got 1.5", id="n-float"),
     pytest.param({"prompt": "a", "n": True}, "n", "got true", id="n-bool"),
     pytest.param({"prompt": "a", "alpha": "0.3"}, "alpha", 'got "0.3"', id="alpha-string"),
     pytest.param({"prompt": ["a", "b"]}, "prompt", 'got ["a", "b"]', id="prompt-list"),
@@ -221,6 +221,14 @@ def test_a_body_that_is_not_one_object_says_what_it_is(server: RemoteServer, con
 ])
 def test_a_wrong_field_is_named_with_what_was_sent(server: RemoteServer, body: dict[str, Any], param: str, needle: str) -> None:
     assert needle in assert_error(_post(server, json.dumps(body).encode()), 400, param)["message"]
+
+
+def test_an_integer_written_with_a_zero_fraction_is_that_integer(server: RemoteServer, plain_png: bytes) -> None:
+    """JSON Schema's "integer" (what the OpenAPI document states for n, seed, steps...) takes 3.0, and a
+    schema-driven client sends it: it is served as 3; 3.5, "3" and true stay refused by name."""
+    body = b'{"prompt": "%s", "seed": 3.0, "n": 1.0, "steps": 3.0, "output_compression": 26.0}' % PROMPT.encode()
+    assert _image(_post(server, body)) == plain_png
+    assert "got 3.5" in assert_error(_post(server, json.dumps({**BODY, "seed": 3.5}).encode()), 400, "seed")["message"]
 
 
 def test_a_body_exactly_at_the_limit_is_served_one_byte_over_is_a_413(server: RemoteServer, plain_png: bytes) -> None:
@@ -588,7 +596,7 @@ def test_no_field_takes_a_value_of_a_kind_it_does_not_serve(server: RemoteServer
     pytest.param({"n": -(2**63) - 1}, "n", "greater than or equal to -9223372036854775808", id="n-past-int64"),
     pytest.param({"n": -1}, "n", "n=-1 is not served", id="n-negative"),
     pytest.param({"n": 2}, "n", "n=2 is not served: this server makes 1 to 1 images", id="n-over-batch"),
-    pytest.param({"steps": 1.0}, "steps", "Input should be a valid integer, got 1.0", id="steps-float"),
+    pytest.param({"steps": 3.5}, "steps", "Input should be a valid integer, got 3.5", id="steps-float"),
     pytest.param({"seed": "7"}, "seed", 'Input should be a valid integer, got "7"', id="seed-string"),
     pytest.param({"guidance_scale": True}, "guidance_scale", "Input should be a valid number, got true", id="guidance-bool"),
     pytest.param({"prompt": "a\u0000b"}, "prompt", "control character U+0000", id="prompt-nul"),

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from test_serve_support import (
     CLI,
+    LISTENING,
     RemoteServer,
     assert_error,
     assert_one_line_refusal,
@@ -221,6 +222,14 @@ def test_failures_while_loading_are_one_line_and_exit_2(bundle: Path, key_files:
         stdout, stderr = process.communicate(timeout=180)
         result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
         assert_one_line_refusal(result, *cases[name][1])
+
+
+def test_a_published_model_offline_is_the_only_line_on_stderr() -> None:
+    """diffusers logs "Couldn't connect to the Hub ... Will try to load from local cache." while the worker loads;
+    the refusal already says what to do, so that notice stays out of serve's stderr as it does of generate's."""
+    result = run_cli(["serve", "--model", "sd3", "--port", "0"])
+    line = assert_one_line_refusal(result, "model sd3 (stabilityai/stable-diffusion-3-medium-diffusers)", "gated")
+    assert [text for text in result.stderr.splitlines() if text.strip() and not LISTENING.match(text)] == [line]
 
 
 def test_the_cli_help_of_serve_is_quick() -> None:

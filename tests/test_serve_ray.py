@@ -25,6 +25,7 @@ import openai
 import pytest
 import ray
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve._private.common import DeploymentID, ReplicaID
 from test_serve_support import (
@@ -129,6 +130,9 @@ def test_requests_succeed_on_both_replicas(fleet: str) -> None:
         assert f'catrt_replica_answers_total{{replica="{replica}",status="200"}}' in text
         assert f'catrt_replica_images_generated_total{{replica="{replica}",size="64x64"}}' in text
     assert 'catrt_requests_total{route="/v1/images/generations",status="200"}' in text
+    steps = {sample.labels["replica"] for family in text_string_to_metric_families(text) for sample in family.samples
+             if sample.name == "catrt_step_seconds_count" and sample.labels["kind"] == "pruned"}
+    assert steps == seen  # each replica's own series, brought by its answers
 
 
 def test_the_ingress_checks_requests_as_the_single_server_does(fleet: str) -> None:
@@ -260,6 +264,60 @@ def test_a_replica_runs_the_servers_alpha_policy(monkeypatch: pytest.MonkeyPatch
         assert reply["body"]["catrt"]["alpha"] == 0.9  # a light load within the target: the largest alpha, not the first
     finally:
         replica.worker.drain()
+
+
+def test_the_ingress_exports_each_replicas_model_series_under_the_single_servers_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ingress's /metrics had the model series' names with no samples (step seconds by kind, images, alphas)
+    and a `catrt_queue_depth` that always read 0; each replica's series now come with its answers, labelled by
+    replica. One replica is made in this process (Ray Serve's replica context faked), as a replica makes itself."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import catrt.serve.ray_app as ray_app
+    from catrt.serve.metrics import HttpMetrics
+
+    context = SimpleNamespace(replica_id=SimpleNamespace(unique_id="replica-in-test"))
+    monkeypatch.setattr(ray_app.serve, "get_replica_context", lambda: context)
+    replica = ray_app.ModelReplica(ServeConfig(model="reference", steps=6, cat=CATConfig(t0=2)).to_dict())
+    try:
+        reply = asyncio.run(replica.generate({"prompt": "a red sun", "seed": 1}, "request-1"))
+    finally:
+        replica.worker.drain()
+    assert reply["status"] == 200, reply
+    metrics = HttpMetrics()
+    ray_app.FleetMetrics(metrics).observe(reply)
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(metrics.render().decode()) for sample in family.samples}
+    mine = ("replica", "replica-in-test")
+    for kind in ("full", "pruned"):
+        assert samples[("catrt_step_seconds_count", (("kind", kind), mine, ("size", "32x32")))] > 0
+    assert samples[("catrt_images_generated_total", (mine, ("size", "32x32")))] >= 1
+    assert samples[("catrt_alpha_chosen_total", (("alpha", "0.3"), mine))] >= 1
+    assert samples[("catrt_queue_depth", (mine,))] == 0
+    assert ("catrt_queue_depth", ()) not in samples  # no unlabelled depth that reads 0 whatever the replicas hold
+    assert samples[("catrt_replica_answers_total", (mine, ("status", "200")))] == 1  # the ingress's own series stay
+
+
+# A model replica made in a fresh process, as Ray starts one (its replica context faked).
+REPLICA_PROCESS = """
+from types import SimpleNamespace
+import catrt.serve.ray_app as ray_app
+ray_app.serve.get_replica_context = lambda: SimpleNamespace(replica_id=SimpleNamespace(unique_id="r"))
+from catrt.config import CATConfig
+from catrt.serve.config import ServeConfig
+ray_app.ModelReplica(ServeConfig(model="reference", steps=3, cat=CATConfig(t0=2)).to_dict()).worker.drain()
+"""
+
+
+def test_a_replica_prints_none_of_the_notices_the_cli_drops() -> None:
+    """transformers' two "requires torchvision (not installed)" notices printed once per replica into
+    `catrt serve --ray`'s output, which the CLI keeps free of them."""
+    result = subprocess.run([sys.executable, "-c", REPLICA_PROCESS], capture_output=True, text=True, env=server_env(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "torchvision" not in result.stderr + result.stdout
 
 
 # -- the CLI around --ray (no Ray started) -------------------------------------------------------

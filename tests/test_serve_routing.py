@@ -114,6 +114,36 @@ def test_each_size_takes_and_documents_its_own_alphas_and_batch(builds: dict[str
     assert n.value.field == "n"
 
 
+def test_the_document_takes_only_what_each_sizes_build_serves(builds: dict[str, Path]) -> None:
+    """The properties state the union of the builds (`n` up to 2, alphas 0.3, 0.5, 0.2), so `n: 2` at the
+    batch-1 size or alpha 0.3 there was a request the document took and the server refused; the request's
+    `anyOf` holds each size's own values, and the document and `admit` now agree."""
+    import jsonschema
+
+    from catrt.serve.routing import RoutedRules
+    from catrt.serve.schemas import ImageGenerationRequest
+
+    rules = RoutedRules(Router(load_builds([str(builds["64x64"]), str(builds["96x64-alphas"])])), 4000)
+    document = {"type": "object", "properties": rules.properties(), "anyOf": rules.size_rules()}
+    bodies = [
+        {"n": 2}, {"n": 2, "size": "auto"}, {"n": 2, "size": "64x64", "alpha": 0.3}, {"size": "96x64", "alpha": 0.2},
+        {"size": "96x64", "n": 2}, {"size": "96x64", "alpha": 0.3}, {"size": "64x64", "alpha": 0.5}, {"alpha": 0.2},
+    ]
+    for fields in bodies:
+        body = {"prompt": "a red sun", **fields}
+        valid = jsonschema.Draft202012Validator(document).is_valid(body)
+        try:
+            rules.admit(ImageGenerationRequest(**body))
+            admitted = True
+        except ConfigError:
+            admitted = False
+        assert (valid, admitted) == (admitted, admitted), body
+        assert valid == (fields in bodies[:4]), body
+    same = RoutedRules(Router(load_builds([str(builds["64x64"]), str(builds["96x64"])])), 4000)
+    assert same.size_rules() is not None  # batch 2 and 1: the sizes differ
+    assert RoutedRules(Router(load_builds([str(builds["96x64"])])), 4000).size_rules() is None
+
+
 def test_each_size_states_and_applies_its_own_text_length(builds: dict[str, Path], tmp_path: Path) -> None:
     """Builds may take other text lengths (--max-sequence-length): the OpenAPI document stated the first build's
     token limit for every size."""
@@ -210,6 +240,10 @@ def test_openapi_and_metrics_cover_every_build(server: RemoteServer) -> None:
     first = {name: schema.get("anyOf", [schema])[0] for name, schema in openapi_request_schema(server.url)["properties"].items()}
     assert first["size"]["enum"] == ["64x64", "96x64", "auto"]
     assert first["n"]["maximum"] == 2 and first["steps"]["enum"] == [8]
+    # ... and per size what its build takes: n up to 2 at 64x64 (and "auto"), 1 at 96x64.
+    alternatives = openapi_request_schema(server.url)["anyOf"]
+    assert [(rule["properties"]["size"]["enum"], rule["properties"]["n"]["anyOf"][0]["maximum"]) for rule in alternatives] == [
+        (["64x64", "auto", None], 2), (["96x64"], 1)]
     for size in ("64x64", "96x64"):
         before = metric(server.url, f'catrt_images_generated_total{{size="{size}"}}')
         assert generate(server.url, size=size).status_code == 200

@@ -23,8 +23,9 @@ import httpx
 PROMPT = "a red sun in a blue sky"
 LISTENING = re.compile(r"^catrt serve: listening on (http://\S+)$")
 CLI = [sys.executable, "-m", "catrt.cli"]
-# `catrt serve` whose generation (in the server's own process) raises on the prompt "boom" and sleeps N seconds
-# on "sleep N": a failure or a busy worker on cue, so tests need not guess how fast this machine generates.
+# `catrt serve` whose generation (in the server's own process) raises on the prompt "boom", sleeps N seconds
+# on "sleep N" and makes NaN images on "nan": a failure, a busy worker or an overflow on cue, so tests need not
+# guess how fast this machine generates or which guidance overflows a model.
 FAULT_CLI = [sys.executable, "-c", """
 import sys, time
 from catrt.serve.model import ServedModel
@@ -35,6 +36,17 @@ def faulty(self, rows, options, *rest, **named):
             raise RuntimeError("injected failure")
         if row.prompt.startswith("sleep "):
             time.sleep(float(row.prompt.split()[1]))
+    if any(row.prompt == "nan" for row in rows):
+        runner = self.runner
+        def overflowing(*args, **kwargs):
+            output = runner(*args, **kwargs)
+            output.images = output.images * float("nan")
+            return output
+        self.runner = overflowing
+        try:
+            return generate(self, rows, options, *rest, **named)
+        finally:
+            self.runner = runner
     return generate(self, rows, options, *rest, **named)
 ServedModel.generate = faulty
 from catrt.cli import main

@@ -29,7 +29,7 @@ from catrt.serve.echo import echo
 from catrt.serve.errors import REQUEST_ID_KEY, error_response, install_error_handlers
 from catrt.serve.gate import RequestGate
 from catrt.serve.json_body import UniqueKeysRoute
-from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
+from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ServerMetrics
 from catrt.serve.openapi import describe_served
 from catrt.serve.schemas import (
     CatrtInfo,
@@ -64,7 +64,7 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def base_app(metrics: ServerMetrics, config: ServeConfig, alive: Callable[[], bool] = lambda: True,
+def base_app(metrics: HttpMetrics, config: ServeConfig, alive: Callable[[], bool] = lambda: True,
              body_deadline: bool = False) -> FastAPI:
     """The app every serving mode starts from: error bodies, the request gate (id, key, body limit,
     encoding), request metrics, `/health/live` and the model list (`/v1/models`).
@@ -272,7 +272,7 @@ class RequestMetricsMiddleware:
     Outermost, so answers the gate gives before routing (401, 413) are counted under their route too.
     """
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics, router: Any) -> None:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics, router: Any) -> None:
         self.app = app
         self.metrics = metrics
         self.router = router

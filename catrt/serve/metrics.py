@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,9 @@ def alpha_label(alpha: float) -> str:
     return repr(float(alpha))
 
 
-class ServerMetrics:
-    """Every series the server exports."""
+class HttpMetrics:
+    """The HTTP front's series: requests by route and status, and their latency. A Ray Serve ingress exports
+    these and its replicas' model series (`ReplicaSnapshots`), never model series of its own, which would read 0."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -41,6 +43,16 @@ class ServerMetrics:
             "catrt_request_latency_seconds", "HTTP request latency by route", ["route"],
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ServerMetrics(HttpMetrics):
+    """Every series the single server (and each Ray Serve model replica, in its own process) exports."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.queue = Gauge("catrt_queue_depth", "requests waiting for the worker", registry=self.registry)
         self.images = Counter("catrt_images_generated", "images generated, by size", ["size"], registry=self.registry)
         self.batch_rows = Histogram(
@@ -72,8 +84,28 @@ class ServerMetrics:
     def observe_step(self, kind: str, seconds: float, size: str) -> None:
         self.step_seconds.labels(kind=kind, size=size).observe(seconds)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+
+class ReplicaSnapshots(Collector):
+    """Each Ray Serve model replica's series (its `ServerMetrics`: queue depth, images, batch rows, step seconds by
+    kind, chosen alphas, cancellations, GPU) as the replica rendered them with its latest answer, under the single
+    server's names with a `replica` label: the ingress cannot scrape the replicas, their answers bring them."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, str] = {}  # replica id -> its registry in the text format
+
+    def update(self, replica: str, text: str) -> None:
+        self.latest[replica] = text
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for replica, text in list(self.latest.items()):
+            for family in text_string_to_metric_families(text):
+                if not family.samples:  # a series the replica never set (its HTTP ones: replicas answer no HTTP)
+                    continue
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "replica": replica}, sample.value)
+        yield from merged.values()
 
 
 class QueueBySize(Collector):

@@ -3,7 +3,8 @@
 FastAPI writes the types from the pydantic models; once the model is loaded, the served values (the
 served sizes as an enum, `n` up to the batch, the guidance range, prompt length, the formats) are
 written over them from the same `RoutedRules` that check requests, so a schema-driven client's
-valid requests are served. Before the model is loaded the document has the types only and is not
+valid requests are served (with builds that differ per size, a request `anyOf` holds each size's own
+`n`, steps and alphas). Before the model is loaded the document has the types only and is not
 cached. With an API key, the protected paths carry an HTTP bearer security requirement.
 """
 
@@ -43,6 +44,9 @@ def describe_served(
         for name, fragment in current.properties().items():
             title = properties.get(name, {}).get("title", name.replace("_", " ").title())
             properties[name] = {"title": title, **fragment}
+        alternatives = current.size_rules()
+        if alternatives is not None:  # builds of several sizes that take other n, steps or alphas
+            schema["components"]["schemas"][REQUEST_SCHEMA]["anyOf"] = alternatives
         app.openapi_schema = schema  # the loaded model's rules do not change
         return schema
 

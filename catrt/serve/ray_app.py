@@ -36,11 +36,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from catrt.errors import CatrtError, ConfigError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
+from catrt.notices import quiet_known_notices
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
 from catrt.serve.fleet_start import first_line, ray_start_error
-from catrt.serve.metrics import CONTENT_TYPE, ServerMetrics
+from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ReplicaSnapshots, ServerMetrics
 from catrt.serve.openapi import describe_served
 from catrt.serve.schemas import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
 
@@ -74,12 +75,13 @@ class ModelReplica:
     """
 
     def __init__(self, config: dict[str, Any], bundle_key: bytes | None = None) -> None:
+        quiet_known_notices()  # this replica is a process of `catrt serve --ray`: its output is the CLI's
         from catrt.serve.routing import load_router
         from catrt.serve.worker import Worker
 
         serve_config = ServeConfig.from_dict(config)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        metrics = ServerMetrics()
+        self.metrics = metrics = ServerMetrics()
         self.worker = Worker(lambda: load_router(serve_config, bundle_key), serve_config.max_queue, metrics,
                              on_exit=lambda state: None, alpha_policy=serve_config.alpha_policy,
                              latency_target=serve_config.latency_target)
@@ -93,7 +95,8 @@ class ModelReplica:
         logger.info("replica %s serves %s", self.replica, self.worker.served.sizes)
 
     async def generate(self, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        """`{"status", "body", "headers", "replica", "depth"}`: the answer the ingress sends, as the single server would."""
+        """`{"status", "body", "headers", "replica", "depth", "metrics"}`: the answer the ingress sends, as the
+        single server would, and this replica's series in the text format (for `ReplicaSnapshots`)."""
         try:
             response = await self.service.generate(ImageGenerationRequest.model_validate(body), _Detached(request_id))
         except CatrtError as error:
@@ -103,18 +106,20 @@ class ModelReplica:
             return self._reply(catrt_error_response(GenerationError(internal_error_message(request_id))))
         payload = response.model_dump(mode="json")
         payload["catrt"]["replica"] = self.replica
-        return {"status": 200, "body": payload, "headers": {}, "replica": self.replica, "depth": self.worker.depth}
+        return {"status": 200, "body": payload, "headers": {}, "replica": self.replica, "depth": self.worker.depth,
+                "metrics": self.metrics.render().decode()}
 
     def _reply(self, answer: JSONResponse) -> dict[str, Any]:
         headers = {key: value for key, value in answer.headers.items() if key.lower() == "retry-after"}
         return {"status": answer.status_code, "body": json.loads(answer.body), "headers": headers,
-                "replica": self.replica, "depth": self.worker.depth}
+                "replica": self.replica, "depth": self.worker.depth, "metrics": self.metrics.render().decode()}
 
     def describe(self) -> dict[str, Any]:
         """The replica's state, sizes and the request fields' OpenAPI description."""
         rules = self.service.rules()
         return {"status": self.worker.state, "sizes": self.worker.served.sizes, "replica": self.replica,
-                "properties": rules.properties() if rules is not None else None}
+                "properties": rules.properties() if rules is not None else None,
+                "size_rules": rules.size_rules() if rules is not None else None}
 
     def check_health(self) -> None:
         if self.worker.state != "ready":
@@ -122,28 +127,36 @@ class ModelReplica:
 
 
 class _Described:
-    """The request fields' description a replica gave, for `describe_served`."""
+    """The request fields' description (and per-size alternatives) a replica gave, for `describe_served`."""
 
-    def __init__(self, properties: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, properties: dict[str, dict[str, Any]], size_rules: list[dict[str, Any]] | None) -> None:
         self._properties = properties
+        self._size_rules = size_rules
 
     def properties(self) -> dict[str, dict[str, Any]]:
         return self._properties
 
+    def size_rules(self) -> list[dict[str, Any]] | None:
+        return self._size_rules
+
 
 class FleetMetrics:
-    """Per-replica series the ingress records from each replica's answers (its own registry: `metrics`)."""
+    """Per-replica series the ingress records from each replica's answers (its own registry: `metrics`), and the
+    replicas' own series as their answers bring them (`ReplicaSnapshots`)."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: HttpMetrics) -> None:
         self.answers = Counter("catrt_replica_answers", "answers by model replica and status",
                                ["replica", "status"], registry=metrics.registry)
         self.images = Counter("catrt_replica_images_generated", "images generated by model replica and size",
                               ["replica", "size"], registry=metrics.registry)
         self.depth = Gauge("catrt_replica_queue_depth", "requests waiting at a model replica when it last answered",
                            ["replica"], registry=metrics.registry)
+        self.snapshots = ReplicaSnapshots()
+        metrics.registry.register(self.snapshots)
 
     def observe(self, reply: dict[str, Any]) -> None:
         replica = reply["replica"]
+        self.snapshots.update(replica, reply["metrics"])
         self.answers.labels(replica=replica, status=str(reply["status"])).inc()
         self.depth.labels(replica=replica).set(reply["depth"])
         if reply["status"] == 200:
@@ -156,7 +169,7 @@ class Ingress:
     def __init__(self, config: dict[str, Any], models: DeploymentHandle, api_key: str | None = None) -> None:
         self.config = ServeConfig.from_dict({**config, "api_key": api_key})
         self.models = models
-        self.metrics = ServerMetrics()
+        self.metrics = HttpMetrics()
         self.fleet = FleetMetrics(self.metrics)
         self.described: dict[str, _Described] = {}
 
@@ -168,7 +181,7 @@ class Ingress:
             logger.info("no model replica answered: %r", error)
             return None
         if state["properties"] is not None:
-            self.described.setdefault("rules", _Described(state["properties"]))
+            self.described.setdefault("rules", _Described(state["properties"], state["size_rules"]))
         return state
 
     async def forward(self, body: ImageGenerationRequest, request_id: str) -> dict[str, Any]:

@@ -75,6 +75,27 @@ class RoutedRules:
     def spec_for(self, options: BatchOptions) -> ServedSpec:
         return self.router.for_options(options).spec
 
+    def size_rules(self) -> list[dict[str, Any]] | None:
+        """The request's `anyOf` in the OpenAPI document where builds differ in batch, steps or alphas: one
+        alternative per served size with that build's `n`, `steps` and `alpha`, so a request the document
+        takes is one its size's build serves (the properties alone state the union: `n` 2 at a batch-1 size);
+        None where every build takes the same. A request without `size` (or "auto") is the first build's."""
+        specs = [model.spec for model in self.router.models.values()]
+        if len({(spec.batch, spec.steps, spec.alphas) for spec in specs}) == 1:
+            return None
+        alternatives: list[dict[str, Any]] = []
+        for index, spec in enumerate(specs):
+            alternative: dict[str, Any] = {"properties": {
+                "size": {"enum": [spec.size, "auto", None] if index == 0 else [spec.size]},
+                "n": {"anyOf": [{"type": "integer", "maximum": spec.batch}, {"type": "null"}]},
+                "steps": {"enum": [spec.steps, None]},
+                "alpha": {"enum": [*spec.alphas, None]},
+            }}
+            if index > 0:
+                alternative["required"] = ["size"]
+            alternatives.append(alternative)
+        return alternatives
+
     def properties(self) -> dict[str, dict[str, Any]]:
         """The first build's description, with every served size and the widest `n` and step range."""
         properties = self.rules[self.router.default.spec.size].properties()

@@ -1,8 +1,8 @@
 """Request and response bodies of the images endpoint: OpenAI's schema plus catrt's own fields.
 
-The request model checks types only: strict (a string "2" is not an `n`), unknown fields refused
-(a 400 naming the field, as OpenAI's API answers "Unknown parameter"), so a typo is never a silently
-ignored setting. The fields OpenAI's `images.generate` defines take the values OpenAI's API takes (its
+The request model checks types only: strict (a string "2" is not an `n`; 2.0 is, as JSON Schema's
+integer), unknown fields refused (a 400 naming the field, as OpenAI's API answers "Unknown parameter"),
+so a typo is never a silently ignored setting. The fields OpenAI's `images.generate` defines take the values OpenAI's API takes (its
 enums, `output_compression` 0-100, `partial_images` 0-3); another value is a 400 naming the field, as
 OpenAI answers it. Every integer is a 64-bit one: a longer number is no count, seed or step any
 model runs. What values a server takes within those (its size, `n` range, guidance, prompt length,
@@ -21,11 +21,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 IGNORED = "accepted for OpenAI clients and ignored"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+def whole_number(value: Any) -> Any:
+    """A JSON number without a fractional part (`1.0`) as the integer it is: JSON Schema's "integer", which the
+    OpenAPI document states, takes it, so a schema-driven client may send it; `1.5`, `"1"` and `true` stay refused,
+    and so does a float past 64 bits (`1e300`), as not an integer any model runs, named as sent."""
+    if isinstance(value, float) and value.is_integer() and INT64_MIN <= value < INT64_MAX:
+        return int(value)
+    return value
+
+
+def json_int(low: int, high: int) -> Any:
+    """An integer field of the request from `low` to `high`: a JSON integer, written `1` or `1.0`, never a string or a
+    boolean. (The bounds come before the conversion so the schema states them as `minimum` / `maximum`.)"""
+    return Annotated[StrictInt, Field(ge=low, le=high), BeforeValidator(whole_number)]
+
+
+Int64 = json_int(INT64_MIN, INT64_MAX)
 #: The request fields for output this server does not make: sent with any value but null, a 400 naming them.
 UNSERVED_OUTPUT = {
     "frame_count": "frame_count sets the frames of GIF output",
@@ -48,7 +65,7 @@ class ImageGenerationRequest(BaseModel):
     background: Literal["transparent", "opaque", "auto"] | None = Field(
         None, description="auto or opaque (images are opaque); transparent is not served")
     stream: StrictBool | None = Field(None, description="false; streaming is not served")
-    partial_images: Annotated[StrictInt, Field(ge=0, le=3)] | None = Field(
+    partial_images: json_int(0, 3) | None = Field(
         None, description="0; partial images come only with streaming, which is not served")
     model: StrictStr | None = Field(None, description=f"{IGNORED}: the server serves one model")
     quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] | None = Field(
@@ -58,7 +75,7 @@ class ImageGenerationRequest(BaseModel):
     user: StrictStr | None = Field(None, description=IGNORED)
     safety_identifier: StrictStr | None = Field(None, description=IGNORED)
     moderation: Literal["low", "auto"] | None = Field(None, description=f"{IGNORED}: this server runs no moderation")
-    output_compression: Annotated[StrictInt, Field(ge=0, le=100)] | None = Field(
+    output_compression: json_int(0, 100) | None = Field(
         None, description=f"{IGNORED}: PNG is lossless")
     frame_count: Int64 | None = Field(None, description="GIF output is not served: leave it out")
     frame_duration_ms: Int64 | None = Field(None, description="GIF output is not served: leave it out")

@@ -18,12 +18,23 @@ from typing import Any
 
 from catrt.bundle import check_request
 from catrt.errors import ConfigError
-from catrt.request_values import check_guidance, check_prompt_text, check_seed, largest_seed, prompt_pattern
+from catrt.request_values import (
+    check_guidance,
+    check_prompt_text,
+    check_seed,
+    largest_seed,
+    plain_text_pattern,
+    prompt_pattern,
+)
 from catrt.serve.model import BatchOptions, Row, ServedModel
 from catrt.serve.metrics import alpha_label
 from catrt.serve.echo import echo, shorten
 from catrt.serve.schemas import UNSERVED_OUTPUT, ImageGenerationRequest
 
+# The largest guidance_scale a request may ask for (ComfyUI's CFG bound; the models' defaults are 3.5 to 7): the
+# OpenAPI document states it, so a schema-driven client's guidance is one a model runs (1e307 overflowed to a NaN
+# image, a 400 the schema could not foretell).
+MAX_GUIDANCE = 100.0
 SIZE_PATTERN = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")  # whole strings only: fullmatch
 
 
@@ -119,7 +130,16 @@ class RequestRules:
                 )
 
     def _guidance(self, value: float | None) -> float:
-        return self.spec.default_guidance if value is None else check_guidance(value)
+        if value is None:
+            return self.spec.default_guidance
+        guidance = check_guidance(value)
+        if guidance > MAX_GUIDANCE:
+            raise ConfigError(
+                f"guidance_scale={echo(value)} is not served: this server takes at most {MAX_GUIDANCE:g} (this model's "
+                f"default is {self.spec.default_guidance:g}); ask for a smaller one",
+                field="guidance_scale", value=value,
+            )
+        return guidance
 
     def _alpha(self, alpha: float | None) -> float | None:
         """A pinned alpha must be one the server serves (a build's alphas, or the eager model's --alpha values)."""
@@ -192,9 +212,9 @@ class RequestRules:
         """JSON Schema of the request fields whose served values this model fixes."""
         spec = self.spec
         chars = self.max_prompt_chars
-        guidance: dict[str, Any] = {"type": "number", "minimum": 0}
+        guidance: dict[str, Any] = {"type": "number", "minimum": 0, "maximum": MAX_GUIDANCE}
         if self.guidance_floor is not None:
-            guidance = {"type": "number", "exclusiveMinimum": self.guidance_floor}
+            guidance = {"type": "number", "exclusiveMinimum": self.guidance_floor, "maximum": MAX_GUIDANCE}
         return {
             "prompt": {
                 "type": "string", "minLength": 1, "maxLength": chars, "pattern": prompt_pattern(),
@@ -202,7 +222,8 @@ class RequestRules:
                 "tokens as the model's tokenizer counts them; longer prompts are refused (400), never truncated",
             },
             "negative_prompt": _nullable(
-                {"type": "string", "maxLength": chars}, f"same limits as prompt ({spec.text_tokens} tokens)"
+                {"type": "string", "maxLength": chars, "pattern": plain_text_pattern()},
+                f"same limits as prompt ({spec.text_tokens} tokens)",
             ),
             "n": _nullable({"type": "integer", "minimum": 1, "maximum": spec.batch, "default": 1}, "images"),
             "size": _nullable(
