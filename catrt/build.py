@@ -33,6 +33,7 @@ from catrt.loading import load_pipeline, loader_for
 from catrt.manifest import (
     MANIFEST_FILE,
     Manifest,
+    build_seal,
     describe_device,
     describe_files,
     package_versions,
@@ -349,4 +350,5 @@ def _manifest(
         total_size=sum(record["size"] for record in files.values()),
         verification=verification,
         exporters=exporters,
+        sealed=build_seal(config.to_dict()),
     )

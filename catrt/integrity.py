@@ -12,12 +12,14 @@
   inputs, the step graphs' activations have the build's precision, the `alphas` table lists the
   build's alphas in order, each with k = ceil(alpha * N), its own pruned graph (whose shapes are the
   full graph's with k rows) and that graph's verification error, and there is no pruned graph the
-  table does not list.
+  table does not list;
+- last, when all else holds, each build field against the digest the build wrote of it (`sealed`), so a field no
+  graph shows (t0, steps, reuse_every, ...) edited to another valid value is named too.
 
 A signed bundle is checked against its signature only when a key is given (`key=`, or the
 `CATRT_BUNDLE_KEY` environment variable read by `resolve_key`); then an unsigned or wrongly signed
 bundle is refused. The checks are of the files as they are now: a key is what makes a manifest
-edited together with its files detectable.
+edited together with its files (or its seal) detectable.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from catrt.manifest import (
     Manifest,
     manifest_problems,
     read_manifest_data,
+    seal_problems,
 )
 from catrt.pipeline_spec import PipelineSpec
 
@@ -104,6 +107,8 @@ def check_integrity(folder: str | os.PathLike[str], key: bytes | None = None) ->
         report.problems += consistency_problems(report.manifest, report.build)
     if not report.problems and report.build is not None and report.build.backend == "onnxruntime":
         report.problems += onnx_graph_problems(folder, report.manifest.graphs)
+    if not report.problems and report.manifest.sealed is not None:  # last: an edit no check above could see
+        report.problems += seal_problems(report.manifest.build, report.manifest.sealed)
     return report
 
 

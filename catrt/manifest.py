@@ -38,6 +38,9 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 3
 ALPHA_FIELDS: tuple[str, ...] = ("alpha", "k", "graph", "max_relative_error")
 SIGNATURE_FIELD = "signature"
+#: Per build field, a digest of the value the build wrote (`build_seal`): an edit of a field no graph shows (t0, steps,
+#: reuse_every, ...) is named at load. Not a secret: only a signature resists someone who rewrites both.
+SEAL_FIELD = "sealed"
 VERSIONED_PACKAGES: tuple[str, ...] = ("catrt", "torch", "diffusers", "onnx", "onnxruntime", "tensorrt")
 _CHUNK = 1 << 20
 #: Largest manifest read (a manifest is kilobytes; a bigger file is not one, and is not read into memory).
@@ -60,13 +63,16 @@ class Manifest:
     verification: dict[str, Any]
     exporters: dict[str, str] = field(default_factory=dict)
     format: int = FORMAT_VERSION
+    #: `build_seal(build)`, written by every build since it was added; None in a bundle built before.
+    sealed: dict[str, str] | None = None
     #: HMAC-SHA256 (hex) of the rest of the manifest, when the build was signed (`catrt.integrity`).
     signature: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if data[SIGNATURE_FIELD] is None:
-            del data[SIGNATURE_FIELD]  # an unsigned manifest has no signature field at all
+        for name in (SEAL_FIELD, SIGNATURE_FIELD):
+            if data[name] is None:
+                del data[name]  # an unsigned (or earlier, unsealed) manifest has no such field at all
         return data
 
     @classmethod
@@ -143,6 +149,30 @@ def read_manifest(folder: Path) -> Manifest:
     return Manifest.from_dict(data)
 
 
+def build_seal(build: dict[str, Any]) -> dict[str, str]:
+    """Per field of the build config, keyed `build.<name>`, the sha256 of its name and value as canonical JSON."""
+    return {f"build.{name}": _field_digest(name, value) for name, value in sorted(build.items())}
+
+
+def seal_problems(build: dict[str, Any], sealed: dict[str, str]) -> list[CorruptBundleError]:
+    """Each build field whose value is not the one the build sealed (edited after the build), naming it."""
+    problems = []
+    for where in sorted({f"build.{name}" for name in build} | set(sealed)):
+        name = where.removeprefix("build.")
+        if sealed.get(where) != (_field_digest(name, build[name]) if name in build else None):
+            value = build.get(name)
+            problems.append(CorruptBundleError(
+                f"{MANIFEST_FILE} field '{where}' = {echo(value)} is not the value the build wrote (its '{SEAL_FIELD}' "
+                f"digest differs): the manifest was edited after the build; rebuild the engine with the setting you want",
+                field=where, value=value,
+            ))
+    return problems
+
+
+def _field_digest(name: str, value: Any) -> str:
+    return hashlib.sha256(json.dumps([name, value], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 # -- the manifest's shape ----------------------------------------------------------------------
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -174,7 +204,7 @@ def manifest_problems(data: dict[str, Any]) -> list[CorruptBundleError]:
                 value=found, rebuild=" with this catrt",
             )
         ]
-    unknown = sorted(set(data) - set(_TOP_LEVEL) - {SIGNATURE_FIELD})
+    unknown = sorted(set(data) - set(_TOP_LEVEL) - {SIGNATURE_FIELD, SEAL_FIELD})
     for name in unknown:
         problems.append(_shape(str(name), f"has an unknown field {echo(name)}"))
     for name, kind in _TOP_LEVEL.items():
@@ -183,6 +213,9 @@ def manifest_problems(data: dict[str, Any]) -> list[CorruptBundleError]:
             problems.append(problem)
     if SIGNATURE_FIELD in data and not (isinstance(data[SIGNATURE_FIELD], str) and _HEX64.fullmatch(data[SIGNATURE_FIELD])):
         problems.append(_shape(SIGNATURE_FIELD, "field 'signature' must be 64 lowercase hex characters (an HMAC-SHA256)"))
+    if SEAL_FIELD in data and not (isinstance(data[SEAL_FIELD], dict)
+                                   and all(isinstance(v, str) and _HEX64.fullmatch(v) for v in data[SEAL_FIELD].values())):
+        problems.append(_shape(SEAL_FIELD, f"field '{SEAL_FIELD}' must map build fields to sha256 digests (64 lowercase hex characters)"))
     if _is_int(data.get("num_tokens")) and data["num_tokens"] < 1:
         problems.append(_shape("num_tokens", f"field 'num_tokens' must be at least 1, got {data['num_tokens']}", value=data["num_tokens"]))
     if isinstance(data.get("alphas"), list):

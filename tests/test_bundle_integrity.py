@@ -30,7 +30,7 @@ from catrt.engines import ENGINES
 from catrt.errors import BuildError, ConfigError, CorruptBundleError, EngineMismatchError, UnknownModelError
 from catrt.integrity import BUNDLE_FILES, BUNDLE_KEY_ENV, bundle_files, check_integrity, sign_manifest
 from catrt.publish import staged_folder
-from catrt.manifest import FORMAT_VERSION, MANIFEST_FILE, file_digest
+from catrt.manifest import FORMAT_VERSION, MANIFEST_FILE, SEAL_FIELD, build_seal, file_digest
 from tests.conftest import call_kwargs
 
 KEY = b"integrity-test-key"
@@ -59,6 +59,16 @@ def _edit(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     data = _manifest(folder)
     edit(data)
     (folder / MANIFEST_FILE).write_text(json.dumps(data))
+
+
+def _resealed(edit: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """`edit`, then the seal rewritten to match: an edit by someone who knows how manifests are sealed."""
+
+    def edit_and_reseal(data: dict[str, Any]) -> None:
+        edit(data)
+        data[SEAL_FIELD] = build_seal(data["build"])
+
+    return edit_and_reseal
 
 
 def _flip_byte(path: Path, offset: int = 100) -> None:
@@ -430,12 +440,42 @@ def test_an_unsigned_bundle_is_refused_with_a_key(bundle: Path) -> None:
 
 
 def test_a_change_no_other_check_sees_is_refused_with_the_key(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _edit(bundle, lambda m: m["build"].update(t0=4))  # still 2 <= t0 < steps: only the signature tells
+    _edit(bundle, _resealed(lambda m: m["build"].update(t0=4)))  # 2 <= t0 < steps, resealed: only the signature tells
     assert check_integrity(bundle).problems == []
     monkeypatch.setenv(BUNDLE_KEY_ENV, KEY.decode())  # catrt.load's key when none is passed
     with pytest.raises(CorruptBundleError, match=r"signature does not match the bundle key") as caught:
         catrt.load(bundle)
     assert caught.value.field == "signature"
+
+
+@pytest.mark.parametrize(("field", "value"), [("t0", 4), ("steps", 7), ("steps", 28), ("reuse_every", 2)])
+def test_a_build_field_edited_to_another_valid_value_is_refused_naming_it(
+    bundle: Path, field: str, value: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A field no graph shows, edited within its range (t0 3 -> 4 of 6 steps), is named without a key: the build
+    sealed each field's value (a digest per field), and it is the only problem reported."""
+    monkeypatch.delenv(BUNDLE_KEY_ENV, raising=False)
+    _edit(bundle, lambda m: m["build"].update({field: value}))
+    problems = check_integrity(bundle).problems
+    assert [(p.field, p.value) for p in problems] == [(f"build.{field}", value)]
+    with pytest.raises(CorruptBundleError, match=rf"manifest.json field 'build.{field}' = {value} is not the value the "
+                                                 r"build wrote \(its 'sealed' digest differs\): the manifest was edited"):
+        catrt.load(bundle)
+
+
+def test_a_seal_that_does_not_cover_the_build_is_refused_and_an_unsealed_bundle_loads(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(BUNDLE_KEY_ENV, raising=False)
+    _edit(bundle, lambda m: m[SEAL_FIELD].pop("build.t0"))
+    assert [p.field for p in check_integrity(bundle).problems] == ["build.t0"]
+    _edit(bundle, lambda m: m[SEAL_FIELD].update({"build.t0": "0" * 64}) or m[SEAL_FIELD].update({"build.nothing": "0" * 64}))
+    assert [p.field for p in check_integrity(bundle).problems] == ["build.nothing", "build.t0"]
+    _edit(bundle, lambda m: m[SEAL_FIELD].update(t0="not a digest"))
+    assert [p.field for p in check_integrity(bundle).problems] == [SEAL_FIELD]
+    _edit(bundle, lambda m: m.pop(SEAL_FIELD))  # a bundle built before seals: its fields are checked as before
+    assert check_integrity(bundle).problems == []
+    catrt.load(bundle)
 
 
 def test_an_empty_key_is_refused_before_building(tmp_path: Path) -> None:
@@ -447,7 +487,7 @@ def test_an_empty_key_is_refused_before_building(tmp_path: Path) -> None:
 
 
 def test_a_blank_bundle_key_variable_is_refused_not_taken_as_no_key(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _edit(bundle, lambda m: m["build"].update(t0=4))  # an edit only the signature tells
+    _edit(bundle, _resealed(lambda m: m["build"].update(t0=4)))  # an edit only the signature tells
     monkeypatch.setenv(BUNDLE_KEY_ENV, " \n")  # an unfilled deployment secret
     with pytest.raises(ConfigError, match=r"\$CATRT_BUNDLE_KEY is set but empty; set it to the key") as caught:
         catrt.load(bundle)
