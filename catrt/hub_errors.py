@@ -63,7 +63,9 @@ def hub_error(card: ModelCard, error: BaseException) -> CatrtError:
     offline = " (HF_HUB_OFFLINE is set)" if offline_env else ""
     return CatrtError(
         f"model {card.name} ({card.hub_id}) could not be loaded: it is not in the local Hugging Face cache and "
-        f"the hub could not be reached{offline}. It is gated and needs hub access: accept its license at "
-        f"https://huggingface.co/{card.hub_id}, run `huggingface-cli login` and retry online, {local}",
+        f"the hub could not be reached{offline}. " + (
+            f"It is gated and needs hub access: accept its license at https://huggingface.co/{card.hub_id}, run "
+            f"`huggingface-cli login` and retry online, {local}" if card.gated else
+            f"It needs hub access (it is not gated): retry online, {local}"),
         field="model", value=card.name,
     )

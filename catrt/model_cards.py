@@ -41,6 +41,8 @@ class ModelCard:
     # The t0 `catrt generate` runs when --t0 is not given; None: CATConfig's (8), which a few-step model's
     # default_steps would not exceed (FLUX-schnell: 2 of its 4 steps).
     default_t0: int | None = None
+    # Whether the hub asks a user to accept the model's license (and log in) before it downloads.
+    gated: bool = True
 
     @property
     def default_size(self) -> int:
@@ -103,7 +105,7 @@ MODEL_CARDS: dict[str, ModelCard] = {
         ),
         ModelCard(
             "pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "pixart", _PIXART_SIGMA, 300,
-            default_steps=20, default_guidance=4.5, precision="fp16",
+            default_steps=20, default_guidance=4.5, precision="fp16", gated=False,
         ),
         ModelCard(
             "flux-dev", "black-forest-labs/FLUX.1-dev", "flux", _FLUX_DEV, 512, default_guidance=3.5, precision="bf16",

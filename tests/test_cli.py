@@ -384,6 +384,14 @@ def test_published_model_offline_says_gated_or_local_folder(capfd: pytest.Captur
         assert hint in line
 
 
+def test_a_published_model_that_is_not_gated_offline_says_so(capfd: pytest.CaptureFixture[str]) -> None:
+    """PixArt-Sigma downloads without a license to accept: the line must not send its user to accept one."""
+    line = _fails(capfd, "generate", "--model", "pixart-sigma", "--prompt", "x")
+    assert "model pixart-sigma (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS) could not be loaded" in line
+    assert "It needs hub access (it is not gated): retry online, or pass --model a local diffusers folder" in line
+    assert "gated and" not in line and "huggingface-cli login" not in line
+
+
 def test_flux_schnell_by_name_runs_its_four_steps_with_the_cards_t0(
     capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
