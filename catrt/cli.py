@@ -213,6 +213,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _card_schedule(args: argparse.Namespace, card: ModelCard | None, config: CATConfig) -> tuple[int | None, CATConfig]:
+    """The steps and CAT config a model runs where --steps / --t0 are not given: its card's (FLUX.1-schnell: 4 steps,
+    t0 2; PixArt-Sigma: 20 steps), as diffusers' pipeline defaults and the model's authors run it."""
+    if args.t0 is None and card is not None and card.default_t0 is not None:
+        config = dataclasses.replace(config, t0=card.default_t0)
+    return args.steps or (card.default_steps if card is not None else None), config
+
+
 def _card_size(card: ModelCard | None, height: int | None, width: int | None, model: str) -> None:
     """Refuse a size a known model cannot take, before loading it (None = the model's default)."""
     if card is not None:
@@ -329,11 +337,8 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     if args.full:
         _refuse_cat_flags_with_full(args)
     card = MODEL_CARDS.get(model)
-    config = _cat_config(args, seed=args.seed)
-    if args.t0 is None and card is not None and card.default_t0 is not None:
-        config = dataclasses.replace(config, t0=card.default_t0)
+    steps, config = _card_schedule(args, card, _cat_config(args, seed=args.seed))
     _card_size(card, args.height, args.width, model)
-    steps = args.steps or (card.default_steps if card is not None else None)
     if steps is not None and not args.full:
         config.check_steps(steps)
     device = _device("cpu" if args.device is None else args.device)
@@ -607,19 +612,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from catrt.serve import ServeConfig, run_server
     from catrt.serve.auth import load_api_key
 
+    steps, cat = None, _cat_config(args)
     if args.engines is not None:
         _refuse_serve_flags_fixed_by_build(args)
     else:
-        _card_size(MODEL_CARDS.get(args.model), args.height, args.width, args.model)
+        card = MODEL_CARDS.get(args.model)
+        _card_size(card, args.height, args.width, args.model)
+        steps, cat = _card_schedule(args, card, cat)
         if args.device is not None:
             _check_device_name(args.device)
     fleet = _fleet_config(args)
     defaults = ServeConfig(model=DEFAULT_MODEL)
     config = ServeConfig(
         engines=args.engines, model=args.model, height=args.height, width=args.width,
-        steps=defaults.steps if args.steps is None else args.steps,
+        steps=defaults.steps if steps is None else steps,
         batch=defaults.batch if args.batch is None else args.batch,
-        cat=_cat_config(args), alphas=tuple(args.alpha or ()), alpha_policy=args.alpha_policy,
+        cat=cat, alphas=tuple(args.alpha or ()), alpha_policy=args.alpha_policy,
         latency_target=args.latency_target, device=defaults.device if args.device is None else args.device, precision=args.precision,
         host=args.host, port=args.port, max_queue=args.max_queue, timeout=args.timeout,
         max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
@@ -746,7 +754,8 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     eager = serve.add_argument_group("--model only (a build fixes these)")
     eager.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     eager.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    eager.add_argument("--steps", type=_step_count, default=None, help=f"denoising steps, 1 to {MAX_STEPS} (default: {defaults.steps})")
+    eager.add_argument("--steps", type=_step_count, default=None, help=f"denoising steps, 1 to {MAX_STEPS} (default: the model's own, e.g. 20 for "
+                       f"pixart-sigma, 4 for flux-schnell; else {defaults.steps})")
     eager.add_argument("--batch", type=int, default=None, help=f"images per model call, 1 to {MAX_BATCH} (default: {defaults.batch})")
     eager.add_argument("--device", default=None, help=f"torch device, e.g. cpu or cuda (default: {defaults.device})")
     eager.add_argument("--precision", choices=SERVE_PRECISIONS, default=None,

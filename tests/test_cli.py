@@ -530,6 +530,27 @@ def test_serve_alphas_given_by_a_repeated_flag_are_all_served(monkeypatch: pytes
     assert config.alphas == (0.3, 0.5, 1.0) and config.cat.alpha == 0.3  # the first is the default
 
 
+@pytest.mark.parametrize(("flags", "steps", "t0"), [
+    (("--model", "flux-schnell"), 4, 2),  # the card's schedule, as `catrt generate` runs it
+    (("--model", "pixart-sigma"), 20, 8),
+    (("--model", "sd3"), 28, 8),
+    (("--model", "flux-schnell", "--steps", "8"), 8, 2),
+    (("--model", "flux-schnell", "--t0", "3"), 4, 3),
+    (("--model", "tiny-sd3"), 28, 8),  # no card: ServeConfig's defaults
+])
+def test_serve_runs_a_models_own_schedule_where_no_flag_sets_it(
+    monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...], steps: int, t0: int,
+) -> None:
+    """`serve --model flux-schnell` ran 28 steps (7x its 4) and pixart-sigma 28 (its 20), where generate runs the card's."""
+    import catrt.serve
+
+    served: list[Any] = []
+    monkeypatch.setattr(catrt.serve, "run_server", lambda config: served.append(config) or 0)
+    assert main(["serve", *flags]) == 0
+    (config,) = served
+    assert (config.steps, config.cat.t0) == (steps, t0)
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (("--height", "33"), "height 33 does not fit model tiny-sd3, which takes multiples of 16 up to 1536 pixels; try height 32"),
     (("--max-sequence-length", "100000"),
