@@ -6,6 +6,8 @@ can be made on the meta device without downloading anything.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,13 +126,41 @@ def default_precision(model: str, device_type: str) -> Precision:
     """The precision to run `model` in when none is asked for.
 
     On CUDA a published model runs in the dtype it is released and usually served in (SD3 and
-    PixArt-Sigma fp16, SD3.5 and FLUX.1 bf16); the reference and tiny models, local folders (whose dtype is
-    not known before loading) and every other device run fp32, which is exact and runs everywhere.
+    PixArt-Sigma fp16, SD3.5 and FLUX.1 bf16) and a local diffusers folder in the dtype its transformer was
+    saved in (`saved_precision`: a folder saved from an fp16 SD3 runs fp16, not twice the memory in fp32); the
+    reference and tiny models, a folder whose dtype cannot be read, and every other device run fp32, which is exact
+    and runs everywhere.
     """
-    card = MODEL_CARDS.get(model)
-    if device_type != "cuda" or card is None:
+    if device_type != "cuda":
         return "fp32"
-    return card.precision
+    card = MODEL_CARDS.get(model)
+    if card is not None:
+        return card.precision
+    return (saved_precision(Path(model)) or "fp32") if model and os.path.isdir(model) else "fp32"
+
+
+_SAFETENSORS_PRECISIONS: dict[str, Precision] = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}
+#: Largest safetensors header read (headers are kilobytes to a few megabytes; a bigger one is not a header).
+_MAX_HEADER_BYTES = 64 << 20
+
+
+def saved_precision(folder: Path) -> Precision | None:
+    """The precision most of a diffusers folder's transformer weights are saved in, from the safetensors headers
+    (the dtype of each tensor, no weight read); None without readable safetensors files there."""
+    counts: dict[Precision, int] = {}
+    for path in sorted((folder / "transformer").glob("*.safetensors")):
+        try:
+            with path.open("rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size)) if 0 < size <= _MAX_HEADER_BYTES else {}
+        except (OSError, ValueError):
+            continue
+        for name, entry in header.items() if isinstance(header, dict) else ():
+            precision = _SAFETENSORS_PRECISIONS.get(entry.get("dtype")) if isinstance(entry, dict) else None
+            shape = entry.get("shape") if precision is not None else None
+            if name != "__metadata__" and isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+                counts[precision] = counts.get(precision, 0) + math.prod(shape)
+    return max(counts, key=counts.__getitem__) if counts else None
 
 
 def size_limits(card: ModelCard) -> tuple[int, int | None]:

@@ -635,6 +635,22 @@ def test_default_precision_per_model_and_device() -> None:
     assert {default_precision(name, "cpu") for name in MODEL_CARDS} == {"fp32"}
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_a_local_folder_runs_on_cuda_in_the_dtype_its_transformer_was_saved_in(tmp_path: Path, dtype: str) -> None:
+    """A folder saved from an fp16 SD3 ran fp32 on CUDA by default (twice the memory, and slower): its safetensors
+    headers say the dtype, read without loading a weight; the CPU stays fp32, and a folder without them too."""
+    import torch
+
+    from catrt.tiny import build_tiny_pipeline
+
+    build_tiny_pipeline("tiny-sd3", dtype=getattr(torch, dtype)).transformer.save_pretrained(tmp_path / "transformer")
+    expected = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+    assert default_precision(str(tmp_path), "cuda") == expected
+    assert default_precision(str(tmp_path), "cpu") == "fp32"
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\xff" * 16)  # not a header
+    assert default_precision(str(tmp_path), "cuda") == "fp32"
+
+
 def test_prompt_length_counts_the_long_text_tokenizer(tiny_pipelines: dict[str, Any]) -> None:
     sd3, pixart = tiny_pipelines["tiny-sd3"], tiny_pipelines["tiny-pixart"]
     assert text_limit(sd3, pipeline_spec(sd3)).tokens == 256 and text_limit(pixart, pipeline_spec(pixart)).tokens == 300
