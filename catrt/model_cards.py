@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -146,21 +147,41 @@ _MAX_HEADER_BYTES = 64 << 20
 
 def saved_precision(folder: Path) -> Precision | None:
     """The precision most of a diffusers folder's transformer weights are saved in, from the safetensors headers
-    (the dtype of each tensor, no weight read); None without readable safetensors files there."""
+    (the dtype of each tensor, no weight read); None without readable safetensors files there.
+
+    Where the folder holds the plain weight files (one, or shards) beside variants (`*.fp16.safetensors`), only the
+    plain ones count: diffusers loads those unless asked for a variant. A header that is not one (a dtype that is no
+    string, a negative dimension, nesting past the parser's depth) is no evidence, never an error."""
     counts: dict[Precision, int] = {}
-    for path in sorted((folder / "transformer").glob("*.safetensors")):
+    for path in _loaded_weight_files(folder / "transformer"):
         try:
             with path.open("rb") as handle:
                 size = int.from_bytes(handle.read(8), "little")
                 header = json.loads(handle.read(size)) if 0 < size <= _MAX_HEADER_BYTES else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         for name, entry in header.items() if isinstance(header, dict) else ():
-            precision = _SAFETENSORS_PRECISIONS.get(entry.get("dtype")) if isinstance(entry, dict) else None
+            dtype = entry.get("dtype") if isinstance(entry, dict) else None
+            precision = _SAFETENSORS_PRECISIONS.get(dtype) if isinstance(dtype, str) else None
             shape = entry.get("shape") if precision is not None else None
-            if name != "__metadata__" and isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+            if name != "__metadata__" and isinstance(shape, list) and all(_is_dimension(d) for d in shape):
                 counts[precision] = counts.get(precision, 0) + math.prod(shape)
     return max(counts, key=counts.__getitem__) if counts else None
+
+
+#: diffusers' own name for a model's weights, one file or shards (`-00001-of-00002`), without a variant.
+_PLAIN_WEIGHTS = re.compile(r"diffusion_pytorch_model(-[0-9]+-of-[0-9]+)?\.safetensors")
+
+
+def _loaded_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files diffusers loads from a model folder: the plain ones where there are any, else all."""
+    files = sorted(folder.glob("*.safetensors"))
+    plain = [path for path in files if _PLAIN_WEIGHTS.fullmatch(path.name)]
+    return plain or files
+
+
+def _is_dimension(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def size_limits(card: ModelCard) -> tuple[int, int | None]:

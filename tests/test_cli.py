@@ -651,6 +651,36 @@ def test_a_local_folder_runs_on_cuda_in_the_dtype_its_transformer_was_saved_in(t
     assert default_precision(str(tmp_path), "cuda") == "fp32"
 
 
+def _safetensors_header(path: Path, header: object) -> None:
+    """A safetensors file that holds only its header (saved_precision reads no weight)."""
+    import json
+
+    data = json.dumps(header).encode()
+    path.write_bytes(len(data).to_bytes(8, "little") + data)
+
+
+def test_a_local_folders_saved_dtype_survives_odd_headers_and_counts_the_weights_diffusers_loads(tmp_path: Path) -> None:
+    """An odd header (a dtype that is a list, a negative dimension, JSON nested past the parser's depth) crashed
+    the command or outweighed the real tensors; variant files (`.fp16.safetensors`) beside the plain shards were
+    counted as if diffusers loaded both (a tie went to the variant)."""
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    for index in (1, 2):  # the plain weights diffusers loads: fp32, in two shards
+        _safetensors_header(folder / f"diffusion_pytorch_model-0000{index}-of-00002.safetensors",
+                            {"w": {"dtype": "F32", "shape": [10, 10], "data_offsets": [0, 0]}})
+    _safetensors_header(folder / "diffusion_pytorch_model.fp16.safetensors",
+                        {"w": {"dtype": "F16", "shape": [1000], "data_offsets": [0, 0]}})
+    _safetensors_header(folder / "odd.safetensors", {"w": {"dtype": ["F16"], "shape": [2]}})
+    assert default_precision(str(tmp_path), "cuda") == "fp32"
+    for name in folder.glob("diffusion_pytorch_model*"):
+        name.unlink()
+    _safetensors_header(folder / "a.safetensors", {"w": {"dtype": "F16", "shape": [4]},
+                                                   "x": {"dtype": "BF16", "shape": [-1000]}})
+    deep = b"[" * 200_000
+    (folder / "b.safetensors").write_bytes(len(deep).to_bytes(8, "little") + deep)
+    assert default_precision(str(tmp_path), "cuda") == "fp16"
+
+
 def test_prompt_length_counts_the_long_text_tokenizer(tiny_pipelines: dict[str, Any]) -> None:
     sd3, pixart = tiny_pipelines["tiny-sd3"], tiny_pipelines["tiny-pixart"]
     assert text_limit(sd3, pipeline_spec(sd3)).tokens == 256 and text_limit(pixart, pipeline_spec(pixart)).tokens == 300
