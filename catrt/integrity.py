@@ -607,11 +607,11 @@ def _graph_problems(manifest: Manifest, build: BuildConfig, check: _Problems) ->
         check.expect(manifest.num_tokens == tokens, "num_tokens",
                      f"num_tokens is {manifest.num_tokens} but the full graph takes {tokens} packed tokens", manifest.num_tokens)
     per_image = rows_per_image(manifest.model["pipeline_class"])
-    if per_image is None:
-        check.expect(rows in (build.batch, 2 * build.batch), "build.batch",
-                     f"build.batch is {build.batch} but the graphs take {rows} rows (batch, or 2 x batch with guidance)",
-                     build.batch)
-    else:  # the pipeline's guidance fixes the rows: a batch edited to half or twice the built one is no other batch
+    any_guidance = check.expect(rows in (build.batch, 2 * build.batch), "build.batch",
+                                f"build.batch is {build.batch} but the graphs take {rows} rows (batch, or 2 x batch with guidance)",
+                                build.batch)
+    if any_guidance and per_image is not None:
+        # the pipeline's guidance fixes the rows: a batch edited to half or twice the built one is no other batch
         check.expect(rows == per_image * build.batch, "build.batch",
                      f"build.batch is {build.batch} but the graphs take {rows} rows ({manifest.model['pipeline_class']} "
                      f"runs {per_image} row(s) per image: {'classifier-free guidance' if per_image == 2 else 'distilled guidance'})",
