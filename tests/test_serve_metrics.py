@@ -13,7 +13,7 @@ import pynvml
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from catrt.serve.metrics import NvmlCollector, ServerMetrics, nvml_collector
+from catrt.serve.metrics import HttpMetrics, NvmlCollector, ReplicaSnapshots, ServerMetrics, nvml_collector
 
 GIB = 1 << 30
 
@@ -98,3 +98,20 @@ def test_a_refused_reading_is_logged_once(monkeypatch: pytest.MonkeyPatch, caplo
     assert [record.getMessage() for record in caplog.records] == [
         "no GPU utilization metric for GPU 0: NVML says Not Supported"
     ]
+
+
+def test_a_replica_whose_metrics_text_is_unreadable_leaves_out_its_series_only(caplog: pytest.LogCaptureFixture) -> None:
+    """The ingress's /metrics merges each replica's text (`ReplicaSnapshots`): one replica's unreadable text failed
+    the whole scrape; now that replica's series are left out (logged) and every other series is exported."""
+    metrics, snapshots = HttpMetrics(), ReplicaSnapshots()
+    metrics.registry.register(snapshots)
+    good = ServerMetrics()
+    good.queue.set(3)
+    snapshots.update("good", good.render().decode())
+    snapshots.update("bad", "# TYPE catrt_queue_depth gauge\ncatrt_queue_depth not-a-number\n")
+    with caplog.at_level("WARNING", logger="catrt.serve.metrics"):
+        text = metrics.render().decode()
+    depths = {sample.labels["replica"]: sample.value for family in text_string_to_metric_families(text)
+              for sample in family.samples if sample.name == "catrt_queue_depth"}
+    assert depths == {"good": 3.0}
+    assert "replica bad sent metrics that are not the text format" in caplog.text

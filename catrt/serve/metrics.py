@@ -99,7 +99,13 @@ class ReplicaSnapshots(Collector):
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
         for replica, text in list(self.latest.items()):
-            for family in text_string_to_metric_families(text):
+            try:  # parsed whole first: a replica's unreadable text never fails the ingress's scrape, nor half-merges
+                families = list(text_string_to_metric_families(text))
+            except ValueError as error:
+                logger.warning("replica %s sent metrics that are not the text format (%s): its series are left out",
+                               replica, error)
+                continue
+            for family in families:
                 if not family.samples:  # a series the replica never set (its HTTP ones: replicas answer no HTTP)
                     continue
                 into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
