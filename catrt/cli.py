@@ -612,13 +612,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from catrt.serve import ServeConfig, run_server
     from catrt.serve.auth import load_api_key
 
-    steps, cat = None, _cat_config(args)
     if args.engines is not None:
-        _refuse_serve_flags_fixed_by_build(args)
+        _refuse_serve_flags_fixed_by_build(args)  # before the flags' values are read: a build fixes them
+        steps, cat = None, _cat_config(args)
     else:
         card = MODEL_CARDS.get(args.model)
         _card_size(card, args.height, args.width, args.model)
-        steps, cat = _card_schedule(args, card, cat)
+        steps, cat = _card_schedule(args, card, _cat_config(args))
         if args.device is not None:
             _check_device_name(args.device)
     fleet = _fleet_config(args)

@@ -211,6 +211,9 @@ def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[st
     ("--rule", "random", "--rule cannot be used with --engines: a served build runs with catrt's default --rule"),
     ("--n-clusters", "4", "--n-clusters cannot be used with --engines"),
     ("--magnitude-fraction", "0.5", "--magnitude-fraction cannot be used with --engines"),
+    # A value CATConfig would refuse is still refused as a flag the build fixes: the flag is the mistake, not its value.
+    ("--alpha", "5", "--alpha cannot be used with --engines: the build fixes it; drop --alpha or build an engine with it"),
+    ("--t0", "1", "--t0 cannot be used with --engines: the build fixes it; drop --t0 or build an engine with it"),
 ])
 def test_serve_refuses_cat_flags_a_served_build_would_not_read(
     capfd: pytest.CaptureFixture[str], flag: str, value: str, message: str
