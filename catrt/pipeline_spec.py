@@ -50,11 +50,17 @@ class PipelineSpec:
     # `strength`, see `strength_steps`); None where every call runs all of them. catrt's t0 counts the steps run.
     strength_argument: str | None = None
 
+    @property
+    def reads_negative_prompt(self) -> bool:
+        """Whether a run reads a negative prompt: only classifier-free guidance has an unconditional pass (FLUX reads
+        one only for true CFG, which catrt refuses)."""
+        return self.guidance != "distilled"
+
     def refuse_unread_negative_prompt(self, negative: str | None, name: str) -> None:
         """catrt's CLI and server refuse a non-blank negative prompt a distilled-guidance pipeline would not read: it
         runs no unconditional pass (FLUX reads one only for true CFG, which catrt refuses), so diffusers ignores it
         silently. The Python API takes what diffusers takes."""
-        if self.guidance == "distilled" and negative is not None and negative.strip():
+        if not self.reads_negative_prompt and negative is not None and negative.strip():
             raise ConfigError(
                 f"{name} is unused by this model: its guidance is distilled (an input of the transformer, with no pass "
                 f"over a negative prompt), so it would change nothing; drop {name}",

@@ -83,6 +83,14 @@ def plain_text_pattern() -> str:
     return f"^[^{_char_class(_control)}]*$"
 
 
+@functools.cache
+def blank_text_pattern() -> str:
+    """A JSON Schema `pattern` for the negative prompts a model that reads none takes (`PipelineSpec.
+    refuse_unread_negative_prompt`): blank ones (what `str.strip` removes), no control characters but tabs and line
+    breaks."""
+    return f"^[{_char_class(lambda char: char.isspace() and not _control(char))}]*$"
+
+
 def _char_class(member: Callable[[str], bool]) -> str:
     """The BMP code points (surrogates aside) for which `member` is true, as `\\uXXXX` class ranges."""
     ranges: list[tuple[int, int]] = []

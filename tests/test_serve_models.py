@@ -300,3 +300,33 @@ def test_a_flux_server_refuses_a_negative_prompt_it_would_ignore_before_queueing
     assert flux.admit(ImageGenerationRequest(prompt="a red circle", negative_prompt=""))[1].negative_prompt == ""
     sd3 = RequestRules(load_served_model(ServeConfig(model="tiny-sd3", height=32, width=32, steps=4, cat=CATConfig(t0=2))), 100)
     assert sd3.admit(ImageGenerationRequest(prompt="a red circle", negative_prompt="blurry"))[1].negative_prompt == "blurry"
+
+
+def test_the_openapi_negative_prompt_of_a_flux_server_is_blank_only_as_it_serves() -> None:
+    """The document gave a distilled-guidance model's negative_prompt the pattern of one that reads it, so a
+    schema-driven client's "blurry" was valid by the document and a 400 at admission: now each text the document
+    takes is one the server admits, and each it refuses is refused."""
+    import re
+
+    from catrt.config import CATConfig
+    from catrt.errors import ConfigError
+    from catrt.serve.config import ServeConfig
+    from catrt.serve.model import load_served_model
+    from catrt.serve.schemas import ImageGenerationRequest
+    from catrt.serve.validation import RequestRules
+
+    texts = ["", " ", " \t\n", "\u3000\u00a0", "blurry", " a ", "\u200b", "a\u0089b"]
+    for model, expected in (("tiny-flux", [True, True, True, True, False, False, False, False]),
+                            ("tiny-sd3", [True, True, True, True, True, True, True, False])):
+        rules = RequestRules(load_served_model(ServeConfig(model=model, height=32, width=32, steps=4, cat=CATConfig(t0=2))), 100)
+        pattern = re.compile(rules.properties()["negative_prompt"]["anyOf"][0]["pattern"])
+        documented = [bool(pattern.search(text)) for text in texts]
+        admitted = []
+        for text in texts:
+            try:
+                rules.admit(ImageGenerationRequest(prompt="a red circle", negative_prompt=text))
+                admitted.append(True)
+            except ConfigError as error:
+                assert error.field == "negative_prompt", error
+                admitted.append(False)
+        assert documented == admitted == expected, (model, documented, admitted)

@@ -19,6 +19,7 @@ from typing import Any
 from catrt.bundle import check_request
 from catrt.errors import ConfigError
 from catrt.request_values import (
+    blank_text_pattern,
     check_guidance,
     check_prompt_text,
     check_seed,
@@ -224,6 +225,9 @@ class RequestRules:
             "negative_prompt": _nullable(
                 {"type": "string", "maxLength": chars, "pattern": plain_text_pattern()},
                 f"same limits as prompt ({spec.text_tokens} tokens)",
+            ) if self.served.runner.spec.reads_negative_prompt else _nullable(
+                {"type": "string", "maxLength": chars, "pattern": blank_text_pattern()},
+                "blank only: this model's guidance is distilled, it reads no negative prompt",
             ),
             "n": _nullable({"type": "integer", "minimum": 1, "maximum": spec.batch, "default": 1}, "images"),
             "size": _nullable(
