@@ -189,15 +189,16 @@ def check_source_of(config: ServeConfig) -> None:
 
 def verify_bundles_here(config: ServeConfig, key: bytes | None) -> None:
     """Each build's check on this machine (files and digests, signature with the `key` the replicas are handed,
-    versions, device, and that its model still loads here), as `catrt.load` runs it first: for `--ray` on a local cluster, whose replicas load these
+    versions, device, and that its model still loads here), as `catrt.load` runs it first: by the single server
+    before it says it listens (its worker loads after), and for `--ray` on a local cluster, whose replicas load these
     folders here, so a corrupt, mismatched or wrongly keyed bundle is one line before Ray starts rather than a
     deployment that fails half a minute later without saying why."""
     from catrt.bundle import model_source_problems, verify_bundle
 
     for folder in config.engines or ():
-        manifest = verify_bundle(Path(folder), key=key)
-        for problem in model_source_problems(Path(folder), manifest):  # a model folder gone since the build
-            raise problem
+        problems = model_source_problems(Path(folder), verify_bundle(Path(folder), key=key))
+        if problems:  # a model folder gone since the build
+            raise problems[0]
 
 
 def bundle_key(path: str | None) -> bytes | None:
