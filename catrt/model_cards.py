@@ -137,7 +137,9 @@ def default_precision(model: str, device_type: str) -> Precision:
     card = MODEL_CARDS.get(model)
     if card is not None:
         return card.precision
-    return (saved_precision(Path(model)) or "fp32") if model and os.path.isdir(model) else "fp32"
+    if not model or model in TINY_MODELS or not os.path.isdir(model):  # a name wins over a folder of that name
+        return "fp32"
+    return saved_precision(Path(model)) or "fp32"
 
 
 _SAFETENSORS_PRECISIONS: dict[str, Precision] = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}

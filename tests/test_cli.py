@@ -684,6 +684,17 @@ def test_a_local_folders_saved_dtype_survives_odd_headers_and_counts_the_weights
     assert default_precision(str(tmp_path), "cuda") == "fp16"
 
 
+def test_a_tiny_models_name_runs_fp32_on_cuda_beside_a_folder_of_that_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name wins over a folder of the same name (the built-in tiny model loads), so a ./tiny-sd3 folder saved in
+    fp16 must not set the built-in model's dtype, which it did."""
+    (tmp_path / "tiny-sd3" / "transformer").mkdir(parents=True)
+    _safetensors_header(tmp_path / "tiny-sd3" / "transformer" / "diffusion_pytorch_model.safetensors",
+                        {"w": {"dtype": "F16", "shape": [4]}})
+    monkeypatch.chdir(tmp_path)
+    assert default_precision("./tiny-sd3", "cuda") == "fp16"  # the folder, named as a path
+    assert default_precision("tiny-sd3", "cuda") == "fp32"  # the built-in model
+
+
 def test_prompt_length_counts_the_long_text_tokenizer(tiny_pipelines: dict[str, Any]) -> None:
     sd3, pixart = tiny_pipelines["tiny-sd3"], tiny_pipelines["tiny-pixart"]
     assert text_limit(sd3, pipeline_spec(sd3)).tokens == 256 and text_limit(pixart, pipeline_spec(pixart)).tokens == 300
