@@ -25,7 +25,7 @@ from catrt.checks import MAX_BATCH, MAX_STEPS, output_folder, path_is, repeated 
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo, echo_path, shorten
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_image_size, check_model_source, default_precision, size_limits
-from catrt.notices import DropMessage, quiet_known_notices  # stdlib only
+from catrt.notices import hub_notices_dropped, quiet_known_notices  # stdlib only
 
 DEFAULT_MODEL = "reference"  # trained here, shipped in the package: recognisable images, no download
 
@@ -38,10 +38,6 @@ BUILD_DEFAULTS: dict[str, Any] = {"steps": 28, "batch": 1, "backend": "auto"}
 BUILD_FOLDERS: dict[str, str] = {"out": "engines", "export_dir": "export"}
 # The torch device types `--device` may name.
 DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps")
-
-# diffusers' warning when a hub lookup fails before it tries the local cache: while catrt loads a published
-# model it is dropped, because a failed load ends in one line of its own that says what to do.
-HUB_NOTICE: tuple[str, str] = ("diffusers.pipelines.pipeline_utils", "Couldn't connect to the Hub")
 
 # With --engines the build fixes these (and every CAT field BuildConfig has but alpha, which may be any
 # built one); given anyway they are refused rather than ignored.
@@ -278,19 +274,6 @@ def _precision(asked: str | None, model: str, device_type: str) -> str:
     return precision
 
 
-@contextlib.contextmanager
-def _hub_notices_dropped() -> Iterator[None]:
-    """Load without diffusers' "Couldn't connect to the Hub" notice: a failed download of a published model is
-    already one catrt error saying what to do (`load_pipeline`, through `catrt.hub_errors`)."""
-    notices = logging.getLogger(HUB_NOTICE[0])
-    drop = DropMessage(HUB_NOTICE[1])
-    notices.addFilter(drop)
-    try:
-        yield
-    finally:
-        notices.removeFilter(drop)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from catrt.image_output import image_format, save_image, staged_image
 
@@ -349,7 +332,7 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     from catrt.pipeline import accelerate
 
     check_model_source(model)  # a mistyped name (or '') is refused before anything loads
-    with _hub_notices_dropped():
+    with hub_notices_dropped():
         pipe = load_pipeline(model, device=device, dtype=PRECISIONS[precision])
     check_text_to_image(pipe, model)
     check_pipeline_size(pipe, args.height, args.width, model)
@@ -384,7 +367,7 @@ def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
     _refuse_fixed_flags(args, [name for name in _cat_values(args) if hasattr(build, name) and name != "alpha"])
     _check_against_build(args, build)
     config = build.cat_config(seed=args.seed, **_cat_values(args))  # --alpha: one of the built alphas
-    with _hub_notices_dropped():
+    with hub_notices_dropped():
         runner = load(args.engines, config, key=key)
     _check_prompts(args, runner, limit=build.max_sequence_length)
     return runner, f"alpha={config.alpha} t0={build.t0}, {build.backend} engine {args.engines}"
@@ -494,7 +477,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         t0=args.t0, alphas=tuple(args.alpha or (CATConfig().alpha,)), reuse_every=args.reuse_every, precision=precision, backend=args.backend,
         max_sequence_length=args.max_sequence_length,
     )
-    with _hub_notices_dropped():
+    with hub_notices_dropped():
         path = build_engines(config, out_dir=Path(args.out), export_dir=Path(args.export_dir), sign_key=sign_key)
     print(f"built {path}" + (" (signed)" if sign_key is not None else ""))
     return 0
@@ -636,7 +619,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bundle_key_file=args.bundle_key_file,
     )
     if fleet is None:
-        with _hub_notices_dropped():  # the model loads on the server's worker thread; the filter is process-wide
+        with hub_notices_dropped():  # the model loads on the server's worker thread; the filter is process-wide
             return run_server(config)
     return _run_fleet(config, fleet)
 
@@ -873,7 +856,7 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
 
     require_skimage()
     clip = None if args.clip is None else ClipScorer(args.clip, device)
-    with _hub_notices_dropped():
+    with hub_notices_dropped():
         pipe = load_pipeline(model, device=device, dtype=PRECISIONS[precision])
     check_text_to_image(pipe, model)
     check_pipeline_size(pipe, args.height, args.width, model)

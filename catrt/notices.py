@@ -6,7 +6,13 @@ The library never changes global logging; the programs call `quiet_known_notices
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+
+# diffusers' warning when a hub lookup fails before it tries the local cache: while catrt loads a published
+# model it is dropped, because a failed load ends in one line of its own that says what to do.
+HUB_NOTICE: tuple[str, str] = ("diffusers.pipelines.pipeline_utils", "Couldn't connect to the Hub")
 
 # transformers notes on import that torchvision is missing and it falls back to the PIL image processors,
 # which catrt never uses.
@@ -33,3 +39,17 @@ class DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def hub_notices_dropped() -> Iterator[None]:
+    """Load without diffusers' "Couldn't connect to the Hub" notice: a failed download of a published model is
+    already one catrt error saying what to do (`load_pipeline`, through `catrt.hub_errors`). Process-wide while the
+    block runs (a model may load on another thread)."""
+    notices = logging.getLogger(HUB_NOTICE[0])
+    drop = DropMessage(HUB_NOTICE[1])
+    notices.addFilter(drop)
+    try:
+        yield
+    finally:
+        notices.removeFilter(drop)

@@ -320,6 +320,17 @@ def test_a_replica_prints_none_of_the_notices_the_cli_drops() -> None:
     assert "torchvision" not in result.stderr + result.stdout
 
 
+def test_a_replica_of_a_published_model_offline_prints_no_hub_notice() -> None:
+    """diffusers' "Couldn't connect to the Hub ... local cache" lines printed once per replica into `catrt serve
+    --ray`'s output, beside the replica's own refusal (the single server drops them)."""
+    script = REPLICA_PROCESS.replace('model="reference", steps=3', 'model="sd3", steps=3')
+    script = script.replace(".worker.drain()", "") + "\n"
+    result = subprocess.run([sys.executable, "-c", f"try:\n    exec({script!r})\nexcept Exception as error:\n    print(type(error).__name__)"],
+                            capture_output=True, text=True, env={**server_env(), "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert result.stdout.strip() == "ServiceUnavailableError", result.stderr
+    assert "Couldn't connect to the Hub" not in result.stderr + result.stdout
+
+
 # -- the CLI around --ray (no Ray started) -------------------------------------------------------
 
 NO_RAY = """

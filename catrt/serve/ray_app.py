@@ -36,7 +36,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from catrt.errors import CatrtError, ConfigError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
-from catrt.notices import quiet_known_notices
+from catrt.notices import hub_notices_dropped, quiet_known_notices
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
@@ -86,9 +86,10 @@ class ModelReplica:
                              on_exit=lambda state: None, alpha_policy=serve_config.alpha_policy,
                              latency_target=serve_config.latency_target)
         metrics.watch_queue(lambda: self.worker.depth, self.worker.depth_by_size)
-        self.worker.start()
-        while self.worker.state == "loading":
-            time.sleep(0.05)
+        with hub_notices_dropped():  # the model loads on the worker's thread; a failed load is reported below
+            self.worker.start()
+            while self.worker.state == "loading":
+                time.sleep(0.05)
         if self.worker.served is None:
             raise ServiceUnavailableError(f"replica {self.replica} could not load the model: {self.worker.error!r}")
         self.service = ImageService(self.worker, metrics, serve_config)
