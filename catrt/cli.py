@@ -472,9 +472,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     sign_key = None if args.sign_key_file is None else read_key_file(args.sign_key_file, "sign_key_file")
 
     precision = args.precision or build_precision(args.model, args.backend)
+    card = MODEL_CARDS.get(args.model)  # its schedule where --steps / --t0 are not given, as generate and serve run
+    steps = args.steps or (card.default_steps if card is not None else BUILD_DEFAULTS["steps"])
+    t0 = args.t0 if args.t0 is not None else (card.default_t0 if card is not None and card.default_t0 is not None else BuildConfig.t0)
     config = BuildConfig(
-        model=args.model, height=args.height, width=args.width, batch=args.batch, steps=args.steps,
-        t0=args.t0, alphas=tuple(args.alpha or (CATConfig().alpha,)), reuse_every=args.reuse_every, precision=precision, backend=args.backend,
+        model=args.model, height=args.height, width=args.width, batch=args.batch, steps=steps,
+        t0=t0, alphas=tuple(args.alpha or (CATConfig().alpha,)), reuse_every=args.reuse_every, precision=precision, backend=args.backend,
         max_sequence_length=args.max_sequence_length,
     )
     with hub_notices_dropped():
@@ -558,11 +561,13 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
                        help=f"fraction of tokens recomputed per pruned step (0, 1] (default: {defaults.alpha}); several "
                             "values (--alpha A B, or --alpha repeated) build one pruned graph each into one bundle "
                             "(weights stored once), the first is the default of a call")
-    build.add_argument("--t0", type=int, default=defaults.t0, help="last full step before pruning starts")
+    build.add_argument("--t0", type=int, default=None,
+                       help=f"last full step before pruning starts (default: the model's own, 2 for flux-schnell; else {defaults.t0})")
     build.add_argument("--reuse-every", type=int, default=defaults.reuse_every,
                        help="after t0, every N-th step reuses the previous prediction (0 = off)")
-    build.add_argument("--steps", type=_step_count, default=BUILD_DEFAULTS["steps"],
-                       help=f"denoising steps the engine serves, 1 to {MAX_STEPS}")
+    build.add_argument("--steps", type=_step_count, default=None,
+                       help=f"denoising steps the engine serves, 1 to {MAX_STEPS} (default: the model's own, e.g. 20 for "
+                            f"pixart-sigma, 4 for flux-schnell; else {BUILD_DEFAULTS['steps']})")
     build.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     build.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     build.add_argument("--batch", type=int, default=BUILD_DEFAULTS["batch"],

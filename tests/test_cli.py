@@ -534,6 +534,27 @@ def test_serve_alphas_given_by_a_repeated_flag_are_all_served(monkeypatch: pytes
 
 
 @pytest.mark.parametrize(("flags", "steps", "t0"), [
+    (("--model", "flux-schnell"), 4, 2),
+    (("--model", "pixart-sigma"), 20, 8),
+    (("--model", "sd3"), 28, 8),
+    (("--model", "flux-schnell", "--steps", "8", "--t0", "3"), 8, 3),
+    (("--model", "tiny-sd3"), 28, 8),  # no card: BuildConfig's defaults
+])
+def test_build_makes_a_models_own_schedule_where_no_flag_sets_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: tuple[str, ...], steps: int, t0: int,
+) -> None:
+    """`build --model flux-schnell` built a 28-step engine with t0 8 (7x its 4 steps), and pixart-sigma 28 (its 20),
+    where generate and serve run the card's schedule."""
+    import catrt.build
+
+    built: list[Any] = []
+    monkeypatch.setattr(catrt.build, "build_engines", lambda config, **kwargs: built.append(config) or tmp_path)
+    assert main(["build", *flags, "--backend", "eager", "--out", str(tmp_path / "e"), "--export-dir", str(tmp_path / "x")]) == 0
+    (config,) = built
+    assert (config.steps, config.t0) == (steps, t0)
+
+
+@pytest.mark.parametrize(("flags", "steps", "t0"), [
     (("--model", "flux-schnell"), 4, 2),  # the card's schedule, as `catrt generate` runs it
     (("--model", "pixart-sigma"), 20, 8),
     (("--model", "sd3"), 28, 8),
