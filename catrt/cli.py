@@ -200,21 +200,23 @@ def _cat_values(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value[0] if isinstance(value, list) else value for name, value in values.items()}
 
 
-def _cat_config(args: argparse.Namespace, seed: int = 0) -> CATConfig:
-    """The CATConfig the flags ask for; validated here, before any model is loaded."""
-    return CATConfig(**_cat_values(args), seed=seed)
+def _cat_config(args: argparse.Namespace, seed: int = 0, t0: int | None = None) -> CATConfig:
+    """The CATConfig the flags ask for (`t0`: the schedule's, see `_card_schedule`); validated here, before any model
+    is loaded."""
+    values = _cat_values(args) if t0 is None else {**_cat_values(args), "t0": t0}
+    return CATConfig(**values, seed=seed)
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _card_schedule(args: argparse.Namespace, card: ModelCard | None, config: CATConfig) -> tuple[int | None, CATConfig]:
-    """The steps and CAT config a model runs where --steps / --t0 are not given: its card's (FLUX.1-schnell: 4 steps,
-    t0 2; PixArt-Sigma: 20 steps), as diffusers' pipeline defaults and the model's authors run it."""
-    if args.t0 is None and card is not None and card.default_t0 is not None:
-        config = dataclasses.replace(config, t0=card.default_t0)
-    return args.steps or (card.default_steps if card is not None else None), config
+def _card_schedule(args: argparse.Namespace, card: ModelCard | None) -> tuple[int | None, int | None]:
+    """The steps and t0 a model runs: --steps / --t0, else its card's (FLUX.1-schnell: 4 steps, t0 2; PixArt-Sigma:
+    20 steps), as diffusers' pipeline defaults and the model's authors run it; None where neither sets one."""
+    if card is None:
+        return args.steps, args.t0
+    return args.steps or card.default_steps, card.default_t0 if args.t0 is None else args.t0
 
 
 def _card_size(card: ModelCard | None, height: int | None, width: int | None, model: str) -> None:
@@ -320,7 +322,8 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     if args.full:
         _refuse_cat_flags_with_full(args)
     card = MODEL_CARDS.get(model)
-    steps, config = _card_schedule(args, card, _cat_config(args, seed=args.seed))
+    steps, t0 = _card_schedule(args, card)
+    config = _cat_config(args, seed=args.seed, t0=t0)
     _card_size(card, args.height, args.width, model)
     if steps is not None and not args.full:
         config.check_steps(steps)
@@ -472,12 +475,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     sign_key = None if args.sign_key_file is None else read_key_file(args.sign_key_file, "sign_key_file")
 
     precision = args.precision or build_precision(args.model, args.backend)
-    card = MODEL_CARDS.get(args.model)  # its schedule where --steps / --t0 are not given, as generate and serve run
-    steps = args.steps or (card.default_steps if card is not None else BUILD_DEFAULTS["steps"])
-    t0 = args.t0 if args.t0 is not None else (card.default_t0 if card is not None and card.default_t0 is not None else BuildConfig.t0)
+    steps, t0 = _card_schedule(args, MODEL_CARDS.get(args.model))  # as generate and serve run the model
     config = BuildConfig(
-        model=args.model, height=args.height, width=args.width, batch=args.batch, steps=steps,
-        t0=t0, alphas=tuple(args.alpha or (CATConfig().alpha,)), reuse_every=args.reuse_every, precision=precision, backend=args.backend,
+        model=args.model, height=args.height, width=args.width, batch=args.batch, steps=steps or BUILD_DEFAULTS["steps"],
+        t0=BuildConfig.t0 if t0 is None else t0, alphas=tuple(args.alpha or (CATConfig().alpha,)), reuse_every=args.reuse_every, precision=precision, backend=args.backend,
         max_sequence_length=args.max_sequence_length,
     )
     with hub_notices_dropped():
@@ -606,7 +607,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         card = MODEL_CARDS.get(args.model)
         _card_size(card, args.height, args.width, args.model)
-        steps, cat = _card_schedule(args, card, _cat_config(args))
+        steps, t0 = _card_schedule(args, card)
+        cat = _cat_config(args, t0=t0)
         if args.device is not None:
             _check_device_name(args.device)
     fleet = _fleet_config(args)

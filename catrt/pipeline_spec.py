@@ -57,9 +57,8 @@ class PipelineSpec:
         return self.guidance != "distilled"
 
     def refuse_unread_negative_prompt(self, negative: str | None, name: str) -> None:
-        """catrt's CLI and server refuse a non-blank negative prompt a distilled-guidance pipeline would not read: it
-        runs no unconditional pass (FLUX reads one only for true CFG, which catrt refuses), so diffusers ignores it
-        silently. The Python API takes what diffusers takes."""
+        """catrt's CLI and server refuse a non-blank negative prompt a pipeline would not read (`reads_negative_prompt`),
+        which diffusers ignores silently. The Python API takes what diffusers takes."""
         if not self.reads_negative_prompt and negative is not None and negative.strip():
             raise ConfigError(
                 f"{name} is unused by this model: its guidance is distilled (an input of the transformer, with no pass "

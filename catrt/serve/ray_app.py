@@ -107,13 +107,15 @@ class ModelReplica:
             return self._reply(catrt_error_response(GenerationError(internal_error_message(request_id))))
         payload = response.model_dump(mode="json")
         payload["catrt"]["replica"] = self.replica
-        return {"status": 200, "body": payload, "headers": {}, "replica": self.replica, "depth": self.worker.depth,
-                "metrics": self.metrics.render().decode()}
+        return self._answer(200, payload, {})
 
     def _reply(self, answer: JSONResponse) -> dict[str, Any]:
         headers = {key: value for key, value in answer.headers.items() if key.lower() == "retry-after"}
-        return {"status": answer.status_code, "body": json.loads(answer.body), "headers": headers,
-                "replica": self.replica, "depth": self.worker.depth, "metrics": self.metrics.render().decode()}
+        return self._answer(answer.status_code, json.loads(answer.body), headers)
+
+    def _answer(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+        return {"status": status, "body": body, "headers": headers, "replica": self.replica, "depth": self.worker.depth,
+                "metrics": self.metrics.render().decode()}
 
     def describe(self) -> dict[str, Any]:
         """The replica's state, sizes and the request fields' OpenAPI description."""

@@ -213,9 +213,8 @@ class RequestRules:
         """JSON Schema of the request fields whose served values this model fixes."""
         spec = self.spec
         chars = self.max_prompt_chars
-        guidance: dict[str, Any] = {"type": "number", "minimum": 0, "maximum": MAX_GUIDANCE}
-        if self.guidance_floor is not None:
-            guidance = {"type": "number", "exclusiveMinimum": self.guidance_floor, "maximum": MAX_GUIDANCE}
+        lowest = {"minimum": 0} if self.guidance_floor is None else {"exclusiveMinimum": self.guidance_floor}
+        guidance: dict[str, Any] = {"type": "number", **lowest, "maximum": MAX_GUIDANCE}
         return {
             "prompt": {
                 "type": "string", "minLength": 1, "maxLength": chars, "pattern": prompt_pattern(),
