@@ -28,7 +28,6 @@ from catrt.contract import pruned_graph
 from catrt.errors import PATH_ECHO_LIMIT, BuildError, CatrtError, ConfigError, echo, echo_path
 from catrt.generation import check_pipeline_size, check_text_to_image
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
-from catrt.integrity import resolve_key, sign_manifest
 from catrt.loading import load_pipeline, loader_for
 from catrt.manifest import (
     MANIFEST_FILE,
@@ -46,6 +45,7 @@ from catrt.models import Adapter, make_adapter
 from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.prompts import check_text_length
 from catrt.publish import refuse_non_folder, staged_folder
+from catrt.signing import resolve_key, sign_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def build_engines(
         out_dir: parent folder of the engine bundles.
         export_dir: parent folder of the ONNX exports (kept for inspection and rebuilds).
         progress: show tqdm bars for the stages.
-        sign_key: sign the manifest with this key (HMAC-SHA256, `catrt.integrity.sign_manifest`), so
+        sign_key: sign the manifest with this key (HMAC-SHA256, `catrt.signing.sign_manifest`), so
             `catrt.load(..., key=sign_key)` can tell it from an edited or foreign bundle.
 
     Example:

@@ -30,13 +30,14 @@ from catrt.call_arguments import refuse_config_keywords, request_batch
 from catrt.config import CATConfig
 from catrt.engines import ENGINES, Engine, GraphSpec
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, CorruptBundleError, EngineMismatchError, UnknownModelError, echo
-from catrt.integrity import check_integrity, resolve_key
+from catrt.integrity import check_integrity
 from catrt.loading import load_pipeline
 from catrt.manifest import Manifest, describe_device, environment_problems, transformer_config
 from catrt.model_cards import check_model_source
 from catrt.models import make_adapter
 from catrt.pipeline import AcceleratedPipeline, accelerate, exclusive_use, pipeline_spec
 from catrt.pipeline_spec import PipelineSpec, custom_schedule
+from catrt.signing import resolve_key
 
 logger = logging.getLogger(__name__)
 #: How often `load` (and `bundle_problems`, `catrt inspect`) reads a folder that other builds of its name keep

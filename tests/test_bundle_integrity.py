@@ -21,7 +21,7 @@ import torch
 import catrt
 import catrt.bundle
 import catrt.manifest
-from catrt import integrity, key_files
+from catrt import file_checks, integrity, key_files
 from catrt.build import build_engines
 from catrt.build_config import BuildConfig
 from catrt.bundle import bundle_problems, verify_bundle
@@ -247,7 +247,7 @@ def test_a_name_outside_the_bundle_is_refused_before_it_is_read(bundle: Path, ki
     record = {"sha256": file_digest(outside), "size": outside.stat().st_size}  # a matching digest changes nothing
     _edit(bundle, lambda m: m["files"].update({name: record}))
     read: list[Path] = []
-    monkeypatch.setattr(integrity, "_digest_regular_file", lambda path: read.append(path) or (0, ""))
+    monkeypatch.setattr(file_checks, "_digest_regular_file", lambda path: read.append(path) or (0, ""))
     _refused(bundle, r"lists the file .* which is not a plain file name inside the bundle", name)
     assert all(path.parent == bundle and path.name in bundle_files("onnxruntime", ["context", "full", "pruned-k2"]) for path in read)
 
@@ -277,15 +277,15 @@ def _counting_sha256(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     from types import SimpleNamespace
 
     made: list[int] = []
-    monkeypatch.setattr(integrity, "hashlib", SimpleNamespace(sha256=lambda *a: made.append(1) or hashlib.sha256(*a)))
-    monkeypatch.setattr(integrity, "_DIGESTS", {})
+    monkeypatch.setattr(file_checks, "hashlib", SimpleNamespace(sha256=lambda *a: made.append(1) or hashlib.sha256(*a)))
+    monkeypatch.setattr(file_checks, "_DIGESTS", {})
     return made
 
 
 def test_a_settled_file_is_read_once_per_process_and_any_change_is_read_again(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """serve --engines checks a bundle before it listens and catrt.load checks it again: the weights are read
     once. An in-place edit that keeps the size and puts the mtime back still moves the file's ctime: refused."""
-    monkeypatch.setattr(integrity, "SETTLED_NS", 0)  # the copy is fresh; "settled" here means any age
+    monkeypatch.setattr(file_checks, "SETTLED_NS", 0)  # the copy is fresh; "settled" here means any age
     made = _counting_sha256(monkeypatch)
     files = len(_manifest(bundle)["files"])
     verify_bundle(bundle)
@@ -306,7 +306,7 @@ def test_a_settled_file_is_read_once_per_process_and_any_change_is_read_again(bu
 
 def test_a_file_changed_within_the_settling_time_is_read_every_time(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A change within one tick of the kernel's coarse clock may leave ctime as it was: such files are not kept."""
-    monkeypatch.setattr(integrity, "SETTLED_NS", 3600 * 10**9)
+    monkeypatch.setattr(file_checks, "SETTLED_NS", 3600 * 10**9)
     made = _counting_sha256(monkeypatch)
     verify_bundle(bundle)
     verify_bundle(bundle)

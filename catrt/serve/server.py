@@ -205,7 +205,7 @@ def bundle_key(path: str | None) -> bytes | None:
     """The signing key in `--bundle-key-file`, else $CATRT_BUNDLE_KEY read where `catrt serve` starts (so Ray
     replicas on other nodes, which lack this environment, get it too), else None (no signature check)."""
     if path is None:
-        from catrt.integrity import resolve_key
+        from catrt.signing import resolve_key
 
         return resolve_key(None)
     from catrt.key_files import read_key_file
