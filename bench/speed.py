@@ -74,9 +74,9 @@ from catrt.errors import CatrtError  # noqa: E402
 from catrt.engines import ENGINES, resolve_backend  # noqa: E402
 from catrt.export import capture_step_sample  # noqa: E402
 from catrt.macs import transformer_macs  # noqa: E402
-from catrt.manifest import describe_device  # noqa: E402
 from catrt.model_cards import MODEL_CARDS, ModelCard  # noqa: E402
 from catrt.models import make_adapter  # noqa: E402
+from catrt.provenance import describe_device  # noqa: E402
 from catrt.runtime import CATRuntime, StepFunctions  # noqa: E402
 from catrt.tiny import build_tiny_pipeline  # noqa: E402
 

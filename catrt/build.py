@@ -29,21 +29,11 @@ from catrt.errors import PATH_ECHO_LIMIT, BuildError, CatrtError, ConfigError, e
 from catrt.generation import check_pipeline_size, check_text_to_image
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
 from catrt.loading import load_pipeline, loader_for
-from catrt.manifest import (
-    MANIFEST_FILE,
-    Manifest,
-    build_seal,
-    describe_device,
-    describe_files,
-    package_versions,
-    read_manifest_data,
-    transformer_config,
-    weights_digest,
-    write_manifest,
-)
+from catrt.manifest import MANIFEST_FILE, Manifest, build_seal, describe_files, read_manifest_data, write_manifest
 from catrt.models import Adapter, make_adapter
 from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.prompts import check_text_length
+from catrt.provenance import describe_device, package_versions, transformer_config, weights_digest
 from catrt.publish import refuse_non_folder, staged_folder
 from catrt.signing import resolve_key, sign_manifest
 

@@ -3,7 +3,7 @@
 Every check runs before a backend touches the files: the bundle's integrity (`catrt.integrity`: the
 manifest's shape and format, its signature when a key is given, the files the backend needs with
 their digests, the build fields against the graphs; CorruptBundleError), the catrt / backend versions
-and the device (EngineMismatchError), the model's transformer config, and on each call the
+and the device (`catrt.provenance`: EngineMismatchError), the model's transformer config, and on each call the
 resolution, batch, steps and text length the graphs were built for (ConfigError).
 
 A bundle whose backend carries its own weights (onnxruntime, tensorrt) loads the pipeline without
@@ -32,11 +32,12 @@ from catrt.engines import ENGINES, Engine, GraphSpec
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, CorruptBundleError, EngineMismatchError, UnknownModelError, echo
 from catrt.integrity import check_integrity
 from catrt.loading import load_pipeline
-from catrt.manifest import Manifest, describe_device, environment_problems, transformer_config
+from catrt.manifest import Manifest
 from catrt.model_cards import check_model_source
 from catrt.models import make_adapter
 from catrt.pipeline import AcceleratedPipeline, accelerate, exclusive_use, pipeline_spec
 from catrt.pipeline_spec import PipelineSpec, custom_schedule
+from catrt.provenance import describe_device, environment_problems, transformer_config
 from catrt.signing import resolve_key
 
 logger = logging.getLogger(__name__)

@@ -3,15 +3,15 @@
 The builder writes it last; loading reads it first and checks the files and the machine against it
 before any backend sees a byte, so a bad bundle is a named error instead of a backend crash.
 
-This module checks the manifest's own shape (`manifest_problems`: every field present with its type,
-the format this catrt reads) and the machine (`environment_problems`); `catrt.integrity` checks the
-files and that the fields agree with each other and with the graphs.
+This module reads and writes the manifest, seals its build fields (`build_seal`) and checks its own shape
+(`manifest_problems`: every field present with its type, the format this catrt reads); `catrt.provenance`
+records the model, packages and device and checks the machine (`environment_problems`); `catrt.integrity`
+checks the files and that the fields agree with each other and with the graphs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import math
@@ -23,10 +23,23 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+from catrt.errors import CorruptBundleError, echo, echo_path
+from catrt.provenance import (
+    VERSIONED_PACKAGES,
+    describe_device,
+    environment_problems,
+    package_versions,
+    transformer_config,
+    weights_digest,
+)
 
-from catrt.errors import CatrtError, CorruptBundleError, EngineMismatchError, echo, echo_path
+#: This module's names, with the provenance records the manifest holds (one import for what a build writes).
+__all__ = [
+    "ALPHA_FIELDS", "FORMAT_VERSION", "MANIFEST_FILE", "MAX_MANIFEST_BYTES", "SEAL_FIELD", "SIGNATURE_FIELD",
+    "VERSIONED_PACKAGES", "Manifest", "build_seal", "describe_device", "describe_files", "environment_problems",
+    "file_digest", "manifest_problems", "package_versions", "read_manifest", "read_manifest_data", "seal_problems",
+    "transformer_config", "weights_digest", "write_manifest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +54,6 @@ SIGNATURE_FIELD = "signature"
 #: Per build field, a digest of the value the build wrote (`build_seal`): an edit of a field no graph shows (t0, steps,
 #: reuse_every, ...) is named at load. Not a secret: only a signature resists someone who rewrites both.
 SEAL_FIELD = "sealed"
-VERSIONED_PACKAGES: tuple[str, ...] = ("catrt", "torch", "diffusers", "onnx", "onnxruntime", "tensorrt")
 _CHUNK = 1 << 20
 #: Largest manifest read (a manifest is kilobytes; a bigger file is not one, and is not read into memory).
 MAX_MANIFEST_BYTES = 16 << 20
@@ -65,7 +77,7 @@ class Manifest:
     format: int = FORMAT_VERSION
     #: `build_seal(build)`, written by every build since it was added; None in a bundle built before.
     sealed: dict[str, str] | None = None
-    #: HMAC-SHA256 (hex) of the rest of the manifest, when the build was signed (`catrt.integrity`).
+    #: HMAC-SHA256 (hex) of the rest of the manifest, when the build was signed (`catrt.signing`).
     signature: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -323,7 +335,7 @@ def _graphs_shape(graphs: dict[str, Any]) -> list[CorruptBundleError]:
 
 
 def _files_shape(files: dict[str, Any]) -> list[CorruptBundleError]:
-    """Each record is {"sha256": 64 hex characters, "size": an integer >= 0} (names: `catrt.integrity`)."""
+    """Each record is {"sha256": 64 hex characters, "size": an integer >= 0} (names: `catrt.file_checks`)."""
     problems = []
     for name, record in files.items():
         where = f"files[{echo(name)}]"
@@ -416,85 +428,3 @@ def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != MANIFEST_FILE
     }
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages a bundle depends on (absent packages are left out)."""
-    versions = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def describe_device(device: torch.device) -> dict[str, Any]:
-    """The device a bundle is built for: the GPU's name and compute capability via NVML, or the CPU."""
-    if device.type != "cuda":
-        return {"kind": "cpu"}
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    name, capability = _nvml_device(index) or (
-        torch.cuda.get_device_name(index),
-        "{}.{}".format(*torch.cuda.get_device_capability(index)),
-    )
-    return {"kind": "cuda", "name": name, "compute_capability": capability}
-
-
-def _nvml_device(index: int) -> tuple[str, str] | None:
-    """(name, "major.minor") from NVML, or None where nvidia-ml-py or the driver is missing."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        name = pynvml.nvmlDeviceGetName(handle)
-        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-    except pynvml.NVMLError as error:
-        logger.info("NVML unavailable (%s); asking torch for the GPU's name", error)
-        return None
-    return (name if isinstance(name, str) else name.decode()), f"{major}.{minor}"
-
-
-def environment_problems(
-    manifest: Manifest, package: str | None, device: dict[str, Any], device_fields: tuple[str, ...]
-) -> list[CatrtError]:
-    """Each way the catrt and backend versions and the device differ from the build's, naming the field."""
-    problems: list[CatrtError] = []
-    installed = package_versions()
-    for name in ("catrt", package):
-        if name is None:
-            continue
-        expected, found = manifest.versions.get(name), installed.get(name)
-        if expected != found:
-            problems.append(EngineMismatchError(
-                f"engine built with {name} {expected} but {name} {found} is installed; rebuild the engine "
-                f"or install {name}=={expected}",
-                field=f"versions.{name}",
-                value={"expected": expected, "found": found},
-            ))
-    for name in device_fields:
-        expected, found = manifest.device.get(name), device.get(name)
-        if expected != found:
-            problems.append(EngineMismatchError(
-                f"engine built for device {name} {echo(expected)} but this machine has {echo(found)}; rebuild it here",
-                field=f"device.{name}",
-                value={"expected": expected, "found": found},
-            ))
-    return problems
-
-
-def transformer_config(module: nn.Module) -> dict[str, Any]:
-    """A transformer's config as JSON data (what a weightless stand-in is built from, and compared)."""
-    return json.loads(json.dumps({key: value for key, value in module.config.items() if not key.startswith("_")}, default=list))
-
-
-def weights_digest(module: nn.Module) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes, bytes), independent of its device."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

@@ -1,0 +1,108 @@
+"""Provenance: what a build records of where it was made, and how this machine differs from that record.
+
+A bundle's manifest (`catrt.manifest`) holds the transformer's config and a digest of its weights, the versions of
+the packages it depends on and the device it was built for; at load, `environment_problems` names each version
+or device field this machine does not match, before any backend runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from catrt.errors import CatrtError, EngineMismatchError, echo
+
+if TYPE_CHECKING:
+    from catrt.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+VERSIONED_PACKAGES: tuple[str, ...] = ("catrt", "torch", "diffusers", "onnx", "onnxruntime", "tensorrt")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages a bundle depends on (absent packages are left out)."""
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def describe_device(device: torch.device) -> dict[str, Any]:
+    """The device a bundle is built for: the GPU's name and compute capability via NVML, or the CPU."""
+    if device.type != "cuda":
+        return {"kind": "cpu"}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    name, capability = _nvml_device(index) or (
+        torch.cuda.get_device_name(index),
+        "{}.{}".format(*torch.cuda.get_device_capability(index)),
+    )
+    return {"kind": "cuda", "name": name, "compute_capability": capability}
+
+
+def _nvml_device(index: int) -> tuple[str, str] | None:
+    """(name, "major.minor") from NVML, or None where nvidia-ml-py or the driver is missing."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(handle)
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+    except pynvml.NVMLError as error:
+        logger.info("NVML unavailable (%s); asking torch for the GPU's name", error)
+        return None
+    return (name if isinstance(name, str) else name.decode()), f"{major}.{minor}"
+
+
+def environment_problems(
+    manifest: Manifest, package: str | None, device: dict[str, Any], device_fields: tuple[str, ...]
+) -> list[CatrtError]:
+    """Each way the catrt and backend versions and the device differ from the build's, naming the field."""
+    problems: list[CatrtError] = []
+    installed = package_versions()
+    for name in ("catrt", package):
+        if name is None:
+            continue
+        expected, found = manifest.versions.get(name), installed.get(name)
+        if expected != found:
+            problems.append(EngineMismatchError(
+                f"engine built with {name} {expected} but {name} {found} is installed; rebuild the engine "
+                f"or install {name}=={expected}",
+                field=f"versions.{name}",
+                value={"expected": expected, "found": found},
+            ))
+    for name in device_fields:
+        expected, found = manifest.device.get(name), device.get(name)
+        if expected != found:
+            problems.append(EngineMismatchError(
+                f"engine built for device {name} {echo(expected)} but this machine has {echo(found)}; rebuild it here",
+                field=f"device.{name}",
+                value={"expected": expected, "found": found},
+            ))
+    return problems
+
+
+def transformer_config(module: nn.Module) -> dict[str, Any]:
+    """A transformer's config as JSON data (what a weightless stand-in is built from, and compared)."""
+    return json.loads(json.dumps({key: value for key, value in module.config.items() if not key.startswith("_")}, default=list))
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes), independent of its device."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
