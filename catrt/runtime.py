@@ -46,7 +46,8 @@ from catrt import selection
 from catrt.clustering import cluster_adjacency, clustering_features, kmeans, pooled_cluster_scores
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, echo
-from catrt.models.base import Adapter, AttentionRecorder, Context
+from catrt.models.attention import AttentionRecorder
+from catrt.models.base import Adapter, Context
 from catrt.tokens import Grid
 from catrt.scheduler import StepKind, step_kind
 

@@ -24,6 +24,10 @@ Then two static-shape step functions, each in two forms:
   directly, so no cache is ever copied;
 - functional (`export_full`, `export_pruned`): the same maths returning the fresh K/V rows as an
   output, for exporters (ONNX graphs cannot write their inputs).
+
+`KVStore` is how a forward reads and writes those K/V slots. The maths the families' blocks share lives beside
+this contract: attention and the Q/K/V projections in `catrt.models.attention`, adaLN modulation in
+`catrt.models.modulation` (both importable from here too).
 """
 
 from __future__ import annotations
@@ -33,11 +37,29 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from catrt.errors import ConfigError, UnsupportedModelError
+from catrt.models.attention import (
+    AttentionRecorder,
+    attention,
+    attention_kwargs_change_nothing,
+    heads,
+    joint_attention,
+    merge_heads,
+    project_qkv,
+    refuse_call_attention_kwargs,
+    unfuse_hint,
+)
+from catrt.models.modulation import gated_add_, modulate_
 from catrt.tokens import Grid, patchify, unpatchify
+
+#: The adapter contract, with the shared block maths of `attention` and `modulation` (one import for a family module).
+__all__ = [
+    "Adapter", "AttentionRecorder", "BlockCall", "BlockFunction", "Context", "KVStore", "PackedTokensAdapter",
+    "attention", "attention_kwargs_change_nothing", "call_block", "eager_cpu", "gated_add_", "heads",
+    "joint_attention", "merge_heads", "modulate_", "project_qkv", "refuse_call_attention_kwargs", "unfuse_hint",
+]
 
 Context = dict[str, torch.Tensor]
 
@@ -55,12 +77,6 @@ def eager_cpu(tensor: torch.Tensor) -> bool:
     """
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
-
-def unfuse_hint(attn: nn.Module) -> str:
-    """The fix to add to a refused attention processor when it is one of diffusers' fused-QKV ones, which
-    `fuse_qkv_projections` sets (its `unfuse_qkv_projections` restores the processors, not the `fused_projections` flag)."""
-    fused = type(getattr(attn, "processor", None)).__name__.startswith("Fused")
-    return "; unfuse it with pipe.transformer.unfuse_qkv_projections()" if fused else ""
 
 
 def call_block(function: BlockFunction, block: nn.Module, store: KVStore, first_slot: int, num_slots: int, *inputs: Any) -> Any:
@@ -412,97 +428,6 @@ class PackedTokensAdapter(Adapter):
         return (*latent_shape[:-1], self.out_channels)
 
 
-def attention_kwargs_change_nothing(value: Any) -> bool:
-    """Whether a transformer call's `joint_attention_kwargs` leave its output as without them: None, {} or only
-    diffusers' LoRA `scale` at 1.0 (its own default; LoRA layers, being the modules' own, run as loaded)."""
-    if value is None:
-        return True
-    return isinstance(value, dict) and set(value) <= {"scale"} and value.get("scale", 1.0) == 1.0
-
-
-def refuse_call_attention_kwargs(pipeline: str, arguments: dict[str, Any]) -> None:
-    """A pipeline call's `joint_attention_kwargs` that would change the attention (a LoRA scale other than 1.0, an
-    IP-adapter's inputs) is refused before the text encoders or any step run; the adapter refuses the same at its
-    first transformer call, which is too late for a call to fail cleanly."""
-    value = arguments.get("joint_attention_kwargs")
-    if not attention_kwargs_change_nothing(value):
-        keys = sorted(value) if isinstance(value, dict) else value
-        raise UnsupportedModelError(
-            f"{pipeline} argument 'joint_attention_kwargs' {keys!r} is not supported by catrt (no IP-adapter or LoRA "
-            f"scale): fuse a LoRA at its scale before catrt.accelerate (pipe.fuse_lora(lora_scale=...)) and call "
-            f"without joint_attention_kwargs (or with scale 1.0)"
-        )
-
-
-def heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, L, H*d) -> (B, H, L, d)."""
-    b, length, _ = x.shape
-    return x.view(b, length, num_heads, -1).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, d) -> (B, L, H*d)."""
-    b, h, length, d = x.shape
-    return x.transpose(1, 2).reshape(b, length, h * d)
-
-
-def project_qkv(
-    attn: nn.Module,
-    x: torch.Tensor,
-    added: bool = False,
-    store: KVStore | None = None,
-    slot: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K, V (B, L, H*d) of a diffusers Attention, QK-norm applied per head as diffusers does.
-
-    With a `store`, K and V go through it as slots `slot` and `slot + 1` (`KVStore.linear`, or
-    `exchange` after a QK-norm) and what it returns comes back.
-    """
-    to_q, to_k, to_v = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if added else (attn.to_q, attn.to_k, attn.to_v)
-    norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if added else (attn.norm_q, attn.norm_k)
-    query = to_q(x)
-    if norm_q is not None:
-        query = merge_heads(norm_q(heads(query, attn.heads)))
-    if store is not None and norm_k is None:
-        key = store.linear(slot, to_k, x)
-    else:
-        key = to_k(x)
-        if norm_k is not None:
-            key = merge_heads(norm_k(heads(key, attn.heads)))
-        if store is not None:
-            key = store.exchange(slot, key)
-    value = to_v(x) if store is None else store.linear(slot + 1, to_v, x)
-    return query, key, value
-
-
-def modulate_(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """`normed * (1 + scale[:, None]) + shift[:, None]` (diffusers' adaLN), in place on `normed` when the dtypes allow.
-
-    The same two rounded operations in the same order as diffusers, so the same values; in place it
-    allocates nothing (a step's fresh (B, N, D) tensors are what costs time on a CPU).
-    """
-    scale, shift = 1 + scale[:, None], shift[:, None]
-    if not _one_dtype(normed, scale, shift):
-        return normed * scale + shift
-    return normed.mul_(scale).add_(shift)
-
-
-def gated_add_(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """`x + gate[:, None] * update`, in place on `x` and `update` (both fresh tensors of the caller) when the dtypes allow."""
-    gate = gate.unsqueeze(1)
-    if not _one_dtype(x, gate, update):
-        return x + gate * update
-    return x.add_(update.mul_(gate))
-
-
-def _one_dtype(*tensors: torch.Tensor) -> bool:
-    """Whether the tensors share one dtype, so an in-place op keeps the functional result's dtype.
-
-    Compared by attribute, not `torch.result_type`: dynamo cannot trace an op that returns a dtype, and
-    each such call split a compiled SD3 forward into a graph per block.
-    """
-    return all(tensor.dtype == tensors[0].dtype for tensor in tensors[1:])
-
 
 def _writes_into(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether `layer(x)` can be computed straight into `out` by one addmm (eager only)."""
@@ -517,67 +442,3 @@ def _writes_into(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
         and x.device == out.device
         and out.shape == (*x.shape[:-1], layer.out_features)
     )
-
-
-def joint_attention(
-    queries: list[torch.Tensor],
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    num_heads: int,
-    recorder: AttentionRecorder | None = None,
-    num_image_keys: int = 0,
-    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """`attention` over the concatenations of (B, L_i, H*d) parts, concatenated per head as diffusers does.
-
-    Concatenating in the head layout gives SDPA contiguous (B, H, L, d) inputs (each head's keys in
-    one block, faster for the CPU kernel than (B, L, H, d)-strided ones) for the same copy; the
-    values are the same. `out`: (B, H, L, d) buffers to concatenate Q, K and V into instead of new
-    tensors. With a `recorder`, the parts are concatenated as (B, L, H*d) for it.
-    """
-    if recorder is not None and num_image_keys:
-        return attention(torch.cat(queries, 1), torch.cat(keys, 1), torch.cat(values, 1), num_heads, None, recorder, num_image_keys)
-    joined = []
-    for index, parts in enumerate((queries, keys, values)):
-        parts = [heads(part, num_heads) for part in parts]
-        joined.append(torch.cat(parts, 2) if out is None else torch.cat(parts, 2, out=out[index]))
-    return merge_heads(F.scaled_dot_product_attention(*joined))
-
-
-class AttentionRecorder:
-    """Sums the attention mass each image key receives over a step (an AT-EDM-style importance).
-
-    Only the `attention` baseline rule of bench/ uses it: it needs the attention map, which fused
-    kernels never materialise, so recording costs an extra explicit softmax per attention.
-    """
-
-    def __init__(self) -> None:
-        self.importance: torch.Tensor | None = None  # (B, N)
-
-    def record(self, query: torch.Tensor, key: torch.Tensor, num_heads: int, num_image_keys: int) -> None:
-        """Add the column sums over the first `num_image_keys` keys of softmax(Q K^T / sqrt(d))."""
-        query_heads, key_heads = heads(query, num_heads), heads(key, num_heads)
-        scores = query_heads @ key_heads.transpose(-1, -2) / query_heads.shape[-1] ** 0.5
-        received = scores.softmax(-1)[..., :num_image_keys].sum(dim=(1, 2))
-        self.importance = received if self.importance is None else self.importance + received
-
-
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    num_heads: int,
-    mask: torch.Tensor | None = None,
-    recorder: AttentionRecorder | None = None,
-    num_image_keys: int = 0,
-) -> torch.Tensor:
-    """Multi-head SDPA on (B, L, H*d) tensors; fused kernels allowed, nothing needs the map.
-
-    With a `recorder`, the attention the first `num_image_keys` keys receive is also recorded.
-    """
-    if recorder is not None and num_image_keys:
-        recorder.record(query, key, num_heads, num_image_keys)
-    out = F.scaled_dot_product_attention(
-        heads(query, num_heads), heads(key, num_heads), heads(value, num_heads), attn_mask=mask
-    )
-    return merge_heads(out)

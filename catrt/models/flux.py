@@ -29,15 +29,8 @@ from torch import nn
 
 from catrt.call_arguments import check_image_side
 from catrt.errors import ConfigError, UnsupportedModelError
-from catrt.models.base import (
-    Context,
-    KVStore,
-    PackedTokensAdapter,
-    attention,
-    attention_kwargs_change_nothing,
-    joint_attention,
-    refuse_call_attention_kwargs,
-)
+from catrt.models.attention import attention, attention_kwargs_change_nothing, joint_attention, refuse_call_attention_kwargs
+from catrt.models.base import Context, KVStore, PackedTokensAdapter
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid

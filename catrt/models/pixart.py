@@ -15,7 +15,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from catrt.errors import UnsupportedModelError
-from catrt.models.base import Adapter, Context, KVStore, attention, project_qkv, unfuse_hint
+from catrt.models.attention import attention, project_qkv, unfuse_hint
+from catrt.models.base import Adapter, Context, KVStore
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid

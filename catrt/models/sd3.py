@@ -21,20 +21,16 @@ from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZ
 from torch import nn
 
 from catrt.errors import ConfigError, UnsupportedModelError
-from catrt.models.base import (
-    Adapter,
-    Context,
-    KVStore,
+from catrt.models.attention import (
     attention,
     attention_kwargs_change_nothing,
-    eager_cpu,
-    gated_add_,
     joint_attention,
-    modulate_,
     project_qkv,
     refuse_call_attention_kwargs,
     unfuse_hint,
 )
+from catrt.models.base import Adapter, Context, KVStore, eager_cpu
+from catrt.models.modulation import gated_add_, modulate_
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec, guidance_value
 from catrt.tokens import Grid
