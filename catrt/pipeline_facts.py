@@ -6,6 +6,8 @@ A bundle is checked without loading its pipeline, so its facts are read from the
 
 from __future__ import annotations
 
+import importlib
+
 from catrt.pipeline_spec import PipelineSpec
 
 
@@ -29,7 +31,7 @@ def _registered_spec(pipeline_class: str) -> PipelineSpec | None:
     """The PipelineSpec registered for a pipeline class by name, whichever module registered it: the families'
     modules and `catrt.loading`'s models (the reference pipeline), imported here, where graphs are read, so a
     bundle is judged the same whether or not its pipeline was imported before."""
-    import catrt.loading  # noqa: F401  (registers the reference pipeline's spec)
+    importlib.import_module("catrt.loading")  # registers the reference pipeline's spec
     from catrt.models import PIPELINES, pipeline_named
 
     cls = pipeline_named(pipeline_class)
