@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 import catrt
+import catrt.cli.generate
+import catrt.cli.macs
 from catrt import cli
 from catrt.cli import main
 from catrt.errors import CatrtError, ConfigError, GenerationError
@@ -270,7 +272,7 @@ def test_a_stop_while_the_image_is_written_keeps_the_old_image_and_leaves_no_fil
             stop()
 
     handler = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(cli, "_model_runner", lambda args: (object(), "stub"))
+    monkeypatch.setattr(catrt.cli.generate, "_model_runner", lambda args: (object(), "stub"))
     monkeypatch.setattr(catrt.generation, "generate_image", lambda runner, request: (HalfWritten(), 1.0))
     out = tmp_path / "image.png"
     out.write_bytes(b"the earlier image")
@@ -338,9 +340,9 @@ def test_any_catrt_error_is_one_line_and_ctrl_c_is_130(
     def interrupted(args: Any) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_macs", refuse)
+    monkeypatch.setattr(catrt.cli.macs, "cmd_macs", refuse)
     assert _fails(capfd, "macs", "--model", "sd3") == "catrt macs: error: first line second line"
-    monkeypatch.setattr(cli, "cmd_macs", interrupted)
+    monkeypatch.setattr(catrt.cli.macs, "cmd_macs", interrupted)
     assert main(["macs", "--model", "sd3"]) == 130
     err = capfd.readouterr().err
     assert err.strip() == "catrt macs: interrupted"
@@ -744,7 +746,7 @@ def test_a_build_defaults_to_the_models_usual_dtype_where_it_runs_on_cuda(monkey
 
 
 def test_cli_choices_match_the_build_config() -> None:
-    """cli.py spells these out so that its parser needs no torch; they must not drift."""
+    """catrt.cli spells these out so that its parser needs no torch; they must not drift."""
     from catrt.build_config import BACKENDS, PRECISIONS, BuildConfig
 
     assert cli.PRECISION_CHOICES == tuple(PRECISIONS) and cli.BACKEND_CHOICES == BACKENDS
