@@ -755,6 +755,28 @@ def test_cli_choices_match_the_build_config() -> None:
     assert (build.alpha, build.t0) == (catrt.CATConfig().alpha, catrt.CATConfig().t0)
 
 
+def test_the_cli_modules_import_one_way() -> None:
+    """catrt/cli/: each subcommand module builds on the shared ones (parsing, cat_flags, model_flags, folder_flags,
+    exits), never on another subcommand or on the package that puts them together, so no import cycle can form."""
+    import ast
+
+    shared = {"parsing", "cat_flags", "model_flags", "folder_flags", "exits"}
+    package = Path(catrt.cli.__file__).parent
+    imported = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("catrt.cli"):
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names if alias.name.startswith("catrt.cli"))
+        imported[path.stem] = names
+    assert {"generate", "macs", "build", "inspect", "serve", "compare"} | shared <= set(imported)
+    for name, names in imported.items():
+        if name not in ("__init__", "__main__"):
+            assert names <= {f"catrt.cli.{each}" for each in shared}, (name, names)
+
+
 def test_cat_flags_are_every_config_field_a_user_sets() -> None:
     """The CAT flags are generated from CATConfig's fields: adding a field adds the flag everywhere."""
     import dataclasses
