@@ -49,6 +49,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `catrt` parser: each subcommand's from its module, in the order `catrt --help` lists them."""
     parser = OneLineParser(
         prog="catrt",
         description="CAT Pruning for diffusion transformers: generate images, count MACs, build and serve engines.",

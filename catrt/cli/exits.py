@@ -10,6 +10,7 @@ from typing import Any
 
 
 def one_line(error: BaseException) -> str:
+    """An error's text as the one stderr line a command ends with: whitespace runs joined, control characters escaped."""
     return escaped(" ".join(str(error).split()))
 
 
