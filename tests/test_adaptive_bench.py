@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from catrt import cli
+from catrt.cli import serve as serve_command
 from tests.test_quality_bench import load_script
 
 
@@ -38,7 +39,7 @@ def test_every_server_command_is_one_catrt_serve_takes(adaptive, source: list[st
         args = cli.build_parser().parse_args(line)
         if source[0] == "--engines":
             assert args.engines == ["engines/a", "engines/b"] and "--alpha" not in line
-            cli._refuse_serve_flags_fixed_by_build(args)  # what `catrt serve --engines` refuses: nothing here
+            serve_command._refuse_serve_flags_fixed_by_build(args)  # what `catrt serve --engines` refuses: nothing here
         else:
             assert args.alpha in ([0.3], [0.2, 0.3, 0.5])
 

@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 import catrt
+import catrt.cli.generate
+import catrt.cli.macs
 from catrt import cli
 from catrt.cli import main
 from catrt.errors import CatrtError, ConfigError, GenerationError
@@ -270,7 +272,7 @@ def test_a_stop_while_the_image_is_written_keeps_the_old_image_and_leaves_no_fil
             stop()
 
     handler = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(cli, "_model_runner", lambda args: (object(), "stub"))
+    monkeypatch.setattr(catrt.cli.generate, "_model_runner", lambda args: (object(), "stub"))
     monkeypatch.setattr(catrt.generation, "generate_image", lambda runner, request: (HalfWritten(), 1.0))
     out = tmp_path / "image.png"
     out.write_bytes(b"the earlier image")
@@ -338,9 +340,9 @@ def test_any_catrt_error_is_one_line_and_ctrl_c_is_130(
     def interrupted(args: Any) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_macs", refuse)
+    monkeypatch.setattr(catrt.cli.macs, "cmd_macs", refuse)
     assert _fails(capfd, "macs", "--model", "sd3") == "catrt macs: error: first line second line"
-    monkeypatch.setattr(cli, "cmd_macs", interrupted)
+    monkeypatch.setattr(catrt.cli.macs, "cmd_macs", interrupted)
     assert main(["macs", "--model", "sd3"]) == 130
     err = capfd.readouterr().err
     assert err.strip() == "catrt macs: interrupted"
@@ -744,13 +746,35 @@ def test_a_build_defaults_to_the_models_usual_dtype_where_it_runs_on_cuda(monkey
 
 
 def test_cli_choices_match_the_build_config() -> None:
-    """cli.py spells these out so that its parser needs no torch; they must not drift."""
+    """catrt.cli spells these out so that its parser needs no torch; they must not drift."""
     from catrt.build_config import BACKENDS, PRECISIONS, BuildConfig
 
     assert cli.PRECISION_CHOICES == tuple(PRECISIONS) and cli.BACKEND_CHOICES == BACKENDS
     build = BuildConfig("x")
     assert {name: getattr(build, name) for name in cli.BUILD_DEFAULTS} == cli.BUILD_DEFAULTS
     assert (build.alpha, build.t0) == (catrt.CATConfig().alpha, catrt.CATConfig().t0)
+
+
+def test_the_cli_modules_import_one_way() -> None:
+    """catrt/cli/: each subcommand module builds on the shared ones (parsing, cat_flags, model_flags, folder_flags,
+    exits), never on another subcommand or on the package that puts them together, so no import cycle can form."""
+    import ast
+
+    shared = {"parsing", "cat_flags", "model_flags", "folder_flags", "exits"}
+    package = Path(catrt.cli.__file__).parent
+    imported = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("catrt.cli"):
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names if alias.name.startswith("catrt.cli"))
+        imported[path.stem] = names
+    assert {"generate", "macs", "build", "inspect", "serve", "compare"} | shared <= set(imported)
+    for name, names in imported.items():
+        if name not in ("__init__", "__main__"):
+            assert names <= {f"catrt.cli.{each}" for each in shared}, (name, names)
 
 
 def test_cat_flags_are_every_config_field_a_user_sets() -> None:

@@ -1,0 +1,100 @@
+"""The argparse machinery every `catrt` parser shares: one-line usage errors, defaults in every help, list flags
+that a repeated flag extends, and the number types that make a bad count a usage error."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from typing import Any, NoReturn
+
+from catrt.checks import MAX_STEPS  # stdlib + catrt.errors only
+from catrt.errors import echo, shorten
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except where there is none to show (None, a False flag) or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Subcommand parsers inherit the class: defaults in every help, one-line usage errors (also used by
+    `python -m catrt.reference.train`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(  # type: ignore[override]
+        self, args: typing.Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """argparse leaves words no parser took to the top one, whose error would point to `catrt --help`;
+        they are reported by the subcommand that was parsing, whose help lists what it takes."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._command_parser(parsed).error(f"unrecognized arguments: {shorten(' '.join(extras))}")
+        return parsed
+
+    # argparse quotes a value it cannot convert or that is not a choice whole; these two hooks are where it does.
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as error:
+            raise argparse.ArgumentError(action, error.message.replace(repr(arg_string), echo(arg_string))) from None
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as error:
+            raise argparse.ArgumentError(action, error.message.replace(repr(value), echo(value))) from None
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The (sub)parser of the innermost subcommand `parsed` names; this parser without one."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(parsed, action.dest, None))
+                if chosen is not None:
+                    return chosen._command_parser(parsed) if isinstance(chosen, OneLineParser) else chosen
+        return self
+
+
+class Several(argparse.Action):
+    """nargs="+" that a repeated flag extends (--seeds 0 1 --seeds 2), its first use replacing the default list:
+    argparse's "extend" would add to the default, and "store" keeps only the last use."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        kept = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, kept + list(values))
+
+
+def positive_int(text: str) -> int:
+    """argparse type for pixel sizes and step counts, so 0 or -1 is a usage error, not a crash later."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {echo(text)}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def step_count(text: str) -> int:
+    """argparse type for the denoising steps of a run: a positive integer up to MAX_STEPS."""
+    value = positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_STEPS} steps, got {value}")
+    return value
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a config field: `reuse_every` is `--reuse-every`."""
+    return "--" + name.replace("_", "-")
