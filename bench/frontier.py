@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (on a shared CPU one thread times far more steadily than two)")
     parser.add_argument("--tiny", action="store_true", help="smoke run: 1 prompt, 5 steps, t0 2, no warm-up")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device the reference model runs on")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for frontier.md, frontier.png, frontier.csv (default: a new folder under "
                              "bench/results/tmp/; --out bench/results regenerates the committed results)")

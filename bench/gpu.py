@@ -119,13 +119,14 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = benchkit.new_parser("bench/gpu.py", __doc__)
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(n for n in MODEL_CARDS if n != "reference"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(n for n in MODEL_CARDS if n != "reference"),
+                        help="published transformer configs to time, random weights")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
     parser.add_argument("--tiny", action="store_true", help="CPU, small configs from the same cards (the tests run this)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024; --tiny 128)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 28; --tiny 10)")
     parser.add_argument("--t0", type=int, default=None, help="last full step (default 8; --tiny 4)")
-    parser.add_argument("--alpha", type=float, default=0.3)
+    parser.add_argument("--alpha", type=float, default=0.3, help="fraction of image tokens a pruned step recomputes")
     parser.add_argument("--reuse-every", type=int, default=0,
                         help="catrt variants: after t0, every N-th step reuses the previous prediction (0 = off)")
     parser.add_argument("--dtype", choices=sorted(PRECISIONS), default=None,

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-seed", type=int, default=2024, help="seed of the prompt list")
     parser.add_argument("--grid-rows", type=int, default=6, help="prompts shown in quality-grid.png")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="reference weights folder")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device the reference model runs on")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for quality.md, quality-grid.png, figure3.png (default: a new folder "
                              "bench/results/tmp/quality-<time>; --out bench/results regenerates the committed results)")

@@ -94,20 +94,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dims", choices=sorted(DIMS), default=None,
                         help="a published model's block size, resolution and text length, steps only, no engines "
                         "(sets --heads, --size, --text-length; --backends defaults to none)")
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=4, help="transformer blocks")
     parser.add_argument("--heads", type=int, default=None, help="attention heads of 64 channels (D = 64 x heads; default 6)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels, a multiple of 16 (tokens = (size / 16)^2; default 512)")
     parser.add_argument("--text-length", type=int, default=None, help="T5 tokens (the transformer sees 77 + this; default 64)")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--t0", type=int, default=4)
-    parser.add_argument("--alpha", type=float, default=0.3)
+    parser.add_argument("--steps", type=int, default=12, help="denoising steps of a timed generation")
+    parser.add_argument("--t0", type=int, default=4, help="last full step before pruning starts")
+    parser.add_argument("--alpha", type=float, default=0.3, help="fraction of image tokens a pruned step recomputes")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the fastest counts)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="default: every backend that runs here ('none' with --dims: steps only)")
     parser.add_argument("--compile", action="store_true",
                         help="with --dims: also time diffusers and catrt compiled by torch.compile (inductor)")
-    parser.add_argument("--out", type=Path, default=None, help="report path (default: a new file under bench/results/)")
+    parser.add_argument("--out", type=Path, default=None, help="report path (default: a new file bench/results/tmp/speed-<device>-<time>.md; --out bench/results/speed-<device>.md regenerates a committed one)")
     args = parser.parse_args(argv)
     set_dims(parser, args)
     if args.backends is not None and [name.lower() for name in args.backends] == ["none"]:
@@ -153,13 +153,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def default_out(device: str, args: argparse.Namespace) -> Path:
-    """A results path that does not exist yet (never a committed file)."""
+    """A report path that does not exist yet under bench/results/tmp/ (git ignores it), as every bench script's:
+    a run without --out neither overwrites a committed result nor leaves an untracked file beside them."""
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     stem = f"speed-{slug}" + (f"-{args.dims}-L{args.layers}" if args.dims else "") + ("-compile" if args.compile else "")
-    path, number = RESULTS / f"{stem}.md", 2
-    while path.exists():
-        path, number = RESULTS / f"{stem}-{number}.md", number + 1
-    return path
+    return benchkit.new_path(stem, ".md")
 
 
 def best_seconds(fn: Callable[[], Any], repeats: int) -> float:

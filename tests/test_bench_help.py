@@ -1,0 +1,69 @@
+"""Every bench script's --help says what each option is and, where it has one, its default (a user reads it before
+a run that can take minutes); a run without --out writes under bench/results/tmp/, which git ignores."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from catrt.cli import OneLineParser
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["adaptive", "compile_time", "frontier", "gpu", "load", "quality", "speed"]
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+class Parsed(Exception):
+    """Carries the script's parser out of its main() at the moment it would parse."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__()
+        self.parser = parser
+
+
+def script_parser(name: str, monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
+    def capture(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> argparse.Namespace:
+        raise Parsed(self)
+
+    monkeypatch.setattr(OneLineParser, "parse_args", capture)
+    with pytest.raises(Parsed) as parsed:
+        load_script(name).main([])
+    return parsed.value.parser
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_bench_option_has_help_and_shows_its_default(script: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = script_parser(script, monkeypatch)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help.strip(), f"bench/{script}.py {name} has no help text"
+        if action.default not in (None, False, argparse.SUPPRESS):
+            shown = formatter._get_help_string(action) % {"default": action.default}
+            assert "default" in shown, f"bench/{script}.py {name}: --help does not show its default {action.default!r}"
+
+
+def test_speed_report_without_out_goes_under_the_ignored_tmp_folder() -> None:
+    speed = load_script("speed")
+    results = ROOT / "bench" / "results"
+    for dims in (None, "sd3-medium"):
+        args = argparse.Namespace(dims=dims, layers=2, compile=dims is not None)
+        path = speed.default_out("NVIDIA H200", args)
+        assert path.parent == results / "tmp" and not path.exists()
+        assert path.name.startswith("speed-nvidia-h200" + ("-sd3-medium-L2-compile" if dims else "")), path.name
