@@ -429,7 +429,25 @@ def test_ray_start_errors_read_as_the_exception_inside_the_task() -> None:
     assert first_line(task_error) == "RuntimeError: Failed to bind to address '127.0.0.1:8000'."
     refused = ray_start_error(ConnectionError("Could not find any running Ray instance.\nPlease ..."), "auto")
     assert isinstance(refused, ConfigError) and refused.field == "ray_address"
-    assert str(refused) == "cannot start or join --ray-address auto: ConnectionError: Could not find any running Ray instance."
+    assert str(refused) == ("cannot start or join --ray-address auto: ConnectionError: Could not find any running Ray "
+                            "instance. Start one on this machine (ray start --head), or leave out --ray-address to start a "
+                            "local one")
+
+
+def test_auto_without_a_cluster_names_catrts_way_out_not_rays_address_flag() -> None:
+    """Ray 2.60 says, on one line, 'Could not find any running Ray instance. Please specify the one to connect to by
+    setting `--address` flag or `RAY_ADDRESS` environment variable.': catrt serve has no --address flag, so its line
+    keeps Ray's finding and says what to do with catrt's own flags."""
+    from catrt.serve.fleet_start import ray_start_error
+
+    said = ("Could not find any running Ray instance. Please specify the one to connect to by setting `--address` flag "
+            "or `RAY_ADDRESS` environment variable.")
+    message = str(ray_start_error(ConnectionError(said), "auto"))
+    assert message.startswith("cannot start or join --ray-address auto: ConnectionError: Could not find any running Ray "
+                              "instance.")
+    assert "`--address`" not in message and message.endswith("or leave out --ray-address to start a local one")
+    elsewhere = str(ray_start_error(ConnectionError(said), "10.0.0.5:6379"))  # an address given: Ray's words whole
+    assert elsewhere == f"cannot start or join --ray-address 10.0.0.5:6379: ConnectionError: {said}"
 
 
 def _signed_bundle(tmp_path: Path, key: bytes) -> Path:

@@ -58,10 +58,19 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# ray.init's words when `auto` finds no cluster; Ray 2.60 goes on, on the same line, to advise its own CLI's
+# `--address` flag, which `catrt serve` does not have.
+NO_CLUSTER = "Could not find any running Ray instance."
+
+
 def ray_start_error(error: BaseException, address: str | None) -> ConfigError:
     """`ray.init`'s refusal (no cluster found, an address it cannot read or reach) as one line naming the address."""
     where = "a local Ray cluster" if address is None else f"--ray-address {address}"
-    return ConfigError(f"cannot start or join {where}: {first_line(error)}", field="ray_address", value=address)
+    reason = first_line(error)
+    if address in RESOLVED_BY_RAY and NO_CLUSTER in reason:
+        reason = (reason[:reason.index(NO_CLUSTER) + len(NO_CLUSTER)]
+                  + " Start one on this machine (ray start --head), or leave out --ray-address to start a local one")
+    return ConfigError(f"cannot start or join {where}: {reason}", field="ray_address", value=address)
 
 
 def first_line(error: BaseException) -> str:
