@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from catrt.errors import CorruptBundleError, echo, echo_path
+from catrt.errors import CorruptBundleError, echo, echo_path, shorten
 from catrt.provenance import (
     VERSIONED_PACKAGES,
     describe_device,
@@ -97,13 +97,33 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
+_BUNDLES_LISTED = 3
+
+
+def _bundles_inside_hint(folder: Path) -> str:
+    """Where `folder` is an engine store (`engines/`, given for one of its bundles), the bundles it holds, so the line
+    says which to give; "" otherwise. Hidden folders (a build's staging copy) are left out."""
+    try:
+        with os.scandir(folder) as entries:
+            names = sorted(entry.name for entry in entries if not entry.name.startswith(".")
+                           and entry.is_dir(follow_symlinks=False)
+                           and os.path.lexists(os.path.join(entry.path, MANIFEST_FILE)))
+    except OSError:  # not a folder, or not readable: the missing manifest says enough
+        return ""
+    if not names:
+        return ""
+    shown = ", ".join(shorten(name) for name in names[:_BUNDLES_LISTED]) + (", ..." if len(names) > _BUNDLES_LISTED else "")
+    return f"; it holds {len(names)} bundle folder(s) ({shown}): give one of those, e.g. {echo_path(folder / names[0])}"
+
+
 def read_manifest_data(folder: Path) -> dict[str, Any]:
     """The manifest's JSON object, unchecked; a missing, linked, oversized, unreadable or non-object one is a
     CorruptBundleError. Only a regular file of at most MAX_MANIFEST_BYTES is read (never a link's target)."""
     path = Path(folder) / MANIFEST_FILE
     if not os.path.lexists(path):
         raise CorruptBundleError(
-            f"{echo_path(path)} is missing: {echo_path(folder)} is not a catrt engine folder (build one with `catrt build`)",
+            f"{echo_path(path)} is missing: {echo_path(folder)} is not a catrt engine folder (build one with `catrt build`)"
+            + _bundles_inside_hint(Path(folder)),
             field=MANIFEST_FILE,
         )
     if path.is_symlink():

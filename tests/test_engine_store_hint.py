@@ -1,0 +1,64 @@
+"""`catrt inspect engines` / `catrt serve --engines engines` (the store, not one of its bundles) is refused, as any
+folder without a manifest is, and the line names the bundles the store holds, so a user sees what to give."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from catrt.cli import main
+from catrt.errors import CorruptBundleError
+from catrt.manifest import MANIFEST_FILE, read_manifest_data
+
+REFUSED = "is not a catrt engine folder (build one with `catrt build`)"
+
+
+def store_with(tmp_path: Path, *names: str) -> Path:
+    store = tmp_path / "engines"
+    store.mkdir()
+    for name in names:
+        (store / name).mkdir()
+        (store / name / MANIFEST_FILE).write_text("{}")
+    return store
+
+
+def test_a_store_given_for_a_bundle_lists_its_bundles(tmp_path: Path) -> None:
+    store = store_with(tmp_path, "b-build", "a-build")
+    (store / "not-a-bundle").mkdir()  # no manifest: not listed
+    (store / ".a-build.tmp-1234").mkdir()  # a build's staging copy: not listed
+    (store / ".a-build.tmp-1234" / MANIFEST_FILE).write_text("{}")
+    (store / "README.md").write_text("the store's own file")
+    with pytest.raises(CorruptBundleError) as refused:
+        read_manifest_data(store)
+    assert str(refused.value) == (
+        f"{store / MANIFEST_FILE} is missing: {store} {REFUSED}; it holds 2 bundle folder(s) (a-build, b-build): "
+        f"give one of those, e.g. {store / 'a-build'}")
+    assert refused.value.field == MANIFEST_FILE
+
+
+def test_a_large_store_lists_three_and_says_there_are_more(tmp_path: Path) -> None:
+    store = store_with(tmp_path, *(f"build-{i}" for i in range(5)))
+    with pytest.raises(CorruptBundleError, match=r"it holds 5 bundle folder\(s\) \(build-0, build-1, build-2, \.\.\.\)"):
+        read_manifest_data(store)
+
+
+@pytest.mark.parametrize("make", ["empty", "other files", "missing"])
+def test_a_folder_without_bundles_reads_as_before(tmp_path: Path, make: str) -> None:
+    folder = tmp_path / "folder"
+    if make != "missing":
+        folder.mkdir()
+    if make == "other files":
+        (folder / "sub").mkdir()
+        (folder / "notes.txt").write_text("x")
+    with pytest.raises(CorruptBundleError) as refused:
+        read_manifest_data(folder)
+    assert str(refused.value) == f"{folder / MANIFEST_FILE} is missing: {folder} {REFUSED}"
+
+
+def test_inspect_of_the_store_is_one_problem_naming_a_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = store_with(tmp_path, "tiny-sd3-64x64-b1-s8-t4-a0.30-fp32-eager")
+    assert main(["inspect", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert f"give one of those, e.g. {store / 'tiny-sd3-64x64-b1-s8-t4-a0.30-fp32-eager'}" in err
+    assert "Traceback" not in err
