@@ -238,7 +238,10 @@ def _check_folder(folder: Path, name: str) -> None:
 
 
 def _is_bundle(folder: Path) -> bool:
-    """Whether `folder` holds a catrt manifest (another program's manifest.json is no bundle)."""
+    """Whether `folder` holds a catrt manifest (another program's manifest.json is no bundle). Called for every
+    parent of a build's folders, so a folder without one is answered without reading (or listing) it."""
+    if not os.path.lexists(folder / MANIFEST_FILE):
+        return False
     try:
         data = read_manifest_data(folder)
     except CatrtError:

@@ -62,3 +62,22 @@ def test_inspect_of_the_store_is_one_problem_naming_a_bundle(tmp_path: Path, cap
     err = capsys.readouterr().err
     assert f"give one of those, e.g. {store / 'tiny-sd3-64x64-b1-s8-t4-a0.30-fp32-eager'}" in err
     assert "Traceback" not in err
+
+
+def test_a_builds_parent_folders_are_checked_without_being_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`catrt build` asks of every parent of --out whether it is a bundle; a parent without a manifest is answered
+    from that alone, never by listing it for the hint above (a parent such as /tmp may hold thousands of entries)."""
+    import catrt.build as build
+    import catrt.manifest as manifest
+
+    listed: list[str] = []
+    real_scandir = manifest.os.scandir
+
+    def recording_scandir(path: object) -> object:
+        listed.append(str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(manifest.os, "scandir", recording_scandir)
+    store_with(tmp_path, "a-build")  # the hint would have a bundle to name in tmp_path/engines
+    build._check_folder(tmp_path / "engines" / "new", "out_dir")
+    assert (tmp_path / "engines" / "new").is_dir() and listed == []
