@@ -37,7 +37,7 @@ The notes give each catrt variant's schedule bound: its own full step for t0 ste
 of it for the rest, the fastest any pruned step could make the generation (so which speedup targets
 the schedule can reach at all).
 
-Time budget (8 minutes on an H100): the eager variants of every model run first (pass 1), then the
+Time budget (8 minutes of the lent GPU, an H200 so far): the eager variants of every model run first (pass 1), then the
 compiled ones (pass 2, each model rebuilt with the same seed), because compiling dominates (catrt
 compiles block by block, one graph per block kind and step kind; whole forwards took 90-100 s per
 model on an H200). Variants not

@@ -32,8 +32,8 @@ Compiled rows are compared with diffusers compile.
 
     python bench/speed.py --dims sd3-medium --layers 2 --threads 2 --repeats 5 --compile
 
-Results go to `--out`, by default a new file bench/results/speed-<device>[-<dims>-L<layers>].md
-(a numbered name if that exists: a committed results file is only overwritten when --out names it).
+Results go to `--out`, by default a new file bench/results/tmp/speed-<device>[-<dims>-L<layers>][-compile]-<time>.md
+(git ignores tmp/: a committed results file is only written when --out names it).
 """
 
 from __future__ import annotations
