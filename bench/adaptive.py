@@ -8,7 +8,8 @@ per configuration and a PNG plot of p50 / p95 latency, throughput and mean chose
         --out bench/results/adaptive-cpu.md   # the committed results' run (README)
 
 Configurations: `fixed` (alpha --fixed-alpha), `adaptive` (--alphas with --latency-target), and with
---ray the fixed configuration on Ray Serve with 1 and with 2 replicas. Needs the bench extra
+--ray the fixed configuration on Ray Serve with 1 and with 2 replicas. Every server runs --threads torch threads
+(default 1, as a Ray replica holding one CPU does), whatever OMP_NUM_THREADS the caller has. Needs the bench extra
 (httpx, matplotlib); --ray needs `pip install -e ".[ray]"`.
 """
 
@@ -82,6 +83,12 @@ def serve_command(args: argparse.Namespace, configuration: Configuration, port: 
             "--host", "127.0.0.1", "--port", str(port)]
 
 
+def server_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of every server the run starts: --threads torch threads each (OMP_NUM_THREADS), so the plain
+    servers run as Ray's replicas do, each holding one CPU, whatever the machine's core count or the caller's shell."""
+    return {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -121,7 +128,7 @@ def measure(args: argparse.Namespace, configuration: Configuration, log: Path) -
     command = serve_command(args, configuration, port)
     print(f"[{configuration.label}] {' '.join(command[2:])}", flush=True)
     with log.open("w") as output:
-        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=os.environ.copy())
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=server_env(args))
         try:
             wait_ready(url, server, READY_TIMEOUT_S)
             return asyncio.run(load.run_ramp(url, args.levels, args.seconds, {"n": 1}))
@@ -154,7 +161,8 @@ def report(args: argparse.Namespace, results: dict[str, list[tuple[int, load.Loa
         f"# Fixed vs adaptive alpha under load: {args.device}",
         "",
         f"`python bench/adaptive.py {source} --levels {' '.join(map(str, args.levels))} --seconds {args.seconds:g} "
-        f"--latency-target {args.latency_target:g}{' --ray' if args.ray else ''}"
+        f"--latency-target {args.latency_target:g}{f' --threads {args.threads}' if args.threads != 1 else ''}"
+        f"{' --ray' if args.ray else ''}"
         f"{' --serve-flags ' + ' '.join(args.serve_flags) if args.serve_flags else ''}` "
         f"on {platform.machine()} / Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}.",
         "",
@@ -180,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=None,
                         help="alphas the adaptive policy picks from (default 0.2 0.3 0.5; with --engines the build's)")
     parser.add_argument("--latency-target", type=float, default=2.0, help="the adaptive policy's latency target (s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads of each server (OMP_NUM_THREADS; a Ray replica holds one CPU): on a "
+                             "shared CPU, servers with more threads than they get run many times slower")
     parser.add_argument("--ray", action="store_true", help="also measure Ray Serve with 1 and with 2 replicas")
     parser.add_argument("--serve-flags", nargs=argparse.REMAINDER, default=[],
                         help="more `catrt serve` flags for every configuration (last on the line)")
@@ -189,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                              "bench/results/tmp/adaptive-<device>-<time>.md)")
     args = parser.parse_args(argv)
     benchkit.exit_if_missing(parser, MISSING)
+    benchkit.check_at_least_one(parser, threads=args.threads)
     if any(clients < 1 for clients in args.levels):
         parser.error("--levels take numbers of clients >= 1")
     if args.engines and (args.fixed_alpha is not None or args.alphas is not None):

@@ -4,6 +4,7 @@ a run that can take minutes); a run without --out writes under bench/results/tmp
 from __future__ import annotations
 
 import argparse
+import os
 import importlib.util
 import sys
 from pathlib import Path
@@ -67,3 +68,42 @@ def test_speed_report_without_out_goes_under_the_ignored_tmp_folder() -> None:
         path = speed.default_out("NVIDIA H200", args)
         assert path.parent == results / "tmp" and not path.exists()
         assert path.name.startswith("speed-nvidia-h200" + ("-sd3-medium-L2-compile" if dims else "")), path.name
+
+
+class _Exited:
+    """A stand-in for a server process that exited at once (so bench/adaptive.py stops before any load)."""
+
+    returncode = 1
+
+    def poll(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize(("argv", "threads"), [([], "1"), (["--threads", "3"], "3")])
+def test_adaptive_starts_every_server_with_the_threads_asked(
+    argv: list[str], threads: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's bench/adaptive.py figures are "one thread per server": the plain servers run --threads torch threads
+    (default 1, as a Ray replica holding one CPU), not the caller's OMP_NUM_THREADS or torch's count of cores, where
+    on a shared 2-core CPU a two-thread server ran 20x slower than the one-thread Ray replica beside it."""
+    adaptive = load_script("adaptive")
+    started: list[dict[str, str]] = []
+
+    def popen(command: list[str], **kwargs: Any) -> _Exited:
+        started.append(kwargs["env"])
+        return _Exited()
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    monkeypatch.setattr(adaptive.subprocess, "Popen", popen)
+    with pytest.raises(SystemExit, match=r"exited with code 1 before it was ready"):
+        adaptive.main([*argv, "--levels", "1", "--seconds", "1", "--out", str(tmp_path / "report.md")])
+    assert [env["OMP_NUM_THREADS"] for env in started] == [threads]
+    assert started[0]["PATH"] == os.environ["PATH"]  # the rest of the caller's environment is kept
+
+
+def test_adaptive_threads_below_one_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exited:
+        load_script("adaptive").main(["--threads", "0", "--out", str(tmp_path / "report.md")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "bench/adaptive.py: error: --threads must be at least 1, got 0 (see bench/adaptive.py --help)"]
