@@ -8,7 +8,14 @@ from typing import Any
 
 from catrt.checks import MAX_BATCH, MAX_STEPS  # stdlib + catrt.errors only
 from catrt.cli.folder_flags import refuse_empty
-from catrt.cli.model_flags import DEFAULT_MODEL, PRECISION_CHOICES, card_schedule, card_size, usual_precisions
+from catrt.cli.model_flags import (
+    DEFAULT_MODEL,
+    PRECISION_CHOICES,
+    card_defaults,
+    card_schedule,
+    card_size,
+    usual_precisions,
+)
 from catrt.cli.parsing import Several, flag_name, positive_int, step_count
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 from catrt.model_cards import MODEL_CARDS, check_model_source, default_precision
@@ -66,19 +73,21 @@ def add_build_parser(commands: argparse._SubParsersAction) -> None:
                             "values (--alpha A B, or --alpha repeated) build one pruned graph each into one bundle "
                             "(weights stored once), the first is the default of a call")
     build.add_argument("--t0", type=int, default=None,
-                       help=f"last full step before pruning starts (default: the model's own, 2 for flux-schnell; else {defaults.t0})")
+                       help=f"last full step before pruning starts (default: the model's own, {card_defaults('default_t0', defaults.t0)}; "
+                            f"else {defaults.t0})")
     build.add_argument("--reuse-every", type=int, default=defaults.reuse_every,
                        help="after t0, every N-th step reuses the previous prediction (0 = off)")
     build.add_argument("--steps", type=step_count, default=None,
-                       help=f"denoising steps the engine serves, 1 to {MAX_STEPS} (default: the model's own, e.g. 20 for "
-                            f"pixart-sigma, 4 for flux-schnell; else {BUILD_DEFAULTS['steps']})")
+                       help=f"denoising steps the engine serves, 1 to {MAX_STEPS} (default: the model's own, e.g. "
+                            f"{card_defaults('default_steps', BUILD_DEFAULTS['steps'])}; else {BUILD_DEFAULTS['steps']})")
     build.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the model's)")
     build.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the model's)")
     build.add_argument("--batch", type=int, default=BUILD_DEFAULTS["batch"],
                        help=f"prompts per call, 1 to {MAX_BATCH} (graphs take 2x with guidance)")
     build.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                        help="weights and activations (default: where the build runs on CUDA, the model's usual one: "
-                            f"{usual_precisions()}; others, and a dtype the backend cannot build, fp32); fp16 needs "
+                            f"{usual_precisions()}; others, and a dtype the backend cannot build, fp32, but a local diffusers "
+                            "folder the dtype its transformer was saved in); fp16 needs "
                             "a CUDA device; onnxruntime cannot build bf16")
     build.add_argument("--backend", choices=BACKEND_CHOICES, default=BUILD_DEFAULTS["backend"],
                        help="auto: tensorrt or compile on a GPU, onnxruntime on a CPU")

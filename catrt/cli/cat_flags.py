@@ -8,6 +8,7 @@ import re
 import typing
 from typing import Any, Literal
 
+from catrt.cli.model_flags import card_defaults
 from catrt.cli.parsing import Several, flag_name
 from catrt.config import CATConfig  # stdlib + catrt.errors only
 
@@ -16,13 +17,16 @@ from catrt.config import CATConfig  # stdlib + catrt.errors only
 NOT_CAT_FLAGS: tuple[str, ...] = ("seed", "trace", "reuse_threshold")
 
 
-def add_cat_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), several: tuple[str, ...] = ()) -> None:
+def add_cat_flags(
+    parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), several: tuple[str, ...] = (), own_schedule: bool = False
+) -> None:
     """Every CATConfig field a user sets per run, as a kebab-case flag, generated from the dataclass.
 
     Types, choices and defaults come from the field, the help from CATConfig's docstring, so a new
     field is a new flag with no change here. Flags default to None so that giving one can be told
     from not giving it (a build fixes some); `cat_config` fills in CATConfig's own defaults. Fields
-    in `several` take one or more values (serve's --alpha); the config gets the first.
+    in `several` take one or more values (serve's --alpha); the config gets the first. With `own_schedule`
+    (generate, serve: they run a published model's own t0, `card_schedule`) --t0's help names those models.
     """
     defaults, hints, helps = CATConfig(), typing.get_type_hints(CATConfig), _field_help(CATConfig)
     group = parser.add_argument_group("CAT Pruning")
@@ -32,6 +36,8 @@ def add_cat_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), s
         default = getattr(defaults, field.name)
         text = helps.get(field.name, field.name.replace("_", " ")).rstrip(".")
         kwargs: dict[str, Any] = {"default": None, "help": f"{text} (default: {default})"}
+        if field.name == "t0" and own_schedule:
+            kwargs["help"] += f"; a published model's own where it has one, {card_defaults('default_t0', default)}"
         if typing.get_origin(hints[field.name]) is Literal:
             kwargs["choices"] = typing.get_args(hints[field.name])
         else:

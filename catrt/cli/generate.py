@@ -12,6 +12,7 @@ from catrt.cli.folder_flags import engine_folder
 from catrt.cli.model_flags import (
     DEFAULT_MODEL,
     PRECISION_CHOICES,
+    card_defaults,
     card_schedule,
     card_size,
     run_precision,
@@ -178,7 +179,8 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--prompt", required=True, help="what to draw")
     generate.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
     generate.add_argument("--steps", type=step_count, default=None,
-                          help=f"denoising steps, 1 to {MAX_STEPS} (default: the pipeline's, 28 for SD3; the build's with --engines)")
+                          help=f"denoising steps, 1 to {MAX_STEPS} (default: the model's own, e.g. {card_defaults('default_steps', 28)}; "
+                               "else the pipeline's, 28 for SD3; the build's with --engines)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise (and of KMeans)")
     generate.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the model's)")
     generate.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the model's)")
@@ -186,10 +188,11 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)")
     generate.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                           help="weights and activations (default: fp32 on the CPU; on CUDA the model's usual one: "
-                               f"{usual_precisions()}; others fp32); fp16 needs CUDA")
+                               f"{usual_precisions()}; others fp32, but a local diffusers folder the dtype its transformer was "
+                               "saved in); fp16 needs CUDA")
     generate.add_argument("--out", default="image.png", help="output image: .png, .jpg, .jpeg or .webp")
     generate.add_argument("--full", action="store_true", help="run the unpruned model")
-    add_cat_flags(generate)
+    add_cat_flags(generate, own_schedule=True)
     generate.add_argument("--engines", default=None,
                           help="run a built engine folder (its build fixes the model, alpha, t0, size, steps, "
                                "precision and device)")

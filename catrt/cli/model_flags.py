@@ -26,6 +26,14 @@ def card_schedule(args: argparse.Namespace, card: ModelCard | None) -> tuple[int
     return args.steps or card.default_steps, card.default_t0 if args.t0 is None else args.t0
 
 
+def card_defaults(field: str, usual: int) -> str:
+    """The published models whose card sets `field` (default_steps, default_t0) other than `usual`, as
+    "20 for pixart-sigma, 4 for flux-schnell": read from the cards so the help cannot drift from them."""
+    return ", ".join(
+        f"{getattr(card, field)} for {name}" for name, card in MODEL_CARDS.items() if getattr(card, field) not in (None, usual)
+    )
+
+
 def card_size(card: ModelCard | None, height: int | None, width: int | None, model: str) -> None:
     """Refuse a size a known model cannot take, before loading it (None = the model's default)."""
     if card is not None:

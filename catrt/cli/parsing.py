@@ -4,11 +4,15 @@ that a repeated flag extends, and the number types that make a bad count a usage
 from __future__ import annotations
 
 import argparse
+import re
 import typing
 from typing import Any, NoReturn
 
 from catrt.checks import MAX_STEPS  # stdlib + catrt.errors only
 from catrt.errors import echo, shorten
+
+
+_NUMBER = re.compile(r"-\d+$|-\d*\.\d+$")  # argparse's reading of a negative number: a value, not an option
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -30,7 +34,30 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required"):
+            unknown = self._unknown_options()
+            if unknown:  # argparse checks required flags first: `--promt x` would say only "--prompt is required"
+                message = f"unrecognized arguments: {shorten(' '.join(unknown))}; {message}"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _parse_known_args(self, arg_strings: list[str], *rest: Any) -> Any:
+        self._words = list(arg_strings)  # for `error`: the words of this parser's own (sub)command
+        return super()._parse_known_args(arg_strings, *rest)
+
+    def _unknown_options(self) -> list[str]:
+        """The option-like words this parser was given that none of its options takes (a unique prefix of one does,
+        as argparse allows abbreviations); words after `--` and negative numbers are values."""
+        words = getattr(self, "_words", [])
+        words = words[:words.index("--")] if "--" in words else words
+        known = tuple(self._option_string_actions)
+        unknown = []
+        for word in words:
+            name = word.split("=", 1)[0]
+            if not word.startswith("-") or word == "-" or _NUMBER.fullmatch(word) or name in known:
+                continue
+            if not (self.allow_abbrev and name.startswith("--") and any(option.startswith(name) for option in known)):
+                unknown.append(name)
+        return unknown
 
     def parse_args(  # type: ignore[override]
         self, args: typing.Sequence[str] | None = None, namespace: argparse.Namespace | None = None

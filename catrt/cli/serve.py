@@ -7,7 +7,7 @@ from typing import Any
 
 from catrt.checks import MAX_BATCH, MAX_STEPS  # stdlib + catrt.errors only
 from catrt.cli.cat_flags import add_cat_flags, cat_config, cat_values
-from catrt.cli.model_flags import DEFAULT_MODEL, card_schedule, card_size, check_device_name
+from catrt.cli.model_flags import DEFAULT_MODEL, card_defaults, card_schedule, card_size, check_device_name
 from catrt.cli.parsing import Several, flag_name, positive_int, step_count
 from catrt.errors import ConfigError
 from catrt.model_cards import MODEL_CARDS
@@ -162,8 +162,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     eager = serve.add_argument_group("--model only (a build fixes these)")
     eager.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     eager.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    eager.add_argument("--steps", type=step_count, default=None, help=f"denoising steps, 1 to {MAX_STEPS} (default: the model's own, e.g. 20 for "
-                       f"pixart-sigma, 4 for flux-schnell; else {defaults.steps})")
+    eager.add_argument("--steps", type=step_count, default=None, help=f"denoising steps, 1 to {MAX_STEPS} (default: the model's own, e.g. "
+                       f"{card_defaults('default_steps', defaults.steps)}; else {defaults.steps})")
     eager.add_argument("--batch", type=int, default=None, help=f"images per model call, 1 to {MAX_BATCH} (default: {defaults.batch})")
     eager.add_argument("--device", default=None, help=f"torch device, e.g. cpu or cuda (default: {defaults.device})")
     eager.add_argument("--precision", choices=SERVE_PRECISIONS, default=None,
@@ -179,5 +179,5 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                        help="autoscale up to this many replicas (with --min-replicas)")
     fleet.add_argument("--ray-address", default=None,
                        help="join this Ray cluster (e.g. auto, ray://head:10001) (default: start a local one)")
-    add_cat_flags(serve, several=("alpha",))
+    add_cat_flags(serve, several=("alpha",), own_schedule=True)
     serve.set_defaults(handler=cmd_serve)
