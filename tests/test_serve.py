@@ -261,7 +261,15 @@ def test_a_full_queue_answers_429_with_retry_after(server: RemoteServer) -> None
 
 
 def test_metrics_expose_the_documented_series(server: RemoteServer) -> None:
-    generate(server.url)
+    """Each series is there after the requests that feed it (made here: the test stands alone)."""
+    too_large = 'catrt_requests_total{route="/v1/images/generations",status="413"}'
+    refused_before = metric(server.url, too_large)
+    oversized = b'{"prompt": "' + b"x" * 1_100_000 + b'"}'
+    refused = httpx.post(f"{server.url}/v1/images/generations", content=oversized,
+                         headers={"content-type": "application/json"}, timeout=30)
+    assert_error(refused, 413, None)
+    assert metric(server.url, too_large) == refused_before + 1
+    assert generate(server.url).status_code == 200
     text = httpx.get(f"{server.url}/metrics").text
     for name in (
         'catrt_requests_total{route="/v1/images/generations",status="200"}',
