@@ -137,6 +137,16 @@ def test_ranks_within_groups_count_from_zero_in_each_group() -> None:
             assert [int(within[row, i]) for i in expected] == list(range(len(members)))
 
 
+def test_token_score_is_the_l2_norm_of_the_change_over_channels() -> None:
+    """r_j = ||y_prev_j - y_ref_j||_2 (algorithm.md "Selection"), on Pythagorean quadruples (exact in float32): the
+    spec sweeps below take r from the code itself, so they cannot tell the L2 norm from another."""
+    reference = torch.tensor([[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [5.0, -1.0, 2.0], [2.0, 2.0, 2.0]]])
+    change = torch.tensor([[[3.0, 4.0, 0.0], [1.0, -2.0, 2.0], [2.0, 3.0, -6.0], [0.0, 0.0, 0.0]]])
+    delta, magnitude = selection.relative_magnitude(reference + change, reference)
+    assert torch.equal(delta, change)
+    assert magnitude.tolist() == [[5.0, 3.0, 7.0, 0.0]]  # L1 would give 7, 5, 11; the max norm 4, 2, 6
+
+
 def test_staleness_ewma() -> None:
     f = torch.zeros(2, 6)
     f = selection.update_staleness(f, torch.tensor([[0, 1], [2, 3]]), 0.5)
