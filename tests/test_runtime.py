@@ -619,18 +619,21 @@ def test_each_selection_is_the_spec_selection_of_the_conditional_half() -> None:
     """Under guidance, with decay, magnitude fraction and cluster count off their defaults and a refresh step: the
     first selection is the pooled walk over KMeans of 0.05 y_t0 + P, each later one the CAT step from the output
     after the step before (a refresh step's too), all scored on the conditional rows [B:] against y_{t0-1}, with
-    f <- 0.25 f + 1[computed]: recomputed here from the recorded outputs with the selection functions (tested on
-    their own in test_selection.py), not read back from the runtime's state."""
+    f <- 0.9 f + 1[computed] (any decay in (0, 0.5] ranks f as 0.5 does): recomputed here from the recorded outputs
+    with the selection functions (tested on their own in test_selection.py), not read back from the runtime's state."""
     from catrt.clustering import cluster_adjacency, clustering_features, kmeans, pooled_cluster_scores
     from catrt.selection import relative_magnitude, select_cat_step, select_first
 
-    adapter = make_adapter(build_tiny_pipeline("tiny-sd3").transformer)
+    transformer = build_tiny_pipeline("tiny-sd3").transformer
+    with torch.no_grad():  # outputs large beside the positional code, so the clusters depend on what is clustered
+        transformer.proj_out.weight.mul_(50)
+    adapter = make_adapter(transformer)
     grid, prompts, steps = Grid(3, 5), 2, 9
     call = family_of("sd3").meta_call(dict(adapter.transformer.config), 6, grid)
     generator = torch.Generator().manual_seed(1)
     tensors = {name: torch.randn((2 * prompts, *value.shape[1:]), generator=generator) for name, value in call.items()}
     hidden_states, timestep = tensors.pop("hidden_states"), tensors.pop("timestep").abs() * 500
-    config = catrt.CATConfig(alpha=0.4, t0=3, n_clusters=4, ewma_decay=0.25, magnitude_fraction=0.5, refresh_every=3,
+    config = catrt.CATConfig(alpha=0.4, t0=3, n_clusters=4, ewma_decay=0.9, magnitude_fraction=0.5, refresh_every=3,
                              trace=True)
     runtime = CATRuntime(adapter, config, steps=steps, guidance=True)
     cond = {}
@@ -643,13 +646,15 @@ def test_each_selection_is_the_spec_selection_of_the_conditional_half() -> None:
     reference = cond[config.t0 - 1]
     labels, _ = kmeans(clustering_features(cond[config.t0], grid), 4, config.kmeans_iters, torch.Generator().manual_seed(0))
     delta, magnitude = relative_magnitude(cond[config.t0], reference)
+    of_delta, _ = kmeans(clustering_features(delta, grid), 4, config.kmeans_iters, torch.Generator().manual_seed(0))
+    assert not torch.equal(of_delta, labels)  # precondition: clustering y_t0 is not clustering its change
     pooled = pooled_cluster_scores(delta, labels, cluster_adjacency(labels, grid, 4), 4)
     expected = select_first(magnitude, labels, pooled, runtime.k)
     staleness, last = torch.zeros(prompts, 15), torch.full((prompts, 15), config.t0)
     for record in runtime.trace[config.t0:]:
         if record.kind == "pruned":
             assert torch.equal(record.indices, expected), record.step
-            staleness = 0.25 * staleness + torch.zeros(prompts, 15).scatter(1, expected, 1.0)
+            staleness = 0.9 * staleness + torch.zeros(prompts, 15).scatter(1, expected, 1.0)
             last.scatter_(1, expected, record.step)
         else:
             last.fill_(record.step)
