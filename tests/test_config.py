@@ -60,6 +60,13 @@ def test_each_fields_documented_bounds_are_accepted(field: str, value: object) -
     assert getattr(CATConfig(**{field: value}), field) == value
 
 
+def test_k_is_at_least_one_and_at_most_every_token() -> None:
+    """k = ceil(alpha * N) within [1, N]: an alpha so small that alpha * N is under the rounding guard of the ceiling
+    still recomputes one token (a pruned step of 0 tokens has no shape to run)."""
+    assert [CATConfig(alpha=1e-12).num_selected(n) for n in (1, 7, 4096)] == [1, 1, 1]
+    assert [CATConfig(alpha=1.0).num_selected(n) for n in (1, 7, 4096)] == [1, 7, 4096]
+
+
 def test_t0_must_be_before_the_last_step() -> None:
     CATConfig(t0=8).check_steps(9)
     with pytest.raises(ConfigError, match=r"t0 = 8 needs t0 < num_inference_steps, got 8 steps"):
