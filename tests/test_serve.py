@@ -53,17 +53,14 @@ from catrt.serve.model import load_served_model
 TEXT_LENGTH = 16
 IMAGES_64 = 'catrt_images_generated_total{size="64x64"}'
 READ_TIMEOUT = 1.0
+FAULTY_ARGS = ["--model", "tiny-sd3", "--height", "64", "--width", "64", "--steps", "8", "--t0", "4", "--batch", "2",
+               "--max-queue", "4", "--timeout", "4", "--read-timeout", str(READ_TIMEOUT)]
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RemoteServer]]:
     """The fault server starts first; the engine is built while it loads, then both wait for ready."""
-    faulty = RemoteServer(
-        FAULT_CLI,
-        ["--model", "tiny-sd3", "--height", "64", "--width", "64", "--steps", "8", "--t0", "4", "--batch", "2",
-         "--max-queue", "4", "--timeout", "4", "--read-timeout", str(READ_TIMEOUT)],
-    )
-    started = {"faulty": faulty}
+    started = {"faulty": RemoteServer(FAULT_CLI, FAULTY_ARGS)}
     try:
         folder = tmp_path_factory.mktemp("serve")
         build = BuildConfig("tiny-sd3", height=64, width=64, batch=2, steps=8, t0=4, alphas=(0.3,), backend="onnxruntime",
@@ -83,8 +80,13 @@ def server(servers: dict[str, RemoteServer]) -> RemoteServer:
     return servers["engine"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def faulty(servers: dict[str, RemoteServer]) -> RemoteServer:
+    """The module's fault server, or a new one where the SIGTERM test has ended it (tests may run in any order: in
+    another, every fault-server test after that one was refused its connection)."""
+    if servers["faulty"].process.poll() is not None:
+        servers["faulty"] = RemoteServer(FAULT_CLI, FAULTY_ARGS)  # the module's teardown stops it with the rest
+        start_all({"faulty": servers["faulty"]})
     return servers["faulty"]
 
 
