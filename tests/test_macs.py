@@ -173,3 +173,11 @@ def test_real_cpu_tensors_count_attention_as_the_meta_device_does() -> None:
     num, k = grid.num_tokens, math.ceil(0.3 * grid.num_tokens)
     assert counts.full == _sd3_hand_count(TINY_SD3_CONFIG, text, num, num)
     assert counts.pruned == _sd3_hand_count(TINY_SD3_CONFIG, text, num, k)
+
+
+def test_format_macs_picks_the_largest_unit_the_value_reaches() -> None:
+    """A value of exactly one unit is written in that unit (1e12 is 1.000 TMAC, not 1000.000 GMAC); under 1000, MACs."""
+    from catrt.macs import format_macs
+
+    assert [format_macs(value) for value in (10**12, 10**12 - 1, 10**9, 10**6, 1000, 999, 0)] == [
+        "1.000 TMAC", "1000.000 GMAC", "1.000 GMAC", "1.000 MMAC", "1.000 KMAC", "999 MAC", "0 MAC"]
