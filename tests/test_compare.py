@@ -144,7 +144,13 @@ def test_a_signal_while_the_results_are_moved_into_place_waits_until_all_are(
         replace(source, target)
 
     monkeypatch.setattr(os, "replace", interrupted_replace)
-    assert _compare(tmp_path, "--rules", "cat", prompts="a red circle\n")[0] == code
+    # Ctrl-C as an interactive shell starts Python: pytest run in the background by a script (`nohup pytest &`, some CI)
+    # inherits SIGINT ignored, and the command rightly keeps it ignored (this test then saw exit code 0).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert _compare(tmp_path, "--rules", "cat", prompts="a red circle\n")[0] == code
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     monkeypatch.undo()
     assert line in capfd.readouterr().err
     assert "# catrt compare: tiny-pixart" in (out / "report.md").read_text() and (out / "grid.png").is_file()

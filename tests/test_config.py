@@ -50,6 +50,23 @@ def test_each_invalid_field_is_named(field: str, value: object, message: str) ->
     assert error.value.field == field
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("alpha", 1.0), ("alpha", 1e-9), ("t0", 2), ("n_clusters", 1), ("ewma_decay", 0.0), ("ewma_decay", 0.999),
+    ("magnitude_fraction", 0.0), ("magnitude_fraction", 1.0), ("refresh_every", 0), ("reuse_every", 0),
+    ("reuse_threshold", 0.0), ("seed", 0), ("seed", 2**63 - 1), ("kmeans_iters", 1), ("kmeans_iters", 1000),
+])
+def test_each_fields_documented_bounds_are_accepted(field: str, value: object) -> None:
+    """The closed ends of each range the refusals above state are valid values (an off-by-one refused them)."""
+    assert getattr(CATConfig(**{field: value}), field) == value
+
+
+def test_k_is_at_least_one_and_at_most_every_token() -> None:
+    """k = ceil(alpha * N) within [1, N]: an alpha so small that alpha * N is under the rounding guard of the ceiling
+    still recomputes one token (a pruned step of 0 tokens has no shape to run)."""
+    assert [CATConfig(alpha=1e-12).num_selected(n) for n in (1, 7, 4096)] == [1, 1, 1]
+    assert [CATConfig(alpha=1.0).num_selected(n) for n in (1, 7, 4096)] == [1, 7, 4096]
+
+
 def test_t0_must_be_before_the_last_step() -> None:
     CATConfig(t0=8).check_steps(9)
     with pytest.raises(ConfigError, match=r"t0 = 8 needs t0 < num_inference_steps, got 8 steps"):

@@ -26,8 +26,13 @@ TINY_SD3_CONFIG = {  # tiny-sd3's transformer (catrt/tiny.py)
 
 @pytest.mark.parametrize(("steps", "ratio"), [(28, 0.537), (50, 0.456)])
 def test_sd3_medium_matches_the_papers_ratio(steps: int, ratio: float) -> None:
+    from catrt.model_cards import MODEL_CARDS
+
+    card = MODEL_CARDS["sd3"]
     report = model_macs("sd3", 1024, 1024, CATConfig(alpha=0.3, t0=8), steps)
-    assert report.num_tokens == 4096 and report.k == 1229
+    assert report.num_tokens == 4096 and report.k == 1229 and card.text_tokens == 333
+    full, pruned = (_sd3_hand_count(card.transformer_config, 333, 4096, rows) for rows in (4096, 1229))
+    assert (report.full_step, report.pruned_step) == (full, pruned)  # the written-out count, as for the tiny model
     assert report.full_step == pytest.approx(4.452e12, rel=1e-3)
     assert report.pruned_step / report.full_step == pytest.approx(0.352, abs=0.005)
     assert report.schedule_ratio == pytest.approx(ratio, abs=0.002)
@@ -53,14 +58,36 @@ def test_full_steps_are_counted_as_catrt_runs_them_on_the_context_made_once() ->
     assert sd3.context_full_step == sd3.full_step
 
 
-def test_flux_dev_ratios_from_its_published_config() -> None:
+def _flux_hand_count(config: dict, text: int, num: int, rows: int) -> int:
+    """A FLUX transformer's matmul MACs, written out for one image: embeddings (timestep, guidance, pooled text, text,
+    patches), double-stream blocks (both streams' adaLN, QKV, output projection, MLP 4x), single-stream blocks on text
+    + image rows (adaLN, QKV and MLP in, fused output projection), the output layer. `rows` image rows and queries run
+    (N on a full step, k on a pruned one, the text in full); keys/values are always T + N."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    patch_in = config["in_channels"] * config.get("patch_size", 1) ** 2
+    macs = 2 * (256 * d + d * d) + (config["pooled_projection_dim"] * d + d * d)  # timestep and guidance; pooled text
+    macs += text * config["joint_attention_dim"] * d + rows * patch_in * d  # context embedder, patch embedding
+    attention = 2 * (text + rows) * (text + num) * d  # QK^T and AV
+    macs += config["num_layers"] * (2 * 6 * d * d + 12 * (text + rows) * d * d + attention)
+    macs += config["num_single_layers"] * (3 * d * d + (3 + 4 + 5) * (text + rows) * d * d + attention)
+    return macs + 2 * d * d + rows * d * patch_in  # final adaLN and projection
+
+
+def test_flux_dev_counts_what_a_hand_count_of_its_published_config_gives() -> None:
     # The text stream (512 T5 tokens) runs in full on pruned steps, so FLUX prunes less than SD3.
+    from catrt.model_cards import MODEL_CARDS
+
+    card = MODEL_CARDS["flux-dev"]
     report = model_macs("flux-dev", 1024, 1024, CATConfig(alpha=0.3, t0=8), 28)
-    assert report.num_tokens == 4096 and report.k == 1229
-    assert report.full_step == pytest.approx(37.192e12, rel=1e-3)
-    assert report.pruned_step / report.full_step == pytest.approx(0.378, abs=0.002)
-    assert report.schedule_ratio == pytest.approx(0.556, abs=0.002)
-    assert replace(report, steps=50).schedule_ratio == pytest.approx(0.478, abs=0.002)  # t0 = 8 full steps of 50
+    assert report.num_tokens == 4096 and report.k == 1229 and card.text_tokens == 512
+    full = _flux_hand_count(card.transformer_config, 512, 4096, 4096)
+    pruned = _flux_hand_count(card.transformer_config, 512, 4096, 1229)
+    assert (report.full_step, report.context_full_step, report.pruned_step, report.context) == (full, full, pruned, 0)
+    assert report.schedule_ratio == (8 * full + 20 * pruned) / (28 * full)
+    assert replace(report, steps=50).schedule_ratio == (8 * full + 42 * pruned) / (50 * full)  # t0 = 8 full steps of 50
+    assert report.full_step == pytest.approx(37.192e12, rel=1e-4)  # the figure the README quotes
+    assert (report.pruned_step / report.full_step, report.schedule_ratio) == (pytest.approx(0.378, abs=5e-4),
+                                                                             pytest.approx(0.556, abs=5e-4))
 
 
 def test_alpha_one_costs_about_a_full_step() -> None:
@@ -146,3 +173,11 @@ def test_real_cpu_tensors_count_attention_as_the_meta_device_does() -> None:
     num, k = grid.num_tokens, math.ceil(0.3 * grid.num_tokens)
     assert counts.full == _sd3_hand_count(TINY_SD3_CONFIG, text, num, num)
     assert counts.pruned == _sd3_hand_count(TINY_SD3_CONFIG, text, num, k)
+
+
+def test_format_macs_picks_the_largest_unit_the_value_reaches() -> None:
+    """A value of exactly one unit is written in that unit (1e12 is 1.000 TMAC, not 1000.000 GMAC); under 1000, MACs."""
+    from catrt.macs import format_macs
+
+    assert [format_macs(value) for value in (10**12, 10**12 - 1, 10**9, 10**6, 1000, 999, 0)] == [
+        "1.000 TMAC", "1000.000 GMAC", "1.000 GMAC", "1.000 MMAC", "1.000 KMAC", "999 MAC", "0 MAC"]

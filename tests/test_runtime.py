@@ -613,3 +613,60 @@ def test_clusters_are_made_once_at_t0_and_staleness_counts_pruned_steps_only(
             staleness = 0.5 * staleness + torch.zeros(2, 15).scatter(1, record.indices, 1.0)
             last.scatter_(1, record.indices, record.step)
     assert runtime.k == 5 and torch.equal(state.staleness, staleness) and torch.equal(state.last_computed, last)
+
+
+def test_each_selection_is_the_spec_selection_of_the_conditional_half() -> None:
+    """Under guidance, with decay, magnitude fraction and cluster count off their defaults and a refresh step: the
+    first selection is the pooled walk over KMeans of 0.05 y_t0 + P, each later one the CAT step from the output
+    after the step before (a refresh step's too), all scored on the conditional rows [B:] against y_{t0-1}, with
+    f <- 0.9 f + 1[computed] (any decay in (0, 0.5] ranks f as 0.5 does): recomputed here from the recorded outputs
+    with the selection functions (tested on their own in test_selection.py), not read back from the runtime's state."""
+    from catrt.clustering import cluster_adjacency, clustering_features, kmeans, pooled_cluster_scores
+    from catrt.selection import relative_magnitude, select_cat_step, select_first
+
+    transformer = build_tiny_pipeline("tiny-sd3").transformer
+    with torch.no_grad():  # outputs large beside the positional code, so the clusters depend on what is clustered
+        transformer.proj_out.weight.mul_(50)
+    adapter = make_adapter(transformer)
+    grid, prompts, steps = Grid(3, 5), 2, 14
+    call = family_of("sd3").meta_call(dict(adapter.transformer.config), 6, grid)
+    generator = torch.Generator().manual_seed(1)
+    tensors = {name: torch.randn((2 * prompts, *value.shape[1:]), generator=generator) for name, value in call.items()}
+    hidden_states, timestep = tensors.pop("hidden_states"), tensors.pop("timestep").abs() * 500
+    config = catrt.CATConfig(alpha=0.4, t0=3, n_clusters=4, ewma_decay=0.9, magnitude_fraction=0.5, refresh_every=5,
+                             trace=True)
+    runtime = CATRuntime(adapter, config, steps=steps, guidance=True)
+    cond = {}
+    with torch.no_grad():
+        for step in range(1, steps + 1):
+            runtime(hidden_states + 0.1 * step, timestep * (1 - step / (steps + 1)), tensors)
+            cond[step] = runtime.state.output_cache[prompts:].float().clone()
+    kinds = [record.kind for record in runtime.trace]
+    assert kinds == ["full"] * 3 + ["pruned"] * 4 + ["full"] + ["pruned"] * 4 + ["full", "pruned"] and runtime.k == 6
+    reference = cond[config.t0 - 1]
+    labels, _ = kmeans(clustering_features(cond[config.t0], grid), 4, config.kmeans_iters, torch.Generator().manual_seed(0))
+    delta, magnitude = relative_magnitude(cond[config.t0], reference)
+    of_delta, _ = kmeans(clustering_features(delta, grid), 4, config.kmeans_iters, torch.Generator().manual_seed(0))
+    assert not torch.equal(of_delta, labels)  # precondition: clustering y_t0 is not clustering its change
+    pooled = pooled_cluster_scores(delta, labels, cluster_adjacency(labels, grid, 4), 4)
+    first = select_first(magnitude, labels, pooled, runtime.k)
+
+    def replay(decay: float) -> list[torch.Tensor]:
+        """The selections of each pruned step after t0, the steps' outputs as recorded, f decaying by `decay`."""
+        expected, chosen = first, []
+        staleness, last = torch.zeros(prompts, 15), torch.full((prompts, 15), config.t0)
+        for record in runtime.trace[config.t0:]:
+            if record.kind == "pruned":
+                chosen.append(expected)
+                staleness = decay * staleness + torch.zeros(prompts, 15).scatter(1, expected, 1.0)
+                last.scatter_(1, expected, record.step)
+            else:
+                last.fill_(record.step)
+            expected = select_cat_step(cond[record.step], reference, labels, staleness, last, k=runtime.k, n_clusters=4,
+                                       magnitude_fraction=0.5)
+        return chosen
+
+    traced = [record.indices for record in runtime.trace if record.kind == "pruned"]
+    assert all(torch.equal(got, want) for got, want in zip(traced, replay(0.9), strict=True))
+    assert not all(torch.equal(got, want) for got, want in zip(traced, replay(0.5)))  # precondition: the decay tells
+    assert not torch.equal(traced[0], traced[1])  # precondition: the selection moves

@@ -20,6 +20,7 @@ from catrt.clustering import (
     clustering_features,
     inertia,
     kmeans,
+    kmeans_plus_plus,
     pooled_cluster_scores,
     positional_code,
 )
@@ -137,11 +138,90 @@ def test_ranks_within_groups_count_from_zero_in_each_group() -> None:
             assert [int(within[row, i]) for i in expected] == list(range(len(members)))
 
 
+def test_token_score_is_the_l2_norm_of_the_change_over_channels() -> None:
+    """r_j = ||y_prev_j - y_ref_j||_2 (algorithm.md "Selection"), on Pythagorean quadruples (exact in float32): the
+    spec sweeps below take r from the code itself, so they cannot tell the L2 norm from another."""
+    reference = torch.tensor([[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [5.0, -1.0, 2.0], [2.0, 2.0, 2.0]]])
+    change = torch.tensor([[[3.0, 4.0, 0.0], [1.0, -2.0, 2.0], [2.0, 3.0, -6.0], [0.0, 0.0, 0.0]]])
+    delta, magnitude = selection.relative_magnitude(reference + change, reference)
+    assert torch.equal(delta, change)
+    assert magnitude.tolist() == [[5.0, 3.0, 7.0, 0.0]]  # L1 would give 7, 5, 11; the max norm 4, 2, 6
+
+
 def test_staleness_ewma() -> None:
     f = torch.zeros(2, 6)
     f = selection.update_staleness(f, torch.tensor([[0, 1], [2, 3]]), 0.5)
     f = selection.update_staleness(f, torch.tensor([[0, 5], [2, 4]]), 0.5)
     assert f.tolist() == [[1.5, 0.5, 0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.5, 0.5, 1.0, 0.0]]
+
+
+def test_staleness_ewma_decays_by_the_configured_rate() -> None:
+    """f <- a * f + 1[computed] at a = 0.25 and a = 0 (at the default 0.5, a and 1 - a are the same number)."""
+    chosen = [torch.tensor([[0, 1]]), torch.tensor([[0, 3]]), torch.tensor([[0, 2]])]
+    for decay, expected in ((0.25, [1.3125, 0.0625, 1.0, 0.25]), (0.0, [1.0, 0.0, 1.0, 0.0])):
+        f = torch.zeros(1, 4)
+        for indices in chosen:
+            f = selection.update_staleness(f, indices, decay)
+        assert f.tolist() == [expected], decay
+
+
+def test_clustering_features_are_a_twentieth_of_the_output_plus_the_positional_code() -> None:
+    """0.05 * y_t0 + P (algorithm.md "Clustering"), P written out: row / H on the first half of the channels, col / W
+    on the rest."""
+    grid = Grid(2, 3)
+    output = torch.arange(24, dtype=torch.float32).view(1, 6, 4) - 7
+    features = clustering_features(output, grid)
+    for token in range(6):
+        row, col = divmod(token, 3)
+        code = [row / 2, row / 2, col / 3, col / 3]
+        expected = torch.tensor([0.05 * float(output[0, token, c]) + code[c] for c in range(4)])
+        assert torch.allclose(features[0, token], expected, rtol=0, atol=1e-6), token
+
+
+def test_kmeans_plus_plus_draws_the_first_center_by_its_noise_then_by_squared_distance() -> None:
+    """With the first draw's noise peaking at token 2 and the later draws' noise flat, each later draw is the point
+    farthest from the centers so far (the Gumbel argmax of log d^2): on a line 0, 1, 3, 7, 11 that is 3, then 11, then
+    7 (16 from both)."""
+    points = torch.tensor([[[0.0], [1.0], [3.0], [7.0], [11.0]]])
+    uniform = torch.full((1, 3, 5), 0.5)
+    uniform[0, 0, 2] = 0.9
+    centers = kmeans_plus_plus(points, 3, uniform)
+    assert centers.flatten().tolist() == [3.0, 11.0, 7.0]
+
+
+def _lloyd(points: np.ndarray, centers: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's iterations written out in float64 (an empty cluster keeps its center), then the final assignment."""
+    def nearest(centers: np.ndarray) -> np.ndarray:
+        return ((points[:, None, :] - centers[None, :, :]) ** 2).sum(-1).argmin(1)
+
+    for _ in range(iterations):
+        labels = nearest(centers)
+        centers = np.stack([points[labels == c].mean(0) if (labels == c).any() else centers[c] for c in range(len(centers))])
+    return nearest(centers), centers
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_kmeans_runs_exactly_its_lloyd_iterations_from_its_seeding(iterations: int) -> None:
+    """kmeans = k-means++ from one (1, K, N) uniform draw of the generator, `iterations` Lloyd steps, then labels by
+    the final centers: against the iterations written out (one fewer, or labels of the centers before the last
+    step, differ here)."""
+    points = torch.randn(1, 40, 2, generator=torch.Generator().manual_seed(5))
+    labels, centers = kmeans(points, 4, iterations, torch.Generator().manual_seed(9))
+    seeds = kmeans_plus_plus(points, 4, torch.rand((1, 4, 40), generator=torch.Generator().manual_seed(9)))
+    expected_labels, expected_centers = _lloyd(points[0].double().numpy(), seeds[0].double().numpy(), iterations)
+    fewer_labels, _ = _lloyd(points[0].double().numpy(), seeds[0].double().numpy(), iterations - 1)
+    assert labels[0].tolist() == expected_labels.tolist() != fewer_labels.tolist()  # precondition: the count tells
+    assert np.allclose(centers[0].numpy(), expected_centers, atol=1e-6)
+
+
+def test_an_empty_cluster_keeps_its_center() -> None:
+    """Points 5, 1, 1, 1 into 3 clusters: k-means++ seeds a point twice (only two values exist), so one cluster gets
+    no member; its center stays at its seed, a data point (not at the origin, where an empty mean would put it)."""
+    points = torch.tensor([[[5.0], [1.0], [1.0], [1.0]]])
+    labels, centers = kmeans(points, 3, 2, torch.Generator().manual_seed(0))
+    row = labels[0].tolist()
+    assert len(set(row)) == 2 and row[1] == row[2] == row[3] != row[0]  # precondition: one cluster is empty
+    assert set(centers.flatten().tolist()) == {1.0, 5.0}
 
 
 def test_positional_code_on_non_square_grid() -> None:

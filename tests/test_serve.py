@@ -53,17 +53,14 @@ from catrt.serve.model import load_served_model
 TEXT_LENGTH = 16
 IMAGES_64 = 'catrt_images_generated_total{size="64x64"}'
 READ_TIMEOUT = 1.0
+FAULTY_ARGS = ["--model", "tiny-sd3", "--height", "64", "--width", "64", "--steps", "8", "--t0", "4", "--batch", "2",
+               "--max-queue", "4", "--timeout", "4", "--read-timeout", str(READ_TIMEOUT)]
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RemoteServer]]:
     """The fault server starts first; the engine is built while it loads, then both wait for ready."""
-    faulty = RemoteServer(
-        FAULT_CLI,
-        ["--model", "tiny-sd3", "--height", "64", "--width", "64", "--steps", "8", "--t0", "4", "--batch", "2",
-         "--max-queue", "4", "--timeout", "4", "--read-timeout", str(READ_TIMEOUT)],
-    )
-    started = {"faulty": faulty}
+    started = {"faulty": RemoteServer(FAULT_CLI, FAULTY_ARGS)}
     try:
         folder = tmp_path_factory.mktemp("serve")
         build = BuildConfig("tiny-sd3", height=64, width=64, batch=2, steps=8, t0=4, alphas=(0.3,), backend="onnxruntime",
@@ -83,8 +80,13 @@ def server(servers: dict[str, RemoteServer]) -> RemoteServer:
     return servers["engine"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def faulty(servers: dict[str, RemoteServer]) -> RemoteServer:
+    """The module's fault server, or a new one where the SIGTERM test has ended it (tests may run in any order: in
+    another, every fault-server test after that one was refused its connection)."""
+    if servers["faulty"].process.poll() is not None:
+        servers["faulty"] = RemoteServer(FAULT_CLI, FAULTY_ARGS)  # the module's teardown stops it with the rest
+        start_all({"faulty": servers["faulty"]})
     return servers["faulty"]
 
 
@@ -261,7 +263,15 @@ def test_a_full_queue_answers_429_with_retry_after(server: RemoteServer) -> None
 
 
 def test_metrics_expose_the_documented_series(server: RemoteServer) -> None:
-    generate(server.url)
+    """Each series is there after the requests that feed it (made here: the test stands alone)."""
+    too_large = 'catrt_requests_total{route="/v1/images/generations",status="413"}'
+    refused_before = metric(server.url, too_large)
+    oversized = b'{"prompt": "' + b"x" * 1_100_000 + b'"}'
+    refused = httpx.post(f"{server.url}/v1/images/generations", content=oversized,
+                         headers={"content-type": "application/json"}, timeout=30)
+    assert_error(refused, 413, None)
+    assert metric(server.url, too_large) == refused_before + 1
+    assert generate(server.url).status_code == 200
     text = httpx.get(f"{server.url}/metrics").text
     for name in (
         'catrt_requests_total{route="/v1/images/generations",status="200"}',

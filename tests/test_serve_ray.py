@@ -86,21 +86,31 @@ def _descendants(root: int) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def fleet() -> Iterator[str]:
-    """The application's URL; Ray and Serve stop at the end (or in `test_shutdown_is_clean`)."""
-    ray.init(num_cpus=2, object_store_memory=100 * MIB, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+def fleets() -> Iterator[list[str]]:
+    """The URLs of the fleets `fleet` started; Ray and Serve stop at the end (or in `test_shutdown_is_clean`)."""
+    urls: list[str] = []
     try:
+        yield urls
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+
+
+@pytest.fixture
+def fleet(fleets: list[str]) -> str:
+    """The application's URL: the module's fleet, started at its first use, and again where `test_shutdown_is_clean`
+    has stopped it (tests may run in any order: in another, every fleet test after that one found no Ray)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=100 * MIB, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
         port = _free_port()
         config = ServeConfig(model="tiny-sd3", height=64, width=64, steps=8, cat=CATConfig(t0=4), port=port,
                              timeout=60, max_body_bytes=8192, max_queue=2, api_key=KEY, read_timeout=READ_TIMEOUT)
         serve.start(http_options=http_options(config))  # as `catrt serve --ray` starts it
         serve.run(application(config, FleetConfig(replicas=2), gpus=False), name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+        fleets.append(f"http://127.0.0.1:{port}")
+    return fleets[-1]
 
 
 def _replicas_of(url: str, count: int) -> list[str]:
@@ -291,10 +301,11 @@ def test_the_ingress_exports_each_replicas_model_series_under_the_single_servers
     samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
                for family in text_string_to_metric_families(metrics.render().decode()) for sample in family.samples}
     mine = ("replica", "replica-in-test")
-    for kind in ("full", "pruned"):
-        assert samples[("catrt_step_seconds_count", (("kind", kind), mine, ("size", "32x32")))] > 0
-    assert samples[("catrt_images_generated_total", (mine, ("size", "32x32")))] >= 1
-    assert samples[("catrt_alpha_chosen_total", (("alpha", "0.3"), mine))] >= 1
+    # Each step of the warm-up generation and of the request's (6 steps, t0 = 2: 2 full, 4 pruned); one image, one call.
+    for kind, count in (("full", 2 + 2), ("pruned", 4 + 4)):
+        assert samples[("catrt_step_seconds_count", (("kind", kind), mine, ("size", "32x32")))] == count
+    assert samples[("catrt_images_generated_total", (mine, ("size", "32x32")))] == 1
+    assert samples[("catrt_alpha_chosen_total", (("alpha", "0.3"), mine))] == 1
     assert samples[("catrt_queue_depth", (mine,))] == 0
     assert ("catrt_queue_depth", ()) not in samples  # no unlabelled depth that reads 0 whatever the replicas hold
     assert samples[("catrt_replica_answers_total", (mine, ("status", "200")))] == 1  # the ingress's own series stay

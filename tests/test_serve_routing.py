@@ -244,11 +244,12 @@ def test_openapi_and_metrics_cover_every_build(server: RemoteServer) -> None:
     alternatives = openapi_request_schema(server.url)["anyOf"]
     assert [(rule["properties"]["size"]["enum"], rule["properties"]["n"]["anyOf"][0]["maximum"]) for rule in alternatives] == [
         (["64x64", "auto", None], 2), (["96x64"], 1)]
-    for size in ("64x64", "96x64"):
-        before = metric(server.url, f'catrt_images_generated_total{{size="{size}"}}')
+    for size in ("64x64", "96x64"):  # each build: 8 steps, t0 = 4, so 4 full and 4 pruned steps a generation
+        series = [f'catrt_images_generated_total{{size="{size}"}}',
+                  *(f'catrt_step_seconds_count{{kind="{kind}",size="{size}"}}' for kind in ("full", "pruned"))]
+        before = [metric(server.url, name) for name in series]
         assert generate(server.url, size=size).status_code == 200
-        assert metric(server.url, f'catrt_images_generated_total{{size="{size}"}}') == before + 1
-        assert metric(server.url, f'catrt_step_seconds_count{{kind="pruned",size="{size}"}}') > 0
+        assert [metric(server.url, name) for name in series] == [before[0] + 1, before[1] + 4, before[2] + 4]
 
 
 def test_metrics_count_the_queue_per_size(server: RemoteServer) -> None:

@@ -407,6 +407,49 @@ def test_a_refused_pin_names_the_served_alphas_as_the_api_writes_them() -> None:
     assert caught.value.field == "alpha"
 
 
+def test_admission_takes_each_bound_it_states_and_refuses_one_past_it() -> None:
+    """`RequestRules.admit` at the ends of its ranges: n from 1 to the batch (image i seeded seed + i), a prompt of
+    exactly the character limit, guidance_scale from 0 to 100, the largest seed whose batch fits torch's generator;
+    one past each is a ConfigError naming the field. The server tests reach these ends only in part (not the seed of
+    each image, nor the character limit at its end)."""
+    import math
+    import re
+
+    from catrt.errors import ConfigError
+    from catrt.request_values import MAX_SEED
+    from catrt.serve.validation import RequestRules
+
+    model = StandIn()  # batch 2, an eager model as RequestRules reads it, with the call it was started for
+    model.build = None
+    model.call_arguments = {"height": 8, "width": 8, "num_inference_steps": STEPS}
+    model.reader = SimpleNamespace(check=lambda name, text: None)  # any prompt fits
+    model.runner = SimpleNamespace(spec=SimpleNamespace(refuse_unread_negative_prompt=lambda text, name: None))
+    rules = RequestRules(model, max_prompt_chars=12)
+
+    def admit(**fields: object) -> tuple[list[tuple[str, int]], float]:
+        rows, options = rules.admit(ImageGenerationRequest(**{"prompt": "a red circle", **fields}))
+        return [(row.prompt, row.seed) for row in rows], options.guidance_scale
+
+    assert admit(seed=5) == ([("a red circle", 5)], 4.0)  # n absent: one image; guidance absent: the model's default
+    assert admit(n=2, seed=5)[0] == [("a red circle", 5), ("a red circle", 6)]
+    assert admit(n=2, seed=MAX_SEED - 1)[0] == [("a red circle", MAX_SEED - 1), ("a red circle", MAX_SEED)]
+    assert admit(seed=0, guidance_scale=100.0)[1] == 100.0 and admit(seed=0, guidance_scale=0.0)[1] == 0.0
+    assert admit(prompt="x" * 12, seed=0, negative_prompt="y" * 12)[0] == [("x" * 12, 0)]
+    for fields, name, needle in (
+        ({"n": 3}, "n", "n=3 is not served: this server makes 1 to 2 images"),
+        ({"n": 0}, "n", "n=0 is not served"),
+        ({"prompt": "x" * 13}, "prompt", "prompt is 13 characters; this server takes at most 12"),
+        ({"negative_prompt": "y" * 13}, "negative_prompt", "negative_prompt is 13 characters; this server takes at most 12"),
+        ({"guidance_scale": math.nextafter(100.0, 101.0)}, "guidance_scale", "this server takes at most 100"),
+        ({"guidance_scale": -0.0001}, "guidance_scale", "guidance_scale must be a finite number >= 0"),
+        ({"n": 2, "seed": MAX_SEED}, "seed", f"seed must be an integer in [0, {MAX_SEED - 1}], got {MAX_SEED}"),
+        ({"size": "16x8"}, "size", "size=16x8 is not served"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(needle)) as caught:
+            admit(**{"seed": 0, **fields})
+        assert caught.value.field == name, fields
+
+
 def test_a_failed_load_logs_its_traceback_at_the_level_catrt_v_shows(caplog: pytest.LogCaptureFixture) -> None:
     """`could not load the model: ... (run with -v for the traceback)`: -v logs INFO, and the traceback was a DEBUG
     record, so -v never showed it."""
