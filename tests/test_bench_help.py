@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from catrt.cli import OneLineParser
+from tests.test_quality_bench import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["adaptive", "compile_time", "frontier", "gpu", "load", "quality", "speed"]
-
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 class Parsed(Exception):
