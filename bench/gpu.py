@@ -171,6 +171,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def catrt_full_steps(args: argparse.Namespace) -> range:
+    """The catrt full steps timed: 2..t0-1 (step 1 allocates, step t0 clusters), or step 1 where t0 = 2 (the least) leaves none."""
+    return range(2, args.t0) or range(1, 2)
+
+
 def cat_config(args: argparse.Namespace) -> CATConfig:
     """The pruning settings of every catrt variant (and of the selection and MAC figures)."""
     return CATConfig(alpha=args.alpha, t0=args.t0, reuse_every=args.reuse_every)
@@ -523,9 +528,9 @@ def measure_variant(row: Row, variant: Variant, loop: Loop, args: argparse.Names
         torch.cuda.reset_peak_memory_stats(device)
     timed = [run_generation(variant.new_generation(), loop, clock) for _ in range(args.repeats)]
     row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else NA_CPU
-    full_steps = range(2, args.t0) if variant.prunes else range(1, args.steps + 1)
-    # catrt: step 1 allocates, step t0 clusters; pruned steps after the first (whose selection ran at t0)
-    row.full_ms = statistics.median(g.step_ms[s - 1] for g in timed for s in full_steps or [1])
+    full_steps = catrt_full_steps(args) if variant.prunes else range(1, args.steps + 1)
+    # catrt: pruned steps after the first (whose selection ran at t0)
+    row.full_ms = statistics.median(g.step_ms[s - 1] for g in timed for s in full_steps)
     if variant.prunes:
         row.pruned_ms = statistics.median(g.step_ms[s - 1] for g in timed for s in pruned_steps(args))
     row.generation_ms = statistics.median(g.total_ms for g in timed)
@@ -917,7 +922,7 @@ class Report:
             f"Method: per variant one untimed warm-up generation (compile, CUDA-graph capture: the *warm-up* column), then "
             f"{args.repeats} timed generations ({timing}; a step includes the loop's in-place latent update, a few "
             f"microseconds). *Full* / *pruned step* = median of those steps "
-            f"(catrt full: steps 2..{args.t0 - 1}; pruned: {self.pruned_span()}, each including the next step's "
+            f"(catrt full: {self.full_span()}; pruned: {self.pruned_span()}, each including the next step's "
             f"selection); *{args.steps} steps* = median whole loop (diffusers: {args.steps} full steps; catrt: "
             f"{self.catrt_schedule()}, KMeans at t0 included); *speedup* over diffusers eager. *Selection* = "
             f"`select_cat_step` alone at the real shapes (float32 scores, as the runtime), median of {args.selection_repeats}, "
@@ -975,6 +980,10 @@ class Report:
         kinds = schedule(self.args)
         text = f"{kinds.count('full')} full + {kinds.count('pruned')} pruned"
         return text + (f" + {kinds.count('reused')} reused (--reuse-every {self.args.reuse_every})" if kinds.count("reused") else "")
+
+    def full_span(self) -> str:
+        steps = catrt_full_steps(self.args)
+        return f"steps {steps.start}..{steps.stop - 1}" if len(steps) > 1 else f"step {steps.start}"
 
     def pruned_span(self) -> str:
         if not self.args.reuse_every:

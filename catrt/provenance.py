@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from catrt import __version__
 from catrt.errors import CatrtError, EngineMismatchError, echo
 
 if TYPE_CHECKING:
@@ -27,9 +28,15 @@ VERSIONED_PACKAGES: tuple[str, ...] = ("catrt", "torch", "diffusers", "onnx", "o
 
 
 def package_versions() -> dict[str, str]:
-    """Installed versions of the packages a bundle depends on (absent packages are left out)."""
-    versions = {}
+    """Installed versions of the packages a bundle depends on (absent packages are left out).
+
+    catrt's own is the running code's `__version__`, not its install metadata: run from a checkout on PYTHONPATH (as
+    on the lent GPU machine) catrt has none, so a build recorded no catrt version and an installed catrt of the same
+    version refused the bundle."""
+    versions = {"catrt": __version__}
     for package in VERSIONED_PACKAGES:
+        if package == "catrt":
+            continue
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

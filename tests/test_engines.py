@@ -7,11 +7,14 @@ and torch.compile differ from eager by float rounding only (about 1e-6).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import onnx
@@ -30,6 +33,7 @@ from catrt.errors import BuildError, ConfigError, CorruptBundleError, EngineMism
 from catrt.export import BACKEND_BUILDS
 from catrt.manifest import MANIFEST_FILE, file_digest, read_manifest
 from catrt.models import make_adapter
+from catrt.provenance import environment_problems, package_versions
 from tests.conftest import TINY_NAMES, call_kwargs
 
 GENERATION_TOLERANCE = 1e-4
@@ -325,6 +329,30 @@ def test_mismatch_is_named(bundle_copy: Path, field: str, edit: Callable[[dict[s
     with pytest.raises(EngineMismatchError, match=message) as caught:
         catrt.load(bundle_copy)
     assert caught.value.field == field
+
+
+def test_catrt_run_from_a_checkout_records_and_checks_its_own_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from PYTHONPATH (the lent GPU machine's way) catrt has no install metadata: a build recorded no catrt
+    version, and an installed catrt of the same version refused the bundle. Its version is the running code's."""
+    installed = importlib.metadata.version
+
+    def checkout(package: str) -> str:
+        if package == "catrt":
+            raise importlib.metadata.PackageNotFoundError(package)
+        return installed(package)
+
+    monkeypatch.setattr(importlib.metadata, "version", checkout)
+    assert package_versions()["catrt"] == catrt.__version__
+    manifest = SimpleNamespace(versions={"catrt": catrt.__version__}, device={})
+    assert environment_problems(manifest, None, {}, ()) == []  # what an installed catrt of this version built
+    manifest.versions["catrt"] = "0.0.1"
+    assert [problem.field for problem in environment_problems(manifest, None, {}, ())] == ["versions.catrt"]
+
+
+def test_the_package_version_is_catrts_own() -> None:
+    """pyproject's version (an install's metadata) is `catrt.__version__`, which builds record and loads check."""
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"$', pyproject, re.MULTILINE).group(1) == catrt.__version__
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,17 @@ def test_reuse_every_times_the_pruned_steps_only_and_bounds_the_steps_that_run(t
     assert f"bound at this full step: 3 x {full:.2f} + 5 x " in bound, bound
 
 
+@pytest.mark.parametrize(("t0", "steps", "span"), [(4, range(2, 4), "steps 2..3"), (3, range(2, 3), "step 2"), (2, range(1, 2), "step 1")])
+def test_the_catrt_full_steps_timed_are_the_ones_the_report_names(t0: int, steps: range, span: str, tmp_path: Path) -> None:
+    """Full steps 2..t0-1 are timed (step 1 allocates, t0 clusters); t0 = 2 (the least) leaves none, so step 1 is,
+    and the method says so (it said "steps 2..1")."""
+    gpu = load_script()
+    args = gpu.parse_args(["--tiny", "--steps", "6", "--t0", str(t0)])
+    assert gpu.catrt_full_steps(args) == steps
+    header = "\n".join(gpu.Report(args, gpu.torch.device("cpu"), tmp_path / "speed.md").header())
+    assert f"(catrt full: {span}; pruned: steps {t0 + 2}..6," in header
+
+
 def test_profile_writes_the_top_kernels_of_full_and_pruned_steps(tmp_path: Path) -> None:
     gpu = load_script()
     out = tmp_path / "speed.md"
