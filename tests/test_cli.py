@@ -950,3 +950,14 @@ def test_list_flags_taken_repeated_add_up() -> None:
     assert parser.parse_args([*compare, "--rules", "cat", "--rules", "random"]).rules == ["cat", "random"]
     assert (parser.parse_args(compare).seeds, parser.parse_args(compare).rules) == ([0], ["cat", "round_robin", "random"])
     assert parser.parse_args(compare).seeds == [0]  # the default list is never extended in place
+
+
+@pytest.mark.parametrize("module", ["catrt", "catrt.cli"])
+def test_python_dash_m_runs_the_cli(module: str) -> None:
+    """`python -m catrt` and `python -m catrt.cli` are the console script: a mistake is its one line, exit 2."""
+    result = subprocess.run([sys.executable, "-m", module, "generate", "--promt", "x"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "catrt generate: error: unrecognized arguments: --promt; the following arguments are required: --prompt "
+        "(see catrt generate --help)"]
