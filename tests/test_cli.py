@@ -206,6 +206,23 @@ def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[st
 
 
 @pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.parametrize(("argv", "line"), [
+    (("generate", "--prompt", "x", "--alpha", "2"), "argument --alpha: CATConfig.alpha must be in (0, 1], got 2.0"),
+    (("generate", "--prompt", "x", "--alph=2"), "argument --alpha: CATConfig.alpha must be in (0, 1], got 2.0"),
+    (("generate", "--prompt", "x", "--t0", "1"), "argument --t0: CATConfig.t0 must be an integer >= 2, got 1"),
+    (("macs", "--model", "reference", "--kmeans-iters", "0"), "argument --kmeans-iters: CATConfig.kmeans_iters must be an integer from 1 to 1000"),
+    (("serve", "--model", "reference", "--alpha", "0.3", "1.5"), "argument --alpha: CATConfig.alpha must be in (0, 1]"),
+    (("serve", "--model", "reference", "--batch", "65"), "argument --batch: ServeConfig.batch must be an integer from 1 to 64"),
+    (("build", "--model", "reference", "--alpha", "0"), "argument --alpha: BuildConfig.alphas: CATConfig.alpha must be in"),
+    # The default t0 failing against the --steps given: --t0 was not given, so no flag of it is named.
+    (("generate", "--prompt", "x", "--steps", "4"), "error: CATConfig.t0 = 8 needs t0 < num_inference_steps"),
+], ids=["alpha", "alpha-prefix-equals", "t0", "kmeans-iters", "serve-second-alpha", "serve-batch", "build-alpha", "steps"])
+def test_a_config_range_error_names_the_flag_given(capfd: pytest.CaptureFixture[str], argv: tuple[str, ...], line: str) -> None:
+    """A flag's value out of its config field's range names the flag first, as argparse's own range errors do."""
+    assert line in _fails(capfd, *argv)
+
+
+@pytest.mark.usefixtures("no_model_loads")
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--reuse-every", "3", "--reuse-every cannot be used with --engines: the build fixes it; drop --reuse-every"),
     ("--refresh-every", "5", "--refresh-every cannot be used with --engines: a served build runs with catrt's default "

@@ -20,7 +20,7 @@ import sys
 from catrt.cli.build import BACKEND_CHOICES, BUILD_DEFAULTS, add_build_parser, build_precision
 from catrt.cli.cat_flags import NOT_CAT_FLAGS
 from catrt.cli.compare import add_compare_parser
-from catrt.cli.exits import Terminated, one_line, sigterm_unwinds
+from catrt.cli.exits import Terminated, flag_prefix, one_line, sigterm_unwinds
 from catrt.cli.generate import add_generate_parser
 from catrt.cli.inspect import add_inspect_parser
 from catrt.cli.macs import add_macs_parser
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_unwinds(args.command):
             return args.handler(args)
     except CatrtError as error:
-        print(f"{command}: error: {one_line(error)}", file=sys.stderr)
+        words = sys.argv[1:] if argv is None else argv
+        print(f"{command}: error: {flag_prefix(error, words)}{one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)

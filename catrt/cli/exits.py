@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -12,6 +13,18 @@ from typing import Any
 def one_line(error: BaseException) -> str:
     """An error's text as the one stderr line a command ends with: whitespace runs joined, control characters escaped."""
     return escaped(" ".join(str(error).split()))
+
+
+def flag_prefix(error: BaseException, argv: list[str]) -> str:
+    """`argument --alpha: ` when `error` is a config field's range check (`CATConfig.alpha must be in (0, 1], got 2.0`)
+    and the user gave that field's flag (or a prefix argparse accepted): the line then names the flag to fix, as
+    argparse's own errors do. Empty otherwise (e.g. `--steps 4` failing the default t0's check names no flag of t0)."""
+    match = re.search(r"\b[A-Z]\w*Config\.(\w+) must be ", str(error))
+    if not match:
+        return ""
+    flag = "--" + match.group(1).replace("_", "-")
+    given = (word.partition("=")[0] for word in argv if word.startswith("--") and len(word) > 2)
+    return f"argument {flag}: " if any(flag.startswith(word) for word in given) else ""
 
 
 def escaped(text: str) -> str:
