@@ -7,6 +7,10 @@ This module reads and writes the manifest, seals its build fields (`build_seal`)
 (`manifest_problems`: every field present with its type, the format this catrt reads); `catrt.provenance`
 records the model, packages and device and checks the machine (`environment_problems`); `catrt.integrity`
 checks the files and that the fields agree with each other and with the graphs.
+
+Importing it loads no torch (nor does `catrt.signing`): reading the raw manifest, its seal, the file digests and the
+signature are hashing and JSON, for a tool that only checks a bundle. `read_manifest`'s shape check imports the
+build config and graph contract on its first call, and those load torch.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 A bundle's manifest (`catrt.manifest`) holds the transformer's config and a digest of its weights, the versions of
 the packages it depends on and the device it was built for; at load, `environment_problems` names each version
 or device field this machine does not match, before any backend runs.
+
+torch is imported inside the two functions that read a device or a module, not at module level: `catrt.manifest`
+re-exports these names, and a tool that only reads, signs or checks a manifest (`catrt.signing`) must not pay for torch.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from catrt import __version__
 from catrt.errors import CatrtError, EngineMismatchError, echo
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from catrt.manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ def describe_device(device: torch.device) -> dict[str, Any]:
     """The device a bundle is built for: the GPU's name and compute capability via NVML, or the CPU."""
     if device.type != "cuda":
         return {"kind": "cpu"}
+    import torch
+
     index = device.index if device.index is not None else torch.cuda.current_device()
     name, capability = _nvml_device(index) or (
         torch.cuda.get_device_name(index),
@@ -108,6 +113,8 @@ def transformer_config(module: nn.Module) -> dict[str, Any]:
 
 def weights_digest(module: nn.Module) -> str:
     """sha256 over a module's state dict (names, dtypes, shapes, bytes), independent of its device."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())

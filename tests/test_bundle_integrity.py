@@ -11,6 +11,8 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -439,6 +441,28 @@ def test_an_unsigned_bundle_is_refused_with_a_key(bundle: Path) -> None:
     _edit(bundle, lambda m: m.pop("signature"))
     assert check_integrity(bundle).problems == []  # without a key it is a valid bundle
     _refused(bundle, r"manifest\.json is not signed, but a bundle key was given", "signature", key=KEY)
+
+
+def test_reading_and_verifying_a_signed_manifest_does_not_import_torch(bundle: Path) -> None:
+    """A tool that only checks a bundle's manifest (catrt.signing, catrt.manifest's raw reading, seal and digests) does
+    not pay for torch: in a fresh interpreter it finds the signature good under the key and bad under another, the
+    seal intact and a file's digest the recorded one."""
+    code = f"""
+import sys
+from pathlib import Path
+from catrt.manifest import file_digest, read_manifest_data, seal_problems
+from catrt.signing import signature_problems
+data = read_manifest_data(Path({str(bundle)!r}))
+assert signature_problems(data, {KEY!r}) == []
+assert [p.field for p in signature_problems(data, b"another key")] == ["signature"]
+assert seal_problems(data["build"], data["sealed"]) == []
+name, record = sorted(data["files"].items())[0]
+assert file_digest(Path({str(bundle)!r}) / name) == record["sha256"]
+print(sorted(name for name in ("torch", "numpy", "diffusers") if name in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_a_change_no_other_check_sees_is_refused_with_the_key(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,6 +15,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -221,9 +222,17 @@ def test_the_kuberay_builder_names_a_misspelt_setting(args: dict, needle: str) -
     assert needle in str(caught.value)
 
 
+def _metric_replicas(url: str) -> set[str]:
+    """The `replica` labels on the fleet's /metrics (the ingress's own per-replica series and the replicas' own)."""
+    text = httpx.get(f"{url}/metrics", headers=AUTH).text
+    return {sample.labels["replica"] for family in text_string_to_metric_families(text) for sample in family.samples
+            if "replica" in sample.labels}
+
+
 def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> None:
     before = set(_replicas_of(fleet, 2))
     victim = sorted(before)[0]
+    assert victim in _metric_replicas(fleet)
     name = ReplicaID(victim, DeploymentID(name=MODEL_DEPLOYMENT, app_name=APP_NAME)).to_full_id_str()
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     replaced, statuses = False, []
@@ -238,7 +247,14 @@ def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> 
                 assert response.status_code in (503, 504), response.text
         time.sleep(0.5)
     assert replaced, statuses
-    assert all(replica != victim for replica in _replicas_of(fleet, 2))
+    now = set(_replicas_of(fleet, 2))
+    assert victim not in now
+    # Its series leave /metrics once Ray Serve no longer lists it (they stayed until the ingress restarted); the
+    # live replicas' stay.
+    deadline = time.monotonic() + 60
+    while victim in (labelled := _metric_replicas(fleet)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert victim not in labelled and now <= labelled, (victim, labelled)
 
 
 def test_shutdown_is_clean(fleet: str) -> None:
@@ -309,6 +325,158 @@ def test_the_ingress_exports_each_replicas_model_series_under_the_single_servers
     assert samples[("catrt_queue_depth", (mine,))] == 0
     assert ("catrt_queue_depth", ()) not in samples  # no unlabelled depth that reads 0 whatever the replicas hold
     assert samples[("catrt_replica_answers_total", (mine, ("status", "200")))] == 1  # the ingress's own series stay
+
+
+def _reply(replica: str, status: int = 200) -> dict:
+    """A model replica's answer as `ModelReplica.generate` makes it: one 32x32 image, and its own series."""
+    from catrt.serve.metrics import ServerMetrics
+
+    body = {"size": "32x32", "data": [{"b64_json": ""}]} if status == 200 else {"error": {"message": "busy"}}
+    return {"status": status, "body": body, "headers": {}, "replica": replica, "depth": 1,
+            "metrics": ServerMetrics().render().decode()}
+
+
+def _labelled(metrics) -> dict[str, set[str]]:
+    """replica -> the names of the series labelled with it."""
+    found: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if "replica" in sample.labels:
+                found.setdefault(sample.labels["replica"], set()).add(sample.name)
+    return found
+
+
+def test_the_series_of_a_replica_ray_serve_no_longer_lists_are_dropped() -> None:
+    """A replica that died or was scaled down kept its series on the ingress's /metrics until the ingress restarted:
+    phantom replicas on every dashboard. `retain` drops every series of each replica the listing lacks."""
+    import catrt.serve.ray_app as ray_app
+    from catrt.serve.metrics import HttpMetrics
+
+    metrics = HttpMetrics()
+    fleet = ray_app.FleetMetrics(metrics)
+    for reply in (_reply("live"), _reply("gone"), _reply("gone", 429)):
+        fleet.observe(reply)
+    series = _labelled(metrics)
+    assert series["gone"] == series["live"] >= {  # the ingress's per-replica series, and the replica's own
+        "catrt_replica_answers_total", "catrt_replica_images_generated_total", "catrt_replica_queue_depth",
+        "catrt_queue_depth",
+    }
+    assert fleet.retain({"live"}, time.monotonic()) == ["gone"]
+    assert set(_labelled(metrics)) == {"live"} and _labelled(metrics)["live"] == series["live"]
+    fleet.observe(_reply("gone"))  # an answer from a replica of that id again: its series come back from zero
+    samples = {(sample.name, sample.labels.get("replica"), sample.labels.get("status")): sample.value
+               for family in text_string_to_metric_families(metrics.render().decode()) for sample in family.samples}
+    assert samples[("catrt_replica_answers_total", "gone", "200")] == 1
+    assert ("catrt_replica_answers_total", "gone", "429") not in samples
+
+
+def test_a_replica_that_answered_after_the_listing_was_asked_for_is_kept() -> None:
+    """A replica that started after Ray Serve listed the replicas is not in that listing: its answer since keeps it."""
+    import catrt.serve.ray_app as ray_app
+    from catrt.serve.metrics import HttpMetrics
+
+    metrics = HttpMetrics()
+    fleet = ray_app.FleetMetrics(metrics)
+    listed_at = time.monotonic()
+    fleet.observe(_reply("new"))
+    assert fleet.retain(set(), listed_at) == [] and set(_labelled(metrics)) == {"new"}
+    assert fleet.retain(set(), time.monotonic()) == ["new"] and _labelled(metrics) == {}
+
+
+class _Serve:
+    """Ray Serve's controller client as the ingress asks it: `get_serve_details` lists `replicas`, or raises."""
+
+    def __init__(self, replicas: list[str] | None, answer: threading.Event | None = None) -> None:
+        self.replicas, self.calls, self.answer = replicas, 0, answer
+
+    def get_serve_details(self) -> dict:
+        self.calls += 1
+        if self.answer is not None:
+            self.answer.wait(30)  # a controller that does not answer
+        if self.replicas is None:
+            raise ConnectionError("the controller is restarting")
+        deployment = {"replicas": [{"replica_id": replica, "state": "RUNNING"} for replica in self.replicas]}
+        return {"applications": {APP_NAME: {"deployments": {MODEL_DEPLOYMENT: deployment}}}}
+
+
+def _ingress(monkeypatch: pytest.MonkeyPatch, client: _Serve):
+    import catrt.serve.ray_app as ray_app
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(ray_app, "_get_global_client", lambda: client)
+    models = SimpleNamespace(app_name=APP_NAME, deployment_name=MODEL_DEPLOYMENT)
+    ingress = ray_app.Ingress(ServeConfig(model="reference").to_dict(), models)
+    for replica in ("a", "b"):
+        ingress.fleet.observe(_reply(replica))
+    return ingress
+
+
+def test_a_scrape_drops_the_replicas_ray_serve_no_longer_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/metrics asks Ray Serve which model replicas it lists (as `serve status` shows them); scrapes within
+    LISTING_INTERVAL share that listing, so a flood of scrapes does not flood Serve's controller."""
+    import asyncio
+
+    client = _Serve(["a"])
+    ingress = _ingress(monkeypatch, client)
+
+    async def scrapes() -> None:
+        await asyncio.gather(*(ingress.forget_gone_replicas() for _ in range(5)))
+        await ingress.forget_gone_replicas()
+
+    asyncio.run(scrapes())
+    assert set(_labelled(ingress.metrics)) == {"a"} and client.calls == 1
+
+
+def test_when_ray_serve_does_not_list_the_replicas_every_series_is_kept(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A listing that fails (a controller restarting) drops nothing, and says so once, not at every scrape."""
+    import asyncio
+
+    import catrt.serve.ray_app as ray_app
+
+    monkeypatch.setattr(ray_app, "LISTING_INTERVAL", 0.0)
+    ingress = _ingress(monkeypatch, _Serve(None))
+
+    async def scrapes() -> None:
+        for _ in range(3):
+            await ingress.forget_gone_replicas()
+
+    with caplog.at_level("WARNING", logger="catrt.serve.ray_app"):
+        asyncio.run(scrapes())
+    assert set(_labelled(ingress.metrics)) == {"a", "b"}
+    assert [record.getMessage() for record in caplog.records] == [
+        "could not list the model replicas (ConnectionError('the controller is restarting')): /metrics keeps the "
+        "series of every replica that answered until a listing succeeds"
+    ]
+
+
+def test_a_controller_that_does_not_answer_holds_one_thread_and_drops_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past DESCRIBE_TIMEOUT a scrape answers with every series kept; later scrapes start no second call while the
+    first is stuck (each would hold a thread), and once it answers the next scrape lists again."""
+    import asyncio
+
+    import catrt.serve.ray_app as ray_app
+
+    monkeypatch.setattr(ray_app, "LISTING_INTERVAL", 0.0)
+    monkeypatch.setattr(ray_app, "DESCRIBE_TIMEOUT", 0.05)
+    answer = threading.Event()
+    client = _Serve(["a"], answer)
+    ingress = _ingress(monkeypatch, client)
+
+    async def scrapes() -> None:
+        for _ in range(3):
+            await ingress.forget_gone_replicas()
+        assert set(_labelled(ingress.metrics)) == {"a", "b"} and client.calls == 1
+        answer.set()
+        await ingress._asking  # the stuck call returns
+        await ingress.forget_gone_replicas()
+
+    try:
+        asyncio.run(scrapes())
+    finally:
+        answer.set()
+    assert set(_labelled(ingress.metrics)) == {"a"} and client.calls == 2
 
 
 # A model replica made in a fresh process, as Ray starts one (its replica context faked).

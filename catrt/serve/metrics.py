@@ -96,6 +96,10 @@ class ReplicaSnapshots(Collector):
     def update(self, replica: str, text: str) -> None:
         self.latest[replica] = text
 
+    def forget(self, replica: str) -> None:
+        """Leave a replica that is gone out of later scrapes."""
+        self.latest.pop(replica, None)
+
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
         for replica, text in list(self.latest.items()):

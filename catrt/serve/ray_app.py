@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Collection
 from typing import Any
 
 import ray
@@ -32,6 +33,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import Counter, Gauge
 from ray import serve
+from ray.serve.context import _get_global_client
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -51,6 +53,9 @@ APP_NAME = "catrt"
 MODEL_DEPLOYMENT = "catrt-model"
 INGRESS_DEPLOYMENT = "catrt-ingress"
 DESCRIBE_TIMEOUT = 5.0  # seconds the ingress waits for a replica to say how it is
+# Seconds one listing of the live model replicas serves /metrics scrapes: a flood of scrapes asks Serve's controller
+# at most once a second.
+LISTING_INTERVAL = 1.0
 # Seconds Ray's proxy waits past the ingress's own deadlines (body, then answer) before its own 408: the
 # ingress answers first, in OpenAI's error body; the proxy's timeout is the backstop for a stuck ingress.
 PROXY_GRACE_SECONDS = 5.0
@@ -145,7 +150,8 @@ class _Described:
 
 class FleetMetrics:
     """Per-replica series the ingress records from each replica's answers (its own registry: `metrics`), and the
-    replicas' own series as their answers bring them (`ReplicaSnapshots`)."""
+    replicas' own series as their answers bring them (`ReplicaSnapshots`); `retain` drops those of replicas that
+    are gone (killed, replaced, scaled down), which would otherwise show on dashboards until the ingress restarts."""
 
     def __init__(self, metrics: HttpMetrics) -> None:
         self.answers = Counter("catrt_replica_answers", "answers by model replica and status",
@@ -156,14 +162,34 @@ class FleetMetrics:
                            ["replica"], registry=metrics.registry)
         self.snapshots = ReplicaSnapshots()
         metrics.registry.register(self.snapshots)
+        self.answered: dict[str, float] = {}  # replica id -> monotonic time of its latest answer
+        self._labels: dict[str, set[tuple[Counter | Gauge, tuple[str, ...]]]] = {}  # replica id -> its series here
 
     def observe(self, reply: dict[str, Any]) -> None:
         replica = reply["replica"]
+        self.answered[replica] = time.monotonic()
         self.snapshots.update(replica, reply["metrics"])
-        self.answers.labels(replica=replica, status=str(reply["status"])).inc()
-        self.depth.labels(replica=replica).set(reply["depth"])
+        self._series(self.answers, replica, str(reply["status"])).inc()
+        self._series(self.depth, replica).set(reply["depth"])
         if reply["status"] == 200:
-            self.images.labels(replica=replica, size=reply["body"]["size"]).inc(len(reply["body"]["data"]))
+            self._series(self.images, replica, reply["body"]["size"]).inc(len(reply["body"]["data"]))
+
+    def _series(self, metric: Counter | Gauge, replica: str, *labels: str) -> Any:
+        """`metric`'s child for (replica, *labels), remembered so that `retain` can remove it."""
+        self._labels.setdefault(replica, set()).add((metric, (replica, *labels)))
+        return metric.labels(replica, *labels)
+
+    def retain(self, live: Collection[str], listed_at: float) -> list[str]:
+        """Drop every series of each replica not in `live` (the replicas Ray Serve listed, asked at monotonic time
+        `listed_at`) that has not answered since; the replicas dropped. A replica that answered after the listing
+        was asked for may have started after it, and is kept."""
+        gone = sorted(replica for replica, at in self.answered.items() if replica not in live and at < listed_at)
+        for replica in gone:
+            del self.answered[replica]
+            self.snapshots.forget(replica)
+            for metric, labels in self._labels.pop(replica, ()):
+                metric.remove(*labels)
+        return gone
 
 
 class Ingress:
@@ -175,6 +201,10 @@ class Ingress:
         self.metrics = HttpMetrics()
         self.fleet = FleetMetrics(self.metrics)
         self.described: dict[str, _Described] = {}
+        self._listing: asyncio.Future[set[str] | None] | None = None  # the latest listing of the live replicas
+        self._listed_at = -math.inf  # when it was asked for (monotonic)
+        self._asking: asyncio.Future[dict[str, Any]] | None = None  # the call to Serve's controller, on a thread
+        self._listing_failed = False
 
     async def describe(self) -> dict[str, Any] | None:
         """A replica's description (cached for the OpenAPI document), or None if none answers in time."""
@@ -186,6 +216,41 @@ class Ingress:
         if state["properties"] is not None:
             self.described.setdefault("rules", _Described(state["properties"], state["size_rules"]))
         return state
+
+    async def forget_gone_replicas(self) -> None:
+        """Drop the series of the model replicas Ray Serve no longer lists (`FleetMetrics.retain`), before a scrape.
+        Concurrent scrapes, and those within LISTING_INTERVAL of the last listing, share one listing."""
+        if self._listing is None or time.monotonic() - self._listed_at >= LISTING_INTERVAL:
+            self._listed_at = time.monotonic()
+            self._listing = asyncio.ensure_future(self._live_replicas())
+        listing, listed_at = self._listing, self._listed_at
+        live = await asyncio.shield(listing)  # a scraper that leaves does not cancel the listing others wait for
+        if live is not None:
+            for replica in self.fleet.retain(live, listed_at):
+                logger.info("model replica %s is gone: its series are dropped from /metrics", replica)
+
+    async def _live_replicas(self) -> set[str] | None:
+        """The ids of the model deployment's replicas Ray Serve lists now (starting, running or stopping: a replica
+        leaves the list once it has stopped or died), or None where Serve's controller does not say in time (every
+        series is then kept). The list is `serve status`'s and Serve's REST API's (the documented schema
+        `ray.serve.schema.ServeInstanceDetails`, whose `ReplicaDetails.replica_id` is the id a replica reports),
+        read through the client `serve.status()` reads it with: Ray has no other Python call that names replicas."""
+        if self._asking is not None and not self._asking.done():
+            return None  # the last call is still stuck: at most one thread waits on the controller
+        self._asking = asyncio.ensure_future(asyncio.to_thread(lambda: _get_global_client().get_serve_details()))
+        try:
+            # shielded: past the timeout the thread runs on, and `_asking` stays pending until it returns
+            details = await asyncio.wait_for(asyncio.shield(self._asking), DESCRIBE_TIMEOUT)
+            deployment = details["applications"][self.models.app_name]["deployments"][self.models.deployment_name]
+            live = {str(replica["replica_id"]) for replica in deployment["replicas"]}
+        except Exception as error:  # noqa: BLE001 - a timeout, a controller restarting, another Ray: keep the series
+            if not self._listing_failed:
+                logger.warning("could not list the model replicas (%r): /metrics keeps the series of every replica "
+                               "that answered until a listing succeeds", error)
+            self._listing_failed = True
+            return None
+        self._listing_failed = False
+        return live
 
     async def forward(self, body: ImageGenerationRequest, request_id: str) -> dict[str, Any]:
         """The replica's reply; a full queue is a 429, a replica that dies mid-request a 503, none in time a 504."""
@@ -231,7 +296,8 @@ def ingress_app(ingress: Ingress) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics_text() -> Response:
-        """Prometheus text format: the ingress's requests and the per-replica series."""
+        """Prometheus text format: the ingress's requests and the per-replica series of the replicas Ray Serve lists."""
+        await ingress.forget_gone_replicas()
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.middleware("http")
