@@ -403,7 +403,7 @@ def _ingress(monkeypatch: pytest.MonkeyPatch, client: _Serve):
     import catrt.serve.ray_app as ray_app
     from types import SimpleNamespace
 
-    monkeypatch.setattr(ray_app, "_get_global_client", lambda: client)
+    monkeypatch.setattr(ray_app, "_serve_details", client.get_serve_details)
     models = SimpleNamespace(app_name=APP_NAME, deployment_name=MODEL_DEPLOYMENT)
     ingress = ray_app.Ingress(ServeConfig(model="reference").to_dict(), models)
     for replica in ("a", "b"):

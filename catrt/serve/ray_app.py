@@ -33,7 +33,6 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import Counter, Gauge
 from ray import serve
-from ray.serve.context import _get_global_client
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -237,7 +236,7 @@ class Ingress:
         read through the client `serve.status()` reads it with: Ray has no other Python call that names replicas."""
         if self._asking is not None and not self._asking.done():
             return None  # the last call is still stuck: at most one thread waits on the controller
-        self._asking = asyncio.ensure_future(asyncio.to_thread(lambda: _get_global_client().get_serve_details()))
+        self._asking = asyncio.ensure_future(asyncio.to_thread(_serve_details))
         try:
             # shielded: past the timeout the thread runs on, and `_asking` stays pending until it returns
             details = await asyncio.wait_for(asyncio.shield(self._asking), DESCRIBE_TIMEOUT)
@@ -270,6 +269,14 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return ingress_app(self)
+
+
+def _serve_details() -> dict[str, Any]:
+    """`serve status`'s details, through the private client `serve.status()` uses; imported here, so a Ray that
+    moves it breaks only the listing (a logged warning), never the ingress's import."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().get_serve_details()
 
 
 def ingress_app(ingress: Ingress) -> FastAPI:
