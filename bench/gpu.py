@@ -501,7 +501,7 @@ def catrt_variant(adapter: Any, setup: ModelSetup, args: argparse.Namespace, com
     from catrt.runtime import CATRuntime
 
     from catrt.engines.compile import compile_step_functions
-    from catrt.runtime import RuntimeBuffers
+    from catrt.step_state import RuntimeBuffers
 
     config = cat_config(args)
     notes: list[str] = []

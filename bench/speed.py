@@ -70,6 +70,7 @@ import catrt  # noqa: E402
 from catrt.build import build_engines  # noqa: E402
 from catrt.build_config import BuildConfig  # noqa: E402
 from catrt.config import CATConfig  # noqa: E402
+from catrt.contract import StepFunctions  # noqa: E402
 from catrt.errors import CatrtError  # noqa: E402
 from catrt.engines import ENGINES, resolve_backend  # noqa: E402
 from catrt.export import capture_step_sample  # noqa: E402
@@ -77,7 +78,7 @@ from catrt.macs import transformer_macs  # noqa: E402
 from catrt.model_cards import MODEL_CARDS, ModelCard  # noqa: E402
 from catrt.models import make_adapter  # noqa: E402
 from catrt.provenance import describe_device  # noqa: E402
-from catrt.runtime import CATRuntime, StepFunctions  # noqa: E402
+from catrt.runtime import CATRuntime  # noqa: E402
 from catrt.tiny import build_tiny_pipeline  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

@@ -7,13 +7,15 @@ their positional inputs below, then every context tensor by name, and return the
 The runtime's step functions, every engine backend, the export and the build's reference I/O all
 read these declarations; `step_shapes` gives the shapes and dtypes an adapter's graphs have for one
 latent shape and k, which `tests/test_contract.py` holds every backend and the runtime to.
+`StepFunctions` is the same contract as Python calls: what the runtime runs each step, which the eager
+adapter and every engine implement.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -69,6 +71,31 @@ class StepIO:
 FULL = StepIO("full", ("hidden_states", "timestep"), ("tokens", "kv"))
 PRUNED = StepIO("pruned", ("patches", "indices", "timestep", "kv_cache"), ("tokens", "kv_rows"))
 STEPS: dict[str, StepIO] = {"full": FULL, "pruned": PRUNED}
+
+
+class StepFunctions(Protocol):
+    """What runs the transformer: the eager adapter is the reference; engines implement the same.
+
+    `full_forward` writes every K/V slot of `kv_cache`; `pruned_forward` writes the k selected rows
+    (both in place) and both return the output tokens. Their arguments are the positional inputs of
+    the full and pruned graphs in `catrt/contract.py` (then the context), with the shapes it declares.
+    """
+
+    def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context: ...
+
+    def full_forward(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def pruned_forward(
+        self,
+        patches: torch.Tensor,
+        indices: torch.Tensor,
+        timestep: torch.Tensor,
+        context: Context,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor: ...
+
 
 Shape = tuple[int, ...]
 

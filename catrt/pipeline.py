@@ -27,11 +27,13 @@ from torch import nn
 from catrt.call_arguments import check_call_arguments, check_clip_skip, check_latents, refuse_config_keywords
 from catrt.callbacks import check_cfg_cutoff
 from catrt.config import CATConfig
+from catrt.contract import StepFunctions
 from catrt.errors import ConfigError, UnsupportedModelError, echo
 from catrt.models import PIPELINES, make_adapter
 from catrt.models.inputs import check_transformer_inputs
 from catrt.pipeline_spec import PipelineSpec, call_default, custom_schedule, denoising_steps, strength_steps
-from catrt.runtime import CATRuntime, RuntimeBuffers, StepFunctions, StepRecord
+from catrt.runtime import CATRuntime, StepRecord
+from catrt.step_state import RuntimeBuffers
 
 
 def register_pipeline(pipeline_class: type, spec: PipelineSpec) -> None:

@@ -2,23 +2,23 @@
 
 The runtime is called once per denoising step with the latents the pipeline would give the
 transformer. Everything a step reads or writes lives in a `StepState` allocated once per shape and
-kept in `RuntimeBuffers` across generations: the step's inputs (latents, timestep, context), the
-K/V cache (S, B, N, D), the output cache (B, N, p*p*C), the prediction it returns, the float32
-reference and staleness statistics, the clusters and the next step's indices. Indices never leave
-the device. The state does not depend on alpha: only the indices (one buffer per k) and the captured
-graphs differ between alphas, so serving several alphas costs one K/V cache, not one per alpha.
-`RuntimeBuffers` keeps the states of the few shapes used last (a library user who tries many sizes or
-batch sizes does not accumulate a K/V cache per shape).
+kept in `RuntimeBuffers` across generations (catrt/step_state.py): the step's inputs (latents,
+timestep, context), the K/V cache (S, B, N, D), the output cache (B, N, p*p*C), the prediction it
+returns, the float32 reference and staleness statistics, the clusters and the next step's indices.
+Indices never leave the device. The state does not depend on alpha: only the indices (one buffer per
+k) and the captured graphs differ between alphas, so serving several alphas costs one K/V cache, not
+one per alpha. `RuntimeBuffers` keeps the states of the few shapes used last (a library user who
+tries many sizes or batch sizes does not accumulate a K/V cache per shape).
 
 Each step is a *program* over those buffers: a full step (the forward writes every K/V row) and a
 pruned step (gather the selected patches, the forward writes their K/V rows in place, scatter the
 outputs, update staleness, select the next step's tokens). With `cuda_graphs` each program runs once
-eagerly (warm-up: compilation, cuBLAS plans), is then captured as one CUDA graph and replayed for
-every later step of every generation of the same shape. KMeans at step t0 runs outside any graph.
-The full step reads no pruning setting, so one full graph serves every alpha; a pruned graph is
-per k (and config). All graphs of a state share one memory pool: each program writes its results into
-the state's buffers, made outside any capture, so a graph leaves nothing behind in the pool that
-another could overwrite, and one stream never replays two at once.
+eagerly (warm-up: compilation, cuBLAS plans), is then captured as one CUDA graph (`CapturedStep`,
+catrt/cuda_graphs.py) and replayed for every later step of every generation of the same shape.
+KMeans at step t0 runs outside any graph. The full step reads no pruning setting, so one full graph
+serves every alpha; a pruned graph is per k (and config). All graphs of a state share one memory
+pool: each program writes its results into the state's buffers, made outside any capture, so a graph
+leaves nothing behind in the pool that another could overwrite, and one stream never replays two at once.
 
 A reused step (`CATConfig.reuse_every`, see catrt/scheduler.py) copies its inputs into the state like
 any step but runs no program: no forward, no selection, no cache write. It returns the prediction
@@ -35,54 +35,35 @@ the eager adapter only, never in an engine or a captured graph.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from catrt import selection
 from catrt.clustering import cluster_adjacency, clustering_features, kmeans, pooled_cluster_scores
 from catrt.config import CATConfig
-from catrt.errors import ConfigError, echo
+from catrt.contract import StepFunctions
+from catrt.cuda_graphs import CapturedStep
+from catrt.errors import ConfigError
 from catrt.models.attention import AttentionRecorder
 from catrt.models.base import Adapter, Context
 from catrt.tokens import Grid
 from catrt.scheduler import StepKind, step_kind
+from catrt.step_state import MAX_KEPT_ALPHAS, RuntimeBuffers, StepState
+
+#: The runtime's own names, with the step contract, the step state and the CUDA-graph step that moved to modules
+#: of their own (`catrt.contract`, `catrt.step_state`, `catrt.cuda_graphs`) and stay importable from here.
+__all__ = [
+    "BASELINE_RULES", "CAPTURABLE_RULES", "CATRuntime", "CapturedStep", "MAX_KEPT_ALPHAS", "RuntimeBuffers",
+    "StepFunctions", "StepRecord", "StepState",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Rules whose selection is pure tensor maths over the state buffers, so a pruned step can be captured.
 CAPTURABLE_RULES: frozenset[str] = frozenset({"cat", "round_robin", "magnitude"})
-
-#: Index buffers (one per k) and captured pruned graphs kept per shape: a server's alphas fit many
-#: times over, while a library user who calls with ever new alphas does not pile them up.
-MAX_KEPT_ALPHAS = 8
-
-
-class StepFunctions(Protocol):
-    """What runs the transformer: the eager adapter is the reference; engines implement the same.
-
-    `full_forward` writes every K/V slot of `kv_cache`; `pruned_forward` writes the k selected rows
-    (both in place) and both return the output tokens. Their arguments are the positional inputs of
-    the full and pruned graphs in `catrt/contract.py` (then the context), with the shapes it declares.
-    """
-
-    def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context: ...
-
-    def full_forward(
-        self, hidden_states: torch.Tensor, timestep: torch.Tensor, context: Context, kv_cache: torch.Tensor
-    ) -> torch.Tensor: ...
-
-    def pruned_forward(
-        self,
-        patches: torch.Tensor,
-        indices: torch.Tensor,
-        timestep: torch.Tensor,
-        context: Context,
-        kv_cache: torch.Tensor,
-    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -94,139 +75,6 @@ class StepRecord:
     kind: StepKind
     indices: torch.Tensor | None
     change: float | None = None
-
-
-@dataclass
-class StepState:
-    """Every tensor the step programs read or write; allocated once per shape, reused by every generation."""
-
-    latents: torch.Tensor  # the step's input: (B, C, H, W), or (B, N, C) packed
-    timestep: torch.Tensor  # (B,)
-    context: Context  # the prepared context, copied in once per generation
-    kv_cache: torch.Tensor  # (S, B, N, D)
-    output_cache: torch.Tensor  # (B, N, C_token_out)
-    prediction: torch.Tensor  # the adapter's prediction_of(output_cache), what the runtime returns
-    reference: torch.Tensor  # (B', N, C_token_out) float32, cond rows at step t0 - 1
-    staleness: torch.Tensor  # (B', N) float32 EWMA of selection
-    last_computed: torch.Tensor  # (B', N) int64 step each token was last computed
-    labels: torch.Tensor  # (B', N) int64 clusters made at t0
-    step_index: torch.Tensor  # () int64, the current step, read by the programs
-    selected: OrderedDict[int, torch.Tensor] = field(default_factory=OrderedDict)  # k -> (B', k) int64, the next pruned step's tokens
-    graphs: OrderedDict[tuple[Any, ...], CapturedStep] = field(default_factory=OrderedDict)
-    pool: Any = None  # the CUDA graph memory pool every capture of this state shares (made at the first)
-
-    def indices_for(self, k: int) -> torch.Tensor:
-        """The buffer of the next pruned step's k tokens per prompt, made at the first generation with this k.
-
-        At most `MAX_KEPT_ALPHAS` buffers are kept: a process that calls with ever new alphas drops the
-        k used longest ago, with the captured graphs that read its buffer's address.
-        """
-        if k in self.selected:
-            self.selected.move_to_end(k)
-            return self.selected[k]
-        while len(self.selected) >= MAX_KEPT_ALPHAS:
-            dropped, _ = self.selected.popitem(last=False)
-            for key in [key for key in self.graphs if key[:2] == ("pruned", dropped)]:
-                del self.graphs[key]
-            logger.info("dropping the indices and graphs of k = %d (the least recently used of %d)", dropped, MAX_KEPT_ALPHAS)
-        with torch.inference_mode(False):  # as the state's own tensors (see RuntimeBuffers.state)
-            rows, device = self.staleness.shape[0], self.staleness.device
-            self.selected[k] = torch.arange(k, device=device).expand(rows, -1).contiguous()
-        return self.selected[k]
-
-    def graph(self, key: tuple[Any, ...], program: Callable[[], None]) -> CapturedStep:
-        """The captured step of `key`, made (to be warmed up and captured) at its first use.
-
-        Keys are ("full", functions) - the full step reads no pruning setting, so every alpha replays
-        one graph - and ("pruned", k, functions, config). At most `MAX_KEPT_ALPHAS` pruned graphs are
-        kept; the one replayed longest ago is dropped.
-        """
-        if key in self.graphs:
-            self.graphs.move_to_end(key)
-            return self.graphs[key]
-        pruned = [name for name in self.graphs if name[0] == "pruned"]
-        if key[0] == "pruned" and len(pruned) >= MAX_KEPT_ALPHAS:
-            del self.graphs[pruned[0]]
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        self.graphs[key] = CapturedStep(program, self.latents.device, self.pool)
-        return self.graphs[key]
-
-
-class RuntimeBuffers:
-    """Step states by shape, kept across generations (one per pipeline or engine).
-
-    A generation reuses the state of an earlier one with the same shapes, so steady-state steps
-    allocate nothing and captured CUDA graphs stay valid. At most `max_shapes` states are kept: the one
-    used longest ago is dropped (with its captured graphs) when another shape comes, so a process that
-    runs many sizes or batch sizes holds the caches of the last few only (SD3.5-large's K/V cache at
-    1024x1024 with guidance is about 3 GiB in bf16).
-    """
-
-    def __init__(self, max_shapes: int = 4) -> None:
-        if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
-            raise ConfigError(f"max_shapes must be an integer >= 1, got {echo(max_shapes)}", field="max_shapes", value=max_shapes)
-        self.max_shapes = max_shapes
-        self._states: OrderedDict[tuple[Any, ...], StepState] = OrderedDict()
-
-    def state(self, key: tuple[Any, ...], allocate: Callable[[], StepState]) -> StepState:
-        if key in self._states:
-            self._states.move_to_end(key)
-            return self._states[key]
-        while len(self._states) >= self.max_shapes:
-            dropped, old = self._states.popitem(last=False)
-            # Each captured program is a bound method of a runtime that holds this state: a reference cycle
-            # that would keep the caches (GiBs on a GPU) and the graphs' memory pools alive until Python's
-            # cyclic collector happens to run. Dropping the graphs breaks it, so they are freed now.
-            old.graphs.clear()
-            logger.info("dropping the step buffers of latents %s (the least recently used of %d shapes)", dropped[0], self.max_shapes)
-        # Normal tensors even when this call runs under torch.inference_mode: a later call outside it
-        # could not update inference tensors in place.
-        with torch.inference_mode(False):
-            self._states[key] = allocate()
-        return self._states[key]
-
-    def __len__(self) -> int:
-        return len(self._states)
-
-
-class CapturedStep:
-    """A step program: first call eager on a side stream (warm-up), second call captured, then replayed.
-
-    Every call does the step's work exactly once (the capture call replays right after capturing).
-    Warm-up and capture run with the state's device current: streams and captures are per device, so
-    from another current device (latents on cuda:1) the kernels would go to a stream nothing captures.
-    Once captured, the program (a bound method of the runtime that made it, which holds the state) is
-    let go: the graph alone replays the step, and no reference cycle keeps the state's caches alive.
-    """
-
-    def __init__(self, program: Callable[[], None], device: torch.device, pool: Any) -> None:
-        self.program: Callable[[], None] | None = program
-        self.device = device
-        self.pool = pool
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.warmed = False
-
-    def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        program = self.program
-        assert program is not None  # let go only once the graph exists
-        with torch.cuda.device(self.device):
-            if not self.warmed:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    program()
-                torch.cuda.current_stream().wait_stream(side)
-                self.warmed = True
-                return
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                program()
-            self.graph, self.program = graph, None
-            graph.replay()
 
 
 class CATRuntime:

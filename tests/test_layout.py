@@ -1,10 +1,13 @@
 """Names that moved to a module of their own stay importable from the module that held them, as the very object
-the new module defines: callers of `catrt.integrity`, `catrt.manifest` and `catrt.models.base` keep working, and
-each name is defined once (a copy left behind would drift from the one the checks run)."""
+the new module defines: callers of `catrt.integrity`, `catrt.manifest`, `catrt.models.base` and `catrt.runtime` keep
+working, and each name is defined once (a copy left behind would drift from the one the checks run)."""
 
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -30,6 +33,11 @@ MOVED: dict[str, dict[str, tuple[str, ...]]] = {
         ),
         "catrt.models.modulation": ("gated_add_", "modulate_"),
     },
+    "catrt.runtime": {
+        "catrt.step_state": ("MAX_KEPT_ALPHAS", "RuntimeBuffers", "StepState"),
+        "catrt.cuda_graphs": ("CapturedStep",),
+        "catrt.contract": ("StepFunctions",),
+    },
 }
 CASES = [(old, new, name) for old, homes in MOVED.items() for new, names in homes.items() for name in names]
 
@@ -46,3 +54,11 @@ def test_a_module_declares_the_names_it_reexports(module: str) -> None:
     moved = {name for names in MOVED[module].values() for name in names}
     assert moved <= set(loaded.__all__)
     assert [name for name in loaded.__all__ if not hasattr(loaded, name)] == []
+
+
+@pytest.mark.parametrize("module", ["catrt.cuda_graphs", "catrt.step_state", "catrt.contract"])
+def test_a_module_split_from_the_runtime_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    """Imported before `catrt.runtime`, as a user or a test may: an import cycle through the runtime would fail here."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr

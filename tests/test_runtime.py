@@ -28,6 +28,7 @@ from catrt.models.registry import family_of
 import catrt.runtime as runtime_module
 from catrt.runtime import CATRuntime, RuntimeBuffers
 from catrt.scheduler import step_kind
+import catrt.step_state as step_state_module
 from catrt.tiny import build_tiny_pipeline
 from catrt.tokens import Grid
 from tests.conftest import call_kwargs
@@ -165,7 +166,7 @@ class CapturingRuntime(CATRuntime):
 def replaying(monkeypatch: pytest.MonkeyPatch) -> object:
     """Captures become `ReplayingStep`s sharing the returned stand-in for a CUDA graph memory pool."""
     pool = object()
-    monkeypatch.setattr(runtime_module, "CapturedStep", ReplayingStep)
+    monkeypatch.setattr(step_state_module, "CapturedStep", ReplayingStep)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: pool)
     return pool
 
@@ -198,7 +199,7 @@ def test_one_full_graph_serves_every_alpha_and_pruned_graphs_are_kept_per_k_with
     must give every alpha's images, and a pruned graph the images of its own k. Index buffers and pruned graphs
     are dropped together past the bound (a graph reads its buffer by address), least recently used first."""
     pipe = tiny_pipelines["tiny-sd3"]
-    monkeypatch.setattr(runtime_module, "MAX_KEPT_ALPHAS", 2)
+    monkeypatch.setattr(step_state_module, "MAX_KEPT_ALPHAS", 2)
     def kwargs() -> dict[str, Any]:  # a fresh generator per call
         return call_kwargs(pipe, num_inference_steps=6)
 
@@ -389,7 +390,7 @@ def test_step_programs_replayed_op_by_op_equal_eager_steps(
     recorded at capture, give the eager images and leave every state buffer as eager steps do, over alpha switches,
     a new seed and a callback's prompt swap."""
     pipe = tiny_pipelines[name]
-    monkeypatch.setattr(runtime_module, "CapturedStep", RecordedGraph)
+    monkeypatch.setattr(step_state_module, "CapturedStep", RecordedGraph)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
     eager = catrt.accelerate(pipe, PROGRAM_CONFIGS[setting])
     captured = catrt.accelerate(pipe, PROGRAM_CONFIGS[setting])

@@ -11,9 +11,9 @@ engines, the export and the build read it from there:
   graph per k (`pruned_graph`), and a step runs the one its indices' k names.
 
 Every backend implements `load` and `run`; the shared `prepare_context` / `full_forward` /
-`pruned_forward` give any engine the runtime's step-function interface. Backends that run exported
-graphs write outputs into buffers allocated once, on first use (the full graph's K/V straight into the
-runtime's cache) and scatter the pruned graph's K/V rows into the cache in place.
+`pruned_forward` give any engine the runtime's step-function interface (`catrt.contract.StepFunctions`).
+Backends that run exported graphs write outputs into buffers allocated once, on first use (the full
+graph's K/V straight into the runtime's cache) and scatter the pruned graph's K/V rows into the cache in place.
 """
 
 from __future__ import annotations
