@@ -32,6 +32,7 @@ MOVED: dict[str, dict[str, tuple[str, ...]]] = {
             "project_qkv", "refuse_call_attention_kwargs", "unfuse_hint",
         ),
         "catrt.models.modulation": ("gated_add_", "modulate_"),
+        "catrt.contract": ("Context",),
     },
     "catrt.runtime": {
         "catrt.step_state": ("MAX_KEPT_ALPHAS", "RuntimeBuffers", "StepState"),

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from catrt.contract import Context
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models.attention import (
     AttentionRecorder,
@@ -61,7 +62,6 @@ __all__ = [
     "joint_attention", "merge_heads", "modulate_", "project_qkv", "refuse_call_attention_kwargs", "unfuse_hint",
 ]
 
-Context = dict[str, torch.Tensor]
 
 #: One block of a family: `function(block, store, *inputs)`, the store numbering the block's K/V slots from 0.
 BlockFunction = Callable[..., Any]
