@@ -70,7 +70,6 @@ class StepIO:
 
 FULL = StepIO("full", ("hidden_states", "timestep"), ("tokens", "kv"))
 PRUNED = StepIO("pruned", ("patches", "indices", "timestep", "kv_cache"), ("tokens", "kv_rows"))
-STEPS: dict[str, StepIO] = {"full": FULL, "pruned": PRUNED}
 
 
 class StepFunctions(Protocol):
