@@ -70,6 +70,8 @@ def test_a_mistyped_flag_is_named_even_when_a_required_one_is_missing(
     ["generate", "--seed", "-3"],  # a negative number is a value
     ["generate", "--see", "3", "--neg=x"],  # unique prefixes of --seed and --negative-prompt, as argparse takes them
     ["generate", "--seed", "3", "--", "--promt"],  # after --, words are values
+    ["generate", "--negative-prompt", "-blurry, dark"],  # a word with a space is a value to argparse, even after a dash
+    ["generate", "-vv"],  # -v -v, as argparse reads a run of single-letter flags
 ])
 def test_only_words_no_option_takes_are_named_beside_a_missing_required_flag(
     argv: list[str], capsys: pytest.CaptureFixture[str]

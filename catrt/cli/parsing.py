@@ -4,15 +4,11 @@ that a repeated flag extends, and the number types that make a bad count a usage
 from __future__ import annotations
 
 import argparse
-import re
 import typing
 from typing import Any, NoReturn
 
 from catrt.checks import MAX_STEPS  # stdlib + catrt.errors only
 from catrt.errors import echo, shorten
-
-
-_NUMBER = re.compile(r"-\d+$|-\d*\.\d+$")  # argparse's reading of a negative number: a value, not an option
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -45,18 +41,17 @@ class OneLineParser(argparse.ArgumentParser):
         return super()._parse_known_args(arg_strings, *rest)
 
     def _unknown_options(self) -> list[str]:
-        """The option-like words this parser was given that none of its options takes (a unique prefix of one does,
-        as argparse allows abbreviations); words after `--` and negative numbers are values."""
+        """The words of this parser's own (sub)command that argparse itself read as options none of its options takes
+        (`_parse_optional`, the reading that parsed them): a unique prefix of an option, `-vv` (`-v -v`), a negative
+        number, a value with a space in it (`--negative-prompt "-blurry, dark"`) and words after `--` are not."""
         words = getattr(self, "_words", [])
         words = words[:words.index("--")] if "--" in words else words
-        known = tuple(self._option_string_actions)
         unknown = []
         for word in words:
-            name = word.split("=", 1)[0]
-            if not word.startswith("-") or word == "-" or _NUMBER.fullmatch(word) or name in known:
-                continue
-            if not (self.allow_abbrev and name.startswith("--") and any(option.startswith(name) for option in known)):
-                unknown.append(name)
+            found = self._parse_optional(word)  # None for a value; else (action, option, ...), a list of those in newer Pythons
+            first = found[0] if isinstance(found, list) else found
+            if first is not None and first[0] is None:
+                unknown.append(word.split("=", 1)[0])
         return unknown
 
     def parse_args(  # type: ignore[override]
