@@ -904,6 +904,19 @@ def test_usage_errors_shorten_a_huge_value(capfd: pytest.CaptureFixture[str]) ->
         assert message in line and len(line) < 300, line
 
 
+@pytest.mark.parametrize(("argv", "shown"), [
+    (["generate", "--prompt", "x", "--a\nb"], "unrecognized arguments: --a\\nb (see"),
+    (["generate", "--pro\x1b[2Jmt", "x"], "unrecognized arguments: --pro\\x1b[2Jmt; the following arguments are required"),
+])
+def test_an_unrecognized_word_with_a_newline_or_escape_is_echoed_escaped_in_one_line(
+    capfd: pytest.CaptureFixture[str], argv: list[str], shown: str
+) -> None:
+    """argparse echoes an unrecognized word as given: one holding a newline printed two lines, a terminal escape
+    reached the terminal."""
+    line = _usage_error(capfd, argv)
+    assert shown in line and "\x1b" not in line, line
+
+
 @pytest.mark.parametrize("taken", ["out", "export"])
 def test_build_refuses_a_file_where_its_folder_would_go_before_any_work(
     capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken: str

@@ -8,6 +8,7 @@ import typing
 from typing import Any, NoReturn
 
 from catrt.checks import MAX_STEPS  # stdlib + catrt.errors only
+from catrt.cli.exits import escaped
 from catrt.errors import echo, shorten
 
 
@@ -34,7 +35,8 @@ class OneLineParser(argparse.ArgumentParser):
             unknown = self._unknown_options()
             if unknown:  # argparse checks required flags first: `--promt x` would say only "--prompt is required"
                 message = f"unrecognized arguments: {shorten(' '.join(unknown))}; {message}"
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # escaped: an unrecognized word is echoed as given, and one holding a newline (or a terminal escape) broke the line
+        self.exit(2, f"{self.prog}: error: {escaped(message)} (see {self.prog} --help)\n")
 
     def _parse_known_args(self, arg_strings: list[str], *rest: Any) -> Any:
         self._words = list(arg_strings)  # for `error`: the words of this parser's own (sub)command
