@@ -106,11 +106,12 @@ _BUNDLES_LISTED = 3
 
 def _bundles_inside_hint(folder: Path) -> str:
     """Where `folder` is an engine store (`engines/`, given for one of its bundles), the bundles it holds, so the line
-    says which to give; "" otherwise. Hidden folders (a build's staging copy) are left out."""
+    says which to give; "" otherwise. Hidden folders (a build's staging copy) are left out; a link to a bundle folder
+    (`engines/current -> sd3-v5`) is one, as it loads as one."""
     try:
         with os.scandir(folder) as entries:
             names = sorted(entry.name for entry in entries if not entry.name.startswith(".")
-                           and entry.is_dir(follow_symlinks=False)
+                           and entry.is_dir()
                            and os.path.lexists(os.path.join(entry.path, MANIFEST_FILE)))
     except OSError:  # not a folder, or not readable: the missing manifest says enough
         return ""

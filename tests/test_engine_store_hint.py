@@ -43,6 +43,20 @@ def test_a_large_store_lists_three_and_says_there_are_more(tmp_path: Path) -> No
         read_manifest_data(store)
 
 
+def test_a_link_to_a_bundle_folder_is_listed_as_it_loads(tmp_path: Path) -> None:
+    """A store of links (`current -> sd3-v5`, or to bundles kept elsewhere) named no bundle: links were left out,
+    while a link to a bundle folder loads as that bundle. A link to a folder without a manifest, or to nothing, is not."""
+    kept = store_with(tmp_path, "sd3-v5") / "sd3-v5"  # a bundle outside the store
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "current").symlink_to(kept)
+    (store / "empty-link").symlink_to(tmp_path)
+    (store / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CorruptBundleError) as refused:
+        read_manifest_data(store)
+    assert str(refused.value).endswith(f"it holds 1 bundle folder(s) (current): give one of those, e.g. {store / 'current'}")
+
+
 @pytest.mark.parametrize("make", ["empty", "other files", "missing"])
 def test_a_folder_without_bundles_reads_as_before(tmp_path: Path, make: str) -> None:
     folder = tmp_path / "folder"
