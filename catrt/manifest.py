@@ -121,6 +121,14 @@ def _bundles_inside_hint(folder: Path) -> str:
     return f"; it holds {len(names)} bundle folder(s) ({shown}): give one of those, e.g. {echo_path(folder / names[0])}"
 
 
+def _manifest_given_hint(folder: Path) -> str:
+    """Where `folder` is a bundle's manifest file itself (`--engines engines/sd3/manifest.json`), the folder to give
+    instead; "" otherwise."""
+    if folder.name != MANIFEST_FILE or not os.path.isfile(folder):
+        return ""
+    return f"; {echo_path(folder)} is a bundle's manifest: give the folder that holds it, {echo_path(folder.parent)}"
+
+
 def read_manifest_data(folder: Path) -> dict[str, Any]:
     """The manifest's JSON object, unchecked; a missing, linked, oversized, unreadable or non-object one is a
     CorruptBundleError. Only a regular file of at most MAX_MANIFEST_BYTES is read (never a link's target)."""
@@ -128,7 +136,7 @@ def read_manifest_data(folder: Path) -> dict[str, Any]:
     if not os.path.lexists(path):
         raise CorruptBundleError(
             f"{echo_path(path)} is missing: {echo_path(folder)} is not a catrt engine folder (build one with `catrt build`)"
-            + _bundles_inside_hint(Path(folder)),
+            + (_manifest_given_hint(Path(folder)) or _bundles_inside_hint(Path(folder))),
             field=MANIFEST_FILE,
         )
     if path.is_symlink():

@@ -57,6 +57,15 @@ def test_a_link_to_a_bundle_folder_is_listed_as_it_loads(tmp_path: Path) -> None
     assert str(refused.value).endswith(f"it holds 1 bundle folder(s) (current): give one of those, e.g. {store / 'current'}")
 
 
+def test_a_manifest_given_for_its_bundle_names_the_folder_to_give(tmp_path: Path) -> None:
+    """`catrt inspect engines/b/manifest.json` said only that engines/b/manifest.json/manifest.json is missing."""
+    manifest = store_with(tmp_path, "b") / "b" / MANIFEST_FILE
+    with pytest.raises(CorruptBundleError) as refused:
+        read_manifest_data(manifest)
+    assert str(refused.value) == (f"{manifest / MANIFEST_FILE} is missing: {manifest} {REFUSED}; {manifest} is a bundle's "
+                                  f"manifest: give the folder that holds it, {manifest.parent}")
+
+
 @pytest.mark.parametrize("make", ["empty", "other files", "missing"])
 def test_a_folder_without_bundles_reads_as_before(tmp_path: Path, make: str) -> None:
     folder = tmp_path / "folder"
