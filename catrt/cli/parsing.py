@@ -31,7 +31,8 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        if message.startswith("the following arguments are required"):
+        # argparse's two wordings of a missing required flag: alone, or one of a required group (serve's --engines / --model)
+        if message.startswith(("the following arguments are required", "one of the arguments ")):
             unknown = self._unknown_options()
             if unknown:  # argparse checks required flags first: `--promt x` would say only "--prompt is required"
                 message = f"unrecognized arguments: {shorten(' '.join(unknown))}; {message}"
