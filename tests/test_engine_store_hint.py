@@ -104,3 +104,14 @@ def test_a_builds_parent_folders_are_checked_without_being_listed(tmp_path: Path
     store_with(tmp_path, "a-build")  # the hint would have a bundle to name in tmp_path/engines
     build._check_folder(tmp_path / "engines" / "new", "out_dir")
     assert (tmp_path / "engines" / "new").is_dir() and listed == []
+
+
+def test_an_out_through_a_link_loop_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Walking --out's parents for a bundle resolved the path with pathlib, which raised RuntimeError (a traceback) on
+    a link loop; the loop is the folder check's to refuse, naming it."""
+    import catrt.build as build
+    from catrt.errors import ConfigError
+
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(ConfigError, match=r"^out_dir .*loop/x cannot be a folder \(Too many levels of symbolic links\)"):
+        build._check_folder(tmp_path / "loop" / "x", "out_dir")
