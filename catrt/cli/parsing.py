@@ -12,6 +12,11 @@ from catrt.cli.exits import escaped
 from catrt.errors import echo, shorten
 
 
+#: Characters a text editor or web page puts where `--` was typed: hyphen, non-breaking hyphen, figure dash, en dash,
+#: em dash, horizontal bar, minus sign.
+_TYPOGRAPHIC_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212"
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every default, except where there is none to show (None, a False flag) or the help says it."""
 
@@ -55,7 +60,20 @@ class OneLineParser(argparse.ArgumentParser):
             first = found[0] if isinstance(found, list) else found
             if first is not None and first[0] is None:
                 unknown.append(word.split("=", 1)[0])
+            elif first is None and (meant := self._dashed_option(word)):
+                unknown.append(f"{word.split('=', 1)[0]} (typed with a typographic dash: {meant})")
         return unknown
+
+    def _dashed_option(self, word: str) -> str:
+        """The option `word` spells with typographic dashes in place of `--` (`—prompt`, `–prompt`: what a web page
+        or an editor makes of `--`), which argparse takes for a value, so "--prompt is required" was all it said;
+        "" for any other word (an exact option name only: a value such as `—dark` stays a value)."""
+        name = word.split("=", 1)[0]
+        bare = name.lstrip(_TYPOGRAPHIC_DASHES)
+        if bare == name or not bare:
+            return ""
+        option = "--" + bare
+        return option if option in self._option_string_actions else ""
 
     def parse_args(  # type: ignore[override]
         self, args: typing.Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -64,7 +82,11 @@ class OneLineParser(argparse.ArgumentParser):
         they are reported by the subcommand that was parsing, whose help lists what it takes."""
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            self._command_parser(parsed).error(f"unrecognized arguments: {shorten(' '.join(extras))}")
+            command = self._command_parser(parsed)
+            if isinstance(command, OneLineParser):
+                extras = [f"{word} (typed with a typographic dash: {meant})" if (meant := command._dashed_option(word)) else word
+                          for word in extras]
+            command.error(f"unrecognized arguments: {shorten(' '.join(extras))}")
         return parsed
 
     # argparse quotes a value it cannot convert or that is not a choice whole; these two hooks are where it does.
