@@ -60,9 +60,14 @@ class OneLineParser(argparse.ArgumentParser):
             first = found[0] if isinstance(found, list) else found
             if first is not None and first[0] is None:
                 unknown.append(word.split("=", 1)[0])
-            elif first is None and (meant := self._dashed_option(word)):
-                unknown.append(f"{word.split('=', 1)[0]} (typed with a typographic dash: {meant})")
+            elif first is None and self._dashed_option(word):
+                unknown.append(self._as_named(word.split("=", 1)[0]))
         return unknown
+
+    def _as_named(self, word: str) -> str:
+        """`word` as a usage error names it: with the option it spells where typographic dashes stand for `--`."""
+        meant = self._dashed_option(word)
+        return f"{word} (typed with a typographic dash: {meant})" if meant else word
 
     def _dashed_option(self, word: str) -> str:
         """The option `word` spells with typographic dashes in place of `--` (`—prompt`, `–prompt`: what a web page
@@ -84,8 +89,7 @@ class OneLineParser(argparse.ArgumentParser):
         if extras:
             command = self._command_parser(parsed)
             if isinstance(command, OneLineParser):
-                extras = [f"{word} (typed with a typographic dash: {meant})" if (meant := command._dashed_option(word)) else word
-                          for word in extras]
+                extras = [command._as_named(word) for word in extras]
             command.error(f"unrecognized arguments: {shorten(' '.join(extras))}")
         return parsed
 
