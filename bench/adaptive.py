@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     benchkit.exit_if_missing(parser, MISSING)
     benchkit.check_at_least_one(parser, threads=args.threads)
+    benchkit.check_out(parser, args.out)
     if any(clients < 1 for clients in args.levels):
         parser.error("--levels take numbers of clients >= 1")
     if args.engines and (args.fixed_alpha is not None or args.alphas is not None):

@@ -71,6 +71,18 @@ def default_out(stem: str, device: str, suffix: str = ".md") -> Path:
     return new_path(f"{stem}-{slug}", suffix)
 
 
+def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
+    """One line and exit code 2 for an --out no report can be written to (a folder, or a path under a file), before
+    the run: the report is written last, after minutes of measuring, and failed there with a traceback."""
+    if out is None:
+        return
+    if out.is_dir():
+        parser.error(f"--out {out} is a folder; give the report's file, e.g. {out / 'report.md'}")
+    above = next((parent for parent in out.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
+
+
 def check_at_least_one(parser: argparse.ArgumentParser, **counts: int) -> None:
     """One line and exit code 2 for a count below 1 (an empty prompt list or batch fails deep inside torch)."""
     for name, value in counts.items():

@@ -137,6 +137,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """One line and exit code 2 for settings that would fail deep inside torch or after minutes of building."""
     benchkit.check_at_least_one(parser, layers=args.layers, heads=args.heads, size=args.size, text_length=args.text_length,
                                 steps=args.steps, repeats=args.repeats, threads=args.threads)
+    benchkit.check_out(parser, args.out)
     if args.size % 16:
         parser.error(f"--size must be a multiple of 16 (one token per 16x16 pixels), got {args.size}")
     benchkit.check_schedule(parser, args.steps, args.t0, [args.alpha])

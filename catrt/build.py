@@ -227,7 +227,8 @@ def _check_folder(folder: Path, name: str) -> None:
             f"{name} {echo_path(folder)} is an engine bundle; builds go beside it: give its parent folder (--out / --export-dir)",
             field=name, value=str(folder),
         )
-    bundle = next((parent for parent in folder.resolve().parents if _is_bundle(parent)), None)
+    # realpath, not Path.resolve: a link loop on the way raised RuntimeError (a traceback) before writable_folder's line
+    bundle = next((parent for parent in Path(os.path.realpath(folder)).parents if _is_bundle(parent)), None)
     if bundle is not None:
         raise ConfigError(
             f"{name} {echo_path(folder)} is inside the engine bundle {echo_path(bundle)}; a folder made there would make that bundle "

@@ -106,11 +106,12 @@ _BUNDLES_LISTED = 3
 
 def _bundles_inside_hint(folder: Path) -> str:
     """Where `folder` is an engine store (`engines/`, given for one of its bundles), the bundles it holds, so the line
-    says which to give; "" otherwise. Hidden folders (a build's staging copy) are left out."""
+    says which to give; "" otherwise. Hidden folders (a build's staging copy) are left out; a link to a bundle folder
+    (`engines/current -> sd3-v5`) is one, as it loads as one."""
     try:
         with os.scandir(folder) as entries:
             names = sorted(entry.name for entry in entries if not entry.name.startswith(".")
-                           and entry.is_dir(follow_symlinks=False)
+                           and entry.is_dir()
                            and os.path.lexists(os.path.join(entry.path, MANIFEST_FILE)))
     except OSError:  # not a folder, or not readable: the missing manifest says enough
         return ""
@@ -120,6 +121,14 @@ def _bundles_inside_hint(folder: Path) -> str:
     return f"; it holds {len(names)} bundle folder(s) ({shown}): give one of those, e.g. {echo_path(folder / names[0])}"
 
 
+def _manifest_given_hint(folder: Path) -> str:
+    """Where `folder` is a bundle's manifest file itself (`--engines engines/sd3/manifest.json`), the folder to give
+    instead; "" otherwise."""
+    if folder.name != MANIFEST_FILE or not os.path.isfile(folder):
+        return ""
+    return f"; {echo_path(folder)} is a bundle's manifest: give the folder that holds it, {echo_path(folder.parent)}"
+
+
 def read_manifest_data(folder: Path) -> dict[str, Any]:
     """The manifest's JSON object, unchecked; a missing, linked, oversized, unreadable or non-object one is a
     CorruptBundleError. Only a regular file of at most MAX_MANIFEST_BYTES is read (never a link's target)."""
@@ -127,7 +136,7 @@ def read_manifest_data(folder: Path) -> dict[str, Any]:
     if not os.path.lexists(path):
         raise CorruptBundleError(
             f"{echo_path(path)} is missing: {echo_path(folder)} is not a catrt engine folder (build one with `catrt build`)"
-            + _bundles_inside_hint(Path(folder)),
+            + (_manifest_given_hint(Path(folder)) or _bundles_inside_hint(Path(folder))),
             field=MANIFEST_FILE,
         )
     if path.is_symlink():

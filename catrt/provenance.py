@@ -54,28 +54,44 @@ def describe_device(device: torch.device) -> dict[str, Any]:
     import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    name, capability = _nvml_device(index) or (
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    name, capability = _nvml_device(index, None if uuid is None else str(uuid)) or (
         torch.cuda.get_device_name(index),
         "{}.{}".format(*torch.cuda.get_device_capability(index)),
     )
     return {"kind": "cuda", "name": name, "compute_capability": capability}
 
 
-def _nvml_device(index: int) -> tuple[str, str] | None:
-    """(name, "major.minor") from NVML, or None where nvidia-ml-py or the driver is missing."""
+def _nvml_device(index: int, uuid: str | None) -> tuple[str, str] | None:
+    """(name, "major.minor") from NVML of the GPU torch numbers `index`, or None where nvidia-ml-py or the driver is
+    missing. Found by torch's UUID of it: NVML numbers every GPU of the machine in PCI order, torch the visible ones
+    (CUDA_VISIBLE_DEVICES=1: torch's GPU 0 is NVML's 1), so NVML's GPU `index` may be another model. By index where
+    NVML knows no GPU of that UUID (a MIG instance's), as before."""
     try:
         import pynvml
     except ImportError:
         return None
     try:
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        handle = _nvml_handle_by_uuid(pynvml, uuid)
+        if handle is None:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         name = pynvml.nvmlDeviceGetName(handle)
         major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
     except pynvml.NVMLError as error:
         logger.info("NVML unavailable (%s); asking torch for the GPU's name", error)
         return None
     return (name if isinstance(name, str) else name.decode()), f"{major}.{minor}"
+
+
+def _nvml_handle_by_uuid(pynvml: Any, uuid: str | None) -> Any:
+    """NVML's handle of the GPU of `uuid` as torch writes it (hex groups; NVML's own are "GPU-" and the same), or None."""
+    if not uuid:
+        return None
+    try:
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    except pynvml.NVMLError:
+        return None
 
 
 def environment_problems(

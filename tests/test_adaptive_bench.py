@@ -49,3 +49,14 @@ def test_alphas_with_served_builds_are_one_line(adaptive, capsys: pytest.Capture
         adaptive.main(["--engines", "engines/a", "--fixed-alpha", "0.5"])
     assert stopped.value.code == 2
     assert "--fixed-alpha and --alphas cannot be used with --engines: a served build fixes its alphas" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_folder_is_one_line_before_any_server_starts(adaptive, tmp_path,  # noqa: ANN001
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report and its plot are written after every configuration was measured (minutes): a folder failed there."""
+    monkeypatch.setattr(adaptive, "measure", lambda *args: pytest.fail("a server was started"))
+    with pytest.raises(SystemExit) as stopped:
+        adaptive.main(["--model", "reference", "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert f"--out {tmp_path} is a folder; give the report's file" in capsys.readouterr().err

@@ -468,6 +468,25 @@ def test_engine_refuses_long_prompts_and_other_sizes(
         assert image.size == (48, 32)
 
 
+def test_a_bundles_out_of_range_alpha_is_not_blamed_on_the_alpha_flag_given(
+    capfd: pytest.CaptureFixture[str], eager_bundle: Path, tmp_path: Path
+) -> None:
+    """`--alpha 0.3` beside a bundle whose manifest was edited to alpha 2.0: the line names the manifest, not the
+    flag (a config range error prefixes the flag given, but this one is the bundle's, a CorruptBundleError)."""
+    import json
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(eager_bundle, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["build"]["alphas"] = [2.0]
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    line = _fails(capfd, "generate", "--engines", str(edited), "--prompt", "a cat", "--alpha", "0.3",
+                  "--out", str(tmp_path / "a.png"))
+    assert line.startswith("catrt generate: error: manifest.json build.alphas: BuildConfig.alphas: CATConfig.alpha must be in")
+    assert "argument --alpha" not in line
+
+
 def test_build_refuses_an_out_that_is_a_file_or_a_bundle_before_loading(
     capfd: pytest.CaptureFixture[str], eager_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -883,6 +902,19 @@ def test_usage_errors_shorten_a_huge_value(capfd: pytest.CaptureFixture[str]) ->
     ):
         line = _usage_error(capfd, argv)
         assert message in line and len(line) < 300, line
+
+
+@pytest.mark.parametrize(("argv", "shown"), [
+    (["generate", "--prompt", "x", "--a\nb"], "unrecognized arguments: --a\\nb (see"),
+    (["generate", "--pro\x1b[2Jmt", "x"], "unrecognized arguments: --pro\\x1b[2Jmt; the following arguments are required"),
+])
+def test_an_unrecognized_word_with_a_newline_or_escape_is_echoed_escaped_in_one_line(
+    capfd: pytest.CaptureFixture[str], argv: list[str], shown: str
+) -> None:
+    """argparse echoes an unrecognized word as given: one holding a newline printed two lines, a terminal escape
+    reached the terminal."""
+    line = _usage_error(capfd, argv)
+    assert shown in line and "\x1b" not in line, line
 
 
 @pytest.mark.parametrize("taken", ["out", "export"])

@@ -43,6 +43,29 @@ def test_a_large_store_lists_three_and_says_there_are_more(tmp_path: Path) -> No
         read_manifest_data(store)
 
 
+def test_a_link_to_a_bundle_folder_is_listed_as_it_loads(tmp_path: Path) -> None:
+    """A store of links (`current -> sd3-v5`, or to bundles kept elsewhere) named no bundle: links were left out,
+    while a link to a bundle folder loads as that bundle. A link to a folder without a manifest, or to nothing, is not."""
+    kept = store_with(tmp_path, "sd3-v5") / "sd3-v5"  # a bundle outside the store
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "current").symlink_to(kept)
+    (store / "empty-link").symlink_to(tmp_path)
+    (store / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CorruptBundleError) as refused:
+        read_manifest_data(store)
+    assert str(refused.value).endswith(f"it holds 1 bundle folder(s) (current): give one of those, e.g. {store / 'current'}")
+
+
+def test_a_manifest_given_for_its_bundle_names_the_folder_to_give(tmp_path: Path) -> None:
+    """`catrt inspect engines/b/manifest.json` said only that engines/b/manifest.json/manifest.json is missing."""
+    manifest = store_with(tmp_path, "b") / "b" / MANIFEST_FILE
+    with pytest.raises(CorruptBundleError) as refused:
+        read_manifest_data(manifest)
+    assert str(refused.value) == (f"{manifest / MANIFEST_FILE} is missing: {manifest} {REFUSED}; {manifest} is a bundle's "
+                                  f"manifest: give the folder that holds it, {manifest.parent}")
+
+
 @pytest.mark.parametrize("make", ["empty", "other files", "missing"])
 def test_a_folder_without_bundles_reads_as_before(tmp_path: Path, make: str) -> None:
     folder = tmp_path / "folder"
@@ -81,3 +104,14 @@ def test_a_builds_parent_folders_are_checked_without_being_listed(tmp_path: Path
     store_with(tmp_path, "a-build")  # the hint would have a bundle to name in tmp_path/engines
     build._check_folder(tmp_path / "engines" / "new", "out_dir")
     assert (tmp_path / "engines" / "new").is_dir() and listed == []
+
+
+def test_an_out_through_a_link_loop_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Walking --out's parents for a bundle resolved the path with pathlib, which raised RuntimeError (a traceback) on
+    a link loop; the loop is the folder check's to refuse, naming it."""
+    import catrt.build as build
+    from catrt.errors import ConfigError
+
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(ConfigError, match=r"^out_dir .*loop/x cannot be a folder \(Too many levels of symbolic links\)"):
+        build._check_folder(tmp_path / "loop" / "x", "out_dir")

@@ -43,6 +43,22 @@ def test_a_bad_setting_is_one_line_and_exit_code_2(speed, argv: list[str], messa
     assert error.count("bench/speed.py: error: ") == 1 and message in error and "Traceback" not in error
 
 
+@pytest.mark.parametrize("under", ["folder", "file"])
+def test_an_out_no_report_can_be_written_to_is_one_line_before_the_run(  # noqa: ANN001
+    speed, under: str, tmp_path, capsys: pytest.CaptureFixture[str]  # noqa: ANN001
+) -> None:
+    """`--out bench/results/` (a folder) was timed for minutes, then failed writing the report with a traceback."""
+    (tmp_path / "a-file").write_text("x")
+    out, message = ((tmp_path, f"--out {tmp_path} is a folder; give the report's file, e.g. {tmp_path / 'report.md'}")
+                    if under == "folder" else
+                    (tmp_path / "a-file" / "speed.md", f"{tmp_path / 'a-file'} is a file, so no report can be written"))
+    with pytest.raises(SystemExit) as exited:
+        speed.parse_args(["--out", str(out)])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("bench/speed.py: error: ") == 1 and message in error
+
+
 def test_dims_sets_the_published_size_and_the_defaults_hold_without_it(speed) -> None:  # noqa: ANN001
     dims = speed.parse_args(["--dims", "sd3-medium", "--layers", "2"])
     assert (dims.heads, dims.size, dims.text_length, dims.layers, dims.backends) == (24, 1024, 256, 2, None)

@@ -50,6 +50,7 @@ def test_help_names_each_published_models_own_schedule(
 @pytest.mark.parametrize("argv", [
     ["generate", "--promt", "a red circle"],
     ["compare", "--promts", "prompts.txt", "--out", "out"],
+    ["serve", "--modle", "reference"],  # a required one of a group: "one of the arguments --engines --model is required"
 ])
 def test_a_mistyped_flag_is_named_even_when_a_required_one_is_missing(
     argv: list[str], capsys: pytest.CaptureFixture[str]
@@ -61,15 +62,40 @@ def test_a_mistyped_flag_is_named_even_when_a_required_one_is_missing(
         main(argv)
     err = capsys.readouterr().err.splitlines()
     assert exited.value.code == 2 and len(err) == 1, err
-    mistyped = next(word for word in argv if word in ("--promt", "--promts"))
-    assert f"unrecognized arguments: {mistyped}" in err[0] and "are required" in err[0], err[0]
+    mistyped = next(word for word in argv if word in ("--promt", "--promts", "--modle"))
+    assert f"unrecognized arguments: {mistyped}; " in err[0] and "required" in err[0], err[0]
     assert err[0].endswith(f"(see catrt {argv[0]} --help)")
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["generate", "\u2014prompt", "a red circle"], "\u2014prompt (typed with a typographic dash: --prompt)"),  # em dash
+    (["generate", "\u2013prompt=a red circle"], "\u2013prompt (typed with a typographic dash: --prompt)"),  # en dash
+    (["compare", "\u2014prompts", "p.txt", "--out", "out"], "\u2014prompts (typed with a typographic dash: --prompts)"),
+    (["generate", "--prompt", "x", "\u2014seed", "3"], "\u2014seed (typed with a typographic dash: --seed) 3"),
+])
+def test_a_flag_typed_with_a_typographic_dash_is_named(argv: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`catrt generate \u2014prompt x` (a web page's or an editor's `--`) answered only "--prompt is required": argparse
+    takes a word without an ASCII dash for a value, so the user was told to give what they believed they gave."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"catrt {argv[0]}: error: unrecognized arguments: {named}"), err[0]
+
+
+def test_a_value_beginning_with_a_typographic_dash_stays_a_value(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--negative-prompt", "\u2014dark"])
+    assert capsys.readouterr().err.splitlines() == [
+        "catrt generate: error: the following arguments are required: --prompt (see catrt generate --help)"]
 
 
 @pytest.mark.parametrize("argv", [
     ["generate", "--seed", "-3"],  # a negative number is a value
     ["generate", "--see", "3", "--neg=x"],  # unique prefixes of --seed and --negative-prompt, as argparse takes them
     ["generate", "--seed", "3", "--", "--promt"],  # after --, words are values
+    ["generate", "--negative-prompt", "-blurry, dark"],  # a word with a space is a value to argparse, even after a dash
+    ["generate", "-vv"],  # -v -v, as argparse reads a run of single-letter flags
 ])
 def test_only_words_no_option_takes_are_named_beside_a_missing_required_flag(
     argv: list[str], capsys: pytest.CaptureFixture[str]

@@ -9,6 +9,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from catrt.errors import ConfigError  # stdlib only
+
 
 def one_line(error: BaseException) -> str:
     """An error's text as the one stderr line a command ends with: whitespace runs joined, control characters escaped."""
@@ -18,7 +20,11 @@ def one_line(error: BaseException) -> str:
 def flag_prefix(error: BaseException, argv: list[str]) -> str:
     """`argument --alpha: ` when `error` is a config field's range check (`CATConfig.alpha must be in (0, 1], got 2.0`)
     and the user gave that field's flag (or a prefix argparse accepted): the line then names the flag to fix, as
-    argparse's own errors do. Empty otherwise (e.g. `--steps 4` failing the default t0's check names no flag of t0)."""
+    argparse's own errors do. Empty otherwise (e.g. `--steps 4` failing the default t0's check names no flag of t0),
+    and for any error but a ConfigError: a bundle's manifest holding an alpha out of range is the bundle's fault
+    (CorruptBundleError), never the `--alpha` the user gave beside `--engines`."""
+    if not isinstance(error, ConfigError):
+        return ""
     match = re.search(r"\b[A-Z]\w*Config\.(\w+) must be ", str(error))
     if not match:
         return ""

@@ -4,15 +4,17 @@ that a repeated flag extends, and the number types that make a bad count a usage
 from __future__ import annotations
 
 import argparse
-import re
 import typing
 from typing import Any, NoReturn
 
 from catrt.checks import MAX_STEPS  # stdlib + catrt.errors only
+from catrt.cli.exits import escaped
 from catrt.errors import echo, shorten
 
 
-_NUMBER = re.compile(r"-\d+$|-\d*\.\d+$")  # argparse's reading of a negative number: a value, not an option
+#: Characters a text editor or web page puts where `--` was typed: hyphen, non-breaking hyphen, figure dash, en dash,
+#: em dash, horizontal bar, minus sign.
+_TYPOGRAPHIC_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -34,30 +36,49 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        if message.startswith("the following arguments are required"):
+        # argparse's two wordings of a missing required flag: alone, or one of a required group (serve's --engines / --model)
+        if message.startswith(("the following arguments are required", "one of the arguments ")):
             unknown = self._unknown_options()
             if unknown:  # argparse checks required flags first: `--promt x` would say only "--prompt is required"
                 message = f"unrecognized arguments: {shorten(' '.join(unknown))}; {message}"
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # escaped: an unrecognized word is echoed as given, and one holding a newline (or a terminal escape) broke the line
+        self.exit(2, f"{self.prog}: error: {escaped(message)} (see {self.prog} --help)\n")
 
     def _parse_known_args(self, arg_strings: list[str], *rest: Any) -> Any:
         self._words = list(arg_strings)  # for `error`: the words of this parser's own (sub)command
         return super()._parse_known_args(arg_strings, *rest)
 
     def _unknown_options(self) -> list[str]:
-        """The option-like words this parser was given that none of its options takes (a unique prefix of one does,
-        as argparse allows abbreviations); words after `--` and negative numbers are values."""
+        """The words of this parser's own (sub)command that argparse itself read as options none of its options takes
+        (`_parse_optional`, the reading that parsed them): a unique prefix of an option, `-vv` (`-v -v`), a negative
+        number, a value with a space in it (`--negative-prompt "-blurry, dark"`) and words after `--` are not."""
         words = getattr(self, "_words", [])
         words = words[:words.index("--")] if "--" in words else words
-        known = tuple(self._option_string_actions)
         unknown = []
         for word in words:
-            name = word.split("=", 1)[0]
-            if not word.startswith("-") or word == "-" or _NUMBER.fullmatch(word) or name in known:
-                continue
-            if not (self.allow_abbrev and name.startswith("--") and any(option.startswith(name) for option in known)):
-                unknown.append(name)
+            found = self._parse_optional(word)  # None for a value; else (action, option, ...), a list of those in newer Pythons
+            first = found[0] if isinstance(found, list) else found
+            if first is not None and first[0] is None:
+                unknown.append(word.split("=", 1)[0])
+            elif first is None and self._dashed_option(word):
+                unknown.append(self._as_named(word.split("=", 1)[0]))
         return unknown
+
+    def _as_named(self, word: str) -> str:
+        """`word` as a usage error names it: with the option it spells where typographic dashes stand for `--`."""
+        meant = self._dashed_option(word)
+        return f"{word} (typed with a typographic dash: {meant})" if meant else word
+
+    def _dashed_option(self, word: str) -> str:
+        """The option `word` spells with typographic dashes in place of `--` (`—prompt`, `–prompt`: what a web page
+        or an editor makes of `--`), which argparse takes for a value, so "--prompt is required" was all it said;
+        "" for any other word (an exact option name only: a value such as `—dark` stays a value)."""
+        name = word.split("=", 1)[0]
+        bare = name.lstrip(_TYPOGRAPHIC_DASHES)
+        if bare == name or not bare:
+            return ""
+        option = "--" + bare
+        return option if option in self._option_string_actions else ""
 
     def parse_args(  # type: ignore[override]
         self, args: typing.Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -66,7 +87,10 @@ class OneLineParser(argparse.ArgumentParser):
         they are reported by the subcommand that was parsing, whose help lists what it takes."""
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            self._command_parser(parsed).error(f"unrecognized arguments: {shorten(' '.join(extras))}")
+            command = self._command_parser(parsed)
+            if isinstance(command, OneLineParser):
+                extras = [command._as_named(word) for word in extras]
+            command.error(f"unrecognized arguments: {shorten(' '.join(extras))}")
         return parsed
 
     # argparse quotes a value it cannot convert or that is not a choice whole; these two hooks are where it does.
