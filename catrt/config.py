@@ -19,6 +19,8 @@ SELECTION_RULES: tuple[str, ...] = ("cat", "random", "round_robin", "magnitude",
 #: Lloyd iterations a KMeans may run (a fixed count, no early stop): 20 clusters converge in tens, and a
 #: mistyped huge count would hang the generation at step t0.
 MAX_KMEANS_ITERS = 1000
+#: The earliest last full step: the reference prediction is step t0 - 1's, so two full steps come first.
+MIN_T0 = 2
 
 
 def ceil_of_fraction(fraction: float, count: int) -> int:
@@ -70,7 +72,7 @@ class CATConfig:
     def __post_init__(self) -> None:
         plain_numbers(self)
         _check_number("alpha", self.alpha, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
-        _check_int("t0", self.t0, ">= 2", lambda v: v >= 2)
+        _check_int("t0", self.t0, f">= {MIN_T0}", lambda v: v >= MIN_T0)
         _check_int("n_clusters", self.n_clusters, ">= 1", lambda v: v >= 1)
         _check_number("ewma_decay", self.ewma_decay, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
         _check_number(
@@ -91,9 +93,11 @@ class CATConfig:
     def check_steps(self, steps: int) -> None:
         """Checks that need the step count: pruning must start before the last step."""
         if not self.t0 < steps:
+            # at t0's floor "lower t0" cannot be done: the line says so and names the steps that work
+            floor = f" (t0 = {MIN_T0} is its minimum: run at least {MIN_T0 + 1} steps)" if self.t0 <= MIN_T0 else ""
             raise ConfigError(
                 f"CATConfig.t0 = {self.t0} needs t0 < num_inference_steps, got {steps} steps; "
-                f"lower t0 or run more steps",
+                f"lower t0 or run more steps{floor}",
                 field="t0",
                 value=self.t0,
             )

@@ -71,6 +71,17 @@ def test_t0_must_be_before_the_last_step() -> None:
     CATConfig(t0=8).check_steps(9)
     with pytest.raises(ConfigError, match=r"t0 = 8 needs t0 < num_inference_steps, got 8 steps"):
         CATConfig(t0=8).check_steps(8)
+    with pytest.raises(ConfigError, match=r"got 8 steps; lower t0 or run more steps$"):
+        CATConfig(t0=8).check_steps(8)
+
+
+def test_t0_at_its_minimum_says_lowering_it_is_no_way_out() -> None:
+    """flux-schnell runs t0 = 2, the floor: with 2 steps "lower t0" cannot be done, so the line names the steps that work."""
+    with pytest.raises(ConfigError, match=r"got 2 steps; lower t0 or run more steps \(t0 = 2 is its minimum: run at least 3 steps\)$"):
+        CATConfig(t0=2).check_steps(2)
+    CATConfig(t0=2).check_steps(3)
+    with pytest.raises(ConfigError, match=r"CATConfig.t0 must be an integer >= 2, got 1"):
+        CATConfig(t0=1)
 
 
 def test_round_trip_through_dict() -> None:
