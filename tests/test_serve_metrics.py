@@ -42,6 +42,15 @@ class FakeNvml:
         self._check(index, "handle")
         return index
 
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> int:
+        for index in range(self.count):
+            if uuid == f"GPU-{index:04d}":
+                return index
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetIndex(self, handle: int) -> int:
+        return handle
+
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
         self._check(handle, "utilization")
         return SimpleNamespace(gpu=40 + handle, memory=0)
@@ -51,9 +60,14 @@ class FakeNvml:
         return SimpleNamespace(used=(handle + 1) * GIB, total=80 * GIB, free=0)
 
 
-def _scrape(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, float]]:
-    """{series: {gpu label: value}} of the GPU series in a rendered scrape of a fresh ServerMetrics."""
+def _scrape(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch, visible: str | None = None) -> dict[str, dict[str, float]]:
+    """{series: {gpu label: value}} of the GPU series in a rendered scrape of a fresh ServerMetrics, started with
+    CUDA_VISIBLE_DEVICES = `visible` (None: unset)."""
     monkeypatch.setitem(sys.modules, "pynvml", fake)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     text = ServerMetrics().render().decode()
     assert "catrt_queue_depth" in text  # the server's own series are all there
     series: dict[str, dict[str, float]] = {}
@@ -70,6 +84,31 @@ def test_gpu_series_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
         "catrt_gpu_memory_used_bytes": {"0": 1.0 * GIB, "1": 2.0 * GIB},
         "catrt_gpu_memory_total_bytes": {"0": 80.0 * GIB, "1": 80.0 * GIB},
     }
+
+
+@pytest.mark.parametrize(("visible", "gpus"), [
+    ("1", ["1"]),
+    ("1,0", ["0", "1"]),
+    (" 2 , 0", ["0", "2"]),
+    ("GPU-0002", ["2"]),
+    ("GPU-0001,0", ["0", "1"]),
+    ("0,7,1", ["0"]),  # as CUDA reads it: the list ends at the first entry that names no GPU
+    ("0,0,1", ["0"]),
+    ("-1", []),
+    ("", []),
+    ("MIG-4f2e", ["0", "1", "2"]),  # a MIG instance's UUID is not one NVML GPU: every GPU, as without the variable
+    ("GPU-not-here", ["0", "1", "2"]),
+], ids=["index", "two", "spaces", "uuid", "uuid-and-index", "stops-at-unknown-index", "stops-at-repeat", "negative",
+        "empty", "mig", "unknown-uuid"])
+def test_gpu_series_cover_the_gpus_cuda_visible_devices_leaves_this_process(
+    monkeypatch: pytest.MonkeyPatch, visible: str, gpus: list[str]
+) -> None:
+    """One server per GPU (CUDA_VISIBLE_DEVICES=3) or a Ray replica given its GPUs exports those, labelled with NVML's
+    (nvidia-smi's) index: it exported every GPU of the machine, each server the same eight."""
+    series = _scrape(FakeNvml({}, count=3), monkeypatch, visible)
+    assert sorted(series.get("catrt_gpu_memory_total_bytes", {})) == gpus
+    if gpus:
+        assert series["catrt_gpu_memory_used_bytes"] == {gpu: (int(gpu) + 1) * GIB for gpu in gpus}
 
 
 def test_a_reading_nvml_refuses_leaves_out_that_series_only(monkeypatch: pytest.MonkeyPatch) -> None:

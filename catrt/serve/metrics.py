@@ -1,13 +1,17 @@
 """Prometheus metrics on the server's own registry (so tests and embedders never share globals).
 
 GPU utilisation and memory come from NVML (nvidia-ml-py) and are exported only where a GPU exists;
-on a CPU machine those series are absent, which is not an error.
+on a CPU machine those series are absent, which is not an error. Only the GPUs this process may use
+(`CUDA_VISIBLE_DEVICES`, as one server per GPU or a Ray replica with its GPUs is started) are exported, each
+labelled with NVML's index, the number `nvidia-smi` shows.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -140,9 +144,10 @@ class NvmlCollector(Collector):
     the other series (requests, latency, queue) stay readable.
     """
 
-    def __init__(self, pynvml: Any, count: int) -> None:
+    def __init__(self, pynvml: Any, count: int, devices: Sequence[int] | None = None) -> None:
         self.pynvml = pynvml
         self.count = count
+        self.devices = list(range(count)) if devices is None else list(devices)  # NVML indices to export
         self._refused: set[tuple[str, int]] = set()  # (reading, device) already logged
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -150,7 +155,7 @@ class NvmlCollector(Collector):
         used = GaugeMetricFamily("catrt_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
         total = GaugeMetricFamily("catrt_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
         nvml = self.pynvml
-        for index in range(self.count):
+        for index in self.devices:
             handle = self._read("handle", index, nvml.nvmlDeviceGetHandleByIndex, index)
             if handle is None:
                 continue
@@ -187,4 +192,33 @@ def nvml_collector() -> NvmlCollector | None:
     except pynvml.NVMLError as error:
         logger.info("no GPU metrics: NVML unavailable (%s)", error)
         return None
-    return NvmlCollector(pynvml, count) if count else None
+    devices = visible_gpus(pynvml, count, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if count and not devices:
+        logger.info("no GPU metrics: CUDA_VISIBLE_DEVICES=%r leaves this process no GPU", os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return NvmlCollector(pynvml, count, devices) if devices else None
+
+
+def visible_gpus(pynvml: Any, count: int, visible: str | None) -> list[int]:
+    """NVML's indices of the GPUs `CUDA_VISIBLE_DEVICES` (`visible`) lets this process use, in its order: NVML numbers
+    every GPU of the machine, so a server started on GPU 3 reported all eight. As CUDA reads the list: indices or
+    `GPU-` UUIDs, up to the first entry naming no GPU (an empty list: none). Where an entry cannot be matched to one
+    NVML GPU here (a MIG instance's `MIG-` UUID, a shortened UUID) every GPU is exported, as without the variable."""
+    if visible is None:
+        return list(range(count))
+    devices: list[int] = []
+    for entry in (part.strip() for part in visible.split(",")):
+        if re.fullmatch(r"\d+", entry):
+            index = int(entry)
+        elif entry.startswith("GPU-"):
+            try:
+                index = pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByUUID(entry))
+            except pynvml.NVMLError:
+                return list(range(count))
+        elif entry.startswith("MIG-"):
+            return list(range(count))
+        else:
+            break
+        if not 0 <= index < count or index in devices:
+            break
+        devices.append(index)
+    return devices
