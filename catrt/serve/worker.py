@@ -226,7 +226,7 @@ class Worker:
         return self.state == "draining"
 
     def _warm_up(self, router: Router) -> None:
-        seconds = []
+        warm = []  # seconds of a call made warm, per build: the 429's Retry-After starts from the slowest
         choosers = {}
         for model in router.models.values():
             spec = model.spec
@@ -240,12 +240,16 @@ class Worker:
             for alpha in spec.alphas:  # every alpha's buffers (compiled graphs, caches) made before serving
                 started = time.perf_counter()
                 model.generate(rows, options, self._shutting_down, alpha=alpha)
-                seconds.append(time.perf_counter() - started)
-                logger.info("warm-up of %s at alpha %g took %.2f s", spec.size, alpha, seconds[-1])
-            if self.alpha_policy == "adaptive":  # then the step times, measured warm (a first call pays one-off costs)
-                for alpha in spec.alphas:
-                    tracker.observe(alpha, model.generate(rows, options, self._shutting_down, alpha=alpha).phases)
-        self._batch_seconds = max(seconds)
+                logger.info("warm-up of %s at alpha %g took %.2f s", spec.size, alpha, time.perf_counter() - started)
+            # Then calls made warm (a first call pays one-off costs: compiling, capturing graphs, minutes where a
+            # served call takes a second): the step times for the adaptive policy at every alpha, else one call
+            # at the largest alpha (the slowest), so a 429 right after start-up does not ask for minutes of waiting.
+            for alpha in spec.alphas if self.alpha_policy == "adaptive" else (max(spec.alphas),):
+                started = time.perf_counter()
+                phases = model.generate(rows, options, self._shutting_down, alpha=alpha).phases
+                warm.append(time.perf_counter() - started)
+                tracker.observe(alpha, phases)
+        self._batch_seconds = max(warm)
         self.choosers = choosers
         with self._lock:
             self.served = router
