@@ -35,7 +35,7 @@ from catrt.scheduler import plan
 from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker, check_choice
 from catrt.serve.errors import internal_error_message
 from catrt.serve.metrics import ServerMetrics, alpha_label
-from catrt.serve.model import BatchOptions, Generation, Row
+from catrt.serve.model import BatchOptions, Generation, Row, StepObserver
 from catrt.serve.timing import Abandoned
 
 if TYPE_CHECKING:
@@ -343,7 +343,7 @@ class Worker:
 class _RecordedSteps:
     """A step observer that passes each step on to `observe` and keeps the steps of the call in progress."""
 
-    def __init__(self, observe: Callable[[str, float], None]) -> None:
+    def __init__(self, observe: StepObserver) -> None:
         self.observe = observe
         self.steps: list[tuple[str, float]] = []
 
