@@ -3,6 +3,7 @@ reading its answer is dropped after the read timeout, not held (with its unsent 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import uvicorn
 
-from catrt.serve.protocol import read_deadline_protocol
+from catrt.serve.protocol import PIPELINED_BYTES, read_deadline_protocol
 
 TIMEOUT = 0.5
 CHUNK = 1 << 20
@@ -93,3 +94,66 @@ def test_a_slow_client_that_keeps_reading_gets_the_whole_answer(served: tuple[_B
             time.sleep(0.2)
         assert body == BODY and app.sent.wait(5)
         assert time.monotonic() - started > 4 * TIMEOUT  # precondition: slower than the timeout
+
+
+POLLS = 200  # the app's disconnect checks while it works on one request, as the server's route makes them
+READ_SIZE = 256 * 1024  # the most asyncio reads from a socket at once
+
+
+class _Polling:
+    """An ASGI app that, as the images route does while a request generates, asks `receive` whether its client
+    left, POLLS times, then answers; `held` records the most bytes the protocol held after that request."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()  # the (empty) body
+        for _ in range(POLLS):
+            try:
+                await asyncio.wait_for(receive(), 0.002)
+            except asyncio.TimeoutError:
+                pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        self.done.set()
+
+
+def test_bytes_pipelined_behind_a_request_in_work_are_held_up_to_a_bound() -> None:
+    """Every disconnect poll resumed reading, so a client writing on while its request generated had its bytes
+    piled up in the server's memory without bound; past `PIPELINED_BYTES` the connection is now not read until
+    the answer is out (the client is held back by TCP, and loses nothing)."""
+    held: list[int] = []
+
+    class Recording(read_deadline_protocol(5.0)):  # type: ignore[misc, valid-type]
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            held.append(len(self.conn.trailing_data[0]))
+
+    app = _Polling()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = uvicorn.Server(uvicorn.Config(app, http=Recording, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", sock.getsockname()[1])) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            client.setblocking(False)
+            pipelined = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n" * 4096
+            while not app.done.is_set():
+                try:
+                    client.send(pipelined)
+                except BlockingIOError:
+                    time.sleep(0.001)
+        assert max(held) > PIPELINED_BYTES  # precondition: the client wrote past the bound
+        assert max(held) < PIPELINED_BYTES + READ_SIZE
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

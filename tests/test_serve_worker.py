@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from catrt.errors import GenerationError, RequestTimeoutError, ServiceUnavailableError
+from catrt.errors import GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
 from catrt.serve.app import ImageService
 from catrt.serve.config import ServeConfig
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response
@@ -465,3 +465,61 @@ def test_a_failed_load_logs_its_traceback_at_the_level_catrt_v_shows(caplog: pyt
     records = [record for record in caplog.records if record.exc_info is not None]
     assert [record.getMessage() for record in records] == ["loading the model failed"]
     assert "boom while loading" in caplog.text and "Traceback" in caplog.text
+
+
+@dataclass
+class _CompilesOnFirstCall(StandIn):
+    """Steps timed on `clock`: 2 full then 4 pruned, 1 s each, but an alpha's first call spends 100 s in its first
+    full and its first pruned step (compiling, capturing graphs); reported to `step_observer` as a served model does."""
+
+    clock: list[float] = field(default_factory=lambda: [0.0])
+    warmed: set[float] = field(default_factory=set)
+
+    def generate(self, rows: Sequence[Row], options: BatchOptions,
+                 should_stop: Callable[[], bool] | None = None, alpha: float | None = None) -> Generation:
+        if "hold" in [row.prompt for row in rows]:
+            self.holding.set()
+            self.release.wait(10)
+        first = alpha not in self.warmed
+        self.warmed.add(alpha)
+        phases = {"encode": 0.0, "full_steps": 0.0, "pruned_steps": 0.0, "decode": 0.0}
+        for index, kind in enumerate(["full"] * 2 + ["pruned"] * 4):
+            seconds = 100.0 if first and index in (0, 2) else 1.0
+            self.clock[0] += seconds
+            phases[f"{kind}_steps"] += seconds
+            if self.step_observer is not None:
+                self.step_observer(kind, seconds)
+        return Generation([row.prompt for row in rows], phases)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+def test_a_full_queue_right_after_start_up_asks_to_wait_for_warm_calls_not_the_first_ones(
+    policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 429's Retry-After started from the warm-up's slowest call, an alpha's first (a compile build's: a minute
+    of compiling), so a burst right after start-up was told to wait minutes for calls of seconds."""
+    import catrt.serve.worker as worker_module
+
+    model = _CompilesOnFirstCall(_Spec(alphas=(0.3, 0.5)))
+    monkeypatch.setattr(worker_module, "time", SimpleNamespace(perf_counter=lambda: model.clock[0]))
+    metrics = ServerMetrics()
+    exited = threading.Event()
+    worker = Worker(lambda: Router([model]), max_queue=4, metrics=metrics, on_exit=lambda state: exited.set(),
+                    alpha_policy=policy, latency_target=10.0 if policy == "adaptive" else None)
+    _started(worker)
+    try:
+        worker.submit(_job("hold"))
+        assert model.holding.wait(10)
+        for index in range(4):
+            worker.submit(_job(f"queued {index}"))
+        with pytest.raises(QueueFullError) as full:
+            worker.check_room()
+        assert full.value.retry_after == 18  # (the call in flight + 4 queued / batch 2) x a warm call's 6 s
+        counted = {sample.labels["kind"]: sample.value for sample in metrics.step_seconds.collect()[0].samples
+                   if sample.name.endswith("_count")}
+        calls = 2 if policy == "fixed" else 4  # a call per alpha, and with adaptive one more each to time it
+        assert counted == {"full": 2 * calls, "pruned": 4 * calls}  # the steps still reach the metrics
+    finally:
+        model.release.set()
+        worker.drain()
+        assert exited.wait(10)

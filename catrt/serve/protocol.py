@@ -13,6 +13,13 @@ seconds while the answer waits in the send buffer (writing paused) is dropped, i
 discarded, so an answer nobody takes (big PNGs) does not hold its memory and connection forever. A slow
 client that keeps reading is not: each `read_timeout` it must only have taken some bytes.
 
+Bytes a client sends after a whole request, while that request is being answered (pipelining), are
+held up to `PIPELINED_BYTES`; past that the connection is not read until the answer is out. uvicorn
+resumes reading at every `receive` the app makes, which the server's disconnect poll does ten times a
+second, so a client writing on while its request generated piled its bytes up in memory without bound
+(a few MB a second for as long as `--timeout`). A client whose pipelined bytes reach the bound is
+backpressured by TCP; it loses nothing, but its leaving is seen only once its answer is written.
+
 A request h11 cannot parse (a malformed request line, a `Content-Length` that is not a number) is
 answered 400 in OpenAI's error body, as every other refusal, instead of uvicorn's plain-text line.
 The server runs without WebSocket support, so a request asking to upgrade (WebSocket, h2c) is
@@ -27,15 +34,30 @@ import json
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import h11
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 logger = logging.getLogger(__name__)
 
 # h11 states of the client side in which more bytes are needed before the request is whole.
 _RECEIVING = (h11.IDLE, h11.SEND_BODY)
+PIPELINED_BYTES = 64 * 1024  # bytes after a whole request read while it is answered (h11 caps headers at 16 KiB)
+
+
+class _HeldFlow(FlowControl):
+    """uvicorn's flow control, but reading stays paused while `held()` says so."""
+
+    def __init__(self, transport: asyncio.Transport, held: Callable[[], bool]) -> None:
+        super().__init__(transport)
+        self._held = held
+
+    def resume_reading(self) -> None:
+        if not self._held():
+            super().resume_reading()
 
 
 class ReadDeadlineH11Protocol(H11Protocol):
@@ -47,7 +69,13 @@ class ReadDeadlineH11Protocol(H11Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._stall: asyncio.TimerHandle | None = None
         super().connection_made(transport)
+        self.flow = _HeldFlow(transport, self._pipelined_past_bound)
         self._arm()
+
+    def _pipelined_past_bound(self) -> bool:
+        """Whether a request is being answered and the client has sent `PIPELINED_BYTES` or more after it."""
+        answering = self.cycle is not None and not self.cycle.response_complete
+        return answering and self.conn.their_state is h11.DONE and len(self.conn.trailing_data[0]) >= PIPELINED_BYTES
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -35,7 +35,7 @@ from catrt.scheduler import plan
 from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker, check_choice
 from catrt.serve.errors import internal_error_message
 from catrt.serve.metrics import ServerMetrics, alpha_label
-from catrt.serve.model import BatchOptions, Generation, Row
+from catrt.serve.model import BatchOptions, Generation, Row, StepObserver
 from catrt.serve.timing import Abandoned
 
 if TYPE_CHECKING:
@@ -226,25 +226,28 @@ class Worker:
         return self.state == "draining"
 
     def _warm_up(self, router: Router) -> None:
-        seconds = []
+        seconds = []  # each warm-up call's time as a warm call takes it: the 429's Retry-After starts from the slowest
         choosers = {}
         for model in router.models.values():
             spec = model.spec
             check_choice(self.alpha_policy, spec.alphas, f"{spec.model} at {spec.size}")
-            model.step_observer = partial(self.metrics.observe_step, size=spec.size)
+            observe = partial(self.metrics.observe_step, size=spec.size)
+            model.step_observer = recorded = _RecordedSteps(observe)
             kinds = plan(spec.steps, spec.t0, spec.refresh_every, spec.reuse_every)
             tracker = StepTimeTracker(kinds.count("full"), kinds.count("pruned"))
             choosers[spec.size] = AlphaChooser(self.alpha_policy, self.latency_target, spec.alphas, spec.batch, tracker)
             options = BatchOptions(guidance_scale=spec.default_guidance, negative_prompt=None, size=spec.size)
             rows = [Row(WARMUP_PROMPT, 0)] * spec.batch
             for alpha in spec.alphas:  # every alpha's buffers (compiled graphs, caches) made before serving
-                started = time.perf_counter()
-                model.generate(rows, options, self._shutting_down, alpha=alpha)
-                seconds.append(time.perf_counter() - started)
-                logger.info("warm-up of %s at alpha %g took %.2f s", spec.size, alpha, seconds[-1])
+                started, recorded.steps = time.perf_counter(), []
+                phases = model.generate(rows, options, self._shutting_down, alpha=alpha).phases
+                took = time.perf_counter() - started
+                logger.info("warm-up of %s at alpha %g took %.2f s", spec.size, alpha, took)
+                seconds.append(_warm_seconds(took, phases, recorded.steps))
             if self.alpha_policy == "adaptive":  # then the step times, measured warm (a first call pays one-off costs)
                 for alpha in spec.alphas:
                     tracker.observe(alpha, model.generate(rows, options, self._shutting_down, alpha=alpha).phases)
+            model.step_observer = observe
         self._batch_seconds = max(seconds)
         self.choosers = choosers
         with self._lock:
@@ -335,6 +338,29 @@ class Worker:
             images = generation.images[offset : offset + len(job.rows)]
             offset += len(job.rows)
             job.future.set_result(JobResult(images, generation.phases, started - job.arrived, batch_rows, alpha))
+
+
+class _RecordedSteps:
+    """A step observer that passes each step on to `observe` and keeps the steps of the call in progress."""
+
+    def __init__(self, observe: StepObserver) -> None:
+        self.observe = observe
+        self.steps: list[tuple[str, float]] = []
+
+    def __call__(self, kind: str, seconds: float) -> None:
+        self.steps.append((kind, seconds))
+        self.observe(kind, seconds)
+
+
+def _warm_seconds(took: float, phases: dict[str, float], steps: list[tuple[str, float]]) -> float:
+    """A first call's time as a warm call would take it: the first step of each kind (full, pruned) compiles or
+    captures its graphs, which can take a minute where a warm call takes a second, so each step of a kind counts
+    at that kind's last step's time, plus the call's time outside the steps. `took` where no step was timed."""
+    if not steps:
+        return took
+    last = dict(steps)  # each kind's last step
+    outside = sum(seconds for phase, seconds in phases.items() if not phase.endswith("_steps"))
+    return outside + sum(last[kind] for kind, _ in steps)
 
 
 def _as_generation_error(error: Exception, request_id: str) -> Exception:
