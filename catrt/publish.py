@@ -6,7 +6,9 @@ platform lacks it), so at every instant `final` is either the earlier folder or 
 the process is killed. A block that fails removes its folder. A folder left by a killed build (SIGKILL)
 holds no lock any more and is removed by the next build of the same name; one a live build holds is
 left alone. Two builds of one name finishing together both publish, the later replacing the earlier in one
-step as any rebuild does. Something at `final` that is not a folder (a user's file) is refused, never moved.
+step as any rebuild does. Something at `final` that is not a folder (a user's file) is refused, never moved; a link
+to a folder there is published through (the new folder goes where it points, the link stays). The earlier folder is
+removed even where it was made read-only (its write bits are given back first).
 
 On Windows (no `fcntl`, no `renameat2`) a publish is two renames (the earlier folder moved aside to
 `.<name>.old-*`, the new one put in place, then the earlier removed), so for an instant `final` is missing, and a killed build's
@@ -18,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import uuid
@@ -33,6 +37,8 @@ except ImportError:  # Windows: publishing works without the locks (see above)
 
 from catrt.checks import writable_folder
 from catrt.errors import BuildError, ConfigError, echo_path
+
+logger = logging.getLogger(__name__)
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -50,6 +56,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
     (full, read-only) is a BuildError naming `final` and the OS's reason.
     """
     refuse_non_folder(final, "move it away or publish under another name")
+    final = _link_target(final)
     writable_folder(final.parent, echo_path(final.parent), "pick another place", field="path")
     staging, lock = scratch_folder(final.parent, _staging_prefix(final))
     os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
@@ -65,11 +72,40 @@ def staged_folder(final: Path) -> Iterator[Path]:
                                  field="path", value=str(final)) from None
             _put_in_place(staging, final)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
             raise
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def _link_target(final: Path) -> Path:
+    """Where a link at `final` points (`engines/<name> -> /fast-disk/<name>`): the new folder is published there, beside
+    the earlier one, and the link is kept. Swapped itself, the link became a hidden `.tmp-` link never removed, and the
+    new folder landed on the link's disk."""
+    return Path(os.path.realpath(final)) if os.path.islink(final) else final
+
+
+def remove_tree(folder: Path) -> None:
+    """Remove `folder`, one this process published or staged, whatever its modes (an earlier bundle made read-only,
+    `chmod -R a-w`, to protect it: rmtree could not empty it and left it as a hidden `.tmp-` folder unannounced, a whole
+    bundle's disk space each time); what still cannot be removed is logged, naming it."""
+    if os.path.islink(folder):
+        with contextlib.suppress(OSError):
+            os.unlink(folder)
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    if not os.path.lexists(folder):
+        return
+    for path, folders, _ in os.walk(folder):  # this user owns what it built: give its folders back their write bit
+        for name in (path, *(os.path.join(path, sub) for sub in folders)):
+            if os.path.islink(name):
+                continue  # a link's target is not this folder's to change
+            with contextlib.suppress(OSError):
+                os.chmod(name, stat.S_IMODE(os.lstat(name).st_mode) | stat.S_IRWXU)
+    shutil.rmtree(folder, ignore_errors=True)
+    if os.path.lexists(folder):
+        logger.warning("could not remove %s (an earlier folder of %s); remove it yourself", folder, folder.parent)
 
 
 def refuse_non_folder(final: Path, fix: str, field: str = "path") -> None:
@@ -106,7 +142,7 @@ def remove_abandoned(parent: Path, prefix: str) -> None:
         except OSError:
             continue  # a live build holds it
         else:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
         finally:
             os.close(descriptor)
 
@@ -175,7 +211,7 @@ def _swap(staging: Path, final: Path) -> bool:
         os.rename(staging, final)
         swapped, staging = True, previous
     if swapped:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
     return swapped
 
 

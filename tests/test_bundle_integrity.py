@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -897,6 +898,47 @@ def test_publishing_without_fcntl_or_renameat2_works_as_on_windows(tmp_path: Pat
             (staging / "file").write_text(text)
     assert (final / "file").read_text() == "second"
     assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-other", "bundle"]
+
+
+def test_a_link_at_the_folders_place_is_published_through_and_kept(tmp_path: Path) -> None:
+    """`engines/<name> -> /other-disk/<name>`: the link itself was swapped for the new folder and kept as a hidden
+    `.tmp-` link no build removed; the new folder is published where the link points, and the link stays."""
+    real, engines = tmp_path / "other-disk" / "bundle", tmp_path / "engines"
+    real.mkdir(parents=True)
+    (real / "file").write_text("old")
+    engines.mkdir()
+    (engines / "bundle").symlink_to(real, target_is_directory=True)
+    with staged_folder(engines / "bundle") as staging:
+        (staging / "file").write_text("new")
+    assert os.path.islink(engines / "bundle") and (engines / "bundle" / "file").read_text() == "new"
+    assert sorted(engines.iterdir()) == [engines / "bundle"] and sorted(real.parent.iterdir()) == [real]
+
+
+def _removal_needs_write_permission(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removing an entry needs its folder's write bit, as for every user but root (the tests may run as root)."""
+    for name in ("unlink", "rmdir"):
+        original = getattr(os, name)
+
+        def guarded(path: Any, *, dir_fd: int | None = None, _original: Callable[..., None] = original) -> None:
+            folder = os.fstat(dir_fd) if dir_fd is not None else os.stat(os.path.dirname(os.path.abspath(path)))
+            if not folder.st_mode & stat.S_IWUSR:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            _original(path, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, name, guarded)
+
+
+def test_an_earlier_folder_made_read_only_is_removed_once_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle protected with `chmod -R a-w` and rebuilt: swapped out, it could not be emptied and stayed as a hidden
+    `.tmp-` folder, a whole bundle's disk space, with nothing said; the build made it, so it removes it."""
+    _removal_needs_write_permission(monkeypatch)
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "file").write_text("old")
+    final.chmod(0o555)
+    with staged_folder(final) as staging:
+        (staging / "file").write_text("new")
+    assert (final / "file").read_text() == "new" and sorted(tmp_path.iterdir()) == [final]
 
 
 def test_a_new_familys_declared_text_layout_checks_its_bundles_text_length(bundle: Path) -> None:
