@@ -230,6 +230,36 @@ def test_cuda_provider_gets_each_floating_point_weight_on_the_gpu_once_and_integ
         assert set(full.added) == {"w", "s"}
 
 
+def test_two_graphs_reading_one_offset_as_other_shapes_each_get_their_own(tmp_path: Path) -> None:
+    """The shared values were keyed by offset alone: a graph reading those bytes as another shape or dtype (its own
+    placement, which integrity checks graph by graph) was handed the value made for the first graph."""
+    import numpy as np
+
+    from catrt.engines.shared_weights import SharedInitializers
+
+    (tmp_path / "weights.bin").write_bytes(np.arange(8, dtype=np.float32).tobytes())
+    table = {"full": [{"name": "w", "offset": 0, "length": 32, "dtype": "float", "shape": [2, 4]}],
+             "pruned-k8": [{"name": "w", "offset": 0, "length": 32, "dtype": "float", "shape": [4, 2]}],
+             "context": [{"name": "i", "offset": 0, "length": 32, "dtype": "int64", "shape": [4]}]}
+    (tmp_path / "initializers.json").write_text(json.dumps(table))
+
+    class Options:
+        def __init__(self) -> None:
+            self.added: dict[str, Any] = {}
+
+        def add_initializer(self, name: str, value: Any) -> None:
+            self.added[name] = value
+
+    shared = SharedInitializers(tmp_path)
+    placed = {}
+    for graph in table:
+        options = Options()
+        shared.add_to(options, tmp_path / f"{graph}.onnx")
+        (value,) = options.added.values()
+        placed[graph] = (value.shape(), value.data_type())
+    assert placed == {"full": ([2, 4], "tensor(float)"), "pruned-k8": ([4, 2], "tensor(float)"), "context": ([4], "tensor(int64)")}
+
+
 # -- failed builds -----------------------------------------------------------------------------
 
 
