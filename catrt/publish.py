@@ -27,7 +27,7 @@ import stat
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 try:
@@ -49,11 +49,13 @@ _ATTEMPTS = 5
 
 
 @contextlib.contextmanager
-def staged_folder(final: Path) -> Iterator[Path]:
+def staged_folder(final: Path, check: Callable[[], None] | None = None) -> Iterator[Path]:
     """A temporary folder beside `final`, put in its place when the block completes.
 
     On an exception the temporary folder is removed and `final` is left as it was; a write the disk refused
-    (full, read-only) is a BuildError naming `final` and the OS's reason.
+    (full, read-only) is a BuildError naming `final` and the OS's reason. `check` (whether what is at `final` now may
+    be replaced; it raises if not) runs once the block completes, just before the swap: a check made only before
+    minutes of work misses what another publish put there meanwhile.
     """
     refuse_non_folder(final, "move it away or publish under another name")
     final = _link_target(final)
@@ -70,6 +72,8 @@ def staged_folder(final: Path) -> Iterator[Path]:
                 raise BuildError(f"could not write the files of {echo_path(final)} ({error.strerror}); nothing was published "
                                  "there (an earlier folder is left as it was): free some space or pick another place",
                                  field="path", value=str(final)) from None
+            if check is not None:
+                check()
             _put_in_place(staging, final)
         except BaseException:
             remove_tree(staging)

@@ -713,6 +713,32 @@ def test_a_build_of_another_model_folder_of_the_same_name_does_not_replace_a_bun
     assert build_engines(BuildConfig(str(tmp_path / "a" / "model"), **settings), out_dir=tmp_path / "engines", progress=False) == first
 
 
+def test_a_build_of_another_model_folder_published_meanwhile_is_not_replaced(
+    tiny_pipelines: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two builds of /a/model and /b/model at once: each found no bundle of its name before its work, and the later
+    silently replaced the earlier. The check is made again as the bundle is published."""
+    import catrt.build as build_module
+
+    for parent in ("a", "b"):
+        tiny_pipelines["tiny-sd3"].save_pretrained(tmp_path / parent / "model")
+    settings = {"height": 32, "width": 48, "steps": 6, "t0": 3, "max_sequence_length": 8, "backend": "eager"}
+    write_manifest, published = build_module.write_manifest, []
+
+    def the_other_build_publishes_first(folder: Path, manifest: Any) -> None:
+        monkeypatch.setattr(build_module, "write_manifest", write_manifest)  # the other build's own is the plain one
+        published.append(build_engines(BuildConfig(str(tmp_path / "a" / "model"), **settings),
+                                       out_dir=tmp_path / "engines", progress=False))
+        write_manifest(folder, manifest)
+
+    monkeypatch.setattr(build_module, "write_manifest", the_other_build_publishes_first)
+    with pytest.raises(ConfigError, match=rf"holds a build of model '{tmp_path / 'a' / 'model'}', this one is of "
+                                          rf"'{tmp_path / 'b' / 'model'}': it would replace it") as caught:
+        build_engines(BuildConfig(str(tmp_path / "b" / "model"), **settings), out_dir=tmp_path / "engines", progress=False)
+    assert caught.value.field == "out_dir" and sorted((tmp_path / "engines").iterdir()) == published
+    assert catrt.manifest.read_manifest_data(published[0])["build"]["model"] == str(tmp_path / "a" / "model")
+
+
 def test_a_loaded_bundle_refuses_prompts_and_image_counts_of_the_wrong_kind_by_name(bundle: Path) -> None:
     fast = catrt.load(bundle)
     for kwargs, field, message in [
