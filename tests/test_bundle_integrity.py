@@ -967,6 +967,22 @@ def test_an_earlier_folder_made_read_only_is_removed_once_replaced(tmp_path: Pat
     assert (final / "file").read_text() == "new" and sorted(tmp_path.iterdir()) == [final]
 
 
+def test_an_earlier_folder_that_cannot_be_removed_is_named_in_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The new folder is in place either way; what is left behind is said, not kept silently."""
+    import catrt.publish as publish
+
+    final = tmp_path / "bundle"
+    final.mkdir()
+    monkeypatch.setattr(publish.shutil, "rmtree", lambda path, ignore_errors=False: None)  # a disk that keeps it
+    with caplog.at_level("WARNING", logger="catrt.publish"), staged_folder(final) as staging:
+        (staging / "file").write_text("new")
+    (left,) = [path for path in tmp_path.iterdir() if path != final]
+    assert (final / "file").read_text() == "new"
+    assert caplog.messages == [f"could not remove {left} (an earlier folder of {tmp_path}); remove it yourself"]
+
+
 def test_a_new_familys_declared_text_layout_checks_its_bundles_text_length(bundle: Path) -> None:
     """`PipelineSpec.text_tokens_before`, declared next to a family's adapter, is what integrity checks an edited
     max_sequence_length with (integrity kept its own table of the built-in pipeline classes, so a new family's
