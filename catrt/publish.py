@@ -44,6 +44,9 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 #: Errors of a write into the staged folder that only the disk explains (full, over quota, read-only, failing): one line, not a traceback.
 _WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+#: What flock answers on a filesystem without locks (NFS without its lock daemon, some FUSE mounts): a build there was
+#: a traceback before its first stage; it publishes unlocked, as where there is no fcntl.
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})
 #: How often a publish retries when another publish of the same name changes `final` under it.
 _ATTEMPTS = 5
 
@@ -179,7 +182,13 @@ def _lock(folder: Path) -> int | None:
     if fcntl is None:
         return None
     descriptor = os.open(folder, os.O_RDONLY)
-    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+    except OSError as error:
+        os.close(descriptor)
+        if error.errno not in _NO_LOCKS:
+            raise
+        return None  # a filesystem without locks: publish as on Windows (an abandoned folder is never taken as dead)
     return descriptor
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -451,6 +452,7 @@ def test_reading_and_verifying_a_signed_manifest_does_not_import_torch(bundle: P
     code = f"""
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from catrt.manifest import file_digest, read_manifest_data, seal_problems
 from catrt.signing import signature_problems
 data = read_manifest_data(Path({str(bundle)!r}))
@@ -981,6 +983,25 @@ def test_an_earlier_folder_that_cannot_be_removed_is_named_in_a_warning(
     (left,) = [path for path in tmp_path.iterdir() if path != final]
     assert (final / "file").read_text() == "new"
     assert caplog.messages == [f"could not remove {left} (an earlier folder of {tmp_path}); remove it yourself"]
+
+
+def test_publishing_on_a_filesystem_without_locks_works_unlocked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flock answers ENOLCK on NFS without its lock daemon: staged_folder raised it (a build's traceback before its
+    first stage). It publishes unlocked there, and a folder no lock can vouch for is never taken as dead."""
+    import catrt.publish as publish
+
+    def no_locks(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(publish, "fcntl", SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
+    final = tmp_path / "bundle"
+    other = tmp_path / ".bundle.tmp-other"
+    other.mkdir()
+    for text in ("first", "second"):
+        with staged_folder(final) as staging:
+            (staging / "file").write_text(text)
+    assert (final / "file").read_text() == "second"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-other", "bundle"]
 
 
 def test_a_new_familys_declared_text_layout_checks_its_bundles_text_length(bundle: Path) -> None:
