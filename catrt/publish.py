@@ -221,7 +221,11 @@ def _swap(staging: Path, final: Path) -> bool:
     if swapped is None:  # no renameat2 here: two renames, with an instant without `final`
         previous = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")  # never removed unattended
         os.rename(final, previous)
-        os.rename(staging, final)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            os.rename(previous, final)  # the earlier folder back in place, not left hidden at .<name>.old-*
+            raise
         swapped, staging = True, previous
     if swapped:
         remove_tree(staging)

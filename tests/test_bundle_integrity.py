@@ -1004,6 +1004,32 @@ def test_publishing_on_a_filesystem_without_locks_works_unlocked(tmp_path: Path,
     assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-other", "bundle"]
 
 
+def test_a_failed_second_rename_without_renameat2_puts_the_earlier_folder_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a publish is two renames (Windows), the new folder refused its place after the earlier one was moved aside:
+    the earlier one stayed hidden at .<name>.old-* and nothing was at the name."""
+    import catrt.publish as publish
+
+    monkeypatch.setattr(publish, "fcntl", None)
+    monkeypatch.setattr(publish.sys, "platform", "win32")
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "file").write_text("old")
+    rename = os.rename
+
+    def refused_for_the_new_one(source: Any, target: Any) -> None:
+        if Path(source).name.startswith(".bundle.tmp-"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+        rename(source, target)
+
+    with pytest.raises(BuildError, match=f"could not put the new folder in place at {final} \\(Permission denied\\)"):
+        with staged_folder(final) as staging:
+            (staging / "file").write_text("new")
+            monkeypatch.setattr(os, "rename", refused_for_the_new_one)
+    assert (final / "file").read_text() == "old" and sorted(tmp_path.iterdir()) == [final]
+
+
 def test_a_new_familys_declared_text_layout_checks_its_bundles_text_length(bundle: Path) -> None:
     """`PipelineSpec.text_tokens_before`, declared next to a family's adapter, is what integrity checks an edited
     max_sequence_length with (integrity kept its own table of the built-in pipeline classes, so a new family's
