@@ -178,7 +178,8 @@ def _build(
         with staged_folder(export_dir / name) as onnx_staging:
             exporters = export_graphs(adapter, reference.inputs, reference.outputs, onnx_staging, progress=not bar.disable)
     bar.update()
-    with staged_folder(out_dir / name) as staging:
+    # Checked again as it is published: another build of another model folder of this name may have published meanwhile.
+    with staged_folder(out_dir / name, check=lambda: _check_same_model(out_dir / name, config.model)) as staging:
         bar.set_postfix_str(STAGES[3])
         backend.write_engine(export_dir / name, staging, config, tuple(specs))
         bar.update()

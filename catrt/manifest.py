@@ -133,6 +133,16 @@ def read_manifest_data(folder: Path) -> dict[str, Any]:
     """The manifest's JSON object, unchecked; a missing, linked, oversized, unreadable or non-object one is a
     CorruptBundleError. Only a regular file of at most MAX_MANIFEST_BYTES is read (never a link's target)."""
     path = Path(folder) / MANIFEST_FILE
+    try:
+        os.lstat(path)
+    except PermissionError as error:  # a folder this user may not search: the manifest may well be there, not "missing"
+        raise CorruptBundleError(
+            f"{echo_path(path)} cannot be read ({error.strerror}): give this user read access to {echo_path(folder)} "
+            f"and its files",
+            field=MANIFEST_FILE,
+        ) from None
+    except OSError:
+        pass  # missing (or a name the OS cannot look up): said below
     if not os.path.lexists(path):
         raise CorruptBundleError(
             f"{echo_path(path)} is missing: {echo_path(folder)} is not a catrt engine folder (build one with `catrt build`)"

@@ -6,7 +6,9 @@ platform lacks it), so at every instant `final` is either the earlier folder or 
 the process is killed. A block that fails removes its folder. A folder left by a killed build (SIGKILL)
 holds no lock any more and is removed by the next build of the same name; one a live build holds is
 left alone. Two builds of one name finishing together both publish, the later replacing the earlier in one
-step as any rebuild does. Something at `final` that is not a folder (a user's file) is refused, never moved.
+step as any rebuild does. Something at `final` that is not a folder (a user's file) is refused, never moved; a link
+to a folder there is published through (the new folder goes where it points, the link stays). The earlier folder is
+removed even where it was made read-only (its write bits are given back first).
 
 On Windows (no `fcntl`, no `renameat2`) a publish is two renames (the earlier folder moved aside to
 `.<name>.old-*`, the new one put in place, then the earlier removed), so for an instant `final` is missing, and a killed build's
@@ -18,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 try:
@@ -34,22 +38,30 @@ except ImportError:  # Windows: publishing works without the locks (see above)
 from catrt.checks import writable_folder
 from catrt.errors import BuildError, ConfigError, echo_path
 
+logger = logging.getLogger(__name__)
+
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 #: Errors of a write into the staged folder that only the disk explains (full, over quota, read-only, failing): one line, not a traceback.
 _WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+#: What flock answers on a filesystem without locks (NFS without its lock daemon, some FUSE mounts): a build there was
+#: a traceback before its first stage; it publishes unlocked, as where there is no fcntl.
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})
 #: How often a publish retries when another publish of the same name changes `final` under it.
 _ATTEMPTS = 5
 
 
 @contextlib.contextmanager
-def staged_folder(final: Path) -> Iterator[Path]:
+def staged_folder(final: Path, check: Callable[[], None] | None = None) -> Iterator[Path]:
     """A temporary folder beside `final`, put in its place when the block completes.
 
     On an exception the temporary folder is removed and `final` is left as it was; a write the disk refused
-    (full, read-only) is a BuildError naming `final` and the OS's reason.
+    (full, read-only) is a BuildError naming `final` and the OS's reason. `check` (whether what is at `final` now may
+    be replaced; it raises if not) runs once the block completes, just before the swap: a check made only before
+    minutes of work misses what another publish put there meanwhile.
     """
     refuse_non_folder(final, "move it away or publish under another name")
+    final = _link_target(final)
     writable_folder(final.parent, echo_path(final.parent), "pick another place", field="path")
     staging, lock = scratch_folder(final.parent, _staging_prefix(final))
     os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
@@ -63,13 +75,44 @@ def staged_folder(final: Path) -> Iterator[Path]:
                 raise BuildError(f"could not write the files of {echo_path(final)} ({error.strerror}); nothing was published "
                                  "there (an earlier folder is left as it was): free some space or pick another place",
                                  field="path", value=str(final)) from None
+            if check is not None:
+                check()
             _put_in_place(staging, final)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
             raise
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def _link_target(final: Path) -> Path:
+    """Where a link at `final` points (`engines/<name> -> /fast-disk/<name>`): the new folder is published there, beside
+    the earlier one, and the link is kept. Swapped itself, the link became a hidden `.tmp-` link never removed, and the
+    new folder landed on the link's disk."""
+    return Path(os.path.realpath(final)) if os.path.islink(final) else final
+
+
+def remove_tree(folder: Path) -> None:
+    """Remove `folder`, one this process published or staged, whatever its modes (an earlier bundle made read-only,
+    `chmod -R a-w`, to protect it: rmtree could not empty it and left it as a hidden `.tmp-` folder unannounced, a whole
+    bundle's disk space each time); what still cannot be removed is logged, naming it."""
+    if os.path.islink(folder):
+        with contextlib.suppress(OSError):
+            os.unlink(folder)
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    if not os.path.lexists(folder):
+        return
+    for path, folders, _ in os.walk(folder):  # this user owns what it built: give its folders back their write bit
+        for name in (path, *(os.path.join(path, sub) for sub in folders)):
+            if os.path.islink(name):
+                continue  # a link's target is not this folder's to change
+            with contextlib.suppress(OSError):
+                os.chmod(name, stat.S_IMODE(os.lstat(name).st_mode) | stat.S_IRWXU)
+    shutil.rmtree(folder, ignore_errors=True)
+    if os.path.lexists(folder):
+        logger.warning("could not remove %s (an earlier folder of %s); remove it yourself", folder, folder.parent)
 
 
 def refuse_non_folder(final: Path, fix: str, field: str = "path") -> None:
@@ -106,7 +149,7 @@ def remove_abandoned(parent: Path, prefix: str) -> None:
         except OSError:
             continue  # a live build holds it
         else:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
         finally:
             os.close(descriptor)
 
@@ -139,7 +182,13 @@ def _lock(folder: Path) -> int | None:
     if fcntl is None:
         return None
     descriptor = os.open(folder, os.O_RDONLY)
-    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+    except OSError as error:
+        os.close(descriptor)
+        if error.errno not in _NO_LOCKS:
+            raise
+        return None  # a filesystem without locks: publish as on Windows (an abandoned folder is never taken as dead)
     return descriptor
 
 
@@ -172,10 +221,14 @@ def _swap(staging: Path, final: Path) -> bool:
     if swapped is None:  # no renameat2 here: two renames, with an instant without `final`
         previous = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")  # never removed unattended
         os.rename(final, previous)
-        os.rename(staging, final)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            os.rename(previous, final)  # the earlier folder back in place, not left hidden at .<name>.old-*
+            raise
         swapped, staging = True, previous
     if swapped:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
     return swapped
 
 

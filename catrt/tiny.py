@@ -10,6 +10,7 @@ Weights are a pure function of the seed.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -144,6 +145,11 @@ def _vae(latent_channels: int, shift_factor: float | None, scaling_factor: float
     ).eval()
 
 
+#: Held while a tiny pipeline is built: its weights come from the global torch RNG, seeded per component, so two
+#: builds at once (two threads loading a tiny bundle) would draw from each other's seeds.
+_BUILDING = threading.Lock()
+
+
 def _seeded(seed: int, index: int, build: Callable[[], M]) -> M:
     """Build one component from its own seed, so its weights depend on the seed alone."""
     torch.manual_seed(seed * 1000 + index)
@@ -259,14 +265,14 @@ def build_tiny_pipeline(
     """Build the tiny pipeline `name` on the CPU; the same seed always gives the same weights.
 
     The global torch RNG is restored afterwards so building does not disturb the caller's
-    random stream.
+    random stream; builds in several threads take turns, so each gets its seed's weights.
     """
     if name not in TINY_PIPELINES:
         raise UnknownModelError(
             f"unknown tiny pipeline {echo(name)}; known: {', '.join(sorted(TINY_PIPELINES))}",
             field="name", value=name,
         )
-    with torch.random.fork_rng(devices=[]):
+    with _BUILDING, torch.random.fork_rng(devices=[]):
         pipeline = TINY_PIPELINES[name](seed)
     logger.debug("built %s (seed %d, %s)", name, seed, dtype)
     if dtype != torch.float32:  # components are built in float32

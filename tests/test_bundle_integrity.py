@@ -11,10 +11,12 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -450,6 +452,7 @@ def test_reading_and_verifying_a_signed_manifest_does_not_import_torch(bundle: P
     code = f"""
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from catrt.manifest import file_digest, read_manifest_data, seal_problems
 from catrt.signing import signature_problems
 data = read_manifest_data(Path({str(bundle)!r}))
@@ -712,6 +715,32 @@ def test_a_build_of_another_model_folder_of_the_same_name_does_not_replace_a_bun
     assert build_engines(BuildConfig(str(tmp_path / "a" / "model"), **settings), out_dir=tmp_path / "engines", progress=False) == first
 
 
+def test_a_build_of_another_model_folder_published_meanwhile_is_not_replaced(
+    tiny_pipelines: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two builds of /a/model and /b/model at once: each found no bundle of its name before its work, and the later
+    silently replaced the earlier. The check is made again as the bundle is published."""
+    import catrt.build as build_module
+
+    for parent in ("a", "b"):
+        tiny_pipelines["tiny-sd3"].save_pretrained(tmp_path / parent / "model")
+    settings = {"height": 32, "width": 48, "steps": 6, "t0": 3, "max_sequence_length": 8, "backend": "eager"}
+    write_manifest, published = build_module.write_manifest, []
+
+    def the_other_build_publishes_first(folder: Path, manifest: Any) -> None:
+        monkeypatch.setattr(build_module, "write_manifest", write_manifest)  # the other build's own is the plain one
+        published.append(build_engines(BuildConfig(str(tmp_path / "a" / "model"), **settings),
+                                       out_dir=tmp_path / "engines", progress=False))
+        write_manifest(folder, manifest)
+
+    monkeypatch.setattr(build_module, "write_manifest", the_other_build_publishes_first)
+    with pytest.raises(ConfigError, match=rf"holds a build of model '{tmp_path / 'a' / 'model'}', this one is of "
+                                          rf"'{tmp_path / 'b' / 'model'}': it would replace it") as caught:
+        build_engines(BuildConfig(str(tmp_path / "b" / "model"), **settings), out_dir=tmp_path / "engines", progress=False)
+    assert caught.value.field == "out_dir" and sorted((tmp_path / "engines").iterdir()) == published
+    assert catrt.manifest.read_manifest_data(published[0])["build"]["model"] == str(tmp_path / "a" / "model")
+
+
 def test_a_loaded_bundle_refuses_prompts_and_image_counts_of_the_wrong_kind_by_name(bundle: Path) -> None:
     fast = catrt.load(bundle)
     for kwargs, field, message in [
@@ -897,6 +926,108 @@ def test_publishing_without_fcntl_or_renameat2_works_as_on_windows(tmp_path: Pat
             (staging / "file").write_text(text)
     assert (final / "file").read_text() == "second"
     assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-other", "bundle"]
+
+
+def test_a_link_at_the_folders_place_is_published_through_and_kept(tmp_path: Path) -> None:
+    """`engines/<name> -> /other-disk/<name>`: the link itself was swapped for the new folder and kept as a hidden
+    `.tmp-` link no build removed; the new folder is published where the link points, and the link stays."""
+    real, engines = tmp_path / "other-disk" / "bundle", tmp_path / "engines"
+    real.mkdir(parents=True)
+    (real / "file").write_text("old")
+    engines.mkdir()
+    (engines / "bundle").symlink_to(real, target_is_directory=True)
+    with staged_folder(engines / "bundle") as staging:
+        (staging / "file").write_text("new")
+    assert os.path.islink(engines / "bundle") and (engines / "bundle" / "file").read_text() == "new"
+    assert sorted(engines.iterdir()) == [engines / "bundle"] and sorted(real.parent.iterdir()) == [real]
+
+
+def _removal_needs_write_permission(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removing an entry needs its folder's write bit, as for every user but root (the tests may run as root)."""
+    for name in ("unlink", "rmdir"):
+        original = getattr(os, name)
+
+        def guarded(path: Any, *, dir_fd: int | None = None, _original: Callable[..., None] = original) -> None:
+            folder = os.fstat(dir_fd) if dir_fd is not None else os.stat(os.path.dirname(os.path.abspath(path)))
+            if not folder.st_mode & stat.S_IWUSR:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            _original(path, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, name, guarded)
+
+
+def test_an_earlier_folder_made_read_only_is_removed_once_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle protected with `chmod -R a-w` and rebuilt: swapped out, it could not be emptied and stayed as a hidden
+    `.tmp-` folder, a whole bundle's disk space, with nothing said; the build made it, so it removes it."""
+    _removal_needs_write_permission(monkeypatch)
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "file").write_text("old")
+    final.chmod(0o555)
+    with staged_folder(final) as staging:
+        (staging / "file").write_text("new")
+    assert (final / "file").read_text() == "new" and sorted(tmp_path.iterdir()) == [final]
+
+
+def test_an_earlier_folder_that_cannot_be_removed_is_named_in_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The new folder is in place either way; what is left behind is said, not kept silently."""
+    import catrt.publish as publish
+
+    final = tmp_path / "bundle"
+    final.mkdir()
+    monkeypatch.setattr(publish.shutil, "rmtree", lambda path, ignore_errors=False: None)  # a disk that keeps it
+    with caplog.at_level("WARNING", logger="catrt.publish"), staged_folder(final) as staging:
+        (staging / "file").write_text("new")
+    (left,) = [path for path in tmp_path.iterdir() if path != final]
+    assert (final / "file").read_text() == "new"
+    assert caplog.messages == [f"could not remove {left} (an earlier folder of {tmp_path}); remove it yourself"]
+
+
+def test_publishing_on_a_filesystem_without_locks_works_unlocked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flock answers ENOLCK on NFS without its lock daemon: staged_folder raised it (a build's traceback before its
+    first stage). It publishes unlocked there, and a folder no lock can vouch for is never taken as dead."""
+    import catrt.publish as publish
+
+    def no_locks(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(publish, "fcntl", SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
+    final = tmp_path / "bundle"
+    other = tmp_path / ".bundle.tmp-other"
+    other.mkdir()
+    for text in ("first", "second"):
+        with staged_folder(final) as staging:
+            (staging / "file").write_text(text)
+    assert (final / "file").read_text() == "second"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-other", "bundle"]
+
+
+def test_a_failed_second_rename_without_renameat2_puts_the_earlier_folder_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a publish is two renames (Windows), the new folder refused its place after the earlier one was moved aside:
+    the earlier one stayed hidden at .<name>.old-* and nothing was at the name."""
+    import catrt.publish as publish
+
+    monkeypatch.setattr(publish, "fcntl", None)
+    monkeypatch.setattr(publish.sys, "platform", "win32")
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "file").write_text("old")
+    rename = os.rename
+
+    def refused_for_the_new_one(source: Any, target: Any) -> None:
+        if Path(source).name.startswith(".bundle.tmp-"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+        rename(source, target)
+
+    with pytest.raises(BuildError, match=f"could not put the new folder in place at {final} \\(Permission denied\\)"):
+        with staged_folder(final) as staging:
+            (staging / "file").write_text("new")
+            monkeypatch.setattr(os, "rename", refused_for_the_new_one)
+    assert (final / "file").read_text() == "old" and sorted(tmp_path.iterdir()) == [final]
 
 
 def test_a_new_familys_declared_text_layout_checks_its_bundles_text_length(bundle: Path) -> None:

@@ -3,7 +3,10 @@ folder without a manifest is, and the line names the bundles the store holds, so
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,3 +118,24 @@ def test_an_out_through_a_link_loop_is_refused_in_one_line(tmp_path: Path) -> No
     (tmp_path / "loop").symlink_to("loop")
     with pytest.raises(ConfigError, match=r"^out_dir .*loop/x cannot be a folder \(Too many levels of symbolic links\)"):
         build._check_folder(tmp_path / "loop" / "x", "out_dir")
+
+
+def test_a_bundle_folder_this_user_may_not_search_is_named_unreadable_not_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle folder of another user's with mode 0700: its manifest was reported missing, "not a catrt engine
+    folder", where it is there and unreadable. (Stand-in for the OS's refusal: the tests may run as root.)"""
+    folder = store_with(tmp_path, "b") / "b"
+    lstat = os.lstat
+
+    def refused(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).parent == folder:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", refused)
+    with pytest.raises(CorruptBundleError) as caught:
+        read_manifest_data(folder)
+    assert str(caught.value) == (f"{folder / MANIFEST_FILE} cannot be read (Permission denied): give this user read access "
+                                 f"to {folder} and its files")
+    assert caught.value.field == MANIFEST_FILE

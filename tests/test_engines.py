@@ -230,6 +230,65 @@ def test_cuda_provider_gets_each_floating_point_weight_on_the_gpu_once_and_integ
         assert set(full.added) == {"w", "s"}
 
 
+def test_two_graphs_reading_one_offset_as_other_shapes_each_get_their_own(tmp_path: Path) -> None:
+    """The shared values were keyed by offset alone: a graph reading those bytes as another shape or dtype (its own
+    placement, which integrity checks graph by graph) was handed the value made for the first graph."""
+    import numpy as np
+
+    from catrt.engines.shared_weights import SharedInitializers
+
+    (tmp_path / "weights.bin").write_bytes(np.arange(8, dtype=np.float32).tobytes())
+    table = {"full": [{"name": "w", "offset": 0, "length": 32, "dtype": "float", "shape": [2, 4]}],
+             "pruned-k8": [{"name": "w", "offset": 0, "length": 32, "dtype": "float", "shape": [4, 2]}],
+             "context": [{"name": "i", "offset": 0, "length": 32, "dtype": "int64", "shape": [4]}]}
+    (tmp_path / "initializers.json").write_text(json.dumps(table))
+
+    class Options:
+        def __init__(self) -> None:
+            self.added: dict[str, Any] = {}
+
+        def add_initializer(self, name: str, value: Any) -> None:
+            self.added[name] = value
+
+    shared = SharedInitializers(tmp_path)
+    placed = {}
+    for graph in table:
+        options = Options()
+        shared.add_to(options, tmp_path / f"{graph}.onnx")
+        (value,) = options.added.values()
+        placed[graph] = (value.shape(), value.data_type())
+    assert placed == {"full": ([2, 4], "tensor(float)"), "pruned-k8": ([4, 2], "tensor(float)"), "context": ([4], "tensor(int64)")}
+
+
+def test_an_onnx_export_holds_one_graphs_weights_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every exported graph kept its weights inline until the last was exported: (2 + alphas) copies of the
+    transformer in memory at once (64 GB for a two-alpha build of a 16 GB transformer). Each graph's weights now go
+    into weights.bin as soon as it is exported. Stand-in exports: the exporter is not what is tested."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    import catrt.export.onnx_export as onnx_export
+    from catrt.export.weights import INLINE_BYTES
+
+    exported: list[onnx.ModelProto] = []
+
+    def export(module: Any, inputs: Any, output_names: Any) -> tuple[onnx.ModelProto, str]:
+        held = [len(tensor.raw_data) for model in exported for tensor in model.graph.initializer]
+        assert max(held, default=0) < INLINE_BYTES, "an earlier graph still holds its weights"
+        weight = numpy_helper.from_array(np.full((64, 64), len(exported), dtype=np.float32), "w")
+        io = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, 64]) for name in ("x", "y")]
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "step", io[:1], io[1:], [weight])
+        exported.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+        return exported[-1], "dynamo"
+
+    monkeypatch.setattr(onnx_export, "export_onnx", export)
+    monkeypatch.setattr(onnx_export, "step_module", lambda *args: None)
+    graphs = {graph: {"hidden_states": torch.zeros(1, 4)} for graph in ("context", "full", "pruned-k8")}
+    assert onnx_export.export_graphs(None, graphs, graphs, tmp_path, progress=False) == dict.fromkeys(graphs, "dynamo")
+    assert (tmp_path / "weights.bin").stat().st_size == 3 * 64 * 64 * 4  # three distinct weights, each stored once
+    assert sorted(json.loads((tmp_path / "initializers.json").read_text())) == sorted(graphs)
+
+
 # -- failed builds -----------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import threading
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: nothing here may download
 
@@ -20,6 +21,7 @@ from diffusers import DiffusionPipeline, FluxPipeline, PixArtSigmaPipeline
 from catrt.errors import ConfigError, UnknownModelError
 from catrt.loading import LOADERS, load_pipeline
 from catrt.model_cards import MODEL_CARDS, TINY_MODELS
+from catrt import tiny
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
 
 PROMPT = "a photo of a cat sitting on a red chair, highly detailed"
@@ -92,6 +94,42 @@ def test_same_seed_same_weights_other_seed_other_weights(name: str) -> None:
     first = build_tiny_pipeline(name, seed=3)
     assert _same_weights(first, build_tiny_pipeline(name, seed=3))
     assert not _same_weights(first, build_tiny_pipeline(name, seed=4))
+
+
+def test_builds_in_two_threads_each_get_their_seeds_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads loading tiny models at once (two `catrt.load`s of a tiny bundle): each build's weights are its
+    seed's. The first build, seeded, waits for the second to seed before it draws: without turns it drew from the
+    second's seed."""
+    first_seeded, second_seeded, first_drew = threading.Event(), threading.Event(), threading.Event()
+
+    def build(seed: int) -> torch.Tensor:
+        def draw() -> torch.Tensor:
+            if seed == 1:
+                first_seeded.set()
+                second_seeded.wait(timeout=0.5)  # with turns the second build waits for this one: no deadlock
+                weights = torch.rand(4)
+                first_drew.set()
+                return weights
+            second_seeded.set()
+            first_drew.wait(timeout=0.5)
+            return torch.rand(4)
+        return tiny._seeded(seed, 0, draw)
+
+    monkeypatch.setitem(TINY_PIPELINES, "tiny-test", build)
+    expected = {}
+    for seed in (1, 2):
+        expected[seed] = build_tiny_pipeline("tiny-test", seed=seed)
+        for event in (first_seeded, second_seeded, first_drew):
+            event.clear()
+    built: dict[int, torch.Tensor] = {}
+    first = threading.Thread(target=lambda: built.__setitem__(1, build_tiny_pipeline("tiny-test", seed=1)))
+    first.start()
+    assert first_seeded.wait(timeout=60)
+    second = threading.Thread(target=lambda: built.__setitem__(2, build_tiny_pipeline("tiny-test", seed=2)))
+    second.start()
+    first.join()
+    second.join()
+    assert torch.equal(built[1], expected[1]) and torch.equal(built[2], expected[2])
 
 
 def test_building_leaves_the_global_rng_alone() -> None:

@@ -517,6 +517,24 @@ def test_a_timing_cache_tensorrt_rejects_is_set_aside(tmp_path: Path, trt: FakeT
     assert (staging / "pruned-k4.plan").is_file()
 
 
+def test_a_timing_cache_this_user_cannot_read_is_built_without(tmp_path: Path, trt: FakeTensorRT, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's cache (mode 0600) in a shared engines folder: reading it raised PermissionError, a traceback; it
+    only speeds builds up, so the build goes on without it (and writes its own)."""
+    staging = _staging(tmp_path)
+    cache = staging.parent / trt_export.TIMING_CACHE
+    cache.write_bytes(b"another user's")
+    read_bytes = Path.read_bytes
+
+    def refused(path: Path) -> bytes:
+        if path == cache:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt"), GRAPH_NAMES)
+    assert sorted(p.name for p in staging.iterdir()) == sorted(f"{g}.plan" for g in GRAPH_NAMES)
+
+
 @pytest.mark.parametrize(("call", "graph", "field"), [("parse", "full", "full.onnx"), ("build", "pruned-k4", "pruned-k4.plan")])
 def test_builder_failures_name_the_graph(tmp_path: Path, trt: FakeTensorRT, call: str, graph: str, field: str) -> None:
     staging = _staging(tmp_path)

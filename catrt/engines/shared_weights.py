@@ -35,7 +35,10 @@ class SharedInitializers:
         self.table: dict[str, list[dict[str, Any]]] = json.loads((folder / INITIALIZERS_FILE).read_text())
         self.data = np.memmap(folder / WEIGHTS_FILE, dtype=np.uint8, mode="r")
         self.device = device if device is not None else torch.device("cpu")
-        self.values: dict[int, Any] = {}  # offset -> OrtValue
+        #: (offset, dtype, shape) -> OrtValue: one value per tensor as the graphs read it. Keyed by offset alone, a graph
+        #: reading those bytes as another dtype or shape (each graph's own placement is what integrity checks) got the
+        #: value made for the first graph.
+        self.values: dict[tuple[int, str, tuple[int, ...]], Any] = {}
 
     def add_to(self, options: Any, graph_path: Path) -> None:
         """Hand `options` (the session of `graph_path`) every shared initializer its graph names."""
@@ -43,11 +46,12 @@ class SharedInitializers:
 
         for record in self.table.get(graph_path.stem, []):
             offset = record["offset"]
-            if offset not in self.values:
+            key = (offset, record["dtype"], tuple(record["shape"]))
+            if key not in self.values:
                 dtype = np.dtype(NUMPY_DTYPES[record["dtype"]])
                 array = self.data[offset : offset + record["length"]].view(dtype).reshape(record["shape"])
-                self.values[offset] = self._ort_value(onnxruntime, array)
-            options.add_initializer(record["name"], self.values[offset])
+                self.values[key] = self._ort_value(onnxruntime, array)
+            options.add_initializer(record["name"], self.values[key])
 
     def _ort_value(self, onnxruntime: Any, array: np.ndarray) -> Any:
         """`array` as an OrtValue where the sessions will read it: weights on the GPU for the CUDA provider."""

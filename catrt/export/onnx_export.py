@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from catrt.errors import BuildError
 from catrt.export.graphs import step_module
 from catrt.export.quiet import errors_only
-from catrt.export.weights import save_with_shared_weights
+from catrt.export.weights import SharedWeights
 from catrt.models.base import Adapter
 
 logger = logging.getLogger(__name__)
@@ -71,8 +71,10 @@ def export_graphs(
     latent_shape = tuple(inputs["full"]["hidden_states"].shape)
     models: dict[str, onnx.ModelProto] = {}
     exporters: dict[str, str] = {}
-    for graph in tqdm(inputs, desc="export onnx", disable=not progress, leave=False):
-        module = step_module(graph, adapter, inputs[graph], outputs[graph], latent_shape)
-        models[graph], exporters[graph] = export_onnx(module, inputs[graph], tuple(outputs[graph]))
-    save_with_shared_weights(models, folder)
+    with SharedWeights(folder) as weights:
+        for graph in tqdm(inputs, desc="export onnx", disable=not progress, leave=False):
+            module = step_module(graph, adapter, inputs[graph], outputs[graph], latent_shape)
+            models[graph], exporters[graph] = export_onnx(module, inputs[graph], tuple(outputs[graph]))
+            weights.move_out(graph, models[graph])  # one graph's weights in memory at a time
+        weights.save(models)
     return exporters

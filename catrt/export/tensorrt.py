@@ -73,7 +73,11 @@ def _build_plan(tensorrt: Any, trt_logger: Any, graph: str, onnx_path: Path, bui
 
 def _use_timing_cache(config: Any, graph: str, cache_path: Path) -> None:
     """Start the build from the shared timing cache, or from an empty one if that cache does not fit."""
-    saved = cache_path.read_bytes() if cache_path.is_file() else b""
+    try:
+        saved = cache_path.read_bytes() if cache_path.is_file() else b""
+    except OSError as error:  # another user's cache in a shared engines folder, say: a traceback before, not a slower build
+        logger.warning("the TensorRT timing cache %s cannot be read (%s); building %r without it", cache_path, error.strerror, graph)
+        saved = b""
     if saved:
         try:
             cache = config.create_timing_cache(saved)
