@@ -918,14 +918,7 @@ def test_publishing_without_fcntl_or_renameat2_works_as_on_windows(tmp_path: Pat
     monkeypatch.setattr(publish, "fcntl", None)
     monkeypatch.setattr(publish.sys, "platform", "win32")
     monkeypatch.setattr(publish.ctypes, "CDLL", lambda *args, **kwargs: pytest.fail("loaded a C library"))
-    final = tmp_path / "bundle"
-    other = tmp_path / ".bundle.tmp-other"  # a live or a killed build's: without locks, it cannot be told
-    other.mkdir()
-    for text in ("first", "second"):
-        with staged_folder(final) as staging:
-            (staging / "file").write_text(text)
-    assert (final / "file").read_text() == "second"
-    assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-other", "bundle"]
+    _publish_twice_beside_an_unlocked_staging_folder(tmp_path)
 
 
 def test_a_link_at_the_folders_place_is_published_through_and_kept(tmp_path: Path) -> None:
@@ -994,14 +987,7 @@ def test_publishing_on_a_filesystem_without_locks_works_unlocked(tmp_path: Path,
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(publish, "fcntl", SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
-    final = tmp_path / "bundle"
-    other = tmp_path / ".bundle.tmp-other"
-    other.mkdir()
-    for text in ("first", "second"):
-        with staged_folder(final) as staging:
-            (staging / "file").write_text(text)
-    assert (final / "file").read_text() == "second"
-    assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-other", "bundle"]
+    _publish_twice_beside_an_unlocked_staging_folder(tmp_path)
 
 
 def test_a_failed_second_rename_without_renameat2_puts_the_earlier_folder_back(
@@ -1149,3 +1135,15 @@ def test_a_staging_folder_is_locked_before_another_build_may_look_for_abandoned_
     with staged_folder(final) as staging:
         (staging / "file").write_text("new")
     assert (final / "file").read_text() == "new"
+
+
+def _publish_twice_beside_an_unlocked_staging_folder(tmp_path: Path) -> None:
+    """Two publishes of one bundle where a staging folder no lock vouches for (a live or a killed build's: without
+    locks, it cannot be told) lies beside it: the second replaces the first, and that folder is left alone."""
+    final = tmp_path / "bundle"
+    (tmp_path / ".bundle.tmp-other").mkdir()
+    for text in ("first", "second"):
+        with staged_folder(final) as staging:
+            (staging / "file").write_text(text)
+    assert (final / "file").read_text() == "second"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".bundle.tmp-other", "bundle"]
