@@ -531,8 +531,9 @@ def test_onnxruntime_outputs_are_allocated_once_and_kv_goes_straight_into_the_ca
 def test_onnxruntime_sessions_share_one_copy_of_each_weight(builds: dict[str, Path]) -> None:
     engine = catrt.load(builds["onnxruntime"]).engine
     table = json.loads((builds["onnxruntime"] / "initializers.json").read_text())
-    offsets = {record["offset"] for records in table.values() for record in records}
-    assert set(engine.initializers.values) == offsets  # one OrtValue per stored tensor, handed to every session
+    stored = {(record["offset"], record["dtype"], tuple(record["shape"])) for records in table.values() for record in records}
+    assert set(engine.initializers.values) == stored  # one OrtValue per stored tensor, handed to every session
+    assert len({offset for offset, _, _ in stored}) == len(stored)  # the build stores each tensor once, read one way
     shared = {record["offset"] for record in table["full"]} & {record["offset"] for record in table["pruned-k8"]}
     assert shared  # the step graphs use the same weights
 
