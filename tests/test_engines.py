@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import math
 import re
 import shutil
@@ -549,3 +550,22 @@ def test_engine_runtime_steps_need_no_host_sync(onnx_builds: dict[str, Path], mo
     fast = catrt.load(onnx_builds["tiny-sd3"])
     fast(["a red circle"] * fast.build.batch, generator=torch.Generator().manual_seed(0))
     assert len(calls) == fast.build.steps
+
+
+def test_overlapping_errors_only_blocks_put_the_level_back_once_both_end() -> None:
+    """Builds in two threads overlap their quiet blocks in any order: the logger's level comes back, never stuck at
+    ERROR (the second block saved the first's ERROR as the level to restore)."""
+    from catrt.export.quiet import errors_only
+
+    logger = logging.getLogger("catrt-test-quiet")
+    logger.setLevel(logging.INFO)
+    for last_out in ("first", "second"):
+        first, second = errors_only("catrt-test-quiet"), errors_only("catrt-test-quiet")
+        first.__enter__()
+        second.__enter__()
+        assert logger.level == logging.ERROR
+        blocks = [second, first] if last_out == "first" else [first, second]
+        blocks[0].__exit__(None, None, None)
+        assert logger.level == logging.ERROR  # the other block still runs
+        blocks[1].__exit__(None, None, None)
+        assert logger.level == logging.INFO
