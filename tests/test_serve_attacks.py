@@ -296,6 +296,13 @@ def test_another_method_on_the_images_route_is_a_405_naming_post(server: RemoteS
         assert "use POST" in assert_error(response, 405, None)["message"]
 
 
+def test_another_method_on_a_get_route_is_a_405_allowing_get_and_head(server: RemoteServer) -> None:
+    """The 405's Allow lists every method the route serves: HEAD is answered wherever GET is."""
+    response = httpx.post(f"{server.url}/health/live", headers=AUTH)
+    assert response.status_code == 405 and response.headers["allow"] == "GET, HEAD"
+    assert "use GET" in assert_error(response, 405, None)["message"]
+
+
 def test_an_unknown_path_is_a_404_listing_the_routes(server: RemoteServer) -> None:
     error = assert_error(httpx.post(f"{server.url}/v1/images/edits", headers=AUTH), 404, None)
     assert "Invalid URL (POST /v1/images/edits)" in error["message"]
@@ -476,7 +483,11 @@ def test_partial_images_zero_is_taken_as_openai_clients_send_it(server: RemoteSe
     assert _image(_post(server, json.dumps({**BODY, "partial_images": 0, "stream": False}).encode())) == plain_png
 
 
-@pytest.mark.parametrize(("path", "allowed"), [("/v1/images/generations", "POST, OPTIONS"), ("/health/live", "GET, OPTIONS")])
+@pytest.mark.parametrize(("path", "allowed"), [
+    ("/v1/images/generations", "POST, OPTIONS"),
+    ("/health/live", "GET, HEAD, OPTIONS"),  # HEAD is answered wherever GET is (as `OPTIONS *` lists it)
+    ("/v1/models", "GET, HEAD, OPTIONS"),
+])
 def test_options_answers_204_with_the_allowed_methods(server: RemoteServer, path: str, allowed: str) -> None:
     response = httpx.options(f"{server.url}{path}", headers=AUTH)
     assert response.status_code == 204 and response.content == b""

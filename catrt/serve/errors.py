@@ -124,11 +124,22 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
         message = f"Invalid URL ({asked}): this server serves {_served_routes(request)}"
     elif error.status_code == 405:
         allowed = (error.headers or {}).get("Allow", "")
+        served = _with_head(allowed)
         if request.method == "OPTIONS":  # what the route allows, as RFC 9110 has OPTIONS answer
-            return Response(status_code=204, headers={"Allow": f"{allowed}, OPTIONS"})
+            return Response(status_code=204, headers={"Allow": f"{served}, OPTIONS"})
         message = (f"{shorten(request.method)} is not allowed on {shorten(request.url.path)}: use "
                    f"{allowed.replace(', ', ' or ')}")
+        return error_response(405, message, "invalid_request_error", headers={**(error.headers or {}), "Allow": served})
     return error_response(error.status_code, message, "invalid_request_error", headers=error.headers)
+
+
+def _with_head(allowed: str) -> str:
+    """A route's Allow list with HEAD beside GET: the gate answers HEAD wherever GET is served (as `OPTIONS *` says),
+    and the router's own list leaves it out."""
+    methods = [method.strip() for method in allowed.split(",") if method.strip()]
+    if "GET" in methods and "HEAD" not in methods:
+        methods.insert(methods.index("GET") + 1, "HEAD")
+    return ", ".join(methods)
 
 
 def _served_routes(request: Request) -> str:
