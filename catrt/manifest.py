@@ -134,22 +134,20 @@ def read_manifest_data(folder: Path) -> dict[str, Any]:
     CorruptBundleError. Only a regular file of at most MAX_MANIFEST_BYTES is read (never a link's target)."""
     path = Path(folder) / MANIFEST_FILE
     try:
-        os.lstat(path)
+        mode = os.lstat(path).st_mode
     except PermissionError as error:  # a folder this user may not search: the manifest may well be there, not "missing"
         raise CorruptBundleError(
             f"{echo_path(path)} cannot be read ({error.strerror}): give this user read access to {echo_path(folder)} "
             f"and its files",
             field=MANIFEST_FILE,
         ) from None
-    except OSError:
-        pass  # missing (or a name the OS cannot look up): said below
-    if not os.path.lexists(path):
+    except OSError:  # missing (or a name the OS cannot look up)
         raise CorruptBundleError(
             f"{echo_path(path)} is missing: {echo_path(folder)} is not a catrt engine folder (build one with `catrt build`)"
             + (_manifest_given_hint(Path(folder)) or _bundles_inside_hint(Path(folder))),
             field=MANIFEST_FILE,
-        )
-    if path.is_symlink():
+        ) from None
+    if stat.S_ISLNK(mode):
         raise CorruptBundleError(
             f"{MANIFEST_FILE} in {echo_path(folder)} is a symbolic link; a bundle holds its own files: rebuild the engine",
             field=MANIFEST_FILE,
