@@ -146,7 +146,6 @@ class NvmlCollector(Collector):
 
     def __init__(self, pynvml: Any, count: int, devices: Sequence[int] | None = None) -> None:
         self.pynvml = pynvml
-        self.count = count
         self.devices = list(range(count)) if devices is None else list(devices)  # NVML indices to export
         self._refused: set[tuple[str, int]] = set()  # (reading, device) already logged
 
@@ -192,9 +191,10 @@ def nvml_collector() -> NvmlCollector | None:
     except pynvml.NVMLError as error:
         logger.info("no GPU metrics: NVML unavailable (%s)", error)
         return None
-    devices = visible_gpus(pynvml, count, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible_gpus(pynvml, count, visible)
     if count and not devices:
-        logger.info("no GPU metrics: CUDA_VISIBLE_DEVICES=%r leaves this process no GPU", os.environ.get("CUDA_VISIBLE_DEVICES"))
+        logger.info("no GPU metrics: CUDA_VISIBLE_DEVICES=%r leaves this process no GPU", visible)
     return NvmlCollector(pynvml, count, devices) if devices else None
 
 
