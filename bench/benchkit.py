@@ -65,10 +65,14 @@ def new_path(stem: str, suffix: str = "") -> Path:
     return path
 
 
+def device_slug(device: str) -> str:
+    """A device's name as a report file names it: `NVIDIA H200` is `nvidia-h200`; "device" where nothing is left."""
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "device"
+
+
 def default_out(stem: str, device: str, suffix: str = ".md") -> Path:
     """A report file that does not exist yet, bench/results/tmp/<stem>-<device>-<time><suffix>."""
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "device"
-    return new_path(f"{stem}-{slug}", suffix)
+    return new_path(f"{stem}-{device_slug(device)}", suffix)
 
 
 def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:

@@ -857,7 +857,7 @@ def default_out(device: torch.device, tiny: bool) -> Path:
     else bench/results/speed-<gpu>.md, or a free variant of it when that file is committed already."""
     if tiny:
         return RESULTS / "tmp" / "gpu-tiny.md"
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    slug = benchkit.device_slug(device_name(device))
     lent = os.environ.get("OUT")
     if lent and Path(lent).is_dir():
         return Path(lent) / f"speed-{slug}.md"

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import re
 import statistics
 import sys
 import time
@@ -157,8 +156,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def default_out(device: str, args: argparse.Namespace) -> Path:
     """A report path that does not exist yet under bench/results/tmp/ (git ignores it), as every bench script's:
     a run without --out neither overwrites a committed result nor leaves an untracked file beside them."""
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "device"
-    stem = f"speed-{slug}" + (f"-{args.dims}-L{args.layers}" if args.dims else "") + ("-compile" if args.compile else "")
+    stem = f"speed-{benchkit.device_slug(device)}" + (f"-{args.dims}-L{args.layers}" if args.dims else "") + ("-compile" if args.compile else "")
     return benchkit.new_path(stem, ".md")
 
 
