@@ -191,7 +191,7 @@ class ReadDeadlineH11Protocol(H11Protocol):
         """A 408 to a request whose body did not come whole in time; its app sees the client leave (as uvicorn's
         `connection_lost` tells it), so it writes nothing after the 408 and its wait for the body ends. The answer
         carries the request id the gate gave the request, as its own answers do."""
-        extra = []
+        extra: list[tuple[bytes, bytes]] = []
         if self.cycle is not None:
             self.cycle.disconnected = True
             self.cycle.message_event.set()
