@@ -73,7 +73,7 @@ class Manifest:
     alphas: list[dict[str, Any]]  # per built alpha, in build order: {"alpha", "k", "graph", "max_relative_error"}
     graphs: dict[str, Any]
     versions: dict[str, str]
-    device: dict[str, Any]  # {"kind": "cpu"} or {"kind": "cuda", "name", "compute_capability"}
+    device: dict[str, Any]  # {"kind": "cpu"} ("mps" alike) or {"kind": "cuda", "name", "compute_capability"}
     files: dict[str, dict[str, Any]]  # relative path -> {"sha256", "size"}
     total_size: int
     verification: dict[str, Any]

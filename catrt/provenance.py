@@ -48,9 +48,10 @@ def package_versions() -> dict[str, str]:
 
 
 def describe_device(device: torch.device) -> dict[str, Any]:
-    """The device a bundle is built for: the GPU's name and compute capability via NVML, or the CPU."""
+    """The device a bundle is built for: a CUDA GPU's name and compute capability via NVML, or the device's kind (cpu;
+    mps, Apple's GPU, was recorded as cpu, so a bundle said it ran where it did not)."""
     if device.type != "cuda":
-        return {"kind": "cpu"}
+        return {"kind": device.type}
     import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()

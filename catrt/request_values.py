@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from catrt.errors import ConfigError, echo
 
-#: Largest seed torch's generators take (a signed 64-bit integer); image i of a request uses seed + i.
+#: Largest seed served: a signed 64-bit integer's, as the OpenAPI document states seeds (int64) and clients hold them;
+#: torch's generators also take 2**63 to 2**64 - 1. Image i of a request uses seed + i.
 MAX_SEED = 2**63 - 1
 #: The control characters a prompt may hold.
 ALLOWED_CONTROLS = frozenset("\t\n\r")

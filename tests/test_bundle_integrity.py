@@ -796,6 +796,26 @@ def test_inspect_checks_the_signature_with_a_key_file(bundle: Path, tmp_path: Pa
     assert "manifest.json signature does not match the bundle key" in captured.err and "Traceback" not in captured.err
 
 
+def test_inspect_says_whether_a_bundle_is_signed_and_whether_its_signature_was_checked(
+    bundle: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One line of inspect's output: signed and checked (the key from $CATRT_BUNDLE_KEY too), signed but not
+    checked, or not signed (refused once a key is given)."""
+    assert main(["inspect", str(bundle)]) == 0
+    assert "  signature: present, not checked (no --bundle-key-file or $CATRT_BUNDLE_KEY)\n" in capsys.readouterr().out
+    monkeypatch.setenv(BUNDLE_KEY_ENV, KEY.decode())
+    assert main(["inspect", str(bundle)]) == 0
+    assert "  signature: matches the bundle key\n" in capsys.readouterr().out
+    _edit(bundle, lambda data: data.pop("signature"))
+    assert main(["inspect", str(bundle)]) == 2
+    captured = capsys.readouterr()
+    assert "  signature: none (refused: a bundle key is given)\n" in captured.out
+    assert "manifest.json is not signed, but a bundle key was given" in captured.err
+    monkeypatch.delenv(BUNDLE_KEY_ENV)
+    assert main(["inspect", str(bundle)]) == 0
+    assert "  signature: none\n" in capsys.readouterr().out
+
+
 def test_generate_refuses_a_bundle_signed_with_another_key(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     key_file = tmp_path / "bundle.key"
     key_file.write_bytes(b"another key")

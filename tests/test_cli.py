@@ -889,6 +889,26 @@ def test_a_top_level_usage_error_points_to_catrt_help(capfd: pytest.CaptureFixtu
     assert _usage_error(capfd, []).endswith("(see catrt --help)")
 
 
+def test_a_seed_is_used_whole_and_a_float_or_one_past_the_range_is_refused(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    """The server's seed rules (`catrt.request_values`): an integer up to 2**63 - 1 is the generator's seed exactly
+    (2**53 + 1 is no float's 2**53); a float, even a whole one, or an integer past the range is one line, exit 2."""
+    def drawn(seed: int) -> bytes:
+        out = tmp_path / f"{seed}.png"
+        argv = ["generate", "--model", "reference", "--prompt", "a red circle", "--steps", "3", "--t0", "2"]
+        assert main([*argv, "--seed", str(seed), "--out", str(out)]) == 0
+        return out.read_bytes()
+
+    assert drawn(2**53 + 1) != drawn(2**53)
+    assert drawn(2**63 - 1) != drawn(0)
+    capfd.readouterr()
+    for written in ("9007199254740993.0", "1e20", "1.5"):
+        assert f"argument --seed: invalid int value: '{written}'" in _usage_error(capfd, ["generate", "--prompt", "x", "--seed", written])
+    assert f"--seed must be an integer in [0, {2**63 - 1}], got {2**63}" in _fails(capfd, "generate", "--prompt", "x", "--seed", str(2**63))
+    assert "--seed must be an integer in [0, " in _fails(capfd, "generate", "--prompt", "x", "--seed", "-1")
+
+
 def test_usage_errors_shorten_a_huge_value(capfd: pytest.CaptureFixture[str]) -> None:
     """argparse quoted a bad value whole: a 10,000-character one filled the terminal."""
     huge = "y" * 10_000

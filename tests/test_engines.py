@@ -377,6 +377,7 @@ def test_missing_manifest_is_named(bundle_copy: Path) -> None:
         ("versions.catrt", lambda m: m["versions"].update(catrt="0.0.1"), r"built with catrt 0\.0\.1 but catrt \S+ is installed"),
         ("versions.onnxruntime", lambda m: m["versions"].update(onnxruntime="1.0.0"), r"built with onnxruntime 1\.0\.0 but onnxruntime \S+ is installed"),
         ("device.kind", lambda m: m.update(device={"kind": "cuda", "name": "NVIDIA H100", "compute_capability": "9.0"}), r"built for device kind 'cuda' but this machine has 'cpu'"),
+        ("device.kind", lambda m: m.update(device={"kind": "mps"}), r"built for device kind 'mps' but this machine has 'cpu'"),
         ("model.transformer_config", lambda m: m["model"]["transformer_config"].update(num_layers=7), r"another transformer config than the engine was built from"),
         ("model.transformer_class", lambda m: m["model"].update(transformer_class="FluxTransformer2DModel"), r"another transformer class than"),
         # A class no text-length rule knows: only the loaded pipeline tells.

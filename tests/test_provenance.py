@@ -66,3 +66,11 @@ def test_a_gpu_nvml_finds_no_uuid_of_is_read_by_index(monkeypatch: pytest.Monkey
 def test_a_cpu_records_the_cpu_without_asking_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("asked CUDA"))
     assert describe_device(torch.device("cpu")) == {"kind": "cpu"}
+
+
+def test_apples_gpu_is_recorded_as_mps_not_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`describe_device` wrote {"kind": "cpu"} for every device but CUDA: a bundle made on MPS said it was made on the
+    CPU, and a CPU machine's load check passed it (no Mac here: torch names the device without having one)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("asked CUDA"))
+    assert describe_device(torch.device("mps")) == {"kind": "mps"}
+    assert describe_device(torch.device("mps:0")) == {"kind": "mps"}

@@ -392,20 +392,48 @@ def test_a_client_that_leaves_does_not_leave_its_work_queued(faulty: RemoteServe
 HALF_REQUESTS = [
     pytest.param(b"", id="idle-connection"),
     pytest.param(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Ty", id="half-headers"),
-    pytest.param(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 100\r\n\r\n{\"prompt\": \"a", id="half-body"),
 ]
+HALF_BODIES = [
+    pytest.param(b"Content-Length: 100\r\n\r\n{\"prompt\": \"a", id="content-length-longer-than-the-body"),
+    pytest.param(b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"pro\r\n", id="chunked-withheld"),
+]
+
+
+def _answer_at_the_read_timeout(server: RemoteServer, sent: bytes) -> bytes:
+    """All the server writes to a connection that sends `sent` and then nothing, up to its close; the server must
+    close it after about the read timeout."""
+    host, port = server.url.removeprefix("http://").split(":")
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        started = time.perf_counter()
+        sock.sendall(sent)
+        while chunk := sock.recv(65536):
+            answer += chunk
+        waited = time.perf_counter() - started
+    assert READ_TIMEOUT * 0.9 <= waited < READ_TIMEOUT + 2, waited
+    return answer
 
 
 @pytest.mark.parametrize("sent", HALF_REQUESTS)
 def test_a_connection_short_of_a_whole_request_is_closed_after_the_read_timeout(faulty: RemoteServer, sent: bytes) -> None:
-    host, port = faulty.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        started = time.perf_counter()
-        sock.sendall(sent)
-        assert sock.recv(1024) == b""  # the server closed it, answering nothing
-        waited = time.perf_counter() - started
-    assert READ_TIMEOUT * 0.9 <= waited < READ_TIMEOUT + 2, waited
+    assert _answer_at_the_read_timeout(faulty, sent) == b""  # no request to answer: closed
+    assert generate(faulty.url).status_code == 200
+
+
+@pytest.mark.parametrize("rest", HALF_BODIES)
+def test_a_request_short_of_its_body_is_answered_408_at_the_read_timeout(faulty: RemoteServer, rest: bytes) -> None:
+    """Its headers came whole, so there is a request to answer: a 408 in OpenAI's error body naming the read timeout,
+    with its request id, then the close (it was a close with no answer, which a client reads as a dropped connection)."""
+    head = b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    answer = _answer_at_the_read_timeout(faulty, head + rest)
+    status, _, rest_of_answer = answer.partition(b"\r\n")
+    headers, _, body = rest_of_answer.partition(b"\r\n\r\n")
+    assert status == b"HTTP/1.1 408 Request Timeout", answer
+    lines = headers.lower().split(b"\r\n")
+    assert b"connection: close" in lines and any(line.startswith(b"x-request-id: ") for line in lines), answer
+    error = json.loads(body)["error"]
+    assert (error["type"], error["param"], error["code"]) == ("timeout_error", None, "408")
+    assert f"within the read timeout of {READ_TIMEOUT:g} s (--read-timeout)" in error["message"]
     assert generate(faulty.url).status_code == 200
 
 

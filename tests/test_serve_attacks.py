@@ -231,6 +231,21 @@ def test_an_integer_written_with_a_zero_fraction_is_that_integer(server: RemoteS
     assert "got 3.5" in assert_error(_post(server, json.dumps({**BODY, "seed": 3.5}).encode()), 400, "seed")["message"]
 
 
+def test_an_integer_is_the_one_written_past_what_a_float_holds(server: RemoteServer) -> None:
+    """Python's parser reads 9007199254740993.0 as the float 2**53: the seed was served as 2**53, a seed nobody
+    sent. It is 2**53 + 1, as the integer 9007199254740993 is; a fraction its float rounds away is refused."""
+    def seed_image(seed: str) -> bytes:
+        return _image(_post(server, b'{"prompt": "%s", "seed": %s}' % (PROMPT.encode(), seed.encode())))
+
+    odd = seed_image("9007199254740993")
+    assert seed_image("9007199254740993.0") == seed_image("9007199254740993e0") == odd
+    assert seed_image("9007199254740992") != odd  # the generator takes the seed whole: 2**53 draws another image
+    for written in ("4503599627370497.5", "0.99999999999999999999"):  # floats 4503599627370498.0 and 1.0
+        body = b'{"prompt": "%s", "seed": %s}' % (PROMPT.encode(), written.encode())
+        message = assert_error(_post(server, body), 400, "seed")["message"]
+        assert message == f"seed: Input should be a valid integer, got {written}", message
+
+
 def test_a_body_exactly_at_the_limit_is_served_one_byte_over_is_a_413(server: RemoteServer, plain_png: bytes) -> None:
     base = json.dumps({**BODY, "user": ""}).encode()
     at_limit = json.dumps({**BODY, "user": "u" * (MAX_BODY - len(base))}).encode()
@@ -734,3 +749,5 @@ def test_echo_json_escapes_a_value_and_cuts_it_as_catrt_errors_do() -> None:
     long = echo_json("x" * 10_000)
     assert len(long) == ECHO_LIMIT and long.startswith('"xx') and "…" in long and long.endswith("(10002 characters)")
     assert echo_json(10**5000) == echo(10**5000)  # past Python's digit limit for printing an int: named, not shown
+    from catrt.serve.json_numbers import parse_float
+    assert echo_json(parse_float("4503599627370497.5")) == "4503599627370497.5"  # as written, not its float's 4503599627370498.0

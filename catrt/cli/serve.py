@@ -142,7 +142,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                         help=f"longer prompts answer 400 before tokenizing (default: {defaults.max_prompt_chars})")
     limits.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
                         help=f"seconds a request may take to arrive whole, and a client may leave its answer "
-                             f"unread; then the connection is closed (default: {defaults.read_timeout:g})")
+                             f"unread; then the connection is closed, a request short of its body answered 408 "
+                             f"first (default: {defaults.read_timeout:g})")
     limits.add_argument("--keep-alive", type=float, default=defaults.keep_alive,
                         help=f"seconds an idle connection stays open (default: {defaults.keep_alive:g})")
     limits.add_argument("--api-key-file", default=None,

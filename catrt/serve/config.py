@@ -47,8 +47,8 @@ class ServeConfig:
         max_body_bytes: a larger request body answers 413 before it is read or parsed.
         max_prompt_chars: a longer prompt (or negative prompt) answers 400 before it is tokenized.
         read_timeout: seconds a request may take to arrive whole, from its first byte (or from the
-            connection opening); a connection still sending after that is closed, as is one whose client
-            takes none of its waiting answer for that long.
+            connection opening); a connection still sending after that is closed (answered 408 first when
+            its request's headers came whole), as is one whose client takes none of its waiting answer for that long.
         keep_alive: seconds an idle connection stays open between requests.
         api_key: if set, `/v1/*` needs `Authorization: Bearer <api_key>`; never written out.
         bundle_key_file: a file holding the key an engine bundle was signed with (`catrt build

@@ -11,7 +11,8 @@ With `body_timeout` (Ray Serve's ingress, whose HTTP proxy has no read deadline 
 must arrive whole within that many seconds of the request reaching the app: a slower one (a client
 that sends its headers, then trickles or withholds the body) is a 408 with `Connection: close`, so
 the proxy closes the connection. The single server needs none: its protocol's read deadline
-(`catrt.serve.protocol`) closes such a connection before the request reaches the app.
+(`catrt.serve.protocol`), which runs from the request's first byte, answers such a request 408 itself and
+closes the connection, the app seeing the client leave.
 
 A gzip or deflate body (`Content-Encoding`) is decoded here, its decoded bytes held to the same
 limit (a small body that inflates past it is a 413, and inflating stops there); another encoding is

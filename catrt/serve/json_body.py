@@ -16,6 +16,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
 from catrt.serve.echo import echo
+from catrt.serve.json_numbers import parse_float
 
 
 NO_POSITION = -1  # a `JSONDecodeError.pos` that points at nothing: a repeated key is found once its object is parsed
@@ -41,10 +42,11 @@ def loads_unique(body: bytes) -> Any:
     """`json.loads(body)`, but a repeated key in any object is a `json.JSONDecodeError` naming it.
 
     The body must be UTF-8 (RFC 8259; a leading byte order mark is skipped): `json.loads` would also
-    guess UTF-16 and UTF-32 from the bytes. Other bytes raise `UnicodeDecodeError`."""
+    guess UTF-16 and UTF-32 from the bytes. Other bytes raise `UnicodeDecodeError`. A number whose float is a whole
+    number it does not write (`9007199254740993.0`) keeps its text (`catrt.serve.json_numbers`)."""
     text = body.decode("utf-8-sig")
     try:
-        return json.loads(text, object_pairs_hook=_unique_object)
+        return json.loads(text, object_pairs_hook=_unique_object, parse_float=parse_float)
     except _RepeatedKey as repeated:
         raise json.JSONDecodeError(
             f"the key {echo(repeated.key)} appears twice in one object; send each field once", text, NO_POSITION,

@@ -5,7 +5,10 @@ arms no timer on a new connection and cancels its timer on every byte received, 
 connects and sends nothing, or sends half a request and stops (or trickles a byte at a time), holds
 a connection and its task forever. Here a deadline starts when a connection opens or when the first
 byte of a request arrives, is not moved by later bytes, and ends when h11 has the whole request
-(headers and body). A connection still short of a whole request at the deadline is closed. While
+(headers and body). A connection still short of a whole request at the deadline is closed: one whose
+request's headers came whole, but not its body (a `Content-Length` longer than the body sent, a chunked
+body withheld), is first answered 408 in OpenAI's error body, as long as nothing of an answer has been
+written, and its app sees the client leave; one with no whole headers has no request to answer. While
 the app works on a complete request there is no deadline: `--timeout` bounds that.
 
 The same bound holds the other way: a client that takes none of its answer for `read_timeout`
@@ -40,6 +43,9 @@ from typing import Any, ClassVar
 import h11
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from catrt.serve.errors import REQUEST_ID_KEY
+from catrt.serve.gate import REQUEST_ID_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -134,16 +140,21 @@ class ReadDeadlineH11Protocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes h11 cannot parse, in OpenAI's error body; the connection is closed."""
-        body = json.dumps({"error": {
-            "message": "invalid HTTP request: the request line or headers cannot be parsed (a Content-Length "
-                       "that is not a number, a header without a colon, headers longer than 16 KiB...); send a "
-                       "well-formed HTTP/1.1 request",
-            "type": "invalid_request_error", "param": None, "code": "400",
-        }}).encode()
+        self._answer_and_close(
+            400, b"Bad Request", "invalid HTTP request: the request line or headers cannot be parsed (a Content-Length "
+            "that is not a number, a header without a colon, headers longer than 16 KiB...); send a "
+            "well-formed HTTP/1.1 request", "invalid_request_error",
+        )
+
+    def _answer_and_close(
+        self, status: int, reason: bytes, message: str, type_: str, extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """An answer in OpenAI's error body written by the protocol itself, with `Connection: close`, then the close."""
+        body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": str(status)}}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
+                   (b"connection", b"close"), *(extra or [])]
         try:
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+            for event in (h11.Response(status_code=status, headers=headers, reason=reason), h11.Data(data=body),
                           h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
         except h11.LocalProtocolError:  # an answer was already under way on this connection: just close it
@@ -171,7 +182,27 @@ class ReadDeadlineH11Protocol(H11Protocol):
             return
         client = "%s:%d" % self.client if self.client else "a client"
         logger.info("closing the connection of %s: no whole request within %g s", client, self.read_timeout)
-        self.transport.close()
+        if self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.SEND_RESPONSE:
+            self._time_out_body()
+        else:
+            self.transport.close()
+
+    def _time_out_body(self) -> None:
+        """A 408 to a request whose body did not come whole in time; its app sees the client leave (as uvicorn's
+        `connection_lost` tells it), so it writes nothing after the 408 and its wait for the body ends. The answer
+        carries the request id the gate gave the request, as its own answers do."""
+        extra: list[tuple[bytes, bytes]] = []
+        if self.cycle is not None:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+            request_id = self.cycle.scope.get(REQUEST_ID_KEY)
+            if request_id is not None:
+                extra.append((REQUEST_ID_HEADER, request_id.encode()))
+        self._answer_and_close(
+            408, b"Request Timeout", f"the request did not arrive whole within the read timeout of {self.read_timeout:g} s "
+            "(--read-timeout) of its first byte: its body is shorter than its Content-Length or came too slowly; "
+            "send the whole body at once", "timeout_error", extra,
+        )
 
 
 def read_deadline_protocol(read_timeout: float) -> type[ReadDeadlineH11Protocol]:

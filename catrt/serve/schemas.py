@@ -19,9 +19,12 @@ this server does not make, and OpenAI takes them only with those output formats.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from catrt.serve.json_numbers import written_value
 
 IGNORED = "accepted for OpenAI clients and ignored"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -30,9 +33,12 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 def whole_number(value: Any) -> Any:
     """A JSON number without a fractional part (`1.0`) as the integer it is: JSON Schema's "integer", which the
     OpenAPI document states, takes it, so a schema-driven client may send it; `1.5`, `"1"` and `true` stay refused,
-    and so does a float past 64 bits (`1e300`), as not an integer any model runs, named as sent."""
-    if isinstance(value, float) and value.is_integer() and INT64_MIN <= value < INT64_MAX:
-        return int(value)
+    and so does a float past 64 bits (`1e300`), as not an integer any model runs, named as sent. The integer is the
+    one written, not its float's (`9007199254740993.0` is 2**53 + 1; `0.99999999999999999999` is refused)."""
+    if isinstance(value, float) and math.isfinite(value):
+        exact = written_value(value)
+        if INT64_MIN <= exact <= INT64_MAX and exact == int(exact):
+            return int(exact)
     return value
 
 
