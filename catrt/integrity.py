@@ -37,6 +37,7 @@ from catrt.errors import CatrtError, ConfigError, CorruptBundleError, echo
 from catrt.file_checks import BUNDLE_FILES, SETTLED_NS, bundle_files, file_problems, name_problem
 from catrt.manifest import (
     MANIFEST_FILE,
+    SIGNATURE_FIELD,
     Manifest,
     manifest_problems,
     read_manifest_data,
@@ -62,6 +63,7 @@ class IntegrityReport:
     manifest: Manifest | None = None
     build: BuildConfig | None = None
     problems: list[CatrtError] = field(default_factory=list)
+    signed: bool = False
 
 
 def check_integrity(folder: str | os.PathLike[str], key: bytes | None = None) -> IntegrityReport:
@@ -73,6 +75,7 @@ def check_integrity(folder: str | os.PathLike[str], key: bytes | None = None) ->
     except CorruptBundleError as error:
         report.problems.append(error)
         return report
+    report.signed = SIGNATURE_FIELD in data
     shape = manifest_problems(data)
     if shape and shape[0].field == "format":
         report.problems += shape  # another layout: nothing else can be read
