@@ -254,6 +254,47 @@ def test_a_scheduler_of_two_calls_per_step_is_refused_before_any_step(name: str,
     assert steps == []
 
 
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_a_scheduler_that_repeats_timesteps_is_refused_before_any_step(skip_prk_steps: bool, tiny_pipelines: dict[str, Any]) -> None:
+    """PNDM has `order` 1 but sets num_inference_steps + 1 timesteps (its PLMS warm-up runs the first one twice), and
+    the pipeline calls the transformer once per timestep: refused by name at the first call, where the runtime
+    refused the call past its plan only after every planned step had run."""
+    pipe = tiny_pipelines["tiny-pixart"]
+    own = pipe.scheduler
+    blocks: list[int] = []
+    hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: blocks.append(1))
+    pipe.scheduler = diffusers.PNDMScheduler.from_config(own.config, skip_prk_steps=skip_prk_steps)
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    try:
+        with pytest.raises(ConfigError, match=r"PNDMScheduler set \d+ timesteps for 6 steps, so the pipeline would call the "
+                           r"transformer more than once in some steps; catrt needs exactly one") as error:
+            fast(**call_kwargs(pipe, num_inference_steps=6))
+    finally:
+        pipe.scheduler = own
+        hook.remove()
+    assert error.value.field == "scheduler" and blocks == [] and len(fast.buffers) == 0
+
+
+@pytest.mark.parametrize("scheduler", [diffusers.DPMSolverMultistepScheduler, diffusers.SASolverScheduler])
+def test_a_multistep_scheduler_keeping_the_raw_model_output_runs_as_diffusers_runs_it(scheduler: type, tiny_pipelines: dict[str, Any]) -> None:
+    """Without guidance PixArt hands the transformer's output (a view of it) to the scheduler as it is, and these
+    multistep solvers keep it for the next steps: the runtime's prediction buffer, overwritten by the next step,
+    made their second-order term 0 (max error 2e-2 for DPM-Solver, 0.18 for SA-Solver at alpha 1)."""
+    pipe = tiny_pipelines["tiny-pixart"]
+    own = pipe.scheduler
+    settings = {
+        diffusers.DPMSolverMultistepScheduler: {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+        diffusers.SASolverScheduler: {"algorithm_type": "noise_prediction"},
+    }[scheduler]
+    pipe.scheduler = scheduler.from_config(own.config, **settings)
+    try:
+        expected = pipe(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0)).images
+        got = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0)).images
+    finally:
+        pipe.scheduler = own
+    assert expected.isfinite().all() and _relative_error(got, expected) < 1e-4
+
+
 def test_the_transformer_and_processors_the_pipeline_has_at_the_call_are_run(tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines["tiny-sd3"]
     own = pipe.transformer
