@@ -75,6 +75,13 @@ def default_image_size(pipe: Any) -> int:
     return int(cells * pipe.vae_scale_factor)
 
 
+#: An AcceleratedPipeline's instance attributes; every other one, read or set, but its class's own (`to`,
+#: `runtime_class`) is its diffusers pipeline's.
+_OWN_ATTRIBUTES = frozenset({
+    "spec", "pipe", "config", "adapter", "functions", "cuda_graphs", "buffers", "last_trace", "_signature", "_configs",
+})
+
+
 class AcceleratedPipeline:
     """A diffusers pipeline whose transformer calls run under CAT Pruning.
 
@@ -211,6 +218,14 @@ class AcceleratedPipeline:
         if name.startswith("__") or "pipe" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self.pipe, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # As reads: `fast.scheduler = DPMSolverMultistepScheduler.from_config(fast.scheduler.config)`, diffusers' way to
+        # swap a scheduler, must reach the pipeline a call runs; set here, reads showed it and calls never used it.
+        if name in _OWN_ATTRIBUTES or hasattr(type(self), name) or "pipe" not in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.pipe, name, value)
 
 
 class _CallLock:

@@ -160,6 +160,22 @@ def test_engine_defaults_to_the_build_settings(onnx_builds: dict[str, Path]) -> 
     assert [record.kind for record in fast.last_trace].count("pruned") == 8
 
 
+def test_a_scheduler_set_on_a_loaded_bundle_is_the_one_its_calls_run(onnx_builds: dict[str, Path]) -> None:
+    """`loaded.scheduler = X` was set on the EnginePipeline wrapper, where no call reads it: a PNDM scheduler (more
+    timesteps than steps) ran unrefused. It reaches the pipeline (refused by name now); the wrapper's own stay its own."""
+    import diffusers
+
+    fast = catrt.load(onnx_builds["tiny-pixart"])
+    fast.set_progress_bar_config(disable=True)
+    fast.scheduler = diffusers.PNDMScheduler.from_config(fast.scheduler.config, skip_prk_steps=True)
+    assert fast.pipe.scheduler is fast.scheduler and "scheduler" not in vars(fast) and "scheduler" not in vars(fast.accelerated)
+    with pytest.raises(ConfigError, match="PNDMScheduler set 13 timesteps for 12 steps") as error:
+        fast(["a cat", "a dog"], output_type="latent")
+    assert error.value.field == "scheduler"
+    fast.engine = fast.engine  # an EnginePipeline attribute: set on it
+    assert "engine" in vars(fast)
+
+
 def test_alpha_one_build_matches_the_unpruned_pipeline(tmp_path: Path, tiny_pipelines: dict[str, Any]) -> None:
     fast = catrt.load(_build(_config("tiny-sd3.5", alphas=(1.0,)), tmp_path))
     fast.set_progress_bar_config(disable=True)

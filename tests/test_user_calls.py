@@ -15,6 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor
 import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
 from catrt.models import make_adapter
+from catrt.step_state import RuntimeBuffers
 from tests.conftest import call_kwargs
 
 
@@ -252,6 +253,26 @@ def test_a_scheduler_of_two_calls_per_step_is_refused_before_any_step(name: str,
         pipe.scheduler = own
         hook.remove()
     assert steps == []
+
+
+def test_a_scheduler_set_on_the_accelerated_pipeline_is_the_one_its_calls_run(tiny_pipelines: dict[str, Any]) -> None:
+    """`fast.scheduler = X.from_config(fast.scheduler.config)` (diffusers' idiom, on what `accelerate` returned) was set
+    on the wrapper: reads showed X, calls ran the pipeline's old scheduler (a Heun scheduler ran unrefused)."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    own = pipe.scheduler
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))
+    try:
+        fast.scheduler = diffusers.FlowMatchHeunDiscreteScheduler.from_config(fast.scheduler.config)
+        assert pipe.scheduler is fast.scheduler and "scheduler" not in vars(fast)
+        with pytest.raises(ConfigError, match="FlowMatchHeunDiscreteScheduler calls the transformer 2 times per step"):
+            fast(**call_kwargs(pipe, num_inference_steps=4))
+        fast.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(own.config, shift=1.0)
+        expected = pipe(**call_kwargs(pipe, num_inference_steps=4)).images  # the pipeline runs the shift fast was given
+        assert _relative_error(fast(**call_kwargs(pipe, num_inference_steps=4)).images, expected) < 1e-4
+    finally:
+        pipe.scheduler = own
+    fast.buffers = RuntimeBuffers(max_shapes=1)  # the wrapper's own attributes stay its own
+    assert "buffers" in vars(fast) and not hasattr(pipe, "buffers")
 
 
 @pytest.mark.parametrize("skip_prk_steps", [True, False])
