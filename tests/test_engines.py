@@ -176,6 +176,23 @@ def test_a_scheduler_set_on_a_loaded_bundle_is_the_one_its_calls_run(onnx_builds
     assert "engine" in vars(fast)
 
 
+def test_fractional_timesteps_are_refused_by_a_build_of_whole_ones(onnx_builds: dict[str, Path]) -> None:
+    """The PixArt build's graphs take int64 timesteps (its DPM-Solver's); an Euler scheduler swapped in gives fractional
+    ones, which the engine cast to int64 and ran silently truncated. DDIM's whole timesteps still run."""
+    import diffusers
+
+    fast = catrt.load(onnx_builds["tiny-pixart"])
+    fast.set_progress_bar_config(disable=True)
+    own = fast.scheduler.config
+    fast.scheduler = diffusers.EulerDiscreteScheduler.from_config(own)
+    with pytest.raises(ConfigError, match="input 'timestep' is float32 but the engine was built for int64 .* the cast would "
+                       "drop its fractions") as error:
+        fast(["a cat", "a dog"], output_type="latent")
+    assert error.value.field == "timestep"
+    fast.scheduler = diffusers.DDIMScheduler.from_config(own)
+    assert fast(["a cat", "a dog"], output_type="latent").images.isfinite().all()
+
+
 def test_alpha_one_build_matches_the_unpruned_pipeline(tmp_path: Path, tiny_pipelines: dict[str, Any]) -> None:
     fast = catrt.load(_build(_config("tiny-sd3.5", alphas=(1.0,)), tmp_path))
     fast.set_progress_bar_config(disable=True)
