@@ -33,7 +33,7 @@ from catrt.models import PIPELINES, make_adapter
 from catrt.models.inputs import check_transformer_inputs
 from catrt.pipeline_spec import PipelineSpec, call_default, custom_schedule, denoising_steps, strength_steps
 from catrt.runtime import CATRuntime, StepRecord
-from catrt.scheduler_calls import check_scheduler_order, check_scheduler_timesteps
+from catrt.scheduler_calls import check_scheduler_order, check_scheduler_sizes, check_scheduler_timesteps
 from catrt.step_state import RuntimeBuffers
 
 
@@ -151,7 +151,9 @@ class AcceleratedPipeline:
         if self.spec.check_call is not None:
             self.spec.check_call(bound.arguments)
         planned, steps = steps, self._steps_run(config, bound.arguments, steps)
-        check_scheduler_order(getattr(self.pipe, "scheduler", None))
+        scheduler = getattr(self.pipe, "scheduler", None)
+        check_scheduler_order(scheduler)
+        check_scheduler_sizes(scheduler)
         self._follow_transformer()
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None

@@ -3,8 +3,9 @@
 catrt's step plan (t0, refresh and reuse steps, staleness) counts transformer calls as steps, and its caches
 hold one prediction per step. A scheduler that evaluates the model twice in a step (Heun, KDPM2: `order` 2) or
 repeats a timestep (PNDM's PLMS warm-up runs `num_inference_steps + 1` timesteps, 4 per step in its Runge-Kutta
-mode, at `order` 1) would break that count in the middle of a generation. Both are refused, naming the scheduler,
-before any denoising step runs.
+mode, at `order` 1) would break that count in the middle of a generation, and one that resizes the latents between
+steps (FlowMatchLCM's `scale_factors`) the caches, made for one size per generation. Each is refused, naming the
+scheduler, before any denoising step runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ def check_scheduler_order(scheduler: Any) -> None:
     if order != 1:
         raise ConfigError(
             f"{type(scheduler).__name__} calls the transformer {order} times per step; {ONE_CALL_PER_STEP}",
+            field="scheduler", value=type(scheduler).__name__,
+        )
+
+
+def check_scheduler_sizes(scheduler: Any) -> None:
+    """Refuse, before the pipeline runs, a scheduler that upsamples the latents between steps: FlowMatchLCM with
+    scale factors (multi-scale sampling), read as its `step` reads them."""
+    factors = getattr(scheduler, "_scale_factors", None)
+    if factors and getattr(scheduler, "_upscale_mode", None):
+        raise ConfigError(
+            f"{type(scheduler).__name__} resizes the latents between steps (scale_factors {list(factors)}), and catrt's "
+            f"caches are made for one latent size per generation; use it without scale_factors",
             field="scheduler", value=type(scheduler).__name__,
         )
 

@@ -296,6 +296,31 @@ def test_a_scheduler_that_repeats_timesteps_is_refused_before_any_step(skip_prk_
     assert error.value.field == "scheduler" and blocks == [] and len(fast.buffers) == 0
 
 
+def test_a_scheduler_that_resizes_the_latents_is_refused_before_any_step(tiny_pipelines: dict[str, Any]) -> None:
+    """FlowMatchLCM's multi-scale sampling upsamples the latents between steps: the runtime refused the step where the
+    size changed, after the steps before it ran, asking about a callback_on_step_end. Without scale factors it runs."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    own = pipe.scheduler
+    blocks: list[int] = []
+    hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: blocks.append(1))
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))
+    try:
+        pipe.scheduler = diffusers.FlowMatchLCMScheduler.from_config(own.config, scale_factors=[1.0, 1.0, 2.0, 2.0])
+        with pytest.raises(ConfigError, match=r"FlowMatchLCMScheduler resizes the latents between steps \(scale_factors "
+                           r"\[1.0, 1.0, 2.0, 2.0\]\), and catrt's caches are made for one latent size") as error:
+            fast(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0))
+        assert error.value.field == "scheduler" and blocks == [] and len(fast.buffers) == 0
+        hook.remove()
+        pipe.scheduler = diffusers.FlowMatchLCMScheduler.from_config(own.config)
+        torch.manual_seed(0)  # its step draws noise from the global generator (the pipeline passes it none)
+        expected = pipe(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0)).images
+        torch.manual_seed(0)
+        assert _relative_error(fast(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0)).images, expected) < 1e-4
+    finally:
+        pipe.scheduler = own
+        hook.remove()
+
+
 @pytest.mark.parametrize("scheduler", [diffusers.DPMSolverMultistepScheduler, diffusers.SASolverScheduler])
 def test_a_multistep_scheduler_keeping_the_raw_model_output_runs_as_diffusers_runs_it(scheduler: type, tiny_pipelines: dict[str, Any]) -> None:
     """Without guidance PixArt hands the transformer's output (a view of it) to the scheduler as it is, and these
