@@ -14,7 +14,7 @@ from typing import Any
 
 from catrt.errors import ConfigError
 
-#: What both refusals end with: the rule and the schedulers that keep it.
+#: What the refusals of extra transformer calls end with: the rule and the schedulers that keep it.
 ONE_CALL_PER_STEP = "catrt needs exactly one transformer call per step (single-evaluation schedulers such as Euler or DPM-Solver)"
 
 
