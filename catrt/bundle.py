@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 _LOAD_ATTEMPTS = 3
 
 
+#: An EnginePipeline's instance attributes; every other one, read or set, but its class's own (`to`, `alphas`) is its
+#: accelerated pipeline's.
+_OWN_ATTRIBUTES = frozenset({"accelerated", "build", "manifest", "engine", "_signature"})
+
+
 class EnginePipeline:
     """A diffusers pipeline whose transformer steps run on a built engine.
 
@@ -107,6 +112,13 @@ class EnginePipeline:
         if name.startswith("__") or "accelerated" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self.accelerated, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # As reads: `loaded.scheduler = ...` swaps the scheduler the pipeline runs, not one on this wrapper no call uses.
+        if name in _OWN_ATTRIBUTES or hasattr(type(self), name) or "accelerated" not in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.accelerated, name, value)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from catrt.models import PIPELINES, make_adapter
 from catrt.models.inputs import check_transformer_inputs
 from catrt.pipeline_spec import PipelineSpec, call_default, custom_schedule, denoising_steps, strength_steps
 from catrt.runtime import CATRuntime, StepRecord
+from catrt.scheduler_calls import check_scheduler_order, check_scheduler_sizes, check_scheduler_timesteps
 from catrt.step_state import RuntimeBuffers
 
 
@@ -74,12 +75,20 @@ def default_image_size(pipe: Any) -> int:
     return int(cells * pipe.vae_scale_factor)
 
 
+#: An AcceleratedPipeline's instance attributes; every other one, read or set, but its class's own (`to`,
+#: `runtime_class`) is its diffusers pipeline's.
+_OWN_ATTRIBUTES = frozenset({
+    "spec", "pipe", "config", "adapter", "functions", "cuda_graphs", "buffers", "last_trace", "_signature", "_configs",
+})
+
+
 class AcceleratedPipeline:
     """A diffusers pipeline whose transformer calls run under CAT Pruning.
 
     Called with the pipeline's own arguments, plus catrt's `alpha` (this call's fraction of tokens
     recomputed per pruned step; `config.alpha` if absent); returns what the pipeline returns. After
-    each call, `last_trace` lists one `StepRecord` per step when `config.trace` is on. The runtime's
+    each call, `last_trace` lists one `StepRecord` per step run when `config.trace` is on (a call that
+    failed or was interrupted: the steps that ran before it stopped). The runtime's
     buffers (caches, captured CUDA graphs) are kept across calls per shape and k, so switching alpha
     back and forth allocates nothing after each alpha's first call.
     """
@@ -124,6 +133,7 @@ class AcceleratedPipeline:
         return self
 
     def _call(self, args: tuple[Any, ...], alpha: float | None, kwargs: dict[str, Any]) -> Any:
+        self.last_trace = []  # this call's, even where it is refused or fails: never the call before's
         config = self.config_for(alpha)
         refuse_config_keywords(self._signature, kwargs)
         bound = self._signature.bind(*args, **kwargs)
@@ -140,15 +150,10 @@ class AcceleratedPipeline:
             raise ConfigError(f"num_inference_steps must be a positive integer, got {echo(steps)}", field="num_inference_steps")
         if self.spec.check_call is not None:
             self.spec.check_call(bound.arguments)
-        steps = self._steps_run(config, bound.arguments, steps)
+        planned, steps = steps, self._steps_run(config, bound.arguments, steps)
         scheduler = getattr(self.pipe, "scheduler", None)
-        order = getattr(scheduler, "order", 1)  # diffusers: transformer calls per step (Heun, KDPM2: 2)
-        if order != 1:
-            raise ConfigError(
-                f"{type(scheduler).__name__} calls the transformer {order} times per step; catrt needs exactly one "
-                f"transformer call per step (single-evaluation schedulers such as Euler or DPM-Solver)",
-                field="scheduler", value=type(scheduler).__name__,
-            )
+        check_scheduler_order(scheduler)
+        check_scheduler_sizes(scheduler)
         self._follow_transformer()
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
@@ -160,18 +165,23 @@ class AcceleratedPipeline:
         runtime = self.runtime_class(
             self.adapter, config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
         )
-        adapter = self.adapter
+        self.last_trace = runtime.trace  # the steps run so far, as they run: a call that fails mid-way shows which ran
+        adapter, pipe = self.adapter, self.pipe
 
         def step(hidden_states: torch.Tensor, timestep: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
+            if runtime.step == 0:  # the pipeline has set its scheduler's timesteps; no step has run
+                check_scheduler_timesteps(getattr(pipe, "scheduler", None), planned)
             check_transformer_inputs(adapter, {"hidden_states": hidden_states, **arguments}, grid, shapes=runtime.step == 0)
-            return runtime(hidden_states, timestep, arguments)
+            # A copy: the runtime's prediction is a buffer its next step overwrites, and a multistep scheduler may keep
+            # the model output as it is for later steps (DPM-Solver's "dpmsolver", SA-Solver's noise prediction, fed
+            # the transformer's output itself without guidance), where the plain transformer returns a new tensor.
+            return runtime(hidden_states, timestep, arguments).clone()
 
         # Fewer calls than `steps` are fine: each ran as its step of the plan (a callback's `pipe._interrupt`, or a
-        # scheduler whose custom sigmas end with the final one, such as Euler's); more are refused by the runtime.
+        # scheduler whose custom sigmas end with the final one, such as Euler's); more are refused: a scheduler's extra
+        # timesteps at the first call, before any step runs, and any other call past the plan by the runtime.
         with transformer_replaced(self.pipe.transformer, step):
-            result = self.pipe(*args, **kwargs)
-        self.last_trace = runtime.trace
-        return result
+            return self.pipe(*args, **kwargs)
 
     def _steps_run(self, config: CATConfig, arguments: dict[str, Any], steps: int) -> int:
         """The transformer calls this call makes: img2img's `strength` runs only the last of `steps`, and t0 counts
@@ -210,6 +220,14 @@ class AcceleratedPipeline:
         if name.startswith("__") or "pipe" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self.pipe, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # As reads: `fast.scheduler = DPMSolverMultistepScheduler.from_config(fast.scheduler.config)`, diffusers' way to
+        # swap a scheduler, must reach the pipeline a call runs; set here, reads showed it and calls never used it.
+        if name in _OWN_ATTRIBUTES or hasattr(type(self), name) or "pipe" not in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.pipe, name, value)
 
 
 class _CallLock:

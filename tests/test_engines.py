@@ -160,6 +160,39 @@ def test_engine_defaults_to_the_build_settings(onnx_builds: dict[str, Path]) -> 
     assert [record.kind for record in fast.last_trace].count("pruned") == 8
 
 
+def test_a_scheduler_set_on_a_loaded_bundle_is_the_one_its_calls_run(onnx_builds: dict[str, Path]) -> None:
+    """`loaded.scheduler = X` was set on the EnginePipeline wrapper, where no call reads it: a PNDM scheduler (more
+    timesteps than steps) ran unrefused. It reaches the pipeline (refused by name now); the wrapper's own stay its own."""
+    import diffusers
+
+    fast = catrt.load(onnx_builds["tiny-pixart"])
+    fast.set_progress_bar_config(disable=True)
+    fast.scheduler = diffusers.PNDMScheduler.from_config(fast.scheduler.config, skip_prk_steps=True)
+    assert fast.pipe.scheduler is fast.scheduler and "scheduler" not in vars(fast) and "scheduler" not in vars(fast.accelerated)
+    with pytest.raises(ConfigError, match="PNDMScheduler set 13 timesteps for 12 steps") as error:
+        fast(["a cat", "a dog"], output_type="latent")
+    assert error.value.field == "scheduler"
+    fast.engine = fast.engine  # an EnginePipeline attribute: set on it
+    assert "engine" in vars(fast)
+
+
+def test_fractional_timesteps_are_refused_by_a_build_of_whole_ones(onnx_builds: dict[str, Path]) -> None:
+    """The PixArt build's graphs take int64 timesteps (its DPM-Solver's); an Euler scheduler swapped in gives fractional
+    ones, which the engine cast to int64 and ran silently truncated. DDIM's whole timesteps still run."""
+    import diffusers
+
+    fast = catrt.load(onnx_builds["tiny-pixart"])
+    fast.set_progress_bar_config(disable=True)
+    own = fast.scheduler.config
+    fast.scheduler = diffusers.EulerDiscreteScheduler.from_config(own)
+    with pytest.raises(ConfigError, match="input 'timestep' is float32 but the engine was built for int64 .* the cast would "
+                       "drop its fractions") as error:
+        fast(["a cat", "a dog"], output_type="latent")
+    assert error.value.field == "timestep"
+    fast.scheduler = diffusers.DDIMScheduler.from_config(own)
+    assert fast(["a cat", "a dog"], output_type="latent").images.isfinite().all()
+
+
 def test_alpha_one_build_matches_the_unpruned_pipeline(tmp_path: Path, tiny_pipelines: dict[str, Any]) -> None:
     fast = catrt.load(_build(_config("tiny-sd3.5", alphas=(1.0,)), tmp_path))
     fast.set_progress_bar_config(disable=True)

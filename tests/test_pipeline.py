@@ -48,6 +48,27 @@ def test_trace_shows_the_schedule(name: str, tiny_pipelines: dict[str, Any]) -> 
             assert record.indices is None
 
 
+def test_the_trace_of_a_call_that_fails_shows_the_steps_it_ran_not_the_call_befores(tiny_pipelines: dict[str, Any]) -> None:
+    """`last_trace` kept the previous call's records when a call raised (a callback, Ctrl-C, a refusal), so a user
+    reading it after the error saw a whole generation that was not the one that failed."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2, trace=True))
+    fast(**call_kwargs(pipe, num_inference_steps=6))
+    assert len(fast.last_trace) == 6
+
+    def fail_after_step_4(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if step == 3:
+            raise RuntimeError("callback failed")
+        return {}
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        fast(**call_kwargs(pipe, num_inference_steps=6, callback_on_step_end=fail_after_step_4))
+    assert [(r.step, r.kind) for r in fast.last_trace] == [(1, "full"), (2, "full"), (3, "pruned"), (4, "pruned")]
+    with pytest.raises(ConfigError, match="t0 = 2 needs t0 < num_inference_steps"):
+        fast(**call_kwargs(pipe, num_inference_steps=2))
+    assert fast.last_trace == []
+
+
 def test_refresh_steps_are_full(tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines["tiny-sd3"]
     fast = catrt.accelerate(pipe, CATConfig(t0=4, refresh_every=3, trace=True))

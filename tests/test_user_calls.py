@@ -15,6 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor
 import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
 from catrt.models import make_adapter
+from catrt.step_state import RuntimeBuffers
 from tests.conftest import call_kwargs
 
 
@@ -252,6 +253,92 @@ def test_a_scheduler_of_two_calls_per_step_is_refused_before_any_step(name: str,
         pipe.scheduler = own
         hook.remove()
     assert steps == []
+
+
+def test_a_scheduler_set_on_the_accelerated_pipeline_is_the_one_its_calls_run(tiny_pipelines: dict[str, Any]) -> None:
+    """`fast.scheduler = X.from_config(fast.scheduler.config)` (diffusers' idiom, on what `accelerate` returned) was set
+    on the wrapper: reads showed X, calls ran the pipeline's old scheduler (a Heun scheduler ran unrefused)."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    own = pipe.scheduler
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))
+    try:
+        fast.scheduler = diffusers.FlowMatchHeunDiscreteScheduler.from_config(fast.scheduler.config)
+        assert pipe.scheduler is fast.scheduler and "scheduler" not in vars(fast)
+        with pytest.raises(ConfigError, match="FlowMatchHeunDiscreteScheduler calls the transformer 2 times per step"):
+            fast(**call_kwargs(pipe, num_inference_steps=4))
+        fast.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(own.config, shift=1.0)
+        expected = pipe(**call_kwargs(pipe, num_inference_steps=4)).images  # the pipeline runs the shift fast was given
+        assert _relative_error(fast(**call_kwargs(pipe, num_inference_steps=4)).images, expected) < 1e-4
+    finally:
+        pipe.scheduler = own
+    fast.buffers = RuntimeBuffers(max_shapes=1)  # the wrapper's own attributes stay its own
+    assert "buffers" in vars(fast) and not hasattr(pipe, "buffers")
+
+
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_a_scheduler_that_repeats_timesteps_is_refused_before_any_step(skip_prk_steps: bool, tiny_pipelines: dict[str, Any]) -> None:
+    """PNDM has `order` 1 but sets num_inference_steps + 1 timesteps (its PLMS warm-up runs the first one twice), and
+    the pipeline calls the transformer once per timestep: refused by name at the first call, where the runtime
+    refused the call past its plan only after every planned step had run."""
+    pipe = tiny_pipelines["tiny-pixart"]
+    own = pipe.scheduler
+    blocks: list[int] = []
+    hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: blocks.append(1))
+    pipe.scheduler = diffusers.PNDMScheduler.from_config(own.config, skip_prk_steps=skip_prk_steps)
+    fast = catrt.accelerate(pipe, CATConfig(t0=3))
+    try:
+        with pytest.raises(ConfigError, match=r"PNDMScheduler set \d+ timesteps for 6 steps, so the pipeline would call the "
+                           r"transformer more than once in some steps; catrt needs exactly one") as error:
+            fast(**call_kwargs(pipe, num_inference_steps=6))
+    finally:
+        pipe.scheduler = own
+        hook.remove()
+    assert error.value.field == "scheduler" and blocks == [] and len(fast.buffers) == 0
+
+
+def test_a_scheduler_that_resizes_the_latents_is_refused_before_any_step(tiny_pipelines: dict[str, Any]) -> None:
+    """FlowMatchLCM's multi-scale sampling upsamples the latents between steps: the runtime refused the step where the
+    size changed, after the steps before it ran, asking about a callback_on_step_end. Without scale factors it runs."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    own = pipe.scheduler
+    blocks: list[int] = []
+    hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: blocks.append(1))
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))
+    try:
+        pipe.scheduler = diffusers.FlowMatchLCMScheduler.from_config(own.config, scale_factors=[1.0, 1.0, 2.0, 2.0])
+        with pytest.raises(ConfigError, match=r"FlowMatchLCMScheduler resizes the latents between steps \(scale_factors "
+                           r"\[1.0, 1.0, 2.0, 2.0\]\), and catrt's caches are made for one latent size") as error:
+            fast(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0))
+        assert error.value.field == "scheduler" and blocks == [] and len(fast.buffers) == 0
+        hook.remove()
+        pipe.scheduler = diffusers.FlowMatchLCMScheduler.from_config(own.config)
+        torch.manual_seed(0)  # its step draws noise from the global generator (the pipeline passes it none)
+        expected = pipe(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0)).images
+        torch.manual_seed(0)
+        assert _relative_error(fast(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0)).images, expected) < 1e-4
+    finally:
+        pipe.scheduler = own
+        hook.remove()
+
+
+@pytest.mark.parametrize("scheduler", [diffusers.DPMSolverMultistepScheduler, diffusers.SASolverScheduler])
+def test_a_multistep_scheduler_keeping_the_raw_model_output_runs_as_diffusers_runs_it(scheduler: type, tiny_pipelines: dict[str, Any]) -> None:
+    """Without guidance PixArt hands the transformer's output (a view of it) to the scheduler as it is, and these
+    multistep solvers keep it for the next steps: the runtime's prediction buffer, overwritten by the next step,
+    made their second-order term 0 (max error 2e-2 for DPM-Solver, 0.18 for SA-Solver at alpha 1)."""
+    pipe = tiny_pipelines["tiny-pixart"]
+    own = pipe.scheduler
+    settings = {
+        diffusers.DPMSolverMultistepScheduler: {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+        diffusers.SASolverScheduler: {"algorithm_type": "noise_prediction"},
+    }[scheduler]
+    pipe.scheduler = scheduler.from_config(own.config, **settings)
+    try:
+        expected = pipe(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0)).images
+        got = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0)).images
+    finally:
+        pipe.scheduler = own
+    assert expected.isfinite().all() and _relative_error(got, expected) < 1e-4
 
 
 def test_the_transformer_and_processors_the_pipeline_has_at_the_call_are_run(tiny_pipelines: dict[str, Any]) -> None:

@@ -87,9 +87,20 @@ class GraphSpec:
         """Inputs in graph order, checked, cast to the graph's dtypes and contiguous.
 
         Casts and copies are new tensors: a backend that runs asynchronously keeps them alive until
-        its work is done.
+        its work is done. A floating-point tensor for an integer input is refused, naming it: the cast would
+        drop its fractions (a PixArt build takes DPM-Solver's whole timesteps as int64; Euler's are fractional).
         """
         self.check(tensors)
+        for spec in self.inputs:
+            given = tensors[spec.name].dtype
+            if given.is_floating_point and not spec.torch_dtype.is_floating_point:
+                raise ConfigError(
+                    f"input {spec.name!r} is {str(given).removeprefix('torch.')} but the engine was built for "
+                    f"{spec.dtype} (whole numbers: the build's scheduler gave whole timesteps), and the cast would drop "
+                    f"its fractions; run a scheduler with whole timesteps, such as the pipeline's own, DDIM or "
+                    f"DPM-Solver, or accelerate the pipeline without the bundle",
+                    field=spec.name, value=str(given).removeprefix("torch."),
+                )
         return {spec.name: tensors[spec.name].to(spec.torch_dtype).contiguous() for spec in self.inputs}
 
     def output(self, name: str) -> TensorSpec:
