@@ -457,3 +457,23 @@ def test_a_catconfig_setting_given_to_a_call_names_where_it_goes(name: str, sett
     with pytest.raises(ConfigError, match=rf"{setting} is a CATConfig setting, .*catrt.CATConfig\({setting}=...\)") as error:
         catrt.accelerate(pipe, CATConfig(t0=2))(**call_kwargs(pipe, num_inference_steps=4), **{setting: 3})
     assert error.value.field == setting
+
+
+@pytest.mark.parametrize("module_name, class_name", [("catrt.pipeline", "AcceleratedPipeline"), ("catrt.bundle", "EnginePipeline")])
+def test_every_attribute_a_wrapper_sets_on_itself_is_declared_its_own(module_name: str, class_name: str) -> None:
+    """The wrappers forward every attribute set on them to their pipeline but those in `_OWN_ATTRIBUTES`: one a method
+    assigns (`self.x = ...`) that the set does not name would land on the diffusers pipeline, not the wrapper."""
+    import ast
+    import importlib
+    import inspect as inspect_module
+
+    module = importlib.import_module(module_name)
+    tree = ast.parse(inspect_module.getsource(getattr(module, class_name)))
+    assigned = {
+        target.attr
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"
+    }
+    assert assigned and assigned <= module._OWN_ATTRIBUTES, sorted(assigned - module._OWN_ATTRIBUTES)
