@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         results[configuration.label] = measure(args, configuration, log)
     plot_path = out.with_suffix(".png")
     plot(results, plot_path)
-    out.write_text(report(args, results, plot_path.name))
+    benchkit.write_text(out, report(args, results, plot_path.name))
     print(out.read_text())
     print(f"wrote {out} and {plot_path}")
 

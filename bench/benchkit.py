@@ -4,6 +4,7 @@ report paths that never overwrite a committed result unless asked (`--out bench/
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -85,6 +86,33 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
     above = next((parent for parent in out.parents if parent.exists()), None)
     if above is not None and not above.is_dir():
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
+
+
+def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: str) -> None:
+    """One line and exit code 2 for an --out folder that cannot be made or written (a file, a path under a file),
+    made now, before the run: it was made after parsing with a traceback, or (compile_time.py's report file) only
+    after minutes of measuring."""
+    from catrt.checks import output_folder
+    from catrt.errors import ConfigError
+
+    if out is None:
+        return
+    try:
+        output_folder(out, f"--out {out}", holds, "out")
+    except ConfigError as error:
+        parser.error(str(error))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a report as a whole: into a hidden file beside it, then renamed onto it, so Ctrl-C or a kill mid-write
+    leaves the earlier report (or none), never a half-written one (Path.write_text truncates first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def check_at_least_one(parser: argparse.ArgumentParser, **counts: int) -> None:

@@ -447,6 +447,8 @@ class Row:
     host_sync: str | None = None
     warmup_s: float | str | None = None
     error: str | None = None
+    skipped: str | None = None  # why the variant was not started (the --budget-s ran out): no error, not measured
+    done: bool = False  # measured, failed or skipped; a report written before then shows the row as not run yet
     notes: list[str] = field(default_factory=list)
     profiles: dict[str, str] = field(default_factory=dict)  # --profile: step kind -> kernel table
 
@@ -767,6 +769,7 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
         log(f"{name}: setup failed\n{traceback.format_exc()}")
         for variant in variants:
             rows[variant].error = f"setup: {short_error(error)}"
+            rows[variant].done = True
         del transformer, adapter, loop
         free_memory(device)
         report.write()
@@ -788,8 +791,8 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
     for variant_name in variants:
         row = rows[variant_name]
         if out_of_time(args):
-            row.error = f"skipped: over the --budget-s {args.budget_s:.0f} s time budget"
-            log(f"{name} {variant_name}: {row.error}")
+            row.skipped, row.done = f"not started: over the --budget-s {args.budget_s:g} s time budget", True
+            log(f"{name} {variant_name}: {row.skipped}")
             continue
         log(f"{name} {variant_name}: warm-up generation, then {args.repeats} timed")
         variant = None
@@ -812,6 +815,7 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
             log(f"{name} {variant_name}: failed\n{traceback.format_exc()}")
             row.error = short_error(error)
         finally:
+            row.done = True
             with contextlib.suppress(Exception):
                 if device.type == "cuda":
                     torch.cuda.set_sync_debug_mode(0)
@@ -898,6 +902,7 @@ class Report:
         self.model_notes: dict[str, list[str]] = {}
         self.first_predictions: dict[str, dict[str, torch.Tensor]] = {}
         self.mac_shares: dict[str, float] = {}  # model -> pruned step's MACs / full step's
+        self.finished = False  # set before the last write: until then the report says it is partial
 
     def header(self) -> list[str]:
         args, device = self.args, self.device
@@ -945,8 +950,9 @@ class Report:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in self.rows:
-            if row.error:
-                lines.append(f"| {row.model} | {row.variant} | error | | | | | | | | |")
+            if row.error or row.skipped or not row.done:
+                status = "error" if row.error else "skipped" if row.skipped else "not run yet"
+                lines.append(f"| {row.model} | {row.variant} | {status} | | | | | | | | |")
                 continue
             cells = [
                 fmt(row.full_ms), fmt(row.pruned_ms) if row.pruned_ms is not None else "n/a", fmt(row.selection_ms, 3),
@@ -965,6 +971,8 @@ class Report:
         for row in self.rows:
             if row.error:
                 lines.append(f"- {row.model} {row.variant}: **error** {row.error}")
+            if row.skipped:
+                lines.append(f"- {row.model} {row.variant}: skipped, {row.skipped}")
             for note in row.notes:
                 lines.append(f"- {row.model} {row.variant}: {note}")
             if isinstance(row.selection_ms, float) and isinstance(row.pruned_ms, float) and row.pruned_ms > 0:
@@ -972,7 +980,13 @@ class Report:
             bound = self.schedule_bound(row)
             if bound:
                 lines.append(f"- {row.model} {row.variant}: {bound}")
-        lines.append(f"- total run time {time.monotonic() - STARTED:.0f} s")
+        elapsed = time.monotonic() - STARTED
+        if self.finished:
+            lines.append(f"- total run time {elapsed:.0f} s")
+        else:
+            pending = sum(not row.done for row in self.rows)
+            lines.append(f"- **partial report**, written {elapsed:.0f} s into the run: {pending} row(s) *not run yet*; a "
+                         "run that ends here (killed, out of device time) never measured them")
         return lines
 
     def catrt_schedule(self) -> str:
@@ -1013,8 +1027,8 @@ class Report:
         return text
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("\n".join(self.header() + self.table() + self.notes()) + "\n")
+        """The report as it stands, each file replaced whole (a kill mid-write keeps the last one written)."""
+        benchkit.write_text(self.path, "\n".join(self.header() + self.table() + self.notes()) + "\n")
         profiled = [row for row in self.rows if row.profiles]
         if profiled:
             lines = [f"# Profiles: {self.path.name}", "", "torch.profiler over steady steps of one more generation per variant "
@@ -1022,7 +1036,7 @@ class Report:
             for row in profiled:
                 for window, table in row.profiles.items():
                     lines += [f"## {row.model} {row.variant}: {window}", "", "```", table.rstrip(), "```", ""]
-            self.profile_path.write_text("\n".join(lines))
+            benchkit.write_text(self.profile_path, "\n".join(lines))
 
     @property
     def profile_path(self) -> Path:
@@ -1052,6 +1066,7 @@ def main(argv: list[str] | None = None) -> None:
             if variants:
                 log(f"pass {number}/{len(PASSES)}: {name}: {', '.join(variants)}")
                 measure_model(name, variants, args, device, report)
+    report.finished = True
     report.write()
     log(f"wrote {path}")
 

@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                              "--out bench/results/load-cpu.md regenerates the committed one)")
     args = parser.parse_args(argv)
     benchkit.exit_if_missing(parser, MISSING)
+    benchkit.check_out(parser, args.out)
     url = args.url.rstrip("/")
     if any(clients < 1 for clients in args.ramp or [args.clients]):
         parser.error("--clients and --ramp take numbers of clients >= 1")
@@ -228,8 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     levels = asyncio.run(run_ramp(url, args.ramp or [args.clients], args.seconds, {"n": args.n}, headers))
     text = report(args, levels, server_averages(url, headers))
     out = args.out or default_out(args.device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    benchkit.write_text(out, text)
     print(text)
     print(f"wrote {out}")
 

@@ -499,8 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     report, device = run_dims(args) if args.dims is not None else run_engines(args)
     path = args.out or default_out(device, args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report)
+    benchkit.write_text(path, report)
     print(report)
     print(f"wrote {path}")
 

@@ -169,6 +169,43 @@ def test_load_refuses_zero_clients_in_one_line(capsys: pytest.CaptureFixture[str
     assert "--clients and --ramp take numbers of clients >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("script", "argv", "out"), [
+    ("quality", [], "a-file"),
+    ("quality", [], "a-file/sub"),
+    ("frontier", ["--tiny"], "a-file/sub"),
+    ("compile_time", ["--models", "tiny-sd3"], "a-folder"),
+    ("compile_time", ["--models", "tiny-sd3"], "a-file/report.md"),
+    ("load", ["http://127.0.0.1:9"], "a-folder"),
+])
+def test_an_out_no_report_can_be_written_to_is_one_line_before_the_run(
+    script: str, argv: list[str], out: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """quality.py and frontier.py made their --out folder with a traceback; compile_time.py and load.py wrote their
+    report file after minutes of measuring (or of load) and failed there with one."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    module = load_script(script)
+    monkeypatch.setattr(module, "asyncio", None, raising=False)  # load.py: no load may run
+    monkeypatch.setattr(module, "subprocess", None, raising=False)  # compile_time.py: no measuring process
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([*argv, "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"bench/{script}.py: error: --out {tmp_path}")
+
+
+def test_quality_report_names_the_alpha_figure_3_and_the_grid_ran_at(tmp_path: Path) -> None:
+    """Without 0.3 among --alphas, Figure 3's CAT curve and the grid run at the first alpha; the report said 0.3."""
+    quality = load_script("quality")
+    args = quality.argparse.Namespace(n=2, steps=6, t0=2, alphas=[0.5, 0.2], device="cpu", data_seed=2024)
+    baseline = dict.fromkeys(quality.ATTRIBUTES, 1.0)
+    quality.write_table(tmp_path / "quality.md", args, baseline, [], [(4, 0.5)], [(4, 0.25)])
+    text = (tmp_path / "quality.md").read_text()
+    assert "| step | unpruned | CAT alpha 0.5 |" in text and "each method at alpha 0.5)" in text
+    assert "alpha 0.3" not in text
+    assert [m for m in quality.methods([0.5, 0.2]) if m.refresh_every] == [quality.Method("cat", 0.5, refresh_every=5)]
+
+
 @pytest.mark.parametrize(("script", "blocked", "package"), [
     ("quality", "matplotlib", "matplotlib"),
     ("quality", "skimage", "scikit-image"),
