@@ -26,6 +26,7 @@ from torch import nn
 
 from catrt.errors import ConfigError
 from catrt.reference import data
+from catrt.reference.checksums import PROBE_CHECKSUM_FILE, verify_files, write_checksums
 from catrt.reference.pipeline import ReferencePipeline, load_reference_pipeline
 
 logger = logging.getLogger(__name__)
@@ -152,12 +153,15 @@ def train_probe(steps: int = 2000, batch_size: int = 64, seed: int = 0, out: Pat
     probe.eval()
     if out is not None:
         save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, out)
+        write_checksums(out.parent, [out.name], PROBE_CHECKSUM_FILE)
     return probe
 
 
 @lru_cache(maxsize=1)
 def load_probe(path: Path = PROBE_FILE) -> Probe:
-    """The shipped probe in eval mode (cached: loading is the slow part of a quick check)."""
+    """The shipped probe in eval mode (cached: loading is the slow part of a quick check), checked against the
+    digest recorded beside it first."""
+    verify_files(path.parent, [path.name], PROBE_CHECKSUM_FILE)
     probe = Probe()
     probe.load_state_dict(load_file(path))
     return probe.eval()
