@@ -94,11 +94,13 @@ def generate(pipe: Any, samples: list[data.Sample], seeds: list[int], args: argp
 
 
 def psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    """Mean PSNR (dB) and SSIM over images in [0, 1]."""
+    """Mean PSNR (dB) and SSIM over images in [0, 1]; PSNR is inf where an image equals its reference (as `catrt
+    compare` reports it), where a floor on the error made it a 100 dB no image measured."""
     a = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
     b = ((reference + 1) / 2).permute(0, 2, 3, 1).numpy()
-    mse = ((a - b) ** 2).mean(axis=(1, 2, 3)).clip(1e-10)
-    psnr = float(np.mean(10 * np.log10(1.0 / mse)))
+    mse = ((a - b) ** 2).mean(axis=(1, 2, 3))
+    with np.errstate(divide="ignore"):
+        psnr = float(np.mean(10 * np.log10(1.0 / mse)))
     ssim = float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1.0) for x, y in zip(a, b)]))
     return psnr, ssim
 

@@ -206,6 +206,18 @@ def test_quality_report_names_the_alpha_figure_3_and_the_grid_ran_at(tmp_path: P
     assert [m for m in quality.methods([0.5, 0.2]) if m.refresh_every] == [quality.Method("cat", 0.5, refresh_every=5)]
 
 
+def test_quality_psnr_of_identical_images_is_inf_not_a_floor() -> None:
+    """alpha 1 computes every token: the images equal the unpruned ones and the table read 'PSNR 100.00'."""
+    import torch
+
+    quality = load_script("quality")
+    reference = torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
+    assert quality.psnr_ssim(reference.clone(), reference) == (float("inf"), 1.0)
+    shifted = reference + 0.02  # 0.01 off in [0, 1] everywhere: mse 1e-4, 40 dB
+    psnr, ssim = quality.psnr_ssim(shifted, reference)
+    assert psnr == pytest.approx(40.0) and ssim < 1.0
+
+
 @pytest.mark.parametrize(("script", "blocked", "package"), [
     ("quality", "matplotlib", "matplotlib"),
     ("quality", "skimage", "scikit-image"),
