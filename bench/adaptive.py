@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     benchkit.exit_if_missing(parser, MISSING)
     benchkit.check_at_least_one(parser, threads=args.threads)
     benchkit.check_out(parser, args.out)
+    benchkit.check_positive(parser, seconds=args.seconds, latency_target=args.latency_target)
     if any(clients < 1 for clients in args.levels):
         parser.error("--levels take numbers of clients >= 1")
     if args.engines and (args.fixed_alpha is not None or args.alphas is not None):

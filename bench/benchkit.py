@@ -4,6 +4,7 @@ report paths that never overwrite a committed result unless asked (`--out bench/
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -120,6 +121,14 @@ def check_at_least_one(parser: argparse.ArgumentParser, **counts: int) -> None:
     for name, value in counts.items():
         if value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def check_positive(parser: argparse.ArgumentParser, **values: float) -> None:
+    """One line and exit code 2 for a duration or target that is not a finite number > 0 (a load level of 0 or nan
+    seconds sends nothing and reports 0 requests or nan as if measured)."""
+    for name, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
 
 
 def check_schedule(parser: argparse.ArgumentParser, steps: int, t0: int, alphas: list[float] = ()) -> None:

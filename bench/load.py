@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     benchkit.exit_if_missing(parser, MISSING)
     benchkit.check_out(parser, args.out)
+    benchkit.check_positive(parser, seconds=args.seconds)
+    benchkit.check_at_least_one(parser, n=args.n)
     url = args.url.rstrip("/")
     if any(clients < 1 for clients in args.ramp or [args.clients]):
         parser.error("--clients and --ramp take numbers of clients >= 1")

@@ -218,6 +218,28 @@ def test_quality_psnr_of_identical_images_is_inf_not_a_floor() -> None:
     assert psnr == pytest.approx(40.0) and ssim < 1.0
 
 
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("load", ["http://127.0.0.1:9", "--seconds", "0"], "--seconds must be a finite number > 0, got 0.0"),
+    ("load", ["http://127.0.0.1:9", "--seconds", "nan"], "--seconds must be a finite number > 0, got nan"),
+    ("load", ["http://127.0.0.1:9", "--n", "0"], "--n must be at least 1, got 0"),
+    ("adaptive", ["--seconds", "-5"], "--seconds must be a finite number > 0, got -5.0"),
+    ("adaptive", ["--latency-target", "0"], "--latency-target must be a finite number > 0, got 0.0"),
+])
+def test_a_load_level_that_cannot_measure_anything_is_one_line(
+    script: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--seconds 0 or nan ran levels that sent nothing and reported 0 requests (nan latencies) as measured; --n 0 got
+    a 400 for every request; adaptive.py started a server for each."""
+    module = load_script(script)
+    monkeypatch.setattr(module, "asyncio", None)  # neither may run a load
+    monkeypatch.setattr(module, "subprocess", None, raising=False)  # nor adaptive.py start a server
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"bench/{script}.py: error: {message}")
+
+
 @pytest.mark.parametrize(("script", "blocked", "package"), [
     ("quality", "matplotlib", "matplotlib"),
     ("quality", "skimage", "scikit-image"),
