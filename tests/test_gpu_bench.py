@@ -330,6 +330,18 @@ def test_a_bad_setting_is_one_line_and_exit_code_2(argv: list[str], message: str
     assert error.count("error: ") == 1 and message in error and "Traceback" not in error
 
 
+@pytest.mark.parametrize("out", ["a-folder", "a-file/speed.md"])
+def test_an_out_no_report_can_be_written_to_is_one_line(out: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The first report write (before any model) raised IsADirectoryError / FileExistsError with a traceback."""
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as exited:
+        load_script().parse_args(["--tiny", "--out", str(tmp_path / out)])
+    assert exited.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"bench/gpu.py: error: --out {tmp_path}")
+
+
 def test_a_gpu_run_without_cuda_is_one_line_and_exit_code_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     gpu = load_script()
     monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
