@@ -382,3 +382,39 @@ def test_publish_refuses_weights_damaged_since_training(tmp_path: Path, isolated
     with pytest.raises(CorruptBundleError, match="does not match its size and sha256"):
         train.publish(tmp_path / "run" / "weights", package)
     assert _digests(package) == shipped
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
+    (["--reference-samples", "-1"], "--reference-samples must be an integer >= 0, got -1"),
+    (["--out", "{tmp}"], "--out {tmp} is a folder; give the probe's file, e.g. {tmp}/probe.safetensors"),
+    (["--out", "{tmp}/a-file/probe.safetensors"], "--out {tmp}/a-file/probe.safetensors: its folder is a file"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_probe_training_mistakes_are_one_line_before_training(
+    argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--steps 0 failed in OneCycleLR and --threads 0 in torch with tracebacks; a bad --out failed the save after
+    minutes of training."""
+    from catrt.reference import probe
+
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setattr(probe, "train_probe", lambda **kwargs: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as refused:
+        probe.main([word.format(tmp=tmp_path) for word in argv])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(f"python -m catrt.reference.probe: error: {message.format(tmp=tmp_path)}")
+
+
+def test_a_trained_probe_is_saved_whole_with_its_digest(tmp_path: Path, isolated_training: None) -> None:
+    from catrt.reference import probe
+
+    out = tmp_path / "probe.safetensors"
+    probe.train_probe(steps=1, batch_size=2, out=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.safetensors", "probe.sha256.json"]
+    probe.load_probe.cache_clear()
+    try:
+        assert isinstance(probe.load_probe(out), probe.Probe)
+    finally:
+        probe.load_probe.cache_clear()
