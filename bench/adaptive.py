@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     benchkit.exit_if_missing(parser, MISSING)
     benchkit.check_at_least_one(parser, threads=args.threads)
     benchkit.check_out(parser, args.out)
+    if args.out is not None and args.out.suffix.lower() == ".png":  # the plot is the report's path with .png
+        parser.error(f"--out {args.out} is the plot's own path (the plot goes beside the report as <name>.png, and the "
+                     f"report would overwrite it); give the report's file, e.g. {args.out.with_suffix('.md')}")
     benchkit.check_positive(parser, seconds=args.seconds, latency_target=args.latency_target)
     if any(clients < 1 for clients in args.levels):
         parser.error("--levels take numbers of clients >= 1")
