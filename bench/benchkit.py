@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,6 +102,19 @@ def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: s
     try:
         output_folder(out, f"--out {out}", holds, "out")
     except ConfigError as error:
+        parser.error(str(error))
+
+
+def load_reference(parser: argparse.ArgumentParser, device: str, weights_dir: Path | None = None) -> Any:
+    """The reference pipeline on `device`; a device this machine has not (`--device cuda` without CUDA: torch's
+    AssertionError) or missing / damaged weights are one line and exit code 2, not a traceback."""
+    from catrt.errors import CatrtError
+    from catrt.loading import usable_device
+    from catrt.reference.pipeline import load_reference_pipeline
+
+    try:
+        return load_reference_pipeline(device=usable_device(device), weights_dir=weights_dir)
+    except CatrtError as error:
         parser.error(str(error))
 
 

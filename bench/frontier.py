@@ -52,7 +52,6 @@ from catrt import metrics, selection  # noqa: E402
 from catrt.compare import UNPRUNED, Comparison, Variant, run_comparison  # noqa: E402
 from catrt.config import CATConfig  # noqa: E402
 from catrt.reference import data  # noqa: E402
-from catrt.reference.pipeline import load_reference_pipeline  # noqa: E402
 from catrt.runtime import CATRuntime  # noqa: E402
 from catrt.scheduler import step_kind  # noqa: E402
 
@@ -299,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    pipe = load_reference_pipeline(device=args.device)
+    pipe = benchkit.load_reference(parser, args.device)
     prompts = [sample.caption for sample in data.generate(args.n, seed=args.data_seed)]
     rows, oracle = variants(args.t0)
     comparison = run_comparison(pipe, prompts, list(range(args.n)), [*rows, *oracle], args.steps, paired=True,

@@ -47,8 +47,9 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import catrt  # noqa: E402
+from catrt.errors import CatrtError  # noqa: E402
 from catrt.reference import data, probe  # noqa: E402
-from catrt.reference.pipeline import WEIGHTS_DIR, load_reference_pipeline  # noqa: E402
+from catrt.reference.pipeline import WEIGHTS_DIR  # noqa: E402
 
 BASELINES = ("random", "round_robin", "magnitude", "sequential", "attention")
 ATTRIBUTES = tuple(probe.CLASSES)  # shape, colour, size, position, background
@@ -222,9 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out or default_out()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    pipe = load_reference_pipeline(device=args.device, weights_dir=args.weights)
+    pipe = benchkit.load_reference(parser, args.device, args.weights)
     pipe.set_progress_bar_config(disable=True)
-    classifier = probe.load_probe()
+    try:
+        classifier = probe.load_probe()
+    except CatrtError as error:  # a damaged shipped probe
+        parser.error(str(error))
     samples = data.generate(args.n, seed=args.data_seed)
     seeds = list(range(args.n))
     reference, _ = generate(pipe, samples, seeds, args, None)

@@ -240,6 +240,22 @@ def test_a_load_level_that_cannot_measure_anything_is_one_line(
     assert line.startswith(f"bench/{script}.py: error: {message}")
 
 
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("quality", ["--device", "nonsense"], "device 'nonsense' is not a torch device; use cpu, cuda or cuda:N"),
+    ("frontier", ["--tiny", "--device", "nonsense"], "device 'nonsense' is not a torch device; use cpu, cuda or cuda:N"),
+    ("quality", ["--weights", "{tmp}/missing"], "the reference weights folder {tmp}/missing does not exist"),
+])
+def test_a_device_or_weights_the_reference_model_cannot_load_from_is_one_line(
+    script: str, argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--device cuda` without CUDA ended in torch's AssertionError, missing --weights in a FileNotFoundError."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main([*(word.format(tmp=tmp_path) for word in argv), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"bench/{script}.py: error: {message.format(tmp=tmp_path)}")
+
+
 @pytest.mark.parametrize(("script", "blocked", "package"), [
     ("quality", "matplotlib", "matplotlib"),
     ("quality", "skimage", "scikit-image"),

@@ -329,6 +329,8 @@ def test_weights_without_their_digest_record_are_refused(tmp_path: Path) -> None
     with pytest.raises(CorruptBundleError, match=re.escape(f"the reference weights in {folder} have no sha256.json")):
         load_reference_pipeline(weights_dir=folder)
     (folder / "sha256.json").write_text("[1, 2]")
+    with pytest.raises(CorruptBundleError, match=re.escape(f"the reference weights folder {tmp_path / 'nowhere'} does not exist")):
+        load_reference_pipeline(weights_dir=tmp_path / "nowhere")
     with pytest.raises(CorruptBundleError, match="is not a JSON object of file records"):
         load_reference_pipeline(weights_dir=folder)
 

@@ -60,6 +60,9 @@ def write_checksums(folder: Path, names: Iterable[str], record_file: str = CHECK
 def verify_files(folder: Path, names: Iterable[str], record_file: str = CHECKSUM_FILE) -> None:
     """Refuse, naming the file, any of `names` that is missing from `folder`, unrecorded in `record_file`, or of
     another size or sha256 than its record says."""
+    if not path_is(folder, "folder"):
+        raise CorruptBundleError(f"the reference weights folder {echo_path(folder)} does not exist; give the folder "
+                                 "training wrote (OUT/weights) or reinstall catrt", field="weights")
     if not path_is(folder / record_file, "file"):
         raise CorruptBundleError(
             f"the reference weights in {echo_path(folder)} have no {record_file} (the digests training records beside "
