@@ -442,7 +442,6 @@ class Row:
     pruned_ms: float | str | None = None
     selection_ms: float | str | None = None
     generation_ms: float | str | None = None
-    speedup: float | str | None = None
     peak_gib: float | str | None = None
     allocs_per_step: float | str | None = None
     host_sync: str | None = None
@@ -824,10 +823,6 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
             free_memory(device)
         report.write()
 
-    baseline = rows.get("diffusers-eager")
-    for row in rows.values():
-        if baseline and isinstance(baseline.generation_ms, float) and isinstance(row.generation_ms, float):
-            row.speedup = baseline.generation_ms / row.generation_ms
     del transformer, adapter, loop
     with contextlib.suppress(Exception):
         torch.compiler.reset()  # frees compiled graphs (and any CUDA-graph pools they hold)
@@ -957,7 +952,7 @@ class Report:
                 continue
             cells = [
                 fmt(row.full_ms), fmt(row.pruned_ms) if row.pruned_ms is not None else "n/a", fmt(row.selection_ms, 3),
-                fmt(row.generation_ms, 1), f"{row.speedup:.2f}x" if isinstance(row.speedup, float) else fmt(row.speedup),
+                fmt(row.generation_ms, 1), fmt(self.speedup(row)),
                 fmt(row.peak_gib), fmt(row.allocs_per_step, 1), fmt(row.host_sync), fmt(row.warmup_s, 1),
             ]
             lines.append(f"| {row.model} | {row.variant} | " + " | ".join(cells) + " |")
@@ -989,6 +984,14 @@ class Report:
             lines.append(f"- **partial report**, written {elapsed:.0f} s into the run: {pending} row(s) *not run yet*; a "
                          "run that ends here (killed, out of device time) never measured them")
         return lines
+
+    def speedup(self, row: Row) -> str | None:
+        """diffusers eager's generation time over the row's, as "1.40x"; None until both are measured (derived when
+        the report is written, so a report written mid-model has the speedups of the rows measured so far)."""
+        baseline = next((r for r in self.rows if r.model == row.model and r.variant == "diffusers-eager"), None)
+        if baseline is None or not isinstance(baseline.generation_ms, float) or not isinstance(row.generation_ms, float):
+            return None
+        return f"{baseline.generation_ms / row.generation_ms:.2f}x"
 
     def catrt_schedule(self) -> str:
         """The catrt variants' steps by kind, e.g. "8 full + 20 pruned" or "8 full + 14 pruned + 6 reused"."""
