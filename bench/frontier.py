@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         args.n, args.steps, args.t0 = 1, 5, 2
     benchkit.check_at_least_one(parser, n=args.n, steps=args.steps, threads=args.threads)
     benchkit.check_schedule(parser, args.steps, args.t0, list(ALPHAS))
+    if args.data_seed < 0:  # catrt.reference.data.generate refused it with a traceback, after the model loaded
+        parser.error(f"--data-seed must be an integer >= 0, got {args.data_seed}")
     benchkit.check_out_folder(parser, args.out, "frontier.md, frontier.png and frontier.csv")
     torch.set_num_threads(args.threads)
     args.out_label = args.out or "bench/results/tmp/frontier-<time>"

@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     benchkit.exit_if_missing(parser, MISSING)
     benchkit.check_at_least_one(parser, n=args.n, steps=args.steps, batch=args.batch, grid_rows=args.grid_rows)
     benchkit.check_schedule(parser, args.steps, args.t0, args.alphas)
+    if args.data_seed < 0:  # catrt.reference.data.generate refused it with a traceback, after the model loaded
+        parser.error(f"--data-seed must be an integer >= 0, got {args.data_seed}")
     if args.steps < args.t0 + 2:  # Figure 3 correlates two pruned steps' changes since t0
         parser.error(f"Figure 3 needs two pruned steps: --steps must be at least --t0 + 2 = {args.t0 + 2}, got {args.steps}")
     benchkit.check_out_folder(parser, args.out, "quality.md, quality-grid.png and figure3.png")
