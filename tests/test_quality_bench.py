@@ -143,6 +143,47 @@ def test_load_ramp_has_a_row_per_level_with_the_reported_alpha_and_replicas(
         assert row[-2] == "0.200" and row[-1] == "1 |"  # mean alpha, one replica answering
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:{port}", "http://127.0.0.1:{port}"])
+def test_load_against_no_server_is_one_line_before_the_clients_run(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong port or a URL without http:// had every request fail for --seconds, then reading /metrics raised a
+    traceback (ConnectError, UnsupportedProtocol) and no report was written."""
+    import socket
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    load = load_script("load")
+    monkeypatch.setattr(load, "asyncio", None)  # no client may run
+    with pytest.raises(SystemExit) as exit_info:
+        load.main([url.format(port=port), "--out", str(tmp_path / "load.md")])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and line.startswith(f"bench/load.py: error: no server answers at {url.format(port=port)} (")
+    assert not (tmp_path / "load.md").exists()
+
+
+def test_load_writes_its_report_when_the_server_stops_before_its_metrics_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load = load_script("load")
+    real_get = load.httpx.get
+
+    def gone_at_the_end(url: str, **kwargs: object) -> object:
+        if url.endswith("/metrics"):
+            raise load.httpx.ConnectError("[Errno 111] Connection refused")
+        return real_get(url, **kwargs)
+
+    monkeypatch.setattr(load.httpx, "get", gone_at_the_end)
+    out = tmp_path / "load.md"
+    _run_load_script(["--clients", "1", "--seconds", "0.2", "--device", "test", "--out", str(out)], {}, monkeypatch)
+    text = out.read_text()
+    assert "Answers by status: 200:" in text
+    assert "Server side (/metrics, warm-up included): not read (ConnectError: [Errno 111] Connection refused)" in text
+
+
 def test_load_sends_the_servers_api_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Against a server with --api-key-file every request was a 401 (and /metrics one with --metrics-auth)."""
     monkeypatch.delenv("CATRT_API_KEY", raising=False)
