@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--out {args.out} is the plot's own path (the plot goes beside the report as <name>.png, and the "
                      f"report would overwrite it); give the report's file, e.g. {args.out.with_suffix('.md')}")
     benchkit.check_positive(parser, seconds=args.seconds, latency_target=args.latency_target)
+    benchkit.check_distinct(parser, alphas=args.alphas)
     if any(clients < 1 for clients in args.levels):
         parser.error("--levels take numbers of clients >= 1")
     if args.engines and (args.fixed_alpha is not None or args.alphas is not None):

@@ -137,6 +137,17 @@ def check_at_least_one(parser: argparse.ArgumentParser, **counts: int) -> None:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def check_distinct(parser: argparse.ArgumentParser, **lists: list[Any] | None) -> None:
+    """One line and exit code 2 for a list option naming a value twice: it was measured twice (minutes), and its
+    report rows came out twice or, keyed by it, one overwrote the other (gpu.py's first set read 'not run yet')."""
+    from catrt.checks import repeated
+
+    for name, values in lists.items():
+        twice = repeated(values or [])
+        if twice:
+            parser.error(f"--{name.replace('_', '-')} repeats {', '.join(map(str, twice))}; list each once")
+
+
 def check_positive(parser: argparse.ArgumentParser, **values: float) -> None:
     """One line and exit code 2 for a duration or target that is not a finite number > 0 (a load level of 0 or nan
     seconds sends nothing and reports 0 requests or nan as if measured)."""

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats < 1 or args.threads < 1 or args.blocks < 1:
         parser.error("--repeats, --threads and --blocks must be at least 1")
     benchkit.check_out(parser, args.out)
+    benchkit.check_distinct(parser, models=args.models, modes=args.modes)
     if args.one:
         import torch
 

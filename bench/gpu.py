@@ -158,6 +158,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 selection_repeats=args.selection_repeats, check_steps=args.check_steps,
                                 profile_rows=args.profile_rows, profile_steps=args.profile_steps)
     benchkit.check_out(parser, args.out)  # the report is first written before any model is built
+    benchkit.check_distinct(parser, models=args.models, variants=args.variants)
     if args.size % 16:
         parser.error("--size must be a multiple of 16 (VAE factor 8, patch 2)")
     if not args.budget_s >= 0:

@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     benchkit.exit_if_missing(parser, MISSING)
     benchkit.check_at_least_one(parser, n=args.n, steps=args.steps, batch=args.batch, grid_rows=args.grid_rows)
     benchkit.check_schedule(parser, args.steps, args.t0, args.alphas)
+    benchkit.check_distinct(parser, alphas=args.alphas)
     if args.data_seed < 0:  # catrt.reference.data.generate refused it with a traceback, after the model loaded
         parser.error(f"--data-seed must be an integer >= 0, got {args.data_seed}")
     if args.steps < args.t0 + 2:  # Figure 3 correlates two pruned steps' changes since t0

@@ -151,6 +151,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.backends = None if args.backends is None else [resolve_backend(name) for name in args.backends]
     except CatrtError as error:
         parser.error(f"--backends: {error}")
+    benchkit.check_distinct(parser, backends=args.backends)  # as resolved: auto is one of the others
 
 
 def default_out(device: str, args: argparse.Namespace) -> Path:

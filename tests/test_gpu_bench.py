@@ -316,6 +316,8 @@ def test_flux_runs_from_its_registered_meta_call_without_doubling_the_batch(tmp_
     (["--profile-rows", "0"], "--profile-rows must be at least 1, got 0"),
     (["--profile-steps", "0"], "--profile-steps must be at least 1, got 0"),
     (["--budget-s", "-1"], "--budget-s must be a number of seconds >= 0 (0 = no budget), got -1.0"),
+    (["--models", "sd3", "pixart-sigma", "sd3"], "--models repeats sd3; list each once"),
+    (["--variants", "catrt-eager", "catrt-eager"], "--variants repeats catrt-eager; list each once"),
     (["--budget-s", "nan"], "--budget-s must be a number of seconds >= 0 (0 = no budget), got nan"),
     (["--t0", "0"], "CATConfig.t0 must be an integer >= 2, got 0"),
     (["--t0", "20"], "CATConfig.t0 = 20 needs t0 < num_inference_steps, got 10 steps"),  # was a ConfigError traceback

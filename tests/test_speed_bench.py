@@ -32,6 +32,7 @@ def speed():  # noqa: ANN201 - the bench module
     (["--compile"], "--compile times compiled steps at a published block size; pass --dims too"),
     (["--steps", "3", "--t0", "2"], "--steps must be at least --t0 + 2 when timing backends (the selection is timed on "
                                     "the pruned steps after the first), got --steps 3 --t0 2"),
+    (["--backends", "eager", "auto", "eager"], "--backends repeats eager; list each once"),
     (["--backends", "eager", "tvm"], "--backends: unknown backend 'tvm'; known: auto, eager, compile, onnxruntime, tensorrt"),
     pytest.param(["--backends", "tensorrt"], "--backends: backend 'tensorrt' cannot run here: ",
                  marks=pytest.mark.skipif(TensorRTEngine.unavailable_reason() is None, reason="TensorRT runs here")),
