@@ -202,6 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     benchkit.exit_if_missing(parser, MISSING)
     benchkit.check_at_least_one(parser, threads=args.threads)
     benchkit.check_out(parser, args.out)
+    if args.out is not None and args.out.suffix.lower() == ".png":  # the plot is the report's path with .png
+        parser.error(f"--out {args.out} is the plot's own path (the plot goes beside the report as <name>.png, and the "
+                     f"report would overwrite it); give the report's file, e.g. {args.out.with_suffix('.md')}")
+    benchkit.check_positive(parser, seconds=args.seconds, latency_target=args.latency_target)
+    benchkit.check_distinct(parser, alphas=args.alphas)
     if any(clients < 1 for clients in args.levels):
         parser.error("--levels take numbers of clients >= 1")
     if args.engines and (args.fixed_alpha is not None or args.alphas is not None):
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         results[configuration.label] = measure(args, configuration, log)
     plot_path = out.with_suffix(".png")
     plot(results, plot_path)
-    out.write_text(report(args, results, plot_path.name))
+    benchkit.write_text(out, report(args, results, plot_path.name))
     print(out.read_text())
     print(f"wrote {out} and {plot_path}")
 

@@ -4,10 +4,13 @@ report paths that never overwrite a committed result unless asked (`--out bench/
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -87,11 +90,70 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
 
 
+def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: str) -> None:
+    """One line and exit code 2 for an --out folder that cannot be made or written (a file, a path under a file),
+    made now, before the run: it was made after parsing with a traceback, or (compile_time.py's report file) only
+    after minutes of measuring."""
+    from catrt.checks import output_folder
+    from catrt.errors import ConfigError
+
+    if out is None:
+        return
+    try:
+        output_folder(out, f"--out {out}", holds, "out")
+    except ConfigError as error:
+        parser.error(str(error))
+
+
+def load_reference(parser: argparse.ArgumentParser, device: str, weights_dir: Path | None = None) -> Any:
+    """The reference pipeline on `device`; a device this machine has not (`--device cuda` without CUDA: torch's
+    AssertionError) or missing / damaged weights are one line and exit code 2, not a traceback."""
+    from catrt.errors import CatrtError
+    from catrt.loading import usable_device
+    from catrt.reference.pipeline import load_reference_pipeline
+
+    try:
+        return load_reference_pipeline(device=usable_device(device), weights_dir=weights_dir)
+    except CatrtError as error:
+        parser.error(str(error))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a report as a whole: into a hidden file beside it, then renamed onto it, so Ctrl-C or a kill mid-write
+    leaves the earlier report (or none), never a half-written one (Path.write_text truncates first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def check_at_least_one(parser: argparse.ArgumentParser, **counts: int) -> None:
     """One line and exit code 2 for a count below 1 (an empty prompt list or batch fails deep inside torch)."""
     for name, value in counts.items():
         if value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def check_distinct(parser: argparse.ArgumentParser, **lists: list[Any] | None) -> None:
+    """One line and exit code 2 for a list option naming a value twice: it was measured twice (minutes), and its
+    report rows came out twice or, keyed by it, one overwrote the other (gpu.py's first set read 'not run yet')."""
+    from catrt.checks import repeated
+
+    for name, values in lists.items():
+        twice = repeated(values or [])
+        if twice:
+            parser.error(f"--{name.replace('_', '-')} repeats {', '.join(map(str, twice))}; list each once")
+
+
+def check_positive(parser: argparse.ArgumentParser, **values: float) -> None:
+    """One line and exit code 2 for a duration or target that is not a finite number > 0 (a load level of 0 or nan
+    seconds sends nothing and reports 0 requests or nan as if measured)."""
+    for name, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
 
 
 def check_schedule(parser: argparse.ArgumentParser, steps: int, t0: int, alphas: list[float] = ()) -> None:

@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.threads < 1 or args.blocks < 1:
         parser.error("--repeats, --threads and --blocks must be at least 1")
+    benchkit.check_out(parser, args.out)
+    benchkit.check_distinct(parser, models=args.models, modes=args.modes)
     if args.one:
         import torch
 
@@ -152,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     if args.out is not None:
         command = " ".join(["python bench/compile_time.py", *(sys.argv[1:] if argv is None else argv)])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
+        benchkit.write_text(
+            args.out,
             f"# Compile time: whole-forward vs regional\n\n`{command}`: torch {metadata.version('torch')}, "
             f"{args.threads} thread(s), {platform.machine()} ({os.cpu_count()} cores), backend {args.backend}, "
             f"inductor's on-disk caches off, {args.repeats} warm steps.\n\n{table(rows)}\n"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -51,7 +52,6 @@ from catrt import metrics, selection  # noqa: E402
 from catrt.compare import UNPRUNED, Comparison, Variant, run_comparison  # noqa: E402
 from catrt.config import CATConfig  # noqa: E402
 from catrt.reference import data  # noqa: E402
-from catrt.reference.pipeline import load_reference_pipeline  # noqa: E402
 from catrt.runtime import CATRuntime  # noqa: E402
 from catrt.scheduler import step_kind  # noqa: E402
 
@@ -202,7 +202,8 @@ def write_table(path: Path, args: argparse.Namespace, comparison: Comparison, or
     command = "python bench/frontier.py" + (" --tiny" if args.tiny else "") + f" --out {args.out_label}"
     lines = [
         "# Speed-quality frontier on the reference model", "",
-        f"`{command}` on {args.device}, {args.threads} thread(s) ({elapsed / 60:.0f} min on a 2-core CPU shared with other jobs): "
+        f"`{command}` on {args.device}, {args.threads} thread(s) ({elapsed / 60:.0f} min on a {os.cpu_count()}-core machine "
+        "shared with other jobs): "
         f"{args.n} held-out prompts (`catrt.reference.data.generate({args.n}, seed={args.data_seed})`), prompt i with "
         f"seed i, {args.steps} steps, t0 {args.t0}, one image per pipeline call. PSNR / SSIM against the unpruned image "
         "of the same seed (8-bit pixels); MAC ratio: transformer MACs of the run's trace over the unpruned pipeline's "
@@ -220,7 +221,7 @@ def write_table(path: Path, args: argparse.Namespace, comparison: Comparison, or
     lines += dominance_lines(comparison, rows)
     lines += headroom_lines(comparison, [f"CAT a{HEADROOM_ALPHA}", *oracle])
     lines += ["", "Plot: `frontier.png`; per-configuration means: `frontier.csv`."]
-    path.write_text("\n".join(lines) + "\n")
+    benchkit.write_text(path, "\n".join(lines) + "\n")
 
 
 def dominance_lines(comparison: Comparison, rows: list[Point]) -> list[str]:
@@ -290,13 +291,16 @@ def main(argv: list[str] | None = None) -> None:
         args.n, args.steps, args.t0 = 1, 5, 2
     benchkit.check_at_least_one(parser, n=args.n, steps=args.steps, threads=args.threads)
     benchkit.check_schedule(parser, args.steps, args.t0, list(ALPHAS))
+    if args.data_seed < 0:  # catrt.reference.data.generate refused it with a traceback, after the model loaded
+        parser.error(f"--data-seed must be an integer >= 0, got {args.data_seed}")
+    benchkit.check_out_folder(parser, args.out, "frontier.md, frontier.png and frontier.csv")
     torch.set_num_threads(args.threads)
     args.out_label = args.out or "bench/results/tmp/frontier-<time>"
     args.out = args.out or default_out()
     args.out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    pipe = load_reference_pipeline(device=args.device)
+    pipe = benchkit.load_reference(parser, args.device)
     prompts = [sample.caption for sample in data.generate(args.n, seed=args.data_seed)]
     rows, oracle = variants(args.t0)
     comparison = run_comparison(pipe, prompts, list(range(args.n)), [*rows, *oracle], args.steps, paired=True,

@@ -157,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     benchkit.check_at_least_one(parser, size=args.size, steps=args.steps, repeats=args.repeats,
                                 selection_repeats=args.selection_repeats, check_steps=args.check_steps,
                                 profile_rows=args.profile_rows, profile_steps=args.profile_steps)
+    benchkit.check_out(parser, args.out)  # the report is first written before any model is built
+    benchkit.check_distinct(parser, models=args.models, variants=args.variants)
     if args.size % 16:
         parser.error("--size must be a multiple of 16 (VAE factor 8, patch 2)")
     if not args.budget_s >= 0:
@@ -441,12 +443,13 @@ class Row:
     pruned_ms: float | str | None = None
     selection_ms: float | str | None = None
     generation_ms: float | str | None = None
-    speedup: float | str | None = None
     peak_gib: float | str | None = None
     allocs_per_step: float | str | None = None
     host_sync: str | None = None
     warmup_s: float | str | None = None
     error: str | None = None
+    skipped: str | None = None  # why the variant was not started (the --budget-s ran out): no error, not measured
+    done: bool = False  # measured, failed or skipped; a report written before then shows the row as not run yet
     notes: list[str] = field(default_factory=list)
     profiles: dict[str, str] = field(default_factory=dict)  # --profile: step kind -> kernel table
 
@@ -767,6 +770,7 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
         log(f"{name}: setup failed\n{traceback.format_exc()}")
         for variant in variants:
             rows[variant].error = f"setup: {short_error(error)}"
+            rows[variant].done = True
         del transformer, adapter, loop
         free_memory(device)
         report.write()
@@ -788,8 +792,8 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
     for variant_name in variants:
         row = rows[variant_name]
         if out_of_time(args):
-            row.error = f"skipped: over the --budget-s {args.budget_s:.0f} s time budget"
-            log(f"{name} {variant_name}: {row.error}")
+            row.skipped, row.done = f"not started: over the --budget-s {args.budget_s:g} s time budget", True
+            log(f"{name} {variant_name}: {row.skipped}")
             continue
         log(f"{name} {variant_name}: warm-up generation, then {args.repeats} timed")
         variant = None
@@ -812,6 +816,7 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
             log(f"{name} {variant_name}: failed\n{traceback.format_exc()}")
             row.error = short_error(error)
         finally:
+            row.done = True
             with contextlib.suppress(Exception):
                 if device.type == "cuda":
                     torch.cuda.set_sync_debug_mode(0)
@@ -819,10 +824,6 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
             free_memory(device)
         report.write()
 
-    baseline = rows.get("diffusers-eager")
-    for row in rows.values():
-        if baseline and isinstance(baseline.generation_ms, float) and isinstance(row.generation_ms, float):
-            row.speedup = baseline.generation_ms / row.generation_ms
     del transformer, adapter, loop
     with contextlib.suppress(Exception):
         torch.compiler.reset()  # frees compiled graphs (and any CUDA-graph pools they hold)
@@ -898,6 +899,7 @@ class Report:
         self.model_notes: dict[str, list[str]] = {}
         self.first_predictions: dict[str, dict[str, torch.Tensor]] = {}
         self.mac_shares: dict[str, float] = {}  # model -> pruned step's MACs / full step's
+        self.finished = False  # set before the last write: until then the report says it is partial
 
     def header(self) -> list[str]:
         args, device = self.args, self.device
@@ -945,12 +947,13 @@ class Report:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in self.rows:
-            if row.error:
-                lines.append(f"| {row.model} | {row.variant} | error | | | | | | | | |")
+            if row.error or row.skipped or not row.done:
+                status = "error" if row.error else "skipped" if row.skipped else "not run yet"
+                lines.append(f"| {row.model} | {row.variant} | {status} | | | | | | | | |")
                 continue
             cells = [
                 fmt(row.full_ms), fmt(row.pruned_ms) if row.pruned_ms is not None else "n/a", fmt(row.selection_ms, 3),
-                fmt(row.generation_ms, 1), f"{row.speedup:.2f}x" if isinstance(row.speedup, float) else fmt(row.speedup),
+                fmt(row.generation_ms, 1), fmt(self.speedup(row)),
                 fmt(row.peak_gib), fmt(row.allocs_per_step, 1), fmt(row.host_sync), fmt(row.warmup_s, 1),
             ]
             lines.append(f"| {row.model} | {row.variant} | " + " | ".join(cells) + " |")
@@ -965,6 +968,8 @@ class Report:
         for row in self.rows:
             if row.error:
                 lines.append(f"- {row.model} {row.variant}: **error** {row.error}")
+            if row.skipped:
+                lines.append(f"- {row.model} {row.variant}: skipped, {row.skipped}")
             for note in row.notes:
                 lines.append(f"- {row.model} {row.variant}: {note}")
             if isinstance(row.selection_ms, float) and isinstance(row.pruned_ms, float) and row.pruned_ms > 0:
@@ -972,8 +977,22 @@ class Report:
             bound = self.schedule_bound(row)
             if bound:
                 lines.append(f"- {row.model} {row.variant}: {bound}")
-        lines.append(f"- total run time {time.monotonic() - STARTED:.0f} s")
+        elapsed = time.monotonic() - STARTED
+        if self.finished:
+            lines.append(f"- total run time {elapsed:.0f} s")
+        else:
+            pending = sum(not row.done for row in self.rows)
+            lines.append(f"- **partial report**, written {elapsed:.0f} s into the run: {pending} row(s) *not run yet*; a "
+                         "run that ends here (killed, out of device time) never measured them")
         return lines
+
+    def speedup(self, row: Row) -> str | None:
+        """diffusers eager's generation time over the row's, as "1.40x"; None until both are measured (derived when
+        the report is written, so a report written mid-model has the speedups of the rows measured so far)."""
+        baseline = next((r for r in self.rows if r.model == row.model and r.variant == "diffusers-eager"), None)
+        if baseline is None or not isinstance(baseline.generation_ms, float) or not isinstance(row.generation_ms, float):
+            return None
+        return f"{baseline.generation_ms / row.generation_ms:.2f}x"
 
     def catrt_schedule(self) -> str:
         """The catrt variants' steps by kind, e.g. "8 full + 20 pruned" or "8 full + 14 pruned + 6 reused"."""
@@ -1013,8 +1032,8 @@ class Report:
         return text
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("\n".join(self.header() + self.table() + self.notes()) + "\n")
+        """The report as it stands, each file replaced whole (a kill mid-write keeps the last one written)."""
+        benchkit.write_text(self.path, "\n".join(self.header() + self.table() + self.notes()) + "\n")
         profiled = [row for row in self.rows if row.profiles]
         if profiled:
             lines = [f"# Profiles: {self.path.name}", "", "torch.profiler over steady steps of one more generation per variant "
@@ -1022,7 +1041,7 @@ class Report:
             for row in profiled:
                 for window, table in row.profiles.items():
                     lines += [f"## {row.model} {row.variant}: {window}", "", "```", table.rstrip(), "```", ""]
-            self.profile_path.write_text("\n".join(lines))
+            benchkit.write_text(self.profile_path, "\n".join(lines))
 
     @property
     def profile_path(self) -> Path:
@@ -1052,6 +1071,7 @@ def main(argv: list[str] | None = None) -> None:
             if variants:
                 log(f"pass {number}/{len(PASSES)}: {name}: {', '.join(variants)}")
                 measure_model(name, variants, args, device, report)
+    report.finished = True
     report.write()
     log(f"wrote {path}")
 

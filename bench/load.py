@@ -113,17 +113,24 @@ async def run_ramp(url: str, levels: list[int], seconds: float, body: dict,
     return [(clients, await run_load(url, clients, seconds, body, headers)) for clients in levels]
 
 
-def server_averages(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
+def server_averages(url: str, headers: dict[str, str] | None = None) -> dict[str, float] | str:
     """Mean images per model call and mean step time by kind, from the server's /metrics (since it started),
-    summed over its sizes; what the server does not export (a Ray Serve ingress has no step times) is left out."""
+    summed over its sizes; what the server does not export (a Ray Serve ingress has no step times) is left out.
+
+    Where /metrics cannot be read (a server that stopped during the run, a body that is no Prometheus text), why:
+    the report keeps the clients' figures, where the run ended in a traceback and wrote nothing.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
     sums: Counter[str] = Counter()
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", headers=headers).text):
-        for sample in family.samples:
-            if sample.name.endswith(("_sum", "_count")):
-                kind = sample.labels.get("kind")
-                sums[sample.name if kind is None else f"{sample.name}:{kind}"] += sample.value
+    try:
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", headers=headers).text):
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    kind = sample.labels.get("kind")
+                    sums[sample.name if kind is None else f"{sample.name}:{kind}"] += sample.value
+    except (httpx.HTTPError, ValueError) as error:
+        return f"not read ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
     averages = {}
     if sums["catrt_batch_rows_count"]:
         averages["images per model call"] = sums["catrt_batch_rows_sum"] / sums["catrt_batch_rows_count"]
@@ -131,6 +138,17 @@ def server_averages(url: str, headers: dict[str, str] | None = None) -> dict[str
         if sums[f"catrt_step_seconds_count:{kind}"]:
             averages[f"{kind} step (ms)"] = 1000 * sums[f"catrt_step_seconds_sum:{kind}"] / sums[f"catrt_step_seconds_count:{kind}"]
     return averages
+
+
+def check_server(parser: argparse.ArgumentParser, url: str, headers: dict[str, str]) -> None:
+    """One line and exit code 2 when nothing answers at `url` (a wrong port, a missing http://), before the clients
+    run: each of their requests failed for --seconds, then reading /metrics raised a traceback and no report was
+    written."""
+    try:
+        httpx.get(f"{url}/health", headers=headers, timeout=10)
+    except (httpx.HTTPError, httpx.InvalidURL) as error:
+        parser.error(f"no server answers at {url} ({type(error).__name__}: {' '.join(str(error).split())[:200]}); "
+                     "start `catrt serve` there first, or give its URL (http://HOST:PORT)")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -155,7 +173,7 @@ def table(levels: list[tuple[int, LoadResult]]) -> list[str]:
     return lines
 
 
-def report(args: argparse.Namespace, levels: list[tuple[int, LoadResult]], averages: dict[str, float]) -> str:
+def report(args: argparse.Namespace, levels: list[tuple[int, LoadResult]], averages: dict[str, float] | str) -> str:
     statuses: Counter[str] = Counter()
     for _, result in levels:
         statuses.update(result.statuses)
@@ -178,7 +196,8 @@ def report(args: argparse.Namespace, levels: list[tuple[int, LoadResult]], avera
             "",
         ]),
         "Server side (/metrics, warm-up included): "
-        + (", ".join(f"{name} {value:.2f}" for name, value in averages.items()) or "not exported"),
+        + (averages if isinstance(averages, str) else
+           ", ".join(f"{name} {value:.2f}" for name, value in averages.items()) or "not exported"),
         "",
         "Latency is the client's, request sent to answer read, over 200 answers only; a client that gets 429 waits "
         "Retry-After before its next request.",
@@ -221,15 +240,18 @@ def main(argv: list[str] | None = None) -> None:
                              "--out bench/results/load-cpu.md regenerates the committed one)")
     args = parser.parse_args(argv)
     benchkit.exit_if_missing(parser, MISSING)
+    benchkit.check_out(parser, args.out)
+    benchkit.check_positive(parser, seconds=args.seconds)
+    benchkit.check_at_least_one(parser, n=args.n)
     url = args.url.rstrip("/")
     if any(clients < 1 for clients in args.ramp or [args.clients]):
         parser.error("--clients and --ramp take numbers of clients >= 1")
     headers = _auth_headers(parser, args.api_key_file)
+    check_server(parser, url, headers)
     levels = asyncio.run(run_ramp(url, args.ramp or [args.clients], args.seconds, {"n": args.n}, headers))
     text = report(args, levels, server_averages(url, headers))
     out = args.out or default_out(args.device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    benchkit.write_text(out, text)
     print(text)
     print(f"wrote {out}")
 

@@ -47,8 +47,9 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import catrt  # noqa: E402
+from catrt.errors import CatrtError  # noqa: E402
 from catrt.reference import data, probe  # noqa: E402
-from catrt.reference.pipeline import WEIGHTS_DIR, load_reference_pipeline  # noqa: E402
+from catrt.reference.pipeline import WEIGHTS_DIR  # noqa: E402
 
 BASELINES = ("random", "round_robin", "magnitude", "sequential", "attention")
 ATTRIBUTES = tuple(probe.CLASSES)  # shape, colour, size, position, background
@@ -69,10 +70,14 @@ class Method:
         return name + (f" + full refresh every {self.refresh_every}" if self.refresh_every else "")
 
 
+def grid_alpha(alphas: list[float]) -> float:
+    """The alpha of the grid's columns, Figure 3's CAT curve and the refresh row: 0.3 where it was run, else the first."""
+    return 0.3 if 0.3 in alphas else alphas[0]
+
+
 def methods(alphas: list[float]) -> list[Method]:
     rows = [Method(rule, alpha) for alpha in alphas for rule in ("cat", *BASELINES)]
-    refresh_alpha = 0.3 if 0.3 in alphas else alphas[0]
-    return rows + [Method("cat", refresh_alpha, refresh_every=5)]
+    return rows + [Method("cat", grid_alpha(alphas), refresh_every=5)]
 
 
 def generate(pipe: Any, samples: list[data.Sample], seeds: list[int], args: argparse.Namespace,
@@ -90,11 +95,13 @@ def generate(pipe: Any, samples: list[data.Sample], seeds: list[int], args: argp
 
 
 def psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    """Mean PSNR (dB) and SSIM over images in [0, 1]."""
+    """Mean PSNR (dB) and SSIM over images in [0, 1]; PSNR is inf where an image equals its reference (as `catrt
+    compare` reports it), where a floor on the error made it a 100 dB no image measured."""
     a = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
     b = ((reference + 1) / 2).permute(0, 2, 3, 1).numpy()
-    mse = ((a - b) ** 2).mean(axis=(1, 2, 3)).clip(1e-10)
-    psnr = float(np.mean(10 * np.log10(1.0 / mse)))
+    mse = ((a - b) ** 2).mean(axis=(1, 2, 3))
+    with np.errstate(divide="ignore"):
+        psnr = float(np.mean(10 * np.log10(1.0 / mse)))
     ssim = float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1.0) for x, y in zip(a, b)]))
     return psnr, ssim
 
@@ -128,10 +135,10 @@ def correlations(outputs: list[torch.Tensor], t0: int) -> list[tuple[int, float]
     return rows
 
 
-def figure3(unpruned: list[tuple[int, float]], pruned: list[tuple[int, float]], path: Path) -> None:
+def figure3(unpruned: list[tuple[int, float]], pruned: list[tuple[int, float]], alpha: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(*zip(*unpruned), marker="o", label="unpruned")
-    ax.plot(*zip(*pruned), marker="s", label="CAT, alpha 0.3")
+    ax.plot(*zip(*pruned), marker="s", label=f"CAT, alpha {alpha:g}")
     ax.set_xlabel("step t")
     ax.set_ylabel("Pearson r")
     ax.set_title("||n_t - n_t0|| vs ||n_(t-1) - n_t0|| over tokens")
@@ -179,11 +186,11 @@ def write_table(path: Path, args: argparse.Namespace, baseline: dict[str, float]
               "Pearson correlation over tokens of ||n_t - n_t0|| and ||n_(t-1) - n_t0|| (mean over prompts), "
               "n_t the transformer output (conditional half) at step t. Plot: `figure3.png`. At the first pruned step, "
               f"{args.t0 + 1}, n_(t-1) is n_t0 itself: ||n_(t-1) - n_t0|| is 0 for every token and r is undefined (–).",
-              "", "| step | unpruned | CAT alpha 0.3 |", "|---|---|---|", f"| {args.t0 + 1} | – | – |"]
+              "", f"| step | unpruned | CAT alpha {grid_alpha(args.alphas):g} |", "|---|---|---|", f"| {args.t0 + 1} | – | – |"]
     for (step, a), (_, b) in zip(unpruned_corr, pruned_corr):
         lines.append(f"| {step} | {a:.3f} | {b:.3f} |")
-    lines += ["", "Grid of samples: `quality-grid.png` (unpruned first, then each method at alpha 0.3)."]
-    path.write_text("\n".join(lines) + "\n")
+    lines += ["", f"Grid of samples: `quality-grid.png` (unpruned first, then each method at alpha {grid_alpha(args.alphas):g})."]
+    benchkit.write_text(path, "\n".join(lines) + "\n")
 
 
 def default_out() -> Path:
@@ -210,20 +217,27 @@ def main(argv: list[str] | None = None) -> None:
     benchkit.exit_if_missing(parser, MISSING)
     benchkit.check_at_least_one(parser, n=args.n, steps=args.steps, batch=args.batch, grid_rows=args.grid_rows)
     benchkit.check_schedule(parser, args.steps, args.t0, args.alphas)
+    benchkit.check_distinct(parser, alphas=args.alphas)
+    if args.data_seed < 0:  # catrt.reference.data.generate refused it with a traceback, after the model loaded
+        parser.error(f"--data-seed must be an integer >= 0, got {args.data_seed}")
     if args.steps < args.t0 + 2:  # Figure 3 correlates two pruned steps' changes since t0
         parser.error(f"Figure 3 needs two pruned steps: --steps must be at least --t0 + 2 = {args.t0 + 2}, got {args.steps}")
+    benchkit.check_out_folder(parser, args.out, "quality.md, quality-grid.png and figure3.png")
     args.out = args.out or default_out()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    pipe = load_reference_pipeline(device=args.device, weights_dir=args.weights)
+    pipe = benchkit.load_reference(parser, args.device, args.weights)
     pipe.set_progress_bar_config(disable=True)
-    classifier = probe.load_probe()
+    try:
+        classifier = probe.load_probe()
+    except CatrtError as error:  # a damaged shipped probe
+        parser.error(str(error))
     samples = data.generate(args.n, seed=args.data_seed)
     seeds = list(range(args.n))
     reference, _ = generate(pipe, samples, seeds, args, None)
     baseline = probe.attribute_accuracy(reference.cpu(), samples, classifier)
     rows, grid_columns = [], [("unpruned", reference)]
-    grid_alpha = 0.3 if 0.3 in args.alphas else args.alphas[0]
+    shown_alpha = grid_alpha(args.alphas)
     for method in methods(args.alphas):
         images, seconds = generate(pipe, samples, seeds, args, method)
         psnr, ssim = psnr_ssim(images.cpu(), reference.cpu())
@@ -231,12 +245,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"method": method.label, "alpha": method.alpha, "psnr": psnr, "ssim": ssim,
                      "seconds": seconds, **accuracy})
         print(f"{method.label:45s} alpha {method.alpha}: PSNR {psnr:6.2f} SSIM {ssim:.4f} {accuracy}", flush=True)
-        if method.alpha == grid_alpha and not method.refresh_every:
+        if method.alpha == shown_alpha and not method.refresh_every:
             grid_columns.append((method.label, images))
     few = samples[: min(16, args.n)]
     unpruned_corr = correlations(step_outputs(pipe, few, seeds, args, None), args.t0)
-    pruned_corr = correlations(step_outputs(pipe, few, seeds, args, Method("cat", grid_alpha)), args.t0)
-    figure3(unpruned_corr, pruned_corr, args.out / "figure3.png")
+    pruned_corr = correlations(step_outputs(pipe, few, seeds, args, Method("cat", shown_alpha)), args.t0)
+    figure3(unpruned_corr, pruned_corr, shown_alpha, args.out / "figure3.png")
     image_grid(grid_columns, min(args.grid_rows, args.n), args.out / "quality-grid.png")
     write_table(args.out / "quality.md", args, baseline, rows, unpruned_corr, pruned_corr)
     print(f"wrote {args.out / 'quality.md'}")

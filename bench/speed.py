@@ -151,6 +151,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.backends = None if args.backends is None else [resolve_backend(name) for name in args.backends]
     except CatrtError as error:
         parser.error(f"--backends: {error}")
+    benchkit.check_distinct(parser, backends=args.backends)  # as resolved: auto is one of the others
 
 
 def default_out(device: str, args: argparse.Namespace) -> Path:
@@ -160,15 +161,22 @@ def default_out(device: str, args: argparse.Namespace) -> Path:
     return benchkit.new_path(stem, ".md")
 
 
+def synchronize() -> None:
+    """Wait for the CUDA work queued so far (none on the CPU): a clock read after it counts the work, not its launch,
+    and one started after it does not count earlier work still running (a warm-up's, say)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
     """Fastest of `repeats` timed runs: other jobs share this machine, and they only ever add time."""
     fn()  # warm-up (and compilation)
     times = []
     for _ in range(repeats):
+        synchronize()
         started = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         times.append(time.perf_counter() - started)
     return min(times)
 
@@ -185,10 +193,10 @@ def interleaved_seconds(functions: dict[str, Callable[[], Any]], repeats: int) -
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            synchronize()
             wall, cpu = time.perf_counter(), time.process_time()
             functions[name]()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            synchronize()
             times[name]["wall"].append(time.perf_counter() - wall)
             times[name]["cpu"].append(time.process_time() - cpu)
     return times
@@ -224,21 +232,29 @@ def engine_step_times(fast: Any, build: BuildConfig, repeats: int) -> dict[str, 
 
 
 def selection_seconds(fast: Any, build: BuildConfig) -> float:
-    """Mean seconds of the runtime's selection per pruned step, timed inside one generation."""
-    original = CATRuntime._select
+    """Mean seconds of the runtime's selection per pruned step, timed inside one generation.
+
+    The generation runs its steps uncaptured: a captured pruned step (compile, or any backend with CUDA graphs) is
+    replayed without calling `_select`, which then ran once, inside the capture. Each call is timed between device
+    synchronisations (on CUDA the call only queues its kernels).
+    """
+    accelerated = getattr(fast, "accelerated", fast)
+    original, captured = CATRuntime._select, accelerated.cuda_graphs
     spent: list[float] = []
 
     def timed(runtime: CATRuntime) -> torch.Tensor:
+        synchronize()
         started = time.perf_counter()
         indices = original(runtime)
+        synchronize()
         spent.append(time.perf_counter() - started)
         return indices
 
-    CATRuntime._select = timed
+    CATRuntime._select, accelerated.cuda_graphs = timed, False
     try:
         generate(fast, "latent")
     finally:
-        CATRuntime._select = original
+        CATRuntime._select, accelerated.cuda_graphs = original, captured
     return statistics.mean(spent[1:])  # the first is a warm-up: select_cat_step's first call at these shapes
 
 
@@ -287,9 +303,10 @@ def save_bench_model(config: dict[str, Any], folder: Path) -> Path:
     return folder
 
 
-def baseline(model: Path, build: BuildConfig, repeats: int) -> dict[str, float]:
-    """Unmodified diffusers: its transformer's full step and a whole generation."""
-    pipe = catrt.load_pipeline(str(model))
+def baseline(model: Path, build: BuildConfig, repeats: int, device: torch.device) -> dict[str, float]:
+    """Unmodified diffusers on `device` (the engines'; it ran on the CPU beside CUDA engines): its transformer's
+    full step and a whole generation."""
+    pipe = catrt.load_pipeline(str(model), device=device)
     pipe.set_progress_bar_config(disable=True)
     kwargs = build.call_arguments()
     with torch.no_grad():
@@ -348,15 +365,16 @@ def run_engines(args: argparse.Namespace) -> tuple[str, str]:
         name for name in ENGINES if name == "eager" or ENGINES[name].unavailable_reason() is None
     ]
     probe = BuildConfig(str(model), height=args.size, width=args.size, steps=args.steps, t0=args.t0, alphas=(args.alpha,), max_sequence_length=args.text_length)
-    base = baseline(model, probe, args.repeats)
+    target = ENGINES[backends[0] if backends else "eager"].default_device()  # the report's device
+    base = baseline(model, probe, args.repeats, target)
     print(f"diffusers: full step {base['full']:.3f} s, generation {base['generation']:.2f} s", flush=True)
     rows = {}
     for backend in backends:
         rows[backend] = measure_backend(backend, model, args)
         print(f"{backend}: " + ", ".join(f"{key} {value:.3f} s" for key, value in rows[backend].items()), flush=True)
-    again = baseline(model, probe, args.repeats)  # measured twice, around the backends: load varies
+    again = baseline(model, probe, args.repeats, target)  # measured twice, around the backends: load varies
     base = {key: min(base[key], again[key]) for key in base}
-    device = describe_device(ENGINES[backends[0] if backends else "eager"].default_device()).get("name", "cpu")
+    device = describe_device(target).get("name", "cpu")
     macs = mac_ratio(config, args.size, args.size, args.alpha, args.t0, args.steps, CLIP_TOKENS + args.text_length)
     return engines_report(rows, base, macs, args, device), device
 
@@ -499,8 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     report, device = run_dims(args) if args.dims is not None else run_engines(args)
     path = args.out or default_out(device, args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report)
+    benchkit.write_text(path, report)
     print(report)
     print(f"wrote {path}")
 

@@ -47,6 +47,8 @@ def generate_image(runner: Any, request: GenerationRequest) -> tuple[Any, float]
             kwargs[name] = value
     device = pipe.device
     kwargs["generator"] = torch.Generator(device=device).manual_seed(request.seed)
+    if device.type == "cuda":  # work queued before this call (catrt compare's MAC count between images) is not its time
+        torch.cuda.synchronize(device)
     started = time.perf_counter()
     pixels = runner(**kwargs).images
     if device.type == "cuda":

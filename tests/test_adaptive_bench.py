@@ -60,3 +60,14 @@ def test_an_out_that_is_a_folder_is_one_line_before_any_server_starts(adaptive, 
         adaptive.main(["--model", "reference", "--out", str(tmp_path)])
     assert stopped.value.code == 2
     assert f"--out {tmp_path} is a folder; give the report's file" in capsys.readouterr().err
+
+
+def test_an_out_ending_in_png_is_refused_as_the_plots_own_path(adaptive, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    """The plot is written to the report's path with .png: `--out report.png` wrote the plot, then the report over it
+    (a markdown file named .png, its image link pointing at itself)."""
+    out = tmp_path / "report.png"
+    with pytest.raises(SystemExit) as refused:
+        _serve_lines(adaptive, ["--out", str(out)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(f"bench/adaptive.py: error: --out {out} is the plot's own path")
+    assert not out.exists()

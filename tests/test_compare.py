@@ -411,3 +411,45 @@ def test_traced_macs_count_probes_where_they_cost() -> None:
     assert steps.traced_ratio(records) == pytest.approx((5 + 2000 + 600 + 280) / 6000)
     every_token = StepMacs(num_tokens=100, k=100, full=1000, context_full=1000, pruned=1010, context=5, probe=70)
     assert every_token.traced(records) == 5 + 2 * 1000 + 2 * 1010 + 2 * 70  # computed steps make the probe themselves
+
+
+def test_a_variant_identical_on_some_images_says_how_many_and_the_others_psnr() -> None:
+    """The mean PSNR of a variant with one identical image among three read a bare 'inf', as for a variant identical
+    on all of them."""
+    from catrt.compare import UNPRUNED, Comparison, Sample, Variant, report_lines
+
+    def sample(index: int, variant: str, psnr: float) -> Sample:
+        return Sample(index, "p", 0, variant, psnr, 1.0 if math.isinf(psnr) else 0.9, None, 1.0 if variant == UNPRUNED else 0.5, 1.0, 0)
+
+    samples = [sample(i, UNPRUNED, math.inf) for i in range(3)]
+    samples += [sample(0, "cat", math.inf), sample(1, "cat", 30.0), sample(2, "cat", 32.0)]
+    samples += [sample(i, "full", math.inf) for i in range(3)]
+    lines = report_lines(Comparison([Variant(UNPRUNED, None), Variant("cat", None), Variant("full", None)], samples, {}))
+    rows = {line.split(" | ")[0]: line.split(" | ")[1] for line in lines if line.startswith("| ") and " | " in line}
+    assert rows["| cat"] == "inf (1 of 3 identical; the other 2: 31.00 ± 12.71)"
+    assert rows["| full"] == rows[f"| {UNPRUNED}"] == "inf"
+
+
+def test_a_timed_generation_starts_after_the_work_queued_on_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the clock started with work still queued (compare counts MACs with real forwards between images), and
+    that work's tail was timed as the next image's."""
+    from types import SimpleNamespace
+
+    from catrt import generation
+    from catrt.pipeline import PIPELINES, PipelineSpec
+
+    log: list[str] = []
+
+    class QueuedPipeline:  # a CUDA pipeline as generate_image sees it
+        device = torch.device("cuda")
+
+        def __call__(self, prompt: str, num_inference_steps: int = 2, guidance_scale: float = 1.0,
+                     generator: Any = None, output_type: str = "pil") -> Any:
+            log.append("call")
+            return SimpleNamespace(images=np.zeros((1, 4, 4, 3), dtype=np.float32))
+
+    monkeypatch.setitem(PIPELINES, QueuedPipeline, PipelineSpec(call_defaults={}, text_length_argument=None))
+    monkeypatch.setattr(generation.torch, "Generator", lambda device: SimpleNamespace(manual_seed=lambda seed: None))
+    monkeypatch.setattr(generation.torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    image, seconds = generation.generate_image(QueuedPipeline(), generation.GenerationRequest(prompt="p", steps=2))
+    assert log == ["sync", "call", "sync"] and image.size == (4, 4) and seconds >= 0

@@ -109,6 +109,63 @@ def test_a_failing_variant_reports_its_error_and_the_rest_runs(tmp_path: Path, m
     assert "- sd3 catrt-eager: **error** RuntimeError: CUDA out of memory (simulated)" in text
 
 
+def test_a_run_stopped_mid_way_leaves_a_report_that_says_which_rows_never_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report is rewritten after every variant so a killed run keeps its finished rows; the rows after the kill
+    read '-' in every cell and the notes ended in 'total run time', as a finished run's do."""
+    gpu = load_script()
+    out = tmp_path / "speed.md"
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # what a kill between the variants leaves: the report as last written
+
+    monkeypatch.setattr(gpu, "catrt_variant", killed)
+    with pytest.raises(KeyboardInterrupt):
+        gpu.main(["--tiny", "--models", "sd3", "--variants", "diffusers-eager", "catrt-eager",
+                  "--repeats", "1", "--steps", "4", "--t0", "2", "--out", str(out)])
+    text = out.read_text()
+    _, rows = parse_table(text)
+    positive(rows[("sd3", "diffusers-eager")]["4 steps (ms)"])
+    assert rows[("sd3", "diffusers-eager")]["speedup vs diffusers eager"] == "1.00x"  # derived as the report is written
+    assert rows[("sd3", "catrt-eager")]["full step (ms)"] == "not run yet"
+    assert "- **partial report**, written " in text and "1 row(s) *not run yet*" in text
+    assert "total run time" not in text
+
+
+def test_variants_past_the_budget_are_reported_skipped_not_failed(tmp_path: Path) -> None:
+    gpu = load_script()
+    out = tmp_path / "speed.md"
+    gpu.main(["--tiny", "--models", "sd3", "--variants", "diffusers-eager", "--budget-s", "1e-9",
+              "--repeats", "1", "--steps", "4", "--t0", "2", "--out", str(out)])
+    text = out.read_text()
+    _, rows = parse_table(text)
+    assert rows[("sd3", "diffusers-eager")]["full step (ms)"] == "skipped"
+    assert "- sd3 diffusers-eager: skipped, not started: over the --budget-s 1e-09 s time budget" in text
+    assert "**error**" not in text and "- total run time " in text and "partial report" not in text
+
+
+def test_a_report_rewrite_cut_short_keeps_the_last_whole_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Path.write_text truncates first: a kill during a rewrite left half a report where a whole one had been."""
+    gpu = load_script()
+    out = tmp_path / "speed.md"
+    args = gpu.parse_args(["--tiny", "--models", "sd3", "--variants", "diffusers-eager", "--out", str(out)])
+    report = gpu.Report(args, gpu.torch.device("cpu"), out)
+    report.write()
+    whole = out.read_text()
+    real_write = Path.write_text
+
+    def cut_short(self: Path, text: str, *args: Any, **kwargs: Any) -> int:
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    report.rows[0].notes.append("a later note")
+    with pytest.raises(KeyboardInterrupt):
+        report.write()
+    monkeypatch.undo()
+    assert out.read_text() == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.md"]
+
+
 def test_reuse_every_times_the_pruned_steps_only_and_bounds_the_steps_that_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gpu = load_script()
     from catrt.runtime import CATRuntime
@@ -259,6 +316,8 @@ def test_flux_runs_from_its_registered_meta_call_without_doubling_the_batch(tmp_
     (["--profile-rows", "0"], "--profile-rows must be at least 1, got 0"),
     (["--profile-steps", "0"], "--profile-steps must be at least 1, got 0"),
     (["--budget-s", "-1"], "--budget-s must be a number of seconds >= 0 (0 = no budget), got -1.0"),
+    (["--models", "sd3", "pixart-sigma", "sd3"], "--models repeats sd3; list each once"),
+    (["--variants", "catrt-eager", "catrt-eager"], "--variants repeats catrt-eager; list each once"),
     (["--budget-s", "nan"], "--budget-s must be a number of seconds >= 0 (0 = no budget), got nan"),
     (["--t0", "0"], "CATConfig.t0 must be an integer >= 2, got 0"),
     (["--t0", "20"], "CATConfig.t0 = 20 needs t0 < num_inference_steps, got 10 steps"),  # was a ConfigError traceback
@@ -272,6 +331,18 @@ def test_a_bad_setting_is_one_line_and_exit_code_2(argv: list[str], message: str
     assert refused.value.code == 2
     error = capsys.readouterr().err
     assert error.count("error: ") == 1 and message in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("out", ["a-folder", "a-file/speed.md"])
+def test_an_out_no_report_can_be_written_to_is_one_line(out: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The first report write (before any model) raised IsADirectoryError / FileExistsError with a traceback."""
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as exited:
+        load_script().parse_args(["--tiny", "--out", str(tmp_path / out)])
+    assert exited.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"bench/gpu.py: error: --out {tmp_path}")
 
 
 def test_a_gpu_run_without_cuda_is_one_line_and_exit_code_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

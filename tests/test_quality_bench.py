@@ -143,6 +143,47 @@ def test_load_ramp_has_a_row_per_level_with_the_reported_alpha_and_replicas(
         assert row[-2] == "0.200" and row[-1] == "1 |"  # mean alpha, one replica answering
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:{port}", "http://127.0.0.1:{port}"])
+def test_load_against_no_server_is_one_line_before_the_clients_run(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong port or a URL without http:// had every request fail for --seconds, then reading /metrics raised a
+    traceback (ConnectError, UnsupportedProtocol) and no report was written."""
+    import socket
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    load = load_script("load")
+    monkeypatch.setattr(load, "asyncio", None)  # no client may run
+    with pytest.raises(SystemExit) as exit_info:
+        load.main([url.format(port=port), "--out", str(tmp_path / "load.md")])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and line.startswith(f"bench/load.py: error: no server answers at {url.format(port=port)} (")
+    assert not (tmp_path / "load.md").exists()
+
+
+def test_load_writes_its_report_when_the_server_stops_before_its_metrics_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load = load_script("load")
+    real_get = load.httpx.get
+
+    def gone_at_the_end(url: str, **kwargs: object) -> object:
+        if url.endswith("/metrics"):
+            raise load.httpx.ConnectError("[Errno 111] Connection refused")
+        return real_get(url, **kwargs)
+
+    monkeypatch.setattr(load.httpx, "get", gone_at_the_end)
+    out = tmp_path / "load.md"
+    _run_load_script(["--clients", "1", "--seconds", "0.2", "--device", "test", "--out", str(out)], {}, monkeypatch)
+    text = out.read_text()
+    assert "Answers by status: 200:" in text
+    assert "Server side (/metrics, warm-up included): not read (ConnectError: [Errno 111] Connection refused)" in text
+
+
 def test_load_sends_the_servers_api_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Against a server with --api-key-file every request was a 401 (and /metrics one with --metrics-auth)."""
     monkeypatch.delenv("CATRT_API_KEY", raising=False)
@@ -167,6 +208,93 @@ def test_load_refuses_zero_clients_in_one_line(capsys: pytest.CaptureFixture[str
         load_script("load").main(["http://127.0.0.1:9", "--ramp", "2", "0"])
     assert exit_info.value.code == 2
     assert "--clients and --ramp take numbers of clients >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("script", "argv", "out"), [
+    ("quality", [], "a-file"),
+    ("quality", [], "a-file/sub"),
+    ("frontier", ["--tiny"], "a-file/sub"),
+    ("compile_time", ["--models", "tiny-sd3"], "a-folder"),
+    ("compile_time", ["--models", "tiny-sd3"], "a-file/report.md"),
+    ("load", ["http://127.0.0.1:9"], "a-folder"),
+])
+def test_an_out_no_report_can_be_written_to_is_one_line_before_the_run(
+    script: str, argv: list[str], out: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """quality.py and frontier.py made their --out folder with a traceback; compile_time.py and load.py wrote their
+    report file after minutes of measuring (or of load) and failed there with one."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    module = load_script(script)
+    monkeypatch.setattr(module, "asyncio", None, raising=False)  # load.py: no load may run
+    monkeypatch.setattr(module, "subprocess", None, raising=False)  # compile_time.py: no measuring process
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([*argv, "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"bench/{script}.py: error: --out {tmp_path}")
+
+
+def test_quality_report_names_the_alpha_figure_3_and_the_grid_ran_at(tmp_path: Path) -> None:
+    """Without 0.3 among --alphas, Figure 3's CAT curve and the grid run at the first alpha; the report said 0.3."""
+    quality = load_script("quality")
+    args = quality.argparse.Namespace(n=2, steps=6, t0=2, alphas=[0.5, 0.2], device="cpu", data_seed=2024)
+    baseline = dict.fromkeys(quality.ATTRIBUTES, 1.0)
+    quality.write_table(tmp_path / "quality.md", args, baseline, [], [(4, 0.5)], [(4, 0.25)])
+    text = (tmp_path / "quality.md").read_text()
+    assert "| step | unpruned | CAT alpha 0.5 |" in text and "each method at alpha 0.5)" in text
+    assert "alpha 0.3" not in text
+    assert [m for m in quality.methods([0.5, 0.2]) if m.refresh_every] == [quality.Method("cat", 0.5, refresh_every=5)]
+
+
+def test_quality_psnr_of_identical_images_is_inf_not_a_floor() -> None:
+    """alpha 1 computes every token: the images equal the unpruned ones and the table read 'PSNR 100.00'."""
+    import torch
+
+    quality = load_script("quality")
+    reference = torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
+    assert quality.psnr_ssim(reference.clone(), reference) == (float("inf"), 1.0)
+    shifted = reference + 0.02  # 0.01 off in [0, 1] everywhere: mse 1e-4, 40 dB
+    psnr, ssim = quality.psnr_ssim(shifted, reference)
+    assert psnr == pytest.approx(40.0) and ssim < 1.0
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("load", ["http://127.0.0.1:9", "--seconds", "0"], "--seconds must be a finite number > 0, got 0.0"),
+    ("load", ["http://127.0.0.1:9", "--seconds", "nan"], "--seconds must be a finite number > 0, got nan"),
+    ("load", ["http://127.0.0.1:9", "--n", "0"], "--n must be at least 1, got 0"),
+    ("adaptive", ["--seconds", "-5"], "--seconds must be a finite number > 0, got -5.0"),
+    ("adaptive", ["--latency-target", "0"], "--latency-target must be a finite number > 0, got 0.0"),
+])
+def test_a_load_level_that_cannot_measure_anything_is_one_line(
+    script: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--seconds 0 or nan ran levels that sent nothing and reported 0 requests (nan latencies) as measured; --n 0 got
+    a 400 for every request; adaptive.py started a server for each."""
+    module = load_script(script)
+    monkeypatch.setattr(module, "asyncio", None)  # neither may run a load
+    monkeypatch.setattr(module, "subprocess", None, raising=False)  # nor adaptive.py start a server
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"bench/{script}.py: error: {message}")
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("quality", ["--device", "nonsense"], "device 'nonsense' is not a torch device; use cpu, cuda or cuda:N"),
+    ("frontier", ["--tiny", "--device", "nonsense"], "device 'nonsense' is not a torch device; use cpu, cuda or cuda:N"),
+    ("quality", ["--weights", "{tmp}/missing"], "the reference weights folder {tmp}/missing does not exist"),
+])
+def test_a_device_or_weights_the_reference_model_cannot_load_from_is_one_line(
+    script: str, argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--device cuda` without CUDA ended in torch's AssertionError, missing --weights in a FileNotFoundError."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main([*(word.format(tmp=tmp_path) for word in argv), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"bench/{script}.py: error: {message.format(tmp=tmp_path)}")
 
 
 @pytest.mark.parametrize(("script", "blocked", "package"), [
@@ -197,6 +325,12 @@ def test_missing_bench_extra_is_one_line_and_exit_2(tmp_path: Path, script: str,
     ("quality", ["--steps", "4", "--t0", "4"], "CATConfig.t0 = 4 needs t0 < num_inference_steps, got 4 steps"),
     ("quality", ["--alphas", "0.3", "1.5"], "CATConfig.alpha must be in (0, 1], got 1.5"),
     ("quality", ["--steps", "3", "--t0", "2"], "Figure 3 needs two pruned steps: --steps must be at least --t0 + 2 = 4, got 3"),
+    ("quality", ["--data-seed", "-1"], "--data-seed must be an integer >= 0, got -1"),
+    ("quality", ["--alphas", "0.3", "0.5", "0.3"], "--alphas repeats 0.3; list each once"),
+    ("compile_time", ["--models", "tiny-sd3", "tiny-sd3"], "--models repeats tiny-sd3; list each once"),
+    ("compile_time", ["--modes", "whole", "whole"], "--modes repeats whole; list each once"),
+    ("adaptive", ["--alphas", "0.2", "0.2"], "--alphas repeats 0.2; list each once"),
+    ("frontier", ["--data-seed", "-1"], "--data-seed must be an integer >= 0, got -1"),
     ("frontier", ["--n", "0"], "--n must be at least 1, got 0"),
     ("frontier", ["--threads", "0"], "--threads must be at least 1, got 0"),
     ("frontier", ["--steps", "8", "--t0", "8"], "CATConfig.t0 = 8 needs t0 < num_inference_steps, got 8 steps"),

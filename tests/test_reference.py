@@ -291,3 +291,132 @@ def test_train_mistakes_are_one_line_before_training(
     # one line, not argparse's usage block above it
     assert len(err.splitlines()) == 1 and err.startswith("python -m catrt.reference.train: error: ") and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def _damage(folder: Path, name: str, how: str) -> None:
+    path = folder / name
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # one byte of a weight changed: the file still loads, as another model
+        data_ = bytearray(path.read_bytes())
+        data_[-100] ^= 0x01
+        path.write_bytes(bytes(data_))
+
+
+@pytest.mark.parametrize("name", ["transformer.safetensors", "text_encoder.safetensors", "config.json"])
+@pytest.mark.parametrize(("how", "says"), [("missing", "is missing"), ("truncated", "does not match its size and sha256"),
+                                           ("edited", "does not match its size and sha256")])
+def test_a_missing_damaged_or_edited_weight_file_is_refused_naming_it(tmp_path: Path, name: str, how: str, says: str) -> None:
+    """A missing or truncated file failed in safetensors or json with a traceback; an edited byte loaded silently."""
+    from catrt.errors import CorruptBundleError
+
+    folder = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, folder)
+    _damage(folder, name, how)
+    with pytest.raises(CorruptBundleError, match=re.escape(f"the reference weight file {folder / name} {says}")) as refused:
+        load_reference_pipeline(weights_dir=folder)
+    assert refused.value.field == name
+
+
+def test_weights_without_their_digest_record_are_refused(tmp_path: Path) -> None:
+    from catrt.errors import CorruptBundleError
+
+    folder = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, folder)
+    (folder / "sha256.json").unlink()
+    with pytest.raises(CorruptBundleError, match=re.escape(f"the reference weights in {folder} have no sha256.json")):
+        load_reference_pipeline(weights_dir=folder)
+    (folder / "sha256.json").write_text("[1, 2]")
+    with pytest.raises(CorruptBundleError, match=re.escape(f"the reference weights folder {tmp_path / 'nowhere'} does not exist")):
+        load_reference_pipeline(weights_dir=tmp_path / "nowhere")
+    with pytest.raises(CorruptBundleError, match="is not a JSON object of file records"):
+        load_reference_pipeline(weights_dir=folder)
+
+
+def test_an_edited_probe_is_refused_naming_it(tmp_path: Path) -> None:
+    from catrt.errors import CorruptBundleError
+
+    folder = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, folder)
+    _damage(folder, "probe.safetensors", "edited")
+    with pytest.raises(CorruptBundleError, match=re.escape(f"{folder / 'probe.safetensors'} does not match")):
+        load_probe(folder / "probe.safetensors")
+
+
+def test_generate_with_damaged_shipped_weights_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import catrt.reference.pipeline as reference_pipeline
+    from catrt.cli import main
+
+    folder = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, folder)
+    _damage(folder, "transformer.safetensors", "truncated")
+    monkeypatch.setattr(reference_pipeline, "WEIGHTS_DIR", folder)
+    code = main(["generate", "--prompt", "a red circle", "--steps", "10", "--t0", "4", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [
+        f"catrt generate: error: the reference weight file {folder / 'transformer.safetensors'} does not match its size "
+        "and sha256 in sha256.json (damaged or edited); reinstall catrt or retrain the weights"]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_shipped_weights_match_their_record() -> None:
+    from catrt.reference.checksums import PROBE_CHECKSUM_FILE, verify_files
+
+    verify_files(WEIGHTS_DIR, [train.TRANSFORMER_FILE, train.TEXT_ENCODER_FILE, train.CONFIG_FILE])
+    verify_files(WEIGHTS_DIR, ["probe.safetensors"], PROBE_CHECKSUM_FILE)
+
+
+def test_publish_refuses_weights_damaged_since_training(tmp_path: Path, isolated_training: None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from catrt.errors import CorruptBundleError
+
+    package = tmp_path / "package-weights"
+    shutil.copytree(WEIGHTS_DIR, package)
+    shipped = _digests(package)
+    train.main(["--out", str(tmp_path / "run"), "--max-steps", "1", *TINY])
+    assert sorted(p.name for p in (tmp_path / "run" / "weights").iterdir()) == sorted(train.WEIGHT_FILES)
+    load_reference_pipeline(weights_dir=tmp_path / "run" / "weights")  # what training writes loads
+    _damage(tmp_path / "run" / "weights", train.TRANSFORMER_FILE, "edited")
+    with pytest.raises(CorruptBundleError, match="does not match its size and sha256"):
+        train.publish(tmp_path / "run" / "weights", package)
+    assert _digests(package) == shipped
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
+    (["--reference-samples", "-1"], "--reference-samples must be an integer >= 0, got -1"),
+    (["--out", "{tmp}"], "--out {tmp} is a folder; give the probe's file, e.g. {tmp}/probe.safetensors"),
+    (["--out", "{tmp}/a-file/probe.safetensors"], "--out {tmp}/a-file/probe.safetensors: its folder is a file"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_probe_training_mistakes_are_one_line_before_training(
+    argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--steps 0 failed in OneCycleLR and --threads 0 in torch with tracebacks; a bad --out failed the save after
+    minutes of training."""
+    from catrt.reference import probe
+
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setattr(probe, "train_probe", lambda **kwargs: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as refused:
+        probe.main([word.format(tmp=tmp_path) for word in argv])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(f"python -m catrt.reference.probe: error: {message.format(tmp=tmp_path)}")
+
+
+def test_a_trained_probe_is_saved_whole_with_its_digest(tmp_path: Path, isolated_training: None) -> None:
+    from catrt.reference import probe
+
+    out = tmp_path / "probe.safetensors"
+    probe.train_probe(steps=1, batch_size=2, out=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.safetensors", "probe.sha256.json"]
+    probe.load_probe.cache_clear()
+    try:
+        assert isinstance(probe.load_probe(out), probe.Probe)
+    finally:
+        probe.load_probe.cache_clear()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from catrt.engines.tensorrt import TensorRTEngine
@@ -30,6 +32,7 @@ def speed():  # noqa: ANN201 - the bench module
     (["--compile"], "--compile times compiled steps at a published block size; pass --dims too"),
     (["--steps", "3", "--t0", "2"], "--steps must be at least --t0 + 2 when timing backends (the selection is timed on "
                                     "the pruned steps after the first), got --steps 3 --t0 2"),
+    (["--backends", "eager", "auto", "eager"], "--backends repeats eager; list each once"),
     (["--backends", "eager", "tvm"], "--backends: unknown backend 'tvm'; known: auto, eager, compile, onnxruntime, tensorrt"),
     pytest.param(["--backends", "tensorrt"], "--backends: backend 'tensorrt' cannot run here: ",
                  marks=pytest.mark.skipif(TensorRTEngine.unavailable_reason() is None, reason="TensorRT runs here")),
@@ -66,3 +69,49 @@ def test_dims_sets_the_published_size_and_the_defaults_hold_without_it(speed) ->
     plain = speed.parse_args([])
     assert (plain.heads, plain.size, plain.text_length) == (6, 512, 64)
     assert speed.parse_args(["--size", "256", "--heads", "4"]).size == 256
+
+
+def test_every_timed_run_starts_after_the_queued_device_work(speed, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """On CUDA a call only queues its kernels: the first timed run's clock started while the warm-up still ran."""
+    log: list[str] = []
+    monkeypatch.setattr(speed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(speed.torch.cuda, "synchronize", lambda *args: log.append("sync"))
+    speed.best_seconds(lambda: log.append("run"), 2)
+    assert log == ["run", "sync", "run", "sync", "sync", "run", "sync"]
+    log.clear()
+    speed.interleaved_seconds({"a": lambda: log.append("a"), "b": lambda: log.append("b")}, 1)
+    assert log == ["sync", "a", "sync", "sync", "b", "sync"]
+
+
+def test_the_selection_is_timed_per_pruned_step_of_an_uncaptured_generation(  # noqa: ANN001
+    speed, tiny_pipelines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline that replays captured steps (compile on CUDA) never calls the selection in its pruned steps; the
+    timing generation runs them uncaptured, each call between device synchronisations, and leaves the setting."""
+    import catrt
+
+    fast = catrt.accelerate(tiny_pipelines["tiny-sd3"], catrt.CATConfig(t0=2))
+    fast.cuda_graphs = True  # what a compile build gets on CUDA (on this CPU a captured call would be refused)
+    synced: list[int] = []
+    monkeypatch.setattr(speed, "synchronize", lambda: synced.append(1))
+    monkeypatch.setattr(speed, "PROMPT", "a red circle")
+    seconds = speed.selection_seconds(fast, None)
+    assert seconds > 0 and fast.cuda_graphs is True
+    steps = inspect.signature(type(tiny_pipelines["tiny-sd3"]).__call__).parameters["num_inference_steps"].default
+    assert len(synced) == 2 * (steps - 2)  # each pruned step selects the next step's tokens, in its own timed call
+
+
+def test_diffusers_runs_on_the_device_the_engines_are_built_for(speed, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    """The baseline loaded diffusers on the CPU whatever the engines ran on: a CUDA engine's 'speedup vs diffusers'
+    compared it with CPU diffusers."""
+    from catrt.engines import ENGINES
+
+    seen = []
+    monkeypatch.setattr(ENGINES["eager"], "default_device", classmethod(lambda cls: speed.torch.device("meta")))
+    monkeypatch.setattr(speed, "save_bench_model", lambda config, folder: tmp_path)
+    monkeypatch.setattr(speed, "baseline", lambda model, build, repeats, device: seen.append(device) or {"full": 1.0, "generation": 2.0})
+    monkeypatch.setattr(speed, "measure_backend", lambda backend, model, args: dict.fromkeys(
+        ("full", "pruned", "selection", "generation", "build"), 1.0))
+    monkeypatch.setattr(speed, "mac_ratio", lambda *args: 0.4)
+    speed.run_engines(speed.parse_args(["--backends", "eager", "--steps", "6", "--t0", "2", "--layers", "1"]))
+    assert seen == [speed.torch.device("meta")] * 2

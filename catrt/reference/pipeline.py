@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from catrt.errors import echo
 from catrt.pipeline import PipelineSpec, register_pipeline
+from catrt.reference.checksums import verify_files
 from catrt.reference.text import ReferenceTextEncoder, caption_vocabulary, token_ids, word_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -211,9 +212,14 @@ class ReferencePipeline(DiffusionPipeline):
 register_pipeline(ReferencePipeline, PipelineSpec(call_defaults={}, text_length_argument=None))
 
 def load_reference_pipeline(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, weights_dir: Path = WEIGHTS_DIR
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, weights_dir: Path | None = None
 ) -> ReferencePipeline:
-    """The shipped trained pipeline, built from `weights_dir`'s configs and safetensors; no network."""
+    """The shipped trained pipeline (or `weights_dir`'s), built from its configs and safetensors; no network.
+
+    Each file is checked against its recorded digest first (`catrt.reference.checksums`): a missing, damaged or
+    edited one is a CorruptBundleError naming it."""
+    weights_dir = WEIGHTS_DIR if weights_dir is None else Path(weights_dir)
+    verify_files(weights_dir, (CONFIG_FILE, TRANSFORMER_FILE, TEXT_ENCODER_FILE))
     configs = json.loads((weights_dir / CONFIG_FILE).read_text())
     modules = build_modules(configs)
     for name, file in (("transformer", TRANSFORMER_FILE), ("text_encoder", TEXT_ENCODER_FILE)):

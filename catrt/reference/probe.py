@@ -10,8 +10,8 @@ jitter) so that it also reads the reference model's imperfect samples.
 
 from __future__ import annotations
 
-import argparse
 import logging
+import os
 import time
 from collections.abc import Sequence
 from functools import lru_cache
@@ -26,6 +26,7 @@ from torch import nn
 
 from catrt.errors import ConfigError
 from catrt.reference import data
+from catrt.reference.checksums import PROBE_CHECKSUM_FILE, verify_files, write_checksums
 from catrt.reference.pipeline import ReferencePipeline, load_reference_pipeline
 
 logger = logging.getLogger(__name__)
@@ -150,14 +151,19 @@ def train_probe(steps: int = 2000, batch_size: int = 64, seed: int = 0, out: Pat
         if (step + 1) % 250 == 0:
             logger.info("probe step %d loss %.4f (%.0f s)", step + 1, loss.item(), time.perf_counter() - start)
     probe.eval()
-    if out is not None:
-        save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, out)
+    if out is not None:  # written beside, then renamed onto it: a kill mid-save never leaves half a probe
+        temporary = out.with_name(f".{out.name}.tmp")
+        save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, temporary)
+        os.replace(temporary, out)
+        write_checksums(out.parent, [out.name], PROBE_CHECKSUM_FILE)
     return probe
 
 
 @lru_cache(maxsize=1)
 def load_probe(path: Path = PROBE_FILE) -> Probe:
-    """The shipped probe in eval mode (cached: loading is the slow part of a quick check)."""
+    """The shipped probe in eval mode (cached: loading is the slow part of a quick check), checked against the
+    digest recorded beside it first."""
+    verify_files(path.parent, [path.name], PROBE_CHECKSUM_FILE)
     probe = Probe()
     probe.load_state_dict(load_file(path))
     return probe.eval()
@@ -193,12 +199,26 @@ def reference_accuracy(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="train the attribute probe and report its accuracy")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--out", type=Path, default=PROBE_FILE)
-    parser.add_argument("--threads", type=int, default=1)
+    from catrt.checks import output_folder
+    from catrt.cli import OneLineParser
+    from catrt.errors import echo_path
+
+    parser = OneLineParser(prog="python -m catrt.reference.probe", description="train the attribute probe and report its accuracy")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps")
+    parser.add_argument("--out", type=Path, default=PROBE_FILE, help="the probe's safetensors file (default: the shipped one)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--reference-samples", type=int, default=64, help="also score this many reference samples")
     args = parser.parse_args(argv)
+    for flag, value, least in (("--steps", args.steps, 1), ("--threads", args.threads, 1),
+                               ("--reference-samples", args.reference_samples, 0)):
+        if value < least:  # a step count of 0 failed in OneCycleLR, a thread count of 0 in torch, with tracebacks
+            parser.error(f"{flag} must be an integer >= {least}, got {value}")
+    try:  # checked now: a folder or an unwritable place failed the save after minutes of training
+        if args.out.is_dir():
+            raise ConfigError(f"--out {echo_path(args.out)} is a folder; give the probe's file, e.g. {echo_path(args.out / PROBE_FILE.name)}")
+        output_folder(args.out.parent, f"--out {echo_path(args.out)}: its folder", "the probe's file", "out")
+    except ConfigError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     probe = train_probe(steps=args.steps, out=args.out)

@@ -39,6 +39,7 @@ from catrt.checks import output_folder
 from catrt.cli import OneLineParser
 from catrt.errors import ConfigError, echo_path
 from catrt.reference import data
+from catrt.reference.checksums import CHECKSUM_FILE, verify_files, write_checksums
 from catrt.reference.text import token_ids
 from catrt.reference.pipeline import (
     CONFIG_FILE,
@@ -54,7 +55,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("reference-training")
 CHECKPOINT_FILE = "checkpoint.pt"
-WEIGHT_FILES = (TRANSFORMER_FILE, TEXT_ENCODER_FILE, CONFIG_FILE)  # what save_weights writes and --publish copies
+# What save_weights writes and --publish copies: the weights, then their digests (copied last: a copy cut short
+# leaves files the record refuses, never a mixed model that loads).
+WEIGHT_FILES = (TRANSFORMER_FILE, TEXT_ENCODER_FILE, CONFIG_FILE, CHECKSUM_FILE)
+CHECKED_FILES = WEIGHT_FILES[:-1]
 
 
 @dataclass
@@ -192,6 +196,7 @@ def save_weights(trainer: Trainer, out: Path) -> None:
         tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in trainer.ema[name].state_dict().items()}
         save_file(tensors, out / file)
     (out / CONFIG_FILE).write_text(json.dumps(trainer.configs, indent=1) + "\n")
+    write_checksums(out, CHECKED_FILES)
 
 
 def sample_grid(trainer: Trainer, path: Path, n: int = 64, steps: int = 28) -> None:
@@ -212,8 +217,10 @@ def sample_grid(trainer: Trainer, path: Path, n: int = 64, steps: int = 28) -> N
 
 def publish(weights: Path, target: Path | None = None) -> None:
     """Copy the trained weight files into the package folder (default `WEIGHTS_DIR`; each file replaced
-    atomically); the probe and any other file there are left alone."""
+    atomically, their digests last); the probe and any other file there are left alone. The files are checked
+    against their training record first: damaged ones are never shipped."""
     target = WEIGHTS_DIR if target is None else target
+    verify_files(weights, CHECKED_FILES)
     for name in WEIGHT_FILES:
         tmp = target / f".{name}.tmp"
         tmp.write_bytes((weights / name).read_bytes())
