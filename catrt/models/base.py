@@ -59,7 +59,8 @@ from catrt.tokens import Grid, patchify, unpatchify
 __all__ = [
     "Adapter", "AttentionRecorder", "BlockCall", "BlockFunction", "Context", "KVStore", "PackedTokensAdapter",
     "attention", "attention_kwargs_change_nothing", "call_block", "eager_cpu", "gated_add_", "heads",
-    "joint_attention", "merge_heads", "modulate_", "project_qkv", "refuse_call_attention_kwargs", "unfuse_hint",
+    "joint_attention", "merge_heads", "modulate_", "project_qkv", "refuse_call_attention_kwargs", "refuse_without_blocks",
+    "unfuse_hint",
 ]
 
 
@@ -77,6 +78,19 @@ def eager_cpu(tensor: torch.Tensor) -> bool:
     """
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
+
+
+def refuse_without_blocks(transformer: nn.Module, num_blocks: int, config_keys: tuple[str, ...]) -> None:
+    """Refuse a transformer with no blocks (its `config_keys` all 0), naming them: there is no attention whose tokens to
+    prune or K/V to cache, and the forwards' stacked K/V and cross-attention tensors failed on an empty list in torch."""
+    if num_blocks:
+        return
+    zero = " and ".join(f"{key} 0" for key in config_keys)
+    raise UnsupportedModelError(
+        f"{type(transformer).__name__} with {zero} has no transformer blocks: catrt prunes the image tokens its blocks "
+        f"run and caches their K/V, so there is nothing to prune; run the pipeline without catrt",
+        field=config_keys[0], value=0,
+    )
 
 
 def call_block(function: BlockFunction, block: nn.Module, store: KVStore, first_slot: int, num_slots: int, *inputs: Any) -> Any:
