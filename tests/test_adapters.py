@@ -255,3 +255,19 @@ def test_a_transformer_without_blocks_is_refused_naming_its_layer_counts(
             with torch.device("meta"):
                 assert make_adapter(type(transformer).from_config({**config, **only})).num_kv_slots == 4
 
+
+def test_a_size_past_the_positional_table_is_refused_naming_the_side(tiny_pipelines: dict[str, Any]) -> None:
+    """A Python caller's size is checked by nothing before the first step: one token past pos_embed_max_size failed in
+    diffusers' positional embedding (an IndexError in torch for AuraFlow's table); the limit itself is taken."""
+    config = {**tiny_pipelines["tiny-sd3"].transformer.config, "pos_embed_max_size": 6}
+    with torch.device("meta"):
+        adapter = make_adapter(type(tiny_pipelines["tiny-sd3"].transformer).from_config(config))
+    assert adapter.grid(12, 8) == Grid(6, 4) and adapter.grid(4, 12) == Grid(2, 6)
+    with pytest.raises(ConfigError, match=r"^latent size 14x8 is 7x4 tokens, but this SD3Transformer2DModel's positions "
+                                          r"cover at most 6 tokens a side \(pos_embed_max_size\); choose an image size "
+                                          r"whose latent is at most 12 a side$") as refused:
+        adapter.grid(14, 8)
+    assert (refused.value.field, refused.value.value) == ("height", (14, 8))
+    with pytest.raises(ConfigError, match="is 2x7 tokens") as refused:
+        adapter.grid(4, 14)
+    assert refused.value.field == "width"

@@ -294,7 +294,9 @@ class Adapter(ABC):
         return self.transformer.pos_embed(hidden_states).contiguous()
 
     def grid(self, latent_height: int, latent_width: int) -> Grid:
-        """The token grid of a latent size; raises when the patch size does not divide it."""
+        """The token grid of a latent size; raises when the patch size does not divide it or when it is wider than
+        `max_grid_side` (a Python caller's size is checked nowhere before: the transformer failed in its positional
+        embedding, with diffusers' ValueError for SD3's table and an IndexError in torch for AuraFlow's)."""
         p = self.patch_size
         if latent_height % p or latent_width % p:
             raise ConfigError(
@@ -303,7 +305,16 @@ class Adapter(ABC):
                 field="height" if latent_height % p else "width",
                 value=(latent_height, latent_width),
             )
-        return Grid(latent_height // p, latent_width // p)
+        grid, side = Grid(latent_height // p, latent_width // p), self.max_grid_side
+        if side is not None and max(grid.height, grid.width) > side:
+            raise ConfigError(
+                f"latent size {latent_height}x{latent_width} is {grid.height}x{grid.width} tokens, but this "
+                f"{type(self.transformer).__name__}'s positions cover at most {side} tokens a side (pos_embed_max_size); "
+                f"choose an image size whose latent is at most {side * p} a side",
+                field="height" if grid.height > side else "width",
+                value=(latent_height, latent_width),
+            )
+        return grid
 
     @abstractmethod
     def context_inputs(self, call_kwargs: dict[str, Any]) -> Context:
