@@ -147,13 +147,18 @@ class PixArtAdapter(Adapter):
 
 
 def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:
-    """Batch-1 meta tensors shaped like one PixArt denoising step's transformer call."""
+    """Batch-1 meta tensors shaped like one PixArt denoising step's transformer call.
+
+    The resolution (B, 2) and aspect ratio (B, 1) are given always: a transformer with
+    `use_additional_conditions` (PixArt-Alpha at 1024, whose pipeline passes them) embeds them and failed on
+    None deep in diffusers; one without ignores them.
+    """
     patch = config["patch_size"]
     return {
         "hidden_states": torch.empty(1, config["in_channels"], grid.height * patch, grid.width * patch, device="meta"),
         "timestep": torch.empty(1, device="meta"),
         "encoder_hidden_states": torch.empty(1, text_tokens, config["caption_channels"], device="meta"),
-        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        "added_cond_kwargs": {"resolution": torch.empty(1, 2, device="meta"), "aspect_ratio": torch.empty(1, 1, device="meta")},
     }
 
 
