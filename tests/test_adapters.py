@@ -256,6 +256,38 @@ def test_a_transformer_without_blocks_is_refused_naming_its_layer_counts(
                 assert make_adapter(type(transformer).from_config({**config, **only})).num_kv_slots == 4
 
 
+def _pixart_alpha_1024_layout(tiny_pipelines: dict[str, Any]) -> Any:
+    """tiny-pixart at PixArt-Alpha 1024's layout: sample_size 128 turns on diffusers' resolution and aspect-ratio
+    embedding (use_additional_conditions unset), whose three size embeddings need a width divisible by 3."""
+    torch.manual_seed(0)
+    config = {**tiny_pipelines["tiny-pixart"].transformer.config, "sample_size": 128, "use_additional_conditions": None,
+              "num_attention_heads": 3, "cross_attention_dim": 24}
+    return type(tiny_pipelines["tiny-pixart"].transformer).from_config(config).eval()
+
+
+@torch.no_grad()
+def test_pixart_alpha_1024_embeds_the_size_it_is_given_and_refuses_a_call_without_it(tiny_pipelines: dict[str, Any]) -> None:
+    """The resolution and aspect ratio enter every step's modulation: alpha = 1 is diffusers' forward with them. A call
+    without them (PixArtSigmaPipeline never passes them) is refused naming them, where it failed on None in diffusers."""
+    transformer = _pixart_alpha_1024_layout(tiny_pipelines)
+    assert transformer.use_additional_conditions
+    adapter = make_adapter(transformer)
+    latents, timestep, kwargs = _inputs(transformer)
+    sized = {**kwargs, "added_cond_kwargs": {"resolution": torch.tensor([[64.0, 96.0]] * 2),
+                                             "aspect_ratio": torch.tensor([[64 / 96]] * 2)}}
+    expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **sized)[0]
+    unsized = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **{
+        **sized, "added_cond_kwargs": {"resolution": torch.tensor([[1024.0, 1024.0]] * 2), "aspect_ratio": torch.ones(2, 1)}})[0]
+    assert (expected - unsized).abs().max() > 1e-3  # the size is an input that matters
+    tokens = adapter.full_forward(latents, timestep, _context(adapter, sized, latents), _empty_cache(adapter, num=24))
+    assert (adapter.prediction_of(tokens, GRID) - expected).abs().max() < 1e-4
+    for missing in ("resolution", "aspect_ratio"):
+        call = {**sized, "added_cond_kwargs": {**sized["added_cond_kwargs"], missing: None}}
+        with pytest.raises(ConfigError, match=f"use_additional_conditions.*the call needs added_cond_kwargs '{missing}'") as refused:
+            adapter.context_inputs(call)
+        assert refused.value.field == "added_cond_kwargs"
+
+
 def test_a_size_past_the_positional_table_is_refused_naming_the_side(tiny_pipelines: dict[str, Any]) -> None:
     """A Python caller's size is checked by nothing before the first step: one token past pos_embed_max_size failed in
     diffusers' positional embedding (an IndexError in torch for AuraFlow's table); the limit itself is taken."""

@@ -14,7 +14,7 @@ from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransforme
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
-from catrt.errors import UnsupportedModelError
+from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models.attention import attention, project_qkv, unfuse_hint
 from catrt.models.base import Adapter, Context, KVStore, refuse_without_blocks
 from catrt.models.registry import Family, register_family
@@ -78,6 +78,13 @@ class PixArtAdapter(Adapter):
         for name in ("resolution", "aspect_ratio"):
             if added.get(name) is not None:
                 inputs[name] = added[name]
+            elif self.transformer.use_additional_conditions:
+                raise ConfigError(
+                    f"this PixArt transformer embeds the image resolution and aspect ratio (use_additional_conditions, "
+                    f"as PixArt-Alpha at 1024): the call needs added_cond_kwargs {name!r}; PixArtAlphaPipeline passes "
+                    f"them for a transformer of sample_size 128, PixArtSigmaPipeline never does",
+                    field="added_cond_kwargs", value=name,
+                )
         return inputs
 
     def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context:
