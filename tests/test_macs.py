@@ -202,3 +202,18 @@ def test_pixart_alpha_1024_counts_its_size_embedding_on_the_meta_device() -> Non
     sized, plain = counts(config), counts({**config, "use_additional_conditions": False})
     assert [a - b for a, b in zip(sized, plain)] == [3 * (256 * size + size * size)] * 4 + [0]
 
+
+def test_dual_attention_layers_count_a_second_attention_each(tiny_sd3_on_meta: torch.nn.Module) -> None:
+    """SD3.5-medium's MMDiT-X blocks (its first 13 of 24; here 2 of 4, not adjacent, the last context_pre_only one
+    among them) add an image-only attention: 3 more modulation outputs, its QKV and output projections on the rows
+    run, and attention of those rows over all N image keys. The RMS QK-norm adds no matmul."""
+    config = {**TINY_SD3_CONFIG, "num_layers": 4, "dual_attention_layers": (1, 3), "qk_norm": "rms_norm"}
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(config).eval()
+    grid, text = Grid(3, 5), 11
+    call = dict(family_of("sd3").meta_call(config, text, grid))
+    counts = step_macs(transformer, call.pop("hidden_states"), call.pop("timestep"), call, CATConfig(alpha=0.3, t0=2))
+    d, num = 32, grid.num_tokens
+    for macs, rows in ((counts.full, num), (counts.pruned, counts.k)):
+        dual = 2 * (3 * d * d + 4 * rows * d * d + 2 * rows * num * d)
+        assert macs == _sd3_hand_count(config, text, num, rows) + dual
