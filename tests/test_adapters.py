@@ -303,3 +303,20 @@ def test_a_size_past_the_positional_table_is_refused_naming_the_side(tiny_pipeli
     with pytest.raises(ConfigError, match="is 2x7 tokens") as refused:
         adapter.grid(4, 14)
     assert refused.value.field == "width"
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("cross_attention_dim", r"PixArt block 0: .*; this one has no cross-attention \(its config's cross_attention_dim is None\)$"),
+    ("caption_channels", r"^PixArt transformer without caption projection is not supported \(its config's caption_channels is None"),
+])
+def test_a_pixart_config_without_text_conditioning_is_refused_naming_its_key(
+    key: str, message: str, tiny_pipelines: dict[str, Any]
+) -> None:
+    """diffusers builds and runs both (without cross-attention the text is read by nothing); the refusals said what
+    catrt does not take but not which config key made it so."""
+    config = {**tiny_pipelines["tiny-pixart"].transformer.config, key: None}
+    with torch.device("meta"):
+        transformer = type(tiny_pipelines["tiny-pixart"].transformer).from_config(config)
+    with pytest.raises(UnsupportedModelError, match=message) as refused:
+        make_adapter(transformer)
+    assert refused.value.field == key

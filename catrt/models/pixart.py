@@ -34,14 +34,20 @@ class PixArtAdapter(Adapter):
         config = transformer.config
         refuse_without_blocks(transformer, len(transformer.transformer_blocks), ("num_layers",))
         if config.caption_channels is None:
-            raise UnsupportedModelError("PixArt transformer without caption projection is not supported")
+            raise UnsupportedModelError(
+                "PixArt transformer without caption projection is not supported (its config's caption_channels is None: "
+                "catrt makes the cross-attention K/V of the projected T5 text)",
+                field="caption_channels",
+            )
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("PixArt patch embedding with layer_norm=True is not supported")
         for index, block in enumerate(transformer.transformer_blocks):
             if block.only_cross_attention or block.attn2 is None or block.pos_embed is not None:
+                missing = "; this one has no cross-attention (its config's cross_attention_dim is None)" if block.attn2 is None else ""
                 raise UnsupportedModelError(
                     f"PixArt block {index}: only self-attention + cross-attention blocks are supported "
-                    f"(only_cross_attention, double_self_attention and positional blocks are not)"
+                    f"(only_cross_attention, double_self_attention and positional blocks are not){missing}",
+                    field="cross_attention_dim" if missing else None,
                 )
             if getattr(block, "fuser", None) is not None:
                 raise UnsupportedModelError(f"PixArt block {index}: GLIGEN attention_type is not supported")
