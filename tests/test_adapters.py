@@ -320,3 +320,34 @@ def test_a_pixart_config_without_text_conditioning_is_refused_naming_its_key(
     with pytest.raises(UnsupportedModelError, match=message) as refused:
         make_adapter(transformer)
     assert refused.value.field == key
+
+
+class _UnfusedLoraConv(torch.nn.Module):
+    """What PEFT makes of a LoRA on a Conv2d: the layer's forward adds the low-rank update, `weight` is the base's."""
+
+    def __init__(self, base: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.base_layer, self.merged = base, False
+        self.lora = torch.nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, base.stride, bias=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + (0 if self.merged else self.lora(x))
+
+
+def test_an_unfused_lora_on_the_patch_embedding_is_refused_and_a_fused_one_runs(tiny_pipelines: dict[str, Any]) -> None:
+    """A pruned step embeds its patches with pos_embed.proj.weight: with an unfused LoRA there (checked with PEFT 0.21),
+    pruned steps silently lost the LoRA's share of the embedding that full steps had (1.07 off at k = N)."""
+    torch.manual_seed(0)
+    transformer = type(tiny_pipelines["tiny-sd3"].transformer).from_config(tiny_pipelines["tiny-sd3"].transformer.config)
+    transformer.pos_embed.proj = _UnfusedLoraConv(transformer.pos_embed.proj)
+    with pytest.raises(UnsupportedModelError, match=r"^SD3Adapter: the patch embedding transformer\.pos_embed\.proj is a "
+                                                    r"\S*_UnfusedLoraConv, not a plain nn\.Conv2d .*"
+                                                    r"fuse the LoRA first") as refused:
+        make_adapter(transformer)
+    assert refused.value.field == "pos_embed.proj"
+    transformer.pos_embed.proj.merged = True  # fuse_lora: the update is in the base weight, the wrapper stays
+    make_adapter(transformer)

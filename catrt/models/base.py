@@ -205,6 +205,8 @@ class Adapter(ABC):
                 f"{type(self).__name__} needs a {self.transformer_class.__name__}, got {type(transformer).__name__}"
             )
         self.check_layout(transformer)
+        if type(self).embed_patches is Adapter.embed_patches:
+            _check_patch_projection(self, transformer)
         self.transformer = transformer
         self.patch_size: int = self._transformer_fact("config.patch_size")
         self.out_channels: int = self._transformer_fact("out_channels")
@@ -452,6 +454,22 @@ class PackedTokensAdapter(Adapter):
     def prediction_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (*latent_shape[:-1], self.out_channels)
 
+
+
+def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
+    """Refuse a patch projection the default `embed_patches` would read wrongly: it multiplies the selected patches by
+    `pos_embed.proj.weight`, which an unfused LoRA layer wrapping the projection (PEFT's) leaves out, so a pruned step
+    silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight."""
+    proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
+    if proj is None or type(proj) in (nn.Conv2d, nn.Linear) or getattr(proj, "merged", False):
+        return
+    raise UnsupportedModelError(
+        f"{type(adapter).__name__}: the patch embedding transformer.pos_embed.proj is a {type(proj).__module__}."
+        f"{type(proj).__name__}, not a plain nn.Conv2d or nn.Linear (an unfused LoRA layer wraps it): catrt embeds a "
+        f"pruned step's selected patches with its weight, which leaves the LoRA out; fuse the LoRA first "
+        f"(pipe.fuse_lora(lora_scale=...)), then accelerate",
+        field="pos_embed.proj",
+    )
 
 
 def _writes_into(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
