@@ -59,8 +59,8 @@ from catrt.tokens import Grid, patchify, unpatchify
 __all__ = [
     "Adapter", "AttentionRecorder", "BlockCall", "BlockFunction", "Context", "KVStore", "PackedTokensAdapter",
     "attention", "attention_kwargs_change_nothing", "call_block", "eager_cpu", "gated_add_", "heads",
-    "joint_attention", "merge_heads", "modulate_", "project_qkv", "refuse_call_attention_kwargs", "refuse_without_blocks",
-    "unfuse_hint",
+    "joint_attention", "merge_heads", "modulate_", "plain_linear", "project_qkv", "refuse_call_attention_kwargs",
+    "refuse_without_blocks", "unfuse_hint",
 ]
 
 
@@ -472,10 +472,24 @@ def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
     )
 
 
+def plain_linear(layer: nn.Module) -> bool:
+    """Whether calling `layer` is just `F.linear` with its `weight` and `bias`, so a fast path may use them directly.
+
+    Not for a layer whose forward was replaced on the instance (diffusers' hooks - `enable_layerwise_casting` keeps
+    the weight in float8 and casts it in its forward; accelerate's) or that has torch forward hooks.
+    """
+    return (
+        type(layer) is nn.Linear
+        and "forward" not in vars(layer)
+        and not layer._forward_pre_hooks
+        and not layer._forward_hooks
+    )
+
+
 def _writes_into(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether `layer(x)` can be computed straight into `out` by one addmm (eager only)."""
     return (
-        type(layer) is nn.Linear
+        plain_linear(layer)
         and layer.bias is not None
         and not torch.compiler.is_compiling()
         and not torch.is_grad_enabled()  # out= has no autograd
