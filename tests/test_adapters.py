@@ -8,11 +8,12 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
+import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
 from catrt.models import make_adapter
 from catrt.runtime import CATRuntime
 from catrt.tokens import Grid
-from tests.conftest import TINY_NAMES
+from tests.conftest import TINY_NAMES, call_kwargs
 from tests.test_selection import NoHostSync
 
 
@@ -351,6 +352,13 @@ def test_an_unfused_lora_on_the_patch_embedding_is_refused_and_a_fused_one_runs(
     assert refused.value.field == "pos_embed.proj"
     transformer.pos_embed.proj.merged = True  # fuse_lora: the update is in the base weight, the wrapper stays
     make_adapter(transformer)
+
+    # A LoRA loaded after accelerate is refused at the next call, before any step.
+    pipe = type(tiny_pipelines["tiny-sd3"])(**{**tiny_pipelines["tiny-sd3"].components, "transformer": transformer})
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))
+    transformer.pos_embed.proj.merged = False
+    with pytest.raises(UnsupportedModelError, match="pos_embed.proj is a .*fuse the LoRA first"):
+        fast(**call_kwargs(pipe, num_inference_steps=4))
 
 
 @torch.no_grad()

@@ -58,8 +58,8 @@ from catrt.tokens import Grid, patchify, unpatchify
 #: The adapter contract, with the shared block maths of `attention` and `modulation` (one import for a family module).
 __all__ = [
     "Adapter", "AttentionRecorder", "BlockCall", "BlockFunction", "Context", "KVStore", "PackedTokensAdapter",
-    "attention", "attention_kwargs_change_nothing", "call_block", "eager_cpu", "gated_add_", "heads",
-    "joint_attention", "merge_heads", "modulate_", "plain_linear", "project_qkv", "refuse_call_attention_kwargs",
+    "attention", "attention_kwargs_change_nothing", "call_block", "check_patch_projection", "eager_cpu", "gated_add_",
+    "heads", "joint_attention", "merge_heads", "modulate_", "plain_linear", "project_qkv", "refuse_call_attention_kwargs",
     "refuse_without_blocks", "unfuse_hint",
 ]
 
@@ -205,8 +205,8 @@ class Adapter(ABC):
                 f"{type(self).__name__} needs a {self.transformer_class.__name__}, got {type(transformer).__name__}"
             )
         self.check_layout(transformer)
-        if type(self).embed_patches is Adapter.embed_patches:
-            _check_patch_projection(self, transformer)
+        if type(self).embed_patches is Adapter.embed_patches:  # SD3's and PixArt's check_layout check it at each call too
+            check_patch_projection(self, transformer)
         self.transformer = transformer
         self.patch_size: int = self._transformer_fact("config.patch_size")
         self.out_channels: int = self._transformer_fact("out_channels")
@@ -456,10 +456,13 @@ class PackedTokensAdapter(Adapter):
 
 
 
-def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
+def check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
     """Refuse a patch projection the default `embed_patches` would read wrongly: it multiplies the selected patches by
     `pos_embed.proj.weight`, which an unfused LoRA layer wrapping the projection (PEFT's) leaves out, so a pruned step
-    silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight."""
+    silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight.
+
+    A family on the default embedding calls it from `check_layout`, which runs again at each call (a LoRA loaded
+    after `accelerate`); the base checks it once at construction for one that does not."""
     proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
     if proj is None or type(proj) in (nn.Conv2d, nn.Linear) or getattr(proj, "merged", False):
         return

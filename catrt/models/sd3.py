@@ -29,7 +29,15 @@ from catrt.models.attention import (
     refuse_call_attention_kwargs,
     unfuse_hint,
 )
-from catrt.models.base import Adapter, Context, KVStore, eager_cpu, plain_linear, refuse_without_blocks
+from catrt.models.base import (
+    Adapter,
+    Context,
+    KVStore,
+    check_patch_projection,
+    eager_cpu,
+    plain_linear,
+    refuse_without_blocks,
+)
 from catrt.models.modulation import gated_add_, modulate_
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec, guidance_value
@@ -59,6 +67,7 @@ class SD3Adapter(Adapter):
 
     def check_layout(self, transformer: nn.Module) -> None:
         refuse_without_blocks(transformer, len(transformer.transformer_blocks), ("num_layers",))
+        check_patch_projection(self, transformer)
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("SD3 patch embedding with layer_norm=True is not supported")
         for index, block in enumerate(transformer.transformer_blocks):
