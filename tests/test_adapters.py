@@ -384,3 +384,24 @@ def test_sd3_runs_linear_layers_whose_forward_is_hooked_through_their_forward(ti
     tokens = adapter.full_forward(latents.bfloat16(), timestep, context, _empty_cache(adapter).bfloat16())
     got = adapter.prediction_of(tokens, GRID).float()
     assert ((got - expected).norm() / expected.norm()).item() < 2e-2  # bf16 rounding in another op order
+
+
+def test_diffusers_hooks_the_steps_would_bypass_are_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
+    """diffusers' caches and group offloading hook forwards catrt's steps never call: with a First-Block cache on, alpha = 1
+    silently ran every block (0.66% off the plain pipeline's cached result), and offloaded weights would never load. A
+    hook added after accelerate is refused at the next call; layerwise casting runs (its casts are the layers' own)."""
+    from diffusers import FirstBlockCacheConfig
+
+    tiny = tiny_pipelines["tiny-flux"]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pytest.raises(UnsupportedModelError, match=r"^module 'transformer_blocks\.0' of the transformer has diffusers hooks "
+                                                    r"\['fbc_leader_block_hook'\] .*pipe\.transformer\.disable_cache\(\)") as refused:
+        make_adapter(transformer)
+    assert refused.value.field == "transformer"
+    transformer.disable_cache()
+    pipe = type(tiny)(**{**tiny.components, "transformer": transformer})
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))
+    transformer.enable_group_offload(torch.device("cpu"), torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+    with pytest.raises(UnsupportedModelError, match=r"^the transformer has diffusers hooks \['group_offloading'\]"):
+        fast(**call_kwargs(pipe, num_inference_steps=4))

@@ -58,7 +58,7 @@ from catrt.tokens import Grid, patchify, unpatchify
 #: The adapter contract, with the shared block maths of `attention` and `modulation` (one import for a family module).
 __all__ = [
     "Adapter", "AttentionRecorder", "BlockCall", "BlockFunction", "Context", "KVStore", "PackedTokensAdapter",
-    "attention", "attention_kwargs_change_nothing", "call_block", "check_patch_projection", "eager_cpu", "gated_add_",
+    "attention", "attention_kwargs_change_nothing", "call_block", "check_runs_as_loaded", "eager_cpu", "gated_add_",
     "heads", "joint_attention", "merge_heads", "modulate_", "plain_linear", "project_qkv", "refuse_call_attention_kwargs",
     "refuse_without_blocks", "unfuse_hint",
 ]
@@ -205,8 +205,7 @@ class Adapter(ABC):
                 f"{type(self).__name__} needs a {self.transformer_class.__name__}, got {type(transformer).__name__}"
             )
         self.check_layout(transformer)
-        if type(self).embed_patches is Adapter.embed_patches:  # SD3's and PixArt's check_layout check it at each call too
-            check_patch_projection(self, transformer)
+        check_runs_as_loaded(self, transformer)  # the built-in families' check_layout checks it again at each call
         self.transformer = transformer
         self.patch_size: int = self._transformer_fact("config.patch_size")
         self.out_channels: int = self._transformer_fact("out_channels")
@@ -456,13 +455,44 @@ class PackedTokensAdapter(Adapter):
 
 
 
-def check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
+#: diffusers hooks that leave what catrt computes as it is (the casting runs in the hooked layers' own forwards).
+_HARMLESS_DIFFUSERS_HOOKS = frozenset({"layerwise_casting", "peft_autocast_disable"})
+
+
+def check_runs_as_loaded(adapter: Adapter, transformer: nn.Module) -> None:
+    """Refuse what catrt's step functions would silently run otherwise than the transformer's own forward: diffusers
+    hooks on it (`_refuse_diffusers_hooks`) and, for the default `embed_patches`, an unfused LoRA on the patch
+    projection (`_check_patch_projection`).
+
+    The built-in families call it from `check_layout`, which runs again at each call (a LoRA or hook added after
+    `accelerate`); the base calls it once at construction for every family."""
+    _refuse_diffusers_hooks(transformer)
+    if type(adapter).embed_patches is Adapter.embed_patches:
+        _check_patch_projection(adapter, transformer)
+
+
+def _refuse_diffusers_hooks(transformer: nn.Module) -> None:
+    """A diffusers hook (its HookRegistry: `enable_cache`'s First-Block / Faster / Mag caches, `enable_group_offload`,
+    layer skipping) acts on the transformer's or its blocks' forwards, which catrt's steps never call: a cache's skipped
+    work was silently done in full (alpha 1 no longer the plain pipeline) and offloaded weights are never loaded."""
+    for name, module in transformer.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hooks = sorted(set(getattr(registry, "hooks", None) or ()) - _HARMLESS_DIFFUSERS_HOOKS)
+        if hooks:
+            where = f"module {name!r} of the transformer" if name else "the transformer"
+            raise UnsupportedModelError(
+                f"{where} has diffusers hooks {hooks} (enable_cache, enable_group_offload or layer skipping), which act "
+                f"on forwards catrt's step functions do not call: remove them before catrt.accelerate "
+                f"(pipe.transformer.disable_cache() for a cache; load the transformer without group offloading and move "
+                f"the pipeline with pipe.to(device)); catrt's reuse_every / reuse_threshold reuse steps instead",
+                field="transformer", value=hooks,
+            )
+
+
+def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
     """Refuse a patch projection the default `embed_patches` would read wrongly: it multiplies the selected patches by
     `pos_embed.proj.weight`, which an unfused LoRA layer wrapping the projection (PEFT's) leaves out, so a pruned step
-    silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight.
-
-    A family on the default embedding calls it from `check_layout`, which runs again at each call (a LoRA loaded
-    after `accelerate`); the base checks it once at construction for one that does not."""
+    silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight."""
     proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
     if proj is None or type(proj) in (nn.Conv2d, nn.Linear) or getattr(proj, "merged", False):
         return
