@@ -44,7 +44,8 @@ class PixArtAdapter(Adapter):
             raise UnsupportedModelError("PixArt patch embedding with layer_norm=True is not supported")
         for index, block in enumerate(transformer.transformer_blocks):
             if block.only_cross_attention or block.attn2 is None or block.pos_embed is not None:
-                missing = "; this one has no cross-attention (its config's cross_attention_dim is None)" if block.attn2 is None else ""
+                no_cross = "; this one has no cross-attention (its config's cross_attention_dim is None)"
+                missing = no_cross if block.attn2 is None else ""
                 raise UnsupportedModelError(
                     f"PixArt block {index}: only self-attention + cross-attention blocks are supported "
                     f"(only_cross_attention, double_self_attention and positional blocks are not){missing}",
@@ -172,7 +173,9 @@ def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str
         "hidden_states": torch.empty(1, config["in_channels"], grid.height * patch, grid.width * patch, device="meta"),
         "timestep": torch.empty(1, device="meta"),
         "encoder_hidden_states": torch.empty(1, text_tokens, config["caption_channels"], device="meta"),
-        "added_cond_kwargs": {"resolution": torch.empty(1, 2, device="meta"), "aspect_ratio": torch.empty(1, 1, device="meta")},
+        "added_cond_kwargs": {
+            "resolution": torch.empty(1, 2, device="meta"), "aspect_ratio": torch.empty(1, 1, device="meta"),
+        },
     }
 
 
