@@ -405,3 +405,20 @@ def test_diffusers_hooks_the_steps_would_bypass_are_refused_by_name(tiny_pipelin
     transformer.enable_group_offload(torch.device("cpu"), torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
     with pytest.raises(UnsupportedModelError, match=r"^the transformer has diffusers hooks \['group_offloading'\]"):
         fast(**call_kwargs(pipe, num_inference_steps=4))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_layerwise_casting_of_the_output_layer_keeps_the_compute_dtype(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    """`enable_layerwise_casting` without diffusers' default skip of `proj_out` stores that layer in float8: the
+    adapter read its dtype from that weight and refused the pipeline's bf16 latents as the wrong dtype."""
+    from catrt.models.inputs import check_transformer_inputs
+
+    source = tiny_pipelines[name].transformer
+    transformer = type(source).from_config(source.config).eval().to(torch.bfloat16)
+    transformer.enable_layerwise_casting(torch.float8_e4m3fn, torch.bfloat16, skip_modules_pattern=("norm",))
+    assert transformer.proj_out.weight.dtype == torch.float8_e4m3fn
+    adapter = make_adapter(transformer)
+    assert adapter.dtype == torch.bfloat16
+    latents, timestep, kwargs = _inputs(transformer)
+    half = {key: value.bfloat16() if key in ("encoder_hidden_states", "pooled_projections") else value for key, value in kwargs.items()}
+    check_transformer_inputs(adapter, {"hidden_states": latents.bfloat16(), "timestep": timestep, **half}, GRID)

@@ -422,7 +422,12 @@ class Adapter(ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.proj_out.weight.dtype
+        """The dtype the transformer computes in: its output layer's, or the compute dtype diffusers'
+        `enable_layerwise_casting` casts that layer's stored (float8) weight to in its forward."""
+        proj_out = self.transformer.proj_out
+        registry = getattr(proj_out, "_diffusers_hook", None)
+        casting = registry.get_hook("layerwise_casting") if registry is not None else None
+        return casting.compute_dtype if casting is not None else proj_out.weight.dtype
 
 
 class PackedTokensAdapter(Adapter):
