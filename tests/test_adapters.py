@@ -352,6 +352,10 @@ def test_an_unfused_lora_on_the_patch_embedding_is_refused_and_a_fused_one_runs(
     assert refused.value.field == "pos_embed.proj"
     transformer.pos_embed.proj.merged = True  # fuse_lora: the update is in the base weight, the wrapper stays
     make_adapter(transformer)
+    hooked = type(transformer).from_config(transformer.config)
+    hooked.pos_embed.proj.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(UnsupportedModelError, match=r"pos_embed\.proj is a torch\.nn\.modules\.conv\.Conv2d, not a plain .*a hook"):
+        make_adapter(hooked)
 
     # A LoRA loaded after accelerate is refused at the next call, before any step.
     pipe = type(tiny_pipelines["tiny-sd3"])(**{**tiny_pipelines["tiny-sd3"].components, "transformer": transformer})

@@ -499,13 +499,14 @@ def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
     `pos_embed.proj.weight`, which an unfused LoRA layer wrapping the projection (PEFT's) leaves out, so a pruned step
     silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight."""
     proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
-    if proj is None or type(proj) in (nn.Conv2d, nn.Linear) or getattr(proj, "merged", False):
+    plain = type(proj) in (nn.Conv2d, nn.Linear) and _runs_own_forward(proj)
+    if proj is None or plain or getattr(proj, "merged", False):
         return
     raise UnsupportedModelError(
         f"{type(adapter).__name__}: the patch embedding transformer.pos_embed.proj is a {type(proj).__module__}."
-        f"{type(proj).__name__}, not a plain nn.Conv2d or nn.Linear (an unfused LoRA layer wraps it): catrt embeds a "
-        f"pruned step's selected patches with its weight, which leaves the LoRA out; fuse the LoRA first "
-        f"(pipe.fuse_lora(lora_scale=...)), then accelerate",
+        f"{type(proj).__name__}, not a plain nn.Conv2d or nn.Linear (an unfused LoRA layer wraps it, or a hook changes "
+        f"its forward): catrt embeds a pruned step's selected patches with its weight, which leaves the LoRA out; fuse "
+        f"the LoRA first (pipe.fuse_lora(lora_scale=...)), then accelerate",
         field="pos_embed.proj",
     )
 
@@ -516,12 +517,12 @@ def plain_linear(layer: nn.Module) -> bool:
     Not for a layer whose forward was replaced on the instance (diffusers' hooks - `enable_layerwise_casting` keeps
     the weight in float8 and casts it in its forward; accelerate's) or that has torch forward hooks.
     """
-    return (
-        type(layer) is nn.Linear
-        and "forward" not in vars(layer)
-        and not layer._forward_pre_hooks
-        and not layer._forward_hooks
-    )
+    return type(layer) is nn.Linear and _runs_own_forward(layer)
+
+
+def _runs_own_forward(module: nn.Module) -> bool:
+    """Whether calling `module` runs its class's forward alone: no forward set on the instance, no torch forward hooks."""
+    return "forward" not in vars(module) and not module._forward_pre_hooks and not module._forward_hooks
 
 
 def _writes_into(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
