@@ -8,11 +8,12 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
+import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
 from catrt.models import make_adapter
 from catrt.runtime import CATRuntime
 from catrt.tokens import Grid
-from tests.conftest import TINY_NAMES
+from tests.conftest import TINY_NAMES, call_kwargs
 from tests.test_selection import NoHostSync
 
 
@@ -232,3 +233,196 @@ def test_fused_qkv_projections_are_refused_with_the_way_to_unfuse(name: str) -> 
     with pytest.raises(UnsupportedModelError, match="attention processor AttnProcessor") as refused:
         make_adapter(transformer)
     assert "unfuse" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("name", "layers", "message"), [
+    ("tiny-sd3", {"num_layers": 0}, "SD3Transformer2DModel with num_layers 0 has"),
+    ("tiny-pixart", {"num_layers": 0}, "PixArtTransformer2DModel with num_layers 0 has"),
+    ("tiny-flux", {"num_layers": 0, "num_single_layers": 0}, "FluxTransformer2DModel with num_layers 0 and num_single_layers 0 has"),
+])
+def test_a_transformer_without_blocks_is_refused_naming_its_layer_counts(
+    name: str, layers: dict[str, int], message: str, tiny_pipelines: dict[str, Any]
+) -> None:
+    """A config with no blocks has no attention to prune; its export and MAC count failed in torch.stack on an empty
+    list (PixArt's context already at the first step). FLUX with one kind of block only is a layout catrt runs."""
+    config = tiny_pipelines[name].transformer.config
+    with torch.device("meta"):
+        transformer = type(tiny_pipelines[name].transformer).from_config({**config, **layers})
+    with pytest.raises(UnsupportedModelError, match=f"^{message} no transformer blocks: .*nothing to prune") as refused:
+        make_adapter(transformer)
+    assert (refused.value.field, refused.value.value) == ("num_layers", 0)
+    if name == "tiny-flux":
+        for only in ({"num_layers": 0}, {"num_single_layers": 0}):
+            with torch.device("meta"):
+                assert make_adapter(type(transformer).from_config({**config, **only})).num_kv_slots == 4
+
+
+def _pixart_alpha_1024_layout(tiny_pipelines: dict[str, Any]) -> Any:
+    """tiny-pixart at PixArt-Alpha 1024's layout: sample_size 128 turns on diffusers' resolution and aspect-ratio
+    embedding (use_additional_conditions unset), whose three size embeddings need a width divisible by 3."""
+    torch.manual_seed(0)
+    config = {**tiny_pipelines["tiny-pixart"].transformer.config, "sample_size": 128, "use_additional_conditions": None,
+              "num_attention_heads": 3, "cross_attention_dim": 24}
+    return type(tiny_pipelines["tiny-pixart"].transformer).from_config(config).eval()
+
+
+@torch.no_grad()
+def test_pixart_alpha_1024_embeds_the_size_it_is_given_and_refuses_a_call_without_it(tiny_pipelines: dict[str, Any]) -> None:
+    """The resolution and aspect ratio enter every step's modulation: alpha = 1 is diffusers' forward with them. A call
+    without them (PixArtSigmaPipeline never passes them) is refused naming them, where it failed on None in diffusers."""
+    transformer = _pixart_alpha_1024_layout(tiny_pipelines)
+    assert transformer.use_additional_conditions
+    adapter = make_adapter(transformer)
+    latents, timestep, kwargs = _inputs(transformer)
+    sized = {**kwargs, "added_cond_kwargs": {"resolution": torch.tensor([[64.0, 96.0]] * 2),
+                                             "aspect_ratio": torch.tensor([[64 / 96]] * 2)}}
+    expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **sized)[0]
+    unsized = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **{
+        **sized, "added_cond_kwargs": {"resolution": torch.tensor([[1024.0, 1024.0]] * 2), "aspect_ratio": torch.ones(2, 1)}})[0]
+    assert (expected - unsized).abs().max() > 1e-3  # the size is an input that matters
+    tokens = adapter.full_forward(latents, timestep, _context(adapter, sized, latents), _empty_cache(adapter, num=24))
+    assert (adapter.prediction_of(tokens, GRID) - expected).abs().max() < 1e-4
+    for missing in ("resolution", "aspect_ratio"):
+        call = {**sized, "added_cond_kwargs": {**sized["added_cond_kwargs"], missing: None}}
+        with pytest.raises(ConfigError, match=f"use_additional_conditions.*the call needs added_cond_kwargs '{missing}'") as refused:
+            adapter.context_inputs(call)
+        assert refused.value.field == "added_cond_kwargs"
+
+
+def test_a_size_past_the_positional_table_is_refused_naming_the_side(tiny_pipelines: dict[str, Any]) -> None:
+    """A Python caller's size is checked by nothing before the first step: one token past pos_embed_max_size failed in
+    diffusers' positional embedding (an IndexError in torch for AuraFlow's table); the limit itself is taken."""
+    config = {**tiny_pipelines["tiny-sd3"].transformer.config, "pos_embed_max_size": 6}
+    with torch.device("meta"):
+        adapter = make_adapter(type(tiny_pipelines["tiny-sd3"].transformer).from_config(config))
+    assert adapter.grid(12, 8) == Grid(6, 4) and adapter.grid(4, 12) == Grid(2, 6)
+    with pytest.raises(ConfigError, match=r"^latent size 14x8 is 7x4 tokens, but this SD3Transformer2DModel's positions "
+                                          r"cover at most 6 tokens a side \(pos_embed_max_size\); choose an image size "
+                                          r"whose latent is at most 12 a side$") as refused:
+        adapter.grid(14, 8)
+    assert (refused.value.field, refused.value.value) == ("height", (14, 8))
+    with pytest.raises(ConfigError, match="is 2x7 tokens") as refused:
+        adapter.grid(4, 14)
+    assert refused.value.field == "width"
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("cross_attention_dim", r"PixArt block 0: .*; this one has no cross-attention \(its config's cross_attention_dim is None\)$"),
+    ("caption_channels", r"^PixArt transformer without caption projection is not supported \(its config's caption_channels is None"),
+])
+def test_a_pixart_config_without_text_conditioning_is_refused_naming_its_key(
+    key: str, message: str, tiny_pipelines: dict[str, Any]
+) -> None:
+    """diffusers builds and runs both (without cross-attention the text is read by nothing); the refusals said what
+    catrt does not take but not which config key made it so."""
+    config = {**tiny_pipelines["tiny-pixart"].transformer.config, key: None}
+    with torch.device("meta"):
+        transformer = type(tiny_pipelines["tiny-pixart"].transformer).from_config(config)
+    with pytest.raises(UnsupportedModelError, match=message) as refused:
+        make_adapter(transformer)
+    assert refused.value.field == key
+
+
+class _UnfusedLoraConv(torch.nn.Module):
+    """What PEFT makes of a LoRA on a Conv2d: the layer's forward adds the low-rank update, `weight` is the base's."""
+
+    def __init__(self, base: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.base_layer, self.merged = base, False
+        self.lora = torch.nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, base.stride, bias=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + (0 if self.merged else self.lora(x))
+
+
+def test_an_unfused_lora_on_the_patch_embedding_is_refused_and_a_fused_one_runs(tiny_pipelines: dict[str, Any]) -> None:
+    """A pruned step embeds its patches with pos_embed.proj.weight: with an unfused LoRA there (checked with PEFT 0.21),
+    pruned steps silently lost the LoRA's share of the embedding that full steps had (1.07 off at k = N)."""
+    torch.manual_seed(0)
+    transformer = type(tiny_pipelines["tiny-sd3"].transformer).from_config(tiny_pipelines["tiny-sd3"].transformer.config)
+    transformer.pos_embed.proj = _UnfusedLoraConv(transformer.pos_embed.proj)
+    with pytest.raises(UnsupportedModelError, match=r"^SD3Adapter: the patch embedding transformer\.pos_embed\.proj is a "
+                                                    r"\S*_UnfusedLoraConv, not a plain nn\.Conv2d .*"
+                                                    r"fuse the LoRA first") as refused:
+        make_adapter(transformer)
+    assert refused.value.field == "pos_embed.proj"
+    transformer.pos_embed.proj.merged = True  # fuse_lora: the update is in the base weight, the wrapper stays
+    make_adapter(transformer)
+    hooked = type(transformer).from_config(transformer.config)
+    hooked.pos_embed.proj.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(UnsupportedModelError, match=r"pos_embed\.proj is a torch\.nn\.modules\.conv\.Conv2d, not a plain .*a hook"):
+        make_adapter(hooked)
+
+    # A LoRA loaded after accelerate is refused at the next call, before any step.
+    pipe = type(tiny_pipelines["tiny-sd3"])(**{**tiny_pipelines["tiny-sd3"].components, "transformer": transformer})
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))
+    transformer.pos_embed.proj.merged = False
+    with pytest.raises(UnsupportedModelError, match="pos_embed.proj is a .*fuse the LoRA first"):
+        fast(**call_kwargs(pipe, num_inference_steps=4))
+
+
+@torch.no_grad()
+def test_sd3_runs_linear_layers_whose_forward_is_hooked_through_their_forward(tiny_pipelines: dict[str, Any]) -> None:
+    """SD3's fast paths multiply by a Linear's weight directly; a layer whose forward is hooked is called instead.
+    diffusers' `enable_layerwise_casting` keeps weights in float8 and casts them in the forward it replaces (catrt
+    failed in a baddbmm on float8); a torch forward hook changes the output (catrt left it out, silently)."""
+    source = tiny_pipelines["tiny-sd3.5"].transformer
+    transformer = type(source).from_config(source.config).eval()
+    transformer.load_state_dict(source.state_dict())
+    latents, timestep, kwargs = _inputs(transformer)
+    transformer.transformer_blocks[0].attn.to_out[0].register_forward_hook(lambda module, args, out: out * 2)
+    adapter = make_adapter(transformer)
+    expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
+    tokens = adapter.full_forward(latents, timestep, _context(adapter, kwargs, latents), _empty_cache(adapter))
+    assert (adapter.prediction_of(tokens, GRID) - expected).abs().max() < 1e-4
+
+    transformer.to(torch.bfloat16).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert transformer.transformer_blocks[0].attn.to_out[0].weight.dtype == torch.float8_e4m3fn
+    half = {name: value.to(torch.bfloat16) for name, value in kwargs.items()}
+    expected = transformer(hidden_states=latents.bfloat16(), timestep=timestep, return_dict=False, **half)[0].float()
+    context = _context(adapter, half, latents)
+    tokens = adapter.full_forward(latents.bfloat16(), timestep, context, _empty_cache(adapter).bfloat16())
+    got = adapter.prediction_of(tokens, GRID).float()
+    assert ((got - expected).norm() / expected.norm()).item() < 2e-2  # bf16 rounding in another op order
+
+
+def test_diffusers_hooks_the_steps_would_bypass_are_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
+    """diffusers' caches and group offloading hook forwards catrt's steps never call: with a First-Block cache on, alpha = 1
+    silently ran every block (0.66% off the plain pipeline's cached result), and offloaded weights would never load. A
+    hook added after accelerate is refused at the next call; layerwise casting runs (its casts are the layers' own)."""
+    from diffusers import FirstBlockCacheConfig
+
+    tiny = tiny_pipelines["tiny-flux"]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pytest.raises(UnsupportedModelError, match=r"^module 'transformer_blocks\.0' of the transformer has diffusers hooks "
+                                                    r"\['fbc_leader_block_hook'\] .*pipe\.transformer\.disable_cache\(\)") as refused:
+        make_adapter(transformer)
+    assert refused.value.field == "transformer"
+    transformer.disable_cache()
+    pipe = type(tiny)(**{**tiny.components, "transformer": transformer})
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))
+    transformer.enable_group_offload(torch.device("cpu"), torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+    with pytest.raises(UnsupportedModelError, match=r"^the transformer has diffusers hooks \['group_offloading'\]"):
+        fast(**call_kwargs(pipe, num_inference_steps=4))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_layerwise_casting_of_the_output_layer_keeps_the_compute_dtype(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    """`enable_layerwise_casting` without diffusers' default skip of `proj_out` stores that layer in float8: the
+    adapter read its dtype from that weight and refused the pipeline's bf16 latents as the wrong dtype."""
+    from catrt.models.inputs import check_transformer_inputs
+
+    source = tiny_pipelines[name].transformer
+    transformer = type(source).from_config(source.config).eval().to(torch.bfloat16)
+    transformer.enable_layerwise_casting(torch.float8_e4m3fn, torch.bfloat16, skip_modules_pattern=("norm",))
+    assert transformer.proj_out.weight.dtype == torch.float8_e4m3fn
+    adapter = make_adapter(transformer)
+    assert adapter.dtype == torch.bfloat16
+    latents, timestep, kwargs = _inputs(transformer)
+    half = {key: value.bfloat16() if key in ("encoder_hidden_states", "pooled_projections") else value for key, value in kwargs.items()}
+    check_transformer_inputs(adapter, {"hidden_states": latents.bfloat16(), "timestep": timestep, **half}, GRID)

@@ -181,3 +181,39 @@ def test_format_macs_picks_the_largest_unit_the_value_reaches() -> None:
 
     assert [format_macs(value) for value in (10**12, 10**12 - 1, 10**9, 10**6, 1000, 999, 0)] == [
         "1.000 TMAC", "1000.000 GMAC", "1.000 GMAC", "1.000 MMAC", "1.000 KMAC", "999 MAC", "0 MAC"]
+
+
+def test_pixart_alpha_1024_counts_its_size_embedding_on_the_meta_device() -> None:
+    """A PixArt transformer of sample_size 128 (PixArt-Alpha 1024's layout; use_additional_conditions unset turns it on)
+    embeds the resolution (2 values) and aspect ratio (1) every step: three rows through a 256 -> D/3 -> D/3 MLP more
+    than the same transformer without them. The meta call handed it None for both, an AttributeError in diffusers."""
+    config = {"sample_size": 128, "patch_size": 2, "in_channels": 4, "out_channels": 8, "num_layers": 2,
+              "attention_head_dim": 8, "num_attention_heads": 3, "cross_attention_dim": 24, "caption_channels": 48}
+    grid, text, cat = Grid(3, 5), 7, CATConfig(alpha=0.3, t0=2)
+
+    def counts(layout: dict) -> tuple[int, ...]:
+        with torch.device("meta"):
+            transformer = family_of("pixart").adapter.transformer_class.from_config(layout).eval()
+        call = dict(family_of("pixart").meta_call(layout, text, grid))
+        macs = step_macs(transformer, call.pop("hidden_states"), call.pop("timestep"), call, cat)
+        return macs.full, macs.context_full, macs.pruned, macs.probe, macs.context
+
+    size = 24 // 3
+    sized, plain = counts(config), counts({**config, "use_additional_conditions": False})
+    assert [a - b for a, b in zip(sized, plain)] == [3 * (256 * size + size * size)] * 4 + [0]
+
+
+def test_dual_attention_layers_count_a_second_attention_each(tiny_sd3_on_meta: torch.nn.Module) -> None:
+    """SD3.5-medium's MMDiT-X blocks (its first 13 of 24; here 2 of 4, not adjacent, the last context_pre_only one
+    among them) add an image-only attention: 3 more modulation outputs, its QKV and output projections on the rows
+    run, and attention of those rows over all N image keys. The RMS QK-norm adds no matmul."""
+    config = {**TINY_SD3_CONFIG, "num_layers": 4, "dual_attention_layers": (1, 3), "qk_norm": "rms_norm"}
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(config).eval()
+    grid, text = Grid(3, 5), 11
+    call = dict(family_of("sd3").meta_call(config, text, grid))
+    counts = step_macs(transformer, call.pop("hidden_states"), call.pop("timestep"), call, CATConfig(alpha=0.3, t0=2))
+    d, num = 32, grid.num_tokens
+    for macs, rows in ((counts.full, num), (counts.pruned, counts.k)):
+        dual = 2 * (3 * d * d + 4 * rows * d * d + 2 * rows * num * d)
+        assert macs == _sd3_hand_count(config, text, num, rows) + dual

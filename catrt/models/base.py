@@ -58,8 +58,9 @@ from catrt.tokens import Grid, patchify, unpatchify
 #: The adapter contract, with the shared block maths of `attention` and `modulation` (one import for a family module).
 __all__ = [
     "Adapter", "AttentionRecorder", "BlockCall", "BlockFunction", "Context", "KVStore", "PackedTokensAdapter",
-    "attention", "attention_kwargs_change_nothing", "call_block", "eager_cpu", "gated_add_", "heads",
-    "joint_attention", "merge_heads", "modulate_", "project_qkv", "refuse_call_attention_kwargs", "unfuse_hint",
+    "attention", "attention_kwargs_change_nothing", "call_block", "check_runs_as_loaded", "eager_cpu", "gated_add_",
+    "heads", "joint_attention", "merge_heads", "modulate_", "plain_linear", "project_qkv", "refuse_call_attention_kwargs",
+    "refuse_without_blocks", "unfuse_hint",
 ]
 
 
@@ -77,6 +78,19 @@ def eager_cpu(tensor: torch.Tensor) -> bool:
     """
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
+
+
+def refuse_without_blocks(transformer: nn.Module, num_blocks: int, config_keys: tuple[str, ...]) -> None:
+    """Refuse a transformer with no blocks (its `config_keys` all 0), naming them: there is no attention whose tokens to
+    prune or K/V to cache, and the forwards' stacked K/V and cross-attention tensors failed on an empty list in torch."""
+    if num_blocks:
+        return
+    zero = " and ".join(f"{key} 0" for key in config_keys)
+    raise UnsupportedModelError(
+        f"{type(transformer).__name__} with {zero} has no transformer blocks: catrt prunes the image tokens its blocks "
+        f"run and caches their K/V, so there is nothing to prune; run the pipeline without catrt",
+        field=config_keys[0], value=0,
+    )
 
 
 def call_block(function: BlockFunction, block: nn.Module, store: KVStore, first_slot: int, num_slots: int, *inputs: Any) -> Any:
@@ -191,6 +205,7 @@ class Adapter(ABC):
                 f"{type(self).__name__} needs a {self.transformer_class.__name__}, got {type(transformer).__name__}"
             )
         self.check_layout(transformer)
+        check_runs_as_loaded(self, transformer)  # the built-in families' check_layout checks it again at each call
         self.transformer = transformer
         self.patch_size: int = self._transformer_fact("config.patch_size")
         self.out_channels: int = self._transformer_fact("out_channels")
@@ -280,7 +295,9 @@ class Adapter(ABC):
         return self.transformer.pos_embed(hidden_states).contiguous()
 
     def grid(self, latent_height: int, latent_width: int) -> Grid:
-        """The token grid of a latent size; raises when the patch size does not divide it."""
+        """The token grid of a latent size; raises when the patch size does not divide it or when it is wider than
+        `max_grid_side` (a Python caller's size is checked nowhere before: the transformer failed in its positional
+        embedding, with diffusers' ValueError for SD3's table and an IndexError in torch for AuraFlow's)."""
         p = self.patch_size
         if latent_height % p or latent_width % p:
             raise ConfigError(
@@ -289,7 +306,16 @@ class Adapter(ABC):
                 field="height" if latent_height % p else "width",
                 value=(latent_height, latent_width),
             )
-        return Grid(latent_height // p, latent_width // p)
+        grid, side = Grid(latent_height // p, latent_width // p), self.max_grid_side
+        if side is not None and max(grid.height, grid.width) > side:
+            raise ConfigError(
+                f"latent size {latent_height}x{latent_width} is {grid.height}x{grid.width} tokens, but this "
+                f"{type(self.transformer).__name__}'s positions cover at most {side} tokens a side (pos_embed_max_size); "
+                f"choose an image size whose latent is at most {side * p} a side",
+                field="height" if grid.height > side else "width",
+                value=(latent_height, latent_width),
+            )
+        return grid
 
     @abstractmethod
     def context_inputs(self, call_kwargs: dict[str, Any]) -> Context:
@@ -396,7 +422,12 @@ class Adapter(ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.proj_out.weight.dtype
+        """The dtype the transformer computes in: its output layer's, or the compute dtype diffusers'
+        `enable_layerwise_casting` casts that layer's stored (float8) weight to in its forward."""
+        proj_out = self.transformer.proj_out
+        registry = getattr(proj_out, "_diffusers_hook", None)
+        casting = registry.get_hook("layerwise_casting") if registry is not None else None
+        return casting.compute_dtype if casting is not None else proj_out.weight.dtype
 
 
 class PackedTokensAdapter(Adapter):
@@ -429,10 +460,75 @@ class PackedTokensAdapter(Adapter):
 
 
 
+#: diffusers hooks that leave what catrt computes as it is (the casting runs in the hooked layers' own forwards).
+_HARMLESS_DIFFUSERS_HOOKS = frozenset({"layerwise_casting", "peft_autocast_disable"})
+
+
+def check_runs_as_loaded(adapter: Adapter, transformer: nn.Module) -> None:
+    """Refuse what catrt's step functions would silently run otherwise than the transformer's own forward: diffusers
+    hooks on it (`_refuse_diffusers_hooks`) and, for the default `embed_patches`, an unfused LoRA on the patch
+    projection (`_check_patch_projection`).
+
+    The built-in families call it from `check_layout`, which runs again at each call (a LoRA or hook added after
+    `accelerate`); the base calls it once at construction for every family."""
+    _refuse_diffusers_hooks(transformer)
+    if type(adapter).embed_patches is Adapter.embed_patches:
+        _check_patch_projection(adapter, transformer)
+
+
+def _refuse_diffusers_hooks(transformer: nn.Module) -> None:
+    """A diffusers hook (its HookRegistry: `enable_cache`'s First-Block / Faster / Mag caches, `enable_group_offload`,
+    layer skipping) acts on the transformer's or its blocks' forwards, which catrt's steps never call: a cache's skipped
+    work was silently done in full (alpha 1 no longer the plain pipeline) and offloaded weights are never loaded."""
+    for name, module in transformer.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hooks = sorted(set(getattr(registry, "hooks", None) or ()) - _HARMLESS_DIFFUSERS_HOOKS)
+        if hooks:
+            where = f"module {name!r} of the transformer" if name else "the transformer"
+            raise UnsupportedModelError(
+                f"{where} has diffusers hooks {hooks} (enable_cache, enable_group_offload or layer skipping), which act "
+                f"on forwards catrt's step functions do not call: remove them before catrt.accelerate "
+                f"(pipe.transformer.disable_cache() for a cache; load the transformer without group offloading and move "
+                f"the pipeline with pipe.to(device)); catrt's reuse_every / reuse_threshold reuse steps instead",
+                field="transformer", value=hooks,
+            )
+
+
+def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
+    """Refuse a patch projection the default `embed_patches` would read wrongly: it multiplies the selected patches by
+    `pos_embed.proj.weight`, which an unfused LoRA layer wrapping the projection (PEFT's) leaves out, so a pruned step
+    silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight."""
+    proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
+    plain = type(proj) in (nn.Conv2d, nn.Linear) and _runs_own_forward(proj)
+    if proj is None or plain or getattr(proj, "merged", False):
+        return
+    raise UnsupportedModelError(
+        f"{type(adapter).__name__}: the patch embedding transformer.pos_embed.proj is a {type(proj).__module__}."
+        f"{type(proj).__name__}, not a plain nn.Conv2d or nn.Linear (an unfused LoRA layer wraps it, or a hook changes "
+        f"its forward): catrt embeds a pruned step's selected patches with its weight, which leaves the LoRA out; fuse "
+        f"the LoRA first (pipe.fuse_lora(lora_scale=...)), then accelerate",
+        field="pos_embed.proj",
+    )
+
+
+def plain_linear(layer: nn.Module) -> bool:
+    """Whether calling `layer` is just `F.linear` with its `weight` and `bias`, so a fast path may use them directly.
+
+    Not for a layer whose forward was replaced on the instance (diffusers' hooks - `enable_layerwise_casting` keeps
+    the weight in float8 and casts it in its forward; accelerate's) or that has torch forward hooks.
+    """
+    return type(layer) is nn.Linear and _runs_own_forward(layer)
+
+
+def _runs_own_forward(module: nn.Module) -> bool:
+    """Whether calling `module` runs its class's forward alone: no forward set on the instance, no torch forward hooks."""
+    return "forward" not in vars(module) and not module._forward_pre_hooks and not module._forward_hooks
+
+
 def _writes_into(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether `layer(x)` can be computed straight into `out` by one addmm (eager only)."""
     return (
-        type(layer) is nn.Linear
+        plain_linear(layer)
         and layer.bias is not None
         and not torch.compiler.is_compiling()
         and not torch.is_grad_enabled()  # out= has no autograd

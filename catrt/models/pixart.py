@@ -14,9 +14,9 @@ from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransforme
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
-from catrt.errors import UnsupportedModelError
+from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models.attention import attention, project_qkv, unfuse_hint
-from catrt.models.base import Adapter, Context, KVStore
+from catrt.models.base import Adapter, Context, KVStore, check_runs_as_loaded, refuse_without_blocks
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
@@ -32,15 +32,24 @@ class PixArtAdapter(Adapter):
 
     def check_layout(self, transformer: nn.Module) -> None:
         config = transformer.config
+        refuse_without_blocks(transformer, len(transformer.transformer_blocks), ("num_layers",))
+        check_runs_as_loaded(self, transformer)
         if config.caption_channels is None:
-            raise UnsupportedModelError("PixArt transformer without caption projection is not supported")
+            raise UnsupportedModelError(
+                "PixArt transformer without caption projection is not supported (its config's caption_channels is None: "
+                "catrt makes the cross-attention K/V of the projected T5 text)",
+                field="caption_channels",
+            )
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("PixArt patch embedding with layer_norm=True is not supported")
         for index, block in enumerate(transformer.transformer_blocks):
             if block.only_cross_attention or block.attn2 is None or block.pos_embed is not None:
+                no_cross = "; this one has no cross-attention (its config's cross_attention_dim is None)"
+                missing = no_cross if block.attn2 is None else ""
                 raise UnsupportedModelError(
                     f"PixArt block {index}: only self-attention + cross-attention blocks are supported "
-                    f"(only_cross_attention, double_self_attention and positional blocks are not)"
+                    f"(only_cross_attention, double_self_attention and positional blocks are not){missing}",
+                    field="cross_attention_dim" if missing else None,
                 )
             if getattr(block, "fuser", None) is not None:
                 raise UnsupportedModelError(f"PixArt block {index}: GLIGEN attention_type is not supported")
@@ -77,6 +86,13 @@ class PixArtAdapter(Adapter):
         for name in ("resolution", "aspect_ratio"):
             if added.get(name) is not None:
                 inputs[name] = added[name]
+            elif self.transformer.use_additional_conditions:
+                raise ConfigError(
+                    f"this PixArt transformer embeds the image resolution and aspect ratio (use_additional_conditions, "
+                    f"as PixArt-Alpha at 1024): the call needs added_cond_kwargs {name!r}; PixArtAlphaPipeline passes "
+                    f"them for a transformer of sample_size 128, PixArtSigmaPipeline never does",
+                    field="added_cond_kwargs", value=name,
+                )
         return inputs
 
     def prepare_context(self, inputs: Context, latent_shape: tuple[int, ...]) -> Context:
@@ -146,13 +162,20 @@ class PixArtAdapter(Adapter):
 
 
 def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str, Any]:
-    """Batch-1 meta tensors shaped like one PixArt denoising step's transformer call."""
+    """Batch-1 meta tensors shaped like one PixArt denoising step's transformer call.
+
+    The resolution (B, 2) and aspect ratio (B, 1) are given always: a transformer with
+    `use_additional_conditions` (PixArt-Alpha at 1024, whose pipeline passes them) embeds them and failed on
+    None deep in diffusers; one without ignores them.
+    """
     patch = config["patch_size"]
     return {
         "hidden_states": torch.empty(1, config["in_channels"], grid.height * patch, grid.width * patch, device="meta"),
         "timestep": torch.empty(1, device="meta"),
         "encoder_hidden_states": torch.empty(1, text_tokens, config["caption_channels"], device="meta"),
-        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        "added_cond_kwargs": {
+            "resolution": torch.empty(1, 2, device="meta"), "aspect_ratio": torch.empty(1, 1, device="meta"),
+        },
     }
 
 

@@ -29,7 +29,15 @@ from catrt.models.attention import (
     refuse_call_attention_kwargs,
     unfuse_hint,
 )
-from catrt.models.base import Adapter, Context, KVStore, eager_cpu
+from catrt.models.base import (
+    Adapter,
+    Context,
+    KVStore,
+    check_runs_as_loaded,
+    eager_cpu,
+    plain_linear,
+    refuse_without_blocks,
+)
 from catrt.models.modulation import gated_add_, modulate_
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec, guidance_value
@@ -58,6 +66,8 @@ class SD3Adapter(Adapter):
         self._scratch = Scratch()
 
     def check_layout(self, transformer: nn.Module) -> None:
+        refuse_without_blocks(transformer, len(transformer.transformer_blocks), ("num_layers",))
+        check_runs_as_loaded(self, transformer)
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("SD3 patch embedding with layer_norm=True is not supported")
         for index, block in enumerate(transformer.transformer_blocks):
@@ -239,7 +249,7 @@ def _linear(layer: nn.Module, x: torch.Tensor, scratch: Scratch | None = None, n
     folds into a batch-sized copy of the weight in every session (a 2x weight per graph at batch 2).
     """
     exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
-    if type(layer) is not nn.Linear or layer.bias is None or x.dim() != 3 or x.stride(-1) != 1 or exporting:
+    if not plain_linear(layer) or layer.bias is None or x.dim() != 3 or x.stride(-1) != 1 or exporting:
         return layer(x)
     shape = (*x.shape[:-1], layer.out_features)
     out = scratch.take(name, shape, x) if scratch is not None else None
