@@ -45,7 +45,7 @@ import h11
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from catrt.serve.errors import REQUEST_ID_KEY
+from catrt.serve.errors import PROTOCOL_STATUS_KEY, REQUEST_ID_KEY
 from catrt.serve.gate import REQUEST_ID_HEADER
 
 logger = logging.getLogger(__name__)
@@ -205,6 +205,7 @@ class ReadDeadlineH11Protocol(H11Protocol):
         if self.cycle is not None:
             self.cycle.disconnected = True
             self.cycle.message_event.set()
+            self.cycle.scope[PROTOCOL_STATUS_KEY] = 408
             request_id = self.cycle.scope.get(REQUEST_ID_KEY)
             if request_id is not None:
                 extra.append((REQUEST_ID_HEADER, request_id.encode()))
