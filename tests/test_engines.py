@@ -176,6 +176,24 @@ def test_a_scheduler_set_on_a_loaded_bundle_is_the_one_its_calls_run(onnx_builds
     assert "engine" in vars(fast)
 
 
+def test_a_config_set_on_a_loaded_bundle_is_held_to_the_build_as_loads_is(onnx_builds: dict[str, Path]) -> None:
+    """`loaded.config = ...` reaches the accelerated pipeline's run config, so it is checked as `load(config=...)` is:
+    a t0 the engine was not built for ran unrefused; a dict is refused naming config. `del loaded.x` removes the `x`
+    that `loaded.x = ...` set on the pipeline (it raised AttributeError)."""
+    fast = catrt.load(onnx_builds["tiny-sd3"])
+    with pytest.raises(ConfigError, match=r"this engine was built for t0=4, the config asks for t0=2") as error:
+        fast.config = catrt.CATConfig(alpha=0.3, t0=2)
+    assert error.value.field == "t0" and fast.accelerated.config.t0 == 4
+    with pytest.raises(ConfigError, match="config must be a catrt.CATConfig, got dict") as error:
+        fast.config = {"alpha": 0.3, "t0": 4}
+    assert error.value.field == "config"
+    fast.config = catrt.CATConfig(alpha=0.3, t0=4, trace=True)
+    assert fast.accelerated.config.trace and "config" not in vars(fast)
+    fast.marker = 1
+    del fast.marker
+    assert not hasattr(fast.pipe, "marker")
+
+
 def test_fractional_timesteps_are_refused_by_a_build_of_whole_ones(onnx_builds: dict[str, Path]) -> None:
     """The PixArt build's graphs take int64 timesteps (its DPM-Solver's); an Euler scheduler swapped in gives fractional
     ones, which the engine cast to int64 and ran silently truncated. DDIM's whole timesteps still run."""
