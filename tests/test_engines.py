@@ -28,7 +28,7 @@ from catrt.build import build_engines
 from catrt.build_config import BACKENDS, BuildConfig
 from catrt.cli import main
 from catrt.contract import FULL, PRUNED, pruned_graph, step_shapes
-from catrt.engines import ENGINES, GraphSpec, resolve_backend
+from catrt.engines import ENGINES, GraphSpec, TensorSpec, resolve_backend
 from catrt.engines.tensorrt import TensorRTEngine
 from catrt.errors import BuildError, ConfigError, CorruptBundleError, EngineMismatchError
 from catrt.export import BACKEND_BUILDS
@@ -209,6 +209,22 @@ def test_fractional_timesteps_are_refused_by_a_build_of_whole_ones(onnx_builds: 
     assert error.value.field == "timestep"
     fast.scheduler = diffusers.DDIMScheduler.from_config(own)
     assert fast(["a cat", "a dog"], output_type="latent").images.isfinite().all()
+    # Whole float32 timesteps (Euler's trailing spacing) cast exactly: they run (the dtype alone refused them).
+    fast.scheduler = diffusers.EulerDiscreteScheduler.from_config(own, timestep_spacing="trailing")
+    assert fast(["a cat", "a dog"], output_type="latent").images.isfinite().all()
+
+
+@pytest.mark.parametrize("value", [0.5, float("nan"), float("inf")])
+def test_a_float_for_an_integer_graph_input_is_cast_only_where_whole(value: float) -> None:
+    """GraphSpec.prepare casts whole floats to an integer input exactly; a fraction, NaN or infinity is refused naming
+    the input (the cast would drop or garble it)."""
+    spec = GraphSpec(inputs=(TensorSpec("timestep", (2,), "int64"),), outputs=())
+    prepared = spec.prepare({"timestep": torch.tensor([999.0, 916.0])})["timestep"]
+    assert prepared.dtype == torch.int64 and prepared.tolist() == [999, 916]
+    assert spec.prepare({"timestep": torch.tensor([999, 916], dtype=torch.int32)})["timestep"].tolist() == [999, 916]
+    with pytest.raises(ConfigError, match="input 'timestep' is float32 but the engine was built for int64") as error:
+        spec.prepare({"timestep": torch.tensor([999.0, value])})
+    assert error.value.field == "timestep"
 
 
 def test_alpha_one_build_matches_the_unpruned_pipeline(tmp_path: Path, tiny_pipelines: dict[str, Any]) -> None:
