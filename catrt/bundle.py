@@ -73,17 +73,23 @@ class EnginePipeline:
         return self.build.alphas
 
     def __call__(self, *args: Any, alpha: float | None = None, **kwargs: Any) -> Any:
-        if alpha is not None:
-            alpha = self.build.built_alpha(alpha)  # an unbuilt alpha: a ConfigError naming the built ones
-        # The pipeline may have been moved since load (`fast.to(...)`, `fast.pipe.to(...)`): the graphs take the build's.
-        check_pipeline_fits(self.build, self.accelerated.pipe, self.engine.device, type(self.engine).needs_transformer, "now")
-        defaults = {**pipeline_spec(self.accelerated.pipe).call_defaults, **self.build.call_arguments()}
-        refuse_config_keywords(self._signature, kwargs, bundle=True)
-        bound = self._signature.bind(*args, **kwargs)
-        for name, value in defaults.items():
-            bound.arguments.setdefault(name, value)
-        bound.apply_defaults()
-        check_request(bound.arguments, self.build, self.accelerated.spec)
+        with exclusive_use(self.accelerated.pipe.transformer):
+            # `last_trace` is this call's, also where the build refuses it (it showed the call before's), as the
+            # accelerated pipeline's own refusals leave it; under the lock, so another thread's call keeps its own.
+            self.accelerated.last_trace = []
+            if alpha is not None:
+                alpha = self.build.built_alpha(alpha)  # an unbuilt alpha: a ConfigError naming the built ones
+            # The pipeline may have been moved since load (`fast.to(...)`, `fast.pipe.to(...)`): the graphs take the
+            # build's.
+            check_pipeline_fits(
+                self.build, self.accelerated.pipe, self.engine.device, type(self.engine).needs_transformer, "now")
+            defaults = {**pipeline_spec(self.accelerated.pipe).call_defaults, **self.build.call_arguments()}
+            refuse_config_keywords(self._signature, kwargs, bundle=True)
+            bound = self._signature.bind(*args, **kwargs)
+            for name, value in defaults.items():
+                bound.arguments.setdefault(name, value)
+            bound.apply_defaults()
+            check_request(bound.arguments, self.build, self.accelerated.spec)
         return self.accelerated(*bound.args, alpha=alpha, **bound.kwargs)
 
     def to(self, *args: Any, **kwargs: Any) -> EnginePipeline:

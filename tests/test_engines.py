@@ -176,6 +176,18 @@ def test_a_scheduler_set_on_a_loaded_bundle_is_the_one_its_calls_run(onnx_builds
     assert "engine" in vars(fast)
 
 
+def test_a_loaded_bundles_trace_is_the_refused_calls_not_the_one_before(onnx_builds: dict[str, Path]) -> None:
+    """The bundle's own refusals (an unbuilt alpha, another size) came before the accelerated pipeline's call, so
+    `last_trace` still showed the call before's steps, as if the refused call had run them."""
+    fast = catrt.load(onnx_builds["tiny-sd3"], catrt.CATConfig(alpha=0.3, t0=4, trace=True))
+    fast.set_progress_bar_config(disable=True)
+    fast(["a cat", "a dog"], output_type="latent")
+    assert len(fast.last_trace) == SIZE["steps"]  # precondition: a trace to be left behind
+    with pytest.raises(ConfigError, match="this engine was built for alpha in 0.3, not alpha=0.5"):
+        fast(["a cat", "a dog"], output_type="latent", alpha=0.5)
+    assert fast.last_trace == []
+
+
 def test_a_config_set_on_a_loaded_bundle_is_held_to_the_build_as_loads_is(onnx_builds: dict[str, Path]) -> None:
     """`loaded.config = ...` reaches the accelerated pipeline's run config, so it is checked as `load(config=...)` is:
     a t0 the engine was not built for ran unrefused; a dict is refused naming config. `del loaded.x` removes the `x`
