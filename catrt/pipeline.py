@@ -262,8 +262,15 @@ def exclusive_use(transformer: nn.Module) -> Iterator[None]:
     """Hold `transformer` for one accelerated call: another thread's call waits until this one is done.
 
     A call from inside a generation on the same transformer (a callback that calls the accelerated
-    pipeline again) would wait for itself; it is refused instead.
+    pipeline again) would wait for itself; it is refused instead, as is a pipeline whose transformer was set to no
+    model (`fast.transformer = None`), which has nothing to hold.
     """
+    if not isinstance(transformer, nn.Module):  # a TypeError from the weak-keyed locks, naming nothing
+        raise UnsupportedModelError(
+            f"pipe.transformer is {type(transformer).__name__}, not a transformer model; set the pipeline's transformer "
+            f"back (or accelerate a pipeline that has one)",
+            field="transformer", value=type(transformer).__name__,
+        )
     with _CALL_LOCKS_GUARD:
         entry = _CALL_LOCKS.setdefault(transformer, _CallLock())
     me = threading.get_ident()

@@ -298,6 +298,25 @@ def test_a_config_set_on_the_accelerated_pipeline_runs_every_later_call(tiny_pip
     assert not hasattr(pipe, "marker") and not hasattr(fast, "marker")
 
 
+def test_a_transformer_set_to_none_is_refused_naming_it(tiny_pipelines: dict[str, Any]) -> None:
+    """`fast.transformer = None` reaches the pipeline (attributes set on fast are its): a call or `fast.to(...)` failed
+    with "cannot create weak reference to 'NoneType' object" from the call locks; it is refused naming transformer,
+    and runs again once the transformer is back."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    own = pipe.transformer
+    fast = catrt.accelerate(pipe, CATConfig(t0=2))
+    fast.set_progress_bar_config(disable=True)
+    try:
+        fast.transformer = None
+        for use in (lambda: fast(**call_kwargs(pipe, num_inference_steps=4)), lambda: fast.to("cpu")):
+            with pytest.raises(UnsupportedModelError, match="pipe.transformer is NoneType, not a transformer model") as error:
+                use()
+            assert error.value.field == "transformer"
+    finally:
+        fast.transformer = own
+    assert fast(**call_kwargs(pipe, num_inference_steps=4)).images.isfinite().all()
+
+
 @pytest.mark.parametrize("skip_prk_steps", [True, False])
 def test_a_scheduler_that_repeats_timesteps_is_refused_before_any_step(skip_prk_steps: bool, tiny_pipelines: dict[str, Any]) -> None:
     """PNDM has `order` 1 but sets num_inference_steps + 1 timesteps (its PLMS warm-up runs the first one twice), and
