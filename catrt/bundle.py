@@ -35,7 +35,7 @@ from catrt.loading import load_pipeline
 from catrt.manifest import Manifest
 from catrt.model_cards import check_model_source
 from catrt.models import make_adapter
-from catrt.pipeline import AcceleratedPipeline, accelerate, exclusive_use, pipeline_spec
+from catrt.pipeline import AcceleratedPipeline, accelerate, check_accelerate_arguments, exclusive_use, pipeline_spec
 from catrt.pipeline_spec import PipelineSpec, custom_schedule
 from catrt.provenance import describe_device, environment_problems, transformer_config
 from catrt.signing import resolve_key
@@ -73,17 +73,23 @@ class EnginePipeline:
         return self.build.alphas
 
     def __call__(self, *args: Any, alpha: float | None = None, **kwargs: Any) -> Any:
-        if alpha is not None:
-            alpha = self.build.built_alpha(alpha)  # an unbuilt alpha: a ConfigError naming the built ones
-        # The pipeline may have been moved since load (`fast.to(...)`, `fast.pipe.to(...)`): the graphs take the build's.
-        check_pipeline_fits(self.build, self.accelerated.pipe, self.engine.device, type(self.engine).needs_transformer, "now")
-        defaults = {**pipeline_spec(self.accelerated.pipe).call_defaults, **self.build.call_arguments()}
-        refuse_config_keywords(self._signature, kwargs, bundle=True)
-        bound = self._signature.bind(*args, **kwargs)
-        for name, value in defaults.items():
-            bound.arguments.setdefault(name, value)
-        bound.apply_defaults()
-        check_request(bound.arguments, self.build, self.accelerated.spec)
+        with exclusive_use(self.accelerated.pipe.transformer):
+            # `last_trace` is this call's, also where the build refuses it (it showed the call before's), as the
+            # accelerated pipeline's own refusals leave it; under the lock, so another thread's call keeps its own.
+            self.accelerated.last_trace = []
+            if alpha is not None:
+                alpha = self.build.built_alpha(alpha)  # an unbuilt alpha: a ConfigError naming the built ones
+            # The pipeline may have been moved since load (`fast.to(...)`, `fast.pipe.to(...)`): the graphs take the
+            # build's.
+            check_pipeline_fits(
+                self.build, self.accelerated.pipe, self.engine.device, type(self.engine).needs_transformer, "now")
+            defaults = {**pipeline_spec(self.accelerated.pipe).call_defaults, **self.build.call_arguments()}
+            refuse_config_keywords(self._signature, kwargs, bundle=True)
+            bound = self._signature.bind(*args, **kwargs)
+            for name, value in defaults.items():
+                bound.arguments.setdefault(name, value)
+            bound.apply_defaults()
+            check_request(bound.arguments, self.build, self.accelerated.spec)
         return self.accelerated(*bound.args, alpha=alpha, **bound.kwargs)
 
     def to(self, *args: Any, **kwargs: Any) -> EnginePipeline:
@@ -113,12 +119,26 @@ class EnginePipeline:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self.accelerated, name)
 
+    def _own(self, name: str) -> bool:
+        """Whether attribute `name` is this wrapper's to set and delete (else its accelerated pipeline's)."""
+        return name in _OWN_ATTRIBUTES or hasattr(type(self), name) or "accelerated" not in self.__dict__
+
     def __setattr__(self, name: str, value: Any) -> None:
         # As reads: `loaded.scheduler = ...` swaps the scheduler the pipeline runs, not one on this wrapper no call uses.
-        if name in _OWN_ATTRIBUTES or hasattr(type(self), name) or "accelerated" not in self.__dict__:
+        if name == "config" and not self._own(name):  # the run config, held to the build as `load(config=...)` is
+            check_accelerate_arguments(value, None, None)
+            value = _run_config(self.build, value)
+        if self._own(name):
             object.__setattr__(self, name, value)
         else:
             setattr(self.accelerated, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        # As sets: `del loaded.x` removes the `x` that `loaded.x = ...` set on the pipeline.
+        if self._own(name):
+            object.__delattr__(self, name)
+        else:
+            delattr(self.accelerated, name)
 
 
 @contextlib.contextmanager

@@ -115,6 +115,8 @@ class AcceleratedPipeline:
         """The config of a call at `alpha` (None = `config.alpha`): `config` with that alpha, validated once."""
         if alpha is None:
             return self.config
+        if self._configs.get(self.config.alpha) is not self.config:  # `fast.config = ...` since: derive from that one
+            self._configs = {self.config.alpha: self.config}
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):  # a list or a tensor: not hashable, or not
             replace(self.config, alpha=alpha)  # one value; True would find alpha 1's config (True == 1): CATConfig refuses it
         if alpha not in self._configs:
@@ -221,13 +223,26 @@ class AcceleratedPipeline:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self.pipe, name)
 
+    def _own(self, name: str) -> bool:
+        """Whether attribute `name` is this wrapper's to set and delete (else its pipeline's)."""
+        return name in _OWN_ATTRIBUTES or hasattr(type(self), name) or "pipe" not in self.__dict__
+
     def __setattr__(self, name: str, value: Any) -> None:
         # As reads: `fast.scheduler = DPMSolverMultistepScheduler.from_config(fast.scheduler.config)`, diffusers' way to
         # swap a scheduler, must reach the pipeline a call runs; set here, reads showed it and calls never used it.
-        if name in _OWN_ATTRIBUTES or hasattr(type(self), name) or "pipe" not in self.__dict__:
+        if name == "config":  # `fast.config = ...` runs the calls after it: a CATConfig, as accelerate takes
+            check_accelerate_arguments(value, None, None)
+        if self._own(name):
             object.__setattr__(self, name, value)
         else:
             setattr(self.pipe, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        # As sets: `del fast.x` removes the `x` that `fast.x = ...` set on the pipeline.
+        if self._own(name):
+            object.__delattr__(self, name)
+        else:
+            delattr(self.pipe, name)
 
 
 class _CallLock:
@@ -247,8 +262,15 @@ def exclusive_use(transformer: nn.Module) -> Iterator[None]:
     """Hold `transformer` for one accelerated call: another thread's call waits until this one is done.
 
     A call from inside a generation on the same transformer (a callback that calls the accelerated
-    pipeline again) would wait for itself; it is refused instead.
+    pipeline again) would wait for itself; it is refused instead, as is a pipeline whose transformer was set to no
+    model (`fast.transformer = None`), which has nothing to hold.
     """
+    if not isinstance(transformer, nn.Module):  # a TypeError from the weak-keyed locks, naming nothing
+        raise UnsupportedModelError(
+            f"pipe.transformer is {type(transformer).__name__}, not a transformer model; set the pipeline's transformer "
+            f"back (or accelerate a pipeline that has one)",
+            field="transformer", value=type(transformer).__name__,
+        )
     with _CALL_LOCKS_GUARD:
         entry = _CALL_LOCKS.setdefault(transformer, _CallLock())
     me = threading.get_ident()

@@ -28,7 +28,7 @@ from catrt.build import build_engines
 from catrt.build_config import BACKENDS, BuildConfig
 from catrt.cli import main
 from catrt.contract import FULL, PRUNED, pruned_graph, step_shapes
-from catrt.engines import ENGINES, GraphSpec, resolve_backend
+from catrt.engines import ENGINES, GraphSpec, TensorSpec, resolve_backend
 from catrt.engines.tensorrt import TensorRTEngine
 from catrt.errors import BuildError, ConfigError, CorruptBundleError, EngineMismatchError
 from catrt.export import BACKEND_BUILDS
@@ -176,6 +176,36 @@ def test_a_scheduler_set_on_a_loaded_bundle_is_the_one_its_calls_run(onnx_builds
     assert "engine" in vars(fast)
 
 
+def test_a_loaded_bundles_trace_is_the_refused_calls_not_the_one_before(onnx_builds: dict[str, Path]) -> None:
+    """The bundle's own refusals (an unbuilt alpha, another size) came before the accelerated pipeline's call, so
+    `last_trace` still showed the call before's steps, as if the refused call had run them."""
+    fast = catrt.load(onnx_builds["tiny-sd3"], catrt.CATConfig(alpha=0.3, t0=4, trace=True))
+    fast.set_progress_bar_config(disable=True)
+    fast(["a cat", "a dog"], output_type="latent")
+    assert len(fast.last_trace) == SIZE["steps"]  # precondition: a trace to be left behind
+    with pytest.raises(ConfigError, match="this engine was built for alpha in 0.3, not alpha=0.5"):
+        fast(["a cat", "a dog"], output_type="latent", alpha=0.5)
+    assert fast.last_trace == []
+
+
+def test_a_config_set_on_a_loaded_bundle_is_held_to_the_build_as_loads_is(onnx_builds: dict[str, Path]) -> None:
+    """`loaded.config = ...` reaches the accelerated pipeline's run config, so it is checked as `load(config=...)` is:
+    a t0 the engine was not built for ran unrefused; a dict is refused naming config. `del loaded.x` removes the `x`
+    that `loaded.x = ...` set on the pipeline (it raised AttributeError)."""
+    fast = catrt.load(onnx_builds["tiny-sd3"])
+    with pytest.raises(ConfigError, match=r"this engine was built for t0=4, the config asks for t0=2") as error:
+        fast.config = catrt.CATConfig(alpha=0.3, t0=2)
+    assert error.value.field == "t0" and fast.accelerated.config.t0 == 4
+    with pytest.raises(ConfigError, match="config must be a catrt.CATConfig, got dict") as error:
+        fast.config = {"alpha": 0.3, "t0": 4}
+    assert error.value.field == "config"
+    fast.config = catrt.CATConfig(alpha=0.3, t0=4, trace=True)
+    assert fast.accelerated.config.trace and "config" not in vars(fast)
+    fast.marker = 1
+    del fast.marker
+    assert not hasattr(fast.pipe, "marker")
+
+
 def test_fractional_timesteps_are_refused_by_a_build_of_whole_ones(onnx_builds: dict[str, Path]) -> None:
     """The PixArt build's graphs take int64 timesteps (its DPM-Solver's); an Euler scheduler swapped in gives fractional
     ones, which the engine cast to int64 and ran silently truncated. DDIM's whole timesteps still run."""
@@ -191,6 +221,22 @@ def test_fractional_timesteps_are_refused_by_a_build_of_whole_ones(onnx_builds: 
     assert error.value.field == "timestep"
     fast.scheduler = diffusers.DDIMScheduler.from_config(own)
     assert fast(["a cat", "a dog"], output_type="latent").images.isfinite().all()
+    # Whole float32 timesteps (Euler's trailing spacing) cast exactly: they run (the dtype alone refused them).
+    fast.scheduler = diffusers.EulerDiscreteScheduler.from_config(own, timestep_spacing="trailing")
+    assert fast(["a cat", "a dog"], output_type="latent").images.isfinite().all()
+
+
+@pytest.mark.parametrize("value", [0.5, float("nan"), float("inf")])
+def test_a_float_for_an_integer_graph_input_is_cast_only_where_whole(value: float) -> None:
+    """GraphSpec.prepare casts whole floats to an integer input exactly; a fraction, NaN or infinity is refused naming
+    the input (the cast would drop or garble it)."""
+    spec = GraphSpec(inputs=(TensorSpec("timestep", (2,), "int64"),), outputs=())
+    prepared = spec.prepare({"timestep": torch.tensor([999.0, 916.0])})["timestep"]
+    assert prepared.dtype == torch.int64 and prepared.tolist() == [999, 916]
+    assert spec.prepare({"timestep": torch.tensor([999, 916], dtype=torch.int32)})["timestep"].tolist() == [999, 916]
+    with pytest.raises(ConfigError, match="input 'timestep' is float32 but the engine was built for int64") as error:
+        spec.prepare({"timestep": torch.tensor([999.0, value])})
+    assert error.value.field == "timestep"
 
 
 def test_alpha_one_build_matches_the_unpruned_pipeline(tmp_path: Path, tiny_pipelines: dict[str, Any]) -> None:

@@ -423,8 +423,10 @@ def test_a_connection_short_of_a_whole_request_is_closed_after_the_read_timeout(
 @pytest.mark.parametrize("rest", HALF_BODIES)
 def test_a_request_short_of_its_body_is_answered_408_at_the_read_timeout(faulty: RemoteServer, rest: bytes) -> None:
     """Its headers came whole, so there is a request to answer: a 408 in OpenAI's error body naming the read timeout,
-    with its request id, then the close (it was a close with no answer, which a client reads as a dropped connection)."""
+    with its request id, then the close (it was a close with no answer, which a client reads as a dropped connection).
+    The request metrics count it as the 408 it was answered (they counted the app's view: a client that left, 499)."""
     head = b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    counted = {status: _requests_counted(faulty, status) for status in ("408", "499")}
     answer = _answer_at_the_read_timeout(faulty, head + rest)
     status, _, rest_of_answer = answer.partition(b"\r\n")
     headers, _, body = rest_of_answer.partition(b"\r\n\r\n")
@@ -434,7 +436,19 @@ def test_a_request_short_of_its_body_is_answered_408_at_the_read_timeout(faulty:
     error = json.loads(body)["error"]
     assert (error["type"], error["param"], error["code"]) == ("timeout_error", None, "408")
     assert f"within the read timeout of {READ_TIMEOUT:g} s (--read-timeout)" in error["message"]
+    deadline = time.monotonic() + 10  # the app counts the request once it has seen the client leave
+    while _requests_counted(faulty, "408") == counted["408"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {status: _requests_counted(faulty, status) for status in ("408", "499")} == {
+        "408": counted["408"] + 1, "499": counted["499"]}
     assert generate(faulty.url).status_code == 200
+
+
+def _requests_counted(server: RemoteServer, status: str) -> float:
+    """`catrt_requests_total` of the images route and `status`, from the server's /metrics."""
+    series = f'catrt_requests_total{{route="/v1/images/generations",status="{status}"}} '
+    lines = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines() if line.startswith(series)]
+    return float(lines[0].split()[-1]) if lines else 0.0
 
 
 def test_a_trickled_request_is_closed_at_the_read_timeout(faulty: RemoteServer) -> None:

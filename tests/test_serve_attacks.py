@@ -751,3 +751,24 @@ def test_echo_json_escapes_a_value_and_cuts_it_as_catrt_errors_do() -> None:
     assert echo_json(10**5000) == echo(10**5000)  # past Python's digit limit for printing an int: named, not shown
     from catrt.serve.json_numbers import parse_float
     assert echo_json(parse_float("4503599627370497.5")) == "4503599627370497.5"  # as written, not its float's 4503599627370498.0
+
+
+def test_a_number_whose_exponent_is_past_a_decimals_parses_as_the_number_it_writes() -> None:
+    """`0e99999999999999999999` is valid JSON (zero), but `Decimal` raises on its exponent: such a body was refused as
+    not JSON at all (any field, `guidance_scale` too). Zero is zero; `1e-99999999999999999999`, a fraction its float
+    rounds to 0.0, is refused by an integer field and shown as written."""
+    import pydantic
+
+    from catrt.serve.echo import echo_json
+    from catrt.serve.json_body import loads_unique
+
+    zeros = loads_unique(b'{"prompt": "p", "seed": 0e99999999999999999999, "guidance_scale": -0.0e-99999999999999999999}')
+    assert ImageGenerationRequest.model_validate(zeros).model_dump(include={"seed", "guidance_scale"}) == {
+        "seed": 0, "guidance_scale": 0.0}
+    for written in ("1e-99999999999999999999", "-0.5e-99999999999999999999"):
+        body = loads_unique(b'{"prompt": "p", "seed": %s, "guidance_scale": %s}' % (written.encode(), written.encode()))
+        assert body["guidance_scale"] == 0.0  # a float field reads it as its float, as before
+        with pytest.raises(pydantic.ValidationError) as refused:
+            ImageGenerationRequest.model_validate(body)
+        error = refused.value.errors()[0]
+        assert (error["loc"], error["type"], echo_json(error["input"])) == (("seed",), "int_type", written)

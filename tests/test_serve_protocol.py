@@ -157,3 +157,46 @@ def test_bytes_pipelined_behind_a_request_in_work_are_held_up_to_a_bound() -> No
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+class _Echo:
+    """An ASGI app answering each request, once its whole body came, with that body."""
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        body, message = b"", {"more_body": True}
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def test_a_pipelined_request_short_of_its_body_is_answered_408_at_the_read_timeout() -> None:
+    """A request pipelined behind another starts from bytes received while that one was answered, so no
+    `data_received` armed its deadline: one short of its body held the connection (and its app's wait) forever."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = uvicorn.Server(uvicorn.Config(_Echo(), http=read_deadline_protocol(TIMEOUT), log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", sock.getsockname()[1]), timeout=10 * TIMEOUT + 5) as client:
+            client.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\nok"
+                           b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\nshort")
+            answer = b""
+            while chunk := client.recv(65536):  # a socket.timeout here: the connection was held
+                answer += chunk
+        first, _, second = answer.partition(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\nok"), answer
+        assert b'"type": "timeout_error"' in second and b"connection: close" in second, answer
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -275,6 +275,48 @@ def test_a_scheduler_set_on_the_accelerated_pipeline_is_the_one_its_calls_run(ti
     assert "buffers" in vars(fast) and not hasattr(pipe, "buffers")
 
 
+def test_a_config_set_on_the_accelerated_pipeline_runs_every_later_call(tiny_pipelines: dict[str, Any]) -> None:
+    """`fast.config = ...`: calls naming an alpha ran the config each alpha was first derived from (its cache kept the
+    old config's t0); a dict is refused naming config, as accelerate refuses it. `del fast.x` removes the `x` that
+    `fast.x = ...` set on the pipeline (it raised AttributeError)."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.5, t0=2, trace=True))
+    fast.set_progress_bar_config(disable=True)
+    kinds = lambda: [record.kind for record in fast.last_trace]  # noqa: E731
+    fast(**call_kwargs(pipe, num_inference_steps=4), alpha=0.5)
+    assert kinds() == ["full", "full", "pruned", "pruned"]
+    fast.config = CATConfig(alpha=0.5, t0=3, trace=True)
+    for alpha in (None, 0.5):
+        fast(**call_kwargs(pipe, num_inference_steps=4), alpha=alpha)
+        assert kinds() == ["full", "full", "full", "pruned"], alpha
+    with pytest.raises(ConfigError, match="config must be a catrt.CATConfig, got dict") as error:
+        fast.config = {"alpha": 0.5, "t0": 3}
+    assert error.value.field == "config" and fast.config.t0 == 3
+    fast.marker = 1
+    assert pipe.marker == 1
+    del fast.marker
+    assert not hasattr(pipe, "marker") and not hasattr(fast, "marker")
+
+
+def test_a_transformer_set_to_none_is_refused_naming_it(tiny_pipelines: dict[str, Any]) -> None:
+    """`fast.transformer = None` reaches the pipeline (attributes set on fast are its): a call or `fast.to(...)` failed
+    with "cannot create weak reference to 'NoneType' object" from the call locks; it is refused naming transformer,
+    and runs again once the transformer is back."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    own = pipe.transformer
+    fast = catrt.accelerate(pipe, CATConfig(t0=2))
+    fast.set_progress_bar_config(disable=True)
+    try:
+        fast.transformer = None
+        for use in (lambda: fast(**call_kwargs(pipe, num_inference_steps=4)), lambda: fast.to("cpu")):
+            with pytest.raises(UnsupportedModelError, match="pipe.transformer is NoneType, not a transformer model") as error:
+                use()
+            assert error.value.field == "transformer"
+    finally:
+        fast.transformer = own
+    assert fast(**call_kwargs(pipe, num_inference_steps=4)).images.isfinite().all()
+
+
 @pytest.mark.parametrize("skip_prk_steps", [True, False])
 def test_a_scheduler_that_repeats_timesteps_is_refused_before_any_step(skip_prk_steps: bool, tiny_pipelines: dict[str, Any]) -> None:
     """PNDM has `order` 1 but sets num_inference_steps + 1 timesteps (its PLMS warm-up runs the first one twice), and

@@ -87,13 +87,17 @@ class GraphSpec:
         """Inputs in graph order, checked, cast to the graph's dtypes and contiguous.
 
         Casts and copies are new tensors: a backend that runs asynchronously keeps them alive until
-        its work is done. A floating-point tensor for an integer input is refused, naming it: the cast would
-        drop its fractions (a PixArt build takes DPM-Solver's whole timesteps as int64; Euler's are fractional).
+        its work is done. A floating-point tensor for an integer input is refused, naming it, where it holds a
+        fraction (or is not finite): the cast would drop it (a PixArt build takes DPM-Solver's whole timesteps as int64;
+        Euler's are fractional). Whole ones cast exactly and run (Euler's "leading" or "trailing" spacing gives whole
+        float32 timesteps). Reading the values waits for the device, only on that path; no engine that runs this
+        is captured in a CUDA graph.
         """
         self.check(tensors)
         for spec in self.inputs:
-            given = tensors[spec.name].dtype
-            if given.is_floating_point and not spec.torch_dtype.is_floating_point:
+            tensor = tensors[spec.name]
+            given = tensor.dtype
+            if given.is_floating_point and not spec.torch_dtype.is_floating_point and not bool((tensor.frac() == 0).all()):
                 raise ConfigError(
                     f"input {spec.name!r} is {str(given).removeprefix('torch.')} but the engine was built for "
                     f"{spec.dtype} (whole numbers: the build's scheduler gave whole timesteps), and the cast would drop "

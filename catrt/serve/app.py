@@ -26,7 +26,7 @@ from catrt.errors import CatrtError, QueueFullError, RequestTimeoutError, Servic
 from catrt.serve.auth import BearerCheck
 from catrt.serve.config import ServeConfig
 from catrt.serve.echo import echo
-from catrt.serve.errors import REQUEST_ID_KEY, error_response, install_error_handlers
+from catrt.serve.errors import PROTOCOL_STATUS_KEY, REQUEST_ID_KEY, error_response, install_error_handlers
 from catrt.serve.gate import RequestGate
 from catrt.serve.json_body import UniqueKeysRoute
 from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ServerMetrics
@@ -299,6 +299,7 @@ class RequestMetricsMiddleware:
                 # An exception escaped unanswered: Starlette's outermost handler answers 500. Returned
                 # unanswered: the client left mid-request (the gate answers nobody who is gone).
                 status = 500 if failed else CLIENT_CLOSED_REQUEST
+            status = scope.get(PROTOCOL_STATUS_KEY, status)  # what the client was answered (the protocol's 408)
             name = self._route(scope)
             self.metrics.requests.labels(route=name, status=str(status)).inc()
             self.metrics.latency.labels(route=name).observe(time.perf_counter() - started)

@@ -24,6 +24,9 @@ from catrt.serve.schemas import ImageGenerationRequest
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "catrt.request_id"  # set on the ASGI scope by `catrt.serve.gate.RequestGate`
+# Set on the ASGI scope by `catrt.serve.protocol` to the status it answered a request with itself (its 408 to a
+# body short at the read deadline; the app's own answer is never written), so the request metrics count that one.
+PROTOCOL_STATUS_KEY = "catrt.protocol_status"
 # FastAPI's whole message for a body its JSON decoder raised on with anything but a JSONDecodeError (bytes
 # that are not UTF-8, a number past Python's 4300-digit limit, nesting past the recursion limit) ...
 FASTAPI_BODY_ERROR = "There was an error parsing the body"

@@ -9,7 +9,7 @@ integer written (`written_value`), refuses a written fraction, and an error show
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import MIN_ETINY, Decimal, InvalidOperation
 
 
 class WrittenFloat(float):
@@ -26,11 +26,24 @@ class WrittenFloat(float):
 def parse_float(text: str) -> float:
     """`float(text)`, or a `WrittenFloat` when that float is whole but not the number `text` writes."""
     number = float(text)
-    if number.is_integer() and Decimal(text) != number:
+    if number.is_integer() and _exact(text) != number:
         return WrittenFloat(text)
     return number
 
 
 def written_value(number: float) -> Decimal:
     """The exact number a finite parsed JSON float was written as (its text's for a `WrittenFloat`)."""
-    return Decimal(number.text) if isinstance(number, WrittenFloat) else Decimal(number)
+    return _exact(number.text) if isinstance(number, WrittenFloat) else Decimal(number)
+
+
+def _exact(text: str) -> Decimal:
+    """`Decimal(text)`, for a JSON number whose float is finite. One whose exponent is past a Decimal's
+    (`1e-99999999999999999999`, valid JSON) raises there; its float is 0.0, and it is 0 (all digits zero) or a
+    fraction nearer 0 than any float, which the smallest Decimal of its sign stands for (not a whole number)."""
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        digits = text.lower().partition("e")[0]
+        if not digits.strip("-0."):
+            return Decimal(0)
+        return Decimal(f"{'-' if digits.startswith('-') else ''}1e{MIN_ETINY}")

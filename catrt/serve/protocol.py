@@ -5,7 +5,8 @@ arms no timer on a new connection and cancels its timer on every byte received, 
 connects and sends nothing, or sends half a request and stops (or trickles a byte at a time), holds
 a connection and its task forever. Here a deadline starts when a connection opens or when the first
 byte of a request arrives, is not moved by later bytes, and ends when h11 has the whole request
-(headers and body). A connection still short of a whole request at the deadline is closed: one whose
+(headers and body); a request pipelined behind another, whose bytes came while that one was answered, gets its
+deadline when it starts. A connection still short of a whole request at the deadline is closed: one whose
 request's headers came whole, but not its body (a `Content-Length` longer than the body sent, a chunked
 body withheld), is first answered 408 in OpenAI's error body, as long as nothing of an answer has been
 written, and its app sees the client leave; one with no whole headers has no request to answer. While
@@ -44,7 +45,7 @@ import h11
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from catrt.serve.errors import REQUEST_ID_KEY
+from catrt.serve.errors import PROTOCOL_STATUS_KEY, REQUEST_ID_KEY
 from catrt.serve.gate import REQUEST_ID_HEADER
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,15 @@ class ReadDeadlineH11Protocol(H11Protocol):
             self._arm()
         else:
             self._disarm()
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, which starts a request pipelined behind the one answered from bytes already received (no
+        `data_received` follows): its deadline starts now, or one short of its body would hold the connection
+        and its app's wait for the body forever."""
+        super().on_response_complete()
+        their = self.conn.their_state
+        if their is h11.SEND_BODY or (their is h11.IDLE and self.conn.trailing_data[0]):
+            self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -195,6 +205,7 @@ class ReadDeadlineH11Protocol(H11Protocol):
         if self.cycle is not None:
             self.cycle.disconnected = True
             self.cycle.message_event.set()
+            self.cycle.scope[PROTOCOL_STATUS_KEY] = 408
             request_id = self.cycle.scope.get(REQUEST_ID_KEY)
             if request_id is not None:
                 extra.append((REQUEST_ID_HEADER, request_id.encode()))
