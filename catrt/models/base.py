@@ -499,8 +499,7 @@ def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
     `pos_embed.proj.weight`, which an unfused LoRA layer wrapping the projection (PEFT's) leaves out, so a pruned step
     silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight."""
     proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
-    plain = type(proj) in (nn.Conv2d, nn.Linear) and _runs_own_forward(proj)
-    if proj is None or plain or getattr(proj, "merged", False):
+    if proj is None or _plain_projection(proj) or getattr(proj, "merged", False):
         return
     raise UnsupportedModelError(
         f"{type(adapter).__name__}: the patch embedding transformer.pos_embed.proj is a {type(proj).__module__}."
@@ -509,6 +508,20 @@ def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
         f"the LoRA first (pipe.fuse_lora(lora_scale=...)), then accelerate",
         field="pos_embed.proj",
     )
+
+
+def _plain_projection(proj: nn.Module) -> bool:
+    """Whether `proj(x)` is the conv / linear of its `weight`: an nn.Conv2d or nn.Linear, or a subclass keeping their
+    forward (torch.nn.utils.parametrize's, whose `weight` is the parametrized one), also under torch.compile (whose
+    `weight` is the module's). A forward accelerate's hooks wrap passes here: the pipeline refuses those by name at each
+    call, with their own fix (move the pipeline with pipe.to), where this refusal's fuse_lora fix would mislead."""
+    proj = getattr(proj, "_orig_mod", proj) if isinstance(proj, torch._dynamo.eval_frame.OptimizedModule) else proj
+    base = next((kind for kind in (nn.Conv2d, nn.Linear) if isinstance(proj, kind)), None)
+    if base is None or type(proj).forward is not base.forward:
+        return False
+    if base is nn.Conv2d and type(proj)._conv_forward is not nn.Conv2d._conv_forward:
+        return False
+    return _runs_own_forward(proj) or getattr(proj, "_hf_hook", None) is not None
 
 
 def plain_linear(layer: nn.Module) -> bool:
@@ -521,8 +534,14 @@ def plain_linear(layer: nn.Module) -> bool:
 
 
 def _runs_own_forward(module: nn.Module) -> bool:
-    """Whether calling `module` runs its class's forward alone: no forward set on the instance, no torch forward hooks."""
-    return "forward" not in vars(module) and not module._forward_pre_hooks and not module._forward_hooks
+    """Whether calling `module` runs its class's forward alone: no torch forward hooks, and no forward set on the
+    instance other than that forward bound to it (accelerate's `remove_hook_from_module`, which diffusers'
+    `remove_all_hooks` calls after CPU offloading, leaves the module's own forward there as an instance attribute)."""
+    forward = vars(module).get("forward")
+    own = forward is None or (
+        getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward
+    )
+    return own and not module._forward_pre_hooks and not module._forward_hooks
 
 
 def _writes_into(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
