@@ -328,7 +328,7 @@ class _UnfusedLoraConv(torch.nn.Module):
 
     def __init__(self, base: torch.nn.Conv2d) -> None:
         super().__init__()
-        self.base_layer, self.merged = base, False
+        self.base_layer, self.merged, self.disable_adapters = base, False, False
         self.lora = torch.nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, base.stride, bias=False)
 
     @property
@@ -336,7 +336,7 @@ class _UnfusedLoraConv(torch.nn.Module):
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + (0 if self.merged else self.lora(x))
+        return self.base_layer(x) + (0 if self.merged or self.disable_adapters else self.lora(x))
 
 
 def test_an_unfused_lora_on_the_patch_embedding_is_refused_and_a_fused_one_runs(tiny_pipelines: dict[str, Any]) -> None:
@@ -487,3 +487,26 @@ def test_a_patch_projection_computing_its_weights_conv_runs(tiny_pipelines: dict
     transformer.pos_embed.proj = Shifted(4, transformer.inner_dim, 2, 2)
     with pytest.raises(UnsupportedModelError, match=r"pos_embed\.proj is a \S*Shifted, not a plain nn\.Conv2d"):
         make_adapter(transformer)
+
+
+@torch.no_grad()
+def test_a_disabled_lora_on_the_patch_embedding_runs_and_is_refused_once_enabled(tiny_pipelines: dict[str, Any]) -> None:
+    """`pipe.disable_lora()` (PEFT's `disable_adapters`, checked with PEFT 0.21.2) leaves the wrapped projection running its
+    base conv alone, whose weight catrt reads: it ran before the unfused-LoRA check, which then refused it with the
+    fuse_lora fix. Enabled again after accelerate, the next call is refused."""
+    tiny = tiny_pipelines["tiny-sd3"]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    transformer.pos_embed.proj = _UnfusedLoraConv(transformer.pos_embed.proj)
+    transformer.pos_embed.proj.disable_adapters = True
+    adapter = make_adapter(transformer)
+    latents = torch.randn(2, transformer.config.in_channels, 8, 12, generator=torch.Generator().manual_seed(0))
+    context = adapter.prepare_context({}, tuple(latents.shape))
+    indices = torch.arange(GRID.height * GRID.width).expand(2, -1)
+    embedded = adapter.embed_patches(adapter.tokens_of(latents), indices, context)
+    assert (embedded - transformer.pos_embed(latents)).abs().max() < 1e-5
+
+    pipe = type(tiny)(**{**tiny.components, "transformer": transformer})
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))
+    transformer.pos_embed.proj.disable_adapters = False  # pipe.enable_lora()
+    with pytest.raises(UnsupportedModelError, match="pos_embed.proj is a .*fuse the LoRA first"):
+        fast(**call_kwargs(pipe, num_inference_steps=4))

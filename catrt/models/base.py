@@ -497,9 +497,12 @@ def _refuse_diffusers_hooks(transformer: nn.Module) -> None:
 def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
     """Refuse a patch projection the default `embed_patches` would read wrongly: it multiplies the selected patches by
     `pos_embed.proj.weight`, which an unfused LoRA layer wrapping the projection (PEFT's) leaves out, so a pruned step
-    silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight."""
+    silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight, and a
+    disabled one (`pipe.disable_lora()`: PEFT's `disable_adapters`) is in neither: the layer runs its base alone."""
     proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
     if proj is None or _plain_projection(proj) or getattr(proj, "merged", False):
+        return
+    if getattr(proj, "disable_adapters", None) is True:
         return
     raise UnsupportedModelError(
         f"{type(adapter).__name__}: the patch embedding transformer.pos_embed.proj is a {type(proj).__module__}."
