@@ -91,7 +91,7 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
     probe = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # the file write_text writes first, made and removed now
     try:  # a read-only folder or file system failed the report write after the run, with a traceback
         out.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch(exist_ok=False)
+        probe.touch()
         probe.unlink()
     except OSError as error:
         parser.error(f"--out {out} cannot be written ({error.strerror or type(error).__name__}); give a path in a folder "
