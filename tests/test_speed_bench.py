@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 
@@ -74,6 +75,8 @@ def test_an_out_in_a_folder_no_file_can_be_made_in_is_one_line_before_the_run(  
     assert error.count("bench/speed.py: error: ") == 1 and "--out /proc/catrt-speed.md cannot be written (" in error
     assert "give a path in a folder you can write" in error and "Traceback" not in error
     out = tmp_path / "new" / "speed.md"  # a writable place: its folder made, nothing left in it
+    assert speed.parse_args(["--out", str(out)]).out == out and list(out.parent.iterdir()) == []
+    (out.parent / f".speed.md.{os.getpid()}.tmp").write_text("")  # a killed run's staging file of this name
     assert speed.parse_args(["--out", str(out)]).out == out and list(out.parent.iterdir()) == []
 
 
