@@ -48,8 +48,12 @@ def read_checksums(folder: Path, record_file: str = CHECKSUM_FILE) -> dict[str, 
 
 def write_checksums(folder: Path, names: Iterable[str], record_file: str = CHECKSUM_FILE) -> None:
     """Record the size and sha256 of `names` in `folder`'s `record_file` (other files' records kept), replaced
-    atomically."""
-    record = read_checksums(folder, record_file)
+    atomically. A damaged record is written anew: refusing it here failed training at its save, after the run, and
+    retraining (its refusal's fix) failed the same way; files only it recorded are then refused at load, unrecorded."""
+    try:
+        record = read_checksums(folder, record_file)
+    except CorruptBundleError:
+        record = {}
     for name in names:
         record[name] = {"size": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
     temporary = folder / f".{record_file}.tmp"
