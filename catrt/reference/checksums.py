@@ -81,6 +81,12 @@ def verify_files(folder: Path, names: Iterable[str], record_file: str = CHECKSUM
         if expected is None:
             raise CorruptBundleError(f"the reference weight file {echo_path(path)} is not in {record_file}; "
                                      "reinstall catrt or retrain the weights", field=name)
-        if path.stat().st_size != expected.get("size") or file_digest(path) != expected.get("sha256"):
+        try:
+            matches = path.stat().st_size == expected.get("size") and file_digest(path) == expected.get("sha256")
+        except OSError as error:  # another user's weights (safetensors writes them owner-only): a traceback in hashlib
+            raise CorruptBundleError(f"the reference weight file {echo_path(path)} cannot be read "
+                                     f"({error.strerror or type(error).__name__}); make it readable to this user "
+                                     "(chmod a+r) or give weights you can read", field=name) from None
+        if not matches:
             raise CorruptBundleError(f"the reference weight file {echo_path(path)} does not match its size and sha256 in "
                                      f"{record_file} (damaged or edited); reinstall catrt or retrain the weights", field=name)
