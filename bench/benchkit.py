@@ -88,6 +88,14 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
     above = next((parent for parent in out.parents if parent.exists()), None)
     if above is not None and not above.is_dir():
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
+    probe = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # the file write_text writes first, made and removed now
+    try:  # a read-only folder or file system failed the report write after the run, with a traceback
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        parser.error(f"--out {out} cannot be written ({error.strerror or type(error).__name__}); give a path in a folder "
+                     f"you can write")
 
 
 def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: str) -> None:

@@ -328,7 +328,7 @@ class _UnfusedLoraConv(torch.nn.Module):
 
     def __init__(self, base: torch.nn.Conv2d) -> None:
         super().__init__()
-        self.base_layer, self.merged = base, False
+        self.base_layer, self.merged, self.disable_adapters = base, False, False
         self.lora = torch.nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, base.stride, bias=False)
 
     @property
@@ -336,7 +336,7 @@ class _UnfusedLoraConv(torch.nn.Module):
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + (0 if self.merged else self.lora(x))
+        return self.base_layer(x) + (0 if self.merged or self.disable_adapters else self.lora(x))
 
 
 def test_an_unfused_lora_on_the_patch_embedding_is_refused_and_a_fused_one_runs(tiny_pipelines: dict[str, Any]) -> None:
@@ -426,3 +426,107 @@ def test_layerwise_casting_of_the_output_layer_keeps_the_compute_dtype(name: str
     latents, timestep, kwargs = _inputs(transformer)
     half = {key: value.bfloat16() if key in ("encoder_hidden_states", "pooled_projections") else value for key, value in kwargs.items()}
     check_transformer_inputs(adapter, {"hidden_states": latents.bfloat16(), "timestep": timestep, **half}, GRID)
+
+
+@torch.no_grad()
+def test_accelerate_hooks_once_removed_leave_the_transformer_running_as_loaded(tiny_pipelines: dict[str, Any]) -> None:
+    """accelerate's `remove_hook_from_module` (diffusers' `remove_all_hooks`, the way out of CPU offloading before
+    `pipe.to(device)`) puts each module's own forward back as an instance attribute: the patch projection was then
+    refused as an unfused LoRA and SD3's direct-weight paths were dropped. While the hooks are on (sequential offload),
+    `accelerate` names them at the call with their own fix, not with fuse_lora."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    tiny = tiny_pipelines["tiny-sd3"]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    transformer.load_state_dict(tiny.transformer.state_dict())
+    pipe = type(tiny)(**{**tiny.components, "transformer": transformer})
+    for module in transformer.modules():  # as enable_sequential_cpu_offload hooks them
+        if not list(module.children()):
+            hooks.add_hook_to_module(module, hooks.AlignDevicesHook("cpu"))
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))
+    with pytest.raises(UnsupportedModelError, match=r"^module '.*' of the transformer has an accelerate hook \(AlignDevicesHook"):
+        fast(**call_kwargs(pipe, num_inference_steps=4))
+
+    hooks.remove_hook_from_module(transformer, recurse=True)
+    assert "forward" in vars(transformer.pos_embed.proj)  # accelerate's leftover, the module's own forward
+    adapter = make_adapter(transformer)
+    linear = transformer.transformer_blocks[0].attn.to_q
+    assert catrt.models.base.plain_linear(linear)
+    latents, timestep, kwargs = _inputs(transformer)
+    expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
+    tokens = adapter.full_forward(latents, timestep, _context(adapter, kwargs, latents), _empty_cache(adapter))
+    assert (adapter.prediction_of(tokens, GRID) - expected).abs().max() < 1e-4
+    linear.forward = torch.nn.Linear(linear.in_features, linear.out_features).forward  # another module's forward
+    assert not catrt.models.base.plain_linear(linear)
+
+
+@torch.no_grad()
+def test_a_patch_projection_computing_its_weights_conv_runs(tiny_pipelines: dict[str, Any]) -> None:
+    """A parametrized or torch.compiled nn.Conv2d computes the conv of the `weight` catrt reads (before the unfused-LoRA
+    check it ran, and pruned steps embedded as full ones); a subclass with a forward of its own is still refused."""
+    from torch.nn.utils import parametrize
+
+    class Scale(torch.nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return weight * 1.5
+
+    class Shifted(torch.nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + 1
+
+    tiny = tiny_pipelines["tiny-sd3"]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    latents = torch.randn(2, transformer.config.in_channels, 8, 12, generator=torch.Generator().manual_seed(0))
+    parametrized = parametrize.register_parametrization(transformer.pos_embed.proj, "weight", Scale())
+    adapter = make_adapter(transformer)
+    context = adapter.prepare_context({}, tuple(latents.shape))
+    indices = torch.arange(GRID.height * GRID.width).expand(2, -1)
+    embedded = adapter.embed_patches(adapter.tokens_of(latents), indices, context)
+    assert (embedded - transformer.pos_embed(latents)).abs().max() < 1e-5
+    transformer.pos_embed.proj = torch.compile(parametrized)  # its `weight` is the parametrized module's (not run here)
+    assert make_adapter(transformer).transformer.pos_embed.proj.weight.equal(parametrized.weight)
+    transformer.pos_embed.proj = Shifted(4, transformer.inner_dim, 2, 2)
+    with pytest.raises(UnsupportedModelError, match=r"pos_embed\.proj is a \S*Shifted, not a plain nn\.Conv2d"):
+        make_adapter(transformer)
+
+
+@torch.no_grad()
+def test_a_disabled_lora_on_the_patch_embedding_runs_and_is_refused_once_enabled(tiny_pipelines: dict[str, Any]) -> None:
+    """`pipe.disable_lora()` (PEFT's `disable_adapters`, checked with PEFT 0.21.2) leaves the wrapped projection running its
+    base conv alone, whose weight catrt reads: it ran before the unfused-LoRA check, which then refused it with the
+    fuse_lora fix. Enabled again after accelerate, the next call is refused."""
+    tiny = tiny_pipelines["tiny-sd3"]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    transformer.pos_embed.proj = _UnfusedLoraConv(transformer.pos_embed.proj)
+    transformer.pos_embed.proj.disable_adapters = True
+    adapter = make_adapter(transformer)
+    latents = torch.randn(2, transformer.config.in_channels, 8, 12, generator=torch.Generator().manual_seed(0))
+    context = adapter.prepare_context({}, tuple(latents.shape))
+    indices = torch.arange(GRID.height * GRID.width).expand(2, -1)
+    embedded = adapter.embed_patches(adapter.tokens_of(latents), indices, context)
+    assert (embedded - transformer.pos_embed(latents)).abs().max() < 1e-5
+
+    pipe = type(tiny)(**{**tiny.components, "transformer": transformer})
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))
+    transformer.pos_embed.proj.disable_adapters = False  # pipe.enable_lora()
+    with pytest.raises(UnsupportedModelError, match="pos_embed.proj is a .*fuse the LoRA first"):
+        fast(**call_kwargs(pipe, num_inference_steps=4))
+
+
+def test_a_transformer_compiled_in_place_is_refused_with_the_fix(tiny_pipelines: dict[str, Any]) -> None:
+    """`pipe.transformer.compile()` makes every call of the transformer a compiled one, which traced the forward catrt sets
+    for a generation (its whole runtime): 24 graphs and a recompile per alpha with the tiny SD3, warm calls 8x slower. Its
+    blocks compiled in place run as before (catrt calls their functions, not their compiled calls)."""
+    tiny = tiny_pipelines["tiny-sd3"]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    pipe = type(tiny)(**{**tiny.components, "transformer": transformer})
+    transformer.transformer_blocks[0].compile()
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))
+    transformer.compile()
+    with pytest.raises(UnsupportedModelError, match="is compiled in place"):
+        make_adapter(transformer)
+    with pytest.raises(UnsupportedModelError, match=r"^the transformer \(SD3Transformer2DModel\) is compiled in place .*"
+                                                    r"_compiled_call_impl = None\) and pass backend=\"compile\"") as refused:
+        fast(**call_kwargs(pipe, num_inference_steps=4))
+    assert refused.value.field == "transformer"
+    transformer._compiled_call_impl = None
+    assert fast(**call_kwargs(pipe, num_inference_steps=4)).images.isfinite().all()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -333,6 +335,41 @@ def test_weights_without_their_digest_record_are_refused(tmp_path: Path) -> None
         load_reference_pipeline(weights_dir=tmp_path / "nowhere")
     with pytest.raises(CorruptBundleError, match="is not a JSON object of file records"):
         load_reference_pipeline(weights_dir=folder)
+
+
+@pytest.mark.parametrize("damaged", ["garbage", "[1, 2]"])
+def test_training_writes_a_damaged_digest_record_anew(tmp_path: Path, damaged: str) -> None:
+    """Training's save read the record it updates and refused a damaged one with a traceback after the run (retraining,
+    the refusal's fix, failed the same way); the record is written anew, and a file only it named is refused at load."""
+    from catrt.errors import CorruptBundleError
+    from catrt.reference.checksums import verify_files, write_checksums
+
+    for name in ("a.bin", "b.bin"):
+        (tmp_path / name).write_bytes(name.encode())
+    (tmp_path / "sha256.json").write_text(damaged)
+    write_checksums(tmp_path, ["a.bin"])
+    verify_files(tmp_path, ["a.bin"])
+    with pytest.raises(CorruptBundleError, match=re.escape(f"{tmp_path / 'b.bin'} is not in sha256.json")):
+        verify_files(tmp_path, ["b.bin"])
+
+
+def test_a_weight_file_this_user_cannot_read_is_refused_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights another user trained are owner-only (safetensors writes 0600): hashing them raised PermissionError with a
+    traceback. Root reads any file, so the OS's refusal is stood in for."""
+    from catrt.errors import CorruptBundleError
+    from catrt.reference import checksums
+
+    folder = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, folder)
+
+    def refused(path: Path) -> str:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(checksums, "file_digest", refused)
+    with pytest.raises(CorruptBundleError, match=re.escape(f"the reference weight file {folder / 'config.json'} cannot be "
+                                                           "read (Permission denied); make it readable")) as error:
+        load_reference_pipeline(weights_dir=folder)
+    assert error.value.field == "config.json"
 
 
 def test_an_edited_probe_is_refused_naming_it(tmp_path: Path) -> None:

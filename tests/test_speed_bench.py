@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 
@@ -60,6 +61,23 @@ def test_an_out_no_report_can_be_written_to_is_one_line_before_the_run(  # noqa:
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert error.count("bench/speed.py: error: ") == 1 and message in error
+
+
+def test_an_out_in_a_folder_no_file_can_be_made_in_is_one_line_before_the_run(  # noqa: ANN001
+    speed, tmp_path, capsys: pytest.CaptureFixture[str]  # noqa: ANN001
+) -> None:
+    """A report in a folder this user cannot write (/proc: not even root can) passed the parse-time check, and the report
+    write after minutes of timing failed with a traceback (FileNotFoundError / PermissionError), the results lost."""
+    with pytest.raises(SystemExit) as exited:
+        speed.parse_args(["--out", "/proc/catrt-speed.md"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("bench/speed.py: error: ") == 1 and "--out /proc/catrt-speed.md cannot be written (" in error
+    assert "give a path in a folder you can write" in error and "Traceback" not in error
+    out = tmp_path / "new" / "speed.md"  # a writable place: its folder made, nothing left in it
+    assert speed.parse_args(["--out", str(out)]).out == out and list(out.parent.iterdir()) == []
+    (out.parent / f".speed.md.{os.getpid()}.tmp").write_text("")  # a killed run's staging file of this name
+    assert speed.parse_args(["--out", str(out)]).out == out and list(out.parent.iterdir()) == []
 
 
 def test_dims_sets_the_published_size_and_the_defaults_hold_without_it(speed) -> None:  # noqa: ANN001

@@ -471,9 +471,24 @@ def check_runs_as_loaded(adapter: Adapter, transformer: nn.Module) -> None:
 
     The built-in families call it from `check_layout`, which runs again at each call (a LoRA or hook added after
     `accelerate`); the base calls it once at construction for every family."""
+    _refuse_compiled_in_place(transformer)
     _refuse_diffusers_hooks(transformer)
     if type(adapter).embed_patches is Adapter.embed_patches:
         _check_patch_projection(adapter, transformer)
+
+
+def _refuse_compiled_in_place(transformer: nn.Module) -> None:
+    """A transformer compiled in place (`pipe.transformer.compile()`, nn.Module.compile) runs every call through its
+    compiled call, which then traced the forward catrt puts in place for a generation - catrt's whole runtime: with the
+    tiny SD3, 24 graphs and a recompile per alpha (8 and 18 s), then warm calls 8x slower than eager. Compiling its blocks
+    in place (`compile_repeated_blocks`) changes nothing catrt runs, and is left as it is."""
+    if getattr(transformer, "_compiled_call_impl", None) is not None:
+        raise UnsupportedModelError(
+            f"the transformer ({type(transformer).__name__}) is compiled in place (transformer.compile()), so torch.compile "
+            f"would trace catrt's runtime in each call: accelerate it uncompiled (load it again, or set "
+            f"pipe.transformer._compiled_call_impl = None) and pass backend=\"compile\" to compile catrt's step functions",
+            field="transformer",
+        )
 
 
 def _refuse_diffusers_hooks(transformer: nn.Module) -> None:
@@ -481,7 +496,7 @@ def _refuse_diffusers_hooks(transformer: nn.Module) -> None:
     layer skipping) acts on the transformer's or its blocks' forwards, which catrt's steps never call: a cache's skipped
     work was silently done in full (alpha 1 no longer the plain pipeline) and offloaded weights are never loaded."""
     for name, module in transformer.named_modules():
-        registry = getattr(module, "_diffusers_hook", None)
+        registry = vars(module).get("_diffusers_hook")  # set as a plain attribute: 3x faster than getattr's miss
         hooks = sorted(set(getattr(registry, "hooks", None) or ()) - _HARMLESS_DIFFUSERS_HOOKS)
         if hooks:
             where = f"module {name!r} of the transformer" if name else "the transformer"
@@ -497,10 +512,12 @@ def _refuse_diffusers_hooks(transformer: nn.Module) -> None:
 def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
     """Refuse a patch projection the default `embed_patches` would read wrongly: it multiplies the selected patches by
     `pos_embed.proj.weight`, which an unfused LoRA layer wrapping the projection (PEFT's) leaves out, so a pruned step
-    silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight."""
+    silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight, and a
+    disabled one (`pipe.disable_lora()`: PEFT's `disable_adapters`) is in neither: the layer runs its base alone."""
     proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
-    plain = type(proj) in (nn.Conv2d, nn.Linear) and _runs_own_forward(proj)
-    if proj is None or plain or getattr(proj, "merged", False):
+    if proj is None or _plain_projection(proj) or getattr(proj, "merged", False):
+        return
+    if getattr(proj, "disable_adapters", None) is True:
         return
     raise UnsupportedModelError(
         f"{type(adapter).__name__}: the patch embedding transformer.pos_embed.proj is a {type(proj).__module__}."
@@ -509,6 +526,20 @@ def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
         f"the LoRA first (pipe.fuse_lora(lora_scale=...)), then accelerate",
         field="pos_embed.proj",
     )
+
+
+def _plain_projection(proj: nn.Module) -> bool:
+    """Whether `proj(x)` is the conv / linear of its `weight`: an nn.Conv2d or nn.Linear, or a subclass keeping their
+    forward (torch.nn.utils.parametrize's, whose `weight` is the parametrized one), also under torch.compile (whose
+    `weight` is the module's). A forward accelerate's hooks wrap passes here: the pipeline refuses those by name at each
+    call, with their own fix (move the pipeline with pipe.to), where this refusal's fuse_lora fix would mislead."""
+    proj = getattr(proj, "_orig_mod", proj) if isinstance(proj, torch._dynamo.eval_frame.OptimizedModule) else proj
+    base = next((kind for kind in (nn.Conv2d, nn.Linear) if isinstance(proj, kind)), None)
+    if base is None or type(proj).forward is not base.forward:
+        return False
+    if base is nn.Conv2d and type(proj)._conv_forward is not nn.Conv2d._conv_forward:
+        return False
+    return _runs_own_forward(proj) or getattr(proj, "_hf_hook", None) is not None
 
 
 def plain_linear(layer: nn.Module) -> bool:
@@ -521,8 +552,14 @@ def plain_linear(layer: nn.Module) -> bool:
 
 
 def _runs_own_forward(module: nn.Module) -> bool:
-    """Whether calling `module` runs its class's forward alone: no forward set on the instance, no torch forward hooks."""
-    return "forward" not in vars(module) and not module._forward_pre_hooks and not module._forward_hooks
+    """Whether calling `module` runs its class's forward alone: no torch forward hooks, and no forward set on the
+    instance other than that forward bound to it (accelerate's `remove_hook_from_module`, which diffusers'
+    `remove_all_hooks` calls after CPU offloading, leaves the module's own forward there as an instance attribute)."""
+    forward = vars(module).get("forward")
+    own = forward is None or (
+        getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward
+    )
+    return own and not module._forward_pre_hooks and not module._forward_hooks
 
 
 def _writes_into(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:

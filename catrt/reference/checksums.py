@@ -48,8 +48,12 @@ def read_checksums(folder: Path, record_file: str = CHECKSUM_FILE) -> dict[str, 
 
 def write_checksums(folder: Path, names: Iterable[str], record_file: str = CHECKSUM_FILE) -> None:
     """Record the size and sha256 of `names` in `folder`'s `record_file` (other files' records kept), replaced
-    atomically."""
-    record = read_checksums(folder, record_file)
+    atomically. A damaged record is written anew: refusing it here failed training at its save, after the run, and
+    retraining (its refusal's fix) failed the same way; files only it recorded are then refused at load, unrecorded."""
+    try:
+        record = read_checksums(folder, record_file)
+    except CorruptBundleError:
+        record = {}
     for name in names:
         record[name] = {"size": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
     temporary = folder / f".{record_file}.tmp"
@@ -77,6 +81,12 @@ def verify_files(folder: Path, names: Iterable[str], record_file: str = CHECKSUM
         if expected is None:
             raise CorruptBundleError(f"the reference weight file {echo_path(path)} is not in {record_file}; "
                                      "reinstall catrt or retrain the weights", field=name)
-        if path.stat().st_size != expected.get("size") or file_digest(path) != expected.get("sha256"):
+        try:
+            matches = path.stat().st_size == expected.get("size") and file_digest(path) == expected.get("sha256")
+        except OSError as error:  # another user's weights (safetensors writes them owner-only): a traceback in hashlib
+            raise CorruptBundleError(f"the reference weight file {echo_path(path)} cannot be read "
+                                     f"({error.strerror or type(error).__name__}); make it readable to this user "
+                                     "(chmod a+r) or give weights you can read", field=name) from None
+        if not matches:
             raise CorruptBundleError(f"the reference weight file {echo_path(path)} does not match its size and sha256 in "
                                      f"{record_file} (damaged or edited); reinstall catrt or retrain the weights", field=name)
