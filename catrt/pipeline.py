@@ -316,10 +316,11 @@ def _refuse_device_hooks(transformer: nn.Module) -> None:
     CUDA graph would replay weights an offload has moved away.
     """
     for name, module in transformer.named_modules():
-        if getattr(module, "_hf_hook", None) is not None:
+        hook = vars(module).get("_hf_hook")  # accelerate sets a plain attribute: read where it lives, not through nn.Module.__getattr__ per module
+        if hook is not None:
             where = f"module {name!r} of the transformer" if name else "the transformer"
             raise UnsupportedModelError(
-                f"{where} has an accelerate hook ({type(module._hf_hook).__name__}: enable_model_cpu_offload, "
+                f"{where} has an accelerate hook ({type(hook).__name__}: enable_model_cpu_offload, "
                 f"enable_sequential_cpu_offload or a device_map), which moves its weights around each forward; catrt "
                 f"reads the transformer's weights directly and keeps its steps' buffers on one device: move the "
                 f"pipeline there with pipe.to(device) instead of CPU offload"
