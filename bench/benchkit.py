@@ -128,7 +128,9 @@ def load_reference(parser: argparse.ArgumentParser, device: str, weights_dir: Pa
 
 def write_text(path: Path, text: str) -> None:
     """Write a report as a whole: into a hidden file beside it, then renamed onto it, so Ctrl-C or a kill mid-write
-    leaves the earlier report (or none), never a half-written one (Path.write_text truncates first)."""
+    leaves the earlier report (or none), never a half-written one (Path.write_text truncates first). A link at `path`
+    is written through (the rename would have replaced the link with a file)."""
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else path
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -166,6 +166,20 @@ def test_a_report_rewrite_cut_short_keeps_the_last_whole_report(tmp_path: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.md"]
 
 
+def test_a_report_path_that_is_a_link_is_written_through(tmp_path: Path) -> None:
+    """The atomic rewrite renamed its file onto the link itself: a report kept elsewhere and linked from --out was
+    left stale while --out became a plain file."""
+    gpu = load_script()
+    (tmp_path / "kept").mkdir()
+    target, out = tmp_path / "kept" / "speed.md", tmp_path / "speed.md"
+    target.write_text("an earlier report\n")
+    out.symlink_to(target)
+    args = gpu.parse_args(["--tiny", "--models", "sd3", "--variants", "diffusers-eager", "--out", str(out)])
+    gpu.Report(args, gpu.torch.device("cpu"), out).write()
+    assert out.is_symlink() and "diffusers-eager" in target.read_text()
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["speed.md"]
+
+
 def test_reuse_every_times_the_pruned_steps_only_and_bounds_the_steps_that_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gpu = load_script()
     from catrt.runtime import CATRuntime
