@@ -226,6 +226,21 @@ def test_fractional_timesteps_are_refused_by_a_build_of_whole_ones(onnx_builds: 
     assert fast(["a cat", "a dog"], output_type="latent").images.isfinite().all()
 
 
+def test_an_eager_bundle_runs_fractional_timesteps_as_the_accelerated_pipeline(tmp_path: Path) -> None:
+    """The timestep-dtype refusal is the graph backends' (README): an eager bundle runs the adapter, which takes an
+    Euler scheduler's fractional timesteps on a PixArt build of DPM-Solver's whole ones, and draws what the
+    accelerated pipeline draws with that scheduler."""
+    import diffusers
+
+    fast = catrt.load(_build(_config("tiny-pixart", backend="eager"), tmp_path))
+    fast.set_progress_bar_config(disable=True)
+    fast.scheduler = diffusers.EulerDiscreteScheduler.from_config(fast.scheduler.config)
+    got = fast(**call_kwargs(fast.accelerated.pipe)).images
+    expected = catrt.accelerate(fast.accelerated.pipe, fast.config)(**call_kwargs(fast.accelerated.pipe)).images
+    assert fast.scheduler.timesteps.frac().abs().max() > 0  # the call ran fractional timesteps
+    assert _relative_error(got, expected) < GENERATION_TOLERANCE
+
+
 @pytest.mark.parametrize("value", [0.5, float("nan"), float("inf")])
 def test_a_float_for_an_integer_graph_input_is_cast_only_where_whole(value: float) -> None:
     """GraphSpec.prepare casts whole floats to an integer input exactly; a fraction, NaN or infinity is refused naming
