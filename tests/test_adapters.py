@@ -390,6 +390,52 @@ def test_sd3_runs_linear_layers_whose_forward_is_hooked_through_their_forward(ti
     assert ((got - expected).norm() / expected.norm()).item() < 2e-2  # bf16 rounding in another op order
 
 
+class _DequantizedInLinear(torch.nn.Parameter):
+    """A stand-in for a quantized weight (torchao's Int8Tensor, diffusers' GGUFParameter): a Parameter subclass whose
+    stored data is not the weight (here weight / scale) and whose `F.linear` computes with the real weight, as those
+    subclasses' kernels do. Every other op runs on the stored data, so a path reading it directly (`weight.t()` in an
+    addmm) computes silently wrong, where torchao's Int8Tensor raised NotImplementedError on aten.t."""
+
+    scale = 4.0
+
+    def __new__(cls, weight: torch.Tensor) -> _DequantizedInLinear:
+        return torch.Tensor._make_subclass(cls, weight.detach() / cls.scale, False)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.nn.functional.linear:
+            x, weight, *rest = args
+            return func(x, weight.as_subclass(torch.Tensor) * cls.scale, *rest, **(kwargs or {}))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-pixart", "tiny-flux"])
+def test_linear_layers_of_quantized_weights_run_through_their_forward(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    """torchao's `quantize_(transformer, Int8WeightOnlyConfig())` keeps every nn.Linear but makes its weight a tensor
+    subclass computed in `F.linear`: SD3's fast paths (`_linear`'s baddbmm / addmm, the K/V addmm into the cache)
+    multiplied by `weight.t()` directly and crashed in torchao (or, for a subclass storing other data, read it silently).
+    Such layers are called instead: full and all-token pruned steps equal the quantized transformer's own forward."""
+    source = tiny_pipelines[name].transformer
+    transformer = type(source).from_config(source.config).eval()
+    transformer.load_state_dict(source.state_dict())
+    for module in transformer.modules():
+        if type(module) is torch.nn.Linear:
+            module.weight = _DequantizedInLinear(module.weight)
+    latents, timestep, kwargs = _inputs(transformer)
+    expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
+    adapter = make_adapter(transformer)
+    context = _context(adapter, kwargs, latents)
+    cache = _empty_cache(adapter)
+    full = adapter.prediction_of(adapter.full_forward(latents, timestep, context, cache), GRID)
+    assert (full - expected).abs().max() < 1e-4
+    tokens = adapter.tokens_of(latents)
+    indices = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+    pruned = adapter.prediction_of(adapter.pruned_forward(tokens, indices, timestep, context, cache), GRID)
+    assert (pruned - expected).abs().max() < 1e-4
+
+
 def test_diffusers_hooks_the_steps_would_bypass_are_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
     """diffusers' caches and group offloading hook forwards catrt's steps never call: with a First-Block cache on, alpha = 1
     silently ran every block (0.66% off the plain pipeline's cached result), and offloaded weights would never load. A

@@ -546,9 +546,17 @@ def plain_linear(layer: nn.Module) -> bool:
     """Whether calling `layer` is just `F.linear` with its `weight` and `bias`, so a fast path may use them directly.
 
     Not for a layer whose forward was replaced on the instance (diffusers' hooks - `enable_layerwise_casting` keeps
-    the weight in float8 and casts it in its forward; accelerate's) or that has torch forward hooks.
+    the weight in float8 and casts it in its forward; accelerate's) or that has torch forward hooks, nor for a weight
+    or bias that is a tensor subclass (torchao's quantized weights, diffusers' GGUFParameter): `F.linear` dispatches
+    those to the subclass's own kernels, where the fast paths' `weight.t()`, `addmm(out=)` and `baddbmm` failed on
+    torchao's Int8Tensor (or would read a raw quantized buffer).
     """
-    return type(layer) is nn.Linear and _runs_own_forward(layer)
+    return type(layer) is nn.Linear and _runs_own_forward(layer) and _plain_tensor(layer.weight) and _plain_tensor(layer.bias)
+
+
+def _plain_tensor(tensor: torch.Tensor | None) -> bool:
+    """Whether `tensor` is None or a plain tensor or parameter, no subclass overriding torch's operators."""
+    return tensor is None or type(tensor) in (torch.Tensor, nn.Parameter)
 
 
 def _runs_own_forward(module: nn.Module) -> bool:
