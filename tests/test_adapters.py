@@ -436,6 +436,54 @@ def test_linear_layers_of_quantized_weights_run_through_their_forward(name: str,
     assert (pruned - expected).abs().max() < 1e-4
 
 
+class _Uint8Linear(torch.nn.Linear):
+    """A stand-in for diffusers' GGUFLinear (gguf is not a test dependency): the weight is stored as uint8 codes and
+    dequantized to `compute_dtype` in the forward, so the stored weight's dtype is not the one the layer computes in."""
+
+    step = 1e-2
+
+    def __init__(self, layer: torch.nn.Linear, compute_dtype: torch.dtype) -> None:
+        super().__init__(layer.in_features, layer.out_features, layer.bias is not None)
+        codes = (layer.weight.detach() / self.step + 128).round().clamp(0, 255).to(torch.uint8)
+        self.weight = torch.nn.Parameter(codes, requires_grad=False)
+        if layer.bias is not None:
+            self.bias = torch.nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = ((self.weight.float() - 128) * self.step).to(self.compute_dtype)
+        return torch.nn.functional.linear(x, weight, self.bias)
+
+
+def _quantize_linears(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    for name, child in module.named_children():
+        if type(child) is torch.nn.Linear:
+            setattr(module, name, _Uint8Linear(child, compute_dtype))
+        else:
+            _quantize_linears(child, compute_dtype)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-flux"])
+def test_a_transformer_of_uint8_linear_weights_runs_in_their_compute_dtype(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    """diffusers' GGUF checkpoints (`GGUFQuantizationConfig`) load every Linear as a GGUFLinear whose weight is uint8
+    blocks dequantized to its `compute_dtype` in the forward: the adapter took uint8 from `proj_out.weight` as the dtype
+    the transformer runs, and refused every call's float latents as the wrong dtype. alpha = 1 now equals the quantized
+    pipeline and alpha 0.3 is finite."""
+    tiny = tiny_pipelines[name]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    transformer.load_state_dict(tiny.transformer.state_dict())
+    _quantize_linears(transformer, torch.float32)
+    assert transformer.proj_out.weight.dtype == torch.uint8
+    assert make_adapter(transformer).dtype == torch.float32
+    pipe = type(tiny)(**{**tiny.components, "transformer": transformer})
+    expected = pipe(**call_kwargs(pipe, num_inference_steps=4)).images
+    got = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))(**call_kwargs(pipe, num_inference_steps=4)).images
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
+    pruned = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))(**call_kwargs(pipe, num_inference_steps=4)).images
+    assert torch.isfinite(pruned).all()
+
+
 def test_diffusers_hooks_the_steps_would_bypass_are_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
     """diffusers' caches and group offloading hook forwards catrt's steps never call: with a First-Block cache on, alpha = 1
     silently ran every block (0.66% off the plain pipeline's cached result), and offloaded weights would never load. A

@@ -423,11 +423,23 @@ class Adapter(ABC):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the transformer computes in: its output layer's, or the compute dtype diffusers'
-        `enable_layerwise_casting` casts that layer's stored (float8) weight to in its forward."""
+        `enable_layerwise_casting` casts that layer's stored (float8) weight to in its forward.
+
+        A quantized output layer whose stored weight is no float (diffusers' GGUFLinear: uint8 blocks dequantized in
+        its forward) computes in its `compute_dtype`, or else in the dtype of the transformer's first float parameter
+        (diffusers' `ModelMixin.dtype` rule): its uint8 made every call's float latents refused as the wrong dtype."""
         proj_out = self.transformer.proj_out
         registry = getattr(proj_out, "_diffusers_hook", None)
         casting = registry.get_hook("layerwise_casting") if registry is not None else None
-        return casting.compute_dtype if casting is not None else proj_out.weight.dtype
+        if casting is not None:
+            return casting.compute_dtype
+        weight = proj_out.weight
+        if weight.is_floating_point():
+            return weight.dtype
+        compute = getattr(proj_out, "compute_dtype", None)
+        if isinstance(compute, torch.dtype):
+            return compute
+        return next((p.dtype for p in self.transformer.parameters() if p.is_floating_point()), weight.dtype)
 
 
 class PackedTokensAdapter(Adapter):
