@@ -436,6 +436,19 @@ def test_linear_layers_of_quantized_weights_run_through_their_forward(name: str,
     assert (pruned - expected).abs().max() < 1e-4
 
 
+def test_a_quantized_patch_embedding_is_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
+    """SD3's and PixArt's pruned steps multiply the selected patches by `pos_embed.proj.weight` directly: a quantized
+    weight there (the stand-in subclass above, as a quantization reaching the conv would leave it) was read as its stored
+    data, silently, on pruned steps only. It is refused at accelerate, naming the layer and the fix."""
+    source = tiny_pipelines["tiny-sd3"].transformer
+    transformer = type(source).from_config(source.config).eval()
+    transformer.pos_embed.proj.weight = _DequantizedInLinear(transformer.pos_embed.proj.weight)
+    with pytest.raises(UnsupportedModelError, match=r"pos_embed\.proj has a quantized weight \(a (tests\.)?test_adapters\."
+                                                    r"_DequantizedInLinear\).*leave the patch embedding unquantized") as refused:
+        make_adapter(transformer)
+    assert refused.value.field == "pos_embed.proj"
+
+
 class _Uint8Linear(torch.nn.Linear):
     """A stand-in for diffusers' GGUFLinear (gguf is not a test dependency): the weight is stored as uint8 codes and
     dequantized to `compute_dtype` in the forward, so the stored weight's dtype is not the one the layer computes in."""

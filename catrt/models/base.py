@@ -527,6 +527,15 @@ def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
     silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight, and a
     disabled one (`pipe.disable_lora()`: PEFT's `disable_adapters`) is in neither: the layer runs its base alone."""
     proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
+    if proj is not None and not _plain_tensor(getattr(proj, "weight", None)):
+        weight = proj.weight
+        raise UnsupportedModelError(
+            f"{type(adapter).__name__}: the patch embedding transformer.pos_embed.proj has a quantized weight (a "
+            f"{type(weight).__module__}.{type(weight).__name__}): catrt embeds a pruned step's selected patches by "
+            f"multiplying with that weight directly, which would read its stored data; leave the patch embedding "
+            f"unquantized (quantize the Linear layers only, or add 'pos_embed' to the quantization's modules_to_not_convert)",
+            field="pos_embed.proj",
+        )
     if proj is None or _plain_projection(proj) or getattr(proj, "merged", False):
         return
     if getattr(proj, "disable_adapters", None) is True:
