@@ -468,26 +468,41 @@ class _Uint8Linear(torch.nn.Linear):
         return torch.nn.functional.linear(x, weight, self.bias)
 
 
-def _quantize_linears(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+class _Int8Linear(_Uint8Linear):
+    """A stand-in for bitsandbytes' Linear8bitLt: int8 codes and no `compute_dtype` (it computes in the input's dtype)."""
+
+    def __init__(self, layer: torch.nn.Linear, compute_dtype: torch.dtype) -> None:
+        super().__init__(layer, compute_dtype)
+        self.weight = torch.nn.Parameter((self.weight.to(torch.int16) - 128).to(torch.int8), requires_grad=False)
+        del self.compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, (self.weight.float() * self.step).to(x.dtype), self.bias)
+
+
+def _quantize_linears(module: torch.nn.Module, compute_dtype: torch.dtype, kind: type[_Uint8Linear] = _Uint8Linear) -> None:
     for name, child in module.named_children():
         if type(child) is torch.nn.Linear:
-            setattr(module, name, _Uint8Linear(child, compute_dtype))
+            setattr(module, name, kind(child, compute_dtype))
         else:
-            _quantize_linears(child, compute_dtype)
+            _quantize_linears(child, compute_dtype, kind)
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-flux"])
-def test_a_transformer_of_uint8_linear_weights_runs_in_their_compute_dtype(name: str, tiny_pipelines: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("name", "kind"), [("tiny-sd3.5", _Uint8Linear), ("tiny-flux", _Uint8Linear), ("tiny-sd3", _Int8Linear)])
+def test_a_transformer_of_uint8_linear_weights_runs_in_their_compute_dtype(
+    name: str, kind: type[_Uint8Linear], tiny_pipelines: dict[str, Any]
+) -> None:
     """diffusers' GGUF checkpoints (`GGUFQuantizationConfig`) load every Linear as a GGUFLinear whose weight is uint8
-    blocks dequantized to its `compute_dtype` in the forward: the adapter took uint8 from `proj_out.weight` as the dtype
-    the transformer runs, and refused every call's float latents as the wrong dtype. alpha = 1 now equals the quantized
-    pipeline and alpha 0.3 is finite."""
+    blocks dequantized to its `compute_dtype` in the forward (bitsandbytes' Linear4bit alike; its Linear8bitLt stores
+    int8 and has no `compute_dtype`): the adapter took uint8 / int8 from `proj_out.weight` as the dtype the transformer
+    runs, and refused every call's float latents as the wrong dtype. alpha = 1 now equals the quantized pipeline and
+    alpha 0.3 is finite."""
     tiny = tiny_pipelines[name]
     transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
     transformer.load_state_dict(tiny.transformer.state_dict())
-    _quantize_linears(transformer, torch.float32)
-    assert transformer.proj_out.weight.dtype == torch.uint8
+    _quantize_linears(transformer, torch.float32, kind)
+    assert not transformer.proj_out.weight.is_floating_point()
     assert make_adapter(transformer).dtype == torch.float32
     pipe = type(tiny)(**{**tiny.components, "transformer": transformer})
     expected = pipe(**call_kwargs(pipe, num_inference_steps=4)).images
