@@ -25,7 +25,7 @@ from catrt.engines import ENGINES, GraphSpec, resolve_backend
 from catrt.checks import path_is, writable_folder
 from catrt.config import shared_k
 from catrt.contract import pruned_graph
-from catrt.errors import PATH_ECHO_LIMIT, BuildError, CatrtError, ConfigError, echo, echo_path
+from catrt.errors import PATH_ECHO_LIMIT, BuildError, CatrtError, ConfigError, UnsupportedModelError, echo, echo_path
 from catrt.generation import check_pipeline_size, check_text_to_image
 from catrt.export import BACKEND_BUILDS, capture_step_sample, export_graphs, graph_spec, reference_io
 from catrt.loading import load_pipeline, loader_for
@@ -140,8 +140,25 @@ def _check_and_build(
         check_text_length(pipe, pipeline_spec(pipe), config.max_sequence_length)
         config = _with_resolution(config, pipe)
         adapter = make_adapter(pipe.transformer)
+        _refuse_quantized(pipe.transformer, config.model)
         bar.update()
         return _build(config, pipe, adapter, device, out_dir, export_dir, bar, sign_key)
+
+
+def _refuse_quantized(transformer: torch.nn.Module, model: str) -> None:
+    """Refuse a quantized transformer (torchao's `quantize_` / `TorchAoConfig`, a GGUF or bitsandbytes checkpoint) before
+    minutes of work: its weights are tensor subclasses or integer blocks, on which the build failed with a traceback
+    after exporting (the manifest's config and weight digest cannot record them; ONNX export fell back to TorchScript).
+    `catrt.accelerate` runs such a pipeline, its layers through their own quantized forwards."""
+    for name, tensor in transformer.named_parameters():
+        if type(tensor) is not torch.nn.Parameter or not tensor.is_floating_point():
+            kind = f"{type(tensor).__module__}.{type(tensor).__name__}"
+            raise UnsupportedModelError(
+                f"the transformer of {model} is quantized (its weight {name!r} is a {kind} of {tensor.dtype}), which "
+                f"catrt build cannot export or record: build from the unquantized model (--precision bf16 or fp16 halves "
+                f"it), or run the quantized pipeline with catrt.accelerate(pipe, config)",
+                field="model", value=name,
+            )
 
 
 def _build(

@@ -390,6 +390,128 @@ def test_sd3_runs_linear_layers_whose_forward_is_hooked_through_their_forward(ti
     assert ((got - expected).norm() / expected.norm()).item() < 2e-2  # bf16 rounding in another op order
 
 
+class _DequantizedInLinear(torch.nn.Parameter):
+    """A stand-in for a quantized weight (torchao's Int8Tensor, diffusers' GGUFParameter): a Parameter subclass whose
+    stored data is not the weight (here weight / scale) and whose `F.linear` computes with the real weight, as those
+    subclasses' kernels do. Every other op runs on the stored data, so a path reading it directly (`weight.t()` in an
+    addmm) computes silently wrong, where torchao's Int8Tensor raised NotImplementedError on aten.t."""
+
+    scale = 4.0
+
+    def __new__(cls, weight: torch.Tensor) -> _DequantizedInLinear:
+        return torch.Tensor._make_subclass(cls, weight.detach() / cls.scale, False)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.nn.functional.linear:
+            x, weight, *rest = args
+            return func(x, weight.as_subclass(torch.Tensor) * cls.scale, *rest, **(kwargs or {}))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny-sd3.5", "tiny-pixart", "tiny-flux"])
+def test_linear_layers_of_quantized_weights_run_through_their_forward(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    """torchao's `quantize_(transformer, Int8WeightOnlyConfig())` keeps every nn.Linear but makes its weight a tensor
+    subclass computed in `F.linear`: SD3's fast paths (`_linear`'s baddbmm / addmm, the K/V addmm into the cache)
+    multiplied by `weight.t()` directly and crashed in torchao (or, for a subclass storing other data, read it silently).
+    Such layers are called instead: full and all-token pruned steps equal the quantized transformer's own forward."""
+    source = tiny_pipelines[name].transformer
+    transformer = type(source).from_config(source.config).eval()
+    transformer.load_state_dict(source.state_dict())
+    for module in transformer.modules():
+        if type(module) is torch.nn.Linear:
+            module.weight = _DequantizedInLinear(module.weight)
+    latents, timestep, kwargs = _inputs(transformer)
+    expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
+    adapter = make_adapter(transformer)
+    context = _context(adapter, kwargs, latents)
+    cache = _empty_cache(adapter)
+    full = adapter.prediction_of(adapter.full_forward(latents, timestep, context, cache), GRID)
+    assert (full - expected).abs().max() < 1e-4
+    tokens = adapter.tokens_of(latents)
+    indices = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+    pruned = adapter.prediction_of(adapter.pruned_forward(tokens, indices, timestep, context, cache), GRID)
+    assert (pruned - expected).abs().max() < 1e-4
+
+
+def test_a_quantized_patch_embedding_is_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
+    """SD3's and PixArt's pruned steps multiply the selected patches by `pos_embed.proj.weight` directly: a quantized
+    weight there (the stand-in subclass above, as a quantization reaching the conv would leave it) was read as its stored
+    data, silently, on pruned steps only. It is refused at accelerate, naming the layer and the fix."""
+    source = tiny_pipelines["tiny-sd3"].transformer
+    transformer = type(source).from_config(source.config).eval()
+    transformer.pos_embed.proj.weight = _DequantizedInLinear(transformer.pos_embed.proj.weight)
+    with pytest.raises(UnsupportedModelError, match=r"pos_embed\.proj has a quantized weight \(a (tests\.)?test_adapters\."
+                                                    r"_DequantizedInLinear\).*leave the patch embedding unquantized") as refused:
+        make_adapter(transformer)
+    assert refused.value.field == "pos_embed.proj"
+
+
+class _Uint8Linear(torch.nn.Linear):
+    """A stand-in for diffusers' GGUFLinear (gguf is not a test dependency): the weight is stored as uint8 codes and
+    dequantized to `compute_dtype` in the forward, so the stored weight's dtype is not the one the layer computes in."""
+
+    step = 1e-2
+
+    def __init__(self, layer: torch.nn.Linear, compute_dtype: torch.dtype) -> None:
+        super().__init__(layer.in_features, layer.out_features, layer.bias is not None)
+        codes = (layer.weight.detach() / self.step + 128).round().clamp(0, 255).to(torch.uint8)
+        self.weight = torch.nn.Parameter(codes, requires_grad=False)
+        if layer.bias is not None:
+            self.bias = torch.nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = ((self.weight.float() - 128) * self.step).to(self.compute_dtype)
+        return torch.nn.functional.linear(x, weight, self.bias)
+
+
+class _Int8Linear(_Uint8Linear):
+    """A stand-in for bitsandbytes' Linear8bitLt: int8 codes and no `compute_dtype` (it computes in the input's dtype)."""
+
+    def __init__(self, layer: torch.nn.Linear, compute_dtype: torch.dtype) -> None:
+        super().__init__(layer, compute_dtype)
+        self.weight = torch.nn.Parameter((self.weight.to(torch.int16) - 128).to(torch.int8), requires_grad=False)
+        del self.compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, (self.weight.float() * self.step).to(x.dtype), self.bias)
+
+
+def _quantize_linears(module: torch.nn.Module, compute_dtype: torch.dtype, kind: type[_Uint8Linear] = _Uint8Linear) -> None:
+    for name, child in module.named_children():
+        if type(child) is torch.nn.Linear:
+            setattr(module, name, kind(child, compute_dtype))
+        else:
+            _quantize_linears(child, compute_dtype, kind)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("name", "kind"), [("tiny-sd3.5", _Uint8Linear), ("tiny-flux", _Uint8Linear), ("tiny-sd3", _Int8Linear)])
+def test_a_transformer_of_uint8_linear_weights_runs_in_their_compute_dtype(
+    name: str, kind: type[_Uint8Linear], tiny_pipelines: dict[str, Any]
+) -> None:
+    """diffusers' GGUF checkpoints (`GGUFQuantizationConfig`) load every Linear as a GGUFLinear whose weight is uint8
+    blocks dequantized to its `compute_dtype` in the forward (bitsandbytes' Linear4bit alike; its Linear8bitLt stores
+    int8 and has no `compute_dtype`): the adapter took uint8 / int8 from `proj_out.weight` as the dtype the transformer
+    runs, and refused every call's float latents as the wrong dtype. alpha = 1 now equals the quantized pipeline and
+    alpha 0.3 is finite."""
+    tiny = tiny_pipelines[name]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    transformer.load_state_dict(tiny.transformer.state_dict())
+    _quantize_linears(transformer, torch.float32, kind)
+    assert not transformer.proj_out.weight.is_floating_point()
+    assert make_adapter(transformer).dtype == torch.float32
+    pipe = type(tiny)(**{**tiny.components, "transformer": transformer})
+    expected = pipe(**call_kwargs(pipe, num_inference_steps=4)).images
+    got = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))(**call_kwargs(pipe, num_inference_steps=4)).images
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
+    pruned = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))(**call_kwargs(pipe, num_inference_steps=4)).images
+    assert torch.isfinite(pruned).all()
+
+
 def test_diffusers_hooks_the_steps_would_bypass_are_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
     """diffusers' caches and group offloading hook forwards catrt's steps never call: with a First-Block cache on, alpha = 1
     silently ran every block (0.66% off the plain pipeline's cached result), and offloaded weights would never load. A

@@ -664,3 +664,34 @@ def test_overlapping_errors_only_blocks_put_the_level_back_once_both_end() -> No
         assert logger.level == logging.ERROR  # the other block still runs
         blocks[1].__exit__(None, None, None)
         assert logger.level == logging.INFO
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "eager"])
+def test_a_quantized_transformer_is_refused_before_the_build_works(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_pipelines: dict[str, Any]
+) -> None:
+    """A quantized transformer (torchao's Int8Tensor weights, a GGUF checkpoint's uint8 blocks; here the uint8 stand-in
+    Linear of tests.test_adapters, torchao and gguf not being test dependencies) failed the build with a traceback after
+    the export and verification (its config and weight digest cannot go in the manifest). It is refused as one line
+    naming the quantized weight and the fix, before the reference run, with no folder left behind."""
+    from tests.test_adapters import _quantize_linears
+
+    tiny = tiny_pipelines["tiny-sd3"]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    transformer.load_state_dict(tiny.transformer.state_dict())
+    _quantize_linears(transformer, torch.float32)
+    quantized = type(tiny)(**{**tiny.components, "transformer": transformer})
+    monkeypatch.setattr(build_module, "load_pipeline", lambda *args, **kwargs: quantized)
+    monkeypatch.setattr(build_module, "_reference", lambda *args: pytest.fail("the build ran past the refusal"))
+    out, export = tmp_path / "engines", tmp_path / "export"
+    with pytest.raises(catrt.UnsupportedModelError, match=r"^the transformer of tiny-sd3 is quantized \(its weight "
+                                                          r"'.+\.weight' is a torch\.nn\.parameter\.Parameter of torch\.uint8\)") as refused:
+        build_engines(_config("tiny-sd3", backend=backend), out_dir=out, export_dir=export, progress=False)
+    assert refused.value.field == "model"
+    assert "catrt.accelerate(pipe, config)" in str(refused.value)
+    assert not out.exists() and not export.exists()
+
+    assert main(["build", "--model", "tiny-sd3", "--backend", backend, "--out", str(out), "--export-dir", str(export)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("catrt build: error: the transformer of tiny-sd3 is quantized")  # after the bar

@@ -423,11 +423,23 @@ class Adapter(ABC):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the transformer computes in: its output layer's, or the compute dtype diffusers'
-        `enable_layerwise_casting` casts that layer's stored (float8) weight to in its forward."""
+        `enable_layerwise_casting` casts that layer's stored (float8) weight to in its forward.
+
+        A quantized output layer whose stored weight is no float (diffusers' GGUFLinear: uint8 blocks dequantized in
+        its forward) computes in its `compute_dtype`, or else in the dtype of the transformer's first float parameter
+        (diffusers' `ModelMixin.dtype` rule): its uint8 made every call's float latents refused as the wrong dtype."""
         proj_out = self.transformer.proj_out
         registry = getattr(proj_out, "_diffusers_hook", None)
         casting = registry.get_hook("layerwise_casting") if registry is not None else None
-        return casting.compute_dtype if casting is not None else proj_out.weight.dtype
+        if casting is not None:
+            return casting.compute_dtype
+        weight = proj_out.weight
+        if weight.is_floating_point():
+            return weight.dtype
+        compute = getattr(proj_out, "compute_dtype", None)
+        if isinstance(compute, torch.dtype):
+            return compute
+        return next((p.dtype for p in self.transformer.parameters() if p.is_floating_point()), weight.dtype)
 
 
 class PackedTokensAdapter(Adapter):
@@ -515,6 +527,15 @@ def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
     silently lost the LoRA's share of the embedding while full steps had it. A merged LoRA is in that weight, and a
     disabled one (`pipe.disable_lora()`: PEFT's `disable_adapters`) is in neither: the layer runs its base alone."""
     proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
+    if proj is not None and not _plain_tensor(getattr(proj, "weight", None)):
+        weight = proj.weight
+        raise UnsupportedModelError(
+            f"{type(adapter).__name__}: the patch embedding transformer.pos_embed.proj has a quantized weight (a "
+            f"{type(weight).__module__}.{type(weight).__name__}): catrt embeds a pruned step's selected patches by "
+            f"multiplying with that weight directly, which would read its stored data; leave the patch embedding "
+            f"unquantized (quantize the Linear layers only, or add 'pos_embed' to the quantization's modules_to_not_convert)",
+            field="pos_embed.proj",
+        )
     if proj is None or _plain_projection(proj) or getattr(proj, "merged", False):
         return
     if getattr(proj, "disable_adapters", None) is True:
@@ -546,9 +567,17 @@ def plain_linear(layer: nn.Module) -> bool:
     """Whether calling `layer` is just `F.linear` with its `weight` and `bias`, so a fast path may use them directly.
 
     Not for a layer whose forward was replaced on the instance (diffusers' hooks - `enable_layerwise_casting` keeps
-    the weight in float8 and casts it in its forward; accelerate's) or that has torch forward hooks.
+    the weight in float8 and casts it in its forward; accelerate's) or that has torch forward hooks, nor for a weight
+    or bias that is a tensor subclass (torchao's quantized weights, diffusers' GGUFParameter): `F.linear` dispatches
+    those to the subclass's own kernels, where the fast paths' `weight.t()`, `addmm(out=)` and `baddbmm` failed on
+    torchao's Int8Tensor (or would read a raw quantized buffer).
     """
-    return type(layer) is nn.Linear and _runs_own_forward(layer)
+    return type(layer) is nn.Linear and _runs_own_forward(layer) and _plain_tensor(layer.weight) and _plain_tensor(layer.bias)
+
+
+def _plain_tensor(tensor: torch.Tensor | None) -> bool:
+    """Whether `tensor` is None or a plain tensor or parameter, no subclass overriding torch's operators."""
+    return tensor is None or type(tensor) in (torch.Tensor, nn.Parameter)
 
 
 def _runs_own_forward(module: nn.Module) -> bool:
