@@ -90,7 +90,9 @@ def oracle_indices(error: torch.Tensor, staleness: torch.Tensor, last_computed: 
 
 @dataclass(frozen=True)
 class Point:
-    """One configuration's means over the samples."""
+    """One configuration's means over the samples. `psnr` is the mean over the images that differ from their
+    reference and `identical` counts the others (as `catrt compare` reports it): one identical image made the mean
+    inf, put the configuration on the frontier and off the plot."""
 
     label: str
     group: str
@@ -99,6 +101,7 @@ class Point:
     mac_ratio: float
     seconds: float
     reused: float
+    identical: int = 0
 
 
 def variants(t0: int) -> tuple[list[Variant], list[Variant]]:
@@ -134,9 +137,10 @@ def points(comparison: Comparison) -> list[Point]:
     rows = []
     for variant in comparison.variants:
         mean = {name: metrics.mean_interval(comparison.values(variant.label, name)).mean
-                for name in ("psnr", "ssim", "mac_ratio", "seconds", "reused_steps")}
-        rows.append(Point(variant.label, group(variant.label), mean["psnr"], mean["ssim"], mean["mac_ratio"],
-                          mean["seconds"], mean["reused_steps"]))
+                for name in ("ssim", "mac_ratio", "seconds", "reused_steps")}
+        identical, psnr = metrics.psnr_split(comparison.values(variant.label, "psnr"))
+        rows.append(Point(variant.label, group(variant.label), psnr.mean, mean["ssim"], mean["mac_ratio"],
+                          mean["seconds"], mean["reused_steps"], identical))
     return rows
 
 
@@ -167,7 +171,8 @@ def plot(rows: list[Point], path: Path) -> None:
         shown = [p for p in rows if math.isfinite(getattr(p, y))]
         for p in shown:
             ax.scatter(getattr(p, x), getattr(p, y), color=colours.get(p.group, "black"), s=28, zorder=3)
-            ax.annotate(p.label, (getattr(p, x), getattr(p, y)), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
+            label = p.label + (f" ({p.identical} identical, not in the mean)" if p.identical and y == "psnr" else "")
+            ax.annotate(label, (getattr(p, x), getattr(p, y)), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
         front = sorted((p for p in shown if p.label in _front(shown, x, y)), key=lambda p: getattr(p, x))
         ax.plot([getattr(p, x) for p in front], [getattr(p, y) for p in front], "k--", lw=1, zorder=2, label="frontier")
         ax.set_xlabel(xlabel)
@@ -191,9 +196,10 @@ def _front(rows: list[Point], x: str, y: str) -> set[str]:
 def write_csv(rows: list[Point], path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["configuration", "psnr", "ssim", "mac_ratio", "seconds", "reused_steps"])
+        writer.writerow(["configuration", "psnr", "ssim", "mac_ratio", "seconds", "reused_steps", "identical_images"])
         for p in rows:
-            writer.writerow([p.label, f"{p.psnr:.3f}", f"{p.ssim:.5f}", f"{p.mac_ratio:.4f}", f"{p.seconds:.3f}", f"{p.reused:.2f}"])
+            writer.writerow([p.label, f"{p.psnr:.3f}", f"{p.ssim:.5f}", f"{p.mac_ratio:.4f}", f"{p.seconds:.3f}",
+                             f"{p.reused:.2f}", p.identical])
 
 
 def write_table(path: Path, args: argparse.Namespace, comparison: Comparison, oracle: list[str], elapsed: float) -> None:
@@ -216,7 +222,11 @@ def write_table(path: Path, args: argparse.Namespace, comparison: Comparison, or
     ]
     for p in sorted(rows, key=lambda p: p.mac_ratio):
         marks = " / ".join(("yes" if p.label in front else "-") for front in (on_psnr, on_ssim))
-        lines.append(f"| {p.label} | {p.psnr:.2f} | {p.ssim:.4f} | {p.mac_ratio:.3f} | {p.seconds:.2f} | {p.reused:.1f} | {marks} |")
+        psnr = metrics.psnr_cell(comparison.values(p.label, "psnr"), interval=False)
+        lines.append(f"| {p.label} | {psnr} | {p.ssim:.4f} | {p.mac_ratio:.3f} | {p.seconds:.2f} | {p.reused:.1f} | {marks} |")
+    if any(p.identical for p in rows):
+        lines += ["", "`inf (k of n identical; ...)`: k images equal the unpruned ones; the PSNR frontier and the plot "
+                  "place such a configuration by the mean of the other images."]
     lines += ["", f"On the PSNR frontier: {', '.join(sorted(on_psnr))}.", f"On the SSIM frontier: {', '.join(sorted(on_ssim))}.", ""]
     lines += dominance_lines(comparison, rows)
     lines += headroom_lines(comparison, [f"CAT a{HEADROOM_ALPHA}", *oracle])

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import catrt  # noqa: E402
+from catrt import metrics  # noqa: E402
 from catrt.errors import CatrtError  # noqa: E402
 from catrt.reference import data, probe  # noqa: E402
 from catrt.reference.pipeline import WEIGHTS_DIR  # noqa: E402
@@ -94,14 +95,15 @@ def generate(pipe: Any, samples: list[data.Sample], seeds: list[int], args: argp
     return torch.cat(images), time.perf_counter() - started
 
 
-def psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    """Mean PSNR (dB) and SSIM over images in [0, 1]; PSNR is inf where an image equals its reference (as `catrt
-    compare` reports it), where a floor on the error made it a 100 dB no image measured."""
+def psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[list[float], float]:
+    """PSNR (dB) of each image and the mean SSIM, over images in [0, 1]; PSNR is inf where an image equals its
+    reference (as `catrt compare` reports it), where a floor on the error made it a 100 dB no image measured.
+    Per image, so the table can say how many are identical (`metrics.psnr_cell`) instead of a mean of inf."""
     a = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
     b = ((reference + 1) / 2).permute(0, 2, 3, 1).numpy()
     mse = ((a - b) ** 2).mean(axis=(1, 2, 3))
     with np.errstate(divide="ignore"):
-        psnr = float(np.mean(10 * np.log10(1.0 / mse)))
+        psnr = [float(value) for value in 10 * np.log10(1.0 / mse)]
     ssim = float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1.0) for x, y in zip(a, b)]))
     return psnr, ssim
 
@@ -172,16 +174,18 @@ def write_table(path: Path, args: argparse.Namespace, baseline: dict[str, float]
         f"`python bench/quality.py --n {args.n} --steps {args.steps} --t0 {args.t0}` on {args.device}: "
         f"{args.n} prompts from `catrt.reference.data.generate({args.n}, seed={args.data_seed})`, image i with seed i. "
         "PSNR / SSIM compare each pruned image with the unpruned image of the same seed (higher is closer); "
-        "the attribute columns are the probe's accuracy against the prompt's attributes.",
+        "the attribute columns are the probe's accuracy against the prompt's attributes. "
+        f"seconds: the method's total wall time over all {args.n} prompts (all its pipeline calls), "
+        "its first call's one-off costs included; not a time per image.",
         "",
         "Unpruned model: " + ", ".join(f"{name} {baseline[name]:.3f}" for name in ATTRIBUTES) + ".",
         "",
-        "| method | alpha | PSNR (dB) | SSIM | " + " | ".join(ATTRIBUTES) + " | seconds |",
+        "| method | alpha | PSNR (dB) | SSIM | " + " | ".join(ATTRIBUTES) + " | seconds (all prompts) |",
         "|---|---|---|---|" + "---|" * len(ATTRIBUTES) + "---|",
     ]
     for row in rows:
         accuracy = " | ".join(f"{row[name]:.3f}" for name in ATTRIBUTES)
-        lines.append(f"| {row['method']} | {row['alpha']} | {row['psnr']:.2f} | {row['ssim']:.4f} | {accuracy} | {row['seconds']:.1f} |")
+        lines.append(f"| {row['method']} | {row['alpha']} | {metrics.psnr_cell(row['psnr'], interval=False)} | {row['ssim']:.4f} | {accuracy} | {row['seconds']:.1f} |")
     lines += ["", "## Figure 3 on this model", "",
               "Pearson correlation over tokens of ||n_t - n_t0|| and ||n_(t-1) - n_t0|| (mean over prompts), "
               "n_t the transformer output (conditional half) at step t. Plot: `figure3.png`. At the first pruned step, "
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         accuracy = probe.attribute_accuracy(images.cpu(), samples, classifier)
         rows.append({"method": method.label, "alpha": method.alpha, "psnr": psnr, "ssim": ssim,
                      "seconds": seconds, **accuracy})
-        print(f"{method.label:45s} alpha {method.alpha}: PSNR {psnr:6.2f} SSIM {ssim:.4f} {accuracy}", flush=True)
+        print(f"{method.label:45s} alpha {method.alpha}: PSNR {metrics.psnr_cell(psnr, interval=False)} SSIM {ssim:.4f} {accuracy}", flush=True)
         if method.alpha == shown_alpha and not method.refresh_every:
             grid_columns.append((method.label, images))
     few = samples[: min(16, args.n)]

@@ -268,7 +268,7 @@ def report_lines(comparison: Comparison) -> list[str]:
         clip = f"{metrics.mean_interval(comparison.values(label, 'clip')).format(2)} | " if has_clip else ""
         speedup = unpruned_seconds / cell["seconds"].mean if cell["seconds"].mean > 0 else math.nan
         lines.append(
-            f"| {label} | {_psnr_cell(comparison.values(label, 'psnr'))} | {cell['ssim'].format(4)} | {clip}{cell['mac_ratio'].format(3)} | "
+            f"| {label} | {metrics.psnr_cell(comparison.values(label, 'psnr'))} | {cell['ssim'].format(4)} | {clip}{cell['mac_ratio'].format(3)} | "
             f"{cell['seconds'].format(3)} | {speedup:.2f}x |"
         )
     pruned = labels[1:]
@@ -286,16 +286,6 @@ def report_lines(comparison: Comparison) -> list[str]:
         lines += ["", "CLIP score against the unpruned image's score, paired:", "", "| variant | CLIP difference |", "|---|---|"]
         lines += [f"| {label} | {_difference(comparison, label, UNPRUNED, 'clip', 2)} |" for label in pruned]
     return lines
-
-
-def _psnr_cell(values: list[float]) -> str:
-    """The PSNR mean: inf where every image equals its reference; where only some do, how many, and the mean of the
-    others (a bare inf read as 'identical' for a variant that differs on most images)."""
-    identical = sum(math.isinf(value) for value in values)
-    if identical in (0, len(values)):
-        return metrics.mean_interval(values).format(2)
-    others = metrics.mean_interval([value for value in values if not math.isinf(value)])
-    return f"inf ({identical} of {len(values)} identical; the other {others.n}: {others.format(2)})"
 
 
 def _difference(comparison: Comparison, a: str, b: str, name: str, digits: int) -> str:

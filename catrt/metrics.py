@@ -85,6 +85,25 @@ def mean_interval(values: list[float] | np.ndarray) -> Interval:
     return Interval(mean, float(stats.t.ppf(0.975, data.size - 1)) * spread, int(data.size))
 
 
+def psnr_split(values: list[float] | np.ndarray) -> tuple[int, Interval]:
+    """(how many images equal their reference, the mean over the others): one identical image made a mean PSNR inf,
+    read as 'identical' for a rule that differs on most images. The mean is inf only where every image is identical."""
+    identical = sum(math.isinf(value) for value in values)
+    if identical == len(values):
+        return identical, mean_interval(values)
+    return identical, mean_interval([value for value in values if not math.isinf(value)])
+
+
+def psnr_cell(values: list[float] | np.ndarray, interval: bool = True) -> str:
+    """A PSNR mean for a table (2 decimals, with its interval or the mean alone): where only some images are
+    identical, `inf (k of n identical; the other m: ...)`, so the cell neither hides them nor reads as identical."""
+    identical, others = psnr_split(values)
+    mean = others.format(2) if interval or not math.isfinite(others.mean) else f"{others.mean:.2f}"
+    if identical in (0, len(values)):
+        return mean
+    return f"inf ({identical} of {len(values)} identical; the other {others.n}: {mean})"
+
+
 def paired_difference(a: list[float], b: list[float]) -> Interval | None:
     """Mean of a - b over paired samples with its 95% interval; None where either side has an inf."""
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

@@ -33,7 +33,12 @@ from catrt.models import PIPELINES, make_adapter
 from catrt.models.inputs import check_transformer_inputs
 from catrt.pipeline_spec import PipelineSpec, call_default, custom_schedule, denoising_steps, strength_steps
 from catrt.runtime import CATRuntime, StepRecord
-from catrt.scheduler_calls import check_scheduler_order, check_scheduler_sizes, check_scheduler_timesteps
+from catrt.scheduler_calls import (
+    check_schedule_steps_run,
+    check_scheduler_order,
+    check_scheduler_sizes,
+    check_scheduler_timesteps,
+)
 from catrt.step_state import RuntimeBuffers
 
 
@@ -173,6 +178,7 @@ class AcceleratedPipeline:
         def step(hidden_states: torch.Tensor, timestep: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
             if runtime.step == 0:  # the pipeline has set its scheduler's timesteps; no step has run
                 check_scheduler_timesteps(getattr(pipe, "scheduler", None), planned)
+                check_schedule_steps_run(getattr(pipe, "scheduler", None), schedule, config.t0)
             check_transformer_inputs(adapter, {"hidden_states": hidden_states, **arguments}, grid, shapes=runtime.step == 0)
             # A copy: the runtime's prediction is a buffer its next step overwrites, and a multistep scheduler may keep
             # the model output as it is for later steps (DPM-Solver's "dpmsolver", SA-Solver's noise prediction, fed

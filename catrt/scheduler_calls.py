@@ -30,9 +30,10 @@ def check_scheduler_order(scheduler: Any) -> None:
 
 def check_scheduler_sizes(scheduler: Any) -> None:
     """Refuse, before the pipeline runs, a scheduler that upsamples the latents between steps: FlowMatchLCM with
-    scale factors (multi-scale sampling), read as its `step` reads them."""
+    scale factors (multi-scale sampling), read as its `step` reads them. Factors that are all 1 keep the size (its
+    `step` interpolates to the size it had), so they run."""
     factors = getattr(scheduler, "_scale_factors", None)
-    if factors and getattr(scheduler, "_upscale_mode", None):
+    if factors and getattr(scheduler, "_upscale_mode", None) and any(factor != 1 for factor in factors):
         raise ConfigError(
             f"{type(scheduler).__name__} resizes the latents between steps (scale_factors {list(factors)}), and catrt's "
             f"caches are made for one latent size per generation; use it without scale_factors",
@@ -55,4 +56,26 @@ def check_scheduler_timesteps(scheduler: Any, steps: int) -> None:
             f"{type(scheduler).__name__} set {count} timesteps for {steps} steps, so the pipeline would call the "
             f"transformer more than once in some steps; {ONE_CALL_PER_STEP}",
             field="scheduler", value=type(scheduler).__name__,
+        )
+
+
+def check_schedule_steps_run(scheduler: Any, schedule: tuple[str, int] | None, t0: int) -> None:
+    """Refuse a custom schedule from which the scheduler runs t0 or fewer steps: every step would be a full one, an
+    unpruned image from a call that asked for CAT (t0 < the steps run, as `strength` is checked). Euler's custom
+    `sigmas` end with the final sigma, so n values run n - 1 steps, which `check_steps` (over n) did not see.
+
+    Read at the first transformer call, where the pipeline has set the scheduler's timesteps (and img2img its begin
+    index) and no step has run yet.
+    """
+    timesteps = getattr(scheduler, "timesteps", None)
+    if schedule is None or timesteps is None:
+        return
+    begin = getattr(scheduler, "begin_index", None)
+    run = len(timesteps) - (begin if isinstance(begin, int) else 0)
+    if not t0 < run:
+        name, values = schedule
+        raise ConfigError(
+            f"{type(scheduler).__name__} runs {run} steps from the {values} {name} given, and CATConfig.t0 = "
+            f"{t0} needs t0 < the steps run; give more {name} values, or lower t0",
+            field=name, value=values,
         )

@@ -70,3 +70,33 @@ def test_oracle_indices_exact(frontier) -> None:  # noqa: ANN001
     # top-2 by error: 1, 3; then the stalest of the rest: 5 (never), 0 (step 1), 4 (EWMA 0.5) before 2 (1.0)
     assert frontier.oracle_indices(error, staleness, last, 2, 5).tolist() == [[1, 3, 5, 0, 4]]
     assert frontier.oracle_indices(error, staleness, last, 0, 2).tolist() == [[5, 0]]
+
+
+def test_a_configuration_identical_on_some_images_is_placed_by_the_others(frontier, tmp_path: Path) -> None:  # noqa: ANN001
+    """One identical image made a configuration's mean PSNR inf: on the PSNR frontier above every other point and
+    off the plot. It is placed by the mean of the images that differ, and the table says how many were identical."""
+    import argparse
+    import math
+
+    from catrt.compare import UNPRUNED, Comparison, Sample, Variant
+
+    def sample(index: int, variant: str, psnr: float, mac: float) -> Sample:
+        return Sample(index, "p", index, variant, psnr, 0.9, None, mac, 1.0, 0)
+
+    samples = [sample(i, UNPRUNED, math.inf, 1.0) for i in range(3)]
+    samples += [sample(0, "lucky", math.inf, 0.5), sample(1, "lucky", 20.0, 0.5), sample(2, "lucky", 22.0, 0.5)]
+    samples += [sample(i, "steady", 30.0, 0.5) for i in range(3)]
+    comparison = Comparison([Variant(UNPRUNED, None), Variant("lucky", None), Variant("steady", None)], samples, {})
+    points = {p.label: p for p in frontier.points(comparison)}
+    assert (points["lucky"].psnr, points["lucky"].identical) == (21.0, 1)
+    assert (points["steady"].psnr, points["steady"].identical) == (30.0, 0)
+    assert points[UNPRUNED].psnr == math.inf and points[UNPRUNED].identical == 3
+    assert frontier.pareto([points["lucky"], points["steady"]], "psnr") == {"steady"}
+    args = argparse.Namespace(tiny=True, out_label="x", device="cpu", threads=1, n=3, data_seed=7, steps=5, t0=2)
+    frontier.write_table(tmp_path / "frontier.md", args, comparison, [], 1.0)
+    table = (tmp_path / "frontier.md").read_text()
+    assert "| lucky | inf (1 of 3 identical; the other 2: 21.00) | 0.9000 |" in table
+    assert "| steady | 30.00 | 0.9000 |" in table and "On the PSNR frontier: steady." in table
+    frontier.write_csv(list(points.values()), tmp_path / "frontier.csv")
+    rows = {row["configuration"]: row for row in csv.DictReader((tmp_path / "frontier.csv").open())}
+    assert (rows["lucky"]["psnr"], rows["lucky"]["identical_images"]) == ("21.000", "1")

@@ -253,10 +253,10 @@ def test_quality_psnr_of_identical_images_is_inf_not_a_floor() -> None:
 
     quality = load_script("quality")
     reference = torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
-    assert quality.psnr_ssim(reference.clone(), reference) == (float("inf"), 1.0)
+    assert quality.psnr_ssim(reference.clone(), reference) == ([float("inf")] * 2, 1.0)
     shifted = reference + 0.02  # 0.01 off in [0, 1] everywhere: mse 1e-4, 40 dB
     psnr, ssim = quality.psnr_ssim(shifted, reference)
-    assert psnr == pytest.approx(40.0) and ssim < 1.0
+    assert psnr == pytest.approx([40.0, 40.0]) and ssim < 1.0
 
 
 @pytest.mark.parametrize(("script", "argv", "message"), [
@@ -354,3 +354,29 @@ def test_a_bench_usage_mistake_is_one_line_and_exit_2(script: str, capsys: pytes
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         f"bench/{script}.py: error: unrecognized arguments: --bogus (see bench/{script}.py --help)"]
+
+
+def test_quality_table_says_how_many_images_are_identical_and_what_seconds_are(tmp_path: Path) -> None:
+    """A method with one identical image read a mean PSNR of inf; the seconds column (all prompts, first call
+    included) did not say what it timed."""
+    import argparse
+    import math
+
+    import torch
+
+    quality = load_script("quality")
+    reference = torch.zeros(3, 3, 32, 32)
+    images = reference.clone()
+    images[1:] += 0.1  # image 0 equals its reference
+    psnr, ssim = quality.psnr_ssim(images, reference)
+    assert psnr[0] == math.inf and all(math.isfinite(value) for value in psnr[1:]) and ssim < 1
+    args = argparse.Namespace(n=3, steps=8, t0=2, device="cpu", data_seed=2024, alphas=[0.3])
+    accuracy = {name: 1.0 for name in quality.ATTRIBUTES}
+    rows = [{"method": "CAT", "alpha": 0.3, "psnr": [math.inf, 30.0, 32.0], "ssim": 0.9, "seconds": 2.0, **accuracy},
+            {"method": "random", "alpha": 0.3, "psnr": [math.inf] * 3, "ssim": 1.0, "seconds": 2.0, **accuracy}]
+    quality.write_table(tmp_path / "quality.md", args, accuracy, rows, [(4, 0.5)], [(4, 0.4)])
+    table = (tmp_path / "quality.md").read_text()
+    assert "| CAT | 0.3 | inf (1 of 3 identical; the other 2: 31.00) | 0.9000 |" in table
+    assert "| random | 0.3 | inf | 1.0000 |" in table
+    assert "| seconds (all prompts) |" in table
+    assert "total wall time over all 3 prompts (all its pipeline calls), its first call's one-off costs" in table

@@ -63,6 +63,30 @@ def test_custom_sigmas_that_end_with_the_final_one_run_one_step_fewer(tiny_pipel
     assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"] * 2
 
 
+def test_custom_sigmas_that_leave_t0_steps_or_fewer_are_refused_before_any_step(tiny_pipelines: dict[str, Any]) -> None:
+    """t0 + 1 sigmas ending with the final one run t0 steps, every one full: an unpruned image from a call that asked
+    for CAT. Refused by name at the first transformer call, as a `strength` leaving t0 steps is; a scheduler that runs
+    t0 + 1 steps from t0 + 1 sigmas still prunes its last."""
+    pipe = tiny_pipelines["tiny-pixart"]
+    own = pipe.scheduler
+    blocks: list[int] = []
+    hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: blocks.append(1))
+    fast = catrt.accelerate(pipe, CATConfig(t0=3, trace=True))
+    try:
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(own.config)
+        with pytest.raises(ConfigError, match=r"^EulerDiscreteScheduler runs 3 steps from the 4 sigmas given, and CATConfig.t0 = 3 "
+                           r"needs t0 < the steps run; give more sigmas values, or lower t0") as error:
+            fast(**call_kwargs(pipe, sigmas=[14.0, 8.0, 4.0, 2.0]))
+        assert error.value.field == "sigmas" and blocks == [] and fast.last_trace == []
+    finally:
+        pipe.scheduler = own
+        hook.remove()
+    sd3 = tiny_pipelines["tiny-sd3"]  # FlowMatchEuler appends the final sigma itself: 4 sigmas run 4 steps
+    fast = catrt.accelerate(sd3, CATConfig(t0=3, trace=True))
+    fast(**call_kwargs(sd3, sigmas=[1.0, 0.75, 0.5, 0.25]))
+    assert [r.kind for r in fast.last_trace] == ["full"] * 3 + ["pruned"]
+
+
 def test_a_numpy_step_count_runs_as_diffusers_runs_it(tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines["tiny-pixart"]
     fast = catrt.accelerate(pipe, CATConfig(t0=3, trace=True))
@@ -361,6 +385,24 @@ def test_a_scheduler_that_resizes_the_latents_is_refused_before_any_step(tiny_pi
     finally:
         pipe.scheduler = own
         hook.remove()
+
+
+def test_flow_match_lcm_with_scale_factors_of_one_runs(tiny_pipelines: dict[str, Any]) -> None:
+    """Scale factors that are all 1.0 never resize the latents (its step interpolates to the size it had), and were
+    refused as multi-scale sampling."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    own = pipe.scheduler
+    try:
+        pipe.scheduler = diffusers.FlowMatchLCMScheduler.from_config(own.config, scale_factors=[1.0] * 4)
+        torch.manual_seed(0)  # its step draws noise from the global generator (the pipeline passes it none)
+        expected = pipe(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0)).images
+        fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2, trace=True))
+        torch.manual_seed(0)
+        got = fast(**call_kwargs(pipe, num_inference_steps=5, guidance_scale=1.0)).images
+    finally:
+        pipe.scheduler = own
+    assert _relative_error(got, expected) < 1e-4
+    assert [r.kind for r in fast.last_trace] == ["full"] * 2 + ["pruned"] * 3
 
 
 @pytest.mark.parametrize("scheduler", [diffusers.DPMSolverMultistepScheduler, diffusers.SASolverScheduler])
