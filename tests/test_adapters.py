@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -528,14 +529,9 @@ def test_a_bf16_transformer_of_float32_compute_linears_runs_in_bf16(tiny_pipelin
     transformer run in bf16: the adapter took the output layer's compute_dtype, float32, as the transformer's dtype and
     refused every call's bf16 latents, where the plain pipeline ran. alpha = 1 now matches the quantized pipeline up to
     bf16 rounding."""
-    tiny = tiny_pipelines["tiny-sd3"]
-    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
-    transformer.load_state_dict(tiny.transformer.state_dict())
-    transformer.to(torch.bfloat16)
-    _quantize_linears(transformer, torch.float32, _Nf4Linear)
-    assert make_adapter(transformer).dtype == torch.bfloat16
-    components = {name: getattr(part, "to", lambda dtype: part)(torch.bfloat16) for name, part in tiny.components.items()}
-    pipe = type(tiny)(**{**components, "transformer": transformer})
+    pipe = copy.deepcopy(tiny_pipelines["tiny-sd3"]).to(torch.bfloat16)  # the shared pipeline stays float32
+    _quantize_linears(pipe.transformer, torch.float32, _Nf4Linear)
+    assert make_adapter(pipe.transformer).dtype == torch.bfloat16
     expected = pipe(**call_kwargs(pipe, num_inference_steps=4)).images
     got = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))(**call_kwargs(pipe, num_inference_steps=4)).images
     assert got.dtype == torch.bfloat16
