@@ -85,17 +85,19 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
         return
     if out.is_dir():
         parser.error(f"--out {out} is a folder; give the report's file, e.g. {out / 'report.md'}")
-    above = next((parent for parent in out.parents if parent.exists()), None)
+    report = report_file(out)  # a link's target, which write_text writes: a dangling link's failed after the run
+    above = next((parent for parent in report.parents if parent.exists()), None)
     if above is not None and not above.is_dir():
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
-    probe = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # the file write_text writes first, made and removed now
+    probe = report.with_name(f".{report.name}.{os.getpid()}.tmp")  # the file write_text writes first, made and removed now
     try:  # a read-only folder or file system failed the report write after the run, with a traceback
-        out.parent.mkdir(parents=True, exist_ok=True)
+        report.parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
         probe.unlink()
     except OSError as error:
+        linked = f" (--out is a link to {report})" if report != out else ""
         parser.error(f"--out {out} cannot be written ({error.strerror or type(error).__name__}); give a path in a folder "
-                     f"you can write")
+                     f"you can write{linked}")
 
 
 def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: str) -> None:
@@ -130,7 +132,7 @@ def write_text(path: Path, text: str) -> None:
     """Write a report as a whole: into a hidden file beside it, then renamed onto it, so Ctrl-C or a kill mid-write
     leaves the earlier report (or none), never a half-written one (Path.write_text truncates first). A link at `path`
     is written through (the rename would have replaced the link with a file)."""
-    path = Path(os.path.realpath(path)) if os.path.islink(path) else path
+    path = report_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -138,6 +140,12 @@ def write_text(path: Path, text: str) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def report_file(path: Path) -> Path:
+    """The file a report at `path` is written to: the target of a link there (relative links from the link's folder,
+    chains to their end), else `path` itself; `check_out` checks the same file `write_text` writes."""
+    return Path(os.path.realpath(path)) if os.path.islink(path) else path
 
 
 def check_at_least_one(parser: argparse.ArgumentParser, **counts: int) -> None:

@@ -136,11 +136,11 @@ def _check_and_build(
         pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
         pipe.set_progress_bar_config(disable=True)
         check_text_to_image(pipe, config.model)
+        _refuse_quantized(pipe.transformer, config.model)  # before any adapter's checks, whose fixes are accelerate's
         check_pipeline_size(pipe, config.height, config.width, config.model)  # a model without a card: known once loaded
         check_text_length(pipe, pipeline_spec(pipe), config.max_sequence_length)
         config = _with_resolution(config, pipe)
         adapter = make_adapter(pipe.transformer)
-        _refuse_quantized(pipe.transformer, config.model)
         bar.update()
         return _build(config, pipe, adapter, device, out_dir, export_dir, bar, sign_key)
 
@@ -150,6 +150,8 @@ def _refuse_quantized(transformer: torch.nn.Module, model: str) -> None:
     minutes of work: its weights are tensor subclasses or integer blocks, on which the build failed with a traceback
     after exporting (the manifest's config and weight digest cannot record them; ONNX export fell back to TorchScript).
     `catrt.accelerate` runs such a pipeline, its layers through their own quantized forwards."""
+    if not isinstance(transformer, torch.nn.Module):  # no transformer at all: make_adapter names it, after the size checks
+        return
     for name, tensor in transformer.named_parameters():
         if type(tensor) is not torch.nn.Parameter or not tensor.is_floating_point():
             kind = f"{type(tensor).__module__}.{type(tensor).__name__}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -510,6 +511,44 @@ def test_a_transformer_of_uint8_linear_weights_runs_in_their_compute_dtype(
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
     pruned = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=2))(**call_kwargs(pipe, num_inference_steps=4)).images
     assert torch.isfinite(pruned).all()
+
+
+class _Nf4Linear(_Uint8Linear):
+    """A stand-in for bitsandbytes' Linear4bit: uint8 codes and a `compute_dtype` that is its matmul's alone (float32,
+    BitsAndBytesConfig's default, under a bf16 transformer): it casts its input to it and its output back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = ((self.weight.float() - 128) * self.step).to(self.compute_dtype)
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
+        return torch.nn.functional.linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)
+
+
+@torch.no_grad()
+def test_a_bf16_transformer_of_float32_compute_linears_runs_in_bf16(tiny_pipelines: dict[str, Any]) -> None:
+    """bitsandbytes' 4-bit layers (BitsAndBytesConfig's bnb_4bit_compute_dtype defaults to float32) under a bf16
+    transformer run in bf16: the adapter took the output layer's compute_dtype, float32, as the transformer's dtype and
+    refused every call's bf16 latents, where the plain pipeline ran. alpha = 1 now matches the quantized pipeline up to
+    bf16 rounding."""
+    pipe = copy.deepcopy(tiny_pipelines["tiny-sd3"]).to(torch.bfloat16)  # the shared pipeline stays float32
+    _quantize_linears(pipe.transformer, torch.float32, _Nf4Linear)
+    assert make_adapter(pipe.transformer).dtype == torch.bfloat16
+    expected = pipe(**call_kwargs(pipe, num_inference_steps=4)).images
+    got = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2))(**call_kwargs(pipe, num_inference_steps=4)).images
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item() < 3e-2
+
+
+def test_the_dtype_of_a_quantized_output_layer_skips_the_modules_kept_in_float32(tiny_pipelines: dict[str, Any]) -> None:
+    """diffusers' ModelMixin.dtype skips `_keep_in_fp32_modules` (mixed-precision norms and embeddings kept in float32
+    under a bf16 transformer); the adapter's fallback for an output layer storing no float weight does the same."""
+    tiny = tiny_pipelines["tiny-sd3"]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval().to(torch.bfloat16)
+    first = next(name for name, _ in transformer.named_parameters()).split(".")[0]
+    getattr(transformer, first).float()
+    transformer.proj_out = _Int8Linear(transformer.proj_out, torch.bfloat16)
+    assert make_adapter(transformer).dtype == torch.float32  # diffusers' rule without the kept modules
+    transformer._keep_in_fp32_modules = [first]
+    assert make_adapter(transformer).dtype == transformer.dtype == torch.bfloat16
 
 
 def test_diffusers_hooks_the_steps_would_bypass_are_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:

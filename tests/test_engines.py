@@ -695,3 +695,21 @@ def test_a_quantized_transformer_is_refused_before_the_build_works(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("catrt build: error: the transformer of tiny-sd3 is quantized")  # after the bar
+
+
+def test_a_quantized_patch_embedding_is_refused_as_a_quantized_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      tiny_pipelines: dict[str, Any]) -> None:
+    """A transformer quantized down to its patch embedding was refused by the adapter's check first, whose fix (leave
+    pos_embed unquantized) only led to the build's refusal of every quantized weight: the build's comes first."""
+    from tests.test_adapters import _DequantizedInLinear
+
+    tiny = tiny_pipelines["tiny-sd3"]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    transformer.pos_embed.proj.weight = _DequantizedInLinear(transformer.pos_embed.proj.weight)
+    quantized = type(tiny)(**{**tiny.components, "transformer": transformer})
+    monkeypatch.setattr(build_module, "load_pipeline", lambda *args, **kwargs: quantized)
+    with pytest.raises(catrt.UnsupportedModelError, match=r"^the transformer of tiny-sd3 is quantized \(its weight "
+                                                          r"'pos_embed\.proj\.weight' is a .*_DequantizedInLinear") as refused:
+        build_engines(_config("tiny-sd3", backend="onnxruntime"), out_dir=tmp_path / "engines", export_dir=tmp_path / "x",
+                      progress=False)
+    assert refused.value.field == "model"

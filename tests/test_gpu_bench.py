@@ -180,6 +180,27 @@ def test_a_report_path_that_is_a_link_is_written_through(tmp_path: Path) -> None
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["speed.md"]
 
 
+def test_a_link_at_out_is_checked_where_the_report_goes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """write_text writes through a link at --out, but check_out probed the link's own folder: a dangling link to a path
+    under a file (or in a folder that cannot be made) passed, and the report write failed after the run with a
+    traceback. A dangling link to a folder still to make is written through, that folder made."""
+    gpu = load_script()
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "speed.md"
+    out.symlink_to(tmp_path / "a-file" / "speed.md")
+    with pytest.raises(SystemExit) as exited:
+        gpu.parse_args(["--tiny", "--out", str(out)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2
+    assert f"error: --out {out}: {tmp_path / 'a-file'} is a file, so no report can be written under it" in line
+    out.unlink()
+    out.symlink_to(Path("later") / "speed.md")  # relative: from the link's folder
+    args = gpu.parse_args(["--tiny", "--models", "sd3", "--variants", "diffusers-eager", "--out", str(out)])
+    gpu.Report(args, gpu.torch.device("cpu"), out).write()
+    assert out.is_symlink() and "diffusers-eager" in (tmp_path / "later" / "speed.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "later").iterdir()) == ["speed.md"]
+
+
 def test_reuse_every_times_the_pruned_steps_only_and_bounds_the_steps_that_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gpu = load_script()
     from catrt.runtime import CATRuntime

@@ -426,8 +426,11 @@ class Adapter(ABC):
         `enable_layerwise_casting` casts that layer's stored (float8) weight to in its forward.
 
         A quantized output layer whose stored weight is no float (diffusers' GGUFLinear: uint8 blocks dequantized in
-        its forward) computes in its `compute_dtype`, or else in the dtype of the transformer's first float parameter
-        (diffusers' `ModelMixin.dtype` rule): its uint8 made every call's float latents refused as the wrong dtype."""
+        its forward) computes in the dtype of the transformer's first float parameter outside its
+        `_keep_in_fp32_modules` (diffusers' `ModelMixin.dtype` rule), or else in its `compute_dtype`: its uint8 made
+        every call's float latents refused as the wrong dtype. The layer's `compute_dtype` comes second because it can
+        be the layer's internal matmul dtype alone: bitsandbytes' Linear4bit casts its input to it (float32 by
+        default) and its output back, so a bf16 transformer's calls were refused as bf16 for a float32 transformer."""
         proj_out = self.transformer.proj_out
         registry = getattr(proj_out, "_diffusers_hook", None)
         casting = registry.get_hook("layerwise_casting") if registry is not None else None
@@ -436,10 +439,21 @@ class Adapter(ABC):
         weight = proj_out.weight
         if weight.is_floating_point():
             return weight.dtype
+        first = _first_float_dtype(self.transformer)
+        if first is not None:
+            return first
         compute = getattr(proj_out, "compute_dtype", None)
-        if isinstance(compute, torch.dtype):
-            return compute
-        return next((p.dtype for p in self.transformer.parameters() if p.is_floating_point()), weight.dtype)
+        return compute if isinstance(compute, torch.dtype) else weight.dtype
+
+
+def _first_float_dtype(transformer: nn.Module) -> torch.dtype | None:
+    """The dtype of `transformer`'s first float parameter outside its `_keep_in_fp32_modules` (diffusers'
+    `get_parameter_dtype`: mixed-precision norms kept in float32 are not the dtype the transformer runs)."""
+    kept = getattr(transformer, "_keep_in_fp32_modules", None) or ()
+    for name, parameter in transformer.named_parameters():
+        if parameter.is_floating_point() and not any(module in name for module in kept):
+            return parameter.dtype
+    return None
 
 
 class PackedTokensAdapter(Adapter):
