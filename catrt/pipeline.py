@@ -173,12 +173,12 @@ class AcceleratedPipeline:
             self.adapter, config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
         )
         self.last_trace = runtime.trace  # the steps run so far, as they run: a call that fails mid-way shows which ran
-        adapter, pipe = self.adapter, self.pipe
+        adapter = self.adapter
 
         def step(hidden_states: torch.Tensor, timestep: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
             if runtime.step == 0:  # the pipeline has set its scheduler's timesteps; no step has run
-                check_scheduler_timesteps(getattr(pipe, "scheduler", None), planned)
-                check_schedule_steps_run(getattr(pipe, "scheduler", None), schedule, config.t0)
+                check_scheduler_timesteps(scheduler, planned)
+                check_schedule_steps_run(scheduler, schedule, config.t0)
             check_transformer_inputs(adapter, {"hidden_states": hidden_states, **arguments}, grid, shapes=runtime.step == 0)
             # A copy: the runtime's prediction is a buffer its next step overwrites, and a multistep scheduler may keep
             # the model output as it is for later steps (DPM-Solver's "dpmsolver", SA-Solver's noise prediction, fed
