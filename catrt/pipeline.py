@@ -30,6 +30,7 @@ from catrt.config import CATConfig
 from catrt.contract import StepFunctions
 from catrt.errors import ConfigError, UnsupportedModelError, echo
 from catrt.models import PIPELINES, make_adapter
+from catrt.models.base import check_runs_as_loaded
 from catrt.models.inputs import check_transformer_inputs
 from catrt.pipeline_spec import PipelineSpec, call_default, custom_schedule, denoising_steps, strength_steps
 from catrt.runtime import CATRuntime, StepRecord
@@ -213,6 +214,7 @@ class AcceleratedPipeline:
         _refuse_device_hooks(transformer)
         if transformer is self.adapter.transformer:
             self.adapter.check_layout(transformer)
+            check_runs_as_loaded(self.adapter, transformer)
             return
         if self.functions is not None:
             raise UnsupportedModelError(

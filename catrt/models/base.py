@@ -205,7 +205,7 @@ class Adapter(ABC):
                 f"{type(self).__name__} needs a {self.transformer_class.__name__}, got {type(transformer).__name__}"
             )
         self.check_layout(transformer)
-        check_runs_as_loaded(self, transformer)  # the built-in families' check_layout checks it again at each call
+        check_runs_as_loaded(self, transformer)  # and again at each accelerated call (pipeline._follow_transformer)
         self.transformer = transformer
         self.patch_size: int = self._transformer_fact("config.patch_size")
         self.out_channels: int = self._transformer_fact("out_channels")
@@ -495,8 +495,8 @@ def check_runs_as_loaded(adapter: Adapter, transformer: nn.Module) -> None:
     hooks on it (`_refuse_diffusers_hooks`) and, for the default `embed_patches`, an unfused LoRA on the patch
     projection (`_check_patch_projection`).
 
-    The built-in families call it from `check_layout`, which runs again at each call (a LoRA or hook added after
-    `accelerate`); the base calls it once at construction for every family."""
+    The base calls it at construction for every family, and the accelerated pipeline at each call after the family's
+    `check_layout` (a LoRA or hook added after `accelerate`)."""
     _refuse_compiled_in_place(transformer)
     _refuse_diffusers_hooks(transformer)
     if type(adapter).embed_patches is Adapter.embed_patches:

@@ -30,7 +30,7 @@ from torch import nn
 from catrt.call_arguments import check_image_side
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models.attention import attention, attention_kwargs_change_nothing, joint_attention, refuse_call_attention_kwargs
-from catrt.models.base import Context, KVStore, PackedTokensAdapter, check_runs_as_loaded, refuse_without_blocks
+from catrt.models.base import Context, KVStore, PackedTokensAdapter, refuse_without_blocks
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
@@ -57,7 +57,6 @@ class FluxAdapter(PackedTokensAdapter):
             raise UnsupportedModelError("FLUX transformer with an IP-adapter (encoder_hid_proj) is not supported by catrt")
         blocks = [("double", transformer.transformer_blocks), ("single", transformer.single_transformer_blocks)]
         refuse_without_blocks(transformer, sum(len(modules) for _, modules in blocks), ("num_layers", "num_single_layers"))
-        check_runs_as_loaded(self, transformer)
         for kind, modules in blocks:
             for index, block in enumerate(modules):
                 attn = block.attn

@@ -16,7 +16,7 @@ from torch import nn
 
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models.attention import attention, project_qkv, unfuse_hint
-from catrt.models.base import Adapter, Context, KVStore, check_runs_as_loaded, refuse_without_blocks
+from catrt.models.base import Adapter, Context, KVStore, refuse_without_blocks
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
@@ -33,7 +33,6 @@ class PixArtAdapter(Adapter):
     def check_layout(self, transformer: nn.Module) -> None:
         config = transformer.config
         refuse_without_blocks(transformer, len(transformer.transformer_blocks), ("num_layers",))
-        check_runs_as_loaded(self, transformer)
         if config.caption_channels is None:
             raise UnsupportedModelError(
                 "PixArt transformer without caption projection is not supported (its config's caption_channels is None: "

@@ -33,7 +33,6 @@ from catrt.models.base import (
     Adapter,
     Context,
     KVStore,
-    check_runs_as_loaded,
     eager_cpu,
     plain_linear,
     refuse_without_blocks,
@@ -67,7 +66,6 @@ class SD3Adapter(Adapter):
 
     def check_layout(self, transformer: nn.Module) -> None:
         refuse_without_blocks(transformer, len(transformer.transformer_blocks), ("num_layers",))
-        check_runs_as_loaded(self, transformer)
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("SD3 patch embedding with layer_norm=True is not supported")
         for index, block in enumerate(transformer.transformer_blocks):
