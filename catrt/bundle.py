@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from catrt.attribute_forwarding import ForwardsAttributes
 from catrt.build_config import FIXED_CAT_FIELDS, BuildConfig, check_static_schedule
 from catrt.call_arguments import refuse_config_keywords, request_batch
 from catrt.config import CATConfig
@@ -51,7 +52,7 @@ _LOAD_ATTEMPTS = 3
 _OWN_ATTRIBUTES = frozenset({"accelerated", "build", "manifest", "engine", "_signature"})
 
 
-class EnginePipeline:
+class EnginePipeline(ForwardsAttributes):
     """A diffusers pipeline whose transformer steps run on a built engine.
 
     Called with the pipeline's own arguments, like `catrt.accelerate(...)`'s result; the build's
@@ -59,6 +60,9 @@ class EnginePipeline:
     `alpha=` picks one of the built `alphas` per call (default: the loaded config's, which is the
     first built one unless `load` was given another).
     """
+
+    _target = "accelerated"
+    _own_attributes = _OWN_ATTRIBUTES
 
     def __init__(self, accelerated: AcceleratedPipeline, build: BuildConfig, manifest: Manifest, engine: Engine) -> None:
         self.accelerated = accelerated
@@ -112,33 +116,11 @@ class EnginePipeline:
                 pipe.transformer.to(dtype)  # meta to meta: only the dtype changes
         return self
 
-    def __getattr__(self, name: str) -> Any:
-        # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's. Before `accelerated`
-        # is set (copy and pickle make the object without __init__) there is nothing to forward to.
-        if name.startswith("__") or "accelerated" not in self.__dict__:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(self.accelerated, name)
-
-    def _own(self, name: str) -> bool:
-        """Whether attribute `name` is this wrapper's to set and delete (else its accelerated pipeline's)."""
-        return name in _OWN_ATTRIBUTES or hasattr(type(self), name) or "accelerated" not in self.__dict__
-
     def __setattr__(self, name: str, value: Any) -> None:
-        # As reads: `loaded.scheduler = ...` swaps the scheduler the pipeline runs, not one on this wrapper no call uses.
         if name == "config" and not self._own(name):  # the run config, held to the build as `load(config=...)` is
             check_accelerate_arguments(value, None, None)
             value = _run_config(self.build, value)
-        if self._own(name):
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.accelerated, name, value)
-
-    def __delattr__(self, name: str) -> None:
-        # As sets: `del loaded.x` removes the `x` that `loaded.x = ...` set on the pipeline.
-        if self._own(name):
-            object.__delattr__(self, name)
-        else:
-            delattr(self.accelerated, name)
+        super().__setattr__(name, value)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
+from catrt.attribute_forwarding import ForwardsAttributes
 from catrt.call_arguments import check_call_arguments, check_clip_skip, check_latents, refuse_config_keywords
 from catrt.callbacks import check_cfg_cutoff
 from catrt.config import CATConfig
@@ -88,7 +89,7 @@ _OWN_ATTRIBUTES = frozenset({
 })
 
 
-class AcceleratedPipeline:
+class AcceleratedPipeline(ForwardsAttributes):
     """A diffusers pipeline whose transformer calls run under CAT Pruning.
 
     Called with the pipeline's own arguments, plus catrt's `alpha` (this call's fraction of tokens
@@ -98,6 +99,9 @@ class AcceleratedPipeline:
     buffers (caches, captured CUDA graphs) are kept across calls per shape and k, so switching alpha
     back and forth allocates nothing after each alpha's first call.
     """
+
+    _target = "pipe"
+    _own_attributes = _OWN_ATTRIBUTES
 
     #: What each call runs the steps with; bench/ substitutes a subclass (an oracle baseline).
     runtime_class: type[CATRuntime] = CATRuntime
@@ -224,33 +228,10 @@ class AcceleratedPipeline:
         self.adapter = make_adapter(transformer)
         self.buffers = RuntimeBuffers(self.buffers.max_shapes)  # its K/V slots and width may differ from the old one's
 
-    def __getattr__(self, name: str) -> Any:
-        # Everything else (scheduler, vae, device, progress-bar config...) is the pipeline's. Before `pipe` is
-        # set (copy and pickle make the object without __init__) there is nothing to forward to.
-        if name.startswith("__") or "pipe" not in self.__dict__:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(self.pipe, name)
-
-    def _own(self, name: str) -> bool:
-        """Whether attribute `name` is this wrapper's to set and delete (else its pipeline's)."""
-        return name in _OWN_ATTRIBUTES or hasattr(type(self), name) or "pipe" not in self.__dict__
-
     def __setattr__(self, name: str, value: Any) -> None:
-        # As reads: `fast.scheduler = DPMSolverMultistepScheduler.from_config(fast.scheduler.config)`, diffusers' way to
-        # swap a scheduler, must reach the pipeline a call runs; set here, reads showed it and calls never used it.
         if name == "config":  # `fast.config = ...` runs the calls after it: a CATConfig, as accelerate takes
             check_accelerate_arguments(value, None, None)
-        if self._own(name):
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.pipe, name, value)
-
-    def __delattr__(self, name: str) -> None:
-        # As sets: `del fast.x` removes the `x` that `fast.x = ...` set on the pipeline.
-        if self._own(name):
-            object.__delattr__(self, name)
-        else:
-            delattr(self.pipe, name)
+        super().__setattr__(name, value)
 
 
 class _CallLock:
