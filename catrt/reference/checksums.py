@@ -8,7 +8,6 @@ model that draws other images than the name promises.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -16,18 +15,10 @@ from pathlib import Path
 
 from catrt.checks import path_is
 from catrt.errors import CorruptBundleError, echo_path
+from catrt.manifest import file_digest  # the sha256 a bundle's manifest records its files by
 
 CHECKSUM_FILE = "sha256.json"  # the pipeline's files (config, transformer, text encoder), as training writes them
 PROBE_CHECKSUM_FILE = "probe.sha256.json"  # the probe's, trained and published on its own
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_checksums(folder: Path, record_file: str = CHECKSUM_FILE) -> dict[str, dict[str, object]]:
