@@ -36,6 +36,7 @@ from catrt.engines.base import GraphSpec, TensorSpec
 from catrt.engines.tensorrt import TensorRTEngine
 from catrt.errors import EngineMismatchError
 from catrt.export import tensorrt as trt_export
+from catrt.export.weights import SharedWeights
 
 _ONNX_TO_TRT = {TensorProto.FLOAT: "FLOAT", TensorProto.FLOAT16: "HALF", TensorProto.INT64: "INT64", TensorProto.INT32: "INT32"}
 _TRT_TO_NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
@@ -140,7 +141,9 @@ def documented_tensorrt(major: int) -> types.ModuleType:
             return IBuilderConfig()
 
         def build_serialized_network(self, network: INetworkDefinition, config: IBuilderConfig) -> memoryview | None:
-            precision = [name for name in ("FP16", "BF16", "INT8") if hasattr(trt.BuilderFlag, name) and config.get_flag(trt.BuilderFlag[name])]
+            precision = [
+                name for name in ("FP16", "BF16", "INT8") if name in trt.BuilderFlag.__members__ and config.get_flag(trt.BuilderFlag[name])
+            ]
             if network.model is None or (network.strongly_typed and precision):
                 return None  # API Usage Error: a precision flag on a strongly typed network
             return memoryview(network.model.SerializeToString())  # an IHostMemory: a buffer, weights inline
@@ -220,17 +223,18 @@ def documented_tensorrt(major: int) -> types.ModuleType:
     return trt
 
 
-# -- a small graph with the runtime's I/O names, its weight in an external-data file as catrt exports them ----------
+# -- a small graph with the runtime's I/O names, its weight moved out to weights.bin by catrt's own export code ----
 
 SPEC = GraphSpec(
-    inputs=(TensorSpec("hidden_states", (2, 4, 8), "float32"), TensorSpec("timestep", (2,), "float32")),
-    outputs=(TensorSpec("tokens", (2, 4, 8), "float32"),),
+    inputs=(TensorSpec("hidden_states", (2, 4, 16), "float32"), TensorSpec("timestep", (2,), "float32")),
+    outputs=(TensorSpec("tokens", (2, 4, 16), "float32"),),
 )
-WEIGHT = np.arange(64, dtype=np.float32).reshape(8, 8) / 64
+WEIGHT = np.arange(256, dtype=np.float32).reshape(16, 16) / 256  # 1 KiB: moved out of the graph
 
 
 def _export(folder: Path) -> Path:
-    """`full.onnx` computing tokens = hidden_states @ WEIGHT + timestep (per batch row), WEIGHT in weights.bin."""
+    """`full.onnx` computing tokens = hidden_states @ WEIGHT + timestep (per batch row), WEIGHT in weights.bin at its
+    offset (catrt's SharedWeights, as `catrt build` writes every graph)."""
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["hidden_states", "weight"], ["projected"]),
@@ -238,14 +242,17 @@ def _export(folder: Path) -> Path:
             helper.make_node("Add", ["projected", "shift"], ["tokens"]),
         ],
         "full",
-        [helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, [2, 4, 8]),
+        [helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, [2, 4, 16]),
          helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, [2, 4, 8])],
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, [2, 4, 16])],
         initializer=[numpy_helper.from_array(WEIGHT, "weight"), numpy_helper.from_array(np.array([2, 1, 1], dtype=np.int64), "column")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     folder.mkdir(parents=True)
-    onnx.save_model(model, folder / "full.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
+    with SharedWeights(folder) as weights:
+        weights.move_out("full", model)
+        weights.save({"full": model})
+    assert model.graph.initializer[0].data_location == TensorProto.EXTERNAL  # the parser must find weights.bin
     return folder
 
 
@@ -294,7 +301,7 @@ def test_a_built_plan_loads_and_runs_at_the_bound_addresses(tmp_path: Path, docu
     engine._event = _Event  # type: ignore[method-assign]
     engine._on_device = _no_device_switch  # type: ignore[method-assign]
     engine.load()
-    hidden = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0))
     timestep = torch.tensor([3.0, 500.0])
     tokens = engine.run("full", SPEC.prepare({"hidden_states": hidden, "timestep": timestep}))["tokens"]
     expected = hidden @ torch.from_numpy(WEIGHT) + timestep[:, None, None]
@@ -320,8 +327,8 @@ def test_a_plan_tensorrt_cannot_deserialize_is_refused_by_name(tmp_path: Path, d
 def test_an_engine_whose_io_differs_from_the_spec_is_refused_on_load(tmp_path: Path, documented: types.ModuleType) -> None:
     onnx_dir = _export(tmp_path / "export")
     trt_export.build_plans(onnx_dir, tmp_path, BuildConfig("tiny-sd3", backend="tensorrt"), ["full"])
-    wider = GraphSpec(inputs=(TensorSpec("hidden_states", (2, 5, 8), "float32"), SPEC.inputs[1]), outputs=SPEC.outputs)
+    wider = GraphSpec(inputs=(TensorSpec("hidden_states", (2, 5, 16), "float32"), SPEC.inputs[1]), outputs=SPEC.outputs)
     engine = TensorRTEngine(tmp_path, {"full": wider}, torch.device("cpu"))
     engine._on_device = _no_device_switch  # type: ignore[method-assign]
-    with pytest.raises(EngineMismatchError, match=r"'full' engine's input 'hidden_states' has shape \(2, 4, 8\)"):
+    with pytest.raises(EngineMismatchError, match=r"'full' engine's input 'hidden_states' has shape \(2, 4, 16\)"):
         engine.load()
