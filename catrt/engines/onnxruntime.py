@@ -9,7 +9,8 @@ installed, else the CPU provider. ONNX Runtime uses a shared initializer as it i
 already lies on the device its session planned for it (its session-state code says so), so on CUDA
 the floating-point weights are copied to the GPU once at load and shared from there
 (`SharedInitializers`); one ONNX Runtime plans elsewhere gets a session copy of its own, and ONNX
-Runtime logs a warning naming it. Not run here (the lent GPU machine has ONNX Runtime's CPU build).
+Runtime logs a warning naming it. The CUDA provider runs on the engine's GPU (`device_id`), with TF32 as
+torch's matmuls have it (`use_tf32`). Not run here (the lent GPU machine has ONNX Runtime's CPU build).
 ONNX Runtime's TensorRT execution provider is left out even where installed: it builds a TensorRT engine per
 session, each with its own copy of the weights, where these sessions share one (TensorRT is the `tensorrt` backend).
 """
@@ -44,9 +45,9 @@ class OnnxRuntimeEngine(Engine):
     package = "onnxruntime"
     precisions = ("fp32", "fp16")
     precision_note = (
-        "ONNX Runtime's IO binding takes numpy element types and numpy has no bfloat16 (nor does the CPU "
-        "provider have bf16 kernels); build fp32 (or fp16 on a CUDA device) with onnxruntime, or bf16 with the eager "
-        "or compile backend (tensorrt on a GPU)"
+        "ONNX Runtime's CPU provider has no bf16 kernels (MatMul, Add), the shared weights are numpy views of "
+        "weights.bin and numpy has no bfloat16, and bf16 on its CUDA provider is untried; build fp32 (or fp16 on a "
+        "CUDA device) with onnxruntime, or bf16 with the eager or compile backend (tensorrt on a GPU)"
     )
 
     @classmethod
@@ -67,7 +68,9 @@ class OnnxRuntimeEngine(Engine):
 
         from catrt.engines.shared_weights import SharedInitializers
 
-        providers = [_PROVIDERS[self.device.type]] if self.device.type == "cuda" else []
+        if self.device.type == "cuda" and self.device.index is None:  # torch's current GPU, fixed for this engine
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        providers = [(_PROVIDERS["cuda"], self.cuda_options())] if self.device.type == "cuda" else []
         providers.append(_PROVIDERS["cpu"])
         self.initializers = SharedInitializers(self.folder, self.device)
         self.sessions: dict[str, Any] = {}
@@ -85,6 +88,12 @@ class OnnxRuntimeEngine(Engine):
         self.input_names = {graph: {i.name for i in session.get_inputs()} for graph, session in self.sessions.items()}
         logger.info("onnxruntime sessions on %s", self.sessions["full"].get_providers())
 
+    def cuda_options(self) -> dict[str, str]:
+        """The CUDA provider's options: the engine's GPU (the provider's default is GPU 0, wherever torch's tensors and
+        the shared weights lie), and TF32 as torch's matmuls have it (the provider's default is on, which puts an fp32
+        build's graphs ~1e-3 off the fp32 eager model it is verified against)."""
+        return {"device_id": str(self.device.index), "use_tf32": "1" if torch.backends.cuda.matmul.allow_tf32 else "0"}
+
     def run(
         self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
@@ -97,7 +106,11 @@ class OnnxRuntimeEngine(Engine):
         for name, tensor in outputs.items():
             self._bind(binding.bind_output, name, tensor)
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # inputs written on torch's stream
+            # ONNX Runtime's CUDA provider runs on streams of its own, which wait for nothing of torch's: the inputs
+            # torch wrote (and its reads of the buffers this run overwrites) are finished first. Without run options
+            # (disable_synchronize_execution_providers is "0") the run returns once its streams are done, so torch
+            # reads the outputs, and frees the inputs `prepare` cast, only after ONNX Runtime is through with them.
+            torch.cuda.current_stream(self.device).synchronize()
         session.run_with_iobinding(binding)
         return outputs
 
