@@ -309,6 +309,12 @@ def _matmul_gather_bundle(folder: Path) -> tuple[Any, Any]:
     return weight, index
 
 
+def _host_copy(array: Any) -> tuple[torch.Tensor, Any]:
+    """shared_weights.to_device's stand-in: a torch-owned copy and its DLPack capsule, in host memory."""
+    tensor = torch.tensor(array)
+    return tensor, tensor.__dlpack__()
+
+
 class _Options:
     """SessionOptions as our glue uses them, the values added kept by name."""
 
@@ -338,9 +344,9 @@ def test_cuda_provider_gets_each_floating_point_weight_as_one_torch_owned_value_
     weight, index = _matmul_gather_bundle(tmp_path)
     copies: list[tuple[tuple[int, ...], torch.device]] = []
 
-    def to_device(array: Any, device: torch.device) -> torch.Tensor:
+    def to_device(array: Any, device: torch.device) -> tuple[torch.Tensor, Any]:
         copies.append((array.shape, device))
-        return torch.tensor(array) * 2
+        return _host_copy(array * 2)
 
     monkeypatch.setattr(shared_weights, "to_device", to_device)
     shared = shared_weights.SharedInitializers(tmp_path, torch.device("cuda", 1))
@@ -403,7 +409,7 @@ def test_cuda_provider_runs_on_the_engines_gpu_with_torchs_tf32_setting(
         return session_class(path, options, providers=["CPUExecutionProvider"])
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    monkeypatch.setattr(shared_weights, "to_device", lambda array, device: torch.tensor(array))
+    monkeypatch.setattr(shared_weights, "to_device", lambda array, device: _host_copy(array))
     monkeypatch.setattr(onnxruntime, "InferenceSession", session)
     spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
     engine = OnnxRuntimeEngine(tmp_path, {"full": spec}, torch.device("cuda"))

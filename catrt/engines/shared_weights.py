@@ -69,8 +69,8 @@ class SharedInitializers:
             return onnxruntime.OrtValue.ortvalue_from_numpy(array)
         if self.from_dlpack is None:
             return None
-        tensor = to_device(array, self.device)
-        return onnxruntime.OrtValue(self.from_dlpack(tensor.__dlpack__()), tensor)
+        tensor, capsule = to_device(array, self.device)
+        return onnxruntime.OrtValue(self.from_dlpack(capsule), tensor)
 
 
 def _from_dlpack() -> Any:
@@ -87,7 +87,10 @@ def _from_dlpack() -> Any:
     return from_dlpack
 
 
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A copy of `array` on `device`, owned by torch (`torch.tensor` copies: the memory map is read only). A copy from
-    pageable host memory has finished when it returns, so ONNX Runtime's own streams read it whole."""
-    return torch.tensor(array, device=device)
+def to_device(array: np.ndarray, device: torch.device) -> tuple[torch.Tensor, Any]:
+    """A copy of `array` on `device`, owned by torch (`torch.tensor` copies: the memory map is read only), and its DLPack
+    capsule. A copy from pageable host memory has finished when it returns, so ONNX Runtime's streams read it whole;
+    torch exports a GPU tensor only from its own device (`__dlpack__` refuses one on another than the current)."""
+    with torch.cuda.device(device):
+        tensor = torch.tensor(array, device=device)
+        return tensor, tensor.__dlpack__()
