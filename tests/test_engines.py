@@ -363,7 +363,7 @@ def test_cuda_provider_gets_each_floating_point_weight_as_one_torch_owned_value_
     assert added["full"]["idx"].device_name() == "cpu"  # integer constants stay on the host
 
 
-def test_cuda_weights_without_from_dlpack_are_left_to_each_session_with_a_warning(
+def test_cuda_provider_without_from_dlpack_leaves_the_weights_to_each_session_with_a_warning(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """An ONNX Runtime older than 1.21 has no OrtValue.from_dlpack in its inference build: the float weights are not
     shared (each session reads weights.bin), named in a warning, instead of failing the load. Our glue only."""
@@ -420,6 +420,47 @@ def test_cuda_provider_runs_on_the_engines_gpu_with_torchs_tf32_setting(
         torch.backends.cuda.matmul.allow_tf32 = before
     assert engine.device == torch.device("cuda", 1)
     assert asked == [[("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "1" if tf32 else "0"}), "CPUExecutionProvider"]]
+
+
+def test_cuda_provider_runs_after_torchs_stream_and_keeps_onnx_runtimes_end_of_run_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's CUDA provider runs on streams of its own that wait for nothing of torch's: torch's stream must be
+    finished before the run (its writes of the inputs, its reads of the buffers the run overwrites), and the run must
+    keep ONNX Runtime's default end-of-run sync (no run options), since torch reads the outputs and frees the inputs right
+    after. Our glue only: stand-ins for torch's current stream and the session (CPU tensors bound as the engine's)."""
+    import numpy as np
+
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    calls: list[Any] = []
+
+    class Binding:
+        def bind_input(self, *args: Any) -> None:
+            calls.append(("bind_input", *args[:5]))
+
+        def bind_output(self, *args: Any) -> None:
+            calls.append(("bind_output", *args[:5]))
+
+    class Session:
+        def io_binding(self) -> Binding:
+            return Binding()
+
+        def run_with_iobinding(self, binding: Binding, *run_options: Any) -> None:
+            calls.append(("run", *run_options))
+
+    class Stream:
+        def synchronize(self) -> None:
+            calls.append(("synchronize",))
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: calls.append(("stream", device)) or Stream())
+    spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+    engine = OnnxRuntimeEngine(Path("unused"), {"full": spec}, torch.device("cuda", 1))
+    engine.sessions, engine.input_names = {"full": Session()}, {"full": {"x"}}
+    x, y = torch.zeros(2, 16), torch.zeros(2, 128)
+    assert engine.run("full", {"x": x}, out={"y": y}) == {"y": y}
+    assert calls == [
+        ("bind_input", "x", "cpu", 0, np.float32, [2, 16]), ("bind_output", "y", "cpu", 0, np.float32, [2, 128]),
+        ("stream", torch.device("cuda", 1)), ("synchronize",), ("run",),
+    ]
 
 
 def test_two_graphs_reading_one_offset_as_other_shapes_each_get_their_own(tmp_path: Path) -> None:
