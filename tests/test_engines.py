@@ -406,7 +406,9 @@ def test_cuda_provider_runs_on_the_engines_gpu_with_torchs_tf32_setting(
 
     def session(path: str, options: Any, providers: list[Any]) -> Any:
         asked.append(providers)
-        return session_class(path, options, providers=["CPUExecutionProvider"])
+        opened = session_class(path, options, providers=["CPUExecutionProvider"])
+        monkeypatch.setattr(opened, "get_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        return opened
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(shared_weights, "to_device", lambda array, device: _host_copy(array))
@@ -420,6 +422,30 @@ def test_cuda_provider_runs_on_the_engines_gpu_with_torchs_tf32_setting(
         torch.backends.cuda.matmul.allow_tf32 = before
     assert engine.device == torch.device("cuda", 1)
     assert asked == [[("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "1" if tf32 else "0"}), "CPUExecutionProvider"]]
+
+
+def test_cuda_provider_that_onnx_runtime_cannot_start_is_refused_at_load_naming_the_cause(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where onnxruntime-gpu cannot start its CUDA provider (cuDNN missing, say) it logs why and opens the session on the
+    CPU provider alone; the GPU tensors bound to it then failed at the first run with no word of the cause. Our glue
+    only: stand-ins for torch's current GPU, the copy to it, and InferenceSession (a real CPU session, as ONNX
+    Runtime's fallback opens)."""
+    import onnxruntime
+
+    from catrt.engines import shared_weights
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    _matmul_gather_bundle(tmp_path)
+    (tmp_path / "pruned-k8.onnx").unlink()
+    session_class = onnxruntime.InferenceSession
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(shared_weights, "to_device", lambda array, device: _host_copy(array))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda path, options, providers: session_class(path, options))
+    spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+    with pytest.raises(EngineMismatchError, match=r"could not start its CUDA provider for the 'full' graph \(its log above "
+                       r"says why: .*\) and would run it on CPUExecutionProvider; install the CUDA and cuDNN") as caught:
+        OnnxRuntimeEngine(tmp_path, {"full": spec}, torch.device("cuda")).load()
+    assert caught.value.field == "backend"
 
 
 def test_cuda_provider_runs_after_torchs_stream_and_keeps_onnx_runtimes_end_of_run_sync(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from catrt.engines.base import Engine
+from catrt.errors import EngineMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,22 @@ class OnnxRuntimeEngine(Engine):
             path = self.folder / f"{graph}.onnx"
             self.initializers.add_to(options, path)
             self.sessions[graph] = onnxruntime.InferenceSession(str(path), options, providers=providers)
+            self._check_cuda_provider(onnxruntime.__version__, graph)
         self.input_names = {graph: {i.name for i in session.get_inputs()} for graph, session in self.sessions.items()}
         logger.info("onnxruntime sessions on %s", self.sessions["full"].get_providers())
+
+    def _check_cuda_provider(self, version: str, graph: str) -> None:
+        """A CUDA engine's session has the CUDA provider: where ONNX Runtime cannot start it (the CUDA or cuDNN
+        libraries it needs missing, say) it logs why and runs the session on the CPU provider, and the GPU tensors
+        bound to it failed at the first run with no word of the cause."""
+        found = self.sessions[graph].get_providers()
+        if self.device.type == "cuda" and _PROVIDERS["cuda"] not in found:
+            raise EngineMismatchError(
+                f"onnxruntime {version} could not start its CUDA provider for the {graph!r} graph (its log above says "
+                f"why: usually CUDA or cuDNN libraries it needs are missing) and would run it on {', '.join(found)}; "
+                f"install the CUDA and cuDNN versions this onnxruntime-gpu needs",
+                field="backend", value=found,
+            )
 
     def cuda_options(self) -> dict[str, str]:
         """The CUDA provider's options: the engine's GPU (the provider's default is GPU 0, wherever torch's tensors and
