@@ -7,10 +7,12 @@ distinct initializer is handed to every session that uses it (`add_initializer`)
 one copy of the weights, not one per graph. The CUDA execution provider is used on a GPU where it is
 installed, else the CPU provider. ONNX Runtime uses a shared initializer as it is only where it
 already lies on the device its session planned for it (its session-state code says so), so on CUDA
-the floating-point weights are copied to the GPU once at load and shared from there
-(`SharedInitializers`); one ONNX Runtime plans elsewhere gets a session copy of its own, and ONNX
-Runtime logs a warning naming it. The CUDA provider runs on the engine's GPU (`device_id`), with TF32 as
-torch's matmuls have it (`use_tf32`). Not run here (the lent GPU machine has ONNX Runtime's CPU build).
+the floating-point weights are copied to the GPU once at load and shared from there, as torch tensors
+handed over by DLPack (`SharedInitializers`: `add_initializer` takes only memory its caller owns); one
+ONNX Runtime plans elsewhere gets a session copy of its own, and ONNX Runtime logs a warning naming it.
+The CUDA provider runs on the engine's GPU (`device_id`), with TF32 as torch's matmuls have it
+(`use_tf32`); a session ONNX Runtime could not give it is refused at load. Not run here (the lent GPU
+machine has ONNX Runtime's CPU build).
 ONNX Runtime's TensorRT execution provider is left out even where installed: it builds a TensorRT engine per
 session, each with its own copy of the weights, where these sessions share one (TensorRT is the `tensorrt` backend).
 """
