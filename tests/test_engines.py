@@ -284,45 +284,209 @@ def test_tensorrt_build_matches_eager_runtime(tmp_path: Path) -> None:
     assert _relative_error(fast(**call_kwargs(pipe)).images, expected) < 1e-2
 
 
-def test_cuda_provider_gets_each_floating_point_weight_on_the_gpu_once_and_integers_on_the_host(
+def _matmul_gather_bundle(folder: Path) -> tuple[Any, Any]:
+    """Two graphs y = gather(x @ w, idx, axis=1) naming one float weight w differently, with an int64 index constant,
+    moved into weights.bin by the export's SharedWeights; returns (w, idx)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from catrt.export.weights import SharedWeights
+
+    weight = np.arange(16 * 64, dtype=np.float32).reshape(16, 64) / 1000
+    index = (np.arange(128, dtype=np.int64) * 7) % 64  # 1024 bytes: external, as the export stores it
+    models = {}
+    with SharedWeights(folder) as weights:
+        for graph, name in (("full", "w"), ("pruned-k8", "w_in_pruned")):
+            nodes = [helper.make_node("MatMul", ["x", name], ["h"]), helper.make_node("Gather", ["h", "idx"], ["y"], axis=1)]
+            body = helper.make_graph(
+                nodes, graph, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 128])],
+                [numpy_helper.from_array(weight, name), numpy_helper.from_array(index, "idx")],
+            )
+            models[graph] = helper.make_model(body, opset_imports=[helper.make_opsetid("", 18)])
+            weights.move_out(graph, models[graph])
+        weights.save(models)
+    return weight, index
+
+
+def _host_copy(array: Any) -> tuple[torch.Tensor, Any]:
+    """shared_weights.to_device's stand-in: a torch-owned copy and its DLPack capsule, in host memory."""
+    tensor = torch.tensor(array)
+    return tensor, tensor.__dlpack__()
+
+
+class _Options:
+    """SessionOptions as our glue uses them, the values added kept by name."""
+
+    def __init__(self) -> None:
+        import onnxruntime
+
+        self.options = onnxruntime.SessionOptions()
+        self.added: dict[str, Any] = {}
+
+    def add_initializer(self, name: str, value: Any) -> None:
+        self.options.add_initializer(name, value)  # ONNX Runtime's own check of the value
+        self.added[name] = value
+
+
+def test_cuda_provider_gets_each_floating_point_weight_as_one_torch_owned_value_and_integers_on_the_host(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Our glue only, not ONNX Runtime: its CPU build cannot make CUDA OrtValues, so a stand-in for
-    # OrtValue.ortvalue_from_numpy records where each shared value is asked for.
+    """The CUDA weights were made by OrtValue.ortvalue_from_numpy(array, "cuda", i): ONNX Runtime allocates and owns
+    that value, and add_initializer refuses any value it owns ("Buffer containing the initializer must be owned by the
+    user"), so no CUDA session could load. Our glue only, with ONNX Runtime's real add_initializer and sessions: this
+    CPU build cannot place memory on a GPU, so a stand-in for the one copy to the GPU (shared_weights.to_device)
+    returns a CPU tensor, of twice the weights, to show the sessions compute with the tensor handed to them."""
     import numpy as np
     import onnxruntime
 
-    from catrt.engines.shared_weights import SharedInitializers
+    from catrt.engines import shared_weights
 
-    weight, shape = np.arange(6, dtype=np.float16).reshape(2, 3), np.array([3, 2], dtype=np.int64)
-    (tmp_path / "weights.bin").write_bytes(weight.tobytes() + shape.tobytes())
-    records = {"w": {"offset": 0, "length": 12, "dtype": "float16", "shape": [2, 3]},
-               "s": {"offset": 12, "length": 16, "dtype": "int64", "shape": [2]}}
-    table = {"full": [{"name": "w", **records["w"]}, {"name": "s", **records["s"]}],
-             "pruned-k8": [{"name": "w_in_pruned", **records["w"]}]}
-    (tmp_path / "initializers.json").write_text(json.dumps(table))
-    made: list[tuple[Any, ...]] = []
+    weight, index = _matmul_gather_bundle(tmp_path)
+    copies: list[tuple[tuple[int, ...], torch.device]] = []
 
-    def ortvalue_from_numpy(array: Any, device_type: str = "cpu", device_id: int = 0) -> tuple[str, int]:
-        made.append((array.dtype.name, array.tolist(), device_type, device_id))
-        return ("ortvalue", len(made))
+    def to_device(array: Any, device: torch.device) -> tuple[torch.Tensor, Any]:
+        copies.append((array.shape, device))
+        return _host_copy(array * 2)
 
-    monkeypatch.setattr(onnxruntime.OrtValue, "ortvalue_from_numpy", staticmethod(ortvalue_from_numpy))
+    monkeypatch.setattr(shared_weights, "to_device", to_device)
+    shared = shared_weights.SharedInitializers(tmp_path, torch.device("cuda", 1))
+    x = np.linspace(-1, 1, 32, dtype=np.float32).reshape(2, 16)
+    added = {}
+    for graph in ("full", "pruned-k8"):
+        options = _Options()
+        shared.add_to(options, tmp_path / f"{graph}.onnx")
+        added[graph] = options.added
+        session = onnxruntime.InferenceSession(str(tmp_path / f"{graph}.onnx"), options.options, providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], (x @ (2 * weight))[:, index], rtol=1e-6)
+    assert copies == [((16, 64), torch.device("cuda", 1))]  # one copy of the weight, on the engine's GPU
+    assert added["pruned-k8"]["w_in_pruned"] is added["full"]["w"]  # one value, handed to both sessions
+    assert added["full"]["idx"].device_name() == "cpu"  # integer constants stay on the host
 
-    class Options:
-        def __init__(self) -> None:
-            self.added: dict[str, Any] = {}
 
-        def add_initializer(self, name: str, value: Any) -> None:
-            self.added[name] = value
+def test_cuda_provider_without_from_dlpack_leaves_the_weights_to_each_session_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An ONNX Runtime older than 1.21 has no OrtValue.from_dlpack in its inference build: the float weights are not
+    shared (each session reads weights.bin), named in a warning, instead of failing the load. Our glue only."""
+    import numpy as np
+    import onnxruntime
+    from onnxruntime.capi import _pybind_state
 
-    for device, weight_place in ((torch.device("cuda", 1), ("cuda", 1)), (torch.device("cpu"), ("cpu", 0))):
-        made.clear()
-        shared, full, pruned = SharedInitializers(tmp_path, device), Options(), Options()
-        shared.add_to(full, tmp_path / "full.onnx")
-        shared.add_to(pruned, tmp_path / "pruned-k8.onnx")
-        assert made == [("float16", weight.tolist(), *weight_place), ("int64", [3, 2], "cpu", 0)]
-        assert pruned.added["w_in_pruned"] is full.added["w"]  # one value, handed to both sessions
-        assert set(full.added) == {"w", "s"}
+    from catrt.engines import shared_weights
+
+    weight, index = _matmul_gather_bundle(tmp_path)
+    monkeypatch.delattr(_pybind_state.OrtValue, "from_dlpack")
+    monkeypatch.setattr(shared_weights, "to_device", lambda array, device: pytest.fail("no GPU copy to share"))
+    with caplog.at_level(logging.WARNING, logger="catrt.engines.shared_weights"):
+        shared = shared_weights.SharedInitializers(tmp_path, torch.device("cuda", 0))
+    assert "has no OrtValue.from_dlpack (1.21 and later have it)" in caplog.text
+    options = _Options()
+    shared.add_to(options, tmp_path / "full.onnx")
+    assert set(options.added) == {"idx"}
+    session = onnxruntime.InferenceSession(str(tmp_path / "full.onnx"), options.options, providers=["CPUExecutionProvider"])
+    x = np.ones((2, 16), dtype=np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], (x @ weight)[:, index], rtol=1e-6)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cuda_provider_runs_on_the_engines_gpu_with_torchs_tf32_setting(
+        tf32: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA provider was given no options: it ran on GPU 0 whatever GPU torch's tensors and the shared weights were
+    on (torch.device("cuda") is torch's current GPU), and with TF32 on (its default), where torch's fp32 matmuls, and
+    the eager model an fp32 build is verified against, have it off. Our glue only: stand-ins for torch's current GPU,
+    the copy to it, and InferenceSession (which records its providers and opens a CPU session)."""
+    import onnxruntime
+
+    from catrt.engines import shared_weights
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    _matmul_gather_bundle(tmp_path)
+    (tmp_path / "pruned-k8.onnx").unlink()
+    asked: list[Any] = []
+    session_class = onnxruntime.InferenceSession
+
+    def session(path: str, options: Any, providers: list[Any]) -> Any:
+        asked.append(providers)
+        opened = session_class(path, options, providers=["CPUExecutionProvider"])
+        monkeypatch.setattr(opened, "get_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        return opened
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(shared_weights, "to_device", lambda array, device: _host_copy(array))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+    engine = OnnxRuntimeEngine(tmp_path, {"full": spec}, torch.device("cuda"))
+    before, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, tf32  # a flag monkeypatch cannot restore
+    try:
+        engine.load()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert engine.device == torch.device("cuda", 1)
+    assert asked == [[("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "1" if tf32 else "0"}), "CPUExecutionProvider"]]
+
+
+def test_cuda_provider_that_onnx_runtime_cannot_start_is_refused_at_load_naming_the_cause(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where onnxruntime-gpu cannot start its CUDA provider (cuDNN missing, say) it logs why and opens the session on the
+    CPU provider alone; the GPU tensors bound to it then failed at the first run with no word of the cause. Our glue
+    only: stand-ins for torch's current GPU, the copy to it, and InferenceSession (a real CPU session, as ONNX
+    Runtime's fallback opens)."""
+    import onnxruntime
+
+    from catrt.engines import shared_weights
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    _matmul_gather_bundle(tmp_path)
+    (tmp_path / "pruned-k8.onnx").unlink()
+    session_class = onnxruntime.InferenceSession
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(shared_weights, "to_device", lambda array, device: _host_copy(array))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda path, options, providers: session_class(path, options))
+    spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+    with pytest.raises(EngineMismatchError, match=r"could not start its CUDA provider for the 'full' graph \(its log above "
+                       r"says why: .*\) and would run it on CPUExecutionProvider; install the CUDA and cuDNN") as caught:
+        OnnxRuntimeEngine(tmp_path, {"full": spec}, torch.device("cuda")).load()
+    assert caught.value.field == "backend"
+
+
+def test_cuda_provider_runs_after_torchs_stream_and_keeps_onnx_runtimes_end_of_run_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's CUDA provider runs on streams of its own that wait for nothing of torch's: torch's stream must be
+    finished before the run (its writes of the inputs, its reads of the buffers the run overwrites), and the run must
+    keep ONNX Runtime's default end-of-run sync (no run options), since torch reads the outputs and frees the inputs right
+    after. Our glue only: stand-ins for torch's current stream and the session (CPU tensors bound as the engine's)."""
+    import numpy as np
+
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    calls: list[Any] = []
+
+    class Binding:
+        def bind_input(self, *args: Any) -> None:
+            calls.append(("bind_input", *args[:5]))
+
+        def bind_output(self, *args: Any) -> None:
+            calls.append(("bind_output", *args[:5]))
+
+    class Session:
+        def io_binding(self) -> Binding:
+            return Binding()
+
+        def run_with_iobinding(self, binding: Binding, *run_options: Any) -> None:
+            calls.append(("run", *run_options))
+
+    class Stream:
+        def synchronize(self) -> None:
+            calls.append(("synchronize",))
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: calls.append(("stream", device)) or Stream())
+    spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+    engine = OnnxRuntimeEngine(Path("unused"), {"full": spec}, torch.device("cuda", 1))
+    engine.sessions, engine.input_names = {"full": Session()}, {"full": {"x"}}
+    x, y = torch.zeros(2, 16), torch.zeros(2, 128)
+    assert engine.run("full", {"x": x}, out={"y": y}) == {"y": y}
+    assert calls == [
+        ("bind_input", "x", "cpu", 0, np.float32, [2, 16]), ("bind_output", "y", "cpu", 0, np.float32, [2, 128]),
+        ("stream", torch.device("cuda", 1)), ("synchronize",), ("run",),
+    ]
 
 
 def test_two_graphs_reading_one_offset_as_other_shapes_each_get_their_own(tmp_path: Path) -> None:

@@ -7,9 +7,12 @@ distinct initializer is handed to every session that uses it (`add_initializer`)
 one copy of the weights, not one per graph. The CUDA execution provider is used on a GPU where it is
 installed, else the CPU provider. ONNX Runtime uses a shared initializer as it is only where it
 already lies on the device its session planned for it (its session-state code says so), so on CUDA
-the floating-point weights are copied to the GPU once at load and shared from there
-(`SharedInitializers`); one ONNX Runtime plans elsewhere gets a session copy of its own, and ONNX
-Runtime logs a warning naming it. Not run here (the lent GPU machine has ONNX Runtime's CPU build).
+the floating-point weights are copied to the GPU once at load and shared from there, as torch tensors
+handed over by DLPack (`SharedInitializers`: `add_initializer` takes only memory its caller owns); one
+ONNX Runtime plans elsewhere gets a session copy of its own, and ONNX Runtime logs a warning naming it.
+The CUDA provider runs on the engine's GPU (`device_id`), with TF32 as torch's matmuls have it
+(`use_tf32`); a session ONNX Runtime could not give it is refused at load. Not run here (the lent GPU
+machine has ONNX Runtime's CPU build).
 ONNX Runtime's TensorRT execution provider is left out even where installed: it builds a TensorRT engine per
 session, each with its own copy of the weights, where these sessions share one (TensorRT is the `tensorrt` backend).
 """
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from catrt.engines.base import Engine
+from catrt.errors import EngineMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +48,9 @@ class OnnxRuntimeEngine(Engine):
     package = "onnxruntime"
     precisions = ("fp32", "fp16")
     precision_note = (
-        "ONNX Runtime's IO binding takes numpy element types and numpy has no bfloat16 (nor does the CPU "
-        "provider have bf16 kernels); build fp32 (or fp16 on a CUDA device) with onnxruntime, or bf16 with the eager "
-        "or compile backend (tensorrt on a GPU)"
+        "ONNX Runtime's CPU provider has no bf16 kernels (MatMul, Add), the shared weights are numpy views of "
+        "weights.bin and numpy has no bfloat16, and bf16 on its CUDA provider is untried; build fp32 (or fp16 on a "
+        "CUDA device) with onnxruntime, or bf16 with the eager or compile backend (tensorrt on a GPU)"
     )
 
     @classmethod
@@ -67,7 +71,9 @@ class OnnxRuntimeEngine(Engine):
 
         from catrt.engines.shared_weights import SharedInitializers
 
-        providers = [_PROVIDERS[self.device.type]] if self.device.type == "cuda" else []
+        if self.device.type == "cuda" and self.device.index is None:  # torch's current GPU, fixed for this engine
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        providers = [(_PROVIDERS["cuda"], self.cuda_options())] if self.device.type == "cuda" else []
         providers.append(_PROVIDERS["cpu"])
         self.initializers = SharedInitializers(self.folder, self.device)
         self.sessions: dict[str, Any] = {}
@@ -82,8 +88,28 @@ class OnnxRuntimeEngine(Engine):
             path = self.folder / f"{graph}.onnx"
             self.initializers.add_to(options, path)
             self.sessions[graph] = onnxruntime.InferenceSession(str(path), options, providers=providers)
+            self._check_cuda_provider(onnxruntime.__version__, graph)
         self.input_names = {graph: {i.name for i in session.get_inputs()} for graph, session in self.sessions.items()}
         logger.info("onnxruntime sessions on %s", self.sessions["full"].get_providers())
+
+    def _check_cuda_provider(self, version: str, graph: str) -> None:
+        """A CUDA engine's session has the CUDA provider: where ONNX Runtime cannot start it (the CUDA or cuDNN
+        libraries it needs missing, say) it logs why and runs the session on the CPU provider, and the GPU tensors
+        bound to it failed at the first run with no word of the cause."""
+        found = self.sessions[graph].get_providers()
+        if self.device.type == "cuda" and _PROVIDERS["cuda"] not in found:
+            raise EngineMismatchError(
+                f"onnxruntime {version} could not start its CUDA provider for the {graph!r} graph (its log above says "
+                f"why: usually CUDA or cuDNN libraries it needs are missing) and would run it on {', '.join(found)}; "
+                f"install the CUDA and cuDNN versions this onnxruntime-gpu needs",
+                field="backend", value=found,
+            )
+
+    def cuda_options(self) -> dict[str, str]:
+        """The CUDA provider's options: the engine's GPU (the provider's default is GPU 0, wherever torch's tensors and
+        the shared weights lie), and TF32 as torch's matmuls have it (the provider's default is on, which puts an fp32
+        build's graphs ~1e-3 off the fp32 eager model it is verified against)."""
+        return {"device_id": str(self.device.index), "use_tf32": "1" if torch.backends.cuda.matmul.allow_tf32 else "0"}
 
     def run(
         self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
@@ -97,7 +123,11 @@ class OnnxRuntimeEngine(Engine):
         for name, tensor in outputs.items():
             self._bind(binding.bind_output, name, tensor)
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # inputs written on torch's stream
+            # ONNX Runtime's CUDA provider runs on streams of its own, which wait for nothing of torch's: the inputs
+            # torch wrote (and its reads of the buffers this run overwrites) are finished first. Without run options
+            # (disable_synchronize_execution_providers is "0") the run returns once its streams are done, so torch
+            # reads the outputs, and frees the inputs `prepare` cast, only after ONNX Runtime is through with them.
+            torch.cuda.current_stream(self.device).synchronize()
         session.run_with_iobinding(binding)
         return outputs
 

@@ -10,17 +10,24 @@ ONNX Runtime uses a shared initializer as it is only where it already lies on th
 planned for it, and otherwise loads a copy of its own per session (logging a warning). So for the CUDA
 provider the floating-point weights are copied to the GPU once, here, and shared from there; integer
 initializers (shape and index constants, which CUDA kernels read on the host) stay in host memory.
+`add_initializer` takes only memory the caller owns ("Buffer containing the initializer must be owned by
+the user"), so the GPU copy is a torch tensor handed to ONNX Runtime through DLPack
+(`OrtValue.from_dlpack`, in ONNX Runtime's inference builds since 1.21), not `ortvalue_from_numpy(..., "cuda")`,
+whose value ONNX Runtime allocates and owns, and which `add_initializer` refuses. An ONNX Runtime without
+`from_dlpack` shares the host weights only: each CUDA session then loads its own GPU copy (a warning says so).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.bin"
 INITIALIZERS_FILE = "initializers.json"
@@ -35,10 +42,11 @@ class SharedInitializers:
         self.table: dict[str, list[dict[str, Any]]] = json.loads((folder / INITIALIZERS_FILE).read_text())
         self.data = np.memmap(folder / WEIGHTS_FILE, dtype=np.uint8, mode="r")
         self.device = device if device is not None else torch.device("cpu")
-        #: (offset, dtype, shape) -> OrtValue: one value per tensor as the graphs read it. Keyed by offset alone, a graph
-        #: reading those bytes as another dtype or shape (each graph's own placement is what integrity checks) got the
-        #: value made for the first graph.
+        #: (offset, dtype, shape) -> OrtValue (None: not shared): one value per tensor as the graphs read it. Keyed by
+        #: offset alone, a graph reading those bytes as another dtype or shape (each graph's own placement is what
+        #: integrity checks) got the value made for the first graph.
         self.values: dict[tuple[int, str, tuple[int, ...]], Any] = {}
+        self.from_dlpack = _from_dlpack() if self.device.type == "cuda" else None
 
     def add_to(self, options: Any, graph_path: Path) -> None:
         """Hand `options` (the session of `graph_path`) every shared initializer its graph names."""
@@ -51,10 +59,38 @@ class SharedInitializers:
                 dtype = np.dtype(NUMPY_DTYPES[record["dtype"]])
                 array = self.data[offset : offset + record["length"]].view(dtype).reshape(record["shape"])
                 self.values[key] = self._ort_value(onnxruntime, array)
-            options.add_initializer(record["name"], self.values[key])
+            if self.values[key] is not None:
+                options.add_initializer(record["name"], self.values[key])
 
     def _ort_value(self, onnxruntime: Any, array: np.ndarray) -> Any:
-        """`array` as an OrtValue where the sessions will read it: weights on the GPU for the CUDA provider."""
-        if self.device.type == "cuda" and np.issubdtype(array.dtype, np.floating):
-            return onnxruntime.OrtValue.ortvalue_from_numpy(array, "cuda", self.device.index or 0)
-        return onnxruntime.OrtValue.ortvalue_from_numpy(array)
+        """`array` as an OrtValue where the sessions will read it: weights on the GPU for the CUDA provider
+        (None where this ONNX Runtime cannot take a GPU tensor it does not own: the sessions read `weights.bin`)."""
+        if self.device.type != "cuda" or not np.issubdtype(array.dtype, np.floating):
+            return onnxruntime.OrtValue.ortvalue_from_numpy(array)
+        if self.from_dlpack is None:
+            return None
+        tensor, capsule = to_device(array, self.device)
+        return onnxruntime.OrtValue(self.from_dlpack(capsule), tensor)
+
+
+def _from_dlpack() -> Any:
+    """ONNX Runtime's `OrtValue.from_dlpack` (an OrtValue over memory its caller owns), or None with a warning."""
+    import onnxruntime
+    from onnxruntime.capi import _pybind_state
+
+    from_dlpack = getattr(_pybind_state.OrtValue, "from_dlpack", None)
+    if from_dlpack is None:
+        logger.warning(
+            "onnxruntime %s has no OrtValue.from_dlpack (1.21 and later have it), so the weights cannot be shared on the "
+            "GPU: each CUDA session loads its own copy", onnxruntime.__version__,
+        )
+    return from_dlpack
+
+
+def to_device(array: np.ndarray, device: torch.device) -> tuple[torch.Tensor, Any]:
+    """A copy of `array` on `device`, owned by torch (`torch.tensor` copies: the memory map is read only), and its DLPack
+    capsule. A copy from pageable host memory has finished when it returns, so ONNX Runtime's streams read it whole;
+    torch exports a GPU tensor only from its own device (`__dlpack__` refuses one on another than the current)."""
+    with torch.cuda.device(device):
+        tensor = torch.tensor(array, device=device)
+        return tensor, tensor.__dlpack__()
