@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 VERSIONED_PACKAGES: tuple[str, ...] = ("catrt", "torch", "diffusers", "onnx", "onnxruntime", "tensorrt")
+# Other distributions that install a package's module under the same import name: onnxruntime's GPU build is the
+# `onnxruntime-gpu` distribution, and TensorRT's wheels for one CUDA major (`pip install tensorrt-cu12`) have no
+# `tensorrt` distribution at all. Recorded under the import name, so a bundle built with one loads with the other.
+_OTHER_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("onnxruntime-gpu",),
+    "tensorrt": ("tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"),
+}
 
 
 def package_versions() -> dict[str, str]:
@@ -40,10 +47,12 @@ def package_versions() -> dict[str, str]:
     for package in VERSIONED_PACKAGES:
         if package == "catrt":
             continue
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
+        for distribution in (package, *_OTHER_DISTRIBUTIONS.get(package, ())):
+            try:
+                versions[package] = importlib.metadata.version(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            break
     return versions
 
 

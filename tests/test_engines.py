@@ -877,3 +877,24 @@ def test_a_quantized_patch_embedding_is_refused_as_a_quantized_build(tmp_path: P
         build_engines(_config("tiny-sd3", backend="onnxruntime"), out_dir=tmp_path / "engines", export_dir=tmp_path / "x",
                       progress=False)
     assert refused.value.field == "model"
+
+
+@pytest.mark.parametrize(("package", "distribution"), [("onnxruntime", "onnxruntime-gpu"), ("tensorrt", "tensorrt-cu12")])
+def test_a_backend_installed_under_another_distribution_name_records_its_version(
+    monkeypatch: pytest.MonkeyPatch, package: str, distribution: str
+) -> None:
+    """onnxruntime's GPU build is the `onnxruntime-gpu` distribution and `pip install tensorrt-cu12` installs no
+    `tensorrt` one: a build with either recorded no version of its backend, and the check at load was skipped."""
+    installed = importlib.metadata.version
+
+    def only(name: str) -> str:
+        if name == distribution:
+            return "1.2.3"
+        if name == package:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", only)
+    assert package_versions()[package] == "1.2.3"
+    manifest = SimpleNamespace(versions={"catrt": catrt.__version__, package: "1.2.2"}, device={})
+    assert [problem.field for problem in environment_problems(manifest, package, {}, ())] == [f"versions.{package}"]
