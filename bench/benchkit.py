@@ -89,7 +89,7 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
     above = next((parent for parent in report.parents if parent.exists()), None)
     if above is not None and not above.is_dir():
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
-    probe = report.with_name(f".{report.name}.{os.getpid()}.tmp")  # the file write_text writes first, made and removed now
+    probe = report.with_name(f".{report.name}.{os.getpid()}.tmp")  # a file beside the report, as write_text makes first; made and removed now
     try:  # a read-only folder or file system failed the report write after the run, with a traceback
         report.parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
@@ -132,14 +132,11 @@ def write_text(path: Path, text: str) -> None:
     """Write a report as a whole: into a hidden file beside it, then renamed onto it, so Ctrl-C or a kill mid-write
     leaves the earlier report (or none), never a half-written one (Path.write_text truncates first). A link at `path`
     is written through (the rename would have replaced the link with a file)."""
+    from catrt import atomic_files  # light: no torch
+
     path = report_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_files.write_text(path, text)
 
 
 def report_file(path: Path) -> Path:
