@@ -185,23 +185,15 @@ def _build(
     reference = _reference(config, pipe, adapter)
     specs = {graph: graph_spec(reference.inputs[graph], reference.outputs[graph]) for graph in reference.inputs}
     bar.update()
-    exporters: dict[str, str] = {}
     if backend.needs_onnx and (export_dir / name / MANIFEST_FILE).exists():
         raise ConfigError(
             f"export_dir {echo_path(export_dir)} holds the engine bundle {name}: the ONNX export would take its place; give "
             f"another --export-dir (the default is export)",
             field="export_dir", value=str(export_dir),
         )
-    if backend.needs_onnx:
-        bar.set_postfix_str(STAGES[2])
-        with staged_folder(export_dir / name) as onnx_staging:
-            exporters = export_graphs(adapter, reference.inputs, reference.outputs, onnx_staging, progress=not bar.disable)
-    bar.update()
     # Checked again as it is published: another build of another model folder of this name may have published meanwhile.
     with staged_folder(out_dir / name, check=lambda: _check_same_model(out_dir / name, config.model)) as staging:
-        bar.set_postfix_str(STAGES[3])
-        backend.write_engine(export_dir / name, staging, config, tuple(specs))
-        bar.update()
+        exporters = _export_and_write_engine(config, adapter, reference, tuple(specs), export_dir / name, staging, bar)
         bar.set_postfix_str(STAGES[4])
         verification = _verify(config, staging, specs, adapter, device, reference)
         bar.update()
@@ -214,6 +206,40 @@ def _build(
         bar.update()
     logger.info("built %s", out_dir / name)
     return out_dir / name
+
+
+def _export_and_write_engine(
+    config: BuildConfig, adapter: Adapter, reference: _Reference, graphs: tuple[str, ...], export_folder: Path,
+    staging: Path, bar: tqdm,
+) -> dict[str, str]:
+    """Export the graphs (a backend that needs ONNX) and write the engine files into `staging` from this build's own
+    export, then publish that export as `export_folder` (kept to inspect, also where the engine step failed); the
+    exporters by graph. The engine is never written from `export_folder` itself: another build of this name (a second
+    terminal, a CI matrix) may publish its export there meanwhile, and the files read were then that build's, or gone
+    halfway (swapped out and removed)."""
+    backend = BACKEND_BUILDS[config.backend]
+    if not backend.needs_onnx:
+        bar.update()
+        bar.set_postfix_str(STAGES[3])
+        backend.write_engine(export_folder, staging, config, graphs)
+        bar.update()
+        return {}
+    bar.set_postfix_str(STAGES[2])
+    failed: CatrtError | OSError | None = None
+    with staged_folder(export_folder) as onnx_staging:
+        exporters = export_graphs(adapter, reference.inputs, reference.outputs, onnx_staging, progress=not bar.disable)
+        bar.update()
+        bar.set_postfix_str(STAGES[3])
+        try:
+            backend.write_engine(onnx_staging, staging, config, graphs)
+        # TensorRT could not parse or build a graph: the export it read is published to look at. A write the disk
+        # refused is the engine folder's (raised past the export's block, which would name the export folder).
+        except (CatrtError, OSError) as error:
+            failed = error
+    if failed is not None:
+        raise failed
+    bar.update()
+    return exporters
 
 
 def model_reference(model: str) -> str:
