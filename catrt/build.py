@@ -149,11 +149,13 @@ def _refuse_quantized(transformer: torch.nn.Module, model: str) -> None:
     """Refuse a quantized transformer (torchao's `quantize_` / `TorchAoConfig`, a GGUF or bitsandbytes checkpoint) before
     minutes of work: its weights are tensor subclasses or integer blocks, on which the build failed with a traceback
     after exporting (the manifest's config and weight digest cannot record them; ONNX export fell back to TorchScript).
-    `catrt.accelerate` runs such a pipeline, its layers through their own quantized forwards."""
+    `catrt.accelerate` runs such a pipeline, its layers through their own quantized forwards. A weight that is no plain
+    Parameter for another reason (a lazy module's, a sharded DTensor) is refused as what it is (`_refuse_unexportable`)."""
     if not isinstance(transformer, torch.nn.Module):  # no transformer at all: make_adapter names it, after the size checks
         return
     for name, tensor in transformer.named_parameters():
         if type(tensor) is not torch.nn.Parameter or not tensor.is_floating_point():
+            _refuse_unexportable(transformer, name, tensor, model)
             kind = f"{type(tensor).__module__}.{type(tensor).__name__}"
             raise UnsupportedModelError(
                 f"the transformer of {model} is quantized (its weight {name!r} is a {kind} of {tensor.dtype}), which "
@@ -161,6 +163,30 @@ def _refuse_quantized(transformer: torch.nn.Module, model: str) -> None:
                 f"it), or run the quantized pipeline with catrt.accelerate(pipe, config)",
                 field="model", value=name,
             )
+
+
+def _refuse_unexportable(transformer: torch.nn.Module, name: str, tensor: torch.Tensor, model: str) -> None:
+    """Refuse, naming its module and the fix, a weight that is not quantized but cannot be exported either: a lazy
+    module's (`torch.nn.LazyLinear` before its first forward: no shape, no data) or one sharded across processes (a
+    `DTensor`, from FSDP2's `fully_shard` or tensor parallelism). Both were refused as "quantized", whose fix (build from
+    the unquantized model) was no fix."""
+    path = name.rpartition(".")[0]
+    owner = type(transformer.get_submodule(path)).__name__
+    module = f"module {path!r} ({owner})" if path else f"the transformer itself ({owner})"
+    if isinstance(tensor, torch.nn.parameter.UninitializedParameter):
+        raise UnsupportedModelError(
+            f"the transformer of {model} has an uninitialised weight {name!r} (of {module}, a lazy module before its "
+            f"first forward: no shape or values yet), which catrt build cannot export or record: load its weights, or "
+            f"run the pipeline once so that it initialises, then build",
+            field="model", value=name,
+        )
+    if type(tensor).__name__ == "DTensor" and type(tensor).__module__.startswith("torch.distributed"):
+        raise UnsupportedModelError(
+            f"the transformer of {model} is sharded across processes (its weight {name!r}, of {module}, is a "
+            f"torch.distributed DTensor: FSDP2's fully_shard or tensor parallelism), which catrt build cannot export or "
+            f"record: build in one process from the model loaded whole, without fully_shard or parallelize_module",
+            field="model", value=name,
+        )
 
 
 def _build(
