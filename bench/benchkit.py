@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,19 +101,26 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
                      f"you can write{linked}")
 
 
-def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: str) -> None:
+def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: str, files: Sequence[str] = ()) -> None:
     """One line and exit code 2 for an --out folder that cannot be made or written (a file, a path under a file),
     made now, before the run: it was made after parsing with a traceback, or (compile_time.py's report file) only
-    after minutes of measuring."""
-    from catrt.checks import output_folder
+    after minutes of measuring. A link at --out is checked where it points, and a dangling one's folder made (it was
+    refused as "File exists"). Each of `files`, the names the script writes into it, is checked as `check_out` checks a
+    report file, and refused where a folder (or a link to one) has its name: the write failed there after the run."""
+    from catrt.checks import output_folder, path_is
     from catrt.errors import ConfigError
 
     if out is None:
         return
     try:
-        output_folder(out, f"--out {out}", holds, "out")
+        output_folder(report_file(out), f"--out {out}", holds, "out")
     except ConfigError as error:
         parser.error(str(error))
+    for name in files:
+        if path_is(report_file(out / name), "folder"):
+            parser.error(f"--out {out}: {out / name} is a folder, where this script writes its file {name}; move it away "
+                         "or give another --out")
+        check_out(parser, out / name)
 
 
 def load_reference(parser: argparse.ArgumentParser, device: str, weights_dir: Path | None = None) -> Any:
