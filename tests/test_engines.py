@@ -404,6 +404,42 @@ def test_build_over_tolerance_fails_and_keeps_the_previous_build(bundle_copy: Pa
     assert fast(**call_kwargs(tiny_pipelines["tiny-sd3"])).images.shape == (2, 16, 8, 12)
 
 
+@pytest.mark.parametrize("failure", ["engine", "disk-full"])
+def test_an_engine_step_that_fails_keeps_its_export_to_inspect_and_names_the_engine_folder(
+    failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine is written from the build's own staged export, published after: an engine step that fails (TensorRT
+    could not parse a graph) still publishes the export it read, as when it was published before that step, and a write
+    the disk refused into the engine folder is named as that folder's, not the export's."""
+    import errno
+    import os
+
+    def refused(onnx_dir: Path, engine_dir: Path, *args: Any) -> None:
+        assert (onnx_dir / "full.onnx").is_file() and onnx_dir.name.startswith(".")  # the build's own export
+        if failure == "engine":
+            raise BuildError("TensorRT could not parse the 'full' graph's full.onnx: stand-in", field="full.onnx")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(engine_dir / "full.onnx"))
+
+    def exported(adapter: Any, inputs: Any, outputs: Any, folder: Path, **kwargs: Any) -> dict[str, str]:
+        (folder / "full.onnx").write_bytes(b"a stand-in graph")
+        return {}
+
+    monkeypatch.setattr(build_module, "export_graphs", exported)
+    monkeypatch.setitem(BACKEND_BUILDS, "onnxruntime", type(BACKEND_BUILDS["onnxruntime"])(needs_onnx=True, write_engine=refused))
+    config = _config("tiny-sd3", batch=1, height=32, width=48, steps=6, t0=3, max_sequence_length=8)
+    name, engines = config.resolved(backend="onnxruntime").build_name(), tmp_path / "engines"
+    with pytest.raises(BuildError) as caught:
+        _build(config, tmp_path)
+    if failure == "engine":
+        assert str(caught.value).startswith("TensorRT could not parse the 'full' graph's full.onnx")
+    else:
+        assert str(caught.value).startswith(f"could not write the files of {engines / name} (No space left on device); "
+                                            "nothing was published there")
+    assert sorted(path.name for path in (tmp_path / "export").iterdir()) == [name]
+    assert (tmp_path / "export" / name / "full.onnx").read_bytes() == b"a stand-in graph"
+    assert not engines.exists()  # no bundle, no staging folder, and not the folder the build made
+
+
 def test_an_engine_giving_nan_fails_its_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """NaN compares false with any tolerance: the build used to publish a bundle whose manifest could not load."""
     eager_run = ENGINES["eager"].run
