@@ -2,19 +2,28 @@
 
 These tests exercise OUR code, not TensorRT: a small stand-in `tensorrt` module, injected into
 `sys.modules`, deserializes "plans" that are JSON lists of declared I/O tensors, records every
-address bound and every stream enqueued on, and can be told to fail (a plan that does not
-deserialize, a context that is not created, an address or an enqueue that is refused, a parse or a
-build that fails). The CUDA stream and events are replaced by CPU stand-ins through the engine's
-`_stream` / `_event` hooks. Whether real TensorRT engines compute the right numbers is checked by
-tests/test_engines.py on a GPU with tensorrt installed.
+address bound and every stream enqueued on, and can be told to fail (a runtime or builder that is not
+made, a plan that does not deserialize, a context that is not created, an address or an enqueue that
+is refused, a parse or a build that fails). It follows the return conventions of TensorRT's Python
+bindings (python/src/infer/pyCore.cpp, python/docstrings/*): methods return None or False on failure,
+while a constructor whose factory makes nothing raises pybind11's TypeError; enums are enum members
+(flags are ints to shift by), shapes are `Dims` (len and indexing only), plans and timing caches are
+buffers. It models TensorRT 10 by default and TensorRT 11 (no FP16 / BF16 builder flags, every network
+strongly typed) where asked; in both, a strongly typed network with the FP16 / BF16 flag does not build,
+as TensorRT refuses it. The CUDA stream, events and current device are replaced by CPU stand-ins
+through the engine's `_stream` / `_event` / `_on_device` hooks. Whether real TensorRT engines compute
+the right numbers is checked by tests/test_engines.py on a GPU with tensorrt installed.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 import types
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +38,7 @@ from catrt.export import tensorrt as trt_export
 
 _TRT_DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32"}
 STREAM_HANDLE = 0x5EED  # the engine's own stream
+ENGINE_DEVICE = "the engine's device"  # what the engine's `_on_device` stand-in makes current
 CURRENT_HANDLE = 0  # torch's current stream: the legacy default stream, as in most programs
 
 
@@ -68,43 +78,79 @@ GRAPH_NAMES = tuple(_specs())
 # -- the stand-in tensorrt module ------------------------------------------------------------------
 
 
-class FakeTensorRT(types.ModuleType):
-    """Just enough of TensorRT 10's Python API for the glue, with switches that make calls fail."""
+NULLPTR = "pybind11::init(): factory function returned nullptr"  # what a constructor raises where TensorRT made nothing
 
-    def __init__(self) -> None:
+
+class Dims:
+    """`tensorrt.Dims`: a shape with len() and indexing (IndexError past the end), nothing else of a tuple's."""
+
+    def __init__(self, shape: list[int]) -> None:
+        self._d = list(shape)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __getitem__(self, index: int) -> int:
+        return self._d[index]
+
+
+class FakeTensorRT(types.ModuleType):
+    """Just enough of TensorRT's Python API (10 by default, or 11) for the glue, with switches that make calls fail."""
+
+    def __init__(self, major: int = 10) -> None:
         super().__init__("tensorrt")
         self.fail: dict[str, set[str]] = {
-            "deserialize": set(), "context": set(), "address": set(), "execute": set(), "parse": set(), "build": set()
-        }  # call -> graph names (or "graph.tensor" for "address") on which it fails
+            "runtime": set(), "builder": set(), "deserialize": set(), "context": set(), "address": set(),
+            "execute": set(), "parse": set(), "build": set(),
+        }  # call -> graph names (or "graph.tensor" for "address", "*" for runtime and builder) on which it fails
         self.enqueued: list[dict[str, Any]] = []  # one record per execute_async_v3
         self.reject_timing_cache = False
+        self.current_device: str | None = None  # set by the tests' `_on_device` stand-in
+        self.deserialized_on: dict[str, str | None] = {}  # graph -> the current device when its plan was deserialized
+        self.configs: list[Any] = []  # every builder config made, with its flags
         fake = self
 
         class Logger:
-            WARNING = "warning"
+            WARNING = "WARNING"  # the real Logger.WARNING is an ILogger.Severity member
 
-            def __init__(self, severity: str) -> None:
-                self.severity = severity
+            def __init__(self, min_severity: str = WARNING) -> None:
+                self.min_severity = min_severity
 
-        class DataType:
-            FLOAT, HALF, BF16, INT64, INT32 = "FLOAT", "HALF", "BF16", "INT64", "INT32"
-
-        class TensorIOMode:
-            INPUT, OUTPUT = "INPUT", "OUTPUT"
+        DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT8 INT32 INT64 BOOL")
+        TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
+        if major >= 11:  # TensorRT 11: no precision flags, STRONGLY_TYPED kept (ignored) and renumbered
+            BuilderFlag = enum.IntEnum("BuilderFlag", {"REFIT": 2, "TF32": 5, "STRIP_PLAN": 14, "REFIT_IDENTICAL": 15})
+            NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 0})
+        else:
+            BuilderFlag = enum.IntEnum(
+                "BuilderFlag", {"FP16": 0, "INT8": 1, "REFIT": 4, "TF32": 6, "BF16": 17, "STRIP_PLAN": 19, "REFIT_IDENTICAL": 20}
+            )
+            NetworkDefinitionCreationFlag = enum.IntEnum(
+                "NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
+            )
+        self.DataType, self.TensorIOMode, self.BuilderFlag = DataType, TensorIOMode, BuilderFlag
+        self.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag
+        strongly_typed_bit = 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
         class Context:
             def __init__(self, graph: str) -> None:
                 self.graph = graph
                 self.addresses: dict[str, int] = {}
 
-            def set_tensor_address(self, name: str, address: int) -> bool:
+            def set_tensor_address(self, name: str, memory: int) -> bool:
+                if not isinstance(memory, int):
+                    raise TypeError(f"set_tensor_address(): memory must be an int, not {type(memory).__name__}")
                 if f"{self.graph}.{name}" in fake.fail["address"]:
                     return False
-                self.addresses[name] = address
+                self.addresses[name] = memory
                 return True
 
-            def execute_async_v3(self, stream: int) -> bool:
-                fake.enqueued.append({"graph": self.graph, "stream": stream, "addresses": dict(self.addresses)})
+            def execute_async_v3(self, stream_handle: int) -> bool:
+                if not isinstance(stream_handle, int):
+                    raise TypeError(f"execute_async_v3(): stream_handle must be an int, not {type(stream_handle).__name__}")
+                fake.enqueued.append(
+                    {"graph": self.graph, "stream": stream_handle, "addresses": dict(self.addresses), "device": fake.current_device}
+                )
                 return self.graph not in fake.fail["execute"]
 
         class Engine:
@@ -120,47 +166,54 @@ class FakeTensorRT(types.ModuleType):
             def get_tensor_name(self, index: int) -> str:
                 return self.names[index]
 
-            def get_tensor_mode(self, name: str) -> str:
-                return self.io[name][0]
+            def get_tensor_mode(self, name: str) -> Any:
+                return TensorIOMode[self.io[name][0]]
 
-            def get_tensor_shape(self, name: str) -> list[int]:
-                return list(self.io[name][1])
+            def get_tensor_shape(self, name: str) -> Dims:
+                return Dims(self.io[name][1])
 
-            def get_tensor_dtype(self, name: str) -> str:
-                return self.io[name][2]
+            def get_tensor_dtype(self, name: str) -> Any:
+                return DataType[self.io[name][2]]
 
             def create_execution_context(self) -> Context | None:
                 return None if self.graph in fake.fail["context"] else Context(self.graph)
 
         class Runtime:
             def __init__(self, logger: Logger) -> None:
+                if "*" in fake.fail["runtime"]:
+                    raise TypeError(NULLPTR)
                 self.logger = logger
 
-            def deserialize_cuda_engine(self, plan: bytes) -> Engine | None:
-                data = json.loads(plan)
+            def deserialize_cuda_engine(self, serialized_engine: Any) -> Engine | None:
+                data = json.loads(bytes(memoryview(serialized_engine)))  # any buffer
+                fake.deserialized_on[data["graph"]] = fake.current_device
                 return None if data["graph"] in fake.fail["deserialize"] else Engine(data["graph"], data["io"])
 
         # builder side
-        class BuilderFlag:
-            FP16, BF16 = "FP16", "BF16"
-
         class TimingCache:
             def __init__(self, blob: bytes) -> None:
                 self.blob = blob
 
-            def serialize(self) -> bytes:
-                return self.blob + b"+"
+            def serialize(self) -> memoryview:  # an IHostMemory: a buffer
+                return memoryview(self.blob + b"+")
 
         class BuilderConfig:
             def __init__(self) -> None:
-                self.flags: list[str] = []
+                self.flags: set[Any] = {BuilderFlag.TF32}  # TF32 is on by default
                 self.cache: TimingCache | None = None
+                fake.configs.append(self)
 
-            def set_flag(self, flag: str) -> None:
-                self.flags.append(flag)
+            def set_flag(self, flag: Any) -> None:
+                self.flags.add(BuilderFlag(flag))
 
-            def create_timing_cache(self, blob: bytes) -> TimingCache:
-                return TimingCache(bytes(blob))
+            def clear_flag(self, flag: Any) -> None:
+                self.flags.discard(BuilderFlag(flag))
+
+            def get_flag(self, flag: Any) -> bool:
+                return BuilderFlag(flag) in self.flags
+
+            def create_timing_cache(self, serialized_timing_cache: Any) -> TimingCache:
+                return TimingCache(bytes(memoryview(serialized_timing_cache)))
 
             def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
                 if fake.reject_timing_cache and cache.blob:
@@ -172,39 +225,66 @@ class FakeTensorRT(types.ModuleType):
                 return self.cache
 
         class Network:
-            graph = ""
+            def __init__(self, flags: int) -> None:
+                self.flags = flags
+                self.graph = ""
+
+            @property
+            def strongly_typed(self) -> bool:
+                return major >= 11 or bool(self.flags & strongly_typed_bit)
+
+        class ParserError:
+            def __init__(self, desc: str) -> None:
+                self._desc = desc
+
+            def desc(self) -> str:
+                return self._desc
+
+            def __str__(self) -> str:
+                return f"In node 3 with name: /foo and operator: Foo (parseNode): UNSUPPORTED_NODE: {self._desc}"
 
         class OnnxParser:
             def __init__(self, network: Network, logger: Logger) -> None:
                 self.network = network
-                self.num_errors = 0
+                self.errors: list[ParserError] = []
 
-            def parse_from_file(self, path: str) -> bool:
-                self.network.graph = Path(path).stem
+            @property
+            def num_errors(self) -> int:
+                return len(self.errors)
+
+            def parse_from_file(self, model: str) -> bool:
+                self.network.graph = Path(model).stem
                 if self.network.graph in fake.fail["parse"]:
-                    self.num_errors = 1
+                    self.errors.append(ParserError("unsupported operator Foo"))
                     return False
                 return True
 
-            def get_error(self, index: int) -> str:
-                return "unsupported operator Foo"
+            def get_error(self, index: int) -> ParserError:
+                return self.errors[index]
 
         class Builder:
             def __init__(self, logger: Logger) -> None:
+                if "*" in fake.fail["builder"]:
+                    raise TypeError(NULLPTR)
                 self.logger = logger
 
-            def create_network(self, flags: int) -> Network:
-                return Network()
+            def create_network(self, flags: int = 0) -> Network:
+                return Network(flags)
 
             def create_builder_config(self) -> BuilderConfig:
                 return BuilderConfig()
 
-            def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes | None:
+            def build_serialized_network(self, network: Network, config: BuilderConfig) -> memoryview | None:
                 if network.graph in fake.fail["build"]:
                     return None
-                return f"plan:{network.graph}:{','.join(config.flags)}".encode()
+                precision_flags = {flag.name for flag in config.flags} & {"FP16", "BF16", "INT8"}
+                if network.strongly_typed and precision_flags:
+                    return None  # TensorRT: "API Usage Error (Parameter check failed, condition: !config.getFlag(...))"
+                typing = "strongly-typed" if network.strongly_typed else "weakly-typed"
+                flags = ",".join(sorted(flag.name for flag in config.flags))
+                return memoryview(f"plan:{network.graph}:{typing}:{flags}".encode())  # an IHostMemory: a buffer
 
-        for cls in (Logger, DataType, TensorIOMode, Runtime, BuilderFlag, OnnxParser, Builder):
+        for cls in (Logger, Runtime, OnnxParser, Builder):
             setattr(self, cls.__name__, cls)
 
 
@@ -256,6 +336,23 @@ def trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
     return fake
 
 
+def trt_module() -> FakeTensorRT:
+    """The stand-in the running test installed."""
+    module = sys.modules["tensorrt"]
+    assert isinstance(module, FakeTensorRT)
+    return module
+
+
+@contextmanager
+def _current_device(fake: FakeTensorRT, device: str) -> Iterator[None]:
+    """`torch.cuda.device(...)`'s stand-in: `device` is the stand-in TensorRT's current device inside."""
+    previous, fake.current_device = fake.current_device, device
+    try:
+        yield
+    finally:
+        fake.current_device = previous
+
+
 @pytest.fixture
 def events() -> list[FakeEvent]:
     return []
@@ -282,6 +379,7 @@ def _engine(
     engine._stream = lambda: current  # type: ignore[method-assign]
     engine._new_stream = lambda: own  # type: ignore[method-assign]
     engine._event = new_event  # type: ignore[method-assign]
+    engine._on_device = lambda: _current_device(trt_module(), ENGINE_DEVICE)  # type: ignore[method-assign]
     if load:
         engine.load()
     return engine
@@ -503,7 +601,7 @@ def test_build_plans_writes_one_plan_per_graph_atomically(tmp_path: Path, trt: F
     trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt", precision="fp16"), GRAPH_NAMES)
     assert sorted(p.name for p in staging.iterdir()) == sorted(f"{g}.plan" for g in GRAPH_NAMES)  # no temporaries left
     for graph in GRAPH_NAMES:
-        assert (staging / f"{graph}.plan").read_bytes() == f"plan:{graph}:FP16".encode()
+        assert (staging / f"{graph}.plan").read_bytes() == f"plan:{graph}:strongly-typed:".encode()
     cache = staging.parent / trt_export.TIMING_CACHE
     assert cache.read_bytes() == b"++++"  # shared by the four graphs, one build after another
     assert [p.name for p in staging.parent.iterdir() if p.name.startswith(".tensorrt")] == []
@@ -552,3 +650,80 @@ def test_a_missing_onnx_graph_names_it(tmp_path: Path, trt: FakeTensorRT) -> Non
     with pytest.raises(BuildError, match=r"'context'") as caught:
         trt_export.build_plans(onnx_dir, _staging(tmp_path), BuildConfig("tiny-sd3", backend="tensorrt"), GRAPH_NAMES)
     assert caught.value.field == "context.onnx"
+
+
+@pytest.mark.parametrize("major", [10, 11])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_every_precision_builds_strongly_typed_without_precision_flags_or_tf32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, major: int, precision: str
+) -> None:
+    """The ONNX graphs are exported in the build's dtype, so the network takes its types from them: TensorRT 11 has no
+    FP16 / BF16 builder flag at all (an fp16 build was refused there), and TensorRT 10 does not build a strongly typed
+    network with one. TF32, on by default, is off: an fp32 graph computes in fp32 as the fp32 tolerance assumes."""
+    fake = FakeTensorRT(major)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    staging = _staging(tmp_path)
+    trt_export.build_plans(_onnx_dir(tmp_path), staging, BuildConfig("tiny-sd3", backend="tensorrt", precision=precision), GRAPH_NAMES)
+    for graph in GRAPH_NAMES:
+        assert (staging / f"{graph}.plan").read_bytes() == f"plan:{graph}:strongly-typed:".encode()
+    assert len(fake.configs) == len(GRAPH_NAMES)
+    assert all(not config.get_flag(fake.BuilderFlag.TF32) for config in fake.configs)
+
+
+@pytest.mark.parametrize("major", [10, 11])
+def test_the_strongly_typed_creation_flag_is_shifted_by_this_tensorrts_own_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, major: int
+) -> None:
+    """kSTRONGLY_TYPED is bit 1 in TensorRT 10 and bit 0 in 11 (where it is ignored): never a hard-coded 2."""
+    fake = FakeTensorRT(major)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    created: list[int] = []
+    create_network = fake.Builder.create_network
+
+    def recording(self: Any, flags: int = 0) -> Any:
+        created.append(flags)
+        return create_network(self, flags)
+
+    monkeypatch.setattr(fake.Builder, "create_network", recording)
+    trt_export.build_plans(_onnx_dir(tmp_path), _staging(tmp_path), BuildConfig("tiny-sd3", backend="tensorrt"), ("full",))
+    assert created == [2 if major == 10 else 1]
+
+
+def test_a_parse_failure_reports_tensorrts_parser_errors(tmp_path: Path, trt: FakeTensorRT) -> None:
+    trt.fail["parse"].add("full")
+    with pytest.raises(BuildError, match=r"could not parse the 'full' graph's full\.onnx: In node 3 .*UNSUPPORTED_NODE: unsupported operator Foo"):
+        trt_export.build_plans(_onnx_dir(tmp_path), _staging(tmp_path), BuildConfig("tiny-sd3", backend="tensorrt"), GRAPH_NAMES)
+
+
+def test_a_builder_tensorrt_cannot_make_is_a_build_error(tmp_path: Path, trt: FakeTensorRT) -> None:
+    """tensorrt.Builder(logger) raises pybind11's TypeError where TensorRT makes no builder (it never returns None)."""
+    trt.fail["builder"].add("*")
+    with pytest.raises(BuildError, match=r"could not create a builder for the 'context' graph .*factory function returned nullptr") as caught:
+        trt_export.build_plans(_onnx_dir(tmp_path), _staging(tmp_path), BuildConfig("tiny-sd3", backend="tensorrt"), GRAPH_NAMES)
+    assert caught.value.field == "context.plan"
+
+
+# -- runtime conventions ---------------------------------------------------------------------------
+
+
+def test_a_runtime_tensorrt_cannot_make_is_an_engine_error(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    """tensorrt.Runtime(logger) raises pybind11's TypeError where TensorRT makes no runtime (it never returns None)."""
+    trt.fail["runtime"].add("*")
+    with pytest.raises(EngineRuntimeError, match=r"could not create a runtime .*factory function returned nullptr") as caught:
+        _engine(tmp_path, events)
+    assert caught.value.field == "tensorrt"
+
+
+def test_plans_are_deserialized_and_enqueued_on_the_engines_device(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    """TensorRT binds an engine to the CUDA device current at deserialization and runs it there: without making the
+    engine's device current, a bundle loaded on cuda:1 would land on cuda:0."""
+    engine = _engine(tmp_path, events)
+    assert trt.deserialized_on == dict.fromkeys(GRAPH_NAMES, ENGINE_DEVICE)
+    engine.run("full", _inputs("full"))
+    assert trt.enqueued[-1]["device"] == ENGINE_DEVICE
+    assert trt.current_device is None  # and made current only for the while
+
+
+def test_the_device_made_current_is_the_engines() -> None:
+    engine = TensorRTEngine(Path("unused"), _specs(), torch.device("cuda", 1))
+    assert engine._on_device().idx == 1  # torch.cuda.device(cuda:1); entering it is what needs a GPU

@@ -10,6 +10,10 @@ created, an I/O tensor whose name, shape or dtype differs from the build's `Grap
 that is not accepted or an enqueue that fails raises a catrt error naming the graph and the tensor,
 instead of leaving uninitialised buffers as the step's output.
 
+TensorRT binds an engine to the CUDA device current when it is deserialized, and its contexts run
+there: loading and each enqueue make the engine's device current, so a bundle loaded on `cuda:1`
+does not land on (and enqueue on) `cuda:0`.
+
 Only the tensors the engine declares as I/O are bound (exporters drop graph inputs a graph does not
 read); a declared input the call lacks is an error naming it.
 
@@ -94,10 +98,14 @@ class TensorRTEngine(Engine):
         import tensorrt
 
         self._trt_logger = tensorrt.Logger(tensorrt.Logger.WARNING)
-        # Kept for the engines' lifetime: engines must not outlive the runtime that deserialized them.
-        self.runtime = tensorrt.Runtime(self._trt_logger)
-        if self.runtime is None:
-            raise EngineRuntimeError("TensorRT could not create a runtime (see the TensorRT log above)", field="tensorrt")
+        # Kept for the engines' lifetime: engines must not outlive the runtime that deserialized them. Where
+        # TensorRT makes no runtime, pybind11 raises a TypeError from the constructor (it never returns None).
+        try:
+            self.runtime = tensorrt.Runtime(self._trt_logger)
+        except TypeError as error:
+            raise EngineRuntimeError(
+                f"TensorRT could not create a runtime (see the TensorRT log above): {error}", field="tensorrt"
+            ) from error
         self.engines: dict[str, Any] = {}
         self.contexts: dict[str, Any] = {}
         self.io: dict[str, tuple[_IOTensor, ...]] = {}
@@ -107,29 +115,34 @@ class TensorRTEngine(Engine):
         trt_dtypes = {
             getattr(tensorrt.DataType, key): dtype for key, dtype in _TRT_DTYPES.items() if hasattr(tensorrt.DataType, key)
         }
-        for graph in self.graphs:  # context, full and every pruned graph of the bundle
-            plan = self.folder / f"{graph}.plan"
-            if not plan.is_file():
-                raise CorruptBundleError(
-                    f"the {graph!r} graph's engine file {plan.name} is missing from {self.folder}", field=plan.name
-                )
-            engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
-            if engine is None:
-                raise EngineMismatchError(
-                    f"TensorRT could not deserialize the {graph!r} graph's {plan.name} (built by another TensorRT "
-                    f"version or for another GPU, or damaged; see the TensorRT log above); rebuild the engine",
-                    field=plan.name,
-                )
-            self.engines[graph] = engine
-            self.io[graph] = _declared_io(graph, engine, self.graphs[graph], tensorrt.TensorIOMode.INPUT, trt_dtypes)
-            context = engine.create_execution_context()
-            if context is None:
-                raise EngineRuntimeError(
-                    f"TensorRT could not create an execution context for the {graph!r} graph "
-                    f"(often out of GPU memory; see the TensorRT log above)",
-                    field=graph,
-                )
-            self.contexts[graph] = context
+        with self._on_device():
+            for graph in self.graphs:  # context, full and every pruned graph of the bundle
+                self._load_graph(tensorrt, graph, trt_dtypes)
+
+    def _load_graph(self, tensorrt: Any, graph: str, trt_dtypes: dict[Any, torch.dtype]) -> None:
+        """Deserialize one graph's plan, check its I/O against the spec and create its execution context."""
+        plan = self.folder / f"{graph}.plan"
+        if not plan.is_file():
+            raise CorruptBundleError(
+                f"the {graph!r} graph's engine file {plan.name} is missing from {self.folder}", field=plan.name
+            )
+        engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise EngineMismatchError(
+                f"TensorRT could not deserialize the {graph!r} graph's {plan.name} (built by another TensorRT "
+                f"version or for another GPU, or damaged; see the TensorRT log above); rebuild the engine",
+                field=plan.name,
+            )
+        self.engines[graph] = engine
+        self.io[graph] = _declared_io(graph, engine, self.graphs[graph], tensorrt.TensorIOMode.INPUT, trt_dtypes)
+        context = engine.create_execution_context()
+        if context is None:
+            raise EngineRuntimeError(
+                f"TensorRT could not create an execution context for the {graph!r} graph "
+                f"(often out of GPU memory; see the TensorRT log above)",
+                field=graph,
+            )
+        self.contexts[graph] = context
 
     # -- running --------------------------------------------------------------------------------
 
@@ -160,7 +173,8 @@ class TensorRTEngine(Engine):
         if self._own is None:
             self._own = self._new_stream()
         self._own.wait_stream(current)  # the inputs torch wrote before this call
-        enqueued = context.execute_async_v3(self._own.cuda_stream)
+        with self._on_device():
+            enqueued = context.execute_async_v3(self._own.cuda_stream)
         # Held even when the enqueue failed: part of the engine's work may already be on the stream.
         event = self._spare_events.pop() if self._spare_events else self._event()
         event.record(self._own)
@@ -213,6 +227,10 @@ class TensorRTEngine(Engine):
 
     # Small injectable pieces: the only CUDA calls of `run` (tests replace them with CPU stand-ins).
 
+    def _on_device(self) -> Any:
+        """A context in which the engine's device is CUDA's current one (TensorRT loads and runs there)."""
+        return torch.cuda.device(self.device)
+
     def _stream(self) -> Any:
         """Torch's current stream on the engine's device, which runs the step's other work."""
         return torch.cuda.current_stream(self.device)
@@ -243,7 +261,8 @@ def _declared_io(
                 f"the {graph!r} engine declares an {kind} {name!r} that the build's graph does not have; rebuild the engine",
                 field=f"{graph}.{name}",
             )
-        shape = tuple(int(d) for d in engine.get_tensor_shape(name))
+        dims = engine.get_tensor_shape(name)  # a tensorrt.Dims: len() and indexing, like a tuple
+        shape = tuple(int(dims[i]) for i in range(len(dims)))
         trt_dtype = engine.get_tensor_dtype(name)
         dtype = trt_dtypes.get(trt_dtype)
         if shape != expected.shape:

@@ -1,8 +1,14 @@
 """Build TensorRT plans from the exported ONNX graphs (`tensorrt` is imported only when building).
 
-Shapes are static, so one optimization profile-free engine per graph; fp16 / bf16 are builder flags
-over the same ONNX. The timing cache lives beside the engine folders and is reused by later builds
-(a cache this TensorRT or GPU cannot use is set aside with a warning: it only speeds builds up).
+Shapes are static, so one optimization profile-free engine per graph. Networks are strongly typed: the
+ONNX graphs are exported in the build's precision (the pipeline is loaded in its dtype), and TensorRT
+keeps every tensor in the type the graph gives it. TensorRT 11 builds only strongly typed networks
+(its `BuilderFlag` has no FP16 / BF16 any more); TensorRT 10 needs the `STRONGLY_TYPED` creation flag
+and refuses the FP16 / BF16 builder flags on such a network, so both are built the same way. TF32 is
+turned off (TensorRT enables it by default): an fp32 graph computes in fp32, as torch's matmuls do by
+default, and as the fp32 build's verification tolerance assumes. The timing cache lives beside the
+engine folders and is reused by later builds (a cache this TensorRT or GPU cannot use is set aside
+with a warning: it only speeds builds up).
 
 Every builder call's result is checked and each failure raises a `BuildError` naming the graph.
 Plans (and the shared timing cache) are written to a temporary file and renamed into place, so a
@@ -24,41 +30,35 @@ from catrt.errors import BuildError
 logger = logging.getLogger(__name__)
 
 TIMING_CACHE = "tensorrt-timing.cache"
-_FLAGS: dict[str, tuple[str, ...]] = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}
 
 
 def build_plans(onnx_dir: Path, engine_dir: Path, build: BuildConfig, graphs: Iterable[str]) -> None:
     """`<graph>.plan` for each of `graphs` (context, full, one pruned graph per k) from `onnx_dir`, written
-    into `engine_dir` (the build's staging folder)."""
+    into `engine_dir` (the build's staging folder). `build`'s precision is already the ONNX graphs' own."""
     import tensorrt
 
     trt_logger = tensorrt.Logger(tensorrt.Logger.WARNING)
     cache_path = engine_dir.parent / TIMING_CACHE  # beside the engine folders, shared by later builds
     for graph in graphs:
-        plan = _build_plan(tensorrt, trt_logger, graph, onnx_dir / f"{graph}.onnx", build, cache_path)
+        plan = _build_plan(tensorrt, trt_logger, graph, onnx_dir / f"{graph}.onnx", cache_path)
         _write_atomically(engine_dir / f"{graph}.plan", plan)
         logger.info("built %s.plan (%d bytes)", graph, (engine_dir / f"{graph}.plan").stat().st_size)
 
 
-def _build_plan(tensorrt: Any, trt_logger: Any, graph: str, onnx_path: Path, build: BuildConfig, cache_path: Path) -> Any:
+def _build_plan(tensorrt: Any, trt_logger: Any, graph: str, onnx_path: Path, cache_path: Path) -> Any:
     """One graph's serialized engine; the timing cache is updated on disk after the build."""
     if not onnx_path.is_file():
         raise BuildError(f"the {graph!r} graph's ONNX file {onnx_path} is missing; export it first", field=f"{graph}.onnx")
-    builder = _checked(tensorrt.Builder(trt_logger), graph, "create a builder")
-    network = _checked(builder.create_network(0), graph, "create a network")
-    parser = _checked(tensorrt.OnnxParser(network, trt_logger), graph, "create an ONNX parser")
+    builder = _construct(tensorrt.Builder, trt_logger, graph=graph, what="create a builder")
+    strongly_typed = 1 << int(tensorrt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = _checked(builder.create_network(strongly_typed), graph, "create a network")
+    parser = _construct(tensorrt.OnnxParser, network, trt_logger, graph=graph, what="create an ONNX parser")
+    # From the file's path, so the parser finds the external weights file beside it (graphs over 2 GB must have one).
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no parser error recorded"
         raise BuildError(f"TensorRT could not parse the {graph!r} graph's {onnx_path.name}: {errors}", field=f"{graph}.onnx")
     config = _checked(builder.create_builder_config(), graph, "create a builder config")
-    for flag in _FLAGS[build.precision]:
-        if not hasattr(tensorrt.BuilderFlag, flag):
-            raise BuildError(
-                f"this TensorRT has no {flag} builder flag, needed for a {build.precision} build of the {graph!r} graph",
-                field="precision",
-                value=build.precision,
-            )
-        config.set_flag(getattr(tensorrt.BuilderFlag, flag))
+    config.clear_flag(tensorrt.BuilderFlag.TF32)
     _use_timing_cache(config, graph, cache_path)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -91,6 +91,17 @@ def _use_timing_cache(config: Any, graph: str, cache_path: Path) -> None:
     cache = config.create_timing_cache(b"")
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         raise BuildError(f"TensorRT could not create a timing cache for the {graph!r} graph", field=f"{graph}.plan")
+
+
+def _construct(cls: Any, *args: Any, graph: str, what: str) -> Any:
+    """`cls(*args)` for a TensorRT class whose constructor wraps a factory (`Builder`, `OnnxParser`): where the
+    factory makes no object, pybind11 raises a TypeError (it never returns None); a BuildError naming the graph."""
+    try:
+        return cls(*args)
+    except TypeError as error:
+        raise BuildError(
+            f"TensorRT could not {what} for the {graph!r} graph (see the TensorRT log above): {error}", field=f"{graph}.plan"
+        ) from error
 
 
 def _checked(result: Any, graph: str, what: str) -> Any:
