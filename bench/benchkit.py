@@ -9,8 +9,8 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,7 +90,7 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
     above = next((parent for parent in report.parents if parent.exists()), None)
     if above is not None and not above.is_dir():
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
-    probe = report.with_name(f".{report.name}.{os.getpid()}.tmp")  # a file beside the report, as write_text makes first; made and removed now
+    probe = report.with_name(f".{report.name}.{os.getpid()}.tmp")  # a file beside it, as write_text makes; made and removed now
     try:  # a read-only folder or file system failed the report write after the run, with a traceback
         report.parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
