@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
     above = next((parent for parent in report.parents if parent.exists()), None)
     if above is not None and not above.is_dir():
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
-    probe = report.with_name(f".{report.name}.{os.getpid()}.tmp")  # the file write_text writes first, made and removed now
+    probe = report.with_name(f".{report.name}.{os.getpid()}.tmp")  # a file beside it, as write_text makes; made and removed now
     try:  # a read-only folder or file system failed the report write after the run, with a traceback
         report.parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
@@ -100,19 +101,26 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
                      f"you can write{linked}")
 
 
-def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: str) -> None:
+def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: str, files: Sequence[str] = ()) -> None:
     """One line and exit code 2 for an --out folder that cannot be made or written (a file, a path under a file),
     made now, before the run: it was made after parsing with a traceback, or (compile_time.py's report file) only
-    after minutes of measuring."""
-    from catrt.checks import output_folder
+    after minutes of measuring. A link at --out is checked where it points, and a dangling one's folder made (it was
+    refused as "File exists"). Each of `files`, the names the script writes into it, is checked as `check_out` checks a
+    report file, and refused where a folder (or a link to one) has its name: the write failed there after the run."""
+    from catrt.checks import output_folder, path_is
     from catrt.errors import ConfigError
 
     if out is None:
         return
     try:
-        output_folder(out, f"--out {out}", holds, "out")
+        output_folder(report_file(out), f"--out {out}", holds, "out")
     except ConfigError as error:
         parser.error(str(error))
+    for name in files:
+        if path_is(report_file(out / name), "folder"):
+            parser.error(f"--out {out}: {out / name} is a folder, where this script writes its file {name}; move it away "
+                         "or give another --out")
+        check_out(parser, out / name)
 
 
 def load_reference(parser: argparse.ArgumentParser, device: str, weights_dir: Path | None = None) -> Any:
@@ -132,14 +140,11 @@ def write_text(path: Path, text: str) -> None:
     """Write a report as a whole: into a hidden file beside it, then renamed onto it, so Ctrl-C or a kill mid-write
     leaves the earlier report (or none), never a half-written one (Path.write_text truncates first). A link at `path`
     is written through (the rename would have replaced the link with a file)."""
+    from catrt import atomic_files  # light: no torch
+
     path = report_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_files.write_text(path, text)
 
 
 def report_file(path: Path) -> Path:

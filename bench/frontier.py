@@ -58,6 +58,7 @@ from catrt.scheduler import step_kind  # noqa: E402
 ALPHAS = (0.2, 0.3, 0.5)
 THRESHOLDS = (0.05, 0.09, 0.13, 0.2)
 HEADROOM_ALPHA = 0.3
+OUT_FILES = ("frontier.md", "frontier.png", "frontier.csv")  # what main writes into --out, each checked before the run
 
 
 class OracleRuntime(CATRuntime):
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     benchkit.check_schedule(parser, args.steps, args.t0, list(ALPHAS))
     if args.data_seed < 0:  # catrt.reference.data.generate refused it with a traceback, after the model loaded
         parser.error(f"--data-seed must be an integer >= 0, got {args.data_seed}")
-    benchkit.check_out_folder(parser, args.out, "frontier.md, frontier.png and frontier.csv")
+    benchkit.check_out_folder(parser, args.out, "frontier.md, frontier.png and frontier.csv", OUT_FILES)
     torch.set_num_threads(args.threads)
     args.out_label = args.out or "bench/results/tmp/frontier-<time>"
     args.out = args.out or default_out()

@@ -54,6 +54,7 @@ from catrt.reference.pipeline import WEIGHTS_DIR  # noqa: E402
 
 BASELINES = ("random", "round_robin", "magnitude", "sequential", "attention")
 ATTRIBUTES = tuple(probe.CLASSES)  # shape, colour, size, position, background
+OUT_FILES = ("quality.md", "quality-grid.png", "figure3.png")  # what main writes into --out, each checked before the run
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--data-seed must be an integer >= 0, got {args.data_seed}")
     if args.steps < args.t0 + 2:  # Figure 3 correlates two pruned steps' changes since t0
         parser.error(f"Figure 3 needs two pruned steps: --steps must be at least --t0 + 2 = {args.t0 + 2}, got {args.steps}")
-    benchkit.check_out_folder(parser, args.out, "quality.md, quality-grid.png and figure3.png")
+    benchkit.check_out_folder(parser, args.out, "quality.md, quality-grid.png and figure3.png", OUT_FILES)
     args.out = args.out or default_out()
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -149,11 +149,13 @@ def _refuse_quantized(transformer: torch.nn.Module, model: str) -> None:
     """Refuse a quantized transformer (torchao's `quantize_` / `TorchAoConfig`, a GGUF or bitsandbytes checkpoint) before
     minutes of work: its weights are tensor subclasses or integer blocks, on which the build failed with a traceback
     after exporting (the manifest's config and weight digest cannot record them; ONNX export fell back to TorchScript).
-    `catrt.accelerate` runs such a pipeline, its layers through their own quantized forwards."""
+    `catrt.accelerate` runs such a pipeline, its layers through their own quantized forwards. A weight that is no plain
+    Parameter for another reason (a lazy module's, a sharded DTensor) is refused as what it is (`_refuse_unexportable`)."""
     if not isinstance(transformer, torch.nn.Module):  # no transformer at all: make_adapter names it, after the size checks
         return
     for name, tensor in transformer.named_parameters():
         if type(tensor) is not torch.nn.Parameter or not tensor.is_floating_point():
+            _refuse_unexportable(transformer, name, tensor, model)
             kind = f"{type(tensor).__module__}.{type(tensor).__name__}"
             raise UnsupportedModelError(
                 f"the transformer of {model} is quantized (its weight {name!r} is a {kind} of {tensor.dtype}), which "
@@ -161,6 +163,30 @@ def _refuse_quantized(transformer: torch.nn.Module, model: str) -> None:
                 f"it), or run the quantized pipeline with catrt.accelerate(pipe, config)",
                 field="model", value=name,
             )
+
+
+def _refuse_unexportable(transformer: torch.nn.Module, name: str, tensor: torch.Tensor, model: str) -> None:
+    """Refuse, naming its module and the fix, a weight that is not quantized but cannot be exported either: a lazy
+    module's (`torch.nn.LazyLinear` before its first forward: no shape, no data) or one sharded across processes (a
+    `DTensor`, from FSDP2's `fully_shard` or tensor parallelism). Both were refused as "quantized", whose fix (build from
+    the unquantized model) was no fix."""
+    path = name.rpartition(".")[0]
+    owner = type(transformer.get_submodule(path)).__name__
+    module = f"module {path!r} ({owner})" if path else f"the transformer itself ({owner})"
+    if isinstance(tensor, torch.nn.parameter.UninitializedParameter):
+        raise UnsupportedModelError(
+            f"the transformer of {model} has an uninitialised weight {name!r} (of {module}, a lazy module before its "
+            f"first forward: no shape or values yet), which catrt build cannot export or record: load its weights, or "
+            f"run the pipeline once so that it initialises, then build",
+            field="model", value=name,
+        )
+    if type(tensor).__name__ == "DTensor" and type(tensor).__module__.startswith("torch.distributed"):
+        raise UnsupportedModelError(
+            f"the transformer of {model} is sharded across processes (its weight {name!r}, of {module}, is a "
+            f"torch.distributed DTensor: FSDP2's fully_shard or tensor parallelism), which catrt build cannot export or "
+            f"record: build in one process from the model loaded whole, without fully_shard or parallelize_module",
+            field="model", value=name,
+        )
 
 
 def _build(
@@ -185,23 +211,15 @@ def _build(
     reference = _reference(config, pipe, adapter)
     specs = {graph: graph_spec(reference.inputs[graph], reference.outputs[graph]) for graph in reference.inputs}
     bar.update()
-    exporters: dict[str, str] = {}
     if backend.needs_onnx and (export_dir / name / MANIFEST_FILE).exists():
         raise ConfigError(
             f"export_dir {echo_path(export_dir)} holds the engine bundle {name}: the ONNX export would take its place; give "
             f"another --export-dir (the default is export)",
             field="export_dir", value=str(export_dir),
         )
-    if backend.needs_onnx:
-        bar.set_postfix_str(STAGES[2])
-        with staged_folder(export_dir / name) as onnx_staging:
-            exporters = export_graphs(adapter, reference.inputs, reference.outputs, onnx_staging, progress=not bar.disable)
-    bar.update()
     # Checked again as it is published: another build of another model folder of this name may have published meanwhile.
     with staged_folder(out_dir / name, check=lambda: _check_same_model(out_dir / name, config.model)) as staging:
-        bar.set_postfix_str(STAGES[3])
-        backend.write_engine(export_dir / name, staging, config, tuple(specs))
-        bar.update()
+        exporters = _export_and_write_engine(config, adapter, reference, tuple(specs), export_dir / name, staging, bar)
         bar.set_postfix_str(STAGES[4])
         verification = _verify(config, staging, specs, adapter, device, reference)
         bar.update()
@@ -214,6 +232,40 @@ def _build(
         bar.update()
     logger.info("built %s", out_dir / name)
     return out_dir / name
+
+
+def _export_and_write_engine(
+    config: BuildConfig, adapter: Adapter, reference: _Reference, graphs: tuple[str, ...], export_folder: Path,
+    staging: Path, bar: tqdm,
+) -> dict[str, str]:
+    """Export the graphs (a backend that needs ONNX) and write the engine files into `staging` from this build's own
+    export, then publish that export as `export_folder` (kept to inspect, also where the engine step failed); the
+    exporters by graph. The engine is never written from `export_folder` itself: another build of this name (a second
+    terminal, a CI matrix) may publish its export there meanwhile, and the files read were then that build's, or gone
+    halfway (swapped out and removed)."""
+    backend = BACKEND_BUILDS[config.backend]
+    if not backend.needs_onnx:
+        bar.update()
+        bar.set_postfix_str(STAGES[3])
+        backend.write_engine(export_folder, staging, config, graphs)
+        bar.update()
+        return {}
+    bar.set_postfix_str(STAGES[2])
+    failed: CatrtError | OSError | None = None
+    with staged_folder(export_folder) as onnx_staging:
+        exporters = export_graphs(adapter, reference.inputs, reference.outputs, onnx_staging, progress=not bar.disable)
+        bar.update()
+        bar.set_postfix_str(STAGES[3])
+        try:
+            backend.write_engine(onnx_staging, staging, config, graphs)
+        # TensorRT could not parse or build a graph: the export it read is published to look at. A write the disk
+        # refused is the engine folder's (raised past the export's block, which would name the export folder).
+        except (CatrtError, OSError) as error:
+            failed = error
+    if failed is not None:
+        raise failed
+    bar.update()
+    return exporters
 
 
 def model_reference(model: str) -> str:

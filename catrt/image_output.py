@@ -9,12 +9,11 @@ destroys an image already there.
 from __future__ import annotations
 
 import contextlib
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from catrt import atomic_files
 from catrt.checks import path_is
 from catrt.errors import PATH_ECHO_LIMIT, ConfigError, echo
 
@@ -45,10 +44,9 @@ def staged_image(out: Path) -> Iterator[Path]:
     block fails or is interrupted, leaving `out` as it was.
     """
     _check_folders(out)
-    staged = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        staged = atomic_files.stage(out)
     except OSError as error:
         raise unwritable_out(out, error) from None
     try:
@@ -57,9 +55,8 @@ def staged_image(out: Path) -> Iterator[Path]:
         staged.unlink(missing_ok=True)
         raise
     try:
-        os.replace(staged, out)
+        atomic_files.commit(staged, out)
     except OSError as error:
-        staged.unlink(missing_ok=True)
         raise unwritable_out(out, error) from None
 
 

@@ -568,6 +568,42 @@ def test_build_over_tolerance_fails_and_keeps_the_previous_build(bundle_copy: Pa
     assert fast(**call_kwargs(tiny_pipelines["tiny-sd3"])).images.shape == (2, 16, 8, 12)
 
 
+@pytest.mark.parametrize("failure", ["engine", "disk-full"])
+def test_an_engine_step_that_fails_keeps_its_export_to_inspect_and_names_the_engine_folder(
+    failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine is written from the build's own staged export, published after: an engine step that fails (TensorRT
+    could not parse a graph) still publishes the export it read, as when it was published before that step, and a write
+    the disk refused into the engine folder is named as that folder's, not the export's."""
+    import errno
+    import os
+
+    def refused(onnx_dir: Path, engine_dir: Path, *args: Any) -> None:
+        assert (onnx_dir / "full.onnx").is_file() and onnx_dir.name.startswith(".")  # the build's own export
+        if failure == "engine":
+            raise BuildError("TensorRT could not parse the 'full' graph's full.onnx: stand-in", field="full.onnx")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(engine_dir / "full.onnx"))
+
+    def exported(adapter: Any, inputs: Any, outputs: Any, folder: Path, **kwargs: Any) -> dict[str, str]:
+        (folder / "full.onnx").write_bytes(b"a stand-in graph")
+        return {}
+
+    monkeypatch.setattr(build_module, "export_graphs", exported)
+    monkeypatch.setitem(BACKEND_BUILDS, "onnxruntime", type(BACKEND_BUILDS["onnxruntime"])(needs_onnx=True, write_engine=refused))
+    config = _config("tiny-sd3", batch=1, height=32, width=48, steps=6, t0=3, max_sequence_length=8)
+    name, engines = config.resolved(backend="onnxruntime").build_name(), tmp_path / "engines"
+    with pytest.raises(BuildError) as caught:
+        _build(config, tmp_path)
+    if failure == "engine":
+        assert str(caught.value).startswith("TensorRT could not parse the 'full' graph's full.onnx")
+    else:
+        assert str(caught.value).startswith(f"could not write the files of {engines / name} (No space left on device); "
+                                            "nothing was published there")
+    assert sorted(path.name for path in (tmp_path / "export").iterdir()) == [name]
+    assert (tmp_path / "export" / name / "full.onnx").read_bytes() == b"a stand-in graph"
+    assert not engines.exists()  # no bundle, no staging folder, and not the folder the build made
+
+
 def test_an_engine_giving_nan_fails_its_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """NaN compares false with any tolerance: the build used to publish a bundle whose manifest could not load."""
     eager_run = ENGINES["eager"].run
@@ -859,6 +895,56 @@ def test_a_quantized_transformer_is_refused_before_the_build_works(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("catrt build: error: the transformer of tiny-sd3 is quantized")  # after the bar
+
+
+def test_a_lazy_module_in_the_transformer_is_refused_naming_it_not_as_quantized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_pipelines: dict[str, Any]
+) -> None:
+    """A LazyLinear's weight before its first forward (an UninitializedParameter) was refused as "quantized", with the
+    fix to build from the unquantized model: it names the lazy module and the fix now, before any work."""
+    tiny = tiny_pipelines["tiny-sd3"]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    transformer.proj_out = torch.nn.LazyLinear(transformer.proj_out.out_features)
+    lazy = type(tiny)(**{**tiny.components, "transformer": transformer})
+    monkeypatch.setattr(build_module, "load_pipeline", lambda *args, **kwargs: lazy)
+    monkeypatch.setattr(build_module, "_reference", lambda *args: pytest.fail("the build ran past the refusal"))
+    out, export = tmp_path / "engines", tmp_path / "export"
+    message = ("the transformer of tiny-sd3 has an uninitialised weight 'proj_out.weight' (of module 'proj_out' "
+               "(LazyLinear), a lazy module before its first forward: no shape or values yet), which catrt build cannot "
+               "export or record: load its weights, or run the pipeline once so that it initialises, then build")
+    with pytest.raises(catrt.UnsupportedModelError) as refused:
+        build_engines(_config("tiny-sd3", backend="eager"), out_dir=out, export_dir=export, progress=False)
+    assert str(refused.value) == message and refused.value.field == "model" and refused.value.value == "proj_out.weight"
+    assert main(["build", "--model", "tiny-sd3", "--backend", "eager", "--out", str(out), "--export-dir", str(export)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"catrt build: error: {message}"
+    assert not out.exists() and not export.exists()
+
+
+def test_a_sharded_dtensor_weight_is_refused_naming_its_module_not_as_quantized(tmp_path: Path) -> None:
+    """A transformer sharded with FSDP2's fully_shard or tensor parallelism holds DTensor weights: refused as
+    "quantized" (build from the unquantized model: no fix); it names the module and says to build from the whole model."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        transformer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        mesh = init_device_mesh("cpu", (1,))
+        transformer[1].weight = torch.nn.Parameter(distribute_tensor(transformer[1].weight.detach(), mesh, [Replicate()]))
+        with pytest.raises(catrt.UnsupportedModelError) as refused:
+            build_module._refuse_quantized(transformer, "my-model")
+    finally:
+        dist.destroy_process_group()
+    assert str(refused.value) == (
+        "the transformer of my-model is sharded across processes (its weight '1.weight', of module '1' (Linear), is a "
+        "torch.distributed DTensor: FSDP2's fully_shard or tensor parallelism), which catrt build cannot export or "
+        "record: build in one process from the model loaded whole, without fully_shard or parallelize_module")
+    assert refused.value.field == "model" and refused.value.value == "1.weight"
 
 
 def test_a_quantized_patch_embedding_is_refused_as_a_quantized_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

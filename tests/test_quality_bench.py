@@ -235,6 +235,61 @@ def test_an_out_no_report_can_be_written_to_is_one_line_before_the_run(
     assert err.startswith(f"bench/{script}.py: error: --out {tmp_path}")
 
 
+class _Generated(Exception):
+    """What a stubbed model load raises: the run got past its --out checks."""
+
+
+@pytest.mark.parametrize(("script", "argv", "written"), [
+    ("quality", [], ["quality.md", "quality-grid.png", "figure3.png"]),
+    ("frontier", ["--tiny"], ["frontier.md", "frontier.png", "frontier.csv"]),
+])
+def test_an_out_folder_whose_files_cannot_be_written_is_one_line_before_any_generation(
+    script: str, argv: list[str], written: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A folder (or a link to one) where quality.md / frontier.csv goes, or a link there into a path under a file, passed
+    the --out check, and the write failed after the whole run with a traceback; a dangling link at --out to a folder still
+    to make was refused as "File exists". A link at --out to a folder is written through."""
+    module = load_script(script)
+
+    def generation(*args: object, **kwargs: object) -> None:
+        raise _Generated
+
+    monkeypatch.setattr(module.benchkit, "load_reference", generation)
+    (tmp_path / "a-file").write_text("x")
+
+    def refused(out: Path) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            module.main([*argv, "--out", str(out)])
+        (line,) = capsys.readouterr().err.splitlines()
+        assert exit_info.value.code == 2 and "Traceback" not in line
+        return line
+
+    for name in written:  # a folder at a file's name, or a link to one
+        out = tmp_path / f"folder-at-{name}"
+        (out / name).mkdir(parents=True)
+        assert refused(out) == (f"bench/{script}.py: error: --out {out}: {out / name} is a folder, where this script "
+                                f"writes its file {name}; move it away or give another --out (see bench/{script}.py --help)")
+        (out / name).rmdir()
+        (out / name).symlink_to(tmp_path, target_is_directory=True)
+        assert f"--out {out}: {out / name} is a folder" in refused(out)
+    out = tmp_path / "link-under-a-file"
+    out.mkdir()
+    (out / written[-1]).symlink_to(tmp_path / "a-file" / written[-1])
+    assert f"--out {out / written[-1]}: {tmp_path / 'a-file'} is a file, so no report can be written under it" in refused(out)
+    (tmp_path / "link-to-a-file").symlink_to(tmp_path / "a-file")
+    assert f"--out {tmp_path / 'link-to-a-file'} is a file; give a folder for" in refused(tmp_path / "link-to-a-file")
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "later" / "results", target_is_directory=True)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "kept", target_is_directory=True)
+    for out in (tmp_path / "dangling", tmp_path / "linked"):
+        with pytest.raises(_Generated):
+            module.main([*argv, "--out", str(out)])
+        assert out.is_symlink() and out.is_dir()
+    assert (tmp_path / "later" / "results").is_dir() and list((tmp_path / "later" / "results").iterdir()) == []
+
+
 def test_quality_report_names_the_alpha_figure_3_and_the_grid_ran_at(tmp_path: Path) -> None:
     """Without 0.3 among --alphas, Figure 3's CAT curve and the grid run at the first alpha; the report said 0.3."""
     quality = load_script("quality")

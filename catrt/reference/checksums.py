@@ -9,10 +9,10 @@ model that draws other images than the name promises.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from catrt import atomic_files
 from catrt.checks import path_is
 from catrt.errors import CorruptBundleError, echo_path
 from catrt.manifest import file_digest  # the sha256 a bundle's manifest records its files by
@@ -47,9 +47,7 @@ def write_checksums(folder: Path, names: Iterable[str], record_file: str = CHECK
         record = {}
     for name in names:
         record[name] = {"size": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
-    temporary = folder / f".{record_file}.tmp"
-    temporary.write_text(json.dumps(dict(sorted(record.items())), indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, folder / record_file)
+    atomic_files.write_text(folder / record_file, json.dumps(dict(sorted(record.items())), indent=1) + "\n")
 
 
 def verify_files(folder: Path, names: Iterable[str], record_file: str = CHECKSUM_FILE) -> None:

@@ -11,7 +11,6 @@ jitter) so that it also reads the reference model's imperfect samples.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from functools import lru_cache
@@ -24,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from catrt import atomic_files
 from catrt.errors import ConfigError
 from catrt.reference import data
 from catrt.reference.checksums import PROBE_CHECKSUM_FILE, verify_files, write_checksums
@@ -152,9 +152,8 @@ def train_probe(steps: int = 2000, batch_size: int = 64, seed: int = 0, out: Pat
             logger.info("probe step %d loss %.4f (%.0f s)", step + 1, loss.item(), time.perf_counter() - start)
     probe.eval()
     if out is not None:  # written beside, then renamed onto it: a kill mid-save never leaves half a probe
-        temporary = out.with_name(f".{out.name}.tmp")
-        save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, temporary)
-        os.replace(temporary, out)
+        with atomic_files.replacing(out) as temporary:
+            save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, temporary)
         write_checksums(out.parent, [out.name], PROBE_CHECKSUM_FILE)
     return probe
 

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from catrt import atomic_files
 from catrt.checks import output_folder
 from catrt.cli import OneLineParser
 from catrt.errors import ConfigError, echo_path
@@ -184,9 +185,8 @@ class Trainer:
 def save_checkpoint(trainer: Trainer, path: Path) -> None:
     """Write atomically, so an interrupted save never leaves a broken checkpoint to resume from."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(trainer.state_dict(), tmp)
-    tmp.replace(path)
+    with atomic_files.replacing(path) as temporary:
+        torch.save(trainer.state_dict(), temporary)
 
 
 def save_weights(trainer: Trainer, out: Path) -> None:
@@ -222,9 +222,7 @@ def publish(weights: Path, target: Path | None = None) -> None:
     target = WEIGHTS_DIR if target is None else target
     verify_files(weights, CHECKED_FILES)
     for name in WEIGHT_FILES:
-        tmp = target / f".{name}.tmp"
-        tmp.write_bytes((weights / name).read_bytes())
-        tmp.replace(target / name)
+        atomic_files.write_bytes(target / name, (weights / name).read_bytes())
 
 
 def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | None = None) -> Trainer:

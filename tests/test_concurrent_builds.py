@@ -1,0 +1,100 @@
+"""Two `catrt build` runs of one build name at once (two terminals, a CI matrix): each exports and stages in its own
+temporary folders and publishes whole; the later replaces the earlier, unless it is of another model folder of that
+name, which is refused naming the folder."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import catrt.build as build_module
+from catrt.build import build_engines
+from catrt.build_config import BuildConfig
+from catrt.errors import ConfigError
+from catrt.export import BACKEND_BUILDS, BackendBuild
+from catrt.integrity import check_integrity
+from catrt.manifest import read_manifest_data
+
+SETTINGS = {"height": 32, "width": 48, "steps": 6, "t0": 3, "max_sequence_length": 8, "backend": "onnxruntime"}
+
+
+def _two_model_folders_of_one_name(pipe: Any, root: Path) -> tuple[Path, Path]:
+    """root/a/model and root/b/model (one build name), the second's transformer weights changed."""
+    pipe.save_pretrained(root / "a" / "model")
+    kept = {name: tensor.clone() for name, tensor in pipe.transformer.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for parameter in pipe.transformer.parameters():
+                parameter.mul_(1.5)
+        pipe.save_pretrained(root / "b" / "model")
+    finally:
+        pipe.transformer.load_state_dict(kept)
+    return root / "a" / "model", root / "b" / "model"
+
+
+def _in_threads(monkeypatch: pytest.MonkeyPatch, builds: list[Callable[[], Path]]) -> list[Path | BaseException]:
+    """Run `builds` at once, each in its thread, all exported before any writes its engine from its export; the model
+    loads and the exports themselves take turns (diffusers' loading and torch's ONNX exporter patch global state, which
+    two processes do not share)."""
+    turns, together = threading.Lock(), threading.Barrier(len(builds), timeout=120)
+    load, export, backend = build_module.load_pipeline, build_module.export_graphs, BACKEND_BUILDS["onnxruntime"]
+
+    def one_at_a_time(work: Callable[..., Any]) -> Callable[..., Any]:
+        def taking_turns(*args: Any, **kwargs: Any) -> Any:
+            with turns:
+                return work(*args, **kwargs)
+        return taking_turns
+
+    def all_exported(*args: Any) -> None:
+        together.wait()
+        backend.write_engine(*args)
+
+    monkeypatch.setattr(build_module, "load_pipeline", one_at_a_time(load))
+    monkeypatch.setattr(build_module, "export_graphs", one_at_a_time(export))
+    monkeypatch.setitem(BACKEND_BUILDS, "onnxruntime", BackendBuild(needs_onnx=True, write_engine=all_exported))
+    results: list[Path | BaseException] = [RuntimeError("not run")] * len(builds)
+
+    def run(index: int) -> None:
+        try:
+            results[index] = builds[index]()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            results[index] = error
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(builds))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return results
+
+
+def _left_over(*folders: Path) -> list[str]:
+    """Staging folders (`.<name>.tmp-*`) left in `folders`."""
+    return [path.name for folder in folders for path in folder.iterdir() if path.name.startswith(".")]
+
+
+def test_a_build_of_another_model_folder_of_that_name_at_once_is_refused_not_mixed(
+    tiny_pipelines: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both builds published their ONNX export to export/<name> and wrote their engine from there: the one whose export
+    the other replaced built the other model's graphs and failed verification ("differs from the eager adapter"), or
+    lost files swapped out and removed under its copy. Each now writes its engine from its own export: the first to
+    publish wins, the second is refused naming the folder and both models."""
+    models = _two_model_folders_of_one_name(tiny_pipelines["tiny-sd3"], tmp_path)
+    engines, export = tmp_path / "engines", tmp_path / "export"
+    builds = [lambda model=model: build_engines(BuildConfig(str(model), **SETTINGS), out_dir=engines, export_dir=export,
+                                                progress=False) for model in models]
+    results = _in_threads(monkeypatch, builds)
+    (published,) = [result for result in results if isinstance(result, Path)]
+    (refused,) = [result for result in results if not isinstance(result, Path)]
+    assert isinstance(refused, ConfigError), repr(refused)
+    winner = read_manifest_data(published)["build"]["model"]
+    loser = next(str(model) for model in models if str(model) != winner)
+    assert str(refused).startswith(f"{published} holds a build of model '{winner}', this one is of '{loser}': it would "
+                                   "replace it; build into another --out")
+    assert check_integrity(published).problems == [] and _left_over(engines, export) == []
