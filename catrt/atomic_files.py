@@ -53,8 +53,8 @@ def replacing(path: Path) -> Iterator[Path]:
     commit(temporary, path)
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """`path`'s content replaced by `data` whole."""
+def write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """`path`'s content replaced by `data` (bytes or any buffer, e.g. TensorRT's serialized plan) whole."""
     with replacing(path) as temporary:
         temporary.write_bytes(data)
 

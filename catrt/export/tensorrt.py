@@ -18,12 +18,11 @@ failed or interrupted build never leaves a truncated `<graph>.plan` in the stagi
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from catrt import atomic_files
 from catrt.build_config import BuildConfig
 from catrt.errors import BuildError
 
@@ -41,7 +40,7 @@ def build_plans(onnx_dir: Path, engine_dir: Path, build: BuildConfig, graphs: It
     cache_path = engine_dir.parent / TIMING_CACHE  # beside the engine folders, shared by later builds
     for graph in graphs:
         plan = _build_plan(tensorrt, trt_logger, graph, onnx_dir / f"{graph}.onnx", cache_path)
-        _write_atomically(engine_dir / f"{graph}.plan", plan)
+        atomic_files.write_bytes(engine_dir / f"{graph}.plan", memoryview(plan))  # IHostMemory is a buffer
         logger.info("built %s.plan (%d bytes)", graph, (engine_dir / f"{graph}.plan").stat().st_size)
 
 
@@ -67,7 +66,7 @@ def _build_plan(tensorrt: Any, trt_logger: Any, graph: str, onnx_path: Path, cac
         )
     cache = config.get_timing_cache()
     if cache is not None:
-        _write_atomically(cache_path, cache.serialize())
+        atomic_files.write_bytes(cache_path, memoryview(cache.serialize()))
     return plan
 
 
@@ -108,18 +107,3 @@ def _checked(result: Any, graph: str, what: str) -> Any:
     if result is None:
         raise BuildError(f"TensorRT could not {what} for the {graph!r} graph (see the TensorRT log above)", field=f"{graph}.plan")
     return result
-
-
-def _write_atomically(path: Path, data: Any) -> None:
-    """`data` (bytes or a buffer such as TensorRT's IHostMemory) at `path`, via a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(memoryview(data))
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would carry over
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
