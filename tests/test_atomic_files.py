@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -156,3 +157,36 @@ def test_a_publish_of_the_reference_weights_cut_short_keeps_the_package_files_an
         train.publish(WEIGHTS_DIR, package)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in package.iterdir()} == before
+
+
+def test_saving_the_trained_weights_cut_short_keeps_the_earlier_weights_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`save_weights` wrote each weight file in place: a run stopped mid-write left a half-written safetensors file
+    (its digest record still the earlier one's, so the weights were refused, never loadable again)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from catrt.reference import train
+
+    def trainer(value: float) -> Any:
+        module = torch.nn.Linear(2, 2)
+        torch.nn.init.constant_(module.weight, value)
+        return SimpleNamespace(ema={"transformer": module, "text_encoder": module}, configs={"value": value})
+
+    out = tmp_path / "weights"
+    train.save_weights(trainer(1.0), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    save = train.save_file
+
+    def killed_midway(tensors: Any, filename: Any, *args: Any, **kwargs: Any) -> None:
+        save(tensors, filename)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_file", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_weights(trainer(2.0), out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert float(load_file(out / train.TRANSFORMER_FILE)["weight"][0, 0]) == 1.0

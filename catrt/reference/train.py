@@ -190,12 +190,14 @@ def save_checkpoint(trainer: Trainer, path: Path) -> None:
 
 
 def save_weights(trainer: Trainer, out: Path) -> None:
-    """The EMA weights as float16 safetensors (small enough to ship) plus configs and vocab."""
+    """The EMA weights as float16 safetensors (small enough to ship) plus configs and vocab, each file replaced whole
+    (a run stopped mid-write leaves the earlier weights, which their digests, written last, still match)."""
     out.mkdir(parents=True, exist_ok=True)
     for name, file in (("transformer", TRANSFORMER_FILE), ("text_encoder", TEXT_ENCODER_FILE)):
         tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in trainer.ema[name].state_dict().items()}
-        save_file(tensors, out / file)
-    (out / CONFIG_FILE).write_text(json.dumps(trainer.configs, indent=1) + "\n")
+        with atomic_files.replacing(out / file) as temporary:
+            save_file(tensors, temporary)
+    atomic_files.write_text(out / CONFIG_FILE, json.dumps(trainer.configs, indent=1) + "\n")
     write_checksums(out, CHECKED_FILES)
 
 
