@@ -109,16 +109,14 @@ class AcceleratedPipeline(ForwardsAttributes):
     def __init__(
         self, pipe: Any, config: CATConfig, functions: StepFunctions | None = None, cuda_graphs: bool | None = None
     ) -> None:
-        self.spec = pipeline_spec(pipe)
+        self.pipe = pipe  # and its spec and call signature (see __setattr__)
         check_accelerate_arguments(config, functions, cuda_graphs)
-        self.pipe = pipe
         self.config = config
         self.adapter = make_adapter(pipe.transformer)
         self.functions = functions
         self.cuda_graphs = cuda_graphs
         self.buffers = RuntimeBuffers()
         self.last_trace: list[StepRecord] = []
-        self._signature = inspect.signature(pipe.__call__)
         self._configs: dict[float, CATConfig] = {config.alpha: config}
 
     def config_for(self, alpha: float | None) -> CATConfig:
@@ -231,6 +229,11 @@ class AcceleratedPipeline(ForwardsAttributes):
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "config":  # `fast.config = ...` runs the calls after it: a CATConfig, as accelerate takes
             check_accelerate_arguments(value, None, None)
+        if name == "pipe":  # at construction and `fast.pipe = ...`: the calls after it run that pipeline's class, whose
+            # spec (guidance kind, token grid) and signature they read; kept from another class, a FLUX pipeline's
+            # spec ran an SD3 call's [uncond, cond] rows as 2 x batch images (a wrong image, no error)
+            super().__setattr__("spec", pipeline_spec(value))  # one catrt cannot run is refused here, by name
+            super().__setattr__("_signature", inspect.signature(value.__call__))
         super().__setattr__(name, value)
 
 

@@ -1,0 +1,42 @@
+"""What an accelerated pipeline keeps between calls (step buffers per shape, the wrapped pipeline's spec and call
+signature, the context made at step 1) must never leak a value from an earlier call or step into a later one: a call
+equals the same call on a fresh accelerated pipeline, exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import catrt
+from catrt import CATConfig, UnsupportedModelError
+from tests.conftest import call_kwargs
+
+CONFIG = CATConfig(alpha=0.3, t0=3)
+
+
+def _images(runner: Any, pipe: Any, **overrides: Any) -> torch.Tensor:
+    return runner(**call_kwargs(pipe, num_inference_steps=6, **overrides)).images
+
+
+@pytest.mark.parametrize(("first", "then"), [("tiny-flux", "tiny-sd3"), ("tiny-sd3", "tiny-pixart")])
+def test_a_pipeline_set_on_the_accelerated_one_runs_as_its_own_class(first: str, then: str, tiny_pipelines: dict[str, Any]) -> None:
+    """`fast.pipe = other` kept the first pipeline's spec and call signature: a FLUX spec ran SD3's [uncond, cond]
+    rows as 2 x batch images with no guidance (another image, no error), an SD3 signature handed PixArt SD3's
+    arguments (a TypeError deep in diffusers)."""
+    fast = catrt.accelerate(tiny_pipelines[first], CONFIG)
+    _images(fast, tiny_pipelines[first])
+    fast.pipe = tiny_pipelines[then]
+    expected = _images(catrt.accelerate(tiny_pipelines[then], CONFIG), tiny_pipelines[then])
+    assert torch.equal(_images(fast, tiny_pipelines[then]), expected)
+
+
+def test_a_pipeline_catrt_cannot_run_is_refused_when_set_and_the_old_one_keeps_running(tiny_pipelines: dict[str, Any]) -> None:
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CONFIG)
+    with pytest.raises(UnsupportedModelError, match="catrt cannot accelerate object") as caught:
+        fast.pipe = object()
+    assert caught.value.field == "pipe"
+    assert fast.pipe is pipe
+    assert torch.equal(_images(fast, pipe), _images(catrt.accelerate(pipe, CONFIG), pipe))
