@@ -11,6 +11,7 @@ import torch
 
 import catrt
 from catrt import CATConfig, UnsupportedModelError
+from catrt.step_state import RuntimeBuffers
 from tests.conftest import call_kwargs
 
 CONFIG = CATConfig(alpha=0.3, t0=3)
@@ -40,3 +41,16 @@ def test_a_pipeline_catrt_cannot_run_is_refused_when_set_and_the_old_one_keeps_r
     assert caught.value.field == "pipe"
     assert fast.pipe is pipe
     assert torch.equal(_images(fast, pipe), _images(catrt.accelerate(pipe, CONFIG), pipe))
+
+
+def test_one_set_of_step_buffers_serves_pipelines_of_transformers_with_other_cache_layouts(tiny_pipelines: dict[str, Any]) -> None:
+    """A `RuntimeBuffers` given to two accelerated pipelines kept one state per latent and text shape, whatever the
+    transformer: SD3.5's dual-attention blocks (more K/V slots) then ran on SD3's cache, an IndexError deep in a block."""
+    shared = RuntimeBuffers()
+    pipes = [tiny_pipelines[name] for name in ("tiny-sd3", "tiny-sd3.5", "tiny-sd3")]
+    expected = [_images(catrt.accelerate(pipe, CONFIG), pipe) for pipe in pipes]
+    for pipe, images in zip(pipes, expected):
+        fast = catrt.accelerate(pipe, CONFIG)
+        fast.buffers = shared
+        assert torch.equal(_images(fast, pipe), images)
+    assert len(shared) == 2
