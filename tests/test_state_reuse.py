@@ -11,6 +11,7 @@ import torch
 
 import catrt
 from catrt import CATConfig, UnsupportedModelError
+from catrt.runtime import BASELINE_RULES
 from catrt.step_state import RuntimeBuffers
 from tests.conftest import call_kwargs
 
@@ -54,3 +55,20 @@ def test_one_set_of_step_buffers_serves_pipelines_of_transformers_with_other_cac
         fast.buffers = shared
         assert torch.equal(_images(fast, pipe), images)
     assert len(shared) == 2
+
+
+@pytest.mark.parametrize("rule", ["cat", *sorted(BASELINE_RULES)])
+def test_a_seed_gives_one_image_at_every_batch_position_as_in_the_plain_pipeline(rule: str, tiny_pipelines: dict[str, Any]) -> None:
+    """The random rule drew its tokens per batch row, so one prompt and seed made another image at row 1 than at row 0
+    (0.17 apart), where the plain pipeline makes the same image at both."""
+    pipe = tiny_pipelines["tiny-sd3"]
+
+    def twice(runner: Any) -> torch.Tensor:
+        kwargs = call_kwargs(pipe, num_inference_steps=6, prompt=["a red circle"] * 2)
+        kwargs["generator"] = [torch.Generator().manual_seed(3) for _ in range(2)]
+        return runner(**kwargs).images
+
+    plain = twice(pipe)
+    assert torch.equal(plain[0], plain[1])
+    images = twice(catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=3, rule=rule)))
+    assert torch.equal(images[0], images[1])
