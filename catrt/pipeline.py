@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -360,16 +361,26 @@ def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor
     """Route `transformer(...)` to `runtime(hidden_states, timestep, other kwargs)` for one pipeline call.
 
     Module hooks still fire (the server times steps with them). A `forward` set on the instance before
-    (a user's wrapper) is put back afterwards, not deleted. Only calls from the thread that entered are
-    routed: another thread's call (a plain `pipe(...)` meanwhile) runs the forward the transformer had.
+    (a user's wrapper) is put back afterwards, not deleted. Only the pipeline's own step calls are routed:
+    another thread's call (a plain `pipe(...)` meanwhile) runs the forward the transformer had, and so does a
+    call made deeper in the stack than the first step's, on this thread: a callback that runs a plain pipeline
+    sharing the transformer (or the transformer itself) between two steps, whose calls were taken as this
+    generation's next steps (its latents copied into the caches, the step count overrun).
     """
     signature = inspect.signature(type(transformer).forward)
     previous = transformer.__dict__.get("forward")
     own = previous if previous is not None else type(transformer).forward.__get__(transformer)
     owner = threading.get_ident()
+    steps_depth: int | None = None  # the stack depth of the pipeline's step calls, from its first
 
     def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal steps_depth
         if threading.get_ident() != owner:
+            return own(*args, **kwargs)
+        depth = _stack_depth()
+        if steps_depth is None:
+            steps_depth = depth
+        elif depth > steps_depth:
             return own(*args, **kwargs)
         arguments = signature.bind(transformer, *args, **kwargs).arguments
         arguments.pop("self", None)
@@ -387,6 +398,14 @@ def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor
             del transformer.forward
         else:
             transformer.forward = previous
+
+
+def _stack_depth() -> int:
+    """Frames on this thread's stack below the caller (a few dozen: cheap next to a transformer step)."""
+    frame, depth = sys._getframe(1), 0
+    while frame is not None:
+        frame, depth = frame.f_back, depth + 1
+    return depth
 
 
 def _as_batch(timestep: torch.Tensor | float, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ equals the same call on a fresh accelerated pipeline, exactly."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ CONFIG = CATConfig(alpha=0.3, t0=3)
 
 
 def _images(runner: Any, pipe: Any, **overrides: Any) -> torch.Tensor:
-    return runner(**call_kwargs(pipe, num_inference_steps=6, **overrides)).images
+    return runner(**call_kwargs(pipe, **{"num_inference_steps": 6, **overrides})).images
 
 
 @pytest.mark.parametrize(("first", "then"), [("tiny-flux", "tiny-sd3"), ("tiny-sd3", "tiny-pixart")])
@@ -72,3 +73,26 @@ def test_a_seed_gives_one_image_at_every_batch_position_as_in_the_plain_pipeline
     assert torch.equal(plain[0], plain[1])
     images = twice(catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=3, rule=rule)))
     assert torch.equal(images[0], images[1])
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_a_plain_pipeline_run_from_a_callback_runs_unpruned_and_leaves_the_generation_as_it_was(
+    name: str, tiny_pipelines: dict[str, Any]
+) -> None:
+    """A callback running a plain pipeline that shares the transformer (a preview, say) had its transformer calls taken,
+    on this thread, as the accelerated generation's next steps: its latents went into the caches and the step count ran
+    over ("called the transformer 9 times for 8 steps")."""
+    pipe = tiny_pipelines[name]
+    preview = type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))  # the transformer shared
+    previews: list[torch.Tensor] = []
+
+    def run_a_preview(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if step == 4:
+            previews.append(_images(preview, pipe, num_inference_steps=2))
+        return {}
+
+    expected = _images(catrt.accelerate(pipe, CONFIG), pipe, num_inference_steps=8)
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=3, trace=True))
+    assert torch.equal(_images(fast, pipe, num_inference_steps=8, callback_on_step_end=run_a_preview), expected)
+    assert len(fast.last_trace) == 8
+    assert torch.equal(previews[0], _images(pipe, pipe, num_inference_steps=2))
