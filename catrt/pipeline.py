@@ -230,6 +230,16 @@ class AcceleratedPipeline(ForwardsAttributes):
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "config":  # `fast.config = ...` runs the calls after it: a CATConfig, as accelerate takes
             check_accelerate_arguments(value, None, None)
+        if name == "functions":  # and these, as accelerate takes them, where a call would fail deep in a step
+            check_accelerate_arguments(self.config, value, None)
+        if name == "cuda_graphs":
+            check_accelerate_arguments(self.config, None, value)
+        if name == "buffers" and not isinstance(value, RuntimeBuffers):
+            raise ConfigError(
+                f"buffers must be a catrt.runtime.RuntimeBuffers, got {type(value).__name__}; make one with "
+                f"catrt.runtime.RuntimeBuffers(max_shapes=...)",
+                field="buffers", value=type(value).__name__,
+            )
         if name == "pipe":  # at construction and `fast.pipe = ...`: the calls after it run that pipeline's class, whose
             # spec (guidance kind, token grid) and signature they read; kept from another class, a FLUX pipeline's
             # spec ran an SD3 call's [uncond, cond] rows as 2 x batch images (a wrong image, no error)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import catrt
-from catrt import CATConfig, UnsupportedModelError
+from catrt import CATConfig, ConfigError, UnsupportedModelError
 from catrt.runtime import BASELINE_RULES
 from catrt.step_state import RuntimeBuffers
 from tests.conftest import call_kwargs
@@ -96,3 +96,28 @@ def test_a_plain_pipeline_run_from_a_callback_runs_unpruned_and_leaves_the_gener
     assert torch.equal(_images(fast, pipe, num_inference_steps=8, callback_on_step_end=run_a_preview), expected)
     assert len(fast.last_trace) == 8
     assert torch.equal(previews[0], _images(pipe, pipe, num_inference_steps=2))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("buffers", 5, "buffers must be a catrt.runtime.RuntimeBuffers, got int"),
+        ("buffers", None, "buffers must be a catrt.runtime.RuntimeBuffers, got NoneType"),
+        ("functions", "compile", "functions must be step functions .* str has no prepare_context"),
+        ("cuda_graphs", "yes", "cuda_graphs must be True, False or None, got 'yes'"),
+    ],
+)
+def test_a_runtime_setting_of_the_wrong_kind_is_refused_when_set_and_the_calls_run_as_before(
+    name: str, value: Any, message: str, tiny_pipelines: dict[str, Any]
+) -> None:
+    """`accelerate` checks these; set on the accelerated pipeline afterwards they were kept unchecked until a call
+    failed deep in a step (`'int' object has no attribute 'state'`), or, for `buffers = None`, ran every later call on
+    newly allocated buffers."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    fast = catrt.accelerate(pipe, CONFIG)
+    expected = _images(fast, pipe)
+    with pytest.raises(ConfigError, match=message) as caught:
+        setattr(fast, name, value)
+    assert caught.value.field == name
+    assert torch.equal(_images(fast, pipe), expected)
+    assert len(fast.buffers) == 1
