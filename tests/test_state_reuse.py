@@ -4,7 +4,9 @@ equals the same call on a fresh accelerated pipeline, exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 from typing import Any
 
 import pytest
@@ -19,8 +21,9 @@ from tests.conftest import call_kwargs
 CONFIG = CATConfig(alpha=0.3, t0=3)
 
 
-def _images(runner: Any, pipe: Any, **overrides: Any) -> torch.Tensor:
-    return runner(**call_kwargs(pipe, **{"num_inference_steps": 6, **overrides})).images
+def _images(runner: Any, pipe: Any, alpha: float | None = None, **overrides: Any) -> torch.Tensor:
+    kwargs = call_kwargs(pipe, **{"num_inference_steps": 6, **overrides})
+    return (runner(**kwargs) if alpha is None else runner(**kwargs, alpha=alpha)).images
 
 
 @pytest.mark.parametrize(("first", "then"), [("tiny-flux", "tiny-sd3"), ("tiny-sd3", "tiny-pixart")])
@@ -121,3 +124,40 @@ def test_a_runtime_setting_of_the_wrong_kind_is_refused_when_set_and_the_calls_r
     assert caught.value.field == name
     assert torch.equal(_images(fast, pipe), expected)
     assert len(fast.buffers) == 1
+
+
+class _Stop(Exception):
+    pass
+
+
+def _failing_at(step: int) -> Any:
+    def callback(pipeline: Any, index: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if index == step:
+            raise _Stop
+        return {}
+
+    return callback
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5", "tiny-pixart", "tiny-flux"])
+def test_a_call_after_calls_of_every_other_kind_equals_it_on_a_fresh_pipeline(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    """What the runtime keeps per shape (caches, reference, staleness, clusters, indices) is rewritten by each call
+    before it is read: calls of another size (FLUX's transposed one has the same latents' shape), batch, guidance,
+    step count, alpha, t0 and step reuse, and calls that failed or were interrupted part-way, change no later call."""
+    pipe = tiny_pipelines[name]
+    callbacks = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+    expected = _images(catrt.accelerate(pipe, CONFIG), pipe)
+    fast = catrt.accelerate(pipe, CONFIG)
+    before: list[dict[str, Any]] = [
+        {"height": 96, "width": 64}, {"guidance_scale": 1.0}, {"prompt": "one"}, {"num_images_per_prompt": 2},
+        {"num_inference_steps": 9}, {"alpha": 0.7}, {"seed": 5, "negative_prompt": ["dark", "blurry"]},
+    ]
+    if callbacks:
+        before += [{"callback_on_step_end": _failing_at(4)}, {"callback_on_step_end": _failing_at(1), "alpha": 0.5}]
+    for overrides in before:
+        with contextlib.suppress(_Stop):
+            _images(fast, pipe, **overrides)
+    fast.config = CATConfig(alpha=0.3, t0=4, reuse_every=2)
+    _images(fast, pipe)
+    fast.config = CONFIG
+    assert torch.equal(_images(fast, pipe), expected)
