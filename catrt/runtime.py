@@ -185,8 +185,9 @@ class CATRuntime:
         key = (
             tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device, tuple(timestep.shape), timestep.dtype,
             tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in sorted(inputs.items())), self.guidance,
-            # the transformer's cache layout: pipelines of other transformers may share one RuntimeBuffers
-            (self.adapter.num_kv_slots, self.adapter.hidden_dim, self.adapter.token_out_channels),
+            # the transformer, and its cache layout: pipelines of other transformers may share one RuntimeBuffers, and
+            # their calls run at once (each transformer's are one at a time): one state each, never one for both
+            id(self.adapter.transformer), (self.adapter.num_kv_slots, self.adapter.hidden_dim, self.adapter.token_out_channels),
         )
         context = self.functions.prepare_context(inputs, tuple(hidden_states.shape))
         self.state = self.buffers.state(key, lambda: self._allocate(hidden_states, timestep, context))

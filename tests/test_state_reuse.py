@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import threading
 from typing import Any
 
 import pytest
@@ -161,3 +162,37 @@ def test_a_call_after_calls_of_every_other_kind_equals_it_on_a_fresh_pipeline(na
     _images(fast, pipe)
     fast.config = CONFIG
     assert torch.equal(_images(fast, pipe), expected)
+
+
+def test_pipelines_of_two_transformers_sharing_step_buffers_run_at_once_on_states_of_their_own(
+    tiny_pipelines: dict[str, Any]
+) -> None:
+    """Two transformers of one architecture (a fine-tune beside its base) given one RuntimeBuffers found one state for
+    their shapes; their calls are not serialized (each transformer has its own lock), so a call on one thread wrote
+    the caches another thread's generation was part-way through: a wrong image, no error."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    tuned = type(pipe).from_pipe(pipe, transformer=copy.deepcopy(pipe.transformer), scheduler=copy.deepcopy(pipe.scheduler))
+    with torch.no_grad():
+        for weight in tuned.transformer.parameters():
+            weight.mul_(1.01)
+    expected = _images(catrt.accelerate(pipe, CONFIG), pipe, num_inference_steps=8)
+    shared = RuntimeBuffers()
+    fast, other = catrt.accelerate(pipe, CONFIG), catrt.accelerate(tuned, CONFIG)
+    fast.buffers = other.buffers = shared
+    other_ran = threading.Event()
+
+    def wait_for_the_other(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if step == 4:  # part-way, pruning: the other generation runs entirely now
+            assert other_ran.wait(timeout=60)
+        return {}
+
+    result: list[torch.Tensor] = []
+    thread = threading.Thread(target=lambda: result.append(
+        _images(fast, pipe, num_inference_steps=8, callback_on_step_end=wait_for_the_other)))
+    thread.start()
+    try:
+        _images(other, tuned, num_inference_steps=8)
+    finally:
+        other_ran.set()
+        thread.join()
+    assert torch.equal(result[0], expected)
