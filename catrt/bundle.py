@@ -15,7 +15,6 @@ bundles have no weights of their own and run the model's transformer.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -49,7 +48,7 @@ _LOAD_ATTEMPTS = 3
 
 #: An EnginePipeline's instance attributes; every other one, read or set, but its class's own (`to`, `alphas`) is its
 #: accelerated pipeline's.
-_OWN_ATTRIBUTES = frozenset({"accelerated", "build", "manifest", "engine", "_signature"})
+_OWN_ATTRIBUTES = frozenset({"accelerated", "build", "manifest", "engine"})
 
 
 class EnginePipeline(ForwardsAttributes):
@@ -69,7 +68,6 @@ class EnginePipeline(ForwardsAttributes):
         self.build = build
         self.manifest = manifest
         self.engine = engine
-        self._signature = inspect.signature(accelerated.pipe.__call__)
 
     @property
     def alphas(self) -> tuple[float, ...]:
@@ -88,8 +86,9 @@ class EnginePipeline(ForwardsAttributes):
             check_pipeline_fits(
                 self.build, self.accelerated.pipe, self.engine.device, type(self.engine).needs_transformer, "now")
             defaults = {**pipeline_spec(self.accelerated.pipe).call_defaults, **self.build.call_arguments()}
-            refuse_config_keywords(self._signature, kwargs, bundle=True)
-            bound = self._signature.bind(*args, **kwargs)
+            signature = self.accelerated._signature  # the pipeline's it runs now (`fast.pipe = ...` changes it)
+            refuse_config_keywords(signature, kwargs, bundle=True)
+            bound = signature.bind(*args, **kwargs)
             for name, value in defaults.items():
                 bound.arguments.setdefault(name, value)
             bound.apply_defaults()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -109,16 +110,14 @@ class AcceleratedPipeline(ForwardsAttributes):
     def __init__(
         self, pipe: Any, config: CATConfig, functions: StepFunctions | None = None, cuda_graphs: bool | None = None
     ) -> None:
-        self.spec = pipeline_spec(pipe)
+        self.pipe = pipe  # and its spec and call signature (see __setattr__)
         check_accelerate_arguments(config, functions, cuda_graphs)
-        self.pipe = pipe
         self.config = config
         self.adapter = make_adapter(pipe.transformer)
         self.functions = functions
         self.cuda_graphs = cuda_graphs
         self.buffers = RuntimeBuffers()
         self.last_trace: list[StepRecord] = []
-        self._signature = inspect.signature(pipe.__call__)
         self._configs: dict[float, CATConfig] = {config.alpha: config}
 
     def config_for(self, alpha: float | None) -> CATConfig:
@@ -231,6 +230,21 @@ class AcceleratedPipeline(ForwardsAttributes):
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "config":  # `fast.config = ...` runs the calls after it: a CATConfig, as accelerate takes
             check_accelerate_arguments(value, None, None)
+        if name == "functions":  # and these, as accelerate takes them, where a call would fail deep in a step
+            check_accelerate_arguments(self.config, value, None)
+        if name == "cuda_graphs":
+            check_accelerate_arguments(self.config, None, value)
+        if name == "buffers" and not isinstance(value, RuntimeBuffers):
+            raise ConfigError(
+                f"buffers must be a catrt.runtime.RuntimeBuffers, got {type(value).__name__}; make one with "
+                f"catrt.runtime.RuntimeBuffers(max_shapes=...)",
+                field="buffers", value=type(value).__name__,
+            )
+        if name == "pipe":  # at construction and `fast.pipe = ...`: the calls after it run that pipeline's class, whose
+            # spec (guidance kind, token grid) and signature they read; kept from another class, a FLUX pipeline's
+            # spec ran an SD3 call's [uncond, cond] rows as 2 x batch images (a wrong image, no error)
+            super().__setattr__("spec", pipeline_spec(value))  # one catrt cannot run is refused here, by name
+            super().__setattr__("_signature", inspect.signature(value.__call__))
         super().__setattr__(name, value)
 
 
@@ -357,16 +371,26 @@ def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor
     """Route `transformer(...)` to `runtime(hidden_states, timestep, other kwargs)` for one pipeline call.
 
     Module hooks still fire (the server times steps with them). A `forward` set on the instance before
-    (a user's wrapper) is put back afterwards, not deleted. Only calls from the thread that entered are
-    routed: another thread's call (a plain `pipe(...)` meanwhile) runs the forward the transformer had.
+    (a user's wrapper) is put back afterwards, not deleted. Only the pipeline's own step calls are routed:
+    another thread's call (a plain `pipe(...)` meanwhile) runs the forward the transformer had, and so does a
+    call made deeper in the stack than the first step's, on this thread: a callback that runs a plain pipeline
+    sharing the transformer (or the transformer itself) between two steps, whose calls were taken as this
+    generation's next steps (its latents copied into the caches, the step count overrun).
     """
     signature = inspect.signature(type(transformer).forward)
     previous = transformer.__dict__.get("forward")
     own = previous if previous is not None else type(transformer).forward.__get__(transformer)
     owner = threading.get_ident()
+    steps_depth: int | None = None  # the stack depth of the pipeline's step calls, from its first
 
     def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal steps_depth
         if threading.get_ident() != owner:
+            return own(*args, **kwargs)
+        depth = _stack_depth()
+        if steps_depth is None:
+            steps_depth = depth
+        elif depth > steps_depth:
             return own(*args, **kwargs)
         arguments = signature.bind(transformer, *args, **kwargs).arguments
         arguments.pop("self", None)
@@ -384,6 +408,14 @@ def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor
             del transformer.forward
         else:
             transformer.forward = previous
+
+
+def _stack_depth() -> int:
+    """Frames on this thread's stack below the caller (a few dozen: cheap next to a transformer step)."""
+    frame, depth = sys._getframe(1), 0
+    while frame is not None:
+        frame, depth = frame.f_back, depth + 1
+    return depth
 
 
 def _as_batch(timestep: torch.Tensor | float, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -185,22 +185,26 @@ class CATRuntime:
         key = (
             tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device, tuple(timestep.shape), timestep.dtype,
             tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in sorted(inputs.items())), self.guidance,
+            # the transformer, and its cache layout: pipelines of other transformers may share one RuntimeBuffers, and
+            # their calls run at once (each transformer's are one at a time): one state each, never one for both
+            id(self.adapter.transformer), (self.adapter.num_kv_slots, self.adapter.hidden_dim, self.adapter.token_out_channels),
         )
         context = self.functions.prepare_context(inputs, tuple(hidden_states.shape))
         self.state = self.buffers.state(key, lambda: self._allocate(hidden_states, timestep, context))
         self.indices = self.state.indices_for(self.k)
         self._set_context(context)
-        self._call_kwargs = dict(call_kwargs)
+        self._inputs_seen = _as_seen(call_kwargs)
         self.state.staleness.zero_()
         self.state.last_computed.zero_()
         self.generator = torch.Generator(device=hidden_states.device).manual_seed(self.config.seed)
 
     def _follow(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> None:
-        """A later step: the shapes of step 1, and the context re-made where the pipeline passes other objects.
+        """A later step: the shapes of step 1, and the context re-made where its inputs are other objects or written.
 
         A `callback_on_step_end` may swap the prompt embeddings mid-generation (the transformer then reads
-        the new ones) or drop the unconditional rows (a dynamic-guidance callback): the first is taken up,
-        the second cannot run on this generation's caches and is refused, where a copy would broadcast.
+        the new ones), or edit them in place (the same tensor, new values: its in-place write count moved), or
+        drop the unconditional rows (a dynamic-guidance callback): the first two are taken up, the last cannot
+        run on this generation's caches and is refused, where a copy would broadcast.
         """
         state = self.state
         if hidden_states.shape != state.latents.shape or timestep.shape != state.timestep.shape:
@@ -210,9 +214,10 @@ class CATRuntime:
                 f"catrt's caches are made for one batch and size per generation: keep them for every step",
                 field="callback_on_step_end", value=tuple(hidden_states.shape),
             )
-        if call_kwargs.keys() == self._call_kwargs.keys() and all(call_kwargs[n] is self._call_kwargs[n] for n in call_kwargs):
+        seen = _as_seen(call_kwargs)
+        if seen == self._inputs_seen:
             return
-        self._call_kwargs = dict(call_kwargs)
+        self._inputs_seen = seen
         inputs = self.adapter.context_inputs(call_kwargs)
         self._set_context(self.functions.prepare_context(inputs, tuple(hidden_states.shape)))
 
@@ -387,6 +392,33 @@ class CATRuntime:
         adjacency = cluster_adjacency(labels, self.grid, self.n_clusters)
         pooled = pooled_cluster_scores(delta, labels, adjacency, self.n_clusters)
         return selection.select_first(magnitude, labels, pooled, self.k)
+
+
+class _Seen:
+    """One transformer argument as a step saw it: the object itself, and for a tensor its in-place write count.
+
+    Equal to a later step's only where the context made from it still holds: the same object (a callback's new
+    prompt embeddings are another one) not written in place since (a callback's `prompt_embeds.mul_(0.5)` moves
+    the count). An inference tensor (made under `torch.inference_mode`) keeps no count: never equal, so its
+    context is made again each step rather than kept from values it may no longer hold.
+    """
+
+    __slots__ = ("value", "version")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.version = value._version if isinstance(value, torch.Tensor) and not value.is_inference() else None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Seen) or self.value is not other.value:
+            return False
+        return not isinstance(self.value, torch.Tensor) or (self.version is not None and self.version == other.version)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _as_seen(call_kwargs: dict[str, Any]) -> dict[str, _Seen]:
+    return {name: _Seen(value) for name, value in call_kwargs.items()}
 
 
 # Baselines for bench/: the same k and schedule, another rule. Each maps (runtime, cond outputs) -> (B, k).

@@ -148,8 +148,9 @@ def update_staleness(staleness: torch.Tensor, indices: torch.Tensor, decay: floa
 
 
 def select_random(batch: int, num: int, k: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """k distinct uniformly random tokens per prompt."""
-    noise = torch.rand((batch, num), generator=generator, device=device)
+    """k distinct uniformly random tokens, one draw for every prompt of the batch: a prompt's image must not depend on
+    its place in the batch (as KMeans' draws), and a draw per row gave the same seed another image at row 1 than at 0."""
+    noise = torch.rand((1, num), generator=generator, device=device).expand(batch, -1)
     return torch.topk(noise, k, dim=1).indices
 
 

@@ -88,9 +88,10 @@ class StepState:
 
 
 class RuntimeBuffers:
-    """Step states by shape, kept across generations (one per pipeline or engine).
+    """Step states by shape, kept across generations (one per pipeline or engine; pipelines given one share it).
 
-    A generation reuses the state of an earlier one with the same shapes, so steady-state steps
+    A generation reuses the state of an earlier one with the same shapes and transformer (another transformer's
+    calls may run at the same time, on another thread: never on the same state), so steady-state steps
     allocate nothing and captured CUDA graphs stay valid. At most `max_shapes` states are kept: the one
     used longest ago is dropped (with its captured graphs) when another shape comes, so a process that
     runs many sizes or batch sizes holds the caches of the last few only (SD3.5-large's K/V cache at

@@ -145,6 +145,35 @@ def test_a_callback_that_swaps_the_prompt_embeddings_is_followed(name: str, tiny
     assert len(preparations) == 2  # step 1, and the step after the swap: not every step
 
 
+@pytest.mark.parametrize("inference", [False, True])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_a_callback_that_edits_the_prompt_embeddings_in_place_is_followed(
+    name: str, inference: bool, tiny_pipelines: dict[str, Any]
+) -> None:
+    """The runtime kept the context it made at step 1 while the transformer's inputs were the same objects, so a
+    callback writing into the prompt embeddings (`mul_`, where a swap hands a new tensor) ran every later step on
+    the old values: alpha = 1 was 0.06 off the plain pipeline. Under inference_mode (no write count) too."""
+    pipe = tiny_pipelines[name]
+
+    def halve_in_place(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if step == 5:
+            tensors["prompt_embeds"].mul_(0.5)
+        return {}
+
+    def run(runner: Any) -> torch.Tensor:
+        with torch.inference_mode(inference):
+            return runner(**call_kwargs(
+                pipe, callback_on_step_end=halve_in_place, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]
+            )).images
+
+    expected = run(pipe)
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3))
+    preparations = _count_context_preparations(fast)
+    assert _relative_error(run(fast), expected) < 1e-4
+    # step 1 and the step after the edit; an inference tensor keeps no write count, so each step makes it again
+    assert len(preparations) == (12 if inference else 2)
+
+
 def test_a_callback_that_changes_the_text_length_is_refused_by_the_input_name(tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines["tiny-sd3"]
 
