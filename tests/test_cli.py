@@ -299,6 +299,35 @@ def test_a_stop_while_the_image_is_written_keeps_the_old_image_and_leaves_no_fil
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
+def test_generate_writes_through_a_link_at_out_and_takes_any_name_a_plain_write_takes(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An --out that is a link (`latest.png -> runs/0042.png`) had the link replaced by the image, the file it named left
+    stale, as PIL's own save would not; an --out name of 242 to 255 bytes was refused as 'File name too long' (its
+    temporary's name is 14 bytes longer)."""
+    import catrt.generation
+
+    class Image:
+        width, height = 96, 64
+
+        def save(self, path: Path, **named: Any) -> None:
+            Path(path).write_bytes(b"the new image")
+
+    monkeypatch.setattr(catrt.cli.generate, "_model_runner", lambda args: (object(), "stub"))
+    monkeypatch.setattr(catrt.generation, "generate_image", lambda runner, request: (Image(), 1.0))
+    (tmp_path / "runs").mkdir()
+    target, link = tmp_path / "runs" / "0042.png", tmp_path / "latest.png"
+    target.write_bytes(b"the earlier image")
+    link.symlink_to(Path("runs") / "0042.png")
+    assert main(["generate", "--prompt", "x", "--out", str(link)]) == 0, capfd.readouterr().err
+    assert link.is_symlink() and target.read_bytes() == b"the new image"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["0042.png"]
+    long = tmp_path / ("a" * 251 + ".png")
+    assert main(["generate", "--prompt", "x", "--out", str(long)]) == 0, capfd.readouterr().err
+    assert long.read_bytes() == b"the new image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, "latest.png", "runs"])
+
+
 @pytest.mark.usefixtures("no_model_loads")
 def test_compare_refuses_bad_seeds_guidance_and_prompt_text_before_loading(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
