@@ -12,6 +12,7 @@ is cut to fit the filesystem's name limit, so any name a plain write takes is ta
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import uuid
@@ -41,8 +42,12 @@ def stage(path: Path) -> Path:
 
 def beside(path: Path, tag: str) -> Path:
     """The hidden file `.<name><tag>` beside `path`, its name cut (whole characters) to the filesystem's limit: a name
-    of up to NAME_MAX bytes, which a plain write takes, has no room for the dot and the tag too."""
-    name, limit = path.name, _name_limit(path.parent) - len(os.fsencode(tag)) - 1
+    of up to NAME_MAX bytes, which a plain write takes, has no room for the dot and the tag too. A name over the limit
+    is the OSError a plain write raises (ENAMETOOLONG), raised now: the rename would fail only after the work."""
+    most = _name_limit(path.parent)
+    if len(os.fsencode(path.name)) > most:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
+    name, limit = path.name, most - len(os.fsencode(tag)) - 1
     while len(os.fsencode(name)) > limit:
         name = name[:-1]
     return path.with_name(f".{name}{tag}")

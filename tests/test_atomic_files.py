@@ -244,3 +244,11 @@ def test_a_name_a_plain_write_takes_is_taken(tmp_path: Path, name: str) -> None:
         assert len(os.fsencode(temporary.name)) <= 255 and temporary.name.endswith(".tmp")
         temporary.write_text("new\n")
     assert path.read_text() == "new\n" and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_a_name_over_the_limit_is_refused_before_the_block_runs(tmp_path: Path) -> None:
+    """Cut to fit, the temporary of a 256-byte name was made and written, and only the rename failed, after the work
+    (generate: after the whole generation); it fails first, as a plain write does."""
+    with pytest.raises(OSError, match="File name too long") as caught, atomic_files.replacing(tmp_path / ("a" * 256)):
+        pytest.fail("the block ran")
+    assert caught.value.errno == errno.ENAMETOOLONG and list(tmp_path.iterdir()) == []

@@ -267,6 +267,14 @@ def test_an_out_that_cannot_be_written_is_refused_before_loading(capfd: pytest.C
     assert "--out '/proc/catrt-image.png' cannot be written" in line and "pick a writable folder" in line
 
 
+@pytest.mark.usefixtures("no_model_loads")
+def test_an_out_name_over_the_filesystems_limit_is_refused_before_loading(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Its staged file's name, cut to fit, could be made: the image's rename would fail only after the generation."""
+    out = tmp_path / ("a" * 252 + ".png")
+    line = _fails(capfd, "generate", "--prompt", "x", "--out", str(out))
+    assert "cannot be written (File name too long); pick a writable folder" in line and list(tmp_path.iterdir()) == []
+
+
 def _interrupt() -> None:
     raise KeyboardInterrupt
 
