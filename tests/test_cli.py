@@ -330,10 +330,14 @@ def test_generate_writes_through_a_link_at_out_and_takes_any_name_a_plain_write_
     assert main(["generate", "--prompt", "x", "--out", str(link)]) == 0, capfd.readouterr().err
     assert link.is_symlink() and target.read_bytes() == b"the new image"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["0042.png"]
+    link.unlink()
+    link.symlink_to(Path("later") / "runs" / "0043.png")  # dangling: its folders made, as --out's own are
+    assert main(["generate", "--prompt", "x", "--out", str(link)]) == 0, capfd.readouterr().err
+    assert link.is_symlink() and (tmp_path / "later" / "runs" / "0043.png").read_bytes() == b"the new image"
     long = tmp_path / ("a" * 251 + ".png")
     assert main(["generate", "--prompt", "x", "--out", str(long)]) == 0, capfd.readouterr().err
     assert long.read_bytes() == b"the new image"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, "latest.png", "runs"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, "latest.png", "later", "runs"])
 
 
 @pytest.mark.usefixtures("no_model_loads")
