@@ -35,7 +35,10 @@ def stage(path: Path) -> Path:
     filesystem's limit) to write `path`'s new content to.
 
     The OSError of a folder that is missing or cannot be written is raised here, before any work."""
-    temporary = beside(target(path), f".{uuid.uuid4().hex[:8]}.tmp")
+    path = target(path)
+    if os.path.islink(path):  # a loop of links, where realpath stops: a plain write fails now, not after the work
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+    temporary = beside(path, f".{uuid.uuid4().hex[:8]}.tmp")
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     return temporary
 

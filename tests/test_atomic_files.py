@@ -252,3 +252,13 @@ def test_a_name_over_the_limit_is_refused_before_the_block_runs(tmp_path: Path) 
     with pytest.raises(OSError, match="File name too long") as caught, atomic_files.replacing(tmp_path / ("a" * 256)):
         pytest.fail("the block ran")
     assert caught.value.errno == errno.ENAMETOOLONG and list(tmp_path.iterdir()) == []
+
+
+def test_a_loop_of_links_is_refused_before_the_block_runs(tmp_path: Path) -> None:
+    """A plain write fails on a loop of links (ELOOP); the atomic one staged, ran the block and failed only at its
+    rename, after the work."""
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(OSError, match="Too many levels of symbolic links") as caught, atomic_files.replacing(tmp_path / "a"):
+        pytest.fail("the block ran")
+    assert caught.value.errno == errno.ELOOP and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
