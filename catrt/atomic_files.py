@@ -47,7 +47,7 @@ def beside(path: Path, tag: str) -> Path:
     """The hidden file `.<name><tag>` beside `path`, its name cut (whole characters) to the filesystem's limit: a name
     of up to NAME_MAX bytes, which a plain write takes, has no room for the dot and the tag too. A name over the limit
     is the OSError a plain write raises (ENAMETOOLONG), raised now: the rename would fail only after the work."""
-    most = _name_limit(path.parent)
+    most = name_limit(path.parent)
     if len(os.fsencode(path.name)) > most:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
     name, limit = path.name, most - len(os.fsencode(tag)) - 1
@@ -101,8 +101,8 @@ def write_text(path: Path, text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
-def _name_limit(folder: Path) -> int:
-    """The longest file name, in bytes, `folder`'s filesystem takes."""
+def name_limit(folder: Path) -> int:
+    """The longest file name, in bytes, `folder`'s filesystem takes (NAME_MAX where it cannot say)."""
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # a missing folder (refused by the open after), or no pathconf (Windows)

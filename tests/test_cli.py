@@ -551,6 +551,38 @@ def test_build_refuses_an_out_that_is_a_file_or_a_bundle_before_loading(
 
 
 @pytest.mark.usefixtures("no_model_loads")
+def test_build_refuses_a_build_name_no_folder_can_have_before_loading(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A model folder of a long name makes a build name over the filesystem's 255 bytes (or within 14 of it, the
+    staging folder's `.<name>.tmp-XXXXXXXX` being longer): the build failed after loading the model with an OSError
+    traceback ('File name too long')."""
+    for length in (230, 205):  # a build name of 270 bytes; of 245, whose staging folder's name is 259
+        model = tmp_path / ("m" * length)
+        model.mkdir()
+        (model / "model_index.json").write_text("{}")
+        line = _fails(capfd, "build", "--model", str(model), "--backend", "onnxruntime", "--steps", "6", "--t0", "3",
+                      "--height", "32", "--width", "48", "--out", str(tmp_path / "engines"), "--export-dir", str(tmp_path / "export"))
+        assert f"bytes, but its folder (staged as .<name>.tmp-XXXXXXXX) takes at most 241 here: build from a model folder of a shorter name" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m" * 205, "m" * 230]
+
+
+def test_a_build_name_no_folder_can_have_is_refused_before_the_export(
+    tiny_pipelines: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the size comes from the loaded model (no --height / --width), the name is checked once it is known."""
+    import catrt.build
+    from catrt.build_config import BuildConfig
+    from catrt.errors import ConfigError
+
+    model = tmp_path / ("m" * 215)  # a build name of 256 bytes at the model's default size
+    tiny_pipelines["tiny-sd3"].save_pretrained(model)
+    monkeypatch.setattr(catrt.build, "export_graphs", lambda *args, **kwargs: pytest.fail("exported"))
+    config = BuildConfig(str(model), steps=6, t0=3, max_sequence_length=8, backend="onnxruntime")
+    with pytest.raises(ConfigError, match=r"is 25\d bytes, but its folder .* takes at most 241 here") as refused:
+        catrt.build.build_engines(config, out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False)
+    assert refused.value.field == "model" and sorted(path.name for path in tmp_path.iterdir()) == [model.name]
+
+
+@pytest.mark.usefixtures("no_model_loads")
 def test_build_refuses_one_folder_for_the_export_and_the_bundles(capfd: pytest.CaptureFixture[str], eager_bundle: Path) -> None:
     """The export is published under the bundle's name: in the same folder it would replace an earlier bundle before
     the new one is verified (a failed build would leave none)."""
