@@ -561,7 +561,7 @@ def test_build_refuses_a_build_name_no_folder_can_have_before_loading(capfd: pyt
         (model / "model_index.json").write_text("{}")
         line = _fails(capfd, "build", "--model", str(model), "--backend", "onnxruntime", "--steps", "6", "--t0", "3",
                       "--height", "32", "--width", "48", "--out", str(tmp_path / "engines"), "--export-dir", str(tmp_path / "export"))
-        assert f"bytes, but its folder (staged as .<name>.tmp-XXXXXXXX) takes at most 241 here: build from a model folder of a shorter name" in line
+        assert "bytes, but its folder (staged as .<name>.tmp-XXXXXXXX) takes at most 241 here: build from a model folder of a shorter name" in line
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m" * 205, "m" * 230]
 
 
