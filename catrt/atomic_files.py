@@ -61,18 +61,29 @@ def commit(temporary: Path, path: Path) -> None:
     removed and `path` kept. A file replaced passes its permission bits on (a plain write keeps them)."""
     path = target(path)
     try:
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)  # else a crash soon after the rename can leave `path` empty (ext4, xfs)
-        finally:
-            os.close(descriptor)
-        with contextlib.suppress(FileNotFoundError):  # after the open: a read-only mode passed on may be 0o000, 0o200
+        _flush(temporary)  # else a crash soon after the rename can leave `path` empty (ext4, xfs)
+        with contextlib.suppress(FileNotFoundError):  # after the flush: a read-only mode passed on may be 0o000, 0o200
             os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode) & 0o777)  # a new file keeps the umask's
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def _flush(temporary: Path) -> None:
+    """fsync `temporary` through a read-only descriptor (POSIX flushes through any, and its owner may not write it under
+    an odd umask), else through one that may write: Windows' FlushFileBuffers refuses a read-only handle (EBADF)."""
+    for flags in (os.O_RDONLY, os.O_WRONLY):
+        descriptor = os.open(temporary, flags)
+        try:
+            os.fsync(descriptor)
+            return
+        except OSError as error:
+            if flags == os.O_WRONLY or error.errno not in (errno.EBADF, errno.EACCES):
+                raise
+        finally:
+            os.close(descriptor)
 
 
 @contextlib.contextmanager

@@ -262,3 +262,23 @@ def test_a_loop_of_links_is_refused_before_the_block_runs(tmp_path: Path) -> Non
     with pytest.raises(OSError, match="Too many levels of symbolic links") as caught, atomic_files.replacing(tmp_path / "a"):
         pytest.fail("the block ran")
     assert caught.value.errno == errno.ELOOP and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_the_flush_takes_a_descriptor_that_may_write_where_the_os_asks_for_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush opened the temporary read-only: Windows' fsync (FlushFileBuffers) refuses such a handle with EBADF, so
+    every replaced file failed there. An fsync that refuses read-only descriptors, as Windows' does, stands in for it."""
+    fcntl = pytest.importorskip("fcntl")  # POSIX: reads a descriptor's access mode
+
+    fsync, flushed = os.fsync, []
+
+    def windows_fsync(fd: int) -> None:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        flushed.append(os.fstat(fd).st_size)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    atomic_files.write_bytes(tmp_path / "plan", b"12345")
+    assert (tmp_path / "plan").read_bytes() == b"12345" and flushed == [5] and sorted(tmp_path.iterdir()) == [tmp_path / "plan"]
