@@ -35,18 +35,18 @@ def stage(path: Path) -> Path:
     filesystem's limit) to write `path`'s new content to.
 
     The OSError of a folder that is missing or cannot be written is raised here, before any work."""
-    path = target(path)
-    if os.path.islink(path):  # a loop of links, where realpath stops: a plain write fails now, not after the work
-        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
-    temporary = beside(path, f".{uuid.uuid4().hex[:8]}.tmp")
+    temporary = beside(target(path), f".{uuid.uuid4().hex[:8]}.tmp")
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     return temporary
 
 
 def beside(path: Path, tag: str) -> Path:
     """The hidden file `.<name><tag>` beside `path`, its name cut (whole characters) to the filesystem's limit: a name
-    of up to NAME_MAX bytes, which a plain write takes, has no room for the dot and the tag too. A name over the limit
-    is the OSError a plain write raises (ENAMETOOLONG), raised now: the rename would fail only after the work."""
+    of up to NAME_MAX bytes, which a plain write takes, has no room for the dot and the tag too. A name over the limit,
+    or a `path` still a link (a loop of links, where `target` stops), is the OSError a plain write raises (ENAMETOOLONG,
+    ELOOP), raised now: the rename would fail only after the work."""
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
     most = name_limit(path.parent)
     if len(os.fsencode(path.name)) > most:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
