@@ -131,7 +131,7 @@ def _check_and_build(
                 f"it builds; give them different folders (--out / --export-dir)",
                 field="export_dir", value=str(export_dir),
             )
-    if config.height is not None and config.width is not None:  # the name known but for the text length: checked again
+    if config.height is not None and config.width is not None:  # the name is known before loading; else once loaded
         _check_name_length(config, out_dir, export_dir)
     bar = tqdm(total=len(STAGES), desc="catrt build", disable=not progress)
     with bar:
