@@ -90,10 +90,12 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
     above = next((parent for parent in report.parents if parent.exists()), None)
     if above is not None and not above.is_dir():
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
-    probe = report.with_name(f".{report.name}.{os.getpid()}.tmp")  # a file beside it, as write_text makes; made and removed now
+    from catrt import atomic_files  # light: no torch
+
     try:  # a read-only folder or file system failed the report write after the run, with a traceback
         report.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch()
+        probe = atomic_files.beside(report, f".{os.getpid()}.tmp")  # a file beside it, as write_text makes (its name cut to fit)
+        probe.touch()  # made and removed now
         probe.unlink()
     except OSError as error:
         linked = f" (--out is a link to {report})" if report != out else ""
@@ -150,7 +152,9 @@ def write_text(path: Path, text: str) -> None:
 def report_file(path: Path) -> Path:
     """The file a report at `path` is written to: the target of a link there (relative links from the link's folder,
     chains to their end), else `path` itself; `check_out` checks the same file `write_text` writes."""
-    return Path(os.path.realpath(path)) if os.path.islink(path) else path
+    from catrt import atomic_files  # light: no torch
+
+    return atomic_files.target(path)
 
 
 def check_at_least_one(parser: argparse.ArgumentParser, **counts: int) -> None:

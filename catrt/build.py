@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from catrt import atomic_files
 from catrt.build_config import BuildConfig
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
 from catrt.checks import path_is, writable_folder
@@ -34,7 +35,7 @@ from catrt.models import Adapter, make_adapter
 from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.prompts import check_text_length
 from catrt.provenance import describe_device, package_versions, transformer_config, weights_digest
-from catrt.publish import refuse_non_folder, staged_folder
+from catrt.publish import STAGING_OVERHEAD, refuse_non_folder, staged_folder
 from catrt.signing import resolve_key, sign_manifest
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ def _check_and_build(
                 f"it builds; give them different folders (--out / --export-dir)",
                 field="export_dir", value=str(export_dir),
             )
+    if config.height is not None and config.width is not None:  # the name is known before loading; else once loaded
+        _check_name_length(config, out_dir, export_dir)
     bar = tqdm(total=len(STAGES), desc="catrt build", disable=not progress)
     with bar:
         bar.set_postfix_str(STAGES[0])
@@ -200,6 +203,7 @@ def _build(
     sign_key: bytes | None = None,
 ) -> Path:
     name = config.build_name()
+    _check_name_length(config, out_dir, export_dir)
     bar.set_description(f"catrt build {name}")
     backend = BACKEND_BUILDS[config.backend]
     # Where the build will be published, checked before minutes of work: a user's file there is refused, not moved.
@@ -288,6 +292,22 @@ def _check_same_model(folder: Path, model: str) -> None:
             f"{echo_path(folder)} holds a build of model {echo(earlier, PATH_ECHO_LIMIT)}, this one is of {echo(model, PATH_ECHO_LIMIT)}: it would replace it; build into "
             f"another --out, or remove {echo_path(folder)} first",
             field="out_dir", value=str(folder),
+        )
+
+
+def _check_name_length(config: BuildConfig, out_dir: Path, export_dir: Path) -> None:
+    """Refuse a build name no folder can have: its model folder's name and the settings (many alphas) make it, and a
+    name over the filesystem's limit failed after the model loaded with an OSError traceback ('File name too long'),
+    as did one within 14 bytes of it, whose staging folder `.<name>.tmp-XXXXXXXX` is longer."""
+    name = config.build_name()
+    folders = (out_dir, export_dir) if BACKEND_BUILDS[config.backend].needs_onnx else (out_dir,)
+    longest = min(atomic_files.name_limit(folder) for folder in folders) - STAGING_OVERHEAD
+    if len(os.fsencode(name)) > longest:
+        raise ConfigError(
+            f"the build name {echo(name, PATH_ECHO_LIMIT)} is {len(os.fsencode(name))} bytes, but its folder (staged as "
+            f".<name>.tmp-XXXXXXXX) takes at most {longest} here: build from a model folder of a shorter name (a link "
+            f"to it of a shorter name will do) or with fewer alphas",
+            field="model", value=name,
         )
 
 

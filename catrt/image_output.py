@@ -38,14 +38,15 @@ def image_format(value: str) -> tuple[Path, str]:
 
 @contextlib.contextmanager
 def staged_image(out: Path) -> Iterator[Path]:
-    """A new empty file beside `out` (its folders made), renamed onto `out` when the block completes.
+    """A new empty file beside `out` (its folders made), renamed onto `out` when the block completes; a link at `out`
+    is written through (beside the file it points to, whose folders are made, as `out`'s own are).
 
     Made on entry, so an unwritable place is a ConfigError before the block's work; removed if the
     block fails or is interrupted, leaving `out` as it was.
     """
     _check_folders(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_files.target(out).parent.mkdir(parents=True, exist_ok=True)  # a link's: the image is written through it
         staged = atomic_files.stage(out)
     except OSError as error:
         raise unwritable_out(out, error) from None

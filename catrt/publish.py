@@ -158,6 +158,11 @@ def _staging_prefix(final: Path) -> str:
     return f".{final.name}.tmp-"
 
 
+#: The bytes a staging folder's name adds to its bundle's (`.<name>.tmp-` and mkdtemp's 8 random characters): a bundle
+#: name longer than the filesystem's limit less these cannot be staged.
+STAGING_OVERHEAD = len(_staging_prefix(Path("x"))) - len("x") + 8
+
+
 @contextlib.contextmanager
 def held(folder: Path) -> Iterator[None]:
     """`folder` locked for the block (a flock on its descriptor, released on exit or when the process dies): publishes

@@ -190,3 +190,95 @@ def test_saving_the_trained_weights_cut_short_keeps_the_earlier_weights_and_no_t
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert float(load_file(out / train.TRANSFORMER_FILE)["weight"][0, 0]) == 1.0
+
+
+# -- what a plain write did, the atomic one does too -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o666, 0o444], ids=oct)
+def test_a_replaced_file_keeps_its_permissions(tmp_path: Path, mode: int) -> None:
+    """A plain write keeps the file's mode; the renamed temporary came with the umask's (0o644 under 022), so a report
+    or checkpoint made owner-only (0o600) was readable by everyone after the next write."""
+    path = tmp_path / "private.md"
+    path.write_text("earlier\n")
+    os.chmod(path, mode)
+    atomic_files.write_text(path, "new\n")
+    assert path.read_text() == "new\n" and stat.S_IMODE(path.stat().st_mode) == mode
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
+def test_a_new_file_under_an_owner_only_umask_is_owner_only(tmp_path: Path) -> None:
+    mask = os.umask(0o077)
+    try:
+        atomic_files.write_text(tmp_path / "new.md", "new\n")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "new.md").stat().st_mode) == 0o600
+
+
+def test_a_link_is_written_through_beside_its_target_and_kept(tmp_path: Path) -> None:
+    """A plain write writes through a link at the path; the rename replaced the link itself with a file (the file it
+    pointed to, a shared result or a file on another disk, was left stale), its temporary made beside the link."""
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "here").mkdir()
+    target, link = tmp_path / "kept" / "latest.png", tmp_path / "here" / "out.png"
+    target.write_bytes(b"earlier")
+    os.chmod(target, 0o600)
+    link.symlink_to(Path("..") / "kept" / "latest.png")  # relative: from the link's folder
+    atomic_files.write_bytes(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["latest.png"]
+    assert [p.name for p in (tmp_path / "here").iterdir()] == ["out.png"]
+    (tmp_path / "dangling.md").symlink_to(tmp_path / "kept" / "later.md")  # a plain write makes the file it names
+    atomic_files.write_text(tmp_path / "dangling.md", "made\n")
+    assert (tmp_path / "dangling.md").is_symlink() and (tmp_path / "kept" / "later.md").read_text() == "made\n"
+
+
+@pytest.mark.parametrize("name", ["a" * 255, "é" * 127, "a" * 241 + ".png"], ids=["255-ascii", "254-utf8", "245"])
+def test_a_name_a_plain_write_takes_is_taken(tmp_path: Path, name: str) -> None:
+    """`.<name>.<8 hex>.tmp` is 14 bytes longer than the name: a name over 241 bytes (a plain write takes 255) failed
+    as "File name too long". The temporary's name is cut to fit (whole characters, never half a UTF-8 one)."""
+    path = tmp_path / name
+    path.write_text("earlier\n")  # the filesystem takes it
+    with atomic_files.replacing(path) as temporary:
+        assert len(os.fsencode(temporary.name)) <= 255 and temporary.name.endswith(".tmp")
+        temporary.write_text("new\n")
+    assert path.read_text() == "new\n" and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_a_name_over_the_limit_is_refused_before_the_block_runs(tmp_path: Path) -> None:
+    """Cut to fit, the temporary of a 256-byte name was made and written, and only the rename failed, after the work
+    (generate: after the whole generation); it fails first, as a plain write does."""
+    with pytest.raises(OSError, match="File name too long") as caught, atomic_files.replacing(tmp_path / ("a" * 256)):
+        pytest.fail("the block ran")
+    assert caught.value.errno == errno.ENAMETOOLONG and list(tmp_path.iterdir()) == []
+
+
+def test_a_loop_of_links_is_refused_before_the_block_runs(tmp_path: Path) -> None:
+    """A plain write fails on a loop of links (ELOOP); the atomic one staged, ran the block and failed only at its
+    rename, after the work."""
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(OSError, match="Too many levels of symbolic links") as caught, atomic_files.replacing(tmp_path / "a"):
+        pytest.fail("the block ran")
+    assert caught.value.errno == errno.ELOOP and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_the_flush_takes_a_descriptor_that_may_write_where_the_os_asks_for_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush opened the temporary read-only: Windows' fsync (FlushFileBuffers) refuses such a handle with EBADF, so
+    every replaced file failed there. An fsync that refuses read-only descriptors, as Windows' does, stands in for it."""
+    fcntl = pytest.importorskip("fcntl")  # POSIX: reads a descriptor's access mode
+
+    fsync, flushed = os.fsync, []
+
+    def windows_fsync(fd: int) -> None:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        flushed.append(os.fstat(fd).st_size)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    atomic_files.write_bytes(tmp_path / "plan", b"12345")
+    assert (tmp_path / "plan").read_bytes() == b"12345" and flushed == [5] and sorted(tmp_path.iterdir()) == [tmp_path / "plan"]

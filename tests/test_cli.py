@@ -267,6 +267,14 @@ def test_an_out_that_cannot_be_written_is_refused_before_loading(capfd: pytest.C
     assert "--out '/proc/catrt-image.png' cannot be written" in line and "pick a writable folder" in line
 
 
+@pytest.mark.usefixtures("no_model_loads")
+def test_an_out_name_over_the_filesystems_limit_is_refused_before_loading(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Its staged file's name, cut to fit, could be made: the image's rename would fail only after the generation."""
+    out = tmp_path / ("a" * 252 + ".png")
+    line = _fails(capfd, "generate", "--prompt", "x", "--out", str(out))
+    assert "cannot be written (File name too long); pick a writable folder" in line and list(tmp_path.iterdir()) == []
+
+
 def _interrupt() -> None:
     raise KeyboardInterrupt
 
@@ -297,6 +305,39 @@ def test_a_stop_while_the_image_is_written_keeps_the_old_image_and_leaves_no_fil
     assert capfd.readouterr().err.strip() == f"catrt generate: {said}"
     assert out.read_bytes() == b"the earlier image" and sorted(tmp_path.iterdir()) == [out]
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_generate_writes_through_a_link_at_out_and_takes_any_name_a_plain_write_takes(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An --out that is a link (`latest.png -> runs/0042.png`) had the link replaced by the image, the file it named left
+    stale, as PIL's own save would not; an --out name of 242 to 255 bytes was refused as 'File name too long' (its
+    temporary's name is 14 bytes longer)."""
+    import catrt.generation
+
+    class Image:
+        width, height = 96, 64
+
+        def save(self, path: Path, **named: Any) -> None:
+            Path(path).write_bytes(b"the new image")
+
+    monkeypatch.setattr(catrt.cli.generate, "_model_runner", lambda args: (object(), "stub"))
+    monkeypatch.setattr(catrt.generation, "generate_image", lambda runner, request: (Image(), 1.0))
+    (tmp_path / "runs").mkdir()
+    target, link = tmp_path / "runs" / "0042.png", tmp_path / "latest.png"
+    target.write_bytes(b"the earlier image")
+    link.symlink_to(Path("runs") / "0042.png")
+    assert main(["generate", "--prompt", "x", "--out", str(link)]) == 0, capfd.readouterr().err
+    assert link.is_symlink() and target.read_bytes() == b"the new image"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["0042.png"]
+    link.unlink()
+    link.symlink_to(Path("later") / "runs" / "0043.png")  # dangling: its folders made, as --out's own are
+    assert main(["generate", "--prompt", "x", "--out", str(link)]) == 0, capfd.readouterr().err
+    assert link.is_symlink() and (tmp_path / "later" / "runs" / "0043.png").read_bytes() == b"the new image"
+    long = tmp_path / ("a" * 251 + ".png")
+    assert main(["generate", "--prompt", "x", "--out", str(long)]) == 0, capfd.readouterr().err
+    assert long.read_bytes() == b"the new image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, "latest.png", "later", "runs"])
 
 
 @pytest.mark.usefixtures("no_model_loads")
@@ -507,6 +548,38 @@ def test_build_refuses_an_out_that_is_a_file_or_a_bundle_before_loading(
                          "there would make that bundle unloadable: give a folder outside it (--out / --export-dir)")
     assert sorted(path.name for path in eager_bundle.iterdir()) == before
     assert main(["inspect", str(eager_bundle)]) == 0
+
+
+@pytest.mark.usefixtures("no_model_loads")
+def test_build_refuses_a_build_name_no_folder_can_have_before_loading(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A model folder of a long name makes a build name over the filesystem's 255 bytes (or within 14 of it, the
+    staging folder's `.<name>.tmp-XXXXXXXX` being longer): the build failed after loading the model with an OSError
+    traceback ('File name too long')."""
+    for length in (230, 205):  # a build name of 270 bytes; of 245, whose staging folder's name is 259
+        model = tmp_path / ("m" * length)
+        model.mkdir()
+        (model / "model_index.json").write_text("{}")
+        line = _fails(capfd, "build", "--model", str(model), "--backend", "onnxruntime", "--steps", "6", "--t0", "3",
+                      "--height", "32", "--width", "48", "--out", str(tmp_path / "engines"), "--export-dir", str(tmp_path / "export"))
+        assert "bytes, but its folder (staged as .<name>.tmp-XXXXXXXX) takes at most 241 here: build from a model folder of a shorter name" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m" * 205, "m" * 230]
+
+
+def test_a_build_name_no_folder_can_have_is_refused_before_the_export(
+    tiny_pipelines: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the size comes from the loaded model (no --height / --width), the name is checked once it is known."""
+    import catrt.build
+    from catrt.build_config import BuildConfig
+    from catrt.errors import ConfigError
+
+    model = tmp_path / ("m" * 215)  # a build name of 256 bytes at the model's default size
+    tiny_pipelines["tiny-sd3"].save_pretrained(model)
+    monkeypatch.setattr(catrt.build, "export_graphs", lambda *args, **kwargs: pytest.fail("exported"))
+    config = BuildConfig(str(model), steps=6, t0=3, max_sequence_length=8, backend="onnxruntime")
+    with pytest.raises(ConfigError, match=r"is 25\d bytes, but its folder .* takes at most 241 here") as refused:
+        catrt.build.build_engines(config, out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False)
+    assert refused.value.field == "model" and sorted(path.name for path in tmp_path.iterdir()) == [model.name]
 
 
 @pytest.mark.usefixtures("no_model_loads")

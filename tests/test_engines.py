@@ -424,6 +424,44 @@ def test_cuda_provider_runs_on_the_engines_gpu_with_torchs_tf32_setting(
     assert asked == [[("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "1" if tf32 else "0"}), "CPUExecutionProvider"]]
 
 
+@pytest.mark.parametrize(("owner", "value", "tf32"), [
+    (torch.backends.cuda.matmul, "tf32", True), (torch.backends, "tf32", True), (torch.backends.cuda.matmul, "ieee", False),
+], ids=["matmul-tf32", "global-tf32", "matmul-ieee"])
+def test_cuda_provider_follows_tf32_set_with_torchs_new_precision_settings(
+        owner: Any, value: str, tf32: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.9's `fp32_precision` settings are how its docs now turn TF32 on; after them, reading the legacy
+    `allow_tf32` (as `cuda_options` did) raises a RuntimeError ("mix of the legacy and new APIs"), so such a user's
+    CUDA bundle failed to load with a traceback. Our glue only, with the stand-ins of the test above."""
+    import onnxruntime
+
+    from catrt.engines import shared_weights
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    if not hasattr(owner, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision settings (before 2.9)")
+    _matmul_gather_bundle(tmp_path)
+    (tmp_path / "pruned-k8.onnx").unlink()
+    asked: list[Any] = []
+    session_class = onnxruntime.InferenceSession
+
+    def session(path: str, options: Any, providers: list[Any]) -> Any:
+        asked.append(providers[0])
+        opened = session_class(path, options, providers=["CPUExecutionProvider"])
+        monkeypatch.setattr(opened, "get_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        return opened
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(shared_weights, "to_device", lambda array, device: _host_copy(array))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+    owner.fp32_precision = value  # a setting monkeypatch cannot restore; "none" gives the legacy flags back
+    try:
+        OnnxRuntimeEngine(tmp_path, {"full": spec}, torch.device("cuda")).load()
+    finally:
+        owner.fp32_precision = "none"
+    assert asked == [("CUDAExecutionProvider", {"device_id": "0", "use_tf32": "1" if tf32 else "0"})]
+
+
 def test_cuda_provider_that_onnx_runtime_cannot_start_is_refused_at_load_naming_the_cause(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where onnxruntime-gpu cannot start its CUDA provider (cuDNN missing, say) it logs why and opens the session on the

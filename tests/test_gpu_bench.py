@@ -201,6 +201,29 @@ def test_a_link_at_out_is_checked_where_the_report_goes(tmp_path: Path, capsys: 
     assert sorted(p.name for p in (tmp_path / "later").iterdir()) == ["speed.md"]
 
 
+def test_a_report_name_a_plain_write_takes_is_taken(tmp_path: Path) -> None:
+    """check_out probed `.<name>.<pid>.tmp` beside the report, longer than the name: a report name of 242 to 255
+    bytes, which the filesystem takes, was refused as 'File name too long' before the run."""
+    gpu = load_script()
+    out = tmp_path / ("speed-" + "r" * 246 + ".md")
+    args = gpu.parse_args(["--tiny", "--models", "sd3", "--variants", "diffusers-eager", "--out", str(out)])
+    gpu.Report(args, gpu.torch.device("cpu"), out).write()
+    assert "diffusers-eager" in out.read_text() and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_a_loop_of_links_at_out_is_one_line_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check_out's probe beside the loop passed, and the report write failed after the run with a traceback (ELOOP)."""
+    gpu = load_script()
+    out = tmp_path / "speed.md"
+    out.symlink_to(tmp_path / "other.md")
+    (tmp_path / "other.md").symlink_to(out)
+    with pytest.raises(SystemExit) as exited:
+        gpu.parse_args(["--tiny", "--out", str(out)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2 and f"error: --out {out} cannot be written (Too many levels of symbolic links)" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.md", "speed.md"]
+
+
 def test_reuse_every_times_the_pruned_steps_only_and_bounds_the_steps_that_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gpu = load_script()
     from catrt.runtime import CATRuntime

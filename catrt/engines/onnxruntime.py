@@ -109,7 +109,7 @@ class OnnxRuntimeEngine(Engine):
         """The CUDA provider's options: the engine's GPU (the provider's default is GPU 0, wherever torch's tensors and
         the shared weights lie), and TF32 as torch's matmuls have it (the provider's default is on, which puts an fp32
         build's graphs ~1e-3 off the fp32 eager model it is verified against)."""
-        return {"device_id": str(self.device.index), "use_tf32": "1" if torch.backends.cuda.matmul.allow_tf32 else "0"}
+        return {"device_id": str(self.device.index), "use_tf32": "1" if torch_matmul_tf32() else "0"}
 
     def run(
         self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
@@ -134,3 +134,13 @@ class OnnxRuntimeEngine(Engine):
     def _bind(self, bind: Callable[..., None], name: str, tensor: torch.Tensor) -> None:
         device_id = tensor.device.index or 0
         bind(name, tensor.device.type, device_id, _NUMPY_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+
+
+def torch_matmul_tf32() -> bool:
+    """Whether torch's fp32 CUDA matmuls use TF32, however it was set. Read from `fp32_precision` where torch has it
+    (2.9 and later; it resolves `torch.backends.fp32_precision` and the legacy flags): reading the legacy `allow_tf32`
+    raises a RuntimeError ("mix of the legacy and new APIs") once TF32 was turned on with the new settings."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:  # torch before 2.9
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    return precision == "tf32"
