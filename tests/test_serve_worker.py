@@ -369,6 +369,32 @@ def test_liveness_and_readiness_turn_503_once_the_worker_died(worker: Worker, mo
     assert (ready.status_code, ready.json()["status"]) == (503, "dead")
 
 
+class _Fatal(BaseException):
+    """A fault no `except Exception` takes (as SystemExit or KeyboardInterrupt): it ends the worker thread."""
+
+
+def test_the_call_a_worker_dies_under_is_answered_503_at_once_as_the_queued_ones(worker: Worker, model: StandIn,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queued requests of a dying worker were answered 503, but those of the call it died under waited out their
+    deadline (`--timeout`, a minute by default) for a 504 from a server that could no longer answer them."""
+
+    def fatal(*args: object, **kwargs: object) -> None:
+        model.holding.set()
+        model.release.wait(10)
+        raise _Fatal("escaped the call")
+
+    monkeypatch.setattr(model, "generate", fatal)
+    in_flight, queued = _job("in-flight"), _job("queued", guidance=2.0)
+    worker.submit(in_flight)
+    assert model.holding.wait(10)
+    worker.submit(queued)
+    model.release.set()
+    for job in (in_flight, queued):
+        with pytest.raises(ServiceUnavailableError, match="^the server's worker has stopped; see the server log$"):
+            job.future.result(timeout=5)  # its deadline is never: only the worker answers it
+    assert worker.state == "dead"
+
+
 def test_alpha_chosen_labels_are_the_alphas_as_the_api_writes_them() -> None:
     """`:g` labelled both 0.3 and 0.3000004 (two served alphas, distinct at float32) "0.3": one series for two."""
     from prometheus_client import generate_latest

@@ -110,6 +110,7 @@ class Worker:
         self.served: Router | None = None
         self.error: BaseException | None = None
         self._queue: deque[Job] = deque()
+        self._in_flight: list[Job] = []  # the call being served: answered 503 should the worker die under it
         self._lock = threading.Condition()
         self._batch_seconds = 1.0
         self._thread = threading.Thread(target=self._run, name="catrt-worker", daemon=True)
@@ -188,11 +189,21 @@ class Worker:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
 
+    def _fail_in_flight(self, error: Exception) -> None:
+        """Answer the jobs of the call the worker died under that have no answer yet: else each would wait out its
+        deadline (a 504 a minute later, for a server that can no longer answer it)."""
+        for job in self._in_flight:
+            if not job.future.done():
+                job.future.set_exception(error)
+        self._in_flight = []
+
     def _run(self) -> None:
         try:
             if self._start_serving():
                 while (batch := self._next_batch()) is not None:
+                    self._in_flight = batch[0]
                     self._run_batch(*batch)
+                    self._in_flight = []
             self.state = "stopped"
         except BaseException as error:  # noqa: BLE001 - a dead worker must be reported, whatever killed it
             if self.served is None:
@@ -204,7 +215,9 @@ class Worker:
             self.error = error
             with self._lock:
                 self.state = "dead"
-                self._fail_queued(ServiceUnavailableError("the server's worker has stopped; see the server log"))
+                stopped = ServiceUnavailableError("the server's worker has stopped; see the server log")
+                self._fail_queued(stopped)
+                self._fail_in_flight(stopped)
         finally:
             self._on_exit(self.state)
 
