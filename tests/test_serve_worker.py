@@ -58,6 +58,10 @@ class StandIn:
     release: threading.Event = field(default_factory=threading.Event)
     holding: threading.Event = field(default_factory=threading.Event)
     step_observer: object = None
+    broken_device: Exception | None = None  # what `device_fault` reports
+
+    def device_fault(self) -> Exception | None:
+        return self.broken_device
 
     def generate(self, rows: Sequence[Row], options: BatchOptions,
                  should_stop: Callable[[], bool] | None = None, alpha: float | None = None) -> Generation:
@@ -393,6 +397,41 @@ def test_the_call_a_worker_dies_under_is_answered_503_at_once_as_the_queued_ones
         with pytest.raises(ServiceUnavailableError, match="^the server's worker has stopped; see the server log$"):
             job.future.result(timeout=5)  # its deadline is never: only the worker answers it
     assert worker.state == "dead"
+
+
+def test_a_failure_that_leaves_the_device_unusable_ends_the_worker_so_liveness_fails(worker: Worker, model: StandIn) -> None:
+    """After one of CUDA's sticky errors every later call fails: the worker answered each request 500 and stayed live,
+    so no liveness probe restarted the process. Now the device is probed after a failure and the worker stops."""
+    oom = _job("oom")
+    model.broken_device = RuntimeError("CUDA error: an illegal memory access was encountered")
+    worker.submit(oom)
+    with pytest.raises(ServiceUnavailableError, match="ran out of memory"):
+        _result(oom.future)  # running out of memory is the load: the device is not even asked
+    assert worker.state == "ready"
+    fault, queued = _job("fault"), _job("queued", guidance=2.0)
+    worker.submit(fault)
+    worker.submit(queued)
+    for job in (fault, queued):
+        with pytest.raises(ServiceUnavailableError, match="^the server's worker has stopped; see the server log$"):
+            _result(job.future)
+    assert worker.state == "dead" and "illegal memory access" in str(worker.error)
+
+
+def test_the_device_probe_reports_a_failing_device_but_not_one_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from catrt.serve.model import ServedModel
+
+    served = SimpleNamespace(device=torch.device("cuda", 0))
+    for message, reported in (("CUDA error: device-side assert triggered", True), ("CUDA out of memory. Tried", False)):
+        def failing(*args: object, **kwargs: object) -> None:
+            raise RuntimeError(message)
+
+        monkeypatch.setattr(torch, "ones", failing)
+        fault = ServedModel.device_fault(served)
+        assert (fault is not None and str(fault) == message) if reported else fault is None
+    monkeypatch.undo()
+    assert ServedModel.device_fault(SimpleNamespace(device=torch.device("cpu"))) is None
 
 
 def test_alpha_chosen_labels_are_the_alphas_as_the_api_writes_them() -> None:

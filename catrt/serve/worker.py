@@ -47,6 +47,10 @@ WorkerState = Literal["loading", "ready", "draining", "stopped", "dead"]
 WARMUP_PROMPT = "warm-up"
 
 
+class DeviceFault(RuntimeError):
+    """The served model's device fails any work since a call failed: the worker stops (see `Worker._check_device`)."""
+
+
 @dataclass(frozen=True)
 class JobResult:
     """A job's images (base64 PNG), the phases of the call that made them, its wait and batch, and the
@@ -321,6 +325,7 @@ class Worker:
             for job in jobs:
                 job.future.set_exception(RequestTimeoutError("the request was given up"))
         except Exception as error:  # noqa: BLE001 - one bad call must not stop the server
+            self._check_device(jobs, error)
             if len(jobs) == 1:
                 logger.error("request %s: generation failed", jobs[0].request_id, exc_info=error)
                 jobs[0].future.set_exception(_as_generation_error(error, jobs[0].request_id))
@@ -329,6 +334,20 @@ class Worker:
             logger.warning("a batch of %d requests failed (%s); rerunning them one by one", len(jobs), error)
             for job in jobs:
                 self._run_batch([job], alpha)
+
+    def _check_device(self, jobs: list[Job], error: Exception) -> None:
+        """Raise `DeviceFault`, ending the worker, if the call's failure left its device unusable: CUDA's sticky errors
+        (an illegal memory access, a device-side assert) fail every later call of the process, which answered each
+        request 500 while its liveness probe said 200, so nothing restarted it. An error catrt explains or running out
+        of memory is the request's or the load's, never the device's."""
+        if isinstance(error, CatrtError) or _out_of_memory(error):
+            return
+        fault = self.served.for_options(jobs[0].options).device_fault()
+        if fault is not None:
+            raise DeviceFault(
+                f"the device fails since request {jobs[0].request_id}'s call failed ({type(fault).__name__}: "
+                f"{next(iter(str(fault).splitlines()), '')}); the worker stops so the process is restarted"
+            ) from error
 
     def _serve(self, jobs: list[Job], alpha: float) -> None:
         started = time.perf_counter()
