@@ -214,6 +214,28 @@ def test_the_timeout_and_queue_wait_count_the_request_checks(worker: Worker, mod
     assert response is not None and response.catrt.timings.queue_wait >= 0.3
 
 
+class _LeftRequest(_Request):
+    """A request whose client has left."""
+
+    async def is_disconnected(self) -> bool:
+        return True
+
+
+def test_a_client_that_left_during_its_checks_never_reaches_the_queue(worker: Worker, model: StandIn,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a flood, requests wait for the one admission thread, and their clients time out and leave meanwhile: each
+    was queued all the same, taking a place a waiting client could have had, and started on an idle worker before the
+    disconnect poll gave it up."""
+    metrics = ServerMetrics()
+    service = ImageService(worker, metrics, ServeConfig(model="reference", timeout=5))
+    service._rules = checks = _SlowChecks(model.spec, seconds=0.05)
+    submitted: list[Job] = []
+    monkeypatch.setattr(worker, "submit", submitted.append)
+    assert asyncio.run(service.generate(ImageGenerationRequest(prompt="a red sun"), _LeftRequest())) is None
+    assert checks.admitted == 1 and submitted == [] and model.calls == []
+    assert metrics.cancelled.labels(reason="disconnect")._value.get() == 1
+
+
 def _answer_json(phases: dict[str, float]) -> dict:
     """The images answer for a call with `phases`, as the route serializes it (FastAPI, its response model)."""
     from fastapi import FastAPI
