@@ -456,6 +456,32 @@ def test_the_device_probe_reports_a_failing_device_but_not_one_out_of_memory(mon
     assert ServedModel.device_fault(SimpleNamespace(device=torch.device("cpu"))) is None
 
 
+def test_request_metrics_take_no_label_from_what_a_client_sends(worker: Worker) -> None:
+    """A process serving for weeks must not grow a series per path, model name, field or method a client makes up:
+    routes are labelled by their template ("unmatched" for none), statuses by their code."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from catrt.serve.app import build_app
+
+    metrics = ServerMetrics()
+    app = build_app(worker, metrics, ServeConfig(model="reference"))
+    client = TestClient(app)
+    for index in range(20):
+        client.get(f"/made/up/{index}")
+        client.get(f"/v1/models/model-{index}")
+        client.request(f"VERB{index}", "/v1/images/generations")
+        client.post("/v1/images/generations", json={"prompt": "a red sun", f"field_{index}": index, "user": f"user-{index}"})
+        client.post(f"/v1/images/generations?size={index}x{index}", content=b"{")
+    samples = [sample for family in text_string_to_metric_families(metrics.render().decode())
+               if family.name in ("catrt_requests", "catrt_request_latency_seconds") for sample in family.samples]
+    templates = {route.path for route in app.routes} | {"unmatched"}
+    assert {sample.labels["route"] for sample in samples} <= templates
+    statuses = {sample.labels["status"] for sample in samples if "status" in sample.labels}
+    assert statuses and all(status.isdigit() and len(status) == 3 for status in statuses)
+    assert len({tuple(sorted(sample.labels.items())) for sample in samples if sample.name == "catrt_requests_total"}) < 10
+
+
 def test_alpha_chosen_labels_are_the_alphas_as_the_api_writes_them() -> None:
     """`:g` labelled both 0.3 and 0.3000004 (two served alphas, distinct at float32) "0.3": one series for two."""
     from prometheus_client import generate_latest
