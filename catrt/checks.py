@@ -20,6 +20,10 @@ MAX_BATCH = 64
 #: huge count (or a bundle's edited build.steps) would allocate its schedule and run for days before anything is written.
 MAX_STEPS = 1000
 
+#: Index buffers (one per k) and captured pruned graphs the runtime keeps per shape (`catrt.step_state`): a server's
+#: alphas must fit (`catrt serve --alpha`), while a library user who calls with ever new alphas does not pile them up.
+MAX_KEPT_ALPHAS = 8
+
 
 def integer(value: Any) -> bool:
     """An int that is not a bool (True is an int to Python, never a count to a user)."""

@@ -19,15 +19,12 @@ from typing import Any
 
 import torch
 
+from catrt.checks import MAX_KEPT_ALPHAS
 from catrt.contract import Context
 from catrt.cuda_graphs import CapturedStep
 from catrt.errors import ConfigError, echo
 
 logger = logging.getLogger(__name__)
-
-#: Index buffers (one per k) and captured pruned graphs kept per shape: a server's alphas fit many
-#: times over, while a library user who calls with ever new alphas does not pile them up.
-MAX_KEPT_ALPHAS = 8
 
 
 @dataclass

@@ -111,6 +111,22 @@ def test_serve_refuses_a_policy_it_cannot_run_in_one_line(capfd: pytest.CaptureF
     assert err.startswith("catrt serve: error: ") and message in err and err.count("\n") == 1
 
 
+def test_serve_refuses_more_alphas_than_the_runtime_keeps_graphs_of() -> None:
+    """The runtime keeps the pruned graphs and indices of MAX_KEPT_ALPHAS alphas per shape: a server of nine served a
+    call at one by dropping and remaking another's, at every call in turn (recaptured CUDA graphs on a GPU). Refused
+    as `ServeConfig` (so `catrt serve --alpha`, in one line, and a Ray deployment's settings)."""
+    from catrt.checks import MAX_KEPT_ALPHAS
+    from catrt.config import CATConfig
+    from catrt.errors import ConfigError
+    from catrt.serve.config import ServeConfig
+
+    nine = tuple(round(0.9 - 0.1 * index, 1) for index in range(MAX_KEPT_ALPHAS + 1))
+    with pytest.raises(ConfigError, match=r"^--alpha lists 9 alphas; a server serves at most 8 .*: drop 1$") as refused:
+        ServeConfig(model="reference", alphas=nine, cat=CATConfig(alpha=0.9))
+    assert refused.value.field == "alpha"
+    assert ServeConfig(model="reference", alphas=nine[:-1], cat=CATConfig(alpha=0.9)).served_alphas == nine[:-1]
+
+
 def test_a_queued_pin_of_an_alpha_only_another_size_serves_counts_at_the_slowest_pruned_step() -> None:
     """Several builds queue together; a 96x64 request pinning 0.2 may wait behind a 64x64 head whose build
     serves 0.3 and 0.5 only. Predicting its call looked 0.2 up in the head build's step times: a KeyError

@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import math
+import os
 import re
 import signal
 import socket
@@ -463,6 +464,46 @@ def test_a_trickled_request_is_closed_at_the_read_timeout(faulty: RemoteServer) 
             if time.perf_counter() - started > READ_TIMEOUT + 3:
                 break
     assert time.perf_counter() - started < READ_TIMEOUT + 3
+
+
+def test_connections_ended_every_way_leave_no_descriptor_or_thread_behind(faulty: RemoteServer) -> None:
+    """A server runs for weeks: clients that leave mid-generation or mid-body, stall to the read timeout, pipeline or
+    time out leave the process's open files and threads (read from /proc) as they were."""
+    pid = faulty.process.pid
+    host, port = faulty.url.removeprefix("http://").split(":")
+    address = (host, int(port))
+
+    def counts() -> tuple[int, int]:
+        return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+    assert generate(faulty.url).status_code == 200  # the admission thread and every lazy start behind us
+    before = counts()
+    body = json.dumps({"prompt": "sleep 0.2"}).encode()
+    request = (b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    for _ in range(3):
+        with socket.create_connection(address) as generating:  # leaves while its request runs or waits
+            generating.sendall(request)
+            time.sleep(0.1)
+        with socket.create_connection(address) as half:  # leaves mid-body
+            half.sendall(request[:-3])
+    stalled, pipelined = socket.create_connection(address), socket.create_connection(address)
+    stalled.sendall(request[:-3])  # answered 408 and closed at the read timeout
+    pipelined.sendall(request * 2)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{faulty.url}/v1/images/generations", json={"prompt": "sleep 0.2"}, timeout=0.1)
+    time.sleep(READ_TIMEOUT + 0.5)
+    stalled.close()
+    pipelined.close()
+    deadline = time.monotonic() + 15
+    while not _none_above(counts(), before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _none_above(counts(), before), (counts(), before)  # fewer: a connection of an earlier test closed since
+    assert generate(faulty.url).status_code == 200
+
+
+def _none_above(counts: tuple[int, ...], limits: tuple[int, ...]) -> bool:
+    return all(count <= limit for count, limit in zip(counts, limits, strict=True))
 
 
 def test_sigterm_finishes_the_request_in_flight_refuses_the_rest_and_exits_0(faulty: RemoteServer) -> None:

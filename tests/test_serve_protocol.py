@@ -200,3 +200,44 @@ def test_a_pipelined_request_short_of_its_body_is_answered_408_at_the_read_timeo
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def test_a_slow_reader_holds_a_shutdown_no_longer_than_its_grace(caplog: pytest.LogCaptureFixture) -> None:
+    """Once drained, uvicorn waited for every connection to flush: a client reading a big answer slowly, with progress
+    enough for the stall check, held the server's exit for as long as it kept reading (here ~50 s). Its connection is
+    dropped after the grace, and its app returns: nothing is logged at ERROR (a cancelled app logs a traceback)."""
+    from types import SimpleNamespace
+
+    from catrt.serve.server import DrainingServer
+
+    app = _BigAnswer()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    config = uvicorn.Config(app, http=read_deadline_protocol(TIMEOUT), log_config=None, lifespan="off")
+    server = DrainingServer(config, SimpleNamespace(start=lambda: None), "test", grace=TIMEOUT)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    received = 0
+    with socket.create_connection(("127.0.0.1", sock.getsockname()[1])) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        received += len(client.recv(65536))
+        server.should_exit = True
+        stop = time.monotonic() + 10
+        client.settimeout(1)
+        try:
+            while thread.is_alive() and time.monotonic() < stop:  # 64 KiB per 0.2 s: 16 MiB would take 50 s
+                received += len(client.recv(65536))
+                time.sleep(0.2)
+        except OSError:  # dropped
+            pass
+        exited = not thread.is_alive()
+        server.force_exit = True
+        thread.join(10)
+    sock.close()
+    assert exited and received < BODY and app.sent.is_set()
+    assert not [record for record in caplog.records if record.levelname == "ERROR"], caplog.text

@@ -190,6 +190,21 @@ def test_builds_of_other_models_or_one_size_twice_are_refused(builds: dict[str, 
     assert str(builds["64x64-other-steps"]) in str(sizes.value)
 
 
+def test_a_build_of_more_alphas_than_the_runtime_keeps_graphs_of_is_refused(tmp_path: Path) -> None:
+    """A bundle of nine alphas served a call at one by dropping and remaking another's pruned graphs, at every call in
+    turn (the runtime keeps those of MAX_KEPT_ALPHAS per shape)."""
+    from catrt.checks import MAX_KEPT_ALPHAS
+
+    alphas = tuple(round(0.9 - 0.1 * index, 1) for index in range(MAX_KEPT_ALPHAS + 1))
+    nine = _build(tmp_path, model="reference", height=32, width=32, steps=4, t0=2, alphas=alphas, max_sequence_length=None)
+    eight = _build(tmp_path, model="reference", height=32, width=32, steps=4, t0=2, alphas=alphas[:-1],
+                   max_sequence_length=None)
+    with pytest.raises(ConfigError, match=r"is built for 9 alphas; a server serves at most 8 .* at most 8 --alpha") as refused:
+        check_builds([str(nine)])
+    assert refused.value.field == "engines" and str(nine) in str(refused.value)
+    assert check_builds([str(eight)])[0].alphas == alphas[:-1]
+
+
 def test_the_cli_refuses_one_folder_twice_in_one_line(builds: dict[str, Path]) -> None:
     """(Builds of two models or one size twice are refused by `check_builds`, above, which `catrt serve` runs
     before binding its port; those CLI runs cost a torch import each.)"""

@@ -58,6 +58,10 @@ class StandIn:
     release: threading.Event = field(default_factory=threading.Event)
     holding: threading.Event = field(default_factory=threading.Event)
     step_observer: object = None
+    broken_device: Exception | None = None  # what `device_fault` reports
+
+    def device_fault(self) -> Exception | None:
+        return self.broken_device
 
     def generate(self, rows: Sequence[Row], options: BatchOptions,
                  should_stop: Callable[[], bool] | None = None, alpha: float | None = None) -> Generation:
@@ -208,6 +212,28 @@ def test_the_timeout_and_queue_wait_count_the_request_checks(worker: Worker, mod
     assert checks.admitted == 1 and submitted[0].arrived - started < 0.1
     assert submitted[0].deadline == submitted[0].arrived + 5
     assert response is not None and response.catrt.timings.queue_wait >= 0.3
+
+
+class _LeftRequest(_Request):
+    """A request whose client has left."""
+
+    async def is_disconnected(self) -> bool:
+        return True
+
+
+def test_a_client_that_left_during_its_checks_never_reaches_the_queue(worker: Worker, model: StandIn,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a flood, requests wait for the one admission thread, and their clients time out and leave meanwhile: each
+    was queued all the same, taking a place a waiting client could have had, and started on an idle worker before the
+    disconnect poll gave it up."""
+    metrics = ServerMetrics()
+    service = ImageService(worker, metrics, ServeConfig(model="reference", timeout=5))
+    service._rules = checks = _SlowChecks(model.spec, seconds=0.05)
+    submitted: list[Job] = []
+    monkeypatch.setattr(worker, "submit", submitted.append)
+    assert asyncio.run(service.generate(ImageGenerationRequest(prompt="a red sun"), _LeftRequest())) is None
+    assert checks.admitted == 1 and submitted == [] and model.calls == []
+    assert metrics.cancelled.labels(reason="disconnect")._value.get() == 1
 
 
 def _answer_json(phases: dict[str, float]) -> dict:
@@ -367,6 +393,93 @@ def test_liveness_and_readiness_turn_503_once_the_worker_died(worker: Worker, mo
     live, ready = client.get("/health/live"), client.get("/health/ready")
     assert (live.status_code, live.json()) == (503, {"status": "dead"})
     assert (ready.status_code, ready.json()["status"]) == (503, "dead")
+
+
+class _Fatal(BaseException):
+    """A fault no `except Exception` takes (as SystemExit or KeyboardInterrupt): it ends the worker thread."""
+
+
+def test_the_call_a_worker_dies_under_is_answered_503_at_once_as_the_queued_ones(worker: Worker, model: StandIn,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queued requests of a dying worker were answered 503, but those of the call it died under waited out their
+    deadline (`--timeout`, a minute by default) for a 504 from a server that could no longer answer them."""
+
+    def fatal(*args: object, **kwargs: object) -> None:
+        model.holding.set()
+        model.release.wait(10)
+        raise _Fatal("escaped the call")
+
+    monkeypatch.setattr(model, "generate", fatal)
+    in_flight, queued = _job("in-flight"), _job("queued", guidance=2.0)
+    worker.submit(in_flight)
+    assert model.holding.wait(10)
+    worker.submit(queued)
+    model.release.set()
+    for job in (in_flight, queued):
+        with pytest.raises(ServiceUnavailableError, match="^the server's worker has stopped; see the server log$"):
+            job.future.result(timeout=5)  # its deadline is never: only the worker answers it
+    assert worker.state == "dead"
+
+
+def test_a_failure_that_leaves_the_device_unusable_ends_the_worker_so_liveness_fails(worker: Worker, model: StandIn) -> None:
+    """After one of CUDA's sticky errors every later call fails: the worker answered each request 500 and stayed live,
+    so no liveness probe restarted the process. Now the device is probed after a failure and the worker stops."""
+    oom = _job("oom")
+    model.broken_device = RuntimeError("CUDA error: an illegal memory access was encountered")
+    worker.submit(oom)
+    with pytest.raises(ServiceUnavailableError, match="ran out of memory"):
+        _result(oom.future)  # running out of memory is the load: the device is not even asked
+    assert worker.state == "ready"
+    fault, queued = _job("fault"), _job("queued", guidance=2.0)
+    worker.submit(fault)
+    worker.submit(queued)
+    for job in (fault, queued):
+        with pytest.raises(ServiceUnavailableError, match="^the server's worker has stopped; see the server log$"):
+            _result(job.future)
+    assert worker.state == "dead" and "illegal memory access" in str(worker.error)
+
+
+def test_the_device_probe_reports_a_failing_device_but_not_one_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from catrt.serve.model import ServedModel
+
+    served = SimpleNamespace(device=torch.device("cuda", 0))
+    for message, reported in (("CUDA error: device-side assert triggered", True), ("CUDA out of memory. Tried", False)):
+        def failing(*args: object, **kwargs: object) -> None:
+            raise RuntimeError(message)
+
+        monkeypatch.setattr(torch, "ones", failing)
+        fault = ServedModel.device_fault(served)
+        assert (fault is not None and str(fault) == message) if reported else fault is None
+    monkeypatch.undo()
+    assert ServedModel.device_fault(SimpleNamespace(device=torch.device("cpu"))) is None
+
+
+def test_request_metrics_take_no_label_from_what_a_client_sends(worker: Worker) -> None:
+    """A process serving for weeks must not grow a series per path, model name, field or method a client makes up:
+    routes are labelled by their template ("unmatched" for none), statuses by their code."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from catrt.serve.app import build_app
+
+    metrics = ServerMetrics()
+    app = build_app(worker, metrics, ServeConfig(model="reference"))
+    client = TestClient(app)
+    for index in range(20):
+        client.get(f"/made/up/{index}")
+        client.get(f"/v1/models/model-{index}")
+        client.request(f"VERB{index}", "/v1/images/generations")
+        client.post("/v1/images/generations", json={"prompt": "a red sun", f"field_{index}": index, "user": f"user-{index}"})
+        client.post(f"/v1/images/generations?size={index}x{index}", content=b"{")
+    samples = [sample for family in text_string_to_metric_families(metrics.render().decode())
+               if family.name in ("catrt_requests", "catrt_request_latency_seconds") for sample in family.samples]
+    templates = {route.path for route in app.routes} | {"unmatched"}
+    assert {sample.labels["route"] for sample in samples} <= templates
+    statuses = {sample.labels["status"] for sample in samples if "status" in sample.labels}
+    assert statuses and all(status.isdigit() and len(status) == 3 for status in statuses)
+    assert len({tuple(sorted(sample.labels.items())) for sample in samples if sample.name == "catrt_requests_total"}) < 10
 
 
 def test_alpha_chosen_labels_are_the_alphas_as_the_api_writes_them() -> None:

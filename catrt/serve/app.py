@@ -171,6 +171,10 @@ class ImageService:
         if checks is None or worker.state != "ready":
             raise ServiceUnavailableError(f"the server is {worker.state}; retry later")
         rows, options = await self._admit(checks, body)
+        if await request.is_disconnected():  # left while its request waited for its checks: nobody to generate for
+            self.metrics.cancelled.labels(reason="disconnect").inc()
+            logger.info("request %s: client left during its checks; request dropped", request.scope[REQUEST_ID_KEY])
+            return None
         job = Job(rows, options, deadline=arrived + config.timeout, request_id=request.scope[REQUEST_ID_KEY], arrived=arrived)
         worker.submit(job)
         try:

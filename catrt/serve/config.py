@@ -11,7 +11,7 @@ from typing import Any
 
 from dataclasses import replace
 
-from catrt.checks import MAX_BATCH, alike_alphas, integer, number, repeated, require
+from catrt.checks import MAX_BATCH, MAX_KEPT_ALPHAS, alike_alphas, integer, number, repeated, require
 from catrt.config import CATConfig, shared_k
 from catrt.errors import ConfigError
 from catrt.serve.alpha_policy import ALPHA_POLICIES
@@ -166,6 +166,12 @@ class ServeConfig:
                                   field="alpha", value=self.cat.alpha)
             if len(set(self.alphas)) != len(self.alphas):
                 raise ConfigError(f"--alpha lists an alpha twice: {list(self.alphas)}", field="alpha", value=list(self.alphas))
+            if len(self.alphas) > MAX_KEPT_ALPHAS:
+                raise ConfigError(
+                    f"--alpha lists {len(self.alphas)} alphas; a server serves at most {MAX_KEPT_ALPHAS} (catrt keeps the "
+                    f"pruned graphs of {MAX_KEPT_ALPHAS} alphas per shape, so a call at another would remake one at every "
+                    f"call): drop {len(self.alphas) - MAX_KEPT_ALPHAS}", field="alpha", value=list(self.alphas),
+                )
             if (alike := alike_alphas(self.alphas)) is not None:
                 raise ConfigError(f"--alpha lists {alike[0]!r} and {alike[1]!r}, one alpha at float32 precision: drop one",
                                   field="alpha", value=list(self.alphas))

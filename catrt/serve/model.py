@@ -175,6 +175,19 @@ class ServedModel:
         encoded = [_png_base64(image) for image in images]
         return Generation(encoded, self._phases(started, time.perf_counter()))
 
+    def device_fault(self) -> Exception | None:
+        """What a tiny computation on the served device raises now, else None: after one of CUDA's sticky errors
+        (an illegal memory access, a device-side assert) every later call in the process fails. Running out of memory
+        here is the load, not a fault; the CPU has none to look for."""
+        if self.device.type != "cuda":
+            return None
+        try:
+            torch.ones(1, device=self.device).add_(1).cpu()
+            torch.cuda.synchronize(self.device)
+        except RuntimeError as error:
+            return None if "out of memory" in str(error).lower() else error
+        return None
+
     def _phases(self, started: float, finished: float) -> dict[str, float]:
         kinds = plan(self.spec.steps, self.spec.t0, self.spec.refresh_every, self.spec.reuse_every)
         phases = {"encode": self.timer.first_start - started, "full_steps": 0.0, "pruned_steps": 0.0}

@@ -35,10 +35,11 @@ BACKLOG = 2048  # uvicorn's default
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first signal drains the worker before uvicorn's own graceful exit."""
 
-    def __init__(self, config: uvicorn.Config, worker: Worker, address: str) -> None:
+    def __init__(self, config: uvicorn.Config, worker: Worker, address: str, grace: float | None = None) -> None:
         super().__init__(config)
         self.worker = worker
         self.address = address
+        self.grace = grace
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
 
@@ -51,6 +52,24 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             print(f"catrt serve: listening on {self.address}", file=sys.stderr, flush=True)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, but the answers still going out once the drain is done get `grace` seconds to leave, then their
+        connections are dropped: uvicorn waited for every one to flush, so a client reading a big answer slowly (enough
+        progress for the protocol's stall check) held the exit for as long as it kept reading."""
+        dropping = None if self.grace is None else asyncio.get_running_loop().call_later(self.grace, self._drop_connections)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if dropping is not None:
+                dropping.cancel()
+
+    def _drop_connections(self) -> None:
+        """Abort the connections still open: each one's app sees its client leave and returns (cancelling it instead,
+        as uvicorn's `timeout_graceful_shutdown` does, logs a traceback per request)."""
+        for connection in list(self.server_state.connections):
+            logger.info("shutting down: dropping a connection whose answer is still going out after %g s", self.grace)
+            connection.transport.abort()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None:
@@ -113,7 +132,7 @@ def run_server(config: ServeConfig) -> int:
         ws="none",  # no WebSocket routes: an Upgrade request is answered as the HTTP request it also is
         log_config=None, access_log=False, backlog=BACKLOG,
     )
-    server = DrainingServer(uvicorn_config, worker, _address(sock))
+    server = DrainingServer(uvicorn_config, worker, _address(sock), grace=config.read_timeout)
     try:
         asyncio.run(server.serve(sockets=[sock]))
     finally:

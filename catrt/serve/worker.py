@@ -47,6 +47,10 @@ WorkerState = Literal["loading", "ready", "draining", "stopped", "dead"]
 WARMUP_PROMPT = "warm-up"
 
 
+class DeviceFault(RuntimeError):
+    """The served model's device fails any work since a call failed: the worker stops (see `Worker._check_device`)."""
+
+
 @dataclass(frozen=True)
 class JobResult:
     """A job's images (base64 PNG), the phases of the call that made them, its wait and batch, and the
@@ -110,6 +114,7 @@ class Worker:
         self.served: Router | None = None
         self.error: BaseException | None = None
         self._queue: deque[Job] = deque()
+        self._in_flight: list[Job] = []  # the call being served: answered 503 should the worker die under it
         self._lock = threading.Condition()
         self._batch_seconds = 1.0
         self._thread = threading.Thread(target=self._run, name="catrt-worker", daemon=True)
@@ -188,11 +193,21 @@ class Worker:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
 
+    def _fail_in_flight(self, error: Exception) -> None:
+        """Answer the jobs of the call the worker died under that have no answer yet: else each would wait out its
+        deadline (a 504 a minute later, for a server that can no longer answer it)."""
+        for job in self._in_flight:
+            if not job.future.done():
+                job.future.set_exception(error)
+        self._in_flight = []
+
     def _run(self) -> None:
         try:
             if self._start_serving():
                 while (batch := self._next_batch()) is not None:
+                    self._in_flight = batch[0]
                     self._run_batch(*batch)
+                    self._in_flight = []
             self.state = "stopped"
         except BaseException as error:  # noqa: BLE001 - a dead worker must be reported, whatever killed it
             if self.served is None:
@@ -204,7 +219,9 @@ class Worker:
             self.error = error
             with self._lock:
                 self.state = "dead"
-                self._fail_queued(ServiceUnavailableError("the server's worker has stopped; see the server log"))
+                stopped = ServiceUnavailableError("the server's worker has stopped; see the server log")
+                self._fail_queued(stopped)
+                self._fail_in_flight(stopped)
         finally:
             self._on_exit(self.state)
 
@@ -308,6 +325,7 @@ class Worker:
             for job in jobs:
                 job.future.set_exception(RequestTimeoutError("the request was given up"))
         except Exception as error:  # noqa: BLE001 - one bad call must not stop the server
+            self._check_device(jobs, error)
             if len(jobs) == 1:
                 logger.error("request %s: generation failed", jobs[0].request_id, exc_info=error)
                 jobs[0].future.set_exception(_as_generation_error(error, jobs[0].request_id))
@@ -316,6 +334,20 @@ class Worker:
             logger.warning("a batch of %d requests failed (%s); rerunning them one by one", len(jobs), error)
             for job in jobs:
                 self._run_batch([job], alpha)
+
+    def _check_device(self, jobs: list[Job], error: Exception) -> None:
+        """Raise `DeviceFault`, ending the worker, if the call's failure left its device unusable: CUDA's sticky errors
+        (an illegal memory access, a device-side assert) fail every later call of the process, which answered each
+        request 500 while its liveness probe said 200, so nothing restarted it. An error catrt explains or running out
+        of memory is the request's or the load's, never the device's."""
+        if isinstance(error, CatrtError) or _out_of_memory(error):
+            return
+        fault = self.served.for_options(jobs[0].options).device_fault()
+        if fault is not None:
+            raise DeviceFault(
+                f"the device fails since request {jobs[0].request_id}'s call failed ({type(fault).__name__}: "
+                f"{next(iter(str(fault).splitlines()), '')}); the worker stops so the process is restarted"
+            ) from error
 
     def _serve(self, jobs: list[Job], alpha: float) -> None:
         started = time.perf_counter()
