@@ -21,9 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from catrt import atomic_files
-from catrt.build_config import BuildConfig
+from catrt.build_config import BuildConfig, format_alphas
 from catrt.engines import ENGINES, GraphSpec, resolve_backend
-from catrt.checks import path_is, writable_folder
+from catrt.checks import MAX_KEPT_ALPHAS, path_is, writable_folder
 from catrt.config import shared_k
 from catrt.contract import pruned_graph
 from catrt.errors import PATH_ECHO_LIMIT, BuildError, CatrtError, ConfigError, UnsupportedModelError, echo, echo_path
@@ -97,6 +97,13 @@ def build_engines(
             f"precision fp16 needs a CUDA device (most fp16 kernels do not run on the CPU); backend "
             f"{config.backend} runs on the CPU here: build fp32 (or bf16 with eager / compile)",
             field="precision", value=config.precision,
+        )
+    if len(config.alphas) > MAX_KEPT_ALPHAS:  # as `catrt serve` refuses to serve such a bundle
+        raise ConfigError(
+            f"a build has at most {MAX_KEPT_ALPHAS} alphas, got {len(config.alphas)} ({format_alphas(config.alphas)}): "
+            f"catrt keeps the pruned graphs of {MAX_KEPT_ALPHAS} alphas per shape, so calls at more would remake one "
+            f"at every call; build the alphas you use, at most {MAX_KEPT_ALPHAS}",
+            field="alphas", value=len(config.alphas),
         )
     with _new_folders_removed_on_failure(Path(out_dir), Path(export_dir)):
         return _check_and_build(config, device, Path(out_dir), Path(export_dir), progress, sign_key)

@@ -835,6 +835,24 @@ def test_build_engines_refuses_a_config_that_is_no_build_config_before_any_work(
     assert caught.value.field == "config" and not (tmp_path / "out").exists()
 
 
+def test_a_build_of_more_alphas_than_the_runtime_keeps_graphs_of_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The runtime keeps the pruned graphs of MAX_KEPT_ALPHAS alphas per shape, and `catrt serve` refuses a bundle of
+    more: the build refuses it first, where it was built (and each plan exported, verified) for nothing."""
+    from catrt.checks import MAX_KEPT_ALPHAS
+
+    alphas = [round(0.1 + 0.05 * i, 2) for i in range(MAX_KEPT_ALPHAS + 1)]
+    with pytest.raises(ConfigError, match=rf"a build has at most {MAX_KEPT_ALPHAS} alphas, got {MAX_KEPT_ALPHAS + 1} ") as caught:
+        build_engines(_config("tiny-sd3", alphas=alphas), out_dir=tmp_path / "out", export_dir=tmp_path / "x", progress=False)
+    assert caught.value.field == "alphas" and not (tmp_path / "out").exists()
+    build_engines(_config("tiny-sd3", alphas=alphas[:MAX_KEPT_ALPHAS], backend="eager"), out_dir=tmp_path / "out",
+                  export_dir=tmp_path / "x", progress=False)  # as many as it keeps: built
+    code = main(["build", "--model", "tiny-sd3", "--alpha", *map(str, alphas), "--out", str(tmp_path / "cli")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1 and "at most" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of half precision")
 def test_half_precision_on_a_cpu_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"precision fp16 needs a CUDA device") as caught:
