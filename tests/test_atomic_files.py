@@ -109,6 +109,17 @@ def test_a_checksum_record_cut_short_keeps_the_earlier_record_and_no_temporary(
     assert read_checksums(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "sha256.json"]
 
 
+def _killed_midway(save: Any) -> Any:
+    """`save(obj, path)` that writes, cuts the file to 10 bytes and is interrupted (a Ctrl-C mid-write)."""
+
+    def killed(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        save(obj, path)
+        Path(path).write_bytes(Path(path).read_bytes()[:10])
+        raise KeyboardInterrupt
+
+    return killed
+
+
 def test_a_checkpoint_save_cut_short_keeps_the_earlier_checkpoint_and_no_temporary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,14 +136,7 @@ def test_a_checkpoint_save_cut_short_keeps_the_earlier_checkpoint_and_no_tempora
 
     path = tmp_path / "checkpoint.pt"
     train.save_checkpoint(Trainer(1), path)  # type: ignore[arg-type]
-    save = torch.save
-
-    def killed_midway(obj: Any, file: Any, *args: Any, **kwargs: Any) -> None:
-        save(obj, file)
-        Path(file).write_bytes(Path(file).read_bytes()[:10])
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", killed_midway)
+    monkeypatch.setattr(torch, "save", _killed_midway(torch.save))
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(Trainer(2), path)  # type: ignore[arg-type]
     monkeypatch.undo()
@@ -177,14 +181,7 @@ def test_saving_the_trained_weights_cut_short_keeps_the_earlier_weights_and_no_t
     out = tmp_path / "weights"
     train.save_weights(trainer(1.0), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    save = train.save_file
-
-    def killed_midway(tensors: Any, filename: Any, *args: Any, **kwargs: Any) -> None:
-        save(tensors, filename)
-        Path(filename).write_bytes(Path(filename).read_bytes()[:10])
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_file", killed_midway)
+    monkeypatch.setattr(train, "save_file", _killed_midway(train.save_file))
     with pytest.raises(KeyboardInterrupt):
         train.save_weights(trainer(2.0), out)
     monkeypatch.undo()

@@ -38,6 +38,17 @@ class _BigAnswer:
         self.sent.set()
 
 
+def _start(server: uvicorn.Server, sock: socket.socket) -> threading.Thread:
+    """`server` running on `sock` in a thread of its own, once it has started."""
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return thread
+
+
 @pytest.fixture()
 def served() -> Iterator[tuple[_BigAnswer, int]]:
     app = _BigAnswer()
@@ -45,12 +56,7 @@ def served() -> Iterator[tuple[_BigAnswer, int]]:
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     server = uvicorn.Server(uvicorn.Config(app, http=read_deadline_protocol(TIMEOUT), log_config=None, lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    thread = _start(server, sock)
     yield app, sock.getsockname()[1]
     server.should_exit = True
     thread.join(10)
@@ -216,12 +222,7 @@ def test_a_slow_reader_holds_a_shutdown_no_longer_than_its_grace(caplog: pytest.
     sock.listen()
     config = uvicorn.Config(app, http=read_deadline_protocol(TIMEOUT), log_config=None, lifespan="off")
     server = DrainingServer(config, SimpleNamespace(start=lambda: None), "test", grace=TIMEOUT)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    thread = _start(server, sock)
     received = 0
     with socket.create_connection(("127.0.0.1", sock.getsockname()[1])) as client:
         client.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
