@@ -13,6 +13,7 @@ import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
 from catrt.models import make_adapter
 from catrt.runtime import CATRuntime
+from catrt.tiny import build_tiny_pipeline
 from catrt.tokens import Grid
 from tests.conftest import TINY_NAMES, call_kwargs
 from tests.test_selection import NoHostSync
@@ -691,3 +692,27 @@ def test_a_transformer_compiled_in_place_is_refused_with_the_fix(tiny_pipelines:
     assert refused.value.field == "transformer"
     transformer._compiled_call_impl = None
     assert fast(**call_kwargs(pipe, num_inference_steps=4)).images.isfinite().all()
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5"])
+def test_bf16_full_steps_equal_diffusers_forward_exactly(name: str) -> None:
+    """In bf16 the full steps (before t0) hand the scheduler diffusers' own prediction, bit for bit: SD3's output
+    projections of the joint attention's image / text rows once read them by a batched matmul with the weight
+    broadcast, which rounds otherwise than `F.linear` in bf16 (a last-bit difference from the first step on)."""
+    pipe = build_tiny_pipeline(name, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    outputs: dict[str, list[torch.Tensor]] = {"plain": [], "catrt": []}
+    step = pipe.scheduler.step
+    for kind, run in (("plain", pipe), ("catrt", catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=3)))):
+        def keep(model_output: torch.Tensor, *args: Any, kind: str = kind, **kwargs: Any) -> Any:
+            outputs[kind].append(model_output.clone())
+            return step(model_output, *args, **kwargs)
+
+        pipe.scheduler.step = keep
+        try:
+            run(**call_kwargs(pipe, num_inference_steps=5))
+        finally:
+            del pipe.scheduler.step
+    for index in range(3):  # the t0 full steps
+        assert outputs["catrt"][index].dtype == torch.bfloat16
+        assert torch.equal(outputs["catrt"][index], outputs["plain"][index]), index
