@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _LAZY: dict[str, str] = {
     "load": "catrt.bundle",
+    "build_engines": "catrt.build",
+    "BuildConfig": "catrt.build_config",
     "CATConfig": "catrt.config",
     "CatrtError": "catrt.errors",
     "ConfigError": "catrt.errors",
@@ -26,17 +28,21 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "AcceleratedPipeline",
+    "BuildConfig",
     "CATConfig",
     "CatrtError",
     "ConfigError",
     "UnknownModelError",
     "UnsupportedModelError",
     "accelerate",
+    "build_engines",
     "load",
     "load_pipeline",
 ]
 
 if TYPE_CHECKING:  # static tools see the real objects
+    from catrt.build import build_engines
+    from catrt.build_config import BuildConfig
     from catrt.bundle import load
     from catrt.config import CATConfig
     from catrt.errors import CatrtError, ConfigError, UnknownModelError, UnsupportedModelError

@@ -118,7 +118,12 @@ def cluster_adjacency(labels: torch.Tensor, grid: Grid, n_clusters: int) -> torc
 
 
 def cluster_maxima(delta: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (signed) max of `delta` (B, N, C) over each cluster -> (B, K, C), and (B, K) non-empty mask."""
+    """Per-channel (signed) max of `delta` (B, N, C) over each cluster -> (B, K, C), and (B, K) non-empty mask.
+
+    In float32 whatever `delta`'s dtype (a no-op for the runtime's float32 delta): the cluster scores built on
+    these are norms and means over channels, which bf16 would round into ties between clusters.
+    """
+    delta = delta.float()
     batch, _, channels = delta.shape
     index = labels.unsqueeze(-1).expand(-1, -1, channels)
     maxima = torch.full((batch, n_clusters, channels), float("-inf"), device=delta.device, dtype=delta.dtype)

@@ -13,6 +13,7 @@ import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
 from catrt.models import make_adapter
 from catrt.runtime import CATRuntime
+from catrt.tiny import build_tiny_pipeline
 from catrt.tokens import Grid
 from tests.conftest import TINY_NAMES, call_kwargs
 from tests.test_selection import NoHostSync
@@ -691,3 +692,52 @@ def test_a_transformer_compiled_in_place_is_refused_with_the_fix(tiny_pipelines:
     assert refused.value.field == "transformer"
     transformer._compiled_call_impl = None
     assert fast(**call_kwargs(pipe, num_inference_steps=4)).images.isfinite().all()
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5"])
+def test_bf16_full_steps_equal_diffusers_forward_exactly(name: str) -> None:
+    """In bf16 the full steps (before t0) hand the scheduler diffusers' own prediction, bit for bit: SD3's output
+    projections of the joint attention's image / text rows once read them by a batched matmul with the weight
+    broadcast, which rounds otherwise than `F.linear` in bf16 (a last-bit difference from the first step on)."""
+    pipe = build_tiny_pipeline(name, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    outputs: dict[str, list[torch.Tensor]] = {"plain": [], "catrt": []}
+    step = pipe.scheduler.step
+    for kind, run in (("plain", pipe), ("catrt", catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=3)))):
+        def keep(model_output: torch.Tensor, *args: Any, kind: str = kind, **kwargs: Any) -> Any:
+            outputs[kind].append(model_output.clone())
+            return step(model_output, *args, **kwargs)
+
+        pipe.scheduler.step = keep
+        try:
+            run(**call_kwargs(pipe, num_inference_steps=5))
+        finally:
+            del pipe.scheduler.step
+    for index in range(3):  # the t0 full steps
+        assert outputs["catrt"][index].dtype == torch.bfloat16
+        assert torch.equal(outputs["catrt"][index], outputs["plain"][index]), index
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5", "tiny-pixart", "reference"])
+def test_bf16_alpha_one_equals_the_plain_bf16_pipeline_exactly(name: str) -> None:
+    """At alpha = 1 every pruned step recomputes every token, and in bf16 too it makes diffusers' numbers bit for bit:
+    a pruned token is embedded as `(patches @ W.T + bias) + position`, the conv's sum in its order (a positional
+    table holding the bias rounded bias + position once, 1 bf16 step off diffusers' tokens from the first pruned step).
+    tiny-pixart at 64x96, not its own size: PixArt then makes its positions in float32, added before one rounding."""
+    if name == "reference":
+        pipe = catrt.load_pipeline(name, dtype=torch.bfloat16)
+
+        def arguments() -> dict[str, Any]:
+            return {"prompt": "a small red circle in the top left on a blue background", "num_inference_steps": 6,
+                    "output_type": "latent", "generator": torch.Generator().manual_seed(0)}
+    else:
+        pipe = build_tiny_pipeline(name, dtype=torch.bfloat16)
+
+        def arguments() -> dict[str, Any]:
+            return call_kwargs(pipe, num_inference_steps=6)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(**arguments()).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3, trace=True))
+    exact = fast(**arguments()).images
+    assert [record.kind for record in fast.last_trace] == ["full"] * 3 + ["pruned"] * 3
+    assert exact.dtype == torch.bfloat16 and torch.equal(exact, plain)

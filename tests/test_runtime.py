@@ -573,6 +573,18 @@ def test_bf16_onnxruntime_build_is_refused_with_the_reason(tmp_path: Path) -> No
     assert caught.value.field == "precision"
 
 
+def test_builds_are_reachable_from_the_package_as_the_readme_names_them(tmp_path: Path) -> None:
+    """`catrt.build_engines` / `catrt.BuildConfig` (the names README gives) are the build module's, lazily imported;
+    a bf16 onnxruntime build through them is refused before anything is written."""
+    assert catrt.build_engines is build_engines and catrt.BuildConfig is BuildConfig
+    assert {"build_engines", "BuildConfig"} <= set(catrt.__all__) <= set(dir(catrt))
+    with pytest.raises(ConfigError, match="the onnxruntime backend cannot build bf16") as caught:
+        catrt.build_engines(catrt.BuildConfig("tiny-sd3", backend="onnxruntime", precision="bf16", **SIZE),
+                            out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False)
+    assert caught.value.field == "precision"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("t0", "steps", "refresh_every"), [(2, 3, 0), (3, 9, 2)])
 def test_clusters_are_made_once_at_t0_and_staleness_counts_pruned_steps_only(
     t0: int, steps: int, refresh_every: int, tiny_pipelines: dict[str, Any], monkeypatch: pytest.MonkeyPatch

@@ -424,6 +424,12 @@ def test_half_precision_outputs_are_scored_and_clustered_in_float32(dtype: torch
     labels, centers = kmeans(features.to(dtype), 20, 5, torch.Generator().manual_seed(0))
     expected, _ = kmeans(features.to(dtype).float(), 20, 5, torch.Generator().manual_seed(0))
     assert centers.dtype == torch.float32 and torch.equal(labels, expected)
+    # The cluster scores too, handed a half-precision delta directly: float32 norms of the exact maxima.
+    half = delta.to(dtype)
+    adjacency = cluster_adjacency(labels, grid, 20)
+    for scores, exact in ((cluster_scores(half, labels, 20), cluster_scores(half.float(), labels, 20)),
+                          (pooled_cluster_scores(half, labels, adjacency, 20), pooled_cluster_scores(half.float(), labels, adjacency, 20))):
+        assert scores.dtype == torch.float32 and torch.equal(scores, exact)
 
 
 def test_non_finite_outputs_still_select_exactly_k_distinct() -> None:

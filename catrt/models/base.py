@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from catrt.contract import Context
 from catrt.errors import ConfigError, UnsupportedModelError
@@ -400,21 +401,28 @@ class Adapter(ABC):
     # -- shared pieces -------------------------------------------------------------------------
 
     def positional_table(self, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        """(1, N, D): patch-embedding bias plus positional embedding of this resolution.
+        """(1, N, D) float32: the positional embedding of this resolution, exactly as the patch embedding adds it.
 
-        The patch embedding of a zero latent is exactly that, so the pruned forward can embed any
-        subset of patches as `patches @ W.T + table[indices]` without knowing how a family builds its
-        positional code.
+        The transformer's own patch embedding of a float32 zero latent, its projection's weight and bias
+        replaced by float32 zeros, is exactly that (whether the family keeps its positions in the model's
+        dtype, as SD3 does, or makes them in float32, as PixArt does at a size other than its own). So the
+        pruned forward can embed any subset of patches as diffusers sums them - `(patches @ W.T + bias) +
+        position`, rounded to the model's dtype once at the end - without knowing how a family builds its
+        positional code: bit for bit diffusers' tokens in bf16 too. (A table of bias + position in the
+        model's dtype rounded that sum twice: 1 bf16 step off diffusers from the first pruned step.)
         """
-        zeros = torch.zeros((1, *latent_shape[1:]), device=self.device, dtype=self.dtype)
-        return self.transformer.pos_embed(zeros)
+        embedding = self.transformer.pos_embed
+        zeros = torch.zeros((1, *latent_shape[1:]), device=self.device, dtype=torch.float32)
+        replaced = {name: torch.zeros_like(value, dtype=torch.float32) for name, value in embedding.proj.named_parameters()}
+        return torch.func.functional_call(embedding, {f"proj.{name}": value for name, value in replaced.items()}, (zeros,))
 
     def embed_patches(self, patches: torch.Tensor, indices: torch.Tensor, context: Context) -> torch.Tensor:
         """(B, k, C*p*p) patches -> (B, k, D) tokens, the same as the conv patch embedding."""
-        weight = self.transformer.pos_embed.proj.weight  # (D, C, p, p)
-        tokens = patches @ weight.flatten(1).T
-        table = context["positional_table"][0]  # (N, D)
-        return tokens + table[indices]
+        proj = self.transformer.pos_embed.proj
+        proj = getattr(proj, "base_layer", proj)  # a disabled (PEFT) LoRA there runs its base layer alone
+        tokens = F.linear(patches, proj.weight.flatten(1), proj.bias)  # weight (D, C, p, p) or (D, C*p*p)
+        table = context["positional_table"][0]  # (N, D) float32
+        return (tokens + table[indices]).to(tokens.dtype)
 
     @property
     def device(self) -> torch.device:

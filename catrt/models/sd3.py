@@ -240,9 +240,11 @@ def _feed_forward(ff: nn.Module, x: torch.Tensor, scratch: Scratch | None = None
 def _linear(layer: nn.Module, x: torch.Tensor, scratch: Scratch | None = None, name: str = "linear") -> torch.Tensor:
     """`layer(x)` for an `nn.Linear`, into the scratch buffer `name` when there is one.
 
-    A 3-D `x` whose batches are not adjacent in memory (the image or text rows of the joint
+    A 3-D float32 `x` whose batches are not adjacent in memory (the image or text rows of the joint
     attention output) is read in place by a batched matmul with the weight broadcast over the batch,
-    where `F.linear` would first copy it. A contiguous `x` goes through the same addmm as `F.linear`.
+    where `F.linear` would first copy it. Only in float32: in bf16 / fp16 that batched matmul rounds
+    otherwise than `F.linear` (a last-bit difference per step that made a bf16 alpha = 1 run drift from
+    diffusers'), so there `F.linear` copies. A contiguous `x` goes through the same addmm as `F.linear`.
     Not in an exported graph: there the broadcast weight is a constant expand, which ONNX Runtime
     folds into a batch-sized copy of the weight in every session (a 2x weight per graph at batch 2).
     """
@@ -252,6 +254,8 @@ def _linear(layer: nn.Module, x: torch.Tensor, scratch: Scratch | None = None, n
     shape = (*x.shape[:-1], layer.out_features)
     out = scratch.take(name, shape, x) if scratch is not None else None
     if not x.is_contiguous():
+        if x.dtype != torch.float32:
+            return layer(x)
         return torch.baddbmm(layer.bias, x, layer.weight.t().expand(x.shape[0], -1, -1), out=out)
     if out is None:
         return layer(x)
