@@ -421,9 +421,20 @@ def _may_edit_inputs(arguments: dict[str, Any], transformer: nn.Module) -> bool:
     return callbacks or any(len(hook) for hook in hooks)
 
 
+#: Where nn.Module's call machinery lives: its frames between a caller and `forward` are one more where the module
+#: (or any module: a global one) has hooks, whose nested `inner` calls the forward.
+_MODULE_CALL_FILE = nn.Module._call_impl.__code__.co_filename
+
+
 def _stack_depth() -> int:
-    """Frames on this thread's stack below the caller (a few dozen: cheap next to a transformer step)."""
-    frame, depth = sys._getframe(1), 0
+    """Frames on this thread's stack below the module call that reached the caller (a few dozen: cheap next to a
+    transformer step). nn.Module's own frames are not counted: a hook registered mid-generation (a callback's, or a
+    global one of a tool on another thread) puts one more between the pipeline and the forward, whose steps were then
+    taken as deeper calls and ran the transformer's own forward, unpruned."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == _MODULE_CALL_FILE:
+        frame = frame.f_back
+    depth = 0
     while frame is not None:
         frame, depth = frame.f_back, depth + 1
     return depth
