@@ -439,6 +439,32 @@ def test_a_failure_that_leaves_the_device_unusable_ends_the_worker_so_liveness_f
     assert worker.state == "dead" and "illegal memory access" in str(worker.error)
 
 
+def test_an_engine_that_failed_to_run_on_a_faulted_device_ends_the_worker(worker: Worker, model: StandIn,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TensorRT engine's failed enqueue (an EngineRuntimeError, a CatrtError) was taken as an error catrt explains
+    and the device never asked, though a faulted device is what makes an enqueue fail; an error that is the request's
+    (a ConfigError) still leaves the worker serving."""
+    from catrt.errors import ConfigError, EngineRuntimeError
+
+    model.broken_device = RuntimeError("CUDA error: an illegal memory access was encountered")
+    raised: list[Exception] = [ConfigError("a request catrt cannot run"), EngineRuntimeError("TensorRT failed to enqueue")]
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise raised.pop(0)
+
+    monkeypatch.setattr(model, "generate", failing)
+    refused = _job("refused")
+    worker.submit(refused)
+    with pytest.raises(ConfigError):
+        _result(refused.future)
+    assert worker.state == "ready"
+    engine = _job("engine")
+    worker.submit(engine)
+    with pytest.raises(ServiceUnavailableError, match="^the server's worker has stopped; see the server log$"):
+        _result(engine.future)
+    assert worker.state == "dead" and "illegal memory access" in str(worker.error)
+
+
 def test_the_device_probe_reports_a_failing_device_but_not_one_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
