@@ -197,6 +197,8 @@ class CATRuntime:
         )
         context = self.functions.prepare_context(inputs, tuple(hidden_states.shape))
         self.state = self.buffers.state(key, lambda: self._allocate(hidden_states, timestep, context))
+        if self.capture:
+            self.state.follow_weights(_addresses(self.adapter.transformer))
         self.indices = self.state.indices_for(self.k)
         self._set_context(context)
         self._inputs_seen = self._as_seen(call_kwargs)
@@ -430,6 +432,18 @@ class _Seen:
 
 
 _NO_COUNT = -1  # the version of an inference tensor nothing writes between steps: the object alone is compared
+
+
+def _addresses(module: torch.nn.Module) -> tuple[int, ...]:
+    """Where each of the module's weights and buffers lies (what a captured graph reads): a tensor without storage of
+    its own (a quantized weight's wrapper subclass) by its object."""
+    addresses = []
+    for tensor in (*module.parameters(), *module.buffers()):
+        try:
+            addresses.append(tensor.data_ptr())
+        except RuntimeError:
+            addresses.append(id(tensor))
+    return tuple(addresses)
 
 
 # Baselines for bench/: the same k and schedule, another rule. Each maps (runtime, cond outputs) -> (B, k).
