@@ -662,3 +662,25 @@ def test_a_full_queue_right_after_start_up_asks_to_wait_for_warm_calls_not_the_f
         model.release.set()
         worker.drain()
         assert exited.wait(10)
+
+
+def test_a_device_probe_that_hangs_is_a_fault_after_its_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe waits for the device; on a hung one it waited forever, holding the worker (every request a 504, the
+    liveness probe 200): now a probe still running after its time is a fault, and the worker stops."""
+    import torch
+
+    from catrt.serve.model import ServedModel
+
+    release = threading.Event()
+    zeros = torch.zeros
+
+    def hanging(*args: object, **kwargs: object) -> torch.Tensor:
+        release.wait(10)
+        return zeros(1)
+
+    monkeypatch.setattr(torch, "ones", hanging)
+    try:
+        fault = ServedModel.device_fault(SimpleNamespace(device=torch.device("cuda", 0)), timeout=0.2)
+    finally:
+        release.set()
+    assert isinstance(fault, TimeoutError) and str(fault) == "the device did not finish a tiny computation within 0.2 s"
