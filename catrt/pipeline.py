@@ -174,7 +174,8 @@ class AcceleratedPipeline(ForwardsAttributes):
         if not self.spec.takes_image:  # img2img sizes its latents from the image
             check_latents(self.pipe, bound.arguments, lambda: default_image_size(self.pipe))
         runtime = self.runtime_class(
-            self.adapter, config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid
+            self.adapter, config, steps, guidance, self.functions, self.buffers, self.cuda_graphs, grid=grid,
+            edited_between_steps=_may_edit_inputs(bound.arguments, self.pipe.transformer),
         )
         self.last_trace = runtime.trace  # the steps run so far, as they run: a call that fails mid-way shows which ran
         adapter = self.adapter
@@ -410,9 +411,30 @@ def transformer_replaced(transformer: nn.Module, runtime: Callable[[torch.Tensor
             transformer.forward = previous
 
 
+def _may_edit_inputs(arguments: dict[str, Any], transformer: nn.Module) -> bool:
+    """Whether code of the user's runs between a call's steps with the transformer's inputs in reach, and may write them
+    in place: a step-end callback (handed the prompt embeddings) or a legacy one, or a hook on the transformer's forward.
+    Nothing else can, so where nothing does the runtime need not remake the context each step for inference tensors."""
+    callbacks = any(arguments.get(name) is not None for name in ("callback_on_step_end", "callback"))
+    hooks = (transformer._forward_pre_hooks, transformer._forward_hooks, nn.modules.module._global_forward_pre_hooks,
+             nn.modules.module._global_forward_hooks)
+    return callbacks or any(len(hook) for hook in hooks)
+
+
+#: Where nn.Module's call machinery lives: its frames between a caller and `forward` are one more where the module
+#: (or any module: a global one) has hooks, whose nested `inner` calls the forward.
+_MODULE_CALL_FILE = nn.Module._call_impl.__code__.co_filename
+
+
 def _stack_depth() -> int:
-    """Frames on this thread's stack below the caller (a few dozen: cheap next to a transformer step)."""
-    frame, depth = sys._getframe(1), 0
+    """Frames on this thread's stack below the module call that reached the caller (a few dozen: cheap next to a
+    transformer step). nn.Module's own frames are not counted: a hook registered mid-generation (a callback's, or a
+    global one of a tool on another thread) puts one more between the pipeline and the forward, whose steps were then
+    taken as deeper calls and ran the transformer's own forward, unpruned."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == _MODULE_CALL_FILE:
+        frame = frame.f_back
+    depth = 0
     while frame is not None:
         frame, depth = frame.f_back, depth + 1
     return depth

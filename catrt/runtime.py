@@ -92,6 +92,10 @@ class CATRuntime:
             (its `cuda_graphs` attribute) on a CUDA device, off elsewhere.
         grid: the token grid, for adapters whose latents do not carry it (packed latents: the
             pipeline spec's `token_grid` of the call); ignored where the latents' shape gives it.
+        edited_between_steps: whether anything may write the transformer's inputs in place between steps (a
+            pipeline's step-end callback, a hook on the transformer). An inference tensor (`torch.inference_mode`)
+            keeps no write count, so its context is then made again every step; False compares it by identity only,
+            as nothing else can reach it (PixArt's cross-attention K/V of every block are not remade each step).
     """
 
     def __init__(
@@ -104,8 +108,10 @@ class CATRuntime:
         buffers: RuntimeBuffers | None = None,
         cuda_graphs: bool | None = None,
         grid: Grid | None = None,
+        edited_between_steps: bool = True,
     ) -> None:
         config.check_steps(steps)
+        self.edited_between_steps = edited_between_steps
         self.given_grid = grid
         self.adapter = adapter
         self.functions: StepFunctions = functions if functions is not None else adapter
@@ -191,9 +197,11 @@ class CATRuntime:
         )
         context = self.functions.prepare_context(inputs, tuple(hidden_states.shape))
         self.state = self.buffers.state(key, lambda: self._allocate(hidden_states, timestep, context))
+        if self.capture:
+            self.state.follow_weights(_addresses(self.adapter.transformer))
         self.indices = self.state.indices_for(self.k)
         self._set_context(context)
-        self._inputs_seen = _as_seen(call_kwargs)
+        self._inputs_seen = self._as_seen(call_kwargs)
         self.state.staleness.zero_()
         self.state.last_computed.zero_()
         self.generator = torch.Generator(device=hidden_states.device).manual_seed(self.config.seed)
@@ -214,12 +222,15 @@ class CATRuntime:
                 f"catrt's caches are made for one batch and size per generation: keep them for every step",
                 field="callback_on_step_end", value=tuple(hidden_states.shape),
             )
-        seen = _as_seen(call_kwargs)
+        seen = self._as_seen(call_kwargs)
         if seen == self._inputs_seen:
             return
         self._inputs_seen = seen
         inputs = self.adapter.context_inputs(call_kwargs)
         self._set_context(self.functions.prepare_context(inputs, tuple(hidden_states.shape)))
+
+    def _as_seen(self, call_kwargs: dict[str, Any]) -> dict[str, _Seen]:
+        return {name: _Seen(value, by_identity=not self.edited_between_steps) for name, value in call_kwargs.items()}
 
     def _set_context(self, context: Context) -> None:
         """Copy a prepared context into the state, whose tensors were made for the generation's first one."""
@@ -399,15 +410,18 @@ class _Seen:
 
     Equal to a later step's only where the context made from it still holds: the same object (a callback's new
     prompt embeddings are another one) not written in place since (a callback's `prompt_embeds.mul_(0.5)` moves
-    the count). An inference tensor (made under `torch.inference_mode`) keeps no count: never equal, so its
-    context is made again each step rather than kept from values it may no longer hold.
+    the count). An inference tensor (made under `torch.inference_mode`) keeps no count: never equal where something
+    may write it between steps (`by_identity` False), so its context is made again each step rather than kept from
+    values it may no longer hold; else the same object is equal.
     """
 
     __slots__ = ("value", "version")
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: Any, by_identity: bool = False) -> None:
         self.value = value
-        self.version = value._version if isinstance(value, torch.Tensor) and not value.is_inference() else None
+        self.version: int | None = None
+        if isinstance(value, torch.Tensor):
+            self.version = (_NO_COUNT if by_identity else None) if value.is_inference() else value._version
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, _Seen) or self.value is not other.value:
@@ -417,8 +431,19 @@ class _Seen:
     __hash__ = None  # type: ignore[assignment]
 
 
-def _as_seen(call_kwargs: dict[str, Any]) -> dict[str, _Seen]:
-    return {name: _Seen(value) for name, value in call_kwargs.items()}
+_NO_COUNT = -1  # the version of an inference tensor nothing writes between steps: the object alone is compared
+
+
+def _addresses(module: torch.nn.Module) -> tuple[int, ...]:
+    """Where each of the module's weights and buffers lies (what a captured graph reads): a tensor without storage of
+    its own (a quantized weight's wrapper subclass) by its object."""
+    addresses = []
+    for tensor in (*module.parameters(), *module.buffers()):
+        try:
+            addresses.append(tensor.data_ptr())
+        except RuntimeError:
+            addresses.append(id(tensor))
+    return tuple(addresses)
 
 
 # Baselines for bench/: the same k and schedule, another rule. Each maps (runtime, cond outputs) -> (B, k).

@@ -45,6 +45,16 @@ class StepState:
     selected: OrderedDict[int, torch.Tensor] = field(default_factory=OrderedDict)  # k -> (B', k) int64, the next pruned step's tokens
     graphs: OrderedDict[tuple[Any, ...], CapturedStep] = field(default_factory=OrderedDict)
     pool: Any = None  # the CUDA graph memory pool every capture of this state shares (made at the first)
+    weights: tuple[int, ...] | None = None  # where the transformer's weights lay when `graphs` were captured
+
+    def follow_weights(self, weights: tuple[int, ...]) -> None:
+        """Drop the captured graphs if the transformer's weights lie elsewhere than when they were captured: a graph
+        replays the addresses it read, so weights loaded anew (`load_state_dict(assign=True)`, a LoRA loaded or
+        unloaded, `pipe.to("cpu")` then back) were replayed from memory freed since: the old weights, or garbage."""
+        if weights != self.weights and self.graphs:
+            logger.info("the transformer's weights moved since its steps were captured: capturing them again")
+            self.graphs.clear()
+        self.weights = weights
 
     def indices_for(self, k: int) -> torch.Tensor:
         """The buffer of the next pruned step's k tokens per prompt, made at the first generation with this k.

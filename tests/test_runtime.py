@@ -406,6 +406,24 @@ def test_step_programs_replayed_op_by_op_equal_eager_steps(
     assert all(graph.ops for graph in _only_state(captured.buffers).graphs.values())  # every program replayed
 
 
+def test_weights_loaded_anew_after_a_capture_are_the_ones_later_steps_run(gpu_paths: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A captured graph replays the addresses it read, and the step state is kept per transformer and shape, not per
+    weights: after `load_state_dict(assign=True)` (or a LoRA loaded, or `pipe.to("cpu")` and back) the graphs replayed
+    the old weights (here kept alive by the recording; on a GPU, memory freed since), 0.41 off the new weights' image."""
+    pipe = build_tiny_pipeline("tiny-sd3")  # its weights are replaced: not the shared one
+    pipe.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(step_state_module, "CapturedStep", RecordedGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    config = PROGRAM_CONFIGS["cat"]
+    captured = catrt.accelerate(pipe, config)
+    captured.runtime_class = CapturingRuntime
+    for _ in range(2):  # warm-up and capture, then a replay
+        captured(**call_kwargs(pipe, num_inference_steps=7))
+    pipe.transformer.load_state_dict({name: value * 0.9 for name, value in pipe.transformer.state_dict().items()}, assign=True)
+    expected = catrt.accelerate(pipe, config)(**call_kwargs(pipe, num_inference_steps=7)).images
+    assert torch.equal(captured(**call_kwargs(pipe, num_inference_steps=7)).images, expected)
+
+
 def test_scoring_state_is_float32_and_bf16_alpha_one_matches_the_plain_pipeline() -> None:
     pipe = build_tiny_pipeline("tiny-sd3", dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)

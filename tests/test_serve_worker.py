@@ -439,6 +439,32 @@ def test_a_failure_that_leaves_the_device_unusable_ends_the_worker_so_liveness_f
     assert worker.state == "dead" and "illegal memory access" in str(worker.error)
 
 
+def test_an_engine_that_failed_to_run_on_a_faulted_device_ends_the_worker(worker: Worker, model: StandIn,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TensorRT engine's failed enqueue (an EngineRuntimeError, a CatrtError) was taken as an error catrt explains
+    and the device never asked, though a faulted device is what makes an enqueue fail; an error that is the request's
+    (a ConfigError) still leaves the worker serving."""
+    from catrt.errors import ConfigError, EngineRuntimeError
+
+    model.broken_device = RuntimeError("CUDA error: an illegal memory access was encountered")
+    raised: list[Exception] = [ConfigError("a request catrt cannot run"), EngineRuntimeError("TensorRT failed to enqueue")]
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise raised.pop(0)
+
+    monkeypatch.setattr(model, "generate", failing)
+    refused = _job("refused")
+    worker.submit(refused)
+    with pytest.raises(ConfigError):
+        _result(refused.future)
+    assert worker.state == "ready"
+    engine = _job("engine")
+    worker.submit(engine)
+    with pytest.raises(ServiceUnavailableError, match="^the server's worker has stopped; see the server log$"):
+        _result(engine.future)
+    assert worker.state == "dead" and "illegal memory access" in str(worker.error)
+
+
 def test_the_device_probe_reports_a_failing_device_but_not_one_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
@@ -636,3 +662,25 @@ def test_a_full_queue_right_after_start_up_asks_to_wait_for_warm_calls_not_the_f
         model.release.set()
         worker.drain()
         assert exited.wait(10)
+
+
+def test_a_device_probe_that_hangs_is_a_fault_after_its_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe waits for the device; on a hung one it waited forever, holding the worker (every request a 504, the
+    liveness probe 200): now a probe still running after its time is a fault, and the worker stops."""
+    import torch
+
+    from catrt.serve.model import ServedModel
+
+    release = threading.Event()
+    zeros = torch.zeros
+
+    def hanging(*args: object, **kwargs: object) -> torch.Tensor:
+        release.wait(10)
+        return zeros(1)
+
+    monkeypatch.setattr(torch, "ones", hanging)
+    try:
+        fault = ServedModel.device_fault(SimpleNamespace(device=torch.device("cuda", 0)), timeout=0.2)
+    finally:
+        release.set()
+    assert isinstance(fault, TimeoutError) and str(fault) == "the device did not finish a tiny computation within 0.2 s"

@@ -102,6 +102,32 @@ def test_a_plain_pipeline_run_from_a_callback_runs_unpruned_and_leaves_the_gener
     assert torch.equal(previews[0], _images(pipe, pipe, num_inference_steps=2))
 
 
+@pytest.mark.parametrize("where", ["transformer", "global"])
+def test_a_hook_registered_mid_generation_leaves_every_step_pruned(where: str, tiny_pipelines: dict[str, Any]) -> None:
+    """A forward hook put on the transformer (or on every module, as a monitoring tool on another thread may) after
+    the first step puts nn.Module's hook frame between the pipeline and the forward: the later steps were taken as
+    calls deeper than the pipeline's and ran the transformer's own forward, unpruned (3 of 6 steps run by catrt)."""
+    pipe = tiny_pipelines["tiny-sd3"]
+    handles: list[Any] = []
+
+    def add_a_hook(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if step == 2:
+            hook = lambda module, args, output: None  # noqa: E731 - changes nothing
+            register = pipe.transformer.register_forward_hook if where == "transformer" else torch.nn.modules.module.register_module_forward_hook
+            handles.append(register(hook))
+        return {}
+
+    expected = _images(catrt.accelerate(pipe, CONFIG), pipe)
+    fast = catrt.accelerate(pipe, CATConfig(alpha=0.3, t0=3, trace=True))
+    try:
+        images = _images(fast, pipe, callback_on_step_end=add_a_hook)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [record.step for record in fast.last_trace] == [1, 2, 3, 4, 5, 6]
+    assert torch.equal(images, expected)
+
+
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [

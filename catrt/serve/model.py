@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ StepObserver = Callable[[str, float], None]
 #: diffusers' pipelines log, at WARNING on every call, the part of a prompt cut off at CLIP's 77 tokens:
 #: a server would write its users' prompts into its log, one record per request.
 PROMPT_ECHO = "The following part of your input was truncated"
+#: Seconds the device probe after a failed call may take (it waits for the work still queued on the device) before
+#: the device is taken as hung: generous, so a busy device is never mistaken for one.
+DEVICE_PROBE_SECONDS = 60.0
 
 
 class _NoPromptEcho(logging.Filter):
@@ -175,18 +179,20 @@ class ServedModel:
         encoded = [_png_base64(image) for image in images]
         return Generation(encoded, self._phases(started, time.perf_counter()))
 
-    def device_fault(self) -> Exception | None:
+    def device_fault(self, timeout: float = DEVICE_PROBE_SECONDS) -> Exception | None:
         """What a tiny computation on the served device raises now, else None: after one of CUDA's sticky errors
         (an illegal memory access, a device-side assert) every later call in the process fails. Running out of memory
-        here is the load, not a fault; the CPU has none to look for."""
+        here is the load, not a fault; the CPU has none to look for. A probe still running after `timeout` seconds (a
+        hung device) is a fault too: it runs on a thread of its own, so the worker is not held with it."""
         if self.device.type != "cuda":
             return None
-        try:
-            torch.ones(1, device=self.device).add_(1).cpu()
-            torch.cuda.synchronize(self.device)
-        except RuntimeError as error:
-            return None if "out of memory" in str(error).lower() else error
-        return None
+        outcome: list[Exception | None] = []
+        probe = threading.Thread(target=lambda: outcome.append(_probe(self.device)), name="catrt-device-probe", daemon=True)
+        probe.start()
+        probe.join(timeout)
+        if not outcome:
+            return TimeoutError(f"the device did not finish a tiny computation within {timeout:g} s")
+        return outcome[0]
 
     def _phases(self, started: float, finished: float) -> dict[str, float]:
         kinds = plan(self.spec.steps, self.spec.t0, self.spec.refresh_every, self.spec.reuse_every)
@@ -288,3 +294,13 @@ def _default_guidance(model: str, pipe: Any) -> float:
     if card is not None:
         return float(card.default_guidance)
     return float(call_default(pipe, "guidance_scale"))
+
+
+def _probe(device: torch.device) -> Exception | None:
+    """A tiny computation on `device`, waited for: what it raises (a fault), or None (running out of memory is none)."""
+    try:
+        torch.ones(1, device=device).add_(1).cpu()
+        torch.cuda.synchronize(device)
+    except Exception as error:  # noqa: BLE001 - returned to the worker, which stops on it (raised here, it would wait out the timeout)
+        return None if isinstance(error, RuntimeError) and "out of memory" in str(error).lower() else error
+    return None

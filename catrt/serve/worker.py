@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 from catrt.errors import (
     CatrtError,
+    EngineRuntimeError,
     GenerationError,
     QueueFullError,
     RequestTimeoutError,
@@ -339,8 +340,10 @@ class Worker:
         """Raise `DeviceFault`, ending the worker, if the call's failure left its device unusable: CUDA's sticky errors
         (an illegal memory access, a device-side assert) fail every later call of the process, which answered each
         request 500 while its liveness probe said 200, so nothing restarted it. An error catrt explains or running out
-        of memory is the request's or the load's, never the device's."""
-        if isinstance(error, CatrtError) or _out_of_memory(error):
+        of memory is the request's or the load's, never the device's; but an engine that failed to run (TensorRT's
+        failed enqueue, an `EngineRuntimeError`) may have failed on a faulted device, so that one is probed too."""
+        explained = isinstance(error, CatrtError) and not isinstance(error, EngineRuntimeError)
+        if explained or _out_of_memory(error):
             return
         fault = self.served.for_options(jobs[0].options).device_fault()
         if fault is not None:
