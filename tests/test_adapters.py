@@ -718,12 +718,14 @@ def test_bf16_full_steps_equal_diffusers_forward_exactly(name: str) -> None:
         assert torch.equal(outputs["catrt"][index], outputs["plain"][index]), index
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5", "tiny-pixart", "reference"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5", "tiny-pixart", "reference", "tiny-flux", "tiny-flux-schnell"])
 def test_bf16_alpha_one_equals_the_plain_bf16_pipeline_exactly(name: str) -> None:
     """At alpha = 1 every pruned step recomputes every token, and in bf16 too it makes diffusers' numbers bit for bit:
     a pruned token is embedded as `(patches @ W.T + bias) + position`, the conv's sum in its order (a positional
     table holding the bias rounded bias + position once, 1 bf16 step off diffusers' tokens from the first pruned step).
-    tiny-pixart at 64x96, not its own size: PixArt then makes its positions in float32, added before one rounding."""
+    tiny-pixart at 64x96, not its own size: PixArt then makes its positions in float32, added before one rounding.
+    FLUX's double blocks hand their output projections contiguous rows, as diffusers does (a strided slice made
+    `F.linear` add the bias apart, rounding twice: 0.4% off from the first full step)."""
     if name == "reference":
         pipe = catrt.load_pipeline(name, dtype=torch.bfloat16)
 
@@ -740,4 +742,19 @@ def test_bf16_alpha_one_equals_the_plain_bf16_pipeline_exactly(name: str) -> Non
     fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3, trace=True))
     exact = fast(**arguments()).images
     assert [record.kind for record in fast.last_trace] == ["full"] * 3 + ["pruned"] * 3
+    assert exact.dtype == torch.bfloat16 and torch.equal(exact, plain)
+
+
+def test_bf16_flux_attends_over_text_then_image_keys_as_diffusers_does() -> None:
+    """FLUX's attention runs over [text, image] keys, diffusers' order: with more keys than one block of SDPA's blocked
+    softmax (512 on the CPU) the keys' order changes the sums, so image-first keys left bf16 alpha = 1 0.6% off the
+    plain pipeline at 256x512 (512 image + 16 text keys) from the first full step."""
+    pipe = build_tiny_pipeline("tiny-flux", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    arguments = {"prompt": "a red circle", "num_inference_steps": 3, "height": 256, "width": 512,
+                 "output_type": "latent", "max_sequence_length": 16}
+    plain = pipe(**arguments, generator=torch.Generator().manual_seed(0)).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2, trace=True))
+    exact = fast(**arguments, generator=torch.Generator().manual_seed(0)).images
+    assert [record.kind for record in fast.last_trace] == ["full"] * 2 + ["pruned"]
     assert exact.dtype == torch.bfloat16 and torch.equal(exact, plain)
