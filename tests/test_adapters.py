@@ -207,6 +207,41 @@ def test_attention_recorder_sums_the_mass_image_keys_receive(tiny_pipelines: dic
     assert torch.allclose(importance.sum(-1), torch.full((2,), float(blocks * num_heads * 24)), rtol=1e-5)
 
 
+
+@torch.no_grad()
+def test_flux_attention_recorder_sums_what_diffusers_image_keys_receive(
+    tiny_pipelines: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLUX attends over [text, image] keys (diffusers' order) and records the mass its image keys receive, which
+    diffusers' own attention gives them: the sum over heads and queries of softmax(Q K^T / sqrt(d)) over the image
+    key columns (the last N of diffusers' keys) of every double and single block."""
+    import diffusers.models.transformers.transformer_flux as flux_module
+
+    from catrt.models.base import AttentionRecorder
+
+    transformer = tiny_pipelines["tiny-flux"].transformer
+    adapter = make_adapter(transformer)
+    latents, timestep, kwargs = _inputs(transformer)
+    num_image = latents.shape[1]
+    expected = torch.zeros(latents.shape[0], num_image)
+    dispatch = flux_module.dispatch_attention_fn
+
+    def observed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **options: Any) -> torch.Tensor:
+        nonlocal expected  # (B, L, H, d), text rows first
+        scores = query.transpose(1, 2) @ key.transpose(1, 2).transpose(-1, -2) / query.shape[-1] ** 0.5
+        expected = expected + scores.softmax(-1)[..., -num_image:].sum(dim=(1, 2))
+        return dispatch(query, key, value, **options)
+
+    monkeypatch.setattr(flux_module, "dispatch_attention_fn", observed)
+    transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)
+    adapter.recorder = AttentionRecorder()
+    try:
+        adapter.full_forward(latents, timestep, _context(adapter, kwargs, latents), _empty_cache(adapter))
+        importance = adapter.recorder.importance
+    finally:
+        adapter.recorder = None
+    assert torch.allclose(importance, expected, rtol=1e-5, atol=1e-5)
+
 def test_attention_rule_needs_the_eager_backend(tiny_pipelines: dict[str, Any]) -> None:
     adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
 
