@@ -86,6 +86,19 @@ def test_full_forward_equals_diffusers(transformer: Any) -> None:
     assert torch.equal(kv, cache)
 
 
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-flux-schnell"])
+def test_fp32_flux_full_forward_equals_diffusers_exactly(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    """FLUX's full step is diffusers' forward bit for bit in float32 too: its attention runs over [text, image] keys,
+    diffusers' order (image keys first, in both block kinds, summed the float32 softmax otherwise: some 5e-7 off)."""
+    transformer = tiny_pipelines[name].transformer
+    adapter = make_adapter(transformer)
+    latents, timestep, kwargs = _inputs(transformer)
+    expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
+    tokens = adapter.full_forward(latents, timestep, _context(adapter, kwargs, latents), _empty_cache(adapter))
+    assert torch.equal(adapter.prediction_of(tokens, GRID), expected)
+
 @torch.no_grad()
 def test_pruned_step_with_all_tokens_equals_full_step(transformer: Any) -> None:
     adapter = make_adapter(transformer)
