@@ -86,6 +86,19 @@ def test_full_forward_equals_diffusers(transformer: Any) -> None:
     assert torch.equal(kv, cache)
 
 
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-flux-schnell"])
+def test_fp32_flux_full_forward_equals_diffusers_exactly(name: str, tiny_pipelines: dict[str, Any]) -> None:
+    """FLUX's full step is diffusers' forward bit for bit in float32 too: its attention runs over [text, image] keys,
+    diffusers' order (image keys first, in both block kinds, summed the float32 softmax otherwise: some 5e-7 off)."""
+    transformer = tiny_pipelines[name].transformer
+    adapter = make_adapter(transformer)
+    latents, timestep, kwargs = _inputs(transformer)
+    expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
+    tokens = adapter.full_forward(latents, timestep, _context(adapter, kwargs, latents), _empty_cache(adapter))
+    assert torch.equal(adapter.prediction_of(tokens, GRID), expected)
+
 @torch.no_grad()
 def test_pruned_step_with_all_tokens_equals_full_step(transformer: Any) -> None:
     adapter = make_adapter(transformer)
@@ -206,6 +219,41 @@ def test_attention_recorder_sums_the_mass_image_keys_receive(tiny_pipelines: dic
     assert importance.shape == (2, 24)
     assert torch.allclose(importance.sum(-1), torch.full((2,), float(blocks * num_heads * 24)), rtol=1e-5)
 
+
+
+@torch.no_grad()
+def test_flux_attention_recorder_sums_what_diffusers_image_keys_receive(
+    tiny_pipelines: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLUX attends over [text, image] keys (diffusers' order) and records the mass its image keys receive, which
+    diffusers' own attention gives them: the sum over heads and queries of softmax(Q K^T / sqrt(d)) over the image
+    key columns (the last N of diffusers' keys) of every double and single block."""
+    import diffusers.models.transformers.transformer_flux as flux_module
+
+    from catrt.models.base import AttentionRecorder
+
+    transformer = tiny_pipelines["tiny-flux"].transformer
+    adapter = make_adapter(transformer)
+    latents, timestep, kwargs = _inputs(transformer)
+    num_image = latents.shape[1]
+    expected = torch.zeros(latents.shape[0], num_image)
+    dispatch = flux_module.dispatch_attention_fn
+
+    def observed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **options: Any) -> torch.Tensor:
+        nonlocal expected  # (B, L, H, d), text rows first
+        scores = query.transpose(1, 2) @ key.transpose(1, 2).transpose(-1, -2) / query.shape[-1] ** 0.5
+        expected = expected + scores.softmax(-1)[..., -num_image:].sum(dim=(1, 2))
+        return dispatch(query, key, value, **options)
+
+    monkeypatch.setattr(flux_module, "dispatch_attention_fn", observed)
+    transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)
+    adapter.recorder = AttentionRecorder()
+    try:
+        adapter.full_forward(latents, timestep, _context(adapter, kwargs, latents), _empty_cache(adapter))
+        importance = adapter.recorder.importance
+    finally:
+        adapter.recorder = None
+    assert torch.allclose(importance, expected, rtol=1e-5, atol=1e-5)
 
 def test_attention_rule_needs_the_eager_backend(tiny_pipelines: dict[str, Any]) -> None:
     adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
@@ -718,12 +766,14 @@ def test_bf16_full_steps_equal_diffusers_forward_exactly(name: str) -> None:
         assert torch.equal(outputs["catrt"][index], outputs["plain"][index]), index
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5", "tiny-pixart", "reference"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5", "tiny-pixart", "reference", "tiny-flux", "tiny-flux-schnell"])
 def test_bf16_alpha_one_equals_the_plain_bf16_pipeline_exactly(name: str) -> None:
     """At alpha = 1 every pruned step recomputes every token, and in bf16 too it makes diffusers' numbers bit for bit:
     a pruned token is embedded as `(patches @ W.T + bias) + position`, the conv's sum in its order (a positional
     table holding the bias rounded bias + position once, 1 bf16 step off diffusers' tokens from the first pruned step).
-    tiny-pixart at 64x96, not its own size: PixArt then makes its positions in float32, added before one rounding."""
+    tiny-pixart at 64x96, not its own size: PixArt then makes its positions in float32, added before one rounding.
+    FLUX's double blocks hand their output projections contiguous rows, as diffusers does (a strided slice made
+    `F.linear` add the bias apart, rounding twice: 0.4% off from the first full step)."""
     if name == "reference":
         pipe = catrt.load_pipeline(name, dtype=torch.bfloat16)
 
@@ -740,4 +790,19 @@ def test_bf16_alpha_one_equals_the_plain_bf16_pipeline_exactly(name: str) -> Non
     fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=3, trace=True))
     exact = fast(**arguments()).images
     assert [record.kind for record in fast.last_trace] == ["full"] * 3 + ["pruned"] * 3
+    assert exact.dtype == torch.bfloat16 and torch.equal(exact, plain)
+
+
+def test_bf16_flux_attends_over_text_then_image_keys_as_diffusers_does() -> None:
+    """FLUX's attention runs over [text, image] keys, diffusers' order: with more keys than one block of SDPA's blocked
+    softmax (512 on the CPU) the keys' order changes the sums, so image-first keys left bf16 alpha = 1 0.6% off the
+    plain pipeline at 256x512 (512 image + 16 text keys) from the first full step."""
+    pipe = build_tiny_pipeline("tiny-flux", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    arguments = {"prompt": "a red circle", "num_inference_steps": 3, "height": 256, "width": 512,
+                 "output_type": "latent", "max_sequence_length": 16}
+    plain = pipe(**arguments, generator=torch.Generator().manual_seed(0)).images
+    fast = catrt.accelerate(pipe, CATConfig(alpha=1.0, t0=2, trace=True))
+    exact = fast(**arguments, generator=torch.Generator().manual_seed(0)).images
+    assert [record.kind for record in fast.last_trace] == ["full"] * 2 + ["pruned"]
     assert exact.dtype == torch.bfloat16 and torch.equal(exact, plain)

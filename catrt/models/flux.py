@@ -29,7 +29,9 @@ from torch import nn
 
 from catrt.call_arguments import check_image_side
 from catrt.errors import ConfigError, UnsupportedModelError
-from catrt.models.attention import attention, attention_kwargs_change_nothing, joint_attention, refuse_call_attention_kwargs
+from catrt.models.attention import (
+    AttentionRecorder, attention, attention_kwargs_change_nothing, joint_attention, refuse_call_attention_kwargs,
+)
 from catrt.models.base import Context, KVStore, PackedTokensAdapter, refuse_without_blocks
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
@@ -174,12 +176,13 @@ class FluxAdapter(PackedTokensAdapter):
         query, key, value = _qkv(attn, nx, image_rope)
         key, value = store.exchange(0, key), store.exchange(1, value)
         t_query, t_key, t_value = _qkv(attn, ntext, text_rope, added=True)
-        num_image = query.shape[1]
-        joint = joint_attention(
-            [query, t_query], [key, t_key], [value, t_value], attn.heads, self.recorder, num_image_keys=key.shape[1]
-        ).to(query.dtype)
-        image_out = attn.to_out[1](attn.to_out[0](joint[:, :num_image]))
-        text_out = attn.to_add_out(joint[:, num_image:])
+        _record(self.recorder, [query, t_query], key, t_key, attn.heads)
+        num_text = t_query.shape[1]
+        joint = joint_attention([t_query, query], [t_key, key], [t_value, value], attn.heads).to(query.dtype)
+        # Contiguous rows, as diffusers hands them to the output projections: `F.linear` then runs one addmm with the
+        # bias inside (it copies non-contiguous rows anyway, then adds the bias apart, rounding twice in bf16).
+        image_out = attn.to_out[1](attn.to_out[0](joint[:, num_text:].contiguous()))
+        text_out = attn.to_add_out(joint[:, :num_text].contiguous())
 
         x = x + gate_msa.unsqueeze(1) * image_out
         nx = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
@@ -206,7 +209,8 @@ class FluxAdapter(PackedTokensAdapter):
 
         The two streams stay one tensor from block to block (diffusers concatenates and splits them in
         every block; the values are the same), so every single block but the first is handed what its
-        predecessor returned and the text and image inputs never alias one another.
+        predecessor returned and the text and image inputs never alias one another. A full step attends
+        over that tensor's own K and V (the store hands the image rows back as they are): no copy.
         """
         normed, gate = block.norm(joined, emb=temb)
         mlp = block.act_mlp(block.proj_mlp(normed))
@@ -214,13 +218,32 @@ class FluxAdapter(PackedTokensAdapter):
         query, key, value = _qkv(attn, normed, rope)
         image_key = store.exchange(0, key[:, num_text:])
         image_value = store.exchange(1, value[:, num_text:])
-        keys = torch.cat([image_key, key[:, :num_text]], dim=1)  # image keys first, for the attention recorder
-        values = torch.cat([image_value, value[:, :num_text]], dim=1)
-        out = attention(query, keys, values, attn.heads, recorder=self.recorder, num_image_keys=image_key.shape[1])
+        _record(self.recorder, [query], image_key, key[:, :num_text], attn.heads)
+        if store.indices is not None:  # a pruned step attends over all N cached image rows
+            key = torch.cat([key[:, :num_text], image_key], dim=1)
+            value = torch.cat([value[:, :num_text], image_value], dim=1)
+        out = attention(query, key, value, attn.heads)
         joined = joined + gate.unsqueeze(1) * block.proj_out(torch.cat([out.to(query.dtype), mlp], dim=2))
         if joined.dtype == torch.float16:
             joined = joined.clip(-65504, 65504)
         return joined
+
+
+def _record(
+    recorder: AttentionRecorder | None,
+    queries: list[torch.Tensor],
+    image_key: torch.Tensor,
+    text_key: torch.Tensor,
+    num_heads: int,
+) -> None:
+    """Hand the `attention` rule's recorder the attention the image keys receive from the `queries` (it reads the
+    image keys as the first keys; only then are queries and keys concatenated for it).
+
+    The attention itself runs over [text, image] keys, diffusers' order: SDPA's blocked softmax sums the keys in
+    their order, so another order rounds otherwise in bf16 once there are more keys than one block (512 on the CPU).
+    """
+    if recorder is not None:
+        recorder.record(torch.cat(queries, dim=1), torch.cat([image_key, text_key], dim=1), num_heads, image_key.shape[1])
 
 
 def _ids(ids: torch.Tensor) -> torch.Tensor:
