@@ -45,6 +45,23 @@ from catrt.tokens import Grid
 _UNSUPPORTED_CALL_ARGS = ("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers")
 
 
+def _check_text_width(transformer: nn.Module) -> None:
+    """Refuse a `caption_projection_dim` other than the transformer's width: diffusers builds it (the context embedder
+    projects the text to it) but every joint block's text norm and projections take the width num_attention_heads *
+    attention_head_dim, so its forward failed deep in the first block's LayerNorm."""
+    config = transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    if config.caption_projection_dim != width:
+        raise ConfigError(
+            f"SD3Transformer2DModel config caption_projection_dim {config.caption_projection_dim} is not the transformer's "
+            f"width num_attention_heads * attention_head_dim = {config.num_attention_heads} * {config.attention_head_dim} "
+            f"= {width}: its joint blocks read the projected text at that width, so its forward fails; set "
+            f"caption_projection_dim to {width} in the transformer's config.json (or heads and head size whose product "
+            f"is {config.caption_projection_dim})",
+            field="caption_projection_dim", value=config.caption_projection_dim,
+        )
+
+
 class SD3Adapter(Adapter):
     """Joint (MMDiT) blocks: text and image tokens attend together; the text stream runs in full.
 
@@ -68,6 +85,7 @@ class SD3Adapter(Adapter):
         refuse_without_blocks(transformer, len(transformer.transformer_blocks), ("num_layers",))
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("SD3 patch embedding with layer_norm=True is not supported")
+        _check_text_width(transformer)
         for index, block in enumerate(transformer.transformer_blocks):
             attentions = [block.attn] + ([block.attn2] if block.use_dual_attention else [])
             for attn in attentions:
