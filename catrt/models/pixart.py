@@ -39,6 +39,22 @@ def _check_cross_attention_width(transformer: nn.Module) -> None:
         )
 
 
+def _check_out_channels(transformer: nn.Module) -> None:
+    """Refuse a prediction the pipelines cannot step the latents by: PixArt's latents have in_channels, and its
+    prediction is the noise alone (out_channels = in_channels) or the noise and the learned variance (twice that, whose
+    first half the pipeline keeps). diffusers builds any, but its scheduler failed on the mismatched channels after the
+    first step, or broadcast a 1-channel prediction over the latents silently."""
+    config, out = transformer.config, transformer.out_channels
+    if out not in (config.in_channels, 2 * config.in_channels):
+        raise ConfigError(
+            f"PixArtTransformer2DModel config out_channels {out} with in_channels {config.in_channels}: the pipeline "
+            f"steps latents of in_channels by the prediction (or its first half, where out_channels is twice in_channels: "
+            f"a learned variance), so its scheduler fails (or broadcasts a 1-channel prediction silently); set "
+            f"out_channels to {config.in_channels} or {2 * config.in_channels} in the transformer's config.json",
+            field="out_channels", value=out,
+        )
+
+
 class PixArtAdapter(Adapter):
     """BasicTransformerBlock with ada_norm_single: self-attention, cross-attention, MLP.
 
@@ -59,6 +75,7 @@ class PixArtAdapter(Adapter):
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("PixArt patch embedding with layer_norm=True is not supported")
         _check_cross_attention_width(transformer)
+        _check_out_channels(transformer)
         for index, block in enumerate(transformer.transformer_blocks):
             if block.only_cross_attention or block.attn2 is None or block.pos_embed is not None:
                 no_cross = "; this one has no cross-attention (its config's cross_attention_dim is None)"

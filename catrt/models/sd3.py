@@ -62,6 +62,22 @@ def _check_text_width(transformer: nn.Module) -> None:
         )
 
 
+def _check_out_channels(transformer: nn.Module) -> None:
+    """Refuse a prediction of another channel count than the latents the pipelines step: text-to-image and img2img make
+    latents of in_channels, inpainting of out_channels (its 33-channel transformer also reads the mask and the masked
+    image: in_channels = 2 * out_channels + 1). diffusers builds any, but its scheduler failed adding the prediction
+    to the latents after the first step, or broadcast a 1-channel prediction over them silently."""
+    config, out = transformer.config, transformer.out_channels
+    if out != config.in_channels and config.in_channels != 2 * out + 1:
+        raise ConfigError(
+            f"SD3Transformer2DModel config out_channels {out} with in_channels {config.in_channels}: the pipeline steps "
+            f"latents of in_channels by the prediction's out_channels, so its scheduler fails (or broadcasts a 1-channel "
+            f"prediction silently); set out_channels to {config.in_channels} in the transformer's config.json (the "
+            f"inpainting layout is in_channels = 2 * out_channels + 1)",
+            field="out_channels", value=out,
+        )
+
+
 class SD3Adapter(Adapter):
     """Joint (MMDiT) blocks: text and image tokens attend together; the text stream runs in full.
 
@@ -86,6 +102,7 @@ class SD3Adapter(Adapter):
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("SD3 patch embedding with layer_norm=True is not supported")
         _check_text_width(transformer)
+        _check_out_channels(transformer)
         for index, block in enumerate(transformer.transformer_blocks):
             attentions = [block.attn] + ([block.attn2] if block.use_dual_attention else [])
             for attn in attentions:
