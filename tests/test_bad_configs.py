@@ -36,7 +36,16 @@ REFUSED = [
      r"^PixArtTransformer2DModel config out_channels 9 with in_channels 4: .*; set out_channels to 4 or 8 in the "
      r"transformer's config.json$"),
     ("tiny-pixart", {"out_channels": 1}, "out_channels", r"out_channels 1 with in_channels 4"),
+    ("tiny-pixart", {"out_channels": None}, "out_channels",
+     r"^PixArtTransformer2DModel config out_channels is null: .*; set out_channels to 4 \(or 8 for a learned variance\)"),
+    ("tiny-flux", {"in_channels": 63}, "in_channels",
+     r"^FluxTransformer2DModel config in_channels 63 is not a multiple of 4: the pipeline packs 2x2 latent cells of "
+     r"in_channels // 4 channels into tokens of 60, .*; set in_channels to 4 times the VAE's latent_channels"),
 ]
+
+#: Refused configs whose transformer runs but whose pipeline fails (the silent ones, out_channels 1, broadcast).
+PIPELINE_FAILS = [("tiny-sd3", {"out_channels": 8}), ("tiny-pixart", {"out_channels": 9}),
+                  ("tiny-pixart", {"out_channels": None}), ("tiny-flux", {"in_channels": 63})]
 
 #: Configs of the same relations that diffusers runs: taken.
 TAKEN = [
@@ -92,13 +101,27 @@ def _forward(transformer: Any, name: str) -> torch.Tensor:
                        torch.tensor([500.0]), return_dict=False)[0]
 
 
-@pytest.mark.parametrize(("name", "changes", "key"), [case[:3] for case in REFUSED if case[2] != "out_channels"])
+@pytest.mark.parametrize(("name", "changes", "key"), [case[:3] for case in REFUSED if case[2] not in ("out_channels", "in_channels")])
 def test_diffusers_forward_fails_on_each_refused_width(
     tiny_pipelines: dict[str, Any], name: str, changes: dict[str, Any], key: str
 ) -> None:
     """The refusals are of configs diffusers cannot run (the out_channels ones fail in the scheduler, not the forward)."""
     with torch.no_grad(), pytest.raises((RuntimeError, AssertionError, IndexError)):
         _forward(_transformer(tiny_pipelines, name, changes, device="cpu"), name)
+
+
+@pytest.mark.parametrize(("name", "changes"), PIPELINE_FAILS)
+def test_the_plain_pipeline_fails_on_each_refused_channel_count(
+    tiny_pipelines: dict[str, Any], name: str, changes: dict[str, Any]
+) -> None:
+    """The channel refusals are of transformers whose own forward runs but whose pipeline fails in its first step."""
+    pipe = tiny_pipelines[name]
+    call = {"prompt": "a red circle", "num_inference_steps": 1, "height": 32, "width": 32, "max_sequence_length": 8,
+            "output_type": "latent", **({"use_resolution_binning": False} if name == "tiny-pixart" else {})}
+    pipe(**call)  # the call itself runs with the transformer as built
+    pipe = type(pipe)(**{**pipe.components, "transformer": _transformer(tiny_pipelines, name, changes, device="cpu")})
+    with pytest.raises((RuntimeError, TypeError)):
+        pipe(**call)
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart", "tiny-flux"])

@@ -58,6 +58,14 @@ class FluxAdapter(PackedTokensAdapter):
                 f"FLUX transformer with patch_size {transformer.config.patch_size} is not supported (the pipeline packs 2x2 patches; catrt takes patch_size 1)"
             )
         _check_rotary_axes(transformer.config)
+        if transformer.config.in_channels % 4:
+            raise ConfigError(
+                f"FluxTransformer2DModel config in_channels {transformer.config.in_channels} is not a multiple of 4: the "
+                f"pipeline packs 2x2 latent cells of in_channels // 4 channels into tokens of "
+                f"{transformer.config.in_channels // 4 * 4}, which the transformer's x_embedder fails on; set in_channels "
+                f"to 4 times the VAE's latent_channels (64 for FLUX.1) in the transformer's config.json",
+                field="in_channels", value=transformer.config.in_channels,
+            )
         if getattr(transformer, "encoder_hid_proj", None) is not None:
             raise UnsupportedModelError("FLUX transformer with an IP-adapter (encoder_hid_proj) is not supported by catrt")
         blocks = [("double", transformer.transformer_blocks), ("single", transformer.single_transformer_blocks)]

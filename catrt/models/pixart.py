@@ -43,8 +43,17 @@ def _check_out_channels(transformer: nn.Module) -> None:
     """Refuse a prediction the pipelines cannot step the latents by: PixArt's latents have in_channels, and its
     prediction is the noise alone (out_channels = in_channels) or the noise and the learned variance (twice that, whose
     first half the pipeline keeps). diffusers builds any, but its scheduler failed on the mismatched channels after the
-    first step, or broadcast a 1-channel prediction over the latents silently."""
+    first step, or broadcast a 1-channel prediction over the latents silently; a null out_channels failed in the
+    pipeline's own `config.out_channels // 2`."""
     config, out = transformer.config, transformer.out_channels
+    if config.out_channels is None:  # the transformer predicts in_channels, but the pipelines read the config's
+        raise ConfigError(
+            f"PixArtTransformer2DModel config out_channels is null: the transformer predicts in_channels "
+            f"({config.in_channels}) channels, but the PixArt pipelines read config.out_channels at every step "
+            f"(out_channels // 2), which fails on null; set out_channels to {config.in_channels} (or "
+            f"{2 * config.in_channels} for a learned variance) in the transformer's config.json",
+            field="out_channels", value=None,
+        )
     if out not in (config.in_channels, 2 * config.in_channels):
         raise ConfigError(
             f"PixArtTransformer2DModel config out_channels {out} with in_channels {config.in_channels}: the pipeline "
