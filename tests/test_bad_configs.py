@@ -57,13 +57,15 @@ TAKEN = [
     ("tiny-flux", {"axes_dims_rope": (0, 4, 4)}),  # an axis of no channels
     ("tiny-flux", {"axes_dims_rope": (2, 2, 4, 6)}),  # diffusers reads the first 3 (the ids' columns)
     ("tiny-flux", {"attention_head_dim": 6, "axes_dims_rope": (2, 2, 2)}),
+    ("tiny-sd3.5", {"dual_attention_layers": (0, 5)}),  # diffusers makes block 0 dual and ignores the index past 2
 ]
 
 
 def _transformer(tiny_pipelines: dict[str, Any], name: str, changes: dict[str, Any], device: str = "meta") -> Any:
     transformer = tiny_pipelines[name].transformer
     with torch.device(device):
-        return type(transformer).from_config({**transformer.config, **changes}).eval()
+        config = {key: value for key, value in transformer.config.items() if key != "_use_default_values"}  # else it drops keys
+        return type(transformer).from_config({**config, **changes}).eval()
 
 
 @pytest.mark.parametrize(("name", "changes", "key", "message"), REFUSED)
@@ -124,7 +126,7 @@ def test_the_plain_pipeline_fails_on_each_refused_channel_count(
         pipe(**call)
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart", "tiny-flux"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5", "tiny-pixart", "tiny-flux"])
 def test_diffusers_forward_runs_the_taken_configs(tiny_pipelines: dict[str, Any], name: str) -> None:
     for changes in (changes for taken, changes in TAKEN if taken == name):
         with torch.no_grad():
@@ -159,3 +161,15 @@ def test_the_cli_refuses_the_folder_in_one_line(
     assert "Traceback" not in err and len(lines) == 1 and err.strip().endswith(lines[0]), err
     assert lines[0].startswith(f"catrt {command[0]}: error: SD3Transformer2DModel config caption_projection_dim 16 is not")
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_accelerate_refuses_the_pipeline_before_any_step(tiny_pipelines: dict[str, Any]) -> None:
+    """The Python API refuses at `catrt.accelerate`, where diffusers' own call failed in the first block."""
+    import catrt
+
+    pipe = tiny_pipelines["tiny-pixart"]
+    transformer = _transformer(tiny_pipelines, "tiny-pixart", {"cross_attention_dim": 16}, device="cpu")
+    pipe = type(pipe)(**{**pipe.components, "transformer": transformer})
+    with pytest.raises(ConfigError, match=r"^PixArtTransformer2DModel config cross_attention_dim 16 is not") as refused:
+        catrt.accelerate(pipe)
+    assert (refused.value.field, refused.value.value) == ("cross_attention_dim", 16)
