@@ -173,3 +173,47 @@ def test_accelerate_refuses_the_pipeline_before_any_step(tiny_pipelines: dict[st
     with pytest.raises(ConfigError, match=r"^PixArtTransformer2DModel config cross_attention_dim 16 is not") as refused:
         catrt.accelerate(pipe)
     assert (refused.value.field, refused.value.value) == ("cross_attention_dim", 16)
+
+
+@pytest.mark.parametrize(("name", "changes", "message"), [
+    ("tiny-sd3", {"joint_attention_dim": 40},
+     r"'encoder_hidden_states' has shape \(1, 85, 48\), but this SD3Transformer2DModel takes \(B, 85, 40\) .*passed to the "
+     r"call; 40 is the transformer config's joint_attention_dim, so a model whose text encoders give 48 needs "
+     r"joint_attention_dim 48 in its transformer/config.json$"),
+    ("tiny-sd3", {"pooled_projection_dim": 40}, r"'pooled_projections' .*; 40 is the transformer config's pooled_projection_dim, "
+                                                r"so a model whose text encoders give 64 needs pooled_projection_dim 64"),
+    ("tiny-pixart", {"caption_channels": 40}, r"; 40 is the transformer config's caption_channels, so a model whose text "
+                                              r"encoders give 48 needs caption_channels 48"),
+    ("tiny-flux", {"pooled_projection_dim": 20}, r"; 20 is the transformer config's pooled_projection_dim, so a model whose "
+                                                 r"text encoders give 24 needs pooled_projection_dim 24"),
+])
+def test_a_transformer_of_another_text_width_than_its_encoders_is_refused_naming_the_key(
+    tiny_pipelines: dict[str, Any], name: str, changes: dict[str, Any], message: str
+) -> None:
+    """diffusers builds the transformer and its pipeline, and failed in the first step's text projection; catrt names the
+    input before the step, and now the config key that set the width it takes (no tensor was passed by the user)."""
+    import catrt
+
+    pipe = tiny_pipelines[name]
+    pipe = type(pipe)(**{**pipe.components, "transformer": _transformer(tiny_pipelines, name, changes, device="cpu")})
+    fast = catrt.accelerate(pipe, catrt.CATConfig(t0=2))
+    with pytest.raises(ConfigError, match=message) as refused:
+        fast("a red circle", num_inference_steps=3, height=32, width=32, max_sequence_length=8, guidance_scale=1.0,
+             output_type="latent", **({"use_resolution_binning": False} if name == "tiny-pixart" else {}))
+    assert refused.value.field == ("pooled_projections" if "pooled_projection_dim" in changes else "encoder_hidden_states")
+    assert fast.last_trace == []
+
+
+def test_a_passed_embedding_of_the_right_width_names_no_config_key(tiny_pipelines: dict[str, Any]) -> None:
+    """Only a width is the config's: a prompt embedding of another rank or batch is not about a config key."""
+    import catrt
+
+    fast = catrt.accelerate(tiny_pipelines["tiny-sd3"], catrt.CATConfig(t0=2))
+    call = {"num_inference_steps": 3, "height": 32, "width": 32, "guidance_scale": 1.0, "output_type": "latent"}
+    with pytest.raises(ConfigError, match=r"takes 3-D tensors: check the latents, prompt embeddings and other tensors "
+                                          r"passed to the call$"):
+        fast(prompt_embeds=torch.zeros(1, 5, 2, 48), pooled_prompt_embeds=torch.zeros(1, 64), **call)
+    with pytest.raises(ConfigError, match=r"'pooled_projections' has shape \(2, 64\), but .* takes \(B, 64\) here \(B = 3, "
+                                          r"the latents' batch\): check the latents, prompt embeddings and other tensors "
+                                          r"passed to the call$"):
+        fast(prompt_embeds=torch.zeros(3, 5, 48), pooled_prompt_embeds=torch.zeros(2, 64), **call)
