@@ -230,7 +230,8 @@ class Adapter(ABC):
 
     @abstractmethod
     def check_layout(self, transformer: nn.Module) -> None:
-        """Raise UnsupportedModelError naming the feature this adapter cannot prune."""
+        """Raise UnsupportedModelError naming the feature this adapter cannot prune, or ConfigError naming the config key
+        of a transformer diffusers builds but whose forward (or its pipeline's step) fails or runs wrong."""
 
     @property
     @abstractmethod

@@ -37,6 +37,8 @@ from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
 
+#: Columns of FluxPipeline's position ids (txt_ids, img_ids): one rotary axis each.
+_POSITION_AXES = 3
 # Transformer call arguments the adapter does not prune through; each is refused by name when given.
 _UNSUPPORTED_CALL_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
@@ -54,6 +56,15 @@ class FluxAdapter(PackedTokensAdapter):
         if transformer.config.patch_size != 1:
             raise UnsupportedModelError(
                 f"FLUX transformer with patch_size {transformer.config.patch_size} is not supported (the pipeline packs 2x2 patches; catrt takes patch_size 1)"
+            )
+        _check_rotary_axes(transformer.config)
+        if transformer.config.in_channels % 4:
+            raise ConfigError(
+                f"FluxTransformer2DModel config in_channels {transformer.config.in_channels} is not a multiple of 4: the "
+                f"pipeline packs 2x2 latent cells of in_channels // 4 channels into tokens of "
+                f"{transformer.config.in_channels // 4 * 4}, which the transformer's x_embedder fails on; set in_channels "
+                f"to 4 times the VAE's latent_channels (64 for FLUX.1) in the transformer's config.json",
+                field="in_channels", value=transformer.config.in_channels,
             )
         if getattr(transformer, "encoder_hid_proj", None) is not None:
             raise UnsupportedModelError("FLUX transformer with an IP-adapter (encoder_hid_proj) is not supported by catrt")
@@ -244,6 +255,23 @@ def _record(
     """
     if recorder is not None:
         recorder.record(torch.cat(queries, dim=1), torch.cat([image_key, text_key], dim=1), num_heads, image_key.shape[1])
+
+
+def _check_rotary_axes(config: Any) -> None:
+    """Refuse `axes_dims_rope` the rotary embedding cannot apply, naming it: FluxPipeline's position ids have 3 columns,
+    each rotated over its axis' (even) number of channels, and the three together make one attention head. diffusers
+    builds any, but its forward failed on the first attention (an assertion for an odd axis, a size mismatch for
+    another sum, an IndexError for fewer than 3 axes)."""
+    axes, head_dim = tuple(config.axes_dims_rope), config.attention_head_dim
+    used = axes[:_POSITION_AXES]
+    if len(used) < _POSITION_AXES or any(dim % 2 for dim in used) or sum(used) != head_dim:
+        raise ConfigError(
+            f"FluxTransformer2DModel config axes_dims_rope {list(axes)} does not split attention_head_dim {head_dim} into "
+            f"{_POSITION_AXES} even parts (the rotary channels of the pipeline's {_POSITION_AXES} position axes, which "
+            f"must sum to the head size), so its forward fails; give {_POSITION_AXES} even numbers summing to {head_dim} "
+            f"in the transformer's config.json (FLUX.1: [16, 56, 56] for 128)",
+            field="axes_dims_rope", value=list(axes),
+        )
 
 
 def _ids(ids: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ ids and other inputs the adapters read themselves are left to them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,6 +24,8 @@ from catrt.tokens import Grid
 
 #: Inputs the transformer's own layers consume directly, so they must have its weights' dtype and widths.
 WEIGHT_DTYPE_INPUTS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "pooled_projections")
+#: Those the pipeline's text encoders make: a width of theirs other than the transformer's is named by its config key.
+TEXT_INPUTS: tuple[str, ...] = ("encoder_hidden_states", "pooled_projections")
 
 
 def check_transformer_inputs(
@@ -58,7 +62,8 @@ def check_transformer_inputs(
     grid = adapter.latent_grid(hidden_states) or grid
     if grid is None or (hidden_states.ndim == 3 and hidden_states.shape[1] != grid.num_tokens):
         return  # packed latents of another token count: the runtime names the grid they miss
-    _check(adapter, arguments, family.meta_call(config, int(text.shape[1]), grid), hidden_states.shape[0])
+    expected = family.meta_call(config, int(text.shape[1]), grid)
+    _check(adapter, arguments, expected, hidden_states.shape[0], width_key=partial(_width_key, family.meta_call, config))
 
 
 def _check_device(adapter: Adapter, arguments: dict[str, Any]) -> None:
@@ -79,7 +84,14 @@ def _check_device(adapter: Adapter, arguments: dict[str, Any]) -> None:
             )
 
 
-def _check(adapter: Adapter, arguments: dict[str, Any], expected: dict[str, Any], batch: int, rank_only: bool = False) -> None:
+def _check(
+    adapter: Adapter,
+    arguments: dict[str, Any],
+    expected: dict[str, Any],
+    batch: int,
+    rank_only: bool = False,
+    width_key: Callable[[str], str | None] | None = None,
+) -> None:
     for name in WEIGHT_DTYPE_INPUTS:
         tensor, meta = arguments.get(name), expected.get(name)
         if not isinstance(tensor, torch.Tensor) or not isinstance(meta, torch.Tensor):
@@ -89,11 +101,34 @@ def _check(adapter: Adapter, arguments: dict[str, Any], expected: dict[str, Any]
             continue
         sizes = ("B", *wanted[1:]) if wanted[:1] == (1,) else wanted
         takes = f"{len(wanted)}-D tensors" if rank_only else f"{_shape(sizes)} here (B = {batch}, the latents' batch)"
+        key = width_key(name) if width_key is not None and name in TEXT_INPUTS and _fits(shape[:-1], wanted[:-1], batch) else None
+        hint = "" if key is None else (
+            f"; {wanted[-1]} is the transformer config's {key}, so a model whose text encoders give {shape[-1]} needs "
+            f"{key} {shape[-1]} in its transformer/config.json"
+        )
         raise ConfigError(
             f"the transformer's input {name!r} has shape {shape}, but this {type(adapter.transformer).__name__} takes "
-            f"{takes}: check the latents, prompt embeddings and other tensors passed to the call",
+            f"{takes}: check the latents, prompt embeddings and other tensors passed to the call{hint}",
             field=name, value=shape,
         )
+
+
+def _width_key(meta_call: Callable[..., dict[str, Any]], config: dict[str, Any], name: str) -> str | None:
+    """The transformer config key that sets the width (last size) of input `name` in the family's meta call, or None.
+
+    Found by asking the meta call itself (the one declaration of the inputs' shapes) which whole-number key moves that
+    width, so a text width the model's own text encoders do not give is named by the config key to fix (SD3 and FLUX:
+    joint_attention_dim, pooled_projection_dim; PixArt: caption_channels)."""
+    width = meta_call(config, 1, Grid(1, 1))[name].shape[-1]
+    for key, value in config.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value == width:
+            try:
+                moved = meta_call({**config, key: value + 1}, 1, Grid(1, 1))[name].shape[-1]
+            except (KeyError, TypeError, ValueError, RuntimeError):  # a registered family's meta call may not take it
+                continue
+            if moved != width:
+                return key
+    return None
 
 
 def _fits(shape: tuple[int, ...], expected: tuple[int, ...], batch: int) -> bool:

@@ -22,6 +22,48 @@ from catrt.pipeline_spec import PipelineSpec
 from catrt.tokens import Grid
 
 
+def _check_cross_attention_width(transformer: nn.Module) -> None:
+    """Refuse a `cross_attention_dim` other than the transformer's width: diffusers builds it, but the caption
+    projection hands the blocks' cross-attention the text at the width num_attention_heads * attention_head_dim, so
+    its forward failed in the first block's key projection (a matmul of mismatched shapes)."""
+    config = transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    if config.cross_attention_dim is not None and config.cross_attention_dim != width:
+        raise ConfigError(
+            f"PixArtTransformer2DModel config cross_attention_dim {config.cross_attention_dim} is not the transformer's "
+            f"width num_attention_heads * attention_head_dim = {config.num_attention_heads} * {config.attention_head_dim} "
+            f"= {width}: the caption projection hands the cross-attention the text at that width, so its forward fails; "
+            f"set cross_attention_dim to {width} in the transformer's config.json (or heads and head size whose product "
+            f"is {config.cross_attention_dim})",
+            field="cross_attention_dim", value=config.cross_attention_dim,
+        )
+
+
+def _check_out_channels(transformer: nn.Module) -> None:
+    """Refuse a prediction the pipelines cannot step the latents by: PixArt's latents have in_channels, and its
+    prediction is the noise alone (out_channels = in_channels) or the noise and the learned variance (twice that, whose
+    first half the pipeline keeps). diffusers builds any, but its scheduler failed on the mismatched channels after the
+    first step, or broadcast a 1-channel prediction over the latents silently; a null out_channels failed in the
+    pipeline's own `config.out_channels // 2`."""
+    config, out = transformer.config, transformer.out_channels
+    if config.out_channels is None:  # the transformer predicts in_channels, but the pipelines read the config's
+        raise ConfigError(
+            f"PixArtTransformer2DModel config out_channels is null: the transformer predicts in_channels "
+            f"({config.in_channels}) channels, but the PixArt pipelines read config.out_channels at every step "
+            f"(out_channels // 2), which fails on null; set out_channels to {config.in_channels} (or "
+            f"{2 * config.in_channels} for a learned variance) in the transformer's config.json",
+            field="out_channels", value=None,
+        )
+    if out not in (config.in_channels, 2 * config.in_channels):
+        raise ConfigError(
+            f"PixArtTransformer2DModel config out_channels {out} with in_channels {config.in_channels}: the pipeline "
+            f"steps latents of in_channels by the prediction (or its first half, where out_channels is twice in_channels: "
+            f"a learned variance), so its scheduler fails (or broadcasts a 1-channel prediction silently); set "
+            f"out_channels to {config.in_channels} or {2 * config.in_channels} in the transformer's config.json",
+            field="out_channels", value=out,
+        )
+
+
 class PixArtAdapter(Adapter):
     """BasicTransformerBlock with ada_norm_single: self-attention, cross-attention, MLP.
 
@@ -41,6 +83,8 @@ class PixArtAdapter(Adapter):
             )
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("PixArt patch embedding with layer_norm=True is not supported")
+        _check_cross_attention_width(transformer)
+        _check_out_channels(transformer)
         for index, block in enumerate(transformer.transformer_blocks):
             if block.only_cross_attention or block.attn2 is None or block.pos_embed is not None:
                 no_cross = "; this one has no cross-attention (its config's cross_attention_dim is None)"

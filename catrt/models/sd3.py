@@ -45,6 +45,39 @@ from catrt.tokens import Grid
 _UNSUPPORTED_CALL_ARGS = ("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers")
 
 
+def _check_text_width(transformer: nn.Module) -> None:
+    """Refuse a `caption_projection_dim` other than the transformer's width: diffusers builds it (the context embedder
+    projects the text to it) but every joint block's text norm and projections take the width num_attention_heads *
+    attention_head_dim, so its forward failed deep in the first block's LayerNorm."""
+    config = transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    if config.caption_projection_dim != width:
+        raise ConfigError(
+            f"SD3Transformer2DModel config caption_projection_dim {config.caption_projection_dim} is not the transformer's "
+            f"width num_attention_heads * attention_head_dim = {config.num_attention_heads} * {config.attention_head_dim} "
+            f"= {width}: its joint blocks read the projected text at that width, so its forward fails; set "
+            f"caption_projection_dim to {width} in the transformer's config.json (or heads and head size whose product "
+            f"is {config.caption_projection_dim})",
+            field="caption_projection_dim", value=config.caption_projection_dim,
+        )
+
+
+def _check_out_channels(transformer: nn.Module) -> None:
+    """Refuse a prediction of another channel count than the latents the pipelines step: text-to-image and img2img make
+    latents of in_channels, inpainting of out_channels (its 33-channel transformer also reads the mask and the masked
+    image: in_channels = 2 * out_channels + 1). diffusers builds any, but its scheduler failed adding the prediction
+    to the latents after the first step, or broadcast a 1-channel prediction over them silently."""
+    config, out = transformer.config, transformer.out_channels
+    if out != config.in_channels and config.in_channels != 2 * out + 1:
+        raise ConfigError(
+            f"SD3Transformer2DModel config out_channels {out} with in_channels {config.in_channels}: the pipeline steps "
+            f"latents of in_channels by the prediction's out_channels, so its scheduler fails (or broadcasts a 1-channel "
+            f"prediction silently); set out_channels to {config.in_channels} in the transformer's config.json (the "
+            f"inpainting layout is in_channels = 2 * out_channels + 1)",
+            field="out_channels", value=out,
+        )
+
+
 class SD3Adapter(Adapter):
     """Joint (MMDiT) blocks: text and image tokens attend together; the text stream runs in full.
 
@@ -68,6 +101,8 @@ class SD3Adapter(Adapter):
         refuse_without_blocks(transformer, len(transformer.transformer_blocks), ("num_layers",))
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("SD3 patch embedding with layer_norm=True is not supported")
+        _check_text_width(transformer)
+        _check_out_channels(transformer)
         for index, block in enumerate(transformer.transformer_blocks):
             attentions = [block.attn] + ([block.attn2] if block.use_dual_attention else [])
             for attn in attentions:
