@@ -209,3 +209,12 @@ def test_the_cli_refuses_the_folder_in_one_line(
     assert lines[0].startswith(f"catrt {command[0]}: error: SD3Transformer2DModel config in_channels 8 does not fit the "
                                f"VAE's latent_channels 16")
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_a_spec_channel_rule_of_another_type_is_refused_by_name() -> None:
+    from catrt.pipeline_spec import LatentChannels, PipelineSpec
+
+    with pytest.raises(ConfigError, match=r"^PipelineSpec.latent_channels must be None or a LatentChannels, got 4$"):
+        PipelineSpec(call_defaults={}, latent_channels=4)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^LatentChannels.packing must be a whole number >= 1, got 0$"):
+        LatentChannels(packing=0)
