@@ -33,6 +33,7 @@ from catrt.loading import load_pipeline, loader_for
 from catrt.manifest import MANIFEST_FILE, Manifest, build_seal, describe_files, read_manifest_data, write_manifest
 from catrt.models import Adapter, make_adapter
 from catrt.pipeline import default_image_size, pipeline_spec
+from catrt.pipeline_facts import check_latent_channels
 from catrt.prompts import check_text_length
 from catrt.provenance import describe_device, package_versions, transformer_config, weights_digest
 from catrt.publish import STAGING_OVERHEAD, refuse_non_folder, staged_folder
@@ -151,6 +152,7 @@ def _check_and_build(
         check_text_length(pipe, pipeline_spec(pipe), config.max_sequence_length)
         config = _with_resolution(config, pipe)
         adapter = make_adapter(pipe.transformer)
+        check_latent_channels(pipe, pipeline_spec(pipe))
         bar.update()
         return _build(config, pipe, adapter, device, out_dir, export_dir, bar, sign_key)
 

@@ -34,6 +34,7 @@ from catrt.errors import ConfigError, UnsupportedModelError, echo
 from catrt.models import PIPELINES, make_adapter
 from catrt.models.base import check_runs_as_loaded
 from catrt.models.inputs import check_transformer_inputs
+from catrt.pipeline_facts import check_latent_channels
 from catrt.pipeline_spec import PipelineSpec, call_default, custom_schedule, denoising_steps, strength_steps
 from catrt.runtime import CATRuntime, StepRecord
 from catrt.scheduler_calls import (
@@ -114,6 +115,7 @@ class AcceleratedPipeline(ForwardsAttributes):
         check_accelerate_arguments(config, functions, cuda_graphs)
         self.config = config
         self.adapter = make_adapter(pipe.transformer)
+        check_latent_channels(pipe, self.spec)
         self.functions = functions
         self.cuda_graphs = cuda_graphs
         self.buffers = RuntimeBuffers()
@@ -166,6 +168,7 @@ class AcceleratedPipeline(ForwardsAttributes):
         check_scheduler_order(scheduler)
         check_scheduler_sizes(scheduler)
         self._follow_transformer()
+        check_latent_channels(self.pipe, self.spec)  # the transformer or VAE may be another since accelerate
         guidance = self.spec.doubles_batch(bound.arguments)
         grid = self.spec.token_grid(self.pipe, bound.arguments) if self.spec.token_grid is not None else None
         images = check_call_arguments(self._signature, bound.arguments, guidance)

@@ -1,14 +1,17 @@
 """Facts of a registered pipeline class, looked up by the class name a bundle's manifest records.
 
 A bundle is checked without loading its pipeline, so its facts are read from the `PipelineSpec` registered for
-`model.pipeline_class`: the graph rows per image and the text tokens before `max_sequence_length`.
+`model.pipeline_class`: the graph rows per image and the text tokens before `max_sequence_length`. A loaded
+pipeline's latent channels are checked against its transformer's with its class's `LatentChannels`.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
-from catrt.pipeline_spec import PipelineSpec
+from catrt.errors import ConfigError
+from catrt.pipeline_spec import LatentChannels, PipelineSpec
 
 
 def text_tokens_before(pipeline_class: str) -> int | None:
@@ -36,3 +39,70 @@ def _registered_spec(pipeline_class: str) -> PipelineSpec | None:
 
     cls = pipeline_named(pipeline_class)
     return None if cls is None else PIPELINES[cls]
+
+
+def check_latent_channels(pipe: Any, spec: PipelineSpec) -> None:
+    """Refuse, before any step, a transformer whose channels do not fit the latents its pipeline class makes (the
+    spec's `LatentChannels`, from the transformer's and the VAE's config): diffusers loads any, and failed in the
+    scheduler at the first step, or in the VAE decode after every step had run. A ConfigError names the config key,
+    its value and the fix; a class with no declared rule, or a pipeline without a VAE config, is not checked there."""
+    rule = spec.latent_channels
+    transformer = getattr(pipe, "transformer", None)
+    if rule is None or transformer is None:
+        return
+    inputs, outputs = transformer.config.in_channels, transformer.out_channels
+    latent = _vae_latent_channels(pipe)
+    name, pipeline = type(transformer).__name__, type(pipe).__name__
+    if rule.mask_input:
+        if latent is not None:
+            _check_mask_input(rule, name, pipeline, inputs, outputs, latent)
+        return
+    if outputs not in _predictions(rule, inputs):
+        fix = f"set out_channels to {inputs} in the transformer's config.json"
+        raise ConfigError(
+            f"{name} config out_channels {outputs} with in_channels {inputs}: {pipeline} makes latents of the "
+            f"transformer's input channels and steps them by its prediction, which fails in the scheduler for "
+            f"{outputs} channels; {fix}" + (f", or {rule.other_layouts}" if rule.other_layouts else ""),
+            field="out_channels", value=outputs,
+        )
+    if latent is not None and inputs != latent * rule.packing:
+        made = f"in_channels // {rule.packing} = {inputs // rule.packing}" if rule.packing > 1 else f"in_channels = {inputs}"
+        raise ConfigError(
+            f"{name} config in_channels {inputs} does not fit the VAE's latent_channels {latent}: {pipeline} makes "
+            f"latents of {made} channels, which the VAE's decode fails on after every step has run; set in_channels "
+            f"(and out_channels) to {latent * rule.packing} in the transformer's config.json, or use a VAE of "
+            f"latent_channels {inputs // rule.packing}",
+            field="in_channels", value=inputs,
+        )
+
+
+def _check_mask_input(rule: LatentChannels, name: str, pipeline: str, inputs: int, outputs: int, latent: int) -> None:
+    """An inpainting pipeline's latents are the VAE's: the transformer reads them (or them, the masked image's and the
+    mask: 2 * channels + 1) and predicts them."""
+    channels = latent * rule.packing
+    if inputs not in (channels, 2 * channels + 1):
+        raise ConfigError(
+            f"{name} config in_channels {inputs} does not fit the VAE's latent_channels {latent}: {pipeline} feeds the "
+            f"transformer {channels} latent channels (or {2 * channels + 1} with the mask and the masked image); set "
+            f"in_channels to {channels} or {2 * channels + 1} in the transformer's config.json",
+            field="in_channels", value=inputs,
+        )
+    if outputs not in _predictions(rule, channels):
+        raise ConfigError(
+            f"{name} config out_channels {outputs} does not fit the VAE's latent_channels {latent}: {pipeline} steps "
+            f"latents of {channels} channels by the prediction, which fails in the scheduler for {outputs} channels; set "
+            f"out_channels to {channels} in the transformer's config.json",
+            field="out_channels", value=outputs,
+        )
+
+
+def _predictions(rule: LatentChannels, channels: int) -> tuple[int, ...]:
+    """The prediction channels a pipeline steps latents of `channels` by: those, or twice them with a learned variance."""
+    return (channels, 2 * channels) if rule.learned_variance else (channels,)
+
+
+def _vae_latent_channels(pipe: Any) -> int | None:
+    """The latent channels of the pipeline's VAE config; None for a pipeline without one (no decode to fail)."""
+    config = getattr(getattr(pipe, "vae", None), "config", None)
+    latent = getattr(config, "latent_channels", None) if config is not None else None
+    return latent if isinstance(latent, int) and not isinstance(latent, bool) else None

@@ -24,6 +24,27 @@ GUIDANCE_KINDS: tuple[str, ...] = get_args(Guidance)
 
 
 @dataclass(frozen=True)
+class LatentChannels:
+    """How a pipeline class makes its latents' channels from its transformer's and its VAE's config, so a transformer
+    of another layout (diffusers loads any) is refused before a step instead of failing in the scheduler or the VAE
+    decode after all of them. A latent token has `packing` * the VAE's latent_channels channels; the transformer reads
+    those (or, with `mask_input`, also the mask and the masked image's latents: 2 * that + 1, SD3's inpainting layout)
+    and predicts those (or, with `learned_variance`, twice that: PixArt's variance, whose first half steps the
+    latents)."""
+
+    packing: int = 1
+    mask_input: bool = False
+    learned_variance: bool = False
+    # The fix for a transformer of another pipeline's layout (its input wider than its prediction), named in the refusal.
+    other_layouts: str = ""
+
+    def __post_init__(self) -> None:
+        packing = self.packing
+        require("LatentChannels", "packing", packing, isinstance(packing, int) and not isinstance(packing, bool) and packing >= 1,
+                "a whole number >= 1")
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     """Per pipeline class: the extra call arguments catrt's own callers (CLI, server) pass, which
     tokenizer limits a prompt's length (so callers can refuse a long prompt instead of letting the
@@ -49,6 +70,9 @@ class PipelineSpec:
     # The call argument with which the pipeline runs only the last steps of its schedule (img2img and inpainting's
     # `strength`, see `strength_steps`); None where every call runs all of them. catrt's t0 counts the steps run.
     strength_argument: str | None = None
+    # How the pipeline's latents' channels follow from its transformer's and VAE's config; None: not checked (a
+    # registered class whose rule catrt does not know, such as FLUX Fill's 384 -> 64 channels).
+    latent_channels: LatentChannels | None = None
 
     @property
     def reads_negative_prompt(self) -> bool:
@@ -76,6 +100,9 @@ class PipelineSpec:
         strength = self.strength_argument
         require("PipelineSpec", "strength_argument", strength, strength is None or (isinstance(strength, str) and strength != ""),
                 "None or an argument name")
+        channels = self.latent_channels
+        require("PipelineSpec", "latent_channels", channels, channels is None or isinstance(channels, LatentChannels),
+                "None or a LatentChannels")
         for name in ("token_grid", "check_call", "default_fixes"):
             value = getattr(self, name)
             require("PipelineSpec", name, value, value is None or callable(value), "None or a function")

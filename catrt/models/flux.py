@@ -34,7 +34,7 @@ from catrt.models.attention import (
 )
 from catrt.models.base import Context, KVStore, PackedTokensAdapter, refuse_without_blocks
 from catrt.models.registry import Family, register_family
-from catrt.pipeline_spec import PipelineSpec
+from catrt.pipeline_spec import LatentChannels, PipelineSpec
 from catrt.tokens import Grid
 
 #: Columns of FluxPipeline's position ids (txt_ids, img_ids): one rotary axis each.
@@ -375,6 +375,10 @@ def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str
 _TEXT_TO_IMAGE = PipelineSpec(
     call_defaults={}, text_tokenizer="tokenizer_2", text_tokens_before=0, guidance="distilled", token_grid=_token_grid,
     check_call=_check_call,
+    # A token packs 2x2 latent cells; a Fill or Control transformer (384 or 128 channels in, 64 out) runs in its own
+    # pipeline class, registered with catrt.pipeline.register_pipeline.
+    latent_channels=LatentChannels(packing=4, other_layouts="run a FLUX Fill or Control transformer in its own "
+                                                            "pipeline class (catrt.pipeline.register_pipeline)"),
 )
 #: img2img and inpainting run the size asked for (or the default, never the image's: diffusers resizes the image to
 #: it), one transformer call per step on the last steps `strength` leaves; inpainting blends its mask outside.

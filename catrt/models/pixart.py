@@ -18,7 +18,7 @@ from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models.attention import attention, project_qkv, unfuse_hint
 from catrt.models.base import Adapter, Context, KVStore, refuse_without_blocks
 from catrt.models.registry import Family, register_family
-from catrt.pipeline_spec import PipelineSpec
+from catrt.pipeline_spec import LatentChannels, PipelineSpec
 from catrt.tokens import Grid
 
 
@@ -239,7 +239,7 @@ def _default_fixes(pipe: Any) -> dict[str, Any]:
 
 _SIGMA = PipelineSpec(
     call_defaults={"use_resolution_binning": False, "clean_caption": False}, text_tokens_before=0,
-    default_fixes=_default_fixes,
+    default_fixes=_default_fixes, latent_channels=LatentChannels(learned_variance=True),
 )
 
 #: Resolution binning would silently change the requested size; clean_caption needs extra packages. PixArt-Alpha

@@ -39,7 +39,7 @@ from catrt.models.base import (
 )
 from catrt.models.modulation import gated_add_, modulate_
 from catrt.models.registry import Family, register_family
-from catrt.pipeline_spec import PipelineSpec, guidance_value
+from catrt.pipeline_spec import LatentChannels, PipelineSpec, guidance_value
 from catrt.tokens import Grid
 
 _UNSUPPORTED_CALL_ARGS = ("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers")
@@ -343,7 +343,11 @@ def _meta_call(config: dict[str, Any], text_tokens: int, grid: Grid) -> dict[str
     }
 
 
-_TEXT_TO_IMAGE = PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3", text_tokens_before=77, check_call=_check_call)
+_TEXT_TO_IMAGE = PipelineSpec(
+    call_defaults={}, text_tokenizer="tokenizer_3", text_tokens_before=77, check_call=_check_call,
+    latent_channels=LatentChannels(other_layouts="run an inpainting transformer (in_channels = 2 * out_channels + 1) "
+                                                 "in StableDiffusion3InpaintPipeline"),
+)
 #: img2img and inpainting call the transformer once per step as text-to-image does, on the last steps `strength`
 #: leaves; inpainting blends its mask into the latents outside the transformer (16-channel transformers; a 33-channel
 #: inpainting transformer's mask channels are just wider input patches).
@@ -355,7 +359,10 @@ FAMILY = register_family(Family(
     {
         StableDiffusion3Pipeline: _TEXT_TO_IMAGE,
         StableDiffusion3Img2ImgPipeline: replace(_FROM_IMAGE, check_call=partial(_check_call, pipeline="StableDiffusion3Img2ImgPipeline")),
-        StableDiffusion3InpaintPipeline: replace(_FROM_IMAGE, check_call=partial(_check_call, pipeline="StableDiffusion3InpaintPipeline")),
+        StableDiffusion3InpaintPipeline: replace(
+            _FROM_IMAGE, check_call=partial(_check_call, pipeline="StableDiffusion3InpaintPipeline"),
+            latent_channels=LatentChannels(mask_input=True),
+        ),
     },
     _meta_call,
 ))
