@@ -25,9 +25,9 @@ from diffusers import (
 
 import catrt
 from catrt import CATConfig, ConfigError
-from catrt.cli import main
 from catrt.models import PIPELINES
 from catrt.pipeline import register_pipeline
+from tests.test_bad_configs import CLI_COMMANDS, cli_refusal
 
 #: (tiny model, pipeline class, transformer config changes, VAE latent_channels (None: the model's), key, message).
 REFUSED = [
@@ -191,24 +191,13 @@ def mismatched_folder(tiny_pipelines: dict[str, Any], tmp_path_factory: pytest.T
     return folder
 
 
-@pytest.mark.parametrize("command", [
-    ["generate", "--prompt", "a red circle", "--height", "32", "--width", "32"],
-    ["build", "--backend", "onnxruntime", "--height", "32", "--width", "32"],
-])
+@pytest.mark.parametrize("command", CLI_COMMANDS)
 def test_the_cli_refuses_the_folder_in_one_line(
     capfd: pytest.CaptureFixture[str], tmp_path: Path, mismatched_folder: Path, command: list[str]
 ) -> None:
-    argv = [*command, "--model", str(mismatched_folder), "--steps", "4", "--t0", "2"]
-    argv += ["--out", str(tmp_path / ("image.png" if command[0] == "generate" else "engines"))]
-    if command[0] == "build":
-        argv += ["--export-dir", str(tmp_path / "export")]
-    assert main(argv) == 2
-    err = capfd.readouterr().err
-    lines = [line for line in err.strip().splitlines() if ": error: " in line]  # build's progress bar comes before
-    assert "Traceback" not in err and len(lines) == 1 and err.strip().endswith(lines[0]), err
-    assert lines[0].startswith(f"catrt {command[0]}: error: SD3Transformer2DModel config in_channels 8 does not fit the "
-                               f"VAE's latent_channels 16")
-    assert sorted(path.name for path in tmp_path.iterdir()) == []
+    line = cli_refusal(capfd, tmp_path, mismatched_folder, command)
+    assert line.startswith(f"catrt {command[0]}: error: SD3Transformer2DModel config in_channels 8 does not fit the "
+                           f"VAE's latent_channels 16")
 
 
 def test_a_spec_channel_rule_of_another_type_is_refused_by_name() -> None:
