@@ -94,6 +94,23 @@ def refuse_without_blocks(transformer: nn.Module, num_blocks: int, config_keys: 
     )
 
 
+def refuse_other_text_width(transformer: nn.Module, key: str, model: str, reader: str) -> None:
+    """Refuse a text-width config `key` other than the transformer's width num_attention_heads * attention_head_dim:
+    diffusers builds the transformer (its text projection makes that width), but `reader` - the blocks' text path - takes
+    the transformer's width, so its forward failed deep in the first block. None (no such projection) is left to the
+    family's own checks."""
+    config = transformer.config
+    value, width = config[key], config.num_attention_heads * config.attention_head_dim
+    if value is None or value == width:
+        return
+    raise ConfigError(
+        f"{model} config {key} {value} is not the transformer's width num_attention_heads * attention_head_dim = "
+        f"{config.num_attention_heads} * {config.attention_head_dim} = {width}: {reader} at that width, so its forward "
+        f"fails; set {key} to {width} in the transformer's config.json (or heads and head size whose product is {value})",
+        field=key, value=value,
+    )
+
+
 def call_block(function: BlockFunction, block: nn.Module, store: KVStore, first_slot: int, num_slots: int, *inputs: Any) -> Any:
     """Run one block as it is (eager and exported forwards)."""
     return function(block, store.window(first_slot, num_slots), *inputs)

@@ -16,27 +16,10 @@ from torch import nn
 
 from catrt.errors import ConfigError, UnsupportedModelError
 from catrt.models.attention import attention, project_qkv, unfuse_hint
-from catrt.models.base import Adapter, Context, KVStore, refuse_without_blocks
+from catrt.models.base import Adapter, Context, KVStore, refuse_other_text_width, refuse_without_blocks
 from catrt.models.registry import Family, register_family
 from catrt.pipeline_spec import LatentChannels, PipelineSpec
 from catrt.tokens import Grid
-
-
-def _check_cross_attention_width(transformer: nn.Module) -> None:
-    """Refuse a `cross_attention_dim` other than the transformer's width: diffusers builds it, but the caption
-    projection hands the blocks' cross-attention the text at the width num_attention_heads * attention_head_dim, so
-    its forward failed in the first block's key projection (a matmul of mismatched shapes)."""
-    config = transformer.config
-    width = config.num_attention_heads * config.attention_head_dim
-    if config.cross_attention_dim is not None and config.cross_attention_dim != width:
-        raise ConfigError(
-            f"PixArtTransformer2DModel config cross_attention_dim {config.cross_attention_dim} is not the transformer's "
-            f"width num_attention_heads * attention_head_dim = {config.num_attention_heads} * {config.attention_head_dim} "
-            f"= {width}: the caption projection hands the cross-attention the text at that width, so its forward fails; "
-            f"set cross_attention_dim to {width} in the transformer's config.json (or heads and head size whose product "
-            f"is {config.cross_attention_dim})",
-            field="cross_attention_dim", value=config.cross_attention_dim,
-        )
 
 
 def _check_out_channels(transformer: nn.Module) -> None:
@@ -83,7 +66,10 @@ class PixArtAdapter(Adapter):
             )
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("PixArt patch embedding with layer_norm=True is not supported")
-        _check_cross_attention_width(transformer)
+        refuse_other_text_width(
+            transformer, "cross_attention_dim", "PixArtTransformer2DModel",
+            "the caption projection hands the cross-attention the text",
+        )
         _check_out_channels(transformer)
         for index, block in enumerate(transformer.transformer_blocks):
             if block.only_cross_attention or block.attn2 is None or block.pos_embed is not None:

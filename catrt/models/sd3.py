@@ -35,6 +35,7 @@ from catrt.models.base import (
     KVStore,
     eager_cpu,
     plain_linear,
+    refuse_other_text_width,
     refuse_without_blocks,
 )
 from catrt.models.modulation import gated_add_, modulate_
@@ -43,23 +44,6 @@ from catrt.pipeline_spec import LatentChannels, PipelineSpec, guidance_value
 from catrt.tokens import Grid
 
 _UNSUPPORTED_CALL_ARGS = ("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers")
-
-
-def _check_text_width(transformer: nn.Module) -> None:
-    """Refuse a `caption_projection_dim` other than the transformer's width: diffusers builds it (the context embedder
-    projects the text to it) but every joint block's text norm and projections take the width num_attention_heads *
-    attention_head_dim, so its forward failed deep in the first block's LayerNorm."""
-    config = transformer.config
-    width = config.num_attention_heads * config.attention_head_dim
-    if config.caption_projection_dim != width:
-        raise ConfigError(
-            f"SD3Transformer2DModel config caption_projection_dim {config.caption_projection_dim} is not the transformer's "
-            f"width num_attention_heads * attention_head_dim = {config.num_attention_heads} * {config.attention_head_dim} "
-            f"= {width}: its joint blocks read the projected text at that width, so its forward fails; set "
-            f"caption_projection_dim to {width} in the transformer's config.json (or heads and head size whose product "
-            f"is {config.caption_projection_dim})",
-            field="caption_projection_dim", value=config.caption_projection_dim,
-        )
 
 
 def _check_out_channels(transformer: nn.Module) -> None:
@@ -101,7 +85,9 @@ class SD3Adapter(Adapter):
         refuse_without_blocks(transformer, len(transformer.transformer_blocks), ("num_layers",))
         if transformer.pos_embed.layer_norm:
             raise UnsupportedModelError("SD3 patch embedding with layer_norm=True is not supported")
-        _check_text_width(transformer)
+        refuse_other_text_width(
+            transformer, "caption_projection_dim", "SD3Transformer2DModel", "its joint blocks read the projected text"
+        )
         _check_out_channels(transformer)
         for index, block in enumerate(transformer.transformer_blocks):
             attentions = [block.attn] + ([block.attn2] if block.use_dual_attention else [])
