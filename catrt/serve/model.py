@@ -302,5 +302,11 @@ def _probe(device: torch.device) -> Exception | None:
         torch.ones(1, device=device).add_(1).cpu()
         torch.cuda.synchronize(device)
     except Exception as error:  # noqa: BLE001 - returned to the worker, which stops on it (raised here, it would wait out the timeout)
-        return None if isinstance(error, RuntimeError) and "out of memory" in str(error).lower() else error
+        return None if out_of_memory(error) else error
     return None
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """A device or host out of memory (torch's OutOfMemoryError is a RuntimeError saying so): the load, not the request
+    nor the device."""
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())

@@ -36,7 +36,7 @@ from catrt.scheduler import plan
 from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker, check_choice
 from catrt.serve.errors import internal_error_message
 from catrt.serve.metrics import ServerMetrics, alpha_label
-from catrt.serve.model import BatchOptions, Generation, Row, StepObserver
+from catrt.serve.model import BatchOptions, Generation, Row, StepObserver, out_of_memory
 from catrt.serve.timing import Abandoned
 
 if TYPE_CHECKING:
@@ -343,7 +343,7 @@ class Worker:
         of memory is the request's or the load's, never the device's; but an engine that failed to run (TensorRT's
         failed enqueue, an `EngineRuntimeError`) may have failed on a faulted device, so that one is probed too."""
         explained = isinstance(error, CatrtError) and not isinstance(error, EngineRuntimeError)
-        if explained or _out_of_memory(error):
+        if explained or out_of_memory(error):
             return
         fault = self.served.for_options(jobs[0].options).device_fault()
         if fault is not None:
@@ -403,18 +403,13 @@ def _as_generation_error(error: Exception, request_id: str) -> Exception:
     names the request id the log has, never the exception's text."""
     if isinstance(error, CatrtError):
         return error
-    if _out_of_memory(error):
+    if out_of_memory(error):
         _release_cached_memory()
         return ServiceUnavailableError(
             f"the server ran out of memory for this request (request id {request_id}); try again shortly, or with fewer "
             f"images (n)"
         )
     return GenerationError(internal_error_message(request_id))
-
-
-def _out_of_memory(error: Exception) -> bool:
-    """A device or host out of memory (torch's OutOfMemoryError is a RuntimeError saying so): the load, not the request."""
-    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
 def _release_cached_memory() -> None:
