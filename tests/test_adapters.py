@@ -700,6 +700,28 @@ def test_a_patch_projection_computing_its_weights_conv_runs(tiny_pipelines: dict
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart"])
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_a_norm_parametrized_patch_projection_embeds_pruned_patches_as_its_conv(
+    tiny_pipelines: dict[str, Any], name: str, norm: str
+) -> None:
+    """The positional table is the patch embedding of a zero latent through a zero projection: zeroing a weight- or
+    spectral-norm parametrization's own parameters made its weight 0 / 0, and every pruned token NaN."""
+    from torch.nn.utils import parametrizations
+
+    tiny = tiny_pipelines[name]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    getattr(parametrizations, norm)(transformer.pos_embed.proj)
+    latents = torch.randn(2, transformer.config.in_channels, 8, 12, generator=torch.Generator().manual_seed(0))
+    adapter = make_adapter(transformer)
+    context = {"positional_table": adapter.positional_table(tuple(latents.shape))}  # what prepare_context adds
+    assert context["positional_table"].dtype == torch.float32 and context["positional_table"].isfinite().all()
+    indices = torch.arange(GRID.height * GRID.width).expand(2, -1)
+    embedded = adapter.embed_patches(adapter.tokens_of(latents), indices, context)
+    assert (embedded - transformer.pos_embed(latents)).abs().max() < 1e-5
+
+
+@torch.no_grad()
 def test_a_disabled_lora_on_the_patch_embedding_runs_and_is_refused_once_enabled(tiny_pipelines: dict[str, Any]) -> None:
     """`pipe.disable_lora()` (PEFT's `disable_adapters`, checked with PEFT 0.21.2) leaves the wrapped projection running its
     base conv alone, whose weight catrt reads: it ran before the unfused-LoRA check, which then refused it with the
