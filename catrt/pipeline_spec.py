@@ -42,6 +42,9 @@ class LatentChannels:
         packing = self.packing
         require("LatentChannels", "packing", packing, isinstance(packing, int) and not isinstance(packing, bool) and packing >= 1,
                 "a whole number >= 1")
+        for name in ("mask_input", "learned_variance"):  # a string "False" would read as true: a rule other than given
+            require("LatentChannels", name, getattr(self, name), isinstance(getattr(self, name), bool), "True or False")
+        require("LatentChannels", "other_layouts", self.other_layouts, isinstance(self.other_layouts, str), "a string")
 
 
 @dataclass(frozen=True)

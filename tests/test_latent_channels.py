@@ -224,3 +224,10 @@ def test_a_spec_channel_rule_of_another_type_is_refused_by_name() -> None:
         PipelineSpec(call_defaults={}, latent_channels=4)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^LatentChannels.packing must be a whole number >= 1, got 0$"):
         LatentChannels(packing=0)
+    with pytest.raises(ConfigError, match=r"^LatentChannels.learned_variance must be True or False, got 'False'$") as refused:
+        LatentChannels(learned_variance="False")  # type: ignore[arg-type]
+    assert refused.value.field == "learned_variance"
+    with pytest.raises(ConfigError, match=r"^LatentChannels.mask_input must be True or False, got 1$"):
+        LatentChannels(mask_input=1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^LatentChannels.other_layouts must be a string, got None$"):
+        LatentChannels(other_layouts=None)  # type: ignore[arg-type]
