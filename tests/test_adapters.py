@@ -86,7 +86,6 @@ def test_full_forward_equals_diffusers(transformer: Any) -> None:
     assert torch.equal(kv, cache)
 
 
-
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-flux-schnell"])
 def test_fp32_flux_full_forward_equals_diffusers_exactly(name: str, tiny_pipelines: dict[str, Any]) -> None:
@@ -98,6 +97,7 @@ def test_fp32_flux_full_forward_equals_diffusers_exactly(name: str, tiny_pipelin
     expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
     tokens = adapter.full_forward(latents, timestep, _context(adapter, kwargs, latents), _empty_cache(adapter))
     assert torch.equal(adapter.prediction_of(tokens, GRID), expected)
+
 
 @torch.no_grad()
 def test_pruned_step_with_all_tokens_equals_full_step(transformer: Any) -> None:
@@ -220,7 +220,6 @@ def test_attention_recorder_sums_the_mass_image_keys_receive(tiny_pipelines: dic
     assert torch.allclose(importance.sum(-1), torch.full((2,), float(blocks * num_heads * 24)), rtol=1e-5)
 
 
-
 @torch.no_grad()
 def test_flux_attention_recorder_sums_what_diffusers_image_keys_receive(
     tiny_pipelines: dict[str, Any], monkeypatch: pytest.MonkeyPatch
@@ -254,6 +253,7 @@ def test_flux_attention_recorder_sums_what_diffusers_image_keys_receive(
     finally:
         adapter.recorder = None
     assert torch.allclose(importance, expected, rtol=1e-5, atol=1e-5)
+
 
 def test_attention_rule_needs_the_eager_backend(tiny_pipelines: dict[str, Any]) -> None:
     adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
