@@ -288,10 +288,13 @@ class TensorRTEngine(Engine):
 
 
 def _plan_source(tensorrt: Any, source: VerifiedFile) -> Any:
-    """What `deserialize_cuda_engine` reads: an `IStreamReaderV2` over `source` (TensorRT >= 10.7), else its bytes."""
+    """What `deserialize_cuda_engine` reads: an `IStreamReaderV2` over `source` (TensorRT >= 10.7), else its bytes,
+    checked before TensorRT sees them."""
     reader_base = getattr(tensorrt, "IStreamReaderV2", None)
     if reader_base is None:
-        return source.whole()
+        plan = source.whole()
+        source.finish()
+        return plan
     whence = {tensorrt.SeekPosition.SET: os.SEEK_SET, tensorrt.SeekPosition.CUR: os.SEEK_CUR, tensorrt.SeekPosition.END: os.SEEK_END}
 
     class PlanReader(reader_base):  # type: ignore[misc, valid-type]
