@@ -6,10 +6,12 @@ check. A streamed read cannot be verified before the consumer has seen it, so `f
 caller refuses what the consumer made of it (TensorRT's engine is dropped before any context is made or run).
 
 How: the file is hashed in order, a block at a time, the first time each block is reached (a forward seek hashes the
-blocks it skips); each block's own sha256 is kept (32 bytes a block), so a block served again after a backward seek
-is read again and must match it. `finish()` hashes what the consumer did not read and compares the whole digest and
-size with the record. Every byte served thus lies in a block whose bytes are those the whole-file digest was taken
-over, so when `finish()` passes, the consumer read exactly the verified file. Host memory held: one block.
+blocks it skips). For each block the whole-file hash is kept as it was before the block (a copy of its state) and as
+it ends after it, so a block served again after a backward seek is read again, hashed from that state and must end
+the same (a different block ending the same would be a sha256 collision); no block is hashed twice unless it is read
+twice. `finish()` hashes what the consumer did not read and compares the whole digest and size with the record.
+Every byte served thus lies in a block whose bytes are those the whole-file digest was taken over, so when
+`finish()` passes, the consumer read exactly the verified file. Host memory held: one block.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class VerifiedFile:
         self.size = info.st_size
         self._record = record
         self._digest = hashlib.sha256()
-        self._block_digests: list[bytes] = []  # sha256 of each block hashed so far, in file order
+        self._before: list[Any] = []  # per block hashed so far, in file order: the whole-file hash before it (a copy)
+        self._after: list[bytes] = []  # and that hash's digest were the file to end after it
         self._hashed = 0  # bytes fed to the whole-file digest, in file order
         self._held: tuple[int, bytes] | None = None  # the block served last: (index, bytes)
         self.position = 0
@@ -107,15 +110,18 @@ class VerifiedFile:
     # -- blocks ---------------------------------------------------------------------------------
 
     def _block(self, index: int) -> bytes | None:
-        """Block `index`: hashed in order on first reach, else read again and compared with its digest (None: changed)."""
+        """Block `index`: hashed in order on first reach, else read again and hashed from the state before it, which
+        must end as the first pass did (None: changed)."""
         if self._held is not None and self._held[0] == index:
             return self._held[1]
         block: bytes | None = None
-        while not self.changed and len(self._block_digests) <= index:
+        while not self.changed and len(self._after) <= index:
             block = self._hash_next_block()
         if block is None and not self.changed:
             block = self._read_at(index * BLOCK, self._block_length(index))
-            self.changed = hashlib.sha256(block).digest() != self._block_digests[index]
+            check = self._before[index].copy()
+            check.update(block)
+            self.changed = check.digest() != self._after[index]
         if self.changed:
             return None
         assert block is not None
@@ -123,12 +129,13 @@ class VerifiedFile:
         return block
 
     def _hash_next_block(self) -> bytes:
-        index = len(self._block_digests)
+        index = len(self._after)
         block = self._read_at(index * BLOCK, self._block_length(index))
         self.changed = len(block) != self._block_length(index)  # shorter: truncated since it was opened
+        self._before.append(self._digest.copy())
         self._digest.update(block)
         self._hashed += len(block)
-        self._block_digests.append(hashlib.sha256(block).digest())
+        self._after.append(self._digest.copy().digest())
         return block
 
     def _block_length(self, index: int) -> int:
