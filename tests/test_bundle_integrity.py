@@ -564,6 +564,21 @@ def _rewrite_digests(folder: Path) -> None:
     _edit(folder, edit)
 
 
+def test_load_hands_the_engine_the_checked_manifests_file_records(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a backend that reads its files after the check (tensorrt streams its plans) verifies the bytes against:
+    the records of the manifest that was checked, not one read again."""
+    given = []
+
+    def stop(engine: Any) -> None:
+        given.append(engine.files)
+        raise RuntimeError("stopped before loading")
+
+    monkeypatch.setattr(ENGINES["onnxruntime"], "load", stop)
+    with pytest.raises(RuntimeError, match="stopped before loading"):
+        catrt.load(bundle)
+    assert given == [catrt.manifest.read_manifest(bundle).files]
+
+
 @pytest.mark.parametrize(("first", "second", "field", "message"), [
     ("full.onnx", "pruned-k2.onnx", "full.onnx", r"full.onnx does not compute the full graph the manifest lists: its 'patches'"),
     ("context.onnx", "full.onnx", "context.onnx", r"context.onnx does not compute the context graph .*its 'hidden_states'"),
