@@ -443,8 +443,20 @@ def test_an_overflow_at_or_below_the_default_guidance_is_a_generation_error() ->
 def test_published_model_offline_says_gated_or_local_folder(capfd: pytest.CaptureFixture[str]) -> None:
     line = _fails(capfd, "generate", "--model", "sd3", "--prompt", "x", "--steps", "28")
     assert "model sd3 (stabilityai/stable-diffusion-3-medium-diffusers)" in line
-    for hint in ("gated", "huggingface-cli login", "a local diffusers folder saved with save_pretrained"):
+    for hint in ("gated", "hf auth login", "huggingface-cli login", "a local diffusers folder saved with save_pretrained"):
         assert hint in line
+
+
+def test_the_hub_login_command_named_first_is_the_installed_clients() -> None:
+    """huggingface_hub 1.0 removed `huggingface-cli` (the tested install, 2.x, has only `hf`): the refusal of a gated
+    model sent its user to a command that is not there. The command it names first is one this install provides."""
+    from importlib.metadata import distribution
+
+    from catrt.hub_errors import LOGIN_COMMAND
+
+    first = LOGIN_COMMAND.split("`")[1].split()[0]
+    scripts = {entry.name for entry in distribution("huggingface_hub").entry_points if entry.group == "console_scripts"}
+    assert first in scripts, (first, scripts)
 
 
 def test_a_published_model_that_is_not_gated_offline_says_so(capfd: pytest.CaptureFixture[str]) -> None:
