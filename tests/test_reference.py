@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,53 @@ def test_train_resumes_from_its_out_folder_and_leaves_shipped_weights_alone(
     assert torch.load(out / train.CHECKPOINT_FILE, weights_only=False)["step"] == 2
     assert f"resumed from {out / train.CHECKPOINT_FILE} at step 1" in caplog.text
     assert _digests(WEIGHTS_DIR) == shipped
+
+
+def _clock(seconds_a_call: float) -> Any:
+    """A perf_counter of a machine whose every timed span lasts `seconds_a_call` (a fast or a slow machine)."""
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += seconds_a_call
+        return now[0]
+
+    return perf_counter
+
+
+def test_the_learning_rate_follows_the_step_count_not_the_clock(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rate decayed over the training seconds: the same command gave other weights on a slower machine (and on one
+    machine, from run to run). Two runs of 2 steps, one on a machine whose step takes a quarter of the budget, train
+    the same weights."""
+    cfg = train.TrainConfig(batch_size=2, max_steps=2, minutes=60.0)
+    weights = []
+    for seconds in (0.01, 900.0):
+        monkeypatch.setattr(train.time, "perf_counter", _clock(seconds))
+        trainer = train.train(cfg, tmp_path / f"run-{seconds}", progress=False)
+        assert trainer.step == 2
+        weights.append(_digests(tmp_path / f"run-{seconds}" / "weights"))
+    assert weights[0] == weights[1]
+
+
+def test_a_time_budget_is_a_step_schedule_measured_once_and_repeated_by_max_steps(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without --max-steps the schedule is the steps the budget holds at a pace measured on a throwaway copy before
+    the first step, logged and kept in the checkpoint: --max-steps with that count trains the same weights anywhere."""
+    monkeypatch.setattr(train.time, "perf_counter", _clock(0.5))
+    with caplog.at_level(logging.INFO, logger=train.logger.name):
+        timed = train.train(train.TrainConfig(batch_size=2, minutes=1.5 / 60), tmp_path / "timed", progress=False)
+    assert timed.step == 3 and timed.pace == 0.5  # 1.5 s at 0.5 s a step
+    assert "learning-rate schedule: 3 steps, what 0.025 min hold at 0.5 s a step measured here; --max-steps 3" in caplog.text
+    state = torch.load(tmp_path / "timed" / train.CHECKPOINT_FILE, weights_only=False)
+    assert state.pop("pace") == 0.5
+    earlier = train.Trainer(train.TrainConfig(batch_size=2))  # a checkpoint of before the pace was kept: its own pace
+    earlier.load_state_dict(state)
+    assert earlier.pace == 0.5 and earlier.total_steps() == 7200
+    monkeypatch.setattr(train.time, "perf_counter", _clock(0.01))
+    train.train(train.TrainConfig(batch_size=2, max_steps=3), tmp_path / "stepped", progress=False)
+    assert _digests(tmp_path / "timed" / "weights") == _digests(tmp_path / "stepped" / "weights")
 
 
 def test_train_writes_package_weights_only_with_publish(
