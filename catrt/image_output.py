@@ -53,7 +53,7 @@ def staged_image(out: Path) -> Iterator[Path]:
     try:
         yield staged
     except BaseException:  # the block's own error as it is: an OSError while loading a model is no --out problem
-        staged.unlink(missing_ok=True)
+        atomic_files.discard(staged)  # and its lock
         raise
     try:
         atomic_files.commit(staged, out)

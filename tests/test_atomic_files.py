@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 from types import SimpleNamespace
@@ -279,3 +280,68 @@ def test_the_flush_takes_a_descriptor_that_may_write_where_the_os_asks_for_one(
     monkeypatch.setattr(os, "fsync", windows_fsync)
     atomic_files.write_bytes(tmp_path / "plan", b"12345")
     assert (tmp_path / "plan").read_bytes() == b"12345" and flushed == [5] and sorted(tmp_path.iterdir()) == [tmp_path / "plan"]
+
+
+# -- what a killed writer leaves -----------------------------------------------------------------------------------
+
+
+def _killed_writer(path: Path) -> Path:
+    """The temporary file a writer of `path` SIGKILLed mid-write leaves (no `finally` runs): a real process, killed."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import os, signal, sys\nfrom pathlib import Path\nfrom catrt import atomic_files\n"
+              "temporary = atomic_files.stage(Path(sys.argv[1]))\ntemporary.write_bytes(b'half a checkpoint')\n"
+              "print(temporary, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    left = Path(done.stdout.strip())
+    assert left.read_bytes() == b"half a checkpoint"
+    return left
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX: locks tell a killed writer's file from a live one's")
+@pytest.mark.parametrize("name", ["checkpoint.pt", "a" * 255], ids=["short", "255-bytes"])
+def test_a_killed_writers_temporary_is_removed_by_the_next_write_of_its_target(tmp_path: Path, name: str) -> None:
+    """A SIGKILL mid-write left `.<name>.<random>.tmp` (up to a checkpoint's size) beside the target for ever. Named
+    `.<name>.catrt-<host>-<random>.tmp` and locked while its writer lives, it is removed at the next write of the
+    same target; a live writer's, another target's and another host's are left alone."""
+    path = tmp_path / name
+    path.write_bytes(b"earlier")
+    left = _killed_writer(path)
+    assert re.fullmatch(r"\.a*(checkpoint\.pt)?\.catrt-[0-9a-f]{8}-[0-9a-f]{8}\.tmp", left.name)
+    assert left.name.split(".catrt-")[1][:8] == atomic_files.HOST
+    other_target = _killed_writer(tmp_path / "other.pt")
+    other_host = left.with_name(left.name.replace(f".catrt-{atomic_files.HOST}-", ".catrt-0badc0de-"))
+    other_host.write_bytes(b"another host's write, maybe live: nothing here can tell")
+    live = atomic_files.stage(path)  # a write of the same target under way here
+    try:
+        atomic_files.write_bytes(path, b"new")
+        assert path.read_bytes() == b"new" and not left.exists()
+        assert live.exists() and other_target.exists() and other_host.exists()
+    finally:
+        atomic_files.discard(live)
+    assert sorted(tmp_path.iterdir()) == sorted([path, other_host, other_target])
+
+
+def test_a_temporary_taken_between_its_making_and_its_lock_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another write's cleanup may find a new temporary file before its writer locks it, take its lock and remove it:
+    the writer then holds an unnamed file, so it makes another."""
+    fcntl = pytest.importorskip("fcntl")
+    flock, taken = fcntl.flock, []
+
+    def cleanup_first(descriptor: int, operation: int) -> None:
+        if not taken:  # the first new temporary, removed as an abandoned one would be
+            taken.append(next(p for p in tmp_path.iterdir() if p.name.endswith(".tmp")))
+            taken[0].unlink()
+        flock(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", cleanup_first)
+    with atomic_files.replacing(tmp_path / "report.md") as temporary:
+        assert temporary != taken[0] and temporary.exists()
+        temporary.write_text("new\n")
+    assert (tmp_path / "report.md").read_text() == "new\n" and sorted(tmp_path.iterdir()) == [tmp_path / "report.md"]
