@@ -125,6 +125,24 @@ def _remove_if_abandoned(temporary: Path) -> None:
         os.close(descriptor)
 
 
+#: A folder's refusal of a new file: no write permission, or a read-only filesystem (a file there may be writable).
+_FOLDER_REFUSALS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def folder_refusal(path: Path, error: OSError, fix: str = "pick another folder") -> str | None:
+    """Why `path` cannot be replaced where `error` is its folder's refusal of the temporary file (`stage`) while the
+    file itself is there and writable, which alone does not explain it: "its folder F is not writable (reason): ...;
+    make F writable or <fix>". None for any other error. A write is never made in place instead: an interrupted one
+    would leave the file half-written."""
+    final = target(path)
+    if error.errno not in _FOLDER_REFUSALS or not os.path.isfile(final) or not os.access(final, os.W_OK):
+        return None
+    folder = final.parent.absolute()
+    return (f"its folder {folder} is not writable ({error.strerror or type(error).__name__}), though the file is: a "
+            f"file is replaced by a new one written beside it and renamed onto it, never rewritten in place (an "
+            f"interrupted write would leave it half-written); make {folder} writable or {fix}")
+
+
 def discard(temporary: Path) -> None:
     """Remove a staged `temporary` unwritten (its write failed or was interrupted) and let go of its lock."""
     with contextlib.suppress(OSError):

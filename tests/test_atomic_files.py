@@ -345,3 +345,39 @@ def test_a_temporary_taken_between_its_making_and_its_lock_is_made_again(
         assert temporary != taken[0] and temporary.exists()
         temporary.write_text("new\n")
     assert (tmp_path / "report.md").read_text() == "new\n" and sorted(tmp_path.iterdir()) == [tmp_path / "report.md"]
+
+
+# -- a writable file in a read-only folder ------------------------------------------------------------------------
+
+
+def refuse_new_files(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int = errno.EACCES) -> None:
+    """`folder` as a read-only folder is to any user but root (the tests may run as root): no file can be made in it,
+    while the files already there stay writable."""
+    original = os.open
+
+    def guarded(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_CREAT and Path(os.path.abspath(path)).parent == folder.absolute():
+            raise OSError(code, os.strerror(code), str(path))
+        return original(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded)
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS], ids=["read-only-folder", "read-only-filesystem"])
+def test_a_writable_file_in_a_folder_that_takes_no_new_file_is_explained_by_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """The file itself is writable, so "cannot be written (Permission denied)" alone did not explain why: a file is
+    replaced by a new one beside it, which the folder refuses. Nothing falls back to a write in place."""
+    path = tmp_path / "report.md"
+    path.write_text("earlier\n")
+    refuse_new_files(monkeypatch, tmp_path, code)
+    with pytest.raises(OSError) as refused:
+        atomic_files.write_text(path, "new\n")
+    assert path.read_text() == "earlier\n" and sorted(tmp_path.iterdir()) == [path]
+    assert atomic_files.folder_refusal(path, refused.value) == (
+        f"its folder {tmp_path} is not writable ({os.strerror(code)}), though the file is: a file is replaced by a new "
+        f"one written beside it and renamed onto it, never rewritten in place (an interrupted write would leave it "
+        f"half-written); make {tmp_path} writable or pick another folder")
+    assert atomic_files.folder_refusal(tmp_path / "new.md", refused.value) is None  # no file: the plain refusal says it
+    assert atomic_files.folder_refusal(path, OSError(errno.ENOSPC, "No space left on device")) is None

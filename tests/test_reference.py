@@ -290,6 +290,28 @@ def test_train_writes_package_weights_only_with_publish(
     assert _digests(WEIGHTS_DIR) == shipped
 
 
+def test_publish_into_a_read_only_package_folder_is_refused_before_training(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An installed package's folder is read-only while its files may be writable: --publish failed with a traceback
+    after all the training, since each file is replaced by a new one written beside it."""
+    from tests.test_atomic_files import refuse_new_files
+
+    package = tmp_path / "package-weights"
+    shutil.copytree(WEIGHTS_DIR, package)
+    monkeypatch.setattr(train, "WEIGHTS_DIR", package)
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: pytest.fail("trained"))
+    refuse_new_files(monkeypatch, package)
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", str(tmp_path / "run"), "--publish", *TINY])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(
+        f"python -m catrt.reference.train: error: --publish cannot replace the shipped weights in {package}: its folder "
+        f"{package} is not writable (Permission denied), though the file is")
+    assert f"make {package} writable or train without --publish (the weights stay in --out's weights/)" in line
+    assert _digests(package) == _digests(WEIGHTS_DIR)
+
+
 def test_a_saved_reference_pipeline_loads_back_by_folder_and_draws_the_same_image(
     pipe: ReferencePipeline, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -307,6 +307,17 @@ def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | Non
     return trainer
 
 
+def _check_publishable(parser: argparse.ArgumentParser, shipped: Path) -> None:
+    """Refuse --publish before training where the shipped weights cannot be replaced (an installed package's read-only
+    folder, whose files may be writable): it failed with a traceback after all the training."""
+    try:
+        atomic_files.discard(atomic_files.stage(shipped))
+    except OSError as error:
+        fix = "train without --publish (the weights stay in --out's weights/)"
+        refusal = atomic_files.folder_refusal(shipped, error, fix) or f"{error.strerror or type(error).__name__}; {fix}"
+        parser.error(f"--publish cannot replace the shipped weights in {shipped.parent}: {refusal}")
+
+
 def _inside(path: Path, folder: Path) -> bool:
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
@@ -358,6 +369,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         output_folder(args.out, f"--out {echo_path(args.out)}", "checkpoint.pt, weights/ and samples.png", "out")
     except ConfigError as error:
         parser.error(str(error))
+    if args.publish:
+        _check_publishable(parser, WEIGHTS_DIR / TRANSFORMER_FILE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=args.bf16,
