@@ -1,6 +1,6 @@
 """A file replaced whole: written to a temporary file beside it, flushed to disk, then renamed onto it.
 
-A kill, Ctrl-C, a full disk or a failing writer mid-write leaves the earlier file (or none) and no temporary file,
+Ctrl-C, SIGTERM, a full disk or a failing writer mid-write leaves the earlier file (or none) and no temporary file,
 never a half-written one (`Path.write_text` truncates first). The temporary file is in the target's folder, so the
 rename stays on one filesystem and is atomic; it is made as `open` makes a file (0o666 less the umask), not
 `mkstemp`'s owner-only 0o600, and a file it replaces passes on its permission bits, so the file keeps the permissions
@@ -13,7 +13,8 @@ A SIGKILL or a power loss mid-write leaves the temporary file, which no `finally
 a lock on it (flock) until it is renamed or removed, which the kernel drops when the writer dies. The next write of the
 same target removes each such file of this host that no live writer holds. One of another host is left alone (it is
 found by its name): over NFS a lock may be held only on its own host (`nolock`, `local_lock`), and another host's
-process ids mean nothing here, so nothing here can tell its writer is gone; its own host removes it at its next write.
+process ids mean nothing here, so nothing here can tell whether its writer is gone; its own host removes it at its
+next write of that file.
 Where there are no locks (Windows, a filesystem without them) nothing is taken as abandoned.
 """
 

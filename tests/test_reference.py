@@ -251,23 +251,27 @@ def test_the_learning_rate_follows_the_step_count_not_the_clock(
 
 
 def test_a_time_budget_is_a_step_schedule_measured_once_and_repeated_by_max_steps(
-    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Without --max-steps the schedule is the steps the budget holds at a pace measured on a throwaway copy before
     the first step, logged and kept in the checkpoint: --max-steps with that count trains the same weights anywhere."""
     monkeypatch.setattr(train.time, "perf_counter", _clock(0.5))
     with caplog.at_level(logging.INFO, logger=train.logger.name):
-        timed = train.train(train.TrainConfig(batch_size=2, minutes=1.5 / 60), tmp_path / "timed", progress=False)
-    assert timed.step == 3 and timed.pace == 0.5  # 1.5 s at 0.5 s a step
-    assert "learning-rate schedule: 3 steps, what 0.025 min hold at 0.5 s a step measured here; --max-steps 3" in caplog.text
+        timed = train.train(train.TrainConfig(batch_size=2, minutes=1 / 60), tmp_path / "timed", progress=False)
+    assert timed.step == 2 and timed.pace == 0.5  # 1 s at 0.5 s a step
+    assert f"learning-rate schedule: 2 steps, what {1 / 60:g} min hold at 0.5 s a step measured here; --max-steps 2" in caplog.text
     state = torch.load(tmp_path / "timed" / train.CHECKPOINT_FILE, weights_only=False)
     assert state.pop("pace") == 0.5
     earlier = train.Trainer(train.TrainConfig(batch_size=2))  # a checkpoint of before the pace was kept: its own pace
     earlier.load_state_dict(state)
-    assert earlier.pace == 0.5 and earlier.total_steps() == 7200
+    assert earlier.pace == 0.5 and earlier.total_steps() == 7200  # the default 60 minutes at its pace
     monkeypatch.setattr(train.time, "perf_counter", _clock(0.01))
-    train.train(train.TrainConfig(batch_size=2, max_steps=3), tmp_path / "stepped", progress=False)
+    train.train(train.TrainConfig(batch_size=2, max_steps=2), tmp_path / "stepped", progress=False)
     assert _digests(tmp_path / "timed" / "weights") == _digests(tmp_path / "stepped" / "weights")
+    monkeypatch.setattr(train, "train", lambda cfg, out, resume: timed)  # the command's last line names the schedule
+    train.main(["--out", str(tmp_path / "timed"), "--minutes", str(1 / 60), *TINY])
+    assert "; a schedule of 2 steps (--max-steps 2 repeats it)" in capsys.readouterr().out
 
 
 def test_train_writes_package_weights_only_with_publish(

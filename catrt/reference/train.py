@@ -378,6 +378,8 @@ def main(argv: list[str] | None = None) -> Trainer:
     trainer = train(cfg, args.out, resume=args.resume)
     message = (f"trained {trainer.step} steps in {trainer.elapsed / 60:.1f} min; "
                f"checkpoint {args.out / CHECKPOINT_FILE}; weights in {args.out / 'weights'}")
+    if not args.max_steps:  # the schedule the time budget made: repeatable by its step count on any machine
+        message += f"; a schedule of {trainer.total_steps()} steps (--max-steps {trainer.total_steps()} repeats it)"
     if args.samples:
         sample_grid(trainer, args.out / "samples.png", n=args.samples)
         message += f"; samples in {args.out / 'samples.png'}"
