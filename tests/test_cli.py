@@ -268,6 +268,25 @@ def test_an_out_that_cannot_be_written_is_refused_before_loading(capfd: pytest.C
 
 
 @pytest.mark.usefixtures("no_model_loads")
+def test_an_image_in_a_read_only_folder_is_refused_naming_the_folder_before_loading(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writable image in a folder that takes no new file cannot be replaced (the new image is written beside it and
+    renamed onto it): "cannot be written (Permission denied)" of a writable file named neither the folder nor why."""
+    from tests.test_atomic_files import refuse_new_files
+
+    out = tmp_path / "image.png"
+    out.write_bytes(b"an earlier image")
+    refuse_new_files(monkeypatch, tmp_path)
+    line = _fails(capfd, "generate", "--prompt", "x", "--out", str(out))
+    assert line == (f"catrt generate: error: --out {str(out)!r} cannot be replaced: its folder {tmp_path} is not writable "
+                    f"(Permission denied), though the file is: a file is replaced by a new one written beside it and "
+                    f"renamed onto it, never rewritten in place (an interrupted write would leave it half-written); make "
+                    f"{tmp_path} writable or pick another folder")
+    assert out.read_bytes() == b"an earlier image" and sorted(tmp_path.iterdir()) == [out]
+
+
+@pytest.mark.usefixtures("no_model_loads")
 def test_an_out_name_over_the_filesystems_limit_is_refused_before_loading(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """Its staged file's name, cut to fit, could be made: the image's rename would fail only after the generation."""
     out = tmp_path / ("a" * 252 + ".png")
