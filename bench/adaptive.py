@@ -4,7 +4,7 @@ Starts `catrt serve` once per configuration on a free loopback port, runs bench/
 it (the same clients and prompts for every configuration), stops it, and writes a report with one table
 per configuration and a PNG plot of p50 / p95 latency, throughput and mean chosen alpha per load level.
 
-    python bench/adaptive.py --model reference --levels 1 2 4 8 --seconds 12 --latency-target 2.0 --ray \\
+    python bench/adaptive.py --model reference --levels 1 2 4 8 --seconds 12 --latency-target 2 --ray \\
         --out bench/results/adaptive-cpu.md   # the committed results' run (README)
 
 Configurations: `fixed` (alpha --fixed-alpha), `adaptive` (--alphas with --latency-target), and with

@@ -98,6 +98,9 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
         probe.touch()  # made and removed now
         probe.unlink()
     except OSError as error:
+        refusal = atomic_files.folder_refusal(report, error)  # a writable report in a read-only folder
+        if refusal is not None:
+            parser.error(f"--out {out} cannot be replaced: {refusal}")
         linked = f" (--out is a link to {report})" if report != out else ""
         parser.error(f"--out {out} cannot be written ({error.strerror or type(error).__name__}); give a path in a folder "
                      f"you can write{linked}")

@@ -1,6 +1,6 @@
 """Transformer speed of SD3-medium, SD3.5-large and PixArt-Sigma (and FLUX.1) on a GPU: diffusers against catrt.
 
-One command for a lent GPU (diffusers carried as a wheel, see ../shared/design/gpu.md):
+One command for a lent GPU (where the machine has no diffusers, carry its wheel and put it on PYTHONPATH):
 
     PYTHONUNBUFFERED=1 python3 bench/gpu.py --out $OUT/speed.md 2>&1 | tee $OUT/log
 

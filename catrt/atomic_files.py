@@ -1,27 +1,50 @@
 """A file replaced whole: written to a temporary file beside it, flushed to disk, then renamed onto it.
 
-A kill, Ctrl-C, a full disk or a failing writer mid-write leaves the earlier file (or none) and no temporary file,
+Ctrl-C, SIGTERM, a full disk or a failing writer mid-write leaves the earlier file (or none) and no temporary file,
 never a half-written one (`Path.write_text` truncates first). The temporary file is in the target's folder, so the
 rename stays on one filesystem and is atomic; it is made as `open` makes a file (0o666 less the umask), not
 `mkstemp`'s owner-only 0o600, and a file it replaces passes on its permission bits, so the file keeps the permissions
 a plain write gave it (a report made owner-only stays so). A link at the target is written through, as a plain write
 writes: the file it points to is replaced, beside it (on its filesystem), and the link stays. The temporary file's name
 is cut to fit the filesystem's name limit, so any name a plain write takes is taken. Torch-free.
+
+A SIGKILL or a power loss mid-write leaves the temporary file, which no `finally` removes. Its name says whose it is:
+`.<target's name>.catrt-<host>-<random>.tmp` (`<host>`: 8 hex digits of the writer's host name), and its writer holds
+a lock on it (flock) until it is renamed or removed, which the kernel drops when the writer dies. The next write of the
+same target removes each such file of this host that no live writer holds. One of another host is left alone (it is
+found by its name): over NFS a lock may be held only on its own host (`nolock`, `local_lock`), and another host's
+process ids mean nothing here, so nothing here can tell whether its writer is gone; its own host removes it at its
+next write of that file.
+Where there are no locks (Windows, a filesystem without them) nothing is taken as abandoned.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import re
+import socket
 import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no locks, so no temporary file is ever taken as abandoned
+    fcntl = None
+
 
 #: The longest file name where the filesystem cannot say (POSIX's NAME_MAX on Linux and macOS).
 NAME_MAX = 255
+#: This host in a temporary file's name: a leftover is removed only by a writer of the host that made it.
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+#: A temporary file's tag after the target's name: `.catrt-<host>-<8 random hex digits>.tmp`.
+_TAG = re.compile(r"\.catrt-([0-9a-f]{8})-[0-9a-f]{8}\.tmp")
+#: The lock each staged temporary file's writer holds until it is renamed or removed (its descriptor, by path).
+_HELD: dict[Path, int] = {}
 
 
 def target(path: Path) -> Path:
@@ -31,13 +54,107 @@ def target(path: Path) -> Path:
 
 
 def stage(path: Path) -> Path:
-    """A new empty file beside `path`'s target (`.<name>.<random>.tmp`, made exclusively; the name cut to fit the
-    filesystem's limit) to write `path`'s new content to.
+    """A new empty file beside `path`'s target (`.<name>.catrt-<host>-<random>.tmp`, made exclusively and locked; the
+    name cut to fit the filesystem's limit) to write `path`'s new content to; `commit` or `discard` ends it. The
+    temporary files of the same target that killed writers of this host left are removed first.
 
     The OSError of a folder that is missing or cannot be written is raised here, before any work."""
-    temporary = beside(target(path), f".{uuid.uuid4().hex[:8]}.tmp")
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    return temporary
+    final = target(path)
+    remove_abandoned(final)
+    while True:
+        temporary = beside(final, f".catrt-{HOST}-{uuid.uuid4().hex[:8]}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        if fcntl is None:  # Windows: nothing to hold (and a file open there cannot be renamed)
+            os.close(descriptor)
+            return temporary
+        if _locked(descriptor, temporary):
+            _HELD[temporary] = descriptor
+            return temporary
+        os.close(descriptor)  # another write's cleanup took it between its making and its lock: make another
+
+
+def _locked(descriptor: int, temporary: Path) -> bool:
+    """Lock the new `temporary` (through its descriptor); False if it is no longer at its name once locked. A
+    filesystem without locks leaves it unlocked, and no cleanup takes an unlocked file as abandoned there."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # a cleanup that took it first holds it for an instant only
+    except OSError:
+        return True  # no locks here (ENOLCK, EOPNOTSUPP)
+    try:
+        return os.stat(temporary).st_ino == os.fstat(descriptor).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def remove_abandoned(path: Path) -> None:
+    """Remove the temporary files beside `path` (a target) of a write of it that this host's killed writer left: each
+    `.<name>.catrt-<this host>-*.tmp` whose lock no live writer holds."""
+    if fcntl is None:
+        return
+    prefix = beside(path, ".catrt-00000000-00000000.tmp").name[: -len(".catrt-00000000-00000000.tmp")]
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return  # a missing or unreadable folder: the write's own open says why
+    for name in names:
+        tag = _TAG.fullmatch(name, len(prefix)) if name.startswith(prefix) else None
+        if tag is not None and tag.group(1) == HOST:
+            _remove_if_abandoned(path.parent / name)
+
+
+def _remove_if_abandoned(temporary: Path) -> None:
+    """Remove `temporary` if its lock can be taken (its writer is gone), while holding that lock."""
+    descriptor = None
+    for access in (os.O_WRONLY, os.O_RDONLY):  # NFS locks (F_WRLCK) only through a descriptor that may write; a file
+        try:                                   # its writer made read-only before the rename, only through another
+            descriptor = os.open(temporary, access | os.O_NOFOLLOW | os.O_NONBLOCK)  # never a link's, nor wait on a FIFO
+            break
+        except PermissionError:
+            continue
+        except OSError:
+            return
+    if descriptor is None:
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        found = os.fstat(descriptor)
+        if stat.S_ISREG(found.st_mode) and os.lstat(temporary).st_ino == found.st_ino:
+            temporary.unlink()
+    except OSError:
+        pass  # a live writer holds it, no locks here, or it is gone already
+    finally:
+        os.close(descriptor)
+
+
+#: A folder's refusal of a new file: no write permission, or a read-only filesystem (a file there may be writable).
+_FOLDER_REFUSALS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def folder_refusal(path: Path, error: OSError, fix: str = "pick another folder") -> str | None:
+    """Why `path` cannot be replaced where `error` is its folder's refusal of the temporary file (`stage`) while the
+    file itself is there and writable, which alone does not explain it: "its folder F is not writable (reason): ...;
+    make F writable or <fix>". None for any other error. A write is never made in place instead: an interrupted one
+    would leave the file half-written."""
+    final = target(path)
+    if error.errno not in _FOLDER_REFUSALS or not os.path.isfile(final) or not os.access(final, os.W_OK):
+        return None
+    folder = final.parent.absolute()
+    return (f"its folder {folder} is not writable ({error.strerror or type(error).__name__}), though the file is: a "
+            f"file is replaced by a new one written beside it and renamed onto it, never rewritten in place (an "
+            f"interrupted write would leave it half-written); make {folder} writable or {fix}")
+
+
+def discard(temporary: Path) -> None:
+    """Remove a staged `temporary` unwritten (its write failed or was interrupted) and let go of its lock."""
+    with contextlib.suppress(OSError):
+        temporary.unlink()
+    _release(temporary)
+
+
+def _release(temporary: Path) -> None:
+    descriptor = _HELD.pop(temporary, None)
+    if descriptor is not None:
+        os.close(descriptor)
 
 
 def beside(path: Path, tag: str) -> Path:
@@ -66,9 +183,9 @@ def commit(temporary: Path, path: Path) -> None:
             os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode) & 0o777)  # a new file keeps the umask's
         os.replace(temporary, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
+        discard(temporary)
         raise
+    _release(temporary)
 
 
 def _flush(temporary: Path) -> None:
@@ -94,8 +211,7 @@ def replacing(path: Path) -> Iterator[Path]:
     try:
         yield temporary
     except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
+        discard(temporary)
         raise
     commit(temporary, path)
 

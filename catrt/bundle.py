@@ -248,7 +248,7 @@ def _load(folder: Path, config: CATConfig | None, key: bytes | None, pipe: Any) 
     _check_model(build, manifest, pipe, given)
     adapter = make_adapter(pipe.transformer)
     graphs = {graph: GraphSpec.from_dict(spec) for graph, spec in manifest.graphs.items()}
-    engine = engine_class(folder, graphs, device, adapter if engine_class.needs_transformer else None)
+    engine = engine_class(folder, graphs, device, adapter if engine_class.needs_transformer else None, files=manifest.files)
     engine.load()
     logger.info("loaded %s engine from %s", build.backend, folder)
     return EnginePipeline(accelerate(pipe, run_config, functions=engine), build, manifest, engine)

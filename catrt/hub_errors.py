@@ -17,6 +17,9 @@ from catrt.errors import CatrtError
 if TYPE_CHECKING:
     from catrt.model_cards import ModelCard
 
+#: How to log in to the hub: huggingface_hub 1.0 removed `huggingface-cli` (its `hf` came in 0.34).
+LOGIN_COMMAND = "`hf auth login` (`huggingface-cli login` before huggingface_hub 1.0)"
+
 
 def _causes(error: BaseException) -> Iterator[BaseException]:
     """The error and what it was raised from or during, most recent first."""
@@ -56,7 +59,7 @@ def hub_error(card: ModelCard, error: BaseException) -> CatrtError:
     if gated:
         return CatrtError(
             f"model {card.name} ({card.hub_id}) is gated on the Hugging Face Hub: accept its license at "
-            f"https://huggingface.co/{card.hub_id} and run `huggingface-cli login`, {local}",
+            f"https://huggingface.co/{card.hub_id} and run {LOGIN_COMMAND}, {local}",
             field="model", value=card.name,
         )
     offline_env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
@@ -65,7 +68,7 @@ def hub_error(card: ModelCard, error: BaseException) -> CatrtError:
         f"model {card.name} ({card.hub_id}) could not be loaded: it is not in the local Hugging Face cache and "
         f"the hub could not be reached{offline}. " + (
             f"It is gated and needs hub access: accept its license at https://huggingface.co/{card.hub_id}, run "
-            f"`huggingface-cli login` and retry online, {local}" if card.gated else
+            f"{LOGIN_COMMAND} and retry online, {local}" if card.gated else
             f"It needs hub access (it is not gated): retry online, {local}"),
         field="model", value=card.name,
     )

@@ -49,11 +49,15 @@ def staged_image(out: Path) -> Iterator[Path]:
         atomic_files.target(out).parent.mkdir(parents=True, exist_ok=True)  # a link's: the image is written through it
         staged = atomic_files.stage(out)
     except OSError as error:
+        refusal = atomic_files.folder_refusal(out, error)  # a writable image in a read-only folder
+        if refusal is not None:
+            raise ConfigError(f"--out {echo(str(out), PATH_ECHO_LIMIT)} cannot be replaced: {refusal}", field="out",
+                              value=str(out)) from None
         raise unwritable_out(out, error) from None
     try:
         yield staged
     except BaseException:  # the block's own error as it is: an OSError while loading a model is no --out problem
-        staged.unlink(missing_ok=True)
+        atomic_files.discard(staged)  # and its lock
         raise
     try:
         atomic_files.commit(staged, out)

@@ -56,6 +56,7 @@ def check_latent_channels(pipe: Any, spec: PipelineSpec) -> None:
     if rule.mask_input:
         if latent is not None:
             _check_mask_input(rule, name, pipeline, inputs, outputs, latent)
+        _check_accepted_inputs(rule, name, pipeline, inputs)
         return
     if outputs not in _predictions(rule, inputs):
         fix = f"set out_channels to {inputs} in the transformer's config.json"
@@ -93,6 +94,19 @@ def _check_mask_input(rule: LatentChannels, name: str, pipeline: str, inputs: in
             f"latents of {channels} channels by the prediction, which fails in the scheduler for {outputs} channels; set "
             f"out_channels to {channels} in the transformer's config.json",
             field="out_channels", value=outputs,
+        )
+
+
+def _check_accepted_inputs(rule: LatentChannels, name: str, pipeline: str, inputs: int) -> None:
+    """A pipeline class that runs only the transformer inputs it names (SD3 inpainting: 16 or 33) refuses any other at
+    the call with diffusers' ValueError, even one that fits its VAE (in_channels 8 with an 8-channel VAE)."""
+    if rule.in_channels and inputs not in rule.in_channels:
+        accepted = " or ".join(str(value) for value in rule.in_channels)
+        raise ConfigError(
+            f"{name} config in_channels {inputs} is not one {pipeline} runs: it takes a transformer of in_channels "
+            f"{accepted} only (diffusers refuses any other at the call, whatever the VAE); set in_channels to "
+            f"{accepted} in the transformer's config.json, and the VAE's latent_channels to fit it",
+            field="in_channels", value=inputs,
         )
 
 

@@ -30,13 +30,16 @@ class LatentChannels:
     decode after all of them. A latent token has `packing` * the VAE's latent_channels channels; the transformer reads
     those (or, with `mask_input`, also the mask and the masked image's latents: 2 * that + 1, SD3's inpainting layout)
     and predicts those (or, with `learned_variance`, twice that: PixArt's variance, whose first half steps the
-    latents)."""
+    latents). `in_channels`, where the pipeline class names the values it runs whatever the VAE (SD3 inpainting: 16 or
+    33, as diffusers checks at the call), limits the transformer's input to them."""
 
     packing: int = 1
     mask_input: bool = False
     learned_variance: bool = False
     # The fix for a transformer of another pipeline's layout (its input wider than its prediction), named in the refusal.
     other_layouts: str = ""
+    # The only transformer in_channels the pipeline class runs (its own check at the call); empty: any that fits.
+    in_channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         packing = self.packing
@@ -45,6 +48,10 @@ class LatentChannels:
         for name in ("mask_input", "learned_variance"):  # a string "False" would read as true: a rule other than given
             require("LatentChannels", name, getattr(self, name), isinstance(getattr(self, name), bool), "True or False")
         require("LatentChannels", "other_layouts", self.other_layouts, isinstance(self.other_layouts, str), "a string")
+        values = self.in_channels
+        require("LatentChannels", "in_channels", values, isinstance(values, tuple) and all(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1 for value in values),
+                "a tuple of whole numbers >= 1")
 
 
 @dataclass(frozen=True)

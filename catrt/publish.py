@@ -10,9 +10,17 @@ step as any rebuild does. Something at `final` that is not a folder (a user's fi
 to a folder there is published through (the new folder goes where it points, the link stays). The earlier folder is
 removed even where it was made read-only (its write bits are given back first).
 
-On Windows (no `fcntl`, no `renameat2`) a publish is two renames (the earlier folder moved aside to
-`.<name>.old-*`, the new one put in place, then the earlier removed), so for an instant `final` is missing, and a killed build's
-temporary folder is never removed unattended: without a lock no build can tell it from a live one's.
+Where there is no `renameat2` exchange (Windows, macOS, NFS and other filesystems without RENAME_EXCHANGE) a publish
+is two renames: the earlier folder, locked first, moved aside to `.<name>.old-*`, the new one put in place, then the
+earlier removed; so for an instant `final` is missing, and a build killed while it removed the earlier folder (a
+whole bundle) leaves it to the next build of the name, which removes it as it removes a killed build's staging
+folder (it was left there for ever). On Windows (no `fcntl`) a killed build's temporary folder is never removed
+unattended: without a lock no build can tell it from a live one's.
+
+The lock is what tells a killed build's folder from a live one's: over NFS it reaches other hosts where the mount
+has locks (NFSv4, NFSv3 with lockd); on a mount without them across hosts (`nolock`, `local_lock`) a build of one
+name on two hosts at once can take the other's folder for a killed build's, and that build then fails (nothing
+half-published: its folder is gone before the swap).
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ def staged_folder(final: Path, check: Callable[[], None] | None = None) -> Itera
     refuse_non_folder(final, "move it away or publish under another name")
     final = _link_target(final)
     writable_folder(final.parent, echo_path(final.parent), "pick another place", field="path")
+    remove_abandoned(final.parent, _moved_aside_prefix(final))
     staging, lock = scratch_folder(final.parent, _staging_prefix(final))
     os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to the published folder
     try:
@@ -158,6 +167,11 @@ def _staging_prefix(final: Path) -> str:
     return f".{final.name}.tmp-"
 
 
+def _moved_aside_prefix(final: Path) -> str:
+    """The hidden name's start of an earlier folder moved aside by a publish of two renames (as long as a staging one's)."""
+    return f".{final.name}.old-"
+
+
 #: The bytes a staging folder's name adds to its bundle's (`.<name>.tmp-` and mkdtemp's 8 random characters): a bundle
 #: name longer than the filesystem's limit less these cannot be staged.
 STAGING_OVERHEAD = len(_staging_prefix(Path("x"))) - len("x") + 8
@@ -224,17 +238,34 @@ def _swap(staging: Path, final: Path) -> bool:
     """Exchange `staging` and the existing folder `final`, then remove the earlier one; False if `final` went away."""
     swapped = _exchange(staging, final)
     if swapped is None:  # no renameat2 here: two renames, with an instant without `final`
-        previous = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")  # never removed unattended
+        _replace_by_renames(staging, final)
+        return True
+    if swapped:
+        remove_tree(staging)
+    return swapped
+
+
+def _replace_by_renames(staging: Path, final: Path) -> None:
+    """Move the earlier `final` aside, put `staging` in its place and remove the earlier one. The earlier folder is
+    locked before it takes its hidden name, so a build killed before it is removed leaves it to the next build's
+    cleanup (`remove_abandoned`), never for ever, and no other build's cleanup takes it while this one may still put
+    it back."""
+    try:
+        lock = _lock(final)
+    except PermissionError:  # a folder this user may not read cannot be locked: moved aside unlocked, as before
+        lock = None
+    try:
+        previous = final.with_name(f"{_moved_aside_prefix(final)}{uuid.uuid4().hex[:8]}")
         os.rename(final, previous)
         try:
             os.rename(staging, final)
         except OSError:
             os.rename(previous, final)  # the earlier folder back in place, not left hidden at .<name>.old-*
             raise
-        swapped, staging = True, previous
-    if swapped:
-        remove_tree(staging)
-    return swapped
+        remove_tree(previous)
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _exchange(first: Path, second: Path) -> bool | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 from types import SimpleNamespace
@@ -279,3 +280,104 @@ def test_the_flush_takes_a_descriptor_that_may_write_where_the_os_asks_for_one(
     monkeypatch.setattr(os, "fsync", windows_fsync)
     atomic_files.write_bytes(tmp_path / "plan", b"12345")
     assert (tmp_path / "plan").read_bytes() == b"12345" and flushed == [5] and sorted(tmp_path.iterdir()) == [tmp_path / "plan"]
+
+
+# -- what a killed writer leaves -----------------------------------------------------------------------------------
+
+
+def _killed_writer(path: Path) -> Path:
+    """The temporary file a writer of `path` SIGKILLed mid-write leaves (no `finally` runs): a real process, killed."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import os, signal, sys\nfrom pathlib import Path\nfrom catrt import atomic_files\n"
+              "temporary = atomic_files.stage(Path(sys.argv[1]))\ntemporary.write_bytes(b'half a checkpoint')\n"
+              "print(temporary, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    left = Path(done.stdout.strip())
+    assert left.read_bytes() == b"half a checkpoint"
+    return left
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "a" * 255], ids=["short", "255-bytes"])
+def test_a_killed_writers_temporary_is_removed_by_the_next_write_of_its_target(tmp_path: Path, name: str) -> None:
+    """A SIGKILL mid-write left `.<name>.<random>.tmp` (up to a checkpoint's size) beside the target for ever. Named
+    `.<name>.catrt-<host>-<random>.tmp` and locked while its writer lives, it is removed at the next write of the
+    same target; a live writer's, another target's and another host's are left alone."""
+    pytest.importorskip("fcntl")  # POSIX: the locks tell a killed writer's file from a live one's
+    path = tmp_path / name
+    path.write_bytes(b"earlier")
+    left = _killed_writer(path)
+    assert re.fullmatch(r"\.a*(checkpoint\.pt)?\.catrt-[0-9a-f]{8}-[0-9a-f]{8}\.tmp", left.name)
+    assert left.name.split(".catrt-")[1][:8] == atomic_files.HOST
+    other_target = _killed_writer(tmp_path / "other.pt")
+    other_host = left.with_name(left.name.replace(f".catrt-{atomic_files.HOST}-", ".catrt-0badc0de-"))
+    other_host.write_bytes(b"another host's write, maybe live: nothing here can tell")
+    live = atomic_files.stage(path)  # a write of the same target under way here
+    try:
+        atomic_files.write_bytes(path, b"new")
+        assert path.read_bytes() == b"new" and not left.exists()
+        assert live.exists() and other_target.exists() and other_host.exists()
+    finally:
+        atomic_files.discard(live)
+    assert sorted(tmp_path.iterdir()) == sorted([path, other_host, other_target])
+
+
+def test_a_temporary_taken_between_its_making_and_its_lock_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another write's cleanup may find a new temporary file before its writer locks it, take its lock and remove it:
+    the writer then holds an unnamed file, so it makes another."""
+    fcntl = pytest.importorskip("fcntl")
+    flock, taken = fcntl.flock, []
+
+    def cleanup_first(descriptor: int, operation: int) -> None:
+        if not taken:  # the first new temporary, removed as an abandoned one would be
+            taken.append(next(p for p in tmp_path.iterdir() if p.name.endswith(".tmp")))
+            taken[0].unlink()
+        flock(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", cleanup_first)
+    with atomic_files.replacing(tmp_path / "report.md") as temporary:
+        assert temporary != taken[0] and temporary.exists()
+        temporary.write_text("new\n")
+    assert (tmp_path / "report.md").read_text() == "new\n" and sorted(tmp_path.iterdir()) == [tmp_path / "report.md"]
+
+
+# -- a writable file in a read-only folder ------------------------------------------------------------------------
+
+
+def refuse_new_files(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int = errno.EACCES) -> None:
+    """`folder` as a read-only folder is to any user but root (the tests may run as root): no file can be made in it,
+    while the files already there stay writable."""
+    original = os.open
+
+    def guarded(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_CREAT and Path(os.path.abspath(path)).parent == folder.absolute():
+            raise OSError(code, os.strerror(code), str(path))
+        return original(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded)
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS], ids=["read-only-folder", "read-only-filesystem"])
+def test_a_writable_file_in_a_folder_that_takes_no_new_file_is_explained_by_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """The file itself is writable, so "cannot be written (Permission denied)" alone did not explain why: a file is
+    replaced by a new one beside it, which the folder refuses. Nothing falls back to a write in place."""
+    path = tmp_path / "report.md"
+    path.write_text("earlier\n")
+    refuse_new_files(monkeypatch, tmp_path, code)
+    with pytest.raises(OSError) as refused:
+        atomic_files.write_text(path, "new\n")
+    assert path.read_text() == "earlier\n" and sorted(tmp_path.iterdir()) == [path]
+    assert atomic_files.folder_refusal(path, refused.value) == (
+        f"its folder {tmp_path} is not writable ({os.strerror(code)}), though the file is: a file is replaced by a new "
+        f"one written beside it and renamed onto it, never rewritten in place (an interrupted write would leave it "
+        f"half-written); make {tmp_path} writable or pick another folder")
+    assert atomic_files.folder_refusal(tmp_path / "new.md", refused.value) is None  # no file: the plain refusal says it
+    assert atomic_files.folder_refusal(path, OSError(errno.ENOSPC, "No space left on device")) is None

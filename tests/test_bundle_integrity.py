@@ -564,6 +564,21 @@ def _rewrite_digests(folder: Path) -> None:
     _edit(folder, edit)
 
 
+def test_load_hands_the_engine_the_checked_manifests_file_records(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a backend that reads its files after the check (tensorrt streams its plans) verifies the bytes against:
+    the records of the manifest that was checked, not one read again."""
+    given = []
+
+    def stop(engine: Any) -> None:
+        given.append(engine.files)
+        raise RuntimeError("stopped before loading")
+
+    monkeypatch.setattr(ENGINES["onnxruntime"], "load", stop)
+    with pytest.raises(RuntimeError, match="stopped before loading"):
+        catrt.load(bundle)
+    assert given == [catrt.manifest.read_manifest(bundle).files]
+
+
 @pytest.mark.parametrize(("first", "second", "field", "message"), [
     ("full.onnx", "pruned-k2.onnx", "full.onnx", r"full.onnx does not compute the full graph the manifest lists: its 'patches'"),
     ("context.onnx", "full.onnx", "context.onnx", r"context.onnx does not compute the context graph .*its 'hidden_states'"),
@@ -1034,6 +1049,32 @@ def test_a_failed_second_rename_without_renameat2_puts_the_earlier_folder_back(
             (staging / "file").write_text("new")
             monkeypatch.setattr(os, "rename", refused_for_the_new_one)
     assert (final / "file").read_text() == "old" and sorted(tmp_path.iterdir()) == [final]
+
+
+def test_an_earlier_folder_a_killed_build_was_removing_is_removed_by_the_next_build(tmp_path: Path) -> None:
+    """Without renameat2 (NFS, macOS) the earlier bundle is moved aside and then removed: a SIGKILL while it was removed
+    (a whole bundle: seconds) left it hidden at .<name>.old-* for ever, which no build looked for. Moved aside locked,
+    it is removed by the next build of the name, as a killed build's staging folder is."""
+    import signal
+    import subprocess
+    import sys
+
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "file").write_text("old")
+    script = ("import os, signal, sys\nfrom pathlib import Path\nimport catrt.publish as publish\n"
+              "publish._exchange = lambda first, second: None  # no RENAME_EXCHANGE here\n"
+              "publish.remove_tree = lambda folder: os.kill(os.getpid(), signal.SIGKILL)  # killed removing the earlier\n"
+              "with publish.staged_folder(Path(sys.argv[1])) as staging:\n    (staging / 'file').write_text('new')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(final)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    (left,) = [path for path in tmp_path.iterdir() if path != final]
+    assert left.name.startswith(".bundle.old-") and (final / "file").read_text() == "new"
+    assert (left / "file").read_text() == "old"
+    with staged_folder(final) as staging:
+        (staging / "file").write_text("newer")
+    assert (final / "file").read_text() == "newer" and sorted(tmp_path.iterdir()) == [final]
 
 
 def test_a_new_familys_declared_text_layout_checks_its_bundles_text_length(bundle: Path) -> None:

@@ -268,6 +268,25 @@ def test_an_out_that_cannot_be_written_is_refused_before_loading(capfd: pytest.C
 
 
 @pytest.mark.usefixtures("no_model_loads")
+def test_an_image_in_a_read_only_folder_is_refused_naming_the_folder_before_loading(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writable image in a folder that takes no new file cannot be replaced (the new image is written beside it and
+    renamed onto it): "cannot be written (Permission denied)" of a writable file named neither the folder nor why."""
+    from tests.test_atomic_files import refuse_new_files
+
+    out = tmp_path / "image.png"
+    out.write_bytes(b"an earlier image")
+    refuse_new_files(monkeypatch, tmp_path)
+    line = _fails(capfd, "generate", "--prompt", "x", "--out", str(out))
+    assert line == (f"catrt generate: error: --out {str(out)!r} cannot be replaced: its folder {tmp_path} is not writable "
+                    f"(Permission denied), though the file is: a file is replaced by a new one written beside it and "
+                    f"renamed onto it, never rewritten in place (an interrupted write would leave it half-written); make "
+                    f"{tmp_path} writable or pick another folder")
+    assert out.read_bytes() == b"an earlier image" and sorted(tmp_path.iterdir()) == [out]
+
+
+@pytest.mark.usefixtures("no_model_loads")
 def test_an_out_name_over_the_filesystems_limit_is_refused_before_loading(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """Its staged file's name, cut to fit, could be made: the image's rename would fail only after the generation."""
     out = tmp_path / ("a" * 252 + ".png")
@@ -443,8 +462,20 @@ def test_an_overflow_at_or_below_the_default_guidance_is_a_generation_error() ->
 def test_published_model_offline_says_gated_or_local_folder(capfd: pytest.CaptureFixture[str]) -> None:
     line = _fails(capfd, "generate", "--model", "sd3", "--prompt", "x", "--steps", "28")
     assert "model sd3 (stabilityai/stable-diffusion-3-medium-diffusers)" in line
-    for hint in ("gated", "huggingface-cli login", "a local diffusers folder saved with save_pretrained"):
+    for hint in ("gated", "hf auth login", "huggingface-cli login", "a local diffusers folder saved with save_pretrained"):
         assert hint in line
+
+
+def test_the_hub_login_command_named_first_is_the_installed_clients() -> None:
+    """huggingface_hub 1.0 removed `huggingface-cli` (the tested install, 2.x, has only `hf`): the refusal of a gated
+    model sent its user to a command that is not there. The command it names first is one this install provides."""
+    from importlib.metadata import distribution
+
+    from catrt.hub_errors import LOGIN_COMMAND
+
+    first = LOGIN_COMMAND.split("`")[1].split()[0]
+    scripts = {entry.name for entry in distribution("huggingface_hub").entry_points if entry.group == "console_scripts"}
+    assert first in scripts, (first, scripts)
 
 
 def test_a_published_model_that_is_not_gated_offline_says_so(capfd: pytest.CaptureFixture[str]) -> None:

@@ -64,6 +64,14 @@ REFUSED = [
      r"^SD3Transformer2DModel config out_channels 7 does not fit the VAE's latent_channels 15: "
      r"StableDiffusion3InpaintPipeline steps latents of 15 channels by the prediction, .*; set out_channels to 15 in "
      r"the transformer's config.json$"),
+    # diffusers runs SD3 inpainting transformers of in_channels 16 or 33 only, whatever the VAE: 8 and 17 fit an
+    # 8-channel VAE and were taken, then refused by diffusers' ValueError at the call
+    ("tiny-sd3", StableDiffusion3InpaintPipeline, {"in_channels": 8, "out_channels": 8}, 8, "in_channels",
+     r"^SD3Transformer2DModel config in_channels 8 is not one StableDiffusion3InpaintPipeline runs: it takes a "
+     r"transformer of in_channels 16 or 33 only \(diffusers refuses any other at the call, whatever the VAE\); set "
+     r"in_channels to 16 or 33 in the transformer's config.json, and the VAE's latent_channels to fit it$"),
+    ("tiny-sd3", StableDiffusion3InpaintPipeline, {"in_channels": 17, "out_channels": 8}, 8, "in_channels",
+     r"^SD3Transformer2DModel config in_channels 17 is not one StableDiffusion3InpaintPipeline runs"),
     ("tiny-pixart", PixArtSigmaPipeline, {"in_channels": 8, "out_channels": 16}, None, "in_channels",
      r"^PixArtTransformer2DModel config in_channels 8 does not fit the VAE's latent_channels 4: PixArtSigmaPipeline "
      r"makes latents of in_channels = 8 channels"),
@@ -134,6 +142,18 @@ def test_the_plain_pipeline_fails_on_each_refused_text_to_image_combination(
     pipe = _pipeline(tiny_pipelines, name, cls, changes, latent)
     with torch.no_grad(), pytest.raises(RuntimeError):
         pipe(**_call(pipe, num_inference_steps=1))
+
+
+@pytest.mark.parametrize(("changes", "latent"), [({"in_channels": 8, "out_channels": 8}, 8),
+                                                 ({"in_channels": 17, "out_channels": 8}, 8)])
+def test_the_plain_inpainting_pipeline_refuses_each_refused_input_width_at_the_call(
+    tiny_pipelines: dict[str, Any], changes: dict[str, Any], latent: int
+) -> None:
+    """What catrt's rule stands for: diffusers' own ValueError at the call (its accepted widths, 16 and 33)."""
+    pipe = _pipeline(tiny_pipelines, "tiny-sd3", StableDiffusion3InpaintPipeline, changes, latent)
+    extra = {"image": torch.zeros(1, 3, 32, 32), "mask_image": torch.ones(1, 1, 32, 32), "strength": 1.0}
+    with torch.no_grad(), pytest.raises(ValueError, match="should have 16 input channels or 33 input channels"):
+        pipe(**_call(pipe, num_inference_steps=1, **extra))
 
 
 @pytest.mark.parametrize(("name", "cls", "changes", "latent"), TAKEN)
@@ -231,3 +251,5 @@ def test_a_spec_channel_rule_of_another_type_is_refused_by_name() -> None:
         LatentChannels(mask_input=1)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^LatentChannels.other_layouts must be a string, got None$"):
         LatentChannels(other_layouts=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^LatentChannels.in_channels must be a tuple of whole numbers >= 1, got \[16, 33\]"):
+        LatentChannels(in_channels=[16, 33])  # type: ignore[arg-type]

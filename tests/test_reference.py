@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,57 @@ def test_train_resumes_from_its_out_folder_and_leaves_shipped_weights_alone(
     assert _digests(WEIGHTS_DIR) == shipped
 
 
+def _clock(seconds_a_call: float) -> Any:
+    """A perf_counter of a machine whose every timed span lasts `seconds_a_call` (a fast or a slow machine)."""
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += seconds_a_call
+        return now[0]
+
+    return perf_counter
+
+
+def test_the_learning_rate_follows_the_step_count_not_the_clock(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rate decayed over the training seconds: the same command gave other weights on a slower machine (and on one
+    machine, from run to run). Two runs of 2 steps, one on a machine whose step takes a quarter of the budget, train
+    the same weights."""
+    cfg = train.TrainConfig(batch_size=2, max_steps=2, minutes=60.0)
+    weights = []
+    for seconds in (0.01, 900.0):
+        monkeypatch.setattr(train.time, "perf_counter", _clock(seconds))
+        trainer = train.train(cfg, tmp_path / f"run-{seconds}", progress=False)
+        assert trainer.step == 2
+        weights.append(_digests(tmp_path / f"run-{seconds}" / "weights"))
+    assert weights[0] == weights[1]
+
+
+def test_a_time_budget_is_a_step_schedule_measured_once_and_repeated_by_max_steps(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without --max-steps the schedule is the steps the budget holds at a pace measured on a throwaway copy before
+    the first step, logged and kept in the checkpoint: --max-steps with that count trains the same weights anywhere."""
+    monkeypatch.setattr(train.time, "perf_counter", _clock(0.5))
+    with caplog.at_level(logging.INFO, logger=train.logger.name):
+        timed = train.train(train.TrainConfig(batch_size=2, minutes=1 / 60), tmp_path / "timed", progress=False)
+    assert timed.step == 2 and timed.pace == 0.5  # 1 s at 0.5 s a step
+    assert f"learning-rate schedule: 2 steps, what {1 / 60:g} min hold at 0.5 s a step measured here; --max-steps 2" in caplog.text
+    state = torch.load(tmp_path / "timed" / train.CHECKPOINT_FILE, weights_only=False)
+    assert state.pop("pace") == 0.5
+    earlier = train.Trainer(train.TrainConfig(batch_size=2))  # a checkpoint of before the pace was kept: its own pace
+    earlier.load_state_dict(state)
+    assert earlier.pace == 0.5 and earlier.total_steps() == 7200  # the default 60 minutes at its pace
+    monkeypatch.setattr(train.time, "perf_counter", _clock(0.01))
+    train.train(train.TrainConfig(batch_size=2, max_steps=2), tmp_path / "stepped", progress=False)
+    assert _digests(tmp_path / "timed" / "weights") == _digests(tmp_path / "stepped" / "weights")
+    monkeypatch.setattr(train, "train", lambda cfg, out, resume: timed)  # the command's last line names the schedule
+    train.main(["--out", str(tmp_path / "timed"), "--minutes", str(1 / 60), *TINY])
+    assert "; a schedule of 2 steps (--max-steps 2 repeats it)" in capsys.readouterr().out
+
+
 def test_train_writes_package_weights_only_with_publish(
     tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,6 +292,28 @@ def test_train_writes_package_weights_only_with_publish(
     assert published["probe.safetensors"] == shipped["probe.safetensors"]
     assert published[train.TRANSFORMER_FILE] != shipped[train.TRANSFORMER_FILE]
     assert _digests(WEIGHTS_DIR) == shipped
+
+
+def test_publish_into_a_read_only_package_folder_is_refused_before_training(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An installed package's folder is read-only while its files may be writable: --publish failed with a traceback
+    after all the training, since each file is replaced by a new one written beside it."""
+    from tests.test_atomic_files import refuse_new_files
+
+    package = tmp_path / "package-weights"
+    shutil.copytree(WEIGHTS_DIR, package)
+    monkeypatch.setattr(train, "WEIGHTS_DIR", package)
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: pytest.fail("trained"))
+    refuse_new_files(monkeypatch, package)
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", str(tmp_path / "run"), "--publish", *TINY])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(
+        f"python -m catrt.reference.train: error: --publish cannot replace the shipped weights in {package}: its folder "
+        f"{package} is not writable (Permission denied), though the file is")
+    assert f"make {package} writable or train without --publish (the weights stay in --out's weights/)" in line
+    assert _digests(package) == _digests(WEIGHTS_DIR)
 
 
 def test_a_saved_reference_pipeline_loads_back_by_folder_and_draws_the_same_image(

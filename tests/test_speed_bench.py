@@ -80,6 +80,23 @@ def test_an_out_in_a_folder_no_file_can_be_made_in_is_one_line_before_the_run(  
     assert speed.parse_args(["--out", str(out)]).out == out and list(out.parent.iterdir()) == []
 
 
+def test_a_report_in_a_read_only_folder_is_refused_naming_the_folder_before_the_run(  # noqa: ANN001
+    speed, tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    """A writable report in a folder that takes no new file: the report written beside it could not be made."""
+    from tests.test_atomic_files import refuse_new_files
+
+    out = tmp_path / "speed.md"
+    out.write_text("an earlier report\n")
+    refuse_new_files(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        speed.parse_args(["--out", str(out)])
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert exited.value.code == 2 and line.startswith(f"bench/speed.py: error: --out {out} cannot be replaced: its folder "
+                                                      f"{tmp_path} is not writable (Permission denied), though the file is")
+    assert f"make {tmp_path} writable or pick another folder" in line and out.read_text() == "an earlier report\n"
+
+
 def test_dims_sets_the_published_size_and_the_defaults_hold_without_it(speed) -> None:  # noqa: ANN001
     dims = speed.parse_args(["--dims", "sd3-medium", "--layers", "2"])
     assert (dims.heads, dims.size, dims.text_length, dims.layers, dims.backends) == (24, 1024, 256, 2, None)

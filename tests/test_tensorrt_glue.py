@@ -8,9 +8,13 @@ is refused, a parse or a build that fails). It follows the return conventions of
 bindings (python/src/infer/pyCore.cpp, python/docstrings/*): methods return None or False on failure,
 while a constructor whose factory makes nothing raises pybind11's TypeError; enums are enum members
 (flags are ints to shift by), shapes are `Dims` (len and indexing only), plans and timing caches are
-buffers. It models TensorRT 10 by default and TensorRT 11 (no FP16 / BF16 builder flags, every network
+buffers. It models TensorRT 10.16 by default and TensorRT 11 (no FP16 / BF16 builder flags, every network
 strongly typed) where asked; in both, a strongly typed network with the FP16 / BF16 flag does not build,
-as TensorRT refuses it. The CUDA stream, events and current device are replaced by CPU stand-ins
+as TensorRT refuses it. Where the runtime's API changed within 10 it models the minor version asked: caller-owned
+context memory (`device_memory_size_v2`, `set_device_memory`) from 10.1, plans streamed through an `IStreamReaderV2`
+(with `SeekPosition`) from 10.7, as the bindings' python/src/infer/pyCore.cpp of each release tag defines them; its
+stream deserialization asks the reader as pyCore.cpp's `PyStreamReaderV2.read` does (again until the count asked is
+served or the answer is empty; an exception in the reader is an empty answer). The CUDA stream, events and current device are replaced by CPU stand-ins
 through the engine's `_stream` / `_event` / `_on_device` hooks. Whether real TensorRT engines compute
 the right numbers is checked by tests/test_engines.py on a GPU with tensorrt installed.
 """
@@ -18,6 +22,8 @@ the right numbers is checked by tests/test_engines.py on a GPU with tensorrt ins
 from __future__ import annotations
 
 import enum
+import gc
+import hashlib
 import json
 import sys
 import types
@@ -31,6 +37,7 @@ import pytest
 import torch
 
 from catrt.build_config import BuildConfig
+from catrt.engines import verified_file
 from catrt.engines.base import GraphSpec, TensorSpec
 from catrt.engines.tensorrt import TensorRTEngine
 from catrt.errors import BuildError, ConfigError, CorruptBundleError, EngineMismatchError, EngineRuntimeError
@@ -79,6 +86,15 @@ GRAPH_NAMES = tuple(_specs())
 
 
 NULLPTR = "pybind11::init(): factory function returned nullptr"  # what a constructor raises where TensorRT made nothing
+STREAM_REQUEST = 64  # bytes the stand-in TensorRT asks a stream reader for at a time
+DEVICE_MEMORY = {"context": 512, "full": 4096, "pruned-k4": 3072, "pruned-k2": 2048}  # each engine's activation memory
+
+
+def _incompatible(call: str, signature: str) -> TypeError:
+    """pybind11's answer to arguments of the wrong type."""
+    return TypeError(
+        f"{call}(): incompatible function arguments. The following argument types are supported:\n    1. {signature}"
+    )
 
 
 class Dims:
@@ -97,8 +113,9 @@ class Dims:
 class FakeTensorRT(types.ModuleType):
     """Just enough of TensorRT's Python API (10 by default, or 11) for the glue, with switches that make calls fail."""
 
-    def __init__(self, major: int = 10) -> None:
+    def __init__(self, major: int = 10, minor: int = 16) -> None:
         super().__init__("tensorrt")
+        version = (major, minor)
         self.fail: dict[str, set[str]] = {
             "runtime": set(), "builder": set(), "deserialize": set(), "context": set(), "address": set(),
             "execute": set(), "parse": set(), "build": set(),
@@ -108,6 +125,12 @@ class FakeTensorRT(types.ModuleType):
         self.current_device: str | None = None  # set by the tests' `_on_device` stand-in
         self.deserialized_on: dict[str, str | None] = {}  # graph -> the current device when its plan was deserialized
         self.configs: list[Any] = []  # every builder config made, with its flags
+        self.contexts: list[Any] = []  # every execution context made
+        self.own_memory: list[int] = []  # the bytes each context TensorRT allocated memory for holds
+        self.plan_sources: list[str] = []  # per deserialization: "buffer" or "reader"
+        self.answers: list[int] = []  # the size of each buffer a stream reader answered with
+        self.stream_ops: list[tuple[Any, ...]] = []  # ("seek", offset, "SET" | "CUR" | "END") / ("read", count) first
+        self.on_request: Any = None  # called after each stream request (a test changes the file there)
         fake = self
 
         class Logger:
@@ -131,11 +154,16 @@ class FakeTensorRT(types.ModuleType):
         self.DataType, self.TensorIOMode, self.BuilderFlag = DataType, TensorIOMode, BuilderFlag
         self.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag
         strongly_typed_bit = 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        Strategy = enum.Enum("ExecutionContextAllocationStrategy", {"STATIC": 0, "ON_PROFILE_CHANGE": 1, "USER_MANAGED": 2})
+        self.ExecutionContextAllocationStrategy = Strategy
 
         class Context:
-            def __init__(self, graph: str) -> None:
-                self.graph = graph
+            def __init__(self, graph: str, need: int, strategy: Any) -> None:
+                self.graph, self.need, self.strategy = graph, need, strategy
                 self.addresses: dict[str, int] = {}
+                self.memory: tuple[int, int] | None = None  # (address, size) the caller gave
+                if strategy is not Strategy.USER_MANAGED:
+                    fake.own_memory.append(need)
 
             def set_tensor_address(self, name: str, memory: int) -> bool:
                 if not isinstance(memory, int):
@@ -148,14 +176,25 @@ class FakeTensorRT(types.ModuleType):
             def execute_async_v3(self, stream_handle: int) -> bool:
                 if not isinstance(stream_handle, int):
                     raise TypeError(f"execute_async_v3(): stream_handle must be an int, not {type(stream_handle).__name__}")
-                fake.enqueued.append(
-                    {"graph": self.graph, "stream": stream_handle, "addresses": dict(self.addresses), "device": fake.current_device}
-                )
+                fake.enqueued.append({
+                    "graph": self.graph, "stream": stream_handle, "addresses": dict(self.addresses),
+                    "device": fake.current_device, "memory": self.memory,
+                })
+                if self.strategy is Strategy.USER_MANAGED and (self.memory is None or self.memory[1] < self.need):
+                    return False  # TensorRT: a context without (enough) device memory does not run
                 return self.graph not in fake.fail["execute"]
 
+        if version >= (10, 1):
+            def set_device_memory(self: Context, memory: int, size: int) -> None:
+                if type(memory) is not int or memory < 0 or type(size) is not int:
+                    raise _incompatible("set_device_memory", "(self: tensorrt.IExecutionContext, memory: int, size: int) -> None")
+                self.memory = (memory, size)
+
+            Context.set_device_memory = set_device_memory  # type: ignore[attr-defined]
+
         class Engine:
-            def __init__(self, graph: str, io: list[list[Any]]) -> None:
-                self.graph = graph
+            def __init__(self, graph: str, io: list[list[Any]], need: int) -> None:
+                self.graph, self.need = graph, need
                 self.io = {name: (mode, shape, dtype) for name, mode, shape, dtype in io}
                 self.names = [name for name, *_ in io]
 
@@ -175,8 +214,76 @@ class FakeTensorRT(types.ModuleType):
             def get_tensor_dtype(self, name: str) -> Any:
                 return DataType[self.io[name][2]]
 
-            def create_execution_context(self) -> Context | None:
-                return None if self.graph in fake.fail["context"] else Context(self.graph)
+            def create_execution_context(self, strategy: Any = Strategy.STATIC) -> Context | None:
+                if not isinstance(strategy, Strategy):
+                    raise _incompatible(
+                        "create_execution_context",
+                        "(self: tensorrt.ICudaEngine, strategy: tensorrt.ExecutionContextAllocationStrategy = STATIC) -> IExecutionContext",
+                    )
+                if self.graph in fake.fail["context"]:
+                    return None
+                fake.contexts.append(Context(self.graph, self.need, strategy))
+                return fake.contexts[-1]
+
+        if version >= (10, 1):
+            Engine.device_memory_size_v2 = property(lambda self: self.need)  # type: ignore[attr-defined]
+        if version < (11, 0):
+            Engine.device_memory_size = property(lambda self: self.need)  # type: ignore[attr-defined]  # deprecated in 10.1
+
+        reader_base: Any = None
+        if version >= (10, 7):
+            SeekPosition = enum.Enum("SeekPosition", {"SET": 0, "CUR": 1, "END": 2})
+
+            class Trampoline(type):
+                """pybind11 refuses an instance of a Python subclass whose __init__ did not run the base's."""
+
+                def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+                    instance = super().__call__(*args, **kwargs)
+                    if not getattr(instance, "_initialised", False):
+                        raise TypeError("tensorrt.IStreamReaderV2.__init__() must be called when overriding __init__")
+                    return instance
+
+            class IStreamReaderV2(metaclass=Trampoline):
+                def __init__(self) -> None:
+                    self._initialised = True
+
+            reader_base = self.IStreamReaderV2 = IStreamReaderV2
+            self.SeekPosition = SeekPosition
+
+        def request(reader: Any, count: int) -> bytes:
+            """PyStreamReaderV2.read: ask again until `count` bytes are served or the answer is empty."""
+            served = b""
+            while len(served) < count:
+                try:
+                    answer = memoryview(reader.read(count - len(served), STREAM_HANDLE))  # py::buffer
+                except Exception:  # noqa: BLE001 - the binding prints "[ERROR] Exception caught in read()", reads 0
+                    answer = memoryview(b"")
+                fake.answers.append(len(answer))
+                if not len(answer):
+                    break
+                served += bytes(answer[: count - len(served)])
+            if fake.on_request is not None:
+                fake.on_request()
+            return served
+
+        def streamed(reader: Any) -> bytes | None:
+            """The plan as TensorRT reads it: the test's seeks and reads first, then on from there until the plan is
+            whole (a real plan says its own length: what follows it is never read) or the stream ends."""
+            for op in fake.stream_ops:
+                if op[0] == "seek" and not reader.seek(op[1], SeekPosition[op[2]]):
+                    return None
+                if op[0] == "read" and len(request(reader, op[1])) < op[1]:
+                    return None
+            data = b""
+            while True:
+                part = request(reader, STREAM_REQUEST)
+                data += part
+                try:
+                    json.JSONDecoder().raw_decode(data.decode())
+                    return data
+                except ValueError:
+                    if len(part) < STREAM_REQUEST:
+                        return data
 
         class Runtime:
             def __init__(self, logger: Logger) -> None:
@@ -185,9 +292,25 @@ class FakeTensorRT(types.ModuleType):
                 self.logger = logger
 
             def deserialize_cuda_engine(self, serialized_engine: Any) -> Engine | None:
-                data = json.loads(bytes(memoryview(serialized_engine)))  # any buffer
-                fake.deserialized_on[data["graph"]] = fake.current_device
-                return None if data["graph"] in fake.fail["deserialize"] else Engine(data["graph"], data["io"])
+                if reader_base is not None and isinstance(serialized_engine, reader_base):
+                    fake.plan_sources.append("reader")
+                    data = streamed(serialized_engine)
+                else:
+                    try:
+                        data = bytes(memoryview(serialized_engine))  # any buffer
+                    except TypeError:
+                        raise _incompatible(
+                            "deserialize_cuda_engine", "(self: tensorrt.Runtime, serialized_engine: buffer) -> tensorrt.ICudaEngine"
+                        ) from None
+                    fake.plan_sources.append("buffer")
+                try:
+                    plan = json.loads(data or b"")
+                except ValueError:
+                    return None  # "or None if it could not be deserialized"
+                fake.deserialized_on[plan["graph"]] = fake.current_device
+                if plan["graph"] in fake.fail["deserialize"]:
+                    return None
+                return Engine(plan["graph"], plan["io"], plan.get("device_memory", 0))
 
         # builder side
         class TimingCache:
@@ -317,7 +440,8 @@ class FakeEvent:
 
 
 def _plan(graph: str, spec: GraphSpec, drop: tuple[str, ...] = (), change: dict[str, dict[str, Any]] | None = None) -> bytes:
-    """A stand-in plan declaring `spec`'s tensors, less `drop`, with fields of some tensors changed."""
+    """A stand-in plan declaring `spec`'s tensors, less `drop`, with fields of some tensors changed; its engine needs
+    DEVICE_MEMORY[graph] bytes of activation memory."""
     io = []
     for mode, specs in (("INPUT", spec.inputs), ("OUTPUT", spec.outputs)):
         for s in specs:
@@ -326,7 +450,7 @@ def _plan(graph: str, spec: GraphSpec, drop: tuple[str, ...] = (), change: dict[
             entry = {"name": s.name, "mode": mode, "shape": list(s.shape), "dtype": _TRT_DTYPE_NAMES[s.dtype]}
             entry.update((change or {}).get(s.name, {}))
             io.append([entry["name"], entry["mode"], entry["shape"], entry["dtype"]])
-    return json.dumps({"graph": graph, "io": io}).encode()
+    return json.dumps({"graph": graph, "io": io, "device_memory": DEVICE_MEMORY[graph]}).encode()
 
 
 @pytest.fixture
@@ -359,16 +483,15 @@ def events() -> list[FakeEvent]:
 
 
 def _engine(
-    folder: Path, events: list[FakeEvent], plans: dict[str, bytes] | None = None, load: bool = True
+    folder: Path, events: list[FakeEvent], plans: dict[str, bytes] | None = None, load: bool = True,
+    files: dict[str, dict[str, Any]] | None = None,
 ) -> TensorRTEngine:
-    """A TensorRT engine over stand-in plans (the context graph does not read `pooled_projections`)."""
-    specs = _specs()
-    plans = plans or {}
+    """A TensorRT engine over stand-in plans (the context graph does not read `pooled_projections`); `files`: the
+    manifest records it verifies the plans against."""
     folder.mkdir(exist_ok=True)
-    for graph in GRAPH_NAMES:
-        default = _plan(graph, specs[graph], drop=("pooled_projections",) if graph == "context" else ())
-        (folder / f"{graph}.plan").write_bytes(plans.get(graph, default))
-    engine = TensorRTEngine(folder, specs, torch.device("cpu"))
+    for graph, data in {**_default_plans(), **(plans or {})}.items():
+        (folder / f"{graph}.plan").write_bytes(data)
+    engine = TensorRTEngine(folder, _specs(), torch.device("cpu"), files=files)
 
     def new_event() -> FakeEvent:
         events.append(FakeEvent())
@@ -383,6 +506,16 @@ def _engine(
     if load:
         engine.load()
     return engine
+
+
+def _default_plans() -> dict[str, bytes]:
+    specs = _specs()
+    return {graph: _plan(graph, specs[graph], drop=("pooled_projections",) if graph == "context" else ()) for graph in GRAPH_NAMES}
+
+
+def _records(plans: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """The manifest's records of these plans: what the bundle's check verified the files against."""
+    return {f"{graph}.plan": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for graph, data in plans.items()}
 
 
 def _inputs(graph: str) -> dict[str, torch.Tensor]:
@@ -577,6 +710,212 @@ def test_a_pruned_step_runs_the_graph_of_its_k_and_an_unbuilt_k_is_refused(tmp_p
 
 def test_not_capturable() -> None:
     assert TensorRTEngine.capturable is False and TensorRTEngine.cuda_graphs is False
+
+
+# -- one activation memory block shared by every context ------------------------------------------
+
+
+def test_every_context_is_given_one_block_of_the_most_memory_any_engine_needs(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    """Steps run one at a time on the runtime's one stream, so one block serves all the bundle's engines (a build of 8
+    alphas held 10 blocks, each context allocating its own at creation)."""
+    engine = _engine(tmp_path, events)
+    block = engine.scratch_memory
+    assert block is not None and block.dtype == torch.uint8 and block.device == engine.device
+    assert block.numel() == max(DEVICE_MEMORY.values())
+    assert [context.graph for context in trt.contexts] == list(GRAPH_NAMES)
+    assert all(context.strategy is trt.ExecutionContextAllocationStrategy.USER_MANAGED for context in trt.contexts)
+    assert {context.memory for context in trt.contexts} == {(block.data_ptr(), block.numel())}
+    assert trt.own_memory == []  # no context allocated memory of its own
+    for graph in GRAPH_NAMES:
+        engine.run(graph, _inputs(graph))
+    assert {record["memory"] for record in trt.enqueued} == {(block.data_ptr(), block.numel())}
+    assert {record["stream"] for record in trt.enqueued} == {STREAM_HANDLE}  # one stream: runs never overlap
+
+
+def test_the_runtime_holds_the_shared_block_as_long_as_it_lives(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    """The contexts get only its address: were the tensor not held, torch would hand the memory to other tensors."""
+    engine = _engine(tmp_path, events)
+    block = weakref.ref(engine.scratch_memory)
+    gc.collect()
+    assert block() is not None
+    del engine
+    gc.collect()
+    assert block() is None
+
+
+def test_a_tensorrt_without_caller_owned_memory_gives_each_context_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list
+) -> None:
+    """TensorRT 10.0 has ExecutionContextAllocationStrategy.USER_MANAGED but neither device_memory_size_v2 nor
+    set_device_memory (both 10.1): contexts are made as before, each with its own memory."""
+    fake = FakeTensorRT(10, 0)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    engine = _engine(tmp_path, events)
+    assert engine.scratch_memory is None
+    assert all(context.strategy is fake.ExecutionContextAllocationStrategy.STATIC for context in fake.contexts)
+    assert sorted(fake.own_memory) == sorted(DEVICE_MEMORY.values())
+    engine.run("full", _inputs("full"))
+    assert fake.enqueued[-1]["memory"] is None
+
+
+def test_a_shared_block_the_device_cannot_hold_is_an_engine_error_naming_its_size(
+    tmp_path: Path, trt: FakeTensorRT, events: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = torch.empty
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("dtype") is torch.uint8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 KiB")
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", out_of_memory)
+    with pytest.raises(EngineRuntimeError, match=r"could not allocate the 4096 bytes of activation memory .*out of GPU memory") as caught:
+        _engine(tmp_path, events)
+    assert caught.value.field == "tensorrt"
+    assert trt.contexts == []
+
+
+# -- plans streamed, verified against the manifest -------------------------------------------------
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> int:
+    """16-byte blocks, so a stand-in plan spans many."""
+    monkeypatch.setattr(verified_file, "BLOCK", 16)
+    return 16
+
+
+def test_plans_are_streamed_a_block_at_a_time_and_load_when_they_match(
+    tmp_path: Path, trt: FakeTensorRT, events: list, small_blocks: int
+) -> None:
+    engine = _engine(tmp_path, events, files=_records(_default_plans()))
+    assert trt.plan_sources == ["reader"] * len(GRAPH_NAMES)  # never the whole plan as one buffer
+    assert max(trt.answers) == small_blocks  # at most a block in host memory at a time
+    assert set(engine.contexts) == set(GRAPH_NAMES)
+
+
+def _change_once(path: Path, old: bytes, new: bytes, trt: FakeTensorRT | None = None) -> Any:
+    """A hook that rewrites `path` in place (same size) once: `old` -> `new`; as the stand-in's `on_request`
+    (given `trt`), at the first request made while TensorRT streams that plan."""
+    assert len(old) == len(new)
+
+    def change() -> None:
+        data = path.read_bytes()
+        streaming = trt is None or len(trt.plan_sources) == 1 + GRAPH_NAMES.index(path.stem)
+        if streaming and old in data:
+            with path.open("r+b") as file:  # in place: the reader's open file sees it
+                file.seek(data.index(old))
+                file.write(new)
+
+    return change
+
+
+def test_a_plan_changed_while_tensorrt_streams_it_is_refused_and_its_engine_never_runs(
+    tmp_path: Path, trt: FakeTensorRT, events: list, small_blocks: int
+) -> None:
+    """The change lands after TensorRT's first request, in bytes it reads later: it deserializes them (a streamed read
+    cannot be checked first), and the final digest refuses the engine before any context is made."""
+    engine = _engine(tmp_path, events, files=_records(_default_plans()), load=False)
+    trt.on_request = _change_once(tmp_path / "full.plan", b'"device_memory": 4096', b'"device_memory": 9096', trt)
+    with pytest.raises(CorruptBundleError, match=r"engine file full\.plan in .* changed after the bundle's files were checked") as caught:
+        engine.load()
+    assert caught.value.field == "full.plan"
+    assert "full" in trt.deserialized_on and "full" not in engine.engines
+    assert trt.contexts == [] and trt.enqueued == []
+
+
+def test_a_block_read_again_after_it_changed_is_refused(tmp_path: Path, trt: FakeTensorRT, events: list, small_blocks: int) -> None:
+    """TensorRT reads on, seeks back to the start and reads again: the first block is read from the file again and
+    compared with the digest taken on the first pass, so the changed bytes are never served."""
+    engine = _engine(tmp_path, events, files=_records(_default_plans()), load=False)
+    trt.stream_ops = [("read", 40), ("seek", 0, "SET")]
+    trt.on_request = _change_once(tmp_path / "full.plan", b'{"graph": "full"', b'{"graph": "fuLL"', trt)  # block 0
+    with pytest.raises(CorruptBundleError, match=r"engine file full\.plan .* changed after") as caught:
+        engine.load()
+    assert caught.value.field == "full.plan"
+    assert "fuLL" not in trt.deserialized_on  # TensorRT got nothing of the changed block
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        [("seek", -10, "END"), ("read", 10), ("seek", 20, "SET"), ("read", 5), ("seek", -25, "CUR")],  # tail, skip, back
+        [("read", 40), ("seek", 0, "SET")],  # read again from the start
+    ],
+    ids=["seeks", "reread"],
+)
+def test_a_plan_tensorrt_reads_out_of_order_loads_when_it_matches(
+    tmp_path: Path, trt: FakeTensorRT, events: list, small_blocks: int, ops: list
+) -> None:
+    trt.stream_ops = ops
+    engine = _engine(tmp_path, events, files=_records(_default_plans()))
+    assert set(engine.contexts) == set(GRAPH_NAMES)
+
+
+def test_a_seek_outside_the_plan_is_refused(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    trt.stream_ops = [("seek", 1, "END")]
+    with pytest.raises(EngineMismatchError, match=r"could not deserialize the 'context' graph's context\.plan"):
+        _engine(tmp_path, events, files=_records(_default_plans()))
+
+
+def test_bytes_tensorrt_does_not_read_are_verified_too(tmp_path: Path, trt: FakeTensorRT, events: list, small_blocks: int) -> None:
+    """TensorRT stops at the plan's end: a change after it (here in trailing bytes) is found by hashing the rest."""
+    plans = {**_default_plans(), "full": _default_plans()["full"] + b" " * 100}
+    engine = _engine(tmp_path, events, plans=plans, files=_records(plans), load=False)
+    with (tmp_path / "full.plan").open("r+b") as file:
+        file.seek(-1, 2)
+        file.write(b"\n")
+    with pytest.raises(CorruptBundleError, match=r"engine file full\.plan .* changed after") as caught:
+        engine.load()
+    assert caught.value.field == "full.plan"
+    assert trt.answers and max(trt.answers) <= small_blocks
+
+
+def test_a_plan_of_another_size_than_recorded_is_refused_before_tensorrt_reads_it(
+    tmp_path: Path, trt: FakeTensorRT, events: list
+) -> None:
+    engine = _engine(tmp_path, events, files=_records(_default_plans()), load=False)
+    with (tmp_path / "full.plan").open("ab") as file:
+        file.write(b" ")
+    with pytest.raises(CorruptBundleError, match=r"engine file full\.plan .* changed after") as caught:
+        engine.load()
+    assert caught.value.field == "full.plan"
+    assert "full" not in trt.deserialized_on
+
+
+def test_a_tensorrt_without_stream_readers_gets_the_plan_as_one_buffer_checked_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list
+) -> None:
+    """TensorRT 10.1 to 10.6 have no IStreamReaderV2: the whole plan is read, and checked before TensorRT sees it."""
+    fake = FakeTensorRT(10, 6)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    engine = _engine(tmp_path, events, files=_records(_default_plans()))
+    assert fake.plan_sources == ["buffer"] * len(GRAPH_NAMES)
+    assert engine.scratch_memory is not None  # caller-owned memory is 10.1's
+
+    changed = _engine(tmp_path / "changed", events, files=_records(_default_plans()), load=False)
+    _change_once(tmp_path / "changed" / "full.plan", b'"device_memory": 4096', b'"device_memory": 9096')()
+    fake.deserialized_on.clear()
+    with pytest.raises(CorruptBundleError, match=r"engine file full\.plan .* changed after") as caught:
+        changed.load()
+    assert caught.value.field == "full.plan"
+    assert "full" not in fake.deserialized_on
+
+
+def test_a_plan_that_cannot_be_opened_is_named(tmp_path: Path, trt: FakeTensorRT, events: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine(tmp_path, events, load=False)
+    plan = tmp_path / "full.plan"
+    open_file = verified_file.os.open
+
+    def refused(path: Any, flags: int, *args: Any) -> int:
+        if Path(path) == plan:
+            raise PermissionError(13, "Permission denied", str(path))
+        return open_file(path, flags, *args)
+
+    monkeypatch.setattr(verified_file.os, "open", refused)
+    with pytest.raises(CorruptBundleError, match=r"engine file full\.plan in .* cannot be read: Permission denied") as caught:
+        engine.load()
+    assert caught.value.field == "full.plan"
 
 
 # -- the builder -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ graph's K/V straight into the runtime's cache) and scatter the pruned graph's K/
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -148,14 +149,23 @@ class Engine(ABC):
     cuda_graphs: ClassVar[bool] = False
 
     def __init__(
-        self, folder: Path, graphs: dict[str, GraphSpec], device: torch.device, adapter: Adapter | None = None
+        self,
+        folder: Path,
+        graphs: dict[str, GraphSpec],
+        device: torch.device,
+        adapter: Adapter | None = None,
+        *,
+        files: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        """`files`: the checked manifest's records ({"sha256", "size"} by file name), for a backend that verifies what
+        it reads after the bundle's check (tensorrt); None where the files were not checked (a build's own staging)."""
         if self.needs_transformer and adapter is None:
             raise ConfigError(f"the {self.name} backend runs the PyTorch transformer: pass its adapter", field="backend")
         self.folder = folder
         self.graphs = graphs
         self.device = device
         self.adapter = adapter
+        self.files = files
         self._buffers: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod

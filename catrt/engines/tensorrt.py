@@ -14,6 +14,19 @@ TensorRT binds an engine to the CUDA device current when it is deserialized, and
 there: loading and each enqueue make the engine's device current, so a bundle loaded on `cuda:1`
 does not land on (and enqueue on) `cuda:0`.
 
+Plans are streamed, not read whole into host memory, where TensorRT deserializes from an `IStreamReaderV2` (10.7 and
+later; 11 has no other stream reader): a block of the file at a time (`catrt.engines.verified_file`), seeks allowed.
+The bytes TensorRT reads are checked against the sha256 and size the checked manifest records: a plan changed since
+the bundle's check is refused, naming it, once TensorRT has read it and before any context is made (its engine is
+dropped, never run). An older TensorRT gets the plan as one buffer, checked the same way.
+
+The engines share one activation (scratch) memory block, the largest any of them needs, where TensorRT lets the
+caller own it (10.1 and later: `create_execution_context(ExecutionContextAllocationStrategy.USER_MANAGED)`,
+`ICudaEngine.device_memory_size_v2`, `IExecutionContext.set_device_memory(memory, size)`, looked up as attributes);
+an older TensorRT gives each context its own, as before. Sharing is safe because every context enqueues on this
+runtime's one stream: TensorRT uses the memory from an enqueue until that run completes, and runs on one stream do
+not overlap.
+
 Only the tensors the engine declares as I/O are bound (exporters drop graph inputs a graph does not
 read); a declared input the call lacks is an error naming it.
 
@@ -24,12 +37,14 @@ keep-alive bookkeeping of `run` queries CUDA events, which a capture does not al
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from catrt.engines.base import DTYPES, Engine, GraphSpec
+from catrt.engines.verified_file import VerifiedFile
 from catrt.errors import CorruptBundleError, EngineMismatchError, EngineRuntimeError
 
 
@@ -112,21 +127,27 @@ class TensorRTEngine(Engine):
         self._in_flight: list[_InFlight] = []
         self._spare_events: list[Any] = []
         self._own: Any = None  # the stream runs are enqueued on, made at the first run
+        #: The activation memory every context shares (uint8, on the device), held as long as they are; None where
+        #: this TensorRT has each context allocate its own.
+        self.scratch_memory: torch.Tensor | None = None
         trt_dtypes = {
             getattr(tensorrt.DataType, key): dtype for key, dtype in _TRT_DTYPES.items() if hasattr(tensorrt.DataType, key)
         }
         with self._on_device():
             for graph in self.graphs:  # context, full and every pruned graph of the bundle
                 self._load_graph(tensorrt, graph, trt_dtypes)
+            self._create_contexts(tensorrt)
 
     def _load_graph(self, tensorrt: Any, graph: str, trt_dtypes: dict[Any, torch.dtype]) -> None:
-        """Deserialize one graph's plan, check its I/O against the spec and create its execution context."""
+        """Deserialize one graph's plan, verified against its manifest record, and check its I/O against the spec."""
         plan = self.folder / f"{graph}.plan"
         if not plan.is_file():
             raise CorruptBundleError(
                 f"the {graph!r} graph's engine file {plan.name} is missing from {self.folder}", field=plan.name
             )
-        engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+        with VerifiedFile(plan, None if self.files is None else self.files.get(plan.name)) as source:
+            engine = self.runtime.deserialize_cuda_engine(_plan_source(tensorrt, source))
+            source.finish()  # a plan changed since the bundle's check: refused here, its engine dropped unrun
         if engine is None:
             raise EngineMismatchError(
                 f"TensorRT could not deserialize the {graph!r} graph's {plan.name} (built by another TensorRT "
@@ -135,14 +156,36 @@ class TensorRTEngine(Engine):
             )
         self.engines[graph] = engine
         self.io[graph] = _declared_io(graph, engine, self.graphs[graph], tensorrt.TensorIOMode.INPUT, trt_dtypes)
-        context = engine.create_execution_context()
-        if context is None:
+
+    def _create_contexts(self, tensorrt: Any) -> None:
+        """One execution context per graph, all given `scratch_memory` where this TensorRT lets the caller own it."""
+        strategy = getattr(getattr(tensorrt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
+        shared = strategy is not None and all(hasattr(engine, "device_memory_size_v2") for engine in self.engines.values())
+        size = max((int(engine.device_memory_size_v2) for engine in self.engines.values()), default=0) if shared else 0
+        if shared:
+            self.scratch_memory = self._allocate_scratch(size)
+        for graph, engine in self.engines.items():
+            context = engine.create_execution_context(strategy) if shared else engine.create_execution_context()
+            if context is None:
+                raise EngineRuntimeError(
+                    f"TensorRT could not create an execution context for the {graph!r} graph "
+                    f"(often out of GPU memory; see the TensorRT log above)",
+                    field=graph,
+                )
+            if self.scratch_memory is not None:
+                context.set_device_memory(self.scratch_memory.data_ptr(), size)
+            self.contexts[graph] = context
+
+    def _allocate_scratch(self, size: int) -> torch.Tensor:
+        """`size` bytes on the engine's device (torch's caching allocator aligns blocks to 512 bytes; TensorRT asks 256)."""
+        try:
+            return torch.empty(size, dtype=torch.uint8, device=self.device)
+        except torch.cuda.OutOfMemoryError as error:
             raise EngineRuntimeError(
-                f"TensorRT could not create an execution context for the {graph!r} graph "
-                f"(often out of GPU memory; see the TensorRT log above)",
-                field=graph,
-            )
-        self.contexts[graph] = context
+                f"could not allocate the {size} bytes of activation memory the bundle's TensorRT engines share on "
+                f"{self.device} (out of GPU memory); free some, or load fewer bundles on this GPU",
+                field="tensorrt", value=size,
+            ) from error
 
     # -- running --------------------------------------------------------------------------------
 
@@ -242,6 +285,29 @@ class TensorRTEngine(Engine):
     def _event(self) -> Any:
         """A new event, recorded on the stream after each enqueue."""
         return torch.cuda.Event()
+
+
+def _plan_source(tensorrt: Any, source: VerifiedFile) -> Any:
+    """What `deserialize_cuda_engine` reads: an `IStreamReaderV2` over `source` (TensorRT >= 10.7), else its bytes,
+    checked before TensorRT sees them."""
+    reader_base = getattr(tensorrt, "IStreamReaderV2", None)
+    if reader_base is None:
+        plan = source.whole()
+        source.finish()
+        return plan
+    whence = {tensorrt.SeekPosition.SET: os.SEEK_SET, tensorrt.SeekPosition.CUR: os.SEEK_CUR, tensorrt.SeekPosition.END: os.SEEK_END}
+
+    class PlanReader(reader_base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            reader_base.__init__(self)  # pybind11 trampolines: the base must be initialised explicitly
+
+        def read(self, num_bytes: int, stream: int) -> memoryview:
+            return source.read(num_bytes)  # one block at most; TensorRT asks again for the rest
+
+        def seek(self, offset: int, where: Any) -> bool:
+            return source.seek(offset, whence[where])
+
+    return PlanReader()
 
 
 def _declared_io(

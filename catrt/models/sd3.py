@@ -347,7 +347,8 @@ FAMILY = register_family(Family(
         StableDiffusion3Img2ImgPipeline: replace(_FROM_IMAGE, check_call=partial(_check_call, pipeline="StableDiffusion3Img2ImgPipeline")),
         StableDiffusion3InpaintPipeline: replace(
             _FROM_IMAGE, check_call=partial(_check_call, pipeline="StableDiffusion3InpaintPipeline"),
-            latent_channels=LatentChannels(mask_input=True),
+            # diffusers 0.42 runs in_channels 16 (the latents) or 33 (with the mask and the masked image) only
+            latent_channels=LatentChannels(mask_input=True, in_channels=(16, 33)),
         ),
     },
     _meta_call,

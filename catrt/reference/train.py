@@ -13,6 +13,11 @@ SD3's convention: x_s = (1 - s) x0 + s noise, the transformer sees timestep 1000
 predicts the velocity noise - x0, which is what `FlowMatchEulerDiscreteScheduler` integrates.
 The text encoder trains jointly; captions are dropped to "" 10% of the time so that
 classifier-free guidance works. The budget counts training time across resumed runs.
+
+The learning rate follows the step count, never the clock, so a run's weights do not depend on the machine's speed:
+it decays over `--max-steps`, or, without it, over the steps the time budget holds at the pace of a few trial steps
+measured once at the start (logged, and kept in the checkpoint for resumed runs); `--max-steps N` with that N repeats
+the schedule on any machine. The shipped weights were trained (`--minutes 60`) before, when it decayed over the clock.
 """
 
 from __future__ import annotations
@@ -76,7 +81,9 @@ class TrainConfig:
     caption_dropout: float = 0.1
     seed: int = 0
     checkpoint_minutes: float = 4.0
-    max_steps: int = 0  # stop at this many steps (counted across resumed runs) even within the budget; 0 = no limit
+    # the schedule's steps (counted across resumed runs): decay over and stop at them, even within the time budget;
+    # 0 = as many as the budget holds at the measured pace
+    max_steps: int = 0
     bf16: bool = True  # autocast matmuls to bfloat16: ~25% faster per step on a 1-thread CPU
 
 
@@ -119,12 +126,13 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.seed)
         self.step = 0
         self.elapsed = 0.0  # training seconds, summed over resumed runs
+        self.pace: float | None = None  # seconds a step, measured once (`measure_pace`) where no --max-steps sets the schedule
 
     def state_dict(self) -> dict:
         return {
             "models": self.models.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(), "step": self.step, "elapsed": self.elapsed,
+            "torch_rng": torch.get_rng_state(), "step": self.step, "elapsed": self.elapsed, "pace": self.pace,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -134,11 +142,22 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         self.step, self.elapsed = state["step"], state["elapsed"]
+        # a checkpoint of before the pace was kept: its own steps' pace
+        self.pace = state.get("pace") or (self.elapsed / self.step if self.step else None)
+
+    def total_steps(self) -> int:
+        """The schedule's length: `max_steps`, else the steps the time budget holds at the measured pace."""
+        if self.cfg.max_steps:
+            return self.cfg.max_steps
+        if self.pace is None:
+            raise RuntimeError("the pace is measured (measure_pace) before a schedule without max_steps is read")
+        return max(1, math.floor(60.0 * self.cfg.minutes / self.pace))
 
     def learning_rate(self) -> float:
-        """Linear warm-up, then cosine decay over the time budget (the step count is unknown)."""
+        """Linear warm-up, then cosine decay over the schedule's steps: a function of the step count only (over the
+        clock, two runs of one command gave other weights on machines of other speeds, and on one machine too)."""
         warmup = min(1.0, (self.step + 1) / self.cfg.warmup_steps)
-        progress = min(1.0, self.elapsed / (60.0 * self.cfg.minutes))
+        progress = min(1.0, self.step / self.total_steps())
         floor = self.cfg.min_lr_fraction
         return self.cfg.lr * warmup * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -180,6 +199,21 @@ class Trainer:
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         for ema, live in zip(self.ema.parameters(), self.models.parameters(), strict=True):
             ema.lerp_(live, 1 - decay)
+
+
+def measure_pace(trainer: Trainer, steps: int = 3) -> float:
+    """Seconds a training step takes here: the mean of `steps` steps of a throwaway copy after one untimed step (it
+    allocates), which leaves the trainer and the RNGs as they were, so the run's own steps are those of any pace."""
+    trial = copy.deepcopy(trainer)
+    trial.pace = 1.0  # any: the trial's learning rate is thrown away with it
+    seconds = []
+    with torch.random.fork_rng(devices=[]):
+        trial.train_step()
+        for _ in range(steps):
+            start = time.perf_counter()
+            trial.train_step()
+            seconds.append(time.perf_counter() - start)
+    return sum(seconds) / steps
 
 
 def save_checkpoint(trainer: Trainer, path: Path) -> None:
@@ -228,7 +262,7 @@ def publish(weights: Path, target: Path | None = None) -> None:
 
 
 def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | None = None) -> Trainer:
-    """Train until `cfg.minutes` of training time are spent (or `cfg.max_steps` steps), resuming from
+    """Train until `cfg.minutes` of training time are spent or the schedule's steps are run, resuming from
     `out/checkpoint.pt` if it is there; checkpoint every few minutes and at the end, then write the EMA
     weights to `out/weights/`. `progress`: tqdm's `disable` rule inverted (None = only on a terminal)."""
     checkpoint = out / CHECKPOINT_FILE
@@ -237,10 +271,16 @@ def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | Non
         trainer.load_state_dict(torch.load(checkpoint, weights_only=False))
         logger.info("resumed from %s at step %d (%.1f min)", checkpoint, trainer.step, trainer.elapsed / 60)
     budget = 60.0 * cfg.minutes
+    if not cfg.max_steps and trainer.pace is None:
+        trainer.pace = measure_pace(trainer)
+    total = trainer.total_steps()
+    if not cfg.max_steps:
+        logger.info("learning-rate schedule: %d steps, what %g min hold at %.3g s a step measured here; --max-steps %d "
+                    "repeats it on any machine", total, cfg.minutes, trainer.pace, total)
     last_save, losses = trainer.elapsed, collections.deque(maxlen=100)
 
     def running() -> bool:
-        return trainer.elapsed < budget and not (cfg.max_steps and trainer.step >= cfg.max_steps)
+        return trainer.elapsed < budget and trainer.step < total
 
     bar = tqdm(total=budget, initial=min(trainer.elapsed, budget), unit="s", desc="training",
                disable=None if progress is None else not progress, dynamic_ncols=True,
@@ -267,6 +307,17 @@ def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | Non
     return trainer
 
 
+def _check_publishable(parser: argparse.ArgumentParser, shipped: Path) -> None:
+    """Refuse --publish before training where the shipped weights cannot be replaced (an installed package's read-only
+    folder, whose files may be writable): it failed with a traceback after all the training."""
+    try:
+        atomic_files.discard(atomic_files.stage(shipped))
+    except OSError as error:
+        fix = "train without --publish (the weights stay in --out's weights/)"
+        refusal = atomic_files.folder_refusal(shipped, error, fix) or f"{error.strerror or type(error).__name__}; {fix}"
+        parser.error(f"--publish cannot replace the shipped weights in {shipped.parent}: {refusal}")
+
+
 def _inside(path: Path, folder: Path) -> bool:
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
@@ -283,7 +334,8 @@ def main(argv: list[str] | None = None) -> Trainer:
     parser.add_argument("--minutes", type=float, default=TrainConfig.minutes,
                         help="training-time budget, counted across resumed runs")
     parser.add_argument("--max-steps", type=int, default=TrainConfig.max_steps,
-                        help="also stop at this many steps, counted across resumed runs (0 = budget only)")
+                        help="the learning-rate schedule's steps, counted across resumed runs: decay over them and stop "
+                             "there (0 = as many as --minutes hold at the pace measured at the start)")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="images per step")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed,
@@ -317,6 +369,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         output_folder(args.out, f"--out {echo_path(args.out)}", "checkpoint.pt, weights/ and samples.png", "out")
     except ConfigError as error:
         parser.error(str(error))
+    if args.publish:
+        _check_publishable(parser, WEIGHTS_DIR / TRANSFORMER_FILE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=args.bf16,
@@ -324,6 +378,8 @@ def main(argv: list[str] | None = None) -> Trainer:
     trainer = train(cfg, args.out, resume=args.resume)
     message = (f"trained {trainer.step} steps in {trainer.elapsed / 60:.1f} min; "
                f"checkpoint {args.out / CHECKPOINT_FILE}; weights in {args.out / 'weights'}")
+    if not args.max_steps:  # the schedule the time budget made: repeatable by its step count on any machine
+        message += f"; a schedule of {trainer.total_steps()} steps (--max-steps {trainer.total_steps()} repeats it)"
     if args.samples:
         sample_grid(trainer, args.out / "samples.png", n=args.samples)
         message += f"; samples in {args.out / 'samples.png'}"
