@@ -148,7 +148,7 @@ def pooled_cluster_scores(
     maxima, present = cluster_maxima(delta, labels, n_clusters)
     eye = torch.eye(n_clusters, dtype=torch.bool, device=delta.device)
     members = (adjacency | eye) & present.unsqueeze(1)  # (B, K, K): row c pools over these clusters
-    weights = members.to(delta.dtype)
+    weights = members.to(maxima.dtype)  # float32: bf16 counts past 256 members round (257 -> 256)
     mean = (weights.unsqueeze(-1) * maxima.unsqueeze(1)).sum(2) / weights.sum(-1, keepdim=True).clamp_min(1)
     masked = torch.where(members.unsqueeze(-1), maxima.unsqueeze(1), torch.full_like(maxima.unsqueeze(1), float("-inf")))
     peak = masked.amax(2)

@@ -45,6 +45,9 @@ class LatentChannels:
         packing = self.packing
         require("LatentChannels", "packing", packing, isinstance(packing, int) and not isinstance(packing, bool) and packing >= 1,
                 "a whole number >= 1")
+        for name in ("mask_input", "learned_variance"):  # a string "False" would read as true: a rule other than given
+            require("LatentChannels", name, getattr(self, name), isinstance(getattr(self, name), bool), "True or False")
+        require("LatentChannels", "other_layouts", self.other_layouts, isinstance(self.other_layouts, str), "a string")
         values = self.in_channels
         require("LatentChannels", "in_channels", values, isinstance(values, tuple) and all(
             isinstance(value, int) and not isinstance(value, bool) and value >= 1 for value in values),

@@ -86,7 +86,6 @@ def test_full_forward_equals_diffusers(transformer: Any) -> None:
     assert torch.equal(kv, cache)
 
 
-
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-flux-schnell"])
 def test_fp32_flux_full_forward_equals_diffusers_exactly(name: str, tiny_pipelines: dict[str, Any]) -> None:
@@ -98,6 +97,7 @@ def test_fp32_flux_full_forward_equals_diffusers_exactly(name: str, tiny_pipelin
     expected = transformer(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
     tokens = adapter.full_forward(latents, timestep, _context(adapter, kwargs, latents), _empty_cache(adapter))
     assert torch.equal(adapter.prediction_of(tokens, GRID), expected)
+
 
 @torch.no_grad()
 def test_pruned_step_with_all_tokens_equals_full_step(transformer: Any) -> None:
@@ -220,7 +220,6 @@ def test_attention_recorder_sums_the_mass_image_keys_receive(tiny_pipelines: dic
     assert torch.allclose(importance.sum(-1), torch.full((2,), float(blocks * num_heads * 24)), rtol=1e-5)
 
 
-
 @torch.no_grad()
 def test_flux_attention_recorder_sums_what_diffusers_image_keys_receive(
     tiny_pipelines: dict[str, Any], monkeypatch: pytest.MonkeyPatch
@@ -254,6 +253,7 @@ def test_flux_attention_recorder_sums_what_diffusers_image_keys_receive(
     finally:
         adapter.recorder = None
     assert torch.allclose(importance, expected, rtol=1e-5, atol=1e-5)
+
 
 def test_attention_rule_needs_the_eager_backend(tiny_pipelines: dict[str, Any]) -> None:
     adapter = make_adapter(tiny_pipelines["tiny-sd3"].transformer)
@@ -697,6 +697,28 @@ def test_a_patch_projection_computing_its_weights_conv_runs(tiny_pipelines: dict
     transformer.pos_embed.proj = Shifted(4, transformer.inner_dim, 2, 2)
     with pytest.raises(UnsupportedModelError, match=r"pos_embed\.proj is a \S*Shifted, not a plain nn\.Conv2d"):
         make_adapter(transformer)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart"])
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_a_norm_parametrized_patch_projection_embeds_pruned_patches_as_its_conv(
+    tiny_pipelines: dict[str, Any], name: str, norm: str
+) -> None:
+    """The positional table is the patch embedding of a zero latent through a zero projection: zeroing a weight- or
+    spectral-norm parametrization's own parameters made its weight 0 / 0, and every pruned token NaN."""
+    from torch.nn.utils import parametrizations
+
+    tiny = tiny_pipelines[name]
+    transformer = type(tiny.transformer).from_config(tiny.transformer.config).eval()
+    getattr(parametrizations, norm)(transformer.pos_embed.proj)
+    latents = torch.randn(2, transformer.config.in_channels, 8, 12, generator=torch.Generator().manual_seed(0))
+    adapter = make_adapter(transformer)
+    context = {"positional_table": adapter.positional_table(tuple(latents.shape))}  # what prepare_context adds
+    assert context["positional_table"].dtype == torch.float32 and context["positional_table"].isfinite().all()
+    indices = torch.arange(GRID.height * GRID.width).expand(2, -1)
+    embedded = adapter.embed_patches(adapter.tokens_of(latents), indices, context)
+    assert (embedded - transformer.pos_embed(latents)).abs().max() < 1e-5
 
 
 @torch.no_grad()

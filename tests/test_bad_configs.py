@@ -227,3 +227,16 @@ def test_a_passed_embedding_of_the_right_width_names_no_config_key(tiny_pipeline
                                           r"the latents' batch\): check the latents, prompt embeddings and other tensors "
                                           r"passed to the call$"):
         fast(prompt_embeds=torch.zeros(3, 5, 48), pooled_prompt_embeds=torch.zeros(2, 64), **call)
+
+
+def test_a_meta_call_refusing_a_changed_key_its_own_way_leaves_the_hint_to_the_key_that_moves_the_width() -> None:
+    """The hint asks the family's meta call which key moves a width; a registered family's meta call that refuses one
+    changed key by an assertion of its own made the refusal itself fail with that AssertionError."""
+    from catrt.models.inputs import _width_key
+
+    def meta_call(config: dict[str, Any], text_tokens: int, grid: Any) -> dict[str, Any]:
+        assert config["num_attention_heads"] == 4, "this family has 4 heads"
+        return {"encoder_hidden_states": torch.empty(1, text_tokens, config["joint_attention_dim"], device="meta")}
+
+    config = {"num_attention_heads": 4, "joint_attention_dim": 4, "num_layers": 2}
+    assert _width_key(meta_call, config, "encoder_hidden_states") == "joint_attention_dim"

@@ -162,10 +162,27 @@ def test_a_combination_diffusers_runs_is_taken(
 ) -> None:
     pipe = _pipeline(tiny_pipelines, name, cls, changes, latent)
     fast = catrt.accelerate(pipe, CATConfig(t0=2))
-    extra = {"image": torch.zeros(1, 3, 32, 32), "mask_image": torch.ones(1, 1, 32, 32), "strength": 1.0} if "Inpaint" in cls.__name__ else {}
     with torch.no_grad():
-        images = fast(**_call(pipe, **extra)).images
+        images = fast(**_call(pipe, **_image_inputs(cls))).images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize(("name", "cls", "changes", "latent"), TAKEN)
+def test_the_plain_pipeline_runs_each_taken_combination(
+    tiny_pipelines: dict[str, Any], name: str, cls: type, changes: dict[str, Any], latent: int | None
+) -> None:
+    """The taken combinations are ones diffusers runs through its scheduler and VAE decode: no refusal to miss."""
+    pipe = _pipeline(tiny_pipelines, name, cls, changes, latent)
+    with torch.no_grad():
+        images = pipe(**_call(pipe, num_inference_steps=1, **_image_inputs(cls))).images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def _image_inputs(cls: type) -> dict[str, Any]:
+    """An inpainting pipeline's image, mask and strength (the others take the prompt alone)."""
+    if "Inpaint" not in cls.__name__:
+        return {}
+    return {"image": torch.zeros(1, 3, 32, 32), "mask_image": torch.ones(1, 1, 32, 32), "strength": 1.0}
 
 
 @pytest.mark.parametrize(("name", "cls"), TINY)
@@ -227,5 +244,12 @@ def test_a_spec_channel_rule_of_another_type_is_refused_by_name() -> None:
         PipelineSpec(call_defaults={}, latent_channels=4)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^LatentChannels.packing must be a whole number >= 1, got 0$"):
         LatentChannels(packing=0)
+    with pytest.raises(ConfigError, match=r"^LatentChannels.learned_variance must be True or False, got 'False'$") as refused:
+        LatentChannels(learned_variance="False")  # type: ignore[arg-type]
+    assert refused.value.field == "learned_variance"
+    with pytest.raises(ConfigError, match=r"^LatentChannels.mask_input must be True or False, got 1$"):
+        LatentChannels(mask_input=1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^LatentChannels.other_layouts must be a string, got None$"):
+        LatentChannels(other_layouts=None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^LatentChannels.in_channels must be a tuple of whole numbers >= 1, got \[16, 33\]"):
         LatentChannels(in_channels=[16, 33])  # type: ignore[arg-type]

@@ -432,6 +432,18 @@ def test_half_precision_outputs_are_scored_and_clustered_in_float32(dtype: torch
         assert scores.dtype == torch.float32 and torch.equal(scores, exact)
 
 
+def test_pooled_scores_of_a_bf16_delta_count_a_clusters_many_neighbours_in_float32() -> None:
+    """The pooled mean divides by the member count, which bf16 rounds past 256 (257 -> 256): counted in float32, as the
+    maxima are, a half-precision delta scores exactly as its float32 copy."""
+    clusters = 257
+    labels = torch.arange(clusters).unsqueeze(0)  # one token per cluster, every cluster pooling over all of them
+    adjacency = torch.ones(1, clusters, clusters, dtype=torch.bool)
+    delta = torch.randn(1, clusters, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    scores = pooled_cluster_scores(delta, labels, adjacency, clusters)
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, pooled_cluster_scores(delta.float(), labels, adjacency, clusters))
+
+
 def test_non_finite_outputs_still_select_exactly_k_distinct() -> None:
     """A NaN or inf in a step's output (an fp16 overflow upstream) must not break the static-shape contract."""
     grid = Grid(6, 7)

@@ -32,6 +32,7 @@ this contract: attention and the Q/K/V projections in `catrt.models.attention`, 
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -421,18 +422,18 @@ class Adapter(ABC):
     def positional_table(self, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """(1, N, D) float32: the positional embedding of this resolution, exactly as the patch embedding adds it.
 
-        The transformer's own patch embedding of a float32 zero latent, its projection's weight and bias
-        replaced by float32 zeros, is exactly that (whether the family keeps its positions in the model's
+        The transformer's own patch embedding of a float32 zero latent, its projection replaced by one of float32
+        zeros (`_ZeroProjection`), is exactly that (whether the family keeps its positions in the model's
         dtype, as SD3 does, or makes them in float32, as PixArt does at a size other than its own). So the
         pruned forward can embed any subset of patches as diffusers sums them - `(patches @ W.T + bias) +
         position`, rounded to the model's dtype once at the end - without knowing how a family builds its
         positional code: bit for bit diffusers' tokens in bf16 too. (A table of bias + position in the
         model's dtype rounded that sum twice: 1 bf16 step off diffusers from the first pruned step.)
         """
-        embedding = self.transformer.pos_embed
+        embedding = copy.copy(self.transformer.pos_embed)  # its positions and settings, shared; its projection below
+        vars(embedding)["_modules"] = {**embedding._modules, "proj": _ZeroProjection(embedding.proj)}
         zeros = torch.zeros((1, *latent_shape[1:]), device=self.device, dtype=torch.float32)
-        replaced = {name: torch.zeros_like(value, dtype=torch.float32) for name, value in embedding.proj.named_parameters()}
-        return torch.func.functional_call(embedding, {f"proj.{name}": value for name, value in replaced.items()}, (zeros,))
+        return type(embedding).forward(embedding, zeros)  # not its call: the copy shares the original's hooks and compiled call
 
     def embed_patches(self, patches: torch.Tensor, indices: torch.Tensor, context: Context) -> torch.Tensor:
         """(B, k, C*p*p) patches -> (B, k, D) tokens, the same as the conv patch embedding."""
@@ -559,6 +560,25 @@ def _refuse_diffusers_hooks(transformer: nn.Module) -> None:
                 f"the pipeline with pipe.to(device)); catrt's reuse_every / reuse_threshold reuse steps instead",
                 field="transformer", value=hooks,
             )
+
+
+class _ZeroProjection(nn.Module):
+    """A patch projection's own conv (or linear) run with zero weight and bias, in its place when the positional table is
+    made. Zeroing the projection's parameters instead ran its parametrization on them: a weight- or spectral-norm
+    weight of zero parameters is 0 / 0, which made the table and every pruned token NaN."""
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        if isinstance(proj, torch._dynamo.eval_frame.OptimizedModule):
+            proj = proj._orig_mod
+        layer = getattr(proj, "base_layer", proj)  # a disabled (PEFT) LoRA runs its base layer alone
+        self.conv = layer if isinstance(layer, nn.Conv2d) else None
+        self.weight_shape = tuple(layer.weight.shape)  # (D, C, p, p) or (D, C*p*p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.zeros(self.weight_shape, device=x.device, dtype=x.dtype)
+        bias = torch.zeros(self.weight_shape[:1], device=x.device, dtype=x.dtype)
+        return F.linear(x, weight, bias) if self.conv is None else self.conv._conv_forward(x, weight, bias)
 
 
 def _check_patch_projection(adapter: Adapter, transformer: nn.Module) -> None:
