@@ -40,7 +40,7 @@ from test_serve_support import (
 
 import catrt
 from catrt.config import CATConfig
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, ServiceUnavailableError
 from catrt.serve.config import FleetConfig, ServeConfig
 from catrt.serve.ray_app import APP_NAME, MODEL_DEPLOYMENT, PROXY_GRACE_SECONDS, application, build, http_options
 
@@ -290,6 +290,46 @@ def test_a_replica_runs_the_servers_alpha_policy(monkeypatch: pytest.MonkeyPatch
         assert reply["body"]["catrt"]["alpha"] == 0.9  # a light load within the target: the largest alpha, not the first
     finally:
         replica.worker.drain()
+
+
+def test_a_replica_hung_in_a_step_or_whose_worker_stopped_fails_its_health_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Serve replaces a replica whose `check_health` raises; it raised only once the worker had died, so a replica
+    whose step never returned was kept, answering every request 504. Now a call still in its step --hang-grace after
+    its request was given up fails the check, naming why, and passes again once the step returns. One replica is
+    made in this process (Ray Serve's replica context faked), as a replica makes itself."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import catrt.serve.ray_app as ray_app
+
+    context = SimpleNamespace(replica_id=SimpleNamespace(unique_id="replica-in-test"))
+    monkeypatch.setattr(ray_app.serve, "get_replica_context", lambda: context)
+    config = ServeConfig(model="reference", steps=3, cat=CATConfig(t0=2), timeout=0.2, hang_grace=0.1)
+    replica = ray_app.ModelReplica(config.to_dict())
+    release = threading.Event()
+    replica.worker.served.default.runner.transformer.register_forward_pre_hook(lambda *args: release.wait(30) and None)
+    try:
+        replica.check_health()  # precondition: a ready replica passes
+        reply = asyncio.run(replica.generate({"prompt": "a red sun", "seed": 1}, "request-1"))
+        assert reply["status"] == 504, reply  # its step is held
+        deadline = time.monotonic() + 10
+        while replica.describe()["status"] != "hung":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(ServiceUnavailableError, match="^replica replica-in-test is hung: the worker is still in one "
+                                                          "model call .* past --hang-grace 0.1 s"):
+            replica.check_health()
+        release.set()
+        while replica.describe()["status"] != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        replica.check_health()
+    finally:
+        release.set()
+        replica.worker.drain()
+    replica.worker.join(10)
+    with pytest.raises(ServiceUnavailableError, match="^replica replica-in-test is stopped$"):
+        replica.check_health()
 
 
 def test_the_ingress_exports_each_replicas_model_series_under_the_single_servers_names(

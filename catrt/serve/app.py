@@ -64,13 +64,14 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def base_app(metrics: HttpMetrics, config: ServeConfig, alive: Callable[[], bool] = lambda: True,
-             body_deadline: bool = False) -> FastAPI:
+def base_app(metrics: HttpMetrics, config: ServeConfig,
+             liveness_fault: Callable[[], dict[str, str] | None] = lambda: None, body_deadline: bool = False) -> FastAPI:
     """The app every serving mode starts from: error bodies, the request gate (id, key, body limit,
     encoding), request metrics, `/health/live` and the model list (`/v1/models`).
 
-    `alive`: False once this process can no longer serve (its worker died), so a liveness probe
-    restarts it instead of leaving a process that answers 503 forever. `body_deadline`: the gate
+    `liveness_fault`: the body of a 503 once this process can no longer serve (its worker died or is hung in a
+    call, `Worker.liveness_fault`), so a liveness probe restarts it instead of leaving a process that answers 503 or
+    504 forever; None while it can. `body_deadline`: the gate
     answers 408 to a body not whole within `config.read_timeout` (for an HTTP server without a read
     deadline of its own: Ray Serve's proxy)."""
     app = FastAPI(title="catrt", summary="CAT Pruning text-to-image server (OpenAI images API)")
@@ -88,12 +89,13 @@ def base_app(metrics: HttpMetrics, config: ServeConfig, alive: Callable[[], bool
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, router=app.router)
     listed = ModelList(config)
 
-    @app.get("/health/live", responses={503: {"description": "the worker died: restart the process"}})
+    @app.get("/health/live", responses={503: {"description": "the worker died or is hung: restart the process"}})
     async def live(response: Response) -> dict[str, str]:
-        """200 while the process answers and can serve; 503 once its worker died."""
-        if not alive():
+        """200 while the process answers and can serve; 503 once its worker died, or while it is hung in a call."""
+        fault = liveness_fault()
+        if fault is not None:
             response.status_code = 503
-            return {"status": "dead"}
+            return fault
         return {"status": "live"}
 
     @app.get("/v1/models", response_model=ModelListResponse, responses=ERROR_RESPONSES)
@@ -207,7 +209,7 @@ class ImageService:
 
 def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
     """Routes over `worker`; every request is counted and timed into `metrics` by route and status."""
-    app = base_app(metrics, config, alive=lambda: worker.state != "dead")
+    app = base_app(metrics, config, liveness_fault=worker.liveness_fault)
     service = ImageService(worker, metrics, config)
 
     @app.post(GENERATIONS_PATH, response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
@@ -216,13 +218,18 @@ def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> Fa
         response = await service.generate(body, request)
         return Response(status_code=CLIENT_CLOSED_REQUEST) if response is None else response
 
-    @app.get("/health/ready", responses={503: {"description": "loading, draining or dead"}})
+    @app.get("/health/ready", responses={503: {"description": "loading, draining, hung or dead"}})
     async def ready(response: Response) -> dict[str, Any]:
-        """200 once every build is loaded and warmed up; 503 before, while shutting down, or if the worker died."""
-        if worker.state != "ready":
-            response.status_code = 503
+        """200 once every build is loaded and warmed up; 503 before, while shutting down, while the worker is hung in
+        a call (with the reason), or if it died."""
         served = worker.served
-        return {"status": worker.state, "sizes": served.sizes if served is not None else []}
+        status, reason = worker.condition()
+        answer: dict[str, Any] = {"status": status, "sizes": served.sizes if served is not None else []}
+        if reason is not None:
+            answer["reason"] = reason
+        if status != "ready":
+            response.status_code = 503
+        return answer
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics_text() -> Response:

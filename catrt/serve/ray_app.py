@@ -75,7 +75,8 @@ class ModelReplica:
     """One device: loads every build of `config`, warms each up, then answers checked bodies.
 
     The constructor returns once the model is warm, so Ray Serve routes nothing to a replica that is
-    still loading; `check_health` fails once its worker has died, and Ray Serve replaces it.
+    still loading; `check_health` fails once its worker has died or while it is hung in a call (`Worker.hang`), and
+    Ray Serve replaces it.
     """
 
     def __init__(self, config: dict[str, Any], bundle_key: bytes | None = None) -> None:
@@ -88,7 +89,7 @@ class ModelReplica:
         self.metrics = metrics = ServerMetrics()
         self.worker = Worker(lambda: load_router(serve_config, bundle_key), serve_config.max_queue, metrics,
                              on_exit=lambda state: None, alpha_policy=serve_config.alpha_policy,
-                             latency_target=serve_config.latency_target)
+                             latency_target=serve_config.latency_target, hang_grace=serve_config.hang_grace)
         metrics.watch_queue(lambda: self.worker.depth, self.worker.depth_by_size)
         with hub_notices_dropped():  # the model loads on the worker's thread; a failed load is reported below
             self.worker.start()
@@ -124,13 +125,16 @@ class ModelReplica:
     def describe(self) -> dict[str, Any]:
         """The replica's state, sizes and the request fields' OpenAPI description."""
         rules = self.service.rules()
-        return {"status": self.worker.state, "sizes": self.worker.served.sizes, "replica": self.replica,
+        return {"status": self.worker.condition()[0], "sizes": self.worker.served.sizes, "replica": self.replica,
                 "properties": rules.properties() if rules is not None else None,
                 "size_rules": rules.size_rules() if rules is not None else None}
 
     def check_health(self) -> None:
-        if self.worker.state != "ready":
-            raise ServiceUnavailableError(f"replica {self.replica} is {self.worker.state}")
+        """Ray Serve's health check (every `health_check_period_s`): raising makes the controller kill this replica
+        and start another; a dead worker or one hung in a call (a stuck step holds the device for good) raises."""
+        status, reason = self.worker.condition()
+        if status != "ready":
+            raise ServiceUnavailableError(f"replica {self.replica} is {status}" + ("" if reason is None else f": {reason}"))
 
 
 class _Described:

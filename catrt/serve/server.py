@@ -123,7 +123,7 @@ def run_server(config: ServeConfig) -> int:
     # The worker reports its exit to the server made below; it only can once the server runs.
     worker = Worker(
         lambda: load_router(config, key), config.max_queue, metrics, on_exit=lambda state: server.worker_exited(state),
-        alpha_policy=config.alpha_policy, latency_target=config.latency_target,
+        alpha_policy=config.alpha_policy, latency_target=config.latency_target, hang_grace=config.hang_grace,
     )
     metrics.watch_queue(lambda: worker.depth, worker.depth_by_size)
     app = build_app(worker, metrics, config)
