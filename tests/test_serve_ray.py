@@ -758,3 +758,55 @@ def test_eager_alphas_of_one_k_are_refused_before_ray_starts(
     err = capsys.readouterr().err
     assert "--alpha 0.3 and 0.2999 both select k = 77 of the 256 image tokens at 32x32" in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_request_ray_cancels_because_its_client_left_counts_499_not_500() -> None:
+    """Ray Serve's proxy cancels the ingress's request when its client leaves (uvicorn, in the single server, tells
+    the app instead): the cancelled request escaped the metrics middleware unanswered and was counted as a 500,
+    so every impatient client raised the fleet's error rate. It is a 499, as in the single server."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import catrt.serve.ray_app as ray_app
+
+    waiting = asyncio.Event()
+
+    async def never_answers(*args: object) -> dict:
+        waiting.set()
+        await asyncio.sleep(3600)
+
+    models = SimpleNamespace(app_name=APP_NAME, deployment_name=MODEL_DEPLOYMENT,
+                             generate=SimpleNamespace(remote=never_answers))
+    ingress = ray_app.Ingress(ServeConfig(model="reference").to_dict(), models)
+    app = ray_app.ingress_app(ingress)
+    body = json.dumps({"prompt": "a red sun"}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/images/generations", "raw_path": b"/v1/images/generations", "root_path": "",
+             "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"host", b"x"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    sent: list[dict] = []
+
+    async def scenario() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        request = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.wait_for(waiting.wait(), 30)  # the ingress waits for a model replica
+        request.cancel()  # as Ray's proxy does once the client is gone
+        with pytest.raises(asyncio.CancelledError):
+            await request
+
+    asyncio.run(scenario())
+    assert sent == []
+    counted = {sample.labels["status"]: sample.value for family in
+               text_string_to_metric_families(ingress.metrics.render().decode()) for sample in family.samples
+               if sample.name == "catrt_requests_total" and sample.labels["route"] == "/v1/images/generations"}
+    assert counted == {"499": 1.0}, counted

@@ -305,9 +305,14 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
             failed = False
+        except asyncio.CancelledError:
+            # Cancelled unanswered: Ray Serve's proxy cancels the ingress's request when its client leaves (uvicorn
+            # tells the app by `http.disconnect` instead); nothing answers it, so it is no 500.
+            failed = False
+            raise
         finally:
             if status is None:
-                # An exception escaped unanswered: Starlette's outermost handler answers 500. Returned
+                # An exception escaped unanswered: Starlette's outermost handler answers 500. Returned (or cancelled)
                 # unanswered: the client left mid-request (the gate answers nobody who is gone).
                 status = 500 if failed else CLIENT_CLOSED_REQUEST
             status = scope.get(PROTOCOL_STATUS_KEY, status)  # what the client was answered (the protocol's 408)
