@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -810,3 +811,92 @@ def test_a_request_ray_cancels_because_its_client_left_counts_499_not_500() -> N
                text_string_to_metric_families(ingress.metrics.render().decode()) for sample in family.samples
                if sample.name == "catrt_requests_total" and sample.labels["route"] == "/v1/images/generations"}
     assert counted == {"499": 1.0}, counted
+
+
+def _fake_ray(monkeypatch: pytest.MonkeyPatch, resources: dict[str, float], run) -> tuple[list[str], dict]:
+    """`run_fleet`'s Ray and Serve calls recorded, in this process: the cluster has `resources`, `serve.run` is `run`;
+    the signal handlers it installs are kept in the dict returned, not installed."""
+    import catrt.serve.ray_app as ray_app
+
+    calls: list[str] = []
+    handlers: dict = {}
+    monkeypatch.setattr(ray_app.ray, "init", lambda **kwargs: calls.append("ray.init"))
+    monkeypatch.setattr(ray_app.ray, "cluster_resources", lambda: dict(resources))
+    monkeypatch.setattr(ray_app.ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(ray_app.serve, "start", lambda **kwargs: calls.append("serve.start"))
+    monkeypatch.setattr(ray_app.serve, "run", run)
+    monkeypatch.setattr(ray_app.serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    monkeypatch.setattr(ray_app.signal, "signal", lambda signum, handler: handlers.__setitem__(signum, handler))
+    return calls, handlers
+
+
+@pytest.mark.parametrize(("fleet", "resources", "message"), [
+    (FleetConfig(replicas=3), {"CPU": 2.0},
+     "--replicas 3 needs 3 CPUs (each model replica holds one) but the local Ray cluster has 2: ask for at most 2, or "
+     "join a cluster with room (--ray-address)"),
+    (FleetConfig(replicas=None, min_replicas=2, max_replicas=4), {"CPU": 16.0, "GPU": 1.0},
+     "--min-replicas 2 needs 2 GPUs (each model replica holds one) but the local Ray cluster has 1"),
+], ids=["replicas-over-cpus", "min-replicas-over-gpus"])
+def test_more_replicas_than_a_local_cluster_has_devices_for_are_refused(
+    monkeypatch: pytest.MonkeyPatch, fleet: FleetConfig, resources: dict[str, float], message: str,
+) -> None:
+    """A local cluster has no autoscaler: `--replicas 3` on 2 CPUs waited for ever in `serve.run` (Ray's "can't be
+    scheduled" warnings every 30 s, no "listening" line, and no signal stopped it). Now one line, and Ray stops."""
+    from catrt.serve.ray_app import run_fleet
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the application was deployed")
+
+    calls, _ = _fake_ray(monkeypatch, resources, deployed)
+    with pytest.raises(ConfigError) as refused:
+        run_fleet(ServeConfig(model="reference", port=_free_port()), fleet)
+    assert str(refused.value).startswith(message)
+    assert "serve.start" not in calls and calls[-1] == "ray.shutdown"
+
+
+@pytest.mark.parametrize("fleet", [FleetConfig(replicas=2), FleetConfig(replicas=None, min_replicas=1, max_replicas=8),
+                                   FleetConfig(replicas=3, address="auto")], ids=["fits", "autoscaled", "joined"])
+def test_replicas_a_cluster_has_room_for_or_may_get_are_deployed(monkeypatch: pytest.MonkeyPatch, fleet: FleetConfig,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Within the local cluster's CPUs, autoscaling up past them (Serve scales only as far as it can place), and any
+    count on a joined cluster (its autoscaler may add nodes)."""
+    from catrt.serve.ray_app import run_fleet
+
+    handlers: dict = {}
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        handlers[signal.SIGTERM](signal.SIGTERM, None)  # then serve until this signal
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, deployed)
+    assert run_fleet(ServeConfig(model="reference", port=_free_port()), fleet) == 0
+    assert "catrt serve: listening on" in capsys.readouterr().err
+    assert calls == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]
+
+
+def test_a_signal_while_the_replicas_load_stops_the_fleet_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve.run` waits until every replica has loaded and warmed up, and ran on the main thread: SIGTERM and Ctrl-C
+    only set the flag the serving loop reads after it, so a fleet was unstoppable while a big model loaded, and for
+    ever where a replica could not be placed (only SIGKILL ended it, leaving Ray's agents behind)."""
+    from catrt.serve.ray_app import run_fleet
+
+    loading, loaded = threading.Event(), threading.Event()
+
+    def slow_replicas(*args: object, **kwargs: object) -> None:
+        loading.set()
+        time.sleep(3)  # replicas still loading; a signal comes meanwhile
+        loaded.set()
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, slow_replicas)
+
+    def terminate_while_loading() -> None:
+        assert loading.wait(30)
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+
+    signaller = threading.Thread(target=terminate_while_loading, daemon=True)
+    signaller.start()
+    assert run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=1)) == 0
+    assert not loaded.is_set()  # returned while serve.run still waited
+    assert calls == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]
+    assert "listening" not in capsys.readouterr().err
+    signaller.join(5)

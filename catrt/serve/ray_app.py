@@ -41,7 +41,7 @@ from catrt.notices import hub_notices_dropped, quiet_known_notices
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
-from catrt.serve.fleet_start import first_line, ray_start_error
+from catrt.serve.fleet_start import LOCAL, check_local_room, first_line, ray_start_error
 from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ReplicaSnapshots, ServerMetrics
 from catrt.serve.openapi import describe_served
 from catrt.serve.schemas import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
@@ -325,7 +325,7 @@ def ingress_app(ingress: Ingress) -> FastAPI:
 
 def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key: bytes | None = None) -> Any:
     """The Ray Serve application: the ingress bound to `fleet`'s model replicas, one device each."""
-    device = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    device = {"num_gpus": 1} if gpus else {"num_cpus": 1}  # as `check_local_room` counts them
     scaling: dict[str, Any] = (
         {"num_replicas": fleet.replicas} if fleet.replicas is not None
         else {"autoscaling_config": {"min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas}}
@@ -343,6 +343,30 @@ def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key:
     # Replicas answer no HTTP: the key and whether /metrics needs it are the ingress's alone.
     replica_settings = {**settings, "metrics_auth": False}
     return ingress.bind(settings, model.bind(replica_settings, bundle_key), config.api_key)
+
+
+def _deployed(app: Any, stop: threading.Event) -> bool:
+    """`serve.run(app)` on a thread of its own; False if `stop` is set first. `serve.run` waits until every replica has
+    loaded and warmed up (minutes for a big model) and takes no signal meanwhile: on the main thread it held a
+    SIGTERM or Ctrl-C for that long, and for ever where a replica could not be placed."""
+    failed: list[BaseException] = []
+
+    def deploy() -> None:
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except BaseException as error:  # noqa: BLE001 - raised on the main thread, unless a signal came first
+            failed.append(error)
+
+    deploying = threading.Thread(target=deploy, name="catrt-serve-run", daemon=True)
+    deploying.start()
+    while deploying.is_alive():
+        if stop.wait(0.2):
+            return False  # the thread, still waiting on Serve, ends with Serve's shutdown or the process
+    if failed and isinstance(failed[0], RuntimeError):
+        raise ServiceUnavailableError(f"the Ray Serve application did not start: {failed[0]}") from None
+    if failed:
+        raise failed[0]
+    return True
 
 
 def http_options(config: ServeConfig) -> dict[str, Any]:
@@ -376,7 +400,9 @@ def build(args: dict[str, Any]) -> Any:
 
 
 def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None = None) -> int:
-    """Start (or join) a Ray cluster, run the application on `config.host:config.port` until signalled, shut down."""
+    """Start (or join) a Ray cluster, run the application on `config.host:config.port` until signalled, shut down.
+
+    A signal while the replicas load stops it too (exit 0, as after serving)."""
     try:
         ray.init(address=fleet.address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, TimeoutError, RuntimeError) as error:
@@ -385,6 +411,9 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
     for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(signum, lambda *_: stop.set())
     try:
+        resources = ray.cluster_resources()
+        if fleet.address in (None, LOCAL):
+            check_local_room(fleet, resources)
         try:
             serve.start(http_options=http_options(config))
         except (RuntimeError, ray.exceptions.RayError) as error:
@@ -392,11 +421,10 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
                 f"Ray Serve's HTTP proxy did not start on {config.host}:{config.port}: {first_line(error)}; "
                 "pick another --port or --host"
             ) from None
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
-        try:
-            serve.run(application(config, fleet, gpus, bundle_key), name=APP_NAME, route_prefix="/")
-        except RuntimeError as error:
-            raise ServiceUnavailableError(f"the Ray Serve application did not start: {error}") from None
+        gpus = resources.get("GPU", 0) > 0
+        if not _deployed(application(config, fleet, gpus, bundle_key), stop):
+            logger.info("shutting down before the Ray Serve application was running")
+            return 0
         replicas = fleet.replicas if fleet.replicas is not None else f"{fleet.min_replicas}-{fleet.max_replicas}"
         print(f"catrt serve: Ray Serve application {APP_NAME!r}: {replicas} model replicas, "
               f"{'one GPU' if gpus else 'CPU'} each", file=sys.stderr, flush=True)
