@@ -878,16 +878,17 @@ def test_a_signal_while_the_replicas_load_stops_the_fleet_at_once(monkeypatch: p
     """`serve.run` waits until every replica has loaded and warmed up, and ran on the main thread: SIGTERM and Ctrl-C
     only set the flag the serving loop reads after it, so a fleet was unstoppable while a big model loaded, and for
     ever where a replica could not be placed (only SIGKILL ended it, leaving Ray's agents behind)."""
-    from catrt.serve.ray_app import run_fleet
+    import catrt.serve.ray_app as ray_app
 
-    loading, loaded = threading.Event(), threading.Event()
+    loading, loaded, controller_gone = threading.Event(), threading.Event(), threading.Event()
 
     def slow_replicas(*args: object, **kwargs: object) -> None:
         loading.set()
-        time.sleep(3)  # replicas still loading; a signal comes meanwhile
-        loaded.set()
+        if not controller_gone.wait(3):  # replicas still loading; a signal comes meanwhile
+            loaded.set()
 
     calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, slow_replicas)
+    monkeypatch.setattr(ray_app.serve, "shutdown", lambda: calls.append("serve.shutdown") or controller_gone.set())
 
     def terminate_while_loading() -> None:
         assert loading.wait(30)
@@ -895,8 +896,8 @@ def test_a_signal_while_the_replicas_load_stops_the_fleet_at_once(monkeypatch: p
 
     signaller = threading.Thread(target=terminate_while_loading, daemon=True)
     signaller.start()
-    assert run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=1)) == 0
-    assert not loaded.is_set()  # returned while serve.run still waited
+    assert ray_app.run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=1)) == 0
+    assert not loaded.is_set()  # returned while serve.run still waited (it then returns as Serve shuts down)
     assert calls == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]
     assert "listening" not in capsys.readouterr().err
     signaller.join(5)

@@ -58,6 +58,8 @@ LISTING_INTERVAL = 1.0
 # Seconds Ray's proxy waits past the ingress's own deadlines (body, then answer) before its own 408: the
 # ingress answers first, in OpenAI's error body; the proxy's timeout is the backstop for a stuck ingress.
 PROXY_GRACE_SECONDS = 5.0
+# Seconds a shutdown waits for `serve.run`, interrupted by a signal, to return once Serve's controller is gone.
+DEPLOY_JOIN_SECONDS = 10.0
 
 
 class _Detached:
@@ -345,28 +347,32 @@ def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key:
     return ingress.bind(settings, model.bind(replica_settings, bundle_key), config.api_key)
 
 
-def _deployed(app: Any, stop: threading.Event) -> bool:
-    """`serve.run(app)` on a thread of its own; False if `stop` is set first. `serve.run` waits until every replica has
-    loaded and warmed up (minutes for a big model) and takes no signal meanwhile: on the main thread it held a
-    SIGTERM or Ctrl-C for that long, and for ever where a replica could not be placed."""
-    failed: list[BaseException] = []
+class _Deploying:
+    """`serve.run(app)` on a thread of its own. `serve.run` waits until every replica has loaded and warmed up (minutes
+    for a big model) and takes no signal meanwhile: on the main thread it held a SIGTERM or Ctrl-C for that long, and
+    for ever where a replica could not be placed."""
 
-    def deploy() -> None:
+    def __init__(self, app: Any) -> None:
+        self.failed: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(app,), name="catrt-serve-run", daemon=True)
+        self.thread.start()
+
+    def _run(self, app: Any) -> None:
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")
-        except BaseException as error:  # noqa: BLE001 - raised on the main thread, unless a signal came first
-            failed.append(error)
+        except BaseException as error:  # noqa: BLE001 - raised on the main thread by `wait`, unless a signal came first
+            self.failed.append(error)
 
-    deploying = threading.Thread(target=deploy, name="catrt-serve-run", daemon=True)
-    deploying.start()
-    while deploying.is_alive():
-        if stop.wait(0.2):
-            return False  # the thread, still waiting on Serve, ends with Serve's shutdown or the process
-    if failed and isinstance(failed[0], RuntimeError):
-        raise ServiceUnavailableError(f"the Ray Serve application did not start: {failed[0]}") from None
-    if failed:
-        raise failed[0]
-    return True
+    def wait(self, stop: threading.Event) -> bool:
+        """True once the application runs, False if `stop` is set first; raises what `serve.run` raised."""
+        while self.thread.is_alive():
+            if stop.wait(0.2):
+                return False
+        if self.failed and isinstance(self.failed[0], RuntimeError):
+            raise ServiceUnavailableError(f"the Ray Serve application did not start: {self.failed[0]}") from None
+        if self.failed:
+            raise self.failed[0]
+        return True
 
 
 def http_options(config: ServeConfig) -> dict[str, Any]:
@@ -410,6 +416,7 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(signum, lambda *_: stop.set())
+    deploying: _Deploying | None = None
     try:
         resources = ray.cluster_resources()
         if fleet.address in (None, LOCAL):
@@ -422,7 +429,8 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
                 "pick another --port or --host"
             ) from None
         gpus = resources.get("GPU", 0) > 0
-        if not _deployed(application(config, fleet, gpus, bundle_key), stop):
+        deploying = _Deploying(application(config, fleet, gpus, bundle_key))
+        if not deploying.wait(stop):
             logger.info("shutting down before the Ray Serve application was running")
             return 0
         replicas = fleet.replicas if fleet.replicas is not None else f"{fleet.min_replicas}-{fleet.max_replicas}"
@@ -434,4 +442,6 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
         return 0
     finally:
         serve.shutdown()
+        if deploying is not None:  # its wait ends with Serve's controller; past that it would start Ray anew
+            deploying.thread.join(DEPLOY_JOIN_SECONDS)
         ray.shutdown()
