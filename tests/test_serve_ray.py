@@ -901,3 +901,25 @@ def test_a_signal_while_the_replicas_load_stops_the_fleet_at_once(monkeypatch: p
     assert calls == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]
     assert "listening" not in capsys.readouterr().err
     signaller.join(5)
+
+
+def test_ctrl_c_while_ray_starts_stops_it_once_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during ray.init (seconds on a local cluster) was a KeyboardInterrupt inside Ray's start-up, which left
+    Ray's processes to its exit hook; it is taken once Ray has started, and Ray is shut down as after serving."""
+    import catrt.serve.ray_app as ray_app
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the application was deployed")
+
+    def reached_ray(*args: object) -> None:
+        raise AssertionError("Ctrl-C reached ray.init")
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, deployed)
+
+    def starting(**kwargs: object) -> None:
+        calls.append("ray.init")
+        handlers.get(signal.SIGINT, reached_ray)(signal.SIGINT, None)  # Ctrl-C while Ray starts
+
+    monkeypatch.setattr(ray_app.ray, "init", starting)
+    assert ray_app.run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=1)) == 0
+    assert calls == ["ray.init", "serve.shutdown", "ray.shutdown"]

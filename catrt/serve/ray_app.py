@@ -408,16 +408,23 @@ def build(args: dict[str, Any]) -> Any:
 def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None = None) -> int:
     """Start (or join) a Ray cluster, run the application on `config.host:config.port` until signalled, shut down.
 
-    A signal while the replicas load stops it too (exit 0, as after serving)."""
+    A signal while Ray starts or the replicas load stops it too (exit 0, as after serving)."""
+    stop = threading.Event()
+    # Ctrl-C while Ray starts (seconds) was a KeyboardInterrupt inside ray.init, which left Ray to its exit hook (once
+    # seen to crash there, SIGSEGV): it is taken once Ray has started, which then stops as after serving. (SIGTERM
+    # there is Ray's own: ray.init installs a handler.)
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         ray.init(address=fleet.address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, TimeoutError, RuntimeError) as error:
         raise ray_start_error(error, fleet.address) from None
-    stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(signum, lambda *_: stop.set())
     deploying: _Deploying | None = None
     try:
+        if stop.is_set():
+            logger.info("shutting down before the Ray Serve application was deployed")
+            return 0
         resources = ray.cluster_resources()
         if fleet.address in (None, LOCAL):
             check_local_room(fleet, resources)
