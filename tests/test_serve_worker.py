@@ -738,3 +738,41 @@ def test_a_worker_stuck_in_a_call_its_requests_gave_up_is_hung_until_the_call_re
         model.release.set()
         worker.drain()
         assert exited.wait(10)
+
+
+def test_a_drain_does_not_wait_for_a_hung_call(model: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM lets the call in flight finish; a hung one never does, so the server waited for it until a second
+    signal (or Kubernetes' SIGKILL a grace period after the SIGTERM its failed liveness probe brought). A call still
+    wanted is waited for; once it is hung the server exits without it."""
+    import uvicorn
+
+    import catrt.serve.server as server_module
+
+    monkeypatch.setattr(server_module, "HANG_POLL_SECONDS", 0.01, raising=False)
+    exited = threading.Event()
+    worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(), on_exit=lambda state: exited.set(),
+                    hang_grace=0.1)
+    _started(worker)
+    held = _job("hold")
+    worker.submit(held)
+    assert model.holding.wait(10)
+
+    async def drained() -> server_module.DrainingServer:
+        server = server_module.DrainingServer(uvicorn.Config(app=None), worker, address="http://127.0.0.1:0")
+        server._loop = asyncio.get_running_loop()
+        server._drain()
+        await asyncio.sleep(0.3)  # past the grace, but its request still waits for the call
+        assert not server.should_exit and worker.state == "draining"
+        held.abandon()
+        deadline = time.monotonic() + 10
+        while not server.should_exit:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        return server
+
+    try:
+        asyncio.run(drained())
+        assert worker.alive  # the hung call is left to the process's exit
+    finally:
+        model.release.set()
+    assert exited.wait(10)
