@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -826,6 +827,8 @@ def _fake_ray(monkeypatch: pytest.MonkeyPatch, resources: dict[str, float], run)
     monkeypatch.setattr(ray_app.serve, "start", lambda **kwargs: calls.append("serve.start"))
     monkeypatch.setattr(ray_app.serve, "run", run)
     monkeypatch.setattr(ray_app.serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    monkeypatch.setattr(ray_app.serve, "status",  # a joined cluster running catrt's application alone
+                        lambda: calls.append("serve.status") or SimpleNamespace(applications={APP_NAME: None}))
     monkeypatch.setattr(ray_app.signal, "signal", lambda signum, handler: handlers.__setitem__(signum, handler))
     return calls, handlers
 
@@ -870,7 +873,8 @@ def test_replicas_a_cluster_has_room_for_or_may_get_are_deployed(monkeypatch: py
     calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, deployed)
     assert run_fleet(ServeConfig(model="reference", port=_free_port()), fleet) == 0
     assert "catrt serve: listening on" in capsys.readouterr().err
-    assert calls == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]
+    joined = ["serve.status"] if fleet.address is not None else []  # which applications run there, before stopping
+    assert calls == ["ray.init", "serve.start", *joined, "serve.shutdown", "ray.shutdown"]
 
 
 def test_a_signal_while_the_replicas_load_stops_the_fleet_at_once(monkeypatch: pytest.MonkeyPatch,
@@ -923,3 +927,35 @@ def test_ctrl_c_while_ray_starts_stops_it_once_started(monkeypatch: pytest.Monke
     monkeypatch.setattr(ray_app.ray, "init", starting)
     assert ray_app.run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=1)) == 0
     assert calls == ["ray.init", "serve.shutdown", "ray.shutdown"]
+
+
+@pytest.mark.parametrize(("address", "running", "stops"), [
+    (None, {"catrt", "other"}, ["serve.shutdown"]),  # a local cluster is catrt's own: asked nothing
+    ("auto", {"catrt"}, ["serve.status", "serve.shutdown"]),
+    ("auto", {"catrt", "other"}, ["serve.status", "serve.delete catrt"]),
+], ids=["local", "joined-alone", "joined-shared"])
+def test_a_fleet_starts_its_own_local_cluster_and_leaves_a_joined_ones_other_applications(
+    monkeypatch: pytest.MonkeyPatch, address: str | None, running: set[str], stops: list[str],
+) -> None:
+    """Without --ray-address, ray.init(address=None) joined the cluster $RAY_ADDRESS named (or one `ray start` had left
+    on this machine), where the checks made for a local cluster do not hold: it starts its own, as README says. And
+    its exit shut Serve down whole, deleting every application of a joined cluster: now only catrt's goes where
+    others run."""
+    import catrt.serve.ray_app as ray_app
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    addresses: list[str | None] = []
+    handlers: dict = {}
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, deployed)
+    monkeypatch.setattr(ray_app.ray, "init", lambda **kwargs: addresses.append(kwargs["address"]))
+    monkeypatch.setattr(ray_app.serve, "status",
+                        lambda: calls.append("serve.status") or SimpleNamespace(applications=dict.fromkeys(running)))
+    monkeypatch.setattr(ray_app.serve, "delete", lambda name: calls.append(f"serve.delete {name}"))
+    fleet = FleetConfig(replicas=1, address=address)
+    assert ray_app.run_fleet(ServeConfig(model="reference", port=_free_port()), fleet) == 0
+    assert addresses == ["local" if address is None else address]
+    assert calls == ["serve.start", *stops, "ray.shutdown"]

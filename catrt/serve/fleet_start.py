@@ -18,7 +18,7 @@ from catrt.serve.config import FleetConfig
 from catrt.serve.server import listening_socket
 
 CLIENT_PREFIX = "ray://"
-LOCAL = "local"  # ray.init's name for "start a new local cluster", as no address does
+LOCAL = "local"  # ray.init's name for "start a new local cluster" (None joins $RAY_ADDRESS or a `ray start` cluster)
 # Addresses ray.init resolves itself: "auto" (a cluster started on this machine, or $RAY_ADDRESS).
 RESOLVED_BY_RAY = ("auto",)
 CONNECT_SECONDS = 5.0

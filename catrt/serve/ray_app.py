@@ -347,6 +347,22 @@ def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key:
     return ingress.bind(settings, model.bind(replica_settings, bundle_key), config.api_key)
 
 
+def _stop_serve(local: bool) -> None:
+    """Shut Ray Serve down, unless this joined a cluster where other applications run: then only catrt's application
+    goes (`serve.shutdown` deleted every application on the cluster, a colleague's too)."""
+    if not local:
+        try:
+            others = sorted(set(serve.status().applications) - {APP_NAME})
+        except Exception as error:  # noqa: BLE001 - a cluster gone or unreachable: nothing of it to stop
+            logger.warning("could not ask Ray Serve which applications run (%r); leaving it as it is", error)
+            return
+        if others:
+            logger.info("deleting application %r; Ray Serve keeps running for %s", APP_NAME, ", ".join(others))
+            serve.delete(APP_NAME)
+            return
+    serve.shutdown()
+
+
 class _Deploying:
     """`serve.run(app)` on a thread of its own. `serve.run` waits until every replica has loaded and warmed up (minutes
     for a big model) and takes no signal meanwhile: on the main thread it held a SIGTERM or Ctrl-C for that long, and
@@ -414,8 +430,11 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
     # seen to crash there, SIGSEGV): it is taken once Ray has started, which then stops as after serving. (SIGTERM
     # there is Ray's own: ray.init installs a handler.)
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    local = fleet.address in (None, LOCAL)
     try:
-        ray.init(address=fleet.address, include_dashboard=False, logging_level=logging.WARNING)
+        # "local", not None: ray.init(address=None) joins the cluster $RAY_ADDRESS names, or one `ray start` left on
+        # this machine, where catrt's checks for a local cluster (port, bundles, device, room) do not hold.
+        ray.init(address=LOCAL if local else fleet.address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, TimeoutError, RuntimeError) as error:
         raise ray_start_error(error, fleet.address) from None
     for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
@@ -426,7 +445,7 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
             logger.info("shutting down before the Ray Serve application was deployed")
             return 0
         resources = ray.cluster_resources()
-        if fleet.address in (None, LOCAL):
+        if local:
             check_local_room(fleet, resources)
         try:
             serve.start(http_options=http_options(config))
@@ -448,7 +467,7 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
             pass
         return 0
     finally:
-        serve.shutdown()
+        _stop_serve(local)
         if deploying is not None:  # its wait ends with Serve's controller; past that it would start Ray anew
             deploying.thread.join(DEPLOY_JOIN_SECONDS)
         ray.shutdown()
