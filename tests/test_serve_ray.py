@@ -959,3 +959,30 @@ def test_a_fleet_starts_its_own_local_cluster_and_leaves_a_joined_ones_other_app
     assert ray_app.run_fleet(ServeConfig(model="reference", port=_free_port()), fleet) == 0
     assert addresses == ["local" if address is None else address]
     assert calls == ["serve.start", *stops, "ray.shutdown"]
+
+
+def test_the_ingress_lists_the_model_a_replica_serves_where_it_cannot_read_the_builds(tmp_path: Path) -> None:
+    """The ingress read the model's name from the builds' manifests on its own node, and answered /v1/models 503 for
+    ever where that node lacks the engine folders (a KubeRay head pod without the model volume); it now asks a model
+    replica, which loaded them, and still answers 503 while none answers."""
+    from fastapi.testclient import TestClient
+
+    import catrt.serve.ray_app as ray_app
+
+    described: list[dict | Exception] = [ConnectionError("no replica yet"),
+                                         {"status": "ready", "sizes": ["64x64"], "replica": "r", "model": "tiny-sd3",
+                                          "properties": None, "size_rules": None}]
+
+    async def describe() -> dict:
+        answer = described.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    models = SimpleNamespace(app_name=APP_NAME, deployment_name=MODEL_DEPLOYMENT, describe=SimpleNamespace(remote=describe))
+    elsewhere = str(tmp_path / "engines" / "tiny-sd3-64x64-eager")  # on the replicas' nodes, not here
+    ingress = ray_app.Ingress(ServeConfig(engines=(elsewhere,)).to_dict(), models)
+    with TestClient(ray_app.ingress_app(ingress)) as http:
+        assert_error(http.get("/v1/models"), 503, None)  # no replica answers yet
+        assert http.get("/v1/models").json()["data"][0]["id"] == "tiny-sd3"
+        assert http.get("/v1/models/tiny-sd3").json()["id"] == "tiny-sd3"  # read once

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,8 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def base_app(metrics: HttpMetrics, config: ServeConfig,
-             liveness_fault: Callable[[], dict[str, str] | None] = lambda: None, body_deadline: bool = False) -> FastAPI:
+             liveness_fault: Callable[[], dict[str, str] | None] = lambda: None, body_deadline: bool = False,
+             served_model: Callable[[], Awaitable[str | None]] | None = None) -> FastAPI:
     """The app every serving mode starts from: error bodies, the request gate (id, key, body limit,
     encoding), request metrics, `/health/live` and the model list (`/v1/models`).
 
@@ -73,7 +74,8 @@ def base_app(metrics: HttpMetrics, config: ServeConfig,
     call, `Worker.liveness_fault`), so a liveness probe restarts it instead of leaving a process that answers 503 or
     504 forever; None while it can. `body_deadline`: the gate
     answers 408 to a body not whole within `config.read_timeout` (for an HTTP server without a read
-    deadline of its own: Ray Serve's proxy)."""
+    deadline of its own: Ray Serve's proxy). `served_model`: where the model list asks the served model's name when
+    the builds' manifests cannot be read here (a Ray ingress on a node without the engine folders)."""
     app = FastAPI(title="catrt", summary="CAT Pruning text-to-image server (OpenAI images API)")
     app.router.route_class = UniqueKeysRoute  # every route added below and by the serving modes
     install_error_handlers(app)
@@ -87,7 +89,7 @@ def base_app(metrics: HttpMetrics, config: ServeConfig,
         body_timeout=config.read_timeout if body_deadline else None,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, router=app.router)
-    listed = ModelList(config)
+    listed = ModelList(config, served_model)
 
     @app.get("/health/live", responses={503: {"description": "the worker died or is hung: restart the process"}})
     async def live(response: Response) -> dict[str, str]:
@@ -101,12 +103,12 @@ def base_app(metrics: HttpMetrics, config: ServeConfig,
     @app.get("/v1/models", response_model=ModelListResponse, responses=ERROR_RESPONSES)
     async def list_models() -> ModelListResponse:
         """The served model (OpenAI's `models.list`); a request's `model` field is ignored whatever it names."""
-        return ModelListResponse(data=[listed.card()])
+        return ModelListResponse(data=[await listed.card()])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={**ERROR_RESPONSES, 404: {"model": ErrorResponse}})
     async def retrieve_model(model_id: str) -> Any:
         """The served model by its id (OpenAI's `models.retrieve`); another id is a 404 naming `model`."""
-        card = listed.card()
+        card = await listed.card()
         if model_id != card.id:
             return error_response(
                 404, f"the model {echo(model_id)} is not served here: this server serves {echo(card.id)}",
@@ -118,21 +120,27 @@ def base_app(metrics: HttpMetrics, config: ServeConfig,
 
 
 class ModelList:
-    """The served model's OpenAI model card; its name is read once (from the build's manifest for engines)."""
+    """The served model's OpenAI model card; its name is read once (from the build's manifest for engines, else from
+    `served_model`, which asks the process that loaded it)."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, served_model: Callable[[], Awaitable[str | None]] | None = None) -> None:
         self.config = config
         self.created = int(time.time())
         self._name: str | None = config.model
+        self._served_model = served_model
 
-    def card(self) -> ModelCard:
+    async def card(self) -> ModelCard:
         if self._name is None:
             from catrt.serve.builds import check_builds
 
             try:
                 self._name = check_builds(self.config.engines or ())[0].model
             except (CatrtError, IndexError) as error:
-                raise ServiceUnavailableError("the served model's name cannot be read from its build; retry later") from error
+                self._name = await self._served_model() if self._served_model is not None else None
+                if self._name is None:
+                    raise ServiceUnavailableError(
+                        "the served model's name cannot be read from its build; retry later"
+                    ) from error
         return ModelCard(id=model_id(self._name), created=self.created)
 
 

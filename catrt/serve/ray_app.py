@@ -128,6 +128,7 @@ class ModelReplica:
         """The replica's state, sizes and the request fields' OpenAPI description."""
         rules = self.service.rules()
         return {"status": self.worker.condition()[0], "sizes": self.worker.served.sizes, "replica": self.replica,
+                "model": self.worker.served.default.spec.model,
                 "properties": rules.properties() if rules is not None else None,
                 "size_rules": rules.size_rules() if rules is not None else None}
 
@@ -222,6 +223,12 @@ class Ingress:
             self.described.setdefault("rules", _Described(state["properties"], state["size_rules"]))
         return state
 
+    async def served_model(self) -> str | None:
+        """The model name a replica describes (None if none answers): the ingress may run on a node without the
+        engine folders whose manifests name it (a KubeRay head pod without the model volume)."""
+        state = await self.describe()
+        return None if state is None else state["model"]
+
     async def forget_gone_replicas(self) -> None:
         """Drop the series of the model replicas Ray Serve no longer lists (`FleetMetrics.retain`), before a scrape.
         Concurrent scrapes, and those within LISTING_INTERVAL of the last listing, share one listing."""
@@ -288,7 +295,8 @@ def _serve_details() -> dict[str, Any]:
 def ingress_app(ingress: Ingress) -> FastAPI:
     """The single server's app (`base_app`) with routes that forward to the model replicas."""
     config, metrics = ingress.config, ingress.metrics
-    app = base_app(metrics, config, body_deadline=True)  # Ray's proxy has no read deadline of its own
+    # Ray's proxy has no read deadline of its own: the ingress keeps one on bodies.
+    app = base_app(metrics, config, body_deadline=True, served_model=ingress.served_model)
 
     @app.post(GENERATIONS_PATH, response_model=ImageGenerationResponse,
               responses={**ERROR_RESPONSES, 408: {"model": ErrorResponse}})
