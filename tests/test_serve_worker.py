@@ -714,7 +714,7 @@ def test_a_worker_stuck_in_a_call_its_requests_gave_up_is_hung_until_the_call_re
         while worker.hang() is None:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        with caplog.at_level("ERROR", logger="catrt.serve.worker"):
+        with caplog.at_level("ERROR", logger="catrt.serve.hang"):
             live, ready = client.get("/health/live"), client.get("/health/ready")
         assert live.status_code == 503 and live.json()["status"] == "hung"
         reason = live.json()["reason"]

@@ -35,6 +35,7 @@ from catrt.errors import (
 from catrt.scheduler import plan
 from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker, check_choice
 from catrt.serve.errors import internal_error_message
+from catrt.serve.hang import CallWatch
 from catrt.serve.metrics import ServerMetrics, alpha_label
 from catrt.serve.model import BatchOptions, Generation, Row, StepObserver, out_of_memory
 from catrt.serve.timing import Abandoned
@@ -114,7 +115,7 @@ class Worker:
         hang_grace: float = math.inf,
     ) -> None:
         self._load = load
-        self.hang_grace = hang_grace
+        self.watch = CallWatch(hang_grace)
         self.alpha_policy = alpha_policy
         self.latency_target = latency_target
         self.choosers: dict[str, AlphaChooser] = {}  # per served size
@@ -126,8 +127,6 @@ class Worker:
         self.error: BaseException | None = None
         self._queue: deque[Job] = deque()
         self._in_flight: list[Job] = []  # the call being served: answered 503 should the worker die under it
-        self._calling: list[Job] = []  # the jobs of the model call running now (read by `hang` on other threads)
-        self._hang_logged: list[Job] | None = None  # the call whose hang was logged
         self._lock = threading.Condition()
         self._batch_seconds = 1.0
         self._thread = threading.Thread(target=self._run, name="catrt-worker", daemon=True)
@@ -162,24 +161,9 @@ class Worker:
             return depths
 
     def hang(self) -> str | None:
-        """Why the worker counts as hung, else None: it is still in a model call `hang_grace` seconds after every
-        request of that call was given up (answered 504, client gone). A healthy call stops before its next denoising
-        step once nobody waits for it, so such a call is stuck in one step, its text encoding or its decode (a hung
-        device, a deadlock): the process answers every request 504 and only a restart ends it. Loading and warm-up
-        are not judged (compiling graphs may take minutes; a startup probe on /health/ready covers them)."""
-        calling = self._calling
-        if not calling:
-            return None
-        past = time.perf_counter() - max(job.given_up_at for job in calling)
-        if past <= self.hang_grace:
-            return None
-        reason = (f"the worker is still in one model call {past:.1f} s after its last request was answered or given up, "
-                  f"past --hang-grace {self.hang_grace:g} s (a call stops before its next denoising step): a step or the "
-                  f"device is stuck")
-        if self._hang_logged is not calling:
-            self._hang_logged = calling
-            logger.error("requests %s: %s", ",".join(job.request_id for job in calling), reason)
-        return reason
+        """Why the worker counts as hung (`CallWatch.hang`), else None. Only served calls are judged: loading and
+        warm-up may compile graphs for minutes (a startup probe on /health/ready covers them)."""
+        return self.watch.hang()
 
     def condition(self) -> tuple[str, str | None]:
         """The state the health routes report, and why where it is "hung" (`hang`, only while a call runs)."""
@@ -402,13 +386,10 @@ class Worker:
         started = time.perf_counter()
         rows = [row for job in jobs for row in job.rows]
         model = self.served.for_options(jobs[0].options)
-        self._calling = jobs
-        try:
+        with self.watch.running(jobs):
             generation = model.generate(
                 rows, jobs[0].options, lambda: all(job.given_up(time.perf_counter()) for job in jobs), alpha=alpha
             )
-        finally:
-            self._calling = []
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
         self.choosers[model.spec.size].tracker.observe(alpha, generation.phases)
         self.metrics.images.labels(size=model.spec.size).inc(len(rows))
