@@ -55,7 +55,7 @@ TEXT_LENGTH = 16
 IMAGES_64 = 'catrt_images_generated_total{size="64x64"}'
 READ_TIMEOUT = 1.0
 FAULTY_ARGS = ["--model", "tiny-sd3", "--height", "64", "--width", "64", "--steps", "8", "--t0", "4", "--batch", "2",
-               "--max-queue", "4", "--timeout", "4", "--read-timeout", str(READ_TIMEOUT)]
+               "--max-queue", "4", "--timeout", "4", "--read-timeout", str(READ_TIMEOUT), "--hang-grace", "1.5"]
 
 
 @pytest.fixture(scope="module")
@@ -388,6 +388,38 @@ def test_a_client_that_leaves_does_not_leave_its_work_queued(faulty: RemoteServe
     assert asyncio.run(leave_early()).status_code == 200
     assert metric(faulty.url, 'catrt_requests_cancelled_total{reason="disconnect"}') == 1
     assert metric(faulty.url, IMAGES_64) == images + 1
+
+
+def _health_until(url: str, route: str, status: int) -> httpx.Response:
+    """GET `route` until it answers `status` (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while (answer := httpx.get(f"{url}{route}")).status_code != status:
+        assert time.monotonic() < deadline, answer.text
+        time.sleep(0.05)
+    return answer
+
+
+def test_a_step_that_never_returns_turns_liveness_503_until_it_returns(faulty: RemoteServer, tmp_path: Path) -> None:
+    """A hung step kept /health/live at 200, so Kubernetes never restarted the pod while each request waited out its
+    504. Once its request has left, a call still in its step --hang-grace (1.5 s) later is hung: liveness and
+    readiness answer 503 naming why, a new request 503 at once; once the step returns the server serves again."""
+    held = tmp_path / "held"
+    held.touch()
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the client leaves; the step goes on
+            httpx.post(f"{faulty.url}/v1/images/generations", json={"prompt": f"block {held}"}, timeout=0.5)
+        live = _health_until(faulty.url, "/health/live", 503).json()
+        assert live["status"] == "hung" and "past --hang-grace 1.5 s" in live["reason"], live
+        ready = httpx.get(f"{faulty.url}/health/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "hung", ready.text
+        refused = assert_error(generate(faulty.url), 503, None)
+        assert refused["message"] == "the server's worker is stuck in a model call; retry later"
+    finally:
+        held.unlink()
+    assert _health_until(faulty.url, "/health/live", 200).json() == {"status": "live"}
+    assert httpx.get(f"{faulty.url}/health/ready").status_code == 200
+    assert generate(faulty.url).status_code == 200
+    assert "the worker is still in one model call" in faulty.output  # the server's log says so too
 
 
 HALF_REQUESTS = [

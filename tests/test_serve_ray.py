@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -40,7 +42,7 @@ from test_serve_support import (
 
 import catrt
 from catrt.config import CATConfig
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, ServiceUnavailableError
 from catrt.serve.config import FleetConfig, ServeConfig
 from catrt.serve.ray_app import APP_NAME, MODEL_DEPLOYMENT, PROXY_GRACE_SECONDS, application, build, http_options
 
@@ -290,6 +292,46 @@ def test_a_replica_runs_the_servers_alpha_policy(monkeypatch: pytest.MonkeyPatch
         assert reply["body"]["catrt"]["alpha"] == 0.9  # a light load within the target: the largest alpha, not the first
     finally:
         replica.worker.drain()
+
+
+def test_a_replica_hung_in_a_step_or_whose_worker_stopped_fails_its_health_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Serve replaces a replica whose `check_health` raises; it raised only once the worker had died, so a replica
+    whose step never returned was kept, answering every request 504. Now a call still in its step --hang-grace after
+    its request was given up fails the check, naming why, and passes again once the step returns. One replica is
+    made in this process (Ray Serve's replica context faked), as a replica makes itself."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import catrt.serve.ray_app as ray_app
+
+    context = SimpleNamespace(replica_id=SimpleNamespace(unique_id="replica-in-test"))
+    monkeypatch.setattr(ray_app.serve, "get_replica_context", lambda: context)
+    config = ServeConfig(model="reference", steps=3, cat=CATConfig(t0=2), timeout=0.2, hang_grace=0.1)
+    replica = ray_app.ModelReplica(config.to_dict())
+    release = threading.Event()
+    replica.worker.served.default.runner.transformer.register_forward_pre_hook(lambda *args: release.wait(30) and None)
+    try:
+        replica.check_health()  # precondition: a ready replica passes
+        reply = asyncio.run(replica.generate({"prompt": "a red sun", "seed": 1}, "request-1"))
+        assert reply["status"] == 504, reply  # its step is held
+        deadline = time.monotonic() + 10
+        while replica.describe()["status"] != "hung":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(ServiceUnavailableError, match="^replica replica-in-test is hung: the worker is still in one "
+                                                          "model call .* past --hang-grace 0.1 s"):
+            replica.check_health()
+        release.set()
+        while replica.describe()["status"] != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        replica.check_health()
+    finally:
+        release.set()
+        replica.worker.drain()
+    replica.worker.join(10)
+    with pytest.raises(ServiceUnavailableError, match="^replica replica-in-test is stopped$"):
+        replica.check_health()
 
 
 def test_the_ingress_exports_each_replicas_model_series_under_the_single_servers_names(
@@ -718,3 +760,229 @@ def test_eager_alphas_of_one_k_are_refused_before_ray_starts(
     err = capsys.readouterr().err
     assert "--alpha 0.3 and 0.2999 both select k = 77 of the 256 image tokens at 32x32" in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_request_ray_cancels_because_its_client_left_counts_499_not_500() -> None:
+    """Ray Serve's proxy cancels the ingress's request when its client leaves (uvicorn, in the single server, tells
+    the app instead): the cancelled request escaped the metrics middleware unanswered and was counted as a 500,
+    so every impatient client raised the fleet's error rate. It is a 499, as in the single server."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import catrt.serve.ray_app as ray_app
+
+    waiting = asyncio.Event()
+
+    async def never_answers(*args: object) -> dict:
+        waiting.set()
+        await asyncio.sleep(3600)
+
+    models = SimpleNamespace(app_name=APP_NAME, deployment_name=MODEL_DEPLOYMENT,
+                             generate=SimpleNamespace(remote=never_answers))
+    ingress = ray_app.Ingress(ServeConfig(model="reference").to_dict(), models)
+    app = ray_app.ingress_app(ingress)
+    body = json.dumps({"prompt": "a red sun"}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/images/generations", "raw_path": b"/v1/images/generations", "root_path": "",
+             "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"host", b"x"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    sent: list[dict] = []
+
+    async def scenario() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        request = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.wait_for(waiting.wait(), 30)  # the ingress waits for a model replica
+        request.cancel()  # as Ray's proxy does once the client is gone
+        with pytest.raises(asyncio.CancelledError):
+            await request
+
+    asyncio.run(scenario())
+    assert sent == []
+    counted = {sample.labels["status"]: sample.value for family in
+               text_string_to_metric_families(ingress.metrics.render().decode()) for sample in family.samples
+               if sample.name == "catrt_requests_total" and sample.labels["route"] == "/v1/images/generations"}
+    assert counted == {"499": 1.0}, counted
+
+
+def _fake_ray(monkeypatch: pytest.MonkeyPatch, resources: dict[str, float], run) -> tuple[list[str], dict]:
+    """`run_fleet`'s Ray and Serve calls recorded, in this process: the cluster has `resources`, `serve.run` is `run`;
+    the signal handlers it installs are kept in the dict returned, not installed."""
+    import catrt.serve.ray_app as ray_app
+
+    calls: list[str] = []
+    handlers: dict = {}
+    monkeypatch.setattr(ray_app.ray, "init", lambda **kwargs: calls.append("ray.init"))
+    monkeypatch.setattr(ray_app.ray, "cluster_resources", lambda: dict(resources))
+    monkeypatch.setattr(ray_app.ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(ray_app.serve, "start", lambda **kwargs: calls.append("serve.start"))
+    monkeypatch.setattr(ray_app.serve, "run", run)
+    monkeypatch.setattr(ray_app.serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    monkeypatch.setattr(ray_app.serve, "status",  # a joined cluster running catrt's application alone
+                        lambda: calls.append("serve.status") or SimpleNamespace(applications={APP_NAME: None}))
+    monkeypatch.setattr(ray_app.signal, "signal", lambda signum, handler: handlers.__setitem__(signum, handler))
+    return calls, handlers
+
+
+@pytest.mark.parametrize(("fleet", "resources", "message"), [
+    (FleetConfig(replicas=3), {"CPU": 2.0},
+     "--replicas 3 needs 3 CPUs (each model replica holds one) but the local Ray cluster has 2: ask for at most 2, or "
+     "join a cluster with room (--ray-address)"),
+    (FleetConfig(replicas=None, min_replicas=2, max_replicas=4), {"CPU": 16.0, "GPU": 1.0},
+     "--min-replicas 2 needs 2 GPUs (each model replica holds one) but the local Ray cluster has 1"),
+], ids=["replicas-over-cpus", "min-replicas-over-gpus"])
+def test_more_replicas_than_a_local_cluster_has_devices_for_are_refused(
+    monkeypatch: pytest.MonkeyPatch, fleet: FleetConfig, resources: dict[str, float], message: str,
+) -> None:
+    """A local cluster has no autoscaler: `--replicas 3` on 2 CPUs waited for ever in `serve.run` (Ray's "can't be
+    scheduled" warnings every 30 s, no "listening" line, and no signal stopped it). Now one line, and Ray stops."""
+    from catrt.serve.ray_app import run_fleet
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the application was deployed")
+
+    calls, _ = _fake_ray(monkeypatch, resources, deployed)
+    with pytest.raises(ConfigError) as refused:
+        run_fleet(ServeConfig(model="reference", port=_free_port()), fleet)
+    assert str(refused.value).startswith(message)
+    assert "serve.start" not in calls and calls[-1] == "ray.shutdown"
+
+
+@pytest.mark.parametrize("fleet", [FleetConfig(replicas=2), FleetConfig(replicas=None, min_replicas=1, max_replicas=8),
+                                   FleetConfig(replicas=3, address="auto")], ids=["fits", "autoscaled", "joined"])
+def test_replicas_a_cluster_has_room_for_or_may_get_are_deployed(monkeypatch: pytest.MonkeyPatch, fleet: FleetConfig,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Within the local cluster's CPUs, autoscaling up past them (Serve scales only as far as it can place), and any
+    count on a joined cluster (its autoscaler may add nodes)."""
+    from catrt.serve.ray_app import run_fleet
+
+    handlers: dict = {}
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        handlers[signal.SIGTERM](signal.SIGTERM, None)  # then serve until this signal
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, deployed)
+    assert run_fleet(ServeConfig(model="reference", port=_free_port()), fleet) == 0
+    assert "catrt serve: listening on" in capsys.readouterr().err
+    joined = ["serve.status"] if fleet.address is not None else []  # which applications run there, before stopping
+    assert calls == ["ray.init", "serve.start", *joined, "serve.shutdown", "ray.shutdown"]
+
+
+def test_a_signal_while_the_replicas_load_stops_the_fleet_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve.run` waits until every replica has loaded and warmed up, and ran on the main thread: SIGTERM and Ctrl-C
+    only set the flag the serving loop reads after it, so a fleet was unstoppable while a big model loaded, and for
+    ever where a replica could not be placed (only SIGKILL ended it, leaving Ray's agents behind)."""
+    import catrt.serve.ray_app as ray_app
+
+    loading, loaded, controller_gone = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_replicas(*args: object, **kwargs: object) -> None:
+        loading.set()
+        if not controller_gone.wait(3):  # replicas still loading; a signal comes meanwhile
+            loaded.set()
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, slow_replicas)
+    monkeypatch.setattr(ray_app.serve, "shutdown", lambda: calls.append("serve.shutdown") or controller_gone.set())
+
+    def terminate_while_loading() -> None:
+        assert loading.wait(30)
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+
+    signaller = threading.Thread(target=terminate_while_loading, daemon=True)
+    signaller.start()
+    assert ray_app.run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=1)) == 0
+    assert not loaded.is_set()  # returned while serve.run still waited (it then returns as Serve shuts down)
+    assert calls == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]
+    assert "listening" not in capsys.readouterr().err
+    signaller.join(5)
+
+
+def test_ctrl_c_while_ray_starts_stops_it_once_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during ray.init (seconds on a local cluster) was a KeyboardInterrupt inside Ray's start-up, which left
+    Ray's processes to its exit hook; it is taken once Ray has started, and Ray is shut down as after serving."""
+    import catrt.serve.ray_app as ray_app
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the application was deployed")
+
+    def reached_ray(*args: object) -> None:
+        raise AssertionError("Ctrl-C reached ray.init")
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, deployed)
+
+    def starting(**kwargs: object) -> None:
+        calls.append("ray.init")
+        handlers.get(signal.SIGINT, reached_ray)(signal.SIGINT, None)  # Ctrl-C while Ray starts
+
+    monkeypatch.setattr(ray_app.ray, "init", starting)
+    assert ray_app.run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=1)) == 0
+    assert calls == ["ray.init", "serve.shutdown", "ray.shutdown"]
+
+
+@pytest.mark.parametrize(("address", "running", "stops"), [
+    (None, {"catrt", "other"}, ["serve.shutdown"]),  # a local cluster is catrt's own: asked nothing
+    ("auto", {"catrt"}, ["serve.status", "serve.shutdown"]),
+    ("auto", {"catrt", "other"}, ["serve.status", "serve.delete catrt"]),
+], ids=["local", "joined-alone", "joined-shared"])
+def test_a_fleet_starts_its_own_local_cluster_and_leaves_a_joined_ones_other_applications(
+    monkeypatch: pytest.MonkeyPatch, address: str | None, running: set[str], stops: list[str],
+) -> None:
+    """Without --ray-address, ray.init(address=None) joined the cluster $RAY_ADDRESS named (or one `ray start` had left
+    on this machine), where the checks made for a local cluster do not hold: it starts its own, as README says. And
+    its exit shut Serve down whole, deleting every application of a joined cluster: now only catrt's goes where
+    others run."""
+    import catrt.serve.ray_app as ray_app
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    addresses: list[str | None] = []
+    handlers: dict = {}
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, deployed)
+    monkeypatch.setattr(ray_app.ray, "init", lambda **kwargs: addresses.append(kwargs["address"]))
+    monkeypatch.setattr(ray_app.serve, "status",
+                        lambda: calls.append("serve.status") or SimpleNamespace(applications=dict.fromkeys(running)))
+    monkeypatch.setattr(ray_app.serve, "delete", lambda name: calls.append(f"serve.delete {name}"))
+    fleet = FleetConfig(replicas=1, address=address)
+    assert ray_app.run_fleet(ServeConfig(model="reference", port=_free_port()), fleet) == 0
+    assert addresses == ["local" if address is None else address]
+    assert calls == ["serve.start", *stops, "ray.shutdown"]
+
+
+def test_the_ingress_lists_the_model_a_replica_serves_where_it_cannot_read_the_builds(tmp_path: Path) -> None:
+    """The ingress read the model's name from the builds' manifests on its own node, and answered /v1/models 503 for
+    ever where that node lacks the engine folders (a KubeRay head pod without the model volume); it now asks a model
+    replica, which loaded them, and still answers 503 while none answers."""
+    from fastapi.testclient import TestClient
+
+    import catrt.serve.ray_app as ray_app
+
+    described: list[dict | Exception] = [ConnectionError("no replica yet"),
+                                         {"status": "ready", "sizes": ["64x64"], "replica": "r", "model": "tiny-sd3",
+                                          "properties": None, "size_rules": None}]
+
+    async def describe() -> dict:
+        answer = described.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    models = SimpleNamespace(app_name=APP_NAME, deployment_name=MODEL_DEPLOYMENT, describe=SimpleNamespace(remote=describe))
+    elsewhere = str(tmp_path / "engines" / "tiny-sd3-64x64-eager")  # on the replicas' nodes, not here
+    ingress = ray_app.Ingress(ServeConfig(engines=(elsewhere,)).to_dict(), models)
+    with TestClient(ray_app.ingress_app(ingress)) as http:
+        assert_error(http.get("/v1/models"), 503, None)  # no replica answers yet
+        assert http.get("/v1/models").json()["data"][0]["id"] == "tiny-sd3"
+        assert http.get("/v1/models/tiny-sd3").json()["id"] == "tiny-sd3"  # read once

@@ -24,10 +24,11 @@ PROMPT = "a red sun in a blue sky"
 LISTENING = re.compile(r"^catrt serve: listening on (http://\S+)$")
 CLI = [sys.executable, "-m", "catrt.cli"]
 # `catrt serve` whose generation (in the server's own process) raises on the prompt "boom", sleeps N seconds
-# on "sleep N" and makes NaN images on "nan": a failure, a busy worker or an overflow on cue, so tests need not
+# on "sleep N", makes NaN images on "nan" and, on "block PATH", runs a first denoising step that does not return
+# while the file PATH exists: a failure, a busy worker, an overflow or a hung step on cue, so tests need not
 # guess how fast this machine generates or which guidance overflows a model.
 FAULT_CLI = [sys.executable, "-c", """
-import sys, time
+import os, sys, time
 from catrt.serve.model import ServedModel
 generate = ServedModel.generate
 def faulty(self, rows, options, *rest, **named):
@@ -36,6 +37,16 @@ def faulty(self, rows, options, *rest, **named):
             raise RuntimeError("injected failure")
         if row.prompt.startswith("sleep "):
             time.sleep(float(row.prompt.split()[1]))
+        if row.prompt.startswith("block "):
+            held = row.prompt.split(" ", 1)[1]
+            def stuck(module, args):
+                while os.path.exists(held):
+                    time.sleep(0.02)
+            hook = self.runner.transformer.register_forward_pre_hook(stuck)
+            try:
+                return generate(self, rows, options, *rest, **named)
+            finally:
+                hook.remove()
     if any(row.prompt == "nan" for row in rows):
         runner = self.runner
         def overflowing(*args, **kwargs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -684,3 +685,94 @@ def test_a_device_probe_that_hangs_is_a_fault_after_its_time(monkeypatch: pytest
     finally:
         release.set()
     assert isinstance(fault, TimeoutError) and str(fault) == "the device did not finish a tiny computation within 0.2 s"
+
+
+def test_a_worker_stuck_in_a_call_its_requests_gave_up_is_hung_until_the_call_returns(
+    model: StandIn, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A step that never returned kept /health/live at 200 (the worker thread was alive), so nothing restarted the
+    process while every request waited out its deadline for a 504. A call still going `hang_grace` seconds after
+    its last request was given up is hung (a healthy one stops before its next step): liveness and readiness answer
+    503 naming why, a new request 503 at once; all turn back once the call returns."""
+    from fastapi.testclient import TestClient
+
+    from catrt.serve.app import build_app
+
+    exited = threading.Event()
+    worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(), on_exit=lambda state: exited.set(),
+                    hang_grace=0.1)
+    _started(worker)
+    client = TestClient(build_app(worker, ServerMetrics(), ServeConfig(model="reference")))
+    try:
+        held = _job("hold")
+        worker.submit(held)
+        assert model.holding.wait(10)
+        time.sleep(0.3)  # past the grace, but its request still waits for it: busy, not hung
+        assert worker.condition() == ("ready", None) and client.get("/health/live").status_code == 200
+        held.abandon()  # its client left (or it was answered 504)
+        deadline = time.monotonic() + 10
+        while worker.hang() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with caplog.at_level("ERROR", logger="catrt.serve.hang"):
+            live, ready = client.get("/health/live"), client.get("/health/ready")
+        assert live.status_code == 503 and live.json()["status"] == "hung"
+        reason = live.json()["reason"]
+        assert re.fullmatch(r"the worker is still in one model call \d+\.\d s after its last request was answered or "
+                            r"given up, past --hang-grace 0\.1 s \(a call stops before its next denoising step\): a step "
+                            r"or the device is stuck", reason), reason
+        assert ready.status_code == 503 and ready.json()["status"] == "hung" and ready.json()["sizes"] == ["8x8"]
+        logged = [record.getMessage() for record in caplog.records]  # once per call, however often it is asked
+        assert len(logged) == 1 and logged[0].startswith("requests hold: the worker is still in one model call"), logged
+        with pytest.raises(ServiceUnavailableError, match="^the server's worker is stuck in a model call; retry later$"):
+            worker.submit(_job("behind"))
+        model.release.set()  # the step returns: the call stops before its next one
+        with pytest.raises(RequestTimeoutError):
+            _result(held.future)
+        assert worker.condition() == ("ready", None)
+        assert client.get("/health/live").json() == {"status": "live"} and client.get("/health/ready").status_code == 200
+        after = _job("after")
+        worker.submit(after)
+        assert _result(after.future).images == ["after"]
+    finally:
+        model.release.set()
+        worker.drain()
+        assert exited.wait(10)
+
+
+def test_a_drain_does_not_wait_for_a_hung_call(model: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM lets the call in flight finish; a hung one never does, so the server waited for it until a second
+    signal (or Kubernetes' SIGKILL a grace period after the SIGTERM its failed liveness probe brought). A call still
+    wanted is waited for; once it is hung the server exits without it."""
+    import uvicorn
+
+    import catrt.serve.server as server_module
+
+    monkeypatch.setattr(server_module, "HANG_POLL_SECONDS", 0.01, raising=False)
+    exited = threading.Event()
+    worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(), on_exit=lambda state: exited.set(),
+                    hang_grace=0.1)
+    _started(worker)
+    held = _job("hold")
+    worker.submit(held)
+    assert model.holding.wait(10)
+
+    async def drained() -> server_module.DrainingServer:
+        server = server_module.DrainingServer(uvicorn.Config(app=None), worker, address="http://127.0.0.1:0")
+        server._loop = asyncio.get_running_loop()
+        server._drain()
+        await asyncio.sleep(0.3)  # past the grace, but its request still waits for the call
+        assert not server.should_exit and worker.state == "draining"
+        held.abandon()
+        deadline = time.monotonic() + 10
+        while not server.should_exit:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        return server
+
+    try:
+        asyncio.run(drained())
+        assert worker.alive  # the hung call is left to the process's exit
+    finally:
+        model.release.set()
+    assert exited.wait(10)

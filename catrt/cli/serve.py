@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch=defaults.batch if args.batch is None else args.batch,
         cat=cat, alphas=tuple(args.alpha or ()), alpha_policy=args.alpha_policy,
         latency_target=args.latency_target, device=defaults.device if args.device is None else args.device, precision=args.precision,
-        host=args.host, port=args.port, max_queue=args.max_queue, timeout=args.timeout,
+        host=args.host, port=args.port, max_queue=args.max_queue, timeout=args.timeout, hang_grace=args.hang_grace,
         max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
         read_timeout=args.read_timeout, keep_alive=args.keep_alive,
         api_key=load_api_key(args.api_key_file), metrics_auth=args.metrics_auth,
@@ -135,6 +135,11 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                        help=f"waiting requests before 429 (default: {defaults.max_queue})")
     serve.add_argument("--timeout", type=float, default=defaults.timeout,
                        help=f"seconds per request, queue included, before 504 (default: {defaults.timeout:g})")
+    serve.add_argument("--hang-grace", type=float, default=defaults.hang_grace, metavar="SECONDS",
+                       help="seconds a model call may go on after its last request was answered (504) or left (it "
+                            "stops before its next step, so this covers one step, or the text encoding, or the "
+                            "decode); past it the worker counts as hung: /health/live, /health/ready and new "
+                            f"requests answer 503 until the call returns (default: {defaults.hang_grace:g})")
     limits = serve.add_argument_group("input limits and access")
     limits.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
                         help=f"larger request bodies answer 413 unread (default: {defaults.max_body_bytes})")

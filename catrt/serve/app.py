@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -64,15 +64,18 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def base_app(metrics: HttpMetrics, config: ServeConfig, alive: Callable[[], bool] = lambda: True,
-             body_deadline: bool = False) -> FastAPI:
+def base_app(metrics: HttpMetrics, config: ServeConfig,
+             liveness_fault: Callable[[], dict[str, str] | None] = lambda: None, body_deadline: bool = False,
+             served_model: Callable[[], Awaitable[str | None]] | None = None) -> FastAPI:
     """The app every serving mode starts from: error bodies, the request gate (id, key, body limit,
     encoding), request metrics, `/health/live` and the model list (`/v1/models`).
 
-    `alive`: False once this process can no longer serve (its worker died), so a liveness probe
-    restarts it instead of leaving a process that answers 503 forever. `body_deadline`: the gate
+    `liveness_fault`: the body of a 503 once this process can no longer serve (its worker died or is hung in a
+    call, `Worker.liveness_fault`), so a liveness probe restarts it instead of leaving a process that answers 503 or
+    504 forever; None while it can. `body_deadline`: the gate
     answers 408 to a body not whole within `config.read_timeout` (for an HTTP server without a read
-    deadline of its own: Ray Serve's proxy)."""
+    deadline of its own: Ray Serve's proxy). `served_model`: where the model list asks the served model's name when
+    the builds' manifests cannot be read here (a Ray ingress on a node without the engine folders)."""
     app = FastAPI(title="catrt", summary="CAT Pruning text-to-image server (OpenAI images API)")
     app.router.route_class = UniqueKeysRoute  # every route added below and by the serving modes
     install_error_handlers(app)
@@ -86,25 +89,26 @@ def base_app(metrics: HttpMetrics, config: ServeConfig, alive: Callable[[], bool
         body_timeout=config.read_timeout if body_deadline else None,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, router=app.router)
-    listed = ModelList(config)
+    listed = ModelList(config, served_model)
 
-    @app.get("/health/live", responses={503: {"description": "the worker died: restart the process"}})
+    @app.get("/health/live", responses={503: {"description": "the worker died or is hung: restart the process"}})
     async def live(response: Response) -> dict[str, str]:
-        """200 while the process answers and can serve; 503 once its worker died."""
-        if not alive():
+        """200 while the process answers and can serve; 503 once its worker died, or while it is hung in a call."""
+        fault = liveness_fault()
+        if fault is not None:
             response.status_code = 503
-            return {"status": "dead"}
+            return fault
         return {"status": "live"}
 
     @app.get("/v1/models", response_model=ModelListResponse, responses=ERROR_RESPONSES)
     async def list_models() -> ModelListResponse:
         """The served model (OpenAI's `models.list`); a request's `model` field is ignored whatever it names."""
-        return ModelListResponse(data=[listed.card()])
+        return ModelListResponse(data=[await listed.card()])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={**ERROR_RESPONSES, 404: {"model": ErrorResponse}})
     async def retrieve_model(model_id: str) -> Any:
         """The served model by its id (OpenAI's `models.retrieve`); another id is a 404 naming `model`."""
-        card = listed.card()
+        card = await listed.card()
         if model_id != card.id:
             return error_response(
                 404, f"the model {echo(model_id)} is not served here: this server serves {echo(card.id)}",
@@ -116,21 +120,27 @@ def base_app(metrics: HttpMetrics, config: ServeConfig, alive: Callable[[], bool
 
 
 class ModelList:
-    """The served model's OpenAI model card; its name is read once (from the build's manifest for engines)."""
+    """The served model's OpenAI model card; its name is read once (from the build's manifest for engines, else from
+    `served_model`, which asks the process that loaded it)."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, served_model: Callable[[], Awaitable[str | None]] | None = None) -> None:
         self.config = config
         self.created = int(time.time())
         self._name: str | None = config.model
+        self._served_model = served_model
 
-    def card(self) -> ModelCard:
+    async def card(self) -> ModelCard:
         if self._name is None:
             from catrt.serve.builds import check_builds
 
             try:
                 self._name = check_builds(self.config.engines or ())[0].model
             except (CatrtError, IndexError) as error:
-                raise ServiceUnavailableError("the served model's name cannot be read from its build; retry later") from error
+                self._name = await self._served_model() if self._served_model is not None else None
+                if self._name is None:
+                    raise ServiceUnavailableError(
+                        "the served model's name cannot be read from its build; retry later"
+                    ) from error
         return ModelCard(id=model_id(self._name), created=self.created)
 
 
@@ -207,7 +217,7 @@ class ImageService:
 
 def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> FastAPI:
     """Routes over `worker`; every request is counted and timed into `metrics` by route and status."""
-    app = base_app(metrics, config, alive=lambda: worker.state != "dead")
+    app = base_app(metrics, config, liveness_fault=worker.liveness_fault)
     service = ImageService(worker, metrics, config)
 
     @app.post(GENERATIONS_PATH, response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)
@@ -216,13 +226,18 @@ def build_app(worker: Worker, metrics: ServerMetrics, config: ServeConfig) -> Fa
         response = await service.generate(body, request)
         return Response(status_code=CLIENT_CLOSED_REQUEST) if response is None else response
 
-    @app.get("/health/ready", responses={503: {"description": "loading, draining or dead"}})
+    @app.get("/health/ready", responses={503: {"description": "loading, draining, hung or dead"}})
     async def ready(response: Response) -> dict[str, Any]:
-        """200 once every build is loaded and warmed up; 503 before, while shutting down, or if the worker died."""
-        if worker.state != "ready":
-            response.status_code = 503
+        """200 once every build is loaded and warmed up; 503 before, while shutting down, while the worker is hung in
+        a call (with the reason), or if it died."""
         served = worker.served
-        return {"status": worker.state, "sizes": served.sizes if served is not None else []}
+        status, reason = worker.condition()
+        answer: dict[str, Any] = {"status": status, "sizes": served.sizes if served is not None else []}
+        if reason is not None:
+            answer["reason"] = reason
+        if status != "ready":
+            response.status_code = 503
+        return answer
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics_text() -> Response:
@@ -298,9 +313,14 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
             failed = False
+        except asyncio.CancelledError:
+            # Cancelled unanswered: Ray Serve's proxy cancels the ingress's request when its client leaves (uvicorn
+            # tells the app by `http.disconnect` instead); nothing answers it, so it is no 500.
+            failed = False
+            raise
         finally:
             if status is None:
-                # An exception escaped unanswered: Starlette's outermost handler answers 500. Returned
+                # An exception escaped unanswered: Starlette's outermost handler answers 500. Returned (or cancelled)
                 # unanswered: the client left mid-request (the gate answers nobody who is gone).
                 status = 500 if failed else CLIENT_CLOSED_REQUEST
             status = scope.get(PROTOCOL_STATUS_KEY, status)  # what the client was answered (the protocol's 408)

@@ -44,6 +44,11 @@ class ServeConfig:
         host, port: where to listen; the port is bound before the model loads (0 = any free port).
         max_queue: requests that may wait for the worker; one more answers 429.
         timeout: seconds a request may take from arrival to answer (queue wait included); then 504.
+        hang_grace: seconds the worker may stay in a model call after every request of that call was answered
+            (504 at `timeout`) or left: a healthy call stops before its next denoising step, so this covers one step,
+            the text encoding or the decode. Past it the worker counts as hung (a step or the device is stuck):
+            `/health/live` and `/health/ready` answer 503 and new requests 503, until the call returns; under Ray
+            Serve the replica fails its health check and is replaced.
         max_body_bytes: a larger request body answers 413 before it is read or parsed.
         max_prompt_chars: a longer prompt (or negative prompt) answers 400 before it is tokenized.
         read_timeout: seconds a request may take to arrive whole, from its first byte (or from the
@@ -73,6 +78,7 @@ class ServeConfig:
     port: int = 8000
     max_queue: int = 16
     timeout: float = 60.0
+    hang_grace: float = 60.0
     max_body_bytes: int = MIB
     max_prompt_chars: int = 4000
     read_timeout: float = 10.0
@@ -136,7 +142,7 @@ class ServeConfig:
         require("ServeConfig", "port", self.port, integer(self.port) and 0 <= self.port <= 65535, "in [0, 65535]")
         for name in ("max_queue", "max_body_bytes", "max_prompt_chars"):
             _check_positive(name, getattr(self, name))
-        for name in ("timeout", "read_timeout", "keep_alive"):
+        for name in ("timeout", "hang_grace", "read_timeout", "keep_alive"):
             _check_seconds(name, getattr(self, name))
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ConfigError("the API key must be a non-empty string", field="api_key")

@@ -11,12 +11,14 @@ Imports no Ray.
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 
 from catrt.errors import ConfigError
+from catrt.serve.config import FleetConfig
 from catrt.serve.server import listening_socket
 
 CLIENT_PREFIX = "ray://"
-LOCAL = "local"  # ray.init's name for "start a new local cluster", as no address does
+LOCAL = "local"  # ray.init's name for "start a new local cluster" (None joins $RAY_ADDRESS or a `ray start` cluster)
 # Addresses ray.init resolves itself: "auto" (a cluster started on this machine, or $RAY_ADDRESS).
 RESOLVED_BY_RAY = ("auto",)
 CONNECT_SECONDS = 5.0
@@ -56,6 +58,23 @@ def _host_port(address: str) -> tuple[str, int]:
             field="ray_address", value=address,
         )
     return host, int(port)
+
+
+def check_local_room(fleet: FleetConfig, resources: Mapping[str, float]) -> None:
+    """Refuse more model replicas than a local cluster (`resources`: `ray.cluster_resources()`) has devices for. It
+    has no autoscaler, so a replica without one is never placed and Serve waits for it for ever: the CLI never said
+    it listened, and only Ray's "can't be scheduled" warnings, half a minute apart, told why. A joined cluster may
+    add nodes (KubeRay's autoscaler), so it is not checked; nor is `--max-replicas`, which Serve only scales towards."""
+    device = "GPU" if resources.get("GPU", 0) > 0 else "CPU"  # each replica's, as `ray_app.application` asks
+    have = int(resources.get(device, 0))
+    wanted = fleet.replicas if fleet.replicas is not None else fleet.min_replicas
+    if wanted is not None and wanted > have:
+        flag, name = ("--replicas", "replicas") if fleet.replicas is not None else ("--min-replicas", "min_replicas")
+        raise ConfigError(
+            f"{flag} {wanted} needs {wanted} {device}s (each model replica holds one) but the local Ray cluster has "
+            f"{have}: ask for at most {have}, or join a cluster with room (--ray-address)",
+            field=name, value=wanted,
+        )
 
 
 # ray.init's words when `auto` finds no cluster; Ray 2.60 goes on, on the same line, to advise its own CLI's

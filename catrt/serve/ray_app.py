@@ -41,7 +41,7 @@ from catrt.notices import hub_notices_dropped, quiet_known_notices
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
-from catrt.serve.fleet_start import first_line, ray_start_error
+from catrt.serve.fleet_start import LOCAL, check_local_room, first_line, ray_start_error
 from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ReplicaSnapshots, ServerMetrics
 from catrt.serve.openapi import describe_served
 from catrt.serve.schemas import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
@@ -58,6 +58,8 @@ LISTING_INTERVAL = 1.0
 # Seconds Ray's proxy waits past the ingress's own deadlines (body, then answer) before its own 408: the
 # ingress answers first, in OpenAI's error body; the proxy's timeout is the backstop for a stuck ingress.
 PROXY_GRACE_SECONDS = 5.0
+# Seconds a shutdown waits for `serve.run`, interrupted by a signal, to return once Serve's controller is gone.
+DEPLOY_JOIN_SECONDS = 10.0
 
 
 class _Detached:
@@ -75,7 +77,8 @@ class ModelReplica:
     """One device: loads every build of `config`, warms each up, then answers checked bodies.
 
     The constructor returns once the model is warm, so Ray Serve routes nothing to a replica that is
-    still loading; `check_health` fails once its worker has died, and Ray Serve replaces it.
+    still loading; `check_health` fails once its worker has died or while it is hung in a call (`Worker.hang`), and
+    Ray Serve replaces it.
     """
 
     def __init__(self, config: dict[str, Any], bundle_key: bytes | None = None) -> None:
@@ -88,7 +91,7 @@ class ModelReplica:
         self.metrics = metrics = ServerMetrics()
         self.worker = Worker(lambda: load_router(serve_config, bundle_key), serve_config.max_queue, metrics,
                              on_exit=lambda state: None, alpha_policy=serve_config.alpha_policy,
-                             latency_target=serve_config.latency_target)
+                             latency_target=serve_config.latency_target, hang_grace=serve_config.hang_grace)
         metrics.watch_queue(lambda: self.worker.depth, self.worker.depth_by_size)
         with hub_notices_dropped():  # the model loads on the worker's thread; a failed load is reported below
             self.worker.start()
@@ -124,13 +127,17 @@ class ModelReplica:
     def describe(self) -> dict[str, Any]:
         """The replica's state, sizes and the request fields' OpenAPI description."""
         rules = self.service.rules()
-        return {"status": self.worker.state, "sizes": self.worker.served.sizes, "replica": self.replica,
+        return {"status": self.worker.condition()[0], "sizes": self.worker.served.sizes, "replica": self.replica,
+                "model": self.worker.served.default.spec.model,
                 "properties": rules.properties() if rules is not None else None,
                 "size_rules": rules.size_rules() if rules is not None else None}
 
     def check_health(self) -> None:
-        if self.worker.state != "ready":
-            raise ServiceUnavailableError(f"replica {self.replica} is {self.worker.state}")
+        """Ray Serve's health check (every `health_check_period_s`): raising makes the controller kill this replica
+        and start another; a dead worker or one hung in a call (a stuck step holds the device for good) raises."""
+        status, reason = self.worker.condition()
+        if status != "ready":
+            raise ServiceUnavailableError(f"replica {self.replica} is {status}" + ("" if reason is None else f": {reason}"))
 
 
 class _Described:
@@ -216,6 +223,12 @@ class Ingress:
             self.described.setdefault("rules", _Described(state["properties"], state["size_rules"]))
         return state
 
+    async def served_model(self) -> str | None:
+        """The model name a replica describes (None if none answers): the ingress may run on a node without the
+        engine folders whose manifests name it (a KubeRay head pod without the model volume)."""
+        state = await self.describe()
+        return None if state is None else state["model"]
+
     async def forget_gone_replicas(self) -> None:
         """Drop the series of the model replicas Ray Serve no longer lists (`FleetMetrics.retain`), before a scrape.
         Concurrent scrapes, and those within LISTING_INTERVAL of the last listing, share one listing."""
@@ -282,7 +295,8 @@ def _serve_details() -> dict[str, Any]:
 def ingress_app(ingress: Ingress) -> FastAPI:
     """The single server's app (`base_app`) with routes that forward to the model replicas."""
     config, metrics = ingress.config, ingress.metrics
-    app = base_app(metrics, config, body_deadline=True)  # Ray's proxy has no read deadline of its own
+    # Ray's proxy has no read deadline of its own: the ingress keeps one on bodies.
+    app = base_app(metrics, config, body_deadline=True, served_model=ingress.served_model)
 
     @app.post(GENERATIONS_PATH, response_model=ImageGenerationResponse,
               responses={**ERROR_RESPONSES, 408: {"model": ErrorResponse}})
@@ -321,7 +335,7 @@ def ingress_app(ingress: Ingress) -> FastAPI:
 
 def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key: bytes | None = None) -> Any:
     """The Ray Serve application: the ingress bound to `fleet`'s model replicas, one device each."""
-    device = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    device = {"num_gpus": 1} if gpus else {"num_cpus": 1}  # as `check_local_room` counts them
     scaling: dict[str, Any] = (
         {"num_replicas": fleet.replicas} if fleet.replicas is not None
         else {"autoscaling_config": {"min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas}}
@@ -339,6 +353,50 @@ def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key:
     # Replicas answer no HTTP: the key and whether /metrics needs it are the ingress's alone.
     replica_settings = {**settings, "metrics_auth": False}
     return ingress.bind(settings, model.bind(replica_settings, bundle_key), config.api_key)
+
+
+def _stop_serve(local: bool) -> None:
+    """Shut Ray Serve down, unless this joined a cluster where other applications run: then only catrt's application
+    goes (`serve.shutdown` deleted every application on the cluster, a colleague's too)."""
+    if not local:
+        try:
+            others = sorted(set(serve.status().applications) - {APP_NAME})
+        except Exception as error:  # noqa: BLE001 - a cluster gone or unreachable: nothing of it to stop
+            logger.warning("could not ask Ray Serve which applications run (%r); leaving it as it is", error)
+            return
+        if others:
+            logger.info("deleting application %r; Ray Serve keeps running for %s", APP_NAME, ", ".join(others))
+            serve.delete(APP_NAME)
+            return
+    serve.shutdown()
+
+
+class _Deploying:
+    """`serve.run(app)` on a thread of its own. `serve.run` waits until every replica has loaded and warmed up (minutes
+    for a big model) and takes no signal meanwhile: on the main thread it held a SIGTERM or Ctrl-C for that long, and
+    for ever where a replica could not be placed."""
+
+    def __init__(self, app: Any) -> None:
+        self.failed: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(app,), name="catrt-serve-run", daemon=True)
+        self.thread.start()
+
+    def _run(self, app: Any) -> None:
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except BaseException as error:  # noqa: BLE001 - raised on the main thread by `wait`, unless a signal came first
+            self.failed.append(error)
+
+    def wait(self, stop: threading.Event) -> bool:
+        """True once the application runs, False if `stop` is set first; raises what `serve.run` raised."""
+        while self.thread.is_alive():
+            if stop.wait(0.2):
+                return False
+        if self.failed and isinstance(self.failed[0], RuntimeError):
+            raise ServiceUnavailableError(f"the Ray Serve application did not start: {self.failed[0]}") from None
+        if self.failed:
+            raise self.failed[0]
+        return True
 
 
 def http_options(config: ServeConfig) -> dict[str, Any]:
@@ -372,15 +430,31 @@ def build(args: dict[str, Any]) -> Any:
 
 
 def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None = None) -> int:
-    """Start (or join) a Ray cluster, run the application on `config.host:config.port` until signalled, shut down."""
+    """Start (or join) a Ray cluster, run the application on `config.host:config.port` until signalled, shut down.
+
+    A signal while Ray starts or the replicas load stops it too (exit 0, as after serving)."""
+    stop = threading.Event()
+    # Ctrl-C while Ray starts (seconds) was a KeyboardInterrupt inside ray.init, which left Ray to its exit hook (once
+    # seen to crash there, SIGSEGV): it is taken once Ray has started, which then stops as after serving. (SIGTERM
+    # there is Ray's own: ray.init installs a handler.)
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    local = fleet.address in (None, LOCAL)
     try:
-        ray.init(address=fleet.address, include_dashboard=False, logging_level=logging.WARNING)
+        # "local", not None: ray.init(address=None) joins the cluster $RAY_ADDRESS names, or one `ray start` left on
+        # this machine, where catrt's checks for a local cluster (port, bundles, device, room) do not hold.
+        ray.init(address=LOCAL if local else fleet.address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, TimeoutError, RuntimeError) as error:
         raise ray_start_error(error, fleet.address) from None
-    stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(signum, lambda *_: stop.set())
+    deploying: _Deploying | None = None
     try:
+        if stop.is_set():
+            logger.info("shutting down before the Ray Serve application was deployed")
+            return 0
+        resources = ray.cluster_resources()
+        if local:
+            check_local_room(fleet, resources)
         try:
             serve.start(http_options=http_options(config))
         except (RuntimeError, ray.exceptions.RayError) as error:
@@ -388,11 +462,11 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
                 f"Ray Serve's HTTP proxy did not start on {config.host}:{config.port}: {first_line(error)}; "
                 "pick another --port or --host"
             ) from None
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
-        try:
-            serve.run(application(config, fleet, gpus, bundle_key), name=APP_NAME, route_prefix="/")
-        except RuntimeError as error:
-            raise ServiceUnavailableError(f"the Ray Serve application did not start: {error}") from None
+        gpus = resources.get("GPU", 0) > 0
+        deploying = _Deploying(application(config, fleet, gpus, bundle_key))
+        if not deploying.wait(stop):
+            logger.info("shutting down before the Ray Serve application was running")
+            return 0
         replicas = fleet.replicas if fleet.replicas is not None else f"{fleet.min_replicas}-{fleet.max_replicas}"
         print(f"catrt serve: Ray Serve application {APP_NAME!r}: {replicas} model replicas, "
               f"{'one GPU' if gpus else 'CPU'} each", file=sys.stderr, flush=True)
@@ -401,5 +475,7 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
             pass
         return 0
     finally:
-        serve.shutdown()
+        _stop_serve(local)
+        if deploying is not None:  # its wait ends with Serve's controller; past that it would start Ray anew
+            deploying.thread.join(DEPLOY_JOIN_SECONDS)
         ray.shutdown()

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BACKLOG = 2048  # uvicorn's default
+HANG_POLL_SECONDS = 0.5  # while draining: how often to ask whether the call in flight is hung
 
 
 class DrainingServer(uvicorn.Server):
@@ -86,6 +87,22 @@ class DrainingServer(uvicorn.Server):
         self.worker.drain()
         if not self.worker.alive:
             self.should_exit = True
+        else:
+            self._exit_if_hung()
+
+    def _exit_if_hung(self) -> None:
+        """While draining, exit without the call in flight once it is hung (`Worker.hang`): it would never finish, and
+        the SIGTERM a failed liveness probe brings waited for it until the second signal, or Kubernetes' SIGKILL a
+        grace period later. The worker thread is a daemon: it ends with the process."""
+        if self.should_exit or not self.worker.alive:
+            return
+        reason = self.worker.hang()
+        if reason is not None:
+            logger.error("shutting down without the call in flight: %s", reason)
+            self.should_exit = True
+            return
+        if self._loop is not None:
+            self._loop.call_later(HANG_POLL_SECONDS, self._exit_if_hung)
 
     def worker_exited(self, state: WorkerState) -> None:
         """Called on the worker thread: exit after a drain or a failed load; after a crash the process keeps
@@ -123,7 +140,7 @@ def run_server(config: ServeConfig) -> int:
     # The worker reports its exit to the server made below; it only can once the server runs.
     worker = Worker(
         lambda: load_router(config, key), config.max_queue, metrics, on_exit=lambda state: server.worker_exited(state),
-        alpha_policy=config.alpha_policy, latency_target=config.latency_target,
+        alpha_policy=config.alpha_policy, latency_target=config.latency_target, hang_grace=config.hang_grace,
     )
     metrics.watch_queue(lambda: worker.depth, worker.depth_by_size)
     app = build_app(worker, metrics, config)

@@ -35,6 +35,7 @@ from catrt.errors import (
 from catrt.scheduler import plan
 from catrt.serve.alpha_policy import AlphaChooser, AlphaPolicy, Queued, StepTimeTracker, check_choice
 from catrt.serve.errors import internal_error_message
+from catrt.serve.hang import CallWatch
 from catrt.serve.metrics import ServerMetrics, alpha_label
 from catrt.serve.model import BatchOptions, Generation, Row, StepObserver, out_of_memory
 from catrt.serve.timing import Abandoned
@@ -79,20 +80,28 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
     future: Future[JobResult] = field(default_factory=Future)
     abandoned: bool = False
+    abandoned_at: float = math.inf  # perf_counter seconds
 
     def abandon(self) -> None:
+        self.abandoned_at = min(self.abandoned_at, time.perf_counter())
         self.abandoned = True
         self.future.cancel()  # succeeds only while queued
 
     def given_up(self, now: float) -> bool:
         return self.abandoned or now >= self.deadline
 
+    @property
+    def given_up_at(self) -> float:
+        """When the route gave it up or its deadline passed, whichever came first (perf_counter seconds)."""
+        return min(self.deadline, self.abandoned_at)
+
 
 class Worker:
     """Loads the served builds on its own thread, warms each up at each served alpha, then serves the
     queue until drained.
 
-    `alpha_policy` and `latency_target`: how each call's alpha is chosen (see `AlphaChooser`).
+    `alpha_policy` and `latency_target`: how each call's alpha is chosen (see `AlphaChooser`). `hang_grace`: seconds a
+    model call may go on after every one of its requests was given up (see `hang`).
     """
 
     def __init__(
@@ -103,8 +112,10 @@ class Worker:
         on_exit: Callable[[WorkerState], None],
         alpha_policy: AlphaPolicy = "fixed",
         latency_target: float | None = None,
+        hang_grace: float = math.inf,
     ) -> None:
         self._load = load
+        self.watch = CallWatch(hang_grace)
         self.alpha_policy = alpha_policy
         self.latency_target = latency_target
         self.choosers: dict[str, AlphaChooser] = {}  # per served size
@@ -149,6 +160,23 @@ class Worker:
                 depths[served.for_options(job.options).spec.size] += 1
             return depths
 
+    def hang(self) -> str | None:
+        """Why the worker counts as hung (`CallWatch.hang`), else None. Only served calls are judged: loading and
+        warm-up may compile graphs for minutes (a startup probe on /health/ready covers them)."""
+        return self.watch.hang()
+
+    def condition(self) -> tuple[str, str | None]:
+        """The state the health routes report, and why where it is "hung" (`hang`, only while a call runs)."""
+        reason = self.hang()
+        return ("hung", reason) if reason is not None else (self.state, None)
+
+    def liveness_fault(self) -> dict[str, str] | None:
+        """The body of a 503 liveness answer, None while the worker can serve: it died, or it is hung (`hang`)."""
+        status, reason = self.condition()
+        if status == "hung":
+            return {"status": status, "reason": reason}
+        return {"status": "dead"} if status == "dead" else None
+
     def submit(self, job: Job) -> None:
         """Queue `job`, or raise: 503 while not ready, 429 when `max_queue` requests already wait."""
         with self._lock:
@@ -165,6 +193,8 @@ class Worker:
     def _check_room(self) -> None:
         if self.state != "ready":
             raise ServiceUnavailableError(f"the server is {self.state}; retry later")
+        if self.hang() is not None:  # queued behind a stuck call, it could only wait out its deadline
+            raise ServiceUnavailableError("the server's worker is stuck in a model call; retry later")
         self._drop_cancelled()
         if len(self._queue) >= self.max_queue:
             raise QueueFullError(
@@ -356,9 +386,10 @@ class Worker:
         started = time.perf_counter()
         rows = [row for job in jobs for row in job.rows]
         model = self.served.for_options(jobs[0].options)
-        generation = model.generate(
-            rows, jobs[0].options, lambda: all(job.given_up(time.perf_counter()) for job in jobs), alpha=alpha
-        )
+        with self.watch.running(jobs):
+            generation = model.generate(
+                rows, jobs[0].options, lambda: all(job.given_up(time.perf_counter()) for job in jobs), alpha=alpha
+            )
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
         self.choosers[model.spec.size].tracker.observe(alpha, generation.phases)
         self.metrics.images.labels(size=model.spec.size).inc(len(rows))
