@@ -259,7 +259,7 @@ def _replace_by_renames(staging: Path, final: Path) -> None:
         os.rename(final, previous)
         try:
             os.rename(staging, final)
-        except OSError:
+        except BaseException:  # a refusal, or Ctrl-C / SIGTERM between the renames: nothing at the name otherwise
             os.rename(previous, final)  # the earlier folder back in place, not left hidden at .<name>.old-*
             raise
         remove_tree(previous)
