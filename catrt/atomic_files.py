@@ -67,7 +67,14 @@ def stage(path: Path) -> Path:
         if fcntl is None:  # Windows: nothing to hold (and a file open there cannot be renamed)
             os.close(descriptor)
             return temporary
-        if _locked(descriptor, temporary):
+        try:
+            locked = _locked(descriptor, temporary)
+        except BaseException:  # Ctrl-C while the lock waited on a cleanup's: neither the file nor its descriptor kept
+            os.close(descriptor)
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+        if locked:
             _HELD[temporary] = descriptor
             return temporary
         os.close(descriptor)  # another write's cleanup took it between its making and its lock: make another

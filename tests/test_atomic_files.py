@@ -347,6 +347,28 @@ def test_a_temporary_taken_between_its_making_and_its_lock_is_made_again(
     assert (tmp_path / "report.md").read_text() == "new\n" and sorted(tmp_path.iterdir()) == [tmp_path / "report.md"]
 
 
+def test_ctrl_c_while_a_new_temporary_waits_for_its_lock_leaves_no_file_and_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock of a new temporary file waits while another write's cleanup holds it: Ctrl-C there left the file
+    (locked by this process's leaked descriptor, so no cleanup could take it while the process lived) and the
+    descriptor open."""
+    fcntl = pytest.importorskip("fcntl")
+
+    def interrupted(descriptor: int, operation: int) -> None:
+        raise KeyboardInterrupt
+
+    path = tmp_path / "report.md"
+    path.write_text("earlier\n")
+    before = sorted(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    monkeypatch.setattr(fcntl, "flock", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_files.write_text(path, "new\n")
+    assert path.read_text() == "earlier\n" and sorted(tmp_path.iterdir()) == [path] and not atomic_files._HELD
+    if before is not None:
+        assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 # -- a writable file in a read-only folder ------------------------------------------------------------------------
 
 
