@@ -5,7 +5,8 @@ never a half-written one (`Path.write_text` truncates first). The temporary file
 rename stays on one filesystem and is atomic; it is made as `open` makes a file (0o666 less the umask), not
 `mkstemp`'s owner-only 0o600, and a file it replaces passes on its permission bits, so the file keeps the permissions
 a plain write gave it (a report made owner-only stays so). A link at the target is written through, as a plain write
-writes: the file it points to is replaced, beside it (on its filesystem), and the link stays. The temporary file's name
+writes: the file it points to is replaced, beside it (on its filesystem), and the link stays; a device or FIFO there
+(`/dev/null`) is written into, as a plain write writes, never replaced by a file. The temporary file's name
 is cut to fit the filesystem's name limit, so any name a plain write takes is taken. Torch-free.
 
 A SIGKILL or a power loss mid-write leaves the temporary file, which no `finally` removes. Its name says whose it is:
@@ -185,6 +186,10 @@ def commit(temporary: Path, path: Path) -> None:
     removed and `path` kept. A file replaced passes its permission bits on (a plain write keeps them)."""
     path = target(path)
     try:
+        if _special(path):
+            _write_into(temporary, path)
+            discard(temporary)
+            return
         _flush(temporary)  # else a crash soon after the rename can leave `path` empty (ext4, xfs)
         with contextlib.suppress(FileNotFoundError):  # after the flush: a read-only mode passed on may be 0o000, 0o200
             os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode) & 0o777)  # a new file keeps the umask's
@@ -193,6 +198,24 @@ def commit(temporary: Path, path: Path) -> None:
         discard(temporary)
         raise
     _release(temporary)
+
+
+def _special(path: Path) -> bool:
+    """Whether `path` is a device, a FIFO or a socket (`/dev/null`, perhaps through a link): renamed onto, it was
+    replaced by a plain file (as root, /dev/null itself), where a plain write writes into it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # none there (a new file), or the rename says why
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _write_into(temporary: Path, path: Path) -> None:
+    """The staged content written into the special file `path` as a plain write writes it (whole or not: a device
+    has no earlier content to keep)."""
+    with open(temporary, "rb") as source, open(path, "wb") as sink:
+        while block := source.read(1 << 20):
+            sink.write(block)
 
 
 def _flush(temporary: Path) -> None:

@@ -369,6 +369,25 @@ def test_ctrl_c_while_a_new_temporary_waits_for_its_lock_leaves_no_file_and_no_d
         assert sorted(os.listdir("/proc/self/fd")) == before
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_device_or_fifo_at_the_target_is_written_into_never_replaced(tmp_path: Path) -> None:
+    """A link to a device (`report.md -> /dev/null`, or `--out /dev/null` itself) was renamed onto: the device was
+    replaced by a plain file (as root, /dev/null itself). A plain write writes into it; so does this. A FIFO stands in
+    for the device (no root needed to make one)."""
+    fifo = tmp_path / "sink"
+    os.mkfifo(fifo)
+    link = tmp_path / "report.md"
+    link.symlink_to(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader there, so the write's open does not wait
+    try:
+        atomic_files.write_text(link, "the report\n")
+        assert os.read(reader, 100) == b"the report\n"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink()
+    assert sorted(tmp_path.iterdir()) == sorted([fifo, link]) and not atomic_files._HELD
+
+
 # -- a writable file in a read-only folder ------------------------------------------------------------------------
 
 
