@@ -19,7 +19,8 @@ it decays over `--max-steps`, or, without it, over the steps the time budget hol
 measured once at the start (logged, and kept in the checkpoint for resumed runs); `--max-steps N` with that N repeats
 the schedule on any machine. A run ends at its schedule's last step, never at the clock (a run the budget cut short
 where the steps ran slower than the trial ones, or `--max-steps N` cut on a slow machine, trained other weights than the
-schedule's), so a time budget is kept as closely as the trial steps foretell the run's. The shipped weights were trained (`--minutes 60`) before, when it decayed over the clock.
+schedule's), so a time budget is kept as closely as the trial steps foretell the run's pace, and `--max-steps` leaves
+`--minutes` no part. The shipped weights were trained (`--minutes 60`) before, when it decayed over the clock.
 """
 
 from __future__ import annotations
@@ -334,7 +335,8 @@ def main(argv: list[str] | None = None) -> Trainer:
                              "the steps it holds at the pace measured at the start, and the run ends at them")
     parser.add_argument("--max-steps", type=int, default=TrainConfig.max_steps,
                         help="the learning-rate schedule's steps, counted across resumed runs: decay over them and stop "
-                             "there (0 = as many as --minutes hold at the pace measured at the start)")
+                             "there, whatever --minutes says (0 = as many as --minutes hold at the pace measured at the "
+                             "start)")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="images per step")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed,
