@@ -4,7 +4,7 @@ Ctrl-C, SIGTERM, a full disk or a failing writer mid-write leaves the earlier fi
 never a half-written one (`Path.write_text` truncates first). The temporary file is in the target's folder, so the
 rename stays on one filesystem and is atomic; it is made as `open` makes a file (0o666 less the umask), not
 `mkstemp`'s owner-only 0o600, and a file it replaces passes on its permission bits, so the file keeps the permissions
-a plain write gave it (a report made owner-only stays so). A link at the target is written through, as a plain write
+a plain write gave it (a report made owner-only stays so), and its owner and group where this user may set them. A link at the target is written through, as a plain write
 writes: the file it points to is replaced, beside it (on its filesystem), and the link stays; a device or FIFO there
 (`/dev/null`) is written into, as a plain write writes, never replaced by a file. The temporary file's name
 is cut to fit the filesystem's name limit, so any name a plain write takes is taken. Torch-free.
@@ -192,12 +192,27 @@ def commit(temporary: Path, path: Path) -> None:
             return
         _flush(temporary)  # else a crash soon after the rename can leave `path` empty (ext4, xfs)
         with contextlib.suppress(FileNotFoundError):  # after the flush: a read-only mode passed on may be 0o000, 0o200
-            os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode) & 0o777)  # a new file keeps the umask's
+            earlier = os.stat(path)
+            _own_as(temporary, earlier)  # before the mode: a chown clears set-id bits
+            os.chmod(temporary, stat.S_IMODE(earlier.st_mode) & 0o777)  # a new file keeps the umask's
         os.replace(temporary, path)
     except BaseException:
         discard(temporary)
         raise
     _release(temporary)
+
+
+def _own_as(temporary: Path, earlier: os.stat_result) -> None:
+    """Give `temporary` the replaced file's owner and group where this user may (root: both; an owner: a group it is in),
+    as a plain write keeps them: a file of a shared group (0o660) became the writer's group, shut to the others, and
+    one a root container wrote into a user's bind mount became root's."""
+    if not hasattr(os, "chown"):  # Windows
+        return
+    try:
+        os.chown(temporary, earlier.st_uid, earlier.st_gid)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.chown(temporary, -1, earlier.st_gid)
 
 
 def _special(path: Path) -> bool:

@@ -205,6 +205,21 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path: Path, mode: int) -> Non
     assert sorted(tmp_path.iterdir()) == [path]
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root may give a file away")
+def test_a_replaced_file_keeps_its_owner_and_group(tmp_path: Path) -> None:
+    """A plain write keeps the file's owner and group; the renamed temporary came with the writer's, so a report of a
+    shared group (0o660) was shut to that group after the next write, and one a root container replaced in a user's
+    bind mount became root's."""
+    path = tmp_path / "shared.md"
+    path.write_text("earlier\n")
+    os.chown(path, 4321, 8765)
+    os.chmod(path, 0o660)
+    atomic_files.write_text(path, "new\n")
+    found = path.stat()
+    assert path.read_text() == "new\n" and (found.st_uid, found.st_gid, stat.S_IMODE(found.st_mode)) == (4321, 8765, 0o660)
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
 def test_a_new_file_under_an_owner_only_umask_is_owner_only(tmp_path: Path) -> None:
     mask = os.umask(0o077)
     try:
