@@ -4,8 +4,9 @@ Ctrl-C, SIGTERM, a full disk or a failing writer mid-write leaves the earlier fi
 never a half-written one (`Path.write_text` truncates first). The temporary file is in the target's folder, so the
 rename stays on one filesystem and is atomic; it is made as `open` makes a file (0o666 less the umask), not
 `mkstemp`'s owner-only 0o600, and a file it replaces passes on its permission bits, so the file keeps the permissions
-a plain write gave it (a report made owner-only stays so). A link at the target is written through, as a plain write
-writes: the file it points to is replaced, beside it (on its filesystem), and the link stays. The temporary file's name
+a plain write gave it (a report made owner-only stays so), and its owner and group where this user may set them. A link at the target is written through, as a plain write
+writes: the file it points to is replaced, beside it (on its filesystem), and the link stays; a device or FIFO there
+(`/dev/null`) is written into, as a plain write writes, never replaced by a file. The temporary file's name
 is cut to fit the filesystem's name limit, so any name a plain write takes is taken. Torch-free.
 
 A SIGKILL or a power loss mid-write leaves the temporary file, which no `finally` removes. Its name says whose it is:
@@ -67,7 +68,14 @@ def stage(path: Path) -> Path:
         if fcntl is None:  # Windows: nothing to hold (and a file open there cannot be renamed)
             os.close(descriptor)
             return temporary
-        if _locked(descriptor, temporary):
+        try:
+            locked = _locked(descriptor, temporary)
+        except BaseException:  # Ctrl-C while the lock waited on a cleanup's: neither the file nor its descriptor kept
+            os.close(descriptor)
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+        if locked:
             _HELD[temporary] = descriptor
             return temporary
         os.close(descriptor)  # another write's cleanup took it between its making and its lock: make another
@@ -178,14 +186,51 @@ def commit(temporary: Path, path: Path) -> None:
     removed and `path` kept. A file replaced passes its permission bits on (a plain write keeps them)."""
     path = target(path)
     try:
+        if _special(path):
+            _write_into(temporary, path)
+            discard(temporary)
+            return
         _flush(temporary)  # else a crash soon after the rename can leave `path` empty (ext4, xfs)
         with contextlib.suppress(FileNotFoundError):  # after the flush: a read-only mode passed on may be 0o000, 0o200
-            os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode) & 0o777)  # a new file keeps the umask's
+            earlier = os.stat(path)
+            _own_as(temporary, earlier)  # before the mode: a chown clears set-id bits
+            os.chmod(temporary, stat.S_IMODE(earlier.st_mode) & 0o777)  # a new file keeps the umask's
         os.replace(temporary, path)
     except BaseException:
         discard(temporary)
         raise
     _release(temporary)
+
+
+def _own_as(temporary: Path, earlier: os.stat_result) -> None:
+    """Give `temporary` the replaced file's owner and group where this user may (root: both; an owner: a group it is in),
+    as a plain write keeps them: a file of a shared group (0o660) became the writer's group, shut to the others, and
+    one a root container wrote into a user's bind mount became root's."""
+    if not hasattr(os, "chown"):  # Windows
+        return
+    try:
+        os.chown(temporary, earlier.st_uid, earlier.st_gid)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.chown(temporary, -1, earlier.st_gid)
+
+
+def _special(path: Path) -> bool:
+    """Whether `path` is a device, a FIFO or a socket (`/dev/null`, perhaps through a link): renamed onto, it was
+    replaced by a plain file (as root, /dev/null itself), where a plain write writes into it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # none there (a new file), or the rename says why
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _write_into(temporary: Path, path: Path) -> None:
+    """The staged content written into the special file `path` as a plain write writes it (whole or not: a device
+    has no earlier content to keep)."""
+    with open(temporary, "rb") as source, open(path, "wb") as sink:
+        while block := source.read(1 << 20):
+            sink.write(block)
 
 
 def _flush(temporary: Path) -> None:

@@ -148,7 +148,11 @@ def remove_abandoned(parent: Path, prefix: str) -> None:
     """Remove the folders `parent/<prefix>*` that no live process holds (none without locks: see above)."""
     if fcntl is None:
         return
-    for path in parent.glob(f"{prefix}*"):
+    try:  # not a glob: a name's own `[`, `*`, `?` (a link's target, `models [old]`) made it match other names or none
+        names = sorted(name for name in os.listdir(parent) if name.startswith(prefix))
+    except OSError:
+        return  # an unreadable folder: nothing to find, as the glob found nothing
+    for path in (parent / name for name in names):
         try:
             descriptor = os.open(path, os.O_RDONLY)
         except OSError:
@@ -259,7 +263,7 @@ def _replace_by_renames(staging: Path, final: Path) -> None:
         os.rename(final, previous)
         try:
             os.rename(staging, final)
-        except OSError:
+        except BaseException:  # a refusal, or Ctrl-C / SIGTERM between the renames: nothing at the name otherwise
             os.rename(previous, final)  # the earlier folder back in place, not left hidden at .<name>.old-*
             raise
         remove_tree(previous)

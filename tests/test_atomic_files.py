@@ -205,6 +205,21 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path: Path, mode: int) -> Non
     assert sorted(tmp_path.iterdir()) == [path]
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root may give a file away")
+def test_a_replaced_file_keeps_its_owner_and_group(tmp_path: Path) -> None:
+    """A plain write keeps the file's owner and group; the renamed temporary came with the writer's, so a report of a
+    shared group (0o660) was shut to that group after the next write, and one a root container replaced in a user's
+    bind mount became root's."""
+    path = tmp_path / "shared.md"
+    path.write_text("earlier\n")
+    os.chown(path, 4321, 8765)
+    os.chmod(path, 0o660)
+    atomic_files.write_text(path, "new\n")
+    found = path.stat()
+    assert path.read_text() == "new\n" and (found.st_uid, found.st_gid, stat.S_IMODE(found.st_mode)) == (4321, 8765, 0o660)
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
 def test_a_new_file_under_an_owner_only_umask_is_owner_only(tmp_path: Path) -> None:
     mask = os.umask(0o077)
     try:
@@ -345,6 +360,47 @@ def test_a_temporary_taken_between_its_making_and_its_lock_is_made_again(
         assert temporary != taken[0] and temporary.exists()
         temporary.write_text("new\n")
     assert (tmp_path / "report.md").read_text() == "new\n" and sorted(tmp_path.iterdir()) == [tmp_path / "report.md"]
+
+
+def test_ctrl_c_while_a_new_temporary_waits_for_its_lock_leaves_no_file_and_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock of a new temporary file waits while another write's cleanup holds it: Ctrl-C there left the file
+    (locked by this process's leaked descriptor, so no cleanup could take it while the process lived) and the
+    descriptor open."""
+    fcntl = pytest.importorskip("fcntl")
+
+    def interrupted(descriptor: int, operation: int) -> None:
+        raise KeyboardInterrupt
+
+    path = tmp_path / "report.md"
+    path.write_text("earlier\n")
+    before = sorted(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    monkeypatch.setattr(fcntl, "flock", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_files.write_text(path, "new\n")
+    assert path.read_text() == "earlier\n" and sorted(tmp_path.iterdir()) == [path] and not atomic_files._HELD
+    if before is not None:
+        assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_device_or_fifo_at_the_target_is_written_into_never_replaced(tmp_path: Path) -> None:
+    """A link to a device (`report.md -> /dev/null`, or `--out /dev/null` itself) was renamed onto: the device was
+    replaced by a plain file (as root, /dev/null itself). A plain write writes into it; so does this. A FIFO stands in
+    for the device (no root needed to make one)."""
+    fifo = tmp_path / "sink"
+    os.mkfifo(fifo)
+    link = tmp_path / "report.md"
+    link.symlink_to(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader there, so the write's open does not wait
+    try:
+        atomic_files.write_text(link, "the report\n")
+        assert os.read(reader, 100) == b"the report\n"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink()
+    assert sorted(tmp_path.iterdir()) == sorted([fifo, link]) and not atomic_files._HELD
 
 
 # -- a writable file in a read-only folder ------------------------------------------------------------------------

@@ -1051,6 +1051,46 @@ def test_a_failed_second_rename_without_renameat2_puts_the_earlier_folder_back(
     assert (final / "file").read_text() == "old" and sorted(tmp_path.iterdir()) == [final]
 
 
+def test_ctrl_c_between_the_two_renames_puts_the_earlier_folder_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a publish is two renames (Windows, macOS, NFS), Ctrl-C (or SIGTERM's exception) after the earlier folder
+    was moved aside left nothing at the name and the earlier bundle hidden at .<name>.old-*, which the next build
+    removes as abandoned: both bundles lost. Only an OSError put it back."""
+    import catrt.publish as publish
+
+    monkeypatch.setattr(publish, "_exchange", lambda first, second: None)
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "file").write_text("old")
+    rename = os.rename
+
+    def interrupted_for_the_new_one(source: Any, target: Any) -> None:
+        if Path(source).name.startswith(".bundle.tmp-"):
+            raise KeyboardInterrupt
+        rename(source, target)
+
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(final) as staging:
+            (staging / "file").write_text("new")
+            monkeypatch.setattr(os, "rename", interrupted_for_the_new_one)
+    assert (final / "file").read_text() == "old" and sorted(tmp_path.iterdir()) == [final]
+
+
+def test_a_killed_builds_folders_are_removed_whatever_characters_the_name_holds(tmp_path: Path) -> None:
+    """The leftovers were found by a glob of the name: a folder named `model[1]` (a link's target may be) never found
+    its killed builds' `.model[1].tmp-*` / `.old-*` folders (a bundle each, piling up), and `[1]` matched `1` instead."""
+    final = tmp_path / "model[1]"
+    left = [tmp_path / ".model[1].tmp-killed01", tmp_path / ".model[1].old-killed02"]
+    other = tmp_path / ".model1.tmp-killed03"  # another name's, which `[1]` matched
+    for folder in (*left, other):
+        folder.mkdir()
+        (folder / "file").write_text("a killed build's")
+    with staged_folder(final) as staging:
+        (staging / "file").write_text("new")
+    assert (final / "file").read_text() == "new" and sorted(tmp_path.iterdir()) == sorted([final, other])
+
+
 def test_an_earlier_folder_a_killed_build_was_removing_is_removed_by_the_next_build(tmp_path: Path) -> None:
     """Without renameat2 (NFS, macOS) the earlier bundle is moved aside and then removed: a SIGKILL while it was removed
     (a whole bundle: seconds) left it hidden at .<name>.old-* for ever, which no build looked for. Moved aside locked,

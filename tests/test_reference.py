@@ -274,6 +274,24 @@ def test_a_time_budget_is_a_step_schedule_measured_once_and_repeated_by_max_step
     assert "; a schedule of 2 steps (--max-steps 2 repeats it)" in capsys.readouterr().out
 
 
+def test_the_schedule_ends_a_run_whatever_the_clock(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock still stopped a run: a timed run whose steps ran slower than its trial steps (0.75 s against 0.5 s)
+    stopped at step 3 of its 4-step schedule, and `--max-steps 4` on a machine slower than the 60-minute budget at
+    step 3 (1500 s a step), so neither trained the weights `--max-steps 4` trains on a fast machine, as logged."""
+    monkeypatch.setattr(train, "measure_pace", lambda trainer, steps=3: 0.5)
+    monkeypatch.setattr(train.time, "perf_counter", _clock(0.75))
+    timed = train.train(train.TrainConfig(batch_size=2, minutes=2 / 60), tmp_path / "timed", progress=False)
+    monkeypatch.setattr(train.time, "perf_counter", _clock(1500.0))
+    slow = train.train(train.TrainConfig(batch_size=2, max_steps=4), tmp_path / "slow", progress=False)
+    monkeypatch.setattr(train.time, "perf_counter", _clock(0.01))
+    fast = train.train(train.TrainConfig(batch_size=2, max_steps=4), tmp_path / "fast", progress=False)
+    assert timed.total_steps() == 4 and timed.step == slow.step == fast.step == 4
+    assert _digests(tmp_path / "timed" / "weights") == _digests(tmp_path / "slow" / "weights") == _digests(
+        tmp_path / "fast" / "weights")
+
+
 def test_train_writes_package_weights_only_with_publish(
     tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,4 +1,4 @@
-"""Train the reference model with rectified flow, resumably and within a wall-clock budget.
+"""Train the reference model with rectified flow, resumably, for the steps a wall-clock budget holds.
 
     python -m catrt.reference.train --minutes 60                      # into reference-training/
     python -m catrt.reference.train --minutes 60 --publish            # and then ship the weights
@@ -17,7 +17,10 @@ classifier-free guidance works. The budget counts training time across resumed r
 The learning rate follows the step count, never the clock, so a run's weights do not depend on the machine's speed:
 it decays over `--max-steps`, or, without it, over the steps the time budget holds at the pace of a few trial steps
 measured once at the start (logged, and kept in the checkpoint for resumed runs); `--max-steps N` with that N repeats
-the schedule on any machine. The shipped weights were trained (`--minutes 60`) before, when it decayed over the clock.
+the schedule on any machine. A run ends at its schedule's last step, never at the clock (a run the budget cut short
+where the steps ran slower than the trial ones, or `--max-steps N` cut on a slow machine, trained other weights than the
+schedule's), so a time budget is kept as closely as the trial steps foretell the run's pace, and `--max-steps` leaves
+`--minutes` no part. The shipped weights were trained (`--minutes 60`) before, when it decayed over the clock.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     seed: int = 0
     checkpoint_minutes: float = 4.0
-    # the schedule's steps (counted across resumed runs): decay over and stop at them, even within the time budget;
+    # the schedule's steps (counted across resumed runs): decay over and stop at them, whatever the clock;
     # 0 = as many as the budget holds at the measured pace
     max_steps: int = 0
     bf16: bool = True  # autocast matmuls to bfloat16: ~25% faster per step on a 1-thread CPU
@@ -262,7 +265,7 @@ def publish(weights: Path, target: Path | None = None) -> None:
 
 
 def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | None = None) -> Trainer:
-    """Train until `cfg.minutes` of training time are spent or the schedule's steps are run, resuming from
+    """Train the schedule's steps (`cfg.max_steps`, else what `cfg.minutes` hold at the measured pace), resuming from
     `out/checkpoint.pt` if it is there; checkpoint every few minutes and at the end, then write the EMA
     weights to `out/weights/`. `progress`: tqdm's `disable` rule inverted (None = only on a terminal)."""
     checkpoint = out / CHECKPOINT_FILE
@@ -270,7 +273,6 @@ def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | Non
     if resume and checkpoint.exists():
         trainer.load_state_dict(torch.load(checkpoint, weights_only=False))
         logger.info("resumed from %s at step %d (%.1f min)", checkpoint, trainer.step, trainer.elapsed / 60)
-    budget = 60.0 * cfg.minutes
     if not cfg.max_steps and trainer.pace is None:
         trainer.pace = measure_pace(trainer)
     total = trainer.total_steps()
@@ -279,22 +281,19 @@ def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | Non
                     "repeats it on any machine", total, cfg.minutes, trainer.pace, total)
     last_save, losses = trainer.elapsed, collections.deque(maxlen=100)
 
-    def running() -> bool:
-        return trainer.elapsed < budget and trainer.step < total
-
-    bar = tqdm(total=budget, initial=min(trainer.elapsed, budget), unit="s", desc="training",
+    bar = tqdm(total=total, initial=min(trainer.step, total), unit="step", desc="training",
                disable=None if progress is None else not progress, dynamic_ncols=True,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of training{postfix}")
-    bar.set_postfix_str(f"step {trainer.step}", refresh=False)
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} steps{postfix}")
+    bar.set_postfix_str(f"{trainer.elapsed / 60:.1f} min", refresh=False)
     with bar:
-        while running():
+        while trainer.step < total:  # never the clock: one that stopped it made the weights the machine's
             start = time.perf_counter()
             losses.append(trainer.train_step())
             seconds = time.perf_counter() - start
             trainer.elapsed += seconds
-            bar.set_postfix_str(f"step {trainer.step}, loss {np.mean(losses):.4f} (last {len(losses)}), "
+            bar.set_postfix_str(f"{trainer.elapsed / 60:.1f} min, loss {np.mean(losses):.4f} (last {len(losses)}), "
                                 f"lr {trainer.learning_rate():.2e}", refresh=False)
-            bar.update(min(seconds, max(0.0, bar.total - bar.n)))
+            bar.update(1)
             if bar.disable and trainer.step % 100 == 0:  # no bar (not a terminal, e.g. a log file): a line instead
                 logger.info("step %d  loss %.4f  lr %.2e  %.1f min", trainer.step, np.mean(losses),
                             trainer.learning_rate(), trainer.elapsed / 60)
@@ -332,10 +331,12 @@ def main(argv: list[str] | None = None) -> Trainer:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="output folder: checkpoint.pt (resumed from), weights/, samples.png")
     parser.add_argument("--minutes", type=float, default=TrainConfig.minutes,
-                        help="training-time budget, counted across resumed runs")
+                        help="training-time budget, counted across resumed runs: without --max-steps, the schedule is "
+                             "the steps it holds at the pace measured at the start, and the run ends at them")
     parser.add_argument("--max-steps", type=int, default=TrainConfig.max_steps,
                         help="the learning-rate schedule's steps, counted across resumed runs: decay over them and stop "
-                             "there (0 = as many as --minutes hold at the pace measured at the start)")
+                             "there, whatever --minutes says (0 = as many as --minutes hold at the pace measured at the "
+                             "start)")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="images per step")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed,
