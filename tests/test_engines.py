@@ -512,6 +512,8 @@ def test_cuda_provider_runs_after_torchs_stream_and_keeps_onnx_runtimes_end_of_r
             calls.append(("run", *run_options))
 
     class Stream:
+        cuda_stream = 0
+
         def synchronize(self) -> None:
             calls.append(("synchronize",))
 
@@ -525,6 +527,58 @@ def test_cuda_provider_runs_after_torchs_stream_and_keeps_onnx_runtimes_end_of_r
         ("bind_input", "x", "cpu", 0, np.float32, [2, 16]), ("bind_output", "y", "cpu", 0, np.float32, [2, 128]),
         ("stream", torch.device("cuda", 1)), ("synchronize",), ("run",),
     ]
+
+
+def test_cuda_provider_engine_released_marks_its_outputs_used_on_torchs_streams_and_refuses_to_run_after(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's runs are done when they return, but torch reads the outputs afterwards on its current stream: an
+    output buffer let go at release went back to the pool of the stream it was allocated on, reusable there at once
+    whatever another stream still read. Released, each engine-owned output is marked used on every stream torch read
+    it on (record_stream), the sessions are let go before the weights they were given, and a run after is refused.
+    Our glue only: stand-ins for torch's streams and the session."""
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+    from catrt.errors import EngineRuntimeError
+
+    class Binding:
+        def bind_input(self, *args: Any) -> None:
+            pass
+
+        bind_output = bind_input
+
+    class Session:
+        def io_binding(self) -> Binding:
+            return Binding()
+
+        def run_with_iobinding(self, binding: Binding) -> None:
+            pass
+
+    class Stream:
+        def __init__(self, handle: int) -> None:
+            self.cuda_stream = handle
+
+        def synchronize(self) -> None:
+            pass
+
+    current = [Stream(0)]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: current[0])
+    spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+    engine = OnnxRuntimeEngine(Path("unused"), {"full": spec}, torch.device("cuda", 0))
+    engine.sessions, engine.input_names, engine.initializers = {"full": Session()}, {"full": {"x"}}, "the weights"
+    engine._buffers["full"] = {"y": torch.zeros(2, 128)}  # its output buffer (on the GPU, made at the first run)
+    recorded: list[tuple[torch.Tensor, int]] = []
+    engine._record_use = lambda tensor, stream: recorded.append((tensor, stream.cuda_stream))  # type: ignore[method-assign]
+    y = engine.run("full", {"x": torch.zeros(2, 16)})["y"]
+    assert y is engine._buffers["full"]["y"]
+    current[0] = Stream(0x51DE)
+    assert engine.run("full", {"x": torch.zeros(2, 16)})["y"] is y
+    engine.run("full", {"x": torch.zeros(2, 16)}, out={"y": torch.zeros(2, 128)})  # the caller's tensor: not the engine's
+    assert recorded == []
+    engine.close()
+    assert [(tensor is y, handle) for tensor, handle in recorded] == [(True, 0), (True, 0x51DE)]
+    assert engine.sessions == {} and engine.initializers is None and engine._buffers == {}
+    with pytest.raises(EngineRuntimeError, match=r"^this onnxruntime engine of unused was closed; load the bundle again") as caught:
+        engine.run("full", {"x": torch.zeros(2, 16)})
+    assert caught.value.field == "engine"
 
 
 def test_two_graphs_reading_one_offset_as_other_shapes_each_get_their_own(tmp_path: Path) -> None:

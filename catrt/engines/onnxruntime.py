@@ -114,6 +114,7 @@ class OnnxRuntimeEngine(Engine):
     def run(
         self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
+        self._check_open()
         session = self.sessions[graph]
         binding = session.io_binding()
         for name, tensor in inputs.items():
@@ -127,9 +128,17 @@ class OnnxRuntimeEngine(Engine):
             # torch wrote (and its reads of the buffers this run overwrites) are finished first. Without run options
             # (disable_synchronize_execution_providers is "0") the run returns once its streams are done, so torch
             # reads the outputs, and frees the inputs `prepare` cast, only after ONNX Runtime is through with them.
-            torch.cuda.current_stream(self.device).synchronize()
+            stream = torch.cuda.current_stream(self.device)
+            self._read_on(stream)
+            stream.synchronize()
         session.run_with_iobinding(binding)
         return outputs
+
+    def _release(self) -> None:
+        """The sessions, then the weights they were given. Nothing of ONNX Runtime's is still running on the device:
+        each run returned once its streams were done (`_finish_device_work` has nothing to wait for)."""
+        getattr(self, "sessions", {}).clear()
+        self.initializers = None
 
     def _bind(self, bind: Callable[..., None], name: str, tensor: torch.Tensor) -> None:
         device_id = tensor.device.index or 0
