@@ -751,6 +751,49 @@ def test_corrupt_file_is_named(bundle_copy: Path) -> None:
     assert caught.value.field == "weights.bin"
 
 
+def _flip_in_place(path: Path) -> None:
+    """Change one byte of `path` in the middle, writing into the file itself (same inode, same size)."""
+    with open(path, "r+b") as stream:
+        stream.seek(path.stat().st_size // 2)
+        byte = stream.read(1)
+        stream.seek(-1, 1)
+        stream.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("name", ["weights.bin", "initializers.json", "full.onnx"])
+def test_an_onnx_bundle_file_written_after_the_check_is_refused_as_it_is_read(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """catrt.load checked the files, then ONNX Runtime memory-mapped weights.bin and read the graphs by path, and catrt
+    read initializers.json: a file written in place between the check and those reads ran unchecked. Each is now read
+    by catrt and verified as read against the checked manifest."""
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    load = OnnxRuntimeEngine.load
+
+    def load_after_a_write(engine: OnnxRuntimeEngine) -> None:
+        _flip_in_place(engine.folder / name)
+        load(engine)
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "load", load_after_a_write)
+    with pytest.raises(CorruptBundleError, match=rf"^engine file {re.escape(name)} in .* changed after the bundle's files "
+                       r"were checked: the bytes read do not match its manifest sha256 and size") as caught:
+        catrt.load(bundle_copy)
+    assert caught.value.field == name
+
+
+def test_weights_written_after_an_onnx_bundle_loaded_change_nothing(bundle_copy: Path) -> None:
+    """weights.bin was memory-mapped and its pages used by ONNX Runtime as they were at each run: a file written in place
+    changed what a loaded engine computed. The sessions now use the bytes read and verified at load."""
+    fast = catrt.load(bundle_copy)
+    fast.set_progress_bar_config(disable=True)
+    pipe = fast.accelerated.pipe
+    before = fast(**call_kwargs(pipe)).images
+    path = bundle_copy / "weights.bin"
+    with open(path, "r+b") as stream:
+        stream.write(b"\xff" * path.stat().st_size)  # NaN in every float, as the file's pages
+    assert torch.equal(fast(**call_kwargs(pipe)).images, before)
+
+
 def test_missing_manifest_is_named(bundle_copy: Path) -> None:
     (bundle_copy / MANIFEST_FILE).unlink()
     with pytest.raises(CorruptBundleError, match=r"manifest\.json is missing: .* is not a catrt engine folder"):

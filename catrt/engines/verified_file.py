@@ -12,6 +12,10 @@ the same (a different block ending the same would be a sha256 collision); no blo
 twice. `finish()` hashes what the consumer did not read and compares the whole digest and size with the record.
 Every byte served thus lies in a block whose bytes are those the whole-file digest was taken over, so when
 `finish()` passes, the consumer read exactly the verified file. Host memory held: one block.
+
+A consumer that takes one buffer (TensorRT before 10.7; ONNX Runtime's graphs and the weights catrt hands it) gets the
+file read whole into memory of this process (`whole`, `verified_bytes`), hashed as read and verified before it is used:
+what is used is then those bytes, whatever happens to the file afterwards.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ from catrt.errors import CorruptBundleError
 
 #: Bytes read, hashed and held at a time (a module constant: tests shrink it to exercise many blocks).
 BLOCK = 16 << 20
+
+
+def verified_bytes(path: Path, record: Mapping[str, Any] | None) -> bytearray:
+    """The file's bytes, read once and checked against `record` (a CorruptBundleError naming the file where they differ)."""
+    with VerifiedFile(path, record) as source:
+        data = source.whole()
+        source.finish()
+    return data
 
 
 class VerifiedFile:
@@ -88,12 +100,21 @@ class VerifiedFile:
         self.position = base + offset
         return True
 
-    def whole(self) -> bytes:
-        """The whole file in memory, for a consumer that takes one buffer; `finish()` then verifies it."""
-        data = self._read_at(0, self.size)
-        self._digest.update(data)
-        self._hashed = len(data)
-        self.changed = len(data) != self.size
+    def whole(self) -> bytearray:
+        """The whole file in memory of this process, read a block at a time into one buffer and hashed as read, for a
+        consumer that takes one buffer; `finish()` then verifies it. Host memory held: the file, once."""
+        data = bytearray(self.size)
+        with memoryview(data) as view:
+            done = 0
+            try:
+                self._file.seek(0)
+                while done < self.size and (count := self._file.readinto(view[done : done + BLOCK])):
+                    self._digest.update(view[done : done + count])
+                    done += count
+            except OSError as error:
+                raise self._unreadable(error) from error
+        self._hashed = done
+        self.changed = done != self.size  # shorter: truncated since it was opened
         return data
 
     def finish(self) -> None:
