@@ -763,7 +763,7 @@ def _flip_in_place(path: Path) -> None:
 @pytest.mark.parametrize("name", ["weights.bin", "initializers.json", "full.onnx"])
 def test_an_onnx_bundle_file_written_after_the_check_is_refused_as_it_is_read(
         bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """catrt.load checked the files, then ONNX Runtime memory-mapped weights.bin and read the graphs by path, and catrt
+    """catrt.load checked the files, then catrt memory-mapped weights.bin for ONNX Runtime, which read the graphs by path, and catrt
     read initializers.json: a file written in place between the check and those reads ran unchecked. Each is now read
     by catrt and verified as read against the checked manifest."""
     from catrt.engines.onnxruntime import OnnxRuntimeEngine
