@@ -763,9 +763,9 @@ def _flip_in_place(path: Path) -> None:
 @pytest.mark.parametrize("name", ["weights.bin", "initializers.json", "full.onnx"])
 def test_an_onnx_bundle_file_written_after_the_check_is_refused_as_it_is_read(
         bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """catrt.load checked the files, then catrt memory-mapped weights.bin for ONNX Runtime, which read the graphs by path, and catrt
-    read initializers.json: a file written in place between the check and those reads ran unchecked. Each is now read
-    by catrt and verified as read against the checked manifest."""
+    """catrt.load checked the files, then catrt memory-mapped weights.bin for ONNX Runtime and read initializers.json,
+    and ONNX Runtime read the graphs by path: a file written in place between the check and those reads ran unchecked.
+    Each is now read by catrt and verified as read against the checked manifest."""
     from catrt.engines.onnxruntime import OnnxRuntimeEngine
 
     load = OnnxRuntimeEngine.load
@@ -779,6 +779,37 @@ def test_an_onnx_bundle_file_written_after_the_check_is_refused_as_it_is_read(
                        r"were checked: the bytes read do not match its manifest sha256 and size") as caught:
         catrt.load(bundle_copy)
     assert caught.value.field == name
+
+
+def _replace_with_a_copy(path: Path) -> None:
+    """Put a copy of `path`, the same bytes, in its place (another inode, as a rename of a new file does)."""
+    copy = path.with_name(path.name + ".copy")
+    shutil.copyfile(path, copy)
+    copy.replace(path)
+
+
+@pytest.mark.parametrize("write", [_flip_in_place, _replace_with_a_copy], ids=["written-in-place", "replaced"])
+def test_weights_written_while_onnx_runtime_makes_the_sessions_are_refused(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, write: Callable[[Path], None]) -> None:
+    """ONNX Runtime's graph optimizations read the weights they fold (tiny-sd3: a Reshape of the positional table) from
+    weights.bin themselves, as the sessions are made: a write then ran unchecked. The file must be the one catrt read
+    and checked, unwritten (same inode and change time), once the sessions are made; a copy of the same bytes is refused
+    too, as what ONNX Runtime read from the file in between cannot be told."""
+    import onnxruntime
+
+    session_class, written = onnxruntime.InferenceSession, []
+
+    def session_after_a_write(model: Any, options: Any, providers: Any) -> Any:
+        if not written:
+            write(bundle_copy / "weights.bin")
+            written.append(True)
+        return session_class(model, options, providers=providers)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session_after_a_write)
+    with pytest.raises(CorruptBundleError, match=r"^engine file weights\.bin in .* was written or replaced while ONNX "
+                       r"Runtime read it \(its inode or change time is not what it was when catrt read and checked it\)") as caught:
+        catrt.load(bundle_copy)
+    assert caught.value.field == "weights.bin" and written
 
 
 def test_weights_written_after_an_onnx_bundle_loaded_change_nothing(bundle_copy: Path) -> None:

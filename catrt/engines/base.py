@@ -210,7 +210,9 @@ class Engine(ABC):
 
     def close(self) -> None:
         """Let go of the engine's device buffers and backend objects, once the device is done with them (see the module
-        docstring); a closed engine refuses to run. Closing twice does nothing."""
+        docstring); a closed engine refuses to run. Closing twice does nothing. Not to be called while another thread
+        runs the engine (as `run` is not): close it from the thread that runs it, or once its calls have returned; a
+        dropped engine is closed by `__del__`, when nothing can run it any more."""
         if self.closed:
             return
         self.closed = True

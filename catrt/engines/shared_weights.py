@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from catrt.engines.verified_file import verified_bytes
+from catrt.engines.verified_file import VerifiedFile, verified_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,11 @@ class SharedInitializers:
         self.table: dict[str, list[dict[str, Any]]] = json.loads(
             verified_bytes(folder / INITIALIZERS_FILE, records.get(INITIALIZERS_FILE))
         )
-        self.data: np.ndarray | None = np.frombuffer(verified_bytes(folder / WEIGHTS_FILE, records.get(WEIGHTS_FILE)), dtype=np.uint8)
+        with VerifiedFile(folder / WEIGHTS_FILE, records.get(WEIGHTS_FILE)) as weights:
+            self.data: np.ndarray | None = np.frombuffer(weights.whole(), dtype=np.uint8)
+            weights.finish()
+        #: weights.bin as read here, to tell whether it changed while ONNX Runtime read it itself (None: not checked).
+        self.weights_file = weights if files is not None else None
         self.device = device if device is not None else torch.device("cpu")
         #: (offset, dtype, shape) -> OrtValue (None: not shared): one value per tensor as the graphs read it. Keyed by
         #: offset alone, a graph reading those bytes as another dtype or shape (each graph's own placement is what
@@ -80,7 +84,11 @@ class SharedInitializers:
                 options.add_initializer(record["name"], self.values[key])
 
     def loaded(self) -> None:
-        """Every session is made: let go of the file's bytes (on the CPU the values are views of them and keep them)."""
+        """Every session is made: refuse them if weights.bin was written since it was read here (ONNX Runtime's graph
+        optimizations read the weights they fold from the file themselves, while the sessions are made), then let go of
+        the file's bytes (on the CPU the values are views of them and keep them)."""
+        if self.weights_file is not None:
+            self.weights_file.check_unchanged("ONNX Runtime")
         self.data = None
 
     def _ort_value(self, onnxruntime: Any, array: np.ndarray) -> Any:

@@ -35,6 +35,10 @@ from catrt.errors import CorruptBundleError
 BLOCK = 16 << 20
 
 
+def _identity(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_dev, info.st_ino, info.st_ctime_ns
+
+
 def verified_bytes(path: Path, record: Mapping[str, Any] | None) -> bytearray:
     """The file's bytes, read once and checked against `record` (a CorruptBundleError naming the file where they differ)."""
     with VerifiedFile(path, record) as source:
@@ -56,6 +60,7 @@ class VerifiedFile:
             raise self._unreadable(error) from error
         info = os.fstat(self._file.fileno())
         self.size = info.st_size
+        self._identity = _identity(info)
         self._record = record
         self._digest = hashlib.sha256()
         self._before: list[Any] = []  # per block hashed so far, in file order: the whole-file hash before it (a copy)
@@ -127,6 +132,22 @@ class VerifiedFile:
             )
         if self.changed:
             raise self._changed_error()
+
+    def check_unchanged(self, reader: str) -> None:
+        """Refuse what `reader` read from the file by its path since it was opened here (ONNX Runtime's own reads) if the
+        path now names another file, or the file was written or replaced since (its inode or change time differs: any
+        write or rename sets the change time, and no user call can set it back)."""
+        try:
+            now = _identity(os.lstat(self.path))
+        except OSError:
+            now = None
+        if now != self._identity:
+            raise CorruptBundleError(
+                f"engine file {self.path.name} in {self.path.parent} was written or replaced while {reader} read it (its "
+                f"inode or change time is not what it was when catrt read and checked it), and what was loaded from it is "
+                f"refused; load the bundle again (rebuild the engine if it is damaged)",
+                field=self.path.name,
+            )
 
     # -- blocks ---------------------------------------------------------------------------------
 
