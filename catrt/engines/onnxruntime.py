@@ -4,9 +4,13 @@ Inputs and outputs are torch tensors bound by address, so no step copies through
 into buffers allocated once, on first use (or the caller's own tensors, such as the runtime's K/V cache).
 The sessions (context, full, one pruned graph per built alpha) share one copy of the weights: `weights.bin` is read once
 into memory and each distinct initializer is handed to every session that uses it (`add_initializer`), so loading costs
-one copy of the weights, not one per graph. What the sessions are given (the graphs as bytes, `weights.bin` and its
-index `initializers.json`) is read by catrt and checked as read against the manifest `catrt.load` checked, so a file
-written in place after that check is refused naming it, and one written after the load changes nothing. The CUDA execution provider is used on a GPU where it is
+one copy of the weights, not one per graph. `weights.bin` and its index `initializers.json` are read by catrt and checked
+as read against the manifest `catrt.load` checked, so a file written in place after that check is refused naming it,
+and one written after the load changes nothing. What ONNX Runtime reads itself, by path, while the sessions are made
+(each graph, and from `weights.bin` the weights its optimizations fold) is hashed by catrt just before and must be the
+same file, unwritten, once they are made (`VerifiedFile.check_unchanged`). Handing ONNX Runtime a graph's bytes instead
+would not do: ONNX Runtime 1.18 and 1.19 (tried here) then look for `weights.bin` in the working directory when their
+optimizations fold a weight, and fail. The CUDA execution provider is used on a GPU where it is
 installed, else the CPU provider. ONNX Runtime uses a shared initializer as it is only where it
 already lies on the device its session planned for it (its session-state code says so), so on CUDA
 the floating-point weights are copied to the GPU once at load and shared from there, as torch tensors
@@ -72,15 +76,15 @@ class OnnxRuntimeEngine(Engine):
         import onnxruntime
 
         from catrt.engines.shared_weights import SharedInitializers
-        from catrt.engines.verified_file import verified_bytes
+        from catrt.engines.verified_file import hashed_file
 
         if self.device.type == "cuda" and self.device.index is None:  # torch's current GPU, fixed for this engine
             self.device = torch.device("cuda", torch.cuda.current_device())
         providers = [(_PROVIDERS["cuda"], self.cuda_options())] if self.device.type == "cuda" else []
         providers.append(_PROVIDERS["cpu"])
-        records = self.files or {}
         self.initializers = SharedInitializers(self.folder, self.device, self.files)
         self.sessions: dict[str, Any] = {}
+        read_by_onnxruntime = []
         for graph in self.graphs:
             options = onnxruntime.SessionOptions()
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -89,17 +93,15 @@ class OnnxRuntimeEngine(Engine):
             # Prepacking would give each session its own packed copy of every MatMul weight (measured:
             # 3 copies of the weights instead of 1; no slower without it on the CPU).
             options.add_session_config_entry("session.disable_prepacking", "1")
-            # The graph is handed over as the bytes checked here, not a path ONNX Runtime would read again; every weight
-            # it keeps in weights.bin is one `add_to` hands it, so ONNX Runtime reads none of them from the file, but it
-            # checks that the file their records name exists, relative to this folder (a graph loaded from bytes has
-            # none of its own).
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
             path = self.folder / f"{graph}.onnx"
             self.initializers.add_to(options, path)
-            model = bytes(verified_bytes(path, records.get(path.name)))
-            self.sessions[graph] = onnxruntime.InferenceSession(model, options, providers=providers)
+            if self.files is not None:  # hashed here, read by ONNX Runtime from its path next: checked unchanged after
+                read_by_onnxruntime.append(hashed_file(path, self.files.get(path.name)))
+            self.sessions[graph] = onnxruntime.InferenceSession(str(path), options, providers=providers)
             self._check_cuda_provider(onnxruntime.__version__, graph)
-        self.initializers.loaded()
+        self.initializers.loaded()  # weights.bin: ONNX Runtime read from it the weights its optimizations fold
+        for graph_file in read_by_onnxruntime:
+            graph_file.check_unchanged("ONNX Runtime")
         self.input_names = {graph: {i.name for i in session.get_inputs()} for graph, session in self.sessions.items()}
         logger.info("onnxruntime sessions on %s", self.sessions["full"].get_providers())
 

@@ -13,9 +13,12 @@ twice. `finish()` hashes what the consumer did not read and compares the whole d
 Every byte served thus lies in a block whose bytes are those the whole-file digest was taken over, so when
 `finish()` passes, the consumer read exactly the verified file. Host memory held: one block.
 
-A consumer that takes one buffer (TensorRT before 10.7; ONNX Runtime's graphs and the weights catrt hands it) gets the
+A consumer that takes one buffer (TensorRT before 10.7; the weights and index catrt hands ONNX Runtime) gets the
 file read whole into memory of this process (`whole`, `verified_bytes`), hashed as read and verified before it is used:
-what is used is then those bytes, whatever happens to the file afterwards.
+what is used is then those bytes, whatever happens to the file afterwards. A consumer that reads the file by its path
+itself (ONNX Runtime: its graphs, and the weights its optimizations fold) gets it hashed just before (`hashed_file`), and
+what it made of it is refused unless the path still names that file, unwritten, once it is done (`check_unchanged`:
+same device, inode and change time, which every write or rename sets and no user call sets back).
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ def verified_bytes(path: Path, record: Mapping[str, Any] | None) -> bytearray:
         data = source.whole()
         source.finish()
     return data
+
+
+def hashed_file(path: Path, record: Mapping[str, Any] | None) -> VerifiedFile:
+    """The file checked against `record` now, whole (a CorruptBundleError naming it where it differs), for a consumer that
+    reads it by path next: `check_unchanged` once that consumer is done."""
+    with VerifiedFile(path, record) as source:
+        source.finish()
+    return source
 
 
 class VerifiedFile:
