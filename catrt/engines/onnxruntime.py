@@ -84,7 +84,7 @@ class OnnxRuntimeEngine(Engine):
         providers.append(_PROVIDERS["cpu"])
         self.initializers = SharedInitializers(self.folder, self.device, self.files)
         self.sessions: dict[str, Any] = {}
-        read_by_onnxruntime = []
+        read_by_onnxruntime: list[Any] = []  # VerifiedFile of each graph, hashed before ONNX Runtime reads it
         for graph in self.graphs:
             options = onnxruntime.SessionOptions()
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL

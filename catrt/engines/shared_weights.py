@@ -3,10 +3,12 @@
 Each session would otherwise read `weights.bin` into its own memory. Here the file is read once into memory of
 this process, hashed as it is read and checked against the sha256 and size of the manifest `catrt.load` checked
 (`catrt.engines.verified_file`), and every distinct tensor in it becomes one OrtValue that each session using it
-receives through `SessionOptions.add_initializer` (ONNX Runtime then uses that memory as is, and reads none of those
-initializers from the file). So the sessions compute with exactly the bytes the manifest's digest covers: a
-`weights.bin` written in place after the bundle's check is refused naming it, and one written later changes nothing.
-(It was memory-mapped: ONNX Runtime read the file's pages as it ran, unchecked, for as long as the engine lived.)
+receives through `SessionOptions.add_initializer` (ONNX Runtime then uses that memory as is). So the sessions run on
+exactly the bytes the manifest's digest covers: a `weights.bin` written in place after the bundle's check is refused
+naming it, and one written later changes nothing. (It was memory-mapped: ONNX Runtime read the file's pages as it ran,
+unchecked, for as long as the engine lived.) ONNX Runtime still reads from the file itself, by path, the weights its
+graph optimizations fold while the sessions are made: `loaded` refuses them unless the file is still the one read
+here, unwritten.
 Where each graph's initializers lie is in the bundle's `initializers.json`, written by the export and read the
 same way, so no onnx import is needed at run time.
 
@@ -20,7 +22,7 @@ the user"), so the GPU copy is a torch tensor handed to ONNX Runtime through DLP
 (`OrtValue.from_dlpack`, in ONNX Runtime's inference builds since 1.21), not `ortvalue_from_numpy(..., "cuda")`,
 whose value ONNX Runtime allocates and owns, and which `add_initializer` refuses. An ONNX Runtime without
 `from_dlpack` shares the host weights only: each CUDA session then loads its own GPU copy from `weights.bin` itself
-(a warning says so), which catrt cannot check as ONNX Runtime reads it.
+(a warning says so), checked unchanged by `loaded` as the folded weights are.
 """
 
 from __future__ import annotations
