@@ -813,6 +813,26 @@ def test_a_file_written_while_onnx_runtime_reads_it_is_refused_once_the_sessions
     assert caught.value.field == written[0].name
 
 
+def test_a_loaded_bundle_dropped_closes_its_engine(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle loaded again or a pipeline let go drops its engine: it is closed then (its device work waited for, its
+    buffers handed back), once, and nothing keeps it alive."""
+    import gc
+    import weakref
+
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    closed: list[str] = []
+    close = OnnxRuntimeEngine.close
+    monkeypatch.setattr(OnnxRuntimeEngine, "close", lambda engine: closed.append(str(engine.folder)) or close(engine))
+    fast = catrt.load(bundle_copy)
+    fast.set_progress_bar_config(disable=True)
+    fast(**call_kwargs(fast.accelerated.pipe))
+    engine = weakref.ref(fast.engine)
+    del fast
+    gc.collect()
+    assert engine() is None and closed == [str(bundle_copy)]
+
+
 def test_weights_written_after_an_onnx_bundle_loaded_change_nothing(bundle_copy: Path) -> None:
     """weights.bin was memory-mapped and its pages used by ONNX Runtime as they were at each run: a file written in place
     changed what a loaded engine computed. The sessions now use the bytes read and verified at load."""
