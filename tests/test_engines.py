@@ -512,6 +512,8 @@ def test_cuda_provider_runs_after_torchs_stream_and_keeps_onnx_runtimes_end_of_r
             calls.append(("run", *run_options))
 
     class Stream:
+        cuda_stream = 0
+
         def synchronize(self) -> None:
             calls.append(("synchronize",))
 
@@ -525,6 +527,58 @@ def test_cuda_provider_runs_after_torchs_stream_and_keeps_onnx_runtimes_end_of_r
         ("bind_input", "x", "cpu", 0, np.float32, [2, 16]), ("bind_output", "y", "cpu", 0, np.float32, [2, 128]),
         ("stream", torch.device("cuda", 1)), ("synchronize",), ("run",),
     ]
+
+
+def test_cuda_provider_engine_released_marks_its_outputs_used_on_torchs_streams_and_refuses_to_run_after(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's runs are done when they return, but torch reads the outputs afterwards on its current stream: an
+    output buffer let go at release went back to the pool of the stream it was allocated on, reusable there at once
+    whatever another stream still read. Released, each engine-owned output is marked used on every stream torch read
+    it on (record_stream), the sessions are let go before the weights they were given, and a run after is refused.
+    Our glue only: stand-ins for torch's streams and the session."""
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+    from catrt.errors import EngineRuntimeError
+
+    class Binding:
+        def bind_input(self, *args: Any) -> None:
+            pass
+
+        bind_output = bind_input
+
+    class Session:
+        def io_binding(self) -> Binding:
+            return Binding()
+
+        def run_with_iobinding(self, binding: Binding) -> None:
+            pass
+
+    class Stream:
+        def __init__(self, handle: int) -> None:
+            self.cuda_stream = handle
+
+        def synchronize(self) -> None:
+            pass
+
+    current = [Stream(0)]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: current[0])
+    spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+    engine = OnnxRuntimeEngine(Path("unused"), {"full": spec}, torch.device("cuda", 0))
+    engine.sessions, engine.input_names, engine.initializers = {"full": Session()}, {"full": {"x"}}, "the weights"
+    engine._buffers["full"] = {"y": torch.zeros(2, 128)}  # its output buffer (on the GPU, made at the first run)
+    recorded: list[tuple[torch.Tensor, int]] = []
+    engine._record_use = lambda tensor, stream: recorded.append((tensor, stream.cuda_stream))  # type: ignore[method-assign]
+    y = engine.run("full", {"x": torch.zeros(2, 16)})["y"]
+    assert y is engine._buffers["full"]["y"]
+    current[0] = Stream(0x51DE)
+    assert engine.run("full", {"x": torch.zeros(2, 16)})["y"] is y
+    engine.run("full", {"x": torch.zeros(2, 16)}, out={"y": torch.zeros(2, 128)})  # the caller's tensor: not the engine's
+    assert recorded == []
+    engine.close()
+    assert [(tensor is y, handle) for tensor, handle in recorded] == [(True, 0), (True, 0x51DE)]
+    assert engine.sessions == {} and engine.initializers is None and engine._buffers == {}
+    with pytest.raises(EngineRuntimeError, match=r"^this onnxruntime engine of unused was closed; load the bundle again") as caught:
+        engine.run("full", {"x": torch.zeros(2, 16)})
+    assert caught.value.field == "engine"
 
 
 def test_two_graphs_reading_one_offset_as_other_shapes_each_get_their_own(tmp_path: Path) -> None:
@@ -695,6 +749,102 @@ def test_corrupt_file_is_named(bundle_copy: Path) -> None:
     with pytest.raises(CorruptBundleError, match=r"engine file weights\.bin .* does not match its manifest sha256") as caught:
         catrt.load(bundle_copy)
     assert caught.value.field == "weights.bin"
+
+
+def _flip_in_place(path: Path) -> None:
+    """Change one byte of `path` in the middle, writing into the file itself (same inode, same size)."""
+    with open(path, "r+b") as stream:
+        stream.seek(path.stat().st_size // 2)
+        byte = stream.read(1)
+        stream.seek(-1, 1)
+        stream.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("name", ["weights.bin", "initializers.json", "full.onnx"])
+def test_an_onnx_bundle_file_written_after_the_check_is_refused_as_it_is_read(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """catrt.load checked the files, then catrt memory-mapped weights.bin for ONNX Runtime and read initializers.json,
+    and ONNX Runtime read the graphs by path: a file written in place between the check and those reads ran unchecked.
+    Each is now read by catrt and verified as read against the checked manifest."""
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    load = OnnxRuntimeEngine.load
+
+    def load_after_a_write(engine: OnnxRuntimeEngine) -> None:
+        _flip_in_place(engine.folder / name)
+        load(engine)
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "load", load_after_a_write)
+    with pytest.raises(CorruptBundleError, match=rf"^engine file {re.escape(name)} in .* changed after the bundle's files "
+                       r"were checked: the bytes read do not match its manifest sha256 and size") as caught:
+        catrt.load(bundle_copy)
+    assert caught.value.field == name
+
+
+def _replace_with_a_copy(path: Path) -> None:
+    """Put a copy of `path`, the same bytes, in its place (another inode, as a rename of a new file does)."""
+    copy = path.with_name(path.name + ".copy")
+    shutil.copyfile(path, copy)
+    copy.replace(path)
+
+
+@pytest.mark.parametrize("write", [_flip_in_place, _replace_with_a_copy], ids=["written-in-place", "replaced"])
+@pytest.mark.parametrize("target", ["weights.bin", "the graph read"])
+def test_a_file_written_while_onnx_runtime_reads_it_is_refused_once_the_sessions_are_made(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, write: Callable[[Path], None], target: str) -> None:
+    """ONNX Runtime reads each graph by its path, and from weights.bin the weights its graph optimizations fold
+    (tiny-sd3: a Reshape of the positional table), as the sessions are made: a write then ran unchecked. Each must be
+    the file catrt hashed, unwritten (same inode and change time), once the sessions are made; a copy of the same bytes
+    is refused too, as what ONNX Runtime read in between cannot be told."""
+    import onnxruntime
+
+    session_class, written = onnxruntime.InferenceSession, []
+
+    def session_after_a_write(model: str, options: Any, providers: Any) -> Any:
+        if not written:
+            written.append(bundle_copy / "weights.bin" if target == "weights.bin" else Path(model))
+            write(written[0])
+        return session_class(model, options, providers=providers)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session_after_a_write)
+    with pytest.raises(CorruptBundleError, match=r"^engine file \S+ in .* was written or replaced while ONNX Runtime "
+                       r"read it \(its inode or change time is not what it was when catrt read and checked it\)") as caught:
+        catrt.load(bundle_copy)
+    assert caught.value.field == written[0].name
+
+
+def test_a_loaded_bundle_dropped_closes_its_engine(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle loaded again or a pipeline let go drops its engine: it is closed then (its device work waited for, its
+    buffers handed back), once, and nothing keeps it alive."""
+    import gc
+    import weakref
+
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    gc.collect()  # engines earlier tests left in reference cycles are closed before this one is watched
+    closed: list[str] = []
+    close = OnnxRuntimeEngine.close
+    monkeypatch.setattr(OnnxRuntimeEngine, "close", lambda engine: closed.append(str(engine.folder)) or close(engine))
+    fast = catrt.load(bundle_copy)
+    fast.set_progress_bar_config(disable=True)
+    fast(**call_kwargs(fast.accelerated.pipe))
+    engine = weakref.ref(fast.engine)
+    del fast
+    gc.collect()
+    assert engine() is None and [folder for folder in closed if folder == str(bundle_copy)] == [str(bundle_copy)]
+
+
+def test_weights_written_after_an_onnx_bundle_loaded_change_nothing(bundle_copy: Path) -> None:
+    """weights.bin was memory-mapped and its pages used by ONNX Runtime as they were at each run: a file written in place
+    changed what a loaded engine computed. The sessions now use the bytes read and verified at load."""
+    fast = catrt.load(bundle_copy)
+    fast.set_progress_bar_config(disable=True)
+    pipe = fast.accelerated.pipe
+    before = fast(**call_kwargs(pipe)).images
+    path = bundle_copy / "weights.bin"
+    with open(path, "r+b") as stream:
+        stream.write(b"\xff" * path.stat().st_size)  # NaN in every float, as the file's pages
+    assert torch.equal(fast(**call_kwargs(pipe)).images, before)
 
 
 def test_missing_manifest_is_named(bundle_copy: Path) -> None:

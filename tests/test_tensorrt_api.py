@@ -353,6 +353,9 @@ class _Stream:
     def wait_stream(self, other: _Stream) -> None:
         pass
 
+    def synchronize(self) -> None:
+        pass
+
 
 class _Event:
     def record(self, stream: _Stream) -> None:
@@ -390,6 +393,7 @@ def test_a_built_plan_loads_and_runs_at_the_bound_addresses(tmp_path: Path, docu
     engine._stream = lambda: _Stream(0)  # type: ignore[method-assign]
     engine._new_stream = lambda: _Stream(0x5EED)  # type: ignore[method-assign]
     engine._event = _Event  # type: ignore[method-assign]
+    engine._record_use = lambda tensor, stream: None  # type: ignore[method-assign]  # host tensors: nothing to defer
     engine._on_device = _no_device_switch  # type: ignore[method-assign]
     engine.load()
     hidden = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0))

@@ -420,6 +420,11 @@ class FakeStream:
     def wait_stream(self, other: FakeStream) -> None:
         self.log.append((self.cuda_stream, other.cuda_stream))
 
+    def synchronize(self) -> None:
+        """The host waits for the stream's work: counted, and `on_synchronize` (if set) sees the moment."""
+        self.synchronized = getattr(self, "synchronized", 0) + 1
+        getattr(self, "on_synchronize", lambda: None)()
+
 
 class FakeEvent:
     """A CUDA event stand-in: `done` says whether the work before its record has finished."""
@@ -502,6 +507,7 @@ def _engine(
     engine._stream = lambda: current  # type: ignore[method-assign]
     engine._new_stream = lambda: own  # type: ignore[method-assign]
     engine._event = new_event  # type: ignore[method-assign]
+    engine._record_use = lambda tensor, stream: None  # type: ignore[method-assign]  # host tensors: nothing to defer
     engine._on_device = lambda: _current_device(trt_module(), ENGINE_DEVICE)  # type: ignore[method-assign]
     if load:
         engine.load()
@@ -691,6 +697,66 @@ def test_synchronize_waits_for_and_releases_every_run(tmp_path: Path, trt: FakeT
     del inputs
     engine.synchronize()
     assert held() is None
+
+
+# -- releasing the engine ----------------------------------------------------------------------------
+
+
+def test_an_engine_dropped_with_runs_in_flight_waits_for_its_stream_before_its_memory_is_freed(
+        tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    """Dropped (a bundle loaded again, a pipeline collected), the engine let its shared block, output buffers and held
+    inputs go back to torch's allocator while its stream could still be running on them: the next user of that memory
+    would get what the engine wrote. The stream is synchronized first, while all of them are still alive."""
+    engine = _engine(tmp_path, events)
+    inputs = _inputs("full")  # casts: only the engine holds them once the caller lets go
+    outputs = engine.run("full", inputs)
+    assert not events[0].done  # the run is still in flight
+    memory = {"shared block": weakref.ref(engine.scratch_memory), "tokens": weakref.ref(outputs["tokens"])}
+    memory.update((f"input {name}", weakref.ref(tensor)) for name, tensor in inputs.items())
+    alive_at_sync: list[list[str]] = []
+    engine._own.on_synchronize = lambda: alive_at_sync.append(sorted(name for name, ref in memory.items() if ref() is not None))
+    del inputs, outputs, engine
+    gc.collect()
+    assert alive_at_sync == [sorted(memory)]  # one wait, before anything was let go
+    assert [name for name, ref in memory.items() if ref() is not None] == []
+
+
+def test_close_waits_once_releases_everything_and_a_closed_engine_refuses_to_run(
+        tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    engine = _engine(tmp_path, events)
+    engine.run("full", _inputs("full"))
+    engine.close()
+    engine.close()  # a second close does nothing
+    assert engine._own.synchronized == 1
+    assert (engine.contexts, engine.engines, engine._buffers, engine._in_flight) == ({}, {}, {}, [])
+    assert engine.scratch_memory is None and engine.runtime is None
+    with pytest.raises(EngineRuntimeError, match=r"^this tensorrt engine of .* was closed; load the bundle again") as caught:
+        engine.run("full", _inputs("full"))
+    assert caught.value.field == "engine"
+    assert len(trt.enqueued) == 1
+    never_run = _engine(tmp_path / "other", events)
+    never_run.close()  # no stream yet: nothing to wait for
+    assert never_run._own is None and never_run.contexts == {}
+
+
+def test_released_output_buffers_are_marked_used_on_every_stream_torch_read_them_on(
+        tmp_path: Path, trt: FakeTensorRT, events: list) -> None:
+    """Torch reads an output on the stream current at the run; a buffer allocated under another stream would go back to
+    that stream's pool, reusable at once there though the reads are not done: each buffer is recorded on every reader
+    stream (`record_stream`; the allocation stream's own record is a no-op). The caller's own tensors are not."""
+    engine = _engine(tmp_path, events)
+    recorded: list[tuple[int, int]] = []
+    engine._record_use = lambda tensor, stream: recorded.append((tensor.data_ptr(), stream.cuda_stream))  # type: ignore[method-assign]
+    cache = torch.zeros(2, 2, 16, 8)
+    engine.run("full", _inputs("full"), out={"kv": cache})
+    side = FakeStream(0xA11, engine._own.log)
+    engine._stream = lambda: side  # type: ignore[method-assign]
+    engine.run("full", _inputs("full"), out={"kv": cache})
+    engine.run("pruned-k4", _inputs("pruned-k4"))
+    owned = [engine._buffers["full"]["tokens"], *engine._buffers["pruned-k4"].values()]
+    assert recorded == []  # nothing while the engine lives: its next write waits for torch's stream
+    engine.close()
+    assert sorted(recorded) == sorted((t.data_ptr(), handle) for t in owned for handle in (CURRENT_HANDLE, 0xA11))
 
 
 def test_a_pruned_step_runs_the_graph_of_its_k_and_an_unbuilt_k_is_refused(tmp_path: Path, trt: FakeTensorRT, events: list) -> None:

@@ -14,10 +14,21 @@ Every backend implements `load` and `run`; the shared `prepare_context` / `full_
 `pruned_forward` give any engine the runtime's step-function interface (`catrt.contract.StepFunctions`).
 Backends that run exported graphs write outputs into buffers allocated once, on first use (the full
 graph's K/V straight into the runtime's cache) and scatter the pruned graph's K/V rows into the cache in place.
+
+Releasing an engine (`close()`, or dropping it: `__del__` closes it) hands its device buffers back to torch's caching
+allocator only once the device is done with them: a block freed while a run still reads or writes it could be handed
+to new work at once (a silent wrong result for the next user of that memory). Each backend first waits for its own
+device work (`_finish_device_work`: TensorRT's stream; ONNX Runtime's runs are done when they return), then lets go of
+its objects (`_release`). Torch itself reads the outputs after each run, on the stream current then; a freed block is
+reusable at once on the stream it was allocated on, which need not be that one, so each output buffer is first marked
+as used on every stream torch read it on (`record_stream`: the allocator reuses it only after those streams' work
+queued until the release; free where it is the allocation stream). Nothing of this runs per step.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,8 +38,10 @@ from typing import Any, ClassVar
 import torch
 
 from catrt.contract import FULL, PRUNED, pruned_graph, pruned_k
-from catrt.errors import ConfigError
+from catrt.errors import ConfigError, EngineRuntimeError
 from catrt.models.base import Adapter, Context
+
+logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -167,6 +180,9 @@ class Engine(ABC):
         self.adapter = adapter
         self.files = files
         self._buffers: dict[str, dict[str, torch.Tensor]] = {}
+        #: The streams torch read this engine's outputs on (torch's current stream of each run), by handle.
+        self._readers: dict[int, Any] = {}
+        self.closed = False
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -191,6 +207,52 @@ class Engine(ABC):
         Outputs are buffers owned by the engine and overwritten by the next run of the graph, except
         those named in `out`, which are written into the caller's tensors.
         """
+
+    def close(self) -> None:
+        """Let go of the engine's device buffers and backend objects, once the device is done with them (see the module
+        docstring); a closed engine refuses to run. Closing twice does nothing. Not to be called while another thread
+        runs the engine (as `run` is not): close it from the thread that runs it, or once its calls have returned; a
+        dropped engine is closed by `__del__`, when nothing can run it any more."""
+        if self.closed:
+            return
+        self.closed = True
+        self._finish_device_work()
+        self._release()
+        for buffers in self._buffers.values():
+            for tensor in buffers.values():
+                for stream in self._readers.values():
+                    self._record_use(tensor, stream)
+        self._buffers.clear()
+
+    def __del__(self) -> None:
+        if getattr(self, "closed", True) or sys.is_finalizing():  # half made, closed, or the interpreter is exiting
+            return
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - a finalizer cannot raise; a device that cannot be waited for is broken
+            logger.warning("releasing the %s engine of %s failed", self.name, self.folder, exc_info=True)
+
+    def _finish_device_work(self) -> None:
+        """Wait until the device no longer uses the engine's memory (a backend that runs asynchronously overrides it)."""
+
+    def _release(self) -> None:
+        """Let go of the backend's own objects (sessions, contexts, device memory); `close` calls it after
+        `_finish_device_work`."""
+
+    def _read_on(self, stream: Any) -> None:
+        """Note that torch reads this run's outputs on `stream` (its `cuda_stream` handle names it)."""
+        self._readers.setdefault(stream.cuda_stream, stream)
+
+    def _record_use(self, tensor: torch.Tensor, stream: Any) -> None:
+        """Mark `tensor` as used on `stream`: once freed, the caching allocator reuses it only after that stream's work
+        queued until then (a no-op on the stream it was allocated on)."""
+        tensor.record_stream(stream)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise EngineRuntimeError(
+                f"this {self.name} engine of {self.folder} was closed; load the bundle again to run it", field="engine"
+            )
 
     def pruned_graph_for(self, indices: torch.Tensor) -> str:
         """The pruned graph computing `indices.shape[-1]` tokens; a k the bundle was not built for is a ConfigError."""

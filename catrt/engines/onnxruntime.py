@@ -2,9 +2,15 @@
 
 Inputs and outputs are torch tensors bound by address, so no step copies through numpy. Outputs go
 into buffers allocated once, on first use (or the caller's own tensors, such as the runtime's K/V cache).
-The sessions (context, full, one pruned graph per built alpha) share one copy of the weights: `weights.bin` is memory-mapped once and each
-distinct initializer is handed to every session that uses it (`add_initializer`), so loading costs
-one copy of the weights, not one per graph. The CUDA execution provider is used on a GPU where it is
+The sessions (context, full, one pruned graph per built alpha) share one copy of the weights: `weights.bin` is read once
+into memory and each distinct initializer is handed to every session that uses it (`add_initializer`), so loading costs
+one copy of the weights, not one per graph. `weights.bin` and its index `initializers.json` are read by catrt and checked
+as read against the manifest `catrt.load` checked, so a file written in place after that check is refused naming it,
+and one written after the load changes nothing. What ONNX Runtime reads itself, by path, while the sessions are made
+(each graph, and from `weights.bin` the weights its optimizations fold) is hashed by catrt just before and must be the
+same file, unwritten, once they are made (`VerifiedFile.check_unchanged`). Handing ONNX Runtime a graph's bytes instead
+would not do: ONNX Runtime 1.18 and 1.19 (tried here) then look for `weights.bin` in the working directory when their
+optimizations fold a weight, and fail. The CUDA execution provider is used on a GPU where it is
 installed, else the CPU provider. ONNX Runtime uses a shared initializer as it is only where it
 already lies on the device its session planned for it (its session-state code says so), so on CUDA
 the floating-point weights are copied to the GPU once at load and shared from there, as torch tensors
@@ -70,13 +76,15 @@ class OnnxRuntimeEngine(Engine):
         import onnxruntime
 
         from catrt.engines.shared_weights import SharedInitializers
+        from catrt.engines.verified_file import hashed_file
 
         if self.device.type == "cuda" and self.device.index is None:  # torch's current GPU, fixed for this engine
             self.device = torch.device("cuda", torch.cuda.current_device())
         providers = [(_PROVIDERS["cuda"], self.cuda_options())] if self.device.type == "cuda" else []
         providers.append(_PROVIDERS["cpu"])
-        self.initializers = SharedInitializers(self.folder, self.device)
+        self.initializers = SharedInitializers(self.folder, self.device, self.files)
         self.sessions: dict[str, Any] = {}
+        read_by_onnxruntime: list[Any] = []  # VerifiedFile of each graph, hashed before ONNX Runtime reads it
         for graph in self.graphs:
             options = onnxruntime.SessionOptions()
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -87,8 +95,13 @@ class OnnxRuntimeEngine(Engine):
             options.add_session_config_entry("session.disable_prepacking", "1")
             path = self.folder / f"{graph}.onnx"
             self.initializers.add_to(options, path)
+            if self.files is not None:  # hashed here, read by ONNX Runtime from its path next: checked unchanged after
+                read_by_onnxruntime.append(hashed_file(path, self.files.get(path.name)))
             self.sessions[graph] = onnxruntime.InferenceSession(str(path), options, providers=providers)
             self._check_cuda_provider(onnxruntime.__version__, graph)
+        self.initializers.loaded()  # weights.bin: ONNX Runtime read from it the weights its optimizations fold
+        for graph_file in read_by_onnxruntime:
+            graph_file.check_unchanged("ONNX Runtime")
         self.input_names = {graph: {i.name for i in session.get_inputs()} for graph, session in self.sessions.items()}
         logger.info("onnxruntime sessions on %s", self.sessions["full"].get_providers())
 
@@ -114,6 +127,7 @@ class OnnxRuntimeEngine(Engine):
     def run(
         self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
+        self._check_open()
         session = self.sessions[graph]
         binding = session.io_binding()
         for name, tensor in inputs.items():
@@ -127,9 +141,17 @@ class OnnxRuntimeEngine(Engine):
             # torch wrote (and its reads of the buffers this run overwrites) are finished first. Without run options
             # (disable_synchronize_execution_providers is "0") the run returns once its streams are done, so torch
             # reads the outputs, and frees the inputs `prepare` cast, only after ONNX Runtime is through with them.
-            torch.cuda.current_stream(self.device).synchronize()
+            stream = torch.cuda.current_stream(self.device)
+            self._read_on(stream)
+            stream.synchronize()
         session.run_with_iobinding(binding)
         return outputs
+
+    def _release(self) -> None:
+        """The sessions, then the weights they were given. Nothing of ONNX Runtime's is still running on the device:
+        each run returned once its streams were done (`_finish_device_work` has nothing to wait for)."""
+        getattr(self, "sessions", {}).clear()
+        self.initializers = None
 
     def _bind(self, bind: Callable[..., None], name: str, tensor: torch.Tensor) -> None:
         device_id = tensor.device.index or 0

@@ -32,6 +32,12 @@ read); a declared input the call lacks is an error naming it.
 
 Not capturable: running these steps inside a CUDA graph capture has not been verified here (and the
 keep-alive bookkeeping of `run` queries CUDA events, which a capture does not allow).
+
+Released (`close()`, or the engine dropped), the engine's stream is synchronized before anything it used is let go: the
+shared activation block, the output buffers, the inputs held for runs, the contexts and engines. TensorRT's contract
+for `enqueueV3` is that memory registered for a run is not released before the stream is synchronized, and that covers
+its own objects too, which `record_stream` (a torch tensor's deferred reuse) would not. The host waits once per release
+for the runs still queued, never per step.
 """
 
 from __future__ import annotations
@@ -192,6 +198,7 @@ class TensorRTEngine(Engine):
     def run(
         self, graph: str, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
+        self._check_open()
         self._release_finished()
         context = self.contexts[graph]
         outputs = self.outputs_of(graph, out)
@@ -213,6 +220,7 @@ class TensorRTEngine(Engine):
                 )
             bound.append(tensor)
         current = self._stream()
+        self._read_on(current)
         if self._own is None:
             self._own = self._new_stream()
         self._own.wait_stream(current)  # the inputs torch wrote before this call
@@ -236,6 +244,18 @@ class TensorRTEngine(Engine):
         for entry in self._in_flight:
             entry.event.synchronize()
         self._release_finished()
+
+    def _finish_device_work(self) -> None:
+        """Wait for every run on the engine's stream (a host sync, once per release), then drop the held inputs."""
+        if getattr(self, "_own", None) is not None:
+            self._own.synchronize()
+        self._in_flight = []
+
+    def _release(self) -> None:
+        """Contexts, then the engines they were made from, then the runtime that deserialized those, then the memory."""
+        for name in ("contexts", "engines"):
+            getattr(self, name, {}).clear()
+        self.runtime = self.scratch_memory = None
 
     def _release_finished(self) -> None:
         """Drop the tensors of runs whose event has completed; their events are reused."""

@@ -12,6 +12,13 @@ the same (a different block ending the same would be a sha256 collision); no blo
 twice. `finish()` hashes what the consumer did not read and compares the whole digest and size with the record.
 Every byte served thus lies in a block whose bytes are those the whole-file digest was taken over, so when
 `finish()` passes, the consumer read exactly the verified file. Host memory held: one block.
+
+A consumer that takes one buffer (TensorRT before 10.7; the weights and index catrt hands ONNX Runtime) gets the
+file read whole into memory of this process (`whole`, `verified_bytes`), hashed as read and verified before it is used:
+what is used is then those bytes, whatever happens to the file afterwards. A consumer that reads the file by its path
+itself (ONNX Runtime: its graphs, and the weights its optimizations fold) gets it hashed just before (`hashed_file`), and
+what it made of it is refused unless the path still names that file, unwritten, once it is done (`check_unchanged`:
+same device, inode and change time, which every write or rename sets and no user call sets back).
 """
 
 from __future__ import annotations
@@ -31,6 +38,26 @@ from catrt.errors import CorruptBundleError
 BLOCK = 16 << 20
 
 
+def _identity(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_dev, info.st_ino, info.st_ctime_ns
+
+
+def verified_bytes(path: Path, record: Mapping[str, Any] | None) -> bytearray:
+    """The file's bytes, read once and checked against `record` (a CorruptBundleError naming the file where they differ)."""
+    with VerifiedFile(path, record) as source:
+        data = source.whole()
+        source.finish()
+    return data
+
+
+def hashed_file(path: Path, record: Mapping[str, Any] | None) -> VerifiedFile:
+    """The file checked against `record` now, whole (a CorruptBundleError naming it where it differs), for a consumer that
+    reads it by path next: `check_unchanged` once that consumer is done."""
+    with VerifiedFile(path, record) as source:
+        source.finish()
+    return source
+
+
 class VerifiedFile:
     """`read` / `seek` over a file opened once (no links followed), checked against `record` ({"sha256", "size"})
     by `finish()`; without a record (a build loading the files it has just written) nothing is compared."""
@@ -44,6 +71,7 @@ class VerifiedFile:
             raise self._unreadable(error) from error
         info = os.fstat(self._file.fileno())
         self.size = info.st_size
+        self._identity = _identity(info)
         self._record = record
         self._digest = hashlib.sha256()
         self._before: list[Any] = []  # per block hashed so far, in file order: the whole-file hash before it (a copy)
@@ -88,12 +116,21 @@ class VerifiedFile:
         self.position = base + offset
         return True
 
-    def whole(self) -> bytes:
-        """The whole file in memory, for a consumer that takes one buffer; `finish()` then verifies it."""
-        data = self._read_at(0, self.size)
-        self._digest.update(data)
-        self._hashed = len(data)
-        self.changed = len(data) != self.size
+    def whole(self) -> bytearray:
+        """The whole file in memory of this process, read a block at a time into one buffer and hashed as read, for a
+        consumer that takes one buffer; `finish()` then verifies it. Host memory held: the file, once."""
+        data = bytearray(self.size)
+        with memoryview(data) as view:
+            done = 0
+            try:
+                self._file.seek(0)
+                while done < self.size and (count := self._file.readinto(view[done : done + BLOCK])):
+                    self._digest.update(view[done : done + count])
+                    done += count
+            except OSError as error:
+                raise self._unreadable(error) from error
+        self._hashed = done
+        self.changed = done != self.size  # shorter: truncated since it was opened
         return data
 
     def finish(self) -> None:
@@ -106,6 +143,22 @@ class VerifiedFile:
             )
         if self.changed:
             raise self._changed_error()
+
+    def check_unchanged(self, reader: str) -> None:
+        """Refuse what `reader` read from the file by its path since it was opened here (ONNX Runtime's own reads) if the
+        path now names another file, or the file was written or replaced since (its inode or change time differs: any
+        write or rename sets the change time, and no user call can set it back)."""
+        try:
+            now = _identity(os.lstat(self.path))
+        except OSError:
+            now = None
+        if now != self._identity:
+            raise CorruptBundleError(
+                f"engine file {self.path.name} in {self.path.parent} was written or replaced while {reader} read it (its "
+                f"inode or change time is not what it was when catrt read and checked it), and what was loaded from it is "
+                f"refused; load the bundle again (rebuild the engine if it is damaged)",
+                field=self.path.name,
+            )
 
     # -- blocks ---------------------------------------------------------------------------------
 
