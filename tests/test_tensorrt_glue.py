@@ -937,6 +937,28 @@ def test_bytes_tensorrt_does_not_read_are_verified_too(tmp_path: Path, trt: Fake
     assert trt.answers and max(trt.answers) <= small_blocks
 
 
+def test_a_read_error_while_tensorrt_streams_a_plan_is_named_not_taken_for_a_bad_plan(
+    tmp_path: Path, trt: FakeTensorRT, events: list, small_blocks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TensorRT's binding catches what `read` raises, prints it and reads 0 bytes, so the plan fails to deserialize:
+    the read error (here a transient EIO in the middle of full.plan) is kept and named, not "could not deserialize"."""
+    plans = _default_plans()
+    engine = _engine(tmp_path, events, plans=plans, files=_records(plans), load=False)
+    read_at = verified_file.VerifiedFile._read_at
+    failed: list[int] = []
+
+    def flaky(self: verified_file.VerifiedFile, offset: int, count: int) -> bytes:
+        if self.path.name == "full.plan" and offset > 0 and not failed:
+            failed.append(offset)
+            raise self._unreadable(OSError(5, "Input/output error"))
+        return read_at(self, offset, count)
+
+    monkeypatch.setattr(verified_file.VerifiedFile, "_read_at", flaky)
+    with pytest.raises(CorruptBundleError, match=r"engine file full\.plan in .* cannot be read: Input/output error") as caught:
+        engine.load()
+    assert failed and caught.value.field == "full.plan"
+
+
 def test_a_plan_of_another_size_than_recorded_is_refused_before_tensorrt_reads_it(
     tmp_path: Path, trt: FakeTensorRT, events: list
 ) -> None:

@@ -80,6 +80,7 @@ class VerifiedFile:
         self._held: tuple[int, bytes] | None = None  # the block served last: (index, bytes)
         self.position = 0
         self.changed = False
+        self._failure: CorruptBundleError | None = None  # a read error `read` kept for `finish`
         if not stat.S_ISREG(info.st_mode) or (record is not None and self.size != record["size"]):
             self.close()
             raise self._changed_error()
@@ -96,11 +97,17 @@ class VerifiedFile:
     # -- what the consumer calls ----------------------------------------------------------------
 
     def read(self, count: int) -> memoryview:
-        """Up to `count` bytes from the position, within one block; empty at the end or once a change is seen."""
-        if self.changed or count <= 0 or self.position >= self.size:
+        """Up to `count` bytes from the position, within one block; empty at the end, once a change is seen or once the
+        file fails to read. Never raises: TensorRT calls it from C++, where an exception only prints to stderr and
+        reads as 0 bytes, so a read error is kept for `finish()` to raise, naming the file."""
+        if self.changed or self._failure is not None or count <= 0 or self.position >= self.size:
             return memoryview(b"")
         index, start = divmod(self.position, BLOCK)
-        block = self._block(index)
+        try:
+            block = self._block(index)
+        except CorruptBundleError as error:
+            self._failure = error
+            return memoryview(b"")
         if block is None:
             return memoryview(b"")
         piece = memoryview(block)[start : start + count]
@@ -134,7 +141,10 @@ class VerifiedFile:
         return data
 
     def finish(self) -> None:
-        """Hash what was not read and compare with the record: a CorruptBundleError if the bytes served differ."""
+        """Hash what was not read and compare with the record: a CorruptBundleError if the bytes served differ (or the
+        read error `read` kept)."""
+        if self._failure is not None:
+            raise self._failure
         if self._record is not None:
             while not self.changed and self._hashed < self.size:
                 self._hash_next_block()
