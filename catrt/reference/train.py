@@ -223,9 +223,14 @@ def measure_pace(trainer: Trainer, steps: int = 3) -> float:
     return sum(seconds) / steps
 
 
+class WriteError(CatrtError, OSError):
+    """A file training writes that the disk refused (full, over quota, failing): names the file and the OS's reason.
+    An OSError still, as the failed write was to callers of `save_checkpoint`, `save_weights` and `publish`."""
+
+
 @contextlib.contextmanager
 def written(path: Path, fix: str = "free some space or train into another --out") -> Iterator[None]:
-    """A failed write of `path` in the block (a full disk, a quota, a failing device) as one CatrtError naming the file
+    """A failed write of `path` in the block (a full disk, a quota, a failing device) as one WriteError naming the file
     and the OS's reason, not a traceback; an atomic write inside it has left the earlier file as it was."""
     try:
         yield
@@ -233,7 +238,7 @@ def written(path: Path, fix: str = "free some space or train into another --out"
         cause = _os_error(error)
         if cause is None:
             raise
-        raise CatrtError(f"could not write {echo_path(path)} ({cause.strerror or type(cause).__name__}); the earlier "
+        raise WriteError(f"could not write {echo_path(path)} ({cause.strerror or type(cause).__name__}); the earlier "
                          f"{path.name}, if any, is left as it was: {fix}", field="out", value=str(path)) from None
 
 
