@@ -1017,3 +1017,5 @@ def test_ray_serve_logs_at_catrts_level_without_an_access_log(monkeypatch: pytes
         checked = LoggingConfig(**config)  # Ray's own schema takes it
         assert (checked.log_level, checked.enable_access_log) == (logging.getLevelName(level), False)
     assert serve_logger.level == level
+    monkeypatch.setattr(catrt_logger, "level", 15)  # between DEBUG and INFO, set from Python: Serve names its levels
+    assert LoggingConfig(**logging_config()).log_level == "DEBUG"

@@ -420,7 +420,10 @@ def logging_config() -> dict[str, Any]:
     INFO with -v) and, as the single-process server, no access log. Ray's default (INFO, access log on) printed
     about three lines per request (proxy, ingress, replica) on the console of `catrt serve --ray`."""
     level = logging.getLogger("catrt").getEffectiveLevel()
-    return {"log_level": logging.getLevelName(level), "enable_access_log": False}
+    # Serve takes only the named levels: one set between them (15, from Python) logs as the named one below it
+    named = max(known for known in (logging.NOTSET, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR,
+                                    logging.CRITICAL) if known <= level)
+    return {"log_level": logging.getLevelName(named), "enable_access_log": False}
 
 
 def build(args: dict[str, Any]) -> Any:
