@@ -424,7 +424,8 @@ def main(argv: list[str] | None = None) -> Trainer:
                       checkpoint_minutes=args.checkpoint_minutes, max_steps=args.max_steps)
     try:
         trainer, message = _train_and_write(cfg, args)
-    except CatrtError as error:  # a file the disk refused (full, over quota): one line, the earlier file kept
+    except CatrtError as error:  # a file the disk refused (the earlier one kept), damaged weights --publish would ship:
+        # one line, as the refusals above, but exit 1: no flag was wrong
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     print(message, flush=True)
     return trainer
