@@ -152,6 +152,25 @@ def folder_refusal(path: Path, error: OSError, fix: str = "pick another folder")
             f"interrupted write would leave it half-written); make {folder} writable or {fix}")
 
 
+def sticky_refusal(path: Path, fix: str = "write it under another name, or have its owner remove it") -> str | None:
+    """Why `path` cannot be replaced where it is another user's file in a sticky folder (`/tmp`): there only the file's
+    owner, the folder's owner or root may rename onto it or remove it, while anyone may make the temporary file beside
+    it, so the write failed only at its last step, after the work. None where it can be replaced, or nothing is there.
+    A device or FIFO there is written into, not replaced, and is not refused."""
+    if not hasattr(os, "geteuid"):  # Windows: no sticky folders
+        return None
+    final = target(path)
+    try:
+        found, folder = os.lstat(final), os.stat(final.parent)
+    except OSError:
+        return None  # nothing there (a new file), or the write itself says why
+    me = os.geteuid()
+    if not stat.S_ISREG(found.st_mode) or not folder.st_mode & stat.S_ISVTX or me in (0, found.st_uid, folder.st_uid):
+        return None
+    return (f"it belongs to another user (uid {found.st_uid}) and its folder {final.parent.absolute()} is sticky (as /tmp "
+            f"is): only the file's owner may replace or remove it there; {fix}")
+
+
 def discard(temporary: Path) -> None:
     """Remove a staged `temporary` unwritten (its write failed or was interrupted) and let go of its lock."""
     with contextlib.suppress(OSError):

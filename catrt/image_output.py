@@ -1,9 +1,9 @@
 """The image file `catrt generate --out` writes: checked and reserved before any model loads, written whole.
 
-A name PIL cannot write, a folder, a path under a file or an unwritable folder is refused before the
-generation (which can take minutes) rather than after it. The image goes to a temporary file beside
-the target and is renamed onto it, so Ctrl-C or a failed write never leaves a half image and never
-destroys an image already there.
+A name PIL cannot write, a folder, a path under a file, an unwritable folder or another user's image in a sticky
+folder (`/tmp`) is refused before the generation (which can take minutes) rather than after it. The image goes to a
+temporary file beside the target and is renamed onto it, so Ctrl-C or a failed write never leaves a half image and
+never destroys an image already there.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ def staged_image(out: Path) -> Iterator[Path]:
     block fails or is interrupted, leaving `out` as it was.
     """
     _check_folders(out)
+    sticky = atomic_files.sticky_refusal(out)  # else refused only by the final rename, after the generation
+    if sticky is not None:
+        raise ConfigError(f"--out {echo(str(out), PATH_ECHO_LIMIT)} cannot be replaced: {sticky}", field="out",
+                          value=str(out))
     try:
         atomic_files.target(out).parent.mkdir(parents=True, exist_ok=True)  # a link's: the image is written through it
         staged = atomic_files.stage(out)

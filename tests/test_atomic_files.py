@@ -111,11 +111,14 @@ def test_a_checksum_record_cut_short_keeps_the_earlier_record_and_no_temporary(
 
 
 def _killed_midway(save: Any) -> Any:
-    """`save(obj, path)` that writes, cuts the file to 10 bytes and is interrupted (a Ctrl-C mid-write)."""
+    """`save(obj, path_or_file)` that writes, cuts the file to 10 bytes and is interrupted (a Ctrl-C mid-write)."""
 
     def killed(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
         save(obj, path)
-        Path(path).write_bytes(Path(path).read_bytes()[:10])
+        if hasattr(path, "write"):  # an open file (torch.save of a checkpoint)
+            path.truncate(10)
+        else:
+            Path(path).write_bytes(Path(path).read_bytes()[:10])
         raise KeyboardInterrupt
 
     return killed
@@ -182,7 +185,7 @@ def test_saving_the_trained_weights_cut_short_keeps_the_earlier_weights_and_no_t
     out = tmp_path / "weights"
     train.save_weights(trainer(1.0), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(train, "save_file", _killed_midway(train.save_file))
+    monkeypatch.setattr(Path, "write_bytes", _half_then(KeyboardInterrupt()))  # the weights' write, stopped midway
     with pytest.raises(KeyboardInterrupt):
         train.save_weights(trainer(2.0), out)
     monkeypatch.undo()
@@ -437,3 +440,34 @@ def test_a_writable_file_in_a_folder_that_takes_no_new_file_is_explained_by_its_
         f"half-written); make {tmp_path} writable or pick another folder")
     assert atomic_files.folder_refusal(tmp_path / "new.md", refused.value) is None  # no file: the plain refusal says it
     assert atomic_files.folder_refusal(path, OSError(errno.ENOSPC, "No space left on device")) is None
+
+
+# -- another user's file in a sticky folder (/tmp) ----------------------------------------------------------------
+
+
+def test_another_users_file_in_a_sticky_folder_is_refused_and_any_other_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a sticky folder only the file's owner, the folder's owner or root may rename onto a file: the temporary file
+    beside it was made, and the write failed at the rename, after the work. The tests run as root, who may replace any
+    file, so another user is simulated: the folder is really sticky and root's, the file root's, and the process's
+    effective uid (os.geteuid) is made 1000's."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chmod(folder, 0o1777)
+    path = folder / "image.png"
+    path.write_bytes(b"another user's image")
+    owner = os.stat(path).st_uid
+    for uid, refused in ((1000, True), (owner, False), (0, False)):  # another user; the file's owner; root
+        monkeypatch.setattr(os, "geteuid", lambda uid=uid: uid)
+        assert (atomic_files.sticky_refusal(path) is not None) == refused, uid
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert atomic_files.sticky_refusal(path) == (
+        f"it belongs to another user (uid {owner}) and its folder {folder} is sticky (as /tmp is): only the file's "
+        "owner may replace or remove it there; write it under another name, or have its owner remove it")
+    assert atomic_files.sticky_refusal(folder / "new.png") is None  # nothing there: a new file may be made
+    link = tmp_path / "link.png"
+    link.symlink_to(path)
+    assert atomic_files.sticky_refusal(link) is not None  # a link is written through: its target is what is replaced
+    os.chmod(folder, 0o777)
+    assert atomic_files.sticky_refusal(path) is None  # not sticky: anyone who may write the folder may replace it

@@ -1134,3 +1134,23 @@ def test_python_dash_m_runs_the_cli(module: str) -> None:
     assert result.stderr.splitlines() == [
         "catrt generate: error: unrecognized arguments: --promt; the following arguments are required: --prompt "
         "(see catrt generate --help)"]
+
+
+@pytest.mark.usefixtures("no_model_loads")
+def test_another_users_image_in_a_sticky_folder_is_refused_before_loading(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out /tmp/image.png` of another user's image: the staged file was made (anyone may write /tmp) and only the
+    final rename failed (only the owner may replace a file in a sticky folder), after the generation. The tests run as
+    root, who may replace it, so another user is simulated by os.geteuid (the folder is really sticky)."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chmod(folder, 0o1777)
+    out = folder / "image.png"
+    out.write_bytes(b"another user's image")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    line = _fails(capfd, "generate", "--prompt", "x", "--out", str(out))
+    assert line == (f"catrt generate: error: --out {str(out)!r} cannot be replaced: it belongs to another user (uid "
+                    f"{os.stat(out).st_uid}) and its folder {folder} is sticky (as /tmp is): only the file's owner may "
+                    "replace or remove it there; write it under another name, or have its owner remove it")
+    assert out.read_bytes() == b"another user's image" and sorted(folder.iterdir()) == [out]

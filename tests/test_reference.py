@@ -365,6 +365,10 @@ def test_a_saved_reference_pipeline_loads_back_by_folder_and_draws_the_same_imag
     (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["--minutes", "0"], "--minutes must be a finite number > 0, got 0.0"),
     (["--minutes", "nan"], "--minutes must be a finite number > 0, got nan"),
+    (["--minutes", "inf"], "--minutes must be a finite number > 0, got inf"),
+    (["--minutes", "-1"], "--minutes must be a finite number > 0, got -1.0"),
+    # overflowed the schedule's step count: a traceback after the trial steps
+    (["--minutes", "1e308"], f"--minutes must be in (0, {60 * 24 * 366}] (at most 366 days), got 1e+308"),
     (["--lr", "-0.1"], "--lr must be a finite number > 0, got -0.1"),
     (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
     (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
@@ -385,6 +389,67 @@ def test_train_mistakes_are_one_line_before_training(
     # one line, not argparse's usage block above it
     assert len(err.splitlines()) == 1 and err.startswith("python -m catrt.reference.train: error: ") and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+class _FullDisk:
+    """A file whose disk fills after its first write: later writes fail as the OS fails them (ENOSPC)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.writes = file, 0
+
+    def write(self, data: Any) -> int:
+        self.writes += 1
+        if self.writes > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+@pytest.mark.parametrize("full", ["checkpoint.pt", "weights/transformer.safetensors"])
+def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_the_earlier_one_is_kept(
+    full: str, tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A full disk at the save was torch's RuntimeError ("unexpected pos 704 vs 598", no errno) or safetensors'
+    SafetensorError, a traceback. Simulated (no small filesystem to fill here): torch's own save onto a file whose
+    second write fails with ENOSPC, or the weights' write failing with ENOSPC half-way into its temporary file."""
+    out = tmp_path / "run"
+    train.main(["--out", str(out), "--max-steps", "1", *TINY])
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "weights/transformer.safetensors")}
+    capsys.readouterr()
+    real_save, real_write_bytes = torch.save, train.atomic_files.write_bytes
+
+    def full_disk_save(obj: object, file: Any) -> None:
+        if isinstance(file, (str, os.PathLike)):  # torch.save of a path: its writes are torch's own
+            with open(file, "wb") as opened:
+                real_save(obj, _FullDisk(opened))
+        else:
+            real_save(obj, _FullDisk(file))
+
+    def full_disk_write_bytes(path: Path, data: bytes) -> None:
+        if path.name != "transformer.safetensors":
+            return real_write_bytes(path, data)
+        with train.atomic_files.replacing(path) as temporary:
+            temporary.write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if full == "checkpoint.pt":
+        monkeypatch.setattr(train.torch, "save", full_disk_save)
+    else:
+        monkeypatch.setattr(train.atomic_files, "write_bytes", full_disk_write_bytes)
+    with pytest.raises(SystemExit) as failed:
+        train.main(["--out", str(out), "--max-steps", "2", *TINY])
+    err = capsys.readouterr().err
+    assert failed.value.code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err == (f"python -m catrt.reference.train: error: could not write {out / full} (No space left on device); "
+                   f"the earlier {Path(full).name}, if any, is left as it was: free some space or train into another "
+                   "--out\n")
+    # the earlier file (and, past a failed checkpoint, the earlier weights: the step-2 checkpoint came before them)
+    kept = before if full == "checkpoint.pt" else {full: before[full]}
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert not [p.name for p in out.rglob("*.tmp")]  # and no temporary file
 
 
 def _damage(folder: Path, name: str, how: str) -> None:

@@ -44,7 +44,8 @@ import catrt
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, ServiceUnavailableError
 from catrt.serve.config import FleetConfig, ServeConfig
-from catrt.serve.ray_app import APP_NAME, MODEL_DEPLOYMENT, PROXY_GRACE_SECONDS, application, build, http_options
+from catrt.serve.ray_app import (APP_NAME, MODEL_DEPLOYMENT, PROXY_GRACE_SECONDS, application, build, http_options,
+                                 logging_config)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -110,8 +111,9 @@ def fleet(fleets: list[str]) -> str:
         port = _free_port()
         config = ServeConfig(model="tiny-sd3", height=64, width=64, steps=8, cat=CATConfig(t0=4), port=port,
                              timeout=60, max_body_bytes=8192, max_queue=2, api_key=KEY, read_timeout=READ_TIMEOUT)
-        serve.start(http_options=http_options(config))  # as `catrt serve --ray` starts it
-        serve.run(application(config, FleetConfig(replicas=2), gpus=False), name=APP_NAME, route_prefix="/")
+        serve.start(http_options=http_options(config), logging_config=logging_config())  # as `catrt serve --ray` starts it
+        serve.run(application(config, FleetConfig(replicas=2), gpus=False), name=APP_NAME, route_prefix="/",
+                  logging_config=logging_config())
         fleets.append(f"http://127.0.0.1:{port}")
     return fleets[-1]
 
@@ -986,3 +988,34 @@ def test_the_ingress_lists_the_model_a_replica_serves_where_it_cannot_read_the_b
         assert_error(http.get("/v1/models"), 503, None)  # no replica answers yet
         assert http.get("/v1/models").json()["data"][0]["id"] == "tiny-sd3"
         assert http.get("/v1/models/tiny-sd3").json()["id"] == "tiny-sd3"  # read once
+
+
+@pytest.mark.parametrize("level", [logging.WARNING, logging.INFO], ids=["default", "verbose"])
+def test_ray_serve_logs_at_catrts_level_without_an_access_log(monkeypatch: pytest.MonkeyPatch, level: int) -> None:
+    """Ray Serve's controller, proxy and replicas logged at INFO with an access log: about three lines per request
+    (proxy, ingress, replica) flooded the console of `catrt serve --ray`, whatever catrt's level. Its components now
+    get catrt's level (WARNING, INFO with -v) and no access log, as the single-process server writes none; so does
+    Serve's logger in the CLI's own process."""
+    import catrt.serve.ray_app as ray_app
+    from ray.serve.schema import LoggingConfig
+
+    given: dict[str, object] = {}
+    handlers: dict = {}
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        given["serve.run"] = kwargs["logging_config"]
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, deployed)
+    monkeypatch.setattr(ray_app.serve, "start", lambda **kwargs: given.__setitem__("serve.start", kwargs["logging_config"]))
+    catrt_logger, serve_logger = logging.getLogger("catrt"), logging.getLogger("ray.serve")
+    monkeypatch.setattr(catrt_logger, "level", level)  # as `catrt -v` (INFO) or not (WARNING) leaves it
+    monkeypatch.setattr(serve_logger, "level", logging.INFO)  # as importing ray.serve leaves it
+    assert ray_app.run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=1)) == 0
+    assert set(given) == {"serve.start", "serve.run"}  # the controller and proxies; the application's replicas
+    for config in given.values():
+        checked = LoggingConfig(**config)  # Ray's own schema takes it
+        assert (checked.log_level, checked.enable_access_log) == (logging.getLevelName(level), False)
+    assert serve_logger.level == level
+    monkeypatch.setattr(catrt_logger, "level", 15)  # between DEBUG and INFO, set from Python: Serve names its levels
+    assert LoggingConfig(**logging_config()).log_level == "DEBUG"

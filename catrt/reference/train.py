@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,14 +41,14 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from tqdm.auto import tqdm
 
 from catrt import atomic_files
 from catrt.checks import output_folder
 from catrt.cli import OneLineParser
-from catrt.errors import ConfigError, echo_path
+from catrt.errors import CatrtError, ConfigError, echo_path
 from catrt.reference import data
 from catrt.reference.checksums import CHECKSUM_FILE, verify_files, write_checksums
 from catrt.reference.text import token_ids
@@ -68,6 +70,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # leaves files the record refuses, never a mixed model that loads).
 WEIGHT_FILES = (TRANSFORMER_FILE, TEXT_ENCODER_FILE, CONFIG_FILE, CHECKSUM_FILE)
 CHECKED_FILES = WEIGHT_FILES[:-1]
+# The longest --minutes: a year and a day. 1e308 overflowed the schedule's step count (a traceback after the trial steps).
+MAX_MINUTES = 60 * 24 * 366
 
 
 @dataclass
@@ -219,11 +223,44 @@ def measure_pace(trainer: Trainer, steps: int = 3) -> float:
     return sum(seconds) / steps
 
 
+class WriteError(CatrtError, OSError):
+    """A file training writes that the disk refused (full, over quota, failing): names the file and the OS's reason.
+    An OSError still, as the failed write was to callers of `save_checkpoint`, `save_weights` and `publish`."""
+
+
+@contextlib.contextmanager
+def written(path: Path, fix: str = "free some space or train into another --out") -> Iterator[None]:
+    """A failed write of `path` in the block (a full disk, a quota, a failing device) as one WriteError naming the file
+    and the OS's reason, not a traceback; an atomic write inside it has left the earlier file as it was."""
+    try:
+        yield
+    except Exception as error:
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        raise WriteError(f"could not write {echo_path(path)} ({cause.strerror or type(cause).__name__}); the earlier "
+                         f"{path.name}, if any, is left as it was: {fix}", field="out", value=str(path)) from None
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError `error` is or arose from: torch's writer, failing on a full disk, closes its archive by writing
+    again, and that write's RuntimeError ("unexpected pos ...") is raised with the OSError as its context."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def save_checkpoint(trainer: Trainer, path: Path) -> None:
     """Write atomically, so an interrupted save never leaves a broken checkpoint to resume from."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_files.replacing(path) as temporary:
-        torch.save(trainer.state_dict(), temporary)
+    # Through a Python file: a failed write is then its OSError (ENOSPC), where torch.save of a path raised a
+    # RuntimeError that does not say why ("unexpected pos ...", "file write failed").
+    with written(path), atomic_files.replacing(path) as temporary, open(temporary, "wb") as file:
+        torch.save(trainer.state_dict(), file)
 
 
 def save_weights(trainer: Trainer, out: Path) -> None:
@@ -232,10 +269,13 @@ def save_weights(trainer: Trainer, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, file in (("transformer", TRANSFORMER_FILE), ("text_encoder", TEXT_ENCODER_FILE)):
         tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in trainer.ema[name].state_dict().items()}
-        with atomic_files.replacing(out / file) as temporary:
-            save_file(tensors, temporary)
-    atomic_files.write_text(out / CONFIG_FILE, json.dumps(trainer.configs, indent=1) + "\n")
-    write_checksums(out, CHECKED_FILES)
+        # serialised here, written by Python: safetensors' own write failed as a SafetensorError, not an OSError
+        with written(out / file):
+            atomic_files.write_bytes(out / file, safetensors_bytes(tensors))
+    with written(out / CONFIG_FILE):
+        atomic_files.write_text(out / CONFIG_FILE, json.dumps(trainer.configs, indent=1) + "\n")
+    with written(out / CHECKSUM_FILE):
+        write_checksums(out, CHECKED_FILES)
 
 
 def sample_grid(trainer: Trainer, path: Path, n: int = 64, steps: int = 28) -> None:
@@ -250,8 +290,11 @@ def sample_grid(trainer: Trainer, path: Path, n: int = 64, steps: int = 28) -> N
                   output_type="latent").images
     images = data.to_uint8(pixels)
     rows = [np.concatenate(list(images[i : i + 8]), axis=1) for i in range(0, n, 8)]
-    Image.fromarray(np.concatenate(rows, axis=0)).resize((512, 64 * len(rows)), Image.NEAREST).save(path)
-    path.with_suffix(".txt").write_text("\n".join(captions) + "\n")
+    grid = Image.fromarray(np.concatenate(rows, axis=0)).resize((512, 64 * len(rows)), Image.NEAREST)
+    with written(path), atomic_files.replacing(path) as temporary:  # whole, as `written` says: never a half image
+        grid.save(temporary, format="PNG")
+    with written(path.with_suffix(".txt")):
+        atomic_files.write_text(path.with_suffix(".txt"), "\n".join(captions) + "\n")
 
 
 def publish(weights: Path, target: Path | None = None) -> None:
@@ -261,7 +304,8 @@ def publish(weights: Path, target: Path | None = None) -> None:
     target = WEIGHTS_DIR if target is None else target
     verify_files(weights, CHECKED_FILES)
     for name in WEIGHT_FILES:
-        atomic_files.write_bytes(target / name, (weights / name).read_bytes())
+        with written(target / name, f"free some space there (the trained weights stay in {echo_path(weights)})"):
+            atomic_files.write_bytes(target / name, (weights / name).read_bytes())
 
 
 def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | None = None) -> Trainer:
@@ -362,6 +406,8 @@ def main(argv: list[str] | None = None) -> Trainer:
     for flag, value in (("--minutes", args.minutes), ("--lr", args.lr), ("--checkpoint-minutes", args.checkpoint_minutes)):
         if not (math.isfinite(value) and value > 0):  # a budget of 0 trains nothing (and --publish would ship it)
             parser.error(f"{flag} must be a finite number > 0, got {value}")
+    if args.minutes > MAX_MINUTES:
+        parser.error(f"--minutes must be in (0, {MAX_MINUTES}] (at most 366 days), got {args.minutes:g}")
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1),
                                ("--max-steps", args.max_steps, 0), ("--seed", args.seed, 0)):
         if value < least:
@@ -376,6 +422,17 @@ def main(argv: list[str] | None = None) -> Trainer:
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=args.bf16,
                       checkpoint_minutes=args.checkpoint_minutes, max_steps=args.max_steps)
+    try:
+        trainer, message = _train_and_write(cfg, args)
+    except CatrtError as error:  # a file the disk refused (the earlier one kept), damaged weights --publish would ship:
+        # one line, as the refusals above, but exit 1: no flag was wrong
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
+    print(message, flush=True)
+    return trainer
+
+
+def _train_and_write(cfg: TrainConfig, args: argparse.Namespace) -> tuple[Trainer, str]:
+    """Train, draw the samples, publish if asked; the trainer and the line saying what was written where."""
     trainer = train(cfg, args.out, resume=args.resume)
     message = (f"trained {trainer.step} steps in {trainer.elapsed / 60:.1f} min; "
                f"checkpoint {args.out / CHECKPOINT_FILE}; weights in {args.out / 'weights'}")
@@ -387,8 +444,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     if args.publish:
         publish(args.out / "weights")
         message += f"; published to {WEIGHTS_DIR}"
-    print(message, flush=True)
-    return trainer
+    return trainer, message
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ LISTING_INTERVAL = 1.0
 PROXY_GRACE_SECONDS = 5.0
 # Seconds a shutdown waits for `serve.run`, interrupted by a signal, to return once Serve's controller is gone.
 DEPLOY_JOIN_SECONDS = 10.0
+SERVE_LOGGER = "ray.serve"  # Ray Serve's logger, set to INFO with a console handler when `ray.serve` is imported
 
 
 class _Detached:
@@ -383,7 +384,7 @@ class _Deploying:
 
     def _run(self, app: Any) -> None:
         try:
-            serve.run(app, name=APP_NAME, route_prefix="/")
+            serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging_config())
         except BaseException as error:  # noqa: BLE001 - raised on the main thread by `wait`, unless a signal came first
             self.failed.append(error)
 
@@ -414,6 +415,17 @@ def http_options(config: ServeConfig) -> dict[str, Any]:
     }
 
 
+def logging_config() -> dict[str, Any]:
+    """Ray Serve's `LoggingConfig` for its controller, proxies and catrt's replicas: catrt's own log level (WARNING,
+    INFO with -v) and, as the single-process server, no access log. Ray's default (INFO, access log on) printed
+    about three lines per request (proxy, ingress, replica) on the console of `catrt serve --ray`."""
+    level = logging.getLogger("catrt").getEffectiveLevel()
+    # Serve takes only the named levels: one set between them (15, from Python) logs as the named one below it
+    named = max(known for known in (logging.NOTSET, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR,
+                                    logging.CRITICAL) if known <= level)
+    return {"log_level": logging.getLevelName(named), "enable_access_log": False}
+
+
 def build(args: dict[str, Any]) -> Any:
     """Application builder for `serve run` / KubeRay: `args` = `{"serve": ServeConfig fields, "fleet": FleetConfig
     fields}`; the API key comes from $CATRT_API_KEY, the bundle key from $CATRT_BUNDLE_KEY (as `catrt.load` reads)."""
@@ -434,6 +446,8 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
 
     A signal while Ray starts or the replicas load stops it too (exit 0, as after serving)."""
     stop = threading.Event()
+    # Serve's logger in this process ("Started Serve", "Deployed app") logs at INFO whatever catrt's level is.
+    logging.getLogger(SERVE_LOGGER).setLevel(logging.getLogger("catrt").getEffectiveLevel())
     # Ctrl-C while Ray starts (seconds) was a KeyboardInterrupt inside ray.init, which left Ray to its exit hook (once
     # seen to crash there, SIGSEGV): it is taken once Ray has started, which then stops as after serving. (SIGTERM
     # there is Ray's own: ray.init installs a handler.)
@@ -456,7 +470,7 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
         if local:
             check_local_room(fleet, resources)
         try:
-            serve.start(http_options=http_options(config))
+            serve.start(http_options=http_options(config), logging_config=logging_config())
         except (RuntimeError, ray.exceptions.RayError) as error:
             raise ServiceUnavailableError(
                 f"Ray Serve's HTTP proxy did not start on {config.host}:{config.port}: {first_line(error)}; "
