@@ -776,3 +776,19 @@ def test_a_drain_does_not_wait_for_a_hung_call(model: StandIn, monkeypatch: pyte
     finally:
         model.release.set()
     assert exited.wait(10)
+
+
+def test_a_call_made_for_requests_given_up_long_ago_gets_its_grace_from_its_start() -> None:
+    """A failed batch is rerun one request at a time, each rerun a fresh call that encodes its prompt before its first
+    step sees nobody waits: the grace counted from its request's giving up (maybe minutes before, while the batch ran
+    for another request) made that healthy call "hung" at once, failing liveness. It counts from the call's start."""
+    from catrt.serve.hang import CallWatch
+
+    watch = CallWatch(grace=0.05)
+    left = _job("left")
+    left.abandoned_at = time.perf_counter() - 10  # gave up while the failed batch ran
+    with watch.running([left]):
+        assert watch.hang() is None
+        time.sleep(0.1)
+        assert watch.hang() is not None  # past its grace from its start: hung
+    assert watch.hang() is None
