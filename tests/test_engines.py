@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx
 import pytest
@@ -1190,3 +1190,39 @@ def test_a_backend_installed_under_another_distribution_name_records_its_version
     assert package_versions()[package] == "1.2.3"
     manifest = SimpleNamespace(versions={"catrt": catrt.__version__, package: "1.2.2"}, device={})
     assert [problem.field for problem in environment_problems(manifest, package, {}, ())] == [f"versions.{package}"]
+
+
+def test_an_engine_dropped_closes_once_logging_a_failed_release_and_a_half_made_one_is_left_alone(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`__del__` runs where Python drops the engine (any thread, the GC): an error waiting for its device must not
+    escape it (Python prints "Exception ignored" to stderr, outside the log), so it is logged naming the engine; an
+    engine whose constructor refused it has nothing to release; a closed one is not closed again."""
+    from catrt.engines.base import Engine
+
+    class Failing(Engine):
+        name = "failing"
+        needs_transformer = True
+        waits: ClassVar[list[str]] = []
+
+        def load(self) -> None:
+            pass
+
+        def run(self, graph: str, inputs: dict[str, torch.Tensor], out: Any = None) -> dict[str, torch.Tensor]:
+            return {}
+
+        def _finish_device_work(self) -> None:
+            self.waits.append(str(self.folder))
+            raise RuntimeError("an illegal memory access was encountered")
+
+    with caplog.at_level(logging.WARNING, logger="catrt.engines.base"):
+        with pytest.raises(ConfigError, match="runs the PyTorch transformer"):
+            Failing(Path("half"), {}, torch.device("cpu"))
+        engine = Failing(Path("dropped"), {}, torch.device("cpu"), adapter=object())
+        del engine
+        closed = Failing(Path("closed"), {}, torch.device("cpu"), adapter=object())
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            closed.close()  # an explicit close raises to its caller
+        del closed
+    assert Failing.waits == ["dropped", "closed"]
+    assert [record.getMessage() for record in caplog.records] == ["releasing the failing engine of dropped failed"]
+    assert "illegal memory access" in str(caplog.records[0].exc_info[1])
