@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -1226,3 +1227,29 @@ def test_an_engine_dropped_closes_once_logging_a_failed_release_and_a_half_made_
     assert Failing.waits == ["dropped", "closed"]
     assert [record.getMessage() for record in caplog.records] == ["releasing the failing engine of dropped failed"]
     assert "illegal memory access" in str(caplog.records[0].exc_info[1])
+
+
+def test_an_onnx_bundle_loads_where_an_open_files_fstat_names_another_device_than_its_path(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """catrt took a file's identity from its open descriptor (fstat) and compared it with the path's (lstat) once ONNX
+    Runtime was done: where the two differ for one unchanged file (overlayfs before Linux 4.19 reports the lower layer's
+    device and inode for an open file, its own for the path: a bundle in a container image), every load was refused as
+    "written or replaced". Both are now taken by path; a file replaced meanwhile is still refused (the test above)."""
+    import catrt.engines.verified_file as verified_file_module
+
+    class LowerLayer:
+        """`os`, but an open file's fstat names another device and inode than its path's lstat."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        @staticmethod
+        def fstat(descriptor: int) -> os.stat_result:
+            info = os.fstat(descriptor)
+            extra = {name: getattr(info, name) for name in dir(info) if name.startswith("st_") and name not in (
+                "st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime", "st_mtime", "st_ctime")}
+            return os.stat_result((info.st_mode, info.st_ino + 1, info.st_dev + 1, *info[3:10]), extra)
+
+    monkeypatch.setattr(verified_file_module, "os", LowerLayer())
+    fast = catrt.load(bundle_copy)
+    assert fast.engine.sessions and fast.build.backend == "onnxruntime"
