@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -31,7 +30,6 @@ class CallWatch:
         self.grace = grace
         self._calling: tuple[Sequence[Job], float] = ((), 0.0)  # the call's jobs and its start, swapped as one
         self._logged: Sequence[Job] | None = None  # the call whose hang was logged
-        self._logging = threading.Lock()  # `hang` is asked from several threads (probes, admission): one log per call
 
     @contextlib.contextmanager
     def running(self, jobs: Sequence[Job]) -> Iterator[None]:
@@ -54,9 +52,7 @@ class CallWatch:
         reason = (f"the worker is still in one model call {past:.1f} s after its last request was answered or given up, "
                   f"past --hang-grace {self.grace:g} s (a call stops before its next denoising step): a step or the "
                   f"device is stuck")
-        with self._logging:
-            first = self._logged is not calling
+        if self._logged is not calling:
             self._logged = calling
-        if first:
             logger.error("requests %s: %s", ",".join(job.request_id for job in calling), reason)
         return reason
