@@ -11,12 +11,13 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx
 import pytest
@@ -1190,3 +1191,65 @@ def test_a_backend_installed_under_another_distribution_name_records_its_version
     assert package_versions()[package] == "1.2.3"
     manifest = SimpleNamespace(versions={"catrt": catrt.__version__, package: "1.2.2"}, device={})
     assert [problem.field for problem in environment_problems(manifest, package, {}, ())] == [f"versions.{package}"]
+
+
+def test_an_engine_dropped_closes_once_logging_a_failed_release_and_a_half_made_one_is_left_alone(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`__del__` runs where Python drops the engine (any thread, the GC): an error waiting for its device must not
+    escape it (Python prints "Exception ignored" to stderr, outside the log), so it is logged naming the engine; an
+    engine whose constructor refused it has nothing to release; a closed one is not closed again."""
+    from catrt.engines.base import Engine
+
+    class Failing(Engine):
+        name = "failing"
+        needs_transformer = True
+        waits: ClassVar[list[str]] = []
+
+        def load(self) -> None:
+            pass
+
+        def run(self, graph: str, inputs: dict[str, torch.Tensor], out: Any = None) -> dict[str, torch.Tensor]:
+            return {}
+
+        def _finish_device_work(self) -> None:
+            self.waits.append(str(self.folder))
+            raise RuntimeError("an illegal memory access was encountered")
+
+    with caplog.at_level(logging.WARNING, logger="catrt.engines.base"):
+        with pytest.raises(ConfigError, match="runs the PyTorch transformer"):
+            Failing(Path("half"), {}, torch.device("cpu"))
+        engine = Failing(Path("dropped"), {}, torch.device("cpu"), adapter=object())
+        del engine
+        closed = Failing(Path("closed"), {}, torch.device("cpu"), adapter=object())
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            closed.close()  # an explicit close raises to its caller
+        del closed
+    assert Failing.waits == ["dropped", "closed"]
+    assert [record.getMessage() for record in caplog.records] == ["releasing the failing engine of dropped failed"]
+    assert "illegal memory access" in str(caplog.records[0].exc_info[1])
+
+
+def test_an_onnx_bundle_loads_where_an_open_files_fstat_names_another_device_than_its_path(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """catrt took a file's identity from its open descriptor (fstat) and compared it with the path's (lstat) once ONNX
+    Runtime was done: where the two differ for one unchanged file (overlayfs before Linux 4.19 reports the lower layer's
+    device and inode for an open file, its own for the path: a bundle in a container image), every load was refused as
+    "written or replaced". Both are now taken by path; a file replaced meanwhile is still refused (the test above)."""
+    import catrt.engines.verified_file as verified_file_module
+
+    class LowerLayer:
+        """`os`, but an open file's fstat names another device and inode than its path's lstat."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        @staticmethod
+        def fstat(descriptor: int) -> os.stat_result:
+            info = os.fstat(descriptor)
+            extra = {name: getattr(info, name) for name in dir(info) if name.startswith("st_") and name not in (
+                "st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime", "st_mtime", "st_ctime")}
+            return os.stat_result((info.st_mode, info.st_ino + 1, info.st_dev + 1, *info[3:10]), extra)
+
+    monkeypatch.setattr(verified_file_module, "os", LowerLayer())
+    fast = catrt.load(bundle_copy)
+    assert fast.engine.sessions and fast.build.backend == "onnxruntime"

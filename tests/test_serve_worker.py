@@ -776,3 +776,58 @@ def test_a_drain_does_not_wait_for_a_hung_call(model: StandIn, monkeypatch: pyte
     finally:
         model.release.set()
     assert exited.wait(10)
+
+
+
+class _Clock:
+    """perf_counter for `catrt.serve.hang`, moved by hand: the verdicts below depend on no scheduler's timing."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    import catrt.serve.hang as hang_module
+
+    clock = _Clock()
+    monkeypatch.setattr(hang_module, "time", clock)
+    return clock
+
+
+def test_a_call_made_for_requests_given_up_long_ago_gets_its_grace_from_its_start(clock: _Clock) -> None:
+    """A failed batch is rerun one request at a time, each rerun a fresh call that encodes its prompt before its first
+    step sees nobody waits: the grace counted from its request's giving up (maybe minutes before, while the batch ran
+    for another request) made that healthy call "hung" at once, failing liveness. It counts from the call's start."""
+    from catrt.serve.hang import CallWatch
+
+    watch = CallWatch(grace=5)
+    left = _job("left")
+    left.abandoned_at = clock.now - 100  # gave up while the failed batch ran
+    with watch.running([left]):
+        assert watch.hang() is None
+        clock.now += 5
+        assert watch.hang() is None
+        clock.now += 0.1
+        assert watch.hang() is not None  # past its grace from its start: hung
+    assert watch.hang() is None
+
+
+def test_a_batched_call_is_not_hung_while_one_of_its_requests_still_waits(clock: _Clock) -> None:
+    """Two requests in one call, one given up long ago: the call is busy for the other, not hung, and its grace starts
+    once that one too is given up (here its deadline)."""
+    from catrt.serve.hang import CallWatch
+
+    watch = CallWatch(grace=5)
+    left, waiting = _job("left"), _job("waiting", deadline=clock.now + 100)
+    left.abandoned_at = clock.now - 100
+    with watch.running([left, waiting]):
+        clock.now += 100
+        assert watch.hang() is None  # past the grace from its start and from `left`, but `waiting` waited until now
+        clock.now += 5
+        assert watch.hang() is None
+        clock.now += 0.1
+        assert watch.hang() is not None

@@ -66,12 +66,16 @@ class VerifiedFile:
         self.path = path
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
         try:
+            # The path's identity, taken by path as `check_unchanged` takes it again: an fd's fstat may name another
+            # device and inode than the path's stat (overlayfs before Linux 4.19, a container image's lower layer).
+            # Taken before the open, so a file replaced in between reads as changed, never the other way round.
+            named = os.lstat(path)
             self._file = os.fdopen(os.open(path, flags), "rb", buffering=0)
         except OSError as error:
             raise self._unreadable(error) from error
         info = os.fstat(self._file.fileno())
         self.size = info.st_size
-        self._identity = _identity(info)
+        self._identity = _identity(named)
         self._record = record
         self._digest = hashlib.sha256()
         self._before: list[Any] = []  # per block hashed so far, in file order: the whole-file hash before it (a copy)

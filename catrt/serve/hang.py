@@ -4,7 +4,9 @@ A call stops before its next denoising step once nobody waits for it (each reque
 its client gone), so one still running `grace` seconds after that is stuck in one step, its text encoding or its
 decode: a hung device, a deadlock. The process would then answer every request 504 while its liveness probe said
 200, and only a restart ends it. `CallWatch` is told which call runs (`running`) and says why it is hung (`hang`),
-read from any thread.
+read from any thread. The grace counts from the later of the call's start and its last job given up: a call made for
+jobs already given up (a failed batch rerun one request at a time) has its text encoding to run before its first step
+looks, and is no more hung for it than a fresh call.
 """
 
 from __future__ import annotations
@@ -26,25 +28,25 @@ class CallWatch:
 
     def __init__(self, grace: float) -> None:
         self.grace = grace
-        self._calling: Sequence[Job] = ()
+        self._calling: tuple[Sequence[Job], float] = ((), 0.0)  # the call's jobs and its start, swapped as one
         self._logged: Sequence[Job] | None = None  # the call whose hang was logged
 
     @contextlib.contextmanager
     def running(self, jobs: Sequence[Job]) -> Iterator[None]:
         """Around one model call for `jobs` (on the worker thread)."""
-        self._calling = jobs
+        self._calling = (jobs, time.perf_counter())
         try:
             yield
         finally:
-            self._calling = ()
+            self._calling = ((), 0.0)
 
     def hang(self) -> str | None:
         """Why the call running now counts as hung, else None (no call, or one within its grace). Logged once per call,
         naming its requests."""
-        calling = self._calling
+        calling, started = self._calling
         if not calling:
             return None
-        past = time.perf_counter() - max(job.given_up_at for job in calling)
+        past = time.perf_counter() - max(started, *(job.given_up_at for job in calling))
         if past <= self.grace:
             return None
         reason = (f"the worker is still in one model call {past:.1f} s after its last request was answered or given up, "
