@@ -13,7 +13,6 @@ suite runs). Prints a markdown table and writes it, with the command, to --out.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import platform

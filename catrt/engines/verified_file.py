@@ -15,7 +15,9 @@ Every byte served thus lies in a block whose bytes are those the whole-file dige
 
 A consumer that takes one buffer (TensorRT before 10.7; the weights and index catrt hands ONNX Runtime) gets the
 file read whole into memory of this process (`whole`, `verified_bytes`), hashed as read and verified before it is used:
-what is used is then those bytes, whatever happens to the file afterwards. A consumer that reads the file by its path
+what is used is then those bytes, whatever happens to the file afterwards. Where this read is the file's only
+sha256 check (`first_check`: `catrt.load` leaves weights.bin's digest to it, `catrt.file_checks.VERIFIED_AS_READ`),
+a mismatch is refused as the bundle's check refuses one. A consumer that reads the file by its path
 itself (ONNX Runtime: its graphs, and the weights its optimizations fold) gets it hashed just before (`hashed_file`), and
 what it made of it is refused unless the path still names that file, unwritten, once it is done (`check_unchanged`:
 same device, inode and change time, which every write or rename sets and no user call sets back).
@@ -33,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from catrt.errors import CorruptBundleError
+from catrt.file_checks import digest_mismatch
 
 #: Bytes read, hashed and held at a time (a module constant: tests shrink it to exercise many blocks).
 BLOCK = 16 << 20
@@ -60,10 +63,13 @@ def hashed_file(path: Path, record: Mapping[str, Any] | None) -> VerifiedFile:
 
 class VerifiedFile:
     """`read` / `seek` over a file opened once (no links followed), checked against `record` ({"sha256", "size"})
-    by `finish()`; without a record (a build loading the files it has just written) nothing is compared."""
+    by `finish()`; without a record (a build loading the files it has just written) nothing is compared.
+    `first_check`: no sha256 of the file was checked before this read (only its size), so a mismatch is the bundle's
+    own, not a change since its check."""
 
-    def __init__(self, path: Path, record: Mapping[str, Any] | None) -> None:
+    def __init__(self, path: Path, record: Mapping[str, Any] | None, first_check: bool = False) -> None:
         self.path = path
+        self._first_check = first_check
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
         try:
             self._file = os.fdopen(os.open(path, flags), "rb", buffering=0)
@@ -152,7 +158,7 @@ class VerifiedFile:
                 self._digest.hexdigest(), str(self._record["sha256"])
             )
         if self.changed:
-            raise self._changed_error()
+            raise digest_mismatch(self.path.parent, self.path.name) if self._first_check else self._changed_error()
 
     def check_unchanged(self, reader: str) -> None:
         """Refuse what `reader` read from the file by its path since it was opened here (ONNX Runtime's own reads) if the
