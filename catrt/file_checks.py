@@ -135,7 +135,9 @@ def _file_problem(folder: Path, name: str, record: Mapping[str, Any], hashed: bo
             f"(corrupt or modified); rebuild the engine",
             field=name, value={"expected": record["size"], "found": size},
         )
-    if digest is not None and not hmac.compare_digest(digest, str(record["sha256"])):
+    if digest is None:
+        _remember_unhashed(path, info)
+    elif not hmac.compare_digest(digest, str(record["sha256"])):
         return digest_mismatch(folder, name)
     return None
 
@@ -189,6 +191,30 @@ def _identity(info: os.stat_result) -> tuple[int, ...] | None:
     if os.name != "posix" or time.time_ns() - info.st_ctime_ns < SETTLED_NS:
         return None
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+#: Per path, the stat (device, inode, size, mtime, ctime) of each file a check left the sha256 of to its engine had then,
+#: so that engine's read tells a file written or replaced since the check from one that was so when checked; the oldest
+#: entry goes first.
+_UNHASHED: dict[str, tuple[int, ...]] = {}
+
+
+def _stat_identity(info: os.stat_result) -> tuple[int, ...]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def _remember_unhashed(path: Path, info: os.stat_result) -> None:
+    if len(_UNHASHED) >= _DIGESTS_KEPT:
+        _UNHASHED.pop(next(iter(_UNHASHED)))
+    _UNHASHED.pop(str(path), None)  # newest last
+    _UNHASHED[str(path)] = _stat_identity(info)
+
+
+def written_since_unhashed_check(path: Path, info: os.stat_result) -> bool:
+    """Whether the file at `path`, as `info` shows it now, was written or replaced since a check of this process left
+    its sha256 to the engine reading it (False where no such check saw it)."""
+    then = _UNHASHED.get(str(path))
+    return then is not None and then != _stat_identity(info)
 
 
 def _unlisted_entries(folder: Path, known: set[str]) -> list[CatrtError]:

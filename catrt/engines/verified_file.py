@@ -29,13 +29,13 @@ import hashlib
 import hmac
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from catrt.errors import CorruptBundleError
-from catrt.file_checks import digest_mismatch
+from catrt.file_checks import digest_mismatch, written_since_unhashed_check
 
 #: Bytes read, hashed and held at a time (a module constant: tests shrink it to exercise many blocks).
 BLOCK = 16 << 20
@@ -69,13 +69,14 @@ class VerifiedFile:
 
     def __init__(self, path: Path, record: Mapping[str, Any] | None, first_check: bool = False) -> None:
         self.path = path
-        self._first_check = first_check
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
         try:
             self._file = os.fdopen(os.open(path, flags), "rb", buffering=0)
         except OSError as error:
             raise self._unreadable(error) from error
         info = os.fstat(self._file.fileno())
+        # Its sha256 unchecked before: a mismatch is the bundle's own unless the file was written since its check.
+        self._first_check = first_check and not written_since_unhashed_check(path, info)
         self.size = info.st_size
         self._identity = _identity(info)
         self._record = record
@@ -129,10 +130,12 @@ class VerifiedFile:
         self.position = base + offset
         return True
 
-    def whole(self) -> bytearray:
+    def whole(self, allocate: Callable[[int], Any] = bytearray) -> Any:
         """The whole file in memory of this process, read a block at a time into one buffer and hashed as read, for a
-        consumer that takes one buffer; `finish()` then verifies it. Host memory held: the file, once."""
-        data = bytearray(self.size)
+        consumer that takes one buffer; `finish()` then verifies it. Host memory held: the file, once. `allocate(size)`:
+        the writable buffer to read into (a bytearray is zeroed first: for gigabytes of weights, a buffer left
+        uninitialised, such as numpy's `empty`, saves a pass over the memory)."""
+        data = allocate(self.size)
         with memoryview(data) as view:
             done = 0
             try:
