@@ -176,6 +176,13 @@ def _digest_regular_file(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def memoized_digest(info: os.stat_result) -> str | None:
+    """The sha256 this process took of the settled file `info` shows, if its identity has not changed since (None: not
+    hashed here, changed since, or too fresh to trust its change time): its bytes are then those hashed."""
+    identity = _identity(info)
+    return _DIGESTS.get(identity) if identity is not None else None
+
+
 #: sha256 by file identity (`_identity`), for the files this process hashed; the oldest entry goes first.
 _DIGESTS: dict[tuple[int, ...], str] = {}
 _DIGESTS_KEPT = 1024

@@ -13,6 +13,12 @@ twice. `finish()` hashes what the consumer did not read and compares the whole d
 Every byte served thus lies in a block whose bytes are those the whole-file digest was taken over, so when
 `finish()` passes, the consumer read exactly the verified file. Host memory held: one block.
 
+A file the bundle check of this process hashed already (`catrt.load` checks a bundle, then its engine reads it: a
+TensorRT plan, an ONNX graph) is not hashed again: where `catrt.file_checks` remembers its digest for the file's
+identity (device, inode, size, mtime, change time, of a file settled before the check), it is served as read, and
+`finish()` refuses it if that identity changed by the end of the read (any write or truncation sets the change time,
+which no user call sets back): one sha256 pass per file at load, not two.
+
 A consumer that takes one buffer (TensorRT before 10.7; the weights and index catrt hands ONNX Runtime) gets the
 file read whole into memory of this process (`whole`, `verified_bytes`), hashed as read and verified before it is used:
 what is used is then those bytes, whatever happens to the file afterwards. Where this read is the file's only
@@ -35,7 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from catrt.errors import CorruptBundleError
-from catrt.file_checks import digest_mismatch, written_since_unhashed_check
+from catrt.file_checks import digest_mismatch, memoized_digest, written_since_unhashed_check
 
 #: Bytes read, hashed and held at a time (a module constant: tests shrink it to exercise many blocks).
 BLOCK = 16 << 20
@@ -43,6 +49,11 @@ BLOCK = 16 << 20
 
 def _identity(info: os.stat_result) -> tuple[int, int, int]:
     return info.st_dev, info.st_ino, info.st_ctime_ns
+
+
+def _same_file(info: os.stat_result) -> tuple[int, ...]:
+    """What any write, truncation or replacement changes: device, inode, size, mtime and change time."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def verified_bytes(path: Path, record: Mapping[str, Any] | None) -> bytearray:
@@ -88,6 +99,12 @@ class VerifiedFile:
         self.position = 0
         self.changed = False
         self._failure: CorruptBundleError | None = None  # a read error `read` kept for `finish`
+        # The bundle check of this process hashed this very file (a settled one, its identity unchanged since: the
+        # digest memo of `catrt.file_checks`) to the recorded sha256: it is served unhashed, and `finish` refuses it if
+        # its identity changed while it was read (any write sets its change time). Not hashed twice at load.
+        self._stat = info
+        memo = memoized_digest(info) if record is not None else None
+        self._checked = record is not None and memo is not None and hmac.compare_digest(memo, str(record["sha256"]))
         if not stat.S_ISREG(info.st_mode) or (record is not None and self.size != record["size"]):
             self.close()
             raise self._changed_error()
@@ -141,7 +158,8 @@ class VerifiedFile:
             try:
                 self._file.seek(0)
                 while done < self.size and (count := self._file.readinto(view[done : done + BLOCK])):
-                    self._digest.update(view[done : done + count])
+                    if not self._checked:
+                        self._digest.update(view[done : done + count])
                     done += count
             except OSError as error:
                 raise self._unreadable(error) from error
@@ -154,7 +172,9 @@ class VerifiedFile:
         read error `read` kept)."""
         if self._failure is not None:
             raise self._failure
-        if self._record is not None:
+        if self._checked:
+            self.changed = self.changed or _same_file(os.fstat(self._file.fileno())) != _same_file(self._stat)
+        elif self._record is not None:
             while not self.changed and self._hashed < self.size:
                 self._hash_next_block()
             self.changed = self.changed or self._hashed != self._record["size"] or not hmac.compare_digest(
@@ -187,7 +207,10 @@ class VerifiedFile:
         if self._held is not None and self._held[0] == index:
             return self._held[1]
         block: bytes | None = None
-        while not self.changed and len(self._after) <= index:
+        if self._checked:  # its digest checked already (`finish` refuses it if it changed since)
+            block = self._read_at(index * BLOCK, self._block_length(index))
+            self.changed = len(block) != self._block_length(index)
+        while block is None and not self.changed and len(self._after) <= index:
             block = self._hash_next_block()
         if block is None and not self.changed:
             block = self._read_at(index * BLOCK, self._block_length(index))
