@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=12, help="transformer blocks of the widened model")
     parser.add_argument("--width", type=int, default=512, help="transformer channels of the widened model (a multiple of 64)")
     parser.add_argument("--repeats", type=int, default=3, help="loads timed")
-    parser.add_argument("--work", type=Path, default=Path("bench/results/tmp/bundle-load"), help="where the model and bundle are built (reused)")
+    parser.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "results" / "tmp" / "bundle-load",
+                        help="where the model and bundle are built (reused by later runs)")
     parser.add_argument("--out", type=Path, default=None, help="report file (default: a new file under bench/results/tmp/)")
     args = parser.parse_args(argv)
     benchkit.check_at_least_one(parser, repeats=args.repeats, layers=args.layers)

@@ -197,6 +197,11 @@ def _identity(info: os.stat_result) -> tuple[int, ...] | None:
     a file changed within `SETTLED_NS`."""
     if os.name != "posix" or time.time_ns() - info.st_ctime_ns < SETTLED_NS:
         return None
+    return stat_identity(info)
+
+
+def stat_identity(info: os.stat_result) -> tuple[int, ...]:
+    """What any write, truncation or replacement of a file changes: device, inode, size, mtime and change time."""
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
@@ -206,22 +211,18 @@ def _identity(info: os.stat_result) -> tuple[int, ...] | None:
 _UNHASHED: dict[str, tuple[int, ...]] = {}
 
 
-def _stat_identity(info: os.stat_result) -> tuple[int, ...]:
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-
-
 def _remember_unhashed(path: Path, info: os.stat_result) -> None:
     if len(_UNHASHED) >= _DIGESTS_KEPT:
         _UNHASHED.pop(next(iter(_UNHASHED)))
     _UNHASHED.pop(str(path), None)  # newest last
-    _UNHASHED[str(path)] = _stat_identity(info)
+    _UNHASHED[str(path)] = stat_identity(info)
 
 
 def written_since_unhashed_check(path: Path, info: os.stat_result) -> bool:
     """Whether the file at `path`, as `info` shows it now, was written or replaced since a check of this process left
     its sha256 to the engine reading it (False where no such check saw it)."""
     then = _UNHASHED.get(str(path))
-    return then is not None and then != _stat_identity(info)
+    return then is not None and then != stat_identity(info)
 
 
 def _unlisted_entries(folder: Path, known: set[str]) -> list[CatrtError]:

@@ -41,7 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from catrt.errors import CorruptBundleError
-from catrt.file_checks import digest_mismatch, memoized_digest, written_since_unhashed_check
+from catrt.file_checks import digest_mismatch, memoized_digest, stat_identity, written_since_unhashed_check
 
 #: Bytes read, hashed and held at a time (a module constant: tests shrink it to exercise many blocks).
 BLOCK = 16 << 20
@@ -49,11 +49,6 @@ BLOCK = 16 << 20
 
 def _identity(info: os.stat_result) -> tuple[int, int, int]:
     return info.st_dev, info.st_ino, info.st_ctime_ns
-
-
-def _same_file(info: os.stat_result) -> tuple[int, ...]:
-    """What any write, truncation or replacement changes: device, inode, size, mtime and change time."""
-    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def verified_bytes(path: Path, record: Mapping[str, Any] | None) -> bytearray:
@@ -173,7 +168,7 @@ class VerifiedFile:
         if self._failure is not None:
             raise self._failure
         if self._checked:
-            self.changed = self.changed or _same_file(os.fstat(self._file.fileno())) != _same_file(self._stat)
+            self.changed = self.changed or stat_identity(os.fstat(self._file.fileno())) != stat_identity(self._stat)
         elif self._record is not None:
             while not self.changed and self._hashed < self.size:
                 self._hash_next_block()
