@@ -63,7 +63,7 @@ class SharedInitializers:
         # `catrt.load` checked all of weights.bin but its sha256 (VERIFIED_AS_READ): this read, before any session, does.
         first_check = WEIGHTS_FILE in VERIFIED_AS_READ["onnxruntime"]
         with VerifiedFile(folder / WEIGHTS_FILE, records.get(WEIGHTS_FILE), first_check) as weights:
-            self.data: np.ndarray | None = weights.whole(lambda size: np.empty(size, np.uint8))  # not zeroed first
+            self.data: np.ndarray | None = np.frombuffer(weights.whole(), dtype=np.uint8)
             weights.finish()
         #: weights.bin as read here, to tell whether it changed while ONNX Runtime read it itself (None: not checked).
         self.weights_file = weights if files is not None else None

@@ -35,7 +35,7 @@ import hashlib
 import hmac
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -142,12 +142,10 @@ class VerifiedFile:
         self.position = base + offset
         return True
 
-    def whole(self, allocate: Callable[[int], Any] = bytearray) -> Any:
+    def whole(self) -> bytearray:
         """The whole file in memory of this process, read a block at a time into one buffer and hashed as read, for a
-        consumer that takes one buffer; `finish()` then verifies it. Host memory held: the file, once. `allocate(size)`:
-        the writable buffer to read into (a bytearray is zeroed first: for gigabytes of weights, a buffer left
-        uninitialised, such as numpy's `empty`, saves a pass over the memory)."""
-        data = allocate(self.size)
+        consumer that takes one buffer; `finish()` then verifies it. Host memory held: the file, once."""
+        data = bytearray(self.size)
         with memoryview(data) as view:
             done = 0
             try:
