@@ -55,7 +55,8 @@ from catrt.signing import BUNDLE_KEY_ENV, canonical_manifest, resolve_key, sign_
 #: The checks' entry points, with the names of the modules it runs that callers use (one import for them all).
 __all__ = [
     "BUNDLE_FILES", "BUNDLE_KEY_ENV", "SETTLED_NS", "IntegrityReport", "bundle_files", "canonical_manifest",
-    "check_integrity", "consistency_problems", "digests_left_to_engine", "file_problems", "name_problem", "onnx_graph_problems",
+    "check_integrity", "consistency_problems", "digests_left_to_engine", "file_problems", "name_problem",
+    "onnx_graph_problems",
     "read_build_config", "resolve_key", "rows_per_image", "sign_manifest", "signature_problems", "text_tokens_before",
 ]
 
