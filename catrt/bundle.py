@@ -8,7 +8,10 @@ resolution, batch, steps and text length the graphs were built for (ConfigError)
 
 A bundle whose backend carries its own weights (onnxruntime, tensorrt) loads the pipeline without
 the transformer's weights: `pipe.transformer` is a weightless stand-in for its config, and the
-weights' identity is the digest the build recorded (nothing is hashed at load). eager and compile
+weights' identity is the digest the build recorded (the model's weights are not hashed at load). An onnxruntime
+bundle's weights.bin is read and hashed once: its engine reads it whole and checks it against the manifest before it
+makes any session, so `load`'s check leaves its sha256 to that read (`catrt.integrity.digests_left_to_engine`);
+`catrt inspect`, `serve --engines` and `bundle_problems` hash every file. eager and compile
 bundles have no weights of their own and run the model's transformer.
 """
 
@@ -30,7 +33,7 @@ from catrt.call_arguments import refuse_config_keywords, request_batch
 from catrt.config import CATConfig
 from catrt.engines import ENGINES, Engine, GraphSpec
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, CorruptBundleError, EngineMismatchError, UnknownModelError, echo
-from catrt.integrity import check_integrity
+from catrt.integrity import check_integrity, digests_left_to_engine
 from catrt.loading import load_pipeline
 from catrt.manifest import Manifest
 from catrt.model_cards import check_model_source
@@ -234,7 +237,8 @@ def _folder_identity(folder: Path) -> tuple[int, int] | None:
 
 def _load(folder: Path, config: CATConfig | None, key: bytes | None, pipe: Any) -> EnginePipeline:
     """`load` of the folder as it is now."""
-    manifest = verify_bundle(folder, key)
+    with digests_left_to_engine():  # weights.bin: hashed as the engine reads it, before it makes any session
+        manifest = verify_bundle(folder, key)
     build = BuildConfig.from_dict(manifest.build)
     run_config = _run_config(build, config)  # refused before any backend runs
     engine_class = ENGINES[build.backend]

@@ -5,6 +5,11 @@ for the bundle's graphs but unlisted (or listed but not one of them), a listed f
 file, or of another size or sha256 than recorded, and any entry of the folder the manifest does not list. The
 digests of settled files are remembered per process, so a bundle checked twice (`serve --engines`, then
 `catrt.load`) reads its weights once.
+
+`catrt.load` leaves the sha256 of the files its backend verifies as it reads them, before any of its sessions is made
+(`VERIFIED_AS_READ`: an onnxruntime bundle's weights.bin, read whole into memory and hashed as read), to that read:
+they are checked here for all but their digest, and the weights are read and hashed once, not twice. Every other
+check (`catrt inspect`, `serve --engines`) hashes every file.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import hmac
 import os
 import stat
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,10 @@ BUNDLE_FILES: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "onnxruntime": (".onnx", ("weights.bin", "initializers.json")),
     "tensorrt": (".plan", ()),
 }
+#: Per backend, the files its engine reads whole into memory and checks against their manifest sha256 as it reads
+#: them, before any session or engine of the backend is made (`catrt.engines.shared_weights`): `catrt.load` checks them
+#: up front for all but their digest. Not TensorRT's plans: their digest is known only once TensorRT consumed them.
+VERIFIED_AS_READ: dict[str, tuple[str, ...]] = {"onnxruntime": ("weights.bin",)}
 _CHUNK = 1 << 20
 
 
@@ -55,12 +64,14 @@ def name_problem(name: object) -> CorruptBundleError | None:
 
 
 def file_problems(
-    folder: Path, files: Mapping[str, Any], backend: str | None, graphs: Iterable[str] | None = None
+    folder: Path, files: Mapping[str, Any], backend: str | None, graphs: Iterable[str] | None = None,
+    as_read: Collection[str] = (),
 ) -> list[CatrtError]:
     """Each file problem: unsafe names, files the backend needs for `graphs` but unlisted, listed but
     absent, links, wrong size or sha256, and entries of the folder the manifest does not list.
 
-    Without a backend or the graphs' names, which files are needed is unknown and not checked."""
+    Without a backend or the graphs' names, which files are needed is unknown and not checked. `as_read`: files whose
+    sha256 the caller's engine checks as it reads them (`VERIFIED_AS_READ`), checked here for all but their digest."""
     problems: list[CatrtError] = []
     safe = {}
     for name, record in files.items():
@@ -88,14 +99,15 @@ def file_problems(
                 ))
     for name, record in safe.items():
         if isinstance(record, Mapping) and {"sha256", "size"} <= set(record):
-            problem = _file_problem(folder, name, record)
+            problem = _file_problem(folder, name, record, hashed=name not in as_read)
             if problem is not None:
                 problems.append(problem)
     problems += _unlisted_entries(folder, {*files, *(required or ())})  # a required one is named above
     return problems
 
 
-def _file_problem(folder: Path, name: str, record: Mapping[str, Any]) -> CorruptBundleError | None:
+def _file_problem(folder: Path, name: str, record: Mapping[str, Any], hashed: bool = True) -> CorruptBundleError | None:
+    """The file's problem, if any; `hashed=False`: all but its sha256 (its size from lstat, nothing read)."""
     path = folder / name
     try:
         info = os.lstat(path)
@@ -111,22 +123,31 @@ def _file_problem(folder: Path, name: str, record: Mapping[str, Any]) -> Corrupt
         )
     if not stat.S_ISREG(info.st_mode):
         return CorruptBundleError(f"engine file {name} in {folder} is not a regular file; rebuild the engine", field=name)
-    try:
-        size, digest = _digest_regular_file(path)
-    except OSError as error:
-        return CorruptBundleError(f"engine file {name} in {folder} cannot be read: {error.strerror}", field=name)
+    size, digest = info.st_size, None
+    if hashed:
+        try:
+            size, digest = _digest_regular_file(path)
+        except OSError as error:
+            return CorruptBundleError(f"engine file {name} in {folder} cannot be read: {error.strerror}", field=name)
     if size != record["size"]:
         return CorruptBundleError(
             f"engine file {name} in {folder} has {size} bytes, not the {record['size']} its manifest records "
             f"(corrupt or modified); rebuild the engine",
             field=name, value={"expected": record["size"], "found": size},
         )
-    if not hmac.compare_digest(digest, str(record["sha256"])):
-        return CorruptBundleError(
-            f"engine file {name} in {folder} does not match its manifest sha256 (corrupt or modified); rebuild the engine",
-            field=name,
-        )
+    if digest is None:
+        _remember_unhashed(path, info)
+    elif not hmac.compare_digest(digest, str(record["sha256"])):
+        return digest_mismatch(folder, name)
     return None
+
+
+def digest_mismatch(folder: Path, name: str) -> CorruptBundleError:
+    """The refusal of a file whose bytes do not have its manifest sha256 (here, or as its engine reads it)."""
+    return CorruptBundleError(
+        f"engine file {name} in {folder} does not match its manifest sha256 (corrupt or modified); rebuild the engine",
+        field=name,
+    )
 
 
 def _digest_regular_file(path: Path) -> tuple[int, str]:
@@ -155,6 +176,13 @@ def _digest_regular_file(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def memoized_digest(info: os.stat_result) -> str | None:
+    """The sha256 this process took of the settled file `info` shows, if its identity has not changed since (None: not
+    hashed here, changed since, or too fresh to trust its change time): its bytes are then those hashed."""
+    identity = _identity(info)
+    return _DIGESTS.get(identity) if identity is not None else None
+
+
 #: sha256 by file identity (`_identity`), for the files this process hashed; the oldest entry goes first.
 _DIGESTS: dict[tuple[int, ...], str] = {}
 _DIGESTS_KEPT = 1024
@@ -169,7 +197,32 @@ def _identity(info: os.stat_result) -> tuple[int, ...] | None:
     a file changed within `SETTLED_NS`."""
     if os.name != "posix" or time.time_ns() - info.st_ctime_ns < SETTLED_NS:
         return None
+    return stat_identity(info)
+
+
+def stat_identity(info: os.stat_result) -> tuple[int, ...]:
+    """What any write, truncation or replacement of a file changes: device, inode, size, mtime and change time."""
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+#: Per path, the stat (device, inode, size, mtime, ctime) of each file a check left the sha256 of to its engine had then,
+#: so that engine's read tells a file written or replaced since the check from one that was so when checked; the oldest
+#: entry goes first.
+_UNHASHED: dict[str, tuple[int, ...]] = {}
+
+
+def _remember_unhashed(path: Path, info: os.stat_result) -> None:
+    if len(_UNHASHED) >= _DIGESTS_KEPT:
+        _UNHASHED.pop(next(iter(_UNHASHED)))
+    _UNHASHED.pop(str(path), None)  # newest last
+    _UNHASHED[str(path)] = stat_identity(info)
+
+
+def written_since_unhashed_check(path: Path, info: os.stat_result) -> bool:
+    """Whether the file at `path`, as `info` shows it now, was written or replaced since a check of this process left
+    its sha256 to the engine reading it (False where no such check saw it)."""
+    then = _UNHASHED.get(str(path))
+    return then is not None and then != stat_identity(info)
 
 
 def _unlisted_entries(folder: Path, known: set[str]) -> list[CatrtError]:

@@ -7,7 +7,9 @@ each check from the module that owns it:
 - with a key, its signature: an HMAC-SHA256 over the canonical manifest (`catrt.signing`);
 - the files: exactly the files the backend needs for the bundle's graphs (`bundle_files`) are listed, each a plain name
   inside the folder, a regular file (not a link) with its recorded size and sha256, and the folder
-  holds nothing else (`catrt.file_checks`);
+  holds nothing else (`catrt.file_checks`); within `digests_left_to_engine()` (`catrt.load`, which loads the bundle
+  next) the sha256 of the files the backend's engine checks as it reads them, before it makes any session
+  (`VERIFIED_AS_READ`), is left to that read;
 - the fields against each other and the graphs: the build config is valid (`read_build_config`, here),
   k = ceil(alpha * N), N and the patch size fit the full graph's latent, height / width / batch / text length fit
   its inputs, the step graphs' activations have the build's precision, the `alphas` table lists the
@@ -26,15 +28,17 @@ edited together with its files (or its seal) detectable.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from catrt.build_config import BuildConfig
 from catrt.errors import CatrtError, ConfigError, CorruptBundleError, echo
-from catrt.file_checks import BUNDLE_FILES, SETTLED_NS, bundle_files, file_problems, name_problem
+from catrt.file_checks import BUNDLE_FILES, SETTLED_NS, VERIFIED_AS_READ, bundle_files, file_problems, name_problem
 from catrt.manifest import (
     MANIFEST_FILE,
     SIGNATURE_FIELD,
@@ -51,7 +55,8 @@ from catrt.signing import BUNDLE_KEY_ENV, canonical_manifest, resolve_key, sign_
 #: The checks' entry points, with the names of the modules it runs that callers use (one import for them all).
 __all__ = [
     "BUNDLE_FILES", "BUNDLE_KEY_ENV", "SETTLED_NS", "IntegrityReport", "bundle_files", "canonical_manifest",
-    "check_integrity", "consistency_problems", "file_problems", "name_problem", "onnx_graph_problems",
+    "check_integrity", "consistency_problems", "digests_left_to_engine", "file_problems", "name_problem",
+    "onnx_graph_problems",
     "read_build_config", "resolve_key", "rows_per_image", "sign_manifest", "signature_problems", "text_tokens_before",
 ]
 
@@ -64,6 +69,23 @@ class IntegrityReport:
     build: BuildConfig | None = None
     problems: list[CatrtError] = field(default_factory=list)
     signed: bool = False
+
+
+#: Whether this thread's (or task's) checks leave the sha256 of the `VERIFIED_AS_READ` files to the engine that loads
+#: the bundle next (`digests_left_to_engine`); a context variable, so the check's signature is the same for every caller.
+_LEFT_TO_ENGINE: ContextVar[bool] = ContextVar("catrt_digests_left_to_engine", default=False)
+
+
+@contextlib.contextmanager
+def digests_left_to_engine() -> Iterator[None]:
+    """Within: `check_integrity` checks the files the bundle's engine verifies as it reads them (`VERIFIED_AS_READ`)
+    for all but their sha256, which that engine checks before it makes any session. Only for a caller that loads the
+    bundle's engine next (`catrt.load`); `catrt inspect` and `serve --engines` hash every file."""
+    token = _LEFT_TO_ENGINE.set(True)
+    try:
+        yield
+    finally:
+        _LEFT_TO_ENGINE.reset(token)
 
 
 def check_integrity(folder: str | os.PathLike[str], key: bytes | None = None) -> IntegrityReport:
@@ -91,9 +113,9 @@ def check_integrity(folder: str | os.PathLike[str], key: bytes | None = None) ->
         report.build = read_build_config(report.manifest)
     except CorruptBundleError as error:
         report.problems.append(error)
-    report.problems += file_problems(
-        folder, report.manifest.files, report.build.backend if report.build else None, report.manifest.graphs
-    )
+    backend = report.build.backend if report.build else None
+    deferred = VERIFIED_AS_READ.get(backend, ()) if _LEFT_TO_ENGINE.get() and backend is not None else ()
+    report.problems += file_problems(folder, report.manifest.files, backend, report.manifest.graphs, deferred)
     if report.build is not None:
         report.problems += consistency_problems(report.manifest, report.build)
     if not report.problems and report.build is not None and report.build.backend == "onnxruntime":

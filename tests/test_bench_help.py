@@ -14,7 +14,7 @@ from catrt.cli import OneLineParser
 from tests.test_quality_bench import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["adaptive", "compile_time", "frontier", "gpu", "load", "quality", "speed"]
+SCRIPTS = ["adaptive", "bundle_load", "compile_time", "frontier", "gpu", "load", "quality", "speed"]
 
 
 class Parsed(Exception):

@@ -308,6 +308,96 @@ def test_a_settled_file_is_read_once_per_process_and_any_change_is_read_again(bu
     assert len(made) == files + 1  # only the changed file read again
 
 
+def _hashed_up_front(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files the bundle check reads whole to hash (`_digest_regular_file`), in order; none memoized."""
+    monkeypatch.setattr(file_checks, "SETTLED_NS", 1 << 62)
+    read: list[str] = []
+    real = file_checks._digest_regular_file
+    monkeypatch.setattr(file_checks, "_digest_regular_file", lambda path: read.append(path.name) or real(path))
+    monkeypatch.setattr(file_checks, "_DIGESTS", {})
+    return read
+
+
+def _sessions_made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The graph files ONNX Runtime sessions are made of, in order (the sessions are made as before)."""
+    import onnxruntime
+
+    made: list[str] = []
+    real = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda path, *a, **k: made.append(Path(path).name) or real(path, *a, **k))
+    return made
+
+
+def test_load_reads_and_hashes_weights_bin_once_where_inspect_hashes_every_file(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """catrt.load hashed weights.bin in the bundle check, then again as its engine read it: the engine's read (before
+    any session) is now its only sha256 pass. `catrt inspect`-style checks (bundle_problems) still hash every file."""
+    read = _hashed_up_front(monkeypatch)
+    sessions = _sessions_made(monkeypatch)
+    catrt.load(bundle).engine.close()
+    listed = set(_manifest(bundle)["files"])
+    assert sorted(read) == sorted(listed - {"weights.bin"}) and sessions == ["context.onnx", "full.onnx", "pruned-k2.onnx"]
+    read.clear()
+    assert bundle_problems(bundle) == (verify_bundle(bundle), [])
+    assert sorted(read) == sorted([*listed, *listed])  # both checks, whole: weights.bin too
+
+
+def test_an_edited_weights_bin_is_refused_by_load_before_any_session_naming_it(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A byte of weights.bin edited in place (same size): the check catrt.load runs leaves its digest to the engine's
+    read, which refuses it, naming the file and the manifest sha256 as the bundle check does, before ONNX Runtime makes
+    a session."""
+    read = _hashed_up_front(monkeypatch)
+    sessions = _sessions_made(monkeypatch)
+    _flip_byte(bundle / "weights.bin")
+    with pytest.raises(CorruptBundleError, match=r"^engine file weights\.bin in .* does not match its manifest sha256 "
+                                                   r"\(corrupt or modified\); rebuild the engine$") as caught:
+        catrt.load(bundle)
+    assert caught.value.field == "weights.bin" and sessions == [] and "weights.bin" not in read
+    _refused(bundle, r"engine file weights\.bin in .* does not match its manifest sha256", "weights.bin")  # inspect's check
+
+
+@pytest.mark.parametrize("damage", ["truncated", "link", "missing"])
+def test_load_refuses_a_weights_bin_of_another_size_or_kind_before_loading_the_model(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch, damage: str,
+) -> None:
+    """Left to the engine's read is weights.bin's sha256 only: its size, kind and presence are checked up front, before
+    the model loads, with the bundle check's messages."""
+    weights = bundle / "weights.bin"
+    if damage == "truncated":
+        with open(weights, "r+b") as stream:
+            stream.truncate(weights.stat().st_size - 1)
+        match = r"engine file weights\.bin in .* has \d+ bytes, not the \d+ its manifest records"
+    elif damage == "link":
+        shutil.move(weights, bundle.parent / "elsewhere.bin")
+        weights.symlink_to(bundle.parent / "elsewhere.bin")
+        match = r"engine file weights\.bin in .* is a symbolic link"
+    else:
+        weights.unlink()
+        match = r"engine file weights\.bin is missing from"
+    models: list[str] = []
+    monkeypatch.setattr(catrt.bundle, "load_pipeline", lambda model, **_: models.append(model))
+    with pytest.raises(CorruptBundleError, match=match) as caught:
+        catrt.load(bundle)
+    assert caught.value.field == "weights.bin" and models == []
+
+
+def test_only_the_files_an_engine_verifies_as_it_reads_them_are_left_to_it(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within `digests_left_to_engine` an edited weights.bin passes the check (its engine refuses it), an edited graph
+    or initializer index does not: ONNX Runtime reads the graphs by path, and integrity parses initializers.json."""
+    _flip_byte(bundle / "weights.bin")
+    with integrity.digests_left_to_engine():
+        assert check_integrity(bundle).problems == []
+    assert [p.field for p in check_integrity(bundle).problems] == ["weights.bin"]  # outside it: hashed
+    for name in ("full.onnx", "initializers.json"):
+        _flip_byte(bundle / name, offset=2)
+        with integrity.digests_left_to_engine():
+            assert [p.field for p in check_integrity(bundle).problems] == [name]
+        _flip_byte(bundle / name, offset=2)
+
+
 def test_a_file_changed_within_the_settling_time_is_read_every_time(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A change within one tick of the kernel's coarse clock may leave ctime as it was: such files are not kept."""
     monkeypatch.setattr(file_checks, "SETTLED_NS", 3600 * 10**9)

@@ -2,7 +2,8 @@
 
 Each session would otherwise read `weights.bin` into its own memory. Here the file is read once into memory of
 this process, hashed as it is read and checked against the sha256 and size of the manifest `catrt.load` checked
-(`catrt.engines.verified_file`), and every distinct tensor in it becomes one OrtValue that each session using it
+(`catrt.engines.verified_file`; this read is the file's sha256 check at load, `catrt.file_checks.VERIFIED_AS_READ`),
+and every distinct tensor in it becomes one OrtValue that each session using it
 receives through `SessionOptions.add_initializer` (ONNX Runtime then uses that memory as is). So the sessions run on
 exactly the bytes the manifest's digest covers: a `weights.bin` written in place after the bundle's check is refused
 naming it, and one written later changes nothing. (It was memory-mapped: ONNX Runtime read the file's pages as it ran,
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from catrt.engines.verified_file import VerifiedFile, verified_bytes
+from catrt.file_checks import VERIFIED_AS_READ
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,9 @@ class SharedInitializers:
         self.table: dict[str, list[dict[str, Any]]] = json.loads(
             verified_bytes(folder / INITIALIZERS_FILE, records.get(INITIALIZERS_FILE))
         )
-        with VerifiedFile(folder / WEIGHTS_FILE, records.get(WEIGHTS_FILE)) as weights:
+        # `catrt.load` checked all of weights.bin but its sha256 (VERIFIED_AS_READ): this read, before any session, does.
+        first_check = WEIGHTS_FILE in VERIFIED_AS_READ["onnxruntime"]
+        with VerifiedFile(folder / WEIGHTS_FILE, records.get(WEIGHTS_FILE), first_check) as weights:
             self.data: np.ndarray | None = np.frombuffer(weights.whole(), dtype=np.uint8)
             weights.finish()
         #: weights.bin as read here, to tell whether it changed while ONNX Runtime read it itself (None: not checked).

@@ -13,9 +13,17 @@ twice. `finish()` hashes what the consumer did not read and compares the whole d
 Every byte served thus lies in a block whose bytes are those the whole-file digest was taken over, so when
 `finish()` passes, the consumer read exactly the verified file. Host memory held: one block.
 
+A file the bundle check of this process hashed already (`catrt.load` checks a bundle, then its engine reads it: a
+TensorRT plan, an ONNX graph) is not hashed again: where `catrt.file_checks` remembers its digest for the file's
+identity (device, inode, size, mtime, change time, of a file settled before the check), it is served as read, and
+`finish()` refuses it if that identity changed by the end of the read (any write or truncation sets the change time,
+which no user call sets back): one sha256 pass per file at load, not two.
+
 A consumer that takes one buffer (TensorRT before 10.7; the weights and index catrt hands ONNX Runtime) gets the
 file read whole into memory of this process (`whole`, `verified_bytes`), hashed as read and verified before it is used:
-what is used is then those bytes, whatever happens to the file afterwards. A consumer that reads the file by its path
+what is used is then those bytes, whatever happens to the file afterwards. Where this read is the file's only
+sha256 check (`first_check`: `catrt.load` leaves weights.bin's digest to it, `catrt.file_checks.VERIFIED_AS_READ`),
+a mismatch is refused as the bundle's check refuses one. A consumer that reads the file by its path
 itself (ONNX Runtime: its graphs, and the weights its optimizations fold) gets it hashed just before (`hashed_file`), and
 what it made of it is refused unless the path still names that file, unwritten, once it is done (`check_unchanged`:
 same device, inode and change time, which every write or rename sets and no user call sets back).
@@ -33,6 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from catrt.errors import CorruptBundleError
+from catrt.file_checks import digest_mismatch, memoized_digest, stat_identity, written_since_unhashed_check
 
 #: Bytes read, hashed and held at a time (a module constant: tests shrink it to exercise many blocks).
 BLOCK = 16 << 20
@@ -60,9 +69,11 @@ def hashed_file(path: Path, record: Mapping[str, Any] | None) -> VerifiedFile:
 
 class VerifiedFile:
     """`read` / `seek` over a file opened once (no links followed), checked against `record` ({"sha256", "size"})
-    by `finish()`; without a record (a build loading the files it has just written) nothing is compared."""
+    by `finish()`; without a record (a build loading the files it has just written) nothing is compared.
+    `first_check`: no sha256 of the file was checked before this read (only its size), so a mismatch is the bundle's
+    own, not a change since its check."""
 
-    def __init__(self, path: Path, record: Mapping[str, Any] | None) -> None:
+    def __init__(self, path: Path, record: Mapping[str, Any] | None, first_check: bool = False) -> None:
         self.path = path
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
         try:
@@ -74,6 +85,8 @@ class VerifiedFile:
         except OSError as error:
             raise self._unreadable(error) from error
         info = os.fstat(self._file.fileno())
+        # Its sha256 unchecked before: a mismatch is the bundle's own unless the file was written since its check.
+        self._first_check = first_check and not written_since_unhashed_check(path, info)
         self.size = info.st_size
         self._identity = _identity(named)
         self._record = record
@@ -85,6 +98,12 @@ class VerifiedFile:
         self.position = 0
         self.changed = False
         self._failure: CorruptBundleError | None = None  # a read error `read` kept for `finish`
+        # The bundle check of this process hashed this very file (a settled one, its identity unchanged since: the
+        # digest memo of `catrt.file_checks`) to the recorded sha256: it is served unhashed, and `finish` refuses it if
+        # its identity changed while it was read (any write sets its change time). Not hashed twice at load.
+        self._stat = info
+        memo = memoized_digest(info) if record is not None else None
+        self._checked = record is not None and memo is not None and hmac.compare_digest(memo, str(record["sha256"]))
         if not stat.S_ISREG(info.st_mode) or (record is not None and self.size != record["size"]):
             self.close()
             raise self._changed_error()
@@ -136,7 +155,8 @@ class VerifiedFile:
             try:
                 self._file.seek(0)
                 while done < self.size and (count := self._file.readinto(view[done : done + BLOCK])):
-                    self._digest.update(view[done : done + count])
+                    if not self._checked:
+                        self._digest.update(view[done : done + count])
                     done += count
             except OSError as error:
                 raise self._unreadable(error) from error
@@ -149,14 +169,16 @@ class VerifiedFile:
         read error `read` kept)."""
         if self._failure is not None:
             raise self._failure
-        if self._record is not None:
+        if self._checked:
+            self.changed = self.changed or stat_identity(os.fstat(self._file.fileno())) != stat_identity(self._stat)
+        elif self._record is not None:
             while not self.changed and self._hashed < self.size:
                 self._hash_next_block()
             self.changed = self.changed or self._hashed != self._record["size"] or not hmac.compare_digest(
                 self._digest.hexdigest(), str(self._record["sha256"])
             )
         if self.changed:
-            raise self._changed_error()
+            raise digest_mismatch(self.path.parent, self.path.name) if self._first_check else self._changed_error()
 
     def check_unchanged(self, reader: str) -> None:
         """Refuse what `reader` read from the file by its path since it was opened here (ONNX Runtime's own reads) if the
@@ -182,7 +204,10 @@ class VerifiedFile:
         if self._held is not None and self._held[0] == index:
             return self._held[1]
         block: bytes | None = None
-        while not self.changed and len(self._after) <= index:
+        if self._checked:  # its digest checked already (`finish` refuses it if it changed since)
+            block = self._read_at(index * BLOCK, self._block_length(index))
+            self.changed = len(block) != self._block_length(index)
+        while block is None and not self.changed and len(self._after) <= index:
             block = self._hash_next_block()
         if block is None and not self.changed:
             block = self._read_at(index * BLOCK, self._block_length(index))
