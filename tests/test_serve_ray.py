@@ -835,15 +835,15 @@ def _fake_ray(monkeypatch: pytest.MonkeyPatch, resources: dict[str, float], run)
     return calls, handlers
 
 
-@pytest.mark.parametrize(("fleet", "resources", "message"), [
-    (FleetConfig(replicas=3), {"CPU": 2.0},
+@pytest.mark.parametrize(("fleet", "device", "resources", "message"), [
+    (FleetConfig(replicas=3), "cpu", {"CPU": 2.0},
      "--replicas 3 needs 3 CPUs (each model replica holds one) but the local Ray cluster has 2: ask for at most 2, or "
      "join a cluster with room (--ray-address)"),
-    (FleetConfig(replicas=None, min_replicas=2, max_replicas=4), {"CPU": 16.0, "GPU": 1.0},
+    (FleetConfig(replicas=None, min_replicas=2, max_replicas=4), "cuda", {"CPU": 16.0, "GPU": 1.0},
      "--min-replicas 2 needs 2 GPUs (each model replica holds one) but the local Ray cluster has 1"),
 ], ids=["replicas-over-cpus", "min-replicas-over-gpus"])
 def test_more_replicas_than_a_local_cluster_has_devices_for_are_refused(
-    monkeypatch: pytest.MonkeyPatch, fleet: FleetConfig, resources: dict[str, float], message: str,
+    monkeypatch: pytest.MonkeyPatch, fleet: FleetConfig, device: str, resources: dict[str, float], message: str,
 ) -> None:
     """A local cluster has no autoscaler: `--replicas 3` on 2 CPUs waited for ever in `serve.run` (Ray's "can't be
     scheduled" warnings every 30 s, no "listening" line, and no signal stopped it). Now one line, and Ray stops."""
@@ -854,7 +854,7 @@ def test_more_replicas_than_a_local_cluster_has_devices_for_are_refused(
 
     calls, _ = _fake_ray(monkeypatch, resources, deployed)
     with pytest.raises(ConfigError) as refused:
-        run_fleet(ServeConfig(model="reference", port=_free_port()), fleet)
+        run_fleet(ServeConfig(model="reference", device=device, port=_free_port()), fleet)
     assert str(refused.value).startswith(message)
     assert "serve.start" not in calls and calls[-1] == "ray.shutdown"
 
@@ -1019,3 +1019,43 @@ def test_ray_serve_logs_at_catrts_level_without_an_access_log(monkeypatch: pytes
     assert serve_logger.level == level
     monkeypatch.setattr(catrt_logger, "level", 15)  # between DEBUG and INFO, set from Python: Serve names its levels
     assert LoggingConfig(**logging_config()).log_level == "DEBUG"
+
+
+def _model_actor_options(app) -> dict:
+    """The `ray_actor_options` the application hands Ray for each model replica."""
+    return app._bound_deployment.init_args[1]._bound_deployment.ray_actor_options
+
+
+@pytest.mark.parametrize(("config", "gpus", "holds"), [
+    (ServeConfig(model="reference"), True, "num_cpus"),  # --device cpu on a GPU cluster: no GPU held
+    (ServeConfig(model="reference", device="mps"), True, "num_cpus"),
+    (ServeConfig(model="reference", device="cuda"), True, "num_gpus"),
+    (ServeConfig(model="reference", device="cuda"), False, "num_gpus"),  # a joined cluster may add GPU nodes
+    (ServeConfig(engines=("/models/a",)), True, "num_gpus"),  # a build's backend takes the GPU it sees
+    (ServeConfig(engines=("/models/a",)), False, "num_cpus"),
+], ids=["cpu-on-gpus", "mps", "cuda", "cuda-joined-cpu-cluster", "engines-on-gpus", "engines-on-cpus"])
+def test_each_model_replica_asks_ray_for_the_device_it_serves_on(config: ServeConfig, gpus: bool, holds: str) -> None:
+    """Replicas asked for a GPU whenever the cluster had one, even with --device cpu: a CPU fleet on a GPU node was
+    capped at its GPU count and held GPUs it never used."""
+    options = _model_actor_options(application(config, FleetConfig(replicas=2), gpus=gpus))
+    assert options.get("num_gpus", 0) == (1 if holds == "num_gpus" else 0), options
+    assert options["num_cpus"] == 1
+
+
+def test_a_cpu_fleet_on_a_gpu_node_is_limited_by_its_cpus_not_its_gpus(monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """check_local_room counted GPUs for every fleet on a GPU node: --device cpu --replicas 3 on 16 CPUs and one GPU was
+    refused; a CUDA fleet there is still refused, naming GPUs."""
+    from catrt.serve.ray_app import run_fleet
+
+    handlers: dict = {}
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 16.0, "GPU": 1.0}, deployed)
+    assert run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=3)) == 0
+    assert "3 model replicas, CPU each" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"^--replicas 3 needs 3 GPUs \(each model replica holds one\) but the local "
+                                          r"Ray cluster has 1"):
+        run_fleet(ServeConfig(model="reference", device="cuda", port=_free_port()), FleetConfig(replicas=3))

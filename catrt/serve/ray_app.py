@@ -3,7 +3,7 @@
 Two deployments. `Ingress` (one replica, no device) answers HTTP with the single-process server's
 own app pieces (`base_app`: OpenAI error bodies, the request gate with API key and body limit,
 request metrics, `/health/live`; the strict request schema) and hands each parsed body to a
-`ModelReplica`. Each model replica owns one device (`num_gpus=1` where the cluster has GPUs) and
+`ModelReplica`. Each model replica owns one device (`num_gpus=1` where it serves on CUDA: `replica_device`) and
 runs the single-process server's `Worker` and `ImageService`: the same admission checks (they need
 the model's tokenizers, so they run where the model is), queue, batching, deadlines and response.
 The worker batches rather than `@serve.batch` because it groups only requests of one size,
@@ -41,7 +41,7 @@ from catrt.notices import hub_notices_dropped, quiet_known_notices
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
-from catrt.serve.fleet_start import LOCAL, check_local_room, first_line, ray_start_error
+from catrt.serve.fleet_start import LOCAL, check_local_room, first_line, ray_start_error, replica_device
 from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ReplicaSnapshots, ServerMetrics
 from catrt.serve.openapi import describe_served
 from catrt.serve.schemas import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
@@ -335,8 +335,9 @@ def ingress_app(ingress: Ingress) -> FastAPI:
 
 
 def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key: bytes | None = None) -> Any:
-    """The Ray Serve application: the ingress bound to `fleet`'s model replicas, one device each."""
-    device = {"num_gpus": 1} if gpus else {"num_cpus": 1}  # as `check_local_room` counts them
+    """The Ray Serve application: the ingress bound to `fleet`'s model replicas, one device each (`gpus`: the cluster
+    has GPUs; which device a replica holds: `replica_device`, as `check_local_room` counts them)."""
+    device = {"num_gpus": 1} if replica_device(config, gpus) == "GPU" else {"num_cpus": 1}
     scaling: dict[str, Any] = (
         {"num_replicas": fleet.replicas} if fleet.replicas is not None
         else {"autoscaling_config": {"min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas}}
@@ -467,8 +468,10 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
             logger.info("shutting down before the Ray Serve application was deployed")
             return 0
         resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0) > 0
+        device = replica_device(config, gpus)
         if local:
-            check_local_room(fleet, resources)
+            check_local_room(fleet, resources, device)
         try:
             serve.start(http_options=http_options(config), logging_config=logging_config())
         except (RuntimeError, ray.exceptions.RayError) as error:
@@ -476,14 +479,13 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
                 f"Ray Serve's HTTP proxy did not start on {config.host}:{config.port}: {first_line(error)}; "
                 "pick another --port or --host"
             ) from None
-        gpus = resources.get("GPU", 0) > 0
         deploying = _Deploying(application(config, fleet, gpus, bundle_key))
         if not deploying.wait(stop):
             logger.info("shutting down before the Ray Serve application was running")
             return 0
         replicas = fleet.replicas if fleet.replicas is not None else f"{fleet.min_replicas}-{fleet.max_replicas}"
         print(f"catrt serve: Ray Serve application {APP_NAME!r}: {replicas} model replicas, "
-              f"{'one GPU' if gpus else 'CPU'} each", file=sys.stderr, flush=True)
+              f"{'one GPU' if device == 'GPU' else 'CPU'} each", file=sys.stderr, flush=True)
         print(f"catrt serve: listening on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
         while not stop.wait(1.0):
             pass
