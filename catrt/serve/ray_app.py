@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import math
+import random
 import signal
 import sys
 import threading
@@ -34,7 +35,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import Counter, Gauge
 from ray import serve
 from ray.serve.exceptions import BackPressureError
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from catrt.errors import CatrtError, ConfigError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
 from catrt.notices import hub_notices_dropped, quiet_known_notices
@@ -52,6 +55,12 @@ APP_NAME = "catrt"
 MODEL_DEPLOYMENT = "catrt-model"
 INGRESS_DEPLOYMENT = "catrt-ingress"
 DESCRIBE_TIMEOUT = 5.0  # seconds the ingress waits for a replica to say how it is
+# Replicas one readiness probe may ask while those that answer are not ready (each answers at once; one that does
+# not answer within DESCRIBE_TIMEOUT ends the probe).
+READY_ASKS = 3
+# Seconds between two of a model replica's routing stats (its condition, `ModelReplica.record_routing_stats`), as
+# Serve's controller asks each replica for them and hands them to the ingress's router (`ReadyFirstRouter`).
+ROUTING_STATS_PERIOD = 1.0
 # Seconds one listing of the live model replicas serves /metrics scrapes: a flood of scrapes asks Serve's controller
 # at most once a second.
 LISTING_INTERVAL = 1.0
@@ -107,6 +116,12 @@ class ModelReplica:
         """`{"status", "body", "headers", "replica", "depth", "metrics"}`: the answer the ingress sends, as the
         single server would, and this replica's series in the text format (for `ReplicaSnapshots`)."""
         try:
+            self.worker.check_room()  # hung, stopped or draining: refused before anything runs (or a full queue, 429)
+        except ServiceUnavailableError as error:
+            return {**self._reply(catrt_error_response(error)), "unserved": True}  # the ingress may ask another replica
+        except CatrtError as error:
+            return self._reply(catrt_error_response(error))
+        try:
             response = await self.service.generate(ImageGenerationRequest.model_validate(body), _Detached(request_id))
         except CatrtError as error:
             return self._reply(catrt_error_response(error))
@@ -126,12 +141,17 @@ class ModelReplica:
                 "metrics": self.metrics.render().decode()}
 
     def describe(self) -> dict[str, Any]:
-        """The replica's state, sizes and the request fields' OpenAPI description."""
+        """The replica's state (and why, where it is hung), sizes and the request fields' OpenAPI description."""
         rules = self.service.rules()
-        return {"status": self.worker.condition()[0], "sizes": self.worker.served.sizes, "replica": self.replica,
+        status, reason = self.worker.condition()
+        return {"status": status, "reason": reason, "sizes": self.worker.served.sizes, "replica": self.replica,
                 "model": self.worker.served.default.spec.model,
                 "properties": rules.properties() if rules is not None else None,
                 "size_rules": rules.size_rules() if rules is not None else None}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What Serve's controller hands the ingress's router every ROUTING_STATS_PERIOD: this replica's state."""
+        return {"status": self.worker.condition()[0]}
 
     def check_health(self) -> None:
         """Ray Serve's health check (every `health_check_period_s`): raising makes the controller kill this replica
@@ -199,6 +219,19 @@ class FleetMetrics:
         return gone
 
 
+class ReadyFirstRouter(FIFOMixin, RequestRouter):
+    """Routes the ingress's calls to the model replicas: two chosen at random among those whose latest routing stats
+    say ready (all where none does, so each still answers why), the one with fewer ongoing requests taken, as Ray
+    Serve's own power of two choices. That one preferred a hung replica (it refuses each request at once, so it had
+    none ongoing) and sent it most new requests until Serve replaced it, three failed health checks later."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        ready = [replica for replica in candidate_replicas if replica.routing_stats.get("status", "ready") == "ready"]
+        pool = ready or candidate_replicas
+        return [random.sample(pool, min(2, len(pool)))] if pool else []
+
+
 class Ingress:
     """HTTP in front of the model replicas; see the module docstring."""
 
@@ -223,6 +256,26 @@ class Ingress:
         if state["properties"] is not None:
             self.described.setdefault("rules", _Described(state["properties"], state["size_rules"]))
         return state
+
+    async def readiness(self) -> tuple[int, dict[str, Any]]:
+        """/health/ready's status and body: 200 once a model replica answers ready. Ray routes each question to one
+        replica, so while those that answer are not ready (hung, stopping) up to READY_ASKS are asked; the 503 body
+        names each replica heard from, with its state and why."""
+        heard: dict[str, dict[str, Any]] = {}
+        for _ in range(READY_ASKS):
+            state = await self.describe()
+            if state is None:
+                break
+            if state["status"] == "ready":
+                return 200, {"status": "ready", "sizes": state["sizes"]}
+            heard[state["replica"]] = {"status": state["status"], "reason": state.get("reason")}
+        if not heard:
+            return 503, {"status": "unavailable", "sizes": [], "replicas": {},
+                         "reason": f"no model replica answered within {DESCRIBE_TIMEOUT:g} s (none running yet: loading, "
+                                   "not placed, or being replaced)"}
+        states = ", ".join(f"{replica} is {state['status']}" for replica, state in heard.items())
+        return 503, {"status": next(iter(heard.values()))["status"], "sizes": [], "replicas": heard,
+                     "reason": f"no model replica asked is ready: {states}"}
 
     async def served_model(self) -> str | None:
         """The model name a replica describes (None if none answers): the ingress may run on a node without the
@@ -266,10 +319,25 @@ class Ingress:
         return live
 
     async def forward(self, body: ImageGenerationRequest, request_id: str) -> dict[str, Any]:
-        """The replica's reply; a full queue is a 429, a replica that dies mid-request a 503, none in time a 504."""
+        """The replica's reply; a full queue is a 429, a replica that dies mid-request a 503, none in time a 504.
+
+        A replica that refused the request before anything ran (hung or stopping: `unserved`) is recorded and the
+        request asked once more, within the same --timeout: Ray routes it again, away from that replica once its
+        routing stats say so (`ReadyFirstRouter`). Nothing else is retried: a request a replica took may have run."""
+        deadline = time.monotonic() + self.config.timeout
+        reply = await self._ask(body, request_id, deadline)
+        if reply.get("unserved"):
+            logger.info("request %s: replica %s refused it unserved (%s); asking again", request_id, reply["replica"],
+                        reply["body"]["error"]["message"])
+            self.fleet.observe(reply)
+            reply = await self._ask(body, request_id, deadline)
+        return reply
+
+    async def _ask(self, body: ImageGenerationRequest, request_id: str, deadline: float) -> dict[str, Any]:
+        """One call to a model replica, answered by `deadline` (monotonic)."""
         call = self.models.generate.remote(body.model_dump(exclude_unset=True), request_id)
         try:
-            return await asyncio.wait_for(call, self.config.timeout)
+            return await asyncio.wait_for(call, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             call.cancel()
             raise RequestTimeoutError(f"no answer within the server's timeout of {self.config.timeout:g} s") from None
@@ -307,14 +375,11 @@ def ingress_app(ingress: Ingress) -> FastAPI:
         ingress.fleet.observe(reply)
         return JSONResponse(reply["body"], status_code=reply["status"], headers=reply["headers"])
 
-    @app.get("/health/ready", responses={503: {"description": "no model replica is ready"}})
+    @app.get("/health/ready", responses={503: {"description": "no model replica is ready; the body says why"}})
     async def ready(response: Response) -> dict[str, Any]:
         """200 while a model replica answers ready (Ray Serve routes only to replicas that finished loading)."""
-        state = await ingress.describe()
-        if state is None or state["status"] != "ready":
-            response.status_code = 503
-            return {"status": "unavailable" if state is None else state["status"], "sizes": []}
-        return {"status": state["status"], "sizes": state["sizes"]}
+        response.status_code, body = await ingress.readiness()
+        return body
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics_text() -> Response:
@@ -346,7 +411,10 @@ def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key:
         # A replica takes up to --max-queue requests (its worker's queue); up to --max-queue more wait in the
         # ingress's handle for a free replica (Ray counts requests being routed among them), and one more is a 429.
         ray_actor_options=device, max_ongoing_requests=config.max_queue, max_queued_requests=config.max_queue,
-        health_check_period_s=2.0, **scaling,
+        health_check_period_s=2.0, request_router_config=RequestRouterConfig(
+            request_router_class=ReadyFirstRouter, request_routing_stats_period_s=ROUTING_STATS_PERIOD,
+            request_routing_stats_timeout_s=DESCRIBE_TIMEOUT),
+        **scaling,
     )
     ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS_DEPLOYMENT).options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000,
