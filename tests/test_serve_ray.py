@@ -261,6 +261,22 @@ def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> 
     assert victim not in labelled and now <= labelled, (victim, labelled)
 
 
+def test_each_replicas_state_reaches_the_router_of_a_handle_to_the_model_deployment(fleet: str) -> None:
+    """Serve's controller asks each model replica for its routing stats (`record_routing_stats`) and hands them to
+    every handle's router, here one made in this process: catrt's router, holding each replica's state. (Reads Ray
+    Serve's private router attributes: the public API shows neither.)"""
+    from catrt.serve.ray_app import ReadyFirstRouter
+
+    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, APP_NAME)
+    assert handle.describe.remote().result(timeout_s=30)["status"] == "ready"  # the handle's router has started
+    router = getattr(handle._router, "_asyncio_router", handle._router).request_router
+    assert isinstance(router, ReadyFirstRouter)
+    deadline = time.monotonic() + 30
+    while (stats := [replica.routing_stats for replica in router.curr_replicas.values()]) != [{"status": "ready"}] * 2:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+
+
 def test_shutdown_is_clean(fleet: str) -> None:
     spawned = _descendants(os.getpid())
     assert spawned, "Ray started no processes below this one"
@@ -1190,3 +1206,4 @@ def test_a_request_a_replica_refused_before_anything_ran_is_asked_once_more() ->
         generates[:] = [unserved, unserved, _reply("ready")]
         assert http.post("/v1/images/generations", json={"prompt": "a red sun"}).status_code == 503
         assert len(generates) == 1
+
