@@ -1207,3 +1207,20 @@ def test_a_request_a_replica_refused_before_anything_ran_is_asked_once_more() ->
         assert http.post("/v1/images/generations", json={"prompt": "a red sun"}).status_code == 503
         assert len(generates) == 1
 
+
+
+def test_a_cuda_index_is_refused_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray shows each model replica only the GPU it assigned, as cuda:0: `--device cuda:1` failed to load in every
+    replica after Ray had started. Refused in one line, before ray.init (and by the KubeRay builder)."""
+    from catrt.serve.ray_app import run_fleet
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the application was deployed")
+
+    calls, _ = _fake_ray(monkeypatch, {"CPU": 2.0, "GPU": 2.0}, deployed)
+    message = "--device cuda:1 is not served with --ray: Ray assigns each model replica its GPU; use --device cuda"
+    with pytest.raises(ConfigError) as refused:
+        run_fleet(ServeConfig(model="reference", device="cuda:1", port=_free_port()), FleetConfig(replicas=1))
+    assert str(refused.value) == message and refused.value.field == "device" and calls == []
+    with pytest.raises(ConfigError, match="^--device cuda:0 is not served with --ray"):
+        build({"serve": {"model": "reference", "device": "cuda:0"}, "fleet": {"replicas": 1}})

@@ -71,6 +71,17 @@ def replica_device(config: ServeConfig, gpus: bool) -> str:
     return "GPU" if gpus else "CPU"
 
 
+def check_fleet_device(config: ServeConfig) -> None:
+    """Refuse a `--device cuda:N`: Ray hands each model replica one GPU of its choosing and shows it that one alone
+    (CUDA_VISIBLE_DEVICES), as cuda:0, so an index names a GPU the replica cannot see (the model failed to load, after
+    Ray had started) or pins one Ray did not choose."""
+    if config.model is not None and config.device.startswith("cuda:"):
+        raise ConfigError(
+            f"--device {config.device} is not served with --ray: Ray assigns each model replica its GPU; use --device cuda",
+            field="device", value=config.device,
+        )
+
+
 def check_local_room(fleet: FleetConfig, resources: Mapping[str, float], device: str) -> None:
     """Refuse more model replicas than a local cluster (`resources`: `ray.cluster_resources()`) has devices for
     (`device`: each replica's, `replica_device`). It

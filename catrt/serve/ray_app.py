@@ -44,7 +44,8 @@ from catrt.notices import hub_notices_dropped, quiet_known_notices
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
-from catrt.serve.fleet_start import LOCAL, check_local_room, first_line, ray_start_error, replica_device
+from catrt.serve.fleet_start import (LOCAL, check_fleet_device, check_local_room, first_line, ray_start_error,
+                                     replica_device)
 from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ReplicaSnapshots, ServerMetrics
 from catrt.serve.openapi import describe_served
 from catrt.serve.schemas import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
@@ -507,6 +508,7 @@ def build(args: dict[str, Any]) -> Any:
     config = ServeConfig.from_dict({**args.get("serve", {}), "api_key": load_api_key(None)})
     check_known_fields(FleetConfig, args.get("fleet", {}), "fleet")
     fleet = FleetConfig(**args.get("fleet", {}))
+    check_fleet_device(config)
     return application(config, fleet, gpus=ray.cluster_resources().get("GPU", 0) > 0)
 
 
@@ -514,6 +516,7 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
     """Start (or join) a Ray cluster, run the application on `config.host:config.port` until signalled, shut down.
 
     A signal while Ray starts or the replicas load stops it too (exit 0, as after serving)."""
+    check_fleet_device(config)
     stop = threading.Event()
     # Serve's logger in this process ("Started Serve", "Deployed app") logs at INFO whatever catrt's level is.
     logging.getLogger(SERVE_LOGGER).setLevel(logging.getLogger("catrt").getEffectiveLevel())
