@@ -8,7 +8,9 @@ runs the single-process server's `Worker` and `ImageService`: the same admission
 the model's tokenizers, so they run where the model is), queue, batching, deadlines and response.
 The worker batches rather than `@serve.batch` because it groups only requests of one size,
 guidance and negative prompt, drops requests past their deadline before they run and stops a call
-nobody waits for; a time-window batcher does none of that.
+nobody waits for; a time-window batcher does none of that. The ingress's calls are routed by `ReadyFirstRouter`, to
+the replicas whose latest routing stats say ready, so a hung replica (refusing at once until Serve replaces it) does
+not draw the requests.
 
 Imported only by `catrt serve --ray` (and Ray itself): importing catrt never imports Ray.
 For KubeRay, a RayService's `serveConfigV2` can name the builder `catrt.serve.ray_app:build` with
