@@ -261,6 +261,22 @@ def test_a_killed_replica_is_replaced_and_later_requests_succeed(fleet: str) -> 
     assert victim not in labelled and now <= labelled, (victim, labelled)
 
 
+def test_each_replicas_state_reaches_the_router_of_a_handle_to_the_model_deployment(fleet: str) -> None:
+    """Serve's controller asks each model replica for its routing stats (`record_routing_stats`) and hands them to
+    every handle's router, here one made in this process: catrt's router, holding each replica's state. (Reads Ray
+    Serve's private router attributes: the public API shows neither.)"""
+    from catrt.serve.ray_app import ReadyFirstRouter
+
+    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, APP_NAME)
+    assert handle.describe.remote().result(timeout_s=30)["status"] == "ready"  # the handle's router has started
+    router = getattr(handle._router, "_asyncio_router", handle._router).request_router
+    assert isinstance(router, ReadyFirstRouter)
+    deadline = time.monotonic() + 30
+    while (stats := [replica.routing_stats for replica in router.curr_replicas.values()]) != [{"status": "ready"}] * 2:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+
+
 def test_shutdown_is_clean(fleet: str) -> None:
     spawned = _descendants(os.getpid())
     assert spawned, "Ray started no processes below this one"
@@ -323,11 +339,18 @@ def test_a_replica_hung_in_a_step_or_whose_worker_stopped_fails_its_health_check
         with pytest.raises(ServiceUnavailableError, match="^replica replica-in-test is hung: the worker is still in one "
                                                           "model call .* past --hang-grace 0.1 s"):
             replica.check_health()
+        # what the ingress reads: the reason on /health/ready, the state its router avoids, a refusal before anything ran
+        assert "past --hang-grace 0.1 s" in replica.describe()["reason"]
+        assert replica.record_routing_stats() == {"status": "hung"}
+        refused = asyncio.run(replica.generate({"prompt": "a red sun", "seed": 2}, "request-2"))
+        assert (refused["status"], refused["unserved"]) == (503, True), refused
+        assert "stuck in a model call" in refused["body"]["error"]["message"] and replica.worker.depth == 0
         release.set()
         while replica.describe()["status"] != "ready":
             assert time.monotonic() < deadline
             time.sleep(0.01)
         replica.check_health()
+        assert replica.record_routing_stats() == {"status": "ready"} and replica.describe()["reason"] is None
     finally:
         release.set()
         replica.worker.drain()
@@ -835,15 +858,15 @@ def _fake_ray(monkeypatch: pytest.MonkeyPatch, resources: dict[str, float], run)
     return calls, handlers
 
 
-@pytest.mark.parametrize(("fleet", "resources", "message"), [
-    (FleetConfig(replicas=3), {"CPU": 2.0},
+@pytest.mark.parametrize(("fleet", "device", "resources", "message"), [
+    (FleetConfig(replicas=3), "cpu", {"CPU": 2.0},
      "--replicas 3 needs 3 CPUs (each model replica holds one) but the local Ray cluster has 2: ask for at most 2, or "
      "join a cluster with room (--ray-address)"),
-    (FleetConfig(replicas=None, min_replicas=2, max_replicas=4), {"CPU": 16.0, "GPU": 1.0},
+    (FleetConfig(replicas=None, min_replicas=2, max_replicas=4), "cuda", {"CPU": 16.0, "GPU": 1.0},
      "--min-replicas 2 needs 2 GPUs (each model replica holds one) but the local Ray cluster has 1"),
 ], ids=["replicas-over-cpus", "min-replicas-over-gpus"])
 def test_more_replicas_than_a_local_cluster_has_devices_for_are_refused(
-    monkeypatch: pytest.MonkeyPatch, fleet: FleetConfig, resources: dict[str, float], message: str,
+    monkeypatch: pytest.MonkeyPatch, fleet: FleetConfig, device: str, resources: dict[str, float], message: str,
 ) -> None:
     """A local cluster has no autoscaler: `--replicas 3` on 2 CPUs waited for ever in `serve.run` (Ray's "can't be
     scheduled" warnings every 30 s, no "listening" line, and no signal stopped it). Now one line, and Ray stops."""
@@ -854,7 +877,7 @@ def test_more_replicas_than_a_local_cluster_has_devices_for_are_refused(
 
     calls, _ = _fake_ray(monkeypatch, resources, deployed)
     with pytest.raises(ConfigError) as refused:
-        run_fleet(ServeConfig(model="reference", port=_free_port()), fleet)
+        run_fleet(ServeConfig(model="reference", device=device, port=_free_port()), fleet)
     assert str(refused.value).startswith(message)
     assert "serve.start" not in calls and calls[-1] == "ray.shutdown"
 
@@ -1019,3 +1042,185 @@ def test_ray_serve_logs_at_catrts_level_without_an_access_log(monkeypatch: pytes
     assert serve_logger.level == level
     monkeypatch.setattr(catrt_logger, "level", 15)  # between DEBUG and INFO, set from Python: Serve names its levels
     assert LoggingConfig(**logging_config()).log_level == "DEBUG"
+
+
+def _model_actor_options(app) -> dict:
+    """The `ray_actor_options` the application hands Ray for each model replica."""
+    return app._bound_deployment.init_args[1]._bound_deployment.ray_actor_options
+
+
+@pytest.mark.parametrize(("config", "gpus", "holds"), [
+    (ServeConfig(model="reference"), True, "num_cpus"),  # --device cpu on a GPU cluster: no GPU held
+    (ServeConfig(model="reference", device="mps"), True, "num_cpus"),
+    (ServeConfig(model="reference", device="cuda"), True, "num_gpus"),
+    (ServeConfig(model="reference", device="cuda"), False, "num_gpus"),  # a joined cluster may add GPU nodes
+    (ServeConfig(engines=("/models/a",)), True, "num_gpus"),  # a build's backend takes the GPU it sees
+    (ServeConfig(engines=("/models/a",)), False, "num_cpus"),
+], ids=["cpu-on-gpus", "mps", "cuda", "cuda-joined-cpu-cluster", "engines-on-gpus", "engines-on-cpus"])
+def test_each_model_replica_asks_ray_for_the_device_it_serves_on(config: ServeConfig, gpus: bool, holds: str) -> None:
+    """Replicas asked for a GPU whenever the cluster had one, even with --device cpu: a CPU fleet on a GPU node was
+    capped at its GPU count and held GPUs it never used."""
+    options = _model_actor_options(application(config, FleetConfig(replicas=2), gpus=gpus))
+    assert options.get("num_gpus", 0) == (1 if holds == "num_gpus" else 0), options
+    assert options["num_cpus"] == 1
+
+
+def test_a_cpu_fleet_on_a_gpu_node_is_limited_by_its_cpus_not_its_gpus(monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """check_local_room counted GPUs for every fleet on a GPU node: --device cpu --replicas 3 on 16 CPUs and one GPU was
+    refused; a CUDA fleet there is still refused, naming GPUs."""
+    from catrt.serve.ray_app import run_fleet
+
+    handlers: dict = {}
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 16.0, "GPU": 1.0}, deployed)
+    assert run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=3)) == 0
+    assert "3 model replicas, CPU each" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"^--replicas 3 needs 3 GPUs \(each model replica holds one\) but the local "
+                                          r"Ray cluster has 1"):
+        run_fleet(ServeConfig(model="reference", device="cuda", port=_free_port()), FleetConfig(replicas=3))
+
+
+def test_the_model_replicas_use_catrts_router_fed_by_each_replicas_state() -> None:
+    from catrt.serve.ray_app import ROUTING_STATS_PERIOD, ReadyFirstRouter
+
+    app = application(ServeConfig(model="reference"), FleetConfig(replicas=2), gpus=False)
+    routing = app._bound_deployment.init_args[1]._bound_deployment._deployment_config.request_router_config
+    assert routing.get_request_router_class() is ReadyFirstRouter
+    assert routing.request_routing_stats_period_s == ROUTING_STATS_PERIOD
+
+
+def test_the_router_sends_nothing_to_a_replica_whose_stats_say_it_is_not_ready() -> None:
+    """Ray Serve's power of two choices takes the replica with fewer ongoing requests: a hung one, which refuses each
+    request at once, drew most new requests (each a 503) until Serve replaced it. Where none is ready, all are
+    candidates (each then answers why)."""
+    import asyncio
+
+    from catrt.serve.ray_app import ReadyFirstRouter
+
+    def replica(name: str, stats: dict) -> SimpleNamespace:
+        return SimpleNamespace(replica_id=name, routing_stats=stats)
+
+    hung, ready, fresh = replica("hung", {"status": "hung"}), replica("ready", {"status": "ready"}), replica("new", {})
+
+    def chosen(candidates: list) -> set[str]:
+        picks: set[str] = set()
+        for _ in range(50):
+            (rank,) = asyncio.run(ReadyFirstRouter.choose_replicas(None, candidates))
+            assert 1 <= len(rank) <= 2 and len({id(r) for r in rank}) == len(rank)
+            picks |= {r.replica_id for r in rank}
+        return picks
+
+    assert chosen([hung, ready]) == {"ready"}
+    assert chosen([hung, ready, fresh]) == {"ready", "new"}  # no stats yet: a replica Serve lists as running is ready
+    assert chosen([hung, replica("dead", {"status": "dead"})]) == {"hung", "dead"}
+    assert asyncio.run(ReadyFirstRouter.choose_replicas(None, [])) == []
+
+
+def _described(replica: str, status: str, reason: str | None = None) -> dict:
+    return {"status": status, "reason": reason, "sizes": ["64x64"] if status == "ready" else [], "replica": replica,
+            "model": "tiny-sd3", "properties": None, "size_rules": None}
+
+
+def _ingress_with(describes: list, generates: list | None = None):
+    """An ingress whose model handle answers `describes` (an exception: no answer) and `generates` in turn."""
+    import catrt.serve.ray_app as ray_app
+
+    async def describe() -> dict:
+        answer = describes.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def generate(body: dict, request_id: str) -> dict:
+        return generates.pop(0)
+
+    models = SimpleNamespace(app_name=APP_NAME, deployment_name=MODEL_DEPLOYMENT, describe=SimpleNamespace(remote=describe),
+                             generate=SimpleNamespace(remote=generate))
+    return ray_app.Ingress(ServeConfig(model="reference").to_dict(), models)
+
+
+def test_readiness_is_the_fleets_a_hung_replica_answering_first_does_not_make_it_503() -> None:
+    """/health/ready asked one replica, as Ray routed the question: a hung one (until Serve replaced it) made the
+    fleet 503 though another served, with no reason. It asks on while replicas answer not ready."""
+    from fastapi.testclient import TestClient
+
+    import catrt.serve.ray_app as ray_app
+
+    describes = [_described("a", "hung", "a step or the device is stuck"), _described("b", "ready")]
+    with TestClient(ray_app.ingress_app(_ingress_with(describes))) as http:
+        ready = http.get("/health/ready")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "sizes": ["64x64"]}
+    assert describes == []
+
+
+def test_readiness_503_says_which_replicas_are_not_ready_and_why() -> None:
+    """Every replica asked is hung (or stopping): 503, each named with its state and reason, after READY_ASKS
+    questions; where none answers, 503 saying so."""
+    from fastapi.testclient import TestClient
+
+    import catrt.serve.ray_app as ray_app
+
+    describes = [_described("a", "hung", "a step or the device is stuck"), _described("b", "draining"),
+                 _described("a", "hung", "a step or the device is stuck"), _described("b", "ready")]
+    with TestClient(ray_app.ingress_app(_ingress_with(describes))) as http:
+        refused = http.get("/health/ready")
+    assert len(describes) == 4 - ray_app.READY_ASKS == 1  # bounded: the fourth, ready, was not asked
+    assert refused.status_code == 503
+    assert refused.json() == {
+        "status": "hung", "sizes": [],
+        "replicas": {"a": {"status": "hung", "reason": "a step or the device is stuck"},
+                     "b": {"status": "draining", "reason": None}},
+        "reason": "no model replica asked is ready: a is hung, b is draining",
+    }
+    with TestClient(ray_app.ingress_app(_ingress_with([TimeoutError("no replica yet")]))) as http:
+        none = http.get("/health/ready")
+    assert none.status_code == 503 and none.json()["status"] == "unavailable" and none.json()["replicas"] == {}
+    assert none.json()["reason"].startswith(f"no model replica answered within {ray_app.DESCRIBE_TIMEOUT:g} s")
+
+
+def test_a_request_a_replica_refused_before_anything_ran_is_asked_once_more() -> None:
+    """A hung or stopping replica refuses a request at once (503, `unserved`: nothing ran): the ingress asks Ray once
+    more, so the client gets the other replica's answer; a 503 after a replica took the request is not retried (it
+    may have run), nor is an unserved answer retried twice."""
+    from fastapi.testclient import TestClient
+
+    import catrt.serve.ray_app as ray_app
+
+    unserved = {**_reply("hung", 503), "unserved": True}
+    generates = [unserved, _reply("ready")]
+    ingress = _ingress_with([], generates)
+    with TestClient(ray_app.ingress_app(ingress)) as http:
+        answered = http.post("/v1/images/generations", json={"prompt": "a red sun"})
+        assert answered.status_code == 200 and generates == []
+        answers = {(sample.labels["replica"], sample.labels["status"]) for family in
+                   text_string_to_metric_families(ingress.metrics.render().decode()) for sample in family.samples
+                   if sample.name == "catrt_replica_answers_total"}
+        assert answers == {("hung", "503"), ("ready", "200")}  # the refusal is counted against its replica
+        generates += [_reply("stopped", 503), _reply("ready")]
+        assert http.post("/v1/images/generations", json={"prompt": "a red sun"}).status_code == 503
+        assert len(generates) == 1
+        generates[:] = [unserved, unserved, _reply("ready")]
+        assert http.post("/v1/images/generations", json={"prompt": "a red sun"}).status_code == 503
+        assert len(generates) == 1
+
+
+
+def test_a_cuda_index_is_refused_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray shows each model replica only the GPU it assigned, as cuda:0: `--device cuda:1` failed to load in every
+    replica after Ray had started. Refused in one line, before ray.init (and by the KubeRay builder)."""
+    from catrt.serve.ray_app import run_fleet
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the application was deployed")
+
+    calls, _ = _fake_ray(monkeypatch, {"CPU": 2.0, "GPU": 2.0}, deployed)
+    message = "--device cuda:1 is not served with --ray: Ray assigns each model replica its GPU; use --device cuda"
+    with pytest.raises(ConfigError) as refused:
+        run_fleet(ServeConfig(model="reference", device="cuda:1", port=_free_port()), FleetConfig(replicas=1))
+    assert str(refused.value) == message and refused.value.field == "device" and calls == []
+    with pytest.raises(ConfigError, match="^--device cuda:0 is not served with --ray"):
+        build({"serve": {"model": "reference", "device": "cuda:0"}, "fleet": {"replicas": 1}})

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Mapping
 
 from catrt.errors import ConfigError
-from catrt.serve.config import FleetConfig
+from catrt.serve.config import FleetConfig, ServeConfig
 from catrt.serve.server import listening_socket
 
 CLIENT_PREFIX = "ray://"
@@ -60,12 +60,34 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def check_local_room(fleet: FleetConfig, resources: Mapping[str, float]) -> None:
-    """Refuse more model replicas than a local cluster (`resources`: `ray.cluster_resources()`) has devices for. It
+def replica_device(config: ServeConfig, gpus: bool) -> str:
+    """The Ray resource each model replica holds one of, "GPU" or "CPU", following the device it serves on (`gpus`:
+    the cluster has GPUs). An eager model runs on `--device`: a CUDA one needs a GPU (on any cluster: a joined one
+    may add GPU nodes), any other runs on CPUs, and holding a GPU it never uses would cap a CPU fleet at the GPU count.
+    A build's backend picks CUDA wherever the replica's process sees a GPU (Ray 2.60 hides none from a replica that
+    asked for no GPU), so builds hold one on a cluster that has GPUs."""
+    if config.model is not None:
+        return "GPU" if config.device.split(":")[0] == "cuda" else "CPU"
+    return "GPU" if gpus else "CPU"
+
+
+def check_fleet_device(config: ServeConfig) -> None:
+    """Refuse a `--device cuda:N`: Ray hands each model replica one GPU of its choosing and shows it that one alone
+    (CUDA_VISIBLE_DEVICES), as cuda:0, so an index names a GPU the replica cannot see (the model failed to load, after
+    Ray had started) or pins one Ray did not choose."""
+    if config.model is not None and config.device.startswith("cuda:"):
+        raise ConfigError(
+            f"--device {config.device} is not served with --ray: Ray assigns each model replica its GPU; use --device cuda",
+            field="device", value=config.device,
+        )
+
+
+def check_local_room(fleet: FleetConfig, resources: Mapping[str, float], device: str) -> None:
+    """Refuse more model replicas than a local cluster (`resources`: `ray.cluster_resources()`) has devices for
+    (`device`: each replica's, `replica_device`). It
     has no autoscaler, so a replica without one is never placed and Serve waits for it for ever: the CLI never said
     it listened, and only Ray's "can't be scheduled" warnings, half a minute apart, told why. A joined cluster may
     add nodes (KubeRay's autoscaler), so it is not checked; nor is `--max-replicas`, which Serve only scales towards."""
-    device = "GPU" if resources.get("GPU", 0) > 0 else "CPU"  # each replica's, as `ray_app.application` asks
     have = int(resources.get(device, 0))
     wanted = fleet.replicas if fleet.replicas is not None else fleet.min_replicas
     if wanted is not None and wanted > have:

@@ -3,12 +3,14 @@
 Two deployments. `Ingress` (one replica, no device) answers HTTP with the single-process server's
 own app pieces (`base_app`: OpenAI error bodies, the request gate with API key and body limit,
 request metrics, `/health/live`; the strict request schema) and hands each parsed body to a
-`ModelReplica`. Each model replica owns one device (`num_gpus=1` where the cluster has GPUs) and
+`ModelReplica`. Each model replica owns one device (`num_gpus=1` where it serves on CUDA: `replica_device`) and
 runs the single-process server's `Worker` and `ImageService`: the same admission checks (they need
 the model's tokenizers, so they run where the model is), queue, batching, deadlines and response.
 The worker batches rather than `@serve.batch` because it groups only requests of one size,
 guidance and negative prompt, drops requests past their deadline before they run and stops a call
-nobody waits for; a time-window batcher does none of that.
+nobody waits for; a time-window batcher does none of that. The ingress's calls are routed by `ReadyFirstRouter`, to
+the replicas whose latest routing stats say ready, so a hung replica (refusing at once until Serve replaces it) does
+not draw the requests.
 
 Imported only by `catrt serve --ray` (and Ray itself): importing catrt never imports Ray.
 For KubeRay, a RayService's `serveConfigV2` can name the builder `catrt.serve.ray_app:build` with
@@ -21,6 +23,7 @@ import asyncio
 import json
 import logging
 import math
+import random
 import signal
 import sys
 import threading
@@ -34,14 +37,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import Counter, Gauge
 from ray import serve
 from ray.serve.exceptions import BackPressureError
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from catrt.errors import CatrtError, ConfigError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
 from catrt.notices import hub_notices_dropped, quiet_known_notices
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
-from catrt.serve.fleet_start import LOCAL, check_local_room, first_line, ray_start_error
+from catrt.serve.fleet_start import (LOCAL, check_fleet_device, check_local_room, first_line, ray_start_error,
+                                     replica_device)
 from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ReplicaSnapshots, ServerMetrics
 from catrt.serve.openapi import describe_served
 from catrt.serve.schemas import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
@@ -52,6 +58,12 @@ APP_NAME = "catrt"
 MODEL_DEPLOYMENT = "catrt-model"
 INGRESS_DEPLOYMENT = "catrt-ingress"
 DESCRIBE_TIMEOUT = 5.0  # seconds the ingress waits for a replica to say how it is
+# Replicas one readiness probe may ask while those that answer are not ready (each answers at once; one that does
+# not answer within DESCRIBE_TIMEOUT ends the probe).
+READY_ASKS = 3
+# Seconds between two of a model replica's routing stats (its condition, `ModelReplica.record_routing_stats`), as
+# Serve's controller asks each replica for them and hands them to the ingress's router (`ReadyFirstRouter`).
+ROUTING_STATS_PERIOD = 1.0
 # Seconds one listing of the live model replicas serves /metrics scrapes: a flood of scrapes asks Serve's controller
 # at most once a second.
 LISTING_INTERVAL = 1.0
@@ -107,6 +119,12 @@ class ModelReplica:
         """`{"status", "body", "headers", "replica", "depth", "metrics"}`: the answer the ingress sends, as the
         single server would, and this replica's series in the text format (for `ReplicaSnapshots`)."""
         try:
+            self.worker.check_room()  # hung, stopped or draining: refused before anything runs (or a full queue, 429)
+        except ServiceUnavailableError as error:
+            return {**self._reply(catrt_error_response(error)), "unserved": True}  # the ingress may ask another replica
+        except CatrtError as error:
+            return self._reply(catrt_error_response(error))
+        try:
             response = await self.service.generate(ImageGenerationRequest.model_validate(body), _Detached(request_id))
         except CatrtError as error:
             return self._reply(catrt_error_response(error))
@@ -126,12 +144,17 @@ class ModelReplica:
                 "metrics": self.metrics.render().decode()}
 
     def describe(self) -> dict[str, Any]:
-        """The replica's state, sizes and the request fields' OpenAPI description."""
+        """The replica's state (and why, where it is hung), sizes and the request fields' OpenAPI description."""
         rules = self.service.rules()
-        return {"status": self.worker.condition()[0], "sizes": self.worker.served.sizes, "replica": self.replica,
+        status, reason = self.worker.condition()
+        return {"status": status, "reason": reason, "sizes": self.worker.served.sizes, "replica": self.replica,
                 "model": self.worker.served.default.spec.model,
                 "properties": rules.properties() if rules is not None else None,
                 "size_rules": rules.size_rules() if rules is not None else None}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What Serve's controller hands the ingress's router every ROUTING_STATS_PERIOD: this replica's state."""
+        return {"status": self.worker.condition()[0]}
 
     def check_health(self) -> None:
         """Ray Serve's health check (every `health_check_period_s`): raising makes the controller kill this replica
@@ -199,6 +222,19 @@ class FleetMetrics:
         return gone
 
 
+class ReadyFirstRouter(FIFOMixin, RequestRouter):
+    """Routes the ingress's calls to the model replicas: two chosen at random among those whose latest routing stats
+    say ready (all where none does, so each still answers why), the one with fewer ongoing requests taken, as Ray
+    Serve's own power of two choices. That one preferred a hung replica (it refuses each request at once, so it had
+    none ongoing) and sent it most new requests until Serve replaced it, three failed health checks later."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        ready = [replica for replica in candidate_replicas if replica.routing_stats.get("status", "ready") == "ready"]
+        pool = ready or candidate_replicas
+        return [random.sample(pool, min(2, len(pool)))] if pool else []
+
+
 class Ingress:
     """HTTP in front of the model replicas; see the module docstring."""
 
@@ -223,6 +259,26 @@ class Ingress:
         if state["properties"] is not None:
             self.described.setdefault("rules", _Described(state["properties"], state["size_rules"]))
         return state
+
+    async def readiness(self) -> tuple[int, dict[str, Any]]:
+        """/health/ready's status and body: 200 once a model replica answers ready. Ray routes each question to one
+        replica, so while those that answer are not ready (hung, stopping) up to READY_ASKS are asked; the 503 body
+        names each replica heard from, with its state and why."""
+        heard: dict[str, dict[str, Any]] = {}
+        for _ in range(READY_ASKS):
+            state = await self.describe()
+            if state is None:
+                break
+            if state["status"] == "ready":
+                return 200, {"status": "ready", "sizes": state["sizes"]}
+            heard[state["replica"]] = {"status": state["status"], "reason": state.get("reason")}
+        if not heard:
+            return 503, {"status": "unavailable", "sizes": [], "replicas": {},
+                         "reason": f"no model replica answered within {DESCRIBE_TIMEOUT:g} s (none running yet: loading, "
+                                   "not placed, or being replaced)"}
+        states = ", ".join(f"{replica} is {state['status']}" for replica, state in heard.items())
+        return 503, {"status": next(iter(heard.values()))["status"], "sizes": [], "replicas": heard,
+                     "reason": f"no model replica asked is ready: {states}"}
 
     async def served_model(self) -> str | None:
         """The model name a replica describes (None if none answers): the ingress may run on a node without the
@@ -266,10 +322,25 @@ class Ingress:
         return live
 
     async def forward(self, body: ImageGenerationRequest, request_id: str) -> dict[str, Any]:
-        """The replica's reply; a full queue is a 429, a replica that dies mid-request a 503, none in time a 504."""
+        """The replica's reply; a full queue is a 429, a replica that dies mid-request a 503, none in time a 504.
+
+        A replica that refused the request before anything ran (hung or stopping: `unserved`) is recorded and the
+        request asked once more, within the same --timeout: Ray routes it again, away from that replica once its
+        routing stats say so (`ReadyFirstRouter`). Nothing else is retried: a request a replica took may have run."""
+        deadline = time.monotonic() + self.config.timeout
+        reply = await self._ask(body, request_id, deadline)
+        if reply.get("unserved"):
+            logger.info("request %s: replica %s refused it unserved (%s); asking again", request_id, reply["replica"],
+                        reply["body"]["error"]["message"])
+            self.fleet.observe(reply)
+            reply = await self._ask(body, request_id, deadline)
+        return reply
+
+    async def _ask(self, body: ImageGenerationRequest, request_id: str, deadline: float) -> dict[str, Any]:
+        """One call to a model replica, answered by `deadline` (monotonic)."""
         call = self.models.generate.remote(body.model_dump(exclude_unset=True), request_id)
         try:
-            return await asyncio.wait_for(call, self.config.timeout)
+            return await asyncio.wait_for(call, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             call.cancel()
             raise RequestTimeoutError(f"no answer within the server's timeout of {self.config.timeout:g} s") from None
@@ -307,14 +378,11 @@ def ingress_app(ingress: Ingress) -> FastAPI:
         ingress.fleet.observe(reply)
         return JSONResponse(reply["body"], status_code=reply["status"], headers=reply["headers"])
 
-    @app.get("/health/ready", responses={503: {"description": "no model replica is ready"}})
+    @app.get("/health/ready", responses={503: {"description": "no model replica is ready; the body says why"}})
     async def ready(response: Response) -> dict[str, Any]:
         """200 while a model replica answers ready (Ray Serve routes only to replicas that finished loading)."""
-        state = await ingress.describe()
-        if state is None or state["status"] != "ready":
-            response.status_code = 503
-            return {"status": "unavailable" if state is None else state["status"], "sizes": []}
-        return {"status": state["status"], "sizes": state["sizes"]}
+        response.status_code, body = await ingress.readiness()
+        return body
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics_text() -> Response:
@@ -335,8 +403,9 @@ def ingress_app(ingress: Ingress) -> FastAPI:
 
 
 def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key: bytes | None = None) -> Any:
-    """The Ray Serve application: the ingress bound to `fleet`'s model replicas, one device each."""
-    device = {"num_gpus": 1} if gpus else {"num_cpus": 1}  # as `check_local_room` counts them
+    """The Ray Serve application: the ingress bound to `fleet`'s model replicas, one device each (`gpus`: the cluster
+    has GPUs; which device a replica holds: `replica_device`, as `check_local_room` counts them)."""
+    device = {"num_gpus": 1} if replica_device(config, gpus) == "GPU" else {"num_cpus": 1}
     scaling: dict[str, Any] = (
         {"num_replicas": fleet.replicas} if fleet.replicas is not None
         else {"autoscaling_config": {"min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas}}
@@ -345,7 +414,10 @@ def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key:
         # A replica takes up to --max-queue requests (its worker's queue); up to --max-queue more wait in the
         # ingress's handle for a free replica (Ray counts requests being routed among them), and one more is a 429.
         ray_actor_options=device, max_ongoing_requests=config.max_queue, max_queued_requests=config.max_queue,
-        health_check_period_s=2.0, **scaling,
+        health_check_period_s=2.0, request_router_config=RequestRouterConfig(
+            request_router_class=ReadyFirstRouter, request_routing_stats_period_s=ROUTING_STATS_PERIOD,
+            request_routing_stats_timeout_s=DESCRIBE_TIMEOUT),
+        **scaling,
     )
     ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS_DEPLOYMENT).options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000,
@@ -438,6 +510,7 @@ def build(args: dict[str, Any]) -> Any:
     config = ServeConfig.from_dict({**args.get("serve", {}), "api_key": load_api_key(None)})
     check_known_fields(FleetConfig, args.get("fleet", {}), "fleet")
     fleet = FleetConfig(**args.get("fleet", {}))
+    check_fleet_device(config)
     return application(config, fleet, gpus=ray.cluster_resources().get("GPU", 0) > 0)
 
 
@@ -445,6 +518,7 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
     """Start (or join) a Ray cluster, run the application on `config.host:config.port` until signalled, shut down.
 
     A signal while Ray starts or the replicas load stops it too (exit 0, as after serving)."""
+    check_fleet_device(config)
     stop = threading.Event()
     # Serve's logger in this process ("Started Serve", "Deployed app") logs at INFO whatever catrt's level is.
     logging.getLogger(SERVE_LOGGER).setLevel(logging.getLogger("catrt").getEffectiveLevel())
@@ -467,8 +541,10 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
             logger.info("shutting down before the Ray Serve application was deployed")
             return 0
         resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0) > 0
+        device = replica_device(config, gpus)
         if local:
-            check_local_room(fleet, resources)
+            check_local_room(fleet, resources, device)
         try:
             serve.start(http_options=http_options(config), logging_config=logging_config())
         except (RuntimeError, ray.exceptions.RayError) as error:
@@ -476,14 +552,13 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
                 f"Ray Serve's HTTP proxy did not start on {config.host}:{config.port}: {first_line(error)}; "
                 "pick another --port or --host"
             ) from None
-        gpus = resources.get("GPU", 0) > 0
         deploying = _Deploying(application(config, fleet, gpus, bundle_key))
         if not deploying.wait(stop):
             logger.info("shutting down before the Ray Serve application was running")
             return 0
         replicas = fleet.replicas if fleet.replicas is not None else f"{fleet.min_replicas}-{fleet.max_replicas}"
         print(f"catrt serve: Ray Serve application {APP_NAME!r}: {replicas} model replicas, "
-              f"{'one GPU' if gpus else 'CPU'} each", file=sys.stderr, flush=True)
+              f"{'one GPU' if device == 'GPU' else 'CPU'} each", file=sys.stderr, flush=True)
         print(f"catrt serve: listening on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
         while not stop.wait(1.0):
             pass
