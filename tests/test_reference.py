@@ -334,6 +334,48 @@ def test_publish_into_a_read_only_package_folder_is_refused_before_training(
     assert _digests(package) == _digests(WEIGHTS_DIR)
 
 
+def test_another_users_files_in_a_sticky_folder_are_refused_before_training(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--out /tmp/run`'s checkpoint, or the shipped weights, of another user in a sticky folder: anyone may make the
+    temporary file beside them, and only the rename at the first checkpoint (or after all the training) failed. The
+    tests run as root, so another user is simulated by os.geteuid; the folders are really sticky."""
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: pytest.fail("trained"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    run = tmp_path / "run"
+    run.mkdir()
+    os.chmod(run, 0o1777)
+    (run / "checkpoint.pt").write_bytes(b"another user's checkpoint")
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", str(run), *TINY])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line == (
+        f"python -m catrt.reference.train: error: --out {run}: its checkpoint.pt cannot be replaced: it belongs to another "
+        f"user (uid {os.stat(run / 'checkpoint.pt').st_uid}) and its folder {run} is sticky (as /tmp is): only the "
+        "file's owner may replace or remove it there; train into another --out (see python -m catrt.reference.train --help)")
+    (run / "checkpoint.pt").unlink()
+    (run / "weights").mkdir()
+    os.chmod(run / "weights", 0o1777)
+    (run / "weights" / train.CONFIG_FILE).write_text("{}")
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(run), *TINY])
+    assert f"--out {run}: its weights/{train.CONFIG_FILE} cannot be replaced: it belongs" in capsys.readouterr().err
+    (run / "weights" / train.CONFIG_FILE).unlink()
+    package = tmp_path / "package-weights"
+    shutil.copytree(WEIGHTS_DIR, package)
+    os.chmod(package, 0o1777)
+    monkeypatch.setattr(train, "WEIGHTS_DIR", package)
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", str(run), "--publish", *TINY])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line == (
+        f"python -m catrt.reference.train: error: --publish cannot replace the shipped weights in {package}: it belongs "
+        f"to another user (uid {os.stat(package / train.TRANSFORMER_FILE).st_uid}) and its folder {package} is sticky (as "
+        "/tmp is): only the file's owner may replace or remove it there; train without --publish (the weights stay in "
+        "--out's weights/) (see python -m catrt.reference.train --help)")
+    assert sorted(p.name for p in run.iterdir()) == ["weights"] and not any((run / "weights").iterdir())
+
+
 def test_a_saved_reference_pipeline_loads_back_by_folder_and_draws_the_same_image(
     pipe: ReferencePipeline, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -370,6 +412,11 @@ def test_a_saved_reference_pipeline_loads_back_by_folder_and_draws_the_same_imag
     # overflowed the schedule's step count: a traceback after the trial steps
     (["--minutes", "1e308"], f"--minutes must be in (0, {60 * 24 * 366}] (at most 366 days), got 1e+308"),
     (["--lr", "-0.1"], "--lr must be a finite number > 0, got -0.1"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    # trained NaNs for the whole budget and saved them (and --publish shipped them)
+    (["--lr", "1e308"], "--lr must be in (0, 1] (AdamW moves each weight by about lr a step; the default is 0.001), got 1e+308"),
+    (["--lr", "1.5"], "--lr must be in (0, 1] (AdamW moves each weight by about lr a step; the default is 0.001), got 1.5"),
     (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
     (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
     (["--samples", "-8"], "--samples must be a multiple of 8 (rows of 8) >= 0, not -8"),

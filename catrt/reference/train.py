@@ -72,6 +72,9 @@ WEIGHT_FILES = (TRANSFORMER_FILE, TEXT_ENCODER_FILE, CONFIG_FILE, CHECKSUM_FILE)
 CHECKED_FILES = WEIGHT_FILES[:-1]
 # The longest --minutes: a year and a day. 1e308 overflowed the schedule's step count (a traceback after the trial steps).
 MAX_MINUTES = 60 * 24 * 366
+# The largest --lr: AdamW moves each weight by about the learning rate a step, so past 1 (the weights start near 0.02,
+# the default is 1e-3) the first step wrecks the model; 1e308 trained NaNs for the whole budget and saved them.
+MAX_LR = 1.0
 
 
 @dataclass
@@ -351,14 +354,34 @@ def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | Non
 
 
 def _check_publishable(parser: argparse.ArgumentParser, shipped: Path) -> None:
-    """Refuse --publish before training where the shipped weights cannot be replaced (an installed package's read-only
-    folder, whose files may be writable): it failed with a traceback after all the training."""
+    """Refuse --publish before training where the shipped weights (`shipped`'s folder) cannot be replaced (an installed
+    package's read-only folder, whose files may be writable; another user's files in a sticky one): it failed with a
+    traceback after all the training."""
+    fix = "train without --publish (the weights stay in --out's weights/)"
+    for name in WEIGHT_FILES:
+        refusal = _replace_refusal(shipped.parent / name, fix)
+        if refusal is not None:
+            parser.error(f"--publish cannot replace the shipped weights in {shipped.parent}: {refusal}")
+
+
+def _check_out_files(parser: argparse.ArgumentParser, out: Path, samples: bool) -> None:
+    """Refuse, before training, an `out` (made) whose files the run could not replace at its checkpoints and end:
+    another user's checkpoint.pt in a sticky folder (`--out /tmp`), a writable one in a folder that takes no new file.
+    A folder not made yet (weights/) is made by the run, in `out`, which was checked writable."""
+    names = [CHECKPOINT_FILE, *(f"weights/{name}" for name in WEIGHT_FILES), *(("samples.png", "samples.txt") if samples else ())]
+    for name in names:
+        if (out / name).parent.is_dir():
+            refusal = _replace_refusal(out / name, "train into another --out")
+            if refusal is not None:
+                parser.error(f"--out {echo_path(out)}: its {name} cannot be replaced: {refusal}")
+
+
+def _replace_refusal(path: Path, fix: str) -> str | None:
+    """`atomic_files.replace_refusal` of `path`, any other failure of its temporary file as "<reason>; <fix>"."""
     try:
-        atomic_files.discard(atomic_files.stage(shipped))
+        return atomic_files.replace_refusal(path, fix)
     except OSError as error:
-        fix = "train without --publish (the weights stay in --out's weights/)"
-        refusal = atomic_files.folder_refusal(shipped, error, fix) or f"{error.strerror or type(error).__name__}; {fix}"
-        parser.error(f"--publish cannot replace the shipped weights in {shipped.parent}: {refusal}")
+        return f"{error.strerror or type(error).__name__}; {fix}"
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -406,6 +429,9 @@ def main(argv: list[str] | None = None) -> Trainer:
     for flag, value in (("--minutes", args.minutes), ("--lr", args.lr), ("--checkpoint-minutes", args.checkpoint_minutes)):
         if not (math.isfinite(value) and value > 0):  # a budget of 0 trains nothing (and --publish would ship it)
             parser.error(f"{flag} must be a finite number > 0, got {value}")
+    if args.lr > MAX_LR:
+        parser.error(f"--lr must be in (0, {MAX_LR:g}] (AdamW moves each weight by about lr a step; the default is "
+                     f"{TrainConfig.lr:g}), got {args.lr:g}")
     if args.minutes > MAX_MINUTES:
         parser.error(f"--minutes must be in (0, {MAX_MINUTES}] (at most 366 days), got {args.minutes:g}")
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1),
@@ -416,6 +442,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         output_folder(args.out, f"--out {echo_path(args.out)}", "checkpoint.pt, weights/ and samples.png", "out")
     except ConfigError as error:
         parser.error(str(error))
+    _check_out_files(parser, args.out, bool(args.samples))
     if args.publish:
         _check_publishable(parser, WEIGHTS_DIR / TRANSFORMER_FILE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
