@@ -650,6 +650,58 @@ def test_probe_training_mistakes_are_one_line_before_training(
     assert refused.value.code == 2 and line.startswith(f"python -m catrt.reference.probe: error: {message.format(tmp=tmp_path)}")
 
 
+def test_a_probe_the_disk_refuses_is_one_line_naming_the_file_and_the_earlier_one_is_kept(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """safetensors' save_file, failing on a full disk, raised a SafetensorError traceback (its Rust writer's error, no
+    OSError) after the training. The disk is made to refuse by a file-size limit (RLIMIT_FSIZE, its signal ignored):
+    any write past it fails with EFBIG, Rust's as Python's, as a full disk fails them with ENOSPC."""
+    import resource
+    import signal
+
+    from catrt.reference import probe
+
+    out = tmp_path / "probe.safetensors"
+    out.write_bytes(b"an earlier probe")
+    monkeypatch.setattr(probe, "attribute_accuracy", lambda *args: pytest.fail("went on after the failed save"))
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        with pytest.raises(SystemExit) as failed:
+            probe.main(["--steps", "1", "--threads", str(torch.get_num_threads()), "--reference-samples", "0",
+                        "--out", str(out)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    err = capsys.readouterr().err
+    assert failed.value.code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err == (f"python -m catrt.reference.probe: error: could not write {out} ({os.strerror(errno.EFBIG)}); the "
+                   "earlier probe.safetensors, if any, is left as it was: free some space or save the probe elsewhere "
+                   "(--out)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.safetensors"] and out.read_bytes() == b"an earlier probe"
+
+
+def test_another_users_probe_in_a_sticky_folder_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Anyone may make the temporary file beside it in a sticky folder (/tmp): only the rename after minutes of
+    training failed. Another user is simulated by os.geteuid (the tests run as root)."""
+    from catrt.reference import probe
+
+    os.chmod(tmp_path, 0o1777)
+    out = tmp_path / "probe.safetensors"
+    out.write_bytes(b"another user's probe")
+    monkeypatch.setattr(probe, "train_probe", lambda **kwargs: pytest.fail("trained"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit) as refused:
+        probe.main(["--out", str(out)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(
+        f"python -m catrt.reference.probe: error: --out {out}: {out} cannot be replaced: it belongs to another user (uid "
+        f"{os.stat(out).st_uid}) and its folder {tmp_path} is sticky (as /tmp is): only the file's owner may replace or "
+        "remove it there; save the probe elsewhere (--out)")
+
+
 def test_a_trained_probe_is_saved_whole_with_its_digest(tmp_path: Path, isolated_training: None) -> None:
     from catrt.reference import probe
 

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import copy
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +50,7 @@ from catrt.errors import CatrtError, ConfigError, echo_path
 from catrt.reference import data
 from catrt.reference.checksums import CHECKSUM_FILE, verify_files, write_checksums
 from catrt.reference.text import token_ids
+from catrt.reference.writes import written
 from catrt.reference.pipeline import (
     CONFIG_FILE,
     TEXT_ENCODER_FILE,
@@ -226,37 +225,6 @@ def measure_pace(trainer: Trainer, steps: int = 3) -> float:
     return sum(seconds) / steps
 
 
-class WriteError(CatrtError, OSError):
-    """A file training writes that the disk refused (full, over quota, failing): names the file and the OS's reason.
-    An OSError still, as the failed write was to callers of `save_checkpoint`, `save_weights` and `publish`."""
-
-
-@contextlib.contextmanager
-def written(path: Path, fix: str = "free some space or train into another --out") -> Iterator[None]:
-    """A failed write of `path` in the block (a full disk, a quota, a failing device) as one WriteError naming the file
-    and the OS's reason, not a traceback; an atomic write inside it has left the earlier file as it was."""
-    try:
-        yield
-    except Exception as error:
-        cause = _os_error(error)
-        if cause is None:
-            raise
-        raise WriteError(f"could not write {echo_path(path)} ({cause.strerror or type(cause).__name__}); the earlier "
-                         f"{path.name}, if any, is left as it was: {fix}", field="out", value=str(path)) from None
-
-
-def _os_error(error: BaseException | None) -> OSError | None:
-    """The OSError `error` is or arose from: torch's writer, failing on a full disk, closes its archive by writing
-    again, and that write's RuntimeError ("unexpected pos ...") is raised with the OSError as its context."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def save_checkpoint(trainer: Trainer, path: Path) -> None:
     """Write atomically, so an interrupted save never leaves a broken checkpoint to resume from."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -368,7 +336,8 @@ def _check_out_files(parser: argparse.ArgumentParser, out: Path, samples: bool) 
     """Refuse, before training, an `out` (made) whose files the run could not replace at its checkpoints and end:
     another user's checkpoint.pt in a sticky folder (`--out /tmp`), a writable one in a folder that takes no new file.
     A folder not made yet (weights/) is made by the run, in `out`, which was checked writable."""
-    names = [CHECKPOINT_FILE, *(f"weights/{name}" for name in WEIGHT_FILES), *(("samples.png", "samples.txt") if samples else ())]
+    names = [CHECKPOINT_FILE, *(f"weights/{name}" for name in WEIGHT_FILES),
+             *(("samples.png", "samples.txt") if samples else ())]
     for name in names:
         if (out / name).parent.is_dir():
             refusal = _replace_refusal(out / name, "train into another --out")
