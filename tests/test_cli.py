@@ -1083,6 +1083,33 @@ def test_an_unrecognized_word_with_a_newline_or_escape_is_echoed_escaped_in_one_
     assert shown in line and "\x1b" not in line, line
 
 
+@pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.parametrize("taken", ["out", "export"])
+def test_build_refuses_another_users_bundle_in_a_sticky_folder_before_loading(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken: str
+) -> None:
+    """`--out /tmp` holding another user's bundle of this name: only its owner may swap it away there, so the publish
+    failed after the whole build (the staged folder was made: anyone may write /tmp). The tests run as root, so another
+    user is simulated by os.geteuid; the folder is really sticky."""
+    from catrt.build_config import BuildConfig
+
+    name = BuildConfig(model="tiny-sd3", height=32, width=32, steps=4, t0=2, precision="fp32", backend="onnxruntime").build_name()
+    folders = {"out": tmp_path / "engines", "export": tmp_path / "export"}
+    for folder in folders.values():
+        folder.mkdir()
+        os.chmod(folder, 0o1777)
+    (folders[taken] / name).mkdir()
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    line = _fails(capfd, "build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--height", "32", "--width", "32",
+                  "--steps", "4", "--t0", "2", "--out", str(folders["out"]), "--export-dir", str(folders["export"]))
+    flag, verb = ("--out", "build") if taken == "out" else ("--export-dir", "export")
+    assert line.endswith(f"{folders[taken] / name} cannot be replaced: it belongs to another user (uid "
+                         f"{os.stat(folders[taken] / name).st_uid}) and its folder {folders[taken]} is sticky (as /tmp "
+                         f"is): only the file's owner may replace or remove it there; {verb} into another {flag}, or have "
+                         "its owner remove it"), line
+    assert sorted(path.name for path in tmp_path.rglob("*")) == sorted(["engines", "export", name])
+
+
 @pytest.mark.parametrize("taken", ["out", "export"])
 def test_build_refuses_a_file_where_its_folder_would_go_before_any_work(
     capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken: str
