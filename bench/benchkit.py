@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 import time
@@ -92,18 +91,15 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
     from catrt import atomic_files  # light: no torch
 
-    try:  # a read-only folder or file system failed the report write after the run, with a traceback
+    try:  # a read-only folder or file system, or another user's report in /tmp, failed the write after the run
         report.parent.mkdir(parents=True, exist_ok=True)
-        probe = atomic_files.beside(report, f".{os.getpid()}.tmp")  # a file beside it, as write_text makes (its name cut to fit)
-        probe.touch()  # made and removed now
-        probe.unlink()
+        refusal = atomic_files.replace_refusal(report)  # the file write_text makes beside it, made and removed now
     except OSError as error:
-        refusal = atomic_files.folder_refusal(report, error)  # a writable report in a read-only folder
-        if refusal is not None:
-            parser.error(f"--out {out} cannot be replaced: {refusal}")
         linked = f" (--out is a link to {report})" if report != out else ""
         parser.error(f"--out {out} cannot be written ({error.strerror or type(error).__name__}); give a path in a folder "
                      f"you can write{linked}")
+    if refusal is not None:
+        parser.error(f"--out {out} cannot be replaced: {refusal}")
 
 
 def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: str, files: Sequence[str] = ()) -> None:

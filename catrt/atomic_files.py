@@ -156,7 +156,8 @@ def sticky_refusal(path: Path, fix: str = "write it under another name, or have 
     """Why `path` cannot be replaced where it is another user's file in a sticky folder (`/tmp`): there only the file's
     owner, the folder's owner or root may rename onto it or remove it, while anyone may make the temporary file beside
     it, so the write failed only at its last step, after the work. None where it can be replaced, or nothing is there.
-    A device or FIFO there is written into, not replaced, and is not refused."""
+    A folder there (a bundle `catrt build` publishes whole) is refused as a file is; a device or FIFO there is
+    written into, not replaced, and is not refused."""
     if not hasattr(os, "geteuid"):  # Windows: no sticky folders
         return None
     final = target(path)
@@ -165,10 +166,32 @@ def sticky_refusal(path: Path, fix: str = "write it under another name, or have 
     except OSError:
         return None  # nothing there (a new file), or the write itself says why
     me = os.geteuid()
-    if not stat.S_ISREG(found.st_mode) or not folder.st_mode & stat.S_ISVTX or me in (0, found.st_uid, folder.st_uid):
+    if not (stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode)) or not folder.st_mode & stat.S_ISVTX or me in (0, found.st_uid, folder.st_uid):
         return None
     return (f"it belongs to another user (uid {found.st_uid}) and its folder {final.parent.absolute()} is sticky (as /tmp "
             f"is): only the file's owner may replace or remove it there; {fix}")
+
+
+def replace_refusal(path: Path, fix: str | None = None) -> str | None:
+    """Why `path` (a file, or a folder published whole) cannot be replaced, found before the work, not at the final
+    rename after it: another user's file or folder in a sticky folder (`sticky_refusal`), or a writable file whose
+    folder takes no new file (`folder_refusal`, found by making and removing a temporary file beside it). None where
+    the write may go on; any other OSError of that temporary file (a missing folder, a full disk) is raised, for the
+    caller's own message. The one check every writer of a user's path (`--out`, `--publish`) runs up front; `fix`,
+    where given, ends the message in place of each check's own."""
+    sticky = sticky_refusal(path) if fix is None else sticky_refusal(path, fix)
+    if sticky is not None:
+        return sticky
+    if os.path.isdir(target(path)):
+        return None  # a folder is published by `catrt.publish`, which checks its parent itself
+    try:
+        discard(stage(path))
+    except OSError as error:
+        refusal = folder_refusal(path, error) if fix is None else folder_refusal(path, error, fix)
+        if refusal is None:
+            raise
+        return refusal
+    return None
 
 
 def discard(temporary: Path) -> None:

@@ -36,7 +36,7 @@ from catrt.pipeline import default_image_size, pipeline_spec
 from catrt.pipeline_facts import check_latent_channels
 from catrt.prompts import check_text_length
 from catrt.provenance import describe_device, package_versions, transformer_config, weights_digest
-from catrt.publish import STAGING_OVERHEAD, refuse_non_folder, staged_folder
+from catrt.publish import STAGING_OVERHEAD, refuse_non_folder, refuse_unreplaceable, staged_folder
 from catrt.signing import resolve_key, sign_manifest
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ def _check_and_build(
             )
     if config.height is not None and config.width is not None:  # the name is known before loading; else once loaded
         _check_name_length(config, out_dir, export_dir)
+        _check_publishable(config, out_dir, export_dir)
     bar = tqdm(total=len(STAGES), desc="catrt build", disable=not progress)
     with bar:
         bar.set_postfix_str(STAGES[0])
@@ -215,10 +216,7 @@ def _build(
     _check_name_length(config, out_dir, export_dir)
     bar.set_description(f"catrt build {name}")
     backend = BACKEND_BUILDS[config.backend]
-    # Where the build will be published, checked before minutes of work: a user's file there is refused, not moved.
-    refuse_non_folder(out_dir / name, "move it away, or build into another --out", field="out_dir")
-    if backend.needs_onnx:
-        refuse_non_folder(export_dir / name, "move it away, or export into another --export-dir", field="export_dir")
+    _check_publishable(config, out_dir, export_dir)
     _check_same_model(out_dir / name, config.model)
     bar.set_postfix_str(STAGES[1])
     reference = _reference(config, pipe, adapter)
@@ -302,6 +300,18 @@ def _check_same_model(folder: Path, model: str) -> None:
             f"another --out, or remove {echo_path(folder)} first",
             field="out_dir", value=str(folder),
         )
+
+
+def _check_publishable(config: BuildConfig, out_dir: Path, export_dir: Path) -> None:
+    """Where the build will be published, checked before minutes of work: a user's file there is refused, not moved,
+    and another user's bundle in a sticky folder (`--out /tmp`), which this user may not swap away, is refused."""
+    name = config.build_name()
+    refuse_non_folder(out_dir / name, "move it away, or build into another --out", field="out_dir")
+    refuse_unreplaceable(out_dir / name, "build into another --out, or have its owner remove it", field="out_dir")
+    if BACKEND_BUILDS[config.backend].needs_onnx:
+        refuse_non_folder(export_dir / name, "move it away, or export into another --export-dir", field="export_dir")
+        refuse_unreplaceable(export_dir / name, "export into another --export-dir, or have its owner remove it",
+                             field="export_dir")
 
 
 def _check_name_length(config: BuildConfig, out_dir: Path, export_dir: Path) -> None:

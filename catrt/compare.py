@@ -40,6 +40,8 @@ from catrt.publish import held, scratch_folder
 from catrt.runtime import CATRuntime
 
 UNPRUNED = "unpruned"
+#: The files a run moves into `--out` beside images/, report.md last (so a report.md there heads a whole set).
+OUTPUT_FILES = ("metrics.csv", "grid.png", "report.md")
 CSV_FIELDS = ("prompt_index", "prompt", "seed", "variant", "psnr", "ssim", "clip", "mac_ratio", "seconds", "reused_steps")
 
 
@@ -204,12 +206,30 @@ def write_outputs(comparison: Comparison, out: Path, header: list[str], grid_row
         with held(out), _signals_deferred():  # another compare into `out` moves its set before or after this one
             for image in (staging / "images").iterdir():
                 os.replace(image, out / "images" / image.name)
-            for name in ("metrics.csv", "grid.png", "report.md"):
+            for name in OUTPUT_FILES:
                 os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if lock is not None:
             os.close(lock)
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before the run, an `out` (made and writable) whose files this run could not replace: another user's
+    report.md in a sticky folder (`--out /tmp`), a writable report in a folder that takes no new file, or an images/
+    this user cannot write into. Each failed only at the final moves, after minutes of generating. An OSError of
+    the check itself is raised, for the caller's "cannot be written" line."""
+    from catrt import atomic_files
+
+    named = f"--out {echo(str(out), PATH_ECHO_LIMIT)}"
+    for name in OUTPUT_FILES:
+        refusal = atomic_files.replace_refusal(out / name, "give another --out")
+        if refusal is not None:
+            raise ConfigError(f"{named}: its {name} cannot be replaced: {refusal}", field="out", value=str(out))
+    images = out / "images"
+    if path_is(images, "folder") and not os.access(images, os.W_OK | os.X_OK):
+        raise ConfigError(f"{named}: its folder images/ is not writable, where the run moves its images; make it "
+                          "writable or give another --out", field="out", value=str(out))
 
 
 @contextlib.contextmanager

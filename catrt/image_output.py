@@ -45,18 +45,14 @@ def staged_image(out: Path) -> Iterator[Path]:
     block fails or is interrupted, leaving `out` as it was.
     """
     _check_folders(out)
-    sticky = atomic_files.sticky_refusal(out)  # else refused only by the final rename, after the generation
-    if sticky is not None:
-        raise ConfigError(f"--out {echo(str(out), PATH_ECHO_LIMIT)} cannot be replaced: {sticky}", field="out",
-                          value=str(out))
     try:
         atomic_files.target(out).parent.mkdir(parents=True, exist_ok=True)  # a link's: the image is written through it
-        staged = atomic_files.stage(out)
-    except OSError as error:
-        refusal = atomic_files.folder_refusal(out, error)  # a writable image in a read-only folder
+        refusal = atomic_files.replace_refusal(out)  # else refused only by the final rename, after the generation
         if refusal is not None:
             raise ConfigError(f"--out {echo(str(out), PATH_ECHO_LIMIT)} cannot be replaced: {refusal}", field="out",
-                              value=str(out)) from None
+                              value=str(out))
+        staged = atomic_files.stage(out)
+    except OSError as error:
         raise unwritable_out(out, error) from None
     try:
         yield staged

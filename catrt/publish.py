@@ -43,6 +43,7 @@ try:
 except ImportError:  # Windows: publishing works without the locks (see above)
     fcntl = None
 
+from catrt import atomic_files
 from catrt.checks import writable_folder
 from catrt.errors import BuildError, ConfigError, echo_path
 
@@ -69,6 +70,7 @@ def staged_folder(final: Path, check: Callable[[], None] | None = None) -> Itera
     minutes of work misses what another publish put there meanwhile.
     """
     refuse_non_folder(final, "move it away or publish under another name")
+    refuse_unreplaceable(final, "publish under another name, or have its owner remove it")
     final = _link_target(final)
     writable_folder(final.parent, echo_path(final.parent), "pick another place", field="path")
     remove_abandoned(final.parent, _moved_aside_prefix(final))
@@ -130,6 +132,18 @@ def refuse_non_folder(final: Path, fix: str, field: str = "path") -> None:
         kind = "a file" if final.is_file() else "not a folder"
         raise ConfigError(f"{echo_path(final)} is {kind}, so nothing is published there (it is left as it is); {fix}",
                           field=field, value=str(final))
+
+
+def refuse_unreplaceable(final: Path, fix: str, field: str = "path") -> None:
+    """Refuse a folder at `final` (or where a link there points) that this user may not swap away: another user's in a
+    sticky folder (`--out /tmp`), which only its owner may rename or remove, so the swap failed after the whole build.
+    Checked by `atomic_files.replace_refusal`, the check every writer of a user's path runs."""
+    try:
+        refusal = atomic_files.replace_refusal(final, fix)
+    except OSError:
+        return  # nothing there, and its parent takes no new file: `writable_folder` says so, naming the parent
+    if refusal is not None:
+        raise ConfigError(f"{echo_path(final)} cannot be replaced: {refusal}", field=field, value=str(final))
 
 
 def scratch_folder(parent: Path, prefix: str) -> tuple[Path, int | None]:

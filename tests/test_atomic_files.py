@@ -471,3 +471,38 @@ def test_another_users_file_in_a_sticky_folder_is_refused_and_any_other_is_not(
     assert atomic_files.sticky_refusal(link) is not None  # a link is written through: its target is what is replaced
     os.chmod(folder, 0o777)
     assert atomic_files.sticky_refusal(path) is None  # not sticky: anyone who may write the folder may replace it
+
+
+# -- the one up-front check of every writer of a user's path ------------------------------------------------------
+
+
+def test_replace_refusal_finds_a_sticky_folders_file_and_a_read_only_folder_before_any_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`replace_refusal` is what `generate`, `compare`, `build`, the reference training and the bench scripts run
+    before their work: another user's file or folder in a sticky folder, and a writable file in a folder that takes no
+    new file, each a sentence; any other failure raised for the caller's line; nothing left behind."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    image, bundle = shared / "image.png", shared / "bundle"
+    image.write_bytes(b"another user's image")
+    bundle.mkdir()
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    owner = os.stat(image).st_uid
+    assert atomic_files.replace_refusal(image) == atomic_files.sticky_refusal(image)
+    assert atomic_files.replace_refusal(bundle, "build into another --out") == (
+        f"it belongs to another user (uid {owner}) and its folder {shared} is sticky (as /tmp is): only the file's "
+        "owner may replace or remove it there; build into another --out")
+    assert atomic_files.replace_refusal(shared / "new.png") is None
+    os.chmod(shared, 0o777)
+    assert atomic_files.replace_refusal(image) is None and atomic_files.replace_refusal(bundle) is None
+    report = tmp_path / "report.md"
+    report.write_text("earlier\n")
+    refuse_new_files(monkeypatch, tmp_path)
+    assert atomic_files.replace_refusal(report, "give another --out").endswith(
+        f"make {tmp_path} writable or give another --out")
+    with pytest.raises(PermissionError):  # no file there: the caller's own "cannot be written" line
+        atomic_files.replace_refusal(tmp_path / "new.md")
+    assert sorted(tmp_path.iterdir()) == [report, shared] and sorted(shared.iterdir()) == [bundle, image]
+    assert not atomic_files._HELD

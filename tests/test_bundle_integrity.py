@@ -1289,6 +1289,31 @@ def test_a_publish_that_cannot_take_its_place_is_a_catrt_error_naming_it(tmp_pat
     assert list(tmp_path.iterdir()) == []  # the staged folder is removed
 
 
+def test_another_users_folder_in_a_sticky_folder_is_refused_before_the_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only its owner may rename or remove it there, so the swap failed after the whole build. Another user is
+    simulated by os.geteuid (the tests run as root); the folder is really sticky. A link to it is published through,
+    so it is refused as well."""
+    os.chmod(tmp_path, 0o1777)
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "file").write_text("another user's")
+    link = tmp_path / "latest"
+    link.symlink_to(final)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    for path in (final, link):
+        with pytest.raises(ConfigError, match=f"^{path} cannot be replaced: it belongs to another user .* publish under "
+                                              "another name, or have its owner remove it$"):
+            with staged_folder(path):
+                pytest.fail("the block ran")
+    assert sorted(tmp_path.iterdir()) == [final, link] and (final / "file").read_text() == "another user's"
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(final).st_uid)  # its owner may
+    with staged_folder(final) as staging:
+        (staging / "file").write_text("new")
+    assert (final / "file").read_text() == "new"
+
+
 def test_a_file_where_the_folder_would_go_is_refused_and_kept(tmp_path: Path) -> None:
     """It was swapped aside like an earlier build (and left as a hidden .tmp file)."""
     final = tmp_path / "bundle"

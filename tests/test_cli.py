@@ -370,6 +370,48 @@ def test_compare_refuses_bad_seeds_guidance_and_prompt_text_before_loading(capfd
 
 
 @pytest.mark.usefixtures("no_model_loads")
+def test_compare_refuses_an_out_whose_files_it_could_not_replace_before_loading(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out /tmp` holding another user's report.md (a sticky folder), or a folder that takes no new file: the run's files are moved in last, so each failed after minutes of generating. Another user is
+    simulated by os.geteuid (the tests run as root); the folder is really sticky."""
+    from tests.test_atomic_files import refuse_new_files
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    (shared / "report.md").write_text("another user's report\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    line = _fails(capfd, "compare", "--prompts", str(prompts), "--out", str(shared))
+    assert line == (f"catrt compare: error: --out {str(shared)!r}: its report.md cannot be replaced: it belongs to another "
+                    f"user (uid {os.stat(shared / 'report.md').st_uid}) and its folder {shared} is sticky (as /tmp is): "
+                    "only the file's owner may replace or remove it there; give another --out")
+    assert sorted(p.name for p in shared.iterdir()) == ["report.md"]
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    opener = os.open
+    refuse_new_files(monkeypatch, shared)
+    line = _fails(capfd, "compare", "--prompts", str(prompts), "--out", str(shared))
+    assert line == f"catrt compare: error: --out {str(shared)!r} cannot be written (Permission denied); pick a writable folder"
+    (shared / "report.md").unlink()
+    for name in ("metrics.csv", "grid.png", "report.md"):  # the three files it replaces: the writable ones' folder named
+        (shared / name).write_text("an earlier run's\n")
+    line = _fails(capfd, "compare", "--prompts", str(prompts), "--out", str(shared))
+    assert line.startswith(f"catrt compare: error: --out {str(shared)!r}: its metrics.csv cannot be replaced: its folder "
+                           f"{shared} is not writable (Permission denied), though the file is")
+    assert line.endswith(f"make {shared} writable or give another --out")
+    monkeypatch.setattr(os, "open", opener)  # new files may be made again, as root: only images/ refuses them
+    (shared / "images").mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path).name != "images" and access(path, mode, **kw))
+    line = _fails(capfd, "compare", "--prompts", str(prompts), "--out", str(shared))
+    assert line == (f"catrt compare: error: --out {str(shared)!r}: its folder images/ is not writable, where the run "
+                    "moves its images; make it writable or give another --out")
+    assert sorted(p.name for p in shared.iterdir()) == ["grid.png", "images", "metrics.csv", "report.md"]
+
+
+@pytest.mark.usefixtures("no_model_loads")
 def test_an_api_key_no_client_can_send_is_refused_at_start(
     capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1039,6 +1081,33 @@ def test_an_unrecognized_word_with_a_newline_or_escape_is_echoed_escaped_in_one_
     reached the terminal."""
     line = _usage_error(capfd, argv)
     assert shown in line and "\x1b" not in line, line
+
+
+@pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.parametrize("taken", ["out", "export"])
+def test_build_refuses_another_users_bundle_in_a_sticky_folder_before_loading(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken: str
+) -> None:
+    """`--out /tmp` holding another user's bundle of this name: only its owner may swap it away there, so the publish
+    failed after the whole build (the staged folder was made: anyone may write /tmp). The tests run as root, so another
+    user is simulated by os.geteuid; the folder is really sticky."""
+    from catrt.build_config import BuildConfig
+
+    name = BuildConfig(model="tiny-sd3", height=32, width=32, steps=4, t0=2, precision="fp32", backend="onnxruntime").build_name()
+    folders = {"out": tmp_path / "engines", "export": tmp_path / "export"}
+    for folder in folders.values():
+        folder.mkdir()
+        os.chmod(folder, 0o1777)
+    (folders[taken] / name).mkdir()
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    line = _fails(capfd, "build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--height", "32", "--width", "32",
+                  "--steps", "4", "--t0", "2", "--out", str(folders["out"]), "--export-dir", str(folders["export"]))
+    flag, verb = ("--out", "build") if taken == "out" else ("--export-dir", "export")
+    assert line.endswith(f"{folders[taken] / name} cannot be replaced: it belongs to another user (uid "
+                         f"{os.stat(folders[taken] / name).st_uid}) and its folder {folders[taken]} is sticky (as /tmp "
+                         f"is): only the file's owner may replace or remove it there; {verb} into another {flag}, or have "
+                         "its owner remove it"), line
+    assert sorted(path.name for path in tmp_path.rglob("*")) == sorted(["engines", "export", name])
 
 
 @pytest.mark.parametrize("taken", ["out", "export"])

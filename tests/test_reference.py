@@ -334,6 +334,48 @@ def test_publish_into_a_read_only_package_folder_is_refused_before_training(
     assert _digests(package) == _digests(WEIGHTS_DIR)
 
 
+def test_another_users_files_in_a_sticky_folder_are_refused_before_training(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--out /tmp/run`'s checkpoint, or the shipped weights, of another user in a sticky folder: anyone may make the
+    temporary file beside them, and only the rename at the first checkpoint (or after all the training) failed. The
+    tests run as root, so another user is simulated by os.geteuid; the folders are really sticky."""
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: pytest.fail("trained"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    run = tmp_path / "run"
+    run.mkdir()
+    os.chmod(run, 0o1777)
+    (run / "checkpoint.pt").write_bytes(b"another user's checkpoint")
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", str(run), *TINY])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line == (
+        f"python -m catrt.reference.train: error: --out {run}: its checkpoint.pt cannot be replaced: it belongs to another "
+        f"user (uid {os.stat(run / 'checkpoint.pt').st_uid}) and its folder {run} is sticky (as /tmp is): only the "
+        "file's owner may replace or remove it there; train into another --out (see python -m catrt.reference.train --help)")
+    (run / "checkpoint.pt").unlink()
+    (run / "weights").mkdir()
+    os.chmod(run / "weights", 0o1777)
+    (run / "weights" / train.CONFIG_FILE).write_text("{}")
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(run), *TINY])
+    assert f"--out {run}: its weights/{train.CONFIG_FILE} cannot be replaced: it belongs" in capsys.readouterr().err
+    (run / "weights" / train.CONFIG_FILE).unlink()
+    package = tmp_path / "package-weights"
+    shutil.copytree(WEIGHTS_DIR, package)
+    os.chmod(package, 0o1777)
+    monkeypatch.setattr(train, "WEIGHTS_DIR", package)
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", str(run), "--publish", *TINY])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line == (
+        f"python -m catrt.reference.train: error: --publish cannot replace the shipped weights in {package}: it belongs "
+        f"to another user (uid {os.stat(package / train.TRANSFORMER_FILE).st_uid}) and its folder {package} is sticky (as "
+        "/tmp is): only the file's owner may replace or remove it there; train without --publish (the weights stay in "
+        "--out's weights/) (see python -m catrt.reference.train --help)")
+    assert sorted(p.name for p in run.iterdir()) == ["weights"] and not any((run / "weights").iterdir())
+
+
 def test_a_saved_reference_pipeline_loads_back_by_folder_and_draws_the_same_image(
     pipe: ReferencePipeline, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -370,6 +412,11 @@ def test_a_saved_reference_pipeline_loads_back_by_folder_and_draws_the_same_imag
     # overflowed the schedule's step count: a traceback after the trial steps
     (["--minutes", "1e308"], f"--minutes must be in (0, {60 * 24 * 366}] (at most 366 days), got 1e+308"),
     (["--lr", "-0.1"], "--lr must be a finite number > 0, got -0.1"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    # trained NaNs for the whole budget and saved them (and --publish shipped them)
+    (["--lr", "1e308"], "--lr must be in (0, 1] (AdamW moves each weight by about lr a step; the default is 0.001), got 1e+308"),
+    (["--lr", "1.5"], "--lr must be in (0, 1] (AdamW moves each weight by about lr a step; the default is 0.001), got 1.5"),
     (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
     (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
     (["--samples", "-8"], "--samples must be a multiple of 8 (rows of 8) >= 0, not -8"),
@@ -601,6 +648,58 @@ def test_probe_training_mistakes_are_one_line_before_training(
         probe.main([word.format(tmp=tmp_path) for word in argv])
     (line,) = capsys.readouterr().err.splitlines()
     assert refused.value.code == 2 and line.startswith(f"python -m catrt.reference.probe: error: {message.format(tmp=tmp_path)}")
+
+
+def test_a_probe_the_disk_refuses_is_one_line_naming_the_file_and_the_earlier_one_is_kept(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """safetensors' save_file, failing on a full disk, raised a SafetensorError traceback (its Rust writer's error, no
+    OSError) after the training. The disk is made to refuse by a file-size limit (RLIMIT_FSIZE, its signal ignored):
+    any write past it fails with EFBIG, Rust's as Python's, as a full disk fails them with ENOSPC."""
+    import resource
+    import signal
+
+    from catrt.reference import probe
+
+    out = tmp_path / "probe.safetensors"
+    out.write_bytes(b"an earlier probe")
+    monkeypatch.setattr(probe, "attribute_accuracy", lambda *args: pytest.fail("went on after the failed save"))
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        with pytest.raises(SystemExit) as failed:
+            probe.main(["--steps", "1", "--threads", str(torch.get_num_threads()), "--reference-samples", "0",
+                        "--out", str(out)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    err = capsys.readouterr().err
+    assert failed.value.code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err == (f"python -m catrt.reference.probe: error: could not write {out} ({os.strerror(errno.EFBIG)}); the "
+                   "earlier probe.safetensors, if any, is left as it was: free some space or save the probe elsewhere "
+                   "(--out)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.safetensors"] and out.read_bytes() == b"an earlier probe"
+
+
+def test_another_users_probe_in_a_sticky_folder_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Anyone may make the temporary file beside it in a sticky folder (/tmp): only the rename after minutes of
+    training failed. Another user is simulated by os.geteuid (the tests run as root)."""
+    from catrt.reference import probe
+
+    os.chmod(tmp_path, 0o1777)
+    out = tmp_path / "probe.safetensors"
+    out.write_bytes(b"another user's probe")
+    monkeypatch.setattr(probe, "train_probe", lambda **kwargs: pytest.fail("trained"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit) as refused:
+        probe.main(["--out", str(out)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(
+        f"python -m catrt.reference.probe: error: --out {out}: {out} cannot be replaced: it belongs to another user (uid "
+        f"{os.stat(out).st_uid}) and its folder {tmp_path} is sticky (as /tmp is): only the file's owner may replace or "
+        "remove it there; save the probe elsewhere (--out)")
 
 
 def test_a_trained_probe_is_saved_whole_with_its_digest(tmp_path: Path, isolated_training: None) -> None:

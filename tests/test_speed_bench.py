@@ -76,7 +76,9 @@ def test_an_out_in_a_folder_no_file_can_be_made_in_is_one_line_before_the_run(  
     assert "give a path in a folder you can write" in error and "Traceback" not in error
     out = tmp_path / "new" / "speed.md"  # a writable place: its folder made, nothing left in it
     assert speed.parse_args(["--out", str(out)]).out == out and list(out.parent.iterdir()) == []
-    (out.parent / f".speed.md.{os.getpid()}.tmp").write_text("")  # a killed run's staging file of this name
+    from catrt import atomic_files
+
+    atomic_files.beside(out, f".catrt-{atomic_files.HOST}-0000abcd.tmp").write_text("")  # a killed write's, removed
     assert speed.parse_args(["--out", str(out)]).out == out and list(out.parent.iterdir()) == []
 
 
@@ -150,3 +152,25 @@ def test_diffusers_runs_on_the_device_the_engines_are_built_for(speed, monkeypat
     monkeypatch.setattr(speed, "mac_ratio", lambda *args: 0.4)
     speed.run_engines(speed.parse_args(["--backends", "eager", "--steps", "6", "--t0", "2", "--layers", "1"]))
     assert seen == [speed.torch.device("meta")] * 2
+
+
+def test_another_users_report_in_a_sticky_folder_is_refused_before_the_run(  # noqa: ANN001
+    speed, tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    """`--out /tmp/speed.md` of another user's report: the temporary file beside it is made (anyone may write /tmp),
+    and only the rename after minutes of measuring failed. Another user is simulated by os.geteuid (the tests run as
+    root); the folder is really sticky."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chmod(folder, 0o1777)
+    out = folder / "speed.md"
+    out.write_text("another user's report\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit) as exited:
+        speed.parse_args(["--out", str(out)])
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert exited.value.code == 2 and line == (
+        f"bench/speed.py: error: --out {out} cannot be replaced: it belongs to another user (uid {os.stat(out).st_uid}) "
+        f"and its folder {folder} is sticky (as /tmp is): only the file's owner may replace or remove it there; write it "
+        "under another name, or have its owner remove it (see bench/speed.py --help)")
+    assert sorted(folder.iterdir()) == [out] and out.read_text() == "another user's report\n"

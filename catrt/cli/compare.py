@@ -70,9 +70,14 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
     device = torch_device("cpu" if args.device is None else args.device)
     precision = run_precision(args.precision, model, device.type)
     from catrt.build_config import PRECISIONS
-    from catrt.compare import run_comparison, write_outputs
+    from catrt.compare import check_out, run_comparison, write_outputs
     from catrt.generation import check_pipeline_size, check_prompt_length, check_text_to_image
     from catrt.image_output import unwritable_out
+
+    try:
+        check_out(out)  # the files the run replaces at its end, checked before the model loads
+    except OSError as error:
+        raise unwritable_out(out, error) from None
     from catrt.loading import load_pipeline
     from catrt.metrics import ClipScorer, require_skimage
 

@@ -20,14 +20,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from catrt import atomic_files
-from catrt.errors import ConfigError
+from catrt.errors import CatrtError, ConfigError
 from catrt.reference import data
 from catrt.reference.checksums import PROBE_CHECKSUM_FILE, verify_files, write_checksums
 from catrt.reference.pipeline import ReferencePipeline, load_reference_pipeline
+from catrt.reference.writes import written
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +154,13 @@ def train_probe(steps: int = 2000, batch_size: int = 64, seed: int = 0, out: Pat
             logger.info("probe step %d loss %.4f (%.0f s)", step + 1, loss.item(), time.perf_counter() - start)
     probe.eval()
     if out is not None:  # written beside, then renamed onto it: a kill mid-save never leaves half a probe
-        with atomic_files.replacing(out) as temporary:
-            save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, temporary)
-        write_checksums(out.parent, [out.name], PROBE_CHECKSUM_FILE)
+        tensors = {k: v.contiguous() for k, v in probe.state_dict().items()}
+        fix = "free some space or save the probe elsewhere (--out)"
+        # serialised here, written by Python: safetensors' own write failed (a full disk) as a SafetensorError traceback
+        with written(out, fix):
+            atomic_files.write_bytes(out, safetensors_bytes(tensors))
+        with written(out.parent / PROBE_CHECKSUM_FILE, fix):
+            write_checksums(out.parent, [out.name], PROBE_CHECKSUM_FILE)
     return probe
 
 
@@ -218,9 +224,19 @@ def main(argv: list[str] | None = None) -> None:
         output_folder(args.out.parent, f"--out {echo_path(args.out)}: its folder", "the probe's file", "out")
     except ConfigError as error:
         parser.error(str(error))
+    for path in (args.out, args.out.parent / PROBE_CHECKSUM_FILE):  # replaced after the training
+        try:
+            refusal = atomic_files.replace_refusal(path, "save the probe elsewhere (--out)")
+        except OSError as error:
+            refusal = f"{error.strerror or type(error).__name__}; save the probe elsewhere (--out)"
+        if refusal is not None:
+            parser.error(f"--out {echo_path(args.out)}: {echo_path(path)} cannot be replaced: {refusal}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    probe = train_probe(steps=args.steps, out=args.out)
+    try:
+        probe = train_probe(steps=args.steps, out=args.out)
+    except CatrtError as error:  # a file the disk refused (the earlier one kept): one line, exit 1 (no flag was wrong)
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     held_out = data.generate(1000, seed=987654)
     print("held-out renders:", attribute_accuracy(np.stack([s.image for s in held_out]), held_out, probe))
     if args.reference_samples:

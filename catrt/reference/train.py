@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import copy
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +50,7 @@ from catrt.errors import CatrtError, ConfigError, echo_path
 from catrt.reference import data
 from catrt.reference.checksums import CHECKSUM_FILE, verify_files, write_checksums
 from catrt.reference.text import token_ids
+from catrt.reference.writes import written
 from catrt.reference.pipeline import (
     CONFIG_FILE,
     TEXT_ENCODER_FILE,
@@ -72,6 +71,9 @@ WEIGHT_FILES = (TRANSFORMER_FILE, TEXT_ENCODER_FILE, CONFIG_FILE, CHECKSUM_FILE)
 CHECKED_FILES = WEIGHT_FILES[:-1]
 # The longest --minutes: a year and a day. 1e308 overflowed the schedule's step count (a traceback after the trial steps).
 MAX_MINUTES = 60 * 24 * 366
+# The largest --lr: AdamW moves each weight by about the learning rate a step, so past 1 (the weights start near 0.02,
+# the default is 1e-3) the first step wrecks the model; 1e308 trained NaNs for the whole budget and saved them.
+MAX_LR = 1.0
 
 
 @dataclass
@@ -223,37 +225,6 @@ def measure_pace(trainer: Trainer, steps: int = 3) -> float:
     return sum(seconds) / steps
 
 
-class WriteError(CatrtError, OSError):
-    """A file training writes that the disk refused (full, over quota, failing): names the file and the OS's reason.
-    An OSError still, as the failed write was to callers of `save_checkpoint`, `save_weights` and `publish`."""
-
-
-@contextlib.contextmanager
-def written(path: Path, fix: str = "free some space or train into another --out") -> Iterator[None]:
-    """A failed write of `path` in the block (a full disk, a quota, a failing device) as one WriteError naming the file
-    and the OS's reason, not a traceback; an atomic write inside it has left the earlier file as it was."""
-    try:
-        yield
-    except Exception as error:
-        cause = _os_error(error)
-        if cause is None:
-            raise
-        raise WriteError(f"could not write {echo_path(path)} ({cause.strerror or type(cause).__name__}); the earlier "
-                         f"{path.name}, if any, is left as it was: {fix}", field="out", value=str(path)) from None
-
-
-def _os_error(error: BaseException | None) -> OSError | None:
-    """The OSError `error` is or arose from: torch's writer, failing on a full disk, closes its archive by writing
-    again, and that write's RuntimeError ("unexpected pos ...") is raised with the OSError as its context."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def save_checkpoint(trainer: Trainer, path: Path) -> None:
     """Write atomically, so an interrupted save never leaves a broken checkpoint to resume from."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,14 +322,35 @@ def train(cfg: TrainConfig, out: Path, resume: bool = True, progress: bool | Non
 
 
 def _check_publishable(parser: argparse.ArgumentParser, shipped: Path) -> None:
-    """Refuse --publish before training where the shipped weights cannot be replaced (an installed package's read-only
-    folder, whose files may be writable): it failed with a traceback after all the training."""
+    """Refuse --publish before training where the shipped weights (`shipped`'s folder) cannot be replaced (an installed
+    package's read-only folder, whose files may be writable; another user's files in a sticky one): it failed with a
+    traceback after all the training."""
+    fix = "train without --publish (the weights stay in --out's weights/)"
+    for name in WEIGHT_FILES:
+        refusal = _replace_refusal(shipped.parent / name, fix)
+        if refusal is not None:
+            parser.error(f"--publish cannot replace the shipped weights in {shipped.parent}: {refusal}")
+
+
+def _check_out_files(parser: argparse.ArgumentParser, out: Path, samples: bool) -> None:
+    """Refuse, before training, an `out` (made) whose files the run could not replace at its checkpoints and end:
+    another user's checkpoint.pt in a sticky folder (`--out /tmp`), a writable one in a folder that takes no new file.
+    A folder not made yet (weights/) is made by the run, in `out`, which was checked writable."""
+    names = [CHECKPOINT_FILE, *(f"weights/{name}" for name in WEIGHT_FILES),
+             *(("samples.png", "samples.txt") if samples else ())]
+    for name in names:
+        if (out / name).parent.is_dir():
+            refusal = _replace_refusal(out / name, "train into another --out")
+            if refusal is not None:
+                parser.error(f"--out {echo_path(out)}: its {name} cannot be replaced: {refusal}")
+
+
+def _replace_refusal(path: Path, fix: str) -> str | None:
+    """`atomic_files.replace_refusal` of `path`, any other failure of its temporary file as "<reason>; <fix>"."""
     try:
-        atomic_files.discard(atomic_files.stage(shipped))
+        return atomic_files.replace_refusal(path, fix)
     except OSError as error:
-        fix = "train without --publish (the weights stay in --out's weights/)"
-        refusal = atomic_files.folder_refusal(shipped, error, fix) or f"{error.strerror or type(error).__name__}; {fix}"
-        parser.error(f"--publish cannot replace the shipped weights in {shipped.parent}: {refusal}")
+        return f"{error.strerror or type(error).__name__}; {fix}"
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -406,6 +398,9 @@ def main(argv: list[str] | None = None) -> Trainer:
     for flag, value in (("--minutes", args.minutes), ("--lr", args.lr), ("--checkpoint-minutes", args.checkpoint_minutes)):
         if not (math.isfinite(value) and value > 0):  # a budget of 0 trains nothing (and --publish would ship it)
             parser.error(f"{flag} must be a finite number > 0, got {value}")
+    if args.lr > MAX_LR:
+        parser.error(f"--lr must be in (0, {MAX_LR:g}] (AdamW moves each weight by about lr a step; the default is "
+                     f"{TrainConfig.lr:g}), got {args.lr:g}")
     if args.minutes > MAX_MINUTES:
         parser.error(f"--minutes must be in (0, {MAX_MINUTES}] (at most 366 days), got {args.minutes:g}")
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1),
@@ -416,6 +411,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         output_folder(args.out, f"--out {echo_path(args.out)}", "checkpoint.pt, weights/ and samples.png", "out")
     except ConfigError as error:
         parser.error(str(error))
+    _check_out_files(parser, args.out, bool(args.samples))
     if args.publish:
         _check_publishable(parser, WEIGHTS_DIR / TRANSFORMER_FILE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
