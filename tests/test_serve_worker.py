@@ -873,3 +873,18 @@ def test_the_exit_hook_leaves_a_worker_in_a_call_or_loading_running(model: Stand
     slow.drain()
     slow.join(10)
     assert not slow.alive
+
+
+def test_a_worker_ending_after_its_server_stopped_reports_to_no_closed_loop() -> None:
+    """At exit catrt ends an idle worker whose server had already stopped (its event loop closed): reporting the
+    exit there raised "Event loop is closed" on the worker thread, a traceback as the process exited."""
+    import uvicorn
+
+    from catrt.serve.server import DrainingServer
+
+    server = DrainingServer(uvicorn.Config(app=None), worker=SimpleNamespace(served=object()),
+                            address="http://127.0.0.1:0")
+    server._loop = asyncio.new_event_loop()
+    server._loop.close()
+    server.worker_exited("stopped")
+    assert not server.should_exit
