@@ -145,11 +145,11 @@ class Worker:
         met the interpreter's finalization still tearing down its thread, which has run torch: the process could
         abort at exit ("terminate called without an active exception")."""
         with self._lock:
-            busy = bool(self._in_flight) or (self.served is None and self.state != "dead")
+            busy = bool(self._in_flight) or (self.served is None and self.state in ("loading", "draining"))
         if busy or not self.alive:
             return
         self.drain()
-        self._thread.join(timeout)
+        self.join(timeout)
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
