@@ -566,6 +566,25 @@ def test_a_replica_prints_none_of_the_notices_the_cli_drops() -> None:
     assert "torchvision" not in result.stderr + result.stdout
 
 
+# Registered before catrt is imported, so it runs after catrt's own exit hook, just before the interpreter finalizes.
+THREADS_AT_EXIT = """
+import atexit, threading
+atexit.register(lambda: print("threads at exit:", sorted(thread.name for thread in threading.enumerate())))
+"""
+
+
+def test_a_replica_process_ends_its_worker_thread_before_the_interpreter_finalizes() -> None:
+    """The worker's daemon thread, which has run torch, still ran when the interpreter finalized: a replica process
+    could abort at exit ("terminate called without an active exception"). Not drained here, so without catrt's exit
+    hook the thread is sure to be alive then."""
+    script = THREADS_AT_EXIT + REPLICA_PROCESS.replace(".worker.drain()", "")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=server_env(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    threads = [line for line in result.stdout.splitlines() if line.startswith("threads at exit:")]
+    assert len(threads) == 1 and "MainThread" in threads[0] and "catrt-" not in threads[0], result.stdout
+
+
 def test_a_replica_of_a_published_model_offline_prints_no_hub_notice() -> None:
     """diffusers' "Couldn't connect to the Hub ... local cache" lines printed once per replica into `catrt serve
     --ray`'s output, beside the replica's own refusal (the single server drops them)."""

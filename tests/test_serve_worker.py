@@ -831,3 +831,60 @@ def test_a_batched_call_is_not_hung_while_one_of_its_requests_still_waits(clock:
         assert watch.hang() is None
         clock.now += 0.1
         assert watch.hang() is not None
+
+
+def test_an_idle_worker_is_stopped_and_its_thread_joined_before_the_interpreter_finalizes(model: StandIn) -> None:
+    """A drained worker's daemon thread still ran when the interpreter finalized (a replica drained, then exited): the
+    process could abort at exit ("terminate called without an active exception"). The exit hook ends it first."""
+    from catrt.serve import worker as worker_module
+
+    exits: list[str] = []
+    worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(), on_exit=exits.append)
+    _started(worker)
+    worker_module._stop_idle_workers()
+    assert not worker.alive and exits == ["stopped"]
+
+
+def test_the_exit_hook_leaves_a_worker_in_a_call_or_loading_running(model: StandIn) -> None:
+    """A call may take minutes or hang, and a load cannot be stopped: the process must stay free to exit without
+    them, so the hook neither drains nor waits for such a worker."""
+    from catrt.serve import worker as worker_module
+
+    worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(), on_exit=lambda state: None)
+    _started(worker)
+    held = _job("hold")
+    worker.submit(held)
+    assert model.holding.wait(10)
+    worker_module._stop_idle_workers()
+    assert worker.alive and worker.state == "ready"
+    model.release.set()
+    assert _result(held.future).images == ["hold"]
+    worker.drain()
+    worker.join(10)
+    assert not worker.alive
+
+    loading = threading.Event()
+    slow = Worker(lambda: loading.wait(10) and Router([model]), max_queue=8, metrics=ServerMetrics(),
+                  on_exit=lambda state: None)
+    slow.start()
+    worker_module._stop_idle_workers()
+    assert slow.alive and slow.state == "loading"
+    loading.set()
+    slow.drain()
+    slow.join(10)
+    assert not slow.alive
+
+
+def test_a_worker_ending_after_its_server_stopped_reports_to_no_closed_loop() -> None:
+    """At exit catrt ends an idle worker whose server had already stopped (its event loop closed): reporting the
+    exit there raised "Event loop is closed" on the worker thread, a traceback as the process exited."""
+    import uvicorn
+
+    from catrt.serve.server import DrainingServer
+
+    server = DrainingServer(uvicorn.Config(app=None), worker=SimpleNamespace(served=object()),
+                            address="http://127.0.0.1:0")
+    server._loop = asyncio.new_event_loop()
+    server._loop.close()
+    server.worker_exited("stopped")
+    assert not server.should_exit

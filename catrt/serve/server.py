@@ -109,8 +109,8 @@ class DrainingServer(uvicorn.Server):
         answering (503, /health/live included) for its supervisor to restart it."""
         if state == "dead" and self.worker.served is not None and not self._draining:
             return
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(setattr, self, "should_exit", True)
+        if self._loop is not None and not self._loop.is_closed():  # closed: the server already stopped, and the
+            self._loop.call_soon_threadsafe(setattr, self, "should_exit", True)  # worker ends at exit (worker.py)
 
 
 def run_server(config: ServeConfig) -> int:

@@ -13,10 +13,12 @@ whole queue before the call is taken.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
     from catrt.serve.routing import Router
 
 logger = logging.getLogger(__name__)
+
+EXIT_JOIN_SECONDS = 5.0  # at interpreter exit: how long an idle worker's thread is given to end
 
 WorkerState = Literal["loading", "ready", "draining", "stopped", "dead"]
 WARMUP_PROMPT = "warm-up"
@@ -133,6 +137,19 @@ class Worker:
 
     def start(self) -> None:
         self._thread.start()
+        _started.add(self)
+
+    def stop_if_idle(self, timeout: float) -> None:
+        """Drain, then join the thread, unless it is loading or in a model call: those may take minutes (or hang),
+        and a process must be free to exit without them (the thread is a daemon for that). An idle worker left running
+        met the interpreter's finalization still tearing down its thread, which has run torch: the process could
+        abort at exit ("terminate called without an active exception")."""
+        with self._lock:
+            busy = bool(self._in_flight) or (self.served is None and self.state in ("loading", "draining"))
+        if busy or not self.alive:
+            return
+        self.drain()
+        self.join(timeout)
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -450,3 +467,12 @@ def _release_cached_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
+
+_started: weakref.WeakSet[Worker] = weakref.WeakSet()  # the workers whose thread may still run
+
+
+@atexit.register
+def _stop_idle_workers() -> None:
+    """atexit callbacks run before the interpreter finalizes, while a daemon thread can still end normally."""
+    for worker in list(_started):
+        worker.stop_if_idle(EXIT_JOIN_SECONDS)
