@@ -47,10 +47,6 @@ from catrt.file_checks import digest_mismatch, memoized_digest, stat_identity, w
 BLOCK = 16 << 20
 
 
-def _identity(info: os.stat_result) -> tuple[int, int, int]:
-    return info.st_dev, info.st_ino, info.st_ctime_ns
-
-
 def verified_bytes(path: Path, record: Mapping[str, Any] | None) -> bytearray:
     """The file's bytes, read once and checked against `record` (a CorruptBundleError naming the file where they differ)."""
     with VerifiedFile(path, record) as source:
@@ -88,7 +84,7 @@ class VerifiedFile:
         # Its sha256 unchecked before: a mismatch is the bundle's own unless the file was written since its check.
         self._first_check = first_check and not written_since_unhashed_check(path, info)
         self.size = info.st_size
-        self._identity = _identity(named)
+        self._identity = stat_identity(named)
         self._record = record
         self._digest = hashlib.sha256()
         self._before: list[Any] = []  # per block hashed so far, in file order: the whole-file hash before it (a copy)
@@ -185,7 +181,7 @@ class VerifiedFile:
         path now names another file, or the file was written or replaced since (its inode or change time differs: any
         write or rename sets the change time, and no user call can set it back)."""
         try:
-            now = _identity(os.lstat(self.path))
+            now = stat_identity(os.lstat(self.path))
         except OSError:
             now = None
         if now != self._identity:
