@@ -388,17 +388,15 @@ def test_cuda_provider_without_from_dlpack_leaves_the_weights_to_each_session_wi
     np.testing.assert_allclose(session.run(None, {"x": x})[0], (x @ weight)[:, index], rtol=1e-6)
 
 
-@pytest.mark.parametrize("tf32", [False, True])
-def test_cuda_provider_runs_on_the_engines_gpu_with_torchs_tf32_setting(
-        tf32: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA provider was given no options: it ran on GPU 0 whatever GPU torch's tensors and the shared weights were
-    on (torch.device("cuda") is torch's current GPU), and with TF32 on (its default), where torch's fp32 matmuls, and
-    the eager model an fp32 build is verified against, have it off. Our glue only: stand-ins for torch's current GPU,
-    the copy to it, and InferenceSession (which records its providers and opens a CPU session)."""
+def _cuda_stand_ins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, current_device: int, started_cuda: bool = True
+) -> tuple[list[Any], GraphSpec]:
+    """A one-graph bundle in `tmp_path` and stand-ins for a CUDA machine: torch's current GPU, the copy to it, and
+    InferenceSession, which records the providers each session is asked for (the list returned) and opens a real CPU
+    session that reports the CUDA provider started (`started_cuda`) or, as ONNX Runtime's fallback, the CPU one alone."""
     import onnxruntime
 
     from catrt.engines import shared_weights
-    from catrt.engines.onnxruntime import OnnxRuntimeEngine
 
     _matmul_gather_bundle(tmp_path)
     (tmp_path / "pruned-k8.onnx").unlink()
@@ -408,13 +406,26 @@ def test_cuda_provider_runs_on_the_engines_gpu_with_torchs_tf32_setting(
     def session(path: str, options: Any, providers: list[Any]) -> Any:
         asked.append(providers)
         opened = session_class(path, options, providers=["CPUExecutionProvider"])
-        monkeypatch.setattr(opened, "get_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        if started_cuda:
+            monkeypatch.setattr(opened, "get_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
         return opened
 
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current_device)
     monkeypatch.setattr(shared_weights, "to_device", lambda array, device: _host_copy(array))
     monkeypatch.setattr(onnxruntime, "InferenceSession", session)
-    spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+    return asked, GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cuda_provider_runs_on_the_engines_gpu_with_torchs_tf32_setting(
+        tf32: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA provider was given no options: it ran on GPU 0 whatever GPU torch's tensors and the shared weights were
+    on (torch.device("cuda") is torch's current GPU), and with TF32 on (its default), where torch's fp32 matmuls, and
+    the eager model an fp32 build is verified against, have it off. Our glue only: stand-ins for torch's current GPU,
+    the copy to it, and InferenceSession (which records its providers and opens a CPU session)."""
+    from catrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    asked, spec = _cuda_stand_ins(tmp_path, monkeypatch, current_device=1)
     engine = OnnxRuntimeEngine(tmp_path, {"full": spec}, torch.device("cuda"))
     before, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, tf32  # a flag monkeypatch cannot restore
     try:
@@ -433,34 +444,17 @@ def test_cuda_provider_follows_tf32_set_with_torchs_new_precision_settings(
     """torch 2.9's `fp32_precision` settings are how its docs now turn TF32 on; after them, reading the legacy
     `allow_tf32` (as `cuda_options` did) raises a RuntimeError ("mix of the legacy and new APIs"), so such a user's
     CUDA bundle failed to load with a traceback. Our glue only, with the stand-ins of the test above."""
-    import onnxruntime
-
-    from catrt.engines import shared_weights
     from catrt.engines.onnxruntime import OnnxRuntimeEngine
 
     if not hasattr(owner, "fp32_precision"):
         pytest.skip("this torch has no fp32_precision settings (before 2.9)")
-    _matmul_gather_bundle(tmp_path)
-    (tmp_path / "pruned-k8.onnx").unlink()
-    asked: list[Any] = []
-    session_class = onnxruntime.InferenceSession
-
-    def session(path: str, options: Any, providers: list[Any]) -> Any:
-        asked.append(providers[0])
-        opened = session_class(path, options, providers=["CPUExecutionProvider"])
-        monkeypatch.setattr(opened, "get_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-        return opened
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(shared_weights, "to_device", lambda array, device: _host_copy(array))
-    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
-    spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+    asked, spec = _cuda_stand_ins(tmp_path, monkeypatch, current_device=0)
     owner.fp32_precision = value  # a setting monkeypatch cannot restore; "none" gives the legacy flags back
     try:
         OnnxRuntimeEngine(tmp_path, {"full": spec}, torch.device("cuda")).load()
     finally:
         owner.fp32_precision = "none"
-    assert asked == [("CUDAExecutionProvider", {"device_id": "0", "use_tf32": "1" if tf32 else "0"})]
+    assert [providers[0] for providers in asked] == [("CUDAExecutionProvider", {"device_id": "0", "use_tf32": "1" if tf32 else "0"})]
 
 
 def test_cuda_provider_that_onnx_runtime_cannot_start_is_refused_at_load_naming_the_cause(
@@ -469,18 +463,9 @@ def test_cuda_provider_that_onnx_runtime_cannot_start_is_refused_at_load_naming_
     CPU provider alone; the GPU tensors bound to it then failed at the first run with no word of the cause. Our glue
     only: stand-ins for torch's current GPU, the copy to it, and InferenceSession (a real CPU session, as ONNX
     Runtime's fallback opens)."""
-    import onnxruntime
-
-    from catrt.engines import shared_weights
     from catrt.engines.onnxruntime import OnnxRuntimeEngine
 
-    _matmul_gather_bundle(tmp_path)
-    (tmp_path / "pruned-k8.onnx").unlink()
-    session_class = onnxruntime.InferenceSession
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(shared_weights, "to_device", lambda array, device: _host_copy(array))
-    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda path, options, providers: session_class(path, options))
-    spec = GraphSpec((TensorSpec("x", (2, 16), "float32"),), (TensorSpec("y", (2, 128), "float32"),))
+    _, spec = _cuda_stand_ins(tmp_path, monkeypatch, current_device=0, started_cuda=False)
     with pytest.raises(EngineMismatchError, match=r"could not start its CUDA provider for the 'full' graph \(its log above "
                        r"says why: .*\) and would run it on CPUExecutionProvider; install the CUDA and cuDNN") as caught:
         OnnxRuntimeEngine(tmp_path, {"full": spec}, torch.device("cuda")).load()
