@@ -66,8 +66,8 @@ def staged_folder(final: Path, check: Callable[[], None] | None = None) -> Itera
 
     On an exception the temporary folder is removed and `final` is left as it was; a write the disk refused
     (full, read-only) is a BuildError naming `final` and the OS's reason. `check` (whether what is at `final` now may
-    be replaced; it raises if not) runs once the block completes, just before the swap: a check made only before
-    minutes of work misses what another publish put there meanwhile.
+    be replaced; it raises if not) runs once the block completes, just before the swap and with the folder beside it
+    locked for both: a check made only before minutes of work misses what another publish put there meanwhile.
     """
     refuse_non_folder(final, "move it away or publish under another name")
     refuse_unreplaceable(final, "publish under another name, or have its owner remove it")
@@ -86,9 +86,12 @@ def staged_folder(final: Path, check: Callable[[], None] | None = None) -> Itera
                 raise BuildError(f"could not write the files of {echo_path(final)} ({error.strerror}); nothing was published "
                                  "there (an earlier folder is left as it was): free some space or pick another place",
                                  field="path", value=str(final)) from None
-            if check is not None:
-                check()
-            _put_in_place(staging, final)
+            # One step against another publish beside it (a second build of the name, in this process or another):
+            # both checked before either swapped, and both published, the later over a bundle its check never saw.
+            with held(final.parent):
+                if check is not None:
+                    check()
+                _put_in_place(staging, final)
         except BaseException:
             remove_tree(staging)
             raise

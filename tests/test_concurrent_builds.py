@@ -5,6 +5,7 @@ name, which is refused naming the folder."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from catrt.errors import ConfigError
 from catrt.export import BACKEND_BUILDS, BackendBuild
 from catrt.integrity import check_integrity
 from catrt.manifest import read_manifest_data
+from catrt.publish import staged_folder
 
 SETTINGS = {"height": 32, "width": 48, "steps": 6, "t0": 3, "max_sequence_length": 8, "backend": "onnxruntime"}
 
@@ -98,3 +100,30 @@ def test_a_build_of_another_model_folder_of_that_name_at_once_is_refused_not_mix
     assert str(refused).startswith(f"{published} holds a build of model '{winner}', this one is of '{loser}': it would "
                                    "replace it; build into another --out")
     assert check_integrity(published).problems == [] and _left_over(engines, export) == []
+
+
+def test_a_publish_checks_and_swaps_in_one_step_against_another_of_the_name(tmp_path: Path) -> None:
+    """Each publish checked what was at its name, then swapped: two finishing together both passed their checks before
+    either swapped, and both published, the later over a bundle its check never saw (CI saw two builds of two model
+    folders both published). The check and the swap are now one step: the second waits, sees the first, and refuses."""
+    final, checked = tmp_path / "bundle", threading.Event()
+
+    def first_check() -> None:
+        checked.set()
+        time.sleep(0.5)  # the other publish reaches its check meanwhile
+
+    def second_check() -> None:
+        if (final / "owner").exists():
+            raise ConfigError(f"{final} holds {(final / 'owner').read_text()}'s bundle")
+
+    def publish(owner: str, check: Callable[[], None]) -> None:
+        with staged_folder(final, check=check) as staging:
+            (staging / "owner").write_text(owner)
+
+    first = threading.Thread(target=publish, args=("first", first_check))
+    first.start()
+    assert checked.wait(timeout=30)
+    with pytest.raises(ConfigError, match=f"^{final} holds first's bundle$"):
+        publish("second", second_check)
+    first.join(timeout=30)
+    assert (final / "owner").read_text() == "first" and _left_over(tmp_path) == []
