@@ -1,6 +1,6 @@
 """Two `catrt build` runs of one build name at once (two terminals, a CI matrix): each exports and stages in its own
 temporary folders and publishes whole; the later replaces the earlier, unless it is of another model folder of that
-name, which is refused naming the folder."""
+name, which is refused naming the folder; an export never replaces a bundle another build published where it goes."""
 
 from __future__ import annotations
 
@@ -154,3 +154,29 @@ def test_a_publish_checks_and_swaps_in_one_step_against_another_of_the_name(
         second_went_on.set()  # a failure above must not leave the first thread waiting
         first.join(timeout=HANG)
     assert not first.is_alive() and (final / "owner").read_text() == "first" and _left_over(tmp_path) == []
+
+
+def test_a_bundle_published_where_the_export_goes_while_it_exports_is_refused_not_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build whose --export-dir holds a bundle of its name is refused before it exports; one published there while
+    it exported (another build, its --out this --export-dir) was replaced by the export all the same: a whole bundle
+    lost. The check runs again with the export's swap, under the folder's lock."""
+    config = BuildConfig("tiny-sd3", **SETTINGS)
+    engines, export = tmp_path / "engines", tmp_path / "export"
+    bundle = export / config.build_name()
+    real_export = build_module.export_graphs
+
+    def another_build_publishes_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        bundle.mkdir(parents=True)
+        (bundle / "manifest.json").write_text("another build's")
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "export_graphs", another_build_publishes_meanwhile)
+    with pytest.raises(ConfigError) as refused:
+        build_engines(config, out_dir=engines, export_dir=export, progress=False)
+    assert str(refused.value) == (f"export_dir {export} holds the engine bundle {bundle.name}: the ONNX export would take "
+                                  "its place; give another --export-dir (the default is export)")
+    assert [path.name for path in bundle.iterdir()] == ["manifest.json"]
+    assert (bundle / "manifest.json").read_text() == "another build's" and _left_over(export) == []
+    assert not engines.exists() or list(engines.iterdir()) == []
