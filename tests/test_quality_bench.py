@@ -175,12 +175,13 @@ def test_load_against_no_server_is_one_line_before_the_clients_run(
 
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     load = load_script("load")
     monkeypatch.setattr(load, "asyncio", None)  # no client may run
-    with pytest.raises(SystemExit) as exit_info:
+    # A port nothing listens on: held bound (not listening) for the run, so no other process can start listening there
+    # between finding it and connecting, as a port found free and then let go could be.
+    with socket.socket() as held, pytest.raises(SystemExit) as exit_info:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
         load.main([url.format(port=port), "--out", str(tmp_path / "load.md")])
     (line,) = capsys.readouterr().err.splitlines()
     assert exit_info.value.code == 2 and line.startswith(f"bench/load.py: error: no server answers at {url.format(port=port)} (")
