@@ -70,6 +70,7 @@ def _in_threads(monkeypatch: pytest.MonkeyPatch, builds: list[Callable[[], Path]
             results[index] = builds[index]()
         except BaseException as error:  # noqa: BLE001 - handed to the test
             results[index] = error
+            together.abort()  # a build that failed before the barrier does not leave the others waiting there
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(len(builds))]
     for thread in threads:
