@@ -14,9 +14,12 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 
@@ -24,25 +27,31 @@ PROMPT = "a red sun in a blue sky"
 LISTENING = re.compile(r"^catrt serve: listening on (http://\S+)$")
 CLI = [sys.executable, "-m", "catrt.cli"]
 # `catrt serve` whose generation (in the server's own process) raises on the prompt "boom", sleeps N seconds
-# on "sleep N", makes NaN images on "nan" and, on "block PATH", runs a first denoising step that does not return
-# while the file PATH exists: a failure, a busy worker, an overflow or a hung step on cue, so tests need not
-# guess how fast this machine generates or which guidance overflows a model.
+# on "sleep N", makes NaN images on "nan", waits before its call on "wait NAME" and, on "block NAME", runs a first
+# denoising step that does not return, both while the file `hold_file(server, NAME)` exists (and marking that they
+# hold by making that file's `.taken` twin): a failure, a busy worker, an overflow or a hung step on cue, so tests
+# need not guess how fast this machine generates or which guidance overflows a model.
 FAULT_CLI = [sys.executable, "-c", """
-import os, sys, time
+import os, sys, tempfile, time
 from catrt.serve.model import ServedModel
 generate = ServedModel.generate
+def hold(name):
+    held = os.path.join(tempfile.gettempdir(), f"catrt-fault-{os.getpid()}-{name}")
+    if os.path.exists(held):
+        open(held + ".taken", "w").close()
+    while os.path.exists(held):
+        time.sleep(0.02)
 def faulty(self, rows, options, *rest, **named):
     for row in rows:
         if row.prompt == "boom":
             raise RuntimeError("injected failure")
         if row.prompt.startswith("sleep "):
             time.sleep(float(row.prompt.split()[1]))
+        if row.prompt.startswith("wait "):
+            hold(row.prompt.split()[1])
         if row.prompt.startswith("block "):
-            held = row.prompt.split(" ", 1)[1]
-            def stuck(module, args):
-                while os.path.exists(held):
-                    time.sleep(0.02)
-            hook = self.runner.transformer.register_forward_pre_hook(stuck)
+            name = row.prompt.split()[1]
+            hook = self.runner.transformer.register_forward_pre_hook(lambda module, args: hold(name))
             try:
                 return generate(self, rows, options, *rest, **named)
             finally:
@@ -63,6 +72,9 @@ ServedModel.generate = faulty
 from catrt.cli import main
 sys.exit(main(sys.argv[1:]))
 """]
+# The bound of every wait for a condition: only a hang reaches it, as each wait ends once its condition holds, so it
+# is as generous as a loaded machine may need.
+WAIT_SECONDS = 120.0
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -167,6 +179,74 @@ async def generate_all(url: str, bodies: list[dict[str, Any]], stagger: float = 
         return await asyncio.gather(*(post(index, body) for index, body in enumerate(bodies)))
 
 
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float = WAIT_SECONDS, interval: float = 0.02) -> T:
+    """`condition()`'s first truthy value, asked every `interval` s: a wait on the condition itself, not on a guess of
+    how long the other side takes; `timeout` only ends a hang, failing the test with `what`."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
+        time.sleep(interval)
+    return value
+
+
+def hold_file(server: RemoteServer, name: str) -> Path:
+    """The file whose existence holds `server`'s (FAULT_CLI) "wait NAME" and "block NAME" prompts."""
+    return Path(tempfile.gettempdir()) / f"catrt-fault-{server.process.pid}-{name}"
+
+
+class HeldWorker:
+    """A FAULT_CLI server's worker held in one call, on cue instead of by a sleep: `body` with the prompt "wait NAME"
+    (before the model call) or, with `step`, "block NAME" (in its first denoising step), POSTed on a thread of its own;
+    entering returns once the worker holds it, `release` lets the call go on and returns its answer."""
+
+    def __init__(self, server: RemoteServer, name: str = "held", step: bool = False, **body: Any) -> None:
+        self.url = server.url
+        self.held = hold_file(server, name)
+        self.taken = self.held.with_name(self.held.name + ".taken")
+        self.body = {"prompt": f"{'block' if step else 'wait'} {name}", **body}
+        self._answer: httpx.Response | BaseException | None = None
+        self._thread = threading.Thread(target=self._post, daemon=True)
+
+    def _post(self) -> None:
+        try:
+            self._answer = httpx.post(f"{self.url}/v1/images/generations", json=self.body, timeout=WAIT_SECONDS)
+        except BaseException as error:  # noqa: BLE001 - handed to the test by `answer`
+            self._answer = error
+
+    def __enter__(self) -> HeldWorker:
+        self.held.touch()
+        self._thread.start()
+        wait_until(lambda: self.taken.exists() or not self._thread.is_alive(), "the worker took the held request")
+        assert self.taken.exists(), f"the held request was answered without being held: {self._answer!r}"
+        return self
+
+    def answer(self) -> httpx.Response:
+        """The held request's answer, once it has one (a timeout or a refusal comes while the call is still held)."""
+        self._thread.join(WAIT_SECONDS)
+        assert not self._thread.is_alive(), "the held request was not answered"
+        if isinstance(self._answer, BaseException):
+            raise self._answer
+        assert self._answer is not None
+        return self._answer
+
+    def release(self) -> httpx.Response:
+        self.held.unlink(missing_ok=True)
+        return self.answer()
+
+    def __exit__(self, *exc: object) -> None:
+        self.held.unlink(missing_ok=True)
+        self._thread.join(WAIT_SECONDS)
+        self.taken.unlink(missing_ok=True)
+
+
+def queue_depth(url: str) -> float:
+    """`catrt_queue_depth`: the requests waiting for the worker (the call it holds not counted)."""
+    return metric(url, "catrt_queue_depth")
+
+
 def png(b64: str) -> bytes:
     return base64.b64decode(b64)
 
@@ -182,7 +262,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None) -> di
 
 
 def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
-    for line in httpx.get(f"{url}/metrics", headers=headers).text.splitlines():
+    for line in httpx.get(f"{url}/metrics", headers=headers, timeout=WAIT_SECONDS).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
@@ -191,7 +271,7 @@ def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
 class LiveProbe:
     """GETs /health/live every 10 ms on its own thread and client; `latencies` are the answer times.
 
-    It stops no sooner than `least` answers (10 s at most), so a machine that does the watched work fast still
+    It stops no sooner than `least` answers, so a machine that does the watched work fast still
     gets that many probes; the work was running during the first of them."""
 
     def __init__(self, url: str, least: int = 20) -> None:
@@ -208,14 +288,13 @@ class LiveProbe:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        deadline = time.monotonic() + 10
-        while len(self.latencies) < self.least and self._thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(self.latencies) >= self.least or not self._thread.is_alive(), f"{self.least} probes",
+                   interval=0.01)
         self._stop.set()
         self._thread.join()
 
     def _run(self) -> None:
-        with httpx.Client(timeout=5) as client:
+        with httpx.Client(timeout=WAIT_SECONDS) as client:
             while not self._stop.is_set():
                 started = time.perf_counter()
                 try:
