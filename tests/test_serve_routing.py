@@ -215,7 +215,7 @@ def test_a_build_of_more_alphas_than_the_runtime_keeps_graphs_of_is_refused(tmp_
 def test_the_cli_refuses_one_folder_twice_in_one_line(builds: dict[str, Path]) -> None:
     """(Builds of two models or one size twice are refused by `check_builds`, above, which `catrt serve` runs
     before binding its port; those CLI runs cost a torch import each.)"""
-    result = run_cli(["serve", "--engines", str(builds["64x64"]), str(builds["64x64"]), "--port", "0"], timeout=60)
+    result = run_cli(["serve", "--engines", str(builds["64x64"]), str(builds["64x64"]), "--port", "0"])
     assert_one_line_refusal(result, "more than once", str(builds["64x64"]))
     assert "listening" not in result.stderr
 
@@ -223,7 +223,7 @@ def test_the_cli_refuses_one_folder_twice_in_one_line(builds: dict[str, Path]) -
 def test_adaptive_alpha_over_a_single_alpha_build_is_refused_before_binding(builds: dict[str, Path]) -> None:
     """It was refused only after every build had loaded and warmed up."""
     result = run_cli(["serve", "--engines", str(builds["96x64-alphas"]), str(builds["64x64"]), "--alpha-policy", "adaptive",
-                      "--latency-target", "2", "--port", "0"], timeout=60)
+                      "--latency-target", "2", "--port", "0"])
     assert_one_line_refusal(result, "--alpha-policy adaptive needs at least two alphas to choose from, but "
                             f"{builds['64x64']} (tiny-sd3 at 64x64) is served at alpha 0.3 only")
     assert "listening" not in result.stderr
