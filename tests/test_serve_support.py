@@ -30,10 +30,22 @@ CLI = [sys.executable, "-m", "catrt.cli"]
 # on "sleep N", makes NaN images on "nan", waits before its call on "wait NAME" and, on "block NAME", runs a first
 # denoising step that does not return, both while the file `hold_file(server, NAME)` exists (and marking that they
 # hold by making that file's `.taken` twin): a failure, a busy worker, an overflow or a hung step on cue, so tests
-# need not guess how fast this machine generates or which guidance overflows a model.
+# need not guess how fast this machine generates or which guidance overflows a model. It prints a line for each
+# request's checks saying whether they ran on the event loop (`CHECKS_RAN`).
 FAULT_CLI = [sys.executable, "-c", """
-import os, sys, tempfile, time
+import asyncio, os, sys, tempfile, time
 from catrt.serve.model import ServedModel
+from catrt.serve.routing import RoutedRules
+admit = RoutedRules.admit
+def admit_and_say_where(self, body):
+    try:
+        asyncio.get_running_loop()
+        where = "on the event loop"
+    except RuntimeError:
+        where = "off the event loop"
+    print(f"fault-cli: the checks of a prompt of {len(body.prompt)} characters ran {where}", flush=True)
+    return admit(self, body)
+RoutedRules.admit = admit_and_say_where
 generate = ServedModel.generate
 def hold(name):
     held = os.path.join(tempfile.gettempdir(), f"catrt-fault-{os.getpid()}-{name}")
@@ -72,6 +84,7 @@ ServedModel.generate = faulty
 from catrt.cli import main
 sys.exit(main(sys.argv[1:]))
 """]
+CHECKS_RAN = re.compile(r"^fault-cli: the checks of a prompt of (\d+) characters ran (on|off) the event loop$")
 # The bound of every wait for a condition: only a hang reaches it, as each wait ends once its condition holds, so it
 # is as generous as a loaded machine may need.
 WAIT_SECONDS = 120.0
