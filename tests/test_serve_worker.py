@@ -907,3 +907,26 @@ def test_a_worker_ending_after_its_server_stopped_reports_to_no_closed_loop() ->
     server._loop.close()
     server.worker_exited("stopped")
     assert not server.should_exit
+
+
+def test_a_worker_ending_as_its_server_stops_reports_to_no_loop_closing_meanwhile() -> None:
+    """The main thread closes the server's loop as it stops, on its own time: a worker that saw the loop open (a hung
+    call returning as the server exits without it) then called it raised "Event loop is closed" on the worker thread."""
+    import uvicorn
+
+    from catrt.serve.server import DrainingServer
+
+    class _ClosingLoop:
+        """Open when asked, closed by the time it is called."""
+
+        def is_closed(self) -> bool:
+            return False
+
+        def call_soon_threadsafe(self, *args: object) -> None:
+            raise RuntimeError("Event loop is closed")
+
+    server = DrainingServer(uvicorn.Config(app=None), worker=SimpleNamespace(served=object()),
+                            address="http://127.0.0.1:0")
+    server._loop = _ClosingLoop()
+    server.worker_exited("stopped")
+    assert not server.should_exit
