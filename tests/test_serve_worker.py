@@ -930,3 +930,33 @@ def test_a_worker_ending_as_its_server_stops_reports_to_no_loop_closing_meanwhil
     server._loop = _ClosingLoop()
     server.worker_exited("stopped")
     assert not server.should_exit
+
+
+def test_the_exit_hook_sees_a_batch_taken_but_not_yet_started_as_a_call(model: StandIn,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker took its batch under the lock but marked it in flight only after, so the exit hook, asking in
+    between, took a worker about to run a call for an idle one: it drained it and waited for the call."""
+    exits: list[str] = []
+    worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(), on_exit=exits.append)
+    taken, asked = threading.Event(), threading.Event()
+    take = worker._next_batch
+
+    def take_then_pause() -> tuple[list[Job], float] | None:
+        batch = take()
+        if batch is not None:
+            taken.set()
+            assert asked.wait(WAIT)  # the hook asks here, between the taking and the call
+        return batch
+
+    monkeypatch.setattr(worker, "_next_batch", take_then_pause)
+    _started(worker)
+    job = _job("a")
+    worker.submit(job)
+    assert taken.wait(WAIT)
+    worker.stop_if_idle(0.1)
+    asked.set()
+    assert worker.state == "ready"  # left running, not drained
+    assert _result(job.future).images == ["a"]
+    worker.drain()
+    worker.join(WAIT)
+    assert not worker.alive and exits == ["stopped"]
