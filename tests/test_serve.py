@@ -47,6 +47,7 @@ from test_serve_support import (
     run_cli,
     start_all,
     stop_all,
+    taken_mark,
     wait_until,
 )
 
@@ -420,7 +421,7 @@ def test_a_client_that_leaves_does_not_leave_its_work_queued(faulty: RemoteServe
     disconnects = 'catrt_requests_cancelled_total{reason="disconnect"}'
     images, left = metric(faulty.url, IMAGES_64), metric(faulty.url, disconnects)
     held = hold_file(faulty, "left")
-    taken = held.with_name(held.name + ".taken")
+    taken = taken_mark(held)
     held.touch()
     try:
         with socket.create_connection(_address(faulty)) as running:
@@ -451,7 +452,7 @@ def test_a_step_that_never_returns_turns_liveness_503_until_it_returns(faulty: R
     504. Once its request has left, a call still in its step --hang-grace (1.5 s) later is hung: liveness and
     readiness answer 503 naming why, a new request 503 at once; once the step returns the server serves again."""
     held = hold_file(faulty, "hung")
-    taken = held.with_name(held.name + ".taken")
+    taken = taken_mark(held)
     held.touch()
     try:
         with socket.create_connection(_address(faulty)) as client:  # the client leaves once its step holds; it goes on

@@ -210,16 +210,21 @@ def hold_file(server: RemoteServer, name: str) -> Path:
     return Path(tempfile.gettempdir()) / f"catrt-fault-{server.process.pid}-{name}"
 
 
-class HeldWorker:
-    """A FAULT_CLI server's worker held in one call, on cue instead of by a sleep: `body` with the prompt "wait NAME"
-    (before the model call) or, with `step`, "block NAME" (in its first denoising step), POSTed on a thread of its own;
-    entering returns once the worker holds it, `release` lets the call go on and returns its answer."""
+def taken_mark(held: Path) -> Path:
+    """The file FAULT_CLI makes once a call is held by `held`."""
+    return held.with_name(held.name + ".taken")
 
-    def __init__(self, server: RemoteServer, name: str = "held", step: bool = False, **body: Any) -> None:
+
+class HeldWorker:
+    """A FAULT_CLI server's worker held in one call, on cue instead of by a sleep: `body` with the prompt "wait NAME",
+    POSTed on a thread of its own; entering returns once the worker holds it, `release` lets the call go on and
+    returns its answer."""
+
+    def __init__(self, server: RemoteServer, name: str = "held", **body: Any) -> None:
         self.url = server.url
         self.held = hold_file(server, name)
-        self.taken = self.held.with_name(self.held.name + ".taken")
-        self.body = {"prompt": f"{'block' if step else 'wait'} {name}", **body}
+        self.taken = taken_mark(self.held)
+        self.body = {"prompt": f"wait {name}", **body}
         self._answer: httpx.Response | BaseException | None = None
         self._thread = threading.Thread(target=self._post, daemon=True)
 
