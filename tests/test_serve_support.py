@@ -30,12 +30,14 @@ CLI = [sys.executable, "-m", "catrt.cli"]
 # on "sleep N", makes NaN images on "nan", waits before its call on "wait NAME" and, on "block NAME", runs a first
 # denoising step that does not return, both while the file `hold_file(server, NAME)` exists (and marking that they
 # hold by making that file's `.taken` twin): a failure, a busy worker, an overflow or a hung step on cue, so tests
-# need not guess how fast this machine generates or which guidance overflows a model. It prints a line for each
-# request's checks saying whether they ran on the event loop (`CHECKS_RAN`).
+# need not guess how fast this machine generates or which guidance overflows a model. With `WARM_UP_HOLD` set to a
+# file's path in its environment, its warm-up waits while that file exists (marked as the holds are). It prints a
+# line for each request's checks saying whether they ran on the event loop (`CHECKS_RAN`).
 FAULT_CLI = [sys.executable, "-c", """
 import asyncio, os, sys, tempfile, time
 from catrt.serve.model import ServedModel
 from catrt.serve.routing import RoutedRules
+from catrt.serve.worker import WARMUP_PROMPT
 admit = RoutedRules.admit
 def admit_and_say_where(self, body):
     try:
@@ -47,23 +49,26 @@ def admit_and_say_where(self, body):
     return admit(self, body)
 RoutedRules.admit = admit_and_say_where
 generate = ServedModel.generate
-def hold(name):
-    held = os.path.join(tempfile.gettempdir(), f"catrt-fault-{os.getpid()}-{name}")
+def hold(held):
     if os.path.exists(held):
         open(held + ".taken", "w").close()
     while os.path.exists(held):
         time.sleep(0.02)
+def held(name):
+    return os.path.join(tempfile.gettempdir(), f"catrt-fault-{os.getpid()}-{name}")
 def faulty(self, rows, options, *rest, **named):
     for row in rows:
+        if row.prompt == WARMUP_PROMPT and "CATRT_FAULT_WARM_UP_HOLD" in os.environ:
+            hold(os.environ["CATRT_FAULT_WARM_UP_HOLD"])
         if row.prompt == "boom":
             raise RuntimeError("injected failure")
         if row.prompt.startswith("sleep "):
             time.sleep(float(row.prompt.split()[1]))
         if row.prompt.startswith("wait "):
-            hold(row.prompt.split()[1])
+            hold(held(row.prompt.split()[1]))
         if row.prompt.startswith("block "):
             name = row.prompt.split()[1]
-            hook = self.runner.transformer.register_forward_pre_hook(lambda module, args: hold(name))
+            hook = self.runner.transformer.register_forward_pre_hook(lambda module, args: hold(held(name)))
             try:
                 return generate(self, rows, options, *rest, **named)
             finally:
@@ -84,6 +89,7 @@ ServedModel.generate = faulty
 from catrt.cli import main
 sys.exit(main(sys.argv[1:]))
 """]
+WARM_UP_HOLD = "CATRT_FAULT_WARM_UP_HOLD"
 CHECKS_RAN = re.compile(r"^fault-cli: the checks of a prompt of (\d+) characters ran (on|off) the event loop$")
 # The bound of every wait for a condition: only a hang reaches it, as each wait ends once its condition holds, so it
 # is as generous as a loaded machine may need.
@@ -126,18 +132,26 @@ class RemoteServer:
     def output(self) -> str:
         return "\n".join(self.lines)
 
-    def wait_ready(self, timeout: float = 150.0) -> None:
-        deadline = time.monotonic() + timeout
+    def wait_listening(self, timeout: float = 600.0) -> None:
         assert self._listening.wait(timeout) and self.url, f"no start-up line:\n{self.output}"
+
+    def ready_status(self) -> int | None:
+        """/health/ready's status now (None: no answer yet), recorded in `ready_statuses`."""
+        try:
+            status = httpx.get(f"{self.url}/health/ready", timeout=2.0).status_code
+        except httpx.TransportError:
+            return None
+        self.ready_statuses.append(status)
+        return status
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Until /health/ready answers 200; `timeout` ends a hang only (a server that fails exits, which ends the wait):
+        several servers loading at once on a loaded 2-core machine take minutes."""
+        deadline = time.monotonic() + timeout
+        self.wait_listening(timeout)
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output
-            try:
-                status = httpx.get(f"{self.url}/health/ready", timeout=2.0).status_code
-            except httpx.TransportError:
-                time.sleep(0.05)
-                continue
-            self.ready_statuses.append(status)
-            if status == 200:
+            if self.ready_status() == 200:
                 return
             time.sleep(0.05)
         raise TimeoutError(f"{self.url} not ready in {timeout} s:\n{self.output}")
