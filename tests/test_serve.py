@@ -88,8 +88,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Remo
         engine_dir = build_engines(build, out_dir=folder / "engines", export_dir=folder / "export", progress=False)
         warm_up = folder / "warm-up"
         warm_up.touch()
-        started["engine"] = RemoteServer(FAULT_CLI, ["--engines", str(engine_dir), "--max-queue", "2", "--timeout", "30"],
-                                         env={WARM_UP_HOLD: str(warm_up)})
+        engine_args = ["--engines", str(engine_dir), "--max-queue", "2", "--timeout", f"{WAIT_SECONDS:g}"]
+        started["engine"] = RemoteServer(FAULT_CLI, engine_args, env={WARM_UP_HOLD: str(warm_up)})
         engine = started["engine"]
         wait_until(taken_mark(warm_up).exists, "the engine server's warm-up holds")
         engine.wait_listening()
