@@ -107,3 +107,17 @@ def test_a_checked_file_written_while_it_is_read_is_refused(plan: Path, monkeypa
     with VerifiedFile(plan, other) as source, pytest.raises(CorruptBundleError, match="changed after"):
         source.finish()
     assert sum(fed) == len(DATA)
+
+
+@pytest.mark.parametrize("whence, offset", [(0, 5000), (2, -10)], ids=["forward", "tail"])
+def test_a_forward_seek_past_unread_blocks_serves_the_bytes_there(plan: Path, whence: int, offset: int) -> None:
+    """TensorRT may seek forward over blocks it has not read (the tail of a plan first): the blocks skipped are hashed
+    on the way, and what is served is the bytes at the new position, not the first block skipped."""
+    data = b"".join(hashlib.sha256(i.to_bytes(2, "big")).digest() for i in range(320))  # 10,240 bytes, no two blocks alike
+    plan.write_bytes(data)
+    record = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    with VerifiedFile(plan, record) as source:
+        assert source.seek(offset, whence)
+        start = source.position
+        assert bytes(source.read(10)) == data[start : start + 10]
+        assert source.seek(0, 0) and _stream(source) == data and source.finish() is None

@@ -203,7 +203,7 @@ class VerifiedFile:
         if self._checked:  # its digest checked already (`finish` refuses it if it changed since)
             block = self._read_at(index * BLOCK, self._block_length(index))
             self.changed = len(block) != self._block_length(index)
-        while block is None and not self.changed and len(self._after) <= index:
+        while not self._checked and not self.changed and len(self._after) <= index:  # each block skipped hashed
             block = self._hash_next_block()
         if block is None and not self.changed:
             block = self._read_at(index * BLOCK, self._block_length(index))
