@@ -151,7 +151,8 @@ def plot(results: dict[str, list[tuple[int, load.LoadResult]]], path: Path) -> N
             axis.set_xscale("log", base=2)
     axes[0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with benchkit.writing(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
 
 

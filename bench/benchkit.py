@@ -4,11 +4,12 @@ report paths that never overwrite a committed result unless asked (`--out bench/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +142,22 @@ def write_text(path: Path, text: str) -> None:
     """Write a report as a whole: into a hidden file beside it, then renamed onto it, so Ctrl-C or a kill mid-write
     leaves the earlier report (or none), never a half-written one (Path.write_text truncates first). A link at `path`
     is written through (the rename would have replaced the link with a file)."""
+    with writing(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[Path]:
+    """A result file (a plot, a CSV, an image grid) written whole, as `write_text` writes a report: the block writes
+    the temporary file yielded, renamed onto `path` once the block completes. savefig, PIL's save and open("w") write
+    in place, so Ctrl-C while they wrote left half a PNG or CSV over a committed one. The temporary file's name ends in
+    .tmp: give savefig and PIL the format."""
     from catrt import atomic_files  # light: no torch
 
     path = report_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_files.write_text(path, text)
+    with atomic_files.replacing(path) as temporary:
+        yield temporary
 
 
 def report_file(path: Path) -> Path:

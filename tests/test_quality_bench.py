@@ -435,3 +435,44 @@ def test_quality_table_says_how_many_images_are_identical_and_what_seconds_are(t
     assert "| random | 0.3 | inf | 1.0000 |" in table
     assert "| seconds (all prompts) |" in table
     assert "total wall time over all 3 prompts (all its pipeline calls), its first call's one-off costs" in table
+
+
+def test_a_result_file_interrupted_mid_write_leaves_the_earlier_one_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a bench script writes a CSV, a plot or an image grid leaves the earlier file there (a committed
+    result under --out bench/results) as it was and nothing beside it: open("w"), savefig and PIL's save wrote in
+    place, and left half a file. savefig and PIL's save are replaced by stand-ins that write the start of the file,
+    then are interrupted; the CSV is interrupted by its second row."""
+    import matplotlib.figure
+    import torch
+
+    frontier, quality, adaptive = load_script("frontier"), load_script("quality"), load_script("adaptive")
+
+    def half_then_interrupted(self: object, fname: object, *args: object, **kwargs: object) -> None:
+        with open(fname, "wb") as stream:  # type: ignore[call-overload]
+            stream.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    class Interrupting(float):
+        def __format__(self, spec: str) -> str:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_interrupted)
+    monkeypatch.setattr(Image.Image, "save", half_then_interrupted)
+    rows = [frontier.Point("a", "cat", 20.0, 0.9, 0.5, 1.0, 0.0),
+            frontier.Point("b", "cat", Interrupting(21.0), 0.9, 0.5, 1.0, 0.0)]
+    load_result = adaptive.load.LoadResult(seconds=1.0, latencies=[0.5], statuses={"200": 1}, images=1)
+    writes = {
+        "frontier.csv": lambda path: frontier.write_csv(rows, path),
+        "frontier.png": lambda path: frontier.plot(rows[:1], path),
+        "figure3.png": lambda path: quality.figure3([(3, 0.5)], [(3, 0.4)], 0.3, path),
+        "quality-grid.png": lambda path: quality.image_grid([("unpruned", torch.zeros(1, 3, 32, 32))], 1, path),
+        "adaptive.png": lambda path: adaptive.plot({"fixed": [(1, load_result)]}, path),
+    }
+    for name, write in writes.items():
+        (tmp_path / name).write_bytes(b"the committed " + name.encode())
+        with pytest.raises(KeyboardInterrupt):
+            write(tmp_path / name)
+        assert (tmp_path / name).read_bytes() == b"the committed " + name.encode(), name
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(writes)
