@@ -172,17 +172,21 @@ def sticky_refusal(path: Path, fix: str = "write it under another name, or have 
             f"is): only the file's owner may replace or remove it there; {fix}")
 
 
-def replace_refusal(path: Path, fix: str | None = None) -> str | None:
+def replace_refusal(path: Path, fix: str | None = None, file: bool = False) -> str | None:
     """Why `path` (a file, or a folder published whole) cannot be replaced, found before the work, not at the final
     rename after it: another user's file or folder in a sticky folder (`sticky_refusal`), or a writable file whose
     folder takes no new file (`folder_refusal`, found by making and removing a temporary file beside it). None where
     the write may go on; any other OSError of that temporary file (a missing folder, a full disk) is raised, for the
     caller's own message. The one check every writer of a user's path (`--out`, `--publish`) runs up front; `fix`,
-    where given, ends the message in place of each check's own."""
+    where given, ends the message in place of each check's own. `file`: `path` is written as a file, so a folder at
+    its name (or a link to one) is refused too: the rename onto it failed after the work (IsADirectoryError)."""
     sticky = sticky_refusal(path) if fix is None else sticky_refusal(path, fix)
     if sticky is not None:
         return sticky
     if os.path.isdir(target(path)):
+        if file:
+            return (f"it is a folder, where a file is written (renamed onto its name); move the folder away or "
+                    f"{fix or 'write it under another name'}")
         return None  # a folder is published by `catrt.publish`, which checks its parent itself
     try:
         discard(stage(path))

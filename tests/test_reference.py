@@ -713,3 +713,41 @@ def test_a_trained_probe_is_saved_whole_with_its_digest(tmp_path: Path, isolated
         assert isinstance(probe.load_probe(out), probe.Probe)
     finally:
         probe.load_probe.cache_clear()
+
+
+def test_a_folder_where_training_or_the_probe_writes_a_file_is_refused_before_training(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder named checkpoint.pt failed in torch.load at once (a traceback), one at a weights or samples file or
+    at the probe's digest record failed its save after all the training, and a file named weights failed
+    save_weights' mkdir with a traceback: each is refused before any training, naming it."""
+    from catrt.reference import probe
+
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: pytest.fail("trained"))
+    monkeypatch.setattr(probe, "train_probe", lambda **kwargs: pytest.fail("trained"))
+    run = tmp_path / "run"
+    for name, says in (
+        ("checkpoint.pt", "its checkpoint.pt cannot be replaced: it is a folder"),
+        (f"weights/{train.CONFIG_FILE}", f"its weights/{train.CONFIG_FILE} cannot be replaced: it is a folder"),
+        ("samples.png", "its samples.png cannot be replaced: it is a folder"),
+        ("weights", "its weights is not a folder, where the run writes the trained weights"),
+    ):
+        shutil.rmtree(run, ignore_errors=True)
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        if name == "weights":
+            (run / name).write_text("a file")
+        else:
+            (run / name).mkdir()
+        with pytest.raises(SystemExit) as refused:
+            train.main(["--out", str(run), *TINY, "--samples", "8"])
+        (line,) = capsys.readouterr().err.splitlines()
+        assert refused.value.code == 2 and line.startswith(f"python -m catrt.reference.train: error: --out {run}: {says}"), line
+    (tmp_path / probe.PROBE_CHECKSUM_FILE).mkdir()
+    out = tmp_path / "probe.safetensors"
+    with pytest.raises(SystemExit) as refused:
+        probe.main(["--out", str(out)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(
+        f"python -m catrt.reference.probe: error: --out {out}: {tmp_path / probe.PROBE_CHECKSUM_FILE} cannot be replaced: "
+        "it is a folder, where a file is written (renamed onto its name); move the folder away or save the probe "
+        "elsewhere (--out)"), line

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     for path in (args.out, args.out.parent / PROBE_CHECKSUM_FILE):  # replaced after the training
         try:
-            refusal = atomic_files.replace_refusal(path, "save the probe elsewhere (--out)")
+            refusal = atomic_files.replace_refusal(path, "save the probe elsewhere (--out)", file=True)
         except OSError as error:
             refusal = f"{error.strerror or type(error).__name__}; save the probe elsewhere (--out)"
         if refusal is not None:

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from catrt import atomic_files
-from catrt.checks import output_folder
+from catrt.checks import output_folder, path_is
 from catrt.cli import OneLineParser
 from catrt.errors import CatrtError, ConfigError, echo_path
 from catrt.reference import data
@@ -334,10 +334,14 @@ def _check_publishable(parser: argparse.ArgumentParser, shipped: Path) -> None:
 
 def _check_out_files(parser: argparse.ArgumentParser, out: Path, samples: bool) -> None:
     """Refuse, before training, an `out` (made) whose files the run could not replace at its checkpoints and end:
-    another user's checkpoint.pt in a sticky folder (`--out /tmp`), a writable one in a folder that takes no new file.
+    another user's checkpoint.pt in a sticky folder (`--out /tmp`), a writable one in a folder that takes no new file,
+    a folder at a file's name, a file at weights/ (resumed from, a checkpoint.pt folder failed at once in torch.load).
     A folder not made yet (weights/) is made by the run, in `out`, which was checked writable."""
     names = [CHECKPOINT_FILE, *(f"weights/{name}" for name in WEIGHT_FILES),
              *(("samples.png", "samples.txt") if samples else ())]
+    if path_is(out / "weights") and not path_is(out / "weights", "folder"):  # its mkdir failed after all the training
+        parser.error(f"--out {echo_path(out)}: its weights is not a folder, where the run writes the trained weights; "
+                     "move it away or train into another --out")
     for name in names:
         if (out / name).parent.is_dir():
             refusal = _replace_refusal(out / name, "train into another --out")
@@ -346,9 +350,9 @@ def _check_out_files(parser: argparse.ArgumentParser, out: Path, samples: bool) 
 
 
 def _replace_refusal(path: Path, fix: str) -> str | None:
-    """`atomic_files.replace_refusal` of `path`, any other failure of its temporary file as "<reason>; <fix>"."""
+    """`atomic_files.replace_refusal` of the file `path`, any other failure of its temporary file as "<reason>; <fix>"."""
     try:
-        return atomic_files.replace_refusal(path, fix)
+        return atomic_files.replace_refusal(path, fix, file=True)
     except OSError as error:
         return f"{error.strerror or type(error).__name__}; {fix}"
 
