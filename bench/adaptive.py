@@ -224,9 +224,10 @@ def main(argv: list[str] | None = None) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         results[configuration.label] = measure(args, configuration, log)
     plot_path = out.with_suffix(".png")
+    text = report(args, results, plot_path.name)
+    print(text)  # first: a write the disk refuses loses none of it
     plot(results, plot_path)
-    benchkit.write_text(out, report(args, results, plot_path.name))
-    print(out.read_text())
+    benchkit.write_text(out, text)
     print(f"wrote {out} and {plot_path}")
 
 

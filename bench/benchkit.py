@@ -151,13 +151,22 @@ def writing(path: Path) -> Iterator[Path]:
     """A result file (a plot, a CSV, an image grid) written whole, as `write_text` writes a report: the block writes
     the temporary file yielded, renamed onto `path` once the block completes. savefig, PIL's save and open("w") write
     in place, so Ctrl-C while they wrote left half a PNG or CSV over a committed one. The temporary file's name ends in
-    .tmp: give savefig and PIL the format."""
+    .tmp: give savefig and PIL the format.
+
+    A write the OS refuses at the end (a full disk; another user's file put there since `check_out`, in a sticky
+    folder) is one line naming the file and the reason, exit 1, not a traceback: the scripts print their report first.
+    """
     from catrt import atomic_files  # light: no torch
 
     path = report_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_files.replacing(path) as temporary:
-        yield temporary
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_files.replacing(path) as temporary:
+            yield temporary
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: could not write {path} ({reason}); the earlier file, if any, "
+                         "is left as it was: free some space or give another --out") from None
 
 
 def report_file(path: Path) -> Path:

@@ -517,8 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     report, device = run_dims(args) if args.dims is not None else run_engines(args)
     path = args.out or default_out(device, args)
+    print(report)  # first: a write the disk refuses loses none of it
     benchkit.write_text(path, report)
-    print(report)
     print(f"wrote {path}")
 
 

@@ -476,3 +476,30 @@ def test_a_result_file_interrupted_mid_write_leaves_the_earlier_one_whole(
             write(tmp_path / name)
         assert (tmp_path / name).read_bytes() == b"the committed " + name.encode(), name
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(writes)
+
+
+def test_a_report_write_the_os_refuses_at_the_end_is_one_line_after_the_report_is_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another user's report put in a sticky --out folder after the up-front check (or a disk full by the end) fails
+    the final rename: that was a traceback after the whole run, and bench/load.py and bench/speed.py printed the report
+    only once written, so the measurements were lost. Now the report is printed first and the refusal is one line."""
+    import errno
+
+    out = tmp_path / "load.md"
+    out.write_text("an earlier report\n")
+    replace = os.replace
+
+    def refused(source: object, target: object) -> None:  # as the rename in a sticky folder fails (EPERM)
+        if Path(str(target)) == out:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        replace(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(SystemExit) as failed:
+        _run_load_script(["--clients", "1", "--seconds", "0.2", "--device", "test", "--out", str(out)], {}, monkeypatch)
+    printed = capsys.readouterr().out
+    assert failed.value.code == (f"{Path(sys.argv[0]).name}: error: could not write {out} ({os.strerror(errno.EPERM)}); "
+                                 "the earlier file, if any, is left as it was: free some space or give another --out")
+    assert printed.startswith("# Load test: test") and "Answers by status: 200:" in printed
+    assert out.read_text() == "an earlier report\n" and sorted(tmp_path.iterdir()) == [out]
