@@ -86,7 +86,10 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
         return
     if out.is_dir():
         parser.error(f"--out {out} is a folder; give the report's file, e.g. {out / 'report.md'}")
-    report = report_file(out)  # a link's target, which write_text writes: a dangling link's failed after the run
+    try:
+        report = report_file(out)  # a link's target, which write_text writes: a dangling link's failed after the run
+    except OSError as error:  # a link another user made in a sticky folder (/tmp), not followed
+        parser.error(f"--out {out} cannot be written ({error.strerror}); remove the link or give another path")
     above = next((parent for parent in report.parents if parent.exists()), None)
     if above is not None and not above.is_dir():
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
@@ -118,6 +121,8 @@ def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: s
         output_folder(report_file(out), f"--out {out}", holds, "out")
     except ConfigError as error:
         parser.error(str(error))
+    except OSError as error:  # a link another user made in a sticky folder (/tmp), not followed
+        parser.error(f"--out {out} cannot be written ({error.strerror}); remove the link or give another path")
     for name in files:
         if path_is(report_file(out / name), "folder"):
             parser.error(f"--out {out}: {out / name} is a folder, where this script writes its file {name}; move it away "

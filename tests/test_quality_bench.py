@@ -503,3 +503,34 @@ def test_a_report_write_the_os_refuses_at_the_end_is_one_line_after_the_report_i
                                  "the earlier file, if any, is left as it was: free some space or give another --out")
     assert printed.startswith("# Load test: test") and "Answers by status: 200:" in printed
     assert out.read_text() == "an earlier report\n" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_an_out_that_is_a_link_another_user_planted_in_a_sticky_folder_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bench's --out (and `catrt generate --out`) at a link another user made in a sticky folder (/tmp) pointing at
+    a file of this user's: refused in one line before the run, the file it points to untouched (the tests run as root,
+    so the link is given another user's uid by lchown)."""
+    from catrt.cli import main
+
+    if os.geteuid() != 0:
+        pytest.skip("giving the link another user's uid (lchown) needs root, as the tests run")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"the victim's file")
+    planted = shared / "out.png"
+    planted.symlink_to(victim)
+    os.lchown(planted, 1000, 1000)
+    with pytest.raises(SystemExit) as refused:
+        load_script("load").main(["http://127.0.0.1:9/", "--out", str(planted)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(
+        f"bench/load.py: error: --out {planted} cannot be written ({planted} is a link another user (uid 1000) made in the "
+        f"sticky folder {shared}, not followed); remove the link or give another path"), line
+    monkeypatch.setattr("catrt.loading.load_pipeline", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    assert main(["generate", "--model", "reference", "--prompt", "a red circle", "--out", str(planted)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"--out '{planted}' cannot be written ({planted} is a link another user (uid 1000) made" in line, line
+    assert victim.read_bytes() == b"the victim's file" and sorted(p.name for p in tmp_path.iterdir()) == ["shared", "victim.png"]
