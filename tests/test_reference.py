@@ -751,3 +751,30 @@ def test_a_folder_where_training_or_the_probe_writes_a_file_is_refused_before_tr
         f"python -m catrt.reference.probe: error: --out {out}: {tmp_path / probe.PROBE_CHECKSUM_FILE} cannot be replaced: "
         "it is a folder, where a file is written (renamed onto its name); move the folder away or save the probe "
         "elsewhere (--out)"), line
+
+
+def test_a_save_refused_for_another_reason_than_space_does_not_say_free_some_space(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another user's probe put in a sticky --out folder after the up-front check fails the final rename (EPERM):
+    "free some space" was the fix the line gave for any refused write. The rename's refusal is made by a stand-in."""
+    from catrt.reference import probe
+
+    out = tmp_path / "probe.safetensors"
+    out.write_bytes(b"an earlier probe")
+    replace = os.replace
+
+    def refused(source: Any, target: Any) -> None:
+        if Path(target) == out:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refused)
+    monkeypatch.setattr(probe, "attribute_accuracy", lambda *args: pytest.fail("went on after the failed save"))
+    with pytest.raises(SystemExit) as failed:
+        probe.main(["--steps", "1", "--threads", str(torch.get_num_threads()), "--reference-samples", "0", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert failed.value.code == 1 and err == (
+        f"python -m catrt.reference.probe: error: could not write {out} ({os.strerror(errno.EPERM)}); the earlier "
+        "probe.safetensors, if any, is left as it was: save the probe elsewhere (--out)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.safetensors"] and out.read_bytes() == b"an earlier probe"

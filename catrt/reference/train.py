@@ -274,8 +274,9 @@ def publish(weights: Path, target: Path | None = None) -> None:
     against their training record first: damaged ones are never shipped."""
     target = WEIGHTS_DIR if target is None else target
     verify_files(weights, CHECKED_FILES)
+    kept = f"(the trained weights stay in {echo_path(weights)})"
     for name in WEIGHT_FILES:
-        with written(target / name, f"free some space there (the trained weights stay in {echo_path(weights)})"):
+        with written(target / name, f"free some space there {kept}", f"make {echo_path(target)} writable for this user {kept}"):
             atomic_files.write_bytes(target / name, (weights / name).read_bytes())
 
 
