@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -172,6 +174,17 @@ def writing(path: Path) -> Iterator[Path]:
         reason = error.strerror or type(error).__name__
         raise SystemExit(f"{Path(sys.argv[0]).name}: error: could not write {path} ({reason}); the earlier file, if any, "
                          "is left as it was: free some space or give another --out") from None
+
+
+def save_pipeline(pipe: Any, folder: Path) -> None:
+    """`pipe.save_pretrained(folder)`, saved beside and renamed into place whole. save_pretrained writes model_index.json
+    first, and the scripts take a folder that has it for saved: one a run stopped mid-save (Ctrl-C) left was reused,
+    half its weights missing."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # an interrupted run's
+    pipe.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
 
 
 def report_file(path: Path) -> Path:

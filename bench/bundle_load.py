@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -47,13 +46,7 @@ def widened_model(folder: Path, layers: int, width: int) -> Path:
     config.update(num_layers=layers, num_attention_heads=heads, attention_head_dim=width // heads, caption_projection_dim=width)
     torch.manual_seed(0)
     pipe.transformer = SD3Transformer2DModel.from_config(config)
-    # Saved beside and renamed into place whole: save_pretrained writes model_index.json first, so a run stopped
-    # mid-save (Ctrl-C) left a folder the next run took as saved and built its bundle from, half its weights missing.
-    partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)  # an interrupted run's
-    pipe.save_pretrained(partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    benchkit.save_pipeline(pipe, folder)
     return folder
 
 

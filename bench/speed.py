@@ -299,7 +299,7 @@ def save_bench_model(config: dict[str, Any], folder: Path) -> Path:
         pipe = build_tiny_pipeline("tiny-sd3")
         torch.manual_seed(0)
         pipe.register_modules(transformer=SD3Transformer2DModel(**config).eval())
-        pipe.save_pretrained(folder)
+        benchkit.save_pipeline(pipe, folder)
     return folder
 
 
