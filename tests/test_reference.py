@@ -778,3 +778,18 @@ def test_a_save_refused_for_another_reason_than_space_does_not_say_free_some_spa
         f"python -m catrt.reference.probe: error: could not write {out} ({os.strerror(errno.EPERM)}); the earlier "
         "probe.safetensors, if any, is left as it was: save the probe elsewhere (--out)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.safetensors"] and out.read_bytes() == b"an earlier probe"
+
+
+def test_more_samples_than_one_grid_holds_are_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--samples had no upper bound: the samples are drawn after all the training, each rendered and held first, in one
+    pipeline call, so a mistyped count (80000000) ran out of memory or time at the end of the run."""
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", str(tmp_path / "run"), "--samples", "1032"])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(
+        "python -m catrt.reference.train: error: --samples must be at most 1024 (drawn in one pipeline call after the "
+        "training), got 1032")
+    assert not (tmp_path / "run").exists()

@@ -74,6 +74,9 @@ MAX_MINUTES = 60 * 24 * 366
 # The largest --lr: AdamW moves each weight by about the learning rate a step, so past 1 (the weights start near 0.02,
 # the default is 1e-3) the first step wrecks the model; 1e308 trained NaNs for the whole budget and saved them.
 MAX_LR = 1.0
+# The most --samples: drawn after all the training, each rendered and held first (about 4 KB and 1.3 ms each here: 10
+# million were 40 GB and 3.5 hours before the one pipeline call that draws them all). 1024 is a 512 x 8192 grid.
+MAX_SAMPLES = 1024
 
 
 @dataclass
@@ -400,6 +403,9 @@ def main(argv: list[str] | None = None) -> Trainer:
                      "train into another folder and use --publish to copy the weights there")
     if args.samples % 8 or args.samples < 0:
         parser.error(f"--samples must be a multiple of 8 (rows of 8) >= 0, not {args.samples}")
+    if args.samples > MAX_SAMPLES:
+        parser.error(f"--samples must be at most {MAX_SAMPLES} (drawn in one pipeline call after the training), got "
+                     f"{args.samples}")
     for flag, value in (("--minutes", args.minutes), ("--lr", args.lr), ("--checkpoint-minutes", args.checkpoint_minutes)):
         if not (math.isfinite(value) and value > 0):  # a budget of 0 trains nothing (and --publish would ship it)
             parser.error(f"{flag} must be a finite number > 0, got {value}")
