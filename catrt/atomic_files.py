@@ -5,7 +5,8 @@ never a half-written one (`Path.write_text` truncates first). The temporary file
 rename stays on one filesystem and is atomic; it is made as `open` makes a file (0o666 less the umask), not
 `mkstemp`'s owner-only 0o600, and a file it replaces passes on its permission bits, so the file keeps the permissions
 a plain write gave it (a report made owner-only stays so), and its owner and group where this user may set them. A link at the target is written through, as a plain write
-writes: the file it points to is replaced, beside it (on its filesystem), and the link stays; a device or FIFO there
+writes: the file it points to is replaced, beside it (on its filesystem), and the link stays (not a link another user
+made in a sticky folder such as /tmp, which a plain write does not follow there either: `target`); a device or FIFO there
 (`/dev/null`) is written into, as a plain write writes, never replaced by a file. The temporary file's name
 is cut to fit the filesystem's name limit, so any name a plain write takes is taken. Torch-free.
 
