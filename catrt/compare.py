@@ -228,7 +228,7 @@ def check_out(out: Path) -> None:
         if refusal is not None:
             raise ConfigError(f"{named}: its {name} cannot be replaced: {refusal}", field="out", value=str(out))
     images = out / "images"
-    if path_is(images) and not path_is(images, "folder"):  # its mkdir failed after the run (FileExistsError)
+    if os.path.lexists(images) and not path_is(images, "folder"):  # its mkdir failed after the run (FileExistsError)
         raise ConfigError(f"{named}: its images is not a folder, where the run moves its images; move it away or give "
                           "another --out", field="out", value=str(out))
     if path_is(images, "folder") and not os.access(images, os.W_OK | os.X_OK):

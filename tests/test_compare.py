@@ -462,6 +462,7 @@ def test_a_timed_generation_starts_after_the_work_queued_on_its_device(monkeypat
                                 "its name); move the folder away or give another --out"),
         ("grid.png", "folder", "its grid.png cannot be replaced: it is a folder"),
         ("images", "file", "its images is not a folder, where the run moves its images; move it away or give another --out"),
+        ("images", "dangling link", "its images is not a folder"),
     ],
 )
 def test_a_folder_where_compare_writes_a_file_is_one_line_before_the_model_loads(
@@ -473,7 +474,12 @@ def test_a_folder_where_compare_writes_a_file_is_one_line_before_the_model_loads
     prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
     prompts.write_text("a red circle\n")
     out.mkdir()
-    (out / name).mkdir() if made == "folder" else (out / name).write_text("")
+    if made == "folder":
+        (out / name).mkdir()
+    elif made == "file":
+        (out / name).write_text("")
+    else:
+        (out / name).symlink_to(tmp_path / "gone")
     code = main(["compare", "--model", "tiny-pixart", "--prompts", str(prompts), "--steps", "6", "--t0", "2",
                  "--out", str(out)])
     err = capfd.readouterr().err
