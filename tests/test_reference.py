@@ -731,12 +731,16 @@ def test_a_folder_where_training_or_the_probe_writes_a_file_is_refused_before_tr
         (f"weights/{train.CONFIG_FILE}", f"its weights/{train.CONFIG_FILE} cannot be replaced: it is a folder"),
         ("samples.png", "its samples.png cannot be replaced: it is a folder"),
         ("weights", "its weights is not a folder, where the run writes the trained weights"),
+        ("weights link", "its weights is not a folder, where the run writes the trained weights"),  # dangling
     ):
         shutil.rmtree(run, ignore_errors=True)
-        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        run.mkdir()
         if name == "weights":
             (run / name).write_text("a file")
+        elif name == "weights link":
+            (run / "weights").symlink_to(tmp_path / "gone")
         else:
+            (run / name).parent.mkdir(exist_ok=True)
             (run / name).mkdir()
         with pytest.raises(SystemExit) as refused:
             train.main(["--out", str(run), *TINY, "--samples", "8"])

@@ -31,6 +31,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,7 +344,7 @@ def _check_out_files(parser: argparse.ArgumentParser, out: Path, samples: bool) 
     A folder not made yet (weights/) is made by the run, in `out`, which was checked writable."""
     names = [CHECKPOINT_FILE, *(f"weights/{name}" for name in WEIGHT_FILES),
              *(("samples.png", "samples.txt") if samples else ())]
-    if path_is(out / "weights") and not path_is(out / "weights", "folder"):  # its mkdir failed after all the training
+    if os.path.lexists(out / "weights") and not path_is(out / "weights", "folder"):  # its mkdir failed after all the training
         parser.error(f"--out {echo_path(out)}: its weights is not a folder, where the run writes the trained weights; "
                      "move it away or train into another --out")
     for name in names:
