@@ -1139,6 +1139,53 @@ def test_the_router_sends_nothing_to_a_replica_whose_stats_say_it_is_not_ready()
     assert asyncio.run(ReadyFirstRouter.choose_replicas(None, [])) == []
 
 
+def test_the_router_backs_off_between_rounds_while_every_replica_is_full() -> None:
+    """Ray's routing loop waits between rounds only where the router's choice sets `should_backoff`: without it, while
+    every replica held --max-queue requests, the ingress probed the replicas' queue lengths round after round without
+    pause (a CPU-bound loop in the ingress and a flood of probes at the replicas, for as long as the fleet stayed
+    full). Here Ray's own loop routes one request to two full stand-in replicas, one of which frees a slot on its
+    21st probe; the loop's sleep is recorded instead of slept."""
+    import asyncio
+
+    from ray.serve._private.common import DeploymentHandleSource, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from catrt.serve.ray_app import ReadyFirstRouter
+
+    deployment = DeploymentID(name=MODEL_DEPLOYMENT, app_name=APP_NAME)
+    probes: list[str] = []
+
+    class Full:
+        max_ongoing_requests = 1
+        routing_stats = {"status": "ready"}
+
+        def __init__(self, name: str) -> None:
+            self.replica_id = ReplicaID(name, deployment)
+
+        async def get_queue_len(self, *, deadline_s: float) -> int:
+            probes.append(self.replica_id.unique_id)
+            return 0 if len(probes) > 40 else 1
+
+    async def route() -> tuple[str, list[int]]:
+        router = ReadyFirstRouter(deployment, DeploymentHandleSource.UNKNOWN)
+        backoffs: list[int] = []
+
+        async def backoff(attempt: int) -> None:
+            backoffs.append(attempt)
+
+        router._backoff = backoff
+        router.update_replicas([Full("a"), Full("b")])
+        pending = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(request_id="r", internal_request_id="r"))
+        chosen = await asyncio.wait_for(router._choose_replica_for_request(pending), 60)
+        return chosen.replica_id.unique_id, backoffs
+
+    chosen, backoffs = asyncio.run(route())
+    rounds = len(probes) // 2 - 1  # the first probe of each is Ray's ping of a replica it was just handed
+    assert chosen in ("a", "b") and rounds >= 19, probes
+    # Ray's schedule: the first two rounds at once, then a growing wait before each later one.
+    assert backoffs == list(range(rounds - 2)), (rounds, backoffs)
+
+
 def _described(replica: str, status: str, reason: str | None = None) -> dict:
     return {"status": status, "reason": reason, "sizes": ["64x64"] if status == "ready" else [], "replica": replica,
             "model": "tiny-sd3", "properties": None, "size_rules": None}

@@ -226,10 +226,16 @@ class ReadyFirstRouter(FIFOMixin, RequestRouter):
     """Routes the ingress's calls to the model replicas: two chosen at random among those whose latest routing stats
     say ready (all where none does, so each still answers why), the one with fewer ongoing requests taken, as Ray
     Serve's own power of two choices. That one preferred a hung replica (it refuses each request at once, so it had
-    none ongoing) and sent it most new requests until Serve replaced it, three failed health checks later."""
+    none ongoing) and sent it most new requests until Serve replaced it, three failed health checks later.
+
+    Each choice is a whole round, so the request waits (Ray's exponential backoff) before the next: Ray's loop backs off
+    only where the router says so (`should_backoff`, else it expects a narrower choice to widen next round), and
+    without it a fleet whose replicas were all full had the ingress probe their queue lengths without pause."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True
         ready = [replica for replica in candidate_replicas if replica.routing_stats.get("status", "ready") == "ready"]
         pool = ready or candidate_replicas
         return [random.sample(pool, min(2, len(pool)))] if pool else []
