@@ -265,16 +265,19 @@ def test_each_replicas_state_reaches_the_router_of_a_handle_to_the_model_deploym
     """Serve's controller asks each model replica for its routing stats (`record_routing_stats`) and hands them to
     every handle's router, here one made in this process: catrt's router, holding each replica's state. (Reads Ray
     Serve's private router attributes: the public API shows neither.)"""
-    from catrt.serve.ray_app import ReadyFirstRouter
+    from catrt.serve.ray_app import ReadyFirstRouter, replica_states
 
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, APP_NAME)
     assert handle.describe.remote().result(timeout_s=30)["status"] == "ready"  # the handle's router has started
     router = getattr(handle._router, "_asyncio_router", handle._router).request_router
     assert isinstance(router, ReadyFirstRouter)
     deadline = time.monotonic() + 30
-    while (stats := [replica.routing_stats for replica in router.curr_replicas.values()]) != [{"status": "ready"}] * 2:
+    ready = {"status": "ready", "reason": None, "sizes": ["64x64"]}
+    while (stats := [replica.routing_stats for replica in router.curr_replicas.values()]) != [ready] * 2:
         assert time.monotonic() < deadline, stats
         time.sleep(0.2)
+    # what the ingress's /health/ready reads of its own router
+    assert replica_states(APP_NAME) == {replica.unique_id: ready for replica in router.curr_replicas}
 
 
 def test_shutdown_is_clean(fleet: str) -> None:
@@ -341,7 +344,8 @@ def test_a_replica_hung_in_a_step_or_whose_worker_stopped_fails_its_health_check
             replica.check_health()
         # what the ingress reads: the reason on /health/ready, the state its router avoids, a refusal before anything ran
         assert "past --hang-grace 0.1 s" in replica.describe()["reason"]
-        assert replica.record_routing_stats() == {"status": "hung"}
+        hung = replica.record_routing_stats()
+        assert hung["status"] == "hung" and "past --hang-grace 0.1 s" in hung["reason"], hung
         refused = asyncio.run(replica.generate({"prompt": "a red sun", "seed": 2}, "request-2"))
         assert (refused["status"], refused["unserved"]) == (503, True), refused
         assert "stuck in a model call" in refused["body"]["error"]["message"] and replica.worker.depth == 0
@@ -350,7 +354,8 @@ def test_a_replica_hung_in_a_step_or_whose_worker_stopped_fails_its_health_check
             assert time.monotonic() < deadline
             time.sleep(0.01)
         replica.check_health()
-        assert replica.record_routing_stats() == {"status": "ready"} and replica.describe()["reason"] is None
+        assert replica.record_routing_stats() == {"status": "ready", "reason": None, "sizes": ["32x32"]}
+        assert replica.describe()["reason"] is None
     finally:
         release.set()
         replica.worker.drain()
@@ -1191,6 +1196,9 @@ def _described(replica: str, status: str, reason: str | None = None) -> dict:
             "model": "tiny-sd3", "properties": None, "size_rules": None}
 
 
+UNIT_APP = "catrt-in-test"
+
+
 def _ingress_with(describes: list, generates: list | None = None):
     """An ingress whose model handle answers `describes` (an exception: no answer) and `generates` in turn."""
     import catrt.serve.ray_app as ray_app
@@ -1204,7 +1212,8 @@ def _ingress_with(describes: list, generates: list | None = None):
     async def generate(body: dict, request_id: str) -> dict:
         return generates.pop(0)
 
-    models = SimpleNamespace(app_name=APP_NAME, deployment_name=MODEL_DEPLOYMENT, describe=SimpleNamespace(remote=describe),
+    # An application name no fleet of this module runs: a handle made here (by a fleet test) made a router of its own.
+    models = SimpleNamespace(app_name=UNIT_APP, deployment_name=MODEL_DEPLOYMENT, describe=SimpleNamespace(remote=describe),
                              generate=SimpleNamespace(remote=generate))
     return ray_app.Ingress(ServeConfig(model="reference").to_dict(), models)
 
@@ -1246,6 +1255,87 @@ def test_readiness_503_says_which_replicas_are_not_ready_and_why() -> None:
         none = http.get("/health/ready")
     assert none.status_code == 503 and none.json()["status"] == "unavailable" and none.json()["replicas"] == {}
     assert none.json()["reason"].startswith(f"no model replica answered within {ray_app.DESCRIBE_TIMEOUT:g} s")
+
+
+def _router_of(app: str, stats: dict[str, dict]):
+    """catrt's router as Ray makes one for a handle (`initialize_state` called), holding replicas that reported
+    `stats` (replica id -> routing stats)."""
+    import asyncio
+
+    from ray.serve._private.common import DeploymentHandleSource
+
+    from catrt.serve.ray_app import ReadyFirstRouter
+
+    deployment = DeploymentID(name=MODEL_DEPLOYMENT, app_name=app)
+
+    async def made() -> ReadyFirstRouter:
+        router = ReadyFirstRouter(deployment, DeploymentHandleSource.REPLICA)
+        router.initialize_state()
+        router.update_replicas([SimpleNamespace(replica_id=ReplicaID(name, deployment), routing_stats=reported,
+                                                max_ongoing_requests=2, get_queue_len=_idle)
+                                for name, reported in stats.items()])
+        await asyncio.sleep(0)  # Ray's ping of the replicas it was handed
+        return router
+
+    return asyncio.run(made())
+
+
+async def _idle(*, deadline_s: float) -> int:
+    return 0
+
+
+def test_a_busy_fleet_stays_ready_by_the_states_its_replicas_report() -> None:
+    """/health/ready asked a replica, and a question waits for one of its --max-queue slots like any request: with
+    every replica busy and more requests waiting in the ingress, Ray refused the question (BackPressureError), or it
+    waited past 5 s, and the fleet answered 503 "no model replica answered": a readiness probe took a busy fleet out
+    of service. The states the replicas report to the ingress's router are read instead; no replica is asked."""
+    from fastapi.testclient import TestClient
+    from ray.serve.exceptions import BackPressureError
+
+    import catrt.serve.ray_app as ray_app
+
+    busy = BackPressureError(num_queued_requests=2, max_queued_requests=2)
+    describes = [busy, busy, busy]
+    router = _router_of(UNIT_APP, {"a": {"status": "hung", "reason": "stuck", "sizes": ["64x64"]},
+                                   "b": {"status": "ready", "reason": None, "sizes": ["64x64"]}})
+    try:
+        with TestClient(ray_app.ingress_app(_ingress_with(describes))) as http:
+            ready = http.get("/health/ready")
+    finally:
+        ray_app._routers.discard(router)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "sizes": ["64x64"]}
+    assert len(describes) == 3
+
+
+def test_readiness_from_the_replicas_states_names_each_and_asks_where_one_has_not_reported() -> None:
+    """Every replica reported a state other than ready: 503 naming each with its state and reason, no replica asked. A
+    replica that has not reported yet (just started) may be ready: then the replicas are asked."""
+    from fastapi.testclient import TestClient
+
+    import catrt.serve.ray_app as ray_app
+
+    hung = {"status": "hung", "reason": "a step or the device is stuck", "sizes": ["64x64"]}
+    router = _router_of(UNIT_APP, {"a": hung, "b": {"status": "draining", "reason": None, "sizes": ["64x64"]}})
+    try:
+        with TestClient(ray_app.ingress_app(_ingress_with([]))) as http:
+            refused = http.get("/health/ready")
+    finally:
+        ray_app._routers.discard(router)
+    assert refused.status_code == 503
+    assert refused.json() == {
+        "status": "hung", "sizes": [],
+        "replicas": {"a": {"status": "hung", "reason": "a step or the device is stuck"},
+                     "b": {"status": "draining", "reason": None}},
+        "reason": "no model replica asked is ready: a is hung, b is draining",
+    }
+    describes = [_described("new", "ready")]
+    router = _router_of(UNIT_APP, {"a": hung, "new": {}})
+    try:
+        with TestClient(ray_app.ingress_app(_ingress_with(describes))) as http:
+            asked = http.get("/health/ready")
+    finally:
+        ray_app._routers.discard(router)
+    assert asked.status_code == 200 and describes == []
 
 
 def test_a_request_a_replica_refused_before_anything_ran_is_asked_once_more() -> None:

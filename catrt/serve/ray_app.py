@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Collection
 from typing import Any
 
@@ -153,8 +154,10 @@ class ModelReplica:
                 "size_rules": rules.size_rules() if rules is not None else None}
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """What Serve's controller hands the ingress's router every ROUTING_STATS_PERIOD: this replica's state."""
-        return {"status": self.worker.condition()[0]}
+        """What Serve's controller hands the ingress's router every ROUTING_STATS_PERIOD: this replica's state (and why,
+        where it is hung) and sizes, which the router routes by and /health/ready reports (`replica_states`)."""
+        status, reason = self.worker.condition()
+        return {"status": status, "reason": reason, "sizes": self.worker.served.sizes}
 
     def check_health(self) -> None:
         """Ray Serve's health check (every `health_check_period_s`): raising makes the controller kill this replica
@@ -240,6 +243,26 @@ class ReadyFirstRouter(FIFOMixin, RequestRouter):
         pool = ready or candidate_replicas
         return [random.sample(pool, min(2, len(pool)))] if pool else []
 
+    def initialize_state(self, **kwargs: Any) -> None:
+        """Called by Ray once it has made this router (a handle's, at the handle's first call): listed for
+        `replica_states`."""
+        _routers.add(self)
+
+
+_routers: weakref.WeakSet[ReadyFirstRouter] = weakref.WeakSet()  # this process's (the ingress's handle's)
+
+
+def replica_states(app_name: str) -> dict[str, dict[str, Any]] | None:
+    """Each model replica Ray Serve routes to now, by id, with the routing stats it last reported (`{}` before its
+    first), as this process's router for application `app_name` holds them; None before that router exists. Reading
+    them asks no replica: a question to a replica (`describe`) waits for one of its --max-queue slots, behind the
+    requests it serves."""
+    for router in list(_routers):
+        if router.app_name == app_name:
+            return {replica_id.unique_id: dict(replica.routing_stats)
+                    for replica_id, replica in list(router.curr_replicas.items())}
+    return None
+
 
 class Ingress:
     """HTTP in front of the model replicas; see the module docstring."""
@@ -267,9 +290,23 @@ class Ingress:
         return state
 
     async def readiness(self) -> tuple[int, dict[str, Any]]:
-        """/health/ready's status and body: 200 once a model replica answers ready. Ray routes each question to one
-        replica, so while those that answer are not ready (hung, stopping) up to READY_ASKS are asked; the 503 body
-        names each replica heard from, with its state and why."""
+        """/health/ready's status and body: 200 while a model replica is ready; the 503 body names each replica heard
+        from, with its state and why.
+
+        The states are those the replicas last reported to the ingress's router (`replica_states`): asking a replica
+        waited behind its requests, so a busy fleet (each replica's --max-queue slots taken, more requests waiting in
+        the ingress) answered 503 "no model replica answered", and a readiness probe took a busy fleet out of service.
+        Until every replica the router lists has reported (the ingress's first call makes its router), replicas are
+        asked: Ray routes each question to one replica, so while those that answer are not ready (hung, stopping) up to
+        READY_ASKS are."""
+        states = replica_states(self.models.app_name)
+        if states:
+            ready = next((state for state in states.values() if state.get("status") == "ready"), None)
+            if ready is not None:
+                return 200, {"status": "ready", "sizes": ready["sizes"]}
+            if all(states.values()):
+                return self._not_ready({replica: {"status": state["status"], "reason": state.get("reason")}
+                                        for replica, state in states.items()})
         heard: dict[str, dict[str, Any]] = {}
         for _ in range(READY_ASKS):
             state = await self.describe()
@@ -282,6 +319,10 @@ class Ingress:
             return 503, {"status": "unavailable", "sizes": [], "replicas": {},
                          "reason": f"no model replica answered within {DESCRIBE_TIMEOUT:g} s (none running yet: loading, "
                                    "not placed, or being replaced)"}
+        return self._not_ready(heard)
+
+    @staticmethod
+    def _not_ready(heard: dict[str, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         states = ", ".join(f"{replica} is {state['status']}" for replica, state in heard.items())
         return 503, {"status": next(iter(heard.values()))["status"], "sizes": [], "replicas": heard,
                      "reason": f"no model replica asked is ready: {states}"}
