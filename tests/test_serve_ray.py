@@ -265,7 +265,8 @@ def test_each_replicas_state_reaches_the_router_of_a_handle_to_the_model_deploym
     """Serve's controller asks each model replica for its routing stats (`record_routing_stats`) and hands them to
     every handle's router, here one made in this process: catrt's router, holding each replica's state. (Reads Ray
     Serve's private router attributes: the public API shows neither.)"""
-    from catrt.serve.ray_app import ReadyFirstRouter, replica_states
+    from catrt.serve.ray_app import ReadyFirstRouter
+    from catrt.serve.router_states import replica_states
 
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, APP_NAME)
     assert handle.describe.remote().result(timeout_s=30)["status"] == "ready"  # the handle's router has started
@@ -1293,6 +1294,7 @@ def test_a_busy_fleet_stays_ready_by_the_states_its_replicas_report() -> None:
     from ray.serve.exceptions import BackPressureError
 
     import catrt.serve.ray_app as ray_app
+    from catrt.serve.router_states import forget
 
     busy = BackPressureError(num_queued_requests=2, max_queued_requests=2)
     describes = [busy, busy, busy]
@@ -1302,7 +1304,7 @@ def test_a_busy_fleet_stays_ready_by_the_states_its_replicas_report() -> None:
         with TestClient(ray_app.ingress_app(_ingress_with(describes))) as http:
             ready = http.get("/health/ready")
     finally:
-        ray_app._routers.discard(router)
+        forget(router)
     assert ready.status_code == 200 and ready.json() == {"status": "ready", "sizes": ["64x64"]}
     assert len(describes) == 3
 
@@ -1313,6 +1315,7 @@ def test_readiness_from_the_replicas_states_names_each_and_asks_where_one_has_no
     from fastapi.testclient import TestClient
 
     import catrt.serve.ray_app as ray_app
+    from catrt.serve.router_states import forget
 
     hung = {"status": "hung", "reason": "a step or the device is stuck", "sizes": ["64x64"]}
     router = _router_of(UNIT_APP, {"a": hung, "b": {"status": "draining", "reason": None, "sizes": ["64x64"]}})
@@ -1320,7 +1323,7 @@ def test_readiness_from_the_replicas_states_names_each_and_asks_where_one_has_no
         with TestClient(ray_app.ingress_app(_ingress_with([]))) as http:
             refused = http.get("/health/ready")
     finally:
-        ray_app._routers.discard(router)
+        forget(router)
     assert refused.status_code == 503
     assert refused.json() == {
         "status": "hung", "sizes": [],
@@ -1334,7 +1337,7 @@ def test_readiness_from_the_replicas_states_names_each_and_asks_where_one_has_no
         with TestClient(ray_app.ingress_app(_ingress_with(describes))) as http:
             asked = http.get("/health/ready")
     finally:
-        ray_app._routers.discard(router)
+        forget(router)
     assert asked.status_code == 200 and describes == []
 
 

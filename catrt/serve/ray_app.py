@@ -28,7 +28,6 @@ import signal
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Collection
 from typing import Any
 
@@ -51,6 +50,7 @@ from catrt.serve.fleet_start import (LOCAL, check_fleet_device, check_local_room
                                      replica_device)
 from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ReplicaSnapshots, ServerMetrics
 from catrt.serve.openapi import describe_served
+from catrt.serve.router_states import register, replica_states
 from catrt.serve.schemas import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
 
 logger = logging.getLogger(__name__)
@@ -245,23 +245,8 @@ class ReadyFirstRouter(FIFOMixin, RequestRouter):
 
     def initialize_state(self, **kwargs: Any) -> None:
         """Called by Ray once it has made this router (a handle's, at the handle's first call): listed for
-        `replica_states`."""
-        _routers.add(self)
-
-
-_routers: weakref.WeakSet[ReadyFirstRouter] = weakref.WeakSet()  # this process's (the ingress's handle's)
-
-
-def replica_states(app_name: str) -> dict[str, dict[str, Any]] | None:
-    """Each model replica Ray Serve routes to now, by id, with the routing stats it last reported (`{}` before its
-    first), as this process's router for application `app_name` holds them; None before that router exists. Reading
-    them asks no replica: a question to a replica (`describe`) waits for one of its --max-queue slots, behind the
-    requests it serves."""
-    for router in list(_routers):
-        if router.app_name == app_name:
-            return {replica_id.unique_id: dict(replica.routing_stats)
-                    for replica_id, replica in list(router.curr_replicas.items())}
-    return None
+        `/health/ready` (`router_states.replica_states`)."""
+        register(self)
 
 
 class Ingress:
@@ -293,9 +278,10 @@ class Ingress:
         """/health/ready's status and body: 200 while a model replica is ready; the 503 body names each replica heard
         from, with its state and why.
 
-        The states are those the replicas last reported to the ingress's router (`replica_states`): asking a replica
-        waited behind its requests, so a busy fleet (each replica's --max-queue slots taken, more requests waiting in
-        the ingress) answered 503 "no model replica answered", and a readiness probe took a busy fleet out of service.
+        The states are those the replicas last reported to the ingress's router (`replica_states`), which asks no
+        replica: a question waited for one of a replica's --max-queue slots, behind its requests, so a busy fleet (every
+        slot taken, more requests waiting in the ingress) answered 503 "no model replica answered", and a readiness
+        probe took a busy fleet out of service.
         Until every replica the router lists has reported (the ingress's first call makes its router), replicas are
         asked: Ray routes each question to one replica, so while those that answer are not ready (hung, stopping) up to
         READY_ASKS are."""
