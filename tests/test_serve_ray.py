@@ -625,6 +625,36 @@ def test_ray_flags_are_refused_in_one_line() -> None:
         assert_one_line_refusal(run_cli(["serve", "--model", "tiny-sd3", *args], timeout=60), needle)
 
 
+OLD_RAY = """
+import sys
+from importlib import metadata
+sys.modules["ray.serve.request_router"] = None  # as in a Ray older than 2.48: no custom request router to import
+installed = metadata.version
+metadata.version = lambda name: "2.40.0" if name == "ray" else installed(name)
+from catrt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_ray_older_than_the_extra_asks_for_is_named_in_one_line() -> None:
+    """With Ray 2.40 installed, importing catrt's Ray Serve application failed on Ray's router API and the refusal said
+    Ray Serve was not installed. The version is named, before anything is loaded or Ray imported."""
+    old = _run_launcher(OLD_RAY, ["serve", "--model", "tiny-sd3", "--ray", "--port", str(_free_port())])
+    line = assert_one_line_refusal(old, '--ray needs Ray >= 2.48 (Ray Serve\'s custom request router) but Ray 2.40.0 '
+                                        'is installed: pip install -U "catrt[ray]"')
+    assert "not installed" not in line
+
+
+def test_the_oldest_ray_catrt_accepts_is_the_ray_extras() -> None:
+    import tomllib
+
+    from catrt.serve.fleet_start import RAY_MINIMUM
+
+    extra = tomllib.loads((Path(catrt.__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["ray"]
+    assert extra == [f"ray[serve]>={'.'.join(map(str, RAY_MINIMUM))}"]
+
+
 def test_a_busy_port_or_a_cluster_nobody_runs_is_refused_in_one_line_before_ray_starts() -> None:
     """Ray's own errors here were tracebacks with exit 1 (a busy port from inside Serve's proxy actor, after
     Ray had started; a malformed address; no cluster for auto) or minutes of retries (an address nobody

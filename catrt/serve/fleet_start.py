@@ -10,8 +10,10 @@ Imports no Ray.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Mapping
+from importlib import metadata
 
 from catrt.errors import ConfigError
 from catrt.serve.config import FleetConfig, ServeConfig
@@ -22,6 +24,27 @@ LOCAL = "local"  # ray.init's name for "start a new local cluster" (None joins $
 # Addresses ray.init resolves itself: "auto" (a cluster started on this machine, or $RAY_ADDRESS).
 RESOLVED_BY_RAY = ("auto",)
 CONNECT_SECONDS = 5.0
+# The oldest Ray `catrt.serve.ray_app` runs on, as pyproject's ray extra says: a deployment's request_router_config
+# (catrt's ReadyFirstRouter), from Ray 2.48.
+RAY_MINIMUM = (2, 48)
+
+
+def check_ray_version() -> None:
+    """Refuse an installed Ray older than RAY_MINIMUM, before it is imported: importing `catrt.serve.ray_app` then
+    failed on Ray's router API, and the refusal said Ray Serve was not installed. A version that does not read as
+    MAJOR.MINOR (a source build) is left to the import."""
+    try:
+        installed = metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        return
+    release = re.match(r"(\d+)\.(\d+)", installed)
+    if release is not None and (int(release[1]), int(release[2])) < RAY_MINIMUM:
+        wanted = ".".join(map(str, RAY_MINIMUM))
+        raise ConfigError(
+            f'--ray needs Ray >= {wanted} (Ray Serve\'s custom request router) but Ray {installed} is installed: '
+            'pip install -U "catrt[ray]"',
+            field="ray", value=installed,
+        )
 
 
 def check_fleet_start(host: str, port: int, address: str | None) -> None:
