@@ -1154,25 +1154,27 @@ def test_the_router_sends_nothing_to_a_replica_whose_stats_say_it_is_not_ready()
     candidates (each then answers why)."""
     import asyncio
 
-    from catrt.serve.ray_app import ReadyFirstRouter
+    from catrt.serve.router_states import forget
 
     def replica(name: str, stats: dict) -> SimpleNamespace:
-        return SimpleNamespace(replica_id=name, routing_stats=stats)
+        return SimpleNamespace(replica_id=ReplicaID(name, DeploymentID(name=MODEL_DEPLOYMENT)), routing_stats=stats)
 
     hung, ready, fresh = replica("hung", {"status": "hung"}), replica("ready", {"status": "ready"}), replica("new", {})
+    router = _router_of(UNIT_APP, {})
+    forget(router)  # only its choices are asked here
 
     def chosen(candidates: list) -> set[str]:
         picks: set[str] = set()
         for _ in range(50):
-            (rank,) = asyncio.run(ReadyFirstRouter.choose_replicas(None, candidates))
+            (rank,) = asyncio.run(router.choose_replicas(candidates))
             assert 1 <= len(rank) <= 2 and len({id(r) for r in rank}) == len(rank)
-            picks |= {r.replica_id for r in rank}
+            picks |= {r.replica_id.unique_id for r in rank}
         return picks
 
     assert chosen([hung, ready]) == {"ready"}
     assert chosen([hung, ready, fresh]) == {"ready", "new"}  # no stats yet: a replica Serve lists as running is ready
     assert chosen([hung, replica("dead", {"status": "dead"})]) == {"hung", "dead"}
-    assert asyncio.run(ReadyFirstRouter.choose_replicas(None, [])) == []
+    assert asyncio.run(router.choose_replicas([])) == []
 
 
 def test_the_router_backs_off_between_rounds_while_every_replica_is_full() -> None:
@@ -1396,6 +1398,42 @@ def test_a_request_a_replica_refused_before_anything_ran_is_asked_once_more() ->
         assert http.post("/v1/images/generations", json={"prompt": "a red sun"}).status_code == 503
         assert len(generates) == 1
 
+
+
+def test_a_replica_that_refused_a_request_unserved_draws_neither_its_retry_nor_new_requests_for_a_while() -> None:
+    """A replica turning hung or stopping refuses at once, so it has no request ongoing, and until its new state reached
+    the ingress's router (about a second) the power of two choices picked it over a busy ready one: the ingress's
+    one retry went back to it, a 503 again. The ingress tells its router; nothing goes there for REFUSED_HOLD
+    seconds (the router's clock stands in here), and then its state decides."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    import catrt.serve.ray_app as ray_app
+    from catrt.serve.router_states import forget
+
+    ready = {"status": "ready", "reason": None, "sizes": ["64x64"]}
+    router = _router_of(UNIT_APP, {"a": ready, "b": ready})
+    now = [100.0]
+    router.clock = lambda: now[0]
+
+    def chosen() -> set[str]:
+        candidates = list(router.curr_replicas.values())
+        return {replica.replica_id.unique_id for _ in range(50)
+                for replica in asyncio.run(router.choose_replicas(candidates))[0]}
+
+    generates = [{**_reply("a", 503), "unserved": True}, _reply("b")]
+    try:
+        assert chosen() == {"a", "b"}  # precondition: both ready
+        with TestClient(ray_app.ingress_app(_ingress_with([], generates))) as http:
+            assert http.post("/v1/images/generations", json={"prompt": "a red sun"}).status_code == 200
+        assert generates == [] and chosen() == {"b"}
+        now[0] += ray_app.REFUSED_HOLD - 0.1
+        assert chosen() == {"b"}
+        now[0] += 0.1
+        assert chosen() == {"a", "b"}
+    finally:
+        forget(router)
 
 
 def test_a_cuda_index_is_refused_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,7 +50,7 @@ from catrt.serve.fleet_start import (LOCAL, check_fleet_device, check_local_room
                                      replica_device)
 from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ReplicaSnapshots, ServerMetrics
 from catrt.serve.openapi import describe_served
-from catrt.serve.router_states import register, replica_states
+from catrt.serve.router_states import refused, register, replica_states
 from catrt.serve.schemas import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ READY_ASKS = 3
 # Seconds between two of a model replica's routing stats (its condition, `ModelReplica.record_routing_stats`), as
 # Serve's controller asks each replica for them and hands them to the ingress's router (`ReadyFirstRouter`).
 ROUTING_STATS_PERIOD = 1.0
+# Seconds the ingress's router sends nothing to a replica that refused a request before anything ran (`Ingress.forward`)
+# while its routing stats still say ready: its new state reaches the router within about ROUTING_STATS_PERIOD.
+REFUSED_HOLD = 3 * ROUTING_STATS_PERIOD
 # Seconds one listing of the live model replicas serves /metrics scrapes: a flood of scrapes asks Serve's controller
 # at most once a second.
 LISTING_INTERVAL = 1.0
@@ -227,7 +230,8 @@ class FleetMetrics:
 
 class ReadyFirstRouter(FIFOMixin, RequestRouter):
     """Routes the ingress's calls to the model replicas: two chosen at random among those whose latest routing stats
-    say ready (all where none does, so each still answers why), the one with fewer ongoing requests taken, as Ray
+    say ready and that refused no request lately (`refused_by`) (all where none does, so each still answers why), the
+    one with fewer ongoing requests taken, as Ray
     Serve's own power of two choices. That one preferred a hung replica (it refuses each request at once, so it had
     none ongoing) and sent it most new requests until Serve replaced it, three failed health checks later.
 
@@ -235,18 +239,32 @@ class ReadyFirstRouter(FIFOMixin, RequestRouter):
     only where the router says so (`should_backoff`, else it expects a narrower choice to widen next round), and
     without it a fleet whose replicas were all full had the ingress probe their queue lengths without pause."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock = time.monotonic
+        self.refusals: dict[str, float] = {}  # replica id -> when (`clock`) it last refused a request unserved
+
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True
-        ready = [replica for replica in candidate_replicas if replica.routing_stats.get("status", "ready") == "ready"]
+        now = self.clock()
+        ready = [replica for replica in candidate_replicas if replica.routing_stats.get("status", "ready") == "ready"
+                 and self.refusals.get(replica.replica_id.unique_id, -math.inf) + REFUSED_HOLD <= now]
         pool = ready or candidate_replicas
         return [random.sample(pool, min(2, len(pool)))] if pool else []
 
     def initialize_state(self, **kwargs: Any) -> None:
         """Called by Ray once it has made this router (a handle's, at the handle's first call): listed for
-        `/health/ready` (`router_states.replica_states`)."""
+        `/health/ready` and `Ingress.forward` (`router_states`)."""
         register(self)
+
+    def refused_by(self, replica: str) -> None:
+        """`replica` refused a request before anything ran (hung, stopping): nothing more goes there for REFUSED_HOLD
+        seconds, by when its state says why. Its stats said ready until then, and it had no request ongoing (it
+        refuses at once), so the power of two choices sent it the ingress's retry too, and most new requests."""
+        now = self.clock()
+        self.refusals = {**{held: at for held, at in self.refusals.items() if at + REFUSED_HOLD > now}, replica: now}
 
 
 class Ingress:
@@ -358,14 +376,15 @@ class Ingress:
         """The replica's reply; a full queue is a 429, a replica that dies mid-request a 503, none in time a 504.
 
         A replica that refused the request before anything ran (hung or stopping: `unserved`) is recorded and the
-        request asked once more, within the same --timeout: Ray routes it again, away from that replica once its
-        routing stats say so (`ReadyFirstRouter`). Nothing else is retried: a request a replica took may have run."""
+        request asked once more, within the same --timeout: Ray routes it again, away from that replica
+        (`ReadyFirstRouter.refused_by`). Nothing else is retried: a request a replica took may have run."""
         deadline = time.monotonic() + self.config.timeout
         reply = await self._ask(body, request_id, deadline)
         if reply.get("unserved"):
             logger.info("request %s: replica %s refused it unserved (%s); asking again", request_id, reply["replica"],
                         reply["body"]["error"]["message"])
             self.fleet.observe(reply)
+            refused(self.models.app_name, reply["replica"])
             reply = await self._ask(body, request_id, deadline)
         return reply
 
