@@ -937,6 +937,24 @@ def test_more_replicas_than_a_local_cluster_has_devices_for_are_refused(
     assert "serve.start" not in calls and calls[-1] == "ray.shutdown"
 
 
+def test_gpu_replicas_past_a_local_clusters_cpus_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each GPU replica holds a CPU as well (Ray Serve's default `num_cpus=1`): `--device cuda --replicas 2` on 2 GPUs
+    and 1 CPU (a container's CPU limit) passed the GPU count, then Serve waited for ever for the second replica."""
+    from catrt.serve.ray_app import run_fleet
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the application was deployed")
+
+    options = _model_actor_options(application(ServeConfig(model="reference", device="cuda"), FleetConfig(replicas=2),
+                                               gpus=True))
+    assert (options["num_gpus"], options["num_cpus"]) == (1, 1)  # what a replica holds, as the check counts it
+    calls, _ = _fake_ray(monkeypatch, {"CPU": 1.0, "GPU": 2.0}, deployed)
+    with pytest.raises(ConfigError, match=r"^--replicas 2 needs 2 CPUs \(each model replica holds one\) but the local "
+                                          r"Ray cluster has 1: ask for at most 1"):
+        run_fleet(ServeConfig(model="reference", device="cuda", port=_free_port()), FleetConfig(replicas=2))
+    assert "serve.start" not in calls and calls[-1] == "ray.shutdown"
+
+
 @pytest.mark.parametrize("fleet", [FleetConfig(replicas=2), FleetConfig(replicas=None, min_replicas=1, max_replicas=8),
                                    FleetConfig(replicas=3, address="auto")], ids=["fits", "autoscaled", "joined"])
 def test_replicas_a_cluster_has_room_for_or_may_get_are_deployed(monkeypatch: pytest.MonkeyPatch, fleet: FleetConfig,

@@ -110,16 +110,19 @@ def check_local_room(fleet: FleetConfig, resources: Mapping[str, float], device:
     (`device`: each replica's, `replica_device`). It
     has no autoscaler, so a replica without one is never placed and Serve waits for it for ever: the CLI never said
     it listened, and only Ray's "can't be scheduled" warnings, half a minute apart, told why. A joined cluster may
-    add nodes (KubeRay's autoscaler), so it is not checked; nor is `--max-replicas`, which Serve only scales towards."""
-    have = int(resources.get(device, 0))
+    add nodes (KubeRay's autoscaler), so it is not checked; nor is `--max-replicas`, which Serve only scales towards.
+    A GPU replica holds a CPU too (Ray Serve gives each replica `num_cpus=1` unless told otherwise): a cluster with more
+    GPUs than CPUs (a container's CPU limit) placed only as many replicas as it had CPUs, and waited for the rest."""
     wanted = fleet.replicas if fleet.replicas is not None else fleet.min_replicas
-    if wanted is not None and wanted > have:
-        flag, name = ("--replicas", "replicas") if fleet.replicas is not None else ("--min-replicas", "min_replicas")
-        raise ConfigError(
-            f"{flag} {wanted} needs {wanted} {device}s (each model replica holds one) but the local Ray cluster has "
-            f"{have}: ask for at most {have}, or join a cluster with room (--ray-address)",
-            field=name, value=wanted,
-        )
+    for held in (device, "CPU") if device != "CPU" else ("CPU",):
+        have = int(resources.get(held, 0))
+        if wanted is not None and wanted > have:
+            flag, name = ("--replicas", "replicas") if fleet.replicas is not None else ("--min-replicas", "min_replicas")
+            raise ConfigError(
+                f"{flag} {wanted} needs {wanted} {held}s (each model replica holds one) but the local Ray cluster has "
+                f"{have}: ask for at most {have}, or join a cluster with room (--ray-address)",
+                field=name, value=wanted,
+            )
 
 
 # ray.init's words when `auto` finds no cluster; Ray 2.60 goes on, on the same line, to advise its own CLI's
