@@ -955,6 +955,31 @@ def test_gpu_replicas_past_a_local_clusters_cpus_are_refused(monkeypatch: pytest
     assert "serve.start" not in calls and calls[-1] == "ray.shutdown"
 
 
+def test_a_joined_cluster_without_the_replicas_devices_now_is_named_while_serve_waits(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A joined cluster may add nodes, so it is not refused; but `--device cuda` joined to a cluster with no GPU (and
+    no autoscaler) waited in `serve.run` for ever and printed nothing. One warning line says what it waits for; a
+    cluster with room prints none."""
+    from catrt.serve.ray_app import run_fleet
+
+    handlers: dict = {}
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 8.0}, deployed)
+    config = ServeConfig(model="reference", device="cuda", port=_free_port())
+    assert run_fleet(config, FleetConfig(replicas=2, address="auto")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["catrt serve: warning: --replicas 2 needs 2 GPUs (each model replica holds one) and the Ray "
+                        "cluster has 0 now: the application runs once its autoscaler adds them (never, where it has "
+                        "none; Ctrl-C stops)"]
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 8.0, "GPU": 2.0}, deployed)
+    assert run_fleet(config, FleetConfig(replicas=2, address="auto")) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fleet", [FleetConfig(replicas=2), FleetConfig(replicas=None, min_replicas=1, max_replicas=8),
                                    FleetConfig(replicas=3, address="auto")], ids=["fits", "autoscaled", "joined"])
 def test_replicas_a_cluster_has_room_for_or_may_get_are_deployed(monkeypatch: pytest.MonkeyPatch, fleet: FleetConfig,

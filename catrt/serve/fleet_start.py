@@ -110,19 +110,43 @@ def check_local_room(fleet: FleetConfig, resources: Mapping[str, float], device:
     (`device`: each replica's, `replica_device`). It
     has no autoscaler, so a replica without one is never placed and Serve waits for it for ever: the CLI never said
     it listened, and only Ray's "can't be scheduled" warnings, half a minute apart, told why. A joined cluster may
-    add nodes (KubeRay's autoscaler), so it is not checked; nor is `--max-replicas`, which Serve only scales towards.
+    add nodes (KubeRay's autoscaler), so it is not refused (`joined_room_warning`); nor is `--max-replicas`, which
+    Serve only scales towards.
     A GPU replica holds a CPU too (Ray Serve gives each replica `num_cpus=1` unless told otherwise): a cluster with more
     GPUs than CPUs (a container's CPU limit) placed only as many replicas as it had CPUs, and waited for the rest."""
+    short = _short_of(fleet, resources, device)
+    if short is not None:
+        needs, name, wanted, have = short
+        raise ConfigError(
+            f"{needs} but the local Ray cluster has {have}: ask for at most {have}, or join a cluster with room "
+            "(--ray-address)",
+            field=name, value=wanted,
+        )
+
+
+def joined_room_warning(fleet: FleetConfig, resources: Mapping[str, float], device: str) -> str | None:
+    """The line `catrt serve` prints where a joined cluster has fewer devices now than the replicas need (None where it
+    has them): Serve then waits for its autoscaler to add nodes, for ever on a cluster without one, and nothing said
+    why (a `--device cuda` fleet joined to a CPU-only cluster never started, in silence)."""
+    short = _short_of(fleet, resources, device)
+    if short is None:
+        return None
+    needs, _, _, have = short
+    return (f"catrt serve: warning: {needs} and the Ray cluster has {have} now: the application runs once its "
+            "autoscaler adds them (never, where it has none; Ctrl-C stops)")
+
+
+def _short_of(fleet: FleetConfig, resources: Mapping[str, float],
+              device: str) -> tuple[str, str, int, int] | None:
+    """(what the replicas need, in words; the flag's field; replicas wanted; the count of the first resource
+    `resources` lacks for them), or None where it has room."""
     wanted = fleet.replicas if fleet.replicas is not None else fleet.min_replicas
     for held in (device, "CPU") if device != "CPU" else ("CPU",):
         have = int(resources.get(held, 0))
         if wanted is not None and wanted > have:
             flag, name = ("--replicas", "replicas") if fleet.replicas is not None else ("--min-replicas", "min_replicas")
-            raise ConfigError(
-                f"{flag} {wanted} needs {wanted} {held}s (each model replica holds one) but the local Ray cluster has "
-                f"{have}: ask for at most {have}, or join a cluster with room (--ray-address)",
-                field=name, value=wanted,
-            )
+            return f"{flag} {wanted} needs {wanted} {held}s (each model replica holds one)", name, wanted, have
+    return None
 
 
 # ray.init's words when `auto` finds no cluster; Ray 2.60 goes on, on the same line, to advise its own CLI's

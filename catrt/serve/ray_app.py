@@ -46,8 +46,8 @@ from catrt.notices import hub_notices_dropped, quiet_known_notices
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
-from catrt.serve.fleet_start import (LOCAL, check_fleet_device, check_local_room, first_line, ray_start_error,
-                                     replica_device)
+from catrt.serve.fleet_start import (LOCAL, check_fleet_device, check_local_room, first_line, joined_room_warning,
+                                     ray_start_error, replica_device)
 from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ReplicaSnapshots, ServerMetrics
 from catrt.serve.openapi import describe_served
 from catrt.serve.router_states import refused, register, replica_states
@@ -597,6 +597,8 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
         device = replica_device(config, gpus)
         if local:
             check_local_room(fleet, resources, device)
+        elif (warning := joined_room_warning(fleet, resources, device)) is not None:
+            print(warning, file=sys.stderr, flush=True)
         try:
             serve.start(http_options=http_options(config), logging_config=logging_config())
         except (RuntimeError, ray.exceptions.RayError) as error:
