@@ -3,8 +3,10 @@ errors read.
 
 Starting Ray takes seconds and its errors are tracebacks (a port in use surfaces from inside Ray
 Serve's proxy actor; an unreachable `--ray-address` makes Ray retry for minutes), so the user
-mistakes are refused here first, in one line each: a local cluster's HTTP port must be free on
-this machine (its proxy binds it here), and a cluster to join must answer at its address.
+mistakes are refused here first, in one line each: the installed Ray must be one catrt runs on, a
+local cluster's HTTP port must be free on this machine (its proxy binds it here), and a cluster to
+join must answer at its address. Once Ray has started, a local cluster must have a device for each
+replica (a joined one is only warned about: its autoscaler may add them).
 Imports no Ray.
 """
 
