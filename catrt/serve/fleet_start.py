@@ -146,7 +146,8 @@ def _short_of(fleet: FleetConfig, resources: Mapping[str, float],
     for held in (device, "CPU") if device != "CPU" else ("CPU",):
         have = int(resources.get(held, 0))
         if wanted is not None and wanted > have:
-            flag, name = ("--replicas", "replicas") if fleet.replicas is not None else ("--min-replicas", "min_replicas")
+            flag = "--replicas" if fleet.replicas is not None else "--min-replicas"
+            name = flag[2:].replace("-", "_")
             return f"{flag} {wanted} needs {wanted} {held}s (each model replica holds one)", name, wanted, have
     return None
 
