@@ -1416,6 +1416,27 @@ def test_readiness_from_the_replicas_states_names_each_and_asks_where_one_has_no
     assert asked.status_code == 200 and describes == []
 
 
+def test_readiness_answers_at_once_where_the_router_lists_no_replica() -> None:
+    """No replica running (loading, not placed, replaced): the question to one waited 5 s for none, past a readiness
+    probe's own timeout (Kubernetes' default is 1 s), so the probe saw a timeout rather than the 503 and its reason.
+    The ingress's router lists none: 503 at once, no replica asked."""
+    from fastapi.testclient import TestClient
+
+    import catrt.serve.ray_app as ray_app
+    from catrt.serve.router_states import forget
+
+    describes = [TimeoutError("no replica yet")]
+    router = _router_of(UNIT_APP, {})
+    try:
+        with TestClient(ray_app.ingress_app(_ingress_with(describes))) as http:
+            none = http.get("/health/ready")
+    finally:
+        forget(router)
+    assert none.status_code == 503 and len(describes) == 1
+    assert none.json() == {"status": "unavailable", "sizes": [], "replicas": {},
+                           "reason": "no model replica is running (loading, not placed, or being replaced)"}
+
+
 def test_a_request_a_replica_refused_before_anything_ran_is_asked_once_more() -> None:
     """A hung or stopping replica refuses a request at once (503, `unserved`: nothing ran): the ingress asks Ray once
     more, so the client gets the other replica's answer; a 503 after a replica took the request is not retried (it

@@ -300,10 +300,14 @@ class Ingress:
         replica: a question waited for one of a replica's --max-queue slots, behind its requests, so a busy fleet (every
         slot taken, more requests waiting in the ingress) answered 503 "no model replica answered", and a readiness
         probe took a busy fleet out of service.
-        Until every replica the router lists has reported (the ingress's first call makes its router), replicas are
-        asked: Ray routes each question to one replica, so while those that answer are not ready (hung, stopping) up to
-        READY_ASKS are."""
+        A router that lists no replica answers at once (a question waited DESCRIBE_TIMEOUT for one, past a probe's
+        own timeout). Until every replica the router lists has reported (the ingress's first call makes its router),
+        replicas are asked: Ray routes each question to one replica, so while those that answer are not ready (hung,
+        stopping) up to READY_ASKS are."""
         states = replica_states(self.models.app_name)
+        if states == {}:
+            return 503, {"status": "unavailable", "sizes": [], "replicas": {},
+                         "reason": "no model replica is running (loading, not placed, or being replaced)"}
         if states:
             ready = next((state for state in states.values() if state.get("status") == "ready"), None)
             if ready is not None:
