@@ -1500,6 +1500,30 @@ def test_a_replica_that_refused_a_request_unserved_draws_neither_its_retry_nor_n
         forget(router)
 
 
+def test_a_ray_whose_router_api_lacks_what_catrts_router_reads_is_refused_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray Serve's request router API is alpha: a Ray without a replica's `routing_stats` ran the fleet, and every
+    request failed inside Ray's routing loop (a traceback each) and waited unrouted for --timeout's 504. One line
+    before ray.init instead, naming what is missing (and by the KubeRay builder)."""
+    from ray.serve.request_router import RunningReplica
+
+    from catrt.serve.ray_app import run_fleet
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the application was deployed")
+
+    calls, _ = _fake_ray(monkeypatch, {"CPU": 2.0}, deployed)
+    monkeypatch.delattr(RunningReplica, "routing_stats")
+    with pytest.raises(ConfigError, match=rf"^--ray cannot run on Ray {ray.__version__}: its Ray Serve request router "
+                                          r"API \(alpha\) lacks RunningReplica.routing_stats, which catrt's router "
+                                          r"reads; install a Ray catrt runs on: pip install "):
+        run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=1))
+    assert calls == []
+    with pytest.raises(ConfigError, match="lacks RunningReplica.routing_stats"):
+        build({"serve": {"model": "reference"}, "fleet": {"replicas": 1}})
+
+
 def test_a_cuda_index_is_refused_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray shows each model replica only the GPU it assigned, as cuda:0: `--device cuda:1` failed to load in every
     replica after Ray had started. Refused in one line, before ray.init (and by the KubeRay builder)."""

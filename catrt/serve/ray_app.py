@@ -39,7 +39,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from catrt.errors import CatrtError, ConfigError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
 from catrt.notices import hub_notices_dropped, quiet_known_notices
@@ -265,6 +265,27 @@ class ReadyFirstRouter(FIFOMixin, RequestRouter):
         refuses at once), so the power of two choices sent it the ingress's retry too, and most new requests."""
         now = self.clock()
         self.refusals = {**{held: at for held, at in self.refusals.items() if at + REFUSED_HOLD > now}, replica: now}
+
+
+def check_router_api() -> None:
+    """Refuse, before Ray starts, a Ray whose request router API (alpha: any release may change it) lacks what
+    `ReadyFirstRouter` and `router_states` read. Ray calls the router from its own routing loop: a missing attribute
+    failed there for every request (a traceback each in the ingress's log), which then waited unrouted for --timeout's
+    504, while the fleet said it was listening."""
+    gaps = [f"RunningReplica.{name}" for name in ("replica_id", "routing_stats") if not hasattr(RunningReplica, name)]
+    gaps += [f"RequestRouter.{name}" for name in ("app_name", "curr_replicas", "initialize_state")
+             if not hasattr(RequestRouter, name)]
+    if "unique_id" not in getattr(ReplicaID, "__dataclass_fields__", {}):
+        gaps.append("ReplicaID.unique_id")
+    context = getattr(PendingRequest, "__dataclass_fields__", {}).get("routing_context")
+    if context is None or not hasattr(context.default_factory(), "should_backoff"):
+        gaps.append("PendingRequest.routing_context.should_backoff")
+    if gaps:
+        raise ConfigError(
+            f"--ray cannot run on Ray {ray.__version__}: its Ray Serve request router API (alpha) lacks "
+            f"{', '.join(gaps)}, which catrt's router reads; install a Ray catrt runs on: pip install \"ray[serve]==2.60.0\"",
+            field="ray", value=ray.__version__,
+        )
 
 
 class Ingress:
@@ -567,6 +588,7 @@ def build(args: dict[str, Any]) -> Any:
     check_known_fields(FleetConfig, args.get("fleet", {}), "fleet")
     fleet = FleetConfig(**args.get("fleet", {}))
     check_fleet_device(config)
+    check_router_api()
     return application(config, fleet, gpus=ray.cluster_resources().get("GPU", 0) > 0)
 
 
@@ -575,6 +597,7 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
 
     A signal while Ray starts or the replicas load stops it too (exit 0, as after serving)."""
     check_fleet_device(config)
+    check_router_api()
     stop = threading.Event()
     # Serve's logger in this process ("Started Serve", "Deployed app") logs at INFO whatever catrt's level is.
     logging.getLogger(SERVE_LOGGER).setLevel(logging.getLogger("catrt").getEffectiveLevel())
