@@ -230,10 +230,10 @@ class FleetMetrics:
 
 class ReadyFirstRouter(FIFOMixin, RequestRouter):
     """Routes the ingress's calls to the model replicas: two chosen at random among those whose latest routing stats
-    say ready and that refused no request lately (`refused_by`) (all where none does, so each still answers why), the
-    one with fewer ongoing requests taken, as Ray
-    Serve's own power of two choices. That one preferred a hung replica (it refuses each request at once, so it had
-    none ongoing) and sent it most new requests until Serve replaced it, three failed health checks later.
+    say ready and that refused no request lately (`refused_by`; all where none is, so each still answers why), the
+    one with fewer ongoing requests taken, as Ray Serve's own power of two choices. That one preferred a hung replica
+    (it refuses each request at once, so it had none ongoing) and sent it most new requests until Serve replaced it,
+    three failed health checks later.
 
     Each choice is a whole round, so the request waits (Ray's exponential backoff) before the next: Ray's loop backs off
     only where the router says so (`should_backoff`, else it expects a narrower choice to widen next round), and
@@ -283,7 +283,8 @@ def check_router_api() -> None:
     if gaps:
         raise ConfigError(
             f"--ray cannot run on Ray {ray.__version__}: its Ray Serve request router API (alpha) lacks "
-            f"{', '.join(gaps)}, which catrt's router reads; install a Ray catrt runs on: pip install \"ray[serve]==2.60.0\"",
+            f"{', '.join(gaps)}, which catrt's router reads; install a Ray catrt runs on: "
+            'pip install "ray[serve]==2.60.0"',
             field="ray", value=ray.__version__,
         )
 
