@@ -1259,14 +1259,16 @@ def test_every_family_pipeline_that_takes_a_text_length_has_its_text_layout_chec
 
 def test_a_publish_that_finds_the_name_taken_after_its_check_replaces_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two first builds of one name: the other publishes between this one's look at `final` and its rename.
-    The rename then met a non-empty folder and raised a raw OSError; now the later build replaces the earlier."""
+    The rename then met a non-empty folder and raised a raw OSError; now the later build replaces the earlier.
+    A catrt publish waits for this one's lock on the folder; one that takes no lock (no fcntl, a filesystem without
+    locks) can still come in between: it is simulated by a folder made there directly."""
     final = tmp_path / "engines" / "bundle"
     rename = os.rename
 
     def the_other_build_wins_first(source: Any, target: Any) -> None:
         monkeypatch.setattr(os, "rename", rename)
-        with staged_folder(final) as other:
-            (other / "file").write_text("first")
+        final.mkdir()
+        (final / "file").write_text("first")
         rename(source, target)
 
     with staged_folder(final) as staging:

@@ -909,26 +909,31 @@ def test_a_worker_ending_after_its_server_stopped_reports_to_no_closed_loop() ->
     assert not server.should_exit
 
 
-def test_a_worker_ending_as_its_server_stops_reports_to_no_loop_closing_meanwhile() -> None:
-    """The main thread closes the server's loop as it stops, on its own time: a worker that saw the loop open (a hung
-    call returning as the server exits without it) then called it raised "Event loop is closed" on the worker thread."""
+def test_a_worker_ending_while_its_servers_loop_closes_reports_to_no_closed_loop() -> None:
+    """The worker (a call that returned after the server exited without it, hung) ends while `asyncio.run` closes the
+    server's loop: asked whether the loop was closed, it was not yet, and reporting the exit a moment later raised
+    "Event loop is closed" on the worker thread. The loop here closes between the two."""
     import uvicorn
 
     from catrt.serve.server import DrainingServer
 
-    class _ClosingLoop:
-        """Open when asked, closed by the time it is called."""
+    class Closing(asyncio.SelectorEventLoop):
+        """Closed, but open to `is_closed` while `seen_open`: what the worker thread saw just before the main thread
+        closed the loop."""
+
+        seen_open = True
 
         def is_closed(self) -> bool:
-            return False
-
-        def call_soon_threadsafe(self, *args: object) -> None:
-            raise RuntimeError("Event loop is closed")
+            return not self.seen_open and super().is_closed()
 
     server = DrainingServer(uvicorn.Config(app=None), worker=SimpleNamespace(served=object()),
                             address="http://127.0.0.1:0")
-    server._loop = _ClosingLoop()
-    server.worker_exited("stopped")
+    server._loop = loop = Closing()
+    loop.close()
+    try:
+        server.worker_exited("stopped")
+    finally:
+        loop.seen_open = False
     assert not server.should_exit
 
 

@@ -111,10 +111,10 @@ class DrainingServer(uvicorn.Server):
             return
         if self._loop is None:
             return
-        try:  # not "if it is open": the main thread may close the loop between that look and the call
+        try:
             self._loop.call_soon_threadsafe(setattr, self, "should_exit", True)
-        except RuntimeError:  # closed: the server already stopped, and the worker ends at exit (worker.py)
-            pass
+        except RuntimeError:  # closed: the server already stopped (the worker ends at exit, worker.py); asking
+            pass  # is_closed() first left a moment for `asyncio.run` to close the loop before the call
 
 
 def run_server(config: ServeConfig) -> int:
