@@ -5,7 +5,7 @@ The server runs tiny-sd3 with each call's step times set, as the policy reads th
 0.1 s per full step and 1.5 s x alpha per pruned one (the launcher patches the served model in the server's own
 process; no step waits), so a call's time depends on alpha as on a real model and not on this machine's load:
 5.2 s at alpha 0.8 and 1.6 s at 0.2, against a latency target of 15 s. One request alone fits at 0.8 (as long
-as it waited under 9.8 s for its call); three waiting do not fit at 0.8, so the burst of nine runs at 0.2 (the
+as it waited under 9.8 s for its call); three waiting do not fit at 0.8, so the burst's first calls run at 0.2 (the
 smallest alpha: it fits there, or at none). The burst is queued while the worker holds a call (`FAULT_CLI`'s cue),
 so the policy sees all of it.
 """
