@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve._private.common import DeploymentID, ReplicaID
 from test_serve_support import (
+    WAIT_SECONDS,
     assert_error,
     assert_one_line_refusal,
     generate,
@@ -173,7 +174,7 @@ def test_a_body_that_stalls_is_a_408_and_its_connection_closed(fleet: str) -> No
     client holds it for --read-timeout, not forever). A client's `x-request-timeout-seconds: 0`, which
     lifts the proxy's own limit, does not lift the ingress's."""
     host, port = fleet.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as connection:
+    with socket.create_connection((host, int(port)), timeout=WAIT_SECONDS) as connection:
         connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
                            + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
                            + b"x-request-timeout-seconds: 0\r\n\r\n{\"prom")
@@ -272,7 +273,7 @@ def test_each_replicas_state_reaches_the_router_of_a_handle_to_the_model_deploym
     assert handle.describe.remote().result(timeout_s=30)["status"] == "ready"  # the handle's router has started
     router = getattr(handle._router, "_asyncio_router", handle._router).request_router
     assert isinstance(router, ReadyFirstRouter)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT_SECONDS
     ready = {"status": "ready", "reason": None, "sizes": ["64x64"]}
     while (stats := [replica.routing_stats for replica in router.curr_replicas.values()]) != [ready] * 2:
         assert time.monotonic() < deadline, stats
@@ -286,7 +287,7 @@ def test_shutdown_is_clean(fleet: str) -> None:
     assert spawned, "Ray started no processes below this one"
     serve.shutdown()
     ray.shutdown()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT_SECONDS
     while (left := spawned & _descendants(os.getpid())) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, left
@@ -331,12 +332,13 @@ def test_a_replica_hung_in_a_step_or_whose_worker_stopped_fails_its_health_check
     config = ServeConfig(model="reference", steps=3, cat=CATConfig(t0=2), timeout=0.2, hang_grace=0.1)
     replica = ray_app.ModelReplica(config.to_dict())
     release = threading.Event()
-    replica.worker.served.default.runner.transformer.register_forward_pre_hook(lambda *args: release.wait(30) and None)
+    replica.worker.served.default.runner.transformer.register_forward_pre_hook(
+        lambda *args: release.wait(WAIT_SECONDS) and None)
     try:
         replica.check_health()  # precondition: a ready replica passes
         reply = asyncio.run(replica.generate({"prompt": "a red sun", "seed": 1}, "request-1"))
         assert reply["status"] == 504, reply  # its step is held
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT_SECONDS
         while replica.describe()["status"] != "hung":
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -351,6 +353,7 @@ def test_a_replica_hung_in_a_step_or_whose_worker_stopped_fails_its_health_check
         assert (refused["status"], refused["unserved"]) == (503, True), refused
         assert "stuck in a model call" in refused["body"]["error"]["message"] and replica.worker.depth == 0
         release.set()
+        deadline = time.monotonic() + WAIT_SECONDS
         while replica.describe()["status"] != "ready":
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -360,7 +363,7 @@ def test_a_replica_hung_in_a_step_or_whose_worker_stopped_fails_its_health_check
     finally:
         release.set()
         replica.worker.drain()
-    replica.worker.join(10)
+    replica.worker.join(WAIT_SECONDS)
     with pytest.raises(ServiceUnavailableError, match="^replica replica-in-test is stopped$"):
         replica.check_health()
 
@@ -461,11 +464,13 @@ class _Serve:
 
     def __init__(self, replicas: list[str] | None, answer: threading.Event | None = None) -> None:
         self.replicas, self.calls, self.answer = replicas, 0, answer
+        self.called = threading.Event()
 
     def get_serve_details(self) -> dict:
         self.calls += 1
+        self.called.set()
         if self.answer is not None:
-            self.answer.wait(30)  # a controller that does not answer
+            self.answer.wait(WAIT_SECONDS)  # a controller that does not answer
         if self.replicas is None:
             raise ConnectionError("the controller is restarting")
         deployment = {"replicas": [{"replica_id": replica, "state": "RUNNING"} for replica in self.replicas]}
@@ -486,9 +491,13 @@ def _ingress(monkeypatch: pytest.MonkeyPatch, client: _Serve):
 
 def test_a_scrape_drops_the_replicas_ray_serve_no_longer_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     """/metrics asks Ray Serve which model replicas it lists (as `serve status` shows them); scrapes within
-    LISTING_INTERVAL share that listing, so a flood of scrapes does not flood Serve's controller."""
+    LISTING_INTERVAL share that listing, so a flood of scrapes does not flood Serve's controller. (The interval is an
+    hour here: at 1 s, a machine slow to make the first listing saw the last scrape list again.)"""
     import asyncio
 
+    import catrt.serve.ray_app as ray_app
+
+    monkeypatch.setattr(ray_app, "LISTING_INTERVAL", 3600.0)
     client = _Serve(["a"])
     ingress = _ingress(monkeypatch, client)
 
@@ -540,6 +549,7 @@ def test_a_controller_that_does_not_answer_holds_one_thread_and_drops_nothing(mo
     async def scrapes() -> None:
         for _ in range(3):
             await ingress.forget_gone_replicas()
+        assert await asyncio.to_thread(client.called.wait, WAIT_SECONDS)  # the first call is under way (and stuck)
         assert set(_labelled(ingress.metrics)) == {"a", "b"} and client.calls == 1
         answer.set()
         await ingress._asking  # the stuck call returns
@@ -622,7 +632,7 @@ def test_ray_flags_are_refused_in_one_line() -> None:
         (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas 3 is over --max-replicas 2"),
         (["--ray", "--port", "0"], "--port 0 is not served with --ray"),
     ):
-        assert_one_line_refusal(run_cli(["serve", "--model", "tiny-sd3", *args], timeout=60), needle)
+        assert_one_line_refusal(run_cli(["serve", "--model", "tiny-sd3", *args]), needle)
 
 
 OLD_RAY = """
@@ -663,7 +673,7 @@ def test_a_busy_port_or_a_cluster_nobody_runs_is_refused_in_one_line_before_ray_
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        taken = run_cli(["serve", "--model", "reference", "--ray", "--port", str(port)], timeout=60)
+        taken = run_cli(["serve", "--model", "reference", "--ray", "--port", str(port)])
         assert_one_line_refusal(taken, f"port {port} on 127.0.0.1 is already in use")
     free = str(_free_port())
     for address, needle in (
@@ -672,8 +682,7 @@ def test_a_busy_port_or_a_cluster_nobody_runs_is_refused_in_one_line_before_ray_
         (f"127.0.0.1:{free}", f"--ray-address 127.0.0.1:{free}: no Ray cluster answers at 127.0.0.1:{free}"),
         (f"ray://127.0.0.1:{free}", f"no Ray cluster answers at 127.0.0.1:{free}"),
     ):
-        result = run_cli(["serve", "--model", "reference", "--ray", "--ray-address", address, "--port", free],
-                         timeout=60)
+        result = run_cli(["serve", "--model", "reference", "--ray", "--ray-address", address, "--port", free])
         assert_one_line_refusal(result, needle)
 
 
@@ -821,7 +830,7 @@ def test_catrt_and_a_plain_serve_never_import_ray() -> None:
 
 def _run_launcher(code: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=server_env(),
-                          timeout=60)
+                          timeout=120)
 
 
 def test_eager_alphas_of_one_k_are_refused_before_ray_starts(
@@ -881,7 +890,7 @@ def test_a_request_ray_cancels_because_its_client_left_counts_499_not_500() -> N
             sent.append(message)
 
         request = asyncio.ensure_future(app(scope, receive, send))
-        await asyncio.wait_for(waiting.wait(), 30)  # the ingress waits for a model replica
+        await asyncio.wait_for(waiting.wait(), WAIT_SECONDS)  # the ingress waits for a model replica
         request.cancel()  # as Ray's proxy does once the client is gone
         with pytest.raises(asyncio.CancelledError):
             await request
@@ -1011,14 +1020,14 @@ def test_a_signal_while_the_replicas_load_stops_the_fleet_at_once(monkeypatch: p
 
     def slow_replicas(*args: object, **kwargs: object) -> None:
         loading.set()
-        if not controller_gone.wait(3):  # replicas still loading; a signal comes meanwhile
+        if not controller_gone.wait(WAIT_SECONDS):  # replicas still loading; a signal comes meanwhile
             loaded.set()
 
     calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, slow_replicas)
     monkeypatch.setattr(ray_app.serve, "shutdown", lambda: calls.append("serve.shutdown") or controller_gone.set())
 
     def terminate_while_loading() -> None:
-        assert loading.wait(30)
+        assert loading.wait(WAIT_SECONDS)
         handlers[signal.SIGTERM](signal.SIGTERM, None)
 
     signaller = threading.Thread(target=terminate_while_loading, daemon=True)
@@ -1027,7 +1036,8 @@ def test_a_signal_while_the_replicas_load_stops_the_fleet_at_once(monkeypatch: p
     assert not loaded.is_set()  # returned while serve.run still waited (it then returns as Serve shuts down)
     assert calls == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]
     assert "listening" not in capsys.readouterr().err
-    signaller.join(5)
+    signaller.join(WAIT_SECONDS)
+    assert not signaller.is_alive()
 
 
 def test_ctrl_c_while_ray_starts_stops_it_once_started(monkeypatch: pytest.MonkeyPatch) -> None:
