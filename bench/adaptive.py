@@ -138,6 +138,23 @@ def measure(args: argparse.Namespace, configuration: Configuration, log: Path) -
             stop(server)
 
 
+def check_plot(parser: argparse.ArgumentParser, out: Path | None) -> None:
+    """One line and exit code 2, before any server starts, where the plot beside the report (`out` with .png) cannot be
+    replaced: a folder there, another user's plot in a sticky folder (`--out /tmp/...`). `check_out` checks the report
+    only, and savefig failed with a traceback after all the measuring."""
+    if out is None:
+        return
+    from catrt import atomic_files  # light: no torch
+
+    plot_path = out.with_suffix(".png")
+    try:
+        refusal = atomic_files.replace_refusal(plot_path, "give another --out", file=True)
+    except OSError as error:
+        refusal = f"{error.strerror or type(error).__name__}; give another --out"
+    if refusal is not None:
+        parser.error(f"--out {out}: its plot {plot_path} cannot be replaced: {refusal}")
+
+
 def plot(results: dict[str, list[tuple[int, load.LoadResult]]], path: Path) -> None:
     panels = (("p50", "p50 latency (s)"), ("p95", "p95 latency (s)"), ("throughput", "throughput (req/s)"),
               ("alpha", "mean chosen alpha"))
@@ -151,7 +168,8 @@ def plot(results: dict[str, list[tuple[int, load.LoadResult]]], path: Path) -> N
             axis.set_xscale("log", base=2)
     axes[0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with benchkit.writing(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
 
 
@@ -205,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is not None and args.out.suffix.lower() == ".png":  # the plot is the report's path with .png
         parser.error(f"--out {args.out} is the plot's own path (the plot goes beside the report as <name>.png, and the "
                      f"report would overwrite it); give the report's file, e.g. {args.out.with_suffix('.md')}")
+    check_plot(parser, args.out)
     benchkit.check_positive(parser, seconds=args.seconds, latency_target=args.latency_target)
     benchkit.check_distinct(parser, alphas=args.alphas)
     if any(clients < 1 for clients in args.levels):
@@ -223,9 +242,10 @@ def main(argv: list[str] | None = None) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         results[configuration.label] = measure(args, configuration, log)
     plot_path = out.with_suffix(".png")
+    text = report(args, results, plot_path.name)
+    print(text)  # first: a write the disk refuses loses none of it
     plot(results, plot_path)
-    benchkit.write_text(out, report(args, results, plot_path.name))
-    print(out.read_text())
+    benchkit.write_text(out, text)
     print(f"wrote {out} and {plot_path}")
 
 

@@ -4,11 +4,14 @@ report paths that never overwrite a committed result unless asked (`--out bench/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import re
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +88,10 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
         return
     if out.is_dir():
         parser.error(f"--out {out} is a folder; give the report's file, e.g. {out / 'report.md'}")
-    report = report_file(out)  # a link's target, which write_text writes: a dangling link's failed after the run
+    try:
+        report = report_file(out)  # a link's target, which write_text writes: a dangling link's failed after the run
+    except OSError as error:  # a link another user made in a sticky folder (/tmp), not followed
+        parser.error(f"--out {out} cannot be written ({error.strerror}); remove the link or give another path")
     above = next((parent for parent in report.parents if parent.exists()), None)
     if above is not None and not above.is_dir():
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
@@ -117,6 +123,8 @@ def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: s
         output_folder(report_file(out), f"--out {out}", holds, "out")
     except ConfigError as error:
         parser.error(str(error))
+    except OSError as error:  # a link another user made in a sticky folder (/tmp), not followed
+        parser.error(f"--out {out} cannot be written ({error.strerror}); remove the link or give another path")
     for name in files:
         if path_is(report_file(out / name), "folder"):
             parser.error(f"--out {out}: {out / name} is a folder, where this script writes its file {name}; move it away "
@@ -141,11 +149,42 @@ def write_text(path: Path, text: str) -> None:
     """Write a report as a whole: into a hidden file beside it, then renamed onto it, so Ctrl-C or a kill mid-write
     leaves the earlier report (or none), never a half-written one (Path.write_text truncates first). A link at `path`
     is written through (the rename would have replaced the link with a file)."""
+    with writing(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[Path]:
+    """A result file (a plot, a CSV, an image grid) written whole, as `write_text` writes a report: the block writes
+    the temporary file yielded, renamed onto `path` once the block completes. savefig, PIL's save and open("w") write
+    in place, so Ctrl-C while they wrote left half a PNG or CSV over a committed one. The temporary file's name ends in
+    .tmp: give savefig and PIL the format.
+
+    A write the OS refuses at the end (a full disk; another user's file put there since `check_out`, in a sticky
+    folder) is one line naming the file and the reason, exit 1, not a traceback: the scripts print their report first.
+    """
     from catrt import atomic_files  # light: no torch
 
     path = report_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_files.write_text(path, text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_files.replacing(path) as temporary:
+            yield temporary
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: could not write {path} ({reason}); the earlier file, if any, "
+                         "is left as it was: free some space or give another --out") from None
+
+
+def save_pipeline(pipe: Any, folder: Path) -> None:
+    """`pipe.save_pretrained(folder)`, saved beside and renamed into place whole. save_pretrained writes model_index.json
+    first, and the scripts take a folder that has it for saved: one a run stopped mid-save (Ctrl-C) left was reused,
+    half its weights missing."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # an interrupted run's
+    pipe.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
 
 
 def report_file(path: Path) -> Path:

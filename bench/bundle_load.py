@@ -46,7 +46,7 @@ def widened_model(folder: Path, layers: int, width: int) -> Path:
     config.update(num_layers=layers, num_attention_heads=heads, attention_head_dim=width // heads, caption_projection_dim=width)
     torch.manual_seed(0)
     pipe.transformer = SD3Transformer2DModel.from_config(config)
-    pipe.save_pretrained(folder)
+    benchkit.save_pipeline(pipe, folder)
     return folder
 
 

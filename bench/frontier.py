@@ -183,7 +183,8 @@ def plot(rows: list[Point], path: Path) -> None:
     axes[0].legend(handles=[*handles, plt.Line2D([], [], ls="--", color="k", label="frontier")], fontsize=7, loc="lower right")
     fig.suptitle("reference model: quality vs cost (means over prompts x seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with benchkit.writing(path) as temporary:
+        fig.savefig(temporary, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -195,7 +196,7 @@ def _front(rows: list[Point], x: str, y: str) -> set[str]:
 
 
 def write_csv(rows: list[Point], path: Path) -> None:
-    with path.open("w", newline="") as handle:
+    with benchkit.writing(path) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["configuration", "psnr", "ssim", "mac_ratio", "seconds", "reused_steps", "identical_images"])
         for p in rows:

@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     levels = asyncio.run(run_ramp(url, args.ramp or [args.clients], args.seconds, {"n": args.n}, headers))
     text = report(args, levels, server_averages(url, headers))
     out = args.out or default_out(args.device)
+    print(text)  # first: a write the disk refuses loses none of it
     benchkit.write_text(out, text)
-    print(text)
     print(f"wrote {out}")
 
 

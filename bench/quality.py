@@ -149,7 +149,8 @@ def figure3(unpruned: list[tuple[int, float]], pruned: list[tuple[int, float]], 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with benchkit.writing(path) as temporary:
+        fig.savefig(temporary, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -164,7 +165,8 @@ def image_grid(columns: list[tuple[str, torch.Tensor]], rows: int, path: Path, s
             pixels = data.to_uint8(images[row : row + 1])[0]
             tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
             grid.paste(tile, (col * cell, label_height + row * cell))
-    grid.save(path)
+    with benchkit.writing(path) as temporary:
+        grid.save(temporary, format="PNG")
 
 
 def write_table(path: Path, args: argparse.Namespace, baseline: dict[str, float], rows: list[dict[str, Any]],

@@ -299,7 +299,7 @@ def save_bench_model(config: dict[str, Any], folder: Path) -> Path:
         pipe = build_tiny_pipeline("tiny-sd3")
         torch.manual_seed(0)
         pipe.register_modules(transformer=SD3Transformer2DModel(**config).eval())
-        pipe.save_pretrained(folder)
+        benchkit.save_pipeline(pipe, folder)
     return folder
 
 
@@ -517,8 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     report, device = run_dims(args) if args.dims is not None else run_engines(args)
     path = args.out or default_out(device, args)
+    print(report)  # first: a write the disk refuses loses none of it
     benchkit.write_text(path, report)
-    print(report)
     print(f"wrote {path}")
 
 

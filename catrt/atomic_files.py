@@ -5,7 +5,8 @@ never a half-written one (`Path.write_text` truncates first). The temporary file
 rename stays on one filesystem and is atomic; it is made as `open` makes a file (0o666 less the umask), not
 `mkstemp`'s owner-only 0o600, and a file it replaces passes on its permission bits, so the file keeps the permissions
 a plain write gave it (a report made owner-only stays so), and its owner and group where this user may set them. A link at the target is written through, as a plain write
-writes: the file it points to is replaced, beside it (on its filesystem), and the link stays; a device or FIFO there
+writes: the file it points to is replaced, beside it (on its filesystem), and the link stays (not a link another user
+made in a sticky folder such as /tmp, which a plain write does not follow there either: `target`); a device or FIFO there
 (`/dev/null`) is written into, as a plain write writes, never replaced by a file. The temporary file's name
 is cut to fit the filesystem's name limit, so any name a plain write takes is taken. Torch-free.
 
@@ -50,8 +51,40 @@ _HELD: dict[Path, int] = {}
 
 def target(path: Path) -> Path:
     """The file a write of `path` writes: where a link at `path` points (relative links from the link's folder, chains
-    to their end), else `path` itself. Renamed onto, the link itself was replaced by a file."""
-    return Path(os.path.realpath(path)) if os.path.islink(path) else path
+    to their end), else `path` itself. Renamed onto, the link itself was replaced by a file.
+
+    A link another user made in a sticky, world-writable folder (`/tmp`) is not followed: PermissionError, as a plain
+    write gets where Linux's fs.protected_symlinks is on (most distributions' default). Resolved here, such a link
+    (`/tmp/report.md` -> `~/.bashrc`, planted before the victim's `--out /tmp/report.md`) had the victim's own
+    writer replace the file of the planter's choosing."""
+    if not os.path.islink(path):
+        return path
+    planted = planted_link(path)
+    if planted is not None:
+        link, owner, folder = planted
+        raise PermissionError(errno.EACCES, f"{link} is a link another user (uid {owner}) made in the sticky folder "
+                                            f"{folder}, not followed", str(path))
+    return Path(os.path.realpath(path))
+
+
+def planted_link(path: Path) -> tuple[Path, int, Path] | None:
+    """The first link of `path`'s chain of links that a user other than this one and its folder's owner made in a
+    sticky, world-writable folder, with that user and folder; None where there is none (fs.protected_symlinks' rule)."""
+    if not hasattr(os, "geteuid"):  # Windows: no sticky folders
+        return None
+    link = Path(os.path.abspath(path))
+    for _ in range(40):  # the kernel's limit on links followed
+        try:
+            found, folder = os.lstat(link), os.stat(link.parent)
+        except OSError:
+            return None  # the write itself says why
+        if not stat.S_ISLNK(found.st_mode):
+            return None
+        shared = folder.st_mode & stat.S_ISVTX and folder.st_mode & stat.S_IWOTH
+        if shared and found.st_uid not in (os.geteuid(), folder.st_uid):
+            return link, found.st_uid, link.parent
+        link = Path(os.path.abspath(link.parent / os.readlink(link)))
+    return None
 
 
 def stage(path: Path) -> Path:
@@ -172,17 +205,27 @@ def sticky_refusal(path: Path, fix: str = "write it under another name, or have 
             f"is): only the file's owner may replace or remove it there; {fix}")
 
 
-def replace_refusal(path: Path, fix: str | None = None) -> str | None:
+def replace_refusal(path: Path, fix: str | None = None, file: bool = False) -> str | None:
     """Why `path` (a file, or a folder published whole) cannot be replaced, found before the work, not at the final
     rename after it: another user's file or folder in a sticky folder (`sticky_refusal`), or a writable file whose
     folder takes no new file (`folder_refusal`, found by making and removing a temporary file beside it). None where
     the write may go on; any other OSError of that temporary file (a missing folder, a full disk) is raised, for the
     caller's own message. The one check every writer of a user's path (`--out`, `--publish`) runs up front; `fix`,
-    where given, ends the message in place of each check's own."""
+    where given, ends the message in place of each check's own. `file`: `path` is written as a file, so a folder at
+    its name (or a link to one) is refused too: the rename onto it failed after the work (IsADirectoryError)."""
+    planted = planted_link(path)
+    if planted is not None:
+        link, owner, folder = planted
+        return (f"{link} is a link another user (uid {owner}) made in the sticky folder {folder} (as /tmp is), which a "
+                f"write does not follow there (Linux's fs.protected_symlinks): remove the link or "
+                f"{fix or 'write it under another name'}")
     sticky = sticky_refusal(path) if fix is None else sticky_refusal(path, fix)
     if sticky is not None:
         return sticky
     if os.path.isdir(target(path)):
+        if file:
+            return (f"it is a folder, where a file is written (renamed onto its name); move the folder away or "
+                    f"{fix or 'write it under another name'}")
         return None  # a folder is published by `catrt.publish`, which checks its parent itself
     try:
         discard(stage(path))

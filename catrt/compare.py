@@ -217,16 +217,20 @@ def write_outputs(comparison: Comparison, out: Path, header: list[str], grid_row
 def check_out(out: Path) -> None:
     """Refuse, before the run, an `out` (made and writable) whose files this run could not replace: another user's
     report.md in a sticky folder (`--out /tmp`), a writable report in a folder that takes no new file, or an images/
-    this user cannot write into. Each failed only at the final moves, after minutes of generating. An OSError of
+    this user cannot write into; a folder where a file goes, a file where images/ goes. Each failed only at the final
+    moves, after minutes of generating (the moves before it done: a half set). An OSError of
     the check itself is raised, for the caller's "cannot be written" line."""
     from catrt import atomic_files
 
     named = f"--out {echo(str(out), PATH_ECHO_LIMIT)}"
     for name in OUTPUT_FILES:
-        refusal = atomic_files.replace_refusal(out / name, "give another --out")
+        refusal = atomic_files.replace_refusal(out / name, "give another --out", file=True)
         if refusal is not None:
             raise ConfigError(f"{named}: its {name} cannot be replaced: {refusal}", field="out", value=str(out))
     images = out / "images"
+    if os.path.lexists(images) and not path_is(images, "folder"):  # its mkdir failed after the run (FileExistsError)
+        raise ConfigError(f"{named}: its images is not a folder, where the run moves its images; move it away or give "
+                          "another --out", field="out", value=str(out))
     if path_is(images, "folder") and not os.access(images, os.W_OK | os.X_OK):
         raise ConfigError(f"{named}: its folder images/ is not writable, where the run moves its images; make it "
                           "writable or give another --out", field="out", value=str(out))

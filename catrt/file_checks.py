@@ -4,7 +4,10 @@
 for the bundle's graphs but unlisted (or listed but not one of them), a listed file missing, a link, not a regular
 file, or of another size or sha256 than recorded, and any entry of the folder the manifest does not list. The
 digests of settled files are remembered per process, so a bundle checked twice (`serve --engines`, then
-`catrt.load`) reads its weights once.
+`catrt.load`) is hashed once by the checks. A remembered digest vouches for a check only, never for bytes a backend
+uses: an edit no stat field shows (a store into a mapped page its writer dirtied before, a FUSE file system's
+made-up stat) passes a second check, and the engine, hashing every byte it reads (`catrt.engines.verified_file`),
+refuses it.
 
 `catrt.load` leaves the sha256 of the files its backend verifies as it reads them, before any of its sessions is made
 (`VERIFIED_AS_READ`: an onnxruntime bundle's weights.bin, read whole into memory and hashed as read), to that read:
@@ -154,7 +157,8 @@ def _digest_regular_file(path: Path) -> tuple[int, str]:
     """(size, sha256) of a regular file, opened without following a link (a swap after lstat fails).
 
     A file this process hashed before and whose identity is unchanged is not read again (`serve --engines` checks
-    each bundle before it listens, then `catrt.load` checks it again: a 16 GB weight file read once, not twice)."""
+    each bundle before it listens, then `catrt.load` checks it again: a TensorRT plan hashed once by the two checks;
+    its engine hashes it again as it reads it)."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     descriptor = os.open(path, flags)
     with os.fdopen(descriptor, "rb") as stream:
@@ -174,13 +178,6 @@ def _digest_regular_file(path: Path) -> tuple[int, str]:
                 _DIGESTS.pop(next(iter(_DIGESTS)))
             _DIGESTS[identity] = digest.hexdigest()
     return size, digest.hexdigest()
-
-
-def memoized_digest(info: os.stat_result) -> str | None:
-    """The sha256 this process took of the settled file `info` shows, if its identity has not changed since (None: not
-    hashed here, changed since, or too fresh to trust its change time): its bytes are then those hashed."""
-    identity = _identity(info)
-    return _DIGESTS.get(identity) if identity is not None else None
 
 
 #: sha256 by file identity (`_identity`), for the files this process hashed; the oldest entry goes first.

@@ -3,6 +3,8 @@ served builds (which fix their alphas, so no --alpha may reach them)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from catrt import cli
@@ -71,3 +73,30 @@ def test_an_out_ending_in_png_is_refused_as_the_plots_own_path(adaptive, tmp_pat
     (line,) = capsys.readouterr().err.splitlines()
     assert refused.value.code == 2 and line.startswith(f"bench/adaptive.py: error: --out {out} is the plot's own path")
     assert not out.exists()
+
+
+def test_a_plot_path_that_cannot_be_replaced_is_one_line_before_any_server_starts(
+    adaptive, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """The plot goes beside the report as <name>.png, written after every configuration was measured: a folder there,
+    or another user's plot in a sticky folder (as /tmp is; another user simulated by os.geteuid, the tests run as
+    root), failed savefig with a traceback then. `check_out` checked the report's path only."""
+    import os
+
+    monkeypatch.setattr(adaptive, "measure", lambda *args: pytest.fail("a server was started"))
+    out = tmp_path / "adaptive.md"
+    (tmp_path / "adaptive.png").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        adaptive.main(["--model", "reference", "--out", str(out)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and line.startswith(
+        f"bench/adaptive.py: error: --out {out}: its plot {tmp_path / 'adaptive.png'} cannot be replaced: it is a folder")
+    (tmp_path / "adaptive.png").rmdir()
+    (tmp_path / "adaptive.png").write_bytes(b"another user's plot")
+    os.chmod(tmp_path, 0o1777)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit) as stopped:
+        adaptive.main(["--model", "reference", "--out", str(out)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and "its plot" in line and "belongs to another user" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adaptive.png"]

@@ -506,3 +506,42 @@ def test_replace_refusal_finds_a_sticky_folders_file_and_a_read_only_folder_befo
         atomic_files.replace_refusal(tmp_path / "new.md")
     assert sorted(tmp_path.iterdir()) == [report, shared] and sorted(shared.iterdir()) == [bundle, image]
     assert not atomic_files._HELD
+
+
+def test_a_link_another_user_planted_in_a_sticky_folder_is_not_written_through(tmp_path: Path) -> None:
+    """`/tmp/report.md` -> `~/.bashrc`, made by another user before this one's `--out /tmp/report.md`: resolving the
+    link itself, the writer replaced the file of the planter's choosing, where a plain write is refused there (Linux's
+    fs.protected_symlinks, on in most distributions). The folder is really sticky and world-writable and the link
+    really another user's (lchown: the tests run as root); this user's own links, the folder owner's, and any link in
+    a folder that is not sticky are written through as before."""
+    if os.geteuid() != 0:
+        pytest.skip("giving the link another user's uid (lchown) needs root, as the tests run")
+    shared, home = tmp_path / "shared", tmp_path / "home"
+    shared.mkdir()
+    home.mkdir()
+    os.chmod(shared, 0o1777)
+    victim = home / ".bashrc"
+    victim.write_text("the victim's file\n")
+    planted = shared / "report.md"
+    planted.symlink_to(victim)
+    os.lchown(planted, 1000, 1000)
+    with pytest.raises(PermissionError) as refused:
+        atomic_files.write_text(planted, "a report\n")
+    assert refused.value.errno == errno.EACCES and f"{planted} is a link another user (uid 1000) made" in str(refused.value)
+    assert atomic_files.replace_refusal(planted, "give another --out") == (
+        f"{planted} is a link another user (uid 1000) made in the sticky folder {shared} (as /tmp is), which a write does "
+        "not follow there (Linux's fs.protected_symlinks): remove the link or give another --out")
+    chained = shared / "chained.md"  # a link of this user's to the planted one: the chain is followed link by link
+    chained.symlink_to(planted.name)
+    with pytest.raises(PermissionError):
+        atomic_files.write_text(chained, "a report\n")
+    assert victim.read_text() == "the victim's file\n" and sorted(home.iterdir()) == [victim]
+    own = shared / "own.md"  # this user's link: written through
+    own.symlink_to(victim)
+    assert atomic_files.replace_refusal(own) is None
+    atomic_files.write_text(own, "mine\n")
+    assert victim.read_text() == "mine\n" and own.is_symlink()
+    os.chmod(shared, 0o777)  # not sticky: anyone may replace the link anyway, and a plain write follows it
+    atomic_files.write_text(planted, "followed\n")
+    assert victim.read_text() == "followed\n" and sorted(home.iterdir()) == [victim]
+    assert sorted(p.name for p in shared.iterdir()) == ["chained.md", "own.md", "report.md"]

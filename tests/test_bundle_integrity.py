@@ -1259,21 +1259,17 @@ def test_every_family_pipeline_that_takes_a_text_length_has_its_text_layout_chec
 
 
 def test_a_publish_that_finds_the_name_taken_after_its_check_replaces_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two first builds of one name where there are no locks (Windows, NFS without its lock daemon): the other
-    publishes between this one's look at `final` and its rename. The rename then met a non-empty folder and raised a
-    raw OSError; now the later build replaces the earlier. With locks the look and the rename are one step under the
-    folder's lock, which the other publish waits for (tests/test_concurrent_builds.py); the other publish made inside
-    this one's rename, as here, then waited for ever on the lock its own process held."""
-    import catrt.publish as publish
-
-    monkeypatch.setattr(publish, "fcntl", None)
+    """Two first builds of one name: the other publishes between this one's look at `final` and its rename.
+    The rename then met a non-empty folder and raised a raw OSError; now the later build replaces the earlier.
+    A catrt publish waits for this one's lock on the folder; one that takes no lock (no fcntl, a filesystem without
+    locks) can still come in between: it is simulated by a folder made there directly."""
     final = tmp_path / "engines" / "bundle"
     rename = os.rename
 
     def the_other_build_wins_first(source: Any, target: Any) -> None:
         monkeypatch.setattr(os, "rename", rename)
-        with staged_folder(final) as other:
-            (other / "file").write_text("first")
+        final.mkdir()
+        (final / "file").write_text("first")
         rename(source, target)
 
     with staged_folder(final) as staging:

@@ -33,3 +33,26 @@ def test_a_width_that_is_not_a_multiple_of_64_is_one_line(capsys: pytest.Capture
         load_script("bundle_load").main(["--width", "100"])
     assert exited.value.code == 2
     assert "--width must be a positive multiple of 64, got 100" in capsys.readouterr().err
+
+
+def test_a_widened_model_saved_only_in_part_is_not_taken_for_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """save_pretrained writes model_index.json first: a run stopped mid-save (Ctrl-C, here after that first file) left
+    a folder the next run reused as the saved model, and built its bundle from half its weights. The next run saves
+    it again, whole."""
+    from diffusers import DiffusionPipeline
+
+    bench = load_script("bundle_load")
+    save = DiffusionPipeline.save_pretrained
+
+    def stopped_after_the_index(self: DiffusionPipeline, folder: str, *args: object, **kwargs: object) -> None:
+        self.save_config(folder)  # model_index.json
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", stopped_after_the_index)
+    folder = tmp_path / "model-1x64"
+    with pytest.raises(KeyboardInterrupt):
+        bench.widened_model(folder, 1, 64)
+    assert not folder.exists()
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", save)
+    assert bench.widened_model(folder, 1, 64) == folder
+    assert (folder / "transformer" / "config.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [folder.name]

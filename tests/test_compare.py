@@ -453,3 +453,35 @@ def test_a_timed_generation_starts_after_the_work_queued_on_its_device(monkeypat
     monkeypatch.setattr(generation.torch.cuda, "synchronize", lambda device=None: log.append("sync"))
     image, seconds = generation.generate_image(QueuedPipeline(), generation.GenerationRequest(prompt="p", steps=2))
     assert log == ["sync", "call", "sync"] and image.size == (4, 4) and seconds >= 0
+
+
+@pytest.mark.parametrize(
+    ("name", "made", "says"),
+    [
+        ("report.md", "folder", "its report.md cannot be replaced: it is a folder, where a file is written (renamed onto "
+                                "its name); move the folder away or give another --out"),
+        ("grid.png", "folder", "its grid.png cannot be replaced: it is a folder"),
+        ("images", "file", "its images is not a folder, where the run moves its images; move it away or give another --out"),
+        ("images", "dangling link", "its images is not a folder"),
+    ],
+)
+def test_a_folder_where_compare_writes_a_file_is_one_line_before_the_model_loads(
+    name: str, made: str, says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The final moves met it after the whole run: a folder at report.md failed its rename once the images, metrics.csv
+    and grid.png had been replaced (a half set), a file at images failed its mkdir."""
+    monkeypatch.setattr(catrt.loading, "load_pipeline", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts.write_text("a red circle\n")
+    out.mkdir()
+    if made == "folder":
+        (out / name).mkdir()
+    elif made == "file":
+        (out / name).write_text("")
+    else:
+        (out / name).symlink_to(tmp_path / "gone")
+    code = main(["compare", "--model", "tiny-pixart", "--prompts", str(prompts), "--steps", "6", "--t0", "2",
+                 "--out", str(out)])
+    err = capfd.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"--out {str(out)!r}: {says}" in err, err
+    assert sorted(p.name for p in out.iterdir()) == [name]

@@ -458,3 +458,102 @@ def test_quality_table_says_how_many_images_are_identical_and_what_seconds_are(t
     assert "| random | 0.3 | inf | 1.0000 |" in table
     assert "| seconds (all prompts) |" in table
     assert "total wall time over all 3 prompts (all its pipeline calls), its first call's one-off costs" in table
+
+
+def test_a_result_file_interrupted_mid_write_leaves_the_earlier_one_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a bench script writes a CSV, a plot or an image grid leaves the earlier file there (a committed
+    result under --out bench/results) as it was and nothing beside it: open("w"), savefig and PIL's save wrote in
+    place, and left half a file. savefig and PIL's save are replaced by stand-ins that write the start of the file,
+    then are interrupted; the CSV is interrupted by its second row."""
+    import matplotlib.figure
+    import torch
+
+    frontier, quality, adaptive = load_script("frontier"), load_script("quality"), load_script("adaptive")
+
+    def half_then_interrupted(self: object, fname: object, *args: object, **kwargs: object) -> None:
+        with open(fname, "wb") as stream:  # type: ignore[call-overload]
+            stream.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    class Interrupting(float):
+        def __format__(self, spec: str) -> str:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_interrupted)
+    monkeypatch.setattr(Image.Image, "save", half_then_interrupted)
+    rows = [frontier.Point("a", "cat", 20.0, 0.9, 0.5, 1.0, 0.0),
+            frontier.Point("b", "cat", Interrupting(21.0), 0.9, 0.5, 1.0, 0.0)]
+    load_result = adaptive.load.LoadResult(seconds=1.0, latencies=[0.5], statuses={"200": 1}, images=1)
+    writes = {
+        "frontier.csv": lambda path: frontier.write_csv(rows, path),
+        "frontier.png": lambda path: frontier.plot(rows[:1], path),
+        "figure3.png": lambda path: quality.figure3([(3, 0.5)], [(3, 0.4)], 0.3, path),
+        "quality-grid.png": lambda path: quality.image_grid([("unpruned", torch.zeros(1, 3, 32, 32))], 1, path),
+        "adaptive.png": lambda path: adaptive.plot({"fixed": [(1, load_result)]}, path),
+    }
+    for name, write in writes.items():
+        (tmp_path / name).write_bytes(b"the committed " + name.encode())
+        with pytest.raises(KeyboardInterrupt):
+            write(tmp_path / name)
+        assert (tmp_path / name).read_bytes() == b"the committed " + name.encode(), name
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(writes)
+
+
+def test_a_report_write_the_os_refuses_at_the_end_is_one_line_after_the_report_is_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another user's report put in a sticky --out folder after the up-front check (or a disk full by the end) fails
+    the final rename: that was a traceback after the whole run, and bench/load.py and bench/speed.py printed the report
+    only once written, so the measurements were lost. Now the report is printed first and the refusal is one line."""
+    import errno
+
+    out = tmp_path / "load.md"
+    out.write_text("an earlier report\n")
+    replace = os.replace
+
+    def refused(source: object, target: object) -> None:  # as the rename in a sticky folder fails (EPERM)
+        if Path(str(target)) == out:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        replace(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(SystemExit) as failed:
+        _run_load_script(["--clients", "1", "--seconds", "0.2", "--device", "test", "--out", str(out)], {}, monkeypatch)
+    printed = capsys.readouterr().out
+    assert failed.value.code == (f"{Path(sys.argv[0]).name}: error: could not write {out} ({os.strerror(errno.EPERM)}); "
+                                 "the earlier file, if any, is left as it was: free some space or give another --out")
+    assert printed.startswith("# Load test: test") and "Answers by status:" in printed
+    assert out.read_text() == "an earlier report\n" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_an_out_that_is_a_link_another_user_planted_in_a_sticky_folder_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bench's --out (and `catrt generate --out`) at a link another user made in a sticky folder (/tmp) pointing at
+    a file of this user's: refused in one line before the run, the file it points to untouched (the tests run as root,
+    so the link is given another user's uid by lchown)."""
+    from catrt.cli import main
+
+    if os.geteuid() != 0:
+        pytest.skip("giving the link another user's uid (lchown) needs root, as the tests run")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"the victim's file")
+    planted = shared / "out.png"
+    planted.symlink_to(victim)
+    os.lchown(planted, 1000, 1000)
+    with pytest.raises(SystemExit) as refused:
+        load_script("load").main(["http://127.0.0.1:9/", "--out", str(planted)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(
+        f"bench/load.py: error: --out {planted} cannot be written ({planted} is a link another user (uid 1000) made in the "
+        f"sticky folder {shared}, not followed); remove the link or give another path"), line
+    monkeypatch.setattr("catrt.loading.load_pipeline", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    assert main(["generate", "--model", "reference", "--prompt", "a red circle", "--out", str(planted)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"--out '{planted}' cannot be written ({planted} is a link another user (uid 1000) made" in line, line
+    assert victim.read_bytes() == b"the victim's file" and sorted(p.name for p in tmp_path.iterdir()) == ["shared", "victim.png"]

@@ -713,3 +713,87 @@ def test_a_trained_probe_is_saved_whole_with_its_digest(tmp_path: Path, isolated
         assert isinstance(probe.load_probe(out), probe.Probe)
     finally:
         probe.load_probe.cache_clear()
+
+
+def test_a_folder_where_training_or_the_probe_writes_a_file_is_refused_before_training(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder named checkpoint.pt failed in torch.load at once (a traceback), one at a weights or samples file or
+    at the probe's digest record failed its save after all the training, and a file named weights failed
+    save_weights' mkdir with a traceback: each is refused before any training, naming it."""
+    from catrt.reference import probe
+
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: pytest.fail("trained"))
+    monkeypatch.setattr(probe, "train_probe", lambda **kwargs: pytest.fail("trained"))
+    run = tmp_path / "run"
+    for name, says in (
+        ("checkpoint.pt", "its checkpoint.pt cannot be replaced: it is a folder"),
+        (f"weights/{train.CONFIG_FILE}", f"its weights/{train.CONFIG_FILE} cannot be replaced: it is a folder"),
+        ("samples.png", "its samples.png cannot be replaced: it is a folder"),
+        ("weights", "its weights is not a folder, where the run writes the trained weights"),
+        ("weights link", "its weights is not a folder, where the run writes the trained weights"),  # dangling
+    ):
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir()
+        if name == "weights":
+            (run / name).write_text("a file")
+        elif name == "weights link":
+            (run / "weights").symlink_to(tmp_path / "gone")
+        else:
+            (run / name).parent.mkdir(exist_ok=True)
+            (run / name).mkdir()
+        with pytest.raises(SystemExit) as refused:
+            train.main(["--out", str(run), *TINY, "--samples", "8"])
+        (line,) = capsys.readouterr().err.splitlines()
+        assert refused.value.code == 2 and line.startswith(f"python -m catrt.reference.train: error: --out {run}: {says}"), line
+    (tmp_path / probe.PROBE_CHECKSUM_FILE).mkdir()
+    out = tmp_path / "probe.safetensors"
+    with pytest.raises(SystemExit) as refused:
+        probe.main(["--out", str(out)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(
+        f"python -m catrt.reference.probe: error: --out {out}: {tmp_path / probe.PROBE_CHECKSUM_FILE} cannot be replaced: "
+        "it is a folder, where a file is written (renamed onto its name); move the folder away or save the probe "
+        "elsewhere (--out)"), line
+
+
+def test_a_save_refused_for_another_reason_than_space_does_not_say_free_some_space(
+    tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another user's probe put in a sticky --out folder after the up-front check fails the final rename (EPERM):
+    "free some space" was the fix the line gave for any refused write. The rename's refusal is made by a stand-in."""
+    from catrt.reference import probe
+
+    out = tmp_path / "probe.safetensors"
+    out.write_bytes(b"an earlier probe")
+    replace = os.replace
+
+    def refused(source: Any, target: Any) -> None:
+        if Path(target) == out:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refused)
+    monkeypatch.setattr(probe, "attribute_accuracy", lambda *args: pytest.fail("went on after the failed save"))
+    with pytest.raises(SystemExit) as failed:
+        probe.main(["--steps", "1", "--threads", str(torch.get_num_threads()), "--reference-samples", "0", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert failed.value.code == 1 and err == (
+        f"python -m catrt.reference.probe: error: could not write {out} ({os.strerror(errno.EPERM)}); the earlier "
+        "probe.safetensors, if any, is left as it was: save the probe elsewhere (--out)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.safetensors"] and out.read_bytes() == b"an earlier probe"
+
+
+def test_more_samples_than_one_grid_holds_are_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--samples had no upper bound: the samples are drawn after all the training, each rendered and held first, in one
+    pipeline call, so a mistyped count (80000000) ran out of memory or time at the end of the run."""
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", str(tmp_path / "run"), "--samples", "1032"])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(
+        "python -m catrt.reference.train: error: --samples must be at most 1024 (drawn in one pipeline call after the "
+        "training), got 1032")
+    assert not (tmp_path / "run").exists()

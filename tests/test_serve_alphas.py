@@ -1,42 +1,54 @@
 """A real `catrt serve` subprocess serving two alphas: the adaptive policy under light load and a burst,
 pinned requests, the chosen alpha in every response and in /metrics.
 
-The server runs tiny-sd3 with a fixed extra delay inside every transformer step (the same trick as
-test_serve.py's fault server: the launcher patches the runtime in the server's own process), 10 ms
-per full step and 150 ms x k / N per pruned step, so a call's time depends on alpha as on a real
-model and far more than on this machine's load: about 0.6 s at alpha 0.8 and 0.2 s at 0.2, against a
-latency target of 1.5 s. One request alone fits at 0.8; a burst of eight cannot fit at any alpha.
+The server runs tiny-sd3 with each call's step times set, as the policy reads them from the call's phases, to
+0.1 s per full step and 1.5 s x alpha per pruned one (the launcher patches the served model in the server's own
+process; no step waits), so a call's time depends on alpha as on a real model and not on this machine's load:
+5.2 s at alpha 0.8 and 1.6 s at 0.2, against a latency target of 15 s. One request alone fits at 0.8 (as long
+as it waited under 9.8 s for its call); three waiting do not fit at 0.8, so the burst's first calls run at 0.2 (the
+smallest alpha: it fits there, or at none). The burst is queued while the worker holds a call (`FAULT_CLI`'s cue),
+so the policy sees all of it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import httpx
-from test_serve_support import RemoteServer, assert_error, generate, generate_all, openapi_request_schema, stop_all
+from test_serve_support import (
+    FAULT_CLI,
+    HeldWorker,
+    RemoteServer,
+    assert_error,
+    generate,
+    openapi_request_schema,
+    queue_depth,
+    stop_all,
+    wait_until,
+)
 
-SLOW_LAUNCHER = """
-import sys, time
-from catrt.runtime import CATRuntime
-run = CATRuntime._run
-def slowed(self, kind):
-    time.sleep(0.01 if kind == "full" else 0.15 * self.k / self.grid.num_tokens)
-    return run(self, kind)
-CATRuntime._run = slowed
-from catrt.cli import main
-sys.exit(main(sys.argv[1:]))
+TIMED_STEPS = """
+from catrt.serve.model import ServedModel
+served_generate = ServedModel.generate
+def timed(self, rows, options, should_stop=None, alpha=None):
+    generation = served_generate(self, rows, options, should_stop, alpha)
+    pruned = self.spec.alpha if alpha is None else alpha
+    generation.phases.update(encode=0.0, decode=0.0, full_steps=4 * 0.1, pruned_steps=4 * 1.5 * pruned)
+    return generation
+ServedModel.generate = timed
 """
+LAUNCHER = [sys.executable, "-c", TIMED_STEPS + FAULT_CLI[2]]
 SERVE = ["--model", "tiny-sd3", "--height", "64", "--width", "64", "--steps", "8", "--t0", "4", "--batch", "1",
-         "--alpha", "0.8", "0.2", "--alpha-policy", "adaptive", "--latency-target", "1.5", "--max-queue", "16",
-         "--timeout", "60"]
+         "--alpha", "0.8", "0.2", "--alpha-policy", "adaptive", "--latency-target", "15", "--max-queue", "16",
+         "--timeout", "120"]
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RemoteServer]:
-    started = RemoteServer([sys.executable, "-c", SLOW_LAUNCHER], SERVE)
+    started = RemoteServer(LAUNCHER, SERVE)
     try:
         started.wait_ready()
         yield started
@@ -60,13 +72,17 @@ def test_light_load_gets_the_largest_alpha_and_a_burst_the_smallest(server: Remo
     assert _alpha(generate(server.url, prompt="a red circle", seed=1)) == 0.8
     burst = [{"prompt": f"a red circle {index}", "seed": index} for index in range(8)]
     burst.append({"prompt": "a pinned circle", "seed": 9, "alpha": 0.8})
-    responses = asyncio.run(generate_all(server.url, burst))
-    alphas = [_alpha(response) for response in responses]
+    with ThreadPoolExecutor(len(burst)) as pool, HeldWorker(server, seed=10) as held:
+        sent = [pool.submit(generate, server.url, **body) for body in burst]
+        wait_until(lambda: queue_depth(server.url) == len(burst), "the burst waits behind the held call")
+        blocker = _alpha(held.release())
+        alphas = [_alpha(answer.result()) for answer in sent]
+    assert blocker == 0.8  # alone in the queue when its call was made
     assert 0.2 in alphas[:8], alphas  # the queue could not be served in time at 0.8
     assert alphas[8] == 0.8  # pinned: honoured under load
     assert _alpha(generate(server.url, prompt="a red circle", seed=1)) == 0.8  # load gone: best quality again
     assert _alpha(generate(server.url, prompt="a red circle", seed=1, alpha=0.2)) == 0.2  # pinned under light load
-    assert _chosen(server.url, "0.8") == alphas.count(0.8) + 2  # one per model call (batch 1), warm-up not counted
+    assert _chosen(server.url, "0.8") == alphas.count(0.8) + 3  # one per model call (batch 1), warm-up not counted
     assert _chosen(server.url, "0.2") == alphas.count(0.2) + 1
 
 

@@ -23,7 +23,18 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from test_serve_support import CLI, PROMPT, LiveProbe, RemoteServer, assert_error, png, start_all, stop_all
+from test_serve_support import (
+    CLI,
+    PROMPT,
+    WAIT_SECONDS,
+    LiveProbe,
+    RemoteServer,
+    assert_error,
+    png,
+    start_all,
+    stop_all,
+    wait_until,
+)
 
 from catrt.errors import shorten
 from catrt.serve.schemas import ImageGenerationRequest
@@ -33,7 +44,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 3000
 BODY = {"prompt": PROMPT, "seed": 3}
 HELD = 70  # requests whose checks are held; the server lets 64 wait for their checks
-# The held-check server: checking a prompt that starts with "hold" waits for SIGUSR1 (at most 30 s).
+# The held-check server: checking a prompt that starts with "hold" waits for SIGUSR1 (at most 300 s: a bound against
+# a hang only, since the test signals once the flood's refusals came).
 HOLD_LAUNCHER = """
 import signal, sys, threading
 from catrt.serve.routing import RoutedRules
@@ -42,7 +54,7 @@ signal.signal(signal.SIGUSR1, lambda *_: released.set())
 admit = RoutedRules.admit
 def held(self, body):
     if body.prompt.startswith("hold"):
-        released.wait(30)
+        released.wait(300)
     return admit(self, body)
 RoutedRules.admit = held
 from catrt.cli import main
@@ -90,7 +102,7 @@ def _image(response: httpx.Response) -> bytes:
 def _raw(server: RemoteServer, request: bytes) -> bytes:
     """`request` as sent bytes (for headers httpx will not write twice), the whole answer back."""
     host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as connection:
+    with socket.create_connection((host, int(port)), timeout=WAIT_SECONDS) as connection:
         connection.sendall(request)
         answer = b""
         while chunk := connection.recv(65536):
@@ -375,8 +387,9 @@ def test_two_authorization_headers_are_a_401_whichever_comes_last(server: Remote
 
 def test_metrics_count_the_refusals_under_their_route(server: RemoteServer) -> None:
     _post(server, b"x", {"content-type": "text/plain"})
-    metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'catrt_requests_total{route="/v1/images/generations",status="415"}' in metrics
+    # Counted once the request's handling returned, which may come after its answer was sent.
+    wait_until(lambda: _count(server.url, 'catrt_requests_total{route="/v1/images/generations",status="415"}'),
+               "the 415 is counted")
 
 
 def test_the_openapi_document_describes_the_model_list(server: RemoteServer) -> None:
@@ -398,11 +411,12 @@ def test_a_flood_waiting_for_its_checks_is_refused_at_once_past_64(servers: dict
     url = server.url
 
     async def flood() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=HELD + 10)) as client:
+        # The held requests wait for the refusals of the rest, which may take up to WAIT_SECONDS.
+        async with httpx.AsyncClient(timeout=2 * WAIT_SECONDS, limits=httpx.Limits(max_connections=HELD + 10)) as client:
             posts = [asyncio.ensure_future(client.post(f"{url}/v1/images/generations",
                                                        json={"prompt": f"hold {index}", "size": "1x1"}))
                      for index in range(HELD)]
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + WAIT_SECONDS  # only a hang reaches it: the loop ends once they came
             while sum(post.done() for post in posts) < HELD - 64 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             early = [post.result().status_code for post in posts if post.done()]
@@ -467,7 +481,7 @@ def test_json_that_does_not_parse_is_named_with_where_the_parser_stopped(
 
 
 def _count(url: str, series: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    for line in httpx.get(f"{url}/metrics", timeout=WAIT_SECONDS).text.splitlines():
         if line.startswith(series + " "):
             return float(line.split()[-1])
     return 0.0
@@ -481,10 +495,8 @@ def test_a_client_that_leaves_mid_body_is_counted_499_not_500(server: RemoteServ
         with socket.create_connection((host, int(port)), timeout=10) as connection:
             connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
                                + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prom")
-            time.sleep(0.1)
-    deadline = time.monotonic() + 5
-    while _count(server.url, route % "499") < before["499"] + 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+            time.sleep(0.1)  # only a chance for the server to read the request first: either way its client left
+    wait_until(lambda: _count(server.url, route % "499") >= before["499"] + 3, "the three departures are counted")
     assert _count(server.url, route % "499") == before["499"] + 3
     assert _count(server.url, route % "500") == before["500"]
 
@@ -705,7 +717,7 @@ def _through_gate(body_timeout: float | None, chunks: list[bytes], then_wait: bo
         scope = {"type": "http", "method": "POST", "path": "/v1/images/generations",
                  "headers": [(b"content-type", b"application/json")]}
         gate = RequestGate(app, max_body_bytes=MAX_BODY, json_paths=("/v1/images/generations",), body_timeout=body_timeout)
-        await asyncio.wait_for(gate(scope, receive, send), 10)
+        await asyncio.wait_for(gate(scope, receive, send), WAIT_SECONDS)  # against a hang only
         return sent
 
     return asyncio.run(run()), handed

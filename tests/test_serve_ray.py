@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve._private.common import DeploymentID, ReplicaID
 from test_serve_support import (
+    WAIT_SECONDS,
     assert_error,
     assert_one_line_refusal,
     generate,
@@ -133,7 +134,7 @@ def _replicas_of(url: str, count: int) -> list[str]:
 
 def test_requests_succeed_on_both_replicas(fleet: str) -> None:
     seen: set[str] = set()
-    for _ in range(6):
+    for _ in range(30):  # rounds end once both answered: six left a 1 in 2,000 chance of one replica taking all
         seen |= set(_replicas_of(fleet, 2))  # within --max-queue 2: Ray counts requests being routed as queued
         if len(seen) == 2:
             break
@@ -173,7 +174,7 @@ def test_a_body_that_stalls_is_a_408_and_its_connection_closed(fleet: str) -> No
     client holds it for --read-timeout, not forever). A client's `x-request-timeout-seconds: 0`, which
     lifts the proxy's own limit, does not lift the ingress's."""
     host, port = fleet.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as connection:
+    with socket.create_connection((host, int(port)), timeout=WAIT_SECONDS) as connection:
         connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
                            + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
                            + b"x-request-timeout-seconds: 0\r\n\r\n{\"prom")
@@ -266,15 +267,19 @@ def test_each_replicas_state_reaches_the_router_of_a_handle_to_the_model_deploym
     every handle's router, here one made in this process: catrt's router, holding each replica's state. (Reads Ray
     Serve's private router attributes: the public API shows neither.)"""
     from catrt.serve.ray_app import ReadyFirstRouter
+    from catrt.serve.router_states import replica_states
 
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, APP_NAME)
     assert handle.describe.remote().result(timeout_s=30)["status"] == "ready"  # the handle's router has started
     router = getattr(handle._router, "_asyncio_router", handle._router).request_router
     assert isinstance(router, ReadyFirstRouter)
-    deadline = time.monotonic() + 30
-    while (stats := [replica.routing_stats for replica in router.curr_replicas.values()]) != [{"status": "ready"}] * 2:
+    deadline = time.monotonic() + WAIT_SECONDS
+    ready = {"status": "ready", "reason": None, "sizes": ["64x64"]}
+    while (stats := [replica.routing_stats for replica in router.curr_replicas.values()]) != [ready] * 2:
         assert time.monotonic() < deadline, stats
         time.sleep(0.2)
+    # what the ingress's /health/ready reads of its own router
+    assert replica_states(APP_NAME) == {replica.unique_id: ready for replica in router.curr_replicas}
 
 
 def test_shutdown_is_clean(fleet: str) -> None:
@@ -282,7 +287,7 @@ def test_shutdown_is_clean(fleet: str) -> None:
     assert spawned, "Ray started no processes below this one"
     serve.shutdown()
     ray.shutdown()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT_SECONDS
     while (left := spawned & _descendants(os.getpid())) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, left
@@ -327,12 +332,13 @@ def test_a_replica_hung_in_a_step_or_whose_worker_stopped_fails_its_health_check
     config = ServeConfig(model="reference", steps=3, cat=CATConfig(t0=2), timeout=0.2, hang_grace=0.1)
     replica = ray_app.ModelReplica(config.to_dict())
     release = threading.Event()
-    replica.worker.served.default.runner.transformer.register_forward_pre_hook(lambda *args: release.wait(30) and None)
+    replica.worker.served.default.runner.transformer.register_forward_pre_hook(
+        lambda *args: release.wait(WAIT_SECONDS) and None)
     try:
         replica.check_health()  # precondition: a ready replica passes
         reply = asyncio.run(replica.generate({"prompt": "a red sun", "seed": 1}, "request-1"))
         assert reply["status"] == 504, reply  # its step is held
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT_SECONDS
         while replica.describe()["status"] != "hung":
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -341,20 +347,23 @@ def test_a_replica_hung_in_a_step_or_whose_worker_stopped_fails_its_health_check
             replica.check_health()
         # what the ingress reads: the reason on /health/ready, the state its router avoids, a refusal before anything ran
         assert "past --hang-grace 0.1 s" in replica.describe()["reason"]
-        assert replica.record_routing_stats() == {"status": "hung"}
+        hung = replica.record_routing_stats()
+        assert hung["status"] == "hung" and "past --hang-grace 0.1 s" in hung["reason"], hung
         refused = asyncio.run(replica.generate({"prompt": "a red sun", "seed": 2}, "request-2"))
         assert (refused["status"], refused["unserved"]) == (503, True), refused
         assert "stuck in a model call" in refused["body"]["error"]["message"] and replica.worker.depth == 0
         release.set()
+        deadline = time.monotonic() + WAIT_SECONDS
         while replica.describe()["status"] != "ready":
             assert time.monotonic() < deadline
             time.sleep(0.01)
         replica.check_health()
-        assert replica.record_routing_stats() == {"status": "ready"} and replica.describe()["reason"] is None
+        assert replica.record_routing_stats() == {"status": "ready", "reason": None, "sizes": ["32x32"]}
+        assert replica.describe()["reason"] is None
     finally:
         release.set()
         replica.worker.drain()
-    replica.worker.join(10)
+    replica.worker.join(WAIT_SECONDS)
     with pytest.raises(ServiceUnavailableError, match="^replica replica-in-test is stopped$"):
         replica.check_health()
 
@@ -455,11 +464,13 @@ class _Serve:
 
     def __init__(self, replicas: list[str] | None, answer: threading.Event | None = None) -> None:
         self.replicas, self.calls, self.answer = replicas, 0, answer
+        self.called = threading.Event()
 
     def get_serve_details(self) -> dict:
         self.calls += 1
+        self.called.set()
         if self.answer is not None:
-            self.answer.wait(30)  # a controller that does not answer
+            self.answer.wait(WAIT_SECONDS)  # a controller that does not answer
         if self.replicas is None:
             raise ConnectionError("the controller is restarting")
         deployment = {"replicas": [{"replica_id": replica, "state": "RUNNING"} for replica in self.replicas]}
@@ -480,9 +491,13 @@ def _ingress(monkeypatch: pytest.MonkeyPatch, client: _Serve):
 
 def test_a_scrape_drops_the_replicas_ray_serve_no_longer_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     """/metrics asks Ray Serve which model replicas it lists (as `serve status` shows them); scrapes within
-    LISTING_INTERVAL share that listing, so a flood of scrapes does not flood Serve's controller."""
+    LISTING_INTERVAL share that listing, so a flood of scrapes does not flood Serve's controller. (The interval is an
+    hour here: at 1 s, a machine slow to make the first listing saw the last scrape list again.)"""
     import asyncio
 
+    import catrt.serve.ray_app as ray_app
+
+    monkeypatch.setattr(ray_app, "LISTING_INTERVAL", 3600.0)
     client = _Serve(["a"])
     ingress = _ingress(monkeypatch, client)
 
@@ -534,6 +549,7 @@ def test_a_controller_that_does_not_answer_holds_one_thread_and_drops_nothing(mo
     async def scrapes() -> None:
         for _ in range(3):
             await ingress.forget_gone_replicas()
+        assert await asyncio.to_thread(client.called.wait, WAIT_SECONDS)  # the first call is under way (and stuck)
         assert set(_labelled(ingress.metrics)) == {"a", "b"} and client.calls == 1
         answer.set()
         await ingress._asking  # the stuck call returns
@@ -616,7 +632,37 @@ def test_ray_flags_are_refused_in_one_line() -> None:
         (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas 3 is over --max-replicas 2"),
         (["--ray", "--port", "0"], "--port 0 is not served with --ray"),
     ):
-        assert_one_line_refusal(run_cli(["serve", "--model", "tiny-sd3", *args], timeout=60), needle)
+        assert_one_line_refusal(run_cli(["serve", "--model", "tiny-sd3", *args]), needle)
+
+
+OLD_RAY = """
+import sys
+from importlib import metadata
+sys.modules["ray.serve.request_router"] = None  # as in a Ray older than 2.48: no custom request router to import
+installed = metadata.version
+metadata.version = lambda name: "2.40.0" if name == "ray" else installed(name)
+from catrt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_ray_older_than_the_extra_asks_for_is_named_in_one_line() -> None:
+    """With Ray 2.40 installed, importing catrt's Ray Serve application failed on Ray's router API and the refusal said
+    Ray Serve was not installed. The version is named, before anything is loaded or Ray imported."""
+    old = _run_launcher(OLD_RAY, ["serve", "--model", "tiny-sd3", "--ray", "--port", str(_free_port())])
+    line = assert_one_line_refusal(old, '--ray needs Ray >= 2.48 (Ray Serve\'s custom request router) but Ray 2.40.0 '
+                                        'is installed: pip install -U "catrt[ray]"')
+    assert "not installed" not in line
+
+
+def test_the_oldest_ray_catrt_accepts_is_the_ray_extras() -> None:
+    import tomllib
+
+    from catrt.serve.fleet_start import RAY_MINIMUM
+
+    extra = tomllib.loads((Path(catrt.__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["ray"]
+    assert extra == [f"ray[serve]>={'.'.join(map(str, RAY_MINIMUM))}"]
 
 
 def test_a_busy_port_or_a_cluster_nobody_runs_is_refused_in_one_line_before_ray_starts() -> None:
@@ -627,7 +673,7 @@ def test_a_busy_port_or_a_cluster_nobody_runs_is_refused_in_one_line_before_ray_
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        taken = run_cli(["serve", "--model", "reference", "--ray", "--port", str(port)], timeout=60)
+        taken = run_cli(["serve", "--model", "reference", "--ray", "--port", str(port)])
         assert_one_line_refusal(taken, f"port {port} on 127.0.0.1 is already in use")
     free = str(_free_port())
     for address, needle in (
@@ -636,8 +682,7 @@ def test_a_busy_port_or_a_cluster_nobody_runs_is_refused_in_one_line_before_ray_
         (f"127.0.0.1:{free}", f"--ray-address 127.0.0.1:{free}: no Ray cluster answers at 127.0.0.1:{free}"),
         (f"ray://127.0.0.1:{free}", f"no Ray cluster answers at 127.0.0.1:{free}"),
     ):
-        result = run_cli(["serve", "--model", "reference", "--ray", "--ray-address", address, "--port", free],
-                         timeout=60)
+        result = run_cli(["serve", "--model", "reference", "--ray", "--ray-address", address, "--port", free])
         assert_one_line_refusal(result, needle)
 
 
@@ -785,7 +830,7 @@ def test_catrt_and_a_plain_serve_never_import_ray() -> None:
 
 def _run_launcher(code: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=server_env(),
-                          timeout=60)
+                          timeout=120)
 
 
 def test_eager_alphas_of_one_k_are_refused_before_ray_starts(
@@ -845,7 +890,7 @@ def test_a_request_ray_cancels_because_its_client_left_counts_499_not_500() -> N
             sent.append(message)
 
         request = asyncio.ensure_future(app(scope, receive, send))
-        await asyncio.wait_for(waiting.wait(), 30)  # the ingress waits for a model replica
+        await asyncio.wait_for(waiting.wait(), WAIT_SECONDS)  # the ingress waits for a model replica
         request.cancel()  # as Ray's proxy does once the client is gone
         with pytest.raises(asyncio.CancelledError):
             await request
@@ -901,6 +946,49 @@ def test_more_replicas_than_a_local_cluster_has_devices_for_are_refused(
     assert "serve.start" not in calls and calls[-1] == "ray.shutdown"
 
 
+def test_gpu_replicas_past_a_local_clusters_cpus_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each GPU replica holds a CPU as well (Ray Serve's default `num_cpus=1`): `--device cuda --replicas 2` on 2 GPUs
+    and 1 CPU (a container's CPU limit) passed the GPU count, then Serve waited for ever for the second replica."""
+    from catrt.serve.ray_app import run_fleet
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the application was deployed")
+
+    options = _model_actor_options(application(ServeConfig(model="reference", device="cuda"), FleetConfig(replicas=2),
+                                               gpus=True))
+    assert (options["num_gpus"], options["num_cpus"]) == (1, 1)  # what a replica holds, as the check counts it
+    calls, _ = _fake_ray(monkeypatch, {"CPU": 1.0, "GPU": 2.0}, deployed)
+    with pytest.raises(ConfigError, match=r"^--replicas 2 needs 2 CPUs \(each model replica holds one\) but the local "
+                                          r"Ray cluster has 1: ask for at most 1"):
+        run_fleet(ServeConfig(model="reference", device="cuda", port=_free_port()), FleetConfig(replicas=2))
+    assert "serve.start" not in calls and calls[-1] == "ray.shutdown"
+
+
+def test_a_joined_cluster_without_the_replicas_devices_now_is_named_while_serve_waits(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A joined cluster may add nodes, so it is not refused; but `--device cuda` joined to a cluster with no GPU (and
+    no autoscaler) waited in `serve.run` for ever and printed nothing. One warning line says what it waits for; a
+    cluster with room prints none."""
+    from catrt.serve.ray_app import run_fleet
+
+    handlers: dict = {}
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 8.0}, deployed)
+    config = ServeConfig(model="reference", device="cuda", port=_free_port())
+    assert run_fleet(config, FleetConfig(replicas=2, address="auto")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["catrt serve: warning: --replicas 2 needs 2 GPUs (each model replica holds one) and the Ray "
+                        "cluster has 0 now: the application runs once its autoscaler adds them (never, where it has "
+                        "none; Ctrl-C stops)"]
+    calls, handlers = _fake_ray(monkeypatch, {"CPU": 8.0, "GPU": 2.0}, deployed)
+    assert run_fleet(config, FleetConfig(replicas=2, address="auto")) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fleet", [FleetConfig(replicas=2), FleetConfig(replicas=None, min_replicas=1, max_replicas=8),
                                    FleetConfig(replicas=3, address="auto")], ids=["fits", "autoscaled", "joined"])
 def test_replicas_a_cluster_has_room_for_or_may_get_are_deployed(monkeypatch: pytest.MonkeyPatch, fleet: FleetConfig,
@@ -932,14 +1020,14 @@ def test_a_signal_while_the_replicas_load_stops_the_fleet_at_once(monkeypatch: p
 
     def slow_replicas(*args: object, **kwargs: object) -> None:
         loading.set()
-        if not controller_gone.wait(3):  # replicas still loading; a signal comes meanwhile
+        if not controller_gone.wait(WAIT_SECONDS):  # replicas still loading; a signal comes meanwhile
             loaded.set()
 
     calls, handlers = _fake_ray(monkeypatch, {"CPU": 2.0}, slow_replicas)
     monkeypatch.setattr(ray_app.serve, "shutdown", lambda: calls.append("serve.shutdown") or controller_gone.set())
 
     def terminate_while_loading() -> None:
-        assert loading.wait(30)
+        assert loading.wait(WAIT_SECONDS)
         handlers[signal.SIGTERM](signal.SIGTERM, None)
 
     signaller = threading.Thread(target=terminate_while_loading, daemon=True)
@@ -948,7 +1036,8 @@ def test_a_signal_while_the_replicas_load_stops_the_fleet_at_once(monkeypatch: p
     assert not loaded.is_set()  # returned while serve.run still waited (it then returns as Serve shuts down)
     assert calls == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]
     assert "listening" not in capsys.readouterr().err
-    signaller.join(5)
+    signaller.join(WAIT_SECONDS)
+    assert not signaller.is_alive()
 
 
 def test_ctrl_c_while_ray_starts_stops_it_once_started(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1118,30 +1207,82 @@ def test_the_router_sends_nothing_to_a_replica_whose_stats_say_it_is_not_ready()
     candidates (each then answers why)."""
     import asyncio
 
-    from catrt.serve.ray_app import ReadyFirstRouter
+    from catrt.serve.router_states import forget
 
     def replica(name: str, stats: dict) -> SimpleNamespace:
-        return SimpleNamespace(replica_id=name, routing_stats=stats)
+        return SimpleNamespace(replica_id=ReplicaID(name, DeploymentID(name=MODEL_DEPLOYMENT)), routing_stats=stats)
 
     hung, ready, fresh = replica("hung", {"status": "hung"}), replica("ready", {"status": "ready"}), replica("new", {})
+    router = _router_of(UNIT_APP, {})
+    forget(router)  # only its choices are asked here
 
     def chosen(candidates: list) -> set[str]:
         picks: set[str] = set()
         for _ in range(50):
-            (rank,) = asyncio.run(ReadyFirstRouter.choose_replicas(None, candidates))
+            (rank,) = asyncio.run(router.choose_replicas(candidates))
             assert 1 <= len(rank) <= 2 and len({id(r) for r in rank}) == len(rank)
-            picks |= {r.replica_id for r in rank}
+            picks |= {r.replica_id.unique_id for r in rank}
         return picks
 
     assert chosen([hung, ready]) == {"ready"}
     assert chosen([hung, ready, fresh]) == {"ready", "new"}  # no stats yet: a replica Serve lists as running is ready
     assert chosen([hung, replica("dead", {"status": "dead"})]) == {"hung", "dead"}
-    assert asyncio.run(ReadyFirstRouter.choose_replicas(None, [])) == []
+    assert asyncio.run(router.choose_replicas([])) == []
+
+
+def test_the_router_backs_off_between_rounds_while_every_replica_is_full() -> None:
+    """Ray's routing loop waits between rounds only where the router's choice sets `should_backoff`: without it, while
+    every replica held --max-queue requests, the ingress probed the replicas' queue lengths round after round without
+    pause (a CPU-bound loop in the ingress and a flood of probes at the replicas, for as long as the fleet stayed
+    full). Here Ray's own loop routes one request to two full stand-in replicas, one of which frees a slot on its
+    21st probe; the loop's sleep is recorded instead of slept."""
+    import asyncio
+
+    from ray.serve._private.common import DeploymentHandleSource, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from catrt.serve.ray_app import ReadyFirstRouter
+
+    deployment = DeploymentID(name=MODEL_DEPLOYMENT, app_name=APP_NAME)
+    probes: list[str] = []
+
+    class Full:
+        max_ongoing_requests = 1
+        routing_stats = {"status": "ready"}
+
+        def __init__(self, name: str) -> None:
+            self.replica_id = ReplicaID(name, deployment)
+
+        async def get_queue_len(self, *, deadline_s: float) -> int:
+            probes.append(self.replica_id.unique_id)
+            return 0 if len(probes) > 40 else 1
+
+    async def route() -> tuple[str, list[int]]:
+        router = ReadyFirstRouter(deployment, DeploymentHandleSource.UNKNOWN)
+        backoffs: list[int] = []
+
+        async def backoff(attempt: int) -> None:
+            backoffs.append(attempt)
+
+        router._backoff = backoff
+        router.update_replicas([Full("a"), Full("b")])
+        pending = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(request_id="r", internal_request_id="r"))
+        chosen = await asyncio.wait_for(router._choose_replica_for_request(pending), 60)
+        return chosen.replica_id.unique_id, backoffs
+
+    chosen, backoffs = asyncio.run(route())
+    rounds = len(probes) // 2 - 1  # the first probe of each is Ray's ping of a replica it was just handed
+    assert chosen in ("a", "b") and rounds >= 19, probes
+    # Ray's schedule: the first two rounds at once, then a growing wait before each later one.
+    assert backoffs == list(range(rounds - 2)), (rounds, backoffs)
 
 
 def _described(replica: str, status: str, reason: str | None = None) -> dict:
     return {"status": status, "reason": reason, "sizes": ["64x64"] if status == "ready" else [], "replica": replica,
             "model": "tiny-sd3", "properties": None, "size_rules": None}
+
+
+UNIT_APP = "catrt-in-test"
 
 
 def _ingress_with(describes: list, generates: list | None = None):
@@ -1157,7 +1298,8 @@ def _ingress_with(describes: list, generates: list | None = None):
     async def generate(body: dict, request_id: str) -> dict:
         return generates.pop(0)
 
-    models = SimpleNamespace(app_name=APP_NAME, deployment_name=MODEL_DEPLOYMENT, describe=SimpleNamespace(remote=describe),
+    # An application name no fleet of this module runs: a handle made here (by a fleet test) made a router of its own.
+    models = SimpleNamespace(app_name=UNIT_APP, deployment_name=MODEL_DEPLOYMENT, describe=SimpleNamespace(remote=describe),
                              generate=SimpleNamespace(remote=generate))
     return ray_app.Ingress(ServeConfig(model="reference").to_dict(), models)
 
@@ -1201,6 +1343,110 @@ def test_readiness_503_says_which_replicas_are_not_ready_and_why() -> None:
     assert none.json()["reason"].startswith(f"no model replica answered within {ray_app.DESCRIBE_TIMEOUT:g} s")
 
 
+def _router_of(app: str, stats: dict[str, dict]):
+    """catrt's router as Ray makes one for a handle (`initialize_state` called), holding replicas that reported
+    `stats` (replica id -> routing stats)."""
+    import asyncio
+
+    from ray.serve._private.common import DeploymentHandleSource
+
+    from catrt.serve.ray_app import ReadyFirstRouter
+
+    deployment = DeploymentID(name=MODEL_DEPLOYMENT, app_name=app)
+
+    async def made() -> ReadyFirstRouter:
+        router = ReadyFirstRouter(deployment, DeploymentHandleSource.REPLICA)
+        router.initialize_state()
+        router.update_replicas([SimpleNamespace(replica_id=ReplicaID(name, deployment), routing_stats=reported,
+                                                max_ongoing_requests=2, get_queue_len=_idle)
+                                for name, reported in stats.items()])
+        await asyncio.sleep(0)  # Ray's ping of the replicas it was handed
+        return router
+
+    return asyncio.run(made())
+
+
+async def _idle(*, deadline_s: float) -> int:
+    return 0
+
+
+def test_a_busy_fleet_stays_ready_by_the_states_its_replicas_report() -> None:
+    """/health/ready asked a replica, and a question waits for one of its --max-queue slots like any request: with
+    every replica busy and more requests waiting in the ingress, Ray refused the question (BackPressureError), or it
+    waited past 5 s, and the fleet answered 503 "no model replica answered": a readiness probe took a busy fleet out
+    of service. The states the replicas report to the ingress's router are read instead; no replica is asked."""
+    from fastapi.testclient import TestClient
+    from ray.serve.exceptions import BackPressureError
+
+    import catrt.serve.ray_app as ray_app
+    from catrt.serve.router_states import forget
+
+    busy = BackPressureError(num_queued_requests=2, max_queued_requests=2)
+    describes = [busy, busy, busy]
+    router = _router_of(UNIT_APP, {"a": {"status": "hung", "reason": "stuck", "sizes": ["64x64"]},
+                                   "b": {"status": "ready", "reason": None, "sizes": ["64x64"]}})
+    try:
+        with TestClient(ray_app.ingress_app(_ingress_with(describes))) as http:
+            ready = http.get("/health/ready")
+    finally:
+        forget(router)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "sizes": ["64x64"]}
+    assert len(describes) == 3
+
+
+def test_readiness_from_the_replicas_states_names_each_and_asks_where_one_has_not_reported() -> None:
+    """Every replica reported a state other than ready: 503 naming each with its state and reason, no replica asked. A
+    replica that has not reported yet (just started) may be ready: then the replicas are asked."""
+    from fastapi.testclient import TestClient
+
+    import catrt.serve.ray_app as ray_app
+    from catrt.serve.router_states import forget
+
+    hung = {"status": "hung", "reason": "a step or the device is stuck", "sizes": ["64x64"]}
+    router = _router_of(UNIT_APP, {"a": hung, "b": {"status": "draining", "reason": None, "sizes": ["64x64"]}})
+    try:
+        with TestClient(ray_app.ingress_app(_ingress_with([]))) as http:
+            refused = http.get("/health/ready")
+    finally:
+        forget(router)
+    assert refused.status_code == 503
+    assert refused.json() == {
+        "status": "hung", "sizes": [],
+        "replicas": {"a": {"status": "hung", "reason": "a step or the device is stuck"},
+                     "b": {"status": "draining", "reason": None}},
+        "reason": "no model replica asked is ready: a is hung, b is draining",
+    }
+    describes = [_described("new", "ready")]
+    router = _router_of(UNIT_APP, {"a": hung, "new": {}})
+    try:
+        with TestClient(ray_app.ingress_app(_ingress_with(describes))) as http:
+            asked = http.get("/health/ready")
+    finally:
+        forget(router)
+    assert asked.status_code == 200 and describes == []
+
+
+def test_readiness_answers_at_once_where_the_router_lists_no_replica() -> None:
+    """No replica running (loading, not placed, replaced): the question to one waited 5 s for none, past a readiness
+    probe's own timeout (Kubernetes' default is 1 s), so the probe saw a timeout rather than the 503 and its reason.
+    The ingress's router lists none: 503 at once, no replica asked."""
+    from fastapi.testclient import TestClient
+
+    import catrt.serve.ray_app as ray_app
+    from catrt.serve.router_states import forget
+
+    describes = [TimeoutError("no replica yet")]
+    router = _router_of(UNIT_APP, {})
+    try:
+        with TestClient(ray_app.ingress_app(_ingress_with(describes))) as http:
+            none = http.get("/health/ready")
+    finally:
+        forget(router)
+    assert none.status_code == 503 and len(describes) == 1
+    assert none.json() == {"status": "unavailable", "sizes": [], "replicas": {},
+                           "reason": "no model replica is running (loading, not placed, or being replaced)"}
+
+
 def test_a_request_a_replica_refused_before_anything_ran_is_asked_once_more() -> None:
     """A hung or stopping replica refuses a request at once (503, `unserved`: nothing ran): the ingress asks Ray once
     more, so the client gets the other replica's answer; a 503 after a replica took the request is not retried (it
@@ -1226,6 +1472,66 @@ def test_a_request_a_replica_refused_before_anything_ran_is_asked_once_more() ->
         assert http.post("/v1/images/generations", json={"prompt": "a red sun"}).status_code == 503
         assert len(generates) == 1
 
+
+
+def test_a_replica_that_refused_a_request_unserved_draws_neither_its_retry_nor_new_requests_for_a_while() -> None:
+    """A replica turning hung or stopping refuses at once, so it has no request ongoing, and until its new state reached
+    the ingress's router (about a second) the power of two choices picked it over a busy ready one: the ingress's
+    one retry went back to it, a 503 again. The ingress tells its router; nothing goes there for REFUSED_HOLD
+    seconds (the router's clock stands in here), and then its state decides."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    import catrt.serve.ray_app as ray_app
+    from catrt.serve.router_states import forget
+
+    ready = {"status": "ready", "reason": None, "sizes": ["64x64"]}
+    router = _router_of(UNIT_APP, {"a": ready, "b": ready})
+    now = [100.0]
+    router.clock = lambda: now[0]
+
+    def chosen() -> set[str]:
+        candidates = list(router.curr_replicas.values())
+        return {replica.replica_id.unique_id for _ in range(50)
+                for replica in asyncio.run(router.choose_replicas(candidates))[0]}
+
+    generates = [{**_reply("a", 503), "unserved": True}, _reply("b")]
+    try:
+        assert chosen() == {"a", "b"}  # precondition: both ready
+        with TestClient(ray_app.ingress_app(_ingress_with([], generates))) as http:
+            assert http.post("/v1/images/generations", json={"prompt": "a red sun"}).status_code == 200
+        assert generates == [] and chosen() == {"b"}
+        now[0] += ray_app.REFUSED_HOLD - 0.1
+        assert chosen() == {"b"}
+        now[0] += 0.1
+        assert chosen() == {"a", "b"}
+    finally:
+        forget(router)
+
+
+def test_a_ray_whose_router_api_lacks_what_catrts_router_reads_is_refused_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray Serve's request router API is alpha: a Ray without a replica's `routing_stats` ran the fleet, and every
+    request failed inside Ray's routing loop (a traceback each) and waited unrouted for --timeout's 504. One line
+    before ray.init instead, naming what is missing (and by the KubeRay builder)."""
+    from ray.serve.request_router import RunningReplica
+
+    from catrt.serve.ray_app import run_fleet
+
+    def deployed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the application was deployed")
+
+    calls, _ = _fake_ray(monkeypatch, {"CPU": 2.0}, deployed)
+    monkeypatch.delattr(RunningReplica, "routing_stats")
+    with pytest.raises(ConfigError, match=rf"^--ray cannot run on Ray {ray.__version__}: its Ray Serve request router "
+                                          r"API \(alpha\) lacks RunningReplica.routing_stats, which catrt's router "
+                                          r"reads; install a Ray catrt runs on: pip install "):
+        run_fleet(ServeConfig(model="reference", port=_free_port()), FleetConfig(replicas=1))
+    assert calls == []
+    with pytest.raises(ConfigError, match="lacks RunningReplica.routing_stats"):
+        build({"serve": {"model": "reference"}, "fleet": {"replicas": 1}})
 
 
 def test_a_cuda_index_is_refused_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,15 +1,15 @@
 """Several builds behind one server (`catrt serve --engines A B`): routing by size, shared components.
 
 Two eager builds of tiny-sd3 (64x64 batch 2, 96x64 batch 1; eager builds are quick: no export) are
-made once for the module; one real server (`FAULT_CLI`: it sleeps on the prompt "sleep N") serves both on a
+made once for the module; one real server (`FAULT_CLI`: its worker holds a call on cue) serves both on a
 loopback port.
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,17 +19,19 @@ import torch
 from PIL import Image
 from test_serve_support import (
     FAULT_CLI,
+    HeldWorker,
     RemoteServer,
     assert_error,
     assert_one_line_refusal,
     generate,
-    generate_all,
     metric,
     openapi_request_schema,
     png,
+    queue_depth,
     run_cli,
     start_all,
     stop_all,
+    wait_until,
 )
 
 from catrt.build import build_engines
@@ -213,7 +215,7 @@ def test_a_build_of_more_alphas_than_the_runtime_keeps_graphs_of_is_refused(tmp_
 def test_the_cli_refuses_one_folder_twice_in_one_line(builds: dict[str, Path]) -> None:
     """(Builds of two models or one size twice are refused by `check_builds`, above, which `catrt serve` runs
     before binding its port; those CLI runs cost a torch import each.)"""
-    result = run_cli(["serve", "--engines", str(builds["64x64"]), str(builds["64x64"]), "--port", "0"], timeout=60)
+    result = run_cli(["serve", "--engines", str(builds["64x64"]), str(builds["64x64"]), "--port", "0"])
     assert_one_line_refusal(result, "more than once", str(builds["64x64"]))
     assert "listening" not in result.stderr
 
@@ -221,7 +223,7 @@ def test_the_cli_refuses_one_folder_twice_in_one_line(builds: dict[str, Path]) -
 def test_adaptive_alpha_over_a_single_alpha_build_is_refused_before_binding(builds: dict[str, Path]) -> None:
     """It was refused only after every build had loaded and warmed up."""
     result = run_cli(["serve", "--engines", str(builds["96x64-alphas"]), str(builds["64x64"]), "--alpha-policy", "adaptive",
-                      "--latency-target", "2", "--port", "0"], timeout=60)
+                      "--latency-target", "2", "--port", "0"])
     assert_one_line_refusal(result, "--alpha-policy adaptive needs at least two alphas to choose from, but "
                             f"{builds['64x64']} (tiny-sd3 at 64x64) is served at alpha 0.3 only")
     assert "listening" not in result.stderr
@@ -246,10 +248,12 @@ def test_an_unserved_size_lists_the_served_ones(server: RemoteServer) -> None:
 
 def test_sizes_are_never_batched_together(server: RemoteServer) -> None:
     """While the worker is busy, two 64x64 requests wait together and one 96x64 request waits apart."""
-    blocker, square, wide, square2 = asyncio.run(generate_all(server.url, [  # the worker sleeps 0.5 s on the first
-        {"size": "96x64", "seed": 1, "prompt": "sleep 0.5"}, {"size": "64x64", "seed": 2}, {"size": "96x64", "seed": 3},
-        {"size": "64x64", "seed": 4},
-    ], stagger=0.05))
+    bodies = [{"size": "64x64", "seed": 2}, {"size": "96x64", "seed": 3}, {"size": "64x64", "seed": 4}]
+    with ThreadPoolExecutor(len(bodies)) as pool, HeldWorker(server, size="96x64", seed=1) as held:
+        waiting = [pool.submit(generate, server.url, **body) for body in bodies]
+        wait_until(lambda: queue_depth(server.url) == len(bodies), "every request waits behind the held one")
+        blocker = held.release()
+        square, wide, square2 = (answer.result() for answer in waiting)
     for response in (blocker, square, wide, square2):
         assert response.status_code == 200, response.text
     assert square.json()["catrt"]["batch_rows"] == square2.json()["catrt"]["batch_rows"] == 2
@@ -279,17 +283,16 @@ def test_metrics_count_the_queue_per_size(server: RemoteServer) -> None:
 
     assert 'catrt_queue_depth_by_size{size="96x64"} 0.0' in httpx.get(f"{server.url}/metrics").text
 
-    async def scenario() -> tuple[list[httpx.Response], dict[str, float]]:
-        bodies = [{"size": "96x64", "seed": 1, "prompt": "sleep 1.5"}, {"size": "64x64", "seed": 2},
-                  {"size": "64x64", "seed": 3, "guidance_scale": 5.0}, {"size": "96x64", "seed": 4}]
-        sent = asyncio.ensure_future(generate_all(server.url, bodies, stagger=0.1))
-        waiting = await asyncio.to_thread(depths)
-        while sum(waiting.values()) < 3 and not sent.done():  # the first request sleeps in the worker, three wait
-            await asyncio.sleep(0.05)
-            waiting = await asyncio.to_thread(depths)
-        return await sent, waiting
+    bodies = [{"size": "64x64", "seed": 2}, {"size": "64x64", "seed": 3, "guidance_scale": 5.0}, {"size": "96x64", "seed": 4}]
 
-    responses, waiting = asyncio.run(scenario())
+    def all_waiting() -> dict[str, float] | None:  # while the worker is held the queue only grows
+        found = depths()
+        return found if sum(found.values()) == len(bodies) else None
+
+    with ThreadPoolExecutor(len(bodies)) as pool, HeldWorker(server, size="96x64", seed=1) as held:
+        sent = [pool.submit(generate, server.url, **body) for body in bodies]
+        waiting = wait_until(all_waiting, "three requests wait behind the held one")
+        responses = [held.release(), *(answer.result() for answer in sent)]
     assert all(response.status_code == 200 for response in responses), [response.text for response in responses]
     assert waiting == {"64x64": 2, "96x64": 1}
     assert depths() == {"64x64": 0, "96x64": 0}

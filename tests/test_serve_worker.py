@@ -31,6 +31,8 @@ from catrt.serve.timing import Abandoned
 from catrt.serve.worker import Job, Worker
 
 STEPS = 20
+# The bound of each wait on another thread: only a hang reaches it, as each wait ends once its condition holds.
+WAIT = 60.0
 
 
 @dataclass
@@ -60,6 +62,7 @@ class StandIn:
     holding: threading.Event = field(default_factory=threading.Event)
     step_observer: object = None
     broken_device: Exception | None = None  # what `device_fault` reports
+    after_step: Callable[[int], None] | None = None  # called with each step's index once it ran
 
     def device_fault(self) -> Exception | None:
         return self.broken_device
@@ -70,7 +73,7 @@ class StandIn:
         self.calls.append(prompts)
         if "hold" in prompts:
             self.holding.set()
-            self.release.wait(10)
+            self.release.wait(WAIT)
         if "oom" in prompts:  # as torch.cuda.OutOfMemoryError words it
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if "fault" in prompts:
@@ -80,6 +83,8 @@ class StandIn:
                 self.steps_run.append(step)
                 raise Abandoned(f"before step {step + 1}")
             time.sleep(0.005)
+            if self.after_step is not None:
+                self.after_step(step)
         self.steps_run.append(STEPS)
         return Generation([prompt for prompt in prompts], {"encode": 0.0, "full_steps": 0.0, "pruned_steps": 0.0,
                                                              "decode": 0.0})
@@ -93,7 +98,7 @@ def model() -> Iterator[StandIn]:
 def _started(worker: Worker) -> None:
     """Start `worker` and wait until its model is loaded; a state other than loading on the way fails."""
     worker.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT
     while worker.state != "ready":
         assert time.monotonic() < deadline and worker.state == "loading", worker.state
         time.sleep(0.01)
@@ -109,7 +114,7 @@ def worker(model: StandIn) -> Iterator[Worker]:
     yield worker
     model.release.set()
     worker.drain()
-    assert exited.wait(10)
+    assert exited.wait(WAIT)
 
 
 def _job(prompt: str, deadline: float = float("inf"), guidance: float = 4.0) -> Job:
@@ -117,13 +122,13 @@ def _job(prompt: str, deadline: float = float("inf"), guidance: float = 4.0) -> 
 
 
 def _result(future: Future) -> object:
-    return future.result(timeout=10)
+    return future.result(timeout=WAIT)
 
 
 def test_a_job_past_its_deadline_when_its_batch_is_made_never_reaches_the_model(worker: Worker, model: StandIn) -> None:
     holder = _job("hold")
     worker.submit(holder)
-    assert model.holding.wait(10)
+    assert model.holding.wait(WAIT)
     late = _job("late", deadline=time.perf_counter() + 0.05, guidance=2.0)
     worker.submit(late)
     time.sleep(0.1)  # its deadline passes while it waits; nobody cancelled it
@@ -134,12 +139,25 @@ def test_a_job_past_its_deadline_when_its_batch_is_made_never_reaches_the_model(
     assert all("late" not in prompts for prompts in model.calls), model.calls
 
 
-def test_a_call_whose_jobs_are_all_given_up_stops_before_its_next_step(worker: Worker, model: StandIn) -> None:
-    expiring = _job("expiring", deadline=time.perf_counter() + 0.03)
+def test_a_call_whose_jobs_are_all_given_up_stops_before_its_next_step(worker: Worker, model: StandIn,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's deadline passes during its call's third step (the worker's clock is moved by hand: with a real one, a
+    loaded machine could make the batch after the deadline, and the call never ran)."""
+    import catrt.serve.worker as worker_module
+
+    now = [time.perf_counter()]
+    monkeypatch.setattr(worker_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    expiring = _job("expiring", deadline=now[0] + 1)
+
+    def expire(step: int) -> None:
+        if step == 2:
+            now[0] = expiring.deadline
+
+    model.after_step = expire
     worker.submit(expiring)
     with pytest.raises(RequestTimeoutError):
         _result(expiring.future)
-    assert model.steps_run and model.steps_run[-1] < STEPS
+    assert model.steps_run == [3]
     after = _job("after")
     worker.submit(after)
     assert _result(after.future).images == ["after"]  # the worker goes on serving
@@ -165,11 +183,10 @@ def test_out_of_memory_answers_503_naming_it_other_faults_500_and_the_worker_ser
 def test_a_call_runs_on_while_one_of_its_jobs_is_still_wanted(worker: Worker, model: StandIn) -> None:
     holder = _job("hold")
     worker.submit(holder)
-    assert model.holding.wait(10)
+    assert model.holding.wait(WAIT)
     given_up, wanted = _job("given-up"), _job("wanted")
     worker.submit(given_up)
-    worker.submit(wanted)  # same options: one call for both
-    time.sleep(0.05)
+    worker.submit(wanted)  # same options: one call for both (both are queued before the worker is released)
     model.release.set()
     _result(holder.future)
     while not given_up.future.running() and not given_up.future.done():
@@ -184,9 +201,11 @@ class _SlowChecks:
 
     def __init__(self, spec: _Spec, seconds: float) -> None:
         self.spec, self.seconds, self.admitted = spec, seconds, 0
+        self.began = float("inf")  # when the last check began (perf_counter seconds)
 
     def admit(self, body: ImageGenerationRequest) -> tuple[list[Row], BatchOptions]:
         self.admitted += 1
+        self.began = time.perf_counter()
         time.sleep(self.seconds)
         return [Row(body.prompt, 0)], BatchOptions(4.0, None)
 
@@ -203,15 +222,15 @@ class _Request:
 
 def test_the_timeout_and_queue_wait_count_the_request_checks(worker: Worker, model: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
     """A request's deadline runs from its arrival, not from the end of its checks (which wait on one thread)."""
-    service = ImageService(worker, ServerMetrics(), ServeConfig(model="reference", timeout=5))
+    service = ImageService(worker, ServerMetrics(), ServeConfig(model="reference", timeout=WAIT))
     service._rules = checks = _SlowChecks(model.spec, seconds=0.3)
     submitted: list[Job] = []
     submit = worker.submit
     monkeypatch.setattr(worker, "submit", lambda job: submitted.append(job) or submit(job))
     started = time.perf_counter()
     response = asyncio.run(service.generate(ImageGenerationRequest(prompt="a red sun"), _Request()))
-    assert checks.admitted == 1 and submitted[0].arrived - started < 0.1
-    assert submitted[0].deadline == submitted[0].arrived + 5
+    assert checks.admitted == 1 and started <= submitted[0].arrived <= checks.began  # arrival: before its checks
+    assert submitted[0].deadline == submitted[0].arrived + WAIT
     assert response is not None and response.catrt.timings.queue_wait >= 0.3
 
 
@@ -279,7 +298,7 @@ def test_an_adaptive_worker_serves_a_pin_that_only_a_later_queued_size_serves() 
         _started(worker)
         holder = Job([Row("hold", 0)], BatchOptions(4.0, None, "64x64"), request_id="hold")
         worker.submit(holder)
-        assert square.holding.wait(10)
+        assert square.holding.wait(WAIT)
         queued = Job([Row("square", 0)], BatchOptions(4.0, None, "64x64"), request_id="square")
         pinned = Job([Row("wide", 0)], BatchOptions(4.0, None, "96x64", alpha=0.2), request_id="wide")
         worker.submit(queued)
@@ -291,7 +310,7 @@ def test_an_adaptive_worker_serves_a_pin_that_only_a_later_queued_size_serves() 
     finally:
         square.release.set()
         worker.drain()
-        assert exited.wait(10)
+        assert exited.wait(WAIT)
 
 
 def test_a_failing_alpha_policy_runs_the_call_at_its_pin_or_the_default_and_the_worker_goes_on(
@@ -338,9 +357,9 @@ def test_a_shutdown_during_warm_up_stops_it_before_its_next_step() -> None:
     worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(),
                     on_exit=lambda state: exits.append(state) or exited.set())
     worker.start()
-    assert model.warming.wait(10)
+    assert model.warming.wait(WAIT)
     worker.drain()
-    assert exited.wait(10) and exits == ["stopped"]
+    assert exited.wait(WAIT) and exits == ["stopped"]
     assert len(model.steps_run) == 1 and model.steps_run[0] < 1000  # the first alpha's warm-up stopped, no second
     assert worker.served is None and worker.error is None
 
@@ -387,7 +406,7 @@ def test_liveness_and_readiness_turn_503_once_the_worker_died(worker: Worker, mo
     monkeypatch.setattr(worker, "_run_batch", fault)
     job = _job("a")
     worker.submit(job)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT
     while worker.state != "dead":
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -407,18 +426,18 @@ def test_the_call_a_worker_dies_under_is_answered_503_at_once_as_the_queued_ones
 
     def fatal(*args: object, **kwargs: object) -> None:
         model.holding.set()
-        model.release.wait(10)
+        model.release.wait(WAIT)
         raise _Fatal("escaped the call")
 
     monkeypatch.setattr(model, "generate", fatal)
     in_flight, queued = _job("in-flight"), _job("queued", guidance=2.0)
     worker.submit(in_flight)
-    assert model.holding.wait(10)
+    assert model.holding.wait(WAIT)
     worker.submit(queued)
     model.release.set()
     for job in (in_flight, queued):
         with pytest.raises(ServiceUnavailableError, match="^the server's worker has stopped; see the server log$"):
-            job.future.result(timeout=5)  # its deadline is never: only the worker answers it
+            job.future.result(timeout=WAIT)  # its deadline is never: only the worker answers it
     assert worker.state == "dead"
 
 
@@ -526,7 +545,7 @@ def test_alpha_chosen_labels_are_the_alphas_as_the_api_writes_them() -> None:
             assert _result(job.future).alpha == alpha
     finally:
         worker.drain()
-        assert exited.wait(10)
+        assert exited.wait(WAIT)
     text = generate_latest(metrics.registry).decode()
     for alpha in alphas:
         assert f'catrt_alpha_chosen_total{{alpha="{json.dumps(alpha)}"}} 1.0' in text, text
@@ -600,7 +619,7 @@ def test_a_failed_load_logs_its_traceback_at_the_level_catrt_v_shows(caplog: pyt
     worker = Worker(load, max_queue=8, metrics=ServerMetrics(), on_exit=lambda state: exited.set())
     with caplog.at_level("INFO", logger="catrt.serve.worker"):
         worker.start()
-        assert exited.wait(10)
+        assert exited.wait(WAIT)
     assert worker.state == "dead" and isinstance(worker.error, RuntimeError)
     records = [record for record in caplog.records if record.exc_info is not None]
     assert [record.getMessage() for record in records] == ["loading the model failed"]
@@ -619,7 +638,7 @@ class _CompilesOnFirstCall(StandIn):
                  should_stop: Callable[[], bool] | None = None, alpha: float | None = None) -> Generation:
         if "hold" in [row.prompt for row in rows]:
             self.holding.set()
-            self.release.wait(10)
+            self.release.wait(WAIT)
         first = alpha not in self.warmed
         self.warmed.add(alpha)
         phases = {"encode": 0.0, "full_steps": 0.0, "pruned_steps": 0.0, "decode": 0.0}
@@ -649,7 +668,7 @@ def test_a_full_queue_right_after_start_up_asks_to_wait_for_warm_calls_not_the_f
     _started(worker)
     try:
         worker.submit(_job("hold"))
-        assert model.holding.wait(10)
+        assert model.holding.wait(WAIT)
         for index in range(4):
             worker.submit(_job(f"queued {index}"))
         with pytest.raises(QueueFullError) as full:
@@ -662,7 +681,7 @@ def test_a_full_queue_right_after_start_up_asks_to_wait_for_warm_calls_not_the_f
     finally:
         model.release.set()
         worker.drain()
-        assert exited.wait(10)
+        assert exited.wait(WAIT)
 
 
 def test_a_device_probe_that_hangs_is_a_fault_after_its_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -676,7 +695,7 @@ def test_a_device_probe_that_hangs_is_a_fault_after_its_time(monkeypatch: pytest
     zeros = torch.zeros
 
     def hanging(*args: object, **kwargs: object) -> torch.Tensor:
-        release.wait(10)
+        release.wait(WAIT)
         return zeros(1)
 
     monkeypatch.setattr(torch, "ones", hanging)
@@ -706,11 +725,11 @@ def test_a_worker_stuck_in_a_call_its_requests_gave_up_is_hung_until_the_call_re
     try:
         held = _job("hold")
         worker.submit(held)
-        assert model.holding.wait(10)
+        assert model.holding.wait(WAIT)
         time.sleep(0.3)  # past the grace, but its request still waits for it: busy, not hung
         assert worker.condition() == ("ready", None) and client.get("/health/live").status_code == 200
         held.abandon()  # its client left (or it was answered 504)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT
         while worker.hang() is None:
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -737,7 +756,7 @@ def test_a_worker_stuck_in_a_call_its_requests_gave_up_is_hung_until_the_call_re
     finally:
         model.release.set()
         worker.drain()
-        assert exited.wait(10)
+        assert exited.wait(WAIT)
 
 
 def test_a_drain_does_not_wait_for_a_hung_call(model: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -755,7 +774,7 @@ def test_a_drain_does_not_wait_for_a_hung_call(model: StandIn, monkeypatch: pyte
     _started(worker)
     held = _job("hold")
     worker.submit(held)
-    assert model.holding.wait(10)
+    assert model.holding.wait(WAIT)
 
     async def drained() -> server_module.DrainingServer:
         server = server_module.DrainingServer(uvicorn.Config(app=None), worker, address="http://127.0.0.1:0")
@@ -764,7 +783,7 @@ def test_a_drain_does_not_wait_for_a_hung_call(model: StandIn, monkeypatch: pyte
         await asyncio.sleep(0.3)  # past the grace, but its request still waits for the call
         assert not server.should_exit and worker.state == "draining"
         held.abandon()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT
         while not server.should_exit:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
@@ -775,7 +794,7 @@ def test_a_drain_does_not_wait_for_a_hung_call(model: StandIn, monkeypatch: pyte
         assert worker.alive  # the hung call is left to the process's exit
     finally:
         model.release.set()
-    assert exited.wait(10)
+    assert exited.wait(WAIT)
 
 
 
@@ -854,24 +873,24 @@ def test_the_exit_hook_leaves_a_worker_in_a_call_or_loading_running(model: Stand
     _started(worker)
     held = _job("hold")
     worker.submit(held)
-    assert model.holding.wait(10)
+    assert model.holding.wait(WAIT)
     worker_module._stop_idle_workers()
     assert worker.alive and worker.state == "ready"
     model.release.set()
     assert _result(held.future).images == ["hold"]
     worker.drain()
-    worker.join(10)
+    worker.join(WAIT)
     assert not worker.alive
 
     loading = threading.Event()
-    slow = Worker(lambda: loading.wait(10) and Router([model]), max_queue=8, metrics=ServerMetrics(),
+    slow = Worker(lambda: loading.wait(WAIT) and Router([model]), max_queue=8, metrics=ServerMetrics(),
                   on_exit=lambda state: None)
     slow.start()
     worker_module._stop_idle_workers()
     assert slow.alive and slow.state == "loading"
     loading.set()
     slow.drain()
-    slow.join(10)
+    slow.join(WAIT)
     assert not slow.alive
 
 
@@ -888,3 +907,61 @@ def test_a_worker_ending_after_its_server_stopped_reports_to_no_closed_loop() ->
     server._loop.close()
     server.worker_exited("stopped")
     assert not server.should_exit
+
+
+def test_a_worker_ending_while_its_servers_loop_closes_reports_to_no_closed_loop() -> None:
+    """The worker (a call that returned after the server exited without it, hung) ends while `asyncio.run` closes the
+    server's loop: asked whether the loop was closed, it was not yet, and reporting the exit a moment later raised
+    "Event loop is closed" on the worker thread. The loop here closes between the two."""
+    import uvicorn
+
+    from catrt.serve.server import DrainingServer
+
+    class Closing(asyncio.SelectorEventLoop):
+        """Closed, but open to `is_closed` while `seen_open`: what the worker thread saw just before the main thread
+        closed the loop."""
+
+        seen_open = True
+
+        def is_closed(self) -> bool:
+            return not self.seen_open and super().is_closed()
+
+    server = DrainingServer(uvicorn.Config(app=None), worker=SimpleNamespace(served=object()),
+                            address="http://127.0.0.1:0")
+    server._loop = loop = Closing()
+    loop.close()
+    try:
+        server.worker_exited("stopped")
+    finally:
+        loop.seen_open = False
+    assert not server.should_exit
+
+
+def test_the_exit_hook_sees_a_batch_taken_but_not_yet_started_as_a_call(model: StandIn,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker took its batch under the lock but marked it in flight only after, so the exit hook, asking in
+    between, took a worker about to run a call for an idle one: it drained it and waited for the call."""
+    exits: list[str] = []
+    worker = Worker(lambda: Router([model]), max_queue=8, metrics=ServerMetrics(), on_exit=exits.append)
+    taken, asked = threading.Event(), threading.Event()
+    take = worker._next_batch
+
+    def take_then_pause() -> tuple[list[Job], float] | None:
+        batch = take()
+        if batch is not None:
+            taken.set()
+            assert asked.wait(WAIT)  # the hook asks here, between the taking and the call
+        return batch
+
+    monkeypatch.setattr(worker, "_next_batch", take_then_pause)
+    _started(worker)
+    job = _job("a")
+    worker.submit(job)
+    assert taken.wait(WAIT)
+    worker.stop_if_idle(0.1)
+    asked.set()
+    assert worker.state == "ready"  # left running, not drained
+    assert _result(job.future).images == ["a"]
+    worker.drain()
+    worker.join(WAIT)
+    assert not worker.alive and exits == ["stopped"]

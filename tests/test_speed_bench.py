@@ -174,3 +174,27 @@ def test_another_users_report_in_a_sticky_folder_is_refused_before_the_run(  # n
         f"and its folder {folder} is sticky (as /tmp is): only the file's owner may replace or remove it there; write it "
         "under another name, or have its owner remove it (see bench/speed.py --help)")
     assert sorted(folder.iterdir()) == [out] and out.read_text() == "another user's report\n"
+
+
+def test_a_bench_model_saved_only_in_part_is_not_taken_for_saved(speed, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """save_pretrained writes model_index.json first: a run stopped mid-save (Ctrl-C, here after that first file) left
+    a folder the next run reused as the saved model, half its weights missing. The next run saves it again, whole."""
+    import argparse
+
+    from diffusers import DiffusionPipeline
+
+    save = DiffusionPipeline.save_pretrained
+
+    def stopped_after_the_index(self: DiffusionPipeline, folder: str, *args: object, **kwargs: object) -> None:
+        self.save_config(folder)  # model_index.json
+        raise KeyboardInterrupt
+
+    config = speed.transformer_config(argparse.Namespace(size=32, layers=1, heads=1))
+    folder = tmp_path / "model"
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", stopped_after_the_index)
+    with pytest.raises(KeyboardInterrupt):
+        speed.save_bench_model(config, folder)
+    assert not folder.exists()
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", save)
+    assert speed.save_bench_model(config, folder) == folder
+    assert (folder / "transformer" / "config.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -68,12 +68,13 @@ def _run_fleet(config: Any, fleet: Any) -> int:
     """`catrt serve --ray`; Ray is imported here only, and its absence is a one-line refusal."""
     import importlib.util
 
-    from catrt.serve.fleet_start import LOCAL, check_fleet_start
+    from catrt.serve.fleet_start import LOCAL, check_fleet_start, check_ray_version
     from catrt.serve.server import bundle_key, check_device, check_source_of, verify_bundles_here
 
     missing = 'Ray Serve is not installed: pip install "catrt[ray]" (or serve on one device without --ray)'
     if importlib.util.find_spec("ray") is None:
         raise ConfigError(f"--ray needs {missing}", field="ray")
+    check_ray_version()
     if config.port == 0:
         raise ConfigError("--port 0 is not served with --ray: Ray Serve's HTTP proxy needs a fixed port", field="port")
     check_source_of(config)

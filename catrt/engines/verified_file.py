@@ -13,11 +13,11 @@ twice. `finish()` hashes what the consumer did not read and compares the whole d
 Every byte served thus lies in a block whose bytes are those the whole-file digest was taken over, so when
 `finish()` passes, the consumer read exactly the verified file. Host memory held: one block.
 
-A file the bundle check of this process hashed already (`catrt.load` checks a bundle, then its engine reads it: a
-TensorRT plan, an ONNX graph) is not hashed again: where `catrt.file_checks` remembers its digest for the file's
-identity (device, inode, size, mtime, change time, of a file settled before the check), it is served as read, and
-`finish()` refuses it if that identity changed by the end of the read (any write or truncation sets the change time,
-which no user call sets back): one sha256 pass per file at load, not two.
+Every byte served is hashed as it is read, also of a file the bundle check of this process hashed a moment before:
+a file's stat cannot vouch for its bytes. A store into a page of a shared mapping its writer dirtied before the check
+changes no stat field (the kernel stamps a mapped file at the first store into a clean page only), and a FUSE file
+system (sshfs: its change time is the mtime) reports what its daemon says; the check's digest, trusted here for an
+unchanged stat, served such an edit to TensorRT unhashed.
 
 A consumer that takes one buffer (TensorRT before 10.7; the weights and index catrt hands ONNX Runtime) gets the
 file read whole into memory of this process (`whole`, `verified_bytes`), hashed as read and verified before it is used:
@@ -41,7 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from catrt.errors import CorruptBundleError
-from catrt.file_checks import digest_mismatch, memoized_digest, stat_identity, written_since_unhashed_check
+from catrt.file_checks import digest_mismatch, stat_identity, written_since_unhashed_check
 
 #: Bytes read, hashed and held at a time (a module constant: tests shrink it to exercise many blocks).
 BLOCK = 16 << 20
@@ -94,12 +94,6 @@ class VerifiedFile:
         self.position = 0
         self.changed = False
         self._failure: CorruptBundleError | None = None  # a read error `read` kept for `finish`
-        # The bundle check of this process hashed this very file (a settled one, its identity unchanged since: the
-        # digest memo of `catrt.file_checks`) to the recorded sha256: it is served unhashed, and `finish` refuses it if
-        # its identity changed while it was read (any write sets its change time). Not hashed twice at load.
-        self._stat = info
-        memo = memoized_digest(info) if record is not None else None
-        self._checked = record is not None and memo is not None and hmac.compare_digest(memo, str(record["sha256"]))
         if not stat.S_ISREG(info.st_mode) or (record is not None and self.size != record["size"]):
             self.close()
             raise self._changed_error()
@@ -151,8 +145,7 @@ class VerifiedFile:
             try:
                 self._file.seek(0)
                 while done < self.size and (count := self._file.readinto(view[done : done + BLOCK])):
-                    if not self._checked:
-                        self._digest.update(view[done : done + count])
+                    self._digest.update(view[done : done + count])
                     done += count
             except OSError as error:
                 raise self._unreadable(error) from error
@@ -165,9 +158,7 @@ class VerifiedFile:
         read error `read` kept)."""
         if self._failure is not None:
             raise self._failure
-        if self._checked:
-            self.changed = self.changed or stat_identity(os.fstat(self._file.fileno())) != stat_identity(self._stat)
-        elif self._record is not None:
+        if self._record is not None:
             while not self.changed and self._hashed < self.size:
                 self._hash_next_block()
             self.changed = self.changed or self._hashed != self._record["size"] or not hmac.compare_digest(
@@ -200,10 +191,7 @@ class VerifiedFile:
         if self._held is not None and self._held[0] == index:
             return self._held[1]
         block: bytes | None = None
-        if self._checked:  # its digest checked already (`finish` refuses it if it changed since)
-            block = self._read_at(index * BLOCK, self._block_length(index))
-            self.changed = len(block) != self._block_length(index)
-        while block is None and not self.changed and len(self._after) <= index:
+        while not self.changed and len(self._after) <= index:  # each block skipped hashed
             block = self._hash_next_block()
         if block is None and not self.changed:
             block = self._read_at(index * BLOCK, self._block_length(index))

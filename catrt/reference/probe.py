@@ -155,11 +155,12 @@ def train_probe(steps: int = 2000, batch_size: int = 64, seed: int = 0, out: Pat
     probe.eval()
     if out is not None:  # written beside, then renamed onto it: a kill mid-save never leaves half a probe
         tensors = {k: v.contiguous() for k, v in probe.state_dict().items()}
-        fix = "free some space or save the probe elsewhere (--out)"
+        elsewhere = "save the probe elsewhere (--out)"
+        fix = f"free some space or {elsewhere}"
         # serialised here, written by Python: safetensors' own write failed (a full disk) as a SafetensorError traceback
-        with written(out, fix):
+        with written(out, fix, elsewhere):
             atomic_files.write_bytes(out, safetensors_bytes(tensors))
-        with written(out.parent / PROBE_CHECKSUM_FILE, fix):
+        with written(out.parent / PROBE_CHECKSUM_FILE, fix, elsewhere):
             write_checksums(out.parent, [out.name], PROBE_CHECKSUM_FILE)
     return probe
 
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     for path in (args.out, args.out.parent / PROBE_CHECKSUM_FILE):  # replaced after the training
         try:
-            refusal = atomic_files.replace_refusal(path, "save the probe elsewhere (--out)")
+            refusal = atomic_files.replace_refusal(path, "save the probe elsewhere (--out)", file=True)
         except OSError as error:
             refusal = f"{error.strerror or type(error).__name__}; save the probe elsewhere (--out)"
         if refusal is not None:

@@ -31,6 +31,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from catrt import atomic_files
-from catrt.checks import output_folder
+from catrt.checks import output_folder, path_is
 from catrt.cli import OneLineParser
 from catrt.errors import CatrtError, ConfigError, echo_path
 from catrt.reference import data
@@ -74,6 +75,9 @@ MAX_MINUTES = 60 * 24 * 366
 # The largest --lr: AdamW moves each weight by about the learning rate a step, so past 1 (the weights start near 0.02,
 # the default is 1e-3) the first step wrecks the model; 1e308 trained NaNs for the whole budget and saved them.
 MAX_LR = 1.0
+# The most --samples: drawn after all the training, each rendered and held first (about 4 KB and 1.3 ms each here: 10
+# million were 40 GB and 3.5 hours before the one pipeline call that draws them all). 1024 is a 512 x 8192 grid.
+MAX_SAMPLES = 1024
 
 
 @dataclass
@@ -274,8 +278,9 @@ def publish(weights: Path, target: Path | None = None) -> None:
     against their training record first: damaged ones are never shipped."""
     target = WEIGHTS_DIR if target is None else target
     verify_files(weights, CHECKED_FILES)
+    kept = f"(the trained weights stay in {echo_path(weights)})"
     for name in WEIGHT_FILES:
-        with written(target / name, f"free some space there (the trained weights stay in {echo_path(weights)})"):
+        with written(target / name, f"free some space there {kept}", f"make {echo_path(target)} writable for this user {kept}"):
             atomic_files.write_bytes(target / name, (weights / name).read_bytes())
 
 
@@ -334,10 +339,14 @@ def _check_publishable(parser: argparse.ArgumentParser, shipped: Path) -> None:
 
 def _check_out_files(parser: argparse.ArgumentParser, out: Path, samples: bool) -> None:
     """Refuse, before training, an `out` (made) whose files the run could not replace at its checkpoints and end:
-    another user's checkpoint.pt in a sticky folder (`--out /tmp`), a writable one in a folder that takes no new file.
+    another user's checkpoint.pt in a sticky folder (`--out /tmp`), a writable one in a folder that takes no new file,
+    a folder at a file's name, a file at weights/ (resumed from, a checkpoint.pt folder failed at once in torch.load).
     A folder not made yet (weights/) is made by the run, in `out`, which was checked writable."""
     names = [CHECKPOINT_FILE, *(f"weights/{name}" for name in WEIGHT_FILES),
              *(("samples.png", "samples.txt") if samples else ())]
+    if os.path.lexists(out / "weights") and not path_is(out / "weights", "folder"):  # its mkdir failed after all the training
+        parser.error(f"--out {echo_path(out)}: its weights is not a folder, where the run writes the trained weights; "
+                     "move it away or train into another --out")
     for name in names:
         if (out / name).parent.is_dir():
             refusal = _replace_refusal(out / name, "train into another --out")
@@ -346,9 +355,9 @@ def _check_out_files(parser: argparse.ArgumentParser, out: Path, samples: bool) 
 
 
 def _replace_refusal(path: Path, fix: str) -> str | None:
-    """`atomic_files.replace_refusal` of `path`, any other failure of its temporary file as "<reason>; <fix>"."""
+    """`atomic_files.replace_refusal` of the file `path`, any other failure of its temporary file as "<reason>; <fix>"."""
     try:
-        return atomic_files.replace_refusal(path, fix)
+        return atomic_files.replace_refusal(path, fix, file=True)
     except OSError as error:
         return f"{error.strerror or type(error).__name__}; {fix}"
 
@@ -395,6 +404,9 @@ def main(argv: list[str] | None = None) -> Trainer:
                      "train into another folder and use --publish to copy the weights there")
     if args.samples % 8 or args.samples < 0:
         parser.error(f"--samples must be a multiple of 8 (rows of 8) >= 0, not {args.samples}")
+    if args.samples > MAX_SAMPLES:
+        parser.error(f"--samples must be at most {MAX_SAMPLES} (drawn in one pipeline call after the training), got "
+                     f"{args.samples}")
     for flag, value in (("--minutes", args.minutes), ("--lr", args.lr), ("--checkpoint-minutes", args.checkpoint_minutes)):
         if not (math.isfinite(value) and value > 0):  # a budget of 0 trains nothing (and --publish would ship it)
             parser.error(f"{flag} must be a finite number > 0, got {value}")

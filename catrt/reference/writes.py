@@ -4,10 +4,14 @@ naming the file and the OS's reason, not a traceback (torch's RuntimeError, safe
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
 from pathlib import Path
 
 from catrt.errors import CatrtError, echo_path
+
+#: The OS's reasons for a refused write that freeing space fixes (a full disk, a quota, a file-size limit).
+SPACE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class WriteError(CatrtError, OSError):
@@ -16,17 +20,22 @@ class WriteError(CatrtError, OSError):
 
 
 @contextlib.contextmanager
-def written(path: Path, fix: str = "free some space or train into another --out") -> Iterator[None]:
+def written(
+    path: Path, fix: str = "free some space or train into another --out", elsewhere: str = "train into another --out"
+) -> Iterator[None]:
     """A failed write of `path` in the block (a full disk, a quota, a failing device) as one WriteError naming the file
-    and the OS's reason, not a traceback; an atomic write inside it has left the earlier file as it was."""
+    and the OS's reason, not a traceback; an atomic write inside it has left the earlier file as it was. `fix` ends the
+    line where space is what ran out (`SPACE_ERRORS`), `elsewhere` where it is not (a folder made read-only, another
+    user's file put there since the up-front check): "free some space" was no fix for those."""
     try:
         yield
     except Exception as error:
         cause = _os_error(error)
         if cause is None:
             raise
+        advice = fix if cause.errno in SPACE_ERRORS else elsewhere
         raise WriteError(f"could not write {echo_path(path)} ({cause.strerror or type(cause).__name__}); the earlier "
-                         f"{path.name}, if any, is left as it was: {fix}", field="out", value=str(path)) from None
+                         f"{path.name}, if any, is left as it was: {advice}", field="out", value=str(path)) from None
 
 
 def _os_error(error: BaseException | None) -> OSError | None:

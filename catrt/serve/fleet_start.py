@@ -3,15 +3,19 @@ errors read.
 
 Starting Ray takes seconds and its errors are tracebacks (a port in use surfaces from inside Ray
 Serve's proxy actor; an unreachable `--ray-address` makes Ray retry for minutes), so the user
-mistakes are refused here first, in one line each: a local cluster's HTTP port must be free on
-this machine (its proxy binds it here), and a cluster to join must answer at its address.
+mistakes are refused here first, in one line each: the installed Ray must be one catrt runs on, a
+local cluster's HTTP port must be free on this machine (its proxy binds it here), and a cluster to
+join must answer at its address. Once Ray has started, a local cluster must have a device for each
+replica (a joined one is only warned about: its autoscaler may add them).
 Imports no Ray.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Mapping
+from importlib import metadata
 
 from catrt.errors import ConfigError
 from catrt.serve.config import FleetConfig, ServeConfig
@@ -22,6 +26,27 @@ LOCAL = "local"  # ray.init's name for "start a new local cluster" (None joins $
 # Addresses ray.init resolves itself: "auto" (a cluster started on this machine, or $RAY_ADDRESS).
 RESOLVED_BY_RAY = ("auto",)
 CONNECT_SECONDS = 5.0
+# The oldest Ray `catrt.serve.ray_app` runs on, as pyproject's ray extra says: a deployment's request_router_config
+# (catrt's ReadyFirstRouter), from Ray 2.48.
+RAY_MINIMUM = (2, 48)
+
+
+def check_ray_version() -> None:
+    """Refuse an installed Ray older than RAY_MINIMUM, before it is imported: importing `catrt.serve.ray_app` then
+    failed on Ray's router API, and the refusal said Ray Serve was not installed. A version that does not read as
+    MAJOR.MINOR (a source build) is left to the import."""
+    try:
+        installed = metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        return
+    release = re.match(r"(\d+)\.(\d+)", installed)
+    if release is not None and (int(release[1]), int(release[2])) < RAY_MINIMUM:
+        wanted = ".".join(map(str, RAY_MINIMUM))
+        raise ConfigError(
+            f'--ray needs Ray >= {wanted} (Ray Serve\'s custom request router) but Ray {installed} is installed: '
+            'pip install -U "catrt[ray]"',
+            field="ray", value=installed,
+        )
 
 
 def check_fleet_start(host: str, port: int, address: str | None) -> None:
@@ -87,16 +112,44 @@ def check_local_room(fleet: FleetConfig, resources: Mapping[str, float], device:
     (`device`: each replica's, `replica_device`). It
     has no autoscaler, so a replica without one is never placed and Serve waits for it for ever: the CLI never said
     it listened, and only Ray's "can't be scheduled" warnings, half a minute apart, told why. A joined cluster may
-    add nodes (KubeRay's autoscaler), so it is not checked; nor is `--max-replicas`, which Serve only scales towards."""
-    have = int(resources.get(device, 0))
-    wanted = fleet.replicas if fleet.replicas is not None else fleet.min_replicas
-    if wanted is not None and wanted > have:
-        flag, name = ("--replicas", "replicas") if fleet.replicas is not None else ("--min-replicas", "min_replicas")
+    add nodes (KubeRay's autoscaler), so it is not refused (`joined_room_warning`); nor is `--max-replicas`, which
+    Serve only scales towards.
+    A GPU replica holds a CPU too (Ray Serve gives each replica `num_cpus=1` unless told otherwise): a cluster with more
+    GPUs than CPUs (a container's CPU limit) placed only as many replicas as it had CPUs, and waited for the rest."""
+    short = _short_of(fleet, resources, device)
+    if short is not None:
+        needs, name, wanted, have = short
         raise ConfigError(
-            f"{flag} {wanted} needs {wanted} {device}s (each model replica holds one) but the local Ray cluster has "
-            f"{have}: ask for at most {have}, or join a cluster with room (--ray-address)",
+            f"{needs} but the local Ray cluster has {have}: ask for at most {have}, or join a cluster with room "
+            "(--ray-address)",
             field=name, value=wanted,
         )
+
+
+def joined_room_warning(fleet: FleetConfig, resources: Mapping[str, float], device: str) -> str | None:
+    """The line `catrt serve` prints where a joined cluster has fewer devices now than the replicas need (None where it
+    has them): Serve then waits for its autoscaler to add nodes, for ever on a cluster without one, and nothing said
+    why (a `--device cuda` fleet joined to a CPU-only cluster never started, in silence)."""
+    short = _short_of(fleet, resources, device)
+    if short is None:
+        return None
+    needs, _, _, have = short
+    return (f"catrt serve: warning: {needs} and the Ray cluster has {have} now: the application runs once its "
+            "autoscaler adds them (never, where it has none; Ctrl-C stops)")
+
+
+def _short_of(fleet: FleetConfig, resources: Mapping[str, float],
+              device: str) -> tuple[str, str, int, int] | None:
+    """(what the replicas need, in words; the flag's field; replicas wanted; the count of the first resource
+    `resources` lacks for them), or None where it has room."""
+    wanted = fleet.replicas if fleet.replicas is not None else fleet.min_replicas
+    for held in (device, "CPU") if device != "CPU" else ("CPU",):
+        have = int(resources.get(held, 0))
+        if wanted is not None and wanted > have:
+            flag = "--replicas" if fleet.replicas is not None else "--min-replicas"
+            name = flag[2:].replace("-", "_")
+            return f"{flag} {wanted} needs {wanted} {held}s (each model replica holds one)", name, wanted, have
+    return None
 
 
 # ray.init's words when `auto` finds no cluster; Ray 2.60 goes on, on the same line, to advise its own CLI's

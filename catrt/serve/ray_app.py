@@ -39,17 +39,18 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from catrt.errors import CatrtError, ConfigError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
 from catrt.notices import hub_notices_dropped, quiet_known_notices
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
-from catrt.serve.fleet_start import (LOCAL, check_fleet_device, check_local_room, first_line, ray_start_error,
-                                     replica_device)
+from catrt.serve.fleet_start import (LOCAL, check_fleet_device, check_local_room, first_line, joined_room_warning,
+                                     ray_start_error, replica_device)
 from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ReplicaSnapshots, ServerMetrics
 from catrt.serve.openapi import describe_served
+from catrt.serve.router_states import refused, register, replica_states
 from catrt.serve.schemas import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ READY_ASKS = 3
 # Seconds between two of a model replica's routing stats (its condition, `ModelReplica.record_routing_stats`), as
 # Serve's controller asks each replica for them and hands them to the ingress's router (`ReadyFirstRouter`).
 ROUTING_STATS_PERIOD = 1.0
+# Seconds the ingress's router sends nothing to a replica that refused a request before anything ran (`Ingress.forward`)
+# while its routing stats still say ready: its new state reaches the router within about ROUTING_STATS_PERIOD.
+REFUSED_HOLD = 3 * ROUTING_STATS_PERIOD
 # Seconds one listing of the live model replicas serves /metrics scrapes: a flood of scrapes asks Serve's controller
 # at most once a second.
 LISTING_INTERVAL = 1.0
@@ -153,8 +157,10 @@ class ModelReplica:
                 "size_rules": rules.size_rules() if rules is not None else None}
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """What Serve's controller hands the ingress's router every ROUTING_STATS_PERIOD: this replica's state."""
-        return {"status": self.worker.condition()[0]}
+        """What Serve's controller hands the ingress's router every ROUTING_STATS_PERIOD: this replica's state (and why,
+        where it is hung) and sizes, which the router routes by and /health/ready reports (`replica_states`)."""
+        status, reason = self.worker.condition()
+        return {"status": status, "reason": reason, "sizes": self.worker.served.sizes}
 
     def check_health(self) -> None:
         """Ray Serve's health check (every `health_check_period_s`): raising makes the controller kill this replica
@@ -224,15 +230,63 @@ class FleetMetrics:
 
 class ReadyFirstRouter(FIFOMixin, RequestRouter):
     """Routes the ingress's calls to the model replicas: two chosen at random among those whose latest routing stats
-    say ready (all where none does, so each still answers why), the one with fewer ongoing requests taken, as Ray
-    Serve's own power of two choices. That one preferred a hung replica (it refuses each request at once, so it had
-    none ongoing) and sent it most new requests until Serve replaced it, three failed health checks later."""
+    say ready and that refused no request lately (`refused_by`; all where none is, so each still answers why), the
+    one with fewer ongoing requests taken, as Ray Serve's own power of two choices. That one preferred a hung replica
+    (it refuses each request at once, so it had none ongoing) and sent it most new requests until Serve replaced it,
+    three failed health checks later.
+
+    Each choice is a whole round, so the request waits (Ray's exponential backoff) before the next: Ray's loop backs off
+    only where the router says so (`should_backoff`, else it expects a narrower choice to widen next round), and
+    without it a fleet whose replicas were all full had the ingress probe their queue lengths without pause."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock = time.monotonic
+        self.refusals: dict[str, float] = {}  # replica id -> when (`clock`) it last refused a request unserved
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        ready = [replica for replica in candidate_replicas if replica.routing_stats.get("status", "ready") == "ready"]
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True
+        now = self.clock()
+        ready = [replica for replica in candidate_replicas if replica.routing_stats.get("status", "ready") == "ready"
+                 and self.refusals.get(replica.replica_id.unique_id, -math.inf) + REFUSED_HOLD <= now]
         pool = ready or candidate_replicas
         return [random.sample(pool, min(2, len(pool)))] if pool else []
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        """Called by Ray once it has made this router (a handle's, at the handle's first call): listed for
+        `/health/ready` and `Ingress.forward` (`router_states`)."""
+        register(self)
+
+    def refused_by(self, replica: str) -> None:
+        """`replica` refused a request before anything ran (hung, stopping): nothing more goes there for REFUSED_HOLD
+        seconds, by when its state says why. Its stats said ready until then, and it had no request ongoing (it
+        refuses at once), so the power of two choices sent it the ingress's retry too, and most new requests."""
+        now = self.clock()
+        self.refusals = {**{held: at for held, at in self.refusals.items() if at + REFUSED_HOLD > now}, replica: now}
+
+
+def check_router_api() -> None:
+    """Refuse, before Ray starts, a Ray whose request router API (alpha: any release may change it) lacks what
+    `ReadyFirstRouter` and `router_states` read. Ray calls the router from its own routing loop: a missing attribute
+    failed there for every request (a traceback each in the ingress's log), which then waited unrouted for --timeout's
+    504, while the fleet said it was listening."""
+    gaps = [f"RunningReplica.{name}" for name in ("replica_id", "routing_stats") if not hasattr(RunningReplica, name)]
+    gaps += [f"RequestRouter.{name}" for name in ("app_name", "curr_replicas", "initialize_state")
+             if not hasattr(RequestRouter, name)]
+    if "unique_id" not in getattr(ReplicaID, "__dataclass_fields__", {}):
+        gaps.append("ReplicaID.unique_id")
+    context = getattr(PendingRequest, "__dataclass_fields__", {}).get("routing_context")
+    if context is None or not hasattr(context.default_factory(), "should_backoff"):
+        gaps.append("PendingRequest.routing_context.should_backoff")
+    if gaps:
+        raise ConfigError(
+            f"--ray cannot run on Ray {ray.__version__}: its Ray Serve request router API (alpha) lacks "
+            f"{', '.join(gaps)}, which catrt's router reads; install a Ray catrt runs on: "
+            'pip install "ray[serve]==2.60.0"',
+            field="ray", value=ray.__version__,
+        )
 
 
 class Ingress:
@@ -261,9 +315,28 @@ class Ingress:
         return state
 
     async def readiness(self) -> tuple[int, dict[str, Any]]:
-        """/health/ready's status and body: 200 once a model replica answers ready. Ray routes each question to one
-        replica, so while those that answer are not ready (hung, stopping) up to READY_ASKS are asked; the 503 body
-        names each replica heard from, with its state and why."""
+        """/health/ready's status and body: 200 while a model replica is ready; the 503 body names each replica heard
+        from, with its state and why.
+
+        The states are those the replicas last reported to the ingress's router (`replica_states`), which asks no
+        replica: a question waited for one of a replica's --max-queue slots, behind its requests, so a busy fleet (every
+        slot taken, more requests waiting in the ingress) answered 503 "no model replica answered", and a readiness
+        probe took a busy fleet out of service.
+        A router that lists no replica answers at once (a question waited DESCRIBE_TIMEOUT for one, past a probe's
+        own timeout). Until every replica the router lists has reported (the ingress's first call makes its router),
+        replicas are asked: Ray routes each question to one replica, so while those that answer are not ready (hung,
+        stopping) up to READY_ASKS are."""
+        states = replica_states(self.models.app_name)
+        if states == {}:
+            return 503, {"status": "unavailable", "sizes": [], "replicas": {},
+                         "reason": "no model replica is running (loading, not placed, or being replaced)"}
+        if states:
+            ready = next((state for state in states.values() if state.get("status") == "ready"), None)
+            if ready is not None:
+                return 200, {"status": "ready", "sizes": ready["sizes"]}
+            if all(states.values()):
+                return self._not_ready({replica: {"status": state["status"], "reason": state.get("reason")}
+                                        for replica, state in states.items()})
         heard: dict[str, dict[str, Any]] = {}
         for _ in range(READY_ASKS):
             state = await self.describe()
@@ -276,6 +349,10 @@ class Ingress:
             return 503, {"status": "unavailable", "sizes": [], "replicas": {},
                          "reason": f"no model replica answered within {DESCRIBE_TIMEOUT:g} s (none running yet: loading, "
                                    "not placed, or being replaced)"}
+        return self._not_ready(heard)
+
+    @staticmethod
+    def _not_ready(heard: dict[str, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         states = ", ".join(f"{replica} is {state['status']}" for replica, state in heard.items())
         return 503, {"status": next(iter(heard.values()))["status"], "sizes": [], "replicas": heard,
                      "reason": f"no model replica asked is ready: {states}"}
@@ -325,14 +402,15 @@ class Ingress:
         """The replica's reply; a full queue is a 429, a replica that dies mid-request a 503, none in time a 504.
 
         A replica that refused the request before anything ran (hung or stopping: `unserved`) is recorded and the
-        request asked once more, within the same --timeout: Ray routes it again, away from that replica once its
-        routing stats say so (`ReadyFirstRouter`). Nothing else is retried: a request a replica took may have run."""
+        request asked once more, within the same --timeout: Ray routes it again, away from that replica
+        (`ReadyFirstRouter.refused_by`). Nothing else is retried: a request a replica took may have run."""
         deadline = time.monotonic() + self.config.timeout
         reply = await self._ask(body, request_id, deadline)
         if reply.get("unserved"):
             logger.info("request %s: replica %s refused it unserved (%s); asking again", request_id, reply["replica"],
                         reply["body"]["error"]["message"])
             self.fleet.observe(reply)
+            refused(self.models.app_name, reply["replica"])
             reply = await self._ask(body, request_id, deadline)
         return reply
 
@@ -511,6 +589,7 @@ def build(args: dict[str, Any]) -> Any:
     check_known_fields(FleetConfig, args.get("fleet", {}), "fleet")
     fleet = FleetConfig(**args.get("fleet", {}))
     check_fleet_device(config)
+    check_router_api()
     return application(config, fleet, gpus=ray.cluster_resources().get("GPU", 0) > 0)
 
 
@@ -519,6 +598,7 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
 
     A signal while Ray starts or the replicas load stops it too (exit 0, as after serving)."""
     check_fleet_device(config)
+    check_router_api()
     stop = threading.Event()
     # Serve's logger in this process ("Started Serve", "Deployed app") logs at INFO whatever catrt's level is.
     logging.getLogger(SERVE_LOGGER).setLevel(logging.getLogger("catrt").getEffectiveLevel())
@@ -545,6 +625,8 @@ def run_fleet(config: ServeConfig, fleet: FleetConfig, bundle_key: bytes | None 
         device = replica_device(config, gpus)
         if local:
             check_local_room(fleet, resources, device)
+        elif (warning := joined_room_warning(fleet, resources, device)) is not None:
+            print(warning, file=sys.stderr, flush=True)
         try:
             serve.start(http_options=http_options(config), logging_config=logging_config())
         except (RuntimeError, ray.exceptions.RayError) as error:

@@ -109,8 +109,12 @@ class DrainingServer(uvicorn.Server):
         answering (503, /health/live included) for its supervisor to restart it."""
         if state == "dead" and self.worker.served is not None and not self._draining:
             return
-        if self._loop is not None and not self._loop.is_closed():  # closed: the server already stopped, and the
-            self._loop.call_soon_threadsafe(setattr, self, "should_exit", True)  # worker ends at exit (worker.py)
+        if self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(setattr, self, "should_exit", True)
+        except RuntimeError:  # closed: the server already stopped (the worker ends at exit, worker.py); asking
+            pass  # is_closed() first left a moment for `asyncio.run` to close the loop before the call
 
 
 def run_server(config: ServeConfig) -> int:

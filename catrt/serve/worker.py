@@ -253,7 +253,6 @@ class Worker:
         try:
             if self._start_serving():
                 while (batch := self._next_batch()) is not None:
-                    self._in_flight = batch[0]
                     self._run_batch(*batch)
                     self._in_flight = []
             self.state = "stopped"
@@ -321,12 +320,16 @@ class Worker:
                 self.state = "ready"
 
     def _next_batch(self) -> tuple[list[Job], float] | None:
-        """The head job plus compatible followers, marked running, and their alpha; None once draining and empty."""
+        """The head job plus compatible followers, marked running and in flight, and their alpha; None once draining
+        and empty. In flight under the lock, as taken: `stop_if_idle` (the exit hook) must not see the worker idle
+        between the two."""
         with self._lock:
             while True:
                 self._drop_cancelled()
                 if self._queue:
-                    return self._take_batch()
+                    batch = self._take_batch()
+                    self._in_flight = batch[0]
+                    return batch
                 if self.state != "ready":
                     return None
                 self._lock.wait()
