@@ -222,12 +222,8 @@ def _build(
     reference = _reference(config, pipe, adapter)
     specs = {graph: graph_spec(reference.inputs[graph], reference.outputs[graph]) for graph in reference.inputs}
     bar.update()
-    if backend.needs_onnx and (export_dir / name / MANIFEST_FILE).exists():
-        raise ConfigError(
-            f"export_dir {echo_path(export_dir)} holds the engine bundle {name}: the ONNX export would take its place; give "
-            f"another --export-dir (the default is export)",
-            field="export_dir", value=str(export_dir),
-        )
+    if backend.needs_onnx:
+        _check_no_bundle(export_dir / name)
     # Checked again as it is published: another build of another model folder of this name may have published meanwhile.
     with staged_folder(out_dir / name, check=lambda: _check_same_model(out_dir / name, config.model)) as staging:
         exporters = _export_and_write_engine(config, adapter, reference, tuple(specs), export_dir / name, staging, bar)
@@ -263,7 +259,8 @@ def _export_and_write_engine(
         return {}
     bar.set_postfix_str(STAGES[2])
     failed: CatrtError | OSError | None = None
-    with staged_folder(export_folder) as onnx_staging:
+    # Checked again as it is published: another build whose --out is this --export-dir may have published there meanwhile.
+    with staged_folder(export_folder, check=lambda: _check_no_bundle(export_folder)) as onnx_staging:
         exporters = export_graphs(adapter, reference.inputs, reference.outputs, onnx_staging, progress=not bar.disable)
         bar.update()
         bar.set_postfix_str(STAGES[3])
@@ -299,6 +296,17 @@ def _check_same_model(folder: Path, model: str) -> None:
             f"{echo_path(folder)} holds a build of model {echo(earlier, PATH_ECHO_LIMIT)}, this one is of {echo(model, PATH_ECHO_LIMIT)}: it would replace it; build into "
             f"another --out, or remove {echo_path(folder)} first",
             field="out_dir", value=str(folder),
+        )
+
+
+def _check_no_bundle(export_folder: Path) -> None:
+    """The ONNX export is published as `export_folder` (`<export_dir>/<name>`): an engine bundle there (an earlier
+    build's --out) would be replaced by it."""
+    if (export_folder / MANIFEST_FILE).exists():
+        raise ConfigError(
+            f"export_dir {echo_path(export_folder.parent)} holds the engine bundle {export_folder.name}: the ONNX export "
+            f"would take its place; give another --export-dir (the default is export)",
+            field="export_dir", value=str(export_folder.parent),
         )
 
 

@@ -9,6 +9,7 @@ import re
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: no test may touch the hub
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +38,18 @@ def tiny_pipelines() -> dict[str, Any]:
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     return pipes
+
+
+def after_a_tick(path: Path) -> None:
+    """Wait until the coarse clock the file system stamps change times with has moved past `path`'s change time, so a
+    change now gives it another: within one tick (1-4 ms) it may keep the one it has, however fast or slow the machine
+    (as a file settled before its check has: `file_checks.SETTLED_NS`, which such tests set to 0)."""
+    probe = path.with_name(".tick-probe")
+    while True:
+        probe.write_bytes(b"")
+        if probe.stat().st_ctime_ns > path.stat().st_ctime_ns:
+            break
+    probe.unlink()
 
 
 def call_kwargs(pipe: Any, **overrides: Any) -> dict[str, Any]:

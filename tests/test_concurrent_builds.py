@@ -1,11 +1,12 @@
 """Two `catrt build` runs of one build name at once (two terminals, a CI matrix): each exports and stages in its own
 temporary folders and publishes whole; the later replaces the earlier, unless it is of another model folder of that
-name, which is refused naming the folder."""
+name, which is refused naming the folder; an export never replaces a bundle another build published where it goes."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import catrt.build as build_module
+import catrt.publish as publish
 from catrt.build import build_engines
 from catrt.build_config import BuildConfig
 from catrt.errors import ConfigError
@@ -22,6 +24,8 @@ from catrt.integrity import check_integrity
 from catrt.manifest import read_manifest_data
 from catrt.publish import staged_folder
 
+#: Seconds after which a thread that should have got somewhere is taken as hung: a bound for a hang, never a pace.
+HANG = 600
 SETTINGS = {"height": 32, "width": 48, "steps": 6, "t0": 3, "max_sequence_length": 8, "backend": "onnxruntime"}
 
 
@@ -42,8 +46,8 @@ def _two_model_folders_of_one_name(pipe: Any, root: Path) -> tuple[Path, Path]:
 def _in_threads(monkeypatch: pytest.MonkeyPatch, builds: list[Callable[[], Path]]) -> list[Path | BaseException]:
     """Run `builds` at once, each in its thread, all exported before any writes its engine from its export; the model
     loads and the exports themselves take turns (diffusers' loading and torch's ONNX exporter patch global state, which
-    two processes do not share)."""
-    turns, together = threading.Lock(), threading.Barrier(len(builds), timeout=120)
+    two processes do not share). The bounds only stop a hung build: on a loaded machine the exports may take minutes."""
+    turns, together = threading.Lock(), threading.Barrier(len(builds), timeout=HANG)
     load, export, backend = build_module.load_pipeline, build_module.export_graphs, BACKEND_BUILDS["onnxruntime"]
 
     def one_at_a_time(work: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,12 +70,14 @@ def _in_threads(monkeypatch: pytest.MonkeyPatch, builds: list[Callable[[], Path]
             results[index] = builds[index]()
         except BaseException as error:  # noqa: BLE001 - handed to the test
             results[index] = error
+            together.abort()  # a build that failed before the barrier does not leave the others waiting there
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(len(builds))]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=300)
+        thread.join(timeout=HANG)
+        assert not thread.is_alive(), "a build hung"
     return results
 
 
@@ -102,28 +108,76 @@ def test_a_build_of_another_model_folder_of_that_name_at_once_is_refused_not_mix
     assert check_integrity(published).problems == [] and _left_over(engines, export) == []
 
 
-def test_a_publish_checks_and_swaps_in_one_step_against_another_of_the_name(tmp_path: Path) -> None:
+def test_a_publish_checks_and_swaps_in_one_step_against_another_of_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each publish checked what was at its name, then swapped: two finishing together both passed their checks before
     either swapped, and both published, the later over a bundle its check never saw (CI saw two builds of two model
-    folders both published). The check and the swap are now one step: the second waits, sees the first, and refuses."""
-    final, checked = tmp_path / "bundle", threading.Event()
+    folders both published). The check and the swap are now one step: the second waits, sees the first, and refuses.
+
+    The first publish's check goes on once the second has run its own check (the race) or waits for the folder's lock
+    (the fix), whichever the code does: no pause that assumes the other thread got there meanwhile."""
+    final, checked, second_went_on = tmp_path / "bundle", threading.Event(), threading.Event()
+    lock = publish._lock
+
+    def noting_a_wait(folder: Path) -> int | None:
+        if threading.current_thread() is threading.main_thread() and folder == tmp_path:
+            probe = os.open(folder, os.O_RDONLY)  # an open file description of its own: refused while the first holds it
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                second_went_on.set()
+            finally:
+                os.close(probe)
+        return lock(folder)
 
     def first_check() -> None:
         checked.set()
-        time.sleep(0.5)  # the other publish reaches its check meanwhile
+        assert second_went_on.wait(timeout=HANG)
 
     def second_check() -> None:
+        second_went_on.set()
         if (final / "owner").exists():
             raise ConfigError(f"{final} holds {(final / 'owner').read_text()}'s bundle")
 
-    def publish(owner: str, check: Callable[[], None]) -> None:
+    def publish_folder(owner: str, check: Callable[[], None]) -> None:
         with staged_folder(final, check=check) as staging:
             (staging / "owner").write_text(owner)
 
-    first = threading.Thread(target=publish, args=("first", first_check))
+    monkeypatch.setattr(publish, "_lock", noting_a_wait)
+    first = threading.Thread(target=publish_folder, args=("first", first_check))
     first.start()
-    assert checked.wait(timeout=30)
-    with pytest.raises(ConfigError, match=f"^{final} holds first's bundle$"):
-        publish("second", second_check)
-    first.join(timeout=30)
-    assert (final / "owner").read_text() == "first" and _left_over(tmp_path) == []
+    try:
+        assert checked.wait(timeout=HANG)
+        with pytest.raises(ConfigError, match=f"^{final} holds first's bundle$"):
+            publish_folder("second", second_check)
+    finally:
+        second_went_on.set()  # a failure above must not leave the first thread waiting
+        first.join(timeout=HANG)
+    assert not first.is_alive() and (final / "owner").read_text() == "first" and _left_over(tmp_path) == []
+
+
+def test_a_bundle_published_where_the_export_goes_while_it_exports_is_refused_not_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build whose --export-dir holds a bundle of its name is refused before it exports; one published there while
+    it exported (another build, its --out this --export-dir) was replaced by the export all the same: a whole bundle
+    lost. The check runs again with the export's swap, under the folder's lock."""
+    config = BuildConfig("tiny-sd3", **SETTINGS)
+    engines, export = tmp_path / "engines", tmp_path / "export"
+    bundle = export / config.build_name()
+    real_export = build_module.export_graphs
+
+    def another_build_publishes_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        bundle.mkdir(parents=True)
+        (bundle / "manifest.json").write_text("another build's")
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "export_graphs", another_build_publishes_meanwhile)
+    with pytest.raises(ConfigError) as refused:
+        build_engines(config, out_dir=engines, export_dir=export, progress=False)
+    assert str(refused.value) == (f"export_dir {export} holds the engine bundle {bundle.name}: the ONNX export would take "
+                                  "its place; give another --export-dir (the default is export)")
+    assert [path.name for path in bundle.iterdir()] == ["manifest.json"]
+    assert (bundle / "manifest.json").read_text() == "another build's" and _left_over(export) == []
+    assert not engines.exists() or list(engines.iterdir()) == []

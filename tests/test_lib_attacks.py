@@ -43,9 +43,11 @@ def test_calls_from_several_threads_run_one_at_a_time_and_leave_the_transformer_
     plain = pipe(**_quick(pipe)).images
     got: dict[tuple[str, int], torch.Tensor] = {}
     errors: list[BaseException] = []
+    together = threading.Barrier(len(prompts), timeout=600)  # all started before any calls: a bound for a hang only
 
     def work(prompt: str) -> None:
         try:
+            together.wait()
             for round_ in range(2):
                 got[(prompt, round_)] = fast(**_quick(pipe, prompt=prompt)).images
         except BaseException as error:  # noqa: BLE001 - reported below

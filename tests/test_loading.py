@@ -96,36 +96,50 @@ def test_same_seed_same_weights_other_seed_other_weights(name: str) -> None:
     assert not _same_weights(first, build_tiny_pipeline(name, seed=4))
 
 
+class _NotingLock:
+    """tiny's build lock, noting in `waiting` when a build has to wait for it."""
+
+    def __init__(self, waiting: threading.Event) -> None:
+        self._lock, self._waiting = threading.Lock(), waiting
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self._waiting.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
 def test_builds_in_two_threads_each_get_their_seeds_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two threads loading tiny models at once (two `catrt.load`s of a tiny bundle): each build's weights are its
-    seed's. The first build, seeded, waits for the second to seed before it draws: without turns it drew from the
-    second's seed."""
-    first_seeded, second_seeded, first_drew = threading.Event(), threading.Event(), threading.Event()
+    seed's. The first build, seeded, draws only once the second has seeded (without turns: it then drew from the
+    second's seed) or waits for its turn (with turns): no pause that assumes the second got there meanwhile."""
+    together, first_seeded, second_went_on, first_drew = (threading.Event() for _ in range(4))
 
     def build(seed: int) -> torch.Tensor:
         def draw() -> torch.Tensor:
-            if seed == 1:
+            if together.is_set() and seed == 1:
                 first_seeded.set()
-                second_seeded.wait(timeout=0.5)  # with turns the second build waits for this one: no deadlock
+                assert second_went_on.wait(timeout=600)  # a bound for a hang only
                 weights = torch.rand(4)
                 first_drew.set()
                 return weights
-            second_seeded.set()
-            first_drew.wait(timeout=0.5)
+            if together.is_set():
+                second_went_on.set()
+                assert first_drew.wait(timeout=600)
             return torch.rand(4)
         return tiny._seeded(seed, 0, draw)
 
     monkeypatch.setitem(TINY_PIPELINES, "tiny-test", build)
-    expected = {}
-    for seed in (1, 2):
-        expected[seed] = build_tiny_pipeline("tiny-test", seed=seed)
-        for event in (first_seeded, second_seeded, first_drew):
-            event.clear()
+    expected = {seed: build_tiny_pipeline("tiny-test", seed=seed) for seed in (1, 2)}  # each alone
+    monkeypatch.setattr(tiny, "_BUILDING", _NotingLock(second_went_on))
+    together.set()
     built: dict[int, torch.Tensor] = {}
     first = threading.Thread(target=lambda: built.__setitem__(1, build_tiny_pipeline("tiny-test", seed=1)))
     first.start()
-    assert first_seeded.wait(timeout=60)
     second = threading.Thread(target=lambda: built.__setitem__(2, build_tiny_pipeline("tiny-test", seed=2)))
+    assert first_seeded.wait(timeout=600)
     second.start()
     first.join()
     second.join()

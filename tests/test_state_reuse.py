@@ -205,18 +205,26 @@ def test_pipelines_of_two_transformers_sharing_step_buffers_run_at_once_on_state
     shared = RuntimeBuffers()
     fast, other = catrt.accelerate(pipe, CONFIG), catrt.accelerate(tuned, CONFIG)
     fast.buffers = other.buffers = shared
-    other_ran = threading.Event()
+    paused, other_ran = threading.Event(), threading.Event()
 
     def wait_for_the_other(pipeline: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         if step == 4:  # part-way, pruning: the other generation runs entirely now
-            assert other_ran.wait(timeout=60)
+            paused.set()
+            assert other_ran.wait(timeout=600)  # a bound for a hang only
         return {}
 
     result: list[torch.Tensor] = []
-    thread = threading.Thread(target=lambda: result.append(
-        _images(fast, pipe, num_inference_steps=8, callback_on_step_end=wait_for_the_other)))
+
+    def generate() -> None:
+        try:
+            result.append(_images(fast, pipe, num_inference_steps=8, callback_on_step_end=wait_for_the_other))
+        finally:
+            paused.set()  # a generation that failed before step 4 does not leave the other waiting
+
+    thread = threading.Thread(target=generate)
     thread.start()
     try:
+        assert paused.wait(timeout=600)  # not before: a thread slow to start ran after the other, never across it
         _images(other, tuned, num_inference_steps=8)
     finally:
         other_ran.set()

@@ -13,6 +13,7 @@ from catrt import file_checks
 from catrt.engines import verified_file
 from catrt.engines.verified_file import VerifiedFile
 from catrt.errors import CorruptBundleError
+from tests.conftest import after_a_tick
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes: 10 blocks of 1 KiB
 
@@ -61,17 +62,6 @@ def _stream(source: VerifiedFile) -> bytes:
     return b"".join(parts)
 
 
-def _after_a_tick(path: Path) -> None:
-    """Wait until the clock the file system stamps change times with has moved past the file's change time, so a
-    write now gives it another (as a file settled before its check has: `file_checks.SETTLED_NS`)."""
-    probe = path.with_name("probe")
-    while True:
-        probe.write_bytes(b"")
-        if probe.stat().st_ctime_ns > path.stat().st_ctime_ns:
-            break
-    probe.unlink()
-
-
 def test_a_file_the_bundle_check_hashed_is_hashed_again_as_read(plan: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """catrt.load hashes a TensorRT plan (or an ONNX graph) in the bundle check, then again as the engine reads it:
     the check's digest, remembered for the file's stat, does not stand in for the bytes served (see the mapping test
@@ -92,7 +82,7 @@ def test_a_file_the_bundle_check_hashed_is_hashed_again_as_read(plan: Path, monk
 def test_a_checked_file_written_while_it_is_read_is_refused(plan: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file written in place after the check (same size) is refused by `finish`, and so is one whose check
     remembered another digest than the record's; both hashed as read."""
-    _after_a_tick(plan)
+    after_a_tick(plan)
     assert file_checks.file_problems(plan.parent, {plan.name: _record()}, None) == []
     fed = _bytes_hashed(monkeypatch)
     with VerifiedFile(plan, _record()) as source:
