@@ -147,10 +147,7 @@ def check_plot(parser: argparse.ArgumentParser, out: Path | None) -> None:
     from catrt import atomic_files  # light: no torch
 
     plot_path = out.with_suffix(".png")
-    try:
-        refusal = atomic_files.replace_refusal(plot_path, "give another --out", file=True)
-    except OSError as error:
-        refusal = f"{error.strerror or type(error).__name__}; give another --out"
+    refusal = atomic_files.file_refusal(plot_path, "give another --out")
     if refusal is not None:
         parser.error(f"--out {out}: its plot {plot_path} cannot be replaced: {refusal}")
 

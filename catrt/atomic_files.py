@@ -237,6 +237,15 @@ def replace_refusal(path: Path, fix: str | None = None, file: bool = False) -> s
     return None
 
 
+def file_refusal(path: Path, fix: str) -> str | None:
+    """`replace_refusal` of a file written at `path`, any other failure of its temporary file (a missing folder, a
+    full disk) as "<reason>; <fix>": the line a CLI's up-front check of its output file prints."""
+    try:
+        return replace_refusal(path, fix, file=True)
+    except OSError as error:
+        return f"{error.strerror or type(error).__name__}; {fix}"
+
+
 def discard(temporary: Path) -> None:
     """Remove a staged `temporary` unwritten (its write failed or was interrupted) and let go of its lock."""
     with contextlib.suppress(OSError):

@@ -1318,6 +1318,15 @@ def test_readiness_is_the_fleets_a_hung_replica_answering_first_does_not_make_it
     assert describes == []
 
 
+#: /health/ready's answer where replica a is hung and b is draining, asked or read from the states they report.
+HUNG_AND_DRAINING = {
+    "status": "hung", "sizes": [],
+    "replicas": {"a": {"status": "hung", "reason": "a step or the device is stuck"},
+                 "b": {"status": "draining", "reason": None}},
+    "reason": "no model replica asked is ready: a is hung, b is draining",
+}
+
+
 def test_readiness_503_says_which_replicas_are_not_ready_and_why() -> None:
     """Every replica asked is hung (or stopping): 503, each named with its state and reason, after READY_ASKS
     questions; where none answers, 503 saying so."""
@@ -1331,12 +1340,7 @@ def test_readiness_503_says_which_replicas_are_not_ready_and_why() -> None:
         refused = http.get("/health/ready")
     assert len(describes) == 4 - ray_app.READY_ASKS == 1  # bounded: the fourth, ready, was not asked
     assert refused.status_code == 503
-    assert refused.json() == {
-        "status": "hung", "sizes": [],
-        "replicas": {"a": {"status": "hung", "reason": "a step or the device is stuck"},
-                     "b": {"status": "draining", "reason": None}},
-        "reason": "no model replica asked is ready: a is hung, b is draining",
-    }
+    assert refused.json() == HUNG_AND_DRAINING
     with TestClient(ray_app.ingress_app(_ingress_with([TimeoutError("no replica yet")]))) as http:
         none = http.get("/health/ready")
     assert none.status_code == 503 and none.json()["status"] == "unavailable" and none.json()["replicas"] == {}
@@ -1410,12 +1414,7 @@ def test_readiness_from_the_replicas_states_names_each_and_asks_where_one_has_no
     finally:
         forget(router)
     assert refused.status_code == 503
-    assert refused.json() == {
-        "status": "hung", "sizes": [],
-        "replicas": {"a": {"status": "hung", "reason": "a step or the device is stuck"},
-                     "b": {"status": "draining", "reason": None}},
-        "reason": "no model replica asked is ready: a is hung, b is draining",
-    }
+    assert refused.json() == HUNG_AND_DRAINING
     describes = [_described("new", "ready")]
     router = _router_of(UNIT_APP, {"a": hung, "new": {}})
     try:

@@ -226,10 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         parser.error(str(error))
     for path in (args.out, args.out.parent / PROBE_CHECKSUM_FILE):  # replaced after the training
-        try:
-            refusal = atomic_files.replace_refusal(path, "save the probe elsewhere (--out)", file=True)
-        except OSError as error:
-            refusal = f"{error.strerror or type(error).__name__}; save the probe elsewhere (--out)"
+        refusal = atomic_files.file_refusal(path, "save the probe elsewhere (--out)")
         if refusal is not None:
             parser.error(f"--out {echo_path(args.out)}: {echo_path(path)} cannot be replaced: {refusal}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -332,7 +332,7 @@ def _check_publishable(parser: argparse.ArgumentParser, shipped: Path) -> None:
     traceback after all the training."""
     fix = "train without --publish (the weights stay in --out's weights/)"
     for name in WEIGHT_FILES:
-        refusal = _replace_refusal(shipped.parent / name, fix)
+        refusal = atomic_files.file_refusal(shipped.parent / name, fix)
         if refusal is not None:
             parser.error(f"--publish cannot replace the shipped weights in {shipped.parent}: {refusal}")
 
@@ -349,17 +349,9 @@ def _check_out_files(parser: argparse.ArgumentParser, out: Path, samples: bool) 
                      "move it away or train into another --out")
     for name in names:
         if (out / name).parent.is_dir():
-            refusal = _replace_refusal(out / name, "train into another --out")
+            refusal = atomic_files.file_refusal(out / name, "train into another --out")
             if refusal is not None:
                 parser.error(f"--out {echo_path(out)}: its {name} cannot be replaced: {refusal}")
-
-
-def _replace_refusal(path: Path, fix: str) -> str | None:
-    """`atomic_files.replace_refusal` of the file `path`, any other failure of its temporary file as "<reason>; <fix>"."""
-    try:
-        return atomic_files.replace_refusal(path, fix, file=True)
-    except OSError as error:
-        return f"{error.strerror or type(error).__name__}; {fix}"
 
 
 def _inside(path: Path, folder: Path) -> bool:
