@@ -59,32 +59,68 @@ def target(path: Path) -> Path:
     writer replace the file of the planter's choosing."""
     if not os.path.islink(path):
         return path
-    planted = planted_link(path)
+    resolved, planted = _walk(path)
     if planted is not None:
         link, owner, folder = planted
         raise PermissionError(errno.EACCES, f"{link} is a link another user (uid {owner}) made in the sticky folder "
                                             f"{folder}, not followed", str(path))
-    return Path(os.path.realpath(path))
+    return path if resolved is None else resolved
 
 
 def planted_link(path: Path) -> tuple[Path, int, Path] | None:
-    """The first link of `path`'s chain of links that a user other than this one and its folder's owner made in a
-    sticky, world-writable folder, with that user and folder; None where there is none (fs.protected_symlinks' rule)."""
-    if not hasattr(os, "geteuid"):  # Windows: no sticky folders
-        return None
-    link = Path(os.path.abspath(path))
-    for _ in range(40):  # the kernel's limit on links followed
+    """The first link followed to reach `path` (its own, a folder's on the way, and theirs in turn) that a user other
+    than this one and its folder's owner made in a sticky, world-writable folder, with that user and folder; None where
+    there is none (fs.protected_symlinks' rule)."""
+    return _walk(path)[1]
+
+
+#: The kernel's limit on the links one lookup follows (ELOOP past it).
+_MOST_LINKS = 40
+
+
+def _walk(path: Path) -> tuple[Path | None, tuple[Path, int, Path] | None]:
+    """`path` resolved name by name as the kernel resolves it (each `..` from the folder a link led to, not the link's
+    name: `os.path.abspath` took `proj/report.md -> ../x` through `proj -> /tmp/sub` for `proj/../x`), checking every
+    link followed, as `os.path.realpath` follows them; with the first planted link (`planted_link`), or None. The path
+    is None past the kernel's limit on links (a loop), where a write fails (ELOOP). A name that is missing is kept as it
+    is, as realpath keeps it."""
+    if not hasattr(os, "geteuid"):  # Windows: no sticky folders (and drive letters)
+        return Path(os.path.realpath(path)), None
+    resolved, names = os.path.abspath(os.sep), os.fspath(path).split(os.sep)
+    if not os.path.isabs(path):
+        names = [*os.getcwd().split(os.sep), *names]
+    followed = 0
+    while names:
+        name = names.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            resolved = os.path.dirname(resolved)
+            continue
+        candidate = os.path.join(resolved, name)
         try:
-            found, folder = os.lstat(link), os.stat(link.parent)
+            found = os.lstat(candidate)
         except OSError:
-            return None  # the write itself says why
-        if not stat.S_ISLNK(found.st_mode):
-            return None
+            found = None  # a write there says why
+        if found is None or not stat.S_ISLNK(found.st_mode):
+            resolved = candidate
+            continue
+        followed += 1
+        if followed > _MOST_LINKS:
+            return None, None
+        try:
+            folder = os.stat(resolved)
+            pointed = os.readlink(candidate)
+        except OSError:  # gone since its lstat: kept as a name, as a missing one is
+            resolved = candidate
+            continue
         shared = folder.st_mode & stat.S_ISVTX and folder.st_mode & stat.S_IWOTH
         if shared and found.st_uid not in (os.geteuid(), folder.st_uid):
-            return link, found.st_uid, link.parent
-        link = Path(os.path.abspath(link.parent / os.readlink(link)))
-    return None
+            return None, (Path(candidate), found.st_uid, Path(resolved))
+        if os.path.isabs(pointed):
+            resolved = os.path.abspath(os.sep)
+        names[:0] = pointed.split(os.sep)
+    return Path(resolved), None
 
 
 def stage(path: Path) -> Path:

@@ -203,10 +203,12 @@ def held(folder: Path) -> Iterator[None]:
     """`folder` locked for the block (a flock on its descriptor, released on exit or when the process dies): publishes
     beside it, and `catrt compare` runs moving their results into it, take turns.
 
-    A folder this user may write in but not read cannot be opened to lock: no publish can hold it then.
+    A folder this user may write in but not read cannot be opened to lock: no publish can hold it then. Where another
+    process holds it, a line says so before the wait: any user who may read a folder (`/tmp`, a shared `engines/`)
+    may lock it, and the build or compare waited there without a word, at its last step.
     """
     try:
-        descriptor = _lock(folder)
+        descriptor = _lock(folder, waiting=True)
     except PermissionError:
         descriptor = None
     try:
@@ -216,13 +218,22 @@ def held(folder: Path) -> Iterator[None]:
             os.close(descriptor)
 
 
-def _lock(folder: Path) -> int | None:
+def _lock(folder: Path, waiting: bool = False) -> int | None:
     """An exclusive lock on `folder`, held while the descriptor is open (the kernel drops it when the process dies);
-    None without `fcntl` (Windows, where a folder cannot be opened, and an open one could not be renamed)."""
+    None without `fcntl` (Windows, where a folder cannot be opened, and an open one could not be renamed). `waiting`:
+    say so (a warning) where another holds it, before waiting for it."""
     if fcntl is None:
         return None
     descriptor = os.open(folder, os.O_RDONLY)
     try:
+        if waiting:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return descriptor
+            except BlockingIOError:
+                logger.warning("waiting for the lock on %s: another catrt build is publishing there or a catrt compare "
+                               "moving its results there, or another process holds it (lsof %s names it); this goes "
+                               "on once it lets go", folder, folder)
         fcntl.flock(descriptor, fcntl.LOCK_EX)
     except OSError as error:
         os.close(descriptor)

@@ -545,3 +545,40 @@ def test_a_link_another_user_planted_in_a_sticky_folder_is_not_written_through(t
     atomic_files.write_text(planted, "followed\n")
     assert victim.read_text() == "followed\n" and sorted(home.iterdir()) == [victim]
     assert sorted(p.name for p in shared.iterdir()) == ["chained.md", "own.md", "report.md"]
+
+
+def test_a_planted_link_reached_through_a_relative_link_or_a_linked_folder_is_not_written_through(tmp_path: Path) -> None:
+    """Every link a write follows is checked, as the kernel checks each: `proj/report.md -> ../planted.md` with
+    `proj -> shared/sub` leads to `shared/planted.md` (each `..` from the folder a link led to), which the chain's
+    walk took lexically for `proj/../planted.md` (nothing there) while `realpath` followed the planted link; and a
+    planted link to a folder on the way (`shared/dir -> home`, then `dir/.bashrc`) was never looked at. A link of this
+    user's to a folder is still followed."""
+    if os.geteuid() != 0:
+        pytest.skip("giving the link another user's uid (lchown) needs root, as the tests run")
+    shared, home = tmp_path / "shared", tmp_path / "home"
+    (shared / "sub").mkdir(parents=True)
+    home.mkdir()
+    os.chmod(shared, 0o1777)
+    victim = home / ".bashrc"
+    victim.write_text("the victim's file\n")
+    planted = shared / "planted.md"
+    planted.symlink_to(victim)
+    os.lchown(planted, 1000, 1000)
+    proj = home / "proj"
+    proj.symlink_to(shared / "sub")  # this user's own links, both
+    (shared / "sub" / "report.md").symlink_to(Path("..") / "planted.md")
+    out = proj / "report.md"
+    assert atomic_files.planted_link(out) == (planted, 1000, shared)
+    with pytest.raises(PermissionError):
+        atomic_files.write_text(out, "a report\n")
+    (shared / "dir").symlink_to(home)  # another user's link to a folder, then a link of this user's through it
+    os.lchown(shared / "dir", 1000, 1000)
+    (home / "via.md").symlink_to(shared / "dir" / ".bashrc")
+    assert atomic_files.planted_link(home / "via.md") == (shared / "dir", 1000, shared)
+    with pytest.raises(PermissionError):
+        atomic_files.write_text(home / "via.md", "a report\n")
+    assert victim.read_text() == "the victim's file\n" and sorted(p.name for p in home.iterdir()) == [".bashrc", "proj",
+                                                                                                    "via.md"]
+    os.lchown(shared / "dir", 0, 0)  # the folder owner's link (root's, as the folder is): followed
+    atomic_files.write_text(home / "via.md", "mine\n")
+    assert victim.read_text() == "mine\n" and (home / "via.md").is_symlink()

@@ -5,6 +5,7 @@ name, which is refused naming the folder; an export never replaces a bundle anot
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -120,7 +121,7 @@ def test_a_publish_checks_and_swaps_in_one_step_against_another_of_the_name(
     final, checked, second_went_on = tmp_path / "bundle", threading.Event(), threading.Event()
     lock = publish._lock
 
-    def noting_a_wait(folder: Path) -> int | None:
+    def noting_a_wait(folder: Path, **options: bool) -> int | None:
         if threading.current_thread() is threading.main_thread() and folder == tmp_path:
             probe = os.open(folder, os.O_RDONLY)  # an open file description of its own: refused while the first holds it
             try:
@@ -129,7 +130,7 @@ def test_a_publish_checks_and_swaps_in_one_step_against_another_of_the_name(
                 second_went_on.set()
             finally:
                 os.close(probe)
-        return lock(folder)
+        return lock(folder, **options)
 
     def first_check() -> None:
         checked.set()
@@ -181,3 +182,41 @@ def test_a_bundle_published_where_the_export_goes_while_it_exports_is_refused_no
     assert [path.name for path in bundle.iterdir()] == ["manifest.json"]
     assert (bundle / "manifest.json").read_text() == "another build's" and _left_over(export) == []
     assert not engines.exists() or list(engines.iterdir()) == []
+
+
+def test_a_publish_that_waits_for_its_folders_lock_says_so(tmp_path: Path) -> None:
+    """Any user who may read a folder may lock it (`flock -x /tmp sleep 1d`): a build publishing there, or a compare
+    moving its results there, then waited at its last step without a word, for as long as the lock was held. A line
+    names the folder and the wait, and the publish goes on once the lock is let go."""
+    warned = threading.Event()
+
+    class Noting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("waiting for the lock on"):
+                warned.set()
+                messages.append(record.getMessage())
+
+    messages: list[str] = []
+    holder = os.open(tmp_path, os.O_RDONLY)  # another process's lock: an open file description of its own
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    handler = Noting()
+    logging.getLogger(publish.__name__).addHandler(handler)
+    final = tmp_path / "bundle"
+
+    def publish_folder() -> None:
+        with staged_folder(final) as staging:
+            (staging / "owner").write_text("mine")
+
+    publishing = threading.Thread(target=publish_folder)
+    try:
+        publishing.start()
+        assert warned.wait(timeout=HANG)
+        assert not final.exists()
+    finally:
+        os.close(holder)
+        publishing.join(timeout=HANG)
+        logging.getLogger(publish.__name__).removeHandler(handler)
+    assert not publishing.is_alive() and (final / "owner").read_text() == "mine" and _left_over(tmp_path) == []
+    assert messages[0] == (f"waiting for the lock on {tmp_path}: another catrt build is publishing there or a catrt "
+                           f"compare moving its results there, or another process holds it (lsof {tmp_path} names it); "
+                           "this goes on once it lets go")
