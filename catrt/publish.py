@@ -34,6 +34,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,6 +57,8 @@ _WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROF
 #: What flock answers on a filesystem without locks (NFS without its lock daemon, some FUSE mounts): a build there was
 #: a traceback before its first stage; it publishes unlocked, as where there is no fcntl.
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})
+#: How long a publish waits for its folder's lock before it says it is waiting (another publish's swap takes less).
+_QUIET_WAIT_S = 2.0
 #: How often a publish retries when another publish of the same name changes `final` under it.
 _ATTEMPTS = 5
 
@@ -204,7 +207,7 @@ def held(folder: Path) -> Iterator[None]:
     beside it, and `catrt compare` runs moving their results into it, take turns.
 
     A folder this user may write in but not read cannot be opened to lock: no publish can hold it then. Where another
-    process holds it, a line says so before the wait: any user who may read a folder (`/tmp`, a shared `engines/`)
+    process holds it for over 2 s, a line says so before the wait: any user who may read a folder (`/tmp`, a shared `engines/`)
     may lock it, and the build or compare waited there without a word, at its last step.
     """
     try:
@@ -221,19 +224,17 @@ def held(folder: Path) -> Iterator[None]:
 def _lock(folder: Path, waiting: bool = False) -> int | None:
     """An exclusive lock on `folder`, held while the descriptor is open (the kernel drops it when the process dies);
     None without `fcntl` (Windows, where a folder cannot be opened, and an open one could not be renamed). `waiting`:
-    say so (a warning) where another holds it, before waiting for it."""
+    say so (a warning) where another holds it past `_QUIET_WAIT_S`, before waiting on for it."""
     if fcntl is None:
         return None
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         if waiting:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _taken_within(descriptor, _QUIET_WAIT_S):
                 return descriptor
-            except BlockingIOError:
-                logger.warning("waiting for the lock on %s: another catrt build is publishing there or a catrt compare "
-                               "moving its results there, or another process holds it (lsof %s names it); this goes "
-                               "on once it lets go", folder, folder)
+            logger.warning("waiting for the lock on %s: another catrt build is publishing there or a catrt compare "
+                           "moving its results there, or another process holds it (lsof %s names it); this goes "
+                           "on once it lets go", folder, folder)
         fcntl.flock(descriptor, fcntl.LOCK_EX)
     except OSError as error:
         os.close(descriptor)
@@ -241,6 +242,20 @@ def _lock(folder: Path, waiting: bool = False) -> int | None:
             raise
         return None  # a filesystem without locks: publish as on Windows (an abandoned folder is never taken as dead)
     return descriptor
+
+
+def _taken_within(descriptor: int, seconds: float) -> bool:
+    """Whether the lock on `descriptor` was taken within `seconds`, tried every 50 ms: another build's swap beside this
+    one lets go within that, and is waited for without a word."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
 
 def _put_in_place(staging: Path, final: Path) -> None:

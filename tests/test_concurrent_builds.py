@@ -220,3 +220,33 @@ def test_a_publish_that_waits_for_its_folders_lock_says_so(tmp_path: Path) -> No
     assert messages[0] == (f"waiting for the lock on {tmp_path}: another catrt build is publishing there or a catrt "
                            f"compare moving its results there, or another process holds it (lsof {tmp_path} names it); "
                            "this goes on once it lets go")
+
+
+def test_a_lock_let_go_within_the_quiet_wait_is_taken_without_a_word(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two builds of other names publishing into one engines/ take turns at the folder's lock for the instant of a
+    swap: that wait is not announced (it warned at every such turn). The holder lets go at the waiter's first pause."""
+    holder = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    pauses: list[float] = []
+
+    def let_go(seconds: float) -> None:
+        pauses.append(seconds)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+
+    class LetGoOnTheWarning(logging.Handler):  # without the quiet wait: the warning, then no hang
+        def emit(self, record: logging.LogRecord) -> None:
+            fcntl.flock(holder, fcntl.LOCK_UN)
+
+    monkeypatch.setattr(publish.time, "sleep", let_go)
+    handler = LetGoOnTheWarning(level=logging.WARNING)
+    logging.getLogger(publish.__name__).addHandler(handler)
+    try:
+        with caplog.at_level("WARNING", logger=publish.__name__), staged_folder(tmp_path / "bundle") as staging:
+            (staging / "owner").write_text("mine")
+    finally:
+        logging.getLogger(publish.__name__).removeHandler(handler)
+        os.close(holder)
+    assert pauses and not [record for record in caplog.records if "waiting for the lock" in record.getMessage()]
+    assert (tmp_path / "bundle" / "owner").read_text() == "mine"
