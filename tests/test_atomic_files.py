@@ -508,12 +508,9 @@ def test_replace_refusal_finds_a_sticky_folders_file_and_a_read_only_folder_befo
     assert not atomic_files._HELD
 
 
-def test_a_link_another_user_planted_in_a_sticky_folder_is_not_written_through(tmp_path: Path) -> None:
-    """`/tmp/report.md` -> `~/.bashrc`, made by another user before this one's `--out /tmp/report.md`: resolving the
-    link itself, the writer replaced the file of the planter's choosing, where a plain write is refused there (Linux's
-    fs.protected_symlinks, on in most distributions). The folder is really sticky and world-writable and the link
-    really another user's (lchown: the tests run as root); this user's own links, the folder owner's, and any link in
-    a folder that is not sticky are written through as before."""
+def _planted(tmp_path: Path, name: str) -> tuple[Path, Path, Path, Path]:
+    """A sticky, world-writable `shared/` (as /tmp is), `home/.bashrc` (the victim's file) and `shared/<name>`, a link
+    to it made by another user (uid 1000, by lchown: the tests run as root): shared, home, victim, planted."""
     if os.geteuid() != 0:
         pytest.skip("giving the link another user's uid (lchown) needs root, as the tests run")
     shared, home = tmp_path / "shared", tmp_path / "home"
@@ -522,9 +519,19 @@ def test_a_link_another_user_planted_in_a_sticky_folder_is_not_written_through(t
     os.chmod(shared, 0o1777)
     victim = home / ".bashrc"
     victim.write_text("the victim's file\n")
-    planted = shared / "report.md"
+    planted = shared / name
     planted.symlink_to(victim)
     os.lchown(planted, 1000, 1000)
+    return shared, home, victim, planted
+
+
+def test_a_link_another_user_planted_in_a_sticky_folder_is_not_written_through(tmp_path: Path) -> None:
+    """`/tmp/report.md` -> `~/.bashrc`, made by another user before this one's `--out /tmp/report.md`: resolving the
+    link itself, the writer replaced the file of the planter's choosing, where a plain write is refused there (Linux's
+    fs.protected_symlinks, on in most distributions). The folder is really sticky and world-writable and the link
+    really another user's (lchown: the tests run as root); this user's own links, the folder owner's, and any link in
+    a folder that is not sticky are written through as before."""
+    shared, home, victim, planted = _planted(tmp_path, "report.md")
     with pytest.raises(PermissionError) as refused:
         atomic_files.write_text(planted, "a report\n")
     assert refused.value.errno == errno.EACCES and f"{planted} is a link another user (uid 1000) made" in str(refused.value)
@@ -553,17 +560,8 @@ def test_a_planted_link_reached_through_a_relative_link_or_a_linked_folder_is_no
     walk took lexically for `proj/../planted.md` (nothing there) while `realpath` followed the planted link; and a
     planted link to a folder on the way (`shared/dir -> home`, then `dir/.bashrc`) was never looked at. A link of this
     user's to a folder is still followed."""
-    if os.geteuid() != 0:
-        pytest.skip("giving the link another user's uid (lchown) needs root, as the tests run")
-    shared, home = tmp_path / "shared", tmp_path / "home"
-    (shared / "sub").mkdir(parents=True)
-    home.mkdir()
-    os.chmod(shared, 0o1777)
-    victim = home / ".bashrc"
-    victim.write_text("the victim's file\n")
-    planted = shared / "planted.md"
-    planted.symlink_to(victim)
-    os.lchown(planted, 1000, 1000)
+    shared, home, victim, planted = _planted(tmp_path, "planted.md")
+    (shared / "sub").mkdir()
     proj = home / "proj"
     proj.symlink_to(shared / "sub")  # this user's own links, both
     (shared / "sub" / "report.md").symlink_to(Path("..") / "planted.md")
