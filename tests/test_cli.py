@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -713,6 +714,30 @@ def test_an_export_dir_inside_the_bundles_folder_is_refused_once_the_name_is_kno
         catrt.build.build_engines(config, out_dir=tmp_path / "engines", export_dir=tmp_path / "engines" / name / "onnx",
                                   progress=False)
     assert refused.value.field == "export_dir" and not any(tmp_path.iterdir())
+
+
+def test_a_build_whose_out_is_removed_while_it_builds_is_one_line(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rm -rf engines` in another terminal while the engines verify (minutes on a real model): the manifest's write
+    and the publish failed with a FileNotFoundError traceback. Removed from inside the verify step: no timing."""
+    import catrt.build
+
+    engines = tmp_path / "engines"
+    verify = catrt.build._verify
+
+    def verified_then_removed(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = verify(*args, **kwargs)
+        shutil.rmtree(engines)
+        return result
+
+    monkeypatch.setattr(catrt.build, "_verify", verified_then_removed)
+    assert main(["build", "--model", "tiny-sd3", "--backend", "eager", "--steps", "4", "--t0", "2", "--height", "32",
+                 "--width", "48", "--out", str(engines)]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"catrt build: error: {engines} was removed while ")
+    assert err.strip().endswith("was built in it; nothing was published there: build again (it makes the folder again), "
+                                "or into a folder nothing removes") and list(tmp_path.iterdir()) == []
 
 def test_build_refuses_an_export_dir_holding_a_bundle_of_that_name(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """The export is published under the build's name: a bundle there (an earlier --out) would be replaced by it."""
