@@ -317,9 +317,28 @@ def _check_publishable(config: BuildConfig, out_dir: Path, export_dir: Path) -> 
     refuse_non_folder(out_dir / name, "move it away, or build into another --out", field="out_dir")
     refuse_unreplaceable(out_dir / name, "build into another --out, or have its owner remove it", field="out_dir")
     if BACKEND_BUILDS[config.backend].needs_onnx:
+        _refuse_nested(out_dir, export_dir, name)
         refuse_non_folder(export_dir / name, "move it away, or export into another --export-dir", field="export_dir")
         refuse_unreplaceable(export_dir / name, "export into another --export-dir, or have its owner remove it",
                              field="export_dir")
+
+
+def _refuse_nested(out_dir: Path, export_dir: Path, name: str) -> None:
+    """Refuse an --export-dir that is or is inside `<out>/<name>`, and an --out inside `<export-dir>/<name>`: the
+    folder published there swapped the other folder away with it, so the user lost the export they asked to keep (or
+    the build its staged bundle). Links are resolved, as publishing follows them."""
+    _refuse_inside(export_dir, "export_dir", out_dir / name, "this build's bundle is published (--out)", "the ONNX export")
+    _refuse_inside(out_dir, "out_dir", export_dir / name, "its ONNX export is published (--export-dir)", "the bundle it builds")
+
+
+def _refuse_inside(folder: Path, field: str, published: Path, what: str, lost: str) -> None:
+    real, target = Path(os.path.realpath(folder)), Path(os.path.realpath(published))
+    if real == target or target in real.parents:
+        raise ConfigError(
+            f"{field} {echo_path(folder)} is {'' if real == target else 'inside '}{echo_path(published)}, where {what}: "
+            f"publishing there would remove {lost}; give --out and --export-dir folders outside each other's <name> folder",
+            field=field, value=str(folder),
+        )
 
 
 def _check_name_length(config: BuildConfig, out_dir: Path, export_dir: Path) -> None:

@@ -68,7 +68,8 @@ def staged_folder(final: Path, check: Callable[[], None] | None = None) -> Itera
     """A temporary folder beside `final`, put in its place when the block completes.
 
     On an exception the temporary folder is removed and `final` is left as it was; a write the disk refused
-    (full, read-only) is a BuildError naming `final` and the OS's reason. `check` (whether what is at `final` now may
+    (full, read-only) is a BuildError naming `final` and the OS's reason, and so is `final`'s folder removed before
+    the swap (`_removed`). `check` (whether what is at `final` now may
     be replaced; it raises if not) runs once the block completes, just before the swap and with the folder beside it
     locked for both: a check made only before minutes of work misses what another publish put there meanwhile.
     """
@@ -84,6 +85,8 @@ def staged_folder(final: Path, check: Callable[[], None] | None = None) -> Itera
             try:
                 yield staging
             except OSError as error:
+                if not os.path.lexists(staging):
+                    raise _removed(staging, final) from None
                 if error.errno not in _WRITE_FAILURES:
                     raise
                 raise BuildError(f"could not write the files of {echo_path(final)} ({error.strerror}); nothing was published "
@@ -91,16 +94,30 @@ def staged_folder(final: Path, check: Callable[[], None] | None = None) -> Itera
                                  field="path", value=str(final)) from None
             # One step against another publish beside it (a second build of the name, in this process or another):
             # both checked before either swapped, and both published, the later over a bundle its check never saw.
-            with held(final.parent):
-                if check is not None:
-                    check()
-                _put_in_place(staging, final)
+            try:
+                with held(final.parent):
+                    if check is not None:
+                        check()
+                    _put_in_place(staging, final)
+            except FileNotFoundError:  # the folder, gone, could not be opened to lock
+                if os.path.lexists(staging):
+                    raise
+                raise _removed(staging, final) from None
         except BaseException:
             remove_tree(staging)
             raise
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def _removed(staging: Path, final: Path) -> BuildError:
+    """The one line for a folder removed while a build ran in it (`rm -rf engines` in another terminal): its staged
+    files went with it, and the build failed at its last step with a FileNotFoundError traceback."""
+    gone = staging if os.path.isdir(final.parent) else final.parent
+    return BuildError(f"{echo_path(gone)} was removed while {echo_path(final)} was built in it; nothing was published "
+                      "there: build again (it makes the folder again), or into a folder nothing removes",
+                      field="path", value=str(final))
 
 
 def _link_target(final: Path) -> Path:
@@ -265,6 +282,8 @@ def _put_in_place(staging: Path, final: Path) -> None:
     then fails) or swap it (the exchange then finds none): look again, and replace whatever is there now.
     """
     for _ in range(_ATTEMPTS):
+        if not os.path.lexists(staging):  # removed (with its folder, say) since: the rename's ENOENT is no other build's
+            raise _removed(staging, final)
         refuse_non_folder(final, "move it away and build again")
         try:
             if final.exists():

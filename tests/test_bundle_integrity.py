@@ -1012,6 +1012,27 @@ def test_a_write_the_disk_refuses_is_one_line_naming_the_folder_and_the_earlier_
     assert (final / "file").read_text() == "old" and sorted(tmp_path.iterdir()) == [final]
 
 
+
+@pytest.mark.parametrize("when", ["after the writes", "before a write", "under the lock"])
+def test_a_folder_removed_while_it_builds_is_one_line_naming_it_and_nothing_is_published(
+    when: str, tmp_path: Path
+) -> None:
+    """`rm -rf engines` in another terminal during a build of minutes: the last step failed with a traceback
+    (FileNotFoundError locking the folder, or writing into the staged one; removed under the lock, the rename's ENOENT
+    was retried and taken for other builds of the name). Removed from inside the block or the check: no timing."""
+    engines = tmp_path / "engines"
+    final = engines / "bundle"
+    with pytest.raises(BuildError) as refused:
+        with staged_folder(final, check=(lambda: shutil.rmtree(engines)) if when == "under the lock" else None) as staging:
+            (staging / "weights.bin").write_bytes(b"built")
+            if when != "under the lock":
+                shutil.rmtree(engines)
+            if when == "before a write":
+                (staging / "manifest.json").write_text("{}")
+    assert str(refused.value) == (f"{engines} was removed while {final} was built in it; nothing was published there: "
+                                  "build again (it makes the folder again), or into a folder nothing removes")
+    assert refused.value.field == "path" and refused.value.__cause__ is None and list(tmp_path.iterdir()) == []
+
 def test_a_publish_under_a_file_is_refused_before_any_staging(tmp_path: Path) -> None:
     """The parent is made (and checked writable) by the one rule builds and compare use, before mkdtemp runs."""
     (tmp_path / "file").write_text("mine")

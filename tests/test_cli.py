@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -664,6 +665,79 @@ def test_build_refuses_one_folder_for_the_export_and_the_bundles(capfd: pytest.C
     assert line.endswith(f"export_dir and out_dir are both {eager_bundle.parent}: the ONNX export would take the bundle's "
                          "place while it builds; give them different folders (--out / --export-dir)")
 
+
+
+@pytest.mark.usefixtures("no_model_loads")
+def test_build_refuses_an_export_dir_inside_the_bundles_folder_and_an_out_inside_the_exports(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`--out engines --export-dir engines/<name>`: the export was published in the bundle's folder, then the bundle's
+    swap replaced that folder and removed the export the user asked to keep (`--out` inside `<export-dir>/<name>`:
+    the export's swap removed the staged bundle). Refused before loading, links resolved; nothing is left behind."""
+    from catrt.build_config import BuildConfig
+
+    name = BuildConfig("tiny-sd3", height=32, width=48, steps=4, t0=2, backend="onnxruntime").build_name()
+    build = ("build", "--model", "tiny-sd3", "--backend", "onnxruntime", "--steps", "4", "--t0", "2", "--height", "32",
+             "--width", "48")
+    engines, export = tmp_path / "engines", tmp_path / "export"
+    fix = "give --out and --export-dir folders outside each other's <name> folder"
+    line = _fails(capfd, *build, "--out", str(engines), "--export-dir", str(engines / name))
+    assert line.endswith(f"export_dir {engines / name} is {engines / name}, where this build's bundle is published "
+                         f"(--out): publishing there would remove the ONNX export; {fix}")
+    line = _fails(capfd, *build, "--out", str(engines), "--export-dir", str(engines / name / "onnx"))
+    assert line.endswith(f"export_dir {engines / name / 'onnx'} is inside {engines / name}, where this build's bundle "
+                         f"is published (--out): publishing there would remove the ONNX export; {fix}")
+    line = _fails(capfd, *build, "--out", str(export / name / "engines"), "--export-dir", str(export))
+    assert line.endswith(f"out_dir {export / name / 'engines'} is inside {export / name}, where its ONNX export is "
+                         f"published (--export-dir): publishing there would remove the bundle it builds; {fix}")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    line = _fails(capfd, *build, "--out", str(tmp_path / "mine"), "--export-dir", str(tmp_path / "link" / name))
+    assert f"export_dir {tmp_path / 'link' / name} is {tmp_path / 'mine' / name}, where" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["link", "mine"] and not any((tmp_path / "mine").iterdir())
+
+
+def test_an_export_dir_inside_the_bundles_folder_is_refused_once_the_name_is_known(
+    tiny_pipelines: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --height / --width the build name needs the loaded model's default size: refused then, before the export."""
+    import catrt.build
+    from catrt.build_config import BuildConfig
+    from catrt.errors import ConfigError
+    from catrt.pipeline import default_image_size
+
+    size = default_image_size(tiny_pipelines["tiny-sd3"])
+    config = BuildConfig("tiny-sd3", steps=6, t0=3, max_sequence_length=8, backend="onnxruntime")
+    name = config.resolved(height=size, width=size).build_name()
+    monkeypatch.setattr(catrt.build, "export_graphs", lambda *args, **kwargs: pytest.fail("exported"))
+    with pytest.raises(ConfigError, match=r"where this build's bundle is published \(--out\)") as refused:
+        catrt.build.build_engines(config, out_dir=tmp_path / "engines", export_dir=tmp_path / "engines" / name / "onnx",
+                                  progress=False)
+    assert refused.value.field == "export_dir" and not any(tmp_path.iterdir())
+
+
+def test_a_build_whose_out_is_removed_while_it_builds_is_one_line(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rm -rf engines` in another terminal while the engines verify (minutes on a real model): the manifest's write
+    and the publish failed with a FileNotFoundError traceback. Removed from inside the verify step: no timing."""
+    import catrt.build
+
+    engines = tmp_path / "engines"
+    verify = catrt.build._verify
+
+    def verified_then_removed(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = verify(*args, **kwargs)
+        shutil.rmtree(engines)
+        return result
+
+    monkeypatch.setattr(catrt.build, "_verify", verified_then_removed)
+    assert main(["build", "--model", "tiny-sd3", "--backend", "eager", "--steps", "4", "--t0", "2", "--height", "32",
+                 "--width", "48", "--out", str(engines)]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"catrt build: error: {engines} was removed while ")
+    assert err.strip().endswith("was built in it; nothing was published there: build again (it makes the folder again), "
+                                "or into a folder nothing removes") and list(tmp_path.iterdir()) == []
 
 def test_build_refuses_an_export_dir_holding_a_bundle_of_that_name(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """The export is published under the build's name: a bundle there (an earlier --out) would be replaced by it."""

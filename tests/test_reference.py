@@ -631,6 +631,7 @@ def test_publish_refuses_weights_damaged_since_training(tmp_path: Path, isolated
     (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
     (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
     (["--reference-samples", "-1"], "--reference-samples must be an integer >= 0, got -1"),
+    (["--reference-samples", "1025"], "--reference-samples must be at most 1024 (drawn in one pipeline call after the training), got 1025"),
     (["--out", "{tmp}"], "--out {tmp} is a folder; give the probe's file, e.g. {tmp}/probe.safetensors"),
     (["--out", "{tmp}/a-file/probe.safetensors"], "--out {tmp}/a-file/probe.safetensors: its folder is a file"),
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -639,7 +640,8 @@ def test_probe_training_mistakes_are_one_line_before_training(
     argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--steps 0 failed in OneCycleLR and --threads 0 in torch with tracebacks; a bad --out failed the save after
-    minutes of training."""
+    minutes of training; --reference-samples past training's bound rendered and held them all, after the training,
+    before its one pipeline call."""
     from catrt.reference import probe
 
     (tmp_path / "a-file").write_text("x")
@@ -649,6 +651,22 @@ def test_probe_training_mistakes_are_one_line_before_training(
     (line,) = capsys.readouterr().err.splitlines()
     assert refused.value.code == 2 and line.startswith(f"python -m catrt.reference.probe: error: {message.format(tmp=tmp_path)}")
 
+
+
+def test_probe_takes_reference_samples_up_to_trainings_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound is training's --samples bound (`train.MAX_SAMPLES`), itself accepted: training starts."""
+    from catrt.reference import probe
+
+    class Trained(Exception):
+        pass
+
+    def trained(**kwargs: Any) -> None:
+        raise Trained
+
+    monkeypatch.setattr(probe, "train_probe", trained)
+    with pytest.raises(Trained):
+        probe.main(["--reference-samples", str(train.MAX_SAMPLES), "--threads", str(torch.get_num_threads()),
+                    "--out", str(tmp_path / "probe.safetensors")])
 
 def test_a_probe_the_disk_refuses_is_one_line_naming_the_file_and_the_earlier_one_is_kept(
     tmp_path: Path, isolated_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -29,6 +29,7 @@ from catrt.errors import CatrtError, ConfigError
 from catrt.reference import data
 from catrt.reference.checksums import PROBE_CHECKSUM_FILE, verify_files, write_checksums
 from catrt.reference.pipeline import ReferencePipeline, load_reference_pipeline
+from catrt.reference.train import MAX_SAMPLES
 from catrt.reference.writes import written
 
 logger = logging.getLogger(__name__)
@@ -219,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
                                ("--reference-samples", args.reference_samples, 0)):
         if value < least:  # a step count of 0 failed in OneCycleLR, a thread count of 0 in torch, with tracebacks
             parser.error(f"{flag} must be an integer >= {least}, got {value}")
+    if args.reference_samples > MAX_SAMPLES:  # all drawn in one pipeline call after the training, as training's --samples
+        parser.error(f"--reference-samples must be at most {MAX_SAMPLES} (drawn in one pipeline call after the training), "
+                     f"got {args.reference_samples}")
     try:  # checked now: a folder or an unwritable place failed the save after minutes of training
         if args.out.is_dir():
             raise ConfigError(f"--out {echo_path(args.out)} is a folder; give the probe's file, e.g. {echo_path(args.out / PROBE_FILE.name)}")
