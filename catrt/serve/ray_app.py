@@ -150,9 +150,7 @@ class ModelReplica:
     def describe(self) -> dict[str, Any]:
         """The replica's state (and why, where it is hung), sizes and the request fields' OpenAPI description."""
         rules = self.service.rules()
-        status, reason = self.worker.condition()
-        return {"status": status, "reason": reason, "sizes": self.worker.served.sizes, "replica": self.replica,
-                "model": self.worker.served.default.spec.model,
+        return {**self.record_routing_stats(), "replica": self.replica, "model": self.worker.served.default.spec.model,
                 "properties": rules.properties() if rules is not None else None,
                 "size_rules": rules.size_rules() if rules is not None else None}
 
