@@ -709,6 +709,31 @@ def test_probe_training_mistakes_are_one_line_before_training(
     assert refused.value.code == 2 and line.startswith(f"python -m catrt.reference.probe: error: {message.format(tmp=tmp_path)}")
 
 
+def test_probe_evaluate_reports_a_probes_accuracy_without_training_or_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The accuracies the issue asks the probe to report could only be had by retraining it, over the shipped weights
+    by default."""
+    from catrt.reference import probe
+
+    folder = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, folder)
+    before = _digests(folder)
+    monkeypatch.setattr(probe, "train_probe", lambda **kwargs: pytest.fail("trained"))
+    probe.main(["--evaluate", "--reference-samples", "0", "--out", str(folder / "probe.safetensors")])
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line == "held-out renders: " + str(dict.fromkeys(probe.CLASSES, 1.0))  # the shipped probe reads renders exactly
+    assert _digests(folder) == before
+    damaged = tmp_path / "damaged"  # another path: load_probe caches the one it loaded
+    shutil.copytree(WEIGHTS_DIR, damaged)
+    _damage(damaged, "probe.safetensors", "edited")
+    with pytest.raises(SystemExit) as refused:
+        probe.main(["--evaluate", "--out", str(damaged / "probe.safetensors")])
+    assert refused.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        f"python -m catrt.reference.probe: error: the reference weight file {damaged / 'probe.safetensors'} does not match "
+        "its size and sha256 in probe.sha256.json (damaged or edited); reinstall catrt or retrain the weights"]
+
+
 
 def test_probe_takes_reference_samples_up_to_trainings_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bound is training's --samples bound (`train.MAX_SAMPLES`), itself accepted: training starts."""
