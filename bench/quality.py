@@ -8,6 +8,7 @@ this model: per step, the Pearson correlation over tokens of ||n_t - n_t0|| and 
     python bench/quality.py --out bench/results   # the full run; regenerates the committed results
     python bench/quality.py                       # the full run into a new folder under bench/results/tmp/
     python bench/quality.py --n 4 --steps 6 --t0 2 --alphas 0.3 --out /tmp/q   # a smoke run
+    python bench/quality.py --tiny --out /tmp/q   # the same kind of smoke run: 2 prompts, 6 steps, t0 2, every method
 
 Writes quality.md, quality-grid.png and figure3.png into `--out`. Needs the bench extra
 (matplotlib, scikit-image): pip install -e ".[bench]".
@@ -55,6 +56,7 @@ from catrt.reference.pipeline import WEIGHTS_DIR  # noqa: E402
 BASELINES = ("random", "round_robin", "magnitude", "sequential", "attention")
 ATTRIBUTES = tuple(probe.CLASSES)  # shape, colour, size, position, background
 OUT_FILES = ("quality.md", "quality-grid.png", "figure3.png")  # what main writes into --out, each checked before the run
+TINY = {"n": 2, "steps": 6, "t0": 2}  # --tiny: seconds, and two pruned steps after the first for Figure 3
 
 
 @dataclass(frozen=True)
@@ -217,11 +219,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid-rows", type=int, default=6, help="prompts shown in quality-grid.png")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="reference weights folder")
     parser.add_argument("--device", default="cpu", help="torch device the reference model runs on")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"smoke run: {TINY['n']} prompts, {TINY['steps']} steps, t0 {TINY['t0']} (over --n, --steps, "
+                             "--t0); every method at each of --alphas")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for quality.md, quality-grid.png, figure3.png (default: a new folder "
                              "bench/results/tmp/quality-<time>; --out bench/results regenerates the committed results)")
     args = parser.parse_args(argv)
     benchkit.exit_if_missing(parser, MISSING)
+    if args.tiny:
+        vars(args).update(TINY)
     benchkit.check_at_least_one(parser, n=args.n, steps=args.steps, batch=args.batch, grid_rows=args.grid_rows)
     benchkit.check_schedule(parser, args.steps, args.t0, args.alphas)
     benchkit.check_distinct(parser, alphas=args.alphas)

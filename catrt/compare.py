@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import signal
+import textwrap
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -317,19 +318,34 @@ def _difference(comparison: Comparison, a: str, b: str, name: str, digits: int) 
     return "n/a (inf)" if difference is None else difference.format(digits)
 
 
+#: Width in pixels of grid.png's first column, which names each row's prompt (as metrics.csv numbers it) and seed.
+ROW_LABEL_WIDTH = 112
+
+
 def image_grid(comparison: Comparison, path: Path, rows: int, cell: int = 128) -> None:
-    """PNG: one row per (prompt, seed), at most `rows`; the unpruned image first, then each variant."""
+    """PNG: one row per (prompt, seed), at most `rows`, named in its first column; the unpruned image first, then
+    each variant."""
     keys = list(dict.fromkeys((s.prompt_index, s.seed) for s in comparison.samples))[:rows]
+    prompts = {s.prompt_index: s.prompt for s in comparison.samples}
     labels = [v.label for v in comparison.variants]
     label_height = 30
-    grid = Image.new("RGB", (cell * len(labels), label_height + cell * len(keys)), "white")
+    grid = Image.new("RGB", (ROW_LABEL_WIDTH + cell * len(labels), label_height + cell * len(keys)), "white")
     draw = ImageDraw.Draw(grid)
+    for row, (index, seed) in enumerate(keys):
+        draw.text((2, label_height + row * cell + 2), _row_label(index, seed, prompts[index], ROW_LABEL_WIDTH // 6), fill="black")
     for col, label in enumerate(labels):
-        draw.text((col * cell + 2, 2), _wrap(label, cell // 6), fill="black")
+        left = ROW_LABEL_WIDTH + col * cell
+        draw.text((left + 2, 2), _wrap(label, cell // 6), fill="black")
         for row, (index, seed) in enumerate(keys):
             image = comparison.images[(index, seed, label)].convert("RGB")
-            grid.paste(image.resize((cell, cell), Image.NEAREST), (col * cell, label_height + row * cell))
+            grid.paste(image.resize((cell, cell), Image.NEAREST), (left, label_height + row * cell))
     grid.save(path)
+
+
+def _row_label(index: int, seed: int, prompt: str, width: int, lines: int = 8) -> str:
+    """`prompt <index>, seed <seed>` and the prompt's first words, wrapped to `width` characters, at most `lines` lines."""
+    words = textwrap.wrap(prompt, width, max_lines=lines - 1, placeholder=" ...")
+    return "\n".join([f"prompt {index}, seed {seed}", *words])
 
 
 def _wrap(text: str, width: int) -> str:

@@ -84,7 +84,7 @@ def test_compare_end_to_end_with_clip(tmp_path: Path, clip_folder: Path, capfd: 
     cat = {r["mac_ratio"] for r in rows if r["variant"] == "cat"}
     assert cat == {r["mac_ratio"] for r in rows if r["variant"] == "round_robin"} and len(cat) == 1  # same k and schedule
     assert len(list((out / "images").glob("*.png"))) == 8
-    assert Image.open(out / "grid.png").size == (4 * 128, 30 + 2 * 128)
+    assert Image.open(out / "grid.png").size == (catrt.compare.ROW_LABEL_WIDTH + 4 * 128, 30 + 2 * 128)
     report = (out / "report.md").read_text()
     assert "| cat |" in report and "| round_robin |" in report and "| cat - round_robin |" in report
     assert "CLIP score" in report and "| full | inf | 1.0000" in report
@@ -314,6 +314,28 @@ def test_a_size_ssim_cannot_score_is_refused_before_the_model_loads(
     assert code == 2 and err.strip().splitlines() == [
         "catrt compare: error: --width 2: SSIM needs images of at least 3x3 pixels; give --width 3 or more"]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_grid_names_each_rows_prompt_and_seed(tmp_path: Path) -> None:
+    """grid.png's rows had no names: which prompt and seed a row showed was left to guess from metrics.csv's order."""
+    from catrt.compare import ROW_LABEL_WIDTH, UNPRUNED, Comparison, Sample, Variant, image_grid
+
+    colours = {UNPRUNED: (200, 30, 30), "cat": (30, 30, 200)}
+    keys = [(0, 5), (1, 5)]
+    samples = [Sample(index, f"prompt number {index}", seed, label, math.inf, 1.0, None, 1.0, 1.0, 0)
+               for index, seed in keys for label in colours]
+    images = {(index, seed, label): Image.new("RGB", (32, 32), colour) for index, seed in keys for label, colour in colours.items()}
+    image_grid(Comparison([Variant(UNPRUNED, None), Variant("cat", None)], samples, images), tmp_path / "grid.png", rows=8)
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    assert grid.shape == (30 + 2 * 128, ROW_LABEL_WIDTH + 2 * 128, 3)
+    for row in range(2):
+        top = 30 + row * 128
+        label = grid[top : top + 128, :ROW_LABEL_WIDTH]
+        assert (label.sum(-1) < 200).sum() > 50  # text drawn in black on the white column
+        assert tuple(grid[top + 64, ROW_LABEL_WIDTH + 64]) == colours[UNPRUNED]
+        assert tuple(grid[top + 64, ROW_LABEL_WIDTH + 128 + 64]) == colours["cat"]
+    assert catrt.compare._row_label(3, 7, "a small red circle in the top left on a blue background", 18).splitlines() == [
+        "prompt 3, seed 7", "a small red circle", "in the top left on", "a blue background"]
 
 
 def test_prompts_file_drops_a_byte_order_mark_and_carriage_returns(tmp_path: Path) -> None:

@@ -42,11 +42,11 @@ def load_script(name: str) -> ModuleType:
 
 def test_quality_script_runs_end_to_end(tmp_path: Path) -> None:
     before = committed_results()
-    command = [sys.executable, str(ROOT / "bench" / "quality.py"), "--n", "4", "--steps", "8", "--t0", "2",
-               "--alphas", "0.3", "--grid-rows", "2", "--out", str(tmp_path)]
+    command = [sys.executable, str(ROOT / "bench" / "quality.py"), "--tiny", "--alphas", "0.3", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "quality.md").read_text()
+    assert "`python bench/quality.py --n 2 --steps 6 --t0 2`" in table  # --tiny's setting, as a command that repeats it
     for label in ("CAT", "random", "round-robin", "magnitude only", "sequential rows", "attention", "CAT + full refresh every 5"):
         assert f"| {label}" in table
     assert "## Figure 3 on this model" in table and "| 4 |" in table

@@ -143,6 +143,63 @@ def test_pipeline_output_types_and_validation(pipe: ReferencePipeline) -> None:
         pipe("a green cross", height=33)
 
 
+def test_pipeline_takes_sd3s_step_end_callback_and_custom_sigmas(pipe: ReferencePipeline) -> None:
+    """The call matches SD3's: code that passes `callback_on_step_end` or `sigmas` to an SD3 pipeline (a TypeError here
+    before) runs on the reference one with diffusers' meaning, plain and accelerated."""
+    import catrt
+    from diffusers.callbacks import SD3CFGCutoffCallback
+
+    def run(runner: Any = pipe, **kwargs: Any) -> torch.Tensor:
+        return runner("a small red circle in the top left on a blue background", output_type="latent",
+                      generator=torch.Generator().manual_seed(3), **kwargs).images
+
+    seen: list[tuple[int, float, tuple[str, ...], tuple[int, ...]]] = []
+
+    def record(p: Any, i: int, t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assert p is pipe and p.num_timesteps == 4
+        seen.append((i, float(t), tuple(tensors), tuple(tensors["prompt_embeds"].shape)))
+        return {}
+
+    plain = run(num_inference_steps=4)
+    watched = run(num_inference_steps=4, callback_on_step_end=record,
+                  callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    assert torch.equal(watched, plain)
+    assert [(i, names, shape) for i, _, names, shape in seen] == [(i, ("latents", "prompt_embeds"), (2, 16, 64)) for i in range(4)]
+    assert [t for _, t, _, _ in seen] == pytest.approx([float(t) for t in pipe.scheduler.timesteps])
+    zeroed = run(num_inference_steps=4, callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"] * 0} if i == 3 else {})
+    assert not zeroed.any()  # the callback's tensor replaced the latents
+
+    def stop(p: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        p._interrupt = i == 1
+        return {}
+
+    batches: list[int] = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        run(num_inference_steps=5, callback_on_step_end=stop)  # interrupted after its second step
+        run(num_inference_steps=5, callback_on_step_end=SD3CFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=2))
+    finally:
+        handle.remove()
+    assert batches == [2, 2] + [2, 2, 2, 1, 1]  # the cutoff keeps the conditional row after step 3, as SD3's loop does
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs must be among .*got \['noise'\]"):
+        run(num_inference_steps=2, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["noise"])
+
+    sigmas = [1.0, 0.7, 0.4]
+    timesteps: list[float] = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: timesteps.append(float(kwargs["timestep"][0])), with_kwargs=True)
+    try:
+        custom = run(sigmas=sigmas, num_inference_steps=28)  # a custom schedule sets the step count, as in diffusers
+        fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.5, t0=2, trace=True))
+        pruned = run(fast, sigmas=sigmas, callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"]})
+    finally:
+        handle.remove()
+    assert timesteps == pytest.approx([1000 * s for s in sigmas] * 2)
+    assert [r.kind for r in fast.last_trace] == ["full", "full", "pruned"] and torch.isfinite(pruned).all()
+    assert not torch.equal(custom, run(num_inference_steps=3))
+
+
 def test_probe_reads_fresh_renders() -> None:
     samples = data.generate(48, seed=2024)
     accuracy = attribute_accuracy(np.stack([s.image for s in samples]), samples, load_probe())
@@ -650,6 +707,31 @@ def test_probe_training_mistakes_are_one_line_before_training(
         probe.main([word.format(tmp=tmp_path) for word in argv])
     (line,) = capsys.readouterr().err.splitlines()
     assert refused.value.code == 2 and line.startswith(f"python -m catrt.reference.probe: error: {message.format(tmp=tmp_path)}")
+
+
+def test_probe_evaluate_reports_a_probes_accuracy_without_training_or_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The accuracies the issue asks the probe to report could only be had by retraining it, over the shipped weights
+    by default."""
+    from catrt.reference import probe
+
+    folder = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, folder)
+    before = _digests(folder)
+    monkeypatch.setattr(probe, "train_probe", lambda **kwargs: pytest.fail("trained"))
+    probe.main(["--evaluate", "--reference-samples", "0", "--out", str(folder / "probe.safetensors")])
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line == "held-out renders: " + str(dict.fromkeys(probe.CLASSES, 1.0))  # the shipped probe reads renders exactly
+    assert _digests(folder) == before
+    damaged = tmp_path / "damaged"  # another path: load_probe caches the one it loaded
+    shutil.copytree(WEIGHTS_DIR, damaged)
+    _damage(damaged, "probe.safetensors", "edited")
+    with pytest.raises(SystemExit) as refused:
+        probe.main(["--evaluate", "--out", str(damaged / "probe.safetensors")])
+    assert refused.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        f"python -m catrt.reference.probe: error: the reference weight file {damaged / 'probe.safetensors'} does not match "
+        "its size and sha256 in probe.sha256.json (damaged or edited); reinstall catrt or retrain the weights"]
 
 
 

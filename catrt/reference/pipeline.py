@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, SD3Transformer2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
@@ -47,6 +49,7 @@ TEXT_ENCODER_CONFIG: dict[str, Any] = {
 }
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+StepEndCallback = Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks
 
 
 def default_configs() -> dict[str, Any]:
@@ -76,6 +79,8 @@ class ReferencePipeline(DiffusionPipeline):
     """Text-to-image in pixel space with the SD3 denoising loop."""
 
     model_cpu_offload_seq = "text_encoder->transformer"
+    # What a step-end callback may read and replace, by SD3's names (tokens and pooled are the prompt embeddings).
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "pooled_prompt_embeds"]
 
     def __init__(
         self,
@@ -90,6 +95,28 @@ class ReferencePipeline(DiffusionPipeline):
         )
         self.vae_scale_factor = 1  # pixel space: one latent cell per pixel, as diffusers pipelines report it
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._interrupt = False
+        self._guidance_scale = 1.0
+        self._num_timesteps = 0
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a step-end callback to skip the remaining steps, as in diffusers."""
+        return self._interrupt
+
+    @property
+    def guidance_scale(self) -> float:
+        """The current call's guidance scale; a step-end callback may lower it (`pipe._guidance_scale = 0.0`)."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        """The steps of the current (or last) call, which diffusers' step-end callbacks read."""
+        return self._num_timesteps
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> ReferencePipeline:
@@ -121,8 +148,8 @@ class ReferencePipeline(DiffusionPipeline):
         tokens = tokens.repeat_interleave(num_images_per_prompt, dim=0)
         return tokens, pooled.repeat_interleave(num_images_per_prompt, dim=0)
 
-    def check_inputs(self, height: int, width: int, output_type: str) -> None:
-        """Reject sizes the patch grid or position table cannot hold, and unknown output types."""
+    def check_inputs(self, height: int, width: int, output_type: str, tensor_inputs: Sequence[str] = ()) -> None:
+        """Reject sizes the patch grid or position table cannot hold, unknown output types and callback tensors."""
         patch = self.transformer.config.patch_size
         largest = self.transformer.config.pos_embed_max_size * patch
         for name, value in (("height", height), ("width", width)):
@@ -130,6 +157,10 @@ class ReferencePipeline(DiffusionPipeline):
                 raise ValueError(f"{name} must be a positive multiple of {patch} up to {largest}, got {value}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {echo(output_type)}")
+        unknown = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got "
+                             f"{echo(unknown)}")
 
     @staticmethod
     def _prompt_lists(
@@ -158,10 +189,21 @@ class ReferencePipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        sigmas: Sequence[float] | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> ImagePipelineOutput | tuple[Any]:
-        """Generate images; guidance_scale <= 1 turns classifier-free guidance off."""
-        self.check_inputs(height, width, output_type)
-        guided = guidance_scale > 1.0
+        """Generate images; guidance_scale <= 1 turns classifier-free guidance off.
+
+        `sigmas` (a custom schedule: that many steps, `num_inference_steps` ignored) and `callback_on_step_end`
+        (called after each step as `callback(pipe, i, t, {name: tensor})`, its returned tensors replacing those
+        named) work as in diffusers' SD3 pipeline, so code written for it runs here.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(height, width, output_type, callback_on_step_end_tensor_inputs)
+        self._interrupt, self._guidance_scale = False, guidance_scale
+        guided = self.do_classifier_free_guidance
         prompts, negatives = self._prompt_lists(prompt, negative_prompt, guided)
         device = self._execution_device
         tokens, pooled = self.encode_prompt(prompts, negatives, num_images_per_prompt, device)
@@ -170,7 +212,8 @@ class ReferencePipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=tokens.dtype)
         else:
             latents = latents.to(device=device, dtype=tokens.dtype)
-        latents = self._denoise(latents, tokens, pooled, num_inference_steps, guidance_scale if guided else None)
+        step_end = None if callback_on_step_end is None else (callback_on_step_end, tuple(callback_on_step_end_tensor_inputs))
+        latents = self._denoise(latents, tokens, pooled, num_inference_steps, sigmas, step_end)
         if output_type == "latent":
             images = latents
         else:
@@ -184,13 +227,21 @@ class ReferencePipeline(DiffusionPipeline):
         tokens: torch.Tensor,
         pooled: torch.Tensor,
         num_inference_steps: int,
-        guidance_scale: float | None,
+        sigmas: Sequence[float] | None = None,
+        step_end: tuple[StepEndCallback, tuple[str, ...]] | None = None,
     ) -> torch.Tensor:
-        """SD3's loop: one transformer call per step on [uncond; cond], then an Euler step."""
-        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for t in self.scheduler.timesteps:
-                model_input = torch.cat([latents] * 2) if guidance_scale is not None else latents
+        """SD3's loop: one transformer call per step on [uncond; cond], then an Euler step (and the step-end callback)."""
+        if sigmas is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        else:
+            self.scheduler.set_timesteps(sigmas=list(sigmas), device=latents.device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+            for i, t in enumerate(self.scheduler.timesteps):
+                if self.interrupt:
+                    continue
+                guided = self.do_classifier_free_guidance  # read each step: a callback may turn guidance off
+                model_input = torch.cat([latents] * 2) if guided else latents
                 timestep = t.expand(model_input.shape[0])
                 velocity = self.transformer(
                     hidden_states=model_input,
@@ -199,10 +250,17 @@ class ReferencePipeline(DiffusionPipeline):
                     timestep=timestep,
                     return_dict=False,
                 )[0]
-                if guidance_scale is not None:
+                if guided:
                     uncond, cond = velocity.chunk(2)
-                    velocity = uncond + guidance_scale * (cond - uncond)
+                    velocity = uncond + self._guidance_scale * (cond - uncond)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if step_end is not None:
+                    callback, names = step_end
+                    current = {"latents": latents, "prompt_embeds": tokens, "pooled_prompt_embeds": pooled}
+                    outputs = callback(self, i, t, {name: current[name] for name in names})
+                    latents = outputs.pop("latents", latents)
+                    tokens = outputs.pop("prompt_embeds", tokens)
+                    pooled = outputs.pop("pooled_prompt_embeds", pooled)
                 progress_bar.update()
         return latents
 

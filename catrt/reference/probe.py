@@ -5,7 +5,8 @@ size, position and background match their caption measures how much a pruned pip
 loses against the unpruned one. It is trained on augmented renders (noise, blur, colour
 jitter) so that it also reads the reference model's imperfect samples.
 
-    python -m catrt.reference.probe            # train and save weights/probe.safetensors
+    python -m catrt.reference.probe              # train and save weights/probe.safetensors
+    python -m catrt.reference.probe --evaluate   # only report the shipped probe's accuracy (nothing written)
 """
 
 from __future__ import annotations
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=PROBE_FILE, help="the probe's safetensors file (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--reference-samples", type=int, default=64, help="also score this many reference samples")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="do not train: report the accuracy of the probe at --out (default: the shipped one)")
     args = parser.parse_args(argv)
     for flag, value, least in (("--steps", args.steps, 1), ("--threads", args.threads, 1),
                                ("--reference-samples", args.reference_samples, 0)):
@@ -223,6 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference_samples > MAX_SAMPLES:  # all drawn in one pipeline call after the training, as training's --samples
         parser.error(f"--reference-samples must be at most {MAX_SAMPLES} (drawn in one pipeline call after the training), "
                      f"got {args.reference_samples}")
+    if args.evaluate:
+        torch.set_num_threads(args.threads)
+        try:
+            report_accuracy(load_probe(args.out), args.reference_samples)
+        except CatrtError as error:  # a missing, damaged or edited probe (or reference weights): one line naming it
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
+        return
     try:  # checked now: a folder or an unwritable place failed the save after minutes of training
         if args.out.is_dir():
             raise ConfigError(f"--out {echo_path(args.out)} is a folder; give the probe's file, e.g. {echo_path(args.out / PROBE_FILE.name)}")
@@ -239,12 +249,18 @@ def main(argv: list[str] | None = None) -> None:
         probe = train_probe(steps=args.steps, out=args.out)
     except CatrtError as error:  # a file the disk refused (the earlier one kept): one line, exit 1 (no flag was wrong)
         parser.exit(1, f"{parser.prog}: error: {error}\n")
+    report_accuracy(probe, args.reference_samples)
+
+
+def report_accuracy(probe: Probe, reference_samples: int) -> None:
+    """Print the probe's accuracy per attribute on 1000 held-out renders and on `reference_samples` samples of the
+    shipped reference model (its defaults: 28 steps, guidance 4)."""
     held_out = data.generate(1000, seed=987654)
     print("held-out renders:", attribute_accuracy(np.stack([s.image for s in held_out]), held_out, probe))
-    if args.reference_samples:
+    if reference_samples:
         pipe = load_reference_pipeline()
         pipe.set_progress_bar_config(disable=True)
-        accuracy = reference_accuracy(pipe, args.reference_samples, probe=probe)
+        accuracy = reference_accuracy(pipe, reference_samples, probe=probe)
         print("reference samples (pipeline defaults):", accuracy)
 
 
