@@ -187,6 +187,19 @@ def test_an_unregistered_pipeline_is_refused(tiny_pipelines: dict[str, Any]) -> 
         catrt.accelerate(FakePipeline(**tiny.components))
 
 
+def test_a_pipeline_class_handed_to_accelerate_is_refused_naming_the_class_and_the_fix(fake_family: Family) -> None:
+    """`catrt.accelerate(FluxPipeline)` (the class, as the issue writes it) was refused as "catrt cannot accelerate type;
+    supported pipelines: FluxPipeline, ...": the class it names as supported is the one the user passed."""
+    for cls in (FluxPipeline, FakePipeline):  # a built-in family's class and a registered one's
+        with pytest.raises(UnsupportedModelError, match=re.escape(
+            f"catrt cannot accelerate the class {cls.__name__} itself: pass a loaded pipeline ({cls.__name__}.from_pretrained(...)"
+        )) as caught:
+            catrt.accelerate(cls)
+        assert (caught.value.field, caught.value.value) == ("pipe", cls.__name__)
+    with pytest.raises(UnsupportedModelError, match="^catrt cannot accelerate StableDiffusion3Img2ImgPipelineSubclass; supported"):
+        catrt.accelerate(type("StableDiffusion3Img2ImgPipelineSubclass", (StableDiffusion3Img2ImgPipeline,), {}))
+
+
 class HalfAdapter(Adapter):
     """An adapter that names its transformer class and implements nothing else."""
 
