@@ -94,6 +94,12 @@ def test_flux_layouts_catrt_cannot_prune_are_refused_by_name(tiny_pipelines: dic
     custom.single_transformer_blocks[1].attn.set_processor(AttnProcessor())
     with pytest.raises(UnsupportedModelError, match="FLUX single block 1 uses attention processor AttnProcessor"):
         make_adapter(custom)
+    fused = type(transformer).from_config(transformer.config)
+    fused.fuse_qkv_projections()
+    with pytest.raises(UnsupportedModelError, match=r"FLUX double block 0 has fused QKV projections; unfuse them \(unfuse_qkv_projections\)"):
+        make_adapter(fused)
+    fused.unfuse_qkv_projections()
+    make_adapter(fused)  # unfused, the same layout is accepted again
 
 
 def test_flux_pipeline_options_catrt_cannot_run_are_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
