@@ -187,6 +187,23 @@ def test_a_new_family_is_one_adapter_class_and_one_registration(fake_family: Fam
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
 
 
+def test_a_registered_familys_own_transformer_class_is_a_bundles_weightless_stand_in(
+    fake_family: Family, tiny_pipelines: dict[str, Any], tmp_path: Path
+) -> None:
+    """An onnxruntime or TensorRT bundle loads its model folder without the transformer's weights and makes a stand-in
+    of the transformer class the folder names: that class was looked up in diffusers alone, so the bundle of a family
+    whose transformer class is its own (registered with register_family) built, then failed to load ("could not load
+    the model folder ... (AttributeError: module diffusers has no attribute FakeTransformer)")."""
+    from catrt.loading import load_pipeline
+
+    tiny = tiny_pipelines["tiny-sd3"]
+    FakePipeline(**{**tiny.components, "transformer": FakeTransformer.from_config(tiny.transformer.config)}).save_pretrained(tmp_path)
+    loaded = load_pipeline(str(tmp_path), transformer_weights=False)
+    assert type(loaded) is FakePipeline and type(loaded.transformer) is FakeTransformer
+    assert {parameter.device.type for parameter in loaded.transformer.parameters()} == {"meta"}
+    assert isinstance(make_adapter(loaded.transformer), FakeAdapter)
+
+
 def test_an_unregistered_pipeline_is_refused(tiny_pipelines: dict[str, Any]) -> None:
     tiny = tiny_pipelines["tiny-sd3"]
     with pytest.raises(UnsupportedModelError, match="catrt cannot accelerate FakePipeline"):
