@@ -25,7 +25,7 @@ from torch import nn
 from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo
 from catrt.hub_errors import hub_error, is_hub_failure
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_model_source
-from catrt.models import family_of, pipeline_named
+from catrt.models import family_of, pipeline_named, transformer_named
 from catrt.reference.pipeline import load_reference_pipeline
 from catrt.tiny import TINY_PIPELINES, build_tiny_pipeline
 
@@ -47,16 +47,18 @@ def _from_pretrained(
         warnings.filterwarnings("ignore", ".*torch_dtype.*deprecated", FutureWarning)
         pipeline = cls.from_pretrained(source, torch_dtype=dtype, **skip)
     if not transformer_weights:
-        transformer_class = getattr(diffusers, _transformer_class_name(source))
+        transformer_class = _transformer_class(source)
         config = transformer_class.load_config(source, subfolder="transformer")
         pipeline.transformer = weightless_transformer(transformer_class, config, dtype)
     return pipeline
 
 
-def _transformer_class_name(source: str) -> str:
-    """The transformer class a pipeline folder or hub repo names in its model_index.json."""
-    config = DiffusionPipeline.load_config(source)
-    return config["transformer"][1]
+def _transformer_class(source: str) -> type[nn.Module]:
+    """The transformer class a pipeline folder or hub repo names in its model_index.json: diffusers', or a class a
+    registered family serves (diffusers does not know it; its missing name is the caller's error)."""
+    name = DiffusionPipeline.load_config(source)["transformer"][1]
+    own = None if hasattr(diffusers, name) else transformer_named(name)
+    return own if own is not None else getattr(diffusers, name)
 
 
 def weightless_transformer(transformer_class: type[nn.Module], config: dict, dtype: torch.dtype) -> nn.Module:

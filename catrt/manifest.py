@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import re
@@ -44,8 +43,6 @@ __all__ = [
     "file_digest", "manifest_problems", "package_versions", "read_manifest", "read_manifest_data", "seal_problems",
     "transformer_config", "weights_digest", "write_manifest",
 ]
-
-logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 #: The bundle layout this catrt reads. 3: graphs context, full and one `pruned-k<k>` per built alpha,

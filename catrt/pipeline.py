@@ -65,11 +65,16 @@ def pipeline_spec(pipe: Any) -> PipelineSpec:
             "catrt.accelerate(fast.pipe, config), or call it with alpha= for another alpha",
             field="pipe", value=type(pipe).__name__,
         )
+    if isinstance(pipe, type) and pipe in PIPELINES:  # `catrt.accelerate(FluxPipeline)`: the class, not a loaded one
+        raise UnsupportedModelError(
+            f"catrt cannot accelerate the class {pipe.__name__} itself: pass a loaded pipeline "
+            f"({pipe.__name__}.from_pretrained(...), or catrt.load_pipeline(name))", field="pipe", value=pipe.__name__,
+        )
     if spec is None:
         supported = ", ".join(cls.__name__ for cls in PIPELINES)
+        name = pipe.__name__ if isinstance(pipe, type) else type(pipe).__name__  # a class: its name, not "type"
         raise UnsupportedModelError(
-            f"catrt cannot accelerate {type(pipe).__name__}; supported pipelines: {supported}", field="pipe",
-            value=type(pipe).__name__,
+            f"catrt cannot accelerate {name}; supported pipelines: {supported}", field="pipe", value=name,
         )
     return spec
 

@@ -94,6 +94,12 @@ def test_flux_layouts_catrt_cannot_prune_are_refused_by_name(tiny_pipelines: dic
     custom.single_transformer_blocks[1].attn.set_processor(AttnProcessor())
     with pytest.raises(UnsupportedModelError, match="FLUX single block 1 uses attention processor AttnProcessor"):
         make_adapter(custom)
+    fused = type(transformer).from_config(transformer.config)
+    fused.fuse_qkv_projections()
+    with pytest.raises(UnsupportedModelError, match=r"FLUX double block 0 has fused QKV projections; unfuse them \(unfuse_qkv_projections\)"):
+        make_adapter(fused)
+    fused.unfuse_qkv_projections()
+    make_adapter(fused)  # unfused, the same layout is accepted again
 
 
 def test_flux_pipeline_options_catrt_cannot_run_are_refused_by_name(tiny_pipelines: dict[str, Any]) -> None:
@@ -181,10 +187,40 @@ def test_a_new_family_is_one_adapter_class_and_one_registration(fake_family: Fam
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
 
 
+def test_a_registered_familys_own_transformer_class_is_a_bundles_weightless_stand_in(
+    fake_family: Family, tiny_pipelines: dict[str, Any], tmp_path: Path
+) -> None:
+    """An onnxruntime or TensorRT bundle loads its model folder without the transformer's weights and makes a stand-in
+    of the transformer class the folder names: that class was looked up in diffusers alone, so the bundle of a family
+    whose transformer class is its own (registered with register_family) built, then failed to load ("could not load
+    the model folder ... (AttributeError: module diffusers has no attribute FakeTransformer)")."""
+    from catrt.loading import load_pipeline
+
+    tiny = tiny_pipelines["tiny-sd3"]
+    FakePipeline(**{**tiny.components, "transformer": FakeTransformer.from_config(tiny.transformer.config)}).save_pretrained(tmp_path)
+    loaded = load_pipeline(str(tmp_path), transformer_weights=False)
+    assert type(loaded) is FakePipeline and type(loaded.transformer) is FakeTransformer
+    assert {parameter.device.type for parameter in loaded.transformer.parameters()} == {"meta"}
+    assert isinstance(make_adapter(loaded.transformer), FakeAdapter)
+
+
 def test_an_unregistered_pipeline_is_refused(tiny_pipelines: dict[str, Any]) -> None:
     tiny = tiny_pipelines["tiny-sd3"]
     with pytest.raises(UnsupportedModelError, match="catrt cannot accelerate FakePipeline"):
         catrt.accelerate(FakePipeline(**tiny.components))
+
+
+def test_a_pipeline_class_handed_to_accelerate_is_refused_naming_the_class_and_the_fix(fake_family: Family) -> None:
+    """`catrt.accelerate(FluxPipeline)` (the class, as the issue writes it) was refused as "catrt cannot accelerate type;
+    supported pipelines: FluxPipeline, ...": the class it names as supported is the one the user passed."""
+    for cls in (FluxPipeline, FakePipeline):  # a built-in family's class and a registered one's
+        with pytest.raises(UnsupportedModelError, match=re.escape(
+            f"catrt cannot accelerate the class {cls.__name__} itself: pass a loaded pipeline ({cls.__name__}.from_pretrained(...)"
+        )) as caught:
+            catrt.accelerate(cls)
+        assert (caught.value.field, caught.value.value) == ("pipe", cls.__name__)
+    with pytest.raises(UnsupportedModelError, match="^catrt cannot accelerate StableDiffusion3Img2ImgPipelineSubclass; supported"):
+        catrt.accelerate(type("StableDiffusion3Img2ImgPipelineSubclass", (StableDiffusion3Img2ImgPipeline,), {}))
 
 
 class HalfAdapter(Adapter):

@@ -8,21 +8,28 @@ grid limit, the pipeline's own default size, and its declared text layout.
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0
+from PIL import Image
 from torch import nn
 from transformers import UMT5Config, UMT5EncoderModel
 
 import catrt
 from catrt import CATConfig, ConfigError, UnsupportedModelError
+from catrt.build import build_engines
+from catrt.build_config import BuildConfig
 from catrt.generation import check_pipeline_size
 from catrt.macs import step_macs
+from catrt.model_cards import MODEL_CARDS, ModelCard
 from catrt.models import ADAPTERS, FAMILIES, PIPELINES, Adapter, Family, register_family
 from catrt.models.base import Context, KVStore, attention, joint_attention
 from catrt.pipeline_spec import PipelineSpec
@@ -170,3 +177,44 @@ def test_a_new_family_counts_its_macs_on_the_meta_device(auraflow: AuraFlowPipel
     counts = step_macs(transformer, kwargs.pop("hidden_states"), kwargs.pop("timestep"), kwargs, CATConfig(alpha=0.5))
     assert (counts.num_tokens, counts.k) == (24, 12) and 0 < counts.pruned < counts.full
     assert counts.context == 24 * (4 * 2 * 2) * 32  # the positional table: the patch projection of a zero latent, N x C·p·p x D
+
+
+# -- every path after the one registration: builds, catrt.load, the server's model, catrt macs ---------------------
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_a_new_familys_saved_model_builds_loads_and_serves(auraflow: AuraFlowPipeline, backend: str, tmp_path: Path) -> None:
+    """The registration is all a build needs: a saved folder of the new family exports through the step-graph contract,
+    is verified, loads with `catrt.load` (its weightless stand-in made from the folder's transformer class) and runs as
+    its eager runtime; the server's model serves it, one PNG of the build's size per row."""
+    from catrt.serve.model import BatchOptions, Row, load_engines
+
+    folder = tmp_path / "auraflow"
+    auraflow.save_pretrained(folder)
+    build = BuildConfig(str(folder), height=32, width=48, batch=2, steps=4, t0=2, max_sequence_length=8, backend=backend)
+    bundle = build_engines(build, out_dir=tmp_path / "engines", export_dir=tmp_path / "export", progress=False)
+    fast = catrt.load(bundle)
+    fast.set_progress_bar_config(disable=True)
+    sized = {"num_inference_steps": 4, "height": 32, "width": 48, "max_sequence_length": 8}
+    got = fast(**_call(auraflow, **sized)).images
+    expected = catrt.accelerate(auraflow, CATConfig(alpha=0.3, t0=2))(**_call(auraflow, **sized)).images
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()))
+    served = load_engines(bundle, None)
+    images = served.generate([Row("a red cat", 1)], BatchOptions(guidance_scale=3.5, negative_prompt=None)).images
+    assert len(images) == 1 and Image.open(io.BytesIO(base64.b64decode(images[0]))).size == (48, 32)
+
+
+def test_a_new_familys_published_card_counts_its_macs_from_the_cli(
+    auraflow: AuraFlowPipeline, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A card for the new family (as a script adds one) is all `catrt macs` needs: the family's meta call shapes the step."""
+    from catrt.cli import main
+    from catrt.macs import model_macs
+
+    card = ModelCard("auraflow-tiny", "nobody/auraflow-tiny", "auraflow", dict(auraflow.transformer.config), 16, max_grid_side=8)
+    monkeypatch.setitem(MODEL_CARDS, card.name, card)
+    assert main(["macs", "--model", card.name, "--height", "64", "--width", "64", "--steps", "8", "--t0", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "model auraflow-tiny at 64x64: N = 16 image tokens, k = 5"  # 4x4 tokens of 16 pixels, ceil(0.3 x 16)
+    report = model_macs(card.name, 64, 64, CATConfig(t0=2), 8)
+    assert 0 < report.schedule_ratio < 1 and lines[-1] == f"schedule MAC ratio: {report.schedule_ratio:.3f}"

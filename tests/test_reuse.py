@@ -108,7 +108,7 @@ def _snapshots(fast: Any, steps: CountingSteps) -> tuple[list[dict[str, Any]], A
     return seen, fast.pipe.transformer.register_forward_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart", "tiny-flux"])
 def test_a_reused_step_returns_the_previous_prediction_and_runs_no_transformer(name: str, tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines[name]
     counting = CountingSteps(make_adapter(pipe.transformer))
@@ -141,7 +141,7 @@ def test_a_reused_step_returns_the_previous_prediction_and_runs_no_transformer(n
             assert int(now["last_computed"].max()) == step
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart", "tiny-flux"])
 def test_alpha_one_with_reuse_equals_the_plain_pipeline_reusing_the_same_steps(name: str, tiny_pipelines: dict[str, Any]) -> None:
     """Reuse is exactly 'return the previous transformer output': the plain pipeline with a transformer
     wrapped to do that on the planned steps gives the same latents as catrt at alpha = 1."""

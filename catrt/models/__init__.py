@@ -16,6 +16,7 @@ from catrt.models.registry import (
     make_adapter,
     pipeline_named,
     register_family,
+    transformer_named,
 )
 from catrt.tokens import Grid, patchify, unpatchify
 
@@ -33,5 +34,6 @@ __all__ = [
     "patchify",
     "pipeline_named",
     "register_family",
+    "transformer_named",
     "unpatchify",
 ]

@@ -140,6 +140,11 @@ def pipeline_named(name: str) -> type | None:
     return next((cls for cls in PIPELINES if cls.__name__ == name), None)
 
 
+def transformer_named(name: str) -> type[nn.Module] | None:
+    """The registered transformer class called `name` (as a saved folder's model_index.json names it), else None."""
+    return next((cls for cls in ADAPTERS if cls.__name__ == name), None)
+
+
 def family_of(name: str) -> Family:
     family = FAMILIES.get(name)
     if family is None:
