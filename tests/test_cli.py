@@ -195,13 +195,12 @@ def test_lazy_package_attributes() -> None:
     (("generate", "--prompt", "x", "--engines", ""), "--engines is empty; give an engines/<build-name> folder (catrt build)"),
     (("inspect", " "), "the engine folder path is empty; give an engines/<build-name> folder"),
     (("serve", "--engines", "engines/a", ""), "--engines names an empty folder path; give engines/<build-name> folders"),
-    (("generate", "--prompt", "x", "--full", "--alpha", "0.3"), "--alpha cannot be used with --full: the unpruned model"),
-    (("generate", "--prompt", "x", "--full", "--t0", "3"), "--t0 cannot be used with --full"),
+    (("generate", "--prompt", "x", "--full", "--alpha", "0"), "argument --alpha: CATConfig.alpha must be in (0, 1]"),
 ], ids=["out-txt", "out-no-ext", "reference-size", "sd3-size", "alpha", "t0-steps", "engines-alpha", "engines-t0",
         "fp16-cpu", "device-name", "device-meta", "device-empty", "prompt-blank", "prompt-nul", "negative-escape",
         "seed-huge", "guidance-nan", "guidance-negative", "macs-size", "build-size", "serve-size", "serve-device",
         "serve-device-index", "serve-batch", "build-batch", "model-empty", "build-model-unknown", "kmeans-iters-huge",
-        "build-out-empty", "build-export-dir-blank", "engines-empty", "inspect-empty", "serve-engines-empty", "full-alpha", "full-t0"])
+        "build-out-empty", "build-export-dir-blank", "engines-empty", "inspect-empty", "serve-engines-empty", "full-bad-alpha"])
 def test_mistakes_end_in_one_line_before_loading(capfd: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
     assert message in _fails(capfd, *argv)
 
@@ -892,6 +891,24 @@ def test_macs_prints_the_schedule_ratio_last(capfd: pytest.CaptureFixture[str]) 
     out = capfd.readouterr().out.strip().splitlines()
     assert out[0].startswith("model sd3 at 1024x1024: N = 4096 image tokens")
     assert out[-1] == "schedule MAC ratio: 0.537"
+
+
+def test_full_with_cat_flags_runs_the_unpruned_model_and_says_they_change_nothing(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    """Issue 2's command with `--full` added is the unpruned run of it: the CAT flags given are named in a note on
+    stderr (they change nothing), not a refusal; the image is the one `--full` alone makes."""
+    plain, noted = tmp_path / "plain.png", tmp_path / "noted.png"
+    common = ["generate", "--model", "tiny-sd3", "--prompt", "a red circle", "--steps", "4", "--seed", "0",
+              "--height", "32", "--width", "32", "--full"]
+    assert main([*common, "--out", str(plain)]) == 0
+    assert "note:" not in capfd.readouterr().err
+    assert main([*common, "--alpha", "0.3", "--t0", "2", "--out", str(noted)]) == 0
+    captured = capfd.readouterr()
+    assert "unpruned, fp32" in captured.out
+    assert "catrt generate: note: --full runs the unpruned model; --alpha, --t0 change nothing in it" in captured.err
+    with Image.open(plain) as a, Image.open(noted) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_full_and_bf16_on_the_cpu(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:

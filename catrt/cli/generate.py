@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import typing
 from typing import Any
 
@@ -72,8 +73,6 @@ def _check_request_values(args: argparse.Namespace) -> None:
 def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     """A pipeline by name, accelerated unless --full; everything checkable is checked before loading."""
     model = DEFAULT_MODEL if args.model is None else args.model  # --model '' is refused by name, not replaced
-    if args.full:
-        _refuse_cat_flags_with_full(args)
     card = MODEL_CARDS.get(model)
     steps, t0 = card_schedule(args, card)
     config = cat_config(args, seed=args.seed, t0=t0)
@@ -94,20 +93,19 @@ def _model_runner(args: argparse.Namespace) -> tuple[object, str]:
     check_pipeline_size(pipe, args.height, args.width, model)
     _check_prompts(args, pipe, limit=None)
     if args.full:
+        _note_cat_flags_with_full(args)
         return pipe, f"unpruned, {precision}"
     return accelerate(pipe, config), f"alpha={config.alpha} t0={config.t0}, {precision}"
 
 
-def _refuse_cat_flags_with_full(args: argparse.Namespace) -> None:
-    """--full runs the unpruned model, which no CAT flag changes: refuse one rather than ignore it."""
-    given = cat_values(args)
+def _note_cat_flags_with_full(args: argparse.Namespace) -> None:
+    """--full runs the unpruned model, which no CAT flag changes: say so rather than refuse the command (issue 2's
+    `catrt generate ... --alpha 0.3 ... --full` is the unpruned run of the same command); the values are still
+    checked, as without --full."""
+    given = [flag_name(name) for name in cat_values(args)]
     if given:
-        name, value = next(iter(given.items()))
-        raise ConfigError(
-            f"{flag_name(name)} cannot be used with --full: the unpruned model prunes nothing; drop {flag_name(name)}, "
-            f"or drop --full to prune with it",
-            field=name, value=value,
-        )
+        print(f"catrt generate: note: --full runs the unpruned model; {', '.join(given)} "
+              f"change{'s' if len(given) == 1 else ''} nothing in it", file=sys.stderr)
 
 
 def _engine_runner(args: argparse.Namespace) -> tuple[object, str]:
