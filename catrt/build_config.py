@@ -7,10 +7,12 @@ which steps it skips, and each of its alphas one pruned graph with k = ceil(alph
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -49,7 +51,8 @@ class BuildConfig:
         batch: prompts per call; with guidance the graphs take 2 * batch rows.
         steps, t0: the CAT schedule served.
         alphas: the alphas served, in order; the first is the default of a call. Each has its own
-            pruned graph (k = ceil(alpha * N) baked in), so no two may select the same k.
+            pruned graph (k = ceil(alpha * N) baked in), so no two may select the same k. One number is
+            one alpha: `alphas=0.3` (or `alpha=0.3`, the single-alpha keyword) is `alphas=(0.3,)`.
         reuse_every: CATConfig.reuse_every of the schedule served (0 = no reused steps).
         precision: weights and activations; fp16 / bf16 need a CUDA device.
         backend: the engine kind; "auto" is resolved to a concrete backend before building.
@@ -70,6 +73,8 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         plain_numbers(self)  # numpy counts (np.int64(6) steps) as Python's, as CATConfig takes them
+        if isinstance(self.alphas, numbers.Real) and not isinstance(self.alphas, bool):
+            object.__setattr__(self, "alphas", (self.alphas,))  # one alpha, as `catrt build --alpha 0.3` gives it
         _check_alphas(self.alphas)
         # a list read back from JSON; numpy alphas as the decimals they print, as CATConfig reads them
         object.__setattr__(self, "alphas", tuple(CATConfig(alpha=alpha).alpha for alpha in self.alphas))
@@ -164,6 +169,36 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
         return config_from_dict(cls, data)
+
+
+def _single_alpha_keyword(init: Callable[..., None]) -> Callable[..., None]:
+    """`BuildConfig(model, alpha=0.3)`: a single-alpha build named as `catrt build --alpha` and `CATConfig` name it (and
+    as BuildConfig did before it served several). Taken as `alphas=(0.3,)`; given with `alphas` it is refused, naming
+    both, rather than one silently winning."""
+    unset = object()
+
+    @functools.wraps(init)
+    def __init__(self: BuildConfig, *args: Any, alpha: Any = unset, **kwargs: Any) -> None:
+        if alpha is not unset:
+            if "alphas" in kwargs or len(args) > _ALPHAS_POSITION:
+                raise ConfigError(
+                    "BuildConfig takes alpha (one alpha) or alphas (several), not both; give alphas=(...) alone",
+                    field="alpha", value=alpha,
+                )
+            if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+                raise ConfigError(
+                    f"BuildConfig.alpha must be one alpha in (0, 1] (alphas=(...) takes several), got {echo(alpha)}",
+                    field="alpha", value=alpha,
+                )
+            kwargs["alphas"] = (CATConfig(alpha=alpha).alpha,)  # its range refused naming alpha
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+#: Where `alphas` is among the positional arguments (after model, height, width, batch, steps, t0).
+_ALPHAS_POSITION = [f.name for f in fields(BuildConfig)].index("alphas")
+BuildConfig.__init__ = _single_alpha_keyword(BuildConfig.__init__)  # type: ignore[method-assign]
 
 
 def _alpha_label(alpha: float) -> str:

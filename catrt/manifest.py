@@ -81,6 +81,11 @@ class Manifest:
     #: HMAC-SHA256 (hex) of the rest of the manifest, when the build was signed (`catrt.signing`).
     signature: str | None = None
 
+    @property
+    def k(self) -> int:
+        """k of the default (first built) alpha: what a single-alpha bundle's `k` was before the `alphas` table."""
+        return self.alphas[0]["k"]
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for name in (SEAL_FIELD, SIGNATURE_FIELD):

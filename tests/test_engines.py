@@ -97,7 +97,7 @@ def test_build_writes_a_verified_bundle_with_shared_weights(name: str, onnx_buil
     manifest = read_manifest(folder)
     assert BuildConfig.from_dict(manifest.build) == _config(name)  # config from the manifest, not the name
     k = math.ceil(0.3 * 24)
-    assert manifest.num_tokens == 24
+    assert (manifest.num_tokens, manifest.k) == (24, k)
     assert manifest.alphas == [{"alpha": 0.3, "k": k, "graph": f"pruned-k{k}", "max_relative_error": manifest.alphas[0]["max_relative_error"]}]
     assert manifest.device == {"kind": "cpu"}
     assert {"catrt", "torch", "diffusers", "onnx", "onnxruntime"} <= set(manifest.versions)
@@ -963,6 +963,26 @@ def test_build_config_takes_numpy_numbers_as_catconfig_does() -> None:
     assert type(config.steps) is int and type(config.alphas[0]) is float and config.alphas[0] == 0.3
     with pytest.raises(ConfigError, match="BuildConfig.steps must be an integer from 1 to 1000, got True"):
         BuildConfig("tiny-sd3", steps=np.bool_(True))
+
+
+def test_build_config_takes_a_single_alpha_as_alpha_or_one_number(tmp_path: Path) -> None:
+    """The issue's build is "(model, ..., alpha -> k, ...)" and `catrt build --alpha 0.3`: `BuildConfig(model,
+    alpha=0.3)` (a TypeError since BuildConfig took several) and `alphas=0.3`, or 0.3 in alphas' place, are one alpha;
+    alpha with alphas, or alpha as a list, is refused naming alpha. The bundle's `k` is that alpha's."""
+    one = BuildConfig("tiny-sd3", alpha=0.5, backend="eager", **SIZE)
+    assert one == BuildConfig("tiny-sd3", alphas=(0.5,), backend="eager", **SIZE) == BuildConfig(
+        "tiny-sd3", alphas=0.5, backend="eager", **SIZE)
+    assert (one.alpha, one.alphas) == (0.5, (0.5,)) and "-a0.50-" in one.build_name()
+    assert BuildConfig("tiny-sd3", 64, 96, 2, 12, 4, 0.3).alphas == (0.3,)  # alpha's place before alphas took it
+    for wrong, message in [({"alpha": 0.3, "alphas": (0.3,)}, re.escape("BuildConfig takes alpha (one alpha) or alphas (several), not both")),
+                           ({"alpha": (0.2, 0.3)}, r"BuildConfig.alpha must be one alpha in \(0, 1\] \(alphas=\(...\) takes several\), got \(0.2, 0.3\)"),
+                           ({"alpha": 1.5}, r"CATConfig.alpha must be in \(0, 1\], got 1.5")]:
+        with pytest.raises(ConfigError, match=message) as caught:
+            BuildConfig("tiny-sd3", **wrong)
+        assert caught.value.field == "alpha"
+    folder = _build(one, tmp_path)
+    assert read_manifest(folder).k == math.ceil(0.5 * 24)
+    assert catrt.load(folder).alphas == (0.5,)
 
 
 def test_build_engines_refuses_a_config_that_is_no_build_config_before_any_work(tmp_path: Path) -> None:
