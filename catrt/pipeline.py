@@ -36,7 +36,7 @@ from catrt.models.base import check_runs_as_loaded
 from catrt.models.inputs import check_transformer_inputs
 from catrt.pipeline_facts import check_latent_channels
 from catrt.pipeline_spec import PipelineSpec, call_default, custom_schedule, denoising_steps, strength_steps
-from catrt.runtime import CATRuntime, StepRecord
+from catrt.runtime import CATRuntime, StepRecord, refuse_eager_only_rules
 from catrt.scheduler_calls import (
     check_schedule_steps_run,
     check_scheduler_order,
@@ -368,6 +368,8 @@ def accelerate(
     check_accelerate_arguments(config, functions, cuda_graphs)
     if backend not in ("eager", "compile"):
         raise ConfigError(f"accelerate's backend must be eager or compile, got {echo(backend)}", field="backend", value=backend)
+    if functions is not None or backend == "compile":
+        refuse_eager_only_rules(config)  # before compiling, not at the first call
     if functions is None and backend == "compile":
         from catrt.engines.compile import compile_step_functions
 

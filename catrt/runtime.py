@@ -77,6 +77,24 @@ class StepRecord:
     change: float | None = None
 
 
+def refuse_eager_only_rules(config: CATConfig) -> None:
+    """Refuse, for step functions other than the eager adapter (an engine, the compiled steps), the settings only the
+    adapter's own forwards compute: `accelerate` calls it before compiling, the runtime at each generation."""
+    if config.rule == "attention":
+        raise ConfigError(
+            "the attention rule needs attention maps, which only the eager backend exposes",
+            field="rule",
+            value=config.rule,
+        )
+    if config.reuse_threshold:
+        raise ConfigError(
+            "reuse_threshold decides each step on the host from the first block's output, which only the eager "
+            "backend computes; engines run a static schedule: use reuse_every",
+            field="reuse_threshold",
+            value=config.reuse_threshold,
+        )
+
+
 class CATRuntime:
     """Replaces the transformer's calls for one generation of `steps` steps.
 
@@ -122,19 +140,8 @@ class CATRuntime:
         self.cuda_graphs = cuda_graphs
         self.step = 0
         self.trace: list[StepRecord] = []
-        if config.rule == "attention" and self.functions is not adapter:
-            raise ConfigError(
-                "the attention rule needs attention maps, which only the eager backend exposes",
-                field="rule",
-                value=config.rule,
-            )
-        if config.reuse_threshold and self.functions is not adapter:
-            raise ConfigError(
-                "reuse_threshold decides each step on the host from the first block's output, which only the eager "
-                "backend computes; engines run a static schedule: use reuse_every",
-                field="reuse_threshold",
-                value=config.reuse_threshold,
-            )
+        if self.functions is not adapter:
+            refuse_eager_only_rules(config)
         self._first_block: torch.Tensor | None = None  # the residual at the last computed step (reuse_threshold)
 
     def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:

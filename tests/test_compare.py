@@ -386,6 +386,29 @@ def test_reuse_threshold_is_validated_and_refused_by_engines_and_graphs(tiny_pip
         runtime._wants_capture(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("config", [CATConfig(t0=2, reuse_threshold=0.1), CATConfig(t0=2, rule="attention")],
+                         ids=["reuse-threshold", "attention-rule"])
+def test_accelerate_refuses_eager_only_settings_for_compiled_or_engine_steps_before_compiling(
+    config: CATConfig, tiny_pipelines: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """accelerate(backend="compile") (or with an engine's step functions) and a setting only the eager adapter computes
+    is refused by accelerate itself, before torch.compile runs, not at the first call; eager accepts it."""
+    import catrt.engines.compile
+
+    def compiled(adapter: Any) -> Any:
+        raise AssertionError("compiled before the refusal")
+
+    monkeypatch.setattr(catrt.engines.compile, "compile_step_functions", compiled)
+    pipe = tiny_pipelines["tiny-sd3"]
+    with pytest.raises(ConfigError, match="the attention rule needs|only the eager backend computes") as caught:
+        catrt.accelerate(pipe, config, backend="compile")
+    assert caught.value.field == ("rule" if config.rule == "attention" else "reuse_threshold")
+    eager = catrt.accelerate(pipe, config)
+    with pytest.raises(ConfigError, match="the attention rule needs|only the eager backend computes"):
+        catrt.accelerate(pipe, config, functions=eager.adapter)  # the adapter handed over as an engine's functions
+    catrt.accelerate(pipe, config)  # the eager backend runs both
+
+
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart", "tiny-flux"])
 def test_reuse_threshold_decides_from_the_first_block(name: str, tiny_pipelines: dict[str, Any]) -> None:
     pipe = tiny_pipelines[name]
