@@ -187,3 +187,24 @@ def test_batches_group_as_the_worker_does_on_mixed_queues() -> None:
             assert group == (expected or [waiting[0]])
             waiting = [index for index in waiting if index not in group]
         assert not waiting
+
+
+def test_a_pinned_request_is_simulated_in_its_own_call_whatever_key_it_is_given() -> None:
+    """The worker never batches a pinned request with an unpinned one (a call runs at one alpha). Simulated with the
+    same key, the pinned 0.5 request rode along in the head's call: 0.5 looked within 2 s where the two calls end after
+    2.6 s at 0.5 and 2.12 s even at 0.2."""
+    queue = [Queued(0.0, 1), Queued(0.0, 1, alpha=0.5)]
+    assert batches(queue, capacity=2) == [[0], [1]]
+    assert predicted_latencies(queue, TIMES, 2, 0.2) == pytest.approx([0.82, 0.82 + 1.3])
+    assert choose_alpha(queue, TIMES, target=2.0, alphas=ALPHAS, capacity=2) == 0.2
+    two_pins = [Queued(0.0, 1, alpha=0.2), Queued(0.0, 1, alpha=0.5), Queued(0.0, 1, alpha=0.2)]
+    assert batches(two_pins, capacity=2) == [[0, 2], [1]]
+
+
+def test_the_policy_is_a_function_of_queue_step_times_and_target_alone() -> None:
+    """The alphas default to those the step times cover and a call to one request, so `choose_alpha(queue, times,
+    target)` is the policy as the issue states it; a request is one image unless it says."""
+    assert choose_alpha([Queued(age=0.0)], TIMES, 2.0) == 0.5
+    assert choose_alpha([Queued(age=0.0)] * 10, TIMES, 2.0) == 0.2
+    assert choose_alpha([Queued(age=0.0, alpha=0.3)] + [Queued(age=0.0)] * 10, TIMES, 2.0) == 0.3
+    assert choose_alpha([Queued(age=0.5), Queued(age=0.0)], TIMES, 2.0) == 0.3
