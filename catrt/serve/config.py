@@ -248,14 +248,16 @@ class FleetConfig:
     """`catrt serve --ray`: how many model replicas Ray Serve runs, and on which cluster.
 
     Args:
-        replicas: a fixed number of model replicas; None when autoscaling.
+        replicas: a fixed number of model replicas; None = 1, or none when autoscaling (so
+            `FleetConfig(min_replicas=1, max_replicas=4)` and a KubeRay `fleet: {min_replicas: 1, max_replicas: 4}`
+            autoscale without a `replicas: null`).
         min_replicas, max_replicas: Ray Serve autoscales between these on ongoing requests
             (both or neither; not with `replicas`), at Ray Serve's default target of ongoing
             requests per replica.
         address: a Ray cluster to join ("auto", "ray://host:10001", ...); None starts a local one.
     """
 
-    replicas: int | None = 1
+    replicas: int | None = None
     min_replicas: int | None = None
     max_replicas: int | None = None
     address: str | None = None
@@ -269,7 +271,7 @@ class FleetConfig:
             raise ConfigError("--replicas fixes the replica count; drop it to autoscale with --min-replicas/--max-replicas",
                               field="replicas", value=self.replicas)
         if self.min_replicas is None and self.replicas is None:
-            raise ConfigError("give --replicas N or --min-replicas/--max-replicas", field="replicas")
+            object.__setattr__(self, "replicas", 1)
         if self.replicas is not None:
             _check_positive("replicas", self.replicas)
         else:
