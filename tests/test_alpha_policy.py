@@ -208,3 +208,19 @@ def test_the_policy_is_a_function_of_queue_step_times_and_target_alone() -> None
     assert choose_alpha([Queued(age=0.0)] * 10, TIMES, 2.0) == 0.2
     assert choose_alpha([Queued(age=0.0, alpha=0.3)] + [Queued(age=0.0)] * 10, TIMES, 2.0) == 0.3
     assert choose_alpha([Queued(age=0.5), Queued(age=0.0)], TIMES, 2.0) == 0.3
+
+
+def test_a_serve_config_of_several_alphas_needs_no_pruning_settings_naming_the_first() -> None:
+    """`ServeConfig(model=..., alphas=(0.5, 0.2))` (a KubeRay `serve: {alphas: [0.5, 0.2]}`) was refused: "cat.alpha 0.3
+    must be the first of alphas", an alpha nobody gave (CATConfig's default). Left at its default, cat's alpha is the
+    first of alphas; one given otherwise must still be the first."""
+    from catrt.config import CATConfig
+    from catrt.errors import ConfigError
+    from catrt.serve.config import ServeConfig
+
+    config = ServeConfig(model="reference", alphas=[0.5, 0.2], cat=CATConfig(t0=4), alpha_policy="adaptive",
+                         latency_target=2.0)
+    assert config.served_alphas == (0.5, 0.2) and config.cat == CATConfig(alpha=0.5, t0=4)
+    assert ServeConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match=r"^ServeConfig.cat.alpha 0.2 must be the first of alphas \[0.5, 0.2\]$"):
+        ServeConfig(model="reference", alphas=(0.5, 0.2), cat=CATConfig(alpha=0.2))

@@ -32,8 +32,8 @@ class ServeConfig:
         steps, batch: the step count and images per call of the eager model (a build fixes its own).
         cat: the pruning settings of the eager model; with `engines` left at `CATConfig()` (a build fixes its
             schedule and runs catrt's default selection settings, so another value is refused, not ignored).
-        alphas: the eager model's alphas, in order (cat.alpha must be the first); () = cat.alpha alone.
-            A build serves its own alphas.
+        alphas: the eager model's alphas, in order (cat.alpha, if not left at its default, must be the first;
+            left at it, it becomes the first); () = cat.alpha alone. A build serves its own alphas.
         alpha_policy: "fixed" runs every call at the first alpha (unless a request pins another);
             "adaptive" picks, before each call, the largest alpha that keeps the queued requests
             within `latency_target` (catrt/serve/alpha_policy.py).
@@ -167,6 +167,8 @@ class ServeConfig:
                 raise ConfigError("--alpha cannot be used with --engines: a build serves its own alphas", field="alpha")
             for alpha in self.alphas:
                 replace(self.cat, alpha=alpha)  # each in (0, 1], naming alpha
+            if self.cat.alpha == CATConfig().alpha:  # cat's alpha left at its default: the first of alphas is the default
+                object.__setattr__(self, "cat", replace(self.cat, alpha=self.alphas[0]))
             if self.alphas[0] != self.cat.alpha:
                 raise ConfigError(f"ServeConfig.cat.alpha {self.cat.alpha} must be the first of alphas {list(self.alphas)}",
                                   field="alpha", value=self.cat.alpha)
