@@ -25,7 +25,7 @@ class ServeConfig:
     """One server.
 
     Args:
-        engines: built engine folders (`catrt build`) of one model, one per served size (a single
+        engines: built engine folders (`catrt build`; paths or strings) of one model, one per served size (a single
             folder may be given as a string); what each serves comes from its manifest.
         model: instead of `engines`, a model name or diffusers folder run eagerly with `cat`.
         height, width: the size the eager model serves; None = the model's default size.
@@ -88,8 +88,11 @@ class ServeConfig:
     bundle_key_file: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.engines, (str, list)):
-            object.__setattr__(self, "engines", (self.engines,) if isinstance(self.engines, str) else tuple(self.engines))
+        if self.engines is not None:  # one folder (`build_engines` returns a Path), or several; kept as strings
+            folders = (self.engines,) if isinstance(self.engines, (str, os.PathLike)) else self.engines
+            if not isinstance(folders, (list, tuple)) or not all(isinstance(each, (str, os.PathLike)) for each in folders):
+                raise ConfigError("--engines takes engine folder paths (catrt build)", field="engines", value=self.engines)
+            object.__setattr__(self, "engines", tuple(map(os.fspath, folders)))
         if self.engines is not None and not self.engines:
             raise ConfigError("--engines needs at least one engine folder", field="engines", value=self.engines)
         if self.engines is not None and any(not str(folder).strip() for folder in self.engines):  # an unset variable: '.'
