@@ -26,7 +26,7 @@ class ServeConfig:
 
     Args:
         engines: built engine folders (`catrt build`; paths or strings) of one model, one per served size (a single
-            folder may be given as a string); what each serves comes from its manifest.
+            folder may be given alone); what each serves comes from its manifest.
         model: instead of `engines`, a model name or diffusers folder run eagerly with `cat`.
         height, width: the size the eager model serves; None = the model's default size.
         steps, batch: the step count and images per call of the eager model (a build fixes its own).
