@@ -37,6 +37,7 @@ except ImportError as error:
 else:
     MISSING = None
 
+CLIENTS = 4  # --clients' default
 PROMPTS = ("a red sun in a blue sky", "a green tree", "a cat on a chair", "a small boat on the sea")
 
 
@@ -228,7 +229,7 @@ def _auth_headers(parser: argparse.ArgumentParser, key_file: str | None) -> dict
 def main(argv: list[str] | None = None) -> None:
     parser = benchkit.new_parser("bench/load.py", __doc__)
     parser.add_argument("url", help="server root, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent closed-loop clients")
+    parser.add_argument("--clients", type=int, default=None, help=f"concurrent closed-loop clients (default: {CLIENTS})")
     parser.add_argument("--ramp", type=int, nargs="+", default=None, metavar="CLIENTS",
                         help="instead of --clients: these numbers of clients in turn, --seconds each")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to send requests (per level with --ramp)")
@@ -247,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     benchkit.check_positive(parser, seconds=args.seconds)
     benchkit.check_at_least_one(parser, n=args.n)
     url = args.url.rstrip("/")
+    if args.ramp and args.clients is not None:  # one of them was silently dropped
+        parser.error(f"--clients {args.clients} and --ramp {' '.join(map(str, args.ramp))} both set the number of "
+                     "clients: give --clients N for one level, or --ramp N1 N2 ... for several")
+    args.clients = CLIENTS if args.clients is None else args.clients
     if any(clients < 1 for clients in args.ramp or [args.clients]):
         parser.error("--clients and --ramp take numbers of clients >= 1")
     headers = _auth_headers(parser, args.api_key_file)

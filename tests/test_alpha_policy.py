@@ -187,3 +187,40 @@ def test_batches_group_as_the_worker_does_on_mixed_queues() -> None:
             assert group == (expected or [waiting[0]])
             waiting = [index for index in waiting if index not in group]
         assert not waiting
+
+
+def test_a_pinned_request_is_simulated_in_its_own_call_whatever_key_it_is_given() -> None:
+    """The worker never batches a pinned request with an unpinned one (a call runs at one alpha). Simulated with the
+    same key, the pinned 0.5 request rode along in the head's call: 0.5 looked within 2 s where the two calls end after
+    2.6 s at 0.5 and 2.12 s even at 0.2."""
+    queue = [Queued(0.0, 1), Queued(0.0, 1, alpha=0.5)]
+    assert batches(queue, capacity=2) == [[0], [1]]
+    assert predicted_latencies(queue, TIMES, 2, 0.2) == pytest.approx([0.82, 0.82 + 1.3])
+    assert choose_alpha(queue, TIMES, target=2.0, alphas=ALPHAS, capacity=2) == 0.2
+    two_pins = [Queued(0.0, 1, alpha=0.2), Queued(0.0, 1, alpha=0.5), Queued(0.0, 1, alpha=0.2)]
+    assert batches(two_pins, capacity=2) == [[0, 2], [1]]
+
+
+def test_the_policy_is_a_function_of_queue_step_times_and_target_alone() -> None:
+    """The alphas default to those the step times cover and a call to one request, so `choose_alpha(queue, times,
+    target)` is the policy as the issue states it; a request is one image unless it says."""
+    assert choose_alpha([Queued(age=0.0)], TIMES, 2.0) == 0.5
+    assert choose_alpha([Queued(age=0.0)] * 10, TIMES, 2.0) == 0.2
+    assert choose_alpha([Queued(age=0.0, alpha=0.3)] + [Queued(age=0.0)] * 10, TIMES, 2.0) == 0.3
+    assert choose_alpha([Queued(age=0.5), Queued(age=0.0)], TIMES, 2.0) == 0.3
+
+
+def test_a_serve_config_of_several_alphas_needs_no_pruning_settings_naming_the_first() -> None:
+    """`ServeConfig(model=..., alphas=(0.5, 0.2))` (a KubeRay `serve: {alphas: [0.5, 0.2]}`) was refused: "cat.alpha 0.3
+    must be the first of alphas", an alpha nobody gave (CATConfig's default). Left at its default, cat's alpha is the
+    first of alphas; one given otherwise must still be the first."""
+    from catrt.config import CATConfig
+    from catrt.errors import ConfigError
+    from catrt.serve.config import ServeConfig
+
+    config = ServeConfig(model="reference", alphas=[0.5, 0.2], cat=CATConfig(t0=4), alpha_policy="adaptive",
+                         latency_target=2.0)
+    assert config.served_alphas == (0.5, 0.2) and config.cat == CATConfig(alpha=0.5, t0=4)
+    assert ServeConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match=r"^ServeConfig.cat.alpha 0.2 must be the first of alphas \[0.5, 0.2\]$"):
+        ServeConfig(model="reference", alphas=(0.5, 0.2), cat=CATConfig(alpha=0.2))

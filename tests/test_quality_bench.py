@@ -233,6 +233,16 @@ def test_load_refuses_zero_clients_in_one_line(capsys: pytest.CaptureFixture[str
     assert "--clients and --ramp take numbers of clients >= 1" in capsys.readouterr().err
 
 
+def test_load_refuses_clients_with_a_ramp_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--ramp` ran instead of an explicit `--clients`, which was dropped without a word."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("load").main(["http://127.0.0.1:9", "--clients", "8", "--ramp", "1", "2"])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2
+    assert line == ("bench/load.py: error: --clients 8 and --ramp 1 2 both set the number of clients: give --clients N "
+                    "for one level, or --ramp N1 N2 ... for several (see bench/load.py --help)")
+
+
 @pytest.mark.parametrize(("script", "argv", "out"), [
     ("quality", [], "a-file"),
     ("quality", [], "a-file/sub"),

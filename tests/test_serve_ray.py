@@ -227,6 +227,19 @@ def test_the_kuberay_builder_names_a_misspelt_setting(args: dict, needle: str) -
     assert needle in str(caught.value)
 
 
+def test_min_and_max_replicas_alone_autoscale_and_nothing_is_one_replica() -> None:
+    """`FleetConfig(min_replicas=1, max_replicas=4)` (a KubeRay `fleet: {min_replicas: 1, max_replicas: 4}`) was
+    refused with "--replicas fixes the replica count; drop it", a --replicas nobody gave: it defaulted to 1."""
+    def model_deployment(fleet: FleetConfig):  # noqa: ANN202
+        return application(ServeConfig(model="reference"), fleet, gpus=False)._bound_deployment.init_args[1]._bound_deployment
+
+    autoscaled = model_deployment(FleetConfig(min_replicas=1, max_replicas=4))._deployment_config.autoscaling_config
+    assert (autoscaled.min_replicas, autoscaled.max_replicas) == (1, 4)
+    assert FleetConfig().replicas == 1 and model_deployment(FleetConfig()).num_replicas == 1
+    with pytest.raises(ConfigError, match="^--replicas fixes the replica count"):
+        FleetConfig(replicas=2, min_replicas=1, max_replicas=4)
+
+
 def _metric_replicas(url: str) -> set[str]:
     """The `replica` labels on the fleet's /metrics (the ingress's own per-replica series and the replicas' own)."""
     text = httpx.get(f"{url}/metrics", headers=AUTH).text

@@ -341,3 +341,21 @@ def test_pruning_settings_for_served_builds_are_refused_not_ignored() -> None:
         assert caught.value.field == "cat"
     with pytest.raises(ConfigError, match="the server runs static schedules"):  # the baseline is named first
         ServeConfig(engines="build", cat=CATConfig(reuse_threshold=0.1))
+
+
+def test_engine_folders_given_as_paths_are_served_as_strings(tmp_path: Path) -> None:
+    """`build_engines` returns a Path: `ServeConfig(engines=path)` raised TypeError ('PosixPath' object is not iterable),
+    and a tuple of Paths stayed Paths, whose settings (a Ray replica's, `to_dict`) no JSON writer took."""
+    import json
+
+    from catrt.serve.config import ServeConfig
+
+    one, two = tmp_path / "a", tmp_path / "b"
+    assert ServeConfig(engines=one).engines == (str(one),)
+    config = ServeConfig(engines=(one, str(two)))
+    assert config.engines == (str(one), str(two))
+    assert ServeConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    for wrong in (5, [3], (one, None), [b"a"]):
+        with pytest.raises(ConfigError, match=r"^--engines takes engine folder paths \(catrt build\)$") as caught:
+            ServeConfig(engines=wrong)
+        assert caught.value.field == "engines"

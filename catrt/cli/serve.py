@@ -59,8 +59,7 @@ def _fleet_config(args: argparse.Namespace) -> Any:
             flag = "--" + given[0].replace("_", "-")
             raise ConfigError(f"{flag} is a Ray Serve setting: add --ray, or drop {flag}", field=given[0])
         return None
-    replicas = args.replicas if args.replicas is not None or args.min_replicas is not None else 1
-    return FleetConfig(replicas=replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+    return FleetConfig(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                        address=args.ray_address)
 
 

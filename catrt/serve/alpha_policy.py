@@ -32,12 +32,12 @@ EWMA_WEIGHT = 0.3
 class Queued:
     """A queued request as the policy sees it: its age (seconds since arrival), images, batch key and pin.
 
-    Requests batch together only when their `key`s are equal (the worker uses the request's batch
-    options, the pinned alpha included); `alpha` is the alpha the request pinned, or None.
+    Requests batch together only when their `key`s and pins are equal (the worker's key is the request's
+    batch options, which hold the pin); `alpha` is the alpha the request pinned, or None.
     """
 
     age: float
-    rows: int
+    rows: int = 1
     key: Hashable = None
     alpha: float | None = None
 
@@ -81,12 +81,12 @@ def batches(queue: Sequence[Queued], capacity: int) -> list[list[int]]:
     one, and a scan stops once the call is full (every request has at least one row)."""
     by_key: dict[Hashable, list[int]] = {}
     for index, request in enumerate(queue):
-        by_key.setdefault(request.key, []).append(index)
+        by_key.setdefault(_batch_key(request), []).append(index)
     start = dict.fromkeys(by_key, 0)  # each key's first index in by_key[key] that may still wait
     taken = [False] * len(queue)
     groups, head = [], 0
     while head < len(queue):
-        key = queue[head].key
+        key = _batch_key(queue[head])
         same, group, rows = by_key[key], [], 0
         for index in same[start[key]:]:
             if taken[index] or rows + queue[index].rows > capacity:
@@ -107,6 +107,12 @@ def batches(queue: Sequence[Queued], capacity: int) -> list[list[int]]:
     return groups
 
 
+def _batch_key(request: Queued) -> Hashable:
+    """What a request batches by: its key and its pin (a call runs at one alpha, so a pinned request never shares an
+    unpinned one's call, nor another pin's, whatever keys a caller of the policy gives)."""
+    return request.key, request.alpha
+
+
 def predicted_latencies(queue: Sequence[Queued], times: StepTimes, capacity: int, alpha: float) -> list[float]:
     """Each queued request's predicted latency (age + time until its call ends) if unpinned calls run at `alpha`."""
     latencies = [0.0] * len(queue)
@@ -120,12 +126,17 @@ def predicted_latencies(queue: Sequence[Queued], times: StepTimes, capacity: int
 
 
 def choose_alpha(
-    queue: Sequence[Queued], times: StepTimes, target: float, alphas: Sequence[float], capacity: int
+    queue: Sequence[Queued], times: StepTimes, target: float, alphas: Sequence[float] | None = None,
+    capacity: int = 1,
 ) -> float:
     """The alpha of the queue head's call: its pin; else the largest alpha keeping every queued
-    request's predicted latency within `target` seconds; else the smallest alpha."""
+    request's predicted latency within `target` seconds; else the smallest alpha.
+
+    `alphas`: the built alphas to choose from (None = those `times` has pruned step times for);
+    `capacity`: the rows of one call (the build's batch)."""
     if queue and queue[0].alpha is not None:
         return queue[0].alpha
+    alphas = tuple(times.pruned) if alphas is None else alphas
     for alpha in sorted(alphas, reverse=True):
         if all(latency <= target for latency in predicted_latencies(queue, times, capacity, alpha)):
             return alpha

@@ -25,15 +25,15 @@ class ServeConfig:
     """One server.
 
     Args:
-        engines: built engine folders (`catrt build`) of one model, one per served size (a single
-            folder may be given as a string); what each serves comes from its manifest.
+        engines: built engine folders (`catrt build`; paths or strings) of one model, one per served size (a single
+            folder may be given alone); what each serves comes from its manifest.
         model: instead of `engines`, a model name or diffusers folder run eagerly with `cat`.
         height, width: the size the eager model serves; None = the model's default size.
         steps, batch: the step count and images per call of the eager model (a build fixes its own).
         cat: the pruning settings of the eager model; with `engines` left at `CATConfig()` (a build fixes its
             schedule and runs catrt's default selection settings, so another value is refused, not ignored).
-        alphas: the eager model's alphas, in order (cat.alpha must be the first); () = cat.alpha alone.
-            A build serves its own alphas.
+        alphas: the eager model's alphas, in order (cat.alpha, if not left at its default, must be the first;
+            left at it, it becomes the first); () = cat.alpha alone. A build serves its own alphas.
         alpha_policy: "fixed" runs every call at the first alpha (unless a request pins another);
             "adaptive" picks, before each call, the largest alpha that keeps the queued requests
             within `latency_target` (catrt/serve/alpha_policy.py).
@@ -88,8 +88,11 @@ class ServeConfig:
     bundle_key_file: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.engines, (str, list)):
-            object.__setattr__(self, "engines", (self.engines,) if isinstance(self.engines, str) else tuple(self.engines))
+        if self.engines is not None:  # one folder (`build_engines` returns a Path), or several; kept as strings
+            folders = (self.engines,) if isinstance(self.engines, (str, os.PathLike)) else self.engines
+            if not isinstance(folders, (list, tuple)) or not all(isinstance(each, (str, os.PathLike)) for each in folders):
+                raise ConfigError("--engines takes engine folder paths (catrt build)", field="engines", value=self.engines)
+            object.__setattr__(self, "engines", tuple(map(os.fspath, folders)))
         if self.engines is not None and not self.engines:
             raise ConfigError("--engines needs at least one engine folder", field="engines", value=self.engines)
         if self.engines is not None and any(not str(folder).strip() for folder in self.engines):  # an unset variable: '.'
@@ -167,6 +170,8 @@ class ServeConfig:
                 raise ConfigError("--alpha cannot be used with --engines: a build serves its own alphas", field="alpha")
             for alpha in self.alphas:
                 replace(self.cat, alpha=alpha)  # each in (0, 1], naming alpha
+            if self.cat.alpha == CATConfig().alpha:  # cat's alpha left at its default: the first of alphas is the default
+                object.__setattr__(self, "cat", replace(self.cat, alpha=self.alphas[0]))
             if self.alphas[0] != self.cat.alpha:
                 raise ConfigError(f"ServeConfig.cat.alpha {self.cat.alpha} must be the first of alphas {list(self.alphas)}",
                                   field="alpha", value=self.cat.alpha)
@@ -248,14 +253,16 @@ class FleetConfig:
     """`catrt serve --ray`: how many model replicas Ray Serve runs, and on which cluster.
 
     Args:
-        replicas: a fixed number of model replicas; None when autoscaling.
+        replicas: a fixed number of model replicas; None = 1, or none when autoscaling (so
+            `FleetConfig(min_replicas=1, max_replicas=4)` and a KubeRay `fleet: {min_replicas: 1, max_replicas: 4}`
+            autoscale without a `replicas: null`).
         min_replicas, max_replicas: Ray Serve autoscales between these on ongoing requests
             (both or neither; not with `replicas`), at Ray Serve's default target of ongoing
             requests per replica.
         address: a Ray cluster to join ("auto", "ray://host:10001", ...); None starts a local one.
     """
 
-    replicas: int | None = 1
+    replicas: int | None = None
     min_replicas: int | None = None
     max_replicas: int | None = None
     address: str | None = None
@@ -269,7 +276,7 @@ class FleetConfig:
             raise ConfigError("--replicas fixes the replica count; drop it to autoscale with --min-replicas/--max-replicas",
                               field="replicas", value=self.replicas)
         if self.min_replicas is None and self.replicas is None:
-            raise ConfigError("give --replicas N or --min-replicas/--max-replicas", field="replicas")
+            object.__setattr__(self, "replicas", 1)
         if self.replicas is not None:
             _check_positive("replicas", self.replicas)
         else:
