@@ -147,12 +147,17 @@ def server_averages(url: str, headers: dict[str, str] | None = None) -> dict[str
 def check_server(parser: argparse.ArgumentParser, url: str, headers: dict[str, str]) -> None:
     """One line and exit code 2 when nothing answers at `url` (a wrong port, a missing http://), before the clients
     run: each of their requests failed for --seconds, then reading /metrics raised a traceback and no report was
-    written."""
+    written. So is a server that refuses the key sent (401 on /v1/models, which needs the key the images route
+    needs): the run was --seconds of 401s, reported with no latency, and exit code 0."""
     try:
-        httpx.get(f"{url}/health", headers=headers, timeout=10)
+        answer = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
     except (httpx.HTTPError, httpx.InvalidURL) as error:
         parser.error(f"no server answers at {url} ({type(error).__name__}: {' '.join(str(error).split())[:200]}); "
                      "start `catrt serve` there first, or give its URL (http://HOST:PORT)")
+    if answer.status_code == 401:
+        given = "it refused the API key given" if headers else "it needs an API key"
+        parser.error(f"the server at {url} answers 401: {given}; give the key it was started with in --api-key-file "
+                     "(or $CATRT_API_KEY)")
 
 
 def percentile(values: list[float], fraction: float) -> float:

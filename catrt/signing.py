@@ -63,10 +63,12 @@ def resolve_key(key: bytes | str | None, environ: Mapping[str, str] = os.environ
 
 
 def _checked_key(key: bytes | str) -> bytes:
+    """The key without surrounding whitespace, as a key file and `$CATRT_BUNDLE_KEY` are read, so a key passed as its
+    file's bytes (newline included) is the key that file signs and checks with."""
     if isinstance(key, str):
         key = key.encode("utf-8")
     if not isinstance(key, (bytes, bytearray)):
         raise ConfigError(f"a bundle key must be bytes, got {type(key).__name__}", field="key")
-    if not key:
+    if not key.strip():
         raise ConfigError("a bundle key must not be empty", field="key")
-    return bytes(key)
+    return bytes(key.strip())

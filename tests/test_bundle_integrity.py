@@ -530,6 +530,20 @@ def test_a_signed_bundle_is_refused_with_the_wrong_key(bundle: Path) -> None:
         catrt.load(bundle, key=b"another key")
 
 
+def test_a_key_passed_as_its_key_files_bytes_is_the_key_that_file_signed_with(bundle: Path, tmp_path: Path) -> None:
+    """`--sign-key-file` and `--bundle-key-file` drop the whitespace around a file's key (its final newline), as
+    `$CATRT_BUNDLE_KEY` does; `load(key=...)` given that file's bytes (`Path(F).read_bytes()`, or a random key whose
+    last byte happens to be a newline) took them whole and refused the bundle the file signed."""
+    from catrt.key_files import read_key_file
+
+    key_file = tmp_path / "bundle.key"
+    key_file.write_bytes(KEY + b"\n")
+    assert read_key_file(key_file) == KEY  # the key `catrt build --sign-key-file` signs with
+    assert verify_bundle(bundle, key_file.read_bytes()).signature == _manifest(bundle)["signature"]
+    catrt.load(bundle, key=b" \t" + KEY + b"\r\n")
+    _refused(bundle, r"signature does not match the bundle key", "signature", key=KEY + b"x")
+
+
 def test_an_unsigned_bundle_is_refused_with_a_key(bundle: Path) -> None:
     _edit(bundle, lambda m: m.pop("signature"))
     assert check_integrity(bundle).problems == []  # without a key it is a valid bundle

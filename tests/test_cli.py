@@ -82,6 +82,16 @@ def test_generate_writes_a_png_without_notices(tmp_path: Path) -> None:
         assert image.format == "PNG" and image.size == (96, 64)
 
 
+@pytest.mark.parametrize("module", ["catrt.reference.train", "catrt.reference.probe"])
+def test_the_reference_scripts_print_no_torchvision_notices(module: str) -> None:
+    """`python -m catrt.reference.train` (the README's training command) and `.probe` are programs as `catrt` is:
+    transformers' two "requires torchvision (not installed)" notices printed on every run, --help included."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and "--out" in result.stdout, result.stderr
+    assert "torchvision" not in result.stderr, result.stderr
+
+
 def test_import_loads_no_heavy_module() -> None:
     """`import catrt` and `import catrt.cli` are cheap: the public names are imported on first use."""
     result = _python(f"import sys, catrt, catrt.cli; print(sorted(n for n in {HEAVY_MODULES!r} if n in sys.modules))")

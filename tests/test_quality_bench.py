@@ -78,6 +78,8 @@ class _FakeServer(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         self.server.keys.add(self.headers.get("authorization"))  # type: ignore[attr-defined]
+        if self._refused():
+            return
         self.rfile.read(int(self.headers["content-length"]))
         self._answer(200, "application/json",
                      json.dumps({"data": [{"b64_json": ""}], "catrt": {"timings": {"queue_wait": 0.001},
@@ -85,11 +87,22 @@ class _FakeServer(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         self.server.keys.add(self.headers.get("authorization"))  # type: ignore[attr-defined]
+        if self._refused():
+            return
         metrics = ('catrt_batch_rows_sum{size="64x64"} 4\ncatrt_batch_rows_count{size="64x64"} 2\n'
                    'catrt_batch_rows_sum{size="96x64"} 2\ncatrt_batch_rows_count{size="96x64"} 1\n'
                    'catrt_step_seconds_sum{kind="full",size="64x64"} 0.5\ncatrt_step_seconds_count{kind="full",size="64x64"} 5\n'
                    'catrt_step_seconds_sum{kind="full",size="96x64"} 0.5\ncatrt_step_seconds_count{kind="full",size="96x64"} 5\n')
         self._answer(200, "text/plain", metrics)
+
+    def _refused(self) -> bool:
+        """A 401 in OpenAI's error body where the server has a key (`server.key`) and the request lacks it, as
+        `catrt serve --api-key-file` answers /v1/*."""
+        key = getattr(self.server, "key", None)
+        if key is None or self.headers.get("authorization") == f"Bearer {key}" or not self.path.startswith("/v1/"):
+            return False
+        self._answer(401, "application/json", json.dumps({"error": {"message": "missing or wrong API key"}}))
+        return True
 
     def _answer(self, status: int, kind: str, body: str) -> None:
         data = body.encode()
@@ -217,6 +230,27 @@ def test_load_sends_the_servers_api_key(tmp_path: Path, monkeypatch: pytest.Monk
     key_file = tmp_path / "key"
     key_file.write_text("from-file\n")
     assert _run_load_script([*args, "--api-key-file", str(key_file)], {}, monkeypatch) == {"Bearer from-file"}
+
+
+def test_load_against_a_server_that_refuses_its_key_is_one_line_before_the_clients_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without the key of a server started with --api-key-file (or with another one), every request of the run was a
+    401: the report of --seconds of 401s had no latency but nan, and the exit code was 0."""
+    monkeypatch.delenv("CATRT_API_KEY", raising=False)
+    key_file = tmp_path / "key"
+    key_file.write_text("another key\n")
+    out = tmp_path / "report.md"
+    for given, needle in (([], "it needs an API key"), (["--api-key-file", str(key_file)], "it refused the API key given")):
+        with _fake_server({}, monkeypatch) as server:
+            server.key = "the key"  # type: ignore[attr-defined]
+            url = f"http://127.0.0.1:{server.server_port}"
+            with pytest.raises(SystemExit) as exited:
+                load_script("load").main([url, "--seconds", "30", "--out", str(out), *given])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and "--api-key-file" in err, err
+        assert not out.exists()
 
 
 def test_load_refuses_an_unreadable_key_file_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

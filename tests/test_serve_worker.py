@@ -485,6 +485,30 @@ def test_an_engine_that_failed_to_run_on_a_faulted_device_ends_the_worker(worker
     assert worker.state == "dead" and "illegal memory access" in str(worker.error)
 
 
+@pytest.mark.parametrize("error", ["EngineRuntimeError", "CorruptBundleError", "EngineMismatchError"])
+def test_an_engine_failure_in_a_call_is_a_500_without_its_text_and_the_worker_serves_on(
+    worker: Worker, model: StandIn, monkeypatch: pytest.MonkeyPatch, error: str,
+) -> None:
+    """A catrt error about the engine, not the request (a TensorRT enqueue that failed on a healthy device, a closed
+    engine), was passed to the client as a 400 `invalid_request_error` carrying the engine's text (its folder); it is
+    the server's fault: a 500 naming only the request id, as any other failure inside a generation."""
+    import catrt.errors
+
+    raised = getattr(catrt.errors, error)("the engine of /srv/secret/engines failed to enqueue", field="engine")
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(model, "generate", failing)
+    engine = _job("engine")
+    worker.submit(engine)
+    with pytest.raises(GenerationError) as failed:
+        _result(engine.future)
+    assert "secret" not in str(failed.value) and "request id engine" in str(failed.value)
+    assert catrt_error_response(failed.value).status_code == 500
+    assert worker.state == "ready"
+
+
 def test_the_device_probe_reports_a_failing_device_but_not_one_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 

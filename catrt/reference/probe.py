@@ -11,6 +11,11 @@ jitter) so that it also reads the reference model's imperfect samples.
 
 from __future__ import annotations
 
+from catrt.notices import quiet_known_notices  # stdlib only
+
+if __name__ == "__main__":  # a command-line program: transformers' torchvision notices say nothing useful here
+    quiet_known_notices()  # before the imports below, which import transformers
+
 import logging
 import time
 from collections.abc import Sequence

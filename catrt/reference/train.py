@@ -25,6 +25,11 @@ schedule's), so a time budget is kept as closely as the trial steps foretell the
 
 from __future__ import annotations
 
+from catrt.notices import quiet_known_notices  # stdlib only
+
+if __name__ == "__main__":  # a command-line program: transformers' torchvision notices say nothing useful here
+    quiet_known_notices()  # before the imports below, which import transformers
+
 import argparse
 import collections
 import copy

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 from catrt.errors import (
     CatrtError,
+    ConfigError,
     EngineRuntimeError,
     GenerationError,
     QueueFullError,
@@ -449,10 +450,16 @@ def _warm_seconds(took: float, phases: dict[str, float], steps: list[tuple[str, 
     return outside + sum(last[kind] for kind, _ in steps)
 
 
+#: The catrt errors a model call raises about its request (a field it set, its deadline, the server's load): answered
+#: as they are. Any other, a catrt error about the engine or bundle (a failed TensorRT enqueue, a closed engine)
+#: included, is the server's fault: a 500 naming only the request id (its text may name the server's folders).
+REQUEST_ERRORS = (ConfigError, RequestTimeoutError, ServiceUnavailableError, QueueFullError)
+
+
 def _as_generation_error(error: Exception, request_id: str) -> Exception:
-    """Errors catrt explains (a ConfigError naming a field) pass through; anything else is a 500 that
-    names the request id the log has, never the exception's text."""
-    if isinstance(error, CatrtError):
+    """Errors about the request (`REQUEST_ERRORS`: a ConfigError naming a field) pass through; anything else is a
+    500 that names the request id the log has, never the exception's text."""
+    if isinstance(error, REQUEST_ERRORS):
         return error
     if out_of_memory(error):
         _release_cached_memory()
