@@ -13,7 +13,7 @@ full step, one pruned step and the selection of a pruned step, and whole generat
 
 Published block size (`--dims sd3-medium`): the transformer has SD3-medium's real block size (24
 heads x 64 = 1536 wide, text width 4096, pooled 2048) with random weights and `--layers` of its 24
-joint blocks; inputs are one prompt with guidance (batch 2) at 1024x1024 (4096 image tokens) with
+joint blocks (`--dims sd3.5-medium` and `--dims sd3.5-large`: those models' blocks, the same way); inputs are one prompt with guidance (batch 2) at 1024x1024 (4096 image tokens) with
 77 CLIP + 256 T5 = 333 text tokens, as the real model sees. No pipeline and no engine builds (an ONNX
 bundle of this size takes long to export here): on the same inputs, interleaved round by round, it
 times diffusers' own transformer forward, catrt's full step and catrt's pruned step as the runtime
@@ -83,8 +83,10 @@ from catrt.tiny import build_tiny_pipeline  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 PROMPT = "a photo of a red fox standing in a snowy forest at sunset, highly detailed"
 CLIP_TOKENS = 77
-DIMS = {  # published block sizes: the card's transformer config, its resolution and text length
+DIMS = {  # published block sizes of the SD3 layout: the card's transformer config, its resolution and text length
     "sd3-medium": {"card": "sd3", "size": 1024, "text_length": 256},
+    "sd3.5-medium": {"card": "sd3.5-medium", "size": 1024, "text_length": 256},
+    "sd3.5-large": {"card": "sd3.5-large", "size": 1024, "text_length": 256},
 }
 DIMS_SETS = {"heads": 6, "size": 512, "text_length": 64}  # what --dims sets; the defaults without it
 

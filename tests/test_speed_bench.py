@@ -108,6 +108,21 @@ def test_dims_sets_the_published_size_and_the_defaults_hold_without_it(speed) ->
     assert speed.parse_args(["--size", "256", "--heads", "4"]).size == 256
 
 
+@pytest.mark.parametrize(("dims", "heads", "width"), [("sd3-medium", 24, 1536), ("sd3.5-medium", 24, 1536), ("sd3.5-large", 38, 2432)])
+def test_dims_of_each_published_sd3_layout_model_time_its_own_blocks(  # noqa: ANN001
+    speed, dims: str, heads: int, width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--dims takes every SD3-layout card's block size (SD3.5's rms-norm and dual-attention blocks too), not SD3-medium's
+    alone: parsed at the published size, and timed end to end here at a small resolution (the code is the same)."""
+    args = speed.parse_args(["--dims", dims, "--layers", "2"])
+    assert (args.heads, args.size, args.text_length, args.layers) == (heads, 1024, 256, 2)
+    monkeypatch.setitem(speed.DIMS, dims, {**speed.DIMS[dims], "size": 64, "text_length": 4})
+    report, _ = speed.run_dims(speed.parse_args(["--dims", dims, "--layers", "1", "--repeats", "1", "--threads", "1"]))
+    assert f"{dims} block size" in report and f"({heads} heads x 64 = {width} wide" in report
+    rows = {line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ") and "---" not in line}
+    assert {"diffusers", "catrt full", "catrt pruned"} <= rows
+
+
 def test_every_timed_run_starts_after_the_queued_device_work(speed, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """On CUDA a call only queues its kernels: the first timed run's clock started while the warm-up still ran."""
     log: list[str] = []
