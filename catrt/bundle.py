@@ -17,15 +17,11 @@ bundles have no weights of their own and run the model's transformer.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from catrt.attribute_forwarding import ForwardsAttributes
 from catrt.build_config import FIXED_CAT_FIELDS, BuildConfig, check_static_schedule
@@ -103,19 +99,10 @@ class EnginePipeline(ForwardsAttributes):
         a call after a move to another device or dtype than the build's is refused, naming it.
 
         A bundle that stands alone holds a weightless stand-in transformer on the meta device, which torch cannot
-        move off it: the pipeline's other modules move, the stand-in takes only the dtype (so a call still sees the
-        pipeline's dtype and refuses it where the build's differs).
+        move off it: the pipeline's other modules move, the stand-in takes only the dtype (`weightless_transformer`;
+        so a call still sees the pipeline's dtype and refuses it where the build's differs).
         """
-        if type(self.engine).needs_transformer:
-            self.accelerated.to(*args, **kwargs)
-            return self
-        pipe = self.accelerated.pipe
-        dtype = kwargs.get("dtype", next((arg for arg in args if isinstance(arg, torch.dtype)), None))
-        with exclusive_use(pipe.transformer):
-            with _transformer_hidden(pipe):
-                pipe.to(*args, **kwargs)
-            if dtype is not None:
-                pipe.transformer.to(dtype)  # meta to meta: only the dtype changes
+        self.accelerated.to(*args, **kwargs)
         return self
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -123,17 +110,6 @@ class EnginePipeline(ForwardsAttributes):
             check_accelerate_arguments(value, None, None)
             value = _run_config(self.build, value)
         super().__setattr__(name, value)
-
-
-@contextlib.contextmanager
-def _transformer_hidden(pipe: Any) -> Iterator[None]:
-    """Hide `pipe.transformer` from diffusers' module walk (`to`) for a moment; its config entry is left as it is."""
-    transformer = pipe.__dict__["transformer"]
-    pipe.__dict__["transformer"] = None
-    try:
-        yield
-    finally:
-        pipe.__dict__["transformer"] = transformer
 
 
 def check_request(arguments: dict[str, Any], build: BuildConfig, spec: PipelineSpec) -> None:

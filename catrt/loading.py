@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 import warnings
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import diffusers
 import torch
@@ -62,10 +64,35 @@ def _transformer_class(source: str) -> type[nn.Module]:
 
 
 def weightless_transformer(transformer_class: type[nn.Module], config: dict, dtype: torch.dtype) -> nn.Module:
-    """A transformer with `config` on the meta device: shapes, classes and dtype, no parameter data."""
+    """A transformer with `config` on the meta device: shapes, classes and dtype, no parameter data.
+
+    Its `to` takes a dtype and leaves the device: torch cannot copy meta tensors anywhere, and diffusers'
+    `pipe.to("cuda")` (the idiom, on `fast.pipe` as on any pipeline) calls `to` on every component."""
     with torch.device("meta"):
         module = transformer_class.from_config(config)
-    return nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
+    module = nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
+    module.to = types.MethodType(_dtype_only_to, module)
+    return module
+
+
+def _dtype_only_to(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """`nn.Module.to` for a weightless stand-in: the dtype asked for (a call still sees the pipeline's dtype, and
+    is refused where the build's differs), no device (nothing to move)."""
+    dtype = to_dtype(args, kwargs)
+    return module if dtype is None else nn.Module.to(module, dtype=dtype)
+
+
+def to_dtype(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.dtype | None:
+    """The dtype a `to(...)` call's arguments ask for (`dtype=`, a dtype, or a tensor's), else None."""
+    if kwargs.get("dtype") is not None:
+        return kwargs["dtype"]
+    tensor = kwargs.get("tensor")
+    for arg in (*args, tensor):
+        if isinstance(arg, torch.dtype):
+            return arg
+        if isinstance(arg, torch.Tensor):
+            return arg.dtype
+    return None
 
 
 def _without_weights(pipeline: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeline:

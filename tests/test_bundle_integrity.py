@@ -784,6 +784,26 @@ def test_a_standalone_bundle_moves_to_a_device_keeping_its_weightless_transforme
     assert torch.equal(got, expected)
 
 
+def test_a_standalone_bundles_diffusers_pipeline_moves_with_diffusers_own_to(bundle: Path) -> None:
+    """`fast.pipe.to("cpu")` (diffusers' idiom on the pipeline itself, which calls `to` on every component) moves the
+    pipeline around the weightless stand-in, which takes a dtype and stays on the meta device: it was torch's
+    "Cannot copy out of meta tensor". A dtype other than the build's is still refused at the call."""
+    fast = catrt.load(bundle)
+    expected = fast("a red circle", output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert fast.pipe.to("cpu") is fast.pipe and fast.pipe.transformer.to("cpu") is fast.pipe.transformer
+    assert fast.pipe.transformer.device.type == "meta" and fast.pipe.vae.device.type == "cpu"
+    fast.pipe.to(torch.float64)
+    assert fast.pipe.transformer.dtype == torch.float64 and fast.pipe.vae.dtype == torch.float64
+    with pytest.raises(ConfigError, match=r"the pipeline now has dtype torch.float64, the onnxruntime build needs torch.float32"):
+        fast("a red circle", output_type="latent")
+    fast.pipe.to("cpu", torch.float32)
+    fast.pipe.transformer.to(torch.zeros(1, dtype=torch.float64))  # `to(tensor)` takes the tensor's dtype, as torch's
+    assert fast.pipe.transformer.dtype == torch.float64
+    fast.pipe.transformer.to(dtype=torch.float32)
+    got = fast("a red circle", output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(got, expected)
+
+
 def test_a_pipeline_of_another_model_given_to_load_is_refused_naming_pipe(bundle: Path, tiny_pipelines: dict[str, Any]) -> None:
     for name, what in (("tiny-pixart", r"class than the build's model 'tiny-sd3' \(PixArtTransformer2DModel, the build's "
                                         r"SD3Transformer2DModel\)"), ("tiny-sd3.5", "config than the build's model 'tiny-sd3'")):
