@@ -200,6 +200,21 @@ def test_pipeline_takes_sd3s_step_end_callback_and_custom_sigmas(pipe: Reference
     assert not torch.equal(custom, run(num_inference_steps=3))
 
 
+def test_pipeline_takes_no_callback_tensor_inputs_as_sd3_does(pipe: ReferencePipeline) -> None:
+    """SD3's call checks `callback_on_step_end_tensor_inputs` only when it is not None, so code that passes None without
+    a callback (a wrapper forwarding its own default) runs there; here it was a TypeError ('NoneType' object is not
+    iterable), plain and accelerated."""
+    import catrt
+
+    def run(runner: Any, **kwargs: Any) -> torch.Tensor:
+        return runner("a small red circle", num_inference_steps=3, output_type="latent",
+                      generator=torch.Generator().manual_seed(3), **kwargs).images
+
+    assert torch.equal(run(pipe, callback_on_step_end_tensor_inputs=None), run(pipe))
+    fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.5, t0=2))
+    assert torch.equal(run(fast, callback_on_step_end_tensor_inputs=None), run(fast))
+
+
 def test_probe_reads_fresh_renders() -> None:
     samples = data.generate(48, seed=2024)
     accuracy = attribute_accuracy(np.stack([s.image for s in samples]), samples, load_probe())
