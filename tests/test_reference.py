@@ -750,6 +750,31 @@ def test_probe_evaluate_reports_a_probes_accuracy_without_training_or_writing(
 
 
 
+@pytest.mark.parametrize(("out", "message"), [
+    ("{tmp}", "--out {tmp} is a folder; give the probe's file, e.g. {tmp}/probe.safetensors"),
+    ("{tmp}/none.safetensors", "--out {tmp}/none.safetensors does not exist; give the probe's file to evaluate (default: "
+                               "the shipped one), or train one there first (python -m catrt.reference.probe --out "
+                               "{tmp}/none.safetensors)"),
+    ("{tmp}/probe.safetensors", "the reference weights in {tmp} have no probe.sha256.json (the digests training records "
+                                "beside them); reinstall catrt, or retrain (python -m catrt.reference.probe) to write weights"),
+], ids=["folder", "missing", "no-record"])
+def test_probe_evaluate_mistakes_name_the_probe_file_in_one_line(
+    out: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--evaluate --out weights/` (the probe's folder) was refused for a probe.sha256.json missing in the folder above
+    it, and a missing file for its folder's record, each with training's command (catrt.reference.train) to fix it."""
+    from catrt.reference import probe
+
+    shutil.copy(WEIGHTS_DIR / "probe.safetensors", tmp_path / "probe.safetensors")  # without its digest record
+    before = _digests(tmp_path)
+    monkeypatch.setattr(probe, "train_probe", lambda **kwargs: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as refused:
+        probe.main(["--evaluate", "--reference-samples", "0", "--out", out.format(tmp=tmp_path)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(f"python -m catrt.reference.probe: error: {message.format(tmp=tmp_path)}")
+    assert _digests(tmp_path) == before
+
+
 def test_probe_takes_reference_samples_up_to_trainings_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bound is training's --samples bound (`train.MAX_SAMPLES`), itself accepted: training starts."""
     from catrt.reference import probe
