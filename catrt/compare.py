@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from catrt import metrics
@@ -318,7 +318,8 @@ def _difference(comparison: Comparison, a: str, b: str, name: str, digits: int) 
     return "n/a (inf)" if difference is None else difference.format(digits)
 
 
-#: Width in pixels of grid.png's first column, which names each row's prompt (as metrics.csv numbers it) and seed.
+#: Width in pixels of grid.png's first column, which names each row's prompt (as metrics.csv numbers it) and seed;
+#: wider where a row's `prompt <index>, seed <seed>` line needs it (a seed of 19 digits), so no seed shows cut short.
 ROW_LABEL_WIDTH = 112
 
 
@@ -329,23 +330,38 @@ def image_grid(comparison: Comparison, path: Path, rows: int, cell: int = 128) -
     prompts = {s.prompt_index: s.prompt for s in comparison.samples}
     labels = [v.label for v in comparison.variants]
     label_height = 30
-    grid = Image.new("RGB", (ROW_LABEL_WIDTH + cell * len(labels), label_height + cell * len(keys)), "white")
+    font = ImageFont.load_default()  # FreeType's where Pillow has it (10.1 on), else a bitmap font of Latin-1 only
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max([ROW_LABEL_WIDTH, *(math.ceil(measure.textlength(_row_heading(index, seed), font=font)) + 4
+                                          for index, seed in keys)])
+    grid = Image.new("RGB", (label_width + cell * len(labels), label_height + cell * len(keys)), "white")
     draw = ImageDraw.Draw(grid)
     for row, (index, seed) in enumerate(keys):
-        draw.text((2, label_height + row * cell + 2), _row_label(index, seed, prompts[index], ROW_LABEL_WIDTH // 6), fill="black")
+        text = _row_label(index, seed, prompts[index], label_width // 6)
+        draw.text((2, label_height + row * cell + 2), _drawable(text, font), fill="black", font=font)
     for col, label in enumerate(labels):
-        left = ROW_LABEL_WIDTH + col * cell
-        draw.text((left + 2, 2), _wrap(label, cell // 6), fill="black")
+        left = label_width + col * cell
+        draw.text((left + 2, 2), _drawable(_wrap(label, cell // 6), font), fill="black", font=font)
         for row, (index, seed) in enumerate(keys):
             image = comparison.images[(index, seed, label)].convert("RGB")
             grid.paste(image.resize((cell, cell), Image.NEAREST), (left, label_height + row * cell))
     grid.save(path)
 
 
+def _drawable(text: str, font: Any) -> str:
+    """`text` as `font` draws it: Pillow's bitmap font (no FreeType, or Pillow 10.0) encodes Latin-1 only and raised
+    on any other character of a prompt, at the end of the run, losing every output; those characters show as '?'."""
+    return text if isinstance(font, ImageFont.FreeTypeFont) else text.encode("latin-1", "replace").decode("latin-1")
+
+
 def _row_label(index: int, seed: int, prompt: str, width: int, lines: int = 8) -> str:
     """`prompt <index>, seed <seed>` and the prompt's first words, wrapped to `width` characters, at most `lines` lines."""
     words = textwrap.wrap(prompt, width, max_lines=lines - 1, placeholder=" ...")
-    return "\n".join([f"prompt {index}, seed {seed}", *words])
+    return "\n".join([_row_heading(index, seed), *words])
+
+
+def _row_heading(index: int, seed: int) -> str:
+    return f"prompt {index}, seed {seed}"
 
 
 def _wrap(text: str, width: int) -> str:

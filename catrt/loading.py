@@ -24,7 +24,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, echo
+from catrt.errors import PATH_ECHO_LIMIT, CatrtError, ConfigError, UnsupportedModelError, echo
 from catrt.hub_errors import hub_error, is_hub_failure
 from catrt.model_cards import MODEL_CARDS, ModelCard, check_model_source
 from catrt.models import family_of, pipeline_named, transformer_named
@@ -56,11 +56,21 @@ def _from_pretrained(
 
 
 def _transformer_class(source: str) -> type[nn.Module]:
-    """The transformer class a pipeline folder or hub repo names in its model_index.json: diffusers', or a class a
-    registered family serves (diffusers does not know it; its missing name is the caller's error)."""
-    name = DiffusionPipeline.load_config(source)["transformer"][1]
-    own = None if hasattr(diffusers, name) else transformer_named(name)
-    return own if own is not None else getattr(diffusers, name)
+    """The transformer class a pipeline folder or hub repo names in its model_index.json as [module, class], as its
+    loaded (weighted) pipeline has it: a registered family's class saved from that module (diffusers records a class
+    of its own by its module, and a family's subclass may keep the diffusers class's name), else diffusers' class,
+    else a registered class of that name."""
+    module, name = DiffusionPipeline.load_config(source)["transformer"]
+    found = transformer_named(name, module)
+    if found is None and isinstance(name, str) and hasattr(diffusers, name):
+        found = getattr(diffusers, name)
+    found = found or transformer_named(name)
+    if found is None:
+        raise UnsupportedModelError(
+            f"transformer class {echo(name)} is neither diffusers' nor a registered catrt family's; register its "
+            f"family (catrt.models.register_family) before loading", field="transformer", value=name,
+        )
+    return found
 
 
 def weightless_transformer(transformer_class: type[nn.Module], config: dict, dtype: torch.dtype) -> nn.Module:

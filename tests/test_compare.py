@@ -338,6 +338,42 @@ def test_the_grid_names_each_rows_prompt_and_seed(tmp_path: Path) -> None:
         "prompt 3, seed 7", "a small red circle", "in the top left on", "a blue background"]
 
 
+def _two_variant_grid(path: Path, prompt: str, seed: int) -> np.ndarray:
+    """grid.png of one row (`prompt`, `seed`): a red unpruned cell and a blue cat cell, as an RGB array."""
+    from catrt.compare import UNPRUNED, Comparison, Sample, Variant, image_grid
+
+    colours = {UNPRUNED: (200, 30, 30), "cat": (30, 30, 200)}
+    samples = [Sample(0, prompt, seed, label, math.inf, 1.0, None, 1.0, 1.0, 0) for label in colours]
+    images = {(0, seed, label): Image.new("RGB", (32, 32), colour) for label, colour in colours.items()}
+    image_grid(Comparison([Variant(UNPRUNED, None), Variant("cat", None)], samples, images), path, rows=8)
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_the_grid_shows_a_huge_seed_whole(tmp_path: Path) -> None:
+    """A seed of 19 digits (`--seeds 9223372036854775807`) overran the fixed first column and the images pasted over its
+    end: the row read `seed 9223372`, another seed. The column widens to the row's heading; the cells follow it."""
+    from catrt.compare import ROW_LABEL_WIDTH
+
+    grid = _two_variant_grid(tmp_path / "grid.png", "a red circle", 2**63 - 1)
+    label_width = grid.shape[1] - 2 * 128
+    assert label_width > ROW_LABEL_WIDTH
+    heading = grid[30 : 30 + 16, ROW_LABEL_WIDTH:label_width]
+    assert (heading.sum(-1) < 200).sum() > 20  # the seed's last digits, in black on the white column
+    assert tuple(grid[30 + 64, label_width + 64]) == (200, 30, 30) and tuple(grid[30 + 64, label_width + 128 + 64]) == (30, 30, 200)
+    assert _two_variant_grid(tmp_path / "small.png", "a red circle", 7).shape[1] == ROW_LABEL_WIDTH + 2 * 128
+
+
+def test_the_grid_names_a_prompt_beyond_latin_1_without_freetype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's bitmap default font (a Pillow without FreeType, or Pillow 10.0, which pyproject allows) encodes Latin-1
+    only: a Chinese, Arabic or emoji prompt raised UnicodeEncodeError at grid.png, after every image was generated,
+    and the run wrote nothing. Its characters show as '?' there."""
+    from PIL import ImageFont
+
+    monkeypatch.setattr(ImageFont, "load_default", lambda size=None: ImageFont.load_default_imagefont())
+    grid = _two_variant_grid(tmp_path / "grid.png", "一只猫 on a mat, قطة 🐱", 3)
+    assert (grid[30 : 30 + 128, : grid.shape[1] - 2 * 128].sum(-1) < 200).sum() > 50  # the row is named
+
+
 def test_prompts_file_drops_a_byte_order_mark_and_carriage_returns(tmp_path: Path) -> None:
     from catrt.compare import read_prompts
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,6 +203,52 @@ def test_a_registered_familys_own_transformer_class_is_a_bundles_weightless_stan
     assert type(loaded) is FakePipeline and type(loaded.transformer) is FakeTransformer
     assert {parameter.device.type for parameter in loaded.transformer.parameters()} == {"meta"}
     assert isinstance(make_adapter(loaded.transformer), FakeAdapter)
+
+
+#: A family's own subclass that keeps diffusers' class name (type() records this module as its __module__).
+SameNameTransformer = type("SD3Transformer2DModel", (SD3Transformer2DModel,), {"__doc__": "A subclass named as diffusers'."})
+
+
+class SameNamePipeline(StableDiffusion3Pipeline):
+    """Its pipeline class."""
+
+
+class SameNameAdapter(SD3Adapter):
+    transformer_class = SameNameTransformer
+
+
+def test_a_familys_transformer_class_named_as_diffusers_one_is_its_weightless_stand_in(
+    tiny_pipelines: dict[str, Any], tmp_path: Path
+) -> None:
+    """model_index.json names a transformer as [module, class]: a family's subclass called SD3Transformer2DModel was
+    looked up in diffusers by its name alone, so a bundle's weightless stand-in was diffusers' class with SD3's adapter
+    while the weighted load (eager) had the family's class and adapter."""
+    from catrt.loading import load_pipeline
+
+    register_family(Family("same-name", SameNameAdapter, {SameNamePipeline: PipelineSpec(call_defaults={}, text_tokenizer="tokenizer_3")}))
+    try:
+        tiny = tiny_pipelines["tiny-sd3"]
+        SameNamePipeline(**{**tiny.components, "transformer": SameNameTransformer.from_config(tiny.transformer.config)}).save_pretrained(tmp_path)
+        loaded = load_pipeline(str(tmp_path), transformer_weights=False)
+        assert type(loaded.transformer) is SameNameTransformer and isinstance(make_adapter(loaded.transformer), SameNameAdapter)
+    finally:
+        del FAMILIES["same-name"], ADAPTERS[SameNameTransformer], PIPELINES[SameNamePipeline]
+
+
+def test_a_transformer_class_neither_diffusers_nor_a_family_has_is_named_with_the_fix(
+    tiny_pipelines: dict[str, Any], tmp_path: Path
+) -> None:
+    """A folder of an unregistered family's transformer, loaded weightless (a bundle's stand-in), said only "module
+    diffusers has no attribute ...": the line names the class and that its family must be registered first."""
+    from catrt.loading import load_pipeline
+
+    tiny_pipelines["tiny-sd3"].save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "transformer": ["their_package.models", "TheirTransformer"]}))
+    with pytest.raises(ConfigError, match=re.escape(
+        "transformer class 'TheirTransformer' is neither diffusers' nor a registered catrt family's; register its family "
+        "(catrt.models.register_family) before loading")):
+        load_pipeline(str(tmp_path), transformer_weights=False)
 
 
 def test_an_unregistered_pipeline_is_refused(tiny_pipelines: dict[str, Any]) -> None:

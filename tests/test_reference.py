@@ -200,6 +200,21 @@ def test_pipeline_takes_sd3s_step_end_callback_and_custom_sigmas(pipe: Reference
     assert not torch.equal(custom, run(num_inference_steps=3))
 
 
+def test_pipeline_takes_no_callback_tensor_inputs_as_sd3_does(pipe: ReferencePipeline) -> None:
+    """SD3's call checks `callback_on_step_end_tensor_inputs` only when it is not None, so code that passes None without
+    a callback (a wrapper forwarding its own default) runs there; here it was a TypeError ('NoneType' object is not
+    iterable), plain and accelerated."""
+    import catrt
+
+    def run(runner: Any, **kwargs: Any) -> torch.Tensor:
+        return runner("a small red circle", num_inference_steps=3, output_type="latent",
+                      generator=torch.Generator().manual_seed(3), **kwargs).images
+
+    assert torch.equal(run(pipe, callback_on_step_end_tensor_inputs=None), run(pipe))
+    fast = catrt.accelerate(pipe, catrt.CATConfig(alpha=0.5, t0=2))
+    assert torch.equal(run(fast, callback_on_step_end_tensor_inputs=None), run(fast))
+
+
 def test_probe_reads_fresh_renders() -> None:
     samples = data.generate(48, seed=2024)
     accuracy = attribute_accuracy(np.stack([s.image for s in samples]), samples, load_probe())
@@ -733,6 +748,31 @@ def test_probe_evaluate_reports_a_probes_accuracy_without_training_or_writing(
         f"python -m catrt.reference.probe: error: the reference weight file {damaged / 'probe.safetensors'} does not match "
         "its size and sha256 in probe.sha256.json (damaged or edited); reinstall catrt or retrain the weights"]
 
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("{tmp}", "--out {tmp} is a folder; give the probe's file, e.g. {tmp}/probe.safetensors"),
+    ("{tmp}/none.safetensors", "--out {tmp}/none.safetensors does not exist; give the probe's file to evaluate (default: "
+                               "the shipped one), or train one there first (python -m catrt.reference.probe --out "
+                               "{tmp}/none.safetensors)"),
+    ("{tmp}/probe.safetensors", "the reference weights in {tmp} have no probe.sha256.json (the digests training records "
+                                "beside them); reinstall catrt, or retrain (python -m catrt.reference.probe) to write weights"),
+], ids=["folder", "missing", "no-record"])
+def test_probe_evaluate_mistakes_name_the_probe_file_in_one_line(
+    out: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--evaluate --out weights/` (the probe's folder) was refused for a probe.sha256.json missing in the folder above
+    it, and a missing file for its folder's record, each with training's command (catrt.reference.train) to fix it."""
+    from catrt.reference import probe
+
+    shutil.copy(WEIGHTS_DIR / "probe.safetensors", tmp_path / "probe.safetensors")  # without its digest record
+    before = _digests(tmp_path)
+    monkeypatch.setattr(probe, "train_probe", lambda **kwargs: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as refused:
+        probe.main(["--evaluate", "--reference-samples", "0", "--out", out.format(tmp=tmp_path)])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and line.startswith(f"python -m catrt.reference.probe: error: {message.format(tmp=tmp_path)}")
+    assert _digests(tmp_path) == before
 
 
 def test_probe_takes_reference_samples_up_to_trainings_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

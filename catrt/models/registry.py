@@ -140,9 +140,10 @@ def pipeline_named(name: str) -> type | None:
     return next((cls for cls in PIPELINES if cls.__name__ == name), None)
 
 
-def transformer_named(name: str) -> type[nn.Module] | None:
-    """The registered transformer class called `name` (as a saved folder's model_index.json names it), else None."""
-    return next((cls for cls in ADAPTERS if cls.__name__ == name), None)
+def transformer_named(name: str, module: str | None = None) -> type[nn.Module] | None:
+    """The registered transformer class called `name` (as a saved folder's model_index.json names it), defined in
+    `module` where given (two families' classes, or a family's and diffusers', may share a name), else None."""
+    return next((cls for cls in ADAPTERS if cls.__name__ == name and module in (None, cls.__module__)), None)
 
 
 def family_of(name: str) -> Family:

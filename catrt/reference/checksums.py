@@ -50,16 +50,18 @@ def write_checksums(folder: Path, names: Iterable[str], record_file: str = CHECK
     atomic_files.write_text(folder / record_file, json.dumps(dict(sorted(record.items())), indent=1) + "\n")
 
 
-def verify_files(folder: Path, names: Iterable[str], record_file: str = CHECKSUM_FILE) -> None:
+def verify_files(
+    folder: Path, names: Iterable[str], record_file: str = CHECKSUM_FILE, retrain: str = "python -m catrt.reference.train"
+) -> None:
     """Refuse, naming the file, any of `names` that is missing from `folder`, unrecorded in `record_file`, or of
-    another size or sha256 than its record says."""
+    another size or sha256 than its record says (`retrain`: the command that writes them with their record)."""
     if not path_is(folder, "folder"):
         raise CorruptBundleError(f"the reference weights folder {echo_path(folder)} does not exist; give the folder "
                                  "training wrote (OUT/weights) or reinstall catrt", field="weights")
     if not path_is(folder / record_file, "file"):
         raise CorruptBundleError(
             f"the reference weights in {echo_path(folder)} have no {record_file} (the digests training records beside "
-            "them); reinstall catrt, or retrain (python -m catrt.reference.train) to write weights with it",
+            f"them); reinstall catrt, or retrain ({retrain}) to write weights with it",
             field=record_file)
     record = read_checksums(folder, record_file)
     for name in names:

@@ -148,7 +148,7 @@ class ReferencePipeline(DiffusionPipeline):
         tokens = tokens.repeat_interleave(num_images_per_prompt, dim=0)
         return tokens, pooled.repeat_interleave(num_images_per_prompt, dim=0)
 
-    def check_inputs(self, height: int, width: int, output_type: str, tensor_inputs: Sequence[str] = ()) -> None:
+    def check_inputs(self, height: int, width: int, output_type: str, tensor_inputs: Sequence[str] | None = ()) -> None:
         """Reject sizes the patch grid or position table cannot hold, unknown output types and callback tensors."""
         patch = self.transformer.config.patch_size
         largest = self.transformer.config.pos_embed_max_size * patch
@@ -157,7 +157,7 @@ class ReferencePipeline(DiffusionPipeline):
                 raise ValueError(f"{name} must be a positive multiple of {patch} up to {largest}, got {value}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {echo(output_type)}")
-        unknown = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
+        unknown = [name for name in tensor_inputs or () if name not in self._callback_tensor_inputs]  # None: as SD3, none
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got "
                              f"{echo(unknown)}")
@@ -191,7 +191,7 @@ class ReferencePipeline(DiffusionPipeline):
         return_dict: bool = True,
         sigmas: Sequence[float] | None = None,
         callback_on_step_end: StepEndCallback | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback_on_step_end_tensor_inputs: Sequence[str] | None = ("latents",),
     ) -> ImagePipelineOutput | tuple[Any]:
         """Generate images; guidance_scale <= 1 turns classifier-free guidance off.
 

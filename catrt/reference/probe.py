@@ -176,7 +176,7 @@ def train_probe(steps: int = 2000, batch_size: int = 64, seed: int = 0, out: Pat
 def load_probe(path: Path = PROBE_FILE) -> Probe:
     """The shipped probe in eval mode (cached: loading is the slow part of a quick check), checked against the
     digest recorded beside it first."""
-    verify_files(path.parent, [path.name], PROBE_CHECKSUM_FILE)
+    verify_files(path.parent, [path.name], PROBE_CHECKSUM_FILE, retrain="python -m catrt.reference.probe")
     probe = Probe()
     probe.load_state_dict(load_file(path))
     return probe.eval()
@@ -232,6 +232,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--reference-samples must be at most {MAX_SAMPLES} (drawn in one pipeline call after the training), "
                      f"got {args.reference_samples}")
     if args.evaluate:
+        # the probe's own file, named: a folder (or a missing file) was taken as a file in its parent, refused for a
+        # digest record there, with training's retraining command
+        if args.out.is_dir():
+            parser.error(f"--out {echo_path(args.out)} is a folder; give the probe's file, e.g. {echo_path(args.out / PROBE_FILE.name)}")
+        if not args.out.is_file():
+            missing = "does not exist" if not args.out.exists() else "is not a file"
+            parser.error(f"--out {echo_path(args.out)} {missing}; give the probe's file to evaluate (default: the shipped "
+                         f"one), or train one there first (python -m catrt.reference.probe --out {echo_path(args.out)})")
         torch.set_num_threads(args.threads)
         try:
             report_accuracy(load_probe(args.out), args.reference_samples)
