@@ -1360,9 +1360,9 @@ def test_readiness_503_says_which_replicas_are_not_ready_and_why() -> None:
     assert none.json()["reason"].startswith(f"no model replica answered within {ray_app.DESCRIBE_TIMEOUT:g} s")
 
 
-def _router_of(app: str, stats: dict[str, dict]):
+def _router_of(app: str, stats: dict[str, dict] | None):
     """catrt's router as Ray makes one for a handle (`initialize_state` called), holding replicas that reported
-    `stats` (replica id -> routing stats)."""
+    `stats` (replica id -> routing stats); None: Ray has not handed it the running replicas yet."""
     import asyncio
 
     from ray.serve._private.common import DeploymentHandleSource
@@ -1374,9 +1374,10 @@ def _router_of(app: str, stats: dict[str, dict]):
     async def made() -> ReadyFirstRouter:
         router = ReadyFirstRouter(deployment, DeploymentHandleSource.REPLICA)
         router.initialize_state()
-        router.update_replicas([SimpleNamespace(replica_id=ReplicaID(name, deployment), routing_stats=reported,
-                                                max_ongoing_requests=2, get_queue_len=_idle)
-                                for name, reported in stats.items()])
+        if stats is not None:
+            router.update_replicas([SimpleNamespace(replica_id=ReplicaID(name, deployment), routing_stats=reported,
+                                                    max_ongoing_requests=2, get_queue_len=_idle)
+                                    for name, reported in stats.items()])
         await asyncio.sleep(0)  # Ray's ping of the replicas it was handed
         return router
 
@@ -1520,6 +1521,164 @@ def test_a_replica_that_refused_a_request_unserved_draws_neither_its_retry_nor_n
         assert chosen() == {"a", "b"}
     finally:
         forget(router)
+
+
+READY = {"status": "ready", "reason": None, "sizes": ["64x64"]}
+
+
+def _admitting(generate=None, replicas: int = 1, **config: object):
+    """An ingress of UNIT_APP whose model handle's calls run `generate` (as tasks: Ray's calls can be cancelled)."""
+    import asyncio
+
+    import catrt.serve.ray_app as ray_app
+
+    def remote(body: dict, request_id: str) -> asyncio.Task:
+        return asyncio.ensure_future(generate(body, request_id))
+
+    models = SimpleNamespace(app_name=UNIT_APP, deployment_name=MODEL_DEPLOYMENT, generate=SimpleNamespace(remote=remote))
+    return ray_app.Ingress(ServeConfig(model="reference", **config).to_dict(), models, replicas=replicas)
+
+
+def _gauges(ingress) -> dict[str, float]:
+    """The ingress's admission gauges as /metrics shows them."""
+    return {sample.name: sample.value for family in text_string_to_metric_families(ingress.metrics.render().decode())
+            for sample in family.samples if sample.name in ("catrt_fleet_in_flight", "catrt_fleet_capacity")}
+
+
+def test_a_burst_of_the_fleets_capacity_is_admitted_and_one_more_is_a_429() -> None:
+    """2 replicas of --max-queue 2 take 6 requests at once (2 at each, 2 waiting in the ingress). Ray's own bound
+    (`max_queued_requests`) counted requests still being routed as waiting, and on a loaded machine its probes of the
+    replicas lagged, so bursts below capacity got 429s (about 2% of 6 clients' requests against 2 replicas of
+    --max-queue 4). The ingress counts what it has in flight: a burst of 6 all reach the model handle, held there
+    until released; the 7th is a 429 with Retry-After in OpenAI's error body, before any call."""
+    import asyncio
+
+    from catrt.serve.router_states import forget
+
+    import catrt.serve.ray_app as ray_app
+
+    calls: list[str] = []
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def generate(body: dict, request_id: str) -> dict:
+        calls.append(request_id)
+        if len(calls) > 6:  # past capacity: a call the ingress should not have made
+            return _reply("b")
+        if len(calls) == 6:
+            held.set()
+        await release.wait()
+        return _reply("a")
+
+    async def scenario(ingress) -> tuple[httpx.Response, dict[str, float], list[httpx.Response]]:
+        transport = httpx.ASGITransport(app=ray_app.ingress_app(ingress))
+        async with httpx.AsyncClient(transport=transport, base_url="http://fleet") as client:
+            def post() -> asyncio.Future:
+                return asyncio.ensure_future(client.post("/v1/images/generations", json={"prompt": "a red sun"}))
+
+            burst = [post() for _ in range(6)]
+            await asyncio.wait_for(held.wait(), WAIT_SECONDS)  # all 6 admitted and held at the model handle
+            gauges = _gauges(ingress)
+            refused = await post()
+            release.set()
+            return refused, gauges, list(await asyncio.gather(*burst))
+
+    router = _router_of(UNIT_APP, {"a": READY, "b": READY})
+    try:
+        ingress = _admitting(generate, max_queue=2)
+        refused, gauges, answered = asyncio.run(scenario(ingress))
+    finally:
+        forget(router)
+    assert gauges == {"catrt_fleet_in_flight": 6.0, "catrt_fleet_capacity": 6.0}
+    assert [response.status_code for response in answered] == [200] * 6 and len(calls) == 6
+    error = assert_error(refused, 429, None)
+    assert error["message"] == "every model replica is busy and 2 requests wait; retry later"
+    assert refused.headers["retry-after"] == "1"
+    assert _gauges(ingress)["catrt_fleet_in_flight"] == 0
+
+
+def test_the_fleets_capacity_counts_the_replicas_that_can_take_requests_now() -> None:
+    """(replicas + 1) x --max-queue, the replicas those the ingress's router lists that reported ready or have not
+    reported yet (just started): a hung or stopping one refuses requests and adds no room, and a fleet that lost
+    every replica takes only --max-queue waiting for one. Before Ray has handed the router the running replicas (or
+    made it: the ingress's first call does), the replicas the fleet was deployed with."""
+    from catrt.serve.router_states import forget
+
+    ingress = _admitting(replicas=3, max_queue=2)
+    assert ingress.admission.capacity() == 8  # no router yet
+    for stats, capacity in [(None, 8), ({"a": READY, "b": {"status": "hung", "reason": "stuck", "sizes": ["64x64"]},
+                                         "c": {"status": "draining", "reason": None, "sizes": ["64x64"]}, "new": {}}, 6),
+                            ({}, 2)]:
+        router = _router_of(UNIT_APP, stats)
+        try:
+            assert ingress.admission.capacity() == capacity, stats
+        finally:
+            forget(router)
+
+
+def test_a_request_gives_its_place_back_however_it_ends() -> None:
+    """A request holds one place from admission to its end, so a place kept by mistake would be a 429 more for good.
+    Answered after an unserved refusal and the retry (one place for both calls), its replica dead (503), no answer
+    within --timeout (504), its client gone (cancelled while a replica has it): every place is back."""
+    import asyncio
+
+    from catrt.errors import RequestTimeoutError
+    from catrt.serve.router_states import forget
+    from catrt.serve.schemas import ImageGenerationRequest
+
+    body = ImageGenerationRequest.model_validate({"prompt": "a red sun"})
+    places: list[int] = []  # the places taken as each call was made
+    called: list[str] = []
+    asked = asyncio.Event()
+    answers = [{**_reply("a", 503), "unserved": True}, _reply("b")]
+
+    async def generate(payload: dict, request_id: str) -> dict:
+        places.append(ingress.admission.in_flight)
+        called.append(request_id)
+        if request_id == "answered":
+            return answers.pop(0)
+        if request_id == "dead":
+            raise ray.exceptions.RayActorError()
+        asked.set()
+        await asyncio.Event().wait()  # never answers
+
+    async def scenario() -> None:
+        assert (await ingress.forward(body, "answered"))["replica"] == "b"
+        with pytest.raises(ServiceUnavailableError, match="the model replica serving this request stopped"):
+            await ingress.forward(body, "dead")
+        assert ingress.admission.in_flight == 0
+        with pytest.raises(RequestTimeoutError):  # the call never answers: --timeout passes whatever the machine
+            await ingress.forward(body, "late")
+        assert ingress.admission.in_flight == 0
+        asked.clear()
+        leaving = asyncio.ensure_future(ingress.forward(body, "left"))
+        await asyncio.wait_for(asked.wait(), WAIT_SECONDS)
+        assert ingress.admission.in_flight == 1
+        leaving.cancel()  # as Ray's proxy does once the client is gone
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+
+    router = _router_of(UNIT_APP, {"a": READY})
+    try:
+        ingress = _admitting(generate, max_queue=1, timeout=0.2)
+        asyncio.run(scenario())
+    finally:
+        forget(router)
+    assert called == ["answered", "answered", "dead", "late", "left"] and places == [1, 1, 1, 1, 1]
+    assert ingress.admission.in_flight == 0 and ingress.admission.capacity() == 2
+
+
+def test_the_model_deployment_leaves_the_429_to_the_ingress() -> None:
+    """Ray's bound on requests waiting in a handle is off (it refused bursts below capacity); each replica still takes
+    --max-queue at once, and the ingress learns how many replicas the fleet is deployed with (the autoscaled: its
+    minimum) for the moments before its router has heard."""
+    def deployments(fleet: FleetConfig) -> tuple:  # (the ingress's bound deployment, the model deployment)
+        ingress = application(ServeConfig(model="reference", max_queue=4), fleet, gpus=False)._bound_deployment
+        return ingress, ingress.init_args[1]._bound_deployment
+
+    ingress, model = deployments(FleetConfig(replicas=2))
+    assert model._deployment_config.max_ongoing_requests == 4 and model._deployment_config.max_queued_requests == -1
+    assert ingress.init_args[3] == 2
+    assert deployments(FleetConfig(min_replicas=3, max_replicas=8))[0].init_args[3] == 3
 
 
 def test_a_ray_whose_router_api_lacks_what_catrts_router_reads_is_refused_before_ray_starts(
