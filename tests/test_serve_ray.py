@@ -1,13 +1,15 @@
 """`catrt serve --ray`: the images API as a Ray Serve application on a local Ray cluster (CPU).
 
 Ray starts once for the module (2 CPUs, a small object store) with 2 model replicas of the eager
-tiny-sd3 at 64x64, 8 steps; the last test shuts it down and checks no process is left. The CLI's
+tiny-sd3 at 64x64, 8 steps (each holding a "wait NAME" prompt on cue, `_CuedReplica`); the last test shuts it down
+and checks no process is left. The CLI's
 refusals around `--ray` run without starting Ray.
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,13 +32,15 @@ import pytest
 import ray
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from ray import serve
+from ray import cloudpickle, serve
 from ray.serve._private.common import DeploymentID, ReplicaID
 from test_serve_support import (
     WAIT_SECONDS,
     assert_error,
     assert_one_line_refusal,
     generate,
+    metric,
+    wait_until,
     openapi_request_schema,
     run_cli,
     server_env,
@@ -45,8 +50,8 @@ import catrt
 from catrt.config import CATConfig
 from catrt.errors import ConfigError, ServiceUnavailableError
 from catrt.serve.config import FleetConfig, ServeConfig
-from catrt.serve.ray_app import (APP_NAME, MODEL_DEPLOYMENT, PROXY_GRACE_SECONDS, application, build, http_options,
-                                 logging_config)
+from catrt.serve.ray_app import (APP_NAME, MODEL_DEPLOYMENT, PROXY_GRACE_SECONDS, ModelReplica, application, build,
+                                 http_options, logging_config)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -90,6 +95,30 @@ def _descendants(root: int) -> set[int]:
     return found
 
 
+def _cue(name: str) -> Path:
+    """The file whose existence holds the fleet's "wait NAME" requests (`_CuedReplica`)."""
+    return Path(tempfile.gettempdir()) / f"catrt-ray-cue-{os.getpid()}-{name}"
+
+
+class _CuedReplica(ModelReplica):
+    """The fleet's model replica, which holds a request whose prompt is "wait NAME" while the file `_cue(NAME)` exists
+    (before its worker sees it, so it holds one of the replica's --max-queue places in Ray), as the fault server holds
+    its worker: tests fill the fleet on cue, not by guessing how fast this machine generates."""
+
+    cues = str(_cue(""))  # the driver's paths, sent with the class
+
+    async def generate(self, body: dict, request_id: str) -> dict:
+        if str(body.get("prompt", "")).startswith("wait "):
+            while os.path.exists(self.cues + body["prompt"].split()[1]):
+                await asyncio.sleep(0.02)
+        return await super().generate(body, request_id)
+
+
+# Ray's workers cannot import this module (pytest puts tests/ on the path, Ray's workers do not): Ray sends what it
+# needs of it by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
 @pytest.fixture(scope="module")
 def fleets() -> Iterator[list[str]]:
     """The URLs of the fleets `fleet` started; Ray and Serve stop at the end (or in `test_shutdown_is_clean`)."""
@@ -113,8 +142,10 @@ def fleet(fleets: list[str]) -> str:
         config = ServeConfig(model="tiny-sd3", height=64, width=64, steps=8, cat=CATConfig(t0=4), port=port,
                              timeout=60, max_body_bytes=8192, max_queue=2, api_key=KEY, read_timeout=READ_TIMEOUT)
         serve.start(http_options=http_options(config), logging_config=logging_config())  # as `catrt serve --ray` starts it
-        serve.run(application(config, FleetConfig(replicas=2), gpus=False), name=APP_NAME, route_prefix="/",
-                  logging_config=logging_config())
+        with pytest.MonkeyPatch.context() as patched:
+            patched.setattr("catrt.serve.ray_app.ModelReplica", _CuedReplica)
+            app = application(config, FleetConfig(replicas=2), gpus=False)
+        serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging_config())
         fleets.append(f"http://127.0.0.1:{port}")
     return fleets[-1]
 
@@ -195,15 +226,29 @@ def test_the_proxy_gets_the_servers_time_limits() -> None:
                        "keep_alive_timeout_s": 3}
 
 
-def test_more_requests_than_replicas_and_queue_take_answer_429(fleet: str) -> None:
-    """--max-queue 2: past 2 requests waiting for a free replica, the rest are 429 with Retry-After."""
-    with ThreadPoolExecutor(10) as pool:
-        responses = list(pool.map(lambda seed: generate(fleet, headers=AUTH, seed=seed), range(10)))
-    statuses = sorted(response.status_code for response in responses)
-    assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
-    refused = next(response for response in responses if response.status_code == 429)
-    assert_error(refused, 429, None)
+def test_the_fleet_takes_its_capacity_at_once_and_answers_one_more_429(fleet: str) -> None:
+    """2 replicas of --max-queue 2: 2 requests at each and 2 waiting in the ingress are taken, all at once (Ray's own
+    bound refused some of such a burst while its probes of the replicas lagged); the next is a 429 with Retry-After.
+    The 6 are held on cue until the 7th has its answer."""
+    wait_until(lambda: metric(fleet, "catrt_fleet_capacity", AUTH) == 6, "the ingress counts both replicas")
+    cue = _cue("ray429")
+    cue.touch()
+    with ThreadPoolExecutor(6) as pool:
+        try:
+            burst = [pool.submit(generate, fleet, AUTH, prompt="wait ray429", seed=seed) for seed in range(6)]
+            wait_until(lambda: metric(fleet, "catrt_fleet_in_flight", AUTH) == 6
+                       or any(answer.done() for answer in burst), "the burst is in flight", interval=0.1)
+            early = [answer.result().text for answer in burst if answer.done()]
+            assert not early, early  # held on cue: an answer now is a refusal
+            refused = generate(fleet, headers=AUTH, seed=6)
+        finally:
+            cue.unlink(missing_ok=True)  # the replicas go on (a failed test leaves none held)
+        statuses = [answer.result().status_code for answer in burst]
+    assert statuses == [200] * 6, statuses
+    error = assert_error(refused, 429, None)
+    assert error["message"] == "every model replica is busy and 2 requests wait; retry later"
     assert refused.headers["retry-after"] == "1"
+    assert metric(fleet, "catrt_fleet_in_flight", AUTH) == 0
 
 
 def test_the_kuberay_builder_takes_serve_and_fleet_args(fleet: str) -> None:
