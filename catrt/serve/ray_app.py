@@ -10,7 +10,8 @@ The worker batches rather than `@serve.batch` because it groups only requests of
 guidance and negative prompt, drops requests past their deadline before they run and stops a call
 nobody waits for; a time-window batcher does none of that. The ingress's calls are routed by `ReadyFirstRouter`, to
 the replicas whose latest routing stats say ready, so a hung replica (refusing at once until Serve replaces it) does
-not draw the requests.
+not draw the requests. The ingress, not Ray, decides which requests are a 429 (`FleetAdmission`): those past the live
+replicas' --max-queue each plus --max-queue waiting.
 
 Imported only by `catrt serve --ray` (and Ray itself): importing catrt never imports Ray.
 For KubeRay, a RayService's `serveConfigV2` can name the builder `catrt.serve.ray_app:build` with
