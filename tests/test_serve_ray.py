@@ -2,8 +2,7 @@
 
 Ray starts once for the module (2 CPUs, a small object store) with 2 model replicas of the eager
 tiny-sd3 at 64x64, 8 steps (each holding a "wait NAME" prompt on cue, `_CuedReplica`); the last test shuts it down
-and checks no process is left. The CLI's
-refusals around `--ray` run without starting Ray.
+and checks no process is left. The CLI's refusals around `--ray` run without starting Ray.
 """
 
 from __future__ import annotations
@@ -40,10 +39,10 @@ from test_serve_support import (
     assert_one_line_refusal,
     generate,
     metric,
-    wait_until,
     openapi_request_schema,
     run_cli,
     server_env,
+    wait_until,
 )
 
 import catrt
@@ -1573,8 +1572,6 @@ READY = {"status": "ready", "reason": None, "sizes": ["64x64"]}
 
 def _admitting(generate=None, replicas: int = 1, **config: object):
     """An ingress of UNIT_APP whose model handle's calls run `generate` (as tasks: Ray's calls can be cancelled)."""
-    import asyncio
-
     import catrt.serve.ray_app as ray_app
 
     def remote(body: dict, request_id: str) -> asyncio.Task:
@@ -1596,11 +1593,8 @@ def test_a_burst_of_the_fleets_capacity_is_admitted_and_one_more_is_a_429() -> N
     replicas lagged, so bursts below capacity got 429s (about 2% of 6 clients' requests against 2 replicas of
     --max-queue 4). The ingress counts what it has in flight: a burst of 6 all reach the model handle, held there
     until released; the 7th is a 429 with Retry-After in OpenAI's error body, before any call."""
-    import asyncio
-
-    from catrt.serve.router_states import forget
-
     import catrt.serve.ray_app as ray_app
+    from catrt.serve.router_states import forget
 
     calls: list[str] = []
     held, release = asyncio.Event(), asyncio.Event()
@@ -1664,8 +1658,6 @@ def test_a_request_gives_its_place_back_however_it_ends() -> None:
     """A request holds one place from admission to its end, so a place kept by mistake would be a 429 more for good.
     Answered after an unserved refusal and the retry (one place for both calls), its replica dead (503), no answer
     within --timeout (504), its client gone (cancelled while a replica has it): every place is back."""
-    import asyncio
-
     from catrt.errors import RequestTimeoutError
     from catrt.serve.router_states import forget
     from catrt.serve.schemas import ImageGenerationRequest
