@@ -10,7 +10,8 @@ The worker batches rather than `@serve.batch` because it groups only requests of
 guidance and negative prompt, drops requests past their deadline before they run and stops a call
 nobody waits for; a time-window batcher does none of that. The ingress's calls are routed by `ReadyFirstRouter`, to
 the replicas whose latest routing stats say ready, so a hung replica (refusing at once until Serve replaces it) does
-not draw the requests.
+not draw the requests. The ingress, not Ray, decides which requests are a 429 (`FleetAdmission`): those past the live
+replicas' --max-queue each plus --max-queue waiting.
 
 Imported only by `catrt serve --ray` (and Ray itself): importing catrt never imports Ray.
 For KubeRay, a RayService's `serveConfigV2` can name the builder `catrt.serve.ray_app:build` with
@@ -36,21 +37,21 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import Counter, Gauge
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from catrt.errors import CatrtError, ConfigError, GenerationError, QueueFullError, RequestTimeoutError, ServiceUnavailableError
+from catrt.errors import CatrtError, ConfigError, GenerationError, RequestTimeoutError, ServiceUnavailableError
 from catrt.notices import hub_notices_dropped, quiet_known_notices
 from catrt.serve.app import ERROR_RESPONSES, GENERATIONS_PATH, METRICS_RESPONSES, ImageService, base_app
 from catrt.serve.config import FleetConfig, ServeConfig, check_known_fields
 from catrt.serve.errors import REQUEST_ID_KEY, catrt_error_response, internal_error_message
+from catrt.serve.fleet_admission import FleetAdmission
 from catrt.serve.fleet_start import (LOCAL, check_fleet_device, check_local_room, first_line, joined_room_warning,
                                      ray_start_error, replica_device)
 from catrt.serve.metrics import CONTENT_TYPE, HttpMetrics, ReplicaSnapshots, ServerMetrics
 from catrt.serve.openapi import describe_served
-from catrt.serve.router_states import refused, register, replica_states
+from catrt.serve.router_states import refused, register, replica_states, routable
 from catrt.serve.schemas import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
 
 logger = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ class ReadyFirstRouter(FIFOMixin, RequestRouter):
         super().__init__(*args, **kwargs)
         self.clock = time.monotonic
         self.refusals: dict[str, float] = {}  # replica id -> when (`clock`) it last refused a request unserved
+        self.listed = False  # whether Ray has handed this router the running replicas yet (`routable`)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -257,6 +259,12 @@ class ReadyFirstRouter(FIFOMixin, RequestRouter):
         `/health/ready` and `Ingress.forward` (`router_states`)."""
         register(self)
 
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Ray hands the running replicas (at first, then at each change): until it has, `curr_replicas` is empty
+        whether or not replicas run, and the ingress's admission counts the replicas it was deployed with."""
+        super().update_replicas(replicas)
+        self.listed = True
+
     def refused_by(self, replica: str) -> None:
         """`replica` refused a request before anything ran (hung, stopping): nothing more goes there for REFUSED_HOLD
         seconds, by when its state says why. Its stats said ready until then, and it had no request ongoing (it
@@ -271,7 +279,7 @@ def check_router_api() -> None:
     failed there for every request (a traceback each in the ingress's log), which then waited unrouted for --timeout's
     504, while the fleet said it was listening."""
     gaps = [f"RunningReplica.{name}" for name in ("replica_id", "routing_stats") if not hasattr(RunningReplica, name)]
-    gaps += [f"RequestRouter.{name}" for name in ("app_name", "curr_replicas", "initialize_state")
+    gaps += [f"RequestRouter.{name}" for name in ("app_name", "curr_replicas", "initialize_state", "update_replicas")
              if not hasattr(RequestRouter, name)]
     if "unique_id" not in getattr(ReplicaID, "__dataclass_fields__", {}):
         gaps.append("ReplicaID.unique_id")
@@ -288,18 +296,33 @@ def check_router_api() -> None:
 
 
 class Ingress:
-    """HTTP in front of the model replicas; see the module docstring."""
+    """HTTP in front of the model replicas; see the module docstring.
 
-    def __init__(self, config: dict[str, Any], models: DeploymentHandle, api_key: str | None = None) -> None:
+    It decides which requests the fleet takes (`admission`): the model replicas that can take requests now, as its
+    router last heard them (`routable`; `replicas`, the count it was deployed with, until the router has heard), each
+    take --max-queue and --max-queue more wait here. The deployment has one replica, so its count is the fleet's."""
+
+    def __init__(self, config: dict[str, Any], models: DeploymentHandle, api_key: str | None = None,
+                 replicas: int = 1) -> None:
         self.config = ServeConfig.from_dict({**config, "api_key": api_key})
         self.models = models
         self.metrics = HttpMetrics()
         self.fleet = FleetMetrics(self.metrics)
+        self.deployed_replicas = replicas
+        self.admission = FleetAdmission(self.config.max_queue, self._routable)
+        Gauge("catrt_fleet_in_flight", "requests the ingress has admitted and not yet answered",
+              registry=self.metrics.registry).set_function(lambda: self.admission.in_flight)
+        Gauge("catrt_fleet_capacity", "requests the fleet takes at once; one more is a 429",
+              registry=self.metrics.registry).set_function(self.admission.capacity)
         self.described: dict[str, _Described] = {}
         self._listing: asyncio.Future[set[str] | None] | None = None  # the latest listing of the live replicas
         self._listed_at = -math.inf  # when it was asked for (monotonic)
         self._asking: asyncio.Future[dict[str, Any]] | None = None  # the call to Serve's controller, on a thread
         self._listing_failed = False
+
+    def _routable(self) -> int:
+        replicas = routable(self.models.app_name)
+        return self.deployed_replicas if replicas is None else replicas
 
     async def describe(self) -> dict[str, Any] | None:
         """A replica's description (cached for the OpenAPI document), or None if none answers in time."""
@@ -397,20 +420,23 @@ class Ingress:
         return live
 
     async def forward(self, body: ImageGenerationRequest, request_id: str) -> dict[str, Any]:
-        """The replica's reply; a full queue is a 429, a replica that dies mid-request a 503, none in time a 504.
+        """The replica's reply; a full fleet is a 429, a replica that dies mid-request a 503, none in time a 504.
 
         A replica that refused the request before anything ran (hung or stopping: `unserved`) is recorded and the
         request asked once more, within the same --timeout: Ray routes it again, away from that replica
-        (`ReadyFirstRouter.refused_by`). Nothing else is retried: a request a replica took may have run."""
-        deadline = time.monotonic() + self.config.timeout
-        reply = await self._ask(body, request_id, deadline)
-        if reply.get("unserved"):
-            logger.info("request %s: replica %s refused it unserved (%s); asking again", request_id, reply["replica"],
-                        reply["body"]["error"]["message"])
-            self.fleet.observe(reply)
-            refused(self.models.app_name, reply["replica"])
+        (`ReadyFirstRouter.refused_by`). Nothing else is retried: a request a replica took may have run.
+        The request holds its place in `admission` throughout, given back however it ends (answered, timed out, its
+        replica dead, cancelled because its client left)."""
+        with self.admission.admitted():
+            deadline = time.monotonic() + self.config.timeout
             reply = await self._ask(body, request_id, deadline)
-        return reply
+            if reply.get("unserved"):
+                logger.info("request %s: replica %s refused it unserved (%s); asking again", request_id,
+                            reply["replica"], reply["body"]["error"]["message"])
+                self.fleet.observe(reply)
+                refused(self.models.app_name, reply["replica"])
+                reply = await self._ask(body, request_id, deadline)
+            return reply
 
     async def _ask(self, body: ImageGenerationRequest, request_id: str, deadline: float) -> dict[str, Any]:
         """One call to a model replica, answered by `deadline` (monotonic)."""
@@ -420,10 +446,6 @@ class Ingress:
         except asyncio.TimeoutError:
             call.cancel()
             raise RequestTimeoutError(f"no answer within the server's timeout of {self.config.timeout:g} s") from None
-        except BackPressureError:
-            raise QueueFullError(
-                f"every model replica is busy and {self.config.max_queue} requests wait; retry later", retry_after=1
-            ) from None
         except ray.exceptions.RayError as error:
             logger.warning("request %s: the model replica failed: %r", request_id, error)
             raise ServiceUnavailableError("the model replica serving this request stopped; retry") from None
@@ -487,9 +509,10 @@ def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key:
         else {"autoscaling_config": {"min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas}}
     )
     model = serve.deployment(ModelReplica, name=MODEL_DEPLOYMENT).options(
-        # A replica takes up to --max-queue requests (its worker's queue); up to --max-queue more wait in the
-        # ingress's handle for a free replica (Ray counts requests being routed among them), and one more is a 429.
-        ray_actor_options=device, max_ongoing_requests=config.max_queue, max_queued_requests=config.max_queue,
+        # A replica takes up to --max-queue requests (its worker's queue); the ingress admits --max-queue more to wait
+        # in its handle for a free replica, and answers one more 429 (`Ingress.admission`). Ray's own bound is off: it
+        # counted requests still being routed as waiting, and refused bursts below capacity on a loaded machine.
+        ray_actor_options=device, max_ongoing_requests=config.max_queue, max_queued_requests=-1,
         health_check_period_s=2.0, request_router_config=RequestRouterConfig(
             request_router_class=ReadyFirstRouter, request_routing_stats_period_s=ROUTING_STATS_PERIOD,
             request_routing_stats_timeout_s=DESCRIBE_TIMEOUT),
@@ -501,7 +524,8 @@ def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key:
     settings = config.to_dict()  # without the API key, which only the ingress gets
     # Replicas answer no HTTP: the key and whether /metrics needs it are the ingress's alone.
     replica_settings = {**settings, "metrics_auth": False}
-    return ingress.bind(settings, model.bind(replica_settings, bundle_key), config.api_key)
+    deployed = fleet.replicas if fleet.replicas is not None else fleet.min_replicas
+    return ingress.bind(settings, model.bind(replica_settings, bundle_key), config.api_key, deployed)
 
 
 def _stop_serve(local: bool) -> None:

@@ -2,7 +2,8 @@
 
 Each model replica reports its state to Serve's controller (`ModelReplica.record_routing_stats`), which hands them to
 every router of a handle to the model deployment: in the ingress, catrt's `ReadyFirstRouter`. `/health/ready` reads
-them here, and the ingress tells its router here which replica refused a request. Its own module because Ray sends
+them here, the ingress's admission counts the replicas that can take requests here (`routable`), and the ingress
+tells its router here which replica refused a request. Its own module because Ray sends
 the router's class to each process by value (cloudpickle), with a copy of each module global its methods read: a
 registry in `ray_app` was a different, empty one in the ingress. This module's functions are sent by reference, so
 each process has one registry. Imports no Ray.
@@ -50,3 +51,14 @@ def replica_states(app_name: str) -> dict[str, dict[str, Any]] | None:
         return None
     replicas = list(router.curr_replicas.items())  # Ray replaces the mapping from its router's thread; read it once
     return {replica_id.unique_id: dict(replica.routing_stats) for replica_id, replica in replicas}
+
+
+def routable(app_name: str) -> int | None:
+    """How many model replicas can take requests now, as this process's router for application `app_name` last heard:
+    those it routes to whose latest state is ready or not yet reported (just started); a hung or stopping one refuses
+    requests. None until that router has heard which replicas run (`ReadyFirstRouter.listed`)."""
+    router = _router(app_name)
+    if router is None or not router.listed:
+        return None
+    replicas = list(router.curr_replicas.values())  # Ray replaces the mapping from its router's thread; read it once
+    return sum(1 for replica in replicas if replica.routing_stats.get("status", "ready") == "ready")
