@@ -1718,6 +1718,17 @@ def test_the_model_deployment_leaves_the_429_to_the_ingress() -> None:
     assert deployments(FleetConfig(min_replicas=3, max_replicas=8))[0].init_args[3] == 3
 
 
+@pytest.mark.parametrize(("max_queue", "target"), [(1, 0.5), (2, 1.0), (3, 1.5), (4, 2.0), (16, 2.0)])
+def test_an_autoscaled_fleet_grows_once_its_requests_wait_whatever_its_max_queue(max_queue: int, target: float) -> None:
+    """Ray Serve adds a replica above `target_ongoing_requests` per replica (default 2), counting the requests a replica
+    took and those waiting in a handle for one; a fleet holds at most (replicas + 1) x --max-queue, so at --max-queue 1
+    (1 taken + 1 waiting per replica) Ray's default was never exceeded and the fleet never grew."""
+    config = ServeConfig(model="reference", max_queue=max_queue)
+    ingress = application(config, FleetConfig(min_replicas=1, max_replicas=4), gpus=False)._bound_deployment
+    autoscaling = ingress.init_args[1]._bound_deployment._deployment_config.autoscaling_config
+    assert autoscaling.target_ongoing_requests == target
+
+
 def test_a_ray_whose_router_api_lacks_what_catrts_router_reads_is_refused_before_ray_starts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

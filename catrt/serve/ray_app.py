@@ -500,13 +500,21 @@ def ingress_app(ingress: Ingress) -> FastAPI:
     return app
 
 
+def scaling_target(max_queue: int) -> float:
+    """The requests per replica (taken, or waiting in a handle for one) above which Ray Serve adds a replica: its default
+    2, or half of --max-queue where that is less. A fleet holds (replicas + 1) x --max-queue at most, so at
+    --max-queue 1 the default was never exceeded and the fleet never grew however long its requests waited."""
+    return min(2.0, max_queue / 2)
+
+
 def application(config: ServeConfig, fleet: FleetConfig, gpus: bool, bundle_key: bytes | None = None) -> Any:
     """The Ray Serve application: the ingress bound to `fleet`'s model replicas, one device each (`gpus`: the cluster
     has GPUs; which device a replica holds: `replica_device`, as `check_local_room` counts them)."""
     device = {"num_gpus": 1} if replica_device(config, gpus) == "GPU" else {"num_cpus": 1}
     scaling: dict[str, Any] = (
         {"num_replicas": fleet.replicas} if fleet.replicas is not None
-        else {"autoscaling_config": {"min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas}}
+        else {"autoscaling_config": {"min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas,
+                                     "target_ongoing_requests": scaling_target(config.max_queue)}}
     )
     model = serve.deployment(ModelReplica, name=MODEL_DEPLOYMENT).options(
         # A replica takes up to --max-queue requests (its worker's queue); the ingress admits --max-queue more to wait
