@@ -90,8 +90,8 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
         parser.error(f"--out {out} is a folder; give the report's file, e.g. {out / 'report.md'}")
     try:
         report = report_file(out)  # a link's target, which write_text writes: a dangling link's failed after the run
-    except OSError as error:  # a link another user made in a sticky folder (/tmp), not followed
-        parser.error(f"--out {out} cannot be written ({error.strerror}); remove the link or give another path")
+    except OSError as error:
+        _refuse_link(parser, out, error)
     above = next((parent for parent in report.parents if parent.exists()), None)
     if above is not None and not above.is_dir():
         parser.error(f"--out {out}: {above} is a file, so no report can be written under it; give another path")
@@ -123,8 +123,8 @@ def check_out_folder(parser: argparse.ArgumentParser, out: Path | None, holds: s
         output_folder(report_file(out), f"--out {out}", holds, "out")
     except ConfigError as error:
         parser.error(str(error))
-    except OSError as error:  # a link another user made in a sticky folder (/tmp), not followed
-        parser.error(f"--out {out} cannot be written ({error.strerror}); remove the link or give another path")
+    except OSError as error:
+        _refuse_link(parser, out, error)
     for name in files:
         if path_is(report_file(out / name), "folder"):
             parser.error(f"--out {out}: {out / name} is a folder, where this script writes its file {name}; move it away "
@@ -143,6 +143,11 @@ def load_reference(parser: argparse.ArgumentParser, device: str, weights_dir: Pa
         return load_reference_pipeline(device=usable_device(device), weights_dir=weights_dir)
     except CatrtError as error:
         parser.error(str(error))
+
+
+def _refuse_link(parser: argparse.ArgumentParser, out: Path, error: OSError) -> None:
+    """The one line for an --out whose link `report_file` refused to follow (another user's, in a sticky folder)."""
+    parser.error(f"--out {out} cannot be written ({error.strerror}); remove the link or give another path")
 
 
 def write_text(path: Path, text: str) -> None:

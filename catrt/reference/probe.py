@@ -231,11 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference_samples > MAX_SAMPLES:  # all drawn in one pipeline call after the training, as training's --samples
         parser.error(f"--reference-samples must be at most {MAX_SAMPLES} (drawn in one pipeline call after the training), "
                      f"got {args.reference_samples}")
+    if args.out.is_dir():  # training's save failed on it after minutes; --evaluate took it as a file in its parent
+        parser.error(f"--out {echo_path(args.out)} is a folder; give the probe's file, e.g. {echo_path(args.out / PROBE_FILE.name)}")
     if args.evaluate:
-        # the probe's own file, named: a folder (or a missing file) was taken as a file in its parent, refused for a
-        # digest record there, with training's retraining command
-        if args.out.is_dir():
-            parser.error(f"--out {echo_path(args.out)} is a folder; give the probe's file, e.g. {echo_path(args.out / PROBE_FILE.name)}")
+        # the probe's own file, named: a missing file was refused for a digest record in its folder, with training's
+        # retraining command
         if not args.out.is_file():
             missing = "does not exist" if not args.out.exists() else "is not a file"
             parser.error(f"--out {echo_path(args.out)} {missing}; give the probe's file to evaluate (default: the shipped "
@@ -246,9 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         except CatrtError as error:  # a missing, damaged or edited probe (or reference weights): one line naming it
             parser.exit(2, f"{parser.prog}: error: {error}\n")
         return
-    try:  # checked now: a folder or an unwritable place failed the save after minutes of training
-        if args.out.is_dir():
-            raise ConfigError(f"--out {echo_path(args.out)} is a folder; give the probe's file, e.g. {echo_path(args.out / PROBE_FILE.name)}")
+    try:  # checked now: an unwritable place failed the save after minutes of training
         output_folder(args.out.parent, f"--out {echo_path(args.out)}: its folder", "the probe's file", "out")
     except ConfigError as error:
         parser.error(str(error))
