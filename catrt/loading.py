@@ -88,11 +88,11 @@ def weightless_transformer(transformer_class: type[nn.Module], config: dict, dty
 def _dtype_only_to(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     """`nn.Module.to` for a weightless stand-in: the dtype asked for (a call still sees the pipeline's dtype, and
     is refused where the build's differs), no device (nothing to move)."""
-    dtype = to_dtype(args, kwargs)
+    dtype = _to_dtype(args, kwargs)
     return module if dtype is None else nn.Module.to(module, dtype=dtype)
 
 
-def to_dtype(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.dtype | None:
+def _to_dtype(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.dtype | None:
     """The dtype a `to(...)` call's arguments ask for (`dtype=`, a dtype, or a tensor's), else None."""
     if kwargs.get("dtype") is not None:
         return kwargs["dtype"]

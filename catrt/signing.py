@@ -69,6 +69,7 @@ def _checked_key(key: bytes | str) -> bytes:
         key = key.encode("utf-8")
     if not isinstance(key, (bytes, bytearray)):
         raise ConfigError(f"a bundle key must be bytes, got {type(key).__name__}", field="key")
-    if not key.strip():
+    key = bytes(key).strip()
+    if not key:
         raise ConfigError("a bundle key must not be empty", field="key")
-    return bytes(key.strip())
+    return key

@@ -257,8 +257,8 @@ class FleetConfig:
             `FleetConfig(min_replicas=1, max_replicas=4)` and a KubeRay `fleet: {min_replicas: 1, max_replicas: 4}`
             autoscale without a `replicas: null`).
         min_replicas, max_replicas: Ray Serve autoscales between these on ongoing requests
-            (both or neither; not with `replicas`), at Ray Serve's default target of ongoing
-            requests per replica.
+            (both or neither; not with `replicas`), adding a replica above min(2, max_queue / 2)
+            requests per replica (`ray_app.scaling_target`).
         address: a Ray cluster to join ("auto", "ray://host:10001", ...); None starts a local one.
     """
 
